@@ -1,0 +1,8 @@
+// Each native component registers its Python bindings into memprof._C.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace memprof {
+void register_tracker(pybind11::module_& m);
+void register_allocator_sim(pybind11::module_& m);
+}  // namespace memprof

@@ -1,0 +1,528 @@
+// memprof native tracker: every allocation and free of the CPU allocator and of the CUDA
+// caching allocator, stamped with the op, module, autograd node, phase, step and thread that
+// made it, written as fixed-size records into per-thread buffers.
+//
+// Two hook points, both device-agnostic (so CI on a CPU runs the code a GPU user runs):
+//  * c10::MemoryReportingInfoBase pushed as PROFILER_STATE thread-local debug info: the CPU
+//    allocator and the CUDA caching allocator report every alloc/free (and CUDA OOM) to it.
+//    The debug info travels with at::ThreadLocalState into autograd worker threads.
+//  * a global RecordFunction callback that keeps a per-thread op stack, so each allocation is
+//    stamped with the running op and, inside backward, with the autograd node (and through its
+//    sequence number, the forward op that created the node).
+#include <ATen/record_function.h>
+#include <c10/core/Allocator.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "bindings.h"
+#include "events.h"
+
+namespace py = pybind11;
+
+namespace memprof {
+namespace {
+
+constexpr size_t kChunkEvents = 1 << 14;
+constexpr char kEvaluateFunction[] = "autograd::engine::evaluate_function: ";
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread event buffers: appends take an uncontended per-buffer lock, so a drain from Python
+// can read them safely while other threads may still be finishing an allocation.
+struct ThreadBuffer {
+  std::mutex mu;
+  std::vector<std::unique_ptr<Event[]>> chunks;
+  size_t used_in_last = kChunkEvents;  // forces a first chunk
+  int32_t index = 0;
+
+  void append(const Event& e) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (used_in_last == kChunkEvents) {
+      chunks.emplace_back(new Event[kChunkEvents]);
+      used_in_last = 0;
+    }
+    chunks.back()[used_in_last++] = e;
+  }
+  size_t size_locked() const {
+    return chunks.empty() ? 0 : (chunks.size() - 1) * kChunkEvents + used_in_last;
+  }
+};
+
+// Forward op that created an autograd node (sequence number), recorded once per forward op.
+struct SeqRecord {
+  int64_t seq;
+  int32_t op;
+  int32_t module;
+  int32_t thread;
+  int32_t pad = 0;
+};
+
+struct SeqBuffer {
+  std::mutex mu;
+  std::vector<SeqRecord> records;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Interned strings (op and node names). Lookups go through a per-thread cache keyed by the
+// name pointer and verified by content, so the global lock is taken once per distinct name.
+class StringTable {
+ public:
+  int32_t intern(const char* s) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = ids_.find(s);
+    if (it != ids_.end()) return it->second;
+    int32_t id = static_cast<int32_t>(names_.size());
+    names_.emplace_back(s);
+    ids_.emplace(names_.back(), id);
+    return id;
+  }
+  std::vector<std::string> all() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return names_;
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    names_.clear();
+    ids_.clear();
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::string> names_;
+  std::unordered_map<std::string, int32_t> ids_;
+};
+
+// ---------------------------------------------------------------------------------------------
+struct Session {
+  std::atomic<bool> active{false};
+  std::atomic<uint64_t> generation{0};
+  std::atomic<int64_t> recorded{0};
+  std::atomic<int64_t> dropped{0};
+  int64_t capacity = 0;
+  std::atomic<int32_t> phase{kPhaseOther};
+  std::atomic<int32_t> step{0};
+  std::mutex registry_mu;
+  std::vector<std::shared_ptr<ThreadBuffer>> buffers;
+  std::vector<std::shared_ptr<SeqBuffer>> seq_buffers;
+  StringTable strings;
+  at::CallbackHandle callback = 0;
+  bool callback_installed = false;
+  std::thread::id owner;
+  std::shared_ptr<c10::DebugInfoBase> reporter;  // the one pushed on the owner thread
+};
+
+Session& session() {
+  static Session* s = new Session();  // never destroyed: callbacks may run during exit
+  return *s;
+}
+
+struct OpFrame {
+  int32_t name;
+  int64_t seq;
+  bool backward;
+};
+
+struct NameCacheEntry {
+  const char* ptr;
+  std::string text;
+  int32_t id;
+};
+
+struct ThreadState {
+  uint64_t generation = 0;
+  std::shared_ptr<ThreadBuffer> buffer;
+  std::shared_ptr<SeqBuffer> seqs;
+  std::vector<OpFrame> ops;
+  std::vector<int32_t> modules;
+  int backward_depth = 0;
+  std::unordered_map<const char*, NameCacheEntry> name_cache;
+};
+
+thread_local ThreadState tls;
+
+// Returns this thread's state for the current session, (re)registering it when a new session
+// started since this thread last recorded.
+ThreadState& thread_state() {
+  Session& s = session();
+  uint64_t gen = s.generation.load(std::memory_order_acquire);
+  if (tls.generation != gen) {
+    tls.generation = gen;
+    tls.ops.clear();
+    tls.modules.clear();
+    tls.backward_depth = 0;
+    tls.name_cache.clear();
+    tls.buffer = std::make_shared<ThreadBuffer>();
+    tls.seqs = std::make_shared<SeqBuffer>();
+    std::lock_guard<std::mutex> lock(s.registry_mu);
+    tls.buffer->index = static_cast<int32_t>(s.buffers.size());
+    s.buffers.push_back(tls.buffer);
+    s.seq_buffers.push_back(tls.seqs);
+  }
+  return tls;
+}
+
+int32_t intern_cached(ThreadState& ts, const char* name) {
+  if (name == nullptr) return -1;
+  auto it = ts.name_cache.find(name);
+  if (it != ts.name_cache.end() && it->second.text == name) return it->second.id;
+  int32_t id = session().strings.intern(name);
+  ts.name_cache[name] = NameCacheEntry{name, std::string(name), id};
+  return id;
+}
+
+void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t total_allocated,
+            int64_t total_reserved, c10::Device device) {
+  Session& s = session();
+  if (s.recorded.fetch_add(1, std::memory_order_relaxed) >= s.capacity) {
+    s.dropped.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  Event e;
+  std::memset(&e, 0, sizeof(e));
+  e.t_ns = now_ns();
+  e.ptr = ptr;
+  e.size = size;
+  e.total_allocated = total_allocated;
+  e.total_reserved = total_reserved;
+  e.op = -1;
+  e.leaf_op = -1;
+  e.node = -1;
+  e.seq = -1;
+  // Inside backward: the innermost autograd node, and the first op it ran.
+  // Outside: the outermost op (what the user called), the innermost one, and the outermost
+  // sequence number (the autograd node this op will create).
+  const auto& ops = ts.ops;
+  if (!ops.empty()) {
+    e.leaf_op = ops.back().name;
+    int node_at = -1;
+    if (ts.backward_depth > 0) {
+      for (int i = static_cast<int>(ops.size()) - 1; i >= 0; --i) {
+        if (ops[i].backward) {
+          node_at = i;
+          break;
+        }
+      }
+    }
+    if (node_at >= 0) {
+      e.node = ops[node_at].name;
+      e.seq = ops[node_at].seq;
+      e.op = node_at + 1 < static_cast<int>(ops.size()) ? ops[node_at + 1].name : ops[node_at].name;
+    } else {
+      e.op = ops.front().name;
+      for (const auto& f : ops) {
+        if (f.seq >= 0) {
+          e.seq = f.seq;
+          break;
+        }
+      }
+    }
+  }
+  e.module = ts.modules.empty() ? -1 : ts.modules.back();
+  e.step = s.step.load(std::memory_order_relaxed);
+  e.thread = ts.buffer->index;
+  e.device_type = static_cast<int8_t>(device.type());
+  e.device_index = static_cast<int8_t>(device.index());
+  e.phase = static_cast<int8_t>(ts.backward_depth > 0 ? kPhaseBackward
+                                                      : s.phase.load(std::memory_order_relaxed));
+  e.kind = kind;
+  ts.buffer->append(e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The allocation hook. It forwards to whatever memory reporter was active before it (e.g.
+// torch.profiler started outside memprof.track), so both keep working.
+class Reporter final : public c10::MemoryReportingInfoBase {
+ public:
+  Reporter(uint64_t generation, c10::MemoryReportingInfoBase* previous)
+      : generation_(generation), previous_(previous) {}
+
+  bool live() const {
+    Session& s = session();
+    return s.active.load(std::memory_order_acquire) &&
+           s.generation.load(std::memory_order_relaxed) == generation_;
+  }
+
+  void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
+                         size_t total_reserved, c10::Device device) override {
+    if (live()) {
+      record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
+             static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
+    }
+    if (previous_ != nullptr && previous_->memoryProfilingEnabled()) {
+      previous_->reportMemoryUsage(ptr, alloc_size, total_allocated, total_reserved, device);
+    }
+  }
+
+  void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
+                         c10::Device device) override {
+    if (live()) {
+      record(thread_state(), kKindOutOfMemory, 0, alloc_size,
+             static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
+    }
+    if (previous_ != nullptr && previous_->memoryProfilingEnabled()) {
+      previous_->reportOutOfMemory(alloc_size, total_allocated, total_reserved, device);
+    }
+  }
+
+  bool memoryProfilingEnabled() const override {
+    return live() || (previous_ != nullptr && previous_->memoryProfilingEnabled());
+  }
+
+ private:
+  uint64_t generation_;
+  c10::MemoryReportingInfoBase* previous_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Op context.
+std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
+  Session& s = session();
+  if (!s.active.load(std::memory_order_relaxed)) return nullptr;
+  ThreadState& ts = thread_state();
+  const char* raw_name = fn.name();
+  int64_t seq = fn.seqNr();
+  bool backward = fn.scope() == at::RecordScope::BACKWARD_FUNCTION;
+  // The engine wraps each node in "autograd::engine::evaluate_function: <Node>"; the node's
+  // saved tensors are released inside that frame but after the node's own frame ended, so it
+  // counts as the node's frame (it carries the node name, and the node's sequence number once
+  // the inner frame reports it).
+  if (!backward && raw_name != nullptr &&
+      std::strncmp(raw_name, kEvaluateFunction, sizeof(kEvaluateFunction) - 1) == 0) {
+    backward = true;
+    raw_name += sizeof(kEvaluateFunction) - 1;
+  } else if (backward && !ts.ops.empty() && ts.ops.back().backward && ts.ops.back().seq < 0) {
+    ts.ops.back().seq = seq;
+  }
+  int32_t name = intern_cached(ts, raw_name);
+  ts.ops.push_back(OpFrame{name, seq, backward});
+  if (backward) {
+    ++ts.backward_depth;
+    s.phase.store(kPhaseBackward, std::memory_order_relaxed);
+  } else if (seq >= 0 && ts.backward_depth == 0) {
+    std::lock_guard<std::mutex> lock(ts.seqs->mu);
+    ts.seqs->records.push_back(
+        SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.buffer->index});
+  }
+  return nullptr;
+}
+
+void on_op_end(const at::RecordFunction& fn, at::ObserverContext*) {
+  if (tls.generation != session().generation.load(std::memory_order_relaxed)) return;
+  ThreadState& ts = tls;
+  if (ts.ops.empty()) return;
+  if (ts.ops.back().backward) --ts.backward_depth;
+  ts.ops.pop_back();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python-facing controls.
+uint64_t start(int64_t capacity) {
+  Session& s = session();
+  if (s.active.load()) {
+    throw std::runtime_error("memprof tracking is already active in this process");
+  }
+  if (capacity <= 0) throw std::invalid_argument("capacity must be a positive number of events");
+  {
+    std::lock_guard<std::mutex> lock(s.registry_mu);
+    s.buffers.clear();
+    s.seq_buffers.clear();
+  }
+  s.strings.clear();
+  s.recorded = 0;
+  s.dropped = 0;
+  s.capacity = capacity;
+  s.phase = kPhaseOther;
+  s.step = 0;
+  uint64_t gen = s.generation.fetch_add(1) + 1;
+  s.owner = std::this_thread::get_id();
+  auto* previous = dynamic_cast<c10::MemoryReportingInfoBase*>(
+      c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE));
+  s.reporter = std::make_shared<Reporter>(gen, previous);
+  c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, s.reporter);
+  s.active.store(true, std::memory_order_release);
+  if (!s.callback_installed) {
+    s.callback = at::addGlobalCallback(
+        at::RecordFunctionCallback(&on_op_start, &on_op_end)
+            .needsInputs(false)
+            .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
+    s.callback_installed = true;
+  }
+  return gen;
+}
+
+// Pushes the reporter onto the calling thread (a thread started while tracking, e.g. a
+// DataLoader or pin-memory thread); it goes inert by itself when the session ends.
+bool attach_thread() {
+  Session& s = session();
+  if (!s.active.load()) return false;
+  if (std::this_thread::get_id() == s.owner) return false;
+  auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
+  if (current == s.reporter.get()) return false;
+  auto* previous = dynamic_cast<c10::MemoryReportingInfoBase*>(current);
+  c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE,
+                                   std::make_shared<Reporter>(s.generation.load(), previous));
+  return true;
+}
+
+// Returns a warning message ("" when none). Idempotent.
+std::string stop() {
+  Session& s = session();
+  if (!s.active.load()) return "";
+  std::string warning;
+  s.active.store(false, std::memory_order_release);
+  if (s.callback_installed) {
+    at::removeCallback(s.callback);
+    s.callback_installed = false;
+  }
+  if (std::this_thread::get_id() != s.owner) {
+    warning = "memprof.track was stopped on another thread than it started on; its allocation "
+              "hook stays inert on the starting thread";
+  } else if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) ==
+             s.reporter.get()) {
+    c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+  } else {
+    warning = "another profiler (e.g. torch.profiler) was started inside memprof.track and is "
+              "still active: memprof missed allocations while it ran; start it outside instead";
+  }
+  s.reporter.reset();
+  return warning;
+}
+
+bool is_active() { return session().active.load(); }
+
+void push_module(int32_t id) {
+  if (!session().active.load(std::memory_order_relaxed)) return;
+  thread_state().modules.push_back(id);
+}
+
+void pop_module() {
+  if (!session().active.load(std::memory_order_relaxed)) return;
+  ThreadState& ts = thread_state();
+  if (!ts.modules.empty()) ts.modules.pop_back();
+}
+
+void set_phase(int32_t phase) { session().phase.store(phase, std::memory_order_relaxed); }
+int32_t get_phase() { return session().phase.load(std::memory_order_relaxed); }
+void set_step(int32_t step) { session().step.store(step, std::memory_order_relaxed); }
+
+// A zero-size marker in the event stream, ordered with the allocations around it
+// (step boundaries, snapshots taken by the Python side).
+void mark(const std::string& label, uint64_t value) {
+  Session& s = session();
+  if (!s.active.load()) return;
+  ThreadState& ts = thread_state();
+  int32_t id = s.strings.intern(label.c_str());
+  record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU));
+  // the marker's label rides in the op field
+  std::lock_guard<std::mutex> lock(ts.buffer->mu);
+  ts.buffer->chunks.back()[ts.buffer->used_in_last - 1].op = id;
+}
+
+// Copies every thread's events into one byte array (the caller views it with EVENT_DTYPE).
+py::array_t<uint8_t> events() {
+  Session& s = session();
+  std::vector<std::shared_ptr<ThreadBuffer>> buffers;
+  {
+    std::lock_guard<std::mutex> lock(s.registry_mu);
+    buffers = s.buffers;
+  }
+  size_t total = 0;
+  for (auto& b : buffers) {
+    std::lock_guard<std::mutex> lock(b->mu);
+    total += b->size_locked();
+  }
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>(total * sizeof(Event)));
+  auto* dst = reinterpret_cast<Event*>(out.mutable_data());
+  size_t written = 0;
+  for (auto& b : buffers) {
+    std::lock_guard<std::mutex> lock(b->mu);
+    for (size_t c = 0; c < b->chunks.size() && written < total; ++c) {
+      size_t n = (c + 1 == b->chunks.size()) ? b->used_in_last : kChunkEvents;
+      n = std::min(n, total - written);
+      std::memcpy(dst + written, b->chunks[c].get(), n * sizeof(Event));
+      written += n;
+    }
+  }
+  return out;
+}
+
+py::array_t<uint8_t> seq_records() {
+  Session& s = session();
+  std::vector<std::shared_ptr<SeqBuffer>> buffers;
+  {
+    std::lock_guard<std::mutex> lock(s.registry_mu);
+    buffers = s.seq_buffers;
+  }
+  std::vector<SeqRecord> all;
+  for (auto& b : buffers) {
+    std::lock_guard<std::mutex> lock(b->mu);
+    all.insert(all.end(), b->records.begin(), b->records.end());
+  }
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>(all.size() * sizeof(SeqRecord)));
+  if (!all.empty()) std::memcpy(out.mutable_data(), all.data(), all.size() * sizeof(SeqRecord));
+  return out;
+}
+
+py::dict counters() {
+  Session& s = session();
+  py::dict d;
+  int64_t recorded = s.recorded.load();
+  int64_t dropped = s.dropped.load();
+  d["recorded"] = recorded - dropped;
+  d["dropped"] = dropped;
+  d["capacity"] = s.capacity;
+  {
+    std::lock_guard<std::mutex> lock(s.registry_mu);
+    d["threads"] = s.buffers.size();
+  }
+  return d;
+}
+
+}  // namespace
+
+void register_tracker(py::module_& m) {
+  m.def("start", &start, py::arg("capacity"),
+        "Start recording allocations and ops on this thread (and autograd threads it spawns).");
+  m.def("stop", &stop, "Stop recording; idempotent. Returns a warning string or ''.");
+  m.def("is_active", &is_active);
+  m.def("attach_thread", &attach_thread,
+        "Record allocations of the calling thread too (threads started while tracking).");
+  m.def("push_module", &push_module, py::arg("module_id"));
+  m.def("pop_module", &pop_module);
+  m.def("set_phase", &set_phase, py::arg("phase"));
+  m.def("get_phase", &get_phase);
+  m.def("set_step", &set_step, py::arg("step"));
+  m.def("mark", &mark, py::arg("label"), py::arg("value") = 0);
+  m.def("events", &events, "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
+  m.def("seq_records", &seq_records, "Forward ops by autograd sequence number, as raw bytes.");
+  m.def("strings", []() { return session().strings.all(); });
+  m.def("counters", &counters);
+  m.attr("EVENT_SIZE") = sizeof(Event);
+  m.attr("SEQ_RECORD_SIZE") = sizeof(SeqRecord);
+  m.attr("PHASE_OTHER") = kPhaseOther;
+  m.attr("PHASE_FORWARD") = kPhaseForward;
+  m.attr("PHASE_BACKWARD") = kPhaseBackward;
+  m.attr("PHASE_OPTIMIZER") = kPhaseOptimizer;
+  m.attr("KIND_MEMORY") = kKindMemory;
+  m.attr("KIND_OUT_OF_MEMORY") = kKindOutOfMemory;
+  m.attr("KIND_MARK") = kKindMark;
+}
+
+}  // namespace memprof

@@ -1,0 +1,573 @@
+"""`Profile`: the recorded events of one tracked run and the questions they answer.
+
+Data flows one way: native events (plus the blocks that already existed when tracking began,
+prepended as synthetic allocations) -> pairing of each allocation with its free -> a category
+per allocation -> timelines, peak, breakdowns. Everything is vectorised numpy: a profile of
+millions of events is analysed without a Python object per event.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field, asdict
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from .events import (EVENT_DTYPE, KIND_MARK, KIND_MEMORY, KIND_OUT_OF_MEMORY, PHASES,
+                     PHASE_BACKWARD, PHASE_FORWARD, PHASE_OPTIMIZER, SEQ_DTYPE)
+
+FORMAT_NAME = "memprof-profile"
+FORMAT_VERSION = 1
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "other")
+CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_ACTIVATIONS, CAT_TEMPORARIES, CAT_OTHER = \
+    range(6)
+OUTSIDE_MODULES = "<outside modules>"
+NO_OP = "<no op>"
+PREEXISTING_THREAD = -1  # marks a synthetic allocation for a block that existed before tracking
+DEVICE_NAMES = {0: "cpu", 1: "cuda"}
+
+
+class ProfileFormatError(ValueError):
+    """A file that is not a memprof profile, or one of an unsupported version."""
+
+
+@dataclass
+class Snapshot:
+    """Storages known to hold one category at one point of the run (a marker in the stream)."""
+    marker: int               # index into Profile.events of the marker event
+    category: int
+    ptrs: list[int]
+    modules: list[int] | None = None  # owning module id per ptr (the parameter's module)
+
+
+@dataclass
+class StepRecord:
+    index: int
+    start: int                # first memory-event index of the step (in Profile.memory)
+    end: int                  # one past its last memory-event index
+    peak: int                 # peak live bytes inside the step
+    live_at_end: int          # live bytes at the step boundary
+    allocated: int            # bytes allocated during the step
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Finding:
+    """Something worth the user's attention (filled by the analyses of graph.py and others)."""
+    kind: str
+    severity: str             # "error" | "warning" | "info"
+    bytes: int
+    message: str
+    fix: str
+    holder: str | None = None
+    evidence: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Profile:
+    """Events of one tracked run plus the context needed to explain them.
+
+    `events` is the full stream (allocations, frees, OOM reports, markers), already in time
+    order, with blocks that existed before tracking prepended as allocations whose `thread`
+    is -1. `modules[i]` is the qualified name of module id i ("" is the root model).
+    """
+
+    def __init__(self, events: np.ndarray, strings: list[str], modules: list[str],
+                 seq_records: np.ndarray | None = None, snapshots: list[Snapshot] | None = None,
+                 meta: dict | None = None, findings: list[Finding] | None = None):
+        if events.dtype != EVENT_DTYPE:
+            raise TypeError(f"events: expected dtype EVENT_DTYPE, got {events.dtype}")
+        self.events = events
+        self.strings = list(strings)
+        self.modules = list(modules)
+        self.seq_records = (seq_records if seq_records is not None
+                            else np.zeros(0, dtype=SEQ_DTYPE))
+        self.snapshots = list(snapshots or [])
+        self.meta = dict(meta or {})
+        self.findings: list[Finding] = list(findings or [])
+
+    # ------------------------------------------------------------------ derived event views
+    @cached_property
+    def device_type(self) -> int:
+        """The device analysed: CUDA when any CUDA memory was recorded, else CPU."""
+        mem = self.events[self.events["kind"] == KIND_MEMORY]
+        if mem.size and (mem["device_type"] == 1).any():
+            return 1
+        return 0
+
+    @property
+    def device(self) -> str:
+        return DEVICE_NAMES.get(self.device_type, f"device{self.device_type}")
+
+    @cached_property
+    def _memory_index(self) -> np.ndarray:
+        ev = self.events
+        return np.flatnonzero((ev["kind"] == KIND_MEMORY) & (ev["device_type"] == self.device_type))
+
+    @cached_property
+    def memory(self) -> np.ndarray:
+        """Allocation and free events of the analysed device, in order."""
+        return self.events[self._memory_index]
+
+    def _memory_position(self, event_index: int) -> int:
+        """Number of memory events strictly before the given index into `events`."""
+        return int(np.searchsorted(self._memory_index, event_index, side="left"))
+
+    @cached_property
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(free_of, alloc_of): for each allocation its free (or -1), for each free its allocation.
+
+        Addresses are unique while a block is alive, so sorting by (ptr, order) places every
+        free right after the allocation it releases.
+        """
+        mem = self.memory
+        n = mem.size
+        order = np.lexsort((np.arange(n), mem["ptr"]))
+        ptr_s = mem["ptr"][order]
+        size_s = mem["size"][order]
+        free_of = np.full(n, -1, dtype=np.int64)
+        alloc_of = np.full(n, -1, dtype=np.int64)
+        if n > 1:
+            is_pair = (ptr_s[1:] == ptr_s[:-1]) & (size_s[:-1] > 0) & (size_s[1:] < 0)
+            a = order[:-1][is_pair]
+            f = order[1:][is_pair]
+            free_of[a] = f
+            alloc_of[f] = a
+        return free_of, alloc_of
+
+    @property
+    def free_of(self) -> np.ndarray:
+        return self._pairs[0]
+
+    @property
+    def alloc_of(self) -> np.ndarray:
+        return self._pairs[1]
+
+    @cached_property
+    def _effective_size(self) -> np.ndarray:
+        """Signed sizes, with frees of blocks memprof never saw allocated counted as 0."""
+        size = self.memory["size"].copy()
+        size[(size < 0) & (self.alloc_of < 0)] = 0
+        return size
+
+    @cached_property
+    def untracked_frees(self) -> int:
+        """Frees of blocks allocated before tracking that memprof did not know about."""
+        mem = self.memory
+        return int(((mem["size"] < 0) & (self.alloc_of < 0)).sum())
+
+    @cached_property
+    def _live(self) -> np.ndarray:
+        return np.cumsum(self._effective_size, dtype=np.int64)
+
+    def live_bytes(self, reserved: bool = False) -> np.ndarray:
+        """Live bytes after each memory event (the timeline). `reserved=True`: the caching
+        allocator's reserved bytes as it reported them (CUDA only)."""
+        if reserved:
+            if self.device_type != 1:
+                raise ValueError("reserved=True: reserved bytes are reported by the CUDA caching "
+                                 "allocator only; this profile's device is the CPU")
+            return self.memory["total_reserved"].copy()
+        return self._live.copy()
+
+    # ------------------------------------------------------------------ module / op attribution
+    @cached_property
+    def _seq_module(self) -> dict[int, tuple[int, int]]:
+        """Autograd sequence number -> (forward op, module) of the op that created the node."""
+        out: dict[int, tuple[int, int]] = {}
+        for rec in self.seq_records:
+            s = int(rec["seq"])
+            if s not in out:
+                out[s] = (int(rec["op"]), int(rec["module"]))
+        return out
+
+    @cached_property
+    def event_module(self) -> np.ndarray:
+        """Module id per memory event; backward events get the module that ran the forward op
+        whose autograd node is executing."""
+        mem = self.memory
+        module = mem["module"].copy()
+        lookup = self._seq_module
+        if lookup:
+            bwd = np.flatnonzero((mem["phase"] == PHASE_BACKWARD) & (mem["seq"] >= 0)
+                                 & (module < 0))
+            if bwd.size:
+                seqs = mem["seq"][bwd]
+                uniq, inv = np.unique(seqs, return_inverse=True)
+                mapped = np.array([lookup.get(int(s), (-1, -1))[1] for s in uniq], dtype=np.int32)
+                module[bwd] = mapped[inv]
+        # Gradients and optimizer state belong to their parameter's module.
+        for snap in self.snapshots:
+            if snap.modules is None:
+                continue
+            pos = self._memory_position(snap.marker)
+            for i, k in self._allocs_alive_at(snap.ptrs, pos):
+                module[i] = snap.modules[k]
+        frees = np.flatnonzero(mem["size"] < 0)
+        owner = self.alloc_of[frees]
+        has = owner >= 0
+        module[frees[has]] = module[owner[has]]
+        return module
+
+    # ------------------------------------------------------------------ categories
+    @cached_property
+    def _markers(self) -> list[tuple[int, str, int]]:
+        """(memory position, label, value) of every marker, in order."""
+        ev = self.events
+        idx = np.flatnonzero(ev["kind"] == KIND_MARK)
+        pos = np.searchsorted(self._memory_index, idx, side="left")
+        return [(int(p), self.strings[int(ev["op"][i])], int(ev["ptr"][i]))
+                for p, i in zip(pos, idx)]
+
+    def _marker_positions(self, label: str) -> np.ndarray:
+        return np.array([p for p, lab, _ in self._markers if lab == label], dtype=np.int64)
+
+    @cached_property
+    def category(self) -> np.ndarray:
+        """Category code per memory event (a free carries its allocation's category)."""
+        mem = self.memory
+        n = mem.size
+        cat = np.full(n, CAT_OTHER, dtype=np.int8)
+        if n == 0:
+            return cat
+        size, phase = mem["size"], mem["phase"]
+        free_of = self.free_of
+        is_alloc = size > 0
+        never_freed = free_of < 0
+        # Contiguous runs of one phase: a block freed before its run ended was a temporary.
+        change = np.flatnonzero(phase[1:] != phase[:-1]) + 1
+        run_end = np.empty(n, dtype=np.int64)
+        ends = np.append(change, n) - 1
+        starts = np.insert(change, 0, 0)
+        for s, e in zip(starts, ends):
+            run_end[s:e + 1] = e
+        freed_in_run = ~never_freed & (free_of <= run_end)
+        # Forward allocations that outlive their forward pass are activations (saved for
+        # backward, outputs, or kept by a retained graph).
+        fwd_end = self._marker_positions("forward_end")
+        fwd = is_alloc & (phase == PHASE_FORWARD)
+        if fwd.any():
+            idx = np.flatnonzero(fwd)
+            nxt = np.searchsorted(fwd_end, idx, side="right")
+            end_pos = np.where(nxt < fwd_end.size, fwd_end[np.minimum(nxt, fwd_end.size - 1)], n)
+            outlived = never_freed[idx] | (free_of[idx] >= end_pos)
+            cat[idx] = np.where(outlived, CAT_ACTIVATIONS, CAT_TEMPORARIES)
+        rest = is_alloc & ~fwd
+        cat[rest & freed_in_run] = CAT_TEMPORARIES
+        # Anything made outside backward and released by backward was saved for it (e.g. the
+        # loss function's own saved tensors).
+        freed_by_backward = np.zeros(n, dtype=bool)
+        freed_by_backward[~never_freed] = phase[free_of[~never_freed]] == PHASE_BACKWARD
+        cat[is_alloc & (phase != PHASE_BACKWARD) & freed_by_backward] = CAT_ACTIVATIONS
+        # Snapshots name parameters, gradients and optimizer state by storage.
+        for snap in self.snapshots:
+            pos = self._memory_position(snap.marker)
+            for i, _ in self._allocs_alive_at(snap.ptrs, pos):
+                cat[i] = snap.category
+        # Blocks that existed before tracking and were not identified stay "other".
+        frees = np.flatnonzero(~is_alloc)
+        owner = self.alloc_of[frees]
+        cat[frees] = np.where(owner >= 0, cat[np.maximum(owner, 0)], CAT_OTHER)
+        return cat
+
+    @cached_property
+    def _ptr_sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        mem = self.memory
+        order = np.lexsort((np.arange(mem.size), mem["ptr"]))
+        return mem["ptr"][order], order
+
+    def _allocs_alive_at(self, ptrs: list[int], pos: int) -> list[int]:
+        """Indices of allocations at the given addresses that are alive at memory position pos."""
+        if not ptrs:
+            return []
+        ptr_s, order = self._ptr_sorted
+        size = self.memory["size"]
+        free_of = self.free_of
+        q = np.asarray(ptrs, dtype=np.uint64)
+        lo = np.searchsorted(ptr_s, q, side="left")
+        hi = np.searchsorted(ptr_s, q, side="right")
+        out = []
+        for k, (a, b) in enumerate(zip(lo, hi)):
+            best = -1
+            for i in order[a:b]:
+                if i < pos and size[i] > 0:
+                    best = i
+            if best >= 0 and (free_of[best] < 0 or free_of[best] >= pos):
+                out.append((int(best), k))
+        return out
+
+    # ------------------------------------------------------------------ peak and alive sets
+    @cached_property
+    def peak_index(self) -> int:
+        """Memory position of the (first) peak of live bytes; -1 for an empty profile."""
+        return int(np.argmax(self._live)) if self._live.size else -1
+
+    @property
+    def peak(self) -> int:
+        return int(self._live[self.peak_index]) if self.peak_index >= 0 else 0
+
+    def _name(self, sid: int, default: str) -> str:
+        return self.strings[sid] if 0 <= sid < len(self.strings) else default
+
+    def module_name(self, mid: int) -> str:
+        if mid < 0 or mid >= len(self.modules):
+            return OUTSIDE_MODULES
+        name = self.modules[mid]
+        return name if name else self.meta.get("model_class", "model")
+
+    def describe_event(self, pos: int) -> dict:
+        """When and where a memory event happened, in words."""
+        e = self.memory[pos]
+        return {
+            "index": int(pos),
+            "time_s": (int(e["t_ns"]) - int(self.meta.get("t0_ns", e["t_ns"]))) / 1e9,
+            "step": int(e["step"]),
+            "phase": PHASES[int(e["phase"])] if 0 <= e["phase"] < len(PHASES) else "other",
+            "module": self.module_name(int(self.event_module[pos])),
+            "op": self._name(int(e["op"]), NO_OP),
+            "node": self._name(int(e["node"]), "") or None,
+            "size": int(e["size"]),
+            "live_bytes": int(self._live[pos]),
+        }
+
+    @property
+    def peak_event(self) -> dict | None:
+        return self.describe_event(self.peak_index) if self.peak_index >= 0 else None
+
+    def _resolve_at(self, at: str | int) -> int:
+        """Memory position for 'peak', 'end' or a step index (its boundary)."""
+        n = self.memory.size
+        if at == "peak":
+            return self.peak_index
+        if at == "end":
+            return n - 1
+        if isinstance(at, (int, np.integer)) and not isinstance(at, bool):
+            steps = self.steps
+            if not 0 <= at < len(steps):
+                raise ValueError(f"at={at}: expected 'peak', 'end' or a step index in "
+                                 f"[0, {len(steps)})")
+            return steps[at].end - 1
+        raise ValueError(f"at={at!r}: expected 'peak', 'end' or a step index")
+
+    def alive_at(self, at: str | int = "peak") -> np.ndarray:
+        """Indices (memory positions) of the allocations alive just after position `at`."""
+        pos = self._resolve_at(at)
+        if pos < 0:
+            return np.zeros(0, dtype=np.int64)
+        mem = self.memory
+        idx = np.flatnonzero(mem["size"][:pos + 1] > 0)
+        free_of = self.free_of[idx]
+        return idx[(free_of < 0) | (free_of > pos)]
+
+    def breakdown(self, by: str = "category", at: str | int = "peak") -> dict[str, int]:
+        """Bytes alive at `at`, grouped by category, module, op, node or phase (largest first)."""
+        alive = self.alive_at(at)
+        sizes = self.memory["size"][alive]
+        if by == "category":
+            keys = self.category[alive]
+            names = {i: c for i, c in enumerate(CATEGORIES)}
+            out = {c: 0 for c in CATEGORIES}
+        elif by == "module":
+            keys = self.event_module[alive]
+            names = None
+            out = {}
+        elif by in ("op", "node"):
+            keys = self.memory["op" if by == "op" else "node"][alive]
+            names = None
+            out = {}
+        elif by == "phase":
+            keys = self.memory["phase"][alive]
+            names = {i: p for i, p in enumerate(PHASES)}
+            out = {}
+        else:
+            raise ValueError(f"by={by!r}: expected one of 'category', 'module', 'op', 'node', "
+                             "'phase'")
+        if alive.size:
+            uniq, inv = np.unique(keys, return_inverse=True)
+            sums = np.bincount(inv, weights=sizes.astype(np.float64)).astype(np.int64)
+            for k, s in zip(uniq, sums):
+                k = int(k)
+                if names is not None:
+                    name = names.get(k, "other")
+                elif by == "module":
+                    name = self.module_name(k)
+                elif by == "node":
+                    name = self._name(k, "<not in backward>")
+                else:
+                    name = self._name(k, NO_OP)
+                out[name] = out.get(name, 0) + int(s)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def module_tree(self, at: str | int = "peak") -> dict[str, dict[str, int]]:
+        """Per module qualified name: self bytes and total bytes (self + descendants)."""
+        self_bytes = {}
+        alive = self.alive_at(at)
+        if alive.size:
+            mods = self.event_module[alive]
+            uniq, inv = np.unique(mods, return_inverse=True)
+            sums = np.bincount(inv, weights=self.memory["size"][alive].astype(np.float64))
+            for m, s in zip(uniq, sums):
+                self_bytes[int(m)] = int(s)
+        tree = {}
+        for mid, name in enumerate(self.modules):
+            prefix = name + "." if name else ""
+            total = sum(b for m, b in self_bytes.items()
+                        if 0 <= m < len(self.modules)
+                        and (m == mid or self.modules[m].startswith(prefix)))
+            tree[name] = {"self": self_bytes.get(mid, 0), "total": total}
+        return tree
+
+    # ------------------------------------------------------------------ saved tensors per node
+    @cached_property
+    def saved_by_node(self) -> dict[str, int]:
+        """Activation bytes released by each autograd node in backward: what that node of the
+        graph held (shared storages count once, at the node that released them last)."""
+        mem = self.memory
+        frees = np.flatnonzero((mem["size"] < 0) & (mem["phase"] == PHASE_BACKWARD))
+        if frees.size == 0:
+            return {}
+        owner = self.alloc_of[frees]
+        ok = owner >= 0
+        frees, owner = frees[ok], owner[ok]
+        act = self.category[owner] == CAT_ACTIVATIONS
+        frees, owner = frees[act], owner[act]
+        out: dict[str, int] = {}
+        for node_id, op_id, size in zip(mem["node"][frees], mem["op"][frees],
+                                        mem["size"][owner]):
+            name = self._name(int(node_id), "") or self._name(int(op_id), NO_OP)
+            out[name] = out.get(name, 0) + int(size)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    # ------------------------------------------------------------------ steps
+    @cached_property
+    def steps(self) -> list[StepRecord]:
+        """One record per optimizer step (or prof.step() call); a trailing partial step counts."""
+        bounds = self._marker_positions("step")
+        n = self.memory.size
+        edges = [0] + [int(b) for b in bounds]
+        if not edges or edges[-1] < n:
+            edges.append(n)
+        live = self._live
+        size = self.memory["size"]
+        out = []
+        for i in range(len(edges) - 1):
+            s, e = edges[i], edges[i + 1]
+            if e <= s and i > 0:
+                continue
+            seg = live[s:e]
+            before = int(live[s - 1]) if s > 0 else 0
+            out.append(StepRecord(
+                index=len(out), start=s, end=e,
+                peak=int(seg.max()) if seg.size else before,
+                live_at_end=int(live[e - 1]) if e > 0 else 0,
+                allocated=int(size[s:e][size[s:e] > 0].sum())))
+        return out
+
+    # ------------------------------------------------------------------ summaries and reports
+    @cached_property
+    def oom_events(self) -> list[dict]:
+        ev = self.events
+        return [{"requested": int(e["size"]), "total_allocated": int(e["total_allocated"]),
+                 "total_reserved": int(e["total_reserved"]),
+                 "device": DEVICE_NAMES.get(int(e["device_type"]), "?")}
+                for e in ev[ev["kind"] == KIND_OUT_OF_MEMORY]]
+
+    def summary(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable answers."""
+        mem = self.memory
+        return {
+            "device": self.device,
+            "events": int(mem.size),
+            "dropped_events": int(self.meta.get("dropped", 0)),
+            "peak_bytes": self.peak,
+            "peak_event": self.peak_event,
+            "end_bytes": int(self._live[-1]) if self._live.size else 0,
+            "by_category_at_peak": self.breakdown("category"),
+            "by_module_at_peak": self.breakdown("module"),
+            "by_op_at_peak": dict(list(self.breakdown("op").items())[:20]),
+            "saved_by_node": dict(list(self.saved_by_node.items())[:20]),
+            "steps": [s.as_dict() for s in self.steps],
+            "out_of_memory": self.oom_events,
+            "findings": [f.as_dict() for f in self.findings],
+            "error": self.meta.get("error"),
+            "meta": {k: v for k, v in self.meta.items() if _jsonable(v)},
+        }
+
+    def report(self, console=None, top: int = 8) -> None:
+        """Print the rich terminal report."""
+        from .report.terminal import print_report
+        print_report(self, console=console, top=top)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> str:
+        """Write a versioned, self-contained file that memprof.load() reads back exactly."""
+        header = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION,
+            "strings": self.strings, "modules": self.modules,
+            "snapshots": [asdict(s) for s in self.snapshots],
+            "meta": {k: v for k, v in self.meta.items() if _jsonable(v)},
+            "findings": [f.as_dict() for f in self.findings],
+        }
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("header.json", json.dumps(header))
+            zf.writestr("events.npy", _npy_bytes(self.events))
+            zf.writestr("seq_records.npy", _npy_bytes(self.seq_records))
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                header = json.loads(zf.read("header.json"))
+                if header.get("format") != FORMAT_NAME:
+                    raise ProfileFormatError(f"{path}: not a memprof profile")
+                if header.get("version") != FORMAT_VERSION:
+                    raise ProfileFormatError(
+                        f"{path}: profile format version {header.get('version')}, this memprof "
+                        f"reads version {FORMAT_VERSION}")
+                events = np.load(io.BytesIO(zf.read("events.npy")), allow_pickle=False)
+                seqs = np.load(io.BytesIO(zf.read("seq_records.npy")), allow_pickle=False)
+        except ProfileFormatError:
+            raise
+        except FileNotFoundError:
+            raise ProfileFormatError(f"{path}: no such file") from None
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+            raise ProfileFormatError(f"{path}: not a readable memprof profile ({exc})") from None
+        if events.dtype != EVENT_DTYPE or seqs.dtype != SEQ_DTYPE:
+            raise ProfileFormatError(f"{path}: event layout does not match this memprof")
+        snaps = [Snapshot(**s) for s in header["snapshots"]]
+        findings = [Finding(**f) for f in header.get("findings", [])]
+        return cls(events, header["strings"], header["modules"], seqs, snaps, header["meta"],
+                   findings)
+
+    def export(self, path: str) -> str:
+        """Export for other tools, by extension: .json (Chrome/Perfetto trace), .html."""
+        from .report import exports
+        return exports.export(self, path)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def load(path: str) -> Profile:
+    """Read a profile written by Profile.save()."""
+    return Profile.load(path)

@@ -1,0 +1,1 @@
+"""Reports: terminal (rich) and exports for other tools."""
