@@ -246,12 +246,12 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
 }
 
 // ---------------------------------------------------------------------------------------------
-// The allocation hook. It forwards to whatever memory reporter was active before it (e.g.
-// torch.profiler started outside memprof.track), so both keep working.
+// The allocation hook. PyTorch has one slot for it (PROFILER_STATE debug info), which
+// torch.profiler also uses and expects to hold its own state: the two cannot share it, so
+// start() refuses while another profiler holds the slot.
 class Reporter final : public c10::MemoryReportingInfoBase {
  public:
-  Reporter(uint64_t generation, c10::MemoryReportingInfoBase* previous)
-      : generation_(generation), previous_(previous) {}
+  explicit Reporter(uint64_t generation) : generation_(generation) {}
 
   bool live() const {
     Session& s = session();
@@ -261,33 +261,22 @@ class Reporter final : public c10::MemoryReportingInfoBase {
 
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
                          size_t total_reserved, c10::Device device) override {
-    if (live()) {
-      record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
-             static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
-    }
-    if (previous_ != nullptr && previous_->memoryProfilingEnabled()) {
-      previous_->reportMemoryUsage(ptr, alloc_size, total_allocated, total_reserved, device);
-    }
+    if (!live()) return;
+    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
+           static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
 
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
                          c10::Device device) override {
-    if (live()) {
-      record(thread_state(), kKindOutOfMemory, 0, alloc_size,
-             static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
-    }
-    if (previous_ != nullptr && previous_->memoryProfilingEnabled()) {
-      previous_->reportOutOfMemory(alloc_size, total_allocated, total_reserved, device);
-    }
+    if (!live()) return;
+    record(thread_state(), kKindOutOfMemory, 0, alloc_size,
+           static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
 
-  bool memoryProfilingEnabled() const override {
-    return live() || (previous_ != nullptr && previous_->memoryProfilingEnabled());
-  }
+  bool memoryProfilingEnabled() const override { return live(); }
 
  private:
   uint64_t generation_;
-  c10::MemoryReportingInfoBase* previous_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -338,6 +327,11 @@ uint64_t start(int64_t capacity) {
   if (s.active.load()) {
     throw std::runtime_error("memprof tracking is already active in this process");
   }
+  if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) {
+    throw std::runtime_error(
+        "another profiler (torch.profiler or autograd.profiler) is active on this thread: "
+        "PyTorch reports allocations to one profiler at a time; stop it before memprof.track");
+  }
   if (capacity <= 0) throw std::invalid_argument("capacity must be a positive number of events");
   {
     std::lock_guard<std::mutex> lock(s.registry_mu);
@@ -352,9 +346,7 @@ uint64_t start(int64_t capacity) {
   s.step = 0;
   uint64_t gen = s.generation.fetch_add(1) + 1;
   s.owner = std::this_thread::get_id();
-  auto* previous = dynamic_cast<c10::MemoryReportingInfoBase*>(
-      c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE));
-  s.reporter = std::make_shared<Reporter>(gen, previous);
+  s.reporter = std::make_shared<Reporter>(gen);
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, s.reporter);
   s.active.store(true, std::memory_order_release);
   if (!s.callback_installed) {
@@ -373,11 +365,9 @@ bool attach_thread() {
   Session& s = session();
   if (!s.active.load()) return false;
   if (std::this_thread::get_id() == s.owner) return false;
-  auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
-  if (current == s.reporter.get()) return false;
-  auto* previous = dynamic_cast<c10::MemoryReportingInfoBase*>(current);
+  if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) return false;
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE,
-                                   std::make_shared<Reporter>(s.generation.load(), previous));
+                                   std::make_shared<Reporter>(s.generation.load()));
   return true;
 }
 
@@ -399,7 +389,7 @@ std::string stop() {
     c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
   } else {
     warning = "another profiler (e.g. torch.profiler) was started inside memprof.track and is "
-              "still active: memprof missed allocations while it ran; start it outside instead";
+              "still active: memprof missed the allocations made while it ran";
   }
   s.reporter.reset();
   return warning;

@@ -453,8 +453,12 @@ class Profile:
         bounds = self._marker_positions("step")
         n = self.memory.size
         edges = [0] + [int(b) for b in bounds]
-        if not edges or edges[-1] < n:
+        # Work after the last boundary is a step of its own only if it allocated something
+        # (a trailing zero_grad() that just frees gradients is not).
+        if edges[-1] < n and (self.memory["size"][edges[-1]:] > 0).any():
             edges.append(n)
+        elif len(edges) > 1:
+            edges[-1] = n
         live = self._live
         size = self.memory["size"]
         out = []

@@ -1,0 +1,95 @@
+"""The native hook sees real allocations, with the right sizes and op names, and nothing after stop."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import memprof
+from memprof import _C
+from memprof.events import EVENT_DTYPE
+
+
+def test_known_allocations_and_frees_are_recorded_with_op_names():
+    with memprof.track() as prof:
+        a = torch.empty(12_345, dtype=torch.uint8)
+        b = torch.zeros(1000, dtype=torch.float32)
+        del a
+        c = b + 1  # a third, op-named allocation
+        del b
+    mem = prof.memory
+    sizes = mem["size"].tolist()
+    assert 12_345 in sizes and -12_345 in sizes
+    assert 4000 in sizes and -4000 in sizes
+    names = {prof.strings[e["op"]] for e in mem if e["size"] > 0}
+    assert {"aten::empty", "aten::zeros", "aten::add"} <= names
+    i = sizes.index(12_345)
+    j = sizes.index(-12_345)
+    assert mem["ptr"][i] == mem["ptr"][j] and i < j
+    assert c.numel() == 1000
+
+
+def test_no_events_after_stop_and_start_stop_idempotent():
+    with memprof.track():
+        torch.empty(100)
+    n = len(_C.events()) // EVENT_DTYPE.itemsize
+    torch.empty(5000)
+    assert len(_C.events()) // EVENT_DTYPE.itemsize == n
+    assert _C.stop() == "" and _C.stop() == ""
+    assert not _C.is_active()
+
+
+def test_start_twice_raises():
+    _C.start(1000)
+    try:
+        with pytest.raises(RuntimeError, match="already active"):
+            _C.start(1000)
+    finally:
+        _C.stop()
+
+
+def test_capacity_bounds_events_and_counts_drops():
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        with memprof.track(capacity=10) as prof:
+            for _ in range(20):
+                torch.empty(64)
+    assert prof.memory.size <= 10
+    assert prof.meta["dropped"] >= 30
+
+
+def test_threads_started_while_tracking_are_recorded():
+    out = {}
+
+    def work():
+        out["t"] = torch.empty(777_777, dtype=torch.uint8)
+
+    with memprof.track() as prof:
+        th = threading.Thread(target=work)
+        th.start()
+        th.join()
+    assert 777_777 in prof.memory["size"].tolist()
+
+
+def test_backward_allocations_carry_autograd_node_and_forward_module(mlp):
+    x = torch.randn(8, 64)
+    with memprof.track(mlp) as prof:
+        mlp(x).sum().backward()
+    mem = prof.memory
+    nodes = {prof.strings[n] for n in mem["node"] if n >= 0}
+    assert "AddmmBackward0" in nodes
+    bwd = np.flatnonzero((mem["node"] >= 0) & (mem["size"] > 0))
+    bwd_modules = {prof.module_name(int(prof.event_module[i])) for i in bwd}
+    assert {"fc1", "fc2"} <= bwd_modules
+    assert all(p == 2 for p in mem["phase"][bwd])
+
+
+def test_torch_profiler_active_gives_one_clear_error():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True):
+        with pytest.raises(RuntimeError, match="another profiler"):
+            with memprof.track():
+                pass
+    assert not _C.is_active()
+    with memprof.track() as prof:  # usable again afterwards
+        torch.empty(10)
+    assert prof.memory.size >= 1
