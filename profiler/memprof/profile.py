@@ -457,8 +457,6 @@ class Profile:
         # (a trailing zero_grad() that just frees gradients is not).
         if edges[-1] < n and (self.memory["size"][edges[-1]:] > 0).any():
             edges.append(n)
-        elif len(edges) > 1:
-            edges[-1] = n
         live = self._live
         size = self.memory["size"]
         out = []

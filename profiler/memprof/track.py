@@ -66,6 +66,10 @@ class Tracker:
         self._outer: Tracker | None = None
         self._outer_start = 0
         self._analyses = list(analyses) if analyses is not None else None
+        self._frame = None
+        self._step_seqs: list[int] = []
+        self._seq_at_exit = 0
+        self._backward = None
         self._module_names: list[str] = []
         self._param_module: dict[int, int] = {}
         self._t0 = 0
@@ -92,8 +96,10 @@ class Tracker:
             self._outer_start = len(_C.events()) // EVENT_DTYPE.itemsize
             return self
         self._t0 = time.monotonic_ns()
+        self._frame = sys._getframe(1)  # the code running the block: roots for holder search
         self._collect_baseline()
         _C.start(self.capacity)
+        self._step_seqs = [int(_C.peek_sequence_nr())]
         _active = self
         try:
             self._install_hooks()
@@ -111,6 +117,7 @@ class Tracker:
             self._finish(raw, exc, nested=True)
             return False
         try:
+            self._seq_at_exit = int(_C.peek_sequence_nr())
             self._final_snapshots()
         finally:
             self._remove_hooks()
@@ -179,6 +186,9 @@ class Tracker:
                                            register_optimizer_step_pre_hook)
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
+        from .graph import BackwardRecorder
+        self._backward = BackwardRecorder(self)
+        self._backward.install()
         # Threads started while tracking (DataLoader pin-memory thread, thread pools) record too.
         self._prev_thread_profile = threading.getprofile()
         if self._prev_thread_profile is None:
@@ -188,6 +198,8 @@ class Tracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._backward is not None:
+            self._backward.remove()
         if self._prev_thread_profile is None and threading.getprofile() is _attach_new_thread:
             threading.setprofile(None)
 
@@ -235,6 +247,7 @@ class Tracker:
             return
         self._mark("step", self._step)
         self._step += 1
+        self._step_seqs.append(int(_C.peek_sequence_nr()))
         _C.set_step(self._step)
 
     def _mark(self, label: str, value: int = 0) -> int:
@@ -333,7 +346,9 @@ class Tracker:
                 self.profile.findings.extend(analysis(self.profile, self))
             except Exception as err:  # noqa: BLE001  (an analysis must never break training)
                 self.profile.meta.setdefault("analysis_errors", []).append(
-                    f"{getattr(analysis, '__name__', analysis)}: {type(err).__name__}: {err}")
+                    f"{getattr(analysis, '__name__', analysis)} could not check: "
+                    f"{type(err).__name__}: {err}")
+        self._frame = None  # don't keep the user's frame (and its locals) alive
 
 
 def _state_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:

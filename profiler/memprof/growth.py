@@ -1,0 +1,95 @@
+"""Memory that grows step after step: the slope, when it runs out, and what is accumulating.
+
+Warm-up steps are excluded (the first optimizer step creates its state lazily; the first
+steps fill caches), then live bytes at each step boundary are fitted with a line. A finding
+needs steady growth, not noise: most increments positive and the total above a floor.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .profile import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, Finding, Profile)
+from .report.terminal import fmt_bytes
+
+WARMUP_STEPS = 1
+MIN_STEPS = 3                 # boundaries after warm-up needed to call a trend
+MIN_GROWTH_FRACTION = 0.01    # of peak, over the observed steps
+MIN_GROWTH_BYTES = 4096
+
+
+def device_capacity(profile: Profile) -> tuple[int, str]:
+    """Bytes the analysed device can hold, and where that number comes from."""
+    if profile.device_type == 1:
+        try:
+            import torch
+            return int(torch.cuda.get_device_properties(0).total_memory), "CUDA device 0"
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical RAM"
+    except (ValueError, OSError, AttributeError):
+        return 0, "unknown"
+
+
+def memory_growth(profile: Profile, tracker=None, capacity: int | None = None) -> list[Finding]:
+    steps = [s for s in profile.steps if s.index >= WARMUP_STEPS]
+    # only complete steps (closed by a boundary) carry a meaningful live_at_end
+    bounded = len(profile._marker_positions("step"))
+    steps = [s for s in steps if s.index < bounded]
+    if len(steps) < MIN_STEPS:
+        return []
+    y = np.array([s.live_at_end for s in steps], dtype=np.float64)
+    x = np.arange(len(y), dtype=np.float64)
+    slope = float(np.polyfit(x, y, 1)[0])
+    incs = np.diff(y)
+    total = y[-1] - y[0]
+    floor = max(MIN_GROWTH_BYTES, MIN_GROWTH_FRACTION * profile.peak)
+    if slope <= 0 or total < floor or (incs > 0).mean() < 0.75:
+        return []
+    if capacity is None:
+        capacity, source = device_capacity(profile)
+    else:
+        source = "given capacity"
+    last = steps[-1]
+    projection = ""
+    evidence = {"slope_bytes_per_step": slope, "steps_observed": len(steps),
+                "live_at_step_ends": [int(v) for v in y]}
+    if capacity and slope > 0:
+        # the peak grows with the baseline: the step peak hits capacity first
+        headroom = capacity - last.peak
+        runs_out = last.index + max(0, int(np.ceil(headroom / slope)))
+        projection = f"; at this rate the {source} ({fmt_bytes(capacity)}) runs out at step ~{runs_out}"
+        evidence.update(capacity=int(capacity), capacity_source=source,
+                        projected_step=int(runs_out))
+    culprits = _still_alive_from_later_steps(profile, first_step=steps[0].index)
+    evidence["still_alive"] = culprits
+    who = ", ".join(f"{c['op']} in {c['module']} ({c['phase']}): {fmt_bytes(c['bytes'])}"
+                    for c in culprits[:3])
+    return [Finding(
+        kind="memory_growth", severity="error" if (incs > 0).all() else "warning",
+        bytes=int(total),
+        message=(f"live memory grows by {fmt_bytes(slope)} per step over {len(steps)} steps "
+                 f"({fmt_bytes(y[0])} -> {fmt_bytes(y[-1])}){projection}"
+                 + (f". Still alive from those steps: {who}" if who else "")),
+        fix="find who keeps these allocations (see retained_graph findings); detach or drop "
+            "per-step tensors kept in lists, dicts or running totals",
+        evidence=evidence)]
+
+
+def _still_alive_from_later_steps(profile: Profile, first_step: int) -> list[dict]:
+    """Allocations made at or after `first_step` and alive at the end, by op/module/phase."""
+    alive = profile.alive_at("end")
+    mem = profile.memory
+    keep = alive[(mem["step"][alive] >= first_step)
+                 & ~np.isin(profile.category[alive],
+                            [CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE])]
+    groups: dict[tuple, int] = {}
+    for i in keep:
+        d = profile.describe_event(int(i))
+        key = (d["op"], d["module"], d["phase"])
+        groups[key] = groups.get(key, 0) + int(mem["size"][i])
+    out = [{"op": k[0], "module": k[1], "phase": k[2], "bytes": b}
+           for k, b in sorted(groups.items(), key=lambda kv: -kv[1])]
+    return out[:10]

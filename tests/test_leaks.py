@@ -1,0 +1,268 @@
+"""Retained graphs and leaks are caught in real training loops, with their holders; correct
+loops give no findings at all."""
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memprof
+
+B, N, D, HEADS, CLASSES = 4, 16, 32, 2, 5
+
+
+class Attention(torch.nn.Module):
+    """Self-attention that keeps its attention maps for rollout, as DCAL code does."""
+
+    def __init__(self, keep="leak"):
+        super().__init__()
+        self.qkv = torch.nn.Linear(D, 3 * D)
+        self.proj = torch.nn.Linear(D, D)
+        self.keep = keep
+        self.sa_attention_history = []
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-1, -2) * (D // HEADS) ** -0.5).softmax(-1)
+        if self.keep == "leak":            # the bug of seeds/000: no detach, kept across steps
+            self.sa_attention_history.append(attn)
+        elif self.keep == "detach":        # detached, but still kept across steps
+            self.sa_attention_history.append(attn.detach())
+        else:                              # the fix: detached, only this forward's maps
+            self.sa_attention_history = [attn.detach()]
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, D))
+
+
+class TinyViT(torch.nn.Module):
+    def __init__(self, keep="fixed", depth=2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Attention(keep) for _ in range(depth)])
+        self.head = torch.nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return self.head(x.mean(1))
+
+
+def data(steps):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(B, N, D, generator=g), torch.randint(0, CLASSES, (B,), generator=g))
+            for _ in range(steps)]
+
+
+def train(model, steps=5):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        for x, y in data(steps):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    return prof
+
+
+def kinds(prof):
+    return [f.kind for f in prof.findings]
+
+
+def test_seed_000_attention_history_leak_is_caught_with_holder_and_bytes():
+    torch.manual_seed(0)
+    model = TinyViT("leak")
+    steps = 5
+    prof = train(model, steps)
+    retained = [f for f in prof.findings if f.kind == "retained_graph"]
+    assert {f.holder for f in retained} == {"model.blocks.0.sa_attention_history",
+                                           "model.blocks.1.sa_attention_history"}
+    # Each block keeps one B x H x N x N map per earlier step (the last step's is current).
+    per_map = B * HEADS * N * N * 4
+    for f in retained:
+        expected = (steps - 1) * per_map
+        assert abs(f.bytes - expected) <= 0.05 * expected
+        assert f.severity == "error" and ".detach()" in f.fix
+        assert "aten::softmax" in f.message
+    assert "memory_growth" in kinds(prof)
+    assert memprof.findings(prof)  # the CI hook fails on it
+
+
+def test_detached_and_cleared_history_has_no_findings():
+    torch.manual_seed(0)
+    assert train(TinyViT("fixed")).findings == []
+
+
+def test_detached_but_kept_history_is_growth_not_a_graph():
+    torch.manual_seed(0)
+    prof = train(TinyViT("detach"), steps=6)
+    assert "retained_graph" not in kinds(prof)
+    assert "memory_growth" in kinds(prof)
+
+
+def test_running_loss_accumulating_the_graph_is_caught():
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    running_loss = 0.0
+    with memprof.track(model, opt) as prof:
+        for x, y in data(4):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            running_loss += loss
+    found = [f for f in prof.findings if f.kind == "retained_graph"]
+    assert len(found) == 1
+    assert found[0].holder.endswith("<locals>.running_loss")
+    assert ".item()" in found[0].fix
+
+
+@pytest.mark.parametrize("fix", ["item", "detach"])
+def test_running_loss_fixed_has_no_findings(fix):
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    running_loss = 0.0
+    with memprof.track(model, opt) as prof:
+        for x, y in data(4):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            running_loss += loss.item() if fix == "item" else loss.detach()
+    assert prof.findings == []
+
+
+def test_outputs_kept_for_logging_are_caught():
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    logged, metrics = [], {}
+    with memprof.track(model, opt) as prof:
+        for step, (x, y) in enumerate(data(4)):
+            out = model(x)
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            opt.zero_grad()
+            logged.append(out)
+            metrics[f"probs{step}"] = out.softmax(-1)
+    holders = {f.holder for f in prof.findings if f.kind == "retained_graph"}
+    assert any(h.endswith("<locals>.logged") for h in holders)
+    assert any(h.endswith("<locals>.metrics") for h in holders)
+
+
+class RNN(torch.nn.Module):
+    """A leaky recurrent state: without detaching, each step's backward also runs through
+    every earlier step's graph (retain_graph=True silences the error), which keeps them all."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(D, D)
+        self.head = torch.nn.Linear(D, CLASSES)
+
+    def forward(self, x, h):
+        for t in range(x.shape[1]):
+            h = 0.5 * h + 0.5 * torch.tanh(self.inp(x[:, t]))
+        return self.head(h), h
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_hidden_state_carried_across_steps(detach):
+    torch.manual_seed(0)
+    model = RNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    h = torch.zeros(B, D)
+    with memprof.track(model, opt) as prof:
+        for x, y in data(4):
+            if detach:
+                h = h.detach()
+            out, h = model(x, h)
+            # without detaching, backward needs retain_graph=True to run at all
+            F.cross_entropy(out, y).backward(retain_graph=not detach)
+            opt.step()
+            opt.zero_grad()
+    if detach:
+        assert prof.findings == []
+    else:
+        retained = [f for f in prof.findings if f.kind == "retained_graph"]
+        assert len(retained) == 1
+        holders = retained[0].holder.split(" and ")
+        assert any(h.endswith("<locals>.h") for h in holders)
+        assert "h.detach()" in retained[0].fix
+        assert "retain_graph" in kinds(prof)
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                        torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                        torch.nn.MaxPool2d(2))
+        self.head = torch.nn.Linear(8 * 8 * 8, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["vit", "cnn", "mlp", "rnn"])
+def test_correct_loops_have_no_findings(name):
+    torch.manual_seed(0)
+    model = {"vit": lambda: TinyViT("fixed"), "cnn": SmallCNN,
+             "mlp": lambda: torch.nn.Sequential(torch.nn.Linear(D, 64), torch.nn.ReLU(),
+                                                torch.nn.Linear(64, CLASSES)),
+             "rnn": RNN}[name]()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    total = 0.0
+    history = []
+    with memprof.track(model, opt) as prof:
+        for step in range(5):
+            y = torch.randint(0, CLASSES, (B,))
+            if name == "cnn":
+                out = model(torch.randn(B, 3, 16, 16))
+            elif name == "rnn":
+                out, _ = model(torch.randn(B, 3, D), torch.zeros(B, D))
+            elif name == "mlp":
+                out = model(torch.randn(B, D))
+            else:
+                out = model(torch.randn(B, N, D))
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total += loss.item()
+            history.append(out.detach().argmax(-1))
+    assert prof.findings == [], [f.message for f in prof.findings]
+
+
+def test_detection_failure_is_reported_not_raised(monkeypatch):
+    import memprof.graph as graph
+
+    def broken(*a, **k):
+        raise RuntimeError("gc unavailable")
+
+    monkeypatch.setattr(graph, "live_graph_tensors", broken)
+    prof = train(TinyViT("leak"), steps=3)
+    assert any("retained_graphs could not check" in e and "gc unavailable" in e
+               for e in prof.meta["analysis_errors"])
+
+
+def test_findings_are_saved_with_the_profile(tmp_path):
+    torch.manual_seed(0)
+    prof = train(TinyViT("leak"), steps=4)
+    path = str(tmp_path / "leak.memprof")
+    prof.save(path)
+    back = memprof.load(path)
+    assert [f.as_dict() for f in back.findings] == [f.as_dict() for f in prof.findings]
+    with pytest.raises(ValueError, match="min_severity='fatal'"):
+        memprof.findings(back, min_severity="fatal")
+
+
+def test_check_cost_with_many_tensors_and_objects():
+    """~1,000 tensors and ~100,000 Python objects alive: the exit check stays cheap."""
+    keep = [torch.zeros(4) for _ in range(1000)]
+    junk = [{"i": i} for i in range(100_000)]
+    torch.manual_seed(0)
+    prof = train(TinyViT("fixed"), steps=3)
+    assert prof.findings == []
+    cost = prof.meta["retained_graph_check_s"]
+    assert cost < 1.0, cost
+    del keep, junk
