@@ -9,6 +9,7 @@
 //  * a global RecordFunction callback that keeps a per-thread op stack, so each allocation is
 //    stamped with the running op and, inside backward, with the autograd node (and through its
 //    sequence number, the forward op that created the node).
+#include <ATen/SequenceNumber.h>
 #include <ATen/record_function.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
@@ -126,6 +127,7 @@ struct Session {
   bool callback_installed = false;
   std::thread::id owner;
   std::shared_ptr<c10::DebugInfoBase> reporter;  // the one pushed on the owner thread
+  int32_t backward_label = -1;                    // string id of "backward_start"
 };
 
 Session& session() {
@@ -187,8 +189,9 @@ int32_t intern_cached(ThreadState& ts, const char* name) {
   return id;
 }
 
+// `label`: for markers, the string id carried in the op field.
 void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t total_allocated,
-            int64_t total_reserved, c10::Device device) {
+            int64_t total_reserved, c10::Device device, int32_t label = -1) {
   Session& s = session();
   if (s.recorded.fetch_add(1, std::memory_order_relaxed) >= s.capacity) {
     s.dropped.fetch_add(1, std::memory_order_relaxed);
@@ -242,6 +245,7 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   e.phase = static_cast<int8_t>(ts.backward_depth > 0 ? kPhaseBackward
                                                       : s.phase.load(std::memory_order_relaxed));
   e.kind = kind;
+  if (kind == kKindMark) e.op = label;
   ts.buffer->append(e);
 }
 
@@ -303,7 +307,10 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   ts.ops.push_back(OpFrame{name, seq, backward});
   if (backward) {
     ++ts.backward_depth;
-    s.phase.store(kPhaseBackward, std::memory_order_relaxed);
+    // The first node of a backward pass: a marker, so phase times can be read off the stream.
+    if (s.phase.exchange(kPhaseBackward, std::memory_order_relaxed) != kPhaseBackward) {
+      record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
+    }
   } else if (seq >= 0 && ts.backward_depth == 0) {
     std::lock_guard<std::mutex> lock(ts.seqs->mu);
     ts.seqs->records.push_back(
@@ -339,6 +346,7 @@ uint64_t start(int64_t capacity) {
     s.seq_buffers.clear();
   }
   s.strings.clear();
+  s.backward_label = s.strings.intern("backward_start");
   s.recorded = 0;
   s.dropped = 0;
   s.capacity = capacity;
@@ -419,10 +427,7 @@ void mark(const std::string& label, uint64_t value) {
   if (!s.active.load()) return;
   ThreadState& ts = thread_state();
   int32_t id = s.strings.intern(label.c_str());
-  record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU));
-  // the marker's label rides in the op field
-  std::lock_guard<std::mutex> lock(ts.buffer->mu);
-  ts.buffer->chunks.back()[ts.buffer->used_in_last - 1].op = id;
+  record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU), id);
 }
 
 // Copies every thread's events into one byte array (the caller views it with EVENT_DTYPE).
@@ -503,6 +508,8 @@ void register_tracker(py::module_& m) {
   m.def("events", &events, "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
   m.def("seq_records", &seq_records, "Forward ops by autograd sequence number, as raw bytes.");
   m.def("strings", []() { return session().strings.all(); });
+  m.def("peek_sequence_nr", []() { return at::sequence_number::peek(); },
+        "The autograd sequence number the next node created on this thread will get.");
   m.def("counters", &counters);
   m.attr("EVENT_SIZE") = sizeof(Event);
   m.attr("SEQ_RECORD_SIZE") = sizeof(SeqRecord);

@@ -227,6 +227,19 @@ class Profile:
         return [(int(p), self.strings[int(ev["op"][i])], int(ev["ptr"][i]))
                 for p, i in zip(pos, idx)]
 
+    def markers(self, label: str | None = None) -> list[dict]:
+        """Markers in order: forward_start, forward_end, backward_start, optimizer_start, step
+        (the step boundary, after optimizer.step), snapshot; with their times in ns."""
+        ev = self.events
+        idx = np.flatnonzero(ev["kind"] == KIND_MARK)
+        out = []
+        for i in idx:
+            name = self.strings[int(ev["op"][i])]
+            if label is None or name == label:
+                out.append({"label": name, "t_ns": int(ev["t_ns"][i]), "value": int(ev["ptr"][i]),
+                            "position": self._memory_position(int(i)), "event": int(i)})
+        return out
+
     def _marker_positions(self, label: str) -> np.ndarray:
         return np.array([p for p, lab, _ in self._markers if lab == label], dtype=np.int64)
 

@@ -209,6 +209,7 @@ class Tracker:
         def pre(module, args):
             if root and not torch._C._current_autograd_node():
                 _C.set_phase(PHASE_FORWARD)
+                self._mark("forward_start", self._step)
             _C.push_module(mid)
         return pre
 
@@ -230,6 +231,7 @@ class Tracker:
         if not self._watches(optimizer):
             return
         self._optimizers.add(optimizer)
+        self._mark("optimizer_start", self._step)
         self._snapshot(CAT_GRADIENTS, [(p.grad, p) for g in optimizer.param_groups
                                        for p in g["params"] if p.grad is not None])
         _C.set_phase(PHASE_OPTIMIZER)
