@@ -45,7 +45,7 @@ class Tracker:
 
     def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
                  path: str | None = None, capacity: int = DEFAULT_CAPACITY,
-                 analyses: Iterable[Callable] | None = None):
+                 analyses: Iterable[Callable] | None = None, auto_modules: bool = False):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module or None, got "
                             f"{type(model).__name__}")
@@ -66,6 +66,11 @@ class Tracker:
         self._outer: Tracker | None = None
         self._outer_start = 0
         self._analyses = list(analyses) if analyses is not None else None
+        self.auto_modules = auto_modules
+        self._auto_ids: dict[int, int] = {}
+        self._auto_stack: list[int] = []
+        self._auto_roots: list[torch.nn.Module] = []
+        self._auto_model_class = None
         self._frame = None
         self._step_seqs: list[int] = []
         self._seq_at_exit = 0
@@ -162,8 +167,8 @@ class Tracker:
 
     def _all_params(self) -> list[torch.Tensor]:
         params: dict[int, torch.Tensor] = {}
-        if self.model is not None:
-            for p in self.model.parameters():
+        for model in ([self.model] if self.model is not None else []) + self._auto_roots:
+            for p in model.parameters():
                 params[id(p)] = p
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
@@ -182,6 +187,11 @@ class Tracker:
                 self._handles.append(mod.register_forward_pre_hook(self._make_pre_hook(mid)))
                 self._handles.append(mod.register_forward_hook(self._make_post_hook(mid),
                                                                always_call=True))
+        elif self.auto_modules:
+            from torch.nn.modules.module import (register_module_forward_hook,
+                                                 register_module_forward_pre_hook)
+            self._handles.append(register_module_forward_pre_hook(self._auto_pre))
+            self._handles.append(register_module_forward_hook(self._auto_post, always_call=True))
         from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                            register_optimizer_step_pre_hook)
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
@@ -203,25 +213,57 @@ class Tracker:
         if self._prev_thread_profile is None and threading.getprofile() is _attach_new_thread:
             threading.setprofile(None)
 
-    def _make_pre_hook(self, mid: int):
-        root = mid == 0
+    def _enter_module(self, mid: int, root: bool) -> None:
+        if root and not torch._C._current_autograd_node():
+            _C.set_phase(PHASE_FORWARD)
+            self._mark("forward_start", self._step)
+        _C.push_module(mid)
 
+    def _exit_module(self, root: bool) -> None:
+        _C.pop_module()
+        if root and _C.get_phase() == PHASE_FORWARD:
+            _C.set_phase(PHASE_OTHER)
+            self._mark("forward_end", self._step)
+
+    def _make_pre_hook(self, mid: int):
         def pre(module, args):
-            if root and not torch._C._current_autograd_node():
-                _C.set_phase(PHASE_FORWARD)
-                self._mark("forward_start", self._step)
-            _C.push_module(mid)
+            self._enter_module(mid, mid == 0)
         return pre
 
     def _make_post_hook(self, mid: int):
-        root = mid == 0
-
         def post(module, args, output):
-            _C.pop_module()
-            if root and _C.get_phase() == PHASE_FORWARD:
-                _C.set_phase(PHASE_OTHER)
-                self._mark("forward_end", self._step)
+            self._exit_module(mid == 0)
         return post
+
+    # ------------------------------------------------------------------ modules found on the fly
+    def _auto_pre(self, module, args) -> None:
+        """Global module hook (no model given): the outermost module called is a root."""
+        mid = self._auto_ids.get(id(module))
+        if mid is None:
+            if not self._auto_stack:
+                prefix = "" if not self._auto_roots else f"{type(module).__name__}"
+                self._auto_roots.append(module)
+                for name, sub in module.named_modules(remove_duplicate=True):
+                    full = ".".join(x for x in (prefix, name) if x)
+                    self._auto_ids.setdefault(id(sub), len(self._module_names))
+                    self._module_names.append(full)
+                    for p in sub.parameters(recurse=False):
+                        self._param_module.setdefault(id(p), self._auto_ids[id(sub)])
+                if self.profile is None and len(self._auto_roots) == 1:
+                    self._auto_model_class = type(module).__name__
+            else:
+                parent = self._module_names[self._auto_stack[-1]]
+                self._auto_ids[id(module)] = len(self._module_names)
+                self._module_names.append(f"{parent}.<{type(module).__name__}>")
+            mid = self._auto_ids[id(module)]
+        root = not self._auto_stack
+        self._auto_stack.append(mid)
+        self._enter_module(mid, root)
+
+    def _auto_post(self, module, args, output) -> None:
+        if self._auto_stack:
+            self._auto_stack.pop()
+            self._exit_module(not self._auto_stack)
 
     # ------------------------------------------------------------------ optimizer / step hooks
     def _watches(self, optimizer) -> bool:
@@ -316,7 +358,8 @@ class Tracker:
             "capacity": self.capacity,
             "threads": int(counters["threads"]),
             "torch": torch.__version__,
-            "model_class": type(src.model).__name__ if src.model is not None else None,
+            "model_class": (type(src.model).__name__ if src.model is not None
+                            else src._auto_model_class),
             "steps_marked": src._step,
             "pid": os.getpid(),
         }
@@ -365,12 +408,15 @@ def _attach_new_thread(frame, event, arg):
 
 
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,
-          capacity: int = DEFAULT_CAPACITY, analyses=None) -> Tracker:
+          capacity: int = DEFAULT_CAPACITY, analyses=None, auto_modules: bool = False) -> Tracker:
     """Record every allocation and free made inside the block.
 
     model: attributes allocations to its submodules (forward hooks) and names parameters.
     optimizer: restrict step detection to this optimizer (default: any optimizer's step).
     path: save the profile there on exit (also when the block raises; then a default path is
     used if none is given). After the block, the returned object answers like a Profile.
+    auto_modules: without a model, attribute to whatever modules run (global module hooks;
+    what `memprof run` uses on an unmodified script).
     """
-    return Tracker(model, optimizer, path=path, capacity=capacity, analyses=analyses)
+    return Tracker(model, optimizer, path=path, capacity=capacity, analyses=analyses,
+                   auto_modules=auto_modules)
