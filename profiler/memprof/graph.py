@@ -235,8 +235,18 @@ def _fix_for(path: str, numel: int, grad_fn: str) -> str:
             "after backward")
 
 
+UNUSED_GRAPH_MIN_BYTES = 1024
+
+
 def retained_graphs(profile: Profile, tracker) -> list[Finding]:
-    """Tensors that keep an earlier step's autograd graph alive, grouped by their holder."""
+    """Two ways a live tensor's graph wastes memory, grouped by the Python reference holding it:
+
+    retained_graph  its graph reaches nodes of a step before the last one: it survived a
+                    backward and an optimizer step (a leak that grows).
+    unused_graph    its graph was built in the last completed step, backward never ran
+                    through it, and it still pins saved tensors: they stayed alive through
+                    backward and the optimizer step (a higher peak every step).
+    """
     boundaries = getattr(tracker, "_step_seqs", None)
     if not boundaries or len(boundaries) < 2:
         return []  # needs at least one step boundary to tell steps apart
@@ -245,71 +255,109 @@ def retained_graphs(profile: Profile, tracker) -> list[Finding]:
     # last completed step may legitimately still be referenced (its loss, its outputs).
     last_step = len(boundaries) - 2
     tensors = live_graph_tensors()
-    exclude = set()
-    for p in tracker._all_params():
-        exclude.add(_storage(p)[0])
+    exclude = {_storage(p)[0] for p in tracker._all_params()}
     graphs = walk_graphs(tensors, exclude)
     by_id = {id(t): t for t in tensors}
     # graphs that began before tracking started are not this run's to judge
-    old = [g for g in graphs if g.min_seq >= boundaries[0]
-           and bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step]
-    if not old:
-        profile.meta["retained_graph_check_s"] = time.perf_counter() - t0
-        return []
-    roots = []
-    if tracker.model is not None:
-        roots.append(("model", tracker.model))
-    roots += frame_roots(tracker._frame)
-    if tracker.optimizer is not None:
-        roots.append(("optimizer", tracker.optimizer))
-    holders = find_holders(roots, {g.tensor_id for g in old})
-    groups: dict[str, list[GraphTensor]] = collections.defaultdict(list)
-    for g in old:
-        path = holders.get(g.tensor_id)
-        groups[_container(path) if path else describe_unreached(by_id[g.tensor_id])].append(g)
-    # Holders that pin the same graph (h and the output computed from it) are one finding.
-    merged: list[tuple[list[str], list[GraphTensor]]] = []
-    for holder, gs in sorted(groups.items()):
-        saved = set().union(*(g.saved for g in gs))
-        for names, other in merged:
-            other_saved = set().union(*(g.saved for g in other))
-            if saved and other_saved and len(saved & other_saved) >= 0.5 * min(
-                    len(saved), len(other_saved)):
-                names.append(holder)
-                other.extend(gs)
-                break
-        else:
-            merged.append(([holder], list(gs)))
-    findings = []
-    alive = _alive_allocations(profile)
-    for names, gs in merged:
-        holder = " and ".join(names)
-        storages: dict[int, int] = {}
-        for g in gs:
-            storages[g.storage] = g.nbytes
-            storages.update(g.saved)
-        storages.pop(0, None)
-        nbytes = sum(storages.values())
-        first = min(g.min_seq for g in gs)
-        steps = sorted({bisect.bisect_right(boundaries, g.min_seq) - 1 for g in gs})
-        origin = _origin(profile, alive, [g.storage for g in gs])
-        example = holders.get(gs[0].tensor_id, names[0])
-        n = len(gs)
-        msg = (f"{n} tensor{'s' if n > 1 else ''} with autograd history from step "
-               f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "") +
-               f" still alive after later steps' backward, pinning {_fmt(nbytes)} "
-               f"({sum(g.nodes for g in gs)} graph nodes, grad_fn {gs[0].grad_fn})"
-               + (f"; created by {origin}" if origin else ""))
-        findings.append(Finding(
-            kind="retained_graph", severity="error", bytes=int(nbytes), holder=holder,
-            message=msg, fix=_fix_for(example, gs[0].numel, gs[0].grad_fn),
-            evidence={"tensors": n, "example_path": example, "steps": steps,
-                      "first_sequence_nr": int(first),
-                      "saved_bytes": int(sum(b for g in gs for b in g.saved.values())),
-                      "tensor_bytes": int(sum({g.storage: g.nbytes for g in gs}.values()))}))
-    findings.sort(key=lambda f: -f.bytes)
+    mine = [g for g in graphs if g.min_seq >= boundaries[0]]
+    old = [g for g in mine if bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step]
+    unused = [g for g in mine if g.min_seq >= boundaries[last_step]
+              and g.max_seq < boundaries[-1]
+              and sum(b for p, b in g.saved.items() if p != g.storage) >= UNUSED_GRAPH_MIN_BYTES]
+    findings: list[Finding] = []
+    if old or unused:
+        roots = []
+        if tracker.model is not None:
+            roots.append(("model", tracker.model))
+        roots += frame_roots(tracker._frame)
+        if tracker.optimizer is not None:
+            roots.append(("optimizer", tracker.optimizer))
+        holders = find_holders(roots, {g.tensor_id for g in old + unused})
+        alive = _alive_allocations(profile)
+        for kind, gs in (("retained_graph", old), ("unused_graph", unused)):
+            for names, group in _group_by_holder(gs, holders, by_id):
+                findings.append(_finding(kind, names, group, holders, boundaries, profile,
+                                         alive))
+    findings.sort(key=lambda f: (f.kind != "retained_graph", -f.bytes))
     profile.meta["retained_graph_check_s"] = time.perf_counter() - t0
     return findings
+
+
+def _group_by_holder(gs, holders, by_id) -> list[tuple[list[str], list[GraphTensor]]]:
+    groups: dict[str, list[GraphTensor]] = collections.defaultdict(list)
+    unreached: list[GraphTensor] = []
+    for g in gs:
+        path = holders.get(g.tensor_id)
+        if path:
+            groups[_container(path)].append(g)
+        else:
+            unreached.append(g)
+    # Holders that pin the same graph (h and the output computed from it) are one finding.
+    merged: list[tuple[list[str], list[GraphTensor]]] = []
+    for holder, group in sorted(groups.items()):
+        other = _overlapping(merged, group)
+        if other is not None:
+            other[0].append(holder)
+            other[1].extend(group)
+        else:
+            merged.append(([holder], list(group)))
+    # Tensors no named root reaches are usually interior nodes of a graph some holder keeps
+    # (PyTorch keeps their Python objects alive from C++): fold them into that finding.
+    for g in unreached:
+        other = _overlapping(merged, [g])
+        if other is not None:
+            other[1].append(g)
+        else:
+            merged.append(([describe_unreached(by_id[g.tensor_id])], [g]))
+    return merged
+
+
+def _overlapping(merged, group):
+    saved = set().union(*(g.saved for g in group)) | {g.storage for g in group}
+    for entry in merged:
+        other_saved = set().union(*(g.saved for g in entry[1]))
+        other_all = other_saved | {g.storage for g in entry[1]}
+        if saved and other_all and len(saved & other_all) >= 0.5 * min(len(saved),
+                                                                        len(other_all)):
+            return entry
+    return None
+
+
+def _finding(kind, names, gs, holders, boundaries, profile, alive) -> Finding:
+    holder = " and ".join(names)
+    storages: dict[int, int] = {}
+    for g in gs:
+        storages[g.storage] = g.nbytes
+        storages.update(g.saved)
+    storages.pop(0, None)
+    nbytes = sum(storages.values())
+    steps = sorted({bisect.bisect_right(boundaries, g.min_seq) - 1 for g in gs})
+    origin = _origin(profile, alive, [g.storage for g in gs])
+    example = holders.get(gs[0].tensor_id, names[0])
+    n = len(gs)
+    nodes = sum(g.nodes for g in gs)
+    saved_bytes = sum({p: b for g in gs for p, b in g.saved.items()}.values())
+    tensor_bytes = sum({g.storage: g.nbytes for g in gs}.values())
+    evidence = {"tensors": n, "example_path": example, "steps": steps,
+                "first_sequence_nr": int(min(g.min_seq for g in gs)),
+                "saved_bytes": int(saved_bytes), "tensor_bytes": int(tensor_bytes)}
+    what = f"{n} tensor{'s' if n > 1 else ''} (grad_fn {gs[0].grad_fn}, {nodes} graph nodes)"
+    made = f"; created by {origin}" if origin else ""
+    if kind == "retained_graph":
+        span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
+        return Finding(
+            kind=kind, severity="error", bytes=int(nbytes), holder=holder, evidence=evidence,
+            message=f"{what} with autograd history from step {span} still alive after later "
+                    f"steps' backward, pinning {_fmt(nbytes)}{made}",
+            fix=_fix_for(example, gs[0].numel, gs[0].grad_fn))
+    return Finding(
+        kind=kind, severity="warning", bytes=int(saved_bytes), holder=holder,
+        evidence=evidence,
+        message=f"{what} built in step {steps[-1]} that backward never used: its graph kept "
+                f"{_fmt(saved_bytes)} of saved tensors alive through backward and the optimizer "
+                f"step{made}",
+        fix="compute it under torch.no_grad() or from .detach()ed inputs (e.g. keep "
+            "attention maps with .detach() before deriving rollouts or metrics from them)")
 
 
 def _alive_allocations(profile: Profile) -> dict[int, int]:
