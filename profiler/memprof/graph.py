@@ -217,9 +217,9 @@ def frame_roots(frame) -> list[tuple[str, object]]:
 
 
 def _container(path: str) -> str:
-    """'model.history[11]' -> 'model.history' (tensors in one container form one finding)."""
-    if path.endswith("]") and "[" in path:
-        return path[:path.rindex("[")]
+    """'maps[3][11]' -> 'maps' (tensors in one container form one finding)."""
+    while path.endswith("]") and "[" in path:
+        path = path[:path.rindex("[")]
     return path
 
 

@@ -393,6 +393,8 @@ class Tracker:
                 self.profile.meta.setdefault("analysis_errors", []).append(
                     f"{getattr(analysis, '__name__', analysis)} could not check: "
                     f"{type(err).__name__}: {err}")
+        from .analyses import SEVERITY_ORDER
+        self.profile.findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), -f.bytes))
         self._frame = None  # don't keep the user's frame (and its locals) alive
 
 

@@ -37,11 +37,11 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     if prof.findings:
         t = Table(title="Findings", title_justify="left", show_lines=True, expand=True)
         t.add_column("severity", no_wrap=True)
-        t.add_column("what", ratio=3)
+        t.add_column("what", ratio=3, overflow="fold")
         t.add_column("bytes", justify="right", no_wrap=True)
-        t.add_column("fix", ratio=2)
+        t.add_column("fix", ratio=2, overflow="fold")
         for f in prof.findings:
-            what = f.message + (f"\n[bold]held by[/] {f.holder}" if f.holder else "")
+            what = (f"[bold]held by {f.holder}[/]\n" if f.holder else "") + f.message
             t.add_row(f"[{SEVERITY_STYLE.get(f.severity, '')}]{f.severity}[/]", what,
                       fmt_bytes(f.bytes), f.fix)
         console.print(t)
