@@ -128,6 +128,7 @@ struct Session {
   std::thread::id owner;
   std::shared_ptr<c10::DebugInfoBase> reporter;  // the one pushed on the owner thread
   int32_t backward_label = -1;                    // string id of "backward_start"
+  std::atomic<int64_t> external_total{0};         // running total of record_external sizes
 };
 
 Session& session() {
@@ -349,6 +350,7 @@ uint64_t start(int64_t capacity) {
   s.backward_label = s.strings.intern("backward_start");
   s.recorded = 0;
   s.dropped = 0;
+  s.external_total = 0;
   s.capacity = capacity;
   s.phase = kPhaseOther;
   s.step = 0;
@@ -458,6 +460,18 @@ py::array_t<uint8_t> events() {
   return out;
 }
 
+// An allocation (size > 0) or free (size < 0) that no allocator reported: storages of fake
+// tensors when memprof estimates a step without running it. Stamped with the same op, module,
+// phase and step context as real events, so an estimated step is a Profile like a measured one.
+void record_external(uint64_t ptr, int64_t size, int32_t device_type, int32_t device_index) {
+  Session& s = session();
+  if (!s.active.load(std::memory_order_relaxed)) return;
+  int64_t total = s.external_total.fetch_add(size, std::memory_order_relaxed) + size;
+  record(thread_state(), kKindMemory, ptr, size, total, 0,
+         c10::Device(static_cast<c10::DeviceType>(device_type),
+                     static_cast<c10::DeviceIndex>(device_index)));
+}
+
 py::array_t<uint8_t> seq_records() {
   Session& s = session();
   std::vector<std::shared_ptr<SeqBuffer>> buffers;
@@ -508,6 +522,9 @@ void register_tracker(py::module_& m) {
   m.def("events", &events, "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
   m.def("seq_records", &seq_records, "Forward ops by autograd sequence number, as raw bytes.");
   m.def("strings", []() { return session().strings.all(); });
+  m.def("record_external", &record_external, py::arg("ptr"), py::arg("size"),
+        py::arg("device_type") = 0, py::arg("device_index") = 0,
+        "Record an allocation/free no allocator reported (fake tensors of an estimate).");
   m.def("peek_sequence_nr", []() { return at::sequence_number::peek(); },
         "The autograd sequence number the next node created on this thread will get.");
   m.def("counters", &counters);

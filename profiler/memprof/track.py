@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _C
 from .events import (EVENT_DTYPE, PHASE_FORWARD, PHASE_OPTIMIZER, PHASE_OTHER, SEQ_DTYPE,
@@ -28,12 +29,22 @@ DEFAULT_CAPACITY = 20_000_000  # events (80 B each: 1.6 GB at most); excess is c
 _active: "Tracker | None" = None
 
 
+FAKE_DEVICE_TYPE = 1  # storages of fake tensors stand for the GPU an estimate models
+
+
 def _storage_key(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(data_ptr, nbytes, device_type) of a tensor's storage, or None for meta/fake tensors."""
+    """(address, nbytes, device_type) of a tensor's storage; None for storage-less tensors.
+
+    A fake tensor's storage has no address: the identity of its Python storage object stands
+    in for it (PyTorch keeps one storage object per StorageImpl alive), which is also the key
+    memprof.estimate records its allocations under."""
     try:
+        if is_fake(t):
+            st = t.untyped_storage()
+            return id(st), st.nbytes(), FAKE_DEVICE_TYPE
         st = t.untyped_storage()
         ptr = st.data_ptr()
-    except Exception:  # noqa: BLE001  (meta, fake or otherwise storage-less tensors)
+    except Exception:  # noqa: BLE001  (meta or otherwise storage-less tensors)
         return None
     if ptr == 0:
         return None
