@@ -249,3 +249,31 @@ def test_bad_arguments_get_one_line_errors(mlp):
         prof.breakdown(by="size")
     with pytest.raises(ValueError, match="at=5"):
         prof.breakdown(at=5)
+
+
+def test_summary_is_json_and_activations_by_module(mlp):
+    import json
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    with memprof.track(mlp, opt) as prof:
+        mlp(torch.randn(B, D)).sum().backward()
+        opt.step()
+    summary = json.loads(json.dumps(prof.summary()))
+    assert summary["peak_bytes"] == prof.peak
+    acts = prof.activations_by_module()
+    assert acts["act"] == B * H * F32       # ReLU output, saved for backward
+    assert acts["fc2"] == B * C * F32       # logits (the model's output)
+    assert "fc1" not in acts                # fc1's output is freed by ReLU's forward
+
+
+def test_backward_on_another_thread_is_attributed(mlp):
+    x = torch.randn(B, D)
+    with memprof.track(mlp) as prof:
+        loss = mlp(x).sum()
+        th = threading.Thread(target=loss.backward)
+        th.start()
+        th.join()
+    mem = prof.memory
+    bwd = mem[(mem["node"] >= 0) & (mem["size"] > 0)]
+    assert bwd.size > 0
+    assert (bwd["thread"] != mem["thread"][mem["phase"] == 1][0]).all()
+    assert "AddmmBackward0" in {prof.strings[n] for n in bwd["node"]}

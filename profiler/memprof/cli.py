@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import runpy
 import sys
 
 
@@ -20,10 +19,17 @@ def _cmd_run(args) -> int:
     sys.argv = [args.script] + list(args.script_args)
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     status = 0
+    with open(args.script, "rb") as f:
+        code = compile(f.read(), args.script, "exec")
+    # The script's namespace is ours, so the leak checks can name its variables as holders
+    # even when the script raises.
+    namespace = {"__name__": "__main__", "__file__": os.path.abspath(args.script),
+                 "__builtins__": __builtins__}
     tracker = memprof.track(auto_modules=True, path=output)
+    tracker.roots.append(("", namespace))
     try:
         with tracker:
-            runpy.run_path(args.script, run_name="__main__")
+            exec(code, namespace)  # noqa: S102  (running the user's script is the point)
     except SystemExit as exc:  # the script's own exit: keep its status, still report
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:  # noqa: BLE001  (profile is saved by track(); report, then fail)

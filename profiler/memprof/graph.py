@@ -270,6 +270,9 @@ def retained_graphs(profile: Profile, tracker) -> list[Finding]:
         if tracker.model is not None:
             roots.append(("model", tracker.model))
         roots += frame_roots(tracker._frame)
+        for prefix, namespace in getattr(tracker, "roots", []):
+            roots += [(f"{prefix}{k}", v) for k, v in namespace.items()
+                      if not k.startswith("__") and not isinstance(v, _ATOMS)]
         if tracker.optimizer is not None:
             roots.append(("optimizer", tracker.optimizer))
         holders = find_holders(roots, {g.tensor_id for g in old + unused})

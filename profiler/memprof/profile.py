@@ -438,6 +438,21 @@ class Profile:
             tree[name] = {"self": self_bytes.get(mid, 0), "total": total}
         return tree
 
+    def activations_by_module(self) -> dict[str, int]:
+        """Forward activation bytes each module allocated, summed over the run's forward passes
+        (memory the module's forward left alive for backward or beyond)."""
+        mem = self.memory
+        sel = np.flatnonzero((mem["size"] > 0) & (self.category == CAT_ACTIVATIONS)
+                             & (mem["phase"] == PHASE_FORWARD))
+        out: dict[str, int] = {}
+        if sel.size:
+            mods = self.event_module[sel]
+            uniq, inv = np.unique(mods, return_inverse=True)
+            sums = np.bincount(inv, weights=mem["size"][sel].astype(np.float64))
+            for m, b in zip(uniq, sums):
+                out[self.module_name(int(m))] = int(b)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     # ------------------------------------------------------------------ saved tensors per node
     @cached_property
     def saved_by_node(self) -> dict[str, int]:
@@ -509,6 +524,7 @@ class Profile:
             "by_module_at_peak": self.breakdown("module"),
             "by_op_at_peak": dict(list(self.breakdown("op").items())[:20]),
             "saved_by_node": dict(list(self.saved_by_node.items())[:20]),
+            "activations_by_module": dict(list(self.activations_by_module().items())[:20]),
             "steps": [s.as_dict() for s in self.steps],
             "out_of_memory": self.oom_events,
             "findings": [f.as_dict() for f in self.findings],

@@ -78,6 +78,9 @@ class Tracker:
         self._outer_start = 0
         self._analyses = list(analyses) if analyses is not None else None
         self.auto_modules = auto_modules
+        # (prefix, namespace dict) pairs searched for holders of leaked tensors, besides the
+        # model and the frame that entered the block ("" prefix: names stand alone)
+        self.roots: list[tuple[str, dict]] = []
         self._auto_ids: dict[int, int] = {}
         self._auto_stack: list[int] = []
         self._auto_roots: list[torch.nn.Module] = []

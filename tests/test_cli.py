@@ -1,0 +1,79 @@
+"""The command line: run an unmodified script, report a saved profile, exports, bad input."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = '''
+import sys
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+kept = []
+for step in range(int(sys.argv[1])):
+    loss = model(torch.randn(8, 16)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    kept.append(loss)          # the leak: a graph per step
+'''
+
+
+def memprof(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "memprof.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def leaky_script(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_run_report_export_and_fail_on_findings(leaky_script, tmp_path):
+    r = memprof("run", "-o", "run.memprof", str(leaky_script), "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Findings" in r.stdout and "kept" in r.stdout
+    assert (tmp_path / "run.memprof").exists()
+
+    r = memprof("report", "run.memprof", "--json", cwd=tmp_path)
+    summary = json.loads(r.stdout)
+    assert summary["peak_bytes"] > 0
+    assert any(f["kind"] == "retained_graph" and f["holder"] == "kept"
+               for f in summary["findings"])
+    assert "0" in summary["by_module_at_peak"] or "2" in summary["by_module_at_peak"]
+
+    r = memprof("report", "run.memprof", "--export", "r.html", "--export", "t.json",
+                "--export", "s.pickle", "--fail-on-findings", cwd=tmp_path)
+    assert r.returncode == 3
+    html = (tmp_path / "r.html").read_text()
+    assert "<svg" in html and "Findings" in html
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert any(e["name"] == "live bytes" for e in trace["traceEvents"])
+    assert any(e["name"] == "backward" and e["ph"] == "X" for e in trace["traceEvents"])
+    snap = pickle.loads((tmp_path / "s.pickle").read_bytes())
+    actions = {e["action"] for e in snap["device_traces"][0]}
+    assert actions == {"alloc", "free_completed"}
+
+
+def test_bad_input_is_one_line(tmp_path):
+    (tmp_path / "junk.memprof").write_text("nope")
+    r = memprof("report", "junk.memprof", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "not a readable memprof profile" in r.stderr
+    r = memprof("run", "missing.py", cwd=tmp_path)
+    assert r.returncode == 2 and "no such file" in r.stderr
+    r = memprof("report", "x.memprof", "--export", "x.docx", cwd=tmp_path)
+    assert r.returncode == 2
+
+
+def test_script_exit_code_and_crash_are_kept(tmp_path):
+    (tmp_path / "crash.py").write_text("import torch\nx = torch.ones(100)\nraise SystemExit(7)\n")
+    r = memprof("run", "crash.py", cwd=tmp_path)
+    assert r.returncode == 7
+    assert os.path.exists(tmp_path / "crash.memprof")
