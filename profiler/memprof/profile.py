@@ -292,30 +292,35 @@ class Profile:
         return cat
 
     @cached_property
-    def _ptr_sorted(self) -> tuple[np.ndarray, np.ndarray]:
+    def _alloc_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Allocations sorted by (address, position), as one int64 key per allocation:
+        rank of the address among all addresses * 2**32 + position."""
         mem = self.memory
-        order = np.lexsort((np.arange(mem.size), mem["ptr"]))
-        return mem["ptr"][order], order
+        allocs = np.flatnonzero(mem["size"] > 0)
+        uniq, rank = np.unique(mem["ptr"][allocs], return_inverse=True)
+        keys = rank.astype(np.int64) * (1 << 32) + allocs
+        order = np.argsort(keys, kind="stable")
+        return uniq, keys[order], allocs[order]
 
-    def _allocs_alive_at(self, ptrs: list[int], pos: int) -> list[int]:
-        """Indices of allocations at the given addresses that are alive at memory position pos."""
+    def _allocs_alive_at(self, ptrs: list[int], pos: int) -> list[tuple[int, int]]:
+        """(allocation index, query index) for each address with an allocation alive at
+        memory position pos (allocated before it, not freed before it)."""
         if not ptrs:
             return []
-        ptr_s, order = self._ptr_sorted
-        size = self.memory["size"]
-        free_of = self.free_of
+        uniq, keys, allocs = self._alloc_keys
         q = np.asarray(ptrs, dtype=np.uint64)
-        lo = np.searchsorted(ptr_s, q, side="left")
-        hi = np.searchsorted(ptr_s, q, side="right")
-        out = []
-        for k, (a, b) in enumerate(zip(lo, hi)):
-            best = -1
-            for i in order[a:b]:
-                if i < pos and size[i] > 0:
-                    best = i
-            if best >= 0 and (free_of[best] < 0 or free_of[best] >= pos):
-                out.append((int(best), k))
-        return out
+        r = np.searchsorted(uniq, q)
+        known = (r < uniq.size) & (uniq[np.minimum(r, max(uniq.size - 1, 0))] == q) \
+            if uniq.size else np.zeros(q.size, dtype=bool)
+        qk = r.astype(np.int64) * (1 << 32) + pos
+        at = np.searchsorted(keys, qk, side="left") - 1
+        ok = known & (at >= 0)
+        at = np.maximum(at, 0)
+        ok &= (keys[at] >> 32) == r if keys.size else False
+        cand = allocs[at]
+        free = self.free_of[cand] if keys.size else cand
+        ok &= (free < 0) | (free >= pos)
+        return [(int(cand[k]), int(k)) for k in np.flatnonzero(ok)]
 
     # ------------------------------------------------------------------ peak and alive sets
     @cached_property
