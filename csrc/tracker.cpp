@@ -12,6 +12,7 @@
 #include <ATen/SequenceNumber.h>
 #include <ATen/record_function.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -129,6 +130,7 @@ struct Session {
   std::shared_ptr<c10::DebugInfoBase> reporter;  // the one pushed on the owner thread
   int32_t backward_label = -1;                    // string id of "backward_start"
   std::atomic<int64_t> external_total{0};         // running total of record_external sizes
+  int saved_log_level = 0;                        // c10 log level restored at stop()
 };
 
 Session& session() {
@@ -358,6 +360,10 @@ uint64_t start(int64_t capacity) {
   s.owner = std::this_thread::get_id();
   s.reporter = std::make_shared<Reporter>(gen);
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, s.reporter);
+  // The CPU allocator logs a warning for every free of a block allocated before profiling
+  // started (the normal case here: parameters, inputs); memprof accounts for those itself.
+  s.saved_log_level = FLAGS_caffe2_log_level;
+  FLAGS_caffe2_log_level = std::max<int>(FLAGS_caffe2_log_level, 2 /* ERROR */);
   s.active.store(true, std::memory_order_release);
   if (!s.callback_installed) {
     s.callback = at::addGlobalCallback(
@@ -387,6 +393,7 @@ std::string stop() {
   if (!s.active.load()) return "";
   std::string warning;
   s.active.store(false, std::memory_order_release);
+  FLAGS_caffe2_log_level = s.saved_log_level;
   if (s.callback_installed) {
     at::removeCallback(s.callback);
     s.callback_installed = false;
