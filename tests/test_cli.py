@@ -77,3 +77,10 @@ def test_script_exit_code_and_crash_are_kept(tmp_path):
     r = memprof("run", "crash.py", cwd=tmp_path)
     assert r.returncode == 7
     assert os.path.exists(tmp_path / "crash.memprof")
+
+
+def test_gpus_table(tmp_path):
+    r = memprof("gpus", "--json", cwd=tmp_path)
+    rows = json.loads(r.stdout)
+    v100 = next(g for g in rows if g["name"] == "v100-16gb")
+    assert v100["memory_bytes"] == 16160 * 2**20 and v100["bf16"] is None

@@ -7,7 +7,9 @@ below 10 MiB, else rounded up to 2 MiB), best-fit by (size, address), block spli
 coalescing, ``max_split_size``, ``expandable_segments`` and a capacity limit with the
 allocator's release-cache-and-retry before an out-of-memory error.
 
-Sizes in the input are the bytes the program asked for; "allocated" in the result is what
+Sizes in the input are the bytes the program asked for (a stream recorded on a GPU reports the
+allocator's block sizes instead: already rounded, so replaying it is close but can count an
+unsplit remainder twice); "allocated" in the result is what
 ``torch.cuda.memory_allocated()`` would report (rounded block sizes) and "reserved" what
 ``torch.cuda.memory_reserved()`` would report. The CUDA context and library workspaces that
 live outside the allocator are not part of it (see ``memprof.gpus.usable_bytes``).

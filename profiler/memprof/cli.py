@@ -65,23 +65,10 @@ def _cmd_demo(args) -> int:
 
 def _cmd_gpus(args) -> int:
     from . import gpus
-    rows = [g.as_dict() if hasattr(g, "as_dict") else vars(g) for g in gpus.GPUS]
     if args.json:
-        print(json.dumps(rows, indent=1, default=str))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-    t = Table(title="GPUs memprof knows (memory as the driver reports it)")
-    for col in ("name", "memory (GiB)", "fp32 TFLOP/s", "fp16 TFLOP/s", "bf16 TFLOP/s",
-                "bandwidth (GB/s)"):
-        t.add_column(col, justify="left" if col == "name" else "right")
-    for g in gpus.GPUS:
-        def tf(v):
-            return "-" if v is None else f"{v / 1e12:.1f}"
-        t.add_row(g.name, f"{g.memory_bytes / 2**30:.2f}", tf(g.flops.get("fp32")),
-                  tf(g.flops.get("fp16")), tf(g.flops.get("bf16")),
-                  f"{g.bandwidth / 1e9:.0f}")
-    Console().print(t)
+        print(json.dumps(gpus.table(), indent=1))
+    else:
+        print(gpus.format_table())
     return 0
 
 
