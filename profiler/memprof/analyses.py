@@ -12,7 +12,10 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 def default_analyses() -> list:
     from .graph import backward_misuse, retained_graphs
     from .growth import memory_growth
-    return [retained_graphs, memory_growth, backward_misuse]
+    from .health import health_analysis          # throughput / training health (issue 7)
+    from .throughput import throughput_analysis
+    return [retained_graphs, memory_growth, backward_misuse, throughput_analysis,
+            health_analysis]
 
 
 def findings(prof, min_severity: str = "warning") -> list:

@@ -15,6 +15,7 @@ import gc
 import sys
 import time
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -393,7 +394,7 @@ class BackwardRecorder:
     """Wraps torch.autograd.backward while tracking to see retain_graph and repeated roots."""
 
     def __init__(self, tracker):
-        self.tracker = tracker
+        self._tracker = weakref.ref(tracker)  # the tracker owns us: no reference cycle
         self.calls: list[dict] = []
         self._original = None
 
@@ -412,7 +413,7 @@ class BackwardRecorder:
                               if isinstance(t, torch.Tensor) and t.grad_fn is not None],
                     "retain_graph": bool(retain_graph if retain_graph is not None
                                          else create_graph),
-                    "step": recorder.tracker._step})
+                    "step": getattr(recorder._tracker(), "_step", -1)})
             except Exception:  # noqa: BLE001  (recording must never break backward)
                 pass
             return original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -165,12 +166,24 @@ class GpuSampler:
         return out
 
 
+def _params_on_cuda(params) -> bool:
+    """CUDA events are used when the tracked parameters live on a CUDA device."""
+    return any(p.is_cuda for p in params)
+
+
+def _cuda_device_index(params) -> int:
+    for p in params:
+        if p.is_cuda:
+            return p.device.index if p.device.index is not None else torch.cuda.current_device()
+    return torch.cuda.current_device()
+
+
 class ThroughputRecorder:
     """Hooks that add `batch` and `backward_end` markers, and (CUDA) CUDA events at every
     phase boundary. Installed by track() for every block; removed on exit."""
 
     def __init__(self, tracker):
-        self.tracker = tracker
+        self.tracker = weakref.proxy(tracker)  # no reference cycle with the tracker
         self.cuda = False
         self.gpu: GpuSampler | None = None
         self._handles: list = []
@@ -183,12 +196,13 @@ class ThroughputRecorder:
         self._resolved: list[tuple[str, int | None, int]] = []
         self._ref_event = None
         self.cuda_error: str | None = None
+        self.gpu_error: str | None = None
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         tr = self.tracker
         params = tr._all_params()
-        self.cuda = bool(params) and any(p.is_cuda for p in params)
+        self.cuda = _params_on_cuda(params)
         want_batch = tr.batch_size is None
         if tr.model is not None:
             if want_batch or self.cuda:
@@ -230,10 +244,12 @@ class ThroughputRecorder:
                 self._orig_end_step()
                 self._cuda_mark("step")
             tr._end_step = end_step
-            dev = next(p.device for p in params if p.is_cuda)
-            self.gpu = GpuSampler(dev.index if dev.index is not None
-                                  else torch.cuda.current_device())
-            self.gpu.start()
+            try:
+                self.gpu = GpuSampler(_cuda_device_index(params))
+                self.gpu.start()
+            except Exception as err:  # noqa: BLE001  (no sampler: times are still measured)
+                self.gpu = None
+                self.gpu_error = f"{type(err).__name__}: {err}"
 
     def remove(self) -> None:
         for h in self._handles:
@@ -558,6 +574,8 @@ def throughput_analysis(profile: Profile, tracker) -> list[Finding]:
     rec = getattr(tracker, "_throughput", None) if tracker is not None else None
     batch = getattr(tracker, "batch_size", None) if tracker is not None else None
     gpu = rec.gpu.summary() if rec is not None and rec.gpu is not None else None
+    if rec is not None and rec.gpu is None and rec.gpu_error:
+        gpu = {"samples": 0, "error": rec.gpu_error}
     timeline = rec.cuda_timeline() if rec is not None else None
     if timeline:
         summary = compute(timeline, clock="cuda_events", batch_override=batch, gpu=gpu)

@@ -56,7 +56,8 @@ class Tracker:
 
     def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
                  path: str | None = None, capacity: int = DEFAULT_CAPACITY,
-                 analyses: Iterable[Callable] | None = None, auto_modules: bool = False):
+                 analyses: Iterable[Callable] | None = None, auto_modules: bool = False,
+                 health: bool = False, batch_size: int | None = None):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module or None, got "
                             f"{type(model).__name__}")
@@ -92,11 +93,42 @@ class Tracker:
         self._module_names: list[str] = []
         self._param_module: dict[int, int] = {}
         self._t0 = 0
+        # --- throughput / training health (memprof.throughput, memprof.health)
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        self.health_enabled = bool(health)
+        self.batch_size = batch_size
+        self._throughput = None
+        self._health = None
+        self._logs: list[tuple[int, str, float]] = []
 
     # ------------------------------------------------------------------ public helpers
     def step(self) -> None:
         """Mark a step boundary, for loops that do not call an optimizer."""
         self._end_step()
+
+    def log(self, **values) -> None:
+        """Record numbers for the current optimizer step, e.g. prof.log(loss=loss.item());
+        `loss` feeds the training-health checks (pass a float: a tensor costs a sync)."""
+        from .health import log_values
+        log_values(self._outer or self, values)
+
+    @property
+    def throughput(self) -> dict:
+        """Step time, phases, samples/s, micro-steps (memprof.throughput.summarize)."""
+        if self.profile is None:
+            raise RuntimeError("throughput: available once the track() block has exited")
+        from .throughput import summarize
+        return summarize(self.profile)
+
+    @property
+    def health(self) -> dict | None:
+        """Training health (memprof.health.summarize); None without health=True or log()."""
+        if self.profile is None:
+            raise RuntimeError("health: available once the track() block has exited")
+        from .health import summarize
+        return summarize(self.profile)
 
     def __getattr__(self, name):
         # After exit, the tracker stands for its profile: prof.peak, prof.report(), ...
@@ -213,12 +245,24 @@ class Tracker:
         from .graph import BackwardRecorder
         self._backward = BackwardRecorder(self)
         self._backward.install()
+        # --- throughput / training health; installed before the thread hook below so that
+        # the GPU sampler thread is not recorded
+        from .throughput import ThroughputRecorder
+        self._throughput = ThroughputRecorder(self)
+        self._throughput.install()
+        if self.health_enabled:
+            from .health import HealthRecorder
+            self._health = HealthRecorder(self)
+            self._health.install()
         # Threads started while tracking (DataLoader pin-memory thread, thread pools) record too.
         self._prev_thread_profile = threading.getprofile()
         if self._prev_thread_profile is None:
             threading.setprofile(_attach_new_thread)
 
     def _remove_hooks(self) -> None:
+        for rec in (self._health, self._throughput):  # reverse install order (they wrap)
+            if rec is not None:
+                rec.remove()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -424,7 +468,8 @@ def _attach_new_thread(frame, event, arg):
 
 
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,
-          capacity: int = DEFAULT_CAPACITY, analyses=None, auto_modules: bool = False) -> Tracker:
+          capacity: int = DEFAULT_CAPACITY, analyses=None, auto_modules: bool = False,
+          health: bool = False, batch_size: int | None = None) -> Tracker:
     """Record every allocation and free made inside the block.
 
     model: attributes allocations to its submodules (forward hooks) and names parameters.
@@ -433,6 +478,10 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
     used if none is given). After the block, the returned object answers like a Profile.
     auto_modules: without a model, attribute to whatever modules run (global module hooks;
     what `memprof run` uses on an unmodified script).
+    health: also record training health (grad norm before/after clipping, LR per step, LR
+    scheduler order, loss spikes, non-finite values); see memprof.health.
+    batch_size: samples per micro-step for samples/s (default: the leading dimension of the
+    root module's first input); see memprof.throughput.
     """
     return Tracker(model, optimizer, path=path, capacity=capacity, analyses=analyses,
-                   auto_modules=auto_modules)
+                   auto_modules=auto_modules, health=health, batch_size=batch_size)

@@ -94,6 +94,101 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
             t.add_row(str(s.index), fmt_bytes(s.peak), fmt_bytes(s.live_at_end),
                       fmt_bytes(s.allocated))
         console.print(t)
+    _print_throughput(prof, console)  # throughput / training health (memprof.throughput,
+    _print_health(prof, console)      # memprof.health)
     errors = prof.meta.get("analysis_errors")
     if errors:
         console.print("[yellow]Some checks could not run:[/] " + "; ".join(errors))
+
+
+# ------------------------------------------------------------------ throughput / training health
+def _g(x, fmt="{:.4g}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _print_throughput(prof: Profile, console: Console) -> None:
+    tp = prof.meta.get("throughput")
+    if not tp or not tp.get("steps"):
+        return
+    st = tp["stats"]
+    clock = "CUDA events" if tp["clock"] == "cuda_events" else "host clock"
+    t = Table(title=f"Throughput per optimizer step: median over {tp['steps_measured']} steps, "
+                    f"{tp['warmup_steps_excluded']} warm-up step(s) excluded ({clock})",
+              title_justify="left")
+    for col in ("phase", "median ms", "p10 ms", "p90 ms", "share"):
+        t.add_column(col, justify="left" if col == "phase" else "right")
+    wall = (st.get("wall_ms") or {}).get("median")
+    for key, name in (("data_ms", "data wait"), ("forward_ms", "forward"),
+                      ("backward_ms", "backward"), ("optimizer_ms", "optimizer"),
+                      ("other_ms", "other"), ("wall_ms", "step")):
+        s = st.get(key)
+        if not s:
+            continue
+        share = f"{100 * s['median'] / wall:5.1f}%" if wall else "-"
+        t.add_row(name, f"{s['median']:.2f}", f"{s['p10']:.2f}", f"{s['p90']:.2f}", share)
+    console.print(t)
+    sps = st.get("samples_per_s")
+    line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}"
+            f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
+            f"batch {_g(tp.get('batch_size'))}   samples/s "
+            + (f"{sps['median']:.1f} (p10 {sps['p10']:.1f}, p90 {sps['p90']:.1f})" if sps
+               else "- (batch size unknown: track(batch_size=...))"))
+    gpu = tp.get("gpu")
+    if gpu:
+        u = gpu.get("utilization_pct")
+        line += ("\nGPU utilisation " + (f"{u['median']:.0f}% median (p10 {u['p10']:.0f}%, "
+                                          f"p90 {u['p90']:.0f}%), memory used max "
+                                          f"{fmt_bytes(gpu.get('memory_used_bytes_max', 0))}"
+                                          if u else f"not sampled ({gpu.get('error')})"))
+    console.print(line)
+
+
+def _print_health(prof: Profile, console: Console) -> None:
+    h = prof.meta.get("health")
+    if not h:
+        return
+    ps = h.get("per_step", {})
+    t = Table(title=f"Training health ({h['steps']} optimizer steps)", title_justify="left")
+    t.add_column("what")
+    t.add_column("value")
+
+    def series(vals):
+        import math
+        v = [x for x in vals if x is not None and math.isfinite(x)]
+        if not v:
+            return None
+        v = sorted(v)
+        return v[len(v) // 2], v[min(len(v) - 1, int(0.9 * (len(v) - 1) + 0.5))], v[-1]
+
+    loss = h.get("loss") or {}
+    if loss.get("first") is not None:
+        t.add_row("loss", f"first {_g(loss['first'])}, last {_g(loss['last'])}, median "
+                          f"{_g(loss.get('median'))}; {len(loss.get('spikes', []))} spike(s) "
+                          f"(from {h.get('loss_source')})")
+    gn = series(ps.get("grad_norm", []))
+    if gn:
+        t.add_row("grad norm seen by the optimizer",
+                  f"median {gn[0]:.4g}, p90 {gn[1]:.4g}, max {gn[2]:.4g}")
+    clip = h.get("clipping")
+    if clip and clip.get("pre_clip_norm"):
+        pc = clip["pre_clip_norm"]
+        t.add_row("grad norm before clipping",
+                  f"median {pc['median']:.4g}, p90 {pc['p90']:.4g}, max {pc['max']:.4g}; "
+                  f"max_norm {clip['max_norm']:.4g}: clipped {clip['steps_clipped']} of "
+                  f"{clip['steps_with_clip']} steps")
+    lr = h.get("lr") or {}
+    if lr.get("first") is not None:
+        warm = lr.get("warmup_optimizer_steps")
+        t.add_row("learning rate (group 0)",
+                  f"first {_g(lr['first'])}, peak {_g(lr['peak'])}, last {_g(lr['last'])}; "
+                  f"warmup {_g(warm, '{}')}{'' if lr.get('warmup_complete') or not warm else '+'}"
+                  f" optimizer steps")
+    for sc in h.get("schedulers", []):
+        t.add_row(f"scheduler {sc['class']}",
+                  f"{sc['calls']} steps for {sc['optimizer_steps']} optimizer steps; "
+                  f"{sc['before_optimizer_calls']} before optimizer.step()")
+    nf = h.get("nonfinite") or {}
+    if nf.get("loss_steps") or nf.get("gradient_steps"):
+        t.add_row("non-finite", f"loss at steps {nf['loss_steps'][:5]}, gradients at steps "
+                                f"{nf['gradient_steps'][:5]} (first: {nf.get('first_parameter')})")
+    console.print(t)

@@ -1,0 +1,190 @@
+"""Step-time overhead of track(health=True) vs track(health=False) vs an untracked loop.
+
+The loop is the same in every mode (forward, loss, backward, clip_grad_norm_, optimizer step,
+LR scheduler step, zero_grad); modes are interleaved in rounds so that machine noise hits all
+of them alike, and per-step wall times are pooled per mode. Reported per workload: median step
+time, p10-p90, overhead vs untracked, and the one-off cost of leaving the block.
+
+    python benchmarks/overhead_health.py                    # vit-tiny b32 and mlp b64
+    python benchmarks/overhead_health.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import memprof
+from memprof.models import build_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("untracked", "track(health=False)", "track(health=True)")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
+
+
+def workload(name: str, batch: int, steps: int):
+    torch.manual_seed(0)
+    model, make_batch, loss_fn = build_model(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    return model, opt, sched, [make_batch(batch) for _ in range(steps)], loss_fn
+
+
+def run_steps(model, opt, sched, batches, loss_fn) -> list[float]:
+    times = []
+    for inputs, targets in batches:
+        t = time.perf_counter()
+        loss = loss_fn(model(*inputs), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+HOOKS = ("_opt_pre", "_on_forward", "_on_backward", "_on_clip", "_on_sched")
+
+
+class HookClock:
+    """Times the health recorder's own work (inside its hooks) while a block runs."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._saved = {}
+
+    def __enter__(self):
+        from memprof.health import HealthRecorder
+        for name in HOOKS:
+            orig = HealthRecorder.__dict__[name]
+            self._saved[name] = orig
+
+            def timed(*a, _orig=orig, **k):
+                t = time.perf_counter()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.total += time.perf_counter() - t
+            setattr(HealthRecorder, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        from memprof.health import HealthRecorder
+        for name, orig in self._saved.items():
+            setattr(HealthRecorder, name, orig)
+        return False
+
+
+def run_mode(mode: str, w, hook_ms: list | None = None) -> tuple[list[float], float]:
+    if mode == "untracked":
+        return run_steps(*w), 0.0
+    health = mode == "track(health=True)"
+    clock = HookClock() if health and hook_ms is not None else None
+    if clock:
+        clock.__enter__()
+    tracker = memprof.track(w[0], w[1], health=health)
+    tracker.__enter__()
+    try:
+        times = run_steps(*w)
+    finally:
+        t = time.perf_counter()
+        tracker.__exit__(None, None, None)
+        exit_s = time.perf_counter() - t
+        if clock:
+            clock.__exit__(None, None, None)
+            hook_ms.append(clock.total * 1e3 / len(w[3]))
+    return times, exit_s
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def bench(name: str, batch: int, args) -> list[dict]:
+    w = workload(name, batch, args.steps)
+    run_steps(*w)  # warm up allocator caches and lazy optimizer state
+    pooled = {m: [] for m in MODES}
+    exits = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
+            times, exit_cost = run_mode(m, w)
+            pooled[m] += times[args.warmup:]
+            exits[m].append(exit_cost)
+    hook_ms: list[float] = []
+    for _ in range(args.rounds):      # separate rounds: timing the hooks costs time itself
+        run_mode("track(health=True)", w, hook_ms)
+    base = statistics.median(pooled["untracked"])
+    return [{"workload": f"{name} b{batch}", "mode": m,
+             "health_hooks_ms_per_step": (statistics.median(hook_ms)
+                                          if m == "track(health=True)" else None),
+             "median_step_ms": statistics.median(pooled[m]) * 1e3,
+             "p10_ms": pct(pooled[m], .1) * 1e3, "p90_ms": pct(pooled[m], .9) * 1e3,
+             "overhead_pct": (statistics.median(pooled[m]) / base - 1) * 100,
+             "steps": len(pooled[m]), "exit_ms": statistics.median(exits[m]) * 1e3}
+            for m in MODES]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="vit-tiny:32,mlp:64",
+                    help="comma-separated model:batch (memprof.models names)")
+    ap.add_argument("--steps", type=int, default=8, help="steps per round and mode")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="steps dropped from each round")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 4, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = machine()["load_average_1_5_15min"]
+    rows = []
+    for spec in args.workloads.split(","):
+        name, batch = spec.split(":")
+        rows += bench(name, int(batch), args)
+    cmd = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    lines = [f"# memprof training-health overhead ({args.rounds} rounds x {args.steps} steps "
+             f"per mode, first {args.warmup} of each round dropped; loop: forward, loss, "
+             "backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad)",
+             f"# machine: {machine()} (load average before the run: {load_before})",
+             f"# command: python {cmd}", "",
+             f"{'workload':14s} {'mode':22s} {'median ms':>10s} {'p10-p90 ms':>16s} "
+             f"{'overhead':>9s} {'exit ms':>8s} {'health hooks ms/step':>21s}"]
+    for r in rows:
+        lines.append(f"{r['workload']:14s} {r['mode']:22s} {r['median_step_ms']:10.2f} "
+                     f"{r['p10_ms']:7.2f}-{r['p90_ms']:<8.2f} {r['overhead_pct']:8.1f}% "
+                     f"{r['exit_ms']:8.1f} "
+                     + (f"{r['health_hooks_ms_per_step']:21.3f}"
+                        if r["health_hooks_ms_per_step"] is not None else f"{'':21s}"))
+    lines.append("# health hooks ms/step: time spent inside the health recorder's hooks "
+                 "(grad norm, LR reads, loss .item(), clip/scheduler records) per step, "
+                 "median over separate rounds")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".txt", "w") as f:
+        f.write(text + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump({"machine": machine(), "command": f"python {cmd}", "args": vars(args),
+                   "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""Training health (track(health=True)): clipping, LR and schedulers, loss spikes, non-finite
+values; exactness (results unchanged) and clean removal."""
+import gc
+import math
+
+import pytest
+import torch
+from torch.nn.utils import clip_grad_norm_ as preimported_clip  # bound before any tracking
+
+import memprof
+from memprof import health as hl
+
+D, H, C = 32, 64, 4
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Leave no cyclic garbage (models, tensors) for a later test's tracked block to free."""
+    yield
+    gc.collect()
+HEALTH_KINDS = {"nonfinite_loss", "nonfinite_gradients", "loss_spikes", "grad_clip_every_step",
+                "grad_clip_inactive", "grad_clip_mismatch", "scheduler_before_optimizer",
+                "scheduler_stepped_before_first_optimizer_step", "lr_schedule_per_micro_step"}
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(D, H)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(H, C)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def setup(lr=0.05, seed=0):
+    torch.manual_seed(seed)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return model, opt
+
+
+def dataset(n=512, seed=1):
+    """A fixed, learnable regression task (batches cycle through it: low-noise loss)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g)
+    w = torch.randn(D, C, generator=g) / math.sqrt(D)
+    return x, x @ w
+
+
+def batch(data, i, b=64):
+    x, y = data
+    j = (i * b) % x.shape[0]
+    return x[j:j + b], y[j:j + b]
+
+
+def kinds(prof):
+    return [f.kind for f in prof.findings]
+
+
+def find(prof, kind):
+    fs = [f for f in prof.findings if f.kind == kind]
+    assert len(fs) == 1, kinds(prof)
+    return fs[0]
+
+
+def warmup_cosine(warmup, total):
+    def f(s):
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    return f
+
+
+# ------------------------------------------------------------------ the correct loop
+def test_correct_loop_with_warmup_cosine_and_accumulation_has_no_findings():
+    model, opt = setup(lr=0.05)
+    steps, accum, warmup = 30, 2, 5
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(steps * accum):
+            x, y = batch(data, i, b=32)
+            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
+            if (i + 1) % accum == 0:
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+    assert not [k for k in kinds(prof) if k in HEALTH_KINDS], prof.findings
+    assert not memprof.findings(prof), prof.findings
+    h = prof.health
+    assert h["steps"] == steps and h["loss_source"] == "root of backward"
+    assert h["lr"]["warmup_optimizer_steps"] == warmup - 1 and h["lr"]["warmup_complete"]
+    assert h["lr"]["peak"] == pytest.approx(0.05)
+    assert h["lr"]["first"] == pytest.approx(0.05 / warmup)
+    assert h["schedulers"][0]["calls"] == steps
+    assert h["schedulers"][0]["before_optimizer_calls"] == 0
+    assert h["micro_steps_per_optimizer_step"] == accum
+    assert h["loss"]["last"] < h["loss"]["first"]
+    assert all(g is not None and math.isfinite(g) for g in h["per_step"]["grad_norm"])
+
+
+# ------------------------------------------------------------------ gradient clipping
+def run_clipped(max_norm, steps=10, clip=torch.nn.utils.clip_grad_norm_):
+    model, opt = setup()
+    data = dataset()
+    returned = []
+    seen = []
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(steps):
+            x, y = batch(data, i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            returned.append(float(clip(model.parameters(), max_norm)))
+            seen.append(float(torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in model.parameters()]))))
+            opt.step()
+            opt.zero_grad()
+    return prof, returned, seen
+
+
+def test_clipping_active_on_every_step():
+    prof, returned, seen = run_clipped(max_norm=1e-3)
+    h = prof.health
+    assert h["per_step"]["grad_norm_pre_clip"] == pytest.approx(returned)
+    assert h["per_step"]["grad_norm"] == pytest.approx(seen, rel=1e-5)
+    assert h["per_step"]["grad_norm"] == pytest.approx([1e-3] * 10, rel=1e-3)
+    assert h["per_step"]["clipped"] == [True] * 10
+    f = find(prof, "grad_clip_every_step")
+    assert f.severity == "warning" and "10 of 10" in f.message and "max_norm=0.001" in f.message
+    assert f.evidence["steps_clipped"] == 10 and f.fix
+
+
+def test_clipping_never_active():
+    prof, returned, seen = run_clipped(max_norm=1e6)
+    h = prof.health
+    assert h["per_step"]["clipped"] == [False] * 10
+    # not clipped: the optimizer sees the pre-clip norm
+    assert h["per_step"]["grad_norm"] == pytest.approx(returned, rel=1e-5)
+    f = find(prof, "grad_clip_inactive")
+    assert f.severity == "info" and "never clipped in 10" in f.message
+    assert "grad_clip_every_step" not in kinds(prof)
+
+
+def test_clip_imported_before_tracking_is_seen():
+    prof, returned, _ = run_clipped(max_norm=1e-3, clip=preimported_clip)
+    assert prof.health["per_step"]["grad_norm_pre_clip"] == pytest.approx(returned)
+    assert prof.health["clipping"]["calls_per_step_max"] == 1
+    assert "grad_clip_every_step" in kinds(prof)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.utils, "get_total_norm"), reason="torch < 2.6")
+def test_two_stage_clipping_api_is_seen():
+    def clip(params, max_norm):
+        params = list(params)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+    prof, returned, seen = run_clipped(max_norm=1e-3, steps=6, clip=clip)
+    assert prof.health["per_step"]["grad_norm_pre_clip"] == pytest.approx(returned)
+    assert prof.health["per_step"]["clipped"] == [True] * 6
+
+
+def test_clipping_what_the_optimizer_does_not_use_is_a_mismatch():
+    model, opt = setup()
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(6):
+            x, y = batch(data, i)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            (loss * 1024).backward()                       # "scaled" gradients
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for p in model.parameters():                   # unscaled after clipping
+                p.grad /= 1024
+            opt.step()
+            opt.zero_grad()
+    f = find(prof, "grad_clip_mismatch")
+    assert "unscale_" in f.fix
+
+
+# ------------------------------------------------------------------ schedulers and LR
+def test_scheduler_stepped_before_optimizer():
+    model, opt = setup(lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(4, 12))
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(12):
+            x, y = batch(data, i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            with pytest.warns(UserWarning) if i == 0 else _nothing():
+                sched.step()                               # wrong order (seeds/002)
+            opt.step()
+            opt.zero_grad()
+    f = find(prof, "scheduler_before_optimizer")
+    assert f.severity == "warning" and "12 of 12" in f.message
+    # the schedule's first value (0.1 / 4) was never applied: step 0 used the second one
+    assert prof.health["lr"]["first"] == pytest.approx(0.1 * 2 / 4)
+    assert "lr_schedule_per_micro_step" not in kinds(prof)
+
+
+def test_scheduler_pre_stepped_once_is_info():
+    model, opt = setup(lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(4, 12))
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        with pytest.warns(UserWarning):
+            sched.step()                                   # the seeds/002 "workaround"
+        for i in range(8):
+            x, y = batch(data, i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    f = find(prof, "scheduler_stepped_before_first_optimizer_step")
+    assert f.severity == "info"
+    assert "scheduler_before_optimizer" not in kinds(prof)
+
+
+def test_scheduler_stepped_per_micro_step():
+    model, opt = setup(lr=0.05)
+    accum, steps, warmup = 4, 8, 8                          # warmup meant in optimizer steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, 100))
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(steps * accum):
+            x, y = batch(data, i, b=16)
+            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
+            with pytest.warns(UserWarning) if i == 0 else _nothing():
+                sched.step()                               # per micro-batch (seeds/004)
+            if (i + 1) % accum == 0:
+                opt.step()
+                opt.zero_grad()
+    f = find(prof, "lr_schedule_per_micro_step")
+    assert f.evidence["scheduler_steps"] == steps * accum
+    assert f.evidence["optimizer_steps"] == steps
+    assert f.evidence["micro_steps_per_optimizer_step"] == accum
+    assert f.evidence["warmup_scheduler_steps"] == warmup - 1
+    assert f.evidence["warmup_optimizer_steps"] <= 2       # 8 "steps" of warmup took 2
+    assert "scheduler_before_optimizer" not in kinds(prof)
+
+
+def test_lr_changed_by_hand_between_micro_steps():
+    model, opt = setup(lr=0.05)
+    accum = 4
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(6 * accum):
+            for g in opt.param_groups:
+                g["lr"] = 0.05 * min(1.0, (i + 1) / 40)     # counted in micro-batches
+            x, y = batch(data, i, b=16)
+            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
+            if (i + 1) % accum == 0:
+                opt.step()
+                opt.zero_grad()
+    f = find(prof, "lr_schedule_per_micro_step")
+    assert f.evidence["windows_with_lr_change"] >= 5
+
+
+def test_lr_of_every_param_group():
+    model, _ = setup()
+    opt = torch.optim.AdamW([{"params": model.fc1.parameters(), "lr": 1e-3},
+                             {"params": model.fc2.parameters(), "lr": 1e-2}])
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(3):
+            x, y = batch(data, i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert prof.health["per_step"]["lr"] == [[1e-3, 1e-2]] * 3
+    assert prof.health["lr"]["param_groups"] == 2
+
+
+# ------------------------------------------------------------------ loss
+def test_loss_spikes_found_from_backward_roots_and_from_log():
+    for use_log in (False, True):
+        model, opt = setup(lr=0.02)
+        data = dataset()
+        with memprof.track(model, opt, health=True) as prof:
+            for i in range(24):
+                x, y = batch(data, i)
+                if i in (12, 18):
+                    y = y * 6                             # a bad batch: the loss jumps
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                if use_log:
+                    prof.log(loss=loss.item(), tokens=64)
+                opt.step()
+                opt.zero_grad()
+        f = find(prof, "loss_spikes")
+        assert {12, 18} <= set(f.evidence["spike_steps"])
+        assert f.evidence["rule"]["relative_jump"] == hl.LOSS_REL_JUMP
+        assert "rolling median" in f.message and f.fix
+        h = prof.health
+        assert h["loss_source"] == ("prof.log(loss=...)" if use_log else "root of backward")
+        if use_log:
+            assert h["logged"]["tokens"]["3"] == 64
+
+
+def test_loss_spike_rule_on_the_seed_series():
+    seeds_004 = [169, 141, 169, 242, 212, 182, 186, 161, 189, 181, 181, 172, 218, 186, 175, 198]
+    assert [s["index"] for s in hl.loss_spikes(seeds_004)] == [3]
+    smooth = [2.0 * math.exp(-k / 20) + 0.5 + 0.01 * ((-1) ** k) for k in range(60)]
+    assert hl.loss_spikes(smooth) == []
+
+
+def test_log_rejects_bad_values():
+    model, opt = setup()
+    with memprof.track(model, opt) as prof:
+        with pytest.raises(ValueError, match="loss"):
+            prof.log(loss=torch.ones(3))
+        with pytest.raises(ValueError, match="loss"):
+            prof.log(loss="high")
+        prof.log(loss=torch.tensor(2.0))
+    assert prof.health["per_step"]["loss"] == [2.0]   # logs work without health=True too
+
+
+# ------------------------------------------------------------------ non-finite values
+@pytest.mark.parametrize("bad", ["fc1.weight", "fc2.bias"])
+def test_nan_gradient_in_a_named_parameter(bad):
+    model, opt = setup()
+    data = dataset()
+    param = dict(model.named_parameters())[bad]
+    state = {"i": 0}
+    param.register_hook(lambda g: g * float("nan") if state["i"] == 5 else g)
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(8):
+            state["i"] = i
+            x, y = batch(data, i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    f = find(prof, "nonfinite_gradients")
+    assert f.severity == "error"
+    assert f.evidence["first_step"] == 5 and f.evidence["first_parameter"] == bad
+    assert f.holder == bad and f"`{bad}`" in f.message
+    # the NaN reached the weights: the loss is non-finite from the next step on
+    assert find(prof, "nonfinite_loss").evidence["first_step"] == 6
+
+
+def test_deferred_reads_give_the_same_numbers(monkeypatch):
+    """The batched device path (one host copy per FLUSH_EVERY records), exercised on the CPU."""
+    monkeypatch.setattr(hl.HealthRecorder, "_immediate", lambda self, t: False)
+    monkeypatch.setattr(hl, "FLUSH_EVERY", 4)
+    prof, returned, seen = run_clipped(max_norm=1e-3, steps=9)
+    h = prof.health
+    assert h["per_step"]["grad_norm_pre_clip"] == pytest.approx(returned)
+    assert h["per_step"]["grad_norm"] == pytest.approx(seen, rel=1e-5)
+    assert all(v is not None for v in h["per_step"]["loss"])
+
+
+# ------------------------------------------------------------------ exactness and cleanup
+def _train(tracked, health):
+    model, opt = setup(lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(3, 10))
+    data = dataset()
+    torch.manual_seed(3)
+    drop = torch.nn.Dropout(0.1)
+    losses, grads = [], []
+    ctx = memprof.track(model, opt, health=health) if tracked else _nothing()
+    with ctx:
+        for i in range(12):
+            x, y = batch(data, i, b=32)
+            loss = torch.nn.functional.mse_loss(model(drop(x)), y) / 2
+            loss.backward()
+            if i % 2 == 1:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                grads.append([p.grad.clone() for p in model.parameters()])
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            losses.append(loss.detach())
+    return losses, grads, [p.detach().clone() for p in model.parameters()]
+
+
+def test_results_are_bitwise_unchanged():
+    base = _train(False, False)
+    for health in (False, True):
+        other = _train(True, health)
+        for a, b in zip(base[0], other[0]):
+            assert torch.equal(a, b)
+        for ga, gb in zip(base[1], other[1]):
+            for a, b in zip(ga, gb):
+                assert torch.equal(a, b)
+        for a, b in zip(base[2], other[2]):
+            assert torch.equal(a, b)
+
+
+def _originals():
+    from torch.nn.utils import clip_grad
+    from torch.optim.lr_scheduler import LRScheduler
+    out = {"backward": torch.autograd.backward,
+           "utils.clip_grad_norm_": torch.nn.utils.clip_grad_norm_,
+           "clip_grad.clip_grad_norm_": clip_grad.clip_grad_norm_,
+           "clip_grad._clip_grads_with_norm_": getattr(clip_grad, "_clip_grads_with_norm_", None),
+           "utils.clip_grads_with_norm_": getattr(torch.nn.utils, "clip_grads_with_norm_", None)}
+    for cls in [LRScheduler] + hl._subclasses(LRScheduler):
+        if "step" in cls.__dict__:
+            out[cls.__name__] = cls.__dict__["step"]
+    return out
+
+
+def _no_hooks(model):
+    from torch.nn.modules import module as modmod
+    from torch.optim import optimizer as optmod
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+    assert not optmod._global_optimizer_pre_hooks and not optmod._global_optimizer_post_hooks
+    assert not modmod._global_forward_pre_hooks and not modmod._global_forward_hooks
+
+
+def test_everything_removed_on_exit_and_on_exception():
+    before = _originals()
+    model, opt = setup()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    data = dataset()
+    with memprof.track(model, opt, health=True):
+        assert torch.autograd.backward is not before["backward"]
+        assert torch.nn.utils.clip_grad_norm_ is not before["utils.clip_grad_norm_"]
+        x, y = batch(data, 0)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+    assert _originals() == before
+    _no_hooks(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with memprof.track(auto_modules=True, health=True):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            raise RuntimeError("boom")
+    assert _originals() == before
+    _no_hooks(model)
+
+
+def test_report_has_a_training_health_table():
+    from rich.console import Console
+    prof, _, _ = run_clipped(max_norm=1e-3, steps=6)
+    con = Console(record=True, width=160)
+    prof.report(console=con)
+    text = con.export_text()
+    assert "Training health (6 optimizer steps)" in text
+    assert "grad norm before clipping" in text and "clipped 6 of 6 steps" in text
+
+
+@pytest.mark.gpu
+def test_health_on_a_gpu():
+    model, opt = setup()
+    model.cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = tuple(t.cuda() for t in dataset())
+    param = model.fc2.weight
+    state = {"i": 0}
+    param.register_hook(lambda g: g * float("nan") if state["i"] == 40 else g)
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(45):                       # more than FLUSH_EVERY records
+            state["i"] = i
+            x, y = batch(data, i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+            opt.zero_grad()
+    h = prof.health
+    assert all(v is not None for v in h["per_step"]["grad_norm_pre_clip"])
+    assert h["per_step"]["grad_norm"][:40] == pytest.approx([1e-3] * 40, rel=1e-3)
+    assert find(prof, "nonfinite_gradients").evidence["first_parameter"] == "fc2.weight"
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,299 @@
+"""Throughput: phases per step, data wait, samples/s, gradient accumulation, CUDA-event path."""
+import gc
+import sys
+import threading
+import time
+import types
+
+import pytest
+import torch
+
+import memprof
+from memprof import throughput as tp
+
+D, H, C = 64, 128, 10
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Leave no cyclic garbage (models, tensors) for a later test's tracked block to free."""
+    yield
+    gc.collect()
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, C))
+
+
+def train(model, opt, batches, *, accum=1, sleep=0.0, prof=None):
+    for i, (x, y) in enumerate(batches):
+        if sleep:
+            time.sleep(sleep)  # a slow data loader: the wait happens before the forward
+        loss = torch.nn.functional.cross_entropy(model(x), y) / accum
+        loss.backward()
+        if (i + 1) % accum == 0:
+            opt.step()
+            opt.zero_grad()
+
+
+def batches(n, b=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, D, generator=g), torch.randint(0, C, (b,), generator=g))
+            for _ in range(n)]
+
+
+# ------------------------------------------------------------------ exact phase arithmetic
+def test_phase_table_arithmetic_is_exact():
+    ms = 1_000_000
+    e = [("step", 0, 0),
+         ("forward_start", 10 * ms, 1), ("batch", None, 8), ("forward_end", 20 * ms, 1),
+         ("backward_start", 25 * ms, 0), ("backward_end", 45 * ms, 1),
+         ("forward_start", 50 * ms, 1), ("batch", None, 8), ("forward_end", 60 * ms, 1),
+         ("backward_start", 62 * ms, 0), ("backward_end", 80 * ms, 1),
+         ("optimizer_start", 85 * ms, 1), ("step", 100 * ms, 1)]
+    rows = tp.phase_table(e)
+    # the window before the first boundary is row 0 (empty); the measured step is row 1
+    r = {k: v[1] for k, v in rows.items()}
+    assert r["wall_ms"] == pytest.approx(100)
+    assert r["data_ms"] == pytest.approx(10 + 5)      # before micro-step 1 and 2
+    assert r["forward_ms"] == pytest.approx(20)
+    assert r["backward_ms"] == pytest.approx(38)
+    assert r["optimizer_ms"] == pytest.approx(15)
+    assert r["other_ms"] == pytest.approx(12)          # loss computation between phases
+    assert r["micro_steps"] == 2 and r["samples"] == 16 and r["batch_size"] == 8
+    # override: samples = override x micro-steps
+    assert tp.phase_table(e, batch_override=5)["samples"][1] == 10
+
+
+def test_first_step_has_no_data_wait_and_eval_forwards_are_not_micro_steps():
+    ms = 1_000_000
+    e = [("forward_start", 0, 0), ("forward_end", 1 * ms, 0),            # eval, no backward
+         ("forward_start", 2 * ms, 0), ("forward_end", 3 * ms, 0),
+         ("backward_start", 4 * ms, 0), ("backward_end", 6 * ms, 0),
+         ("optimizer_start", 7 * ms, 0), ("step", 8 * ms, 0)]
+    rows = tp.phase_table(e)
+    assert rows["data_ms"] == [None]
+    assert rows["wall_ms"] == [pytest.approx(8)]
+    assert rows["micro_steps"] == [1]
+
+
+# ------------------------------------------------------------------ real loops
+def test_slow_data_loader_is_found():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        train(model, opt, batches(6), sleep=0.1)
+    t = prof.throughput
+    assert t["clock"] == "host" and t["steps"] == 6 and t["warmup_steps_excluded"] == 1
+    assert t["per_step"]["data_ms"][0] is None
+    assert all(d >= 99 for d in t["per_step"]["data_ms"][1:])
+    # (on a loaded 2-core VM, waking up after the sleep can make the compute slow too)
+    assert t["stats"]["data_fraction"]["median"] > 0.2
+    f = [f for f in prof.findings if f.kind == "data_loader_starvation"]
+    assert len(f) == 1 and f[0].severity == "warning"
+    assert "1 warm-up step" in f[0].message and "20%" in f[0].message
+    assert "num_workers" in f[0].fix and "pin_memory" in f[0].fix
+    assert "persistent_workers" in f[0].fix and "prefetch_factor" in f[0].fix
+    assert f[0].evidence["data_fraction_median"] > 0.2
+
+
+def test_tight_loop_is_not_starved():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = [(torch.randn(128, 256), torch.randint(0, 10, (128,))) for _ in range(8)]
+    with memprof.track(model, opt) as prof:
+        for x, y in data:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    t = prof.throughput
+    assert not [f for f in prof.findings if f.kind == "data_loader_starvation"]
+    assert t["stats"]["data_fraction"]["median"] < 0.2
+    s = t["stats"]
+    assert s["forward_ms"]["median"] > 0 and s["backward_ms"]["median"] > 0
+    assert s["optimizer_ms"]["median"] > 0
+    assert t["micro_steps_per_step"] == 1 and not t["gradient_accumulation"]
+    assert t["batch_size"] == 128
+    assert s["samples_per_s"]["median"] == pytest.approx(
+        128 / (s["wall_ms"]["median"] * 1e-3), rel=0.5)
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_gradient_accumulation_is_detected(accum):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        train(model, opt, batches(4 * accum, b=12), accum=accum)
+    t = prof.throughput
+    assert t["steps"] == 4
+    assert t["per_step"]["micro_steps"] == [accum] * 4
+    assert t["micro_steps_per_step"] == accum
+    assert t["gradient_accumulation"] is (accum > 1)
+    assert t["per_step"]["samples"] == [12 * accum] * 4
+    assert t["batch_size"] == 12
+
+
+def test_batch_size_from_kwargs_dict_and_override():
+    class DictModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(D, C)
+
+        def forward(self, batch, scale=1.0):
+            return self.fc(batch["x"]) * scale
+
+    torch.manual_seed(0)
+    model = DictModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for override, expect in ((None, 6), (32, 32)):
+        with memprof.track(model, opt, batch_size=override) as prof:
+            for _ in range(3):
+                model(batch={"x": torch.randn(6, D)}).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        t = prof.throughput
+        assert t["per_step"]["samples"] == [expect] * 3
+        assert t["batch_size_source"].startswith("track(" if override else "leading")
+    with pytest.raises(ValueError, match="batch_size"):
+        memprof.track(model, batch_size=0)
+
+
+def test_manual_steps_and_auto_modules():
+    model = make_model()
+    data = batches(6, b=5)
+    with memprof.track(auto_modules=True) as prof:
+        for i, (x, y) in enumerate(data):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if i % 2 == 1:
+                prof.step()
+    t = prof.throughput
+    assert t["per_step"]["micro_steps"] == [2, 2, 2]
+    assert t["per_step"]["samples"] == [10, 10, 10]
+    assert t["per_step"]["optimizer_ms"] == [0.0, 0.0, 0.0]
+
+
+def test_summary_is_saved_and_recomputable(tmp_path):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt, path=str(tmp_path / "r.memprof")) as prof:
+        train(model, opt, batches(5))
+    loaded = memprof.load(str(tmp_path / "r.memprof"))
+    assert tp.summarize(loaded) == prof.throughput
+    assert prof.summary()["meta"]["throughput"]["steps"] == 5
+    again = tp.summarize(loaded, warmup=0)          # recomputed from the markers
+    assert again["warmup_steps_excluded"] == 0 and again["steps_measured"] == 5
+    assert again["per_step"]["micro_steps"] == prof.throughput["per_step"]["micro_steps"]
+
+
+def test_report_has_a_throughput_table():
+    from rich.console import Console
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        train(model, opt, batches(4, b=8), accum=2)
+    con = Console(record=True, width=160)
+    prof.report(console=con)
+    text = con.export_text()
+    assert "Throughput per optimizer step" in text and "1 warm-up step(s) excluded" in text
+    assert "micro-steps per optimizer step 2 (gradient accumulation)" in text
+
+
+def test_removed_on_exit_and_on_exception():
+    from torch.optim import optimizer as optmod
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    original = torch.autograd.backward
+    with pytest.raises(RuntimeError, match="boom"):
+        with memprof.track(model, opt):
+            train(model, opt, batches(2))
+            raise RuntimeError("boom")
+    assert torch.autograd.backward is original
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+    assert not optmod._global_optimizer_pre_hooks and not optmod._global_optimizer_post_hooks
+
+
+# ------------------------------------------------------------------ the CUDA path, simulated
+class FakeEvent:
+    """torch.cuda.Event stand-in on the host clock (the recorder's logic, not CUDA, is tested)."""
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.monotonic_ns()
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) / 1e6
+
+
+def fake_pynvml(calls):
+    util = types.SimpleNamespace(gpu=57, memory=21)
+    mem = types.SimpleNamespace(used=3 << 30, total=16 << 30)
+    return types.SimpleNamespace(
+        nvmlInit=lambda: calls.append("init"),
+        nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetHandleByPciBusId=lambda bus: "h",
+        nvmlDeviceGetHandleByIndex=lambda i: "h",
+        nvmlDeviceGetUtilizationRates=lambda h: util,
+        nvmlDeviceGetMemoryInfo=lambda h: mem)
+
+
+def test_cuda_event_path_and_gpu_sampler_simulated(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tp, "_params_on_cuda", lambda params: True)
+    monkeypatch.setattr(tp, "_cuda_device_index", lambda params: 0)
+    monkeypatch.setattr(tp, "_CUDA_FLUSH_EVERY", 4)   # exercise the non-blocking batches
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(calls))
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        tracker = prof
+        train(model, opt, batches(8, b=4), accum=2, sleep=0.1)
+        model(torch.randn(4, D)).sum().backward()
+        prof.step()  # a manual boundary goes through the wrapped _end_step too
+    assert "_end_step" not in tracker.__dict__
+    assert not [t for t in threading.enumerate() if t.name == "memprof-gpu-sampler"]
+    assert calls[0] == "init" and calls[-1] == "shutdown"
+    t = prof.throughput
+    assert t["clock"] == "cuda_events"
+    assert t["per_step"]["micro_steps"] == [2, 2, 2, 2, 1]
+    assert t["per_step"]["samples"] == [8, 8, 8, 8, 4]
+    assert all(d >= 199 for d in t["per_step"]["data_ms"][1:4])   # 2 x 100 ms per step
+    assert t["gpu"]["samples"] >= 1 and t["gpu"]["utilization_pct"]["median"] == 57
+    assert t["gpu"]["memory_used_bytes_max"] == 3 << 30
+    f = [f for f in prof.findings if f.kind == "data_loader_starvation"]
+    assert f and "CUDA events" in f[0].message
+
+
+def test_gpu_sampler_without_pynvml_reports_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)   # import fails
+    s = tp.GpuSampler(0)
+    s.start()
+    s.stop()
+    assert s.summary()["samples"] == 0 and "pynvml unavailable" in s.summary()["error"]
+
+
+@pytest.mark.gpu
+def test_cuda_events_on_a_gpu():
+    model = make_model().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = [(x.cuda(), y.cuda()) for x, y in batches(8)]
+    with memprof.track(model, opt) as prof:
+        train(model, opt, data, sleep=0.03)
+    t = prof.throughput
+    assert t["clock"] == "cuda_events"
+    assert all(d >= 25 for d in t["per_step"]["data_ms"][1:])
+    assert any(f.kind == "data_loader_starvation" for f in prof.findings)
+    assert t["gpu"] is not None
+    assert not [th for th in threading.enumerate() if th.name == "memprof-gpu-sampler"]
