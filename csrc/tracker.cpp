@@ -15,6 +15,7 @@
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/numpy.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
 #include <pybind11/stl.h>
 
 #include <atomic>
@@ -254,11 +255,21 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
 
 // ---------------------------------------------------------------------------------------------
 // The allocation hook. PyTorch has one slot for it (PROFILER_STATE debug info), which
-// torch.profiler also uses and expects to hold its own state: the two cannot share it, so
-// start() refuses while another profiler holds the slot.
-class Reporter final : public c10::MemoryReportingInfoBase {
+// torch.profiler also uses: the two cannot share it, so start() refuses while another profiler
+// holds the slot. Code in PyTorch reads whatever sits in that slot as a profiler state
+// (static_cast to ProfilerStateBase, e.g. autograd.Function.apply asking "is the profiler
+// enabled?"), so the hook *is* one, configured as disabled: PyTorch's own profiler paths stay
+// off while the allocators keep reporting to memoryProfilingEnabled() below.
+class Reporter final : public torch::profiler::impl::ProfilerStateBase {
  public:
-  explicit Reporter(uint64_t generation) : generation_(generation) {}
+  explicit Reporter(uint64_t generation)
+      : ProfilerStateBase(torch::profiler::impl::ProfilerConfig(
+            torch::profiler::impl::ProfilerState::Disabled)),
+        generation_(generation) {}
+
+  torch::profiler::impl::ActiveProfilerType profilerType() override {
+    return torch::profiler::impl::ActiveProfilerType::NONE;
+  }
 
   bool live() const {
     Session& s = session();

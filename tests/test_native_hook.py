@@ -93,3 +93,26 @@ def test_torch_profiler_active_gives_one_clear_error():
     with memprof.track() as prof:  # usable again afterwards
         torch.empty(10)
     assert prof.memory.size >= 1
+
+
+class _Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, unused):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2, None
+
+
+def test_pytorch_sees_no_profiler_while_tracking():
+    """PyTorch reads the hook's slot as a profiler state: it must read 'disabled'."""
+    x = torch.randn(4, requires_grad=True)
+    with memprof.track() as prof:
+        assert not torch.autograd._profiler_enabled()
+        y = _Double.apply(x, None)   # asks the profiler state whether to record inputs
+        y.sum().backward()
+        with torch.autograd.profiler.record_function("user_range"):
+            z = torch.ones(10)
+    assert torch.equal(x.grad, torch.full((4,), 2.0))
+    assert z.sum() == 10 and prof.memory.size > 0
