@@ -1,0 +1,232 @@
+"""Apply an activation-checkpointing policy to a model: `memprof.checkpoint.apply`.
+
+    handle = memprof.checkpoint.apply(model, "every")      # or "every-2", "selective", "none"
+    ...train...
+    handle.remove()                                          # undo (or: with apply(...): ...)
+
+Policies (non-reentrant `torch.utils.checkpoint.checkpoint` around each selected block):
+
+    none        nothing is checkpointed (a handle is still returned)
+    every       every block: only the block's inputs are kept; the block is recomputed in backward
+    every-k     every k-th block (blocks 0, k, 2k, ...): about 1/k of the blocks checkpointed,
+                less recompute than "every", less memory saved
+    selective   every block, but the outputs of matmul-like ops (mm, addmm, bmm, baddbmm,
+                scaled-dot-product attention) are saved; the rest (norms, activations,
+                softmax, casts, elementwise) is recomputed
+                (`torch.utils.checkpoint.create_selective_checkpoint_contexts`)
+
+Blocks are found automatically: the nn.ModuleList / nn.Sequential with the most children that
+all have the same type (ties: more parameters), e.g. `model.blocks` of a ViT; if no container
+is homogeneous, the largest group of same-type children of one container. Override with
+`blocks=` (a list of modules, or the qualified name of a container such as "encoder.layer").
+
+Checkpointing wraps the block's `forward` (an instance attribute, removed again by
+`handle.remove()`): module hooks, parameters and state dicts are unchanged. Under
+`torch.no_grad()` the block runs as usual. This is the same function `memprof.estimate` uses
+to estimate a checkpointed step, so an estimate and the run it predicts share the code.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
+
+__all__ = ["apply", "CheckpointHandle", "find_blocks", "POLICIES", "parse_policy",
+           "SAVED_OPS"]
+
+POLICIES = ("none", "every", "every-k", "selective")
+
+_aten = torch.ops.aten
+#: ops whose outputs the "selective" policy keeps (everything else is recomputed)
+SAVED_OPS = frozenset(op for op in (
+    getattr(_aten, name, None) for name in (
+        "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable",
+        "_flash_attention_forward", "_efficient_attention_forward"))
+    if op is not None)
+
+_MARK = "_memprof_checkpoint"
+
+
+def parse_policy(policy: str) -> tuple[str, int]:
+    """'none' | 'every' | 'every-k' | 'selective' -> (kind, k)."""
+    if not isinstance(policy, str):
+        raise TypeError(f"policy: expected a string such as 'every' or 'every-2', got "
+                        f"{type(policy).__name__}")
+    p = policy.strip().lower()
+    if p in ("none", "off", "false"):
+        return "none", 0
+    if p in ("every", "full", "all", "every-1"):
+        return "every", 1
+    if p == "selective":
+        return "selective", 1
+    m = re.fullmatch(r"every-(\d+)", p)
+    if m and int(m.group(1)) >= 1:
+        k = int(m.group(1))
+        return ("every", 1) if k == 1 else ("every-k", k)
+    raise ValueError(f"policy: unknown checkpointing policy {policy!r}; expected 'none', "
+                     "'every', 'every-k' (e.g. 'every-2') or 'selective'")
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    packet = getattr(op, "overloadpacket", op)
+    if packet in SAVED_OPS or op in SAVED_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """(container name, its repeated blocks) chosen automatically; see the module docstring.
+    Raises ValueError when the model has no repeated blocks."""
+    best = None  # (homogeneous, count, params, name, blocks)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(mod.children())
+        if len(children) < 2:
+            continue
+        groups: dict[type, list[nn.Module]] = {}
+        for c in children:
+            groups.setdefault(type(c), []).append(c)
+        homogeneous = len(groups) == 1
+        for typ, members in groups.items():
+            if len(members) < 2 or _n_params(members[0]) == 0:
+                continue
+            key = (homogeneous, len(members), sum(_n_params(m) for m in members))
+            if best is None or key > best[0]:
+                best = (key, name, members)
+    if best is None:
+        raise ValueError(f"blocks: found no repeated blocks (an nn.ModuleList / nn.Sequential "
+                         f"of same-type modules) in {type(model).__name__}; pass blocks= "
+                         "(a list of modules or a qualified name)")
+    return best[1], best[2]
+
+
+def _resolve_blocks(model: nn.Module, blocks) -> tuple[str, list[nn.Module]]:
+    if blocks is None:
+        return find_blocks(model)
+    if isinstance(blocks, str):
+        try:
+            container = model.get_submodule(blocks)
+        except AttributeError:
+            raise ValueError(f"blocks: {type(model).__name__} has no submodule {blocks!r}") \
+                from None
+        children = list(container.children())
+        if not children:
+            return blocks, [container]
+        return blocks, children
+    if isinstance(blocks, nn.Module):
+        blocks = [blocks]
+    try:
+        mods = list(blocks)
+    except TypeError:
+        raise TypeError(f"blocks: expected a list of modules or a qualified name, got "
+                        f"{type(blocks).__name__}") from None
+    for m in mods:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"blocks: expected nn.Module entries, got {type(m).__name__}")
+    return "<given>", mods
+
+
+class CheckpointHandle:
+    """What `apply` did; `.remove()` undoes it (idempotent). Also a context manager."""
+
+    def __init__(self, model: nn.Module, policy: str, container: str,
+                 blocks: list[nn.Module], wrapped: list[nn.Module]):
+        self.model = model
+        self.policy = policy
+        self.container = container
+        self.blocks = blocks          # all candidate blocks
+        self.wrapped = wrapped        # the blocks actually checkpointed
+        self.active = True
+
+    def remove(self) -> None:
+        for m in self.wrapped:
+            fwd = m.__dict__.get("forward")
+            if fwd is not None and getattr(fwd, _MARK, None) is self:
+                del m.__dict__["forward"]
+        self.wrapped = []
+        self.active = False
+
+    def __enter__(self) -> "CheckpointHandle":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
+
+    def __repr__(self) -> str:
+        return (f"CheckpointHandle(policy={self.policy!r}, container={self.container!r}, "
+                f"checkpointed={len(self.wrapped)}/{len(self.blocks)} blocks, "
+                f"active={self.active})")
+
+
+def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle) -> None:
+    inner = block.forward  # the bound method of the class (or a user's own override)
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        if selective:
+            return checkpoint(inner, *args, use_reentrant=False,
+                              context_fn=_selective_context, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    functools.update_wrapper(forward, inner)
+    setattr(forward, _MARK, handle)
+    block.forward = forward
+
+
+def apply(model: nn.Module, policy: str = "every",
+          blocks: Sequence[nn.Module] | str | None = None) -> CheckpointHandle:
+    """Checkpoint `model`'s repeated blocks with `policy` (see the module docstring).
+
+    Returns a CheckpointHandle; `handle.remove()` restores the model. Raises ValueError for an
+    unknown policy, a model without repeated blocks (when blocks= is not given) or a block
+    that is already checkpointed by memprof."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    kind, k = parse_policy(policy)
+    if kind == "none":
+        return CheckpointHandle(model, "none", "", [], [])
+    container, mods = _resolve_blocks(model, blocks)
+    chosen = mods if kind in ("every", "selective") else mods[::k]
+    for m in chosen:
+        fwd = m.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, _MARK, None) is not None:
+            raise ValueError(f"blocks: {type(m).__name__} in {container!r} is already "
+                             "checkpointed by memprof; call .remove() on the first handle")
+    handle = CheckpointHandle(model, policy, container, list(mods), [])
+    for m in chosen:
+        _wrap(m, kind == "selective", handle)
+        handle.wrapped.append(m)
+    return handle
+
+
+def policies_for(model: nn.Module, candidates: Iterable[str]) -> list[str]:
+    """The candidate policies that apply to this model ('none' always; the others only if the
+    model has repeated blocks; 'every-k' only if there are more than k blocks)."""
+    out = []
+    try:
+        _, blocks = find_blocks(model)
+    except ValueError:
+        blocks = []
+    for c in candidates:
+        kind, k = parse_policy(c)
+        if kind == "none" or (blocks and (kind != "every-k" or len(blocks) > k)):
+            out.append(c)
+    return out
