@@ -26,3 +26,9 @@ class MLP(torch.nn.Module):
 def mlp():
     torch.manual_seed(0)
     return MLP()
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    """Profiles saved by failing blocks land in a temporary directory, never in the repo."""
+    monkeypatch.chdir(tmp_path)
