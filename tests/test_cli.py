@@ -84,3 +84,14 @@ def test_gpus_table(tmp_path):
     rows = json.loads(r.stdout)
     v100 = next(g for g in rows if g["name"] == "v100-16gb")
     assert v100["memory_bytes"] == 16160 * 2**20 and v100["bf16"] is None
+
+
+@pytest.mark.slow
+def test_demo_tells_the_story(tmp_path):
+    r = memprof("demo", "--quick", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = " ".join(r.stdout.split())
+    assert "held by _train.<locals>.attention_maps_for_plots" in out.replace("_ for", "_for")
+    assert "Fixed run: no findings" in out
+    assert "fused / math peak" in out
+    assert "micro-batch 8 without checkpointing does not fit" in out

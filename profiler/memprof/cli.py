@@ -104,12 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_cmd_gpus)
 
-    try:
-        from .recommend import add_cli as add_recommend
-    except ImportError:
-        add_recommend = None
-    if add_recommend is not None:
-        add_recommend(sub)
+    from .recommend import add_cli as add_recommend
+    add_recommend(sub)
     return p
 
 
