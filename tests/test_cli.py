@@ -24,7 +24,8 @@ for step in range(int(sys.argv[1])):
 
 
 def memprof(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "memprof.cli", *args], cwd=cwd,
+    env = dict(os.environ, COLUMNS="250")  # wide enough that rich does not wrap table cells
+    return subprocess.run([sys.executable, "-m", "memprof.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -91,7 +92,7 @@ def test_demo_tells_the_story(tmp_path):
     r = memprof("demo", "--quick", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     out = " ".join(r.stdout.split())
-    assert "held by _train.<locals>.attention_maps_for_plots" in out.replace("_ for", "_for")
+    assert "held by _train.<locals>.attention_maps_for_plots" in out
     assert "Fixed run: no findings" in out
     assert "fused / math peak" in out
     assert "micro-batch 8 without checkpointing does not fit" in out

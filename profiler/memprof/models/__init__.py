@@ -11,7 +11,7 @@ Names (MODELS):
     vit-tiny       ViT, 32 x 32 images, patch 4 (65 tokens), dim 192, depth 4, 3 heads
     vit-b16        ViT-B/16, 224 x 224 (197 tokens), dim 768, depth 12, 12 heads, 1000 classes
     dcal-vit-tiny  DCAL, 32 x 32 images, patch 8 (17 tokens), dim 64, depth 2, 2 heads, 10 classes
-    dcal-vit-b16   DCAL on ViT-B/16 at 448 x 448 (785 tokens), 200 classes (CUB), ~95 M parameters
+    dcal-vit-b16   DCAL on ViT-B/16 at 448 x 448 (785 tokens), 200 classes (CUB), 93.8 M parameters
 
 `overrides` go to the model's constructor (e.g. depth=4, attention_backend="fused",
 detach_history=False, img_size=384); `device=` / `dtype=` move the model after construction.

@@ -153,9 +153,16 @@ class DCAL(VisionTransformer):
             return checkpoint(lambda t: blk(t, need_weights=True), x, use_reentrant=False)
         return blk(x, need_weights=True)
 
-    def _record(self, weights: torch.Tensor) -> None:
-        if self.cfg.attention_backend == "math" and self.cfg.detach_history:
-            weights = weights.detach()
+    def _record(self, weights: torch.Tensor, batch: int) -> None:
+        """Keep image 1's maps (the first `batch` rows) for rollout."""
+        if self.cfg.attention_backend == "math":
+            # per-head maps, a view of what autograd saved anyway; the seed-000 bug keeps the
+            # graph attached (detach_history=False)
+            weights = weights[:batch]
+            if self.cfg.detach_history:
+                weights = weights.detach()
+        elif weights.shape[0] != batch:
+            weights = weights[:batch].clone()  # let the distractor images' maps go
         self.sa_attention_history.append(weights)
 
     def _rollout(self) -> torch.Tensor:
@@ -187,7 +194,7 @@ class DCAL(VisionTransformer):
             if use_pwca:
                 # image 1's PWCA queries attend to its own keys and to image 2's (same depth)
                 xp, _, _ = blk(xp, kv2=(k[B:], v[B:]))
-            self._record(weights[:B])
+            self._record(weights, B)
             x = y
         x1_tokens = x[:B]
         out = {"sa": self.head(self.norm(x1_tokens)[:, 0])}

@@ -1,0 +1,276 @@
+"""`attention()`: flash-style attention with PWCA (kv2), GLCA (q_index) and head-mean weights.
+
+Semantics (both backends):
+
+    keys   = cat(k, k2) along the key axis (k2 only when kv2 is given; never materialised by the
+             Triton kernels, which loop over both sources)
+    values = cat(v, v2)
+    qs     = q[:, :, q_index[b]] for each batch b when q_index is given (GLCA), else q
+    out    = softmax(qs @ keys^T * scale) @ values                 (B, H, M, d), M = R or Nq
+    probs  = mean over heads of softmax(qs @ keys^T * scale)       (B, M, Nk + Nk2), detached
+
+Backends:
+    "triton": the Triton kernels; CUDA tensors, or CPU tensors when Triton's interpreter is on
+              (``TRITON_INTERPRET=1`` in the environment before this package first runs a kernel).
+    "torch":  PyTorch ops with the same semantics: `scaled_dot_product_attention` (memory-efficient
+              on CPU: it saves out and logsumexp, no N x N probabilities), and for head_mean the
+              probabilities are computed under no_grad, one head at a time.
+    "auto":   CUDA -> "triton"; CPU -> "triton" when TRITON_INTERPRET=1, else "torch".
+
+The Triton path saves only q, k, v, (k2, v2), out, the per-row log-sum-exp and q_index for
+backward; it is deterministic (no atomics; bitwise reproducible) and free of side effects, so
+`torch.utils.checkpoint` recomputes it exactly. Double backward is not supported.
+
+q_index rows must be unique within each batch element: duplicate rows are rejected with a
+ValueError (a top-R selection never has duplicates, and a unique-row scatter of dq keeps the
+backward free of atomics). Validating q_index reads it on the host (one device sync on CUDA).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "reference_attention", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "BACKENDS"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 128
+BACKENDS = ("auto", "triton", "torch")
+NEED_WEIGHTS = (None, "head_mean")
+
+_kernels = None  # the lazily imported _triton_attention module
+
+
+def _triton_module():
+    global _kernels
+    if _kernels is None:
+        from . import _triton_attention as mod  # noqa: PLC0415  (import decides interpret mode)
+        _kernels = mod
+    return _kernels
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _interpreter_usable() -> bool:
+    """True when CPU tensors can run the Triton kernels: the interpreter is on now and the kernel
+    module was (or will be) built under it."""
+    if not _interpret_env():
+        return False
+    if _kernels is not None:
+        return bool(_kernels.INTERPRETED)
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_tensor(name: str, t, ndim: int = 4) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor (B, H, N, d), got shape "
+                         f"{tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: unsupported dtype {t.dtype}; expected float32, float16 or "
+                        f"bfloat16")
+
+
+def _validate(q, k, v, kv2, q_index, need_weights, scale, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    k2 = v2 = None
+    if kv2 is not None:
+        if not isinstance(kv2, (tuple, list)) or len(kv2) != 2:
+            raise TypeError(f"kv2: expected a pair (k2, v2) of tensors, got {type(kv2).__name__}")
+        k2, v2 = kv2
+        _check_tensor("kv2[0] (k2)", k2)
+        _check_tensor("kv2[1] (v2)", v2)
+    B, H, Nq, d = q.shape
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim {d} is not supported; expected d <= {MAX_HEAD_DIM}")
+    if d < 1 or Nq < 1:
+        raise ValueError(f"q: expected a non-empty (B, H, N, d) tensor, got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v), ("kv2[0] (k2)", k2), ("kv2[1] (v2)", v2)):
+        if t is None:
+            continue
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}; expected all "
+                            f"inputs in one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on device {t.device} but q is on {q.device}; expected one "
+                             f"device")
+        if t.shape[0] != B or t.shape[1] != H or t.shape[3] != d:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match q {tuple(q.shape)}; "
+                             f"expected (B={B}, H={H}, N, d={d})")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"v: {v.shape[2]} keys but k has {k.shape[2]}; expected equal lengths")
+    if k.shape[2] < 1:
+        raise ValueError("k: expected at least one key, got an empty key axis")
+    if k2 is not None and k2.shape[2] != v2.shape[2]:
+        raise ValueError(f"kv2: v2 has {v2.shape[2]} keys but k2 has {k2.shape[2]}; expected "
+                         f"equal lengths")
+    if need_weights not in NEED_WEIGHTS:
+        raise ValueError(f"need_weights: expected None or 'head_mean', got {need_weights!r}")
+    if scale is None:
+        scale = d ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
+            not math.isfinite(float(scale)):
+        raise TypeError(f"scale: expected a finite real number or None, got {scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if q_index is not None:
+        if not isinstance(q_index, torch.Tensor):
+            raise TypeError(f"q_index: expected an int64 tensor (B, R), got "
+                            f"{type(q_index).__name__}")
+        if q_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"q_index: expected dtype int64 (or int32), got {q_index.dtype}")
+        if q_index.dim() != 2 or q_index.shape[0] != B or q_index.shape[1] < 1:
+            raise ValueError(f"q_index: expected shape (B={B}, R>=1), got "
+                             f"{tuple(q_index.shape)}")
+        if q_index.device != q.device:
+            raise ValueError(f"q_index: on device {q_index.device} but q is on {q.device}; "
+                             f"expected one device")
+        if q_index.shape[1] > Nq:
+            raise ValueError(f"q_index: R={q_index.shape[1]} rows exceed the {Nq} query rows "
+                             f"(rows must be unique)")
+        srt = torch.sort(q_index, dim=1).values
+        out_of_range = bool(((srt[:, 0] < 0) | (srt[:, -1] >= Nq)).any())
+        dup = bool((srt[:, 1:] == srt[:, :-1]).any()) if q_index.shape[1] > 1 else False
+        if out_of_range:
+            raise ValueError(f"q_index: values must lie in [0, {Nq}) (query rows of q), got "
+                             f"min {int(srt[:, 0].min())}, max {int(srt[:, -1].max())}")
+        if dup:
+            raise ValueError("q_index: duplicate row indices within a batch element are not "
+                             "supported; expected unique rows (e.g. a top-R selection)")
+    return k2, v2, float(scale)
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _gather_rows(q: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
+    B, H, _, d = q.shape
+    idx = q_index.to(torch.int64)[:, None, :, None].expand(B, H, q_index.shape[1], d)
+    return torch.gather(q, 2, idx)
+
+
+@torch.no_grad()
+def _head_mean_torch(qs, keys, scale):
+    """mean_h softmax(qs keys^T * scale), accumulated one head at a time (B x M x N transient)."""
+    B, H, M, _ = qs.shape
+    acc = torch.zeros((B, M, keys.shape[2]), dtype=torch.float32, device=qs.device)
+    for h in range(H):
+        s = torch.matmul(qs[:, h].float() * scale, keys[:, h].float().transpose(-1, -2))
+        acc.add_(torch.softmax(s, dim=-1))
+    return acc.div_(H).to(qs.dtype)
+
+
+def _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights):
+    keys = torch.cat([k, k2], dim=2) if k2 is not None else k
+    vals = torch.cat([v, v2], dim=2) if v2 is not None else v
+    qs = _gather_rows(q, q_index) if q_index is not None else q
+    out = F.scaled_dot_product_attention(qs, keys, vals, scale=scale)
+    if need_weights == "head_mean":
+        return out, _head_mean_torch(qs.detach(), keys.detach(), scale)
+    return out
+
+
+# ----------------------------------------------------------------------------- triton backend
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels. Inputs: q, k, v, k2, v2, q_index, scale,
+    want_weights. Returns out, or (out, head-mean probabilities) when want_weights."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k2, v2, q_index, scale, want_weights):
+        kern = _triton_module()
+        with kern._device_guard(q):
+            out, lse = kern.forward(q, k, v, k2, v2, q_index, scale)
+            weights = kern.head_mean(q, k, k2, lse, q_index, scale) if want_weights else None
+        ctx.save_for_backward(q, k, v, k2, v2, out, lse, q_index)
+        ctx.scale = scale
+        if weights is not None:
+            ctx.mark_non_differentiable(weights)
+            return out, weights
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, *unused):
+        q, k, v, k2, v2, out, lse, q_index = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        kern = _triton_module()
+        with kern._device_guard(q):
+            dq, dk, dv, dk2, dv2 = kern.backward(dout, q, k, v, k2, v2, out, lse, q_index,
+                                                 ctx.scale)
+        return dq, dk, dv, dk2, dv2, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+def _pick_backend(q: torch.Tensor, backend: str) -> str:
+    if backend == "torch":
+        return "torch"
+    if q.is_cuda:
+        return "triton"
+    if backend == "triton":
+        if not _interpreter_usable():
+            if _interpret_env() and _kernels is not None and not _kernels.INTERPRETED:
+                raise RuntimeError("backend='triton' on CPU tensors: the kernels were compiled "
+                                   "before TRITON_INTERPRET=1 was set; set it before the first "
+                                   "kernel call (e.g. at process start)")
+            raise ValueError(f"backend='triton': expected CUDA tensors (got device {q.device}); "
+                             f"CPU tensors need TRITON_INTERPRET=1")
+        return "triton"
+    return "triton" if _interpreter_usable() else "torch"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv2=None,
+              q_index: torch.Tensor | None = None, need_weights: str | None = None,
+              scale: float | None = None, backend: str = "auto"):
+    """Multi-head attention softmax(q k^T * scale) v without an N x N intermediate.
+
+    Args:
+        q, k, v: (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d); float32, float16 or bfloat16,
+            one dtype and one device; d <= 128 (any value; padded to a power of two in-kernel).
+            Arbitrary strides are fine (e.g. views of a fused qkv projection); nothing is copied.
+        kv2: optional (k2, v2), each (B, H, Nk2, d): PWCA. Queries attend to the keys of both
+            sources, softmax-normalised jointly, as if k/v were concatenated along the key axis;
+            k2 and v2 receive gradients.
+        q_index: optional (B, R) int64 (int32 accepted): GLCA. Only rows q[b, :, q_index[b]]
+            attend; the output is (B, H, R, d) in q_index order. dq has q's shape, zero outside
+            the selected rows. Rows must be unique per batch element (ValueError otherwise).
+        need_weights: None, or "head_mean" to also return the head-averaged attention
+            probabilities, a (B, M, Nk + Nk2) tensor in q's dtype, detached (no grad).
+        scale: softmax scale, default d ** -0.5.
+        backend: "auto" (CUDA -> Triton; CPU -> Triton under TRITON_INTERPRET=1, else torch),
+            "triton" or "torch".
+
+    Returns:
+        out (B, H, M, d), or (out, weights) when need_weights="head_mean".
+    """
+    k2, v2, scale = _validate(q, k, v, kv2, q_index, need_weights, scale, backend)
+    want_weights = need_weights == "head_mean"
+    if _pick_backend(q, backend) == "torch":
+        return _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights)
+    return FlashAttentionFunction.apply(q, k, v, k2, v2, q_index, scale, want_weights)
+
+
+def reference_attention(q, k, v, *, kv2=None, q_index=None, scale=None,
+                        dtype: torch.dtype = torch.float64):
+    """Plain math attention in `dtype` (default float64) with the same semantics; returns
+    (out, head-mean probabilities). For tests and benchmarks: it materialises B x H x M x N."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if kv2 is not None:
+        k = torch.cat([k, kv2[0].to(dtype)], dim=2)
+        v = torch.cat([v, kv2[1].to(dtype)], dim=2)
+    if q_index is not None:
+        q = _gather_rows(q, q_index)
+    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+    return torch.matmul(p, v), p.mean(dim=1)
