@@ -24,16 +24,15 @@ Prints a table and writes benchmarks/results/allocator_replay.{txt,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+from _results import machine, save
 
 MiB = 1 << 20
 
@@ -217,27 +216,7 @@ def _tight_capacity(C, ptr, size, step: int = 64 * MiB) -> int:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        commit = "unknown"
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "usable_cores": affinity, "python": platform.python_version(),
-            "numpy": np.__version__, "git_commit": commit}
+    return machine(numpy=np.__version__, usable_cores=len(os.sched_getaffinity(0)))
 
 
 def main(argv=None) -> int:
@@ -297,15 +276,15 @@ def main(argv=None) -> int:
                          "events_per_cpu_s": len(ptr) / cpu, "stream_info": info})
             del ev
 
-    machine = _machine()
-    machine["load_average_at_start"] = load_at_start
+    machine_info = _machine()
+    machine_info["load_average_at_start"] = load_at_start
     cmd = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     lines = [f"memprof allocator replay benchmark  ({time.strftime('%Y-%m-%d %H:%M:%S')})",
              f"command: python {cmd}",
-             f"machine: {machine['cpu']}, {machine['cores']} cores "
-             f"({machine['usable_cores']} usable), {machine['platform']}, "
-             f"Python {machine['python']}, numpy {machine['numpy']}, "
-             f"commit {machine['git_commit']}",
+             f"machine: {machine_info['cpu']}, {machine_info['cpus']} cores "
+             f"({machine_info['usable_cores']} usable), {machine_info['platform']}, "
+             f"Python {machine_info['python']}, numpy {machine_info['numpy']}, "
+             f"commit {machine_info['git_commit']}",
              f"timing: median of {args.repeat} runs after a warm-up run, single thread; 'M events/s' = events / "
              "wall seconds, 'M ev/cpu-s' = events / CPU seconds of the replaying thread "
              f"(insensitive to other load); stream generation took {gen_s:.1f} s; "
@@ -327,12 +306,8 @@ def main(argv=None) -> int:
         lines.append(f"{name}: {info}")
     text = "\n".join(lines)
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": f"python {cmd}", "machine": machine, "repeat": args.repeat,
-                   "generation_seconds": gen_s, "rows": rows}, f, indent=1)
+    save(args.out, text, {"command": f"python {cmd}", "machine": machine_info,
+                          "repeat": args.repeat, "generation_seconds": gen_s, "rows": rows})
     return 0
 
 

@@ -17,15 +17,14 @@ an estimate at the larger batch).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 import memprof
+from _results import machine as _machine, save
 from memprof.checkpoint import apply
 from memprof.estimate import BatchModel, Estimator, make_optimizer
 from memprof.models import build_model
@@ -36,10 +35,7 @@ CASES = {"mlp": (8, 32), "resnet-tiny": (16, 32), "vit-tiny": (4, 16),
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device": "cpu (real runs); estimates model a CUDA device"}
+    return _machine(device="cpu (real runs); estimates model a CUDA device")
 
 
 def fwd_bwd_peak(profile) -> int:
@@ -145,14 +141,10 @@ def main(argv=None) -> int:
                          f"({'exact' if it['exact'] else 'linear fit'})")
     text = "\n".join(lines)
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": "python benchmarks/estimate_accuracy.py"
-                   + (" --with-vit-b16" if args.with_vit_b16 else ""),
-                   "rows": rows, "worst_abs_error": worst,
-                   "worst_abs_error_fwd_bwd": worst_fb}, f, indent=1)
+    save(args.out, text, {"machine": machine(), "command": "python benchmarks/estimate_accuracy.py"
+                          + (" --with-vit-b16" if args.with_vit_b16 else ""),
+                          "rows": rows, "worst_abs_error": worst,
+                          "worst_abs_error_fwd_bwd": worst_fb})
     return 0
 
 

@@ -11,26 +11,17 @@ block (building the Profile and running the leak checks).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
 import memprof
+from _results import command, machine, save
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device": "cpu"}
 
 
 def make_workload(args):
@@ -118,11 +109,11 @@ def main(argv=None):
                      "p90_ms": pct(pooled[m], .9) * 1e3,
                      "overhead_pct": (med / base - 1) * 100, "steps": len(pooled[m]),
                      "exit_ms": statistics.median(exits[m]) * 1e3})
-    cmd = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    cmd = command()
     lines = [f"# memprof tracking overhead ({args.model}, batch {args.batch}, "
              f"{args.rounds} rounds x {args.steps} steps, first {args.warmup} of each round "
              "dropped)",
-             f"# machine: {machine()}", f"# command: python {cmd}", "",
+             f"# machine: {machine(device='cpu')}", f"# command: {cmd}", "",
              f"{'mode':34s} {'median ms':>10s} {'p10-p90 ms':>16s} {'overhead':>9s} "
              f"{'exit ms':>8s}"]
     for r in rows:
@@ -131,12 +122,8 @@ def main(argv=None):
                      f"{r['exit_ms']:8.1f}")
     text = "\n".join(lines)
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": f"python {cmd}", "args": vars(args),
-                   "rows": rows}, f, indent=1)
+    save(args.out, text, {"machine": machine(device="cpu"), "command": cmd, "args": vars(args),
+                          "rows": rows})
     return rows
 
 

@@ -11,9 +11,7 @@ time, p10-p90, overhead vs untracked, and the one-off cost of leaving the block.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,17 +19,11 @@ import time
 import torch
 
 import memprof
+from _results import machine, save
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("untracked", "track(health=False)", "track(health=True)")
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
 
 
 def workload(name: str, batch: int, steps: int):
@@ -153,7 +145,7 @@ def main(argv=None):
         args.steps, args.rounds = 4, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = machine()["load_average_1_5_15min"]
+    load_before = machine(device="cpu")["load_average_1_5_15min"]
     rows = []
     for spec in args.workloads.split(","):
         name, batch = spec.split(":")
@@ -162,7 +154,7 @@ def main(argv=None):
     lines = [f"# memprof training-health overhead ({args.rounds} rounds x {args.steps} steps "
              f"per mode, first {args.warmup} of each round dropped; loop: forward, loss, "
              "backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad)",
-             f"# machine: {machine()} (load average before the run: {load_before})",
+             f"# machine: {machine(device='cpu')} (load average before the run: {load_before})",
              f"# command: python {cmd}", "",
              f"{'workload':14s} {'mode':22s} {'median ms':>10s} {'p10-p90 ms':>16s} "
              f"{'overhead':>9s} {'exit ms':>8s} {'health hooks ms/step':>21s}"]
@@ -177,12 +169,8 @@ def main(argv=None):
                  "median over separate rounds")
     text = "\n".join(lines)
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": f"python {cmd}", "args": vars(args),
-                   "rows": rows}, f, indent=1)
+    save(args.out, text, {"machine": machine(device="cpu"), "command": f"python {cmd}",
+                          "args": vars(args), "rows": rows})
     return rows
 
 

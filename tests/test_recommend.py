@@ -51,7 +51,9 @@ def test_plan_on_a_small_gpu():
     d = json.loads(plan.to_json())
     assert d["estimated"] is True and d["best"]["micro_batch"] == best.micro_batch
     assert len(d["options"]) == len(plan.options) and d["gpu"]["name"] == "v100-16gb"
-    assert all(c["confirm_agreed"] for c in d["combinations"]), d["combinations"]
+    # every boundary was confirmed by an estimate at that micro-batch (when the line through
+    # two small batches misses it by > 0.5 %, the plan refits through the confirmed point)
+    assert all(c["confirmed_at"] is not None for c in d["combinations"]), d["combinations"]
     code = plan.code()
     assert "memprof.checkpoint.apply" in code or best.checkpointing == "none"
     assert f"accumulation = {best.accumulation}" in code

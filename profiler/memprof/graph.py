@@ -85,12 +85,15 @@ def _saved_tensors(node):
 
 
 def live_graph_tensors() -> list[torch.Tensor]:
-    """Every Python-visible tensor that has autograd history."""
+    """Every Python-visible real tensor that has autograd history (fake tensors belong to
+    memprof.estimate's steps, not to the run being checked)."""
+    from torch._subclasses.fake_tensor import FakeTensor
     out = []
     tensor_type = torch.Tensor
     for obj in gc.get_objects():
         # issubclass(type(...)) rather than isinstance: never triggers a lazy __class__
-        if issubclass(type(obj), tensor_type):
+        cls = type(obj)
+        if issubclass(cls, tensor_type) and not issubclass(cls, FakeTensor):
             try:
                 if obj.grad_fn is not None:
                     out.append(obj)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .events import (EVENT_DTYPE, KIND_MARK, KIND_MEMORY, KIND_OUT_OF_MEMORY, PHASES,
-                     PHASE_BACKWARD, PHASE_FORWARD, PHASE_OPTIMIZER, SEQ_DTYPE)
+                     PHASE_BACKWARD, PHASE_FORWARD, SEQ_DTYPE)
 
 FORMAT_NAME = "memprof-profile"
 FORMAT_VERSION = 1
