@@ -197,12 +197,13 @@ int32_t intern_cached(ThreadState& ts, const char* name) {
 void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t total_allocated,
             int64_t total_reserved, c10::Device device, int32_t label = -1) {
   Session& s = session();
-  if (s.recorded.fetch_add(1, std::memory_order_relaxed) >= s.capacity) {
+  // Markers are few and the analyses need every one of them: they never count against the cap.
+  if (kind != kKindMark && s.recorded.fetch_add(1, std::memory_order_relaxed) >= s.capacity) {
     s.dropped.fetch_add(1, std::memory_order_relaxed);
     return;
   }
   Event e;
-  std::memset(&e, 0, sizeof(e));
+  e.reserved_pad = 0;
   e.t_ns = now_ns();
   e.ptr = ptr;
   e.size = size;
@@ -297,6 +298,17 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   uint64_t generation_;
 };
 
+// A reporter of an ended session left on a thread that outlived it (a thread-pool worker
+// attached while tracking) holds the slot but reports nothing: take it off, so a new session
+// (or torch.profiler) can use the slot on that thread.
+void pop_stale_reporter() {
+  auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
+  auto* ours = dynamic_cast<Reporter*>(current);
+  if (ours != nullptr && !ours->live()) {
+    c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Op context.
 std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
@@ -322,7 +334,8 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   if (backward) {
     ++ts.backward_depth;
     // The first node of a backward pass: a marker, so phase times can be read off the stream.
-    if (s.phase.exchange(kPhaseBackward, std::memory_order_relaxed) != kPhaseBackward) {
+    if (s.phase.load(std::memory_order_relaxed) != kPhaseBackward &&
+        s.phase.exchange(kPhaseBackward, std::memory_order_relaxed) != kPhaseBackward) {
       record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
     }
   } else if (seq >= 0 && ts.backward_depth == 0) {
@@ -348,6 +361,7 @@ uint64_t start(int64_t capacity) {
   if (s.active.load()) {
     throw std::runtime_error("memprof tracking is already active in this process");
   }
+  pop_stale_reporter();
   if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) {
     throw std::runtime_error(
         "another profiler (torch.profiler or autograd.profiler) is active on this thread: "
@@ -392,6 +406,7 @@ bool attach_thread() {
   Session& s = session();
   if (!s.active.load()) return false;
   if (std::this_thread::get_id() == s.owner) return false;
+  pop_stale_reporter();
   if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) return false;
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE,
                                    std::make_shared<Reporter>(s.generation.load()));

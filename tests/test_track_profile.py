@@ -279,3 +279,43 @@ def test_backward_on_another_thread_is_attributed(mlp):
     assert bwd.size > 0
     assert (bwd["thread"] != mem["thread"][mem["phase"] == 1][0]).all()
     assert "AddmmBackward0" in {prof.strings[n] for n in bwd["node"]}
+
+
+def test_nested_block_sees_only_its_events_with_threads():
+    with memprof.track() as outer:
+        keep = torch.empty(11_111, dtype=torch.uint8)
+
+        def work():
+            for _ in range(50):
+                torch.empty(777, dtype=torch.uint8)
+        th = threading.Thread(target=work)
+        th.start()
+        th.join()
+        del keep
+        with memprof.track() as inner:
+            x = torch.empty(33_333, dtype=torch.uint8)
+    sizes = inner.memory["size"].tolist()
+    assert sizes == [33_333]
+    assert 777 in outer.memory["size"].tolist()
+    del x
+
+
+def test_phase_returns_to_other_after_backward(mlp):
+    with memprof.track(mlp) as prof:
+        mlp(torch.randn(4, D)).sum().backward()
+        after = torch.empty(12_345, dtype=torch.uint8)
+    mem = prof.memory
+    i = mem["size"].tolist().index(12_345)
+    assert prof.describe_event(i)["phase"] == "other"
+    del after
+
+
+def test_categories_survive_hitting_the_event_cap(mlp):
+    opt = torch.optim.Adam(mlp.parameters())
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        with memprof.track(mlp, opt, capacity=40) as prof:
+            for _ in range(2):
+                mlp(torch.randn(B, D)).sum().backward()
+                opt.step()
+    cats = prof.breakdown("category", at="end")
+    assert cats["parameters"] == param_bytes(mlp)   # named through the snapshot markers

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _C
+from .events import PHASE_BACKWARD, PHASE_OTHER
 from .profile import Finding, Profile
 
 MAX_GRAPH_NODES = 200_000       # per analysis, over all graphs (shared visited set)
@@ -102,8 +104,10 @@ def live_graph_tensors() -> list[torch.Tensor]:
     return out
 
 
-def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int]) -> list[GraphTensor]:
-    """Sequence range, node count and unreleased saved tensors of each tensor's graph."""
+def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int]
+                ) -> tuple[list[GraphTensor], bool]:
+    """Sequence range, node count and unreleased saved tensors of each tensor's graph, and
+    whether the node budget ran out (then later graphs were only partly walked)."""
     visited: dict[int, tuple[int, int, int, dict]] = {}
     budget = MAX_GRAPH_NODES
     results = []
@@ -143,7 +147,7 @@ def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int]) -> list
         ptr, nb = _storage(t)
         results.append(GraphTensor(id(t), lo if hi >= 0 else -1, hi, nb, ptr, t.numel(),
                                    type(root).__name__, count, saved))
-    return results
+    return results, budget <= 0
 
 
 # ------------------------------------------------------------------------------- holders
@@ -260,7 +264,11 @@ def retained_graphs(profile: Profile, tracker) -> list[Finding]:
     last_step = len(boundaries) - 2
     tensors = live_graph_tensors()
     exclude = {_storage(p)[0] for p in tracker._all_params()}
-    graphs = walk_graphs(tensors, exclude)
+    graphs, truncated = walk_graphs(tensors, exclude)
+    if truncated:
+        profile.meta.setdefault("analysis_errors", []).append(
+            f"retained_graphs checked only the first {MAX_GRAPH_NODES} autograd nodes: leaks "
+            "in graphs beyond them may be missed")
     by_id = {id(t): t for t in tensors}
     # graphs that began before tracking started are not this run's to judge
     mine = [g for g in graphs if g.min_seq >= boundaries[0]]
@@ -419,7 +427,11 @@ class BackwardRecorder:
                     "step": getattr(recorder._tracker(), "_step", -1)})
             except Exception:  # noqa: BLE001  (recording must never break backward)
                 pass
-            return original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
+            out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
+            # backward is over: what runs next (logging, the next micro-step's data) is not
+            if _C.get_phase() == PHASE_BACKWARD:
+                _C.set_phase(PHASE_OTHER)
+            return out
 
         torch.autograd.backward = backward
 

@@ -24,7 +24,10 @@ def device_capacity(profile: Profile) -> tuple[int, str]:
     if profile.device_type == 1:
         try:
             import torch
-            return int(torch.cuda.get_device_properties(0).total_memory), "CUDA device 0"
+            index = int(profile.memory["device_index"][-1]) if profile.memory.size else 0
+            index = max(index, 0)
+            return (int(torch.cuda.get_device_properties(index).total_memory),
+                    f"CUDA device {index}")
         except Exception:  # noqa: BLE001
             pass
     try:

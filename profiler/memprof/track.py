@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import _C
 from .events import (EVENT_DTYPE, PHASE_FORWARD, PHASE_OPTIMIZER, PHASE_OTHER, SEQ_DTYPE,
-                     KIND_MEMORY)
+                     KIND_MARK, KIND_MEMORY)
 from .profile import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, Profile, Snapshot,
                       PREEXISTING_THREAD)
 
@@ -76,7 +76,7 @@ class Tracker:
         self._marks = 0
         self._prev_thread_profile = None
         self._outer: Tracker | None = None
-        self._outer_start = 0
+        self._nested_label = ""
         self._analyses = list(analyses) if analyses is not None else None
         self.auto_modules = auto_modules
         # (prefix, namespace dict) pairs searched for holders of leaked tensors, besides the
@@ -144,7 +144,8 @@ class Tracker:
         if _active is not None:
             # Nested block: share the outer session, keep our own slice of its events.
             self._outer = _active
-            self._outer_start = len(_C.events()) // EVENT_DTYPE.itemsize
+            self._nested_label = f"nested_start:{id(self)}"
+            _C.mark(self._nested_label, 0)
             return self
         self._t0 = time.monotonic_ns()
         self._frame = sys._getframe(1)  # the code running the block: roots for holder search
@@ -164,16 +165,22 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> bool:
         global _active
         if self._outer is not None:
-            raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)[self._outer_start:].copy()
-            self._finish(raw, exc, nested=True)
+            # threads interleave in the log: keep what came after our marker, in time order
+            raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
+            raw = raw[np.argsort(raw["t_ns"], kind="stable")]
+            label = _C.strings().index(self._nested_label)
+            start = np.flatnonzero((raw["kind"] == KIND_MARK) & (raw["op"] == label))
+            self._finish(raw[int(start[0]) + 1:].copy(), exc, nested=True)
             return False
         try:
             self._seq_at_exit = int(_C.peek_sequence_nr())
             self._final_snapshots()
         finally:
-            self._remove_hooks()
-            warning = _C.stop()
-            _active = None
+            try:
+                self._remove_hooks()
+            finally:  # the native hook goes off whatever happened above
+                warning = _C.stop()
+                _active = None
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
         raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE).copy()
@@ -402,7 +409,7 @@ class Tracker:
         # Snapshot categories for pre-existing blocks and the markers' positions.
         snaps = [Snapshot(marker=len(base), category=int(c), ptrs=[int(p)], modules=[int(m)])
                  for p, _, _, m, c in base]
-        mark_idx = np.flatnonzero((events["kind"] == 2) & np.isin(
+        mark_idx = np.flatnonzero((events["kind"] == KIND_MARK) & np.isin(
             events["op"], [i for i, s in enumerate(strings) if s == "snapshot"]))
         own = src._snapshots[len(src._snapshots) - len(mark_idx):] if nested else src._snapshots
         if len(own) == len(mark_idx):
