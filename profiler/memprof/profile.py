@@ -218,30 +218,23 @@ class Profile:
         return module
 
     # ------------------------------------------------------------------ categories
-    @cached_property
-    def _markers(self) -> list[tuple[int, str, int]]:
-        """(memory position, label, value) of every marker, in order."""
-        ev = self.events
-        idx = np.flatnonzero(ev["kind"] == KIND_MARK)
-        pos = np.searchsorted(self._memory_index, idx, side="left")
-        return [(int(p), self.strings[int(ev["op"][i])], int(ev["ptr"][i]))
-                for p, i in zip(pos, idx)]
-
     def markers(self, label: str | None = None) -> list[dict]:
         """Markers in order: forward_start, forward_end, backward_start, optimizer_start, step
         (the step boundary, after optimizer.step), snapshot; with their times in ns."""
+        return [m for m in self._all_markers if label is None or m["label"] == label]
+
+    @cached_property
+    def _all_markers(self) -> list[dict]:
         ev = self.events
         idx = np.flatnonzero(ev["kind"] == KIND_MARK)
-        out = []
-        for i in idx:
-            name = self.strings[int(ev["op"][i])]
-            if label is None or name == label:
-                out.append({"label": name, "t_ns": int(ev["t_ns"][i]), "value": int(ev["ptr"][i]),
-                            "position": self._memory_position(int(i)), "event": int(i)})
-        return out
+        pos = np.searchsorted(self._memory_index, idx, side="left")
+        return [{"label": self.strings[int(ev["op"][i])], "t_ns": int(ev["t_ns"][i]),
+                 "value": int(ev["ptr"][i]), "position": int(p), "event": int(i)}
+                for p, i in zip(pos, idx)]
 
     def _marker_positions(self, label: str) -> np.ndarray:
-        return np.array([p for p, lab, _ in self._markers if lab == label], dtype=np.int64)
+        return np.array([m["position"] for m in self._all_markers if m["label"] == label],
+                        dtype=np.int64)
 
     @cached_property
     def category(self) -> np.ndarray:

@@ -407,8 +407,11 @@ class Tracker:
         order = np.argsort(raw["t_ns"], kind="stable")
         events = np.concatenate([pre, raw[order]])
         # Snapshot categories for pre-existing blocks and the markers' positions.
-        snaps = [Snapshot(marker=len(base), category=int(c), ptrs=[int(p)], modules=[int(m)])
-                 for p, _, _, m, c in base]
+        snaps = []
+        for cat in sorted({c for *_, c in base}):
+            owned = [(int(p), int(m)) for p, _, _, m, c in base if c == cat]
+            snaps.append(Snapshot(marker=len(base), category=int(cat),
+                                  ptrs=[p for p, _ in owned], modules=[m for _, m in owned]))
         mark_idx = np.flatnonzero((events["kind"] == KIND_MARK) & np.isin(
             events["op"], [i for i, s in enumerate(strings) if s == "snapshot"]))
         own = src._snapshots[len(src._snapshots) - len(mark_idx):] if nested else src._snapshots
