@@ -49,25 +49,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import memprof  # noqa: E402
+from memprof.models.vit import concat_kv_gather_q  # noqa: E402
 from memprof.tritonkernels import attention, reference_attention  # noqa: E402
 
 IMPLS = ("math", "sdpa", "triton")
 
 
 # ============================================================================ implementations
-def _cat_gather(q, k, v, kv2, q_index):
-    if kv2 is not None:
-        k = torch.cat([k, kv2[0]], dim=2)
-        v = torch.cat([v, kv2[1]], dim=2)
-    if q_index is not None:
-        B, H, _, d = q.shape
-        q = torch.gather(q, 2, q_index[:, None, :, None].expand(B, H, q_index.shape[1], d))
-    return q, k, v
 
 
 def math_attention(q, k, v, kv2=None, q_index=None, weights=False):
     """What people write: explicit softmax(QK^T) per head."""
-    q, k, v = _cat_gather(q, k, v, kv2, q_index)
+    q, k, v = concat_kv_gather_q(q, k, v, kv2, q_index)
     p = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
     out = torch.matmul(p, v)
     return (out, p.detach().mean(1)) if weights else out
@@ -79,7 +72,7 @@ def sdpa_attention(q, k, v, kv2=None, q_index=None, weights=False):
     if weights:
         return attention(q, k, v, kv2=kv2, q_index=q_index, need_weights="head_mean",
                          backend="torch")
-    q, k, v = _cat_gather(q, k, v, kv2, q_index)
+    q, k, v = concat_kv_gather_q(q, k, v, kv2, q_index)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -402,11 +402,15 @@ def _fmt(n: int) -> str:
 
 # ------------------------------------------------------------------------------- backward use
 class BackwardRecorder:
-    """Wraps torch.autograd.backward while tracking to see retain_graph and repeated roots."""
+    """The one wrapper of torch.autograd.backward while tracking: records retain_graph and
+    repeated roots, ends the backward phase, and runs the callbacks other recorders add
+    (`before` / `after` lists, e.g. throughput's backward_end marker)."""
 
     def __init__(self, tracker):
         self._tracker = weakref.ref(tracker)  # the tracker owns us: no reference cycle
         self.calls: list[dict] = []
+        self.before: list = []
+        self.after: list = []
         self._original = None
 
     def install(self):
@@ -427,10 +431,14 @@ class BackwardRecorder:
                     "step": getattr(recorder._tracker(), "_step", -1)})
             except Exception:  # noqa: BLE001  (recording must never break backward)
                 pass
+            for fn in recorder.before:
+                fn()
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
             # backward is over: what runs next (logging, the next micro-step's data) is not
             if _C.get_phase() == PHASE_BACKWARD:
                 _C.set_phase(PHASE_OTHER)
+            for fn in recorder.after:
+                fn()
             return out
 
         torch.autograd.backward = backward

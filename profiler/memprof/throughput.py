@@ -4,7 +4,7 @@ micro-steps per optimizer step (gradient accumulation, detected, not assumed); G
 Where the numbers come from
 - Phase boundaries are the markers in the event stream: ``forward_start`` / ``forward_end``
   (root module hooks), ``backward_start`` (native, first autograd node of a backward pass),
-  ``backward_end`` (written here, when ``torch.autograd.backward`` returns), ``optimizer_start``
+  ``backward_end`` (written here, through the tracker's torch.autograd.backward wrapper), ``optimizer_start``
   and ``step`` (optimizer step hooks, or ``prof.step()``), ``batch`` (written here: the leading
   dimension of the first tensor passed to the root module).
 - On the CPU the durations are host (steady-clock) times of those markers. When the model's
@@ -187,8 +187,7 @@ class ThroughputRecorder:
         self.cuda = False
         self.gpu: GpuSampler | None = None
         self._handles: list = []
-        self._orig_backward = None
-        self._backward_wrapper = None
+        self._backward_hooks = None
         self._orig_end_step = None
         self._in_forward = False
         # CUDA timeline: [label, value, event or None]; resolved into (label, t_ns, value)
@@ -217,23 +216,10 @@ class ThroughputRecorder:
             # tracker's stack already says whether this module is the outermost one
             self._handles.append(register_module_forward_pre_hook(self._auto_pre))
             self._handles.append(register_module_forward_hook(self._auto_post, always_call=True))
-        self._orig_backward = torch.autograd.backward
-        original = self._orig_backward
-        rec = self
-
-        def backward(*args, **kwargs):
-            active = rec._backward_wrapper is not None  # after remove(): pass through
-            if active and rec.cuda:
-                rec._cuda_mark("backward_start")
-            out = original(*args, **kwargs)
-            if active:
-                rec.tracker._mark("backward_end", rec.tracker._step)
-                if rec.cuda:
-                    rec._cuda_mark("backward_end")
-            return out
-
-        self._backward_wrapper = backward
-        torch.autograd.backward = backward
+        # backward_start/backward_end through the tracker's own backward wrapper
+        self._backward_hooks = (self._before_backward, self._after_backward)
+        self.tracker._backward.before.append(self._before_backward)
+        self.tracker._backward.after.append(self._after_backward)
         if self.cuda:
             from torch.optim.optimizer import register_optimizer_step_pre_hook
             self._handles.append(register_optimizer_step_pre_hook(self._opt_pre))
@@ -258,10 +244,14 @@ class ThroughputRecorder:
             except Exception:  # noqa: BLE001
                 pass
         self._handles.clear()
-        if self._backward_wrapper is not None:
-            if torch.autograd.backward is self._backward_wrapper:
-                torch.autograd.backward = self._orig_backward
-            self._backward_wrapper = None  # a wrapper left in place by others passes through
+        if self._backward_hooks is not None:
+            before, after = self._backward_hooks
+            recorder = self.tracker._backward
+            if before in recorder.before:
+                recorder.before.remove(before)
+            if after in recorder.after:
+                recorder.after.remove(after)
+            self._backward_hooks = None
         if self._orig_end_step is not None:
             self.tracker.__dict__.pop("_end_step", None)
             self._orig_end_step = None
@@ -272,6 +262,15 @@ class ThroughputRecorder:
                 self.gpu.error = f"{type(err).__name__}: {err}"
 
     # ------------------------------------------------------------------ hooks
+    def _before_backward(self) -> None:
+        if self.cuda:
+            self._cuda_mark("backward_start")
+
+    def _after_backward(self) -> None:
+        self.tracker._mark("backward_end", self.tracker._step)
+        if self.cuda:
+            self._cuda_mark("backward_end")
+
     def _root_enter(self, args, kwargs) -> None:
         if torch._C._current_autograd_node():
             return  # a recomputation under checkpointing, not a new forward pass

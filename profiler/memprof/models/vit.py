@@ -28,6 +28,18 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
+def concat_kv_gather_q(q, k, v, kv2=None, q_index=None):
+    """What plain attention code does for PWCA and GLCA: concatenate the second source's
+    keys/values (B, H, Nk + Nk2, d) and gather the selected query rows (B, H, R, d)."""
+    if kv2 is not None:
+        k = torch.cat([k, kv2[0]], dim=2)
+        v = torch.cat([v, kv2[1]], dim=2)
+    if q_index is not None:
+        B, H, _, d = q.shape
+        q = torch.gather(q, 2, q_index[:, None, :, None].expand(B, H, q_index.shape[1], d))
+    return q, k, v
+
+
 def attend(q, k, v, *, kv2=None, q_index=None, need_weights: bool = False,
            backend: str = "math", attn_drop: nn.Module | None = None,
            kernel_backend: str = "auto"):
@@ -48,12 +60,7 @@ def attend(q, k, v, *, kv2=None, q_index=None, need_weights: bool = False,
     if backend != "math":
         raise ValueError(f"attention_backend: expected one of {ATTENTION_BACKENDS}, got "
                          f"{backend!r}")
-    if kv2 is not None:
-        k = torch.cat([k, kv2[0]], dim=2)
-        v = torch.cat([v, kv2[1]], dim=2)
-    if q_index is not None:
-        B, H, _, d = q.shape
-        q = torch.gather(q, 2, q_index[:, None, :, None].expand(B, H, q_index.shape[1], d))
+    q, k, v = concat_kv_gather_q(q, k, v, kv2, q_index)
     attn = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     attn = attn.softmax(dim=-1)
     dropped = attn_drop(attn) if attn_drop is not None else attn
