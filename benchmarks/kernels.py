@@ -10,7 +10,10 @@ Sections
              memprof.track(), and time.
   dcal-step  Peak memory of one DCAL training step (forward + backward) at 448 px with
              dcal-vit-b16 shapes: math attention (the usual hand-written code; with and without
-             the seed-000 history bug) vs fused attention, measured with memprof.track().
+             the seed-000 history bug) vs fused attention, measured with memprof.track(), at
+             each --dcal-batch; then memprof.estimate_step's estimate of the same step in fp32
+             (checked against the measurement) and under CUDA fp16 AMP (the seeds' V100 setup,
+             which a CPU cannot run: labelled as an estimate).
 
 Timing: on a GPU, milliseconds, TFLOP/s (forward = 4 * B * H * Nq * Nk * d flops; forward +
 backward counted as 3.5 x forward) and the speed-up over SDPA. On the CPU the Triton kernels run
@@ -22,7 +25,7 @@ CPU times of math and SDPA are printed, labelled as CPU.
 Usage
   python benchmarks/kernels.py                 # both sections, full sweep
   python benchmarks/kernels.py --quick         # small sweep, batch 1, reduced DCAL depth
-  python benchmarks/kernels.py --section dcal-step --depth 12 --batch 1
+  python benchmarks/kernels.py --section dcal-step --depth 12 --dcal-batch 2 4
 Results are printed and written to benchmarks/results/kernels_<device>[_quick].{txt,json}.
 """
 from __future__ import annotations
@@ -309,7 +312,7 @@ def _table(hdr, rows):
     return "\n".join([fmt(hdr), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def run_dcal_step(args, device, dtype, log):
+def run_dcal_step(args, batch, device, dtype, log):
     from memprof.models import build_model
 
     kb = args.fused_kernel
@@ -322,8 +325,9 @@ def run_dcal_step(args, device, dtype, log):
         ("fused", dict(attention_backend="fused", kernel_backend=kb)),
     ]
     log(f"# dcal-step: dcal-vit-b16 shapes, img {args.img}, depth {args.depth}, batch "
-        f"{args.batch}, dtype {str(dtype).replace('torch.', '')}; fused kernel backend: {kb}"
-        + (" (PyTorch SDPA path of memprof.tritonkernels.attention on the CPU)"
+        f"{batch}, dtype {str(dtype).replace('torch.', '')}; fused kernel backend: {kb}"
+        + (" (memprof.tritonkernels.attention's PyTorch path on the CPU: SDPA, and its chunked "
+           "loop for PWCA)"
            if kb == "torch" else ""))
     rows = []
     for label, kw in variants:
@@ -331,7 +335,7 @@ def run_dcal_step(args, device, dtype, log):
         wl = build_model("dcal-vit-b16", img_size=args.img, depth=args.depth, **kw)
         model = wl.model.to(device=device, dtype=dtype).train()
         torch.manual_seed(1)
-        (x1, x2), y = wl.make_batch(args.batch)
+        (x1, x2), y = wl.make_batch(batch)
         n_params = sum(p.numel() for p in model.parameters())
         gc.collect()
         t0 = time.perf_counter()
@@ -344,7 +348,7 @@ def run_dcal_step(args, device, dtype, log):
         end_live = sum(prof.breakdown(at="end").values())
         by_cat = prof.breakdown(by="category", at="peak")
         interp = device != "cuda" and kw.get("kernel_backend") == "triton"
-        rows.append(dict(variant=label, params=n_params, peak_bytes=int(prof.peak),
+        rows.append(dict(variant=label, batch=batch, params=n_params, peak_bytes=int(prof.peak),
                          peak_by_category={k: int(v) for k, v in by_cat.items() if v},
                          peak_excl_params_bytes=int(prof.peak) - int(by_cat.get("parameters",
                                                                                 0)),
@@ -362,6 +366,50 @@ def run_dcal_step(args, device, dtype, log):
         r["peak_vs_math"] = r["peak_bytes"] / base
         r["peak_excl_params_vs_math"] = r["peak_excl_params_bytes"] / base_x
     return rows
+
+
+def estimate_dcal_step(args, batch, precisions):
+    """memprof.estimate_step (fake tensors, nothing allocated) of the same forward + backward for
+    math and fused attention: fp32 checks the estimator against the rows measured above; fp16
+    is the seeds' setting (a V100 with CUDA AMP), which this CPU cannot run."""
+    from memprof.estimate import estimate_step
+    from memprof.models import build_model
+
+    rows = []
+    for precision in precisions:
+        peaks = {}
+        for backend in ("math", "fused"):
+            kw = dict(attention_backend=backend)
+            if backend == "fused":
+                kw["kernel_backend"] = "torch"
+            wl = build_model("dcal-vit-b16", img_size=args.img, depth=args.depth, **kw)
+            est = estimate_step(wl.model, wl.make_batch, wl.loss_fn, batch_size=batch,
+                                optimizer="none", precision=precision, count_flops=False)
+            peaks[backend] = int(est.peak_allocated)
+            del wl, est
+            gc.collect()
+        rows.append(dict(batch=batch, precision=precision, math_bytes=peaks["math"],
+                         fused_bytes=peaks["fused"],
+                         fused_vs_math=peaks["fused"] / peaks["math"]))
+        print(f"  dcal-step estimate batch {batch} {precision}: math {_mib(peaks['math'])} MiB, "
+              f"fused {_mib(peaks['fused'])} MiB", file=sys.stderr, flush=True)
+    return rows
+
+
+def format_dcal_estimates(rows, measured):
+    """measured: {batch: {variant: peak bytes}} from the memprof.track() runs."""
+    hdr = ["batch", "precision", "math MiB", "fused MiB", "fused/math", "measured fused/math",
+           "estimate error math / fused"]
+    table = []
+    for r in rows:
+        m = measured.get(r["batch"], {}) if r["precision"] == "fp32" else {}
+        err = (f"{100 * (r['math_bytes'] / m['math'] - 1):+.1f}% / "
+               f"{100 * (r['fused_bytes'] / m['fused'] - 1):+.1f}%") if m else "-"
+        table.append([r["batch"], r["precision"] + (" AMP (CUDA policy)" if r["precision"] !=
+                                                    "fp32" else ""),
+                      _mib(r["math_bytes"]), _mib(r["fused_bytes"]), f"{r['fused_vs_math']:.3f}",
+                      f"{m['fused'] / m['math']:.3f}" if m else "-", err])
+    return _table(hdr, table)
 
 
 def format_dcal(rows):
@@ -397,13 +445,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--section", choices=["all", "kernels", "dcal-step"], default="all")
     ap.add_argument("--quick", action="store_true", help="small sweep, batch 1, DCAL depth 2")
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default 2; quick 1)")
+    ap.add_argument("--batch", type=int, default=None, help="kernels section batch size (default 2; quick 1)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="default bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--reps", type=int, default=None, help="timing repetitions")
     ap.add_argument("--img", type=int, default=448, help="dcal-step image size")
     ap.add_argument("--depth", type=int, default=None,
                     help="dcal-step SA blocks (default 12; quick 2)")
+    ap.add_argument("--dcal-batch", type=int, nargs="+", default=None,
+                    help="dcal-step batch sizes (default 2 4: the seeds' physical batches; "
+                         "quick 1)")
+    ap.add_argument("--estimate-precision", choices=["fp16", "bf16", "none"], default="fp16",
+                    help="dcal-step: also estimate math vs fused under this CUDA AMP precision "
+                         "(CPU float32 runs only)")
     ap.add_argument("--fused-kernel", choices=["auto", "triton", "torch"], default="auto",
                     help="dcal-step fused backend (auto: Triton on GPU, SDPA path on CPU)")
     ap.add_argument("--seed", type=int, default=None)
@@ -412,6 +466,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.batch = args.batch or (1 if args.quick else 2)
     args.depth = args.depth or (2 if args.quick else 12)
+    args.dcal_batch = args.dcal_batch or ([1] if args.quick else [2, 4])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.reps = args.reps or (20 if device == "cuda" else (2 if args.quick else 3))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -444,15 +499,31 @@ def main(argv=None):
         result["kernels"] = dict(seed=seed, rows=rows)
         log()
     if args.section in ("all", "dcal-step"):
-        rows = run_dcal_step(args, device, dtype, log)
-        log(format_dcal(rows))
-        fused = next(r for r in rows if r["variant"] == "fused")
-        log(f"# dcal-step: fused / math peak = {fused['peak_vs_math']:.3f} "
-            f"(target <= 0.5: {'met' if fused['peak_vs_math'] <= 0.5 else 'NOT met'}); "
-            f"without the parameters (same in both): "
-            f"{fused['peak_excl_params_vs_math']:.3f}")
-        result["dcal_step"] = dict(rows=rows, fused_vs_math=fused["peak_vs_math"],
-                                   fused_vs_math_excl_params=fused["peak_excl_params_vs_math"])
+        result["dcal_step"] = {}
+        measured = {}
+        for batch in args.dcal_batch:
+            rows = run_dcal_step(args, batch, device, dtype, log)
+            log(format_dcal(rows))
+            fused = next(r for r in rows if r["variant"] == "fused")
+            log(f"# dcal-step batch {batch}: fused / math peak = {fused['peak_vs_math']:.3f} "
+                f"(target <= 0.5: {'met' if fused['peak_vs_math'] <= 0.5 else 'NOT met'}); "
+                f"without the parameters (same in both): "
+                f"{fused['peak_excl_params_vs_math']:.3f}")
+            log()
+            result["dcal_step"][f"batch_{batch}"] = dict(
+                rows=rows, fused_vs_math=fused["peak_vs_math"],
+                fused_vs_math_excl_params=fused["peak_excl_params_vs_math"])
+            measured[batch] = {"math": rows[0]["peak_bytes"], "fused": fused["peak_bytes"]}
+        if args.estimate_precision != "none" and device == "cpu" and dtype == torch.float32:
+            log(f"# dcal-step estimates: memprof.estimate_step (fake tensors: ESTIMATES, not "
+                f"measurements) of the same forward + backward at depth {args.depth}; fp32 is "
+                f"checked against the measured peaks above; {args.estimate_precision} AMP is the "
+                f"seeds' V100 setting (CUDA autocast: softmax kept in fp32)")
+            est_rows = []
+            for batch in args.dcal_batch:
+                est_rows += estimate_dcal_step(args, batch, ["fp32", args.estimate_precision])
+            log(format_dcal_estimates(est_rows, measured))
+            result["dcal_step"]["estimates"] = est_rows
 
     stem = args.out or os.path.join(RESULTS, f"kernels_{device}" + ("_quick" if args.quick
                                                                        else ""))

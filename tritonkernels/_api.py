@@ -12,9 +12,11 @@ Semantics (both backends):
 Backends:
     "triton": the Triton kernels; CUDA tensors, or CPU tensors when Triton's interpreter is on
               (``TRITON_INTERPRET=1`` in the environment before this package first runs a kernel).
-    "torch":  PyTorch ops with the same semantics: `scaled_dot_product_attention` (memory-efficient
-              on CPU: it saves out and logsumexp, no N x N probabilities), and for head_mean the
-              probabilities are computed under no_grad, one head at a time.
+    "torch":  PyTorch ops with the same semantics. One key source: `scaled_dot_product_attention`
+              (memory-efficient on CPU: it saves out and logsumexp, no N x N probabilities); for
+              head_mean the probabilities are computed under no_grad, one head at a time. Two
+              sources (kv2): `ChunkedAttentionFunction`, the kernels' algorithm in PyTorch ops,
+              one chunk of query rows at a time, so k and k2 are never concatenated.
     "auto":   CUDA -> "triton"; CPU -> "triton" when TRITON_INTERPRET=1, else "torch".
 
 The Triton path saves only q, k, v, (k2, v2), out, the per-row log-sum-exp and q_index for
@@ -82,6 +84,17 @@ def _check_tensor(name: str, t, ndim: int = 4) -> None:
                         f"bfloat16")
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """False for tensors without data (FakeTensorMode, meta): their values cannot be checked."""
+    if t.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake  # noqa: PLC0415
+    except ImportError:  # pragma: no cover  (older torch)
+        return True
+    return not is_fake(t)
+
+
 def _validate(q, k, v, kv2, q_index, need_weights, scale, backend):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -140,6 +153,8 @@ def _validate(q, k, v, kv2, q_index, need_weights, scale, backend):
         if q_index.shape[1] > Nq:
             raise ValueError(f"q_index: R={q_index.shape[1]} rows exceed the {Nq} query rows "
                              f"(rows must be unique)")
+        if not _has_values(q_index):  # fake / meta tensors (memprof's estimates): shapes only
+            return k2, v2, float(scale)
         srt = torch.sort(q_index, dim=1).values
         out_of_range = bool(((srt[:, 0] < 0) | (srt[:, -1] >= Nq)).any())
         dup = bool((srt[:, 1:] == srt[:, :-1]).any()) if q_index.shape[1] > 1 else False
@@ -159,6 +174,113 @@ def _gather_rows(q: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
     return torch.gather(q, 2, idx)
 
 
+def _chunk_rows(H: int, M: int, n_keys: int) -> int:
+    """Query rows per chunk: about 4 MiB of float32 scores per batch element. Independent of the
+    batch size, so steps at two batch sizes run the same ops (memprof's estimates interpolate
+    between them op by op)."""
+    return max(16, min(M, (1 << 20) // max(1, H * n_keys)))
+
+
+def _scores(qc, k, k2, scale):
+    """float32 scores of a chunk of (already float32) query rows against both key sources."""
+    s = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)
+    if k2 is None:
+        return s
+    return torch.cat([s, torch.matmul(qc, k2.transpose(-1, -2)).mul_(scale)], dim=-1)
+
+
+def _f32(t):
+    return None if t is None else t.float()
+
+
+class ChunkedAttentionFunction(torch.autograd.Function):
+    """The kernels' algorithm in PyTorch ops: softmax over both key sources, one chunk of query
+    rows at a time, saving only q, k, v, (k2, v2), out and the per-row log-sum-exp, so nothing
+    N x N (and no concatenation of k with k2) outlives a chunk. Inputs: qs (the query rows that
+    attend, already gathered), k, v, k2, v2, scale, want_weights. fp16 / bf16 inputs are
+    computed in float32: k, v, k2, v2 are upcast once per call (a transient of their size in
+    float32, and float32 gradient buffers in backward)."""
+
+    @staticmethod
+    def forward(ctx, qs, k, v, k2, v2, scale, want_weights):
+        # float32 math even inside torch.autocast (it would run the matmuls in fp16 / bf16)
+        ctx.device_type = qs.device.type
+        with torch.autocast(qs.device.type, enabled=False):
+            return ChunkedAttentionFunction._forward(ctx, qs, k, v, k2, v2, scale, want_weights)
+
+    @staticmethod
+    def _forward(ctx, qs, k, v, k2, v2, scale, want_weights):
+        B, H, M, d = qs.shape
+        n1 = k.shape[2]
+        kf, vf, k2f, v2f = _f32(k), _f32(v), _f32(k2), _f32(v2)
+        n_keys = n1 + (k2.shape[2] if k2 is not None else 0)
+        out = torch.empty((B, M, H, d), dtype=qs.dtype, device=qs.device).transpose(1, 2)
+        lse = torch.empty((B, H, M), dtype=torch.float32, device=qs.device)
+        weights = (torch.empty((B, M, n_keys), dtype=qs.dtype, device=qs.device)
+                   if want_weights else None)
+        step = _chunk_rows(H, M, n_keys)
+        for r0 in range(0, M, step):
+            rows = slice(r0, min(M, r0 + step))
+            s = _scores(qs[:, :, rows].float(), kf, k2f, scale)
+            lse_c = torch.logsumexp(s, dim=-1)
+            p = s.sub_(lse_c[..., None]).exp_()
+            o = torch.matmul(p[..., :n1], vf)
+            if k2 is not None:
+                o.add_(torch.matmul(p[..., n1:], v2f))
+            out[:, :, rows] = o
+            lse[:, :, rows] = lse_c
+            if weights is not None:
+                weights[:, rows] = p.mean(dim=1)
+        ctx.save_for_backward(qs, k, v, k2, v2, out, lse)
+        ctx.scale = scale
+        if weights is not None:
+            ctx.mark_non_differentiable(weights)
+            return out, weights
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, *unused):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return ChunkedAttentionFunction._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        qs, k, v, k2, v2, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        B, H, M, d = qs.shape
+        n1 = k.shape[2]
+        kf, vf, k2f, v2f = _f32(k), _f32(v), _f32(k2), _f32(v2)
+        n_keys = n1 + (k2.shape[2] if k2 is not None else 0)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq = torch.empty_like(qs)
+        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+        dk2, dv2 = (torch.zeros_like(k2f), torch.zeros_like(v2f)) if k2 is not None else (
+            None, None)
+        step = _chunk_rows(H, M, n_keys)
+        for r0 in range(0, M, step):
+            rows = slice(r0, min(M, r0 + step))
+            qc = qs[:, :, rows].float()
+            doc = dout[:, :, rows].float()
+            delta = (doc * out[:, :, rows].float()).sum(dim=-1, keepdim=True)
+            p = _scores(qc, kf, k2f, scale).sub_(lse[:, :, rows, None]).exp_()
+            dp = torch.matmul(doc, vf.transpose(-1, -2))
+            if k2 is not None:
+                dp = torch.cat([dp, torch.matmul(doc, v2f.transpose(-1, -2))], dim=-1)
+            ds = dp.sub_(delta).mul_(p)
+            dv.add_(torch.matmul(p[..., :n1].transpose(-1, -2), doc))
+            dk.add_(torch.matmul(ds[..., :n1].transpose(-1, -2), qc), alpha=scale)
+            dqc = torch.matmul(ds[..., :n1], kf)
+            if k2 is not None:
+                dv2.add_(torch.matmul(p[..., n1:].transpose(-1, -2), doc))
+                dk2.add_(torch.matmul(ds[..., n1:].transpose(-1, -2), qc), alpha=scale)
+                dqc.add_(torch.matmul(ds[..., n1:], k2f))
+            dq[:, :, rows] = dqc.mul_(scale)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return (dq, cast(dk, k), cast(dv, v), cast(dk2, k2), cast(dv2, v2), None, None)
+
+
 @torch.no_grad()
 def _head_mean_torch(qs, keys, scale):
     """mean_h softmax(qs keys^T * scale), accumulated one head at a time (B x M x N transient)."""
@@ -171,12 +293,16 @@ def _head_mean_torch(qs, keys, scale):
 
 
 def _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights):
-    keys = torch.cat([k, k2], dim=2) if k2 is not None else k
-    vals = torch.cat([v, v2], dim=2) if v2 is not None else v
+    """One source: PyTorch's memory-efficient SDPA (about twice as fast on the CPU as the
+    chunked loop). Two sources (PWCA): the chunked loop, because SDPA would need k and k2
+    concatenated, and would save that copy for backward."""
     qs = _gather_rows(q, q_index) if q_index is not None else q
-    out = F.scaled_dot_product_attention(qs, keys, vals, scale=scale)
+    if k2 is not None:
+        return ChunkedAttentionFunction.apply(qs, k, v, k2, v2, scale,
+                                              need_weights == "head_mean")
+    out = F.scaled_dot_product_attention(qs, k, v, scale=scale)
     if need_weights == "head_mean":
-        return out, _head_mean_torch(qs.detach(), keys.detach(), scale)
+        return out, _head_mean_torch(qs.detach(), k.detach(), scale)
     return out
 
 

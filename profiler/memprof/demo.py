@@ -98,7 +98,8 @@ def _story_kernels(console):
     console.print(t)
     ratio = rows[1][1] / rows[0][1] if rows[0][1] else float("nan")
     console.print(f"fused / math peak: {ratio:.2f} (on the CPU the fused path is PyTorch's "
-                  "memory-efficient SDPA; on CUDA it runs memprof's Triton kernels)\n")
+                  "memory-efficient SDPA, and for PWCA memprof's chunked PyTorch loop; on CUDA it "
+                  "runs memprof's Triton kernels)\n")
     return rows
 
 

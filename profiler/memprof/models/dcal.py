@@ -2,8 +2,9 @@
 
 Structure (L SA blocks, M = 1 GLCA block, PWCA in training only):
 
-  SA      the ViT's L self-attention blocks; their head-averaged attention maps are kept in
-          `model.sa_attention_history` for attention rollout.
+  SA      the ViT's L self-attention blocks; their attention maps feed attention rollout
+          (math: kept in `model.sa_attention_history`; fused: folded into the rollout block by
+          block, so only one B x N x N map is kept).
   rollout R = prod_l (0.5 * mean_h(A_l) + 0.5 * I), rows renormalised; the CLS row of R ranks the
           patch tokens.
   GLCA    one block with its own weights on the SA output: only the CLS token plus the top
@@ -32,7 +33,9 @@ Forward signature:  model(x1, x2=None) -> dict of logits
               and the rollout is computed from them with autograd on: the history and the rollout
               (kept in `self.attention_rollout`) then hold autograd graphs alive after the step.
     "fused" - memprof.tritonkernels.attention: nothing N x N is saved for backward; rollout uses
-              the kernels' head-averaged maps (B, N, N), detached.
+              the kernels' head-averaged maps (B, N, N), detached, each folded into the running
+              rollout as its block finishes (`sa_attention_history` stays empty): L - 1 fewer
+              B x N x N maps alive at the peak than keeping them all.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ import torch.nn.functional as F
 
 from .vit import Block, VisionTransformer, init_vit_weights
 
-__all__ = ["DCALConfig", "DCAL", "UncertaintyWeightedLoss", "attention_rollout", "CONFIGS"]
+__all__ = ["DCALConfig", "DCAL", "UncertaintyWeightedLoss", "attention_rollout", "rollout_step",
+           "CONFIGS"]
 
 
 @dataclass(frozen=True)
@@ -89,14 +93,19 @@ def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
     first): R = A_L' ... A_1', A' = rownorm(0.5 A + 0.5 I). Differentiable if the maps are."""
     if not maps:
         raise ValueError("maps: expected at least one attention map")
-    n = maps[0].shape[-1]
-    eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
     rollout = None
     for a in maps:
-        a = 0.5 * a + 0.5 * eye
-        a = a / a.sum(dim=-1, keepdim=True)
-        rollout = a if rollout is None else torch.matmul(a, rollout)
+        rollout = rollout_step(rollout, a)
     return rollout
+
+
+def rollout_step(rollout: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
+    """Fold the next block's head-averaged map a (B, N, N) into the rollout so far (None before
+    the first block): rownorm(0.5 a + 0.5 I) @ rollout."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    a = 0.5 * a + 0.5 * eye
+    a = a / a.sum(dim=-1, keepdim=True)
+    return a if rollout is None else torch.matmul(a, rollout)
 
 
 class UncertaintyWeightedLoss(nn.Module):
@@ -153,21 +162,25 @@ class DCAL(VisionTransformer):
             return checkpoint(lambda t: blk(t, need_weights=True), x, use_reentrant=False)
         return blk(x, need_weights=True)
 
-    def _record(self, weights: torch.Tensor, batch: int) -> None:
-        """Keep image 1's maps (the first `batch` rows) for rollout."""
+    def _record(self, weights: torch.Tensor, batch: int, rollout: torch.Tensor | None):
+        """Image 1's maps (the first `batch` rows) for rollout. Math keeps them in the history
+        (per-head maps, a view of what autograd saved anyway; the seed-000 bug keeps the graph
+        attached: detach_history=False) and rolls out at the end; fused folds each head-mean
+        map into the running rollout now. Returns the rollout so far (fused) or None (math)."""
         if self.cfg.attention_backend == "math":
-            # per-head maps, a view of what autograd saved anyway; the seed-000 bug keeps the
-            # graph attached (detach_history=False)
             weights = weights[:batch]
             if self.cfg.detach_history:
                 weights = weights.detach()
-        elif weights.shape[0] != batch:
-            weights = weights[:batch].clone()  # let the distractor images' maps go
-        self.sa_attention_history.append(weights)
+            self.sa_attention_history.append(weights)
+            return None
+        with torch.no_grad():
+            return rollout_step(rollout, weights[:batch].float())
 
-    def _rollout(self) -> torch.Tensor:
-        maps = [w.mean(dim=1) if w.dim() == 4 else w for w in self.sa_attention_history]
-        if self.cfg.attention_backend == "math" and not self.cfg.detach_history:
+    def _rollout(self, running: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.attention_backend != "math":
+            return running
+        maps = [w.mean(dim=1) for w in self.sa_attention_history]
+        if not self.cfg.detach_history:
             return attention_rollout(maps)  # the bug: a graph through every SA map
         with torch.no_grad():
             return attention_rollout([m.float() for m in maps])
@@ -189,17 +202,19 @@ class DCAL(VisionTransformer):
         x = self.embed(torch.cat([x1, x2], dim=0) if use_pwca else x1)
         xp = x[:B] if use_pwca else None  # PWCA stream of image 1
         self.sa_attention_history = []
+        running = None
         for blk in self.blocks:
             y, weights, (k, v) = self._sa_block(blk, x)
             if use_pwca:
                 # image 1's PWCA queries attend to its own keys and to image 2's (same depth)
                 xp, _, _ = blk(xp, kv2=(k[B:], v[B:]))
-            self._record(weights, B)
+            running = self._record(weights, B, running)
+            del weights
             x = y
         x1_tokens = x[:B]
         out = {"sa": self.head(self.norm(x1_tokens)[:, 0])}
 
-        rollout = self._rollout()
+        rollout = self._rollout(running)
         self.attention_rollout = rollout
         index = self.select_tokens(rollout)
         self.glca_index = index

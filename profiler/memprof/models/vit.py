@@ -93,10 +93,15 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def qkv_heads(self, x):
-        """x (B, N, C) -> q, k, v each (B, H, N, d) (views of one projection)."""
+        """x (B, N, C) -> q, k, v each (B, H, N, d) (views of one projection).
+
+        unbind, not qkv[0], qkv[1], qkv[2]: the backward of three selects allocates three
+        zero-filled tensors the size of the whole projection and sums them; unbind's backward
+        stacks the three gradients into one."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)
+        return q, k, v
 
     def project(self, out):
         """out (B, H, M, d) -> (B, M, C)."""
