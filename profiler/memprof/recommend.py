@@ -35,6 +35,7 @@ Every number is an ESTIMATE (fake-tensor steps, `memprof.estimate`), never a mea
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import math
@@ -310,8 +311,9 @@ class Plan:
             return "# nothing fits: see the table (smaller effective batch, bigger GPU)"
         lines = ["import torch, memprof"]
         if self.model.get("builtin"):
+            extra = "".join(f", {k}={v!r}" for k, v in self.model.get("kwargs", {}).items())
             lines.append(f"model, make_batch, loss_fn = memprof.models.build_model("
-                         f"{self.model['name']!r})")
+                         f"{self.model['name']!r}{extra})")
         else:
             lines.append(f"model = {self.model['name']}  # your model")
         lines.append("model.cuda().train()")
@@ -565,11 +567,14 @@ def _resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs
     loss_fn = loss
     make_batch = _load_batch_fn(batch) if batch is not None else None
     if isinstance(model, str) and model in MODELS:
-        wl = build_model(model, **(model_kwargs or {}))
+        try:
+            wl = build_model(model, **(model_kwargs or {}))
+        except (TypeError, ValueError) as e:  # an unknown or bad --model-arg
+            raise _UserError(f"model {model}: {e}") from None
         module = wl.model
         make_batch = make_batch or wl.make_batch
         loss_fn = loss_fn or wl.loss_fn
-        desc = {"name": model, "builtin": True}
+        desc = {"name": model, "builtin": True, "kwargs": dict(model_kwargs or {})}
     else:
         if isinstance(model, str):
             if ":" not in model:
@@ -796,6 +801,9 @@ def add_cli(subparsers) -> None:
     r.add_argument("--gpu", required=True, help="GPU name (see `memprof gpus`), e.g. v100-16gb")
     r.add_argument("--model", required=True,
                    help="built-in model name or package.module:factory (factory() -> nn.Module)")
+    r.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
+                   help="keyword for the model's constructor or factory, repeatable (e.g. "
+                        "attention_backend=fused: DCAL with memprof's fused attention)")
     r.add_argument("--effective-batch", type=int, required=True,
                    help="samples per optimizer step (micro-batch x accumulation)")
     r.add_argument("--precision", action="append", metavar="P",
@@ -822,6 +830,23 @@ def add_cli(subparsers) -> None:
     r.set_defaults(func=_cmd_recommend)
 
 
+def parse_model_args(items: list[str]) -> dict[str, Any]:
+    """['depth=6', 'attention_backend=fused'] -> {'depth': 6, 'attention_backend': 'fused'}:
+    values are Python literals where they parse as one, strings otherwise."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise _UserError(f"--model-arg {item!r}: expected KEY=VALUE with KEY a Python "
+                             "identifier (e.g. attention_backend=fused)")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
+
+
 def _cmd_recommend(args) -> int:
     from rich.console import Console
     precisions = None
@@ -833,7 +858,7 @@ def _cmd_recommend(args) -> int:
         raise _UserError(f"--model {args.model}: give --input-shape (e.g. 3,224,224) or "
                          "--batch-fn")
     err = Console(stderr=True)
-    kw = dict(model=args.model, batch=args.batch_fn, optimizer=args.optimizer, gpu=args.gpu,
+    kw = dict(model=args.model, model_kwargs=parse_model_args(args.model_arg), batch=args.batch_fn, optimizer=args.optimizer, gpu=args.gpu,
               effective_batch=args.effective_batch, precisions=precisions,
               policies=_csv(args.checkpointing), base_lr=args.base_lr,
               base_batch=args.base_batch, lr=args.lr, warmup_steps=args.warmup_steps,
