@@ -174,6 +174,7 @@ def test_cli_model_args_reach_the_model(capsys):
     assert plans["fused"]["model"]["kwargs"] == {"img_size": 64, "attention_backend": "fused"}
     assert "build_model('dcal-vit-tiny', img_size=64, attention_backend='fused')" in \
         plans["fused"]["code"]
+    assert "loss_fn(model(*x), y)" in plans["fused"]["code"]  # DCAL takes the image pair
     for bad, needle in ((["--model-arg", "attention_backend"], "expected KEY=VALUE"),
                         (["--model-arg", "no_such_option=1"], "no_such_option"),
                         (["--model-arg", "attention_backend=flash"], "attention_backend")):

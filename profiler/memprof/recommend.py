@@ -324,6 +324,7 @@ class Plan:
         lr = self.lr.recommended_lr if self.lr else None
         lines.append(f"opt = {_optimizer_code(self.optimizer, lr)}")
         low = o.precision in ("fp16", "bf16")
+        call = self.model.get("call", "model(x)")
         if o.precision == "fp16":
             lines.append('scaler = torch.amp.GradScaler("cuda")')
         lines.append(f"accumulation = {o.accumulation}  # micro-batch {o.micro_batch} x "
@@ -334,9 +335,9 @@ class Plan:
             dtype = "torch.float16" if o.precision == "fp16" else "torch.bfloat16"
             extra = ", cache_enabled=False" if o.checkpointing == "selective" else ""
             lines.append(f'{ind}with torch.autocast("cuda", dtype={dtype}{extra}):')
-            lines.append(f"{ind}    loss = loss_fn(model(x), y) / accumulation")
+            lines.append(f"{ind}    loss = loss_fn({call}, y) / accumulation")
         else:
-            lines.append(f"{ind}loss = loss_fn(model(x), y) / accumulation")
+            lines.append(f"{ind}loss = loss_fn({call}, y) / accumulation")
         if o.precision == "fp16":
             lines.append(f"{ind}scaler.scale(loss).backward()")
         else:
@@ -613,6 +614,22 @@ def _resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs
     return module, make_batch, loss_fn, desc
 
 
+def _call_code(make_batch) -> str:
+    """How the plan's code calls the model on a batch's inputs x: model(x), model(*x) (DCAL's
+    image pair) or model(**x); read from one fake batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    from .estimate import _split_batch  # noqa: PLC0415
+    try:
+        with FakeTensorMode():
+            inputs, _ = _split_batch(make_batch(1))
+    except Exception:  # noqa: BLE001  (the estimates report a broken batch function)
+        return "model(x)"
+    if isinstance(inputs, dict):
+        return "model(**x)"
+    return "model(*x)" if isinstance(inputs, (tuple, list)) else "model(x)"
+
+
 class _BatchError(Exception):
     pass
 
@@ -687,6 +704,7 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     if warmup_steps is not None and (isinstance(warmup_steps, bool) or int(warmup_steps) < 0):
         raise _UserError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
     estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer)
+    desc["call"] = _call_code(make_batch)
 
     combos: dict[tuple[str, str], _Combo] = {}
     per_combo = 3 if confirm else 2
