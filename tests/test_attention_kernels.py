@@ -694,3 +694,13 @@ def test_gpu_dcal_shapes_bf16():
     for cc in (c, dict(c, R=79), dict(c, Nk2=785)):
         r = run_accuracy_case(cc, _fresh_seed(), device="cuda", backend="triton")
         assert r["ok"], r
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("c", _TWO_SOURCE_CASES, ids=lambda c: c["name"])
+def test_gpu_torch_backend_two_sources(c):
+    """backend='torch' on CUDA tensors (the chunked loop for kv2) against float64."""
+    seed = _fresh_seed()
+    r = run_accuracy_case(c, seed, device="cuda", backend="torch")
+    assert r["ok"], f"{r['msg']} | errors={r['errors']} | MEMPROF_TEST_SEED={seed}"
