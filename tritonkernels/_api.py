@@ -193,6 +193,17 @@ def _f32(t):
     return None if t is None else t.float()
 
 
+def _saved_and_returned(ctx, saved, scale, out, weights):
+    """The end of both Functions' forward: save for backward; the head-mean weights carry no
+    gradient."""
+    ctx.save_for_backward(*saved)
+    ctx.scale = scale
+    if weights is not None:
+        ctx.mark_non_differentiable(weights)
+        return out, weights
+    return out
+
+
 class ChunkedAttentionFunction(torch.autograd.Function):
     """The kernels' algorithm in PyTorch ops: softmax over both key sources, one chunk of query
     rows at a time, saving only q, k, v, (k2, v2), out and the per-row log-sum-exp, so nothing
@@ -231,12 +242,7 @@ class ChunkedAttentionFunction(torch.autograd.Function):
             lse[:, :, rows] = lse_c
             if weights is not None:
                 weights[:, rows] = p.mean(dim=1)
-        ctx.save_for_backward(qs, k, v, k2, v2, out, lse)
-        ctx.scale = scale
-        if weights is not None:
-            ctx.mark_non_differentiable(weights)
-            return out, weights
-        return out
+        return _saved_and_returned(ctx, (qs, k, v, k2, v2, out, lse), scale, out, weights)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -317,12 +323,8 @@ class FlashAttentionFunction(torch.autograd.Function):
         with kern._device_guard(q):
             out, lse = kern.forward(q, k, v, k2, v2, q_index, scale)
             weights = kern.head_mean(q, k, k2, lse, q_index, scale) if want_weights else None
-        ctx.save_for_backward(q, k, v, k2, v2, out, lse, q_index)
-        ctx.scale = scale
-        if weights is not None:
-            ctx.mark_non_differentiable(weights)
-            return out, weights
-        return out
+        return _saved_and_returned(ctx, (q, k, v, k2, v2, out, lse, q_index), scale, out,
+                                   weights)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
