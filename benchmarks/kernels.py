@@ -52,8 +52,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import memprof  # noqa: E402
-from memprof.models.vit import concat_kv_gather_q  # noqa: E402
 from memprof.tritonkernels import attention, reference_attention  # noqa: E402
+from memprof.tritonkernels._api import concat_kv_gather_q  # noqa: E402
 
 IMPLS = ("math", "sdpa", "triton")
 

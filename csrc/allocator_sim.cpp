@@ -92,7 +92,6 @@ class SortedChunks {
   };
 
   bool empty() const { return count_ == 0; }
-  Pos begin() const { return {0, 0}; }
   bool at_end(Pos p) const { return p.c >= int32_t(order_.size()); }
   u128 key(Pos p) const { return chunks_[order_[p.c]].key[p.i]; }
   int32_t val(Pos p) const { return chunks_[order_[p.c]].val[p.i]; }
@@ -151,11 +150,6 @@ class SortedChunks {
         merge_next(p.c - 1);
       }
     }
-  }
-
-  void erase_key(u128 k) {
-    const Pos p = lower_bound(k);
-    if (!at_end(p) && key(p) == k) erase(p);
   }
 
  private:
@@ -299,14 +293,6 @@ class FreeIndex {
 class PtrMap {
  public:
   PtrMap() { rehash(1 << 12); }
-
-  int32_t find(uint64_t k) const {
-    for (uint64_t i = hash(k) & mask_;; i = (i + 1) & mask_) {
-      const Slot& s = slots_[i];
-      if (s.val < 0) return kNone;
-      if (s.key == k) return s.val;
-    }
-  }
 
   void insert(uint64_t k, int32_t v) {  // k must not be present
     uint64_t i = slot(k);
@@ -658,10 +644,7 @@ class Simulator {
       return true;
     }
     // no single block is large enough: release oversize blocks, largest first
-    scratch_.clear();
-    for (FreeIndex::Pos q = pool.free.begin(); !pool.free.at_end(q); q = pool.free.next(q)) {
-      scratch_.push_back(pool.free.val(q));
-    }
+    collect_free_blocks(pool);
     uint64_t released = 0;
     for (auto r = scratch_.rbegin(); r != scratch_.rend() && released < target; ++r) {
       const Block& B = blocks_[*r];
@@ -673,13 +656,17 @@ class Simulator {
     return released >= target;
   }
 
+  // scratch_ = the pool's free blocks in (size, address) order; releasing then edits the index
+  void collect_free_blocks(const Pool& pool) {
+    scratch_.clear();
+    for (FreeIndex::Pos q = pool.free.begin(); !pool.free.at_end(q); q = pool.free.next(q)) {
+      scratch_.push_back(pool.free.val(q));
+    }
+  }
+
   void release_cached_blocks() {
     for (Pool* pool : {&large_, &small_}) {
-      scratch_.clear();
-      for (FreeIndex::Pos q = pool->free.begin(); !pool->free.at_end(q);
-           q = pool->free.next(q)) {
-        scratch_.push_back(pool->free.val(q));
-      }
+      collect_free_blocks(*pool);
       for (const int32_t b : scratch_) {
         if (!blocks_[b].live || blocks_[b].allocated || !blocks_[b].mapped) continue;
         if (o_.expandable_segments) {
@@ -840,7 +827,7 @@ py::dict simulate_allocator_py(py::array_t<uint64_t> ptr_in, py::array_t<int64_t
   AllocSimOptions opts;
   opts.expandable_segments = expandable_segments;
   opts.capacity = capacity;
-  opts.max_split_size = max_split_size == 0 ? kUnlimited : max_split_size;
+  opts.max_split_size = max_split_size;  // 0: unlimited (the Simulator maps it)
   opts.record_timeline = return_timeline;
 
   py::array_t<int64_t> reserved, allocated;

@@ -146,7 +146,6 @@ struct OpFrame {
 };
 
 struct NameCacheEntry {
-  const char* ptr;
   std::string text;
   int32_t id;
 };
@@ -189,7 +188,7 @@ int32_t intern_cached(ThreadState& ts, const char* name) {
   auto it = ts.name_cache.find(name);
   if (it != ts.name_cache.end() && it->second.text == name) return it->second.id;
   int32_t id = session().strings.intern(name);
-  ts.name_cache[name] = NameCacheEntry{name, std::string(name), id};
+  ts.name_cache[name] = NameCacheEntry{std::string(name), id};
   return id;
 }
 
@@ -473,21 +472,26 @@ py::array_t<uint8_t> events() {
     std::lock_guard<std::mutex> lock(s.registry_mu);
     buffers = s.buffers;
   }
+  // Each buffer contributes exactly the events it held in the first pass: one that grows in
+  // between (a thread finishing an allocation) must not eat the share of the buffers after it.
+  std::vector<size_t> counts;
+  counts.reserve(buffers.size());
   size_t total = 0;
   for (auto& b : buffers) {
     std::lock_guard<std::mutex> lock(b->mu);
-    total += b->size_locked();
+    counts.push_back(b->size_locked());
+    total += counts.back();
   }
   py::array_t<uint8_t> out(static_cast<py::ssize_t>(total * sizeof(Event)));
   auto* dst = reinterpret_cast<Event*>(out.mutable_data());
-  size_t written = 0;
-  for (auto& b : buffers) {
-    std::lock_guard<std::mutex> lock(b->mu);
-    for (size_t c = 0; c < b->chunks.size() && written < total; ++c) {
-      size_t n = (c + 1 == b->chunks.size()) ? b->used_in_last : kChunkEvents;
-      n = std::min(n, total - written);
-      std::memcpy(dst + written, b->chunks[c].get(), n * sizeof(Event));
-      written += n;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    std::lock_guard<std::mutex> lock(buffers[i]->mu);
+    size_t left = counts[i];
+    for (size_t c = 0; left > 0; ++c) {
+      size_t n = std::min(left, kChunkEvents);
+      std::memcpy(dst, buffers[i]->chunks[c].get(), n * sizeof(Event));
+      dst += n;
+      left -= n;
     }
   }
   return out;

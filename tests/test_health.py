@@ -8,6 +8,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_ as preimported_clip  # bound before any tracking
 
 import memprof
+from conftest import MLP
 from memprof import health as hl
 
 D, H, C = 32, 64, 4
@@ -23,20 +24,9 @@ HEALTH_KINDS = {"nonfinite_loss", "nonfinite_gradients", "loss_spikes", "grad_cl
                 "scheduler_stepped_before_first_optimizer_step", "lr_schedule_per_micro_step"}
 
 
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(D, H)
-        self.act = torch.nn.ReLU()
-        self.fc2 = torch.nn.Linear(H, C)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 def setup(lr=0.05, seed=0):
     torch.manual_seed(seed)
-    model = Net()
+    model = MLP(D, H, C)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     return model, opt
 

@@ -174,6 +174,17 @@ def _gather_rows(q: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
     return torch.gather(q, 2, idx)
 
 
+def concat_kv_gather_q(q, k, v, kv2=None, q_index=None):
+    """What plain attention code does for PWCA and GLCA: concatenate the second source's
+    keys/values (B, H, Nk + Nk2, d) and gather the selected query rows (B, H, R, d)."""
+    if kv2 is not None:
+        k = torch.cat([k, kv2[0]], dim=2)
+        v = torch.cat([v, kv2[1]], dim=2)
+    if q_index is not None:
+        q = _gather_rows(q, q_index)
+    return q, k, v
+
+
 def _chunk_rows(H: int, M: int, n_keys: int) -> int:
     """Query rows per chunk: about 4 MiB of float32 scores per batch element. Independent of the
     batch size, so steps at two batch sizes run the same ops (memprof's estimates interpolate
@@ -258,8 +269,6 @@ class ChunkedAttentionFunction(torch.autograd.Function):
         n1 = k.shape[2]
         kf, vf, k2f, v2f = _f32(k), _f32(v), _f32(k2), _f32(v2)
         n_keys = n1 + (k2.shape[2] if k2 is not None else 0)
-        if dout is None:
-            dout = torch.zeros_like(out)
         dq = torch.empty_like(qs)
         dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
         dk2, dv2 = (torch.zeros_like(k2f), torch.zeros_like(v2f)) if k2 is not None else (
@@ -330,8 +339,6 @@ class FlashAttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, *unused):
         q, k, v, k2, v2, out, lse, q_index = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
         kern = _triton_module()
         with kern._device_guard(q):
             dq, dk, dv, dk2, dv2 = kern.backward(dout, q, k, v, k2, v2, out, lse, q_index,
@@ -394,11 +401,8 @@ def reference_attention(q, k, v, *, kv2=None, q_index=None, scale=None,
     (out, head-mean probabilities). For tests and benchmarks: it materialises B x H x M x N."""
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else float(scale)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if kv2 is not None:
-        k = torch.cat([k, kv2[0].to(dtype)], dim=2)
-        v = torch.cat([v, kv2[1].to(dtype)], dim=2)
-    if q_index is not None:
-        q = _gather_rows(q, q_index)
+        kv2 = (kv2[0].to(dtype), kv2[1].to(dtype))
+    q, k, v = concat_kv_gather_q(q.to(dtype), k.to(dtype), v.to(dtype), kv2, q_index)
     p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
     return torch.matmul(p, v), p.mean(dim=1)

@@ -27,4 +27,9 @@ def findings(prof, min_severity: str = "warning") -> list:
     profile = getattr(prof, "profile", None) or prof
     limit = SEVERITY_ORDER[min_severity]
     out = [f for f in profile.findings if SEVERITY_ORDER.get(f.severity, 9) <= limit]
-    return sorted(out, key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), -f.bytes))
+    return sort_findings(out)
+
+
+def sort_findings(findings: list) -> list:
+    """Most severe first, then the most bytes."""
+    return sorted(findings, key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), -f.bytes))

@@ -701,7 +701,7 @@ class BatchModel:
     def predict(self, batch_size: int, accumulation: int = 1, *, variant: str | None = None,
                 reserved: bool = True) -> Prediction:
         variant = variant or ("steady" if accumulation <= 1 else "accumulate")
-        key = (batch_size, variant, reserved)
+        key = (batch_size, accumulation, variant, reserved)
         if key in self._cache:
             return self._cache[key]
         b = int(batch_size)

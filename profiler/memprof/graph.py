@@ -403,8 +403,9 @@ def _fmt(n: int) -> str:
 # ------------------------------------------------------------------------------- backward use
 class BackwardRecorder:
     """The one wrapper of torch.autograd.backward while tracking: records retain_graph and
-    repeated roots, ends the backward phase, and runs the callbacks other recorders add
-    (`before` / `after` lists, e.g. throughput's backward_end marker)."""
+    repeated roots, ends the backward phase, and runs the callbacks other recorders add:
+    `before` callbacks get (tensors, grad_tensors) (health's loss and gradient checks), `after`
+    callbacks nothing (throughput's backward_end marker)."""
 
     def __init__(self, tracker):
         self._tracker = weakref.ref(tracker)  # the tracker owns us: no reference cycle
@@ -432,7 +433,7 @@ class BackwardRecorder:
             except Exception:  # noqa: BLE001  (recording must never break backward)
                 pass
             for fn in recorder.before:
-                fn()
+                fn(tensors, grad_tensors)
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
             # backward is over: what runs next (logging, the next micro-step's data) is not
             if _C.get_phase() == PHASE_BACKWARD:
@@ -443,10 +444,26 @@ class BackwardRecorder:
 
         torch.autograd.backward = backward
 
+    def detach(self, before=None, after=None) -> None:
+        """Take a recorder's callbacks out again (each is there at most once)."""
+        for fns, fn in ((self.before, before), (self.after, after)):
+            if fn is not None and fn in fns:
+                fns.remove(fn)
+
     def remove(self):
         if self._original is not None:
             torch.autograd.backward = self._original
             self._original = None
+
+
+def remove_handles(handles: list) -> None:
+    """Remove hook handles; one that fails (its module is gone) does not stop the rest."""
+    for h in handles:
+        try:
+            h.remove()
+        except Exception:  # noqa: BLE001
+            pass
+    handles.clear()
 
 
 def backward_misuse(profile: Profile, tracker) -> list[Finding]:

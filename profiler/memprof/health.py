@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .graph import remove_handles
 from .profile import Finding, Profile
 
 FLUSH_EVERY = 32
@@ -116,7 +117,7 @@ class HealthRecorder:
         elif tr.auto_modules:
             from torch.nn.modules.module import register_module_forward_pre_hook
             self._handles.append(register_module_forward_pre_hook(self._auto_pre))
-        self._patch(torch.autograd, "backward", self._wrap_backward)
+        tr._backward.before.append(self._before_backward)
         from torch.nn.utils import clip_grad
         clip_wrapper = None
         for owner in (torch.nn.utils, clip_grad):
@@ -144,12 +145,8 @@ class HealthRecorder:
 
     def remove(self) -> None:
         self.active = False  # wrappers that others re-wrapped stay in place, passing through
-        for h in self._handles:
-            try:
-                h.remove()
-            except Exception:  # noqa: BLE001
-                pass
-        self._handles.clear()
+        remove_handles(self._handles)
+        self.tracker._backward.detach(before=self._before_backward)
         for owner, name, original, wrapper in reversed(self._patches):
             current = owner.__dict__.get(name) if isinstance(owner, type) else \
                 getattr(owner, name, None)
@@ -291,17 +288,13 @@ class HealthRecorder:
         self._defer("grad", step, packed, params)
 
     # ------------------------------------------------------------------ wrappers
-    def _wrap_backward(self, original):
-        rec = self
-
-        def backward(tensors, grad_tensors=None, *args, **kwargs):
-            if rec.active:
-                try:
-                    rec._on_backward(tensors, grad_tensors)
-                except Exception as err:  # noqa: BLE001
-                    rec._note(f"backward: {type(err).__name__}: {err}")
-            return original(tensors, grad_tensors, *args, **kwargs)
-        return backward
+    def _before_backward(self, tensors, grad_tensors) -> None:
+        """Called by the tracker's backward wrapper (graph.BackwardRecorder)."""
+        if self.active:
+            try:
+                self._on_backward(tensors, grad_tensors)
+            except Exception as err:  # noqa: BLE001
+                self._note(f"backward: {type(err).__name__}: {err}")
 
     def _on_backward(self, tensors, grad_tensors) -> None:
         step = self.tracker._step
@@ -401,13 +394,7 @@ def loss_spikes(losses, window: int = LOSS_WINDOW, min_history: int = LOSS_MIN_H
                 rel_jump: float = LOSS_REL_JUMP, z: float = LOSS_Z) -> list[dict]:
     """Indices where the loss jumps above its causal rolling median (rule in the module doc)."""
     y = np.asarray(losses, dtype=np.float64)
-    n = y.size
-    med = np.full(n, np.nan)
-    for k in range(n):
-        hist = y[max(0, k - window):k]
-        hist = hist[np.isfinite(hist)]
-        if hist.size >= min_history:
-            med[k] = np.median(hist)
+    med = rolling_median(y, window, min_history)
     ok = np.isfinite(med) & np.isfinite(y)
     if not ok.any():
         return []
@@ -424,19 +411,28 @@ def loss_spikes(losses, window: int = LOSS_WINDOW, min_history: int = LOSS_MIN_H
     return out
 
 
-def loss_noise(losses, window: int = LOSS_WINDOW) -> float | None:
-    """Median of |loss - causal rolling median| / rolling median: the typical step-to-step
-    noise of the loss relative to its trend (None with fewer than 2 windows of data)."""
-    y = np.asarray(losses, dtype=np.float64)
-    rel = []
-    for k in range(LOSS_MIN_HISTORY, y.size):
+def rolling_median(y: np.ndarray, window: int = LOSS_WINDOW,
+                   min_history: int = LOSS_MIN_HISTORY) -> np.ndarray:
+    """Median of the finite values among the `window` losses before each step (causal); NaN
+    where fewer than `min_history` are finite."""
+    med = np.full(y.size, np.nan)
+    for k in range(y.size):
         hist = y[max(0, k - window):k]
         hist = hist[np.isfinite(hist)]
-        if hist.size >= LOSS_MIN_HISTORY and np.isfinite(y[k]):
-            m = float(np.median(hist))
-            if m != 0:
-                rel.append(abs(y[k] - m) / abs(m))
-    return float(np.median(rel)) if len(rel) >= window else None
+        if hist.size >= min_history:
+            med[k] = np.median(hist)
+    return med
+
+
+def loss_noise(losses, window: int = LOSS_WINDOW) -> float | None:
+    """Median of |loss - causal rolling median| / rolling median: the typical step-to-step
+    noise of the loss relative to its trend (None until `window` steps have a rolling median,
+    i.e. with fewer than LOSS_MIN_HISTORY + window losses)."""
+    y = np.asarray(losses, dtype=np.float64)
+    med = rolling_median(y, window)
+    ok = np.isfinite(med) & np.isfinite(y) & (med != 0)
+    rel = np.abs(y[ok] - med[ok]) / np.abs(med[ok])
+    return float(np.median(rel)) if rel.size >= window else None
 
 
 def warmup_length(lrs) -> tuple[int | None, bool]:

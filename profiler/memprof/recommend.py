@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from . import gpus as _gpus
 from .checkpoint import find_blocks, parse_policy, policies_for
-from .estimate import BatchModel, Estimator, optimizer_kind
+from .estimate import PRECISIONS, BatchModel, Estimator, optimizer_kind
 
 __all__ = ["recommend", "Plan", "Option", "LRAdvice", "add_cli", "recommend_cli_demo",
            "UTILISATION", "BANDWIDTH_UTILISATION", "LAUNCH_S", "DEFAULT_POLICIES"]
@@ -62,7 +62,6 @@ BANDWIDTH_UTILISATION = 0.7
 LAUNCH_S = 5e-6
 DEFAULT_POLICIES = ("none", "every", "every-2", "selective")
 FIT_BATCHES = (2, 4)
-ESTIMATE_LABEL = "estimate"
 
 
 class _UserError(ValueError):
@@ -195,19 +194,17 @@ class Plan:
     """The result of `recommend`: ranked options plus how they were obtained."""
 
     def __init__(self, *, gpu, effective_batch, combos, usable, assumptions, model_desc,
-                 optimizer, estimator, params_bytes, trainable_params, total_params,
-                 lr=None, warmup=None, container=None, wall_s=0.0, estimates=0):
+                 estimator, lr=None, warmup=None, container=None, wall_s=0.0, estimates=0):
         self.gpu = gpu
         self.effective_batch = effective_batch
         self._combos: dict[tuple[str, str], _Combo] = combos
         self.usable_bytes = usable
         self.assumptions = assumptions
         self.model = model_desc
-        self.optimizer = optimizer
-        self._estimator = estimator
-        self.params_bytes = params_bytes
-        self.trainable_params = trainable_params
-        self.total_params = total_params
+        self.optimizer = estimator.optimizer_name
+        self.params_bytes = estimator.params_bytes
+        self.trainable_params = estimator.trainable_params
+        self.total_params = estimator.total_params
         self.lr = lr
         self._warmup_steps = warmup
         self.container = container
@@ -673,11 +670,11 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
         raise _UserError(f"effective_batch: expected an int >= 1, got {effective_batch!r}")
     usable = _gpus.usable_bytes(g, overhead=overhead, margin=margin)
     if precisions is None:
-        precisions = [p for p in ("fp32", "fp16", "bf16") if g.supports(p)]
+        precisions = [p for p in PRECISIONS if g.supports(p)]
     else:
         precisions = [precisions] if isinstance(precisions, str) else list(precisions)
         for p in precisions:
-            if p not in ("fp32", "fp16", "bf16"):
+            if p not in PRECISIONS:
                 raise _UserError(f"precision {p!r}: expected fp32, fp16 or bf16")
             if not g.supports(p):
                 raise _UserError(f"precision {p!r}: {g.name} has no {p} hardware support")
@@ -752,7 +749,8 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
                         tick(f"{prec} {pol}: confirming micro-batch {target}")
                         acc = max(1, math.ceil(effective_batch / target))
                         variant = "steady" if acc == 1 else "accumulate"
-                        est = run(target, prec, pol)
+                        est = {lo.batch_size: lo, hi.batch_size: hi}.get(target) or \
+                            run(target, prec, pol)  # estimates are deterministic: reuse
                         pred = bm.predict(target, acc)
                         actual = est.peak(variant, reserved=True)
                         c.confirmed_at = target
@@ -794,12 +792,8 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
                       "allocated + 3 x parameter bytes / (bandwidth x bandwidth_utilisation)",
     }
     return Plan(gpu=g, effective_batch=effective_batch, combos=combos, usable=usable,
-                assumptions=assumptions, model_desc=desc,
-                optimizer=optimizer if isinstance(optimizer, str) else
-                getattr(optimizer, "__name__", "custom"),
-                estimator=estimator, params_bytes=estimator.params_bytes,
-                trainable_params=estimator.trainable_params,
-                total_params=estimator.total_params, lr=lr_adv, warmup=warmup_steps,
+                assumptions=assumptions, model_desc=desc, estimator=estimator, lr=lr_adv,
+                warmup=warmup_steps,
                 container=container, wall_s=time.perf_counter() - t0, estimates=runs)
 
 
@@ -917,10 +911,12 @@ def recommend_cli_demo(console=None) -> Plan:
     plan.print(console)
     ok8 = [o for o in plan.options if o.micro_batch == 8 and o.checkpointing == "none"]
     ck = [o for o in plan.options if o.fits and o.checkpointing != "none"]
+    verdict = ("was not estimated" if not ok8 else
+               "fits" if any(o.fits for o in ok8) else "does not fit")
+    sizes = ", ".join(f"{o.precision} {o.peak_reserved / GiB:.1f} GiB" for o in ok8)
     console.print(
         f"[dim]Seeds 000/001 on a 16 GB V100: micro-batch 8 without checkpointing "
-        f"{'does not fit' if ok8 and not any(o.fits for o in ok8) else 'fits'} here "
-        f"({', '.join(f'{o.precision} {o.peak_reserved / GiB:.1f} GiB' for o in ok8)} reserved"
-        f"), and {'a checkpointed configuration reaches' if ck else 'no checkpointed configuration reaches'}"
-        f" effective batch 16 ({time.perf_counter() - t0:.1f} s).[/]")
+        f"{verdict} here" + (f" ({sizes} reserved)" if ok8 else "")
+        + f", and {'a' if ck else 'no'} checkpointed configuration reaches effective batch 16 "
+          f"({time.perf_counter() - t0:.1f} s).[/]")
     return plan

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .graph import remove_handles
 from .profile import Finding, Profile
 
 WARMUP_STEPS = 1
@@ -187,7 +188,6 @@ class ThroughputRecorder:
         self.cuda = False
         self.gpu: GpuSampler | None = None
         self._handles: list = []
-        self._backward_hooks = None
         self._orig_end_step = None
         self._in_forward = False
         # CUDA timeline: [label, value, event or None]; resolved into (label, t_ns, value)
@@ -217,7 +217,6 @@ class ThroughputRecorder:
             self._handles.append(register_module_forward_pre_hook(self._auto_pre))
             self._handles.append(register_module_forward_hook(self._auto_post, always_call=True))
         # backward_start/backward_end through the tracker's own backward wrapper
-        self._backward_hooks = (self._before_backward, self._after_backward)
         self.tracker._backward.before.append(self._before_backward)
         self.tracker._backward.after.append(self._after_backward)
         if self.cuda:
@@ -238,20 +237,8 @@ class ThroughputRecorder:
                 self.gpu_error = f"{type(err).__name__}: {err}"
 
     def remove(self) -> None:
-        for h in self._handles:
-            try:
-                h.remove()
-            except Exception:  # noqa: BLE001
-                pass
-        self._handles.clear()
-        if self._backward_hooks is not None:
-            before, after = self._backward_hooks
-            recorder = self.tracker._backward
-            if before in recorder.before:
-                recorder.before.remove(before)
-            if after in recorder.after:
-                recorder.after.remove(after)
-            self._backward_hooks = None
+        remove_handles(self._handles)
+        self.tracker._backward.detach(self._before_backward, self._after_backward)
         if self._orig_end_step is not None:
             self.tracker.__dict__.pop("_end_step", None)
             self._orig_end_step = None
@@ -262,7 +249,7 @@ class ThroughputRecorder:
                 self.gpu.error = f"{type(err).__name__}: {err}"
 
     # ------------------------------------------------------------------ hooks
-    def _before_backward(self) -> None:
+    def _before_backward(self, tensors, grad_tensors) -> None:
         if self.cuda:
             self._cuda_mark("backward_start")
 

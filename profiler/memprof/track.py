@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import _C
 from .events import (EVENT_DTYPE, PHASE_FORWARD, PHASE_OPTIMIZER, PHASE_OTHER, SEQ_DTYPE,
                      KIND_MARK, KIND_MEMORY)
+from .graph import remove_handles
 from .profile import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, Profile, Snapshot,
                       PREEXISTING_THREAD)
 
@@ -73,7 +74,6 @@ class Tracker:
         self._snapshots: list[Snapshot] = []
         self._optimizers: "weakref.WeakSet" = weakref.WeakSet()
         self._step = 0
-        self._marks = 0
         self._prev_thread_profile = None
         self._outer: Tracker | None = None
         self._nested_label = ""
@@ -85,10 +85,8 @@ class Tracker:
         self._auto_ids: dict[int, int] = {}
         self._auto_stack: list[int] = []
         self._auto_roots: list[torch.nn.Module] = []
-        self._auto_model_class = None
         self._frame = None
         self._step_seqs: list[int] = []
-        self._seq_at_exit = 0
         self._backward = None
         self._module_names: list[str] = []
         self._param_module: dict[int, int] = {}
@@ -173,7 +171,6 @@ class Tracker:
             self._finish(raw[int(start[0]) + 1:].copy(), exc, nested=True)
             return False
         try:
-            self._seq_at_exit = int(_C.peek_sequence_nr())
             self._final_snapshots()
         finally:
             try:
@@ -223,11 +220,8 @@ class Tracker:
         for model in ([self.model] if self.model is not None else []) + self._auto_roots:
             for p in model.parameters():
                 params[id(p)] = p
-        if self.optimizer is not None:
-            for g in self.optimizer.param_groups:
-                for p in g["params"]:
-                    params[id(p)] = p
-        for opt in list(self._optimizers):
+        for opt in ([self.optimizer] if self.optimizer is not None else []) + \
+                list(self._optimizers):
             for g in opt.param_groups:
                 for p in g["params"]:
                     params[id(p)] = p
@@ -270,9 +264,7 @@ class Tracker:
         for rec in (self._health, self._throughput):  # reverse install order (they wrap)
             if rec is not None:
                 rec.remove()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        remove_handles(self._handles)
         if self._backward is not None:
             self._backward.remove()
         if self._prev_thread_profile is None and threading.getprofile() is _attach_new_thread:
@@ -314,8 +306,6 @@ class Tracker:
                     self._module_names.append(full)
                     for p in sub.parameters(recurse=False):
                         self._param_module.setdefault(id(p), self._auto_ids[id(sub)])
-                if self.profile is None and len(self._auto_roots) == 1:
-                    self._auto_model_class = type(module).__name__
             else:
                 parent = self._module_names[self._auto_stack[-1]]
                 self._auto_ids[id(module)] = len(self._module_names)
@@ -359,10 +349,8 @@ class Tracker:
         self._step_seqs.append(int(_C.peek_sequence_nr()))
         _C.set_step(self._step)
 
-    def _mark(self, label: str, value: int = 0) -> int:
+    def _mark(self, label: str, value: int = 0) -> None:
         _C.mark(label, int(value))
-        self._marks += 1
-        return self._marks
 
     def _snapshot(self, category: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember which storages hold `category` now; pairs are (tensor, its parameter)."""
@@ -427,7 +415,8 @@ class Tracker:
             "threads": int(counters["threads"]),
             "torch": torch.__version__,
             "model_class": (type(src.model).__name__ if src.model is not None
-                            else src._auto_model_class),
+                            else type(src._auto_roots[0]).__name__ if src._auto_roots
+                            else None),
             "steps_marked": src._step,
             "pid": os.getpid(),
         }
@@ -461,8 +450,8 @@ class Tracker:
                 self.profile.meta.setdefault("analysis_errors", []).append(
                     f"{getattr(analysis, '__name__', analysis)} could not check: "
                     f"{type(err).__name__}: {err}")
-        from .analyses import SEVERITY_ORDER
-        self.profile.findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), -f.bytes))
+        from .analyses import sort_findings
+        self.profile.findings[:] = sort_findings(self.profile.findings)
         self._frame = None  # don't keep the user's frame (and its locals) alive
 
 

@@ -39,7 +39,7 @@ Forward signature:  model(x1, x2=None) -> dict of logits
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -227,13 +227,8 @@ class DCAL(VisionTransformer):
     def compute_loss(self, outputs: dict, targets: torch.Tensor) -> torch.Tensor:
         losses = [F.cross_entropy(outputs[k], targets) for k in ("sa", "glca", "pwca")
                   if k in outputs]
-        if self.criterion is None:
-            return sum(losses)
-        if len(losses) == 3:
-            return self.criterion(losses)
-        s = self.criterion.log_vars.clamp(self.criterion.min_log_var,
-                                          self.criterion.max_log_var)
-        return sum(torch.exp(-s[i]) * loss + s[i] for i, loss in enumerate(losses))
+        # eval has no PWCA loss: the criterion weights the first two
+        return sum(losses) if self.criterion is None else self.criterion(losses)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,12 +241,4 @@ class DCAL(VisionTransformer):
             self.train(was)
         return 0.5 * (out["sa"].softmax(-1) + out["glca"].softmax(-1))
 
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)
-
-
-def build_dcal(name: str = "dcal-vit-tiny", **overrides) -> DCAL:
-    if name not in CONFIGS:
-        raise ValueError(f"name: unknown DCAL config {name!r}; expected one of {sorted(CONFIGS)}")
-    return DCAL(CONFIGS[name], **overrides)
 

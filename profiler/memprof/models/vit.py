@@ -13,31 +13,15 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from memprof.tritonkernels._api import attention as fused_attention
+from memprof.tritonkernels._api import concat_kv_gather_q
 
 ATTENTION_BACKENDS = ("math", "fused")
-
-
-def _fused_attention():
-    from memprof.tritonkernels import attention  # noqa: PLC0415  (import only when used)
-    return attention
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, N, C), index (B, R) -> (B, R, C)."""
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
-
-
-def concat_kv_gather_q(q, k, v, kv2=None, q_index=None):
-    """What plain attention code does for PWCA and GLCA: concatenate the second source's
-    keys/values (B, H, Nk + Nk2, d) and gather the selected query rows (B, H, R, d)."""
-    if kv2 is not None:
-        k = torch.cat([k, kv2[0]], dim=2)
-        v = torch.cat([v, kv2[1]], dim=2)
-    if q_index is not None:
-        B, H, _, d = q.shape
-        q = torch.gather(q, 2, q_index[:, None, :, None].expand(B, H, q_index.shape[1], d))
-    return q, k, v
 
 
 def attend(q, k, v, *, kv2=None, q_index=None, need_weights: bool = False,
@@ -53,9 +37,9 @@ def attend(q, k, v, *, kv2=None, q_index=None, need_weights: bool = False,
         if attn_drop is not None and attn_drop.p > 0 and attn_drop.training:
             raise ValueError("attention_backend='fused' does not implement dropout on the "
                              "attention probabilities; expected attn_drop=0")
-        res = _fused_attention()(q, k, v, kv2=kv2, q_index=q_index,
-                                 need_weights="head_mean" if need_weights else None,
-                                 backend=kernel_backend)
+        res = fused_attention(q, k, v, kv2=kv2, q_index=q_index,
+                              need_weights="head_mean" if need_weights else None,
+                              backend=kernel_backend)
         return res if need_weights else (res, None)
     if backend != "math":
         raise ValueError(f"attention_backend: expected one of {ATTENTION_BACKENDS}, got "
@@ -206,6 +190,3 @@ class VisionTransformer(nn.Module):
             x, _, _ = blk(x)
         return self.head(self.norm(x)[:, 0])
 
-
-def cross_entropy_loss(logits, targets):
-    return F.cross_entropy(logits, targets)

@@ -40,20 +40,20 @@ def export(profile: Profile, path: str) -> str:
     return path
 
 
-def _downsample(n: int) -> np.ndarray:
-    """Indices of at most MAX_COUNTER_POINTS events, always keeping the peak."""
+def _downsample(n: int, keep: int) -> np.ndarray:
+    """Indices of about MAX_COUNTER_POINTS events, always including `keep` (the peak; -1: none)
+    so a plotted line reaches the peak its label names."""
     if n <= MAX_COUNTER_POINTS:
         return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, MAX_COUNTER_POINTS).astype(np.int64))
+    idx = np.linspace(0, n - 1, MAX_COUNTER_POINTS).astype(np.int64)
+    return np.union1d(idx, [keep]) if keep >= 0 else np.unique(idx)
 
 
 def chrome_trace(profile: Profile) -> dict:
     t0 = profile.meta.get("t0_ns", 0)
     mem = profile.memory
     live = profile.live_bytes()
-    idx = _downsample(mem.size)
-    if profile.peak_index >= 0:
-        idx = np.union1d(idx, [profile.peak_index])
+    idx = _downsample(mem.size, profile.peak_index)
     events = [{"name": "live bytes", "ph": "C", "pid": 0, "tid": 0,
                "ts": (int(mem["t_ns"][i]) - t0) / 1e3, "args": {"bytes": int(live[i])}}
               for i in idx]
@@ -99,7 +99,7 @@ def _svg_timeline(profile: Profile, width=900, height=220) -> str:
     live = profile.live_bytes()
     if live.size == 0:
         return "<p>No allocations were recorded.</p>"
-    idx = _downsample(live.size)
+    idx = _downsample(live.size, profile.peak_index)
     xs = idx / max(1, live.size - 1) * (width - 60) + 50
     top = max(1, int(live.max()))
     ys = height - 20 - live[idx] / top * (height - 40)
