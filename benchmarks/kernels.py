@@ -19,7 +19,8 @@ Timing: on a GPU, milliseconds, TFLOP/s (forward = 4 * B * H * Nq * Nk * d flops
 backward counted as 3.5 x forward) and the speed-up over SDPA. On the CPU the Triton kernels run
 in Triton's interpreter (TRITON_INTERPRET=1, set by this script): their time is NOT a performance
 number and is not reported; memory and correctness are (the interpreter's own numpy temporaries
-are not torch allocations, so memprof sees exactly what the kernels would allocate on a GPU).
+are not torch allocations, so memprof sees the tensors the kernels allocate; on a GPU the caching
+allocator rounds each one up to its block size).
 CPU times of math and SDPA are printed, labelled as CPU.
 
 Usage

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 
+import memprof
 from memprof.allocator import SimResult, simulate
 
 KiB = 1 << 10
@@ -260,11 +261,8 @@ def test_empty_stream():
 
 # ---------------------------------------------------------------------------- input forms
 def _event_dtype():
-    try:
-        from memprof.events import EVENT_DTYPE
-        return EVENT_DTYPE
-    except Exception:  # noqa: BLE001
-        return np.dtype([("t_ns", "<i8"), ("ptr", "<u8"), ("size", "<i8"), ("kind", "i1")])
+    from memprof.events import EVENT_DTYPE
+    return EVENT_DTYPE
 
 
 def test_structured_event_array_is_read_in_place_and_non_memory_rows_ignored():
@@ -514,25 +512,18 @@ def test_expandable_invariants_on_random_streams(seed):
 
 # ---------------------------------------------------------------------------- a real stream
 def test_replay_of_a_recorded_cpu_stream():
-    memprof = pytest.importorskip("memprof")
-    if not hasattr(memprof, "track"):
-        pytest.skip("memprof.track is not available yet")
     import torch
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
                                 torch.nn.Linear(512, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    try:
-        with memprof.track(model, optimizer=opt) as t:
-            for _ in range(2):
-                loss = model(torch.randn(64, 256)).square().mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-        prof = t.profile if getattr(t, "profile", None) is not None else t
-        events = prof.memory if hasattr(prof, "memory") else prof.events
-    except Exception as e:  # noqa: BLE001 - the tracker is being written concurrently
-        pytest.skip(f"memprof.track not usable yet: {e}")
+    with memprof.track(model, optimizer=opt) as prof:
+        for _ in range(2):
+            loss = model(torch.randn(64, 256)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    events = prof.profile.memory
     assert events.size > 0
     r = simulate(events)
     assert r.num_allocs > 0 and r.peak_reserved >= r.peak_allocated > 0

@@ -61,6 +61,10 @@ def test_run_report_export_and_fail_on_findings(leaky_script, tmp_path):
     actions = {e["action"] for e in snap["device_traces"][0]}
     assert actions == {"alloc", "free_completed"}
 
+    r = memprof("report", "run.memprof", "--export", "x.docx", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown export format" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
 
 def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "junk.memprof").write_text("nope")
@@ -69,8 +73,8 @@ def test_bad_input_is_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "not a readable memprof profile" in r.stderr
     r = memprof("run", "missing.py", cwd=tmp_path)
     assert r.returncode == 2 and "no such file" in r.stderr
-    r = memprof("report", "x.memprof", "--export", "x.docx", cwd=tmp_path)
-    assert r.returncode == 2
+    r = memprof("report", "x.memprof", cwd=tmp_path)
+    assert r.returncode == 2 and "x.memprof" in r.stderr
 
 
 def test_script_exit_code_and_crash_are_kept(tmp_path):

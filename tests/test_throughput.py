@@ -119,7 +119,7 @@ def test_tight_loop_is_not_starved():
     assert t["micro_steps_per_step"] == 1 and not t["gradient_accumulation"]
     assert t["batch_size"] == 128
     assert s["samples_per_s"]["median"] == pytest.approx(
-        128 / (s["wall_ms"]["median"] * 1e-3), rel=0.5)
+        128 / (s["wall_ms"]["median"] * 1e-3), rel=1e-9)  # odd step count: same median
 
 
 @pytest.mark.parametrize("accum", [1, 4])
@@ -295,5 +295,6 @@ def test_cuda_events_on_a_gpu():
     assert t["clock"] == "cuda_events"
     assert all(d >= 25 for d in t["per_step"]["data_ms"][1:])
     assert any(f.kind == "data_loader_starvation" for f in prof.findings)
-    assert t["gpu"] is not None
+    pytest.importorskip("pynvml")
+    assert t["gpu"]["samples"] >= 1 and not t["gpu"].get("error")
     assert not [th for th in threading.enumerate() if th.name == "memprof-gpu-sampler"]

@@ -205,17 +205,28 @@ class Profile:
                 mapped = np.array([lookup.get(int(s), (-1, -1))[1] for s in uniq], dtype=np.int32)
                 module[bwd] = mapped[inv]
         # Gradients and optimizer state belong to their parameter's module.
-        for snap in self.snapshots:
-            if snap.modules is None:
-                continue
-            pos = self._memory_position(snap.marker)
-            for i, k in self._allocs_alive_at(snap.ptrs, pos):
-                module[i] = snap.modules[k]
-        frees = np.flatnonzero(mem["size"] < 0)
+        for snap, hits in self._snapshot_hits:
+            if snap.modules is not None:
+                for i, k in hits:
+                    module[i] = snap.modules[k]
+        return self._frees_take_their_alloc(module)
+
+    @cached_property
+    def _snapshot_hits(self) -> list:
+        """[(snapshot, [(allocation event, storage index in the snapshot)])], found once for
+        both the categories and the modules."""
+        return [(snap, list(self._allocs_alive_at(snap.ptrs,
+                                                  self._memory_position(snap.marker))))
+                for snap in self.snapshots]
+
+    def _frees_take_their_alloc(self, values: np.ndarray, unknown=None) -> np.ndarray:
+        """Each free gets its allocation's value; a free of a block from before tracking gets
+        `unknown` (None: keeps its own value)."""
+        frees = np.flatnonzero(self.memory["size"] < 0)
         owner = self.alloc_of[frees]
-        has = owner >= 0
-        module[frees[has]] = module[owner[has]]
-        return module
+        other = values[frees] if unknown is None else unknown
+        values[frees] = np.where(owner >= 0, values[np.maximum(owner, 0)], other)
+        return values
 
     # ------------------------------------------------------------------ categories
     def markers(self, label: str | None = None) -> list[dict]:
@@ -250,11 +261,9 @@ class Profile:
         never_freed = free_of < 0
         # Contiguous runs of one phase: a block freed before its run ended was a temporary.
         change = np.flatnonzero(phase[1:] != phase[:-1]) + 1
-        run_end = np.empty(n, dtype=np.int64)
         ends = np.append(change, n) - 1
         starts = np.insert(change, 0, 0)
-        for s, e in zip(starts, ends):
-            run_end[s:e + 1] = e
+        run_end = np.repeat(ends, ends - starts + 1)
         freed_in_run = ~never_freed & (free_of <= run_end)
         # Forward allocations that outlive their forward pass are activations (saved for
         # backward, outputs, or kept by a retained graph).
@@ -274,15 +283,11 @@ class Profile:
         freed_by_backward[~never_freed] = phase[free_of[~never_freed]] == PHASE_BACKWARD
         cat[is_alloc & (phase != PHASE_BACKWARD) & freed_by_backward] = CAT_ACTIVATIONS
         # Snapshots name parameters, gradients and optimizer state by storage.
-        for snap in self.snapshots:
-            pos = self._memory_position(snap.marker)
-            for i, _ in self._allocs_alive_at(snap.ptrs, pos):
+        for snap, hits in self._snapshot_hits:
+            for i, _ in hits:
                 cat[i] = snap.category
         # Blocks that existed before tracking and were not identified stay "other".
-        frees = np.flatnonzero(~is_alloc)
-        owner = self.alloc_of[frees]
-        cat[frees] = np.where(owner >= 0, cat[np.maximum(owner, 0)], CAT_OTHER)
-        return cat
+        return self._frees_take_their_alloc(cat, CAT_OTHER)
 
     @cached_property
     def _alloc_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

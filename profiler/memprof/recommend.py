@@ -480,23 +480,26 @@ def _optimizer_time(gpu, params_bytes: int, trainable: int, state_bytes: int) ->
 
 
 # ------------------------------------------------------------------------------ inputs
-def _import_factory(spec: str) -> Callable:
+def _import_callable(spec: str, label: str) -> Callable:
+    """'package.module:name' (dotted attributes allowed) -> the callable; one-line errors that
+    start with `label` ('model', 'batch function')."""
     mod_name, _, attr = spec.partition(":")
-    if not mod_name or not attr:
-        raise _UserError(f"model {spec!r}: expected a built-in name or 'package.module:factory'")
     try:
-        mod = importlib.import_module(mod_name)
+        obj = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001
-        raise _UserError(f"model {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
+        raise _UserError(f"{label} {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
                          f"{e})") from None
-    obj = mod
     for part in attr.split("."):
         obj = getattr(obj, part, None)
-        if obj is None:
-            raise _UserError(f"model {spec!r}: {mod_name} has no attribute {attr!r}")
     if not callable(obj):
-        raise _UserError(f"model {spec!r}: {attr} is not callable")
+        raise _UserError(f"{label} {spec!r}: {mod_name} has no function or class {attr!r}")
     return obj
+
+
+def _import_factory(spec: str) -> Callable:
+    if ":" not in spec or not all(spec.partition(":")[::2]):
+        raise _UserError(f"model {spec!r}: expected a built-in name or 'package.module:factory'")
+    return _import_callable(spec, "model")
 
 
 def _load_batch_fn(spec) -> Callable:
@@ -504,16 +507,7 @@ def _load_batch_fn(spec) -> Callable:
         return spec
     if not isinstance(spec, str) or ":" not in spec:
         raise _UserError(f"batch function {spec!r}: expected 'package.module:function'")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001
-        raise _UserError(f"batch function {spec!r}: cannot import {mod_name} "
-                         f"({type(e).__name__}: {e})") from None
-    fn = getattr(mod, attr, None)
-    if not callable(fn):
-        raise _UserError(f"batch function {spec!r}: {mod_name} has no function {attr!r}")
-    return fn
+    return _import_callable(spec, "batch function")
 
 
 def _parse_shape(shape) -> tuple[int, ...]:
