@@ -21,11 +21,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .events import KIND_MEMORY
+
 MIB = 1 << 20
 #: the smallest max_split_size the real allocator accepts (max_split_size_mb >= 20)
 MIN_MAX_SPLIT_SIZE = 20 * MIB
 
-_KIND_MEMORY = 0  # memprof.events.KIND_MEMORY (kept local: no import cycle, no torch import)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +63,6 @@ class SimResult:
     #: reserved / allocated bytes after each replayed event (None if return_timeline=False)
     reserved: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
     allocated: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
-
-    @property
-    def cuda_malloc_calls(self) -> int:
-        return self.num_device_alloc
 
     def as_dict(self) -> dict:
         """The summary without the timelines (JSON-friendly)."""
@@ -149,8 +146,9 @@ def simulate(events_or_arrays: EventsLike, *, expandable_segments: bool = False,
     mss = _opt_bytes(max_split_size, "max_split_size", MIN_MAX_SPLIT_SIZE)
 
     ignore = None
-    if kind is not None and np.any(kind != _KIND_MEMORY):
-        ignore = kind != _KIND_MEMORY
+    if kind is not None:
+        other = kind != KIND_MEMORY
+        ignore = other if other.any() else None
     if mask is not None:
         m = np.asarray(mask)
         if m.dtype != np.bool_ or m.shape != size.shape:
@@ -165,21 +163,8 @@ def simulate(events_or_arrays: EventsLike, *, expandable_segments: bool = False,
     d = _C.simulate_allocator(ptr, size, expandable_segments=bool(expandable_segments),
                               capacity=cap, max_split_size=mss,
                               return_timeline=bool(return_timeline))
-    oom = bool(d["oom"])
-    return SimResult(
-        peak_allocated=d["peak_allocated"], peak_requested=d["peak_requested"],
-        peak_reserved=d["peak_reserved"], peak_reserved_event=d["peak_reserved_event"],
-        allocated_at_peak_reserved=d["allocated_at_peak_reserved"],
-        fragmentation_at_peak=d["fragmentation_at_peak"],
-        segments_at_peak=d["segments_at_peak"], max_segments=d["max_segments"],
-        allocated_end=d["allocated_end"], reserved_end=d["reserved_end"],
-        segments_end=d["segments_end"], num_device_alloc=d["num_device_alloc"],
-        num_device_free=d["num_device_free"], num_alloc_retries=d["num_alloc_retries"],
-        oom=oom, oom_event=d["oom_event"] if oom else None,
-        oom_bytes=d["oom_bytes"] if oom else None,
-        num_events=d["num_events"], events_replayed=d["events_replayed"],
-        num_allocs=d["num_allocs"], num_frees=d["num_frees"],
-        unknown_frees=d["unknown_frees"], duplicate_allocs=d["duplicate_allocs"],
-        zero_size_events=d["zero_size_events"],
-        expandable_segments=bool(expandable_segments), capacity=cap or None,
-        max_split_size=mss or None, reserved=d["reserved"], allocated=d["allocated"])
+    d["oom"] = bool(d["oom"])
+    if not d["oom"]:
+        d["oom_event"] = d["oom_bytes"] = None
+    return SimResult(**d, expandable_segments=bool(expandable_segments), capacity=cap or None,
+                     max_split_size=mss or None)

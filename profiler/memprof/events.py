@@ -18,7 +18,3 @@ PHASES = ("other", "forward", "backward", "optimizer")
 PHASE_OTHER, PHASE_FORWARD, PHASE_BACKWARD, PHASE_OPTIMIZER = range(4)
 KIND_MEMORY, KIND_OUT_OF_MEMORY, KIND_MARK = 0, 1, 2
 DEVICE_CPU, DEVICE_CUDA = 0, 1  # c10::DeviceType values
-
-
-def empty_events(n: int = 0) -> np.ndarray:
-    return np.zeros(n, dtype=EVENT_DTYPE)

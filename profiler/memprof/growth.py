@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from .events import DEVICE_CUDA
 from .profile import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, Finding, Profile)
 from .report.terminal import fmt_bytes
 
@@ -21,7 +22,7 @@ MIN_GROWTH_BYTES = 4096
 
 def device_capacity(profile: Profile) -> tuple[int, str]:
     """Bytes the analysed device can hold, and where that number comes from."""
-    if profile.device_type == 1:
+    if profile.device_type == DEVICE_CUDA:
         try:
             import torch
             index = int(profile.memory["device_index"][-1]) if profile.memory.size else 0

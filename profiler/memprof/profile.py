@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .events import (EVENT_DTYPE, KIND_MARK, KIND_MEMORY, KIND_OUT_OF_MEMORY, PHASES,
-                     PHASE_BACKWARD, PHASE_FORWARD, SEQ_DTYPE)
+from .events import (DEVICE_CPU, DEVICE_CUDA, EVENT_DTYPE, KIND_MARK, KIND_MEMORY,
+                     KIND_OUT_OF_MEMORY, PHASES, PHASE_BACKWARD, PHASE_FORWARD, SEQ_DTYPE)
 
 FORMAT_NAME = "memprof-profile"
 FORMAT_VERSION = 1
@@ -28,7 +28,7 @@ CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_ACTIVATIONS, CAT_TEMPORA
 OUTSIDE_MODULES = "<outside modules>"
 NO_OP = "<no op>"
 PREEXISTING_THREAD = -1  # marks a synthetic allocation for a block that existed before tracking
-DEVICE_NAMES = {0: "cpu", 1: "cuda"}
+DEVICE_NAMES = {DEVICE_CPU: "cpu", DEVICE_CUDA: "cuda"}
 
 
 class ProfileFormatError(ValueError):
@@ -99,9 +99,9 @@ class Profile:
     def device_type(self) -> int:
         """The device analysed: CUDA when any CUDA memory was recorded, else CPU."""
         mem = self.events[self.events["kind"] == KIND_MEMORY]
-        if mem.size and (mem["device_type"] == 1).any():
-            return 1
-        return 0
+        if mem.size and (mem["device_type"] == DEVICE_CUDA).any():
+            return DEVICE_CUDA
+        return DEVICE_CPU
 
     @property
     def device(self) -> str:
@@ -172,7 +172,7 @@ class Profile:
         """Live bytes after each memory event (the timeline). `reserved=True`: the caching
         allocator's reserved bytes as it reported them (CUDA only)."""
         if reserved:
-            if self.device_type != 1:
+            if self.device_type != DEVICE_CUDA:
                 raise ValueError("reserved=True: reserved bytes are reported by the CUDA caching "
                                  "allocator only; this profile's device is the CPU")
             return self.memory["total_reserved"].copy()

@@ -180,7 +180,7 @@ class Tracker:
                 _active = None
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE).copy()
+        raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)  # a fresh writable array: no copy
         self._finish(raw, exc)
         return False  # never swallow the user's exception
 
