@@ -15,7 +15,7 @@ Two synthetic streams, generated vectorized with numpy (seeded, reproducible):
 For each stream and mode (default, expandable_segments, and a tight capacity: the smallest
 multiple of 64 MiB found by bisection with which the default replay does not run out of
 memory, so that the allocator flushes its cache and retries) the replay is timed (median of --repeat runs) as
-events / second of the native call, plus the end-to-end time of memprof.allocator.simulate.
+events / second of the native call, plus the end-to-end time of memprof.plan.allocator.simulate.
 
     python benchmarks/allocator_replay.py [--events 10000000] [--repeat 3]
 
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
 
     import torch  # noqa: F401
     from memprof import _C
-    from memprof.allocator import simulate
+    from memprof.plan.allocator import simulate
 
     load_at_start = os.getloadavg()[0]
     streams = {}
@@ -265,8 +265,8 @@ def main(argv=None) -> int:
                      "timeline": True, "events": int(len(ptr)), "replayed": int(len(ptr)),
                      "seconds": secs, "events_per_s": len(ptr) / secs, "cpu_seconds": cpu,
                      "events_per_cpu_s": len(ptr) / cpu, "stream_info": info})
-        if name == "transformer":  # the profiler's 80-byte records, fields read in place
-            from memprof.events import EVENT_DTYPE
+        if name == "transformer":  # the profiler's 72-byte records, fields read in place
+            from memprof.record.events import EVENT_DTYPE
             ev = np.zeros(len(ptr), dtype=EVENT_DTYPE)
             ev["ptr"], ev["size"] = ptr, size
             secs, cpu, _ = _median_time(lambda: simulate(ev), args.repeat)

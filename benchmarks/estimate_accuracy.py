@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
-import memprof
 from _results import machine as _machine, save
-from memprof.checkpoint import apply
-from memprof.estimate import BatchModel, Estimator, make_optimizer
+from memprof.plan.batch_model import BatchModel
+from memprof.plan.estimate import Estimator, measure_step
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,22 +44,7 @@ def fwd_bwd_peak(profile) -> int:
 
 
 def measure(model, make_batch, loss_fn, batch, policy):
-    handle = apply(model, policy)
-    try:
-        opt = make_optimizer("adamw", model.parameters())
-        torch.manual_seed(0)
-        t = time.perf_counter()
-        with memprof.track(model, opt, analyses=[]) as prof:
-            inputs, targets = make_batch(batch)
-            loss = loss_fn(model(*inputs), targets)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss, inputs, targets
-        wall = time.perf_counter() - t
-    finally:
-        handle.remove()
-    return prof.profile, wall
+    return measure_step(model, make_batch, loss_fn, batch, checkpointing=policy)
 
 
 def main(argv=None) -> int:

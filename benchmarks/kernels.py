@@ -54,7 +54,7 @@ if not torch.cuda.is_available():
 
 import memprof  # noqa: E402
 from memprof.tritonkernels import attention, reference_attention  # noqa: E402
-from memprof.tritonkernels._api import concat_kv_gather_q  # noqa: E402
+from memprof.tritonkernels import concat_kv_gather_q  # noqa: E402
 
 IMPLS = ("math", "sdpa", "triton")
 
@@ -373,7 +373,7 @@ def estimate_dcal_step(args, batch, precisions):
     """memprof.estimate_step (fake tensors, nothing allocated) of the same forward + backward for
     math and fused attention: fp32 checks the estimator against the rows measured above; fp16
     is the seeds' setting (a V100 with CUDA AMP), which this CPU cannot run."""
-    from memprof.estimate import estimate_step
+    from memprof.plan.estimate import estimate_step
     from memprof.models import build_model
 
     rows = []

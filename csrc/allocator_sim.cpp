@@ -44,6 +44,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings.h"
+#include "events.h"
 #endif
 
 namespace memprof {
@@ -798,6 +799,12 @@ AllocSimSummary simulate_allocator(const uint64_t* ptr, int64_t ptr_stride, cons
 namespace py = pybind11;
 
 namespace {
+
+// The Python side passes the ptr and size columns of an event array (EVENT_DTYPE, the Event of
+// events.h) as strided views: read in place when they are element-aligned, as they are here.
+static_assert(sizeof(Event) % 8 == 0 && offsetof(Event, ptr) % 8 == 0 &&
+                  offsetof(Event, size) % 8 == 0,
+              "the ptr and size columns of an Event array must be readable in place");
 
 template <typename T>
 py::array_t<T> usable_1d(py::array_t<T> a, const char* name) {

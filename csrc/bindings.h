@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 namespace memprof {
+void register_events(pybind11::module_& m);
 void register_tracker(pybind11::module_& m);
 void register_allocator_sim(pybind11::module_& m);
 }  // namespace memprof

@@ -2,6 +2,7 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "memprof native core: allocation/op event log and CUDA caching-allocator simulator";
+  memprof::register_events(m);
   memprof::register_tracker(m);
   memprof::register_allocator_sim(m);
 }

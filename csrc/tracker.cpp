@@ -37,7 +37,6 @@ namespace py = pybind11;
 namespace memprof {
 namespace {
 
-constexpr size_t kChunkEvents = 1 << 14;
 constexpr char kEvaluateFunction[] = "autograd::engine::evaluate_function: ";
 
 int64_t now_ns() {
@@ -47,39 +46,34 @@ int64_t now_ns() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-thread event buffers: appends take an uncontended per-buffer lock, so a drain from Python
-// can read them safely while other threads may still be finishing an allocation.
-struct ThreadBuffer {
+// Per-thread record logs in fixed-size chunks: appends take an uncontended per-log lock, so a
+// drain from Python can read them safely while other threads may still be finishing an
+// allocation.
+template <typename Record, size_t kChunk>
+struct RecordLog {
+  using value_type = Record;
+  static constexpr size_t kChunkRecords = kChunk;
   std::mutex mu;
-  std::vector<std::unique_ptr<Event[]>> chunks;
-  size_t used_in_last = kChunkEvents;  // forces a first chunk
-  int32_t index = 0;
+  std::vector<std::unique_ptr<Record[]>> chunks;
+  size_t used_in_last = kChunk;  // forces a first chunk
 
-  void append(const Event& e) {
+  void append(const Record& r) {
     std::lock_guard<std::mutex> lock(mu);
-    if (used_in_last == kChunkEvents) {
-      chunks.emplace_back(new Event[kChunkEvents]);
+    if (used_in_last == kChunk) {
+      chunks.emplace_back(new Record[kChunk]);
       used_in_last = 0;
     }
-    chunks.back()[used_in_last++] = e;
+    chunks.back()[used_in_last++] = r;
   }
   size_t size_locked() const {
-    return chunks.empty() ? 0 : (chunks.size() - 1) * kChunkEvents + used_in_last;
+    return chunks.empty() ? 0 : (chunks.size() - 1) * kChunk + used_in_last;
   }
 };
 
-// Forward op that created an autograd node (sequence number), recorded once per forward op.
-struct SeqRecord {
-  int64_t seq;
-  int32_t op;
-  int32_t module;
-  int32_t thread;
-  int32_t pad = 0;
-};
-
-struct SeqBuffer {
-  std::mutex mu;
-  std::vector<SeqRecord> records;
+struct ThreadBuffer {
+  int32_t index = 0;
+  RecordLog<Event, 1 << 14> events;
+  RecordLog<SeqRecord, 1 << 12> seqs;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -123,7 +117,6 @@ struct Session {
   std::atomic<int32_t> step{0};
   std::mutex registry_mu;
   std::vector<std::shared_ptr<ThreadBuffer>> buffers;
-  std::vector<std::shared_ptr<SeqBuffer>> seq_buffers;
   StringTable strings;
   at::CallbackHandle callback = 0;
   bool callback_installed = false;
@@ -153,7 +146,6 @@ struct NameCacheEntry {
 struct ThreadState {
   uint64_t generation = 0;
   std::shared_ptr<ThreadBuffer> buffer;
-  std::shared_ptr<SeqBuffer> seqs;
   std::vector<OpFrame> ops;
   std::vector<int32_t> modules;
   int backward_depth = 0;
@@ -174,11 +166,9 @@ ThreadState& thread_state() {
     tls.backward_depth = 0;
     tls.name_cache.clear();
     tls.buffer = std::make_shared<ThreadBuffer>();
-    tls.seqs = std::make_shared<SeqBuffer>();
     std::lock_guard<std::mutex> lock(s.registry_mu);
     tls.buffer->index = static_cast<int32_t>(s.buffers.size());
     s.buffers.push_back(tls.buffer);
-    s.seq_buffers.push_back(tls.seqs);
   }
   return tls;
 }
@@ -202,22 +192,19 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
     return;
   }
   Event e;
-  e.reserved_pad = 0;
   e.t_ns = now_ns();
   e.ptr = ptr;
   e.size = size;
   e.total_allocated = total_allocated;
   e.total_reserved = total_reserved;
   e.op = -1;
-  e.leaf_op = -1;
   e.node = -1;
   e.seq = -1;
   // Inside backward: the innermost autograd node, and the first op it ran.
-  // Outside: the outermost op (what the user called), the innermost one, and the outermost
-  // sequence number (the autograd node this op will create).
+  // Outside: the outermost op (what the user called) and the outermost sequence number (the
+  // autograd node this op will create).
   const auto& ops = ts.ops;
   if (!ops.empty()) {
-    e.leaf_op = ops.back().name;
     int node_at = -1;
     if (ts.backward_depth > 0) {
       for (int i = static_cast<int>(ops.size()) - 1; i >= 0; --i) {
@@ -250,7 +237,7 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
                                                       : s.phase.load(std::memory_order_relaxed));
   e.kind = kind;
   if (kind == kKindMark) e.op = label;
-  ts.buffer->append(e);
+  ts.buffer->events.append(e);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -338,8 +325,7 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
       record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
     }
   } else if (seq >= 0 && ts.backward_depth == 0) {
-    std::lock_guard<std::mutex> lock(ts.seqs->mu);
-    ts.seqs->records.push_back(
+    ts.buffer->seqs.append(
         SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.buffer->index});
   }
   return nullptr;
@@ -370,7 +356,6 @@ uint64_t start(int64_t capacity) {
   {
     std::lock_guard<std::mutex> lock(s.registry_mu);
     s.buffers.clear();
-    s.seq_buffers.clear();
   }
   s.strings.clear();
   s.backward_label = s.strings.intern("backward_start");
@@ -450,7 +435,13 @@ void pop_module() {
   if (!ts.modules.empty()) ts.modules.pop_back();
 }
 
-void set_phase(int32_t phase) { session().phase.store(phase, std::memory_order_relaxed); }
+void set_phase(int32_t phase) {
+  if (phase < 0 || phase >= kNumPhases) {
+    throw std::invalid_argument("phase must be one of memprof._C.PHASE_*, got " +
+                                std::to_string(phase));
+  }
+  session().phase.store(phase, std::memory_order_relaxed);
+}
 int32_t get_phase() { return session().phase.load(std::memory_order_relaxed); }
 void set_step(int32_t step) { session().step.store(step, std::memory_order_relaxed); }
 
@@ -464,32 +455,37 @@ void mark(const std::string& label, uint64_t value) {
   record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU), id);
 }
 
-// Copies every thread's events into one byte array (the caller views it with EVENT_DTYPE).
-py::array_t<uint8_t> events() {
+// Copies one log of every thread (events or seq records) into one byte array; the caller views
+// it with the record's dtype (memprof.record.events).
+template <typename Log>
+py::array_t<uint8_t> drain(Log ThreadBuffer::*log) {
   Session& s = session();
   std::vector<std::shared_ptr<ThreadBuffer>> buffers;
   {
     std::lock_guard<std::mutex> lock(s.registry_mu);
     buffers = s.buffers;
   }
-  // Each buffer contributes exactly the events it held in the first pass: one that grows in
-  // between (a thread finishing an allocation) must not eat the share of the buffers after it.
+  // Each log contributes exactly the records it held in the first pass: one that grows in
+  // between (a thread finishing an allocation) must not eat the share of the logs after it.
   std::vector<size_t> counts;
   counts.reserve(buffers.size());
   size_t total = 0;
   for (auto& b : buffers) {
-    std::lock_guard<std::mutex> lock(b->mu);
-    counts.push_back(b->size_locked());
+    Log& l = (*b).*log;
+    std::lock_guard<std::mutex> lock(l.mu);
+    counts.push_back(l.size_locked());
     total += counts.back();
   }
-  py::array_t<uint8_t> out(static_cast<py::ssize_t>(total * sizeof(Event)));
-  auto* dst = reinterpret_cast<Event*>(out.mutable_data());
+  using Record = typename Log::value_type;
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>(total * sizeof(Record)));
+  auto* dst = reinterpret_cast<Record*>(out.mutable_data());
   for (size_t i = 0; i < buffers.size(); ++i) {
-    std::lock_guard<std::mutex> lock(buffers[i]->mu);
+    Log& l = (*buffers[i]).*log;
+    std::lock_guard<std::mutex> lock(l.mu);
     size_t left = counts[i];
     for (size_t c = 0; left > 0; ++c) {
-      size_t n = std::min(left, kChunkEvents);
-      std::memcpy(dst, buffers[i]->chunks[c].get(), n * sizeof(Event));
+      size_t n = std::min(left, Log::kChunkRecords);
+      std::memcpy(dst, l.chunks[c].get(), n * sizeof(Record));
       dst += n;
       left -= n;
     }
@@ -507,23 +503,6 @@ void record_external(uint64_t ptr, int64_t size, int32_t device_type, int32_t de
   record(thread_state(), kKindMemory, ptr, size, total, 0,
          c10::Device(static_cast<c10::DeviceType>(device_type),
                      static_cast<c10::DeviceIndex>(device_index)));
-}
-
-py::array_t<uint8_t> seq_records() {
-  Session& s = session();
-  std::vector<std::shared_ptr<SeqBuffer>> buffers;
-  {
-    std::lock_guard<std::mutex> lock(s.registry_mu);
-    buffers = s.seq_buffers;
-  }
-  std::vector<SeqRecord> all;
-  for (auto& b : buffers) {
-    std::lock_guard<std::mutex> lock(b->mu);
-    all.insert(all.end(), b->records.begin(), b->records.end());
-  }
-  py::array_t<uint8_t> out(static_cast<py::ssize_t>(all.size() * sizeof(SeqRecord)));
-  if (!all.empty()) std::memcpy(out.mutable_data(), all.data(), all.size() * sizeof(SeqRecord));
-  return out;
 }
 
 py::dict counters() {
@@ -556,8 +535,10 @@ void register_tracker(py::module_& m) {
   m.def("get_phase", &get_phase);
   m.def("set_step", &set_step, py::arg("step"));
   m.def("mark", &mark, py::arg("label"), py::arg("value") = 0);
-  m.def("events", &events, "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
-  m.def("seq_records", &seq_records, "Forward ops by autograd sequence number, as raw bytes.");
+  m.def("events", []() { return drain(&ThreadBuffer::events); },
+        "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
+  m.def("seq_records", []() { return drain(&ThreadBuffer::seqs); },
+        "Forward ops by autograd sequence number, as raw bytes (view with SEQ_DTYPE).");
   m.def("strings", []() { return session().strings.all(); });
   m.def("record_external", &record_external, py::arg("ptr"), py::arg("size"),
         py::arg("device_type") = 0, py::arg("device_index") = 0,
@@ -565,15 +546,6 @@ void register_tracker(py::module_& m) {
   m.def("peek_sequence_nr", []() { return at::sequence_number::peek(); },
         "The autograd sequence number the next node created on this thread will get.");
   m.def("counters", &counters);
-  m.attr("EVENT_SIZE") = sizeof(Event);
-  m.attr("SEQ_RECORD_SIZE") = sizeof(SeqRecord);
-  m.attr("PHASE_OTHER") = kPhaseOther;
-  m.attr("PHASE_FORWARD") = kPhaseForward;
-  m.attr("PHASE_BACKWARD") = kPhaseBackward;
-  m.attr("PHASE_OPTIMIZER") = kPhaseOptimizer;
-  m.attr("KIND_MEMORY") = kKindMemory;
-  m.attr("KIND_OUT_OF_MEMORY") = kKindOutOfMemory;
-  m.attr("KIND_MARK") = kKindMark;
 }
 
 }  // namespace memprof

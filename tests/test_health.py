@@ -9,7 +9,8 @@ from torch.nn.utils import clip_grad_norm_ as preimported_clip  # bound before a
 
 import memprof
 from conftest import MLP
-from memprof import health as hl
+from memprof.analyse import health as hl
+from memprof.record import health as health_recorder
 
 D, H, C = 32, 64, 4
 
@@ -330,8 +331,8 @@ def test_nan_gradient_in_a_named_parameter(bad):
 
 def test_deferred_reads_give_the_same_numbers(monkeypatch):
     """The batched device path (one host copy per FLUSH_EVERY records), exercised on the CPU."""
-    monkeypatch.setattr(hl.HealthRecorder, "_immediate", lambda self, t: False)
-    monkeypatch.setattr(hl, "FLUSH_EVERY", 4)
+    monkeypatch.setattr(health_recorder.HealthRecorder, "_immediate", lambda self, t: False)
+    monkeypatch.setattr(health_recorder, "FLUSH_EVERY", 4)
     prof, returned, seen = run_clipped(max_norm=1e-3, steps=9)
     h = prof.health
     assert h["per_step"]["grad_norm_pre_clip"] == pytest.approx(returned)
@@ -384,7 +385,7 @@ def _originals():
            "clip_grad.clip_grad_norm_": clip_grad.clip_grad_norm_,
            "clip_grad._clip_grads_with_norm_": getattr(clip_grad, "_clip_grads_with_norm_", None),
            "utils.clip_grads_with_norm_": getattr(torch.nn.utils, "clip_grads_with_norm_", None)}
-    for cls in [LRScheduler] + hl._subclasses(LRScheduler):
+    for cls in [LRScheduler] + health_recorder._subclasses(LRScheduler):
         if "step" in cls.__dict__:
             out[cls.__name__] = cls.__dict__["step"]
     return out

@@ -225,7 +225,7 @@ def test_correct_loops_have_no_findings(name):
 
 
 def test_detection_failure_is_reported_not_raised(monkeypatch):
-    import memprof.graph as graph
+    import memprof.analyse.leaks as graph
 
     def broken(*a, **k):
         raise RuntimeError("gc unavailable")

@@ -7,7 +7,7 @@ import torch
 
 import memprof
 from memprof import _C
-from memprof.events import EVENT_DTYPE
+from memprof.record.events import EVENT_DTYPE
 
 
 def test_known_allocations_and_frees_are_recorded_with_op_names():

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import memprof
-from memprof import throughput as tp
+from memprof.analyse import throughput as tp
+from memprof.record import throughput as throughput_recorder
+from memprof.record.throughput import GpuSampler
 
 D, H, C = 64, 128, 10
 
@@ -183,7 +185,7 @@ def test_summary_is_saved_and_recomputable(tmp_path):
         train(model, opt, batches(5))
     loaded = memprof.load(str(tmp_path / "r.memprof"))
     assert tp.summarize(loaded) == prof.throughput
-    assert prof.summary()["meta"]["throughput"]["steps"] == 5
+    assert memprof.analyse.summary(prof)["throughput"]["steps"] == 5
     again = tp.summarize(loaded, warmup=0)          # recomputed from the markers
     assert again["warmup_steps_excluded"] == 0 and again["steps_measured"] == 5
     assert again["per_step"]["micro_steps"] == prof.throughput["per_step"]["micro_steps"]
@@ -249,9 +251,9 @@ def fake_pynvml(calls):
 
 def test_cuda_event_path_and_gpu_sampler_simulated(monkeypatch):
     calls = []
-    monkeypatch.setattr(tp, "_params_on_cuda", lambda params: True)
-    monkeypatch.setattr(tp, "_cuda_device_index", lambda params: 0)
-    monkeypatch.setattr(tp, "_CUDA_FLUSH_EVERY", 4)   # exercise the non-blocking batches
+    monkeypatch.setattr(throughput_recorder, "_params_on_cuda", lambda params: True)
+    monkeypatch.setattr(throughput_recorder, "_cuda_device_index", lambda params: 0)
+    monkeypatch.setattr(throughput_recorder, "_CUDA_FLUSH_EVERY", 4)   # exercise the non-blocking batches
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(calls))
@@ -278,7 +280,7 @@ def test_cuda_event_path_and_gpu_sampler_simulated(monkeypatch):
 
 def test_gpu_sampler_without_pynvml_reports_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)   # import fails
-    s = tp.GpuSampler(0)
+    s = GpuSampler(0)
     s.start()
     s.stop()
     assert s.summary()["samples"] == 0 and "pynvml unavailable" in s.summary()["error"]

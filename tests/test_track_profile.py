@@ -8,7 +8,7 @@ import torch
 
 import memprof
 from memprof import _C
-from memprof.profile import ProfileFormatError
+from memprof.profile_file import ProfileFormatError
 
 B, D, H, C = 32, 64, 128, 10
 F32 = 4

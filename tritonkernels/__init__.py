@@ -10,7 +10,7 @@ See `memprof.tritonkernels._api.attention` for the full contract. Triton is impo
 runs (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1).
 """
 from ._api import (BACKENDS, MAX_HEAD_DIM, SUPPORTED_DTYPES, FlashAttentionFunction,
-                        attention, reference_attention)
+                   attention, concat_kv_gather_q, reference_attention)
 
-__all__ = ["attention", "reference_attention", "FlashAttentionFunction", "SUPPORTED_DTYPES",
-           "MAX_HEAD_DIM", "BACKENDS"]
+__all__ = ["attention", "reference_attention", "concat_kv_gather_q", "FlashAttentionFunction",
+           "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "BACKENDS"]

@@ -18,7 +18,7 @@ from rich.table import Table
 
 import memprof
 from memprof.models import build_model
-from memprof.report.terminal import fmt_bytes
+from memprof.units import fmt_bytes
 
 # A DCAL small enough for 2 CPU cores, big enough that attention maps matter (65 tokens).
 DEMO_MODEL = dict(img_size=64, patch_size=8, dim=128, depth=4, heads=4, num_classes=20)
@@ -27,6 +27,7 @@ BATCH = 8
 # narrow, shallow backbone so that two CPU cores run it in seconds.
 KERNEL_MODEL = dict(img_size=224, patch_size=8, dim=128, depth=2, heads=4, num_classes=20)
 KERNEL_BATCH = 2
+GiB = 1 << 30
 
 
 def _train(console, steps: int, *, detach_history: bool, keep_maps: bool,
@@ -104,9 +105,27 @@ def _story_kernels(console):
 
 
 def _story_recommend(console):
+    """What `memprof recommend` says for dcal-vit-b16 on a 16 GB V100, effective batch 16."""
+    from memprof.report.plan import print_plan, search_progress
     console.rule("[bold]4. What fits: dcal-vit-b16 on a 16 GB V100")
-    from memprof.recommend import recommend_cli_demo
-    return recommend_cli_demo(console)
+    console.print("memprof recommend --gpu v100-16gb --model dcal-vit-b16 --effective-batch 16"
+                  " --base-lr 5e-4 --base-batch 512\n")
+    t0 = time.perf_counter()
+    with search_progress(console) as progress:
+        plan = memprof.recommend(model="dcal-vit-b16", gpu="v100-16gb", effective_batch=16,
+                                 base_lr=5e-4, base_batch=512, progress=progress)
+    print_plan(plan, console)
+    ok8 = [o for o in plan.options if o.micro_batch == 8 and o.checkpointing == "none"]
+    ck = [o for o in plan.options if o.fits and o.checkpointing != "none"]
+    verdict = ("was not estimated" if not ok8 else
+               "fits" if any(o.fits for o in ok8) else "does not fit")
+    sizes = ", ".join(f"{o.precision} {o.peak_reserved / GiB:.1f} GiB" for o in ok8)
+    console.print(
+        f"[dim]Seeds 000/001 on a 16 GB V100: micro-batch 8 without checkpointing "
+        f"{verdict} here" + (f" ({sizes} reserved)" if ok8 else "")
+        + f", and {'a' if ck else 'no'} checkpointed configuration reaches effective batch 16 "
+          f"({time.perf_counter() - t0:.1f} s).[/]")
+    return plan
 
 
 def run_demo(quick: bool = False) -> int:

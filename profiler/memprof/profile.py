@@ -7,41 +7,23 @@ millions of events is analysed without a Python object per event.
 """
 from __future__ import annotations
 
-import io
 import json
-import zipfile
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from .events import (DEVICE_CPU, DEVICE_CUDA, EVENT_DTYPE, KIND_MARK, KIND_MEMORY,
-                     KIND_OUT_OF_MEMORY, PHASES, PHASE_BACKWARD, PHASE_FORWARD, SEQ_DTYPE)
+from . import profile_file
+from .finding import Finding
+from .record.events import (CAT_ACTIVATIONS, CAT_OTHER, CAT_TEMPORARIES, CATEGORIES,
+                            DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_MEMORY,
+                            KIND_OUT_OF_MEMORY, PHASES, PHASE_BACKWARD, PHASE_FORWARD)
+from .run import Run
 
-FORMAT_NAME = "memprof-profile"
-FORMAT_VERSION = 1
-
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "other")
-CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_ACTIVATIONS, CAT_TEMPORARIES, CAT_OTHER = \
-    range(6)
 OUTSIDE_MODULES = "<outside modules>"
 NO_OP = "<no op>"
-PREEXISTING_THREAD = -1  # marks a synthetic allocation for a block that existed before tracking
 DEVICE_NAMES = {DEVICE_CPU: "cpu", DEVICE_CUDA: "cuda"}
-
-
-class ProfileFormatError(ValueError):
-    """A file that is not a memprof profile, or one of an unsupported version."""
-
-
-@dataclass
-class Snapshot:
-    """Storages known to hold one category at one point of the run (a marker in the stream)."""
-    marker: int               # index into Profile.events of the marker event
-    category: int
-    ptrs: list[int]
-    modules: list[int] | None = None  # owning module id per ptr (the parameter's module)
 
 
 @dataclass
@@ -57,21 +39,6 @@ class StepRecord:
         return asdict(self)
 
 
-@dataclass
-class Finding:
-    """Something worth the user's attention (filled by the analyses of graph.py and others)."""
-    kind: str
-    severity: str             # "error" | "warning" | "info"
-    bytes: int
-    message: str
-    fix: str
-    holder: str | None = None
-    evidence: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 class Profile:
     """Events of one tracked run plus the context needed to explain them.
 
@@ -80,19 +47,35 @@ class Profile:
     is -1. `modules[i]` is the qualified name of module id i ("" is the root model).
     """
 
-    def __init__(self, events: np.ndarray, strings: list[str], modules: list[str],
-                 seq_records: np.ndarray | None = None, snapshots: list[Snapshot] | None = None,
-                 meta: dict | None = None, findings: list[Finding] | None = None):
-        if events.dtype != EVENT_DTYPE:
-            raise TypeError(f"events: expected dtype EVENT_DTYPE, got {events.dtype}")
-        self.events = events
-        self.strings = list(strings)
-        self.modules = list(modules)
-        self.seq_records = (seq_records if seq_records is not None
-                            else np.zeros(0, dtype=SEQ_DTYPE))
-        self.snapshots = list(snapshots or [])
-        self.meta = dict(meta or {})
+    def __init__(self, run: Run, findings: list[Finding] | None = None):
+        if not isinstance(run, Run):
+            raise TypeError(f"run: expected a memprof.run.Run, got {type(run).__name__}")
+        self.run = run
         self.findings: list[Finding] = list(findings or [])
+
+    @property
+    def events(self) -> np.ndarray:
+        return self.run.events
+
+    @property
+    def strings(self) -> list[str]:
+        return self.run.strings
+
+    @property
+    def modules(self) -> list[str]:
+        return self.run.modules
+
+    @property
+    def seq_records(self) -> np.ndarray:
+        return self.run.seq_records
+
+    @property
+    def snapshots(self) -> list:
+        return self.run.snapshots
+
+    @property
+    def meta(self) -> dict:
+        return self.run.meta
 
     # ------------------------------------------------------------------ derived event views
     @cached_property
@@ -152,10 +135,12 @@ class Profile:
         return self._pairs[1]
 
     @cached_property
-    def _effective_size(self) -> np.ndarray:
-        """Signed sizes, with frees of blocks memprof never saw allocated counted as 0."""
+    def effective_size(self) -> np.ndarray:
+        """Signed size per memory event, with frees of blocks memprof never saw allocated
+        counted as 0 (their allocation is not in the profile). Read-only: copy to change."""
         size = self.memory["size"].copy()
         size[(size < 0) & (self.alloc_of < 0)] = 0
+        size.setflags(write=False)
         return size
 
     @cached_property
@@ -166,7 +151,7 @@ class Profile:
 
     @cached_property
     def _live(self) -> np.ndarray:
-        return np.cumsum(self._effective_size, dtype=np.int64)
+        return np.cumsum(self.effective_size, dtype=np.int64)
 
     def live_bytes(self, reserved: bool = False) -> np.ndarray:
         """Live bytes after each memory event (the timeline). `reserved=True`: the caching
@@ -243,7 +228,7 @@ class Profile:
                  "value": int(ev["ptr"][i]), "position": int(p), "event": int(i)}
                 for p, i in zip(pos, idx)]
 
-    def _marker_positions(self, label: str) -> np.ndarray:
+    def marker_positions(self, label: str) -> np.ndarray:
         return np.array([m["position"] for m in self._all_markers if m["label"] == label],
                         dtype=np.int64)
 
@@ -267,12 +252,13 @@ class Profile:
         freed_in_run = ~never_freed & (free_of <= run_end)
         # Forward allocations that outlive their forward pass are activations (saved for
         # backward, outputs, or kept by a retained graph).
-        fwd_end = self._marker_positions("forward_end")
+        fwd_end = self.marker_positions("forward_end")
         fwd = is_alloc & (phase == PHASE_FORWARD)
         if fwd.any():
             idx = np.flatnonzero(fwd)
             nxt = np.searchsorted(fwd_end, idx, side="right")
-            end_pos = np.where(nxt < fwd_end.size, fwd_end[np.minimum(nxt, fwd_end.size - 1)], n)
+            end_pos = (np.where(nxt < fwd_end.size, fwd_end[np.minimum(nxt, fwd_end.size - 1)], n)
+                       if fwd_end.size else np.full(idx.size, n))   # no forward_end: to the end
             outlived = never_freed[idx] | (free_of[idx] >= end_pos)
             cat[idx] = np.where(outlived, CAT_ACTIVATIONS, CAT_TEMPORARIES)
         rest = is_alloc & ~fwd
@@ -481,7 +467,7 @@ class Profile:
     @cached_property
     def steps(self) -> list[StepRecord]:
         """One record per optimizer step (or prof.step() call); a trailing partial step counts."""
-        bounds = self._marker_positions("step")
+        bounds = self.marker_positions("step")
         n = self.memory.size
         edges = [0] + [int(b) for b in bounds]
         # Work after the last boundary is a step of its own only if it allocated something
@@ -535,63 +521,26 @@ class Profile:
             "meta": {k: v for k, v in self.meta.items() if _jsonable(v)},
         }
 
+    # ------------------------------------------------------------------ consumers
     def report(self, console=None, top: int = 8) -> None:
-        """Print the rich terminal report."""
-        from .report.terminal import print_report
-        print_report(self, console=console, top=top)
+        """Print the terminal report (memprof.show(self))."""
+        import memprof  # the package root dispatches to the report layer
+        memprof.show(self, console=console, top=top)
+
+    def export(self, path: str) -> str:
+        """Export for other tools, by extension (memprof.export(self, path))."""
+        import memprof
+        return memprof.export(self, path)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> str:
-        """Write a versioned, self-contained file that memprof.load() reads back exactly."""
-        header = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "strings": self.strings, "modules": self.modules,
-            "snapshots": [asdict(s) for s in self.snapshots],
-            "meta": {k: v for k, v in self.meta.items() if _jsonable(v)},
-            "findings": [f.as_dict() for f in self.findings],
-        }
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("header.json", json.dumps(header))
-            zf.writestr("events.npy", _npy_bytes(self.events))
-            zf.writestr("seq_records.npy", _npy_bytes(self.seq_records))
-        return path
+        """Write a versioned, checksummed file atomically; memprof.load() reads it back."""
+        return profile_file.write(self.run, self.findings, path)
 
     @classmethod
     def load(cls, path: str) -> "Profile":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                header = json.loads(zf.read("header.json"))
-                if header.get("format") != FORMAT_NAME:
-                    raise ProfileFormatError(f"{path}: not a memprof profile")
-                if header.get("version") != FORMAT_VERSION:
-                    raise ProfileFormatError(
-                        f"{path}: profile format version {header.get('version')}, this memprof "
-                        f"reads version {FORMAT_VERSION}")
-                events = np.load(io.BytesIO(zf.read("events.npy")), allow_pickle=False)
-                seqs = np.load(io.BytesIO(zf.read("seq_records.npy")), allow_pickle=False)
-        except ProfileFormatError:
-            raise
-        except FileNotFoundError:
-            raise ProfileFormatError(f"{path}: no such file") from None
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-            raise ProfileFormatError(f"{path}: not a readable memprof profile ({exc})") from None
-        if events.dtype != EVENT_DTYPE or seqs.dtype != SEQ_DTYPE:
-            raise ProfileFormatError(f"{path}: event layout does not match this memprof")
-        snaps = [Snapshot(**s) for s in header["snapshots"]]
-        findings = [Finding(**f) for f in header.get("findings", [])]
-        return cls(events, header["strings"], header["modules"], seqs, snaps, header["meta"],
-                   findings)
-
-    def export(self, path: str) -> str:
-        """Export for other tools, by extension: .json (Chrome/Perfetto trace), .html."""
-        from .report import exports
-        return exports.export(self, path)
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
+        run, findings = profile_file.read(path)
+        return cls(run, findings)
 
 
 def _jsonable(v) -> bool:

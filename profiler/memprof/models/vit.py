@@ -13,8 +13,8 @@ import math
 
 import torch
 import torch.nn as nn
-from memprof.tritonkernels._api import attention as fused_attention
-from memprof.tritonkernels._api import concat_kv_gather_q
+from memprof.tritonkernels import attention as fused_attention
+from memprof.tritonkernels import concat_kv_gather_q
 
 ATTENTION_BACKENDS = ("math", "fused")
 

@@ -12,8 +12,9 @@ import pickle
 
 import numpy as np
 
-from ..profile import CATEGORIES, Profile
-from .terminal import fmt_bytes
+from ..profile import Profile
+from ..record.events import CATEGORIES
+from ..units import fmt_bytes
 
 MAX_COUNTER_POINTS = 20_000
 PHASE_SPANS = (("forward_start", "forward_end", "forward"),

@@ -5,19 +5,13 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from ..profile import CATEGORIES, Profile
+from ..analyse import health as health_analysis
+from ..analyse import throughput as throughput_analysis
+from ..profile import Profile
+from ..record.events import CATEGORIES
+from ..units import fmt_bytes
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-
-
-def fmt_bytes(n: float) -> str:
-    sign = "-" if n < 0 else ""
-    n = abs(float(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.2f} TiB"
 
 
 def _share(part: int, whole: int) -> str:
@@ -107,7 +101,7 @@ def _g(x, fmt="{:.4g}") -> str:
 
 
 def _print_throughput(prof: Profile, console: Console) -> None:
-    tp = prof.meta.get("throughput")
+    tp = throughput_analysis.summarize(prof)
     if not tp or not tp.get("steps"):
         return
     st = tp["stats"]
@@ -144,7 +138,7 @@ def _print_throughput(prof: Profile, console: Console) -> None:
 
 
 def _print_health(prof: Profile, console: Console) -> None:
-    h = prof.meta.get("health")
+    h = health_analysis.summarize(prof)
     if not h:
         return
     ps = h.get("per_step", {})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import memprof
-from memprof.allocator import SimResult, simulate
+from memprof.plan.allocator import SimResult, simulate
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -261,7 +261,7 @@ def test_empty_stream():
 
 # ---------------------------------------------------------------------------- input forms
 def _event_dtype():
-    from memprof.events import EVENT_DTYPE
+    from memprof.record.events import EVENT_DTYPE
     return EVENT_DTYPE
 
 

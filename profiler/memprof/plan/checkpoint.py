@@ -22,7 +22,7 @@ is homogeneous, the largest group of same-type children of one container. Overri
 
 Checkpointing wraps the block's `forward` (an instance attribute, removed again by
 `handle.remove()`): module hooks, parameters and state dicts are unchanged. Under
-`torch.no_grad()` the block runs as usual. This is the same function `memprof.estimate` uses
+`torch.no_grad()` the block runs as usual. This is the same function `memprof.plan.estimate` uses
 to estimate a checkpointed step, so an estimate and the run it predicts share the code.
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
-__all__ = ["apply", "CheckpointHandle", "find_blocks", "POLICIES", "parse_policy",
-           "SAVED_OPS"]
+__all__ = ["apply", "CheckpointHandle", "find_blocks", "resolve_blocks", "policies_for",
+           "POLICIES", "parse_policy", "SAVED_OPS"]
 
 POLICIES = ("none", "every", "every-k", "selective")
 
@@ -116,7 +116,9 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     return best[1], best[2]
 
 
-def _resolve_blocks(model: nn.Module, blocks) -> tuple[str, list[nn.Module]]:
+def resolve_blocks(model: nn.Module, blocks) -> tuple[str, list[nn.Module]]:
+    """blocks= (None: found automatically, a qualified name, or modules) -> (container name,
+    the blocks)."""
     if blocks is None:
         return find_blocks(model)
     if isinstance(blocks, str):
@@ -203,7 +205,7 @@ def apply(model: nn.Module, policy: str = "every",
     kind, k = parse_policy(policy)
     if kind == "none":
         return CheckpointHandle(model, "none", "", [], [])
-    container, mods = _resolve_blocks(model, blocks)
+    container, mods = resolve_blocks(model, blocks)
     chosen = mods if kind in ("every", "selective") else mods[::k]
     for m in chosen:
         fwd = m.__dict__.get("forward")

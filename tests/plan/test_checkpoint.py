@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import memprof
-from memprof.checkpoint import apply, find_blocks, parse_policy
+from memprof.plan.checkpoint import apply, find_blocks, parse_policy
 from memprof.models import build_model
 
 

@@ -3,14 +3,13 @@ import json
 import textwrap
 
 import pytest
-import torch
 
 import memprof
 from memprof import cli
-from memprof.estimate import Estimator
-from memprof.gpus import lookup
+from memprof.plan.estimate import Estimator
+from memprof.plan.gpus import lookup
 from memprof.models import build_model
-from memprof.recommend import lr_advice, warmup_advice
+from memprof.plan.advice import lr_advice, warmup_advice
 
 MiB = 1 << 20
 

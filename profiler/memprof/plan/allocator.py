@@ -12,7 +12,7 @@ allocator's block sizes instead: already rounded, so replaying it is close but c
 unsplit remainder twice); "allocated" in the result is what
 ``torch.cuda.memory_allocated()`` would report (rounded block sizes) and "reserved" what
 ``torch.cuda.memory_reserved()`` would report. The CUDA context and library workspaces that
-live outside the allocator are not part of it (see ``memprof.gpus.usable_bytes``).
+live outside the allocator are not part of it (see ``memprof.plan.gpus.usable_bytes``).
 """
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .events import KIND_MEMORY
+from ..record.events import KIND_MEMORY
 
 MIB = 1 << 20
 #: the smallest max_split_size the real allocator accepts (max_split_size_mb >= 20)
 MIN_MAX_SPLIT_SIZE = 20 * MIB
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +122,7 @@ def simulate(events_or_arrays: EventsLike, *, expandable_segments: bool = False,
         ``(ptr, size)`` pair of 1-D integer arrays. Rows of a structured array whose ``kind``
         field is not a memory event (marks, OOM reports) are ignored.
     expandable_segments: model ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``.
-    capacity: bytes the allocator may reserve (e.g. ``memprof.gpus.usable_bytes(gpu)``);
+    capacity: bytes the allocator may reserve (e.g. ``memprof.plan.gpus.usable_bytes(gpu)``);
         None = unlimited. The replay stops at the first allocation that does not fit even
         after the cache is released (``oom=True``).
     max_split_size: ``max_split_size_mb`` in bytes (>= 20 MiB, as the real setting);

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from memprof import gpus
-from memprof.gpus import GPU, MiB, GiB, lookup, usable_bytes
+from memprof.plan import gpus
+from memprof.plan.gpus import GPU, MiB, GiB, lookup, usable_bytes
 
 
 def test_required_entries_present():

@@ -10,9 +10,10 @@ import os
 
 import numpy as np
 
-from .events import DEVICE_CUDA
-from .profile import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, Finding, Profile)
-from .report.terminal import fmt_bytes
+from ..finding import Finding
+from ..profile import Profile
+from ..record.events import CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, DEVICE_CUDA
+from ..units import fmt_bytes
 
 WARMUP_STEPS = 1
 MIN_STEPS = 3                 # boundaries after warm-up needed to call a trend
@@ -37,10 +38,10 @@ def device_capacity(profile: Profile) -> tuple[int, str]:
         return 0, "unknown"
 
 
-def memory_growth(profile: Profile, tracker=None, capacity: int | None = None) -> list[Finding]:
+def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding]:
     steps = [s for s in profile.steps if s.index >= WARMUP_STEPS]
     # only complete steps (closed by a boundary) carry a meaningful live_at_end
-    bounded = len(profile._marker_positions("step"))
+    bounded = len(profile.marker_positions("step"))
     steps = [s for s in steps if s.index < bounded]
     if len(steps) < MIN_STEPS:
         return []

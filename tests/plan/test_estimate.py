@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import memprof
-from memprof.checkpoint import apply
-from memprof.estimate import BatchModel, Estimator, estimate_step, make_optimizer
+from memprof.plan.batch_model import BatchModel
+from memprof.plan.estimate import Estimator, estimate_step, measure_step
 from memprof.models import build_model
-from memprof.profile import CAT_GRADIENTS
+from memprof.record.events import CAT_GRADIENTS
 
 CASES = {  # model: two batch sizes (small: the real CPU step must be quick)
     "mlp": (8, 32),
@@ -27,20 +26,7 @@ CASES = {  # model: two batch sizes (small: the real CPU step must be quick)
 
 
 def measured_peak(model, make_batch, loss_fn, batch_size, policy):
-    handle = apply(model, policy)
-    try:
-        opt = make_optimizer("adamw", model.parameters())
-        torch.manual_seed(0)
-        with memprof.track(model, opt, analyses=[]) as prof:
-            inputs, targets = make_batch(batch_size)
-            loss = loss_fn(model(*inputs), targets)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss, inputs, targets
-    finally:
-        handle.remove()
-    return prof.profile
+    return measure_step(model, make_batch, loss_fn, batch_size, checkpointing=policy)[0]
 
 
 def _fwd_bwd_peak(profile) -> int:

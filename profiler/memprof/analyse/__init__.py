@@ -1,0 +1,64 @@
+"""Analyses: pure functions of a Profile (queries over a Run) -> findings.
+
+Each analysis is `f(profile) -> list[Finding] | Outcome`; `Outcome` adds notes (what could
+not be fully checked) and stats (e.g. how long a check took). The leak check is the one
+analysis that needs the run's live context (profile.run.live); it runs right after the block,
+and the context is dropped once it has. `analyse()` runs them all and never raises into
+training code: an analysis that fails is reported as "could not check".
+"""
+from __future__ import annotations
+
+from ..finding import SEVERITY_ORDER, Finding, sort_findings
+from .outcome import Outcome
+
+
+def default_analyses() -> list:
+    from .backward import backward_misuse
+    from .growth import memory_growth
+    from .health import health_analysis
+    from .leaks import retained_graphs
+    from .throughput import throughput_analysis
+    return [retained_graphs, memory_growth, backward_misuse, throughput_analysis,
+            health_analysis]
+
+
+def analyse(profile, analyses=None) -> None:
+    """Run the analyses on a freshly recorded profile; attach findings, notes and stats."""
+    for analysis in (default_analyses() if analyses is None else analyses):
+        try:
+            out = analysis(profile)
+        except Exception as err:  # noqa: BLE001  (an analysis must never break training)
+            profile.meta.setdefault("analysis_errors", []).append(
+                f"{getattr(analysis, '__name__', analysis)} could not check: "
+                f"{type(err).__name__}: {err}")
+            continue
+        if isinstance(out, Outcome):
+            profile.findings.extend(out.findings)
+            if out.notes:
+                profile.meta.setdefault("analysis_errors", []).extend(out.notes)
+            profile.meta.update(out.stats)
+        else:
+            profile.findings.extend(out)
+    profile.findings[:] = sort_findings(profile.findings)
+    profile.run.live = None  # don't keep the user's frame, model and locals alive
+
+
+def findings(prof, min_severity: str = "warning") -> list[Finding]:
+    """Findings at or above a severity, worst first: `assert not memprof.findings(prof)` makes
+    a training smoke test fail when it leaks."""
+    if min_severity not in SEVERITY_ORDER:
+        raise ValueError(f"min_severity={min_severity!r}: expected one of "
+                         f"{', '.join(SEVERITY_ORDER)}")
+    limit = SEVERITY_ORDER[min_severity]
+    return sort_findings([f for f in prof.findings
+                          if SEVERITY_ORDER.get(f.severity, 9) <= limit])
+
+
+def summary(profile) -> dict:
+    """Everything as plain JSON-able data: the profile's summary plus the throughput and
+    health summaries (what `memprof report --json` prints)."""
+    from . import health, throughput
+    out = profile.summary()
+    out["throughput"] = throughput.summarize(profile)
+    out["health"] = health.summarize(profile)
+    return out

@@ -1,0 +1,449 @@
+"""Training health from what record.health recorded: loss per step, spikes, non-finite values,
+gradient clipping, learning rate and scheduler order (the rules are in record/health.py's
+docstring and in the constants below, and each finding states its rule)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..finding import Finding
+from ..profile import Profile
+
+LOSS_WINDOW = 8
+LOSS_MIN_HISTORY = 3
+LOSS_REL_JUMP = 0.30
+LOSS_Z = 3.5
+CLIP_ALWAYS_FRACTION = 0.9
+CLIP_MIN_STEPS = 5
+CLIP_MISMATCH = 0.05
+
+
+def loss_spikes(losses, window: int = LOSS_WINDOW, min_history: int = LOSS_MIN_HISTORY,
+                rel_jump: float = LOSS_REL_JUMP, z: float = LOSS_Z) -> list[dict]:
+    """Indices where the loss jumps above its causal rolling median (rule in the module doc)."""
+    y = np.asarray(losses, dtype=np.float64)
+    med = rolling_median(y, window, min_history)
+    ok = np.isfinite(med) & np.isfinite(y)
+    if not ok.any():
+        return []
+    resid = y[ok] - med[ok]
+    sigma = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+    sigma = max(sigma, 0.01 * float(np.median(np.abs(med[ok]))), 1e-12)
+    out = []
+    for k in np.flatnonzero(ok):
+        r = y[k] - med[k]
+        base = abs(med[k])
+        if base > 0 and r > rel_jump * base and r > z * sigma:
+            out.append({"index": int(k), "loss": float(y[k]), "rolling_median": float(med[k]),
+                        "relative_jump": float(r / base), "z": float(r / sigma)})
+    return out
+
+
+def rolling_median(y: np.ndarray, window: int = LOSS_WINDOW,
+                   min_history: int = LOSS_MIN_HISTORY) -> np.ndarray:
+    """Median of the finite values among the `window` losses before each step (causal); NaN
+    where fewer than `min_history` are finite."""
+    med = np.full(y.size, np.nan)
+    for k in range(y.size):
+        hist = y[max(0, k - window):k]
+        hist = hist[np.isfinite(hist)]
+        if hist.size >= min_history:
+            med[k] = np.median(hist)
+    return med
+
+
+def loss_noise(losses, window: int = LOSS_WINDOW) -> float | None:
+    """Median of |loss - causal rolling median| / rolling median: the typical step-to-step
+    noise of the loss relative to its trend (None until `window` steps have a rolling median,
+    i.e. with fewer than LOSS_MIN_HISTORY + window losses)."""
+    y = np.asarray(losses, dtype=np.float64)
+    med = rolling_median(y, window)
+    ok = np.isfinite(med) & np.isfinite(y) & (med != 0)
+    rel = np.abs(y[ok] - med[ok]) / np.abs(med[ok])
+    return float(np.median(rel)) if rel.size >= window else None
+
+
+def warmup_length(lrs) -> tuple[int | None, bool]:
+    """(steps before the LR first reaches its peak, whether it got there before the end)."""
+    a = np.asarray(lrs, dtype=np.float64)
+    if a.size < 2 or not np.isfinite(a).all():
+        return None, False
+    peak = a.max()
+    if peak <= 0 or a[0] >= 0.99 * peak:
+        return 0, True
+    i = int(np.flatnonzero(a >= 0.999 * peak)[0])
+    return i, bool(i < a.size - 1)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def health_analysis(profile: Profile) -> list[Finding]:
+    """Default analysis: the health findings (none without health=True and prof.log())."""
+    result = _analyse(profile)
+    return result[1] if result is not None else []
+
+
+def summarize(profile: Profile) -> dict[str, Any] | None:
+    """Training health of a profile as plain data (what `prof.health` returns), or None when
+    the block ran without health=True and without prof.log()."""
+    result = _analyse(profile)
+    return result[0] if result is not None else None
+
+
+def _advice(kind: str, severity: str, *, message: str, fix: str, evidence: dict,
+            holder: str | None = None) -> Finding:
+    """A health finding: advice about training, with no bytes of its own."""
+    return Finding(kind=kind, severity=severity, bytes=0, message=message, fix=fix,
+                   holder=holder, evidence=evidence)
+
+
+class _Records:
+    """record.health's plain data, indexed the way the rules read it."""
+
+    def __init__(self, data: dict):
+        self.grad = {int(s): {"norm": n, "bad": b, "lr": lr} for s, n, b, lr in data["grad"]}
+        self.clips = data["clips"]
+        self.losses = data["losses"]
+        self.timeline = data["timeline"]
+        self.errors = data["errors"]
+
+
+def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
+    data = profile.run.records.get("health")
+    rec = _Records(data) if data is not None else None
+    logs = profile.run.records.get("logs") or []
+    if rec is None and not logs:
+        return None
+    summary, per_loss = _per_step(rec, logs)
+    findings = _nonfinite(rec, summary, per_loss)
+    findings += _spikes(summary, per_loss)
+    if rec is None:
+        return summary, findings
+    findings += _clipping(rec, summary)
+    grad = rec.grad
+    lr_steps = [s for s in sorted(grad) if grad[s]["lr"]]
+    lr0 = [grad[s]["lr"][0] for s in lr_steps]
+    warm, complete = warmup_length(lr0)
+    summary["lr"] = {"first": lr0[0] if lr0 else None,
+                     "peak": max(lr0) if lr0 else None,
+                     "last": lr0[-1] if lr0 else None,
+                     "warmup_optimizer_steps": warm, "warmup_complete": complete,
+                     "param_groups": len(grad[lr_steps[0]]["lr"]) if lr_steps else 0}
+    findings += _scheduler_findings(rec, summary, warm, complete)
+    return summary, findings
+
+
+def _clips_by_step(rec) -> tuple[dict[int, dict], dict[int, int]]:
+    """The last clip call of each step, and how many calls each step made."""
+    clip_by_step: dict[int, dict] = {}
+    calls_by_step: dict[int, int] = {}
+    for c in (rec.clips if rec is not None else []):
+        clip_by_step[c["step"]] = c
+        calls_by_step[c["step"]] = calls_by_step.get(c["step"], 0) + 1
+    return clip_by_step, calls_by_step
+
+
+def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
+    """The summary's per-step table, and the loss of each optimizer step."""
+    logged: dict[str, dict[int, list[float]]] = {}
+    for step, name, v in logs:
+        logged.setdefault(name, {}).setdefault(step, []).append(v)
+    if "loss" in logged:
+        per_loss = {s: float(np.mean(v)) for s, v in logged["loss"].items()}
+        loss_source = "prof.log(loss=...)"
+    else:
+        by: dict[int, list[float]] = {}
+        for step, v in (rec.losses if rec is not None else []):
+            if v is not None:
+                by.setdefault(step, []).append(v)
+        per_loss = {s: float(np.mean(v)) for s, v in by.items()}
+        loss_source = "root of backward" if per_loss else None
+    grad = rec.grad if rec is not None else {}
+    steps = sorted(set(per_loss) | set(grad))
+    clip_by_step, _ = _clips_by_step(rec)
+    steps = sorted(set(steps) | set(clip_by_step))
+    per_step = {"step": steps,
+                "loss": [per_loss.get(s) for s in steps],
+                "grad_norm": [grad.get(s, {}).get("norm") for s in steps],
+                "grad_norm_pre_clip": [clip_by_step[s]["pre"] if s in clip_by_step else None
+                                       for s in steps],
+                "max_norm": [clip_by_step[s]["max_norm"] if s in clip_by_step else None
+                             for s in steps],
+                "clipped": [(clip_by_step[s]["pre"] > clip_by_step[s]["max_norm"])
+                            if s in clip_by_step and clip_by_step[s]["pre"] is not None
+                            else None for s in steps],
+                "lr": [grad.get(s, {}).get("lr") for s in steps]}
+    summary: dict[str, Any] = {"enabled": rec is not None, "steps": len(steps),
+                               "loss_source": loss_source, "per_step": per_step,
+                               "logged": {k: {str(s): float(np.mean(v)) for s, v in d.items()}
+                                          for k, d in logged.items() if k != "loss"},
+                               "rules": {"loss_window": LOSS_WINDOW,
+                                         "loss_relative_jump": LOSS_REL_JUMP,
+                                         "loss_z": LOSS_Z,
+                                         "clip_always_fraction": CLIP_ALWAYS_FRACTION}}
+    if rec is not None and rec.errors:
+        summary["errors"] = rec.errors[:10]
+    return summary, per_loss
+
+
+def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:
+    findings: list[Finding] = []
+    grad = rec.grad if rec is not None else {}
+    loss_source = summary["loss_source"]
+    loss_steps = sorted(per_loss)
+    bad_loss = [s for s in loss_steps if not math.isfinite(per_loss[s])]
+    if bad_loss:
+        findings.append(_advice("nonfinite_loss", "error",
+            message=(f"the loss is non-finite ({per_loss[bad_loss[0]]}) from optimizer step "
+                     f"{bad_loss[0]} ({len(bad_loss)} of {len(loss_steps)} steps; loss from "
+                     f"{loss_source})"),
+            fix=("lower the LR (or lengthen the warmup), clip gradients, check the data of "
+                 f"step {bad_loss[0]} and any log/div/sqrt in the loss; under fp16 use a "
+                 "GradScaler or bf16"),
+            evidence={"first_step": bad_loss[0], "steps": bad_loss[:20],
+                      "count": len(bad_loss)}))
+    bad_grad = [s for s in sorted(grad) if grad[s]["norm"] is not None
+                and not math.isfinite(grad[s]["norm"])]
+    if bad_grad:
+        first = grad[bad_grad[0]]
+        findings.append(_advice("nonfinite_gradients", "error",
+            message=(f"non-finite gradient (norm {first['norm']}) at optimizer step "
+                     f"{bad_grad[0]}, first in parameter `{first['bad']}` ({len(bad_grad)} "
+                     f"optimizer step(s) in all); the optimizer applied it"),
+            fix=(f"find what makes `{first['bad']}`'s gradient blow up (LR too high, a "
+                 "log/sqrt/div of ~0, fp16 overflow: use GradScaler or bf16); "
+                 "torch.autograd.set_detect_anomaly(True) names the op"),
+            holder=first["bad"],
+            evidence={"first_step": bad_grad[0], "first_parameter": first["bad"],
+                      "steps": bad_grad[:20], "count": len(bad_grad)}))
+    summary["nonfinite"] = {"loss_steps": bad_loss[:100], "gradient_steps": bad_grad[:100],
+                            "first_parameter": grad[bad_grad[0]]["bad"] if bad_grad else None}
+    return findings
+
+
+def _spikes(summary: dict, per_loss: dict[int, float]) -> list[Finding]:
+    findings: list[Finding] = []
+    losses = [per_loss[s] for s in sorted(per_loss)]
+    loss_steps = sorted(per_loss)
+    spikes = loss_spikes(losses)
+    for sp in spikes:
+        sp["step"] = loss_steps[sp.pop("index")]
+    summary["loss"] = {"spikes": spikes[:50], "relative_noise": loss_noise(losses),
+                       "first": losses[0] if losses else None,
+                       "last": losses[-1] if losses else None,
+                       "median": float(np.nanmedian(losses)) if losses and
+                       np.isfinite(losses).any() else None}
+    if spikes:
+        worst = max(spikes, key=lambda s: s["relative_jump"])
+        findings.append(_advice("loss_spikes", "warning",
+            message=(f"the loss jumped above its trend at {len(spikes)} of {len(losses)} "
+                     f"optimizer steps (worst: step {worst['step']}, {_fmt(worst['loss'])} vs "
+                     f"rolling median {_fmt(worst['rolling_median'])}, +"
+                     f"{100 * worst['relative_jump']:.0f}%); rule: > {100 * LOSS_REL_JUMP:.0f}% "
+                     f"and > {LOSS_Z} robust SD above the median of the previous {LOSS_WINDOW} "
+                     "steps"),
+            fix=("if grad norms spike at the same steps: lower the LR, lengthen the warmup or "
+                 "clip; if not: raise the micro-batch (fewer accumulation steps, same effective "
+                 "batch) and check the data of those steps"),
+            evidence={"spike_steps": [s["step"] for s in spikes][:50],
+                      "worst": worst, "rule": {"window": LOSS_WINDOW,
+                                               "relative_jump": LOSS_REL_JUMP, "z": LOSS_Z}}))
+    return findings
+
+
+def _clipping(rec, summary: dict) -> list[Finding]:
+    findings: list[Finding] = []
+    grad = rec.grad
+    clip_by_step, calls_by_step = _clips_by_step(rec)
+    clip_steps = [s for s in sorted(clip_by_step) if clip_by_step[s]["pre"] is not None]
+    if clip_steps:
+        pre = np.array([clip_by_step[s]["pre"] for s in clip_steps], dtype=np.float64)
+        mx = np.array([clip_by_step[s]["max_norm"] for s in clip_steps], dtype=np.float64)
+        clipped = pre > mx
+        fin = pre[np.isfinite(pre)]
+        clip_sum = {"steps_with_clip": len(clip_steps), "steps_clipped": int(clipped.sum()),
+                    "fraction_clipped": float(clipped.mean()),
+                    "max_norm": float(np.median(mx)),
+                    "pre_clip_norm": ({"median": float(np.median(fin)),
+                                       "p90": float(np.percentile(fin, 90)),
+                                       "max": float(fin.max())} if fin.size else None),
+                    "calls_per_step_max": max(calls_by_step.values())}
+        summary["clipping"] = clip_sum
+        n = len(clip_steps)
+        if n >= CLIP_MIN_STEPS and clipped.mean() >= CLIP_ALWAYS_FRACTION and fin.size:
+            med = float(np.median(fin))
+            findings.append(_advice("grad_clip_every_step", "warning",
+                message=(f"clip_grad_norm_(max_norm={_fmt(clip_sum['max_norm'])}) clipped "
+                         f"{int(clipped.sum())} of {n} optimizer steps (median pre-clip norm "
+                         f"{_fmt(med)}, {med / clip_sum['max_norm']:.1f}x max_norm): every "
+                         "update is rescaled, the step size follows max_norm, not the LR"),
+                fix=(f"set max_norm near the typical pre-clip norm (p90 "
+                     f"{_fmt(clip_sum['pre_clip_norm']['p90'])}) so that it only catches "
+                     "spikes, or lower the LR if the norms are large because training is "
+                     "unstable"),
+                evidence=dict(clip_sum)))
+        elif n >= CLIP_MIN_STEPS and not clipped.any() and fin.size:
+            findings.append(_advice("grad_clip_inactive", "info",
+                message=(f"clip_grad_norm_(max_norm={_fmt(clip_sum['max_norm'])}) never "
+                         f"clipped in {n} optimizer steps (largest pre-clip norm "
+                         f"{_fmt(float(fin.max()))}): clipping is inactive"),
+                fix=("fine as a safety net; to bound updates set max_norm near the p90 "
+                     f"pre-clip norm ({_fmt(clip_sum['pre_clip_norm']['p90'])})"),
+                evidence=dict(clip_sum)))
+        # did the optimizer step with what clipping left?
+        cmp = []
+        for s in clip_steps:
+            c, g = clip_by_step[s], grad.get(s)
+            if g is None or g["norm"] is None or c["norm_type"] not in (None, 2.0):
+                continue
+            if not (math.isfinite(c["pre"]) and math.isfinite(g["norm"])):
+                continue
+            expected = min(c["pre"], c["max_norm"])
+            cmp.append((s, expected, g["norm"],
+                        abs(g["norm"] - expected) > CLIP_MISMATCH * max(expected, 1e-12)))
+        bad = [x for x in cmp if x[3]]
+        if len(cmp) >= 3 and len(bad) >= 0.5 * len(cmp):
+            s, e, o, _ = bad[0]
+            findings.append(_advice("grad_clip_mismatch", "warning",
+                message=(f"the optimizer did not step with the clipped gradients in "
+                         f"{len(bad)} of {len(cmp)} steps (step {s}: clipping left norm "
+                         f"{_fmt(e)}, the optimizer saw {_fmt(o)})"),
+                fix=("under AMP call scaler.unscale_(optimizer) before clip_grad_norm_; clip "
+                     "the parameters the optimizer updates, after the last backward of the "
+                     "step and before optimizer.step()"),
+                evidence={"steps": [x[0] for x in bad][:20],
+                          "expected_norm": [x[1] for x in bad][:20],
+                          "optimizer_norm": [x[2] for x in bad][:20],
+                          "tolerance": CLIP_MISMATCH}))
+    return findings
+
+
+def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Finding]:
+    findings: list[Finding] = []
+    tl = rec.timeline
+    scheds: dict[int, dict] = {}
+    opt_count: dict[int, int] = {}        # optimizer id -> optimizer steps so far
+    last_opt: dict[int, int] = {}         # optimizer id -> timeline index of its last step
+    last_activity = -1                    # timeline index of the last forward/backward
+    for i, ev in enumerate(tl):
+        if ev[0] in ("F", "B"):
+            last_activity = i
+            continue
+        if ev[0] == "O":
+            opt_count[ev[2]] = opt_count.get(ev[2], 0) + 1
+            last_opt[ev[2]] = i
+            continue
+        _, step, sid, cls, oid, lrs, before = ev
+        info = scheds.setdefault(sid, {"class": cls, "opt": oid, "calls": 0, "mid": 0,
+                                       "before_first": 0, "lr_after": [], "windows": {}})
+        if info["calls"] == 0:
+            info["lr_after"].append(before[0] if before else None)   # the value it started at
+        info["calls"] += 1
+        if oid not in last_opt:
+            info["before_first"] += 1
+        elif last_activity > last_opt[oid]:
+            info["mid"] += 1          # after this iteration's forward/backward, before its step
+        info["lr_after"].append(lrs[0] if lrs else None)
+        w = opt_count.get(oid, 0)     # optimizer window index
+        info["windows"][w] = info["windows"].get(w, 0) + 1
+    opt_steps = opt_count
+    # micro-steps per optimizer window (forward -> backward transitions) and LR per forward
+    micro: list[int] = []
+    lr_change_windows = 0
+    windows_with_micro = 0
+    cur_micro, last_tok, lrs_seen = 0, None, []
+    for ev in tl:
+        if ev[0] == "F":
+            last_tok = "F"
+            if ev[2]:
+                lrs_seen.append(tuple(ev[2]))
+        elif ev[0] == "B":
+            if last_tok == "F":
+                cur_micro += 1
+            last_tok = "B"
+        elif ev[0] == "O":
+            micro.append(cur_micro)
+            if cur_micro > 1:
+                windows_with_micro += 1
+                if len(set(lrs_seen)) > 1:
+                    lr_change_windows += 1
+            cur_micro, last_tok, lrs_seen = 0, None, []
+    micro_med = float(np.median(micro)) if micro else None
+    out = []
+    for sid, info in scheds.items():
+        n_opt = opt_steps.get(info["opt"], 0)
+        counts = list(info["windows"].values())
+        per_window = [info["windows"].get(w, 0) for w in range(n_opt + 1)]
+        windows_multi = sum(1 for c in per_window[1:] if c >= 2)
+        lr_sched = [x for x in info["lr_after"] if x is not None]
+        s_warm, s_complete = warmup_length(lr_sched) if lr_sched else (None, False)
+        out.append({"class": info["class"], "calls": info["calls"], "optimizer_steps": n_opt,
+                    "calls_per_optimizer_step": info["calls"] / n_opt if n_opt else None,
+                    "before_optimizer_calls": info["mid"] + info["before_first"],
+                    "before_first_optimizer_step": info["before_first"],
+                    "warmup_scheduler_steps": s_warm})
+        per_micro = n_opt >= 2 and windows_multi >= 0.5 * max(1, n_opt - 1) and max(counts) >= 2
+        if per_micro:
+            ratio = info["calls"] / max(1, n_opt)
+            warm_txt = ""
+            if s_warm and warm is not None:
+                warm_txt = (f"; the warmup lasts {s_warm} scheduler steps = {warm}"
+                            f"{'' if complete else '+'} optimizer steps")
+            findings.append(_advice("lr_schedule_per_micro_step", "warning",
+                message=(f"{info['class']}.step() ran {info['calls']} times for {n_opt} "
+                         f"optimizer steps ({ratio:.1f} per step, {_fmt(micro_med)} micro-steps "
+                         f"per optimizer step): the schedule advances per micro-batch, so "
+                         f"warmup and decay run {ratio:.1f}x too fast{warm_txt}"),
+                fix=("call scheduler.step() once per optimizer step (inside the `if (i+1) % "
+                     "accum == 0:` block, after optimizer.step()), or size warmup/total steps "
+                     "in micro-steps on purpose"),
+                evidence={"scheduler_steps": info["calls"], "optimizer_steps": n_opt,
+                          "micro_steps_per_optimizer_step": micro_med,
+                          "warmup_scheduler_steps": s_warm,
+                          "warmup_optimizer_steps": warm}))
+        elif (info["mid"] >= 1 and info["calls"] >= 2
+              and info["mid"] + info["before_first"] >= 0.5 * info["calls"]):
+            findings.append(_advice("scheduler_before_optimizer", "warning",
+                message=(f"{info['class']}.step() was called before optimizer.step() in "
+                         f"{info['mid'] + info['before_first']} of {info['calls']} "
+                         "iterations: each optimizer step "
+                         "uses the next step's LR and the schedule's first value is never "
+                         f"used (first LR applied {_fmt(summary['lr']['first'])})"),
+                fix="call optimizer.step() first, then scheduler.step()",
+                evidence={"scheduler_steps": info["calls"],
+                          "before_optimizer": info["mid"] + info["before_first"],
+                          "optimizer_steps": n_opt,
+                          "first_lr_applied": summary["lr"]["first"]}))
+        elif info["before_first"] > 0:
+            findings.append(_advice("scheduler_stepped_before_first_optimizer_step", "info",
+                message=(f"{info['class']}.step() ran {info['before_first']} time(s) before "
+                         "the first optimizer step (a pre-step at start-up, or a GradScaler "
+                         "that skipped the first step): the schedule's first value(s) were "
+                         f"skipped (first LR applied {_fmt(summary['lr']['first'])})"),
+                fix=("do not pre-step the scheduler; with AMP a skipped first step is "
+                     "harmless"),
+                evidence={"before_first_optimizer_step": info["before_first"],
+                          "first_lr_applied": summary["lr"]["first"]}))
+    if (lr_change_windows and windows_with_micro >= 2
+            and lr_change_windows >= 0.5 * windows_with_micro
+            and not any(f.kind == "lr_schedule_per_micro_step" for f in findings)):
+        findings.append(_advice("lr_schedule_per_micro_step", "warning",
+            message=(f"the learning rate changed between the micro-steps of "
+                     f"{lr_change_windows} of {windows_with_micro} optimizer steps with "
+                     "gradient accumulation: the LR is updated per micro-batch, so warmup and "
+                     "decay are counted in micro-steps"),
+            fix="update the LR once per optimizer step, counting optimizer steps, not batches",
+            evidence={"windows_with_lr_change": lr_change_windows,
+                      "windows_with_accumulation": windows_with_micro,
+                      "micro_steps_per_optimizer_step": micro_med}))
+    summary["schedulers"] = out
+    summary["micro_steps_per_optimizer_step"] = micro_med
+    return findings

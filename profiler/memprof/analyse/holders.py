@@ -1,0 +1,95 @@
+"""Who holds a tensor: the shortest Python path from named roots (the model, the frame that ran
+the block, a script's namespace) to it - `model.blocks[3].attn.history[11]`."""
+from __future__ import annotations
+
+import collections
+import gc
+import types
+
+import torch
+
+MAX_HOLDER_OBJECTS = 200_000    # objects visited while searching for holders
+MAX_HOLDER_DEPTH = 8
+
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()).keys())
+ATOMS = (str, bytes, int, float, complex, bool, type(None), types.FunctionType,
+         types.BuiltinFunctionType, types.MethodType, types.ModuleType, type, range, slice,
+         torch.dtype, torch.device, torch.Size)
+
+def _children(obj, path: str):
+    """(path, child) pairs of the containers a holder search goes through."""
+    if isinstance(obj, torch.nn.Module):
+        for name, child in obj._modules.items():
+            if child is not None:
+                yield f"{path}.{name}", child
+        for name, val in vars(obj).items():
+            if name not in _MODULE_INTERNALS:
+                yield f"{path}.{name}", val
+    elif isinstance(obj, (list, tuple, collections.deque)):
+        for i, v in enumerate(obj):
+            yield f"{path}[{i}]", v
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            key = repr(k) if isinstance(k, (str, int, float, tuple)) else f"<{type(k).__name__}>"
+            yield f"{path}[{key}]", v
+    elif isinstance(obj, (set, frozenset)):
+        for v in obj:
+            yield f"{path}{{...}}", v
+    elif hasattr(obj, "__dict__") and not isinstance(obj, ATOMS):
+        try:
+            items = list(vars(obj).items())
+        except TypeError:
+            return
+        for name, val in items:
+            yield f"{path}.{name}", val
+
+
+def find_holders(roots: list[tuple[str, object]], targets: set[int]) -> dict[int, str]:
+    """Breadth-first search from named roots to the target tensors: id -> shortest path."""
+    found: dict[int, str] = {}
+    seen: set[int] = set()
+    queue = collections.deque((p, o, 0) for p, o in roots)
+    visited = 0
+    while queue and visited < MAX_HOLDER_OBJECTS and len(found) < len(targets):
+        path, obj, depth = queue.popleft()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        visited += 1
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in targets and id(obj) not in found:
+                found[id(obj)] = path
+            continue
+        if isinstance(obj, ATOMS) or depth >= MAX_HOLDER_DEPTH:
+            continue
+        for child_path, child in _children(obj, path):
+            if id(child) not in seen and not isinstance(child, ATOMS):
+                queue.append((child_path, child, depth + 1))
+    return found
+
+
+def describe_unreached(t: torch.Tensor) -> str:
+    """One hop through the garbage collector for a tensor no named root reaches."""
+    refs = [r for r in gc.get_referrers(t) if not isinstance(r, types.FrameType)]
+    kinds = sorted({type(r).__name__ for r in refs})
+    return f"a {', '.join(kinds) or 'C++ object'} not reachable from the model or the tracked frame"
+
+
+def frame_roots(frame) -> list[tuple[str, object]]:
+    """Named roots from the frame that ran the `with memprof.track()` block."""
+    if frame is None:
+        return []
+    code = frame.f_code
+    scope = "" if code.co_name == "<module>" else f"{code.co_name}.<locals>."
+    roots = [(f"{scope}{k}", v) for k, v in frame.f_locals.items()]
+    if scope:
+        mod = frame.f_globals.get("__name__", "globals")
+        roots += [(f"{mod}.{k}", v) for k, v in frame.f_globals.items()
+                  if not k.startswith("__") and not isinstance(v, ATOMS)]
+    return roots
+
+
+def namespace_roots(prefix: str, namespace: dict) -> list[tuple[str, object]]:
+    """Named roots from a namespace dict (a script's globals)."""
+    return [(f"{prefix}{k}", v) for k, v in namespace.items()
+            if not k.startswith("__") and not isinstance(v, ATOMS)]

@@ -1,0 +1,260 @@
+"""Throughput: step time split into data wait, forward, backward and optimizer; samples/s;
+micro-steps per optimizer step (gradient accumulation, detected, not assumed); GPU utilisation.
+
+Where the numbers come from
+- Phase boundaries are the markers in the event stream: ``forward_start`` / ``forward_end``
+  (root module hooks), ``backward_start`` (native, first autograd node of a backward pass),
+  ````backward_end`` (record.throughput, after each backward call), ``optimizer_start``
+  and ``step`` (optimizer step hooks, or ``prof.step()``), ``batch`` (record.throughput: the leading
+  dimension of the first tensor passed to the root module).
+- On the CPU the durations are host (steady-clock) times of those markers. When the model's
+  parameters are on CUDA, a ``torch.cuda.Event`` is recorded at each boundary and durations are
+  GPU-timeline differences between the events (resolved at exit, and in batches while running
+  so that events do not pile up); GPU utilisation and memory are sampled with pynvml in a
+  background thread that stops with the block.
+
+Per optimizer step (the window between two ``step`` markers):
+- data wait: time from the previous step boundary to the first ``forward_start``, plus, under
+  gradient accumulation, the gaps between the end of one micro-step's backward and the next
+  forward (fetching the next micro-batch). Unknown for the first step (no previous boundary).
+- forward, backward, optimizer: summed over the micro-steps of the window;
+- other: the rest of the wall time (loss computation, zero_grad, logging, ...);
+- micro-steps: forward passes followed by a backward pass (a forward -> backward transition);
+- samples: the micro-batch size of each micro-step, summed.
+Statistics are medians with p10/p90 over the steps after ``warmup`` (default 1) warm-up steps.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..finding import Finding
+from ..profile import Profile
+from ..stats import describe as _stats
+
+WARMUP_STEPS = 1
+STARVATION_FRACTION = 0.20      # median data wait / step time above which a finding is made
+MIN_MEASURED_STEPS = 2
+
+PHASE_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end",
+                "optimizer_start", "step", "batch")
+COLUMNS = ("wall_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")
+
+
+def phase_table(entries, batch_override: int | None = None) -> dict[str, list]:
+    """Per-step phase times (ms) from time-ordered (label, t_ns, value) entries.
+
+    One row per window that ends with a `step` entry; work after the last boundary is not a
+    step. Values are None where a phase cannot be known (data wait of the first step)."""
+    rows: dict[str, list] = {c: [] for c in COLUMNS + ("micro_steps", "samples",
+                                                       "batch_size")}
+    prev_step_t = None
+    w = _Window(prev_step_t)
+    for label, t, value in entries:
+        if label == "batch":
+            w.batch(int(value))
+            continue
+        if t is None:
+            continue
+        if label == "step":
+            w.close(t)
+            _append_row(rows, w, batch_override)
+            prev_step_t = t
+            w = _Window(prev_step_t)
+        else:
+            w.event(label, t)
+    return rows
+
+
+class _Window:
+    """State machine over the markers of one optimizer step."""
+
+    def __init__(self, start_t):
+        self.start_t = start_t
+        self.gap_start = start_t          # where the current data-wait gap began
+        self.first_t = None
+        self.state = "outside"
+        self.data = 0.0 if start_t is not None else None
+        self.fwd = self.bwd = self.opt = 0.0
+        self.t0_fwd = self.t0_bwd = self.t0_opt = None
+        self.groups: list[list] = []      # [batch or None, had_backward]
+        self.last_token = None            # "F" or "B"
+        self.end_t = None
+
+    def batch(self, n: int) -> None:
+        if self.groups and self.groups[-1][0] is None:
+            self.groups[-1][0] = n
+
+    def event(self, label: str, t: int) -> None:
+        if self.first_t is None:
+            self.first_t = t
+        if label == "forward_start":
+            if self.state == "backward" and self.t0_bwd is not None:
+                self.bwd += t - self.t0_bwd       # no backward_end seen: ends here
+                self.t0_bwd = None
+            elif self.gap_start is not None and self.state in ("outside", "after_backward"):
+                self.data = (self.data or 0.0) + (t - self.gap_start)
+            if self.last_token != "F":
+                self.groups.append([None, False])
+            self.last_token = "F"
+            self.state = "forward"
+            self.t0_fwd = t
+            self.gap_start = None
+        elif label == "forward_end":
+            if self.t0_fwd is not None:
+                self.fwd += t - self.t0_fwd
+                self.t0_fwd = None
+            self.state = "after_forward"
+        elif label == "backward_start":
+            if self.last_token == "F" and self.groups:
+                self.groups[-1][1] = True
+            self.last_token = "B"
+            if self.t0_bwd is None:
+                self.t0_bwd = t
+            self.state = "backward"
+        elif label == "backward_end":
+            if self.t0_bwd is not None:
+                self.bwd += t - self.t0_bwd
+                self.t0_bwd = None
+            self.state = "after_backward"
+            self.gap_start = t
+        elif label == "optimizer_start":
+            if self.t0_bwd is not None:
+                self.bwd += t - self.t0_bwd
+                self.t0_bwd = None
+            self.t0_opt = t
+            self.state = "optimizer"
+            self.gap_start = None
+
+    def close(self, t: int) -> None:
+        if self.t0_opt is not None:
+            self.opt += t - self.t0_opt
+        elif self.t0_bwd is not None:     # prof.step() right after a backward
+            self.bwd += t - self.t0_bwd
+        self.end_t = t
+
+
+def _append_row(rows, w: _Window, batch_override) -> None:
+    start = w.start_t if w.start_t is not None else w.first_t
+    wall = (w.end_t - start) if start is not None else None
+    ms = 1e-6
+    rows["wall_ms"].append(wall * ms if wall is not None else None)
+    rows["data_ms"].append(w.data * ms if w.data is not None else None)
+    rows["forward_ms"].append(w.fwd * ms)
+    rows["backward_ms"].append(w.bwd * ms)
+    rows["optimizer_ms"].append(w.opt * ms)
+    known = w.fwd + w.bwd + w.opt + (w.data or 0.0)
+    rows["other_ms"].append(max(0.0, wall - known) * ms if wall is not None else None)
+    trained = [g for g in w.groups if g[1]]
+    groups = trained if trained else w.groups
+    rows["micro_steps"].append(len(groups))
+    if batch_override is not None:
+        sizes = [batch_override] * len(groups)
+    else:
+        sizes = [g[0] for g in groups]
+    known_sizes = [s for s in sizes if s is not None]
+    if groups and len(known_sizes) == len(sizes):
+        rows["samples"].append(int(sum(known_sizes)))
+        rows["batch_size"].append(float(np.median(known_sizes)))
+    else:
+        rows["samples"].append(None)
+        rows["batch_size"].append(None)
+
+
+def _entries_from_profile(profile: Profile) -> list[tuple[str, int, int]]:
+    return [(m["label"], m["t_ns"], m["value"]) for m in profile.markers()
+            if m["label"] in PHASE_LABELS]
+
+
+def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
+            batch_override: int | None = None, gpu: dict | None = None) -> dict[str, Any]:
+    """The throughput summary (plain data) from time-ordered (label, t_ns, value) entries."""
+    rows = phase_table(entries, batch_override)
+    n = len(rows["wall_ms"])
+    keep = list(range(min(warmup, n), n))
+    pick = {k: [v[i] for i in keep] for k, v in rows.items()}
+    stats = {k: _stats(pick[k]) for k in COLUMNS}
+    frac = [d / w for d, w in zip(pick["data_ms"], pick["wall_ms"])
+            if d is not None and w]
+    stats["data_fraction"] = _stats(frac)
+    sps = [s / (w * 1e-3) for s, w in zip(pick["samples"], pick["wall_ms"])
+           if s is not None and w]
+    stats["samples_per_s"] = _stats(sps)
+    micro = [m for m in pick["micro_steps"]]
+    micro_med = float(np.median(micro)) if micro else None
+    total_s = sum(s for s, w in zip(pick["samples"], pick["wall_ms"]) if s is not None and w)
+    total_w = sum(w for s, w in zip(pick["samples"], pick["wall_ms"]) if s is not None and w)
+    bs = [b for b in pick["batch_size"] if b is not None]
+    return {
+        "clock": clock,
+        "warmup_steps_excluded": min(warmup, n),
+        "steps": n,
+        "steps_measured": len(keep),
+        "micro_steps_per_step": micro_med,
+        "gradient_accumulation": bool(micro_med is not None and micro_med > 1),
+        "batch_size": float(np.median(bs)) if bs else None,
+        "batch_size_source": ("track(batch_size=...)" if batch_override is not None
+                              else "leading dimension of the root module's first input"),
+        "samples_per_s_overall": (total_s / (total_w * 1e-3)) if total_w else None,
+        "stats": stats,
+        "per_step": {k: [_round(x) for x in v] for k, v in rows.items()},
+        "gpu": gpu,
+        "starvation_threshold": STARVATION_FRACTION,
+    }
+
+
+def _round(x):
+    return round(float(x), 4) if isinstance(x, (float, np.floating)) else x
+
+
+def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
+    """Throughput of a profile as plain data (what `prof.throughput` returns): from the CUDA
+    events when the run had them, else from the markers (host clock)."""
+    rec = profile.run.records.get("throughput") or {}
+    batch = rec.get("batch_override")
+    warmup = WARMUP_STEPS if warmup is None else int(warmup)
+    gpu = rec.get("gpu")
+    timeline = rec.get("cuda_timeline")
+    if timeline:
+        out = compute([tuple(x) for x in timeline], clock="cuda_events", warmup=warmup,
+                      batch_override=batch, gpu=gpu)
+    else:
+        out = compute(_entries_from_profile(profile), clock="host", warmup=warmup,
+                      batch_override=batch, gpu=gpu)
+        if rec.get("cuda"):
+            out["note"] = f"CUDA events unavailable ({rec.get('cuda_error')}); host clock used"
+    out["batch_override"] = batch
+    return out
+
+
+def starvation_findings(summary: dict) -> list[Finding]:
+    frac = (summary.get("stats") or {}).get("data_fraction")
+    if not frac or summary.get("steps_measured", 0) < MIN_MEASURED_STEPS:
+        return []
+    if frac["median"] <= STARVATION_FRACTION:
+        return []
+    st = summary["stats"]
+    data, wall = st["data_ms"], st["wall_ms"]
+    clock = ("GPU idle time between steps (CUDA events)" if summary["clock"] == "cuda_events"
+             else "host time")
+    return [Finding(
+        kind="data_loader_starvation", severity="warning", bytes=0,
+        message=(f"the training loop waits for data {100 * frac['median']:.0f}% of each step "
+                 f"(median {data['median']:.1f} ms of {wall['median']:.1f} ms, p90 "
+                 f"{100 * frac['p90']:.0f}%; {clock}, over {summary['steps_measured']} steps "
+                 f"after {summary['warmup_steps_excluded']} warm-up step(s); threshold "
+                 f"{100 * STARVATION_FRACTION:.0f}% of the median step)"),
+        fix=("DataLoader(num_workers=N (about the CPU cores per GPU), pin_memory=True with "
+             ".to(device, non_blocking=True), persistent_workers=True, prefetch_factor=4); "
+             "move per-sample decoding/augmentation out of the training loop"),
+        evidence={"data_fraction_median": frac["median"], "data_fraction_p90": frac["p90"],
+                  "data_ms_median": data["median"], "step_ms_median": wall["median"],
+                  "threshold": STARVATION_FRACTION, "steps": summary["steps_measured"],
+                  "warmup_steps_excluded": summary["warmup_steps_excluded"],
+                  "clock": summary["clock"]})]
+
+
+def throughput_analysis(profile: Profile) -> list[Finding]:
+    """Default analysis: is the loop starved of data?"""
+    return starvation_findings(summarize(profile))

@@ -1,0 +1,23 @@
+"""What every subcommand is: a name, its arguments, and run(args) -> exit status."""
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+class Command:
+    """One subcommand. Subclasses set name/help/description and implement both methods;
+    errors for bad input are raised as UsageError (or ValueError/TypeError) with one line
+    naming the input and what was expected."""
+    name: str = ""
+    help: str = ""
+    description: str = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        raise NotImplementedError
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError

@@ -1,0 +1,128 @@
+"""Memory and FLOPs of a training step at any micro-batch, from estimates at two batch sizes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..profile import Profile
+from .streams import reserved_peak, step_stream
+
+if TYPE_CHECKING:
+    from .estimate import Estimate
+
+__all__ = ["BatchModel", "Prediction"]
+
+
+@dataclass
+class Prediction:
+    """A step predicted for any micro-batch from two estimates (an estimate too)."""
+    batch_size: int
+    accumulation: int
+    precision: str
+    checkpointing: str
+    peak_allocated: int
+    peak_reserved: int
+    flops: int
+    bytes_allocated: int
+    ops: int
+    exact: bool   # True: event sizes interpolated one by one (same op sequence in both runs)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _op_names(profile: Profile) -> list[str]:
+    strings = profile.strings
+    return [strings[i] if 0 <= i < len(strings) else "" for i in profile.memory["op"].tolist()]
+
+
+def _same_op_sequence(pl: Profile, ph: Profile) -> bool:
+    ml, mh = pl.memory, ph.memory
+    return (ml.size == mh.size and _op_names(pl) == _op_names(ph)
+            and np.array_equal(np.sign(ml["size"]), np.sign(mh["size"]))
+            and np.array_equal(pl.alloc_of, ph.alloc_of)
+            and np.array_equal(pl.category, ph.category))
+
+
+class BatchModel:
+    """Memory and FLOPs of a step as a function of the micro-batch, from estimates at two
+    batch sizes. When both runs dispatched the same ops (the usual case), every allocation's
+    size is affine in the batch and is interpolated one by one; the allocator model then
+    replays the synthesized stream, so any batch is predicted (peak and reserved) without
+    another fake run. Otherwise the peaks themselves are interpolated linearly."""
+
+    def __init__(self, lo: Estimate, hi: Estimate):
+        if lo.batch_size >= hi.batch_size:
+            lo, hi = hi, lo
+        if lo.batch_size == hi.batch_size:
+            raise ValueError("BatchModel: need estimates at two different batch sizes")
+        self.lo, self.hi = lo, hi
+        self.precision, self.checkpointing = lo.precision, lo.checkpointing
+        self._streams = {}
+        pl, ph = lo.profile, hi.profile
+        self.exact = _same_op_sequence(pl, ph)
+        if self.exact:
+            for variant in ("steady", "accumulate", "first"):
+                p1, s1 = step_stream(pl, variant)
+                _, s2 = step_stream(ph, variant)
+                self._streams[variant] = (p1, s1.astype(np.float64), s2.astype(np.float64))
+        self._cache: dict = {}
+
+    def _lerp(self, a, b, batch):
+        t = (batch - self.lo.batch_size) / (self.hi.batch_size - self.lo.batch_size)
+        return a + (b - a) * t
+
+    def predict(self, batch_size: int, accumulation: int = 1, *, variant: str | None = None,
+                reserved: bool = True) -> Prediction:
+        variant = variant or ("steady" if accumulation <= 1 else "accumulate")
+        key = (batch_size, accumulation, variant, reserved)
+        if key in self._cache:
+            return self._cache[key]
+        b = int(batch_size)
+        flops = int(round(self._lerp(self.lo.flops, self.hi.flops, b)))
+        byts = int(round(self._lerp(self.lo.bytes_allocated, self.hi.bytes_allocated, b)))
+        if self.exact:
+            ptr, s1, s2 = self._streams[variant]
+            size = np.rint(self._lerp(s1, s2, b)).astype(np.int64)
+            alloc = int(np.cumsum(size).max())
+            res = reserved_peak(ptr, size) if reserved else 0
+        else:
+            alloc = int(round(self._lerp(self.lo.peak(variant), self.hi.peak(variant), b)))
+            res = int(round(self._lerp(self.lo.peak(variant, True),
+                                       self.hi.peak(variant, True), b)))
+        p = Prediction(batch_size=b, accumulation=accumulation, precision=self.precision,
+                       checkpointing=self.checkpointing, peak_allocated=alloc,
+                       peak_reserved=res, flops=flops, bytes_allocated=byts, ops=self.lo.ops,
+                       exact=self.exact)
+        self._cache[key] = p
+        return p
+
+    def max_batch(self, budget: int, accumulation: int = 1, limit: int = 1 << 16) -> int:
+        """Largest micro-batch whose predicted reserved bytes stay within budget (0: none)."""
+        def ok(b):
+            return self.predict(b, accumulation).peak_reserved <= budget
+        if not ok(1):
+            return 0
+        lo = 1
+        # linear guess from the allocated peaks, then bracket
+        slope = max(1.0, (self.hi.steady_peak_reserved - self.lo.steady_peak_reserved)
+                    / (self.hi.batch_size - self.lo.batch_size))
+        guess = int(max(1, min(limit, (budget - self.predict(1, accumulation).peak_reserved)
+                               / slope + 1)))
+        hi = guess
+        if ok(hi):
+            lo = hi
+            hi = min(limit, max(hi + 1, int(hi * 1.25)))
+            while hi < limit and ok(hi):
+                lo, hi = hi, min(limit, hi * 2)
+            if hi >= limit and ok(limit):
+                return limit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo

@@ -1,0 +1,495 @@
+"""Estimate the memory (and FLOPs) of one training step without running it: fake tensors.
+
+    est = memprof.estimate.estimate_step(model, make_batch, loss_fn, batch_size=32,
+                                         optimizer="adamw", precision="fp16",
+                                         checkpointing="every")
+    est.peak_allocated, est.peak_reserved, est.flops          # bytes, bytes, FLOPs
+    est.profile.report()                                       # a Profile like a measured one
+
+How it works
+------------
+The user's model is never touched. Its parameters and buffers are converted to fake tensors
+(`FakeTensorMode.from_tensor`: shape, dtype and strides, no data) and the module structure is
+deep-copied around them. One full training step - batch creation, forward, loss, backward,
+optimizer step with its lazily created state, `zero_grad(set_to_none=True)` - then runs inside
+a recording session (`_recorded`) under FakeTensorMode plus the recording mode of
+`memprof.plan.fake_step`, which records every storage an aten op creates and its death. So the
+estimate is a `Profile` on device "cuda" whose events are the fake storages: categories,
+modules, ops, autograd nodes, peak, and all the analyses and reports work on it.
+`Estimate.peak_reserved` replays the events through the caching-allocator model
+(`memprof.plan.allocator.simulate`: 512 B rounding, pools, segments).
+
+What an estimate models, and what it does not
+---------------------------------------------
+* The optimizer is built on the fake parameters: "adamw", "adam", "sgd" (momentum 0.9) use
+  `foreach=True`, the multi-tensor implementation PyTorch picks by default on CUDA (its
+  `_foreach_sqrt` temporary of parameter size is part of the peak); or pass a factory
+  `params -> torch.optim.Optimizer`. Frozen parameters (requires_grad=False, e.g. LoRA's base
+  weights) get no gradient and no optimizer state, as in a real run.
+* First step vs steady state: `peak_allocated` is the step as it ran (the first step: the
+  optimizer state is created inside it). `steady_peak_allocated` replays the same events with
+  the optimizer state existing from the start (every later step), and
+  `accumulating_peak_allocated` additionally with the gradients existing from the start (the
+  2nd..A-th micro-step of gradient accumulation); see `memprof.plan.streams`. `recommend` uses
+  the latter two.
+* Mixed precision (precision="fp16" | "bf16"): AMP with fp32 master weights - autocast around
+  forward and loss, backward outside it, with CUDA autocast's op policy emulated on top of CPU
+  autocast (`memprof.plan.cuda_autocast`). GradScaler is not modelled: its unscale works in
+  place and costs no memory.
+* Checkpointing uses `memprof.checkpoint.apply` on the fake copy: the same code a user applies.
+* FLOPs: `torch.utils.flop_counter`'s formulas, applied by the recording mode to every op, so
+  the recompute of checkpointed blocks is counted (see `memprof.plan.fake_step`).
+* Python's cycle collector is off during the step (frees of cycle-held garbage would otherwise
+  land at points that differ from run to run); an estimate is deterministic.
+* Not modelled: memory that kernels allocate internally (cuBLAS / cuDNN workspaces, which the
+  caching allocator serves on a GPU), the CUDA context (see `memprof.plan.gpus`), non-parameter
+  tensors that a model keeps as plain attributes (they are converted on use, not counted),
+  data-dependent control flow that differs between fake and real values.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_map
+
+from ..profile import Profile
+from ..record.events import PHASE_BACKWARD, PHASE_FORWARD
+from ..record.session import Session
+from ..run import Run
+from .checkpoint import apply as apply_checkpointing
+from .checkpoint import parse_policy, resolve_blocks
+from .cuda_autocast import LOW_PRECISION_DTYPES, CudaAutocast, run_under
+from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
+from .gpus import PRECISIONS
+from .streams import VARIANTS, reserved_peak, step_stream
+
+__all__ = ["estimate_step", "measure_step", "Estimator", "Estimate", "make_optimizer",
+           "optimizer_kind", "ESTIMATE_PRECISIONS", "OPTIMIZERS"]
+
+#: the precisions an estimate models: fp32 and the AMP precisions whose CUDA autocast policy
+#: is emulated (tf32 keeps fp32 storage and only speeds up matmuls: its memory is fp32's)
+ESTIMATE_PRECISIONS = tuple(p for p in PRECISIONS if p == "fp32" or p in LOW_PRECISION_DTYPES)
+OPTIMIZERS = ("adamw", "adam", "sgd", "none")
+
+
+# ------------------------------------------------------------------------------ optimizers
+def make_optimizer(spec, params) -> torch.optim.Optimizer | None:
+    """spec: 'adamw' | 'adam' | 'sgd' | 'none' or a factory params -> Optimizer."""
+    params = [p for p in params if p.requires_grad]
+    if callable(spec) and not isinstance(spec, str):
+        opt = spec(params)
+        if opt is not None and not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: the factory returned {type(opt).__name__}, expected a "
+                            "torch.optim.Optimizer")
+        return opt
+    name = str(spec).lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=True)
+    if name == "none":
+        return None
+    raise ValueError(f"optimizer: unknown optimizer {spec!r}; expected one of {list(OPTIMIZERS)} "
+                     "or a factory params -> torch.optim.Optimizer")
+
+
+def optimizer_kind(spec) -> str:
+    """'adam' for Adam-style (adaptive) optimizers, 'sgd' otherwise (for LR-scaling advice)."""
+    name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
+    name = str(name).lower()
+    return "adam" if any(k in name for k in ("adam", "lamb", "lion", "rmsprop", "adagrad",
+                                             "adafactor")) else "sgd"
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class Estimate:
+    """One estimated training step. Byte counts are what the modelled GPU would hold."""
+    profile: Profile
+    batch_size: int
+    precision: str
+    checkpointing: str
+    optimizer: str
+    peak_allocated: int          # live bytes at the peak of the step as run (first step)
+    peak_reserved: int           # caching-allocator model, same step
+    steady_peak_allocated: int   # optimizer state existing from the start (steps >= 2)
+    steady_peak_reserved: int
+    accumulating_peak_allocated: int  # + gradients existing (micro-steps 2..A of accumulation)
+    accumulating_peak_reserved: int
+    flops: int                   # counted FLOPs of the step incl. recompute (flop_counter formulas)
+    flops_by_phase: dict
+    ops: int                     # aten ops dispatched (a stand-in for kernel launches)
+    bytes_allocated: int         # bytes allocated during forward + backward (written at least once)
+    buffers_bytes: int           # module buffers (BatchNorm statistics, ...), part of the peak
+    params_bytes: int
+    trainable_params: int
+    wall_s: float                # time this estimate took on this machine
+    by_category: dict = field(default_factory=dict)
+
+    def peak(self, variant: str = "first", reserved: bool = False) -> int:
+        return {("first", False): self.peak_allocated, ("first", True): self.peak_reserved,
+                ("steady", False): self.steady_peak_allocated,
+                ("steady", True): self.steady_peak_reserved,
+                ("accumulate", False): self.accumulating_peak_allocated,
+                ("accumulate", True): self.accumulating_peak_reserved}[(variant, reserved)]
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "batch_size", "precision", "checkpointing", "optimizer", "peak_allocated",
+            "peak_reserved", "steady_peak_allocated", "steady_peak_reserved",
+            "accumulating_peak_allocated", "accumulating_peak_reserved", "flops",
+            "flops_by_phase", "ops", "bytes_allocated", "buffers_bytes", "params_bytes",
+            "trainable_params", "wall_s", "by_category")} | {"estimated": True}
+
+    def __repr__(self) -> str:
+        g = 2 ** 30
+        return (f"Estimate(batch_size={self.batch_size}, precision={self.precision!r}, "
+                f"checkpointing={self.checkpointing!r}, peak_allocated={self.peak_allocated / g:.3f} "
+                f"GiB, peak_reserved={self.peak_reserved / g:.3f} GiB, "
+                f"flops={self.flops / 1e12:.3f} TFLOP, wall={self.wall_s:.2f} s)")
+
+
+# ------------------------------------------------------------------------------ batches, losses
+def split_batch(batch):
+    """A batch -> (inputs, targets); a batch that is not a pair is all inputs (targets None)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+    else:
+        inputs, targets = batch, None
+    return inputs, targets
+
+
+def call_model(model, inputs):
+    """model(**inputs), model(*inputs) or model(inputs), by the type of the inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _default_loss(outputs, targets):
+    out = outputs
+    if hasattr(out, "loss") and getattr(out, "loss") is not None:
+        return out.loss
+    if hasattr(out, "logits"):
+        out = out.logits
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"loss: cannot make a loss of model output {type(outputs).__name__}; "
+                        "pass loss=")
+    if targets is None:
+        return out.float().mean()
+    if not targets.is_floating_point() and out.dim() >= 2:
+        if out.dim() > 2 and targets.shape == out.shape[:-1]:  # token-level labels
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
+                                                     targets.reshape(-1))
+        return torch.nn.functional.cross_entropy(out, targets)
+    return torch.nn.functional.mse_loss(out, targets)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _check_step_args(batch_size, precision) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if precision not in ESTIMATE_PRECISIONS:
+        raise ValueError(f"precision: expected one of {list(ESTIMATE_PRECISIONS)}, got "
+                         f"{precision!r}")
+
+
+# ------------------------------------------------------------------------------ recording
+def _recorded(model: nn.Module, optimizer):
+    """The recording session of one step -> (a context manager around the step, a function
+    that returns the step's Profile once the block has exited).
+
+    Estimates (and `measure_step`) record with the core alone: the same native hook, module
+    scope, steps and snapshots as memprof.track(), but no throughput or health recorders and
+    no analyses."""
+    session = Session(model, optimizer, recorders=())
+    return session, lambda: Profile(Run.from_session(session))
+
+
+# ------------------------------------------------------------------------------ the estimator
+class Estimator:
+    """Estimates steps of one model for any batch size, precision and checkpointing policy.
+
+    The fake copy of the model is built once (parameters and buffers as fake tensors);
+    every `step()` copies only the module structure around them."""
+
+    def __init__(self, model: nn.Module, make_batch: Callable, loss_fn: Callable | None = None,
+                 *, optimizer="adamw"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not callable(make_batch):
+            raise TypeError(f"make_batch: expected a callable batch_size -> batch, got "
+                            f"{type(make_batch).__name__}")
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        self.make_batch = make_batch
+        self.loss_fn = loss_fn or _default_loss
+        self.optimizer = optimizer
+        self.optimizer_name = optimizer if isinstance(optimizer, str) else \
+            getattr(optimizer, "__name__", "custom")
+        if isinstance(optimizer, str) and optimizer.lower() not in OPTIMIZERS:
+            make_optimizer(optimizer, [])  # raises the one-line error
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.model_class = type(model).__name__
+        memo: dict[int, Any] = {}
+        for p in model.parameters():
+            if id(p) not in memo:
+                memo[id(p)] = nn.Parameter(self.fake_mode.from_tensor(p.detach()),
+                                           requires_grad=p.requires_grad)
+        for b in model.buffers():
+            if id(b) not in memo:
+                memo[id(b)] = self.fake_mode.from_tensor(b)
+        # the template's own tensors map to themselves: per-step copies share them
+        self._tensor_memo = {id(v): v for v in memo.values()}
+        self._template = copy.deepcopy(model, memo)
+        self.params_bytes = sum(p.untyped_storage().nbytes() for p in unique_storages(
+            self._template.parameters()))
+        self.buffers_bytes = sum(b.untyped_storage().nbytes() for b in unique_storages(
+            self._template.buffers()))
+        self.trainable_params = sum(p.numel() for p in self._template.parameters()
+                                    if p.requires_grad)
+        self.total_params = sum(p.numel() for p in self._template.parameters())
+        self.training = model.training
+        self._user_model = model
+        self._user_module_names = {id(m): n for n, m in model.named_modules()}
+
+    def _fresh_model(self) -> nn.Module:
+        memo = {k: v for k, v in self._tensor_memo.items()}
+        m = copy.deepcopy(self._template, memo)
+        m.train(self.training)
+        return m
+
+    def step(self, batch_size: int, *, precision: str = "fp32", checkpointing: str = "none",
+             blocks=None, count_flops: bool = True, simulate: bool = True) -> Estimate:
+        """Estimate one training step at `batch_size` (see the module docstring)."""
+        _check_step_args(batch_size, precision)
+        checkpointing = checkpointing or "none"
+        t0 = time.perf_counter()
+        model = self._fresh_model()
+        low = LOW_PRECISION_DTYPES.get(precision)
+        cuda_policy = CudaAutocast() if low is not None else contextlib.nullcontext()
+        kind, mods = self._checkpoint(model, checkpointing, blocks,
+                                      cuda_policy if low is not None else None)
+        # Selective checkpointing replays the forward's op sequence exactly; autocast's weight
+        # cache breaks that when a block runs twice in one forward (DCAL's PWCA stream reuses
+        # the SA blocks), on CUDA as here. So SAC + AMP runs with cache_enabled=False.
+        autocast_cache = not (kind == "selective" and low is not None)
+        amp = (lambda: torch.autocast("cpu", dtype=low, cache_enabled=autocast_cache)) \
+            if low is not None else contextlib.nullcontext
+        opt = make_optimizer(self.optimizer, model.parameters())
+        storages = StepStorages(model)
+        recorder = RecordingMode(storages, count_flops)
+        loss_fn = self._rebind(self.loss_fn, model)
+        make_batch = self._rebind(self.make_batch, model)
+        prof, phase_flops = self._record(
+            model, opt, storages, mods,
+            lambda: self._run(model, opt, make_batch, loss_fn, batch_size, recorder,
+                              cuda_policy, amp))
+        prof.meta.update({
+            "estimated": True, "batch_size": int(batch_size), "precision": precision,
+            "checkpointing": checkpointing, "optimizer": self.optimizer_name,
+            "autocast_cache": autocast_cache if low is not None else None,
+            "model_class": self.model_class, "flops": int(sum(phase_flops.values())),
+            "estimate_ops": storages.ops,
+        })
+        est = self._finish(prof, int(batch_size), precision, checkpointing, phase_flops,
+                           storages.ops, simulate)
+        est.wall_s = time.perf_counter() - t0
+        prof.meta["estimate_wall_s"] = est.wall_s
+        return est
+
+    def _checkpoint(self, model, checkpointing, blocks, mode) -> tuple[str, list[nn.Module]]:
+        """Apply the policy to the fake copy -> (policy kind, checkpointed blocks). With an AMP
+        `mode`, the recompute of a block in backward runs under the emulation too."""
+        kind = parse_policy(checkpointing)[0]
+        if kind == "none":
+            return kind, []
+        _, mods = resolve_blocks(model, _map_blocks(blocks, self, model))
+        if mode is not None:
+            for m in mods:
+                run_under(m, mode)
+        apply_checkpointing(model, checkpointing, blocks=mods)
+        return kind, mods
+
+    def _record(self, model, opt, storages: StepStorages, mods, run) -> tuple[Profile, dict]:
+        """run() inside a recording session -> (its Profile, FLOPs per phase). Errors are
+        re-raised after the session: a failed estimate saves no file."""
+        # safety net: code that reaches the user's own parameters (a closure over the real
+        # model) must not leave fake gradients on them
+        user_grads = [(p, p.grad) for p in self._user_model.parameters()]
+        recording, recorded_profile = _recorded(model, opt)
+        error = None
+        # Python's cycle collector frees garbage at points that differ from run to run: keep
+        # it off during the step, so an estimate is deterministic (cycle-held tensors count
+        # until the step ends, which is conservative).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+            warnings.filterwarnings("ignore", message=".*None of the inputs have requires_grad.*")
+            try:
+                with recording:
+                    try:
+                        phase_flops = run()
+                    except BaseException as e:  # noqa: BLE001
+                        error = e
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+                storages.active = False
+                for m in mods:  # the forward wrappers close over their module: break the cycle
+                    m.__dict__.pop("forward", None)
+                for p in self._template.parameters():
+                    p.grad = None
+                for p, g in user_grads:
+                    p.grad = g
+        if error is not None:
+            raise error
+        return recorded_profile(), phase_flops
+
+    def _run(self, model, opt, make_batch, loss_fn, batch_size, recorder, cuda_policy, amp):
+        """The training step itself (inside the recording session)."""
+        record_buffers(model)
+        with self.fake_mode, cuda_policy, recorder:
+            batch = make_batch(int(batch_size))
+            batch = tree_map(lambda t: self._adopt(t, recorder), batch)
+            inputs, targets = split_batch(batch)
+            f0 = recorder.flops
+            with amp():
+                loss = loss_fn(call_model(model, inputs), targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError("loss: expected the loss function to return a scalar tensor, "
+                                f"got {_describe(loss)}")
+            f1 = recorder.flops
+            loss.backward()
+            f2 = recorder.flops
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                for p in model.parameters():
+                    p.grad = None
+            f3 = recorder.flops
+            del loss
+        return {"forward": f1 - f0, "backward": f2 - f1, "optimizer": f3 - f2}
+
+    def _rebind(self, fn, model: nn.Module):
+        """A method bound to (a submodule of) the user's model -> bound to the fake copy."""
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, nn.Module) and id(owner) in self._user_module_names:
+            target = model.get_submodule(self._user_module_names[id(owner)])
+            return types.MethodType(fn.__func__, target)
+        return fn
+
+    def _adopt(self, t, recorder):
+        if not isinstance(t, torch.Tensor):
+            return t
+        from torch._subclasses.fake_tensor import is_fake
+        if not is_fake(t):
+            t = self.fake_mode.from_tensor(t)
+        recorder.see(t)
+        return t
+
+    def _finish(self, prof: Profile, batch_size, precision, checkpointing, phase_flops, ops,
+                simulate) -> Estimate:
+        peaks = {}
+        for variant in VARIANTS:
+            ptr, size = step_stream(prof, variant)
+            alloc = int(np.cumsum(size).max()) if size.size else 0
+            res = reserved_peak(ptr, size) if simulate and size.size else 0
+            peaks[variant] = (alloc, res)
+        mem = prof.memory
+        size = mem["size"]
+        compute = (size > 0) & np.isin(mem["phase"], (PHASE_FORWARD, PHASE_BACKWARD))
+        return Estimate(
+            profile=prof, batch_size=batch_size, precision=precision,
+            checkpointing=checkpointing, optimizer=self.optimizer_name,
+            peak_allocated=prof.peak, peak_reserved=peaks["first"][1],
+            steady_peak_allocated=peaks["steady"][0], steady_peak_reserved=peaks["steady"][1],
+            accumulating_peak_allocated=peaks["accumulate"][0],
+            accumulating_peak_reserved=peaks["accumulate"][1],
+            flops=int(sum(phase_flops.values())), flops_by_phase=dict(phase_flops), ops=ops,
+            bytes_allocated=int(size[compute].sum()), buffers_bytes=self.buffers_bytes,
+            params_bytes=self.params_bytes, trainable_params=self.trainable_params, wall_s=0.0,
+            by_category=prof.breakdown("category"))
+
+
+def _map_blocks(blocks, estimator: Estimator, model: nn.Module):
+    """blocks= given as modules of the user's model -> the same modules of the fake copy."""
+    if blocks is None or isinstance(blocks, str):
+        return blocks
+    if isinstance(blocks, nn.Module):
+        blocks = [blocks]
+    names = estimator._user_module_names
+    out = []
+    fake_by_name = dict(model.named_modules())
+    for b in blocks:
+        name = names.get(id(b)) if names else None
+        if name is None or name not in fake_by_name:
+            raise ValueError("blocks: pass a qualified name (e.g. 'blocks') or modules of the "
+                             "model given to the estimator")
+        out.append(fake_by_name[name])
+    return out
+
+
+def estimate_step(model: nn.Module, make_batch: Callable, loss_fn: Callable | None = None, *,
+                  batch_size: int, optimizer="adamw", precision: str = "fp32",
+                  checkpointing: str = "none", blocks=None, count_flops: bool = True) -> Estimate:
+    """Estimate one training step of `model` at `batch_size` without running it.
+
+    make_batch(batch_size) -> (inputs, targets); inputs a tuple (model(*inputs)), a dict
+    (model(**inputs)) or a tensor. loss_fn(outputs, targets) -> scalar (default: cross-entropy
+    for integer targets, else MSE; or outputs.loss). optimizer: 'adamw' | 'adam' | 'sgd' |
+    'none' or a factory params -> Optimizer. precision: 'fp32' | 'fp16' | 'bf16' (AMP, fp32
+    master weights, CUDA autocast policy emulated). checkpointing: a memprof.checkpoint policy.
+    """
+    est = Estimator(model, make_batch, loss_fn, optimizer=optimizer)
+    return est.step(batch_size, precision=precision, checkpointing=checkpointing, blocks=blocks,
+                    count_flops=count_flops)
+
+
+def measure_step(model: nn.Module, make_batch: Callable, loss_fn: Callable, batch_size: int, *,
+                 optimizer="adamw", checkpointing: str = "none") -> tuple[Profile, float]:
+    """Run for real (on the model's device) the fp32 step that `estimate_step` predicts,
+    recorded the way an estimate is -> (its Profile, wall seconds). What estimates are checked
+    against (tests, benchmarks/estimate_accuracy.py); the model is left as it was."""
+    handle = apply_checkpointing(model, checkpointing)
+    try:
+        opt = make_optimizer(optimizer, model.parameters())
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        recording, recorded_profile = _recorded(model, opt)
+        with recording:
+            inputs, targets = make_batch(batch_size)
+            loss = loss_fn(call_model(model, inputs), targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss, inputs, targets
+        wall = time.perf_counter() - t
+    finally:
+        handle.remove()
+    return recorded_profile(), wall

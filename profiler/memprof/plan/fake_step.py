@@ -1,0 +1,137 @@
+"""What a fake training step records: every storage an aten op creates, and its death.
+
+`RecordingMode` is a TorchDispatchMode: for every output of every aten op it records a new
+storage with `memprof._C.record_external` (on the fake device, `FAKE_DEVICE_TYPE`: the GPU
+that is modelled) and its death - a `weakref.finalize` on the storage - as a free. It also
+counts FLOPs with `torch.utils.flop_counter`'s formulas (the registry FlopCounterMode uses;
+CPU fused attention counted like the CUDA kernels), so the recompute of checkpointed blocks is
+counted. FlopCounterMode itself is not used: its module tracker's backward hooks keep the
+recomputed tensors of checkpointed blocks alive until it exits, which inflated the estimated
+peak above the measured one.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .. import _C
+from ..record.events import FAKE_DEVICE_TYPE
+
+__all__ = ["StepStorages", "RecordingMode", "unique_storages", "record_buffers"]
+
+
+def unique_storages(tensors):
+    """The tensors, one per storage (tied weights and views share one)."""
+    seen = set()
+    for t in tensors:
+        k = id(t.untyped_storage())
+        if k not in seen:
+            seen.add(k)
+            yield t
+
+
+def _record(key: int, nbytes: int) -> None:
+    _C.record_external(key, nbytes, FAKE_DEVICE_TYPE, 0)
+
+
+class StepStorages:
+    """Storages known to one estimated step; finalizers record frees only while it is active.
+    The model's parameters and buffers are known from the start (recorded as pre-existing by
+    the tracking session, not by this step)."""
+
+    def __init__(self, model: nn.Module):
+        self.live: dict[int, int] = {}   # id(storage) -> nbytes recorded (0: pre-existing)
+        self.active = True
+        self.ops = 0
+        for b in unique_storages(model.buffers()):
+            self.live[id(b.untyped_storage())] = 0
+        for p in unique_storages(model.parameters()):
+            self.live[id(p.untyped_storage())] = 0
+
+
+def _release(storages: StepStorages, key: int) -> None:
+    n = storages.live.pop(key, None)
+    if n and storages.active:
+        _record(key, -n)
+
+
+def record_buffers(model: nn.Module) -> None:
+    """Buffers exist on the GPU before the step: name them (category "other")."""
+    for b in unique_storages(model.buffers()):
+        st = b.untyped_storage()
+        if st.nbytes():
+            _record(id(st), st.nbytes())
+
+
+class RecordingMode(TorchDispatchMode):
+    """Records every new storage produced by an op (and its death) into the tracking session."""
+
+    def __init__(self, storages: StepStorages, count_flops: bool = True):
+        super().__init__()
+        self.storages = storages
+        self.flops = 0
+        self._registry = _flop_registry() if count_flops else {}
+
+    def see(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        try:
+            st = t.untyped_storage()
+        except Exception:  # noqa: BLE001  (storage-less tensors)
+            return
+        key = id(st)
+        live = self.storages.live
+        old = live.get(key)
+        n = st.nbytes()
+        if old is None:
+            live[key] = n
+            if n:
+                _record(key, n)
+            weakref.finalize(st, _release, self.storages, key)
+        elif old and old != n:  # resized in place (out= ops, resize_)
+            _record(key, -old)
+            _record(key, n)
+            live[key] = n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.storages.ops += 1
+        formula = self._registry.get(getattr(func, "_overloadpacket", None))
+        if formula is not None:
+            try:
+                self.flops += int(formula(*args, **kwargs, out_val=out))
+            except Exception:  # noqa: BLE001  (an unusual signature: count nothing)
+                pass
+        if isinstance(out, torch.Tensor):
+            self.see(out)
+        elif isinstance(out, (tuple, list)):
+            for o in out:
+                if isinstance(o, torch.Tensor):
+                    self.see(o)
+                elif isinstance(o, (tuple, list)):
+                    for q in o:
+                        self.see(q)
+        return out
+
+
+_FLOP_REGISTRY = None
+
+
+def _flop_registry() -> dict:
+    """torch.utils.flop_counter's formulas (what FlopCounterMode counts), plus the CPU fused
+    attention that SDPA runs on fake CPU tensors, counted like the CUDA kernels."""
+    global _FLOP_REGISTRY
+    if _FLOP_REGISTRY is None:
+        from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
+        reg = dict(flop_registry)
+        aten = torch.ops.aten
+        if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+            reg[aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_flop
+        if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+            reg[aten._scaled_dot_product_flash_attention_for_cpu_backward] = sdpa_backward_flop
+        _FLOP_REGISTRY = reg
+    return _FLOP_REGISTRY

@@ -1,0 +1,453 @@
+"""`memprof.recommend`: what fits on a GPU you may not have, and how fast it would run (estimated).
+
+    plan = memprof.recommend(model="dcal-vit-b16", gpu="v100-16gb", effective_batch=16)
+    plan.best                      # Option(micro_batch, accumulation, checkpointing, precision, ...)
+    plan.max_micro_batch(precision="fp16", checkpointing="every")
+    plan.predict(6, precision="fp16", checkpointing="every")
+    print(plan.code())             # how to apply the best option
+
+    memprof recommend --gpu v100-16gb --model dcal-vit-b16 --effective-batch 16
+
+Every number is an ESTIMATE (fake-tensor steps, `memprof.plan.estimate`), never a measurement:
+
+* For each precision the GPU supports x checkpointing policy, one training step is estimated
+  at two small micro-batches (2 and 4). Every allocation of the step is affine in the batch, so
+  the two event streams give the stream at any micro-batch exactly when both runs dispatched the
+  same ops (checked; otherwise peaks are interpolated linearly: `memprof.plan.batch_model`).
+  The caching-allocator model replays the synthesized stream for the reserved bytes. The
+  largest micro-batch that fits is then confirmed by estimating a step at that boundary (and
+  the model refitted if it disagrees).
+* Memory is the steady state: optimizer state exists from the start of the step, and with
+  gradient accumulation (accumulation > 1) the gradients too (micro-steps 2..A).
+* Fits: predicted reserved bytes <= `memprof.plan.gpus.usable_bytes(gpu)` = total memory - CUDA
+  context and kernels (`gpus.DEFAULT_OVERHEAD_BYTES`) - a margin (`gpus.FIT_MARGIN`, 5 % of
+  the total) for what the estimate does not see (cuBLAS/cuDNN workspaces, ...).
+* Throughput: the time model of `memprof.plan.timing`; samples/s = effective batch /
+  (accumulation x micro-step time + optimizer-step time). Its utilisation figures are stated
+  assumptions, not measurements: use the ranking, and measure the chosen configuration
+  (memprof.track + memprof.throughput).
+* Learning rate and warmup: `memprof.plan.advice`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from .advice import lr_advice, warmup_advice
+from .batch_model import BatchModel
+from .checkpoint import find_blocks, parse_policy, policies_for
+from .codegen import plan_code
+from .errors import PlanInputError
+from .estimate import ESTIMATE_PRECISIONS, Estimator
+from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
+from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
+                     optimizer_time)
+from .workloads import BatchError, call_code, resolve_workload
+
+__all__ = ["recommend", "Plan", "Option", "Combination", "DEFAULT_POLICIES", "FIT_BATCHES"]
+
+DEFAULT_POLICIES = ("none", "every", "every-2", "selective")
+FIT_BATCHES = (2, 4)
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class Option:
+    """One configuration: micro_batch x accumulation = effective batch (all numbers estimated)."""
+    micro_batch: int
+    accumulation: int
+    checkpointing: str
+    precision: str
+    peak_allocated: int          # bytes, steady state
+    peak_reserved: int           # bytes, caching-allocator model
+    headroom: int                # usable bytes - peak_reserved (negative: does not fit)
+    fits: bool
+    samples_per_s: float | None  # estimated throughput (None: GPU FLOP/s unknown)
+    step_time_s: float | None    # estimated time of one optimizer step (all micro-steps)
+    flops_per_sample: float      # counted FLOPs of a training step per sample, incl. recompute
+    confirmed: bool = False      # an estimate was run at this very micro-batch
+    estimated: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.precision}, checkpointing {self.checkpointing}, micro-batch "
+                f"{self.micro_batch} x {self.accumulation}")
+
+
+@dataclass
+class Combination:
+    """One precision x checkpointing policy of a plan: its batch model (None: not estimated,
+    see skipped / error) and the largest micro-batch that fits."""
+    precision: str
+    checkpointing: str
+    model: BatchModel | None = None
+    max_micro_batch: int = 0
+    confirmed_at: int | None = None
+    confirm_agreed: bool | None = None
+    skipped: str | None = None
+    error: str | None = None
+    state_bytes: int = 0
+    wall_s: float = 0.0
+
+
+def _rank_key(o: Option):
+    return (not o.fits, -(o.samples_per_s or 0.0), -o.micro_batch)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class Plan:
+    """The result of `recommend`: ranked options plus how they were obtained."""
+
+    def __init__(self, *, gpu, effective_batch, combos, usable, assumptions, model_desc,
+                 estimator, lr=None, warmup=None, container=None, wall_s=0.0, estimates=0):
+        self.gpu = gpu
+        self.effective_batch = effective_batch
+        self._combos: dict[tuple[str, str], Combination] = combos
+        self.usable_bytes = usable
+        self.assumptions = assumptions
+        self.model = model_desc
+        self.optimizer = estimator.optimizer_name
+        self.params_bytes = estimator.params_bytes
+        self.trainable_params = estimator.trainable_params
+        self.total_params = estimator.total_params
+        self.lr = lr
+        self._warmup_steps = warmup
+        self.container = container
+        self.wall_s = wall_s
+        self.estimates = estimates
+        self.options: list[Option] = []
+        for c in combos.values():
+            if c.model is None:
+                continue
+            for m in _divisors(effective_batch):
+                self.options.append(self._option(c, m, effective_batch // m))
+        self.options.sort(key=_rank_key)
+
+    # -------------------------------------------------------------- queries
+    @property
+    def best(self) -> Option | None:
+        return next((o for o in self.options if o.fits), None)
+
+    @property
+    def warmup(self) -> dict | None:
+        if self._warmup_steps is None:
+            return None
+        acc = self.best.accumulation if self.best is not None else 1
+        return warmup_advice(self._warmup_steps, acc, self.effective_batch)
+
+    @property
+    def combinations(self) -> list[Combination]:
+        """Every precision x policy of the plan, in search order (estimated or not)."""
+        return list(self._combos.values())
+
+    @property
+    def precisions(self) -> set:
+        return {p for p, _ in self._combos}
+
+    def _combo(self, precision: str, checkpointing: str) -> Combination:
+        key = (precision, checkpointing)
+        if key not in self._combos:
+            raise ValueError(f"precision/checkpointing: {precision!r}/{checkpointing!r} was not "
+                             f"part of this plan; it has {sorted(self._combos)}")
+        c = self._combos[key]
+        if c.model is None:
+            raise ValueError(f"{precision}/{checkpointing} was not estimated: "
+                             f"{c.error or c.skipped}")
+        return c
+
+    def max_micro_batch(self, precision: str = "fp32", checkpointing: str = "none") -> int:
+        """Largest micro-batch whose step fits when gradients are accumulated across
+        micro-steps (the general case; 0 = not even 1 fits). Estimated."""
+        return self._combo(precision, checkpointing).max_micro_batch
+
+    def predict(self, micro_batch: int, precision: str = "fp32", checkpointing: str = "none",
+                accumulation: int | None = None) -> Option:
+        """A predicted step for any micro-batch of an estimated precision x policy (default
+        accumulation: effective batch / micro-batch, at least 1)."""
+        if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+            raise ValueError(f"micro_batch: expected an int >= 1, got {micro_batch!r}")
+        acc = accumulation if accumulation is not None else \
+            max(1, math.ceil(self.effective_batch / micro_batch))
+        return self._option(self._combo(precision, checkpointing), micro_batch, acc)
+
+    def _option(self, c: Combination, m: int, acc: int) -> Option:
+        p = c.model.predict(m, acc)
+        t_micro = micro_step_time(p, self.gpu, c.precision, self.params_bytes)
+        t_opt = optimizer_time(self.gpu, self.params_bytes, self.trainable_params,
+                               c.state_bytes)
+        step = None if t_micro is None else acc * t_micro + t_opt
+        headroom = self.usable_bytes - p.peak_reserved
+        return Option(micro_batch=m, accumulation=acc, checkpointing=c.checkpointing,
+                      precision=c.precision, peak_allocated=p.peak_allocated,
+                      peak_reserved=p.peak_reserved, headroom=headroom, fits=headroom >= 0,
+                      samples_per_s=None if step is None else m * acc / step,
+                      step_time_s=step, flops_per_sample=p.flops / m,
+                      confirmed=c.confirmed_at == m)
+
+    def summary_options(self) -> list[Option]:
+        """Per precision x policy: the largest fitting micro-batch and the next one up."""
+        rows = []
+        for c in self._combos.values():
+            if c.model is None:
+                continue
+            mine = sorted((o for o in self.options if o.precision == c.precision
+                           and o.checkpointing == c.checkpointing), key=lambda o: o.micro_batch)
+            fit = [o for o in mine if o.fits]
+            if fit:
+                rows.append(fit[-1])
+            over = [o for o in mine if not o.fits and (not fit or o.micro_batch > fit[-1]
+                                                       .micro_batch)]
+            if over:
+                rows.append(over[0])
+        return sorted(rows, key=_rank_key)
+
+    # -------------------------------------------------------------- output
+    def as_dict(self) -> dict:
+        combos = []
+        for (prec, pol), c in self._combos.items():
+            combos.append({"precision": prec, "checkpointing": pol,
+                           "max_micro_batch": c.max_micro_batch if c.model else None,
+                           "confirmed_at": c.confirmed_at, "confirm_agreed": c.confirm_agreed,
+                           "exact_interpolation": c.model.exact if c.model else None,
+                           "skipped": c.skipped, "error": c.error, "wall_s": round(c.wall_s, 3)})
+        best = self.best
+        return {
+            "estimated": True,
+            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes,
+                    "usable_bytes": self.usable_bytes},
+            "model": self.model, "optimizer": self.optimizer,
+            "effective_batch": self.effective_batch,
+            "parameters": self.total_params, "trainable_parameters": self.trainable_params,
+            "checkpoint_blocks": self.container,
+            "best": best.as_dict() if best else None,
+            "options": [o.as_dict() for o in self.options],
+            "combinations": combos,
+            "lr": asdict(self.lr) if self.lr else None,
+            "warmup": self.warmup,
+            "assumptions": self.assumptions,
+            "code": self.code() if best else None,
+            "wall_s": round(self.wall_s, 3), "estimates_run": self.estimates,
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.as_dict(), indent=indent, default=str)
+
+    def code(self, option: Option | None = None) -> str:
+        """Python that applies `option` (default: the best one)."""
+        return plan_code(self, option)
+
+    def print(self, console=None, all_options: bool = False) -> None:
+        """Rich table of the options plus LR / warmup advice and the code for the best
+        (`memprof.show(plan)`)."""
+        import memprof
+        memprof.show(self, console=console, all_options=all_options)
+
+    def __repr__(self) -> str:
+        b = self.best
+        return (f"Plan(gpu={self.gpu.name!r}, effective_batch={self.effective_batch}, "
+                f"options={len(self.options)}, best={b.label if b else None!r})")
+
+
+# ------------------------------------------------------------------------------ the search
+class _Search:
+    """Estimates every precision x policy: two fit estimates, the batch model, the largest
+    micro-batch that fits, and (confirm=True) an estimate at that boundary."""
+
+    def __init__(self, estimator: Estimator, usable: int, effective_batch: int, *, confirm,
+                 blocks, progress, model_name: str):
+        self.estimator, self.usable, self.effective_batch = estimator, usable, effective_batch
+        self.confirm, self.blocks, self.progress = confirm, blocks, progress
+        self.model_name = model_name
+        self.per_combo = 3 if confirm else 2
+        self.runs = self.done = self.total = 0
+
+    def _tick(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total, label)
+
+    def _estimate(self, batch: int, c: Combination):
+        self.runs += 1
+        return self.estimator.step(batch, precision=c.precision, checkpointing=c.checkpointing,
+                                   blocks=self.blocks)
+
+    def run(self, precisions: list[str], policies: list[str]) -> dict:
+        combos: dict[tuple[str, str], Combination] = {}
+        self.total = len(precisions) * len(policies) * self.per_combo
+        for prec in precisions:
+            none_fits_all = False
+            for pol in policies:
+                c = combos[(prec, pol)] = Combination(prec, pol)
+                if none_fits_all and parse_policy(pol)[0] != "none":
+                    c.skipped = (f"not estimated: without checkpointing the whole effective "
+                                 f"batch {self.effective_batch} already fits in {prec}")
+                    self.done += self.per_combo
+                    self._tick(f"{prec} {pol}: skipped")
+                    continue
+                t1 = time.perf_counter()
+                try:
+                    self._fit(c)
+                    if parse_policy(pol)[0] == "none":
+                        p = c.model.predict(self.effective_batch, 1)
+                        none_fits_all = p.peak_reserved <= self.usable
+                except BatchError as e:
+                    raise PlanInputError(str(e)) from None
+                except PlanInputError:
+                    raise
+                except Exception as e:  # noqa: BLE001  (one policy failing must not hide the rest)
+                    self._failed(c, e, len(combos), first=(prec, pol) == (precisions[0],
+                                                                          policies[0]))
+                c.wall_s = time.perf_counter() - t1
+        self._tick("done")
+        return combos
+
+    def _failed(self, c: Combination, e: Exception, n_combos: int, first: bool) -> None:
+        c.model = None
+        c.error = f"estimate failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        self.done = n_combos * self.per_combo
+        if first and parse_policy(c.checkpointing)[0] == "none":
+            # the plain step fails: the model / loss / batch is the problem
+            raise PlanInputError(f"model {self.model_name}: a training step failed under fake "
+                                 f"tensors: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}") from None
+
+    def _fit(self, c: Combination) -> None:
+        label = f"{c.precision} {c.checkpointing}"
+        self._tick(f"{label}: micro-batch {FIT_BATCHES[0]}")
+        lo = self._estimate(FIT_BATCHES[0], c)
+        self.done += 1
+        self._tick(f"{label}: micro-batch {FIT_BATCHES[1]}")
+        hi = self._estimate(FIT_BATCHES[1], c)
+        self.done += 1
+        c.model = BatchModel(lo, hi)
+        c.state_bytes = lo.profile.breakdown("category", at="end").get("optimizer_state", 0)
+        c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
+        if self.confirm:
+            self._confirm(c, lo, hi)
+            self.done += 1
+
+    def _confirm(self, c: Combination, lo, hi) -> None:
+        """Estimate a step at the boundary; when the batch model misses it by > 0.5 %, refit on
+        the points nearest the boundary."""
+        eb = self.effective_batch
+        target = c.max_micro_batch if c.max_micro_batch < eb else eb
+        if target < 1:
+            return
+        self._tick(f"{c.precision} {c.checkpointing}: confirming micro-batch {target}")
+        acc = max(1, math.ceil(eb / target))
+        variant = "steady" if acc == 1 else "accumulate"
+        est = {lo.batch_size: lo, hi.batch_size: hi}.get(target) or \
+            self._estimate(target, c)  # estimates are deterministic: reuse
+        pred = c.model.predict(target, acc)
+        actual = est.peak(variant, reserved=True)
+        c.confirmed_at = target
+        c.confirm_agreed = abs(actual - pred.peak_reserved) <= 0.005 * max(actual, 1)
+        if not c.confirm_agreed and target != hi.batch_size:
+            c.model = BatchModel(hi, est)
+            c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
+
+
+# ------------------------------------------------------------------------------ recommend
+def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
+    """-> (GPU, usable bytes, precisions to estimate), or a one-line PlanInputError."""
+    try:
+        g = lookup(gpu)
+    except ValueError as e:
+        raise PlanInputError(str(e)) from None
+    if isinstance(effective_batch, bool) or not isinstance(effective_batch, int) \
+            or effective_batch < 1:
+        raise PlanInputError(f"effective_batch: expected an int >= 1, got {effective_batch!r}")
+    usable = usable_bytes(g, overhead=overhead, margin=margin)
+    if precisions is None:
+        return g, usable, [p for p in ESTIMATE_PRECISIONS if g.supports(p)]
+    precisions = [precisions] if isinstance(precisions, str) else list(precisions)
+    for p in precisions:
+        if p not in ESTIMATE_PRECISIONS:
+            raise PlanInputError(f"precision {p!r}: expected "
+                                 f"{', '.join(ESTIMATE_PRECISIONS[:-1])} or "
+                                 f"{ESTIMATE_PRECISIONS[-1]}")
+        if not g.supports(p):
+            raise PlanInputError(f"precision {p!r}: {g.name} has no {p} hardware support")
+    return g, usable, precisions
+
+
+def _policies(module, policies, blocks) -> list[str]:
+    if policies is None:
+        return policies_for(module, DEFAULT_POLICIES) if blocks is None \
+            else list(DEFAULT_POLICIES)
+    policies = [policies] if isinstance(policies, str) else list(policies)
+    for p in policies:
+        parse_policy(p)
+    return policies
+
+
+def _container(module, policies, blocks) -> str | None:
+    """What the plan's code says it checkpoints, e.g. 'model.blocks (12 blocks)'."""
+    if not any(parse_policy(p)[0] != "none" for p in policies):
+        return None
+    try:
+        name, mods = find_blocks(module) if blocks is None else (str(blocks), [])
+    except ValueError:
+        return None
+    return f"model.{name} ({len(mods)} blocks)" if name and mods else f"{blocks}"
+
+
+def _assumptions(overhead, margin) -> dict:
+    return {
+        "utilisation": dict(UTILISATION), "bandwidth_utilisation": BANDWIDTH_UTILISATION,
+        "launch_s_per_op": LAUNCH_S,
+        "overhead_bytes": DEFAULT_OVERHEAD_BYTES if overhead is None else int(overhead),
+        "margin": FIT_MARGIN if margin is None else float(margin),
+        "fit_batches": list(FIT_BATCHES),
+        "memory": "steady state: optimizer state (and, with accumulation > 1, gradients) "
+                  "exist from the start of the step",
+        "throughput": "counted FLOPs incl. recompute / (peak x utilisation) + 2 x bytes "
+                      "allocated + 3 x parameter bytes / (bandwidth x bandwidth_utilisation)",
+    }
+
+
+def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
+              gpu="v100-16gb", effective_batch: int = 16, precisions=None, policies=None,
+              base_lr: float | None = None, base_batch: int | None = None, progress=None, *,
+              lr: float | None = None, warmup_steps: int | None = None, input_shape=None,
+              num_classes: int | None = None, model_kwargs: dict | None = None,
+              confirm: bool = True, blocks=None, overhead: int | None = None,
+              margin: float | None = None) -> Plan:
+    """Search micro-batch x accumulation x checkpointing x precision for `gpu` (estimated).
+
+    model: built-in name (memprof.models.MODELS), 'package.module:factory', a factory
+    () -> nn.Module, or an nn.Module. batch: batch_size -> (inputs, targets) (built-ins bring
+    theirs; else input_shape=(3, 224, 224) makes a classification batch). loss: (outputs,
+    targets) -> scalar. optimizer: 'adamw' | 'adam' | 'sgd' or params -> Optimizer.
+    precisions: default the ones the GPU supports among fp32, fp16, bf16. policies: default
+    none, every, every-2, selective (those that apply to the model). progress: called as
+    progress(done, total, label) while estimating. See the module docstring for the models of
+    memory, fit and throughput."""
+    t0 = time.perf_counter()
+    g, usable, precisions = _gpu_and_precisions(gpu, effective_batch, precisions, overhead,
+                                                margin)
+    module, make_batch, loss_fn, desc = resolve_workload(model, batch, loss, input_shape,
+                                                         num_classes, model_kwargs)
+    policies = _policies(module, policies, blocks)
+    container = _container(module, policies, blocks)
+    lr_adv = None
+    if base_lr is not None or base_batch is not None:
+        lr_adv = lr_advice(base_lr, base_batch, effective_batch, optimizer, lr)
+    if warmup_steps is not None and (isinstance(warmup_steps, bool) or int(warmup_steps) < 0):
+        raise PlanInputError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+    estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer)
+    desc["call"] = call_code(make_batch)
+    search = _Search(estimator, usable, effective_batch, confirm=confirm, blocks=blocks,
+                     progress=progress, model_name=desc["name"])
+    combos = search.run(precisions, policies)
+    return Plan(gpu=g, effective_batch=effective_batch, combos=combos, usable=usable,
+                assumptions=_assumptions(overhead, margin), model_desc=desc,
+                estimator=estimator, lr=lr_adv, warmup=warmup_steps, container=container,
+                wall_s=time.perf_counter() - t0, estimates=search.runs)

@@ -1,0 +1,189 @@
+"""What a plan estimates: a model, a batch function and a loss, from what the user names.
+
+A model is a built-in name (`memprof.models.MODELS`, which bring their batch and loss), a
+factory given as 'package.module:factory' (imported here), a factory () -> nn.Module, or an
+nn.Module. A batch function is batch_size -> (inputs, targets), also as
+'package.module:function'; without one, `input_shape` makes a classification batch (classes
+inferred from the model's output unless given). Every bad input is a one-line PlanInputError.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import PlanInputError
+from .estimate import split_batch
+
+__all__ = ["resolve_workload", "call_code", "BatchError"]
+
+
+class BatchError(Exception):
+    """The user's batch function raised (message: one line naming it)."""
+
+
+# ------------------------------------------------------------------------------ importing
+def _import_callable(spec: str, label: str) -> Callable:
+    """'package.module:name' (dotted attributes allowed) -> the callable; one-line errors that
+    start with `label` ('model', 'batch function')."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001
+        raise PlanInputError(f"{label} {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
+                             f"{e})") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not callable(obj):
+        raise PlanInputError(f"{label} {spec!r}: {mod_name} has no function or class {attr!r}")
+    return obj
+
+
+def _import_factory(spec: str) -> Callable:
+    if ":" not in spec or not all(spec.partition(":")[::2]):
+        raise PlanInputError(f"model {spec!r}: expected a built-in name or "
+                             "'package.module:factory'")
+    return _import_callable(spec, "model")
+
+
+def _load_batch_fn(spec) -> Callable:
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or ":" not in spec:
+        raise PlanInputError(f"batch function {spec!r}: expected 'package.module:function'")
+    return _import_callable(spec, "batch function")
+
+
+# ------------------------------------------------------------------------------ batches
+def _parse_shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, str):
+        try:
+            shape = tuple(int(s) for s in shape.replace("x", ",").split(",") if s.strip())
+        except ValueError:
+            raise PlanInputError(f"input shape {shape!r}: expected integers such as "
+                                 "3,224,224") from None
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise PlanInputError(f"input shape {shape!r}: expected positive integers such as "
+                             "3,224,224")
+    return shape
+
+
+def _classification_batch(shape, num_classes):
+    def make_batch(b):
+        return (torch.randn(b, *shape),), torch.randint(0, num_classes, (b,))
+    return make_batch
+
+
+def _infer_num_classes(model: nn.Module, shape) -> int:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import copy
+    fm = FakeTensorMode(allow_non_fake_inputs=True)
+    memo = {id(t): fm.from_tensor(t) for t in list(model.parameters()) + list(model.buffers())}
+    m = copy.deepcopy(model, memo)
+    try:
+        with fm, torch.no_grad():
+            out = m(torch.randn(2, *shape))
+    except Exception as e:  # noqa: BLE001
+        raise PlanInputError(f"input shape {shape}: the model rejects a batch of this shape "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if hasattr(out, "logits"):
+        out = out.logits
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise PlanInputError("num_classes: cannot infer it from the model's output; pass it")
+    return int(out.shape[-1])
+
+
+def _checked_batch(fn):
+    def make_batch(b):
+        try:
+            return fn(b)
+        except Exception as e:  # noqa: BLE001
+            raise BatchError(f"batch function {getattr(fn, '__name__', fn)!r} raised "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    make_batch.__name__ = getattr(fn, "__name__", "make_batch")
+    return make_batch
+
+
+def call_code(make_batch) -> str:
+    """How the plan's code calls the model on a batch's inputs x: model(x), model(*x) (DCAL's
+    image pair) or model(**x); read from one fake batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+    try:
+        with FakeTensorMode():
+            inputs, _ = split_batch(make_batch(1))
+    except Exception:  # noqa: BLE001  (the estimates report a broken batch function)
+        return "model(x)"
+    if isinstance(inputs, dict):
+        return "model(**x)"
+    return "model(*x)" if isinstance(inputs, (tuple, list)) else "model(x)"
+
+
+# ------------------------------------------------------------------------------ models
+def _builtin(name: str, model_kwargs):
+    """A built-in workload -> (module, make_batch, loss_fn, description)."""
+    from ..models import build_model
+    try:
+        wl = build_model(name, **(model_kwargs or {}))
+    except (TypeError, ValueError) as e:  # an unknown or bad --model-arg
+        raise PlanInputError(f"model {name}: {e}") from None
+    desc = {"name": name, "builtin": True, "kwargs": dict(model_kwargs or {})}
+    return wl.model, wl.make_batch, wl.loss_fn, desc
+
+
+def _user_model(model, model_kwargs, builtins) -> tuple[nn.Module, dict]:
+    """A factory spec, a factory or a module -> (module, description)."""
+    if isinstance(model, str):
+        if ":" not in model:
+            raise PlanInputError(f"model {model!r}: not a built-in ({', '.join(builtins)}) and "
+                                 "not 'package.module:factory'")
+        factory = _import_factory(model)
+        desc = {"name": model.split(":")[-1] + "()", "builtin": False, "spec": model}
+    elif isinstance(model, nn.Module):
+        return model, {"name": type(model).__name__, "builtin": False}
+    elif callable(model):
+        factory = model
+        desc = {"name": getattr(model, "__name__", "factory") + "()", "builtin": False}
+    else:
+        raise PlanInputError(f"model: expected a built-in name, 'package.module:factory', a "
+                             f"factory or an nn.Module, got {type(model).__name__}")
+    try:
+        module = factory(**(model_kwargs or {}))
+    except Exception as e:  # noqa: BLE001
+        raise PlanInputError(f"model {desc['name']}: the factory raised "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(module, nn.Module):
+        raise PlanInputError(f"model {desc['name']}: the factory returned "
+                             f"{type(module).__name__}, expected a torch.nn.Module")
+    return module, desc
+
+
+def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs):
+    """-> (nn.Module, make_batch, loss_fn, description dict); see the module docstring."""
+    from ..models import MODELS
+    desc: dict[str, Any]
+    loss_fn = loss
+    make_batch = _load_batch_fn(batch) if batch is not None else None
+    if isinstance(model, str) and model in MODELS:
+        module, own_batch, own_loss, desc = _builtin(model, model_kwargs)
+        make_batch = make_batch or own_batch
+        loss_fn = loss_fn or own_loss
+    else:
+        module, desc = _user_model(model, model_kwargs, MODELS)
+        if make_batch is None:
+            if input_shape is None:
+                raise PlanInputError(f"model {desc['name']}: give input_shape (--input-shape "
+                                     "3,224,224) for a classification batch, or a batch "
+                                     "function")
+            shape = _parse_shape(input_shape)
+            n = num_classes or _infer_num_classes(module, shape)
+            make_batch = _classification_batch(shape, n)
+    if make_batch is not None:
+        make_batch = _checked_batch(make_batch)
+    return module, make_batch, loss_fn, desc

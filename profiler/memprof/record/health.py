@@ -1,0 +1,341 @@
+"""Training-health recorder (track(..., health=True)): gradient norm before and after clipping, the
+learning rate of every param group at every optimizer step, how the LR scheduler is stepped
+relative to the optimizer, loss per step, loss spikes, non-finite loss and gradients.
+
+What is recorded, and how
+- Gradient norm seen by the optimizer: in a global optimizer step pre-hook, the L2 norm of all
+  gradients of the optimizer's parameters, as one fused computation (torch._foreach_norm, then
+  the norm of the stacked per-parameter norms). On CUDA the result stays on the device and is
+  copied to the host every FLUSH_EVERY records (one sync per batch, never one per parameter).
+- Gradient clipping: torch.nn.utils.clip_grad_norm_ (both of its public names) is wrapped while
+  tracking; its return value is the pre-clip total norm, its max_norm argument the threshold.
+  clip_grad_norm_ references imported before the block are caught through the helper it calls
+  (torch.nn.utils.clip_grad._clip_grads_with_norm_, public as clip_grads_with_norm_), which
+  is wrapped too (the norm it is given counts as the pre-clip norm).
+- Learning rate: every param group's lr at each optimizer step (pre-hook), and at every root
+  forward (to see the LR change between micro-steps of one optimizer step).
+- LR scheduler: LRScheduler.step (and the subclasses that override step) is wrapped while
+  tracking; the constructor's initial step is not counted.
+- Loss: values given to prof.log(loss=...), else the scalar roots of torch.autograd.backward
+  (read with .item() on the CPU; on CUDA copied and read in batches as above); per optimizer
+  step the mean over its micro-steps.
+
+Rules (thresholds are module constants, stated in each finding):
+- loss spike: step k's loss exceeds the median of the previous LOSS_WINDOW step losses (at
+  least LOSS_MIN_HISTORY of them) by more than LOSS_REL_JUMP of that median AND by more than
+  LOSS_Z robust standard deviations of the residuals (1.4826 x MAD of loss - rolling median
+  over the run, floored at 1% of the median loss).
+- clipping on every step: clipped (pre-clip norm > max_norm) in >= CLIP_ALWAYS_FRACTION of at
+  least CLIP_MIN_STEPS steps; never clipped: 0 of at least CLIP_MIN_STEPS steps (info).
+- clipping mismatch: the optimizer saw a norm that differs by more than CLIP_MISMATCH from
+  min(pre-clip norm, max_norm) in at least half of at least 3 steps.
+- scheduler before optimizer: the scheduler stepped after a forward/backward of an iteration
+  and before that iteration's optimizer step in at least half of its calls (warning), or only
+  before the very first optimizer step (info: the first LR value is skipped once).
+- schedule per micro-step: a scheduler stepped >= 2 times per optimizer step in at least half
+  of the optimizer steps, or the LR changed between the micro-steps of at least half of the
+  optimizer steps with gradient accumulation.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+
+import torch
+
+FLUSH_EVERY = 32
+
+
+def _num(x) -> float:
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().reshape(()).item())
+    return float(x)
+
+
+class HealthRecorder:
+    """The opt-in hooks and wrappers of track(health=True); every one is undone by remove()."""
+
+    name = "health"
+
+    def __init__(self):
+        self.session = None
+        self.active = False
+        self.grad: dict[int, dict] = {}       # step -> {"norm", "bad", "lr"}
+        self.clips: list[dict] = []           # {"step", "pre", "max_norm", "norm_type"}
+        self.losses: list[list] = []          # [step, value]
+        self.timeline: list[tuple] = []       # ("F", step, lrs) ("B", step) ("O", step, opt_id)
+        #                          ("S", step, sched_id, class, opt_id, lrs_after, lrs_before)
+        self._opts: list = []                 # weakrefs of watched optimizers, in order seen
+        self._pending: list[tuple] = []       # (kind, key, tensor, extra)
+        self._clip_depth = 0
+        self._sched_depth = 0
+        self._last_ids: tuple = ()
+        self._last_params: list = []
+        self._names: dict[int, str] | None = None
+        self.errors: list[str] = []
+
+    def _note(self, error: str) -> None:
+        if len(self.errors) < 20:   # a failure that repeats every step is reported once or so
+            self.errors.append(error)
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self, session) -> None:
+        self.session = session
+        self.active = True
+        self._patches = session.patches
+        session.steps.on_optimizer_pre.append(self._opt_pre)
+        session.scope.on_forward_start.append(lambda args, kwargs: self._on_forward())
+        session.backward.before.append(self._before_backward)
+        from torch.nn.utils import clip_grad
+        clip_wrapper = None
+        for owner in (torch.nn.utils, clip_grad):
+            if getattr(owner, "clip_grad_norm_", None) is not None:
+                if clip_wrapper is None:
+                    clip_wrapper = self._wrap_clip(owner.clip_grad_norm_, inner=False)
+                self._patch(owner, "clip_grad_norm_", lambda f, w=clip_wrapper: w)
+        inner = None  # the second half of clip_grad_norm_, also public in torch >= 2.6
+        for owner, name in ((clip_grad, "_clip_grads_with_norm_"),
+                            (torch.nn.utils, "clip_grads_with_norm_")):
+            if getattr(owner, name, None) is not None:
+                if inner is None:
+                    inner = self._wrap_clip(getattr(owner, name), inner=True)
+                self._patch(owner, name, lambda f, w=inner: w)
+        from torch.optim.lr_scheduler import LRScheduler
+        for cls in [LRScheduler] + _subclasses(LRScheduler):
+            if "step" in cls.__dict__:
+                self._patch(cls, "step", self._wrap_sched)
+
+    def _patch(self, owner, name: str, make) -> None:
+        self._patches.patch(owner, name, make)
+
+    def remove(self) -> None:
+        """Switch the wrappers off (the session's patch registry restores them) and read
+        what is still pending."""
+        self.active = False
+        try:
+            self.flush()
+        except Exception as err:  # noqa: BLE001
+            self._note(f"flush: {type(err).__name__}: {err}")
+
+    def record(self) -> dict:
+        """Plain data for analyse.health (saved with the profile)."""
+        return {"grad": [[s, r["norm"], r["bad"], r["lr"]] for s, r in sorted(self.grad.items())],
+                "clips": [dict(c) for c in self.clips],
+                "losses": [list(x) for x in self.losses],
+                "timeline": [list(ev) for ev in self.timeline],
+                "errors": list(self.errors)}
+
+    # ------------------------------------------------------------------ deferred reads
+    def _immediate(self, t: torch.Tensor) -> bool:
+        """Host tensors are read at once; device tensors in batches (see flush)."""
+        return t.device.type == "cpu"
+
+    def _defer(self, kind: str, key, t: torch.Tensor, extra=None) -> None:
+        if self._immediate(t):
+            self._resolve(kind, key, t.reshape(-1).tolist(), extra)
+            return
+        self._pending.append((kind, key, t.detach().reshape(-1), extra))
+        if len(self._pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Copy pending device values to the host: one sync per device per batch."""
+        pending, self._pending = self._pending, []
+        by_dev: dict[torch.device, list] = {}
+        for item in pending:
+            by_dev.setdefault(item[2].device, []).append(item)
+        for items in by_dev.values():
+            flat = torch.cat([it[2].float() for it in items]).tolist()
+            i = 0
+            for kind, key, t, extra in items:
+                n = t.numel()
+                self._resolve(kind, key, flat[i:i + n], extra)
+                i += n
+
+    def _resolve(self, kind: str, key, vals: list[float], extra) -> None:
+        if kind == "grad":
+            rec = self.grad[key]
+            rec["norm"] = vals[0]
+            idx = int(vals[1])
+            if idx >= 0 and extra is not None:
+                rec["bad"] = self._param_name(extra[idx])
+        elif kind == "clip":
+            self.clips[key]["pre"] = vals[0]
+        elif kind == "loss":
+            self.losses[key][1] = float(sum(vals))
+
+    def _param_name(self, p) -> str:
+        if self._names is None:
+            names = self.session.scope.parameter_names()
+            for ref in self._opts:
+                opt = ref()
+                if opt is None:
+                    continue
+                for gi, g in enumerate(opt.param_groups):
+                    for pi, q in enumerate(g["params"]):
+                        names.setdefault(id(q), f"param_groups[{gi}]['params'][{pi}]")
+            self._names = names
+        return self._names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+
+    # ------------------------------------------------------------------ hooks
+    def _watched(self) -> list:
+        if self.session.optimizer is not None:
+            return [self.session.optimizer]
+        return [o for o in (r() for r in self._opts) if o is not None]
+
+    def _lrs(self, opts) -> list[float]:
+        return [_num(g["lr"]) for o in opts for g in o.param_groups if "lr" in g]
+
+    def _on_forward(self) -> None:
+        try:
+            self.timeline.append(("F", self.session.step, tuple(self._lrs(self._watched()))))
+        except Exception as err:  # noqa: BLE001
+            self._note(f"forward: {type(err).__name__}: {err}")
+
+    def _opt_pre(self, optimizer) -> None:
+        step = self.session.step
+        self.timeline.append(("O", step, id(optimizer)))
+        if not self.session.steps.watches(optimizer):
+            return
+        if not any(r() is optimizer for r in self._opts):
+            self._opts.append(weakref.ref(optimizer))
+            self._names = None
+        try:
+            self._grad_norm(optimizer, step)
+        except Exception as err:  # noqa: BLE001  (health must never break training)
+            self._note(f"grad norm: {type(err).__name__}: {err}")
+
+    def _grad_norm(self, opt, step: int) -> None:
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        rec = {"norm": None, "bad": None, "lr": self._lrs([opt])}
+        self.grad[step] = rec
+        if not params:
+            return
+        ids = tuple(map(id, params))
+        if ids == self._last_ids:
+            params = self._last_params       # one list object shared by the pending records
+        else:
+            self._last_ids, self._last_params = ids, params
+        grads = [p.grad for p in params]
+        with torch.no_grad():
+            try:
+                norms = list(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+            except Exception:  # noqa: BLE001  (sparse or unusual gradients)
+                norms = [torch.linalg.vector_norm(
+                    g.coalesce().values() if g.is_sparse else g, dtype=torch.float32)
+                    for g in grads]
+            dev = norms[0].device
+            per = torch.stack([n if n.device == dev else n.to(dev) for n in norms])
+            total = torch.linalg.vector_norm(per)
+            if self._immediate(total):       # host: read now, look for the culprit only if bad
+                rec["norm"] = float(total)
+                if not math.isfinite(rec["norm"]):
+                    idx = int((~torch.isfinite(per)).to(torch.int32).argmax())
+                    rec["bad"] = self._param_name(params[idx])
+                return
+            bad = ~torch.isfinite(per)
+            first = torch.where(bad.any(), bad.to(torch.int32).argmax(), -1)
+            packed = torch.stack([total, first.to(torch.float32)])
+        self._defer("grad", step, packed, params)
+
+    # ------------------------------------------------------------------ wrappers
+    def _before_backward(self, tensors, grad_tensors) -> None:
+        """Called by the session's backward wrapper (record.steps.BackwardHook)."""
+        if self.active:
+            try:
+                self._on_backward(tensors, grad_tensors)
+            except Exception as err:  # noqa: BLE001
+                self._note(f"backward: {type(err).__name__}: {err}")
+
+    def _on_backward(self, tensors, grad_tensors) -> None:
+        step = self.session.step
+        self.timeline.append(("B", step))
+        roots = tensors if isinstance(tensors, (list, tuple)) else [tensors]
+        gts = grad_tensors if isinstance(grad_tensors, (list, tuple)) else [grad_tensors]
+        scal = [t for i, t in enumerate(roots)
+                if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()
+                and (i >= len(gts) or gts[i] is None)]
+        if not scal:
+            return
+        self.losses.append([step, None])
+        with torch.no_grad():
+            if all(self._immediate(t) for t in scal):
+                self.losses[-1][1] = float(sum(_num(t) for t in scal))
+            else:
+                vals = torch.stack([t.detach().reshape(()).float().to(scal[0].device)
+                                    for t in scal]).sum()
+                self._defer("loss", len(self.losses) - 1, vals)
+
+    def _wrap_clip(self, original, inner: bool):
+        rec = self
+
+        @functools.wraps(original)
+        def clip(*args, **kwargs):
+            if not rec.active or rec._clip_depth:
+                return original(*args, **kwargs)
+            rec._clip_depth += 1
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                rec._clip_depth -= 1
+            try:
+                rec._on_clip(args, kwargs, out, inner)
+            except Exception as err:  # noqa: BLE001
+                rec._note(f"clip: {type(err).__name__}: {err}")
+            return out
+        return clip
+
+    def _on_clip(self, args, kwargs, out, inner: bool) -> None:
+        def arg(i, name, default=None):
+            return args[i] if len(args) > i else kwargs.get(name, default)
+        max_norm = _num(arg(1, "max_norm"))
+        if inner:          # _clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+            total, norm_type = arg(2, "total_norm"), None
+        else:              # clip_grad_norm_(parameters, max_norm, norm_type=2.0, ...)
+            total, norm_type = out, _num(arg(2, "norm_type", 2.0))
+        self.clips.append({"step": self.session.step, "pre": None, "max_norm": max_norm,
+                           "norm_type": norm_type})
+        if isinstance(total, torch.Tensor):
+            self._defer("clip", len(self.clips) - 1, total.detach().float().reshape(1))
+        else:
+            self.clips[-1]["pre"] = float(total)
+
+    def _wrap_sched(self, original):
+        rec = self
+
+        @functools.wraps(original)
+        def step(sched, *args, **kwargs):
+            if not rec.active or rec._sched_depth:
+                return original(sched, *args, **kwargs)
+            initial = getattr(sched, "_step_count", 1) == 0   # the constructor's own step
+            opt = getattr(sched, "optimizer", None)
+            before = tuple(rec._lrs([opt])) if opt is not None and not initial else ()
+            rec._sched_depth += 1
+            try:
+                out = original(sched, *args, **kwargs)
+            finally:
+                rec._sched_depth -= 1
+            if not initial:
+                try:
+                    rec._on_sched(sched, before)
+                except Exception as err:  # noqa: BLE001
+                    rec._note(f"scheduler: {type(err).__name__}: {err}")
+            return out
+        return step
+
+    def _on_sched(self, sched, before: tuple) -> None:
+        opt = getattr(sched, "optimizer", None)
+        self.timeline.append(("S", self.session.step, id(sched), type(sched).__name__,
+                              id(opt), tuple(self._lrs([opt])) if opt is not None else (),
+                              before))
+
+
+def _subclasses(cls) -> list[type]:
+    out, stack = [], list(cls.__subclasses__())
+    while stack:
+        c = stack.pop()
+        if c not in out:
+            out.append(c)
+            stack.extend(c.__subclasses__())
+    return out

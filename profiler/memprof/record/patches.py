@@ -1,0 +1,81 @@
+"""The one place memprof replaces an attribute of torch, sys or a user's object while it records.
+
+Every patch goes through a `PatchRegistry`: it remembers the original, and `restore()` puts
+originals back in reverse order. Restoring is checked: when someone else replaced our wrapper
+after us (a second profiler, a test's monkeypatch), the registry leaves their object in place
+and says so, instead of silently dropping it; the wrapper then keeps passing through because
+its owner has switched it off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class Patch:
+    owner: Any
+    name: str
+    original: Any
+    replacement: Any
+    own: bool      # the attribute lived in owner.__dict__ (else it came from a class)
+
+
+class PatchRegistry:
+    def __init__(self):
+        self._patches: list[Patch] = []
+        self.notes: list[str] = []   # patches that could not be undone cleanly
+
+    def patch(self, owner, name: str, make: Callable[[Any], Any]) -> Any:
+        """Replace owner.name with make(original) and return the replacement. Works on
+        modules, classes (their own attribute, so a staticmethod stays one) and instances
+        (an instance attribute shadowing a method is removed again on restore)."""
+        namespace = getattr(owner, "__dict__", {})
+        own = name in namespace
+        original = namespace[name] if own and isinstance(owner, type) else getattr(owner, name)
+        replacement = make(original)
+        setattr(owner, name, replacement)
+        self._patches.append(Patch(owner, name, original, replacement, own))
+        return replacement
+
+    def set(self, owner, name: str, value) -> None:
+        """Plain assignment that restore() undoes (sys.argv, a module's forward)."""
+        self.patch(owner, name, lambda _original: value)
+
+    def restore(self) -> None:
+        """Undo every patch, newest first; one that fails does not stop the rest."""
+        while self._patches:
+            p = self._patches.pop()
+            namespace = getattr(p.owner, "__dict__", None)
+            current = namespace.get(p.name) if namespace is not None else \
+                getattr(p.owner, p.name, None)
+            if current is not p.replacement:
+                self.notes.append(f"{_describe(p.owner)}.{p.name} was replaced again while "
+                                  "memprof recorded: left as it is")
+                continue
+            try:
+                if p.own:
+                    setattr(p.owner, p.name, p.original)
+                else:
+                    delattr(p.owner, p.name)
+            except Exception as err:  # noqa: BLE001
+                self.notes.append(f"{_describe(p.owner)}.{p.name}: could not restore "
+                                  f"({type(err).__name__}: {err})")
+
+    def __len__(self) -> int:
+        return len(self._patches)
+
+
+def _describe(owner) -> str:
+    return getattr(owner, "__qualname__", None) or getattr(owner, "__name__", None) or \
+        type(owner).__name__
+
+
+def remove_handles(handles: list) -> None:
+    """Remove hook handles; one that fails (its module is gone) does not stop the rest."""
+    for h in handles:
+        try:
+            h.remove()
+        except Exception:  # noqa: BLE001
+            pass
+    handles.clear()

@@ -1,0 +1,254 @@
+"""A recording session: the native hook plus everything installed in Python while the user's
+code runs, and removed on exit whatever happened (an exception, an OOM, Ctrl-C).
+
+    session = Session(model, optimizer, recorders=[ThroughputRecorder(), ...])
+    with session:
+        ...training...
+    run = memprof.run.Run.from_session(session)      # the frozen result
+
+A recorder is any object with `name`, `install(session)`, `remove()` and `record() -> plain
+data` (JSON-able: it is saved with the profile). It subscribes to `session.scope` (forward
+passes), `session.steps` (optimizer steps, step ends), `session.backward` (backward calls) and
+patches through `session.patches`; it never reaches into another recorder.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+from .. import _C
+from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ_DTYPE
+from .patches import PatchRegistry
+from .scope import ModuleScope
+from .snapshots import Snapshot, SnapshotRecorder
+from .steps import BackwardHook, StepClock
+
+DEFAULT_CAPACITY = 20_000_000  # events; the excess is counted as dropped
+
+_active: "Session | None" = None
+
+
+def active_session() -> "Session | None":
+    return _active
+
+
+class Session:
+    def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
+                 capacity: int = DEFAULT_CAPACITY, auto_modules: bool = False,
+                 batch_size: int | None = None, recorders=()):
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module or None, got "
+                            f"{type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer or None, got "
+                            f"{type(optimizer).__name__}")
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        self.model = model
+        self.capacity = int(capacity)
+        self.batch_size = batch_size
+        self.recorders = list(recorders)
+        self.steps = StepClock(optimizer)
+        self.scope = ModuleScope(model, auto_modules, self.steps.mark)
+        self.backward = BackwardHook(self.steps)
+        self.patches = PatchRegistry()
+        self.snapshots = SnapshotRecorder(self)
+        self.logs: list[tuple[int, str, float]] = []
+        self.frame = None           # the code that entered the block: roots for holders
+        self.roots: list[tuple[str, dict]] = []   # (prefix, namespace) also searched
+        self.outer: Session | None = None
+        self._nested_label = ""
+        self._prev_thread_profile = None
+        # filled by stop(): what Run.from_session reads
+        self.events: np.ndarray | None = None
+        self.strings: list[str] = []
+        self.seq_records: np.ndarray | None = None
+        self.snapshot_list: list[Snapshot] = []
+        self.module_names: list[str] = []
+        self.meta: dict = {}
+        self.records: dict = {}
+
+    # ------------------------------------------------------------------ what recorders ask
+    @property
+    def optimizer(self):
+        return self.steps.optimizer
+
+    @property
+    def step(self) -> int:
+        return (self.outer or self).steps.step
+
+    def params(self) -> list[torch.Tensor]:
+        """Parameters of the model (or the roots seen), and of the watched optimizers."""
+        params: dict[int, torch.Tensor] = {}
+        for model in self.scope.root_modules():
+            for p in model.parameters():
+                params[id(p)] = p
+        for opt in self.steps.watched():
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    params[id(p)] = p
+        return list(params.values())
+
+    def end_step(self) -> None:
+        """A step boundary, for loops without an optimizer (prof.step())."""
+        (self.outer or self).steps.end_step()
+
+    def log(self, values: dict) -> None:
+        """Numbers for the current optimizer step (prof.log(loss=...))."""
+        target = self.outer or self
+        for name, v in values.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"log({name}=...): expected a number or a one-element "
+                                     f"tensor, got a tensor of shape {tuple(v.shape)}")
+                v = float(v.detach().reshape(()).item())
+            elif not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
+                raise ValueError(f"log({name}=...): expected a number or a one-element tensor, "
+                                 f"got {type(v).__name__}")
+            target.logs.append((target.steps.step, str(name), float(v)))
+
+    # ------------------------------------------------------------------ start / stop
+    def start(self, frame=None) -> None:
+        global _active
+        if _active is not None:
+            # Nested block: share the outer session, keep our own slice of its events.
+            self.outer = _active
+            self._nested_label = f"nested_start:{id(self)}"
+            _C.mark(self._nested_label, 0)
+            return
+        self.frame = frame
+        self.snapshots.collect_baseline()
+        _C.start(self.capacity)
+        _active = self
+        try:
+            self._install()
+        except BaseException:
+            self._uninstall()
+            _C.stop()
+            _active = None
+            raise
+
+    def _install(self) -> None:
+        self.steps.install()
+        self.scope.install()
+        self.snapshots.install()
+        self.backward.install(self.patches)
+        # recorders before the thread hook: their own threads (GPU sampler) are not recorded
+        for rec in self.recorders:
+            rec.install(self)
+        self._prev_thread_profile = threading.getprofile()
+        if self._prev_thread_profile is None:
+            threading.setprofile(_attach_new_thread)
+
+    def _uninstall(self) -> None:
+        for rec in reversed(self.recorders):
+            try:
+                rec.remove()
+            except Exception as err:  # noqa: BLE001  (the rest must still come off)
+                self.patches.notes.append(f"{rec.name}: remove failed: {err}")
+        self.scope.remove()
+        self.steps.remove()
+        self.patches.restore()
+        if self._prev_thread_profile is None and threading.getprofile() is _attach_new_thread:
+            threading.setprofile(None)
+
+    def stop(self, exc: BaseException | None = None) -> None:
+        """Remove every hook, drain the native log and assemble what Run.from_session reads."""
+        global _active
+        if self.outer is not None:
+            self._stop_nested(exc)
+            return
+        try:
+            self.snapshots.final()
+        finally:
+            try:
+                self._uninstall()
+            finally:  # the native hook goes off whatever happened above
+                warning = _C.stop()
+                _active = None
+        if warning:
+            warnings.warn(warning, RuntimeWarning, stacklevel=3)
+        raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)  # a fresh writable array
+        self._assemble(raw, self, exc)
+        self.records = {rec.name: rec.record() for rec in self.recorders}
+
+    def _stop_nested(self, exc) -> None:
+        # threads interleave in the log: keep what came after our marker, in time order
+        raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
+        raw = raw[np.argsort(raw["t_ns"], kind="stable")]
+        label = _C.strings().index(self._nested_label)
+        start = np.flatnonzero((raw["kind"] == KIND_MARK) & (raw["op"] == label))
+        self._assemble(raw[int(start[0]) + 1:].copy(), self.outer, exc)
+
+    def _assemble(self, raw: np.ndarray, src: "Session", exc) -> None:
+        strings = list(_C.strings())
+        base = src.snapshots.baseline
+        pre = np.zeros(len(base), dtype=EVENT_DTYPE)
+        if base:
+            arr = np.array(base, dtype=np.int64)
+            pre["ptr"] = arr[:, 0].astype(np.uint64)
+            pre["size"] = arr[:, 1]
+            pre["device_type"] = arr[:, 2]
+            pre["module"] = arr[:, 3]
+            pre["t_ns"] = raw["t_ns"].min() if raw.size else 0
+            for f in ("op", "node", "seq"):
+                pre[f] = -1
+            pre["thread"] = PREEXISTING_THREAD
+            pre["kind"] = KIND_MEMORY
+        # Threads interleave: order all events by time (stable: a thread's order is kept).
+        events = np.concatenate([pre, raw[np.argsort(raw["t_ns"], kind="stable")]])
+        snaps = []
+        for cat in sorted({c for *_, c in base}):   # categories of pre-existing blocks
+            owned = [(int(p), int(m)) for p, _, _, m, c in base if c == cat]
+            snaps.append(Snapshot(marker=len(base), category=int(cat),
+                                  ptrs=[p for p, _ in owned], modules=[m for _, m in owned]))
+        mark_idx = np.flatnonzero((events["kind"] == KIND_MARK) & np.isin(
+            events["op"], [i for i, s in enumerate(strings) if s == "snapshot"]))
+        taken = src.snapshots.snapshots
+        own = taken[len(taken) - len(mark_idx):] if src is not self else taken
+        if len(own) == len(mark_idx):
+            snaps += [Snapshot(marker=int(i), category=s.category, ptrs=s.ptrs,
+                               modules=s.modules) for s, i in zip(own, mark_idx)]
+        counters = _C.counters()
+        roots = src.scope.root_modules()
+        self.meta = {
+            "t0_ns": int(events["t_ns"].min()) if events.size else 0,
+            "dropped": int(counters["dropped"]),
+            "capacity": src.capacity,
+            "threads": int(counters["threads"]),
+            "torch": torch.__version__,
+            "model_class": type(roots[0]).__name__ if roots else None,
+            "steps_marked": src.steps.step,
+            "pid": os.getpid(),
+            "patch_notes": list(src.patches.notes),
+        }
+        if exc is not None:
+            self.meta["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        if counters["dropped"]:
+            warnings.warn(f"memprof dropped {counters['dropped']} events after reaching "
+                          f"capacity={src.capacity}; raise track(capacity=...)", RuntimeWarning)
+        self.events = events
+        self.strings = strings
+        self.seq_records = np.frombuffer(_C.seq_records(), dtype=SEQ_DTYPE).copy()
+        self.snapshot_list = snaps
+        self.module_names = list(src.scope.names)
+
+    def __enter__(self) -> "Session":
+        self.start(sys._getframe(1))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.stop(exc)
+        return False
+
+
+def _attach_new_thread(frame, event, arg):
+    """threading.setprofile hook: runs once in each new thread, attaches it, then steps aside."""
+    sys.setprofile(None)
+    _C.attach_thread()

@@ -1,0 +1,116 @@
+"""Which storages hold parameters, gradients and optimizer state, and when.
+
+The allocator only sees bytes; what they are is known from Python. Before tracking starts the
+blocks memprof can name (parameters, gradients, optimizer state) become the baseline; at each
+optimizer step the gradients (before it) and the optimizer state (after it) are noted, and at
+the end all three once more. Each note is a `Snapshot`: a marker in the event stream plus the
+storage addresses it names, matched to allocations after the run (profile.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from .. import _C
+from .events import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, DEVICE_CPU,
+                     DEVICE_CUDA, FAKE_DEVICE_TYPE)
+
+
+@dataclass
+class Snapshot:
+    """Storages known to hold one category at one point of the run (a marker in the stream)."""
+    marker: int               # index into the run's events of the marker event
+    category: int
+    ptrs: list[int]
+    modules: list[int] | None = None  # owning module id per ptr (the parameter's module)
+
+
+def storage_key(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(address, nbytes, device_type) of a tensor's storage; None for storage-less tensors.
+
+    A fake tensor's storage has no address: the identity of its Python storage object stands
+    in for it (PyTorch keeps one storage object per StorageImpl alive), which is also the key
+    memprof.plan records its allocations under."""
+    try:
+        st = t.untyped_storage()
+        if is_fake(t):
+            return id(st), st.nbytes(), FAKE_DEVICE_TYPE
+        ptr = st.data_ptr()
+    except Exception:  # noqa: BLE001  (meta or otherwise storage-less tensors)
+        return None
+    if ptr == 0:
+        return None
+    return ptr, st.nbytes(), (DEVICE_CUDA if t.is_cuda else DEVICE_CPU)
+
+
+def state_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(state tensor, its parameter) for every tensor of an optimizer's state."""
+    return [(v, p) for p, st in optimizer.state.items() for v in st.values()
+            if isinstance(v, torch.Tensor)]
+
+
+class SnapshotRecorder:
+    """Always installed: categories are not optional."""
+
+    def __init__(self, session):
+        self.session = session
+        self.snapshots: list[Snapshot] = []      # marker -1 until the run is assembled
+        self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
+
+    def _module_of(self, p) -> int:
+        return self.session.scope.param_module.get(id(p), -1)
+
+    def collect_baseline(self) -> None:
+        """Blocks alive before tracking that memprof can name."""
+        seen: set[int] = set()
+
+        def add(t, cat, module):
+            key = storage_key(t)
+            if key is None or key[0] in seen:
+                return
+            seen.add(key[0])
+            self.baseline.append((key[0], key[1], key[2], module, cat))
+
+        for p in self.session.params():
+            add(p, CAT_PARAMETERS, self._module_of(p))
+            if p.grad is not None:
+                add(p.grad, CAT_GRADIENTS, self._module_of(p))
+        opt = self.session.steps.optimizer
+        if opt is not None:
+            for v, p in state_pairs(opt):
+                add(v, CAT_OPTIMIZER_STATE, self._module_of(p))
+
+    def install(self) -> None:
+        self.session.steps.on_optimizer_pre.append(self._before_optimizer)
+        self.session.steps.on_optimizer_post.append(self._after_optimizer)
+
+    def _before_optimizer(self, optimizer) -> None:
+        if self.session.steps.watches(optimizer):
+            self.take(CAT_GRADIENTS, [(p.grad, p) for g in optimizer.param_groups
+                                      for p in g["params"] if p.grad is not None])
+
+    def _after_optimizer(self, optimizer) -> None:
+        self.take(CAT_OPTIMIZER_STATE, state_pairs(optimizer))
+
+    def take(self, category: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Remember which storages hold `category` now; pairs are (tensor, its parameter)."""
+        owner: dict[int, int] = {}
+        for t, p in pairs:
+            key = storage_key(t)
+            if key is not None:
+                owner.setdefault(key[0], self._module_of(p))
+        ptrs = sorted(owner)
+        _C.mark("snapshot", category)   # the marker's index is found after the run
+        self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs,
+                                       modules=[owner[q] for q in ptrs]))
+
+    def final(self) -> None:
+        params = self.session.params()
+        self.take(CAT_PARAMETERS, [(p, p) for p in params])
+        self.take(CAT_GRADIENTS, [(p.grad, p) for p in params if p.grad is not None])
+        states = []
+        for opt in self.session.steps.watched():
+            states += state_pairs(opt)
+        self.take(CAT_OPTIMIZER_STATE, states)

@@ -1,0 +1,116 @@
+"""Steps and phases: the optimizer-step hooks, the backward wrapper and manual step marks.
+
+A step ends after `optimizer.step()` of a watched optimizer (every optimizer unless track()
+was given one) or at `prof.step()`. At each boundary the autograd sequence counter is noted:
+the leak check tells from a node's sequence number which step created it. Recorders subscribe
+to the optimizer hooks and to backward here instead of installing their own.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .. import _C
+from .events import PHASE_BACKWARD, PHASE_OPTIMIZER, PHASE_OTHER
+from .patches import PatchRegistry, remove_handles
+
+
+class StepClock:
+    def __init__(self, optimizer=None):
+        self.optimizer = optimizer
+        self.step = 0
+        self.step_seqs: list[int] = []           # autograd sequence counter at each boundary
+        self.optimizers: "weakref.WeakSet" = weakref.WeakSet()   # watched optimizers seen
+        self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
+        self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
+        self.on_step_end: list = []               # fn(), after the boundary marker
+        self._handles: list = []
+
+    def watches(self, optimizer) -> bool:
+        return self.optimizer is None or optimizer is self.optimizer
+
+    def watched(self) -> list:
+        return [self.optimizer] if self.optimizer is not None else list(self.optimizers)
+
+    def mark(self, label: str, value: int | None = None) -> None:
+        _C.mark(label, int(self.step if value is None else value))
+
+    def install(self) -> None:
+        self.step_seqs = [int(_C.peek_sequence_nr())]
+        from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                           register_optimizer_step_pre_hook)
+        self._handles.append(register_optimizer_step_pre_hook(self._pre))
+        self._handles.append(register_optimizer_step_post_hook(self._post))
+
+    def remove(self) -> None:
+        remove_handles(self._handles)
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        if self.watches(optimizer):
+            self.optimizers.add(optimizer)
+            self.mark("optimizer_start")
+            _C.set_phase(PHASE_OPTIMIZER)
+        for fn in self.on_optimizer_pre:
+            fn(optimizer)
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        if not self.watches(optimizer):
+            return
+        for fn in self.on_optimizer_post:
+            fn(optimizer)
+        _C.set_phase(PHASE_OTHER)
+        self.end_step()
+
+    def end_step(self) -> None:
+        self.mark("step")
+        self.step += 1
+        self.step_seqs.append(int(_C.peek_sequence_nr()))
+        _C.set_step(self.step)
+        for fn in self.on_step_end:
+            fn()
+
+
+class BackwardHook:
+    """The one wrapper of torch.autograd.backward while recording: notes each call (roots,
+    retain_graph, step) for the backward-misuse check, ends the backward phase, and runs the
+    recorders' callbacks: `before(tensors, grad_tensors)`, `after()`."""
+
+    def __init__(self, steps: StepClock):
+        self.steps = steps
+        self.calls: list[dict] = []
+        self.before: list = []
+        self.after: list = []
+
+    def install(self, patches: PatchRegistry) -> None:
+        patches.patch(torch.autograd, "backward", self._wrap)
+
+    def _wrap(self, original):
+        hook = self
+
+        def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                     *args, **kwargs):
+            hook._note(tensors, retain_graph, create_graph)
+            for fn in hook.before:
+                fn(tensors, grad_tensors)
+            out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
+            # backward is over: what runs next (logging, the next micro-step's data) is not
+            if _C.get_phase() == PHASE_BACKWARD:
+                _C.set_phase(PHASE_OTHER)
+            for fn in hook.after:
+                fn()
+            return out
+        return backward
+
+    def _note(self, tensors, retain_graph, create_graph) -> None:
+        try:
+            roots = tensors if isinstance(tensors, (list, tuple)) else [tensors]
+            # a node's sequence number identifies it for the whole run (ids get reused)
+            self.calls.append({
+                "roots": [t.grad_fn._sequence_nr() for t in roots
+                          if isinstance(t, torch.Tensor) and t.grad_fn is not None],
+                "retain_graph": bool(retain_graph if retain_graph is not None
+                                     else create_graph),
+                "step": self.steps.step})
+        except Exception:  # noqa: BLE001  (recording must never break backward)
+            pass

@@ -1,0 +1,106 @@
+"""The terminal report of a plan (`memprof.recommend`): rich table, advice, code for the best."""
+from __future__ import annotations
+
+import contextlib
+
+GiB = 1 << 30
+
+__all__ = ["print_plan", "search_progress"]
+
+
+@contextlib.contextmanager
+def search_progress(console):
+    """A progress bar on `console` while a plan is searched: yields the callback
+    progress(done, total, label) that `memprof.recommend(progress=)` takes, or None when the
+    console is not a terminal."""
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn)
+    with Progress(SpinnerColumn(), TextColumn("estimating {task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done, total, label):
+            bar.update(task, completed=done, total=total, description=label)
+        yield progress
+
+
+def _options_table(plan, all_options: bool):
+    from rich import box
+    from rich.table import Table
+    g = plan.gpu
+    title = (f"What fits: {plan.model['name']} on {g.name} ({g.memory_bytes / GiB:.2f} GiB, "
+             f"usable {plan.usable_bytes / GiB:.2f} GiB), effective batch "
+             f"{plan.effective_batch} - ESTIMATES, memory in GiB")
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True)
+    for col in ("#", "prec", "checkpoint", "micro x acc", "alloc", "reserved",
+                "headroom", "fits", "samples/s*"):
+        t.add_column(col, justify="left" if col in ("prec", "checkpoint", "fits")
+                     else "right", no_wrap=True)
+    rows = plan.options if all_options else plan.summary_options()
+    for i, o in enumerate(rows, 1):
+        style = None if o.fits else "dim"
+        t.add_row(str(i) if o.fits else "-", o.precision, o.checkpointing,
+                  f"{o.micro_batch} x {o.accumulation}", f"{o.peak_allocated / GiB:.2f}",
+                  f"{o.peak_reserved / GiB:.2f}", f"{o.headroom / GiB:+.2f}",
+                  "[green]yes[/]" if o.fits else "[red]no[/]",
+                  "-" if o.samples_per_s is None else f"{o.samples_per_s:.1f}",
+                  style=style)
+    return t
+
+
+def _print_basis(plan, console) -> None:
+    """Largest micro-batch per precision x policy, and what the numbers assume."""
+    mx = []
+    for c in plan.combinations:
+        if c.model is not None:
+            mx.append(f"{c.precision}/{c.checkpointing}: {c.max_micro_batch}")
+        else:
+            mx.append(f"{c.precision}/{c.checkpointing}: {c.skipped or c.error}")
+    console.print("max micro-batch (with gradient accumulation): " + "; ".join(mx))
+    a = plan.assumptions
+    utilisation = ", ".join(f"{k} {v:.0%}" for k, v in a["utilisation"].items()
+                            if k in plan.precisions)
+    console.print(
+        f"[dim]Estimates: fake-tensor training steps ({plan.estimates} run, "
+        f"{plan.wall_s:.1f} s), steady state; fits = reserved <= usable = total - "
+        f"{a['overhead_bytes'] / 2**20:.0f} MiB CUDA context - {a['margin']:.0%} margin; "
+        f"samples/s assume {utilisation} "
+        f"of peak FLOP/s and {a['bandwidth_utilisation']:.0%} of bandwidth "
+        "(* assumptions, not measurements).[/]")
+
+
+def _print_advice(plan, console) -> None:
+    """The best option with its code, then LR and warmup advice."""
+    from rich.syntax import Syntax
+    best = plan.best
+    if best is None:
+        console.print("[red]Nothing fits[/]: lower the effective batch per GPU or use a GPU "
+                      "with more memory.")
+    else:
+        console.print(f"[bold]Best (estimated)[/]: {best.label}: "
+                      f"{best.peak_reserved / GiB:.2f} GiB reserved, "
+                      + ("" if best.samples_per_s is None else
+                         f"~{best.samples_per_s:.1f} samples/s"))
+        console.print(Syntax(plan.code(), "python", theme="ansi_dark", word_wrap=True))
+    if plan.lr is not None:
+        for line in plan.lr.lines():
+            console.print(("[yellow]" + line + "[/]") if "WARNING" in line else line)
+    w = plan.warmup
+    if w is not None:
+        console.print(f"warmup: {w['formula']}")
+        console.print(f"  {w['note']}")
+
+
+def print_plan(plan, console=None, all_options: bool = False) -> None:
+    """Rich table of the plan's options (a summary, or all of them) plus LR / warmup advice and
+    the code for the best option."""
+    from rich.console import Console
+    console = console or Console()
+    console.print(_options_table(plan, all_options))
+    _print_basis(plan, console)
+    _print_advice(plan, console)
