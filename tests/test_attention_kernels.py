@@ -407,7 +407,8 @@ def _compile_cuda(arch: int):
 
     def build(fn, ptrs, consts, warps, stages):
         sig = {a: "constexpr" if a in consts else ptrs.get(a) or
-               ("i32" if a.startswith("stride") or a in ints else "fp32") for a in fn.arg_names}
+               (("i32",) * 4 if a.startswith("strides_") else
+                "i32" if a.startswith("stride") or a in ints else "fp32") for a in fn.arg_names}
         kern = triton.compile(ASTSource(fn, sig, constexprs=consts),
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
