@@ -390,7 +390,7 @@ struct Pool {
 
 class Simulator {
  public:
-  explicit Simulator(const AllocSimOptions& o) : o_(o) {
+  Simulator(const AllocSimOptions& o, AllocSimLayout* layout) : o_(o), layout_(layout) {
     if (o_.max_split_size == 0) o_.max_split_size = kUnlimited;
     blocks_.reserve(1024);
   }
@@ -399,6 +399,11 @@ class Simulator {
                       int64_t* res_out, int64_t* alloc_out) {
     s_.num_events = n;
     const bool timeline = o_.record_timeline;
+    if (layout_) {
+      layout_->block_addr.assign(size_t(n), 0);
+      layout_->block_size.assign(size_t(n), 0);
+      layout_->segments.clear();
+    }
     int64_t i = 0;
     constexpr int64_t kAhead = 8;  // hash slots of upcoming events are fetched early
     for (; i < n; ++i) {
@@ -406,6 +411,7 @@ class Simulator {
       const uint64_t p = ptr[i * ps];
       const int64_t sz = size[i * ss];
       bool ok = true;
+      event_ = i;
       if (sz > 0) {
         ok = malloc(p, uint64_t(sz), i);
       } else if (sz < 0) {
@@ -472,6 +478,9 @@ class Simulator {
   Pool& pool_of(const Block& b) { return b.small ? small_ : large_; }
   u128 key_of(int32_t id) const { return size_addr_key(blocks_[id].size, blocks_[id].addr); }
   void note_segments() { s_.max_segments = std::max(s_.max_segments, segments_); }
+  void note_segment(AllocSimLayout::Action action, uint64_t addr, uint64_t size, bool small) {
+    if (layout_) layout_->segments.push_back({event_, addr, size, int8_t(action), small});
+  }
 
   static uint64_t round_size(uint64_t size) {
     if (size < kMinBlockSize) return kMinBlockSize;
@@ -537,6 +546,10 @@ class Simulator {
     allocated_ += int64_t(B.size);
     requested_ += int64_t(req);
     live_.set(slot, p, b);
+    if (layout_) {
+      layout_->block_addr[size_t(event)] = B.addr;
+      layout_->block_size[size_t(event)] = int64_t(B.size);
+    }
     return true;
   }
 
@@ -617,6 +630,7 @@ class Simulator {
     if (o_.expandable_segments) return try_allocate_expandable_block(pool, size);
     if (!fits(alloc_size)) return kNone;
     const int32_t b = new_block(next_va_, alloc_size, kNone, kNone, pool.small, true);
+    note_segment(AllocSimLayout::kSegmentAlloc, next_va_, alloc_size, pool.small);
     next_va_ += round_up(alloc_size, kRoundLarge);
     reserved_ += int64_t(alloc_size);
     segments_++;
@@ -627,6 +641,7 @@ class Simulator {
 
   void release_block(Pool& pool, int32_t b) {  // cudaFree a whole, free segment
     pool.free.erase_key(key_of(b));
+    note_segment(AllocSimLayout::kSegmentFree, blocks_[b].addr, blocks_[b].size, pool.small);
     reserved_ -= int64_t(blocks_[b].size);
     segments_--;
     s_.num_device_free++;
@@ -711,6 +726,7 @@ class Simulator {
     uint64_t bytes = std::min(round_up(size, pool.page), blocks_[b].size);
     if (!fits(bytes)) return false;
     pool.unmapped.erase(blocks_[b].addr);
+    note_segment(AllocSimLayout::kSegmentMap, blocks_[b].addr, bytes, pool.small);
     blocks_[b].mapped = true;
     if (bytes < blocks_[b].size) {
       const int32_t r = new_block(blocks_[b].addr + bytes, blocks_[b].size - bytes, b,
@@ -767,11 +783,14 @@ class Simulator {
     try_merge(b, blocks_[b].prev, pool);
     try_merge(b, blocks_[b].next, pool);
     pool.unmapped.emplace(blocks_[b].addr, b);
+    note_segment(AllocSimLayout::kSegmentUnmap, begin, end - begin, pool.small);
     reserved_ -= int64_t(end - begin);
     s_.num_device_free++;
   }
 
   AllocSimOptions o_;
+  AllocSimLayout* layout_;  // optional: where blocks and segments went
+  int64_t event_ = 0;       // input row being replayed
   AllocSimSummary s_;
   Pool small_{true, kSmallBuffer};
   Pool large_{false, kLargeBuffer};
@@ -790,8 +809,9 @@ class Simulator {
 
 AllocSimSummary simulate_allocator(const uint64_t* ptr, int64_t ptr_stride, const int64_t* size,
                                    int64_t size_stride, int64_t n, const AllocSimOptions& opts,
-                                   int64_t* reserved_out, int64_t* allocated_out) {
-  Simulator sim(opts);
+                                   int64_t* reserved_out, int64_t* allocated_out,
+                                   AllocSimLayout* layout) {
+  Simulator sim(opts, layout);
   return sim.run(ptr, ptr_stride, size, size_stride, n, reserved_out, allocated_out);
 }
 
@@ -820,9 +840,43 @@ py::array_t<T> usable_1d(py::array_t<T> a, const char* name) {
   return a;
 }
 
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  py::array_t<T> a(py::ssize_t(v.size()));
+  if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+
+// The layout as numpy arrays: per input row block_addr / block_size, and the segment
+// operations as parallel arrays (event, addr, size, action, small).
+py::dict layout_dict(const AllocSimLayout& l) {
+  std::vector<int64_t> ev, sz;
+  std::vector<uint64_t> addr;
+  std::vector<int8_t> action, small;
+  for (const auto& e : l.segments) {
+    ev.push_back(e.event);
+    addr.push_back(e.addr);
+    sz.push_back(int64_t(e.size));
+    action.push_back(e.action);
+    small.push_back(int8_t(e.small));
+  }
+  py::dict seg;
+  seg["event"] = to_array(ev);
+  seg["addr"] = to_array(addr);
+  seg["size"] = to_array(sz);
+  seg["action"] = to_array(action);
+  seg["small"] = to_array(small);
+  py::dict d;
+  d["block_addr"] = to_array(l.block_addr);
+  d["block_size"] = to_array(l.block_size);
+  d["segments"] = seg;
+  return d;
+}
+
 py::dict simulate_allocator_py(py::array_t<uint64_t> ptr_in, py::array_t<int64_t> size_in,
                                bool expandable_segments, uint64_t capacity,
-                               uint64_t max_split_size, bool return_timeline) {
+                               uint64_t max_split_size, bool return_timeline,
+                               bool return_layout) {
   py::array_t<uint64_t> ptr = usable_1d(ptr_in, "ptr");
   py::array_t<int64_t> size = usable_1d(size_in, "size");
   if (ptr.shape(0) != size.shape(0)) {
@@ -851,9 +905,11 @@ py::dict simulate_allocator_py(py::array_t<uint64_t> ptr_in, py::array_t<int64_t
   const int64_t ps = n > 0 ? int64_t(ptr.strides(0)) / int64_t(sizeof(uint64_t)) : 1;
   const int64_t ss = n > 0 ? int64_t(size.strides(0)) / int64_t(sizeof(int64_t)) : 1;
   AllocSimSummary s;
+  AllocSimLayout layout;
   {
     py::gil_scoped_release nogil;
-    s = simulate_allocator(pp, ps, sp, ss, n, opts, res_out, alloc_out);
+    s = simulate_allocator(pp, ps, sp, ss, n, opts, res_out, alloc_out,
+                           return_layout ? &layout : nullptr);
   }
   py::dict d;
   d["num_events"] = s.num_events;
@@ -893,6 +949,7 @@ py::dict simulate_allocator_py(py::array_t<uint64_t> ptr_in, py::array_t<int64_t
     d["reserved"] = py::none();
     d["allocated"] = py::none();
   }
+  d["layout"] = return_layout ? py::object(layout_dict(layout)) : py::object(py::none());
   return d;
 }
 
@@ -902,11 +959,15 @@ void register_allocator_sim(py::module_& m) {
   m.def("simulate_allocator", &simulate_allocator_py, py::arg("ptr"), py::arg("size"),
         py::kw_only(), py::arg("expandable_segments") = false, py::arg("capacity") = 0,
         py::arg("max_split_size") = 0, py::arg("return_timeline") = true,
+        py::arg("return_layout") = false,
         R"doc(Replay allocation events through a model of PyTorch's CUDA caching allocator.
 
 ptr: uint64 identities; size: int64, +bytes for an allocation, -bytes for its free (0: ignored).
 capacity: bytes the allocator may reserve (0 = unlimited); max_split_size: bytes (0 = unlimited).
 The replay stops at the first allocation that does not fit into capacity (oom=True).
+return_layout: also return 'layout', a dict with 'block_addr' / 'block_size' (per input row:
+where each allocation's block went and how large it is) and 'segments' (arrays event, addr,
+size, action 1 alloc / 2 free / 3 map / 4 unmap, small) for a memory snapshot of the replay.
 Returns a dict of summary numbers, plus 'reserved' and 'allocated' int64 arrays (the totals
 after each replayed event) when return_timeline, else None. The GIL is released during the
 replay.)doc");

@@ -16,6 +16,21 @@ struct AllocSimOptions {
   bool record_timeline = true;
 };
 
+// Where the model put things, for a memory snapshot of the replay (optional, see below).
+struct AllocSimLayout {
+  enum Action : int8_t { kSegmentAlloc = 1, kSegmentFree = 2, kSegmentMap = 3, kSegmentUnmap = 4 };
+  struct SegmentEvent {
+    int64_t event;  // input row during which it happened (before that row's block is placed)
+    uint64_t addr;
+    uint64_t size;
+    int8_t action;
+    bool small;     // small pool (2 MiB segments)
+  };
+  std::vector<uint64_t> block_addr;    // per input row: address of the block an allocation got
+  std::vector<int64_t> block_size;     // per input row: that block's size (rounded, maybe unsplit)
+  std::vector<SegmentEvent> segments;  // cudaMalloc / cudaFree (or map / unmap), in order
+};
+
 struct AllocSimSummary {
   int64_t num_events = 0;       // events in the input
   int64_t events_replayed = 0;  // < num_events only when the replay stopped at an OOM
@@ -46,9 +61,12 @@ struct AllocSimSummary {
 // Replays n events: size[i] > 0 allocates size[i] bytes under identity ptr[i], size[i] < 0
 // frees ptr[i], size[i] == 0 is ignored. Strides are in elements. The replay stops at the
 // first OOM (as the program would). When opts.record_timeline, reserved_out/allocated_out
-// (n entries each, may be null) receive the totals after each event.
+// (n entries each, may be null) receive the totals after each event. With a layout, the
+// address and size of each allocation's block and every segment operation are recorded too
+// (rows that are not allocations keep address 0 and size 0).
 AllocSimSummary simulate_allocator(const uint64_t* ptr, int64_t ptr_stride, const int64_t* size,
                                    int64_t size_stride, int64_t n, const AllocSimOptions& opts,
-                                   int64_t* reserved_out, int64_t* allocated_out);
+                                   int64_t* reserved_out, int64_t* allocated_out,
+                                   AllocSimLayout* layout = nullptr);
 
 }  // namespace memprof

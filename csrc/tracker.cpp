@@ -154,8 +154,12 @@ struct ThreadState {
 
 thread_local ThreadState tls;
 
+bool attach_thread();  // below: pushes the allocation hook onto the calling thread
+
 // Returns this thread's state for the current session, (re)registering it when a new session
-// started since this thread last recorded.
+// started since this thread last recorded. A thread that existed before the session started
+// (a worker running backward, a thread pool) registers on its first op: the allocation hook is
+// pushed onto it then, so its allocations are recorded like those of threads started later.
 ThreadState& thread_state() {
   Session& s = session();
   uint64_t gen = s.generation.load(std::memory_order_acquire);
@@ -166,9 +170,12 @@ ThreadState& thread_state() {
     tls.backward_depth = 0;
     tls.name_cache.clear();
     tls.buffer = std::make_shared<ThreadBuffer>();
-    std::lock_guard<std::mutex> lock(s.registry_mu);
-    tls.buffer->index = static_cast<int32_t>(s.buffers.size());
-    s.buffers.push_back(tls.buffer);
+    {
+      std::lock_guard<std::mutex> lock(s.registry_mu);
+      tls.buffer->index = static_cast<int32_t>(s.buffers.size());
+      s.buffers.push_back(tls.buffer);
+    }
+    attach_thread();
   }
   return tls;
 }
@@ -385,7 +392,8 @@ uint64_t start(int64_t capacity) {
 }
 
 // Pushes the reporter onto the calling thread (a thread started while tracking, e.g. a
-// DataLoader or pin-memory thread); it goes inert by itself when the session ends.
+// DataLoader or pin-memory thread, or one that existed before and now runs an op); it goes
+// inert by itself when the session ends.
 bool attach_thread() {
   Session& s = session();
   if (!s.active.load()) return false;
@@ -493,6 +501,76 @@ py::array_t<uint8_t> drain(Log ThreadBuffer::*log) {
   return out;
 }
 
+// The event log of a stopped session as one time-ordered array, with `prefix` zeroed records in
+// front for the caller to fill (the blocks that existed before tracking). Each thread's log is
+// already in time order, so this is a k-way merge (ties: lower thread index first, as a stable
+// sort of the concatenated logs would give), not a sort; every chunk is freed once copied, so
+// leaving a block holds the raw event bytes once (plus one chunk), and nothing stays allocated
+// natively after it.
+py::array_t<uint8_t> take_events(size_t prefix) {
+  Session& s = session();
+  if (s.active.load()) throw std::runtime_error("take_events: the session is still recording");
+  std::vector<std::shared_ptr<ThreadBuffer>> buffers;
+  {
+    std::lock_guard<std::mutex> lock(s.registry_mu);
+    buffers = s.buffers;
+  }
+  using Log = decltype(ThreadBuffer::events);
+  struct Head {
+    Log* log;
+    size_t left, chunk, at;
+    const Event& peek() const { return log->chunks[chunk][at]; }
+  };
+  std::vector<Head> heads;
+  size_t total = 0;
+  for (auto& b : buffers) {
+    std::lock_guard<std::mutex> lock(b->events.mu);
+    size_t n = b->events.size_locked();
+    if (n) heads.push_back(Head{&b->events, n, 0, 0});
+    total += n;
+  }
+  py::array_t<uint8_t> out(static_cast<py::ssize_t>((prefix + total) * sizeof(Event)));
+  auto* dst = reinterpret_cast<Event*>(out.mutable_data());
+  std::memset(dst, 0, prefix * sizeof(Event));
+  dst += prefix;
+  auto advance = [](Head& h) {
+    --h.left;
+    if (++h.at == Log::kChunkRecords || h.left == 0) {
+      h.log->chunks[h.chunk].reset();  // copied: give the chunk back now
+      ++h.chunk;
+      h.at = 0;
+    }
+  };
+  if (heads.size() == 1) {  // one thread: chunk by chunk
+    Head& h = heads[0];
+    while (h.left) {
+      size_t n = std::min(h.left, Log::kChunkRecords);
+      std::memcpy(dst, h.log->chunks[h.chunk].get(), n * sizeof(Event));
+      dst += n;
+      h.left -= n;
+      h.log->chunks[h.chunk++].reset();
+    }
+  } else {  // heads.size() is the number of recording threads: a linear scan is cheapest
+    while (true) {
+      int best = -1;
+      for (int i = 0; i < static_cast<int>(heads.size()); ++i) {
+        if (heads[i].left && (best < 0 || heads[i].peek().t_ns < heads[best].peek().t_ns)) {
+          best = i;
+        }
+      }
+      if (best < 0) break;
+      *dst++ = heads[best].peek();
+      advance(heads[best]);
+    }
+  }
+  for (auto& b : buffers) {
+    std::lock_guard<std::mutex> lock(b->events.mu);
+    b->events.chunks.clear();
+    b->events.used_in_last = Log::kChunkRecords;
+  }
+  return out;
+}
+
 // An allocation (size > 0) or free (size < 0) that no allocator reported: storages of fake
 // tensors when memprof estimates a step without running it. Stamped with the same op, module,
 // phase and step context as real events, so an estimated step is a Profile like a measured one.
@@ -537,6 +615,9 @@ void register_tracker(py::module_& m) {
   m.def("mark", &mark, py::arg("label"), py::arg("value") = 0);
   m.def("events", []() { return drain(&ThreadBuffer::events); },
         "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
+  m.def("take_events", &take_events, py::arg("prefix") = 0,
+        "The stopped session's events in time order, with `prefix` zeroed records in front; "
+        "frees the native log (view the bytes with EVENT_DTYPE).");
   m.def("seq_records", []() { return drain(&ThreadBuffer::seqs); },
         "Forward ops by autograd sequence number, as raw bytes (view with SEQ_DTYPE).");
   m.def("strings", []() { return session().strings.all(); });

@@ -15,13 +15,25 @@ Backends:
     "torch":  PyTorch ops with the same semantics. One key source: `scaled_dot_product_attention`
               (memory-efficient on CPU: it saves out and logsumexp, no N x N probabilities); for
               head_mean the probabilities are computed under no_grad, one head at a time. Two
-              sources (kv2): `ChunkedAttentionFunction`, the kernels' algorithm in PyTorch ops,
-              one chunk of query rows at a time, so k and k2 are never concatenated.
+              sources (kv2), and inputs holding NaN or inf: `ChunkedAttentionFunction`, the
+              kernels' algorithm in PyTorch ops, one chunk of query rows at a time, so k and k2
+              are never concatenated.
     "auto":   CUDA -> "triton"; CPU -> "triton" when TRITON_INTERPRET=1, else "torch".
 
 The Triton path saves only q, k, v, (k2, v2), out, the per-row log-sum-exp and q_index for
 backward; it is deterministic (no atomics; bitwise reproducible) and free of side effects, so
-`torch.utils.checkpoint` recomputes it exactly. Double backward is not supported.
+`torch.utils.checkpoint` recomputes it exactly.
+
+Double backward (a backward with create_graph=True, e.g. a gradient penalty) is supported on
+every path of both backends: under create_graph the gradients are computed with differentiable
+PyTorch math in float32 (`_attention_vjp`), which autograd differentiates again. That backward
+materialises the B x H x M x (Nk + Nk2) probabilities, like math attention; a plain backward
+is unaffected.
+
+Non-finite inputs propagate as in math attention (both backends): a NaN in a query row gives a
+NaN output row (and NaN weights in that row); a NaN key or value gives NaN in every row that
+attends to it. The torch backend checks one-source inputs for NaN / inf (SDPA's CPU kernel
+turns a NaN query row into zeros): three sums, and one device sync on CUDA.
 
 q_index rows must be unique within each batch element: duplicate rows are rejected with a
 ValueError (a top-R selection never has duplicates, and a unique-row scatter of dq keeps the
@@ -204,6 +216,11 @@ def _f32(t):
     return None if t is None else t.float()
 
 
+def _cast_like(grads, inputs):
+    """Each gradient in its input's dtype (None stays None)."""
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
+
+
 def _saved_and_returned(ctx, saved, scale, out, weights):
     """The end of both Functions' forward: save for backward; the head-mean weights carry no
     gradient."""
@@ -215,13 +232,69 @@ def _saved_and_returned(ctx, saved, scale, out, weights):
     return out
 
 
+def _attention_vjp(dout, q, k, v, k2, v2, q_index, scale):
+    """(dq, dk, dv, dk2, dv2) for the upstream gradient dout, in differentiable PyTorch ops
+    (float32 math, autocast off): both Functions' backward under create_graph=True, so that
+    autograd can differentiate the gradients again (double backward, gradient penalties). It
+    materialises the B x H x M x (N1 + N2) probabilities, as math attention does."""
+    with torch.autocast(q.device.type, enabled=False):
+        kv2 = None if k2 is None else (k2.float(), v2.float())
+        qs, keys, vals = concat_kv_gather_q(q.float(), k.float(), v.float(), kv2, q_index)
+        do = dout.float()
+        p = torch.softmax(torch.matmul(qs, keys.transpose(-1, -2)) * scale, dim=-1)
+        dp = torch.matmul(do, vals.transpose(-1, -2))
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+        dq = torch.matmul(ds, keys) * scale
+        dkeys = torch.matmul(ds.transpose(-1, -2), qs) * scale
+        dvals = torch.matmul(p.transpose(-1, -2), do)
+    if q_index is not None:  # the gathered rows get their gradients, every other row zero
+        idx = q_index.to(torch.int64)[:, None, :, None].expand(dq.shape)
+        dq = dq.new_zeros(q.shape).scatter(2, idx, dq)
+    n1 = k.shape[2]
+    grads = (dq, dkeys[:, :, :n1], dvals[:, :, :n1]) + (
+        (None, None) if k2 is None else (dkeys[:, :, n1:], dvals[:, :, n1:]))
+    return _cast_like(grads, (q, k, v, k2, v2))
+
+
+def _all_finite(*ts) -> bool:
+    """True when the tensors hold no NaN or inf, or hold no values to check (fake / meta
+    tensors: only shapes matter there). A float32 sum is finite when the values are (an
+    overflow past 3e38 errs on the safe side) and costs far less than isfinite().all()."""
+    if not _has_values(ts[0]):
+        return True
+    with torch.no_grad():
+        return bool(sum(t.sum(dtype=torch.float32) for t in ts).isfinite())
+
+
+class SdpaDoubleBackward(torch.autograd.Function):
+    """Identity on the output of `scaled_dot_product_attention`, whose backward kernels cannot
+    be differentiated again. Inputs: out, qs, k, v, scale. A plain backward hands the gradient
+    on to SDPA's own backward unchanged; under create_graph this node computes the gradients of
+    qs, k and v itself (`_attention_vjp`) and sends none into SDPA's backward."""
+
+    @staticmethod
+    def forward(ctx, out, qs, k, v, scale):
+        ctx.save_for_backward(qs, k, v)  # the tensors SDPA saves: no extra memory
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate
+            qs, k, v = ctx.saved_tensors
+            dq, dk, dv, _, _ = _attention_vjp(dout, qs, k, v, None, None, None, ctx.scale)
+            return None, dq, dk, dv, None
+        return dout, None, None, None, None
+
+
 class ChunkedAttentionFunction(torch.autograd.Function):
     """The kernels' algorithm in PyTorch ops: softmax over both key sources, one chunk of query
     rows at a time, saving only q, k, v, (k2, v2), out and the per-row log-sum-exp, so nothing
     N x N (and no concatenation of k with k2) outlives a chunk. Inputs: qs (the query rows that
-    attend, already gathered), k, v, k2, v2, scale, want_weights. fp16 / bf16 inputs are
-    computed in float32: k, v, k2, v2 are upcast once per call (a transient of their size in
-    float32, and float32 gradient buffers in backward)."""
+    attend, already gathered), k, v, k2, v2 (None for one source), scale, want_weights. fp16 /
+    bf16 inputs are computed in float32: k, v, k2, v2 are upcast once per call (a transient of
+    their size in float32, and float32 gradient buffers in backward). Under create_graph the
+    backward is `_attention_vjp`."""
 
     @staticmethod
     def forward(ctx, qs, k, v, k2, v2, scale, want_weights):
@@ -256,15 +329,15 @@ class ChunkedAttentionFunction(torch.autograd.Function):
         return _saved_and_returned(ctx, (qs, k, v, k2, v2, out, lse), scale, out, weights)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, *unused):
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate
+            return (*_attention_vjp(dout, *saved[:5], None, ctx.scale), None, None)
         with torch.autocast(ctx.device_type, enabled=False):
-            return ChunkedAttentionFunction._backward(ctx, dout)
+            return (*ChunkedAttentionFunction._backward(dout, *saved, ctx.scale), None, None)
 
     @staticmethod
-    def _backward(ctx, dout):
-        qs, k, v, k2, v2, out, lse = ctx.saved_tensors
-        scale = ctx.scale
+    def _backward(dout, qs, k, v, k2, v2, out, lse, scale):
         B, H, M, d = qs.shape
         n1 = k.shape[2]
         kf, vf, k2f, v2f = _f32(k), _f32(v), _f32(k2), _f32(v2)
@@ -292,8 +365,7 @@ class ChunkedAttentionFunction(torch.autograd.Function):
                 dk2.add_(torch.matmul(ds[..., n1:].transpose(-1, -2), qc), alpha=scale)
                 dqc.add_(torch.matmul(ds[..., n1:], k2f))
             dq[:, :, rows] = dqc.mul_(scale)
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return (dq, cast(dk, k), cast(dv, v), cast(dk2, k2), cast(dv2, v2), None, None)
+        return _cast_like((dq, dk, dv, dk2, dv2), (qs, k, v, k2, v2))
 
 
 @torch.no_grad()
@@ -308,15 +380,17 @@ def _head_mean_torch(qs, keys, scale):
 
 
 def _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights):
-    """One source: PyTorch's memory-efficient SDPA (about twice as fast on the CPU as the
-    chunked loop). Two sources (PWCA): the chunked loop, because SDPA would need k and k2
-    concatenated, and would save that copy for backward."""
+    """One source with finite values: PyTorch's memory-efficient SDPA (about twice as fast on
+    the CPU as the chunked loop), behind `SdpaDoubleBackward`. Two sources (PWCA): the chunked
+    loop, because SDPA would need k and k2 concatenated, and would save that copy for backward;
+    NaN or inf: the chunked loop, which propagates them as math attention does."""
     qs = _gather_rows(q, q_index) if q_index is not None else q
-    if k2 is not None:
-        return ChunkedAttentionFunction.apply(qs, k, v, k2, v2, scale,
-                                              need_weights == "head_mean")
+    want_weights = need_weights == "head_mean"
+    if k2 is not None or not _all_finite(qs, k, v):
+        return ChunkedAttentionFunction.apply(qs, k, v, k2, v2, scale, want_weights)
     out = F.scaled_dot_product_attention(qs, k, v, scale=scale)
-    if need_weights == "head_mean":
+    out = SdpaDoubleBackward.apply(out, qs, k, v, scale)
+    if want_weights:
         return out, _head_mean_torch(qs.detach(), k.detach(), scale)
     return out
 
@@ -324,7 +398,8 @@ def _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights):
 # ----------------------------------------------------------------------------- triton backend
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels. Inputs: q, k, v, k2, v2, q_index, scale,
-    want_weights. Returns out, or (out, head-mean probabilities) when want_weights."""
+    want_weights. Returns out, or (out, head-mean probabilities) when want_weights. Backward:
+    the Triton kernels, or `_attention_vjp` under create_graph (double backward)."""
 
     @staticmethod
     def forward(ctx, q, k, v, k2, v2, q_index, scale, want_weights):
@@ -336,14 +411,15 @@ class FlashAttentionFunction(torch.autograd.Function):
                                    weights)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, *unused):
         q, k, v, k2, v2, out, lse, q_index = ctx.saved_tensors
-        kern = _triton_module()
-        with kern._device_guard(q):
-            dq, dk, dv, dk2, dv2 = kern.backward(dout, q, k, v, k2, v2, out, lse, q_index,
-                                                 ctx.scale)
-        return dq, dk, dv, dk2, dv2, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate
+            grads = _attention_vjp(dout, q, k, v, k2, v2, q_index, ctx.scale)
+        else:
+            kern = _triton_module()
+            with kern._device_guard(q):
+                grads = kern.backward(dout, q, k, v, k2, v2, out, lse, q_index, ctx.scale)
+        return (*grads, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public

@@ -28,7 +28,7 @@ def show(obj, console=None, **options) -> None:
 
 def export(obj, path: str) -> str:
     """Export a profile by extension: .json (Chrome/Perfetto trace), .pickle (PyTorch memory
-    snapshot), .html (self-contained report)."""
+    snapshot), .html (self-contained report); a plan (memprof.recommend) as .html or .json."""
     from .report import export as export_to
     return export_to(getattr(obj, "profile", None) or obj, path)
 

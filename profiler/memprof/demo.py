@@ -28,10 +28,12 @@ BATCH = 8
 KERNEL_MODEL = dict(img_size=224, patch_size=8, dim=128, depth=2, heads=4, num_classes=20)
 KERNEL_BATCH = 2
 GiB = 1 << 30
+V100 = "v100-16gb"
 
 
 def _train(console, steps: int, *, detach_history: bool, keep_maps: bool,
-           attention_backend: str = "math", report: bool = True, config=None, batch=BATCH):
+           attention_backend: str = "math", report: bool = True, config=None, batch=BATCH,
+           budget=None):
     torch.manual_seed(0)
     model, make_batch, loss_fn = build_model("dcal-vit-tiny", detach_history=detach_history,
                                              attention_backend=attention_backend,
@@ -40,7 +42,7 @@ def _train(console, steps: int, *, detach_history: bool, keep_maps: bool,
     batches = [make_batch(batch) for _ in range(steps)]
     attention_maps_for_plots = []   # what a user keeps to visualise attention later
     t0 = time.perf_counter()
-    with memprof.track(model, opt) as prof:
+    with memprof.track(model, opt, budget=budget) as prof:
         for inputs, targets in batches:
             loss = loss_fn(model(*inputs), targets)
             loss.backward()
@@ -61,9 +63,11 @@ def _story_leak(console, steps: int):
     console.print("A DCAL model (SA blocks, attention rollout, GLCA, PWCA) trained for "
                   f"{steps} steps; the loop keeps model.sa_attention_history for plots, and the "
                   "model appends its maps without .detach().\n")
-    bug, t_bug = _train(console, steps, detach_history=False, keep_maps=True)
+    bug, t_bug = _train(console, steps, detach_history=False, keep_maps=True,
+                        budget=V100)
     console.rule("[bold]2. Fixed: .detach() the maps, keep only the current step's")
-    fixed, t_fixed = _train(console, steps, detach_history=True, keep_maps=False, report=False)
+    fixed, t_fixed = _train(console, steps, detach_history=True, keep_maps=False, report=False,
+                            budget=V100)
     verdict = ("[green]no findings[/]" if not fixed.findings else
                f"[red]{len(fixed.findings)} finding(s)[/]")
     t = Table(title="Bug vs fix (measured by memprof.track on this machine)", title_justify="left")
@@ -75,8 +79,30 @@ def _story_leak(console, steps: int):
         t.add_row(name, fmt_bytes(prof.peak), fmt_bytes(prof.steps[-1].live_at_end),
                   fmt_bytes(growth), str(len(prof.findings)), f"{wall:.1f} s")
     console.print(t)
-    console.print(f"Fixed run: {verdict}.\n")
+    console.print(f"Fixed run: {verdict}.")
+    _budget_verdict(console, bug, fixed)
     return bug, fixed
+
+
+def _budget_verdict(console, bug, fixed) -> None:
+    """Where a 16 GB V100 would have run out: both runs replayed against its usable memory."""
+    b, f = bug.meta.get("budget") or {}, fixed.meta.get("budget") or {}
+    proj = b.get("projection") or {}
+    if b.get("failure"):
+        when = f"at step {b['failure']['where']['step']}"
+    elif proj.get("step") is not None:
+        when = (f"at step ~{proj['step']} ({proj['method']}: step {proj['template_step']} "
+                f"kept {fmt_bytes(proj['leak_bytes_per_step'])} alive)")
+    else:
+        when = "never in these steps"
+    fix = (f"fits with {fmt_bytes(f['headroom'])} headroom and does not grow" if f.get("fits")
+           and not f.get("projection") else "does not fit either")
+    console.print(
+        f"[bold]On a 16 GB V100[/] (memprof.track(..., budget=\"{V100}\"): this CPU run "
+        f"replayed through the caching-allocator model with {fmt_bytes(b.get('capacity', 0))} "
+        f"usable, an estimate): the bug runs out of memory [bold red]{when}[/]; the fix "
+        f"{fix}. Seed 000's user, at the full DCAL-B/16 size on a V100, met this leak as "
+        "`CUDA out of memory. Tried to allocate 226.00 MiB`.\n")
 
 
 def _story_kernels(console):

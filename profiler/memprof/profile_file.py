@@ -7,12 +7,16 @@ import hashlib
 import io
 import json
 import os
+import stat
+import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import asdict
 
 import numpy as np
 
+from . import profile_schema
 from .finding import Finding
 from .record.events import EVENT_DTYPE, SEQ_DTYPE
 from .record.snapshots import Snapshot
@@ -55,37 +59,102 @@ def write(run: Run, findings: list[Finding], path: str) -> str:
     return path
 
 
+# Bounds checked before anything is read: the reader's memory is at most the sizes the zip
+# directory declares, and those are checked against the file's own size first.
+MAX_HEADER_BYTES = 1 << 30          # the JSON header (strings, modules, snapshots, records)
+MAX_ARRAY_BYTES = 1 << 36           # one array (events: 72 bytes each)
+_DEFLATE_RATIO = 1100               # deflate expands at most ~1032x
+
+
 def read(path: str) -> tuple[Run, list[Finding]]:
+    """The Run and findings saved at `path`. Total and bounded: any damaged, truncated,
+    hand-edited or hostile file raises ProfileFormatError, one line naming the file and what
+    is wrong, after reading at most what the file's zip directory declares (checked first)."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            header = json.loads(zf.read("header.json"))
-            if header.get("format") != FORMAT_NAME:
-                raise ProfileFormatError(f"{path}: not a memprof profile")
-            if header.get("version") != FORMAT_VERSION:
-                raise ProfileFormatError(
-                    f"{path}: profile format version {header.get('version')}, this memprof "
-                    f"reads version {FORMAT_VERSION}")
-            arrays = {}
-            for name in ("events.npy", "seq_records.npy"):
-                data = zf.read(name)
-                expected = header.get("sha256", {}).get(name)
-                if expected != hashlib.sha256(data).hexdigest():
-                    raise ProfileFormatError(f"{path}: {name} is damaged (checksum mismatch)")
-                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        header, events, seqs = _read_checked(path)
     except ProfileFormatError:
         raise
     except FileNotFoundError:
         raise ProfileFormatError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
-        raise ProfileFormatError(f"{path}: not a readable memprof profile ({exc})") from None
-    events, seqs = arrays["events.npy"], arrays["seq_records.npy"]
-    if events.dtype != EVENT_DTYPE or seqs.dtype != SEQ_DTYPE:
-        raise ProfileFormatError(f"{path}: event layout does not match this memprof")
+    except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError,
+            NotImplementedError, RuntimeError, RecursionError, struct.error) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ProfileFormatError(f"{path}: not a readable memprof profile ({detail})") from None
     run = Run(events=events, strings=header["strings"], modules=header["modules"],
               seq_records=seqs, snapshots=[Snapshot(**s) for s in header["snapshots"]],
-              meta=header["meta"], step_seqs=header.get("step_seqs", []),
-              records=header.get("records", {}))
-    return run, [Finding(**f) for f in header.get("findings", [])]
+              meta=header["meta"], step_seqs=header["step_seqs"], records=header["records"])
+    return run, profile_schema.findings_of(header)
+
+
+def _read_checked(path: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ProfileFormatError(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise ProfileFormatError(f"{path}: empty file")
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        _check_member(path, zf, "header.json", MAX_HEADER_BYTES, st.st_size)
+        header = json.loads(zf.read("header.json"))
+        problem = _version_problem(header) or profile_schema.check_header(header)
+        if problem is not None:
+            raise ProfileFormatError(f"{path}: {problem}")
+        for name in ("events.npy", "seq_records.npy"):
+            _check_member(path, zf, name, MAX_ARRAY_BYTES, st.st_size)
+        events = _read_array(path, zf, "events.npy", EVENT_DTYPE, header)
+        seqs = _read_array(path, zf, "seq_records.npy", SEQ_DTYPE, header)
+    problem = profile_schema.check_references(events, seqs, header)
+    if problem is not None:
+        raise ProfileFormatError(f"{path}: {problem}")
+    return header, events, seqs
+
+
+def _version_problem(header) -> str | None:
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        return "not a memprof profile"
+    version = header.get("version")
+    if type(version) is not int:   # "2" or 2.0 or true: not a version this writer wrote
+        return (f"profile format version {version!r} is not a version number (this memprof "
+                f"reads version {FORMAT_VERSION})")
+    if version != FORMAT_VERSION:
+        return f"profile format version {version}, this memprof reads version {FORMAT_VERSION}"
+    return None
+
+
+def _check_member(path: str, zf: zipfile.ZipFile, name: str, limit: int, file_size: int):
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise ProfileFormatError(f"{path}: not a memprof profile (no {name})") from None
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 1:
+        raise ProfileFormatError(f"{path}: {name} is compressed or encrypted in a way memprof "
+                                 "does not write")
+    bound = info.compress_size if info.compress_type == zipfile.ZIP_STORED else \
+        info.compress_size * _DEFLATE_RATIO + 1024
+    if info.compress_size > file_size or info.file_size > min(limit, bound):
+        raise ProfileFormatError(f"{path}: {name} declares {info.file_size} bytes from "
+                                 f"{info.compress_size} stored, in a file of {file_size} "
+                                 "bytes: damaged")
+
+
+def _read_array(path: str, zf: zipfile.ZipFile, name: str, dtype: np.dtype,
+                header: dict) -> np.ndarray:
+    data = zf.read(name)
+    if header["sha256"].get(name) != hashlib.sha256(data).hexdigest():
+        raise ProfileFormatError(f"{path}: {name} is damaged (checksum mismatch)")
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    if version not in ((1, 0), (2, 0)):
+        raise ProfileFormatError(f"{path}: {name}: unsupported .npy version {version}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+        np.lib.format.read_array_header_2_0
+    shape, _fortran, stored = read_header(buf)
+    if stored != dtype:
+        raise ProfileFormatError(f"{path}: event layout does not match this memprof")
+    if len(shape) != 1 or shape[0] * dtype.itemsize != len(data) - buf.tell():
+        raise ProfileFormatError(f"{path}: {name}: shape {shape} does not match its "
+                                 f"{len(data) - buf.tell()} bytes of data")
+    return np.frombuffer(data, dtype=dtype, count=shape[0], offset=buf.tell()).copy()
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

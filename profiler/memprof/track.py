@@ -17,7 +17,9 @@ from . import analyse as _analyse
 from .analyse import health as _health
 from .analyse import throughput as _throughput
 from .profile import Profile
+from . import track_budget as _budget
 from .record.health import HealthRecorder
+from .record.inputs import InputRecorder
 from .record.session import DEFAULT_CAPACITY, Session
 from .record.throughput import ThroughputRecorder
 from .run import Run
@@ -25,17 +27,24 @@ from .run import Run
 
 class Tracker:
     """The context manager behind memprof.track(); after the block it answers like its
-    Profile (prof.peak, prof.breakdown(), prof.save(), prof.report())."""
+    Profile (prof.peak, prof.breakdown(), prof.save(), prof.report()). One block per tracker;
+    after it, the tracker holds the profile (data), not the model, optimizer or frame."""
 
     def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
                  path: str | None = None, capacity: int = DEFAULT_CAPACITY,
                  analyses: Iterable | None = None, auto_modules: bool = False,
-                 health: bool = False, batch_size: int | None = None):
-        recorders = [ThroughputRecorder()] + ([HealthRecorder()] if health else [])
+                 health: bool = False, batch_size: int | None = None, budget=None):
+        _budget.check(budget)   # an unknown GPU fails here, not after the training ran
+        self.budget = budget
+        self.report_oom_on_exit = True   # print the OOM diagnosis to stderr (memprof run: no)
+        recorders = [ThroughputRecorder(), InputRecorder()] + \
+            ([HealthRecorder()] if health else [])
         self.session = Session(model, optimizer, capacity=capacity, auto_modules=auto_modules,
                                batch_size=batch_size, recorders=recorders)
         self.path = path
         self.profile: Profile | None = None
+        self.saved: str | None = None     # where the profile was saved, once it was
+        self._entered = False
         self._analyses = list(analyses) if analyses is not None else None
 
     # ------------------------------------------------------------------ while recording
@@ -78,7 +87,11 @@ class Tracker:
 
     # ------------------------------------------------------------------ context protocol
     def __enter__(self) -> "Tracker":
+        if self._entered:
+            raise RuntimeError("memprof.track: this tracker has already recorded a block; call "
+                               "memprof.track(...) again for the next block")
         self.session.start(sys._getframe(1))
+        self._entered = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -89,7 +102,11 @@ class Tracker:
             self.profile.run.live = None   # the outer block checks the live state
         else:
             _analyse.analyse(self.profile, self._analyses)
+            _budget.plan(self, exc)            # budget replay; what would fit an OOM
         self._save(exc, nested)
+        if not nested and exc is not None and self.report_oom_on_exit:
+            _budget.print_diagnosis(self.profile)   # to stderr, before the traceback
+        self.session = None   # the profile is data: don't keep the model, optimizer or frame
         return False  # never swallow the user's exception
 
     def _save(self, exc, nested: bool) -> None:
@@ -103,6 +120,7 @@ class Tracker:
         except OSError as err:
             print(f"memprof: could not save the profile to {target}: {err}", file=sys.stderr)
             return
+        self.saved = target
         if exc is not None:
             print(f"memprof: the tracked code raised {type(exc).__name__}; profile saved "
                   f"to {target}", file=sys.stderr)
@@ -110,7 +128,7 @@ class Tracker:
 
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,
           capacity: int = DEFAULT_CAPACITY, analyses=None, auto_modules: bool = False,
-          health: bool = False, batch_size: int | None = None) -> Tracker:
+          health: bool = False, batch_size: int | None = None, budget=None) -> Tracker:
     """Record every allocation and free made inside the block.
 
     model: attributes allocations to its submodules (forward hooks) and names parameters.
@@ -124,6 +142,14 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
     scheduler order, loss spikes, non-finite values); see memprof.analyse.health.
     batch_size: samples per micro-step for samples/s (default: the leading dimension of the
     root module's first input); see memprof.analyse.throughput.
+    budget: a GPU ("v100-16gb", see `memprof gpus`) or a byte count: the recorded stream is
+    replayed through the caching-allocator model with that GPU's usable memory - whether and
+    where this run would run out on it (or when, if memory grows), and what would fit instead
+    (estimates; prof.meta["budget"], prof.meta["fit"]; an outermost block's profile only).
+    See memprof.plan.budget.
+    If the block runs out of memory, a diagnosis (who filled the device, leak or step too big,
+    what would fit) is printed to stderr before the exception leaves the block.
     """
     return Tracker(model, optimizer, path=path, capacity=capacity, analyses=analyses,
-                   auto_modules=auto_modules, health=health, batch_size=batch_size)
+                   auto_modules=auto_modules, health=health, batch_size=batch_size,
+                   budget=budget)

@@ -17,9 +17,10 @@ def default_analyses() -> list:
     from .growth import memory_growth
     from .health import health_analysis
     from .leaks import retained_graphs
+    from .oom import out_of_memory
     from .throughput import throughput_analysis
     return [retained_graphs, memory_growth, backward_misuse, throughput_analysis,
-            health_analysis]
+            health_analysis, out_of_memory]
 
 
 def analyse(profile, analyses=None) -> None:

@@ -76,12 +76,21 @@ class RecommendCommand(Command):
                        help="skip the confirming estimate at each boundary (faster)")
         r.add_argument("--all", action="store_true", help="show every option, not a summary")
         r.add_argument("--json", action="store_true", help="print the plan as JSON")
+        r.add_argument("--html", metavar="FILE",
+                       help="also write the plan as a self-contained HTML page (memory against "
+                            "micro-batch per precision and checkpointing, the GPU's usable "
+                            "line, the best option marked)")
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
 
+        from ..plan.gpus import NoGPUError, lookup
         from ..plan.search import recommend
         from ..report.plan import print_plan, search_progress
+        try:
+            lookup(args.gpu)   # before the search: an unknown or absent GPU is one line
+        except NoGPUError as err:
+            raise UsageError(f"--gpu {args.gpu}: {err}") from None
         precisions = None
         if args.precision:
             precisions = [p for s in args.precision for p in _csv(s)]
@@ -104,6 +113,9 @@ class RecommendCommand(Command):
             print(plan.to_json())
         else:
             print_plan(plan, Console(), all_options=args.all)
+        if args.html:
+            from ..report import export
+            Console(stderr=True).print(f"wrote {export(plan, args.html)}")
         return 0
 
 

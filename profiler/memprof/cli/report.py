@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import Command
+from .base import Command, UsageError
 
 
 class ReportCommand(Command):
@@ -22,13 +22,21 @@ class ReportCommand(Command):
                                  "snapshot)")
         parser.add_argument("--fail-on-findings", action="store_true",
                             help="exit with status 3 when there are warnings or errors (CI)")
+        parser.add_argument("--budget", metavar="GPU",
+                            help="replay the profile against a GPU's usable memory (a name "
+                                 "from `memprof gpus`, or bytes): whether and where it would "
+                                 "run out, and what would fit (estimates)")
 
     def run(self, args) -> int:
         import memprof
         from memprof.analyse import summary
         prof = memprof.load(args.profile)
+        if args.budget:
+            _apply_budget(prof, args.budget)
         if args.json:
-            print(json.dumps(summary(prof), indent=1, default=str))
+            data = summary(prof)
+            data.update(budget=prof.meta.get("budget"), fit=prof.meta.get("fit"))
+            print(json.dumps(data, indent=1, default=str))
         else:
             memprof.show(prof, top=args.top)
         for path in args.export or []:
@@ -36,6 +44,24 @@ class ReportCommand(Command):
         if args.fail_on_findings and memprof.findings(prof):
             return 3
         return 0
+
+
+def parse_budget(spec: str | None):
+    """--budget: a GPU name (or capacity like 24gb) or a number of bytes; checked now."""
+    if spec is None:
+        return None
+    from memprof import track_budget
+    budget = int(spec) if spec.strip().isdigit() else spec
+    try:
+        track_budget.check(budget)
+    except ValueError as err:
+        raise UsageError(f"--budget {spec}: {err}") from None
+    return budget
+
+
+def _apply_budget(prof, spec: str) -> None:
+    from memprof import track_budget
+    track_budget.apply(prof, parse_budget(spec))
 
 
 COMMAND = ReportCommand()

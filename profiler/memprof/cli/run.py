@@ -8,6 +8,8 @@ import sys
 
 from ..record.patches import PatchRegistry
 from .base import Command, UsageError
+from .report import parse_budget
+from .signals import ExitSignals, Terminated
 
 
 class RunCommand(Command):
@@ -22,20 +24,26 @@ class RunCommand(Command):
         parser.add_argument("script_args", nargs=argparse.REMAINDER)
         parser.add_argument("-o", "--output", help="profile file (default: <script>.memprof)")
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+        parser.add_argument("--budget", metavar="GPU",
+                            help="also replay the run against a GPU's usable memory (a name "
+                                 "from `memprof gpus`, or bytes): where it would run out")
 
     def run(self, args) -> int:
         if not os.path.isfile(args.script):
             raise UsageError(f"script {args.script!r}: no such file")
+        args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
         output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
+        _check_output(output)
         patches = PatchRegistry()   # sys.argv and sys.path as the script expects them
         patches.set(sys, "argv", [args.script] + list(args.script_args))
         patches.set(sys, "path", [os.path.dirname(os.path.abspath(args.script))] + sys.path)
         try:
-            return self._run_script(args, output)
+            with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
+                return signals.status(self._run_script(args, output, signals))
         finally:
             patches.restore()
 
-    def _run_script(self, args, output: str) -> int:
+    def _run_script(self, args, output: str, signals: ExitSignals) -> int:
         import memprof
         from memprof.analyse import summary
         status = 0
@@ -45,13 +53,21 @@ class RunCommand(Command):
         # holders even when the script raises.
         namespace = {"__name__": "__main__", "__file__": os.path.abspath(args.script),
                      "__builtins__": __builtins__}
-        tracker = memprof.track(auto_modules=True, path=output)
+        tracker = memprof.track(auto_modules=True, path=output, budget=args.budget)
+        tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
         tracker.roots.append(("", namespace))
         try:
             with tracker:
-                exec(code, namespace)  # noqa: S102  (running the user's script is the point)
+                try:
+                    exec(code, namespace)  # noqa: S102  (running the user's script is the point)
+                finally:
+                    signals.finish()
         except SystemExit as exc:  # the script's own exit: keep its status, still report
             status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except (KeyboardInterrupt, Terminated) as exc:
+            how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+            print(f"memprof: {args.script} stopped by {how}", file=sys.stderr)
+            status = 130 if isinstance(exc, KeyboardInterrupt) else 143
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
             print(f"memprof: {args.script} raised {type(exc).__name__}: {exc}", file=sys.stderr)
             status = 1
@@ -60,8 +76,24 @@ class RunCommand(Command):
                 print(json.dumps(summary(tracker), indent=1, default=str))
             else:
                 memprof.show(tracker)
-                print(f"profile saved to {output}")
-        return status
+        if tracker.saved == output:
+            print(f"profile saved to {output}", file=sys.stderr if args.json else sys.stdout)
+            return status
+        if tracker.profile is None:   # else the tracker said why it could not save
+            print(f"memprof: the profile was not saved to {output}", file=sys.stderr)
+        return status or 1
+
+
+def _check_output(output: str) -> None:
+    """Fail before the script runs, not after an hour of training, when the profile could not
+    be written where asked."""
+    directory = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output!r}: is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"--output {output!r}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output!r}: directory {directory!r} is not writable")
 
 
 COMMAND = RunCommand()

@@ -62,14 +62,20 @@ class SimResult:
     #: reserved / allocated bytes after each replayed event (None if return_timeline=False)
     reserved: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
     allocated: Optional[np.ndarray] = dataclasses.field(default=None, repr=False, compare=False)
+    #: where the model put things (None unless return_layout=True): 'block_addr' / 'block_size'
+    #: per input row (0 where the row is not a placed allocation) and 'segments', parallel
+    #: arrays event / addr / size / action (SEGMENT_ACTIONS) / small of every segment operation
+    layout: Optional[dict] = dataclasses.field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         """The summary without the timelines (JSON-friendly)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("reserved", "allocated")}
+                if f.name not in ("reserved", "allocated", "layout")}
 
 
 EventsLike = Union[np.ndarray, Sequence[Any]]
+#: layout["segments"]["action"] codes, as PyTorch's memory snapshot names them
+SEGMENT_ACTIONS = {1: "segment_alloc", 2: "segment_free", 3: "segment_map", 4: "segment_unmap"}
 
 
 def _int_array(a: Any, name: str) -> np.ndarray:
@@ -114,7 +120,8 @@ def _opt_bytes(v: Any, name: str, minimum: int = 1) -> int:
 
 def simulate(events_or_arrays: EventsLike, *, expandable_segments: bool = False,
              capacity: Optional[int] = None, max_split_size: Optional[int] = None,
-             mask: Optional[np.ndarray] = None, return_timeline: bool = True) -> SimResult:
+             mask: Optional[np.ndarray] = None, return_timeline: bool = True,
+             return_layout: bool = False) -> SimResult:
     """Replay allocation events through the CUDA caching-allocator model.
 
     events_or_arrays: a numpy structured array with fields ``ptr`` (uint64) and ``size``
@@ -129,6 +136,8 @@ def simulate(events_or_arrays: EventsLike, *, expandable_segments: bool = False,
         None = unlimited (the default of PyTorch).
     mask: optional boolean array, one per row; rows where it is False are ignored.
     return_timeline: also return reserved/allocated after each event (2 x 8 bytes per event).
+    return_layout: also return where each block and segment went (SimResult.layout), for a
+        memory snapshot of the replay (another 16 bytes per event).
     """
     ptr, size, kind = _split_input(events_or_arrays)
     ptr = _int_array(ptr, "ptr")
@@ -161,7 +170,8 @@ def simulate(events_or_arrays: EventsLike, *, expandable_segments: bool = False,
 
     d = _C.simulate_allocator(ptr, size, expandable_segments=bool(expandable_segments),
                               capacity=cap, max_split_size=mss,
-                              return_timeline=bool(return_timeline))
+                              return_timeline=bool(return_timeline),
+                              return_layout=bool(return_layout))
     d["oom"] = bool(d["oom"])
     if not d["oom"]:
         d["oom_event"] = d["oom_bytes"] = None

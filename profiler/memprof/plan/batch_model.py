@@ -92,6 +92,12 @@ class BatchModel:
             alloc = int(round(self._lerp(self.lo.peak(variant), self.hi.peak(variant), b)))
             res = int(round(self._lerp(self.lo.peak(variant, True),
                                        self.hi.peak(variant, True), b)))
+        if accumulation > 1 and variant == "accumulate":
+            # accumulation keeps the gradients: it never needs less than accumulation 1 (the
+            # first micro-step of each optimizer step is one), so every user of a prediction
+            # - the search's max micro-batch and Plan.predict - sees the same number
+            one = self.predict(b, 1, reserved=reserved)
+            alloc, res = max(alloc, one.peak_allocated), max(res, one.peak_reserved)
         p = Prediction(batch_size=b, accumulation=accumulation, precision=self.precision,
                        checkpointing=self.checkpointing, peak_allocated=alloc,
                        peak_reserved=res, flops=flops, bytes_allocated=byts, ops=self.lo.ops,

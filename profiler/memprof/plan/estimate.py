@@ -41,8 +41,12 @@ What an estimate models, and what it does not
   the recompute of checkpointed blocks is counted (see `memprof.plan.fake_step`).
 * Python's cycle collector is off during the step (frees of cycle-held garbage would otherwise
   land at points that differ from run to run); an estimate is deterministic.
-* Not modelled: memory that kernels allocate internally (cuBLAS / cuDNN workspaces, which the
-  caching allocator serves on a GPU), the CUDA context (see `memprof.plan.gpus`), non-parameter
+* Kernels: with `gpu=` (what `recommend` passes) the ops whose CUDA kernels keep other memory
+  than the CPU's - dropout's bool mask, the SDPA backend the GPU runs (flash / memory-efficient
+  / math) and what it saves, cuBLAS workspaces, flash backward's scratch - are modelled by the
+  rules of `memprof.plan.cuda_kernels`; `Estimate.kernel_rules` counts the rules applied.
+  Without `gpu=` the step runs this process's CPU kernels (what `measure_step` measures).
+* Not modelled: cuDNN convolution workspaces, the CUDA context (see `memprof.plan.gpus`), non-parameter
   tensors that a model keeps as plain attributes (they are converted on use, not counted),
   data-dependent control flow that differs between fake and real values.
 """
@@ -69,8 +73,10 @@ from ..run import Run
 from .checkpoint import apply as apply_checkpointing
 from .checkpoint import parse_policy, resolve_blocks
 from .cuda_autocast import LOW_PRECISION_DTYPES, CudaAutocast, run_under
+from .cuda_kernels import CudaKernels, KernelScratch, target_for
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .gpus import PRECISIONS
+from .meta_build import fake_like
 from .streams import VARIANTS, reserved_peak, step_stream
 
 __all__ = ["estimate_step", "measure_step", "Estimator", "Estimate", "make_optimizer",
@@ -137,6 +143,7 @@ class Estimate:
     trainable_params: int
     wall_s: float                # time this estimate took on this machine
     by_category: dict = field(default_factory=dict)
+    kernel_rules: dict = field(default_factory=dict)  # CUDA kernel rules applied -> count
 
     def peak(self, variant: str = "first", reserved: bool = False) -> int:
         return {("first", False): self.peak_allocated, ("first", True): self.peak_reserved,
@@ -151,7 +158,7 @@ class Estimate:
             "peak_reserved", "steady_peak_allocated", "steady_peak_reserved",
             "accumulating_peak_allocated", "accumulating_peak_reserved", "flops",
             "flops_by_phase", "ops", "bytes_allocated", "buffers_bytes", "params_bytes",
-            "trainable_params", "wall_s", "by_category")} | {"estimated": True}
+            "trainable_params", "wall_s", "by_category", "kernel_rules")} | {"estimated": True}
 
     def __repr__(self) -> str:
         g = 2 ** 30
@@ -238,7 +245,7 @@ class Estimator:
     every `step()` copies only the module structure around them."""
 
     def __init__(self, model: nn.Module, make_batch: Callable, loss_fn: Callable | None = None,
-                 *, optimizer="adamw"):
+                 *, optimizer="adamw", gpu=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(make_batch):
@@ -253,15 +260,22 @@ class Estimator:
         if isinstance(optimizer, str) and optimizer.lower() not in OPTIMIZERS:
             make_optimizer(optimizer, [])  # raises the one-line error
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # gpu: a memprof.plan.gpus entry (or name) -> its CUDA kernels' memory is modelled
+        # (memprof.plan.cuda_kernels); None -> the CPU kernels this process runs (what
+        # measure_step measures here)
+        if isinstance(gpu, str):
+            from .gpus import lookup
+            gpu = lookup(gpu)
+        self.kernel_target = target_for(gpu)
         self.model_class = type(model).__name__
         memo: dict[int, Any] = {}
         for p in model.parameters():
             if id(p) not in memo:
-                memo[id(p)] = nn.Parameter(self.fake_mode.from_tensor(p.detach()),
+                memo[id(p)] = nn.Parameter(fake_like(self.fake_mode, p.detach()),
                                            requires_grad=p.requires_grad)
-        for b in model.buffers():
+        for b in model.buffers():   # meta-built modules too (memprof.plan.meta_build)
             if id(b) not in memo:
-                memo[id(b)] = self.fake_mode.from_tensor(b)
+                memo[id(b)] = fake_like(self.fake_mode, b)
         # the template's own tensors map to themselves: per-step copies share them
         self._tensor_memo = {id(v): v for v in memo.values()}
         self._template = copy.deepcopy(model, memo)
@@ -291,8 +305,9 @@ class Estimator:
         model = self._fresh_model()
         low = LOW_PRECISION_DTYPES.get(precision)
         cuda_policy = CudaAutocast() if low is not None else contextlib.nullcontext()
+        kernels = CudaKernels(self.kernel_target) if self.kernel_target else None
         kind, mods = self._checkpoint(model, checkpointing, blocks,
-                                      cuda_policy if low is not None else None)
+                                      cuda_policy if low is not None else None, kernels)
         # Selective checkpointing replays the forward's op sequence exactly; autocast's weight
         # cache breaks that when a block runs twice in one forward (DCAL's PWCA stream reuses
         # the SA blocks), on CUDA as here. So SAC + AMP runs with cache_enabled=False.
@@ -301,36 +316,42 @@ class Estimator:
             if low is not None else contextlib.nullcontext
         opt = make_optimizer(self.optimizer, model.parameters())
         storages = StepStorages(model)
-        recorder = RecordingMode(storages, count_flops)
+        recorder = RecordingMode(storages, count_flops, scratch=KernelScratch(
+            self.kernel_target) if kernels is not None else None)
         loss_fn = self._rebind(self.loss_fn, model)
         make_batch = self._rebind(self.make_batch, model)
         prof, phase_flops = self._record(
             model, opt, storages, mods,
             lambda: self._run(model, opt, make_batch, loss_fn, batch_size, recorder,
-                              cuda_policy, amp))
+                              cuda_policy, amp, kernels or contextlib.nullcontext()))
         prof.meta.update({
             "estimated": True, "batch_size": int(batch_size), "precision": precision,
             "checkpointing": checkpointing, "optimizer": self.optimizer_name,
             "autocast_cache": autocast_cache if low is not None else None,
             "model_class": self.model_class, "flops": int(sum(phase_flops.values())),
             "estimate_ops": storages.ops,
+            "kernels": self.kernel_target.name if kernels is not None else "cpu",
+            "kernel_rules": dict(kernels.applied) if kernels is not None else {},
         })
         est = self._finish(prof, int(batch_size), precision, checkpointing, phase_flops,
                            storages.ops, simulate)
         est.wall_s = time.perf_counter() - t0
+        est.kernel_rules = dict(prof.meta["kernel_rules"])
         prof.meta["estimate_wall_s"] = est.wall_s
         return est
 
-    def _checkpoint(self, model, checkpointing, blocks, mode) -> tuple[str, list[nn.Module]]:
+    def _checkpoint(self, model, checkpointing, blocks, mode,
+                    kernels=None) -> tuple[str, list[nn.Module]]:
         """Apply the policy to the fake copy -> (policy kind, checkpointed blocks). With an AMP
-        `mode`, the recompute of a block in backward runs under the emulation too."""
+        `mode` or CUDA `kernels`, the recompute of a block in backward runs under them too."""
         kind = parse_policy(checkpointing)[0]
         if kind == "none":
             return kind, []
         _, mods = resolve_blocks(model, _map_blocks(blocks, self, model))
-        if mode is not None:
-            for m in mods:
-                run_under(m, mode)
+        for m in mods:
+            for under in (kernels, mode):   # mode outermost, as in the step itself
+                if under is not None:
+                    run_under(m, under)
         apply_checkpointing(model, checkpointing, blocks=mods)
         return kind, mods
 
@@ -370,10 +391,12 @@ class Estimator:
             raise error
         return recorded_profile(), phase_flops
 
-    def _run(self, model, opt, make_batch, loss_fn, batch_size, recorder, cuda_policy, amp):
+    def _run(self, model, opt, make_batch, loss_fn, batch_size, recorder, cuda_policy, amp,
+             kernels):
         """The training step itself (inside the recording session)."""
         record_buffers(model)
-        with self.fake_mode, cuda_policy, recorder:
+        recorder.record_persistent(model)
+        with self.fake_mode, cuda_policy, kernels, recorder:
             batch = make_batch(int(batch_size))
             batch = tree_map(lambda t: self._adopt(t, recorder), batch)
             inputs, targets = split_batch(batch)
@@ -457,7 +480,8 @@ def _map_blocks(blocks, estimator: Estimator, model: nn.Module):
 
 def estimate_step(model: nn.Module, make_batch: Callable, loss_fn: Callable | None = None, *,
                   batch_size: int, optimizer="adamw", precision: str = "fp32",
-                  checkpointing: str = "none", blocks=None, count_flops: bool = True) -> Estimate:
+                  checkpointing: str = "none", blocks=None, count_flops: bool = True,
+                  gpu=None) -> Estimate:
     """Estimate one training step of `model` at `batch_size` without running it.
 
     make_batch(batch_size) -> (inputs, targets); inputs a tuple (model(*inputs)), a dict
@@ -465,8 +489,10 @@ def estimate_step(model: nn.Module, make_batch: Callable, loss_fn: Callable | No
     for integer targets, else MSE; or outputs.loss). optimizer: 'adamw' | 'adam' | 'sgd' |
     'none' or a factory params -> Optimizer. precision: 'fp32' | 'fp16' | 'bf16' (AMP, fp32
     master weights, CUDA autocast policy emulated). checkpointing: a memprof.checkpoint policy.
+    gpu: a GPU name or entry -> what its CUDA kernels allocate and save is modelled
+    (`memprof.plan.cuda_kernels`); None: the CPU kernels of this process.
     """
-    est = Estimator(model, make_batch, loss_fn, optimizer=optimizer)
+    est = Estimator(model, make_batch, loss_fn, optimizer=optimizer, gpu=gpu)
     return est.step(batch_size, precision=precision, checkpointing=checkpointing, blocks=blocks,
                     count_flops=count_flops)
 

@@ -33,6 +33,10 @@ def unique_storages(tensors):
             yield t
 
 
+#: keys of kernel scratch records: far above any id() of a storage on a 64-bit CPython
+_SCRATCH_KEYS = 1 << 60
+
+
 def _record(key: int, nbytes: int) -> None:
     _C.record_external(key, nbytes, FAKE_DEVICE_TYPE, 0)
 
@@ -69,11 +73,13 @@ def record_buffers(model: nn.Module) -> None:
 class RecordingMode(TorchDispatchMode):
     """Records every new storage produced by an op (and its death) into the tracking session."""
 
-    def __init__(self, storages: StepStorages, count_flops: bool = True):
+    def __init__(self, storages: StepStorages, count_flops: bool = True, scratch=None):
         super().__init__()
         self.storages = storages
         self.flops = 0
         self._registry = _flop_registry() if count_flops else {}
+        self.scratch = scratch      # cuda_kernels.KernelScratch: kernels' own memory, or None
+        self._next_key = _SCRATCH_KEYS
 
     def see(self, t) -> None:
         if not isinstance(t, torch.Tensor):
@@ -115,7 +121,23 @@ class RecordingMode(TorchDispatchMode):
                 elif isinstance(o, (tuple, list)):
                     for q in o:
                         self.see(q)
+        if self.scratch is not None:
+            self._kernel_memory(func, args)
         return out
+
+    def _kernel_memory(self, func, args) -> None:
+        """Scratch a CUDA kernel allocates beyond its outputs, freed when it returns."""
+        n = self.scratch.scratch(func, args)
+        if n:
+            self._next_key += 16
+            _record(self._next_key, n)
+            _record(self._next_key, -n)
+
+    def record_persistent(self, model: nn.Module) -> None:
+        """Process-lifetime kernel memory (cuBLAS workspaces): recorded, never freed."""
+        for _, n in (self.scratch.persistent(model) if self.scratch is not None else ()):
+            self._next_key += 16
+            _record(self._next_key, n)
 
 
 _FLOP_REGISTRY = None

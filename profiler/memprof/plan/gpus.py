@@ -75,6 +75,8 @@ class GPU:
     compute_capability: Optional[Tuple[int, int]] = None
     memory_source: str = ""                    #: where memory_bytes comes from
     generic: bool = False                      #: capacity-only entry: FLOP/s unknown
+    vendor: str = "nvidia"                     #: "nvidia" | "amd" (ROCm: cc = gfx major/minor)
+    note: str = ""                             #: how an ambiguous name was resolved
 
     @property
     def memory_gib(self) -> float:
@@ -115,7 +117,7 @@ def _mib(n: int) -> int:
 _TABLE = (
     # NVIDIA Tesla V100 GPU Accelerator datasheet, "V100 for NVLink" (SXM2): FP32 15.7 TFLOPS,
     # Tensor 125 TFLOPS, 900 GB/s. Volta has no TF32/BF16 tensor cores.
-    GPU("v100-16gb", ("v100", "v100-sxm2-16gb", "tesla v100-sxm2-16gb"),
+    GPU("v100-16gb", ("v100-sxm2-16gb", "tesla v100-sxm2-16gb"),
         _mib(16160), 15.7 * TFLOPS, None, 125 * TFLOPS, None, 900e9, (7, 0),
         "torch total_memory 16160 MiB (Tesla V100-SXM2-16GB)"),
     GPU("v100-32gb", ("v100-sxm2-32gb", "tesla v100-sxm2-32gb"),
@@ -158,7 +160,7 @@ _TABLE = (
     # NVIDIA A100 Tensor Core GPU datasheet: FP32 19.5, TF32 156, BF16/FP16 312 TFLOPS (dense;
     # the same for PCIe and SXM); bandwidth 1,555 GB/s (40GB), 1,935 (80GB PCIe), 2,039 GB/s
     # (80GB SXM).
-    GPU("a100-40gb", ("a100", "a100-sxm4-40gb", "a100-pcie-40gb"),
+    GPU("a100-40gb", ("a100-sxm4-40gb", "a100-pcie-40gb"),
         _mib(40326), 19.5 * TFLOPS, 156 * TFLOPS, 312 * TFLOPS, 312 * TFLOPS, 1555e9, (8, 0),
         "torch total_memory 40326 MiB (A100-PCIE-40GB; A100-SXM4-40GB records show "
         "40339-40536 MiB)"),
@@ -171,7 +173,7 @@ _TABLE = (
         "estimate: the A100-SXM4-80GB value, assumed equal for PCIe"),
     # NVIDIA H100 Tensor Core GPU datasheet, SXM column: FP32 67 TFLOPS; TF32 989, BF16/FP16
     # 1,979 TFLOPS stated with sparsity (dense = half); 3.35 TB/s.
-    GPU("h100-80gb", ("h100", "h100-sxm", "h100-sxm-80gb", "h100-80gb-hbm3"),
+    GPU("h100-80gb", ("h100-sxm", "h100-sxm-80gb", "h100-80gb-hbm3"),
         _mib(81082), 67 * TFLOPS, 989 * TFLOPS / 2, 1979 * TFLOPS / 2, 1979 * TFLOPS / 2,
         3.35e12, (9, 0),
         "torch total_memory 81082 MiB (NVIDIA H100 80GB HBM3; 81089-81090 in other records)"),
@@ -184,6 +186,74 @@ _TABLE = (
     GPU("h200", ("h200-141gb", "h200-sxm"),
         _mib(143156), 67 * TFLOPS, 989 * TFLOPS / 2, 1979 * TFLOPS / 2, 1979 * TFLOPS / 2,
         4.8e12, (9, 0), "torch total_memory 143156 MiB (NVIDIA H200)"),
+    # ---- added for issue 12. Memory: where no recorded torch value was at hand, the datasheet
+    # capacity (GB = 10**9 B for HBM/GDDR as NVIDIA/AMD state it, taken as GiB when the board
+    # has GiB-sized chips) - marked "estimate"; torch reports a few hundred MiB less, which
+    # the 5 % fit margin covers.
+    # NVIDIA RTX A6000 datasheet: 48 GB GDDR6, 768 GB/s, FP32 38.7 TFLOPS; NVIDIA Ampere GA102
+    # whitepaper, appendix (RTX A6000): TF32 tensor 77.4, FP16/BF16 tensor with FP32
+    # accumulate 154.8 TFLOPS dense (pro boards run FP32 accumulate at full rate).
+    GPU("rtx-a6000", ("a6000", "rtx a6000", "nvidia rtx a6000"),
+        _mib(48 * 1024), 38.7 * TFLOPS, 77.4 * TFLOPS, 154.8 * TFLOPS, 154.8 * TFLOPS, 768e9,
+        (8, 6), "estimate: datasheet 48 GB GDDR6"),
+    # NVIDIA A40 datasheet: FP32 37.4; TF32 74.8, BF16/FP16 149.7 TFLOPS dense (the sparsity
+    # figures are double); 48 GB GDDR6 with ECC, 696 GB/s.
+    GPU("a40", ("nvidia a40",),
+        _mib(48 * 1024), 37.4 * TFLOPS, 74.8 * TFLOPS, 149.7 * TFLOPS, 149.7 * TFLOPS, 696e9,
+        (8, 6), "estimate: datasheet 48 GB GDDR6"),
+    # NVIDIA A30 datasheet: FP32 10.3; TF32 82, BF16/FP16 165 TFLOPS dense; 24 GB HBM2, 933 GB/s.
+    GPU("a30", ("nvidia a30", "a30-24gb"),
+        _mib(24 * 1024), 10.3 * TFLOPS, 82 * TFLOPS, 165 * TFLOPS, 165 * TFLOPS, 933e9, (8, 0),
+        "estimate: datasheet 24 GB HBM2"),
+    # NVIDIA L40S datasheet: FP32 91.6; TF32 183, BF16/FP16 362.05 TFLOPS dense (366 / 733
+    # with sparsity); 48 GB GDDR6, 864 GB/s.
+    GPU("l40s", ("nvidia l40s", "l40s-48gb"),
+        _mib(48 * 1024), 91.6 * TFLOPS, 183 * TFLOPS, 362.05 * TFLOPS, 362.05 * TFLOPS, 864e9,
+        (8, 9), "estimate: datasheet 48 GB GDDR6"),
+    # NVIDIA Ada GPU Architecture whitepaper, appendix (GeForce RTX 4080, 16 GB): FP32 48.7;
+    # TF32 48.7; FP16/BF16 tensor with FP32 accumulate 97.5 TFLOPS; 716.8 GB/s.
+    GPU("rtx-4080", ("4080", "rtx4080", "geforce rtx 4080"),
+        _mib(16 * 1024), 48.7 * TFLOPS, 48.7 * TFLOPS, 97.5 * TFLOPS, 97.5 * TFLOPS, 716.8e9,
+        (8, 9), "estimate: 16 GB GDDR6X"),
+    # GeForce RTX 4070 (46 SMs, 2475 MHz boost, NVIDIA spec page): FP32 29.1 TFLOPS; GeForce
+    # Ada runs FP16/BF16 with FP32 accumulate at 2x FP32 (as the RTX 4090 row: 165.2 = 2 x
+    # 82.6), TF32 at 1x; 12 GB GDDR6X, 504 GB/s.
+    GPU("rtx-4070", ("4070", "rtx4070", "geforce rtx 4070"),
+        _mib(12 * 1024), 29.1 * TFLOPS, 29.1 * TFLOPS, 58.3 * TFLOPS, 58.3 * TFLOPS, 504e9,
+        (8, 9), "estimate: 12 GB GDDR6X"),
+    # Ampere GA102 whitepaper, appendix (GeForce RTX 3080, 10 GB): FP32 29.8; TF32 29.8;
+    # FP16/BF16 tensor with FP32 accumulate 59.5 TFLOPS; 760 GB/s.
+    GPU("rtx-3080", ("3080", "rtx3080", "geforce rtx 3080"),
+        _mib(10 * 1024), 29.8 * TFLOPS, 29.8 * TFLOPS, 59.5 * TFLOPS, 59.5 * TFLOPS, 760e9,
+        (8, 6), "estimate: 10 GB GDDR6X"),
+    # NVIDIA Tesla P100 datasheet (SXM2 / NVLink): FP32 10.6, FP16 21.2 TFLOPS (no tensor
+    # cores: FP16 is 2x FP32 in the CUDA cores); 16 GB HBM2, 732 GB/s. No TF32/BF16.
+    GPU("p100-16gb", ("p100", "tesla p100", "p100-sxm2-16gb", "tesla p100-sxm2-16gb",
+                      "tesla p100-pcie-16gb"),
+        _mib(16 * 1024), 10.6 * TFLOPS, None, 21.2 * TFLOPS, None, 732e9, (6, 0),
+        "estimate: datasheet 16 GB HBM2"),
+    # NVIDIA HGX B200 datasheet, per GPU (8 per board): FP32 75 TFLOPS; TF32 1.1, FP16/BF16
+    # 2.25 PFLOPS dense (2.2 / 4.5 with sparsity); 180 GB HBM3e, 7.7 TB/s.
+    GPU("b200", ("b200-180gb", "nvidia b200"),
+        180 * 10**9, 75 * TFLOPS, 1100 * TFLOPS, 2250 * TFLOPS, 2250 * TFLOPS, 7.7e12, (10, 0),
+        "estimate: datasheet 180 GB HBM3e"),
+    # NVIDIA GB200 NVL72 datasheet / 72 GPUs: FP32 5,760 -> 80 TFLOPS; TF32 180 PF sparse ->
+    # 1.25 PF dense; FP16/BF16 360 PF sparse -> 2.5 PF dense; HBM3e 13.4 TB -> 186 GB,
+    # 576 TB/s -> 8 TB/s.
+    GPU("gb200", ("gb200-186gb", "nvidia gb200"),
+        186 * 10**9, 80 * TFLOPS, 1250 * TFLOPS, 2500 * TFLOPS, 2500 * TFLOPS, 8e12, (10, 0),
+        "estimate: NVL72 datasheet 13.4 TB HBM3e / 72"),
+    # AMD Instinct MI250X (ROCm torch sees each of its two GCDs as one device): AMD datasheet
+    # for the whole OAM module: FP32 vector 47.9, FP16/BF16 matrix 383 TFLOPS, 128 GB HBM2e,
+    # 3.2 TB/s -> per GCD 23.95, 191.5 TFLOPS, 64 GB, 1.6 TB/s. CDNA2 has no TF32.
+    GPU("mi250x", ("instinct mi250x", "amd instinct mi250x", "mi250x-gcd", "mi250"),
+        64 * 10**9, 23.95 * TFLOPS, None, 191.5 * TFLOPS, 191.5 * TFLOPS, 1.6e12, (9, 0),
+        "estimate: datasheet 128 GB HBM2e / 2 GCDs", vendor="amd"),
+    # AMD Instinct MI300X datasheet: FP32 vector 81.7; TF32 653.7, FP16/BF16 1,307.4 TFLOPS
+    # dense; 192 GB HBM3, 5.3 TB/s. ROCm reports gfx942 as compute capability 9.4.
+    GPU("mi300x", ("instinct mi300x", "amd instinct mi300x", "mi300x-192gb"),
+        192 * 10**9, 81.7 * TFLOPS, 653.7 * TFLOPS, 1307.4 * TFLOPS, 1307.4 * TFLOPS, 5.3e12,
+        (9, 4), "estimate: datasheet 192 GB HBM3", vendor="amd"),
 )
 
 GPUS = {g.name: g for g in _TABLE}
@@ -202,6 +272,40 @@ for _g in _TABLE:
     for _a in (_g.name,) + _g.aliases:
         _INDEX.setdefault(_norm(_a), _g)
 
+# ---- names people type: "RTX 3090", "rtx3090-24gb", "A100 80GB", "a100-sxm4-80gb", "H100 SXM"
+_DROP = frozenset(("nvidia", "tesla", "geforce", "amd", "instinct", "quadro", "radeon"))
+_FORM = {"sxm": "sxm", "sxm2": "sxm", "sxm4": "sxm", "sxm5": "sxm", "pcie": "pcie",
+         "nvl": "nvl", "hbm3": None, "hbm3e": None, "hbm2": None, "hbm2e": None}
+_MEM_TOKEN = re.compile(r"^(\d+)g(?:b|ib)?$")
+
+
+def _parts(text: str) -> tuple[str, Optional[int], Optional[str]]:
+    """A GPU name -> (model key, memory in GB or None, form factor or None)."""
+    tokens = [t for t in re.split(r"[^a-z0-9]+", str(text).lower()) if t and t not in _DROP]
+    model, mem, form = [], None, None
+    for t in tokens:
+        m = _MEM_TOKEN.match(t)
+        if m and model:
+            mem = int(m.group(1))
+        elif t in _FORM:
+            form = _FORM[t] or form
+        else:
+            model.append(t)
+    key = "".join(model)
+    return (key[3:] if key.startswith("rtx") and len(key) > 3 else key), mem, form
+
+
+def _entry_keys(g: "GPU") -> tuple[set, set]:
+    keys, forms = set(), set()
+    for n in (g.name,) + g.aliases:
+        k, _, f = _parts(n)
+        keys.add(k)
+        if f:
+            forms.add(f)
+    return keys, forms
+
+
+_ENTRY_KEYS = {_g.name: _entry_keys(_g) for _g in _TABLE}
 _CAPACITY = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|mb|mib|tb|tib)$", re.IGNORECASE)
 _UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": MiB, "tb": 10**12, "tib": 1 << 40}
 
@@ -223,8 +327,38 @@ def generic(memory_bytes: int, name: Optional[str] = None,
                "given capacity", generic=True)
 
 
+def _by_parts(spec: str) -> Optional[GPU]:
+    """Resolve a typed name by model, memory and form factor; an ambiguous one -> the first
+    (most common) SKU of the table, with `note` saying which and what else it could be."""
+    key, mem, form = _parts(spec)
+    if not key:
+        return None
+    cands = [g for g in _TABLE if key in _ENTRY_KEYS[g.name][0]]
+    if mem is not None:
+        cands = [g for g in cands if abs(g.memory_bytes / GiB - mem) <= 0.1 * mem]
+    if form is not None:
+        exact = [g for g in cands if form in _ENTRY_KEYS[g.name][1]]
+        cands = exact or [g for g in cands if not _ENTRY_KEYS[g.name][1]]
+    if len(cands) <= 1:
+        return cands[0] if cands else None
+    note = (f"{spec!r} is ambiguous ({', '.join(g.name for g in cands)}): planned for "
+            f"{cands[0].name}, the most common; name one of them to choose")
+    return dataclasses.replace(cands[0], note=note)
+
+
+def _near(spec: str) -> list:
+    import difflib
+    key = _parts(spec)[0]
+    pool = {k: g.name for g in _TABLE for k in _ENTRY_KEYS[g.name][0] | {g.name}}
+    hits = difflib.get_close_matches(key, list(pool), n=5, cutoff=0.5) + \
+        difflib.get_close_matches(_norm(spec), list(pool), n=5, cutoff=0.5)
+    return list(dict.fromkeys(pool[h] for h in hits))
+
+
 def lookup(spec: Union[str, GPU]) -> GPU:
-    """A GPU from a table name or alias, 'auto', or a capacity like '24gb' / '16GiB'."""
+    """A GPU from a table name, a name as people type it ('RTX 3090', 'A100 80GB', 'H100 SXM';
+    an ambiguous one such as 'a100' -> the most common SKU, `note` says so), a driver name,
+    'auto', or a capacity like '24gb' / '16GiB'."""
     if isinstance(spec, GPU):
         return spec
     if not isinstance(spec, str) or not spec.strip():
@@ -232,16 +366,21 @@ def lookup(spec: Union[str, GPU]) -> GPU:
     key = _norm(spec)
     if key == "auto":
         return detect()
-    if key in _INDEX:
+    if key in _INDEX:     # table names, driver names
         return _INDEX[key]
+    g = _by_parts(spec)
+    if g is not None:
+        return g
     m = _CAPACITY.match(spec.strip().replace(" ", ""))
     if m:
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
         if n <= 0:
             raise ValueError(f"GPU capacity must be positive, got {spec!r}")
         return generic(n, name=spec.strip())
-    raise ValueError(f"unknown GPU {spec!r}; known: {', '.join(names())}; or 'auto', or a "
-                     "capacity such as 24gb / 16GiB")
+    near = _near(spec)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    raise ValueError(f"unknown GPU {spec!r}; {hint}known: {', '.join(names())}; or 'auto', or "
+                     "a capacity such as 24gb / 16GiB")
 
 
 def _detect_raw(index: int = 0):
@@ -322,7 +461,8 @@ def table() -> list:
                      "memory_gib": round(g.memory_gib, 2), "fp32": g.fp32, "tf32": g.tf32,
                      "fp16": g.fp16, "bf16": g.bf16, "bandwidth": g.bandwidth,
                      "compute_capability": g.compute_capability,
-                     "usable_bytes": usable_bytes(g), "memory_source": g.memory_source})
+                     "usable_bytes": usable_bytes(g), "memory_source": g.memory_source,
+                     "vendor": g.vendor})
     return rows
 
 

@@ -40,6 +40,7 @@ from .batch_model import BatchModel
 from .checkpoint import find_blocks, parse_policy, policies_for
 from .codegen import plan_code
 from .errors import PlanInputError
+from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
@@ -100,14 +101,33 @@ def _rank_key(o: Option):
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of n in increasing order, in O(sqrt(n)) (n may be 10**12)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
+def _micro_batches(n: int, max_micro_batch: int) -> list[int]:
+    """The micro-batches worth an option: divisors of n up to the largest that fits, and the
+    next one up (the first that does not fit; bigger ones cannot fit either)."""
+    divs = _divisors(n)
+    fit = [d for d in divs if d <= max_micro_batch]
+    over = [d for d in divs if d > max_micro_batch][:1]
+    return fit + over
 
 
 class Plan:
     """The result of `recommend`: ranked options plus how they were obtained."""
 
     def __init__(self, *, gpu, effective_batch, combos, usable, assumptions, model_desc,
-                 estimator, lr=None, warmup=None, container=None, wall_s=0.0, estimates=0):
+                 estimator, lr=None, warmup=None, container=None, wall_s=0.0, estimates=0,
+                 blocks=None):
         self.gpu = gpu
         self.effective_batch = effective_batch
         self._combos: dict[tuple[str, str], Combination] = combos
@@ -123,11 +143,13 @@ class Plan:
         self.container = container
         self.wall_s = wall_s
         self.estimates = estimates
+        self._estimator = estimator
+        self._blocks = blocks
         self.options: list[Option] = []
         for c in combos.values():
             if c.model is None:
                 continue
-            for m in _divisors(effective_batch):
+            for m in _micro_batches(effective_batch, c.max_micro_batch):
                 self.options.append(self._option(c, m, effective_batch // m))
         self.options.sort(key=_rank_key)
 
@@ -153,14 +175,25 @@ class Plan:
         return {p for p, _ in self._combos}
 
     def _combo(self, precision: str, checkpointing: str) -> Combination:
+        """The precision x policy, estimated now if the search skipped it or did not cover it
+        (two fake steps; kept for later queries)."""
         key = (precision, checkpointing)
-        if key not in self._combos:
-            raise ValueError(f"precision/checkpointing: {precision!r}/{checkpointing!r} was not "
-                             f"part of this plan; it has {sorted(self._combos)}")
-        c = self._combos[key]
-        if c.model is None:
-            raise ValueError(f"{precision}/{checkpointing} was not estimated: "
-                             f"{c.error or c.skipped}")
+        c = self._combos.get(key)
+        if c is not None and c.model is not None:
+            return c
+        if c is not None and c.error is not None:
+            raise ValueError(f"{precision}/{checkpointing}: {c.error}")
+        if precision not in ESTIMATE_PRECISIONS or not self.gpu.supports(precision):
+            raise ValueError(f"precision: {precision!r} cannot be estimated for {self.gpu.name}; "
+                             f"expected one of {[p for p in ESTIMATE_PRECISIONS if self.gpu.supports(p)]}")
+        parse_policy(checkpointing)
+        c = Combination(precision, checkpointing)
+        search = _Search(self._estimator, self.usable_bytes, self.effective_batch,
+                         confirm=False, blocks=self._blocks, progress=None,
+                         model_name=self.model.get("name", "model"))
+        search._fit(c)
+        self.estimates += search.runs
+        self._combos[key] = c
         return c
 
     def max_micro_batch(self, precision: str = "fp32", checkpointing: str = "none") -> int:
@@ -170,10 +203,14 @@ class Plan:
 
     def predict(self, micro_batch: int, precision: str = "fp32", checkpointing: str = "none",
                 accumulation: int | None = None) -> Option:
-        """A predicted step for any micro-batch of an estimated precision x policy (default
-        accumulation: effective batch / micro-batch, at least 1)."""
+        """A predicted step for any micro-batch, precision and checkpointing policy (default
+        accumulation: effective batch / micro-batch, at least 1). A precision x policy the
+        search did not estimate is estimated now."""
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch: expected an int >= 1, got {micro_batch!r}")
+        if accumulation is not None and (isinstance(accumulation, bool) or not isinstance(
+                accumulation, int) or accumulation < 1):
+            raise ValueError(f"accumulation: expected an int >= 1, got {accumulation!r}")
         acc = accumulation if accumulation is not None else \
             max(1, math.ceil(self.effective_batch / micro_batch))
         return self._option(self._combo(precision, checkpointing), micro_batch, acc)
@@ -413,6 +450,21 @@ def _assumptions(overhead, margin) -> dict:
     }
 
 
+def _kernel_assumptions(estimator: Estimator, combos) -> dict:
+    """Which CUDA kernel rules the estimates applied (memprof.plan.cuda_kernels)."""
+    rules: dict[str, int] = {}
+    for c in combos.values():
+        if c.model is not None:
+            for k, n in c.model.lo.kernel_rules.items():
+                rules[k] = max(rules.get(k, 0), n)
+    t = estimator.kernel_target
+    return {"target": t.name if t else "cpu",
+            "compute_capability": list(t.compute_capability) if t else None,
+            "rules_applied_per_step": rules,
+            "cublas_workspace_bytes": cublas_workspace_bytes(t) if t else 0,
+            "not_modelled": list(NOT_MODELLED)}
+
+
 def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
               gpu="v100-16gb", effective_batch: int = 16, precisions=None, policies=None,
               base_lr: float | None = None, base_batch: int | None = None, progress=None, *,
@@ -442,12 +494,14 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
         lr_adv = lr_advice(base_lr, base_batch, effective_batch, optimizer, lr)
     if warmup_steps is not None and (isinstance(warmup_steps, bool) or int(warmup_steps) < 0):
         raise PlanInputError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
-    estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer)
+    estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer, gpu=g)
     desc["call"] = call_code(make_batch)
     search = _Search(estimator, usable, effective_batch, confirm=confirm, blocks=blocks,
                      progress=progress, model_name=desc["name"])
     combos = search.run(precisions, policies)
+    assumptions = _assumptions(overhead, margin) | {"kernels": _kernel_assumptions(
+        estimator, combos)} | ({"gpu": g.note} if g.note else {})
     return Plan(gpu=g, effective_batch=effective_batch, combos=combos, usable=usable,
-                assumptions=_assumptions(overhead, margin), model_desc=desc,
+                assumptions=assumptions, model_desc=desc,
                 estimator=estimator, lr=lr_adv, warmup=warmup_steps, container=container,
-                wall_s=time.perf_counter() - t0, estimates=search.runs)
+                wall_s=time.perf_counter() - t0, estimates=search.runs, blocks=blocks)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .errors import PlanInputError
 from .estimate import split_batch
+from .meta_build import build, fake_like
 
 __all__ = ["resolve_workload", "call_code", "BatchError"]
 
@@ -81,7 +82,7 @@ def _infer_num_classes(model: nn.Module, shape) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
     import copy
     fm = FakeTensorMode(allow_non_fake_inputs=True)
-    memo = {id(t): fm.from_tensor(t) for t in list(model.parameters()) + list(model.buffers())}
+    memo = {id(t): fake_like(fm, t) for t in list(model.parameters()) + list(model.buffers())}
     m = copy.deepcopy(model, memo)
     try:
         with fm, torch.no_grad():
@@ -154,7 +155,9 @@ def _user_model(model, model_kwargs, builtins) -> tuple[nn.Module, dict]:
         raise PlanInputError(f"model: expected a built-in name, 'package.module:factory', a "
                              f"factory or an nn.Module, got {type(model).__name__}")
     try:
-        module = factory(**(model_kwargs or {}))
+        module, desc["built_on"] = build(factory, dict(model_kwargs or {}), desc["name"])
+    except PlanInputError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise PlanInputError(f"model {desc['name']}: the factory raised "
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None

@@ -10,6 +10,11 @@ A recorder is any object with `name`, `install(session)`, `remove()` and `record
 data` (JSON-able: it is saved with the profile). It subscribes to `session.scope` (forward
 passes), `session.steps` (optimizer steps, step ends), `session.backward` (backward calls) and
 patches through `session.patches`; it never reaches into another recorder.
+
+One session records the whole process: every thread that allocates while it runs (threads
+started inside the block, and threads that existed before it, attached natively on their
+first op). A block nested in the recording thread shares it; a block started in another thread
+while one records is refused with the name of the recording thread.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from .steps import BackwardHook, StepClock
 DEFAULT_CAPACITY = 20_000_000  # events; the excess is counted as dropped
 
 _active: "Session | None" = None
+_start_lock = threading.Lock()
 
 
 def active_session() -> "Session | None":
@@ -63,6 +69,7 @@ class Session:
         self.frame = None           # the code that entered the block: roots for holders
         self.roots: list[tuple[str, dict]] = []   # (prefix, namespace) also searched
         self.outer: Session | None = None
+        self.thread: threading.Thread | None = None   # the thread that started recording
         self._nested_label = ""
         self._prev_thread_profile = None
         # filled by stop(): what Run.from_session reads
@@ -116,16 +123,19 @@ class Session:
     # ------------------------------------------------------------------ start / stop
     def start(self, frame=None) -> None:
         global _active
-        if _active is not None:
-            # Nested block: share the outer session, keep our own slice of its events.
-            self.outer = _active
-            self._nested_label = f"nested_start:{id(self)}"
-            _C.mark(self._nested_label, 0)
-            return
-        self.frame = frame
-        self.snapshots.collect_baseline()
-        _C.start(self.capacity)
-        _active = self
+        with _start_lock:   # two threads entering at once: one records, the other is refused
+            if _active is not None:
+                _check_same_thread(_active)
+                # Nested block: share the outer session, keep our own slice of its events.
+                self.outer = _active
+                self._nested_label = f"nested_start:{id(self)}"
+                _C.mark(self._nested_label, 0)
+                return
+            self.frame = frame
+            self.thread = threading.current_thread()
+            self.snapshots.collect_baseline()
+            _C.start(self.capacity)
+            _active = self
         try:
             self._install()
         except BaseException:
@@ -139,6 +149,7 @@ class Session:
         self.scope.install()
         self.snapshots.install()
         self.backward.install(self.patches)
+        _name_torch_profiler_conflict(self.patches)
         # recorders before the thread hook: their own threads (GPU sampler) are not recorded
         for rec in self.recorders:
             rec.install(self)
@@ -174,8 +185,10 @@ class Session:
                 _active = None
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=3)
-        raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)  # a fresh writable array
-        self._assemble(raw, self, exc)
+        # time-ordered natively, with room in front for the pre-existing blocks; the native
+        # log is freed as it is copied (leaving a block holds the event bytes once)
+        events = _C.take_events(len(self.snapshots.baseline)).view(EVENT_DTYPE)
+        self._assemble(events, self, exc)
         self.records = {rec.name: rec.record() for rec in self.recorders}
 
     def _stop_nested(self, exc) -> None:
@@ -184,25 +197,28 @@ class Session:
         raw = raw[np.argsort(raw["t_ns"], kind="stable")]
         label = _C.strings().index(self._nested_label)
         start = np.flatnonzero((raw["kind"] == KIND_MARK) & (raw["op"] == label))
-        self._assemble(raw[int(start[0]) + 1:].copy(), self.outer, exc)
+        tail = raw[int(start[0]) + 1:]
+        events = np.zeros(len(self.outer.snapshots.baseline) + tail.size, dtype=EVENT_DTYPE)
+        events[events.size - tail.size:] = tail
+        self._assemble(events, self.outer, exc)
 
-    def _assemble(self, raw: np.ndarray, src: "Session", exc) -> None:
+    def _assemble(self, events: np.ndarray, src: "Session", exc) -> None:
+        """`events`: the session's events in time order after len(baseline) empty rows,
+        filled here with the blocks that existed before tracking."""
         strings = list(_C.strings())
         base = src.snapshots.baseline
-        pre = np.zeros(len(base), dtype=EVENT_DTYPE)
         if base:
+            pre = events[:len(base)]
             arr = np.array(base, dtype=np.int64)
             pre["ptr"] = arr[:, 0].astype(np.uint64)
             pre["size"] = arr[:, 1]
             pre["device_type"] = arr[:, 2]
             pre["module"] = arr[:, 3]
-            pre["t_ns"] = raw["t_ns"].min() if raw.size else 0
+            pre["t_ns"] = events["t_ns"][len(base)] if events.size > len(base) else 0
             for f in ("op", "node", "seq"):
                 pre[f] = -1
             pre["thread"] = PREEXISTING_THREAD
             pre["kind"] = KIND_MEMORY
-        # Threads interleave: order all events by time (stable: a thread's order is kept).
-        events = np.concatenate([pre, raw[np.argsort(raw["t_ns"], kind="stable")]])
         snaps = []
         for cat in sorted({c for *_, c in base}):   # categories of pre-existing blocks
             owned = [(int(p), int(m)) for p, _, _, m, c in base if c == cat]
@@ -218,7 +234,7 @@ class Session:
         counters = _C.counters()
         roots = src.scope.root_modules()
         self.meta = {
-            "t0_ns": int(events["t_ns"].min()) if events.size else 0,
+            "t0_ns": int(events["t_ns"][0]) if events.size else 0,   # in time order
             "dropped": int(counters["dropped"]),
             "capacity": src.capacity,
             "threads": int(counters["threads"]),
@@ -235,7 +251,7 @@ class Session:
                           f"capacity={src.capacity}; raise track(capacity=...)", RuntimeWarning)
         self.events = events
         self.strings = strings
-        self.seq_records = np.frombuffer(_C.seq_records(), dtype=SEQ_DTYPE).copy()
+        self.seq_records = _C.seq_records().view(SEQ_DTYPE)   # a fresh array: no copy
         self.snapshot_list = snaps
         self.module_names = list(src.scope.names)
 
@@ -246,6 +262,38 @@ class Session:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.stop(exc)
         return False
+
+
+def _check_same_thread(active: Session) -> None:
+    """One session records the whole process (the native log is global): a block may nest in
+    the thread that is recording, another thread's block is refused rather than mixed in."""
+    here = threading.current_thread()
+    if active.thread is not None and active.thread is not here:
+        raise RuntimeError(
+            f"memprof.track: thread {here.name!r} cannot start a block while thread "
+            f"{active.thread.name!r} is recording (one recording per process, and it already "
+            f"sees this thread's allocations); nest the block in {active.thread.name!r} or "
+            "start it after that block has ended")
+
+
+def _name_torch_profiler_conflict(patches: PatchRegistry) -> None:
+    """torch.profiler started inside the block fails in PyTorch ("Profiler is already enabled
+    on this thread"): the slot it wants is memprof's allocation hook. Say so."""
+    import torch.autograd.profiler as autograd_profiler
+
+    def make(original):
+        def _enable_profiler(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except RuntimeError as err:
+                if "already enabled" not in str(err) or not _C.is_active():
+                    raise
+                raise RuntimeError(
+                    "torch.profiler cannot start inside a memprof.track() block: PyTorch "
+                    "reports allocations to one profiler at a time and memprof holds that slot "
+                    "while it records; run torch.profiler outside the block") from err
+        return _enable_profiler
+    patches.patch(autograd_profiler, "_enable_profiler", make)
 
 
 def _attach_new_thread(frame, event, arg):

@@ -1,15 +1,26 @@
 """Reports: consumers of profiles and plans, behind one interface.
 
     show(obj, console=None, **options)   terminal: a Profile's report or a Plan's table
-    export(obj, path)                    by extension: .json Chrome/Perfetto trace,
-                                         .pickle PyTorch memory snapshot, .html report
+    export(obj, path)                    by extension. A Profile: .json Chrome/Perfetto trace
+                                         (trace.py), .pickle PyTorch memory snapshot
+                                         (snapshot.py), .html report (html.py). A Plan: .html
+                                         (plan_html.py) or .json (Plan.to_json)
 Nothing below this package imports it; `memprof.show()` / `memprof.export()` are the way in.
 """
 from __future__ import annotations
 
 
-def show(obj, console=None, **options) -> None:
+def show(obj, console=None, section: str | None = None, **options) -> None:
+    """section (a Profile's): None = the whole report; 'diagnosis' = the out-of-memory
+    diagnosis and what would fit; 'budget' = the budget replay (report/oom.py)."""
     from ..profile import Profile
+    if isinstance(obj, Profile) and section is not None:
+        from . import oom
+        sections = {"diagnosis": oom.print_diagnosis, "budget": oom.print_budget}
+        if section not in sections:
+            raise ValueError(f"section={section!r}: expected one of {sorted(sections)}")
+        sections[section](obj, console)
+        return
     if isinstance(obj, Profile):
         from .terminal import print_report
         print_report(obj, console=console, **options)
@@ -22,6 +33,44 @@ def show(obj, console=None, **options) -> None:
     raise TypeError(f"report: expected a memprof Profile or Plan, got {type(obj).__name__}")
 
 
+def _profile_export(profile, lower: str):
+    if lower.endswith(".json"):
+        import json
+        from .trace import chrome_trace
+        return json.dumps(chrome_trace(profile), separators=(",", ":"))
+    if lower.endswith((".pickle", ".pkl")):
+        import pickle
+        from .snapshot import memory_snapshot
+        return pickle.dumps(memory_snapshot(profile))
+    if lower.endswith(".html"):
+        from .html import html_report
+        return html_report(profile)
+    return None
+
+
+def _plan_export(plan, lower: str):
+    if lower.endswith(".json"):
+        return plan.to_json()
+    if lower.endswith(".html"):
+        from .plan_html import plan_html
+        return plan_html(plan)
+    return None
+
+
 def export(obj, path: str) -> str:
-    from .exports import export as export_profile
-    return export_profile(obj, path)
+    """Write `obj` (a Profile or a Plan) to `path` in the format its extension names."""
+    from ..plan.search import Plan
+    from ..profile import Profile
+    lower = str(path).lower()
+    if isinstance(obj, Profile):
+        data, known = _profile_export(obj, lower), ".json, .pickle or .html"
+    elif isinstance(obj, Plan):
+        data, known = _plan_export(obj, lower), ".html or .json"
+    else:
+        raise TypeError(f"export: expected a memprof Profile or Plan, got {type(obj).__name__}")
+    if data is None:
+        raise ValueError(f"{path}: unknown export format; expected a {known} file name")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(path, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+        f.write(data)
+    return str(path)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 
+from rich.markup import escape
+
 GiB = 1 << 30
 
 __all__ = ["print_plan", "search_progress"]
@@ -29,10 +31,11 @@ def search_progress(console):
 
 
 def _options_table(plan, all_options: bool):
+    """The options as a rich table (user-derived text escaped: it may hold [brackets])."""
     from rich import box
     from rich.table import Table
     g = plan.gpu
-    title = (f"What fits: {plan.model['name']} on {g.name} ({g.memory_bytes / GiB:.2f} GiB, "
+    title = (f"What fits: {escape(str(plan.model['name']))} on {g.name} ({g.memory_bytes / GiB:.2f} GiB, "
              f"usable {plan.usable_bytes / GiB:.2f} GiB), effective batch "
              f"{plan.effective_batch} - ESTIMATES, memory in GiB")
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
@@ -60,7 +63,7 @@ def _print_basis(plan, console) -> None:
         if c.model is not None:
             mx.append(f"{c.precision}/{c.checkpointing}: {c.max_micro_batch}")
         else:
-            mx.append(f"{c.precision}/{c.checkpointing}: {c.skipped or c.error}")
+            mx.append(f"{c.precision}/{c.checkpointing}: {escape(str(c.skipped or c.error))}")
     console.print("max micro-batch (with gradient accumulation): " + "; ".join(mx))
     a = plan.assumptions
     utilisation = ", ".join(f"{k} {v:.0%}" for k, v in a["utilisation"].items()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -10,6 +11,7 @@ from ..analyse import throughput as throughput_analysis
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..units import fmt_bytes
+from .oom import print_sections as print_oom_sections
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -21,13 +23,10 @@ def _share(part: int, whole: int) -> str:
 def print_report(prof: Profile, console: Console | None = None, top: int = 8) -> None:
     console = console or Console()
     s_peak = prof.peak
-    title = f"memprof: {prof.meta.get('model_class') or 'tracked code'} on {prof.device}"
+    title = escape(f"memprof: {prof.meta.get('model_class') or 'tracked code'} on {prof.device}")
     if prof.meta.get("error"):
-        console.print(f"[bold red]The tracked code raised:[/] {prof.meta['error']}")
-    for oom in prof.oom_events:
-        console.print(f"[bold red]Out of memory[/] on {oom['device']}: tried to allocate "
-                      f"{fmt_bytes(oom['requested'])} with {fmt_bytes(oom['total_allocated'])} "
-                      f"allocated, {fmt_bytes(oom['total_reserved'])} reserved")
+        console.print(f"[bold red]The tracked code raised:[/] {escape(str(prof.meta['error']))}")
+    print_oom_sections(prof, console)   # OOM diagnosis, budget, what would fit (report/oom.py)
     if prof.findings:
         t = Table(title="Findings", title_justify="left", show_lines=True, expand=True)
         t.add_column("severity", no_wrap=True)
@@ -35,15 +34,17 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         t.add_column("bytes", justify="right", no_wrap=True)
         t.add_column("fix", ratio=2, overflow="fold")
         for f in prof.findings:
-            what = (f"[bold]held by {f.holder}[/]\n" if f.holder else "") + f.message
-            t.add_row(f"[{SEVERITY_STYLE.get(f.severity, '')}]{f.severity}[/]", what,
-                      fmt_bytes(f.bytes), f.fix)
+            what = ((f"[bold]held by {escape(f.holder)}[/]\n" if f.holder else "")
+                    + escape(f.message))
+            t.add_row(f"[{SEVERITY_STYLE.get(f.severity, '')}]{escape(f.severity)}[/]", what,
+                      fmt_bytes(f.bytes), escape(f.fix))
         console.print(t)
     pe = prof.peak_event
     where = "-"
     if pe:
-        where = (f"step {pe['step']}, {pe['phase']}, module [bold]{pe['module']}[/], "
-                 f"op {pe['op']}" + (f", autograd node {pe['node']}" if pe['node'] else ""))
+        node = f", autograd node {pe['node']}" if pe['node'] else ""
+        where = (f"step {pe['step']}, {pe['phase']}, module [bold]{escape(pe['module'])}[/], "
+                 + escape(f"op {pe['op']}{node}"))
     console.print(Panel.fit(
         f"[bold]peak live memory[/] {fmt_bytes(s_peak)}   at {where}\n"
         f"events {prof.memory.size:,}   steps {len(prof.steps)}   "
@@ -65,7 +66,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         t.add_column("bytes", justify="right")
         t.add_column("share", justify="right")
         for name, b in rows:
-            t.add_row(name, fmt_bytes(b), _share(b, s_peak))
+            t.add_row(escape(name), fmt_bytes(b), _share(b, s_peak))
         console.print(t)
 
     saved = list(prof.saved_by_node.items())[:top]
@@ -75,7 +76,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         t.add_column("autograd node")
         t.add_column("bytes", justify="right")
         for name, b in saved:
-            t.add_row(name, fmt_bytes(b))
+            t.add_row(escape(name), fmt_bytes(b))
         console.print(t)
 
     steps = prof.steps
@@ -92,7 +93,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     _print_health(prof, console)      # memprof.health)
     errors = prof.meta.get("analysis_errors")
     if errors:
-        console.print("[yellow]Some checks could not run:[/] " + "; ".join(errors))
+        console.print("[yellow]Some checks could not run:[/] " + escape("; ".join(errors)))
 
 
 # ------------------------------------------------------------------ throughput / training health
@@ -133,7 +134,7 @@ def _print_throughput(prof: Profile, console: Console) -> None:
         line += ("\nGPU utilisation " + (f"{u['median']:.0f}% median (p10 {u['p10']:.0f}%, "
                                           f"p90 {u['p90']:.0f}%), memory used max "
                                           f"{fmt_bytes(gpu.get('memory_used_bytes_max', 0))}"
-                                          if u else f"not sampled ({gpu.get('error')})"))
+                                          if u else escape(f"not sampled ({gpu.get('error')})")))
     console.print(line)
 
 
@@ -158,7 +159,7 @@ def _print_health(prof: Profile, console: Console) -> None:
     if loss.get("first") is not None:
         t.add_row("loss", f"first {_g(loss['first'])}, last {_g(loss['last'])}, median "
                           f"{_g(loss.get('median'))}; {len(loss.get('spikes', []))} spike(s) "
-                          f"(from {h.get('loss_source')})")
+                          + escape(f"(from {h.get('loss_source')})"))
     gn = series(ps.get("grad_norm", []))
     if gn:
         t.add_row("grad norm seen by the optimizer",
@@ -178,11 +179,12 @@ def _print_health(prof: Profile, console: Console) -> None:
                   f"warmup {_g(warm, '{}')}{'' if lr.get('warmup_complete') or not warm else '+'}"
                   f" optimizer steps")
     for sc in h.get("schedulers", []):
-        t.add_row(f"scheduler {sc['class']}",
+        t.add_row(escape(f"scheduler {sc['class']}"),
                   f"{sc['calls']} steps for {sc['optimizer_steps']} optimizer steps; "
                   f"{sc['before_optimizer_calls']} before optimizer.step()")
     nf = h.get("nonfinite") or {}
     if nf.get("loss_steps") or nf.get("gradient_steps"):
-        t.add_row("non-finite", f"loss at steps {nf['loss_steps'][:5]}, gradients at steps "
-                                f"{nf['gradient_steps'][:5]} (first: {nf.get('first_parameter')})")
+        t.add_row("non-finite", escape(f"loss at steps {nf['loss_steps'][:5]}, gradients at "
+                                       f"steps {nf['gradient_steps'][:5]} (first: "
+                                       f"{nf.get('first_parameter')})"))
     console.print(t)

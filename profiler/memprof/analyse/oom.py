@@ -1,0 +1,145 @@
+"""Out of memory, explained: who filled the device, and whether it was a leak or a step too big.
+
+For an out-of-memory report recorded in the run (a CUDA OOM, or the CPU allocator's failure,
+both reported through the same native hook), `diagnose` states:
+
+* the failing request and where it came from (op, module, autograd node, phase, step);
+* what was alive at that moment, by category and top modules (the profile's own queries at
+  the memory position just before the request);
+* allocated vs reserved vs the device's capacity, and the share of the reserved bytes that was
+  cached but free (fragmentation); when the cache held more free bytes than the request, the
+  request failed for want of one large enough block;
+* the cause (`classify`, shared with `memprof.plan.budget`): memory that grew across steps (a
+  leak: `analyse.growth`), a step that is too big by itself (the first step already, or a step
+  that needed more than the ones before it), or one request larger than the whole device.
+
+What would fit instead is a planning question (`memprof.plan.fit`); this module stays pure.
+"""
+from __future__ import annotations
+
+from ..finding import Finding
+from ..profile import Profile
+from ..units import fmt_bytes
+from .growth import device_capacity, memory_growth
+
+TOP_MODULES = 5
+CAUSES = ("growth", "step_too_big", "single_request")
+
+
+def alive_summary(profile: Profile, position: int, top: int = TOP_MODULES) -> dict:
+    """Bytes alive just after memory position `position` (-1: nothing yet), by category and
+    by the top modules and ops."""
+    at = ("position", position)
+    by_module = profile.breakdown("module", at=at)
+    by_op = profile.breakdown("op", at=at)
+    by_category = profile.breakdown("category", at=at)
+    return {"bytes": int(sum(by_category.values())), "by_category": by_category,
+            "by_module": dict(list(by_module.items())[:top]),
+            "by_op": dict(list(by_op.items())[:top])}
+
+
+def classify(profile: Profile, step: int, request: int, capacity: int | None,
+             capacity_source: str = "given capacity") -> dict:
+    """Why memory ran out in `step`: 'growth' (live memory grew across the steps before it),
+    'step_too_big' (the step alone does not fit) or 'single_request' (one request larger than
+    the capacity). Plain data: the cause, a sentence, and its evidence."""
+    if capacity and request > capacity:
+        return {"cause": "single_request", "step": step,
+                "text": f"one request of {fmt_bytes(request)} is larger than the "
+                        f"{capacity_source} ({fmt_bytes(capacity)}) by itself"}
+    growth = memory_growth(profile, capacity=capacity or None)
+    if growth and step > 0:
+        ev = growth[0].evidence
+        return {"cause": "growth", "step": step,
+                "slope_bytes_per_step": float(ev["slope_bytes_per_step"]),
+                "live_at_step_ends": ev["live_at_step_ends"],
+                "still_alive": ev.get("still_alive", [])[:3],
+                "text": growth[0].message}
+    also = (" (memory also grows across steps: fix that leak too)" if growth else "")
+    before = [s for s in profile.steps if s.index < step]
+    if not before:
+        return {"cause": "step_too_big", "step": step, "first_step": True,
+                "text": "the first step already did not fit" + also}
+    prev = max(s.peak for s in before)
+    start = int(profile.live_bytes()[before[-1].end - 1]) if before[-1].end > 0 else 0
+    return {"cause": "step_too_big", "step": step, "first_step": False,
+            "earlier_peak": int(prev), "live_at_step_start": start,
+            "text": f"steps 0-{step - 1} fitted (peak {fmt_bytes(prev)}); step {step} started "
+                    f"with {fmt_bytes(start)} alive and needed more; memory did not grow "
+                    "across steps (what stays from the first step, e.g. optimizer state, "
+                    "plus one step is too much)"}
+
+
+def memory_state(oom: dict, alive: int, capacity: int | None, capacity_source: str) -> dict:
+    """Allocated vs reserved vs capacity at the failing request, as the allocator reported
+    them (`alive`: what memprof saw alive, blocks from before tracking included);
+    fragmentation = the reserved bytes cached but free, as a share of reserved."""
+    allocated, reserved = oom["total_allocated"], oom["total_reserved"]
+    cached_free = max(0, reserved - allocated)
+    state = {"allocated": allocated, "alive": alive, "reserved": reserved, "capacity": capacity,
+             "capacity_source": capacity_source, "cached_free": cached_free,
+             "fragmentation": cached_free / reserved if reserved else None,
+             "request_fits_in_cache": bool(reserved and cached_free >= oom["requested"])}
+    if not reserved:
+        state["text"] = (f"{fmt_bytes(alive)} alive when {fmt_bytes(oom['requested'])} were "
+                         "requested (this allocator keeps no cache: no fragmentation)")
+    else:
+        state["text"] = (f"{fmt_bytes(allocated)} allocated, {fmt_bytes(reserved)} reserved "
+                         f"({fmt_bytes(cached_free)}, {state['fragmentation']:.0%}, cached but "
+                         "free)" + (": the cache held more than the request, but no block "
+                                    "large enough (fragmentation)"
+                                    if state["request_fits_in_cache"] else ""))
+    if capacity:
+        state["text"] += f"; capacity {fmt_bytes(capacity)} ({capacity_source})"
+    return state
+
+
+def diagnose(profile: Profile, which: int = 0, capacity: int | None = None,
+             capacity_source: str | None = None) -> dict | None:
+    """The diagnosis of the profile's `which`-th out-of-memory report (None: there is none).
+    capacity: the device's bytes (default: the CUDA device's total memory, or physical RAM)."""
+    ooms = profile.oom_events
+    if not ooms:
+        return None
+    oom = ooms[which]
+    if capacity is None:
+        capacity, capacity_source = device_capacity(profile)
+    source = capacity_source or "given capacity"
+    alive = alive_summary(profile, oom["position"] - 1)
+    return {"request": dict(oom), "ooms": len(ooms), "alive": alive,
+            "memory": memory_state(oom, alive["bytes"], capacity or None, source),
+            "cause": classify(profile, oom["step"], oom["requested"], capacity or None, source)}
+
+
+FIXES = {
+    "growth": "fix what keeps memory alive across steps (the memory_growth and retained-graph "
+              "findings name it); a smaller batch only delays the OOM",
+    "step_too_big": "make the step smaller: a smaller micro-batch with gradient accumulation, "
+                    "activation checkpointing (memprof.checkpoint.apply) or AMP; 'what would "
+                    "fit' in the report has estimates",
+    "single_request": "check the shape that this op allocates: no batch or precision change of "
+                      "the rest of the step makes room for it",
+}
+
+
+def where(d: dict) -> str:
+    """'step 3, backward, module blocks.0, op aten::mm, autograd node MmBackward0'."""
+    return (f"step {d['step']}, {d['phase']}, module {d['module']}, op {d['op']}"
+            + (f", autograd node {d['node']}" if d.get("node") else ""))
+
+
+def out_of_memory(profile: Profile) -> list[Finding]:
+    """The analysis: one finding for the first out-of-memory report of the run."""
+    d = diagnose(profile)
+    if d is None:
+        return []
+    req, cause = d["request"], d["cause"]
+    fix = FIXES[cause["cause"]]
+    if d["memory"]["request_fits_in_cache"]:
+        fix += "; fragmentation: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    return [Finding(
+        kind="out_of_memory", severity="error", bytes=req["requested"],
+        message=(f"out of memory on {req['device']} at {where(req)}: tried to allocate "
+                 f"{fmt_bytes(req['requested'])}; {d['memory']['text']}. Cause: "
+                 f"{cause['text']}"),
+        fix=fix, evidence=d)]

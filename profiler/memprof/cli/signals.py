@@ -1,0 +1,66 @@
+"""Signals while `memprof run` runs a script: whatever ends the script, the profile is saved.
+
+* SIGINT (Ctrl-C) while the script runs: KeyboardInterrupt, as without memprof; exit 130.
+* SIGTERM while the script runs: `Terminated` is raised in the script, so the tracker saves the
+  profile on the way out (the default action would kill the process first); exit 143.
+* SIGINT or SIGTERM once the script has ended (the profile is being built, analysed, saved and
+  reported): noted, not raised, so a second Ctrl-C cannot lose the profile; exit 130 / 143.
+
+Only signals left at their default action are handled (a shell that ignores SIGINT for a
+background job keeps doing so), and only on the main thread (Python's rule for handlers).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal's number
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while the script ran (a BaseException, like KeyboardInterrupt)."""
+
+
+class ExitSignals:
+    """`with ExitSignals() as signals: ... signals.finish() ...`; then signals.status(s)."""
+
+    def __init__(self):
+        self.finishing = False
+        self.noted: int | None = None   # a signal that arrived while finishing
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "ExitSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig, default in ((signal.SIGINT, signal.default_int_handler),
+                             (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def finish(self) -> None:
+        """The script has ended: from here on signals are noted, not raised (and ours are back
+        in place if the script installed its own)."""
+        self.finishing = True
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
+    def status(self, status: int) -> int:
+        """The exit status: a signal noted while finishing wins over the script's status."""
+        return EXIT_STATUS[self.noted] if self.noted is not None else status
+
+    def _handle(self, signum, frame) -> None:
+        if self.finishing:
+            if self.noted is None:   # os.write: print() may be in use by the interrupted code
+                os.write(2, b"memprof: signal received; exiting once the profile is saved\n")
+            self.noted = signum
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(f"signal {signal.Signals(signum).name}")

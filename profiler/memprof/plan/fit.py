@@ -1,0 +1,313 @@
+"""What would fit instead of a step that ran out of memory: estimates, and said to be.
+
+Two ways, by what is known:
+
+* `scaled_fit(profile, capacity, step)`: from the profile alone (a saved file, `memprof report
+  --budget`). The recorded stream up to the end of that step is replayed through the
+  caching-allocator model with the batch-dependent allocations (activations and temporaries
+  of forward and backward) scaled to a smaller micro-batch, and - for the micro-steps 2..A of
+  gradient accumulation - the step's gradients alive from its start. The largest micro-batch
+  whose replay fits is the answer. Linear scaling of activations with the batch is the
+  assumption; parameters, gradients and optimizer state stay as recorded.
+* `re_estimate(model, inputs, ...)`: with the model at hand (`memprof.track(model, ...)`),
+  the step is re-estimated on fake tensors (`memprof.plan.search.recommend`, restricted to the
+  precision the run used plus one lower AMP precision, and no / every-block checkpointing),
+  with a batch of the recorded inputs' structure (`memprof.record.inputs`) at each
+  micro-batch; the loss is the mean of the output (the run's targets are not seen), the
+  optimizer is the run's (same class and defaults).
+"""
+from __future__ import annotations
+
+import bisect
+import inspect
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..profile import Profile
+from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
+                             CAT_PARAMETERS, CAT_TEMPORARIES, PHASE_BACKWARD, PHASE_FORWARD)
+from ..units import fmt_bytes
+from .allocator import simulate
+from .streams import step_stream
+
+SCALED = "the recorded step scaled to a smaller micro-batch, replayed through the allocator model"
+ESTIMATED = "re-estimated on fake tensors (memprof.plan.estimate)"
+
+
+# ------------------------------------------------------------------ from the profile alone
+def batch_size_at(profile: Profile, step: int) -> int | None:
+    """The micro-batch of `step`: the last 'batch' marker at or before it (the leading
+    dimension of the root module's first input), or track(batch_size=...)."""
+    found = None
+    for m in profile.markers("batch"):
+        if profile.memory.size and m["position"] < profile.memory.size \
+                and int(profile.memory["step"][m["position"]]) > step:
+            break
+        found = m["value"]
+    return int(found) if found else profile.meta.get("batch_size")
+
+
+def _scalable(profile: Profile, end: int) -> np.ndarray:
+    """Memory events in [0, end) whose size scales with the batch (allocations of forward /
+    backward activations and temporaries, and their frees)."""
+    mem = profile.memory[:end]
+    alloc_of = profile.alloc_of[:end]
+    owner = np.where(mem["size"] > 0, np.arange(end), alloc_of)
+    ok = owner >= 0
+    owner = np.where(ok, owner, 0)
+    phase = profile.memory["phase"][owner]
+    cat = profile.category[owner]
+    return ok & np.isin(phase, (PHASE_FORWARD, PHASE_BACKWARD)) \
+        & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
+
+
+def scaled_stream(profile: Profile, step, factor: float, accumulate: bool):
+    """(ptr, size) of the run up to the end of `step` with batch-dependent sizes x factor,
+    the failing request of an out-of-memory report put back at its place (scaled too when it
+    came from forward or backward); accumulate: that step's gradients allocated at its start
+    (micro-steps 2..A)."""
+    ptr, size = step_stream(profile, "first")
+    end = step.end
+    ptr, size = ptr[:end], size[:end].copy()
+    scal = _scalable(profile, end)
+    allocs = scal & (size > 0)
+    size[allocs] = np.maximum(1, np.rint(size[allocs] * factor)).astype(np.int64)
+    frees = np.flatnonzero(scal & (size < 0))
+    size[frees] = -size[profile.alloc_of[frees]]
+    in_step = np.arange(end) >= step.start
+    grads = in_step & (size > 0) & (profile.category[:end] == CAT_GRADIENTS)
+    oom = profile.oom_events[0] if profile.oom_events else None
+    if oom is not None and oom["position"] <= end:
+        at, request = oom["position"], oom["requested"]
+        if oom["phase"] in ("forward", "backward"):
+            request = max(1, round(request * factor))
+        ptr = np.insert(ptr, at, np.uint64(profile.memory.size + 1))
+        size = np.insert(size, at, np.int64(request))
+        in_step, grads = np.insert(in_step, at, at >= step.start), np.insert(grads, at, False)
+    if accumulate:
+        idx = np.arange(size.size)
+        order = np.concatenate([idx[~in_step], idx[grads], idx[in_step & ~grads]])
+        ptr, size = ptr[order], size[order]
+    return ptr, size
+
+
+def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
+    """The largest micro-batch at which the run's scaled replay fits `capacity` (see the
+    module docstring), with the accumulation that keeps the effective batch of `step_index`.
+    The replay covers the whole run (also the steps after a failing first one: the steady
+    state, optimizer state alive, is often the larger)."""
+    if not profile.steps:
+        return {"method": SCALED, "fits": False, "text": "no step recorded"}
+    step = profile.steps[-1]
+    batch = batch_size_at(profile, step_index)
+    fixed = sum(v for k, v in profile.breakdown("category", at=("position", step.end - 1))
+                .items() if k in ("parameters", "gradients", "optimizer_state"))
+    out = {"method": SCALED, "batch": batch, "fixed_bytes": int(fixed), "estimated": True}
+    # micro-batches that keep the effective batch (divisors), largest first
+    candidates = [d for d in range(batch - 1, 0, -1) if batch % d == 0] if batch \
+        else [0.5, 0.25, 0.125, 0.0625]
+
+    def replay(m) -> tuple[bool, int]:
+        factor = m / batch if batch else m
+        r = simulate(scaled_stream(profile, step, factor, accumulate=True), capacity=capacity,
+                     return_timeline=False)
+        return not r.oom, r.peak_reserved
+
+    best = _largest_fitting(list(candidates), replay)
+    if best is None:
+        smallest = "micro-batch 1" if batch else "1/16 of the micro-batch"
+        out.update(fits=False, text=(
+            f"the micro-batch is already 1" if batch == 1 else
+            f"no smaller micro-batch fits: even {smallest} does not fit "
+            f"{fmt_bytes(capacity)}") + f" (parameters, gradients and optimizer state: "
+            f"{fmt_bytes(fixed)}; checkpointing, a lower precision or sharding must shrink "
+            "the rest)")
+        return out
+    m, peak = best
+    if batch:
+        acc = math.ceil(batch / m)
+        out.update(fits=True, micro_batch=m, accumulation=acc, peak_reserved=peak,
+                   text=f"micro-batch {m} x {acc} accumulation steps (effective batch "
+                        f"{m * acc}) fits: {fmt_bytes(peak)} reserved of {fmt_bytes(capacity)}")
+    else:
+        out.update(fits=True, fraction=m, peak_reserved=peak,
+                   text=f"{m:g} of the recorded micro-batch (batch size not recorded) with "
+                        f"{round(1 / m)} accumulation steps fits: {fmt_bytes(peak)} reserved")
+    return out
+
+
+def _largest_fitting(candidates: list, replay) -> tuple | None:
+    """The first candidate (largest first) whose replay fits, by bisection (fitting is
+    monotone in the micro-batch) -> (candidate, peak reserved) or None."""
+    seen = {}
+
+    def fits(c) -> bool:
+        seen[c] = replay(c)
+        return seen[c][0]
+
+    i = bisect.bisect_left(candidates, True, key=fits)
+    if i == len(candidates):
+        return None
+    c = candidates[i]
+    return c, (seen[c] if c in seen else replay(c))[1]
+
+
+# ------------------------------------------------------------------ with the model at hand
+def _dtype(name: str) -> torch.dtype:
+    d = getattr(torch, name, None)
+    if not isinstance(d, torch.dtype):
+        raise ValueError(f"recorded input dtype {name!r} is not a torch dtype")
+    return d
+
+
+def _build(desc: dict, batch: int, new_batch: int):
+    if "tensor" in desc:
+        t = desc["tensor"]
+        shape = list(t["shape"])
+        if shape and shape[0] == batch:
+            shape[0] = new_batch
+        return torch.zeros(shape, dtype=_dtype(t["dtype"]), device=t["device"])
+    if "value" in desc:
+        return desc["value"]
+    if "list" in desc or "tuple" in desc:
+        items = [_build(d, batch, new_batch) for d in desc.get("list", desc.get("tuple", []))]
+        return items if "list" in desc else tuple(items)
+    if "dict" in desc:
+        return {k: _build(d, batch, new_batch) for k, d in desc["dict"].items()}
+    raise ValueError(f"the model was called with a {desc.get('object')} object: a batch "
+                     "cannot be rebuilt from the record")
+
+
+def batch_function(model: torch.nn.Module, inputs: dict, batch: int):
+    """make_batch(micro_batch) -> (inputs, None) of the recorded structure; positional and
+    keyword arguments are bound by the forward's signature into keywords."""
+    def make_batch(m):
+        args = [_build(d, batch, m) for d in inputs["args"]]
+        kwargs = {k: _build(d, batch, m) for k, d in inputs["kwargs"].items()}
+        if not kwargs:
+            return tuple(args), None
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        return dict(bound.arguments), None
+
+    make_batch(1)   # raises now for an input that cannot be rebuilt
+    return make_batch
+
+
+def precision_of(inputs: dict) -> str:
+    """The precision the recorded step ran in, from the autocast state at its forward."""
+    dtype = next(iter((inputs or {}).get("autocast", {}).values()), None)
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, "fp32")
+
+
+def optimizer_factory(optimizer):
+    """params -> an optimizer of the run's class and defaults; 'none' without one."""
+    if optimizer is None:
+        return "none"
+    cls, defaults = type(optimizer), dict(optimizer.defaults)
+    try:   # defaults can hold keys the constructor does not take (AdamW: decoupled_...)
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            defaults = {k: v for k, v in defaults.items() if k in params}
+    except (TypeError, ValueError):
+        pass
+
+    def factory(params):
+        return cls(params, **defaults)
+    factory.__name__ = cls.__name__
+    return factory
+
+
+def _budget_gpu(budget, capacity: int):
+    """(GPU for recommend, overhead, margin): a table GPU with its usual usable bytes, or a
+    generic one whose usable bytes are exactly `capacity`."""
+    from .gpus import GPU, generic, lookup
+    if isinstance(budget, (str, GPU)):
+        return lookup(budget), None, None
+    return generic(capacity, name=f"{fmt_bytes(capacity)} budget"), 0, 0.0
+
+
+def _suggestions(plan, batch: int, order: list[tuple[str, str]]) -> list[dict]:
+    """Per precision x policy, least change first: the whole batch if it fits without
+    accumulation, else the largest micro-batch dividing it whose prediction fits."""
+    out = []
+    for prec, pol in order:
+        c = next((c for c in plan.combinations if (c.precision, c.checkpointing) == (prec, pol)),
+                 None)
+        if c is None or c.model is None:
+            out.append({"precision": prec, "checkpointing": pol, "fits": False,
+                        "text": (c.error or c.skipped) if c else "not estimated"})
+            continue
+        opt = plan.predict(batch, prec, pol, accumulation=1)
+        for d in (d for d in range(batch - 1, 0, -1) if batch % d == 0 and not opt.fits):
+            opt = plan.predict(d, prec, pol, accumulation=batch // d)
+        if not opt.fits:
+            out.append({"precision": prec, "checkpointing": pol, "fits": False,
+                        "text": f"nothing fits: micro-batch 1 needs "
+                                f"{fmt_bytes(opt.peak_reserved)} reserved"})
+            continue
+        out.append(dict(opt.as_dict(), text=(
+            f"{prec}, checkpointing {pol}: micro-batch {opt.micro_batch} x "
+            f"{opt.accumulation} accumulation, {fmt_bytes(opt.peak_reserved)} reserved, "
+            f"headroom {fmt_bytes(opt.headroom)}")))
+    return out
+
+
+def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacity: int,
+                batch: int) -> dict:
+    """What fits `budget` (a GPU name or bytes; `capacity` its usable bytes) for this model's
+    step at effective batch `batch`, re-estimated (see the module docstring)."""
+    from .checkpoint import policies_for
+    from .search import recommend
+    t0 = time.perf_counter()
+    make_batch = batch_function(model, inputs, batch)
+    gpu, overhead, margin = _budget_gpu(budget, capacity)
+    current = precision_of(inputs)
+    low = "bf16" if gpu.supports("bf16") else "fp16"
+    precisions = [current] + ([low] if current == "fp32" else [])
+    policies = policies_for(model, ("none", "every"))
+    plan = recommend(model=model, batch=make_batch, optimizer=optimizer_factory(optimizer),
+                     gpu=gpu, effective_batch=batch, precisions=precisions, policies=policies,
+                     overhead=overhead, margin=margin, confirm=True)
+    order = [(p, c) for p in precisions for c in policies]
+    now = plan.predict(batch, current, "none", accumulation=1)
+    opt_name = type(optimizer).__name__ + " with the run's defaults" if optimizer is not None \
+        else "none seen: no optimizer state estimated"
+    return {"method": ESTIMATED, "batch": batch, "capacity": plan.usable_bytes,
+            "gpu": gpu.name, "precision": current, "estimated": True,
+            "current": dict(now.as_dict(), text=(
+                f"the recorded configuration ({current}, micro-batch {batch}, no "
+                f"checkpointing) needs {fmt_bytes(now.peak_reserved)} reserved of "
+                f"{fmt_bytes(plan.usable_bytes)}")),
+            "options": _suggestions(plan, batch, order),
+            "assumptions": ["loss: the mean of the model's output (the run's targets are not "
+                            "seen)", f"optimizer: {opt_name}",
+                            "the recorded step used no activation checkpointing",
+                            "steady state: optimizer state (and with accumulation the "
+                            "gradients) exist from the start of the step"],
+            "estimates": plan.estimates, "wall_s": time.perf_counter() - t0}
+
+
+def what_fits(profile: Profile, budget, capacity: int, label: str, step: int, *,
+              model: torch.nn.Module | None = None, optimizer=None) -> dict:
+    """What would fit `capacity` instead of `step`: scaled from the profile, and re-estimated
+    when the model is given (see the module docstring). Never raises: a failed re-estimate is
+    a note."""
+    out = {"for": label, "capacity": int(capacity), "step": int(step), "estimated": True,
+           "scaled": scaled_fit(profile, capacity, step), "estimate": None, "note": None}
+    inputs = profile.run.records.get("inputs")
+    batch = batch_size_at(profile, step)
+    if model is None:
+        out["note"] = ("checkpointing and precision need the model: memprof.track(model, "
+                       "budget=...) re-estimates them")
+    elif not inputs or not batch:
+        out["note"] = "the model's inputs were not recorded: not re-estimated"
+    else:
+        try:
+            out["estimate"] = re_estimate(model, inputs, optimizer, budget, capacity, batch)
+        except Exception as err:  # noqa: BLE001  (advice must not hide the diagnosis)
+            out["note"] = (f"re-estimating failed: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:200] if str(err) else ''}")
+    return out

@@ -1,0 +1,72 @@
+"""What the root module was called with: shapes and dtypes of its first forward pass.
+
+Recorded once (the first real forward pass of the root), as plain data: enough to build a
+batch of the same structure at another micro-batch on fake tensors, which is how
+`memprof.plan.fit` re-estimates a step that did not fit. Values are never kept; a tensor is
+{"shape", "dtype", "device"}, a number or string is kept as it is, anything else is named by
+its type (and then no batch can be rebuilt from the record). Also recorded: whether autocast
+was on at that forward pass and in which dtype (the precision the step ran in).
+"""
+from __future__ import annotations
+
+import torch
+
+MAX_DEPTH = 4
+MAX_ITEMS = 64
+MAX_STR = 256
+
+
+def describe(value, depth: int = MAX_DEPTH):
+    """A plain, JSON-able description of a call argument (see the module docstring)."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": {"shape": list(value.shape), "dtype": str(value.dtype).split(".")[-1],
+                           "device": value.device.type}}
+    if value is None or isinstance(value, (bool, int, float)) \
+            or (isinstance(value, str) and len(value) <= MAX_STR):
+        return {"value": value}
+    if depth > 0 and isinstance(value, (list, tuple)) and len(value) <= MAX_ITEMS:
+        return {"tuple" if isinstance(value, tuple) else "list":
+                [describe(v, depth - 1) for v in value]}
+    if depth > 0 and isinstance(value, dict) and len(value) <= MAX_ITEMS \
+            and all(isinstance(k, str) for k in value):
+        return {"dict": {k: describe(v, depth - 1) for k, v in value.items()}}
+    return {"object": type(value).__name__}
+
+
+def autocast_state() -> dict:
+    """{device type: autocast dtype} for the device types where autocast is on."""
+    out = {}
+    for dev in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                out[dev] = str(torch.get_autocast_dtype(dev)).split(".")[-1]
+        except (RuntimeError, TypeError, AttributeError):  # device type unknown to this build
+            continue
+    return out
+
+
+class InputRecorder:
+    """The first forward pass of the root: its arguments (described) and the autocast state."""
+    name = "inputs"
+
+    def __init__(self):
+        self._record: dict | None = None
+        self._session = None
+
+    def install(self, session) -> None:
+        self._session = session
+        session.scope.on_forward_start.append(self._forward_start)
+
+    def remove(self) -> None:
+        self._session = None
+
+    def _forward_start(self, args, kwargs) -> None:
+        if self._record is not None:
+            return
+        self._record = {"args": [describe(a) for a in args],
+                        "kwargs": {str(k): describe(v) for k, v in (kwargs or {}).items()},
+                        "autocast": autocast_state(),
+                        "step": self._session.step if self._session is not None else 0}
+
+    def record(self) -> dict | None:
+        return self._record

@@ -1,0 +1,217 @@
+"""A Profile as one self-contained HTML page (no network; opens from disk).
+
+Findings first; then memory over time as a stacked area by category with steps and phases
+shaded and the peak marked; what was alive at the peak (categories, a module icicle, the
+largest allocations); one row per step (memory, time split, samples/s, health). Every chart
+is SVG drawn here (report/svg.py), so the page reads without JavaScript; a small script of
+our own (report/assets/report.js) adds zoom, pan and hover on the timeline from the data
+embedded in the page. The timeline keeps every peak however long the run (report/series.py):
+a 20M-event profile stays well under 2 MB.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..finding import sort_findings
+from ..profile import Profile
+from ..record.events import CATEGORIES
+from ..units import fmt_bytes
+from .html_data import (PHASE_CODES, STEP_TIME, module_nodes, shown_steps, step_rows,
+                        timeline_data, top_allocations)
+from .series import series
+from .svg import (COLORS, PHASE_COLORS, Frame, bands, esc, fmt_time, icicle, legend, marker,
+                  nice_bytes, stacked_bars, stacked_paths)
+
+STATIC_BUCKETS = 450              # static timeline: about 2 points per bucket, 960 px wide
+ASSETS = Path(__file__).parent / "assets"
+STEP_TIME_COLORS = {"data_ms": "#bab0ab", "forward_ms": PHASE_COLORS["forward"],
+                    "backward_ms": PHASE_COLORS["backward"],
+                    "optimizer_ms": PHASE_COLORS["optimizer"], "other_ms": "#e8e8e8"}
+
+
+def asset(name: str) -> str:
+    return (ASSETS / name).read_text(encoding="utf-8")
+
+
+def table(rows: list[tuple], header: tuple, cls: str = "", raw: bool = False) -> str:
+    """A table; cells are escaped unless raw (cells that are already HTML)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    cell = (lambda c: str(c)) if raw else esc
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def page(title: str, body: str, data: dict | None = None, script: bool = False) -> str:
+    blob = ""
+    if data is not None:
+        text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        blob = f'<script type="application/json" id="memprof-data">{text}</script>'
+    js = f"<script>{asset('report.js')}</script>" if script else ""
+    return (f"<!doctype html><html lang=en><head><meta charset='utf-8'>"
+            f"<meta name=viewport content='width=device-width,initial-scale=1'>"
+            f"<title>{esc(title)}</title><style>{asset('report.css')}</style></head>"
+            f"<body>{body}{blob}{js}</body></html>")
+
+
+# ------------------------------------------------------------------ sections
+def _header(profile: Profile) -> str:
+    pe = profile.peak_event or {}
+    what = profile.meta.get("model_class") or "run"
+    out = [f"<header><h1>memprof: {esc(what)} on {esc(profile.device)}</h1>",
+           f'<p class="lead">Peak live memory <b id="peak-bytes" data-bytes="{profile.peak}">'
+           f"{esc(fmt_bytes(profile.peak))}</b>"]
+    if pe:
+        out.append(f" at step {pe['step']}, {esc(pe['phase'])}, module "
+                   f"<code>{esc(pe['module'])}</code>, op <code>{esc(pe['op'])}</code>")
+    out.append(f". {profile.memory.size:,} memory events, {len(profile.steps)} steps.</p>")
+    if profile.meta.get("error"):
+        out.append(f'<p class="err">The tracked code raised: {esc(profile.meta["error"])}</p>')
+    out.append('<nav><a href="#findings">Findings</a> <a href="#timeline">Memory over time</a>'
+               ' <a href="#peak">At the peak</a> <a href="#steps">Steps</a> '
+               '<a href="#details">Breakdowns</a></nav></header>')
+    return "".join(out)
+
+
+def _findings(profile: Profile) -> str:
+    found = sort_findings(profile.findings)
+    if not found:
+        return '<section id="findings"><h2>Findings</h2><p class="ok">None.</p></section>'
+    cards = []
+    for f in found:
+        growth = (f.evidence or {}).get("slope_bytes_per_step")
+        facts = [("bytes", fmt_bytes(f.bytes))]
+        if f.holder:
+            facts.append(("held by", f.holder))
+        if growth is not None:
+            facts.append(("growth per step", fmt_bytes(growth)))
+        step = (f.evidence or {}).get("steps") or (f.evidence or {}).get("first_step")
+        if step is not None:
+            facts.append(("steps", step))
+        dl = "".join(f"<dt>{esc(k)}</dt><dd><code>{esc(v)}</code></dd>" for k, v in facts)
+        cards.append(f'<article class="finding {esc(f.severity)}" data-kind="{esc(f.kind)}">'
+                     f"<h3>{esc(f.severity)}: {esc(f.kind)}</h3><p>{esc(f.message)}</p>"
+                     f"<dl>{dl}</dl><p class=fix><b>Fix:</b> {esc(f.fix)}</p></article>")
+    return f'<section id="findings"><h2>Findings</h2>{"".join(cards)}</section>'
+
+
+def _timeline_svg(profile: Profile, data: dict) -> str:
+    s = series(profile, STATIC_BUCKETS)
+    t_end = max(data["t_end"], int(s.t_us[-1]) + 1)
+    fr = Frame(960, 300, t_end, nice_bytes(profile.peak), bottom=40)
+    strip = fr.top + fr.ph + 2
+    parts = [bands(fr, [sp for sp in data["steps"] if sp[2] % 2 == 0], fr.top, fr.ph,
+                       lambda sp: "#f3f4f6", lambda sp: f"step {sp[2]}", "step"),
+             stacked_paths(fr, s.t_us, s.by_category, CATEGORIES, t_end),
+             bands(fr, data["spans"], strip, 8,
+                       lambda sp: PHASE_COLORS[data["span_names"][sp[2]]],
+                       lambda sp: data["span_names"][sp[2]], "phase"),
+             fr.axes(fmt_time)]
+    if "t" in data["peak"]:
+        parts.append(marker(fr, data["peak"]["t"], f"peak {fmt_bytes(profile.peak)}"))
+    return (f'<svg id="timeline-svg" viewBox="0 0 {fr.w} {fr.h}" width="100%" role="img" '
+            f'aria-label="live memory by category over time" data-ymax="{fr.y_max}" '
+            f'data-tmax="{t_end}" data-left="{fr.left}" data-top="{fr.top}" '
+            f'data-pw="{fr.pw}" data-ph="{fr.ph}" xmlns="http://www.w3.org/2000/svg">'
+            f'{"".join(parts)}</svg>')
+
+
+def _timeline(profile: Profile, data: dict) -> str:
+    if profile.memory.size == 0:
+        return '<section id="timeline"><h2>Memory over time</h2><p>No allocations were ' \
+               'recorded.</p></section>'
+    items = {c: COLORS[c] for c in CATEGORIES}
+    phases = {p: PHASE_COLORS[p] for p in PHASE_CODES}
+    note = ("Downsampled for drawing: each time bucket keeps its highest and lowest point, "
+            "so every peak is drawn at its true height.")
+    return (f'<section id="timeline"><h2>Memory over time</h2>{legend(items)}'
+            f'<div class="chart" id="timeline-chart">{_timeline_svg(profile, data)}'
+            f'<div id="tooltip" hidden></div></div>{legend(phases, "legend phases")}'
+            f'<p class="hint" id="timeline-hint">Steps are shaded; the strip under the chart '
+            f'shows phases. {note}</p></section>')
+
+
+def _at_peak(profile: Profile) -> str:
+    cats = profile.breakdown("category")
+    total = max(1, sum(cats.values()))
+    rows = [(f'<i class="sw" style="background:{COLORS[c]}"></i>{esc(c)}',
+             f'<span data-category="{esc(c)}" data-bytes="{b}">{esc(fmt_bytes(b))}</span>',
+             f"{100 * b / total:.1f} %") for c, b in cats.items()]
+    top = [(fmt_bytes(d["size"]), d["category"], d["op"], d["module"], d["node"] or "",
+            d["phase"], d["step"]) for d in top_allocations(profile)]
+    return (f'<section id="peak"><h2>At the peak</h2>'
+            f'<div class="cols"><div><h3>By category</h3>'
+            f'{table(rows, ("category", "bytes", "share"), "categories", raw=True)}</div>'
+            f'<div class="grow"><h3>Modules</h3>{icicle(module_nodes(profile))}'
+            f'<p class="hint">Width is bytes alive at the peak; the stripe under each module '
+            f'splits them by category.</p></div></div>'
+            f'<h3>Largest allocations alive at the peak</h3>'
+            f'{table(top, ("bytes", "category", "op", "module", "autograd node", "phase", "step"))}'
+            f"</section>")
+
+
+def _num(v, fmt="{:.1f}") -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_num(x, "{:.3g}") for x in v)
+    return fmt.format(v)
+
+
+def _steps(profile: Profile) -> str:
+    all_rows = step_rows(profile)
+    rows = shown_steps(all_rows)
+    if not rows:
+        return '<section id="steps"><h2>Steps</h2><p>No step boundaries were recorded ' \
+               '(optimizer.step or prof.step()).</p></section>'
+    timed = any("wall_ms" in r for r in rows)
+    health = any("loss" in r or "grad_norm" in r for r in rows)
+    header = ["step", "peak", "live at end", "allocated"]
+    if timed:
+        header += ["wall ms", "data", "forward", "backward", "optimizer", "other", "samples/s"]
+    if health:
+        header += ["loss", "grad norm before clip", "after", "LR"]
+    body = []
+    for r in rows:
+        cells = [r["step"], fmt_bytes(r["peak"]), fmt_bytes(r["live_at_end"]),
+                 fmt_bytes(r["allocated"])]
+        if timed:
+            cells += [_num(r.get(k)) for k in ("wall_ms",) + STEP_TIME]
+            cells.append(_num(r.get("samples_per_s"), "{:.0f}"))
+        if health:
+            cells += [_num(r.get("loss"), "{:.4g}"), _num(r.get("grad_norm_pre_clip"), "{:.4g}"),
+                      _num(r.get("grad_norm"), "{:.4g}"), _num(r.get("lr"))]
+        body.append(tuple(cells))
+    bars = ""
+    if timed:
+        bar_rows = [(f"step {r['step']}", {k: r.get(k) or 0 for k in STEP_TIME})
+                    for r in rows if "wall_ms" in r]
+        bars = (f"<h3>Time per step</h3>{legend({k[:-3]: c for k, c in STEP_TIME_COLORS.items()})}"
+                + stacked_bars(bar_rows, STEP_TIME_COLORS, "ms"))
+    note = (f'<p class="hint">{len(rows)} of {len(all_rows)} steps: the first and last 20 '
+            f"and the highest peaks.</p>" if len(rows) < len(all_rows) else "")
+    return (f'<section id="steps"><h2>Steps</h2>{note}{table(body, tuple(header), "steps")}'
+            f"{bars}</section>")
+
+
+def _details(profile: Profile, top: int = 15) -> str:
+    parts = []
+    for by in ("module", "op", "node", "phase"):
+        rows = [(k, fmt_bytes(v)) for k, v in list(profile.breakdown(by).items())[:top]]
+        parts.append(f"<details><summary>Alive at the peak, by {by}</summary>"
+                     f"{table(rows, (by, 'bytes'))}</details>")
+    saved = [(k, fmt_bytes(v)) for k, v in list(profile.saved_by_node.items())[:top]]
+    if saved:
+        parts.append(f"<details><summary>Saved for backward, by autograd node</summary>"
+                     f"{table(saved, ('node', 'bytes'))}</details>")
+    return f'<section id="details"><h2>Breakdowns</h2>{"".join(parts)}</section>'
+
+
+def html_report(profile: Profile) -> str:
+    data = timeline_data(profile)
+    body = (_header(profile) + "<main>" + _findings(profile) + _timeline(profile, data)
+            + _at_peak(profile) + _steps(profile) + _details(profile) + "</main>"
+            + f"<footer>memprof report; self-contained, no network. Device "
+              f"{esc(profile.device)}; {profile.memory.size:,} memory events.</footer>")
+    what = profile.meta.get("model_class") or "run"
+    return page(f"memprof: {what}", body, data={"timeline": data}, script=True)

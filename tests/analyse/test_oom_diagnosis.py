@@ -1,0 +1,215 @@
+"""Out of memory, explained: real CPU allocation failures inside tracked training steps, and
+hand-built runs for the causes a CPU cannot produce (a leak that fills the device, a cache too
+fragmented for the request)."""
+import traceback
+
+import pytest
+import torch
+
+import memprof
+from memprof.analyse.oom import classify, diagnose, out_of_memory
+from memprof.record.events import KIND_OUT_OF_MEMORY
+
+from tests.analyse.runs import RunBuilder
+
+IMPOSSIBLE = 1 << 50   # bytes: the CPU allocator refuses it (RuntimeError, recorded as an OOM)
+
+
+class Huge(torch.autograd.Function):
+    """Cheap forward; its backward asks for an impossible buffer."""
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + torch.empty(IMPOSSIBLE, dtype=torch.uint8).sum()
+
+
+class Head(torch.nn.Module):
+    def __init__(self, boom_in_forward: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.boom_in_forward = boom_in_forward
+        self.armed = True
+
+    def forward(self, x):
+        x = self.proj(x)
+        if not self.armed:
+            return x
+        if self.boom_in_forward:
+            return x + torch.empty(IMPOSSIBLE, dtype=torch.uint8).sum()
+        return Huge.apply(x)
+
+
+class Net(torch.nn.Module):
+    def __init__(self, boom_in_forward: bool):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU())
+        self.reduce = torch.nn.Linear(64, 16)
+        self.head = Head(boom_in_forward)
+
+    def forward(self, x):
+        return self.head(self.reduce(self.body(x)))
+
+
+def _train_until_boom(tmp_path, boom_in_forward: bool, boom_step: int = 2):
+    """Train a few steps; the head's impossible allocation fires in step `boom_step`."""
+    torch.manual_seed(0)
+    model = Net(boom_in_forward)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "oom.memprof"
+    with pytest.raises(RuntimeError, match="can't allocate memory") as excinfo:
+        with memprof.track(model, opt, path=str(path)) as prof:
+            for step in range(boom_step + 1):
+                model.head.armed = step == boom_step
+                loss = model(torch.randn(8, 16)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    return prof, excinfo, path
+
+
+def test_forward_oom_names_module_op_phase_step_and_prints_before_the_traceback(tmp_path,
+                                                                                capfd):
+    prof, excinfo, path = _train_until_boom(tmp_path, boom_in_forward=True)
+    err = capfd.readouterr().err
+    # the original exception and its traceback are untouched: the last frame is the forward
+    assert "can't allocate memory" in str(excinfo.value)
+    frames = traceback.extract_tb(excinfo.value.__traceback__)
+    assert frames[-1].name == "forward" and "torch.empty(IMPOSSIBLE" in frames[-1].line
+    # printed to stderr while leaving the block
+    assert "Out of memory: why" in err and "head" in err and "aten::empty" in err
+    assert "one request larger than the device" in err
+    [f] = [f for f in prof.findings if f.kind == "out_of_memory"]
+    req = f.evidence["request"]
+    assert (req["step"], req["phase"], req["module"], req["op"]) == (2, "forward", "head",
+                                                                     "aten::empty")
+    assert req["requested"] == IMPOSSIBLE and req["device"] == "cpu"
+    assert f.evidence["cause"]["cause"] == "single_request"
+    alive = f.evidence["alive"]
+    # parameters of all four linears are alive, and the step's activations so far
+    n_params = sum(p.numel() * 4 for p in Net(True).parameters())
+    assert alive["by_category"]["parameters"] == n_params
+    assert alive["by_category"]["activations"] > 0
+    assert alive["bytes"] == sum(alive["by_category"].values())
+    assert f.evidence["memory"]["fragmentation"] is None   # the CPU allocator has no cache
+    # saved with the diagnosis
+    loaded = memprof.load(str(path))
+    assert [g.evidence["request"]["module"] for g in loaded.findings
+            if g.kind == "out_of_memory"] == ["head"]
+
+
+def test_backward_oom_is_attributed_to_the_forward_module_and_autograd_node(tmp_path, capfd):
+    prof, _, _ = _train_until_boom(tmp_path, boom_in_forward=False)
+    [f] = [f for f in prof.findings if f.kind == "out_of_memory"]
+    req = f.evidence["request"]
+    assert (req["step"], req["phase"], req["module"], req["node"]) == (2, "backward", "head",
+                                                                       "HugeBackward")
+    assert "autograd node HugeBackward" in capfd.readouterr().err
+
+
+def test_report_of_a_loaded_profile_shows_the_diagnosis(tmp_path):
+    from rich.console import Console
+    _, _, path = _train_until_boom(tmp_path, boom_in_forward=True)
+    console = Console(record=True, width=200)
+    memprof.load(str(path)).report(console=console)
+    text = console.export_text()
+    assert "Out of memory: why" in text and "step 2, forward, module head" in text
+    assert text.index("Out of memory: why") < text.index("Findings")
+
+
+def test_oom_caught_inside_the_block_is_diagnosed_but_not_printed(capfd):
+    model = Net(True)
+    with memprof.track(model) as prof:
+        try:
+            model(torch.randn(2, 16))
+        except RuntimeError:
+            pass
+    assert "Out of memory" not in capfd.readouterr().err
+    assert [f.kind for f in prof.findings if f.kind == "out_of_memory"] == ["out_of_memory"]
+
+
+# ------------------------------------------------------------------ hand-built runs
+MIB = 1 << 20
+
+
+def _oom(b: RunBuilder, size: int, allocated: int, reserved: int) -> None:
+    b._row(ptr=0, size=size, op=b._sid("aten::mm"), kind=KIND_OUT_OF_MEMORY,
+           total_allocated=allocated, total_reserved=reserved, module=1)
+
+
+def _steps(b: RunBuilder, n: int, leak: int, act: int = 4 * MIB) -> None:
+    """n steps of forward/backward; each keeps `leak` bytes alive forever."""
+    for s in range(n):
+        base = 1000 * (s + 1)
+        b.phase = "forward"
+        b.alloc(base + 1, act, "aten::linear")
+        if leak:
+            b.alloc(base + 2, leak, "aten::softmax")
+        b.mark("forward_end")
+        b.phase = "backward"
+        b.free(base + 1, act)
+        b.phase = "other"
+        b.mark("step")
+
+
+def _builder() -> RunBuilder:
+    b = RunBuilder()
+    b.modules = ["", "blocks.0"]
+    b.alloc(1, 8 * MIB, "aten::empty")      # parameters stand-in
+    return b
+
+
+def test_leak_that_fills_the_device_is_growth():
+    b = _builder()
+    _steps(b, 6, leak=2 * MIB)
+    b.phase = "forward"
+    b.alloc(99_001, 4 * MIB, "aten::linear")
+    _oom(b, 8 * MIB, allocated=32 * MIB, reserved=34 * MIB)
+    d = diagnose(b.profile(), capacity=40 * MIB, capacity_source="test device")
+    assert d["cause"]["cause"] == "growth"
+    assert d["cause"]["slope_bytes_per_step"] == pytest.approx(2 * MIB)
+    assert d["cause"]["still_alive"][0]["op"] == "aten::softmax"
+    assert d["request"]["step"] == 6 and d["request"]["module"] == "blocks.0"
+    assert d["memory"]["fragmentation"] == pytest.approx(2 / 34)
+    assert not d["memory"]["request_fits_in_cache"]
+
+
+def test_first_step_too_big_and_a_later_step_too_big():
+    b = _builder()
+    b.phase = "forward"
+    b.alloc(10, 30 * MIB, "aten::linear")
+    _oom(b, 16 * MIB, allocated=38 * MIB, reserved=40 * MIB)
+    c = diagnose(b.profile(), capacity=40 * MIB)["cause"]
+    assert c["cause"] == "step_too_big" and c["first_step"] and c["step"] == 0
+
+    b = _builder()
+    _steps(b, 2, leak=0)
+    b.phase = "optimizer"
+    b.alloc(50, 16 * MIB, "aten::zeros_like")       # optimizer state, kept
+    b.phase = "other"
+    b.mark("step")
+    b.phase = "forward"
+    b.alloc(51, 12 * MIB, "aten::linear")
+    _oom(b, 8 * MIB, allocated=36 * MIB, reserved=38 * MIB)
+    c = classify(b.profile(), 3, 8 * MIB, 40 * MIB)
+    assert c["cause"] == "step_too_big" and not c["first_step"]
+    assert c["live_at_step_start"] == 24 * MIB and c["earlier_peak"] == 24 * MIB
+
+
+def test_fragmented_cache_is_named_with_expandable_segments():
+    b = _builder()
+    b.phase = "forward"
+    b.alloc(10, 2 * MIB, "aten::linear")
+    _oom(b, 6 * MIB, allocated=10 * MIB, reserved=30 * MIB)   # 20 MiB cached but free
+    [f] = out_of_memory(b.profile())
+    assert f.evidence["memory"]["request_fits_in_cache"]
+    assert "expandable_segments:True" in f.fix
+    assert f.evidence["memory"]["fragmentation"] == pytest.approx(20 / 30)
+
+
+def test_no_oom_no_finding():
+    b = _builder()
+    _steps(b, 2, leak=0)
+    assert out_of_memory(b.profile()) == [] and diagnose(b.profile()) is None

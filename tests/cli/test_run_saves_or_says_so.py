@@ -1,0 +1,139 @@
+"""`memprof run` never says a profile was saved unless it was, saves on SIGTERM and through a
+second Ctrl-C, and reports text with square brackets as it is (issue 15, items 3, 5, 7)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TRAIN = '''
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def step():
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+'''
+
+
+def memprof(*args, cwd, **kw):
+    env = dict(os.environ, COLUMNS="250")
+    return subprocess.run([sys.executable, "-m", "memprof.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def start(*args, cwd):
+    env = dict(os.environ, COLUMNS="250")
+    return subprocess.Popen([sys.executable, "-m", "memprof.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _loads(path) -> bool:
+    r = subprocess.run([sys.executable, "-c", f"import memprof; memprof.load({str(path)!r})"],
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode == 0
+
+
+def test_output_in_a_missing_directory_is_refused_and_never_called_saved(tmp_path):
+    (tmp_path / "train.py").write_text(TRAIN + "step()\n")
+    r = memprof("run", "-o", "/nonexistent/dir/x.memprof", "train.py", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "profile saved to" not in r.stdout + r.stderr
+    assert "/nonexistent/dir" in r.stderr
+
+
+def test_a_save_that_fails_after_the_run_exits_non_zero(tmp_path):
+    """The directory exists when the run starts and is gone when the profile is written."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "train.py").write_text(TRAIN + "step()\nimport os\nos.rmdir('out')\n")
+    r = memprof("run", "-o", "out/x.memprof", "train.py", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "profile saved to" not in r.stdout + r.stderr
+    assert "could not save" in r.stderr
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_the_profile_then_exits(tmp_path, sig, status):
+    (tmp_path / "forever.py").write_text(
+        TRAIN + "import sys\nstep()\nprint('ready', flush=True)\nwhile True:\n    step()\n")
+    p = start("run", "forever.py", cwd=tmp_path)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == status, err[-2000:]
+    assert "profile saved to forever.memprof" in out
+    assert _loads(tmp_path / "forever.memprof")
+
+
+# The script's first Ctrl-C is its own; a helper thread keeps pressing Ctrl-C while memprof
+# finishes the block (the main thread is inside Tracker.__exit__) until the profile exists.
+SECOND_CTRL_C = TRAIN + '''
+import os, signal, sys, threading, time
+step(); step()
+OUT = os.path.abspath("forever.memprof")
+def finishing():
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        if frame.f_code.co_name == "__exit__" and frame.f_code.co_filename.endswith("track.py"):
+            return True
+        frame = frame.f_back
+    return False
+def keep_pressing():
+    deadline = time.monotonic() + 20
+    while not finishing() and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    while not os.path.exists(OUT) and time.monotonic() < deadline:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.002)
+threading.Thread(target=keep_pressing, daemon=True).start()
+raise KeyboardInterrupt
+'''
+
+
+def test_a_second_ctrl_c_while_saving_does_not_lose_the_profile(tmp_path):
+    (tmp_path / "forever.py").write_text(SECOND_CTRL_C)
+    r = memprof("run", "forever.py", cwd=tmp_path)
+    saved = (tmp_path / "forever.memprof").exists()
+    if "profile saved to forever.memprof" in r.stdout:
+        assert saved
+    assert saved and _loads(tmp_path / "forever.memprof"), r.stderr[-2000:]
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "exiting once the profile is saved" in r.stderr   # Ctrl-C did come while saving
+
+
+def test_square_brackets_in_errors_and_names_are_printed_as_they_are(tmp_path):
+    (tmp_path / "brackets.py").write_text(TRAIN + '''
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleDict({"[bold]x": torch.nn.Linear(16, 1000)})
+    def forward(self, x):
+        return self.blocks["[bold]x"](x)
+keep = Net()(torch.randn(64, 16))   # the largest block alive, in a module named with brackets
+step()
+raise RuntimeError("[/data/x] is empty [enforce fail at alloc_cpu.cpp:127]")
+''')
+    r = memprof("run", "brackets.py", cwd=tmp_path)
+    assert "MarkupError" not in r.stderr, r.stderr[-2000:]
+    out = " ".join(r.stdout.split())
+    assert "[/data/x] is empty [enforce fail at alloc_cpu.cpp:127]" in out
+    assert "blocks.[bold]x" in out
+    assert r.returncode == 1
+    r = memprof("report", "brackets.memprof", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[enforce fail at alloc_cpu.cpp:127]" in " ".join(r.stdout.split())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without GPU")
+def test_gpu_auto_without_a_gpu_is_one_line(tmp_path):
+    start_t = time.monotonic()
+    r = memprof("recommend", "--gpu", "auto", "--model", "mlp", "--effective-batch", "8",
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert "no CUDA GPU" in r.stderr
+    assert time.monotonic() - start_t < 120

@@ -1,0 +1,170 @@
+"""A step too big for a budget: diagnosed as such, with a smaller configuration that fits -
+checked by re-estimating it on fake tensors and by running it for real."""
+import pytest
+import torch
+
+import memprof
+from memprof.plan.estimate import estimate_step
+from memprof.plan.allocator import simulate
+from memprof.plan.budget import replay
+from memprof.plan.fit import (batch_function, optimizer_factory, precision_of, scaled_fit,
+                              scaled_stream, what_fits)
+
+MIB = 1 << 20
+BATCH = 1024
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                               torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                               torch.nn.Linear(512, 10))
+
+
+def train(micro_batch: int, accumulation: int = 1, steps: int = 2, budget=None):
+    """AdamW steps of the MLP at micro_batch x accumulation, tracked with `budget`."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(1)
+    data = [(torch.randn(micro_batch, 512), torch.randint(0, 10, (micro_batch,)))
+            for _ in range(steps * accumulation)]
+    with memprof.track(model, opt, budget=budget) as prof:
+        for i, (x, y) in enumerate(data):
+            loss = torch.nn.functional.cross_entropy(model(x), y) / accumulation
+            loss.backward()
+            if (i + 1) % accumulation == 0:
+                opt.step()
+                opt.zero_grad()
+    return prof, model, opt
+
+
+@pytest.fixture(scope="module")
+def too_big():
+    """The MLP at batch 1024 against 24 MiB: its first step does not fit."""
+    return train(BATCH, budget=24 * MIB)
+
+
+def test_first_step_too_big_is_diagnosed_as_such(too_big):
+    prof, _, _ = too_big
+    fail = prof.meta["budget"]["failure"]
+    assert fail["where"]["step"] == 0
+    assert fail["cause"]["cause"] == "step_too_big" and fail["cause"]["first_step"]
+    [f] = [f for f in prof.findings if f.kind == "budget"]
+    assert "first step already did not fit" in f.message and "what would fit" in f.fix
+
+
+def test_scaled_micro_batch_fits_when_run_for_real(too_big):
+    prof, _, _ = too_big
+    scaled = prof.meta["fit"]["scaled"]
+    assert scaled["fits"] and scaled["batch"] == BATCH
+    m, acc = scaled["micro_batch"], scaled["accumulation"]
+    assert 1 <= m < BATCH and m * acc >= BATCH
+    real, _, _ = train(m, acc, budget=24 * MIB)
+    b = real.meta["budget"]
+    assert b["fits"], b["failure"]
+    assert b["peak_reserved"] == pytest.approx(scaled["peak_reserved"], rel=0.15)
+    # the answer is the largest: one sample more per micro-batch does not fit
+    p = prof.profile
+    assert simulate(scaled_stream(p, p.steps[-1], (m + 1) / BATCH, True), capacity=24 * MIB,
+                    return_timeline=False).oom
+    assert scaled_fit(p, 24 * MIB, 0)["micro_batch"] == m     # deterministic
+
+
+def _check_options(est, model, opt, inputs, budget):
+    """Every option the re-estimate says fits does fit when estimated again at that very
+    micro-batch; returns the fitting ones."""
+    make_batch = batch_function(model, inputs, est["batch"])
+    fitting = [o for o in est["options"] if o.get("fits")]
+    for o in fitting:
+        assert o["micro_batch"] * o["accumulation"] == est["batch"]
+        e = estimate_step(model, make_batch, batch_size=o["micro_batch"],
+                          optimizer=optimizer_factory(opt), precision=o["precision"],
+                          checkpointing=o["checkpointing"])
+        variant = "accumulate" if o["accumulation"] > 1 else "steady"
+        assert e.peak(variant, reserved=True) <= budget, o
+    return fitting
+
+
+def test_re_estimate_runs_for_the_recorded_model(too_big):
+    prof, model, opt = too_big
+    est = prof.meta["fit"]["estimate"]
+    assert est is not None, prof.meta["fit"]["note"]
+    assert est["precision"] == "fp32" and est["batch"] == BATCH
+    assert not est["current"]["fits"]                 # the recorded configuration does not
+    assert {(o["precision"], o["checkpointing"]) for o in est["options"]} >= {("fp32", "none")}
+    _check_options(est, model, opt, prof.run.records["inputs"], 24 * MIB)
+
+
+def test_re_estimated_smaller_configuration_fits_when_estimated_again():
+    """A wide MLP at batch 4096 (activations dominate) against a budget between what the
+    estimator gives a quarter of the batch and what the recorded step needs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = 4096
+    with memprof.track(model, opt) as prof:
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(model(torch.randn(batch, 256)),
+                                                     torch.randint(0, 10, (batch,)))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    inputs = prof.run.records["inputs"]
+    quarter = estimate_step(model, batch_function(model, inputs, batch), batch_size=batch // 4,
+                            optimizer=optimizer_factory(opt)).peak("accumulate", reserved=True)
+    recorded = replay(prof.profile, 1 << 40).peak_reserved
+    assert quarter < recorded, "the estimator's quarter batch no longer fits under the record"
+    budget = (quarter + recorded) // 2
+    result = replay(prof.profile, budget)
+    assert not result.fits and result.failure["cause"]["cause"] == "step_too_big"
+    fit = what_fits(prof.profile, budget, budget, "test budget",
+                    result.failure["where"]["step"], model=model, optimizer=opt)
+    est = fit["estimate"]
+    assert est is not None, fit["note"]
+    fitting = _check_options(est, model, opt, inputs, budget)
+    assert any(o["precision"] == "fp32" and o["checkpointing"] == "none" for o in fitting)
+    assert fit["scaled"]["fits"] and fit["scaled"]["micro_batch"] < batch
+
+
+def test_report_says_what_would_fit(too_big):
+    from rich.console import Console
+    prof, _, _ = too_big
+    console = Console(record=True, width=200)
+    prof.report(console=console)
+    text = console.export_text()
+    assert "Budget: a budget of 24.00 MiB" in text and "does not fit" in text
+    assert "What would fit" in text and "estimates" in text
+    assert "scaled to a smaller micro-batch" in text and "re-estimated on fake tensors" in text
+
+
+def test_a_later_step_too_big_after_the_optimizer_state():
+    prof, _, _ = train(BATCH, budget=28 * MIB)
+    fail = prof.meta["budget"]["failure"]
+    assert fail["where"]["step"] == 1 and fail["cause"]["cause"] == "step_too_big"
+    assert not fail["cause"]["first_step"]
+    assert fail["alive"]["by_category"]["optimizer_state"] > 0
+    assert prof.meta["fit"]["scaled"]["fits"]
+
+
+def test_recorded_inputs_and_precision():
+    model = make_model()
+    with memprof.track(model) as prof:
+        model(torch.randn(3, 512))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(5, 512))
+    inputs = prof.run.records["inputs"]
+    assert inputs["args"] == [{"tensor": {"shape": [3, 512], "dtype": "float32",
+                                          "device": "cpu"}}]
+    assert precision_of(inputs) == "fp32"
+    assert precision_of({"autocast": {"cuda": "float16"}}) == "fp16"
+    x, _ = batch_function(model, inputs, 3)(7)
+    assert x[0].shape == (7, 512) and x[0].dtype == torch.float32
+
+
+def test_oom_without_the_model_explains_how_to_get_more():
+    prof, _, _ = train(BATCH, steps=1)
+    out = what_fits(prof.profile, 24 * MIB, 24 * MIB, "24 MiB", 0)
+    assert out["scaled"]["fits"] and out["estimate"] is None
+    assert "memprof.track(model" in out["note"]
