@@ -30,7 +30,7 @@ $(DEPS): $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "triton>=3.0" "numpy>=1.24" "rich>=13" "nvidia-ml-py>=12" \
 	    "pybind11>=2.12" "scikit-build-core>=0.10" "pytest>=7" cmake ninja \
-	    "transformers>=4.40" "peft>=0.10"
+	    "transformers>=4.40" "peft>=0.10" "accelerate>=0.26" "lightning>=2.0"
 	touch $@
 
 # Rebuilds (incrementally, in build/) only when a source or a Python file list changed.

@@ -11,8 +11,12 @@ caching-allocator model predicts for the estimated step (no GPU here: not compar
 exactness of the batch interpolation used by `recommend` (predicted from batches 2 and 4 vs
 an estimate at the larger batch).
 
+GPU section (`--gpu-published`, benchmarks/estimate_gpu_published.py): estimates for the GPU a
+source names against published GPU memory measurements, each cited in the results file.
+
     python benchmarks/estimate_accuracy.py            # writes benchmarks/results/estimate_accuracy.*
     python benchmarks/estimate_accuracy.py --with-vit-b16
+    python benchmarks/estimate_accuracy.py --gpu-published   # writes .../estimate_gpu_published.*
 """
 from __future__ import annotations
 
@@ -50,8 +54,13 @@ def measure(model, make_batch, loss_fn, batch, policy):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--with-vit-b16", action="store_true", help="also vit-b16 at batch 2 and 4")
+    ap.add_argument("--gpu-published", action="store_true",
+                    help="the GPU section instead: published GPU measurements vs estimates")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "estimate_accuracy"))
     args = ap.parse_args(argv)
+    if args.gpu_published:
+        import estimate_gpu_published
+        return estimate_gpu_published.main([])
     cases = dict(CASES)
     if args.with_vit_b16:
         cases["vit-b16"] = (2, 4)

@@ -113,6 +113,10 @@ struct Session {
   std::atomic<int64_t> recorded{0};
   std::atomic<int64_t> dropped{0};
   int64_t capacity = 0;
+  // Markers and sequence records are bounded too (at least kMinSideCap each, or the event
+  // capacity): a run of 100k steps must not grow them without end after the event cap.
+  std::atomic<int64_t> marks{0}, marks_dropped{0}, seqs{0}, seqs_dropped{0};
+  int64_t side_capacity = 0;
   std::atomic<int32_t> phase{kPhaseOther};
   std::atomic<int32_t> step{0};
   std::mutex registry_mu;
@@ -189,15 +193,23 @@ int32_t intern_cached(ThreadState& ts, const char* name) {
   return id;
 }
 
+constexpr int64_t kMinSideCap = 1 << 20;
+
+// True when one more record of a bounded kind may be kept; otherwise counts it as dropped.
+bool admit(std::atomic<int64_t>& count, std::atomic<int64_t>& dropped, int64_t cap) {
+  if (count.fetch_add(1, std::memory_order_relaxed) < cap) return true;
+  dropped.fetch_add(1, std::memory_order_relaxed);
+  return false;
+}
+
 // `label`: for markers, the string id carried in the op field.
 void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t total_allocated,
             int64_t total_reserved, c10::Device device, int32_t label = -1) {
   Session& s = session();
-  // Markers are few and the analyses need every one of them: they never count against the cap.
-  if (kind != kKindMark && s.recorded.fetch_add(1, std::memory_order_relaxed) >= s.capacity) {
-    s.dropped.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
+  // Markers are few and the analyses need every one of them, and an out-of-memory report is
+  // the one event a diagnosis cannot do without: neither counts against the cap.
+  if (kind == kKindMemory && !admit(s.recorded, s.dropped, s.capacity)) return;
+  if (kind == kKindMark && !admit(s.marks, s.marks_dropped, s.side_capacity)) return;
   Event e;
   e.t_ns = now_ns();
   e.ptr = ptr;
@@ -331,7 +343,8 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
         s.phase.exchange(kPhaseBackward, std::memory_order_relaxed) != kPhaseBackward) {
       record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
     }
-  } else if (seq >= 0 && ts.backward_depth == 0) {
+  } else if (seq >= 0 && ts.backward_depth == 0 &&
+             admit(s.seqs, s.seqs_dropped, s.side_capacity)) {
     ts.buffer->seqs.append(
         SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.buffer->index});
   }
@@ -370,6 +383,11 @@ uint64_t start(int64_t capacity) {
   s.dropped = 0;
   s.external_total = 0;
   s.capacity = capacity;
+  s.marks = 0;
+  s.marks_dropped = 0;
+  s.seqs = 0;
+  s.seqs_dropped = 0;
+  s.side_capacity = std::max<int64_t>(capacity, kMinSideCap);
   s.phase = kPhaseOther;
   s.step = 0;
   uint64_t gen = s.generation.fetch_add(1) + 1;
@@ -591,6 +609,8 @@ py::dict counters() {
   d["recorded"] = recorded - dropped;
   d["dropped"] = dropped;
   d["capacity"] = s.capacity;
+  d["markers_dropped"] = s.marks_dropped.load();
+  d["seq_records_dropped"] = s.seqs_dropped.load();
   {
     std::lock_guard<std::mutex> lock(s.registry_mu);
     d["threads"] = s.buffers.size();

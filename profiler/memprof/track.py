@@ -62,6 +62,11 @@ class Tracker:
         `loss` feeds the training-health checks (pass a float: a tensor costs a sync)."""
         self.session.log(values)
 
+    def log_step(self, step: int, **values) -> None:
+        """Record numbers for an optimizer step already ended (0-based), for frameworks that
+        report the loss after the optimizer step (memprof.integrations)."""
+        self.session.log(values, step=step)
+
     # ------------------------------------------------------------------ after the block
     @property
     def throughput(self) -> dict:

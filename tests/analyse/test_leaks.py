@@ -257,3 +257,42 @@ def test_check_cost_with_many_tensors_and_objects():
     cost = prof.meta["retained_graph_check_s"]
     assert cost < 1.0, cost
     del keep, junk
+
+
+def test_a_final_optimizer_step_after_the_loop_is_not_a_leak():
+    """Truncated BPTT with a last opt.step() for the leftover micro-batches after the loop:
+    the last iteration's h and loss are not retained graphs (issue 18)."""
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(8, 16)
+    opt = torch.optim.SGD(rnn.parameters(), lr=0.01)
+    with memprof.track(rnn, opt) as prof:
+        h = torch.zeros(1, 4, 16)
+        for i in range(8):                      # ends on a boundary: the last step is empty
+            h = h.detach()                      # truncated BPTT: the correct form
+            out, h = rnn(torch.randn(5, 4, 8), h)
+            loss = out.pow(2).mean()
+            loss.backward()
+            if i % 4 == 3:
+                opt.step()
+                opt.zero_grad()
+        opt.step()                              # the leftover micro-batches
+        opt.zero_grad()
+    assert [f.kind for f in prof.findings if f.kind in ("retained_graph", "unused_graph")] == []
+
+
+def test_a_real_leak_before_a_final_optimizer_step_is_still_found():
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(8, 16)
+    opt = torch.optim.SGD(rnn.parameters(), lr=0.01)
+    kept = []
+    with memprof.track(rnn, opt) as prof:
+        h = torch.zeros(1, 4, 16)
+        for i in range(6):
+            out, h = rnn(torch.randn(5, 4, 8), h.detach())
+            out.pow(2).mean().backward()
+            kept.append(out)                    # the leak
+            opt.step()
+            opt.zero_grad()
+        opt.step()
+    found = [f for f in prof.findings if f.kind == "retained_graph"]
+    assert found and "kept" in found[0].holder

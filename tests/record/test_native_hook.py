@@ -116,3 +116,31 @@ def test_pytorch_sees_no_profiler_while_tracking():
             z = torch.ones(10)
     assert torch.equal(x.grad, torch.full((4,), 2.0))
     assert z.sum() == 10 and prof.memory.size > 0
+
+
+def test_an_out_of_memory_report_is_kept_after_the_cap():
+    """The OOM is the event a diagnosis needs most: the cap on events never drops it."""
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        with pytest.raises(RuntimeError):
+            with memprof.track(capacity=10) as prof:
+                for _ in range(20):
+                    torch.empty(64)
+                torch.empty(1 << 50, dtype=torch.uint8)   # the CPU allocator refuses it
+    assert prof.meta["dropped"] >= 30
+    assert [e["requested"] for e in prof.oom_events] == [1 << 50]
+
+
+def test_markers_and_sequence_records_are_bounded_and_reported():
+    """Past the cap, markers and autograd sequence records stop growing too (at least 2**20
+    each are kept), and the report says what is missing."""
+    from rich.console import Console
+    n = (1 << 20) + 500
+    with pytest.warns(RuntimeWarning, match="markers"):
+        with memprof.track(capacity=10) as prof:
+            for i in range(n):
+                _C.mark("tick", i)
+    assert prof.meta["markers_dropped"] >= 500
+    assert len(prof.markers("tick")) <= 1 << 20
+    con = Console(record=True, width=200)
+    prof.report(console=con)
+    assert "markers (steps, phases)" in con.export_text()

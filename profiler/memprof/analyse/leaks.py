@@ -60,8 +60,10 @@ def retained_graphs(profile: Profile) -> Outcome:
     t0 = time.perf_counter()
     notes = []
     # Node sequence numbers at or after boundaries[i] were created in step i or later; the
-    # last completed step may legitimately still be referenced (its loss, its outputs).
-    last_step = len(boundaries) - 2
+    # last step that trained may legitimately still be referenced (its loss, its outputs),
+    # also when a boundary without a forward pass came after it (a final optimizer.step()
+    # for the leftover micro-batches after the loop).
+    last_step = _last_training_step(profile, len(boundaries) - 2)
     tensors = live_graph_tensors()
     graphs, truncated = walk_graphs(tensors, {storage_of(p)[0] for p in run.live.params})
     if truncated:
@@ -84,6 +86,15 @@ def retained_graphs(profile: Profile) -> Outcome:
                                          alive))
     findings.sort(key=lambda f: (f.kind != "retained_graph", -f.bytes))
     return Outcome(findings, notes, {"retained_graph_check_s": time.perf_counter() - t0})
+
+
+def _last_training_step(profile: Profile, last_completed: int) -> int:
+    """The last completed step that ran a forward pass (forward_start markers carry their
+    step); `last_completed` when no forward was seen (module hooks off)."""
+    fwd = [m["value"] for m in profile.markers("forward_start")]
+    if not fwd:
+        return last_completed
+    return max(0, min(last_completed, max(fwd)))
 
 
 def _roots(live) -> list[tuple[str, object]]:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import sys
+import traceback
+import types
 
 from ..record.patches import PatchRegistry
 from .base import Command, UsageError
@@ -48,29 +51,36 @@ class RunCommand(Command):
         from memprof.analyse import summary
         status = 0
         with open(args.script, "rb") as f:
-            code = compile(f.read(), args.script, "exec")
-        # The script's namespace is ours, so the leak checks can name its variables as
-        # holders even when the script raises.
-        namespace = {"__name__": "__main__", "__file__": os.path.abspath(args.script),
-                     "__builtins__": __builtins__}
+            source = f.read()
+        try:
+            code = compile(source, args.script, "exec")
+        except SyntaxError as exc:   # Python's own message; nothing ran, nothing to profile
+            traceback.print_exception(exc.__class__, exc, None, file=sys.stderr)
+            return 1
+        main = _main_module(args.script)
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget)
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
-        tracker.roots.append(("", namespace))
+        # the script's globals are searched for holders of leaked tensors, even if it raises
+        tracker.roots.append(("", main.__dict__))
+        saved_main = sys.modules.get("__main__")
+        sys.modules["__main__"] = main   # pickle and multiprocessing (spawn) find the script
         try:
             with tracker:
                 try:
-                    exec(code, namespace)  # noqa: S102  (running the user's script is the point)
+                    exec(code, main.__dict__)  # noqa: S102  (running the script is the point)
                 finally:
                     signals.finish()
-        except SystemExit as exc:  # the script's own exit: keep its status, still report
-            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except SystemExit as exc:  # the script's own exit: its status and message, as Python
+            status = _exit_status(exc)
         except (KeyboardInterrupt, Terminated) as exc:
             how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
             print(f"memprof: {args.script} stopped by {how}", file=sys.stderr)
             status = 130 if isinstance(exc, KeyboardInterrupt) else 143
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
-            print(f"memprof: {args.script} raised {type(exc).__name__}: {exc}", file=sys.stderr)
+            _print_script_traceback(exc, code.co_filename)
             status = 1
+        finally:
+            sys.modules["__main__"] = saved_main
         if tracker.profile is not None:
             if args.json:
                 print(json.dumps(summary(tracker), indent=1, default=str))
@@ -82,6 +92,37 @@ class RunCommand(Command):
         if tracker.profile is None:   # else the tracker said why it could not save
             print(f"memprof: the profile was not saved to {output}", file=sys.stderr)
         return status or 1
+
+
+def _main_module(script: str) -> types.ModuleType:
+    """The script's own __main__ module, as `python script.py` (and runpy) would make it."""
+    main = types.ModuleType("__main__")
+    main.__file__ = os.path.abspath(script)
+    main.__builtins__ = builtins
+    main.__spec__ = None
+    main.__loader__ = None
+    return main
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """sys.exit(code) as Python ends: an int is the status, None is 0, anything else is
+    printed to stderr and the status is 1."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _print_script_traceback(exc: BaseException, script_file: str) -> None:
+    """The traceback Python would print for the script: memprof's own frames above the
+    script's first frame are left out."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != script_file:
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
 
 
 def _check_output(output: str) -> None:

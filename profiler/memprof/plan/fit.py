@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..profile import Profile
-from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
-                             CAT_PARAMETERS, CAT_TEMPORARIES, PHASE_BACKWARD, PHASE_FORWARD)
+from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_TEMPORARIES, PHASE_BACKWARD,
+                             PHASE_FORWARD)
 from ..units import fmt_bytes
 from .allocator import simulate
 from .streams import step_stream
@@ -120,7 +120,7 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
     if best is None:
         smallest = "micro-batch 1" if batch else "1/16 of the micro-batch"
         out.update(fits=False, text=(
-            f"the micro-batch is already 1" if batch == 1 else
+            "the micro-batch is already 1" if batch == 1 else
             f"no smaller micro-batch fits: even {smallest} does not fit "
             f"{fmt_bytes(capacity)}") + f" (parameters, gradients and optimizer state: "
             f"{fmt_bytes(fixed)}; checkpointing, a lower precision or sharding must shrink "

@@ -24,6 +24,7 @@ class ModuleScope:
         self.names: list[str] = []                # module id -> qualified name
         self.param_module: dict[int, int] = {}    # id(parameter) -> module id
         self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
+        self.before_forward: list = []            # fn(), before a real root forward starts
         self.on_forward_start: list = []
         self.on_forward_end: list = []
         self._auto_ids: dict[int, int] = {}
@@ -84,6 +85,8 @@ class ModuleScope:
     def _enter_root(self, mid: int, args, kwargs) -> None:
         real = not torch._C._current_autograd_node()   # not a recompute in backward
         if real:
+            for fn in self.before_forward:
+                fn()
             _C.set_phase(PHASE_FORWARD)
             self._mark("forward_start")
         _C.push_module(mid)

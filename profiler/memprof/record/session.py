@@ -29,6 +29,7 @@ import torch
 from .. import _C
 from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ_DTYPE
 from .patches import PatchRegistry
+from .auto_steps import AutoSteps
 from .scope import ModuleScope
 from .snapshots import Snapshot, SnapshotRecorder
 from .steps import BackwardHook, StepClock
@@ -65,6 +66,7 @@ class Session:
         self.backward = BackwardHook(self.steps)
         self.patches = PatchRegistry()
         self.snapshots = SnapshotRecorder(self)
+        self.auto_steps = AutoSteps(self)
         self.logs: list[tuple[int, str, float]] = []
         self.frame = None           # the code that entered the block: roots for holders
         self.roots: list[tuple[str, dict]] = []   # (prefix, namespace) also searched
@@ -106,8 +108,9 @@ class Session:
         """A step boundary, for loops without an optimizer (prof.step())."""
         (self.outer or self).steps.end_step()
 
-    def log(self, values: dict) -> None:
-        """Numbers for the current optimizer step (prof.log(loss=...))."""
+    def log(self, values: dict, step: int | None = None) -> None:
+        """Numbers for the current optimizer step (prof.log(loss=...)), or for `step` (a
+        framework that reports the loss after the optimizer step: memprof.integrations)."""
         target = self.outer or self
         for name, v in values.items():
             if isinstance(v, torch.Tensor):
@@ -118,7 +121,8 @@ class Session:
             elif not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
                 raise ValueError(f"log({name}=...): expected a number or a one-element tensor, "
                                  f"got {type(v).__name__}")
-            target.logs.append((target.steps.step, str(name), float(v)))
+            target.logs.append((target.steps.step if step is None else int(step), str(name),
+                                float(v)))
 
     # ------------------------------------------------------------------ start / stop
     def start(self, frame=None) -> None:
@@ -149,6 +153,7 @@ class Session:
         self.scope.install()
         self.snapshots.install()
         self.backward.install(self.patches)
+        self.auto_steps.install()
         _name_torch_profiler_conflict(self.patches)
         # recorders before the thread hook: their own threads (GPU sampler) are not recorded
         for rec in self.recorders:
@@ -176,6 +181,7 @@ class Session:
             self._stop_nested(exc)
             return
         try:
+            self.auto_steps.check()   # a hand-written loop's last update ends its last step
             self.snapshots.final()
         finally:
             try:
@@ -227,7 +233,8 @@ class Session:
         mark_idx = np.flatnonzero((events["kind"] == KIND_MARK) & np.isin(
             events["op"], [i for i, s in enumerate(strings) if s == "snapshot"]))
         taken = src.snapshots.snapshots
-        own = taken[len(taken) - len(mark_idx):] if src is not self else taken
+        # a nested block owns the last snapshots; past the marker cap the first are kept
+        own = taken[len(taken) - len(mark_idx):] if src is not self else taken[:len(mark_idx)]
         if len(own) == len(mark_idx):
             snaps += [Snapshot(marker=int(i), category=s.category, ptrs=s.ptrs,
                                modules=s.modules) for s, i in zip(own, mark_idx)]
@@ -236,6 +243,8 @@ class Session:
         self.meta = {
             "t0_ns": int(events["t_ns"][0]) if events.size else 0,   # in time order
             "dropped": int(counters["dropped"]),
+            "markers_dropped": int(counters["markers_dropped"]),
+            "seq_records_dropped": int(counters["seq_records_dropped"]),
             "capacity": src.capacity,
             "threads": int(counters["threads"]),
             "torch": torch.__version__,
@@ -246,8 +255,9 @@ class Session:
         }
         if exc is not None:
             self.meta["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        if counters["dropped"]:
-            warnings.warn(f"memprof dropped {counters['dropped']} events after reaching "
+        if counters["dropped"] or counters["markers_dropped"]:
+            warnings.warn(f"memprof dropped {counters['dropped']} events and "
+                          f"{counters['markers_dropped']} markers after reaching "
                           f"capacity={src.capacity}; raise track(capacity=...)", RuntimeWarning)
         self.events = events
         self.strings = strings

@@ -1,7 +1,8 @@
 """Steps and phases: the optimizer-step hooks, the backward wrapper and manual step marks.
 
 A step ends after `optimizer.step()` of a watched optimizer (every optimizer unless track()
-was given one) or at `prof.step()`. At each boundary the autograd sequence counter is noted:
+was given one), at `prof.step()`, or - in a loop with neither - when the parameters change
+after a backward (record.auto_steps). At each boundary the autograd sequence counter is noted:
 the leak check tells from a node's sequence number which step created it. Recorders subscribe
 to the optimizer hooks and to backward here instead of installing their own.
 """
@@ -25,6 +26,7 @@ class StepClock:
         self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
+        self.explicit = False                     # steps marked by an optimizer or prof.step()
         self._handles: list = []
 
     def watches(self, optimizer) -> bool:
@@ -62,7 +64,9 @@ class StepClock:
         _C.set_phase(PHASE_OTHER)
         self.end_step()
 
-    def end_step(self) -> None:
+    def end_step(self, explicit: bool = True) -> None:
+        """A step boundary; `explicit=False`: found by record.auto_steps."""
+        self.explicit = self.explicit or explicit
         self.mark("step")
         self.step += 1
         self.step_seqs.append(int(_C.peek_sequence_nr()))

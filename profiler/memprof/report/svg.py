@@ -79,7 +79,7 @@ class Frame:
                        * self.ph)
 
     def axes(self, x_label, y_fmt=fmt_bytes, x_ticks=None) -> str:
-        out = [f'<g class="axes" font-size="11" fill="#444">']
+        out = ['<g class="axes" font-size="11" fill="#444">']
         for k in range(5):
             v = self.y_max * k / 4
             y = int(self.y(v))

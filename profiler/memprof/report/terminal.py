@@ -16,6 +16,16 @@ from .oom import print_sections as print_oom_sections
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
+def _side_drops(meta: dict) -> str:
+    """Markers and sequence records past their cap: what the report no longer knows."""
+    m, q = meta.get("markers_dropped", 0), meta.get("seq_records_dropped", 0)
+    if not (m or q):
+        return ""
+    return (f"\n[yellow]past the capacity, {m:,} markers (steps, phases) and {q:,} autograd "
+            "records were not kept: steps, phases and backward attribution after that point "
+            "are missing[/]")
+
+
 def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:5.1f}%" if whole else "   -  "
 
@@ -48,7 +58,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     console.print(Panel.fit(
         f"[bold]peak live memory[/] {fmt_bytes(s_peak)}   at {where}\n"
         f"events {prof.memory.size:,}   steps {len(prof.steps)}   "
-        f"dropped events {prof.meta.get('dropped', 0)}", title=title))
+        f"dropped events {prof.meta.get('dropped', 0)}" + _side_drops(prof.meta), title=title))
 
     cat = prof.breakdown("category")
     t = Table(title="Alive at the peak, by category", title_justify="left")

@@ -1,0 +1,179 @@
+"""What the framework callbacks share: the run's tracker, where it is saved, and the live peak
+that the framework's own logging receives."""
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import sys
+import weakref
+
+import numpy as np
+import torch
+
+from .. import _C
+from ..record.events import EVENT_DTYPE, KIND_MEMORY
+from ..track import Tracker
+
+PEAK_KEY = "memprof/peak_bytes"
+
+
+def require(module: str, package: str, integration: str):
+    """Import `module` or raise a one-line ImportError naming the package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"memprof.integrations.{integration} needs {package}: "
+                          f"pip install {package}") from None
+
+
+def rank() -> int | None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return None
+
+
+def profile_path(output_dir: str, name: str) -> str:
+    """`<dir>/<name>.memprof` (`<name>.rank<R>.memprof` when distributed); a later run in the
+    same directory gets `<name>-1...`, never overwriting an earlier run's profile."""
+    os.makedirs(output_dir, exist_ok=True)
+    r = rank()
+    suffix = f".rank{r}.memprof" if r is not None else ".memprof"
+    path, n = os.path.join(output_dir, name + suffix), 0
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(output_dir, f"{name}-{n}{suffix}")
+    return path
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer whose step() memprof's hooks see: accelerate's AcceleratedOptimizer
+    and Lightning's LightningOptimizer wrap one (`.optimizer` / `._optimizer`)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if type(optimizer).__module__.startswith("torch.optim"):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+class LivePeak:
+    """Peak of live bytes since the previous call, while recording. On CUDA the caching
+    allocator's own peak counter (cheap); on the CPU memprof's event log so far is read (a copy
+    of the log per call: callers ask once per logged step, not per micro-step)."""
+
+    def __init__(self, tracker: Tracker, device: torch.device | None):
+        self.cuda = device is not None and device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        base = tracker.session.snapshots.baseline   # blocks alive when tracking started
+        self.blocks = {int(ptr): int(size) for ptr, size, dev, _, _ in base
+                       if dev == _C.DEVICE_CPU}
+        self.live = sum(self.blocks.values())
+        self.last_t = -1
+
+    def __call__(self) -> int:
+        if self.cuda:
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
+        ev = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
+        ev = ev[(ev["kind"] == KIND_MEMORY) & (ev["device_type"] == _C.DEVICE_CPU)
+                & (ev["t_ns"] > self.last_t)]
+        peak = live = self.live
+        if not ev.size:
+            return peak
+        ev = ev[np.argsort(ev["t_ns"], kind="stable")]
+        blocks = self.blocks
+        # frees of blocks allocated before tracking that memprof did not know are not counted
+        for ptr, size in zip(ev["ptr"].tolist(), ev["size"].tolist()):
+            if size > 0:
+                blocks[ptr] = size
+                live += size
+                if live > peak:
+                    peak = live
+            else:
+                live -= blocks.pop(ptr, 0)
+        self.live, self.last_t = live, int(ev["t_ns"][-1])
+        return peak
+
+
+class RunTracker:
+    """One memprof.track() block per training run, opened and closed by a callback."""
+
+    def __init__(self, output_dir: str, name: str, track_kwargs: dict):
+        if "path" in track_kwargs:
+            raise TypeError("MemprofCallback: the profile's path is <output_dir>/<name>.memprof;"
+                            " pass output_dir= and name= instead of path=")
+        self.output_dir, self.name, self.track_kwargs = str(output_dir), name, track_kwargs
+        self.tracker: Tracker | None = None
+        self.profile = None          # the last run's Profile, once it ended
+        self.path: str | None = None  # where the last run's profile was saved
+        self.peak: LivePeak | None = None
+        self.first_step = 0
+        self._atexit = None
+
+    @property
+    def active(self) -> bool:
+        return self.tracker is not None
+
+    def start(self, model, optimizer, roots: dict, first_step: int = 0) -> None:
+        """first_step: the framework's step count now (a resumed run): log_step() takes the
+        framework's step numbers and memprof counts from 0."""
+        if self.tracker is not None:   # the previous run raised without telling us
+            self.stop(RuntimeError("a new training run began before the previous one ended"))
+        model = model if isinstance(model, torch.nn.Module) else None
+        self.first_step = int(first_step)
+        self.path = profile_path(self.output_dir, self.name)
+        tracker = Tracker(model, unwrap_optimizer(optimizer), path=self.path,
+                          **self.track_kwargs)
+        tracker.__enter__()
+        self.tracker = tracker
+        # holders of leaked tensors are named from the framework's objects too
+        tracker.roots.append(("", {k: v for k, v in roots.items() if v is not None}))
+        device = next((p.device for p in model.parameters()), None) if model else None
+        self.peak = LivePeak(tracker, device)
+        ref = weakref.ref(self)   # a run that raises past the framework still gets saved
+        self._atexit = lambda: ref() is not None and ref().stop(
+            RuntimeError("the process exited during training"))
+        atexit.register(self._atexit)
+
+    def log_step(self, step: int, **values) -> None:
+        """Values for the framework's step `step` (counted as the framework counts)."""
+        step -= self.first_step
+        if self.tracker is not None and step >= 0:
+            values = {k: float(v) for k, v in values.items() if _number(v)}
+            if values:
+                self.tracker.log_step(step, **values)
+
+    def step_peak(self) -> int | None:
+        return self.peak() if self.tracker is not None and self.peak is not None else None
+
+    def stop(self, exc: BaseException | None = None) -> None:
+        tracker, self.tracker, self.peak = self.tracker, None, None
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
+            self._atexit = None
+        if tracker is None:
+            return
+        if exc is not None:
+            try:
+                tracker.__exit__(type(exc), exc, exc.__traceback__)
+            except Exception as err:  # noqa: BLE001  (never hide the training's own error)
+                print(f"memprof: could not finish the profile: {err}", file=sys.stderr)
+        else:
+            tracker.__exit__(None, None, None)
+        self.profile = tracker.profile
+        self.path = tracker.saved
+
+
+def _number(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)

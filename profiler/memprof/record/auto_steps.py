@@ -1,0 +1,65 @@
+"""Steps of loops that have no optimizer: a hand-written update (`p.data.add_(p.grad,
+alpha=-lr)`, as pytorch/examples' word_language_model does) is found from what every training
+loop does - a backward, then a change of the parameters it made gradients for. The change is
+noticed at the next forward of the root module (or when the block ends), and the step ends
+there; gradients are noted (a category snapshot) after each backward, whoever consumes them.
+
+Off as soon as steps are marked explicitly (an optimizer step of a watched optimizer, or
+`prof.step()`). Reading the parameters costs two scalar reads per parameter per forward, only
+in this mode (on a GPU each read waits for the device: a hand-written loop pays it, an
+optimizer loop never does).
+"""
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from .events import CAT_GRADIENTS
+
+
+def fingerprint(params: list[torch.Tensor]) -> tuple[str, ...] | None:
+    """First and last element of every parameter (as float.hex, so NaN equals NaN), read
+    without allocating; None when the values cannot be read (fake or meta tensors)."""
+    out = []
+    with torch.no_grad():
+        for p in params:
+            if p.numel() == 0:
+                continue
+            if is_fake(p) or p.device.type == "meta":
+                return None
+            t = p.detach()
+            out.append(float(t[(0,) * t.dim()].item()).hex())
+            out.append(float(t[(-1,) * t.dim()].item()).hex())
+    return tuple(out)
+
+
+class AutoSteps:
+    def __init__(self, session):
+        self.session = session
+        self._params: list[torch.Tensor] = []
+        self._before: tuple | None = None
+
+    def install(self) -> None:
+        self.session.backward.after.append(self._after_backward)
+        self.session.scope.before_forward.append(self.check)
+
+    def _active(self) -> bool:
+        return not self.session.steps.explicit
+
+    def _after_backward(self) -> None:
+        if not self._active():
+            return
+        params = [p for p in self.session.params() if p.grad is not None]
+        if not params:
+            return
+        self.session.snapshots.take(CAT_GRADIENTS, [(p.grad, p) for p in params])
+        if self._before is None:   # gradient accumulation: keep the state before the update
+            self._params, self._before = params, fingerprint(params)
+
+    def check(self) -> None:
+        """End the step if the parameters changed since the backward that made their grads."""
+        if self._before is None or not self._active():
+            return
+        if fingerprint(self._params) != self._before:
+            self._params, self._before = [], None
+            self.session.steps.end_step(explicit=False)

@@ -1,0 +1,106 @@
+"""`memprof run script.py` behaves like `python script.py` (issue 14): the script is the real
+__main__ (pickling its classes, spawn workers), its exceptions and syntax errors read as
+Python prints them, sys.exit(msg) prints msg, and arguments after the script are the script's."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import memprof as memprof_pkg
+
+
+def run(tmp_path, source, *args, before=()):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(source))
+    env = dict(os.environ, COLUMNS="250")
+    return subprocess.run([sys.executable, "-m", "memprof.cli", "run", *before, str(script),
+                           *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300), script
+
+
+def test_classes_of_the_script_pickle_and_spawn_workers_start(tmp_path):
+    r, _ = run(tmp_path, '''
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.fc(x)
+
+        class Data(Dataset):
+            def __len__(self):
+                return 4
+
+            def __getitem__(self, i):
+                return torch.full((4,), float(i))
+
+        if __name__ == "__main__":
+            model = Net()
+            torch.save(model, "net.pt")
+            back = torch.load("net.pt", weights_only=False)
+            assert type(back).__name__ == "Net" and type(back).__module__ == "__main__"
+            loader = DataLoader(Data(), batch_size=2, num_workers=1,
+                                multiprocessing_context="spawn")
+            total = sum(float(model(x).sum()) for x in loader)
+            print("batches ok")
+        ''')
+    assert r.returncode == 0, r.stderr
+    assert "batches ok" in r.stdout and "profile saved to train.memprof" in r.stdout
+
+
+def test_an_exception_prints_pythons_traceback_then_the_report(tmp_path):
+    r, script = run(tmp_path, '''
+        import torch
+
+        def step():
+            x = torch.ones(3)
+            raise ValueError("boom in step")
+
+        step()
+        ''')
+    assert r.returncode == 1
+    err = r.stderr
+    assert "Traceback (most recent call last):" in err
+    assert f'File "{script}", line 8, in <module>' in err
+    assert f'File "{script}", line 6, in step' in err and "ValueError: boom in step" in err
+    assert "memprof/cli" not in err and "memprof/track" not in err   # only the script's frames
+    assert "peak live memory" in r.stdout                                # then the report
+    assert memprof_pkg.load(str(tmp_path / "train.memprof")).meta["error"].startswith(
+        "ValueError: boom in step")
+
+
+def test_a_syntax_error_reads_as_python_says_it(tmp_path):
+    r, script = run(tmp_path, "x = 1\nif x\n    print(x)\n")
+    assert r.returncode == 1
+    assert f'File "{script}", line 2' in r.stderr and "SyntaxError" in r.stderr
+    assert "Traceback" not in r.stderr and "memprof" not in r.stderr.replace(str(script), "")
+
+
+def test_sys_exit_with_a_message_prints_it(tmp_path):
+    r, _ = run(tmp_path, 'import sys\nsys.exit("stopping: no data")\n')
+    assert r.returncode == 1 and "stopping: no data" in r.stderr
+    r, _ = run(tmp_path, 'import sys\nsys.exit(3)\n')
+    assert r.returncode == 3
+
+
+def test_options_after_the_script_are_the_scripts(tmp_path):
+    r, _ = run(tmp_path, 'import sys\nprint("argv", sys.argv[1:])\n', "-o", "mine.txt",
+               before=("-o", "theirs.memprof"))
+    assert r.returncode == 0, r.stderr
+    assert "argv ['-o', 'mine.txt']" in r.stdout
+    assert (tmp_path / "theirs.memprof").exists() and not (tmp_path / "mine.txt").exists()
+
+
+def test_argv_and_path_are_restored_in_process(tmp_path):
+    from memprof.cli import main
+    script = tmp_path / "s.py"
+    script.write_text("import sys\nsys.path.append('added-by-script')\n")
+    argv, path = list(sys.argv), list(sys.path)
+    assert main(["run", "-o", str(tmp_path / "s.memprof"), str(script), "x"]) == 0
+    assert sys.argv == argv and sys.path == path
+    assert sys.modules["__main__"].__name__ == "__main__" and not hasattr(
+        sys.modules["__main__"], "added")

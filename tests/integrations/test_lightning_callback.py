@@ -1,0 +1,93 @@
+"""MemprofCallback on a 3-step Lightning fit of a tiny MLP on the CPU, accumulation 2."""
+import csv
+import glob
+import os
+
+import pytest
+import torch
+
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    pl = pytest.importorskip("pytorch_lightning",
+                             reason="neither lightning nor pytorch_lightning is installed")
+
+from memprof.integrations import lightning as integration  # noqa: E402
+from integration_checks import check_profile, retained, saved_profile  # noqa: E402
+
+PEAK = "memprof/peak_bytes"
+Callback = (integration.MemprofCallback if pl.__name__.startswith("lightning")
+            else getattr(integration, "PLMemprofCallback", integration.MemprofCallback))
+
+
+class TinyMLP(pl.LightningModule):
+    def __init__(self, leak=False):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                       torch.nn.Linear(32, 4))
+        self.leak, self.kept = leak, []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        if self.leak:
+            self.kept.append(loss)        # the planted leak: the loss with its graph
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def fit(tmp_path, module, cb):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randint(0, 4, (64,)))
+    trainer = pl.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu",
+                         devices=1, logger=pl.loggers.CSVLogger(str(tmp_path / "logs")),
+                         log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    return trainer
+
+
+def test_fit_is_profiled_saved_and_logged(tmp_path):
+    torch.manual_seed(0)
+    module = TinyMLP()
+    cb = Callback(tmp_path / "prof")
+    trainer = fit(tmp_path, module, cb)
+    prof = saved_profile(str(tmp_path / "prof"))
+    check_profile(prof, module)           # 3 updates of 2 micro-batches each
+    assert not [f for f in prof.findings if f.kind == "retained_graph"]
+    losses = prof.run.records["logs"]
+    assert [(s, n) for s, n, _ in losses] == [(0, "loss"), (1, "loss"), (2, "loss")]
+    assert all(1.0 < v < 2.0 for *_, v in losses)   # ~ln 4: the mean, not half of it
+    # the peak reached the Trainer's logger, one row per step
+    assert trainer.logged_metrics[PEAK] > 0
+    (metrics,) = glob.glob(os.path.join(tmp_path, "logs", "**", "metrics.csv"), recursive=True)
+    rows = [r for r in csv.DictReader(open(metrics)) if r.get(PEAK)]
+    assert len(rows) == 3 and all(float(r[PEAK]) > 0 for r in rows)
+
+
+def test_kept_losses_are_a_retained_graph(tmp_path):
+    fit(tmp_path, TinyMLP(leak=True), Callback(tmp_path / "prof"))
+    retained(saved_profile(str(tmp_path / "prof")), "kept")
+
+
+class Boom(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise RuntimeError("boom")
+
+
+def test_a_fit_that_raises_is_saved(tmp_path):
+    cb = Callback(tmp_path / "prof")
+    with pytest.raises(RuntimeError, match="boom"):
+        torch.manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randint(0, 4, (64,)))
+        pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[cb, Boom()]).fit(
+            TinyMLP(), torch.utils.data.DataLoader(data, batch_size=8))
+    prof = saved_profile(str(tmp_path / "prof"))
+    assert "boom" in prof.meta["error"]
+    assert len(prof.marker_positions("step")) == 2

@@ -1,0 +1,83 @@
+"""Loops without torch.optim (pytorch/examples word_language_model's default path updates
+`p.data.add_(p.grad, alpha=-lr)` by hand): steps, gradients and leaks are found as with an
+optimizer (issue 14)."""
+import torch
+
+import memprof
+from memprof.analyse import throughput
+
+
+class LM(torch.nn.Module):
+    """A small LSTM language model in the shape of word_language_model's RNNModel."""
+
+    def __init__(self, vocab=50, hidden=32):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(vocab, hidden)
+        self.rnn = torch.nn.LSTM(hidden, hidden)
+        self.decoder = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, x, h):
+        out, h = self.rnn(self.encoder(x), h)
+        return self.decoder(out), h
+
+
+def train(steps, leak=False, accumulate=1):
+    torch.manual_seed(0)
+    model = LM()
+    lr, kept, total_loss = 0.5, [], 0.0
+    with memprof.track(model) as prof:
+        for i in range(steps):
+            model.zero_grad()
+            for _ in range(accumulate):
+                h = (torch.zeros(1, 4, 32), torch.zeros(1, 4, 32))
+                x, y = torch.randint(0, 50, (6, 4)), torch.randint(0, 50, (6, 4))
+                output, h = model(x, h)
+                loss = torch.nn.functional.cross_entropy(output.reshape(-1, 50), y.reshape(-1))
+                loss.backward()
+                if leak:
+                    kept.append(output)          # planted: a graph per step
+                    total_loss += loss           # planted: a tensor accumulator
+                else:
+                    total_loss += loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-lr)
+    return prof, model
+
+
+def test_steps_and_gradients_of_a_hand_written_update():
+    prof, model = train(steps=5)
+    assert len(prof.markers("step")) == 5
+    grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters())
+    params = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    end = prof.breakdown("category", at="end")
+    assert end["gradients"] == grads and end["parameters"] == params
+    assert memprof.findings(prof) == []
+    t = throughput.summarize(prof)
+    assert t["steps"] == 5 and t["per_step"]["micro_steps"] == [1] * 5
+
+
+def test_accumulation_without_an_optimizer_is_one_step_per_update():
+    prof, _ = train(steps=3, accumulate=2)
+    assert len(prof.markers("step")) == 3
+    assert throughput.summarize(prof)["per_step"]["micro_steps"] == [2, 2, 2]
+
+
+def test_both_planted_leaks_are_found_without_an_optimizer():
+    prof, _ = train(steps=5, leak=True)
+    found = [f for f in memprof.findings(prof) if f.kind == "retained_graph"]
+    holders = " ".join(f.holder or "" for f in found)
+    assert "kept" in holders and "total_loss" in holders, [f.message for f in found]
+
+
+def test_an_optimizer_loop_is_not_split_by_parameter_reads():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for i in range(6):
+            model(torch.randn(4, 8)).sum().backward()
+            if i % 3 == 2:              # accumulation over 3 micro-steps
+                opt.step()
+                opt.zero_grad()
+    assert len(prof.markers("step")) == 2
