@@ -61,7 +61,8 @@ def test_starvation_needs_a_real_wait():
     b = RunBuilder()
     t = 0
     for step in range(4):
-        for label, dt in (("forward_start", 8_000_000), ("forward_end", 1_000_000),
+        for label, dt in (("data_start", 0), ("data_end", 8_000_000),
+                          ("forward_start", 0), ("forward_end", 1_000_000),
                           ("backward_start", 0), ("backward_end", 1_000_000), ("step", 0)):
             t += dt
             b.mark(label, t_ns=t)

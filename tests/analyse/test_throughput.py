@@ -28,10 +28,24 @@ def make_model(seed=0):
     return torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, C))
 
 
+class SlowBatches(torch.utils.data.Dataset):
+    """Ready batches served `sleep` seconds late: a slow data loader."""
+
+    def __init__(self, batches, sleep):
+        self.batches, self.sleep = list(batches), sleep
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        time.sleep(self.sleep)
+        return self.batches[i]
+
+
 def train(model, opt, batches, *, accum=1, sleep=0.0, prof=None):
+    if sleep:   # the wait happens inside the DataLoader's iterator, before the forward
+        batches = torch.utils.data.DataLoader(SlowBatches(batches, sleep), batch_size=None)
     for i, (x, y) in enumerate(batches):
-        if sleep:
-            time.sleep(sleep)  # a slow data loader: the wait happens before the forward
         loss = torch.nn.functional.cross_entropy(model(x), y) / accum
         loss.backward()
         if (i + 1) % accum == 0:
@@ -98,6 +112,39 @@ def test_slow_data_loader_is_found():
     assert "num_workers" in f[0].fix and "pin_memory" in f[0].fix
     assert "persistent_workers" in f[0].fix and "prefetch_factor" in f[0].fix
     assert f[0].evidence["data_fraction_median"] > 0.2
+
+
+def test_host_time_outside_a_data_loader_is_not_blamed_on_one():
+    """Batches made with torch.randn and an EMA update after each step (issue 18): no
+    DataLoader, so no data_loader_starvation; short waits get no finding at all."""
+    model = make_model()
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        for _ in range(8):
+            x, y = torch.randn(16, D), torch.randint(0, C, (16,))
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                for e, p in zip(ema, model.parameters()):
+                    e.mul_(0.99).add_(p, alpha=0.01)
+    assert not [f for f in prof.findings if f.kind in ("data_loader_starvation",
+                                                        "host_time_between_steps")]
+    assert prof.throughput["data_loader_seen"] is False
+
+
+def test_long_host_work_between_steps_is_named_for_what_it_is():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        for x, y in batches(5):
+            time.sleep(0.05)            # the loop's own work, no DataLoader
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    kinds = [f.kind for f in prof.findings]
+    assert "data_loader_starvation" not in kinds and "host_time_between_steps" in kinds
 
 
 def test_tight_loop_is_not_starved():

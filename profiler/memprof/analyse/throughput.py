@@ -35,10 +35,11 @@ from ..stats import describe as _stats
 
 WARMUP_STEPS = 1
 STARVATION_FRACTION = 0.20      # median data wait / step time above which a finding is made
+MIN_WAIT_MS = 2.0               # a median wait shorter than this is not worth a finding
 MIN_MEASURED_STEPS = 2
 
 PHASE_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end",
-                "optimizer_start", "step", "batch")
+                "optimizer_start", "step", "batch", "data_start", "data_end")
 COLUMNS = ("wall_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")
 
 
@@ -47,7 +48,7 @@ def phase_table(entries, batch_override: int | None = None) -> dict[str, list]:
 
     One row per window that ends with a `step` entry; work after the last boundary is not a
     step. Values are None where a phase cannot be known (data wait of the first step)."""
-    rows: dict[str, list] = {c: [] for c in COLUMNS + ("micro_steps", "samples",
+    rows: dict[str, list] = {c: [] for c in COLUMNS + ("loader_ms", "micro_steps", "samples",
                                                        "batch_size")}
     prev_step_t = None
     w = _Window(prev_step_t)
@@ -76,6 +77,8 @@ class _Window:
         self.first_t = None
         self.state = "outside"
         self.data = 0.0 if start_t is not None else None
+        self.loader = 0.0                 # time inside DataLoader.__next__ (record.throughput)
+        self.t0_loader = None
         self.fwd = self.bwd = self.opt = 0.0
         self.t0_fwd = self.t0_bwd = self.t0_opt = None
         self.groups: list[list] = []      # [batch or None, had_backward]
@@ -87,6 +90,14 @@ class _Window:
             self.groups[-1][0] = n
 
     def event(self, label: str, t: int) -> None:
+        if label == "data_start":
+            self.t0_loader = t
+            return
+        if label == "data_end":
+            if self.t0_loader is not None:
+                self.loader += t - self.t0_loader
+                self.t0_loader = None
+            return
         if self.first_t is None:
             self.first_t = t
         if label == "forward_start":
@@ -141,6 +152,7 @@ def _append_row(rows, w: _Window, batch_override) -> None:
     ms = 1e-6
     rows["wall_ms"].append(wall * ms if wall is not None else None)
     rows["data_ms"].append(w.data * ms if w.data is not None else None)
+    rows["loader_ms"].append(w.loader * ms)
     rows["forward_ms"].append(w.fwd * ms)
     rows["backward_ms"].append(w.bwd * ms)
     rows["optimizer_ms"].append(w.opt * ms)
@@ -175,9 +187,10 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
     keep = list(range(min(warmup, n), n))
     pick = {k: [v[i] for i in keep] for k, v in rows.items()}
     stats = {k: _stats(pick[k]) for k in COLUMNS}
-    frac = [d / w for d, w in zip(pick["data_ms"], pick["wall_ms"])
-            if d is not None and w]
-    stats["data_fraction"] = _stats(frac)
+    stats["loader_ms"] = _stats(pick["loader_ms"])
+    for col, name in (("data_ms", "data_fraction"), ("loader_ms", "loader_fraction")):
+        stats[name] = _stats([d / w for d, w in zip(pick[col], pick["wall_ms"])
+                              if d is not None and w])
     sps = [s / (w * 1e-3) for s, w in zip(pick["samples"], pick["wall_ms"])
            if s is not None and w]
     stats["samples_per_s"] = _stats(sps)
@@ -188,6 +201,8 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
     bs = [b for b in pick["batch_size"] if b is not None]
     return {
         "clock": clock,
+        # time inside DataLoader.__next__ was measured (record.throughput patches it)
+        "data_loader_seen": any(e[0] == "data_start" for e in entries),
         "warmup_steps_excluded": min(warmup, n),
         "steps": n,
         "steps_measured": len(keep),
@@ -229,32 +244,52 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
 
 
 def starvation_findings(summary: dict) -> list[Finding]:
-    frac = (summary.get("stats") or {}).get("data_fraction")
-    if not frac or summary.get("steps_measured", 0) < MIN_MEASURED_STEPS:
+    """Waiting that dominates the step: inside the DataLoader's iterator when one fed the loop
+    (data_loader_starvation), else host time between steps named as such - never blamed on a
+    data loader that was not there - and only when the wait itself is long enough to matter."""
+    st = summary.get("stats") or {}
+    if summary.get("steps_measured", 0) < MIN_MEASURED_STEPS:
         return []
-    if frac["median"] <= STARVATION_FRACTION:
+    loader = bool(summary.get("data_loader_seen"))
+    frac = st.get("loader_fraction" if loader else "data_fraction")
+    wait, wall = st.get("loader_ms" if loader else "data_ms"), st.get("wall_ms")
+    if not (frac and wait and wall) or frac["median"] <= STARVATION_FRACTION \
+            or wait["median"] < MIN_WAIT_MS:
         return []
-    st = summary["stats"]
-    data, wall = st["data_ms"], st["wall_ms"]
-    clock = ("GPU idle time between steps (CUDA events)" if summary["clock"] == "cuda_events"
+    clock = ("GPU idle time (CUDA events)" if summary["clock"] == "cuda_events"
              else "host time")
+    rule = (f"{clock}, over {summary['steps_measured']} steps after "
+            f"{summary['warmup_steps_excluded']} warm-up step(s); threshold "
+            f"{100 * STARVATION_FRACTION:.0f}% of the median step and {MIN_WAIT_MS:g} ms")
+    share = (f"{100 * frac['median']:.0f}% of each step (median {wait['median']:.1f} ms of "
+             f"{wall['median']:.1f} ms, p90 {100 * frac['p90']:.0f}%; {rule})")
+    evidence = {"data_fraction_median": frac["median"], "data_fraction_p90": frac["p90"],
+                "data_ms_median": wait["median"], "step_ms_median": wall["median"],
+                "threshold": STARVATION_FRACTION, "min_wait_ms": MIN_WAIT_MS,
+                "steps": summary["steps_measured"], "measured_in": (
+                    "DataLoader.__next__" if loader else "between steps, no DataLoader"),
+                "warmup_steps_excluded": summary["warmup_steps_excluded"],
+                "clock": summary["clock"]}
+    if loader:
+        return [Finding(
+            kind="data_loader_starvation", severity="warning", bytes=0,
+            message=f"the training loop waits inside the DataLoader's iterator {share}",
+            fix=("DataLoader(num_workers=N (about the CPU cores per GPU), pin_memory=True "
+                 "with .to(device, non_blocking=True), persistent_workers=True, "
+                 "prefetch_factor=4); move per-sample decoding/augmentation out of the "
+                 "training loop"),
+            evidence=evidence)]
     return [Finding(
-        kind="data_loader_starvation", severity="warning", bytes=0,
-        message=(f"the training loop waits for data {100 * frac['median']:.0f}% of each step "
-                 f"(median {data['median']:.1f} ms of {wall['median']:.1f} ms, p90 "
-                 f"{100 * frac['p90']:.0f}%; {clock}, over {summary['steps_measured']} steps "
-                 f"after {summary['warmup_steps_excluded']} warm-up step(s); threshold "
-                 f"{100 * STARVATION_FRACTION:.0f}% of the median step)"),
-        fix=("DataLoader(num_workers=N (about the CPU cores per GPU), pin_memory=True with "
-             ".to(device, non_blocking=True), persistent_workers=True, prefetch_factor=4); "
-             "move per-sample decoding/augmentation out of the training loop"),
-        evidence={"data_fraction_median": frac["median"], "data_fraction_p90": frac["p90"],
-                  "data_ms_median": data["median"], "step_ms_median": wall["median"],
-                  "threshold": STARVATION_FRACTION, "steps": summary["steps_measured"],
-                  "warmup_steps_excluded": summary["warmup_steps_excluded"],
-                  "clock": summary["clock"]})]
+        kind="host_time_between_steps", severity="info", bytes=0,
+        message=(f"the loop spends {share} on the host between steps, outside any DataLoader "
+                 "(none was iterated while tracking): batch creation, logging, metric or "
+                 "EMA updates"),
+        fix=("if that time prepares data, move it into a Dataset served by a DataLoader with "
+             "workers; otherwise it is the loop's own work (profile it with py-spy or "
+             "torch.profiler to see which)"),
+        evidence=evidence)]
 
 
 def throughput_analysis(profile: Profile) -> list[Finding]:
-    """Default analysis: is the loop starved of data?"""
+    """Default analysis: is the loop waiting for data (or for the host) most of each step?"""
     return starvation_findings(summarize(profile))

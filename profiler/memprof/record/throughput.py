@@ -3,6 +3,8 @@ data wait, forward, backward and optimizer (see that module for how the split is
 
 - `batch` markers: the leading dimension of the first tensor passed to the root module;
 - `backward_end` markers: after each torch.autograd.backward call (the session's wrapper);
+- `data_start` / `data_end` markers around every DataLoader iterator's __next__ (patched
+  through the session's registry): the only time analyse.throughput blames on data loading;
 - when the parameters are on CUDA: a `torch.cuda.Event` at every phase boundary, resolved at
   the end (and in batches while running, so that events do not pile up), because host times
   of asynchronous kernels say nothing; GPU utilisation and memory sampled with pynvml in a
@@ -16,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .. import _C
 
 from ..stats import describe as _stats
 
@@ -187,6 +191,8 @@ class ThroughputRecorder:
                 self.gpu = None
                 self.gpu_error = f"{type(err).__name__}: {err}"
         session.backward.after.append(self._after_backward)
+        from torch.utils.data import dataloader
+        session.patches.patch(dataloader._BaseDataLoaderIter, "__next__", self._wrap_next)
 
     def remove(self) -> None:
         if self.gpu is not None:
@@ -196,6 +202,25 @@ class ThroughputRecorder:
                 self.gpu.error = f"{type(err).__name__}: {err}"
 
     # ------------------------------------------------------------------ hooks
+    def _wrap_next(self, original):
+        """Time inside the DataLoader's iterator: the only wait blamed on data loading."""
+        recorder = self
+
+        def __next__(it):
+            recorder._data_mark("data_start")
+            try:
+                return original(it)
+            finally:
+                recorder._data_mark("data_end")
+        return __next__
+
+    def _data_mark(self, label: str) -> None:
+        if self.session is None or not _C.is_active():
+            return
+        self.session.steps.mark(label)
+        if self.cuda:
+            self._cuda_mark(label)
+
     def _after_backward(self) -> None:
         self.session.steps.mark("backward_end")
         if self.cuda:
