@@ -177,3 +177,18 @@ def _number(v) -> bool:
     if isinstance(v, torch.Tensor):
         return v.numel() == 1
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+class RunAccess:
+    """What both callbacks expose about their run (they hold a RunTracker as `self.run`)."""
+    run: RunTracker
+
+    @property
+    def profile(self):
+        """The last run's Profile (None until a run ended)."""
+        return self.run.profile
+
+    @property
+    def path(self) -> str | None:
+        """Where the last (or current) run's profile is saved."""
+        return self.run.path

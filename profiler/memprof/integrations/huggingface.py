@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import sys
 
-from ._common import PEAK_KEY, RunTracker, require
+from ._common import PEAK_KEY, RunAccess, RunTracker, require
 
 transformers = require("transformers", "transformers", "huggingface")
 TrainerCallback = transformers.TrainerCallback
 
 
-class MemprofCallback(TrainerCallback):
+class MemprofCallback(RunAccess, TrainerCallback):
     """output_dir: where `<name>.memprof` is written; track_kwargs go to memprof.track()
     (health=True, budget="a100-40gb", capacity=..., analyses=...)."""
 
@@ -37,16 +37,6 @@ class MemprofCallback(TrainerCallback):
                  **track_kwargs):
         self.run = RunTracker(output_dir, name, track_kwargs)
         self.log_peak = log_peak
-
-    @property
-    def profile(self):
-        """The last run's Profile (None until a run ended)."""
-        return self.run.profile
-
-    @property
-    def path(self) -> str | None:
-        """Where the last (or current) run's profile is saved."""
-        return self.run.path
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

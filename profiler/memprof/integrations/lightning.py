@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-from ._common import PEAK_KEY, RunTracker
+from ._common import PEAK_KEY, RunAccess, RunTracker
 
 
 def _frameworks() -> list:
@@ -35,7 +35,7 @@ def _frameworks() -> list:
 
 
 def _make(pl):
-    class MemprofCallback(pl.Callback):
+    class MemprofCallback(RunAccess, pl.Callback):
         """output_dir: where `<name>.memprof` is written; track_kwargs go to memprof.track()
         (health=True, budget="a100-40gb", capacity=..., analyses=...)."""
 
@@ -45,15 +45,6 @@ def _make(pl):
             self.log_peak = log_peak
             self._loss = 0.0
             self._logged_step = -1
-
-        @property
-        def profile(self):
-            """The last run's Profile (None until a run ended)."""
-            return self.run.profile
-
-        @property
-        def path(self) -> str | None:
-            return self.run.path
 
         def on_train_start(self, trainer, pl_module):
             opts = [o for o in trainer.optimizers]
