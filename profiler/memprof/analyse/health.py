@@ -384,7 +384,7 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
         per_window = [info["windows"].get(w, 0) for w in range(n_opt + 1)]
         windows_multi = sum(1 for c in per_window[1:] if c >= 2)
         lr_sched = [x for x in info["lr_after"] if x is not None]
-        s_warm, s_complete = warmup_length(lr_sched) if lr_sched else (None, False)
+        s_warm = warmup_length(lr_sched)[0] if lr_sched else None
         out.append({"class": info["class"], "calls": info["calls"], "optimizer_steps": n_opt,
                     "calls_per_optimizer_step": info["calls"] / n_opt if n_opt else None,
                     "before_optimizer_calls": info["mid"] + info["before_first"],

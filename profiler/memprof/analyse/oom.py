@@ -23,7 +23,6 @@ from ..units import fmt_bytes
 from .growth import device_capacity, memory_growth
 
 TOP_MODULES = 5
-CAUSES = ("growth", "step_too_big", "single_request")
 
 
 def alive_summary(profile: Profile, position: int, top: int = TOP_MODULES) -> dict:
