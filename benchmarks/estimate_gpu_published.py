@@ -16,8 +16,10 @@ What is compared with what:
   first step and the steady step with optimizer state and gradients existing) + the context
   size the same source measured on the same machine (1343 MiB). The error of the reserved part
   alone (published - 1343 MiB vs the estimated reserved peak) is reported too.
-* torch.cuda.max_memory_allocated (source litgpt-a100) = the allocated peak: memprof's figure is
-  the estimated allocated peak (largest of first, steady and accumulating micro-steps).
+* torch.cuda.max_memory_allocated (source litgpt-a100) = the allocated peak in the caching
+  allocator's blocks: memprof's figure is the allocator model's allocated peak of the estimated
+  stream (largest of first, steady and accumulating micro-steps); the requested bytes are in
+  the JSON (estimated_requested_gb).
 * A published fit / OOM at a micro-batch (litgpt-a100) is compared with `memprof.recommend`'s
   largest fitting micro-batch (`Plan.max_micro_batch`: reserved <= total - CUDA context
   default - 5 % margin, `memprof.plan.gpus.usable_bytes`).
@@ -276,6 +278,17 @@ def run_hf(rows_out, log):
             f"({row['error']:+.1%})")
 
 
+def allocator_blocks_peak(e) -> int:
+    """The allocated peak as torch.cuda.max_memory_allocated counts it: the caching allocator's
+    block sizes (requests rounded up to 512 B, and a block's unsplit remainder: a large-pool
+    block is split only when more than 1 MiB would remain; c10/cuda/CUDACachingAllocator.cpp),
+    from the allocator model's replay of each variant of the step."""
+    from memprof.plan.allocator import simulate
+    from memprof.plan.streams import VARIANTS, step_stream
+    return max(simulate(step_stream(e.profile, v), return_timeline=False).peak_allocated
+               for v in VARIANTS)
+
+
 def run_litgpt(rows_out, fits_out, log):
     import memprof
     from memprof.plan.estimate import Estimator
@@ -294,8 +307,9 @@ def run_litgpt(rows_out, fits_out, log):
                 continue
             t = time.perf_counter()
             e = est.step(mb, precision="fp32")     # bf16 weights, no autocast = bf16-true
-            allocated = max(e.peak_allocated, e.steady_peak_allocated,
+            requested = max(e.peak_allocated, e.steady_peak_allocated,
                             e.accumulating_peak_allocated)
+            allocated = allocator_blocks_peak(e)
             reserved = max(e.peak_reserved, e.steady_peak_reserved,
                            e.accumulating_peak_reserved)
             row = {"source": "litgpt-a100", "model": LITGPT_LABELS[name], "gpu": gpu.name,
@@ -307,7 +321,9 @@ def run_litgpt(rows_out, fits_out, log):
                             f"{pub:.2f} GB |",
                    "published": pub, "published_unit": "GB (max_memory_allocated / 1e9)",
                    "estimate": round(allocated / 1e9, 2),
-                   "estimate_what": "estimated allocated peak",
+                   "estimate_what": "estimated allocated peak in allocator blocks (what "
+                                    "max_memory_allocated counts)",
+                   "estimated_requested_gb": round(requested / 1e9, 2),
                    "error": allocated / 1e9 / pub - 1,
                    "estimated_reserved_gb": round(reserved / 1e9, 2),
                    "kernel_rules": e.kernel_rules,
@@ -396,7 +412,8 @@ def main(argv=None) -> int:
               "hf-v100: published = nvidia-smi used (MiB); estimate = memprof's reserved peak + "
               "the 1343 MiB context the source measured; 'reserved part' = published - 1343 vs "
               "memprof's reserved peak alone. litgpt-a100: published = max_memory_allocated "
-              "(GB = 1e9 B); estimate = memprof's allocated peak.",
+              "(GB = 1e9 B); estimate = memprof's allocated peak in allocator blocks (rounded "
+              "requests and unsplit remainders, as max_memory_allocated counts them).",
               "",
               f"{'source':12s} {'model':18s} {'setup':44s} {'published':>10s} "
               f"{'estimate':>10s} {'error':>7s} {'reserved part':>22s}"]
@@ -443,6 +460,8 @@ def main(argv=None) -> int:
               f"mean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%}",
               f"max micro-batch inside the published interval: "
               f"{sum(f['inside'] for f in fits)} of {len(fits)}",
+              "kernel rules applied (per row in the JSON, kernel_rules): "
+              + "; ".join(sorted({k for r in rows for k in r["kernel_rules"]})),
               "left out:"] + [f"  - {x}" for x in LEFT_OUT] + \
              [f"wall time of this benchmark: {wall:.0f} s"]
     text = "\n".join(lines)

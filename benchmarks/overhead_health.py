@@ -1,9 +1,11 @@
-"""Step-time overhead of track(health=True) vs track(health=False) vs an untracked loop.
+"""Step-time overhead of track(health=True) vs track(health=False) vs torch.profiler vs untracked.
 
 The loop is the same in every mode (forward, loss, backward, clip_grad_norm_, optimizer step,
 LR scheduler step, zero_grad); modes are interleaved in rounds so that machine noise hits all
 of them alike, and per-step wall times are pooled per mode. Reported per workload: median step
-time, p10-p90, overhead vs untracked, and the one-off cost of leaving the block.
+time, p10-p90, overhead vs untracked, and the one-off cost of leaving the block. The reference
+is torch.profiler(profile_memory=True) around the same loop (leaving it = building its event
+list).
 
     python benchmarks/overhead_health.py                    # vit-tiny b32 and mlp b64
     python benchmarks/overhead_health.py --quick
@@ -23,7 +25,8 @@ from _results import machine, save
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = ("untracked", "track(health=False)", "track(health=True)")
+MODES = ("untracked", "track(health=False)", "track(health=True)",
+         "torch.profiler(profile_memory)")
 
 
 def workload(name: str, batch: int, steps: int):
@@ -59,7 +62,7 @@ class HookClock:
         self._saved = {}
 
     def __enter__(self):
-        from memprof.health import HealthRecorder
+        from memprof.record.health import HealthRecorder
         for name in HOOKS:
             orig = HealthRecorder.__dict__[name]
             self._saved[name] = orig
@@ -74,7 +77,7 @@ class HookClock:
         return self
 
     def __exit__(self, *exc):
-        from memprof.health import HealthRecorder
+        from memprof.record.health import HealthRecorder
         for name, orig in self._saved.items():
             setattr(HealthRecorder, name, orig)
         return False
@@ -83,6 +86,17 @@ class HookClock:
 def run_mode(mode: str, w, hook_ms: list | None = None) -> tuple[list[float], float]:
     if mode == "untracked":
         return run_steps(*w), 0.0
+    if mode == "torch.profiler(profile_memory)":
+        from torch.profiler import profile
+        prof = profile(profile_memory=True)
+        prof.__enter__()
+        try:
+            times = run_steps(*w)
+        finally:
+            t = time.perf_counter()
+            prof.__exit__(None, None, None)
+            prof.events()   # built lazily: count it as leaving
+        return times, time.perf_counter() - t
     health = mode == "track(health=True)"
     clock = HookClock() if health and hook_ms is not None else None
     if clock:
@@ -156,10 +170,10 @@ def main(argv=None):
              "backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad)",
              f"# machine: {machine(device='cpu')} (load average before the run: {load_before})",
              f"# command: python {cmd}", "",
-             f"{'workload':14s} {'mode':22s} {'median ms':>10s} {'p10-p90 ms':>16s} "
+             f"{'workload':14s} {'mode':30s} {'median ms':>10s} {'p10-p90 ms':>16s} "
              f"{'overhead':>9s} {'exit ms':>8s} {'health hooks ms/step':>21s}"]
     for r in rows:
-        lines.append(f"{r['workload']:14s} {r['mode']:22s} {r['median_step_ms']:10.2f} "
+        lines.append(f"{r['workload']:14s} {r['mode']:30s} {r['median_step_ms']:10.2f} "
                      f"{r['p10_ms']:7.2f}-{r['p90_ms']:<8.2f} {r['overhead_pct']:8.1f}% "
                      f"{r['exit_ms']:8.1f} "
                      + (f"{r['health_hooks_ms_per_step']:21.3f}"

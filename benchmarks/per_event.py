@@ -8,11 +8,17 @@ run, rounds interleaved (this machine's timings swing 2-3x): untracked, memprof.
 block, and the exit: draining the native log, building the Run and Profile, the analyses), and
 torch.profiler(profile_memory=True) (inside, and its exit: building its event list, which is when
 it pays for what it recorded); on a GPU also torch.cuda.memory._record_memory_history.
+The last column is the peak memory while leaving: the process's peak resident set during the
+exit (VmHWM, reset just before it) minus its resident set before the block started, over the raw
+event bytes (events x the 72-byte record); the native log itself is part of it, so 1.0x is the
+floor for a tracker that keeps every event. "memprof.track + analyses" leaves with the default
+analyses and the summary, what a plain `with memprof.track(): ...` then `prof.summary()` pays.
 Prints a table and saves it under benchmarks/results/.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import time
@@ -24,6 +30,37 @@ import memprof
 from _results import command, machine, save
 
 
+EVENT_BYTES = 72   # memprof.record.events.EVENT_DTYPE.itemsize, checked in main()
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+class LeavingPeak:
+    """Peak resident bytes while leaving a block, above the resident bytes before it started
+    (Linux: VmHWM reset through /proc/self/clear_refs)."""
+
+    def __init__(self):
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap of earlier rounds back first
+        except OSError:
+            pass
+        self.before = _status_bytes("VmRSS")
+
+    def leaving(self) -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def peak(self) -> int:
+        return _status_bytes("VmHWM") - self.before
+
+
 def loop(n: int, device: str = "cpu") -> None:
     for _ in range(n):
         torch.empty(16, device=device)
@@ -32,82 +69,110 @@ def loop(n: int, device: str = "cpu") -> None:
 def untracked(n, device):
     t0 = time.perf_counter_ns()
     loop(n, device)
-    return time.perf_counter_ns() - t0, 0
+    return time.perf_counter_ns() - t0, 0, 0
 
 
-def memprof_track(n, device):
+def memprof_track(n, device, analyses=()):
+    mem = LeavingPeak()
     t0 = time.perf_counter_ns()
-    tracker = memprof.track(analyses=[])
+    tracker = memprof.track(analyses=None if analyses is None else list(analyses))
     tracker.__enter__()
     loop(n, device)
     t1 = time.perf_counter_ns()
+    mem.leaving()
     tracker.__exit__(None, None, None)
+    if analyses is None:
+        tracker.profile.summary()
     t2 = time.perf_counter_ns()
     events = tracker.profile.memory.size
     assert events >= 2 * n, events
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, mem.peak()
+
+
+def memprof_track_analysed(n, device):
+    return memprof_track(n, device, analyses=None)
 
 
 def torch_profiler(n, device):
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    mem = LeavingPeak()
     t0 = time.perf_counter_ns()
     p = profile(activities=acts, profile_memory=True)
     p.__enter__()
     loop(n, device)
     t1 = time.perf_counter_ns()
+    mem.leaving()
     p.__exit__(None, None, None)
     p.events()  # torch.profiler builds its results lazily: count that as leaving
     t2 = time.perf_counter_ns()
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, mem.peak()
 
 
 def cuda_history(n, device):
+    mem = LeavingPeak()
     t0 = time.perf_counter_ns()
     torch.cuda.memory._record_memory_history(max_entries=4 * n)
     loop(n, device)
     torch.cuda.synchronize()
     t1 = time.perf_counter_ns()
+    mem.leaving()
     torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     t2 = time.perf_counter_ns()
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, mem.peak()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=300_000, help="loop iterations (2 events each)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reference-events", type=int, default=50_000,
+                    help="loop iterations for torch.profiler and the CUDA history (their "
+                         "leaving costs ~100 us per event here; compared per event)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "per_event"))
     args = ap.parse_args()
+    from memprof.record.events import EVENT_DTYPE
+    assert EVENT_DTYPE.itemsize == EVENT_BYTES, EVENT_DTYPE.itemsize
     n, dev = args.events, args.device
-    modes = {"untracked": untracked, "memprof.track": memprof_track,
-             "torch.profiler(profile_memory)": torch_profiler}
+    ref_n = min(n, args.reference_events)
+    # mode -> (function, loop iterations); each is compared with the untracked loop of its size
+    modes = {"untracked": (untracked, n), "memprof.track": (memprof_track, n),
+             "memprof.track + analyses": (memprof_track_analysed, n),
+             "torch.profiler(profile_memory)": (torch_profiler, ref_n)}
     if dev == "cuda":
-        modes["cuda _record_memory_history"] = cuda_history
+        modes["cuda _record_memory_history"] = (cuda_history, ref_n)
+    if ref_n != n:
+        modes["untracked (reference size)"] = (untracked, ref_n)
     loop(1000, dev)  # warm up the allocator and the dispatcher
     times = {m: [] for m in modes}
     for _ in range(args.rounds):
-        for name, fn in modes.items():   # interleaved: every round runs every mode
+        for name, (fn, iters) in modes.items():   # interleaved: every round runs every mode
             gc.collect()
-            times[name].append(fn(n, dev))
-    base = np.array([t[0] for t in times["untracked"]], dtype=np.float64)
-    events = 2 * n
-    lines = [f"per-event cost, {events:,} events ({n:,} x torch.empty(16) on {dev}), "
-             f"{args.rounds} interleaved rounds; ns per event, median [p10-p90] over rounds",
-             f"{'mode':34s} {'inside (vs untracked)':>28s} {'to leave':>22s} {'total':>10s}"]
+            times[name].append(fn(iters, dev))
+    untracked_ns = {iters: np.array([t[0] for t in times[name]], dtype=np.float64)
+                    for name, (fn, iters) in modes.items() if fn is untracked}
+    lines = [f"per-event cost, {2 * n:,} events ({n:,} x torch.empty(16) on {dev}; "
+             f"torch.profiler and the CUDA history {2 * ref_n:,}), {args.rounds} interleaved "
+             "rounds; ns per event, median [p10-p90] over rounds",
+             f"{'mode':34s} {'inside (vs untracked)':>28s} {'to leave':>22s} {'total':>10s} "
+             f"{'peak leaving, x raw':>20s}"]
+    p = lambda a: f"{np.median(a):6.0f} [{np.percentile(a, 10):4.0f}-{np.percentile(a, 90):4.0f}]"
     for name, ts in times.items():
-        inside = (np.array([t[0] for t in ts]) - base) / events
-        leave = np.array([t[1] for t in ts], dtype=np.float64) / events
-        if name == "untracked":
-            raw = base / events
-            lines.append(f"{name:34s} {np.median(raw):10.0f} ns/event (loop itself)")
+        fn, iters = modes[name]
+        events = 2 * iters
+        if fn is untracked:
+            lines.append(f"{name:34s} {np.median(untracked_ns[iters]) / events:10.0f} ns/event "
+                         "(loop itself)")
             continue
-        p = lambda a: f"{np.median(a):6.0f} [{np.percentile(a, 10):4.0f}-{np.percentile(a, 90):4.0f}]"
+        inside = (np.array([t[0] for t in ts]) - untracked_ns[iters]) / events
+        leave = np.array([t[1] for t in ts], dtype=np.float64) / events
+        peak = np.array([t[2] for t in ts], dtype=np.float64) / (events * EVENT_BYTES)
         lines.append(f"{name:34s} {p(inside):>28s} {p(leave):>22s} "
-                     f"{np.median(inside + leave):10.0f}")
+                     f"{np.median(inside + leave):10.0f} "
+                     f"{np.median(peak):8.2f} [{peak.min():.2f}-{peak.max():.2f}]")
     lines += [f"machine: {machine(device=dev)}", f"command: {command()}"]
     text = "\n".join(lines)
     print(text)

@@ -18,6 +18,7 @@
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -46,27 +47,100 @@ int64_t now_ns() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-thread record logs in fixed-size chunks: appends take an uncontended per-log lock, so a
-// drain from Python can read them safely while other threads may still be finishing an
-// allocation.
+// Per-thread record logs in fixed-size chunks, written by their thread only: an append is a
+// plain store plus a release store of the count, no lock and no atomic read-modify-write (the
+// per-event cost is what the user pays). Readers (a drain while recording, the take after
+// stop) read the published count with acquire and walk the chunk chain, which only grows.
+// The take frees every chunk except the one the writer may still be in (a thread finishing
+// an allocation as the session stops): that one goes with the log.
 template <typename Record, size_t kChunk>
 struct RecordLog {
   using value_type = Record;
   static constexpr size_t kChunkRecords = kChunk;
-  std::mutex mu;
-  std::vector<std::unique_ptr<Record[]>> chunks;
-  size_t used_in_last = kChunk;  // forces a first chunk
+  struct Chunk {
+    Record records[kChunk];
+    std::atomic<Chunk*> next{nullptr};
+  };
+  std::atomic<Chunk*> head{nullptr};  // first chunk still held
+  size_t head_first = 0;              // index of head's first record (reader side)
+  size_t taken = 0;                   // records already handed out by take (reader side)
+  Chunk* tail = nullptr;              // writer only
+  size_t used = kChunk;               // writer only: records in tail (kChunk: none yet)
+  std::atomic<size_t> count{0};       // records published
+
+  RecordLog() = default;
+  RecordLog(const RecordLog&) = delete;
+  RecordLog& operator=(const RecordLog&) = delete;
+  ~RecordLog() {
+    for (Chunk* c = head.load(std::memory_order_acquire); c != nullptr;) {
+      Chunk* next = c->next.load(std::memory_order_acquire);
+      delete c;
+      c = next;
+    }
+  }
 
   void append(const Record& r) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (used_in_last == kChunk) {
-      chunks.emplace_back(new Record[kChunk]);
-      used_in_last = 0;
+    if (used == kChunk) {
+      auto* c = new Chunk;
+      if (tail == nullptr) {
+        head.store(c, std::memory_order_release);
+      } else {
+        tail->next.store(c, std::memory_order_release);
+      }
+      tail = c;
+      used = 0;
     }
-    chunks.back()[used_in_last++] = r;
+    tail->records[used++] = r;
+    count.store(count.load(std::memory_order_relaxed) + 1, std::memory_order_release);
   }
-  size_t size_locked() const {
-    return chunks.empty() ? 0 : (chunks.size() - 1) * kChunk + used_in_last;
+
+  // Calls copy(records, n) for the records [from, to) in order; `to` <= a published count.
+  template <typename Copy>
+  void visit(size_t from, size_t to, Copy&& copy) const {
+    size_t first = head_first;
+    for (Chunk* c = head.load(std::memory_order_acquire); c != nullptr && first < to;
+         c = c->next.load(std::memory_order_acquire), first += kChunk) {
+      size_t lo = std::max(from, first), hi = std::min(to, first + kChunk);
+      if (lo < hi) copy(c->records + (lo - first), hi - lo);
+    }
+  }
+
+  // Frees the chunks that hold only records before `upto` - 1 (all taken); the chunk of the
+  // last taken record and any after it stay, since a late writer may still touch them.
+  void release_before(size_t upto) {
+    if (upto == 0) return;
+    size_t keep_from = (upto - 1) / kChunk * kChunk;
+    Chunk* c = head.load(std::memory_order_acquire);
+    while (c != nullptr && head_first < keep_from) {
+      Chunk* next = c->next.load(std::memory_order_acquire);
+      delete c;
+      c = next;
+      head_first += kChunk;
+    }
+    head.store(c, std::memory_order_release);
+  }
+};
+
+// Admission against a session-wide cap without an atomic per record: a thread reserves
+// kQuotaBatch records at a time from the shared counter (never more than the cap has left),
+// and counts its drops in a field only it writes.
+constexpr int64_t kQuotaBatch = 256;
+
+struct Quota {
+  int64_t left = 0;                  // writer only
+  std::atomic<int64_t> dropped{0};   // written by the owner thread only, read by counters()
+
+  bool admit(std::atomic<int64_t>& reserved, int64_t cap) {
+    if (left == 0) {
+      int64_t before = reserved.fetch_add(kQuotaBatch, std::memory_order_relaxed);
+      left = std::clamp<int64_t>(cap - before, 0, kQuotaBatch);
+    }
+    if (left > 0) {
+      --left;
+      return true;
+    }
+    dropped.store(dropped.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    return false;
   }
 };
 
@@ -74,6 +148,7 @@ struct ThreadBuffer {
   int32_t index = 0;
   RecordLog<Event, 1 << 14> events;
   RecordLog<SeqRecord, 1 << 12> seqs;
+  Quota event_quota, seq_quota;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -110,12 +185,11 @@ class StringTable {
 struct Session {
   std::atomic<bool> active{false};
   std::atomic<uint64_t> generation{0};
-  std::atomic<int64_t> recorded{0};
-  std::atomic<int64_t> dropped{0};
+  std::atomic<int64_t> events_reserved{0};  // handed out to threads' quotas (see Quota)
   int64_t capacity = 0;
   // Markers and sequence records are bounded too (at least kMinSideCap each, or the event
   // capacity): a run of 100k steps must not grow them without end after the event cap.
-  std::atomic<int64_t> marks{0}, marks_dropped{0}, seqs{0}, seqs_dropped{0};
+  std::atomic<int64_t> marks{0}, marks_dropped{0}, seqs_reserved{0};
   int64_t side_capacity = 0;
   std::atomic<int32_t> phase{kPhaseOther};
   std::atomic<int32_t> step{0};
@@ -131,10 +205,10 @@ struct Session {
   int saved_log_level = 0;                        // c10 log level restored at stop()
 };
 
-Session& session() {
-  static Session* s = new Session();  // never destroyed: callbacks may run during exit
-  return *s;
-}
+// Created when the library loads and never destroyed (callbacks may run during exit); a plain
+// pointer, so the hot path reads it without a function-local static's guard.
+Session* const g_session = new Session();
+inline Session& session() { return *g_session; }
 
 struct OpFrame {
   int32_t name;
@@ -156,7 +230,27 @@ struct ThreadState {
   std::unordered_map<const char*, NameCacheEntry> name_cache;
 };
 
-thread_local ThreadState tls;
+// The state lives on the heap and the thread-local is a plain pointer, initial-exec: one
+// register-relative load per access instead of a __tls_get_addr call and an init guard. It is
+// freed by a thread-exit hook.
+struct ThreadStateOwner {
+  ThreadState* state = nullptr;
+  ~ThreadStateOwner();
+};
+__attribute__((tls_model("initial-exec"))) thread_local ThreadState* tls_state = nullptr;
+thread_local ThreadStateOwner tls_owner;
+ThreadStateOwner::~ThreadStateOwner() {
+  tls_state = nullptr;
+  delete state;
+}
+
+inline ThreadState& tls() {
+  if (__builtin_expect(tls_state == nullptr, 0)) {
+    tls_owner.state = new ThreadState();
+    tls_state = tls_owner.state;
+  }
+  return *tls_state;
+}
 
 bool attach_thread();  // below: pushes the allocation hook onto the calling thread
 
@@ -166,22 +260,23 @@ bool attach_thread();  // below: pushes the allocation hook onto the calling thr
 // pushed onto it then, so its allocations are recorded like those of threads started later.
 ThreadState& thread_state() {
   Session& s = session();
+  ThreadState& ts = tls();
   uint64_t gen = s.generation.load(std::memory_order_acquire);
-  if (tls.generation != gen) {
-    tls.generation = gen;
-    tls.ops.clear();
-    tls.modules.clear();
-    tls.backward_depth = 0;
-    tls.name_cache.clear();
-    tls.buffer = std::make_shared<ThreadBuffer>();
+  if (ts.generation != gen) {
+    ts.generation = gen;
+    ts.ops.clear();
+    ts.modules.clear();
+    ts.backward_depth = 0;
+    ts.name_cache.clear();
+    ts.buffer = std::make_shared<ThreadBuffer>();
     {
       std::lock_guard<std::mutex> lock(s.registry_mu);
-      tls.buffer->index = static_cast<int32_t>(s.buffers.size());
-      s.buffers.push_back(tls.buffer);
+      ts.buffer->index = static_cast<int32_t>(s.buffers.size());
+      s.buffers.push_back(ts.buffer);
     }
     attach_thread();
   }
-  return tls;
+  return ts;
 }
 
 int32_t intern_cached(ThreadState& ts, const char* name) {
@@ -208,7 +303,9 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   Session& s = session();
   // Markers are few and the analyses need every one of them, and an out-of-memory report is
   // the one event a diagnosis cannot do without: neither counts against the cap.
-  if (kind == kKindMemory && !admit(s.recorded, s.dropped, s.capacity)) return;
+  if (kind == kKindMemory && !ts.buffer->event_quota.admit(s.events_reserved, s.capacity)) {
+    return;
+  }
   if (kind == kKindMark && !admit(s.marks, s.marks_dropped, s.side_capacity)) return;
   Event e;
   e.t_ns = now_ns();
@@ -344,7 +441,7 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
       record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
     }
   } else if (seq >= 0 && ts.backward_depth == 0 &&
-             admit(s.seqs, s.seqs_dropped, s.side_capacity)) {
+             ts.buffer->seq_quota.admit(s.seqs_reserved, s.side_capacity)) {
     ts.buffer->seqs.append(
         SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.buffer->index});
   }
@@ -352,8 +449,8 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
 }
 
 void on_op_end(const at::RecordFunction& fn, at::ObserverContext*) {
-  if (tls.generation != session().generation.load(std::memory_order_relaxed)) return;
-  ThreadState& ts = tls;
+  ThreadState& ts = tls();
+  if (ts.generation != session().generation.load(std::memory_order_relaxed)) return;
   if (ts.ops.empty()) return;
   if (ts.ops.back().backward) --ts.backward_depth;
   ts.ops.pop_back();
@@ -379,14 +476,12 @@ uint64_t start(int64_t capacity) {
   }
   s.strings.clear();
   s.backward_label = s.strings.intern("backward_start");
-  s.recorded = 0;
-  s.dropped = 0;
+  s.events_reserved = 0;
   s.external_total = 0;
   s.capacity = capacity;
   s.marks = 0;
   s.marks_dropped = 0;
-  s.seqs = 0;
-  s.seqs_dropped = 0;
+  s.seqs_reserved = 0;
   s.side_capacity = std::max<int64_t>(capacity, kMinSideCap);
   s.phase = kPhaseOther;
   s.step = 0;
@@ -481,112 +576,156 @@ void mark(const std::string& label, uint64_t value) {
   record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU), id);
 }
 
+// The session's thread buffers, copied under the registry lock.
+std::vector<std::shared_ptr<ThreadBuffer>> all_buffers() {
+  Session& s = session();
+  std::lock_guard<std::mutex> lock(s.registry_mu);
+  return s.buffers;
+}
+
 // Copies one log of every thread (events or seq records) into one byte array; the caller views
-// it with the record's dtype (memprof.record.events).
+// it with the record's dtype (memprof.record.events). Each log contributes the records it had
+// published when its count was read (not yet taken ones).
 template <typename Log>
 py::array_t<uint8_t> drain(Log ThreadBuffer::*log) {
-  Session& s = session();
-  std::vector<std::shared_ptr<ThreadBuffer>> buffers;
-  {
-    std::lock_guard<std::mutex> lock(s.registry_mu);
-    buffers = s.buffers;
-  }
-  // Each log contributes exactly the records it held in the first pass: one that grows in
-  // between (a thread finishing an allocation) must not eat the share of the logs after it.
+  auto buffers = all_buffers();
   std::vector<size_t> counts;
   counts.reserve(buffers.size());
   size_t total = 0;
   for (auto& b : buffers) {
     Log& l = (*b).*log;
-    std::lock_guard<std::mutex> lock(l.mu);
-    counts.push_back(l.size_locked());
-    total += counts.back();
+    counts.push_back(l.count.load(std::memory_order_acquire));
+    total += counts.back() - std::min(l.taken, counts.back());
   }
   using Record = typename Log::value_type;
   py::array_t<uint8_t> out(static_cast<py::ssize_t>(total * sizeof(Record)));
   auto* dst = reinterpret_cast<Record*>(out.mutable_data());
   for (size_t i = 0; i < buffers.size(); ++i) {
     Log& l = (*buffers[i]).*log;
-    std::lock_guard<std::mutex> lock(l.mu);
-    size_t left = counts[i];
-    for (size_t c = 0; left > 0; ++c) {
-      size_t n = std::min(left, Log::kChunkRecords);
-      std::memcpy(dst, l.chunks[c].get(), n * sizeof(Record));
+    l.visit(l.taken, counts[i], [&](const Record* src, size_t n) {
+      std::memcpy(dst, src, n * sizeof(Record));
       dst += n;
-      left -= n;
-    }
+    });
   }
   return out;
 }
 
-// The event log of a stopped session as one time-ordered array, with `prefix` zeroed records in
-// front for the caller to fill (the blocks that existed before tracking). Each thread's log is
-// already in time order, so this is a k-way merge (ties: lower thread index first, as a stable
-// sort of the concatenated logs would give), not a sort; every chunk is freed once copied, so
-// leaving a block holds the raw event bytes once (plus one chunk), and nothing stays allocated
-// natively after it.
-py::array_t<uint8_t> take_events(size_t prefix) {
+// The event log of a stopped session, split while it is merged: the memory events of the
+// analysed device (CUDA when any CUDA memory was recorded, else the CPU) in one array, every
+// other record (markers, OOM reports, other devices' memory events) in a second, with the
+// number of memory events before each of those. The Profile reads the first in place, so
+// leaving a block never holds the events twice. `prefix_devices`: one device type per block
+// that existed before tracking; each gets a zeroed record in front of its array (in the given
+// order) for the caller to fill. Each thread's log is already in time order, so this is a k-way
+// merge (ties: lower thread index first, as a stable sort of the concatenated logs would give),
+// not a sort; every chunk is freed once copied (but each thread's last one, see RecordLog), so
+// nothing but those last chunks stays allocated natively after it.
+py::tuple take_events(const std::vector<int>& prefix_devices) {
   Session& s = session();
   if (s.active.load()) throw std::runtime_error("take_events: the session is still recording");
-  std::vector<std::shared_ptr<ThreadBuffer>> buffers;
-  {
-    std::lock_guard<std::mutex> lock(s.registry_mu);
-    buffers = s.buffers;
-  }
   using Log = decltype(ThreadBuffer::events);
   struct Head {
     Log* log;
-    size_t left, chunk, at;
-    const Event& peek() const { return log->chunks[chunk][at]; }
+    typename Log::Chunk* chunk;
+    size_t at, end;  // record index (in the log) of the next record, one past the last to take
+    const Event& peek() const { return chunk->records[at % Log::kChunkRecords]; }
   };
   std::vector<Head> heads;
-  size_t total = 0;
+  auto buffers = all_buffers();
   for (auto& b : buffers) {
-    std::lock_guard<std::mutex> lock(b->events.mu);
-    size_t n = b->events.size_locked();
-    if (n) heads.push_back(Head{&b->events, n, 0, 0});
-    total += n;
-  }
-  py::array_t<uint8_t> out(static_cast<py::ssize_t>((prefix + total) * sizeof(Event)));
-  auto* dst = reinterpret_cast<Event*>(out.mutable_data());
-  std::memset(dst, 0, prefix * sizeof(Event));
-  dst += prefix;
-  auto advance = [](Head& h) {
-    --h.left;
-    if (++h.at == Log::kChunkRecords || h.left == 0) {
-      h.log->chunks[h.chunk].reset();  // copied: give the chunk back now
-      ++h.chunk;
-      h.at = 0;
+    Log& l = b->events;
+    size_t end = l.count.load(std::memory_order_acquire);
+    if (end <= l.taken) continue;
+    // walk to the chunk holding the first record not yet taken
+    auto* c = l.head.load(std::memory_order_acquire);
+    for (size_t first = l.head_first; first + Log::kChunkRecords <= l.taken;
+         first += Log::kChunkRecords) {
+      c = c->next.load(std::memory_order_acquire);
     }
+    heads.push_back(Head{&l, c, l.taken, end});
+  }
+  // One counting pass: which device is analysed, and how many records go to each array.
+  const int8_t cuda = static_cast<int8_t>(c10::DeviceType::CUDA);
+  size_t total = prefix_devices.size(), memory_cpu = 0, memory_cuda = 0;
+  for (Head& h : heads) {
+    total += h.end - h.at;
+    h.log->visit(h.at, h.end, [&](const Event* e, size_t n) {
+      for (size_t i = 0; i < n; ++i) {
+        if (e[i].kind != kKindMemory) continue;
+        if (e[i].device_type == cuda) {
+          ++memory_cuda;
+        } else if (e[i].device_type == static_cast<int8_t>(c10::DeviceType::CPU)) {
+          ++memory_cpu;
+        }
+      }
+    });
+  }
+  for (int d : prefix_devices) {
+    if (d == cuda) {
+      ++memory_cuda;
+    } else if (d == static_cast<int>(c10::DeviceType::CPU)) {
+      ++memory_cpu;
+    }
+  }
+  const int8_t device = memory_cuda ? cuda : static_cast<int8_t>(c10::DeviceType::CPU);
+  const size_t n_memory = memory_cuda ? memory_cuda : memory_cpu;
+  py::array_t<uint8_t> memory(static_cast<py::ssize_t>(n_memory * sizeof(Event)));
+  py::array_t<uint8_t> side(static_cast<py::ssize_t>((total - n_memory) * sizeof(Event)));
+  py::array_t<int64_t> side_position(static_cast<py::ssize_t>(total - n_memory));
+  auto* mem_dst = reinterpret_cast<Event*>(memory.mutable_data());
+  auto* side_dst = reinterpret_cast<Event*>(side.mutable_data());
+  int64_t* pos_dst = side_position.mutable_data();
+  int64_t placed = 0;  // memory events written so far
+  for (int d : prefix_devices) {
+    if (d == device) {
+      std::memset(mem_dst++, 0, sizeof(Event));
+      ++placed;
+    } else {
+      std::memset(side_dst++, 0, sizeof(Event));
+      *pos_dst++ = placed;
+    }
+  }
+  auto emit = [&](const Event& e) {
+    if (e.kind == kKindMemory && e.device_type == device) {
+      *mem_dst++ = e;
+      ++placed;
+    } else {
+      *side_dst++ = e;
+      *pos_dst++ = placed;
+    }
+  };
+  // Frees the chunks a head has moved past, as the merge goes (one chunk at a time).
+  auto finish_chunk = [](Head& h) {
+    h.log->taken = h.at;
+    h.log->release_before(h.at);
   };
   if (heads.size() == 1) {  // one thread: chunk by chunk
     Head& h = heads[0];
-    while (h.left) {
-      size_t n = std::min(h.left, Log::kChunkRecords);
-      std::memcpy(dst, h.log->chunks[h.chunk].get(), n * sizeof(Event));
-      dst += n;
-      h.left -= n;
-      h.log->chunks[h.chunk++].reset();
-    }
+    h.log->visit(h.at, h.end, [&](const Event* e, size_t n) {
+      for (size_t i = 0; i < n; ++i) emit(e[i]);
+      h.at += n;
+      finish_chunk(h);
+    });
   } else {  // heads.size() is the number of recording threads: a linear scan is cheapest
     while (true) {
       int best = -1;
       for (int i = 0; i < static_cast<int>(heads.size()); ++i) {
-        if (heads[i].left && (best < 0 || heads[i].peek().t_ns < heads[best].peek().t_ns)) {
+        if (heads[i].at < heads[i].end &&
+            (best < 0 || heads[i].peek().t_ns < heads[best].peek().t_ns)) {
           best = i;
         }
       }
       if (best < 0) break;
-      *dst++ = heads[best].peek();
-      advance(heads[best]);
+      Head& h = heads[best];
+      emit(h.peek());
+      if (++h.at % Log::kChunkRecords == 0 && h.at < h.end) {
+        h.chunk = h.chunk->next.load(std::memory_order_acquire);
+        finish_chunk(h);
+      }
     }
+    for (Head& h : heads) finish_chunk(h);
   }
-  for (auto& b : buffers) {
-    std::lock_guard<std::mutex> lock(b->events.mu);
-    b->events.chunks.clear();
-    b->events.used_in_last = Log::kChunkRecords;
-  }
-  return out;
+  return py::make_tuple(memory, side, side_position, static_cast<int>(device));
 }
 
 // An allocation (size > 0) or free (size < 0) that no allocator reported: storages of fake
@@ -604,17 +743,19 @@ void record_external(uint64_t ptr, int64_t size, int32_t device_type, int32_t de
 py::dict counters() {
   Session& s = session();
   py::dict d;
-  int64_t recorded = s.recorded.load();
-  int64_t dropped = s.dropped.load();
-  d["recorded"] = recorded - dropped;
+  int64_t records = 0, dropped = 0, seqs_dropped = 0;
+  auto buffers = all_buffers();
+  for (auto& b : buffers) {
+    records += static_cast<int64_t>(b->events.count.load(std::memory_order_acquire));
+    dropped += b->event_quota.dropped.load(std::memory_order_relaxed);
+    seqs_dropped += b->seq_quota.dropped.load(std::memory_order_relaxed);
+  }
+  d["records"] = records;  // events, markers and OOM reports logged, taken or not
   d["dropped"] = dropped;
   d["capacity"] = s.capacity;
   d["markers_dropped"] = s.marks_dropped.load();
-  d["seq_records_dropped"] = s.seqs_dropped.load();
-  {
-    std::lock_guard<std::mutex> lock(s.registry_mu);
-    d["threads"] = s.buffers.size();
-  }
+  d["seq_records_dropped"] = seqs_dropped;
+  d["threads"] = buffers.size();
   return d;
 }
 
@@ -635,9 +776,11 @@ void register_tracker(py::module_& m) {
   m.def("mark", &mark, py::arg("label"), py::arg("value") = 0);
   m.def("events", []() { return drain(&ThreadBuffer::events); },
         "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
-  m.def("take_events", &take_events, py::arg("prefix") = 0,
-        "The stopped session's events in time order, with `prefix` zeroed records in front; "
-        "frees the native log (view the bytes with EVENT_DTYPE).");
+  m.def("take_events", &take_events, py::arg("prefix_devices"),
+        "The stopped session's events, freeing the native log: (memory events of the analysed "
+        "device, every other record, memory events before each of those, the device type); "
+        "both in time order after one zeroed record per entry of prefix_devices (view the "
+        "bytes with EVENT_DTYPE).");
   m.def("seq_records", []() { return drain(&ThreadBuffer::seqs); },
         "Forward ops by autograd sequence number, as raw bytes (view with SEQ_DTYPE).");
   m.def("strings", []() { return session().strings.all(); });

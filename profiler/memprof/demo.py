@@ -74,8 +74,10 @@ def _story_leak(console, steps: int):
     for col in ("run", "peak", "live after last step", "growth / step", "findings", "wall"):
         t.add_column(col, justify="right" if col != "run" else "left")
     for name, prof, wall in (("bug", bug, t_bug), ("fixed", fixed, t_fixed)):
-        growth = next((f.evidence["slope_bytes_per_step"] for f in prof.findings
-                       if f.kind == "memory_growth"), 0)
+        # growth is its own finding, or said in the leak finding that explains it
+        growth = next((f.evidence.get("slope_bytes_per_step") or
+                       f.evidence.get("growth_bytes_per_step") for f in prof.findings
+                       if {"slope_bytes_per_step", "growth_bytes_per_step"} & set(f.evidence)), 0)
         t.add_row(name, fmt_bytes(prof.peak), fmt_bytes(prof.steps[-1].live_at_end),
                   fmt_bytes(growth), str(len(prof.findings)), f"{wall:.1f} s")
     console.print(t)

@@ -16,8 +16,9 @@ import numpy as np
 
 from . import profile_file
 from .finding import Finding
-from .record.events import (CAT_ACTIVATIONS, CAT_OTHER, CAT_TEMPORARIES, CATEGORIES,
-                            DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_MEMORY,
+from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
+                            CATEGORIES,
+                            DEVICE_CPU, DEVICE_CUDA, KIND_MARK,
                             KIND_OUT_OF_MEMORY, PHASES, PHASE_BACKWARD, PHASE_FORWARD)
 from .run import Run
 
@@ -55,6 +56,8 @@ class Profile:
 
     @property
     def events(self) -> np.ndarray:
+        """Every event in one time-ordered stream, rebuilt on each access (a copy): queries
+        read the run's two streams (`memory` and the side records) instead."""
         return self.run.events
 
     @property
@@ -78,37 +81,30 @@ class Profile:
         return self.run.meta
 
     # ------------------------------------------------------------------ derived event views
-    @cached_property
+    @property
     def device_type(self) -> int:
         """The device analysed: CUDA when any CUDA memory was recorded, else CPU."""
-        ev = self.events   # column compares: no copy of the records
-        if ((ev["kind"] == KIND_MEMORY) & (ev["device_type"] == DEVICE_CUDA)).any():
-            return DEVICE_CUDA
-        return DEVICE_CPU
+        return self.run.streams.device_type
 
     @property
     def device(self) -> str:
         return DEVICE_NAMES.get(self.device_type, f"device{self.device_type}")
 
-    @cached_property
-    def _memory_index(self) -> np.ndarray:
-        ev = self.events
-        return np.flatnonzero((ev["kind"] == KIND_MEMORY) & (ev["device_type"] == self.device_type))
+    @property
+    def memory(self) -> np.ndarray:
+        """Allocation and free events of the analysed device, in order (the run's own array,
+        not a copy)."""
+        return self.run.streams.memory
 
     @cached_property
-    def memory(self) -> np.ndarray:
-        """Allocation and free events of the analysed device, in order."""
-        ev = self.events
-        if ev.dtype.itemsize and ev.flags.c_contiguous:
-            # whole records as rows of bytes: a plain row gather, several times faster than
-            # numpy's field-by-field copy of a structured array
-            rows = ev.view(np.uint8).reshape(ev.size, ev.dtype.itemsize)
-            return rows[self._memory_index].view(ev.dtype).reshape(-1)
-        return ev[self._memory_index]
+    def _side_index(self) -> np.ndarray:
+        """Index in `events` of each record that is not in `memory` (markers, OOM reports,
+        other devices)."""
+        return self.run.streams.side_index()
 
     def _memory_position(self, event_index: int) -> int:
         """Number of memory events strictly before the given index into `events`."""
-        return int(np.searchsorted(self._memory_index, event_index, side="left"))
+        return int(event_index - np.searchsorted(self._side_index, event_index, side="left"))
 
     @cached_property
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +118,9 @@ class Profile:
         order = np.argsort(mem["ptr"], kind="stable")   # by address, then by time
         ptr_s = mem["ptr"][order]
         size_s = mem["size"][order]
-        free_of = np.full(n, -1, dtype=np.int64)
-        alloc_of = np.full(n, -1, dtype=np.int64)
+        index = np.int32 if n < 2**31 else np.int64   # half the bytes for every real profile
+        free_of = np.full(n, -1, dtype=index)
+        alloc_of = np.full(n, -1, dtype=index)
         if n > 1:
             is_pair = (ptr_s[1:] == ptr_s[:-1]) & (size_s[:-1] > 0) & (size_s[1:] < 0)
             a = order[:-1][is_pair]
@@ -227,12 +224,12 @@ class Profile:
 
     @cached_property
     def _all_markers(self) -> list[dict]:
-        ev = self.events
-        idx = np.flatnonzero(ev["kind"] == KIND_MARK)
-        pos = np.searchsorted(self._memory_index, idx, side="left")
-        return [{"label": self.strings[int(ev["op"][i])], "t_ns": int(ev["t_ns"][i]),
-                 "value": int(ev["ptr"][i]), "position": int(p), "event": int(i)}
-                for p, i in zip(pos, idx)]
+        side = self.run.streams.side
+        sel = np.flatnonzero(side["kind"] == KIND_MARK)
+        pos, idx = self.run.streams.side_position[sel], self._side_index[sel]
+        return [{"label": self.strings[int(side["op"][j])], "t_ns": int(side["t_ns"][j]),
+                 "value": int(side["ptr"][j]), "position": int(p), "event": int(i)}
+                for j, p, i in zip(sel, pos, idx)]
 
     def marker_positions(self, label: str) -> np.ndarray:
         return np.array([m["position"] for m in self._all_markers if m["label"] == label],
@@ -274,7 +271,13 @@ class Profile:
         freed_by_backward = np.zeros(n, dtype=bool)
         freed_by_backward[~never_freed] = phase[free_of[~never_freed]] == PHASE_BACKWARD
         cat[is_alloc & (phase != PHASE_BACKWARD) & freed_by_backward] = CAT_ACTIVATIONS
-        # Snapshots name parameters, gradients and optimizer state by storage.
+        # Made inside a collective (c10d::allreduce_, _c10d_functional::all_gather_into_tensor,
+        # the backend's staging): communication.
+        c10d = [i for i, name in enumerate(self.strings) if "c10d" in name.split("::")[0]]
+        if c10d:
+            cat[is_alloc & np.isin(mem["op"], c10d)] = CAT_COMMUNICATION
+        # Snapshots name parameters, gradients and optimizer state by storage (and the
+        # buffers handed to collectives: record.distributed).
         for snap, hits in self._snapshot_hits:
             for i, _ in hits:
                 cat[i] = snap.category
@@ -328,8 +331,9 @@ class Profile:
     def module_name(self, mid: int) -> str:
         if mid < 0 or mid >= len(self.modules):
             return OUTSIDE_MODULES
-        name = self.modules[mid]
-        return name if name else self.meta.get("model_class", "model")
+        name, root = self.modules[mid], self.meta.get("model_class") or "model"
+        # a bare container's children by index under its class: `Sequential.1`, not `1`
+        return f"{root}.{name}" if name[:1].isdigit() else name or root
 
     def describe_event(self, pos: int) -> dict:
         """When and where a memory event happened, in words."""
@@ -513,11 +517,11 @@ class Profile:
         """Out-of-memory reports, in order: the request, the allocator's totals, and where it
         happened (step, phase, module, op, autograd node); `position` is the number of memory
         events of the analysed device before it (what was alive: at=("position", position-1))."""
-        ev = self.events
+        side = self.run.streams.side
         t0 = int(self.meta.get("t0_ns", 0))
         out = []
-        for i in np.flatnonzero(ev["kind"] == KIND_OUT_OF_MEMORY):
-            e = ev[i]
+        for j in np.flatnonzero(side["kind"] == KIND_OUT_OF_MEMORY):
+            e, i = side[j], int(self._side_index[j])
             module = int(e["module"])
             if module < 0 and e["phase"] == PHASE_BACKWARD and e["seq"] >= 0:
                 module = self._seq_module.get(int(e["seq"]), (-1, -1))[1]
@@ -526,7 +530,7 @@ class Profile:
                 "total_reserved": int(e["total_reserved"]),
                 "device": DEVICE_NAMES.get(int(e["device_type"]), "?"),
                 "device_index": int(e["device_index"]), "event": int(i),
-                "position": self._memory_position(int(i)),
+                "position": int(self.run.streams.side_position[j]),
                 "time_s": (int(e["t_ns"]) - t0) / 1e9 if t0 else None,
                 "step": int(e["step"]),
                 "phase": PHASES[int(e["phase"])] if 0 <= e["phase"] < len(PHASES) else "other",

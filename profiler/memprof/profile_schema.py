@@ -52,6 +52,10 @@ def _list_of(value, kind, where: str) -> str | None:
 _META_TYPES = {"t0_ns": _INT, "dropped": _INT, "capacity": _INT, "threads": _INT,
                "steps_marked": _INT, "pid": _INT, "torch": _STR, "error": _STR}
 _META_LISTS = ("patch_notes", "analysis_errors")
+# a distributed job's rank identity (record.distributed): what merging the ranks' files reads
+_RANK_TYPES = {"rank": _INT, "world_size": _INT, "local_rank": _INT, "dist_backend": _STR,
+               "run_id": _STR}
+_RANK_OPTIONAL = ("local_rank", "dist_backend", "run_id")   # may be null where unknown
 _FINDING_FIELDS = {"kind": _STR, "severity": _STR, "bytes": _INT, "message": _STR,
                    "fix": _STR, "holder": (str, type(None)), "evidence": dict}
 
@@ -80,6 +84,9 @@ def _check_meta(meta: dict) -> str | None:
     for key, kind in _META_TYPES.items():
         if key in meta and not _is(meta[key], kind):
             return f"meta.{key}: expected {kind}, got {_got(meta[key])}"
+    problem = _check_rank(meta)
+    if problem:
+        return problem
     if meta.get("model_class") is not None and not isinstance(meta["model_class"], str):
         return f"meta.model_class: expected str or null, got {_got(meta['model_class'])}"
     for key in _META_LISTS:
@@ -87,6 +94,24 @@ def _check_meta(meta: dict) -> str | None:
             problem = _list_of(meta[key], _STR, f"meta.{key}")
             if problem:
                 return problem
+    return None
+
+
+def _check_rank(meta: dict) -> str | None:
+    for key, kind in _RANK_TYPES.items():
+        if key not in meta or (meta[key] is None and key in _RANK_OPTIONAL):
+            continue
+        if not _is(meta[key], kind):
+            return f"meta.{key}: expected {kind}, got {_got(meta[key])}"
+    if "rank" in meta or "world_size" in meta:
+        rank, world = meta.get("rank"), meta.get("world_size")
+        if rank is None or world is None:
+            return "meta: rank and world_size go together; one of them is missing"
+        if not 0 <= rank < world:
+            return f"meta.rank: expected an int in [0, {world}) (world_size), got {rank}"
+        local = meta.get("local_rank")
+        if local is not None and not 0 <= local <= rank:
+            return f"meta.local_rank: expected an int in [0, {rank}] (rank), got {local}"
     return None
 
 

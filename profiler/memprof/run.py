@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .record.event_streams import EventStreams
 from .record.events import EVENT_DTYPE, SEQ_DTYPE
 from .record.snapshots import Snapshot
 
@@ -24,23 +25,41 @@ class LiveContext:
     frame: Any = None
     roots: list = field(default_factory=list)       # (prefix, namespace dict)
     params: list = field(default_factory=list)      # every parameter seen
+    step_owners: list = field(default_factory=list) # per step boundary: optimizer id or 0
 
 
-@dataclass
 class Run:
-    events: np.ndarray
-    strings: list[str]
-    modules: list[str]
-    seq_records: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=SEQ_DTYPE))
-    snapshots: list[Snapshot] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-    step_seqs: list[int] = field(default_factory=list)   # autograd counter at step boundaries
-    records: dict = field(default_factory=dict)          # recorder name -> plain data
-    live: LiveContext | None = None
+    """`events=`: one interleaved, time-ordered stream (hand-built runs, files), split here;
+    or `streams=`: the two streams as the session took them (no copy)."""
 
-    def __post_init__(self):
-        if self.events.dtype != EVENT_DTYPE:
-            raise TypeError(f"events: expected dtype EVENT_DTYPE, got {self.events.dtype}")
+    def __init__(self, events: np.ndarray | None = None, strings: list[str] | None = None,
+                 modules: list[str] | None = None, seq_records: np.ndarray | None = None,
+                 snapshots: list[Snapshot] | None = None, meta: dict | None = None,
+                 step_seqs: list[int] | None = None, records: dict | None = None,
+                 live: LiveContext | None = None, *, streams: EventStreams | None = None):
+        if (events is None) == (streams is None):
+            raise TypeError("Run: expected exactly one of events= (an EVENT_DTYPE array) or "
+                            "streams= (an EventStreams)")
+        if events is not None and (not isinstance(events, np.ndarray)
+                                   or events.dtype != EVENT_DTYPE):
+            raise TypeError(f"events: expected dtype EVENT_DTYPE, got "
+                            f"{getattr(events, 'dtype', type(events).__name__)}")
+        self.streams = streams if streams is not None else EventStreams.split(events)
+        self.strings = list(strings or [])
+        self.modules = list(modules or [])
+        self.seq_records = (np.zeros(0, dtype=SEQ_DTYPE) if seq_records is None
+                            else seq_records)
+        self.snapshots = list(snapshots or [])
+        self.meta = dict(meta or {})
+        self.step_seqs = list(step_seqs or [])          # autograd counter at step boundaries
+        self.records = dict(records or {})              # recorder name -> plain data
+        self.live = live
+
+    @property
+    def events(self) -> np.ndarray:
+        """Every event in one time-ordered stream: built on each access (a copy of the run's
+        events), for consumers that want the interleaving; queries read `streams`."""
+        return self.streams.merged()
 
     @classmethod
     def from_session(cls, session) -> "Run":
@@ -50,8 +69,9 @@ class Run:
         records["logs"] = [list(x) for x in src.logs]
         records["backward"] = list(src.backward.calls)
         live = LiveContext(model=src.model, optimizer=src.steps.optimizer, frame=src.frame,
-                           roots=list(src.roots), params=src.params())
-        return cls(events=session.events, strings=session.strings,
+                           roots=list(src.roots), params=src.params(),
+                           step_owners=list(src.steps.step_owners))
+        return cls(streams=session.streams, strings=session.strings,
                    modules=session.module_names, seq_records=session.seq_records,
                    snapshots=session.snapshot_list, meta=dict(session.meta),
                    step_seqs=list(src.steps.step_seqs), records=records, live=live)

@@ -18,6 +18,9 @@ from .analyse import health as _health
 from .analyse import throughput as _throughput
 from .profile import Profile
 from . import track_budget as _budget
+from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
+from .record.compile_watch import CompileRecorder
+from .record.cuda_segments import CudaSegmentsRecorder
 from .record.health import HealthRecorder
 from .record.inputs import InputRecorder
 from .record.session import DEFAULT_CAPACITY, Session
@@ -33,14 +36,16 @@ class Tracker:
     def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
                  path: str | None = None, capacity: int = DEFAULT_CAPACITY,
                  analyses: Iterable | None = None, auto_modules: bool = False,
-                 health: bool = False, batch_size: int | None = None, budget=None):
+                 health: bool = False, batch_size: int | None = None, budget=None,
+                 step_on: str = "auto"):
         _budget.check(budget)   # an unknown GPU fails here, not after the training ran
         self.budget = budget
         self.report_oom_on_exit = True   # print the OOM diagnosis to stderr (memprof run: no)
-        recorders = [ThroughputRecorder(), InputRecorder()] + \
+        recorders = [ThroughputRecorder(), InputRecorder(), CommRecorder(),
+                     CudaSegmentsRecorder(), CompileRecorder()] + \
             ([HealthRecorder()] if health else [])
         self.session = Session(model, optimizer, capacity=capacity, auto_modules=auto_modules,
-                               batch_size=batch_size, recorders=recorders)
+                               batch_size=batch_size, recorders=recorders, step_on=step_on)
         self.path = path
         self.profile: Profile | None = None
         self.saved: str | None = None     # where the profile was saved, once it was
@@ -103,6 +108,7 @@ class Tracker:
         self.session.stop(exc)
         nested = self.session.outer is not None
         self.profile = Profile(Run.from_session(self.session))
+        self._note_rank()
         if nested:
             self.profile.run.live = None   # the outer block checks the live state
         else:
@@ -114,12 +120,22 @@ class Tracker:
         self.session = None   # the profile is data: don't keep the model, optimizer or frame
         return False  # never swallow the user's exception
 
+    def _note_rank(self) -> None:
+        """Under torchrun / torch.distributed: rank, world_size, local_rank, dist_backend
+        (and run_id) in the profile's meta, as seen while the block ran."""
+        comm = self.profile.run.records.get("communication") or {}
+        found = comm.get("identity") or _rank_identity()
+        if found:
+            self.profile.run.meta.update(found)
+
     def _save(self, exc, nested: bool) -> None:
         target = self.path
         if target is None and exc is not None and not nested:
             target = f"memprof-{os.getpid()}-{int(time.time())}.memprof"
         if target is None:
             return
+        if self.profile.meta.get("rank") is not None:   # one file per rank of a job
+            target = rank_path(target, int(self.profile.meta["rank"]))
         try:
             self.profile.save(target)
         except OSError as err:
@@ -133,13 +149,17 @@ class Tracker:
 
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,
           capacity: int = DEFAULT_CAPACITY, analyses=None, auto_modules: bool = False,
-          health: bool = False, batch_size: int | None = None, budget=None) -> Tracker:
+          health: bool = False, batch_size: int | None = None, budget=None,
+          step_on: str = "auto") -> Tracker:
     """Record every allocation and free made inside the block.
 
     model: attributes allocations to its submodules (forward hooks) and names parameters.
     optimizer: restrict step detection to this optimizer (default: any optimizer's step).
     path: save the profile there on exit (also when the block raises; then a default path is
-    used if none is given). After the block, the returned object answers like a Profile.
+    used if none is given). In a distributed job (torchrun, torch.distributed) each rank
+    writes `<name>.rank<R>.memprof` and the profile's meta says rank, world_size,
+    local_rank and dist_backend; collectives are timed (the throughput table's
+    communication) and the buffers they use are categorised as "communication". After the block, the returned object answers like a Profile.
     analyses: functions profile -> findings to run instead of memprof.analyse's defaults.
     auto_modules: without a model, attribute to whatever modules run (global module hooks;
     what `memprof run` uses on an unmodified script).
@@ -152,9 +172,12 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
     where this run would run out on it (or when, if memory grows), and what would fit instead
     (estimates; prof.meta["budget"], prof.meta["fit"]; an outermost block's profile only).
     See memprof.plan.budget.
+    step_on: what ends a step - "auto" (an optimizer step, else a parameter change after a
+    backward), "optimizer", "backward" (every backward call) or "manual" (prof.step() only);
+    prof.step() ends a step in every mode.
     If the block runs out of memory, a diagnosis (who filled the device, leak or step too big,
     what would fit) is printed to stderr before the exception leaves the block.
     """
     return Tracker(model, optimizer, path=path, capacity=capacity, analyses=analyses,
                    auto_modules=auto_modules, health=health, batch_size=batch_size,
-                   budget=budget)
+                   budget=budget, step_on=step_on)

@@ -14,12 +14,12 @@ from .outcome import Outcome
 
 def default_analyses() -> list:
     from .backward import backward_misuse
-    from .growth import memory_growth
+    from .growth import unexplained_growth
     from .health import health_analysis
     from .leaks import retained_graphs
     from .oom import out_of_memory
     from .throughput import throughput_analysis
-    return [retained_graphs, memory_growth, backward_misuse, throughput_analysis,
+    return [retained_graphs, unexplained_growth, backward_misuse, throughput_analysis,
             health_analysis, out_of_memory]
 
 

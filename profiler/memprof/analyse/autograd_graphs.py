@@ -24,6 +24,7 @@ class GraphTensor:
     grad_fn: str
     nodes: int = 0
     saved: dict = field(default_factory=dict)   # storage ptr -> nbytes, still unreleased
+    shape: tuple = ()
 
 
 def storage_of(t: torch.Tensor) -> tuple[int, int]:
@@ -123,5 +124,5 @@ def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int]
         visited[id(root)] = (lo, hi, count, saved)
         ptr, nb = storage_of(t)
         results.append(GraphTensor(id(t), lo if hi >= 0 else -1, hi, nb, ptr, t.numel(),
-                                   type(root).__name__, count, saved))
+                                   type(root).__name__, count, saved, tuple(t.shape)))
     return results, budget <= 0

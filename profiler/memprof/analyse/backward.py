@@ -22,7 +22,9 @@ def backward_misuse(profile: Profile) -> list[Finding]:
             fix="sum the losses and call backward once, or drop retain_graph after the last use",
             evidence={"calls": len(twice)}))
     retained = [c for c in calls if c["retain_graph"]]
-    if retained:
+    # a leak finding that names the graph retain_graph kept already says it, with the holder
+    explained = any(f.evidence.get("retain_graph") for f in profile.findings)
+    if retained and not explained:
         steps = sorted({c["step"] for c in retained})
         findings.append(Finding(
             kind="retain_graph", severity="info", bytes=0,

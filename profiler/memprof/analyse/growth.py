@@ -19,6 +19,8 @@ WARMUP_STEPS = 1
 MIN_STEPS = 3                 # boundaries after warm-up needed to call a trend
 MIN_GROWTH_FRACTION = 0.01    # of peak, over the observed steps
 MIN_GROWTH_BYTES = 4096
+LEAK_KINDS = ("retained_graph", "retain_graph", "unused_graph")
+EXPLAINED_FRACTION = 0.5      # leak findings pinning this share of the growth explain it
 
 
 def device_capacity(profile: Profile) -> tuple[int, str]:
@@ -45,7 +47,12 @@ def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding
     steps = [s for s in steps if s.index < bounded]
     if len(steps) < MIN_STEPS:
         return []
-    y = np.array([s.live_at_end for s in steps], dtype=np.float64)
+    # parameters, gradients and optimizer state are the model's, not growth: an optimizer
+    # that builds up its state (LBFGS's history, bounded by history_size) is not a leak
+    named = np.isin(profile.category, [CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE])
+    named_live = np.cumsum(np.where(named, profile.effective_size, 0), dtype=np.int64)
+    y = np.array([s.live_at_end - (named_live[s.end - 1] if s.end > 0 else 0)
+                  for s in steps], dtype=np.float64)
     x = np.arange(len(y), dtype=np.float64)
     slope = float(np.polyfit(x, y, 1)[0])
     incs = np.diff(y)
@@ -81,6 +88,21 @@ def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding
         fix="find who keeps these allocations (see retained_graph findings); detach or drop "
             "per-step tensors kept in lists, dicts or running totals",
         evidence=evidence)]
+
+
+def unexplained_growth(profile: Profile) -> list[Finding]:
+    """The default analysis: memory_growth, unless the leak findings already made (they run
+    first) pin most of what grew; then the growth is said in the largest of them (one
+    finding per cause, not two)."""
+    found = memory_growth(profile)
+    leaks = [f for f in profile.findings if f.kind in LEAK_KINDS]
+    if not found or not leaks or sum(f.bytes for f in leaks) < EXPLAINED_FRACTION * found[0].bytes:
+        return found
+    slope = found[0].evidence["slope_bytes_per_step"]
+    main = max(leaks, key=lambda f: f.bytes)
+    main.evidence["growth_bytes_per_step"] = slope
+    main.message += f"; live memory grows by {fmt_bytes(slope)} per step"
+    return []
 
 
 def _still_alive_from_later_steps(profile: Profile, first_step: int) -> list[dict]:

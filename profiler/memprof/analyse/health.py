@@ -290,14 +290,8 @@ def _clipping(rec, summary: dict) -> list[Finding]:
                      "spikes, or lower the LR if the norms are large because training is "
                      "unstable"),
                 evidence=dict(clip_sum)))
-        elif n >= CLIP_MIN_STEPS and not clipped.any() and fin.size:
-            findings.append(_advice("grad_clip_inactive", "info",
-                message=(f"clip_grad_norm_(max_norm={_fmt(clip_sum['max_norm'])}) never "
-                         f"clipped in {n} optimizer steps (largest pre-clip norm "
-                         f"{_fmt(float(fin.max()))}): clipping is inactive"),
-                fix=("fine as a safety net; to bound updates set max_norm near the p90 "
-                     f"pre-clip norm ({_fmt(clip_sum['pre_clip_norm']['p90'])})"),
-                evidence=dict(clip_sum)))
+        # Clipping that never clipped is a safety net, not a problem: the summary (and the
+        # report's health table) says "clipped 0 of N steps"; it is not a finding.
         # did the optimizer step with what clipping left?
         cmp = []
         for s in clip_steps:
@@ -332,10 +326,13 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
     scheds: dict[int, dict] = {}
     opt_count: dict[int, int] = {}        # optimizer id -> optimizer steps so far
     last_opt: dict[int, int] = {}         # optimizer id -> timeline index of its last step
-    last_activity = -1                    # timeline index of the last forward/backward
+    last_activity = -1                    # timeline index of the last backward
     for i, ev in enumerate(tl):
         if ev[0] in ("F", "B"):
-            last_activity = i
+            # a backward marks a training iteration under way; forwards alone (an evaluation
+            # pass before an epoch's scheduler.step()) do not
+            if ev[0] == "B":
+                last_activity = i
             continue
         if ev[0] == "O":
             opt_count[ev[2]] = opt_count.get(ev[2], 0) + 1

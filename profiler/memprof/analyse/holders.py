@@ -3,6 +3,7 @@ the block, a script's namespace) to it - `model.blocks[3].attn.history[11]`."""
 from __future__ import annotations
 
 import collections
+import functools
 import gc
 import types
 
@@ -16,8 +17,29 @@ ATOMS = (str, bytes, int, float, complex, bool, type(None), types.FunctionType,
          types.BuiltinFunctionType, types.MethodType, types.ModuleType, type, range, slice,
          torch.dtype, torch.device, torch.Size)
 
+def _is_atom(obj) -> bool:
+    """Objects a holder search does not enter; closures are entered (through the variables
+    they captured, never their globals), since a closure kept in a list keeps its tensors."""
+    if isinstance(obj, types.FunctionType):
+        return not obj.__closure__
+    return isinstance(obj, ATOMS)
+
+
 def _children(obj, path: str):
     """(path, child) pairs of the containers a holder search goes through."""
+    if isinstance(obj, types.FunctionType):
+        for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ()):
+            try:
+                yield f"{path}.<closure {name}>", cell.cell_contents
+            except ValueError:   # an empty cell
+                continue
+        return
+    if isinstance(obj, functools.partial):
+        for i, v in enumerate(obj.args):
+            yield f"{path}.<partial arg {i}>", v
+        for k, v in obj.keywords.items():
+            yield f"{path}.<partial {k}>", v
+        return
     if isinstance(obj, torch.nn.Module):
         for name, child in obj._modules.items():
             if child is not None:
@@ -60,10 +82,10 @@ def find_holders(roots: list[tuple[str, object]], targets: set[int]) -> dict[int
             if id(obj) in targets and id(obj) not in found:
                 found[id(obj)] = path
             continue
-        if isinstance(obj, ATOMS) or depth >= MAX_HOLDER_DEPTH:
+        if _is_atom(obj) or depth >= MAX_HOLDER_DEPTH:
             continue
         for child_path, child in _children(obj, path):
-            if id(child) not in seen and not isinstance(child, ATOMS):
+            if id(child) not in seen and not _is_atom(child):
                 queue.append((child_path, child, depth + 1))
     return found
 
@@ -85,11 +107,11 @@ def frame_roots(frame) -> list[tuple[str, object]]:
     if scope:
         mod = frame.f_globals.get("__name__", "globals")
         roots += [(f"{mod}.{k}", v) for k, v in frame.f_globals.items()
-                  if not k.startswith("__") and not isinstance(v, ATOMS)]
+                  if not k.startswith("__") and not _is_atom(v)]
     return roots
 
 
 def namespace_roots(prefix: str, namespace: dict) -> list[tuple[str, object]]:
     """Named roots from a namespace dict (a script's globals)."""
     return [(f"{prefix}{k}", v) for k, v in namespace.items()
-            if not k.startswith("__") and not isinstance(v, ATOMS)]
+            if not k.startswith("__") and not _is_atom(v)]

@@ -5,7 +5,12 @@ that pins, and which Python reference holds them (`model.blocks[3].attn.history[
 How a retained graph is told apart from a healthy one: every autograd node carries the
 sequence number of the forward op that created it, and memprof records the sequence counter
 at every step boundary. A tensor whose graph reaches nodes of a step *before* the latest one
-survived a backward and an optimizer step: in a correct loop nothing does.
+survived a backward and an optimizer step: in a correct loop nothing does. With several
+optimizers stepping in turn (a GAN) the last iteration is one step of each.
+
+Findings are grouped by root holder (`history`, not one per `history[0]['cache'][k]`), list
+the paths inside, count each pinned storage once, and carry a fix chosen from what holds the
+graph (leak_fixes). tests/corpus holds these rules to correct and buggy loops.
 """
 from __future__ import annotations
 
@@ -17,41 +22,38 @@ from ..finding import Finding
 from ..profile import Profile
 from ..units import fmt_bytes
 from .autograd_graphs import MAX_GRAPH_NODES, GraphTensor, live_graph_tensors, storage_of, walk_graphs
+from .leak_fixes import fix_text
 from .outcome import Outcome
 from .holders import describe_unreached, find_holders, frame_roots, namespace_roots
 
-def _container(path: str) -> str:
-    """'maps[3][11]' -> 'maps' (tensors in one container form one finding)."""
-    while path.endswith("]") and "[" in path:
-        path = path[:path.rindex("[")]
-    return path
 
-
-def _fix_for(path: str, numel: int, grad_fn: str) -> str:
-    if numel == 1 and ("Add" in grad_fn or "Sum" in grad_fn or "Mean" in grad_fn
-                       or "Div" in grad_fn):
-        return ("accumulate a number, not the graph: `running += loss.item()` "
-                "(or `loss.detach()`)")
-    if path.endswith("]"):
-        return ("store `t.detach()` (or `.item()` for scalars) instead of `t`, and clear the "
-                "container when the step is done")
-    return ("detach state carried across steps (`h = h.detach()`), or drop the reference "
-            "after backward")
+def root_holder(path: str) -> str:
+    """The reference a user would change: 'history[0]['cache'][3]' -> 'history',
+    'model.blocks.3.attn.maps[11]' -> 'model.blocks.3.attn.maps', a closure's captured
+    variable -> the container of the closure."""
+    cut = [i for i in (path.find("["), path.find(".<closure")) if i > 0]
+    return path[:min(cut)] if cut else path
 
 
 UNUSED_GRAPH_MIN_BYTES = 1024
+MAX_PATHS_LISTED = 20
 
 
 def retained_graphs(profile: Profile) -> Outcome:
-    """Two ways a live tensor's graph wastes memory, grouped by the Python reference holding it:
+    """Live tensors whose graphs waste memory, one finding per root holder (the Python
+    reference to change: `history`, not `history[0]['cache'][3]`), of one of three kinds:
 
     retained_graph  its graph reaches nodes of a step before the last one: it survived a
                     backward and an optimizer step (a leak that grows).
-    unused_graph    its graph was built in the last completed step, backward never ran
-                    through it, and it still pins saved tensors: they stayed alive through
-                    backward and the optimizer step (a higher peak every step).
+    retain_graph    its graph was built in the last step and backward ran through it with
+                    retain_graph=True: all its saved tensors outlive backward and the
+                    optimizer step (a higher peak every step).
+    unused_graph    its graph was built in the last step, backward never ran through it,
+                    and it still pins saved tensors.
 
-    Needs the run's live context (the process that recorded it, right after the block).
+    The bytes are what the bug pins: saved tensors still held by the graph and tensors of
+    earlier steps the holder keeps, not what a correct loop holds anyway (the current step's
+    outputs, tensors that existed before tracking). Needs the run's live context.
     """
     run = profile.run
     boundaries = run.step_seqs
@@ -59,11 +61,13 @@ def retained_graphs(profile: Profile) -> Outcome:
         return Outcome([])  # no live state, or no step boundary to tell steps apart
     t0 = time.perf_counter()
     notes = []
-    # Node sequence numbers at or after boundaries[i] were created in step i or later; the
-    # last step that trained may legitimately still be referenced (its loss, its outputs),
-    # also when a boundary without a forward pass came after it (a final optimizer.step()
-    # for the leftover micro-batches after the loop).
-    last_step = _last_training_step(profile, len(boundaries) - 2)
+    # Node sequence numbers at or after boundaries[i] were created in step i or later. The
+    # last training iteration may legitimately still be referenced (its loss, its outputs):
+    # with several optimizers (a GAN) it spans one step of each, and a boundary without a
+    # forward pass after it (a final optimizer.step() for leftover micro-batches) is not one.
+    last_completed = len(boundaries) - 2
+    last_step = min(_last_training_step(profile, last_completed),
+                    last_round_start(run.live.step_owners, last_completed))
     tensors = live_graph_tensors()
     graphs, truncated = walk_graphs(tensors, {storage_of(p)[0] for p in run.live.params})
     if truncated:
@@ -73,19 +77,34 @@ def retained_graphs(profile: Profile) -> Outcome:
     # graphs that began before tracking started are not this run's to judge
     mine = [g for g in graphs if g.min_seq >= boundaries[0]]
     old = [g for g in mine if bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step]
-    unused = [g for g in mine if g.min_seq >= boundaries[last_step]
+    recent = [g for g in mine if g.min_seq >= boundaries[last_step]
               and g.max_seq < boundaries[-1]
-              and sum(b for p, b in g.saved.items() if p != g.storage) >= UNUSED_GRAPH_MIN_BYTES]
+              and sum(b for p, b in g.saved.items() if p != g.storage)
+              >= UNUSED_GRAPH_MIN_BYTES]
     findings: list[Finding] = []
-    if old or unused:
-        holders = find_holders(_roots(run.live), {g.tensor_id for g in old + unused})
-        alive = _alive_allocations(profile)
-        for kind, gs in (("retained_graph", old), ("unused_graph", unused)):
-            for names, group in _group_by_holder(gs, holders, by_id):
-                findings.append(_finding(kind, names, group, holders, boundaries, profile,
-                                         alive))
-    findings.sort(key=lambda f: (f.kind != "retained_graph", -f.bytes))
+    if old or recent:
+        holders = find_holders(_roots(run.live), {g.tensor_id for g in old + recent})
+        context = _Context(profile, boundaries, last_step, {id(g) for g in old})
+        for names, group in _group_by_holder(old + recent, holders, by_id):
+            findings.append(context.finding(names, group, holders))
+    order = {"retained_graph": 0, "retain_graph": 1, "unused_graph": 2}
+    findings.sort(key=lambda f: (order[f.kind], -f.bytes))
     return Outcome(findings, notes, {"retained_graph_check_s": time.perf_counter() - t0})
+
+
+def last_round_start(owners: list[int], last_completed: int) -> int:
+    """The first step of the last round of updates: with several optimizers stepping in turn
+    (a GAN's D then G), one iteration is one step of each, and its tensors are current until
+    every optimizer has stepped again. Step i ends at boundary i + 1; owners[i] is the
+    optimizer (id, 0 for other boundaries) that ended step i. An optimizer that stepped once
+    (a probe, a one-off prof.step()) takes no turns: it does not widen the round."""
+    last_of: dict[int, int] = {}
+    count: collections.Counter = collections.Counter()
+    for step, owner in enumerate(owners[:last_completed + 1]):
+        last_of[owner] = step
+        count[owner] += 1
+    turns = [last_of[o] for o in last_of if count[o] > 1] or list(last_of.values())
+    return min(turns) if turns else last_completed
 
 
 def _last_training_step(profile: Profile, last_completed: int) -> int:
@@ -115,7 +134,7 @@ def _group_by_holder(gs, holders, by_id) -> list[tuple[list[str], list[GraphTens
     for g in gs:
         path = holders.get(g.tensor_id)
         if path:
-            groups[_container(path)].append(g)
+            groups[root_holder(path)].append(g)
         else:
             unreached.append(g)
     # Holders that pin the same graph (h and the output computed from it) are one finding.
@@ -149,41 +168,80 @@ def _overlapping(merged, group):
     return None
 
 
-def _finding(kind, names, gs, holders, boundaries, profile, alive) -> Finding:
-    holder = " and ".join(names)
-    storages: dict[int, int] = {}
-    for g in gs:
-        storages[g.storage] = g.nbytes
-        storages.update(g.saved)
-    storages.pop(0, None)
-    nbytes = sum(storages.values())
-    steps = sorted({bisect.bisect_right(boundaries, g.min_seq) - 1 for g in gs})
-    origin = _origin(profile, alive, [g.storage for g in gs])
-    example = holders.get(gs[0].tensor_id, names[0])
-    n = len(gs)
-    nodes = sum(g.nodes for g in gs)
-    saved_bytes = sum({p: b for g in gs for p, b in g.saved.items()}.values())
-    tensor_bytes = sum({g.storage: g.nbytes for g in gs}.values())
-    evidence = {"tensors": n, "example_path": example, "steps": steps,
-                "first_sequence_nr": int(min(g.min_seq for g in gs)),
-                "saved_bytes": int(saved_bytes), "tensor_bytes": int(tensor_bytes)}
-    what = f"{n} tensor{'s' if n > 1 else ''} (grad_fn {gs[0].grad_fn}, {nodes} graph nodes)"
-    made = f"; created by {origin}" if origin else ""
-    if kind == "retained_graph":
-        span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
-        return Finding(
-            kind=kind, severity="error", bytes=int(nbytes), holder=holder, evidence=evidence,
-            message=f"{what} with autograd history from step {span} still alive after later "
-                    f"steps' backward, pinning {fmt_bytes(nbytes)}{made}",
-            fix=_fix_for(example, gs[0].numel, gs[0].grad_fn))
-    return Finding(
-        kind=kind, severity="warning", bytes=int(saved_bytes), holder=holder,
-        evidence=evidence,
-        message=f"{what} built in step {steps[-1]} that backward never used: its graph kept "
-                f"{fmt_bytes(saved_bytes)} of saved tensors alive through backward and the optimizer "
-                f"step{made}",
-        fix="compute it under torch.no_grad() or from .detach()ed inputs (e.g. keep "
-            "attention maps with .detach() before deriving rollouts or metrics from them)")
+class _Context:
+    """What every finding of one check needs: the profile, the steps, the allocations alive
+    at the end (what was allocated while tracking), the backward calls with retain_graph."""
+
+    def __init__(self, profile: Profile, boundaries, last_step: int, old_ids: set[int]):
+        self.profile, self.boundaries, self.last_step = profile, boundaries, last_step
+        self.old_ids = old_ids
+        self.alive = _alive_allocations(profile)
+        self.retain_roots = sorted({r for c in profile.run.records.get("backward") or []
+                                    if c.get("retain_graph") for r in c["roots"]})
+        self.param_shapes = {tuple(p.shape) for p in profile.run.live.params}
+
+    def step_of(self, seq: int) -> int:
+        return bisect.bisect_right(self.boundaries, seq) - 1
+
+    def pinned(self, gs) -> tuple[int, int, int]:
+        """(total, saved, held) bytes the bug pins: saved tensors allocated while tracking
+        and still held by the graphs, plus the holders' own tensors made before the last
+        step (the current step's outputs are alive in a correct loop too)."""
+        step = self.profile.memory["step"]
+        saved = {p: b for g in gs for p, b in g.saved.items() if p in self.alive}
+        held = {g.storage: g.nbytes for g in gs
+                if g.storage in self.alive and g.storage not in saved
+                and step[self.alive[g.storage]] < self.last_step}
+        return sum(saved.values()) + sum(held.values()), sum(saved.values()), sum(held.values())
+
+    def finding(self, names, gs, holders) -> Finding:
+        old = [g for g in gs if id(g) in self.old_ids]
+        retained = any(self._retained(g) for g in gs)
+        kind = ("retained_graph" if old else "retain_graph" if retained else "unused_graph")
+        holder = " and ".join(names)
+        nbytes, saved_bytes, held_bytes = self.pinned(gs)
+        steps = sorted({self.step_of(g.min_seq) for g in gs})
+        origin = _origin(self.profile, self.alive, [g.storage for g in gs])
+        paths = sorted({holders[g.tensor_id] for g in gs if g.tensor_id in holders})
+        n, nodes = len(gs), sum(g.nodes for g in gs)
+        # saved tensors still held and no retain_graph: backward never ran through them
+        never_backward = any(g.saved and not self._retained(g) for g in gs)
+        evidence = {"tensors": n, "example_path": paths[0] if paths else names[0],
+                    "paths": paths[:MAX_PATHS_LISTED], "paths_total": len(paths),
+                    "steps": steps, "first_sequence_nr": int(min(g.min_seq for g in gs)),
+                    "saved_bytes": int(saved_bytes), "tensor_bytes": int(held_bytes),
+                    "retain_graph": retained}
+        inside = ""
+        if len(paths) > 1:
+            more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+            inside = f" at {len(paths)} paths ({', '.join(paths[:3])}{more})"
+        what = (f"{n} tensor{'s' if n > 1 else ''} (grad_fn {gs[0].grad_fn}, {nodes} graph "
+                f"nodes){inside}")
+        made = f"; created by {origin}" if origin else ""
+        fix = fix_text(kind, names, paths, gs, retained=retained,
+                       never_backward=never_backward, param_shapes=self.param_shapes)
+        if kind == "retained_graph":
+            span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
+            message = (f"{what} with autograd history from step {span} still alive after "
+                       f"later steps' backward, pinning {fmt_bytes(nbytes)}{made}")
+            severity = "error"
+        elif kind == "retain_graph":
+            message = (f"{what}: backward ran through this graph with retain_graph=True, so "
+                       f"its {fmt_bytes(saved_bytes)} of saved tensors stay alive through the "
+                       f"optimizer step and the next forward{made}")
+            severity = "warning"
+        else:
+            message = (f"{what} built in step {steps[-1]} that backward never used: its graph "
+                       f"kept {fmt_bytes(saved_bytes)} of saved tensors alive through backward "
+                       f"and the optimizer step{made}")
+            severity = "warning"
+        return Finding(kind=kind, severity=severity, bytes=int(nbytes), holder=holder,
+                       evidence=evidence, message=message, fix=fix)
+
+    def _retained(self, g) -> bool:
+        """Backward ran with retain_graph=True from a root inside this graph's range."""
+        i = bisect.bisect_left(self.retain_roots, g.min_seq)
+        return i < len(self.retain_roots) and self.retain_roots[i] <= g.max_seq
 
 
 def _alive_allocations(profile: Profile) -> dict[int, int]:

@@ -21,7 +21,10 @@ Per optimizer step (the window between two ``step`` markers):
 - other: the rest of the wall time (loss computation, zero_grad, logging, ...);
 - micro-steps: forward passes followed by a backward pass (a forward -> backward transition);
 - samples: the micro-batch size of each micro-step, summed.
-Statistics are medians with p10/p90 over the steps after ``warmup`` (default 1) warm-up steps.
+Statistics are medians with p10/p90 over the steps after ``warmup`` (default 1) warm-up steps,
+leaving out the steps in which torch.compile compiled (record.compile_watch).
+In a distributed run, communication (collectives in flight) and compute (the rest) are added
+per step by analyse.communication.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from ..finding import Finding
 from ..profile import Profile
+from .communication import add_to as _add_communication
 from ..stats import describe as _stats
 
 WARMUP_STEPS = 1
@@ -180,11 +184,14 @@ def _entries_from_profile(profile: Profile) -> list[tuple[str, int, int]]:
 
 
 def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
-            batch_override: int | None = None, gpu: dict | None = None) -> dict[str, Any]:
-    """The throughput summary (plain data) from time-ordered (label, t_ns, value) entries."""
+            batch_override: int | None = None, gpu: dict | None = None,
+            compiled_steps=()) -> dict[str, Any]:
+    """The throughput summary (plain data) from time-ordered (label, t_ns, value) entries;
+    `compiled_steps` (step indices) are left out like warm-up steps."""
     rows = phase_table(entries, batch_override)
     n = len(rows["wall_ms"])
-    keep = list(range(min(warmup, n), n))
+    compiled = {int(i) for i in compiled_steps if min(warmup, n) <= int(i) < n}
+    keep = [i for i in range(min(warmup, n), n) if i not in compiled]
     pick = {k: [v[i] for i in keep] for k, v in rows.items()}
     stats = {k: _stats(pick[k]) for k in COLUMNS}
     stats["loader_ms"] = _stats(pick["loader_ms"])
@@ -204,6 +211,7 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         # time inside DataLoader.__next__ was measured (record.throughput patches it)
         "data_loader_seen": any(e[0] == "data_start" for e in entries),
         "warmup_steps_excluded": min(warmup, n),
+        "compile_steps_excluded": len(compiled),
         "steps": n,
         "steps_measured": len(keep),
         "micro_steps_per_step": micro_med,
@@ -230,16 +238,18 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
     batch = rec.get("batch_override")
     warmup = WARMUP_STEPS if warmup is None else int(warmup)
     gpu = rec.get("gpu")
+    compiled = (profile.run.records.get("compile") or {}).get("steps", ())
     timeline = rec.get("cuda_timeline")
     if timeline:
         out = compute([tuple(x) for x in timeline], clock="cuda_events", warmup=warmup,
-                      batch_override=batch, gpu=gpu)
+                      batch_override=batch, gpu=gpu, compiled_steps=compiled)
     else:
         out = compute(_entries_from_profile(profile), clock="host", warmup=warmup,
-                      batch_override=batch, gpu=gpu)
+                      batch_override=batch, gpu=gpu, compiled_steps=compiled)
         if rec.get("cuda"):
             out["note"] = f"CUDA events unavailable ({rec.get('cuda_error')}); host clock used"
     out["batch_override"] = batch
+    _add_communication(out, profile)   # distributed runs: collectives in flight per step
     return out
 
 
@@ -258,8 +268,11 @@ def starvation_findings(summary: dict) -> list[Finding]:
         return []
     clock = ("GPU idle time (CUDA events)" if summary["clock"] == "cuda_events"
              else "host time")
+    compiled = summary.get("compile_steps_excluded")
     rule = (f"{clock}, over {summary['steps_measured']} steps after "
-            f"{summary['warmup_steps_excluded']} warm-up step(s); threshold "
+            f"{summary['warmup_steps_excluded']} warm-up step(s)"
+            + (f" and without {compiled} step(s) that compiled" if compiled else "")
+            + "; threshold "
             f"{100 * STARVATION_FRACTION:.0f}% of the median step and {MIN_WAIT_MS:g} ms")
     share = (f"{100 * frac['median']:.0f}% of each step (median {wait['median']:.1f} ms of "
              f"{wall['median']:.1f} ms, p90 {100 * frac['p90']:.0f}%; {rule})")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
+import sys
 from typing import Any
 
 from .base import Command, UsageError
@@ -44,28 +46,51 @@ class RecommendCommand(Command):
     def add_arguments(self, r: argparse.ArgumentParser) -> None:
         r.add_argument("--gpu", required=True,
                        help="GPU name (see `memprof gpus`), e.g. v100-16gb")
+        from ..models import MODELS
         r.add_argument("--model", required=True,
-                       help="built-in model name or package.module:factory (factory() -> "
-                            "nn.Module)")
+                       help=f"a built-in model ({', '.join(MODELS)}; see memprof.models) or "
+                            "module:factory, factory(**model args) -> nn.Module, imported "
+                            "with the current directory on the path as `python -m` does "
+                            "(e.g. mymodels:build for build() in ./mymodels.py)")
         r.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
                        help="keyword for the model's constructor or factory, repeatable (e.g. "
                             "attention_backend=fused: DCAL with memprof's fused attention)")
-        r.add_argument("--effective-batch", type=int, required=True,
-                       help="samples per optimizer step (micro-batch x accumulation)")
+        r.add_argument("--effective-batch", type=int,
+                       help="samples per optimizer step (micro-batch x accumulation); default: "
+                            "the batch function's own batch size (its first parameter's "
+                            "default, as in def batch(batch_size=32))")
         r.add_argument("--precision", action="append", metavar="P",
                        help="fp32, fp16, bf16 (repeat or comma-separate; default: all the GPU "
                             "has)")
         r.add_argument("--checkpointing", metavar="POLICIES",
                        help="comma-separated policies (default none,every,every-2,selective)")
         r.add_argument("--blocks", help="qualified name of the repeated blocks to checkpoint")
+        r.add_argument("--gpus", type=int, metavar="N",
+                       help="plan one rank of a data-parallel job on N GPUs (the world size); "
+                            "--effective-batch is then the global batch, N x micro-batch x "
+                            "accumulation, and the LR advice scales for it")
+        r.add_argument("--strategy", metavar="S",
+                       help="with --gpus (default ddp): ddp (everything replicated), zero1 "
+                            "(optimizer state sharded), zero2 = fsdp-grad-op (+ gradients), "
+                            "zero3 = fsdp-full = fsdp (+ parameters, all-gathered per block); "
+                            "see memprof.plan.distributed")
+        r.add_argument("--nodes", type=int, metavar="M",
+                       help="with --gpus: the GPUs are spread over M nodes (default 1); "
+                            "communication then crosses the network")
         r.add_argument("--optimizer", default="adamw", help="adamw (default), adam or sgd")
         r.add_argument("--input-shape", help="per-sample input shape for a classification "
                                              "batch, e.g. 3,224,224 (models given as "
                                              "module:factory)")
         r.add_argument("--num-classes", type=int, help="classes for --input-shape (default: "
                                                        "inferred from the model's output)")
-        r.add_argument("--batch-fn", help="package.module:function, function(batch_size) -> "
-                                          "(inputs, targets)")
+        r.add_argument("--batch-fn", metavar="MODULE:FUNCTION",
+                       help="how a batch of your model looks: function(batch_size) returns "
+                            "(inputs, targets) or inputs alone, with random tensors of the "
+                            "real shapes and dtypes; inputs a tensor (model(x)), a tuple "
+                            "(model(*x)) or a dict (model(**x), e.g. input_ids and labels for "
+                            "a Hugging Face model). No loss is needed: the model's own "
+                            "outputs.loss is used when it returns one, else cross-entropy "
+                            "(integer targets), MSE (float targets) or a stand-in scalar")
         r.add_argument("--base-lr", type=float, help="LR of the recipe at --base-batch")
         r.add_argument("--base-batch", type=int, help="batch size --base-lr was tuned for")
         r.add_argument("--lr", type=float,
@@ -74,6 +99,9 @@ class RecommendCommand(Command):
                        help="warmup in micro-steps (batches): converted to optimizer steps")
         r.add_argument("--no-confirm", action="store_true",
                        help="skip the confirming estimate at each boundary (faster)")
+        r.add_argument("--workers", type=int, metavar="N",
+                       help="processes estimating side by side (default: the usable cores; "
+                            "1: all in this one)")
         r.add_argument("--all", action="store_true", help="show every option, not a summary")
         r.add_argument("--json", action="store_true", help="print the plan as JSON")
         r.add_argument("--html", metavar="FILE",
@@ -82,6 +110,50 @@ class RecommendCommand(Command):
                             "line, the best option marked)")
 
     def run(self, args: argparse.Namespace) -> int:
+        """With the current directory first on the import path (as `python -m` puts it), so
+        that --model / --batch-fn name modules next to where the command is typed."""
+        added = os.getcwd() not in sys.path
+        if added:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return self._run(args)
+        finally:
+            if added and os.getcwd() in sys.path:
+                sys.path.remove(os.getcwd())
+
+    def _effective_batch(self, args: argparse.Namespace) -> int:
+        """--effective-batch, or the batch function's own batch size; else why it is needed."""
+        if args.effective_batch is not None:
+            return args.effective_batch
+        if args.batch_fn is None:
+            raise UsageError(f"--effective-batch: required (samples per optimizer step): "
+                             f"--model {args.model} has no batch size of its own; give e.g. "
+                             "--effective-batch 32")
+        from ..plan.workloads import own_batch_size
+        n = own_batch_size(args.batch_fn)
+        if n is None:
+            raise UsageError(f"--effective-batch: required (samples per optimizer step): "
+                             f"--batch-fn {args.batch_fn} has no default batch size; give "
+                             "e.g. --effective-batch 32, or define it as "
+                             "def batch(batch_size=32)")
+        return n
+
+    @staticmethod
+    def _distributed(args: argparse.Namespace):
+        """--gpus / --strategy / --nodes -> a memprof.plan.distributed spec, or None."""
+        if args.gpus is None:
+            for flag, value in (("--strategy", args.strategy), ("--nodes", args.nodes)):
+                if value is not None:
+                    raise UsageError(f"{flag} {value}: give --gpus N too (the world size)")
+            return None
+        from ..plan.distributed import data_parallel
+        from ..plan.errors import PlanInputError
+        try:
+            return data_parallel(args.strategy or "ddp", args.gpus, args.nodes or 1)
+        except PlanInputError as e:
+            raise UsageError(f"--{e}") from None
+
+    def _run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
 
         from ..plan.gpus import NoGPUError, lookup
@@ -100,13 +172,15 @@ class RecommendCommand(Command):
                 and args.batch_fn is None:
             raise UsageError(f"--model {args.model}: give --input-shape (e.g. 3,224,224) or "
                              "--batch-fn")
+        distributed = self._distributed(args)
         kw = dict(model=args.model, model_kwargs=parse_model_args(args.model_arg),
                   batch=args.batch_fn, optimizer=args.optimizer, gpu=args.gpu,
-                  effective_batch=args.effective_batch, precisions=precisions,
+                  effective_batch=self._effective_batch(args), precisions=precisions,
                   policies=_csv(args.checkpointing), base_lr=args.base_lr,
                   base_batch=args.base_batch, lr=args.lr, warmup_steps=args.warmup_steps,
                   input_shape=args.input_shape, num_classes=args.num_classes,
-                  confirm=not args.no_confirm, blocks=args.blocks)
+                  confirm=not args.no_confirm, blocks=args.blocks, distributed=distributed,
+                  workers=args.workers)
         with search_progress(Console(stderr=True)) as progress:
             plan = recommend(progress=progress, **kw)
         if args.json:

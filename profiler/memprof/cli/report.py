@@ -11,10 +11,13 @@ class ReportCommand(Command):
     name = "report"
     help = "print the report of a saved profile"
     description = ("Print the report of a profile saved by memprof.track(path=...) or memprof "
-                   "run; optionally export it and fail when it has findings.")
+                   "run; optionally export it and fail when it has findings. Several files "
+                   "(the ranks of one torchrun job, e.g. run.rank*.memprof) are merged into "
+                   "one report: peak per rank, imbalance, findings once with their ranks.")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("profile")
+        parser.add_argument("profile", nargs="+",
+                            help="a .memprof file, or the files of one job's ranks")
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument("--top", type=int, default=8, help="rows per table (default 8)")
         parser.add_argument("--export", action="append", metavar="FILE",
@@ -30,7 +33,9 @@ class ReportCommand(Command):
     def run(self, args) -> int:
         import memprof
         from memprof.analyse import summary
-        prof = memprof.load(args.profile)
+        if len(args.profile) > 1:
+            return _run_merged(args)
+        prof = memprof.load(args.profile[0])
         if args.budget:
             _apply_budget(prof, args.budget)
         if args.json:
@@ -44,6 +49,26 @@ class ReportCommand(Command):
         if args.fail_on_findings and memprof.findings(prof):
             return 3
         return 0
+
+
+def _run_merged(args) -> int:
+    """Several files: the ranks of one job, merged (memprof.analyse.ranks)."""
+    import memprof
+    from memprof.analyse.ranks import merge_ranks
+    if args.budget:
+        raise UsageError(f"--budget: replays one profile; got {len(args.profile)} files "
+                         "(give one rank's file)")
+    merged = merge_ranks([memprof.load(p) for p in args.profile], sources=args.profile)
+    if args.json:
+        print(json.dumps(merged.summary(), indent=1, default=str))
+    else:
+        memprof.show(merged, top=args.top)
+    for path in args.export or []:
+        print(f"exported {memprof.export(merged, path)}")
+    if args.fail_on_findings and any(f.severity in ("error", "warning")
+                                     for f in merged.findings):
+        return 3
+    return 0
 
 
 def parse_budget(spec: str | None):

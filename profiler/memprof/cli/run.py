@@ -5,14 +5,17 @@ import argparse
 import builtins
 import json
 import os
+import re
 import sys
 import traceback
 import types
 
 from ..record.patches import PatchRegistry
+from ..units import fmt_bytes
 from .base import Command, UsageError
 from .report import parse_budget
 from .signals import ExitSignals, Terminated
+from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
 
 
 class RunCommand(Command):
@@ -20,13 +23,26 @@ class RunCommand(Command):
     help = "profile an unmodified training script"
     description = ("Run a Python script under memprof.track(auto_modules=True), then print the "
                    "report and save the profile. Options for memprof come before the script; "
-                   "everything after the script's name is passed to the script.")
+                   "everything after the script's name is passed to the script. "
+                   "Distributed: `memprof run --nproc-per-node N script.py` starts N ranks on "
+                   "this machine with torch.distributed's launcher (torchrun --standalone); on "
+                   "several nodes run `torchrun [its options] -m memprof.cli run script.py` on "
+                   "each. Each rank records itself and saves <output>.rank<R>.memprof (rank, "
+                   "world size and backend in its meta, collectives timed, DDP/FSDP "
+                   "communication buffers categorised); rank 0 prints its report, `memprof "
+                   "report <name>.rank*.memprof` merges them.")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("script")
         parser.add_argument("script_args", nargs=argparse.REMAINDER)
         parser.add_argument("-o", "--output", help="profile file (default: <script>.memprof)")
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+        parser.add_argument("--nproc-per-node", type=int, metavar="N",
+                            help="run the script as N ranks of a torch.distributed job on this "
+                                 "machine (torchrun --standalone --nproc-per-node N); each "
+                                 "rank saves <output>.rank<R>.memprof")
+        self._parser = parser   # its options are passed on to each rank
+        parser.add_argument("--step-on", metavar="WHAT", help=STEP_ON_HELP)
         parser.add_argument("--budget", metavar="GPU",
                             help="also replay the run against a GPU's usable memory (a name "
                                  "from `memprof gpus`, or bytes): where it would run out")
@@ -34,6 +50,8 @@ class RunCommand(Command):
     def run(self, args) -> int:
         if not os.path.isfile(args.script):
             raise UsageError(f"script {args.script!r}: no such file")
+        if args.nproc_per_node is not None:
+            return self._launch(args)
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
         output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
         _check_output(output)
@@ -42,11 +60,12 @@ class RunCommand(Command):
         patches.set(sys, "path", [os.path.dirname(os.path.abspath(args.script))] + sys.path)
         try:
             with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
-                return signals.status(self._run_script(args, output, signals))
+                return signals.status(self._run_script(args, output, signals, patches))
         finally:
             patches.restore()
 
-    def _run_script(self, args, output: str, signals: ExitSignals) -> int:
+    def _run_script(self, args, output: str, signals: ExitSignals,
+                    patches: PatchRegistry) -> int:
         import memprof
         from memprof.analyse import summary
         status = 0
@@ -58,7 +77,10 @@ class RunCommand(Command):
             traceback.print_exception(exc.__class__, exc, None, file=sys.stderr)
             return 1
         main = _main_module(args.script)
-        tracker = memprof.track(auto_modules=True, path=output, budget=args.budget)
+        tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
+                                step_on=track_mode(args.step_on))
+        code = install_step_on(args.step_on, code, source, args.script, tracker.step,
+                               patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
         # the script's globals are searched for holders of leaked tensors, even if it raises
         tracker.roots.append(("", main.__dict__))
@@ -81,17 +103,70 @@ class RunCommand(Command):
             status = 1
         finally:
             sys.modules["__main__"] = saved_main
+        rank = tracker.profile.meta.get("rank") if tracker.profile is not None else None
         if tracker.profile is not None:
-            if args.json:
+            if rank:   # one report per job on the terminal: rank 0's; the others one line
+                print(f"memprof: rank {rank} peak {fmt_bytes(tracker.profile.peak)}",
+                      file=sys.stderr if args.json else sys.stdout)
+            elif args.json:
                 print(json.dumps(summary(tracker), indent=1, default=str))
             else:
                 memprof.show(tracker)
-        if tracker.saved == output:
-            print(f"profile saved to {output}", file=sys.stderr if args.json else sys.stdout)
+        if tracker.saved is not None:   # under torchrun: <output>.rank<R>.memprof
+            print(f"profile saved to {tracker.saved}",
+                  file=sys.stderr if args.json else sys.stdout)
+            if rank == 0 and not args.json:
+                print(f"merge the ranks: memprof report {rank_glob(tracker.saved)}")
             return status
         if tracker.profile is None:   # else the tracker said why it could not save
             print(f"memprof: the profile was not saved to {output}", file=sys.stderr)
         return status or 1
+
+    def _launch(self, args) -> int:
+        """`--nproc-per-node N`: torch.distributed's elastic launcher starts N processes,
+        each `python -m memprof.cli run [these options] script args` as one rank."""
+        if args.nproc_per_node < 1:
+            raise UsageError(f"--nproc-per-node {args.nproc_per_node}: expected a positive "
+                             "number of processes")
+        parse_budget(args.budget)   # bad input fails here, once, not in every rank
+        output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
+        _check_output(output)
+        from torch.distributed import run as torchrun
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        launcher = torchrun.get_args_parser().parse_args(
+            ["--standalone", "--nproc-per-node", str(args.nproc_per_node), "--module",
+             "memprof.cli", "run", "-o", output] + self._memprof_options(args)
+            + [args.script] + list(args.script_args))
+        try:
+            torchrun.run(launcher)
+        except ChildFailedError as err:   # the launcher stops the other ranks: name the first
+            rank, first = err.get_first_failure()
+            print(f"memprof run: rank {rank} failed first (exit {first.exitcode}); "
+                  f"{len(err.failures)} of {args.nproc_per_node} ranks did not finish",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    def _memprof_options(self, args) -> list[str]:
+        """The memprof options given on this command line, as each rank's command line
+        (the launcher's own and --output, passed separately, left out)."""
+        out: list[str] = []
+        for action in self._parser._actions:
+            if not action.option_strings or action.dest in ("help", "nproc_per_node",
+                                                              "output"):
+                continue
+            value = getattr(args, action.dest, None)
+            if value is None or value is False or value == action.default:
+                continue
+            flag = action.option_strings[-1]
+            values = value if isinstance(value, list) else [value]
+            out += [flag] if value is True else [x for v in values for x in (flag, str(v))]
+        return out
+
+
+def rank_glob(saved: str) -> str:
+    """`run.rank0.memprof` -> `run.rank*.memprof`: every rank's file of the job."""
+    return re.sub(r"\.rank\d+(\.[^.]*)$", r".rank*\1", saved)
 
 
 def _main_module(script: str) -> types.ModuleType:

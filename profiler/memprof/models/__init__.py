@@ -46,8 +46,10 @@ class Workload(NamedTuple):
 
 
 def _device_dtype(model: nn.Module):
+    """Where batches go: the model's device, the CPU for a model built on meta (memprof's
+    plans build the built-ins there and estimate on fake CPU tensors)."""
     p = next(model.parameters())
-    return p.device, p.dtype
+    return (torch.device("cpu") if p.device.type == "meta" else p.device), p.dtype
 
 
 def _image_batch(model, num_classes: int, img: int, chans: int, pair: bool = False):

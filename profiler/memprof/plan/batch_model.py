@@ -12,7 +12,9 @@ from .streams import reserved_peak, step_stream
 if TYPE_CHECKING:
     from .estimate import Estimate
 
-__all__ = ["BatchModel", "Prediction"]
+__all__ = ["BatchModel", "Prediction", "SEARCH_LIMIT"]
+
+SEARCH_LIMIT = 1 << 16   # the largest micro-batch max_batch tries: an answer "at least this"
 
 
 @dataclass
@@ -53,7 +55,10 @@ class BatchModel:
     replays the synthesized stream, so any batch is predicted (peak and reserved) without
     another fake run. Otherwise the peaks themselves are interpolated linearly."""
 
-    def __init__(self, lo: Estimate, hi: Estimate):
+    def __init__(self, lo: Estimate, hi: Estimate, stream=None):
+        """stream(profile, variant) -> (ptr, size): default `streams.step_stream`; a
+        distributed plan passes one rank's (memprof.plan.distributed)."""
+        stream = stream or step_stream
         if lo.batch_size >= hi.batch_size:
             lo, hi = hi, lo
         if lo.batch_size == hi.batch_size:
@@ -65,8 +70,8 @@ class BatchModel:
         self.exact = _same_op_sequence(pl, ph)
         if self.exact:
             for variant in ("steady", "accumulate", "first"):
-                p1, s1 = step_stream(pl, variant)
-                _, s2 = step_stream(ph, variant)
+                p1, s1 = stream(pl, variant)
+                _, s2 = stream(ph, variant)
                 self._streams[variant] = (p1, s1.astype(np.float64), s2.astype(np.float64))
         self._cache: dict = {}
 
@@ -105,8 +110,9 @@ class BatchModel:
         self._cache[key] = p
         return p
 
-    def max_batch(self, budget: int, accumulation: int = 1, limit: int = 1 << 16) -> int:
-        """Largest micro-batch whose predicted reserved bytes stay within budget (0: none)."""
+    def max_batch(self, budget: int, accumulation: int = 1, limit: int = SEARCH_LIMIT) -> int:
+        """Largest micro-batch whose predicted reserved bytes stay within budget (0: none;
+        `limit`: the search stopped there, so the answer is 'at least limit')."""
         def ok(b):
             return self.predict(b, accumulation).peak_reserved <= budget
         if not ok(1):

@@ -23,12 +23,33 @@ memory-efficient -> math)
                Backward (flash_api.cpp mha_bwd) allocates two fp32 scratch buffers while it
                runs: dq_accum (B x round128(S_q) x H x round32(D), D > 192: 256) and softmax_d
                (B x H x round128(S_q)).
+               Grouped-query heads (enable_gqa, H_kv < H): flash takes them natively
+               (`check_batch_size_and_num_heads_dense<true>` in its constraints): k and v
+               are saved unexpanded; the backward allocates dk_expanded and dv_expanded
+               (B x S_k x H x D each, q's dtype) and sums them into dk, dv.
     efficient  NVIDIA sm50..sm121; fp16/fp32 (+ bf16 on sm80+); q and k the same head dim,
                q/v head dims divisible by the GEMM alignment (16-bit: 8; fp32: 4 on sm80+,
                1 before - `minimum_gemm_alignment`); any additive mask; dropout.
                Saves q, k, v, the mask, out, logsumexp (B x H x round32(S_q) fp32) and the
                philox seed/offset - `_scaled_dot_product_efficient_attention`. A bool mask
                is first converted to an additive one in q's dtype (`convert_boolean_attn_mask`).
+               No grouped-query heads (`check_batch_size_and_num_heads_dense<false>`): those
+               go to math, which expands k and v (repeat_interleave copies).
+               Backward scratch (attention_backward.cu `_efficient_attention_backward`, the
+               kernel `AttentionBackwardKernel` of mem_eff_attention/kernel_backward.h, picked
+               as kernels/generate_kernels.py orders them: aligned, no dropout variant when
+               none is needed, the smallest kMaxK >= max(D, Dv), then the larger block):
+               block_i = 128 when kMaxK > 64 on sm80/sm90/sm100 (64 elsewhere: less shared
+               memory), output_in_rf = half and kMaxK <= block_i, block_j = 128 when
+               (half, sm80+, output_in_rf and kMaxK > 64), else 64. It allocates `delta`
+               (B x H x S_q fp32) when the kernel computes it (half and (output_in_rf or not
+               sm70)), else the composite (grad_out.float() * out.float()).sum(-1) (its
+               temporaries while the expression lives), and a workspace of
+               B x H x round4(gq + gk + gv) fp32: gq = ceil(S_q/block_i) x ceil(D/block_j) x
+               (block_i x block_j + 4) (the split-keys dQ accumulator, always on),
+               gk/gv (half, not output_in_rf) = splits x round(S_k, block_j) x round(D or Dv,
+               block_i), splits = ceil(S_k/block_j), 1 when B*H >= 256 and S_k <= 2 block_j,
+               at most 200 // (B*H), at least 1.
     math       anything else: the composite `_scaled_dot_product_attention_math` - fp16/bf16
                inputs upcast to fp32 (default `allowFP16BF16ReductionMathSDP` = False), the
                B x H x S_q x S_k scores and probabilities are kept, and dropout on CUDA is the
@@ -46,9 +67,12 @@ cuBLAS / cuBLASLt workspaces (aten/src/ATen/cuda/CublasHandlePool.cpp)
     sm12x; ROCm 32 MiB, 128 MiB on gfx94x/gfx95x (MI300). cuBLASLt shares it (the unified
     workspace is the default).
 
-Not modelled (named in every plan's assumptions): cuDNN convolution workspaces (the algorithm
-and its workspace are picked at run time from what is free), the memory-efficient backward's
-own scratch, NCCL buffers. The CUDA context is not in the step: `memprof.plan.gpus` subtracts
+Not modelled (named in every plan's assumptions): cuDNN convolution workspaces - their size is
+what cuDNN reports for the algorithm it picks (cudnnGet*WorkspaceSize), known only with cuDNN;
+PyTorch asks for it through the caching allocator and never lets it cause an OOM by itself:
+Conv_v7.cpp caps benchmarked workspaces at the allocator's largest free block, and both
+Conv_v7.cpp and Conv_v8.cpp catch the allocation failure and try the next algorithm (down to
+ones without workspace). NCCL buffers. The CUDA context is not in the step: `memprof.plan.gpus` subtracts
 it from the usable memory.
 """
 from __future__ import annotations
@@ -63,12 +87,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["KernelTarget", "target_for", "sdpa_backend", "cublas_workspace_bytes",
+           "flash_backward_scratch", "efficient_backward_scratch",
            "CudaKernels", "KernelScratch", "FLASH", "EFFICIENT", "MATH", "NOT_MODELLED"]
 
 FLASH, EFFICIENT, MATH = "flash", "efficient", "math"
 _LOW = (torch.float16, torch.bfloat16)
-NOT_MODELLED = ("cuDNN convolution workspaces", "memory-efficient attention backward scratch",
-                "NCCL buffers")
+NOT_MODELLED = ("cuDNN convolution workspaces (sized by cuDNN at run time; PyTorch falls back "
+                "to smaller-workspace algorithms rather than run out of memory)", "NCCL buffers")
 
 
 @dataclass(frozen=True)
@@ -110,12 +135,53 @@ def _round(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def flash_backward_scratch(q_shape, head_dim: int) -> int:
-    """Bytes of flash backward's dq_accum + softmax_d (fp32) for q of shape (B, H, S_q, D)."""
+def flash_backward_scratch(q_shape, head_dim: int, k_shape=None, itemsize: int = 2) -> int:
+    """Bytes of flash backward's dq_accum + softmax_d (fp32) for q of shape (B, H, S_q, D), and
+    with grouped-query k of shape (B, H_kv, S_k, D), H_kv < H, its dk/dv_expanded."""
     b, h, s = int(q_shape[0]), int(q_shape[1]), int(q_shape[2])
     d = _round(head_dim, 32) if head_dim <= 192 else 256
     sq = _round(s, 128)
-    return 4 * (b * sq * h * d + b * h * sq)
+    n = 4 * (b * sq * h * d + b * h * sq)
+    if k_shape is not None and int(k_shape[1]) != h:
+        n += 2 * b * int(k_shape[2]) * h * head_dim * itemsize
+    return n
+
+
+def _efficient_blocks(t: KernelTarget, half: bool, max_k: int) -> tuple[int, int, bool]:
+    """(block_i, block_j, output_in_rf) of the backward kernel dispatched (module docstring)."""
+    kmax = next(m for m in (32, 64, 128, 1 << 16) if max_k <= m)
+    big_smem = t.compute_capability in ((8, 0), (9, 0)) or t.compute_capability[0] == 10
+    bi = 128 if (kmax > 64 and big_smem) else 64
+    in_rf = half and kmax <= bi
+    bj = 128 if (half and t.compute_capability >= (8, 0) and in_rf and kmax > 64) else 64
+    return bi, bj, in_rf
+
+
+def efficient_backward_scratch(t: KernelTarget, q_shape, k_shape, dv: int,
+                               dtype: torch.dtype) -> int:
+    """Bytes `_efficient_attention_backward` allocates beyond dq, dk, dv for q (B, H, S_q, D),
+    k (B, H, S_k, D) and v's head dim `dv` on `t` (module docstring)."""
+    b, h, m, d = (int(x) for x in q_shape)
+    n = int(k_shape[2])
+    half = dtype in _LOW
+    if t.rocm:   # AOTriton: delta (B x H x S_q fp32) unless its fused backward runs
+        fused = max(d, dv) <= 192 and max(d, dv) * m < 64 * 512
+        return 0 if fused else 4 * b * h * m
+    bi, bj, in_rf = _efficient_blocks(t, half, max(d, dv))
+    if half and (in_rf or t.compute_capability[0] != 7):
+        delta = 4 * b * h * m
+    else:   # (grad_out.float() * out.float()).sum(-1): casts (half only), product, sum
+        delta = 4 * b * m * h * dv * (3 if half else 1) + 2 * 4 * b * h * m
+    gq = -(-m // bi) * -(-d // bj) * (bi * bj + 4)
+    gk = gv = 0
+    if half and not in_rf:
+        splits = -(-n // bj)
+        if b * h >= 256 and n <= 2 * bj:
+            splits = 1
+        splits = max(1, min(splits, 200 // (b * h)))
+        gk = splits * _round(n, bj) * _round(d, bi)
+        gv = splits * _round(n, bj) * _round(dv, bi)
+    return delta + 4 * b * h * _round(gq + gk + gv, 4)
 
 
 # ------------------------------------------------------------------------------ SDPA choice
@@ -143,8 +209,10 @@ def _can_efficient(t: KernelTarget, q, k, v, dropout_p, enable_gqa) -> bool:
     dq, dk, dv = _head_dims(q, k, v)
     major = t.compute_capability[0]
     half = q.dtype in _LOW
+    if q.shape[-3] != k.shape[-3] or k.shape[-3] != v.shape[-3]:
+        return False                    # no grouped-query heads (module docstring)
     if t.rocm:
-        if t.compute_capability < (9, 0) or (enable_gqa and q.shape[-3] != k.shape[-3]):
+        if t.compute_capability < (9, 0):
             return False
         align = 8 if half else 4
     else:
@@ -255,17 +323,15 @@ class CudaKernels(TorchFunctionMode):
         backend = sdpa_backend(self.target, q, k, v, mask, dropout_p, is_causal, needs_grad,
                                enable_gqa)
         self.applied[f"sdpa: {backend}"] += 1
-        if backend == FLASH:
-            kk, vv = _expand_gqa(q, k, v, enable_gqa)
+        if backend == FLASH:    # grouped-query heads natively: k, v not expanded
             return torch.ops.aten._scaled_dot_product_flash_attention(
-                q, kk, vv, dropout_p, is_causal, False, scale=scale)[0]
-        if backend == EFFICIENT:
-            kk, vv = _expand_gqa(q, k, v, enable_gqa)
+                q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+        if backend == EFFICIENT:    # same heads for q, k, v (GQA goes to math)
             mask = _additive_mask(mask, q.dtype)
             if mask is not None:
-                mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], kk.shape[2])
+                mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
             return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, kk, vv, mask, needs_grad, dropout_p, is_causal, scale=scale)[0]
+                q, k, v, mask, needs_grad, dropout_p, is_causal, scale=scale)[0]
         return math_sdpa(q, k, v, _additive_mask(mask, q.dtype), dropout_p, is_causal, scale,
                          enable_gqa)
 
@@ -293,9 +359,15 @@ class KernelScratch:
 
     def scratch(self, func, args) -> int:
         if func is _FLASH_BACKWARD:
-            q = args[1]
-            return flash_backward_scratch(q.shape, int(q.shape[-1]))
+            q, k = args[1], args[2]
+            return flash_backward_scratch(q.shape, int(q.shape[-1]), k.shape,
+                                          q.element_size())
+        if func is _EFFICIENT_BACKWARD:
+            q, k, v = args[1], args[2], args[3]
+            return efficient_backward_scratch(self.target, q.shape, k.shape,
+                                              int(v.shape[-1]), q.dtype)
         return 0
 
 
-_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_backward").default
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_backward.default
+_EFFICIENT_BACKWARD = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default

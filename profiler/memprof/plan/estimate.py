@@ -74,6 +74,7 @@ from .checkpoint import apply as apply_checkpointing
 from .checkpoint import parse_policy, resolve_blocks
 from .cuda_autocast import LOW_PRECISION_DTYPES, CudaAutocast, run_under
 from .cuda_kernels import CudaKernels, KernelScratch, target_for
+from .default_loss import default_loss
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .gpus import PRECISIONS
 from .meta_build import fake_like
@@ -187,29 +188,6 @@ def call_model(model, inputs):
     return model(inputs)
 
 
-def _default_loss(outputs, targets):
-    out = outputs
-    if hasattr(out, "loss") and getattr(out, "loss") is not None:
-        return out.loss
-    if hasattr(out, "logits"):
-        out = out.logits
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"loss: cannot make a loss of model output {type(outputs).__name__}; "
-                        "pass loss=")
-    if targets is None:
-        return out.float().mean()
-    if not targets.is_floating_point() and out.dim() >= 2:
-        if out.dim() > 2 and targets.shape == out.shape[:-1]:  # token-level labels
-            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
-                                                     targets.reshape(-1))
-        return torch.nn.functional.cross_entropy(out, targets)
-    return torch.nn.functional.mse_loss(out, targets)
-
-
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
@@ -245,7 +223,7 @@ class Estimator:
     every `step()` copies only the module structure around them."""
 
     def __init__(self, model: nn.Module, make_batch: Callable, loss_fn: Callable | None = None,
-                 *, optimizer="adamw", gpu=None):
+                 *, optimizer="adamw", gpu=None, param_dtype=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(make_batch):
@@ -253,7 +231,7 @@ class Estimator:
                             f"{type(make_batch).__name__}")
         from torch._subclasses.fake_tensor import FakeTensorMode
         self.make_batch = make_batch
-        self.loss_fn = loss_fn or _default_loss
+        self.loss_fn = loss_fn or default_loss
         self.optimizer = optimizer
         self.optimizer_name = optimizer if isinstance(optimizer, str) else \
             getattr(optimizer, "__name__", "custom")
@@ -271,8 +249,12 @@ class Estimator:
         memo: dict[int, Any] = {}
         for p in model.parameters():
             if id(p) not in memo:
-                memo[id(p)] = nn.Parameter(fake_like(self.fake_mode, p.detach()),
-                                           requires_grad=p.requires_grad)
+                t = fake_like(self.fake_mode, p.detach())
+                if param_dtype is not None and t.is_floating_point():
+                    # half-precision working weights (memprof.plan.distributed's ZeRO layout)
+                    with self.fake_mode:
+                        t = t.to(param_dtype)
+                memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad)
         for b in model.buffers():   # meta-built modules too (memprof.plan.meta_build)
             if id(b) not in memo:
                 memo[id(b)] = fake_like(self.fake_mode, b)

@@ -77,6 +77,9 @@ class GPU:
     generic: bool = False                      #: capacity-only entry: FLOP/s unknown
     vendor: str = "nvidia"                     #: "nvidia" | "amd" (ROCm: cc = gfx major/minor)
     note: str = ""                             #: how an ambiguous name was resolved
+    link: Optional[float] = None               #: GPU-to-GPU in a node, bytes/s per direction
+    link_kind: str = ""                        #: "nvlink3", "pcie4", ... (see _LINKS)
+    network: Optional[float] = None            #: inter-node bandwidth per GPU, bytes/s
 
     @property
     def memory_gib(self) -> float:
@@ -255,6 +258,46 @@ _TABLE = (
         192 * 10**9, 81.7 * TFLOPS, 653.7 * TFLOPS, 1307.4 * TFLOPS, 1307.4 * TFLOPS, 5.3e12,
         (9, 4), "estimate: datasheet 192 GB HBM3", vendor="amd"),
 )
+
+# ---- interconnect (issue 13: communication time of data-parallel plans). Bytes/s per
+# direction of one GPU, what a ring collective's bus bandwidth is bounded by; vendor GB = 10**9.
+# NVLink figures are the datasheets' "NVLink: N GB/s" totals, which count both directions,
+# halved. PCIe x16 per direction: gen3 15.75, gen4 31.5, gen5 63 GB/s (PCI-SIG; 128b/130b
+# encoding), the figure for cards whose NVLink is a 2-card bridge at most. `network` is the
+# per-GPU inter-node link of the usual multi-node system of that generation: DGX A100 has one
+# 200 Gb/s HDR InfiniBand adapter per GPU (25 GB/s), DGX H100/H200 and DGX B200 one 400 Gb/s
+# NDR adapter per GPU (50 GB/s) (NVIDIA DGX user guides); PCIe and consumer cards assume the
+# same 200 Gb/s HDR per GPU - an assumption, the plan says so.
+_HDR, _NDR = 25e9, 50e9
+_PCIE3, _PCIE4, _PCIE5 = ("pcie3", 15.75e9), ("pcie4", 31.5e9), ("pcie5", 63e9)
+_LINKS = {
+    # Tesla V100 datasheet (SXM2): NVLink 300 GB/s
+    "v100-16gb": (("nvlink2", 150e9), _HDR), "v100-32gb": (("nvlink2", 150e9), _HDR),
+    # Tesla V100 datasheet (PCIe): PCIe gen3 32 GB/s (both directions)
+    "v100-pcie-16gb": (_PCIE3, _HDR), "v100-pcie-32gb": (_PCIE3, _HDR),
+    "t4": (_PCIE3, _HDR),                        # T4 datasheet: PCIe gen3 x16
+    "a10g": (_PCIE4, _HDR), "l4": (_PCIE4, _HDR),  # A10 / L4 datasheets: PCIe gen4 x16
+    "rtx-3090": (_PCIE4, _HDR), "rtx-4090": (_PCIE4, _HDR), "rtx-4080": (_PCIE4, _HDR),
+    "rtx-4070": (_PCIE4, _HDR), "rtx-3080": (_PCIE4, _HDR),   # GeForce: PCIe gen4 x16
+    # A100 datasheet: SXM NVLink 600 GB/s; PCIe: PCIe gen4 64 GB/s (NVLink bridge: 2 GPUs)
+    "a100-40gb": (("nvlink3", 300e9), _HDR), "a100-80gb": (("nvlink3", 300e9), _HDR),
+    "a100-pcie-80gb": (_PCIE4, _HDR),
+    # H100 datasheet: SXM NVLink 900 GB/s; PCIe gen5 128 GB/s. H200 datasheet: NVLink 900 GB/s
+    "h100-80gb": (("nvlink4", 450e9), _NDR), "h100-pcie-80gb": (_PCIE5, _NDR),
+    "h200": (("nvlink4", 450e9), _NDR),
+    # RTX A6000, A40, A30, L40S datasheets: PCIe gen4 x16 (A6000/A40/A30 bridges: 2 GPUs)
+    "rtx-a6000": (_PCIE4, _HDR), "a40": (_PCIE4, _HDR), "a30": (_PCIE4, _HDR),
+    "l40s": (_PCIE4, _HDR),
+    "p100-16gb": (("nvlink1", 80e9), _HDR),      # Tesla P100 datasheet: NVLink 160 GB/s
+    # HGX B200 datasheet: NVLink 1.8 TB/s per GPU; GB200 NVL72 datasheet: 1.8 TB/s per GPU
+    "b200": (("nvlink5", 900e9), _NDR), "gb200": (("nvlink5", 900e9), _NDR),
+    # Instinct MI300X datasheet: Infinity Fabric 896 GB/s aggregate peak (both directions);
+    # MI250X datasheet: 800 GB/s Infinity Fabric per OAM module (2 GCDs) -> 200 GB/s per GCD
+    "mi300x": (("infinity-fabric", 448e9), _NDR), "mi250x": (("infinity-fabric", 200e9), _HDR),
+}
+_TABLE = tuple(dataclasses.replace(g, link_kind=_LINKS[g.name][0][0], link=_LINKS[g.name][0][1],
+                                   network=_LINKS[g.name][1]) if g.name in _LINKS else g
+               for g in _TABLE)
 
 GPUS = {g.name: g for g in _TABLE}
 
@@ -462,7 +505,8 @@ def table() -> list:
                      "fp16": g.fp16, "bf16": g.bf16, "bandwidth": g.bandwidth,
                      "compute_capability": g.compute_capability,
                      "usable_bytes": usable_bytes(g), "memory_source": g.memory_source,
-                     "vendor": g.vendor})
+                     "vendor": g.vendor, "link": g.link, "link_kind": g.link_kind,
+                     "network": g.network})
     return rows
 
 

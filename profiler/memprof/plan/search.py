@@ -17,6 +17,8 @@ Every number is an ESTIMATE (fake-tensor steps, `memprof.plan.estimate`), never 
   The caching-allocator model replays the synthesized stream for the reserved bytes. The
   largest micro-batch that fits is then confirmed by estimating a step at that boundary (and
   the model refitted if it disagrees).
+* The precision x policy combinations are independent fake steps: they run in forked worker
+  processes, one per usable core (`memprof.plan.parallel`; `workers=1` keeps them here).
 * Memory is the steady state: optimizer state exists from the start of the step, and with
   gradient accumulation (accumulation > 1) the gradients too (micro-steps 2..A).
 * Fits: predicted reserved bytes <= `memprof.plan.gpus.usable_bytes(gpu)` = total memory - CUDA
@@ -32,20 +34,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
 from .advice import lr_advice, warmup_advice
-from .batch_model import BatchModel
+from .batch_model import SEARCH_LIMIT, BatchModel
 from .checkpoint import find_blocks, parse_policy, policies_for
 from .codegen import plan_code
 from .errors import PlanInputError
 from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
+from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
+from .parallel import Pool, default_workers
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
-from .workloads import BatchError, call_code, resolve_workload
+from .workloads import BatchError, batch_form, resolve_workload
 
 __all__ = ["recommend", "Plan", "Option", "Combination", "DEFAULT_POLICIES", "FIT_BATCHES"]
 
@@ -70,6 +75,7 @@ class Option:
     flops_per_sample: float      # counted FLOPs of a training step per sample, incl. recompute
     confirmed: bool = False      # an estimate was run at this very micro-batch
     estimated: bool = True
+    communication: dict | None = None  # N GPUs: collectives per optimizer step (a model)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +151,9 @@ class Plan:
         self.estimates = estimates
         self._estimator = estimator
         self._blocks = blocks
+        # N GPUs (memprof.plan.distributed): effective_batch is then one rank's share
+        self.distributed = getattr(estimator, "distributed", None)
+        self.world_size = self.distributed.world_size if self.distributed else 1
         self.options: list[Option] = []
         for c in combos.values():
             if c.model is None:
@@ -163,7 +172,12 @@ class Plan:
         if self._warmup_steps is None:
             return None
         acc = self.best.accumulation if self.best is not None else 1
-        return warmup_advice(self._warmup_steps, acc, self.effective_batch)
+        return warmup_advice(self._warmup_steps, acc, self.global_batch)
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all GPUs (micro-batch x accumulation x world)."""
+        return self.effective_batch * self.world_size
 
     @property
     def combinations(self) -> list[Combination]:
@@ -221,13 +235,18 @@ class Plan:
         t_opt = optimizer_time(self.gpu, self.params_bytes, self.trainable_params,
                                c.state_bytes)
         step = None if t_micro is None else acc * t_micro + t_opt
+        comm = None
+        if self.distributed is not None and t_micro is not None:
+            step, comm = self._estimator.step_time(self.gpu, c.precision, acc, t_micro, t_opt,
+                                                   c.model.lo.flops_by_phase)
         headroom = self.usable_bytes - p.peak_reserved
         return Option(micro_batch=m, accumulation=acc, checkpointing=c.checkpointing,
                       precision=c.precision, peak_allocated=p.peak_allocated,
                       peak_reserved=p.peak_reserved, headroom=headroom, fits=headroom >= 0,
-                      samples_per_s=None if step is None else m * acc / step,
+                      samples_per_s=None if step is None else m * acc * self.world_size / step,
                       step_time_s=step, flops_per_sample=p.flops / m,
-                      confirmed=c.confirmed_at == m)
+                      confirmed=c.confirmed_at == m,
+                      communication=comm.as_dict() if comm is not None else None)
 
     def summary_options(self) -> list[Option]:
         """Per precision x policy: the largest fitting micro-batch and the next one up."""
@@ -252,6 +271,8 @@ class Plan:
         for (prec, pol), c in self._combos.items():
             combos.append({"precision": prec, "checkpointing": pol,
                            "max_micro_batch": c.max_micro_batch if c.model else None,
+                           "max_micro_batch_is_search_limit":
+                               bool(c.model) and c.max_micro_batch >= SEARCH_LIMIT,
                            "confirmed_at": c.confirmed_at, "confirm_agreed": c.confirm_agreed,
                            "exact_interpolation": c.model.exact if c.model else None,
                            "skipped": c.skipped, "error": c.error, "wall_s": round(c.wall_s, 3)})
@@ -262,6 +283,7 @@ class Plan:
                     "usable_bytes": self.usable_bytes},
             "model": self.model, "optimizer": self.optimizer,
             "effective_batch": self.effective_batch,
+            "world_size": self.world_size, "global_batch": self.global_batch,
             "parameters": self.total_params, "trainable_parameters": self.trainable_params,
             "checkpoint_blocks": self.container,
             "best": best.as_dict() if best else None,
@@ -299,12 +321,14 @@ class _Search:
     micro-batch that fits, and (confirm=True) an estimate at that boundary."""
 
     def __init__(self, estimator: Estimator, usable: int, effective_batch: int, *, confirm,
-                 blocks, progress, model_name: str):
+                 blocks, progress, model_name: str, workers: int | None = 1):
         self.estimator, self.usable, self.effective_batch = estimator, usable, effective_batch
         self.confirm, self.blocks, self.progress = confirm, blocks, progress
         self.model_name = model_name
         self.per_combo = 3 if confirm else 2
         self.runs = self.done = self.total = 0
+        self.workers = default_workers() if workers is None else max(1, int(workers))
+        self._pid = os.getpid()
 
     def _tick(self, label: str) -> None:
         if self.progress is not None:
@@ -316,44 +340,82 @@ class _Search:
                                    blocks=self.blocks)
 
     def run(self, precisions: list[str], policies: list[str]) -> dict:
-        combos: dict[tuple[str, str], Combination] = {}
-        self.total = len(precisions) * len(policies) * self.per_combo
+        """Every precision x policy, spread over `workers` processes (memprof.plan.parallel).
+        A precision's policies after its first 'none' wait for it: when the whole effective
+        batch fits without checkpointing, they are skipped."""
+        combos: dict[tuple[str, str], Combination] = {
+            (prec, pol): Combination(prec, pol) for prec in precisions for pol in policies}
+        self.total = len(combos) * self.per_combo
+        first_none = {prec: next((pol for pol in policies if parse_policy(pol)[0] == "none"),
+                                 None) for prec in precisions}
+        waiting = {prec: [] for prec in precisions}   # keys run once the 'none' one is known
+        ready = []
         for prec in precisions:
-            none_fits_all = False
+            after = False
             for pol in policies:
-                c = combos[(prec, pol)] = Combination(prec, pol)
-                if none_fits_all and parse_policy(pol)[0] != "none":
-                    c.skipped = (f"not estimated: without checkpointing the whole effective "
-                                 f"batch {self.effective_batch} already fits in {prec}")
+                (waiting[prec] if after else ready).append((prec, pol))
+                after = after or pol == first_none[prec]
+        pool = Pool(self._fit_job, min(self.workers, len(ready) or 1))
+        for key in ready:
+            pool.submit(key)
+        for key, (c, error, runs) in pool.results():
+            combos[key] = c
+            self.runs += runs
+            self.done += self.per_combo
+            prec, pol = key
+            if error is not None:
+                self._failed(c, error, first=key == (precisions[0], policies[0]))
+            self._tick(f"{prec} {pol}: {'failed' if error else 'estimated'}")
+            if pol != first_none[prec]:
+                continue
+            fits_all = c.model is not None and c.model.predict(
+                self.effective_batch, 1).peak_reserved <= self.usable
+            for later in waiting[prec]:
+                if fits_all and parse_policy(later[1])[0] != "none":
+                    combos[later].skipped = (f"not estimated: without checkpointing the whole "
+                                             f"effective batch {self.effective_batch} already "
+                                             f"fits in {prec}")
                     self.done += self.per_combo
-                    self._tick(f"{prec} {pol}: skipped")
-                    continue
-                t1 = time.perf_counter()
-                try:
-                    self._fit(c)
-                    if parse_policy(pol)[0] == "none":
-                        p = c.model.predict(self.effective_batch, 1)
-                        none_fits_all = p.peak_reserved <= self.usable
-                except BatchError as e:
-                    raise PlanInputError(str(e)) from None
-                except PlanInputError:
-                    raise
-                except Exception as e:  # noqa: BLE001  (one policy failing must not hide the rest)
-                    self._failed(c, e, len(combos), first=(prec, pol) == (precisions[0],
-                                                                          policies[0]))
-                c.wall_s = time.perf_counter() - t1
+                    self._tick(f"{prec} {later[1]}: skipped")
+                else:
+                    pool.submit(later)
         self._tick("done")
         return combos
 
-    def _failed(self, c: Combination, e: Exception, n_combos: int, first: bool) -> None:
+    def _fit_job(self, key: tuple[str, str]):
+        """One precision x policy fitted, here or in a worker process -> (its Combination,
+        None or (error type name, message) of a failed estimate, estimates run). Bad user
+        input (the batch function raised, ...) is raised as a PlanInputError."""
+        in_worker = os.getpid() != self._pid
+        if in_worker:
+            self.progress = None      # the parent reports progress
+        c = Combination(*key)
+        runs, done, error = self.runs, self.done, None
+        t1 = time.perf_counter()
+        try:
+            self._fit(c)
+        except BatchError as e:
+            raise PlanInputError(str(e)) from None
+        except PlanInputError:
+            raise
+        except Exception as e:  # noqa: BLE001  (one policy failing must not hide the rest)
+            c.model = None
+            error = (type(e).__name__, (str(e).splitlines() or [""])[0])
+        c.wall_s = time.perf_counter() - t1
+        if in_worker and c.model is not None:
+            for est in (c.model.lo, c.model.hi):   # live objects stay in the worker
+                est.profile.run.live = None
+        runs, self.runs, self.done = self.runs - runs, runs, done
+        return c, error, runs
+
+    def _failed(self, c: Combination, error: tuple[str, str], first: bool) -> None:
+        name, message = error
         c.model = None
-        c.error = f"estimate failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        self.done = n_combos * self.per_combo
+        c.error = f"estimate failed: {name}: {message[:160]}"
         if first and parse_policy(c.checkpointing)[0] == "none":
             # the plain step fails: the model / loss / batch is the problem
             raise PlanInputError(f"model {self.model_name}: a training step failed under fake "
-                                 f"tensors: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]}") from None
+                                 f"tensors: {name}: {message[:200]}") from None
 
     def _fit(self, c: Combination) -> None:
         label = f"{c.precision} {c.checkpointing}"
@@ -363,7 +425,7 @@ class _Search:
         self._tick(f"{label}: micro-batch {FIT_BATCHES[1]}")
         hi = self._estimate(FIT_BATCHES[1], c)
         self.done += 1
-        c.model = BatchModel(lo, hi)
+        c.model = BatchModel(lo, hi, stream=getattr(self.estimator, "stream", None))
         c.state_bytes = lo.profile.breakdown("category", at="end").get("optimizer_state", 0)
         c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
         if self.confirm:
@@ -387,7 +449,7 @@ class _Search:
         c.confirmed_at = target
         c.confirm_agreed = abs(actual - pred.peak_reserved) <= 0.005 * max(actual, 1)
         if not c.confirm_agreed and target != hi.batch_size:
-            c.model = BatchModel(hi, est)
+            c.model = BatchModel(hi, est, stream=getattr(self.estimator, "stream", None))
             c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
 
 
@@ -471,7 +533,8 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
               lr: float | None = None, warmup_steps: int | None = None, input_shape=None,
               num_classes: int | None = None, model_kwargs: dict | None = None,
               confirm: bool = True, blocks=None, overhead: int | None = None,
-              margin: float | None = None) -> Plan:
+              margin: float | None = None, distributed=None,
+              workers: int | None = None) -> Plan:
     """Search micro-batch x accumulation x checkpointing x precision for `gpu` (estimated).
 
     model: built-in name (memprof.models.MODELS), 'package.module:factory', a factory
@@ -481,10 +544,20 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     precisions: default the ones the GPU supports among fp32, fp16, bf16. policies: default
     none, every, every-2, selective (those that apply to the model). progress: called as
     progress(done, total, label) while estimating. See the module docstring for the models of
-    memory, fit and throughput."""
+    memory, fit and throughput. distributed: a `memprof.plan.distributed.data_parallel(...)`
+    spec -> one rank of N GPUs is planned (effective_batch is then the global batch).
+    workers: processes estimating combinations side by side (default: the usable cores, 1
+    in a process holding CUDA or a process group; 1: all in this process)."""
     t0 = time.perf_counter()
     g, usable, precisions = _gpu_and_precisions(gpu, effective_batch, precisions, overhead,
                                                 margin)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise PlanInputError(f"workers: expected an int >= 1, got {workers!r}")
+    if distributed is not None and not isinstance(distributed, Distributed):
+        raise PlanInputError(f"distributed: expected memprof.plan.distributed.data_parallel"
+                             f"(...), got {type(distributed).__name__}")
+    per_rank = distributed.per_rank_batch(effective_batch) if distributed else effective_batch
     module, make_batch, loss_fn, desc = resolve_workload(model, batch, loss, input_shape,
                                                          num_classes, model_kwargs)
     policies = _policies(module, policies, blocks)
@@ -494,14 +567,19 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
         lr_adv = lr_advice(base_lr, base_batch, effective_batch, optimizer, lr)
     if warmup_steps is not None and (isinstance(warmup_steps, bool) or int(warmup_steps) < 0):
         raise PlanInputError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
-    estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer, gpu=g)
-    desc["call"] = call_code(make_batch)
-    search = _Search(estimator, usable, effective_batch, confirm=confirm, blocks=blocks,
-                     progress=progress, model_name=desc["name"])
+    if distributed is not None:     # one rank of N GPUs (memprof.plan.distributed)
+        estimator = RankEstimator(module, make_batch, loss_fn, optimizer=optimizer, gpu=g,
+                                  distributed=distributed, blocks=blocks)
+    else:
+        estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer, gpu=g)
+    desc.update(batch_form(make_batch))
+    search = _Search(estimator, usable, per_rank, confirm=confirm, blocks=blocks,
+                     progress=progress, model_name=desc["name"], workers=workers)
     combos = search.run(precisions, policies)
     assumptions = _assumptions(overhead, margin) | {"kernels": _kernel_assumptions(
-        estimator, combos)} | ({"gpu": g.note} if g.note else {})
-    return Plan(gpu=g, effective_batch=effective_batch, combos=combos, usable=usable,
+        estimator, combos)} | ({"gpu": g.note} if g.note else {}) | (
+        {"distributed": estimator.assumptions(precisions)} if distributed else {})
+    return Plan(gpu=g, effective_batch=per_rank, combos=combos, usable=usable,
                 assumptions=assumptions, model_desc=desc,
                 estimator=estimator, lr=lr_adv, warmup=warmup_steps, container=container,
                 wall_s=time.perf_counter() - t0, estimates=search.runs, blocks=blocks)

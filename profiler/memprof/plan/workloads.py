@@ -2,9 +2,11 @@
 
 A model is a built-in name (`memprof.models.MODELS`, which bring their batch and loss), a
 factory given as 'package.module:factory' (imported here), a factory () -> nn.Module, or an
-nn.Module. A batch function is batch_size -> (inputs, targets), also as
+nn.Module. A batch function is batch_size -> (inputs, targets) or inputs alone, also as
 'package.module:function'; without one, `input_shape` makes a classification batch (classes
-inferred from the model's output unless given). Every bad input is a one-line PlanInputError.
+inferred from the model's output unless given). Without a loss, `default_loss` applies (the
+model's own `outputs.loss` when it returns one). The description returned says how to import
+each of them again (for the plan's code). Every bad input is a one-line PlanInputError.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .default_loss import loss_rule
 from .errors import PlanInputError
 from .estimate import split_batch
 from .meta_build import build, fake_like
 
-__all__ = ["resolve_workload", "call_code", "BatchError"]
+__all__ = ["resolve_workload", "batch_form", "importable_name", "own_batch_size",
+           "BatchError"]
 
 
 class BatchError(Exception):
@@ -42,6 +46,15 @@ def _import_callable(spec: str, label: str) -> Callable:
     return obj
 
 
+def importable_name(obj) -> str | None:
+    """'module:qualname' by which a plan's code can import `obj`, or None (defined in
+    __main__ or inside a function)."""
+    mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not mod or not qual or mod == "__main__" or "<locals>" in qual:
+        return None
+    return f"{mod}:{qual}"
+
+
 def _import_factory(spec: str) -> Callable:
     if ":" not in spec or not all(spec.partition(":")[::2]):
         raise PlanInputError(f"model {spec!r}: expected a built-in name or "
@@ -55,6 +68,21 @@ def _load_batch_fn(spec) -> Callable:
     if not isinstance(spec, str) or ":" not in spec:
         raise PlanInputError(f"batch function {spec!r}: expected 'package.module:function'")
     return _import_callable(spec, "batch function")
+
+
+def own_batch_size(batch) -> int | None:
+    """The batch size a batch function makes by default (its first parameter's default, as
+    in `def batch(batch_size=32)`), or None when it has none."""
+    import inspect
+    fn = _load_batch_fn(batch)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    default = params[0].default if params else inspect.Parameter.empty
+    if isinstance(default, int) and not isinstance(default, bool) and default >= 1:
+        return default
+    return None
 
 
 # ------------------------------------------------------------------------------ batches
@@ -78,12 +106,31 @@ def _classification_batch(shape, num_classes):
     return make_batch
 
 
-def _infer_num_classes(model: nn.Module, shape) -> int:
+def _fake_copy(model: nn.Module):
+    """(fake mode, a copy of `model` on fake tensors) for a forward that allocates nothing."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     import copy
     fm = FakeTensorMode(allow_non_fake_inputs=True)
     memo = {id(t): fake_like(fm, t) for t in list(model.parameters()) + list(model.buffers())}
-    m = copy.deepcopy(model, memo)
+    return fm, copy.deepcopy(model, memo)
+
+
+def _default_loss_rule(model: nn.Module, make_batch) -> dict | None:
+    """Which rule of `default_loss` a step of `model` on `make_batch(1)` applies (for the
+    plan's code), from one forward on fake tensors; None when that forward fails (the
+    estimates then report why)."""
+    from .estimate import call_model
+    fm, m = _fake_copy(model)
+    try:
+        with fm, torch.no_grad():
+            inputs, targets = split_batch(make_batch(1))
+            return loss_rule(call_model(m, inputs), targets)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _infer_num_classes(model: nn.Module, shape) -> int:
+    fm, m = _fake_copy(model)
     try:
         with fm, torch.no_grad():
             out = m(torch.randn(2, *shape))
@@ -112,18 +159,19 @@ def _checked_batch(fn):
     return make_batch
 
 
-def call_code(make_batch) -> str:
-    """How the plan's code calls the model on a batch's inputs x: model(x), model(*x) (DCAL's
-    image pair) or model(**x); read from one fake batch."""
+def batch_form(make_batch) -> dict:
+    """How the plan's code calls the model on a batch, read from one fake batch: 'call' is
+    model(x), model(*x) (DCAL's image pair) or model(**x); 'targets' whether the batch is an
+    (inputs, targets) pair or inputs alone."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
     try:
         with FakeTensorMode():
-            inputs, _ = split_batch(make_batch(1))
+            inputs, targets = split_batch(make_batch(1))
     except Exception:  # noqa: BLE001  (the estimates report a broken batch function)
-        return "model(x)"
-    if isinstance(inputs, dict):
-        return "model(**x)"
-    return "model(*x)" if isinstance(inputs, (tuple, list)) else "model(x)"
+        return {"call": "model(x)", "targets": True}
+    call = "model(**x)" if isinstance(inputs, dict) else \
+        "model(*x)" if isinstance(inputs, (tuple, list)) else "model(x)"
+    return {"call": call, "targets": targets is not None}
 
 
 # ------------------------------------------------------------------------------ models
@@ -131,10 +179,13 @@ def _builtin(name: str, model_kwargs):
     """A built-in workload -> (module, make_batch, loss_fn, description)."""
     from ..models import build_model
     try:
-        wl = build_model(name, **(model_kwargs or {}))
+        # on meta (memprof.plan.meta_build): no weights to initialise, nothing to convert
+        wl, built_on = build(lambda **kw: build_model(name, **kw), dict(model_kwargs or {}),
+                             name)
     except (TypeError, ValueError) as e:  # an unknown or bad --model-arg
         raise PlanInputError(f"model {name}: {e}") from None
-    desc = {"name": name, "builtin": True, "kwargs": dict(model_kwargs or {})}
+    desc = {"name": name, "builtin": True, "kwargs": dict(model_kwargs or {}),
+            "built_on": built_on}
     return wl.model, wl.make_batch, wl.loss_fn, desc
 
 
@@ -146,11 +197,13 @@ def _user_model(model, model_kwargs, builtins) -> tuple[nn.Module, dict]:
                                  "not 'package.module:factory'")
         factory = _import_factory(model)
         desc = {"name": model.split(":")[-1] + "()", "builtin": False, "spec": model}
+        desc["kwargs"] = dict(model_kwargs or {})
     elif isinstance(model, nn.Module):
         return model, {"name": type(model).__name__, "builtin": False}
     elif callable(model):
         factory = model
-        desc = {"name": getattr(model, "__name__", "factory") + "()", "builtin": False}
+        desc = {"name": getattr(model, "__name__", "factory") + "()", "builtin": False,
+                "spec": importable_name(model), "kwargs": dict(model_kwargs or {})}
     else:
         raise PlanInputError(f"model: expected a built-in name, 'package.module:factory', a "
                              f"factory or an nn.Module, got {type(model).__name__}")
@@ -175,6 +228,8 @@ def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs)
     make_batch = _load_batch_fn(batch) if batch is not None else None
     if isinstance(model, str) and model in MODELS:
         module, own_batch, own_loss, desc = _builtin(model, model_kwargs)
+        desc["batch"] = {"builtin": True} if make_batch is None else {}
+        desc["loss"] = {"rule": "builtin"} if loss_fn is None else {}
         make_batch = make_batch or own_batch
         loss_fn = loss_fn or own_loss
     else:
@@ -187,6 +242,15 @@ def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs)
             shape = _parse_shape(input_shape)
             n = num_classes or _infer_num_classes(module, shape)
             make_batch = _classification_batch(shape, n)
+            desc["batch"] = {"input_shape": list(shape), "num_classes": int(n)}
+    if batch is not None:
+        desc["batch"] = {"spec": batch if isinstance(batch, str) else importable_name(batch)}
+    if loss_fn is None and make_batch is not None:
+        rule = _default_loss_rule(module, make_batch)
+        if rule is not None:
+            desc["loss"] = rule
+    elif loss_fn is not None and not desc.get("loss"):
+        desc["loss"] = {"rule": "given", "spec": importable_name(loss_fn)}
     if make_batch is not None:
         make_batch = _checked_batch(make_batch)
     return module, make_batch, loss_fn, desc

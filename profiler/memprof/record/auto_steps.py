@@ -5,7 +5,8 @@ noticed at the next forward of the root module (or when the block ends), and the
 there; gradients are noted (a category snapshot) after each backward, whoever consumes them.
 
 Off as soon as steps are marked explicitly (an optimizer step of a watched optimizer, or
-`prof.step()`). Reading the parameters costs two scalar reads per parameter per forward, only
+`prof.step()`), and when track(step_on=...) chose what ends a step; gradients are still noted
+after each backward then, as long as no optimizer step notes them. Reading the parameters costs two scalar reads per parameter per forward, only
 in this mode (on a GPU each read waits for the device: a hand-written loop pays it, an
 optimizer loop never does).
 """
@@ -44,16 +45,18 @@ class AutoSteps:
         self.session.scope.before_forward.append(self.check)
 
     def _active(self) -> bool:
-        return not self.session.steps.explicit
+        steps = self.session.steps
+        return not steps.explicit and steps.step_on == "auto"
 
     def _after_backward(self) -> None:
-        if not self._active():
+        steps = self.session.steps
+        if not self._active() and (steps.step_on == "auto" or len(steps.optimizers)):
             return
         params = [p for p in self.session.params() if p.grad is not None]
         if not params:
             return
         self.session.snapshots.take(CAT_GRADIENTS, [(p.grad, p) for p in params])
-        if self._before is None:   # gradient accumulation: keep the state before the update
+        if self._active() and self._before is None:   # gradient accumulation: keep the state before the update
             self._params, self._before = params, fingerprint(params)
 
     def check(self) -> None:

@@ -50,8 +50,15 @@ KIND_MEMORY, KIND_OUT_OF_MEMORY, KIND_MARK = _C.KIND_MEMORY, _C.KIND_OUT_OF_MEMO
 DEVICE_CPU, DEVICE_CUDA = _C.DEVICE_CPU, _C.DEVICE_CUDA  # c10::DeviceType values
 
 # Categories of memory, assigned by profile.py from phases and the recorders' snapshots.
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "other")
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "other",
+              "communication", "buffers")
 CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_ACTIVATIONS, CAT_TEMPORARIES, CAT_OTHER = \
     range(6)
+# buffers handed to torch.distributed collectives: DDP's gradient buckets, FSDP's all-gathered
+# parameters and reduce-scatter buffers (record.distributed)
+CAT_COMMUNICATION = CATEGORIES.index("communication")
+# module buffers (BatchNorm running statistics, position ids, rotary / positional tables),
+# attributed to the module that registered them (record.snapshots)
+CAT_BUFFERS = CATEGORIES.index("buffers")
 PREEXISTING_THREAD = -1  # thread of a synthetic allocation for a block that existed before tracking
 FAKE_DEVICE_TYPE = DEVICE_CUDA  # storages of fake tensors stand for the GPU an estimate models

@@ -29,9 +29,9 @@ Rules (thresholds are module constants, stated in each finding):
   least CLIP_MIN_STEPS steps; never clipped: 0 of at least CLIP_MIN_STEPS steps (info).
 - clipping mismatch: the optimizer saw a norm that differs by more than CLIP_MISMATCH from
   min(pre-clip norm, max_norm) in at least half of at least 3 steps.
-- scheduler before optimizer: the scheduler stepped after a forward/backward of an iteration
-  and before that iteration's optimizer step in at least half of its calls (warning), or only
-  before the very first optimizer step (info: the first LR value is skipped once).
+- scheduler before optimizer: the scheduler stepped after a backward of an iteration (an
+  evaluation forward does not count) and before that iteration's optimizer step in at least
+  half of its calls (warning), or only before the very first optimizer step (info: the first LR value is skipped once).
 - schedule per micro-step: a scheduler stepped >= 2 times per optimizer step in at least half
   of the optimizer steps, or the LR changed between the micro-steps of at least half of the
   optimizer steps with gradient accumulation.
@@ -327,8 +327,22 @@ class HealthRecorder:
     def _on_sched(self, sched, before: tuple) -> None:
         opt = getattr(sched, "optimizer", None)
         self.timeline.append(("S", self.session.step, id(sched), type(sched).__name__,
-                              id(opt), tuple(self._lrs([opt])) if opt is not None else (),
-                              before))
+                              id(_torch_optimizer(opt)),
+                              tuple(self._lrs([opt])) if opt is not None else (), before))
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer whose step() the optimizer hooks see: a scheduler built on
+    accelerate's AcceleratedOptimizer or Lightning's LightningOptimizer holds the wrapper
+    (`.optimizer` / `._optimizer`), and its steps must match the inner optimizer's."""
+    for _ in range(8):
+        if optimizer is None or type(optimizer).__module__.startswith("torch.optim"):
+            break
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
 
 
 def _subclasses(cls) -> list[type]:

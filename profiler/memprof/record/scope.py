@@ -5,15 +5,34 @@ Every recorder that cares about forward passes subscribes here instead of instal
 its own: `on_forward_start(args, kwargs)` and `on_forward_end()` run once per real forward
 pass of the root (not for the recomputation that activation checkpointing runs in backward).
 With a model, its modules are named up front; without one (auto mode, what `memprof run`
-uses) global module hooks name whatever modules run, the outermost one called being a root.
+uses) global module hooks name whatever modules run, the outermost one called being a root;
+a root called inside a model seen later (`model.encoder(x)` before `model(x)`) takes the path
+it has in that model (`encoder.layers.3`, not `layers.3`).
+
+Under torch.compile the hooks step aside while dynamo traces (they call into memprof._C, which
+would break the graph at every module): allocations inside compiled code belong to the module
+that called it (the wrapper torch.compile returned, or the root), a coarser attribution the
+report names (`compiled`).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from .. import _C
 from .events import PHASE_FORWARD, PHASE_OTHER
 from .patches import remove_handles
+
+_compiling = torch.compiler.is_compiling
+_GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
+
+
+def clean_name(name: str) -> str:
+    """A module's path without torch.compile's wrapper level (`_orig_mod.layers.3` ->
+    `layers.3`): the names the user wrote."""
+    return ".".join(p for p in name.split(".") if p != COMPILE_WRAPPER)
 
 
 class ModuleScope:
@@ -30,20 +49,50 @@ class ModuleScope:
         self._auto_ids: dict[int, int] = {}
         self._stack: list[int] = []               # auto mode: running module ids
         self._in_forward = False
+        self.compiled = False                     # a module hook ran under torch.compile
+        self._filter = None
+        self._module_ids: tuple = (None, [])      # (names, roots) count -> module_ids()
         self._handles: list = []
         if model is not None:
             self._name_tree(model, "")
 
     # ------------------------------------------------------------------ naming
-    def _name_tree(self, root: torch.nn.Module, prefix: str) -> None:
+    def _name_tree(self, root: torch.nn.Module, prefix: str, rename=frozenset()) -> None:
+        """Ids and qualified names for a root's modules; modules already named keep their id
+        and, if in `rename` (ids of modules under an earlier root now inside this one), take
+        their path in this tree."""
+        by_name: dict[str, int] = {}
         for name, sub in root.named_modules(remove_duplicate=True):
-            if id(sub) in self._auto_ids:
+            full = clean_name(".".join(x for x in (prefix, name) if x))
+            mid = self._auto_ids.get(id(sub))
+            if mid is not None:
+                if id(sub) in rename:
+                    self.names[mid] = full
+                by_name.setdefault(full, mid)
                 continue
-            mid = len(self.names)
+            if full in by_name:          # the model inside torch.compile's wrapper: one module
+                mid = by_name[full]
+            else:
+                mid = by_name[full] = len(self.names)
+                self.names.append(full)
             self._auto_ids[id(sub)] = mid
-            self.names.append(".".join(x for x in (prefix, name) if x))
             for p in sub.parameters(recurse=False):
                 self.param_module.setdefault(id(p), mid)
+
+    def module_ids(self) -> list[tuple[torch.nn.Module, int]]:
+        """(module, id) for every named module of the model or the roots seen so far; walked
+        again only when modules were named since (it runs at every step end)."""
+        key = (len(self.names), len(self.roots))
+        if self._module_ids[0] != key:
+            out, seen = [], set()
+            for m in self.root_modules():
+                for sub in m.modules():
+                    mid = self._auto_ids.get(id(sub))
+                    if mid is not None and id(sub) not in seen:
+                        seen.add(id(sub))
+                        out.append((sub, mid))
+            self._module_ids = (key, out)
+        return self._module_ids[1]
 
     def root_modules(self) -> list[torch.nn.Module]:
         return [self.model] if self.model is not None else list(self.roots)
@@ -67,19 +116,37 @@ class ModuleScope:
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
                 else:
+                    mid = self._auto_ids[id(mod)]
                     self._handles.append(mod.register_forward_pre_hook(
-                        lambda m, a, mid=mid: _C.push_module(mid)))
+                        lambda m, a, mid=mid: self._push(mid)))
                     self._handles.append(mod.register_forward_hook(
-                        lambda m, a, o: _C.pop_module(), always_call=True))
+                        lambda m, a, o: self._pop(), always_call=True))
         elif self.auto:
             from torch.nn.modules.module import (register_module_forward_hook,
                                                  register_module_forward_pre_hook)
+            # torch warns that global hooks also fire for torch.compile's wrapper: they are
+            # memprof's, and they handle it (the wrapper and the model are one module)
+            warnings.filterwarnings("ignore", message=_GLOBAL_HOOK_WARNING)
+            self._filter = warnings.filters[0]
             self._handles.append(register_module_forward_pre_hook(self._auto_pre))
             self._handles.append(register_module_forward_hook(self._auto_post,
                                                               always_call=True))
 
     def remove(self) -> None:
         remove_handles(self._handles)
+        if self._filter in warnings.filters:
+            warnings.filters.remove(self._filter)
+            getattr(warnings, "_filters_mutated", lambda: None)()   # drop the filter cache
+
+    def _push(self, mid: int) -> None:
+        if _compiling():
+            self.compiled = True   # traced by dynamo, not run: nothing reaches memprof._C
+            return
+        _C.push_module(mid)
+
+    def _pop(self) -> None:
+        if not _compiling():
+            _C.pop_module()
 
     # ------------------------------------------------------------------ root passes
     def _enter_root(self, mid: int, args, kwargs) -> None:
@@ -106,22 +173,29 @@ class ModuleScope:
                 fn()
 
     def _root_pre(self, module, args, kwargs):
+        if _compiling():
+            self.compiled = True
+            return
         self._enter_root(0, args, kwargs)
 
     def _root_post(self, module, args, output):
-        self._exit_root()
+        if not _compiling():
+            self._exit_root()
 
     # ------------------------------------------------------------------ auto mode
     def _auto_pre(self, module, args) -> None:
+        if _compiling():
+            self.compiled = True
+            return
         mid = self._auto_ids.get(id(module))
         if mid is None:
             if not self._stack:
-                self._name_tree(module, type(module).__name__ if self.roots else "")
-                self.roots.append(module)
+                self._add_root(module)
             else:
                 mid = len(self.names)
                 self._auto_ids[id(module)] = mid
-                self.names.append(f"{self.names[self._stack[-1]]}.<{type(module).__name__}>")
+                parent = self.names[self._stack[-1]]
+                self.names.append(f"{parent}.<{type(module).__name__}>".lstrip("."))
             mid = self._auto_ids[id(module)]
         root = not self._stack
         self._stack.append(mid)
@@ -130,7 +204,20 @@ class ModuleScope:
         else:
             _C.push_module(mid)
 
+    def _add_root(self, module: torch.nn.Module) -> None:
+        """A new outermost module; earlier roots inside it become its submodules, renamed."""
+        inside = {id(m) for m in module.modules()}
+        absorbed = [r for r in self.roots if id(r) in inside]
+        rename = {id(m) for r in absorbed for m in r.modules()}
+        first = bool(self.roots) and self.roots[0] in absorbed
+        self.roots = [r for r in self.roots if id(r) not in inside]
+        self._name_tree(module, type(module).__name__ if self.roots and not first else "",
+                        rename)
+        self.roots.insert(0 if first or not self.roots else len(self.roots), module)
+
     def _auto_post(self, module, args, output) -> None:
+        if _compiling():
+            return
         if self._stack:
             self._stack.pop()
             if self._stack:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import _C
+from .event_streams import EventStreams
 from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ_DTYPE
 from .patches import PatchRegistry
 from .auto_steps import AutoSteps
@@ -47,7 +48,7 @@ def active_session() -> "Session | None":
 class Session:
     def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
                  capacity: int = DEFAULT_CAPACITY, auto_modules: bool = False,
-                 batch_size: int | None = None, recorders=()):
+                 batch_size: int | None = None, recorders=(), step_on: str = "auto"):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module or None, got "
                             f"{type(model).__name__}")
@@ -61,7 +62,7 @@ class Session:
         self.capacity = int(capacity)
         self.batch_size = batch_size
         self.recorders = list(recorders)
-        self.steps = StepClock(optimizer)
+        self.steps = StepClock(optimizer, step_on)   # what ends a step (record.steps)
         self.scope = ModuleScope(model, auto_modules, self.steps.mark)
         self.backward = BackwardHook(self.steps)
         self.patches = PatchRegistry()
@@ -75,7 +76,7 @@ class Session:
         self._nested_label = ""
         self._prev_thread_profile = None
         # filled by stop(): what Run.from_session reads
-        self.events: np.ndarray | None = None
+        self.streams: EventStreams | None = None
         self.strings: list[str] = []
         self.seq_records: np.ndarray | None = None
         self.snapshot_list: list[Snapshot] = []
@@ -191,10 +192,15 @@ class Session:
                 _active = None
         if warning:
             warnings.warn(warning, RuntimeWarning, stacklevel=3)
-        # time-ordered natively, with room in front for the pre-existing blocks; the native
-        # log is freed as it is copied (leaving a block holds the event bytes once)
-        events = _C.take_events(len(self.snapshots.baseline)).view(EVENT_DTYPE)
-        self._assemble(events, self, exc)
+        # time-ordered and split natively (the analysed device's memory events apart from
+        # the rest), with room in front for the pre-existing blocks; the native log is freed
+        # as it is copied, so leaving a block holds the event bytes once
+        memory, side, side_position, device = _C.take_events(
+            [int(b[2]) for b in self.snapshots.baseline])
+        streams = EventStreams(memory=memory.view(EVENT_DTYPE), side=side.view(EVENT_DTYPE),
+                               side_position=side_position, device_type=int(device))
+        _fill_baseline(streams, self.snapshots.baseline)
+        self._assemble(streams, self, exc)
         self.records = {rec.name: rec.record() for rec in self.recorders}
 
     def _stop_nested(self, exc) -> None:
@@ -204,34 +210,24 @@ class Session:
         label = _C.strings().index(self._nested_label)
         start = np.flatnonzero((raw["kind"] == KIND_MARK) & (raw["op"] == label))
         tail = raw[int(start[0]) + 1:]
-        events = np.zeros(len(self.outer.snapshots.baseline) + tail.size, dtype=EVENT_DTYPE)
+        base = self.outer.snapshots.baseline
+        events = np.zeros(len(base) + tail.size, dtype=EVENT_DTYPE)
         events[events.size - tail.size:] = tail
-        self._assemble(events, self.outer, exc)
+        events[:len(base)] = _baseline_rows(base, int(tail["t_ns"][0]) if tail.size else 0)
+        self._assemble(EventStreams.split(events), self.outer, exc)
 
-    def _assemble(self, events: np.ndarray, src: "Session", exc) -> None:
-        """`events`: the session's events in time order after len(baseline) empty rows,
-        filled here with the blocks that existed before tracking."""
+    def _assemble(self, streams: EventStreams, src: "Session", exc) -> None:
+        """`streams`: the session's events, the blocks that existed before tracking first."""
         strings = list(_C.strings())
         base = src.snapshots.baseline
-        if base:
-            pre = events[:len(base)]
-            arr = np.array(base, dtype=np.int64)
-            pre["ptr"] = arr[:, 0].astype(np.uint64)
-            pre["size"] = arr[:, 1]
-            pre["device_type"] = arr[:, 2]
-            pre["module"] = arr[:, 3]
-            pre["t_ns"] = events["t_ns"][len(base)] if events.size > len(base) else 0
-            for f in ("op", "node", "seq"):
-                pre[f] = -1
-            pre["thread"] = PREEXISTING_THREAD
-            pre["kind"] = KIND_MEMORY
         snaps = []
         for cat in sorted({c for *_, c in base}):   # categories of pre-existing blocks
             owned = [(int(p), int(m)) for p, _, _, m, c in base if c == cat]
             snaps.append(Snapshot(marker=len(base), category=int(cat),
                                   ptrs=[p for p, _ in owned], modules=[m for _, m in owned]))
-        mark_idx = np.flatnonzero((events["kind"] == KIND_MARK) & np.isin(
-            events["op"], [i for i, s in enumerate(strings) if s == "snapshot"]))
+        side = streams.side
+        mark_idx = streams.side_index()[(side["kind"] == KIND_MARK) & np.isin(
+            side["op"], [i for i, s in enumerate(strings) if s == "snapshot"])]
         taken = src.snapshots.snapshots
         # a nested block owns the last snapshots; past the marker cap the first are kept
         own = taken[len(taken) - len(mark_idx):] if src is not self else taken[:len(mark_idx)]
@@ -241,14 +237,17 @@ class Session:
         counters = _C.counters()
         roots = src.scope.root_modules()
         self.meta = {
-            "t0_ns": int(events["t_ns"][0]) if events.size else 0,   # in time order
+            "t0_ns": _first_time(streams),
             "dropped": int(counters["dropped"]),
             "markers_dropped": int(counters["markers_dropped"]),
             "seq_records_dropped": int(counters["seq_records_dropped"]),
             "capacity": src.capacity,
             "threads": int(counters["threads"]),
             "torch": torch.__version__,
-            "model_class": type(roots[0]).__name__ if roots else None,
+            # the user's class, also behind torch.compile's wrapper
+            "model_class": type(getattr(roots[0], "_orig_mod", roots[0])).__name__ if roots
+            else None,
+            "compiled": src.scope.compiled,   # module hooks stepped aside under torch.compile
             "steps_marked": src.steps.step,
             "pid": os.getpid(),
             "patch_notes": list(src.patches.notes),
@@ -259,7 +258,7 @@ class Session:
             warnings.warn(f"memprof dropped {counters['dropped']} events and "
                           f"{counters['markers_dropped']} markers after reaching "
                           f"capacity={src.capacity}; raise track(capacity=...)", RuntimeWarning)
-        self.events = events
+        self.streams = streams
         self.strings = strings
         self.seq_records = _C.seq_records().view(SEQ_DTYPE)   # a fresh array: no copy
         self.snapshot_list = snaps
@@ -272,6 +271,43 @@ class Session:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.stop(exc)
         return False
+
+
+def _baseline_rows(base: list, t_ns: int) -> np.ndarray:
+    """One synthetic allocation per block that existed before tracking (thread -1), at the
+    time of the first recorded event."""
+    rows = np.zeros(len(base), dtype=EVENT_DTYPE)
+    if base:
+        arr = np.array([b[:4] for b in base], dtype=np.int64)
+        rows["ptr"] = arr[:, 0].astype(np.uint64)
+        rows["size"] = arr[:, 1]
+        rows["device_type"] = arr[:, 2]
+        rows["module"] = arr[:, 3]
+        rows["t_ns"] = t_ns
+        for f in ("op", "node", "seq"):
+            rows[f] = -1
+        rows["thread"] = PREEXISTING_THREAD
+        rows["kind"] = KIND_MEMORY
+    return rows
+
+
+def _fill_baseline(streams: EventStreams, base: list) -> None:
+    """Writes the pre-existing blocks into the zeroed rows take_events left in front of each
+    stream (the analysed device's in `memory`, the others in `side`, in baseline order)."""
+    if not base:
+        return
+    on_device = np.array([int(b[2]) == streams.device_type for b in base], dtype=bool)
+    k, m = int(on_device.sum()), int((~on_device).sum())
+    first = [a["t_ns"][n] for a, n in ((streams.memory, k), (streams.side, m)) if a.size > n]
+    rows = _baseline_rows(base, int(min(first)) if first else 0)
+    streams.memory[:k] = rows[on_device]
+    streams.side[:m] = rows[~on_device]
+
+
+def _first_time(streams: EventStreams) -> int:
+    """Time of the stream's first event (the pre-existing blocks carry the first real one)."""
+    first = [int(a["t_ns"][0]) for a in (streams.memory, streams.side) if a.size]
+    return min(first) if first else 0
 
 
 def _check_same_thread(active: Session) -> None:

@@ -1,20 +1,23 @@
-"""Which storages hold parameters, gradients and optimizer state, and when.
+"""Which storages hold parameters, gradients, optimizer state and module buffers, and when.
 
 The allocator only sees bytes; what they are is known from Python. Before tracking starts the
 blocks memprof can name (parameters, gradients, optimizer state) become the baseline; at each
 optimizer step the gradients (before it) and the optimizer state (after it) are noted, and at
-the end all three once more. Each note is a `Snapshot`: a marker in the event stream plus the
+the end all three once more. Module buffers (BatchNorm statistics, position ids, rotary tables)
+are noted at the start, at each step end where their storages changed (a cache rebuilt for a
+longer sequence), and at the end, each owned by the module that registered it. Each note is a `Snapshot`: a marker in the event stream plus the
 storage addresses it names, matched to allocations after the run (profile.py).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C
-from .events import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, DEVICE_CPU,
+from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, DEVICE_CPU,
                      DEVICE_CUDA, FAKE_DEVICE_TYPE)
 
 
@@ -34,6 +37,7 @@ def storage_key(t: torch.Tensor) -> tuple[int, int, int] | None:
     in for it (PyTorch keeps one storage object per StorageImpl alive), which is also the key
     memprof.plan records its allocations under."""
     try:
+        t = _local_shard(t)
         st = t.untyped_storage()
         if is_fake(t):
             return id(st), st.nbytes(), FAKE_DEVICE_TYPE
@@ -45,10 +49,27 @@ def storage_key(t: torch.Tensor) -> tuple[int, int, int] | None:
     return ptr, st.nbytes(), (DEVICE_CUDA if t.is_cuda else DEVICE_CPU)
 
 
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's parameters, gradients, optimizer state): the only part
+    with storage on this rank. Read as an attribute: to_local() would record an autograd op.
+    torch.distributed.tensor is not imported for this."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(t, dtensor):
+        return getattr(t, "_local_tensor", t)
+    return t
+
+
 def state_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(state tensor, its parameter) for every tensor of an optimizer's state."""
-    return [(v, p) for p, st in optimizer.state.items() for v in st.values()
-            if isinstance(v, torch.Tensor)]
+    """(state tensor, its parameter) for every tensor of an optimizer's state, also those in
+    lists (LBFGS keeps its curvature history as lists of tensors)."""
+    out = []
+    for p, st in optimizer.state.items():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                out.append((v, p))
+            elif isinstance(v, (list, tuple)):
+                out.extend((t, p) for t in v if isinstance(t, torch.Tensor))
+    return out
 
 
 class SnapshotRecorder:
@@ -58,6 +79,7 @@ class SnapshotRecorder:
         self.session = session
         self.snapshots: list[Snapshot] = []      # marker -1 until the run is assembled
         self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
+        self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
 
     def _module_of(self, p) -> int:
         return self.session.scope.param_module.get(id(p), -1)
@@ -81,10 +103,27 @@ class SnapshotRecorder:
         if opt is not None:
             for v, p in state_pairs(opt):
                 add(v, CAT_OPTIMIZER_STATE, self._module_of(p))
+        for b, mid in self.buffers():
+            add(b, CAT_BUFFERS, mid)
+        self._buffer_keys = sorted(seen)
+
+    def buffers(self) -> list[tuple[torch.Tensor, int]]:
+        """(buffer, id of the module that registered it) over the modules named so far."""
+        return [(b, mid) for m, mid in self.session.scope.module_ids()
+                for b in m.buffers(recurse=False)]
+
+    def note_buffers(self, force: bool = False) -> None:
+        """A buffers snapshot, when their storages changed since the last one (or `force`)."""
+        pairs = self.buffers()
+        keys = sorted(k[0] for k in map(storage_key, (b for b, _ in pairs)) if k is not None)
+        if force or keys != self._buffer_keys:
+            self._buffer_keys = keys
+            self._take(CAT_BUFFERS, pairs)
 
     def install(self) -> None:
         self.session.steps.on_optimizer_pre.append(self._before_optimizer)
         self.session.steps.on_optimizer_post.append(self._after_optimizer)
+        self.session.steps.on_step_end.append(self.note_buffers)
 
     def _before_optimizer(self, optimizer) -> None:
         if self.session.steps.watches(optimizer):
@@ -96,11 +135,15 @@ class SnapshotRecorder:
 
     def take(self, category: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember which storages hold `category` now; pairs are (tensor, its parameter)."""
+        self._take(category, [(t, self._module_of(p)) for t, p in pairs])
+
+    def _take(self, category: int, owned: list[tuple[torch.Tensor, int]]) -> None:
+        """The same, for (tensor, owning module id) pairs."""
         owner: dict[int, int] = {}
-        for t, p in pairs:
+        for t, mid in owned:
             key = storage_key(t)
             if key is not None:
-                owner.setdefault(key[0], self._module_of(p))
+                owner.setdefault(key[0], mid)
         ptrs = sorted(owner)
         _C.mark("snapshot", category)   # the marker's index is found after the run
         self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs,
@@ -114,3 +157,4 @@ class SnapshotRecorder:
         for opt in self.session.steps.watched():
             states += state_pairs(opt)
         self.take(CAT_OPTIMIZER_STATE, states)
+        self.note_buffers(force=True)

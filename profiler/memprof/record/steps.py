@@ -1,8 +1,13 @@
 """Steps and phases: the optimizer-step hooks, the backward wrapper and manual step marks.
 
-A step ends after `optimizer.step()` of a watched optimizer (every optimizer unless track()
-was given one), at `prof.step()`, or - in a loop with neither - when the parameters change
-after a backward (record.auto_steps). At each boundary the autograd sequence counter is noted:
+What ends a step is chosen by `step_on` (track(step_on=...), `memprof run --step-on`):
+- "auto" (default): `optimizer.step()` of a watched optimizer (every optimizer unless track()
+  was given one), or - in a loop with none - a change of the parameters after a backward
+  (record.auto_steps);
+- "optimizer": optimizer steps only; "backward": every backward call (optimizer steps then
+  only mark the optimizer phase); "manual": only `prof.step()` (what `--step-on FUNCTION` calls
+  when the function returns).
+`prof.step()` ends a step in every mode. At each boundary the autograd sequence counter is noted:
 the leak check tells from a node's sequence number which step created it. Recorders subscribe
 to the optimizer hooks and to backward here instead of installing their own.
 """
@@ -17,11 +22,18 @@ from .events import PHASE_BACKWARD, PHASE_OPTIMIZER, PHASE_OTHER
 from .patches import PatchRegistry, remove_handles
 
 
+STEP_ON = ("auto", "optimizer", "backward", "manual")
+
+
 class StepClock:
-    def __init__(self, optimizer=None):
+    def __init__(self, optimizer=None, step_on: str = "auto"):
+        if step_on not in STEP_ON:
+            raise ValueError(f"step_on: expected one of {', '.join(STEP_ON)}, got {step_on!r}")
+        self.step_on = step_on
         self.optimizer = optimizer
         self.step = 0
         self.step_seqs: list[int] = []           # autograd sequence counter at each boundary
+        self.step_owners: list[int] = []         # per boundary: id of the optimizer, or 0
         self.optimizers: "weakref.WeakSet" = weakref.WeakSet()   # watched optimizers seen
         self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
@@ -62,11 +74,14 @@ class StepClock:
         for fn in self.on_optimizer_post:
             fn(optimizer)
         _C.set_phase(PHASE_OTHER)
-        self.end_step()
+        if self.step_on in ("auto", "optimizer"):
+            self.end_step(owner=id(optimizer))
 
-    def end_step(self, explicit: bool = True) -> None:
-        """A step boundary; `explicit=False`: found by record.auto_steps."""
+    def end_step(self, explicit: bool = True, owner: int = 0) -> None:
+        """A step boundary; `explicit=False`: found by record.auto_steps; `owner`: the id of
+        the optimizer that stepped (0: prof.step(), backward or auto steps)."""
         self.explicit = self.explicit or explicit
+        self.step_owners.append(owner)
         self.mark("step")
         self.step += 1
         self.step_seqs.append(int(_C.peek_sequence_nr()))
@@ -103,6 +118,8 @@ class BackwardHook:
                 _C.set_phase(PHASE_OTHER)
             for fn in hook.after:
                 fn()
+            if hook.steps.step_on == "backward":
+                hook.steps.end_step()
             return out
         return backward
 

@@ -4,7 +4,9 @@
     export(obj, path)                    by extension. A Profile: .json Chrome/Perfetto trace
                                          (trace.py), .pickle PyTorch memory snapshot
                                          (snapshot.py), .html report (html.py). A Plan: .html
-                                         (plan_html.py) or .json (Plan.to_json)
+                                         (plan_html.py) or .json (Plan.to_json). A job's
+                                         merged ranks (analyse.ranks.MergedRanks): .html
+                                         (ranks_html.py) or .json (its summary)
 Nothing below this package imports it; `memprof.show()` / `memprof.export()` are the way in.
 """
 from __future__ import annotations
@@ -30,7 +32,13 @@ def show(obj, console=None, section: str | None = None, **options) -> None:
         from .plan import print_plan
         print_plan(obj, console=console, **options)
         return
-    raise TypeError(f"report: expected a memprof Profile or Plan, got {type(obj).__name__}")
+    from ..analyse.ranks import MergedRanks
+    if isinstance(obj, MergedRanks):
+        from .ranks import print_ranks
+        print_ranks(obj, console=console, **options)
+        return
+    raise TypeError(f"report: expected a memprof Profile, Plan or MergedRanks, got "
+                    f"{type(obj).__name__}")
 
 
 def _profile_export(profile, lower: str):
@@ -57,8 +65,20 @@ def _plan_export(plan, lower: str):
     return None
 
 
+def _ranks_export(merged, lower: str):
+    if lower.endswith(".json"):
+        import json
+        return json.dumps(merged.summary(), indent=1, default=str)
+    if lower.endswith(".html"):
+        from .ranks_html import ranks_html
+        return ranks_html(merged)
+    return None
+
+
 def export(obj, path: str) -> str:
-    """Write `obj` (a Profile or a Plan) to `path` in the format its extension names."""
+    """Write `obj` (a Profile, a Plan or MergedRanks) to `path` in the format its extension
+    names."""
+    from ..analyse.ranks import MergedRanks
     from ..plan.search import Plan
     from ..profile import Profile
     lower = str(path).lower()
@@ -66,8 +86,11 @@ def export(obj, path: str) -> str:
         data, known = _profile_export(obj, lower), ".json, .pickle or .html"
     elif isinstance(obj, Plan):
         data, known = _plan_export(obj, lower), ".html or .json"
+    elif isinstance(obj, MergedRanks):
+        data, known = _ranks_export(obj, lower), ".html or .json"
     else:
-        raise TypeError(f"export: expected a memprof Profile or Plan, got {type(obj).__name__}")
+        raise TypeError(f"export: expected a memprof Profile, Plan or MergedRanks, got "
+                        f"{type(obj).__name__}")
     if data is None:
         raise ValueError(f"{path}: unknown export format; expected a {known} file name")
     mode = "wb" if isinstance(data, bytes) else "w"

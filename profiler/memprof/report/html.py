@@ -17,6 +17,7 @@ from ..finding import sort_findings
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..units import fmt_bytes
+from .terminal import partial_last_step
 from .html_data import (PHASE_CODES, STEP_TIME, module_nodes, shown_steps, step_rows,
                         timeline_data, top_allocations)
 from .series import series
@@ -172,8 +173,10 @@ def _steps(profile: Profile) -> str:
     if health:
         header += ["loss", "grad norm before clip", "after", "LR"]
     body = []
+    partial = all_rows[-1] if partial_last_step(profile) else None   # work after the last step
     for r in rows:
-        cells = [r["step"], fmt_bytes(r["peak"]), fmt_bytes(r["live_at_end"]),
+        cells = [f"{r['step']} (partial)" if r is partial else r["step"], fmt_bytes(r["peak"]),
+                 fmt_bytes(r["live_at_end"]),
                  fmt_bytes(r["allocated"])]
         if timed:
             cells += [_num(r.get(k)) for k in ("wall_ms",) + STEP_TIME]

@@ -5,6 +5,9 @@ import contextlib
 
 from rich.markup import escape
 
+from ..plan.batch_model import SEARCH_LIMIT
+from .plan_distributed import batch_text, print_distributed
+
 GiB = 1 << 30
 
 __all__ = ["print_plan", "search_progress"]
@@ -36,8 +39,8 @@ def _options_table(plan, all_options: bool):
     from rich.table import Table
     g = plan.gpu
     title = (f"What fits: {escape(str(plan.model['name']))} on {g.name} ({g.memory_bytes / GiB:.2f} GiB, "
-             f"usable {plan.usable_bytes / GiB:.2f} GiB), effective batch "
-             f"{plan.effective_batch} - ESTIMATES, memory in GiB")
+             f"usable {plan.usable_bytes / GiB:.2f} GiB), {batch_text(plan)} - ESTIMATES, "
+             "memory in GiB")
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
               collapse_padding=True)
     for col in ("#", "prec", "checkpoint", "micro x acc", "alloc", "reserved",
@@ -56,15 +59,25 @@ def _options_table(plan, all_options: bool):
     return t
 
 
+def _max_batch_text(plan, c) -> str:
+    """A combination's largest micro-batch; a search that stopped at its limit is not a
+    result ('the whole effective batch' or 'more than' the limit)."""
+    if c.model is None:
+        return str(c.skipped or c.error)
+    if c.max_micro_batch < SEARCH_LIMIT:
+        return str(c.max_micro_batch)
+    if plan.effective_batch <= SEARCH_LIMIT:
+        return f"the whole effective batch {plan.effective_batch} in one micro-batch"
+    return f"more than {SEARCH_LIMIT - 1} (the search stops there)"
+
+
 def _print_basis(plan, console) -> None:
     """Largest micro-batch per precision x policy, and what the numbers assume."""
-    mx = []
+    said: dict[str, list[str]] = {}   # one line per distinct result, naming its combinations
     for c in plan.combinations:
-        if c.model is not None:
-            mx.append(f"{c.precision}/{c.checkpointing}: {c.max_micro_batch}")
-        else:
-            mx.append(f"{c.precision}/{c.checkpointing}: {escape(str(c.skipped or c.error))}")
-    console.print("max micro-batch (with gradient accumulation): " + "; ".join(mx))
+        said.setdefault(_max_batch_text(plan, c), []).append(f"{c.precision}/{c.checkpointing}")
+    console.print("max micro-batch (with gradient accumulation): " + "; ".join(
+        f"{', '.join(names)}: {escape(text)}" for text, names in said.items()))
     a = plan.assumptions
     utilisation = ", ".join(f"{k} {v:.0%}" for k, v in a["utilisation"].items()
                             if k in plan.precisions)
@@ -106,4 +119,5 @@ def print_plan(plan, console=None, all_options: bool = False) -> None:
     console = console or Console()
     console.print(_options_table(plan, all_options))
     _print_basis(plan, console)
+    print_distributed(plan, console)
     _print_advice(plan, console)

@@ -1,13 +1,16 @@
 """A Profile as a PyTorch memory snapshot (the layout of torch.cuda.memory._snapshot()), for
 pytorch.org/memory_viz and torch.cuda._memory_viz.
 
-Segments and block addresses come from replaying the profile through memprof's model of the
-CUDA caching allocator (memprof.plan.allocator.simulate; csrc/allocator_sim.cpp): the same
-rules for CPU runs, estimates and CUDA runs, so every view of the viewer works - the Active
+On a CUDA run that recorded them (record/cuda_segments.py), segments, their blocks and the
+segment actions are the real caching allocator's, at the real addresses
+(report/snapshot_segments.py). Otherwise (CPU runs, estimates) segments and block addresses
+come from replaying the profile through memprof's model of the CUDA caching allocator
+(memprof.plan.allocator.simulate; csrc/allocator_sim.cpp). Either way every view of the
+viewer works - the Active
 Memory Timeline (allocations in requested bytes, coloured by memprof's category), the
 Allocator State History (segment_alloc / segment_free and every block inside a live segment
-at every event) and the segment flame graphs. Addresses are the model's, not the process's;
-on a real GPU the reserved bytes can differ from the model's by what it leaves out (streams,
+at every event) and the segment flame graphs. The model's addresses are not the process's;
+on a real GPU its reserved bytes can differ from the model's by what it leaves out (streams,
 CUDA graphs, ...). Frames name the op, the module path (innermost first, each ancestor a
 frame) and, outermost, the device and category ("cpu:0:activations"): the viewer numbers
 devices and cannot name them, so CPU memory says so in every stack and in the top-level
@@ -20,6 +23,8 @@ import numpy as np
 from ..plan.allocator import SEGMENT_ACTIONS, simulate
 from ..profile import Profile
 from ..record.events import CATEGORIES, DEVICE_CUDA, PHASES
+from .snapshot_segments import SOURCE as REAL_SOURCE
+from .snapshot_segments import real_layout, real_segments, recorded_segments
 
 MAX_TRACE_ENTRIES = 200_000   # like the allocator's max_entries: the most recent are kept
 SOURCE = ("memprof's model of the CUDA caching allocator (csrc/allocator_sim.cpp): "
@@ -61,11 +66,14 @@ class _Frames:
         return frames
 
 
-def _replay(profile: Profile):
-    """Rows to export (allocations, and frees of allocations memprof saw) and the layout."""
+def _replay(profile: Profile, real: dict | None = None):
+    """Rows to export (allocations, and frees of allocations memprof saw) and the layout:
+    the real allocator's when recorded (`real`), else the model's replay."""
     mem = profile.memory
     size = mem["size"]
     keep = (size > 0) | ((size < 0) & (profile.alloc_of >= 0))
+    if real is not None:
+        return keep, real_layout(profile, keep, real)
     sim = simulate((mem["ptr"], np.where(keep, size, 0).astype(np.int64)),
                    return_timeline=False, return_layout=True)
     return keep, sim.layout
@@ -102,6 +110,10 @@ def _trace(profile: Profile, keep, layout, frames: _Frames, first: int) -> list[
         else:
             out.append(dict(entry, action="free_requested"))
             out.append(dict(entry, action="free_completed"))
+    for k in range(seg_at[-1], seg["event"].size):     # segment actions after the last row
+        out.append({"action": SEGMENT_ACTIONS[int(seg["action"][k])],
+                    "addr": int(seg["addr"][k]), "size": int(seg["size"][k]), "stream": 0,
+                    "time_us": int(t_us[-1]) if t_us.size else 0, "frames": []})
     # the viewer (MemoryViz.js) expects the category "unknown" among categories it has seen
     out.append({"action": "snapshot", "addr": 0, "size": 0, "stream": 0,
                 "time_us": int(t_us[-1]) if t_us.size else 0, "frames": [],
@@ -161,12 +173,16 @@ def memory_snapshot(profile: Profile, max_entries: int = MAX_TRACE_ENTRIES) -> d
     device = int(mem["device_index"].max()) if cuda and mem.size else 0
     name = f"cuda:{device}" if cuda else "cpu"
     frames = _Frames(profile, name)
-    keep, layout = _replay(profile)
+    real = recorded_segments(profile)   # a CUDA run: the allocator's own segments
+    keep, layout = _replay(profile, real)
     first = _first_row(keep, mem["size"], max_entries)
     traces: list[list] = [[] for _ in range(device + 1)]
     traces[device] = _trace(profile, keep, layout, frames, first)
-    return {"segments": _segments(profile, keep, layout, frames, device),
+    segments = (real_segments(profile, keep, real, frames, device) if real
+                else _segments(profile, keep, layout, frames, device))
+    return {"segments": segments,
             "device_traces": traces,
-            "memprof": {"device": name, "device_index": device, "segments_from": SOURCE,
+            "memprof": {"device": name, "device_index": device,
+                        "segments_from": REAL_SOURCE if real else SOURCE,
                         "trace_from_event": first, "events": int(mem.size),
                         "estimate": bool(profile.meta.get("estimate", False))}}

@@ -33,7 +33,9 @@ def _share(part: int, whole: int) -> str:
 def print_report(prof: Profile, console: Console | None = None, top: int = 8) -> None:
     console = console or Console()
     s_peak = prof.peak
-    title = escape(f"memprof: {prof.meta.get('model_class') or 'tracked code'} on {prof.device}")
+    title = escape(f"memprof: {prof.meta.get('model_class') or 'tracked code'} on {prof.device}"
+                   + (f", rank {prof.meta['rank']} of {prof.meta.get('world_size')}"
+                      if prof.meta.get("rank") is not None else ""))
     if prof.meta.get("error"):
         console.print(f"[bold red]The tracked code raised:[/] {escape(str(prof.meta['error']))}")
     print_oom_sections(prof, console)   # OOM diagnosis, budget, what would fit (report/oom.py)
@@ -58,7 +60,10 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     console.print(Panel.fit(
         f"[bold]peak live memory[/] {fmt_bytes(s_peak)}   at {where}\n"
         f"events {prof.memory.size:,}   steps {len(prof.steps)}   "
-        f"dropped events {prof.meta.get('dropped', 0)}" + _side_drops(prof.meta), title=title))
+        f"dropped events {prof.meta.get('dropped', 0)}" + _side_drops(prof.meta)
+        + ("\n[cyan]torch.compile: memory inside compiled code is attributed to the compiled "
+           "module as a whole (per-module attribution is coarser)[/]"
+           if prof.meta.get("compiled") else ""), title=title))
 
     cat = prof.breakdown("category")
     t = Table(title="Alive at the peak, by category", title_justify="left")
@@ -89,21 +94,44 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
             t.add_row(escape(name), fmt_bytes(b))
         console.print(t)
 
-    steps = prof.steps
-    if steps:
-        t = Table(title="Steps", title_justify="left")
-        for col in ("step", "peak", "live at end", "allocated"):
-            t.add_column(col, justify="right")
-        shown = steps if len(steps) <= 2 * top else steps[:top] + steps[-top:]
-        for s in shown:
-            t.add_row(str(s.index), fmt_bytes(s.peak), fmt_bytes(s.live_at_end),
-                      fmt_bytes(s.allocated))
-        console.print(t)
+    _print_steps(prof, console, top)
     _print_throughput(prof, console)  # throughput / training health (memprof.throughput,
     _print_health(prof, console)      # memprof.health)
     errors = prof.meta.get("analysis_errors")
     if errors:
         console.print("[yellow]Some checks could not run:[/] " + escape("; ".join(errors)))
+
+
+def partial_last_step(prof: Profile) -> bool:
+    """The last row of prof.steps is work after the last step boundary (an evaluation pass,
+    a loop cut short), not a step the training loop finished."""
+    bounds = prof.marker_positions("step")
+    return bool(bounds.size) and bool(prof.steps) and prof.steps[-1].start >= int(bounds[-1])
+
+
+def _print_steps(prof: Profile, console: Console, top: int) -> None:
+    steps = prof.steps
+    if not steps:
+        return
+    partial = partial_last_step(prof)
+    t = Table(title="Steps", title_justify="left", caption_justify="left",
+              caption="partial: work after the last step boundary (an evaluation pass, a loop "
+                      "cut short), not a finished step" if partial else None)
+    for col in ("step", "peak", "live at end", "allocated"):
+        t.add_column(col, justify="right")
+    elided = len(steps) - 2 * top
+    for s in (steps if elided <= 0 else steps[:top]):
+        _step_row(t, s, partial and s is steps[-1])
+    if elided > 0:
+        t.add_row(f"[dim]... {elided} steps not shown ...[/]", "", "", "")
+        for s in steps[-top:]:
+            _step_row(t, s, partial and s is steps[-1])
+    console.print(t)
+
+
+def _step_row(t: Table, s, partial: bool) -> None:
+    t.add_row(f"{s.index} (partial)" if partial else str(s.index), fmt_bytes(s.peak),
+              fmt_bytes(s.live_at_end), fmt_bytes(s.allocated))
 
 
 # ------------------------------------------------------------------ throughput / training health
@@ -118,7 +146,9 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     st = tp["stats"]
     clock = "CUDA events" if tp["clock"] == "cuda_events" else "host clock"
     t = Table(title=f"Throughput per optimizer step: median over {tp['steps_measured']} steps, "
-                    f"{tp['warmup_steps_excluded']} warm-up step(s) excluded ({clock})",
+                    f"{tp['warmup_steps_excluded']} warm-up step(s)"
+                    + (f" and {tp['compile_steps_excluded']} compiling" if
+                       tp.get("compile_steps_excluded") else "") + f" excluded ({clock})",
               title_justify="left")
     for col in ("phase", "median ms", "p10 ms", "p90 ms", "share"):
         t.add_column(col, justify="left" if col == "phase" else "right")
@@ -131,7 +161,9 @@ def _print_throughput(prof: Profile, console: Console) -> None:
             continue
         share = f"{100 * s['median'] / wall:5.1f}%" if wall else "-"
         t.add_row(name, f"{s['median']:.2f}", f"{s['p10']:.2f}", f"{s['p90']:.2f}", share)
+    _add_communication_rows(t, st, wall)
     console.print(t)
+    _print_collectives(tp, console)
     sps = st.get("samples_per_s")
     line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
@@ -146,6 +178,31 @@ def _print_throughput(prof: Profile, console: Console) -> None:
                                           f"{fmt_bytes(gpu.get('memory_used_bytes_max', 0))}"
                                           if u else escape(f"not sampled ({gpu.get('error')})")))
     console.print(line)
+
+
+def _add_communication_rows(t: Table, st: dict, wall) -> None:
+    """A distributed run's step split again: compute, communication (collectives in flight,
+    overlapping the phases above) and data wait (analyse.communication)."""
+    if not st.get("comm_ms"):
+        return
+    t.add_section()
+    for key, name in (("compute_ms", "compute (step - data - comm)"),
+                      ("comm_ms", "communication (in flight)"), ("data_ms", "data wait")):
+        s = st.get(key)
+        if s:
+            share = f"{100 * s['median'] / wall:5.1f}%" if wall else "-"
+            t.add_row(name, f"{s['median']:.2f}", f"{s['p10']:.2f}", f"{s['p90']:.2f}", share)
+
+
+def _print_collectives(tp: dict, console: Console) -> None:
+    comm = tp.get("communication")
+    if not comm:
+        return
+    parts = [f"{op} {row['calls']}x {fmt_bytes(row['bytes'] // max(row['calls'], 1))} "
+             f"{row['ms']:.1f} ms" for op, row in comm["by_op"].items()]
+    console.print(escape("collectives (launch to completion, all steps): " + ", ".join(parts)
+                         + (f"; {comm['incomplete_calls']} not completed in the block"
+                            if comm["incomplete_calls"] else "")))
 
 
 def _print_health(prof: Profile, console: Console) -> None:

@@ -10,7 +10,8 @@
   var T = JSON.parse(blob.textContent).timeline;
   var NS = "http://www.w3.org/2000/svg";
   var COLORS = {parameters: "#4e79a7", gradients: "#f28e2c", optimizer_state: "#59a14f",
-                activations: "#e15759", temporaries: "#edc949", other: "#bab0ab"};
+                activations: "#e15759", temporaries: "#edc949", other: "#bab0ab",
+                communication: "#76b7b2", buffers: "#b07aa1"};
   var PHASE_COLORS = ["#4e79a7", "#f28e2c", "#59a14f"];
   var box = svgEl.viewBox.baseVal;
   var W = box ? box.width : 960, H = box ? box.height : 300;

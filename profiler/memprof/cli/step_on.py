@@ -1,0 +1,149 @@
+"""`memprof run --step-on WHAT`: what ends a training step, when the default (an optimizer
+step, else a change of the parameters after a backward) does not fit the script.
+
+- `optimizer`, `backward`: track(step_on=...) (record.steps);
+- a function: a step ends each time it returns (also by an exception). `NAME` is a function or
+  method defined in the script (`train_step`, `Trainer.training_step`, `main.train_step` for
+  one defined inside main()); `MODULE:NAME` one importable from the script's directory
+  (`mylib.loop:train_step`), patched on its module or class for the run and restored after.
+
+A function of the script cannot be patched before the script defines it, so its body is
+wrapped, in the compiled script only, in `try: ... finally: <end the step>`: the same lines,
+frames and tracebacks; the file on disk is not touched.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import inspect
+import os
+import sys
+from types import CodeType
+
+from ..record.patches import PatchRegistry
+from .base import UsageError
+
+KEYWORDS = ("optimizer", "backward")
+HELP = ("what ends a training step: 'optimizer' (each optimizer.step()), 'backward' (each "
+        "backward call), or a function - NAME defined in the script (train_step, "
+        "Trainer.training_step) or MODULE:NAME importable from the script's directory "
+        "(mylib.loop:train_step) - a step ending each time it returns. Default: optimizer "
+        "steps, else a change of the parameters after a backward. prof.step() in the script "
+        "also ends a step.")
+
+
+def track_mode(spec: str | None) -> str:
+    """The track(step_on=...) value for a --step-on value."""
+    if spec is None:
+        return "auto"
+    return spec if spec in KEYWORDS else "manual"
+
+
+def install(spec: str | None, code: CodeType, source: bytes, script: str,
+            end_step, patches: PatchRegistry) -> CodeType:
+    """Make `spec` (a function) call end_step() when it returns; returns the code to run."""
+    if spec is None or spec in KEYWORDS:
+        return code
+    module_name, colon, qualname = spec.partition(":")
+    if colon and module_name != os.path.splitext(os.path.basename(script))[0]:
+        _patch_importable(spec, end_step, patches)
+        return code
+    spec = qualname if colon else spec     # SCRIPT:NAME is a function of the script
+    code = _wrap_script_function(spec, source, script)
+    patches.set(sys.modules[__name__], "script_step_end", end_step)
+    return code
+
+
+def script_step_end() -> None:
+    """What the wrapped script function calls when it returns: the tracker's step() while
+    `memprof run` runs the script (install() sets it), nothing otherwise."""
+
+
+def _patch_importable(spec: str, end_step, patches: PatchRegistry) -> None:
+    module_name, _, qualname = spec.partition(":")
+    if not module_name or not qualname:
+        raise UsageError(f"--step-on {spec!r}: expected MODULE:NAME, e.g. mylib.loop:train_step")
+    try:
+        owner = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001  (any failure of the user's import is bad input)
+        raise UsageError(f"--step-on {spec!r}: cannot import {module_name!r}: "
+                         f"{type(err).__name__}: {err}") from None
+    *path, name = qualname.split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+    raw = inspect.getattr_static(owner, name, None) if owner is not None else None
+    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    if not inspect.isfunction(func):
+        raise UsageError(f"--step-on {spec!r}: {qualname!r} in {module_name} is not a "
+                         f"function (found {type(raw).__name__})")
+    _refuse_generator(spec, func)
+
+    @functools.wraps(func)
+    def ends_step(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        finally:
+            end_step()
+    patches.set(owner, name, type(raw)(ends_step) if func is not raw else ends_step)
+
+
+def _refuse_generator(spec: str, func) -> None:
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise UsageError(f"--step-on {spec!r}: is a generator; name the function that runs "
+                         "one training step")
+
+
+class _Functions(ast.NodeVisitor):
+    """Function definitions of a module by qualified name, `<locals>` left out."""
+
+    def __init__(self):
+        self.found: dict[str, ast.FunctionDef | ast.AsyncFunctionDef] = {}
+        self._path: list[str] = []
+
+    def _visit_scope(self, node) -> None:
+        self._path.append(node.name)
+        if not isinstance(node, ast.ClassDef):
+            self.found.setdefault(".".join(self._path), node)
+        self.generic_visit(node)
+        self._path.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _visit_scope
+
+
+def _wrap_script_function(spec: str, source: bytes, script: str) -> CodeType:
+    tree = ast.parse(source, script)
+    finder = _Functions()
+    finder.visit(tree)
+    matches = [q for q in finder.found if q == spec or q.endswith("." + spec)]
+    if spec in finder.found:
+        matches = [spec]
+    if len(matches) != 1:
+        known = ", ".join(sorted(finder.found)) or "none"
+        what = "several functions match" if matches else "no function of that name"
+        raise UsageError(f"--step-on {spec!r}: {what} in {script} (functions there: {known}); "
+                         "or use MODULE:NAME for one importable elsewhere")
+    node = finder.found[matches[0]]
+    if any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in _own_nodes(node)):
+        raise UsageError(f"--step-on {spec!r}: is a generator; name the function that runs "
+                         "one training step")
+    body = node.body
+    doc = body[:1] if (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                       and isinstance(body[0].value.value, str)) else []
+    hook = ast.copy_location(ast.parse(f"__import__({__name__!r}, fromlist=['_'])"
+                                       ".script_step_end()").body[0], body[-1])
+    wrapped = ast.Try(body=body[len(doc):] or [ast.Pass()], handlers=[], orelse=[],
+                      finalbody=[hook])
+    node.body = doc + [ast.copy_location(wrapped, body[-1] if doc and len(body) == 1
+                                         else body[len(doc)])]
+    return compile(ast.fix_missing_locations(tree), script, "exec")
+
+
+def _own_nodes(func):
+    """The nodes of a function's body, not those of functions or classes nested in it."""
+    todo = list(func.body)
+    while todo:
+        n = todo.pop()
+        yield n
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(n))

@@ -1,0 +1,146 @@
+"""`memprof recommend` for the user's own model, typed in the directory where its module is:
+import from the current directory, --effective-batch from the batch function, a dict batch
+without targets, the model's own loss, and code that runs as printed (issue 14)."""
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from memprof.cli import main
+from memprof.models import MODELS
+
+MODULE = textwrap.dedent("""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def tiny_bert():
+        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64, num_labels=3)
+        return BertForSequenceClassification(cfg)
+
+    def with_labels(batch_size=6):          # a dict batch, no targets: the model's own loss
+        return {"input_ids": torch.randint(0, 100, (batch_size, 16)),
+                "labels": torch.randint(0, 3, (batch_size,))}
+
+    def inputs_only(batch_size):            # no labels, no targets, no default size
+        return {"input_ids": torch.randint(0, 100, (batch_size, 16))}
+""")
+
+
+@pytest.fixture
+def own_models(tmp_path, monkeypatch):
+    """A directory with own_models_cli.py, made the current directory; not on sys.path."""
+    (tmp_path / "own_models_cli.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "own_models_cli", raising=False)
+    assert str(tmp_path) not in sys.path and "" not in sys.path
+    return tmp_path
+
+
+def _cli(capsys, *args):
+    rc = main(["recommend", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _run_code(code: str, directory) -> dict:
+    """Execute a plan's code as a script in `directory` would run: a fresh namespace, the
+    script's directory on the path."""
+    sys.path.insert(0, str(directory))
+    try:
+        ns: dict = {}
+        exec(compile(code, "<plan code>", "exec"), ns)
+        return ns
+    finally:
+        sys.path.remove(str(directory))
+
+
+def test_own_model_from_the_current_directory_with_its_own_loss(capsys, own_models):
+    before = list(sys.path)
+    rc, out, err = _cli(capsys, "--gpu", "a100-40gb", "--model", "own_models_cli:tiny_bert",
+                        "--batch-fn", "own_models_cli:with_labels", "--precision",
+                        "fp32,bf16", "--checkpointing", "none", "--no-confirm", "--json")
+    assert rc == 0, err
+    # (two combinations: estimated side by side in forked workers where there are 2 cores)
+    assert sys.path == before                        # the current directory was taken off again
+    plan = json.loads(out)
+    assert plan["effective_batch"] == 6              # the batch function's own batch size
+    assert plan["model"]["loss"] == {"rule": "own", "output": ".loss"}
+    code = plan["code"]
+    assert "loss = model(**x).loss" in code and "loss_fn" not in code
+    torch.manual_seed(0)
+    ns = _run_code(code, own_models)
+    model = ns["model"]
+    assert torch.isfinite(ns["loss"]).all()
+    # two micro-steps of accumulation 1: the optimizer stepped twice, gradients cleared
+    assert all(p.grad is None for p in model.parameters())     # zeroed after its step
+    assert ns["opt"].state and all(s["step"] == 2 for s in ns["opt"].state.values())
+
+
+def test_code_for_a_dict_batch_without_targets_or_labels(capsys, own_models):
+    rc, out, err = _cli(capsys, "--gpu", "a100-40gb", "--model", "own_models_cli:tiny_bert",
+                        "--batch-fn", "own_models_cli:inputs_only", "--effective-batch", "4",
+                        "--precision", "fp16", "--checkpointing", "every", "--no-confirm",
+                        "--json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    assert plan["model"]["loss"] == {"rule": "mean", "output": ".logits"}
+    code = plan["code"]
+    assert "for i, x in enumerate(loader)" in code and "memprof.checkpoint.apply" in code
+    ns = _run_code(code, own_models)
+    assert ns["loss"].dim() == 0 and torch.isfinite(ns["loss"])
+    assert ns["handle"] is not None and ns["scaler"] is not None
+
+
+def test_effective_batch_is_required_only_without_a_batch_size(capsys, own_models):
+    cases = [(["--model", "mlp"], "--model mlp has no batch size of its own"),
+             (["--model", "own_models_cli:tiny_bert", "--batch-fn",
+               "own_models_cli:inputs_only"], "def batch(batch_size=32)")]
+    for args, needle in cases:
+        rc, out, err = _cli(capsys, "--gpu", "a100-40gb", *args)
+        assert rc == 2 and needle in err and "--effective-batch: required" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_help_lists_the_built_in_models_and_explains_batch_fn(capsys):
+    with pytest.raises(SystemExit):
+        main(["recommend", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in MODELS)
+    assert "function(batch_size) returns (inputs, targets) or inputs alone" in text
+    assert "outputs.loss" in text and "current directory" in text
+
+
+def test_search_limit_and_repeated_messages_are_said_once(capsys):
+    """A tiny MLP fits any batch: its line never claims the search limit as a maximum, and
+    the same text for several combinations is printed once, naming them."""
+    rc, out, err = _cli(capsys, "--gpu", "a100-40gb", "--model", "mlp", "--effective-batch",
+                        "8", "--precision", "fp32,bf16", "--checkpointing", "none,every",
+                        "--no-confirm")
+    assert rc == 0, err
+    text = " ".join(out.split())
+    assert "65536" not in text
+    assert "fp32/none, bf16/none: the whole effective batch 8 in one micro-batch" in text
+    assert text.count("already fits in fp32") == 1
+    rc, out, err = _cli(capsys, "--gpu", "a100-40gb", "--model", "mlp", "--effective-batch",
+                        str(10 ** 6), "--precision", "fp32", "--checkpointing", "none",
+                        "--no-confirm", "--json")
+    assert rc == 0, err
+    combo = json.loads(out)["combinations"][0]
+    assert combo["max_micro_batch_is_search_limit"] is True
+    rc, out, err = _cli(capsys, "--gpu", "a100-40gb", "--model", "mlp", "--effective-batch",
+                        str(10 ** 6), "--precision", "fp32", "--checkpointing", "none",
+                        "--no-confirm")
+    assert "more than 65535 (the search stops there)" in " ".join(out.split())
+
+
+def test_cwd_is_not_left_on_the_path_after_an_error(capsys, own_models):
+    before = list(sys.path)
+    rc, out, err = _cli(capsys, "--gpu", "a100-40gb", "--model", "own_models_cli:nothing",
+                        "--batch-fn", "own_models_cli:with_labels", "--no-confirm")
+    assert rc == 2 and "no function or class 'nothing'" in err
+    assert sys.path == before and os.getcwd() == str(own_models)

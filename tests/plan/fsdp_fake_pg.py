@@ -1,0 +1,154 @@
+"""One rank of a real FSDP2 (`fully_shard`) step under torch.distributed's fake process group,
+on fake tensors: what memprof.plan.distributed's zero3 rules are checked against.
+
+    python fsdp_fake_pg.py WORLD  ->  one JSON line: the rank's model-state bytes (local
+    shards of parameters, gradients, optimizer state) and the live-byte peak of a steady step
+
+Live bytes are counted per storage an op creates (a TorchDispatchMode, as memprof's
+RecordingMode does), freed when the storage dies.
+"""
+import contextlib
+import json
+import sys
+import weakref
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils._python_dispatch import TorchDispatchMode
+
+D, BLOCKS, BATCH = 256, 4, 16
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(D, D), nn.GELU())
+                                     for _ in range(BLOCKS)])
+        self.head = nn.Linear(D, 16)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def batch(b):
+    return (torch.randn(b, D),), torch.randint(0, 16, (b,))
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of the storages ops create, and of FSDP2's storages that it frees and
+    re-allocates in place (`storage.resize_`, see `watch_fsdp_storage_resizes`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes = {}          # id(storage) -> bytes counted
+
+    def _set(self, st, nbytes: int) -> None:
+        key = id(st)
+        if key not in self.sizes:
+            self.sizes[key] = 0
+            weakref.finalize(st, self._set_key, key, 0)
+        self._set_key(key, nbytes)
+
+    def _set_key(self, key, nbytes: int) -> None:
+        if key in self.sizes:
+            self.live += nbytes - self.sizes[key]
+            self.sizes[key] = nbytes
+            self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                # a DTensor's own storage stands for the global shape: count its local shard
+                st = getattr(t, "_local_tensor", t).untyped_storage()
+                if id(st) not in self.sizes and st.nbytes():
+                    self._set(st, st.nbytes())
+        return out
+
+
+@contextlib.contextmanager
+def watch_fsdp_storage_resizes(modes: list):
+    """FSDP2 frees an unsharded parameter with `storage.resize_(0)` and re-allocates it with
+    `resize_(n)` (no op creates a tensor): count those in the active LiveBytes mode while the
+    block runs (FSDP2's functions are restored after it)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    def resized(original):
+        def wrapper(tensor):
+            original(tensor)
+            if modes:
+                modes[-1]._set(tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+        return wrapper
+    saved = [(m, n, getattr(m, n)) for m in (_fsdp_param, _fsdp_param_group)
+             for n in ("alloc_storage", "free_storage") if hasattr(m, n)]
+    for module, name, original in saved:
+        setattr(module, name, resized(original))
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind the tensors' local shards."""
+    storages = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = getattr(t, "_local_tensor", t).untyped_storage()
+            storages[id(st)] = st.nbytes()
+    return sum(storages.values())
+
+
+def main(world: int) -> dict:
+    """One rank's model states and steady peak (see the module docstring)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    modes = []
+    try:
+        with watch_fsdp_storage_resizes(modes):
+            return _steps(init_device_mesh("cpu", (world,)), modes)
+    finally:
+        dist.destroy_process_group()
+
+
+def _steps(mesh, modes) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    # the mesh is made outside the fake mode: it reads its ranks
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.manual_seed(0)
+        model = Net()
+        for b in model.blocks:
+            fully_shard(b, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+        out = {}
+        for step in range(2):
+            x, y = batch(BATCH)
+            mode = LiveBytes()
+            modes[:] = [mode]
+            with mode:
+                loss = nn.functional.cross_entropy(model(*x), y)
+                loss.backward()
+                if step == 1:
+                    out["gradients"] = local_bytes(p.grad for p in model.parameters())
+                    out["parameters"] = local_bytes(model.parameters())
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                del loss
+            if step == 1:
+                out["optimizer_state"] = local_bytes(
+                    v for s in opt.state.values() for v in s.values())
+                out["steady_peak_over_model_states"] = mode.peak
+            modes.clear()
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(int(sys.argv[1]))))

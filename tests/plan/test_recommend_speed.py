@@ -1,0 +1,95 @@
+"""recommend's speed changes keep its answers: worker processes, built-ins built on meta."""
+import pytest
+
+import memprof
+from memprof.models import build_model
+from memprof.plan.errors import PlanInputError
+from memprof.plan.estimate import Estimator
+from memprof.plan.gpus import lookup
+from memprof.plan.parallel import Pool
+
+MiB = 1 << 20
+SMALL_GPU = dict(gpu="v100-16gb", overhead=lookup("v100-16gb").memory_bytes - 80 * MiB,
+                 margin=0.0)
+
+
+def _without_times(d: dict) -> dict:
+    d = {k: v for k, v in d.items() if k != "wall_s"}
+    d["combinations"] = [{k: v for k, v in c.items() if k != "wall_s"}
+                         for c in d["combinations"]]
+    return d
+
+
+def test_plan_from_worker_processes_equals_the_one_made_in_process():
+    kw = dict(effective_batch=64, precisions=["fp16", "fp32"], policies=["none", "every"],
+              **SMALL_GPU)
+    here = memprof.recommend("vit-tiny", workers=1, **kw)
+    forked = memprof.recommend("vit-tiny", workers=2, **kw)
+    assert _without_times(forked.as_dict()) == _without_times(here.as_dict())
+    assert forked.estimates == here.estimates == 12
+    # the workers' estimates came back without their live objects; in-process ones keep them
+    assert all(c.model.lo.profile.run.live is None for c in forked.combinations)
+    assert all(c.model.lo.profile.run.live is not None for c in here.combinations)
+    # a prediction of a forked plan is the in-process plan's prediction
+    assert forked.predict(20, "fp16", "every") == here.predict(20, "fp16", "every")
+
+
+def test_policies_after_none_are_skipped_when_none_fits_all_with_workers():
+    plan = memprof.recommend("vit-tiny", gpu="v100-16gb", effective_batch=8,
+                             precisions=["fp16", "fp32"], policies=["none", "every"], workers=2)
+    skipped = {(c.precision, c.checkpointing): c.skipped for c in plan.combinations}
+    assert skipped[("fp16", "none")] is None and skipped[("fp32", "none")] is None
+    assert "already fits" in skipped[("fp16", "every")]
+    assert "already fits" in skipped[("fp32", "every")]
+    assert plan.estimates == 2 * 3         # per precision: two fits and the confirmation
+    assert all(c.confirmed_at == 8 for c in plan.combinations if c.model is not None)
+
+
+def _broken_batch(b):
+    raise RuntimeError("no data here")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_batch_function_is_one_line_from_a_worker_too(workers):
+    with pytest.raises(PlanInputError, match="batch function '_broken_batch' raised "
+                                             "RuntimeError: no data here"):
+        memprof.recommend(build_model("mlp").model, batch=_broken_batch, gpu="v100-16gb",
+                          effective_batch=8, precisions=["fp16", "fp32"], policies=["none"],
+                          workers=workers)
+
+
+def test_pool_runs_jobs_in_other_processes_and_in_order_of_completion_here():
+    import os
+    pool = Pool(lambda x: (x * x, os.getpid()), workers=2)
+    for x in (3, 4):
+        pool.submit(x)
+    got = dict(pool.results())
+    assert {x: r[0] for x, r in got.items()} == {3: 9, 4: 16}
+    assert all(r[1] != os.getpid() for r in got.values())
+    here = Pool(lambda x: (x + 1, os.getpid()), workers=1)
+    here.submit(1)
+    assert list(here.results()) == [(1, (2, os.getpid()))]
+
+
+@pytest.mark.parametrize("name,kwargs", [("vit-tiny", {}),
+                                         ("dcal-vit-tiny", {"attention_backend": "fused"})])
+def test_builtins_built_on_meta_estimate_as_built_for_real(name, kwargs):
+    import torch
+    real = build_model(name, **kwargs)
+    with torch.device("meta"):
+        meta = build_model(name, **kwargs)
+    assert next(meta.model.parameters()).device.type == "meta"
+    a = Estimator(real.model, real.make_batch, real.loss_fn, gpu="v100-16gb").step(
+        3, precision="fp16", checkpointing="every")
+    b = Estimator(meta.model, meta.make_batch, meta.loss_fn, gpu="v100-16gb").step(
+        3, precision="fp16", checkpointing="every")
+    assert {k: v for k, v in a.as_dict().items() if k != "wall_s"} == \
+        {k: v for k, v in b.as_dict().items() if k != "wall_s"}
+    plan = memprof.recommend(name, model_kwargs=kwargs, gpu="v100-16gb", effective_batch=4,
+                             precisions=["fp32"], policies=["none"], confirm=False)
+    assert plan.model["built_on"] == "meta"
+
+
+def test_workers_must_be_a_positive_int():
+    with pytest.raises(PlanInputError, match=r"workers: expected an int >= 1, got 0"):
+        memprof.recommend("mlp", gpu="v100-16gb", effective_batch=8, workers=0)

@@ -1,0 +1,89 @@
+"""A torch.compile'd model tracked for a few steps on the CPU: memprof's module hooks cause no
+graph break (they step aside while dynamo traces), the categories are right, the report says
+attribution is per compiled module, and the steps that compiled - the first, and one that
+recompiles for a new batch size - are left out of the throughput statistics, so no data-wait or
+host-time finding comes from compile time (issue 14).
+
+backend="aot_eager": dynamo and AOT autograd as with inductor (forward and backward graphs,
+lazy backward compile) without inductor's C++ build, which takes minutes on this machine."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.utils.data import DataLoader, TensorDataset
+
+import memprof
+from memprof.analyse import throughput
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(32, 64)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def fit(auto: bool):
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend="aot_eager")
+    data = TensorDataset(torch.randn(38, 32), torch.randn(38, 4))
+    # batches of 8, then a last one of 6: a recompile inside the run
+    loader = DataLoader(data, batch_size=8)
+    with (memprof.track(auto_modules=True) if auto else memprof.track(compiled)) as prof:
+        for x, y in loader:
+            torch.nn.functional.mse_loss(compiled(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    return prof, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("auto", [False, True], ids=["track(model)", "auto_modules"])
+def test_compiled_model_no_graph_break_right_categories_no_false_finding(auto):
+    prof, model = fit(auto)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] >= 1
+    params = sum(p.nbytes for p in model.parameters())
+    end = prof.breakdown("category", at="end")
+    assert end["parameters"] == (0 if auto else params)   # auto: built before the block
+    assert prof.breakdown("category", at="peak")["activations"] > 0
+    assert prof.breakdown("category", at=0)["gradients"] == sum(p.nbytes for p in
+                                                                 model.parameters())
+    assert prof.meta["compiled"] and prof.meta["model_class"] == "MLP"
+    assert not any("_orig_mod" in name for name in prof.modules)
+    assert {"fc1", "fc2"} <= set(prof.modules)
+
+    compiled_steps = prof.run.records["compile"]["steps"]
+    assert compiled_steps[0] == 0 and 4 in compiled_steps    # the batch of 6 recompiled
+    t = throughput.summarize(prof)
+    assert t["steps"] == 5 and t["compile_steps_excluded"] == 1
+    assert t["steps_measured"] == 3                          # steps 1-3
+    assert memprof.findings(prof) == []
+
+
+def test_hooks_step_aside_only_while_compiling(mlp):
+    """Eager modules called from a compiled function still attribute; the compiled function's
+    own modules do not break its graph."""
+    torch._dynamo.reset()
+    counters.clear()
+    head = torch.nn.Linear(10, 2)
+
+    @torch.compile(backend="eager", fullgraph=True)      # a graph break here would raise
+    def body(x):
+        return mlp(x)
+
+    with memprof.track(auto_modules=True) as prof:
+        for _ in range(2):
+            head(body(torch.randn(8, 64))).sum().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert prof.modules == [""] and prof.meta["model_class"] == "Linear"  # head: eager
+    assert prof.meta["compiled"]                 # mlp's modules ran inside the graph
+    assert prof.breakdown("category", at="end")["gradients"] == sum(
+        p.nbytes for p in head.parameters())
