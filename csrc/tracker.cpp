@@ -18,6 +18,8 @@
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <pybind11/stl.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -60,6 +62,20 @@ struct RecordLog {
   struct Chunk {
     Record records[kChunk];
     std::atomic<Chunk*> next{nullptr};
+
+    // Chunks are mapped pages of their own, not heap blocks: glibc serves a block of this size
+    // from its heap once it has freed one mapping, and a heap does not give freed memory back
+    // while the merge runs, so leaving a block would hold the events twice after all.
+    static Chunk* create() {
+      void* p = mmap(nullptr, sizeof(Chunk), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      return new (p) Chunk;
+    }
+    static void destroy(Chunk* c) {
+      c->~Chunk();
+      munmap(c, sizeof(Chunk));
+    }
   };
   std::atomic<Chunk*> head{nullptr};  // first chunk still held
   size_t head_first = 0;              // index of head's first record (reader side)
@@ -74,14 +90,14 @@ struct RecordLog {
   ~RecordLog() {
     for (Chunk* c = head.load(std::memory_order_acquire); c != nullptr;) {
       Chunk* next = c->next.load(std::memory_order_acquire);
-      delete c;
+      Chunk::destroy(c);
       c = next;
     }
   }
 
   void append(const Record& r) {
     if (used == kChunk) {
-      auto* c = new Chunk;
+      Chunk* c = Chunk::create();
       if (tail == nullptr) {
         head.store(c, std::memory_order_release);
       } else {
@@ -113,7 +129,7 @@ struct RecordLog {
     Chunk* c = head.load(std::memory_order_acquire);
     while (c != nullptr && head_first < keep_from) {
       Chunk* next = c->next.load(std::memory_order_acquire);
-      delete c;
+      Chunk::destroy(c);
       c = next;
       head_first += kChunk;
     }

@@ -45,7 +45,3 @@ class Case:
     @property
     def buggy(self) -> bool:
         return self.kind is not None
-
-
-def param_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -2,7 +2,6 @@
 events and the other records are taken natively as two streams, the Profile reads the first in
 place, and the interleaved stream is rebuilt only on request."""
 import gc
-import os
 import threading
 
 import numpy as np
@@ -35,22 +34,25 @@ def _can_reset_peak() -> bool:
 
 @pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs")
 def test_leaving_a_block_with_analyses_peaks_under_twice_the_raw_event_bytes():
+    """Measured from the moment the native log holds the events (1x): leaving, the analyses and
+    the summary may add at most 1x more. (From before the block it is 1.75x here; measured from
+    there it would also count what PyTorch holds per event once torch.profiler has run in the
+    process, which other tests do.)"""
     n = 400_000   # 800,000 events, 58 MB of records
-    gc.collect()
-    before = _status_bytes("VmRSS")
     tracker = memprof.track()
     with tracker:
         for _ in range(n):
             torch.empty(16)
         gc.collect()
+        before_leaving = _status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")   # the peak from here on is the leaving peak
     prof = tracker.profile
     prof.summary()         # what a report reads: pairs, categories, modules, steps
-    peak = _status_bytes("VmHWM") - before
+    extra = _status_bytes("VmHWM") - before_leaving
     raw = prof.run.streams.size * EVENT_DTYPE.itemsize
     assert prof.memory.size >= 2 * n
-    assert peak <= 2 * raw, f"leaving peaked at {peak / raw:.2f}x the raw event bytes"
+    assert extra <= raw, f"leaving added {extra / raw:.2f}x the raw event bytes to the 1x held"
 
 
 def test_memory_is_the_runs_own_array_and_events_interleave_it_with_the_markers():
