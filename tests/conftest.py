@@ -1,25 +1,14 @@
 import pytest
 import torch
 
+from tiny_mlp import MLP
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-
-
-class MLP(torch.nn.Module):
-    """Linear(D,H) -> ReLU -> Linear(H,C): activation sizes are easy to compute by hand."""
-
-    def __init__(self, d=64, h=128, c=10):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(d, h)
-        self.act = torch.nn.ReLU()
-        self.fc2 = torch.nn.Linear(h, c)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 @pytest.fixture

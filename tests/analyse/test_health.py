@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_ as preimported_clip  # bound before any tracking
 
 import memprof
-from conftest import MLP
+from tiny_mlp import MLP
 from memprof.analyse import health as hl
 from memprof.record import health as health_recorder
 

@@ -1,0 +1,15 @@
+"""The small MLP several tests share (a plain module: importable from any test folder)."""
+import torch
+
+
+class MLP(torch.nn.Module):
+    """Linear(D,H) -> ReLU -> Linear(H,C): activation sizes are easy to compute by hand."""
+
+    def __init__(self, d=64, h=128, c=10):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, h)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(h, c)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
