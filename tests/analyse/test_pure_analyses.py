@@ -40,6 +40,19 @@ def test_flat_memory_is_not_growth():
     assert memory_growth(growing_run(steps=6, leak=0).profile(), capacity=1 << 20) == []
 
 
+def test_backend_buffers_whose_free_is_unseen_are_not_growth():
+    """gloo's reduce-scatter allocates a temporary inside the collective and frees it on its
+    own worker thread, where PyTorch reports no free: such buffers look alive forever."""
+    b = RunBuilder()
+    for s in range(6):
+        b.alloc(1000 + s, 64 * KB).alloc(5000 + s, 8 * KB, op="c10d::_reduce_scatter_base_")
+        b.free(1000 + s, 64 * KB)
+        b.mark("step")
+    prof = b.profile()
+    assert prof.breakdown("category", at="end")["communication"] == 6 * 8 * KB
+    assert memory_growth(prof, capacity=1 << 20) == []
+
+
 def test_throughput_from_markers_alone():
     b = RunBuilder()
     t = 0

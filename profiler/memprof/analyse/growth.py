@@ -12,7 +12,8 @@ import numpy as np
 
 from ..finding import Finding
 from ..profile import Profile
-from ..record.events import CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, DEVICE_CUDA
+from ..record.events import (CAT_COMMUNICATION, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
+                             CAT_PARAMETERS, DEVICE_CUDA)
 from ..units import fmt_bytes
 
 WARMUP_STEPS = 1
@@ -48,8 +49,11 @@ def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding
     if len(steps) < MIN_STEPS:
         return []
     # parameters, gradients and optimizer state are the model's, not growth: an optimizer
-    # that builds up its state (LBFGS's history, bounded by history_size) is not a leak
-    named = np.isin(profile.category, [CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE])
+    # that builds up its state (LBFGS's history, bounded by history_size) is not a leak.
+    # Communication buffers are the backend's: gloo frees its reduce-scatter temporaries on
+    # its own worker thread, where PyTorch reports no free to memprof, so they look alive.
+    named = np.isin(profile.category, [CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
+                                       CAT_COMMUNICATION])
     named_live = np.cumsum(np.where(named, profile.effective_size, 0), dtype=np.int64)
     y = np.array([s.live_at_end - (named_live[s.end - 1] if s.end > 0 else 0)
                   for s in steps], dtype=np.float64)
