@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -50,3 +51,24 @@ def save(out: str, text: str, payload: dict) -> None:
         f.write(text + "\n")
     with open(out + ".json", "w") as f:
         json.dump(payload, f, indent=1, default=str)
+
+
+def pct(xs, q):
+    """The nearest-rank `q` quantile of `xs` (the step-time tables' p10 and p90)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def step_row(xs, base: float, exits) -> dict:
+    """One mode's columns of a step-time table from its step times `xs` and exit costs (s):
+    median, p10/p90 (ms), overhead against the median `base` (s), steps, median exit (ms)."""
+    med = statistics.median(xs)
+    return {"median_step_ms": med * 1e3, "p10_ms": pct(xs, .1) * 1e3,
+            "p90_ms": pct(xs, .9) * 1e3, "overhead_pct": (med / base - 1) * 100,
+            "steps": len(xs), "exit_ms": statistics.median(exits) * 1e3}
+
+
+def step_cells(r: dict) -> str:
+    """A `step_row` printed: median, p10-p90, overhead, exit."""
+    return (f"{r['median_step_ms']:10.1f} {r['p10_ms']:7.1f}-{r['p90_ms']:<8.1f} "
+            f"{r['overhead_pct']:8.1f}% {r['exit_ms']:8.1f}")

@@ -18,7 +18,7 @@ import time
 import torch
 
 import memprof
-from _results import command, machine, save
+from _results import command, machine, save, step_cells, step_row
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,11 +73,6 @@ MODES = {"untracked": mode_untracked, "memprof.track": mode_memprof,
          "torch.profiler(profile_memory)": mode_torch_profiler}
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit-tiny")
@@ -104,11 +99,7 @@ def main(argv=None):
     base = statistics.median(pooled["untracked"])
     rows = []
     for m in MODES:
-        med = statistics.median(pooled[m])
-        rows.append({"mode": m, "median_step_ms": med * 1e3, "p10_ms": pct(pooled[m], .1) * 1e3,
-                     "p90_ms": pct(pooled[m], .9) * 1e3,
-                     "overhead_pct": (med / base - 1) * 100, "steps": len(pooled[m]),
-                     "exit_ms": statistics.median(exits[m]) * 1e3})
+        rows.append({"mode": m, **step_row(pooled[m], base, exits[m])})
     cmd = command()
     lines = [f"# memprof tracking overhead ({args.model}, batch {args.batch}, "
              f"{args.rounds} rounds x {args.steps} steps, first {args.warmup} of each round "
@@ -117,9 +108,7 @@ def main(argv=None):
              f"{'mode':34s} {'median ms':>10s} {'p10-p90 ms':>16s} {'overhead':>9s} "
              f"{'exit ms':>8s}"]
     for r in rows:
-        lines.append(f"{r['mode']:34s} {r['median_step_ms']:10.1f} "
-                     f"{r['p10_ms']:7.1f}-{r['p90_ms']:<8.1f} {r['overhead_pct']:8.1f}% "
-                     f"{r['exit_ms']:8.1f}")
+        lines.append(f"{r['mode']:34s} {step_cells(r)}")
     text = "\n".join(lines)
     print(text)
     save(args.out, text, {"machine": machine(device="cpu"), "command": cmd, "args": vars(args),

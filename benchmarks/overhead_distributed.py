@@ -79,11 +79,6 @@ def mode_tracked(workload, batches):
 MODES = {"untracked": mode_untracked, "memprof.track": mode_tracked}
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def worker(args) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
     dist.init_process_group("gloo")
@@ -115,17 +110,13 @@ def worker(args) -> None:
 
 def report(args, per_rank) -> None:
     sys.path.insert(0, HERE)
-    from _results import machine, save
+    from _results import machine, save, step_cells, step_row
     rows = []
     for entry in per_rank:
         base = statistics.median(entry["pooled"]["untracked"])
         for m in MODES:
-            xs = entry["pooled"][m]
-            med = statistics.median(xs)
-            rows.append({"rank": entry["rank"], "mode": m, "median_step_ms": med * 1e3,
-                         "p10_ms": pct(xs, .1) * 1e3, "p90_ms": pct(xs, .9) * 1e3,
-                         "overhead_pct": (med / base - 1) * 100, "steps": len(xs),
-                         "exit_ms": statistics.median(entry["exits"][m]) * 1e3})
+            rows.append({"rank": entry["rank"], "mode": m,
+                         **step_row(entry["pooled"][m], base, entry["exits"][m])})
     cmd = args.launched_as or "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     info = machine(device="cpu", ranks=len(per_rank), backend="gloo")
     lines = [f"# memprof tracking overhead per rank, {len(per_rank)}-rank DDP (gloo): MLP "
@@ -135,9 +126,7 @@ def report(args, per_rank) -> None:
              f"{'rank':>4s}  {'mode':16s} {'median ms':>10s} {'p10-p90 ms':>16s} "
              f"{'overhead':>9s} {'exit ms':>8s}"]
     for r in rows:
-        lines.append(f"{r['rank']:4d}  {r['mode']:16s} {r['median_step_ms']:10.1f} "
-                     f"{r['p10_ms']:7.1f}-{r['p90_ms']:<8.1f} {r['overhead_pct']:8.1f}% "
-                     f"{r['exit_ms']:8.1f}")
+        lines.append(f"{r['rank']:4d}  {r['mode']:16s} {step_cells(r)}")
     text = "\n".join(lines)
     print(text)
     save(args.out, text, {"machine": info, "command": cmd, "args": vars(args), "rows": rows})

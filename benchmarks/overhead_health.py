@@ -21,7 +21,7 @@ import time
 import torch
 
 import memprof
-from _results import machine, save
+from _results import machine, save, step_row
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -115,11 +115,6 @@ def run_mode(mode: str, w, hook_ms: list | None = None) -> tuple[list[float], fl
     return times, exit_s
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
 def bench(name: str, batch: int, args) -> list[dict]:
     w = workload(name, batch, args.steps)
     run_steps(*w)  # warm up allocator caches and lazy optimizer state
@@ -137,10 +132,7 @@ def bench(name: str, batch: int, args) -> list[dict]:
     return [{"workload": f"{name} b{batch}", "mode": m,
              "health_hooks_ms_per_step": (statistics.median(hook_ms)
                                           if m == "track(health=True)" else None),
-             "median_step_ms": statistics.median(pooled[m]) * 1e3,
-             "p10_ms": pct(pooled[m], .1) * 1e3, "p90_ms": pct(pooled[m], .9) * 1e3,
-             "overhead_pct": (statistics.median(pooled[m]) / base - 1) * 100,
-             "steps": len(pooled[m]), "exit_ms": statistics.median(exits[m]) * 1e3}
+             **step_row(pooled[m], base, exits[m])}
             for m in MODES]
 
 

@@ -69,10 +69,12 @@ def main() -> None:
                  f"the GPU table's NVLink figure, memprof.plan.communication). LR for the global "
                  f"batch: {rows[0]['lr']:.3g} (a recipe of 3e-4 at batch 8 on one GPU, linear "
                  "rule).")
+    info, cmd = _results.machine(), _results.command()
+    lines += [f"machine: {info}", f"command: {cmd}"]
     text = "\n".join(lines)
     print(text)
     _results.save(os.path.join(HERE, "results", "recommend_distributed_7b"), text,
-                  {"machine": _results.machine(), "command": _results.command(), "rows": rows})
+                  {"machine": info, "command": cmd, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
     used if none is given). In a distributed job (torchrun, torch.distributed) each rank
     writes `<name>.rank<R>.memprof` and the profile's meta says rank, world_size,
     local_rank and dist_backend; collectives are timed (the throughput table's
-    communication) and the buffers they use are categorised as "communication". After the block, the returned object answers like a Profile.
+    communication) and the buffers they use are categorised as "communication". After the
+    block, the returned object answers like a Profile.
     analyses: functions profile -> findings to run instead of memprof.analyse's defaults.
     auto_modules: without a model, attribute to whatever modules run (global module hooks;
     what `memprof run` uses on an unmodified script).

@@ -134,3 +134,17 @@ def test_track_sees_the_buffers_torch_profiler_counts():
     seen_by_memprof = {int(prof.memory["ptr"][i]): int(prof.memory["size"][i]) for i in mine}
     assert seen_by_torch.items() <= seen_by_memprof.items()
     assert seen_by_memprof == buffers
+
+
+def test_unchanged_buffers_are_noted_again_only_at_the_end():
+    """Buffers that existed before tracking and never change: no note at the step ends (the
+    baseline names them), one at the end."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(prof.markers("step")) == 3
+    assert [s.category for s in prof.run.snapshots].count(CAT_BUFFERS) == 2   # baseline, end

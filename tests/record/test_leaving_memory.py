@@ -97,23 +97,25 @@ def test_split_puts_other_devices_and_out_of_memory_reports_beside_the_cuda_stre
         EventStreams.split(np.zeros(3))
 
 
-def test_threads_are_merged_in_time_order_and_counted_against_one_cap():
-    barrier = threading.Barrier(3)
-
+def _allocate_on_three_threads(barrier):
+    """3000 x torch.empty(32) on this thread and on two others, started together."""
     def work():
         barrier.wait()
         for _ in range(3000):
             torch.empty(32)
 
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join()
+
+
+def test_threads_are_merged_in_time_order_and_counted_against_one_cap():
+    barrier = threading.Barrier(3)
     with memprof.track() as prof:
-        threads = [threading.Thread(target=work) for _ in range(2)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        for _ in range(3000):
-            torch.empty(32)
-        for t in threads:
-            t.join()
+        _allocate_on_three_threads(barrier)
     mem = prof.memory
     real = mem[mem["thread"] >= 0]
     assert (np.diff(real["t_ns"]) >= 0).all()
@@ -121,15 +123,8 @@ def test_threads_are_merged_in_time_order_and_counted_against_one_cap():
     assert int((real["size"] == 32 * 4).sum()) >= 3 * 3000
     with pytest.warns(RuntimeWarning, match="dropped"):
         with memprof.track(capacity=1000) as capped:
-            threads = [threading.Thread(target=work) for _ in range(2)]
             barrier.reset()
-            for t in threads:
-                t.start()
-            barrier.wait()
-            for _ in range(3000):
-                torch.empty(32)
-            for t in threads:
-                t.join()
+            _allocate_on_three_threads(barrier)
     assert capped.memory.size <= 1000
     assert capped.memory.size + capped.meta["dropped"] >= 3 * 6000
 

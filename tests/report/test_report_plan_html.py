@@ -64,3 +64,12 @@ def test_cli_recommend_writes_html(tmp_path, capsys):
     assert rc == 0 and f"wrote {out}" in err.replace("\n", "")
     page = Page(out.read_text())
     assert page.find_all("g", **{"class": "best"})
+
+
+def test_plan_axis_stops_where_the_search_stopped():
+    from types import SimpleNamespace
+    from memprof.plan.batch_model import SEARCH_LIMIT
+    from memprof.report.plan_html import micro_batches
+    capped = SimpleNamespace(model=object(), max_micro_batch=SEARCH_LIMIT)
+    plan = SimpleNamespace(effective_batch=64, combinations=[capped])
+    assert max(micro_batches(plan)) == SEARCH_LIMIT

@@ -72,10 +72,10 @@ def add_to(summary: dict, profile: Profile) -> None:
     """Add communication to a throughput summary (analyse.throughput.summarize): per-step
     `comm_ms` and `compute_ms`, their statistics after the same warm-up steps, and the
     calls per collective. Nothing is added to a run without collectives."""
-    calls = completed_calls(profile)
     rec = profile.run.records.get("communication") or {}
     if not rec.get("calls"):
         return
+    calls = completed_calls(profile)
     rows = summary["per_step"]
     comm = per_step_ms(profile, calls)
     n = len(rows["wall_ms"])

@@ -15,12 +15,12 @@ from ..profile import Profile
 from ..record.events import (CAT_COMMUNICATION, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
                              CAT_PARAMETERS, DEVICE_CUDA)
 from ..units import fmt_bytes
+from .leaks import LEAK_KINDS
 
 WARMUP_STEPS = 1
 MIN_STEPS = 3                 # boundaries after warm-up needed to call a trend
 MIN_GROWTH_FRACTION = 0.01    # of peak, over the observed steps
 MIN_GROWTH_BYTES = 4096
-LEAK_KINDS = ("retained_graph", "retain_graph", "unused_graph")
 EXPLAINED_FRACTION = 0.5      # leak findings pinning this share of the growth explain it
 
 

@@ -37,6 +37,7 @@ def root_holder(path: str) -> str:
 
 UNUSED_GRAPH_MIN_BYTES = 1024
 MAX_PATHS_LISTED = 20
+LEAK_KINDS = ("retained_graph", "retain_graph", "unused_graph")   # the order they are listed
 
 
 def retained_graphs(profile: Profile) -> Outcome:
@@ -87,8 +88,7 @@ def retained_graphs(profile: Profile) -> Outcome:
         context = _Context(profile, boundaries, last_step, {id(g) for g in old})
         for names, group in _group_by_holder(old + recent, holders, by_id):
             findings.append(context.finding(names, group, holders))
-    order = {"retained_graph": 0, "retain_graph": 1, "unused_graph": 2}
-    findings.sort(key=lambda f: (order[f.kind], -f.bytes))
+    findings.sort(key=lambda f: (LEAK_KINDS.index(f.kind), -f.bytes))
     return Outcome(findings, notes, {"retained_graph_check_s": time.perf_counter() - t0})
 
 

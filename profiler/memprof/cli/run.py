@@ -53,8 +53,7 @@ class RunCommand(Command):
         if args.nproc_per_node is not None:
             return self._launch(args)
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
-        output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
-        _check_output(output)
+        output = _output(args)
         patches = PatchRegistry()   # sys.argv and sys.path as the script expects them
         patches.set(sys, "argv", [args.script] + list(args.script_args))
         patches.set(sys, "path", [os.path.dirname(os.path.abspath(args.script))] + sys.path)
@@ -129,8 +128,7 @@ class RunCommand(Command):
             raise UsageError(f"--nproc-per-node {args.nproc_per_node}: expected a positive "
                              "number of processes")
         parse_budget(args.budget)   # bad input fails here, once, not in every rank
-        output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
-        _check_output(output)
+        output = _output(args)
         from torch.distributed import run as torchrun
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         launcher = torchrun.get_args_parser().parse_args(
@@ -198,6 +196,13 @@ def _print_script_traceback(exc: BaseException, script_file: str) -> None:
     while tb is not None and tb.tb_frame.f_code.co_filename != script_file:
         tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
+
+
+def _output(args) -> str:
+    """--output, or <script>.memprof; checked now (_check_output)."""
+    output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
+    _check_output(output)
+    return output
 
 
 def _check_output(output: str) -> None:

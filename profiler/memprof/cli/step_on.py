@@ -77,7 +77,8 @@ def _patch_importable(spec: str, end_step, patches: PatchRegistry) -> None:
     if not inspect.isfunction(func):
         raise UsageError(f"--step-on {spec!r}: {qualname!r} in {module_name} is not a "
                          f"function (found {type(raw).__name__})")
-    _refuse_generator(spec, func)
+    _refuse_generator(spec, inspect.isgeneratorfunction(func)
+                      or inspect.isasyncgenfunction(func))
 
     @functools.wraps(func)
     def ends_step(*args, **kwargs):
@@ -88,8 +89,8 @@ def _patch_importable(spec: str, end_step, patches: PatchRegistry) -> None:
     patches.set(owner, name, type(raw)(ends_step) if func is not raw else ends_step)
 
 
-def _refuse_generator(spec: str, func) -> None:
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+def _refuse_generator(spec: str, generator: bool) -> None:
+    if generator:
         raise UsageError(f"--step-on {spec!r}: is a generator; name the function that runs "
                          "one training step")
 
@@ -124,9 +125,8 @@ def _wrap_script_function(spec: str, source: bytes, script: str) -> CodeType:
         raise UsageError(f"--step-on {spec!r}: {what} in {script} (functions there: {known}); "
                          "or use MODULE:NAME for one importable elsewhere")
     node = finder.found[matches[0]]
-    if any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in _own_nodes(node)):
-        raise UsageError(f"--step-on {spec!r}: is a generator; name the function that runs "
-                         "one training step")
+    _refuse_generator(spec, any(isinstance(n, (ast.Yield, ast.YieldFrom))
+                                for n in _own_nodes(node)))
     body = node.body
     doc = body[:1] if (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                        and isinstance(body[0].value.value, str)) else []

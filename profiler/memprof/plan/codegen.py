@@ -47,10 +47,13 @@ def _batches_on_device(plan) -> bool:
 
 
 def _model_lines(plan) -> list[str]:
-    """Lines that set `model` (and, for built-ins, `make_batch` and `loss_fn`)."""
+    """Lines that set `model` (and, for built-ins, `make_batch` and `loss_fn` unless the user
+    gave their own, which `_batch_lines` / `_loss_imports` bind)."""
     m = plan.model
     if m.get("builtin"):
-        return [f"model, make_batch, loss_fn = memprof.models.build_model("
+        batch = "make_batch" if m.get("batch", {}).get("builtin") else "_"
+        loss = "loss_fn" if (m.get("loss") or {}).get("rule") == "builtin" else "_"
+        return [f"model, {batch}, {loss} = memprof.models.build_model("
                 f"{m['name']!r}{''.join(f', {k}={v!r}' for k, v in m['kwargs'].items())})",
                 "model.to(device).train()"]
     spec = m.get("spec")
@@ -122,9 +125,7 @@ def _loss_lines(plan) -> list[str]:
     loss = m.get("loss") or {}
     if "output" in loss:
         return loss_code(loss["rule"], loss["output"], call)
-    if loss.get("rule") == "given" and loss.get("spec"):
-        return [f"loss = loss_fn({call}, y)"]
-    if loss.get("rule") == "builtin":
+    if loss.get("rule") == "builtin" or (loss.get("rule") == "given" and loss.get("spec")):
         return [f"loss = loss_fn({call}, y)"]
     return [f"loss = loss_fn({call}, y)  # loss_fn: yours (memprof was given one it cannot "
             "import)"]

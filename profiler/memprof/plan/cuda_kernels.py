@@ -72,8 +72,8 @@ what cuDNN reports for the algorithm it picks (cudnnGet*WorkspaceSize), known on
 PyTorch asks for it through the caching allocator and never lets it cause an OOM by itself:
 Conv_v7.cpp caps benchmarked workspaces at the allocator's largest free block, and both
 Conv_v7.cpp and Conv_v8.cpp catch the allocation failure and try the next algorithm (down to
-ones without workspace). NCCL buffers. The CUDA context is not in the step: `memprof.plan.gpus` subtracts
-it from the usable memory.
+ones without workspace). NCCL buffers. The CUDA context is not in the step: `memprof.plan.gpus`
+subtracts it from the usable memory.
 """
 from __future__ import annotations
 

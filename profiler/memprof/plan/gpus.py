@@ -47,7 +47,7 @@ DEFAULT_OVERHEAD_BYTES = 666_632_192
 #: Lazy-loading context size of the same measurement, for callers that want the optimistic end.
 LAZY_CONTEXT_BYTES = 287_047_680
 #: Share of total memory kept free when deciding what fits: covers what a CPU-recorded replay
-#: does not see (cuBLAS/cuDNN workspaces that the caching allocator serves on a GPU, NCCL
+#: does not see (cuDNN convolution workspaces that the caching allocator serves on a GPU, NCCL
 #: buffers, allocator behaviour that is not modelled such as multiple streams). A stated
 #: choice, not a measurement; override with ``usable_bytes(..., margin=)``.
 FIT_MARGIN = 0.05

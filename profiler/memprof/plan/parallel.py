@@ -3,7 +3,7 @@
 A fake-tensor step is pure Python on one core, and the precision x checkpointing combinations
 of a plan do not depend on each other, so `recommend` spreads them over the cores. Workers are
 forked (not spawned): they inherit the imported torch, the built model and its fake copy for
-free, and only a job's index goes to a worker; its result comes back pickled. Where fork is
+free, and only a job's argument goes to a worker; its result comes back pickled. Where fork is
 not available, or one core is, jobs run in this process, in order.
 """
 from __future__ import annotations

@@ -23,11 +23,13 @@ Every number is an ESTIMATE (fake-tensor steps, `memprof.plan.estimate`), never 
   gradient accumulation (accumulation > 1) the gradients too (micro-steps 2..A).
 * Fits: predicted reserved bytes <= `memprof.plan.gpus.usable_bytes(gpu)` = total memory - CUDA
   context and kernels (`gpus.DEFAULT_OVERHEAD_BYTES`) - a margin (`gpus.FIT_MARGIN`, 5 % of
-  the total) for what the estimate does not see (cuBLAS/cuDNN workspaces, ...).
+  the total) for what the estimate does not see (cuDNN convolution workspaces, NCCL buffers,
+  ...: `cuda_kernels.NOT_MODELLED`; cuBLAS workspaces and attention scratch are modelled).
 * Throughput: the time model of `memprof.plan.timing`; samples/s = effective batch /
-  (accumulation x micro-step time + optimizer-step time). Its utilisation figures are stated
-  assumptions, not measurements: use the ranking, and measure the chosen configuration
-  (memprof.track + memprof.throughput).
+  (accumulation x micro-step time + optimizer-step time), on N GPUs the global batch over the
+  rank's step time with its exposed communication (`memprof.plan.distributed`). Its
+  utilisation figures are stated assumptions, not measurements: use the ranking, and measure
+  the chosen configuration (memprof.track + memprof.throughput).
 * Learning rate and warmup: `memprof.plan.advice`.
 """
 from __future__ import annotations

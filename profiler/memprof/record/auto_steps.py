@@ -6,9 +6,9 @@ there; gradients are noted (a category snapshot) after each backward, whoever co
 
 Off as soon as steps are marked explicitly (an optimizer step of a watched optimizer, or
 `prof.step()`), and when track(step_on=...) chose what ends a step; gradients are still noted
-after each backward then, as long as no optimizer step notes them. Reading the parameters costs two scalar reads per parameter per forward, only
-in this mode (on a GPU each read waits for the device: a hand-written loop pays it, an
-optimizer loop never does).
+after each backward then, as long as no optimizer step notes them. Reading the parameters
+costs two scalar reads per parameter per forward, only in this mode (on a GPU each read waits
+for the device: a hand-written loop pays it, an optimizer loop never does).
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ class AutoSteps:
         if not params:
             return
         self.session.snapshots.take(CAT_GRADIENTS, [(p.grad, p) for p in params])
-        if self._active() and self._before is None:   # gradient accumulation: keep the state before the update
+        if self._active() and self._before is None:
+            # gradient accumulation: keep the state before the update
             self._params, self._before = params, fingerprint(params)
 
     def check(self) -> None:

@@ -65,8 +65,8 @@ class CudaSegmentsRecorder:
                 torch.cuda.memory._record_memory_history(None, device=self.device)
                 self.started_history = False
         if snap is not None:   # a history the user started also holds what came before us
-            since_us = None if self.started_history else self.clock["unix_ns"] // 1000
-            self.data = plain_snapshot(snap, self.device, self.clock, since_us)
+            self.data = plain_snapshot(snap, self.device, self.clock,
+                                       self.clock["unix_ns"] // 1000)
 
     def record(self):
         if self.device is None:

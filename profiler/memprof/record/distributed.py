@@ -26,8 +26,6 @@ import torch
 from .events import CAT_COMMUNICATION
 from .snapshots import storage_key
 
-RANK_KEYS = ("rank", "world_size", "local_rank", "dist_backend")
-
 # torch.distributed functions that move tensors between ranks (those present are wrapped)
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
                "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
@@ -42,7 +40,8 @@ def _env_int(name: str) -> int | None:
 
 
 def identity() -> dict | None:
-    """This process's place in a distributed job (RANK_KEYS, and `run_id` under torchrun);
+    """This process's place in a distributed job (rank, world_size, local_rank,
+    dist_backend, and `run_id` under torchrun);
     None when neither torch.distributed nor torchrun's environment says it is in one."""
     out = None
     dist = torch.distributed

@@ -31,7 +31,8 @@ Rules (thresholds are module constants, stated in each finding):
   min(pre-clip norm, max_norm) in at least half of at least 3 steps.
 - scheduler before optimizer: the scheduler stepped after a backward of an iteration (an
   evaluation forward does not count) and before that iteration's optimizer step in at least
-  half of its calls (warning), or only before the very first optimizer step (info: the first LR value is skipped once).
+  half of its calls (warning), or only before the very first optimizer step (info: the first
+  LR value is skipped once).
 - schedule per micro-step: a scheduler stepped >= 2 times per optimizer step in at least half
   of the optimizer steps, or the LR changed between the micro-steps of at least half of the
   optimizer steps with gradient accumulation.

@@ -5,8 +5,9 @@ blocks memprof can name (parameters, gradients, optimizer state) become the base
 optimizer step the gradients (before it) and the optimizer state (after it) are noted, and at
 the end all three once more. Module buffers (BatchNorm statistics, position ids, rotary tables)
 are noted at the start, at each step end where their storages changed (a cache rebuilt for a
-longer sequence), and at the end, each owned by the module that registered it. Each note is a `Snapshot`: a marker in the event stream plus the
-storage addresses it names, matched to allocations after the run (profile.py).
+longer sequence), and at the end, each owned by the module that registered it. Each note is a
+`Snapshot`: a marker in the event stream plus the storage addresses it names, matched to
+allocations after the run (profile.py).
 """
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ def state_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def _storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
+    """The sorted storage keys of the tensors of (tensor, module id) pairs."""
+    return sorted(k[0] for k in map(storage_key, (t for t, _ in pairs)) if k is not None)
+
+
 class SnapshotRecorder:
     """Always installed: categories are not optional."""
 
@@ -103,9 +109,10 @@ class SnapshotRecorder:
         if opt is not None:
             for v, p in state_pairs(opt):
                 add(v, CAT_OPTIMIZER_STATE, self._module_of(p))
-        for b, mid in self.buffers():
+        buffers = self.buffers()
+        for b, mid in buffers:
             add(b, CAT_BUFFERS, mid)
-        self._buffer_keys = sorted(seen)
+        self._buffer_keys = _storage_ptrs(buffers)
 
     def buffers(self) -> list[tuple[torch.Tensor, int]]:
         """(buffer, id of the module that registered it) over the modules named so far."""
@@ -115,7 +122,7 @@ class SnapshotRecorder:
     def note_buffers(self, force: bool = False) -> None:
         """A buffers snapshot, when their storages changed since the last one (or `force`)."""
         pairs = self.buffers()
-        keys = sorted(k[0] for k in map(storage_key, (b for b, _ in pairs)) if k is not None)
+        keys = _storage_ptrs(pairs)
         if force or keys != self._buffer_keys:
             self._buffer_keys = keys
             self._take(CAT_BUFFERS, pairs)

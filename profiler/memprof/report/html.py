@@ -35,12 +35,25 @@ def asset(name: str) -> str:
     return (ASSETS / name).read_text(encoding="utf-8")
 
 
-def table(rows: list[tuple], header: tuple, cls: str = "", raw: bool = False) -> str:
-    """A table; cells are escaped unless raw (cells that are already HTML)."""
+def table(rows: list[tuple], header: tuple, cls: str = "", raw: bool = False,
+          row_attrs: list[str] | None = None) -> str:
+    """A table; cells are escaped unless raw (cells that are already HTML); row_attrs: each
+    row's attributes (' data-rank="3"'), already HTML."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     cell = (lambda c: str(c)) if raw else esc
-    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows)
+    attrs = row_attrs or [""] * len(rows)
+    body = "".join(f"<tr{a}>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>"
+                   for r, a in zip(rows, attrs))
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def finding_card(f, title: str, facts: list[tuple], attrs: str = "") -> str:
+    """One finding as a card: `title` as its heading, `facts` as (name, value) pairs, attrs
+    (already HTML) added to the article. `f` has severity, kind, message and fix."""
+    dl = "".join(f"<dt>{esc(k)}</dt><dd><code>{esc(v)}</code></dd>" for k, v in facts)
+    return (f'<article class="finding {esc(f.severity)}" data-kind="{esc(f.kind)}"{attrs}>'
+            f"<h3>{esc(title)}</h3><p>{esc(f.message)}</p>"
+            f"<dl>{dl}</dl><p class=fix><b>Fix:</b> {esc(f.fix)}</p></article>")
 
 
 def page(title: str, body: str, data: dict | None = None, script: bool = False) -> str:
@@ -89,10 +102,7 @@ def _findings(profile: Profile) -> str:
         step = (f.evidence or {}).get("steps") or (f.evidence or {}).get("first_step")
         if step is not None:
             facts.append(("steps", step))
-        dl = "".join(f"<dt>{esc(k)}</dt><dd><code>{esc(v)}</code></dd>" for k, v in facts)
-        cards.append(f'<article class="finding {esc(f.severity)}" data-kind="{esc(f.kind)}">'
-                     f"<h3>{esc(f.severity)}: {esc(f.kind)}</h3><p>{esc(f.message)}</p>"
-                     f"<dl>{dl}</dl><p class=fix><b>Fix:</b> {esc(f.fix)}</p></article>")
+        cards.append(finding_card(f, f"{f.severity}: {f.kind}", facts))
     return f'<section id="findings"><h2>Findings</h2>{"".join(cards)}</section>'
 
 

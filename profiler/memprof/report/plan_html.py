@@ -4,6 +4,7 @@ option marked; the options, LR / warmup advice and the code that applies the bes
 Static SVG only (hover titles need no script). Every number is an estimate and says so."""
 from __future__ import annotations
 
+from ..plan.batch_model import SEARCH_LIMIT
 from ..units import fmt_bytes
 from .html import page, table
 from .svg import DASHES, LINE_COLORS, Frame, esc, legend, nice_bytes
@@ -15,7 +16,8 @@ def micro_batches(plan) -> list[int]:
     """1 .. a little past the largest micro-batch that fits (at least the effective batch);
     thinned geometrically past MAX_POINTS, always keeping the divisors of the batch."""
     fit = [c.max_micro_batch for c in plan.combinations if c.model is not None]
-    top = max([plan.effective_batch] + [m + max(1, m // 4) for m in fit])
+    # the axis stops where the search stopped: past SEARCH_LIMIT nothing was estimated
+    top = min(SEARCH_LIMIT, max([plan.effective_batch] + [m + max(1, m // 4) for m in fit]))
     if top <= MAX_POINTS:
         return list(range(1, top + 1))
     picks = {1, top} | {d for d in range(1, plan.effective_batch + 1)

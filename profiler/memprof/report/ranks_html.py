@@ -8,7 +8,7 @@ import numpy as np
 
 from ..analyse.ranks import MergedRanks
 from ..units import fmt_bytes
-from .html import page
+from .html import finding_card, page, table
 from .ranks import headline, ordered_categories, when
 from .series import envelope, t0_ns
 from .svg import COLORS, LINE_COLORS, Frame, esc, fmt_time, legend, nice_bytes
@@ -31,12 +31,8 @@ def _findings(merged: MergedRanks) -> str:
         if f.holder:
             facts.append(("held by", f.holder))
         facts += [(f"bytes on rank {r}", fmt_bytes(b)) for r, b in sorted(f.bytes_by_rank.items())]
-        dl = "".join(f"<dt>{esc(k)}</dt><dd><code>{esc(v)}</code></dd>" for k, v in facts)
-        cards.append(f'<article class="finding {esc(f.severity)}" data-kind="{esc(f.kind)}" '
-                     f'data-ranks="{esc(",".join(map(str, f.ranks)))}">'
-                     f"<h3>{esc(f.severity)}: {esc(f.kind)} {esc(f.on_ranks)}</h3>"
-                     f"<p>{esc(f.message)}</p><dl>{dl}</dl>"
-                     f"<p class=fix><b>Fix:</b> {esc(f.fix)}</p></article>")
+        cards.append(finding_card(f, f"{f.severity}: {f.kind} {f.on_ranks}", facts,
+                                  f' data-ranks="{esc(",".join(map(str, f.ranks)))}"'))
     return f'<section id="findings"><h2>Findings</h2>{"".join(cards)}</section>'
 
 
@@ -70,13 +66,12 @@ def _rank_table(merged: MergedRanks) -> str:
         cells += [f'<span data-category="{esc(c)}" data-bytes="{r.by_category.get(c, 0)}">'
                   f"{esc(fmt_bytes(r.by_category.get(c, 0)))}</span>" for c in cats]
         cells += [esc(fmt_bytes(r.end_bytes)), str(r.steps)]
-        rows.append(f'<tr data-rank="{r.rank}">' + "".join(f"<td>{c}</td>" for c in cells)
-                    + "</tr>")
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        rows.append(cells)
+    attrs = [f' data-rank="{r.rank}"' for r in merged.ranks]
     return (f'<section id="ranks"><h2>Ranks</h2>'
             f'{legend({c: _color(c) for c in cats})}'
-            f'<table class="ranks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
-            f'</tbody></table><p class="hint">* the rank with the highest peak. Times are '
+            f'{table(rows, header, "ranks", raw=True, row_attrs=attrs)}'
+            f'<p class="hint">* the rank with the highest peak. Times are '
             f"seconds since that rank started tracking; bars share one scale.</p></section>")
 
 

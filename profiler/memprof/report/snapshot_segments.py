@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..plan.allocator import SEGMENT_ACTIONS
 from ..profile import Profile
 from ..record.events import DEVICE_CUDA
 
-ACTION_CODES = {"segment_alloc": 1, "segment_free": 2, "segment_map": 3, "segment_unmap": 4}
-ADDING = (1, 3)
+# the codes report/snapshot.py decodes with plan.allocator.SEGMENT_ACTIONS
+ACTION_CODES = {name: code for code, name in SEGMENT_ACTIONS.items()}
+ADDING = (ACTION_CODES["segment_alloc"], ACTION_CODES["segment_map"])
 SOURCE = "the CUDA caching allocator (torch.cuda.memory._snapshot at the end of the block)"
 
 

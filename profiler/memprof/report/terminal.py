@@ -153,14 +153,9 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     for col in ("phase", "median ms", "p10 ms", "p90 ms", "share"):
         t.add_column(col, justify="left" if col == "phase" else "right")
     wall = (st.get("wall_ms") or {}).get("median")
-    for key, name in (("data_ms", "data wait"), ("forward_ms", "forward"),
-                      ("backward_ms", "backward"), ("optimizer_ms", "optimizer"),
-                      ("other_ms", "other"), ("wall_ms", "step")):
-        s = st.get(key)
-        if not s:
-            continue
-        share = f"{100 * s['median'] / wall:5.1f}%" if wall else "-"
-        t.add_row(name, f"{s['median']:.2f}", f"{s['p10']:.2f}", f"{s['p90']:.2f}", share)
+    _stat_rows(t, st, wall, (("data_ms", "data wait"), ("forward_ms", "forward"),
+                             ("backward_ms", "backward"), ("optimizer_ms", "optimizer"),
+                             ("other_ms", "other"), ("wall_ms", "step")))
     _add_communication_rows(t, st, wall)
     console.print(t)
     _print_collectives(tp, console)
@@ -186,8 +181,13 @@ def _add_communication_rows(t: Table, st: dict, wall) -> None:
     if not st.get("comm_ms"):
         return
     t.add_section()
-    for key, name in (("compute_ms", "compute (step - data - comm)"),
-                      ("comm_ms", "communication (in flight)"), ("data_ms", "data wait")):
+    _stat_rows(t, st, wall, (("compute_ms", "compute (step - data - comm)"),
+                             ("comm_ms", "communication (in flight)"), ("data_ms", "data wait")))
+
+
+def _stat_rows(t: Table, st: dict, wall, rows) -> None:
+    """One row per (stats key, name) present: median, p10, p90 and share of the median step."""
+    for key, name in rows:
         s = st.get(key)
         if s:
             share = f"{100 * s['median'] / wall:5.1f}%" if wall else "-"

@@ -1,0 +1,31 @@
+"""The plan's code (memprof.plan.codegen): a built-in model with the user's own loss or batch
+function keeps them (build_model's own must not rebind the imported names)."""
+import torch.nn as nn
+
+import memprof
+
+
+def _code(**kw) -> str:
+    return memprof.recommend("mlp", gpu="a100-40gb", effective_batch=8, policies=["none"],
+                             precisions=["bf16"], confirm=False, workers=1, **kw).code()
+
+
+def test_builtin_model_brings_its_batch_and_loss():
+    assert "model, make_batch, loss_fn = memprof.models.build_model('mlp')" in _code()
+
+
+def test_builtin_model_with_the_users_loss_keeps_it():
+    code = _code(loss=nn.functional.cross_entropy)
+    assert "from torch.nn.functional import cross_entropy as loss_fn" in code
+    assert "model, make_batch, _ = memprof.models.build_model('mlp')" in code
+
+
+def test_builtin_model_with_the_users_batch_function_keeps_it(tmp_path, monkeypatch):
+    (tmp_path / "mlp_batches.py").write_text(
+        "import torch\n"
+        "def batch(b):\n"
+        "    return (torch.randn(b, 784),), torch.randint(0, 10, (b,))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = _code(batch="mlp_batches:batch")
+    assert "from mlp_batches import batch as make_batch" in code
+    assert "model, _, loss_fn = memprof.models.build_model('mlp')" in code
