@@ -12,6 +12,7 @@
 #include <ATen/SequenceNumber.h>
 #include <ATen/record_function.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/numpy.h>
@@ -29,6 +30,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <typeinfo>
 #include <unordered_map>
 #include <vector>
 
@@ -317,8 +319,9 @@ bool admit(std::atomic<int64_t>& count, std::atomic<int64_t>& dropped, int64_t c
 void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t total_allocated,
             int64_t total_reserved, c10::Device device, int32_t label = -1) {
   Session& s = session();
-  // Markers are few and the analyses need every one of them, and an out-of-memory report is
-  // the one event a diagnosis cannot do without: neither counts against the cap.
+  // Markers do not count against the event cap (the analyses need every one of them) but
+  // have their own bound, the side capacity; an out-of-memory report, the one event a
+  // diagnosis cannot do without, is never dropped.
   if (kind == kKindMemory && !ts.buffer->event_quota.admit(s.events_reserved, s.capacity)) {
     return;
   }
@@ -428,6 +431,82 @@ void pop_stale_reporter() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Frees on threads that never carried the hook. The CPU allocator reports a free to the
+// reporter of the thread that frees. A thread that never ran an op while tracking has none:
+// gloo's worker threads free the reduce-scatter temporaries that the collective allocated on
+// the training thread, so without this those blocks stay "alive" forever and the run seems to
+// leak communication buffers step after step. The CPU allocator is wrapped (once, at the first
+// start): while a session records, each block it hands out carries a deleter that, on a thread
+// without a live reporter, puts the hook on that thread first; the base deleter then reports
+// the free as usual (with the size the allocator noted when the block was made). The data and
+// context pointers stay equal, so PyTorch still treats the block as a plain one (copy-on-write
+// clones, raw_allocate); outside a session the base allocator's blocks are handed out as they
+// are, so an untracked program pays one virtual call per allocation.
+std::atomic<c10::DeleterFnPtr> g_base_deleter{nullptr};
+
+void reattach_before_free() {
+  Session& s = session();
+  if (!s.active.load(std::memory_order_acquire)) return;
+  auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
+  if (current != nullptr) {
+    // another profiler's state, or our live hook: the free is (or is not ours to) report
+    if (typeid(*current) != typeid(Reporter) || static_cast<Reporter*>(current)->live()) return;
+  }
+  thread_state();   // this thread's log, for this session
+  attach_thread();  // the hook (again, if this thread's debug info was reset since)
+}
+
+void watched_delete(void* ptr) {
+  reattach_before_free();
+  g_base_deleter.load(std::memory_order_relaxed)(ptr);
+}
+
+class FreeWatchingAllocator final : public c10::Allocator {
+ public:
+  explicit FreeWatchingAllocator(c10::Allocator* base) : base_(base) {}
+  c10::Allocator* base() const { return base_; }
+
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr block = base_->allocate(n);
+    if (!session().active.load(std::memory_order_relaxed) || block.get() == nullptr ||
+        block.get() != block.get_context()) {
+      return block;
+    }
+    c10::DeleterFnPtr base_deleter = block.get_deleter();
+    c10::DeleterFnPtr expected = nullptr;
+    // the base allocator's one deleter, noted the first time; another one is left alone
+    if (!g_base_deleter.compare_exchange_strong(expected, base_deleter) &&
+        expected != base_deleter) {
+      return block;
+    }
+    (void)block.compare_exchange_deleter(base_deleter, &watched_delete);  // same deleter: swaps
+    return block;
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return base_->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    base_->copy_data(dest, src, count);
+  }
+
+ private:
+  c10::Allocator* base_;
+};
+
+// Installs the wrapper around the current CPU allocator once. Never destroyed: blocks made
+// while tracking may be freed at any time, during interpreter exit included.
+void watch_cpu_frees() {
+  static FreeWatchingAllocator* installed = nullptr;
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (installed != nullptr && current == installed) return;
+  if (installed != nullptr && current == installed->base()) {
+    c10::SetCPUAllocator(installed, /*priority=*/0);
+    return;
+  }
+  auto* wrapper = new FreeWatchingAllocator(current);
+  c10::SetCPUAllocator(wrapper, /*priority=*/0);
+  if (c10::GetCPUAllocator() == wrapper) installed = wrapper;  // else: a higher-priority one
+}
+
+// ---------------------------------------------------------------------------------------------
 // Op context.
 std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   Session& s = session();
@@ -509,6 +588,7 @@ uint64_t start(int64_t capacity) {
   // started (the normal case here: parameters, inputs); memprof accounts for those itself.
   s.saved_log_level = FLAGS_caffe2_log_level;
   FLAGS_caffe2_log_level = std::max<int>(FLAGS_caffe2_log_level, 2 /* ERROR */);
+  watch_cpu_frees();
   s.active.store(true, std::memory_order_release);
   if (!s.callback_installed) {
     s.callback = at::addGlobalCallback(

@@ -12,11 +12,30 @@ from .profile import Profile, load
 from .profile_file import ProfileFormatError
 from .record.events import CATEGORIES
 from .track import Tracker, track
-from .plan import checkpoint, estimate  # noqa: F401  (memprof.checkpoint.apply, ...)
-from .plan.estimate import estimate_step
-from .plan.search import recommend
 
 __version__ = "0.1.0"
+
+#: the planning side loads on first use: most sessions only track, and the plan modules pull
+#: in torch.distributed and fake-tensor machinery (~0.5 s of import on a 2-core machine)
+_LAZY = {"checkpoint": ("plan.checkpoint", None), "estimate": ("plan.estimate", None),
+         "estimate_step": ("plan.estimate", "estimate_step"),
+         "recommend": ("plan.search", "recommend")}
+
+
+_SUBPACKAGES = ("plan", "models", "report", "integrations", "cli", "demo")
+
+
+def __getattr__(name: str):
+    import importlib
+    if name in _SUBPACKAGES:      # memprof.plan.gpus... without importing it first
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _LAZY:
+        raise AttributeError(f"module 'memprof' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
 
 
 def show(obj, console=None, **options) -> None:

@@ -41,8 +41,8 @@ def test_flat_memory_is_not_growth():
 
 
 def test_backend_buffers_whose_free_is_unseen_are_not_growth():
-    """gloo's reduce-scatter allocates a temporary inside the collective and frees it on its
-    own worker thread, where PyTorch reports no free: such buffers look alive forever."""
+    """A collective's buffer freed on a backend thread that reports to no one (NCCL's watchdog
+    drops the CUDA tensors of finished work) looks alive forever: not growth."""
     b = RunBuilder()
     for s in range(6):
         b.alloc(1000 + s, 64 * KB).alloc(5000 + s, 8 * KB, op="c10d::_reduce_scatter_base_")

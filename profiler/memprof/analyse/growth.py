@@ -50,8 +50,9 @@ def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding
         return []
     # parameters, gradients and optimizer state are the model's, not growth: an optimizer
     # that builds up its state (LBFGS's history, bounded by history_size) is not a leak.
-    # Communication buffers are the backend's: gloo frees its reduce-scatter temporaries on
-    # its own worker thread, where PyTorch reports no free to memprof, so they look alive.
+    # Communication buffers are the backend's, freed by its own threads: memprof sees those
+    # frees on the CPU (the native hook follows a free to any thread), but a CUDA block freed
+    # on NCCL's watchdog thread is reported to no one, so it would look alive.
     named = np.isin(profile.category, [CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
                                        CAT_COMMUNICATION])
     named_live = np.cumsum(np.where(named, profile.effective_size, 0), dtype=np.int64)
