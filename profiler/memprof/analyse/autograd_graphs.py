@@ -70,10 +70,17 @@ def live_graph_tensors() -> list[torch.Tensor]:
     from torch._subclasses.fake_tensor import FakeTensor
     out = []
     tensor_type = torch.Tensor
+    # one verdict per type (a few thousand types for hundreds of thousands of objects once
+    # torch.distributed or transformers is loaded: the scan is what leaving a block waits for)
+    is_real_tensor: dict[type, bool] = {}
     for obj in gc.get_objects():
         # issubclass(type(...)) rather than isinstance: never triggers a lazy __class__
         cls = type(obj)
-        if issubclass(cls, tensor_type) and not issubclass(cls, FakeTensor):
+        verdict = is_real_tensor.get(cls)
+        if verdict is None:
+            verdict = is_real_tensor[cls] = issubclass(cls, tensor_type) and \
+                not issubclass(cls, FakeTensor)
+        if verdict:
             try:
                 if obj.grad_fn is not None:
                     out.append(obj)
