@@ -5,4 +5,5 @@ PYBIND11_MODULE(_C, m) {
   memprof::register_events(m);
   memprof::register_tracker(m);
   memprof::register_allocator_sim(m);
+  memprof::register_pairs(m);
 }

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import profile_file
+from . import _C, profile_file
 from .finding import Finding
 from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
                             CATEGORIES,
@@ -110,24 +110,21 @@ class Profile:
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(free_of, alloc_of): for each allocation its free (or -1), for each free its allocation.
 
-        Addresses are unique while a block is alive, so sorting by (ptr, order) places every
-        free right after the allocation it releases.
+        Addresses are unique while a block is alive: one native pass over the stream with a
+        table of the blocks alive (`memprof._C.pair_allocations`) pairs them.
         """
         mem = self.memory
-        n = mem.size
-        order = np.argsort(mem["ptr"], kind="stable")   # by address, then by time
-        ptr_s = mem["ptr"][order]
-        size_s = mem["size"][order]
-        index = np.int32 if n < 2**31 else np.int64   # half the bytes for every real profile
-        free_of = np.full(n, -1, dtype=index)
-        alloc_of = np.full(n, -1, dtype=index)
-        if n > 1:
-            is_pair = (ptr_s[1:] == ptr_s[:-1]) & (size_s[:-1] > 0) & (size_s[1:] < 0)
-            a = order[:-1][is_pair]
-            f = order[1:][is_pair]
-            free_of[a] = f
-            alloc_of[f] = a
-        return free_of, alloc_of
+        return _C.pair_allocations(mem["ptr"], mem["size"])
+
+    @cached_property
+    def _sizes(self) -> np.ndarray:
+        """The size column, contiguous: the whole-stream passes read it often, and a column of
+        the 72-byte records touches one cache line per element."""
+        return np.ascontiguousarray(self.memory["size"])
+
+    @cached_property
+    def _phases(self) -> np.ndarray:
+        return np.ascontiguousarray(self.memory["phase"])
 
     @property
     def free_of(self) -> np.ndarray:
@@ -141,7 +138,7 @@ class Profile:
     def effective_size(self) -> np.ndarray:
         """Signed size per memory event, with frees of blocks memprof never saw allocated
         counted as 0 (their allocation is not in the profile). Read-only: copy to change."""
-        size = self.memory["size"].copy()
+        size = self._sizes.copy()
         size[(size < 0) & (self.alloc_of < 0)] = 0
         size.setflags(write=False)
         return size
@@ -150,7 +147,7 @@ class Profile:
     def untracked_frees(self) -> int:
         """Frees of blocks allocated before tracking that memprof did not know about."""
         mem = self.memory
-        return int(((mem["size"] < 0) & (self.alloc_of < 0)).sum())
+        return int(((self._sizes < 0) & (self.alloc_of < 0)).sum())
 
     @cached_property
     def _live(self) -> np.ndarray:
@@ -210,7 +207,7 @@ class Profile:
     def _frees_take_their_alloc(self, values: np.ndarray, unknown=None) -> np.ndarray:
         """Each free gets its allocation's value; a free of a block from before tracking gets
         `unknown` (None: keeps its own value)."""
-        frees = np.flatnonzero(self.memory["size"] < 0)
+        frees = np.flatnonzero(self._sizes < 0)
         owner = self.alloc_of[frees]
         other = values[frees] if unknown is None else unknown
         values[frees] = np.where(owner >= 0, values[np.maximum(owner, 0)], other)
@@ -243,7 +240,7 @@ class Profile:
         cat = np.full(n, CAT_OTHER, dtype=np.int8)
         if n == 0:
             return cat
-        size, phase = mem["size"], mem["phase"]
+        size, phase = self._sizes, self._phases
         free_of = self.free_of
         is_alloc = size > 0
         never_freed = free_of < 0
@@ -289,7 +286,7 @@ class Profile:
         """Allocations sorted by (address, position), as one int64 key per allocation:
         rank of the address among all addresses * 2**32 + position."""
         mem = self.memory
-        allocs = np.flatnonzero(mem["size"] > 0)
+        allocs = np.flatnonzero(self._sizes > 0)
         uniq, rank = np.unique(mem["ptr"][allocs], return_inverse=True)
         keys = rank.astype(np.int64) * (1 << 32) + allocs
         order = np.argsort(keys, kind="stable")
@@ -381,7 +378,7 @@ class Profile:
         if pos < 0:
             return np.zeros(0, dtype=np.int64)
         mem = self.memory
-        idx = np.flatnonzero(mem["size"][:pos + 1] > 0)
+        idx = np.flatnonzero(self._sizes[:pos + 1] > 0)
         free_of = self.free_of[idx]
         return idx[(free_of < 0) | (free_of > pos)]
 
@@ -447,8 +444,8 @@ class Profile:
         """Forward activation bytes each module allocated, summed over the run's forward passes
         (memory the module's forward left alive for backward or beyond)."""
         mem = self.memory
-        sel = np.flatnonzero((mem["size"] > 0) & (self.category == CAT_ACTIVATIONS)
-                             & (mem["phase"] == PHASE_FORWARD))
+        sel = np.flatnonzero((self._sizes > 0) & (self.category == CAT_ACTIVATIONS)
+                             & (self._phases == PHASE_FORWARD))
         out: dict[str, int] = {}
         if sel.size:
             mods = self.event_module[sel]
@@ -464,7 +461,7 @@ class Profile:
         """Activation bytes released by each autograd node in backward: what that node of the
         graph held (shared storages count once, at the node that released them last)."""
         mem = self.memory
-        frees = np.flatnonzero((mem["size"] < 0) & (mem["phase"] == PHASE_BACKWARD))
+        frees = np.flatnonzero((self._sizes < 0) & (self._phases == PHASE_BACKWARD))
         if frees.size == 0:
             return {}
         owner = self.alloc_of[frees]
@@ -493,10 +490,10 @@ class Profile:
         edges = [0] + [int(b) for b in bounds]
         # Work after the last boundary is a step of its own only if it allocated something
         # (a trailing zero_grad() that just frees gradients is not).
-        if edges[-1] < n and (self.memory["size"][edges[-1]:] > 0).any():
+        if edges[-1] < n and (self._sizes[edges[-1]:] > 0).any():
             edges.append(n)
         live = self._live
-        size = self.memory["size"]
+        size = self._sizes
         out = []
         for i in range(len(edges) - 1):
             s, e = edges[i], edges[i + 1]
