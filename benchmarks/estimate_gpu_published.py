@@ -9,6 +9,11 @@ from its source (SOURCES: repository, file, commit, and what exactly was measure
 that memprof cannot model (8-bit optimizers, bitsandbytes quantization, multi-GPU) is listed
 as left out, not approximated.
 
+The models are the ones the sources ran, not today's library stand-ins: lit-gpt trained its own
+model code behind Lightning Fabric (benchmarks/litgpt_replica.py), and the 2022 BERT run had
+transformers 4.15's attention on PyTorch 1.10 (benchmarks/bert_2022_replica.py). Each replica's
+docstring names the source files and commits it follows and what about them holds memory.
+
 What is compared with what:
 * nvidia-smi / NVML "memory used" (source hf-v100) = CUDA context and kernel modules + the
   caching allocator's reserved memory (cached blocks included) + what libraries allocate
@@ -36,7 +41,6 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from _results import machine as _machine, save
 
@@ -64,14 +68,22 @@ SOURCES = {
         "context_mib": 1343,
         "setup": "AutoModelForSequenceClassification bert-large-uncased (2 labels), 512 random "
                  "sequences of length 512, Trainer defaults (AdamW 'adamw_hf', weight decay 0, "
-                 "max_grad_norm 1.0, model.zero_grad() keeping gradients between steps)",
+                 "max_grad_norm 1.0, model.zero_grad() keeping gradients between steps); "
+                 "replica (benchmarks/bert_2022_replica.py): the self-attention of transformers "
+                 "v4.15.0 (extended mask always added, in the parameters' dtype) and PyTorch "
+                 "1.10's softmax, whose backward kept its input (pytorch/pytorch #64000, fixed "
+                 "in 1.11 by #65242/#66018)",
     },
     "litgpt-a100": {
         "citation": "Lightning-AI/litgpt, tutorials/resource-tables.md (commit "
                     "4839345a97a0a90bc5f2361664b04d665c9a0e89), section 'Finetuning with LoRA "
                     "on 1 GPU' (Last updated 10/20/2023, Lit-GPT commit 8641822); the script is "
-                    "finetune/lora.py (Lightning-AI/lit-gpt, read at commit "
-                    "b96a57082c18fd55fabdbb7b75dba1b26c83009e).",
+                    "finetune/lora.py with lit_gpt/{model,lora,rmsnorm,config,utils}.py "
+                    "(Lightning-AI/lit-gpt, read at the measured commit 8641822b and at "
+                    "b96a57082c18fd55fabdbb7b75dba1b26c83009e) and the Fabric wrapper of lightning "
+                    "2.1.0.rc0 (the table's version; the same at the commit lit-gpt pins, "
+                    "71aed751f7f0ca8422ddca256e602099070f490b): src/lightning/fabric/"
+                    "wrappers.py + plugins/precision/half.py.",
         "gpu": "a100-40gb",
         "hardware": "NVIDIA A100-SXM4-40GB, driver 525.125.06, PyTorch 2.1.0+cu121",
         "measured": "'Max GPU RAM' = the script's 'Memory used: "
@@ -82,7 +94,12 @@ SOURCES = {
                  "torch.optim.AdamW (lr 3e-4, weight decay 0.01), batch 128 = micro-batch x "
                  "gradient accumulation, Alpaca: the first iteration is forced to contain the "
                  "longest training sample (phi-1.5: 1044, StableLM Alpha: 1034, Llama 2: 1304 "
-                 "tokens, as the table states) and a batch is padded to its longest sample",
+                 "tokens, as the table states) and a batch is padded to its longest sample; "
+                 "replica (benchmarks/litgpt_replica.py): lit-gpt's own GPT at 8641822 (fused "
+                 "qkv, LoRAQKVLinear with one dropout, conv1d lora_B and zero_pad, rope with "
+                 "float32 cos/sin, RMSNorm without upcast), LM head in 128-position chunks, "
+                 "Fabric's bf16-true output cast to float32 logits, chunked cross-entropy on "
+                 "them, logits alive until after the optimizer step",
     },
 }
 
@@ -91,8 +108,8 @@ LEFT_OUT = [
     "bitsandbytes is not installed here, its 8-bit optimizer state is not modelled.",
     "litgpt-a100: the bnb.nf4 / bnb.nf4-dq rows (4-bit quantized weights: not modelled), the "
     "Falcon 40B rows (OOM at every setting; its bf16 weights alone, about 80 GB, exceed the "
-    "card: not estimated), the Adapter / Adapter v2 rows (lit-gpt's own adapter modules, no "
-    "transformers / peft equivalent) and the multi-GPU (FSDP) rows.",
+    "card: not estimated), the Adapter / Adapter v2 rows (lit-gpt's adapter modules: not rebuilt "
+    "in litgpt_replica) and the multi-GPU (FSDP) rows.",
     "Throughput / FLOP figures of any source: this benchmark is about memory.",
 ]
 
@@ -109,9 +126,12 @@ def _quiet():
 
 
 def bert_large():
-    """bert-large-uncased for sequence classification, built from its sizes; eager attention
-    (the only one transformers had in January 2022: scores and probabilities materialised)."""
+    """bert-large-uncased for sequence classification, built from its sizes, with the
+    self-attention of January 2022 (bert_2022_replica: transformers v4.15's eager attention,
+    always adding the extended mask, and PyTorch 1.10's softmax that kept its input for
+    backward)."""
     from transformers import BertConfig, BertForSequenceClassification
+    from bert_2022_replica import use_2022_attention
     cfg = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
                      num_attention_heads=16, intermediate_size=4096, hidden_act="gelu",
                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
@@ -119,6 +139,7 @@ def bert_large():
                      attn_implementation="eager")
     with torch.device("meta"):
         model = BertForSequenceClassification(cfg)
+    use_2022_attention(model)
     model.train()
 
     def make_batch(b):
@@ -128,68 +149,20 @@ def bert_large():
     return model, make_batch, lambda out, _targets: out.loss
 
 
-def _lora(model, targets):
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                             target_modules=list(targets)))
-    return model.to(torch.bfloat16)
+#: the longest Alpaca training sample of each model's tokenizer, as the table states
+LITGPT_LONGEST = {"phi-1.5": 1044, "stablelm-alpha-3b": 1034, "llama-2-7b": 1304,
+                  "llama-2-13b": 1304}
 
 
-def litgpt_model(name):
-    """The lit-gpt configs of the resource table, as transformers models with peft LoRA (r=8 on
-    query and value, as lit-gpt's finetune/lora.py), all in bf16 (bf16-true)."""
-    if name == "phi-1.5":
-        from transformers import PhiConfig, PhiForCausalLM
-        # lit-gpt phi-1_5: padded vocab 51200, 24 layers, n_embd 2048, 32 heads, rotary 0.5,
-        # shared attention norm (parallel block), GELU tanh (F.gelu approximate='tanh'),
-        # lm_head bias
-        cfg = PhiConfig(vocab_size=51200, hidden_size=2048, intermediate_size=8192,
-                        num_hidden_layers=24, num_attention_heads=32,
-                        max_position_embeddings=2048, partial_rotary_factor=0.5,
-                        hidden_act="gelu_pytorch_tanh", resid_pdrop=0.0, embd_pdrop=0.0,
-                        attention_dropout=0.0, attn_implementation="sdpa")
-        cls, targets, seq = PhiForCausalLM, ("q_proj", "v_proj"), 1044
-    elif name == "stablelm-alpha-3b":
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-        # lit-gpt Config defaults = stablelm-base-alpha-3b: vocab 50254 padded to 50688,
-        # 16 layers, n_embd 4096, 32 heads, rotary 0.25, parallel residual, bias, LayerNorm,
-        # GELU MLP 4 x 4096
-        cfg = GPTNeoXConfig(vocab_size=50688, hidden_size=4096, intermediate_size=16384,
-                            num_hidden_layers=16, num_attention_heads=32, rotary_pct=0.25,
-                            max_position_embeddings=4096, use_parallel_residual=True,
-                            hidden_act="gelu", attention_dropout=0.0, hidden_dropout=0.0,
-                            tie_word_embeddings=False, attn_implementation="sdpa")
-        # fused query_key_value: peft's LoRA on it has lit-gpt's parameter count (2,097,152)
-        cls, targets, seq = GPTNeoXForCausalLM, ("query_key_value",), 1034
-    elif name in ("llama-2-7b", "llama-2-13b"):
-        from transformers import LlamaConfig, LlamaForCausalLM
-        h, i, n = (4096, 11008, 32) if name == "llama-2-7b" else (5120, 13824, 40)
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=h, intermediate_size=i,
-                          num_hidden_layers=n, num_attention_heads=n, num_key_value_heads=n,
-                          max_position_embeddings=4096, rms_norm_eps=1e-5,
-                          attn_implementation="sdpa")
-        cls, targets, seq = LlamaForCausalLM, ("q_proj", "v_proj"), 1304
-    else:
-        raise ValueError(name)
-    with torch.device("meta"):
-        model = cls(cfg).to(torch.bfloat16)
-    model = _lora(model, targets)
-    model.train()
-    vocab = cfg.vocab_size
-
-    def make_batch(b):
-        ids = torch.randint(0, vocab, (b, seq))
-        # lit-gpt shifts the targets: token n predicts n+1 (the last position is ignored)
-        targets = torch.cat([ids[:, 1:], torch.full((b, 1), -1)], dim=1)
-        return {"input_ids": ids}, targets
-
-    def loss_fn(out, targets):
-        # lit-gpt's chunked_cross_entropy: cross-entropy on the bf16 logits, ignore_index -1
-        logits = out.logits
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1)
-
-    return model, make_batch, loss_fn, seq
+def litgpt_model(name, rmsnorm_upcast=False):
+    """The lit-gpt model of the resource table as lit-gpt itself built and trained it
+    (litgpt_replica: its own GPT with fused qkv and LoRA r=8 on query and value, bf16-true
+    behind Fabric's float32 output cast, chunked LM head and cross-entropy, logits kept alive
+    by the training loop), on the meta device."""
+    import litgpt_replica
+    seq = LITGPT_LONGEST[name]
+    model, cfg = litgpt_replica.build(name, seq, rmsnorm_upcast=rmsnorm_upcast)
+    return model, litgpt_replica.make_batch_fn(cfg, seq), litgpt_replica.chunked_loss, seq
 
 
 # ------------------------------------------------------------------------------ rows
@@ -349,6 +322,35 @@ def run_litgpt(rows_out, fits_out, log):
             f"[{lo}, {hi if hi is not None else '-'}], memprof {mx}")
 
 
+#: the RMSNorm variant: lit-gpt "Half precision fixes" (PR #606, commit 6178c7cc, 2023-10-24)
+#: made RMSNorm compute on a float32 copy; the table names 8641822 (2023-10-16), before it
+RMSNORM_VARIANT = ("lit-gpt RMSNorm after PR #606 (commit 6178c7cc, 2023-10-24: float32 "
+                   "upcast of the input, kept for backward); the table names commit 8641822, "
+                   "which predates it")
+
+
+def run_litgpt_rmsnorm_variant(out, log):
+    """The Llama 2 rows again with RMSNorm as lit-gpt #606 changed it (the only model-code
+    change between the table's commit and the next weeks that alters what backward keeps for
+    these models): which lit-gpt the Llama rows agree with."""
+    from memprof.plan.estimate import Estimator
+    from memprof.plan.gpus import lookup
+    gpu = lookup(SOURCES["litgpt-a100"]["gpu"])
+    for name in ("llama-2-7b", "llama-2-13b"):
+        published = LITGPT_ROWS[name][0]
+        model, make_batch, loss_fn, seq = litgpt_model(name, rmsnorm_upcast=True)
+        est = Estimator(model, make_batch, loss_fn, optimizer="adamw", gpu=gpu)
+        for mb, pub in published.items():
+            if pub == "OOM":
+                continue
+            allocated = allocator_blocks_peak(est.step(mb, precision="fp32"))
+            out.append({"model": LITGPT_LABELS[name], "micro_batch": mb, "published": pub,
+                        "estimate": round(allocated / 1e9, 2),
+                        "error": allocated / 1e9 / pub - 1})
+            log(f"variant {LITGPT_LABELS[name]:18s} mb {mb}: published {pub} GB, estimated "
+                f"{allocated / 1e9:.2f} GB ({out[-1]['error']:+.1%})")
+
+
 def slopes(rows) -> list:
     """Where a source published one setup at two or more micro-batches: the memory per extra
     sample (activations) and the rest (weights, gradients, optimizer state, context), published
@@ -394,6 +396,8 @@ def main(argv=None) -> int:
     rows, fits = [], []
     run_hf(rows, log)
     run_litgpt(rows, fits, log)
+    variant: list = []
+    run_litgpt_rmsnorm_variant(variant, log)
     wall = time.perf_counter() - t0
 
     lines = ["# memprof estimates vs published GPU memory measurements (no GPU here: every "
@@ -452,6 +456,10 @@ def main(argv=None) -> int:
                      f"{s['published_per_sample']:.2f} vs {s['estimated_per_sample']:.2f} "
                      f"{u} ({s['per_sample_error']:+.1%}); rest {s['published_rest']:.2f} vs "
                      f"{s['estimated_rest']:.2f} {u} ({s['rest_error']:+.1%})")
+    lines += ["", f"variant, not in the table above: the Llama 2 rows with {RMSNORM_VARIANT}:"]
+    for v in variant:
+        lines.append(f"  {v['model']:18s} mb {v['micro_batch']}: published {v['published']:.2f} "
+                     f"GB, estimated {v['estimate']:.2f} GB ({v['error']:+.1%})")
     within = [r for r in rows if abs(r["error"]) <= 0.10]
     worst = max(rows, key=lambda r: abs(r["error"]))
     lines += ["",
@@ -468,6 +476,7 @@ def main(argv=None) -> int:
     print(text)
     save(args.out, text, {"machine": machine(), "command": COMMAND, "sources": SOURCES,
                           "rows": rows, "fits": fits, "per_sample": per_sample,
+                          "rmsnorm_variant": {"what": RMSNORM_VARIANT, "rows": variant},
                           "left_out": LEFT_OUT,
                           "within_10pct": len(within), "n_rows": len(rows),
                           "wall_s": round(wall, 1)})

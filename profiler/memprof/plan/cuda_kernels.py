@@ -22,7 +22,11 @@ memory-efficient -> math)
                - `_scaled_dot_product_flash_attention`; no probabilities, no dropout mask.
                Backward (flash_api.cpp mha_bwd) allocates two fp32 scratch buffers while it
                runs: dq_accum (B x round128(S_q) x H x round32(D), D > 192: 256) and softmax_d
-               (B x H x round128(S_q)).
+               (B x H x round128(S_q)). Before it, `_flash_attention_backward`
+               (attention_backward.cu) takes `grad_out.contiguous()` and `out.contiguous()` of
+               the (B, S, H, D) transposes it is given: a copy of each (q's dtype) unless that
+               transpose is already contiguous - `out` is laid out like q (`empty_like`), so a
+               q made contiguous as (B, H, S, D) (rotary embeddings, torch.cat) costs one.
                Grouped-query heads (enable_gqa, H_kv < H): flash takes them natively
                (`check_batch_size_and_num_heads_dense<true>` in its constraints): k and v
                are saved unexpanded; the backward allocates dk_expanded and dv_expanded
@@ -35,7 +39,8 @@ memory-efficient -> math)
                is first converted to an additive one in q's dtype (`convert_boolean_attn_mask`).
                No grouped-query heads (`check_batch_size_and_num_heads_dense<false>`): those
                go to math, which expands k and v (repeat_interleave copies).
-               Backward scratch (attention_backward.cu `_efficient_attention_backward`, the
+               Backward scratch (attention_backward.cu `_efficient_attention_backward`: a copy
+               of grad_out unless its (B, S, H, D) transpose is contiguous, and the
                kernel `AttentionBackwardKernel` of mem_eff_attention/kernel_backward.h, picked
                as kernels/generate_kernels.py orders them: aligned, no dropout variant when
                none is needed, the smallest kMaxK >= max(D, Dv), then the larger block):
@@ -87,7 +92,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["KernelTarget", "target_for", "sdpa_backend", "cublas_workspace_bytes",
-           "flash_backward_scratch", "efficient_backward_scratch",
+           "flash_backward_scratch", "efficient_backward_scratch", "contiguous_copy_bytes",
            "CudaKernels", "KernelScratch", "FLASH", "EFFICIENT", "MATH", "NOT_MODELLED"]
 
 FLASH, EFFICIENT, MATH = "flash", "efficient", "math"
@@ -145,6 +150,14 @@ def flash_backward_scratch(q_shape, head_dim: int, k_shape=None, itemsize: int =
     if k_shape is not None and int(k_shape[1]) != h:
         n += 2 * b * int(k_shape[2]) * h * head_dim * itemsize
     return n
+
+
+def contiguous_copy_bytes(t: torch.Tensor) -> int:
+    """Bytes of the `.contiguous()` copy the CUDA attention backward makes of `t`, a
+    (B, H, S, D) tensor it sees as its (B, S, H, D) transpose: 0 when that is contiguous."""
+    if t.transpose(1, 2).is_contiguous():
+        return 0
+    return t.numel() * t.element_size()
 
 
 def _efficient_blocks(t: KernelTarget, half: bool, max_k: int) -> tuple[int, int, bool]:
@@ -358,14 +371,16 @@ class KernelScratch:
                 ("cublas workspace (autograd thread)", n)]
 
     def scratch(self, func, args) -> int:
-        if func is _FLASH_BACKWARD:
+        if func is _FLASH_BACKWARD:     # (grad_out, query, key, value, out, ...)
             q, k = args[1], args[2]
             return flash_backward_scratch(q.shape, int(q.shape[-1]), k.shape,
-                                          q.element_size())
-        if func is _EFFICIENT_BACKWARD:
+                                          q.element_size()) \
+                + contiguous_copy_bytes(args[0]) + contiguous_copy_bytes(args[4])
+        if func is _EFFICIENT_BACKWARD:   # (grad_out, query, key, value, attn_bias, out, ...)
             q, k, v = args[1], args[2], args[3]
             return efficient_backward_scratch(self.target, q.shape, k.shape,
-                                              int(v.shape[-1]), q.dtype)
+                                              int(v.shape[-1]), q.dtype) \
+                + contiguous_copy_bytes(args[0])
         return 0
 
 
