@@ -132,3 +132,40 @@ def test_steps_phases_and_findings(leaky_profile, tmp_path):
     # placed at the step the finding names
     step = leak["args"]["step"]
     assert leak["ts"] == steps[step]["ts"] + steps[step]["dur"]
+
+
+def test_the_trace_rebuilds_the_interleaved_stream_at_most_once(leaky_profile, monkeypatch):
+    """`profile.events` copies every event on each access; the trace does not read it (the
+    step spans of report.series still do, once)."""
+    from memprof.record.event_streams import EventStreams
+    from memprof.report.trace import chrome_trace
+    rebuilt = []
+    merged = EventStreams.merged
+    monkeypatch.setattr(EventStreams, "merged", lambda self: rebuilt.append(1) or merged(self))
+    trace = chrome_trace(leaky_profile)
+    assert len(rebuilt) <= 1
+    assert validate(trace) == []
+
+
+def test_oom_reports_and_unplaced_findings_keep_their_times():
+    """Without memory events a finding that names no step sits at the last record, and each
+    out-of-memory report at its own time: the same times the interleaved stream gives."""
+    from memprof.finding import Finding
+    from memprof.record.events import KIND_OUT_OF_MEMORY
+    from memprof.report.trace import chrome_trace
+    from analyse.runs import RunBuilder
+    b = RunBuilder().mark("forward_start").mark("step")
+    b._row(ptr=0, size=1 << 30, kind=KIND_OUT_OF_MEMORY)
+    b.mark("forward_start")
+    b._row(ptr=0, size=1 << 31, kind=KIND_OUT_OF_MEMORY)
+    prof = b.profile()
+    prof.findings.append(Finding("oom", "error", 1 << 31, "out of memory", "smaller batch"))
+    events = prof.events
+    t0 = int(events["t_ns"][0])
+    oom_us = [(int(t) - t0) / 1e3 for t in events["t_ns"][events["kind"] == KIND_OUT_OF_MEMORY]]
+    trace = chrome_trace(prof)["traceEvents"]
+    assert [e["ts"] for e in trace if e["name"] == "CUDA out of memory"] == oom_us
+    assert [e["args"]["requested"] for e in trace if e["name"] == "CUDA out of memory"] \
+        == [1 << 30, 1 << 31]
+    assert [e["ts"] for e in trace if e.get("cat") == "finding"] == \
+        [(int(events["t_ns"][-1]) - t0) / 1e3]

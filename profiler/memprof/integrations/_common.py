@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import _C
+from ..record.distributed import identity, rank_path
 from ..record.events import EVENT_DTYPE, KIND_MEMORY
 from ..track import Tracker
 
@@ -27,23 +28,22 @@ def require(module: str, package: str, integration: str):
                           f"pip install {package}") from None
 
 
-def rank() -> int | None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank())
-    return None
-
-
 def profile_path(output_dir: str, name: str) -> str:
-    """`<dir>/<name>.memprof` (`<name>.rank<R>.memprof` when distributed); a later run in the
-    same directory gets `<name>-1...`, never overwriting an earlier run's profile."""
+    """`<dir>/<name>.memprof`, or `<name>.rank<R>.memprof` in a distributed job - the rank as
+    memprof.track() names its file (record.distributed: the process group, else torchrun's
+    environment, so a callback started before init_process_group names the same file); a
+    later run in the same directory gets `<name>-1...`, never overwriting an earlier run's."""
     os.makedirs(output_dir, exist_ok=True)
-    r = rank()
-    suffix = f".rank{r}.memprof" if r is not None else ".memprof"
-    path, n = os.path.join(output_dir, name + suffix), 0
+    job = identity()
+
+    def candidate(stem: str) -> str:
+        path = os.path.join(output_dir, stem + ".memprof")
+        return rank_path(path, int(job["rank"])) if job is not None else path
+
+    path, n = candidate(name), 0
     while os.path.exists(path):
         n += 1
-        path = os.path.join(output_dir, f"{name}-{n}{suffix}")
+        path = candidate(f"{name}-{n}")
     return path
 
 
@@ -63,8 +63,11 @@ def unwrap_optimizer(optimizer):
 
 class LivePeak:
     """Peak of live bytes since the previous call, while recording. On CUDA the caching
-    allocator's own peak counter (cheap); on the CPU memprof's event log so far is read (a copy
-    of the log per call: callers ask once per logged step, not per micro-step)."""
+    allocator's own peak counter (cheap); on the CPU the records memprof's event log gained
+    since the previous call, kept as running figures: the live bytes, the blocks alive, and a
+    cursor per recording thread (each thread's log only grows, so its first `seen` records
+    were handled before). A call handles only its new records; what it cannot avoid is the
+    native copy of the log that `_C.events()` hands out (memcpy-speed)."""
 
     def __init__(self, tracker: Tracker, device: torch.device | None):
         self.cuda = device is not None and device.type == "cuda"
@@ -76,24 +79,42 @@ class LivePeak:
         self.blocks = {int(ptr): int(size) for ptr, size, dev, _, _ in base
                        if dev == _C.DEVICE_CPU}
         self.live = sum(self.blocks.values())
-        self.last_t = -1
+        self.seen: dict[int, int] = {}   # records of each thread's log handled so far
 
     def __call__(self) -> int:
         if self.cuda:
             peak = int(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
             return peak
-        ev = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
-        ev = ev[(ev["kind"] == KIND_MEMORY) & (ev["device_type"] == _C.DEVICE_CPU)
-                & (ev["t_ns"] > self.last_t)]
+        ev = self._unseen(np.frombuffer(_C.events(), dtype=EVENT_DTYPE))
+        ev = ev[(ev["kind"] == KIND_MEMORY) & (ev["device_type"] == _C.DEVICE_CPU)]
         if not ev.size:
             return self.live
         ev = ev[np.argsort(ev["t_ns"], kind="stable")]
         delta = self._deltas(ev["ptr"], ev["size"])
         trace = self.live + np.cumsum(delta)
-        peak, live = max(self.live, int(trace.max())), int(trace[-1])
-        self.live, self.last_t = live, int(ev["t_ns"][-1])
+        peak, self.live = max(self.live, int(trace.max())), int(trace[-1])
         return peak
+
+    def _unseen(self, log: np.ndarray) -> np.ndarray:
+        """The records of `log` not handled by an earlier call, and the cursors moved past
+        them. The native drain lays each thread's log out whole, threads in registration
+        order, so the `thread` column never decreases: each thread's run is found by a
+        binary search, and only its tail beyond the cursor is copied."""
+        thread = log["thread"]
+        parts, start = [], 0
+        while start < log.size:
+            tid = int(thread[start])
+            end = int(np.searchsorted(thread, tid, side="right"))
+            if end <= start or int(thread[end - 1]) != tid:
+                raise RuntimeError("memprof: the native event log is not grouped by thread "
+                                   "in registration order; the live peak cannot be followed")
+            first = start + self.seen.get(tid, 0)
+            if first < end:
+                parts.append(log[first:end])
+            self.seen[tid] = end - start
+            start = end
+        return np.concatenate(parts) if parts else log[:0]
 
     def _deltas(self, ptr: np.ndarray, size: np.ndarray) -> np.ndarray:
         """Signed bytes per event, vectorised: a free counts when its block is known (allocated

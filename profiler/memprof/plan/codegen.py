@@ -6,6 +6,16 @@ the GPU (the CPU when there is none, so that it can be tried anywhere), and loop
 loader built from the batch function, to be replaced by the user's DataLoader of the same
 micro-batch. Only what memprof was handed as an object it cannot import (a model built in
 `__main__`) is left to the user, and the code says so.
+
+A plan for N GPUs (`plan.distributed`) gives the script each rank runs under torchrun: the
+process group from torchrun's environment (NCCL on GPUs; gloo and the CPU when there is no
+GPU, so the same file can be tried as a CPU job), the device from LOCAL_RANK, and the
+strategy's wrapping - DDP (ddp), DDP + ZeroRedundancyOptimizer (zero1), FSDP2 `fully_shard`
+per block and at the root with `reshard_after_forward=False` (zero2: parameters stay
+gathered from forward to backward, gradients and optimizer state sharded) or the default
+True (zero3) - with the micro-step synchronisation the communication model assumes (DDP:
+`no_sync()` until the last micro-step; FSDP: a reduce-scatter every micro-step) and the
+learning rate of the global batch.
 """
 from __future__ import annotations
 
@@ -22,6 +32,79 @@ _TO_DEVICE = ["def to_device(b):",
               "    if isinstance(b, (tuple, list)):",
               "        return type(b)(to_device(v) for v in b)",
               "    return b"]
+
+
+_WRAPPED_BY = {"ddp": "ddp", "zero1": "ddp", "zero2": "fsdp", "zero3": "fsdp"}
+
+
+def _strategy(plan) -> str | None:
+    """'ddp' | 'zero1' | 'zero2' | 'zero3' for a plan for N GPUs, else None."""
+    dist = getattr(plan, "distributed", None)
+    return dist.strategy.name if dist is not None else None
+
+
+def _launch_lines(plan) -> list[str]:
+    """How the script is started and how each rank finds its device and its peers."""
+    d = plan.distributed
+    if d.nodes > 1:
+        launch = (f"torchrun --nnodes {d.nodes} --nproc-per-node {d.gpus_per_node} "
+                  "--rdzv-backend c10d --rdzv-endpoint HOST:PORT train.py  (on every node)")
+    else:
+        launch = f"torchrun --nproc-per-node {d.world_size} train.py"
+    return [f"# one process per GPU ({d.world_size} in all): {launch}",
+            "import os",
+            "import torch.distributed as dist",
+            "local_rank = int(os.environ[\"LOCAL_RANK\"])  # torchrun sets RANK, LOCAL_RANK, "
+            "WORLD_SIZE, MASTER_ADDR, MASTER_PORT",
+            "if torch.cuda.is_available():",
+            "    torch.cuda.set_device(local_rank)  # this rank's GPU: \"cuda\" below means it",
+            "    device = \"cuda\"",
+            "else:",
+            "    device = \"cpu\"  # no GPU: the same job on the CPU (the plan is for the GPUs)",
+            "dist.init_process_group(\"nccl\" if device == \"cuda\" else \"gloo\")  # rendezvous "
+            "from torchrun's environment"]
+
+
+def _unit_lines(plan) -> list[str]:
+    """`fsdp_blocks = [...]`: the FSDP units the plan estimated (its repeated blocks)."""
+    names = list(getattr(plan._estimator, "units", []) or [])
+    if not names:
+        return ["fsdp_blocks = []  # no repeated blocks: the root alone is one FSDP unit"]
+    parents = {n.rpartition(".")[0] for n in names}
+    index = [n.rpartition(".")[2] for n in names]
+    if len(parents) == 1 and all(i.isdigit() for i in index):
+        parent, ids = parents.pop(), [int(i) for i in index]
+        seq = (f"range({ids[0]}, {ids[-1] + 1})" if ids == list(range(ids[0], ids[-1] + 1))
+               else repr(tuple(ids)))
+        name = f'f"{parent}.{{i}}"' if parent else "str(i)"
+        return [f"fsdp_blocks = [model.get_submodule({name}) for i in {seq}]"]
+    return [f"fsdp_blocks = [model.get_submodule(n) for n in {tuple(names)!r}]"]
+
+
+def _wrap_lines(plan, o) -> list[str]:
+    """The strategy's wrapping of `model` (before the optimizer sees its parameters)."""
+    name = _strategy(plan)
+    if _WRAPPED_BY[name] == "ddp":
+        return ["from torch.nn.parallel import DistributedDataParallel as DDP",
+                "model = DDP(model, device_ids=[local_rank] if device == \"cuda\" else None)"
+                "  # gradients all-reduced in buckets"]
+    reshard = "False" if name == "zero2" else "True"
+    why = ("zero2: parameters stay gathered from forward to backward; gradients and optimizer "
+           "state sharded" if name == "zero2" else
+           "zero3: parameters gathered block by block, freed after use")
+    lines = ["from torch.distributed.fsdp import fully_shard"]
+    args = f"reshard_after_forward={reshard}"
+    if o.precision in ("fp16", "bf16"):
+        dtype = "torch.float16" if o.precision == "fp16" else "torch.bfloat16"
+        lines += ["from torch.distributed.fsdp import MixedPrecisionPolicy",
+                  f"mp_policy = MixedPrecisionPolicy(param_dtype={dtype}, "
+                  "reduce_dtype=torch.float32)  # gathered in half precision, fp32 shards"]
+        args += ", mp_policy=mp_policy"
+    lines += _unit_lines(plan)
+    lines += ["for block in fsdp_blocks:",
+              f"    fully_shard(block, {args})  # {why}",
+              f"fully_shard(model, {args})  # the root: every parameter not in a block"]
+    return lines
 
 
 def _import_line(spec: str, as_name: str | None = None) -> tuple[str, str]:
@@ -50,6 +133,14 @@ def _model_lines(plan) -> list[str]:
     """Lines that set `model` (and, for built-ins, `make_batch` and `loss_fn` unless the user
     gave their own, which `_batch_lines` / `_loss_imports` bind)."""
     m = plan.model
+    fsdp = _strategy(plan) and _WRAPPED_BY[_strategy(plan)] == "fsdp"
+    seed = (["torch.manual_seed(0)  # the same initial weights on every rank: each keeps its "
+             "shard of its own copy"] if fsdp else [])
+    return seed + _built_model_lines(m)
+
+
+def _built_model_lines(m: dict) -> list[str]:
+    """The model's construction from the plan's model description, moved to `device`."""
     if m.get("builtin"):
         batch = "make_batch" if m.get("batch", {}).get("builtin") else "_"
         loss = "loss_fn" if (m.get("loss") or {}).get("rule") == "builtin" else "_"
@@ -81,21 +172,38 @@ def _batch_lines(plan) -> list[str]:
     return ["make_batch = ...  # your batch function (memprof was given one it cannot import)"]
 
 
-def _optimizer_lines(plan) -> list[str]:
+def _optimizer_lines(plan, o) -> list[str]:
     lr = plan.lr.recommended_lr if plan.lr else None
     lr_arg = f", lr={lr:.4g}" if lr is not None else ""
     opt = plan.optimizer
+    zero1 = _strategy(plan) == "zero1"
+    batch = ""
+    if _strategy(plan):
+        batch = (f" the global batch {o.micro_batch * o.accumulation * plan.world_size} "
+                 f"(micro-batch {o.micro_batch} x accumulation {o.accumulation} x "
+                 f"{plan.world_size} ranks)")
     if isinstance(opt, str) and opt.lower() in ("adamw", "adam", "sgd"):
         name = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}[opt.lower()]
         momentum = ", momentum=0.9" if opt.lower() == "sgd" else ""
-        comment = "" if lr else "  # lr: torch's default; pass yours"
+        comment = (f"  # lr for{batch}" if lr and batch else "" if lr else
+                   f"  # lr: torch's default; pass yours{f', scaled to{batch}' if batch else ''}")
+        if zero1:
+            return ["from torch.distributed.optim import ZeroRedundancyOptimizer",
+                    f"opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class="
+                    f"torch.optim.{name}{lr_arg}{momentum})  # each rank keeps 1/world of the "
+                    f"optimizer state{comment.replace('  #', ';', 1)}"]
         return [f"opt = torch.optim.{name}(model.parameters(){lr_arg}{momentum}){comment}"]
-    return [f"opt = ...  # your optimizer ({opt}){'' if lr is None else f', lr={lr:.4g}'}"]
+    lr_note = "" if lr is None else f", lr={lr:.4g}{f' for{batch}' if batch else ''}"
+    if zero1:
+        return ["from torch.distributed.optim import ZeroRedundancyOptimizer",
+                f"opt = ...  # your optimizer ({opt}){lr_note}, as ZeroRedundancyOptimizer("
+                "model.parameters(), optimizer_class=YourOptimizer, **its_arguments)"]
+    return [f"opt = ...  # your optimizer ({opt}){lr_note}"]
 
 
 def _setup_lines(plan, o) -> list[str]:
     """Device, model, batch function, checkpointing, optimizer, scaler, loader."""
-    lines = [_DEVICE]
+    lines = _launch_lines(plan) if _strategy(plan) else [_DEVICE]
     lines += _model_lines(plan) + _batch_lines(plan)
     if not _batches_on_device(plan):
         lines += _TO_DEVICE
@@ -104,7 +212,9 @@ def _setup_lines(plan, o) -> list[str]:
         blocks = f", blocks={plan._blocks!r}" if isinstance(plan._blocks, str) else ""
         lines.append(f"handle = memprof.checkpoint.apply(model, {o.checkpointing!r}{blocks})"
                      f"  # checkpoints {where}")
-    lines += _optimizer_lines(plan)
+    if _strategy(plan):
+        lines += _wrap_lines(plan, o)
+    lines += _optimizer_lines(plan, o)
     w = plan.warmup
     if w is not None:
         n = max(1, int(w["warmup_optimizer_steps"]))
@@ -112,6 +222,15 @@ def _setup_lines(plan, o) -> list[str]:
                      f"min(1.0, (s + 1) / {n}))  # warmup in optimizer steps")
     if o.precision == "fp16":
         lines.append("scaler = torch.amp.GradScaler(device)")
+    if _strategy(plan):
+        lines.append(f"accumulation = {o.accumulation}  # micro-batch {o.micro_batch} x "
+                     f"{o.accumulation} x {plan.world_size} ranks = global batch "
+                     f"{o.micro_batch * o.accumulation * plan.world_size}")
+        lines.append(f"loader = (make_batch({o.micro_batch}) for _ in range(2 * accumulation))"
+                     f"  # stand-in: your DataLoader(dataset, batch_size={o.micro_batch}, "
+                     "sampler=DistributedSampler(dataset)) - each rank its own share; call "
+                     "sampler.set_epoch(epoch) every epoch")
+        return lines
     lines.append(f"accumulation = {o.accumulation}  # micro-batch {o.micro_batch} x "
                  f"{o.accumulation} = effective batch {o.micro_batch * o.accumulation}")
     lines.append(f"loader = (make_batch({o.micro_batch}) for _ in range(2 * accumulation))"
@@ -144,12 +263,15 @@ def _loop_lines(plan, o) -> list[str]:
     if o.precision in ("fp16", "bf16"):
         dtype = "torch.float16" if o.precision == "fp16" else "torch.bfloat16"
         extra = ", cache_enabled=False" if o.checkpointing == "selective" else ""
-        lines.append(f"{ind}with torch.autocast(device, dtype={dtype}{extra}):")
-        lines += [f"{ind}    {b}" for b in body]
-    else:
-        lines += [f"{ind}{b}" for b in body]
-    lines.append(f"{ind}loss = loss / accumulation")
-    lines.append(f"{ind}{'scaler.scale(loss)' if o.precision == 'fp16' else 'loss'}.backward()")
+        body = [f"with torch.autocast(device, dtype={dtype}{extra}):"] + [f"    {b}" for b in body]
+    body.append("loss = loss / accumulation")
+    body.append(f"{'scaler.scale(loss)' if o.precision == 'fp16' else 'loss'}.backward()")
+    if o.accumulation > 1 and _strategy(plan) and _WRAPPED_BY[_strategy(plan)] == "ddp":
+        lines.append(f"{ind}last_micro_step = (i + 1) % accumulation == 0")
+        lines.append(f"{ind}with contextlib.nullcontext() if last_micro_step else model.no_sync():"
+                     "  # all-reduce once per optimizer step")
+        body = [f"    {b}" for b in body]
+    lines += [f"{ind}{b}" for b in body]
     lines.append(f"{ind}if (i + 1) % accumulation == 0:")
     if o.precision == "fp16":
         lines.append(f"{ind}    scaler.step(opt)")
@@ -175,9 +297,15 @@ def plan_code(plan, option=None) -> str:
     if o is None:
         return "# nothing fits: see the table (smaller effective batch, bigger GPU)"
     parts = _setup_lines(plan, o) + _loss_imports(plan) + _loop_lines(plan, o)
+    if _strategy(plan):
+        parts.append("dist.destroy_process_group()")
     lines = "\n".join(parts).split("\n")
-    imports = [ln for ln in lines if ln.startswith("from ")]
-    body = [ln for ln in lines if not ln.startswith("from ")]
-    head = ["import torch"] + (["import memprof"] if any("memprof." in ln for ln in body)
-                               else [])
-    return "\n".join(head + imports + body)
+    top = [ln for ln in lines if ln.startswith(("from ", "import ", "# one process per GPU"))]
+    body = [ln for ln in lines if ln not in top]
+    head = (top[:1] if top and top[0].startswith("#") else []) + ["import torch"]
+    if any("contextlib." in ln for ln in body):
+        head.append("import contextlib")
+    head += [ln for ln in top if ln.startswith("import ")]
+    if any("memprof." in ln for ln in body):
+        head.append("import memprof")
+    return "\n".join(head + [ln for ln in top if ln.startswith("from ")] + body)

@@ -8,6 +8,10 @@ One process named after the run, with named threads:
   phases     forward / backward / optimizer slices (never overlapping)
   findings   one instant per finding, at the step it names (else at the peak)
 Timestamps are microseconds since tracking started.
+
+Built from the profile's two event streams as they are (memory, side records): the single
+interleaved stream (`profile.events`) is a fresh copy on every access, so it is not read here;
+the time zero and the step spans, which read it, are computed once per trace.
 """
 from __future__ import annotations
 
@@ -51,22 +55,22 @@ def _counters(profile: Profile) -> list[dict]:
     return out
 
 
-def _us(profile: Profile, t_ns: int) -> float:
-    return max(0.0, (t_ns - t0_ns(profile)) / 1e3)
+def _us(t0: int, t_ns: int) -> float:
+    return max(0.0, (t_ns - t0) / 1e3)
 
 
-def _slices(profile: Profile) -> list[dict]:
+def _slices(profile: Profile, t0: int, spans: list[tuple[int, int, int]]) -> list[dict]:
     out = []
     steps = profile.steps
-    for start, end, i in step_spans(profile):
+    for start, end, i in spans:
         args = steps[i].as_dict() if i < len(steps) else {}
         args = {k: args[k] for k in ("peak", "live_at_end", "allocated") if k in args}
         out.append({"name": f"step {i}", "cat": "step", "ph": "X", "pid": PID,
-                    "tid": TID_STEPS, "ts": _us(profile, start),
+                    "tid": TID_STEPS, "ts": _us(t0, start),
                     "dur": (end - start) / 1e3, "args": args})
     for start, end, phase in phase_spans(profile):
         out.append({"name": phase, "cat": "phase", "ph": "X", "pid": PID,
-                    "tid": TID_PHASES, "ts": _us(profile, start), "dur": (end - start) / 1e3})
+                    "tid": TID_PHASES, "ts": _us(t0, start), "dur": (end - start) / 1e3})
     return out
 
 
@@ -83,31 +87,33 @@ def finding_step(f: Finding) -> int | None:
     return None
 
 
-def _instants(profile: Profile) -> list[dict]:
+def _instants(profile: Profile, t0: int, spans: list[tuple[int, int, int]]) -> list[dict]:
     mem = profile.memory
     out = []
     peak_t = int(mem["t_ns"][profile.peak_index]) if profile.peak_index >= 0 else None
     if peak_t is not None:
         out.append({"name": "peak", "cat": "memory", "ph": "i", "s": "p", "pid": PID,
-                    "tid": TID_MEMORY, "ts": _us(profile, peak_t), "args": profile.peak_event})
-    ends = {i: end for _, end, i in step_spans(profile)}
-    last = int(profile.events["t_ns"][-1]) if profile.events.size else 0
+                    "tid": TID_MEMORY, "ts": _us(t0, peak_t), "args": profile.peak_event})
+    ends = {i: end for _, end, i in spans}
+    side = profile.run.streams.side   # markers and OOM reports, in order (not a copy)
+    last = max([int(a["t_ns"][-1]) for a in (mem, side) if a.size], default=0)
     for f in profile.findings:
         step = finding_step(f)
         t = ends.get(step, peak_t if peak_t is not None else last)
         out.append({"name": f"{f.severity}: {f.kind}", "cat": "finding", "ph": "i", "s": "g",
-                    "pid": PID, "tid": TID_FINDINGS, "ts": _us(profile, t),
+                    "pid": PID, "tid": TID_FINDINGS, "ts": _us(t0, t),
                     "args": {"message": f.message, "holder": f.holder, "bytes": f.bytes,
                              "fix": f.fix, "step": step}})
-    ev = profile.events
-    oom_t = ev["t_ns"][ev["kind"] == KIND_OUT_OF_MEMORY].tolist()
+    oom_t = side["t_ns"][side["kind"] == KIND_OUT_OF_MEMORY].tolist()   # as oom_events
     for oom, t in zip(profile.oom_events, oom_t):
         out.append({"name": "CUDA out of memory", "cat": "memory", "ph": "i", "s": "p",
-                    "pid": PID, "tid": TID_MEMORY, "ts": _us(profile, int(t)), "args": oom})
+                    "pid": PID, "tid": TID_MEMORY, "ts": _us(t0, int(t)), "args": oom})
     return out
 
 
 def chrome_trace(profile: Profile) -> dict:
-    events = _metadata(profile) + _counters(profile) + _slices(profile) + _instants(profile)
+    t0, spans = t0_ns(profile), step_spans(profile)
+    events = (_metadata(profile) + _counters(profile) + _slices(profile, t0, spans)
+              + _instants(profile, t0, spans))
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"memprof": profile.summary()["meta"]}}
