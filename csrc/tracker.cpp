@@ -681,24 +681,30 @@ std::vector<std::shared_ptr<ThreadBuffer>> all_buffers() {
 
 // Copies one log of every thread (events or seq records) into one byte array; the caller views
 // it with the record's dtype (memprof.record.events). Each log contributes the records it had
-// published when its count was read (not yet taken ones).
+// published when its count was read (not yet taken ones), from `since[i]` on for the thread of
+// index i when given: a reader that follows the log while it grows (the callbacks' live peak)
+// copies only what is new, not the whole log each time.
 template <typename Log>
-py::array_t<uint8_t> drain(Log ThreadBuffer::*log) {
+py::array_t<uint8_t> drain(Log ThreadBuffer::*log, const std::vector<int64_t>& since = {}) {
   auto buffers = all_buffers();
-  std::vector<size_t> counts;
+  std::vector<size_t> from, counts;
+  from.reserve(buffers.size());
   counts.reserve(buffers.size());
   size_t total = 0;
-  for (auto& b : buffers) {
-    Log& l = (*b).*log;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    Log& l = (*buffers[i]).*log;
     counts.push_back(l.count.load(std::memory_order_acquire));
-    total += counts.back() - std::min(l.taken, counts.back());
+    size_t start = l.taken;
+    if (i < since.size() && since[i] > 0) start = std::max(start, static_cast<size_t>(since[i]));
+    from.push_back(std::min(start, counts.back()));
+    total += counts.back() - from.back();
   }
   using Record = typename Log::value_type;
   py::array_t<uint8_t> out(static_cast<py::ssize_t>(total * sizeof(Record)));
   auto* dst = reinterpret_cast<Record*>(out.mutable_data());
   for (size_t i = 0; i < buffers.size(); ++i) {
     Log& l = (*buffers[i]).*log;
-    l.visit(l.taken, counts[i], [&](const Record* src, size_t n) {
+    l.visit(from[i], counts[i], [&](const Record* src, size_t n) {
       std::memcpy(dst, src, n * sizeof(Record));
       dst += n;
     });
@@ -870,8 +876,11 @@ void register_tracker(py::module_& m) {
   m.def("get_phase", &get_phase);
   m.def("set_step", &set_step, py::arg("step"));
   m.def("mark", &mark, py::arg("label"), py::arg("value") = 0);
-  m.def("events", []() { return drain(&ThreadBuffer::events); },
-        "All events recorded so far, as raw bytes (view with EVENT_DTYPE).");
+  m.def("events",
+        [](const std::vector<int64_t>& since) { return drain(&ThreadBuffer::events, since); },
+        py::arg("since") = std::vector<int64_t>{},
+        "Events recorded so far, as raw bytes (view with EVENT_DTYPE), thread by thread in "
+        "registration order; since[i]: skip the first since[i] records of thread i.");
   m.def("take_events", &take_events, py::arg("prefix_devices"),
         "The stopped session's events, freeing the native log: (memory events of the analysed "
         "device, every other record, memory events before each of those, the device type); "

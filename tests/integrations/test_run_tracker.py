@@ -129,8 +129,16 @@ def test_a_record_published_after_a_later_threads_is_still_counted(monkeypatch):
             _log((0, 10, 0xA0, 100), (0, 15, 0xC0, 10_000), (1, 20, 0xB0, 1000)),
             _log((0, 10, 0xA0, 100), (0, 15, 0xC0, 10_000), (1, 20, 0xB0, 1000),
                  (1, 30, 0xC0, -10_000))]
-    native = SimpleNamespace(DEVICE_CPU=DEVICE_CPU, events=lambda: np.frombuffer(
-        logs.pop(0), dtype=np.uint8))
+
+    def events(since=()):
+        """The native drain: each thread's log in order, without its first since[i] records."""
+        log = np.frombuffer(logs.pop(0), dtype=EVENT_DTYPE)
+        keep = np.ones(log.size, dtype=bool)
+        for tid, n in enumerate(since):
+            keep[np.flatnonzero(log["thread"] == tid)[:n]] = False
+        return log[keep].tobytes()
+
+    native = SimpleNamespace(DEVICE_CPU=DEVICE_CPU, events=events)
     monkeypatch.setattr(_common, "_C", native)
     peak = LivePeak(SimpleNamespace(session=SimpleNamespace(snapshots=SimpleNamespace(
         baseline=[(0x50, 7, DEVICE_CPU, -1, 0)]))), torch.device("cpu"))

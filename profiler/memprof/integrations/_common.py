@@ -66,8 +66,8 @@ class LivePeak:
     allocator's own peak counter (cheap); on the CPU the records memprof's event log gained
     since the previous call, kept as running figures: the live bytes, the blocks alive, and a
     cursor per recording thread (each thread's log only grows, so its first `seen` records
-    were handled before). A call handles only its new records; what it cannot avoid is the
-    native copy of the log that `_C.events()` hands out (memcpy-speed)."""
+    were handled before). A call copies and handles only its new records
+    (`_C.events(since=cursors)`), so a long run costs each logged step what it recorded."""
 
     def __init__(self, tracker: Tracker, device: torch.device | None):
         self.cuda = device is not None and device.type == "cuda"
@@ -86,7 +86,7 @@ class LivePeak:
             peak = int(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
             return peak
-        ev = self._unseen(np.frombuffer(_C.events(), dtype=EVENT_DTYPE))
+        ev = self._unseen()
         ev = ev[(ev["kind"] == KIND_MEMORY) & (ev["device_type"] == _C.DEVICE_CPU)]
         if not ev.size:
             return self.live
@@ -96,25 +96,16 @@ class LivePeak:
         peak, self.live = max(self.live, int(trace.max())), int(trace[-1])
         return peak
 
-    def _unseen(self, log: np.ndarray) -> np.ndarray:
-        """The records of `log` not handled by an earlier call, and the cursors moved past
-        them. The native drain lays each thread's log out whole, threads in registration
-        order, so the `thread` column never decreases: each thread's run is found by a
-        binary search, and only its tail beyond the cursor is copied."""
-        thread = log["thread"]
-        parts, start = [], 0
-        while start < log.size:
-            tid = int(thread[start])
-            end = int(np.searchsorted(thread, tid, side="right"))
-            if end <= start or int(thread[end - 1]) != tid:
-                raise RuntimeError("memprof: the native event log is not grouped by thread "
-                                   "in registration order; the live peak cannot be followed")
-            first = start + self.seen.get(tid, 0)
-            if first < end:
-                parts.append(log[first:end])
-            self.seen[tid] = end - start
-            start = end
-        return np.concatenate(parts) if parts else log[:0]
+    def _unseen(self) -> np.ndarray:
+        """The records no earlier call handled, and the cursors moved past them (a record's
+        `thread` is its log's index, the order the native drain lays the logs out in)."""
+        since = [self.seen.get(i, 0) for i in range(max(self.seen) + 1)] if self.seen else []
+        log = np.frombuffer(_C.events(since), dtype=EVENT_DTYPE)
+        if log.size:
+            threads, counts = np.unique(log["thread"], return_counts=True)
+            for tid, n in zip(threads.tolist(), counts.tolist()):
+                self.seen[tid] = self.seen.get(tid, 0) + n
+        return log
 
     def _deltas(self, ptr: np.ndarray, size: np.ndarray) -> np.ndarray:
         """Signed bytes per event, vectorised: a free counts when its block is known (allocated
