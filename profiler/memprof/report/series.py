@@ -39,8 +39,16 @@ def t0_ns(profile: Profile) -> int:
     """Time zero of every exported time axis: the tracking start, else the first event."""
     t0 = profile.meta.get("t0_ns")
     if t0 is None:
-        t0 = int(profile.events["t_ns"][0]) if profile.events.size else 0
-    return int(t0)
+        t0 = _first_t_ns(profile)
+    return int(t0 if t0 is not None else 0)
+
+
+def _first_t_ns(profile: Profile) -> int | None:
+    """Time of the first record, from the two streams' heads (merging them into
+    `profile.events` would copy the whole run for one number)."""
+    streams = profile.run.streams
+    heads = [int(a["t_ns"][0]) for a in (streams.memory, streams.side) if a.size]
+    return min(heads) if heads else None
 
 
 def envelope(t: np.ndarray, values: np.ndarray, buckets: int,
@@ -131,8 +139,8 @@ def step_spans(profile: Profile) -> list[tuple[int, int, int]]:
     bounds = [m["t_ns"] for m in profile.markers("step")]
     if not bounds:
         return []
-    ev = profile.events
-    start = int(ev["t_ns"][0]) if ev.size else bounds[0]
+    first = _first_t_ns(profile)
+    start = first if first is not None else bounds[0]
     out = []
     for i, t in enumerate(bounds):
         out.append((min(start, t), t, i))
