@@ -10,15 +10,19 @@ Semantics (both backends):
     probs  = mean over heads of softmax(qs @ keys^T * scale)       (B, M, Nk + Nk2), detached
 
 Backends:
-    "triton": the Triton kernels; CUDA tensors, or CPU tensors when Triton's interpreter is on
-              (``TRITON_INTERPRET=1`` in the environment before this package first runs a kernel).
+    "triton": the custom op `tritonkernels::flash_attention` (`_op.py`): the Triton kernels on
+              CUDA tensors, or on CPU tensors when Triton's interpreter is on
+              (``TRITON_INTERPRET=1`` in the environment before this package first runs a
+              kernel). Fake and meta tensors (memprof's estimates) always take this op: its fake
+              implementation allocates what the Triton kernels allocate on the GPU.
     "torch":  PyTorch ops with the same semantics. One key source: `scaled_dot_product_attention`
               (memory-efficient on CPU: it saves out and logsumexp, no N x N probabilities); for
               head_mean the probabilities are computed under no_grad, one head at a time. Two
               sources (kv2), and inputs holding NaN or inf: `ChunkedAttentionFunction`, the
               kernels' algorithm in PyTorch ops, one chunk of query rows at a time, so k and k2
               are never concatenated.
-    "auto":   CUDA -> "triton"; CPU -> "triton" when TRITON_INTERPRET=1, else "torch".
+    "auto":   CUDA, fake or meta -> "triton"; CPU -> "triton" when TRITON_INTERPRET=1, else
+              "torch".
 
 The Triton path saves only q, k, v, (k2, v2), out, the per-row log-sum-exp and q_index for
 backward; it is deterministic (no atomics; bitwise reproducible) and free of side effects, so
@@ -26,7 +30,7 @@ backward; it is deterministic (no atomics; bitwise reproducible) and free of sid
 
 Double backward (a backward with create_graph=True, e.g. a gradient penalty) is supported on
 every path of both backends: under create_graph the gradients are computed with differentiable
-PyTorch math in float32 (`_attention_vjp`), which autograd differentiates again. That backward
+PyTorch math in float32 (`attention_vjp`), which autograd differentiates again. That backward
 materialises the B x H x M x (Nk + Nk2) probabilities, like math attention; a plain backward
 is unaffected.
 
@@ -43,10 +47,15 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 import torch.nn.functional as F
+
+from . import _op
+from ._chunked import attention_vjp, chunked_backward, chunked_forward, concat_kv_gather_q, \
+    gather_rows
+from ._chunked import chunk_rows as _chunk_rows  # a module global: tests patch the chunking
+from ._op import interpret_env, interpreter_usable
 
 __all__ = ["attention", "reference_attention", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "BACKENDS"]
 
@@ -54,35 +63,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 BACKENDS = ("auto", "triton", "torch")
 NEED_WEIGHTS = (None, "head_mean")
-
-_kernels = None  # the lazily imported _triton_attention module
-
-
-def _triton_module():
-    global _kernels
-    if _kernels is None:
-        from . import _triton_attention as mod  # noqa: PLC0415  (import decides interpret mode)
-        _kernels = mod
-    return _kernels
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _interpreter_usable() -> bool:
-    """True when CPU tensors can run the Triton kernels: the interpreter is on now and the kernel
-    module was (or will be) built under it."""
-    if not _interpret_env():
-        return False
-    if _kernels is not None:
-        return bool(_kernels.INTERPRETED)
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
 
 # ----------------------------------------------------------------------------- validation
 def _check_tensor(name: str, t, ndim: int = 4) -> None:
@@ -180,80 +160,15 @@ def _validate(q, k, v, kv2, q_index, need_weights, scale, backend):
 
 
 # ----------------------------------------------------------------------------- torch backend
-def _gather_rows(q: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
-    B, H, _, d = q.shape
-    idx = q_index.to(torch.int64)[:, None, :, None].expand(B, H, q_index.shape[1], d)
-    return torch.gather(q, 2, idx)
-
-
-def concat_kv_gather_q(q, k, v, kv2=None, q_index=None):
-    """What plain attention code does for PWCA and GLCA: concatenate the second source's
-    keys/values (B, H, Nk + Nk2, d) and gather the selected query rows (B, H, R, d)."""
-    if kv2 is not None:
-        k = torch.cat([k, kv2[0]], dim=2)
-        v = torch.cat([v, kv2[1]], dim=2)
-    if q_index is not None:
-        q = _gather_rows(q, q_index)
-    return q, k, v
-
-
-def _chunk_rows(H: int, M: int, n_keys: int) -> int:
-    """Query rows per chunk: about 4 MiB of float32 scores per batch element. Independent of the
-    batch size, so steps at two batch sizes run the same ops (memprof's estimates interpolate
-    between them op by op)."""
-    return max(16, min(M, (1 << 20) // max(1, H * n_keys)))
-
-
-def _scores(qc, k, k2, scale):
-    """float32 scores of a chunk of (already float32) query rows against both key sources."""
-    s = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)
-    if k2 is None:
-        return s
-    return torch.cat([s, torch.matmul(qc, k2.transpose(-1, -2)).mul_(scale)], dim=-1)
-
-
-def _f32(t):
-    return None if t is None else t.float()
-
-
-def _cast_like(grads, inputs):
-    """Each gradient in its input's dtype (None stays None)."""
-    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
-
-
 def _saved_and_returned(ctx, saved, scale, out, weights):
-    """The end of both Functions' forward: save for backward; the head-mean weights carry no
-    gradient."""
+    """The end of the torch backend's forward: save for backward; the head-mean weights carry
+    no gradient."""
     ctx.save_for_backward(*saved)
     ctx.scale = scale
     if weights is not None:
         ctx.mark_non_differentiable(weights)
         return out, weights
     return out
-
-
-def _attention_vjp(dout, q, k, v, k2, v2, q_index, scale):
-    """(dq, dk, dv, dk2, dv2) for the upstream gradient dout, in differentiable PyTorch ops
-    (float32 math, autocast off): both Functions' backward under create_graph=True, so that
-    autograd can differentiate the gradients again (double backward, gradient penalties). It
-    materialises the B x H x M x (N1 + N2) probabilities, as math attention does."""
-    with torch.autocast(q.device.type, enabled=False):
-        kv2 = None if k2 is None else (k2.float(), v2.float())
-        qs, keys, vals = concat_kv_gather_q(q.float(), k.float(), v.float(), kv2, q_index)
-        do = dout.float()
-        p = torch.softmax(torch.matmul(qs, keys.transpose(-1, -2)) * scale, dim=-1)
-        dp = torch.matmul(do, vals.transpose(-1, -2))
-        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-        dq = torch.matmul(ds, keys) * scale
-        dkeys = torch.matmul(ds.transpose(-1, -2), qs) * scale
-        dvals = torch.matmul(p.transpose(-1, -2), do)
-    if q_index is not None:  # the gathered rows get their gradients, every other row zero
-        idx = q_index.to(torch.int64)[:, None, :, None].expand(dq.shape)
-        dq = dq.new_zeros(q.shape).scatter(2, idx, dq)
-    n1 = k.shape[2]
-    grads = (dq, dkeys[:, :, :n1], dvals[:, :, :n1]) + (
-        (None, None) if k2 is None else (dkeys[:, :, n1:], dvals[:, :, n1:]))
-    return _cast_like(grads, (q, k, v, k2, v2))
 
 
 def _all_finite(*ts) -> bool:
@@ -270,7 +185,7 @@ class SdpaDoubleBackward(torch.autograd.Function):
     """Identity on the output of `scaled_dot_product_attention`, whose backward kernels cannot
     be differentiated again. Inputs: out, qs, k, v, scale. A plain backward hands the gradient
     on to SDPA's own backward unchanged; under create_graph this node computes the gradients of
-    qs, k and v itself (`_attention_vjp`) and sends none into SDPA's backward."""
+    qs, k and v itself (`attention_vjp`) and sends none into SDPA's backward."""
 
     @staticmethod
     def forward(ctx, out, qs, k, v, scale):
@@ -282,90 +197,38 @@ class SdpaDoubleBackward(torch.autograd.Function):
     def backward(ctx, dout):
         if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate
             qs, k, v = ctx.saved_tensors
-            dq, dk, dv, _, _ = _attention_vjp(dout, qs, k, v, None, None, None, ctx.scale)
+            dq, dk, dv, _, _ = attention_vjp(dout, qs, k, v, None, None, None, ctx.scale)
             return None, dq, dk, dv, None
         return dout, None, None, None, None
 
 
 class ChunkedAttentionFunction(torch.autograd.Function):
-    """The kernels' algorithm in PyTorch ops: softmax over both key sources, one chunk of query
-    rows at a time, saving only q, k, v, (k2, v2), out and the per-row log-sum-exp, so nothing
-    N x N (and no concatenation of k with k2) outlives a chunk. Inputs: qs (the query rows that
-    attend, already gathered), k, v, k2, v2 (None for one source), scale, want_weights. fp16 /
-    bf16 inputs are computed in float32: k, v, k2, v2 are upcast once per call (a transient of
-    their size in float32, and float32 gradient buffers in backward). Under create_graph the
-    backward is `_attention_vjp`."""
+    """The kernels' algorithm in PyTorch ops (`_chunked.py`): softmax over both key sources, one
+    chunk of query rows at a time, saving only q, k, v, (k2, v2), out and the per-row
+    log-sum-exp, so nothing N x N (and no concatenation of k with k2) outlives a chunk. Inputs:
+    qs (the query rows that attend, already gathered), k, v, k2, v2 (None for one source),
+    scale, want_weights. fp16 / bf16 inputs are computed in float32: k, v, k2, v2 are upcast
+    once per call (a transient of their size in float32, and float32 gradient buffers in
+    backward). Under create_graph the backward is `attention_vjp`."""
 
     @staticmethod
     def forward(ctx, qs, k, v, k2, v2, scale, want_weights):
         # float32 math even inside torch.autocast (it would run the matmuls in fp16 / bf16)
         ctx.device_type = qs.device.type
+        rows = _chunk_rows(qs.shape[1], qs.shape[2], k.shape[2] + (
+            k2.shape[2] if k2 is not None else 0))
         with torch.autocast(qs.device.type, enabled=False):
-            return ChunkedAttentionFunction._forward(ctx, qs, k, v, k2, v2, scale, want_weights)
-
-    @staticmethod
-    def _forward(ctx, qs, k, v, k2, v2, scale, want_weights):
-        B, H, M, d = qs.shape
-        n1 = k.shape[2]
-        kf, vf, k2f, v2f = _f32(k), _f32(v), _f32(k2), _f32(v2)
-        n_keys = n1 + (k2.shape[2] if k2 is not None else 0)
-        out = torch.empty((B, M, H, d), dtype=qs.dtype, device=qs.device).transpose(1, 2)
-        lse = torch.empty((B, H, M), dtype=torch.float32, device=qs.device)
-        weights = (torch.empty((B, M, n_keys), dtype=qs.dtype, device=qs.device)
-                   if want_weights else None)
-        step = _chunk_rows(H, M, n_keys)
-        for r0 in range(0, M, step):
-            rows = slice(r0, min(M, r0 + step))
-            s = _scores(qs[:, :, rows].float(), kf, k2f, scale)
-            lse_c = torch.logsumexp(s, dim=-1)
-            p = s.sub_(lse_c[..., None]).exp_()
-            o = torch.matmul(p[..., :n1], vf)
-            if k2 is not None:
-                o.add_(torch.matmul(p[..., n1:], v2f))
-            out[:, :, rows] = o
-            lse[:, :, rows] = lse_c
-            if weights is not None:
-                weights[:, rows] = p.mean(dim=1)
+            out, lse, weights = chunked_forward(qs, k, v, k2, v2, scale, want_weights, rows)
+        ctx.rows = rows
         return _saved_and_returned(ctx, (qs, k, v, k2, v2, out, lse), scale, out, weights)
 
     @staticmethod
     def backward(ctx, dout, *unused):
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate
-            return (*_attention_vjp(dout, *saved[:5], None, ctx.scale), None, None)
+            return (*attention_vjp(dout, *saved[:5], None, ctx.scale), None, None)
         with torch.autocast(ctx.device_type, enabled=False):
-            return (*ChunkedAttentionFunction._backward(dout, *saved, ctx.scale), None, None)
-
-    @staticmethod
-    def _backward(dout, qs, k, v, k2, v2, out, lse, scale):
-        B, H, M, d = qs.shape
-        n1 = k.shape[2]
-        kf, vf, k2f, v2f = _f32(k), _f32(v), _f32(k2), _f32(v2)
-        n_keys = n1 + (k2.shape[2] if k2 is not None else 0)
-        dq = torch.empty_like(qs)
-        dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-        dk2, dv2 = (torch.zeros_like(k2f), torch.zeros_like(v2f)) if k2 is not None else (
-            None, None)
-        step = _chunk_rows(H, M, n_keys)
-        for r0 in range(0, M, step):
-            rows = slice(r0, min(M, r0 + step))
-            qc = qs[:, :, rows].float()
-            doc = dout[:, :, rows].float()
-            delta = (doc * out[:, :, rows].float()).sum(dim=-1, keepdim=True)
-            p = _scores(qc, kf, k2f, scale).sub_(lse[:, :, rows, None]).exp_()
-            dp = torch.matmul(doc, vf.transpose(-1, -2))
-            if k2 is not None:
-                dp = torch.cat([dp, torch.matmul(doc, v2f.transpose(-1, -2))], dim=-1)
-            ds = dp.sub_(delta).mul_(p)
-            dv.add_(torch.matmul(p[..., :n1].transpose(-1, -2), doc))
-            dk.add_(torch.matmul(ds[..., :n1].transpose(-1, -2), qc), alpha=scale)
-            dqc = torch.matmul(ds[..., :n1], kf)
-            if k2 is not None:
-                dv2.add_(torch.matmul(p[..., n1:].transpose(-1, -2), doc))
-                dk2.add_(torch.matmul(ds[..., n1:].transpose(-1, -2), qc), alpha=scale)
-                dqc.add_(torch.matmul(ds[..., n1:], k2f))
-            dq[:, :, rows] = dqc.mul_(scale)
-        return _cast_like((dq, dk, dv, dk2, dv2), (qs, k, v, k2, v2))
+            return (*chunked_backward(dout, *saved, ctx.scale, ctx.rows), None, None)
 
 
 @torch.no_grad()
@@ -384,7 +247,7 @@ def _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights):
     the CPU as the chunked loop), behind `SdpaDoubleBackward`. Two sources (PWCA): the chunked
     loop, because SDPA would need k and k2 concatenated, and would save that copy for backward;
     NaN or inf: the chunked loop, which propagates them as math attention does."""
-    qs = _gather_rows(q, q_index) if q_index is not None else q
+    qs = gather_rows(q, q_index) if q_index is not None else q
     want_weights = need_weights == "head_mean"
     if k2 is not None or not _all_finite(qs, k, v):
         return ChunkedAttentionFunction.apply(qs, k, v, k2, v2, scale, want_weights)
@@ -395,50 +258,23 @@ def _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights):
     return out
 
 
-# ----------------------------------------------------------------------------- triton backend
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels. Inputs: q, k, v, k2, v2, q_index, scale,
-    want_weights. Returns out, or (out, head-mean probabilities) when want_weights. Backward:
-    the Triton kernels, or `_attention_vjp` under create_graph (double backward)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, k2, v2, q_index, scale, want_weights):
-        kern = _triton_module()
-        with kern._device_guard(q):
-            out, lse = kern.forward(q, k, v, k2, v2, q_index, scale)
-            weights = kern.head_mean(q, k, k2, lse, q_index, scale) if want_weights else None
-        return _saved_and_returned(ctx, (q, k, v, k2, v2, out, lse, q_index), scale, out,
-                                   weights)
-
-    @staticmethod
-    def backward(ctx, dout, *unused):
-        q, k, v, k2, v2, out, lse, q_index = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate
-            grads = _attention_vjp(dout, q, k, v, k2, v2, q_index, ctx.scale)
-        else:
-            kern = _triton_module()
-            with kern._device_guard(q):
-                grads = kern.backward(dout, q, k, v, k2, v2, out, lse, q_index, ctx.scale)
-        return (*grads, None, None, None)
-
-
 # ----------------------------------------------------------------------------- public
 def _pick_backend(q: torch.Tensor, backend: str) -> str:
     if backend == "torch":
         return "torch"
-    if q.is_cuda:
+    if q.is_cuda or not _has_values(q):  # fake / meta tensors: model the GPU's Triton kernel
         return "triton"
     if backend == "triton":
-        if not _interpreter_usable():
-            if _interpret_env() and _kernels is not None and not _kernels.INTERPRETED:
+        if not interpreter_usable():
+            kern = _op._kernels
+            if interpret_env() and kern is not None and not kern.INTERPRETED:
                 raise RuntimeError("backend='triton' on CPU tensors: the kernels were compiled "
                                    "before TRITON_INTERPRET=1 was set; set it before the first "
                                    "kernel call (e.g. at process start)")
             raise ValueError(f"backend='triton': expected CUDA tensors (got device {q.device}); "
                              f"CPU tensors need TRITON_INTERPRET=1")
         return "triton"
-    return "triton" if _interpreter_usable() else "torch"
-
+    return "triton" if interpreter_usable() else "torch"
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv2=None,
               q_index: torch.Tensor | None = None, need_weights: str | None = None,
@@ -468,7 +304,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv2=None,
     want_weights = need_weights == "head_mean"
     if _pick_backend(q, backend) == "torch":
         return _torch_attention(q, k, v, k2, v2, q_index, scale, need_weights)
-    return FlashAttentionFunction.apply(q, k, v, k2, v2, q_index, scale, want_weights)
+    res = _op.FORWARD_OP(q, k, v, k2, v2, q_index, scale, want_weights)
+    return (res[0], res[2]) if want_weights else res[0]
 
 
 def reference_attention(q, k, v, *, kv2=None, q_index=None, scale=None,
