@@ -51,6 +51,10 @@ SAVED_OPS = frozenset(op for op in (
         "_flash_attention_forward", "_efficient_attention_forward"))
     if op is not None)
 
+#: memprof's fused attention (memprof.tritonkernels), kept like SDPA's kernels (its out and
+#: log-sum-exp); named rather than imported: importing it loads Triton
+SAVED_OP_NAMES = frozenset({"tritonkernels::flash_attention"})
+
 _MARK = "_memprof_checkpoint"
 
 
@@ -76,7 +80,8 @@ def parse_policy(policy: str) -> tuple[str, int]:
 
 def _selective_policy(ctx, op, *args, **kwargs):
     packet = getattr(op, "overloadpacket", op)
-    if packet in SAVED_OPS or op in SAVED_OPS:
+    if packet in SAVED_OPS or op in SAVED_OPS or (
+            getattr(op, "namespace", None) == "tritonkernels" and op.name() in SAVED_OP_NAMES):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

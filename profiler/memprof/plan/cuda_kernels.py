@@ -371,6 +371,9 @@ class KernelScratch:
                 ("cublas workspace (autograd thread)", n)]
 
     def scratch(self, func, args) -> int:
+        if getattr(func, "namespace", None) == "tritonkernels":   # memprof's fused attention
+            from ..tritonkernels import kernel_scratch_bytes
+            return kernel_scratch_bytes(func, args)
         if func is _FLASH_BACKWARD:     # (grad_out, query, key, value, out, ...)
             q, k = args[1], args[2]
             return flash_backward_scratch(q.shape, int(q.shape[-1]), k.shape,
