@@ -77,6 +77,12 @@ class RecommendCommand(Command):
         r.add_argument("--nodes", type=int, metavar="M",
                        help="with --gpus: the GPUs are spread over M nodes (default 1); "
                             "communication then crosses the network")
+        r.add_argument("--layout", metavar="L",
+                       help="with --gpus: how each rank holds its model states: torch "
+                            "(default; what the printed torch code allocates: DDP + autocast "
+                            "over fp32 weights, FSDP2 with fp32 shards) or zero-paper "
+                            "(DeepSpeed's 2 + 2 + 12 bytes per parameter over each stage); "
+                            "see memprof.plan.rank_layout")
         r.add_argument("--optimizer", default="adamw", help="adamw (default), adam or sgd")
         r.add_argument("--input-shape", help="per-sample input shape for a classification "
                                              "batch, e.g. 3,224,224 (models given as "
@@ -140,16 +146,19 @@ class RecommendCommand(Command):
 
     @staticmethod
     def _distributed(args: argparse.Namespace):
-        """--gpus / --strategy / --nodes -> a memprof.plan.distributed spec, or None."""
+        """--gpus / --strategy / --nodes / --layout -> a memprof.plan.distributed spec, or
+        None."""
         if args.gpus is None:
-            for flag, value in (("--strategy", args.strategy), ("--nodes", args.nodes)):
+            for flag, value in (("--strategy", args.strategy), ("--nodes", args.nodes),
+                                ("--layout", args.layout)):
                 if value is not None:
                     raise UsageError(f"{flag} {value}: give --gpus N too (the world size)")
             return None
         from ..plan.distributed import data_parallel
         from ..plan.errors import PlanInputError
         try:
-            return data_parallel(args.strategy or "ddp", args.gpus, args.nodes or 1)
+            return data_parallel(args.strategy or "ddp", args.gpus, args.nodes or 1,
+                                 args.layout or "torch")
         except PlanInputError as e:
             raise UsageError(f"--{e}") from None
 

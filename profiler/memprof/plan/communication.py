@@ -11,11 +11,18 @@ Collectives per optimizer step of A micro-steps (see `memprof.plan.distributed`)
     ddp    all-reduce of the gradients once (no_sync() on micro-steps 1..A-1), overlapped
            with the last micro-step's backward
     zero1  the same, plus an all-gather of the updated parameters after the optimizer step
+           (under the "torch" layout ZeroRedundancyOptimizer's broadcasts, the same bytes)
     zero2  a reduce-scatter of the gradients every micro-step (overlapped with backward),
-           plus the all-gather of the updated parameters after the optimizer step
+           plus the all-gather of the updated parameters after the optimizer step (DeepSpeed,
+           "zero-paper"); under "torch" FSDP2 reshards after backward, so it all-gathers the
+           parameters in forward every micro-step instead (overlapped with forward)
     zero3  every micro-step: an all-gather of the parameters in forward (overlapped with
            forward) and again in backward, and a reduce-scatter of the gradients (both
            overlapped with backward)
+
+The bytes are the caller's (`RankEstimator.communication`): under "torch" DDP's gradients and
+ZeroRedundancyOptimizer's parameters are fp32, FSDP2 all-gathers half-precision parameters and
+reduce-scatters in fp32; under "zero-paper" both move in the working precision.
 
 Overlap: communication hides behind the compute of the phase it overlaps; what exceeds that
 phase's time is exposed (the step waits for it). Not modelled: the first all-gather and the
@@ -88,6 +95,7 @@ def step_communication(dist, gpu, *, param_bytes: int, grad_bytes: int, accumula
     bw, what = link
     ring, half = 2 * (n - 1) / n, (n - 1) / n
     stage = dist.strategy.zero_stage
+    torch_layout = dist.layout == "torch"
     cs = []
     if stage <= 1:
         cs.append(_collective("all-reduce gradients", "backward", "optimizer step",
@@ -95,8 +103,14 @@ def step_communication(dist, gpu, *, param_bytes: int, grad_bytes: int, accumula
     else:
         cs.append(_collective("reduce-scatter gradients", "backward", "micro-step",
                               grad_bytes, half, bw))
-    if stage in (1, 2):
+    if stage == 1 and torch_layout:
+        cs.append(_collective("broadcast updated parameters", "none", "optimizer step",
+                              param_bytes, half, bw))
+    elif stage in (1, 2) and not torch_layout:
         cs.append(_collective("all-gather updated parameters", "none", "optimizer step",
+                              param_bytes, half, bw))
+    if stage == 2 and torch_layout:
+        cs.append(_collective("all-gather parameters (forward)", "forward", "micro-step",
                               param_bytes, half, bw))
     if stage == 3:
         cs.append(_collective("all-gather parameters (forward)", "forward", "micro-step",

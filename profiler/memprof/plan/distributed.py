@@ -7,7 +7,7 @@ Strategies (`--strategy`; aliases after the name):
 
     ddp                        DistributedDataParallel: every rank holds everything; gradient
                                buckets; one all-reduce of the gradients per optimizer step
-    zero1                      + optimizer state (with fp32 master weights) sharded: DDP +
+    zero1                      + optimizer state (zero-paper: + fp32 master weights) sharded: DDP +
                                torch.distributed.optim.ZeroRedundancyOptimizer, DeepSpeed stage 1
     zero2  fsdp-grad-op,       + gradients sharded (reduce-scatter): DeepSpeed stage 2, FSDP's
            shard-grad-op         SHARD_GRAD_OP / fully_shard(reshard_after_forward=False)
@@ -26,29 +26,39 @@ same batch model and allocator replay, each rank's stream is derived from the si
 step (same ops, same activations) by these rules - `Plan.assumptions["distributed"]` lists the
 ones applied:
 
-1. Layout (the ZeRO paper's mixed-precision Adam, 2 + 2 + 12 bytes per parameter): with
-   fp16/bf16 the step runs with half-precision working weights (hence half-precision
-   gradients), and the optimizer state is replaced by fp32 master weights + the optimizer's
-   state in fp32 (12 bytes per parameter for Adam, 8 for SGD with momentum). fp32: 4 + 4 +
-   the state. The optimizer's temporaries work on fp32 too.
+1. Layout (memprof.plan.rank_layout; `layout=`): "torch" (the default) counts what the printed
+   torch code allocates: DDP (ddp, zero1) keeps fp32 weights under autocast, so the step is
+   the single-GPU AMP step as it is (4 + 4 + the optimizer's fp32 state); FSDP2 (zero2,
+   zero3, MixedPrecisionPolicy(param_dtype=half, reduce_dtype=fp32)) computes with half
+   parameters and gradients and keeps fp32 shards of the parameters, gradients and state.
+   "zero-paper" is the ZeRO paper's mixed-precision Adam (2 + 2 + 12 bytes per parameter):
+   half working weights and gradients, and fp32 master weights + the optimizer's state in
+   fp32 in place of the state. A step with half working weights runs as the fake step with
+   `param_dtype=half`; its optimizer temporaries are counted in fp32.
 2. Sharding: "optimizer" (zero1+) divides the optimizer state and the optimizer step's
-   temporaries by N; "gradients" (zero2+) divides the gradients; "parameters" (zero3) divides
-   the parameters. Each shard is rounded up (FSDP pads every tensor to a multiple of N).
+   temporaries by N (zero1 under "torch": the largest rank's share of ZeroRedundancyOptimizer's
+   partition of whole parameters); "gradients" (zero2+) divides the gradients; "parameters"
+   (zero3, and zero2 under "torch": fully_shard shards them) divides the parameters. Each
+   shard is rounded up (FSDP pads every tensor to a multiple of N).
 3. DDP buckets (ddp, zero1): `gradient_as_bucket_view=False` (DDP's default) keeps one flat
    copy of all gradients, allocated when DDP wraps the model and never freed.
 4. Reduce-scatter (zero2, zero3): each gradient is first produced whole, and freed once its
    block's backward ends (the block's reduce-scatter, whose input is a flat copy of the
-   block's whole gradients, briefly live beside them); only the shard stays.
+   block's whole gradients, briefly live beside them; in fp32 under "torch", FSDP2's
+   reduce_dtype); only the shard stays.
 5. All-gather (zero3): the blocks (the repeated blocks that checkpointing uses, or `blocks=`)
    and the root (everything else) are the FSDP units. A block's whole parameters are gathered
    from its first op to its last in forward, and again in backward (where autograd
    interleaves two blocks, both are gathered); the root's from the first forward op to the
    end of backward (the root is not resharded after forward). Each gather briefly holds the
-   flat all-gather output beside the parameters it is copied out to.
+   flat all-gather output beside the parameters it is copied out to. zero2 under "torch"
+   (reshard_after_forward=False) gathers each unit once, from its first forward op to the
+   end of its backward.
 Rules 4 and 5 follow what FSDP2 allocates in a fake step under the fake process group
 (tests/plan/fsdp_fake_pg.py records one rank of it): for a 4-block MLP at world 4 the rules'
 steady peak above the model states came 8 % above FSDP2's (fp32, batch 16), the model
-states exactly.
+states exactly; under the printed code's MixedPrecisionPolicy (bf16, "torch" layout,
+tests/plan/fsdp_mixed_fake_pg.py) 6 % below for zero3 and 2 % above for zero2.
 Inserted buffers are category "communication". Communication time: `plan.communication`.
 """
 from __future__ import annotations
@@ -68,10 +78,14 @@ from .communication import COMM_UTILISATION, step_communication
 from .cuda_autocast import LOW_PRECISION_DTYPES
 from .errors import PlanInputError
 from .estimate import Estimate, Estimator
+from .rank_layout import (DEFAULT_LAYOUT, LAYOUTS, bytes_per_parameter, fp32_reduce, fsdp,
+                          gathered, half_working_weights, layout_name, layout_note,
+                          optimizer_share, optimizer_state_bytes, sharded,
+                          zero_model_state_bytes)
 from .streams import VARIANTS, reserved_peak
 
 __all__ = ["Strategy", "STRATEGIES", "strategy", "Distributed", "data_parallel",
-           "RankEstimator", "zero_model_state_bytes"]
+           "RankEstimator", "zero_model_state_bytes", "LAYOUTS"]
 
 
 @dataclass(frozen=True)
@@ -127,10 +141,12 @@ def strategy(name) -> Strategy:
 
 @dataclass(frozen=True)
 class Distributed:
-    """N ranks (one per GPU) over `nodes` nodes, running `strategy`."""
+    """N ranks (one per GPU) over `nodes` nodes, running `strategy`, their model states laid
+    out as `layout` says (memprof.plan.rank_layout)."""
     strategy: Strategy
     world_size: int
     nodes: int = 1
+    layout: str = DEFAULT_LAYOUT
 
     @property
     def gpus_per_node(self) -> int:
@@ -148,7 +164,8 @@ class Distributed:
     def as_dict(self) -> dict:
         return {"strategy": self.strategy.name, "zero_stage": self.strategy.zero_stage,
                 "world_size": self.world_size, "nodes": self.nodes,
-                "gpus_per_node": self.gpus_per_node, "shards": sorted(self.strategy.shards)}
+                "gpus_per_node": self.gpus_per_node, "layout": self.layout,
+                "shards": sorted(sharded(self.layout, self.strategy))}
 
 
 def _positive_int(value, label: str) -> int:
@@ -157,9 +174,12 @@ def _positive_int(value, label: str) -> int:
     return int(value)
 
 
-def data_parallel(strategy_name="ddp", gpus: int = 8, nodes: int = 1) -> Distributed:
-    """A Distributed spec from what a user types (one-line errors for bad input)."""
+def data_parallel(strategy_name="ddp", gpus: int = 8, nodes: int = 1,
+                  layout: str = DEFAULT_LAYOUT) -> Distributed:
+    """A Distributed spec from what a user types (one-line errors for bad input). layout:
+    "torch" (what the printed code allocates) or "zero-paper" (memprof.plan.rank_layout)."""
     s = strategy(strategy_name)
+    layout = layout_name(layout)
     gpus = _positive_int(gpus, "gpus")
     nodes = _positive_int(nodes, "nodes")
     if nodes > gpus:
@@ -168,21 +188,7 @@ def data_parallel(strategy_name="ddp", gpus: int = 8, nodes: int = 1) -> Distrib
     if gpus % nodes:
         raise PlanInputError(f"gpus {gpus}: not divisible by nodes {nodes}; expected the same "
                              "number of GPUs on every node")
-    return Distributed(s, gpus, nodes)
-
-
-def zero_model_state_bytes(params: int, stage: int, world: int, k: int = 12) -> float:
-    """Model-state bytes per rank in the ZeRO paper (Rajbhandari et al. 2020, Fig. 1):
-    (2 + 2 + K) x params for fp16 weights, fp16 gradients and K bytes of optimizer state
-    (K = 12 for mixed-precision Adam), stage 1 dividing K, 2 also the gradients, 3 all."""
-    p, g, o = 2.0 * params, 2.0 * params, float(k) * params
-    if stage >= 1:
-        o /= world
-    if stage >= 2:
-        g /= world
-    if stage >= 3:
-        p /= world
-    return p + g + o
+    return Distributed(s, gpus, nodes, layout)
 
 
 # ------------------------------------------------------------------------------ units
@@ -232,9 +238,11 @@ class _RankRules:
     """Applies the rules of the module docstring to one single-rank profile."""
 
     def __init__(self, dist: Distributed, unit_names: list[str], unit_bytes: dict,
-                 trainable: int):
+                 trainable_numels: list[int]):
         self.dist, self.unit_names, self.unit_bytes = dist, unit_names, unit_bytes
-        self.trainable = trainable
+        self.trainable = sum(trainable_numels)
+        self.optimizer_share = optimizer_share(dist.layout, dist.strategy, dist.world_size,
+                                               trainable_numels)
 
     def _unit_of(self, profile: Profile) -> np.ndarray:
         """FSDP unit per memory event: block index, or len(blocks) for the root."""
@@ -249,7 +257,7 @@ class _RankRules:
         return lut[np.where(mod < 0, len(profile.modules), mod)]
 
     def events(self, profile: Profile) -> _Events:
-        s, n_world = self.dist.strategy, self.dist.world_size
+        s, n_world, layout = self.dist.strategy, self.dist.world_size, self.dist.layout
         mem = profile.memory
         n = mem.size
         size = profile.effective_size.astype(np.int64)
@@ -257,24 +265,27 @@ class _RankRules:
         phase = mem["phase"]
         alloc_of = profile.alloc_of
         precision = profile.meta.get("precision", "fp32")
-        low = LOW_PRECISION_DTYPES.get(precision)
+        half = half_working_weights(layout, s, precision)   # the step ran with half weights
         state = (size > 0) & (cat == CAT_OPTIMIZER_STATE)
         state_bytes = int(size[state].sum())
         factor = np.ones(n)
-        if low is not None and state_bytes:
-            # rule 1: fp32 master weights (4 B / parameter) + the state in fp32 (2 x half)
-            factor[cat == CAT_OPTIMIZER_STATE] = (4 * self.trainable + 2 * state_bytes) \
-                / state_bytes
         opt_temp = (phase == PHASE_OPTIMIZER) & ~np.isin(
             cat, (CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE))
-        if low is not None:
-            factor[opt_temp] *= 2.0
-        shard = 1.0 / n_world
-        if "optimizer" in s.shards:
-            factor[(cat == CAT_OPTIMIZER_STATE) | opt_temp] *= shard
-        if "gradients" in s.shards:
+        if half:                                            # rule 1
+            factor[opt_temp] *= 2.0                         # the optimizer works on fp32
+            if layout == "zero-paper" and state_bytes:
+                # fp32 master weights (4 B / parameter) + the state in fp32 (2 x half)
+                factor[cat == CAT_OPTIMIZER_STATE] = (4 * self.trainable + 2 * state_bytes) \
+                    / state_bytes
+            elif layout == "torch":      # FSDP2: fp32 shards of everything the step holds
+                factor[np.isin(cat, (CAT_PARAMETERS, CAT_GRADIENTS,
+                                     CAT_OPTIMIZER_STATE))] *= 2.0
+        shard, shards = 1.0 / n_world, sharded(layout, s)
+        if "optimizer" in shards:
+            factor[(cat == CAT_OPTIMIZER_STATE) | opt_temp] *= self.optimizer_share
+        if "gradients" in shards:
             factor[cat == CAT_GRADIENTS] *= shard
-        if "parameters" in s.shards:
+        if "parameters" in shards:
             factor[cat == CAT_PARAMETERS] *= shard
         frees = np.flatnonzero((size < 0) & (alloc_of >= 0))
         factor[frees] = factor[alloc_of[frees]]    # a free releases what its allocation took
@@ -303,13 +314,19 @@ class _RankRules:
         last_bwd = int(bwd[-1]) if bwd.size else (int(fwd[-1]) if fwd.size else n - 1)
         if s.buckets and n_world > 1:                       # rule 3
             insert(-1, None, int(size[grads].sum()), base=True)
-        unit = self._unit_of(profile) if ("gradients" in s.shards) else None
+        unit = self._unit_of(profile) if fsdp(s) else None
+        reduce_factor = 2 if fp32_reduce(layout, s, precision) else 1
         spans = {}
         if unit is not None:
             for u in range(len(self.unit_names) + 1):
                 f, b = fwd[unit[fwd] == u], bwd[unit[bwd] == u]
                 spans[u] = ((int(f[0]), int(f[-1])) if f.size else None,
                             (int(b[0]), int(b[-1])) if b.size else None)
+        how = gathered(layout, s)
+        if how and n_world > 1:     # rule 5 (inserted first: a unit's gathered parameters
+            self._gathers(spans, fwd, last_bwd, insert, release, precision,   # go before
+                          hold=how == "forward-to-backward")   # its reduce-scatter's copy)
+        if unit is not None:
             root = len(self.unit_names)
             flat: dict[int, int] = {}
             for i in grads:                                 # rule 4
@@ -318,9 +335,7 @@ class _RankRules:
                 insert(3 * int(i), 3 * end + 2, size[i])
                 flat[end] = flat.get(end, 0) + int(size[i])
             for end, nbytes in flat.items():   # the reduce-scatter's input: a flat copy
-                insert(3 * end + 1, 3 * end + 2, nbytes)
-        if "parameters" in s.shards and n_world > 1:        # rule 5
-            self._gathers(spans, fwd, last_bwd, insert, release, precision)
+                insert(3 * end + 1, 3 * end + 2, reduce_factor * nbytes)
         k = len(ins_key)
         return _Events(
             key=np.concatenate([3 * idx + 1, np.asarray(ins_key, dtype=np.int64)]),
@@ -334,22 +349,27 @@ class _RankRules:
                                     np.zeros(k, dtype=bool)]),
             backward_end_key=3 * last_bwd + 2)
 
-    def _gathers(self, spans, fwd, last_bwd, insert, release, precision) -> None:
+    def _gathers(self, spans, fwd, last_bwd, insert, release, precision, hold: bool) -> None:
         """Rule 5: all-gathered parameters of each unit, and the flat all-gather output they
-        are copied out of, which lives until the next unit's gather (as FSDP2 frees it)."""
+        are copied out of, which lives until the next unit's gather (as FSDP2 frees it).
+        After a unit's backward they are freed before its reduce-scatter copies the gradients
+        (FSDP2's post-backward reshards first). hold: gathered once in forward and kept to the
+        end of the unit's backward."""
         nbytes = self.unit_bytes[precision]
         root = len(self.unit_names)
         root_flat = None
         if fwd.size and nbytes[root]:
             root_flat = insert(3 * int(fwd[0]), None, nbytes[root])
-            insert(3 * int(fwd[0]), 3 * last_bwd + 2, nbytes[root])
+            insert(3 * int(fwd[0]), 3 * last_bwd + 1, nbytes[root])
         ends = (3 * int(fwd[-1]) + 2 if fwd.size else 3 * last_bwd + 2, 3 * last_bwd + 2)
-        for phase in (0, 1):
+        for phase in ((0,) if hold else (0, 1)):
             order = sorted((sp[phase][0], u) for u, sp in spans.items()
                            if u != root and sp[phase] is not None)
             for start, u in order:
+                after_backward = phase == 1 or (hold and spans[u][1] is not None)
+                end = spans[u][1][1] if after_backward else spans[u][phase][1]
                 flat = insert(3 * start, None, nbytes[u])     # the flat all-gather output,
-                insert(3 * start, 3 * spans[u][phase][1] + 2, nbytes[u])  # copied out
+                insert(3 * start, 3 * end + (1 if after_backward else 2), nbytes[u])  # copied
                 release(3 * start, flat)
             if phase == 0 and root_flat is not None:
                 release(3 * int(fwd[0]), root_flat)
@@ -377,15 +397,16 @@ class _RankRules:
 # ------------------------------------------------------------------------------ the estimator
 class RankEstimator:
     """An `Estimator` for one rank of a data-parallel job: every step is the single-rank fake
-    step (with half-precision working weights under fp16/bf16, rule 1) turned into the rank's
-    stream by the module docstring's rules; its peaks are the rank's. Everything else (FLOPs,
-    ops, the profile for reports) is the single-rank step's."""
+    step (with half-precision working weights where the layout computes with them, rule 1)
+    turned into the rank's stream by the module docstring's rules; its peaks are the rank's.
+    Everything else (FLOPs, ops, the profile for reports) is the single-rank step's."""
 
     def __init__(self, module: nn.Module, make_batch, loss_fn=None, *, optimizer="adamw",
                  gpu=None, distributed: Distributed, blocks=None):
         self.distributed = distributed
         self._args = (module, make_batch, loss_fn)
         self._kw = {"optimizer": optimizer, "gpu": gpu}
+        self.optimizer_state_bytes = optimizer_state_bytes(optimizer)
         self.base = Estimator(module, make_batch, loss_fn, **self._kw)
         self._low: dict[str, Estimator] = {}
         names, mods = _units(module, distributed.strategy, blocks)
@@ -401,7 +422,8 @@ class RankEstimator:
             self.grad_bytes[prec] = _working_bytes(trainable, itemsize)
         self.units = names
         self.unit_bytes = unit_bytes
-        self.rules = _RankRules(distributed, names, unit_bytes, self.base.trainable_params)
+        self.trainable_numels = [p.numel() for p in trainable]
+        self.rules = _RankRules(distributed, names, unit_bytes, self.trainable_numels)
 
     def __getattr__(self, name):
         if name.startswith("__") or name in ("base", "_low"):
@@ -409,9 +431,11 @@ class RankEstimator:
         return getattr(self.base, name)
 
     def _estimator(self, precision: str) -> Estimator:
-        low = LOW_PRECISION_DTYPES.get(precision)
-        if low is None:
+        """The single-rank estimator of a precision: half working weights where rule 1 says."""
+        d = self.distributed
+        if not half_working_weights(d.layout, d.strategy, precision):
             return self.base
+        low = LOW_PRECISION_DTYPES[precision]
         if precision not in self._low:
             self._low[precision] = Estimator(*self._args, **self._kw, param_dtype=low)
         return self._low[precision]
@@ -448,9 +472,15 @@ class RankEstimator:
         micro-step's time split between forward and backward by their counted FLOPs."""
         fwd, bwd = flops_by_phase.get("forward", 0), flops_by_phase.get("backward", 0)
         share = fwd / (fwd + bwd) if fwd + bwd else 1 / 3
-        return step_communication(self.distributed, gpu,
-                                  param_bytes=sum(self.unit_bytes[precision]),
-                                  grad_bytes=self.grad_bytes[precision],
+        d = self.distributed
+        # as communicated: torch's DDP all-reduces and broadcasts fp32, FSDP2 all-gathers
+        # param_dtype and reduce-scatters in fp32; the ZeRO paper moves the working precision
+        working = precision if half_working_weights(d.layout, d.strategy, precision) \
+            else "fp32"
+        reduced = "fp32" if d.layout == "torch" else working
+        return step_communication(d, gpu,
+                                  param_bytes=sum(self.unit_bytes[working]),
+                                  grad_bytes=self.grad_bytes[reduced],
                                   accumulation=accumulation, forward_s=share * micro_s,
                                   backward_s=(1 - share) * micro_s)
 
@@ -466,21 +496,30 @@ class RankEstimator:
 
     def assumptions(self, precisions) -> dict:
         """What a plan says about the rules it applied (module docstring)."""
-        s = self.distributed.strategy
-        rules = [f"1 layout: {state_factor_note(p)}" for p in precisions]
-        if s.shards:
+        d = self.distributed
+        s, shards = d.strategy, sharded(d.layout, d.strategy)
+        state, share = self.optimizer_state_bytes, self.rules.optimizer_share
+        rules = [f"1 {layout_note(d.layout, s, p, d.world_size, state, share)}"
+                 for p in precisions]
+        if shards:
             rules.append(f"2 sharded over {self.distributed.world_size} ranks: "
-                         f"{', '.join(sorted(s.shards))} (each shard rounded up)")
+                         f"{', '.join(sorted(shards))} (each shard rounded up)")
         if s.buckets and self.distributed.world_size > 1:
             rules.append("3 DDP gradient buckets: one flat copy of the gradients "
                          "(gradient_as_bucket_view=False, DDP's default)")
-        if "gradients" in s.shards:
+        if fsdp(s):
             rules.append("4 reduce-scatter: whole gradients live until their block's backward "
-                         "ends")
-        if "parameters" in s.shards:
+                         "ends" + (" (reduced in fp32)" if d.layout == "torch" else ""))
+        how = gathered(d.layout, s)
+        if how:
             rules.append(f"5 all-gather: {len(self.units)} blocks + the root as FSDP units, "
-                         "each gathered while it runs; the root for forward + backward")
+                         + ("each gathered while it runs" if how == "per-phase" else
+                            "each gathered from its forward to the end of its backward")
+                         + "; the root for forward + backward")
         return self.distributed.as_dict() | {
+            "layout_means": LAYOUTS[d.layout],
+            "bytes_per_parameter": {p: bytes_per_parameter(d.layout, s, p, d.world_size, state,
+                                                           share) for p in precisions},
             "what": s.what, "how": s.how, "rules_applied": rules,
             "per_rank": "memory is one rank's; samples/s are the whole job's",
             "communication": "a model: ring collectives over the GPU table's link "
@@ -490,9 +529,20 @@ class RankEstimator:
     def model_states(self, est: Estimate, distributed: Distributed | None = None) -> dict:
         """Bytes per rank of parameters and gradients live when backward ends, and of the
         optimizer state (with master weights) once it exists: the ZeRO paper's model states.
-        `distributed`: under another strategy / world size (same step, same units)."""
+        `distributed`: under another strategy / world size (same step, same units; one whose
+        layout runs the step in other working weights needs its own RankEstimator)."""
+        if distributed is not None:
+            precision = est.profile.meta.get("precision", "fp32")
+            mine = self.distributed
+            if half_working_weights(distributed.layout, distributed.strategy, precision) != \
+                    half_working_weights(mine.layout, mine.strategy, precision):
+                raise PlanInputError(
+                    f"distributed: {distributed.strategy.name} under the {distributed.layout} "
+                    f"layout computes with other working weights than {mine.strategy.name} "
+                    f"under {mine.layout} at {precision}; estimate it with its own "
+                    "RankEstimator")
         rules = self.rules if distributed is None else _RankRules(
-            distributed, self.units, self.unit_bytes, self.base.trainable_params)
+            distributed, self.units, self.unit_bytes, self.trainable_numels)
         ev = rules.events(est.profile)
         before = ev.key <= ev.backward_end_key
         out = {}
@@ -513,12 +563,3 @@ def _breakdown(size: np.ndarray, cat: np.ndarray) -> dict:
         if live:
             out[name] = live
     return out
-
-
-def state_factor_note(precision: str) -> str:
-    """Rule 1 as said in a plan's assumptions."""
-    if precision in LOW_PRECISION_DTYPES:
-        return (f"{precision}: half-precision weights and gradients (2 + 2 B), fp32 master "
-                "weights + optimizer state in fp32 (12 B for Adam)")
-    return "fp32: 4 + 4 B + the optimizer state"
-

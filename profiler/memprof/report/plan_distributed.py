@@ -25,6 +25,9 @@ def print_distributed(plan, console) -> None:
         return
     console.print(f"[bold]Per rank[/] of {a['world_size']} GPUs, {escape(a['strategy'])}: "
                   f"{escape(a['what'])}. Memory columns are one GPU's; samples/s the job's.")
+    if "layout" in a:
+        console.print(f"layout {escape(a['layout'])}: {escape(a['layout_means'])} "
+                      "(--layout torch | zero-paper)")
     for rule in a["rules_applied"]:
         console.print(f"[dim]  rule {escape(rule)}[/]")
     console.print(f"apply it under torchrun: {escape(a['how'])}")
