@@ -24,9 +24,9 @@ allocator rounds each one up to its block size).
 CPU times of math and SDPA are printed, labelled as CPU.
 
 Usage
-  python benchmarks/kernels.py                 # both sections, full sweep
-  python benchmarks/kernels.py --quick         # small sweep, batch 1, reduced DCAL depth
-  python benchmarks/kernels.py --section dcal-step --depth 12 --dcal-batch 2 4
+  python benchmarks/attention_kernels.py                 # both sections, full sweep
+  python benchmarks/attention_kernels.py --quick         # small sweep, batch 1, reduced DCAL depth
+  python benchmarks/attention_kernels.py --section dcal-step --depth 12 --dcal-batch 2 4
 Results are printed and written to benchmarks/results/kernels_<device>[_quick].{txt,json}.
 """
 from __future__ import annotations
@@ -47,9 +47,10 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
-if not torch.cuda.is_available():
+if __name__ == "__main__" and not torch.cuda.is_available():
     # CPU: the Triton kernels can only run in the interpreter; it must be on before the kernel
     # module is imported (memprof.tritonkernels imports it lazily, on the first Triton call).
+    # Only when run as the benchmark: imported (a test, a tool) it changes nobody's process.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import memprof  # noqa: E402
