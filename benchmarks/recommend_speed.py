@@ -3,6 +3,7 @@
     python benchmarks/recommend_speed.py                       # this tree only
     python benchmarks/recommend_speed.py --before db82b63      # + the code of a git commit
     python benchmarks/recommend_speed.py --before-tree /tmp/before/profiler --rounds 2
+    python benchmarks/recommend_speed.py --before 177aba8 --after-tree /tmp/after/profiler
 
 Each command runs as its own process (`memprof recommend ... --json`, imports and the model
 build included). With a "before" side the two sides alternate within each round (the order
@@ -12,7 +13,9 @@ by other load. The chosen plan and every combination's largest micro-batch of bo
 compared: a speed change must not change the plan.
 
 `--before REF` extracts profiler/memprof and tritonkernels of that commit (`git archive`) and
-runs them with this installation's native module `memprof._C`.
+runs them with this installation's native module `memprof._C`. `--after-tree DIR` measures the
+code under DIR as the "after" side instead of this installation (a change measured alone
+while other work in the tree is unfinished).
 """
 from __future__ import annotations
 
@@ -125,6 +128,11 @@ def summarize(plan: dict) -> dict:
     }
 
 
+def _answer(plan: dict) -> dict:
+    """A summarized plan without its run's cost (what a speed change must keep)."""
+    return {k: v for k, v in plan.items() if k not in ("estimates_run", "plan_wall_s")}
+
+
 def _fmt(runs: list[dict], key: str) -> str:
     vals = [r[key] for r in runs if "error" not in r]
     if not vals:
@@ -138,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--before", metavar="REF", help="git commit to compare against")
     ap.add_argument("--before-tree", metavar="DIR",
                     help="import root (holding memprof/) of the code to compare against")
+    ap.add_argument("--after-tree", metavar="DIR",
+                    help="import root of the code to measure as 'after' (default: installed)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--only", help="comma-separated case names (default: all)")
     ap.add_argument("--timeout", type=float, default=900)
@@ -149,7 +159,7 @@ def main(argv=None) -> int:
     if args.before:
         tmp = tempfile.mkdtemp(prefix="memprof-before-")
         before_tree = extract_tree(args.before, tmp)
-    sides = [("after", None)] + ([("before", before_tree)] if before_tree else [])
+    sides = [("after", args.after_tree)] + ([("before", before_tree)] if before_tree else [])
     results = {name: {side: [] for side, _ in sides} for name, _, _ in cases}
     try:
         for r in range(args.rounds):
@@ -168,15 +178,16 @@ def main(argv=None) -> int:
              f"{'case':24s} {'target':>6s}  {'side':6s} {'wall s':>18s}  {'cpu s':>18s}  "
              f"estimates  plan as before"]
     for name, _, target in cases:
-        ref = next((r["plan"] for r in results[name].get("before", []) if "plan" in r), None)
+        refs = [_answer(r["plan"]) for r in results[name].get("before", []) if "plan" in r]
         for side, _ in sides:
             runs = results[name][side]
             plan = next((r["plan"] for r in runs if "plan" in r), None)
-            same = "-" if ref is None or side == "before" or plan is None else \
-                ("yes" if {k: v for k, v in plan.items() if k not in ("estimates_run",
-                                                                       "plan_wall_s")}
-                 == {k: v for k, v in ref.items() if k not in ("estimates_run",
-                                                               "plan_wall_s")} else "NO")
+            answers = [_answer(r["plan"]) for r in runs if "plan" in r]
+            # "yes": every run's plan is one the before side gave (the before side itself can
+            # vary from process to process: "before varies")
+            same = "-" if not refs or plan is None else \
+                ("before varies" if any(a != refs[0] for a in refs) else "-") \
+                if side == "before" else ("yes" if all(a in refs for a in answers) else "NO")
             lines.append(f"{name:24s} {target:6d}  {side:6s} {_fmt(runs, 'wall_s'):>18s}  "
                          f"{_fmt(runs, 'cpu_s'):>18s}  {plan['estimates_run'] if plan else '-':>9}"
                          f"  {same}")

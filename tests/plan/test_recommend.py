@@ -51,9 +51,14 @@ def test_plan_on_a_small_gpu():
     d = json.loads(plan.to_json())
     assert d["estimated"] is True and d["best"]["micro_batch"] == best.micro_batch
     assert len(d["options"]) == len(plan.options) and d["gpu"]["name"] == "v100-16gb"
-    # every boundary was confirmed by an estimate at that micro-batch (when the line through
-    # two small batches misses it by > 0.5 %, the plan refits through the confirmed point)
-    assert all(c["confirmed_at"] is not None for c in d["combinations"]), d["combinations"]
+    # an exact batch model predicts the estimate's own stream (as just checked): only the
+    # recommended option is confirmed, by an estimate at its micro-batch; interpolated peaks
+    # are confirmed at every boundary (refitted through that point when > 0.5 % off)
+    assert best.confirmed and plan.estimates == 2 * 4 + 1
+    assert all(c["confirmed_at"] is not None for c in d["combinations"]
+               if not c["exact_interpolation"]), d["combinations"]
+    assert [(c["precision"], c["checkpointing"]) for c in d["combinations"]
+            if c["confirmed_at"] is not None] == [(best.precision, best.checkpointing)]
     code = plan.code()
     assert "memprof.checkpoint.apply" in code or best.checkpointing == "none"
     assert f"accumulation = {best.accumulation}" in code

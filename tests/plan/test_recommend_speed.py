@@ -1,5 +1,6 @@
 """recommend's speed changes keep its answers: worker processes, built-ins built on meta."""
 import pytest
+import torch
 
 import memprof
 from memprof.models import build_model
@@ -26,7 +27,7 @@ def test_plan_from_worker_processes_equals_the_one_made_in_process():
     here = memprof.recommend("vit-tiny", workers=1, **kw)
     forked = memprof.recommend("vit-tiny", workers=2, **kw)
     assert _without_times(forked.as_dict()) == _without_times(here.as_dict())
-    assert forked.estimates == here.estimates == 12
+    assert forked.estimates == here.estimates == 2 * 4 + 1   # + the best option confirmed
     # the workers' estimates came back without their live objects; in-process ones keep them
     assert all(c.model.lo.profile.run.live is None for c in forked.combinations)
     assert all(c.model.lo.profile.run.live is not None for c in here.combinations)
@@ -41,8 +42,11 @@ def test_policies_after_none_are_skipped_when_none_fits_all_with_workers():
     assert skipped[("fp16", "none")] is None and skipped[("fp32", "none")] is None
     assert "already fits" in skipped[("fp16", "every")]
     assert "already fits" in skipped[("fp32", "every")]
-    assert plan.estimates == 2 * 3         # per precision: two fits and the confirmation
-    assert all(c.confirmed_at == 8 for c in plan.combinations if c.model is not None)
+    assert plan.estimates == 2 * 2 + 1     # two fits per precision, the best option confirmed
+    best = plan.best
+    assert best.micro_batch == 8 and best.confirmed
+    assert {c.precision: c.confirmed_at for c in plan.combinations if c.model is not None} \
+        == {best.precision: 8, ({"fp16", "fp32"} - {best.precision}).pop(): None}
 
 
 def _broken_batch(b):
@@ -93,3 +97,38 @@ def test_builtins_built_on_meta_estimate_as_built_for_real(name, kwargs):
 def test_workers_must_be_a_positive_int():
     with pytest.raises(PlanInputError, match=r"workers: expected an int >= 1, got 0"):
         memprof.recommend("mlp", gpu="v100-16gb", effective_batch=8, workers=0)
+
+
+def test_one_combination_runs_its_two_fits_in_two_worker_processes():
+    plan = memprof.recommend("vit-tiny", effective_batch=64, precisions=["fp16"],
+                             policies=["every"], workers=2, **SMALL_GPU)
+    (c,) = plan.combinations
+    # both estimates came back from forked workers (live objects stay there) ...
+    assert c.model.lo.profile.run.live is None and c.model.hi.profile.run.live is None
+    # ... and the plan is the one made in this process
+    here = memprof.recommend("vit-tiny", effective_batch=64, precisions=["fp16"],
+                             policies=["every"], workers=1, **SMALL_GPU)
+    assert _without_times(plan.as_dict()) == _without_times(here.as_dict())
+
+
+class _Counted(torch.nn.Module):
+    """A classifier that notes the batch size of every forward (on any copy of it)."""
+    batches: list = []
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        _Counted.batches.append(int(x.shape[0]))
+        return self.fc(x)
+
+
+def test_the_default_loss_rule_comes_from_the_estimates_without_a_forward_of_its_own():
+    _Counted.batches = []
+    plan = memprof.recommend(_Counted(), input_shape=(8,), num_classes=3, gpu="v100-16gb",
+                             effective_batch=8, precisions=["fp32"], policies=["none"],
+                             workers=1)
+    assert plan.model["loss"] == {"rule": "cross_entropy", "output": ""}
+    assert sorted(set(_Counted.batches)) == [2, 4, 8]      # the fits and the best confirmed
+    assert "loss = torch.nn.functional.cross_entropy(out, y)" in plan.code()

@@ -104,7 +104,9 @@ class RecommendCommand(Command):
         r.add_argument("--warmup-steps", type=int,
                        help="warmup in micro-steps (batches): converted to optimizer steps")
         r.add_argument("--no-confirm", action="store_true",
-                       help="skip the confirming estimate at each boundary (faster)")
+                       help="skip the confirming estimates (of the recommended option, and of "
+                            "each boundary the batch model interpolates): faster; every "
+                            "figure is then the batch model's")
         r.add_argument("--workers", type=int, metavar="N",
                        help="processes estimating side by side (default: the usable cores; "
                             "1: all in this one)")

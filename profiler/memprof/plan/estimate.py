@@ -74,7 +74,7 @@ from .checkpoint import apply as apply_checkpointing
 from .checkpoint import parse_policy, resolve_blocks
 from .cuda_autocast import LOW_PRECISION_DTYPES, CudaAutocast, run_under
 from .cuda_kernels import CudaKernels, KernelScratch, target_for
-from .default_loss import default_loss
+from .default_loss import default_loss, loss_rule
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .gpus import PRECISIONS
 from .meta_build import fake_like
@@ -145,6 +145,7 @@ class Estimate:
     wall_s: float                # time this estimate took on this machine
     by_category: dict = field(default_factory=dict)
     kernel_rules: dict = field(default_factory=dict)  # CUDA kernel rules applied -> count
+    loss_rule: dict | None = None  # the rule default_loss applied (None: a given loss)
 
     def peak(self, variant: str = "first", reserved: bool = False) -> int:
         return {("first", False): self.peak_allocated, ("first", True): self.peak_reserved,
@@ -300,7 +301,8 @@ class Estimator:
         storages = StepStorages(model)
         recorder = RecordingMode(storages, count_flops, scratch=KernelScratch(
             self.kernel_target) if kernels is not None else None)
-        loss_fn = self._rebind(self.loss_fn, model)
+        rule: dict = {}
+        loss_fn = _noting_rule(self._rebind(self.loss_fn, model), rule)
         make_batch = self._rebind(self.make_batch, model)
         prof, phase_flops = self._record(
             model, opt, storages, mods,
@@ -319,6 +321,7 @@ class Estimator:
                            storages.ops, simulate)
         est.wall_s = time.perf_counter() - t0
         est.kernel_rules = dict(prof.meta["kernel_rules"])
+        est.loss_rule = rule or None
         prof.meta["estimate_wall_s"] = est.wall_s
         return est
 
@@ -440,6 +443,18 @@ class Estimator:
             bytes_allocated=int(size[compute].sum()), buffers_bytes=self.buffers_bytes,
             params_bytes=self.params_bytes, trainable_params=self.trainable_params, wall_s=0.0,
             by_category=prof.breakdown("category"))
+
+
+def _noting_rule(loss_fn, rule: dict):
+    """`default_loss` that also notes which of its rules it applied into `rule` (for the
+    plan's code: no separate forward needed to find out); any other loss as it is."""
+    if loss_fn is not default_loss:
+        return loss_fn
+
+    def loss(outputs, targets):
+        rule.update(loss_rule(outputs, targets))
+        return default_loss(outputs, targets)
+    return loss
 
 
 def _map_blocks(blocks, estimator: Estimator, model: nn.Module):

@@ -15,6 +15,7 @@ import weakref
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _C
@@ -32,6 +33,10 @@ def unique_storages(tensors):
             seen.add(k)
             yield t
 
+
+_PRIM_DEVICE = torch.ops.prim.device.default
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
+_VIEW = torch.ops.aten.view.default
 
 #: keys of kernel scratch records: far above any id() of a storage on a 64-bit CPython
 _SCRATCH_KEYS = 1 << 60
@@ -103,9 +108,23 @@ class RecordingMode(TorchDispatchMode):
             live[key] = n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         self.storages.ops += 1
+        if func is _PRIM_DEVICE:
+            # C++ asks every fake tensor for its device through Python (autocast, autograd):
+            # 2/3 of a step's dispatches. Answered here as FakeTensorMode answers it, without
+            # a second trip through the dispatcher; it creates no storage and counts no FLOPs.
+            t = args[0]
+            if isinstance(t, FakeTensor) and not t.fake_mode.in_kernel_invocation:
+                return t.fake_device
+            return func(*args)
+        kwargs = kwargs or {}
+        if func is _UNSAFE_VIEW:
+            # matmul's fold: FakeTensorMode never caches `_unsafe_view`, but caches `view`,
+            # which gives the same tensor (same storage, sizes, strides, offset; the same
+            # error for sizes that do not fit) - and autograd above already took
+            # `_unsafe_view`'s path. One cache hit instead of a full fake dispatch.
+            func = _VIEW
+        out = func(*args, **kwargs)
         formula = self._registry.get(getattr(func, "_overloadpacket", None))
         if formula is not None:
             try:

@@ -14,11 +14,15 @@ Every number is an ESTIMATE (fake-tensor steps, `memprof.plan.estimate`), never 
   at two small micro-batches (2 and 4). Every allocation of the step is affine in the batch, so
   the two event streams give the stream at any micro-batch exactly when both runs dispatched the
   same ops (checked; otherwise peaks are interpolated linearly: `memprof.plan.batch_model`).
-  The caching-allocator model replays the synthesized stream for the reserved bytes. The
-  largest micro-batch that fits is then confirmed by estimating a step at that boundary (and
-  the model refitted if it disagrees).
+  The caching-allocator model replays the synthesized stream for the reserved bytes. When
+  the peaks are interpolated, the largest micro-batch that fits is confirmed by estimating a
+  step at that boundary (and the model refitted if it disagrees). An exact batch model
+  predicts the stream an estimate would give, byte for byte (checked on built-in and Hugging
+  Face models), so only the option the plan recommends is confirmed then: an estimate at its
+  micro-batch, unless a fit estimate already ran there.
 * The precision x policy combinations are independent fake steps: they run in forked worker
-  processes, one per usable core (`memprof.plan.parallel`; `workers=1` keeps them here).
+  processes, one per usable core (`memprof.plan.combos`, `memprof.plan.parallel`;
+  `workers=1` keeps them here).
 * Memory is the steady state: optimizer state exists from the start of the step, and with
   gradient accumulation (accumulation > 1) the gradients too (micro-steps 2..A).
 * Fits: predicted reserved bytes <= `memprof.plan.gpus.usable_bytes(gpu)` = total memory - CUDA
@@ -36,28 +40,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
 from .advice import lr_advice, warmup_advice
-from .batch_model import SEARCH_LIMIT, BatchModel
+from .batch_model import SEARCH_LIMIT
 from .checkpoint import find_blocks, parse_policy, policies_for
 from .codegen import plan_code
+from .combos import FIT_BATCHES, Combination, Search
 from .errors import PlanInputError
 from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
 from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
-from .parallel import Pool, default_workers
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
-from .workloads import BatchError, batch_form, resolve_workload
+from .workloads import batch_form, resolve_workload
 
 __all__ = ["recommend", "Plan", "Option", "Combination", "DEFAULT_POLICIES", "FIT_BATCHES"]
 
 DEFAULT_POLICIES = ("none", "every", "every-2", "selective")
-FIT_BATCHES = (2, 4)
 
 
 # ------------------------------------------------------------------------------ results
@@ -86,22 +88,6 @@ class Option:
     def label(self) -> str:
         return (f"{self.precision}, checkpointing {self.checkpointing}, micro-batch "
                 f"{self.micro_batch} x {self.accumulation}")
-
-
-@dataclass
-class Combination:
-    """One precision x checkpointing policy of a plan: its batch model (None: not estimated,
-    see skipped / error) and the largest micro-batch that fits."""
-    precision: str
-    checkpointing: str
-    model: BatchModel | None = None
-    max_micro_batch: int = 0
-    confirmed_at: int | None = None
-    confirm_agreed: bool | None = None
-    skipped: str | None = None
-    error: str | None = None
-    state_bytes: int = 0
-    wall_s: float = 0.0
 
 
 def _rank_key(o: Option):
@@ -157,12 +143,14 @@ class Plan:
         self.distributed = getattr(estimator, "distributed", None)
         self.world_size = self.distributed.world_size if self.distributed else 1
         self.options: list[Option] = []
-        for c in combos.values():
-            if c.model is None:
-                continue
-            for m in _micro_batches(effective_batch, c.max_micro_batch):
-                self.options.append(self._option(c, m, effective_batch // m))
-        self.options.sort(key=_rank_key)
+        self._rank()
+
+    def _rank(self) -> None:
+        """The options of every estimated combination, best first (again after a refit)."""
+        eb = self.effective_batch
+        self.options = sorted((self._option(c, m, eb // m) for c in self._combos.values()
+                               if c.model is not None
+                               for m in _micro_batches(eb, c.max_micro_batch)), key=_rank_key)
 
     # -------------------------------------------------------------- queries
     @property
@@ -204,9 +192,9 @@ class Plan:
                              f"expected one of {[p for p in ESTIMATE_PRECISIONS if self.gpu.supports(p)]}")
         parse_policy(checkpointing)
         c = Combination(precision, checkpointing)
-        search = _Search(self._estimator, self.usable_bytes, self.effective_batch,
-                         confirm=False, blocks=self._blocks, progress=None,
-                         model_name=self.model.get("name", "model"))
+        search = Search(self._estimator, self.usable_bytes, self.effective_batch,
+                        confirm=False, blocks=self._blocks, progress=None,
+                        model_name=self.model.get("name", "model"))
         search._fit(c)
         self.estimates += search.runs
         self._combos[key] = c
@@ -315,144 +303,6 @@ class Plan:
         b = self.best
         return (f"Plan(gpu={self.gpu.name!r}, effective_batch={self.effective_batch}, "
                 f"options={len(self.options)}, best={b.label if b else None!r})")
-
-
-# ------------------------------------------------------------------------------ the search
-class _Search:
-    """Estimates every precision x policy: two fit estimates, the batch model, the largest
-    micro-batch that fits, and (confirm=True) an estimate at that boundary."""
-
-    def __init__(self, estimator: Estimator, usable: int, effective_batch: int, *, confirm,
-                 blocks, progress, model_name: str, workers: int | None = 1):
-        self.estimator, self.usable, self.effective_batch = estimator, usable, effective_batch
-        self.confirm, self.blocks, self.progress = confirm, blocks, progress
-        self.model_name = model_name
-        self.per_combo = 3 if confirm else 2
-        self.runs = self.done = self.total = 0
-        self.workers = default_workers() if workers is None else max(1, int(workers))
-        self._pid = os.getpid()
-
-    def _tick(self, label: str) -> None:
-        if self.progress is not None:
-            self.progress(self.done, self.total, label)
-
-    def _estimate(self, batch: int, c: Combination):
-        self.runs += 1
-        return self.estimator.step(batch, precision=c.precision, checkpointing=c.checkpointing,
-                                   blocks=self.blocks)
-
-    def run(self, precisions: list[str], policies: list[str]) -> dict:
-        """Every precision x policy, spread over `workers` processes (memprof.plan.parallel).
-        A precision's policies after its first 'none' wait for it: when the whole effective
-        batch fits without checkpointing, they are skipped."""
-        combos: dict[tuple[str, str], Combination] = {
-            (prec, pol): Combination(prec, pol) for prec in precisions for pol in policies}
-        self.total = len(combos) * self.per_combo
-        first_none = {prec: next((pol for pol in policies if parse_policy(pol)[0] == "none"),
-                                 None) for prec in precisions}
-        waiting = {prec: [] for prec in precisions}   # keys run once the 'none' one is known
-        ready = []
-        for prec in precisions:
-            after = False
-            for pol in policies:
-                (waiting[prec] if after else ready).append((prec, pol))
-                after = after or pol == first_none[prec]
-        pool = Pool(self._fit_job, min(self.workers, len(ready) or 1))
-        for key in ready:
-            pool.submit(key)
-        for key, (c, error, runs) in pool.results():
-            combos[key] = c
-            self.runs += runs
-            self.done += self.per_combo
-            prec, pol = key
-            if error is not None:
-                self._failed(c, error, first=key == (precisions[0], policies[0]))
-            self._tick(f"{prec} {pol}: {'failed' if error else 'estimated'}")
-            if pol != first_none[prec]:
-                continue
-            fits_all = c.model is not None and c.model.predict(
-                self.effective_batch, 1).peak_reserved <= self.usable
-            for later in waiting[prec]:
-                if fits_all and parse_policy(later[1])[0] != "none":
-                    combos[later].skipped = (f"not estimated: without checkpointing the whole "
-                                             f"effective batch {self.effective_batch} already "
-                                             f"fits in {prec}")
-                    self.done += self.per_combo
-                    self._tick(f"{prec} {later[1]}: skipped")
-                else:
-                    pool.submit(later)
-        self._tick("done")
-        return combos
-
-    def _fit_job(self, key: tuple[str, str]):
-        """One precision x policy fitted, here or in a worker process -> (its Combination,
-        None or (error type name, message) of a failed estimate, estimates run). Bad user
-        input (the batch function raised, ...) is raised as a PlanInputError."""
-        in_worker = os.getpid() != self._pid
-        if in_worker:
-            self.progress = None      # the parent reports progress
-        c = Combination(*key)
-        runs, done, error = self.runs, self.done, None
-        t1 = time.perf_counter()
-        try:
-            self._fit(c)
-        except BatchError as e:
-            raise PlanInputError(str(e)) from None
-        except PlanInputError:
-            raise
-        except Exception as e:  # noqa: BLE001  (one policy failing must not hide the rest)
-            c.model = None
-            error = (type(e).__name__, (str(e).splitlines() or [""])[0])
-        c.wall_s = time.perf_counter() - t1
-        if in_worker and c.model is not None:
-            for est in (c.model.lo, c.model.hi):   # live objects stay in the worker
-                est.profile.run.live = None
-        runs, self.runs, self.done = self.runs - runs, runs, done
-        return c, error, runs
-
-    def _failed(self, c: Combination, error: tuple[str, str], first: bool) -> None:
-        name, message = error
-        c.model = None
-        c.error = f"estimate failed: {name}: {message[:160]}"
-        if first and parse_policy(c.checkpointing)[0] == "none":
-            # the plain step fails: the model / loss / batch is the problem
-            raise PlanInputError(f"model {self.model_name}: a training step failed under fake "
-                                 f"tensors: {name}: {message[:200]}") from None
-
-    def _fit(self, c: Combination) -> None:
-        label = f"{c.precision} {c.checkpointing}"
-        self._tick(f"{label}: micro-batch {FIT_BATCHES[0]}")
-        lo = self._estimate(FIT_BATCHES[0], c)
-        self.done += 1
-        self._tick(f"{label}: micro-batch {FIT_BATCHES[1]}")
-        hi = self._estimate(FIT_BATCHES[1], c)
-        self.done += 1
-        c.model = BatchModel(lo, hi, stream=getattr(self.estimator, "stream", None))
-        c.state_bytes = lo.profile.breakdown("category", at="end").get("optimizer_state", 0)
-        c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
-        if self.confirm:
-            self._confirm(c, lo, hi)
-            self.done += 1
-
-    def _confirm(self, c: Combination, lo, hi) -> None:
-        """Estimate a step at the boundary; when the batch model misses it by > 0.5 %, refit on
-        the points nearest the boundary."""
-        eb = self.effective_batch
-        target = c.max_micro_batch if c.max_micro_batch < eb else eb
-        if target < 1:
-            return
-        self._tick(f"{c.precision} {c.checkpointing}: confirming micro-batch {target}")
-        acc = max(1, math.ceil(eb / target))
-        variant = "steady" if acc == 1 else "accumulate"
-        est = {lo.batch_size: lo, hi.batch_size: hi}.get(target) or \
-            self._estimate(target, c)  # estimates are deterministic: reuse
-        pred = c.model.predict(target, acc)
-        actual = est.peak(variant, reserved=True)
-        c.confirmed_at = target
-        c.confirm_agreed = abs(actual - pred.peak_reserved) <= 0.005 * max(actual, 1)
-        if not c.confirm_agreed and target != hi.batch_size:
-            c.model = BatchModel(hi, est, stream=getattr(self.estimator, "stream", None))
-            c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
 
 
 # ------------------------------------------------------------------------------ recommend
@@ -575,13 +425,21 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     else:
         estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer, gpu=g)
     desc.update(batch_form(make_batch))
-    search = _Search(estimator, usable, per_rank, confirm=confirm, blocks=blocks,
-                     progress=progress, model_name=desc["name"], workers=workers)
+    search = Search(estimator, usable, per_rank, confirm=confirm, blocks=blocks,
+                    progress=progress, model_name=desc["name"], workers=workers)
     combos = search.run(precisions, policies)
+    if "loss" not in desc:      # default_loss: the rule its estimates applied
+        rule = next((c.model.lo.loss_rule for c in combos.values()
+                     if c.model is not None and c.model.lo.loss_rule), None)
+        if rule is not None:
+            desc["loss"] = rule
     assumptions = _assumptions(overhead, margin) | {"kernels": _kernel_assumptions(
         estimator, combos)} | ({"gpu": g.note} if g.note else {}) | (
         {"distributed": estimator.assumptions(precisions)} if distributed else {})
-    return Plan(gpu=g, effective_batch=per_rank, combos=combos, usable=usable,
+    plan = Plan(gpu=g, effective_batch=per_rank, combos=combos, usable=usable,
                 assumptions=assumptions, model_desc=desc,
                 estimator=estimator, lr=lr_adv, warmup=warmup_steps, container=container,
-                wall_s=time.perf_counter() - t0, estimates=search.runs, blocks=blocks)
+                estimates=search.runs, blocks=blocks)
+    search.finish(plan)
+    plan.wall_s = time.perf_counter() - t0
+    return plan

@@ -16,7 +16,6 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .default_loss import loss_rule
 from .errors import PlanInputError
 from .estimate import split_batch
 from .meta_build import build, fake_like
@@ -115,20 +114,6 @@ def _fake_copy(model: nn.Module):
     return fm, copy.deepcopy(model, memo)
 
 
-def _default_loss_rule(model: nn.Module, make_batch) -> dict | None:
-    """Which rule of `default_loss` a step of `model` on `make_batch(1)` applies (for the
-    plan's code), from one forward on fake tensors; None when that forward fails (the
-    estimates then report why)."""
-    from .estimate import call_model
-    fm, m = _fake_copy(model)
-    try:
-        with fm, torch.no_grad():
-            inputs, targets = split_batch(make_batch(1))
-            return loss_rule(call_model(m, inputs), targets)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def _infer_num_classes(model: nn.Module, shape) -> int:
     fm, m = _fake_copy(model)
     try:
@@ -221,7 +206,9 @@ def _user_model(model, model_kwargs, builtins) -> tuple[nn.Module, dict]:
 
 
 def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs):
-    """-> (nn.Module, make_batch, loss_fn, description dict); see the module docstring."""
+    """-> (nn.Module, make_batch, loss_fn, description dict); see the module docstring.
+    Without a loss (loss_fn None: `default_loss`), the description has no "loss": which rule
+    applies is read off the estimates (`Estimate.loss_rule`), not from a forward here."""
     from ..models import MODELS
     desc: dict[str, Any]
     loss_fn = loss
@@ -245,11 +232,7 @@ def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs)
             desc["batch"] = {"input_shape": list(shape), "num_classes": int(n)}
     if batch is not None:
         desc["batch"] = {"spec": batch if isinstance(batch, str) else importable_name(batch)}
-    if loss_fn is None and make_batch is not None:
-        rule = _default_loss_rule(module, make_batch)
-        if rule is not None:
-            desc["loss"] = rule
-    elif loss_fn is not None and not desc.get("loss"):
+    if loss_fn is not None and not desc.get("loss"):
         desc["loss"] = {"rule": "given", "spec": importable_name(loss_fn)}
     if make_batch is not None:
         make_batch = _checked_batch(make_batch)

@@ -1,0 +1,228 @@
+"""The search behind `memprof.recommend`: every precision x checkpointing policy estimated.
+
+Per combination: two fit estimates (micro-batches `FIT_BATCHES`), the batch model
+(`memprof.plan.batch_model`), the largest micro-batch that fits, and - when the batch model
+interpolates peaks - an estimate confirming that boundary. The estimates are the jobs, run side
+by side in forked worker processes (`memprof.plan.parallel`): a combination's two fits run
+at once, and the load stays even when policies differ in cost. `Search.finish` then confirms
+the option a plan recommends (see `memprof.plan.search`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from .batch_model import BatchModel
+from .checkpoint import parse_policy
+from .errors import PlanInputError
+from .estimate import Estimator
+from .parallel import Pool, default_workers
+from .workloads import BatchError
+
+__all__ = ["Search", "Combination", "FIT_BATCHES"]
+
+FIT_BATCHES = (2, 4)
+
+
+@dataclass
+class Combination:
+    """One precision x checkpointing policy of a plan: its batch model (None: not estimated,
+    see skipped / error) and the largest micro-batch that fits."""
+    precision: str
+    checkpointing: str
+    model: BatchModel | None = None
+    max_micro_batch: int = 0
+    confirmed_at: int | None = None
+    confirm_agreed: bool | None = None
+    skipped: str | None = None
+    error: str | None = None
+    state_bytes: int = 0
+    wall_s: float = 0.0
+
+
+class Search:
+    """Estimates every precision x policy: two fit estimates, the batch model, the largest
+    micro-batch that fits, and (confirm=True) an estimate at that boundary when the batch
+    model interpolates peaks; `finish` then confirms the recommended option."""
+
+    def __init__(self, estimator: Estimator, usable: int, effective_batch: int, *, confirm,
+                 blocks, progress, model_name: str, workers: int | None = 1):
+        self.estimator, self.usable, self.effective_batch = estimator, usable, effective_batch
+        self.confirm, self.blocks, self.progress = confirm, blocks, progress
+        self.model_name = model_name
+        self.runs = self.done = self.total = 0
+        self.workers = default_workers() if workers is None else max(1, int(workers))
+        self._pid = os.getpid()
+
+    def _tick(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total, label)
+
+    def _estimate(self, batch: int, c: Combination):
+        self.runs += 1
+        return self.estimator.step(batch, precision=c.precision, checkpointing=c.checkpointing,
+                                   blocks=self.blocks)
+
+    def run(self, precisions: list[str], policies: list[str]) -> dict:
+        """Every precision x policy, one estimate per job spread over `workers` processes
+        (memprof.plan.parallel): the two fit estimates of a combination run side by side, and
+        a worker never waits for a long combination's second half. A precision's policies
+        after its first 'none' wait for it: when the whole effective batch fits without
+        checkpointing, they are skipped."""
+        combos: dict[tuple[str, str], Combination] = {
+            (prec, pol): Combination(prec, pol) for prec in precisions for pol in policies}
+        self.total = len(combos) * len(FIT_BATCHES) + (1 if self.confirm else 0)
+        first_none = {prec: next((pol for pol in policies if parse_policy(pol)[0] == "none"),
+                                 None) for prec in precisions}
+        waiting = {prec: [] for prec in precisions}   # keys run once the 'none' one is known
+        ready = []
+        for prec in precisions:
+            after = False
+            for pol in policies:
+                (waiting[prec] if after else ready).append((prec, pol))
+                after = after or pol == first_none[prec]
+        fits: dict[tuple[str, str], dict] = {key: {} for key in combos}
+        pool = Pool(self._estimate_job, min(self.workers, len(ready) * len(FIT_BATCHES)))
+        for key in ready:
+            for b in FIT_BATCHES:
+                pool.submit((key, b))
+        for (key, batch), (est, error) in pool.results():
+            c = combos[key]
+            self.runs += 1
+            self.done += 1
+            if c.error is not None:        # an earlier estimate of it failed
+                continue
+            if error is not None:
+                self._failed(c, error, first=key == (precisions[0], policies[0]))
+            elif batch in FIT_BATCHES:
+                c.wall_s += est.wall_s
+                fits[key][batch] = est
+                if len(fits[key]) < len(FIT_BATCHES):
+                    continue
+                target = self._model(c, *(fits[key][b] for b in FIT_BATCHES))
+                if target is not None:      # interpolated peaks: confirm the boundary
+                    self.total += 1
+                    pool.submit((key, target))
+                    continue
+            else:
+                c.wall_s += est.wall_s
+                self._confirm(c, batch, self._accumulation(batch), est)
+            prec, pol = key
+            self._tick(f"{prec} {pol}: {'failed' if c.error else 'estimated'}")
+            if pol != first_none[prec]:
+                continue
+            fits_all = c.model is not None and c.model.predict(
+                self.effective_batch, 1).peak_reserved <= self.usable
+            for later in waiting[prec]:
+                if fits_all and parse_policy(later[1])[0] != "none":
+                    combos[later].skipped = (f"not estimated: without checkpointing the whole "
+                                             f"effective batch {self.effective_batch} already "
+                                             f"fits in {prec}")
+                    self.done += len(FIT_BATCHES)
+                    self._tick(f"{prec} {later[1]}: skipped")
+                else:
+                    for b in FIT_BATCHES:
+                        pool.submit((later, b))
+        return combos
+
+    def _estimate_job(self, job: tuple[tuple[str, str], int]):
+        """One estimate (precision x policy, micro-batch), here or in a worker process ->
+        (the Estimate or None, None or (error type name, message)). Bad user input (the
+        batch function raised, ...) is raised as a PlanInputError."""
+        (precision, checkpointing), batch = job
+        try:
+            est = self.estimator.step(batch, precision=precision, checkpointing=checkpointing,
+                                      blocks=self.blocks)
+        except BatchError as e:
+            raise PlanInputError(str(e)) from None
+        except PlanInputError:
+            raise
+        except Exception as e:  # noqa: BLE001  (one policy failing must not hide the rest)
+            return None, (type(e).__name__, (str(e).splitlines() or [""])[0])
+        if os.getpid() != self._pid:
+            est.profile.run.live = None    # live objects stay in the worker
+        return est, None
+
+    def _failed(self, c: Combination, error: tuple[str, str], first: bool) -> None:
+        name, message = error
+        c.model = None
+        c.error = f"estimate failed: {name}: {message[:160]}"
+        if first and parse_policy(c.checkpointing)[0] == "none":
+            # the plain step fails: the model / loss / batch is the problem
+            raise PlanInputError(f"model {self.model_name}: a training step failed under fake "
+                                 f"tensors: {name}: {message[:200]}") from None
+
+    def _accumulation(self, micro_batch: int) -> int:
+        return max(1, math.ceil(self.effective_batch / micro_batch))
+
+    def _model(self, c: Combination, lo, hi) -> int | None:
+        """The batch model from the two fit estimates -> the micro-batch whose estimate
+        confirms it (interpolated peaks, confirm=True), else None."""
+        c.model = BatchModel(lo, hi, stream=getattr(self.estimator, "stream", None))
+        c.state_bytes = lo.profile.breakdown("category", at="end").get("optimizer_state", 0)
+        c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
+        eb = self.effective_batch
+        target = c.max_micro_batch if c.max_micro_batch < eb else eb
+        if not self.confirm or c.model.exact or target < 1:
+            return None
+        if target in (lo.batch_size, hi.batch_size):   # estimates are deterministic: reuse
+            self._confirm(c, target, self._accumulation(target))
+            return None
+        return target
+
+    def _fit(self, c: Combination) -> None:
+        """Fit one combination here, one estimate after the other (a plan's later query)."""
+        t1 = time.perf_counter()
+        label = f"{c.precision} {c.checkpointing}"
+        est = []
+        for b in FIT_BATCHES:
+            self._tick(f"{label}: micro-batch {b}")
+            est.append(self._estimate(b, c))
+            self.done += 1
+        target = self._model(c, *est)
+        if target is not None:
+            self._confirm(c, target, self._accumulation(target))
+        c.wall_s = time.perf_counter() - t1
+
+    def _confirm(self, c: Combination, target: int, acc: int, est=None) -> bool:
+        """Compare the batch model with the estimate at micro-batch `target` (accumulation
+        `acc`; estimated now unless given or a fit estimate) -> whether they agree within
+        0.5 %; when they do not, refit on the points nearest `target`."""
+        self._tick(f"{c.precision} {c.checkpointing}: confirming micro-batch {target}")
+        lo, hi = c.model.lo, c.model.hi
+        variant = "steady" if acc == 1 else "accumulate"
+        est = est or {lo.batch_size: lo, hi.batch_size: hi}.get(target) or \
+            self._estimate(target, c)  # estimates are deterministic: reuse
+        pred = c.model.predict(target, acc)
+        actual = est.peak(variant, reserved=True)
+        if variant == "accumulate":   # as predicted: never less than accumulation 1 needs
+            actual = max(actual, est.peak("steady", reserved=True))
+        c.confirmed_at = target
+        c.confirm_agreed = abs(actual - pred.peak_reserved) <= 0.005 * max(actual, 1)
+        if not c.confirm_agreed and target != hi.batch_size:
+            c.model = BatchModel(hi, est, stream=getattr(self.estimator, "stream", None))
+            c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
+        return c.confirm_agreed
+
+    def finish(self, plan) -> None:
+        """With confirm=True, confirm the best option of `plan` (a `search.Plan`) when its
+        combination has no confirmation yet (an exact batch model); a disagreement refits
+        that combination and ranks the options again, and the new best is confirmed in
+        turn. Then progress says done."""
+        for _ in range(len(plan.combinations) if self.confirm else 0):
+            best = plan.best
+            if best is None:
+                break
+            c = plan._combos[(best.precision, best.checkpointing)]
+            if c.confirmed_at is not None:
+                break
+            agreed = self._confirm(c, best.micro_batch, best.accumulation)
+            self.done += 1
+            plan._rank()            # the option now says it is confirmed (or was refitted)
+            if agreed:
+                break
+        plan.estimates = self.runs
+        self.done = self.total = max(self.done, self.total)
+        self._tick("done")
