@@ -21,7 +21,7 @@ import time
 import torch
 
 import memprof
-from _results import machine, save, step_row
+from _results import machine, pct, save, step_row
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,17 +37,24 @@ def workload(name: str, batch: int, steps: int):
     return model, opt, sched, [make_batch(batch) for _ in range(steps)], loss_fn
 
 
+CLOCKS = {"wall": time.perf_counter,
+          # this thread's CPU time: other processes on a shared machine barely move it
+          # (with --threads 1 the whole step runs on this thread)
+          "cpu": time.thread_time}
+step_clock = time.perf_counter
+
+
 def run_steps(model, opt, sched, batches, loss_fn) -> list[float]:
     times = []
     for inputs, targets in batches:
-        t = time.perf_counter()
+        t = step_clock()
         loss = loss_fn(model(*inputs), targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
+        times.append(step_clock() - t)
     return times
 
 
@@ -119,21 +126,30 @@ def bench(name: str, batch: int, args) -> list[dict]:
     w = workload(name, batch, args.steps)
     run_steps(*w)  # warm up allocator caches and lazy optimizer state
     pooled = {m: [] for m in MODES}
+    per_round = {m: [] for m in MODES}     # each round's median step time
     exits = {m: [] for m in MODES}
     for r in range(args.rounds):
         for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
             times, exit_cost = run_mode(m, w)
             pooled[m] += times[args.warmup:]
+            per_round[m].append(statistics.median(times[args.warmup:]))
             exits[m].append(exit_cost)
     hook_ms: list[float] = []
     for _ in range(args.rounds):      # separate rounds: timing the hooks costs time itself
         run_mode("track(health=True)", w, hook_ms)
     base = statistics.median(pooled["untracked"])
-    return [{"workload": f"{name} b{batch}", "mode": m,
-             "health_hooks_ms_per_step": (statistics.median(hook_ms)
-                                          if m == "track(health=True)" else None),
-             **step_row(pooled[m], base, exits[m])}
-            for m in MODES]
+    rows = []
+    for m in MODES:
+        # against the untracked steps of the same round: what a shared machine's load does
+        # to one round (seconds apart) cancels out of the ratio
+        paired = [100 * (a / b - 1) for a, b in zip(per_round[m], per_round["untracked"])]
+        rows.append({"workload": f"{name} b{batch}", "mode": m,
+                     "health_hooks_ms_per_step": (statistics.median(hook_ms)
+                                                  if m == "track(health=True)" else None),
+                     **step_row(pooled[m], base, exits[m]),
+                     "paired_overhead_pct": statistics.median(paired),
+                     "paired_p10_pct": pct(paired, .1), "paired_p90_pct": pct(paired, .9)})
+    return rows
 
 
 def main(argv=None):
@@ -144,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="steps dropped from each round")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="step times from wall time or this thread's CPU time (use --threads 1)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
     args = ap.parse_args(argv)
@@ -151,6 +169,8 @@ def main(argv=None):
         args.steps, args.rounds = 4, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    global step_clock
+    step_clock = CLOCKS[args.clock]
     load_before = machine(device="cpu")["load_average_1_5_15min"]
     rows = []
     for spec in args.workloads.split(","):
@@ -159,17 +179,24 @@ def main(argv=None):
     cmd = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     lines = [f"# memprof training-health overhead ({args.rounds} rounds x {args.steps} steps "
              f"per mode, first {args.warmup} of each round dropped; loop: forward, loss, "
-             "backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad)",
+             f"backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad; {args.clock} "
+             "time per step)",
              f"# machine: {machine(device='cpu')} (load average before the run: {load_before})",
              f"# command: python {cmd}", "",
              f"{'workload':14s} {'mode':30s} {'median ms':>10s} {'p10-p90 ms':>16s} "
-             f"{'overhead':>9s} {'exit ms':>8s} {'health hooks ms/step':>21s}"]
+             f"{'overhead':>9s} {'paired':>7s} {'paired p10..p90':>16s} {'exit ms':>8s} "
+             f"{'health hooks ms/step':>21s}"]
     for r in rows:
         lines.append(f"{r['workload']:14s} {r['mode']:30s} {r['median_step_ms']:10.2f} "
                      f"{r['p10_ms']:7.2f}-{r['p90_ms']:<8.2f} {r['overhead_pct']:8.1f}% "
+                     f"{r['paired_overhead_pct']:6.1f}% "
+                     f"{r['paired_p10_pct']:7.1f}..{r['paired_p90_pct']:<6.1f}% "
                      f"{r['exit_ms']:8.1f} "
                      + (f"{r['health_hooks_ms_per_step']:21.3f}"
                         if r["health_hooks_ms_per_step"] is not None else f"{'':21s}"))
+    lines.append("# overhead: pooled median step against the untracked one; paired: median over "
+                 "rounds of (the round's median step / the same round's untracked median) - 1, "
+                 "with its p10..p90 over rounds")
     lines.append("# health hooks ms/step: time spent inside the health recorder's hooks "
                  "(grad norm, LR reads, loss .item(), clip/scheduler records) per step, "
                  "median over separate rounds")

@@ -16,17 +16,18 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .events import CAT_GRADIENTS
+from .snapshots import is_plain_tensor
 
 
 def fingerprint(params: list[torch.Tensor]) -> tuple[str, ...] | None:
-    """First and last element of every parameter (as float.hex, so NaN equals NaN), read
+    """First and last element of every tensor (as float.hex, so NaN equals NaN), read
     without allocating; None when the values cannot be read (fake or meta tensors)."""
     out = []
     with torch.no_grad():
         for p in params:
             if p.numel() == 0:
                 continue
-            if is_fake(p) or p.device.type == "meta":
+            if p.is_meta or (not is_plain_tensor(p) and is_fake(p)):
                 return None
             t = p.detach()
             out.append(float(t[(0,) * t.dim()].item()).hex())

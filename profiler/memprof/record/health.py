@@ -7,6 +7,11 @@ What is recorded, and how
   gradients of the optimizer's parameters, as one fused computation (torch._foreach_norm, then
   the norm of the stacked per-parameter norms). On CUDA the result stays on the device and is
   copied to the host every FLUSH_EVERY records (one sync per batch, never one per parameter).
+  When clip_grad_norm_ (L2) just scaled exactly these gradients on the CPU and they are the
+  same since - same tensors, version counters, addresses and first and last values (the values
+  catch what bypasses version counters: GradScaler's unscale_, writes through `.data`) - the
+  norm is what clipping left, pre x min(1, max_norm / (pre + 1e-6)) as torch computes it: no
+  second pass over every gradient (on the CPU as slow as the clip's own: ~5 % of an MLP step).
 - Gradient clipping: torch.nn.utils.clip_grad_norm_ (both of its public names) is wrapped while
   tracking; its return value is the pre-clip total norm, its max_norm argument the threshold.
   clip_grad_norm_ references imported before the block are caught through the helper it calls
@@ -39,11 +44,14 @@ Rules (thresholds are module constants, stated in each finding):
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import weakref
 
 import torch
+
+from .snapshots import is_plain_tensor
 
 FLUSH_EVERY = 32
 
@@ -73,6 +81,7 @@ class HealthRecorder:
         self._sched_depth = 0
         self._last_ids: tuple = ()
         self._last_params: list = []
+        self._clipped: "_ClippedGrads | None" = None   # what the last L2 clip left
         self._names: dict[int, str] | None = None
         self.errors: list[str] = []
 
@@ -219,6 +228,10 @@ class HealthRecorder:
         else:
             self._last_ids, self._last_params = ids, params
         grads = [p.grad for p in params]
+        left = self._clipped.norm_of(grads) if self._clipped is not None else None
+        if left is not None:                 # unchanged since clipping: its norm is known
+            rec["norm"] = left
+            return
         with torch.no_grad():
             try:
                 norms = list(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
@@ -275,19 +288,21 @@ class HealthRecorder:
         def clip(*args, **kwargs):
             if not rec.active or rec._clip_depth:
                 return original(*args, **kwargs)
+            rec._clipped = None
+            args, kwargs, params = _listed_parameters(args, kwargs)
             rec._clip_depth += 1
             try:
                 out = original(*args, **kwargs)
             finally:
                 rec._clip_depth -= 1
             try:
-                rec._on_clip(args, kwargs, out, inner)
+                rec._on_clip(args, kwargs, out, inner, params)
             except Exception as err:  # noqa: BLE001
                 rec._note(f"clip: {type(err).__name__}: {err}")
             return out
         return clip
 
-    def _on_clip(self, args, kwargs, out, inner: bool) -> None:
+    def _on_clip(self, args, kwargs, out, inner: bool, params: list | None) -> None:
         def arg(i, name, default=None):
             return args[i] if len(args) > i else kwargs.get(name, default)
         max_norm = _num(arg(1, "max_norm"))
@@ -301,6 +316,9 @@ class HealthRecorder:
             self._defer("clip", len(self.clips) - 1, total.detach().float().reshape(1))
         else:
             self.clips[-1]["pre"] = float(total)
+        pre = self.clips[-1]["pre"]   # known now when the norm was computed on the host
+        if norm_type == 2.0 and params is not None and pre is not None and math.isfinite(pre):
+            self._clipped = _ClippedGrads.after(params, pre * min(1.0, max_norm / (pre + 1e-6)))
 
     def _wrap_sched(self, original):
         rec = self
@@ -330,6 +348,79 @@ class HealthRecorder:
         self.timeline.append(("S", self.session.step, id(sched), type(sched).__name__,
                               id(_torch_optimizer(opt)),
                               tuple(self._lrs([opt])) if opt is not None else (), before))
+
+
+def _listed_parameters(args: tuple, kwargs: dict) -> tuple[tuple, dict, list | None]:
+    """A clip call's `parameters` as a list (a generator is read once: by the clip), passed
+    on instead of the original iterable; None when it cannot be listed."""
+    if args:
+        given = args[0]
+    elif "parameters" in kwargs:
+        given = kwargs["parameters"]
+    else:
+        return args, kwargs, None
+    if isinstance(given, torch.Tensor):
+        return args, kwargs, [given]
+    try:
+        params = list(given)
+    except TypeError:
+        return args, kwargs, None   # the clip raises its own error for it
+    if args:
+        return (params,) + tuple(args[1:]), kwargs, params
+    return args, {**kwargs, "parameters": params}, params
+
+
+class _ClippedGrads:
+    """The gradients an L2 clip just scaled, and the norm it left them with. Each is kept as a
+    weak reference (never kept alive), its version counter, its storage address and the raw
+    bytes of its first and last element, read in place (no tensor op, no allocation): what
+    tells that it is still the tensor the clip scaled, unchanged."""
+
+    def __init__(self, norm: float, entries: dict):
+        self.norm = norm
+        # id(grad) -> (weakref, version, (first address, last address, size), their bytes)
+        self.entries = entries
+
+    @classmethod
+    def after(cls, params: list, norm: float) -> "_ClippedGrads | None":
+        grads = [p.grad for p in params if isinstance(p, torch.Tensor) and p.grad is not None]
+        entries = {}
+        for g in grads:
+            where = _edges(g)
+            if where is None or id(g) in entries:   # a repeated one counts twice in the norm
+                return None
+            entries[id(g)] = (weakref.ref(g), g._version, where, _read(where))
+        # a scaled tensor changes every element but its zeros: all-zero edges prove nothing
+        if not any(any(b) for *_, edge in entries.values() for b in edge):
+            return None
+        return cls(norm, entries)
+
+    def norm_of(self, grads: list) -> float | None:
+        """The clip's norm when `grads` are exactly the clipped gradients, unchanged since."""
+        if len(grads) != len(self.entries):
+            return None
+        for g in grads:
+            ref, version, where, edge = self.entries.get(id(g), (None, None, None, None))
+            # the same place (re-derived: `.data = ...` swaps a storage without a version
+            # bump) before its bytes are read there
+            if ref is None or ref() is not g or g._version != version \
+                    or _edges(g) != where or _read(where) != edge:
+                return None
+        return self.norm
+
+
+def _edges(g: torch.Tensor) -> tuple[int, int, int] | None:
+    """(address of the first element, of the last, element size) of a dense CPU tensor; None
+    for anything else (or an empty tensor)."""
+    if not is_plain_tensor(g) or not g.is_cpu or g.layout != torch.strided or g.numel() == 0:
+        return None
+    size, first = g.element_size(), g.data_ptr()
+    return first, first + size * sum((d - 1) * st for d, st in zip(g.shape, g.stride())), size
+
+
+def _read(where: tuple[int, int, int]) -> tuple[bytes, bytes]:
+    first, last, size = where
+    return ctypes.string_at(first, size), ctypes.string_at(last, size)
 
 
 def _torch_optimizer(optimizer):

@@ -2,8 +2,9 @@
 
 The allocator only sees bytes; what they are is known from Python. Before tracking starts the
 blocks memprof can name (parameters, gradients, optimizer state) become the baseline; at each
-optimizer step the gradients (before it) and the optimizer state (after it) are noted, and at
-the end all three once more. Module buffers (BatchNorm statistics, position ids, rotary tables)
+optimizer step the gradients (before it) and the optimizer state (after it) are noted - unless
+they are the very tensors, at the same addresses, that the last note named - and at the end
+all three once more. Module buffers (BatchNorm statistics, position ids, rotary tables)
 are noted at the start, at each step end where their storages changed (a cache rebuilt for a
 longer sequence), and at the end, each owned by the module that registered it. Each note is a
 `Snapshot`: a marker in the event stream plus the storage addresses it names, matched to
@@ -12,6 +13,7 @@ allocations after the run (profile.py).
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,21 @@ class Snapshot:
     modules: list[int] | None = None  # owning module id per ptr (the parameter's module)
 
 
+_is_functional = torch._is_functional_tensor
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def is_plain_tensor(t: torch.Tensor) -> bool:
+    """A torch.Tensor (or nn.Parameter made from one) that wraps nothing (no functionalization
+    or functorch level): never fake and never a DTensor. Gradients, optimizer state and
+    parameters are; checking this in C is ~8x cheaper than is_fake, which the snapshots at
+    every step would otherwise pay per tensor."""
+    return type(t) in _PLAIN_TYPES and not _is_functional(t) and not _is_functorch_wrapped(t)
+
+
 def storage_key(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(address, nbytes, device_type) of a tensor's storage; None for storage-less tensors.
 
@@ -38,16 +55,30 @@ def storage_key(t: torch.Tensor) -> tuple[int, int, int] | None:
     in for it (PyTorch keeps one storage object per StorageImpl alive), which is also the key
     memprof.plan records its allocations under."""
     try:
-        t = _local_shard(t)
+        if not is_plain_tensor(t):
+            t = _local_shard(t)
+            if is_fake(t):
+                st = t.untyped_storage()
+                return id(st), st.nbytes(), FAKE_DEVICE_TYPE
         st = t.untyped_storage()
-        if is_fake(t):
-            return id(st), st.nbytes(), FAKE_DEVICE_TYPE
         ptr = st.data_ptr()
     except Exception:  # noqa: BLE001  (meta or otherwise storage-less tensors)
         return None
     if ptr == 0:
         return None
     return ptr, st.nbytes(), (DEVICE_CUDA if t.is_cuda else DEVICE_CPU)
+
+
+def storage_ptr(t: torch.Tensor) -> int | None:
+    """storage_key(t)[0] (None for storage-less tensors), without building the key for the
+    plain tensors that per-step snapshots name."""
+    if is_plain_tensor(t):
+        try:
+            return t.untyped_storage().data_ptr() or None
+        except Exception:  # noqa: BLE001  (sparse or otherwise storage-less tensors)
+            return None
+    key = storage_key(t)
+    return None if key is None else key[0]
 
 
 def _local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -74,8 +105,30 @@ def state_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
-    """The sorted storage keys of the tensors of (tensor, module id) pairs."""
-    return sorted(k[0] for k in map(storage_key, (t for t, _ in pairs)) if k is not None)
+    """The sorted storage addresses of the tensors of (tensor, module id) pairs."""
+    return sorted(k for k in map(storage_ptr, (t for t, _ in pairs)) if k is not None)
+
+
+def _note_tensors(owned: list[tuple[torch.Tensor, int]]) -> list | None:
+    """[(weakref, address, module id)] of (tensor, module id) pairs (tensors are not kept
+    alive); None unless all are plain tensors with an address (a fake tensor's data_ptr
+    warns and says nothing: those are noted every time)."""
+    if not all(is_plain_tensor(t) for t, _ in owned):
+        return None
+    try:
+        return [(weakref.ref(t), t.data_ptr(), mid) for t, mid in owned]
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _same_tensors(noted: list | None, owned: list[tuple[torch.Tensor, int]]) -> bool:
+    if noted is None or len(noted) != len(owned):
+        return False
+    try:
+        return all(ref() is t and t.data_ptr() == ptr and m == mid
+                   for (ref, ptr, m), (t, mid) in zip(noted, owned))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class SnapshotRecorder:
@@ -86,6 +139,8 @@ class SnapshotRecorder:
         self.snapshots: list[Snapshot] = []      # marker -1 until the run is assembled
         self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
         self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
+        # (category, id(optimizer)) -> [(weakref to tensor, address, module)] at its last note
+        self._noted: dict[tuple[int, int], list] = {}
 
     def _module_of(self, p) -> int:
         return self.session.scope.param_module.get(id(p), -1)
@@ -116,8 +171,10 @@ class SnapshotRecorder:
 
     def buffers(self) -> list[tuple[torch.Tensor, int]]:
         """(buffer, id of the module that registered it) over the modules named so far."""
+        # the modules' own buffer dicts: what buffers(recurse=False) yields, read directly
+        # (this runs at every step end, and most modules have none)
         return [(b, mid) for m, mid in self.session.scope.module_ids()
-                for b in m.buffers(recurse=False)]
+                for b in m._buffers.values() if b is not None]
 
     def note_buffers(self, force: bool = False) -> None:
         """A buffers snapshot, when their storages changed since the last one (or `force`)."""
@@ -134,11 +191,24 @@ class SnapshotRecorder:
 
     def _before_optimizer(self, optimizer) -> None:
         if self.session.steps.watches(optimizer):
-            self.take(CAT_GRADIENTS, [(p.grad, p) for g in optimizer.param_groups
-                                      for p in g["params"] if p.grad is not None])
+            self._take_if_changed(CAT_GRADIENTS, optimizer, [
+                (p.grad, p) for g in optimizer.param_groups for p in g["params"]
+                if p.grad is not None])
 
     def _after_optimizer(self, optimizer) -> None:
-        self.take(CAT_OPTIMIZER_STATE, state_pairs(optimizer))
+        self._take_if_changed(CAT_OPTIMIZER_STATE, optimizer, state_pairs(optimizer))
+
+    def _take_if_changed(self, category: int, optimizer, pairs: list) -> None:
+        """take(), unless the same tensors, at the same addresses and with the same owners, were
+        noted for this optimizer last time: a tensor object that kept its address kept its
+        allocation, which that snapshot already named (optimizer state is updated in place,
+        so this is every step after the first)."""
+        owned = [(t, self._module_of(p)) for t, p in pairs]
+        key = (category, id(optimizer))
+        if _same_tensors(self._noted.get(key), owned):
+            return
+        self._take(category, owned)
+        self._noted[key] = _note_tensors(owned)
 
     def take(self, category: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember which storages hold `category` now; pairs are (tensor, its parameter)."""
@@ -148,9 +218,9 @@ class SnapshotRecorder:
         """The same, for (tensor, owning module id) pairs."""
         owner: dict[int, int] = {}
         for t, mid in owned:
-            key = storage_key(t)
-            if key is not None:
-                owner.setdefault(key[0], mid)
+            ptr = storage_ptr(t)
+            if ptr is not None:
+                owner.setdefault(ptr, mid)
         ptrs = sorted(owner)
         _C.mark("snapshot", category)   # the marker's index is found after the run
         self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs,
