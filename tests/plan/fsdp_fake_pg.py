@@ -3,6 +3,10 @@ on fake tensors: what memprof.plan.distributed's zero3 rules are checked against
 
     python fsdp_fake_pg.py WORLD  ->  one JSON line: the rank's model-state bytes (local
     shards of parameters, gradients, optimizer state) and the live-byte peak of a steady step
+    python fsdp_fake_pg.py WORLD RESHARD_AFTER_FORWARD  ->  the same with the printed code's
+    mixed precision: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) per block and
+    at the root, under CPU autocast (memprof.plan.codegen's bf16 code; reshard_after_forward
+    False: zero2, True: zero3), what the "torch" layout of rank_layout is checked against
 
 Live bytes are counted per storage an op creates (a TorchDispatchMode, as memprof's
 RecordingMode does), freed when the storage dies.
@@ -106,27 +110,32 @@ def local_bytes(tensors) -> int:
     return sum(storages.values())
 
 
-def main(world: int) -> dict:
+def main(world: int, reshard_after_forward: bool = True, mixed: bool = False) -> dict:
     """One rank's model states and steady peak (see the module docstring)."""
     from torch.distributed.device_mesh import init_device_mesh
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     modes = []
     try:
         with watch_fsdp_storage_resizes(modes):
-            return _steps(init_device_mesh("cpu", (world,)), modes)
+            return _steps(init_device_mesh("cpu", (world,)), modes, reshard_after_forward,
+                          mixed)
     finally:
         dist.destroy_process_group()
 
 
-def _steps(mesh, modes) -> dict:
-    from torch.distributed.fsdp import fully_shard
+def _steps(mesh, modes, reshard_after_forward: bool, mixed: bool) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    shard = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mixed:
+        shard["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                  reduce_dtype=torch.float32)
     # the mesh is made outside the fake mode: it reads its ranks
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.manual_seed(0)
         model = Net()
         for b in model.blocks:
-            fully_shard(b, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(b, **shard)
+        fully_shard(model, **shard)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
         out = {}
         for step in range(2):
@@ -134,7 +143,9 @@ def _steps(mesh, modes) -> dict:
             mode = LiveBytes()
             modes[:] = [mode]
             with mode:
-                loss = nn.functional.cross_entropy(model(*x), y)
+                with (torch.autocast("cpu", dtype=torch.bfloat16) if mixed
+                      else contextlib.nullcontext()):
+                    loss = nn.functional.cross_entropy(model(*x), y)
                 loss.backward()
                 if step == 1:
                     out["gradients"] = local_bytes(p.grad for p in model.parameters())
@@ -151,4 +162,7 @@ def _steps(mesh, modes) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]))))
+    if len(sys.argv) > 2:
+        print(json.dumps(main(int(sys.argv[1]), sys.argv[2] == "True", mixed=True)))
+    else:
+        print(json.dumps(main(int(sys.argv[1]))))

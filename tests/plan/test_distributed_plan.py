@@ -21,6 +21,7 @@ from memprof.plan.gpus import GPUS, lookup
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 import fsdp_fake_pg  # noqa: E402  (tests/plan: one rank of a real FSDP2 step, fake PG)
+from blocks_net import Blocks, blocks_batch  # noqa: E402
 import llm_factories  # noqa: E402
 
 STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
@@ -131,23 +132,6 @@ def test_zero3_rank_matches_a_real_fsdp2_step_under_the_fake_process_group():
     assert abs(over / real["steady_peak_over_model_states"] - 1) < 0.15, (over, real)
 
 
-def _mlp_batch(b):
-    return (torch.randn(b, 128),), torch.randint(0, 10, (b,))
-
-
-class Blocks(nn.Module):
-    def __init__(self, d=128, n=4):
-        super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.GELU())
-                                     for _ in range(n)])
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
 def test_per_rank_memory_shrinks_with_each_stage_and_ddp_adds_its_buckets():
     """Under the default "torch" layout DDP's buckets copy its fp32 gradients (autocast keeps
     the weights in fp32)."""
@@ -155,7 +139,7 @@ def test_per_rank_memory_shrinks_with_each_stage_and_ddp_adds_its_buckets():
     grads_fp32 = 4 * sum(p.numel() for p in model.parameters())
     peaks = {}
     for name in STAGE:
-        rank = RankEstimator(model, _mlp_batch, optimizer="adamw", gpu=None,
+        rank = RankEstimator(model, blocks_batch, optimizer="adamw", gpu=None,
                              distributed=data_parallel(name, 8))
         est = rank.step(8, precision="bf16")
         peaks[name] = est.steady_peak_allocated
@@ -166,7 +150,7 @@ def test_per_rank_memory_shrinks_with_each_stage_and_ddp_adds_its_buckets():
 
 def test_global_batch_drives_lr_advice_and_throughput():
     """Seed 002: 8 x A100, batch 256 per GPU = 2048, lr 0.1 x 2048 / 256 = 0.8."""
-    plan = memprof.recommend(model=Blocks(), batch=_mlp_batch, gpu="a100-80gb",
+    plan = memprof.recommend(model=Blocks(), batch=blocks_batch, gpu="a100-80gb",
                              effective_batch=2048, precisions=["bf16"], policies=["none"],
                              optimizer="sgd", base_lr=0.1, base_batch=256, warmup_steps=8,
                              distributed=data_parallel("ddp", 8))

@@ -21,26 +21,10 @@ from memprof.plan.gpus import lookup
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 import fsdp_fake_pg  # noqa: E402
+from blocks_net import Blocks, blocks_batch  # noqa: E402
 
 WORLD = 4
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
-
-
-class Blocks(nn.Module):
-    def __init__(self, d=128, n=4):
-        super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.GELU())
-                                     for _ in range(n)])
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
-def _batch(b):
-    return (torch.randn(b, 128),), torch.randint(0, 10, (b,))
 
 
 def _largest_zero_redundancy_rank(model: nn.Module, world: int) -> int:
@@ -72,7 +56,7 @@ def _torch_expected(name: str, model: nn.Module, world: int) -> dict:
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_torch_layout_model_states_per_rank_follow_the_printed_code(name, precision):
     model = Blocks()
-    rank = RankEstimator(model, _batch, optimizer="adamw", gpu=None,
+    rank = RankEstimator(model, blocks_batch, optimizer="adamw", gpu=None,
                          distributed=data_parallel(name, WORLD))
     assert rank.distributed.layout == "torch"       # the default
     ms = rank.model_states(rank.step(8, precision=precision, simulate=False))
@@ -89,7 +73,7 @@ def test_ddp_and_zero1_hold_more_under_torch_than_the_zero_paper_says_for_bf16(n
     params = sum(p.numel() for p in model.parameters())
     out = {}
     for layout in ("torch", "zero-paper"):
-        rank = RankEstimator(model, _batch, optimizer="adamw", gpu=None,
+        rank = RankEstimator(model, blocks_batch, optimizer="adamw", gpu=None,
                              distributed=data_parallel(name, WORLD, layout=layout))
         est = rank.step(8, precision="bf16")
         out[layout] = (est.steady_peak_allocated, rank.model_states(est))
@@ -111,7 +95,7 @@ def test_torch_layout_matches_fsdp2_with_the_printed_mixed_precision(name, resha
     group (world 4): the same fp32 shards per rank, the steady step's peak above them within
     10 % (zero3 came 6 % below, zero2 2 % above). The real step runs in a fresh process: in
     one that ran other steps before, its live-byte peak moved by up to 8 %."""
-    out = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_mixed_fake_pg.py"),
+    out = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_fake_pg.py"),
                           str(WORLD), str(reshard)], capture_output=True, text=True,
                          timeout=300, cwd=HERE)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -134,7 +118,7 @@ def test_communication_moves_what_the_printed_code_moves():
     gpu = lookup("a100-80gb")
 
     def collectives(name, layout):
-        rank = RankEstimator(model, _batch, optimizer="adamw", gpu=gpu,
+        rank = RankEstimator(model, blocks_batch, optimizer="adamw", gpu=gpu,
                              distributed=data_parallel(name, WORLD, layout=layout))
         comm = rank.communication(gpu, "bf16", 1, 1e-3, {"forward": 1, "backward": 2})
         return {c.name: c.tensor_bytes for c in comm.collectives}
@@ -150,7 +134,7 @@ def test_communication_moves_what_the_printed_code_moves():
 
 def test_plan_says_its_layout_and_bytes_per_parameter():
     model = Blocks()
-    plan = memprof.recommend(model=model, batch=_batch, gpu="a100-80gb", effective_batch=64,
+    plan = memprof.recommend(model=model, batch=blocks_batch, gpu="a100-80gb", effective_batch=64,
                              precisions=["bf16"], policies=["none"], confirm=False, workers=1,
                              distributed=data_parallel("zero1", 8))
     a = plan.assumptions["distributed"]
@@ -169,7 +153,7 @@ def test_bad_layouts_and_mixed_layouts_are_one_line_errors():
         data_parallel("zero1", 8, layout="deepspeed")
     assert str(e.value).startswith("layout 'deepspeed': expected torch") \
         and "\n" not in str(e.value)
-    rank = RankEstimator(Blocks(), _batch, optimizer="adamw", gpu=None,
+    rank = RankEstimator(Blocks(), blocks_batch, optimizer="adamw", gpu=None,
                          distributed=data_parallel("ddp", WORLD))
     est = rank.step(8, precision="bf16", simulate=False)
     with pytest.raises(PlanInputError) as e:     # the paper's ddp computes in bf16 weights
