@@ -7,4 +7,5 @@ void register_events(pybind11::module_& m);
 void register_tracker(pybind11::module_& m);
 void register_allocator_sim(pybind11::module_& m);
 void register_pairs(pybind11::module_& m);
+void register_columns(pybind11::module_& m);
 }  // namespace memprof

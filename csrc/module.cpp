@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   memprof::register_tracker(m);
   memprof::register_allocator_sim(m);
   memprof::register_pairs(m);
+  memprof::register_columns(m);
 }

@@ -5,11 +5,13 @@
 // unique while it is alive, so walking the stream in order with "address -> its allocation
 // not yet freed" gives each free its allocation: O(n) with an open-addressing table sized to
 // the blocks alive at once, instead of a stable sort of every address (the numpy way, which
-// tests/record/test_pairs.py keeps as the reference this must equal).
+// tests/record/test_pairs.py keeps as the reference this must equal). A Profile pairs with
+// pair_allocations_with_columns: the same pass copies out the columns it reads anyway.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "bindings.h"
@@ -92,32 +94,83 @@ class LiveBlocks {
   size_t count_ = 0;
 };
 
+// One field of the event records (a structured array), read in place: base and byte stride.
+struct Column {
+  const uint8_t* data;
+  ssize_t stride;
+  template <typename T>
+  T at(ssize_t i) const { return *reinterpret_cast<const T*>(data + i * stride); }
+};
+
+// Contiguous copies made in the pairing pass, which already reads each record: the size, phase
+// and module columns, the signed size with frees of never-seen blocks as 0, and its running sum.
+struct PassColumns {
+  int64_t* size;
+  int8_t* phase;
+  int32_t* module;
+  int64_t* effective_size;
+  int64_t* live;
+};
+
 template <typename Index>
-py::tuple pair(const uint8_t* ptr_col, ssize_t ptr_stride, const uint8_t* size_col,
-               ssize_t size_stride, ssize_t n) {
-  py::array_t<Index> free_of(n), alloc_of(n);
-  Index* f = free_of.mutable_data();
-  Index* a = alloc_of.mutable_data();
-  {
-    py::gil_scoped_release release;
-    for (ssize_t i = 0; i < n; ++i) f[i] = a[i] = -1;
-    LiveBlocks live;
-    for (ssize_t i = 0; i < n; ++i) {
-      uint64_t addr = *reinterpret_cast<const uint64_t*>(ptr_col + i * ptr_stride);
-      int64_t size = *reinterpret_cast<const int64_t*>(size_col + i * size_stride);
-      if (addr == 0 || size == 0) continue;
-      if (size > 0) {
-        live.put(addr, i);   // an unreleased earlier allocation at addr is forgotten
+void pair_into(Column ptr, Column size, ssize_t n, Index* f, Index* a,
+               const Column* phase, const Column* module, const PassColumns* out) {
+  py::gil_scoped_release release;
+  for (ssize_t i = 0; i < n; ++i) f[i] = a[i] = -1;
+  LiveBlocks live;
+  int64_t live_bytes = 0;
+  for (ssize_t i = 0; i < n; ++i) {
+    uint64_t addr = ptr.at<uint64_t>(i);
+    int64_t bytes = size.at<int64_t>(i);
+    int64_t effective = bytes;
+    if (addr != 0 && bytes > 0) {
+      live.put(addr, i);   // an unreleased earlier allocation at addr is forgotten
+    } else if (bytes < 0) {
+      int64_t at = addr != 0 ? live.take(addr) : -1;
+      if (at >= 0) {
+        f[at] = static_cast<Index>(i);
+        a[i] = static_cast<Index>(at);
       } else {
-        int64_t at = live.take(addr);
-        if (at >= 0) {
-          f[at] = static_cast<Index>(i);
-          a[i] = static_cast<Index>(at);
-        }
+        effective = 0;     // its allocation is not in the stream: no bytes to release
       }
     }
+    if (out) {
+      live_bytes += effective;
+      out->size[i] = bytes;
+      out->phase[i] = phase->at<int8_t>(i);
+      out->module[i] = module->at<int32_t>(i);
+      out->effective_size[i] = effective;
+      out->live[i] = live_bytes;
+    }
   }
+}
+
+template <typename Index>
+py::tuple pair(Column ptr, Column size, ssize_t n) {
+  py::array_t<Index> free_of(n), alloc_of(n);
+  pair_into<Index>(ptr, size, n, free_of.mutable_data(), alloc_of.mutable_data(), nullptr,
+                   nullptr, nullptr);
   return py::make_tuple(free_of, alloc_of);
+}
+
+template <typename Index>
+py::tuple pair_with_columns(Column ptr, Column size, Column phase, Column module, ssize_t n) {
+  py::array_t<Index> free_of(n), alloc_of(n);
+  py::array_t<int64_t> sizes(n), effective_size(n), live(n);
+  py::array_t<int8_t> phases(n);
+  py::array_t<int32_t> modules(n);
+  PassColumns out{sizes.mutable_data(), phases.mutable_data(), modules.mutable_data(),
+                  effective_size.mutable_data(), live.mutable_data()};
+  pair_into<Index>(ptr, size, n, free_of.mutable_data(), alloc_of.mutable_data(), &phase,
+                   &module, &out);
+  return py::make_tuple(free_of, alloc_of, sizes, phases, modules, effective_size, live);
+}
+
+Column eight_byte_column(const py::array& col, const char* fn) {
+  if (col.ndim() != 1 || col.itemsize() != 8 || col.strides(0) % 8 != 0) {
+    throw py::value_error(std::string(fn) + ": expected 1-D 8-byte ptr and size columns");
+  }
+  return Column{static_cast<const uint8_t*>(col.data()), col.strides(0)};
 }
 
 // ptr, size: the uint64 / int64 columns of an event array (strided views are read in place).
@@ -125,15 +178,32 @@ py::tuple pair_allocations(py::array ptr, py::array size) {
   if (ptr.ndim() != 1 || size.ndim() != 1 || ptr.shape(0) != size.shape(0)) {
     throw py::value_error("pair_allocations: expected two 1-D columns of the same length");
   }
-  if (ptr.itemsize() != 8 || size.itemsize() != 8 || ptr.strides(0) % 8 != 0 ||
-      size.strides(0) % 8 != 0) {
-    throw py::value_error("pair_allocations: expected 8-byte ptr and size columns");
-  }
+  Column p = eight_byte_column(ptr, "pair_allocations");
+  Column s = eight_byte_column(size, "pair_allocations");
   ssize_t n = ptr.shape(0);
-  auto* p = static_cast<const uint8_t*>(ptr.data());
-  auto* s = static_cast<const uint8_t*>(size.data());
-  if (n < (ssize_t(1) << 31)) return pair<int32_t>(p, ptr.strides(0), s, size.strides(0), n);
-  return pair<int64_t>(p, ptr.strides(0), s, size.strides(0), n);
+  if (n < (ssize_t(1) << 31)) return pair<int32_t>(p, s, n);
+  return pair<int64_t>(p, s, n);
+}
+
+// ptr, size, phase, module: the uint64 / int64 / int8 / int32 columns of an event array, read
+// in place.
+py::tuple pair_allocations_with_columns(py::array ptr, py::array size, py::array phase,
+                                        py::array module) {
+  ssize_t n = ptr.ndim() == 1 ? ptr.shape(0) : -1;
+  if (size.ndim() != 1 || phase.ndim() != 1 || module.ndim() != 1 || size.shape(0) != n ||
+      phase.shape(0) != n || module.shape(0) != n) {
+    throw py::value_error("pair_allocations_with_columns: expected 1-D columns of one length");
+  }
+  if (phase.itemsize() != 1 || module.itemsize() != 4 || module.strides(0) % 4 != 0) {
+    throw py::value_error("pair_allocations_with_columns: expected 1-byte phase and 4-byte "
+                          "module columns");
+  }
+  Column p = eight_byte_column(ptr, "pair_allocations_with_columns");
+  Column s = eight_byte_column(size, "pair_allocations_with_columns");
+  Column ph{static_cast<const uint8_t*>(phase.data()), phase.strides(0)};
+  Column mod{static_cast<const uint8_t*>(module.data()), module.strides(0)};
+  if (n < (ssize_t(1) << 31)) return pair_with_columns<int32_t>(p, s, ph, mod, n);
+  return pair_with_columns<int64_t>(p, s, ph, mod, n);
 }
 
 }  // namespace
@@ -143,6 +213,12 @@ void register_pairs(py::module_& m) {
         "(free_of, alloc_of) of an event stream: for each allocation the index of its free "
         "(-1: alive at the end), for each free the index of its allocation (-1: a block from "
         "before the stream); int32 below 2**31 events.");
+  m.def("pair_allocations_with_columns", &pair_allocations_with_columns, py::arg("ptr"),
+        py::arg("size"), py::arg("phase"), py::arg("module"),
+        "(free_of, alloc_of, size, phase, module, effective_size, live) in one pass: the pairing "
+        "plus contiguous size (int64), phase (int8) and module (int32) columns, the size with "
+        "frees of blocks not "
+        "allocated in the stream as 0, and its running sum (live bytes after each event).");
 }
 
 }  // namespace memprof

@@ -2,7 +2,8 @@
 
 Data flows one way: native events (plus the blocks that already existed when tracking began,
 prepended as synthetic allocations) -> pairing of each allocation with its free -> a category
-per allocation -> timelines, peak, breakdowns. Everything is vectorised numpy: a profile of
+per allocation -> timelines, peak, breakdowns. Everything is vectorised numpy or a native loop
+over the columns (memprof._C, where numpy needed many whole-stream passes): a profile of
 millions of events is analysed without a Python object per event.
 """
 from __future__ import annotations
@@ -107,39 +108,42 @@ class Profile:
         return int(event_index - np.searchsorted(self._side_index, event_index, side="left"))
 
     @cached_property
-    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """(free_of, alloc_of): for each allocation its free (or -1), for each free its allocation.
+    def _columns(self) -> tuple[np.ndarray, ...]:
+        """(free_of, alloc_of, size, phase, module, effective_size, live) from one native pass.
 
-        Addresses are unique while a block is alive: one native pass over the stream with a
-        table of the blocks alive (`memprof._C.pair_allocations`) pairs them.
+        Addresses are unique while a block is alive: a table of the blocks alive pairs each
+        free with its allocation. The same pass, which reads every record anyway, copies the
+        size, phase and module columns out contiguous (the whole-stream passes read them often,
+        and a column of the 72-byte records touches one cache line per element) and sums the
+        live bytes. The module column is event_module's to rewrite.
         """
         mem = self.memory
-        return _C.pair_allocations(mem["ptr"], mem["size"])
+        return _C.pair_allocations_with_columns(mem["ptr"], mem["size"], mem["phase"],
+                                                mem["module"])
 
-    @cached_property
+    @property
     def _sizes(self) -> np.ndarray:
-        """The size column, contiguous: the whole-stream passes read it often, and a column of
-        the 72-byte records touches one cache line per element."""
-        return np.ascontiguousarray(self.memory["size"])
+        return self._columns[2]
 
-    @cached_property
+    @property
     def _phases(self) -> np.ndarray:
-        return np.ascontiguousarray(self.memory["phase"])
+        return self._columns[3]
 
     @property
     def free_of(self) -> np.ndarray:
-        return self._pairs[0]
+        """For each allocation the index of its free (-1: alive at the end)."""
+        return self._columns[0]
 
     @property
     def alloc_of(self) -> np.ndarray:
-        return self._pairs[1]
+        """For each free the index of its allocation (-1: a block from before the stream)."""
+        return self._columns[1]
 
     @cached_property
     def effective_size(self) -> np.ndarray:
         """Signed size per memory event, with frees of blocks memprof never saw allocated
         counted as 0 (their allocation is not in the profile). Read-only: copy to change."""
-        size = self._sizes.copy()
-        size[(size < 0) & (self.alloc_of < 0)] = 0
+        size = self._columns[5]
         size.setflags(write=False)
         return size
 
@@ -149,9 +153,9 @@ class Profile:
         mem = self.memory
         return int(((self._sizes < 0) & (self.alloc_of < 0)).sum())
 
-    @cached_property
+    @property
     def _live(self) -> np.ndarray:
-        return np.cumsum(self.effective_size, dtype=np.int64)
+        return self._columns[6]
 
     def live_bytes(self, reserved: bool = False) -> np.ndarray:
         """Live bytes after each memory event (the timeline). `reserved=True`: the caching
@@ -179,7 +183,7 @@ class Profile:
         """Module id per memory event; backward events get the module that ran the forward op
         whose autograd node is executing."""
         mem = self.memory
-        module = mem["module"].copy()
+        module = self._columns[4]   # a copy made for this, rewritten in place
         lookup = self._seq_module
         if lookup:
             bwd = np.flatnonzero((mem["phase"] == PHASE_BACKWARD) & (mem["seq"] >= 0)
@@ -206,11 +210,8 @@ class Profile:
 
     def _frees_take_their_alloc(self, values: np.ndarray, unknown=None) -> np.ndarray:
         """Each free gets its allocation's value; a free of a block from before tracking gets
-        `unknown` (None: keeps its own value)."""
-        frees = np.flatnonzero(self._sizes < 0)
-        owner = self.alloc_of[frees]
-        other = values[frees] if unknown is None else unknown
-        values[frees] = np.where(owner >= 0, values[np.maximum(owner, 0)], other)
+        `unknown` (None: keeps its own value). In place, one native pass."""
+        _C.frees_take_their_alloc(values, self._sizes, self.alloc_of, unknown)
         return values
 
     # ------------------------------------------------------------------ categories
@@ -235,44 +236,18 @@ class Profile:
     @cached_property
     def category(self) -> np.ndarray:
         """Category code per memory event (a free carries its allocation's category)."""
-        mem = self.memory
-        n = mem.size
-        cat = np.full(n, CAT_OTHER, dtype=np.int8)
-        if n == 0:
-            return cat
-        size, phase = self._sizes, self._phases
-        free_of = self.free_of
-        is_alloc = size > 0
-        never_freed = free_of < 0
-        # Contiguous runs of one phase: a block freed before its run ended was a temporary.
-        change = np.flatnonzero(phase[1:] != phase[:-1]) + 1
-        ends = np.append(change, n) - 1
-        starts = np.insert(change, 0, 0)
-        run_end = np.repeat(ends, ends - starts + 1)
-        freed_in_run = ~never_freed & (free_of <= run_end)
-        # Forward allocations that outlive their forward pass are activations (saved for
-        # backward, outputs, or kept by a retained graph).
-        fwd_end = self.marker_positions("forward_end")
-        fwd = is_alloc & (phase == PHASE_FORWARD)
-        if fwd.any():
-            idx = np.flatnonzero(fwd)
-            nxt = np.searchsorted(fwd_end, idx, side="right")
-            end_pos = (np.where(nxt < fwd_end.size, fwd_end[np.minimum(nxt, fwd_end.size - 1)], n)
-                       if fwd_end.size else np.full(idx.size, n))   # no forward_end: to the end
-            outlived = never_freed[idx] | (free_of[idx] >= end_pos)
-            cat[idx] = np.where(outlived, CAT_ACTIVATIONS, CAT_TEMPORARIES)
-        rest = is_alloc & ~fwd
-        cat[rest & freed_in_run] = CAT_TEMPORARIES
-        # Anything made outside backward and released by backward was saved for it (e.g. the
-        # loss function's own saved tensors).
-        freed_by_backward = np.zeros(n, dtype=bool)
-        freed_by_backward[~never_freed] = phase[free_of[~never_freed]] == PHASE_BACKWARD
-        cat[is_alloc & (phase != PHASE_BACKWARD) & freed_by_backward] = CAT_ACTIVATIONS
-        # Made inside a collective (c10d::allreduce_, _c10d_functional::all_gather_into_tensor,
-        # the backend's staging): communication.
+        # One native loop over the allocations (memprof._C.allocation_categories), by rule:
+        # forward allocations that outlive their forward pass (up to the next forward_end
+        # marker) are activations, ones freed before it temporaries; other allocations freed
+        # within their run of one phase are temporaries; anything made outside backward and
+        # released by backward was saved for it (e.g. the loss's own saved tensors):
+        # activations; anything made inside a collective (c10d::allreduce_,
+        # _c10d_functional::all_gather_into_tensor, the backend's staging): communication.
         c10d = [i for i, name in enumerate(self.strings) if "c10d" in name.split("::")[0]]
-        if c10d:
-            cat[is_alloc & np.isin(mem["op"], c10d)] = CAT_COMMUNICATION
+        cat = _C.allocation_categories(
+            self._sizes, self._phases, self.free_of, self.marker_positions("forward_end"),
+            self.memory["op"], c10d, activations=CAT_ACTIVATIONS, temporaries=CAT_TEMPORARIES,
+            other=CAT_OTHER, communication=CAT_COMMUNICATION)
         # Snapshots name parameters, gradients and optimizer state by storage (and the
         # buffers handed to collectives: record.distributed).
         for snap, hits in self._snapshot_hits:
@@ -505,7 +480,7 @@ class Profile:
                 index=len(out), start=s, end=e,
                 peak=int(seg.max()) if seg.size else before,
                 live_at_end=int(live[e - 1]) if e > 0 else 0,
-                allocated=int(size[s:e][size[s:e] > 0].sum())))
+                allocated=int(np.maximum(size[s:e], 0).sum())))
         return out
 
     # ------------------------------------------------------------------ summaries and reports
