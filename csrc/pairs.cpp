@@ -5,8 +5,8 @@
 // unique while it is alive, so walking the stream in order with "address -> its allocation
 // not yet freed" gives each free its allocation: O(n) with an open-addressing table sized to
 // the blocks alive at once, instead of a stable sort of every address (the numpy way, which
-// tests/record/test_pairs.py keeps as the reference this must equal). A Profile pairs with
-// pair_allocations_with_columns: the same pass copies out the columns it reads anyway.
+// tests/record/test_pairs.py keeps as the reference this must equal). The same pass copies out
+// the columns it reads anyway.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -102,9 +102,13 @@ struct Column {
   T at(ssize_t i) const { return *reinterpret_cast<const T*>(data + i * stride); }
 };
 
-// Contiguous copies made in the pairing pass, which already reads each record: the size, phase
-// and module columns, the signed size with frees of never-seen blocks as 0, and its running sum.
+// What the pass writes: the pairing, and contiguous copies of the columns it reads anyway
+// (size, phase, module), the signed size with frees of never-seen blocks as 0, and its
+// running sum.
+template <typename Index>
 struct PassColumns {
+  Index* free_of;
+  Index* alloc_of;
   int64_t* size;
   int8_t* phase;
   int32_t* module;
@@ -113,12 +117,14 @@ struct PassColumns {
 };
 
 template <typename Index>
-void pair_into(Column ptr, Column size, ssize_t n, Index* f, Index* a,
-               const Column* phase, const Column* module, const PassColumns* out) {
+void pair_into(Column ptr, Column size, Column phase, Column module, ssize_t n,
+               const PassColumns<Index>& out) {
   py::gil_scoped_release release;
-  for (ssize_t i = 0; i < n; ++i) f[i] = a[i] = -1;
   LiveBlocks live;
   int64_t live_bytes = 0;
+  for (ssize_t i = 0; i < n; ++i) {
+    out.free_of[i] = out.alloc_of[i] = -1;
+  }
   for (ssize_t i = 0; i < n; ++i) {
     uint64_t addr = ptr.at<uint64_t>(i);
     int64_t bytes = size.at<int64_t>(i);
@@ -128,97 +134,69 @@ void pair_into(Column ptr, Column size, ssize_t n, Index* f, Index* a,
     } else if (bytes < 0) {
       int64_t at = addr != 0 ? live.take(addr) : -1;
       if (at >= 0) {
-        f[at] = static_cast<Index>(i);
-        a[i] = static_cast<Index>(at);
+        out.free_of[at] = static_cast<Index>(i);
+        out.alloc_of[i] = static_cast<Index>(at);
       } else {
         effective = 0;     // its allocation is not in the stream: no bytes to release
       }
     }
-    if (out) {
-      live_bytes += effective;
-      out->size[i] = bytes;
-      out->phase[i] = phase->at<int8_t>(i);
-      out->module[i] = module->at<int32_t>(i);
-      out->effective_size[i] = effective;
-      out->live[i] = live_bytes;
-    }
+    live_bytes += effective;
+    out.size[i] = bytes;
+    out.phase[i] = phase.at<int8_t>(i);
+    out.module[i] = module.at<int32_t>(i);
+    out.effective_size[i] = effective;
+    out.live[i] = live_bytes;
   }
 }
 
 template <typename Index>
-py::tuple pair(Column ptr, Column size, ssize_t n) {
-  py::array_t<Index> free_of(n), alloc_of(n);
-  pair_into<Index>(ptr, size, n, free_of.mutable_data(), alloc_of.mutable_data(), nullptr,
-                   nullptr, nullptr);
-  return py::make_tuple(free_of, alloc_of);
-}
-
-template <typename Index>
-py::tuple pair_with_columns(Column ptr, Column size, Column phase, Column module, ssize_t n) {
+py::tuple pair(Column ptr, Column size, Column phase, Column module, ssize_t n) {
   py::array_t<Index> free_of(n), alloc_of(n);
   py::array_t<int64_t> sizes(n), effective_size(n), live(n);
   py::array_t<int8_t> phases(n);
   py::array_t<int32_t> modules(n);
-  PassColumns out{sizes.mutable_data(), phases.mutable_data(), modules.mutable_data(),
-                  effective_size.mutable_data(), live.mutable_data()};
-  pair_into<Index>(ptr, size, n, free_of.mutable_data(), alloc_of.mutable_data(), &phase,
-                   &module, &out);
+  pair_into<Index>(ptr, size, phase, module, n,
+                   PassColumns<Index>{free_of.mutable_data(), alloc_of.mutable_data(),
+                                      sizes.mutable_data(), phases.mutable_data(),
+                                      modules.mutable_data(), effective_size.mutable_data(),
+                                      live.mutable_data()});
   return py::make_tuple(free_of, alloc_of, sizes, phases, modules, effective_size, live);
 }
 
-Column eight_byte_column(const py::array& col, const char* fn) {
-  if (col.ndim() != 1 || col.itemsize() != 8 || col.strides(0) % 8 != 0) {
-    throw py::value_error(std::string(fn) + ": expected 1-D 8-byte ptr and size columns");
+Column checked_column(const py::array& col, ssize_t itemsize, const char* what) {
+  if (col.ndim() != 1 || col.itemsize() != itemsize || col.strides(0) % itemsize != 0) {
+    throw py::value_error(std::string("pair_allocations: expected a 1-D ") +
+                          std::to_string(itemsize) + "-byte " + what + " column");
   }
   return Column{static_cast<const uint8_t*>(col.data()), col.strides(0)};
 }
 
-// ptr, size: the uint64 / int64 columns of an event array (strided views are read in place).
-py::tuple pair_allocations(py::array ptr, py::array size) {
-  if (ptr.ndim() != 1 || size.ndim() != 1 || ptr.shape(0) != size.shape(0)) {
-    throw py::value_error("pair_allocations: expected two 1-D columns of the same length");
-  }
-  Column p = eight_byte_column(ptr, "pair_allocations");
-  Column s = eight_byte_column(size, "pair_allocations");
+// ptr, size, phase, module: the uint64 / int64 / int8 / int32 columns of an event array
+// (strided views are read in place).
+py::tuple pair_allocations(py::array ptr, py::array size, py::array phase, py::array module) {
+  Column p = checked_column(ptr, 8, "ptr");
+  Column s = checked_column(size, 8, "size");
+  Column ph = checked_column(phase, 1, "phase");
+  Column mod = checked_column(module, 4, "module");
   ssize_t n = ptr.shape(0);
-  if (n < (ssize_t(1) << 31)) return pair<int32_t>(p, s, n);
-  return pair<int64_t>(p, s, n);
-}
-
-// ptr, size, phase, module: the uint64 / int64 / int8 / int32 columns of an event array, read
-// in place.
-py::tuple pair_allocations_with_columns(py::array ptr, py::array size, py::array phase,
-                                        py::array module) {
-  ssize_t n = ptr.ndim() == 1 ? ptr.shape(0) : -1;
-  if (size.ndim() != 1 || phase.ndim() != 1 || module.ndim() != 1 || size.shape(0) != n ||
-      phase.shape(0) != n || module.shape(0) != n) {
-    throw py::value_error("pair_allocations_with_columns: expected 1-D columns of one length");
+  if (size.shape(0) != n || phase.shape(0) != n || module.shape(0) != n) {
+    throw py::value_error("pair_allocations: expected columns of one length");
   }
-  if (phase.itemsize() != 1 || module.itemsize() != 4 || module.strides(0) % 4 != 0) {
-    throw py::value_error("pair_allocations_with_columns: expected 1-byte phase and 4-byte "
-                          "module columns");
-  }
-  Column p = eight_byte_column(ptr, "pair_allocations_with_columns");
-  Column s = eight_byte_column(size, "pair_allocations_with_columns");
-  Column ph{static_cast<const uint8_t*>(phase.data()), phase.strides(0)};
-  Column mod{static_cast<const uint8_t*>(module.data()), module.strides(0)};
-  if (n < (ssize_t(1) << 31)) return pair_with_columns<int32_t>(p, s, ph, mod, n);
-  return pair_with_columns<int64_t>(p, s, ph, mod, n);
+  if (n < (ssize_t(1) << 31)) return pair<int32_t>(p, s, ph, mod, n);
+  return pair<int64_t>(p, s, ph, mod, n);
 }
 
 }  // namespace
 
 void register_pairs(py::module_& m) {
   m.def("pair_allocations", &pair_allocations, py::arg("ptr"), py::arg("size"),
-        "(free_of, alloc_of) of an event stream: for each allocation the index of its free "
-        "(-1: alive at the end), for each free the index of its allocation (-1: a block from "
-        "before the stream); int32 below 2**31 events.");
-  m.def("pair_allocations_with_columns", &pair_allocations_with_columns, py::arg("ptr"),
-        py::arg("size"), py::arg("phase"), py::arg("module"),
-        "(free_of, alloc_of, size, phase, module, effective_size, live) in one pass: the pairing "
-        "plus contiguous size (int64), phase (int8) and module (int32) columns, the size with "
-        "frees of blocks not "
-        "allocated in the stream as 0, and its running sum (live bytes after each event).");
+        py::arg("phase"), py::arg("module"),
+        "(free_of, alloc_of, size, phase, module, effective_size, live) of an event stream, in "
+        "one pass: for each allocation the index of its free (-1: alive at the end), for each "
+        "free the index of its allocation (-1: a block from before the stream), int32 below "
+        "2**31 events; contiguous size (int64), phase (int8) and module (int32) columns; the "
+        "size with frees of blocks not allocated in the stream as 0, and its running sum (live "
+        "bytes after each event).");
 }
 
 }  // namespace memprof

@@ -118,8 +118,7 @@ class Profile:
         live bytes. The module column is event_module's to rewrite.
         """
         mem = self.memory
-        return _C.pair_allocations_with_columns(mem["ptr"], mem["size"], mem["phase"],
-                                                mem["module"])
+        return _C.pair_allocations(mem["ptr"], mem["size"], mem["phase"], mem["module"])
 
     @property
     def _sizes(self) -> np.ndarray:

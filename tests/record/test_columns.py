@@ -12,6 +12,8 @@ from memprof import _C
 from memprof.record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER,
                                    CAT_TEMPORARIES, PHASE_BACKWARD, PHASE_FORWARD)
 
+from test_pairs import pairs_by_sort  # the sort-based definition of the pairing
+
 CATEGORY_RULES = ("forward", "phase_run", "freed_by_backward", "c10d", "snapshots", "frees")
 MODULE_RULES = ("backward_seq", "snapshots", "frees")
 
@@ -27,7 +29,8 @@ def ref_frees_take_their_alloc(values, sizes, alloc_of, unknown=None):
 def ref_columns(prof):
     """(free_of, alloc_of, sizes, phases, effective_size, live) the numpy way."""
     mem = prof.memory
-    free_of, alloc_of = _C.pair_allocations(mem["ptr"], mem["size"])
+    free_of, alloc_of = (a.astype(np.int32) for a in pairs_by_sort(mem["ptr"].copy(),
+                                                                    mem["size"].copy()))
     sizes = np.ascontiguousarray(mem["size"])
     phases = np.ascontiguousarray(mem["phase"])
     effective = sizes.copy()
@@ -236,7 +239,7 @@ def test_native_categories_follow_each_rule_on_a_hand_made_stream():
     phase = np.array([F, F, F, O, O, O, O, O, B, B, B, B], dtype=np.int8)
     ptr = np.array([1, 2, 2, 3, 3, 4, 5, 6, 5, 1, 6, 9], dtype=np.uint64) * 64
     op = np.array([0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0], dtype=np.int32)
-    free_of, alloc_of = _C.pair_allocations(ptr, size)
+    free_of, alloc_of = _C.pair_allocations(ptr, size, phase, op)[:2]
     cat = _C.allocation_categories(size, phase, free_of, np.array([3], dtype=np.int64), op, [1],
                                    activations=CAT_ACTIVATIONS, temporaries=CAT_TEMPORARIES,
                                    other=CAT_OTHER, communication=CAT_COMMUNICATION)
