@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 
@@ -21,3 +23,10 @@ def mlp():
 def _run_in_tmp_dir(tmp_path, monkeypatch):
     """Profiles saved by failing blocks land in a temporary directory, never in the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def collect_garbage_after():
+    """Leave no cyclic garbage (models, tensors) for a later test's tracked block to free."""
+    yield
+    gc.collect()

@@ -1,6 +1,5 @@
 """Training health (track(health=True)): clipping, LR and schedulers, loss spikes, non-finite
 values; exactness (results unchanged) and clean removal."""
-import gc
 import math
 
 import pytest
@@ -15,11 +14,8 @@ from memprof.record import health as health_recorder
 D, H, C = 32, 64, 4
 
 
-@pytest.fixture(autouse=True)
-def _collect_garbage():
-    """Leave no cyclic garbage (models, tensors) for a later test's tracked block to free."""
-    yield
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("collect_garbage_after")
+
 HEALTH_KINDS = {"nonfinite_loss", "nonfinite_gradients", "loss_spikes", "grad_clip_every_step",
                 "grad_clip_inactive", "grad_clip_mismatch", "scheduler_before_optimizer",
                 "scheduler_stepped_before_first_optimizer_step", "lr_schedule_per_micro_step"}

@@ -1,5 +1,4 @@
 """Throughput: phases per step, data wait, samples/s, gradient accumulation, CUDA-event path."""
-import gc
 import sys
 import threading
 import time
@@ -16,11 +15,7 @@ from memprof.record.throughput import GpuSampler
 D, H, C = 64, 128, 10
 
 
-@pytest.fixture(autouse=True)
-def _collect_garbage():
-    """Leave no cyclic garbage (models, tensors) for a later test's tracked block to free."""
-    yield
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("collect_garbage_after")
 
 
 def make_model(seed=0):

@@ -1,20 +1,13 @@
-"""The small MLP of the N-GPU plan tests: four Linear+GELU blocks (the FSDP units the plans
-name) and a 10-class head, with its batch function."""
+"""The small MLP of the N-GPU plan tests: fsdp_fake_pg's Net with four 128-wide blocks (the
+FSDP units the plans name) and a 10-class head, with its batch function."""
 import torch
-import torch.nn as nn
+
+from fsdp_fake_pg import Net
 
 
-class Blocks(nn.Module):
+class Blocks(Net):
     def __init__(self, d=128, n=4):
-        super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.GELU())
-                                     for _ in range(n)])
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
+        super().__init__(d=d, blocks=n, classes=10)
 
 
 def blocks_batch(b):

@@ -29,11 +29,13 @@ D, BLOCKS, BATCH = 256, 4, 16
 
 
 class Net(nn.Module):
-    def __init__(self):
+    """Linear+GELU blocks (the FSDP units) and a classifier head."""
+
+    def __init__(self, d=D, blocks=BLOCKS, classes=16):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(D, D), nn.GELU())
-                                     for _ in range(BLOCKS)])
-        self.head = nn.Linear(D, 16)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.GELU())
+                                     for _ in range(blocks)])
+        self.head = nn.Linear(d, classes)
 
     def forward(self, x):
         for b in self.blocks:

@@ -2,7 +2,6 @@
 storage addresses without is_fake's Python walk, and track(health=True) takes the norm the
 optimizer sees from an L2 clip that just scaled the same, unchanged gradients instead of a
 second pass over them - while every change between clip and step is still seen."""
-import gc
 
 import pytest
 import torch
@@ -14,10 +13,7 @@ from tiny_mlp import MLP
 D, H, C = 32, 256, 4
 
 
-@pytest.fixture(autouse=True)
-def _collect_garbage():
-    yield
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("collect_garbage_after")
 
 
 def _setup(seed=0):
