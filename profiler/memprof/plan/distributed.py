@@ -58,7 +58,7 @@ Rules 4 and 5 follow what FSDP2 allocates in a fake step under the fake process 
 (tests/plan/fsdp_fake_pg.py records one rank of it): for a 4-block MLP at world 4 the rules'
 steady peak above the model states came 8 % above FSDP2's (fp32, batch 16), the model
 states exactly; under the printed code's MixedPrecisionPolicy (bf16, "torch" layout,
-tests/plan/fsdp_mixed_fake_pg.py) 6 % below for zero3 and 2 % above for zero2.
+tests/plan/fsdp_fake_pg.py WORLD RESHARD) 6 % below for zero3 and 2 % above for zero2.
 Inserted buffers are category "communication". Communication time: `plan.communication`.
 """
 from __future__ import annotations
