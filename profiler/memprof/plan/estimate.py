@@ -75,6 +75,7 @@ from .checkpoint import parse_policy, resolve_blocks
 from .cuda_autocast import LOW_PRECISION_DTYPES, CudaAutocast, run_under
 from .cuda_kernels import CudaKernels, KernelScratch, target_for
 from .default_loss import default_loss, loss_rule
+from .fake_op_cache import FakeOpCache
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .gpus import PRECISIONS
 from .meta_build import fake_like
@@ -239,6 +240,7 @@ class Estimator:
         if isinstance(optimizer, str) and optimizer.lower() not in OPTIMIZERS:
             make_optimizer(optimizer, [])  # raises the one-line error
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.op_cache = FakeOpCache(self.fake_mode)
         # gpu: a memprof.plan.gpus entry (or name) -> its CUDA kernels' memory is modelled
         # (memprof.plan.cuda_kernels); None -> the CPU kernels this process runs (what
         # measure_step measures here)
@@ -300,7 +302,7 @@ class Estimator:
         opt = make_optimizer(self.optimizer, model.parameters())
         storages = StepStorages(model)
         recorder = RecordingMode(storages, count_flops, scratch=KernelScratch(
-            self.kernel_target) if kernels is not None else None)
+            self.kernel_target) if kernels is not None else None, op_cache=self.op_cache)
         rule: dict = {}
         loss_fn = _noting_rule(self._rebind(self.loss_fn, model), rule)
         make_batch = self._rebind(self.make_batch, model)

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _C
+from .fake_op_cache import MISS
 from ..record.events import FAKE_DEVICE_TYPE
 
 __all__ = ["StepStorages", "RecordingMode", "unique_storages", "record_buffers"]
@@ -78,9 +79,17 @@ def record_buffers(model: nn.Module) -> None:
 class RecordingMode(TorchDispatchMode):
     """Records every new storage produced by an op (and its death) into the tracking session."""
 
-    def __init__(self, storages: StepStorages, count_flops: bool = True, scratch=None):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Estimates are never compiled: no torch._disable_dynamo wrapper (a frame-evaluation
+        # switch on each of a step's ~16k dispatches)
+        return False
+
+    def __init__(self, storages: StepStorages, count_flops: bool = True, scratch=None,
+                 op_cache=None):
         super().__init__()
         self.storages = storages
+        self.op_cache = op_cache    # fake_op_cache.FakeOpCache of the fake mode, or None
         self.flops = 0
         self._registry = _flop_registry() if count_flops else {}
         self.scratch = scratch      # cuda_kernels.KernelScratch: kernels' own memory, or None
@@ -124,7 +133,14 @@ class RecordingMode(TorchDispatchMode):
             # error for sizes that do not fit) - and autograd above already took
             # `_unsafe_view`'s path. One cache hit instead of a full fake dispatch.
             func = _VIEW
-        out = func(*args, **kwargs)
+        cache = self.op_cache
+        key = cache.key(func, args, kwargs) if cache is not None \
+            and not cache.fake_mode.in_kernel_invocation else None
+        out = cache.lookup(key, args) if key is not None else MISS
+        if out is MISS:
+            out = func(*args, **kwargs)
+            if key is not None:
+                cache.remember(key, func, args, kwargs, out)
         formula = self._registry.get(getattr(func, "_overloadpacket", None))
         if formula is not None:
             try:

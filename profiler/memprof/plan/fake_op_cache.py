@@ -1,0 +1,253 @@
+"""Fresh-output fake ops answered from a cheap shape key, in front of FakeTensorMode.
+
+An estimated step dispatches thousands of aten ops on fake tensors; FakeTensorMode answers
+most of them from its own cache, but building its key (every argument's full tensor metadata,
+generic over symbolic shapes and higher-order ops) and the output from its entry cost about
+two thirds of a warm estimate. Estimates never use symbolic shapes, so `FakeOpCache` keys an
+op on what its meta kernel can depend on - the op, each fake argument's shape, strides, dtype,
+device, layout, storage offset and size, conj/neg/inference bits, requires_grad, and every
+other argument's type and value - and answers a repeat with new fake tensors of the recorded
+metadata, built exactly as FakeTensorMode builds a cache hit.
+
+Three kinds of op are answered here: ops whose outputs can only be new storages (a tensor,
+several, or a list: the foreach ops); view ops returning one view of an input (the new fake
+tensor is set onto that input's storage, as FakeTensorMode does); in-place ops that write
+their first argument and return it or nothing (the optimizer's foreach updates). Never out=
+or other aliasing ops, data-dependent or dynamic-shape ops, ops outside aten/prims, or fake
+tensors carrying a constant. The first call of each key goes through FakeTensorMode and its
+result is checked (fake tensors of this mode, no constant; new outputs each in a storage of
+its own exactly as large as its extent, not an input's; a view on exactly one input's
+storage; an in-place op returning its first argument or nothing and leaving every
+argument's metadata as it was); a key whose result fails the check always goes through
+FakeTensorMode.
+"""
+from __future__ import annotations
+
+import torch
+from torch._C import DisableTorchFunction, _DisableTorchDispatch
+from torch._subclasses.fake_tensor import FakeTensor
+
+__all__ = ["FakeOpCache", "MISS"]
+
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+            torch.layout)
+_NO_CACHE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape,
+                  torch.Tag.inplace_view)
+_UNCACHEABLE = object()     # an entry: this key's outputs are not what its kind promises
+MISS = object()             # lookup: not known
+FRESH, VIEW, INPLACE = "fresh", "view", "inplace"
+TUPLE, LIST = "tuple", "list"   # entries of FRESH outputs returned as a tuple / a list
+
+
+def _kind(func) -> str | None:
+    """FRESH: an op whose outputs can only be new storages (a tensor, tensors or a list of
+    them); VIEW: an op returning one view of an input; INPLACE: an op writing its first
+    argument and returning it or nothing; None: any other op (from its schema and tags)."""
+    if not isinstance(func, torch._ops.OpOverload) or func.namespace not in ("aten", "prims"):
+        return None
+    if any(t in func.tags for t in _NO_CACHE_TAGS):
+        return None
+    schema = func._schema
+    returns = schema.returns
+    if schema.is_mutable:
+        first = schema.arguments[0].alias_info if schema.arguments else None
+        if func._overloadname.startswith("out") or first is None or not first.is_write \
+                or not func._opname.endswith("_"):
+            return None
+        if not returns:
+            return INPLACE
+        alias = returns[0].alias_info
+        same = len(returns) == 1 and alias is not None and alias.is_write \
+            and alias.before_set == first.before_set
+        return INPLACE if same and isinstance(returns[0].type, torch.TensorType) else None
+    if not returns:
+        return None
+    if func.is_view:
+        alias = returns[0].alias_info
+        return VIEW if len(returns) == 1 and alias is not None and not alias.is_write \
+            and isinstance(returns[0].type, torch.TensorType) else None
+    if any(r.alias_info is not None for r in returns):
+        return None
+    if all(isinstance(r.type, torch.TensorType) for r in returns):
+        return FRESH
+    if len(returns) == 1 and isinstance(returns[0].type, torch.ListType) \
+            and isinstance(returns[0].type.getElementType(), torch.TensorType):
+        return FRESH
+    return None
+
+
+class FakeOpCache:
+    """Answers repeated ops of one FakeTensorMode (see the module docstring). `key`, then
+    `lookup`; on a MISS the op runs through FakeTensorMode and `remember` notes its result."""
+
+    def __init__(self, fake_mode):
+        self.fake_mode = fake_mode
+        self._unsafe_data_ptr = bool(fake_mode._allow_unsafe_data_ptr_access)
+        self._kinds: dict = {}      # func -> FRESH | VIEW | INPLACE | None
+        self._entries: dict = {}    # key -> output metadata | _UNCACHEABLE
+        self.hits = 0
+        self.misses = 0
+        self._attrs: dict = {}      # fake device -> the attributes FakeTensor() gives a tensor
+        self._make = self._make_checked
+
+    def _make_checked(self, elem, device):
+        """The first new fake tensor: made by FakeTensor() and by `_make_fast`; when the two
+        differ in any attribute, every later one is made by FakeTensor() (a torch whose
+        FakeTensor sets up more than this cache knows)."""
+        t = FakeTensor(self.fake_mode, elem, device)
+        with DisableTorchFunction(), _DisableTorchDispatch():
+            twin = torch.empty_strided(elem.shape, elem.stride(), dtype=elem.dtype,
+                                       device="meta")
+        fast = self._make_fast(twin, device)
+        try:
+            same = type(fast) is FakeTensor and fast.__dict__.keys() == t.__dict__.keys() \
+                and all(fast.__dict__[k] is t.__dict__[k] or bool(fast.__dict__[k] == t.__dict__[k])
+                        for k in t.__dict__)
+        except Exception:  # noqa: BLE001  (an attribute that does not compare: not the same)
+            same = False
+        self._make = self._make_fast if same else \
+            (lambda e, d: FakeTensor(self.fake_mode, e, d))
+        return t
+
+    def _make_fast(self, elem, device):
+        """FakeTensor(mode, elem, device) without its argument checks and normalisation: the
+        subclass over the meta tensor, the mode's data-pointer guard, then the attributes a
+        tensor made by FakeTensor() on this device carries (copied from one such tensor)."""
+        attrs = self._attrs.get(device)
+        if attrs is None:
+            with DisableTorchFunction(), _DisableTorchDispatch():
+                probe = torch.empty(0, device="meta")
+            attrs = self._attrs[device] = dict(FakeTensor(self.fake_mode, probe, device).__dict__)
+        t = torch.Tensor._make_subclass(FakeTensor, elem, elem.requires_grad, dispatch_device=True,
+                                        device_for_backend_keys=device)
+        if self._unsafe_data_ptr:
+            torch._C._set_warn_deprecated_on_mutable_data_ptr(t)
+        else:
+            torch._C._set_throw_on_mutable_data_ptr(t)
+        t.__dict__.update(attrs)
+        return t
+
+    def _key_of(self, out: list, args) -> bool:
+        mode = self.fake_mode
+        for a in args:
+            if type(a) is FakeTensor:
+                if a.fake_mode is not mode or a.constant is not None \
+                        or a.layout is not torch.strided:
+                    return False
+                out.append((a.shape, a.stride(), a.dtype, a.fake_device, a.storage_offset(),
+                            a.untyped_storage().nbytes(), a.requires_grad, a.is_conj(),
+                            a.is_neg(), a.is_inference()))
+            elif isinstance(a, _SCALARS):
+                out.append(type(a))
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.append(len(a))
+                if not self._key_of(out, a):
+                    return False
+                out.append(type(a))
+            else:       # real or other tensors, SymInts, generators, ...
+                return False
+        return True
+
+    def key(self, func, args, kwargs):
+        """The op's cache key, or None when this op or these arguments are not cacheable."""
+        kind = self._kinds.get(func, False)
+        if kind is False:
+            kind = self._kinds[func] = _kind(func)
+        if kind is None:
+            return None
+        parts = [func, torch.get_default_dtype(), torch.is_inference_mode_enabled()]
+        if not self._key_of(parts, args):
+            return None
+        if kwargs:
+            for name, v in kwargs.items():
+                parts.append(name)
+                if not self._key_of(parts, (v,)):
+                    return None
+        return tuple(parts)
+
+    def lookup(self, key, args):
+        """The op's result for a known key (new fake tensors of the recorded metadata, or the
+        written argument); MISS when not known or not cacheable."""
+        entry = self._entries.get(key)
+        if entry is None or entry is _UNCACHEABLE:
+            return MISS
+        self.hits += 1
+        kind, metas = entry
+        if kind == INPLACE:
+            return args[0] if metas else None
+        with DisableTorchFunction(), _DisableTorchDispatch():
+            outs = [None if m is None else torch.empty_strided(
+                m[0], m[1], dtype=m[2], device="meta", requires_grad=m[4]) for m in metas]
+            if kind == VIEW:
+                m = metas[0]
+                outs[0].set_(args[m[6]].untyped_storage(), m[5], m[0], m[1])
+        make = self._make
+        outs = [None if o is None else make(o, m[3]) for o, m in zip(outs, metas)]
+        if kind == TUPLE:
+            return tuple(outs)
+        return outs if kind == LIST else outs[0]
+
+    def remember(self, key, func, args, kwargs, result) -> None:
+        """Note the outputs of a key's first call (through FakeTensorMode) if they are what
+        the op's kind promises."""
+        if key in self._entries:    # known and not cacheable
+            return
+        self.misses += 1
+        kind = self._kinds[func]
+        entry = _UNCACHEABLE
+        if kind == INPLACE:
+            # the written tensors' metadata must be as before (the key is made again)
+            if (result is None or result is args[0]) and self.key(func, args, kwargs) == key:
+                entry = (INPLACE, result is not None)
+        elif kind == VIEW:
+            idx = self._view_source(result, args)
+            if idx is not None:
+                entry = (VIEW, ((tuple(result.shape), result.stride(), result.dtype,
+                                 result.fake_device, result.requires_grad,
+                                 result.storage_offset(), idx),))
+        else:
+            shape = FRESH if isinstance(result, torch.Tensor) else \
+                TUPLE if isinstance(result, tuple) else LIST if isinstance(result, list) else None
+            outs = (result,) if shape == FRESH else result
+            if shape is not None and self._fresh_outputs(outs, args, kwargs):
+                entry = (shape, tuple(None if o is None else (
+                    tuple(o.shape), o.stride(), o.dtype, o.fake_device, o.requires_grad)
+                    for o in outs))
+        self._entries[key] = entry
+
+    def _plain(self, t) -> bool:
+        return type(t) is FakeTensor and t.fake_mode is self.fake_mode and t.constant is None \
+            and t.layout is torch.strided and not t.is_conj() and not t.is_neg()
+
+    def _view_source(self, out, args) -> int | None:
+        """The index of the one positional argument whose storage the view `out` shares."""
+        if not self._plain(out):
+            return None
+        st = id(out.untyped_storage())
+        found = [i for i, a in enumerate(args)
+                 if isinstance(a, torch.Tensor) and id(a.untyped_storage()) == st]
+        return found[0] if len(found) == 1 else None
+
+    def _fresh_outputs(self, outs, args, kwargs) -> bool:
+        inputs = set()
+        for a in list(args) + list(kwargs.values()):
+            for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                if isinstance(t, torch.Tensor):
+                    inputs.add(id(t.untyped_storage()))
+        seen = set()
+        for o in outs:
+            if o is None:
+                continue
+            if not self._plain(o) or o.storage_offset() != 0:
+                return False
+            st = o.untyped_storage()
+            if id(st) in inputs or id(st) in seen:
+                return False
+            seen.add(id(st))
+            extent = 1 + sum((n - 1) * s for n, s in zip(o.shape, o.stride()) if n > 0)
+            if o.numel() == 0:
+                extent = 0
+            if st.nbytes() != extent * o.element_size():
+                return False
+        return True
