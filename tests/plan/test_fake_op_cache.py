@@ -100,11 +100,16 @@ def test_an_in_place_op_that_changes_its_argument_is_never_answered():
     fm = FakeTensorMode()
     with fm:
         a, b = torch.randn(4, 6), torch.randn(4, 6)
+        e, f, g = torch.randn(5), torch.randn(5), torch.randn(5)
     recorder, cache = _recording(fm)
     with fm, recorder:
         a.resize_(3, 2)
         b.resize_(3, 2)          # same key as the first call: must run, not be answered
+        e.set_(g)
+        f.set_(g)
     assert a.shape == b.shape == (3, 2)
+    assert e.untyped_storage()._cdata == f.untyped_storage()._cdata == \
+        g.untyped_storage()._cdata
     assert cache.hits == 0
 
 

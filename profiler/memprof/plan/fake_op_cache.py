@@ -33,6 +33,9 @@ _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.
             torch.layout)
 _NO_CACHE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape,
                   torch.Tag.inplace_view)
+# in-place ops that may give their argument other sizes or another storage without the
+# inplace_view tag (set_, resize_, resize_as_ carry it)
+_RESIZING = frozenset(("_resize_output_",))
 _UNCACHEABLE = object()     # an entry: this key's outputs are not what its kind promises
 MISS = object()             # lookup: not known
 FRESH, VIEW, INPLACE = "fresh", "view", "inplace"
@@ -52,7 +55,7 @@ def _kind(func) -> str | None:
     if schema.is_mutable:
         first = schema.arguments[0].alias_info if schema.arguments else None
         if func._overloadname.startswith("out") or first is None or not first.is_write \
-                or not func._opname.endswith("_"):
+                or not func._opname.endswith("_") or func._opname in _RESIZING:
             return None
         if not returns:
             return INPLACE
