@@ -122,7 +122,9 @@ def test_data_dependent_ops_and_constants_go_to_fake_tensor_mode():
         c = torch.tensor(2.0)                  # a scalar: FakeTensorMode keeps its value
         assert c.constant is not None
         c + c
-        assert (c + c).item() == 4.0
+        assert (c + c).item() == 4.0 and torch.tensor(3).item() == 3
+        with pytest.raises(Exception):         # no constant: FakeTensorMode raises
+            x.sum().item()
         with pytest.raises(Exception):         # dynamic output shape: FakeTensorMode raises
             torch.nonzero(x)
     assert cache.hits == 0

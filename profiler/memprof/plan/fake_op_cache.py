@@ -20,15 +20,21 @@ its own exactly as large as its extent, not an input's; a view on exactly one in
 storage; an in-place op returning its first argument or nothing and leaving every
 argument's metadata as it was); a key whose result fails the check always goes through
 FakeTensorMode.
+
+One op on constants is answered too: `.item()` of a fake tensor that carries a constant (the
+optimizer's step counters, one `.item()` per parameter each step) is the constant's value, as
+FakeTensorMode's constant propagation computes it.
 """
 from __future__ import annotations
 
 import torch
 from torch._C import DisableTorchFunction, _DisableTorchDispatch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._mode_utils import no_dispatch
 
 __all__ = ["FakeOpCache", "MISS"]
 
+_LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
             torch.layout)
 _NO_CACHE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape,
@@ -151,6 +157,18 @@ class FakeOpCache:
             else:       # real or other tensors, SymInts, generators, ...
                 return False
         return True
+
+    def constant_item(self, func, args):
+        """`.item()` of a fake tensor carrying a constant (the optimizer's step counters: one
+        per parameter and step) -> the number, as FakeTensorMode's constant propagation gives
+        it (the real op on the constant); MISS for any other op."""
+        if func is _LOCAL_SCALAR_DENSE and len(args) == 1:
+            a = args[0]
+            if type(a) is FakeTensor and a.fake_mode is self.fake_mode \
+                    and a.constant is not None:
+                with no_dispatch():
+                    return func(a.constant)
+        return MISS
 
     def key(self, func, args, kwargs):
         """The op's cache key, or None when this op or these arguments are not cacheable."""

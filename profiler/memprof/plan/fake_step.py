@@ -134,9 +134,14 @@ class RecordingMode(TorchDispatchMode):
             # `_unsafe_view`'s path. One cache hit instead of a full fake dispatch.
             func = _VIEW
         cache = self.op_cache
-        key = cache.key(func, args, kwargs) if cache is not None \
-            and not cache.fake_mode.in_kernel_invocation else None
-        out = cache.lookup(key, args) if key is not None else MISS
+        key = None
+        out = MISS
+        if cache is not None and not cache.fake_mode.in_kernel_invocation:
+            out = cache.constant_item(func, args)
+            if out is MISS:
+                key = cache.key(func, args, kwargs)
+                if key is not None:
+                    out = cache.lookup(key, args)
         if out is MISS:
             out = func(*args, **kwargs)
             if key is not None:
