@@ -86,6 +86,15 @@ def test_each_kind_of_op_answers_like_fake_tensor_mode():
         assert type(ln) is tuple and [_meta(o) for o in ln] == [_meta(o) for o in first[2]]
         assert type(roots) is type(first[3]) and [_meta(o) for o in roots] == [
             _meta(o) for o in first[3]]
+        # a list of views: each on the input's storage, the first call's metadata
+        parts, halves = torch.unbind(x, 1), torch.split(y, 3, dim=1)
+        misses = cache.misses
+        for again, first_call in ((torch.unbind(y, 1), parts), (torch.split(x, 3, dim=1), halves)):
+            assert [_meta(v) for v in again] == [_meta(v) for v in first_call]
+            assert all(type(v) is FakeTensor for v in again)
+        assert cache.misses == misses
+        assert {v.untyped_storage()._cdata for v in torch.unbind(y, 1)} == {
+            y.untyped_storage()._cdata}
         # in place: the argument itself, or nothing for the foreach ops
         assert torch.ops.aten.add_.Tensor(x, y) is x
         assert torch.ops.aten.add_.Tensor(y, x) is y

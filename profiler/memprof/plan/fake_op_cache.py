@@ -1,4 +1,4 @@
-"""Fresh-output fake ops answered from a cheap shape key, in front of FakeTensorMode.
+"""Repeated fake ops answered from a cheap shape key, in front of FakeTensorMode.
 
 An estimated step dispatches thousands of aten ops on fake tensors; FakeTensorMode answers
 most of them from its own cache, but building its key (every argument's full tensor metadata,
@@ -7,18 +7,19 @@ two thirds of a warm estimate. Estimates never use symbolic shapes, so `FakeOpCa
 op on what its meta kernel can depend on - the op, each fake argument's shape, strides, dtype,
 device, layout, storage offset and size, conj/neg/inference bits, requires_grad, and every
 other argument's type and value - and answers a repeat with new fake tensors of the recorded
-metadata, built exactly as FakeTensorMode builds a cache hit.
+metadata, built as FakeTensorMode builds a cache hit.
 
-Three kinds of op are answered here: ops whose outputs can only be new storages (a tensor,
-several, or a list: the foreach ops); view ops returning one view of an input (the new fake
-tensor is set onto that input's storage, as FakeTensorMode does); in-place ops that write
-their first argument and return it or nothing (the optimizer's foreach updates). Never out=
-or other aliasing ops, data-dependent or dynamic-shape ops, ops outside aten/prims, or fake
-tensors carrying a constant. The first call of each key goes through FakeTensorMode and its
-result is checked (fake tensors of this mode, no constant; new outputs each in a storage of
-its own exactly as large as its extent, not an input's; a view on exactly one input's
-storage; an in-place op returning its first argument or nothing and leaving every
-argument's metadata as it was); a key whose result fails the check always goes through
+Three kinds of op are answered: ops whose outputs can only be new storages (a tensor,
+several, or a list: the foreach ops); view ops returning one view of an input or a list of
+views of it (unbind, split: the new fake tensors are set onto that input's storage, as
+FakeTensorMode does for a single view); in-place ops that write their first argument and
+return it or nothing (the optimizer's foreach updates). Never out= or other aliasing ops,
+data-dependent or dynamic-shape ops, ops outside aten/prims, or fake tensors carrying a
+constant. The first call of each key goes through FakeTensorMode and its result is checked
+(fake tensors of this mode, no constant; new outputs each in a storage of its own exactly as
+large as its extent, not an input's; views on the storage of exactly one input, the same for
+every view of a list; an in-place op returning its first argument or nothing and leaving
+every argument's metadata as it was); a key whose result fails the check always goes through
 FakeTensorMode.
 
 One op on constants is answered too: `.item()` of a fake tensor that carries a constant (the
@@ -44,13 +45,14 @@ _NO_CACHE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shap
 _RESIZING = frozenset(("_resize_output_",))
 _UNCACHEABLE = object()     # an entry: this key's outputs are not what its kind promises
 MISS = object()             # lookup: not known
-FRESH, VIEW, INPLACE = "fresh", "view", "inplace"
+FRESH, VIEW, VIEWS, INPLACE = "fresh", "view", "views", "inplace"
 TUPLE, LIST = "tuple", "list"   # entries of FRESH outputs returned as a tuple / a list
 
 
 def _kind(func) -> str | None:
     """FRESH: an op whose outputs can only be new storages (a tensor, tensors or a list of
-    them); VIEW: an op returning one view of an input; INPLACE: an op writing its first
+    them); VIEW: an op returning one view of an input; VIEWS: a list of views of one input
+    (unbind, split); INPLACE: an op writing its first
     argument and returning it or nothing; None: any other op (from its schema and tags)."""
     if not isinstance(func, torch._ops.OpOverload) or func.namespace not in ("aten", "prims"):
         return None
@@ -73,8 +75,12 @@ def _kind(func) -> str | None:
         return None
     if func.is_view:
         alias = returns[0].alias_info
-        return VIEW if len(returns) == 1 and alias is not None and not alias.is_write \
-            and isinstance(returns[0].type, torch.TensorType) else None
+        if len(returns) != 1 or alias is None or alias.is_write:
+            return None
+        if isinstance(returns[0].type, torch.TensorType):
+            return VIEW
+        return VIEWS if isinstance(returns[0].type, torch.ListType) and isinstance(
+            returns[0].type.getElementType(), torch.TensorType) else None
     if any(r.alias_info is not None for r in returns):
         return None
     if all(isinstance(r.type, torch.TensorType) for r in returns):
@@ -92,7 +98,7 @@ class FakeOpCache:
     def __init__(self, fake_mode):
         self.fake_mode = fake_mode
         self._unsafe_data_ptr = bool(fake_mode._allow_unsafe_data_ptr_access)
-        self._kinds: dict = {}      # func -> FRESH | VIEW | INPLACE | None
+        self._kinds: dict = {}      # func -> FRESH | VIEW | VIEWS | INPLACE | None
         self._entries: dict = {}    # key -> output metadata | _UNCACHEABLE
         self.hits = 0
         self.misses = 0
@@ -200,14 +206,14 @@ class FakeOpCache:
         with DisableTorchFunction(), _DisableTorchDispatch():
             outs = [None if m is None else torch.empty_strided(
                 m[0], m[1], dtype=m[2], device="meta", requires_grad=m[4]) for m in metas]
-            if kind == VIEW:
-                m = metas[0]
-                outs[0].set_(args[m[6]].untyped_storage(), m[5], m[0], m[1])
+            if kind == VIEW or kind == VIEWS:
+                for o, m in zip(outs, metas):
+                    o.set_(args[m[6]].untyped_storage(), m[5], m[0], m[1])
         make = self._make
         outs = [None if o is None else make(o, m[3]) for o, m in zip(outs, metas)]
         if kind == TUPLE:
             return tuple(outs)
-        return outs if kind == LIST else outs[0]
+        return outs if kind == LIST or kind == VIEWS else outs[0]
 
     def remember(self, key, func, args, kwargs, result) -> None:
         """Note the outputs of a key's first call (through FakeTensorMode) if they are what
@@ -221,12 +227,14 @@ class FakeOpCache:
             # the written tensors' metadata must be as before (the key is made again)
             if (result is None or result is args[0]) and self.key(func, args, kwargs) == key:
                 entry = (INPLACE, result is not None)
-        elif kind == VIEW:
-            idx = self._view_source(result, args)
-            if idx is not None:
-                entry = (VIEW, ((tuple(result.shape), result.stride(), result.dtype,
-                                 result.fake_device, result.requires_grad,
-                                 result.storage_offset(), idx),))
+        elif kind == VIEW or kind == VIEWS:
+            views = [result] if kind == VIEW else result
+            idx = [self._view_source(v, args) for v in views] if isinstance(views, list) \
+                else [None]
+            if idx and idx[0] is not None and all(i == idx[0] for i in idx):
+                entry = (kind, tuple((tuple(v.shape), v.stride(), v.dtype, v.fake_device,
+                                      v.requires_grad, v.storage_offset(), idx[0])
+                                     for v in views))
         else:
             shape = FRESH if isinstance(result, torch.Tensor) else \
                 TUPLE if isinstance(result, tuple) else LIST if isinstance(result, list) else None
