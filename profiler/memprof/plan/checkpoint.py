@@ -22,7 +22,10 @@ is homogeneous, the largest group of same-type children of one container. Overri
 
 Checkpointing wraps the block's `forward` (an instance attribute, removed again by
 `handle.remove()`): module hooks, parameters and state dicts are unchanged. Under
-`torch.no_grad()` the block runs as usual. This is the same function `memprof.plan.estimate` uses
+`torch.no_grad()` the block runs as usual; with gradients, a checkpointed block runs without a
+KV cache (`use_cache=False`, the cache arguments None), as Hugging Face's own checkpointed
+layers do: a block that writes the cache in the forward and again in the recompute cannot be
+recomputed. This is the same function `memprof.plan.estimate` uses
 to estimate a checkpointed step, so an estimate and the run it predicts share the code.
 """
 from __future__ import annotations
@@ -182,12 +185,32 @@ class CheckpointHandle:
                 f"active={self.active})")
 
 
+#: keyword arguments through which a transformer block reads and writes a KV cache
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+def _without_cache(block: nn.Module, kwargs: dict) -> dict:
+    """A block given a KV cache (Hugging Face decoders in training keep use_cache=True unless
+    their own gradient checkpointing is on) writes to it in the forward and again in the
+    recompute, so the two save different tensors and torch.utils.checkpoint raises. As
+    Hugging Face's checkpointed layers do, a checkpointed block runs without the cache (a
+    block class that only reads it says so with `_can_checkpoint_with_cache`)."""
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not getattr(block, "_can_checkpoint_with_cache", False):
+        for name in _CACHE_KWARGS:
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+    return kwargs
+
+
 def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle) -> None:
     inner = block.forward  # the bound method of the class (or a user's own override)
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
+        kwargs = _without_cache(block, kwargs)
         if selective:
             return checkpoint(inner, *args, use_reentrant=False,
                               context_fn=_selective_context, **kwargs)

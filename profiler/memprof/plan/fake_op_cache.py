@@ -253,9 +253,9 @@ class FakeOpCache:
         """The index of the one positional argument whose storage the view `out` shares."""
         if not self._plain(out):
             return None
-        st = id(out.untyped_storage())
+        st = out.untyped_storage()._cdata
         found = [i for i, a in enumerate(args)
-                 if isinstance(a, torch.Tensor) and id(a.untyped_storage()) == st]
+                 if isinstance(a, torch.Tensor) and a.untyped_storage()._cdata == st]
         return found[0] if len(found) == 1 else None
 
     def _fresh_outputs(self, outs, args, kwargs) -> bool:
@@ -263,7 +263,7 @@ class FakeOpCache:
         for a in list(args) + list(kwargs.values()):
             for t in (a if isinstance(a, (list, tuple)) else (a,)):
                 if isinstance(t, torch.Tensor):
-                    inputs.add(id(t.untyped_storage()))
+                    inputs.add(t.untyped_storage()._cdata)
         seen = set()
         for o in outs:
             if o is None:
@@ -271,9 +271,9 @@ class FakeOpCache:
             if not self._plain(o) or o.storage_offset() != 0:
                 return False
             st = o.untyped_storage()
-            if id(st) in inputs or id(st) in seen:
+            if st._cdata in inputs or st._cdata in seen:
                 return False
-            seen.add(id(st))
+            seen.add(st._cdata)
             extent = 1 + sum((n - 1) * s for n, s in zip(o.shape, o.stride()) if n > 0)
             if o.numel() == 0:
                 extent = 0

@@ -1,0 +1,83 @@
+"""A checkpointed block that is handed a KV cache (a Hugging Face decoder in training keeps
+use_cache=True) runs without it, as Hugging Face's own checkpointed layers do: otherwise it
+writes the cache in the forward and again in the recompute, and torch.utils.checkpoint raises
+"a different number of tensors was saved"."""
+import torch
+import torch.nn as nn
+import pytest
+
+import memprof
+from memprof.plan.estimate import Estimator
+
+tf = pytest.importorskip("transformers")
+V = 1000
+
+
+def _t5():
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=V, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                      decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)
+    return tf.T5ForConditionalGeneration(cfg).train()
+
+
+def _batch(bs=2):
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(0, V, (bs, 16), generator=g),
+            "labels": torch.randint(0, V, (bs, 8), generator=g)}
+
+
+def test_checkpointed_t5_decoder_trains_with_the_same_gradients():
+    model, batch = _t5(), _batch()
+    model(**batch).loss.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with memprof.checkpoint.apply(model, "every") as handle:
+        assert handle.container == "decoder.block" and len(handle.wrapped) == 2
+        model(**batch).loss.backward()
+    for p, ref in zip(model.parameters(), reference):
+        assert torch.equal(p.grad, ref)
+
+
+def test_checkpointed_t5_can_be_estimated():
+    model = _t5()
+    est = Estimator(model, lambda bs: (_batch(bs), None), gpu="a100-80gb")
+    plain = est.step(2)
+    every = est.step(2, checkpointing="every")   # raised CheckpointError before
+    assert every.peak_allocated <= plain.peak_allocated
+    assert every.flops > plain.flops            # the decoder blocks are recomputed
+
+
+class _Reader(nn.Module):
+    """A block that only reads its cache may keep it."""
+    _can_checkpoint_with_cache = True
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seen = []
+
+    def forward(self, x, past_key_values=None, use_cache=False):
+        self.seen.append((past_key_values is not None, use_cache))
+        return self.lin(x) + (past_key_values if past_key_values is not None else 0)
+
+
+def test_the_cache_is_dropped_only_under_checkpointing_with_gradients():
+    blocks = nn.ModuleList([_Reader(), _Reader()])
+    cache = torch.ones(4)
+    x = torch.randn(2, 4, requires_grad=True)
+    with memprof.checkpoint.apply(blocks, "every", blocks=list(blocks)):
+        blocks[0](x, past_key_values=cache, use_cache=True).sum().backward()
+        with torch.no_grad():
+            blocks[1](x, past_key_values=cache, use_cache=True)
+    # a reader keeps the cache; use_cache is turned off under checkpointing (forward and
+    # recompute), not under no_grad
+    assert blocks[0].seen == [(True, False), (True, False)]
+    assert blocks[1].seen == [(True, True)]
+    blocks[0].seen.clear()
+    _Reader._can_checkpoint_with_cache = False
+    try:
+        with memprof.checkpoint.apply(blocks, "every", blocks=list(blocks)):
+            blocks[0](x, past_key_values=cache, use_cache=True).sum().backward()
+    finally:
+        _Reader._can_checkpoint_with_cache = True
+    assert blocks[0].seen == [(False, False), (False, False)]
