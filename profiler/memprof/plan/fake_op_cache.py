@@ -52,8 +52,8 @@ TUPLE, LIST = "tuple", "list"   # entries of FRESH outputs returned as a tuple /
 def _kind(func) -> str | None:
     """FRESH: an op whose outputs can only be new storages (a tensor, tensors or a list of
     them); VIEW: an op returning one view of an input; VIEWS: a list of views of one input
-    (unbind, split); INPLACE: an op writing its first
-    argument and returning it or nothing; None: any other op (from its schema and tags)."""
+    (unbind, split); INPLACE: an op writing its first argument and returning it or nothing;
+    None: any other op (judged from its schema and tags)."""
     if not isinstance(func, torch._ops.OpOverload) or func.namespace not in ("aten", "prims"):
         return None
     if any(t in func.tags for t in _NO_CACHE_TAGS):
