@@ -149,7 +149,6 @@ class Profile:
     @cached_property
     def untracked_frees(self) -> int:
         """Frees of blocks allocated before tracking that memprof did not know about."""
-        mem = self.memory
         return int(((self._sizes < 0) & (self.alloc_of < 0)).sum())
 
     @property
@@ -185,7 +184,7 @@ class Profile:
         module = self._columns[4]   # a copy made for this, rewritten in place
         lookup = self._seq_module
         if lookup:
-            bwd = np.flatnonzero((mem["phase"] == PHASE_BACKWARD) & (mem["seq"] >= 0)
+            bwd = np.flatnonzero((self._phases == PHASE_BACKWARD) & (mem["seq"] >= 0)
                                  & (module < 0))
             if bwd.size:
                 seqs = mem["seq"][bwd]

@@ -33,7 +33,7 @@ from torch._C import DisableTorchFunction, _DisableTorchDispatch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._mode_utils import no_dispatch
 
-__all__ = ["FakeOpCache", "MISS"]
+__all__ = ["FakeOpCache"]
 
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
@@ -44,7 +44,7 @@ _NO_CACHE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shap
 # inplace_view tag (set_, resize_, resize_as_ carry it)
 _RESIZING = frozenset(("_resize_output_",))
 _UNCACHEABLE = object()     # an entry: this key's outputs are not what its kind promises
-MISS = object()             # lookup: not known
+_MISS = object()            # _lookup / _constant_item: not answered here
 FRESH, VIEW, VIEWS, INPLACE = "fresh", "view", "views", "inplace"
 TUPLE, LIST = "tuple", "list"   # entries of FRESH outputs returned as a tuple / a list
 
@@ -92,8 +92,8 @@ def _kind(func) -> str | None:
 
 
 class FakeOpCache:
-    """Answers repeated ops of one FakeTensorMode (see the module docstring). `key`, then
-    `lookup`; on a MISS the op runs through FakeTensorMode and `remember` notes its result."""
+    """Answers repeated ops of one FakeTensorMode (see the module docstring): `dispatch` is
+    what a dispatch mode above FakeTensorMode calls instead of the op."""
 
     def __init__(self, fake_mode):
         self.fake_mode = fake_mode
@@ -164,19 +164,36 @@ class FakeOpCache:
                 return False
         return True
 
-    def constant_item(self, func, args):
+    def dispatch(self, func, args, kwargs):
+        """The op's result: answered here when it can be, else from FakeTensorMode (and noted
+        for the next call with the same key)."""
+        if self.fake_mode.in_kernel_invocation:
+            return func(*args, **kwargs)
+        out = self._constant_item(func, args)
+        if out is not _MISS:
+            return out
+        key = self._key(func, args, kwargs)
+        if key is None:
+            return func(*args, **kwargs)
+        out = self._lookup(key, args)
+        if out is _MISS:
+            out = func(*args, **kwargs)
+            self._remember(key, func, args, kwargs, out)
+        return out
+
+    def _constant_item(self, func, args):
         """`.item()` of a fake tensor carrying a constant (the optimizer's step counters: one
         per parameter and step) -> the number, as FakeTensorMode's constant propagation gives
-        it (the real op on the constant); MISS for any other op."""
+        it (the real op on the constant); _MISS for any other op."""
         if func is _LOCAL_SCALAR_DENSE and len(args) == 1:
             a = args[0]
             if type(a) is FakeTensor and a.fake_mode is self.fake_mode \
                     and a.constant is not None:
                 with no_dispatch():
                     return func(a.constant)
-        return MISS
+        return _MISS
 
-    def key(self, func, args, kwargs):
+    def _key(self, func, args, kwargs):
         """The op's cache key, or None when this op or these arguments are not cacheable."""
         kind = self._kinds.get(func, False)
         if kind is False:
@@ -193,12 +210,12 @@ class FakeOpCache:
                     return None
         return tuple(parts)
 
-    def lookup(self, key, args):
+    def _lookup(self, key, args):
         """The op's result for a known key (new fake tensors of the recorded metadata, or the
-        written argument); MISS when not known or not cacheable."""
+        written argument); _MISS when not known or not cacheable."""
         entry = self._entries.get(key)
         if entry is None or entry is _UNCACHEABLE:
-            return MISS
+            return _MISS
         self.hits += 1
         kind, metas = entry
         if kind == INPLACE:
@@ -215,7 +232,7 @@ class FakeOpCache:
             return tuple(outs)
         return outs if kind == LIST or kind == VIEWS else outs[0]
 
-    def remember(self, key, func, args, kwargs, result) -> None:
+    def _remember(self, key, func, args, kwargs, result) -> None:
         """Note the outputs of a key's first call (through FakeTensorMode) if they are what
         the op's kind promises."""
         if key in self._entries:    # known and not cacheable
@@ -225,7 +242,7 @@ class FakeOpCache:
         entry = _UNCACHEABLE
         if kind == INPLACE:
             # the written tensors' metadata must be as before (the key is made again)
-            if (result is None or result is args[0]) and self.key(func, args, kwargs) == key:
+            if (result is None or result is args[0]) and self._key(func, args, kwargs) == key:
                 entry = (INPLACE, result is not None)
         elif kind == VIEW or kind == VIEWS:
             views = [result] if kind == VIEW else result

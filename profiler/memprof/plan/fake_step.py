@@ -7,7 +7,8 @@ counts FLOPs with `torch.utils.flop_counter`'s formulas (the registry FlopCounte
 CPU fused attention counted like the CUDA kernels), so the recompute of checkpointed blocks is
 counted. FlopCounterMode itself is not used: its module tracker's backward hooks keep the
 recomputed tensors of checkpointed blocks alive until it exits, which inflated the estimated
-peak above the measured one.
+peak above the measured one. Repeated ops are answered by `fake_op_cache.FakeOpCache` (the
+estimator's) instead of FakeTensorMode's own cache.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _C
-from .fake_op_cache import MISS
 from ..record.events import FAKE_DEVICE_TYPE
 
 __all__ = ["StepStorages", "RecordingMode", "unique_storages", "record_buffers"]
@@ -133,19 +133,8 @@ class RecordingMode(TorchDispatchMode):
             # error for sizes that do not fit) - and autograd above already took
             # `_unsafe_view`'s path. One cache hit instead of a full fake dispatch.
             func = _VIEW
-        cache = self.op_cache
-        key = None
-        out = MISS
-        if cache is not None and not cache.fake_mode.in_kernel_invocation:
-            out = cache.constant_item(func, args)
-            if out is MISS:
-                key = cache.key(func, args, kwargs)
-                if key is not None:
-                    out = cache.lookup(key, args)
-        if out is MISS:
-            out = func(*args, **kwargs)
-            if key is not None:
-                cache.remember(key, func, args, kwargs, out)
+        out = func(*args, **kwargs) if self.op_cache is None else \
+            self.op_cache.dispatch(func, args, kwargs)
         formula = self._registry.get(getattr(func, "_overloadpacket", None))
         if formula is not None:
             try:
