@@ -137,3 +137,52 @@ def test_data_dependent_ops_and_constants_go_to_fake_tensor_mode():
         with pytest.raises(Exception):         # dynamic output shape: FakeTensorMode raises
             torch.nonzero(x)
     assert cache.hits == 0
+
+
+def _lifted_constants(fm, cache_hits_before=None):
+    """The optimizer's step-counter pattern on lifted scalars, as seen by FakeTensorMode's
+    constant machinery: values, identity under in-place ops, views sharing the storage, and a
+    write of a non-constant invalidating the constant (and its views')."""
+    x = torch.randn(())
+    steps = [torch.tensor(0.0) for _ in range(3)]
+    seen = []
+    for s in steps:
+        assert isinstance(s, FakeTensor) and s.constant is not None and s.item() == 0.0
+    torch._foreach_add_(steps, 1.0)
+    seen.append([s.item() for s in steps])
+    same = steps[0].add_(2.0)
+    seen.append((same is steps[0], steps[0].item()))
+    view = steps[1].view(1)
+    seen.append((view.untyped_storage()._cdata == steps[1].untyped_storage()._cdata,
+                 view.constant is not None and view.item() == 1.0))
+    steps[1].add_(torch.ops.aten.add.Tensor(x, 1.0))
+    seen.append((steps[1].constant is None, view.constant is None, steps[2].item()))
+    n = torch.tensor(7, dtype=torch.int64)
+    seen.append((n.item(), n.dtype, (n * 2).item()))
+    return seen
+
+
+def test_lifted_scalars_are_answered_like_fake_tensor_mode():
+    reference_mode = FakeTensorMode()
+    with reference_mode:
+        expected = _lifted_constants(reference_mode)
+    fm = FakeTensorMode()
+    recorder, cache = _recording(fm)
+    with fm, recorder:
+        first = _lifted_constants(fm)           # each lift's metadata seen once: FakeTensorMode
+        hits = cache.hits
+        second = _lifted_constants(fm)          # now made by the cache
+    assert first == second == expected
+    assert cache.hits >= hits + 4              # the three float lifts and the int64 one
+    assert expected[0] == [1.0, 1.0, 1.0] and expected[3] == (True, True, 1.0)
+
+
+def test_lifts_that_are_not_constants_go_to_fake_tensor_mode():
+    fm = FakeTensorMode()
+    recorder, cache = _recording(fm)
+    with fm, recorder:
+        for _ in range(2):
+            big = torch.tensor([1.0, 2.0, 3.0])   # more than one element: no constant
+            assert isinstance(big, FakeTensor) and big.constant is None
+            assert big.shape == (3,)
+    assert cache.hits == 0

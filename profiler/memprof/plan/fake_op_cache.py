@@ -22,20 +22,29 @@ every view of a list; an in-place op returning its first argument or nothing and
 every argument's metadata as it was); a key whose result fails the check always goes through
 FakeTensorMode.
 
-One op on constants is answered too: `.item()` of a fake tensor that carries a constant (the
-optimizer's step counters, one `.item()` per parameter each step) is the constant's value, as
-FakeTensorMode's constant propagation computes it.
+Constants are answered in two places, the optimizer's step counters (one per parameter and
+step) being what makes them count:
+- `torch.tensor(0.)`, a real scalar lifted into the mode (`lift_fresh`): FakeTensorMode
+  converts a copy of it through its generic meta converter (half a millisecond). The cache
+  makes the fake tensor itself and registers it where the converter would (its tensor and
+  storage memos, its map of constants by storage: what FakeTensorMode's constant propagation
+  and its invalidation of written constants read), once the first lift of the same metadata,
+  done by FakeTensorMode, was checked to be registered exactly so.
+- `.item()` of a fake tensor that carries a constant is the constant's value, as
+  FakeTensorMode's constant propagation computes it.
 """
 from __future__ import annotations
 
 import torch
 from torch._C import DisableTorchFunction, _DisableTorchDispatch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._mode_utils import no_dispatch
 
 __all__ = ["FakeOpCache"]
 
 _LOCAL_SCALAR_DENSE = torch.ops.aten._local_scalar_dense.default
+_LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
             torch.layout)
 _NO_CACHE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape,
@@ -103,6 +112,7 @@ class FakeOpCache:
         self.hits = 0
         self.misses = 0
         self._attrs: dict = {}      # fake device -> the attributes FakeTensor() gives a tensor
+        self._lifts: dict = {}      # lifted tensor's metadata -> True when answered here
         self._make = self._make_checked
 
     def _make_checked(self, elem, device):
@@ -128,11 +138,7 @@ class FakeOpCache:
         """FakeTensor(mode, elem, device) without its argument checks and normalisation: the
         subclass over the meta tensor, the mode's data-pointer guard, then the attributes a
         tensor made by FakeTensor() on this device carries (copied from one such tensor)."""
-        attrs = self._attrs.get(device)
-        if attrs is None:
-            with DisableTorchFunction(), _DisableTorchDispatch():
-                probe = torch.empty(0, device="meta")
-            attrs = self._attrs[device] = dict(FakeTensor(self.fake_mode, probe, device).__dict__)
+        attrs = self._attrs_of(device)
         t = torch.Tensor._make_subclass(FakeTensor, elem, elem.requires_grad, dispatch_device=True,
                                         device_for_backend_keys=device)
         if self._unsafe_data_ptr:
@@ -172,6 +178,8 @@ class FakeOpCache:
         out = self._constant_item(func, args)
         if out is not _MISS:
             return out
+        if func in _LIFTS:
+            return self._lift(func, args, kwargs)
         key = self._key(func, args, kwargs)
         if key is None:
             return func(*args, **kwargs)
@@ -192,6 +200,76 @@ class FakeOpCache:
                 with no_dispatch():
                     return func(a.constant)
         return _MISS
+
+    def _lift(self, func, args, kwargs):
+        """A real scalar tensor lifted into the mode -> a fake tensor carrying a copy of it as
+        its constant (see the module docstring); any other lift goes to FakeTensorMode."""
+        t = args[0] if len(args) == 1 and not kwargs else None
+        if type(t) is not torch.Tensor or t.numel() > 1 or t.layout is not torch.strided \
+                or t.device.type == "meta" or t.is_conj() or t.is_neg():
+            return func(*args, **kwargs)
+        key = (func, t.shape, t.stride(), t.storage_offset(), t.dtype, t.device,
+               t.requires_grad, t.is_inference(), torch.is_inference_mode_enabled())
+        known = self._lifts.get(key)
+        if known is None:
+            out = func(t)
+            self._lifts[key] = self._registered_constant(out, t)
+            return out
+        if not known:
+            return func(t)
+        self.hits += 1
+        with no_dispatch():
+            constant = func(t).clone()      # FakeTensorMode's copy of the lifted value
+        with DisableTorchFunction(), _DisableTorchDispatch():
+            elem = torch.empty_strided(constant.shape, constant.stride(), dtype=constant.dtype,
+                                       device="meta", requires_grad=constant.requires_grad)
+        out = self._make(elem, constant.device)
+        out.constant = constant
+        converter = self.fake_mode.fake_tensor_converter
+        describer = converter.meta_converter.describer
+        converter.meta_converter.tensor_memo[describer.get_tensor_id(constant)] = out
+        converter.meta_converter.storage_memo[
+            describer.get_storage_id(constant.untyped_storage())] = out.untyped_storage()
+        converter.add_constant_storage_mapping(out)
+        return out
+
+    def _registered_constant(self, out, t) -> bool:
+        """Whether FakeTensorMode's lift of `t` gave a plain fake tensor with a copy of `t`
+        as its constant, registered in its converter's memos and map of constants exactly as
+        `_lift` registers one (another torch may do more: then lifts go to FakeTensorMode)."""
+        try:
+            c = out.constant
+            converter = self.fake_mode.fake_tensor_converter
+            meta = converter.meta_converter
+            describer = meta.describer
+            storage_id = describer.lookup_storage.get(c.untyped_storage())
+            memo_storage = meta.storage_memo.get(storage_id) if storage_id is not None else None
+            refs = converter.constant_storage_mapping.get(StorageWeakRef(c._typed_storage()), [])
+            with no_dispatch():
+                equal = bool(torch.equal(c, t))
+            return type(out) is FakeTensor and out.fake_mode is self.fake_mode \
+                and type(c) is torch.Tensor \
+                and c.untyped_storage()._cdata != t.untyped_storage()._cdata and equal \
+                and (out.shape, out.stride(), out.storage_offset(), out.dtype,
+                     out.requires_grad) == (c.shape, c.stride(), c.storage_offset(), c.dtype,
+                                            c.requires_grad) \
+                and out.fake_device == c.device \
+                and out.untyped_storage().nbytes() == c.untyped_storage().nbytes() \
+                and meta.tensor_memo.get(describer.lookup_tensor.get(c)) is out \
+                and memo_storage is not None \
+                and memo_storage._cdata == out.untyped_storage()._cdata \
+                and any(r() is out for r in refs) \
+                and set(out.__dict__) == set(self._attrs_of(out.fake_device)) | {"constant"}
+        except Exception:  # noqa: BLE001  (a torch without these internals: not answered)
+            return False
+
+    def _attrs_of(self, device) -> dict:
+        attrs = self._attrs.get(device)
+        if attrs is None:
+            with DisableTorchFunction(), _DisableTorchDispatch():
+                probe = torch.empty(0, device="meta")
+            attrs = self._attrs[device] = dict(FakeTensor(self.fake_mode, probe, device).__dict__)
+        return attrs
 
     def _key(self, func, args, kwargs):
         """The op's cache key, or None when this op or these arguments are not cacheable."""
