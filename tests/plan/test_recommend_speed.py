@@ -75,6 +75,47 @@ def test_pool_runs_jobs_in_other_processes_and_in_order_of_completion_here():
     assert list(here.results()) == [(1, (2, os.getpid()))]
 
 
+def _pid_after(job):
+    import os
+    import time
+    time.sleep(job[1])
+    return os.getpid()
+
+
+def test_pool_sends_jobs_of_one_affinity_to_the_worker_that_ran_one():
+    # four jobs per micro-batch, submitted interleaved as combos submits its fit estimates
+    jobs = [((k, batch), 0.05 * (1 + k % 2)) for k in range(4) for batch in (2, 4)]
+    pool = Pool(_pid_after, workers=2, affinity=lambda job: job[0][1])
+    for job in jobs:
+        pool.submit(job)
+    pids = {}
+    for job, pid in pool.results():
+        pids.setdefault(job[0][1], set()).add(pid)
+    assert len(pids[2]) == len(pids[4]) == 1 and pids[2] != pids[4]
+
+
+def _fail_or_die(x):
+    import os
+    if x == "raise":
+        raise ValueError("bad input 7")
+    if x == "die":
+        os._exit(3)
+    return x
+
+
+def test_pool_raises_a_job_error_and_reports_a_dead_worker():
+    from memprof.plan.parallel import WorkerDied
+    pool = Pool(_fail_or_die, workers=2)
+    pool.submit("raise")
+    with pytest.raises(ValueError, match="bad input 7"):
+        list(pool.results())
+    assert pool._procs == []                  # closed: its workers are gone
+    pool = Pool(_fail_or_die, workers=2)
+    pool.submit("die")
+    with pytest.raises(WorkerDied, match="a worker process of the plan died"):
+        list(pool.results())
+
+
 @pytest.mark.parametrize("name,kwargs", [("vit-tiny", {}),
                                          ("dcal-vit-tiny", {"attention_backend": "fused"})])
 def test_builtins_built_on_meta_estimate_as_built_for_real(name, kwargs):

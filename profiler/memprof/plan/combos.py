@@ -84,7 +84,9 @@ class Search:
                 (waiting[prec] if after else ready).append((prec, pol))
                 after = after or pol == first_none[prec]
         fits: dict[tuple[str, str], dict] = {key: {} for key in combos}
-        pool = Pool(self._estimate_job, min(self.workers, len(ready) * len(FIT_BATCHES)))
+        # a worker keeps to one micro-batch where it can: its fake-op cache is keyed on shapes
+        pool = Pool(self._estimate_job, min(self.workers, len(ready) * len(FIT_BATCHES)),
+                    affinity=lambda job: job[1])
         for key in ready:
             for b in FIT_BATCHES:
                 pool.submit((key, b))
