@@ -14,6 +14,12 @@ exit (VmHWM, reset just before it) minus its resident set before the block start
 event bytes (events x the 72-byte record); the native log itself is part of it, so 1.0x is the
 floor for a tracker that keeps every event. "memprof.track + analyses" leaves with the default
 analyses and the summary, what a plain `with memprof.track(): ...` then `prof.summary()` pays.
+
+"Inside" from two long loops swings by hundreds of ns per event between rounds on a shared
+virtual machine, so it is also measured in short paired blocks (`--pairs`, `--chunk`): an
+untracked chunk, a tracked one (only its loop timed), another untracked one, the cycle
+collector off; the cost of a pair is the tracked chunk minus the mean of its two neighbours,
+whose conditions it shares. torch.profiler's pairs run in a child process (see in_child).
 Prints a table and saves it under benchmarks/results/.
 """
 from __future__ import annotations
@@ -126,6 +132,48 @@ def in_child(fn):
     return run
 
 
+def _timed_loop(n, device) -> int:
+    t0 = time.perf_counter_ns()
+    loop(n, device)
+    return time.perf_counter_ns() - t0
+
+
+def _memprof_block(n, device) -> int:
+    tracker = memprof.track(analyses=[])
+    tracker.__enter__()
+    try:
+        return _timed_loop(n, device)
+    finally:
+        tracker.__exit__(None, None, None)
+
+
+def _profiler_block(n, device) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts, profile_memory=True):
+        return _timed_loop(n, device)
+
+
+PAIRED = {"memprof.track": _memprof_block, "torch.profiler(profile_memory)": _profiler_block}
+
+
+def paired(block, chunk: int, pairs: int, device) -> list[float]:
+    """ns per event of `block` over `pairs` paired short blocks (see the module docstring)."""
+    block(100, device)   # one-off start-up costs are not per-event costs
+    out = []
+    for _ in range(pairs):
+        gc.collect()
+        gc.disable()
+        try:
+            before = _timed_loop(chunk, device)
+            inside = block(chunk, device)
+            after = _timed_loop(chunk, device)
+        finally:
+            gc.enable()
+        out.append((inside - (before + after) / 2) / (2 * chunk))
+    return out
+
+
 def cuda_history(n, device):
     mem = LeavingPeak()
     t0 = time.perf_counter_ns()
@@ -150,8 +198,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "per_event"))
+    ap.add_argument("--pairs", type=int, default=40,
+                    help="paired short blocks for the 'inside' cost (0: none)")
+    ap.add_argument("--chunk", type=int, default=10_000, help="loop iterations per paired block")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-paired", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_paired:   # torch.profiler's pairs, in a process of their own
+        loop(1000, args.device)
+        print(json.dumps(paired(PAIRED[args.child_paired], args.chunk, args.pairs, args.device)))
+        return
     if args.child:   # one measurement for in_child()
         loop(1000, args.device)
         fn = globals()[args.child]
@@ -197,12 +253,26 @@ def main() -> None:
         lines.append(f"{name:34s} {p(inside):>28s} {p(leave):>22s} "
                      f"{np.median(inside + leave):10.0f} "
                      f"{np.median(peak):8.2f} [{peak.min():.2f}-{peak.max():.2f}]")
+    pair_ns = {}
+    if args.pairs > 0:
+        pair_ns["memprof.track"] = paired(_memprof_block, args.chunk, args.pairs, dev)
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-paired",
+                              "torch.profiler(profile_memory)", "--pairs", str(args.pairs),
+                              "--chunk", str(args.chunk), "--device", dev],
+                             capture_output=True, text=True, check=True)
+        pair_ns["torch.profiler(profile_memory)"] = json.loads(out.stdout.strip().splitlines()[-1])
+        lines.append(f"inside, paired short blocks ({args.pairs} pairs of {args.chunk:,} "
+                     "iterations: untracked, tracked, untracked; cycle collector off); "
+                     "ns per event, median [p10-p90] over pairs")
+        for name, v in pair_ns.items():
+            lines.append(f"{name:34s} {p(np.array(v)):>28s}")
     lines += [f"machine: {machine(device=dev)}", f"command: {command()}"]
     text = "\n".join(lines)
     print(text)
     save(args.out, text, {"machine": machine(device=dev), "command": command(),
                           "args": vars(args),
-                          "ns": {m: [list(map(int, t)) for t in ts] for m, ts in times.items()}})
+                          "ns": {m: [list(map(int, t)) for t in ts] for m, ts in times.items()},
+                          "paired_ns_per_event": pair_ns})
 
 
 if __name__ == "__main__":
