@@ -142,9 +142,11 @@ def _memprof_block(n, device) -> int:
     tracker = memprof.track(analyses=[])
     tracker.__enter__()
     try:
-        return _timed_loop(n, device)
+        took = _timed_loop(n, device)
     finally:
         tracker.__exit__(None, None, None)
+    assert tracker.profile.memory.size >= 2 * n, tracker.profile.memory.size
+    return took
 
 
 def _profiler_block(n, device) -> int:

@@ -159,6 +159,8 @@ def _lifted_constants(fm, cache_hits_before=None):
     seen.append((steps[1].constant is None, view.constant is None, steps[2].item()))
     n = torch.tensor(7, dtype=torch.int64)
     seen.append((n.item(), n.dtype, (n * 2).item()))
+    memo = fm.fake_tensor_converter._get_memo     # the converter knows each lifted counter
+    seen.append([memo(s.constant) is s for s in steps[::2]] + [memo(n.constant) is n])
     return seen
 
 
@@ -172,9 +174,13 @@ def test_lifted_scalars_are_answered_like_fake_tensor_mode():
         first = _lifted_constants(fm)           # each lift's metadata seen once: FakeTensorMode
         hits = cache.hits
         second = _lifted_constants(fm)          # now made by the cache
+        before = cache.hits
+        torch.tensor(5.0)
+        lifted = cache.hits - before
     assert first == second == expected
-    assert cache.hits >= hits + 4              # the three float lifts and the int64 one
+    assert cache.hits >= hits + 4 and lifted == 1   # a lift of known metadata: answered here
     assert expected[0] == [1.0, 1.0, 1.0] and expected[3] == (True, True, 1.0)
+    assert expected[5] == [True, True, True]
 
 
 def test_lifts_that_are_not_constants_go_to_fake_tensor_mode():

@@ -83,8 +83,10 @@ def _pid_after(job):
 
 
 def test_pool_sends_jobs_of_one_affinity_to_the_worker_that_ran_one():
-    # four jobs per micro-batch, submitted interleaved as combos submits its fit estimates
-    jobs = [((k, batch), 0.05 * (1 + k % 2)) for k in range(4) for batch in (2, 4)]
+    # four jobs per micro-batch, submitted in an order that first-come-first-served would
+    # hand out mixed (worker 0 would get batches 2, 4, 2, 4)
+    order = [(0, 2), (0, 4), (1, 4), (1, 2), (2, 2), (2, 4), (3, 4), (3, 2)]
+    jobs = [(key, 0.2) for key in order]
     pool = Pool(_pid_after, workers=2, affinity=lambda job: job[0][1])
     for job in jobs:
         pool.submit(job)
@@ -100,20 +102,42 @@ def _fail_or_die(x):
         raise ValueError("bad input 7")
     if x == "die":
         os._exit(3)
+    if x == "unpicklable":
+        return lambda: x
     return x
 
 
 def test_pool_raises_a_job_error_and_reports_a_dead_worker():
     from memprof.plan.parallel import WorkerDied
     pool = Pool(_fail_or_die, workers=2)
+    procs = list(pool._procs)
     pool.submit("raise")
-    with pytest.raises(ValueError, match="bad input 7"):
+    with pytest.raises(ValueError, match="bad input 7") as raised:
         list(pool.results())
-    assert pool._procs == []                  # closed: its workers are gone
+    assert "_fail_or_die" in str(raised.value.__cause__)   # the worker's traceback
+    assert not any(p.is_alive() for p in procs)           # closed: its workers are gone
+    pool = Pool(_fail_or_die, workers=2)
+    pool.submit("unpicklable")
+    with pytest.raises(RuntimeError, match="could not send back the job's result"):
+        list(pool.results())
     pool = Pool(_fail_or_die, workers=2)
     pool.submit("die")
     with pytest.raises(WorkerDied, match="a worker process of the plan died"):
         list(pool.results())
+
+
+def _start_a_process(x):
+    import multiprocessing
+    child = multiprocessing.get_context("fork").Process(target=int)
+    child.start()     # a batch function's DataLoader workers: not allowed in daemonic workers
+    child.join()
+    return child.exitcode
+
+
+def test_a_pool_job_may_start_processes_of_its_own():
+    pool = Pool(_start_a_process, workers=2)
+    pool.submit(1)
+    assert list(pool.results()) == [(1, 0)]
 
 
 @pytest.mark.parametrize("name,kwargs", [("vit-tiny", {}),

@@ -236,7 +236,9 @@ class FakeOpCache:
     def _registered_constant(self, out, t) -> bool:
         """Whether FakeTensorMode's lift of `t` gave a plain fake tensor with a copy of `t`
         as its constant, registered in its converter's memos and map of constants exactly as
-        `_lift` registers one (another torch may do more: then lifts go to FakeTensorMode)."""
+        `_lift` registers one, and made as `_lift` makes one (inference-ness as the mode's, no
+        real tensor alongside); another torch, or a mode configured otherwise, may do more:
+        then lifts go to FakeTensorMode."""
         try:
             c = out.constant
             converter = self.fake_mode.fake_tensor_converter
@@ -254,6 +256,8 @@ class FakeOpCache:
                      out.requires_grad) == (c.shape, c.stride(), c.storage_offset(), c.dtype,
                                             c.requires_grad) \
                 and out.fake_device == c.device \
+                and out.is_inference() == torch.is_inference_mode_enabled() \
+                and out.__dict__.get("real_tensor") is None \
                 and out.untyped_storage().nbytes() == c.untyped_storage().nbytes() \
                 and meta.tensor_memo.get(describer.lookup_tensor.get(c)) is out \
                 and memo_storage is not None \

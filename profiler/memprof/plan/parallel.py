@@ -14,10 +14,11 @@ worker with nothing of its own takes an affinity no other worker has, else any j
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
-import pickle
 import traceback
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 __all__ = ["default_workers", "usable_cores", "Pool", "WorkerDied"]
@@ -44,38 +45,75 @@ def default_workers() -> int:
 
 
 def _worker_loop(conn, job) -> None:
-    """A forked worker: run each job received, send back ("ok", result) or ("error",
-    exception); None ends it."""
+    """A forked worker: run each job received, send back ("ok", result, None) or ("error",
+    exception, its traceback's text); None ends it."""
     import torch
     torch.set_num_threads(1)   # a worker is one core: no intra-op threads fighting the others
     while True:
         try:
             arg = conn.recv()
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, OSError, KeyboardInterrupt):
             break
         if arg is None:
             break
         try:
-            reply = ("ok", job(arg))
+            reply = ("ok", job(arg), None)
         except BaseException as e:  # noqa: BLE001  (every failure goes back to the parent)
-            reply = ("error", e)
+            reply = ("error", e, traceback.format_exc())
         try:
-            conn.send(reply)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            # a result or an exception that does not pickle: its text goes back instead
-            text = "".join(traceback.format_exception_only(type(reply[1]), reply[1])).strip()
-            conn.send(("error", RuntimeError(f"{text} (could not be sent back: {e})")))
-        except (BrokenPipeError, KeyboardInterrupt):
+            data = ForkingPickler.dumps(reply)
+        except Exception as e:  # noqa: BLE001  (a result or exception that does not pickle)
+            what = f"the job's result ({type(reply[1]).__name__})" if reply[0] == "ok" else \
+                f"its {type(reply[1]).__name__}: {reply[1]}"
+            data = ForkingPickler.dumps(("error", RuntimeError(
+                f"a plan job's worker could not send back {what}: {type(e).__name__}: {e}"),
+                reply[2]))
+        try:
+            conn.send_bytes(data)
+        except (OSError, KeyboardInterrupt):
             break
     conn.close()
+
+
+class _RemoteTraceback(Exception):
+    """The worker-side traceback of a job's exception (its __cause__ in the parent)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.text}\"\"\""
+
+
+def _stop_workers(conns: list, procs: list, busy: set) -> None:
+    """Idle workers are told to end; busy ones (results() left early: an error, an
+    interrupt) are stopped."""
+    for w, (conn, proc) in enumerate(zip(conns, procs)):
+        if w in busy:
+            proc.terminate()
+            continue
+        try:
+            conn.send(None)
+        except OSError:
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()
 
 
 class Pool:
     """`submit(arg)` then `results()`: job(arg) for each, in forked worker processes when
     `workers` > 1, else here in order. `results()` yields (arg, result) as jobs finish and may
     be given more jobs meanwhile (`submit` inside the loop); a job's exception is raised
-    there. `affinity(arg)` (default: none) keys the worker a job prefers (see the module
-    docstring). A worker that dies (a crash in native code) raises `WorkerDied` for its job."""
+    there, with the worker's traceback as its cause. `affinity(arg)` (default: none) keys
+    the worker a job prefers (see the module docstring). A worker that dies (a crash in
+    native code) raises `WorkerDied` for its job. The workers end when results() ends, or at
+    the latest when this process exits."""
 
     def __init__(self, job: Callable[[Any], Any], workers: int,
                  affinity: Callable[[Any], Any] | None = None):
@@ -87,16 +125,22 @@ class Pool:
         self._conns: list = []
         self._procs: list = []
         self._last: list = []       # affinity of each worker's last job
+        self._finalizer = None
         if self.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("fork")
             for _ in range(self.workers):
                 here, there = ctx.Pipe()
-                proc = ctx.Process(target=_worker_loop, args=(there, job), daemon=True)
+                # not daemonic: a job may start processes of its own (a DataLoader's workers)
+                proc = ctx.Process(target=_worker_loop, args=(there, job))
                 proc.start()
                 there.close()
                 self._conns.append(here)
                 self._procs.append(proc)
                 self._last.append(_NOTHING_YET)
+            # a pool whose results() never ran: its workers end before multiprocessing joins
+            # the children at exit (else that join would wait for them for ever)
+            self._finalizer = multiprocessing.util.Finalize(
+                self, _stop_workers, args=(self._conns, self._procs, set()), exitpriority=10)
 
     def submit(self, arg) -> None:
         self._pending.append(arg)
@@ -106,12 +150,15 @@ class Pool:
         for w in range(len(self._conns)):
             if w in self._running or not self._pending:
                 continue
-            arg = self._pending.pop(self._pick(w))
+            i = self._pick(w)
+            arg = self._pending[i]
+            data = ForkingPickler.dumps(arg)    # an argument that does not pickle raises here
+            del self._pending[i]
             self._last[w] = self.affinity(arg)
             self._running[w] = arg
             try:
-                self._conns[w].send(arg)
-            except (BrokenPipeError, OSError):
+                self._conns[w].send_bytes(data)
+            except OSError:
                 pass   # the worker is gone: results() reports it
 
     def _pick(self, w: int) -> int:
@@ -129,11 +176,12 @@ class Pool:
                     arg = self._pending.pop(0)
                     yield arg, self.job(arg)
                     continue
+                self._start_idle()
                 ready = wait([self._conns[w] for w in self._running])
                 for w in sorted(self._conns.index(c) for c in ready):
                     arg = self._running.pop(w)
                     try:
-                        status, value = self._conns[w].recv()
+                        status, value, remote = self._conns[w].recv()
                     except (EOFError, OSError):
                         raise WorkerDied("a worker process of the plan died (a crash in native "
                                          "code); run with workers=1 to see it") from None
@@ -141,29 +189,19 @@ class Pool:
                         raise RuntimeError(f"a worker's reply could not be read: {e}") from None
                     self._start_idle()
                     if status == "error":
-                        raise value
+                        raise value from (_RemoteTraceback(remote) if remote else None)
                     yield arg, value
         finally:
             self.close()
 
     def close(self) -> None:
-        """Idle workers are told to end; busy ones (results() left early: an error, an
-        interrupt) are stopped."""
-        for w, (conn, proc) in enumerate(zip(self._conns, self._procs)):
-            if w in self._running:
-                proc.terminate()
-                continue
-            try:
-                conn.send(None)
-            except (BrokenPipeError, OSError):
-                proc.terminate()
-        for proc in self._procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for conn in self._conns:
-            conn.close()
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+            self._finalizer = None
+        if self._conns:
+            _stop_workers(self._conns, self._procs, set(self._running))
         self._conns, self._procs, self._running, self._pending = [], [], {}, []
+
+
 class WorkerDied(RuntimeError):
     """A worker process ended without returning its job's result."""
