@@ -76,10 +76,16 @@ def loop(n: int, device: str = "cpu") -> None:
         torch.empty(16, device=device)
 
 
-def untracked(n, device):
+
+
+def _timed_loop(n, device) -> int:
     t0 = time.perf_counter_ns()
     loop(n, device)
-    return time.perf_counter_ns() - t0, 0, 0
+    return time.perf_counter_ns() - t0
+
+
+def untracked(n, device):
+    return _timed_loop(n, device), 0, 0
 
 
 def memprof_track(n, device, analyses=()):
@@ -132,10 +138,6 @@ def in_child(fn):
     return run
 
 
-def _timed_loop(n, device) -> int:
-    t0 = time.perf_counter_ns()
-    loop(n, device)
-    return time.perf_counter_ns() - t0
 
 
 def _memprof_block(n, device) -> int:

@@ -100,6 +100,14 @@ def _kind(func) -> str | None:
     return None
 
 
+def _meta_like(t):
+    """A meta tensor of `t`'s sizes, strides, dtype and requires_grad, made outside every
+    mode (what a fake tensor made here wraps)."""
+    with DisableTorchFunction(), _DisableTorchDispatch():
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta",
+                                   requires_grad=t.requires_grad)
+
+
 class FakeOpCache:
     """Answers repeated ops of one FakeTensorMode (see the module docstring): `dispatch` is
     what a dispatch mode above FakeTensorMode calls instead of the op."""
@@ -120,9 +128,7 @@ class FakeOpCache:
         differ in any attribute, every later one is made by FakeTensor() (a torch whose
         FakeTensor sets up more than this cache knows)."""
         t = FakeTensor(self.fake_mode, elem, device)
-        with DisableTorchFunction(), _DisableTorchDispatch():
-            twin = torch.empty_strided(elem.shape, elem.stride(), dtype=elem.dtype,
-                                       device="meta")
+        twin = _meta_like(elem)
         fast = self._make_fast(twin, device)
         try:
             same = type(fast) is FakeTensor and fast.__dict__.keys() == t.__dict__.keys() \
@@ -220,10 +226,7 @@ class FakeOpCache:
         self.hits += 1
         with no_dispatch():
             constant = func(t).clone()      # FakeTensorMode's copy of the lifted value
-        with DisableTorchFunction(), _DisableTorchDispatch():
-            elem = torch.empty_strided(constant.shape, constant.stride(), dtype=constant.dtype,
-                                       device="meta", requires_grad=constant.requires_grad)
-        out = self._make(elem, constant.device)
+        out = self._make(_meta_like(constant), constant.device)
         out.constant = constant
         converter = self.fake_mode.fake_tensor_converter
         describer = converter.meta_converter.describer
@@ -263,7 +266,7 @@ class FakeOpCache:
                 and memo_storage is not None \
                 and memo_storage._cdata == out.untyped_storage()._cdata \
                 and any(r() is out for r in refs) \
-                and set(out.__dict__) == set(self._attrs_of(out.fake_device)) | {"constant"}
+                and set(out.__dict__) == set(self._attrs_of(out.fake_device))
         except Exception:  # noqa: BLE001  (a torch without these internals: not answered)
             return False
 

@@ -25,6 +25,7 @@ __all__ = ["default_workers", "usable_cores", "Pool", "WorkerDied"]
 
 _NOTHING_YET = object()   # a worker's affinity before its first job
 
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, not the machine's count)."""
     try:
