@@ -79,9 +79,10 @@ if tree:
     sys.meta_path[:] = [f for f in sys.meta_path
                         if not type(f).__name__.startswith("ScikitBuild")]
     sys.path.insert(0, tree)
-from memprof.cli import main
+import memprof.cli
 sys.argv = ["memprof", "recommend"] + sys.argv[2:]
-sys.exit(main())
+# the console script's way out where the tree has one (it may skip Python's finalization)
+sys.exit(getattr(memprof.cli, "console_main", memprof.cli.main)())
 """
 
 

@@ -117,6 +117,9 @@ class RecommendCommand(Command):
                             "micro-batch per precision and checkpointing, the GPU's usable "
                             "line, the best option marked)")
 
+    def leaves_fast(self, args: argparse.Namespace) -> bool:
+        return ":" not in args.model and not args.batch_fn   # no module of the user's ran
+
     def run(self, args: argparse.Namespace) -> int:
         """With the current directory first on the import path (as `python -m` puts it), so
         that --model / --batch-fn name modules next to where the command is typed."""
