@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
   memprof::register_allocator_sim(m);
   memprof::register_pairs(m);
   memprof::register_columns(m);
+  memprof::register_storages(m);
 }

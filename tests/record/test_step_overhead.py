@@ -183,19 +183,98 @@ def test_state_updated_in_place_is_noted_once_and_new_state_every_step():
 
 def test_fake_optimizer_state_is_noted_without_reading_addresses():
     import warnings
+    from types import SimpleNamespace
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from memprof.record.events import CAT_OPTIMIZER_STATE
     with FakeTensorMode():
         state = [torch.zeros(3), torch.zeros(3)]
-    from types import SimpleNamespace
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in state]
+    opt = SimpleNamespace(state={p: {"avg": t} for p, t in zip(params, state)})
     rec = snapshots.SnapshotRecorder(SimpleNamespace(scope=SimpleNamespace(param_module={})))
     with warnings.catch_warnings():
         warnings.simplefilter("error")     # FakeTensor.data_ptr() warns
         memprof._C.start(1000)
         try:
             for _ in range(2):
-                rec._take_if_changed(CAT_OPTIMIZER_STATE, object, [(t, t) for t in state])
+                rec._after_optimizer(opt)
         finally:
             memprof._C.stop()
             memprof._C.take_events([])
     assert len(rec.snapshots) == 2   # fake: no address to compare, so noted each time
+
+
+def test_storage_addresses_read_in_one_native_call_match_storage_ptr():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake = torch.zeros(3)
+    plain = [torch.randn(5, 3)[1:], torch.nn.Parameter(torch.randn(4)), torch.randn(0),
+             torch.empty(3, device="meta"), torch.randn(3).to_sparse()]
+    addresses = memprof._C.plain_storage_addresses(plain + [fake])
+    assert addresses[:2] == [t.untyped_storage().data_ptr() for t in plain[:2]]
+    assert addresses[2:5] == [0, 0, 0]       # no data, meta, sparse: no address
+    assert addresses[5] == -1                # not a plain tensor: Python's path
+    assert snapshots.storage_ptrs(plain + [fake]) == [snapshots.storage_ptr(t)
+                                                      for t in plain + [fake]]
+
+
+def test_storage_note_names_the_same_allocations_only():
+    a, b = torch.zeros(4), torch.zeros(4)
+    note = memprof._C.StorageNote()
+    assert note.note([a, b]) and note.same([a, b])
+    a.add_(1)                                 # in place: the same allocation
+    assert note.same([a, b]) and not note.same([b, a]) and not note.same([a])
+    view = a[1:]                              # another tensor of the same storage
+    assert note.same([view, b])
+    a.data = torch.zeros(4)                   # the same tensor object, a new allocation
+    assert not note.same([a, b])
+    assert note.note([a, b])
+    c = b.clone()
+    del b
+    b = torch.zeros(4)                        # a new storage (perhaps at the old address)
+    assert not note.same([a, b]) and not note.same([a, c])
+    assert not memprof._C.StorageNote().note([a, torch.empty(0)])   # nothing to name
+    assert not memprof._C.StorageNote().same([])                     # never noted
+
+
+def test_storage_note_walks_an_optimizer_state_in_state_pairs_order():
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    state = {params[0]: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2), "lr": 0.1},
+             params[1]: {"history": [torch.zeros(2), 3, torch.zeros(2)]},
+             params[2]: {"momentum": torch.zeros(2)}}
+    opt = type("Opt", (), {"state": state})()
+    note = memprof._C.StorageNote()
+    assert note.note([t for t, _ in snapshots.state_pairs(opt)])
+    assert note.same_state(state)
+    state[params[0]]["step"] += 1             # in place
+    assert note.same_state(state)
+    state[params[1]]["history"].append(torch.zeros(2))   # one more tensor
+    assert not note.same_state(state)
+    state[params[1]]["history"].pop()
+    assert note.same_state(state)
+    state[params[2]]["momentum"] = torch.zeros(2)          # replaced
+    assert not note.same_state(state)
+    del state[params[2]]                                   # one fewer
+    assert not note.same_state(state)
+
+
+def test_snapshots_of_a_deep_model_per_step_are_cheap():
+    """A 122-parameter model: checking that AdamW's 366 state tensors are the ones noted
+    last step takes microseconds (it took ~0.3 ms in Python)."""
+    import time
+    from types import SimpleNamespace
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(61)])
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    rec = snapshots.SnapshotRecorder(SimpleNamespace(scope=SimpleNamespace(param_module={})))
+    memprof._C.start(1000)
+    try:
+        rec._after_optimizer(opt)
+        t = time.perf_counter()
+        for _ in range(100):
+            rec._after_optimizer(opt)
+        per_check = (time.perf_counter() - t) / 100
+    finally:
+        memprof._C.stop()
+        memprof._C.take_events([])
+    assert len(rec.snapshots) == 1            # noted once, then found unchanged
+    assert per_check < 100e-6, per_check

@@ -3,7 +3,7 @@
 The allocator only sees bytes; what they are is known from Python. Before tracking starts the
 blocks memprof can name (parameters, gradients, optimizer state) become the baseline; at each
 optimizer step the gradients (before it) and the optimizer state (after it) are noted - unless
-they are the very tensors, at the same addresses, that the last note named - and at the end
+they are the very storages, at the same addresses, that the last note named - and at the end
 all three once more. Module buffers (BatchNorm statistics, position ids, rotary tables)
 are noted at the start, at each step end where their storages changed (a cache rebuilt for a
 longer sequence), and at the end, each owned by the module that registered it. Each note is a
@@ -13,7 +13,6 @@ allocations after the run (profile.py).
 from __future__ import annotations
 
 import sys
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -104,31 +103,16 @@ def state_pairs(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def storage_ptrs(tensors: list[torch.Tensor]) -> list[int | None]:
+    """storage_ptr of each tensor; the plain ones (every gradient and optimizer state tensor
+    of a run on a device) read in C++ in one call."""
+    addresses = _C.plain_storage_addresses(tensors)
+    return [(a or None) if a >= 0 else storage_ptr(t) for a, t in zip(addresses, tensors)]
+
+
 def _storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
     """The sorted storage addresses of the tensors of (tensor, module id) pairs."""
-    return sorted(k for k in map(storage_ptr, (t for t, _ in pairs)) if k is not None)
-
-
-def _note_tensors(owned: list[tuple[torch.Tensor, int]]) -> list | None:
-    """[(weakref, address, module id)] of (tensor, module id) pairs (tensors are not kept
-    alive); None unless all are plain tensors with an address (a fake tensor's data_ptr
-    warns and says nothing: those are noted every time)."""
-    if not all(is_plain_tensor(t) for t, _ in owned):
-        return None
-    try:
-        return [(weakref.ref(t), t.data_ptr(), mid) for t, mid in owned]
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
-
-
-def _same_tensors(noted: list | None, owned: list[tuple[torch.Tensor, int]]) -> bool:
-    if noted is None or len(noted) != len(owned):
-        return False
-    try:
-        return all(ref() is t and t.data_ptr() == ptr and m == mid
-                   for (ref, ptr, m), (t, mid) in zip(noted, owned))
-    except (RuntimeError, NotImplementedError):
-        return False
+    return sorted(k for k in storage_ptrs([t for t, _ in pairs]) if k is not None)
 
 
 class SnapshotRecorder:
@@ -139,8 +123,8 @@ class SnapshotRecorder:
         self.snapshots: list[Snapshot] = []      # marker -1 until the run is assembled
         self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
         self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
-        # (category, id(optimizer)) -> [(weakref to tensor, address, module)] at its last note
-        self._noted: dict[tuple[int, int], list] = {}
+        # (category, id(optimizer)) -> (owners known, _C.StorageNote) at its last note
+        self._noted: dict[tuple[int, int], tuple] = {}
 
     def _module_of(self, p) -> int:
         return self.session.scope.param_module.get(id(p), -1)
@@ -191,24 +175,34 @@ class SnapshotRecorder:
 
     def _before_optimizer(self, optimizer) -> None:
         if self.session.steps.watches(optimizer):
-            self._take_if_changed(CAT_GRADIENTS, optimizer, [
-                (p.grad, p) for g in optimizer.param_groups for p in g["params"]
-                if p.grad is not None])
+            pairs = [(p.grad, p) for g in optimizer.param_groups for p in g["params"]
+                     if p.grad is not None]
+            tensors = [t for t, _ in pairs]
+            if not self._unchanged(CAT_GRADIENTS, optimizer, lambda note: note.same(tensors)):
+                self._take_noted(CAT_GRADIENTS, optimizer, pairs)
 
     def _after_optimizer(self, optimizer) -> None:
-        self._take_if_changed(CAT_OPTIMIZER_STATE, optimizer, state_pairs(optimizer))
+        if not self._unchanged(CAT_OPTIMIZER_STATE, optimizer,
+                               lambda note: note.same_state(optimizer.state)):
+            self._take_noted(CAT_OPTIMIZER_STATE, optimizer, state_pairs(optimizer))
 
-    def _take_if_changed(self, category: int, optimizer, pairs: list) -> None:
-        """take(), unless the same tensors, at the same addresses and with the same owners, were
-        noted for this optimizer last time: a tensor object that kept its address kept its
-        allocation, which that snapshot already named (optimizer state is updated in place,
-        so this is every step after the first)."""
-        owned = [(t, self._module_of(p)) for t, p in pairs]
-        key = (category, id(optimizer))
-        if _same_tensors(self._noted.get(key), owned):
-            return
-        self._take(category, owned)
-        self._noted[key] = _note_tensors(owned)
+    def _unchanged(self, category: int, optimizer, same) -> bool:
+        """Whether the storages this optimizer's last note of `category` named are, by
+        `same(note)`, still the very ones (alive, at the same addresses) and no parameter's
+        module was named since: a storage that kept its address kept its allocation, which
+        that snapshot already named (optimizer state is updated in place, so this is every
+        step after the first). Fake tensors and other wrappers are noted every time."""
+        noted = self._noted.get((category, id(optimizer)))
+        return noted is not None and noted[0] == len(self.session.scope.param_module) \
+            and same(noted[1])
+
+    def _take_noted(self, category: int, optimizer, pairs: list) -> None:
+        """take(), remembering which storages it named (see _unchanged)."""
+        owners_known = len(self.session.scope.param_module)   # only ever grows
+        self.take(category, pairs)
+        note = _C.StorageNote()
+        self._noted[(category, id(optimizer))] = \
+            (owners_known, note) if note.note([t for t, _ in pairs]) else None
 
     def take(self, category: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember which storages hold `category` now; pairs are (tensor, its parameter)."""
@@ -217,8 +211,7 @@ class SnapshotRecorder:
     def _take(self, category: int, owned: list[tuple[torch.Tensor, int]]) -> None:
         """The same, for (tensor, owning module id) pairs."""
         owner: dict[int, int] = {}
-        for t, mid in owned:
-            ptr = storage_ptr(t)
+        for ptr, (_, mid) in zip(storage_ptrs([t for t, _ in owned]), owned):
             if ptr is not None:
                 owner.setdefault(ptr, mid)
         ptrs = sorted(owner)
