@@ -5,8 +5,8 @@
 
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/StorageImpl.h>
+#include <c10/util/Exception.h>
 #include <c10/util/intrusive_ptr.h>
-#include <pybind11/stl.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -33,18 +33,22 @@ const at::Tensor* plain_tensor(PyObject* obj) {
   return &t;
 }
 
-// The storage's data address; 0 for a tensor without storage or data (sparse, meta).
+// The storage's data address; 0 for a tensor without storage or data (sparse, meta); -1 where
+// reading it throws (torch.compile's CUDA graphs mark overwritten outputs' storages unreadable).
 int64_t address(const at::Tensor& t) {
   if (!t.has_storage()) return 0;
-  return reinterpret_cast<int64_t>(t.storage().data());
+  try {
+    return reinterpret_cast<int64_t>(t.storage().data());
+  } catch (const c10::Error&) {
+    return -1;
+  }
 }
 
 py::list plain_storage_addresses(const py::sequence& tensors) {
-  py::list out(py::len(tensors));
-  Py_ssize_t i = 0;
-  for (py::handle item : tensors) {
+  py::list out;
+  for (py::handle item : py::list(tensors)) {   // the new list owns its items
     const at::Tensor* t = plain_tensor(item.ptr());
-    out[i++] = py::int_(t == nullptr ? -1 : address(*t));
+    out.append(py::int_(t == nullptr ? -1 : address(*t)));
   }
   return out;
 }
@@ -54,20 +58,21 @@ py::list plain_storage_addresses(const py::sequence& tensors) {
 // address is the same storage, and an equal data address the same allocation.
 class StorageNote {
  public:
-  // Notes the tensors' storages; false (and nothing noted) unless all are plain with data.
+  // Notes the tensors' storages; false (and nothing noted) unless all are plain tensors with
+  // a readable storage (an empty one included: its identity is what is compared).
   bool note(const py::sequence& tensors) {
     std::vector<Entry> entries;
-    entries.reserve(py::len(tensors));
-    for (py::handle item : tensors) {
+    const py::list items(tensors);   // a list owns its items
+    entries.reserve(items.size());
+    for (py::handle item : items) {   // owned by items
       const at::Tensor* t = plain_tensor(item.ptr());
-      if (t == nullptr || !t->has_storage() || address(*t) == 0) {
+      const int64_t at = t != nullptr && t->has_storage() ? address(*t) : -1;
+      if (at < 0) {
         entries_.clear();
         valid_ = false;
         return false;
       }
-      entries.push_back(Entry{c10::weak_intrusive_ptr<c10::StorageImpl>(
-                                  t->storage().getWeakStorageImpl()),
-                              address(*t)});
+      entries.push_back(Entry{t->storage().getWeakStorageImpl(), at});
     }
     entries_ = std::move(entries);
     valid_ = true;
@@ -76,9 +81,10 @@ class StorageNote {
 
   // Whether the tensors hold, in order, the very storages noted, alive, at the same addresses.
   bool same(const py::sequence& tensors) const {
-    if (!valid_ || static_cast<size_t>(py::len(tensors)) != entries_.size()) return false;
+    const py::list items(tensors);
+    if (!valid_ || items.size() != entries_.size()) return false;
     size_t i = 0;
-    for (py::handle item : tensors) {
+    for (py::handle item : items) {   // owned by items
       if (!matches(entries_[i++], item.ptr())) return false;
     }
     return true;
@@ -87,17 +93,17 @@ class StorageNote {
   // same() for the tensors of an optimizer's state ({param: {name: value}}), in the order
   // snapshots.state_pairs lists them (tensors, and the tensors in list or tuple values),
   // without building that list: this runs after every optimizer step.
-  bool same_state(const py::dict& state) const {
-    if (!valid_) return false;
+  bool same_state(const py::object& state) const {
+    if (!valid_ || !PyDict_Check(state.ptr())) return false;   // another mapping: take anew
     size_t i = 0;
-    for (auto item : state) {
+    for (auto item : py::reinterpret_borrow<py::dict>(state)) {
       if (!PyDict_Check(item.second.ptr())) return false;
       for (auto field : py::reinterpret_borrow<py::dict>(item.second)) {
         PyObject* v = field.second.ptr();
         if (THPVariable_Check(v)) {
           if (i >= entries_.size() || !matches(entries_[i++], v)) return false;
         } else if (PyList_Check(v) || PyTuple_Check(v)) {
-          for (py::handle x : py::reinterpret_borrow<py::sequence>(field.second)) {
+          for (py::handle x : py::list(py::reinterpret_borrow<py::object>(field.second))) {
             if (!THPVariable_Check(x.ptr())) continue;
             if (i >= entries_.size() || !matches(entries_[i++], x.ptr())) return false;
           }
@@ -117,7 +123,7 @@ class StorageNote {
     const at::Tensor* t = plain_tensor(obj);
     if (t == nullptr || !t->has_storage() || e.storage.expired()) return false;
     return t->storage().unsafeGetStorageImpl() == e.storage._unsafe_get_target() &&
-           address(*t) == e.address;
+           address(*t) == e.address;   // -1 (unreadable) never equals a noted address
   }
   std::vector<Entry> entries_;
   bool valid_ = false;
@@ -133,7 +139,8 @@ void register_storages(py::module_& m) {
                           "The storages a list of plain tensors held when noted (weakly).")
       .def(py::init<>())
       .def("note", &StorageNote::note, py::arg("tensors"),
-           "Note the tensors' storages; False (nothing noted) unless all are plain with data.")
+           "Note the tensors' storages; False (nothing noted) unless all are plain tensors with "
+           "a readable storage.")
       .def("same", &StorageNote::same, py::arg("tensors"),
            "Whether the tensors hold, in order, the very storages noted, at the same "
            "addresses.")

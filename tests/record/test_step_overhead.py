@@ -231,8 +231,13 @@ def test_storage_note_names_the_same_allocations_only():
     del b
     b = torch.zeros(4)                        # a new storage (perhaps at the old address)
     assert not note.same([a, b]) and not note.same([a, c])
-    assert not memprof._C.StorageNote().note([a, torch.empty(0)])   # nothing to name
+    empty = torch.empty(0)                    # a storage without data: its identity counts
+    note = memprof._C.StorageNote()
+    assert note.note([a, empty]) and note.same([a, empty])
+    assert not note.same([a, torch.empty(0)])
+    assert not memprof._C.StorageNote().note([a, torch.randn(3).to_sparse()])  # no storage
     assert not memprof._C.StorageNote().same([])                     # never noted
+    assert not note.same_state(list(range(3)))   # not a dict: never the same
 
 
 def test_storage_note_walks_an_optimizer_state_in_state_pairs_order():
@@ -269,10 +274,12 @@ def test_snapshots_of_a_deep_model_per_step_are_cheap():
     memprof._C.start(1000)
     try:
         rec._after_optimizer(opt)
-        t = time.perf_counter()
-        for _ in range(100):
-            rec._after_optimizer(opt)
-        per_check = (time.perf_counter() - t) / 100
+        per_check = float("inf")
+        for _ in range(5):       # the best of 5 blocks: a busy machine's pauses left out
+            t = time.perf_counter()
+            for _ in range(100):
+                rec._after_optimizer(opt)
+            per_check = min(per_check, (time.perf_counter() - t) / 100)
     finally:
         memprof._C.stop()
         memprof._C.take_events([])

@@ -38,22 +38,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> None:
     """The `memprof` command (console script, `python -m memprof.cli`): main(), then, after a
-    command that ran only memprof's own code, the process ends without Python's finalization,
-    which frees torch, dynamo and sympy module by module (about 1 s of a 10 s `memprof
-    recommend`, measured). atexit handlers still run (multiprocessing's among them) and the
-    output is flushed; after user code (`memprof run`, a model of the user's) or with other
-    threads still alive the process ends as Python ends."""
+    command that ran only memprof's own code (Command.leaves_fast), the process ends without
+    Python's finalization, which frees torch, dynamo and sympy module by module (about 1 s of
+    a 10 s `memprof recommend`, measured). atexit handlers still run (multiprocessing's among
+    them) and the output is flushed. The process ends as Python's does after user code
+    (`memprof run`, a model of the user's), while a non-daemon thread is alive, and under a
+    tracer or profiler (`python -m cProfile -m memprof.cli ...` writes its stats after
+    main returns)."""
     args = build_parser().parse_args()
     code = _run(args)
-    if args.command_object.leaves_fast(args) and threading.active_count() == 1:
+    if args.command_object.leaves_fast(args) and _nothing_else_to_end():
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             try:
-                stream.flush()
+                if stream is not None:
+                    stream.flush()
             except (OSError, ValueError):   # a closed pipe: nothing more can be said
                 code = code or 1
         os._exit(code)
     sys.exit(code)
+
+
+def _nothing_else_to_end() -> bool:
+    """No non-daemon thread but this one (Python would wait for it) and no tracer or
+    profiler (it has work of its own after main returns)."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return False
+    monitoring = getattr(sys, "monitoring", None)   # Python 3.12+: cProfile's hooks
+    if monitoring is not None and any(monitoring.get_tool(i) is not None for i in range(6)):
+        return False
+    main = threading.main_thread()
+    return all(t is main or t.daemon for t in threading.enumerate())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -24,6 +24,6 @@ class Command:
 
     def leaves_fast(self, args: argparse.Namespace) -> bool:
         """Whether the process may end without Python's finalization once run() returned
-        (memprof.cli.console_main): only memprof's own code ran, so no user object waits to
-        be finalized (a file of theirs to flush, a __del__)."""
-        return True
+        (memprof.cli.console_main): a command says so only where memprof's own code alone
+        ran, so no user object waits to be finalized (a file of theirs to flush, a __del__)."""
+        return False

@@ -15,6 +15,9 @@ class DemoCommand(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--quick", action="store_true", help="fewer steps (for tests)")
 
+    def leaves_fast(self, args) -> bool:
+        return True    # memprof's own code only
+
     def run(self, args) -> int:
         from memprof.demo import run_demo
         return run_demo(quick=args.quick)

@@ -16,6 +16,9 @@ class GpusCommand(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", action="store_true", help="print the table as JSON")
 
+    def leaves_fast(self, args) -> bool:
+        return True    # memprof's own code only
+
     def run(self, args) -> int:
         from memprof.plan import gpus
         print(json.dumps(gpus.table(), indent=1) if args.json else gpus.format_table())

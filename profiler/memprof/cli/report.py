@@ -30,6 +30,9 @@ class ReportCommand(Command):
                                  "from `memprof gpus`, or bytes): whether and where it would "
                                  "run out, and what would fit (estimates)")
 
+    def leaves_fast(self, args) -> bool:
+        return True    # memprof's own code only
+
     def run(self, args) -> int:
         import memprof
         from memprof.analyse import summary

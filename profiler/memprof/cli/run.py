@@ -47,9 +47,6 @@ class RunCommand(Command):
                             help="also replay the run against a GPU's usable memory (a name "
                                  "from `memprof gpus`, or bytes): where it would run out")
 
-    def leaves_fast(self, args) -> bool:
-        return False    # the script's atexit, finalizers and exit status: as under python
-
     def run(self, args) -> int:
         if not os.path.isfile(args.script):
             raise UsageError(f"script {args.script!r}: no such file")

@@ -110,7 +110,7 @@ def storage_ptrs(tensors: list[torch.Tensor]) -> list[int | None]:
     return [(a or None) if a >= 0 else storage_ptr(t) for a, t in zip(addresses, tensors)]
 
 
-def _storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
+def _sorted_storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
     """The sorted storage addresses of the tensors of (tensor, module id) pairs."""
     return sorted(k for k in storage_ptrs([t for t, _ in pairs]) if k is not None)
 
@@ -151,7 +151,7 @@ class SnapshotRecorder:
         buffers = self.buffers()
         for b, mid in buffers:
             add(b, CAT_BUFFERS, mid)
-        self._buffer_keys = _storage_ptrs(buffers)
+        self._buffer_keys = _sorted_storage_ptrs(buffers)
 
     def buffers(self) -> list[tuple[torch.Tensor, int]]:
         """(buffer, id of the module that registered it) over the modules named so far."""
@@ -163,7 +163,7 @@ class SnapshotRecorder:
     def note_buffers(self, force: bool = False) -> None:
         """A buffers snapshot, when their storages changed since the last one (or `force`)."""
         pairs = self.buffers()
-        keys = _storage_ptrs(pairs)
+        keys = _sorted_storage_ptrs(pairs)
         if force or keys != self._buffer_keys:
             self._buffer_keys = keys
             self._take(CAT_BUFFERS, pairs)
@@ -191,7 +191,9 @@ class SnapshotRecorder:
         `same(note)`, still the very ones (alive, at the same addresses) and no parameter's
         module was named since: a storage that kept its address kept its allocation, which
         that snapshot already named (optimizer state is updated in place, so this is every
-        step after the first). Fake tensors and other wrappers are noted every time."""
+        step after the first). Fake tensors and other wrappers are noted every time. The
+        owners are not compared: a state tensor stays with its parameter, and the owner of a
+        parameter, once named, does not change."""
         noted = self._noted.get((category, id(optimizer)))
         return noted is not None and noted[0] == len(self.session.scope.param_module) \
             and same(noted[1])
