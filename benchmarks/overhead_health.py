@@ -13,7 +13,9 @@ list).
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -29,9 +31,9 @@ MODES = ("untracked", "track(health=False)", "track(health=True)",
          "torch.profiler(profile_memory)")
 
 
-def workload(name: str, batch: int, steps: int):
+def workload(name: str, batch: int, steps: int, model_kwargs: dict | None = None):
     torch.manual_seed(0)
-    model, make_batch, loss_fn = build_model(name)
+    model, make_batch, loss_fn = build_model(name, **(model_kwargs or {}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     return model, opt, sched, [make_batch(batch) for _ in range(steps)], loss_fn
@@ -122,8 +124,22 @@ def run_mode(mode: str, w, hook_ms: list | None = None) -> tuple[list[float], fl
     return times, exit_s
 
 
-def bench(name: str, batch: int, args) -> list[dict]:
-    w = workload(name, batch, args.steps)
+def parse_workload(spec: str) -> tuple[str, int, dict]:
+    """`model:batch` or `model:batch:key=value;key=value` (constructor keywords, literals):
+    e.g. `mlp:4:in_features=16;hidden=32`, the benchmark MLP's loop and ops at a size where
+    a step is ~1 ms, so the time tracking adds (independent of tensor sizes) stands out of
+    the noise."""
+    name, batch, *rest = spec.split(":")
+    kwargs = {}
+    for item in (rest[0].split(";") if rest and rest[0] else []):
+        key, _, value = item.partition("=")
+        kwargs[key.strip()] = ast.literal_eval(value.strip())
+    return name, int(batch), kwargs
+
+
+def bench(spec: str, args) -> list[dict]:
+    name, batch, kwargs = parse_workload(spec)
+    w = workload(name, batch, args.steps, kwargs)
     run_steps(*w)  # warm up allocator caches and lazy optimizer state
     pooled = {m: [] for m in MODES}
     per_round = {m: [] for m in MODES}     # each round's median step time
@@ -143,7 +159,10 @@ def bench(name: str, batch: int, args) -> list[dict]:
         # against the untracked steps of the same round: what a shared machine's load does
         # to one round (seconds apart) cancels out of the ratio
         paired = [100 * (a / b - 1) for a, b in zip(per_round[m], per_round["untracked"])]
-        rows.append({"workload": f"{name} b{batch}", "mode": m,
+        rows.append({"workload": f"{name} b{batch}" + (
+                         f" ({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+                         if kwargs else ""), "mode": m,
+                     "added_us_per_step": (statistics.median(pooled[m]) - base) * 1e6,
                      "health_hooks_ms_per_step": (statistics.median(hook_ms)
                                                   if m == "track(health=True)" else None),
                      **step_row(pooled[m], base, exits[m]),
@@ -155,7 +174,8 @@ def bench(name: str, batch: int, args) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="vit-tiny:32,mlp:64",
-                    help="comma-separated model:batch (memprof.models names)")
+                    help="comma-separated model:batch[:key=value;...] (memprof.models names "
+                         "and constructor keywords)")
     ap.add_argument("--steps", type=int, default=8, help="steps per round and mode")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="steps dropped from each round")
@@ -174,27 +194,29 @@ def main(argv=None):
     load_before = machine(device="cpu")["load_average_1_5_15min"]
     rows = []
     for spec in args.workloads.split(","):
-        name, batch = spec.split(":")
-        rows += bench(name, int(batch), args)
-    cmd = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+        rows += bench(spec, args)
+    cmd = shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    wl = max([14] + [len(r["workload"]) for r in rows])
     lines = [f"# memprof training-health overhead ({args.rounds} rounds x {args.steps} steps "
              f"per mode, first {args.warmup} of each round dropped; loop: forward, loss, "
              f"backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad; {args.clock} "
              "time per step)",
              f"# machine: {machine(device='cpu')} (load average before the run: {load_before})",
              f"# command: python {cmd}", "",
-             f"{'workload':14s} {'mode':30s} {'median ms':>10s} {'p10-p90 ms':>16s} "
-             f"{'overhead':>9s} {'paired':>7s} {'paired p10..p90':>16s} {'exit ms':>8s} "
-             f"{'health hooks ms/step':>21s}"]
+             f"{'workload':{wl}s} {'mode':30s} {'median ms':>10s} {'p10-p90 ms':>16s} "
+             f"{'overhead':>9s} {'added us':>9s} {'paired':>7s} {'paired p10..p90':>16s} "
+             f"{'exit ms':>8s} {'health hooks ms/step':>21s}"]
     for r in rows:
-        lines.append(f"{r['workload']:14s} {r['mode']:30s} {r['median_step_ms']:10.2f} "
+        lines.append(f"{r['workload']:{wl}s} {r['mode']:30s} {r['median_step_ms']:10.2f} "
                      f"{r['p10_ms']:7.2f}-{r['p90_ms']:<8.2f} {r['overhead_pct']:8.1f}% "
+                     f"{r['added_us_per_step']:9.0f} "
                      f"{r['paired_overhead_pct']:6.1f}% "
                      f"{r['paired_p10_pct']:7.1f}..{r['paired_p90_pct']:<6.1f}% "
                      f"{r['exit_ms']:8.1f} "
                      + (f"{r['health_hooks_ms_per_step']:21.3f}"
                         if r["health_hooks_ms_per_step"] is not None else f"{'':21s}"))
-    lines.append("# overhead: pooled median step against the untracked one; paired: median over "
+    lines.append("# overhead: pooled median step against the untracked one (added us: their "
+                 "difference per step); paired: median over "
                  "rounds of (the round's median step / the same round's untracked median) - 1, "
                  "with its p10..p90 over rounds")
     lines.append("# health hooks ms/step: time spent inside the health recorder's hooks "
