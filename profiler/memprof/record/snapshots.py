@@ -166,7 +166,7 @@ class SnapshotRecorder:
         keys = _sorted_storage_ptrs(pairs)
         if force or keys != self._buffer_keys:
             self._buffer_keys = keys
-            self._take(CAT_BUFFERS, pairs)
+            self._take(CAT_BUFFERS, [b for b, _ in pairs], [mid for _, mid in pairs])
 
     def install(self) -> None:
         self.session.steps.on_optimizer_pre.append(self._before_optimizer)
@@ -175,16 +175,18 @@ class SnapshotRecorder:
 
     def _before_optimizer(self, optimizer) -> None:
         if self.session.steps.watches(optimizer):
-            pairs = [(p.grad, p) for g in optimizer.param_groups for p in g["params"]
-                     if p.grad is not None]
-            tensors = [t for t, _ in pairs]
-            if not self._unchanged(CAT_GRADIENTS, optimizer, lambda note: note.same(tensors)):
-                self._take_noted(CAT_GRADIENTS, optimizer, pairs)
+            params = [p for g in optimizer.param_groups for p in g["params"]
+                      if p.grad is not None]
+            grads = [p.grad for p in params]
+            if not self._unchanged(CAT_GRADIENTS, optimizer, lambda note: note.same(grads)):
+                self._take_noted(CAT_GRADIENTS, optimizer, grads, params)
 
     def _after_optimizer(self, optimizer) -> None:
         if not self._unchanged(CAT_OPTIMIZER_STATE, optimizer,
                                lambda note: note.same_state(optimizer.state)):
-            self._take_noted(CAT_OPTIMIZER_STATE, optimizer, state_pairs(optimizer))
+            pairs = state_pairs(optimizer)
+            self._take_noted(CAT_OPTIMIZER_STATE, optimizer, [t for t, _ in pairs],
+                             [p for _, p in pairs])
 
     def _unchanged(self, category: int, optimizer, same) -> bool:
         """Whether the storages this optimizer's last note of `category` named are, by
@@ -198,22 +200,23 @@ class SnapshotRecorder:
         return noted is not None and noted[0] == len(self.session.scope.param_module) \
             and same(noted[1])
 
-    def _take_noted(self, category: int, optimizer, pairs: list) -> None:
-        """take(), remembering which storages it named (see _unchanged)."""
+    def _take_noted(self, category: int, optimizer, tensors: list, params: list) -> None:
+        """take() of tensors[i] held for params[i], remembering which storages it named (see
+        _unchanged)."""
         owners_known = len(self.session.scope.param_module)   # only ever grows
-        self.take(category, pairs)
+        self._take(category, tensors, [self._module_of(p) for p in params])
         note = _C.StorageNote()
         self._noted[(category, id(optimizer))] = \
-            (owners_known, note) if note.note([t for t, _ in pairs]) else None
+            (owners_known, note) if note.note(tensors) else None
 
     def take(self, category: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember which storages hold `category` now; pairs are (tensor, its parameter)."""
-        self._take(category, [(t, self._module_of(p)) for t, p in pairs])
+        self._take(category, [t for t, _ in pairs], [self._module_of(p) for _, p in pairs])
 
-    def _take(self, category: int, owned: list[tuple[torch.Tensor, int]]) -> None:
-        """The same, for (tensor, owning module id) pairs."""
+    def _take(self, category: int, tensors: list[torch.Tensor], modules: list[int]) -> None:
+        """The same, for tensors and the id of the module owning each."""
         owner: dict[int, int] = {}
-        for ptr, (_, mid) in zip(storage_ptrs([t for t, _ in owned]), owned):
+        for ptr, mid in zip(storage_ptrs(tensors), modules):
             if ptr is not None:
                 owner.setdefault(ptr, mid)
         ptrs = sorted(owner)
