@@ -9,6 +9,14 @@ list).
 
     python benchmarks/overhead_health.py                    # vit-tiny b32 and mlp b64
     python benchmarks/overhead_health.py --quick
+
+Workloads run interleaved: each round runs every workload in every mode. `--twin SPEC` adds
+the op-level twin of the first workload (the same loop and ops on small tensors): the work
+tracking adds does not depend on tensor sizes, so the twin's added time per step, divided by
+the first workload's untracked step of the same round, gives the first workload's overhead
+from a measurement whose noise is a fraction of the big step's (derived, and printed as such,
+beside the direct measurement; the allocator events per step of both are printed to show
+they run the same ops).
 """
 from __future__ import annotations
 
@@ -92,7 +100,8 @@ class HookClock:
         return False
 
 
-def run_mode(mode: str, w, hook_ms: list | None = None) -> tuple[list[float], float]:
+def run_mode(mode: str, w, hook_ms: list | None = None,
+             events_per_step: list | None = None) -> tuple[list[float], float]:
     if mode == "untracked":
         return run_steps(*w), 0.0
     if mode == "torch.profiler(profile_memory)":
@@ -121,6 +130,8 @@ def run_mode(mode: str, w, hook_ms: list | None = None) -> tuple[list[float], fl
         if clock:
             clock.__exit__(None, None, None)
             hook_ms.append(clock.total * 1e3 / len(w[3]))
+    if events_per_step is not None:
+        events_per_step.append(tracker.profile.run.streams.memory.size / len(w[3]))
     return times, exit_s
 
 
@@ -137,37 +148,66 @@ def parse_workload(spec: str) -> tuple[str, int, dict]:
     return name, int(batch), kwargs
 
 
-def bench(spec: str, args) -> list[dict]:
-    name, batch, kwargs = parse_workload(spec)
-    w = workload(name, batch, args.steps, kwargs)
-    run_steps(*w)  # warm up allocator caches and lazy optimizer state
-    pooled = {m: [] for m in MODES}
-    per_round = {m: [] for m in MODES}     # each round's median step time
-    exits = {m: [] for m in MODES}
+def workload_label(name: str, batch: int, kwargs: dict) -> str:
+    return f"{name} b{batch}" + (f" ({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+                                 if kwargs else "")
+
+
+def bench(specs: list[str], args) -> tuple[list[dict], dict]:
+    """Every workload in every mode each round (the order reversed every other round) ->
+    (a row per workload and mode, {spec: {mode: each round's median step}})."""
+    parsed = {spec: parse_workload(spec) for spec in specs}
+    loads = {spec: workload(name, batch, args.steps, kw)
+             for spec, (name, batch, kw) in parsed.items()}
+    for w in loads.values():
+        run_steps(*w)  # warm up allocator caches and lazy optimizer state
+    pooled = {s: {m: [] for m in MODES} for s in specs}
+    per_round = {s: {m: [] for m in MODES} for s in specs}   # each round's median step time
+    exits = {s: {m: [] for m in MODES} for s in specs}
+    events = {s: [] for s in specs}                          # allocator events per step
     for r in range(args.rounds):
-        for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
-            times, exit_cost = run_mode(m, w)
-            pooled[m] += times[args.warmup:]
-            per_round[m].append(statistics.median(times[args.warmup:]))
-            exits[m].append(exit_cost)
-    hook_ms: list[float] = []
-    for _ in range(args.rounds):      # separate rounds: timing the hooks costs time itself
-        run_mode("track(health=True)", w, hook_ms)
-    base = statistics.median(pooled["untracked"])
+        for spec in (specs if r % 2 == 0 else specs[::-1]):
+            for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
+                times, exit_cost = run_mode(m, loads[spec], events_per_step=events[spec]
+                                            if m == "track(health=False)" else None)
+                pooled[spec][m] += times[args.warmup:]
+                per_round[spec][m].append(statistics.median(times[args.warmup:]))
+                exits[spec][m].append(exit_cost)
     rows = []
-    for m in MODES:
-        # against the untracked steps of the same round: what a shared machine's load does
-        # to one round (seconds apart) cancels out of the ratio
-        paired = [100 * (a / b - 1) for a, b in zip(per_round[m], per_round["untracked"])]
-        rows.append({"workload": f"{name} b{batch}" + (
-                         f" ({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
-                         if kwargs else ""), "mode": m,
-                     "added_us_per_step": (statistics.median(pooled[m]) - base) * 1e6,
-                     "health_hooks_ms_per_step": (statistics.median(hook_ms)
-                                                  if m == "track(health=True)" else None),
-                     **step_row(pooled[m], base, exits[m]),
-                     "paired_overhead_pct": statistics.median(paired),
-                     "paired_p10_pct": pct(paired, .1), "paired_p90_pct": pct(paired, .9)})
+    for spec in specs:
+        hook_ms: list[float] = []
+        for _ in range(args.rounds):   # separate rounds: timing the hooks costs time itself
+            run_mode("track(health=True)", loads[spec], hook_ms)
+        base = statistics.median(pooled[spec]["untracked"])
+        for m in MODES:
+            # against the untracked steps of the same round: what a shared machine's load
+            # does to one round (seconds apart) cancels out of the ratio
+            paired = [100 * (a / b - 1) for a, b in zip(per_round[spec][m],
+                                                          per_round[spec]["untracked"])]
+            rows.append({"workload": workload_label(*parsed[spec]), "mode": m,
+                         "added_us_per_step": (statistics.median(pooled[spec][m]) - base) * 1e6,
+                         "events_per_step": statistics.median(events[spec]),
+                         "health_hooks_ms_per_step": (statistics.median(hook_ms)
+                                                      if m == "track(health=True)" else None),
+                         **step_row(pooled[spec][m], base, exits[spec][m]),
+                         "paired_overhead_pct": statistics.median(paired),
+                         "paired_p10_pct": pct(paired, .1), "paired_p90_pct": pct(paired, .9)})
+    return rows, per_round
+
+
+def derived_rows(big: str, twin: str, per_round: dict) -> list[dict]:
+    """Per round: (the twin's median step in a mode - its untracked one) / the big
+    workload's untracked median step, all of the same round; median and p10..p90 over rounds."""
+    rows = []
+    for m in MODES[1:]:
+        pcts = [100 * (t - tu) / bu for t, tu, bu in zip(
+            per_round[twin][m], per_round[twin]["untracked"], per_round[big]["untracked"])]
+        added = [1e6 * (t - tu) for t, tu in zip(per_round[twin][m],
+                                                 per_round[twin]["untracked"])]
+        rows.append({"mode": m, "derived_pct": statistics.median(pcts),
+                     "p10_pct": pct(pcts, .1), "p90_pct": pct(pcts, .9),
+                     "twin_added_us": statistics.median(added),
+                     "big_untracked_ms": 1e3 * statistics.median(per_round[big]["untracked"])})
     return rows
 
 
@@ -182,6 +222,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="step times from wall time or this thread's CPU time (use --threads 1)")
+    ap.add_argument("--twin", metavar="SPEC",
+                    help="op-level twin of the first workload (same loop and ops, small "
+                         "tensors), run in the same rounds: its added time per step over the "
+                         "first workload's step is printed as the derived overhead")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
     args = ap.parse_args(argv)
@@ -192,9 +236,11 @@ def main(argv=None):
     global step_clock
     step_clock = CLOCKS[args.clock]
     load_before = machine(device="cpu")["load_average_1_5_15min"]
-    rows = []
-    for spec in args.workloads.split(","):
-        rows += bench(spec, args)
+    specs = args.workloads.split(",")
+    if args.twin:
+        parse_workload(args.twin)   # a bad spec fails before the run
+    rows, per_round = bench(specs + ([args.twin] if args.twin else []), args)
+    derived = derived_rows(specs[0], args.twin, per_round) if args.twin else []
     cmd = shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     wl = max([14] + [len(r["workload"]) for r in rows])
     lines = [f"# memprof training-health overhead ({args.rounds} rounds x {args.steps} steps "
@@ -205,14 +251,14 @@ def main(argv=None):
              f"# command: python {cmd}", "",
              f"{'workload':{wl}s} {'mode':30s} {'median ms':>10s} {'p10-p90 ms':>16s} "
              f"{'overhead':>9s} {'added us':>9s} {'paired':>7s} {'paired p10..p90':>16s} "
-             f"{'exit ms':>8s} {'health hooks ms/step':>21s}"]
+             f"{'exit ms':>8s} {'events/step':>11s} {'health hooks ms/step':>21s}"]
     for r in rows:
         lines.append(f"{r['workload']:{wl}s} {r['mode']:30s} {r['median_step_ms']:10.2f} "
                      f"{r['p10_ms']:7.2f}-{r['p90_ms']:<8.2f} {r['overhead_pct']:8.1f}% "
                      f"{r['added_us_per_step']:9.0f} "
                      f"{r['paired_overhead_pct']:6.1f}% "
                      f"{r['paired_p10_pct']:7.1f}..{r['paired_p90_pct']:<6.1f}% "
-                     f"{r['exit_ms']:8.1f} "
+                     f"{r['exit_ms']:8.1f} {r['events_per_step']:11.0f} "
                      + (f"{r['health_hooks_ms_per_step']:21.3f}"
                         if r["health_hooks_ms_per_step"] is not None else f"{'':21s}"))
     lines.append("# overhead: pooled median step against the untracked one (added us: their "
@@ -222,10 +268,25 @@ def main(argv=None):
     lines.append("# health hooks ms/step: time spent inside the health recorder's hooks "
                  "(grad norm, LR reads, loss .item(), clip/scheduler records) per step, "
                  "median over separate rounds")
+    lines.append("# events/step: allocator events (allocations and frees) per step that "
+                 "track() recorded")
+    if derived:
+        big, twin = workload_label(*parse_workload(specs[0])), \
+            workload_label(*parse_workload(args.twin))
+        lines += ["", f"# derived overhead of {big}: the added time per step of its op-level "
+                      f"twin {twin}, over {big}'s untracked step, per round (median "
+                      f"[p10..p90] over {args.rounds} rounds; an estimate from two "
+                      "measurements, not a measurement of the big step itself)",
+                  f"{'mode':30s} {'twin added us':>13s} {'big step ms':>11s} "
+                  f"{'derived':>8s} {'p10..p90':>16s}"]
+        for d in derived:
+            lines.append(f"{d['mode']:30s} {d['twin_added_us']:13.0f} "
+                         f"{d['big_untracked_ms']:11.2f} {d['derived_pct']:7.2f}% "
+                         f"{d['p10_pct']:7.2f}..{d['p90_pct']:<6.2f}%")
     text = "\n".join(lines)
     print(text)
     save(args.out, text, {"machine": machine(device="cpu"), "command": f"python {cmd}",
-                          "args": vars(args), "rows": rows})
+                          "args": vars(args), "rows": rows, "derived": derived})
     return rows
 
 

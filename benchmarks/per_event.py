@@ -20,6 +20,10 @@ virtual machine, so it is also measured in short paired blocks (`--pairs`, `--ch
 untracked chunk, a tracked one (only its loop timed), another untracked one, the cycle
 collector off; the cost of a pair is the tracked chunk minus the mean of its two neighbours,
 whose conditions it shares. torch.profiler's pairs run in a child process (see in_child).
+The same pairs are run with memprof's hook points installed and its callbacks empty
+(`memprof._C.start(hooks_only=True)`: PyTorch runs every op through RecordFunction and its CPU
+allocator keeps every block's size in a locked map once a profiler slot asks for memory
+reports): what the hooks cost before memprof does anything, a floor for any tracker on them.
 Prints a table and saves it under benchmarks/results/.
 """
 from __future__ import annotations
@@ -158,6 +162,19 @@ def _profiler_block(n, device) -> int:
         return _timed_loop(n, device)
 
 
+def _hooks_only_block(n, device) -> int:
+    """The hook points memprof uses (a global RecordFunction callback, the allocators' report
+    to the profiler slot) with memprof's callbacks returning at once: what PyTorch's side of
+    them costs, the floor under any tracker built on them."""
+    from memprof import _C
+    _C.start(4 * n + 1024, hooks_only=True)
+    try:
+        return _timed_loop(n, device)
+    finally:
+        _C.stop()
+
+
+HOOKS_ONLY = "PyTorch's hooks, empty callbacks"
 PAIRED = {"memprof.track": _memprof_block, "torch.profiler(profile_memory)": _profiler_block}
 
 
@@ -260,6 +277,7 @@ def main() -> None:
     pair_ns = {}
     if args.pairs > 0:
         pair_ns["memprof.track"] = paired(_memprof_block, args.chunk, args.pairs, dev)
+        pair_ns[HOOKS_ONLY] = paired(_hooks_only_block, args.chunk, args.pairs, dev)
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-paired",
                               "torch.profiler(profile_memory)", "--pairs", str(args.pairs),
                               "--chunk", str(args.chunk), "--device", dev],

@@ -22,6 +22,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -202,6 +203,9 @@ class StringTable {
 // ---------------------------------------------------------------------------------------------
 struct Session {
   std::atomic<bool> active{false};
+  // The hooks installed, their bodies empty (benchmarks/per_event.py: what PyTorch's hook
+  // points cost by themselves, the floor under any tracker built on them); records nothing.
+  std::atomic<bool> hooks_only{false};
   std::atomic<uint64_t> generation{0};
   std::atomic<int64_t> events_reserved{0};  // handed out to threads' quotas (see Quota)
   int64_t capacity = 0;
@@ -234,10 +238,16 @@ struct OpFrame {
   bool backward;
 };
 
-struct NameCacheEntry {
+// Op and node names by the address of their text, verified by content: a dispatcher op's name
+// lives as long as its schema, but a backward node's is a string of its RecordFunction, whose
+// address the next node's name may reuse. Direct-mapped, so a hit is a multiply, a load and a
+// strcmp; a miss looks the text up among the names this thread saw (no lock), then globally.
+struct NameSlot {
+  const char* ptr = nullptr;
+  int32_t id = -1;
   std::string text;
-  int32_t id;
 };
+constexpr int kNameSlotBits = 8;
 
 struct ThreadState {
   uint64_t generation = 0;
@@ -245,7 +255,8 @@ struct ThreadState {
   std::vector<OpFrame> ops;
   std::vector<int32_t> modules;
   int backward_depth = 0;
-  std::unordered_map<const char*, NameCacheEntry> name_cache;
+  std::array<NameSlot, size_t{1} << kNameSlotBits> name_slots;
+  std::unordered_map<std::string, int32_t> name_ids;  // text -> string id, this session
 };
 
 // The state lives on the heap and the thread-local is a plain pointer, initial-exec: one
@@ -285,7 +296,8 @@ ThreadState& thread_state() {
     ts.ops.clear();
     ts.modules.clear();
     ts.backward_depth = 0;
-    ts.name_cache.clear();
+    for (NameSlot& slot : ts.name_slots) slot.ptr = nullptr;
+    ts.name_ids.clear();
     ts.buffer = std::make_shared<ThreadBuffer>();
     {
       std::lock_guard<std::mutex> lock(s.registry_mu);
@@ -299,10 +311,20 @@ ThreadState& thread_state() {
 
 int32_t intern_cached(ThreadState& ts, const char* name) {
   if (name == nullptr) return -1;
-  auto it = ts.name_cache.find(name);
-  if (it != ts.name_cache.end() && it->second.text == name) return it->second.id;
-  int32_t id = session().strings.intern(name);
-  ts.name_cache[name] = NameCacheEntry{std::string(name), id};
+  uint64_t h = (reinterpret_cast<uintptr_t>(name) * 0x9E3779B97F4A7C15ull) >> (64 - kNameSlotBits);
+  NameSlot& slot = ts.name_slots[h];
+  if (slot.ptr == name && std::strcmp(slot.text.c_str(), name) == 0) return slot.id;
+  slot.text.assign(name);
+  auto it = ts.name_ids.find(slot.text);
+  int32_t id;
+  if (it != ts.name_ids.end()) {
+    id = it->second;
+  } else {
+    id = session().strings.intern(name);
+    ts.name_ids.emplace(slot.text, id);
+  }
+  slot.ptr = name;
+  slot.id = id;
   return id;
 }
 
@@ -401,14 +423,14 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
 
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
                          size_t total_reserved, c10::Device device) override {
-    if (!live()) return;
+    if (!live() || session().hooks_only.load(std::memory_order_relaxed)) return;
     record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
 
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
                          c10::Device device) override {
-    if (!live()) return;
+    if (!live() || session().hooks_only.load(std::memory_order_relaxed)) return;
     record(thread_state(), kKindOutOfMemory, 0, alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
@@ -446,7 +468,12 @@ std::atomic<c10::DeleterFnPtr> g_base_deleter{nullptr};
 
 void reattach_before_free() {
   Session& s = session();
-  if (!s.active.load(std::memory_order_acquire)) return;
+  if (!s.active.load(std::memory_order_acquire) || s.hooks_only.load(std::memory_order_relaxed)) {
+    return;
+  }
+  // The starting thread carries the session's hook from start() on, and attach_thread() never
+  // pushes another one there: nothing to do (and no debug-info lookup on every free).
+  if (std::this_thread::get_id() == s.owner) return;
   auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
   if (current != nullptr) {
     // another profiler's state, or our live hook: the free is (or is not ours to) report
@@ -468,16 +495,22 @@ class FreeWatchingAllocator final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr block = base_->allocate(n);
-    if (!session().active.load(std::memory_order_relaxed) || block.get() == nullptr ||
+    if (!session().active.load(std::memory_order_relaxed) ||
+        session().hooks_only.load(std::memory_order_relaxed) || block.get() == nullptr ||
         block.get() != block.get_context()) {
       return block;
     }
     c10::DeleterFnPtr base_deleter = block.get_deleter();
-    c10::DeleterFnPtr expected = nullptr;
-    // the base allocator's one deleter, noted the first time; another one is left alone
-    if (!g_base_deleter.compare_exchange_strong(expected, base_deleter) &&
-        expected != base_deleter) {
-      return block;
+    // the base allocator's one deleter, noted the first time (a plain load after that: no
+    // locked instruction per allocation); another one is left alone
+    c10::DeleterFnPtr noted = g_base_deleter.load(std::memory_order_relaxed);
+    if (noted != base_deleter) {
+      if (noted != nullptr) return block;
+      c10::DeleterFnPtr expected = nullptr;
+      if (!g_base_deleter.compare_exchange_strong(expected, base_deleter) &&
+          expected != base_deleter) {
+        return block;
+      }
     }
     (void)block.compare_exchange_deleter(base_deleter, &watched_delete);  // same deleter: swaps
     return block;
@@ -510,7 +543,9 @@ void watch_cpu_frees() {
 // Op context.
 std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   Session& s = session();
-  if (!s.active.load(std::memory_order_relaxed)) return nullptr;
+  if (!s.active.load(std::memory_order_relaxed) || s.hooks_only.load(std::memory_order_relaxed)) {
+    return nullptr;
+  }
   ThreadState& ts = thread_state();
   const char* raw_name = fn.name();
   int64_t seq = fn.seqNr();
@@ -553,7 +588,7 @@ void on_op_end(const at::RecordFunction& fn, at::ObserverContext*) {
 
 // ---------------------------------------------------------------------------------------------
 // Python-facing controls.
-uint64_t start(int64_t capacity) {
+uint64_t start(int64_t capacity, bool hooks_only) {
   Session& s = session();
   if (s.active.load()) {
     throw std::runtime_error("memprof tracking is already active in this process");
@@ -580,6 +615,7 @@ uint64_t start(int64_t capacity) {
   s.side_capacity = std::max<int64_t>(capacity, kMinSideCap);
   s.phase = kPhaseOther;
   s.step = 0;
+  s.hooks_only = hooks_only;
   uint64_t gen = s.generation.fetch_add(1) + 1;
   s.owner = std::this_thread::get_id();
   s.reporter = std::make_shared<Reporter>(gen);
@@ -864,8 +900,10 @@ py::dict counters() {
 }  // namespace
 
 void register_tracker(py::module_& m) {
-  m.def("start", &start, py::arg("capacity"),
-        "Start recording allocations and ops on this thread (and autograd threads it spawns).");
+  m.def("start", &start, py::arg("capacity"), py::arg("hooks_only") = false,
+        "Start recording allocations and ops on this thread (and autograd threads it spawns). "
+        "hooks_only: install the same hooks with empty bodies and record nothing (what "
+        "PyTorch's hook points cost by themselves; benchmarks only).");
   m.def("stop", &stop, "Stop recording; idempotent. Returns a warning string or ''.");
   m.def("is_active", &is_active);
   m.def("attach_thread", &attach_thread,

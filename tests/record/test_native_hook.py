@@ -144,3 +144,49 @@ def test_markers_and_sequence_records_are_bounded_and_reported():
     con = Console(record=True, width=200)
     prof.report(console=con)
     assert "markers (steps, phases)" in con.export_text()
+
+
+def test_hooks_only_session_records_nothing_and_the_next_session_records_again():
+    """`start(hooks_only=True)` (benchmarks/per_event.py's floor) installs the hooks and logs
+    nothing - no event, no string, no thread - while the slot stays taken as in a session."""
+    _C.start(1000, hooks_only=True)
+    try:
+        assert _C.is_active()
+        x = torch.empty(4321, dtype=torch.uint8) + 1
+        del x
+        with pytest.raises(RuntimeError, match="already active"):
+            _C.start(1000)
+    finally:
+        _C.stop()
+    counters = _C.counters()
+    assert counters["records"] == 0 and counters["threads"] == 0
+    with memprof.track() as prof:
+        y = torch.empty(4321, dtype=torch.uint8)
+        del y
+    assert 4321 in prof.memory["size"].tolist()
+    assert "aten::empty" in {prof.strings[e["op"]] for e in prof.memory if e["size"] > 0}
+
+
+def test_backward_node_names_are_each_nodes_own_under_reused_name_buffers():
+    """Backward node names are strings of their RecordFunction, often at the address the last
+    node's name had: each event must carry its own node's name, over many steps (the name
+    cache is keyed by address and checked by content)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
+                                torch.nn.Sigmoid())
+    x = torch.randn(5, 8)
+    with memprof.track(model) as prof:
+        for _ in range(3):
+            (model(x) * 3).sum().backward()
+    mem = prof.memory
+    names = [prof.strings[n] for n in mem["node"] if n >= 0]
+    assert {"AddmmBackward0", "ReluBackward0", "SigmoidBackward0", "MulBackward0"} <= set(names)
+    # each node's allocations are what that node computes: ReluBackward0's gradient is the
+    # 5 x 16 float input gradient, SigmoidBackward0's the 5 x 4 one
+    sizes = {}
+    for e in mem:
+        if e["node"] >= 0 and e["size"] > 0:
+            sizes.setdefault(prof.strings[e["node"]], set()).add(int(e["size"]))
+    assert 5 * 16 * 4 in sizes["ReluBackward0"]
+    assert 5 * 4 * 4 in sizes["SigmoidBackward0"]
+    assert len(prof.strings) == len(set(prof.strings))   # each name interned once

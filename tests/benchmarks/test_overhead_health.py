@@ -1,0 +1,69 @@
+"""benchmarks/overhead_health.py's derived overhead: the twin it divides by must run the same
+ops as the workload it stands for, and the arithmetic is the one the table says."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+
+
+def _load(name: str):
+    """benchmarks/<name>.py from its file, benchmarks/ kept off sys.path (its scripts' names
+    would shadow installed packages for the whole session: see test_published_replicas)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load("_results")                       # what overhead_health imports from its directory
+overhead_health = _load("overhead_health")
+
+
+def test_derived_rows_divide_the_twins_added_time_by_the_big_step_of_the_same_round():
+    modes = overhead_health.MODES
+    per_round = {
+        "big": {m: [0.100, 0.200, 0.050] for m in modes},
+        "twin": {m: [0.010, 0.010, 0.010] for m in modes},
+    }
+    per_round["twin"]["track(health=False)"] = [0.011, 0.012, 0.0105]   # +1, +2, +0.5 ms
+    rows = {r["mode"]: r for r in overhead_health.derived_rows("big", "twin", per_round)}
+    track = rows["track(health=False)"]
+    # per round: 1/100, 2/200, 0.5/50 ms -> 1 % each
+    assert track["derived_pct"] == pytest.approx(1.0)
+    assert track["twin_added_us"] == pytest.approx(1000.0)
+    assert track["big_untracked_ms"] == pytest.approx(100.0)
+    assert rows["torch.profiler(profile_memory)"]["derived_pct"] == pytest.approx(0.0)
+    assert "untracked" not in rows
+
+
+def test_parse_workload_reads_constructor_keywords():
+    assert overhead_health.parse_workload("mlp:4:in_features=16;hidden=32") == \
+        ("mlp", 4, {"in_features": 16, "hidden": 32})
+    assert overhead_health.parse_workload("mlp:64") == ("mlp", 64, {})
+
+
+def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_derived_table(
+        tmp_path):
+    out = tmp_path / "oh"
+    rows = overhead_health.main([
+        "--workloads", "mlp:3:in_features=12;hidden=16", "--twin", "mlp:2:in_features=4;hidden=4",
+        "--rounds", "1", "--steps", "3", "--warmup", "1",
+        "--out", str(out)])
+    events = {r["workload"]: r["events_per_step"] for r in rows
+              if r["mode"] == "track(health=False)"}
+    assert len(events) == 2
+    big, twin = events.values()
+    assert big > 0 and big == twin     # the same ops: allocations and frees one for one
+    text = (tmp_path / "oh.txt").read_text()
+    assert "derived overhead of mlp b3" in text and "twin added us" in text
+    saved = json.loads((tmp_path / "oh.json").read_text())
+    assert [d["mode"] for d in saved["derived"]] == list(overhead_health.MODES[1:])
