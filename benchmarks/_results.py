@@ -34,6 +34,14 @@ def machine(**extra) -> dict:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                             capture_output=True, text=True,
                                             check=True).stdout.strip()
+        # a run of code not yet committed says so (the commit alone would misname it)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain",
+                                  "--untracked-files=no", "--", ".",
+                                  ":(exclude)benchmarks/results"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        if changed:
+            info["git_commit"] += "+uncommitted"
     except Exception:  # noqa: BLE001  (not a checkout)
         info["git_commit"] = "unknown"
     info.update(extra)

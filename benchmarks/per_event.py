@@ -169,9 +169,11 @@ def _hooks_only_block(n, device) -> int:
     from memprof import _C
     _C.start(4 * n + 1024, hooks_only=True)
     try:
-        return _timed_loop(n, device)
+        took = _timed_loop(n, device)
     finally:
         _C.stop()
+    assert _C.counters()["records"] == 0   # the callbacks did nothing
+    return took
 
 
 HOOKS_ONLY = "PyTorch's hooks, empty callbacks"
@@ -180,18 +182,25 @@ PAIRED = {"memprof.track": _memprof_block, "torch.profiler(profile_memory)": _pr
 
 def paired(block, chunk: int, pairs: int, device) -> list[float]:
     """ns per event of `block` over `pairs` paired short blocks (see the module docstring)."""
-    block(100, device)   # one-off start-up costs are not per-event costs
-    out = []
+    return paired_interleaved({"block": block}, chunk, pairs, device)["block"]
+
+
+def paired_interleaved(blocks: dict, chunk: int, pairs: int, device) -> dict[str, list[float]]:
+    """paired() for several blocks, one pair of each in turn: they share the same minutes."""
+    for block in blocks.values():
+        block(100, device)   # one-off start-up costs are not per-event costs
+    out = {name: [] for name in blocks}
     for _ in range(pairs):
-        gc.collect()
-        gc.disable()
-        try:
-            before = _timed_loop(chunk, device)
-            inside = block(chunk, device)
-            after = _timed_loop(chunk, device)
-        finally:
-            gc.enable()
-        out.append((inside - (before + after) / 2) / (2 * chunk))
+        for name, block in blocks.items():
+            gc.collect()
+            gc.disable()
+            try:
+                before = _timed_loop(chunk, device)
+                inside = block(chunk, device)
+                after = _timed_loop(chunk, device)
+            finally:
+                gc.enable()
+            out[name].append((inside - (before + after) / 2) / (2 * chunk))
     return out
 
 
@@ -276,8 +285,9 @@ def main() -> None:
                      f"{np.median(peak):8.2f} [{peak.min():.2f}-{peak.max():.2f}]")
     pair_ns = {}
     if args.pairs > 0:
-        pair_ns["memprof.track"] = paired(_memprof_block, args.chunk, args.pairs, dev)
-        pair_ns[HOOKS_ONLY] = paired(_hooks_only_block, args.chunk, args.pairs, dev)
+        pair_ns.update(paired_interleaved({"memprof.track": _memprof_block,
+                                           HOOKS_ONLY: _hooks_only_block},
+                                          args.chunk, args.pairs, dev))
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-paired",
                               "torch.profiler(profile_memory)", "--pairs", str(args.pairs),
                               "--chunk", str(args.chunk), "--device", dev],

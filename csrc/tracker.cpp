@@ -220,7 +220,7 @@ struct Session {
   StringTable strings;
   at::CallbackHandle callback = 0;
   bool callback_installed = false;
-  std::thread::id owner;
+  std::atomic<std::thread::id> owner{};   // read on every free by other threads
   std::shared_ptr<c10::DebugInfoBase> reporter;  // the one pushed on the owner thread
   int32_t backward_label = -1;                    // string id of "backward_start"
   std::atomic<int64_t> external_total{0};         // running total of record_external sizes
@@ -314,6 +314,7 @@ int32_t intern_cached(ThreadState& ts, const char* name) {
   uint64_t h = (reinterpret_cast<uintptr_t>(name) * 0x9E3779B97F4A7C15ull) >> (64 - kNameSlotBits);
   NameSlot& slot = ts.name_slots[h];
   if (slot.ptr == name && std::strcmp(slot.text.c_str(), name) == 0) return slot.id;
+  slot.ptr = nullptr;   // until the slot holds this name's id (the lookups below may throw)
   slot.text.assign(name);
   auto it = ts.name_ids.find(slot.text);
   int32_t id;
@@ -473,7 +474,7 @@ void reattach_before_free() {
   }
   // The starting thread carries the session's hook from start() on, and attach_thread() never
   // pushes another one there: nothing to do (and no debug-info lookup on every free).
-  if (std::this_thread::get_id() == s.owner) return;
+  if (std::this_thread::get_id() == s.owner.load(std::memory_order_relaxed)) return;
   auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
   if (current != nullptr) {
     // another profiler's state, or our live hook: the free is (or is not ours to) report
@@ -617,7 +618,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.step = 0;
   s.hooks_only = hooks_only;
   uint64_t gen = s.generation.fetch_add(1) + 1;
-  s.owner = std::this_thread::get_id();
+  s.owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
   s.reporter = std::make_shared<Reporter>(gen);
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, s.reporter);
   // The CPU allocator logs a warning for every free of a block allocated before profiling
@@ -642,7 +643,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
 bool attach_thread() {
   Session& s = session();
   if (!s.active.load()) return false;
-  if (std::this_thread::get_id() == s.owner) return false;
+  if (std::this_thread::get_id() == s.owner.load(std::memory_order_relaxed)) return false;
   pop_stale_reporter();
   if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) != nullptr) return false;
   c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE,
@@ -661,7 +662,7 @@ std::string stop() {
     at::removeCallback(s.callback);
     s.callback_installed = false;
   }
-  if (std::this_thread::get_id() != s.owner) {
+  if (std::this_thread::get_id() != s.owner.load(std::memory_order_relaxed)) {
     warning = "memprof.track was stopped on another thread than it started on; its allocation "
               "hook stays inert on the starting thread";
   } else if (c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE) ==
@@ -677,13 +678,19 @@ std::string stop() {
 
 bool is_active() { return session().active.load(); }
 
+// True while a session records (not a hooks-only one): the Python-facing recording calls.
+bool recording() {
+  Session& s = session();
+  return s.active.load(std::memory_order_acquire) && !s.hooks_only.load(std::memory_order_relaxed);
+}
+
 void push_module(int32_t id) {
-  if (!session().active.load(std::memory_order_relaxed)) return;
+  if (!recording()) return;
   thread_state().modules.push_back(id);
 }
 
 void pop_module() {
-  if (!session().active.load(std::memory_order_relaxed)) return;
+  if (!recording()) return;
   ThreadState& ts = thread_state();
   if (!ts.modules.empty()) ts.modules.pop_back();
 }
@@ -702,7 +709,7 @@ void set_step(int32_t step) { session().step.store(step, std::memory_order_relax
 // (step boundaries, snapshots taken by the Python side).
 void mark(const std::string& label, uint64_t value) {
   Session& s = session();
-  if (!s.active.load()) return;
+  if (!recording()) return;
   ThreadState& ts = thread_state();
   int32_t id = s.strings.intern(label.c_str());
   record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU), id);
@@ -871,7 +878,7 @@ py::tuple take_events(const std::vector<int>& prefix_devices) {
 // phase and step context as real events, so an estimated step is a Profile like a measured one.
 void record_external(uint64_t ptr, int64_t size, int32_t device_type, int32_t device_index) {
   Session& s = session();
-  if (!s.active.load(std::memory_order_relaxed)) return;
+  if (!recording()) return;
   int64_t total = s.external_total.fetch_add(size, std::memory_order_relaxed) + size;
   record(thread_state(), kKindMemory, ptr, size, total, 0,
          c10::Device(static_cast<c10::DeviceType>(device_type),
