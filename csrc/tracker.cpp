@@ -232,6 +232,13 @@ struct Session {
 Session* const g_session = new Session();
 inline Session& session() { return *g_session; }
 
+// True while a session records: started and not hooks-only. What every hook and recording
+// call asks first.
+inline bool recording() {
+  Session& s = session();
+  return s.active.load(std::memory_order_acquire) && !s.hooks_only.load(std::memory_order_relaxed);
+}
+
 struct OpFrame {
   int32_t name;
   int64_t seq;
@@ -424,19 +431,23 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
 
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
                          size_t total_reserved, c10::Device device) override {
-    if (!live() || session().hooks_only.load(std::memory_order_relaxed)) return;
+    if (!records()) return;
     record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
 
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
                          c10::Device device) override {
-    if (!live() || session().hooks_only.load(std::memory_order_relaxed)) return;
+    if (!records()) return;
     record(thread_state(), kKindOutOfMemory, 0, alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
 
+  // Asked by PyTorch's allocators before they report: true in a hooks-only session too, so
+  // that the CPU allocator keeps its size map as it does for a recording one.
   bool memoryProfilingEnabled() const override { return live(); }
+
+  bool records() const { return live() && !session().hooks_only.load(std::memory_order_relaxed); }
 
  private:
   uint64_t generation_;
@@ -469,9 +480,7 @@ std::atomic<c10::DeleterFnPtr> g_base_deleter{nullptr};
 
 void reattach_before_free() {
   Session& s = session();
-  if (!s.active.load(std::memory_order_acquire) || s.hooks_only.load(std::memory_order_relaxed)) {
-    return;
-  }
+  if (!recording()) return;
   // The starting thread carries the session's hook from start() on, and attach_thread() never
   // pushes another one there: nothing to do (and no debug-info lookup on every free).
   if (std::this_thread::get_id() == s.owner.load(std::memory_order_relaxed)) return;
@@ -496,23 +505,17 @@ class FreeWatchingAllocator final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr block = base_->allocate(n);
-    if (!session().active.load(std::memory_order_relaxed) ||
-        session().hooks_only.load(std::memory_order_relaxed) || block.get() == nullptr ||
-        block.get() != block.get_context()) {
+    if (!recording() || block.get() == nullptr || block.get() != block.get_context()) {
       return block;
     }
     c10::DeleterFnPtr base_deleter = block.get_deleter();
     // the base allocator's one deleter, noted the first time (a plain load after that: no
     // locked instruction per allocation); another one is left alone
     c10::DeleterFnPtr noted = g_base_deleter.load(std::memory_order_relaxed);
-    if (noted != base_deleter) {
-      if (noted != nullptr) return block;
-      c10::DeleterFnPtr expected = nullptr;
-      if (!g_base_deleter.compare_exchange_strong(expected, base_deleter) &&
-          expected != base_deleter) {
-        return block;
-      }
+    if (noted == nullptr && g_base_deleter.compare_exchange_strong(noted, base_deleter)) {
+      noted = base_deleter;   // (a failed exchange leaves the one noted meanwhile in `noted`)
     }
+    if (noted != base_deleter) return block;
     (void)block.compare_exchange_deleter(base_deleter, &watched_delete);  // same deleter: swaps
     return block;
   }
@@ -543,10 +546,8 @@ void watch_cpu_frees() {
 // ---------------------------------------------------------------------------------------------
 // Op context.
 std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
+  if (!recording()) return nullptr;
   Session& s = session();
-  if (!s.active.load(std::memory_order_relaxed) || s.hooks_only.load(std::memory_order_relaxed)) {
-    return nullptr;
-  }
   ThreadState& ts = thread_state();
   const char* raw_name = fn.name();
   int64_t seq = fn.seqNr();
@@ -677,12 +678,6 @@ std::string stop() {
 }
 
 bool is_active() { return session().active.load(); }
-
-// True while a session records (not a hooks-only one): the Python-facing recording calls.
-bool recording() {
-  Session& s = session();
-  return s.active.load(std::memory_order_acquire) && !s.hooks_only.load(std::memory_order_relaxed);
-}
 
 void push_module(int32_t id) {
   if (!recording()) return;

@@ -15,6 +15,7 @@ class Command:
     name: str = ""
     help: str = ""
     description: str = ""
+    own_code_only: bool = False   # runs memprof's own code only, whatever its arguments
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         raise NotImplementedError
@@ -26,4 +27,4 @@ class Command:
         """Whether the process may end without Python's finalization once run() returned
         (memprof.cli.console_main): a command says so only where memprof's own code alone
         ran, so no user object waits to be finalized (a file of theirs to flush, a __del__)."""
-        return False
+        return self.own_code_only

@@ -12,12 +12,10 @@ class GpusCommand(Command):
     help = "the GPU table used by `recommend`"
     description = ("The GPUs memprof knows: memory as torch reports it, usable memory after "
                    "the CUDA context, peak FLOPs per precision and memory bandwidth.")
+    own_code_only = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", action="store_true", help="print the table as JSON")
-
-    def leaves_fast(self, args) -> bool:
-        return True    # memprof's own code only
 
     def run(self, args) -> int:
         from memprof.plan import gpus

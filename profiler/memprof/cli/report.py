@@ -14,6 +14,7 @@ class ReportCommand(Command):
                    "run; optionally export it and fail when it has findings. Several files "
                    "(the ranks of one torchrun job, e.g. run.rank*.memprof) are merged into "
                    "one report: peak per rank, imbalance, findings once with their ranks.")
+    own_code_only = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("profile", nargs="+",
@@ -29,9 +30,6 @@ class ReportCommand(Command):
                             help="replay the profile against a GPU's usable memory (a name "
                                  "from `memprof gpus`, or bytes): whether and where it would "
                                  "run out, and what would fit (estimates)")
-
-    def leaves_fast(self, args) -> bool:
-        return True    # memprof's own code only
 
     def run(self, args) -> int:
         import memprof
