@@ -18,12 +18,24 @@ measurement with a fraction of the big step's noise. It is a lower bound, printe
 beside the direct figure: on the op-bound MLP the big step's added time was 1.4-2.3x the
 twin's, for torch.profiler too. The allocator events per step of both are printed to show
 they run the same ops.
+
+Every row also shows the minor page faults per step (the process's, getrusage). glibc returns
+freed blocks above its trim threshold to the kernel and maps big blocks anew, so a step whose
+tensors are megabytes (the MLP's weight gradients are 3-4 MB, made anew each step) touches
+fresh pages: ~1,400-3,400 faults per step on this machine, their number drifting from block to
+block with the heap's layout - a cost that grows with tensor sizes and moves between modes
+whether or not anything is tracked. `--heap steady` keeps freed memory mapped (glibc's
+mallopt: trim and mmap thresholds at 1 GiB, as a caching allocator would), so the table
+measures the tracker and not the heap's drift; the default heap is what a plain script gets.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
+import ctypes.util
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -54,10 +66,35 @@ CLOCKS = {"wall": time.perf_counter,
           "cpu": time.thread_time}
 step_clock = time.perf_counter
 
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def set_heap_thresholds(nbytes: int) -> None:
+    """glibc's trim and mmap thresholds, both fixed at `nbytes`: at 1 GiB (--heap steady)
+    freed blocks stay mapped and big blocks come from the heap, so steps stop faulting fresh
+    pages in (see the docstring); at 128 KiB every big block is mapped and returned."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallopt") or not (libc.mallopt(_M_TRIM_THRESHOLD, nbytes)
+                                            and libc.mallopt(_M_MMAP_THRESHOLD, nbytes)):
+        raise SystemExit("--heap steady: needs glibc's mallopt (this C library has none or "
+                         "refused the thresholds); run with --heap default")
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (all threads: intra-op threads fill pages too)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+#: minor page faults of each step of the last run_steps call
+last_step_faults: list[int] = []
+
 
 def run_steps(model, opt, sched, batches, loss_fn) -> list[float]:
     times = []
+    last_step_faults.clear()
     for inputs, targets in batches:
+        f = minor_faults()
         t = step_clock()
         loss = loss_fn(model(*inputs), targets)
         loss.backward()
@@ -66,6 +103,7 @@ def run_steps(model, opt, sched, batches, loss_fn) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         times.append(step_clock() - t)
+        last_step_faults.append(minor_faults() - f)
     return times
 
 
@@ -165,6 +203,7 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
     pooled = {s: {m: [] for m in MODES} for s in specs}
     per_round = {s: {m: [] for m in MODES} for s in specs}   # each round's median step time
     exits = {s: {m: [] for m in MODES} for s in specs}
+    faults = {s: {m: [] for m in MODES} for s in specs}      # minor page faults per step
     events = {s: [] for s in specs}                          # allocator events per step
     for r in range(args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
@@ -174,6 +213,7 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
                 pooled[spec][m] += times[args.warmup:]
                 per_round[spec][m].append(statistics.median(times[args.warmup:]))
                 exits[spec][m].append(exit_cost)
+                faults[spec][m] += last_step_faults[args.warmup:]
     rows = []
     for spec in specs:
         hook_ms: list[float] = []
@@ -187,6 +227,7 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
                                                           per_round[spec]["untracked"])]
             rows.append({"workload": workload_label(*parsed[spec]), "mode": m,
                          "added_us_per_step": (statistics.median(pooled[spec][m]) - base) * 1e6,
+                         "faults_per_step": statistics.mean(faults[spec][m]),
                          "events_per_step": (statistics.median(events[spec])
                                              if m == "track(health=False)" else None),
                          "health_hooks_ms_per_step": (statistics.median(hook_ms)
@@ -228,6 +269,10 @@ def main(argv=None):
                     help="op-level twin of the first workload (same loop and ops, small "
                          "tensors), run in the same rounds: its added time per step over the "
                          "first workload's step is printed as a derived lower bound")
+    ap.add_argument("--heap", choices=("default", "steady"), default="default",
+                    help="steady: glibc keeps freed memory mapped, so steps do not fault "
+                         "fresh pages in (see the module docstring); default: as a plain "
+                         "script runs")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
     args = ap.parse_args(argv)
@@ -237,6 +282,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     global step_clock
     step_clock = CLOCKS[args.clock]
+    if args.heap == "steady":
+        set_heap_thresholds(1 << 30)
     load_before = machine(device="cpu")["load_average_1_5_15min"]
     specs = args.workloads.split(",")
     if args.twin:
@@ -248,19 +295,20 @@ def main(argv=None):
     lines = [f"# memprof training-health overhead ({args.rounds} rounds x {args.steps} steps "
              f"per mode, first {args.warmup} of each round dropped; loop: forward, loss, "
              f"backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad; {args.clock} "
-             "time per step)",
+             f"time per step; heap: {args.heap})",
              f"# machine: {machine(device='cpu')} (load average before the run: {load_before})",
              f"# command: python {cmd}", "",
              f"{'workload':{wl}s} {'mode':30s} {'median ms':>10s} {'p10-p90 ms':>16s} "
              f"{'overhead':>9s} {'added us':>9s} {'paired':>7s} {'paired p10..p90':>16s} "
-             f"{'exit ms':>8s} {'events/step':>11s} {'health hooks ms/step':>21s}"]
+             f"{'exit ms':>8s} {'faults/step':>11s} {'events/step':>11s} "
+             f"{'health hooks ms/step':>21s}"]
     for r in rows:
         lines.append(f"{r['workload']:{wl}s} {r['mode']:30s} {r['median_step_ms']:10.2f} "
                      f"{r['p10_ms']:7.2f}-{r['p90_ms']:<8.2f} {r['overhead_pct']:8.1f}% "
                      f"{r['added_us_per_step']:9.0f} "
                      f"{r['paired_overhead_pct']:6.1f}% "
                      f"{r['paired_p10_pct']:7.1f}..{r['paired_p90_pct']:<6.1f}% "
-                     f"{r['exit_ms']:8.1f} "
+                     f"{r['exit_ms']:8.1f} {r['faults_per_step']:11.0f} "
                      + (f"{r['events_per_step']:11.0f} " if r["events_per_step"] is not None
                         else f"{'':11s} ")
                      + (f"{r['health_hooks_ms_per_step']:21.3f}"
@@ -272,6 +320,7 @@ def main(argv=None):
     lines.append("# health hooks ms/step: time spent inside the health recorder's hooks "
                  "(grad norm, LR reads, loss .item(), clip/scheduler records) per step, "
                  "median over separate rounds")
+    lines.append("# faults/step: minor page faults of the process per step, mean")
     lines.append("# events/step: allocator events (allocations and frees) per step that "
                  "track() recorded")
     if derived:

@@ -25,6 +25,26 @@ def _run_in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _same_random_state_for_every_test():
+    """Every test starts from seed 0 and leaves the global generator as it found it: a test
+    that seeds it (the attention cases draw a fresh seed per run) cannot change the data of
+    the tests after it, so a failure replays from the test alone."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_environment(monkeypatch):
+    """A shell inside torchrun (RANK, WORLD_SIZE set) would rename every saved profile
+    (name.rank<R>.memprof) and make ranks of single-process tests; tests that launch ranks
+    set these themselves."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def collect_garbage_after():
     """Leave no cyclic garbage (models, tensors) for a later test's tracked block to free."""

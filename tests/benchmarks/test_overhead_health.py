@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -68,7 +69,44 @@ def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_deriv
     assert len(events) == 2
     big, twin = events.values()
     assert big > 0 and big == twin     # the same ops: allocations and frees one for one
+    assert all(r["faults_per_step"] >= 0 for r in rows)
     text = (tmp_path / "oh.txt").read_text()
     assert "derived lower bound of mlp b3 (in_features=12, hidden=16)'s overhead" in text and "twin added us" in text
     saved = json.loads((tmp_path / "oh.json").read_text())
     assert [d["mode"] for d in saved["derived"]] == list(overhead_health.MODES[1:])
+
+
+_FAULTS_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import overhead_health as o, torch
+torch.set_num_threads(1)
+if sys.argv[2] == "steady":
+    o.set_heap_thresholds(1 << 30)
+else:   # a heap that returns big blocks every time (glibc's own thresholds move with the
+    # heap's layout: whether 4 MB blocks are re-mapped each round varies from run to run)
+    o.set_heap_thresholds(128 << 10)
+def churn():   # 16 MB of fresh 4 MB blocks, filled, then freed
+    blocks = [torch.ones(1 << 20) for _ in range(4)]
+    del blocks
+for _ in range(3):
+    churn()
+before = o.minor_faults()
+for _ in range(10):
+    churn()
+print((o.minor_faults() - before) / 10)
+"""
+
+
+def test_the_steady_heap_stops_big_blocks_from_faulting_fresh_pages_in():
+    """What --heap steady is for: freed megabyte blocks stay mapped, so refilling them costs
+    no page faults (a heap that returns them faults ~4,000 pages per round; glibc's default
+    does so in some runs and not in others). Each in a fresh process: mallopt holds for the
+    life of a process."""
+    faults = {}
+    for heap in ("returning", "steady"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, BENCHMARKS, heap],
+                             capture_output=True, text=True, timeout=120, check=True)
+        faults[heap] = float(out.stdout.strip().splitlines()[-1])
+    assert faults["returning"] > 1000, faults   # 16 MB = 4,096 pages, re-faulted each round
+    assert faults["steady"] < 50, faults
