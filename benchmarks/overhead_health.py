@@ -34,6 +34,7 @@ import argparse
 import ast
 import ctypes
 import ctypes.util
+import gc
 import os
 import resource
 import shlex
@@ -208,6 +209,9 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
     for r in range(args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
             for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
+                # no cyclic garbage left from the last block: a collection inside this one
+                # would free its tensors there (frees in its events, time in its steps)
+                gc.collect()
                 times, exit_cost = run_mode(m, loads[spec], events_per_step=events[spec]
                                             if m == "track(health=False)" else None)
                 pooled[spec][m] += times[args.warmup:]
