@@ -19,11 +19,12 @@ beside the direct figure: on the op-bound MLP the big step's added time was 1.4-
 twin's, for torch.profiler too. The allocator events per step of both are printed to show
 they run the same ops.
 
-Every row also shows the minor page faults per step (the process's, getrusage). glibc returns
-freed blocks above its trim threshold to the kernel and maps big blocks anew, so a step whose
-tensors are megabytes (the MLP's weight gradients are 3-4 MB, made anew each step) touches
-fresh pages: ~1,400-3,400 faults per step on this machine, their number drifting from block to
-block with the heap's layout - a cost that grows with tensor sizes and moves between modes
+Every row also shows the minor page faults per step (the process's, getrusage; each round's
+mean is saved in the JSON). glibc maps blocks above its mmap threshold (which moves with what
+was freed) and unmaps them when freed, and gives the top of its heap back above its trim
+threshold, so a step whose tensors are megabytes (the MLP's weight gradients are 3-4 MB, made
+anew each step) touches fresh pages: 560-790 faults per step in the kept default-heap run,
+1,400-3,400 in scratch counts - a cost that grows with tensor sizes and moves between modes
 whether or not anything is tracked. `--heap steady` keeps freed memory mapped (glibc's
 mallopt: trim and mmap thresholds at 1 GiB, as a caching allocator would), so the table
 measures the tracker and not the heap's drift; the default heap is what a plain script gets.
@@ -74,12 +75,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def set_heap_thresholds(nbytes: int) -> None:
     """glibc's trim and mmap thresholds, both fixed at `nbytes`: at 1 GiB (--heap steady)
     freed blocks stay mapped and big blocks come from the heap, so steps stop faulting fresh
-    pages in (see the docstring); at 128 KiB every big block is mapped and returned."""
+    pages in (see the module docstring); at 128 KiB every big block is mapped and returned."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if not hasattr(libc, "mallopt") or not (libc.mallopt(_M_TRIM_THRESHOLD, nbytes)
                                             and libc.mallopt(_M_MMAP_THRESHOLD, nbytes)):
-        raise SystemExit("--heap steady: needs glibc's mallopt (this C library has none or "
-                         "refused the thresholds); run with --heap default")
+        raise SystemExit(f"mallopt refused a trim/mmap threshold of {nbytes} bytes (glibc "
+                         "only); run with --heap default")
 
 
 def minor_faults() -> int:
@@ -87,15 +88,11 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-#: minor page faults of each step of the last run_steps call
-last_step_faults: list[int] = []
-
-
-def run_steps(model, opt, sched, batches, loss_fn) -> list[float]:
-    times = []
-    last_step_faults.clear()
+def run_steps(model, opt, sched, batches, loss_fn) -> tuple[list[float], list[int]]:
+    """(each step's time, each step's minor page faults)."""
+    times, faults = [], []
     for inputs, targets in batches:
-        f = minor_faults()
+        faults_before = minor_faults()
         t = step_clock()
         loss = loss_fn(model(*inputs), targets)
         loss.backward()
@@ -104,8 +101,8 @@ def run_steps(model, opt, sched, batches, loss_fn) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         times.append(step_clock() - t)
-        last_step_faults.append(minor_faults() - f)
-    return times
+        faults.append(minor_faults() - faults_before)
+    return times, faults
 
 
 HOOKS = ("_opt_pre", "_on_forward", "_on_backward", "_on_clip", "_on_sched")
@@ -141,20 +138,21 @@ class HookClock:
 
 
 def run_mode(mode: str, w, hook_ms: list | None = None,
-             events_per_step: list | None = None) -> tuple[list[float], float]:
+             events_per_step: list | None = None) -> tuple[list[float], list[int], float]:
+    """(step times, step faults, seconds to leave the block) of one block in `mode`."""
     if mode == "untracked":
-        return run_steps(*w), 0.0
+        return *run_steps(*w), 0.0
     if mode == "torch.profiler(profile_memory)":
         from torch.profiler import profile
         prof = profile(profile_memory=True)
         prof.__enter__()
         try:
-            times = run_steps(*w)
+            times, faults = run_steps(*w)
         finally:
             t = time.perf_counter()
             prof.__exit__(None, None, None)
             prof.events()   # built lazily: count it as leaving
-        return times, time.perf_counter() - t
+        return times, faults, time.perf_counter() - t
     health = mode == "track(health=True)"
     clock = HookClock() if health and hook_ms is not None else None
     if clock:
@@ -162,7 +160,7 @@ def run_mode(mode: str, w, hook_ms: list | None = None,
     tracker = memprof.track(w[0], w[1], health=health)
     tracker.__enter__()
     try:
-        times = run_steps(*w)
+        times, faults = run_steps(*w)
     finally:
         t = time.perf_counter()
         tracker.__exit__(None, None, None)
@@ -172,7 +170,7 @@ def run_mode(mode: str, w, hook_ms: list | None = None,
             hook_ms.append(clock.total * 1e3 / len(w[3]))
     if events_per_step is not None:
         events_per_step.append(tracker.profile.run.streams.memory.size / len(w[3]))
-    return times, exit_s
+    return times, faults, exit_s
 
 
 def parse_workload(spec: str) -> tuple[str, int, dict]:
@@ -205,6 +203,7 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
     per_round = {s: {m: [] for m in MODES} for s in specs}   # each round's median step time
     exits = {s: {m: [] for m in MODES} for s in specs}
     faults = {s: {m: [] for m in MODES} for s in specs}      # minor page faults per step
+    round_faults = {s: {m: [] for m in MODES} for s in specs}   # each round's mean of those
     events = {s: [] for s in specs}                          # allocator events per step
     for r in range(args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
@@ -212,12 +211,14 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
                 # no cyclic garbage left from the last block: a collection inside this one
                 # would free its tensors there (frees in its events, time in its steps)
                 gc.collect()
-                times, exit_cost = run_mode(m, loads[spec], events_per_step=events[spec]
-                                            if m == "track(health=False)" else None)
+                times, step_faults, exit_cost = run_mode(
+                    m, loads[spec],
+                    events_per_step=events[spec] if m == "track(health=False)" else None)
                 pooled[spec][m] += times[args.warmup:]
                 per_round[spec][m].append(statistics.median(times[args.warmup:]))
                 exits[spec][m].append(exit_cost)
-                faults[spec][m] += last_step_faults[args.warmup:]
+                faults[spec][m] += step_faults[args.warmup:]
+                round_faults[spec][m].append(statistics.mean(step_faults[args.warmup:]))
     rows = []
     for spec in specs:
         hook_ms: list[float] = []
@@ -231,7 +232,8 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
                                                           per_round[spec]["untracked"])]
             rows.append({"workload": workload_label(*parsed[spec]), "mode": m,
                          "added_us_per_step": (statistics.median(pooled[spec][m]) - base) * 1e6,
-                         "faults_per_step": statistics.mean(faults[spec][m]),
+                         "faults_per_step": float(statistics.mean(faults[spec][m])),
+                         "faults_per_step_each_round": round_faults[spec][m],
                          "events_per_step": (statistics.median(events[spec])
                                              if m == "track(health=False)" else None),
                          "health_hooks_ms_per_step": (statistics.median(hook_ms)

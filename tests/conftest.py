@@ -27,11 +27,12 @@ def _run_in_tmp_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _same_random_state_for_every_test():
-    """Every test starts from seed 0 and leaves the global generator as it found it: a test
-    that seeds it (the attention cases draw a fresh seed per run) cannot change the data of
-    the tests after it, so a failure replays from the test alone."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
+    """Every test starts from seed 0 and leaves the CPU generator as it found it: a test that
+    seeds it (the attention cases draw a fresh seed per run) cannot change the data of the
+    tests after it, so a failure replays from the test alone. manual_seed seeds CUDA's
+    generators lazily, without initialising CUDA."""
+    with torch.random.fork_rng(devices=[]):    # devices: CUDA's generators are not forked
+        torch.manual_seed(0)                    # (forking them would initialise CUDA)
         yield
 
 
