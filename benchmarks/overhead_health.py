@@ -15,8 +15,8 @@ the op-level twin of the first workload (the same loop and ops on small tensors)
 added time per step, divided by the first workload's untracked step of the same round, is the
 part of the first workload's overhead that does not grow with tensor sizes, from a
 measurement with a fraction of the big step's noise. It is a lower bound, printed as derived
-beside the direct figure: on the op-bound MLP the big step's added time was 1.4-2.3x the
-twin's, for torch.profiler too. The allocator events per step of both are printed to show
+beside the direct figure: on the op-bound MLP the big step's added time was 1.1-2.6x the
+twin's in the kept runs, for either tool. The allocator events per step of both are printed to show
 they run the same ops.
 
 Every row also shows the minor page faults per step (the process's, getrusage; each round's
@@ -202,8 +202,7 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
     pooled = {s: {m: [] for m in MODES} for s in specs}
     per_round = {s: {m: [] for m in MODES} for s in specs}   # each round's median step time
     exits = {s: {m: [] for m in MODES} for s in specs}
-    faults = {s: {m: [] for m in MODES} for s in specs}      # minor page faults per step
-    round_faults = {s: {m: [] for m in MODES} for s in specs}   # each round's mean of those
+    round_faults = {s: {m: [] for m in MODES} for s in specs}   # each round's mean faults/step
     events = {s: [] for s in specs}                          # allocator events per step
     for r in range(args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
@@ -217,7 +216,6 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
                 pooled[spec][m] += times[args.warmup:]
                 per_round[spec][m].append(statistics.median(times[args.warmup:]))
                 exits[spec][m].append(exit_cost)
-                faults[spec][m] += step_faults[args.warmup:]
                 round_faults[spec][m].append(statistics.mean(step_faults[args.warmup:]))
     rows = []
     for spec in specs:
@@ -232,7 +230,8 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
                                                           per_round[spec]["untracked"])]
             rows.append({"workload": workload_label(*parsed[spec]), "mode": m,
                          "added_us_per_step": (statistics.median(pooled[spec][m]) - base) * 1e6,
-                         "faults_per_step": float(statistics.mean(faults[spec][m])),
+                         # rounds have equal steps: their mean is the mean over all steps
+                         "faults_per_step": float(statistics.mean(round_faults[spec][m])),
                          "faults_per_step_each_round": round_faults[spec][m],
                          "events_per_step": (statistics.median(events[spec])
                                              if m == "track(health=False)" else None),

@@ -180,13 +180,9 @@ HOOKS_ONLY = "PyTorch's hooks, empty callbacks"
 PAIRED = {"memprof.track": _memprof_block, "torch.profiler(profile_memory)": _profiler_block}
 
 
-def paired(block, chunk: int, pairs: int, device) -> list[float]:
-    """ns per event of `block` over `pairs` paired short blocks (see the module docstring)."""
-    return paired_interleaved({"block": block}, chunk, pairs, device)["block"]
-
-
 def paired_interleaved(blocks: dict, chunk: int, pairs: int, device) -> dict[str, list[float]]:
-    """paired() for several blocks, one pair of each in turn: they share the same minutes."""
+    """ns per event of each block over `pairs` paired short blocks (see the module
+    docstring), one pair of each block in turn: they share the same minutes."""
     for block in blocks.values():
         block(100, device)   # one-off start-up costs are not per-event costs
     out = {name: [] for name in blocks}
@@ -236,7 +232,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child_paired:   # torch.profiler's pairs, in a process of their own
         loop(1000, args.device)
-        print(json.dumps(paired(PAIRED[args.child_paired], args.chunk, args.pairs, args.device)))
+        name = args.child_paired
+        print(json.dumps(paired_interleaved({name: PAIRED[name]}, args.chunk, args.pairs,
+                                            args.device)[name]))
         return
     if args.child:   # one measurement for in_child()
         loop(1000, args.device)

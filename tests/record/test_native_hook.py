@@ -175,7 +175,6 @@ def test_backward_node_names_are_each_nodes_own_under_reused_name_buffers():
     """Backward node names are strings of their RecordFunction, often at the address the last
     node's name had: each event must carry its own node's name, over many steps (the name
     cache is keyed by address and checked by content)."""
-    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
                                 torch.nn.Sigmoid())
     x = torch.randn(5, 8)
