@@ -17,7 +17,9 @@ part of the first workload's overhead that does not grow with tensor sizes, from
 measurement with a fraction of the big step's noise. It is a lower bound, printed as derived
 beside the direct figure: on the op-bound MLP the big step's added time was 1.1-2.6x the
 twin's in the kept runs, for either tool. The allocator events per step of both are printed to show
-they run the same ops.
+they run the same ops. `untracked (control)` runs the untracked loop again between the
+tracked modes (an A/A check): its paired figure is the design's own reading where nothing is
+tracked.
 
 Every row also shows the minor page faults per step (the process's, getrusage; each round's
 mean is saved in the JSON). glibc maps blocks above its mmap threshold (which moves with what
@@ -50,7 +52,11 @@ from _results import machine, pct, save, step_row
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = ("untracked", "track(health=False)", "track(health=True)",
+#: an A/A control: untracked again, between the tracked modes, so that its paired figure shows
+#: what the design itself reads where nothing is tracked (position in the round, the block
+#: before it); the tracked rows mean something only beside it
+CONTROL = "untracked (control)"
+MODES = ("untracked", "track(health=False)", CONTROL, "track(health=True)",
          "torch.profiler(profile_memory)")
 
 
@@ -140,7 +146,7 @@ class HookClock:
 def run_mode(mode: str, w, hook_ms: list | None = None,
              events_per_step: list | None = None) -> tuple[list[float], list[int], float]:
     """(step times, step faults, seconds to leave the block) of one block in `mode`."""
-    if mode == "untracked":
+    if mode in ("untracked", CONTROL):
         return *run_steps(*w), 0.0
     if mode == "torch.profiler(profile_memory)":
         from torch.profiler import profile
