@@ -19,7 +19,9 @@ beside the direct figure: on the op-bound MLP the big step's added time was 1.1-
 twin's in the kept runs, for either tool. The allocator events per step of both are printed to show
 they run the same ops. `untracked (control)` runs the untracked loop again between the
 tracked modes (an A/A check): its paired figure is the design's own reading where nothing is
-tracked.
+tracked. `hook points only` runs the loop with PyTorch's hook points installed as memprof installs
+them and memprof's callbacks returning at once, without its Python hooks: what PyTorch's side
+of the hooks costs this workload, under any tracker built on them.
 
 Every row also shows the minor page faults per step (the process's, getrusage; each round's
 mean is saved in the JSON). glibc maps blocks above its mmap threshold (which moves with what
@@ -56,7 +58,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: what the design itself reads where nothing is tracked (position in the round, the block
 #: before it); the tracked rows mean something only beside it
 CONTROL = "untracked (control)"
-MODES = ("untracked", "track(health=False)", CONTROL, "track(health=True)",
+#: PyTorch's hook points as memprof installs them (a global RecordFunction callback, the CPU
+#: allocator's reports to the profiler slot) with memprof's callbacks returning at once and no
+#: Python hooks: the floor under any tracker of ops and allocations built on them
+HOOK_POINTS = "hook points only"
+MODES = ("untracked", "track(health=False)", CONTROL, HOOK_POINTS, "track(health=True)",
          "torch.profiler(profile_memory)")
 
 
@@ -148,6 +154,15 @@ def run_mode(mode: str, w, hook_ms: list | None = None,
     """(step times, step faults, seconds to leave the block) of one block in `mode`."""
     if mode in ("untracked", CONTROL):
         return *run_steps(*w), 0.0
+    if mode == HOOK_POINTS:
+        from memprof import _C
+        _C.start(4096, hooks_only=True)
+        try:
+            times, faults = run_steps(*w)
+        finally:
+            _C.stop()
+        assert _C.counters()["records"] == 0   # the callbacks did nothing
+        return times, faults, 0.0
     if mode == "torch.profiler(profile_memory)":
         from torch.profiler import profile
         prof = profile(profile_memory=True)
