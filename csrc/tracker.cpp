@@ -203,8 +203,9 @@ class StringTable {
 // ---------------------------------------------------------------------------------------------
 struct Session {
   std::atomic<bool> active{false};
-  // The hooks installed, their bodies empty (benchmarks/per_event.py: what PyTorch's hook
-  // points cost by themselves, the floor under any tracker built on them); records nothing.
+  // The hooks installed, their bodies empty (benchmarks/per_event.py, overhead_health.py: what
+  // PyTorch's hook points cost by themselves, the floor under any tracker built on them);
+  // records nothing.
   std::atomic<bool> hooks_only{false};
   std::atomic<uint64_t> generation{0};
   std::atomic<int64_t> events_reserved{0};  // handed out to threads' quotas (see Quota)

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import memprof
+
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
@@ -58,8 +60,21 @@ def test_parse_workload_reads_constructor_keywords():
 
 
 def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_derived_table(
-        tmp_path):
+        tmp_path, monkeypatch):
     out = tmp_path / "oh"
+    active_in = {}   # mode -> whether memprof's native hooks were on during its steps
+    run_steps, run_mode = overhead_health.run_steps, overhead_health.run_mode
+
+    def noting_run_mode(mode, w, *args, **kwargs):
+        def noting_run_steps(*a):
+            active_in.setdefault(mode, memprof._C.is_active())
+            return run_steps(*a)
+        monkeypatch.setattr(overhead_health, "run_steps", noting_run_steps)
+        try:
+            return run_mode(mode, w, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(overhead_health, "run_steps", run_steps)
+    monkeypatch.setattr(overhead_health, "run_mode", noting_run_mode)
     rows = overhead_health.main([
         "--workloads", "mlp:3:in_features=12;hidden=16", "--twin", "mlp:2:in_features=4;hidden=4",
         "--rounds", "1", "--steps", "3", "--warmup", "1",
@@ -68,11 +83,14 @@ def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_deriv
               if r["mode"] == "track(health=False)"}
     assert all(r["events_per_step"] is None for r in rows if r["mode"] != "track(health=False)")
     assert len(events) == 2
-    # the A/A control runs untracked: nothing to leave, no events, beside every workload
-    # so do PyTorch's hook points alone (run_mode checks that memprof recorded nothing)
+    # The A/A control runs untracked, and so do PyTorch's hook points alone, with the native
+    # hooks on (run_mode checks that they recorded nothing): nothing to leave, no events.
     for mode in (overhead_health.CONTROL, overhead_health.HOOK_POINTS):
         same = [r for r in rows if r["mode"] == mode]
         assert len(same) == 2 and all(r["exit_ms"] == 0.0 for r in same)
+    assert active_in == {"untracked": False, overhead_health.CONTROL: False,
+                         overhead_health.HOOK_POINTS: True, "track(health=False)": True,
+                         "track(health=True)": True, "torch.profiler(profile_memory)": False}
     big, twin = events.values()
     assert big > 0 and big == twin     # the same ops: allocations and frees one for one
     assert all(isinstance(r["faults_per_step"], float) and r["faults_per_step"] >= 0
@@ -80,6 +98,7 @@ def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_deriv
     text = (tmp_path / "oh.txt").read_text()
     assert "derived lower bound of mlp b3 (in_features=12, hidden=16)'s overhead" in text and "twin added us" in text
     assert "faults/step" in text and "heap: default" in text
+    assert overhead_health.CONTROL in text and overhead_health.HOOK_POINTS in text
     saved = json.loads((tmp_path / "oh.json").read_text())
     assert all("faults_per_step" in r for r in saved["rows"])
     assert [d["mode"] for d in saved["derived"]] == list(overhead_health.MODES[1:])
