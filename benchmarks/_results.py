@@ -1,6 +1,8 @@
-"""What every benchmark records with its table: the machine, the command, and the files."""
+"""What every benchmark records with its table (the machine, the command, the files), and the
+one reference mode two of them time: PyTorch's hook points without memprof's work."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -80,3 +82,18 @@ def step_cells(r: dict) -> str:
     """A `step_row` printed: median, p10-p90, overhead, exit."""
     return (f"{r['median_step_ms']:10.1f} {r['p10_ms']:7.1f}-{r['p90_ms']:<8.1f} "
             f"{r['overhead_pct']:8.1f}% {r['exit_ms']:8.1f}")
+
+
+@contextlib.contextmanager
+def hook_points_only(capacity: int = 4096):
+    """PyTorch's hook points as memprof installs them (a global RecordFunction callback, the
+    CPU allocator's reports to the profiler slot) with memprof's callbacks returning at once
+    (`memprof._C.start(hooks_only=True)`): what PyTorch's side of the hooks costs, the floor
+    under any tracker built on them. Checks, on a clean exit, that nothing was recorded."""
+    from memprof import _C
+    _C.start(capacity, hooks_only=True)
+    try:
+        yield
+    finally:
+        warning = _C.stop()
+    assert _C.counters()["records"] == 0 and not warning   # the callbacks did nothing

@@ -55,7 +55,7 @@ import time
 import torch
 
 import memprof
-from _results import machine, pct, save, step_row
+from _results import hook_points_only, machine, pct, save, step_row
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,14 +160,8 @@ def run_mode(mode: str, w, hook_ms: list | None = None,
     if mode in ("untracked", CONTROL):
         return *run_steps(*w), 0.0
     if mode == HOOK_POINTS:
-        from memprof import _C
-        _C.start(4096, hooks_only=True)
-        try:
-            times, faults = run_steps(*w)
-        finally:
-            warning = _C.stop()
-        assert _C.counters()["records"] == 0 and not warning   # the callbacks did nothing
-        return times, faults, 0.0
+        with hook_points_only():
+            return *run_steps(*w), 0.0
     if mode == "torch.profiler(profile_memory)":
         from torch.profiler import profile
         prof = profile(profile_memory=True)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import memprof
-from _results import command, machine, save
+from _results import command, hook_points_only, machine, save
 
 
 EVENT_BYTES = 72   # memprof.record.events.EVENT_DTYPE.itemsize, checked in main()
@@ -163,17 +163,9 @@ def _profiler_block(n, device) -> int:
 
 
 def _hooks_only_block(n, device) -> int:
-    """The hook points memprof uses (a global RecordFunction callback, the allocators' report
-    to the profiler slot) with memprof's callbacks returning at once: what PyTorch's side of
-    them costs, the floor under any tracker built on them."""
-    from memprof import _C
-    _C.start(4 * n + 1024, hooks_only=True)
-    try:
-        took = _timed_loop(n, device)
-    finally:
-        _C.stop()
-    assert _C.counters()["records"] == 0   # the callbacks did nothing
-    return took
+    """The loop under PyTorch's hook points alone (`_results.hook_points_only`)."""
+    with hook_points_only(4 * n + 1024):
+        return _timed_loop(n, device)
 
 
 HOOKS_ONLY = "PyTorch's hooks, empty callbacks"

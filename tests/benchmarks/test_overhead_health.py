@@ -63,18 +63,19 @@ def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_deriv
         tmp_path, monkeypatch):
     out = tmp_path / "oh"
     active_in = {}   # mode -> whether memprof's native hooks were on during its steps
+    mode_now = []    # the mode run_mode is running (none during the warm-up steps)
     run_steps, run_mode = overhead_health.run_steps, overhead_health.run_mode
 
-    def noting_run_mode(mode, w, *args, **kwargs):
-        def noting_run_steps(*a):
-            active_in.setdefault(mode, memprof._C.is_active())
-            return run_steps(*a)
-        monkeypatch.setattr(overhead_health, "run_steps", noting_run_steps)
-        try:
-            return run_mode(mode, w, *args, **kwargs)
-        finally:
-            monkeypatch.setattr(overhead_health, "run_steps", run_steps)
+    def noting_run_mode(mode, *args, **kwargs):
+        mode_now[:] = [mode]
+        return run_mode(mode, *args, **kwargs)
+
+    def noting_run_steps(*args):
+        if mode_now:
+            active_in.setdefault(mode_now[0], memprof._C.is_active())
+        return run_steps(*args)
     monkeypatch.setattr(overhead_health, "run_mode", noting_run_mode)
+    monkeypatch.setattr(overhead_health, "run_steps", noting_run_steps)
     rows = overhead_health.main([
         "--workloads", "mlp:3:in_features=12;hidden=16", "--twin", "mlp:2:in_features=4;hidden=4",
         "--rounds", "1", "--steps", "3", "--warmup", "1",
@@ -93,7 +94,7 @@ def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_deriv
                          "track(health=True)": True, "torch.profiler(profile_memory)": False}
     big, twin = events.values()
     assert big > 0 and big == twin     # the same ops: allocations and frees one for one
-    assert all(isinstance(r["faults_per_step"], float) and r["faults_per_step"] >= 0
+    assert all(isinstance(r["faults_per_step"], float)
                and len(r["faults_per_step_each_round"]) == 1 for r in rows)
     text = (tmp_path / "oh.txt").read_text()
     assert "derived lower bound of mlp b3 (in_features=12, hidden=16)'s overhead" in text and "twin added us" in text
