@@ -2,7 +2,6 @@
 ops as the workload it stands for, and the arithmetic is the one the table says."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -12,24 +11,9 @@ import sys
 import pytest
 
 import memprof
+from benchmark_scripts import BENCHMARKS, load
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
-
-
-def _load(name: str):
-    """benchmarks/<name>.py from its file, benchmarks/ kept off sys.path (its scripts' names
-    would shadow installed packages for the whole session: see test_published_replicas)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_load("_results")                       # what overhead_health imports from its directory
-overhead_health = _load("overhead_health")
+overhead_health = load("overhead_health")
 
 
 def test_derived_rows_divide_the_twins_added_time_by_the_big_step_of_the_same_round():

@@ -3,30 +3,13 @@ benchmarks/litgpt_replica.py) compute what the originals computed and keep alive
 kept alive: checked on small real CPU tensors, by the bytes autograd saves."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_scripts import load
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
-
-
-def _load(name: str):
-    """benchmarks/<name>.py, loaded from its file. benchmarks/ is NOT put on sys.path: its
-    scripts' names would shadow installed packages for the whole test session (transformers
-    imports a package called `kernels` when it finds one)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module          # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bert_2022_replica = _load("bert_2022_replica")
-litgpt_replica = _load("litgpt_replica")
+bert_2022_replica = load("bert_2022_replica")
+litgpt_replica = load("litgpt_replica")
 
 
 def saved_bytes(fn) -> int:
