@@ -140,6 +140,20 @@ def _make_inputs(c, dtype, device, gen):
     return leaves, split, q_index
 
 
+def _weights_floor(rkw, dtype: str) -> float:
+    """The error that fp32 arithmetic alone leaves in the probabilities exp(s - lse): an
+    absolute error in a score s (the kernels recompute s in another tile order than the
+    forward that saved lse) is a relative error of that size in its probability, so one ulp of
+    the largest |s| is the floor. The mag-50 case reaches scores of ~12,000: floor 7e-4; seen
+    on an H200, 1.3e-4 (the interpreter's numpy dot happens to agree with itself closer)."""
+    if dtype != "float32":
+        return 0.0
+    q = rkw["q"].detach()
+    keys = [rkw["k"].detach()] + ([rkw["kv2"][0].detach()] if "kv2" in rkw else [])
+    top = max(float((q @ k.transpose(-1, -2)).abs().max()) for k in keys) / q.shape[-1] ** 0.5
+    return top * 2.0 ** -24
+
+
 def run_accuracy_case(c, seed, device="cpu", backend="auto"):
     """Run one accuracy case; returns dict(ok, errors, msg)."""
     from memprof.tritonkernels import attention, reference_attention
@@ -192,13 +206,16 @@ def run_accuracy_case(c, seed, device="cpu", backend="auto"):
         if outside.numel() and bool((outside != 0).any()):
             problems.append("dq nonzero outside q_index rows")
     tol = TOL[c["dtype"]]
-    bad = {k: v for k, v in errors.items() if not (v < tol)}
+    tols = {k: tol for k in errors}
+    if "weights" in errors:
+        tols["weights"] = max(tol, _weights_floor(rkw, c["dtype"]))
+    bad = {k: v for k, v in errors.items() if not (v < tols[k])}
     nonfinite = [k for k, v in finite.items() if not v]
     if nonfinite:
         problems.append(f"non-finite values in {nonfinite}")
     if bad:
-        problems.append(f"relative error above {tol:g}: " +
-                        ", ".join(f"{k}={v:.2e}" for k, v in bad.items()))
+        problems.append("relative error above tolerance: " +
+                        ", ".join(f"{k}={v:.2e} (tol {tols[k]:.1e})" for k, v in bad.items()))
     return dict(ok=not problems, errors=errors, msg="; ".join(problems))
 
 

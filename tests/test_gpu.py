@@ -27,7 +27,12 @@ def test_cuda_allocations_match_the_caching_allocator():
     # our running total and the allocator's differ by the blocks alive before tracking
     diff = prof.live_bytes()[real] - mem["total_allocated"][real]
     assert (diff == diff[0]).all()
-    assert prof.peak - prof.live_bytes()[0] <= torch.cuda.max_memory_allocated() - start + 4096
+    # the peak without the blocks alive before tracking (the parameters, thread -1) is the
+    # allocator's peak without them, less its rounding of each block to 512 bytes (an H200:
+    # equal to the byte)
+    before = int(mem["size"][mem["thread"] == -1].sum())
+    slack = (torch.cuda.max_memory_allocated() - start) - (prof.peak - before)
+    assert 0 <= slack <= 512 * int(real.sum())
     assert (prof.live_bytes(reserved=True) >= mem["total_allocated"]).all()
     assert prof.breakdown("category", at="end")["optimizer_state"] > 0
 

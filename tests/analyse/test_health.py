@@ -303,8 +303,16 @@ def test_log_rejects_bad_values():
 
 
 # ------------------------------------------------------------------ non-finite values
-@pytest.mark.parametrize("bad", ["fc1.weight", "fc2.bias"])
-def test_nan_gradient_in_a_named_parameter(bad):
+@pytest.mark.parametrize("deferred", [False, True], ids=["host", "deferred"])
+@pytest.mark.parametrize("clip", [None, "clip_grad_norm_", "clip_grads_with_norm_"])
+@pytest.mark.parametrize("bad", ["fc2.weight", "fc2.bias"])
+def test_nan_gradient_in_a_named_parameter(bad, clip, deferred, monkeypatch):
+    """With clipping too: a NaN norm makes the clip multiply every gradient by NaN, so only
+    the gradients before the clip can name the parameter (an H200 run named fc1.weight).
+    deferred: the batched device path (CUDA's), exercised on the CPU."""
+    if deferred:
+        monkeypatch.setattr(health_recorder.HealthRecorder, "_immediate", lambda self, t: False)
+        monkeypatch.setattr(health_recorder, "FLUSH_EVERY", 4)
     model, opt = setup()
     data = dataset()
     param = dict(model.named_parameters())[bad]
@@ -315,6 +323,12 @@ def test_nan_gradient_in_a_named_parameter(bad):
             state["i"] = i
             x, y = batch(data, i)
             torch.nn.functional.mse_loss(model(x), y).backward()
+            if clip == "clip_grad_norm_":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            elif clip == "clip_grads_with_norm_":     # the two halves, called by hand
+                params = list(model.parameters())
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                torch.nn.utils.clip_grads_with_norm_(params, 1.0, norm)
             opt.step()
             opt.zero_grad()
     f = find(prof, "nonfinite_gradients")

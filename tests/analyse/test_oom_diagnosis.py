@@ -196,6 +196,11 @@ def test_first_step_too_big_and_a_later_step_too_big():
     c = classify(b.profile(), 3, 8 * MIB, 40 * MIB)
     assert c["cause"] == "step_too_big" and not c["first_step"]
     assert c["live_at_step_start"] == 24 * MIB and c["earlier_peak"] == 24 * MIB
+    # a request for the whole device (seen on an H200: torch.empty(total_memory)) can never be
+    # served - the CUDA context holds part of it - so it is the request, not the step
+    whole = classify(b.profile(), 3, 40 * MIB, 40 * MIB)
+    assert whole["cause"] == "single_request" and "is all of the" in whole["text"]
+    assert classify(b.profile(), 3, 40 * MIB - 1, 40 * MIB)["cause"] == "step_too_big"
 
 
 def test_fragmented_cache_is_named_with_expandable_segments():

@@ -197,6 +197,7 @@ def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
 def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:
     findings: list[Finding] = []
     grad = rec.grad if rec is not None else {}
+    clips = rec.clips if rec is not None else []
     loss_source = summary["loss_source"]
     loss_steps = sorted(per_loss)
     bad_loss = [s for s in loss_steps if not math.isfinite(per_loss[s])]
@@ -213,7 +214,12 @@ def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:
     bad_grad = [s for s in sorted(grad) if grad[s]["norm"] is not None
                 and not math.isfinite(grad[s]["norm"])]
     if bad_grad:
-        first = grad[bad_grad[0]]
+        first = dict(grad[bad_grad[0]])
+        # a clip with a NaN total leaves every gradient NaN: its own record, read before it
+        # scaled them, names the parameter (the optimizer's pre-hook can only name the first)
+        before_clip = [c["bad"] for c in clips if c.get("bad") and c["step"] == bad_grad[0]]
+        if before_clip:
+            first["bad"] = before_clip[-1]
         findings.append(_advice("nonfinite_gradients", "error",
             message=(f"non-finite gradient (norm {first['norm']}) at optimizer step "
                      f"{bad_grad[0]}, first in parameter `{first['bad']}` ({len(bad_grad)} "
@@ -225,7 +231,7 @@ def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:
             evidence={"first_step": bad_grad[0], "first_parameter": first["bad"],
                       "steps": bad_grad[:20], "count": len(bad_grad)}))
     summary["nonfinite"] = {"loss_steps": bad_loss[:100], "gradient_steps": bad_grad[:100],
-                            "first_parameter": grad[bad_grad[0]]["bad"] if bad_grad else None}
+                            "first_parameter": first["bad"] if bad_grad else None}
     return findings
 
 

@@ -40,11 +40,13 @@ def alive_summary(profile: Profile, position: int, top: int = TOP_MODULES) -> di
 def classify(profile: Profile, step: int, request: int, capacity: int | None,
              capacity_source: str = "given capacity") -> dict:
     """Why memory ran out in `step`: 'growth' (live memory grew across the steps before it),
-    'step_too_big' (the step alone does not fit) or 'single_request' (one request larger than
-    the capacity). Plain data: the cause, a sentence, and its evidence."""
-    if capacity and request > capacity:
+    'step_too_big' (the step alone does not fit) or 'single_request' (one request as large as
+    the capacity: on a GPU the CUDA context holds part of it, so a request for all of it never
+    fits either). Plain data: the cause, a sentence, and its evidence."""
+    if capacity and request >= capacity:
         return {"cause": "single_request", "step": step,
-                "text": f"one request of {fmt_bytes(request)} is larger than the "
+                "text": f"one request of {fmt_bytes(request)} is "
+                        f"{'larger than' if request > capacity else 'all of'} the "
                         f"{capacity_source} ({fmt_bytes(capacity)}) by itself"}
     growth = memory_growth(profile, capacity=capacity or None)
     if growth and step > 0:

@@ -17,6 +17,12 @@ What is recorded, and how
   clip_grad_norm_ references imported before the block are caught through the helper it calls
   (torch.nn.utils.clip_grad._clip_grads_with_norm_, public as clip_grads_with_norm_), which
   is wrapped too (the norm it is given counts as the pre-clip norm).
+- The parameter a non-finite gradient came from: the optimizer pre-hook finds the first
+  non-finite per-parameter norm. A clip with a NaN total multiplies every gradient by NaN, so
+  there it is read from before the clip: while a total norm is computed (clip_grad_norm_,
+  get_total_norm), the per-gradient norms that torch._foreach_norm (or vector_norm, gradient by
+  gradient) returns are caught, and the clip's record keeps them beside its total (one stack
+  of scalars on CUDA, read in the batched copy; nothing on the CPU unless the total is bad).
 - Learning rate: every param group's lr at each optimizer step (pre-hook), and at every root
   forward (to see the LR change between micro-steps of one optimizer step).
 - LR scheduler: LRScheduler.step (and the subclasses that override step) is wrapped while
@@ -47,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 import weakref
 
 import torch
@@ -82,6 +89,7 @@ class HealthRecorder:
         self._last_ids: tuple = ()
         self._last_params: list = []
         self._clipped: "_ClippedGrads | None" = None   # what the last L2 clip left
+        self._norms = _NormCatcher()          # per-gradient norms of the last total norm
         self._names: dict[int, str] | None = None
         self.errors: list[str] = []
 
@@ -111,6 +119,12 @@ class HealthRecorder:
                 if inner is None:
                     inner = self._wrap_clip(getattr(owner, name), inner=True)
                 self._patch(owner, name, lambda f, w=inner: w)
+        total = None  # the first half: where the per-gradient norms are computed
+        for owner, name in ((clip_grad, "_get_total_norm"), (torch.nn.utils, "get_total_norm")):
+            if getattr(owner, name, None) is not None:
+                if total is None:
+                    total = self._wrap_total_norm(getattr(owner, name))
+                self._patch(owner, name, lambda f, w=total: w)
         from torch.optim.lr_scheduler import LRScheduler
         for cls in [LRScheduler] + _subclasses(LRScheduler):
             if "step" in cls.__dict__:
@@ -172,6 +186,8 @@ class HealthRecorder:
                 rec["bad"] = self._param_name(extra[idx])
         elif kind == "clip":
             self.clips[key]["pre"] = vals[0]
+            if extra is not None and not math.isfinite(vals[0]):
+                self._name_culprit(self.clips[key], extra, vals[1:])
         elif kind == "loss":
             self.losses[key][1] = float(sum(vals))
 
@@ -292,7 +308,11 @@ class HealthRecorder:
             args, kwargs, params = _listed_parameters(args, kwargs)
             rec._clip_depth += 1
             try:
-                out = original(*args, **kwargs)
+                if inner:
+                    out = original(*args, **kwargs)
+                else:
+                    with rec._norms.catching():
+                        out = original(*args, **kwargs)
             finally:
                 rec._clip_depth -= 1
             try:
@@ -311,14 +331,40 @@ class HealthRecorder:
         else:              # clip_grad_norm_(parameters, max_norm, norm_type=2.0, ...)
             total, norm_type = out, _num(arg(2, "norm_type", 2.0))
         self.clips.append({"step": self.session.step, "pre": None, "max_norm": max_norm,
-                           "norm_type": norm_type})
-        if isinstance(total, torch.Tensor):
-            self._defer("clip", len(self.clips) - 1, total.detach().float().reshape(1))
+                           "norm_type": norm_type, "bad": None})
+        caught = self._norms.take(params)   # (parameters with a gradient, their norms) or None
+        if isinstance(total, torch.Tensor) and not self._immediate(total):
+            if caught is not None and all(n.device == total.device for n in caught[1]):
+                # the norms ride along with the total: one stack, read in the batched copy
+                self._defer("clip", len(self.clips) - 1,
+                            torch.stack([total.detach().float()] + list(caught[1])), caught[0])
+            else:
+                self._defer("clip", len(self.clips) - 1, total.detach().float().reshape(1))
         else:
-            self.clips[-1]["pre"] = float(total)
+            self.clips[-1]["pre"] = _num(total)
+            if caught is not None and not math.isfinite(self.clips[-1]["pre"]):
+                self._name_culprit(self.clips[-1], caught[0], [_num(n) for n in caught[1]])
         pre = self.clips[-1]["pre"]   # known now when the norm was computed on the host
         if norm_type == 2.0 and params is not None and pre is not None and math.isfinite(pre):
             self._clipped = _ClippedGrads.after(params, pre * min(1.0, max_norm / (pre + 1e-6)))
+
+    def _name_culprit(self, clip: dict, params: list, norms: list) -> None:
+        """The first parameter whose gradient norm was non-finite before the clip."""
+        for p, n in zip(params, norms):
+            if not math.isfinite(n):
+                clip["bad"] = self._param_name(p)
+                return
+
+    def _wrap_total_norm(self, original):
+        rec = self
+
+        @functools.wraps(original)
+        def total_norm(*args, **kwargs):
+            if not rec.active:
+                return original(*args, **kwargs)
+            with rec._norms.catching():
+                return original(*args, **kwargs)
+        return total_norm
 
     def _wrap_sched(self, original):
         rec = self
@@ -348,6 +394,76 @@ class HealthRecorder:
         self.timeline.append(("S", self.session.step, id(sched), type(sched).__name__,
                               id(_torch_optimizer(opt)),
                               tuple(self._lrs([opt])) if opt is not None else (), before))
+
+
+class _NormCatcher:
+    """While a total norm is computed (in this thread), torch._foreach_norm and
+    torch.linalg.vector_norm are passed through a spy that notes each tensor's norm by the
+    tensor's id: the gradients' norms before a clip scales them. take() hands them over once."""
+
+    def __init__(self):
+        self._seen: dict[int, torch.Tensor] | None = None
+        self._depth = 0
+        self._thread = None
+
+    def catching(self):
+        return _Catching(self)
+
+    def _spy_foreach(self, original):
+        def foreach_norm(tensors, *args, **kwargs):
+            out = original(tensors, *args, **kwargs)
+            if threading.get_ident() == self._thread and self._seen is not None:
+                tensors = list(tensors)
+                if len(tensors) == len(out):
+                    self._seen.update(zip(map(id, tensors), out))
+            return out
+        return foreach_norm
+
+    def _spy_vector(self, original):
+        def vector_norm(x, *args, **kwargs):
+            out = original(x, *args, **kwargs)
+            if threading.get_ident() == self._thread and self._seen is not None \
+                    and isinstance(x, torch.Tensor):
+                self._seen[id(x)] = out
+            return out
+        return vector_norm
+
+    def take(self, params: list | None):
+        """(the parameters with a gradient, their gradients' caught norms), when every one of
+        them was caught; None otherwise. Forgets what was caught either way."""
+        seen, self._seen = self._seen, None
+        if not seen or params is None:
+            return None
+        with_grad = [p for p in params if isinstance(p, torch.Tensor) and p.grad is not None]
+        norms = [seen.get(id(p.grad)) for p in with_grad]
+        if not with_grad or any(n is None for n in norms):
+            return None
+        return with_grad, norms
+
+
+class _Catching:
+    """The spies installed for one total-norm computation (re-entered: installed once)."""
+
+    def __init__(self, catcher: _NormCatcher):
+        self.c = catcher
+
+    def __enter__(self):
+        c = self.c
+        c._depth += 1
+        if c._depth == 1:
+            c._thread, c._seen = threading.get_ident(), {}
+            self.saved = (torch._foreach_norm, torch.linalg.vector_norm)
+            torch._foreach_norm = c._spy_foreach(self.saved[0])
+            torch.linalg.vector_norm = c._spy_vector(self.saved[1])
+        return self
+
+    def __exit__(self, *exc):
+        c = self.c
+        c._depth -= 1
+        if c._depth == 0:
+            torch._foreach_norm, torch.linalg.vector_norm = self.saved
+            c._thread = None
+        return False
 
 
 def _listed_parameters(args: tuple, kwargs: dict) -> tuple[tuple, dict, list | None]:
