@@ -143,8 +143,8 @@ def _make_inputs(c, dtype, device, gen):
 def _weights_floor(rkw, dtype: str) -> float:
     """The error that fp32 arithmetic alone leaves in the probabilities exp(s - lse): an
     absolute error in a score s (the kernels recompute s in another tile order than the
-    forward that saved lse) is a relative error of that size in its probability, so one ulp of
-    the largest |s| is the floor. The mag-50 case reaches scores of ~12,000: floor 7e-4; seen
+    forward that saved lse) is a relative error of that size in its probability, so the fp32
+    rounding of the largest |s| (|s| x 2^-24) is the floor. The mag-50 case reaches scores of ~12,000: floor 7e-4; seen
     on an H200, 1.3e-4 (the interpreter's numpy dot happens to agree with itself closer)."""
     if dtype != "float32":
         return 0.0

@@ -304,7 +304,10 @@ def test_log_rejects_bad_values():
 
 # ------------------------------------------------------------------ non-finite values
 @pytest.mark.parametrize("deferred", [False, True], ids=["host", "deferred"])
-@pytest.mark.parametrize("clip", [None, "clip_grad_norm_", "clip_grads_with_norm_"])
+@pytest.mark.parametrize("clip", [None, "clip_grad_norm_", "clip_grad_norm_ foreach=False",
+                                  pytest.param("clip_grads_with_norm_", marks=pytest.mark.skipif(
+                                      not hasattr(torch.nn.utils, "get_total_norm"),
+                                      reason="torch < 2.6"))])
 @pytest.mark.parametrize("bad", ["fc2.weight", "fc2.bias"])
 def test_nan_gradient_in_a_named_parameter(bad, clip, deferred, monkeypatch):
     """With clipping too: a NaN norm makes the clip multiply every gradient by NaN, so only
@@ -325,6 +328,8 @@ def test_nan_gradient_in_a_named_parameter(bad, clip, deferred, monkeypatch):
             torch.nn.functional.mse_loss(model(x), y).backward()
             if clip == "clip_grad_norm_":
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            elif clip == "clip_grad_norm_ foreach=False":   # one vector_norm per gradient
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
             elif clip == "clip_grads_with_norm_":     # the two halves, called by hand
                 params = list(model.parameters())
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -394,7 +399,11 @@ def _originals():
            "utils.clip_grad_norm_": torch.nn.utils.clip_grad_norm_,
            "clip_grad.clip_grad_norm_": clip_grad.clip_grad_norm_,
            "clip_grad._clip_grads_with_norm_": getattr(clip_grad, "_clip_grads_with_norm_", None),
-           "utils.clip_grads_with_norm_": getattr(torch.nn.utils, "clip_grads_with_norm_", None)}
+           "utils.clip_grads_with_norm_": getattr(torch.nn.utils, "clip_grads_with_norm_", None),
+           "clip_grad._get_total_norm": getattr(clip_grad, "_get_total_norm", None),
+           "utils.get_total_norm": getattr(torch.nn.utils, "get_total_norm", None),
+           # spied on while a total norm is computed
+           "_foreach_norm": torch._foreach_norm, "vector_norm": torch.linalg.vector_norm}
     for cls in [LRScheduler] + health_recorder._subclasses(LRScheduler):
         if "step" in cls.__dict__:
             out[cls.__name__] = cls.__dict__["step"]
@@ -432,6 +441,13 @@ def test_everything_removed_on_exit_and_on_exception():
             raise RuntimeError("boom")
     assert _originals() == before
     _no_hooks(model)
+    # a clip that raises while the norms are spied on (a NaN with error_if_nonfinite)
+    model.fc1.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        with memprof.track(model, opt, health=True):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+    assert _originals() == before
 
 
 def test_report_has_a_training_health_table():
@@ -473,3 +489,29 @@ class _nothing:
 
     def __exit__(self, *a):
         return False
+
+
+def test_norm_catcher_hands_over_only_the_total_it_caught_and_only_its_threads_norms():
+    import threading
+    catcher = health_recorder._NormCatcher()
+    model, _ = setup()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    other = torch.randn(3)
+    originals = (torch._foreach_norm, torch.linalg.vector_norm)
+    with catcher.catching():
+        assert torch.linalg.vector_norm is not originals[1]
+        total = torch.nn.utils.clip_grad.clip_grad_norm_(params, 1e9)   # computes the total
+        t = threading.Thread(target=lambda: torch.linalg.vector_norm(other))
+        t.start()
+        t.join()
+    assert (torch._foreach_norm, torch.linalg.vector_norm) == originals
+    # a clip given another total (its own computation, a stale one) gets nothing
+    assert catcher.take(total.clone()) is None
+    assert catcher.take(total) is None                  # handed over once, then forgotten
+    with catcher.catching():
+        total = torch.nn.utils.clip_grad.clip_grad_norm_(params, 1e9)
+    ids, norms = catcher.take(total)
+    assert ids == [id(p.grad) for p in params]           # the other thread's norm is not in it
+    assert torch.equal(norms, torch.stack([p.grad.norm() for p in params]))

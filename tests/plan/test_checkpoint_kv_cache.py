@@ -34,8 +34,10 @@ def test_checkpointed_t5_decoder_trains_with_the_same_gradients():
     with memprof.checkpoint.apply(model, "every") as handle:
         assert handle.container == "decoder.block" and len(handle.wrapped) == 2
         model(**batch).loss.backward()
+    # the same up to rounding: with transformers 5.25 every gradient is within ~5e-8 of the
+    # plain run's, not bit for bit (Hugging Face's own checkpointing is no closer)
     for p, ref in zip(model.parameters(), reference):
-        assert torch.equal(p.grad, ref)
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7)
 
 
 def test_checkpointed_t5_can_be_estimated():

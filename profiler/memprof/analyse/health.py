@@ -215,11 +215,11 @@ def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:
                 and not math.isfinite(grad[s]["norm"])]
     if bad_grad:
         first = dict(grad[bad_grad[0]])
-        # a clip with a NaN total leaves every gradient NaN: its own record, read before it
-        # scaled them, names the parameter (the optimizer's pre-hook can only name the first)
+        # a clip with a NaN total leaves every gradient NaN, so the optimizer's pre-hook can
+        # only name the first parameter; the step's first clip read them before it scaled them
         before_clip = [c["bad"] for c in clips if c.get("bad") and c["step"] == bad_grad[0]]
         if before_clip:
-            first["bad"] = before_clip[-1]
+            first["bad"] = before_clip[0]
         findings.append(_advice("nonfinite_gradients", "error",
             message=(f"non-finite gradient (norm {first['norm']}) at optimizer step "
                      f"{bad_grad[0]}, first in parameter `{first['bad']}` ({len(bad_grad)} "

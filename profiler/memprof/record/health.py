@@ -20,9 +20,11 @@ What is recorded, and how
 - The parameter a non-finite gradient came from: the optimizer pre-hook finds the first
   non-finite per-parameter norm. A clip with a NaN total multiplies every gradient by NaN, so
   there it is read from before the clip: while a total norm is computed (clip_grad_norm_,
-  get_total_norm), the per-gradient norms that torch._foreach_norm (or vector_norm, gradient by
-  gradient) returns are caught, and the clip's record keeps them beside its total (one stack
-  of scalars on CUDA, read in the batched copy; nothing on the CPU unless the total is bad).
+  get_total_norm) in the tracking thread, torch._foreach_norm and torch.linalg.vector_norm pass
+  through spies that note which gradients were normed, in order, and keep the stack of their
+  norms that torch itself builds for the total. A clip given that very total keeps the stack
+  with its record (on CUDA read in the batched copy: no extra kernel; on the CPU read only if
+  the total is not finite) and names the first parameter whose norm was not finite.
 - Learning rate: every param group's lr at each optimizer step (pre-hook), and at every root
   forward (to see the LR change between micro-steps of one optimizer step).
 - LR scheduler: LRScheduler.step (and the subclasses that override step) is wrapped while
@@ -50,6 +52,7 @@ Rules (thresholds are module constants, stated in each finding):
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -78,7 +81,7 @@ class HealthRecorder:
         self.session = None
         self.active = False
         self.grad: dict[int, dict] = {}       # step -> {"norm", "bad", "lr"}
-        self.clips: list[dict] = []           # {"step", "pre", "max_norm", "norm_type"}
+        self.clips: list[dict] = []           # {"step", "pre", "max_norm", "norm_type", "bad"}
         self.losses: list[list] = []          # [step, value]
         self.timeline: list[tuple] = []       # ("F", step, lrs) ("B", step) ("O", step, opt_id)
         #                          ("S", step, sched_id, class, opt_id, lrs_after, lrs_before)
@@ -186,8 +189,10 @@ class HealthRecorder:
                 rec["bad"] = self._param_name(extra[idx])
         elif kind == "clip":
             self.clips[key]["pre"] = vals[0]
-            if extra is not None and not math.isfinite(vals[0]):
-                self._name_culprit(self.clips[key], extra, vals[1:])
+        elif kind == "clip_norms":   # after its "clip" entry: the total is known by now
+            pre = self.clips[key]["pre"]
+            if pre is not None and not math.isfinite(pre):
+                self._name_culprit(self.clips[key], extra, vals)
         elif kind == "loss":
             self.losses[key][1] = float(sum(vals))
 
@@ -332,18 +337,22 @@ class HealthRecorder:
             total, norm_type = out, _num(arg(2, "norm_type", 2.0))
         self.clips.append({"step": self.session.step, "pre": None, "max_norm": max_norm,
                            "norm_type": norm_type, "bad": None})
-        caught = self._norms.take(params)   # (parameters with a gradient, their norms) or None
+        caught = self._norms.take(total)   # (ids of the normed gradients, their norms) or None
+        key = len(self.clips) - 1
         if isinstance(total, torch.Tensor) and not self._immediate(total):
-            if caught is not None and all(n.device == total.device for n in caught[1]):
-                # the norms ride along with the total: one stack, read in the batched copy
-                self._defer("clip", len(self.clips) - 1,
-                            torch.stack([total.detach().float()] + list(caught[1])), caught[0])
-            else:
-                self._defer("clip", len(self.clips) - 1, total.detach().float().reshape(1))
+            self._defer("clip", key, total.detach().float().reshape(1))
+            if caught is not None and caught[1].device == total.device:
+                # which parameter each norm is must be settled now: gradients are replaced
+                # before the batched copy is read
+                ordered = _in_order(params, caught[0])
+                if ordered is not None:
+                    self._defer("clip_norms", key, caught[1].detach(), ordered)
         else:
             self.clips[-1]["pre"] = _num(total)
             if caught is not None and not math.isfinite(self.clips[-1]["pre"]):
-                self._name_culprit(self.clips[-1], caught[0], [_num(n) for n in caught[1]])
+                ordered = _in_order(params, caught[0])
+                if ordered is not None:
+                    self._name_culprit(self.clips[-1], ordered, caught[1].tolist())
         pre = self.clips[-1]["pre"]   # known now when the norm was computed on the host
         if norm_type == 2.0 and params is not None and pre is not None and math.isfinite(pre):
             self._clipped = _ClippedGrads.after(params, pre * min(1.0, max_norm / (pre + 1e-6)))
@@ -397,73 +406,98 @@ class HealthRecorder:
 
 
 class _NormCatcher:
-    """While a total norm is computed (in this thread), torch._foreach_norm and
-    torch.linalg.vector_norm are passed through a spy that notes each tensor's norm by the
-    tensor's id: the gradients' norms before a clip scales them. take() hands them over once."""
+    """Spies on one total-norm computation at a time, in the thread that started it: the ids of
+    the tensors torch._foreach_norm and torch.linalg.vector_norm norm, in call order, and the
+    last vector_norm call's input and output (torch's stack of those norms, and the total).
+    Other threads, and nested computations, pass straight through."""
 
     def __init__(self):
-        self._seen: dict[int, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+        self._owner = None            # thread id while spying
         self._depth = 0
-        self._thread = None
+        self._originals = None
+        self._ids: list[int] = []
+        self._last = None             # (input, output) of the latest vector_norm call
+        self._caught = None           # (ids, stacked norms, total) of the last computation
 
+    @contextlib.contextmanager
     def catching(self):
-        return _Catching(self)
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (None, me):
+                mine = False
+            else:
+                mine = True
+                self._depth += 1
+                if self._depth == 1:
+                    self._owner, self._ids, self._last, self._caught = me, [], None, None
+                    self._originals = (torch._foreach_norm, torch.linalg.vector_norm)
+                    torch._foreach_norm = self._spy_foreach(self._originals[0])
+                    torch.linalg.vector_norm = self._spy_vector(self._originals[1])
+        if not mine:
+            yield
+            return
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    torch._foreach_norm, torch.linalg.vector_norm = self._originals
+                    self._owner = None
+                    self._caught = self._result() if ok else None
+                    self._ids, self._last = [], None
+
+    def _result(self):
+        """What torch stacked for the total, when it is one plain 1-D norm per noted tensor."""
+        if self._last is None:
+            return None
+        stacked, total = self._last
+        ids = self._ids[:-1]          # the last vector_norm call is the total's own
+        if not (is_plain_tensor(stacked) and is_plain_tensor(total) and stacked.dim() == 1
+                and stacked.numel() == len(ids) and ids):
+            return None
+        return ids, stacked, total
 
     def _spy_foreach(self, original):
         def foreach_norm(tensors, *args, **kwargs):
             out = original(tensors, *args, **kwargs)
-            if threading.get_ident() == self._thread and self._seen is not None:
-                tensors = list(tensors)
-                if len(tensors) == len(out):
-                    self._seen.update(zip(map(id, tensors), out))
+            if threading.get_ident() == self._owner:
+                self._ids.extend(map(id, tensors))
             return out
         return foreach_norm
 
     def _spy_vector(self, original):
         def vector_norm(x, *args, **kwargs):
             out = original(x, *args, **kwargs)
-            if threading.get_ident() == self._thread and self._seen is not None \
-                    and isinstance(x, torch.Tensor):
-                self._seen[id(x)] = out
+            if threading.get_ident() == self._owner:
+                self._ids.append(id(x))
+                self._last = (x, out)
             return out
         return vector_norm
 
-    def take(self, params: list | None):
-        """(the parameters with a gradient, their gradients' caught norms), when every one of
-        them was caught; None otherwise. Forgets what was caught either way."""
-        seen, self._seen = self._seen, None
-        if not seen or params is None:
+    def take(self, total):
+        """(the ids of the normed tensors, in torch's order, and the 1-D tensor of their norms)
+        when `total` is the very tensor the last computation returned (not a stale one, not
+        another computation's); None otherwise. Forgets the computation either way."""
+        caught, self._caught = self._caught, None
+        if caught is None or caught[2] is not total:
             return None
-        with_grad = [p for p in params if isinstance(p, torch.Tensor) and p.grad is not None]
-        norms = [seen.get(id(p.grad)) for p in with_grad]
-        if not with_grad or any(n is None for n in norms):
-            return None
-        return with_grad, norms
+        return caught[0], caught[1]
 
 
-class _Catching:
-    """The spies installed for one total-norm computation (re-entered: installed once)."""
-
-    def __init__(self, catcher: _NormCatcher):
-        self.c = catcher
-
-    def __enter__(self):
-        c = self.c
-        c._depth += 1
-        if c._depth == 1:
-            c._thread, c._seen = threading.get_ident(), {}
-            self.saved = (torch._foreach_norm, torch.linalg.vector_norm)
-            torch._foreach_norm = c._spy_foreach(self.saved[0])
-            torch.linalg.vector_norm = c._spy_vector(self.saved[1])
-        return self
-
-    def __exit__(self, *exc):
-        c = self.c
-        c._depth -= 1
-        if c._depth == 0:
-            torch._foreach_norm, torch.linalg.vector_norm = self.saved
-            c._thread = None
-        return False
+def _in_order(params: list | None, grad_ids: list[int]) -> list | None:
+    """The parameters whose gradients have these ids, in that order; None if one is missing."""
+    if params is None:
+        return None
+    by_grad = {id(p.grad): p for p in params
+               if isinstance(p, torch.Tensor) and p.grad is not None}
+    try:
+        return [by_grad[i] for i in grad_ids]
+    except KeyError:
+        return None
 
 
 def _listed_parameters(args: tuple, kwargs: dict) -> tuple[tuple, dict, list | None]:
