@@ -14,6 +14,7 @@
 set -u
 OUT_DIR=${1:-gpu_out}
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)   # the stages run from the repository root
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
