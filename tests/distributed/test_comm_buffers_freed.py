@@ -21,14 +21,19 @@ from fsdp_comm_job import STEPS  # noqa: E402
 pytestmark = pytest.mark.slow   # one torchrun job of 2 ranks: ~20 s on 2 shared cores
 
 
-def test_communication_buffers_freed_on_gloo_threads_do_not_pile_up(tmp_path):
+def _run_job(out_dir) -> bool:
+    """One 2-rank job, checked; True when some communication buffer was freed on another
+    thread than the one that allocated it (whether gloo's worker or the training thread drops
+    the last reference is a race: on a loaded machine the training thread can win every time)."""
+    out_dir.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(HERE, "fsdp_comm_job.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+         os.path.join(HERE, "fsdp_comm_job.py"), str(out_dir)],
+        capture_output=True, text=True, timeout=240, cwd=out_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    crossed = False
     for rank in range(2):
-        prof = memprof.load(str(tmp_path / f"fsdp.rank{rank}.memprof"))
+        prof = memprof.load(str(out_dir / f"fsdp.rank{rank}.memprof"))
         steps = prof.steps
         assert len(steps) == STEPS
         comm = prof.category == CAT_COMMUNICATION
@@ -40,8 +45,14 @@ def test_communication_buffers_freed_on_gloo_threads_do_not_pile_up(tmp_path):
         alive = prof.breakdown("category", at=len(steps) - 1)["communication"]
         # at most what the last step itself allocated is still in flight at its end
         assert alive <= made_in_last_step, (rank, alive, made_in_last_step)
-        # and some of them were freed on another thread than the one that allocated them
         thread, alloc_of = prof.memory["thread"], prof.alloc_of
         frees = np.flatnonzero((size < 0) & (alloc_of >= 0))
         comm_frees = frees[comm[alloc_of[frees]]]
-        assert np.any(thread[comm_frees] != thread[alloc_of[comm_frees]])
+        crossed |= bool(np.any(thread[comm_frees] != thread[alloc_of[comm_frees]]))
+    return crossed
+
+
+def test_communication_buffers_freed_on_gloo_threads_do_not_pile_up(tmp_path):
+    # every job must not pile up; at least one of up to three must show a free on another
+    # thread being recorded (in a fresh-clone CI run under load, one job showed none)
+    assert any(_run_job(tmp_path / f"job{i}") for i in range(3))
