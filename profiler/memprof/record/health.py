@@ -422,6 +422,9 @@ class _NormCatcher:
 
     @contextlib.contextmanager
     def catching(self):
+        if torch.compiler.is_compiling():   # traced by dynamo, not run: nothing to note
+            yield
+            return
         me = threading.get_ident()
         with self._lock:
             if self._owner not in (None, me):
