@@ -148,11 +148,10 @@ def _validate(q, k, v, kv2, q_index, need_weights, scale, backend):
         if not _has_values(q_index):  # fake / meta tensors (memprof's estimates): shapes only
             return k2, v2, float(scale)
         srt = torch.sort(q_index, dim=1).values
-        # both checks in one read back (on a GPU each read is a wait for the device)
-        flags = ((srt[:, 0] < 0) | (srt[:, -1] >= Nq)).any().reshape(1)
-        if q_index.shape[1] > 1:
-            flags = torch.cat([flags, (srt[:, 1:] == srt[:, :-1]).any().reshape(1)])
-        out_of_range, dup = (flags.tolist() + [False])[:2]
+        # both checks in one read back (on a GPU each read is a wait for the device); with one
+        # row the duplicate check compares nothing and is False
+        out_of_range, dup = torch.stack([((srt[:, 0] < 0) | (srt[:, -1] >= Nq)).any(),
+                                         (srt[:, 1:] == srt[:, :-1]).any()]).tolist()
         if out_of_range:
             raise ValueError(f"q_index: values must lie in [0, {Nq}) (query rows of q), got "
                              f"min {int(srt[:, 0].min())}, max {int(srt[:, -1].max())}")
