@@ -8,7 +8,8 @@ run, rounds interleaved (this machine's timings swing 2-3x): untracked, memprof.
 block, and the exit: draining the native log, building the Run and Profile, the analyses), and
 torch.profiler(profile_memory=True) (inside, and its exit: building its event list, which is when
 it pays for what it recorded); on a GPU also torch.cuda.memory._record_memory_history. The
-references run in a child process each round (see in_child).
+references and the tracked modes run in a fresh child process each round (see in_child), the
+untracked loop they are compared with in this one.
 The last column is the peak memory while leaving: the process's peak resident set during the
 exit (VmHWM, reset just before it) minus its resident set before the block started, over the raw
 event bytes (events x the 72-byte record); the native log itself is part of it, so 1.0x is the
@@ -130,9 +131,13 @@ def torch_profiler(n, device):
 
 
 def in_child(fn):
-    """Runs `fn` in a fresh process: after torch.profiler has run once, each later tracked
-    event in the same process costs ~100 bytes more memory (seen here: 1.1x -> 2.3x the raw
-    bytes inside a memprof block), which would charge the reference's leftovers to memprof."""
+    """Runs `fn` in a fresh process, warmed by a 100-iteration run, so that no round pays
+    for another's leftovers. Seen here with every mode in one process: after a round with the
+    analyses, glibc's heap held tens of MB freed; the trim before the next round handed those
+    pages back, and the next loop touched them again through torch's aligned allocations, the
+    untracked loop as much as a tracked one (+36 MB over 200,000 iterations, scratch), which
+    read as 2.3x the raw bytes instead of 1.1-1.3x when charged to memprof. The untracked loop
+    stays in this process: the children's loops are compared with it (per event)."""
     def run(n, device):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", fn.__name__,
                               "--events", str(n), "--device", device],
@@ -239,8 +244,8 @@ def main() -> None:
     n, dev = args.events, args.device
     ref_n = min(n, args.reference_events)
     # mode -> (function, loop iterations); each is compared with the untracked loop of its size
-    modes = {"untracked": (untracked, n), "memprof.track": (memprof_track, n),
-             "memprof.track + analyses": (memprof_track_analysed, n),
+    modes = {"untracked": (untracked, n), "memprof.track": (in_child(memprof_track), n),
+             "memprof.track + analyses": (in_child(memprof_track_analysed), n),
              "torch.profiler(profile_memory)": (in_child(torch_profiler), ref_n)}
     if dev == "cuda":
         modes["cuda _record_memory_history"] = (in_child(cuda_history), ref_n)

@@ -121,3 +121,31 @@ def test_holding_the_profile_does_not_keep_the_model_or_optimizer_alive():
     gc.collect()
     assert model() is None and opt() is None
     assert prof.peak > 0 and prof.breakdown("category")["parameters"] > 0
+
+
+def test_every_thread_keeps_every_event_past_its_first_log_chunk():
+    """A thread's log grows in chunks; the first of another thread's log takes small pages and
+    the rest huge ones, the starting thread's all huge (csrc/tracker.cpp, RecordLog): events
+    on both sides of every chunk boundary, in both kinds of log, are kept in order."""
+    from memprof import _C
+    n = 40_000   # 80,000 events per thread: over two chunks of 29,126 records
+    sizes = (24, 40)
+
+    def work(nbytes):
+        for _ in range(n):
+            torch.empty(nbytes, dtype=torch.uint8)
+
+    with memprof.track() as prof:
+        worker = threading.Thread(target=work, args=(sizes[1],))
+        worker.start()
+        work(sizes[0])
+        worker.join()
+    assert _C.counters()["dropped"] == 0
+    mem = prof.memory
+    for nbytes in sizes:
+        mine = mem[abs(mem["size"]) == nbytes]
+        assert len(set(mine["thread"].tolist())) == 1
+        assert (mine["size"] > 0).sum() == n and (mine["size"] < 0).sum() == n
+        assert (mine["size"][0::2] > 0).all() and (mine["size"][1::2] < 0).all()
+        assert (mine["ptr"][0::2] == mine["ptr"][1::2]).all()   # each free follows its allocation
+        assert (mine["t_ns"][1:] >= mine["t_ns"][:-1]).all()
