@@ -8,8 +8,9 @@ run, rounds interleaved (this machine's timings swing 2-3x): untracked, memprof.
 block, and the exit: draining the native log, building the Run and Profile, the analyses), and
 torch.profiler(profile_memory=True) (inside, and its exit: building its event list, which is when
 it pays for what it recorded); on a GPU also torch.cuda.memory._record_memory_history. The
-references and the tracked modes run in a fresh child process each round (see in_child), the
-untracked loop they are compared with in this one.
+references and the tracked modes run in a fresh child process each round (see in_child), each
+timing the same loop untracked just before its block: "inside" is against that loop, run by
+the same process a moment earlier (this process's untracked rows are printed for reference).
 The last column is the peak memory while leaving: the process's peak resident set during the
 exit (VmHWM, reset just before it) minus its resident set before the block started, over the raw
 event bytes (events x the 72-byte record); the native log itself is part of it, so 1.0x is the
@@ -136,8 +137,10 @@ def in_child(fn):
     analyses, glibc's heap held tens of MB freed; the trim before the next round handed those
     pages back, and the next loop touched them again through torch's aligned allocations, the
     untracked loop as much as a tracked one (+36 MB over 200,000 iterations, scratch), which
-    read as 2.3x the raw bytes instead of 1.1-1.3x when charged to memprof. The untracked loop
-    stays in this process: the children's loops are compared with it (per event)."""
+    read as 2.3x the raw bytes instead of 1.1-1.3x when charged to memprof. The child also
+    times the loop untracked just before the block and returns it last: a child's loop is
+    compared with its own process's, not with this one's (another process runs the same loop
+    at a different speed: the long-loop rows read -115 ns at p10 that way)."""
     def run(n, device):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", fn.__name__,
                               "--events", str(n), "--device", device],
@@ -237,7 +240,10 @@ def main() -> None:
         loop(1000, args.device)
         fn = globals()[args.child]
         fn(100, args.device)   # warm: the profiler's one-off start-up is not per-event cost
-        print(json.dumps(list(fn(args.events, args.device))))
+        gc.collect()
+        # the same loop untracked, in this process, just before: what "inside" is against
+        baseline = _timed_loop(args.events, args.device)
+        print(json.dumps(list(fn(args.events, args.device)) + [baseline]))
         return
     from memprof.record.events import EVENT_DTYPE
     assert EVENT_DTYPE.itemsize == EVENT_BYTES, EVENT_DTYPE.itemsize
@@ -272,7 +278,10 @@ def main() -> None:
             lines.append(f"{name:34s} {np.median(untracked_ns[iters]) / events:10.0f} ns/event "
                          "(loop itself)")
             continue
-        inside = (np.array([t[0] for t in ts]) - untracked_ns[iters]) / events
+        # a child's loop against the untracked loop it ran just before, in its own process
+        baseline = np.array([t[3] if len(t) > 3 else u for t, u in zip(ts, untracked_ns[iters])],
+                            dtype=np.float64)
+        inside = (np.array([t[0] for t in ts]) - baseline) / events
         leave = np.array([t[1] for t in ts], dtype=np.float64) / events
         peak = np.array([t[2] for t in ts], dtype=np.float64) / (events * EVENT_BYTES)
         lines.append(f"{name:34s} {p(inside):>28s} {p(leave):>22s} "
