@@ -9,6 +9,7 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -129,6 +130,109 @@ class StorageNote {
   bool valid_ = false;
 };
 
+// The gradients of one optimizer's parameters, read before each of its steps: whether they are
+// the storages noted last time and, when not, which storages they are now and whose. The
+// Python version of this (a list of parameters with a gradient, their gradients, a note,
+// the owners, a sort) cost ~1 us per parameter, and it runs at every step: gradients made
+// anew by zero_grad(set_to_none=True) are new storages each time. Plain tensors only; any
+// other parameter or gradient (fake, DTensor, functional, a __torch_dispatch__ subclass)
+// hands the step back to the Python path.
+class GradientNote {
+ public:
+  // None: the very storages noted last time, and no parameter's module named since (the
+  // size of `param_module`, which only grows, is unchanged). False: not all plain; the
+  // caller takes the Python path (nothing noted). Else (addresses, modules): the gradients'
+  // distinct storage addresses, sorted, and per address the module id of the first parameter
+  // (in param_groups order) whose gradient it holds, from param_module {id(param): module id}
+  // (-1 where absent); the note is then these storages.
+  py::object take(const py::list& param_groups, const py::dict& param_module) {
+    const Py_ssize_t owners_known = PyDict_Size(param_module.ptr());
+    std::vector<PyObject*> params;   // borrowed: the groups' lists hold them during the call
+    std::vector<Entry> entries;
+    params.reserve(params_.size());
+    entries.reserve(entries_.size());
+    bool same = valid_ && owners_known == owners_known_;
+    for (py::handle group : param_groups) {
+      if (!PyDict_Check(group.ptr())) return py::bool_(false);
+      PyObject* list = PyDict_GetItemString(group.ptr(), "params");   // borrowed
+      if (list == nullptr || !PyList_Check(list)) return py::bool_(false);
+      for (Py_ssize_t i = 0, n = PyList_GET_SIZE(list); i < n; ++i) {
+        PyObject* param = PyList_GET_ITEM(list, i);
+        if (!THPVariable_CheckExact(param)) return py::bool_(false);
+        const at::Tensor& grad = THPVariable_Unpack(param).unsafeGetTensorImpl()->grad();
+        if (!grad.defined()) continue;
+        if (grad.key_set().has_any(kWrapperKeys) ||
+            grad.key_set().has(c10::DispatchKey::Python) || !grad.has_storage()) {
+          return py::bool_(false);
+        }
+        const int64_t at = address(grad);
+        if (at < 0) return py::bool_(false);
+        const size_t k = entries.size();
+        if (same && (k >= entries_.size() || entries_[k].address != at ||
+                     entries_[k].storage.expired() ||
+                     entries_[k].storage._unsafe_get_target() !=
+                         grad.storage().unsafeGetStorageImpl())) {
+          same = false;
+        }
+        entries.push_back(Entry{grad.storage().getWeakStorageImpl(), at});
+        params.push_back(param);
+      }
+    }
+    if (same && entries.size() == entries_.size()) return py::none();
+    // Module ids, looked up again only when the parameters with a gradient or the owners
+    // known changed (the cache holds the parameters, so their addresses cannot be reused).
+    if (owners_known != owners_known_ || params.size() != params_.size() ||
+        !std::equal(params.begin(), params.end(), params_.begin(),
+                    [](PyObject* a, const py::object& b) { return a == b.ptr(); })) {
+      params_.clear();
+      modules_.clear();
+      for (PyObject* param : params) {
+        params_.push_back(py::reinterpret_borrow<py::object>(param));
+        py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(param));
+        PyObject* mid = PyDict_GetItemWithError(param_module.ptr(), key.ptr());   // borrowed
+        if (mid == nullptr && PyErr_Occurred()) throw py::error_already_set();
+        modules_.push_back(mid == nullptr ? -1 : PyLong_AsLong(mid));
+      }
+    }
+    std::vector<std::pair<int64_t, int64_t>> owned;   // (address, module) in parameter order
+    owned.reserve(entries.size());
+    for (size_t i = 0; i < entries.size(); ++i) {
+      if (entries[i].address > 0) owned.emplace_back(entries[i].address, modules_[i]);
+    }
+    std::stable_sort(owned.begin(), owned.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    py::list addresses, modules;
+    for (size_t i = 0; i < owned.size(); ++i) {
+      if (i > 0 && owned[i].first == owned[i - 1].first) continue;   // the first owner wins
+      addresses.append(py::int_(owned[i].first));
+      modules.append(py::int_(owned[i].second));
+    }
+    entries_ = std::move(entries);
+    owners_known_ = owners_known;
+    valid_ = true;
+    return py::make_tuple(addresses, modules);
+  }
+
+  // Drops the note and the parameters it holds (the session is over).
+  void forget() {
+    entries_.clear();
+    params_.clear();
+    modules_.clear();
+    valid_ = false;
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    int64_t address;
+  };
+  std::vector<Entry> entries_;
+  std::vector<py::object> params_;   // the parameters with a gradient at the last take
+  std::vector<int64_t> modules_;     // their module ids
+  Py_ssize_t owners_known_ = -1;
+  bool valid_ = false;
+};
+
 }  // namespace
 
 void register_storages(py::module_& m) {
@@ -146,6 +250,13 @@ void register_storages(py::module_& m) {
            "addresses.")
       .def("same_state", &StorageNote::same_state, py::arg("state"),
            "same() for the tensors of an optimizer's state dict, in state_pairs' order.");
+  py::class_<GradientNote>(m, "GradientNote",
+                           "The gradients of one optimizer's parameters at its last step.")
+      .def(py::init<>())
+      .def("take", &GradientNote::take, py::arg("param_groups"), py::arg("param_module"),
+           "None if the gradients are the storages noted last time; False if not all plain "
+           "(take the Python path); else (sorted storage addresses, module id per address).")
+      .def("forget", &GradientNote::forget, "Drop the note and the parameters it holds.");
 }
 
 }  // namespace memprof

@@ -285,3 +285,93 @@ def test_snapshots_of_a_deep_model_per_step_are_cheap():
         memprof._C.take_events([])
     assert len(rec.snapshots) == 1            # noted once, then found unchanged
     assert per_check < 100e-6, per_check
+
+
+def _python_gradient_snapshot(opt, param_module):
+    """What the Python path of SnapshotRecorder takes for the gradients (its _take)."""
+    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    owner = {}
+    for ptr, p in zip(snapshots.storage_ptrs([p.grad for p in params]), params):
+        if ptr is not None:
+            owner.setdefault(ptr, param_module.get(id(p), -1))
+    ptrs = sorted(owner)
+    return ptrs, [owner[q] for q in ptrs]
+
+
+def test_gradient_note_takes_what_the_python_path_takes_and_skips_the_same_storages():
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Linear(4, 4), shared)
+    frozen = torch.nn.Linear(4, 4)            # in the optimizer, never given a gradient
+    opt = torch.optim.SGD([{"params": model.parameters()},
+                           {"params": frozen.parameters(), "lr": 0.0}], lr=0.1)
+    param_module = {id(p): i for i, p in enumerate(model.parameters())}   # frozen: absent
+    note = memprof._C.GradientNote()
+    assert note.take(opt.param_groups, param_module) == ([], [])   # no gradient yet
+    assert note.take(opt.param_groups, param_module) is None
+    model(torch.randn(2, 4)).sum().backward()
+    model[2].weight.grad = model[0].weight.grad.view(4, 4)   # one storage, two owners
+    taken = note.take(opt.param_groups, param_module)
+    assert taken == _python_gradient_snapshot(opt, param_module)
+    assert taken[1][taken[0].index(model[0].weight.grad.data_ptr())] == 0   # the first owner
+    assert note.take(opt.param_groups, param_module) is None
+    opt.zero_grad(set_to_none=False)          # zeroed in place: the same storages
+    model(torch.randn(2, 4)).sum().backward()
+    assert note.take(opt.param_groups, param_module) is None
+    param_module[id(frozen.weight)] = 9       # a module named since: taken anew
+    assert note.take(opt.param_groups, param_module) == taken
+    opt.zero_grad(set_to_none=True)           # new gradients: new storages
+    model(torch.randn(2, 4)).sum().backward()
+    again = note.take(opt.param_groups, param_module)
+    assert again == _python_gradient_snapshot(opt, param_module) and len(again[0]) == 4
+
+
+def test_gradient_note_hands_other_tensors_to_python_and_lets_go_of_the_parameters():
+    import gc
+    import weakref
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake = torch.nn.Parameter(torch.zeros(3))
+    fake.grad = torch.zeros_like(fake)
+    note = memprof._C.GradientNote()
+    assert note.take([{"params": [fake]}], {}) is False
+    plain = torch.nn.Parameter(torch.zeros(3))
+    with FakeTensorMode():
+        plain.grad = torch.zeros(3)           # a fake gradient on a plain parameter
+    assert note.take([{"params": [plain]}], {}) is False
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.ones(3)
+    alive = weakref.ref(param)
+    assert note.take([{"params": [param]}], {}) == ([param.grad.data_ptr()], [-1])
+    del param
+    gc.collect()
+    assert alive() is not None                # held by the note while the session runs
+    note.forget()
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_run_with_new_gradients_each_step_names_each_steps_gradients(monkeypatch):
+    """zero_grad(set_to_none=True): every step's gradients are new storages, each named
+    through the native note (the Python path never runs for them); the gradients alive at
+    the end are the last step's."""
+    from memprof.record.events import CAT_GRADIENTS
+    python_path = []
+    real = snapshots.SnapshotRecorder._take_noted
+    monkeypatch.setattr(snapshots.SnapshotRecorder, "_take_noted",
+                        lambda self, cat, *a: (python_path.append(cat), real(self, cat, *a)))
+    model, opt = _setup()
+    with memprof.track(model, opt) as prof:
+        for i in range(3):
+            x, y = _batch(i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    assert CAT_GRADIENTS not in python_path
+    grads = [s for s in prof.run.snapshots if s.category == CAT_GRADIENTS]
+    assert len(grads) >= 3
+    n_params = len(list(model.parameters()))
+    assert all(len(s.ptrs) == n_params for s in grads)
+    assert prof.breakdown(at="end")["gradients"] == sum(
+        p.grad.untyped_storage().nbytes() for p in model.parameters())

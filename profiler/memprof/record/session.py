@@ -186,6 +186,7 @@ class Session:
             self.snapshots.final()
         finally:
             try:
+                self.snapshots.release()
                 self._uninstall()
             finally:  # the native hook goes off whatever happened above
                 warning = _C.stop()

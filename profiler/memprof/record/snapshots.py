@@ -125,6 +125,8 @@ class SnapshotRecorder:
         self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
         # (category, id(optimizer)) -> (owners known, _C.StorageNote) at its last note
         self._noted: dict[tuple[int, int], tuple] = {}
+        # id(optimizer) -> _C.GradientNote: its plain gradients at its last step
+        self._gradient_notes: dict[int, object] = {}
 
     def _module_of(self, p) -> int:
         return self.session.scope.param_module.get(id(p), -1)
@@ -174,12 +176,26 @@ class SnapshotRecorder:
         self.session.steps.on_step_end.append(self.note_buffers)
 
     def _before_optimizer(self, optimizer) -> None:
-        if self.session.steps.watches(optimizer):
-            params = [p for g in optimizer.param_groups for p in g["params"]
-                      if p.grad is not None]
-            grads = [p.grad for p in params]
-            if not self._unchanged(CAT_GRADIENTS, optimizer, lambda note: note.same(grads)):
-                self._take_noted(CAT_GRADIENTS, optimizer, grads, params)
+        if not self.session.steps.watches(optimizer):
+            return
+        # plain parameters and gradients (a run on a device): read, compared and, when new,
+        # owned in C++ (the gradients are new storages at every step after
+        # zero_grad(set_to_none=True)); anything else takes the Python path below
+        note = self._gradient_notes.get(id(optimizer))
+        if note is None:
+            note = self._gradient_notes[id(optimizer)] = _C.GradientNote()
+        taken = note.take(optimizer.param_groups, self.session.scope.param_module)
+        if taken is None:
+            return
+        if taken is not False:
+            _C.mark("snapshot", CAT_GRADIENTS)
+            self.snapshots.append(Snapshot(marker=-1, category=CAT_GRADIENTS, ptrs=taken[0],
+                                           modules=taken[1]))
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        if not self._unchanged(CAT_GRADIENTS, optimizer, lambda n: n.same(grads)):
+            self._take_noted(CAT_GRADIENTS, optimizer, grads, params)
 
     def _after_optimizer(self, optimizer) -> None:
         if not self._unchanged(CAT_OPTIMIZER_STATE, optimizer,
@@ -223,6 +239,12 @@ class SnapshotRecorder:
         _C.mark("snapshot", category)   # the marker's index is found after the run
         self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs,
                                        modules=[owner[q] for q in ptrs]))
+
+    def release(self) -> None:
+        """The session is over: the gradient notes let go of the parameters they hold."""
+        for note in self._gradient_notes.values():
+            note.forget()
+        self._gradient_notes.clear()
 
     def final(self) -> None:
         params = self.session.params()
