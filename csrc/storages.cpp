@@ -130,6 +130,38 @@ class StorageNote {
   bool valid_ = false;
 };
 
+// The sorted storage addresses of the buffers of (module, module id) pairs (the modules' own
+// `_buffers`, None entries skipped, addresses 0 dropped), what snapshots.note_buffers compares
+// at every step end; None when a buffer is not a plain tensor or a module has no `_buffers`
+// dict (the Python path decides).
+py::object module_buffer_addresses(const py::list& module_ids) {
+  std::vector<int64_t> out;
+  for (py::handle pair : module_ids) {
+    if (!PyTuple_Check(pair.ptr()) || PyTuple_GET_SIZE(pair.ptr()) != 2) return py::none();
+    PyObject* buffers = PyObject_GetAttrString(PyTuple_GET_ITEM(pair.ptr(), 0), "_buffers");
+    if (buffers == nullptr) {
+      PyErr_Clear();
+      return py::none();
+    }
+    py::object owned = py::reinterpret_steal<py::object>(buffers);
+    if (!PyDict_Check(buffers)) return py::none();
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(buffers, &pos, &key, &value)) {   // borrowed
+      if (value == Py_None) continue;
+      const at::Tensor* t = plain_tensor(value);
+      if (t == nullptr) return py::none();
+      const int64_t at = address(*t);
+      if (at < 0) return py::none();
+      if (at > 0) out.push_back(at);
+    }
+  }
+  std::sort(out.begin(), out.end());
+  py::list result;
+  for (int64_t at : out) result.append(py::int_(at));
+  return std::move(result);
+}
+
 // The gradients of one optimizer's parameters, read before each of its steps: whether they are
 // the storages noted last time and, when not, which storages they are now and whose. The
 // Python version of this (a list of parameters with a gradient, their gradients, a note,
@@ -250,6 +282,9 @@ void register_storages(py::module_& m) {
            "addresses.")
       .def("same_state", &StorageNote::same_state, py::arg("state"),
            "same() for the tensors of an optimizer's state dict, in state_pairs' order.");
+  m.def("module_buffer_addresses", &module_buffer_addresses, py::arg("module_ids"),
+        "Sorted storage addresses of the buffers of (module, id) pairs; None if one is not a "
+        "plain tensor (ask Python).");
   py::class_<GradientNote>(m, "GradientNote",
                            "The gradients of one optimizer's parameters at its last step.")
       .def(py::init<>())

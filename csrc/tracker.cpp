@@ -750,12 +750,16 @@ void set_step(int32_t step) { session().step.store(step, std::memory_order_relax
 
 // A zero-size marker in the event stream, ordered with the allocations around it
 // (step boundaries, snapshots taken by the Python side).
-void mark(const std::string& label, uint64_t value) {
-  Session& s = session();
+// The label is read in place (a str's cached UTF-8) and interned through the thread's name
+// cache, like op names: markers come several per step from Python hooks, and a conversion to
+// std::string plus the global table's lock and hash each time showed in the step's cost.
+void mark(const py::str& label, uint64_t value) {
   if (!recording()) return;
+  const char* text = PyUnicode_AsUTF8(label.ptr());   // owned by the str
+  if (text == nullptr) throw py::error_already_set();
   ThreadState& ts = thread_state();
-  int32_t id = s.strings.intern(label.c_str());
-  record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU), id);
+  record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU),
+         intern_cached(ts, text));
 }
 
 // The session's thread buffers, copied under the registry lock.

@@ -116,11 +116,10 @@ class ModuleScope:
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
                 else:
-                    mid = self._auto_ids[id(mod)]
                     self._handles.append(mod.register_forward_pre_hook(
-                        lambda m, a, mid=mid: self._push(mid)))
-                    self._handles.append(mod.register_forward_hook(
-                        lambda m, a, o: self._pop(), always_call=True))
+                        self._push_hook(self._auto_ids[id(mod)])))
+                    self._handles.append(mod.register_forward_hook(self._pop_hook,
+                                                                   always_call=True))
         elif self.auto:
             from torch.nn.modules.module import (register_module_forward_hook,
                                                  register_module_forward_pre_hook)
@@ -138,15 +137,21 @@ class ModuleScope:
             warnings.filters.remove(self._filter)
             getattr(warnings, "_filters_mutated", lambda: None)()   # drop the filter cache
 
-    def _push(self, mid: int) -> None:
-        if _compiling():
-            self.compiled = True   # traced by dynamo, not run: nothing reaches memprof._C
-            return
-        _C.push_module(mid)
+    # A submodule's hooks run at every call of it: one Python frame each, the module id bound
+    # in the closure (the hooks' share of a step's cost is mostly frames, and on a step whose
+    # kernels have emptied the caches each costs several times its warm time).
+    def _push_hook(self, mid: int):
+        def push(module, args, compiling=_compiling, push_module=_C.push_module):
+            if compiling():
+                self.compiled = True   # traced by dynamo, not run: nothing reaches memprof._C
+                return
+            push_module(mid)
+        return push
 
-    def _pop(self) -> None:
-        if not _compiling():
-            _C.pop_module()
+    @staticmethod
+    def _pop_hook(module, args, output, compiling=_compiling, pop_module=_C.pop_module):
+        if not compiling():
+            pop_module()
 
     # ------------------------------------------------------------------ root passes
     def _enter_root(self, mid: int, args, kwargs) -> None:

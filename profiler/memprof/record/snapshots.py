@@ -163,11 +163,17 @@ class SnapshotRecorder:
                 for b in m._buffers.values() if b is not None]
 
     def note_buffers(self, force: bool = False) -> None:
-        """A buffers snapshot, when their storages changed since the last one (or `force`)."""
-        pairs = self.buffers()
-        keys = _sorted_storage_ptrs(pairs)
+        """A buffers snapshot, when their storages changed since the last one (or `force`).
+        The addresses are read in C++ where every buffer is a plain tensor (a step end's
+        check of an unchanged model walks no Python per module)."""
+        keys = _C.module_buffer_addresses(self.session.scope.module_ids())
+        pairs = None
+        if keys is None:
+            pairs = self.buffers()
+            keys = _sorted_storage_ptrs(pairs)
         if force or keys != self._buffer_keys:
             self._buffer_keys = keys
+            pairs = self.buffers() if pairs is None else pairs
             self._take(CAT_BUFFERS, [b for b, _ in pairs], [mid for _, mid in pairs])
 
     def install(self) -> None:
