@@ -193,3 +193,19 @@ def test_backward_node_names_are_each_nodes_own_under_reused_name_buffers():
     assert 5 * 16 * 4 in sizes["ReluBackward0"]
     assert 5 * 4 * 4 in sizes["SigmoidBackward0"]
     assert 5 * 16 * 4 not in sizes["SigmoidBackward0"]
+
+
+def test_marker_labels_are_read_by_text_not_by_object():
+    """Markers are interned through the thread's name cache, keyed by the label's address and
+    checked by its text: equal labels built at run time are one label, different ones made in
+    the same place stay apart, and any text round-trips."""
+    with memprof.track() as prof:
+        for i in range(3):
+            _C.mark("".join(["ph", "ase"]), i)      # a new str object each time, same text
+            _C.mark(f"chunk {i}", i)                 # new text each time
+        _C.mark("Größe ∑", 7)
+    assert [m["value"] for m in prof.markers("phase")] == [0, 1, 2]
+    assert [len(prof.markers(f"chunk {i}")) for i in range(3)] == [1, 1, 1]
+    assert [m["value"] for m in prof.markers("Größe ∑")] == [7]
+    with pytest.raises(TypeError):
+        _C.mark(b"bytes", 0)

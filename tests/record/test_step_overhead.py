@@ -375,3 +375,25 @@ def test_a_run_with_new_gradients_each_step_names_each_steps_gradients(monkeypat
     assert all(len(s.ptrs) == n_params for s in grads)
     assert prof.breakdown(at="end")["gradients"] == sum(
         p.grad.untyped_storage().nbytes() for p in model.parameters())
+
+
+def test_buffer_addresses_read_natively_match_the_python_path():
+    from types import SimpleNamespace
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    shared = torch.zeros(3)
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4),
+                                torch.nn.BatchNorm1d(4, track_running_stats=False))
+    model[1].register_buffer("table", shared)
+    model[1].register_buffer("unset", None)
+    model[0].register_buffer("same_table", shared)       # one storage, two buffers
+    model[1].register_buffer("empty", torch.empty(0))    # no data: no address
+    scope = SimpleNamespace(module_ids=lambda: [(m, i) for i, m in enumerate(model.modules())])
+    rec = snapshots.SnapshotRecorder(SimpleNamespace(scope=scope))
+    native = memprof._C.module_buffer_addresses(scope.module_ids())
+    assert native == snapshots._sorted_storage_ptrs(rec.buffers())
+    assert native.count(shared.data_ptr()) == 2 and len(native) == 5   # BN: 3; the table x2
+    with FakeTensorMode():
+        fake = torch.zeros(2)
+    model[2].register_buffer("fake", fake)
+    assert memprof._C.module_buffer_addresses(scope.module_ids()) is None   # Python decides
+    assert memprof._C.module_buffer_addresses([(object(), 0)]) is None      # no _buffers
