@@ -54,15 +54,32 @@ py::list plain_storage_addresses(const py::sequence& tensors) {
   return out;
 }
 
-// The storages a list of tensors held when it was noted: weak references keep each
-// StorageImpl's object (not its memory) from being freed, so while one is alive an equal
-// address is the same storage, and an equal data address the same allocation.
+// One noted storage: a weak reference keeps its StorageImpl's object (not its memory) from
+// being freed, so while it is alive an equal address is the same storage, and an equal data
+// address the same allocation.
+struct NotedStorage {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  int64_t address;
+};
+
+NotedStorage note_storage(const at::Tensor& t, int64_t at) {
+  return NotedStorage{t.storage().getWeakStorageImpl(), at};
+}
+
+// Whether a tensor with a storage holds the noted one, alive, at the noted address.
+bool holds(const NotedStorage& noted, const at::Tensor& t) {
+  return !noted.storage.expired() &&
+         t.storage().unsafeGetStorageImpl() == noted.storage._unsafe_get_target() &&
+         address(t) == noted.address;   // -1 (unreadable) never equals a noted address
+}
+
+// The storages a list of tensors held when it was noted (see NotedStorage).
 class StorageNote {
  public:
   // Notes the tensors' storages; false (and nothing noted) unless all are plain tensors with
   // a readable storage (an empty one included: its identity is what is compared).
   bool note(const py::sequence& tensors) {
-    std::vector<Entry> entries;
+    std::vector<NotedStorage> entries;
     const py::list items(tensors);   // a list owns its items
     entries.reserve(items.size());
     for (py::handle item : items) {   // owned by items
@@ -73,7 +90,7 @@ class StorageNote {
         valid_ = false;
         return false;
       }
-      entries.push_back(Entry{t->storage().getWeakStorageImpl(), at});
+      entries.push_back(note_storage(*t, at));
     }
     entries_ = std::move(entries);
     valid_ = true;
@@ -115,18 +132,11 @@ class StorageNote {
   }
 
  private:
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-    int64_t address;
-  };
-
-  static bool matches(const Entry& e, PyObject* obj) {
+  static bool matches(const NotedStorage& noted, PyObject* obj) {
     const at::Tensor* t = plain_tensor(obj);
-    if (t == nullptr || !t->has_storage() || e.storage.expired()) return false;
-    return t->storage().unsafeGetStorageImpl() == e.storage._unsafe_get_target() &&
-           address(*t) == e.address;   // -1 (unreadable) never equals a noted address
+    return t != nullptr && t->has_storage() && holds(noted, *t);
   }
-  std::vector<Entry> entries_;
+  std::vector<NotedStorage> entries_;
   bool valid_ = false;
 };
 
@@ -180,7 +190,7 @@ class GradientNote {
   py::object take(const py::list& param_groups, const py::dict& param_module) {
     const Py_ssize_t owners_known = PyDict_Size(param_module.ptr());
     std::vector<PyObject*> params;   // borrowed: the groups' lists hold them during the call
-    std::vector<Entry> entries;
+    std::vector<NotedStorage> entries;
     params.reserve(params_.size());
     entries.reserve(entries_.size());
     bool same = valid_ && owners_known == owners_known_;
@@ -200,13 +210,8 @@ class GradientNote {
         const int64_t at = address(grad);
         if (at < 0) return py::bool_(false);
         const size_t k = entries.size();
-        if (same && (k >= entries_.size() || entries_[k].address != at ||
-                     entries_[k].storage.expired() ||
-                     entries_[k].storage._unsafe_get_target() !=
-                         grad.storage().unsafeGetStorageImpl())) {
-          same = false;
-        }
-        entries.push_back(Entry{grad.storage().getWeakStorageImpl(), at});
+        if (same && (k >= entries_.size() || !holds(entries_[k], grad))) same = false;
+        entries.push_back(note_storage(grad, at));
         params.push_back(param);
       }
     }
@@ -254,11 +259,7 @@ class GradientNote {
   }
 
  private:
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-    int64_t address;
-  };
-  std::vector<Entry> entries_;
+  std::vector<NotedStorage> entries_;
   std::vector<py::object> params_;   // the parameters with a gradient at the last take
   std::vector<int64_t> modules_;     // their module ids
   Py_ssize_t owners_known_ = -1;
