@@ -187,14 +187,15 @@ class GradientNote {
   // distinct storage addresses, sorted, and per address the module id of the first parameter
   // (in param_groups order) whose gradient it holds, from param_module {id(param): module id}
   // (-1 where absent); the note is then these storages.
-  py::object take(const py::list& param_groups, const py::dict& param_module) {
+  py::object take(const py::object& param_groups, const py::dict& param_module) {
+    if (!PyList_Check(param_groups.ptr())) return py::bool_(false);   // a wrapper's own type
     const Py_ssize_t owners_known = PyDict_Size(param_module.ptr());
     std::vector<PyObject*> params;   // borrowed: the groups' lists hold them during the call
     std::vector<NotedStorage> entries;
     params.reserve(params_.size());
     entries.reserve(entries_.size());
     bool same = valid_ && owners_known == owners_known_;
-    for (py::handle group : param_groups) {
+    for (py::handle group : py::reinterpret_borrow<py::list>(param_groups)) {
       if (!PyDict_Check(group.ptr())) return py::bool_(false);
       PyObject* list = PyDict_GetItemString(group.ptr(), "params");   // borrowed
       if (list == nullptr || !PyList_Check(list)) return py::bool_(false);

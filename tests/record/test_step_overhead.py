@@ -397,3 +397,15 @@ def test_buffer_addresses_read_natively_match_the_python_path():
     model[2].register_buffer("fake", fake)
     assert memprof._C.module_buffer_addresses(scope.module_ids()) is None   # Python decides
     assert memprof._C.module_buffer_addresses([(object(), 0)]) is None      # no _buffers
+
+
+def test_gradient_note_leaves_param_groups_of_another_shape_to_python():
+    """An optimizer wrapper may keep its groups in a tuple or as mappings of its own: the
+    native note declines (the Python path reads them), it never raises into the step."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    note = memprof._C.GradientNote()
+    assert note.take(({"params": [p]},), {}) is False
+    assert note.take([{"params": (p,)}], {}) is False
+    assert note.take([[p]], {}) is False
+    assert note.take([{"params": [p]}], {}) == ([p.grad.data_ptr()], [-1])
