@@ -194,9 +194,7 @@ class SnapshotRecorder:
         if taken is None:
             return
         if taken is not False:
-            _C.mark("snapshot", CAT_GRADIENTS)
-            self.snapshots.append(Snapshot(marker=-1, category=CAT_GRADIENTS, ptrs=taken[0],
-                                           modules=taken[1]))
+            self._note(CAT_GRADIENTS, *taken)
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
@@ -242,9 +240,12 @@ class SnapshotRecorder:
             if ptr is not None:
                 owner.setdefault(ptr, mid)
         ptrs = sorted(owner)
+        self._note(category, ptrs, [owner[q] for q in ptrs])
+
+    def _note(self, category: int, ptrs: list[int], modules: list[int]) -> None:
+        """A snapshot of sorted storage addresses and the owning module of each."""
         _C.mark("snapshot", category)   # the marker's index is found after the run
-        self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs,
-                                       modules=[owner[q] for q in ptrs]))
+        self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs, modules=modules))
 
     def release(self) -> None:
         """The session is over: the gradient notes let go of the parameters they hold."""
