@@ -47,9 +47,12 @@ import ctypes.util
 import gc
 import os
 import resource
+import json
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -211,19 +214,20 @@ def workload_label(name: str, batch: int, kwargs: dict) -> str:
                                  if kwargs else "")
 
 
-def bench(specs: list[str], args) -> tuple[list[dict], dict]:
-    """Every workload in every mode each round (the order reversed every other round) ->
-    (a row per workload and mode, {spec: {mode: each round's median step}})."""
+def collect(specs: list[str], args) -> dict:
+    """Every workload in every mode each round (the order reversed every other round), in
+    this process -> the raw figures, per spec and mode: step times pooled, each round's
+    median step, exit costs, each round's mean faults per step; and per spec the events per
+    step and the health hooks' ms per step."""
     parsed = {spec: parse_workload(spec) for spec in specs}
     loads = {spec: workload(name, batch, args.steps, kw)
              for spec, (name, batch, kw) in parsed.items()}
     for w in loads.values():
         run_steps(*w)  # warm up allocator caches and lazy optimizer state
-    pooled = {s: {m: [] for m in MODES} for s in specs}
-    per_round = {s: {m: [] for m in MODES} for s in specs}   # each round's median step time
-    exits = {s: {m: [] for m in MODES} for s in specs}
-    round_faults = {s: {m: [] for m in MODES} for s in specs}   # each round's mean faults/step
-    events = {s: [] for s in specs}                          # allocator events per step
+    raw = {key: {s: {m: [] for m in MODES} for s in specs}
+           for key in ("pooled", "per_round", "exits", "round_faults")}
+    raw["events"] = {s: [] for s in specs}                   # allocator events per step
+    raw["hook_ms"] = {s: [] for s in specs}
     for r in range(args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
             for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
@@ -232,35 +236,69 @@ def bench(specs: list[str], args) -> tuple[list[dict], dict]:
                 gc.collect()
                 times, step_faults, exit_cost = run_mode(
                     m, loads[spec],
-                    events_per_step=events[spec] if m == "track(health=False)" else None)
-                pooled[spec][m] += times[args.warmup:]
-                per_round[spec][m].append(statistics.median(times[args.warmup:]))
-                exits[spec][m].append(exit_cost)
-                round_faults[spec][m].append(statistics.mean(step_faults[args.warmup:]))
+                    events_per_step=raw["events"][spec] if m == "track(health=False)" else None)
+                raw["pooled"][spec][m] += times[args.warmup:]
+                raw["per_round"][spec][m].append(statistics.median(times[args.warmup:]))
+                raw["exits"][spec][m].append(exit_cost)
+                raw["round_faults"][spec][m].append(statistics.mean(step_faults[args.warmup:]))
+    for spec in specs:
+        for _ in range(args.rounds):   # separate rounds: timing the hooks costs time itself
+            run_mode("track(health=True)", loads[spec], raw["hook_ms"][spec])
+    return raw
+
+
+def collect_in_processes(specs: list[str], args) -> tuple[dict, list[dict]]:
+    """`collect` in args.processes fresh processes, one after the other, their rounds pooled
+    (-> the merged figures, and each process's own). Why: where a process's allocations
+    happen to land moves its big kernels' speed (alignment, cache sets), and tracking
+    changes what a process allocates - so one process draws one layout for each mode, and
+    its paired figure carries that draw; the processes' figures show how far it moves."""
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = os.path.join(tmp, f"part{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + \
+                ["--processes", "1", "--raw-out", out]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                parts.append(json.load(f))
+    merged = {}
+    for key, value in parts[0].items():
+        merged[key] = {s: ({m: [x for p in parts for x in p[key][s][m]] for m in v}
+                           if isinstance(v, dict) else [x for p in parts for x in p[key][s]])
+                       for s, v in value.items()}
+    return merged, parts
+
+
+def paired(per_round: dict, spec: str, mode: str) -> list[float]:
+    """Per round: its median step in `mode` over the same round's untracked median, - 1 (%):
+    what a shared machine's load does to one round (seconds apart) cancels out."""
+    return [100 * (a / b - 1) for a, b in zip(per_round[spec][mode],
+                                              per_round[spec]["untracked"])]
+
+
+def summarise(specs: list[str], raw: dict) -> list[dict]:
+    """A row per workload and mode from `collect`'s figures."""
+    parsed = {spec: parse_workload(spec) for spec in specs}
     rows = []
     for spec in specs:
-        hook_ms: list[float] = []
-        for _ in range(args.rounds):   # separate rounds: timing the hooks costs time itself
-            run_mode("track(health=True)", loads[spec], hook_ms)
-        base = statistics.median(pooled[spec]["untracked"])
+        pooled, per_round = raw["pooled"][spec], raw["per_round"]
+        base = statistics.median(pooled["untracked"])
         for m in MODES:
-            # against the untracked steps of the same round: what a shared machine's load
-            # does to one round (seconds apart) cancels out of the ratio
-            paired = [100 * (a / b - 1) for a, b in zip(per_round[spec][m],
-                                                          per_round[spec]["untracked"])]
+            pairs = paired(per_round, spec, m)
             rows.append({"workload": workload_label(*parsed[spec]), "mode": m,
-                         "added_us_per_step": (statistics.median(pooled[spec][m]) - base) * 1e6,
+                         "added_us_per_step": (statistics.median(pooled[m]) - base) * 1e6,
                          # rounds have equal steps: their mean is the mean over all steps
-                         "faults_per_step": float(statistics.mean(round_faults[spec][m])),
-                         "faults_per_step_each_round": round_faults[spec][m],
-                         "events_per_step": (statistics.median(events[spec])
+                         "faults_per_step": float(statistics.mean(raw["round_faults"][spec][m])),
+                         "faults_per_step_each_round": raw["round_faults"][spec][m],
+                         "events_per_step": (statistics.median(raw["events"][spec])
                                              if m == "track(health=False)" else None),
-                         "health_hooks_ms_per_step": (statistics.median(hook_ms)
+                         "health_hooks_ms_per_step": (statistics.median(raw["hook_ms"][spec])
                                                       if m == "track(health=True)" else None),
-                         **step_row(pooled[spec][m], base, exits[spec][m]),
-                         "paired_overhead_pct": statistics.median(paired),
-                         "paired_p10_pct": pct(paired, .1), "paired_p90_pct": pct(paired, .9)})
-    return rows, per_round
+                         **step_row(pooled[m], base, raw["exits"][spec][m]),
+                         "paired_overhead_pct": statistics.median(pairs),
+                         "paired_p10_pct": pct(pairs, .1), "paired_p90_pct": pct(pairs, .9)})
+    return rows
 
 
 def derived_rows(big: str, twin: str, per_round: dict) -> list[dict]:
@@ -298,6 +336,11 @@ def main(argv=None):
                     help="steady: glibc keeps freed memory mapped, so steps do not fault "
                          "fresh pages in (see the module docstring); default: as a plain "
                          "script runs")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run the rounds in this many fresh processes, --rounds in each, and "
+                         "pool them (see collect_in_processes); the paired figure of each "
+                         "process is printed too")
+    ap.add_argument("--raw-out", help=argparse.SUPPRESS)   # a child's raw figures (JSON)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
     args = ap.parse_args(argv)
@@ -313,11 +356,25 @@ def main(argv=None):
     specs = args.workloads.split(",")
     if args.twin:
         parse_workload(args.twin)   # a bad spec fails before the run
-    rows, per_round = bench(specs + ([args.twin] if args.twin else []), args)
+    all_specs = specs + ([args.twin] if args.twin else [])
+    if args.raw_out:   # a child of collect_in_processes
+        with open(args.raw_out, "w") as f:
+            json.dump(collect(all_specs, args), f)
+        return None
+    if args.processes < 1:
+        raise SystemExit(f"--processes: expected a positive number, got {args.processes}")
+    if args.processes > 1:
+        raw, parts = collect_in_processes(all_specs, args)
+    else:
+        raw, parts = collect(all_specs, args), []
+    rows = summarise(all_specs, raw)
+    per_round = raw["per_round"]
     derived = derived_rows(specs[0], args.twin, per_round) if args.twin else []
     cmd = shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     wl = max([14] + [len(r["workload"]) for r in rows])
-    lines = [f"# memprof training-health overhead ({args.rounds} rounds x {args.steps} steps "
+    rounds = args.rounds * args.processes
+    where = f" in {args.processes} processes" if args.processes > 1 else ""
+    lines = [f"# memprof training-health overhead ({rounds} rounds{where} x {args.steps} steps "
              f"per mode, first {args.warmup} of each round dropped; loop: forward, loss, "
              f"backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad; {args.clock} "
              f"time per step; heap: {args.heap})",
@@ -353,7 +410,7 @@ def main(argv=None):
             workload_label(*parse_workload(args.twin))
         lines += ["", f"# derived lower bound of {big}'s overhead: the added time per step of "
                       f"its op-level twin {twin}, over {big}'s untracked step, per round "
-                      f"(median [p10..p90] over {args.rounds} rounds; only the part that does "
+                      f"(median [p10..p90] over {rounds} rounds; only the part that does "
                       "not grow with tensor sizes, not a measurement of the big step itself)",
                   f"{'mode':30s} {'twin added us':>13s} {'big step ms':>11s} "
                   f"{'derived':>8s} {'p10..p90':>16s}"]
@@ -361,10 +418,21 @@ def main(argv=None):
             lines.append(f"{d['mode']:30s} {d['twin_added_us']:13.0f} "
                          f"{d['big_untracked_ms']:11.2f} {d['derived_pct']:7.2f}% "
                          f"{d['p10_pct']:7.2f}..{d['p90_pct']:<6.2f}%")
+    each_process = {spec: {m: [statistics.median(paired(p["per_round"], spec, m)) for p in parts]
+                           for m in MODES[1:]} for spec in all_specs} if parts else {}
+    if parts:
+        lines += ["", f"# each process's paired overhead (median over its {args.rounds} rounds): "
+                      "how far one process's figure moves with where its allocations landed",
+                  f"{'workload':{wl}s} {'mode':30s} per process"]
+        for spec in all_specs:
+            for m in MODES[1:]:
+                lines.append(f"{workload_label(*parse_workload(spec)):{wl}s} {m:30s} "
+                             + " ".join(f"{x:5.1f}%" for x in each_process[spec][m]))
     text = "\n".join(lines)
     print(text)
     save(args.out, text, {"machine": machine(device="cpu"), "command": f"python {cmd}",
-                          "args": vars(args), "rows": rows, "derived": derived})
+                          "args": vars(args), "rows": rows, "derived": derived,
+                          "paired_pct_each_process": each_process})
     return rows
 
 

@@ -43,7 +43,6 @@ class AutoSteps:
 
     def install(self) -> None:
         self.session.backward.after.append(self._after_backward)
-        self.session.scope.before_forward.append(self.check)
 
     def _active(self) -> bool:
         steps = self.session.steps
@@ -51,6 +50,11 @@ class AutoSteps:
 
     def _after_backward(self) -> None:
         steps = self.session.steps
+        if steps.explicit and steps.step_on == "auto":
+            # steps are marked by an optimizer or prof.step() from now on (explicit stays
+            # set), which also notes the gradients: nothing left to do after any backward
+            self.session.backward.after.remove(self._after_backward)
+            return
         if not self._active() and (steps.step_on == "auto" or len(steps.optimizers)):
             return
         params = [p for p in self.session.params() if p.grad is not None]
@@ -60,11 +64,20 @@ class AutoSteps:
         if self._active() and self._before is None:
             # gradient accumulation: keep the state before the update
             self._params, self._before = params, fingerprint(params)
+            # only now is there a change to look for at the next forward
+            self.session.scope.before_forward.append(self.check)
 
     def check(self) -> None:
         """End the step if the parameters changed since the backward that made their grads."""
-        if self._before is None or not self._active():
+        if self._before is None:
             return
-        if fingerprint(self._params) != self._before:
-            self._params, self._before = [], None
+        if not self._active():   # for good: steps are marked explicitly now
+            self._stop_checking()
+        elif fingerprint(self._params) != self._before:
+            self._stop_checking()
             self.session.steps.end_step(explicit=False)
+
+    def _stop_checking(self) -> None:
+        self._params, self._before = [], None
+        if self.check in self.session.scope.before_forward:
+            self.session.scope.before_forward.remove(self.check)

@@ -63,6 +63,8 @@ class InputRecorder:
     def _forward_start(self, args, kwargs) -> None:
         if self._record is not None:
             return
+        # the first pass only: later ones need not call in (record.steps on per-step frames)
+        self._session.scope.on_forward_start.remove(self._forward_start)
         self._record = {"args": [describe(a) for a in args],
                         "kwargs": {str(k): describe(v) for k, v in (kwargs or {}).items()},
                         "autocast": autocast_state(),

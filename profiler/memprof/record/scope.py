@@ -24,7 +24,9 @@ from .. import _C
 from .events import PHASE_FORWARD, PHASE_OTHER
 from .patches import remove_handles
 
-_compiling = torch.compiler.is_compiling
+# True while dynamo traces (it reads the call as a constant), False when the code runs: the
+# hooks' check, one frame (torch.compiler.is_compiling is two)
+_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
 
@@ -36,10 +38,10 @@ def clean_name(name: str) -> str:
 
 
 class ModuleScope:
-    def __init__(self, model: torch.nn.Module | None, auto: bool, mark):
+    def __init__(self, model: torch.nn.Module | None, auto: bool, steps):
         self.model = model
         self.auto = auto and model is None
-        self._mark = mark                         # mark(label): a marker in the event stream
+        self._steps = steps                       # the StepClock: markers carry its step
         self.names: list[str] = []                # module id -> qualified name
         self.param_module: dict[int, int] = {}    # id(parameter) -> module id
         self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
@@ -154,38 +156,35 @@ class ModuleScope:
             pop_module()
 
     # ------------------------------------------------------------------ root passes
-    def _enter_root(self, mid: int, args, kwargs) -> None:
-        real = not torch._C._current_autograd_node()   # not a recompute in backward
-        if real:
-            for fn in self.before_forward:
-                fn()
-            _C.set_phase(PHASE_FORWARD)
-            self._mark("forward_start")
-        _C.push_module(mid)
-        if real:
-            self._in_forward = True
-            for fn in self.on_forward_start:
-                fn(args, kwargs)
-
-    def _exit_root(self) -> None:
-        _C.pop_module()
-        if _C.get_phase() == PHASE_FORWARD:
-            _C.set_phase(PHASE_OTHER)
-            self._mark("forward_end")
-        if self._in_forward:
-            self._in_forward = False
-            for fn in self.on_forward_end:
-                fn()
-
-    def _root_pre(self, module, args, kwargs):
+    # Once per forward pass, with caches the step's kernels emptied: direct calls into
+    # memprof._C, subscriber lists walked over a copy (a subscriber may leave when done).
+    def _root_pre(self, module, args, kwargs, mid: int = 0):
         if _compiling():
             self.compiled = True
             return
-        self._enter_root(0, args, kwargs)
+        real = not torch._C._current_autograd_node()   # not a recompute in backward
+        if real:
+            for fn in tuple(self.before_forward):
+                fn()
+            _C.set_phase(PHASE_FORWARD)
+            _C.mark("forward_start", self._steps.step)
+        _C.push_module(mid)
+        if real:
+            self._in_forward = True
+            for fn in tuple(self.on_forward_start):
+                fn(args, kwargs)
 
     def _root_post(self, module, args, output):
-        if not _compiling():
-            self._exit_root()
+        if _compiling():
+            return
+        _C.pop_module()
+        if _C.get_phase() == PHASE_FORWARD:
+            _C.set_phase(PHASE_OTHER)
+            _C.mark("forward_end", self._steps.step)
+        if self._in_forward:
+            self._in_forward = False
+            for fn in tuple(self.on_forward_end):
+                fn()
 
     # ------------------------------------------------------------------ auto mode
     def _auto_pre(self, module, args) -> None:
@@ -205,7 +204,7 @@ class ModuleScope:
         root = not self._stack
         self._stack.append(mid)
         if root:
-            self._enter_root(mid, args, None)
+            self._root_pre(module, args, None, mid)
         else:
             _C.push_module(mid)
 
@@ -228,4 +227,4 @@ class ModuleScope:
             if self._stack:
                 _C.pop_module()
             else:
-                self._exit_root()
+                self._root_post(module, args, output)

@@ -63,7 +63,7 @@ class Session:
         self.batch_size = batch_size
         self.recorders = list(recorders)
         self.steps = StepClock(optimizer, step_on)   # what ends a step (record.steps)
-        self.scope = ModuleScope(model, auto_modules, self.steps.mark)
+        self.scope = ModuleScope(model, auto_modules, self.steps)
         self.backward = BackwardHook(self.steps)
         self.patches = PatchRegistry()
         self.snapshots = SnapshotRecorder(self)

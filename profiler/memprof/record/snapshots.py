@@ -181,8 +181,10 @@ class SnapshotRecorder:
         self.session.steps.on_optimizer_post.append(self._after_optimizer)
         self.session.steps.on_step_end.append(self.note_buffers)
 
+    # The optimizer hooks below run at every step (see record.steps on why they inline).
     def _before_optimizer(self, optimizer) -> None:
-        if not self.session.steps.watches(optimizer):
+        watched = self.session.steps.optimizer
+        if watched is not None and optimizer is not watched:
             return
         # plain parameters and gradients (a run on a device): read, compared and, when new,
         # owned in C++ (the gradients are new storages at every step after
@@ -202,8 +204,9 @@ class SnapshotRecorder:
             self._take_noted(CAT_GRADIENTS, optimizer, grads, params)
 
     def _after_optimizer(self, optimizer) -> None:
-        if not self._unchanged(CAT_OPTIMIZER_STATE, optimizer,
-                               lambda note: note.same_state(optimizer.state)):
+        noted = self._noted.get((CAT_OPTIMIZER_STATE, id(optimizer)))   # _unchanged, inline
+        if noted is None or noted[0] != len(self.session.scope.param_module) \
+                or not noted[1].same_state(optimizer.state):
             pairs = state_pairs(optimizer)
             self._take_noted(CAT_OPTIMIZER_STATE, optimizer, [t for t, _ in pairs],
                              [p for _, p in pairs])

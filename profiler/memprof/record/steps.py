@@ -10,6 +10,11 @@ What ends a step is chosen by `step_on` (track(step_on=...), `memprof run --step
 `prof.step()` ends a step in every mode. At each boundary the autograd sequence counter is noted:
 the leak check tells from a node's sequence number which step created it. Recorders subscribe
 to the optimizer hooks and to backward here instead of installing their own.
+
+The hooks here run once or twice per step, each time with caches that the step's kernels have
+emptied: there a Python frame costs several times its warm time, so they call memprof._C
+directly and inline their checks instead of going through small helpers. Subscriber lists are
+walked over a copy, so that a subscriber may unsubscribe itself once it has nothing left to do.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class StepClock:
         self.step_seqs: list[int] = []           # autograd sequence counter at each boundary
         self.step_owners: list[int] = []         # per boundary: id of the optimizer, or 0
         self.optimizers: "weakref.WeakSet" = weakref.WeakSet()   # watched optimizers seen
+        self._seen: dict[int, weakref.ref] = {}   # id -> ref of those, checked at each step
         self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
@@ -61,17 +67,20 @@ class StepClock:
         remove_handles(self._handles)
 
     def _pre(self, optimizer, args, kwargs) -> None:
-        if self.watches(optimizer):
-            self.optimizers.add(optimizer)
-            self.mark("optimizer_start")
+        if self.optimizer is None or optimizer is self.optimizer:
+            seen = self._seen.get(id(optimizer))
+            if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
+                self.optimizers.add(optimizer)
+                self._seen[id(optimizer)] = weakref.ref(optimizer)
+            _C.mark("optimizer_start", self.step)
             _C.set_phase(PHASE_OPTIMIZER)
-        for fn in self.on_optimizer_pre:
+        for fn in tuple(self.on_optimizer_pre):
             fn(optimizer)
 
     def _post(self, optimizer, args, kwargs) -> None:
-        if not self.watches(optimizer):
+        if self.optimizer is not None and optimizer is not self.optimizer:
             return
-        for fn in self.on_optimizer_post:
+        for fn in tuple(self.on_optimizer_post):
             fn(optimizer)
         _C.set_phase(PHASE_OTHER)
         if self.step_on in ("auto", "optimizer"):
@@ -82,11 +91,11 @@ class StepClock:
         the optimizer that stepped (0: prof.step(), backward or auto steps)."""
         self.explicit = self.explicit or explicit
         self.step_owners.append(owner)
-        self.mark("step")
+        _C.mark("step", self.step)
         self.step += 1
-        self.step_seqs.append(int(_C.peek_sequence_nr()))
+        self.step_seqs.append(_C.peek_sequence_nr())
         _C.set_step(self.step)
-        for fn in self.on_step_end:
+        for fn in tuple(self.on_step_end):
             fn()
 
 
@@ -109,29 +118,29 @@ class BackwardHook:
 
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                      *args, **kwargs):
-            hook._note(tensors, retain_graph, create_graph)
-            for fn in hook.before:
+            # the call, noted for the backward-misuse check (inline: see the module docstring)
+            try:
+                roots = []
+                for t in (tensors if isinstance(tensors, (list, tuple)) else (tensors,)):
+                    # a node's sequence number identifies it for the whole run (ids get reused)
+                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                        roots.append(t.grad_fn._sequence_nr())
+                hook.calls.append({
+                    "roots": roots,
+                    "retain_graph": bool(retain_graph if retain_graph is not None
+                                         else create_graph),
+                    "step": hook.steps.step})
+            except Exception:  # noqa: BLE001  (recording must never break backward)
+                pass
+            for fn in tuple(hook.before):
                 fn(tensors, grad_tensors)
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
             # backward is over: what runs next (logging, the next micro-step's data) is not
             if _C.get_phase() == PHASE_BACKWARD:
                 _C.set_phase(PHASE_OTHER)
-            for fn in hook.after:
+            for fn in tuple(hook.after):
                 fn()
             if hook.steps.step_on == "backward":
                 hook.steps.end_step()
             return out
         return backward
-
-    def _note(self, tensors, retain_graph, create_graph) -> None:
-        try:
-            roots = tensors if isinstance(tensors, (list, tuple)) else [tensors]
-            # a node's sequence number identifies it for the whole run (ids get reused)
-            self.calls.append({
-                "roots": [t.grad_fn._sequence_nr() for t in roots
-                          if isinstance(t, torch.Tensor) and t.grad_fn is not None],
-                "retain_graph": bool(retain_graph if retain_graph is not None
-                                     else create_graph),
-                "step": self.steps.step})
-        except Exception:  # noqa: BLE001  (recording must never break backward)
-            pass
