@@ -409,3 +409,49 @@ def test_gradient_note_leaves_param_groups_of_another_shape_to_python():
     assert note.take([{"params": (p,)}], {}) is False
     assert note.take([[p]], {}) is False
     assert note.take([{"params": [p]}], {}) == ([p.grad.data_ptr()], [-1])
+
+
+def test_per_step_subscribers_leave_once_they_have_nothing_to_do():
+    """The first forward's inputs are described once; the search for hand-written updates
+    stops with the first optimizer step (steps are explicit from then on) - and the profile
+    still has every step, batch and phase marker."""
+    model, opt = _setup()
+    with memprof.track(model, opt) as prof:
+        session = prof.session
+        after_backward = len(session.backward.after)
+        forward_start = len(session.scope.on_forward_start)
+        for i in range(3):
+            x, y = _batch(i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert len(session.scope.on_forward_start) == forward_start - 1   # the inputs' hook
+        assert len(session.backward.after) == after_backward - 1          # auto steps'
+        assert session.scope.before_forward == []
+    assert prof.profile.run.meta["steps_marked"] == 3
+    assert prof.profile.run.records["inputs"]["args"] == [
+        {"tensor": {"shape": [64, D], "dtype": "float32", "device": "cpu"}}]
+    for label in ("forward_start", "forward_end", "backward_start", "backward_end",
+                  "optimizer_start", "step"):
+        assert len(prof.markers(label)) == 3, label
+    assert [m["value"] for m in prof.markers("step")] == [0, 1, 2]
+    assert [m["value"] for m in prof.markers("batch")] == [64, 64, 64]
+
+
+def test_a_hand_written_update_is_still_found_at_each_next_forward():
+    """Without an optimizer the check for a changed parameter runs between a backward and the
+    next forward only, and each update still ends a step."""
+    model, _ = _setup()
+    with memprof.track(model) as prof:
+        session = prof.session
+        for i in range(3):
+            x, y = _batch(i)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            assert session.scope.before_forward == [session.auto_steps.check]
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 1e-3 * p.grad
+                    p.grad = None
+            model(x)   # the next forward: the change is found, the check leaves
+            assert session.scope.before_forward == []
+    assert prof.profile.run.meta["steps_marked"] == 3
