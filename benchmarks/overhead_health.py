@@ -228,7 +228,7 @@ def collect(specs: list[str], args) -> dict:
            for key in ("pooled", "per_round", "exits", "round_faults")}
     raw["events"] = {s: [] for s in specs}                   # allocator events per step
     raw["hook_ms"] = {s: [] for s in specs}
-    for r in range(args.rounds):
+    for r in range(args.round_offset, args.round_offset + args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
             for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
                 # no cyclic garbage left from the last block: a collection inside this one
@@ -247,7 +247,7 @@ def collect(specs: list[str], args) -> dict:
     return raw
 
 
-def collect_in_processes(specs: list[str], args) -> tuple[dict, list[dict]]:
+def collect_in_processes(specs: list[str], args, argv: list[str]) -> tuple[dict, list[dict]]:
     """`collect` in args.processes fresh processes, one after the other, their rounds pooled
     (-> the merged figures, and each process's own). Why: where a process's allocations
     happen to land moves its big kernels' speed (alignment, cache sets), and tracking
@@ -257,17 +257,24 @@ def collect_in_processes(specs: list[str], args) -> tuple[dict, list[dict]]:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.processes):
             out = os.path.join(tmp, f"part{i}.json")
-            cmd = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + \
-                ["--processes", "1", "--raw-out", out]
+            # rounds numbered on from the last process's: the order alternates as in one
+            cmd = [sys.executable, os.path.abspath(__file__)] + argv + \
+                ["--processes", "1", "--raw-out", out, "--round-offset", str(i * args.rounds)]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(out) as f:
                 parts.append(json.load(f))
+    return merge_parts(parts), parts
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """`collect`'s figures of several processes as one: every list concatenated in process
+    order, so that round i of one mode or workload stays beside round i of every other."""
     merged = {}
     for key, value in parts[0].items():
         merged[key] = {s: ({m: [x for p in parts for x in p[key][s][m]] for m in v}
                            if isinstance(v, dict) else [x for p in parts for x in p[key][s]])
                        for s, v in value.items()}
-    return merged, parts
+    return merged
 
 
 def paired(per_round: dict, spec: str, mode: str) -> list[float]:
@@ -341,8 +348,10 @@ def main(argv=None):
                          "pool them (see collect_in_processes); the paired figure of each "
                          "process is printed too")
     ap.add_argument("--raw-out", help=argparse.SUPPRESS)   # a child's raw figures (JSON)
+    ap.add_argument("--round-offset", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.rounds = 4, 2
@@ -364,7 +373,7 @@ def main(argv=None):
     if args.processes < 1:
         raise SystemExit(f"--processes: expected a positive number, got {args.processes}")
     if args.processes > 1:
-        raw, parts = collect_in_processes(all_specs, args)
+        raw, parts = collect_in_processes(all_specs, args, argv)
     else:
         raw, parts = collect(all_specs, args), []
     rows = summarise(all_specs, raw)

@@ -126,3 +126,43 @@ def test_the_steady_heap_stops_big_blocks_from_faulting_fresh_pages_in():
         faults[heap] = float(out.stdout.strip().splitlines()[-1])
     assert faults["returning"] > 1000, faults   # 16 MB = 4,096 pages, re-faulted each round
     assert faults["steady"] < 50, faults
+
+
+def test_merge_parts_keeps_each_round_beside_the_same_round_of_every_mode_and_workload():
+    def part(tag):   # one process's figures: two rounds of two modes of two workloads
+        return {"per_round": {w: {m: [f"{tag}{w}{m}{r}" for r in (0, 1)] for m in "ab"}
+                              for w in "xy"},
+                "events": {w: [f"{tag}{w}e"] for w in "xy"}}
+    merged = overhead_health.merge_parts([part("p"), part("q")])
+    assert merged["per_round"]["x"]["b"] == ["pxb0", "pxb1", "qxb0", "qxb1"]
+    assert merged["per_round"]["y"]["a"] == ["pya0", "pya1", "qya0", "qya1"]
+    assert merged["events"] == {"x": ["pxe", "qxe"], "y": ["pye", "qye"]}
+
+
+def test_processes_pool_fresh_processes_rounds_in_alternating_order(tmp_path, monkeypatch):
+    """--processes 2: each child runs main's own arguments (not the caller's command line),
+    rounds numbered on so that the order alternates across processes as within one, and each
+    process's paired figure is printed and saved."""
+    commands = []
+    run = overhead_health.subprocess.run
+
+    def noting_run(cmd, **kwargs):
+        if len(cmd) > 1 and str(cmd[1]).endswith("overhead_health.py"):   # not git, uname
+            commands.append(cmd)
+        return run(cmd, **kwargs)
+    monkeypatch.setattr(overhead_health.subprocess, "run", noting_run)
+    out = tmp_path / "oh"
+    argv = ["--workloads", "mlp:2:in_features=4;hidden=4", "--rounds", "1", "--steps", "2",
+            "--warmup", "1", "--processes", "2", "--out", str(out)]
+    rows = overhead_health.main(argv)
+    assert len(commands) == 2
+    for i, cmd in enumerate(commands):
+        assert cmd[2:2 + len(argv)] == argv
+        assert cmd[cmd.index("--processes", 2 + len(argv)) + 1] == "1"
+        assert cmd[cmd.index("--round-offset") + 1] == str(i)   # round 0 forward, 1 reversed
+    assert {r["steps"] for r in rows} == {2}   # 1 kept step x 1 round x 2 processes
+    saved = json.loads((tmp_path / "oh.json").read_text())
+    each = saved["paired_pct_each_process"]["mlp:2:in_features=4;hidden=4"]
+    assert set(each) == set(overhead_health.MODES[1:]) and all(len(v) == 2 for v in each.values())
+    text = (tmp_path / "oh.txt").read_text()
+    assert "2 rounds in 2 processes" in text and "each process's paired overhead" in text

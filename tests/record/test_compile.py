@@ -87,3 +87,31 @@ def test_hooks_step_aside_only_while_compiling(mlp):
     assert prof.meta["compiled"]                 # mlp's modules ran inside the graph
     assert prof.breakdown("category", at="end")["gradients"] == sum(
         p.nbytes for p in head.parameters())
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_non_strict_export_inside_the_block_is_not_tracked_as_a_forward(optimizer):
+    """torch.export (non-strict) runs the model's Python forward on fake tensors: the hooks
+    step aside there as under dynamo - a hand-written update's parameter check would read
+    fake values, and the batch marker would pin the symbolic batch size."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer else None
+    batch = torch.export.Dim("batch")
+    with memprof.track(model) as prof:
+        for i in range(2):
+            model(torch.randn(8, 32)).sum().backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad()
+            else:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= 0.1 * p.grad
+                        p.grad = None
+        torch.export.export(model, (torch.randn(8, 32),), strict=False,
+                            dynamic_shapes=({0: batch},))
+        model(torch.randn(8, 32))
+    assert len(prof.markers("forward_start")) == 3      # the export's pass is not one
+    assert [m["value"] for m in prof.markers("batch")] == [8, 8, 8]
+    assert prof.profile.run.meta["steps_marked"] == 2

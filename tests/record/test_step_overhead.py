@@ -448,6 +448,9 @@ def test_a_hand_written_update_is_still_found_at_each_next_forward():
             x, y = _batch(i)
             torch.nn.functional.mse_loss(model(x), y).backward()
             assert session.scope.before_forward == [session.auto_steps.check]
+            # accumulation: a second micro-batch before the update, the check stays one
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            assert session.scope.before_forward == [session.auto_steps.check]
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 1e-3 * p.grad

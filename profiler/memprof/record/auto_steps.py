@@ -64,8 +64,10 @@ class AutoSteps:
         if self._active() and self._before is None:
             # gradient accumulation: keep the state before the update
             self._params, self._before = params, fingerprint(params)
-            # only now is there a change to look for at the next forward
-            self.session.scope.before_forward.append(self.check)
+            # only now is there a change to look for at the next forward (None: values that
+            # cannot be read, fake or meta - nothing to look for)
+            if self._before is not None:
+                self.session.scope.before_forward.append(self.check)
 
     def check(self) -> None:
         """End the step if the parameters changed since the backward that made their grads."""

@@ -24,9 +24,10 @@ from .. import _C
 from .events import PHASE_FORWARD, PHASE_OTHER
 from .patches import remove_handles
 
-# True while dynamo traces (it reads the call as a constant), False when the code runs: the
-# hooks' check, one frame (torch.compiler.is_compiling is two)
-_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+# True while dynamo traces (it reads the call as a constant) and while torch.export runs the
+# forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes);
+# is_dynamo_compiling, one frame cheaper, misses the second
+_compiling = torch.compiler.is_compiling
 _GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
 
