@@ -231,7 +231,8 @@ def main(argv=None) -> int:
                          "estimated_step_ms": est_s * 1e3 if est_s else None,
                          "sdpa": ", ".join(f"{k} x{v}" for k, v in
                                            sorted(e.kernel_rules.items())) or "-",
-                         "kernel_rules": e.kernel_rules, "modelled_workspaces": ws, "estimate_wall_s": round(t1 - t0, 2),
+                         "kernel_rules": e.kernel_rules, "modelled_workspaces": ws,
+                         "estimate_wall_s": round(t1 - t0, 2),
                          "real_wall_s": round(time.perf_counter() - t1, 2)}
                     r["peak_error"] = err(r["estimated_peak"], r["measured_peak"])
                     r["steady_error"] = err(r["estimated_steady_peak"],

@@ -279,8 +279,7 @@ def main() -> None:
                          "(loop itself)")
             continue
         # a child's loop against the untracked loop it ran just before, in its own process
-        baseline = np.array([t[3] if len(t) > 3 else u for t, u in zip(ts, untracked_ns[iters])],
-                            dtype=np.float64)
+        baseline = np.array([t[3] for t in ts], dtype=np.float64)
         inside = (np.array([t[0] for t in ts]) - baseline) / events
         leave = np.array([t[1] for t in ts], dtype=np.float64) / events
         peak = np.array([t[2] for t in ts], dtype=np.float64) / (events * EVENT_BYTES)

@@ -109,7 +109,7 @@ struct RecordLog {
     // pages, "madvise" mode included): the first write to each 4 KiB page otherwise costs a
     // page fault, ~25 ns per 72-byte event on this machine's VM against ~3 with one fault per
     // chunk (scratch measurement; benchmarks/per_event.py shows the effect on the whole path).
-    // The first chunk takes small pages (see map_chunk).
+    // A log's first chunk takes small pages unless huge_first is set (see map_chunk).
     static Chunk* create(bool huge) {
       void* p = map_chunk(sizeof(Chunk), huge);
       return new (p) Chunk;

@@ -181,10 +181,8 @@ class SnapshotRecorder:
         self.session.steps.on_optimizer_post.append(self._after_optimizer)
         self.session.steps.on_step_end.append(self.note_buffers)
 
-    # The optimizer hooks below run at every step (see record.steps on why they inline).
     def _before_optimizer(self, optimizer) -> None:
-        watched = self.session.steps.optimizer
-        if watched is not None and optimizer is not watched:
+        if not self.session.steps.watches(optimizer):
             return
         # plain parameters and gradients (a run on a device): read, compared and, when new,
         # owned in C++ (the gradients are new storages at every step after
@@ -200,32 +198,34 @@ class SnapshotRecorder:
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        if not self._unchanged(CAT_GRADIENTS, optimizer, lambda n: n.same(grads)):
+        note = self._last_note(CAT_GRADIENTS, optimizer)
+        if note is None or not note.same(grads):
             self._take_noted(CAT_GRADIENTS, optimizer, grads, params)
 
     def _after_optimizer(self, optimizer) -> None:
-        noted = self._noted.get((CAT_OPTIMIZER_STATE, id(optimizer)))   # _unchanged, inline
-        if noted is None or noted[0] != len(self.session.scope.param_module) \
-                or not noted[1].same_state(optimizer.state):
+        note = self._last_note(CAT_OPTIMIZER_STATE, optimizer)
+        if note is None or not note.same_state(optimizer.state):
             pairs = state_pairs(optimizer)
             self._take_noted(CAT_OPTIMIZER_STATE, optimizer, [t for t, _ in pairs],
                              [p for _, p in pairs])
 
-    def _unchanged(self, category: int, optimizer, same) -> bool:
-        """Whether the storages this optimizer's last note of `category` named are, by
-        `same(note)`, still the very ones (alive, at the same addresses) and no parameter's
-        module was named since: a storage that kept its address kept its allocation, which
-        that snapshot already named (optimizer state is updated in place, so this is every
-        step after the first). Fake tensors and other wrappers are noted every time. The
-        owners are not compared: a state tensor stays with its parameter, and the owner of a
-        parameter, once named, does not change."""
+    def _last_note(self, category: int, optimizer):
+        """This optimizer's last note of `category` (a _C.StorageNote), if it can still be
+        compared: the caller asks it whether the storages it named are still the very ones
+        (alive, at the same addresses) - a storage that kept its address kept its allocation,
+        which that snapshot already named (optimizer state is updated in place, so this is
+        every step after the first). None when there is none, when a parameter's module was
+        named since, or when the last tensors were not all plain (fake tensors and other
+        wrappers are noted every time). The owners are not compared: a state tensor stays
+        with its parameter, and the owner of a parameter, once named, does not change."""
         noted = self._noted.get((category, id(optimizer)))
-        return noted is not None and noted[0] == len(self.session.scope.param_module) \
-            and same(noted[1])
+        if noted is None or noted[0] != len(self.session.scope.param_module):
+            return None
+        return noted[1]
 
     def _take_noted(self, category: int, optimizer, tensors: list, params: list) -> None:
         """take() of tensors[i] held for params[i], remembering which storages it named (see
-        _unchanged)."""
+        _last_note)."""
         owners_known = len(self.session.scope.param_module)   # only ever grows
         self._take(category, tensors, [self._module_of(p) for p in params])
         note = _C.StorageNote()

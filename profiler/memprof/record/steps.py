@@ -13,8 +13,8 @@ to the optimizer hooks and to backward here instead of installing their own.
 
 The hooks here run once or twice per step, each time with caches that the step's kernels have
 emptied: there a Python frame costs several times its warm time, so they call memprof._C
-directly and inline their checks instead of going through small helpers. Subscriber lists are
-walked over a copy, so that a subscriber may unsubscribe itself once it has nothing left to do.
+directly, and subscriber lists are walked over a copy, so that a subscriber may unsubscribe
+itself once it has nothing left to do.
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ class StepClock:
         self.step = 0
         self.step_seqs: list[int] = []           # autograd sequence counter at each boundary
         self.step_owners: list[int] = []         # per boundary: id of the optimizer, or 0
-        self.optimizers: "weakref.WeakSet" = weakref.WeakSet()   # watched optimizers seen
-        self._seen: dict[int, weakref.ref] = {}   # id -> ref of those, checked at each step
+        # watched optimizers seen, id -> weak reference (a dict lookup per step, where a
+        # WeakSet.add is a Python call making a new reference each time)
+        self._seen: dict[int, weakref.ref] = {}
         self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
@@ -50,8 +51,13 @@ class StepClock:
     def watches(self, optimizer) -> bool:
         return self.optimizer is None or optimizer is self.optimizer
 
+    @property
+    def optimizers(self) -> list:
+        """The watched optimizers seen stepping and still alive, in the order first seen."""
+        return [o for o in (r() for r in self._seen.values()) if o is not None]
+
     def watched(self) -> list:
-        return [self.optimizer] if self.optimizer is not None else list(self.optimizers)
+        return [self.optimizer] if self.optimizer is not None else self.optimizers
 
     def mark(self, label: str, value: int | None = None) -> None:
         _C.mark(label, int(self.step if value is None else value))
@@ -67,10 +73,9 @@ class StepClock:
         remove_handles(self._handles)
 
     def _pre(self, optimizer, args, kwargs) -> None:
-        if self.optimizer is None or optimizer is self.optimizer:
+        if self.watches(optimizer):
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
-                self.optimizers.add(optimizer)
                 self._seen[id(optimizer)] = weakref.ref(optimizer)
             _C.mark("optimizer_start", self.step)
             _C.set_phase(PHASE_OPTIMIZER)
@@ -78,7 +83,7 @@ class StepClock:
             fn(optimizer)
 
     def _post(self, optimizer, args, kwargs) -> None:
-        if self.optimizer is not None and optimizer is not self.optimizer:
+        if not self.watches(optimizer):
             return
         for fn in tuple(self.on_optimizer_post):
             fn(optimizer)

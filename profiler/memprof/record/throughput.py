@@ -221,8 +221,6 @@ class ThroughputRecorder:
         if self.cuda:
             self._cuda_mark(label)
 
-    # These two run at every step: direct markers, and the usual batch (a tensor first)
-    # read without leading_dim's frames (see record.steps).
     def _after_backward(self) -> None:
         _C.mark("backward_end", self.session.steps.step)
         if self.cuda:
@@ -232,13 +230,9 @@ class ThroughputRecorder:
         if self.cuda:
             self._cuda_mark("forward_start")
         if self.session.batch_size is None:
-            first = args[0] if args else None
-            if isinstance(first, torch.Tensor):
-                n = first.shape[0] if first.dim() >= 1 else None
-            else:
-                n = leading_dim(args, kwargs)
+            n = leading_dim(args, kwargs)
             if n is not None:
-                _C.mark("batch", int(n))
+                _C.mark("batch", n)
                 if self.cuda:
                     self._pending.append(["batch", n, None])
 
