@@ -9,6 +9,7 @@ list).
 
     python benchmarks/overhead_health.py                    # vit-tiny b32 and mlp b64
     python benchmarks/overhead_health.py --quick
+    python benchmarks/overhead_health.py --modes "track(health=False),hook points only"
 
 Workloads run interleaved: each round runs every workload in every mode. `--twin SPEC` adds
 the op-level twin of the first workload (the same loop and ops on small tensors): the twin's
@@ -214,7 +215,20 @@ def workload_label(name: str, batch: int, kwargs: dict) -> str:
                                  if kwargs else "")
 
 
-def collect(specs: list[str], args) -> dict:
+def selected_modes(names: str | None) -> tuple[str, ...]:
+    """The modes to run, in MODES order, untracked always first (every figure is paired with
+    it); `names`: comma-separated, e.g. "track(health=False),hook points only"."""
+    if not names:
+        return MODES
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown mode {unknown[0]!r}; expected some of: "
+                         + ", ".join(MODES))
+    return tuple(m for m in MODES if m == "untracked" or m in wanted)
+
+
+def collect(specs: list[str], args, modes: tuple[str, ...] = MODES) -> dict:
     """Every workload in every mode each round (the order reversed every other round), in
     this process -> the raw figures, per spec and mode: step times pooled, each round's
     median step, exit costs, each round's mean faults per step; and per spec the events per
@@ -224,13 +238,13 @@ def collect(specs: list[str], args) -> dict:
              for spec, (name, batch, kw) in parsed.items()}
     for w in loads.values():
         run_steps(*w)  # warm up allocator caches and lazy optimizer state
-    raw = {key: {s: {m: [] for m in MODES} for s in specs}
+    raw = {key: {s: {m: [] for m in modes} for s in specs}
            for key in ("pooled", "per_round", "exits", "round_faults")}
     raw["events"] = {s: [] for s in specs}                   # allocator events per step
     raw["hook_ms"] = {s: [] for s in specs}
     for r in range(args.round_offset, args.round_offset + args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
-            for m in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
+            for m in (modes if r % 2 == 0 else tuple(reversed(modes))):
                 # no cyclic garbage left from the last block: a collection inside this one
                 # would free its tensors there (frees in its events, time in its steps)
                 gc.collect()
@@ -241,7 +255,7 @@ def collect(specs: list[str], args) -> dict:
                 raw["per_round"][spec][m].append(statistics.median(times[args.warmup:]))
                 raw["exits"][spec][m].append(exit_cost)
                 raw["round_faults"][spec][m].append(statistics.mean(step_faults[args.warmup:]))
-    for spec in specs:
+    for spec in specs if "track(health=True)" in modes else ():
         for _ in range(args.rounds):   # separate rounds: timing the hooks costs time itself
             run_mode("track(health=True)", loads[spec], raw["hook_ms"][spec])
     return raw
@@ -284,14 +298,14 @@ def paired(per_round: dict, spec: str, mode: str) -> list[float]:
                                               per_round[spec]["untracked"])]
 
 
-def summarise(specs: list[str], raw: dict) -> list[dict]:
+def summarise(specs: list[str], raw: dict, modes: tuple[str, ...] = MODES) -> list[dict]:
     """A row per workload and mode from `collect`'s figures."""
     parsed = {spec: parse_workload(spec) for spec in specs}
     rows = []
     for spec in specs:
         pooled, per_round = raw["pooled"][spec], raw["per_round"]
         base = statistics.median(pooled["untracked"])
-        for m in MODES:
+        for m in modes:
             pairs = paired(per_round, spec, m)
             rows.append({"workload": workload_label(*parsed[spec]), "mode": m,
                          "added_us_per_step": (statistics.median(pooled[m]) - base) * 1e6,
@@ -308,11 +322,12 @@ def summarise(specs: list[str], raw: dict) -> list[dict]:
     return rows
 
 
-def derived_rows(big: str, twin: str, per_round: dict) -> list[dict]:
+def derived_rows(big: str, twin: str, per_round: dict,
+                 modes: tuple[str, ...] = MODES) -> list[dict]:
     """Per round: (the twin's median step in a mode - its untracked one) / the big
     workload's untracked median step, all of the same round; median and p10..p90 over rounds."""
     rows = []
-    for m in MODES[1:]:
+    for m in modes[1:]:
         pcts = [100 * (t - tu) / bu for t, tu, bu in zip(
             per_round[twin][m], per_round[twin]["untracked"], per_round[big]["untracked"])]
         added = [1e6 * (t - tu) for t, tu in zip(per_round[twin][m],
@@ -349,6 +364,8 @@ def main(argv=None):
                          "process is printed too")
     ap.add_argument("--raw-out", help=argparse.SUPPRESS)   # a child's raw figures (JSON)
     ap.add_argument("--round-offset", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--modes", help="comma-separated subset of the modes (untracked always "
+                    "runs): " + ", ".join(MODES[1:]))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -361,6 +378,7 @@ def main(argv=None):
     step_clock = CLOCKS[args.clock]
     if args.heap == "steady":
         set_heap_thresholds(1 << 30)
+    modes = selected_modes(args.modes)
     load_before = machine(device="cpu")["load_average_1_5_15min"]
     specs = args.workloads.split(",")
     if args.twin:
@@ -368,17 +386,17 @@ def main(argv=None):
     all_specs = specs + ([args.twin] if args.twin else [])
     if args.raw_out:   # a child of collect_in_processes
         with open(args.raw_out, "w") as f:
-            json.dump(collect(all_specs, args), f)
+            json.dump(collect(all_specs, args, modes), f)
         return None
     if args.processes < 1:
         raise SystemExit(f"--processes: expected a positive number, got {args.processes}")
     if args.processes > 1:
         raw, parts = collect_in_processes(all_specs, args, argv)
     else:
-        raw, parts = collect(all_specs, args), []
-    rows = summarise(all_specs, raw)
+        raw, parts = collect(all_specs, args, modes), []
+    rows = summarise(all_specs, raw, modes)
     per_round = raw["per_round"]
-    derived = derived_rows(specs[0], args.twin, per_round) if args.twin else []
+    derived = derived_rows(specs[0], args.twin, per_round, modes) if args.twin else []
     cmd = shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     wl = max([14] + [len(r["workload"]) for r in rows])
     rounds = args.rounds * args.processes
@@ -428,13 +446,13 @@ def main(argv=None):
                          f"{d['big_untracked_ms']:11.2f} {d['derived_pct']:7.2f}% "
                          f"{d['p10_pct']:7.2f}..{d['p90_pct']:<6.2f}%")
     each_process = {spec: {m: [statistics.median(paired(p["per_round"], spec, m)) for p in parts]
-                           for m in MODES[1:]} for spec in all_specs} if parts else {}
+                           for m in modes[1:]} for spec in all_specs} if parts else {}
     if parts:
         lines += ["", f"# each process's paired overhead (median over its {args.rounds} rounds): "
                       "how far one process's figure moves with where its allocations landed",
                   f"{'workload':{wl}s} {'mode':30s} per process"]
         for spec in all_specs:
-            for m in MODES[1:]:
+            for m in modes[1:]:
                 lines.append(f"{workload_label(*parse_workload(spec)):{wl}s} {m:30s} "
                              + " ".join(f"{x:5.1f}%" for x in each_process[spec][m]))
     text = "\n".join(lines)

@@ -166,3 +166,33 @@ def test_processes_pool_fresh_processes_rounds_in_alternating_order(tmp_path, mo
     assert set(each) == set(overhead_health.MODES[1:]) and all(len(v) == 2 for v in each.values())
     text = (tmp_path / "oh.txt").read_text()
     assert "2 rounds in 2 processes" in text and "each process's paired overhead" in text
+
+
+def test_modes_runs_only_the_chosen_modes_with_untracked_first(tmp_path, monkeypatch):
+    """--modes: a split run (e.g. track against the hook points alone, without torch.profiler
+    in the same process) runs those modes and untracked, which every figure is paired with,
+    in the table's order; the health recorder's separate timing rounds only with its mode."""
+    ran = []
+    run_mode = overhead_health.run_mode
+
+    def noting_run_mode(mode, *args, **kwargs):
+        ran.append((mode, args[1] if len(args) > 1 else kwargs.get("hook_ms")))
+        return run_mode(mode, *args, **kwargs)
+    monkeypatch.setattr(overhead_health, "run_mode", noting_run_mode)
+    rows = overhead_health.main([
+        "--workloads", "mlp:2:in_features=4;hidden=4", "--rounds", "2", "--steps", "2",
+        "--warmup", "1", "--modes", "hook points only, track(health=False)",
+        "--out", str(tmp_path / "oh")])
+    order = ["untracked", "track(health=False)", overhead_health.HOOK_POINTS]
+    assert [m for m, _ in ran] == order + order[::-1]   # round 1 runs them reversed
+    assert all(hook_ms is None for _, hook_ms in ran)
+    assert [r["mode"] for r in rows] == order
+    text = (tmp_path / "oh.txt").read_text()
+    assert "torch.profiler" not in text and "track(health=True)" not in text
+
+
+def test_an_unknown_mode_is_refused_in_one_line_naming_it():
+    with pytest.raises(SystemExit) as err:
+        overhead_health.main(["--modes", "track(health=False),tracked", "--out", "/dev/null"])
+    message = str(err.value)
+    assert "'tracked'" in message and "track(health=False)" in message and "\n" not in message
