@@ -199,6 +199,35 @@ def test_nested_and_repeated_blocks(mlp):
     del a, b, c, d
 
 
+def test_a_nested_block_over_a_model_made_inside_the_outer_one_profiles_as_a_block_alone():
+    """What a script that calls track() itself gets under `memprof run` (the outer block): the
+    model and optimizer are made after the outer block began, so their blocks are in neither
+    the inner's events nor the outer's baseline. The inner profile names them as a block of
+    its own would."""
+    def train(prof_kwargs):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, C))
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        with memprof.track(model, optimizer=opt, **prof_kwargs) as prof:
+            for _ in range(3):
+                model(torch.randn(B, D)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        return prof, param_bytes(model)
+
+    alone, P = train({})
+    with memprof.track() as outer:      # what `memprof run` opens around a script
+        inner, _ = train({})
+    for prof in (alone, inner):
+        cats = prof.breakdown("category")
+        assert cats["parameters"] == P
+        # Adam's two moments and a step counter per parameter, made in step 0
+        assert 2 * P < cats["optimizer_state"] <= 2 * P + 4 * 4 * F32
+    assert inner.breakdown("category") == alone.breakdown("category")
+    assert inner.peak == alone.peak
+    assert outer.breakdown("category")["parameters"] == P
+
+
 def test_manual_steps_without_optimizer(mlp):
     with memprof.track(mlp) as prof:
         for i in range(3):

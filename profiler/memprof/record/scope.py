@@ -97,6 +97,10 @@ class ModuleScope:
             self._module_ids = (key, out)
         return self._module_ids[1]
 
+    def module_id(self, module: torch.nn.Module) -> int | None:
+        """The id this scope gave `module`, if it named it."""
+        return self._auto_ids.get(id(module))
+
     def root_modules(self) -> list[torch.nn.Module]:
         return [self.model] if self.model is not None else list(self.roots)
 

@@ -131,8 +131,11 @@ class Session:
         with _start_lock:   # two threads entering at once: one records, the other is refused
             if _active is not None:
                 _check_same_thread(_active)
-                # Nested block: share the outer session, keep our own slice of its events.
+                # Nested block: share the outer session, keep our own slice of its events,
+                # with what was alive at its start that this block can name (its model's
+                # parameters, its optimizer's state), as a block of its own would.
                 self.outer = _active
+                self.snapshots.collect_baseline()
                 self._nested_label = f"nested_start:{id(self)}"
                 _C.mark(self._nested_label, 0)
                 return
@@ -211,16 +214,31 @@ class Session:
         label = _C.strings().index(self._nested_label)
         start = np.flatnonzero((raw["kind"] == KIND_MARK) & (raw["op"] == label))
         tail = raw[int(start[0]) + 1:]
-        base = self.outer.snapshots.baseline
+        base = self._baseline_in_outer_ids()
         events = np.zeros(len(base) + tail.size, dtype=EVENT_DTYPE)
         events[events.size - tail.size:] = tail
         events[:len(base)] = _baseline_rows(base, int(tail["t_ns"][0]) if tail.size else 0)
-        self._assemble(EventStreams.split(events), self.outer, exc)
+        self._assemble(EventStreams.split(events), self.outer, exc, base)
 
-    def _assemble(self, streams: EventStreams, src: "Session", exc) -> None:
-        """`streams`: the session's events, the blocks that existed before tracking first."""
+    def _baseline_in_outer_ids(self) -> list[tuple]:
+        """This nested block's baseline with each module id as the outer session names it
+        (the events carry the outer's ids: its hooks recorded them)."""
+        to_outer = {}
+        for model in self.scope.root_modules():
+            for m in model.modules():
+                mid = self.scope.module_id(m)
+                if mid is not None:
+                    outer = self.outer.scope.module_id(m)
+                    to_outer[mid] = -1 if outer is None else outer
+        return [(ptr, size, dev, to_outer.get(mid, -1), cat)
+                for ptr, size, dev, mid, cat in self.snapshots.baseline]
+
+    def _assemble(self, streams: EventStreams, src: "Session", exc,
+                  base: list | None = None) -> None:
+        """`streams`: the session's events, the blocks that existed before tracking first
+        (`base`: those blocks, the session's own baseline unless given)."""
         strings = list(_C.strings())
-        base = src.snapshots.baseline
+        base = src.snapshots.baseline if base is None else base
         snaps = []
         for cat in sorted({c for *_, c in base}):   # categories of pre-existing blocks
             owned = [(int(p), int(m)) for p, _, _, m, c in base if c == cat]
