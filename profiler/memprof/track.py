@@ -23,6 +23,7 @@ from .record.compile_watch import CompileRecorder
 from .record.cuda_segments import CudaSegmentsRecorder
 from .record.health import HealthRecorder
 from .record.inputs import InputRecorder
+from .record.leak_probe import LeakProbe
 from .record.session import DEFAULT_CAPACITY, Session
 from .record.throughput import ThroughputRecorder
 from .run import Run
@@ -42,7 +43,7 @@ class Tracker:
         self.budget = budget
         self.report_oom_on_exit = True   # print the OOM diagnosis to stderr (memprof run: no)
         recorders = [ThroughputRecorder(), InputRecorder(), CommRecorder(),
-                     CudaSegmentsRecorder(), CompileRecorder()] + \
+                     CudaSegmentsRecorder(), CompileRecorder(), LeakProbe()] + \
             ([HealthRecorder()] if health else [])
         self.session = Session(model, optimizer, capacity=capacity, auto_modules=auto_modules,
                                batch_size=batch_size, recorders=recorders, step_on=step_on)

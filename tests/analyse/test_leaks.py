@@ -300,3 +300,102 @@ def test_a_real_leak_before_a_final_optimizer_step_is_still_found():
         opt.step()
     found = [f for f in prof.findings if f.kind == "retained_graph"]
     assert found and "kept" in found[0].holder
+
+
+def _train_in_a_function(keep, steps=6):
+    """A script's layout: the loop in a function that returns before the block ends."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    running_loss, outputs = 0.0, []
+    for x, y in data(steps):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if keep == "loss":
+            running_loss += loss
+        elif keep == "outputs":
+            outputs.append(out)
+        else:
+            running_loss += loss.item()
+    return float(running_loss) if keep != "loss" else running_loss.item()
+
+
+@pytest.mark.parametrize("keep,holder", [("loss", "_train_in_a_function.<locals>.running_loss"),
+                                         ("outputs", "_train_in_a_function.<locals>.outputs")])
+def test_a_leak_in_a_function_the_block_outlives_is_named_while_it_ran(keep, holder):
+    """`with track(): train()` (what `memprof run` does around a script's main()): by the end
+    of the block train() has returned and its graphs are gone; the leak was seen at a step
+    end while it ran, with the holder named from its frame and what was alive then."""
+    with memprof.track() as prof:
+        _train_in_a_function(keep)
+    found = [f for f in prof.findings if f.kind == "retained_graph"]
+    assert [f.holder for f in found] == [holder]
+    f = found[0]
+    assert f.severity == "error" and f.evidence["seen_after_step"] in (1, 3)
+    assert "while the training loop's function ran" in f.message
+    if keep == "outputs":   # at the end of step 3: the outputs of steps 0-2, backward done
+        assert f.evidence["tensors"] == 3 and f.bytes == 3 * B * CLASSES * 4
+    # it looked after steps 1 and 3 (2 and 4 completed); each look's time, just after a
+    # step boundary, is taken out of the window that boundary opens
+    looks = prof.run.records["leak_probe"]["looks"]
+    assert [n for n, _ in looks] == [2, 4] and all(s > 0 for _, s in looks)
+    from memprof.analyse import throughput as tp
+    entries = tp._entries_from_profile(prof)
+    with_looks = tp.phase_table(entries)["wall_ms"]
+    without = tp.phase_table(entries, pauses=dict(looks))["wall_ms"]
+    for n, seconds in looks:
+        assert with_looks[n] - without[n] == pytest.approx(seconds * 1e3, abs=1e-3)
+        assert prof.throughput["per_step"]["wall_ms"][n] == pytest.approx(without[n], abs=0.01)
+
+
+def test_a_correct_loop_in_a_function_has_no_findings_and_the_look_keeps_nothing():
+    with memprof.track() as prof:
+        _train_in_a_function("item")
+    assert prof.findings == []
+    rec = prof.run.records["leak_probe"]
+    assert [n for n, _ in rec["looks"]] == [2, 4] and "graphs" not in rec
+
+
+def test_no_look_when_the_loop_runs_in_the_block_s_own_frame():
+    """The documented layout: the end check sees the loop's frame, so nothing scans the heap
+    during the steps."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        for x, y in data(6):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert prof.run.records.get("leak_probe") is None
+
+
+def test_naming_holders_does_not_keep_a_function_s_variables_alive():
+    """The end check reads the entering frame's variables to name holders; Python before 3.13
+    keeps that snapshot on the frame, which would hold a tensor the function drops after the
+    block (here, what a leak check with a finding ran over)."""
+    import gc
+    import weakref
+
+    def train_then_drop():
+        torch.manual_seed(0)
+        model = TinyViT()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        big = torch.empty(1 << 20)
+        kept = []
+        with memprof.track(model, opt) as prof:
+            for x, y in data(4):
+                out = model(x)
+                F.cross_entropy(out, y).backward()
+                opt.step()
+                opt.zero_grad()
+                kept.append(out)
+        assert any(f.kind == "retained_graph" for f in prof.findings)   # holders were named
+        ref = weakref.ref(big)
+        del big, kept
+        gc.collect()
+        return ref() is None
+    assert train_then_drop()

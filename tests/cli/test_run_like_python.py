@@ -104,3 +104,32 @@ def test_argv_and_path_are_restored_in_process(tmp_path):
     assert sys.argv == argv and sys.path == path
     assert sys.modules["__main__"].__name__ == "__main__" and not hasattr(
         sys.modules["__main__"], "added")
+
+
+def test_a_leak_in_main_is_found_and_its_holder_named(tmp_path):
+    """The usual script layout: the loop in a function called under `if __name__ ==
+    "__main__"`; by the time the script ends, the function and its graphs are gone, and the
+    leak is named from what memprof saw while it ran."""
+    r, _ = run(tmp_path, '''
+        import torch
+
+        def train():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                        torch.nn.Linear(16, 2))
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            losses = []
+            for _ in range(5):
+                loss = model(torch.randn(4, 8)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss)
+            print("done", len(losses))
+
+        if __name__ == "__main__":
+            train()
+    ''', before=["-o", str(tmp_path / "t.memprof")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "done 5" in r.stdout
+    assert "held by train.<locals>.losses" in r.stdout

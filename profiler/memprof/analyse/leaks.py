@@ -21,10 +21,11 @@ import time
 from ..finding import Finding
 from ..profile import Profile
 from ..units import fmt_bytes
-from .autograd_graphs import MAX_GRAPH_NODES, GraphTensor, live_graph_tensors, storage_of, walk_graphs
+from ..record.autograd_graphs import (MAX_GRAPH_NODES, GraphTensor, live_graph_tensors,
+                                      storage_of, walk_graphs)
 from .leak_fixes import fix_text
 from .outcome import Outcome
-from .holders import describe_unreached, find_holders, frame_roots, namespace_roots
+from ..record.holders import describe_unreached, find_holders, frame_roots, namespace_roots
 
 
 def root_holder(path: str) -> str:
@@ -86,10 +87,45 @@ def retained_graphs(profile: Profile) -> Outcome:
     if old or recent:
         holders = find_holders(_roots(run.live), {g.tensor_id for g in old + recent})
         context = _Context(profile, boundaries, last_step, {id(g) for g in old})
-        for names, group in _group_by_holder(old + recent, holders, by_id):
+        for names, group in _group_by_holder(old + recent, holders,
+                                             lambda g: describe_unreached(by_id[g.tensor_id])):
             findings.append(context.finding(names, group, holders))
+    if not any(f.kind == "retained_graph" for f in findings):
+        findings += _seen_while_running(profile, boundaries)
     findings.sort(key=lambda f: (LEAK_KINDS.index(f.kind), -f.bytes))
     return Outcome(findings, notes, {"retained_graph_check_s": time.perf_counter() - t0})
+
+
+def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding]:
+    """Retained graphs that record.leak_probe saw at a step end while the training loop's
+    function ran, gone by the end of the block (that function had returned): judged as the
+    end check judges, with what was alive at that step end and the holders named then."""
+    rec = profile.run.records.get("leak_probe") or {}
+    if not rec.get("graphs"):
+        return []
+    completed = int(rec["completed_steps"])
+    last_step = min(_last_training_step(profile, completed - 1),
+                    last_round_start(profile.run.live.step_owners, completed - 1))
+    graphs = [GraphTensor(**{**g, "saved": {int(p): int(b) for p, b in g["saved"]},
+                             "shape": tuple(g["shape"])}) for g in rec["graphs"]]
+    old = [g for g in graphs if bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step]
+    at = [m["position"] for m in profile.markers("leak_probe") if m["value"] == completed]
+    if not old or not at:
+        return []
+    holders = {int(k): v for k, v in rec.get("holders", {}).items()}
+    unreached = {int(k): v for k, v in rec.get("unreached", {}).items()}
+    context = _Context(profile, boundaries, last_step, {id(g) for g in old},
+                       at=("position", at[0] - 1))
+    out = []
+    for names, group in _group_by_holder(old, holders, lambda g: unreached.get(
+            g.tensor_id, "a reference no named root reaches")):
+        f = context.finding(names, group, holders)
+        f.evidence["seen_after_step"] = completed - 1
+        f.message += (f" (seen at the end of step {completed - 1}, while the training loop's "
+                      "function ran: it had returned by the end of the block, and its graphs "
+                      "with it)")
+        out.append(f)
+    return out
 
 
 def last_round_start(owners: list[int], last_completed: int) -> int:
@@ -128,7 +164,9 @@ def _roots(live) -> list[tuple[str, object]]:
     return roots
 
 
-def _group_by_holder(gs, holders, by_id) -> list[tuple[list[str], list[GraphTensor]]]:
+def _group_by_holder(gs, holders, describe) -> list[tuple[list[str], list[GraphTensor]]]:
+    """(holder names, graphs) per finding; `describe(g)` names what holds a graph no named
+    root reaches."""
     groups: dict[str, list[GraphTensor]] = collections.defaultdict(list)
     unreached: list[GraphTensor] = []
     for g in gs:
@@ -153,7 +191,7 @@ def _group_by_holder(gs, holders, by_id) -> list[tuple[list[str], list[GraphTens
         if other is not None:
             other[1].append(g)
         else:
-            merged.append(([describe_unreached(by_id[g.tensor_id])], [g]))
+            merged.append(([describe(g)], [g]))
     return merged
 
 
@@ -172,10 +210,11 @@ class _Context:
     """What every finding of one check needs: the profile, the steps, the allocations alive
     at the end (what was allocated while tracking), the backward calls with retain_graph."""
 
-    def __init__(self, profile: Profile, boundaries, last_step: int, old_ids: set[int]):
+    def __init__(self, profile: Profile, boundaries, last_step: int, old_ids: set[int],
+                 at="end"):
         self.profile, self.boundaries, self.last_step = profile, boundaries, last_step
         self.old_ids = old_ids
-        self.alive = _alive_allocations(profile)
+        self.alive = _alive_allocations(profile, at)
         self.retain_roots = sorted({r for c in profile.run.records.get("backward") or []
                                     if c.get("retain_graph") for r in c["roots"]})
         self.param_shapes = {tuple(p.shape) for p in profile.run.live.params}
@@ -244,9 +283,9 @@ class _Context:
         return i < len(self.retain_roots) and self.retain_roots[i] <= g.max_seq
 
 
-def _alive_allocations(profile: Profile) -> dict[int, int]:
-    """ptr -> memory position of the allocation alive at the end."""
-    alive = profile.alive_at("end")
+def _alive_allocations(profile: Profile, at="end") -> dict[int, int]:
+    """ptr -> memory position of the allocation alive at `at` (the end, or a position)."""
+    alive = profile.alive_at(at)
     return {int(p): int(i) for p, i in zip(profile.memory["ptr"][alive], alive)}
 
 

@@ -48,11 +48,15 @@ PHASE_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end"
 COLUMNS = ("wall_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")
 
 
-def phase_table(entries, batch_override: int | None = None) -> dict[str, list]:
+def phase_table(entries, batch_override: int | None = None,
+                pauses: dict[int, float] | None = None) -> dict[str, list]:
     """Per-step phase times (ms) from time-ordered (label, t_ns, value) entries.
 
     One row per window that ends with a `step` entry; work after the last boundary is not a
-    step. Values are None where a phase cannot be known (data wait of the first step)."""
+    step. Values are None where a phase cannot be known (data wait of the first step).
+    `pauses[i]`: seconds memprof itself spent just after the boundary that opens window i (a
+    leak look): the window opens after them."""
+    pauses = pauses or {}
     rows: dict[str, list] = {c: [] for c in COLUMNS + ("loader_ms", "micro_steps", "samples",
                                                        "batch_size")}
     prev_step_t = None
@@ -66,7 +70,7 @@ def phase_table(entries, batch_override: int | None = None) -> dict[str, list]:
         if label == "step":
             w.close(t)
             _append_row(rows, w, batch_override)
-            prev_step_t = t
+            prev_step_t = t + int(pauses.get(len(rows["wall_ms"]), 0.0) * 1e9)
             w = _Window(prev_step_t)
         else:
             w.event(label, t)
@@ -186,13 +190,16 @@ def _entries_from_profile(profile: Profile) -> list[tuple[str, int, int]]:
 
 def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
             batch_override: int | None = None, gpu: dict | None = None,
-            compiled_steps=()) -> dict[str, Any]:
+            compiled_steps=(), pauses=None, skipped_steps=()) -> dict[str, Any]:
     """The throughput summary (plain data) from time-ordered (label, t_ns, value) entries;
-    `compiled_steps` (step indices) are left out like warm-up steps."""
-    rows = phase_table(entries, batch_override)
+    `compiled_steps` (step indices) are left out like warm-up steps, and so are
+    `skipped_steps` (a leak look's, on the CUDA clock); `pauses`: {step index: seconds
+    memprof spent at the start of that step's window} (see phase_table)."""
+    rows = phase_table(entries, batch_override, pauses)
     n = len(rows["wall_ms"])
     compiled = {int(i) for i in compiled_steps if min(warmup, n) <= int(i) < n}
-    keep = [i for i in range(min(warmup, n), n) if i not in compiled]
+    skipped = {int(i) for i in skipped_steps if min(warmup, n) <= int(i) < n} - compiled
+    keep = [i for i in range(min(warmup, n), n) if i not in compiled | skipped]
     pick = {k: [v[i] for i in keep] for k, v in rows.items()}
     stats = {k: _stats(pick[k]) for k in COLUMNS}
     stats["loader_ms"] = _stats(pick["loader_ms"])
@@ -213,6 +220,7 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         "data_loader_seen": any(e[0] == "data_start" for e in entries),
         "warmup_steps_excluded": min(warmup, n),
         "compile_steps_excluded": len(compiled),
+        "leak_check_steps_excluded": len(skipped),
         "steps": n,
         "steps_measured": len(keep),
         "micro_steps_per_step": micro_med,
@@ -240,13 +248,18 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
     warmup = WARMUP_STEPS if warmup is None else int(warmup)
     gpu = rec.get("gpu")
     compiled = (profile.run.records.get("compile") or {}).get("steps", ())
+    # record.leak_probe's looks: each just after a step boundary, its time not the loop's
+    looks = {int(n): float(s) for n, s in
+             (profile.run.records.get("leak_probe") or {}).get("looks", ())}
     timeline = rec.get("cuda_timeline")
     if timeline:
         out = compute([tuple(x) for x in timeline], clock="cuda_events", warmup=warmup,
-                      batch_override=batch, gpu=gpu, compiled_steps=compiled)
+                      batch_override=batch, gpu=gpu, compiled_steps=compiled,
+                      skipped_steps=looks)   # the GPU may have run queued work meanwhile
     else:
         out = compute(_entries_from_profile(profile), clock="host", warmup=warmup,
-                      batch_override=batch, gpu=gpu, compiled_steps=compiled)
+                      batch_override=batch, gpu=gpu, compiled_steps=compiled,
+                      pauses=looks)
         if rec.get("cuda"):
             out["note"] = f"CUDA events unavailable ({rec.get('cuda_error')}); host clock used"
     out["batch_override"] = batch

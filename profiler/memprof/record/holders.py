@@ -6,6 +6,7 @@ import collections
 import functools
 import gc
 import types
+from inspect import CO_OPTIMIZED
 
 import torch
 
@@ -98,12 +99,20 @@ def describe_unreached(t: torch.Tensor) -> str:
 
 
 def frame_roots(frame) -> list[tuple[str, object]]:
-    """Named roots from the frame that ran the `with memprof.track()` block."""
+    """Named roots from a frame: the one that ran the `with memprof.track()` block, or one
+    on the training loop's stack (record.leak_probe)."""
     if frame is None:
         return []
     code = frame.f_code
     scope = "" if code.co_name == "<module>" else f"{code.co_name}.<locals>."
-    roots = [(f"{scope}{k}", v) for k, v in frame.f_locals.items()]
+    local_vars = frame.f_locals
+    roots = [(f"{scope}{k}", v) for k, v in local_vars.items()]
+    if code.co_flags & CO_OPTIMIZED and type(local_vars) is dict:
+        # A function's frame (Python < 3.13) keeps this snapshot of its variables: left
+        # there, it would hold what they name now after the function rebinds or deletes them
+        # (a tensor the user frees after the block, a step's loss). Emptied: a tracer or
+        # debugger refreshes it from the variables before it reads it, so nothing is lost.
+        local_vars.clear()
     if scope:
         mod = frame.f_globals.get("__name__", "globals")
         roots += [(f"{mod}.{k}", v) for k, v in frame.f_globals.items()

@@ -1,0 +1,122 @@
+"""Retained graphs seen while the training loop's frame is still alive.
+
+The leak check (analyse.leaks) runs when the block ends, on the tensors alive then, and names
+their holders from the frame that entered the block and the script's namespace. When the loop
+runs in a function the block outlives - a script's `main()` under `memprof run`, `with
+memprof.track(): train()` - that function has returned by then: its locals (`total_loss +=
+loss`, `losses.append(out)`) and the graphs they kept are gone, and the leak is only growth
+with no holder. So at a few step ends (the 2nd, 4th, 8th, ... step: a handful in a long run)
+this recorder looks while the loop runs: graphs made before the step that just ended are
+still alive only if something kept them, and the frames on the stack name it. What it keeps
+is plain data (each graph's sequence range, saved storages, its holder's path), never the
+tensors, so the run's memory is the same.
+
+It looks only when the innermost frame outside torch and memprof is a function other than
+the one that entered the block; a loop in that frame, or at a script's top level, is the
+end-of-block check's to see. Each look scans the garbage collector's objects: its time is
+recorded, and taken out of the step it falls in by the throughput figures.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from .. import _C
+from .autograd_graphs import live_graph_tensors, storage_of, walk_graphs
+from .holders import describe_unreached, find_holders, frame_roots, namespace_roots
+
+_SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
+                      for m in (torch, sys.modules[__name__.split(".")[0]]))
+FIRST_PROBE_STEP = 2     # steps completed at the first look; then 4, 8, 16, ...
+
+
+def loop_frame(start):
+    """The innermost frame outside torch and memprof (the training loop's), or None."""
+    f = start
+    while f is not None:
+        name = f.f_code.co_filename
+        if not name.startswith(_SKIPPED_DIRS) and not name.startswith("<frozen"):
+            return f
+        f = f.f_back
+    return None
+
+
+class LeakProbe:
+    name = "leak_probe"
+
+    def __init__(self):
+        self._session = None
+        self._next = FIRST_PROBE_STEP
+        self._record: dict | None = None
+        self._looks: list[list] = []        # [steps completed, seconds] per look
+
+    def install(self, session) -> None:
+        self._session = session
+        session.steps.on_step_end.append(self._step_end)
+
+    def remove(self) -> None:
+        if self._session is not None and self._step_end in self._session.steps.on_step_end:
+            self._session.steps.on_step_end.remove(self._step_end)
+        self._session = None
+
+    def _step_end(self) -> None:
+        steps = self._session.steps
+        if steps.step < self._next:
+            return
+        self._next = steps.step * 2
+        frame = loop_frame(sys._getframe(1))
+        if frame is None or frame is self._session.frame or frame.f_code.co_name == "<module>":
+            return
+        t0 = time.perf_counter()
+        try:
+            self._look(frame, steps.step, list(steps.step_seqs))
+        except Exception as err:  # noqa: BLE001  (a look must never break training)
+            self._record = {"error": f"{type(err).__name__}: {err}"[:300]}
+        self._looks.append([steps.step, time.perf_counter() - t0])
+
+    def _look(self, frame, completed: int, boundaries: list[int]) -> None:
+        # the step that just ended is step completed-1: a graph of an earlier one survived
+        # its backward and optimizer step (the analysis decides which, as for the end check)
+        before = boundaries[completed - 1]
+        session = self._session
+        tensors = live_graph_tensors()
+        params = {storage_of(p)[0] for p in session.params()}
+        graphs, truncated = walk_graphs(tensors, params)
+        old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
+        if not old:
+            return
+        roots = []
+        f = frame
+        while f is not None and f is not session.frame:   # the loop's frame and its callers
+            if loop_frame(f) is f:
+                roots += frame_roots(f)
+            f = f.f_back
+        for prefix, namespace in session.roots:
+            roots += namespace_roots(prefix, namespace)
+        by_id = {id(t): t for t in tensors}
+        ids = {g.tensor_id for g in old}
+        holders = find_holders(roots, ids)
+        unreached = {i: describe_unreached(by_id[i]) for i in ids if i not in holders}
+        _C.mark("leak_probe", completed)
+        self._record = {
+            "completed_steps": completed,
+            "graphs": [{"tensor_id": g.tensor_id, "min_seq": g.min_seq, "max_seq": g.max_seq,
+                        "nbytes": g.nbytes, "storage": g.storage, "numel": g.numel,
+                        "grad_fn": g.grad_fn, "nodes": g.nodes, "shape": list(g.shape),
+                        "saved": [[int(p), int(b)] for p, b in g.saved.items()]}
+                       for g in old],
+            "holders": {str(i): p for i, p in holders.items()},
+            "unreached": {str(i): d for i, d in unreached.items()},
+            "truncated": bool(truncated),
+        }
+
+    def record(self) -> dict | None:
+        """The last look that found graphs of earlier steps (plain data), and every look's
+        step and time: a look runs just after a step boundary, so its time would read as the
+        next step's data wait (analyse.throughput takes it out)."""
+        if self._record is None and not self._looks:
+            return None
+        return {**(self._record or {}), "looks": [list(x) for x in self._looks]}
