@@ -144,3 +144,20 @@ def test_cwd_is_not_left_on_the_path_after_an_error(capsys, own_models):
                         "--batch-fn", "own_models_cli:with_labels", "--no-confirm")
     assert rc == 2 and "no function or class 'nothing'" in err
     assert sys.path == before and os.getcwd() == str(own_models)
+
+
+def test_the_printed_code_runs_when_stdout_is_a_pipe(capsys, own_models, monkeypatch):
+    """Piped output is 80 columns wide: the plan's code is still printed in whole lines
+    (it is meant to be copied), so the code after the best option compiles as Python."""
+    monkeypatch.setenv("COLUMNS", "80")
+    rc, out, err = _cli(capsys, "--gpu", "a100-40gb", "--model", "own_models_cli:tiny_bert",
+                        "--batch-fn", "own_models_cli:with_labels", "--precision", "fp32",
+                        "--checkpointing", "none", "--no-confirm", "--workers", "1")
+    assert rc == 0, err
+    lines = out.splitlines()
+    best = next(i for i, line in enumerate(lines) if line.startswith("Best (estimated)"))
+    start = next(i for i in range(best, len(lines)) if lines[i].startswith("import "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    code = "\n".join(lines[start:end])
+    assert max(len(line) for line in lines[start:end]) > 80   # long lines were kept whole
+    compile(code, "<printed plan code>", "exec")

@@ -113,12 +113,10 @@ def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding
     if not old or not at:
         return []
     holders = {int(k): v for k, v in rec.get("holders", {}).items()}
-    unreached = {int(k): v for k, v in rec.get("unreached", {}).items()}
     context = _Context(profile, boundaries, last_step, {id(g) for g in old},
                        at=("position", at[0] - 1))
     out = []
-    for names, group in _group_by_holder(old, holders, lambda g: unreached.get(
-            g.tensor_id, "a reference no named root reaches")):
+    for names, group in _group_by_holder(old, holders, lambda g: "?"):   # all are held
         f = context.finding(names, group, holders)
         f.evidence["seen_after_step"] = completed - 1
         f.message += (f" (seen at the end of step {completed - 1}, while the training loop's "

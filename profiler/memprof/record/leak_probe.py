@@ -26,22 +26,25 @@ import torch
 
 from .. import _C
 from .autograd_graphs import live_graph_tensors, storage_of, walk_graphs
-from .holders import describe_unreached, find_holders, frame_roots, namespace_roots
+from .holders import find_holders, frame_roots, namespace_roots
 
 _SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
                       for m in (torch, sys.modules[__name__.split(".")[0]]))
 FIRST_PROBE_STEP = 2     # steps completed at the first look; then 4, 8, 16, ...
 
 
+def is_library_frame(frame) -> bool:
+    """A frame of torch's or memprof's own code (or of the interpreter's frozen modules)."""
+    name = frame.f_code.co_filename
+    return name.startswith(_SKIPPED_DIRS) or name.startswith("<frozen")
+
+
 def loop_frame(start):
     """The innermost frame outside torch and memprof (the training loop's), or None."""
     f = start
-    while f is not None:
-        name = f.f_code.co_filename
-        if not name.startswith(_SKIPPED_DIRS) and not name.startswith("<frozen"):
-            return f
+    while f is not None and is_library_frame(f):
         f = f.f_back
-    return None
+    return f
 
 
 class LeakProbe:
@@ -74,7 +77,8 @@ class LeakProbe:
         try:
             self._look(frame, steps.step, list(steps.step_seqs))
         except Exception as err:  # noqa: BLE001  (a look must never break training)
-            self._record = {"error": f"{type(err).__name__}: {err}"[:300]}
+            if self._record is None:   # an earlier look's graphs are kept
+                self._record = {"error": f"{type(err).__name__}: {err}"[:300]}
         self._looks.append([steps.step, time.perf_counter() - t0])
 
     def _look(self, frame, completed: int, boundaries: list[int]) -> None:
@@ -91,15 +95,18 @@ class LeakProbe:
         roots = []
         f = frame
         while f is not None and f is not session.frame:   # the loop's frame and its callers
-            if loop_frame(f) is f:
+            if not is_library_frame(f):
                 roots += frame_roots(f)
             f = f.f_back
         for prefix, namespace in session.roots:
             roots += namespace_roots(prefix, namespace)
-        by_id = {id(t): t for t in tensors}
-        ids = {g.tensor_id for g in old}
-        holders = find_holders(roots, ids)
-        unreached = {i: describe_unreached(by_id[i]) for i in ids if i not in holders}
+        holders = find_holders(roots, {g.tensor_id for g in old})
+        # only what a name on the loop's stack reaches: this look exists to name holders, and
+        # a tensor no root reaches may be on its way out (PyTorch keeps some outputs' Python
+        # objects alive from C++ for a while; the end check sees what truly stays)
+        old = [g for g in old if g.tensor_id in holders]
+        if not old:
+            return
         _C.mark("leak_probe", completed)
         self._record = {
             "completed_steps": completed,
@@ -108,8 +115,7 @@ class LeakProbe:
                         "grad_fn": g.grad_fn, "nodes": g.nodes, "shape": list(g.shape),
                         "saved": [[int(p), int(b)] for p, b in g.saved.items()]}
                        for g in old],
-            "holders": {str(i): p for i, p in holders.items()},
-            "unreached": {str(i): d for i, d in unreached.items()},
+            "holders": {str(g.tensor_id): holders[g.tensor_id] for g in old},
             "truncated": bool(truncated),
         }
 

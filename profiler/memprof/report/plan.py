@@ -102,7 +102,9 @@ def _print_advice(plan, console) -> None:
                       f"{best.peak_reserved / GiB:.2f} GiB reserved, "
                       + ("" if best.samples_per_s is None else
                          f"~{best.samples_per_s:.1f} samples/s"))
-        console.print(Syntax(plan.code(), "python", theme="ansi_dark", word_wrap=True))
+        # whole lines (a console wraps at its width, a pipe at 80 columns): code to copy
+        console.print(Syntax(plan.code(), "python", theme="ansi_dark", word_wrap=False),
+                      soft_wrap=True)
     if plan.lr is not None:
         for line in plan.lr.lines():
             console.print(("[yellow]" + line + "[/]") if "WARNING" in line else line)
