@@ -161,3 +161,13 @@ def test_the_printed_code_runs_when_stdout_is_a_pipe(capsys, own_models, monkeyp
     code = "\n".join(lines[start:end])
     assert max(len(line) for line in lines[start:end]) > 80   # long lines were kept whole
     compile(code, "<printed plan code>", "exec")
+
+
+def test_a_blocks_name_the_model_lacks_is_one_line_not_nothing_fits(capsys, own_models):
+    rc, out, errtext = _cli(capsys, "--gpu", "a100-40gb", "--model", "own_models_cli:tiny_bert",
+                            "--batch-fn", "own_models_cli:with_labels", "--blocks",
+                            "encoder.nope", "--checkpointing", "every", "--no-confirm",
+                            "--workers", "1")
+    assert rc == 2
+    assert "has no submodule 'encoder.nope'" in errtext and "\n" not in errtext.strip()
+    assert "Nothing fits" not in out

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 from .advice import lr_advice, warmup_advice
 from .batch_model import SEARCH_LIMIT
-from .checkpoint import find_blocks, parse_policy, policies_for
+from .checkpoint import find_blocks, parse_policy, policies_for, resolve_blocks
 from .codegen import plan_code
 from .combos import FIT_BATCHES, Combination, Search
 from .errors import PlanInputError
@@ -412,6 +412,11 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     per_rank = distributed.per_rank_batch(effective_batch) if distributed else effective_batch
     module, make_batch, loss_fn, desc = resolve_workload(model, batch, loss, input_shape,
                                                          num_classes, model_kwargs)
+    if isinstance(blocks, str):   # a wrong name is the user's to fix, not "nothing fits"
+        try:
+            resolve_blocks(module, blocks)
+        except ValueError as err:
+            raise PlanInputError(str(err)) from None
     policies = _policies(module, policies, blocks)
     container = _container(module, policies, blocks)
     lr_adv = None
