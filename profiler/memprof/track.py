@@ -106,6 +106,8 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            exc = None   # sys.exit() / sys.exit(0): the code ended normally
         self.session.stop(exc)
         nested = self.session.outer is not None
         self.profile = Profile(Run.from_session(self.session))

@@ -95,3 +95,10 @@ def test_edge_arguments(files, monkeypatch, argv):
     monkeypatch.chdir(files)
     status, err = _run(argv)
     assert isinstance(status, int) and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.parametrize("top", ["0", "-3", "x"])
+def test_report_top_below_one_is_refused(files, monkeypatch, top):
+    monkeypatch.chdir(files)
+    status, err = _run(["report", "good.memprof", "--top", top])
+    assert status == 2 and "--top: expected a whole number >= 1" in err

@@ -85,6 +85,14 @@ def test_sys_exit_with_a_message_prints_it(tmp_path):
     assert r.returncode == 1 and "stopping: no data" in r.stderr
     r, _ = run(tmp_path, 'import sys\nsys.exit(3)\n')
     assert r.returncode == 3
+    assert "raised SystemExit" in r.stderr and "The tracked code raised: SystemExit: 3" in r.stdout
+
+
+def test_sys_exit_0_is_a_normal_end_not_an_error(tmp_path):
+    for call in ("sys.exit(0)", "sys.exit()"):
+        r, _ = run(tmp_path, f'import sys\nprint("done")\n{call}\n')
+        assert r.returncode == 0 and "done" in r.stdout
+        assert "raised" not in r.stderr and "raised" not in r.stdout, (call, r.stdout, r.stderr)
 
 
 def test_options_after_the_script_are_the_scripts(tmp_path):

@@ -7,6 +7,18 @@ import json
 from .base import Command, UsageError
 
 
+def _at_least_one(text: str) -> int:
+    """--top: a whole number of rows, 1 or more (argparse prints the message)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") \
+            from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
+    return n
+
+
 class ReportCommand(Command):
     name = "report"
     help = "print the report of a saved profile"
@@ -20,7 +32,8 @@ class ReportCommand(Command):
         parser.add_argument("profile", nargs="+",
                             help="a .memprof file, or the files of one job's ranks")
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-        parser.add_argument("--top", type=int, default=8, help="rows per table (default 8)")
+        parser.add_argument("--top", type=_at_least_one, default=8,
+                            help="rows per table (default 8)")
         parser.add_argument("--export", action="append", metavar="FILE",
                             help="also export (.json Chrome trace, .html report, .pickle "
                                  "snapshot)")
