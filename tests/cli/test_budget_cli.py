@@ -106,6 +106,15 @@ def test_unknown_gpu_is_one_line(leak_profile):
     assert r.returncode == 2 and not (leak_profile / "ran").exists()
 
 
+def test_a_capacity_below_the_cuda_context_is_one_line(leak_profile):
+    """512mb minus the CUDA context and the margin leaves nothing: said up front, not as a
+    check that could not run."""
+    r = memprof("report", "leak.memprof", "--budget", "512mb", cwd=leak_profile)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "nothing is left to PyTorch's allocator on 512mb" in r.stderr
+    assert "could not run" not in r.stdout
+
+
 def test_run_script_that_runs_out_of_memory_shows_the_diagnosis_once(tmp_path):
     (tmp_path / "oom.py").write_text(OOM)
     r = memprof("run", "--budget", "v100-16gb", "oom.py", cwd=tmp_path)

@@ -38,7 +38,7 @@ from ..profile import Profile
 from ..record.events import CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS
 from ..units import fmt_bytes
 from .allocator import simulate
-from .gpus import GPU, lookup, usable_bytes
+from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, GPU, lookup, usable_bytes
 from .streams import step_stream
 
 MAX_SYNTH_EVENTS = 8_000_000   # a projection replaying more events is linear only (memory)
@@ -96,7 +96,12 @@ def capacity_of(budget) -> tuple[int, str, int | None]:
         return int(budget), f"a budget of {fmt_bytes(int(budget))}", None
     if isinstance(budget, (str, GPU)):
         g = lookup(budget)   # ValueError naming the known GPUs
-        return usable_bytes(g), g.name, g.memory_bytes
+        usable = usable_bytes(g)
+        if usable <= 0:
+            raise ValueError(f"nothing is left to PyTorch's allocator on {g.name} after the "
+                             f"CUDA context ({fmt_bytes(DEFAULT_OVERHEAD_BYTES)}) and the "
+                             f"{FIT_MARGIN:.0%} margin; give a larger GPU or a number of bytes")
+        return usable, g.name, g.memory_bytes
     raise ValueError(f"budget: expected a GPU name (e.g. v100-16gb) or a number of bytes, got "
                      f"{type(budget).__name__}")
 
