@@ -67,27 +67,38 @@ def _children(obj, path: str):
             yield f"{path}.{name}", val
 
 
-def find_holders(roots: list[tuple[str, object]], targets: set[int]) -> dict[int, str]:
-    """Breadth-first search from named roots to the target tensors: id -> shortest path."""
-    found: dict[int, str] = {}
+def reachable_tensors(roots: list[tuple[str, object]]):
+    """Breadth-first from named roots: (shortest path, tensor) for each tensor reached, in
+    order of distance (bounded: MAX_HOLDER_OBJECTS objects, MAX_HOLDER_DEPTH deep)."""
     seen: set[int] = set()
     queue = collections.deque((p, o, 0) for p, o in roots)
     visited = 0
-    while queue and visited < MAX_HOLDER_OBJECTS and len(found) < len(targets):
+    while queue and visited < MAX_HOLDER_OBJECTS:
         path, obj, depth = queue.popleft()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
         visited += 1
         if isinstance(obj, torch.Tensor):
-            if id(obj) in targets and id(obj) not in found:
-                found[id(obj)] = path
+            yield path, obj
             continue
         if _is_atom(obj) or depth >= MAX_HOLDER_DEPTH:
             continue
         for child_path, child in _children(obj, path):
             if id(child) not in seen and not _is_atom(child):
                 queue.append((child_path, child, depth + 1))
+
+
+def find_holders(roots: list[tuple[str, object]], targets: set[int]) -> dict[int, str]:
+    """The shortest path from named roots to each target tensor: id -> path."""
+    found: dict[int, str] = {}
+    if not targets:
+        return found
+    for path, t in reachable_tensors(roots):
+        if id(t) in targets:
+            found[id(t)] = path
+            if len(found) == len(targets):
+                break
     return found
 
 

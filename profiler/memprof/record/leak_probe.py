@@ -13,8 +13,9 @@ tensors, so the run's memory is the same.
 
 It looks only when the innermost frame outside torch and memprof is a function other than
 the one that entered the block; a loop in that frame, or at a script's top level, is the
-end-of-block check's to see. Each look scans the garbage collector's objects: its time is
-recorded, and taken out of the step it falls in by the throughput figures.
+end-of-block check's to see. Each look walks what the names on the loop's stack reach (not
+every object): its time is recorded, and taken out of the step it falls in by the throughput
+figures.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import time
 import torch
 
 from .. import _C
-from .autograd_graphs import live_graph_tensors, storage_of, walk_graphs
-from .holders import find_holders, frame_roots, namespace_roots
+from .autograd_graphs import storage_of, walk_graphs
+from .holders import frame_roots, namespace_roots, reachable_tensors
 
 _SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
                       for m in (torch, sys.modules[__name__.split(".")[0]]))
@@ -83,15 +84,12 @@ class LeakProbe:
 
     def _look(self, frame, completed: int, boundaries: list[int]) -> None:
         # the step that just ended is step completed-1: a graph of an earlier one survived
-        # its backward and optimizer step (the analysis decides which, as for the end check)
+        # its backward and optimizer step (the analysis decides which, as for the end check).
+        # Only what a name on the loop's stack reaches is looked at (this look exists to name
+        # holders): a walk from those names, not a scan of every object, so a look costs
+        # what the loop's variables reach, and the caches the step uses stay warm.
         before = boundaries[completed - 1]
         session = self._session
-        tensors = live_graph_tensors()
-        params = {storage_of(p)[0] for p in session.params()}
-        graphs, truncated = walk_graphs(tensors, params)
-        old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
-        if not old:
-            return
         roots = []
         f = frame
         while f is not None and f is not session.frame:   # the loop's frame and its callers
@@ -100,11 +98,16 @@ class LeakProbe:
             f = f.f_back
         for prefix, namespace in session.roots:
             roots += namespace_roots(prefix, namespace)
-        holders = find_holders(roots, {g.tensor_id for g in old})
-        # only what a name on the loop's stack reaches: this look exists to name holders, and
-        # a tensor no root reaches may be on its way out (PyTorch keeps some outputs' Python
-        # objects alive from C++ for a while; the end check sees what truly stays)
-        old = [g for g in old if g.tensor_id in holders]
+        # real tensors with autograd history (fake ones belong to memprof.plan's steps)
+        from torch._subclasses.fake_tensor import FakeTensor
+        holders, tensors = {}, []
+        for path, t in reachable_tensors(roots):
+            if t.grad_fn is not None and not isinstance(t, FakeTensor):
+                holders[id(t)] = path
+                tensors.append(t)
+        params = {storage_of(p)[0] for p in session.params()}
+        graphs, truncated = walk_graphs(tensors, params)
+        old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
         if not old:
             return
         _C.mark("leak_probe", completed)
