@@ -63,13 +63,8 @@ def retained_graphs(profile: Profile) -> Outcome:
         return Outcome([])  # no live state, or no step boundary to tell steps apart
     t0 = time.perf_counter()
     notes = []
-    # Node sequence numbers at or after boundaries[i] were created in step i or later. The
-    # last training iteration may legitimately still be referenced (its loss, its outputs):
-    # with several optimizers (a GAN) it spans one step of each, and a boundary without a
-    # forward pass after it (a final optimizer.step() for leftover micro-batches) is not one.
-    last_completed = len(boundaries) - 2
-    last_step = min(_last_training_step(profile, last_completed),
-                    last_round_start(run.live.step_owners, last_completed))
+    # Node sequence numbers at or after boundaries[i] were created in step i or later.
+    last_step = _last_step(profile, len(boundaries) - 2)
     tensors = live_graph_tensors()
     graphs, truncated = walk_graphs(tensors, {storage_of(p)[0] for p in run.live.params})
     if truncated:
@@ -104,8 +99,7 @@ def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding
     if not rec.get("graphs"):
         return []
     completed = int(rec["completed_steps"])
-    last_step = min(_last_training_step(profile, completed - 1),
-                    last_round_start(profile.run.live.step_owners, completed - 1))
+    last_step = _last_step(profile, completed - 1)
     graphs = [GraphTensor(**{**g, "saved": {int(p): int(b) for p, b in g["saved"]},
                              "shape": tuple(g["shape"])}) for g in rec["graphs"]]
     old = [g for g in graphs if bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step]
@@ -116,7 +110,8 @@ def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding
     context = _Context(profile, boundaries, last_step, {id(g) for g in old},
                        at=("position", at[0] - 1))
     out = []
-    for names, group in _group_by_holder(old, holders, lambda g: "?"):   # all are held
+    # the probe kept only graphs a name reached: none is left to describe otherwise
+    for names, group in _group_by_holder(old, holders, lambda g: "an unnamed reference"):
         f = context.finding(names, group, holders)
         f.evidence["seen_after_step"] = completed - 1
         f.message += (f" (seen at the end of step {completed - 1}, while the training loop's "
@@ -124,6 +119,15 @@ def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding
                       "with it)")
         out.append(f)
     return out
+
+
+def _last_step(profile: Profile, last_completed: int) -> int:
+    """The first step whose tensors are still current after step `last_completed`: the
+    last training iteration may legitimately still be referenced (its loss, its outputs);
+    with several optimizers (a GAN) it spans one step of each, and a boundary without a
+    forward pass after it (a final optimizer.step() for leftover micro-batches) is not one."""
+    return min(_last_training_step(profile, last_completed),
+               last_round_start(profile.run.live.step_owners, last_completed))
 
 
 def last_round_start(owners: list[int], last_completed: int) -> int:

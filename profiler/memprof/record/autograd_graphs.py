@@ -64,16 +64,16 @@ def _saved_tensors(node):
                     yield v
 
 
-def live_graph_tensors() -> list[torch.Tensor]:
-    """Every Python-visible real tensor that has autograd history (fake tensors belong to
-    memprof.estimate's steps, not to the run being checked)."""
+def graph_tensors(objects) -> list[torch.Tensor]:
+    """The real tensors with autograd history among `objects` (fake tensors belong to
+    memprof.plan's estimates, not to the run being checked)."""
     from torch._subclasses.fake_tensor import FakeTensor
     out = []
     tensor_type = torch.Tensor
     # one verdict per type (a few thousand types for hundreds of thousands of objects once
     # torch.distributed or transformers is loaded: the scan is what leaving a block waits for)
     is_real_tensor: dict[type, bool] = {}
-    for obj in gc.get_objects():
+    for obj in objects:
         # issubclass(type(...)) rather than isinstance: never triggers a lazy __class__
         cls = type(obj)
         verdict = is_real_tensor.get(cls)
@@ -87,6 +87,11 @@ def live_graph_tensors() -> list[torch.Tensor]:
             except Exception:  # noqa: BLE001
                 continue
     return out
+
+
+def live_graph_tensors() -> list[torch.Tensor]:
+    """Every Python-visible real tensor that has autograd history."""
+    return graph_tensors(gc.get_objects())
 
 
 def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int]

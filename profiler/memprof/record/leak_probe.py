@@ -26,7 +26,7 @@ import time
 import torch
 
 from .. import _C
-from .autograd_graphs import storage_of, walk_graphs
+from .autograd_graphs import graph_tensors, storage_of, walk_graphs
 from .holders import frame_roots, namespace_roots, reachable_tensors
 
 _SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
@@ -98,13 +98,9 @@ class LeakProbe:
             f = f.f_back
         for prefix, namespace in session.roots:
             roots += namespace_roots(prefix, namespace)
-        # real tensors with autograd history (fake ones belong to memprof.plan's steps)
-        from torch._subclasses.fake_tensor import FakeTensor
-        holders, tensors = {}, []
-        for path, t in reachable_tensors(roots):
-            if t.grad_fn is not None and not isinstance(t, FakeTensor):
-                holders[id(t)] = path
-                tensors.append(t)
+        reached = list(reachable_tensors(roots))   # (shortest path, tensor), one walk
+        holders = {id(t): path for path, t in reached}
+        tensors = graph_tensors(t for _, t in reached)
         params = {storage_of(p)[0] for p in session.params()}
         graphs, truncated = walk_graphs(tensors, params)
         old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
