@@ -83,3 +83,46 @@ def test_the_cache_is_dropped_only_under_checkpointing_with_gradients():
     finally:
         _Reader._can_checkpoint_with_cache = True
     assert blocks[0].seen == [(False, False), (False, False)]
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=V, n_positions=32,
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
+    return tf.GPT2LMHeadModel(cfg).train()
+
+
+@pytest.mark.parametrize("policy", ["every", "selective"])
+def test_checkpointed_gpt2_gets_its_positional_cache_dropped(policy):
+    """GPT-2's model hands each block its cache as the second positional argument: the
+    selective policy raised "aten.slice.Tensor encountered during backward but not found in
+    storage" (the recompute read the keys the forward had written)."""
+    model, batch = _gpt2(), _batch()
+    batch["labels"] = batch["input_ids"]
+    model(**batch).loss.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with memprof.checkpoint.apply(model, policy) as handle:
+        assert handle.container == "transformer.h" and len(handle.wrapped) == 2
+        model(**batch).loss.backward()
+    for p, ref in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_positional_cache_is_dropped_and_other_arguments_kept():
+    class Writer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.seen = []
+
+        def forward(self, x, cache=None, scale=1.0):
+            self.seen.append((cache is not None, scale))
+            return self.lin(x) * scale
+
+    blocks = nn.ModuleList([Writer(), Writer()])
+    x = torch.randn(2, 4, requires_grad=True)
+    with memprof.checkpoint.apply(blocks, "every", blocks=list(blocks)):
+        blocks[0](x, torch.ones(4), 2.0).sum().backward()
+    assert blocks[0].seen == [(False, 2.0), (False, 2.0)]

@@ -204,7 +204,7 @@ class RecommendCommand(Command):
         if args.html:
             from ..report import export
             Console(stderr=True).print(f"wrote {export(plan, args.html)}")
-        return 0
+        return 1 if plan.failed else 0
 
 
 COMMAND = RecommendCommand()

@@ -23,14 +23,15 @@ is homogeneous, the largest group of same-type children of one container. Overri
 Checkpointing wraps the block's `forward` (an instance attribute, removed again by
 `handle.remove()`): module hooks, parameters and state dicts are unchanged. Under
 `torch.no_grad()` the block runs as usual; with gradients, a checkpointed block runs without a
-KV cache (`use_cache=False`, the cache arguments None), as Hugging Face's own checkpointed
-layers do: a block that writes the cache in the forward and again in the recompute cannot be
-recomputed. This is the same function `memprof.plan.estimate` uses
-to estimate a checkpointed step, so an estimate and the run it predicts share the code.
+KV cache (`use_cache=False`, the cache arguments None, by name or by position), as Hugging
+Face's own checkpointed layers do: a block that writes the cache in the forward and again in
+the recompute cannot be recomputed. This is the same function `memprof.plan.estimate` uses to
+estimate a checkpointed step, so an estimate and the run it predicts share the code.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from typing import Iterable, Sequence
 
@@ -189,28 +190,46 @@ class CheckpointHandle:
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
-def _without_cache(block: nn.Module, kwargs: dict) -> dict:
+def _cache_positions(inner) -> tuple[int, ...]:
+    """Positions of the cache parameters in a block's forward (Hugging Face's GPT-2 block
+    takes its cache as the second positional argument)."""
+    try:
+        params = list(inspect.signature(inner).parameters.values())
+    except (TypeError, ValueError):      # a C function or a callable without a signature
+        return ()
+    return tuple(i for i, p in enumerate(params)
+                 if p.name in _CACHE_KWARGS
+                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _without_cache(block: nn.Module, positions: tuple[int, ...], args: tuple,
+                   kwargs: dict) -> tuple[tuple, dict]:
     """A block given a KV cache (Hugging Face decoders in training keep use_cache=True unless
     their own gradient checkpointing is on) writes to it in the forward and again in the
-    recompute, so the two save different tensors and torch.utils.checkpoint raises. As
-    Hugging Face's checkpointed layers do, a checkpointed block runs without the cache (a
-    block class that only reads it says so with `_can_checkpoint_with_cache`)."""
+    recompute, so the two run different ops (torch.utils.checkpoint raises: "a different
+    number of tensors was saved", or under the selective policy "aten.slice.Tensor encountered
+    during backward but not found in storage"). As Hugging Face's checkpointed layers do, a
+    checkpointed block runs without the cache, passed by name or by position (a block class
+    that only reads it says so with `_can_checkpoint_with_cache`)."""
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
     if not getattr(block, "_can_checkpoint_with_cache", False):
         for name in _CACHE_KWARGS:
             if kwargs.get(name) is not None:
                 kwargs[name] = None
-    return kwargs
+        if any(i < len(args) and args[i] is not None for i in positions):
+            args = tuple(None if i in positions else a for i, a in enumerate(args))
+    return args, kwargs
 
 
 def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle) -> None:
     inner = block.forward  # the bound method of the class (or a user's own override)
+    positions = _cache_positions(inner)
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
-        kwargs = _without_cache(block, kwargs)
+        args, kwargs = _without_cache(block, positions, args, kwargs)
         if selective:
             return checkpoint(inner, *args, use_reentrant=False,
                               context_fn=_selective_context, **kwargs)

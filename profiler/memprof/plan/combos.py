@@ -42,6 +42,16 @@ class Combination:
     wall_s: float = 0.0
 
 
+def _shorten(message: str, limit: int) -> str:
+    """An error message for a table cell: whole, or its first sentence, or cut at a word."""
+    if len(message) <= limit:
+        return message
+    sentence = message.find(". ")
+    if 0 < sentence < limit:
+        return message[:sentence + 1]
+    return message[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 class Search:
     """Estimates every precision x policy: two fit estimates, the batch model, the largest
     micro-batch that fits, and (confirm=True) an estimate at that boundary when the batch
@@ -150,11 +160,11 @@ class Search:
     def _failed(self, c: Combination, error: tuple[str, str], first: bool) -> None:
         name, message = error
         c.model = None
-        c.error = f"estimate failed: {name}: {message[:160]}"
+        c.error = f"estimate failed: {name}: {_shorten(message, 240)}"
         if first and parse_policy(c.checkpointing)[0] == "none":
             # the plain step fails: the model / loss / batch is the problem
             raise PlanInputError(f"model {self.model_name}: a training step failed under fake "
-                                 f"tensors: {name}: {message[:200]}") from None
+                                 f"tensors: {name}: {_shorten(message, 240)}") from None
 
     def _accumulation(self, micro_batch: int) -> int:
         return max(1, math.ceil(self.effective_batch / micro_batch))

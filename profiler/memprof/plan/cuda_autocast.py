@@ -17,6 +17,8 @@ active while CPU autocast is enabled) on top:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
@@ -61,6 +63,8 @@ def run_under(module: nn.Module, mode: TorchFunctionMode) -> None:
             return inner(*args, **kwargs)
         with mode:
             return inner(*args, **kwargs)
+    # its signature stays readable: checkpointing finds the cache argument by position in it
+    functools.update_wrapper(forward, inner)
     module.forward = forward
 
 

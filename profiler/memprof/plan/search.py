@@ -175,6 +175,13 @@ class Plan:
         return list(self._combos.values())
 
     @property
+    def failed(self) -> bool:
+        """No combination could be estimated (every one raised): no advice, not 'nothing
+        fits'."""
+        combos = self.combinations
+        return bool(combos) and all(c.error is not None for c in combos)
+
+    @property
     def precisions(self) -> set:
         return {p for p, _ in self._combos}
 

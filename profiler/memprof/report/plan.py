@@ -94,9 +94,14 @@ def _print_advice(plan, console) -> None:
     """The best option with its code, then LR and warmup advice."""
     from rich.syntax import Syntax
     best = plan.best
-    if best is None:
-        console.print("[red]Nothing fits[/]: lower the effective batch per GPU or use a GPU "
-                      "with more memory.")
+    if best is None and plan.failed:
+        console.print("[red]No combination could be estimated[/]: every estimate failed "
+                      "(the errors are above); nothing was learnt about what fits.")
+    elif best is None:
+        failed = sum(c.error is not None for c in plan.combinations)
+        console.print("[red]Nothing fits[/]" + (f" among the combinations estimated ({failed} "
+                                                f"could not be, see above)" if failed else "")
+                      + ": lower the effective batch per GPU or use a GPU with more memory.")
     else:
         console.print(f"[bold]Best (estimated)[/]: {best.label}: "
                       f"{best.peak_reserved / GiB:.2f} GiB reserved, "

@@ -144,7 +144,9 @@ def plan_html(plan) -> str:
             f'<p class="lead">Effective batch {plan.effective_batch}; '
             f"{esc(fmt_bytes(plan.gpu.memory_bytes))} on the GPU, "
             f"{esc(fmt_bytes(plan.usable_bytes))} usable. "
-            + (f"Best: <b>{esc(best.label)}</b>." if best else "<b>Nothing fits.</b>")
+            + (f"Best: <b>{esc(best.label)}</b>." if best else
+               "<b>No combination could be estimated.</b>" if plan.failed else
+               "<b>Nothing fits.</b>")
             + " <b>Every number here is an estimate</b> (fake-tensor steps replayed through a "
               "model of the CUDA caching allocator).</p></header>")
     items = {f"{ln['precision']}, {ln['checkpointing']}":
