@@ -28,3 +28,16 @@ class Command:
         (memprof.cli.console_main): a command says so only where memprof's own code alone
         ran, so no user object waits to be finalized (a file of theirs to flush, a __del__)."""
         return self.own_code_only
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number, 1 or more (--top, --batch-size); argparse prints the
+    message with the option's name."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") \
+            from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
+    return n

@@ -4,19 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import Command, UsageError
+from .base import Command, UsageError, at_least_one
 
-
-def _at_least_one(text: str) -> int:
-    """--top: a whole number of rows, 1 or more (argparse prints the message)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") \
-            from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
-    return n
 
 
 class ReportCommand(Command):
@@ -32,7 +21,7 @@ class ReportCommand(Command):
         parser.add_argument("profile", nargs="+",
                             help="a .memprof file, or the files of one job's ranks")
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-        parser.add_argument("--top", type=_at_least_one, default=8,
+        parser.add_argument("--top", type=at_least_one, default=8,
                             help="rows per table (default 8)")
         parser.add_argument("--export", action="append", metavar="FILE",
                             help="also export (.json Chrome trace, .html report, .pickle "

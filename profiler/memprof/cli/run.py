@@ -12,7 +12,7 @@ import types
 
 from ..record.patches import PatchRegistry
 from ..units import fmt_bytes
-from .base import Command, UsageError
+from .base import Command, UsageError, at_least_one
 from .report import parse_budget
 from .signals import ExitSignals, Terminated
 from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
@@ -43,6 +43,9 @@ class RunCommand(Command):
                                  "rank saves <output>.rank<R>.memprof")
         self._parser = parser   # its options are passed on to each rank
         parser.add_argument("--step-on", metavar="WHAT", help=STEP_ON_HELP)
+        parser.add_argument("--batch-size", type=at_least_one, metavar="N",
+                            help="samples per micro-step, for samples/s where memprof cannot "
+                                 "read it off the model's inputs (memprof.track(batch_size=N))")
         parser.add_argument("--budget", metavar="GPU",
                             help="also replay the run against a GPU's usable memory (a name "
                                  "from `memprof gpus`, or bytes): where it would run out")
@@ -77,7 +80,7 @@ class RunCommand(Command):
             return 1
         main = _main_module(args.script)
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
-                                step_on=track_mode(args.step_on))
+                                step_on=track_mode(args.step_on), batch_size=args.batch_size)
         code = install_step_on(args.step_on, code, source, args.script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis

@@ -63,6 +63,8 @@ class InputRecorder:
     def _forward_start(self, args, kwargs) -> None:
         if self._record is not None:
             return
+        if kwargs is None and not args:   # auto mode's first call of a root: not known yet
+            return
         # the first pass only: later ones need not call in (record.steps on per-step frames)
         self._session.scope.on_forward_start.remove(self._forward_start)
         self._record = {"args": [describe(a) for a in args],

@@ -51,6 +51,8 @@ class ModuleScope:
         self.on_forward_end: list = []
         self._auto_ids: dict[int, int] = {}
         self._stack: list[int] = []               # auto mode: running module ids
+        self._kwargs_hooks: dict[int, int] = {}   # auto mode: id(root) -> its own hook's id
+        self._root_waiting = None                 # auto mode: a root call its hook starts
         self._in_forward = False
         self.compiled = False                     # a module hook ran under torch.compile
         self._filter = None
@@ -208,10 +210,23 @@ class ModuleScope:
             mid = self._auto_ids[id(module)]
         root = not self._stack
         self._stack.append(mid)
-        if root:
-            self._root_pre(module, args, None, mid)
-        else:
+        if not root:
             _C.push_module(mid)
+        elif self._kwargs_hooks.get(id(module)) in module._forward_pre_hooks:
+            self._root_waiting = module   # its own hook follows, with the keyword arguments
+        else:
+            # a global pre-hook is not given keyword arguments (`model(**batch)`: the batch
+            # size is in them): a hook of the root's own takes over from its next call
+            handle = module.register_forward_pre_hook(self._auto_root_pre, with_kwargs=True,
+                                                      prepend=True)
+            self._handles.append(handle)
+            self._kwargs_hooks[id(module)] = handle.id
+            self._root_pre(module, args, None, mid)
+
+    def _auto_root_pre(self, module, args, kwargs) -> None:
+        if self._root_waiting is module:
+            self._root_waiting = None
+            self._root_pre(module, args, kwargs, self._stack[-1])
 
     def _add_root(self, module: torch.nn.Module) -> None:
         """A new outermost module; earlier roots inside it become its submodules, renamed."""

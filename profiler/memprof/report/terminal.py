@@ -164,7 +164,7 @@ def _print_throughput(prof: Profile, console: Console) -> None:
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_g(tp.get('batch_size'))}   samples/s "
             + (f"{sps['median']:.1f} (p10 {sps['p10']:.1f}, p90 {sps['p90']:.1f})" if sps
-               else "- (batch size unknown: track(batch_size=...))"))
+               else "- (batch size unknown: track(batch_size=N) or memprof run --batch-size N)"))
     gpu = tp.get("gpu")
     if gpu:
         u = gpu.get("utilization_pct")
