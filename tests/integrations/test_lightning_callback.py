@@ -91,3 +91,37 @@ def test_a_fit_that_raises_is_saved(tmp_path):
     prof = saved_profile(str(tmp_path / "prof"))
     assert "boom" in prof.meta["error"]
     assert len(prof.marker_positions("step")) == 2
+
+
+def _phases_of(prof, op: str) -> set:
+    from memprof.record.events import PHASES
+    m = prof.memory
+    ops = [prof.strings[int(i)] if i >= 0 else "" for i in m["op"]]
+    return {PHASES[int(ph)] for o, ph, size in zip(ops, m["phase"], m["size"])
+            if o == op and size > 0}
+
+
+def test_training_step_is_the_forward_and_the_update_the_optimizer(tmp_path, recwarn):
+    """Lightning calls training_step (which calls self.net, never the module's forward) and
+    runs it in a closure inside optimizer.step(): the forward took 0 ms, the optimizer's own
+    ops were in phase "other", 0 micro-steps per step and no batch size were reported."""
+    from memprof.analyse import summary
+    cb, module = Callback(tmp_path / "prof"), TinyMLP()
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randint(0, 4, (64,)))
+    pl.Trainer(max_steps=4, accumulate_grad_batches=2, accelerator="cpu", devices=1,
+               logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb]).fit(
+        module, torch.utils.data.DataLoader(data, batch_size=8))
+    prof = saved_profile(str(tmp_path / "prof"))
+    tp = summary(prof)["throughput"]
+    assert tp["micro_steps_per_step"] == 2 and tp["batch_size"] == 8
+    assert tp["stats"]["forward_ms"]["median"] > 0 and tp["stats"]["optimizer_ms"]["median"] > 0
+    # AdamW's state and update temporaries, made inside optimizer.step(closure)
+    assert _phases_of(prof, "aten::zeros_like") == {"optimizer"}
+    assert _phases_of(prof, "aten::linear") == {"forward"}
+    assert summary(prof)["activations_by_module"].get("net.1", 0) > 0
+    # no logger: the peak is not logged (Lightning warned "no logger configured")
+    assert not [w for w in recwarn if "no logger" in str(w.message)]
+    # the instance's training_step is the class's again
+    assert "training_step" not in module.__dict__

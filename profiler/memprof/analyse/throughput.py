@@ -110,6 +110,9 @@ class _Window:
         if self.first_t is None:
             self.first_t = t
         if label == "forward_start":
+            if self.t0_opt is not None:           # optimizer.step(closure): LBFGS's next call
+                self.opt += t - self.t0_opt
+                self.t0_opt = None
             if self.state == "backward" and self.t0_bwd is not None:
                 self.bwd += t - self.t0_bwd       # no backward_end seen: ends here
                 self.t0_bwd = None

@@ -3,6 +3,7 @@ that the framework's own logging receives."""
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib
 import os
 import sys
@@ -142,6 +143,7 @@ class RunTracker:
         self.peak: LivePeak | None = None
         self.first_step = 0
         self._atexit = None
+        self._restore: list = []      # undo what forward_method did, at stop
 
     @property
     def active(self) -> bool:
@@ -168,6 +170,24 @@ class RunTracker:
             RuntimeError("the process exited during training"))
         atexit.register(self._atexit)
 
+    def forward_method(self, owner, name: str) -> None:
+        """While tracking, `owner.<name>(...)` is a forward pass of the model (phase, markers,
+        batch size from its arguments): a framework whose step is not the model's forward
+        (Lightning's `training_step` calls `self.net(x)`, never the module itself)."""
+        scope = self.tracker.session.scope
+        inner = getattr(owner, name)
+
+        def method(*args, **kwargs):
+            return scope.forward_pass(inner, *args, **kwargs)
+
+        functools.update_wrapper(method, inner)
+        owner.__dict__[name] = method   # an instance attribute: the class is untouched
+
+        def restore():
+            if owner.__dict__.get(name) is method:
+                del owner.__dict__[name]
+        self._restore.append(restore)
+
     def log_step(self, step: int, **values) -> None:
         """Values for the framework's step `step` (counted as the framework counts)."""
         step -= self.first_step
@@ -181,6 +201,8 @@ class RunTracker:
 
     def stop(self, exc: BaseException | None = None) -> None:
         tracker, self.tracker, self.peak = self.tracker, None, None
+        while self._restore:
+            self._restore.pop()()
         if self._atexit is not None:
             atexit.unregister(self._atexit)
             self._atexit = None

@@ -7,10 +7,14 @@
 Recording starts at `on_train_start` (model: the LightningModule; optimizer: the Trainer's
 only optimizer, or every optimizer's steps when there are several) and stops at
 `on_train_end`, or at `on_exception` with the error in the profile's meta. Steps are the
-optimizer's steps (gradient accumulation: one per update). The loss of each micro-batch
+optimizer's steps (gradient accumulation: one per update). With automatic optimisation,
+`training_step` is the forward pass (phase, batch size, micro-steps: it calls submodules, not
+the module's own forward), and the optimizer's phase begins when Lightning's closure (forward
+and backward, run inside `optimizer.step`) returns. The loss of each micro-batch
 (`on_before_backward`, already divided by the accumulation) is summed into the step's loss and
 logged at `on_before_optimizer_step`; every `log_every_n_steps`, `memprof/peak_bytes` (the
-peak of live bytes since the previous one) goes to `pl_module.log`, i.e. the Trainer's logger.
+peak of live bytes since the previous one) goes to `pl_module.log`, i.e. the Trainer's logger
+(not logged when the Trainer has none).
 
 With both `lightning` and `pytorch_lightning` installed, `MemprofCallback` is for `lightning`
 and `PLMemprofCallback` for `pytorch_lightning`.
@@ -52,6 +56,10 @@ def _make(pl):
             self.run.start(pl_module, opts[0] if len(opts) == 1 else None,
                            {"model": pl_module, "trainer": trainer},
                            first_step=trainer.global_step)
+            if getattr(pl_module, "automatic_optimization", True):
+                # the forward is training_step (it calls submodules, rarely self(x)); under
+                # manual optimisation it also runs backward and the optimizer, so it is not
+                self.run.forward_method(pl_module, "training_step")
 
         def on_before_backward(self, trainer, pl_module, loss):
             if self.run.active and loss.numel() == 1:
@@ -65,7 +73,8 @@ def _make(pl):
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
-            if not (self.run.active and self.log_peak) or step == self._logged_step:
+            if not (self.run.active and self.log_peak and trainer.loggers) \
+                    or step == self._logged_step:
                 return
             every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
             if step % every == 0 or self._logged_step < 0:

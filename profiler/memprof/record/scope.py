@@ -53,7 +53,8 @@ class ModuleScope:
         self._stack: list[int] = []               # auto mode: running module ids
         self._kwargs_hooks: dict[int, int] = {}   # auto mode: id(root) -> its own hook's id
         self._root_waiting = None                 # auto mode: a root call its hook starts
-        self._in_forward = False
+        self._root_depth = 0                      # root calls running (hooks or forward_pass)
+        self._forward_depth = None                # the depth whose call began the real pass
         self.compiled = False                     # a module hook ran under torch.compile
         self._filter = None
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_ids()
@@ -169,7 +170,10 @@ class ModuleScope:
         if _compiling():
             self.compiled = True
             return
-        real = not torch._C._current_autograd_node()   # not a recompute in backward
+        self._root_depth += 1
+        # a real pass: not a recompute in backward, not inside one already begun (Lightning's
+        # training_step calling the module's own forward)
+        real = self._forward_depth is None and not torch._C._current_autograd_node()
         if real:
             for fn in tuple(self.before_forward):
                 fn()
@@ -177,7 +181,7 @@ class ModuleScope:
             _C.mark("forward_start", self._steps.step)
         _C.push_module(mid)
         if real:
-            self._in_forward = True
+            self._forward_depth = self._root_depth
             for fn in tuple(self.on_forward_start):
                 fn(args, kwargs)
 
@@ -185,13 +189,26 @@ class ModuleScope:
         if _compiling():
             return
         _C.pop_module()
-        if _C.get_phase() == PHASE_FORWARD:
-            _C.set_phase(PHASE_OTHER)
-            _C.mark("forward_end", self._steps.step)
-        if self._in_forward:
-            self._in_forward = False
+        if self._forward_depth == self._root_depth:
+            self._forward_depth = None
+            if _C.get_phase() == PHASE_FORWARD:
+                _C.set_phase(PHASE_OTHER)
+                _C.mark("forward_end", self._steps.step)
             for fn in tuple(self.on_forward_end):
                 fn()
+        self._root_depth = max(0, self._root_depth - 1)
+
+    def forward_pass(self, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs) as a forward pass of the model (phase, markers, batch size
+        from its arguments, allocations in the root module): for loops whose training step
+        is not the model's forward (Lightning's `training_step`)."""
+        if self.model is None:
+            return fn(*args, **kwargs)
+        self._root_pre(self.model, args, kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._root_post(self.model, args, None)
 
     # ------------------------------------------------------------------ auto mode
     def _auto_pre(self, module, args) -> None:

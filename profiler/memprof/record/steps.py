@@ -46,6 +46,7 @@ class StepClock:
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
         self.explicit = False                     # steps marked by an optimizer or prof.step()
+        self._waiting: dict = {}                  # id -> optimizer whose closure runs first
         self._handles: list = []
 
     def watches(self, optimizer) -> bool:
@@ -72,7 +73,22 @@ class StepClock:
     def remove(self) -> None:
         remove_handles(self._handles)
 
-    def _pre(self, optimizer, args, kwargs) -> None:
+    def _pre(self, optimizer, args, kwargs):
+        # args: (optimizer, closure?, ...) as step() was called, the optimizer first
+        closure = kwargs.get("closure") if "closure" in kwargs else (
+            args[1] if len(args) > 1 else None)
+        if self.step_on in ("auto", "optimizer") and not self.explicit and \
+                self.watches(optimizer):
+            # this optimizer marks the steps: auto steps stop before its closure runs (LBFGS
+            # changes the parameters between the closure's calls inside one step)
+            self.explicit = True
+        if not callable(closure):
+            self._update_starts(optimizer)
+            return None
+        return self._after_closure(optimizer, closure, args, kwargs)
+
+    def _update_starts(self, optimizer) -> None:
+        """The optimizer's own work begins (its gradients are there to read)."""
         if self.watches(optimizer):
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
@@ -82,7 +98,30 @@ class StepClock:
         for fn in tuple(self.on_optimizer_pre):
             fn(optimizer)
 
+    def _after_closure(self, optimizer, closure, args, kwargs):
+        """`optimizer.step(closure)` (LBFGS, Lightning's automatic optimisation): the closure
+        runs the forward and backward inside the step, so the update starts when it returns
+        (the first time: LBFGS calls it again in its line search, each time followed by more
+        of its own work)."""
+        clock = self
+        self._waiting[id(optimizer)] = optimizer   # started at the post-hook if never called
+
+        def closure_then_update(*a, **k):
+            result = closure(*a, **k)
+            if clock._waiting.pop(id(optimizer), None) is not None:
+                clock._update_starts(optimizer)
+            elif clock.watches(optimizer):
+                _C.mark("optimizer_start", clock.step)
+                _C.set_phase(PHASE_OPTIMIZER)
+            return result
+
+        if "closure" in kwargs:
+            return args, dict(kwargs, closure=closure_then_update)
+        return (args[0], closure_then_update) + tuple(args[2:]), kwargs
+
     def _post(self, optimizer, args, kwargs) -> None:
+        if self._waiting and self._waiting.pop(id(optimizer), None) is not None:
+            self._update_starts(optimizer)   # a step given a closure it did not call
         if not self.watches(optimizer):
             return
         for fn in tuple(self.on_optimizer_post):

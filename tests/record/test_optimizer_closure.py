@@ -1,0 +1,63 @@
+"""`optimizer.step(closure)` (LBFGS; Lightning's automatic optimisation): the forward and
+backward run inside the step, so the optimizer's phase begins when the closure returns, not at
+the step's pre-hook (the update's ops were labelled "other", the forward hid in "optimizer",
+and the optimizer's subscribers read gradients before the closure had made them)."""
+import collections
+
+import torch
+import torch.nn.functional as F
+
+import memprof
+from memprof.analyse import summary
+from memprof.record.events import PHASES
+
+
+def _phases_by_op(prof) -> dict:
+    m = prof.memory
+    out = collections.defaultdict(set)
+    for op, phase, size in zip(m["op"], m["phase"], m["size"]):
+        if size > 0:
+            out[prof.strings[int(op)] if op >= 0 else ""].add(PHASES[int(phase)])
+    return out
+
+
+def _train(step_with_closure: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=3)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with memprof.track(model, optimizer=opt) as prof:
+        for _ in range(4):
+            if step_with_closure:
+                opt.step(closure)
+            else:
+                opt.step(closure=closure)
+    return prof, model
+
+
+def test_lbfgs_update_is_in_the_optimizer_phase():
+    prof, _ = _train(step_with_closure=True)
+    phases = _phases_by_op(prof)
+    # LBFGS flattens the gradients (cat) after each closure: its own work
+    assert phases["aten::cat"] == {"optimizer"}
+    assert phases["aten::linear"] == {"forward"}
+    tp = summary(prof)["throughput"]
+    assert tp["stats"]["forward_ms"]["median"] > 0
+    assert tp["stats"]["optimizer_ms"]["median"] > 0
+    assert tp["batch_size"] == 32 and len(prof.marker_positions("step")) == 4
+
+
+def test_closure_by_keyword_gives_the_same_phases():
+    by_position, model_a = _train(step_with_closure=True)
+    by_keyword, model_b = _train(step_with_closure=False)
+    assert _phases_by_op(by_position) == _phases_by_op(by_keyword)
+    # tracking changed nothing in the training
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
