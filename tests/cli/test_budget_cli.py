@@ -115,6 +115,21 @@ def test_a_capacity_below_the_cuda_context_is_one_line(leak_profile):
     assert "could not run" not in r.stdout
 
 
+def test_bytes_in_exponent_form_and_kilobytes_are_budgets(leak_profile):
+    """`22e6` and `1kb` were read as GPU names ("unknown GPU '22e6'")."""
+    r = memprof("report", "leak.memprof", "--budget", "22e6", cwd=leak_profile)
+    assert r.returncode == 0 and "does not fit: out of memory at step 0" in " ".join(
+        r.stdout.split()), r.stderr
+    # a capacity with a unit is a GPU of that size: its CUDA context comes off first
+    r = memprof("report", "leak.memprof", "--budget", "1kb", cwd=leak_profile)
+    assert r.returncode == 2 and "nothing is left to PyTorch's allocator on 1kb" in r.stderr
+    for spec in ("2.5", "-5", "inf"):
+        r = memprof("report", "leak.memprof", "--budget", spec, cwd=leak_profile)
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"memprof: --budget {spec}: expected a whole number of bytes > 0, a GPU name or "
+            "a capacity such as 24gb")
+
+
 def test_run_script_that_runs_out_of_memory_shows_the_diagnosis_once(tmp_path):
     (tmp_path / "oom.py").write_text(OOM)
     r = memprof("run", "--budget", "v100-16gb", "oom.py", cwd=tmp_path)

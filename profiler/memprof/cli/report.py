@@ -93,7 +93,15 @@ def parse_budget(spec: str | None):
     if spec is None:
         return None
     from memprof import track_budget
-    budget = int(spec) if spec.strip().isdigit() else spec
+    try:
+        value = float(spec.strip())          # bytes: 80000000000 or 8e10
+    except ValueError:
+        budget = spec                        # a GPU name or a capacity such as 24gb
+    else:
+        if not (value.is_integer() and value > 0):
+            raise UsageError(f"--budget {spec}: expected a whole number of bytes > 0, a GPU "
+                             "name or a capacity such as 24gb")
+        budget = int(value)
     try:
         track_budget.check(budget)
     except ValueError as err:

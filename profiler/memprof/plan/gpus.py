@@ -349,8 +349,9 @@ def _entry_keys(g: "GPU") -> tuple[set, set]:
 
 
 _ENTRY_KEYS = {_g.name: _entry_keys(_g) for _g in _TABLE}
-_CAPACITY = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|mb|mib|tb|tib)$", re.IGNORECASE)
-_UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": MiB, "tb": 10**12, "tib": 1 << 40}
+_CAPACITY = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|mb|mib|kb|kib|tb|tib)$", re.IGNORECASE)
+_UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": MiB, "kb": 10**3, "kib": 1 << 10,
+          "tb": 10**12, "tib": 1 << 40}
 
 
 class NoGPUError(RuntimeError):
