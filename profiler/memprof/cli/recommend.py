@@ -182,8 +182,17 @@ class RecommendCommand(Command):
             precisions = [p for s in args.precision for p in _csv(s)]
         if (args.base_lr is None) != (args.base_batch is None):
             raise UsageError("--base-lr and --base-batch go together")
+        if args.input_shape is not None and args.batch_fn is not None:
+            raise UsageError(f"--input-shape {args.input_shape}: not used with --batch-fn "
+                             "(the batch function makes the inputs); give one of them")
         if args.model and ":" in args.model and args.input_shape is None \
                 and args.batch_fn is None:
+            from ..plan.errors import PlanInputError
+            from ..plan.workloads import check_model_spec
+            try:
+                check_model_spec(args.model)   # a wrong spec is the first thing to say
+            except PlanInputError as e:
+                raise UsageError(str(e)) from None
             raise UsageError(f"--model {args.model}: give --input-shape (e.g. 3,224,224) or "
                              "--batch-fn")
         distributed = self._distributed(args)

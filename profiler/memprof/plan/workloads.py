@@ -11,6 +11,7 @@ each of them again (for the plan's code). Every bad input is a one-line PlanInpu
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any, Callable
 
 import torch
@@ -38,10 +39,16 @@ def _import_callable(spec: str, label: str) -> Callable:
     except Exception as e:  # noqa: BLE001
         raise PlanInputError(f"{label} {spec!r}: cannot import {mod_name} ({type(e).__name__}: "
                              f"{e})") from None
+    missing = object()
     for part in attr.split("."):
-        obj = getattr(obj, part, None)
+        obj = getattr(obj, part, missing)
+        if obj is missing:
+            raise PlanInputError(f"{label} {spec!r}: {mod_name} has no function or class "
+                                 f"{attr!r}")
     if not callable(obj):
-        raise PlanInputError(f"{label} {spec!r}: {mod_name} has no function or class {attr!r}")
+        value = repr(obj) if len(repr(obj)) <= 40 else f"<{type(obj).__name__}>"
+        raise PlanInputError(f"{label} {spec!r}: {mod_name}.{attr} = {value} is not a "
+                             "function or class")
     return obj
 
 
@@ -52,6 +59,12 @@ def importable_name(obj) -> str | None:
     if not mod or not qual or mod == "__main__" or "<locals>" in qual:
         return None
     return f"{mod}:{qual}"
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise the one-line PlanInputError for a 'package.module:factory' that cannot be
+    imported or called (before other advice about the command line)."""
+    _import_factory(spec)
 
 
 def _import_factory(spec: str) -> Callable:
@@ -87,8 +100,8 @@ def own_batch_size(batch) -> int | None:
 # ------------------------------------------------------------------------------ batches
 def _parse_shape(shape) -> tuple[int, ...]:
     if isinstance(shape, str):
-        try:
-            shape = tuple(int(s) for s in shape.replace("x", ",").split(",") if s.strip())
+        try:   # 3,224,224 or 3x224x224; every part a number ("3,x,32" is not 3,32)
+            shape = tuple(int(s) for s in re.split(r"[,x]", shape.strip()))
         except ValueError:
             raise PlanInputError(f"input shape {shape!r}: expected integers such as "
                                  "3,224,224") from None

@@ -1,0 +1,57 @@
+"""`memprof recommend` names what is wrong with a model spec or an input shape first, in one
+line: a non-callable attribute is not "missing", `3,x,32` is not `3,32`, a wrong model spec
+is said before "give --input-shape", and --input-shape beside --batch-fn is not ignored."""
+import sys
+import textwrap
+
+import pytest
+
+from memprof.cli import main
+
+MODULE = textwrap.dedent("""
+    import torch
+    NOT_CALLABLE = 3
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+
+    def batch(batch_size=4):
+        return torch.randn(batch_size, 3, 8, 8), torch.randint(0, 4, (batch_size,))
+""")
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    (tmp_path / "spec_models_cli.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "spec_models_cli", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "spec_models_cli:NOT_CALLABLE", "--batch-fn", "spec_models_cli:batch"],
+     "model 'spec_models_cli:NOT_CALLABLE': spec_models_cli.NOT_CALLABLE = 3 is not a "
+     "function or class"),
+    (["--model", "spec_models_cli:nope"],
+     "model 'spec_models_cli:nope': spec_models_cli has no function or class 'nope'"),
+    (["--model", "no_such_module_x:build"],
+     "model 'no_such_module_x:build': cannot import no_such_module_x"),
+    (["--model", "spec_models_cli:build", "--input-shape", "3,x,8"],
+     "input shape '3,x,8': expected integers such as 3,224,224"),
+    (["--model", "spec_models_cli:build", "--input-shape", "3,8,8", "--batch-fn",
+      "spec_models_cli:batch"],
+     "--input-shape 3,8,8: not used with --batch-fn"),
+])
+def test_bad_input_is_one_line_naming_it(models_dir, capsys, args, message):
+    rc = main(["recommend", "--gpu", "a100-80gb", "--workers", "1", "--effective-batch", "8",
+               *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_shape_with_x_separators_still_works(models_dir, capsys):
+    rc = main(["recommend", "--gpu", "a100-80gb", "--workers", "1", "--precision", "fp32",
+               "--checkpointing", "none", "--model", "spec_models_cli:build",
+               "--input-shape", "3x8x8", "--num-classes", "4", "--effective-batch", "8",
+               "--json"])
+    assert rc == 0 and '"input_shape": [\n' in capsys.readouterr().out
