@@ -42,3 +42,13 @@ def test_json_says_whether_the_last_step_is_partial(tmp_path, capsys, evaluate_a
     steps = data["steps"]
     assert len(steps) == 3 + evaluate_after
     assert [s["partial"] for s in steps] == [False] * 3 + [True] * evaluate_after
+
+
+@pytest.mark.parametrize("evaluate_after", [True, False])
+def test_terminal_header_counts_finished_steps(tmp_path, capsys, evaluate_after):
+    """The header said `steps 4` for 3 optimizer steps and an evaluation pass."""
+    path = _saved_run(tmp_path / "run.memprof", evaluate_after)
+    capsys.readouterr()
+    assert main(["report", path]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("steps 3 + partial " if evaluate_after else "steps 3 ") in out

@@ -59,7 +59,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
                  + escape(f"op {pe['op']}{node}"))
     console.print(Panel.fit(
         f"[bold]peak live memory[/] {fmt_bytes(s_peak)}   at {where}\n"
-        f"events {prof.memory.size:,}   steps {len(prof.steps)}   "
+        f"events {prof.memory.size:,}   steps {_step_count(prof)}   "
         f"dropped events {prof.meta.get('dropped', 0)}" + _side_drops(prof.meta)
         + ("\n[cyan]torch.compile: memory inside compiled code is attributed to the compiled "
            "module as a whole (per-module attribution is coarser)[/]"
@@ -100,6 +100,13 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     errors = prof.meta.get("analysis_errors")
     if errors:
         console.print("[yellow]Some checks could not run:[/] " + escape("; ".join(errors)))
+
+
+def _step_count(prof: Profile) -> str:
+    """Finished steps, and the partial one apart (`steps 5 + partial`)."""
+    if partial_last_step(prof):
+        return f"{len(prof.steps) - 1} + partial"
+    return str(len(prof.steps))
 
 
 def partial_last_step(prof: Profile) -> bool:
