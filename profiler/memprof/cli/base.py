@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 
 class UsageError(Exception):
@@ -41,3 +43,26 @@ def at_least_one(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
     return n
+
+
+def check_writable(path: str, option: str, extensions: tuple[str, ...] = ()) -> None:
+    """Fail before the work (a script's run, a report, a plan), not after it, when `path`
+    could not be written: a format not in `extensions`, a directory, a missing directory, or
+    one where no file can be made (read-only, /proc: tried, as access() passes for root)."""
+    if extensions and not path.lower().endswith(extensions):
+        names = ", ".join(extensions[:-1]) + f" or {extensions[-1]}" if len(extensions) > 1 \
+            else extensions[0]
+        raise UsageError(f"{option} {path!r}: unknown export format; expected a {names} file "
+                         "name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r}: is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option} {path!r}: directory {directory!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".memprof-", suffix=".check")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"{option} {path!r}: cannot create a file in {directory!r} "
+                         f"({err.strerror})") from None

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from .base import Command, UsageError
+from .base import Command, UsageError, check_writable
 
 
 def _csv(s: str | None) -> list[str] | None:
@@ -195,6 +195,8 @@ class RecommendCommand(Command):
                 raise UsageError(str(e)) from None
             raise UsageError(f"--model {args.model}: give --input-shape (e.g. 3,224,224) or "
                              "--batch-fn")
+        if args.html:
+            check_writable(args.html, "--html", (".html", ".json"))
         distributed = self._distributed(args)
         kw = dict(model=args.model, model_kwargs=parse_model_args(args.model_arg),
                   batch=args.batch_fn, optimizer=args.optimizer, gpu=args.gpu,

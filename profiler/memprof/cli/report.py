@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import Command, UsageError, at_least_one
+from .base import Command, UsageError, at_least_one, check_writable
 
 
 
@@ -38,6 +38,8 @@ class ReportCommand(Command):
         from memprof.analyse import summary
         if len(args.profile) > 1:
             return _run_merged(args)
+        for path in args.export or []:
+            check_writable(path, "--export", (".json", ".pickle", ".html"))
         prof = memprof.load(args.profile[0])
         if args.budget:
             _apply_budget(prof, args.budget)
@@ -75,6 +77,8 @@ def _run_merged(args) -> int:
     if args.budget:
         raise UsageError(f"--budget: replays one profile; got {len(args.profile)} files "
                          "(give one rank's file)")
+    for path in args.export or []:
+        check_writable(path, "--export", (".html", ".json"))
     merged = merge_ranks([memprof.load(p) for p in args.profile], sources=args.profile)
     if args.json:
         print(json.dumps(merged.summary(), indent=1, default=str))

@@ -12,7 +12,7 @@ import types
 
 from ..record.patches import PatchRegistry
 from ..units import fmt_bytes
-from .base import Command, UsageError, at_least_one
+from .base import Command, UsageError, at_least_one, check_writable
 from .report import parse_budget
 from .signals import ExitSignals, Terminated
 from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
@@ -202,22 +202,10 @@ def _print_script_traceback(exc: BaseException, script_file: str) -> None:
 
 
 def _output(args) -> str:
-    """--output, or <script>.memprof; checked now (_check_output)."""
+    """--output, or <script>.memprof; checked now, not after an hour of training."""
     output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
-    _check_output(output)
+    check_writable(output, "--output")
     return output
-
-
-def _check_output(output: str) -> None:
-    """Fail before the script runs, not after an hour of training, when the profile could not
-    be written where asked."""
-    directory = os.path.dirname(os.path.abspath(output))
-    if os.path.isdir(output):
-        raise UsageError(f"--output {output!r}: is a directory; give a file name")
-    if not os.path.isdir(directory):
-        raise UsageError(f"--output {output!r}: directory {directory!r} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(f"--output {output!r}: directory {directory!r} is not writable")
 
 
 COMMAND = RunCommand()
