@@ -141,3 +141,36 @@ def test_a_leak_in_main_is_found_and_its_holder_named(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "done 5" in r.stdout
     assert "held by train.<locals>.losses" in r.stdout
+
+
+def test_relative_script_traceback_names_the_full_path_as_python_does(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("def step():\n    raise ValueError('boom')\n\nstep()\n")
+    r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "train.py"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    py = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300)
+    assert r.returncode == py.returncode == 1
+    assert f'File "{script}", line 2, in step' in py.stderr   # Python: the full path
+    assert f'File "{script}", line 2, in step' in r.stderr
+
+
+def test_ctrl_c_prints_the_traceback_as_python_does(tmp_path):
+    r, script = run(tmp_path, '''
+        def loop():
+            raise KeyboardInterrupt   # what Ctrl-C raises in the running frame
+
+        loop()
+        ''')
+    assert r.returncode == 130
+    assert f'File "{script}", line 3, in loop' in r.stderr and "KeyboardInterrupt" in r.stderr
+    assert "stopped by Ctrl-C" in r.stderr and (tmp_path / "train.memprof").exists()
+
+
+def test_step_on_without_a_script_asks_for_the_script_only(capsys):
+    import pytest
+    from memprof.cli import main
+    with pytest.raises(SystemExit):
+        main(["run", "--step-on", "optimizer"])
+    err = capsys.readouterr().err
+    assert "the following arguments are required: script" in err and "script_args" not in err

@@ -34,7 +34,8 @@ class RunCommand(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("script")
-        parser.add_argument("script_args", nargs=argparse.REMAINDER)
+        # optional (a script without arguments); argparse < 3.12 would list it as required
+        parser.add_argument("script_args", nargs=argparse.REMAINDER).required = False
         parser.add_argument("-o", "--output", help="profile file (default: <script>.memprof)")
         parser.add_argument("--json", action="store_true", help="print the summary as JSON")
         parser.add_argument("--nproc-per-node", type=int, metavar="N",
@@ -71,17 +72,18 @@ class RunCommand(Command):
         import memprof
         from memprof.analyse import summary
         status = 0
-        with open(args.script, "rb") as f:
+        script = os.path.abspath(args.script)   # as Python names it in tracebacks
+        with open(script, "rb") as f:
             source = f.read()
         try:
-            code = compile(source, args.script, "exec")
+            code = compile(source, script, "exec")
         except SyntaxError as exc:   # Python's own message; nothing ran, nothing to profile
             traceback.print_exception(exc.__class__, exc, None, file=sys.stderr)
             return 1
         main = _main_module(args.script)
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
                                 step_on=track_mode(args.step_on), batch_size=args.batch_size)
-        code = install_step_on(args.step_on, code, source, args.script, tracker.step,
+        code = install_step_on(args.step_on, code, source, script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
         # the script's globals are searched for holders of leaked tensors, even if it raises
@@ -97,6 +99,8 @@ class RunCommand(Command):
         except SystemExit as exc:  # the script's own exit: its status and message, as Python
             status = _exit_status(exc)
         except (KeyboardInterrupt, Terminated) as exc:
+            if isinstance(exc, KeyboardInterrupt):   # Python prints where it stopped
+                _print_script_traceback(exc, code.co_filename)
             how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
             print(f"memprof: {args.script} stopped by {how}", file=sys.stderr)
             status = 130 if isinstance(exc, KeyboardInterrupt) else 143
