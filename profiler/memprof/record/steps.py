@@ -74,21 +74,12 @@ class StepClock:
         remove_handles(self._handles)
 
     def _pre(self, optimizer, args, kwargs):
-        # args: (optimizer, closure?, ...) as step() was called, the optimizer first
-        closure = kwargs.get("closure") if "closure" in kwargs else (
-            args[1] if len(args) > 1 else None)
-        if self.step_on in ("auto", "optimizer") and not self.explicit and \
-                self.watches(optimizer):
-            # this optimizer marks the steps: auto steps stop before its closure runs (LBFGS
-            # changes the parameters between the closure's calls inside one step)
-            self.explicit = True
-        if not callable(closure):
-            self._update_starts(optimizer)
-            return None
-        return self._after_closure(optimizer, closure, args, kwargs)
-
-    def _update_starts(self, optimizer) -> None:
-        """The optimizer's own work begins (its gradients are there to read)."""
+        """The optimizer's own work begins (its gradients are there to read); for
+        `step(closure)` (args: the optimizer, then step's arguments) when the closure returns."""
+        if len(args) > 1 or kwargs:
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if callable(closure):
+                return self._after_closure(optimizer, closure, args, kwargs)
         if self.watches(optimizer):
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
@@ -97,6 +88,7 @@ class StepClock:
             _C.set_phase(PHASE_OPTIMIZER)
         for fn in tuple(self.on_optimizer_pre):
             fn(optimizer)
+        return None
 
     def _after_closure(self, optimizer, closure, args, kwargs):
         """`optimizer.step(closure)` (LBFGS, Lightning's automatic optimisation): the closure
@@ -104,12 +96,17 @@ class StepClock:
         (the first time: LBFGS calls it again in its line search, each time followed by more
         of its own work)."""
         clock = self
+        if not self.explicit and self.step_on in ("auto", "optimizer") and \
+                self.watches(optimizer):
+            # this optimizer marks the steps: auto steps stop before its closure runs (LBFGS
+            # changes the parameters between the closure's calls inside one step)
+            self.explicit = True
         self._waiting[id(optimizer)] = optimizer   # started at the post-hook if never called
 
         def closure_then_update(*a, **k):
             result = closure(*a, **k)
             if clock._waiting.pop(id(optimizer), None) is not None:
-                clock._update_starts(optimizer)
+                clock._pre(optimizer, (optimizer,), {})
             elif clock.watches(optimizer):
                 _C.mark("optimizer_start", clock.step)
                 _C.set_phase(PHASE_OPTIMIZER)
@@ -121,7 +118,7 @@ class StepClock:
 
     def _post(self, optimizer, args, kwargs) -> None:
         if self._waiting and self._waiting.pop(id(optimizer), None) is not None:
-            self._update_starts(optimizer)   # a step given a closure it did not call
+            self._pre(optimizer, (optimizer,), {})   # a step given a closure it did not call
         if not self.watches(optimizer):
             return
         for fn in tuple(self.on_optimizer_post):
