@@ -51,3 +51,17 @@ def collect_garbage_after():
     """Leave no cyclic garbage (models, tensors) for a later test's tracked block to free."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """write(name, source): a user's module file in the (temporary) current directory, as
+    `memprof recommend --model name:factory` typed there imports it; not on sys.path, not
+    cached from an earlier test."""
+    import sys
+
+    def write(name: str, source: str):
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        return tmp_path
+    return write

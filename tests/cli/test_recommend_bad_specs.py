@@ -1,7 +1,6 @@
 """`memprof recommend` names what is wrong with a model spec or an input shape first, in one
 line: a non-callable attribute is not "missing", `3,x,32` is not `3,32`, a wrong model spec
 is said before "give --input-shape", and --input-shape beside --batch-fn is not ignored."""
-import sys
 import textwrap
 
 import pytest
@@ -21,11 +20,8 @@ MODULE = textwrap.dedent("""
 
 
 @pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    (tmp_path / "spec_models_cli.py").write_text(MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "spec_models_cli", raising=False)
-    return tmp_path
+def models_dir(user_module):
+    return user_module("spec_models_cli", MODULE)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,7 +3,6 @@ model is named with its error in whole words, "nothing fits" is not said when no
 estimated (exit 1), and Hugging Face's GPT-2 (its cache passed by position) is estimated under
 the selective policy (it raised "aten.slice.Tensor encountered during backward")."""
 import json
-import sys
 import textwrap
 
 import pytest
@@ -52,11 +51,8 @@ MODULE = textwrap.dedent("""
 
 
 @pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    (tmp_path / "failing_models_cli.py").write_text(MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "failing_models_cli", raising=False)
-    return tmp_path
+def models_dir(user_module):
+    return user_module("failing_models_cli", MODULE)
 
 
 def _cli(capsys, *args):
