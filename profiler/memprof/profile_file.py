@@ -30,6 +30,25 @@ class ProfileFormatError(ValueError):
     """A file that is not a memprof profile, or one of an unsupported version."""
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_profile(path: str) -> bool:
+    """Whether `path` is a memprof profile (any version): a file that may be overwritten
+    with a new one, unlike a script or data a mistyped `-o` would destroy."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            header = json.loads(zf.read("header.json")) if zf.getinfo(
+                "header.json").file_size < MAX_HEADER_BYTES else None
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, zlib.error):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+
+
 def write(run: Run, findings: list[Finding], path: str) -> str:
     arrays = {"events.npy": _npy_bytes(run.events), "seq_records.npy": _npy_bytes(run.seq_records)}
     header = {
@@ -45,6 +64,8 @@ def write(run: Run, findings: list[Finding], path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".memprof-", suffix=".tmp", dir=directory)
     try:
+        # mkstemp makes the file 0600; a profile gets the mode any new file would (umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("header.json", json.dumps(header, default=_plain))
             for name, data in arrays.items():

@@ -48,3 +48,38 @@ def test_recommend_html_is_checked_before_the_search(capsys):
     out, err = capsys.readouterr()
     assert "--html '/nonexistent_dir_x/plan.html': directory '/nonexistent_dir_x' does not " \
            "exist" in err and out == ""
+
+
+def test_run_does_not_replace_a_file_that_is_not_a_profile(tmp_path, capsys):
+    """`memprof run -o train.py train.py` replaced the script with a zip file."""
+    script = tmp_path / "train.py"
+    script.write_text(f"open({str(tmp_path / 'ran')!r}, 'a').write('x')\n")
+    data = tmp_path / "notes.txt"
+    data.write_text("precious\n")
+    for target in (script, data):
+        before = target.read_bytes()
+        assert main(["run", "-o", str(target), str(script)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {str(target)!r}: exists and is not a memprof profile" in err
+        assert target.read_bytes() == before
+    assert not (tmp_path / "ran").exists()
+    # an earlier profile is replaced, as every run of the same script does
+    out = tmp_path / "train.memprof"
+    assert main(["run", "-o", str(out), str(script)]) == 0
+    assert main(["run", "-o", str(out), str(script)]) == 0
+    assert (tmp_path / "ran").read_text() == "xx"
+
+
+def test_a_saved_profile_gets_the_mode_a_new_file_gets(tmp_path):
+    """Profiles were written 0600 (mkstemp's mode) whatever the umask: teammates could not
+    read one in a shared output directory."""
+    import torch
+    import memprof
+    old = os.umask(0o022)
+    try:
+        model = torch.nn.Linear(4, 2)
+        with memprof.track(model, path=str(tmp_path / "run.memprof")):
+            model(torch.randn(3, 4)).sum().backward()
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "run.memprof").st_mode & 0o777 == 0o644

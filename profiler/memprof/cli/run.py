@@ -209,6 +209,11 @@ def _output(args) -> str:
     """--output, or <script>.memprof; checked now, not after an hour of training."""
     output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
     check_writable(output, "--output")
+    if os.path.exists(output):
+        from ..profile_file import is_profile
+        if os.path.samefile(output, args.script) or not is_profile(output):
+            raise UsageError(f"--output {output!r}: exists and is not a memprof profile (it "
+                             "would be replaced); remove it or give another file name")
     return output
 
 
