@@ -481,6 +481,20 @@ class Profile:
                 allocated=int(np.maximum(size[s:e], 0).sum())))
         return out
 
+    @property
+    def partial_last_step(self) -> bool:
+        """The last of `steps` is work after the last step boundary (an evaluation pass, a
+        loop cut short), not a step the training loop finished."""
+        bounds = self.marker_positions("step")
+        return bool(bounds.size) and bool(self.steps) and self.steps[-1].start >= int(bounds[-1])
+
+    @property
+    def steps_label(self) -> str:
+        """Finished steps, the partial one apart: '5' or '5 + partial'."""
+        if self.partial_last_step:
+            return f"{len(self.steps) - 1} + partial"
+        return str(len(self.steps))
+
     # ------------------------------------------------------------------ summaries and reports
     @cached_property
     def oom_events(self) -> list[dict]:

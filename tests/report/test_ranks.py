@@ -170,3 +170,30 @@ def test_cli_refuses_mixed_jobs_in_one_line(two_ranks, cli):
     assert err.strip().count("\n") == 0 and "rank 0 given twice" in err
     code, _, err = cli(*paths, "--budget", "v100-16gb")
     assert code == 2 and "--budget" in err and err.strip().count("\n") == 0
+
+
+def test_a_rank_that_raised_is_named_and_steps_are_finished_ones(tmp_path, cli):
+    """The merged report showed a job whose rank 1 raised as if both ranks had finished,
+    and counted the partial step after rank 0's last optimizer step."""
+    paths = []
+    for rank in (0, 1):
+        p = _rank_run(rank, leak=None)
+        if rank == 1:
+            p.meta["error"] = "RuntimeError: boom on rank 1"
+        path = str(tmp_path / f"run.rank{rank}.memprof")
+        p.save(path)
+        paths.append(path)
+    profs = [memprof.load(p) for p in paths]
+    merged = merge_ranks(profs, sources=paths)
+    assert [r.error for r in merged.ranks] == [None, "RuntimeError: boom on rank 1"]
+    assert [r.steps for r in merged.ranks] == [4, 4]
+    assert [r.steps for r in merged.ranks] == [len(p.steps) - p.partial_last_step
+                                               for p in profs]
+    code, out, _ = cli(*paths)
+    assert code == 0 and "rank 1's tracked code raised: RuntimeError: boom on rank 1" in " ".join(
+        out.split())
+    code, out, _ = cli(*paths, "--json")
+    assert json.loads(out)["errors"] == {"1": "RuntimeError: boom on rank 1"}
+    html = str(tmp_path / "m.html")
+    cli(*paths, "--export", html)
+    assert "boom on rank 1" in Page(open(html).read()).find_all("header")[0].all_text()

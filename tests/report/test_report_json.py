@@ -7,7 +7,6 @@ import torch
 
 import memprof
 from memprof.cli import main
-from memprof.report.terminal import partial_last_step
 
 
 def _saved_run(path, evaluate_after: bool) -> str:
@@ -38,7 +37,7 @@ def test_json_says_whether_the_last_step_is_partial(tmp_path, capsys, evaluate_a
     path = _saved_run(tmp_path / "run.memprof", evaluate_after)
     data = _json_report(path, capsys)
     assert data["partial_last_step"] is evaluate_after
-    assert data["partial_last_step"] == partial_last_step(memprof.load(path))   # as the terminal
+    assert data["partial_last_step"] == memprof.load(path).partial_last_step   # as the terminal
     steps = data["steps"]
     assert len(steps) == 3 + evaluate_after
     assert [s["partial"] for s in steps] == [False] * 3 + [True] * evaluate_after

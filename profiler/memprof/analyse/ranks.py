@@ -33,15 +33,22 @@ class RankRow:
     peak_event: dict | None      # step, phase, module, op, time_s (since that rank's start)
     by_category: dict[str, int]  # alive at that rank's peak
     end_bytes: int
-    steps: int
+    steps: int                   # finished steps
     events: int
     local_rank: int | None = None
+    partial_step: bool = False   # work after the last step boundary
+    error: str | None = None     # what the rank's tracked code raised
+
+    @property
+    def steps_label(self) -> str:
+        return f"{self.steps} + partial" if self.partial_step else str(self.steps)
 
     def as_dict(self) -> dict:
         return {"rank": self.rank, "source": self.source, "device": self.device,
                 "peak_bytes": self.peak, "peak_event": self.peak_event,
                 "by_category_at_peak": self.by_category, "end_bytes": self.end_bytes,
-                "steps": self.steps, "events": self.events, "local_rank": self.local_rank}
+                "steps": self.steps, "partial_step": self.partial_step,
+                "events": self.events, "local_rank": self.local_rank, "error": self.error}
 
 
 @dataclass
@@ -117,6 +124,7 @@ class MergedRanks:
                 "peak_rank": top.rank, "peak_bytes": top.peak, "peak_event": top.peak_event,
                 "median_peak_bytes": self.median_peak, "imbalance": self.imbalance,
                 "ranks": [r.as_dict() for r in self.ranks],
+                "errors": {str(r.rank): r.error for r in self.ranks if r.error},
                 "findings": [f.as_dict() for f in self.findings]}
 
 
@@ -227,8 +235,10 @@ def _row(profile: Profile, source: str) -> RankRow:
                    peak=profile.peak, peak_event=profile.peak_event,
                    by_category=profile.breakdown("category"),
                    end_bytes=int(live_end[-1]) if live_end.size else 0,
-                   steps=len(profile.steps), events=int(profile.memory.size),
-                   local_rank=int(local) if _is_int(local) else None)
+                   steps=len(profile.steps) - profile.partial_last_step,
+                   events=int(profile.memory.size),
+                   local_rank=int(local) if _is_int(local) else None,
+                   partial_step=profile.partial_last_step, error=profile.meta.get("error"))
 
 
 def _is_int(v) -> bool:

@@ -62,8 +62,7 @@ def _mark_partial_step(prof, data: dict) -> None:
     `steps` is work after the last step boundary - an evaluation pass, a loop cut short - not
     a finished step) and `partial` on every step entry, so that a CI script reading the JSON
     does not take that remainder for the run's last step."""
-    from memprof.report.terminal import partial_last_step
-    partial = partial_last_step(prof)
+    partial = prof.partial_last_step
     steps = data.get("steps") or []
     for i, step in enumerate(steps):
         step["partial"] = partial and i == len(steps) - 1

@@ -17,7 +17,6 @@ from ..finding import sort_findings
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..units import fmt_bytes
-from .terminal import partial_last_step
 from .html_data import (PHASE_CODES, STEP_TIME, module_nodes, shown_steps, step_rows,
                         timeline_data, top_allocations)
 from .series import series
@@ -78,7 +77,7 @@ def _header(profile: Profile) -> str:
     if pe:
         out.append(f" at step {pe['step']}, {esc(pe['phase'])}, module "
                    f"<code>{esc(pe['module'])}</code>, op <code>{esc(pe['op'])}</code>")
-    out.append(f". {profile.memory.size:,} memory events, {len(profile.steps)} steps.</p>")
+    out.append(f". {profile.memory.size:,} memory events, {profile.steps_label} steps.</p>")
     if profile.meta.get("error"):
         out.append(f'<p class="err">The tracked code raised: {esc(profile.meta["error"])}</p>')
     out.append('<nav><a href="#findings">Findings</a> <a href="#timeline">Memory over time</a>'
@@ -183,7 +182,7 @@ def _steps(profile: Profile) -> str:
     if health:
         header += ["loss", "grad norm before clip", "after", "LR"]
     body = []
-    partial = all_rows[-1] if partial_last_step(profile) else None   # work after the last step
+    partial = all_rows[-1] if profile.partial_last_step else None   # work after the last step
     for r in rows:
         cells = [f"{r['step']} (partial)" if r is partial else r["step"], fmt_bytes(r["peak"]),
                  fmt_bytes(r["live_at_end"]),

@@ -38,7 +38,9 @@ def headline(merged: MergedRanks) -> str:
     return (f"peak {fmt_bytes(top.peak)} on rank {top.rank} at {when(top.peak_event)}\n"
             f"median rank peak {fmt_bytes(merged.median_peak)}   imbalance (max/median) "
             + (f"{imb:.3f}" if imb is not None else "-")
-            + (f"\nmissing ranks: {rank_ranges(missing)}" if missing else ""))
+            + (f"\nmissing ranks: {rank_ranges(missing)}" if missing else "")
+            + "".join(f"\nrank {r.rank}'s tracked code raised: {r.error}"
+                      for r in merged.ranks if r.error))
 
 
 def _rank_cell(merged: MergedRanks, row) -> str:
@@ -77,7 +79,7 @@ def print_ranks(merged: MergedRanks, console: Console | None = None, top: int = 
     for r in merged.ranks:
         t.add_row(_rank_cell(merged, r), fmt_bytes(r.peak),
                   f"{r.peak / med:.3f}" if med > 0 else "-", fmt_bytes(r.end_bytes),
-                  str(r.steps), escape(when(r.peak_event)))
+                  r.steps_label, escape(when(r.peak_event)))
     console.print(t)
     cats = ordered_categories(merged)
     t = Table(title="Alive at each rank's peak, by category", title_justify="left")

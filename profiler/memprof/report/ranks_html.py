@@ -65,7 +65,7 @@ def _rank_table(merged: MergedRanks) -> str:
                  _bar(r.by_category, cats, scale)]
         cells += [f'<span data-category="{esc(c)}" data-bytes="{r.by_category.get(c, 0)}">'
                   f"{esc(fmt_bytes(r.by_category.get(c, 0)))}</span>" for c in cats]
-        cells += [esc(fmt_bytes(r.end_bytes)), str(r.steps)]
+        cells += [esc(fmt_bytes(r.end_bytes)), esc(r.steps_label)]
         rows.append(cells)
     attrs = [f' data-rank="{r.rank}"' for r in merged.ranks]
     return (f'<section id="ranks"><h2>Ranks</h2>'

@@ -59,7 +59,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
                  + escape(f"op {pe['op']}{node}"))
     console.print(Panel.fit(
         f"[bold]peak live memory[/] {fmt_bytes(s_peak)}   at {where}\n"
-        f"events {prof.memory.size:,}   steps {_step_count(prof)}   "
+        f"events {prof.memory.size:,}   steps {prof.steps_label}   "
         f"dropped events {prof.meta.get('dropped', 0)}" + _side_drops(prof.meta)
         + ("\n[cyan]torch.compile: memory inside compiled code is attributed to the compiled "
            "module as a whole (per-module attribution is coarser)[/]"
@@ -102,25 +102,11 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         console.print("[yellow]Some checks could not run:[/] " + escape("; ".join(errors)))
 
 
-def _step_count(prof: Profile) -> str:
-    """Finished steps, and the partial one apart (`steps 5 + partial`)."""
-    if partial_last_step(prof):
-        return f"{len(prof.steps) - 1} + partial"
-    return str(len(prof.steps))
-
-
-def partial_last_step(prof: Profile) -> bool:
-    """The last row of prof.steps is work after the last step boundary (an evaluation pass,
-    a loop cut short), not a step the training loop finished."""
-    bounds = prof.marker_positions("step")
-    return bool(bounds.size) and bool(prof.steps) and prof.steps[-1].start >= int(bounds[-1])
-
-
 def _print_steps(prof: Profile, console: Console, top: int) -> None:
     steps = prof.steps
     if not steps:
         return
-    partial = partial_last_step(prof)
+    partial = prof.partial_last_step
     t = Table(title="Steps", title_justify="left", caption_justify="left",
               caption="partial: work after the last step boundary (an evaluation pass, a loop "
                       "cut short), not a finished step" if partial else None)
