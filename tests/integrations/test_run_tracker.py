@@ -145,3 +145,30 @@ def test_a_record_published_after_a_later_threads_is_still_counted(monkeypatch):
     assert peak() == 7 + 100 + 1000
     assert peak() == 7 + 100 + 1000 + 10_000
     assert peak() == 7 + 100 + 1000 + 10_000 and peak.live == 7 + 100 + 1000
+
+
+def test_a_script_that_raises_past_the_framework_saves_its_own_error(tmp_path):
+    """No framework callback runs when training raises past it (a Trainer without an
+    exception hook): the run is finished at exit and said "RuntimeError: the process exited
+    during training"; the script's own exception is the one to name."""
+    import subprocess
+    import sys
+    import textwrap
+    script = tmp_path / "raises.py"
+    script.write_text(textwrap.dedent(f'''
+        import torch
+        from memprof.integrations._common import RunTracker
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = RunTracker({str(tmp_path)!r}, "train", {{}})
+        run.start(model, opt, {{"model": model}})
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        raise ValueError("bad batch at call 5")
+    '''))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "ValueError: bad batch at call 5" in r.stderr
+    import memprof
+    assert memprof.load(str(tmp_path / "train.memprof")).meta["error"] == \
+        "ValueError: bad batch at call 5"

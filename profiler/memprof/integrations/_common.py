@@ -166,8 +166,7 @@ class RunTracker:
         device = next((p.device for p in model.parameters()), None) if model else None
         self.peak = LivePeak(tracker, device)
         ref = weakref.ref(self)   # a run that raises past the framework still gets saved
-        self._atexit = lambda: ref() is not None and ref().stop(
-            RuntimeError("the process exited during training"))
+        self._atexit = lambda: ref() is not None and ref().stop(_exit_cause())
         atexit.register(self._atexit)
 
     def forward_method(self, owner, name: str) -> None:
@@ -217,6 +216,17 @@ class RunTracker:
             tracker.__exit__(None, None, None)
         self.profile = tracker.profile
         self.path = tracker.saved
+
+
+def _exit_cause() -> BaseException:
+    """Why the process exits while a run is still being recorded: the exception that ended
+    the script (Python keeps it in sys.last_value before the exit handlers run), else that
+    the process exited."""
+    last = getattr(sys, "last_value", None)
+    if isinstance(last, BaseException):
+        return last
+    return RuntimeError("the process exited during training (no framework callback ended the "
+                        "run)")
 
 
 def _number(v) -> bool:
