@@ -244,6 +244,8 @@ class StringTable {
 };
 
 // ---------------------------------------------------------------------------------------------
+struct ThreadState;
+
 struct Session {
   std::atomic<bool> active{false};
   // The hooks installed, their bodies empty (benchmarks/per_event.py, overhead_health.py: what
@@ -258,6 +260,10 @@ struct Session {
   std::atomic<int64_t> marks{0}, marks_dropped{0}, seqs_reserved{0};
   int64_t side_capacity = 0;
   std::atomic<int32_t> phase{kPhaseOther};
+  // The thread that set the phase (the training loop's): another thread's allocations take
+  // it only while that thread runs a module (nn.DataParallel's replicas) or a backward node;
+  // a logger or prefetch thread allocating during the forward is not making activations.
+  std::atomic<const ThreadState*> phase_thread{nullptr};
   std::atomic<int32_t> step{0};
   std::mutex registry_mu;
   std::vector<std::shared_ptr<ThreadBuffer>> buffers;
@@ -446,8 +452,14 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   e.thread = ts.buffer->index;
   e.device_type = static_cast<int8_t>(device.type());
   e.device_index = static_cast<int8_t>(device.index());
-  e.phase = static_cast<int8_t>(ts.backward_depth > 0 ? kPhaseBackward
-                                                      : s.phase.load(std::memory_order_relaxed));
+  int32_t phase = s.phase.load(std::memory_order_relaxed);
+  if (ts.backward_depth > 0) {
+    phase = kPhaseBackward;
+  } else if (phase != kPhaseOther && ts.modules.empty() &&
+             &ts != s.phase_thread.load(std::memory_order_relaxed)) {
+    phase = kPhaseOther;
+  }
+  e.phase = static_cast<int8_t>(phase);
   e.kind = kind;
   if (kind == kKindMark) e.op = label;
   ts.buffer->events.append(e);
@@ -664,6 +676,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.seqs_reserved = 0;
   s.side_capacity = std::max<int64_t>(capacity, kMinSideCap);
   s.phase = kPhaseOther;
+  s.phase_thread = nullptr;
   s.step = 0;
   s.hooks_only = hooks_only;
   uint64_t gen = s.generation.fetch_add(1) + 1;
@@ -744,6 +757,7 @@ void set_phase(int32_t phase) {
                                 std::to_string(phase));
   }
   session().phase.store(phase, std::memory_order_relaxed);
+  session().phase_thread.store(&tls(), std::memory_order_relaxed);
 }
 int32_t get_phase() { return session().phase.load(std::memory_order_relaxed); }
 void set_step(int32_t step) { session().step.store(step, std::memory_order_relaxed); }

@@ -356,7 +356,8 @@ class Profile:
         return idx[(free_of < 0) | (free_of > pos)]
 
     def breakdown(self, by: str = "category", at: str | int = "peak") -> dict[str, int]:
-        """Bytes alive at `at`, grouped by category, module, op, node or phase (largest first)."""
+        """Bytes alive at `at`, grouped by category, module, op, node, phase or thread (the
+        recording's thread index; largest first)."""
         alive = self.alive_at(at)
         sizes = self.memory["size"][alive]
         if by == "category":
@@ -375,9 +376,15 @@ class Profile:
             keys = self.memory["phase"][alive]
             names = {i: p for i, p in enumerate(PHASES)}
             out = {}
+        elif by == "thread":
+            keys = self.memory["thread"][alive]
+            model_thread = self.model_thread
+            names = {int(t): "before tracking" if t < 0 else f"thread {int(t)}" + (
+                " (runs the model)" if t == model_thread else "") for t in np.unique(keys)}
+            out = {}
         else:
             raise ValueError(f"by={by!r}: expected one of 'category', 'module', 'op', 'node', "
-                             "'phase'")
+                             "'phase', 'thread'")
         if alive.size:
             uniq, inv = np.unique(keys, return_inverse=True)
             sums = np.bincount(inv, weights=sizes.astype(np.float64)).astype(np.int64)
@@ -393,6 +400,12 @@ class Profile:
                     name = self._name(k, NO_OP)
                 out[name] = out.get(name, 0) + int(s)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    @cached_property
+    def model_thread(self) -> int | None:
+        """The thread (index) that made most forward allocations: the training loop's."""
+        fwd = self.memory["thread"][(self.memory["phase"] == PHASE_FORWARD) & (self._sizes > 0)]
+        return int(np.bincount(fwd).argmax()) if fwd.size else None
 
     def module_tree(self, at: str | int = "peak") -> dict[str, dict[str, int]]:
         """Per module qualified name: self bytes and total bytes (self + descendants)."""

@@ -74,7 +74,10 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         t.add_row(name, fmt_bytes(cat.get(name, 0)), _share(cat.get(name, 0), s_peak))
     console.print(t)
 
-    for by, label in (("module", "module (self)"), ("op", "op that allocated")):
+    shown = [("module", "module (self)"), ("op", "op that allocated")]
+    if len(prof.breakdown("thread")) > 1:   # another thread holds memory at the peak
+        shown.append(("thread", "thread that allocated"))
+    for by, label in shown:
         rows = list(prof.breakdown(by).items())[:top]
         t = Table(title=f"Alive at the peak, by {label}", title_justify="left")
         t.add_column(by)
