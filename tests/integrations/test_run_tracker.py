@@ -172,3 +172,26 @@ def test_a_script_that_raises_past_the_framework_saves_its_own_error(tmp_path):
     import memprof
     assert memprof.load(str(tmp_path / "train.memprof")).meta["error"] == \
         "ValueError: bad batch at call 5"
+
+
+def test_live_peak_inside_another_block_is_the_same(tmp_path):
+    """A callback's run inside another block (a Trainer script under `memprof run`): the
+    logged peaks counted the model's parameters twice (in the block's baseline and again in
+    the outer block's records)."""
+    import memprof
+
+    def peaks(name: str) -> list[int]:
+        model, opt = _model_and_optimizer()
+        run = RunTracker(str(tmp_path), name, {})
+        run.start(model, opt, {"model": model})
+        out = []
+        for batch in (8, 64, 8):
+            _train_steps(model, opt, 1, batch)
+            out.append(run.step_peak())
+        run.stop()
+        return out
+
+    alone = peaks("alone")
+    with memprof.track():                  # the model is made inside the outer block
+        nested = peaks("nested")
+    assert nested == alone and min(alone) > 0

@@ -81,6 +81,11 @@ class LivePeak:
                        if dev == _C.DEVICE_CPU}
         self.live = sum(self.blocks.values())
         self.seen: dict[int, int] = {}   # records of each thread's log handled so far
+        if tracker.session.outer is not None:
+            # a block nested in another (the callback in a script under `memprof run`): the
+            # log holds the outer block's records too, and the blocks they made are in this
+            # block's baseline already: start past them
+            self._unseen()
 
     def __call__(self) -> int:
         if self.cuda:
