@@ -140,7 +140,7 @@ def test_a_record_published_after_a_later_threads_is_still_counted(monkeypatch):
 
     native = SimpleNamespace(DEVICE_CPU=DEVICE_CPU, events=events)
     monkeypatch.setattr(_common, "_C", native)
-    peak = LivePeak(SimpleNamespace(session=SimpleNamespace(snapshots=SimpleNamespace(
+    peak = LivePeak(SimpleNamespace(session=SimpleNamespace(outer=None, snapshots=SimpleNamespace(
         baseline=[(0x50, 7, DEVICE_CPU, -1, 0)]))), torch.device("cpu"))
     assert peak() == 7 + 100 + 1000
     assert peak() == 7 + 100 + 1000 + 10_000

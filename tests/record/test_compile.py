@@ -115,3 +115,49 @@ def test_a_non_strict_export_inside_the_block_is_not_tracked_as_a_forward(optimi
     assert len(prof.markers("forward_start")) == 3      # the export's pass is not one
     assert [m["value"] for m in prof.markers("batch")] == [8, 8, 8]
     assert prof.profile.run.meta["steps_marked"] == 2
+
+
+def _compiled_fit(how: str):
+    """6 AdamW steps of the MLP, compiled as `how` says: "in place" (model.compile() before
+    the block), "in block" (model.compile() inside it), "wrapper" (cm = torch.compile(model),
+    the loop calls cm, the block tracks model), or "auto" (model.compile() inside a block
+    without a model, as under `memprof run`)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    call = model
+    if how == "in place":
+        model.compile(backend="aot_eager")
+    elif how == "wrapper":
+        call = torch.compile(model, backend="aot_eager")
+    x, y = torch.randn(8, 32), torch.randn(8, 4)
+    with (memprof.track(auto_modules=True) if how == "auto" else memprof.track(model, opt)) \
+            as prof:
+        if how in ("in block", "auto"):
+            model.compile(backend="aot_eager")
+        losses = []
+        for _ in range(6):
+            loss = torch.nn.functional.mse_loss(call(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    return prof, model, losses
+
+
+@pytest.mark.parametrize("how", ["in place", "in block", "wrapper", "auto"])
+def test_a_model_compiled_in_place_or_through_its_wrapper_has_forward_passes(how):
+    """These showed forward 0 ms, 0 micro-steps per step and no batch size: the model's hooks
+    run inside the compiled code, where they step aside."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    before = (OptimizedModule.__dict__.get("__call__"), torch.nn.Module.compile)
+    prof, model, losses = _compiled_fit(how)
+    tp = throughput.summarize(prof)
+    assert len(prof.marker_positions("forward_start")) == 6
+    assert tp["micro_steps_per_step"] == 1 and tp["batch_size"] == 8
+    assert tp["stats"]["forward_ms"]["median"] > 0
+    # the instance is as it was: compiled, without memprof's entry
+    assert not getattr(model._compiled_call_impl, "_memprof_pass", False) \
+        if model._compiled_call_impl is not None else how == "wrapper"
+    assert (OptimizedModule.__dict__.get("__call__"), torch.nn.Module.compile) == before

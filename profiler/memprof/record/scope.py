@@ -16,6 +16,8 @@ report names (`compiled`).
 """
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 
 import torch
@@ -57,6 +59,7 @@ class ModuleScope:
         self._forward_depth = None                # the depth whose call began the real pass
         self.compiled = False                     # a module hook ran under torch.compile
         self._filter = None
+        self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_ids()
         self._handles: list = []
         if model is not None:
@@ -117,7 +120,12 @@ class ModuleScope:
         return out
 
     # ------------------------------------------------------------------ install / remove
-    def install(self) -> None:
+    def install(self, patches) -> None:
+        self._install_hooks()
+        if self.model is not None or self.auto:
+            self._see_compiled_calls(patches)
+
+    def _install_hooks(self) -> None:
         if self.model is not None:
             for mid, (_, mod) in enumerate(self.model.named_modules(remove_duplicate=True)):
                 if mid == 0:
@@ -140,6 +148,61 @@ class ModuleScope:
             self._handles.append(register_module_forward_pre_hook(self._auto_pre))
             self._handles.append(register_module_forward_hook(self._auto_post,
                                                               always_call=True))
+
+    # ------------------------------------------------------------------ torch.compile
+    # Module hooks run inside what torch.compile compiled, where they step aside: a model
+    # compiled in place (`model.compile()`) or called through its wrapper (`cm =
+    # torch.compile(model)` with track(model)) showed no forward pass at all (0 ms, no batch,
+    # 0 micro-steps). Both are called eagerly first, and there the pass is started.
+    def _see_compiled_calls(self, patches) -> None:
+        scope = self
+        self._patches = patches
+
+        def make_compile(original):
+            def compile(module, *args, **kwargs):
+                result = original(module, *args, **kwargs)
+                scope._compiled_in_place(module)
+                return result
+            return compile
+        patches.patch(torch.nn.Module, "compile", make_compile)
+        if self.model is None:
+            return
+        self._compiled_in_place(self.model)   # compiled before the block
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")   # loaded once torch.compile ran
+        if dynamo is not None and hasattr(dynamo, "OptimizedModule"):
+            patches.patch(dynamo.OptimizedModule, "__call__", self._wrapper_call)
+
+    def _compiled_in_place(self, module: torch.nn.Module) -> None:
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if compiled is None or getattr(compiled, "_memprof_pass", False):
+            return
+        if self.model is not None and module is not self.model:
+            return   # a submodule: its memory is its caller's, as for compiled code inside
+        scope = self
+
+        def call(*args, **kwargs):
+            if _compiling():
+                return compiled(*args, **kwargs)
+            if scope.model is not None:
+                return scope.forward_pass(compiled, *args, **kwargs)
+            scope._auto_pre(module, args, kwargs, kwargs_known=True)
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                scope._auto_post(module, args, None)
+        call._memprof_pass = True
+        self._patches.set(module, "_compiled_call_impl", call)
+
+    def _wrapper_call(self, original):
+        """OptimizedModule.__call__ while tracking: a call of the model's wrapper is a pass of
+        the model (other wrappers call through unchanged)."""
+        scope = self
+
+        def call(wrapper, *args, **kwargs):
+            if getattr(wrapper, COMPILE_WRAPPER, None) is not scope.model or _compiling():
+                return original(wrapper, *args, **kwargs)
+            return scope.forward_pass(functools.partial(original, wrapper), *args, **kwargs)
+        return call
 
     def remove(self) -> None:
         remove_handles(self._handles)
@@ -211,7 +274,7 @@ class ModuleScope:
             self._root_post(self.model, args, None)
 
     # ------------------------------------------------------------------ auto mode
-    def _auto_pre(self, module, args) -> None:
+    def _auto_pre(self, module, args, kwargs=None, kwargs_known: bool = False) -> None:
         if _compiling():
             self.compiled = True
             return
@@ -229,6 +292,8 @@ class ModuleScope:
         self._stack.append(mid)
         if not root:
             _C.push_module(mid)
+        elif kwargs_known:
+            self._root_pre(module, args, kwargs, mid)
         elif self._kwargs_hooks.get(id(module)) in module._forward_pre_hooks:
             self._root_waiting = module   # its own hook follows, with the keyword arguments
         else:

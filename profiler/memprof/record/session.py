@@ -154,7 +154,7 @@ class Session:
 
     def _install(self) -> None:
         self.steps.install()
-        self.scope.install()
+        self.scope.install(self.patches)
         self.snapshots.install()
         self.backward.install(self.patches)
         self.auto_steps.install()
