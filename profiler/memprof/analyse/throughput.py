@@ -44,7 +44,8 @@ STEADY_FRACTION = 0.5           # the p10 step must wait at least this share of 
 MIN_MEASURED_STEPS = 2
 
 PHASE_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end",
-                "optimizer_start", "step", "batch", "data_start", "data_end")
+                "optimizer_start", "step", "batch", "data_start", "data_end",
+                "update_start", "update_end")   # a hand-written update (record.update_watch)
 COLUMNS = ("wall_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")
 
 
@@ -64,6 +65,12 @@ def phase_table(entries, batch_override: int | None = None,
     for label, t, value in entries:
         if label == "batch":
             w.batch(int(value))
+            continue
+        if label == "update_end":   # carries the time the update's last write returned
+            w.update_end(int(value))
+            continue
+        if label == "update_start":   # carries the time the update began
+            w.event("optimizer_start", int(value))
             continue
         if t is None:
             continue
@@ -149,6 +156,14 @@ class _Window:
             self.t0_opt = t
             self.state = "optimizer"
             self.gap_start = None
+
+    def update_end(self, t: int) -> None:
+        """A hand-written update ended at t: what follows (the next batch) is not it."""
+        if self.t0_opt is not None:
+            self.opt += max(0, t - self.t0_opt)
+            self.t0_opt = None
+            self.state = "after_backward"
+            self.gap_start = t
 
     def close(self, t: int) -> None:
         if self.t0_opt is not None:

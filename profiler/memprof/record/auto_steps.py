@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .events import CAT_GRADIENTS
 from .snapshots import is_plain_tensor
+from .update_watch import UpdateWatch
 
 
 def fingerprint(params: list[torch.Tensor]) -> tuple[str, ...] | None:
@@ -40,6 +41,7 @@ class AutoSteps:
         self.session = session
         self._params: list[torch.Tensor] = []
         self._before: tuple | None = None
+        self.update = UpdateWatch(session.steps)   # where the hand-written update runs
 
     def install(self) -> None:
         self.session.backward.after.append(self._after_backward)
@@ -68,6 +70,7 @@ class AutoSteps:
             # cannot be read, fake or meta - nothing to look for)
             if self._before is not None:
                 self.session.scope.before_forward.append(self.check)
+                self.update.open(params)
 
     def check(self) -> None:
         """End the step if the parameters changed since the backward that made their grads."""
@@ -76,10 +79,15 @@ class AutoSteps:
         if not self._active():   # for good: steps are marked explicitly now
             self._stop_checking()
         elif fingerprint(self._params) != self._before:
-            self._stop_checking()
+            self._stop_checking(step_ended=True)
             self.session.steps.end_step(explicit=False)
 
-    def _stop_checking(self) -> None:
+    def close(self) -> None:
+        """The block ends: the update watch comes off whatever state it is in."""
+        self.update.close(step_ended=False)
+
+    def _stop_checking(self, step_ended: bool = False) -> None:
+        self.update.close(step_ended)
         self._params, self._before = [], None
         if self.check in self.session.scope.before_forward:
             self.session.scope.before_forward.remove(self.check)

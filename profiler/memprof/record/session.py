@@ -32,6 +32,7 @@ from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ
 from .patches import PatchRegistry
 from .auto_steps import AutoSteps
 from .scope import ModuleScope
+from .update_watch import label_updates
 from .snapshots import Snapshot, SnapshotRecorder
 from .steps import BackwardHook, StepClock
 
@@ -189,6 +190,7 @@ class Session:
             self.snapshots.final()
         finally:
             try:
+                self.auto_steps.close()
                 self.snapshots.release()
                 self._uninstall()
             finally:  # the native hook goes off whatever happened above
@@ -244,6 +246,7 @@ class Session:
             owned = [(int(p), int(m)) for p, _, _, m, c in base if c == cat]
             snaps.append(Snapshot(marker=len(base), category=int(cat),
                                   ptrs=[p for p, _ in owned], modules=[m for _, m in owned]))
+        label_updates(streams, strings)   # a hand-written update is the optimizer phase
         side = streams.side
         mark_idx = streams.side_index()[(side["kind"] == KIND_MARK) & np.isin(
             side["op"], [i for i, s in enumerate(strings) if s == "snapshot"])]
