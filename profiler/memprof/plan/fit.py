@@ -286,8 +286,19 @@ def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacit
                             "seen)", f"optimizer: {opt_name}",
                             "the recorded step used no activation checkpointing",
                             "steady state: optimizer state (and with accumulation the "
-                            "gradients) exist from the start of the step"],
+                            "gradients) exist from the start of the step",
+                            _workspace_note(gpu)],
             "estimates": plan.estimates, "wall_s": time.perf_counter() - t0}
+
+
+def _workspace_note(gpu) -> str:
+    """What every estimate holds that the recorded run did not: the GPU's cuBLAS workspaces
+    (a small budget reads "micro-batch 1 needs 24 MiB" against a 3 MiB recorded run)."""
+    from .cuda_kernels import cublas_workspace_bytes, target_for
+    n = 2 * cublas_workspace_bytes(target_for(gpu))
+    return (f"on the GPU every estimate holds {fmt_bytes(n)} of cuBLAS workspaces (one per "
+            "thread that runs matrix products: the forward's and autograd's) and the caching "
+            "allocator's rounding, which a CPU run does not have")
 
 
 def what_fits(profile: Profile, budget, capacity: int, label: str, step: int, *,
