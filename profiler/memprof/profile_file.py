@@ -101,7 +101,8 @@ def read(path: str) -> tuple[Run, list[Finding]]:
             NotImplementedError, RuntimeError, RecursionError, struct.error) as exc:
         # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ProfileFormatError(f"{path}: not a readable memprof profile ({detail})") from None
+        raise ProfileFormatError(f"{path}: not a readable memprof profile: truncated, damaged "
+                                 f"or another kind of file ({detail})") from None
     run = Run(events=events, strings=header["strings"], modules=header["modules"],
               seq_records=seqs, snapshots=[Snapshot(**s) for s in header["snapshots"]],
               meta=header["meta"], step_seqs=header["step_seqs"], records=header["records"])

@@ -158,7 +158,7 @@ def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
         logged.setdefault(name, {}).setdefault(step, []).append(v)
     if "loss" in logged:
         per_loss = {s: float(np.mean(v)) for s, v in logged["loss"].items()}
-        loss_source = "prof.log(loss=...)"
+        loss_source = "logged: prof.log(loss=...) or a memprof framework callback"
     else:
         by: dict[int, list[float]] = {}
         for step, v in (rec.losses if rec is not None else []):
