@@ -83,3 +83,80 @@ def test_an_optimizer_loop_is_left_to_the_optimizer_hooks():
     assert not prof.marker_positions("update_start").size   # the watch stood aside
     assert not _get_current_function_mode_stack()
     assert _phases_by_op(prof)["aten::randn"].keys() == {"other"}
+
+
+def test_sparse_gradients_train_as_before():
+    """The watch read every gradient's data pointer: a sparse gradient (nn.Embedding(sparse=
+    True)) has none, and loss.backward() raised on the first step of any loop."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    with memprof.track(emb, opt) as prof:
+        for _ in range(3):
+            emb(torch.randint(0, 50, (4, 6))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(prof.steps) == 3 and not _get_current_function_mode_stack()
+
+
+class _Counting(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("around", ["default device", "user mode"])
+def test_another_torch_function_mode_is_left_alone(around):
+    """Under torch.set_default_device or a user's mode the watch was pushed beneath it (the
+    backward runs inside that mode's handler) and never came off: every op of every later
+    step, and of the rest of the process, went through it."""
+    user = _Counting()
+    if around == "default device":
+        torch.set_default_device("cpu")
+    else:
+        user.__enter__()
+    try:
+        prof, _, losses = _train("sub")
+        stack = _get_current_function_mode_stack()
+        assert not any(type(m).__name__ == "UpdateWatch" for m in stack)
+        assert len(stack) == 1 and len(prof.steps) == 5 and len(losses) == 5
+    finally:
+        if around == "default device":
+            torch.set_default_device(None)
+        else:
+            user.__exit__(None, None, None)
+    assert not _get_current_function_mode_stack()
+
+
+def test_with_accumulation_the_watch_is_off_during_forward():
+    """Two micro-steps per hand-written update: the watch stayed on through the second
+    micro-step's forward (every op paid a Python call; dynamo compiled a second graph)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            seen.append(len(_get_current_function_mode_stack()))
+            return self.inner(x)
+
+    net = Probe()
+    with memprof.track(net) as prof:
+        for i in range(8):
+            net(torch.randn(4, 8)).sum().backward()
+            if i % 2:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= 0.1 * p.grad
+                        p.grad = None
+    assert seen == [0] * 8
+    assert len(prof.steps) == 4
+    assert throughput.summarize(prof)["micro_steps_per_step"] == 2

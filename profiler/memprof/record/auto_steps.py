@@ -70,7 +70,11 @@ class AutoSteps:
             # cannot be read, fake or meta - nothing to look for)
             if self._before is not None:
                 self.session.scope.before_forward.append(self.check)
-                self.update.open(params)
+        if self._before is not None:
+            try:
+                self.update.open(params)   # until the next forward (each micro-step's backward)
+            except Exception:  # noqa: BLE001  (recording must never break the user's backward)
+                pass
 
     def check(self) -> None:
         """End the step if the parameters changed since the backward that made their grads."""
@@ -81,6 +85,8 @@ class AutoSteps:
         elif fingerprint(self._params) != self._before:
             self._stop_checking(step_ended=True)
             self.session.steps.end_step(explicit=False)
+        else:   # a micro-step of an accumulation: no update yet, nothing to watch in a forward
+            self.update.close(step_ended=False)
 
     def close(self) -> None:
         """The block ends: the update watch comes off whatever state it is in."""

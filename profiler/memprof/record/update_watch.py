@@ -3,16 +3,20 @@ it begins and ends, so that its time and its temporaries are the optimizer phase
 `optimizer.step()`'s are.
 
 No hook announces a hand-written update; record.auto_steps finds the step only afterwards
-(the parameters changed by the next forward). So between a backward and the next forward a
+(the parameters changed by the next forward). So from each backward to the next forward a
 torch function mode looks at each torch call for an in-place write to a parameter's memory:
 the first one marks `update_start` (its value: when the call that last read a gradient before
-it began, the `lr * p.grad` of that write), and when the step ends an `update_end` marker carries the
-time the last write returned. Calls between the two (the `lr * p.grad` of the next parameter,
-a momentum buffer's update) are the update; what follows the last write (the next batch made
-or loaded) is not. The session gives the memory events between them the optimizer phase
-(`optimizer_spans`), the throughput table times them as the optimizer. The mode is on only in that window and only while steps are found this way
-(a loop with torch.optim stops it at its first optimizer step): an optimizer loop never pays
-for it, a hand-written one pays a Python call per torch call of its update.
+it began, the `lr * p.grad` of that write), and when the step ends an `update_end` marker
+carries the time the last write returned. Calls between the two (the `lr * p.grad` of the
+next parameter, a momentum buffer's update) are the update; what follows the last write (the
+next batch made or loaded) is not. The session gives the updating thread's memory events
+between them the optimizer phase (`label_updates`), the throughput table times them as the
+optimizer (on the host clock: with CUDA timing the update stays in "other").
+
+The mode is on only from a backward to the next forward, only while steps are found this way
+(an optimizer loop: its first step), and not under another torch function mode: a forward
+never runs under it, and a hand-written loop pays a Python call per torch call between its
+backward and its next forward.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import time
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import (TorchFunctionMode, _get_current_function_mode_stack, _pop_mode,
+                             _push_mode)
+from torch.utils import _device
 
 from .. import _C
 from .events import KIND_MARK, KIND_MEMORY, PHASE_OPTIMIZER, PHASE_OTHER
@@ -63,28 +69,42 @@ class UpdateWatch(TorchFunctionMode):
         self._grad_read_t = 0                     # when a call last read a gradient
         self._started = False
         self._last_end = 0
-        self._entered = False
 
     def open(self, params: list[torch.Tensor]) -> None:
-        """From a backward on: watch these parameters' memory (again) until close()."""
-        self._ptrs = frozenset(p.data_ptr() for p in params)
-        self._grads = frozenset(p.grad.data_ptr() for p in params if p.grad is not None)
+        """After a backward: watch these parameters' memory until the next forward (close).
+        Not while another torch function mode is on (torch.set_default_device's, a user's):
+        under it this one would sit on the stack in an order neither expects."""
+        if self._on_stack():
+            return
+        if _get_current_function_mode_stack() or _device.CURRENT_DEVICE is not None:
+            return
+        self._ptrs = frozenset(q for q in map(_ptr, params) if q is not None)
+        self._grads = frozenset(q for q in (_ptr(p.grad) for p in params if p.grad is not None)
+                                if q is not None)   # (a sparse gradient has no data pointer)
         self._grad_read_t = 0
-        if not self._entered:
-            self.__enter__()
-            self._entered = True
+        _push_mode(self)
 
     def close(self, step_ended: bool) -> None:
         """The window ends (the next forward, or the block); `step_ended`: at a step boundary
-        found by auto steps, where the update's end is marked."""
+        found by auto steps, where the update's end is marked. The mode comes off the stack
+        wherever it is (a backward run through another mode's handler put it beneath that
+        mode), the modes above it kept in their order."""
         if step_ended and self._started:
             _C.mark("update_end", self._last_end)
-        self._started = False
-        if self._entered:
-            stack = _get_current_function_mode_stack()
-            if stack and stack[-1] is self:   # else a mode the user entered since is above it
-                self.__exit__(None, None, None)
-                self._entered = False
+            self._started = False
+        if not self._on_stack():
+            return
+        above = []
+        while True:
+            mode = _pop_mode()
+            if mode is self:
+                break
+            above.append(mode)
+        for mode in reversed(above):
+            _push_mode(mode)
+
+    def _on_stack(self) -> bool:
+        return any(m is self for m in _get_current_function_mode_stack())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -108,29 +128,33 @@ class UpdateWatch(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def optimizer_spans(side: np.ndarray, strings: list[str]) -> list[tuple[int, int]]:
-    """(start ns, end ns) of each hand-written update, from the markers in the side stream."""
+def optimizer_spans(side: np.ndarray, strings: list[str]) -> list[tuple[int, int, int]]:
+    """(start ns, end ns, thread) of each hand-written update, from the markers in the side
+    stream (the thread that ran it)."""
     ids = {s: i for i, s in enumerate(strings) if s in ("update_start", "update_end")}
     if len(ids) < 2:
         return []
     marks = side[(side["kind"] == KIND_MARK) & np.isin(side["op"], list(ids.values()))]
     spans, start = [], None
-    for op, value in zip(marks["op"].tolist(), marks["ptr"].tolist()):
+    for op, value, thread in zip(marks["op"].tolist(), marks["ptr"].tolist(),
+                                 marks["thread"].tolist()):
         if op == ids["update_start"]:
-            start = int(value)
+            start = (int(value), int(thread))
         elif start is not None:
-            spans.append((start, int(value)))
+            spans.append((start[0], int(value), start[1]))
             start = None
     return spans
 
 
 def label_updates(streams, strings: list[str]) -> None:
     """Give the memory events of each hand-written update the optimizer phase (they were
-    recorded as "other": no hook said an update ran); both streams are time-ordered."""
-    for start, end in optimizer_spans(streams.side, strings):
+    recorded as "other": no hook said an update ran); only the updating thread's, as another
+    thread's blocks take no phase of the training thread. Both streams are time-ordered."""
+    for start, end, thread in optimizer_spans(streams.side, strings):
         for events in (streams.memory, streams.side):
             t = events["t_ns"]
             lo, hi = np.searchsorted(t, start, "left"), np.searchsorted(t, end, "right")
             span = events[lo:hi]
-            other = (span["kind"] == KIND_MEMORY) & (span["phase"] == PHASE_OTHER)
+            other = ((span["kind"] == KIND_MEMORY) & (span["phase"] == PHASE_OTHER)
+                     & (span["thread"] == thread))
             events["phase"][lo:hi][other] = PHASE_OPTIMIZER
