@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+import weakref
 
 import torch
 
@@ -38,6 +39,30 @@ def clean_name(name: str) -> str:
     """A module's path without torch.compile's wrapper level (`_orig_mod.layers.3` ->
     `layers.3`): the names the user wrote."""
     return ".".join(p for p in name.split(".") if p != COMPILE_WRAPPER)
+
+
+class ScopeHook:
+    """A hook the scope puts in a root module's own hook dict: a bound method there made the
+    model impossible to deepcopy (an EMA copy, `replicate`) or to pickle (`torch.save(model)`)
+    while tracking - both would copy the whole scope. Copied, it is the same hook; pickled,
+    one that does nothing."""
+    __slots__ = ("_scope", "_name")
+
+    def __init__(self, scope, name: str):
+        self._scope = weakref.ref(scope) if scope is not None else None
+        self._name = name
+
+    def __call__(self, *args):
+        scope = self._scope() if self._scope is not None else None
+        if scope is not None:
+            return getattr(scope, self._name)(*args)
+        return None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return ScopeHook, (None, self._name)
 
 
 class ModuleScope:
@@ -130,9 +155,9 @@ class ModuleScope:
             for mid, (_, mod) in enumerate(self.model.named_modules(remove_duplicate=True)):
                 if mid == 0:
                     self._handles.append(mod.register_forward_pre_hook(
-                        self._root_pre, with_kwargs=True))
-                    self._handles.append(mod.register_forward_hook(self._root_post,
-                                                                   always_call=True))
+                        ScopeHook(self, "_root_pre"), with_kwargs=True))
+                    self._handles.append(mod.register_forward_hook(
+                        ScopeHook(self, "_root_post"), always_call=True))
                 else:
                     self._handles.append(mod.register_forward_pre_hook(
                         self._push_hook(self._auto_ids[id(mod)])))
@@ -299,8 +324,8 @@ class ModuleScope:
         else:
             # a global pre-hook is not given keyword arguments (`model(**batch)`: the batch
             # size is in them): a hook of the root's own takes over from its next call
-            handle = module.register_forward_pre_hook(self._auto_root_pre, with_kwargs=True,
-                                                      prepend=True)
+            handle = module.register_forward_pre_hook(ScopeHook(self, "_auto_root_pre"),
+                                                      with_kwargs=True, prepend=True)
             self._handles.append(handle)
             self._kwargs_hooks[id(module)] = handle.id
             self._root_pre(module, args, None, mid)
