@@ -125,3 +125,21 @@ def test_training_step_is_the_forward_and_the_update_the_optimizer(tmp_path, rec
     assert not [w for w in recwarn if "no logger" in str(w.message)]
     # the instance's training_step is the class's again
     assert "training_step" not in module.__dict__
+
+
+def test_inside_memprof_run_forward_passes_are_marked_once(tmp_path):
+    """A fit under `memprof run` (the callback's block nested in the script's): training_step
+    was started as a pass through the inner block's scope, never installed - a second
+    forward_start per step, with step 0, and the step's allocations in a wrong module."""
+    import memprof
+    cb = Callback(tmp_path / "prof")
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 16), torch.randint(0, 4, (32,)))
+    with memprof.track(auto_modules=True) as outer:
+        pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[cb]).fit(
+            TinyMLP(), torch.utils.data.DataLoader(data, batch_size=8))
+    for prof in (outer, saved_profile(str(tmp_path / "prof"))):
+        starts = [m["value"] for m in prof.markers("forward_start")]
+        assert len(starts) == 3 and starts == sorted(starts), starts

@@ -178,7 +178,10 @@ class RunTracker:
         """While tracking, `owner.<name>(...)` is a forward pass of the model (phase, markers,
         batch size from its arguments): a framework whose step is not the model's forward
         (Lightning's `training_step` calls `self.net(x)`, never the module itself)."""
-        scope = self.tracker.session.scope
+        session = self.tracker.session
+        # a block nested in another (a Trainer script under `memprof run`) records through
+        # the outer one's scope: its own was never installed
+        scope = (session.outer or session).scope
         inner = getattr(owner, name)
 
         def method(*args, **kwargs):
