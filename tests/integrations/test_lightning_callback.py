@@ -125,6 +125,9 @@ def test_training_step_is_the_forward_and_the_update_the_optimizer(tmp_path, rec
     assert not [w for w in recwarn if "no logger" in str(w.message)]
     # the instance's training_step is the class's again
     assert "training_step" not in module.__dict__
+    # training_step(batch, batch_idx) is not a call of the module: not its recorded inputs
+    # (a budget re-estimate would call pl_module((x, y), 0))
+    assert prof.run.records.get("inputs") is None
 
 
 def test_inside_memprof_run_forward_passes_are_marked_once(tmp_path):

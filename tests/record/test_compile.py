@@ -157,6 +157,7 @@ def test_a_model_compiled_in_place_or_through_its_wrapper_has_forward_passes(how
     assert len(prof.marker_positions("forward_start")) == 6
     assert tp["micro_steps_per_step"] == 1 and tp["batch_size"] == 8
     assert tp["stats"]["forward_ms"]["median"] > 0
+    assert len(prof.profile.run.records["inputs"]["args"]) == 1   # the model's own call: (x,)
     # the instance is as it was: compiled, without memprof's entry
     assert not getattr(model._compiled_call_impl, "_memprof_pass", False) \
         if model._compiled_call_impl is not None else how == "wrapper"

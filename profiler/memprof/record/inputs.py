@@ -65,6 +65,8 @@ class InputRecorder:
             return
         if kwargs is None and not args:   # auto mode's first call of a root: not known yet
             return
+        if not self._session.scope.module_call:   # a training_step's (batch, batch_idx)
+            return
         # the first pass only: later ones need not call in (record.steps on per-step frames)
         self._session.scope.on_forward_start.remove(self._forward_start)
         self._record = {"args": [describe(a) for a in args],

@@ -81,6 +81,9 @@ class ModuleScope:
         self._kwargs_hooks: dict[int, int] = {}   # auto mode: id(root) -> its own hook's id
         self._root_waiting = None                 # auto mode: a root call its hook starts
         self._root_depth = 0                      # root calls running (hooks or forward_pass)
+        # whether the pass starting has the model's own call arguments (not those of
+        # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
+        self.module_call = True
         self._forward_depth = None                # the depth whose call began the real pass
         self.compiled = False                     # a module hook ran under torch.compile
         self._filter = None
@@ -209,7 +212,7 @@ class ModuleScope:
             if _compiling():
                 return compiled(*args, **kwargs)
             if scope.model is not None:
-                return scope.forward_pass(compiled, *args, **kwargs)
+                return scope._model_pass(compiled, args, kwargs, module_call=True)
             scope._auto_pre(module, args, kwargs, kwargs_known=True)
             try:
                 return compiled(*args, **kwargs)
@@ -226,7 +229,8 @@ class ModuleScope:
         def call(wrapper, *args, **kwargs):
             if getattr(wrapper, COMPILE_WRAPPER, None) is not scope.model or _compiling():
                 return original(wrapper, *args, **kwargs)
-            return scope.forward_pass(functools.partial(original, wrapper), *args, **kwargs)
+            return scope._model_pass(functools.partial(original, wrapper), args, kwargs,
+                                     module_call=True)
         return call
 
     def remove(self) -> None:
@@ -290,9 +294,18 @@ class ModuleScope:
         """Run fn(*args, **kwargs) as a forward pass of the model (phase, markers, batch size
         from its arguments, allocations in the root module): for loops whose training step
         is not the model's forward (Lightning's `training_step`)."""
+        return self._model_pass(fn, args, kwargs, module_call=False)
+
+    def _model_pass(self, fn, args, kwargs, module_call: bool):
+        """fn(*args, **kwargs) as a pass of the model; `module_call`: these are the model's
+        own call arguments (the inputs record describes only those)."""
         if self.model is None:
             return fn(*args, **kwargs)
-        self._root_pre(self.model, args, kwargs)
+        self.module_call = module_call
+        try:
+            self._root_pre(self.model, args, kwargs)
+        finally:
+            self.module_call = True
         try:
             return fn(*args, **kwargs)
         finally:
