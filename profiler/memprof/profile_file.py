@@ -31,7 +31,15 @@ class ProfileFormatError(ValueError):
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once)."""
+    """The process's umask: from /proc on Linux; elsewhere by setting it and setting it back
+    (for that instant another thread's new file would get 022)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

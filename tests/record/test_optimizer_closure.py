@@ -61,3 +61,26 @@ def test_closure_by_keyword_gives_the_same_phases():
     # tracking changed nothing in the training
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_closure_that_raises_leaves_no_update_waiting():
+    """step(closure) whose closure raised left the optimizer waiting for its update to start:
+    the next plain step() started it twice (a second optimizer_start after the update)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+
+    def failing():
+        raise RuntimeError("out of memory in the closure")
+
+    with memprof.track(model, optimizer=opt) as prof:
+        try:
+            opt.step(failing)
+        except RuntimeError:
+            pass
+        for _ in range(2):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(prof.markers("optimizer_start")) == 2 and len(prof.marker_positions("step")) == 2

@@ -50,3 +50,18 @@ def test_a_background_threads_blocks_are_not_activations():
     threads = p.breakdown("thread", at="end")
     assert threads[f"thread {int(m['thread'][big][0])}"] >= 1 << 20
     assert p.model_thread is not None and p.model_thread != int(m["thread"][big][0])
+
+
+def test_one_thread_shows_no_thread_table(capsys):
+    """Blocks from before tracking are not a second thread: the table showed in every
+    report of a model built before its block."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(2):
+            model(torch.randn(8, 16)).sum().backward()
+            opt.step()
+    assert "before tracking" in prof.breakdown("thread")
+    prof.report()
+    assert "by thread" not in capsys.readouterr().out

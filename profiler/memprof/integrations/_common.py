@@ -231,7 +231,9 @@ def _exit_cause() -> BaseException:
     the script (Python keeps it in sys.last_value before the exit handlers run), else that
     the process exited."""
     last = getattr(sys, "last_value", None)
-    if isinstance(last, BaseException):
+    ipython = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)
+    interactive = hasattr(sys, "ps1") or ipython() is not None   # (an earlier cell's error)
+    if isinstance(last, BaseException) and not interactive:
         return last
     return RuntimeError("the process exited during training (no framework callback ended the "
                         "run)")

@@ -104,7 +104,11 @@ class StepClock:
         self._waiting[id(optimizer)] = optimizer   # started at the post-hook if never called
 
         def closure_then_update(*a, **k):
-            result = closure(*a, **k)
+            try:
+                result = closure(*a, **k)
+            except BaseException:   # the step is abandoned: no post-hook will run
+                clock._waiting.pop(id(optimizer), None)
+                raise
             if clock._waiting.pop(id(optimizer), None) is not None:
                 clock._pre(optimizer, (optimizer,), {})
             elif clock.watches(optimizer):

@@ -75,7 +75,8 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     console.print(t)
 
     shown = [("module", "module (self)"), ("op", "op that allocated")]
-    if len(prof.breakdown("thread")) > 1:   # another thread holds memory at the peak
+    threads = [t for t in prof.breakdown("thread") if t != "before tracking"]
+    if len(threads) > 1:   # another thread than the model's holds memory at the peak
         shown.append(("thread", "thread that allocated"))
     for by, label in shown:
         rows = list(prof.breakdown(by).items())[:top]
