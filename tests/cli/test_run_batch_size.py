@@ -1,7 +1,7 @@
 """`memprof run` learns the batch size of a model called with keyword arguments
-(`model(input_ids=ids, labels=ids)`, as Hugging Face models are): a global module hook is not
-given them, so each root gets a hook of its own. `--batch-size N` sets it where no input says
-it."""
+(`model(input_ids=ids, labels=ids)`, as Hugging Face models are): a global pre-hook is not
+given them, the global forward hook is, at the pass's end. `--batch-size N` sets it where no
+input says it."""
 import json
 import textwrap
 
@@ -50,7 +50,7 @@ def test_batch_size_of_a_model_called_with_keywords(tmp_path, capsys):
     rc, out, err = _run(tmp_path, capsys)
     assert rc == 0, err
     tp = json.loads(out)["throughput"]
-    # every step after the first (the root's own hook comes in from its second call)
+    # from the global forward hook's keyword arguments, at each pass's end
     assert tp["batch_size"] == 6 and tp["stats"]["samples_per_s"]["median"] > 0
     assert tp["batch_size_source"] != "track(batch_size=...)"
     # the inputs described are a call's whose keyword arguments were seen

@@ -1,7 +1,8 @@
 """A tracked model can be copied and saved while tracking: an EMA copy (`copy.deepcopy`) or
 `torch.save(model)` after the first forward failed under `memprof run` ("cannot pickle
-'_thread.lock' object": the root's hook was a bound method of the scope), and a deepcopy
-inside `track(model)` the same way."""
+'_thread.lock' object": a root hook was a bound method of the scope), and a deepcopy inside
+`track(model)` the same way (the scope copies as itself). Auto mode (`memprof run`) puts no
+hook in the model at all."""
 import copy
 import io
 
@@ -29,6 +30,8 @@ def test_deepcopy_and_save_after_a_forward(auto):
         x = torch.randn(3, 8)
         assert torch.equal(ema(x), model(x))
         if auto:   # explicit mode's submodule hooks are closures: pickling them still fails
+            # nothing of memprof's in the model: a saved one loads where memprof is not
+            assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
             buf = io.BytesIO()
             torch.save(model, buf)
             buf.seek(0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-import weakref
 
 import torch
 
@@ -41,30 +40,6 @@ def clean_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != COMPILE_WRAPPER)
 
 
-class ScopeHook:
-    """A hook the scope puts in a root module's own hook dict: a bound method there made the
-    model impossible to deepcopy (an EMA copy, `replicate`) or to pickle (`torch.save(model)`)
-    while tracking - both would copy the whole scope. Copied, it is the same hook; pickled,
-    one that does nothing."""
-    __slots__ = ("_scope", "_name")
-
-    def __init__(self, scope, name: str):
-        self._scope = weakref.ref(scope) if scope is not None else None
-        self._name = name
-
-    def __call__(self, *args):
-        scope = self._scope() if self._scope is not None else None
-        if scope is not None:
-            return getattr(scope, self._name)(*args)
-        return None
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        return ScopeHook, (None, self._name)
-
-
 class ModuleScope:
     def __init__(self, model: torch.nn.Module | None, auto: bool, steps):
         self.model = model
@@ -74,12 +49,12 @@ class ModuleScope:
         self.param_module: dict[int, int] = {}    # id(parameter) -> module id
         self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
         self.before_forward: list = []            # fn(), before a real root forward starts
-        self.on_forward_start: list = []
+        self.on_forward_start: list = []          # fn(args, kwargs); kwargs None: not known yet
+        self.on_forward_inputs: list = []         # fn(args, kwargs): those, at the pass's end
         self.on_forward_end: list = []
         self._auto_ids: dict[int, int] = {}
         self._stack: list[int] = []               # auto mode: running module ids
-        self._kwargs_hooks: dict[int, int] = {}   # auto mode: id(root) -> its own hook's id
-        self._root_waiting = None                 # auto mode: a root call its hook starts
+        self._inputs_late = False                 # auto mode: the pass's kwargs come at its end
         self._root_depth = 0                      # root calls running (hooks or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -92,6 +67,12 @@ class ModuleScope:
         self._handles: list = []
         if model is not None:
             self._name_tree(model, "")
+
+    def __deepcopy__(self, memo):
+        """The scope itself: a model copied while tracked (an EMA copy, `replicate`) copies
+        its hooks, bound methods of this scope, and with them the scope (its locks made that
+        fail). The copy's hooks report to this one scope, as the original's do."""
+        return self
 
     # ------------------------------------------------------------------ naming
     def _name_tree(self, root: torch.nn.Module, prefix: str, rename=frozenset()) -> None:
@@ -158,9 +139,9 @@ class ModuleScope:
             for mid, (_, mod) in enumerate(self.model.named_modules(remove_duplicate=True)):
                 if mid == 0:
                     self._handles.append(mod.register_forward_pre_hook(
-                        ScopeHook(self, "_root_pre"), with_kwargs=True))
-                    self._handles.append(mod.register_forward_hook(
-                        ScopeHook(self, "_root_post"), always_call=True))
+                        self._root_pre, with_kwargs=True))
+                    self._handles.append(mod.register_forward_hook(self._root_post,
+                                                                   always_call=True))
                 else:
                     self._handles.append(mod.register_forward_pre_hook(
                         self._push_hook(self._auto_ids[id(mod)])))
@@ -174,7 +155,10 @@ class ModuleScope:
             warnings.filterwarnings("ignore", message=_GLOBAL_HOOK_WARNING)
             self._filter = warnings.filters[0]
             self._handles.append(register_module_forward_pre_hook(self._auto_pre))
+            # a global pre-hook is not given keyword arguments (`model(**batch)`: the batch
+            # size is in them), a global forward hook is: the pass's inputs come at its end
             self._handles.append(register_module_forward_hook(self._auto_post,
+                                                              with_kwargs=True,
                                                               always_call=True))
 
     # ------------------------------------------------------------------ torch.compile
@@ -213,11 +197,11 @@ class ModuleScope:
                 return compiled(*args, **kwargs)
             if scope.model is not None:
                 return scope._model_pass(compiled, args, kwargs, module_call=True)
-            scope._auto_pre(module, args, kwargs, kwargs_known=True)
+            scope._auto_pre(module, args, kwargs)
             try:
                 return compiled(*args, **kwargs)
             finally:
-                scope._auto_post(module, args, None)
+                scope._auto_post(module, args, kwargs, None)
         call._memprof_pass = True
         self._patches.set(module, "_compiled_call_impl", call)
 
@@ -274,6 +258,7 @@ class ModuleScope:
         _C.push_module(mid)
         if real:
             self._forward_depth = self._root_depth
+            self._inputs_late = kwargs is None
             for fn in tuple(self.on_forward_start):
                 fn(args, kwargs)
 
@@ -312,7 +297,9 @@ class ModuleScope:
             self._root_post(self.model, args, None)
 
     # ------------------------------------------------------------------ auto mode
-    def _auto_pre(self, module, args, kwargs=None, kwargs_known: bool = False) -> None:
+    def _auto_pre(self, module, args, kwargs=None) -> None:
+        """The global pre-hook (kwargs None: not given to it) or a compiled model's eager
+        entry (its kwargs)."""
         if _compiling():
             self.compiled = True
             return
@@ -328,25 +315,10 @@ class ModuleScope:
             mid = self._auto_ids[id(module)]
         root = not self._stack
         self._stack.append(mid)
-        if not root:
-            _C.push_module(mid)
-        elif kwargs_known:
+        if root:
             self._root_pre(module, args, kwargs, mid)
-        elif self._kwargs_hooks.get(id(module)) in module._forward_pre_hooks:
-            self._root_waiting = module   # its own hook follows, with the keyword arguments
         else:
-            # a global pre-hook is not given keyword arguments (`model(**batch)`: the batch
-            # size is in them): a hook of the root's own takes over from its next call
-            handle = module.register_forward_pre_hook(ScopeHook(self, "_auto_root_pre"),
-                                                      with_kwargs=True, prepend=True)
-            self._handles.append(handle)
-            self._kwargs_hooks[id(module)] = handle.id
-            self._root_pre(module, args, None, mid)
-
-    def _auto_root_pre(self, module, args, kwargs) -> None:
-        if self._root_waiting is module:
-            self._root_waiting = None
-            self._root_pre(module, args, kwargs, self._stack[-1])
+            _C.push_module(mid)
 
     def _add_root(self, module: torch.nn.Module) -> None:
         """A new outermost module; earlier roots inside it become its submodules, renamed."""
@@ -359,12 +331,16 @@ class ModuleScope:
                         rename)
         self.roots.insert(0 if first or not self.roots else len(self.roots), module)
 
-    def _auto_post(self, module, args, output) -> None:
+    def _auto_post(self, module, args, kwargs, output) -> None:
         if _compiling():
             return
         if self._stack:
             self._stack.pop()
             if self._stack:
                 _C.pop_module()
-            else:
-                self._root_post(module, args, output)
+                return
+            if self._inputs_late:
+                self._inputs_late = False
+                for fn in tuple(self.on_forward_inputs):
+                    fn(args, kwargs)
+            self._root_post(module, args, output)

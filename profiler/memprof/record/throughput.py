@@ -179,6 +179,7 @@ class ThroughputRecorder:
         params = session.params()
         self.cuda = _params_on_cuda(params)
         session.scope.on_forward_start.append(self._forward_start)
+        session.scope.on_forward_inputs.append(self._forward_inputs)
         if self.cuda:
             session.scope.on_forward_end.append(lambda: self._cuda_mark("forward_end"))
             session.steps.on_optimizer_pre.append(self._optimizer_pre)
@@ -229,6 +230,10 @@ class ThroughputRecorder:
     def _forward_start(self, args, kwargs) -> None:
         if self.cuda:
             self._cuda_mark("forward_start")
+        if kwargs is not None:   # (None: auto mode, the inputs come at the pass's end)
+            self._forward_inputs(args, kwargs)
+
+    def _forward_inputs(self, args, kwargs) -> None:
         if self.session.batch_size is None:
             n = leading_dim(args, kwargs)
             if n is not None:
