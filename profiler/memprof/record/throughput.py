@@ -178,7 +178,10 @@ class ThroughputRecorder:
         self.session = session
         params = session.params()
         self.cuda = _params_on_cuda(params)
-        session.scope.on_forward_start.append(self._forward_start)
+        if self.cuda:
+            session.scope.on_forward_start.append(
+                lambda args, kwargs: self._cuda_mark("forward_start"))
+        session.scope.on_forward_start.append(self._forward_inputs)
         session.scope.on_forward_inputs.append(self._forward_inputs)
         if self.cuda:
             session.scope.on_forward_end.append(lambda: self._cuda_mark("forward_end"))
@@ -227,14 +230,9 @@ class ThroughputRecorder:
         if self.cuda:
             self._cuda_mark("backward_end")
 
-    def _forward_start(self, args, kwargs) -> None:
-        if self.cuda:
-            self._cuda_mark("forward_start")
-        if kwargs is not None:   # (None: auto mode, the inputs come at the pass's end)
-            self._forward_inputs(args, kwargs)
-
     def _forward_inputs(self, args, kwargs) -> None:
-        if self.session.batch_size is None:
+        """At a pass's start, or (auto mode: kwargs None at the start) at its end."""
+        if kwargs is not None and self.session.batch_size is None:
             n = leading_dim(args, kwargs)
             if n is not None:
                 _C.mark("batch", n)
