@@ -39,3 +39,14 @@ def test_deepcopy_and_save_after_a_forward(auto):
             assert torch.equal(back(x), model(x))
     # the copies outlive the block and run as plain modules
     assert torch.equal(ema(x), model(x))
+
+
+def test_auto_mode_leaves_no_global_hook_behind():
+    """The global forward hook is registered with_kwargs; its handle's remove() leaves that
+    entry in torch's table, and torch went on seeing a global hook after the block (every
+    torch.compile of the process warned of one)."""
+    from torch.nn.modules import module as nn_module
+    model = _model()
+    with memprof.track(auto_modules=True):
+        model(torch.randn(2, 8))
+    assert not nn_module._has_any_global_hook()

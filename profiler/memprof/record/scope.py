@@ -55,6 +55,7 @@ class ModuleScope:
         self._auto_ids: dict[int, int] = {}
         self._stack: list[int] = []               # auto mode: running module ids
         self._inputs_late = False                 # auto mode: the pass's kwargs come at its end
+        self._kwargs_hook_id = None               # auto mode: the global forward hook's id
         self._root_depth = 0                      # root calls running (hooks or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -157,9 +158,10 @@ class ModuleScope:
             self._handles.append(register_module_forward_pre_hook(self._auto_pre))
             # a global pre-hook is not given keyword arguments (`model(**batch)`: the batch
             # size is in them), a global forward hook is: the pass's inputs come at its end
-            self._handles.append(register_module_forward_hook(self._auto_post,
-                                                              with_kwargs=True,
-                                                              always_call=True))
+            post = register_module_forward_hook(self._auto_post, with_kwargs=True,
+                                                always_call=True)
+            self._handles.append(post)
+            self._kwargs_hook_id = post.id
 
     # ------------------------------------------------------------------ torch.compile
     # Module hooks run inside what torch.compile compiled, where they step aside: a model
@@ -219,6 +221,13 @@ class ModuleScope:
 
     def remove(self) -> None:
         remove_handles(self._handles)
+        if self._kwargs_hook_id is not None:
+            # the handle leaves its with_kwargs entry behind (torch 2.13): torch would go on
+            # seeing a global hook (torch.compile warns of one for the rest of the process)
+            from torch.nn.modules import module as nn_module
+            getattr(nn_module, "_global_forward_hooks_with_kwargs", {}).pop(
+                self._kwargs_hook_id, None)
+            self._kwargs_hook_id = None
         if self._filter in warnings.filters:
             warnings.filters.remove(self._filter)
             getattr(warnings, "_filters_mutated", lambda: None)()   # drop the filter cache
