@@ -7,7 +7,6 @@ import json
 from .base import Command, UsageError, at_least_one, check_writable
 
 
-
 class ReportCommand(Command):
     name = "report"
     help = "print the report of a saved profile"

@@ -125,9 +125,8 @@ def frame_roots(frame) -> list[tuple[str, object]]:
         # debugger refreshes it from the variables before it reads it, so nothing is lost.
         local_vars.clear()
     if scope:
-        mod = frame.f_globals.get("__name__", "globals")
-        roots += [(f"{mod}.{k}", v) for k, v in frame.f_globals.items()
-                  if not k.startswith("__") and not _is_atom(v)]
+        roots += namespace_roots(f"{frame.f_globals.get('__name__', 'globals')}.",
+                                 frame.f_globals)
     return roots
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -109,11 +110,9 @@ class LeakProbe:
         _C.mark("leak_probe", completed)
         self._record = {
             "completed_steps": completed,
-            "graphs": [{"tensor_id": g.tensor_id, "min_seq": g.min_seq, "max_seq": g.max_seq,
-                        "nbytes": g.nbytes, "storage": g.storage, "numel": g.numel,
-                        "grad_fn": g.grad_fn, "nodes": g.nodes, "shape": list(g.shape),
-                        "saved": [[int(p), int(b)] for p, b in g.saved.items()]}
-                       for g in old],
+            # plain JSON: the saved storages as pairs (analyse.leaks turns them back)
+            "graphs": [{**asdict(g), "shape": list(g.shape),
+                        "saved": [[int(p), int(b)] for p, b in g.saved.items()]} for g in old],
             "holders": {str(g.tensor_id): holders[g.tensor_id] for g in old},
             "truncated": bool(truncated),
         }

@@ -46,7 +46,7 @@ class StepClock:
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
         self.explicit = False                     # steps marked by an optimizer or prof.step()
-        self._waiting: dict = {}                  # id -> optimizer whose closure runs first
+        self._waiting: set[int] = set()           # ids of optimizers whose closure runs first
         self._handles: list = []
 
     def watches(self, optimizer) -> bool:
@@ -101,15 +101,16 @@ class StepClock:
             # this optimizer marks the steps: auto steps stop before its closure runs (LBFGS
             # changes the parameters between the closure's calls inside one step)
             self.explicit = True
-        self._waiting[id(optimizer)] = optimizer   # started at the post-hook if never called
+        self._waiting.add(id(optimizer))   # started at the post-hook if never called
 
         def closure_then_update(*a, **k):
             try:
                 result = closure(*a, **k)
             except BaseException:   # the step is abandoned: no post-hook will run
-                clock._waiting.pop(id(optimizer), None)
+                clock._waiting.discard(id(optimizer))
                 raise
-            if clock._waiting.pop(id(optimizer), None) is not None:
+            if id(optimizer) in clock._waiting:
+                clock._waiting.discard(id(optimizer))
                 clock._pre(optimizer, (optimizer,), {})
             elif clock.watches(optimizer):
                 _C.mark("optimizer_start", clock.step)
@@ -121,7 +122,8 @@ class StepClock:
         return (args[0], closure_then_update) + tuple(args[2:]), kwargs
 
     def _post(self, optimizer, args, kwargs) -> None:
-        if self._waiting and self._waiting.pop(id(optimizer), None) is not None:
+        if self._waiting and id(optimizer) in self._waiting:
+            self._waiting.discard(id(optimizer))
             self._pre(optimizer, (optimizer,), {})   # a step given a closure it did not call
         if not self.watches(optimizer):
             return

@@ -178,12 +178,9 @@ class ThroughputRecorder:
         self.session = session
         params = session.params()
         self.cuda = _params_on_cuda(params)
-        if self.cuda:
+        if self.cuda:   # (the forward's CUDA event first: the batch size read below follows it)
             session.scope.on_forward_start.append(
                 lambda args, kwargs: self._cuda_mark("forward_start"))
-        session.scope.on_forward_start.append(self._forward_inputs)
-        session.scope.on_forward_inputs.append(self._forward_inputs)
-        if self.cuda:
             session.scope.on_forward_end.append(lambda: self._cuda_mark("forward_end"))
             session.steps.on_optimizer_pre.append(self._optimizer_pre)
             session.steps.on_step_end.append(lambda: self._cuda_mark("step"))
@@ -194,6 +191,8 @@ class ThroughputRecorder:
             except Exception as err:  # noqa: BLE001  (no sampler: times are still measured)
                 self.gpu = None
                 self.gpu_error = f"{type(err).__name__}: {err}"
+        session.scope.on_forward_start.append(self._forward_inputs)
+        session.scope.on_forward_inputs.append(self._forward_inputs)
         session.backward.after.append(self._after_backward)
         from torch.utils.data import dataloader
         session.patches.patch(dataloader._BaseDataLoaderIter, "__next__", self._wrap_next)

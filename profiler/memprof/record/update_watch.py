@@ -74,10 +74,8 @@ class UpdateWatch(TorchFunctionMode):
         """After a backward: watch these parameters' memory until the next forward (close).
         Not while another torch function mode is on (torch.set_default_device's, a user's):
         under it this one would sit on the stack in an order neither expects."""
-        if self._on_stack():
-            return
         if _get_current_function_mode_stack() or _device.CURRENT_DEVICE is not None:
-            return
+            return   # (this one included: still open)
         self._ptrs = frozenset(q for q in map(_ptr, params) if q is not None)
         self._grads = frozenset(q for q in (_ptr(p.grad) for p in params if p.grad is not None)
                                 if q is not None)   # (a sparse gradient has no data pointer)
