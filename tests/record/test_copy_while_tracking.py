@@ -1,8 +1,9 @@
 """A tracked model can be copied and saved while tracking: an EMA copy (`copy.deepcopy`) or
 `torch.save(model)` after the first forward failed under `memprof run` ("cannot pickle
-'_thread.lock' object": a root hook was a bound method of the scope), and a deepcopy inside
-`track(model)` the same way (the scope copies as itself). Auto mode (`memprof run`) puts no
-hook in the model at all."""
+'_thread.lock' object": a root hook was a bound method of the scope), and inside
+`track(model)` the same way (its submodule hooks are closures). Auto mode (`memprof run`) puts
+no hook in the model at all; explicit mode's hooks are left out of what a copy or a save takes
+(the user's own hooks are kept)."""
 import copy
 import io
 
@@ -29,16 +30,49 @@ def test_deepcopy_and_save_after_a_forward(auto):
         ema = copy.deepcopy(model)               # an EMA / target network
         x = torch.randn(3, 8)
         assert torch.equal(ema(x), model(x))
-        if auto:   # explicit mode's submodule hooks are closures: pickling them still fails
-            # nothing of memprof's in the model: a saved one loads where memprof is not
+        if auto:
             assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
-            buf = io.BytesIO()
-            torch.save(model, buf)
-            buf.seek(0)
-            back = torch.load(buf, weights_only=False)
-            assert torch.equal(back(x), model(x))
-    # the copies outlive the block and run as plain modules
-    assert torch.equal(ema(x), model(x))
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        assert torch.equal(back(x), model(x))
+    # nothing of memprof's in the copies: a saved one loads where memprof is not, and they
+    # outlive the block as plain modules
+    for copied in (ema, back):
+        assert not any(getattr(m, table) for m in copied.modules() for table in _TABLES)
+        assert torch.equal(copied(x), model(x))
+
+
+_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+           "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _double_output(module, args, output):
+    return output * 2
+
+
+def test_copies_keep_the_users_hooks():
+    """Only memprof's hooks are left out: a hook of the user's (registered before and after
+    the block's own) is in the copy and the saved model, and still changes their output."""
+    model = _model()
+    model[0].register_forward_hook(_double_output)
+    x = torch.randn(3, 8)
+    with memprof.track(model):
+        model[2].register_forward_hook(_double_output)
+        expected = model(x)
+        ema = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    for copied in (ema, back):
+        assert [len(m._forward_hooks) for m in copied] == [1, 0, 1]
+        assert torch.equal(copied(x), expected)
+    assert torch.nn.Module.__getstate__ is _MODULE_GETSTATE   # restored
+
+
+_MODULE_GETSTATE = torch.nn.Module.__getstate__
 
 
 def test_auto_mode_leaves_no_global_hook_behind():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+from collections import OrderedDict
 
 import torch
 
@@ -32,6 +33,9 @@ from .patches import remove_handles
 _compiling = torch.compiler.is_compiling
 _GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
+#: a module's forward hook tables, keyed by handle id (what `_install_hooks` writes into)
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def clean_name(name: str) -> str:
@@ -68,12 +72,6 @@ class ModuleScope:
         self._handles: list = []
         if model is not None:
             self._name_tree(model, "")
-
-    def __deepcopy__(self, memo):
-        """The scope itself: a model copied while tracked (an EMA copy, `replicate`) copies
-        its hooks, bound methods of this scope, and with them the scope (its locks made that
-        fail). The copy's hooks report to this one scope, as the original's do."""
-        return self
 
     # ------------------------------------------------------------------ naming
     def _name_tree(self, root: torch.nn.Module, prefix: str, rename=frozenset()) -> None:
@@ -132,8 +130,30 @@ class ModuleScope:
     # ------------------------------------------------------------------ install / remove
     def install(self, patches) -> None:
         self._install_hooks()
+        if self.model is not None:
+            self._copy_without_hooks(patches)
         if self.model is not None or self.auto:
             self._see_compiled_calls(patches)
+
+    def _copy_without_hooks(self, patches) -> None:
+        """A module copied or saved while tracked leaves memprof's hooks behind: they are
+        closures and bound methods of this scope, which `torch.save(model)` could not pickle
+        (a checkpoint of the whole model raised mid-training), and a copy (an EMA, a target
+        network) kept them after the block. Module's own pickled state drops them; a
+        subclass's `__getstate__` that calls it does too."""
+        ours = {h.id for h in self._handles}
+
+        def make(original):
+            def __getstate__(module):
+                state = original(module)
+                for key in _HOOK_TABLES:
+                    table = state.get(key)
+                    if table and not ours.isdisjoint(table):
+                        state[key] = OrderedDict((k, v) for k, v in table.items()
+                                                 if k not in ours)
+                return state
+            return __getstate__
+        patches.patch(torch.nn.Module, "__getstate__", make)
 
     def _install_hooks(self) -> None:
         if self.model is not None:
