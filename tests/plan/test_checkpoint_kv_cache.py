@@ -124,5 +124,35 @@ def test_a_positional_cache_is_dropped_and_other_arguments_kept():
     blocks = nn.ModuleList([Writer(), Writer()])
     x = torch.randn(2, 4, requires_grad=True)
     with memprof.checkpoint.apply(blocks, "every", blocks=list(blocks)):
-        blocks[0](x, torch.ones(4), 2.0).sum().backward()
+        blocks[0](x, (torch.ones(4), torch.ones(4)), 2.0).sum().backward()
     assert blocks[0].seen == [(False, 2.0), (False, 2.0)]
+
+
+def test_a_tensor_named_cache_is_passed_on():
+    """`cache` is also what blocks call a table they only read (rotary angles): a tensor
+    there is not a KV cache (those are cache objects or tuples) and is passed on; dropping
+    it took another branch of the block, and its results changed without a word."""
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, cache=None):
+            y = self.lin(x)
+            return y * cache if cache is not None else y
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([Rotary(), Rotary()])
+    x, table = torch.randn(2, 4), torch.randn(4)
+    plain = blocks[0](x, table)
+    plain.sum().backward()
+    expected = blocks[0].lin.weight.grad.clone()
+    blocks.zero_grad()
+    with memprof.checkpoint.apply(blocks, "every", blocks=list(blocks)):
+        out = blocks[0](x, cache=table)
+        out.sum().backward()
+        torch.testing.assert_close(out, plain)
+        torch.testing.assert_close(blocks[0].lin.weight.grad, expected)
+        blocks.zero_grad()
+        blocks[0](x, table).sum().backward()
+        torch.testing.assert_close(blocks[0].lin.weight.grad, expected)

@@ -188,21 +188,28 @@ class CheckpointHandle:
 
 #: keyword arguments through which a transformer block reads and writes a KV cache
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+#: of those, the name other blocks also give a tensor they only read (a rotary table): there a
+#: KV cache is a cache object or a tuple of tensors, and a tensor is passed on
+_GENERIC_CACHE = "cache"
 
 
-def _cache_positions(inner) -> tuple[int, ...]:
-    """Positions of the cache parameters in a block's forward (Hugging Face's GPT-2 block
-    takes its cache as the second positional argument)."""
+def _is_cache(name: str, value) -> bool:
+    return value is not None and not (name == _GENERIC_CACHE and isinstance(value, torch.Tensor))
+
+
+def _cache_positions(inner) -> dict[int, str]:
+    """Positions of the cache parameters in a block's forward, with their names (Hugging
+    Face's GPT-2 block takes its cache as the second positional argument)."""
     try:
         params = list(inspect.signature(inner).parameters.values())
     except (TypeError, ValueError):      # a C function or a callable without a signature
-        return ()
-    return tuple(i for i, p in enumerate(params)
-                 if p.name in _CACHE_KWARGS
-                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        return {}
+    return {i: p.name for i, p in enumerate(params)
+            if p.name in _CACHE_KWARGS
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
-def _without_cache(block: nn.Module, positions: tuple[int, ...], args: tuple,
+def _without_cache(block: nn.Module, positions: dict[int, str], args: tuple,
                    kwargs: dict) -> tuple[tuple, dict]:
     """A block given a KV cache (Hugging Face decoders in training keep use_cache=True unless
     their own gradient checkpointing is on) writes to it in the forward and again in the
@@ -215,10 +222,11 @@ def _without_cache(block: nn.Module, positions: tuple[int, ...], args: tuple,
         kwargs["use_cache"] = False
     if not getattr(block, "_can_checkpoint_with_cache", False):
         for name in _CACHE_KWARGS:
-            if kwargs.get(name) is not None:
+            if _is_cache(name, kwargs.get(name)):
                 kwargs[name] = None
-        if any(i < len(args) and args[i] is not None for i in positions):
-            args = tuple(None if i in positions else a for i, a in enumerate(args))
+        if any(i < len(args) and _is_cache(name, args[i]) for i, name in positions.items()):
+            args = tuple(None if i in positions and _is_cache(positions[i], a) else a
+                         for i, a in enumerate(args))
     return args, kwargs
 
 
