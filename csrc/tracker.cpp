@@ -19,6 +19,7 @@
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <pybind11/stl.h>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -740,6 +741,40 @@ std::string stop() {
 
 bool is_active() { return session().active.load(); }
 
+// ---------------------------------------------------------------------------------------------
+// fork(). A child (a DataLoader worker, multiprocessing's fork start method) inherits the
+// session: it went on recording into its copy of the log, which nobody reads (a worker's
+// memory grew ~75 bytes per allocation for its whole life). fork's child handler only stops
+// it (an atomic store: nothing else is safe before the child runs); memprof's Python at-fork
+// handler then calls release_after_fork, which takes the hooks off the child.
+std::atomic<bool> g_forked_while_active{false};
+
+void stop_in_forked_child() {
+  Session& s = session();
+  g_forked_while_active.store(s.active.load(std::memory_order_relaxed),
+                              std::memory_order_relaxed);
+  s.active.store(false, std::memory_order_relaxed);
+}
+
+// In a forked child: the op callback and the allocation hook off, the log's copy dropped, so
+// the child runs at its own speed and can start a session of its own. The locks a parent's
+// thread may have held at the fork are made anew (the child has one thread).
+void release_after_fork() {
+  if (!g_forked_while_active.exchange(false)) return;
+  Session& s = session();
+  new (&s.registry_mu) std::mutex();
+  s.buffers.clear();
+  new (&s.strings) StringTable();   // the old table is abandoned with its lock
+  if (s.callback_installed) {
+    at::removeCallback(s.callback);
+    s.callback_installed = false;
+  }
+  pop_stale_reporter();   // not live any more: the forking thread's hook comes off
+  s.reporter.reset();
+  s.generation.fetch_add(1);
+  FLAGS_caffe2_log_level = s.saved_log_level;
+}
+
 void push_module(int32_t id) {
   if (!recording()) return;
   thread_state().modules.push_back(id);
@@ -968,6 +1003,10 @@ py::dict counters() {
 }  // namespace
 
 void register_tracker(py::module_& m) {
+  static const int forked = pthread_atfork(nullptr, nullptr, &stop_in_forked_child);
+  (void)forked;
+  m.def("release_after_fork", &release_after_fork,
+        "In a child forked while recording: take the hooks off and drop the log's copy.");
   m.def("start", &start, py::arg("capacity"), py::arg("hooks_only") = false,
         "Start recording allocations and ops on this thread (and autograd threads it spawns). "
         "hooks_only: install the same hooks with empty bodies and record nothing (what "

@@ -50,6 +50,7 @@ class Tracker:
         self.path = path
         self.profile: Profile | None = None
         self.saved: str | None = None     # where the profile was saved, once it was
+        self.forked_away = False   # this is a child forked inside the block: no profile here
         self._entered = False
         self._analyses = list(analyses) if analyses is not None else None
 
@@ -108,6 +109,10 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if isinstance(exc, SystemExit) and exc.code in (None, 0):
             exc = None   # sys.exit() / sys.exit(0): the code ended normally
+        if self.session.forked_away:   # a child forked inside the block: the parent profiles
+            self.forked_away = True
+            self.session = None
+            return False
         self.session.stop(exc)
         nested = self.session.outer is not None
         self.profile = Profile(Run.from_session(self.session))

@@ -109,6 +109,8 @@ class RunCommand(Command):
             status = 1
         finally:
             sys.modules["__main__"] = saved_main
+        if tracker.forked_away:   # a child the script forked ran on to its end: as Python
+            return status
         rank = tracker.profile.meta.get("rank") if tracker.profile is not None else None
         if tracker.profile is not None:
             if rank:   # one report per job on the terminal: rank 0's; the others one line

@@ -46,6 +46,28 @@ def active_session() -> "Session | None":
     return _active
 
 
+def _leave_forked_child() -> None:
+    """A forked child (a DataLoader worker, multiprocessing's fork) inherits the session
+    recording at the fork: the native side stopped there, and here its hooks come off the
+    child (its torch runs as untracked, and a block the child enters is a session of its
+    own). A block the child goes on running (a bare os.fork()) ends without a profile: the
+    parent's is the run's."""
+    global _active, _start_lock
+    _start_lock = threading.Lock()   # a parent's thread may have held it at the fork
+    session, _active = _active, None
+    if session is None:
+        return
+    try:
+        session.auto_steps.close()
+        session._uninstall()
+    finally:
+        _C.release_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_leave_forked_child)
+
+
 class Session:
     def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
                  capacity: int = DEFAULT_CAPACITY, auto_modules: bool = False,
@@ -73,6 +95,7 @@ class Session:
         self.frame = None           # the code that entered the block: roots for holders
         self.roots: list[tuple[str, dict]] = []   # (prefix, namespace) also searched
         self.outer: Session | None = None
+        self.pid: int | None = None    # the process that entered the block
         self.thread: threading.Thread | None = None   # the thread that started recording
         self._nested_label = ""
         self._prev_thread_profile = None
@@ -127,8 +150,14 @@ class Session:
                                 float(v)))
 
     # ------------------------------------------------------------------ start / stop
+    @property
+    def forked_away(self) -> bool:
+        """True in a child forked inside the block: nothing was recorded there."""
+        return self.pid is not None and self.pid != os.getpid()
+
     def start(self, frame=None) -> None:
         global _active
+        self.pid = os.getpid()
         with _start_lock:   # two threads entering at once: one records, the other is refused
             if _active is not None:
                 _check_same_thread(_active)
@@ -182,6 +211,8 @@ class Session:
     def stop(self, exc: BaseException | None = None) -> None:
         """Remove every hook, drain the native log and assemble what Run.from_session reads."""
         global _active
+        if self.forked_away:   # the hooks came off at the fork (_leave_forked_child)
+            return
         if self.outer is not None:
             self._stop_nested(exc)
             return
