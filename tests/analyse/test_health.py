@@ -61,6 +61,46 @@ def warmup_cosine(warmup, total):
 
 
 # ------------------------------------------------------------------ the correct loop
+@pytest.mark.parametrize("scaled", ["divided", "multiplied"])
+def test_the_loss_shown_is_the_models_not_the_accumulation_scaled_one(scaled):
+    """`(loss / accum).backward()` (accelerate's backward too): the table showed 1.566 for a
+    loss of 6.25 with accumulation 4. The scaling by the micro-steps is undone and said."""
+    model, opt = setup()
+    data, accum, true = dataset(), 4, {}
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(3 * accum):
+            x, y = batch(data, i, b=16)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            true.setdefault(i // accum, []).append(loss.item())
+            (loss / accum if scaled == "divided" else loss * (1 / accum)).backward()
+            if (i + 1) % accum == 0:
+                opt.step()
+                opt.zero_grad()
+    h = prof.health
+    assert h["per_step"]["loss"] == pytest.approx([sum(v) / accum for v in true.values()],
+                                                  rel=1e-5)
+    assert "times 4" in h["loss_source"]
+
+
+def test_a_loss_scaled_otherwise_is_shown_as_computed():
+    """Halving a loss without accumulation (a weighted term), or dividing by a tensor (a
+    normalisation), is the user's loss: shown as it is."""
+    model, opt = setup()
+    data, shown = dataset(), []
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(4):
+            x, y = batch(data, i, b=16)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss = loss / 2 if i % 2 else loss / torch.tensor(3.0)
+            shown.append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    h = prof.health
+    assert h["per_step"]["loss"] == pytest.approx(shown, rel=1e-6)
+    assert h["loss_source"] == "root of backward"
+
+
 def test_correct_loop_with_warmup_cosine_and_accumulation_has_no_findings():
     model, opt = setup(lr=0.05)
     steps, accum, warmup = 30, 2, 5
@@ -77,7 +117,9 @@ def test_correct_loop_with_warmup_cosine_and_accumulation_has_no_findings():
     assert not [k for k in kinds(prof) if k in HEALTH_KINDS], prof.findings
     assert not memprof.findings(prof), prof.findings
     h = prof.health
-    assert h["steps"] == steps and h["loss_source"] == "root of backward"
+    assert h["steps"] == steps and h["loss_source"] == (
+        "root of backward times 2: the loss was divided by the 2 micro-steps of each "
+        "optimizer step")
     assert h["lr"]["warmup_optimizer_steps"] == warmup - 1 and h["lr"]["warmup_complete"]
     assert h["lr"]["peak"] == pytest.approx(0.05)
     assert h["lr"]["first"] == pytest.approx(0.05 / warmup)

@@ -112,6 +112,7 @@ class _Records:
         self.grad = {int(s): {"norm": n, "bad": b, "lr": lr} for s, n, b, lr in data["grad"]}
         self.clips = data["clips"]
         self.losses = data["losses"]
+        self.loss_divisors = data.get("loss_divisors") or [None] * len(self.losses)
         self.timeline = data["timeline"]
         self.errors = data["errors"]
 
@@ -161,11 +162,17 @@ def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
         loss_source = "logged: prof.log(loss=...) or a memprof framework callback"
     else:
         by: dict[int, list[float]] = {}
-        for step, v in (rec.losses if rec is not None else []):
+        divisors = []
+        for (step, v), d in zip(rec.losses, rec.loss_divisors) if rec is not None else ():
             if v is not None:
                 by.setdefault(step, []).append(v)
-        per_loss = {s: float(np.mean(v)) for s, v in by.items()}
+                divisors.append(d)
+        k = _accumulation_divisor(by, divisors)
+        per_loss = {s: float(np.mean(v)) * (k or 1.0) for s, v in by.items()}
         loss_source = "root of backward" if per_loss else None
+        if k:
+            loss_source += (f" times {k:g}: the loss was divided by the {k:g} micro-steps of "
+                            "each optimizer step")
     grad = rec.grad if rec is not None else {}
     steps = sorted(set(per_loss) | set(grad))
     clip_by_step, _ = _clips_by_step(rec)
@@ -192,6 +199,18 @@ def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
     if rec is not None and rec.errors:
         summary["errors"] = rec.errors[:10]
     return summary, per_loss
+
+
+def _accumulation_divisor(by_step: dict[int, list[float]], divisors: list) -> float | None:
+    """k when every backward root was the loss divided by k (record.health._divisor) and k is
+    the number of micro-steps of an optimizer step (the median: a last step may be short):
+    gradient accumulation's scaling, which the loss shown undoes (a loss of 1.56 read as the
+    model's was 6.25 / 4). Any other scaling is the user's loss and is shown as it is."""
+    if not divisors or any(d is None for d in divisors) or len(set(divisors)) != 1:
+        return None
+    k = float(divisors[0])
+    micro = float(np.median([len(v) for v in by_step.values()]))
+    return k if abs(micro - k) <= 1e-6 * k else None
 
 
 def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:

@@ -66,6 +66,29 @@ from .snapshots import is_plain_tensor
 FLUSH_EVERY = 32
 
 
+#: autograd nodes of `loss / k` and `loss * (1 / k)`
+_SCALING_NODES = ("DivBackward0", "MulBackward0")
+
+
+def _divisor(root: torch.Tensor) -> float | None:
+    """k when the backward root is `loss / k` or `loss * (1 / k)` for a plain number k (what
+    gradient accumulation does: `(loss / accum).backward()`, accelerate's backward): the
+    analysis undoes it when k is the number of micro-steps, so the table shows the model's
+    loss. A plain number is saved by autograd as a 0-dim double or long tensor (a user's
+    tensor divisor, `loss / loss.detach()`, is not one)."""
+    node = root.grad_fn
+    if node is None or type(node).__name__ not in _SCALING_NODES:
+        return None
+    other = getattr(node, "_saved_other", None)
+    if not isinstance(other, torch.Tensor) or other.dim() != 0 or \
+            other.dtype not in (torch.float64, torch.int64) or other.device.type != "cpu":
+        return None
+    k = float(other)
+    if type(node).__name__ == "MulBackward0":
+        k = 1.0 / k if 0.0 < k < 1.0 else 0.0
+    return k if k > 1.0 and math.isfinite(k) else None
+
+
 def _num(x) -> float:
     if isinstance(x, torch.Tensor):
         return float(x.detach().reshape(()).item())
@@ -83,6 +106,7 @@ class HealthRecorder:
         self.grad: dict[int, dict] = {}       # step -> {"norm", "bad", "lr"}
         self.clips: list[dict] = []           # {"step", "pre", "max_norm", "norm_type", "bad"}
         self.losses: list[list] = []          # [step, value]
+        self.loss_divisors: list = []         # per loss: the number it was divided by, or None
         self.timeline: list[tuple] = []       # ("F", step, lrs) ("B", step) ("O", step, opt_id)
         #                          ("S", step, sched_id, class, opt_id, lrs_after, lrs_before)
         self._opts: list = []                 # weakrefs of watched optimizers, in order seen
@@ -150,6 +174,7 @@ class HealthRecorder:
         return {"grad": [[s, r["norm"], r["bad"], r["lr"]] for s, r in sorted(self.grad.items())],
                 "clips": [dict(c) for c in self.clips],
                 "losses": [list(x) for x in self.losses],
+                "loss_divisors": list(self.loss_divisors),
                 "timeline": [list(ev) for ev in self.timeline],
                 "errors": list(self.errors)}
 
@@ -294,6 +319,7 @@ class HealthRecorder:
         if not scal:
             return
         self.losses.append([step, None])
+        self.loss_divisors.append(_divisor(scal[0]) if len(scal) == 1 else None)
         with torch.no_grad():
             if all(self._immediate(t) for t in scal):
                 self.losses[-1][1] = float(sum(_num(t) for t in scal))
