@@ -536,7 +536,8 @@ class _nothing:
 
 def test_norm_catcher_hands_over_only_the_total_it_caught_and_only_its_threads_norms():
     import threading
-    catcher = health_recorder._NormCatcher()
+    from memprof.record.clip_watch import NormCatcher
+    catcher = NormCatcher()
     model, _ = setup()
     params = list(model.parameters())
     for p in params:
@@ -558,3 +559,27 @@ def test_norm_catcher_hands_over_only_the_total_it_caught_and_only_its_threads_n
     ids, norms = catcher.take(total)
     assert ids == [id(p.grad) for p in params]           # the other thread's norm is not in it
     assert torch.equal(norms, torch.stack([p.grad.norm() for p in params]))
+
+
+def test_an_accelerate_prepared_optimizer_is_watched_through_its_wrapper():
+    """`track(model, accelerator.prepare(opt))`: the AcceleratedOptimizer steps the torch
+    optimizer without running torch's optimizer hooks itself, so the watched wrapper's hooks
+    never ran: no learning-rate or gradient-norm rows, silently."""
+    accelerate = pytest.importorskip("accelerate")
+    model, opt = setup(lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(5):
+            x, y = batch(data, i, b=16)
+            accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    h = prof.health
+    assert h["lr"]["peak"] == pytest.approx(0.01) and h["lr"]["warmup_optimizer_steps"] == 2
+    assert all(n is not None for n in h["per_step"]["grad_norm"])
+    assert len(prof.steps) - prof.partial_last_step == 5

@@ -15,6 +15,7 @@ import torch
 from .. import _C
 from ..record.distributed import identity, rank_path
 from ..record.events import EVENT_DTYPE, KIND_MEMORY
+from ..record.steps import torch_optimizer
 from ..track import Tracker
 
 PEAK_KEY = "memprof/peak_bytes"
@@ -49,16 +50,9 @@ def profile_path(output_dir: str, name: str) -> str:
 
 
 def unwrap_optimizer(optimizer):
-    """The torch optimizer whose step() memprof's hooks see: accelerate's AcceleratedOptimizer
-    and Lightning's LightningOptimizer wrap one (`.optimizer` / `._optimizer`)."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if type(optimizer).__module__.startswith("torch.optim"):
-            return optimizer
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer, seen = inner, seen + 1
+    """The torch optimizer a framework's optimizer object wraps (see torch_optimizer), or None
+    when it is not one."""
+    optimizer = torch_optimizer(optimizer)
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 

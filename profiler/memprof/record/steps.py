@@ -30,12 +30,29 @@ from .patches import PatchRegistry, remove_handles
 STEP_ON = ("auto", "optimizer", "backward", "manual")
 
 
+def torch_optimizer(optimizer):
+    """The optimizer whose step() torch's optimizer hooks see. accelerate's AcceleratedOptimizer
+    and Lightning's LightningOptimizer wrap one (`.optimizer` / `._optimizer`) and step it
+    without running the hooks themselves: `track(model, accelerated_optimizer)` watched an
+    optimizer whose hooks never ran (no LR or gradient-norm rows). A wrapper whose own step
+    runs the hooks (a Lookahead built as an Optimizer subclass) is the one stepped."""
+    for _ in range(8):
+        if optimizer is None or getattr(type(optimizer).step, "hooked", False) or \
+                type(optimizer).__module__.startswith("torch.optim"):
+            break
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
 class StepClock:
     def __init__(self, optimizer=None, step_on: str = "auto"):
         if step_on not in STEP_ON:
             raise ValueError(f"step_on: expected one of {', '.join(STEP_ON)}, got {step_on!r}")
         self.step_on = step_on
-        self.optimizer = optimizer
+        self.optimizer = torch_optimizer(optimizer)
         self.step = 0
         self.step_seqs: list[int] = []           # autograd sequence counter at each boundary
         self.step_owners: list[int] = []         # per boundary: id of the optimizer, or 0
