@@ -168,9 +168,60 @@ def test_ctrl_c_prints_the_traceback_as_python_does(tmp_path):
 
 
 def test_step_on_without_a_script_asks_for_the_script_only(capsys):
-    import pytest
     from memprof.cli import main
-    with pytest.raises(SystemExit):
-        main(["run", "--step-on", "optimizer"])
+    assert main(["run", "--step-on", "optimizer"]) == 2
     err = capsys.readouterr().err
-    assert "the following arguments are required: script" in err and "script_args" not in err
+    assert err == "memprof: run: expected a script (memprof run train.py ...) or -m MODULE\n"
+
+
+_SHOWS_ITSELF = '''
+import os, sys, torch
+print("argv", sys.argv[1:], "name", __name__, "package", repr(__package__),
+      "path0", sys.path[0] in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))))
+model = torch.nn.Linear(4, 4)
+model(torch.randn(2, 4)).sum().backward()
+'''
+
+
+def _both(tmp_path, *args):
+    """(python's run, memprof run's) of the same command line, in tmp_path."""
+    env = dict(os.environ, COLUMNS="250")
+    plain = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    tracked = subprocess.run([sys.executable, "-m", "memprof.cli", "run", *args], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+    return plain, tracked
+
+
+def test_modules_packages_and_directories_run_as_python_runs_them(tmp_path):
+    """`memprof run -m trainmod x` was refused ("unrecognized arguments: -m"), and `memprof
+    run app/` (a directory with a __main__.py) was "no such file"; arguments after -m NAME
+    (a script's own `-o`) and a `--` are the script's, as for python."""
+    (tmp_path / "trainmod.py").write_text(_SHOWS_ITSELF)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mymod.py").write_text(_SHOWS_ITSELF)
+    (tmp_path / "pkg" / "__main__.py").write_text(_SHOWS_ITSELF)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__main__.py").write_text(_SHOWS_ITSELF)
+    cases = {("-m", "trainmod", "x", "-o", "y", "--json"): "trainmod.memprof",
+             ("-m", "pkg.mymod", "a"): "pkg.mymod.memprof",
+             ("-m", "pkg", "--", "b"): "pkg.memprof",
+             ("app", "c"): "app.memprof",
+             ("trainmod.py", "--", "x"): "trainmod.memprof"}
+    for args, profile in cases.items():
+        plain, tracked = _both(tmp_path, *args)
+        assert plain.returncode == 0 and tracked.returncode == 0, (args, tracked.stderr)
+        first = tracked.stdout.splitlines()[0]
+        assert first == plain.stdout.strip(), (args, first, plain.stdout)
+        assert f"profile saved to {profile}" in tracked.stdout, (args, tracked.stdout[-300:])
+        assert memprof_pkg.load(str(tmp_path / profile)).peak > 0
+
+
+def test_an_unknown_module_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "-m", "no_such_module"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "memprof: -m 'no_such_module': no module of that name (a .py file or package on "
+        "sys.path, the current directory first)"]

@@ -32,8 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (sys.argv's by default), a script's own arguments kept as given
+    (Command.split_argv)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    passed_on = None
+    for cmd in commands():
+        if argv and argv[0] == cmd.name:
+            argv, passed_on = cmd.split_argv(argv)
+    args = parser.parse_args(argv)
+    if passed_on is not None:
+        args.script_args = passed_on
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    return _run(build_parser().parse_args(argv))
+    return _run(parse(argv))
 
 
 def console_main() -> None:
@@ -45,7 +60,7 @@ def console_main() -> None:
     (`memprof run`, a model of the user's), while a non-daemon thread is alive, and under a
     tracer or profiler (`python -m cProfile -m memprof.cli ...` writes its stats after
     main returns)."""
-    args = build_parser().parse_args()
+    args = parse()
     code = _run(args)
     if args.command_object.leaves_fast(args) and _nothing_else_to_end():
         atexit._run_exitfuncs()

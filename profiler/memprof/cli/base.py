@@ -25,6 +25,11 @@ class Command:
     def run(self, args: argparse.Namespace) -> int:
         raise NotImplementedError
 
+    def split_argv(self, argv: list[str]) -> tuple[list[str], list[str] | None]:
+        """(the command line argparse reads, arguments passed on verbatim or None): a command
+        that runs a user's script keeps the script's arguments out of argparse's hands."""
+        return argv, None
+
     def leaves_fast(self, args: argparse.Namespace) -> bool:
         """Whether the process may end without Python's finalization once run() returned
         (memprof.cli.console_main): a command says so only where memprof's own code alone

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import builtins
 import json
 import os
 import re
 import sys
 import traceback
-import types
 
 from ..record.patches import PatchRegistry
 from ..units import fmt_bytes
 from .base import Command, UsageError, at_least_one, check_writable
 from .report import parse_budget
+from .run_target import RunTarget, resolve, split_argv
 from .signals import ExitSignals, Terminated
 from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
 
@@ -33,7 +32,11 @@ class RunCommand(Command):
                    "report <name>.rank*.memprof` merges them.")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("script")
+        parser.add_argument("script", nargs="?",
+                            help="the script (or a directory with a __main__.py), as for python")
+        parser.add_argument("-m", dest="module", metavar="MODULE",
+                            help="run a module as `python -m MODULE` does; its arguments "
+                                 "follow it")
         # optional (a script without arguments); argparse < 3.12 would list it as required
         parser.add_argument("script_args", nargs=argparse.REMAINDER).required = False
         parser.add_argument("-o", "--output", help="profile file (default: <script>.memprof)")
@@ -51,36 +54,39 @@ class RunCommand(Command):
                             help="also replay the run against a GPU's usable memory (a name "
                                  "from `memprof gpus`, or bytes): where it would run out")
 
+    def split_argv(self, argv: list[str]) -> tuple[list[str], list[str] | None]:
+        return split_argv(argv, self._parser)
+
     def run(self, args) -> int:
-        if not os.path.isfile(args.script):
-            raise UsageError(f"script {args.script!r}: no such file")
+        if args.module is not None and args.script is not None:   # `run -m M x`: x is M's
+            args.script_args = [args.script] + list(args.script_args)
+            args.script = None
+        target = resolve(args.script, args.module)
         if args.nproc_per_node is not None:
-            return self._launch(args)
+            return self._launch(args, target)
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
-        output = _output(args)
+        output = _output(args, target)
         patches = PatchRegistry()   # sys.argv and sys.path as the script expects them
-        patches.set(sys, "argv", [args.script] + list(args.script_args))
-        patches.set(sys, "path", [os.path.dirname(os.path.abspath(args.script))] + sys.path)
+        patches.set(sys, "argv", [target.argv0] + list(args.script_args))
+        patches.set(sys, "path", [target.path0] + sys.path)
         try:
             with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
-                return signals.status(self._run_script(args, output, signals, patches))
+                return signals.status(self._run_script(args, target, output, signals, patches))
         finally:
             patches.restore()
 
-    def _run_script(self, args, output: str, signals: ExitSignals,
+    def _run_script(self, args, target: RunTarget, output: str, signals: ExitSignals,
                     patches: PatchRegistry) -> int:
         import memprof
         from memprof.analyse import summary
         status = 0
-        script = os.path.abspath(args.script)   # as Python names it in tracebacks
-        with open(script, "rb") as f:
-            source = f.read()
+        script, source = target.filename, target.source
         try:
             code = compile(source, script, "exec")
         except SyntaxError as exc:   # Python's own message; nothing ran, nothing to profile
             traceback.print_exception(exc.__class__, exc, None, file=sys.stderr)
             return 1
-        main = _main_module(args.script)
+        main = target.main_module()
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
                                 step_on=track_mode(args.step_on), batch_size=args.batch_size)
         code = install_step_on(args.step_on, code, source, script, tracker.step,
@@ -102,7 +108,7 @@ class RunCommand(Command):
             if isinstance(exc, KeyboardInterrupt):   # Python prints where it stopped
                 _print_script_traceback(exc, code.co_filename)
             how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
-            print(f"memprof: {args.script} stopped by {how}", file=sys.stderr)
+            print(f"memprof: {target.name} stopped by {how}", file=sys.stderr)
             status = 130 if isinstance(exc, KeyboardInterrupt) else 143
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
             _print_script_traceback(exc, code.co_filename)
@@ -130,20 +136,21 @@ class RunCommand(Command):
             print(f"memprof: the profile was not saved to {output}", file=sys.stderr)
         return status or 1
 
-    def _launch(self, args) -> int:
+    def _launch(self, args, target: RunTarget) -> int:
         """`--nproc-per-node N`: torch.distributed's elastic launcher starts N processes,
         each `python -m memprof.cli run [these options] script args` as one rank."""
         if args.nproc_per_node < 1:
             raise UsageError(f"--nproc-per-node {args.nproc_per_node}: expected a positive "
                              "number of processes")
         parse_budget(args.budget)   # bad input fails here, once, not in every rank
-        output = _output(args)
+        output = _output(args, target)
         from torch.distributed import run as torchrun
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         launcher = torchrun.get_args_parser().parse_args(
             ["--standalone", "--nproc-per-node", str(args.nproc_per_node), "--module",
              "memprof.cli", "run", "-o", output] + self._memprof_options(args)
-            + [args.script] + list(args.script_args))
+            + (["-m", target.name] if target.is_module else [target.name])
+            + list(args.script_args))
         try:
             torchrun.run(launcher)
         except ChildFailedError as err:   # the launcher stops the other ranks: name the first
@@ -176,16 +183,6 @@ def rank_glob(saved: str) -> str:
     return re.sub(r"\.rank\d+(\.[^.]*)$", r".rank*\1", saved)
 
 
-def _main_module(script: str) -> types.ModuleType:
-    """The script's own __main__ module, as `python script.py` (and runpy) would make it."""
-    main = types.ModuleType("__main__")
-    main.__file__ = os.path.abspath(script)
-    main.__builtins__ = builtins
-    main.__spec__ = None
-    main.__loader__ = None
-    return main
-
-
 def _exit_status(exc: SystemExit) -> int:
     """sys.exit(code) as Python ends: an int is the status, None is 0, anything else is
     printed to stderr and the status is 1."""
@@ -207,13 +204,13 @@ def _print_script_traceback(exc: BaseException, script_file: str) -> None:
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
 
 
-def _output(args) -> str:
+def _output(args, target: RunTarget) -> str:
     """--output, or <script>.memprof; checked now, not after an hour of training."""
-    output = args.output or os.path.splitext(os.path.basename(args.script))[0] + ".memprof"
+    output = args.output or target.stem + ".memprof"
     check_writable(output, "--output")
     if os.path.exists(output):
         from ..profile_file import is_profile
-        if os.path.samefile(output, args.script) or not is_profile(output):
+        if os.path.samefile(output, target.filename) or not is_profile(output):
             raise UsageError(f"--output {output!r}: exists and is not a memprof profile (it "
                              "would be replaced); remove it or give another file name")
     return output

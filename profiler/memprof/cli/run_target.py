@@ -1,0 +1,114 @@
+"""What `memprof run` runs, found as Python finds it: a script (`python train.py`), a directory
+with a `__main__.py` (`python app/`) or a module (`python -m pkg.train`, a package's
+`__main__`), with the `__main__` module, `sys.argv[0]` and `sys.path[0]` Python gives each."""
+from __future__ import annotations
+
+import argparse
+import builtins
+import importlib.util
+import os
+import sys
+import types
+from dataclasses import dataclass
+
+from .base import UsageError
+
+
+@dataclass
+class RunTarget:
+    name: str            # as the user gave it: messages, the default profile name
+    filename: str        # the code's file, as tracebacks name it
+    source: bytes
+    argv0: str           # sys.argv[0]
+    path0: str           # sys.path[0]
+    spec: object = None  # the module's spec (`-m`), else None
+
+    @property
+    def is_module(self) -> bool:
+        return self.spec is not None and self.spec.name != "__main__"
+
+    @property
+    def stem(self) -> str:
+        """The default profile's name without its extension."""
+        if self.is_module:
+            return self.name
+        return os.path.splitext(os.path.basename(os.path.normpath(self.name)))[0]
+
+    def main_module(self) -> types.ModuleType:
+        main = types.ModuleType("__main__")
+        main.__file__ = self.filename
+        main.__builtins__ = builtins
+        main.__spec__ = self.spec
+        main.__loader__ = getattr(self.spec, "loader", None)
+        main.__package__ = getattr(self.spec, "parent", None)
+        return main
+
+
+def resolve(script: str | None, module: str | None) -> RunTarget:
+    if module is not None:
+        return _module(module)
+    if script is None:
+        raise UsageError("run: expected a script (memprof run train.py ...) or -m MODULE")
+    if os.path.isdir(script):
+        main = os.path.join(script, "__main__.py")
+        if not os.path.isfile(main):
+            raise UsageError(f"script {script!r}: a directory without a __main__.py")
+        spec = importlib.util.spec_from_file_location("__main__", main)   # as runpy makes it
+        return RunTarget(script, os.path.abspath(main), _read(main), script,
+                         os.path.abspath(script), spec)
+    if not os.path.isfile(script):
+        raise UsageError(f"script {script!r}: no such file")
+    path = os.path.abspath(script)   # as Python 3.9+ names a script in tracebacks
+    return RunTarget(script, path, _read(script), script, os.path.dirname(path))
+
+
+def _module(name: str) -> RunTarget:
+    """`-m NAME`: the current directory first on sys.path (as python -m puts it), the module
+    found (its parent packages imported, as Python does), a package run by its __main__."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations is not None:
+            spec = importlib.util.find_spec(f"{name}.__main__")
+            if spec is None:
+                raise UsageError(f"-m {name!r}: a package without a __main__ module")
+    except (ImportError, ValueError) as err:
+        raise UsageError(f"-m {name!r}: {type(err).__name__}: {err}") from None
+    finally:
+        sys.path.remove(cwd)
+    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
+        raise UsageError(f"-m {name!r}: no module of that name (a .py file or package on "
+                         "sys.path, the current directory first)")
+    get_source = getattr(spec.loader, "get_source", None)
+    source = get_source(spec.name) if get_source is not None else None
+    if source is None:
+        raise UsageError(f"-m {name!r}: {spec.origin} has no Python source to run")
+    return RunTarget(name, spec.origin, source.encode(), spec.origin, cwd, spec)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def split_argv(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """`run [memprof options] (SCRIPT | -m MODULE) [args...]` -> (what argparse reads, the
+    script's arguments exactly as given). argparse would read a script's own `-o` or `--json`
+    after `-m MODULE`, and drops a `--` the script should see (`python s.py -- x` gives the
+    script `['s.py', '--', 'x']`)."""
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs != 0
+                   for s in a.option_strings}
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "-m":
+            return argv[:i + 2], argv[i + 2:]
+        if token.startswith("-m") and not token.startswith("--"):
+            return argv[:i + 1], argv[i + 1:]      # -mNAME
+        if token == "--":
+            return argv[:i + 2], argv[i + 2:]
+        if not token.startswith("-") or token == "-":
+            return argv[:i + 1], argv[i + 1:]
+        i += 2 if token in takes_value else 1
+    return argv, []
