@@ -225,3 +225,18 @@ def test_an_unknown_module_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "memprof: -m 'no_such_module': no module of that name (a .py file or package on "
         "sys.path, the current directory first)"]
+
+
+def test_a_reader_that_stops_early_leaves_the_scripts_status(tmp_path):
+    """`memprof run s.py | head -1`: Python's exit status is 0 (its output fit the pipe);
+    memprof's report, written after the reader left, made it 1."""
+    script = tmp_path / "s.py"
+    script.write_text(_SHOWS_ITSELF)
+    proc = subprocess.Popen([sys.executable, "-m", "memprof.cli", "run", str(script)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()   # the reader is gone before the report
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert first.startswith(b"argv [] name __main__") and not err
+    assert memprof_pkg.load(str(tmp_path / "s.memprof")).peak > 0

@@ -108,7 +108,7 @@ def test_files_that_are_not_one_job_get_one_clear_line(two_ranks):
         "world sizes differ": dict(world_size=4),
         "rank 0 given twice": dict(rank=0),
         "files of different runs": dict(run_id="job-2"),
-        "no rank/world_size": dict(rank=None),
+        "not a rank of a torchrun job .* report the others one at a time": dict(rank=None),
         "rank 3 with world size 2": dict(rank=3),
     }
     for expected, change in cases.items():

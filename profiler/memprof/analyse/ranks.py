@@ -194,9 +194,9 @@ def _rank_of(profile: Profile, source: str) -> tuple[int, int]:
     meta = profile.meta
     rank, world = meta.get("rank"), meta.get("world_size")
     if not _is_int(rank) or not _is_int(world):
-        raise ValueError(f"{source}: no rank/world_size in the profile; expected a profile "
-                         "that memprof.track() wrote inside a torchrun job "
-                         "(<name>.rank<R>.memprof)")
+        raise ValueError(f"{source}: not a rank of a torchrun job (no rank/world_size in its "
+                         "meta); several profiles are merged only as the ranks of one job "
+                         "(<name>.rank<R>.memprof): report the others one at a time")
     if not 0 <= rank < world:
         raise ValueError(f"{source}: rank {rank} with world size {world}; expected a rank in "
                          f"[0, {world})")

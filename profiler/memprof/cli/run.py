@@ -78,7 +78,6 @@ class RunCommand(Command):
     def _run_script(self, args, target: RunTarget, output: str, signals: ExitSignals,
                     patches: PatchRegistry) -> int:
         import memprof
-        from memprof.analyse import summary
         status = 0
         script, source = target.filename, target.source
         try:
@@ -117,6 +116,19 @@ class RunCommand(Command):
             sys.modules["__main__"] = saved_main
         if tracker.forked_away:   # a child the script forked ran on to its end: as Python
             return status
+        try:
+            return self._report(args, tracker, output, status)
+        except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it wanted,
+            # as Python's output was; the profile is saved, the script's status stands
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
+            os.close(devnull)
+            return status
+
+    @staticmethod
+    def _report(args, tracker, output: str, status: int) -> int:
+        import memprof
+        from memprof.analyse import summary
         rank = tracker.profile.meta.get("rank") if tracker.profile is not None else None
         if tracker.profile is not None:
             if rank:   # one report per job on the terminal: rank 0's; the others one line
@@ -125,7 +137,7 @@ class RunCommand(Command):
             elif args.json:
                 print(json.dumps(summary(tracker), indent=1, default=str))
             else:
-                memprof.show(tracker)
+                memprof.show(tracker, console=_report_console())
         if tracker.saved is not None:   # under torchrun: <output>.rank<R>.memprof
             print(f"profile saved to {tracker.saved}",
                   file=sys.stderr if args.json else sys.stdout)
@@ -181,6 +193,17 @@ class RunCommand(Command):
 def rank_glob(saved: str) -> str:
     """`run.rank0.memprof` -> `run.rank*.memprof`: every rank's file of the job."""
     return re.sub(r"\.rank\d+(\.[^.]*)$", r".rank*\1", saved)
+
+
+def _report_console():
+    """rich's console, save that a closed pipe is an error run() handles (rich exits with
+    status 1, where Python's own output into `| head` left the status 0)."""
+    from rich.console import Console
+
+    class ReportConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+    return ReportConsole()
 
 
 def _exit_status(exc: SystemExit) -> int:
