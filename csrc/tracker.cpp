@@ -633,8 +633,10 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
         s.phase.exchange(kPhaseBackward, std::memory_order_relaxed) != kPhaseBackward) {
       record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
     }
-  } else if (seq >= 0 && ts.backward_depth == 0 &&
+  } else if (seq >= 0 && (ts.backward_depth == 0 || !ts.modules.empty()) &&
              ts.buffer->seq_quota.admit(s.seqs_reserved, s.side_capacity)) {
+    // In backward only while a module runs: a reentrant checkpoint's recompute, whose nodes
+    // the nested backward then runs (without them half of its memory had no module).
     ts.buffer->seqs.append(
         SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.buffer->index});
   }
