@@ -142,6 +142,33 @@ def test_outputs_kept_for_logging_are_caught():
     assert any(h.endswith("<locals>.metrics") for h in holders)
 
 
+def _keeping_hook():
+    store = []
+
+    def hook(module, args, output):
+        store.append(output)
+    return hook
+
+
+def test_a_forward_hook_that_keeps_outputs_is_named_once():
+    """A hook whose closure appends outputs to a list: the list is reached through the
+    module's hook table (not searched before: no holder, and one finding per step)."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = model.head.register_forward_hook(_keeping_hook())
+    with memprof.track(model, opt) as prof:
+        for x, y in data(4):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    handle.remove()
+    found = [f for f in prof.findings if f.kind == "retained_graph"]
+    assert len(found) == 1, [f.holder for f in found]
+    assert found[0].holder == f"model.head._forward_hooks[{handle.id}].<closure store>"
+    assert "closure" in found[0].fix
+
+
 class RNN(torch.nn.Module):
     """A leaky recurrent state: without detaching, each step's backward also runs through
     every earlier step's graph (retain_graph=True silences the error), which keeps them all."""

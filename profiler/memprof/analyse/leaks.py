@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import re
 import time
 
 from ..finding import Finding
@@ -31,9 +32,16 @@ from ..record.holders import describe_unreached, find_holders, frame_roots, name
 def root_holder(path: str) -> str:
     """The reference a user would change: 'history[0]['cache'][3]' -> 'history',
     'model.blocks.3.attn.maps[11]' -> 'model.blocks.3.attn.maps', a closure's captured
-    variable -> the container of the closure."""
+    variable -> the container of the closure; a module hook's captured variable ->
+    'model.0._forward_hooks[4].<closure store>' (the hook is what the user wrote)."""
+    hook = _HOOK_CLOSURE.search(path)
+    if hook:
+        return path[:hook.end()]
     cut = [i for i in (path.find("["), path.find(".<closure")) if i > 0]
     return path[:min(cut)] if cut else path
+
+
+_HOOK_CLOSURE = re.compile(r"\._(?:forward|backward)(?:_pre)?_hooks\[[^\]]*\]\.<closure [^>]*>")
 
 
 UNUSED_GRAPH_MIN_BYTES = 1024
