@@ -97,6 +97,28 @@ def test_detached_but_kept_history_is_growth_not_a_graph():
     prof = train(TinyViT("detach"), steps=6)
     assert "retained_graph" not in kinds(prof)
     assert "memory_growth" in kinds(prof)
+    growth = [f for f in prof.findings if f.kind == "memory_growth"][0]
+    assert ".grad" not in growth.fix   # kept in the forward: no gradient hint
+
+
+def test_gradients_of_inputs_kept_in_a_dataset_are_growth_with_the_grad_hint():
+    """Inputs given requires_grad and kept in a dataset list: each backward leaves a .grad on
+    one more of them. The fix pointed to retained_graph findings that did not exist."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dataset = [(torch.randn(32, 64), torch.randint(0, 4, (32,))) for _ in range(8)]
+    with memprof.track(model, opt) as prof:
+        for x, y in dataset:
+            x.requires_grad_(True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert "retained_graph" not in kinds(prof)
+    growth = [f for f in prof.findings if f.kind == "memory_growth"]
+    assert len(growth) == 1 and "(backward)" in growth[0].message
+    assert "see retained_graph findings" not in growth[0].fix
+    assert "requires_grad=True" in growth[0].fix
 
 
 @pytest.mark.parametrize("accumulate", ["tensor", "item", "detach"])

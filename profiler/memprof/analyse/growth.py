@@ -90,9 +90,22 @@ def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding
         message=(f"live memory grows by {fmt_bytes(slope)} per step over {len(steps)} steps "
                  f"({fmt_bytes(y[0])} -> {fmt_bytes(y[-1])}){projection}"
                  + (f". Still alive from those steps: {who}" if who else "")),
-        fix="find who keeps these allocations (see retained_graph findings); detach or drop "
-            "per-step tensors kept in lists, dicts or running totals",
+        fix=_growth_fix(culprits),
         evidence=evidence)]
+
+
+def _growth_fix(culprits: list[dict]) -> str:
+    """What to look for; memory made in backward and kept is a .grad that is not a
+    parameter's (a parameter's gradient is counted apart): an input given requires_grad, or
+    retain_grad(), whose .grad every backward adds to (its tensor kept in a dataset list)."""
+    fix = ("find who keeps these allocations (a retained_graph finding names the holder when "
+           "a graph is kept): detach or drop per-step tensors kept in lists, dicts or running "
+           "totals")
+    if culprits and culprits[0]["phase"] == "backward":
+        fix += ("; memory made in backward and kept is often the .grad of a tensor that is "
+                "not a parameter (an input with requires_grad=True, or retain_grad()): set "
+                "requires_grad only where needed, or set that .grad to None after use")
+    return fix
 
 
 def unexplained_growth(profile: Profile) -> list[Finding]:
