@@ -51,3 +51,20 @@ def test_shape_with_x_separators_still_works(models_dir, capsys):
                "--input-shape", "3x8x8", "--num-classes", "4", "--effective-batch", "8",
                "--json"])
     assert rc == 0 and '"input_shape": [\n' in capsys.readouterr().out
+
+
+def test_an_unknown_model_is_said_before_the_missing_effective_batch(capsys):
+    rc = main(["recommend", "--gpu", "v100-16gb", "--model", "nosuch"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("memprof: model 'nosuch': not a built-in (mlp, "), err
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--base-lr", "0"),
+                                         ("--base-batch", "0"), ("--lr", "nan")])
+def test_learning_rates_and_batches_must_be_positive(capsys, flag, value):
+    """--lr -1 was accepted without a word (and advice was given against it)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["recommend", "--gpu", "v100-16gb", "--model", "mlp", "--effective-batch", "8",
+              flag, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: expected" in err, err

@@ -50,6 +50,17 @@ def at_least_one(text: str) -> int:
     return n
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return x
+
+
 def check_writable(path: str, option: str, extensions: tuple[str, ...] = ()) -> None:
     """Fail before the work (a script's run, a report, a plan), not after it, when `path`
     could not be written: a format not in `extensions`, a directory, a missing directory, or

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from .base import Command, UsageError, check_writable
+from .base import Command, UsageError, at_least_one, check_writable, positive_number
 
 
 def _csv(s: str | None) -> list[str] | None:
@@ -97,9 +97,11 @@ class RecommendCommand(Command):
                             "a Hugging Face model). No loss is needed: the model's own "
                             "outputs.loss is used when it returns one, else cross-entropy "
                             "(integer targets), MSE (float targets) or a stand-in scalar")
-        r.add_argument("--base-lr", type=float, help="LR of the recipe at --base-batch")
-        r.add_argument("--base-batch", type=int, help="batch size --base-lr was tuned for")
-        r.add_argument("--lr", type=float,
+        r.add_argument("--base-lr", type=positive_number,
+                       help="LR of the recipe at --base-batch")
+        r.add_argument("--base-batch", type=at_least_one,
+                       help="batch size --base-lr was tuned for")
+        r.add_argument("--lr", type=positive_number,
                        help="the LR you use: warn if far from the scaled one")
         r.add_argument("--warmup-steps", type=int,
                        help="warmup in micro-steps (batches): converted to optimizer steps")
@@ -185,14 +187,15 @@ class RecommendCommand(Command):
         if args.input_shape is not None and args.batch_fn is not None:
             raise UsageError(f"--input-shape {args.input_shape}: not used with --batch-fn "
                              "(the batch function makes the inputs); give one of them")
-        if args.model and ":" in args.model and args.input_shape is None \
-                and args.batch_fn is None:
+        if args.model:
             from ..plan.errors import PlanInputError
             from ..plan.workloads import check_model_spec
             try:
-                check_model_spec(args.model)   # a wrong spec is the first thing to say
+                check_model_spec(args.model)   # a wrong model is the first thing to say
             except PlanInputError as e:
                 raise UsageError(str(e)) from None
+        if args.model and ":" in args.model and args.input_shape is None \
+                and args.batch_fn is None:
             raise UsageError(f"--model {args.model}: give --input-shape (e.g. 3,224,224) or "
                              "--batch-fn")
         if args.html:

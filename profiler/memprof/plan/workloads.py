@@ -62,8 +62,14 @@ def importable_name(obj) -> str | None:
 
 
 def check_model_spec(spec: str) -> None:
-    """Raise the one-line PlanInputError for a 'package.module:factory' that cannot be
-    imported or called (before other advice about the command line)."""
+    """Raise the one-line PlanInputError for a model that is neither a built-in name nor a
+    'package.module:factory' that can be imported and called (before other advice about the
+    command line)."""
+    if ":" not in spec:
+        from ..models import MODELS
+        if spec not in MODELS:
+            _user_model(spec, None, MODELS)   # raises its one line
+        return
     _import_factory(spec)
 
 
