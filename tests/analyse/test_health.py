@@ -7,6 +7,7 @@ import torch
 from torch.nn.utils import clip_grad_norm_ as preimported_clip  # bound before any tracking
 
 import memprof
+from rich.console import Console
 from tiny_mlp import MLP
 from memprof.analyse import health as hl
 from memprof.record import health as health_recorder
@@ -265,7 +266,30 @@ def test_scheduler_stepped_per_micro_step():
     assert f.evidence["micro_steps_per_optimizer_step"] == accum
     assert f.evidence["warmup_scheduler_steps"] == warmup - 1
     assert f.evidence["warmup_optimizer_steps"] <= 2       # 8 "steps" of warmup took 2
+    assert "warmup lasts 7 scheduler steps = 1.8 optimizer steps" in f.message
     assert "scheduler_before_optimizer" not in kinds(prof)
+
+
+def test_a_warmup_sized_in_micro_steps_is_shown_in_both_units(capsys):
+    """get_linear_schedule_with_warmup(warmup=2 * accum) stepped once per optimizer step (the
+    seeds' warmup counted in micro-steps): no rule can tell it from a long warmup meant so,
+    but the table gives the warmup in micro-steps too, where the recipe's number shows."""
+    model, opt = setup(lr=0.05)
+    accum, warmup = 4, 8
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, 100))
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(5 * accum):
+            x, y = batch(data, i, b=16)
+            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
+            if (i + 1) % accum == 0:
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+    assert prof.health["lr"]["micro_steps_per_optimizer_step"] == accum
+    memprof.show(prof, console=Console(width=200))
+    out = capsys.readouterr().out
+    assert "warmup 4+ optimizer steps = 16+ micro-steps at 4 per optimizer step" in out
 
 
 def test_lr_changed_by_hand_between_micro_steps():

@@ -399,6 +399,8 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
                     lr_change_windows += 1
             cur_micro, last_tok, lrs_seen = 0, None, []
     micro_med = float(np.median(micro)) if micro else None
+    if summary.get("lr") is not None:
+        summary["lr"]["micro_steps_per_optimizer_step"] = micro_med
     out = []
     for sid, info in scheds.items():
         n_opt = opt_steps.get(info["opt"], 0)
@@ -416,9 +418,10 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
         if per_micro:
             ratio = info["calls"] / max(1, n_opt)
             warm_txt = ""
-            if s_warm and warm is not None:
-                warm_txt = (f"; the warmup lasts {s_warm} scheduler steps = {warm}"
-                            f"{'' if complete else '+'} optimizer steps")
+            if s_warm:   # from the scheduler's own steps: a warmup shorter than one
+                # optimizer step is a fraction of one, not 0
+                warm_txt = (f"; the warmup lasts {s_warm} scheduler steps = "
+                            f"{s_warm / ratio:.2g}{'' if complete else '+'} optimizer steps")
             findings.append(_advice("lr_schedule_per_micro_step", "warning",
                 message=(f"{info['class']}.step() ran {info['calls']} times for {n_opt} "
                          f"optimizer steps ({ratio:.1f} per step, {_fmt(micro_med)} micro-steps "

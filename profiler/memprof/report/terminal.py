@@ -238,10 +238,15 @@ def _print_health(prof: Profile, console: Console) -> None:
     lr = h.get("lr") or {}
     if lr.get("first") is not None:
         warm = lr.get("warmup_optimizer_steps")
+        more = "" if lr.get("warmup_complete") or not warm else "+"
+        micro = lr.get("micro_steps_per_optimizer_step")
+        # with accumulation, the same warmup in micro-steps too: a warmup sized in batches
+        # but stepped per optimizer step shows as k times the steps the recipe meant
+        in_micro = (f" = {warm * micro:g}{more} micro-steps at {micro:g} per optimizer step"
+                    if warm and micro and micro > 1 else "")
         t.add_row("learning rate (group 0)",
                   f"first {_g(lr['first'])}, peak {_g(lr['peak'])}, last {_g(lr['last'])}; "
-                  f"warmup {_g(warm, '{}')}{'' if lr.get('warmup_complete') or not warm else '+'}"
-                  f" optimizer steps")
+                  f"warmup {_g(warm, '{}')}{more} optimizer steps{in_micro}")
     for sc in h.get("schedulers", []):
         t.add_row(escape(f"scheduler {sc['class']}"),
                   f"{sc['calls']} steps for {sc['optimizer_steps']} optimizer steps; "
