@@ -61,6 +61,21 @@ def warmup_cosine(warmup, total):
     return f
 
 
+def train_with_accumulation(model, opt, sched, steps, accum, b):
+    """`steps` optimizer steps of `accum` micro-steps each, the scheduler stepped after each
+    optimizer step (the correct loop), under track(health=True)."""
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(steps * accum):
+            x, y = batch(data, i, b=b)
+            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
+            if (i + 1) % accum == 0:
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+    return prof
+
+
 # ------------------------------------------------------------------ the correct loop
 @pytest.mark.parametrize("scaled", ["divided", "multiplied"])
 def test_the_loss_shown_is_the_models_not_the_accumulation_scaled_one(scaled):
@@ -106,15 +121,7 @@ def test_correct_loop_with_warmup_cosine_and_accumulation_has_no_findings():
     model, opt = setup(lr=0.05)
     steps, accum, warmup = 30, 2, 5
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps))
-    data = dataset()
-    with memprof.track(model, opt, health=True) as prof:
-        for i in range(steps * accum):
-            x, y = batch(data, i, b=32)
-            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
-            if (i + 1) % accum == 0:
-                opt.step()
-                sched.step()
-                opt.zero_grad()
+    prof = train_with_accumulation(model, opt, sched, steps, accum, b=32)
     assert not [k for k in kinds(prof) if k in HEALTH_KINDS], prof.findings
     assert not memprof.findings(prof), prof.findings
     h = prof.health
@@ -277,15 +284,7 @@ def test_a_warmup_sized_in_micro_steps_is_shown_in_both_units(capsys):
     model, opt = setup(lr=0.05)
     accum, warmup = 4, 8
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, 100))
-    data = dataset()
-    with memprof.track(model, opt, health=True) as prof:
-        for i in range(5 * accum):
-            x, y = batch(data, i, b=16)
-            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
-            if (i + 1) % accum == 0:
-                opt.step()
-                sched.step()
-                opt.zero_grad()
+    prof = train_with_accumulation(model, opt, sched, 5, accum, b=16)
     assert prof.health["lr"]["micro_steps_per_optimizer_step"] == accum
     memprof.show(prof, console=Console(width=200))
     out = capsys.readouterr().out
