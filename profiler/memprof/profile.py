@@ -508,6 +508,20 @@ class Profile:
             return f"{len(self.steps) - 1} + partial"
         return str(len(self.steps))
 
+    @property
+    def truncated(self) -> str | None:
+        """What a run cut short by the event capacity covers, said where its numbers are read
+        (a run of 50 steps whose log filled at step 12 read as a complete 12-step run); None
+        when nothing was dropped."""
+        dropped = int(self.meta.get("dropped", 0) or 0)
+        if not dropped:
+            return None
+        marked = self.meta.get("steps_marked")
+        of = f" of {int(marked)}" if marked else ""
+        return (f"the event log filled up (capacity {int(self.meta.get('capacity', 0)):,} "
+                f"events; {dropped:,} dropped): the peak, steps and findings cover steps 0-"
+                f"{max(0, len(self.steps) - 1)}{of} only; track(capacity=...) records more")
+
     # ------------------------------------------------------------------ summaries and reports
     @cached_property
     def oom_events(self) -> list[dict]:
@@ -542,6 +556,7 @@ class Profile:
             "device": self.device,
             "events": int(mem.size),
             "dropped_events": int(self.meta.get("dropped", 0)),
+            "truncated": self.truncated,
             "peak_bytes": self.peak,
             "peak_event": self.peak_event,
             "end_bytes": int(self._live[-1]) if self._live.size else 0,

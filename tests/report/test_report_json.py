@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import memprof
+from rich.console import Console
 from memprof.cli import main
 
 
@@ -51,3 +52,29 @@ def test_terminal_header_counts_finished_steps(tmp_path, capsys, evaluate_after)
     assert main(["report", path]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert ("steps 3 + partial " if evaluate_after else "steps 3 ") in out
+
+
+def test_a_run_cut_short_by_the_capacity_says_what_its_numbers_cover(tmp_path, capsys):
+    """50 steps into a log of 2000 events: the report read as a complete 12-step run (the
+    HTML did not even mention the dropped events). Terminal, HTML and JSON now say it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = str(tmp_path / "cut.memprof")
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        with memprof.track(model, opt, capacity=300, path=path) as prof:
+            for _ in range(30):
+                model(torch.randn(8, 32)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    cover = len(prof.steps) - 1
+    assert 0 < cover < 29
+    expected = (f"the peak, steps and findings cover steps 0-{cover} of 30 only; "
+                "track(capacity=...) records more")
+    assert prof.truncated.endswith(expected) and "capacity 300 events" in prof.truncated
+    assert _json_report(path, capsys)["truncated"] == prof.truncated
+    assert main(["report", path, "--export", str(tmp_path / "cut.html")]) == 0
+    assert expected in (tmp_path / "cut.html").read_text()
+    capsys.readouterr()
+    memprof.show(prof, console=Console(width=300))
+    assert expected in capsys.readouterr().out

@@ -78,6 +78,8 @@ def _header(profile: Profile) -> str:
         out.append(f" at step {pe['step']}, {esc(pe['phase'])}, module "
                    f"<code>{esc(pe['module'])}</code>, op <code>{esc(pe['op'])}</code>")
     out.append(f". {profile.memory.size:,} memory events, {profile.steps_label} steps.</p>")
+    if profile.truncated:
+        out.append(f'<p class="err">{esc(profile.truncated)}</p>')
     if profile.meta.get("error"):
         out.append(f'<p class="err">The tracked code raised: {esc(profile.meta["error"])}</p>')
     out.append('<nav><a href="#findings">Findings</a> <a href="#timeline">Memory over time</a>'

@@ -61,6 +61,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         f"[bold]peak live memory[/] {fmt_bytes(s_peak)}   at {where}\n"
         f"events {prof.memory.size:,}   steps {prof.steps_label}   "
         f"dropped events {prof.meta.get('dropped', 0)}" + _side_drops(prof.meta)
+        + (f"\n[bold red]{escape(prof.truncated)}[/]" if prof.truncated else "")
         + ("\n[cyan]torch.compile: memory inside compiled code is attributed to the compiled "
            "module as a whole (per-module attribution is coarser)[/]"
            if prof.meta.get("compiled") else ""), title=title))
