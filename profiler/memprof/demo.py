@@ -59,7 +59,7 @@ def _train(console, steps: int, *, detach_history: bool, keep_maps: bool,
 
 
 def _story_leak(console, steps: int):
-    console.rule("[bold]1. The bug of seeds/000: attention maps kept without .detach()")
+    console.rule("[bold]1. A common OOM: attention maps kept for plots without .detach()")
     console.print("A DCAL model (SA blocks, attention rollout, GLCA, PWCA) trained for "
                   f"{steps} steps; the loop keeps model.sa_attention_history for plots, and the "
                   "model appends its maps without .detach().\n")

@@ -355,6 +355,11 @@ def test_loss_spike_rule_on_the_seed_series():
     assert [s["index"] for s in hl.loss_spikes(seeds_004)] == [3]
     smooth = [2.0 * math.exp(-k / 20) + 0.5 + 0.01 * ((-1) ** k) for k in range(60)]
     assert hl.loss_spikes(smooth) == []
+    # a loss that reached float noise: +767 % of 1.4e-9 is not a spike (the same series
+    # scaled up to a real loss still is one)
+    noise = [1.3e-9, 1.5e-9, 1.4e-9, 1.2e-9, 1.4e-9, 1.21e-8, 1.3e-9]
+    assert hl.loss_spikes(noise) == []
+    assert [s["index"] for s in hl.loss_spikes([x * 1e9 for x in noise])] == [5]
 
 
 def test_log_rejects_bad_values():

@@ -1,5 +1,6 @@
 """Retained graphs and leaks are caught in real training loops, with their holders; correct
 loops give no findings at all."""
+import re
 import time
 
 import pytest
@@ -448,3 +449,22 @@ def test_naming_holders_does_not_keep_a_function_s_variables_alive():
         gc.collect()
         return ref() is None
     assert train_then_drop()
+
+
+def test_paths_are_listed_in_index_order():
+    """'losses[0], losses[1], losses[2] and 9 more', not 'losses[0], losses[10], losses[11]'."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    with memprof.track(model, opt) as prof:
+        for _ in range(12):
+            loss = model(torch.randn(4, 16)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss)
+    found = [f for f in prof.findings if f.kind == "retained_graph"]
+    assert len(found) == 1
+    assert re.findall(r"losses\[(\d+)\]", found[0].message)[:3] == ["0", "1", "2"]
+    assert found[0].evidence["example_path"].endswith("losses[0]")

@@ -15,6 +15,9 @@ LOSS_WINDOW = 8
 LOSS_MIN_HISTORY = 3
 LOSS_REL_JUMP = 0.30
 LOSS_Z = 3.5
+#: a jump smaller than this is float noise, whatever its relative size (a loss of 1e-9 that
+#: "jumped" to 1.2e-8 was reported as +767 %)
+LOSS_MIN_JUMP = 1e-6
 CLIP_ALWAYS_FRACTION = 0.9
 CLIP_MIN_STEPS = 5
 CLIP_MISMATCH = 0.05
@@ -35,7 +38,7 @@ def loss_spikes(losses, window: int = LOSS_WINDOW, min_history: int = LOSS_MIN_H
     for k in np.flatnonzero(ok):
         r = y[k] - med[k]
         base = abs(med[k])
-        if base > 0 and r > rel_jump * base and r > z * sigma:
+        if base > 0 and r > rel_jump * base and r > z * sigma and r > LOSS_MIN_JUMP:
             out.append({"index": int(k), "loss": float(y[k]), "rolling_median": float(med[k]),
                         "relative_jump": float(r / base), "z": float(r / sigma)})
     return out

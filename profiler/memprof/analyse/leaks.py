@@ -41,6 +41,11 @@ def root_holder(path: str) -> str:
     return path[:min(cut)] if cut else path
 
 
+def _in_number_order(path: str) -> list:
+    """'losses[2]' before 'losses[10]': indices compared as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
 _HOOK_CLOSURE = re.compile(r"\._(?:forward|backward)(?:_pre)?_hooks\[[^\]]*\]\.<closure [^>]*>")
 
 
@@ -251,7 +256,8 @@ class _Context:
         nbytes, saved_bytes, held_bytes = self.pinned(gs)
         steps = sorted({self.step_of(g.min_seq) for g in gs})
         origin = _origin(self.profile, self.alive, [g.storage for g in gs])
-        paths = sorted({holders[g.tensor_id] for g in gs if g.tensor_id in holders})
+        paths = sorted({holders[g.tensor_id] for g in gs if g.tensor_id in holders},
+                       key=_in_number_order)
         n, nodes = len(gs), sum(g.nodes for g in gs)
         # saved tensors still held and no retain_graph: backward never ran through them
         never_backward = any(g.saved and not self._retained(g) for g in gs)

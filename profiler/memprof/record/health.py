@@ -37,7 +37,8 @@ Rules (thresholds are module constants, stated in each finding):
 - loss spike: step k's loss exceeds the median of the previous LOSS_WINDOW step losses (at
   least LOSS_MIN_HISTORY of them) by more than LOSS_REL_JUMP of that median AND by more than
   LOSS_Z robust standard deviations of the residuals (1.4826 x MAD of loss - rolling median
-  over the run, floored at 1% of the median loss).
+  over the run, floored at 1% of the median loss) AND by more than LOSS_MIN_JUMP (float noise
+  of a loss that reached ~0).
 - clipping on every step: clipped (pre-clip norm > max_norm) in >= CLIP_ALWAYS_FRACTION of at
   least CLIP_MIN_STEPS steps; never clipped: 0 of at least CLIP_MIN_STEPS steps (info).
 - clipping mismatch: the optimizer saw a norm that differs by more than CLIP_MISMATCH from
