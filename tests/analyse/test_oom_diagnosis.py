@@ -199,7 +199,12 @@ def test_first_step_too_big_and_a_later_step_too_big():
     # a request for the whole device (seen on an H200: torch.empty(total_memory)) can never be
     # served - the CUDA context holds part of it - so it is the request, not the step
     whole = classify(b.profile(), 3, 40 * MIB, 40 * MIB)
-    assert whole["cause"] == "single_request" and "is all of the" in whole["text"]
+    assert whole["cause"] == "single_request"
+    assert whole["text"] == ("one request of 40.00 MiB is all of the given capacity "
+                             "(40.00 MiB) by itself")
+    named = classify(b.profile(), 3, 48 * MIB, 40 * MIB, "a budget of 40.00 MiB")
+    assert named["text"] == ("one request of 48.00 MiB is larger than a budget of 40.00 MiB "
+                             "by itself")
     assert classify(b.profile(), 3, 40 * MIB - 1, 40 * MIB)["cause"] == "step_too_big"
 
 

@@ -44,10 +44,15 @@ def classify(profile: Profile, step: int, request: int, capacity: int | None,
     the capacity: on a GPU the CUDA context holds part of it, so a request for all of it never
     fits either). Plain data: the cause, a sentence, and its evidence."""
     if capacity and request >= capacity:
+        # "the physical RAM (23 GiB)", "a budget of 1.91 MiB": the article and the size once
+        source = capacity_source if capacity_source.startswith(("a ", "an ", "the ")) \
+            else f"the {capacity_source}"
+        if fmt_bytes(capacity) not in source:
+            source += f" ({fmt_bytes(capacity)})"
         return {"cause": "single_request", "step": step,
                 "text": f"one request of {fmt_bytes(request)} is "
-                        f"{'larger than' if request > capacity else 'all of'} the "
-                        f"{capacity_source} ({fmt_bytes(capacity)}) by itself"}
+                        f"{'larger than' if request > capacity else 'all of'} {source} "
+                        "by itself"}
     growth = memory_growth(profile, capacity=capacity or None)
     if growth and step > 0:
         ev = growth[0].evidence

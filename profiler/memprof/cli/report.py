@@ -29,7 +29,9 @@ class ReportCommand(Command):
                             help="exit with status 3 when there are warnings or errors (CI)")
         parser.add_argument("--budget", metavar="GPU",
                             help="replay the profile against a GPU's usable memory (a name "
-                                 "from `memprof gpus`, or bytes): whether and where it would "
+                                 "from `memprof gpus`; a size such as 16GB: a GPU of that "
+                                 "much memory, CUDA's context and reserve taken off; or a "
+                                 "number of bytes, usable as given): whether and where it would "
                                  "run out, and what would fit (estimates)")
 
     def run(self, args) -> int:

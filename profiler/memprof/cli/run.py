@@ -52,7 +52,9 @@ class RunCommand(Command):
                                  "read it off the model's inputs (memprof.track(batch_size=N))")
         parser.add_argument("--budget", metavar="GPU",
                             help="also replay the run against a GPU's usable memory (a name "
-                                 "from `memprof gpus`, or bytes): where it would run out")
+                                 "from `memprof gpus`; a size such as 16GB: a GPU of that "
+                                 "much memory, CUDA's context and reserve taken off; or a "
+                                 "number of bytes, usable as given): where it would run out")
 
     def split_argv(self, argv: list[str]) -> tuple[list[str], list[str] | None]:
         return split_argv(argv, self._parser)
