@@ -611,3 +611,46 @@ def test_an_accelerate_prepared_optimizer_is_watched_through_its_wrapper():
     assert h["lr"]["peak"] == pytest.approx(0.01) and h["lr"]["warmup_optimizer_steps"] == 2
     assert all(n is not None for n in h["per_step"]["grad_norm"])
     assert len(prof.steps) - prof.partial_last_step == 5
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_grad_scaler_loop_shows_the_loss_not_the_scaled_loss(accum):
+    """`scaler.scale(loss).backward()`: the table read 1.52e5 for a loss of 2.31, and with a
+    large scale the scaled loss overflowed to inf, which made an error finding ("the loss is
+    non-finite") out of a run whose loss was finite and whose scaler skipped steps as meant."""
+    model, opt = setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    data, true = dataset(), {}
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(4 * accum):
+            x, y = batch(data, i, b=16)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            true.setdefault(i // accum, []).append(loss.item())
+            scaler.scale(loss / accum if accum > 1 else loss).backward()
+            if (i + 1) % accum == 0:
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+    h = prof.health
+    assert h["per_step"]["loss"] == pytest.approx([sum(v) / accum for v in true.values()],
+                                                  rel=1e-5)
+    assert h["loss_source"].startswith("root of backward before GradScaler's scale")
+    assert "nonfinite_loss" not in kinds(prof)
+
+
+def test_the_non_finite_row_lists_only_what_was_non_finite(capsys):
+    """It printed 'gradients at steps [] (first: None)' beside the loss's steps."""
+    model, opt = setup()
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(3):
+            x, y = batch(data, i, b=16)
+            loss = torch.nn.functional.mse_loss(model(x), y) * float("inf") if i else \
+                torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.zero_grad()   # never stepped: the weights stay finite
+            opt.step()
+    memprof.show(prof, console=Console(width=200))
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "non-finite" in line and "loss at" in line)
+    assert "loss at steps 1, 2" in row and "[]" not in row and "None" not in row, row

@@ -116,6 +116,7 @@ class _Records:
         self.clips = data["clips"]
         self.losses = data["losses"]
         self.loss_divisors = data.get("loss_divisors") or [None] * len(self.losses)
+        self.loss_unscaled = data.get("loss_unscaled") or [False] * len(self.losses)
         self.timeline = data["timeline"]
         self.errors = data["errors"]
 
@@ -173,6 +174,8 @@ def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
         k = _accumulation_divisor(by, divisors)
         per_loss = {s: float(np.mean(v)) * (k or 1.0) for s, v in by.items()}
         loss_source = "root of backward" if per_loss else None
+        if per_loss and rec.loss_unscaled and all(rec.loss_unscaled):
+            loss_source += " before GradScaler's scale"
         if k:
             loss_source += (f" times {k:g}: the loss was divided by the {k:g} micro-steps of "
                             "each optimizer step")

@@ -106,6 +106,9 @@ class HealthRecorder:
         self.clips: list[dict] = []           # {"step", "pre", "max_norm", "norm_type", "bad"}
         self.losses: list[list] = []          # [step, value]
         self.loss_divisors: list = []         # per loss: the number it was divided by, or None
+        self.loss_unscaled: list = []         # per loss: read before a GradScaler's scale
+        self._scaled: dict[int, tuple] = {}   # id(scaled loss) -> (its weakref, the loss
+        #                                        detached, what the loss was divided by)
         self.timeline: list[tuple] = []       # ("F", step, lrs) ("B", step) ("O", step, opt_id)
         #                          ("S", step, sched_id, class, opt_id, lrs_after, lrs_before)
         self._opts: list = []                 # weakrefs of watched optimizers, in order seen
@@ -151,6 +154,8 @@ class HealthRecorder:
                 if total is None:
                     total = self._wrap_total_norm(getattr(owner, name))
                 self._patch(owner, name, lambda f, w=total: w)
+        from torch.amp import GradScaler
+        self._patch(GradScaler, "scale", self._wrap_scale)
         from torch.optim.lr_scheduler import LRScheduler
         for cls in [LRScheduler] + _subclasses(LRScheduler):
             if "step" in cls.__dict__:
@@ -174,6 +179,7 @@ class HealthRecorder:
                 "clips": [dict(c) for c in self.clips],
                 "losses": [list(x) for x in self.losses],
                 "loss_divisors": list(self.loss_divisors),
+                "loss_unscaled": list(self.loss_unscaled),
                 "timeline": [list(ev) for ev in self.timeline],
                 "errors": list(self.errors)}
 
@@ -317,8 +323,18 @@ class HealthRecorder:
                 and (i >= len(gts) or gts[i] is None)]
         if not scal:
             return
+        # `scaler.scale(loss).backward()`: the loss is what the scaler was given (the scaled
+        # one reads 65536 times larger, and inf where the loss itself was finite)
+        scaled, self._scaled = self._scaled, {}
+        found = [scaled.get(id(t)) for t in scal]
+        found = [f if f is not None and f[0]() is t else None for t, f in zip(scal, found)]
+        self.loss_unscaled.append(all(f is not None for f in found))
+        divisor = None
+        if len(scal) == 1:
+            divisor = _divisor(scal[0]) if found[0] is None else found[0][2]
+        scal = [t if f is None else f[1] for t, f in zip(scal, found)]
         self.losses.append([step, None])
-        self.loss_divisors.append(_divisor(scal[0]) if len(scal) == 1 else None)
+        self.loss_divisors.append(divisor)
         with torch.no_grad():
             if all(self._immediate(t) for t in scal):
                 self.losses[-1][1] = float(sum(_num(t) for t in scal))
@@ -326,6 +342,21 @@ class HealthRecorder:
                 vals = torch.stack([t.detach().reshape(()).float().to(scal[0].device)
                                     for t in scal]).sum()
                 self._defer("loss", len(self.losses) - 1, vals)
+
+    def _wrap_scale(self, original):
+        """GradScaler.scale: the loss it was given, kept (detached) until the backward of
+        what it returned."""
+        rec = self
+
+        @functools.wraps(original)
+        def scale(scaler, outputs):
+            scaled = original(scaler, outputs)
+            if rec.active and isinstance(outputs, torch.Tensor) and \
+                    isinstance(scaled, torch.Tensor) and scaled is not outputs:
+                rec._scaled[id(scaled)] = (weakref.ref(scaled), outputs.detach(),
+                                           _divisor(outputs))
+            return scaled
+        return scale
 
     def _wrap_clip(self, original, inner: bool):
         rec = self

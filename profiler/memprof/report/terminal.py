@@ -253,8 +253,14 @@ def _print_health(prof: Profile, console: Console) -> None:
                   f"{sc['calls']} steps for {sc['optimizer_steps']} optimizer steps; "
                   f"{sc['before_optimizer_calls']} before optimizer.step()")
     nf = h.get("nonfinite") or {}
-    if nf.get("loss_steps") or nf.get("gradient_steps"):
-        t.add_row("non-finite", escape(f"loss at steps {nf['loss_steps'][:5]}, gradients at "
-                                       f"steps {nf['gradient_steps'][:5]} (first: "
-                                       f"{nf.get('first_parameter')})"))
+    parts = []
+    for what in ("loss", "gradient"):
+        steps = nf.get(f"{what}_steps") or []
+        if steps:
+            more = f" and {len(steps) - 5} more" if len(steps) > 5 else ""
+            parts.append(f"{what} at steps {', '.join(map(str, steps[:5]))}{more}")
+    if parts and nf.get("first_parameter"):
+        parts.append(f"first parameter {nf['first_parameter']}")
+    if parts:
+        t.add_row("non-finite", escape("; ".join(parts)))
     console.print(t)
