@@ -18,9 +18,8 @@ import numpy as np
 from . import _C, profile_file
 from .finding import Finding
 from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
-                            CATEGORIES,
-                            DEVICE_CPU, DEVICE_CUDA, KIND_MARK,
-                            KIND_OUT_OF_MEMORY, PHASES, PHASE_BACKWARD, PHASE_FORWARD)
+                            CATEGORIES, DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_OUT_OF_MEMORY,
+                            PHASES, PHASE_BACKWARD, PHASE_FORWARD)
 from .run import Run
 
 OUTSIDE_MODULES = "<outside modules>"
@@ -42,12 +41,10 @@ class StepRecord:
 
 
 class Profile:
-    """Events of one tracked run plus the context needed to explain them.
-
-    `events` is the full stream (allocations, frees, OOM reports, markers), already in time
-    order, with blocks that existed before tracking prepended as allocations whose `thread`
-    is -1. `modules[i]` is the qualified name of module id i ("" is the root model).
-    """
+    """Events of one tracked run plus the context needed to explain them. `events` is the full
+    stream (allocations, frees, OOM reports, markers) in time order, with blocks that existed
+    before tracking prepended as allocations whose `thread` is -1. `modules[i]` is the
+    qualified name of module id i ("" is the root model)."""
 
     def __init__(self, run: Run, findings: list[Finding] | None = None):
         if not isinstance(run, Run):
@@ -510,17 +507,14 @@ class Profile:
 
     @property
     def truncated(self) -> str | None:
-        """What a run cut short by the event capacity covers, said where its numbers are read
-        (a run of 50 steps whose log filled at step 12 read as a complete 12-step run); None
-        when nothing was dropped."""
-        dropped = int(self.meta.get("dropped", 0) or 0)
-        if not dropped:
-            return None
-        marked = self.meta.get("steps_marked")
-        of = f" of {int(marked)}" if marked else ""
-        return (f"the event log filled up (capacity {int(self.meta.get('capacity', 0)):,} "
-                f"events; {dropped:,} dropped): the peak, steps and findings cover steps 0-"
-                f"{max(0, len(self.steps) - 1)}{of} only; track(capacity=...) records more")
+        """What a run cut short by the event capacity covers (a 50-step run read as a complete
+        12-step one); None when nothing was dropped."""
+        dropped, marked = int(self.meta.get("dropped") or 0), self.meta.get("steps_marked")
+        return None if not dropped else (
+            f"the event log filled up (capacity {int(self.meta.get('capacity', 0)):,} events; "
+            f"{dropped:,} dropped): the peak, steps and findings cover steps 0-"
+            f"{max(0, len(self.steps) - 1)}{f' of {int(marked)}' if marked else ''} only; "
+            "track(capacity=...) records more")
 
     # ------------------------------------------------------------------ summaries and reports
     @cached_property
@@ -596,8 +590,7 @@ class Profile:
 
 def _jsonable(v) -> bool:
     try:
-        json.dumps(v)
-        return True
+        return json.dumps(v) is not None
     except (TypeError, ValueError):
         return False
 
