@@ -89,6 +89,33 @@ def test_first_step_has_no_data_wait_and_eval_forwards_are_not_micro_steps():
     assert rows["micro_steps"] == [1]
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_a_validation_pass_every_step_does_not_set_the_batch(context):
+    """A 256-row validation forward under no_grad before each 64-row training step: the
+    report said batch 256 and samples/s 4x too high (the batch was read off the first pass
+    of the micro-step). A run that only evaluates still gets its batch."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_batches, val = batches(6, b=64), torch.randn(256, D)
+    evaluating = getattr(torch, context)
+    with memprof.track(model, opt) as prof:
+        for x, y in train_batches:
+            with evaluating():
+                model(val)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    t = prof.throughput
+    assert t["batch_size"] == 64 and t["micro_steps_per_step"] == 1
+    with memprof.track(model) as inference:
+        for _ in range(3):
+            with evaluating():
+                model(val)
+            inference.step()
+    assert inference.throughput["batch_size"] == 256
+
+
 # ------------------------------------------------------------------ real loops
 def test_slow_data_loader_is_found():
     model = make_model()

@@ -44,7 +44,7 @@ STEADY_FRACTION = 0.5           # the p10 step must wait at least this share of 
 MIN_MEASURED_STEPS = 2
 
 PHASE_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end",
-                "optimizer_start", "step", "batch", "data_start", "data_end",
+                "optimizer_start", "step", "batch", "eval_batch", "data_start", "data_end",
                 "update_start", "update_end")   # a hand-written update (record.update_watch)
 COLUMNS = ("wall_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")
 
@@ -63,8 +63,8 @@ def phase_table(entries, batch_override: int | None = None,
     prev_step_t = None
     w = _Window(prev_step_t)
     for label, t, value in entries:
-        if label == "batch":
-            w.batch(int(value))
+        if label in ("batch", "eval_batch"):
+            w.batch(int(value), evaluating=label == "eval_batch")
             continue
         if label == "update_end":   # carries the time the update's last write returned
             w.update_end(int(value))
@@ -97,13 +97,17 @@ class _Window:
         self.t0_loader = None
         self.fwd = self.bwd = self.opt = 0.0
         self.t0_fwd = self.t0_bwd = self.t0_opt = None
-        self.groups: list[list] = []      # [batch or None, had_backward]
+        # [batch or None, had_backward, batch of a pass without gradients or None]
+        self.groups: list[list] = []
         self.last_token = None            # "F" or "B"
         self.end_t = None
 
-    def batch(self, n: int) -> None:
-        if self.groups and self.groups[-1][0] is None:
-            self.groups[-1][0] = n
+    def batch(self, n: int, evaluating: bool = False) -> None:
+        """The size of the current group's first training pass (an evaluation pass before it
+        in the group does not set it; it is the size only of a group that trains nothing)."""
+        slot = 2 if evaluating else 0
+        if self.groups and self.groups[-1][slot] is None:
+            self.groups[-1][slot] = n
 
     def event(self, label: str, t: int) -> None:
         if label == "data_start":
@@ -126,7 +130,7 @@ class _Window:
             elif self.gap_start is not None and self.state in ("outside", "after_backward"):
                 self.data = (self.data or 0.0) + (t - self.gap_start)
             if self.last_token != "F":
-                self.groups.append([None, False])
+                self.groups.append([None, False, None])
             self.last_token = "F"
             self.state = "forward"
             self.t0_fwd = t
@@ -191,7 +195,7 @@ def _append_row(rows, w: _Window, batch_override) -> None:
     if batch_override is not None:
         sizes = [batch_override] * len(groups)
     else:
-        sizes = [g[0] for g in groups]
+        sizes = [g[0] if g[0] is not None else g[2] for g in groups]
     known_sizes = [s for s in sizes if s is not None]
     if groups and len(known_sizes) == len(sizes):
         rows["samples"].append(int(sum(known_sizes)))

@@ -1,7 +1,8 @@
 """Throughput recorder: the markers and clocks that let analyse.throughput split each step into
 data wait, forward, backward and optimizer (see that module for how the split is computed).
 
-- `batch` markers: the leading dimension of the first tensor passed to the root module;
+- `batch` markers: the leading dimension of the first tensor passed to the root module
+  (`eval_batch` for a pass run without gradients);
 - `backward_end` markers: after each torch.autograd.backward call (the session's wrapper);
 - `data_start` / `data_end` markers around every DataLoader iterator's __next__ (patched
   through the session's registry): the only time analyse.throughput blames on data loading;
@@ -230,13 +231,16 @@ class ThroughputRecorder:
             self._cuda_mark("backward_end")
 
     def _forward_inputs(self, args, kwargs) -> None:
-        """At a pass's start, or (auto mode: kwargs None at the start) at its end."""
+        """At a pass's start, or (auto mode: kwargs None at the start) at its end. A pass
+        without gradients (a validation batch every step) is `eval_batch`: the training
+        batch is the micro-step's size (a 256-row eval batch made it 4x its 64)."""
         if kwargs is not None and self.session.batch_size is None:
             n = leading_dim(args, kwargs)
             if n is not None:
-                _C.mark("batch", n)
+                label = "batch" if torch.is_grad_enabled() else "eval_batch"
+                _C.mark(label, n)
                 if self.cuda:
-                    self._pending.append(["batch", n, None])
+                    self._pending.append([label, n, None])
 
     def _optimizer_pre(self, optimizer) -> None:
         if self.session.steps.watches(optimizer):
