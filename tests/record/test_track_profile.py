@@ -1,6 +1,7 @@
 """memprof.track on real training steps: exact attribution, invariants, safety, persistence."""
 import copy
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -216,7 +217,7 @@ def test_a_nested_block_over_a_model_made_inside_the_outer_one_profiles_as_a_blo
         return prof, param_bytes(model)
 
     alone, P = train({})
-    with memprof.track() as outer:      # what `memprof run` opens around a script
+    with memprof.track(auto_modules=True) as outer:   # what `memprof run` opens around a script
         inner, _ = train({})
     for prof in (alone, inner):
         cats = prof.breakdown("category")
@@ -226,6 +227,30 @@ def test_a_nested_block_over_a_model_made_inside_the_outer_one_profiles_as_a_blo
     assert inner.breakdown("category") == alone.breakdown("category")
     assert inner.peak == alone.peak
     assert outer.breakdown("category")["parameters"] == P
+
+
+def test_a_nested_block_over_what_the_outer_block_does_not_watch_says_so():
+    """track(b, opt_b) inside track(a, opt_a): the inner profile put all of b's memory outside
+    any module, in one step, silently. It says so at its start; a block over the outer's own
+    model, or inside `memprof run`'s auto mode, does not."""
+    torch.manual_seed(0)
+    a, b = (torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.Linear(H, C)) for _ in "ab")
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
+    with memprof.track(a, opt_a):
+        with pytest.warns(RuntimeWarning, match="its model's modules and its optimizer's steps"):
+            with memprof.track(b, opt_b):
+                pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with memprof.track(a[0]):
+                pass
+            with memprof.track(a, opt_a):
+                pass
+    with memprof.track(auto_modules=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with memprof.track(b):
+                pass
 
 
 def test_manual_steps_without_optimizer(mlp):

@@ -46,6 +46,26 @@ def active_session() -> "Session | None":
     return _active
 
 
+def _warn_if_not_the_outer_blocks(inner: "Session", outer: "Session") -> None:
+    """A nested block records through the outer one's hooks: a model the outer block does not
+    name has no modules in it, and an optimizer it does not watch marks no steps (the inner
+    profile of `track(b, opt_b)` inside `track(a, opt_a)` put all of b's memory outside any
+    module, in one step). Said once, at the start, with what to do instead."""
+    outer_modules = {id(m) for r in outer.scope.root_modules() for m in r.modules()}
+    model, opt = inner.scope.model, inner.steps.optimizer
+    unnamed = model is not None and not outer.scope.auto and id(model) not in outer_modules
+    unwatched = opt is not None and outer.steps.optimizer is not None and \
+        opt is not outer.steps.optimizer
+    if unnamed or unwatched:
+        what = " and ".join(w for w, bad in (("its model's modules", unnamed),
+                                             ("its optimizer's steps", unwatched)) if bad)
+        warnings.warn(f"memprof.track inside another track block records through the outer "
+                      f"block's hooks: {what} are not the outer block's, so this block's "
+                      "profile will not attribute them; track the models in one block "
+                      "(track(optimizer=None) watches every optimizer) or one after the other",
+                      RuntimeWarning, stacklevel=4)
+
+
 def _leave_forked_child() -> None:
     """A forked child (a DataLoader worker, multiprocessing's fork) inherits the session
     recording at the fork: the native side stopped there, and here its hooks come off the
@@ -165,6 +185,7 @@ class Session:
                 # with what was alive at its start that this block can name (its model's
                 # parameters, its optimizer's state), as a block of its own would.
                 self.outer = _active
+                _warn_if_not_the_outer_blocks(self, _active)
                 self.snapshots.collect_baseline()
                 self._nested_label = f"nested_start:{id(self)}"
                 _C.mark(self._nested_label, 0)
