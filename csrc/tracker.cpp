@@ -606,6 +606,16 @@ void watch_cpu_frees() {
 
 // ---------------------------------------------------------------------------------------------
 // Op context.
+// A forward op inside backward while a module runs: a reentrant checkpoint's recompute,
+// whose nodes the nested backward then runs (without their sequence numbers half of its
+// memory had no module). On the thread that tracks only: sequence numbers count per thread
+// and are looked up by number, so a recompute on CUDA's autograd device thread would take
+// numbers the training thread's forward already gave (its memory stays "outside modules").
+inline bool recompute_on_owner(const Session& s, const ThreadState& ts) {
+  return !ts.modules.empty() &&
+         std::this_thread::get_id() == s.owner.load(std::memory_order_relaxed);
+}
+
 std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   if (!recording()) return nullptr;
   Session& s = session();
@@ -633,10 +643,8 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
         s.phase.exchange(kPhaseBackward, std::memory_order_relaxed) != kPhaseBackward) {
       record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
     }
-  } else if (seq >= 0 && (ts.backward_depth == 0 || !ts.modules.empty()) &&
+  } else if (seq >= 0 && (ts.backward_depth == 0 || recompute_on_owner(s, ts)) &&
              ts.buffer->seq_quota.admit(s.seqs_reserved, s.side_capacity)) {
-    // In backward only while a module runs: a reentrant checkpoint's recompute, whose nodes
-    // the nested backward then runs (without them half of its memory had no module).
     ts.buffer->seqs.append(
         SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.buffer->index});
   }
@@ -1005,8 +1013,9 @@ py::dict counters() {
 }  // namespace
 
 void register_tracker(py::module_& m) {
-  static const int forked = pthread_atfork(nullptr, nullptr, &stop_in_forked_child);
-  (void)forked;
+  // a failure (ENOMEM) leaves forked children recording, as before this handler existed
+  static const int atfork_status = pthread_atfork(nullptr, nullptr, &stop_in_forked_child);
+  (void)atfork_status;
   m.def("release_after_fork", &release_after_fork,
         "In a child forked while recording: take the hooks off and drop the log's copy.");
   m.def("start", &start, py::arg("capacity"), py::arg("hooks_only") = false,

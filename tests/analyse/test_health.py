@@ -1,6 +1,7 @@
 """Training health (track(health=True)): clipping, LR and schedulers, loss spikes, non-finite
 values; exactness (results unchanged) and clean removal."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -654,3 +655,50 @@ def test_the_non_finite_row_lists_only_what_was_non_finite(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "non-finite" in line and "loss at" in line)
     assert "loss at steps 1, 2" in row and "[]" not in row and "None" not in row, row
+
+
+def test_wrappers_without_a_step_method_and_scaled_warmups_read_cleanly():
+    """accelerate's DummyOptim has no step: unwrapping it raised AttributeError (the old
+    unwrap returned None). A 400-step warmup at 4 micro-steps read '1e+02 optimizer steps'."""
+    from memprof.integrations._common import unwrap_optimizer
+    from memprof.record.steps import torch_optimizer
+
+    class NoStep:
+        def __init__(self):
+            self.params = []
+
+    thing = NoStep()
+    assert torch_optimizer(thing) is thing and unwrap_optimizer(thing) is None
+    model, opt = setup(lr=0.05)
+    accum = 4
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(400, 1000))
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(3 * accum):
+            x, y = batch(data, i, b=8)
+            (torch.nn.functional.mse_loss(model(x), y) / accum).backward()
+            with pytest.warns(UserWarning) if i == 0 else _nothing():
+                sched.step()                               # per micro-batch, as in seeds/004
+            if (i + 1) % accum == 0:
+                opt.step()
+                opt.zero_grad()
+    message = find(prof, "lr_schedule_per_micro_step").message
+    assert "e+" not in message and "optimizer steps" in message
+
+
+def test_a_divisor_that_requires_grad_is_not_read():
+    """`mse / (pred.var() + 1)` in float64: its divisor requires grad; reading it warned into
+    the user's output ("Converting a tensor with requires_grad=True to a scalar")."""
+    model, opt = setup()
+    model.double()
+    data = dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with memprof.track(model, opt, health=True) as prof:
+            for i in range(3):
+                x, y = batch(data, i, b=16)
+                pred = model(x.double())
+                (torch.nn.functional.mse_loss(pred, y.double()) / (pred.var() + 1)).backward()
+                opt.step()
+                opt.zero_grad()
+    assert prof.health["loss_source"] == "root of backward"

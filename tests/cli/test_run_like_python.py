@@ -240,3 +240,40 @@ def test_a_reader_that_stops_early_leaves_the_scripts_status(tmp_path):
     assert proc.wait(timeout=300) == 0, err
     assert first.startswith(b"argv [] name __main__") and not err
     assert memprof_pkg.load(str(tmp_path / "s.memprof")).peak > 0
+
+
+def test_abbreviated_options_still_come_before_the_script(tmp_path):
+    """argparse takes `--out` for `--output`: the script's arguments begin after its value."""
+    (tmp_path / "s.py").write_text(_SHOWS_ITSELF)
+    plain, _ = _both(tmp_path, "s.py", "x")
+    r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--out", "o.memprof",
+                        "--batch", "4", "s.py", "x"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == plain.stdout.strip()
+    assert "profile saved to o.memprof" in r.stdout
+
+
+def test_each_rank_of_a_module_gets_its_arguments_once():
+    """`--nproc-per-node N -m pkg.train a b`: each rank's command line carried `-m pkg.train`
+    twice (the module saw ['-m', 'pkg.train', 'a', 'b'])."""
+    from memprof.cli import build_parser, parse
+    from memprof.cli.run import COMMAND
+    build_parser()
+    args = parse(["run", "--nproc-per-node", "2", "--batch-size", "4", "-m", "pkg.train",
+                  "a", "b"])
+    assert COMMAND._memprof_options(args) == ["--batch-size", "4"]
+    assert args.module == "pkg.train" and args.script_args == ["a", "b"]
+
+
+def test_a_package_that_raises_while_imported_fails_as_under_python(tmp_path):
+    """Its __init__ raised inside memprof's own frames, and saw memprof's sys.argv."""
+    (tmp_path / "badpkg").mkdir()
+    (tmp_path / "badpkg" / "__init__.py").write_text(
+        "import sys\nprint('init argv', sys.argv)\nraise RuntimeError('config missing')\n")
+    (tmp_path / "badpkg" / "train.py").write_text("print('never')\n")
+    plain, tracked = _both(tmp_path, "-m", "badpkg.train", "a")
+    assert plain.returncode == tracked.returncode == 1
+    assert tracked.stdout == plain.stdout == "init argv ['-m', 'a']\n"
+    assert tracked.stderr.strip().splitlines()[-1] == "RuntimeError: config missing"
+    assert "memprof" not in tracked.stderr.replace(str(tmp_path), "")

@@ -84,3 +84,31 @@ def test_auto_mode_leaves_no_global_hook_behind():
     with memprof.track(auto_modules=True):
         model(torch.randn(2, 8))
     assert not nn_module._has_any_global_hook()
+
+
+class _OwnState(torch.nn.Sequential):
+    """A module class with its own __getstate__ that does not call Module's (LightningModule
+    has one: Lightning's EMA and SWA callbacks deepcopy it)."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_trainer"] = None
+        return state
+
+
+def test_a_class_with_its_own_getstate_copies_and_saves_while_tracked():
+    model = _OwnState(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x = torch.randn(3, 8)
+    with memprof.track(model):
+        model(x).sum().backward()
+        ema = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+    assert _OwnState.__getstate__ is _OWN_GETSTATE   # restored
+    buf.seek(0)
+    for copied in (ema, torch.load(buf, weights_only=False)):
+        assert not any(getattr(m, table) for m in copied.modules() for table in _TABLES)
+        assert torch.equal(copied(x), model(x))
+
+
+_OWN_GETSTATE = _OwnState.__getstate__

@@ -427,7 +427,8 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
             if s_warm:   # from the scheduler's own steps: a warmup shorter than one
                 # optimizer step is a fraction of one, not 0
                 warm_txt = (f"; the warmup lasts {s_warm} scheduler steps = "
-                            f"{s_warm / ratio:.2g}{'' if complete else '+'} optimizer steps")
+                            f"{round(s_warm / ratio, 1):g}{'' if complete else '+'} "
+                            "optimizer steps")
             findings.append(_advice("lr_schedule_per_micro_step", "warning",
                 message=(f"{info['class']}.step() ran {info['calls']} times for {n_opt} "
                          f"optimizer steps ({ratio:.1f} per step, {_fmt(micro_med)} micro-steps "

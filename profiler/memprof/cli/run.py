@@ -12,9 +12,13 @@ from ..record.patches import PatchRegistry
 from ..units import fmt_bytes
 from .base import Command, UsageError, at_least_one, check_writable
 from .report import parse_budget
-from .run_target import RunTarget, resolve, split_argv
+from .run_target import RunTarget, TargetFailed, resolve, split_argv
 from .signals import ExitSignals, Terminated
 from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
+
+
+#: memprof's own files, left out of a traceback of the user's code
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RunCommand(Command):
@@ -63,7 +67,15 @@ class RunCommand(Command):
         if args.module is not None and args.script is not None:   # `run -m M x`: x is M's
             args.script_args = [args.script] + list(args.script_args)
             args.script = None
-        target = resolve(args.script, args.module)
+        try:
+            target = resolve(args.script, args.module, args.script_args)
+        except TargetFailed as failed:   # as python -m prints it: from the user's first frame
+            err, tb = failed.error, failed.error.__traceback__
+            while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
+                                      or tb.tb_frame.f_code.co_filename.startswith("<")):
+                tb = tb.tb_next
+            traceback.print_exception(type(err), err, tb or err.__traceback__, file=sys.stderr)
+            return 1
         if args.nproc_per_node is not None:
             return self._launch(args, target)
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
@@ -181,7 +193,7 @@ class RunCommand(Command):
         out: list[str] = []
         for action in self._parser._actions:
             if not action.option_strings or action.dest in ("help", "nproc_per_node",
-                                                              "output"):
+                                                              "output", "module"):
                 continue
             value = getattr(args, action.dest, None)
             if value is None or value is False or value == action.default:

@@ -44,9 +44,18 @@ class RunTarget:
         return main
 
 
-def resolve(script: str | None, module: str | None) -> RunTarget:
+class TargetFailed(Exception):
+    """Finding the module ran code of the user's that raised (a parent package's __init__):
+    the script failed, as under python (its traceback, status 1), not memprof's usage."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def resolve(script: str | None, module: str | None, args: list[str] = ()) -> RunTarget:
     if module is not None:
-        return _module(module)
+        return _module(module, list(args))
     if script is None:
         raise UsageError("run: expected a script (memprof run train.py ...) or -m MODULE")
     if os.path.isdir(script):
@@ -62,21 +71,30 @@ def resolve(script: str | None, module: str | None) -> RunTarget:
     return RunTarget(script, path, _read(script), script, os.path.dirname(path))
 
 
-def _module(name: str) -> RunTarget:
+def _module(name: str, args: list[str]) -> RunTarget:
     """`-m NAME`: the current directory first on sys.path (as python -m puts it), the module
-    found (its parent packages imported, as Python does), a package run by its __main__."""
-    cwd = os.getcwd()
+    found (its parent packages imported, as Python does, with sys.argv ['-m', args...])
+    and a package run by its __main__."""
+    cwd, argv = os.getcwd(), sys.argv
     sys.path.insert(0, cwd)
+    sys.argv = ["-m"] + args
     try:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations is not None:
             spec = importlib.util.find_spec(f"{name}.__main__")
             if spec is None:
                 raise UsageError(f"-m {name!r}: a package without a __main__ module")
-    except (ImportError, ValueError) as err:
+    except ModuleNotFoundError as err:
+        if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
+            raise TargetFailed(err) from None   # a package's __init__ imports what is missing
         raise UsageError(f"-m {name!r}: {type(err).__name__}: {err}") from None
+    except ValueError as err:
+        raise UsageError(f"-m {name!r}: {type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001  (the user's package raised while imported)
+        raise TargetFailed(err) from None
     finally:
         sys.path.remove(cwd)
+        sys.argv = argv
     if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
         raise UsageError(f"-m {name!r}: no module of that name (a .py file or package on "
                          "sys.path, the current directory first)")
@@ -99,6 +117,14 @@ def split_argv(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     script `['s.py', '--', 'x']`)."""
     takes_value = {s for a in parser._actions if a.option_strings and a.nargs != 0
                    for s in a.option_strings}
+    longs = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+    def needs_value(token: str) -> bool:   # argparse takes unambiguous prefixes (--out)
+        if token in takes_value or not token.startswith("--") or "=" in token:
+            return token in takes_value
+        matches = [s for s in longs if s.startswith(token)]
+        return len(matches) == 1 and matches[0] in takes_value
+
     i = 1
     while i < len(argv):
         token = argv[i]
@@ -110,5 +136,5 @@ def split_argv(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
             return argv[:i + 2], argv[i + 2:]
         if not token.startswith("-") or token == "-":
             return argv[:i + 1], argv[i + 1:]
-        i += 2 if token in takes_value else 1
+        i += 2 if needs_value(token) else 1
     return argv, []

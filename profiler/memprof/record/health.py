@@ -73,13 +73,15 @@ def _divisor(root: torch.Tensor) -> float | None:
     """k when the backward root is `loss / k` or `loss * (1 / k)` for a plain number k (what
     gradient accumulation does: `(loss / accum).backward()`, accelerate's backward): the
     analysis undoes it when k is the number of micro-steps, so the table shows the model's
-    loss. A plain number is saved by autograd as a 0-dim double or long tensor (a user's
-    tensor divisor, `loss / loss.detach()`, is not one)."""
+    loss. A plain number is saved by autograd as a 0-dim double or long tensor on the CPU; a
+    float32 tensor divisor (`loss / loss.detach()`) is not taken, nor one that requires grad
+    (`mse / (pred.var() + 1)` in float64); a long tensor (`loss / n_tokens`) is, and counts
+    only if it equals the micro-steps."""
     node = root.grad_fn
     if node is None or type(node).__name__ not in _SCALING_NODES:
         return None
     other = getattr(node, "_saved_other", None)
-    if not isinstance(other, torch.Tensor) or other.dim() != 0 or \
+    if not isinstance(other, torch.Tensor) or other.dim() != 0 or other.requires_grad or \
             other.dtype not in (torch.float64, torch.int64) or other.device.type != "cpu":
         return None
     k = float(other)

@@ -15,7 +15,7 @@ MAX_HOLDER_DEPTH = 8
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()).keys())
 #: a module's hook tables whose hooks may hold what they captured
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
+_CAPTURING_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
                 "_backward_hooks")
 ATOMS = (str, bytes, int, float, complex, bool, type(None), types.FunctionType,
          types.BuiltinFunctionType, types.MethodType, types.ModuleType, type, range, slice,
@@ -51,7 +51,7 @@ def _children(obj, path: str):
         for name, val in vars(obj).items():
             if name not in _MODULE_INTERNALS:
                 yield f"{path}.{name}", val
-        for table in _HOOK_TABLES:   # a hook's closure keeping outputs in a list
+        for table in _CAPTURING_HOOK_TABLES:   # a hook's closure keeping outputs in a list
             for key, hook in getattr(obj, table, {}).items():
                 yield f"{path}.{table}[{key}]", hook
     elif isinstance(obj, (list, tuple, collections.deque)):

@@ -153,7 +153,17 @@ class ModuleScope:
                                                  if k not in ours)
                 return state
             return __getstate__
-        patches.patch(torch.nn.Module, "__getstate__", make)
+        # classes of the model that define their own __getstate__ (LightningModule) do not
+        # reach Module's: theirs is wrapped too
+        owners = {cls for m in self.model.modules() for cls in type(m).__mro__
+                  if "__getstate__" in cls.__dict__ and issubclass(cls, torch.nn.Module)}
+        for cls in sorted(owners, key=lambda c: c is not torch.nn.Module):
+            patches.patch(cls, "__getstate__", make)
+
+    def __deepcopy__(self, memo):
+        """The scope itself, where a copy still reaches it (a __getstate__ that returns the
+        hooks without going through one memprof wrapped): its locks made that fail."""
+        return self
 
     def _install_hooks(self) -> None:
         if self.model is not None:

@@ -70,7 +70,9 @@ def _leave_forked_child() -> None:
     """A forked child (a DataLoader worker, multiprocessing's fork) inherits the session
     recording at the fork: the native side stopped there, and here its hooks come off the
     child (its torch runs as untracked, and a block the child enters is a session of its
-    own). A block the child goes on running (a bare os.fork()) ends without a profile: the
+    own; one forked while other threads of the parent allocated may hang there, on a PyTorch
+    lock held at the fork that tracking takes: the spawn start method has no such hazard).
+    A block the child goes on running (a bare os.fork()) ends without a profile: the
     parent's is the run's."""
     global _active, _start_lock
     _start_lock = threading.Lock()   # a parent's thread may have held it at the fork
@@ -78,8 +80,10 @@ def _leave_forked_child() -> None:
     if session is None:
         return
     try:
-        session.auto_steps.close()
-        session._uninstall()
+        try:
+            session.auto_steps.close()
+        finally:
+            session._uninstall(in_forked_child=True)
     finally:
         _C.release_after_fork()
 
@@ -217,8 +221,10 @@ class Session:
         if self._prev_thread_profile is None:
             threading.setprofile(_attach_new_thread)
 
-    def _uninstall(self) -> None:
-        for rec in reversed(self.recorders):
+    def _uninstall(self, in_forked_child: bool = False) -> None:
+        """Hooks and patches off; in a forked child not the recorders' own ends (a GPU
+        sampler's thread is not there, and CUDA must not be touched after a fork)."""
+        for rec in () if in_forked_child else reversed(self.recorders):
             try:
                 rec.remove()
             except Exception as err:  # noqa: BLE001  (the rest must still come off)
