@@ -369,3 +369,25 @@ def test_cuda_events_on_a_gpu():
     pytest.importorskip("pynvml")
     assert t["gpu"]["samples"] >= 1 and not t["gpu"].get("error")
     assert not [th for th in threading.enumerate() if th.name == "memprof-gpu-sampler"]
+
+
+def test_two_optimizers_one_tracked_model():
+    """A GAN tracked by its generator: every other optimizer step (the discriminator's) runs
+    no pass of it, and the median read '0 micro-steps per optimizer step' beside a samples/s."""
+    torch.manual_seed(0)
+    gen, disc = make_model(), torch.nn.Sequential(torch.nn.Linear(C, 1))
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.01)
+    with memprof.track(gen) as prof:
+        for x, _ in batches(8, b=16):
+            fake = gen(x)
+            disc(fake).mean().backward()         # the generator's step
+            opt_g.step()
+            opt_g.zero_grad()
+            opt_d.zero_grad()
+            disc(fake.detach()).mean().backward()   # the discriminator's
+            opt_d.step()
+            opt_d.zero_grad()
+    t = prof.throughput
+    assert t["micro_steps_per_step"] == 1 and t["batch_size"] == 16
+    assert 0 < t["steps_with_micro_steps"] < t["steps_measured"]

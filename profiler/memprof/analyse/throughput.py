@@ -231,7 +231,9 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
     sps = [s / (w * 1e-3) for s, w in zip(pick["samples"], pick["wall_ms"])
            if s is not None and w]
     stats["samples_per_s"] = _stats(sps)
-    micro = [m for m in pick["micro_steps"]]
+    # steps in which the tracked model ran (a GAN's discriminator steps run no generator
+    # pass: with them the median read "0 micro-steps per optimizer step")
+    micro = [m for m in pick["micro_steps"] if m] or list(pick["micro_steps"])
     micro_med = float(np.median(micro)) if micro else None
     total_s = sum(s for s, w in zip(pick["samples"], pick["wall_ms"]) if s is not None and w)
     total_w = sum(w for s, w in zip(pick["samples"], pick["wall_ms"]) if s is not None and w)
@@ -246,6 +248,7 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         "steps": n,
         "steps_measured": len(keep),
         "micro_steps_per_step": micro_med,
+        "steps_with_micro_steps": sum(1 for m in pick["micro_steps"] if m),
         "gradient_accumulation": bool(micro_med is not None and micro_med > 1),
         "batch_size": float(np.median(bs)) if bs else None,
         "batch_size_source": ("track(batch_size=...)" if batch_override is not None

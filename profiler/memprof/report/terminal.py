@@ -158,7 +158,10 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     console.print(t)
     _print_collectives(tp, console)
     sps = st.get("samples_per_s")
-    line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}"
+    with_micro, measured = tp.get("steps_with_micro_steps"), tp.get("steps_measured")
+    some = (f" (in the {with_micro} of {measured} steps that ran the model)"
+            if with_micro and measured and with_micro < measured else "")
+    line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_g(tp.get('batch_size'))}   samples/s "
             + (f"{sps['median']:.1f} (p10 {sps['p10']:.1f}, p90 {sps['p90']:.1f})" if sps
