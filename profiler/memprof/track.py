@@ -150,7 +150,9 @@ class Tracker:
             print(f"memprof: could not save the profile to {target}: {err}", file=sys.stderr)
             return
         self.saved = target
-        if exc is not None:
+        # sys.exit(3) is the code's own way to end, not a crash: said only where memprof
+        # chose the file's name (`memprof run` prints where it saved, as for any run)
+        if exc is not None and (not isinstance(exc, SystemExit) or self.path is None):
             print(f"memprof: the tracked code raised {type(exc).__name__}; profile saved "
                   f"to {target}", file=sys.stderr)
 

@@ -82,10 +82,11 @@ def test_a_syntax_error_reads_as_python_says_it(tmp_path):
 
 def test_sys_exit_with_a_message_prints_it(tmp_path):
     r, _ = run(tmp_path, 'import sys\nsys.exit("stopping: no data")\n')
-    assert r.returncode == 1 and "stopping: no data" in r.stderr
+    assert r.returncode == 1 and r.stderr == "stopping: no data\n"   # as Python prints it
+    assert "ended with sys.exit('stopping: no data')" in r.stdout
     r, _ = run(tmp_path, 'import sys\nsys.exit(3)\n')
-    assert r.returncode == 3
-    assert "raised SystemExit" in r.stderr and "The tracked code raised: SystemExit: 3" in r.stdout
+    assert r.returncode == 3 and r.stderr == ""   # an exit is not a crash: nothing added
+    assert "The tracked code ended with sys.exit(3)" in r.stdout
 
 
 def test_sys_exit_0_is_a_normal_end_not_an_error(tmp_path):

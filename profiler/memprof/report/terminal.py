@@ -11,6 +11,7 @@ from ..analyse import throughput as throughput_analysis
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..units import fmt_bytes
+from .ending import ending
 from .oom import print_sections as print_oom_sections
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -37,7 +38,8 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
                    + (f", rank {prof.meta['rank']} of {prof.meta.get('world_size')}"
                       if prof.meta.get("rank") is not None else ""))
     if prof.meta.get("error"):
-        console.print(f"[bold red]The tracked code raised:[/] {escape(str(prof.meta['error']))}")
+        sentence, crashed = ending(str(prof.meta["error"]))
+        console.print(f"[bold{' red' if crashed else ''}]{escape(sentence)}[/]")
     print_oom_sections(prof, console)   # OOM diagnosis, budget, what would fit (report/oom.py)
     if prof.findings:
         t = Table(title="Findings", title_justify="left", show_lines=True, expand=True)
