@@ -702,3 +702,19 @@ def test_a_divisor_that_requires_grad_is_not_read():
                 opt.step()
                 opt.zero_grad()
     assert prof.health["loss_source"] == "root of backward"
+
+
+def test_clipping_by_value_is_in_the_table(capsys):
+    """clip_grad_value_ left no trace (clip_grad_norm_ gets its rows and findings)."""
+    model, opt = setup()
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(4):
+            x, y = batch(data, i, b=16)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+            opt.step()
+            opt.zero_grad()
+    assert prof.health["value_clipping"] == {"clip_values": [0.01], "steps": 4}
+    memprof.show(prof, console=Console(width=200))
+    assert "gradients clamped entry by entry to +-0.01 in 4 of 4 steps" in capsys.readouterr().out

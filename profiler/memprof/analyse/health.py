@@ -114,6 +114,7 @@ class _Records:
     def __init__(self, data: dict):
         self.grad = {int(s): {"norm": n, "bad": b, "lr": lr} for s, n, b, lr in data["grad"]}
         self.clips = data["clips"]
+        self.value_clips = data.get("value_clips") or []
         self.losses = data["losses"]
         self.loss_divisors = data.get("loss_divisors") or [None] * len(self.losses)
         self.loss_unscaled = data.get("loss_unscaled") or [False] * len(self.losses)
@@ -133,6 +134,10 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     if rec is None:
         return summary, findings
     findings += _clipping(rec, summary)
+    if rec.value_clips:   # clip_grad_value_: each gradient entry clamped; what it cut is not read
+        values = sorted({v for _, v in rec.value_clips})
+        summary["value_clipping"] = {"clip_values": values,
+                                     "steps": len({s for s, _ in rec.value_clips})}
     grad = rec.grad
     lr_steps = [s for s in sorted(grad) if grad[s]["lr"]]
     lr0 = [grad[s]["lr"][0] for s in lr_steps]

@@ -106,6 +106,7 @@ class HealthRecorder:
         self.active = False
         self.grad: dict[int, dict] = {}       # step -> {"norm", "bad", "lr"}
         self.clips: list[dict] = []           # {"step", "pre", "max_norm", "norm_type", "bad"}
+        self.value_clips: list[list] = []     # [step, clip_value]: clip_grad_value_ calls
         self.losses: list[list] = []          # [step, value]
         self.loss_divisors: list = []         # per loss: the number it was divided by, or None
         self.loss_unscaled: list = []         # per loss: read before a GradScaler's scale
@@ -156,6 +157,9 @@ class HealthRecorder:
                 if total is None:
                     total = self._wrap_total_norm(getattr(owner, name))
                 self._patch(owner, name, lambda f, w=total: w)
+        for owner in (torch.nn.utils, clip_grad):   # clipping by value: noted, not measured
+            if getattr(owner, "clip_grad_value_", None) is not None:
+                self._patch(owner, "clip_grad_value_", self._wrap_clip_value)
         from torch.amp import GradScaler
         self._patch(GradScaler, "scale", self._wrap_scale)
         from torch.optim.lr_scheduler import LRScheduler
@@ -179,6 +183,7 @@ class HealthRecorder:
         """Plain data for analyse.health (saved with the profile)."""
         return {"grad": [[s, r["norm"], r["bad"], r["lr"]] for s, r in sorted(self.grad.items())],
                 "clips": [dict(c) for c in self.clips],
+                "value_clips": [list(c) for c in self.value_clips],
                 "losses": [list(x) for x in self.losses],
                 "loss_divisors": list(self.loss_divisors),
                 "loss_unscaled": list(self.loss_unscaled),
@@ -344,6 +349,16 @@ class HealthRecorder:
                 vals = torch.stack([t.detach().reshape(()).float().to(scal[0].device)
                                     for t in scal]).sum()
                 self._defer("loss", len(self.losses) - 1, vals)
+
+    def _wrap_clip_value(self, original):
+        rec = self
+
+        @functools.wraps(original)
+        def clip_grad_value_(parameters, clip_value, *args, **kwargs):
+            if rec.active:
+                rec.value_clips.append([rec.session.step, float(clip_value)])
+            return original(parameters, clip_value, *args, **kwargs)
+        return clip_grad_value_
 
     def _wrap_scale(self, original):
         """GradScaler.scale: the loss it was given, kept (detached) until the backward of

@@ -241,6 +241,11 @@ def _print_health(prof: Profile, console: Console) -> None:
                   f"median {pc['median']:.4g}, p90 {pc['p90']:.4g}, max {pc['max']:.4g}; "
                   f"max_norm {clip['max_norm']:.4g}: clipped {clip['steps_clipped']} of "
                   f"{clip['steps_with_clip']} steps")
+    vc = h.get("value_clipping")
+    if vc:
+        limits = ", ".join(map(_g, vc["clip_values"]))
+        t.add_row("clip_grad_value_", f"gradients clamped entry by entry to +-{limits} in "
+                  f"{vc['steps']} of {h.get('steps', '-')} steps")
     lr = h.get("lr") or {}
     if lr.get("first") is not None:
         warm = lr.get("warmup_optimizer_steps")
