@@ -62,6 +62,18 @@ def warmup_cosine(warmup, total):
     return f
 
 
+def tracked_health(steps, step, b=16):
+    """`steps` batches of the regression task, each through step(model, opt, x, y, i), under
+    track(health=True); the profile."""
+    model, opt = setup()
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(steps):
+            x, y = batch(data, i, b=b)
+            step(model, opt, x, y, i)
+    return prof
+
+
 def train_with_accumulation(model, opt, sched, steps, accum, b):
     """`steps` optimizer steps of `accum` micro-steps each, the scheduler stepped after each
     optimizer step (the correct loop), under track(health=True)."""
@@ -641,16 +653,12 @@ def test_a_grad_scaler_loop_shows_the_loss_not_the_scaled_loss(accum):
 
 def test_the_non_finite_row_lists_only_what_was_non_finite(capsys):
     """It printed 'gradients at steps [] (first: None)' beside the loss's steps."""
-    model, opt = setup()
-    data = dataset()
-    with memprof.track(model, opt, health=True) as prof:
-        for i in range(3):
-            x, y = batch(data, i, b=16)
-            loss = torch.nn.functional.mse_loss(model(x), y) * float("inf") if i else \
-                torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.zero_grad()   # never stepped: the weights stay finite
-            opt.step()
+    def step(model, opt, x, y, i):
+        loss = torch.nn.functional.mse_loss(model(x), y) * (float("inf") if i else 1.0)
+        loss.backward()
+        opt.zero_grad()   # never stepped: the weights stay finite
+        opt.step()
+    prof = tracked_health(3, step)
     memprof.show(prof, console=Console(width=200))
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "non-finite" in line and "loss at" in line)
@@ -706,15 +714,12 @@ def test_a_divisor_that_requires_grad_is_not_read():
 
 def test_clipping_by_value_is_in_the_table(capsys):
     """clip_grad_value_ left no trace (clip_grad_norm_ gets its rows and findings)."""
-    model, opt = setup()
-    data = dataset()
-    with memprof.track(model, opt, health=True) as prof:
-        for i in range(4):
-            x, y = batch(data, i, b=16)
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
-            opt.step()
-            opt.zero_grad()
+    def step(model, opt, x, y, i):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+        opt.step()
+        opt.zero_grad()
+    prof = tracked_health(4, step)
     assert prof.health["value_clipping"] == {"clip_values": [0.01], "steps": 4}
     memprof.show(prof, console=Console(width=200))
     assert "gradients clamped entry by entry to +-0.01 in 4 of 4 steps" in capsys.readouterr().out
