@@ -1,6 +1,7 @@
 """`memprof report --budget` and `memprof run --budget`, and the OOM diagnosis of a script."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,6 +75,11 @@ def test_report_budget_on_a_gpu_projects_the_leak(leak_profile):
     assert r.returncode == 0, r.stderr
     assert "Budget: v100-16gb" in r.stdout and "fits: peak" in r.stdout
     assert "runs out of memory at step ~" in r.stdout
+    # the reserved peak's place, and the allocated maximum said apart (a growing run
+    # allocates most at its end: "X reserved (Y allocated) at step 0" read as one moment)
+    fits = " ".join(r.stdout.split())
+    assert re.search(r"fits: peak [\d.]+ [KMG]iB reserved at step \d+, \w+.*\(allocated at "
+                     r"most [\d.]+ [KMG]iB\); headroom", fits), fits
 
     r = memprof("report", "leak.memprof", "--budget", "v100-16gb", "--json", cwd=leak_profile)
     data = json.loads(r.stdout)

@@ -88,8 +88,10 @@ def print_budget(prof: Profile, console: Console | None = None) -> None:
         lines += _alive_lines(fail["alive"]) + _cause_lines(fail["cause"])
     else:
         at = f" at {_where(b['peak'])}" if b.get("peak") else ""
-        lines.append(f"[bold green]fits[/]: peak {fmt_bytes(b['peak_reserved'])} reserved "
-                     f"({fmt_bytes(b['peak_allocated'])} allocated){at}; headroom "
+        # two maxima, maybe of different moments (a run that grows allocates most at its
+        # end, after the cache had reserved its peak): said apart, the place is the first's
+        lines.append(f"[bold green]fits[/]: peak {fmt_bytes(b['peak_reserved'])} reserved{at} "
+                     f"(allocated at most {fmt_bytes(b['peak_allocated'])}); headroom "
                      f"{fmt_bytes(b['headroom'])}")
     proj = b.get("projection")
     if proj and proj.get("step") is not None:
