@@ -298,7 +298,7 @@ def test_a_warmup_sized_in_micro_steps_is_shown_in_both_units(capsys):
     accum, warmup = 4, 8
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, 100))
     prof = train_with_accumulation(model, opt, sched, 5, accum, b=16)
-    assert prof.health["lr"]["micro_steps_per_optimizer_step"] == accum
+    assert prof.health["micro_steps_per_optimizer_step"] == accum
     memprof.show(prof, console=Console(width=200))
     out = capsys.readouterr().out
     assert "warmup 4+ optimizer steps = 16+ micro-steps at 4 per optimizer step" in out

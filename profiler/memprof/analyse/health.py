@@ -410,8 +410,6 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
                     lr_change_windows += 1
             cur_micro, last_tok, lrs_seen = 0, None, []
     micro_med = float(np.median(micro)) if micro else None
-    if summary.get("lr") is not None:
-        summary["lr"]["micro_steps_per_optimizer_step"] = micro_med
     out = []
     for sid, info in scheds.items():
         n_opt = opt_steps.get(info["opt"], 0)

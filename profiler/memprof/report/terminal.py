@@ -250,7 +250,7 @@ def _print_health(prof: Profile, console: Console) -> None:
     if lr.get("first") is not None:
         warm = lr.get("warmup_optimizer_steps")
         more = "" if lr.get("warmup_complete") or not warm else "+"
-        micro = lr.get("micro_steps_per_optimizer_step")
+        micro = h.get("micro_steps_per_optimizer_step")
         # with accumulation, the same warmup in micro-steps too: a warmup sized in batches
         # but stepped per optimizer step shows as k times the steps the recipe meant
         in_micro = (f" = {warm * micro:g}{more} micro-steps at {micro:g} per optimizer step"
