@@ -7,6 +7,11 @@ import json
 from .base import Command, UsageError, at_least_one, check_writable
 
 
+#: what --budget takes (report and run)
+BUDGET_FORMS = ("a name from `memprof gpus`; a size such as 16GB: a GPU of that much memory, "
+                "CUDA's context and reserve taken off; or a number of bytes, usable as given")
+
+
 class ReportCommand(Command):
     name = "report"
     help = "print the report of a saved profile"
@@ -28,11 +33,9 @@ class ReportCommand(Command):
         parser.add_argument("--fail-on-findings", action="store_true",
                             help="exit with status 3 when there are warnings or errors (CI)")
         parser.add_argument("--budget", metavar="GPU",
-                            help="replay the profile against a GPU's usable memory (a name "
-                                 "from `memprof gpus`; a size such as 16GB: a GPU of that "
-                                 "much memory, CUDA's context and reserve taken off; or a "
-                                 "number of bytes, usable as given): whether and where it would "
-                                 "run out, and what would fit (estimates)")
+                            help=f"replay the profile against a GPU's usable memory "
+                                 f"({BUDGET_FORMS}): whether and where it would run out, and "
+                                 "what would fit (estimates)")
 
     def run(self, args) -> int:
         import memprof

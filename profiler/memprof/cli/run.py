@@ -11,7 +11,7 @@ import traceback
 from ..record.patches import PatchRegistry
 from ..units import fmt_bytes
 from .base import Command, UsageError, at_least_one, check_writable
-from .report import parse_budget
+from .report import BUDGET_FORMS, parse_budget
 from .run_target import RunTarget, TargetFailed, resolve, split_argv
 from .signals import ExitSignals, Terminated
 from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
@@ -55,10 +55,8 @@ class RunCommand(Command):
                             help="samples per micro-step, for samples/s where memprof cannot "
                                  "read it off the model's inputs (memprof.track(batch_size=N))")
         parser.add_argument("--budget", metavar="GPU",
-                            help="also replay the run against a GPU's usable memory (a name "
-                                 "from `memprof gpus`; a size such as 16GB: a GPU of that "
-                                 "much memory, CUDA's context and reserve taken off; or a "
-                                 "number of bytes, usable as given): where it would run out")
+                            help=f"also replay the run against a GPU's usable memory "
+                                 f"({BUDGET_FORMS}): where it would run out")
 
     def split_argv(self, argv: list[str]) -> tuple[list[str], list[str] | None]:
         return split_argv(argv, self._parser)
@@ -69,12 +67,8 @@ class RunCommand(Command):
             args.script = None
         try:
             target = resolve(args.script, args.module, args.script_args)
-        except TargetFailed as failed:   # as python -m prints it: from the user's first frame
-            err, tb = failed.error, failed.error.__traceback__
-            while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
-                                      or tb.tb_frame.f_code.co_filename.startswith("<")):
-                tb = tb.tb_next
-            traceback.print_exception(type(err), err, tb or err.__traceback__, file=sys.stderr)
+        except TargetFailed as failed:   # a package's __init__ raised: as python -m says it
+            _print_user_traceback(failed.error)
             return 1
         if args.nproc_per_node is not None:
             return self._launch(args, target)
@@ -119,12 +113,12 @@ class RunCommand(Command):
             status = _exit_status(exc)
         except (KeyboardInterrupt, Terminated) as exc:
             if isinstance(exc, KeyboardInterrupt):   # Python prints where it stopped
-                _print_script_traceback(exc, code.co_filename)
+                _print_user_traceback(exc)
             how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
             print(f"memprof: {target.name} stopped by {how}", file=sys.stderr)
             status = 130 if isinstance(exc, KeyboardInterrupt) else 143
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
-            _print_script_traceback(exc, code.co_filename)
+            _print_user_traceback(exc)
             status = 1
         finally:
             sys.modules["__main__"] = saved_main
@@ -232,11 +226,12 @@ def _exit_status(exc: SystemExit) -> int:
     return 1
 
 
-def _print_script_traceback(exc: BaseException, script_file: str) -> None:
-    """The traceback Python would print for the script: memprof's own frames above the
-    script's first frame are left out."""
+def _print_user_traceback(exc: BaseException) -> None:
+    """The traceback Python would print for the user's code: the frames above its first one
+    (memprof's own, importlib's frozen ones) are left out."""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != script_file:
+    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
+                              or tb.tb_frame.f_code.co_filename.startswith("<")):
         tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
 
