@@ -37,9 +37,9 @@ def torch_optimizer(optimizer):
     optimizer whose hooks never ran (no LR or gradient-norm rows). A wrapper whose own step
     runs the hooks (a Lookahead built as an Optimizer subclass) is the one stepped."""
     for _ in range(8):
-        step = getattr(type(optimizer), "step", None)
-        if optimizer is None or getattr(step, "hooked", False) or \
-                type(optimizer).__module__.startswith("torch.optim"):
+        cls = type(optimizer)
+        if optimizer is None or getattr(getattr(cls, "step", None), "hooked", False) or \
+                cls.__module__.startswith("torch.optim"):
             break
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
         if inner is None or inner is optimizer:
