@@ -38,6 +38,16 @@ anew each step) touches fresh pages: 560-790 faults per step in the kept default
 whether or not anything is tracked. `--heap steady` keeps freed memory mapped (glibc's
 mallopt: trim and mmap thresholds at 1 GiB, as a caching allocator would), so the table
 measures the tracker and not the heap's drift; the default heap is what a plain script gets.
+
+Where the step's tensors land moves the kernels' speed by itself (alignment, cache sets): in
+one process, holding an unused block of 4 KiB / 64 KiB / 3 MB before untracked blocks moved
+their step by +0.9 / +2.2 / +2.2 %, and `hook points only` (callbacks that return at once)
+read +4.5 % in that process against +1.0 % over six. A block's layout follows from what ran
+before it, so a mode keeps much the same layout round after round, and its paired figure
+carries that draw. `--heap-pad BYTES` holds an unused block of a random size (0-BYTES, a new
+draw for every block, the same distribution for every mode) while each block runs: the layout
+changes from round to round, and the medians compare modes over many layouts instead of one
+each.
 """
 from __future__ import annotations
 
@@ -47,6 +57,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import random
 import resource
 import json
 import shlex
@@ -251,15 +262,22 @@ def collect(specs: list[str], args, modes: tuple[str, ...] = MODES) -> dict:
            for key in ("pooled", "per_round", "exits", "round_faults")}
     raw["events"] = {s: [] for s in specs}                   # allocator events per step
     raw["hook_ms"] = {s: [] for s in specs}
+    raw["pads"] = {s: {m: [] for m in modes} for s in specs}
+    # one draw per block, from the same distribution for every mode (see --heap-pad)
+    pad_sizes = random.Random(args.round_offset)
     for r in range(args.round_offset, args.round_offset + args.rounds):
         for spec in (specs if r % 2 == 0 else specs[::-1]):
             for m in (modes if r % 2 == 0 else tuple(reversed(modes))):
                 # no cyclic garbage left from the last block: a collection inside this one
                 # would free its tensors there (frees in its events, time in its steps)
                 gc.collect()
+                pad_bytes = pad_sizes.randrange(0, args.heap_pad + 1, 64) if args.heap_pad else 0
+                pad = torch.empty(pad_bytes, dtype=torch.uint8)   # held while the block runs
                 times, step_faults, exit_cost = run_mode(
                     m, loads[spec],
                     events_per_step=raw["events"][spec] if m == "track(health=False)" else None)
+                del pad
+                raw["pads"][spec][m].append(pad_bytes)
                 raw["pooled"][spec][m] += times[args.warmup:]
                 raw["per_round"][spec][m].append(statistics.median(times[args.warmup:]))
                 raw["exits"][spec][m].append(exit_cost)
@@ -367,6 +385,11 @@ def main(argv=None):
                     help="steady: glibc keeps freed memory mapped, so steps do not fault "
                          "fresh pages in (see the module docstring); default: as a plain "
                          "script runs")
+    ap.add_argument("--heap-pad", type=int, default=0, metavar="BYTES",
+                    help="before each block (every mode alike) hold an unused block of a "
+                         "random size in [0, BYTES], a new draw per block: where the step's "
+                         "tensors land then changes from round to round, so no mode keeps "
+                         "one lucky or unlucky layout (see the module docstring)")
     ap.add_argument("--processes", type=int, default=1,
                     help="run the rounds in this many fresh processes, --rounds in each, and "
                          "pool them (see collect_in_processes); the paired figure of each "
@@ -413,7 +436,9 @@ def main(argv=None):
     lines = [f"# memprof training-health overhead ({rounds} rounds{where} x {args.steps} steps "
              f"per mode, first {args.warmup} of each round dropped; loop: forward, loss, "
              f"backward, clip_grad_norm_, AdamW step, LambdaLR step, zero_grad; {args.clock} "
-             f"time per step; heap: {args.heap})",
+             f"time per step; heap: {args.heap}"
+             + (f", a random pad of 0-{args.heap_pad} bytes held under each block"
+                if args.heap_pad else "") + ")",
              f"# machine: {machine(device='cpu')} (load average before the run: {load_before})",
              f"# command: python {cmd}", "",
              f"{'workload':{wl}s} {'mode':30s} {'median ms':>10s} {'p10-p90 ms':>16s} "
