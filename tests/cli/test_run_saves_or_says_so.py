@@ -28,8 +28,11 @@ def memprof(*args, cwd, **kw):
 
 def start(*args, cwd):
     env = dict(os.environ, COLUMNS="250")
+    # a suite started in the background of a shell without job control inherits SIGINT
+    # ignored, and so would the script (python keeps an ignored SIGINT ignored)
     return subprocess.Popen([sys.executable, "-m", "memprof.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _loads(path) -> bool:
