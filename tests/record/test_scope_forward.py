@@ -3,11 +3,21 @@ block (a pair of module hooks sent every call down Module._call_impl's slow path
 user or a library sees of it, and the modules it must not be set on."""
 import functools
 import inspect
+import sys
 
 import pytest
 import torch
 
 import memprof
+
+
+@pytest.fixture(autouse=True)
+def _nothing_compiled_yet():
+    """Scope forwards are used while torch.compile has compiled nothing in the process (an
+    earlier test's compiled code would send these modules down the hook path)."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+    yield
 
 
 class Block(torch.nn.Module):
@@ -145,3 +155,47 @@ def test_saving_inside_the_block_saves_no_scope(tmp_path, save):
         assert torch.equal(loaded(x), model(x))
     else:
         assert set(loaded) == set(model.state_dict())
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def test_a_model_compiled_before_the_block_is_not_compiled_again():
+    """Dynamo guards on a module's own `forward`: a scope forward would make a model
+    compiled before the block compile again inside it (and after it, and in each block
+    after that, up to the recompile limit). Once torch.compile was used, the hooks run."""
+    model = Net()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 8)
+    compiled(x)
+    before = _graphs()
+    for _ in range(3):
+        with memprof.track(model) as prof:
+            assert "forward" not in vars(model.block) and model.block._forward_pre_hooks
+            compiled(x)
+            compiled(x)
+    compiled(x)
+    assert _graphs() == before
+    assert prof.meta["compiled"]
+
+
+def test_torch_compile_inside_the_block_turns_scope_forwards_into_hooks():
+    model = Net()
+    x = torch.randn(4, 8)
+    with memprof.track(model):
+        model(x)
+        assert "forward" in vars(model.block)
+        compiled = torch.compile(model, backend="eager")
+        assert "forward" not in vars(model.block) and model.block._forward_pre_hooks
+        compiled(x)
+    compiled(x)   # the hooks came off: compiled once more, as with hooks all along
+    after = _graphs()
+    for _ in range(3):
+        with memprof.track(model):
+            compiled(x)
+    compiled(x)
+    assert _graphs() == after
+    for m in model.modules():
+        assert "forward" not in vars(m) and not m._forward_pre_hooks

@@ -52,6 +52,26 @@ def _plain_forward(module: torch.nn.Module) -> bool:
         not isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule))
 
 
+def dynamo_has_compiled() -> bool:
+    """Whether torch.compile has been used in this process (a backend was set up and not
+    reset since): its compiled code guards on the modules' own attributes."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:
+        return False
+    backends = getattr(eval_frame, "cached_backends", None)
+    if not isinstance(backends, dict):
+        return True   # not the dynamo this was written against: assume it has
+    # (torch.compiler.disable's contexts, made at import, register no backend: None)
+    return any(b is not None for b in backends.values())
+
+
+def _take_forward_off(module: torch.nn.Module, forward) -> None:
+    """Remove a scope forward, unless something replaced it since (a library that wrapped
+    it keeps its wrapper, through which the scope forward, no longer live, passes)."""
+    if vars(module).get("forward") is forward:
+        del module.__dict__["forward"]
+
+
 def clean_name(name: str) -> str:
     """A module's path without torch.compile's wrapper level (`_orig_mod.layers.3` ->
     `layers.3`): the names the user wrote."""
@@ -81,6 +101,7 @@ class ModuleScope:
         self._forward_depth = None                # the depth whose call began the real pass
         self.compiled = False                     # a module hook ran under torch.compile
         self.live = False                         # installed and not yet removed
+        self._forwards: list = []                 # (submodule, its scope forward, id)
         self._filter = None
         self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_ids()
@@ -191,14 +212,10 @@ class ModuleScope:
                         self._root_pre, with_kwargs=True))
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
-                elif _plain_forward(mod):
-                    patches.set(mod, "forward", self._forward_in_scope(
-                        mod, self._auto_ids[id(mod)]))
+                elif not dynamo_has_compiled() and _plain_forward(mod):
+                    self._run_in_scope_forward(mod, self._auto_ids[id(mod)])
                 else:
-                    self._handles.append(mod.register_forward_pre_hook(
-                        self._push_hook(self._auto_ids[id(mod)])))
-                    self._handles.append(mod.register_forward_hook(self._pop_hook,
-                                                                   always_call=True))
+                    self._scope_hooks(mod, self._auto_ids[id(mod)])
         elif self.auto:
             from torch.nn.modules.module import (register_module_forward_hook,
                                                  register_module_forward_pre_hook)
@@ -225,17 +242,36 @@ class ModuleScope:
 
         def make_compile(original):
             def compile(module, *args, **kwargs):
+                scope._to_hooks()
                 result = original(module, *args, **kwargs)
                 scope._compiled_in_place(module)
                 return result
             return compile
         patches.patch(torch.nn.Module, "compile", make_compile)
+
+        def make_torch_compile(original):
+            @functools.wraps(original)
+            def compile(*args, **kwargs):
+                scope._to_hooks()
+                return original(*args, **kwargs)
+            return compile
+        patches.patch(torch, "compile", make_torch_compile)
         if self.model is None:
             return
         self._compiled_in_place(self.model)   # compiled before the block
         dynamo = sys.modules.get("torch._dynamo.eval_frame")   # loaded once torch.compile ran
         if dynamo is not None and hasattr(dynamo, "OptimizedModule"):
             patches.patch(dynamo.OptimizedModule, "__call__", self._wrapper_call)
+
+    def _to_hooks(self) -> None:
+        """Code about to be compiled: the submodules' scope forwards make way for hooks.
+        Dynamo guards on a module's own `forward`: a graph traced through a scope forward
+        would be compiled again after the block (and in every block after it, each with
+        forwards of its own, up to dynamo's recompile limit), where with hooks it is not."""
+        forwards, self._forwards = self._forwards, []
+        for module, forward, mid in forwards:
+            _take_forward_off(module, forward)
+            self._scope_hooks(module, mid)
 
     def _compiled_in_place(self, module: torch.nn.Module) -> None:
         compiled = getattr(module, "_compiled_call_impl", None)
@@ -271,7 +307,10 @@ class ModuleScope:
         return call
 
     def remove(self) -> None:
-        self.live = False   # a forward wrapper someone wrapped again passes straight through
+        self.live = False   # a scope forward someone wrapped again passes straight through
+        for module, forward, _ in self._forwards:
+            _take_forward_off(module, forward)
+        self._forwards = []
         remove_handles(self._handles)
         if self._kwargs_hook_id is not None:
             # the handle leaves its with_kwargs entry behind (torch 2.13): torch would go on
@@ -290,6 +329,15 @@ class ModuleScope:
     # frames: 2.4 us a call against 0.1 us warm, and a step's kernels empty the caches).
     # Modules whose forward is not a plain method of their class (an instance's own, a
     # ScriptModule's, a GraphModule's that recompile() replaces) keep the hooks below.
+    def _run_in_scope_forward(self, module: torch.nn.Module, mid: int) -> None:
+        forward = self._forward_in_scope(module, mid)
+        module.__dict__["forward"] = forward   # not through a class's own __setattr__
+        self._forwards.append((module, forward, mid))
+
+    def _scope_hooks(self, module: torch.nn.Module, mid: int) -> None:
+        self._handles.append(module.register_forward_pre_hook(self._push_hook(mid)))
+        self._handles.append(module.register_forward_hook(self._pop_hook, always_call=True))
+
     def _forward_in_scope(self, module: torch.nn.Module, mid: int):
         method = type(module).forward
         scope, compiling, push_module, pop_module = self, _compiling, _C.push_module, \
