@@ -273,6 +273,28 @@ def test_report_has_a_throughput_table():
     assert "micro-steps per optimizer step 2 (gradient accumulation)" in text
 
 
+def test_micro_batches_of_different_sizes_show_their_range():
+    """Micro-batches of 32 and 64 in every step: the median micro-batch is 48, a size no
+    micro-step had; the report says it is a median and gives the sizes (it read "batch 48")."""
+    from rich.console import Console
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mixed = [pair for a, b in zip(batches(4, b=32), batches(4, b=64, seed=2)) for pair in (a, b)]
+    with memprof.track(model, opt) as prof:
+        train(model, opt, mixed, accum=2)
+    t = prof.throughput
+    assert t["batch_size"] == 48 and t["batch_size_range"] == [32, 64]
+    con = Console(record=True, width=200)
+    prof.report(console=con)
+    assert "batch 48 (median; sizes 32-64)" in con.export_text()
+    with memprof.track(model, opt) as same:
+        train(model, opt, batches(4, b=8), accum=2)
+    assert same.throughput["batch_size_range"] == [8, 8]
+    con = Console(record=True, width=200)
+    same.report(console=con)
+    assert "batch 8   samples/s" in con.export_text()
+
+
 def test_removed_on_exit_and_on_exception():
     from torch.optim import optimizer as optmod
     model = make_model()

@@ -59,7 +59,8 @@ def phase_table(entries, batch_override: int | None = None,
     leak look): the window opens after them."""
     pauses = pauses or {}
     rows: dict[str, list] = {c: [] for c in COLUMNS + ("loader_ms", "micro_steps", "samples",
-                                                       "batch_size")}
+                                                       "batch_size", "batch_min",
+                                                       "batch_max")}
     prev_step_t = None
     w = _Window(prev_step_t)
     for label, t, value in entries:
@@ -200,9 +201,12 @@ def _append_row(rows, w: _Window, batch_override) -> None:
     if groups and len(known_sizes) == len(sizes):
         rows["samples"].append(int(sum(known_sizes)))
         rows["batch_size"].append(float(np.median(known_sizes)))
+        rows["batch_min"].append(int(min(known_sizes)))
+        rows["batch_max"].append(int(max(known_sizes)))
     else:
         rows["samples"].append(None)
-        rows["batch_size"].append(None)
+        for key in ("batch_size", "batch_min", "batch_max"):
+            rows[key].append(None)
 
 
 def _entries_from_profile(profile: Profile) -> list[tuple[str, int, int]]:
@@ -251,6 +255,11 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         "steps_with_micro_steps": sum(1 for m in pick["micro_steps"] if m),
         "gradient_accumulation": bool(micro_med is not None and micro_med > 1),
         "batch_size": float(np.median(bs)) if bs else None,
+        # micro-batches of 32 and 64 have a median of 48, a size no step had: the range
+        # says so
+        "batch_size_range": ([min(b for b in pick["batch_min"] if b is not None),
+                              max(b for b in pick["batch_max"] if b is not None)]
+                             if bs else None),
         "batch_size_source": ("track(batch_size=...)" if batch_override is not None
                               else "leading dimension of the root module's first input"),
         "samples_per_s_overall": (total_s / (total_w * 1e-3)) if total_w else None,

@@ -139,6 +139,14 @@ def _g(x, fmt="{:.4g}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _batch(tp: dict) -> str:
+    """The micro-batch size; where sizes varied, their range beside the median."""
+    low_high = tp.get("batch_size_range")
+    if low_high and low_high[0] != low_high[1]:
+        return f"{_g(tp.get('batch_size'))} (median; sizes {low_high[0]}-{low_high[1]})"
+    return _g(tp.get("batch_size"))
+
+
 def _print_throughput(prof: Profile, console: Console) -> None:
     tp = throughput_analysis.summarize(prof)
     if not tp or not tp.get("steps"):
@@ -165,7 +173,7 @@ def _print_throughput(prof: Profile, console: Console) -> None:
             if with_micro and measured and with_micro < measured else "")
     line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
-            f"batch {_g(tp.get('batch_size'))}   samples/s "
+            f"batch {_batch(tp)}   samples/s "
             + (f"{sps['median']:.1f} (p10 {sps['p10']:.1f}, p90 {sps['p90']:.1f})" if sps
                else "- (batch size unknown: track(batch_size=N) or memprof run --batch-size N)"))
     gpu = tp.get("gpu")
