@@ -93,7 +93,8 @@ def test_first_step_has_no_data_wait_and_eval_forwards_are_not_micro_steps():
 def test_a_validation_pass_every_step_does_not_set_the_batch(context):
     """A 256-row validation forward under no_grad before each 64-row training step: the
     report said batch 256 and samples/s 4x too high (the batch was read off the first pass
-    of the micro-step). A run that only evaluates still gets its batch."""
+    of the micro-step), and its time was the step's forward time. A run that only evaluates
+    still gets its batch, and its passes are its forward."""
     torch.manual_seed(0)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -108,12 +109,22 @@ def test_a_validation_pass_every_step_does_not_set_the_batch(context):
             opt.zero_grad()
     t = prof.throughput
     assert t["batch_size"] == 64 and t["micro_steps_per_step"] == 1
+    # the validation pass's time is evaluation, not the step's forward
+    per = t["per_step"]
+    assert all(e > 0 for e in per["eval_ms"])
+    from rich.console import Console
+    con = Console(record=True, width=200)
+    prof.report(console=con)
+    assert "evaluation (passes without gradients)" in con.export_text()
     with memprof.track(model) as inference:
         for _ in range(3):
             with evaluating():
                 model(val)
             inference.step()
     assert inference.throughput["batch_size"] == 256
+    # a step that only evaluates: its passes are its forward
+    per = inference.throughput["per_step"]
+    assert per["eval_ms"] == [0.0] * 3 and all(f > 0 for f in per["forward_ms"])
 
 
 # ------------------------------------------------------------------ real loops

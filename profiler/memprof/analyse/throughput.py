@@ -46,7 +46,8 @@ MIN_MEASURED_STEPS = 2
 PHASE_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end",
                 "optimizer_start", "step", "batch", "eval_batch", "data_start", "data_end",
                 "update_start", "update_end")   # a hand-written update (record.update_watch)
-COLUMNS = ("wall_ms", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")
+COLUMNS = ("wall_ms", "data_ms", "forward_ms", "eval_ms", "backward_ms", "optimizer_ms",
+           "other_ms")
 
 
 def phase_table(entries, batch_override: int | None = None,
@@ -97,6 +98,8 @@ class _Window:
         self.loader = 0.0                 # time inside DataLoader.__next__ (record.throughput)
         self.t0_loader = None
         self.fwd = self.bwd = self.opt = 0.0
+        self.eval = 0.0                   # passes without gradients (a validation batch)
+        self.pass_evaluates = False       # the running pass is one of those
         self.t0_fwd = self.t0_bwd = self.t0_opt = None
         # [batch or None, had_backward, batch of a pass without gradients or None]
         self.groups: list[list] = []
@@ -107,6 +110,8 @@ class _Window:
         """The size of the current group's first training pass (an evaluation pass before it
         in the group does not set it; it is the size only of a group that trains nothing)."""
         slot = 2 if evaluating else 0
+        if evaluating and self.state == "forward":
+            self.pass_evaluates = True
         if self.groups and self.groups[-1][slot] is None:
             self.groups[-1][slot] = n
 
@@ -135,10 +140,14 @@ class _Window:
             self.last_token = "F"
             self.state = "forward"
             self.t0_fwd = t
+            self.pass_evaluates = False
             self.gap_start = None
         elif label == "forward_end":
             if self.t0_fwd is not None:
-                self.fwd += t - self.t0_fwd
+                if self.pass_evaluates:
+                    self.eval += t - self.t0_fwd
+                else:
+                    self.fwd += t - self.t0_fwd
                 self.t0_fwd = None
             self.state = "after_forward"
         elif label == "backward_start":
@@ -185,10 +194,15 @@ def _append_row(rows, w: _Window, batch_override) -> None:
     rows["wall_ms"].append(wall * ms if wall is not None else None)
     rows["data_ms"].append(w.data * ms if w.data is not None else None)
     rows["loader_ms"].append(w.loader * ms)
-    rows["forward_ms"].append(w.fwd * ms)
+    # passes without gradients are evaluation beside a step that trains; in a step that
+    # only evaluates (inference, prof.step()) they are its forward
+    trains = any(g[0] is not None or g[1] for g in w.groups)
+    fwd, ev = (w.fwd, w.eval) if trains else (w.fwd + w.eval, 0.0)
+    rows["forward_ms"].append(fwd * ms)
+    rows["eval_ms"].append(ev * ms)
     rows["backward_ms"].append(w.bwd * ms)
     rows["optimizer_ms"].append(w.opt * ms)
-    known = w.fwd + w.bwd + w.opt + (w.data or 0.0)
+    known = w.fwd + w.eval + w.bwd + w.opt + (w.data or 0.0)
     rows["other_ms"].append(max(0.0, wall - known) * ms if wall is not None else None)
     trained = [g for g in w.groups if g[1]]
     groups = trained if trained else w.groups

@@ -27,6 +27,7 @@ from .svg import (COLORS, PHASE_COLORS, Frame, bands, esc, fmt_time, icicle, leg
 STATIC_BUCKETS = 450              # static timeline: about 2 points per bucket, 960 px wide
 ASSETS = Path(__file__).parent / "assets"
 STEP_TIME_COLORS = {"data_ms": "#bab0ab", "forward_ms": PHASE_COLORS["forward"],
+                    "eval_ms": "#9ecae9",
                     "backward_ms": PHASE_COLORS["backward"],
                     "optimizer_ms": PHASE_COLORS["optimizer"], "other_ms": "#e8e8e8"}
 
@@ -182,7 +183,8 @@ def _steps(profile: Profile) -> str:
     health = any("loss" in r or "grad_norm" in r for r in rows)
     header = ["step", "peak", "live at end", "allocated"]
     if timed:
-        header += ["wall ms", "data", "forward", "backward", "optimizer", "other", "samples/s"]
+        header += ["wall ms", "data", "forward", "eval", "backward", "optimizer", "other",
+                   "samples/s"]
     if health:
         header += ["loss", "grad norm before clip", "after", "LR"]
     body = []

@@ -145,7 +145,7 @@ def top_allocations(profile: Profile, n: int = 15) -> list[dict]:
 
 
 # ------------------------------------------------------------------ per step
-STEP_TIME = ("data_ms", "forward_ms", "backward_ms", "optimizer_ms", "other_ms")
+STEP_TIME = ("data_ms", "forward_ms", "eval_ms", "backward_ms", "optimizer_ms", "other_ms")
 
 
 MAX_STEP_ROWS = 200
@@ -175,7 +175,7 @@ def step_rows(profile: Profile) -> list[dict]:
                "allocated": s.allocated}
         if s.index < len(per.get("wall_ms", [])):
             for key in ("wall_ms",) + STEP_TIME + ("samples",):
-                row[key] = per[key][s.index]
+                row[key] = per[key][s.index] if key in per else None
             wall = row["wall_ms"]
             row["samples_per_s"] = (row["samples"] / wall * 1e3
                                     if wall and row.get("samples") else None)

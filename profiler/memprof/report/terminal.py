@@ -161,9 +161,11 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     for col in ("phase", "median ms", "p10 ms", "p90 ms", "share"):
         t.add_column(col, justify="left" if col == "phase" else "right")
     wall = (st.get("wall_ms") or {}).get("median")
-    _stat_rows(t, st, wall, (("data_ms", "data wait"), ("forward_ms", "forward"),
-                             ("backward_ms", "backward"), ("optimizer_ms", "optimizer"),
-                             ("other_ms", "other"), ("wall_ms", "step")))
+    evaluated = any(tp["per_step"].get("eval_ms") or ())
+    _stat_rows(t, st, wall, (("data_ms", "data wait"), ("forward_ms", "forward"))
+               + ((("eval_ms", "evaluation (passes without gradients)"),) if evaluated else ())
+               + (("backward_ms", "backward"), ("optimizer_ms", "optimizer"),
+                  ("other_ms", "other"), ("wall_ms", "step")))
     _add_communication_rows(t, st, wall)
     console.print(t)
     _print_collectives(tp, console)
