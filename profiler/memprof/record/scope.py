@@ -52,6 +52,16 @@ def _plain_forward(module: torch.nn.Module) -> bool:
         not isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule))
 
 
+def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose calls are forward passes of the model: the model itself or, for a
+    container that is never called (`ModuleDict({"G": G, "D": D})` for a GAN, a
+    ModuleList), the callable modules it holds (a GAN tracked that way had no forward pass,
+    batch or activations at all)."""
+    if type(model).forward is not torch.nn.Module.forward:
+        return [model]
+    return [m for child in model.children() for m in _pass_modules(child)]
+
+
 def dynamo_has_compiled() -> bool:
     """Whether torch.compile has been used in this process (a backend was set up and not
     reset since): its compiled code guards on the modules' own attributes."""
@@ -206,12 +216,15 @@ class ModuleScope:
 
     def _install_hooks(self, patches) -> None:
         if self.model is not None:
+            passes = {id(m) for m in _pass_modules(self.model)}
             for mid, (_, mod) in enumerate(self.model.named_modules(remove_duplicate=True)):
-                if mid == 0:
+                if id(mod) in passes:
                     self._handles.append(mod.register_forward_pre_hook(
-                        self._root_pre, with_kwargs=True))
+                        functools.partial(self._root_pre, mid=mid), with_kwargs=True))
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
+                elif mid == 0:
+                    continue   # a container: never called
                 elif not dynamo_has_compiled() and _plain_forward(mod):
                     self._run_in_scope_forward(mod, self._auto_ids[id(mod)])
                 else:

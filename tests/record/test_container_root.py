@@ -1,0 +1,51 @@
+"""A model tracked through a container that is never called itself - a GAN as
+`ModuleDict({"G": G, "D": D})`, models in a ModuleList - had no forward pass at all: 0 ms of
+forward, no batch, 0 micro-steps, and no activations by module. The callable modules the
+container holds are the passes."""
+import torch
+
+import memprof
+
+
+def _gan():
+    torch.manual_seed(0)
+    g = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    d = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    return g, d
+
+
+def _train(g, d, steps=4, batch=32):
+    opt_g, opt_d = torch.optim.Adam(g.parameters()), torch.optim.Adam(d.parameters())
+    softplus = torch.nn.functional.softplus
+    for _ in range(steps):
+        fake = g(torch.randn(batch, 8))
+        loss_d = softplus(-d(torch.randn(batch, 16))).mean() + softplus(d(fake.detach())).mean()
+        loss_d.backward()
+        opt_d.step()
+        opt_d.zero_grad()
+        softplus(-d(fake)).mean().backward()
+        opt_g.step()
+        opt_g.zero_grad()
+
+
+def test_a_gan_in_a_module_dict_has_forward_passes():
+    g, d = _gan()
+    models = torch.nn.ModuleDict({"G": g, "D": d})
+    with memprof.track(models, optimizer=None) as prof:
+        _train(g, d)
+    t = prof.throughput
+    assert t["batch_size"] == 32 and t["micro_steps_per_step"] >= 1
+    assert t["stats"]["forward_ms"]["median"] > 0
+    acts = prof.activations_by_module()
+    assert {"G.1", "D.1"} <= set(acts)        # the ReLUs' saved outputs, named in each model
+    assert prof.breakdown("phase", at="peak").get("forward", 0) > 0
+    for m in models.modules():                 # nothing left behind
+        assert not m._forward_pre_hooks and not m._forward_hooks and "forward" not in vars(m)
+
+
+def test_models_in_a_module_list_have_forward_passes():
+    g, d = _gan()
+    with memprof.track(torch.nn.ModuleList([g, d]), optimizer=None) as both:
+        _train(g, d, steps=2)
+    assert both.throughput["batch_size"] == 32
+    assert {"ModuleList.0.1", "ModuleList.1.1"} <= set(both.activations_by_module())
