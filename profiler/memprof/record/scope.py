@@ -57,8 +57,8 @@ def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     container that is never called (`ModuleDict({"G": G, "D": D})` for a GAN, a
     ModuleList), the callable modules it holds (a GAN tracked that way had no forward pass,
     batch or activations at all)."""
-    if type(model).forward is not torch.nn.Module.forward:
-        return [model]
+    if type(model).forward is not torch.nn.Module.forward or "forward" in vars(model):
+        return [model]   # (torch.compile's wrapper sets its forward on the instance)
     return [m for child in model.children() for m in _pass_modules(child)]
 
 
