@@ -32,6 +32,15 @@ from .patches import remove_handles
 # forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes);
 # is_dynamo_compiling, one frame cheaper, misses the second
 _compiling = torch.compiler.is_compiling
+# The same check on the per-call paths (a submodule's scope forward, the root's hooks), read
+# in two parts: is_compiling calls torch.jit.is_scripting first, two Python frames per check
+# where is_dynamo_compiling is one, and non-strict export's flag is an attribute read. (Under
+# dynamo the first part is a constant True and the second is never read.)
+if hasattr(torch.compiler, "is_dynamo_compiling") and \
+        hasattr(torch.compiler, "_is_compiling_flag"):
+    _dynamo_compiling, _export = torch.compiler.is_dynamo_compiling, torch.compiler
+else:   # another torch: the whole check, and a flag that is never set
+    _dynamo_compiling, _export = _compiling, types.SimpleNamespace(_is_compiling_flag=False)
 _GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
 #: a module's forward hook tables, keyed by handle id (what `_install_hooks` writes into)
@@ -353,11 +362,11 @@ class ModuleScope:
 
     def _forward_in_scope(self, module: torch.nn.Module, mid: int):
         method = type(module).forward
-        scope, compiling, push_module, pop_module = self, _compiling, _C.push_module, \
-            _C.pop_module
+        scope, dynamo, export, push_module, pop_module = self, _dynamo_compiling, _export, \
+            _C.push_module, _C.pop_module
 
         def forward(*args, **kwargs):
-            if compiling():
+            if dynamo() or export._is_compiling_flag:
                 scope.compiled = True   # traced by dynamo, not run: nothing reaches memprof._C
                 return method(module, *args, **kwargs)
             if not scope.live:
@@ -390,7 +399,7 @@ class ModuleScope:
     # Once per forward pass, with caches the step's kernels emptied: direct calls into
     # memprof._C, subscriber lists walked over a copy (a subscriber may leave when done).
     def _root_pre(self, module, args, kwargs, mid: int = 0):
-        if _compiling():
+        if _dynamo_compiling() or _export._is_compiling_flag:
             self.compiled = True
             return
         self._root_depth += 1
@@ -410,7 +419,7 @@ class ModuleScope:
                 fn(args, kwargs)
 
     def _root_post(self, module, args, output):
-        if _compiling():
+        if _dynamo_compiling() or _export._is_compiling_flag:
             return
         _C.pop_module()
         if self._forward_depth == self._root_depth:
