@@ -140,7 +140,8 @@ class StorageNote {
   bool valid_ = false;
 };
 
-// The sorted storage addresses of the buffers of (module, module id) pairs (the modules' own
+// The sorted storage addresses of the buffers of (module or weak reference to it, module id)
+// pairs, freed modules skipped (the modules' own
 // `_buffers`, None entries skipped, addresses 0 dropped), what snapshots.note_buffers compares
 // at every step end; None when a buffer is not a plain tensor or a module has no `_buffers`
 // dict (the Python path decides).
@@ -148,7 +149,19 @@ py::object module_buffer_addresses(const py::list& module_ids) {
   std::vector<int64_t> out;
   for (py::handle pair : module_ids) {
     if (!PyTuple_Check(pair.ptr()) || PyTuple_GET_SIZE(pair.ptr()) != 2) return py::none();
-    PyObject* buffers = PyObject_GetAttrString(PyTuple_GET_ITEM(pair.ptr(), 0), "_buffers");
+    PyObject* module = PyTuple_GET_ITEM(pair.ptr(), 0);   // borrowed
+    py::object alive;   // a weak reference's module, held for the lookups below
+    if (PyWeakref_CheckRef(module)) {
+      PyObject* target = PyWeakref_GetObject(module);   // borrowed; None once freed
+      if (target == nullptr) {
+        PyErr_Clear();
+        return py::none();
+      }
+      if (target == Py_None) continue;   // a module replaced or deleted in the block
+      alive = py::reinterpret_borrow<py::object>(target);
+      module = target;
+    }
+    PyObject* buffers = PyObject_GetAttrString(module, "_buffers");
     if (buffers == nullptr) {
       PyErr_Clear();
       return py::none();

@@ -306,6 +306,31 @@ def test_micro_batches_of_different_sizes_show_their_range():
     assert "batch 8   samples/s" in con.export_text()
 
 
+def test_batch_size_past_an_argument_that_holds_only_a_scalar():
+    """`model({"scale": tensor(2.)}, x)`: the first argument's first tensor is 0-d, so the
+    batch is the next argument's (a rewrite had stopped there: no batch, no samples/s)."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(D, C)
+
+        def forward(self, opts, x):
+            return self.fc(x) * opts["scale"]
+
+    model = Scaled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(3):
+            model({"scale": torch.tensor(2.0)}, torch.randn(32, D)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert prof.throughput["batch_size"] == 32
+    lead = throughput_recorder.leading_dim
+    assert lead((torch.randn(5, 2),)) == 5 and lead((torch.tensor(1.0), torch.randn(4))) is None
+    assert lead(([torch.tensor(1.0), torch.randn(9)], torch.randn(7))) == 7
+    assert lead((), {"input_ids": torch.zeros(3, 8)}) == 3 and lead(("text",)) is None
+
+
 def test_removed_on_exit_and_on_exception():
     from torch.optim import optimizer as optmod
     model = make_model()

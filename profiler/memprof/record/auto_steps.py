@@ -12,6 +12,8 @@ for the device: a hand-written loop pays it, an optimizer loop never does).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -39,8 +41,10 @@ def fingerprint(params: list[torch.Tensor]) -> tuple[str, ...] | None:
 class AutoSteps:
     def __init__(self, session):
         self.session = session
-        self._params: list[torch.Tensor] = []
-        self._before: tuple | None = None
+        # the parameters the last backward made gradients for, weakly (a module the user
+        # replaces before the next forward - a new head - is freed then, as untracked)
+        self._params: list[weakref.ref] = []
+        self._before: list | None = None      # their fingerprints then, one per parameter
         self.update = UpdateWatch(session.steps)   # where the hand-written update runs
 
     def install(self) -> None:
@@ -65,7 +69,9 @@ class AutoSteps:
         self.session.snapshots.take(CAT_GRADIENTS, [(p.grad, p) for p in params])
         if self._active() and self._before is None:
             # gradient accumulation: keep the state before the update
-            self._params, self._before = params, fingerprint(params)
+            prints = [fingerprint([p]) for p in params]
+            self._params = [weakref.ref(p) for p in params]
+            self._before = None if any(f is None for f in prints) else prints
             # only now is there a change to look for at the next forward (None: values that
             # cannot be read, fake or meta - nothing to look for)
             if self._before is not None:
@@ -82,11 +88,20 @@ class AutoSteps:
             return
         if not self._active():   # for good: steps are marked explicitly now
             self._stop_checking()
-        elif fingerprint(self._params) != self._before:
+        elif self._changed():
             self._stop_checking(step_ended=True)
             self.session.steps.end_step(explicit=False)
         else:   # a micro-step of an accumulation: no update yet, nothing to watch in a forward
             self.update.close(step_ended=False)
+
+    def _changed(self) -> bool:
+        """Whether a parameter noted at the backward changed since; one freed since (its
+        module was replaced or deleted) is not a change."""
+        for ref, before in zip(self._params, self._before):
+            p = ref()
+            if p is not None and fingerprint([p]) != before:
+                return True
+        return False
 
     def close(self) -> None:
         """The block ends: the update watch comes off whatever state it is in."""

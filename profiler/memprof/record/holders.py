@@ -10,8 +10,6 @@ from inspect import CO_OPTIMIZED
 
 import torch
 
-from .scope import is_scope_forward
-
 MAX_HOLDER_OBJECTS = 200_000    # objects visited while searching for holders
 MAX_HOLDER_DEPTH = 8
 
@@ -51,7 +49,7 @@ def _children(obj, path: str):
             if child is not None:
                 yield f"{path}.{name}", child
         for name, val in vars(obj).items():
-            if name not in _MODULE_INTERNALS and not is_scope_forward(val):
+            if name not in _MODULE_INTERNALS:
                 yield f"{path}.{name}", val
         for table in _CAPTURING_HOOK_TABLES:   # a hook's closure keeping outputs in a list
             for key, hook in getattr(obj, table, {}).items():

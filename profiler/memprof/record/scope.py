@@ -20,6 +20,7 @@ import functools
 import sys
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -29,36 +30,23 @@ from .events import PHASE_FORWARD, PHASE_OTHER
 from .patches import remove_handles
 
 # True while dynamo traces (it reads the call as a constant) and while torch.export runs the
-# forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes);
-# is_dynamo_compiling, one frame cheaper, misses the second
+# forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes)
 _compiling = torch.compiler.is_compiling
-# The same check on the per-call paths (a submodule's scope forward, the root's hooks), read
-# in two parts: is_compiling calls torch.jit.is_scripting first, two Python frames per check
-# where is_dynamo_compiling is one, and non-strict export's flag is an attribute read. (Under
-# dynamo the first part is a constant True and the second is never read.)
+# The same check on the per-call paths (every submodule call's two hooks, the root's hooks),
+# read in two parts: is_compiling calls torch.jit.is_scripting first, two Python frames per
+# check where is_dynamo_compiling is one, and non-strict export's flag is an attribute read.
+# (Under dynamo the first part is a constant True and the second is never read.)
 if hasattr(torch.compiler, "is_dynamo_compiling") and \
         hasattr(torch.compiler, "_is_compiling_flag"):
     _dynamo_compiling, _export = torch.compiler.is_dynamo_compiling, torch.compiler
 else:   # another torch: the whole check, and a flag that is never set
     _dynamo_compiling, _export = _compiling, types.SimpleNamespace(_is_compiling_flag=False)
 _GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+_RAISED = object()   # _auto_post called the way torch calls it after a forward raised
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
 #: a module's forward hook tables, keyed by handle id (what `_install_hooks` writes into)
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-def is_scope_forward(value) -> bool:
-    """Whether `value` is the `forward` memprof set on a module to run it in its scope."""
-    return getattr(value, "memprof_scope", False) is True
-
-
-def _plain_forward(module: torch.nn.Module) -> bool:
-    """Whether a module's forward is a plain function of its class, with nothing of the
-    instance's own in front of it: what a scope forward can call directly."""
-    return "forward" not in vars(module) and \
-        isinstance(type(module).forward, types.FunctionType) and \
-        not isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule))
 
 
 def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -69,26 +57,6 @@ def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     if type(model).forward is not torch.nn.Module.forward or "forward" in vars(model):
         return [model]   # (torch.compile's wrapper sets its forward on the instance)
     return [m for child in model.children() for m in _pass_modules(child)]
-
-
-def dynamo_has_compiled() -> bool:
-    """Whether torch.compile has been used in this process (a backend was set up and not
-    reset since): its compiled code guards on the modules' own attributes."""
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    if eval_frame is None:
-        return False
-    backends = getattr(eval_frame, "cached_backends", None)
-    if not isinstance(backends, dict):
-        return True   # not the dynamo this was written against: assume it has
-    # (torch.compiler.disable's contexts, made at import, register no backend: None)
-    return any(b is not None for b in backends.values())
-
-
-def _take_forward_off(module: torch.nn.Module, forward) -> None:
-    """Remove a scope forward, unless something replaced it since (a library that wrapped
-    it keeps its wrapper, through which the scope forward, no longer live, passes)."""
-    if vars(module).get("forward") is forward:
-        del module.__dict__["forward"]
 
 
 def clean_name(name: str) -> str:
@@ -119,11 +87,9 @@ class ModuleScope:
         self.module_call = True
         self._forward_depth = None                # the depth whose call began the real pass
         self.compiled = False                     # a module hook ran under torch.compile
-        self.live = False                         # installed and not yet removed
-        self._forwards: list = []                 # (submodule, its scope forward, id)
         self._filter = None
         self._patches = None                      # the session's (torch.compile's entries)
-        self._module_ids: tuple = (None, [])      # (names, roots) count -> module_ids()
+        self._module_ids: tuple = (None, [])      # (names, roots) count -> module_refs()
         self._handles: list = []
         if model is not None:
             self._name_tree(model, "")
@@ -151,9 +117,12 @@ class ModuleScope:
             for p in sub.parameters(recurse=False):
                 self.param_module.setdefault(id(p), mid)
 
-    def module_ids(self) -> list[tuple[torch.nn.Module, int]]:
-        """(module, id) for every named module of the model or the roots seen so far; walked
-        again only when modules were named since (it runs at every step end)."""
+    def module_refs(self) -> list[tuple[weakref.ref, int]]:
+        """(weak reference to the module, id) for every named module of the model or the
+        roots seen so far; walked again only when modules were named since (it runs at every
+        step end). Weak: a module the user replaces or deletes inside the block (a new
+        classifier head) is freed then, as without memprof (the list kept it alive, and its
+        parameters allocated, until the block ended)."""
         key = (len(self.names), len(self.roots))
         if self._module_ids[0] != key:
             out, seen = [], set()
@@ -162,9 +131,14 @@ class ModuleScope:
                     mid = self._auto_ids.get(id(sub))
                     if mid is not None and id(sub) not in seen:
                         seen.add(id(sub))
-                        out.append((sub, mid))
+                        out.append((weakref.ref(sub), mid))
             self._module_ids = (key, out)
         return self._module_ids[1]
+
+    def module_ids(self) -> list[tuple[torch.nn.Module, int]]:
+        """(module, id) for the named modules still alive (module_refs, dereferenced)."""
+        return [(m, mid) for m, mid in ((r(), mid) for r, mid in self.module_refs())
+                if m is not None]
 
     def module_id(self, module: torch.nn.Module) -> int | None:
         """The id this scope gave `module`, if it named it."""
@@ -184,8 +158,7 @@ class ModuleScope:
 
     # ------------------------------------------------------------------ install / remove
     def install(self, patches) -> None:
-        self.live = True
-        self._install_hooks(patches)
+        self._install_hooks()
         if self.model is not None:
             self._copy_without_hooks(patches)
         if self.model is not None or self.auto:
@@ -207,8 +180,6 @@ class ModuleScope:
                     if table and not ours.isdisjoint(table):
                         state[key] = OrderedDict((k, v) for k, v in table.items()
                                                  if k not in ours)
-                if is_scope_forward(state.get("forward")):
-                    del state["forward"]
                 return state
             return __getstate__
         # classes of the model that define their own __getstate__ (LightningModule) do not
@@ -223,21 +194,21 @@ class ModuleScope:
         hooks without going through one memprof wrapped): its locks made that fail."""
         return self
 
-    def _install_hooks(self, patches) -> None:
+    def _install_hooks(self) -> None:
         if self.model is not None:
             passes = {id(m) for m in _pass_modules(self.model)}
             for mid, (_, mod) in enumerate(self.model.named_modules(remove_duplicate=True)):
                 if id(mod) in passes:
-                    self._handles.append(mod.register_forward_pre_hook(
-                        functools.partial(self._root_pre, mid=mid), with_kwargs=True))
+                    pre = self._root_pre if mid == 0 else functools.partial(self._root_pre,
+                                                                            mid=mid)
+                    self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
-                elif mid == 0:
-                    continue   # a container: never called
-                elif not dynamo_has_compiled() and _plain_forward(mod):
-                    self._run_in_scope_forward(mod, self._auto_ids[id(mod)])
-                else:
-                    self._scope_hooks(mod, self._auto_ids[id(mod)])
+                elif mid > 0:   # (a root that is not a pass is a container: never called)
+                    self._handles.append(mod.register_forward_pre_hook(
+                        self._push_hook(self._auto_ids[id(mod)])))
+                    self._handles.append(mod.register_forward_hook(self._pop_hook,
+                                                                   always_call=True))
         elif self.auto:
             from torch.nn.modules.module import (register_module_forward_hook,
                                                  register_module_forward_pre_hook)
@@ -264,36 +235,17 @@ class ModuleScope:
 
         def make_compile(original):
             def compile(module, *args, **kwargs):
-                scope._to_hooks()
                 result = original(module, *args, **kwargs)
                 scope._compiled_in_place(module)
                 return result
             return compile
         patches.patch(torch.nn.Module, "compile", make_compile)
-
-        def make_torch_compile(original):
-            @functools.wraps(original)
-            def compile(*args, **kwargs):
-                scope._to_hooks()
-                return original(*args, **kwargs)
-            return compile
-        patches.patch(torch, "compile", make_torch_compile)
         if self.model is None:
             return
         self._compiled_in_place(self.model)   # compiled before the block
         dynamo = sys.modules.get("torch._dynamo.eval_frame")   # loaded once torch.compile ran
         if dynamo is not None and hasattr(dynamo, "OptimizedModule"):
             patches.patch(dynamo.OptimizedModule, "__call__", self._wrapper_call)
-
-    def _to_hooks(self) -> None:
-        """Code about to be compiled: the submodules' scope forwards make way for hooks.
-        Dynamo guards on a module's own `forward`: a graph traced through a scope forward
-        would be compiled again after the block (and in every block after it, each with
-        forwards of its own, up to dynamo's recompile limit), where with hooks it is not."""
-        forwards, self._forwards = self._forwards, []
-        for module, forward, mid in forwards:
-            _take_forward_off(module, forward)
-            self._scope_hooks(module, mid)
 
     def _compiled_in_place(self, module: torch.nn.Module) -> None:
         compiled = getattr(module, "_compiled_call_impl", None)
@@ -329,10 +281,6 @@ class ModuleScope:
         return call
 
     def remove(self) -> None:
-        self.live = False   # a scope forward someone wrapped again passes straight through
-        for module, forward, _ in self._forwards:
-            _take_forward_off(module, forward)
-        self._forwards = []
         remove_handles(self._handles)
         if self._kwargs_hook_id is not None:
             # the handle leaves its with_kwargs entry behind (torch 2.13): torch would go on
@@ -345,54 +293,22 @@ class ModuleScope:
             warnings.filters.remove(self._filter)
             getattr(warnings, "_filters_mutated", lambda: None)()   # drop the filter cache
 
-    # A submodule runs in its scope through an instance-level `forward` that calls its
-    # class's: one Python frame per call, where a pair of hooks sent every call down
-    # Module._call_impl's hook path (a closure, a set, the hook tables walked, two more
-    # frames: 2.4 us a call against 0.1 us warm, and a step's kernels empty the caches).
-    # Modules whose forward is not a plain method of their class (an instance's own, a
-    # ScriptModule's, a GraphModule's that recompile() replaces) keep the hooks below.
-    def _run_in_scope_forward(self, module: torch.nn.Module, mid: int) -> None:
-        forward = self._forward_in_scope(module, mid)
-        module.__dict__["forward"] = forward   # not through a class's own __setattr__
-        self._forwards.append((module, forward, mid))
-
-    def _scope_hooks(self, module: torch.nn.Module, mid: int) -> None:
-        self._handles.append(module.register_forward_pre_hook(self._push_hook(mid)))
-        self._handles.append(module.register_forward_hook(self._pop_hook, always_call=True))
-
-    def _forward_in_scope(self, module: torch.nn.Module, mid: int):
-        method = type(module).forward
-        scope, dynamo, export, push_module, pop_module = self, _dynamo_compiling, _export, \
-            _C.push_module, _C.pop_module
-
-        def forward(*args, **kwargs):
-            if dynamo() or export._is_compiling_flag:
-                scope.compiled = True   # traced by dynamo, not run: nothing reaches memprof._C
-                return method(module, *args, **kwargs)
-            if not scope.live:
-                return method(module, *args, **kwargs)
-            push_module(mid)
-            try:
-                return method(module, *args, **kwargs)
-            finally:
-                pop_module()
-        functools.update_wrapper(forward, method.__get__(module))   # its signature, its name
-        forward.memprof_scope = True   # what holder searches and copies leave out
-        return forward
-
     # A submodule's hooks run at every call of it: one Python frame each, the module id bound
-    # in the closure.
+    # in the closure (the hooks' share of a step's cost is mostly frames, and on a step whose
+    # kernels have emptied the caches each costs several times its warm time).
     def _push_hook(self, mid: int):
-        def push(module, args, compiling=_compiling, push_module=_C.push_module):
-            if compiling():
+        def push(module, args, dynamo=_dynamo_compiling, export=_export,
+                 push_module=_C.push_module):
+            if dynamo() or export._is_compiling_flag:
                 self.compiled = True   # traced by dynamo, not run: nothing reaches memprof._C
                 return
             push_module(mid)
         return push
 
     @staticmethod
-    def _pop_hook(module, args, output, compiling=_compiling, pop_module=_C.pop_module):
-        if not compiling():
+    def _pop_hook(module, args, output, dynamo=_dynamo_compiling, export=_export,
+                  pop_module=_C.pop_module):
+        if not (dynamo() or export._is_compiling_flag):
             pop_module()
 
     # ------------------------------------------------------------------ root passes
@@ -487,7 +403,13 @@ class ModuleScope:
                         rename)
         self.roots.insert(0 if first or not self.roots else len(self.roots), module)
 
-    def _auto_post(self, module, args, kwargs, output) -> None:
+    def _auto_post(self, module, args, kwargs, output=_RAISED) -> None:
+        """The global forward hook: (module, args, kwargs, output); after a forward that
+        raised, torch calls it with (module, args, output) - without that case a submodule
+        that raised (its parent caught it) stayed on the stack, and what the parent allocated
+        next was the failed child's."""
+        if output is _RAISED:
+            kwargs, output = None, kwargs
         if _compiling():
             return
         if self._stack:

@@ -166,7 +166,7 @@ class SnapshotRecorder:
         """A buffers snapshot, when their storages changed since the last one (or `force`).
         The addresses are read in C++ where every buffer is a plain tensor (a step end's
         check of an unchanged model walks no Python per module)."""
-        keys = _C.module_buffer_addresses(self.session.scope.module_ids())
+        keys = _C.module_buffer_addresses(self.session.scope.module_refs())
         pairs = None
         if keys is None:
             pairs = self.buffers()

@@ -30,32 +30,33 @@ _CUDA_FLUSH_EVERY = 512         # pending CUDA events resolved in batches of thi
 
 def leading_dim(args: tuple, kwargs: dict | None = None, depth: int = 3) -> int | None:
     """Leading dimension of the first tensor among a call's arguments (searched in order,
-    through lists, tuples and dicts), or None. Runs at every forward pass: a first argument
-    that is a tensor is answered without a search."""
+    through lists, tuples and dicts), or None. Inside one argument the first tensor decides,
+    even if it is 0-d; an argument with no sized tensor first passes to the next. Runs at
+    every forward pass: a first argument that is a tensor is answered without a search."""
     if args and type(args[0]) is torch.Tensor:
         first = args[0]
         return int(first.shape[0]) if first.dim() >= 1 else None
-    for items in (args, (kwargs or {}).values()):
-        found = _first_leading_dim(items, depth)
-        if found is not _NOT_FOUND:
+    for v in (*args, *(kwargs or {}).values()):
+        if isinstance(v, torch.Tensor):
+            return int(v.shape[0]) if v.dim() >= 1 else None
+        found = _first_leading_dim(v, depth)
+        if found is not None:
             return found
     return None
 
 
-_NOT_FOUND = object()
-
-
-def _first_leading_dim(items, depth: int):
-    """The leading dimension of the first tensor in `items` (None if it is 0-d), searching
-    lists, tuples and dicts `depth` levels down; _NOT_FOUND when there is none."""
-    for v in items:
-        if isinstance(v, torch.Tensor):   # the first tensor decides, even if it is 0-d
-            return int(v.shape[0]) if v.dim() >= 1 else None
-        if depth > 0 and isinstance(v, (list, tuple, dict)):
-            found = _first_leading_dim(v.values() if isinstance(v, dict) else v, depth - 1)
-            if found is not _NOT_FOUND:
-                return found
-    return _NOT_FOUND
+def _first_leading_dim(v, depth: int) -> int | None:
+    """The leading dimension of the first tensor inside `v` (None if that one is 0-d or there
+    is none), searching lists, tuples and dicts `depth` levels down."""
+    if depth <= 0 or not isinstance(v, (list, tuple, dict)):
+        return None
+    for x in (v.values() if isinstance(v, dict) else v):
+        if isinstance(x, torch.Tensor):   # the first tensor decides, even if it is 0-d
+            return int(x.shape[0]) if x.dim() >= 1 else None
+        found = _first_leading_dim(x, depth - 1)
+        if found is not None:
+            return found
+    return None
 
 
 class GpuSampler:

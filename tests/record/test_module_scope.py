@@ -1,23 +1,16 @@
-"""Submodules run in their scope through an instance-level `forward` memprof sets for the
-block (a pair of module hooks sent every call down Module._call_impl's slow path): what a
-user or a library sees of it, and the modules it must not be set on."""
+"""Which module runs: a pair of hooks per submodule (the root's own), and nothing of the
+module's changed. An instance-level `forward` set for the block was tried (a submodule call
+would stay on Module._call_impl's fast path) and taken out again: code that copies a module's
+`__dict__` (DataParallel's replicas, accelerate's regional compile) copied it too, and the copy
+computed with the original's parameters; a `@staticmethod` forward got the module as its
+input; a class-level forward patched inside the block was ignored. These tests keep those
+cases right."""
 import functools
-import inspect
-import sys
 
 import pytest
 import torch
 
 import memprof
-
-
-@pytest.fixture(autouse=True)
-def _nothing_compiled_yet():
-    """Scope forwards are used while torch.compile has compiled nothing in the process (an
-    earlier test's compiled code would send these modules down the hook path)."""
-    if "torch._dynamo" in sys.modules:
-        torch._dynamo.reset()
-    yield
 
 
 class Block(torch.nn.Module):
@@ -39,14 +32,11 @@ class Net(torch.nn.Module):
         return self.head(self.block(x))
 
 
-def test_submodules_are_attributed_and_look_like_themselves():
+def test_submodules_are_attributed_and_stay_themselves():
     model = Net()
     with memprof.track(model) as prof:
-        assert "forward" in vars(model.block)             # the scope's forward, while tracked
-        assert inspect.signature(model.block.forward) == \
-            inspect.signature(Block.forward.__get__(model.block))
-        assert model.block.forward.__name__ == "forward"
-        assert not model.block._forward_pre_hooks      # no hook path for plain submodules
+        assert "forward" not in vars(model.block)
+        assert model.block.forward.__func__ is Block.forward
         out = model(torch.randn(16, 8))
     with memprof.track(auto_modules=True) as hooked:   # global module hooks name them
         model(torch.randn(16, 8))
@@ -85,6 +75,35 @@ def test_a_forward_that_raises_leaves_its_scope():
     assert prof.activations_by_module() == {"Parent": kept.numel() * 4}
 
 
+@pytest.mark.parametrize("auto", [False, True], ids=["track(model)", "auto_modules"])
+def test_a_forward_that_raises_leaves_its_scope_in_either_mode(auto):
+    """Auto mode's global hook is called (module, args, output) by torch after a forward
+    that raised: it was refused there, the failed child stayed on the stack, and the
+    parent's next allocation was the child's."""
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("no")
+
+    class Parent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.child = Fails()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            try:
+                self.child(x)
+            except ValueError:
+                pass
+            return self.fc(x).repeat(100, 1)
+
+    model = Parent()
+    with (memprof.track(auto_modules=True) if auto else memprof.track(model)) as prof:
+        kept = model(torch.randn(4, 8))
+    acts = prof.activations_by_module()
+    assert "child" not in acts and acts.get("Parent", 0) >= kept.numel() * 4
+
+
 def test_instance_forwards_keep_the_hooks_and_are_kept():
     """A forward the instance already has (accelerate's hooks set one) is not replaced: the
     module runs in its scope through hooks, and its own forward is there after the block."""
@@ -105,10 +124,10 @@ def test_instance_forwards_keep_the_hooks_and_are_kept():
     assert prof.activations_by_module().get("block", 0) > 0
 
 
-def test_a_forward_wrapped_again_during_the_block_passes_through_after_it():
+def test_a_forward_wrapped_during_the_block_keeps_working_after_it():
     """A library that wraps the module's forward inside the block (accelerate's
-    add_hook_to_module keeps `module.forward` and sets its own) keeps working after it; the
-    scope's forward it wrapped no longer records, and a later block names the module."""
+    add_hook_to_module keeps `module.forward` and sets its own) keeps working after it, and a
+    later block names the module."""
     model = Net()
     x = torch.randn(4, 8)
     with memprof.track(model):
@@ -127,13 +146,12 @@ def test_a_forward_wrapped_again_during_the_block_passes_through_after_it():
 
 
 def test_script_and_graph_submodules_keep_the_hooks():
-    """A GraphModule's forward is replaced by recompile(), a ScriptModule's is compiled:
-    both run in their scope through hooks."""
+    """A GraphModule (whose forward recompile() replaces) runs in its scope like any
+    module."""
     traced = torch.fx.symbolic_trace(Block())
     model = torch.nn.Sequential(traced, torch.nn.Linear(8, 2))
     with memprof.track(model) as prof:
-        assert "forward" not in vars(model[0]) and model[0]._forward_pre_hooks
-        assert "forward" in vars(model[1])
+        assert model[0]._forward_pre_hooks and model[1]._forward_pre_hooks
         model(torch.randn(4, 8))
     acts = prof.activations_by_module()
     assert acts.get("Sequential.0", 0) > 0 and acts.get("Sequential.1", 0) > 0
@@ -163,9 +181,8 @@ def _graphs() -> int:
 
 
 def test_a_model_compiled_before_the_block_is_not_compiled_again():
-    """Dynamo guards on a module's own `forward`: a scope forward would make a model
-    compiled before the block compile again inside it (and after it, and in each block
-    after that, up to the recompile limit). Once torch.compile was used, the hooks run."""
+    """Dynamo guards on a module's own attributes: a `forward` set on the instance made a
+    model compiled before the block compile again in it, and in every block after it."""
     model = Net()
     compiled = torch.compile(model, backend="eager")
     x = torch.randn(4, 8)
@@ -173,7 +190,6 @@ def test_a_model_compiled_before_the_block_is_not_compiled_again():
     before = _graphs()
     for _ in range(3):
         with memprof.track(model) as prof:
-            assert "forward" not in vars(model.block) and model.block._forward_pre_hooks
             compiled(x)
             compiled(x)
     compiled(x)
@@ -181,16 +197,14 @@ def test_a_model_compiled_before_the_block_is_not_compiled_again():
     assert prof.meta["compiled"]
 
 
-def test_torch_compile_inside_the_block_turns_scope_forwards_into_hooks():
+def test_a_model_compiled_inside_the_block_compiles_again_once_after_it():
     model = Net()
     x = torch.randn(4, 8)
     with memprof.track(model):
         model(x)
-        assert "forward" in vars(model.block)
         compiled = torch.compile(model, backend="eager")
-        assert "forward" not in vars(model.block) and model.block._forward_pre_hooks
         compiled(x)
-    compiled(x)   # the hooks came off: compiled once more, as with hooks all along
+    compiled(x)   # the hooks came off: compiled once more
     after = _graphs()
     for _ in range(3):
         with memprof.track(model):
@@ -199,3 +213,69 @@ def test_torch_compile_inside_the_block_turns_scope_forwards_into_hooks():
     assert _graphs() == after
     for m in model.modules():
         assert "forward" not in vars(m) and not m._forward_pre_hooks
+
+
+class StaticSiLU(torch.nn.Module):
+    """YOLOv5's activations: a forward that is a staticmethod."""
+    @staticmethod
+    def forward(x):
+        return x * torch.sigmoid(x)
+
+
+def test_a_staticmethod_forward_is_called_as_one():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), StaticSiLU(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    expected = model(x)
+    with memprof.track(model) as prof:
+        assert torch.equal(model(x), expected)
+    assert prof.activations_by_module().get("Sequential.1", 0) > 0
+
+
+def test_a_copy_of_a_modules_dict_computes_with_its_own_parameters():
+    """DataParallel's replicas are made by copying each module's __dict__ and then giving the
+    copy its own parameters: the copy must compute with those, not the original's."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with memprof.track(model):
+        replicas = {m: m._replicate_for_data_parallel() for m in model.modules()}
+        for m, r in replicas.items():
+            for k, sub in m._modules.items():
+                r._modules[k] = replicas[sub]
+            for k, p in m._parameters.items():
+                setattr(r, k, torch.zeros_like(p) if m is model[0] else p.detach().clone())
+        out = replicas[model](x)
+    assert torch.allclose(out, model[2].bias.expand(3, 2))   # layer 0 zero: relu(0) = 0
+
+
+def test_a_class_forward_patched_inside_the_block_is_the_one_that_runs():
+    model = Net()
+    x = torch.randn(4, 8)
+    original = Block.forward
+    try:
+        with memprof.track(model):
+            Block.forward = lambda self, x, scale=1.0: original(self, x, scale) * 2
+            doubled = model.block(x)
+        assert torch.equal(doubled, model.block(x))
+    finally:
+        Block.forward = original
+
+
+def test_a_module_replaced_inside_the_block_is_freed_there():
+    """A new classifier head inside the block: the old one (1 MiB of weight, its gradient)
+    is freed at once, as untracked. The scope's list of modules and the hand-written-update
+    check held it, and its parameters, until the block ended."""
+    import gc
+    import weakref
+
+    model = Net()
+    model.head = torch.nn.Linear(8, 32768)
+    x = torch.randn(2, 8)
+    with memprof.track(model) as prof:
+        model(x).sum().backward()
+        old_weight = weakref.ref(model.head.weight)
+        model.head = torch.nn.Linear(8, 2)
+        gc.collect()
+        assert old_weight() is None
+        model(x).sum().backward()
+    assert prof.breakdown("category", at="end")["gradients"] == \
+        sum(p.numel() * 4 for p in model.parameters())
