@@ -49,35 +49,10 @@ def test_submodules_are_attributed_and_stay_themselves():
     assert out.shape == (16, 2)
 
 
-def test_a_forward_that_raises_leaves_its_scope():
-    """A submodule that raises (caught by its parent) is left: what the parent allocates
-    next is the parent's, not the failed child's (the hooks' always_call did this)."""
-    class Fails(torch.nn.Module):
-        def forward(self, x):
-            torch.empty(1000)
-            raise ValueError("no")
-
-    class Parent(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.child = Fails()
-
-        def forward(self, x):
-            try:
-                self.child(x)
-            except ValueError:
-                pass
-            return x.repeat(100, 1)   # the parent's, held to the end
-
-    model = Parent()
-    with memprof.track(model) as prof:
-        kept = model(torch.randn(4, 8))
-    assert prof.activations_by_module() == {"Parent": kept.numel() * 4}
-
-
 @pytest.mark.parametrize("auto", [False, True], ids=["track(model)", "auto_modules"])
-def test_a_forward_that_raises_leaves_its_scope_in_either_mode(auto):
-    """Auto mode's global hook is called (module, args, output) by torch after a forward
+def test_a_forward_that_raises_leaves_its_scope(auto):
+    """A submodule that raised, its parent caught it: what the parent allocates next is the
+    parent's. Auto mode's global hook is called (module, args, output) by torch after a forward
     that raised: it was refused there, the failed child stayed on the stack, and the
     parent's next allocation was the child's."""
     class Fails(torch.nn.Module):
@@ -104,7 +79,7 @@ def test_a_forward_that_raises_leaves_its_scope_in_either_mode(auto):
     assert "child" not in acts and acts.get("Parent", 0) >= kept.numel() * 4
 
 
-def test_instance_forwards_keep_the_hooks_and_are_kept():
+def test_instance_forwards_are_scoped_and_kept():
     """A forward the instance already has (accelerate's hooks set one) is not replaced: the
     module runs in its scope through hooks, and its own forward is there after the block."""
     model = Net()
@@ -145,7 +120,7 @@ def test_a_forward_wrapped_during_the_block_keeps_working_after_it():
     assert acts.get("block", 0) > 0 and acts.get("head", 0) > 0
 
 
-def test_script_and_graph_submodules_keep_the_hooks():
+def test_graph_submodules_are_scoped():
     """A GraphModule (whose forward recompile() replaces) runs in its scope like any
     module."""
     traced = torch.fx.symbolic_trace(Block())
@@ -158,7 +133,7 @@ def test_script_and_graph_submodules_keep_the_hooks():
 
 
 @pytest.mark.parametrize("save", ["state_dict", "module"])
-def test_saving_inside_the_block_saves_no_scope(tmp_path, save):
+def test_saving_inside_the_block_saves_no_hooks(tmp_path, save):
     import io
     model = Net()
     x = torch.randn(2, 8)
