@@ -146,3 +146,28 @@ def test_inside_memprof_run_forward_passes_are_marked_once(tmp_path):
     for prof in (outer, saved_profile(str(tmp_path / "prof"))):
         starts = [m["value"] for m in prof.markers("forward_start")]
         assert len(starts) == 3 and starts == sorted(starts), starts
+
+
+class SavesItself(TinyMLP):
+    """Saves the whole module mid-fit (a user's own checkpoint of the LightningModule)."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            import io
+            buf = io.BytesIO()
+            torch.save(self, buf)
+            buf.seek(0)
+            self.saved = torch.load(buf, weights_only=False)
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_module_can_save_itself_inside_training_step(tmp_path):
+    """The integration's training_step is an instance attribute while it tracks: a save of
+    the module in a step pickled it and failed."""
+    module = SavesItself()
+    fit(tmp_path, module, Callback(tmp_path / "prof"))
+    copy = module.saved
+    assert "training_step" not in vars(copy) and "training_step" not in vars(module)
+    x = torch.randn(2, 16)
+    assert copy.net(x).shape == (2, 4)
+    assert saved_profile(str(tmp_path / "prof")).peak > 0

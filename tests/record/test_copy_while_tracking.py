@@ -114,3 +114,31 @@ def test_a_class_with_its_own_getstate_copies_and_saves_while_tracked():
 
 
 _OWN_GETSTATE = _OwnState.__getstate__
+
+
+class _LiveState(torch.nn.Module):
+    """A hand-written __getstate__ that returns the live __dict__ itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 64)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+    def __getstate__(self):
+        return self.__dict__
+
+
+def test_a_save_does_not_take_the_hooks_off_a_module_whose_state_is_its_dict():
+    """Leaving memprof's hooks out of such a state edited the live module: after a save
+    inside the block the module was no longer attributed."""
+    model = torch.nn.Sequential(_LiveState(), torch.nn.Linear(64, 2))
+    x = torch.randn(4, 8)
+    with memprof.track(model) as plain:
+        model(x)
+    with memprof.track(model) as saved:
+        torch.save(model, io.BytesIO())
+        model(x)
+    assert saved.activations_by_module() == plain.activations_by_module()
+    assert "Sequential.0" in plain.activations_by_module()

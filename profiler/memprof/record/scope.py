@@ -91,6 +91,9 @@ class ModuleScope:
         self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_refs()
         self._handles: list = []
+        # memprof's own methods set on a module instance while tracking (an integration's
+        # training_step as a forward pass): id(module) -> {name: method}, left out of copies
+        self.instance_methods: dict[int, dict[str, object]] = {}
         if model is not None:
             self._name_tree(model, "")
 
@@ -171,15 +174,21 @@ class ModuleScope:
         network) kept them after the block. Module's own pickled state drops them; a
         subclass's `__getstate__` that calls it does too."""
         ours = {h.id for h in self._handles}
+        methods = self.instance_methods
 
         def make(original):
             def __getstate__(module):
                 state = original(module)
+                if state is module.__dict__:   # a class returning its live dict: not that
+                    state = dict(state)
                 for key in _HOOK_TABLES:
                     table = state.get(key)
                     if table and not ours.isdisjoint(table):
                         state[key] = OrderedDict((k, v) for k, v in table.items()
                                                  if k not in ours)
+                for name, method in methods.get(id(module), {}).items():
+                    if state.get(name) is method:
+                        del state[name]
                 return state
             return __getstate__
         # classes of the model that define their own __getstate__ (LightningModule) do not
