@@ -152,6 +152,15 @@ py::object module_buffer_addresses(const py::list& module_ids) {
     PyObject* module = PyTuple_GET_ITEM(pair.ptr(), 0);   // borrowed
     py::object alive;   // a weak reference's module, held for the lookups below
     if (PyWeakref_CheckRef(module)) {
+#if PY_VERSION_HEX >= 0x030D0000
+      PyObject* target = nullptr;   // a new reference, or none once freed
+      if (PyWeakref_GetRef(module, &target) < 0) {
+        PyErr_Clear();
+        return py::none();
+      }
+      if (target == nullptr) continue;   // a module replaced or deleted in the block
+      alive = py::reinterpret_steal<py::object>(target);
+#else
       PyObject* target = PyWeakref_GetObject(module);   // borrowed; None once freed
       if (target == nullptr) {
         PyErr_Clear();
@@ -159,6 +168,7 @@ py::object module_buffer_addresses(const py::list& module_ids) {
       }
       if (target == Py_None) continue;   // a module replaced or deleted in the block
       alive = py::reinterpret_borrow<py::object>(target);
+#endif
       module = target;
     }
     PyObject* buffers = PyObject_GetAttrString(module, "_buffers");

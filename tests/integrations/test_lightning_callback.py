@@ -161,11 +161,16 @@ class SavesItself(TinyMLP):
         return super().training_step(batch, batch_idx)
 
 
-def test_the_module_can_save_itself_inside_training_step(tmp_path):
+@pytest.mark.parametrize("nested", [False, True], ids=["alone", "inside memprof run"])
+def test_the_module_can_save_itself_inside_training_step(tmp_path, nested):
     """The integration's training_step is an instance attribute while it tracks: a save of
-    the module in a step pickled it and failed."""
+    the module in a step pickled it and failed (also inside an outer auto-mode block, as
+    under `memprof run`)."""
+    import contextlib
+    import memprof
     module = SavesItself()
-    fit(tmp_path, module, Callback(tmp_path / "prof"))
+    with (memprof.track(auto_modules=True) if nested else contextlib.nullcontext()):
+        fit(tmp_path, module, Callback(tmp_path / "prof"))
     copy = module.saved
     assert "training_step" not in vars(copy) and "training_step" not in vars(module)
     x = torch.randn(2, 16)

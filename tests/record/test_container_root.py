@@ -49,3 +49,39 @@ def test_models_in_a_module_list_have_forward_passes():
         _train(g, d, steps=2)
     assert both.throughput["batch_size"] == 32
     assert {"ModuleList.0.1", "ModuleList.1.1"} <= set(both.activations_by_module())
+
+
+class _Discriminator(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.lin(x) + x.repeat(1, 1000).sum(1, keepdim=True) * 0   # D's own memory
+
+
+def test_a_compiled_model_in_a_container_shifts_no_other_models_name():
+    """torch.compile's wrapper and its model are one module: the passes' ids came from the
+    module count instead, and D's own memory went to `D.lin`."""
+    g, _ = _gan()
+    d = _Discriminator()
+    models = torch.nn.ModuleDict({"G": torch.compile(g, backend="eager"), "D": d})
+    with memprof.track(models, optimizer=None) as prof:
+        d(torch.randn(4, 16))
+    peak = {r["module"] for r in [prof.peak_event]}
+    assert peak == {"D"}   # the 4 x 16,000 repeat, in D's own forward
+
+
+def test_evaluation_is_apart_with_a_given_batch_size():
+    g, _ = _gan()
+    opt = torch.optim.SGD(g.parameters(), lr=0.1)
+    with memprof.track(g, opt, batch_size=32) as prof:
+        for _ in range(4):
+            g(torch.randn(32, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                for _ in range(5):
+                    g(torch.randn(512, 8))
+    per = prof.throughput["per_step"]   # (each step's window holds the evaluation before it)
+    assert all(e > 0 for e in per["eval_ms"][1:]) and prof.throughput["batch_size"] == 32

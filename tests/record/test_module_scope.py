@@ -254,3 +254,27 @@ def test_a_module_replaced_inside_the_block_is_freed_there():
         model(x).sum().backward()
     assert prof.breakdown("category", at="end")["gradients"] == \
         sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_a_new_module_at_a_freed_ones_address_is_not_named_after_it():
+    """Freed modules are not held (see above), so their address can be reused: a new module
+    there took the freed one's name."""
+    import gc
+
+    class Big(torch.nn.Module):
+        def forward(self, x):
+            return x.repeat(1000, 1)
+
+    model = Net()
+    x = torch.randn(1, 8)
+    with memprof.track(auto_modules=True) as prof:
+        model(x)
+        address = id(model.head)
+        model.head = None
+        gc.collect()
+        candidates = [Big() for _ in range(200)]   # one of them is likely at that address
+        reused = [m for m in candidates if id(m) == address]
+        outputs = [m(torch.randn(1, 1000)) for m in reused]
+    names = prof.breakdown("module", at="end")
+    assert not reused or (names.get("<Big>", 0) >= 4_000_000 * len(outputs)
+                          and names.get("head", 0) < 4_000_000)

@@ -149,7 +149,7 @@ def _no_hooks_left(model):
     from torch.optim import optimizer as optmod
     for m in model.modules():
         assert not m._forward_pre_hooks and not m._forward_hooks
-        assert "forward" not in vars(m)   # the scope's forward taken off again
+        assert "forward" not in vars(m)   # nothing of memprof's set on the instance
     assert not optmod._global_optimizer_pre_hooks and not optmod._global_optimizer_post_hooks
     assert not _C.is_active()
     assert threading.getprofile() is None

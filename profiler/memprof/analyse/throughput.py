@@ -1,4 +1,5 @@
-"""Throughput: step time split into data wait, forward, backward and optimizer; samples/s;
+"""Throughput: step time split into data wait, forward, evaluation, backward and optimizer;
+samples/s;
 micro-steps per optimizer step (gradient accumulation, detected, not assumed); GPU utilisation.
 
 Where the numbers come from
@@ -6,7 +7,8 @@ Where the numbers come from
   (root module hooks), ``backward_start`` (native, first autograd node of a backward pass),
   ````backward_end`` (record.throughput, after each backward call), ``optimizer_start``
   and ``step`` (optimizer step hooks, or ``prof.step()``), ``batch`` (record.throughput: the leading
-  dimension of the first tensor passed to the root module).
+  dimension of the first tensor passed to the pass's module) and ``eval_batch`` (the same for
+  a pass without gradients).
 - On the CPU the durations are host (steady-clock) times of those markers. When the model's
   parameters are on CUDA, a ``torch.cuda.Event`` is recorded at each boundary and durations are
   GPU-timeline differences between the events (resolved at exit, and in batches while running
@@ -18,6 +20,8 @@ Per optimizer step (the window between two ``step`` markers):
   gradient accumulation, the gaps between the end of one micro-step's backward and the next
   forward (fetching the next micro-batch). Unknown for the first step (no previous boundary).
 - forward, backward, optimizer: summed over the micro-steps of the window;
+- evaluation: passes without gradients in a window that trains (a validation batch); in a
+  window that only evaluates (inference) they are its forward;
 - other: the rest of the wall time (loss computation, zero_grad, logging, ...);
 - micro-steps: forward passes followed by a backward pass (a forward -> backward transition);
 - samples: the micro-batch size of each micro-step, summed.

@@ -183,9 +183,7 @@ class RunTracker:
 
         functools.update_wrapper(method, inner)
         owner.__dict__[name] = method   # an instance attribute: the class is untouched
-        # left out of a copy or a save of the module made meanwhile (torch.save(self) in a
-        # training_step could not pickle it)
-        scope.instance_methods.setdefault(id(owner), {})[name] = method
+        scope.keep_out_of_copies(owner, name, method)
 
         def restore():
             if owner.__dict__.get(name) is method:

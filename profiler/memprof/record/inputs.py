@@ -1,6 +1,7 @@
 """What the root module was called with: shapes and dtypes of its first forward pass.
 
-Recorded once (the first real forward pass of the root), as plain data: enough to build a
+Recorded once (the first real forward pass of the root; a never-called container's models
+are not what was tracked, and record nothing), as plain data: enough to build a
 batch of the same structure at another micro-batch on fake tensors, which is how
 `memprof.plan.fit` re-estimates a step that did not fit. Values are never kept; a tensor is
 {"shape", "dtype", "device"}, a number or string is kept as it is, anything else is named by
@@ -66,8 +67,11 @@ class InputRecorder:
             return
         if kwargs is None:   # auto mode: the inputs come at the pass's end
             return
-        if not self._session.scope.module_call:   # a training_step's (batch, batch_idx)
+        scope = self._session.scope
+        if not scope.module_call:   # a training_step's (batch, batch_idx)
             return
+        if scope.model is not None and scope.pass_module is not scope.model:
+            return   # a container's model (a GAN's G): not the inputs of what was tracked
         # the first pass only: later ones need not call in (record.steps on per-step frames)
         for subscribers in (self._session.scope.on_forward_start,
                             self._session.scope.on_forward_inputs):

@@ -1,9 +1,12 @@
 """The one set of module hooks: which module is running (native scope stack), and when a
-forward pass of the root module starts and ends.
+forward pass of the root module starts and ends (for a container that is never called, a
+GAN's `ModuleDict`, the passes are its models' calls; a model of it that torch.compile
+compiled runs as part of the caller's time, as compiled code inside a model does).
 
 Every recorder that cares about forward passes subscribes here instead of installing hooks of
 its own: `on_forward_start(args, kwargs)` and `on_forward_end()` run once per real forward
-pass of the root (not for the recomputation that activation checkpointing runs in backward).
+pass (not for the recomputation that activation checkpointing runs in backward); `pass_module`
+is the module whose call it is.
 With a model, its modules are named up front; without one (auto mode, what `memprof run`
 uses) global module hooks name whatever modules run, the outermost one called being a root;
 a root called inside a model seen later (`model.encoder(x)` before `model(x)`) takes the path
@@ -54,7 +57,11 @@ def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     container that is never called (`ModuleDict({"G": G, "D": D})` for a GAN, a
     ModuleList), the callable modules it holds (a GAN tracked that way had no forward pass,
     batch or activations at all)."""
-    if type(model).forward is not torch.nn.Module.forward or "forward" in vars(model):
+    try:
+        forward = type(model).forward
+    except AttributeError:   # a ScriptModule's: a pass (torch says what it refuses)
+        return [model]
+    if forward is not torch.nn.Module.forward or "forward" in vars(model):
         return [model]   # (torch.compile's wrapper sets its forward on the instance)
     return [m for child in model.children() for m in _pass_modules(child)]
 
@@ -78,6 +85,7 @@ class ModuleScope:
         self.on_forward_inputs: list = []         # fn(args, kwargs): those, at the pass's end
         self.on_forward_end: list = []
         self._auto_ids: dict[int, int] = {}
+        self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
         self._inputs_late = False                 # auto mode: the pass's kwargs come at its end
         self._kwargs_hook_id = None               # auto mode: the global forward hook's id
@@ -86,6 +94,7 @@ class ModuleScope:
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
         self.module_call = True
         self._forward_depth = None                # the depth whose call began the real pass
+        self.pass_module = None                   # the module whose call the real pass is
         self.compiled = False                     # a module hook ran under torch.compile
         self._filter = None
         self._patches = None                      # the session's (torch.compile's entries)
@@ -94,6 +103,7 @@ class ModuleScope:
         # memprof's own methods set on a module instance while tracking (an integration's
         # training_step as a forward pass): id(module) -> {name: method}, left out of copies
         self.instance_methods: dict[int, dict[str, object]] = {}
+        self._getstate_wrapped: set[type] = set()   # classes whose __getstate__ is wrapped
         if model is not None:
             self._name_tree(model, "")
 
@@ -116,9 +126,26 @@ class ModuleScope:
             else:
                 mid = by_name[full] = len(self.names)
                 self.names.append(full)
-            self._auto_ids[id(sub)] = mid
+            self._name(sub, mid)
             for p in sub.parameters(recurse=False):
-                self.param_module.setdefault(id(p), mid)
+                if id(p) not in self.param_module:
+                    self.param_module[id(p)] = mid
+                    self._forget_when_freed(p, self.param_module)
+
+    def _name(self, module: torch.nn.Module, mid: int) -> None:
+        self._auto_ids[id(module)] = mid
+        self._forget_when_freed(module, self._auto_ids)
+
+    def _forget_when_freed(self, obj, table: dict) -> None:
+        """Drop `table[id(obj)]` when obj is freed: nothing here holds a module or a
+        parameter (a replaced one is freed in the block, as untracked), and a new object
+        at its address must not take its name."""
+        key = id(obj)
+
+        def forget(_ref, key=key, table=table, refs=self._refs):
+            table.pop(key, None)
+            refs.pop((key, id(table)), None)
+        self._refs[(key, id(table))] = weakref.ref(obj, forget)
 
     def module_refs(self) -> list[tuple[weakref.ref, int]]:
         """(weak reference to the module, id) for every named module of the model or the
@@ -161,42 +188,53 @@ class ModuleScope:
 
     # ------------------------------------------------------------------ install / remove
     def install(self, patches) -> None:
+        self._patches = patches
         self._install_hooks()
         if self.model is not None:
-            self._copy_without_hooks(patches)
+            self._copy_without_hooks(self.model.modules())
         if self.model is not None or self.auto:
             self._see_compiled_calls(patches)
 
-    def _copy_without_hooks(self, patches) -> None:
+    def keep_out_of_copies(self, owner: torch.nn.Module, name: str, method) -> None:
+        """`owner.<name>` is memprof's `method` (set on the instance) while tracking: a copy
+        or a save of the module made meanwhile leaves it out (torch.save(self) inside a
+        Lightning training_step could not pickle it), in auto mode too."""
+        self.instance_methods.setdefault(id(owner), {})[name] = method
+        if self._patches is not None:
+            self._copy_without_hooks([owner])
+
+    def _copy_without_hooks(self, modules) -> None:
         """A module copied or saved while tracked leaves memprof's hooks behind: they are
         closures and bound methods of this scope, which `torch.save(model)` could not pickle
         (a checkpoint of the whole model raised mid-training), and a copy (an EMA, a target
-        network) kept them after the block. Module's own pickled state drops them; a
-        subclass's `__getstate__` that calls it does too."""
-        ours = {h.id for h in self._handles}
-        methods = self.instance_methods
+        network) kept them after the block. Module's own pickled state drops them (and
+        memprof's instance methods); a subclass's `__getstate__` that calls it does too."""
+        scope = self
 
         def make(original):
             def __getstate__(module):
                 state = original(module)
                 if state is module.__dict__:   # a class returning its live dict: not that
                     state = dict(state)
+                ours = {h.id for h in scope._handles}
                 for key in _HOOK_TABLES:
                     table = state.get(key)
                     if table and not ours.isdisjoint(table):
                         state[key] = OrderedDict((k, v) for k, v in table.items()
                                                  if k not in ours)
-                for name, method in methods.get(id(module), {}).items():
+                for name, method in scope.instance_methods.get(id(module), {}).items():
                     if state.get(name) is method:
                         del state[name]
                 return state
             return __getstate__
         # classes of the model that define their own __getstate__ (LightningModule) do not
         # reach Module's: theirs is wrapped too
-        owners = {cls for m in self.model.modules() for cls in type(m).__mro__
+        owners = {cls for m in modules for cls in type(m).__mro__
                   if "__getstate__" in cls.__dict__ and issubclass(cls, torch.nn.Module)}
-        for cls in sorted(owners, key=lambda c: c is not torch.nn.Module):
-            patches.patch(cls, "__getstate__", make)
+        for cls in sorted(owners - self._getstate_wrapped,
+                          key=lambda c: c is not torch.nn.Module):
+            self._patches.patch(cls, "__getstate__", make)
+            self._getstate_wrapped.add(cls)
 
     def __deepcopy__(self, memo):
         """The scope itself, where a copy still reaches it (a __getstate__ that returns the
@@ -208,8 +246,10 @@ class ModuleScope:
             passes = {id(m) for m in _pass_modules(self.model)}
             for mid, (_, mod) in enumerate(self.model.named_modules(remove_duplicate=True)):
                 if id(mod) in passes:
-                    pre = self._root_pre if mid == 0 else functools.partial(self._root_pre,
-                                                                            mid=mid)
+                    # (its id as named: a compiled model's wrapper and the model are one)
+                    pass_id = self._auto_ids[id(mod)]
+                    pre = self._root_pre if mod is self.model else \
+                        functools.partial(self._root_pre, mid=pass_id)
                     self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
@@ -261,7 +301,7 @@ class ModuleScope:
         if compiled is None or getattr(compiled, "_memprof_pass", False):
             return
         if self.model is not None and module is not self.model:
-            return   # a submodule: its memory is its caller's, as for compiled code inside
+            return   # a submodule (or a container's model): its memory is its caller's
         scope = self
 
         def call(*args, **kwargs):
@@ -340,6 +380,7 @@ class ModuleScope:
         if real:
             self._forward_depth = self._root_depth
             self._inputs_late = kwargs is None
+            self.pass_module = module
             for fn in tuple(self.on_forward_start):
                 fn(args, kwargs)
 
@@ -390,7 +431,7 @@ class ModuleScope:
                 self._add_root(module)
             else:
                 mid = len(self.names)
-                self._auto_ids[id(module)] = mid
+                self._name(module, mid)
                 parent = self.names[self._stack[-1]]
                 self.names.append(f"{parent}.<{type(module).__name__}>".lstrip("."))
             mid = self._auto_ids[id(module)]

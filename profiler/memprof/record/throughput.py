@@ -1,8 +1,9 @@
 """Throughput recorder: the markers and clocks that let analyse.throughput split each step into
-data wait, forward, backward and optimizer (see that module for how the split is computed).
+data wait, forward, evaluation, backward and optimizer (see that module for the split).
 
-- `batch` markers: the leading dimension of the first tensor passed to the root module
-  (`eval_batch` for a pass run without gradients);
+- `batch` markers: the leading dimension of the first tensor passed to the pass's module (the
+  root, or a model a never-called container holds); `eval_batch` for a pass run without
+  gradients (with track(batch_size=N), the size given: the pass is still evaluation);
 - `backward_end` markers: after each torch.autograd.backward call (the session's wrapper);
 - `data_start` / `data_end` markers around every DataLoader iterator's __next__ (patched
   through the session's registry): the only time analyse.throughput blames on data loading;
@@ -235,13 +236,20 @@ class ThroughputRecorder:
         """At a pass's start, or (auto mode: kwargs None at the start) at its end. A pass
         without gradients (a validation batch every step) is `eval_batch`: the training
         batch is the micro-step's size (a 256-row eval batch made it 4x its 64)."""
-        if kwargs is not None and self.session.batch_size is None:
+        if kwargs is None:
+            return
+        label = "batch" if torch.is_grad_enabled() else "eval_batch"
+        override = self.session.batch_size
+        if override is None:
             n = leading_dim(args, kwargs)
-            if n is not None:
-                label = "batch" if torch.is_grad_enabled() else "eval_batch"
-                _C.mark(label, n)
-                if self.cuda:
-                    self._pending.append([label, n, None])
+        elif label == "eval_batch":   # the size is given, but the pass is still evaluation
+            n = override
+        else:
+            return
+        if n is not None:
+            _C.mark(label, n)
+            if self.cuda:
+                self._pending.append([label, n, None])
 
     def _optimizer_pre(self, optimizer) -> None:
         if self.session.steps.watches(optimizer):
