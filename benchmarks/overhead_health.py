@@ -47,7 +47,8 @@ before it, so a mode keeps much the same layout round after round, and its paire
 carries that draw. `--heap-pad BYTES` holds an unused block of a random size (0-BYTES, a new
 draw for every block, the same distribution for every mode) while each block runs: the layout
 changes from round to round, and the medians compare modes over many layouts instead of one
-each.
+each. It is meant for `--heap steady`, where big blocks come from the heap; with the default
+heap glibc maps each big block apart, and a pad moves only the small ones.
 """
 from __future__ import annotations
 
