@@ -35,9 +35,10 @@ from .patches import remove_handles
 # True while dynamo traces (it reads the call as a constant) and while torch.export runs the
 # forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes)
 _compiling = torch.compiler.is_compiling
-# The same check on the per-call paths (every submodule call's two hooks, the root's hooks),
-# read in two parts: is_compiling calls torch.jit.is_scripting first, two Python frames per
-# check where is_dynamo_compiling is one, and non-strict export's flag is an attribute read.
+# The same check on the per-call paths (every submodule call's two hooks, the root's hooks,
+# auto mode's global hooks), read in two parts: is_compiling calls torch.jit.is_scripting
+# first, two Python frames per check where is_dynamo_compiling is one, and non-strict
+# export's flag is an attribute read.
 # (Under dynamo the first part is a constant True and the second is never read.)
 if hasattr(torch.compiler, "is_dynamo_compiling") and \
         hasattr(torch.compiler, "_is_compiling_flag"):
@@ -244,7 +245,7 @@ class ModuleScope:
     def _install_hooks(self) -> None:
         if self.model is not None:
             passes = {id(m) for m in _pass_modules(self.model)}
-            for mid, (_, mod) in enumerate(self.model.named_modules(remove_duplicate=True)):
+            for mod in self.model.modules():
                 if id(mod) in passes:
                     # (its id as named: a compiled model's wrapper and the model are one)
                     pass_id = self._auto_ids[id(mod)]
@@ -253,7 +254,7 @@ class ModuleScope:
                     self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
-                elif mid > 0:   # (a root that is not a pass is a container: never called)
+                elif mod is not self.model:   # (a root that is not a pass: a container)
                     self._handles.append(mod.register_forward_pre_hook(
                         self._push_hook(self._auto_ids[id(mod)])))
                     self._handles.append(mod.register_forward_hook(self._pop_hook,
@@ -422,7 +423,7 @@ class ModuleScope:
     def _auto_pre(self, module, args, kwargs=None) -> None:
         """The global pre-hook (kwargs None: not given to it) or a compiled model's eager
         entry (its kwargs)."""
-        if _compiling():
+        if _dynamo_compiling() or _export._is_compiling_flag:
             self.compiled = True
             return
         mid = self._auto_ids.get(id(module))
@@ -460,7 +461,7 @@ class ModuleScope:
         next was the failed child's."""
         if output is _RAISED:
             kwargs, output = None, kwargs
-        if _compiling():
+        if _dynamo_compiling() or _export._is_compiling_flag:
             return
         if self._stack:
             self._stack.pop()

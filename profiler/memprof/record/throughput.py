@@ -37,13 +37,8 @@ def leading_dim(args: tuple, kwargs: dict | None = None, depth: int = 3) -> int 
     if args and type(args[0]) is torch.Tensor:
         first = args[0]
         return int(first.shape[0]) if first.dim() >= 1 else None
-    for v in (*args, *(kwargs or {}).values()):
-        if isinstance(v, torch.Tensor):
-            return int(v.shape[0]) if v.dim() >= 1 else None
-        found = _first_leading_dim(v, depth)
-        if found is not None:
-            return found
-    return None
+    # the arguments are one more level, searched the same way
+    return _first_leading_dim((*args, *(kwargs or {}).values()), depth + 1)
 
 
 def _first_leading_dim(v, depth: int) -> int | None:

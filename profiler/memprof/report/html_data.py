@@ -175,7 +175,7 @@ def step_rows(profile: Profile) -> list[dict]:
                "allocated": s.allocated}
         if s.index < len(per.get("wall_ms", [])):
             for key in ("wall_ms",) + STEP_TIME + ("samples",):
-                row[key] = per[key][s.index] if key in per else None
+                row[key] = per[key][s.index]
             wall = row["wall_ms"]
             row["samples_per_s"] = (row["samples"] / wall * 1e3
                                     if wall and row.get("samples") else None)
