@@ -1,10 +1,9 @@
-"""Which module runs: a pair of hooks per submodule (the root's own), and nothing of the
-module's changed. An instance-level `forward` set for the block was tried (a submodule call
-would stay on Module._call_impl's fast path) and taken out again: code that copies a module's
-`__dict__` (DataParallel's replicas, accelerate's regional compile) copied it too, and the copy
-computed with the original's parameters; a `@staticmethod` forward got the module as its
-input; a class-level forward patched inside the block was ignored. These tests keep those
-cases right."""
+"""Which module runs: Module.__call__ replaced on the class for the block (the root keeps its
+hooks), and nothing of the module's changed. An instance-level `forward` set for the block
+was tried before and taken out again: code that copies a module's `__dict__` (DataParallel's
+replicas, accelerate's regional compile) copied it too, and the copy computed with the
+original's parameters; a `@staticmethod` forward got the module as its input; a class-level
+forward patched inside the block was ignored. These tests keep those cases right."""
 import functools
 
 import pytest
@@ -81,7 +80,7 @@ def test_a_forward_that_raises_leaves_its_scope(auto):
 
 def test_instance_forwards_are_scoped_and_kept():
     """A forward the instance already has (accelerate's hooks set one) is not replaced: the
-    module runs in its scope through hooks, and its own forward is there after the block."""
+    module runs in its scope, and its own forward is there after the block."""
     model = Net()
     original = model.block.forward
 
@@ -92,7 +91,7 @@ def test_instance_forwards_are_scoped_and_kept():
     x = torch.randn(4, 8)
     expected = model(x)
     with memprof.track(model) as prof:
-        assert model.block.forward is mine and model.block._forward_pre_hooks
+        assert model.block.forward is mine and not model.block._forward_pre_hooks
         out = model(x)
     assert torch.equal(out, expected)
     assert model.block.forward is mine and not model.block._forward_pre_hooks
@@ -126,7 +125,6 @@ def test_graph_submodules_are_scoped():
     traced = torch.fx.symbolic_trace(Block())
     model = torch.nn.Sequential(traced, torch.nn.Linear(8, 2))
     with memprof.track(model) as prof:
-        assert model[0]._forward_pre_hooks and model[1]._forward_pre_hooks
         model(torch.randn(4, 8))
     acts = prof.activations_by_module()
     assert acts.get("Sequential.0", 0) > 0 and acts.get("Sequential.1", 0) > 0
@@ -280,3 +278,60 @@ def test_a_new_module_at_a_freed_ones_address_is_not_named_after_it():
         outputs = [m(torch.randn(1, 1000)) for m in candidates if id(m) == address]
     if outputs:   # the reuse happened: its memory is not the freed head's
         assert prof.breakdown("module", at="end").get("head", 0) < 4_000_000
+
+
+def test_a_tracked_submodule_can_be_scripted_inside_the_block():
+    """torch.jit.script of a module of the tracked model, inside the block: TorchScript
+    refused memprof's Python hooks on it ("Hook '_pop_hook' ... expected exactly 3 inputs")."""
+    model = Net()
+    x = torch.randn(4, 8)
+    with memprof.track(model) as prof:
+        scripted = torch.jit.script(model.block)
+        assert torch.equal(scripted(x), model.block(x))
+        model(x).sum().backward()
+    assert prof.activations_by_module().get("block", 0) > 0
+
+
+def test_module_call_is_the_classs_again_after_the_block_and_hooks_are_untouched():
+    before = torch.nn.Module.__call__
+    model = Net()
+    with memprof.track(model):
+        assert torch.nn.Module.__call__ is not before
+        assert not any(m._forward_pre_hooks or m._forward_hooks
+                       for m in model.modules() if m is not model)
+        model(torch.randn(4, 8))
+    assert torch.nn.Module.__call__ is before
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_a_user_hook_of_a_submodule_runs_in_its_scope():
+    """What a submodule's own pre-hook allocates (a library's hook: an unshard, a cast) is the
+    submodule's: the scope is around the whole call, its hooks included (memprof's own
+    pre-hook ran after those registered before the block, in the parent's scope)."""
+    model = Net()
+    kept = []
+    model.head.register_forward_pre_hook(lambda m, args: kept.append(args[0].repeat(64, 1)))
+    with memprof.track(model) as prof:
+        model(torch.randn(4, 8))
+    assert prof.activations_by_module().get("head", 0) >= kept[0].nbytes
+
+
+def test_a_function_compiled_fullgraph_over_tracked_submodules_does_not_break():
+    """A compiled function that calls modules of the tracked model: the scoped call steps
+    aside while dynamo traces (fullgraph: a break would raise), the report says some memory
+    was in compiled code, and a second block compiles nothing again."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = Net()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def body(x):
+        return model.block(x)
+
+    for _ in range(2):
+        with memprof.track(model) as prof:
+            model.head(body(torch.randn(8, 8))).sum().backward()
+        assert prof.meta["compiled"]
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1

@@ -1,7 +1,8 @@
-"""The one set of module hooks: which module is running (native scope stack), and when a
-forward pass of the root module starts and ends (for a container that is never called, a
-GAN's `ModuleDict`, the passes are its models' calls; a model of it that torch.compile
-compiled runs as part of the caller's time, as compiled code inside a model does).
+"""Which module is running (native scope stack), and when a forward pass of the root module
+starts and ends (for a container that is never called, a GAN's `ModuleDict`, the passes are
+its models' calls; a model of it that torch.compile compiled runs as part of the caller's
+time, as compiled code inside a model does). The passes are hooks of the root; a submodule's
+scope is `Module.__call__`, replaced on the class for the block (`_module_call`).
 
 Every recorder that cares about forward passes subscribes here instead of installing hooks of
 its own: `on_forward_start(args, kwargs)` and `on_forward_end()` run once per real forward
@@ -12,7 +13,7 @@ uses) global module hooks name whatever modules run, the outermost one called be
 a root called inside a model seen later (`model.encoder(x)` before `model(x)`) takes the path
 it has in that model (`encoder.layers.3`, not `layers.3`).
 
-Under torch.compile the hooks step aside while dynamo traces (they call into memprof._C, which
+Under torch.compile the hooks and the call step aside while dynamo traces (they call into memprof._C, which
 would break the graph at every module): allocations inside compiled code belong to the module
 that called it (the wrapper torch.compile returned, or the root), a coarser attribution the
 report names (`compiled`).
@@ -73,6 +74,44 @@ def clean_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != COMPILE_WRAPPER)
 
 
+# A submodule runs in its scope through Module.__call__, replaced for the block: one Python
+# frame around the call, where a pair of forward hooks sends every call down torch's slow path
+# through _call_impl (~3x the cost). On the class, not the instance: nothing of a module
+# changes (copies of its __dict__, a staticmethod or patched forward, pickling, `type(m) is
+# nn.Linear` stay as they were), and a module the block did not name (a copy, the loss,
+# another model) passes straight through. One function for every block, reading module-level
+# tables: dynamo inlines it, and a new function (or a table read while it traces) in each
+# block would make it compile a model again in each.
+_scoped_ids: dict[int, int] = {}   # id(submodule) -> module id, for the block running
+_call_original = [torch.nn.Module.__call__]   # what the block replaced
+
+
+def _scoped_call(original):
+    if original is not _module_call:   # (never itself: that would call itself)
+        _call_original[0] = original
+    return _module_call
+
+
+#: a module call was traced by dynamo (or run by non-strict export) since the block began: a
+#: global store, which dynamo replays after each run of what it compiled (no guard, no break)
+traced = False
+
+
+def _module_call(module, *args, **kwargs):
+    if _dynamo_compiling() or _export._is_compiling_flag:   # traced, not run
+        global traced
+        traced = True
+        return _call_original[0](module, *args, **kwargs)
+    mid = _scoped_ids.get(id(module))
+    if mid is None:
+        return _call_original[0](module, *args, **kwargs)
+    _C.push_module(mid)
+    try:
+        return _call_original[0](module, *args, **kwargs)
+    finally:
+        _C.pop_module()
+
+
 class ModuleScope:
     def __init__(self, model: torch.nn.Module | None, auto: bool, steps):
         self.model = model
@@ -96,17 +135,24 @@ class ModuleScope:
         self.module_call = True
         self._forward_depth = None                # the depth whose call began the real pass
         self.pass_module = None                   # the module whose call the real pass is
-        self.compiled = False                     # a module hook ran under torch.compile
+        self._hook_traced = False                 # a root or auto hook ran under dynamo
         self._filter = None
         self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_refs()
         self._handles: list = []
+        self._call_ids: dict[int, int] = {}       # id(submodule) -> module id (_scoped_call)
         # memprof's own methods set on a module instance while tracking (an integration's
         # training_step as a forward pass): id(module) -> {name: method}, left out of copies
         self.instance_methods: dict[int, dict[str, object]] = {}
         self._getstate_wrapped: set[type] = set()   # classes whose __getstate__ is wrapped
         if model is not None:
             self._name_tree(model, "")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether a module of the block ran inside what torch.compile (or non-strict export)
+        traced: its memory is attributed to the compiled module as a whole."""
+        return self._hook_traced or (bool(self._call_ids) and traced)
 
     # ------------------------------------------------------------------ naming
     def _name_tree(self, root: torch.nn.Module, prefix: str, rename=frozenset()) -> None:
@@ -255,10 +301,12 @@ class ModuleScope:
                     self._handles.append(mod.register_forward_hook(self._root_post,
                                                                    always_call=True))
                 elif mod is not self.model:   # (a root that is not a pass: a container)
-                    self._handles.append(mod.register_forward_pre_hook(
-                        self._push_hook(self._auto_ids[id(mod)])))
-                    self._handles.append(mod.register_forward_hook(self._pop_hook,
-                                                                   always_call=True))
+                    self._call_ids[id(mod)] = self._auto_ids[id(mod)]
+            if self._call_ids:
+                global traced
+                traced = False
+                _scoped_ids.update(self._call_ids)
+                self._patches.patch(torch.nn.Module, "__call__", _scoped_call)
         elif self.auto:
             from torch.nn.modules.module import (register_module_forward_hook,
                                                  register_module_forward_pre_hook)
@@ -332,6 +380,8 @@ class ModuleScope:
 
     def remove(self) -> None:
         remove_handles(self._handles)
+        if self._call_ids:
+            _scoped_ids.clear()   # (Module.__call__ itself is put back with the patches)
         if self._kwargs_hook_id is not None:
             # the handle leaves its with_kwargs entry behind (torch 2.13): torch would go on
             # seeing a global hook (torch.compile warns of one for the rest of the process)
@@ -343,30 +393,12 @@ class ModuleScope:
             warnings.filters.remove(self._filter)
             getattr(warnings, "_filters_mutated", lambda: None)()   # drop the filter cache
 
-    # A submodule's hooks run at every call of it: one Python frame each, the module id bound
-    # in the closure (the hooks' share of a step's cost is mostly frames, and on a step whose
-    # kernels have emptied the caches each costs several times its warm time).
-    def _push_hook(self, mid: int):
-        def push(module, args, dynamo=_dynamo_compiling, export=_export,
-                 push_module=_C.push_module):
-            if dynamo() or export._is_compiling_flag:
-                self.compiled = True   # traced by dynamo, not run: nothing reaches memprof._C
-                return
-            push_module(mid)
-        return push
-
-    @staticmethod
-    def _pop_hook(module, args, output, dynamo=_dynamo_compiling, export=_export,
-                  pop_module=_C.pop_module):
-        if not (dynamo() or export._is_compiling_flag):
-            pop_module()
-
     # ------------------------------------------------------------------ root passes
     # Once per forward pass, with caches the step's kernels emptied: direct calls into
     # memprof._C, subscriber lists walked over a copy (a subscriber may leave when done).
     def _root_pre(self, module, args, kwargs, mid: int = 0):
         if _dynamo_compiling() or _export._is_compiling_flag:
-            self.compiled = True
+            self._hook_traced = True
             return
         self._root_depth += 1
         # a real pass: not a recompute in backward, not inside one already begun (Lightning's
@@ -424,7 +456,7 @@ class ModuleScope:
         """The global pre-hook (kwargs None: not given to it) or a compiled model's eager
         entry (its kwargs)."""
         if _dynamo_compiling() or _export._is_compiling_flag:
-            self.compiled = True
+            self._hook_traced = True
             return
         mid = self._auto_ids.get(id(module))
         if mid is None:
