@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import memprof
+from memprof.record import module_call
 
 
 class Block(torch.nn.Module):
@@ -335,3 +336,115 @@ def test_a_function_compiled_fullgraph_over_tracked_submodules_does_not_break():
         assert prof.meta["compiled"]
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_keyword_argument_named_module_reaches_the_callee():
+    class Router(torch.nn.Module):
+        def forward(self, x, module=0):
+            return x * module
+
+    model = torch.nn.Sequential()
+    model.add_module("router", Router())
+    x = torch.randn(4, 8)
+    with memprof.track(model):
+        assert torch.equal(model.router(x, module=2), x * 2)
+
+
+def test_modules_compiled_inside_blocks_each_keep_their_own_recompile_budget():
+    """torch.compile(module) inside a block binds the module's __call__ - memprof's, then -
+    as the frame to compile: every module so compiled shared one budget of 8 entries, and
+    past it ran uncompiled for good. Dynamo skips that frame and compiles the module's own."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+
+    def layer(i):   # a class of its own, with a forward of its own (its own code object)
+        namespace = {"nn": torch.nn}
+        exec(f"class Layer{i}(nn.Module):\n"
+             f"    def __init__(self):\n"
+             f"        super().__init__()\n"
+             f"        self.fc = nn.Linear(4, 4)\n"
+             f"    def forward(self, x):\n"
+             f"        return self.fc(x).relu() * {i + 1}\n", namespace)
+        return namespace[f"Layer{i}"]()
+
+    graphs = []
+    for block in range(3):
+        model = torch.nn.Sequential(*[layer(4 * block + i) for i in range(4)])
+        counters.clear()
+        with memprof.track(model):
+            y = torch.randn(2, 4)
+            for sub in model:
+                y = torch.compile(sub, backend="eager")(y)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [4, 4, 4]
+
+
+def test_a_call_wrapper_left_over_ours_does_not_recurse():
+    """Code that wraps Module.__call__ inside a block and keeps it (a library imported there):
+    its wrapper calls memprof's; the next block used it as the original of its own and every
+    module call recursed, for the rest of the process."""
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), torch.randn(4, 8)
+    before = torch.nn.Module.__call__
+    try:
+        with memprof.track(model):
+            inner = torch.nn.Module.__call__
+
+            def library_call(self, *a, **k):
+                return inner(self, *a, **k)
+            torch.nn.Module.__call__ = library_call
+            model(x)
+        model(x)
+        with memprof.track(model) as prof:
+            model(x)
+        model(x)
+        assert prof.activations_by_module().get("Sequential.1", 0) > 0   # the ReLU's output
+    finally:
+        torch.nn.Module.__call__ = before
+
+
+def test_a_freed_submodules_address_does_not_scope_a_new_module():
+    import gc
+
+    class Big(torch.nn.Module):
+        def forward(self, x):
+            return x.repeat(1000, 1)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+    with memprof.track(model):
+        head = model[2]
+        address = id(head)
+        assert module_call.scoped_ids.get(address) is not None
+        model[2] = torch.nn.Identity()
+        del head
+        gc.collect()
+        assert address not in module_call.scoped_ids
+
+
+def test_a_model_compiled_and_run_before_the_block_is_reported_as_compiled():
+    torch._dynamo.reset()
+    model = torch.compile(Net(), backend="eager")
+    model(torch.randn(4, 8))
+    with memprof.track(model) as prof:
+        model(torch.randn(4, 8)).sum().backward()
+    assert prof.meta["compiled"]
+
+
+def test_dynamo_loaded_first_inside_a_block_keeps_the_real_module_call(tmp_path):
+    """Dynamo binds Module.__call__ when it is imported (to call a module's forward directly
+    where __call__ is torch's): imported first inside a block, it kept memprof's for good."""
+    import subprocess
+    import sys
+    script = tmp_path / "first_compile.py"
+    script.write_text(
+        "import sys, torch, memprof\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())\n"
+        "with memprof.track(m):\n"
+        "    torch.compile(lambda x: x + 1, backend='eager')(torch.ones(2))\n"
+        "import torch._dynamo.utils as u, torch._dynamo.variables.nn_module as n\n"
+        "assert u.unpatched_nn_module_call is torch.nn.Module.__call__\n"
+        "assert n.unpatched_nn_module_call is torch.nn.Module.__call__\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

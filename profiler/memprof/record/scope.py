@@ -2,7 +2,7 @@
 starts and ends (for a container that is never called, a GAN's `ModuleDict`, the passes are
 its models' calls; a model of it that torch.compile compiled runs as part of the caller's
 time, as compiled code inside a model does). The passes are hooks of the root; a submodule's
-scope is `Module.__call__`, replaced on the class for the block (`_module_call`).
+scope is `Module.__call__`, replaced on the class for the block (module_call.py).
 
 Every recorder that cares about forward passes subscribes here instead of installing hooks of
 its own: `on_forward_start(args, kwargs)` and `on_forward_end()` run once per real forward
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import types
 import warnings
 import weakref
 from collections import OrderedDict
@@ -30,22 +29,13 @@ from collections import OrderedDict
 import torch
 
 from .. import _C
+from . import module_call
 from .events import PHASE_FORWARD, PHASE_OTHER
+from .module_call import compiling as _compiling
+from .module_call import dynamo_compiling as _dynamo_compiling
+from .module_call import export_flag as _export
 from .patches import remove_handles
 
-# True while dynamo traces (it reads the call as a constant) and while torch.export runs the
-# forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes)
-_compiling = torch.compiler.is_compiling
-# The same check on the per-call paths (every submodule call's two hooks, the root's hooks,
-# auto mode's global hooks), read in two parts: is_compiling calls torch.jit.is_scripting
-# first, two Python frames per check where is_dynamo_compiling is one, and non-strict
-# export's flag is an attribute read.
-# (Under dynamo the first part is a constant True and the second is never read.)
-if hasattr(torch.compiler, "is_dynamo_compiling") and \
-        hasattr(torch.compiler, "_is_compiling_flag"):
-    _dynamo_compiling, _export = torch.compiler.is_dynamo_compiling, torch.compiler
-else:   # another torch: the whole check, and a flag that is never set
-    _dynamo_compiling, _export = _compiling, types.SimpleNamespace(_is_compiling_flag=False)
 _GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 _RAISED = object()   # _auto_post called the way torch calls it after a forward raised
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
@@ -74,42 +64,20 @@ def clean_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != COMPILE_WRAPPER)
 
 
-# A submodule runs in its scope through Module.__call__, replaced for the block: one Python
-# frame around the call, where a pair of forward hooks sends every call down torch's slow path
-# through _call_impl (~3x the cost). On the class, not the instance: nothing of a module
-# changes (copies of its __dict__, a staticmethod or patched forward, pickling, `type(m) is
-# nn.Linear` stay as they were), and a module the block did not name (a copy, the loss,
-# another model) passes straight through. One function for every block, reading module-level
-# tables: dynamo inlines it, and a new function (or a table read while it traces) in each
-# block would make it compile a model again in each.
-_scoped_ids: dict[int, int] = {}   # id(submodule) -> module id, for the block running
-_call_original = [torch.nn.Module.__call__]   # what the block replaced
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """torch.compile's wrapper, or a module compiled in place (`module.compile()`)."""
+    return type(module).__name__ == "OptimizedModule" or \
+        getattr(module, "_compiled_call_impl", None) is not None
 
 
-def _scoped_call(original):
-    if original is not _module_call:   # (never itself: that would call itself)
-        _call_original[0] = original
-    return _module_call
-
-
-#: a module call was traced by dynamo (or run by non-strict export) since the block began: a
-#: global store, which dynamo replays after each run of what it compiled (no guard, no break)
-traced = False
-
-
-def _module_call(module, *args, **kwargs):
-    if _dynamo_compiling() or _export._is_compiling_flag:   # traced, not run
-        global traced
-        traced = True
-        return _call_original[0](module, *args, **kwargs)
-    mid = _scoped_ids.get(id(module))
-    if mid is None:
-        return _call_original[0](module, *args, **kwargs)
-    _C.push_module(mid)
-    try:
-        return _call_original[0](module, *args, **kwargs)
-    finally:
-        _C.pop_module()
+def _skipping_module_call(original):
+    """torch.compile for the block: dynamo, loaded by the first call, skips module_call's frame
+    (see module_call.skip_own_frame)."""
+    def compile(*args, **kwargs):
+        result = original(*args, **kwargs)
+        module_call.skip_own_frame()
+        return result
+    return compile
 
 
 class ModuleScope:
@@ -135,12 +103,12 @@ class ModuleScope:
         self.module_call = True
         self._forward_depth = None                # the depth whose call began the real pass
         self.pass_module = None                   # the module whose call the real pass is
-        self._hook_traced = False                 # a root or auto hook ran under dynamo
+        self._compiled_seen = False               # compiled code ran (see `compiled`)
         self._filter = None
         self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_refs()
         self._handles: list = []
-        self._call_ids: dict[int, int] = {}       # id(submodule) -> module id (_scoped_call)
+        self._call_ids: dict[int, int] = {}       # id(submodule) -> module id (module_call)
         # memprof's own methods set on a module instance while tracking (an integration's
         # training_step as a forward pass): id(module) -> {name: method}, left out of copies
         self.instance_methods: dict[int, dict[str, object]] = {}
@@ -152,7 +120,7 @@ class ModuleScope:
     def compiled(self) -> bool:
         """Whether a module of the block ran inside what torch.compile (or non-strict export)
         traced: its memory is attributed to the compiled module as a whole."""
-        return self._hook_traced or (bool(self._call_ids) and traced)
+        return self._compiled_seen or (bool(self._call_ids) and module_call.traced)
 
     # ------------------------------------------------------------------ naming
     def _name_tree(self, root: torch.nn.Module, prefix: str, rename=frozenset()) -> None:
@@ -302,11 +270,12 @@ class ModuleScope:
                                                                    always_call=True))
                 elif mod is not self.model:   # (a root that is not a pass: a container)
                     self._call_ids[id(mod)] = self._auto_ids[id(mod)]
+                    self._forget_when_freed(mod, module_call.scoped_ids)
+                if _is_compiled(mod):   # compiled (and run) before the block
+                    self._compiled_seen = True
             if self._call_ids:
-                global traced
-                traced = False
-                _scoped_ids.update(self._call_ids)
-                self._patches.patch(torch.nn.Module, "__call__", _scoped_call)
+                module_call.install(self._call_ids, self._patches)
+                self._patches.patch(torch, "compile", _skipping_module_call)
         elif self.auto:
             from torch.nn.modules.module import (register_module_forward_hook,
                                                  register_module_forward_pre_hook)
@@ -356,6 +325,7 @@ class ModuleScope:
         def call(*args, **kwargs):
             if _compiling():
                 return compiled(*args, **kwargs)
+            scope._compiled_seen = True
             if scope.model is not None:
                 return scope._model_pass(compiled, args, kwargs, module_call=True)
             scope._auto_pre(module, args, kwargs)
@@ -374,14 +344,20 @@ class ModuleScope:
         def call(wrapper, *args, **kwargs):
             if getattr(wrapper, COMPILE_WRAPPER, None) is not scope.model or _compiling():
                 return original(wrapper, *args, **kwargs)
+            scope._compiled_seen = True
             return scope._model_pass(functools.partial(original, wrapper), args, kwargs,
                                      module_call=True)
         return call
 
+    def after_restore(self) -> None:
+        """Once the session's patches are undone (see module_call.after_restore)."""
+        if self._call_ids:
+            module_call.after_restore()
+
     def remove(self) -> None:
         remove_handles(self._handles)
         if self._call_ids:
-            _scoped_ids.clear()   # (Module.__call__ itself is put back with the patches)
+            module_call.remove()   # (Module.__call__ itself is put back with the patches)
         if self._kwargs_hook_id is not None:
             # the handle leaves its with_kwargs entry behind (torch 2.13): torch would go on
             # seeing a global hook (torch.compile warns of one for the rest of the process)
@@ -398,7 +374,7 @@ class ModuleScope:
     # memprof._C, subscriber lists walked over a copy (a subscriber may leave when done).
     def _root_pre(self, module, args, kwargs, mid: int = 0):
         if _dynamo_compiling() or _export._is_compiling_flag:
-            self._hook_traced = True
+            self._compiled_seen = True
             return
         self._root_depth += 1
         # a real pass: not a recompute in backward, not inside one already begun (Lightning's
@@ -456,7 +432,7 @@ class ModuleScope:
         """The global pre-hook (kwargs None: not given to it) or a compiled model's eager
         entry (its kwargs)."""
         if _dynamo_compiling() or _export._is_compiling_flag:
-            self._hook_traced = True
+            self._compiled_seen = True
             return
         mid = self._auto_ids.get(id(module))
         if mid is None:

@@ -232,6 +232,7 @@ class Session:
         self.scope.remove()
         self.steps.remove()
         self.patches.restore()
+        self.scope.after_restore()
         if self._prev_thread_profile is None and threading.getprofile() is _attach_new_thread:
             threading.setprofile(None)
 

@@ -1,0 +1,105 @@
+"""Which submodule runs, through `torch.nn.Module.__call__` replaced on the class for a block.
+
+A pair of forward hooks per submodule sent every call down torch's slow path through
+`_call_impl` (~3x the cost of the call itself on an op-bound step); one Python frame around
+the call does not. On the class, not the instance: nothing of a module changes (copies of its
+`__dict__`, a staticmethod or patched forward, pickling, `type(m) is nn.Linear`,
+TorchScript), and a module the block did not name (a copy, the loss, another model) passes
+straight through. The scope is around the whole call, so what a module's own hooks allocate
+(an unshard, an adapter) is the module's.
+
+One function for every block, reading module-level tables: dynamo inlines it (a new function
+per block, or a table it read while tracing, would make it compile a model again in each
+block), and runs it as its own frame never (`skip_code`: `torch.compile(module)` inside a
+block binds the module's `__call__`, this function, as the frame to compile; every module so
+compiled shared one recompile budget, and past 8 ran uncompiled for good).
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+from .. import _C
+
+# True while dynamo traces (it reads the call as a constant) and while torch.export runs the
+# forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes)
+compiling = torch.compiler.is_compiling
+# The same check on the per-call paths (every submodule call, the root's hooks, auto mode's
+# global hooks), read in two parts: is_compiling calls torch.jit.is_scripting first, two
+# Python frames per check where is_dynamo_compiling is one, and non-strict export's flag is an
+# attribute read. (Under dynamo the first part is a constant True and the second is never read.)
+if hasattr(torch.compiler, "is_dynamo_compiling") and \
+        hasattr(torch.compiler, "_is_compiling_flag"):
+    dynamo_compiling, export_flag = torch.compiler.is_dynamo_compiling, torch.compiler
+else:   # another torch: the whole check, and a flag that is never set
+    dynamo_compiling, export_flag = compiling, types.SimpleNamespace(_is_compiling_flag=False)
+
+scoped_ids: dict[int, int] = {}     # id(submodule) -> module id, for the block running
+_original = [torch.nn.Module.__call__]   # what the block replaced
+_reaches_us: list = [None]   # a __call__ set over ours during a block and left there: it calls us
+#: a module call was traced by dynamo (or run by non-strict export) since the block began: a
+#: global store, which dynamo replays after each run of what it compiled (no guard, no break)
+traced = False
+
+
+def module_call(module, /, *args, **kwargs):
+    # (`module` positional-only: a keyword argument of that name is the callee's)
+    if dynamo_compiling() or export_flag._is_compiling_flag:   # traced, not run
+        global traced
+        traced = True
+        return _original[0](module, *args, **kwargs)
+    mid = scoped_ids.get(id(module))
+    if mid is None:
+        return _original[0](module, *args, **kwargs)
+    _C.push_module(mid)
+    try:
+        return _original[0](module, *args, **kwargs)
+    finally:
+        _C.pop_module()
+
+
+def install(ids: dict[int, int], patches) -> None:
+    """Scope the calls of the modules in `ids` (id(module) -> module id) until remove()."""
+    global traced
+    traced = False
+    scoped_ids.update(ids)
+    skip_own_frame()
+    current = torch.nn.Module.__call__
+    if current is module_call or current is _reaches_us[0]:
+        return   # ours already, or a wrapper around ours (replacing it would call itself)
+
+    def replace(original):
+        _original[0] = original
+        return module_call
+    patches.patch(torch.nn.Module, "__call__", replace)
+
+
+def remove() -> None:
+    scoped_ids.clear()
+
+
+def after_restore() -> None:
+    """Once the block's patches are undone: a `__call__` that someone set over ours during the
+    block (a monkeypatch kept, a library's wrapper) calls ours and stays; the next block uses
+    it as it is. Names that dynamo bound to `Module.__call__` while it was ours (imported for
+    the first time inside the block) are the original again: dynamo calls a module's forward
+    directly only where its `__call__` is that."""
+    current = torch.nn.Module.__call__
+    if current is not _original[0] and current is not module_call:
+        _reaches_us[0] = current
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("torch._dynamo") and mod is not None and \
+                getattr(mod, "unpatched_nn_module_call", None) is module_call:
+            mod.unpatched_nn_module_call = _original[0]
+
+
+def skip_own_frame() -> None:
+    """Dynamo never compiles this function as a frame of its own (it still inlines it): done
+    once dynamo is loaded, at each block's start and after each torch.compile in a block
+    (torch._dynamo.reset() forgets it)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    skip = getattr(eval_frame, "skip_code", None)
+    if skip is not None:
+        skip(module_call.__code__)
