@@ -448,3 +448,74 @@ def test_dynamo_loaded_first_inside_a_block_keeps_the_real_module_call(tmp_path)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_tracked_model_can_be_scripted_inside_the_block():
+    """No hook on the model either: TorchScript refused the root's pass hooks."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    with memprof.track(model, opt) as prof:
+        scripted = torch.jit.script(model)
+        assert torch.allclose(scripted(x), model(x))
+        for _ in range(3):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert prof.throughput["batch_size"] == 4
+    assert prof.activations_by_module().get("block", 0) > 0
+
+
+def test_a_scriptmodule_can_be_tracked():
+    """track(torch.jit.script(model)) refused: register_forward_pre_hook is not supported on
+    ScriptModules. Its calls are passes of the model (its submodules run inside TorchScript)."""
+    scripted = torch.jit.script(Net())
+    opt = torch.optim.SGD(scripted.parameters(), lr=0.1)
+    with memprof.track(scripted, opt) as prof:
+        for _ in range(3):
+            scripted(torch.randn(16, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert prof.throughput["batch_size"] == 16
+    assert prof.breakdown("category", at="peak")["activations"] > 0
+
+
+def test_a_function_compiled_over_the_model_is_not_compiled_again_in_each_block():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = Net()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def loss_of(x):
+        return model(x).sum()
+
+    for _ in range(3):
+        with memprof.track(model) as prof:
+            loss_of(torch.randn(8, 8)).backward()
+        assert prof.meta["compiled"]
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_compiled_model_in_a_container_is_a_pass_of_its_own():
+    """A GAN's generator compiled in place: its calls were no pass of their own (its memory
+    was nobody's); module_call enters them eagerly, the compiled code inside."""
+    class G(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, z):
+            return self.fc(z).repeat(1, 100)
+
+    torch._dynamo.reset()
+    g = G()
+    g.compile(backend="eager")   # in place: its hooks ran inside the compiled code
+    models = torch.nn.ModuleDict({"G": g, "D": torch.nn.Linear(800, 1)})
+    with memprof.track(models, optimizer=None) as prof:
+        for _ in range(3):
+            models["D"](models["G"](torch.randn(16, 8))).sum().backward()
+            prof.step()
+    assert prof.activations_by_module().get("G", 0) >= 16 * 800 * 4   # its repeat's output
+    assert prof.throughput["batch_size"] == 16 and prof.meta["compiled"]

@@ -6,7 +6,10 @@ the call does not. On the class, not the instance: nothing of a module changes (
 `__dict__`, a staticmethod or patched forward, pickling, `type(m) is nn.Linear`,
 TorchScript), and a module the block did not name (a copy, the loss, another model) passes
 straight through. The scope is around the whole call, so what a module's own hooks allocate
-(an unshard, an adapter) is the module's.
+(an unshard, an adapter) is the module's. The model's own calls (its forward passes) go
+through it too, with no hook on the model: a model under memprof can be scripted, a
+ScriptModule tracked, and a function that torch.compile compiled over the model is not
+compiled again for each block (dynamo guarded on the block's new hooks).
 
 One function for every block, reading module-level tables: dynamo inlines it (a new function
 per block, or a table it read while tracing, would make it compile a model again in each
@@ -36,7 +39,11 @@ if hasattr(torch.compiler, "is_dynamo_compiling") and \
 else:   # another torch: the whole check, and a flag that is never set
     dynamo_compiling, export_flag = compiling, types.SimpleNamespace(_is_compiling_flag=False)
 
-scoped_ids: dict[int, int] = {}     # id(submodule) -> module id, for the block running
+scoped_ids: dict[int, int] = {}     # id(module) -> module id (or PASS), for the block running
+#: in scoped_ids: the module's calls are forward passes of the model, run by the block's
+#: pass handler fn(module, args, kwargs) (its phase, markers and inputs; ModuleScope)
+PASS = -1
+_pass_handler: list = [None]
 _original = [torch.nn.Module.__call__]   # what the block replaced
 _reaches_us: list = [None]   # a __call__ set over ours during a block and left there: it calls us
 #: a module call was traced by dynamo (or run by non-strict export) since the block began: a
@@ -53,6 +60,8 @@ def module_call(module, /, *args, **kwargs):
     mid = scoped_ids.get(id(module))
     if mid is None:
         return _original[0](module, *args, **kwargs)
+    if mid == PASS:
+        return _pass_handler[0](module, args, kwargs)
     _C.push_module(mid)
     try:
         return _original[0](module, *args, **kwargs)
@@ -60,11 +69,18 @@ def module_call(module, /, *args, **kwargs):
         _C.pop_module()
 
 
-def install(ids: dict[int, int], patches) -> None:
-    """Scope the calls of the modules in `ids` (id(module) -> module id) until remove()."""
+def call_through(module, args, kwargs):
+    """The call module_call stands in front of (a pass handler's)."""
+    return _original[0](module, *args, **kwargs)
+
+
+def install(ids: dict[int, int], patches, pass_handler) -> None:
+    """Scope the calls of the modules in `ids` (id(module) -> module id, or PASS: a call of
+    `pass_handler(module, args, kwargs)`) until remove()."""
     global traced
     traced = False
     scoped_ids.update(ids)
+    _pass_handler[0] = pass_handler
     skip_own_frame()
     current = torch.nn.Module.__call__
     if current is module_call or current is _reaches_us[0]:
@@ -78,6 +94,7 @@ def install(ids: dict[int, int], patches) -> None:
 
 def remove() -> None:
     scoped_ids.clear()
+    _pass_handler[0] = None
 
 
 def after_restore() -> None:

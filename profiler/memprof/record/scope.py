@@ -1,8 +1,8 @@
 """Which module is running (native scope stack), and when a forward pass of the root module
 starts and ends (for a container that is never called, a GAN's `ModuleDict`, the passes are
-its models' calls; a model of it that torch.compile compiled runs as part of the caller's
-time, as compiled code inside a model does). The passes are hooks of the root; a submodule's
-scope is `Module.__call__`, replaced on the class for the block (module_call.py).
+its models' calls, a compiled one's too). With a model, every call of its modules goes
+through `Module.__call__`, replaced on the class for the block (module_call.py): a
+submodule's runs in its scope, the model's own is a pass; no hook is set on any module.
 
 Every recorder that cares about forward passes subscribes here instead of installing hooks of
 its own: `on_forward_start(args, kwargs)` and `on_forward_end()` run once per real forward
@@ -13,10 +13,10 @@ uses) global module hooks name whatever modules run, the outermost one called be
 a root called inside a model seen later (`model.encoder(x)` before `model(x)`) takes the path
 it has in that model (`encoder.layers.3`, not `layers.3`).
 
-Under torch.compile the hooks and the call step aside while dynamo traces (they call into memprof._C, which
-would break the graph at every module): allocations inside compiled code belong to the module
-that called it (the wrapper torch.compile returned, or the root), a coarser attribution the
-report names (`compiled`).
+Under torch.compile the call and the hooks step aside while dynamo traces (they call into
+memprof._C, which would break the graph at every module): allocations inside compiled code
+belong to the module that called it (the compiled module, eagerly entered, or the root), a
+coarser attribution the report names (`compiled`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import functools
 import sys
 import warnings
 import weakref
-from collections import OrderedDict
 
 import torch
 
@@ -39,10 +38,6 @@ from .patches import remove_handles
 _GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 _RAISED = object()   # _auto_post called the way torch calls it after a forward raised
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
-#: a module's forward hook tables, keyed by handle id (what `_install_hooks` writes into)
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
 
 def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules whose calls are forward passes of the model: the model itself or, for a
@@ -108,7 +103,8 @@ class ModuleScope:
         self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_refs()
         self._handles: list = []
-        self._call_ids: dict[int, int] = {}       # id(submodule) -> module id (module_call)
+        self._call_ids: dict[int, int] = {}       # id(module) -> module id or PASS (module_call)
+        self._pass_ids: dict[int, int] = {}       # id(pass module) -> its module id
         # memprof's own methods set on a module instance while tracking (an integration's
         # training_step as a forward pass): id(module) -> {name: method}, left out of copies
         self.instance_methods: dict[int, dict[str, object]] = {}
@@ -205,8 +201,6 @@ class ModuleScope:
     def install(self, patches) -> None:
         self._patches = patches
         self._install_hooks()
-        if self.model is not None:
-            self._copy_without_hooks(self.model.modules())
         if self.model is not None or self.auto:
             self._see_compiled_calls(patches)
 
@@ -216,14 +210,13 @@ class ModuleScope:
         Lightning training_step could not pickle it), in auto mode too."""
         self.instance_methods.setdefault(id(owner), {})[name] = method
         if self._patches is not None:
-            self._copy_without_hooks([owner])
+            self._copy_without_instance_methods([owner])
 
-    def _copy_without_hooks(self, modules) -> None:
-        """A module copied or saved while tracked leaves memprof's hooks behind: they are
-        closures and bound methods of this scope, which `torch.save(model)` could not pickle
-        (a checkpoint of the whole model raised mid-training), and a copy (an EMA, a target
-        network) kept them after the block. Module's own pickled state drops them (and
-        memprof's instance methods); a subclass's `__getstate__` that calls it does too."""
+    def _copy_without_instance_methods(self, modules) -> None:
+        """A module copied or saved while tracked leaves memprof's instance methods behind
+        (an integration's training_step): closures of this scope, which torch.save(self)
+        inside a Lightning training_step could not pickle. Module's own pickled state drops
+        them; a subclass's `__getstate__` that calls it does too."""
         scope = self
 
         def make(original):
@@ -231,19 +224,13 @@ class ModuleScope:
                 state = original(module)
                 if state is module.__dict__:   # a class returning its live dict: not that
                     state = dict(state)
-                ours = {h.id for h in scope._handles}
-                for key in _HOOK_TABLES:
-                    table = state.get(key)
-                    if table and not ours.isdisjoint(table):
-                        state[key] = OrderedDict((k, v) for k, v in table.items()
-                                                 if k not in ours)
                 for name, method in scope.instance_methods.get(id(module), {}).items():
                     if state.get(name) is method:
                         del state[name]
                 return state
             return __getstate__
-        # classes of the model that define their own __getstate__ (LightningModule) do not
-        # reach Module's: theirs is wrapped too
+        # classes that define their own __getstate__ (LightningModule) do not reach Module's:
+        # theirs is wrapped too
         owners = {cls for m in modules for cls in type(m).__mro__
                   if "__getstate__" in cls.__dict__ and issubclass(cls, torch.nn.Module)}
         for cls in sorted(owners - self._getstate_wrapped,
@@ -252,8 +239,8 @@ class ModuleScope:
             self._getstate_wrapped.add(cls)
 
     def __deepcopy__(self, memo):
-        """The scope itself, where a copy still reaches it (a __getstate__ that returns the
-        hooks without going through one memprof wrapped): its locks made that fail."""
+        """The scope itself, where a copy still reaches it (through an instance method of a
+        module whose __getstate__ memprof did not wrap): its locks made that fail."""
         return self
 
     def _install_hooks(self) -> None:
@@ -262,20 +249,16 @@ class ModuleScope:
             for mod in self.model.modules():
                 if id(mod) in passes:
                     # (its id as named: a compiled model's wrapper and the model are one)
-                    pass_id = self._auto_ids[id(mod)]
-                    pre = self._root_pre if mod is self.model else \
-                        functools.partial(self._root_pre, mid=pass_id)
-                    self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-                    self._handles.append(mod.register_forward_hook(self._root_post,
-                                                                   always_call=True))
+                    self._pass_ids[id(mod)] = self._auto_ids[id(mod)]
+                    self._call_ids[id(mod)] = module_call.PASS
                 elif mod is not self.model:   # (a root that is not a pass: a container)
                     self._call_ids[id(mod)] = self._auto_ids[id(mod)]
+                if id(mod) in self._call_ids:
                     self._forget_when_freed(mod, module_call.scoped_ids)
                 if _is_compiled(mod):   # compiled (and run) before the block
                     self._compiled_seen = True
-            if self._call_ids:
-                module_call.install(self._call_ids, self._patches)
-                self._patches.patch(torch, "compile", _skipping_module_call)
+            module_call.install(self._call_ids, self._patches, self._pass_call)
+            self._patches.patch(torch, "compile", _skipping_module_call)
         elif self.auto:
             from torch.nn.modules.module import (register_module_forward_hook,
                                                  register_module_forward_pre_hook)
@@ -309,7 +292,6 @@ class ModuleScope:
         patches.patch(torch.nn.Module, "compile", make_compile)
         if self.model is None:
             return
-        self._compiled_in_place(self.model)   # compiled before the block
         dynamo = sys.modules.get("torch._dynamo.eval_frame")   # loaded once torch.compile ran
         if dynamo is not None and hasattr(dynamo, "OptimizedModule"):
             patches.patch(dynamo.OptimizedModule, "__call__", self._wrapper_call)
@@ -318,16 +300,18 @@ class ModuleScope:
         compiled = getattr(module, "_compiled_call_impl", None)
         if compiled is None or getattr(compiled, "_memprof_pass", False):
             return
-        if self.model is not None and module is not self.model:
-            return   # a submodule (or a container's model): its memory is its caller's
+        if self.model is not None:
+            # module_call runs its call eagerly (a pass of the model, or a submodule's scope),
+            # its compiled code inside
+            if id(module) in self._call_ids:
+                self._compiled_seen = True
+            return
         scope = self
 
         def call(*args, **kwargs):
             if _compiling():
                 return compiled(*args, **kwargs)
             scope._compiled_seen = True
-            if scope.model is not None:
-                return scope._model_pass(compiled, args, kwargs, module_call=True)
             scope._auto_pre(module, args, kwargs)
             try:
                 return compiled(*args, **kwargs)
@@ -346,7 +330,7 @@ class ModuleScope:
                 return original(wrapper, *args, **kwargs)
             scope._compiled_seen = True
             return scope._model_pass(functools.partial(original, wrapper), args, kwargs,
-                                     module_call=True)
+                                     own_call=True)
         return call
 
     def after_restore(self) -> None:
@@ -406,18 +390,29 @@ class ModuleScope:
                 fn()
         self._root_depth = max(0, self._root_depth - 1)
 
+    def _pass_call(self, module, args, kwargs):
+        """A call of the model (or of a container's model): a forward pass, run eagerly
+        through module_call (a model compiled in place runs its compiled code inside)."""
+        self._root_pre(module, args, kwargs, self._pass_ids.get(id(module), 0))
+        output = None
+        try:
+            output = module_call.call_through(module, args, kwargs)
+            return output
+        finally:
+            self._root_post(module, args, output)
+
     def forward_pass(self, fn, *args, **kwargs):
         """Run fn(*args, **kwargs) as a forward pass of the model (phase, markers, batch size
         from its arguments, allocations in the root module): for loops whose training step
         is not the model's forward (Lightning's `training_step`)."""
-        return self._model_pass(fn, args, kwargs, module_call=False)
+        return self._model_pass(fn, args, kwargs, own_call=False)
 
-    def _model_pass(self, fn, args, kwargs, module_call: bool):
-        """fn(*args, **kwargs) as a pass of the model; `module_call`: these are the model's
+    def _model_pass(self, fn, args, kwargs, own_call: bool):
+        """fn(*args, **kwargs) as a pass of the model; `own_call`: these are the model's
         own call arguments (the inputs record describes only those)."""
         if self.model is None:
             return fn(*args, **kwargs)
-        self.module_call = module_call
+        self.module_call = own_call
         try:
             self._root_pre(self.model, args, kwargs)
         finally:
