@@ -519,3 +519,18 @@ def test_a_compiled_model_in_a_container_is_a_pass_of_its_own():
             prof.step()
     assert prof.activations_by_module().get("G", 0) >= 16 * 800 * 4   # its repeat's output
     assert prof.throughput["batch_size"] == 16 and prof.meta["compiled"]
+
+
+def test_a_pass_reads_the_arguments_the_model_is_called_with():
+    """Before its own pre-hooks: the batch is the caller's, and the recorded inputs repeat the
+    call (the pre-hook runs again on them)."""
+    model = Net()
+    model.register_forward_pre_hook(lambda m, args: (args[0][:4],))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(3):
+            assert model(torch.randn(8, 8)).shape == (4, 2)
+            model(torch.randn(8, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert prof.throughput["batch_size"] == 8
