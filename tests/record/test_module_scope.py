@@ -534,3 +534,21 @@ def test_a_pass_reads_the_arguments_the_model_is_called_with():
             opt.step()
             opt.zero_grad()
     assert prof.throughput["batch_size"] == 8
+
+
+def test_auto_mode_names_modules_without_global_hooks():
+    """`memprof run`'s auto mode takes every call through module_call: no global module hook
+    (each sent every module of the process down torch's slow path, and torch.compile warned
+    of them), the same names and passes."""
+    from torch.nn.modules import module as nn_module
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(optimizer=opt, auto_modules=True) as prof:
+        assert not nn_module._global_forward_pre_hooks and not nn_module._global_forward_hooks
+        for _ in range(3):
+            model(torch.randn(16, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert prof.throughput["batch_size"] == 16
+    assert {"block", "block.fc", "head"} <= set(prof.modules)
+    assert prof.activations_by_module().get("block", 0) > 0

@@ -57,7 +57,6 @@ class InputRecorder:
     def install(self, session) -> None:
         self._session = session
         session.scope.on_forward_start.append(self._forward_start)
-        session.scope.on_forward_inputs.append(self._forward_start)
 
     def remove(self) -> None:
         self._session = None
@@ -65,18 +64,14 @@ class InputRecorder:
     def _forward_start(self, args, kwargs) -> None:
         if self._record is not None:
             return
-        if kwargs is None:   # auto mode: the inputs come at the pass's end
-            return
         scope = self._session.scope
         if not scope.module_call:   # a training_step's (batch, batch_idx)
             return
         if scope.model is not None and scope.pass_module is not scope.model:
             return   # a container's model (a GAN's G): not the inputs of what was tracked
         # the first pass only: later ones need not call in (record.steps on per-step frames)
-        for subscribers in (self._session.scope.on_forward_start,
-                            self._session.scope.on_forward_inputs):
-            if self._forward_start in subscribers:
-                subscribers.remove(self._forward_start)
+        if self._forward_start in scope.on_forward_start:
+            scope.on_forward_start.remove(self._forward_start)
         self._record = {"args": [describe(a) for a in args],
                         "kwargs": {str(k): describe(v) for k, v in (kwargs or {}).items()},
                         "autocast": autocast_state(),

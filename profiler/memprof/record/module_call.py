@@ -9,7 +9,9 @@ straight through. The scope is around the whole call, so what a module's own hoo
 (an unshard, an adapter) is the module's. The model's own calls (its forward passes) go
 through it too, with no hook on the model: a model under memprof can be scripted, a
 ScriptModule tracked, and a function that torch.compile compiled over the model is not
-compiled again for each block (dynamo guarded on the block's new hooks).
+compiled again for each block (dynamo guarded on the block's new hooks). Auto mode (`memprof
+run`), which names modules as they run, takes every call the same way, instead of global
+module hooks that sent every module of the process down the slow path.
 
 One function for every block, reading module-level tables: dynamo inlines it (a new function
 per block, or a table it read while tracing, would make it compile a model again in each
@@ -44,6 +46,8 @@ scoped_ids: dict[int, int] = {}     # id(module) -> module id (or PASS), for the
 #: pass handler fn(module, args, kwargs) (its phase, markers and inputs; ModuleScope)
 PASS = -1
 _pass_handler: list = [None]
+#: auto mode's handler of every other call, fn(module, args, kwargs): it names what runs
+_other_handler: list = [None]
 _original = [torch.nn.Module.__call__]   # what the block replaced
 _reaches_us: list = [None]   # a __call__ set over ours during a block and left there: it calls us
 #: a module call was traced by dynamo (or run by non-strict export) since the block began: a
@@ -59,7 +63,9 @@ def module_call(module, /, *args, **kwargs):
         return _original[0](module, *args, **kwargs)
     mid = scoped_ids.get(id(module))
     if mid is None:
-        return _original[0](module, *args, **kwargs)
+        if _other_handler[0] is None:
+            return _original[0](module, *args, **kwargs)
+        return _other_handler[0](module, args, kwargs)
     if mid == PASS:
         return _pass_handler[0](module, args, kwargs)
     _C.push_module(mid)
@@ -74,13 +80,15 @@ def call_through(module, args, kwargs):
     return _original[0](module, *args, **kwargs)
 
 
-def install(ids: dict[int, int], patches, pass_handler) -> None:
+def install(ids: dict[int, int], patches, pass_handler=None, other_handler=None) -> None:
     """Scope the calls of the modules in `ids` (id(module) -> module id, or PASS: a call of
-    `pass_handler(module, args, kwargs)`) until remove()."""
+    `pass_handler(module, args, kwargs)`), and hand every other call to `other_handler` (auto
+    mode), until remove()."""
     global traced
     traced = False
     scoped_ids.update(ids)
     _pass_handler[0] = pass_handler
+    _other_handler[0] = other_handler
     skip_own_frame()
     current = torch.nn.Module.__call__
     if current is module_call or current is _reaches_us[0]:
@@ -94,7 +102,7 @@ def install(ids: dict[int, int], patches, pass_handler) -> None:
 
 def remove() -> None:
     scoped_ids.clear()
-    _pass_handler[0] = None
+    _pass_handler[0] = _other_handler[0] = None
 
 
 def after_restore() -> None:

@@ -9,12 +9,13 @@ its own: `on_forward_start(args, kwargs)` and `on_forward_end()` run once per re
 pass (not for the recomputation that activation checkpointing runs in backward); `pass_module`
 is the module whose call it is.
 With a model, its modules are named up front; without one (auto mode, what `memprof run`
-uses) global module hooks name whatever modules run, the outermost one called being a root;
+uses) module_call hands every call here and whatever modules run are named, the outermost one
+called being a root;
 a root called inside a model seen later (`model.encoder(x)` before `model(x)`) takes the path
 it has in that model (`encoder.layers.3`, not `layers.3`).
 
-Under torch.compile the call and the hooks step aside while dynamo traces (they call into
-memprof._C, which would break the graph at every module): allocations inside compiled code
+Under torch.compile the call steps aside while dynamo traces (it calls into memprof._C,
+which would break the graph at every module): allocations inside compiled code
 belong to the module that called it (the compiled module, eagerly entered, or the root), a
 coarser attribution the report names (`compiled`).
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 import weakref
 
 import torch
@@ -33,10 +33,7 @@ from .events import PHASE_FORWARD, PHASE_OTHER
 from .module_call import compiling as _compiling
 from .module_call import dynamo_compiling as _dynamo_compiling
 from .module_call import export_flag as _export
-from .patches import remove_handles
 
-_GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
-_RAISED = object()   # _auto_post called the way torch calls it after a forward raised
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
 
 def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -85,13 +82,10 @@ class ModuleScope:
         self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
         self.before_forward: list = []            # fn(), before a real root forward starts
         self.on_forward_start: list = []          # fn(args, kwargs); kwargs None: not known yet
-        self.on_forward_inputs: list = []         # fn(args, kwargs): those, at the pass's end
         self.on_forward_end: list = []
         self._auto_ids: dict[int, int] = {}
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
-        self._inputs_late = False                 # auto mode: the pass's kwargs come at its end
-        self._kwargs_hook_id = None               # auto mode: the global forward hook's id
         self._root_depth = 0                      # root calls running (hooks or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -99,10 +93,9 @@ class ModuleScope:
         self._forward_depth = None                # the depth whose call began the real pass
         self.pass_module = None                   # the module whose call the real pass is
         self._compiled_seen = False               # compiled code ran (see `compiled`)
-        self._filter = None
         self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_refs()
-        self._handles: list = []
+        self._on_module_call = False              # module_call installed by this scope
         self._call_ids: dict[int, int] = {}       # id(module) -> module id or PASS (module_call)
         self._pass_ids: dict[int, int] = {}       # id(pass module) -> its module id
         # memprof's own methods set on a module instance while tracking (an integration's
@@ -116,7 +109,7 @@ class ModuleScope:
     def compiled(self) -> bool:
         """Whether a module of the block ran inside what torch.compile (or non-strict export)
         traced: its memory is attributed to the compiled module as a whole."""
-        return self._compiled_seen or (bool(self._call_ids) and module_call.traced)
+        return self._compiled_seen or (self._on_module_call and module_call.traced)
 
     # ------------------------------------------------------------------ naming
     def _name_tree(self, root: torch.nn.Module, prefix: str, rename=frozenset()) -> None:
@@ -258,35 +251,26 @@ class ModuleScope:
                 if _is_compiled(mod):   # compiled (and run) before the block
                     self._compiled_seen = True
             module_call.install(self._call_ids, self._patches, self._pass_call)
-            self._patches.patch(torch, "compile", _skipping_module_call)
         elif self.auto:
-            from torch.nn.modules.module import (register_module_forward_hook,
-                                                 register_module_forward_pre_hook)
-            # torch warns that global hooks also fire for torch.compile's wrapper: they are
-            # memprof's, and they handle it (the wrapper and the model are one module)
-            warnings.filterwarnings("ignore", message=_GLOBAL_HOOK_WARNING)
-            self._filter = warnings.filters[0]
-            self._handles.append(register_module_forward_pre_hook(self._auto_pre))
-            # a global pre-hook is not given keyword arguments (`model(**batch)`: the batch
-            # size is in them), a global forward hook is: the pass's inputs come at its end
-            post = register_module_forward_hook(self._auto_post, with_kwargs=True,
-                                                always_call=True)
-            self._handles.append(post)
-            self._kwargs_hook_id = post.id
+            module_call.install({}, self._patches, other_handler=self._auto_call)
+        else:
+            return
+        self._on_module_call = True
+        self._patches.patch(torch, "compile", _skipping_module_call)
 
     # ------------------------------------------------------------------ torch.compile
-    # Module hooks run inside what torch.compile compiled, where they step aside: a model
-    # compiled in place (`model.compile()`) or called through its wrapper (`cm =
-    # torch.compile(model)` with track(model)) showed no forward pass at all (0 ms, no batch,
-    # 0 micro-steps). Both are called eagerly first, and there the pass is started.
+    # Module calls run eagerly through module_call, compiled code inside them (a model
+    # compiled in place, `model.compile()`, has its pass started there). A call of the model
+    # through torch.compile's wrapper (`cm = torch.compile(model)` with track(model)) runs the
+    # model's call as the compiled frame: its pass is started at the wrapper's call.
     def _see_compiled_calls(self, patches) -> None:
         scope = self
-        self._patches = patches
 
         def make_compile(original):
             def compile(module, *args, **kwargs):
                 result = original(module, *args, **kwargs)
-                scope._compiled_in_place(module)
+                if scope.model is None or id(module) in scope._call_ids:
+                    scope._compiled_seen = True
                 return result
             return compile
         patches.patch(torch.nn.Module, "compile", make_compile)
@@ -295,30 +279,6 @@ class ModuleScope:
         dynamo = sys.modules.get("torch._dynamo.eval_frame")   # loaded once torch.compile ran
         if dynamo is not None and hasattr(dynamo, "OptimizedModule"):
             patches.patch(dynamo.OptimizedModule, "__call__", self._wrapper_call)
-
-    def _compiled_in_place(self, module: torch.nn.Module) -> None:
-        compiled = getattr(module, "_compiled_call_impl", None)
-        if compiled is None or getattr(compiled, "_memprof_pass", False):
-            return
-        if self.model is not None:
-            # module_call runs its call eagerly (a pass of the model, or a submodule's scope),
-            # its compiled code inside
-            if id(module) in self._call_ids:
-                self._compiled_seen = True
-            return
-        scope = self
-
-        def call(*args, **kwargs):
-            if _compiling():
-                return compiled(*args, **kwargs)
-            scope._compiled_seen = True
-            scope._auto_pre(module, args, kwargs)
-            try:
-                return compiled(*args, **kwargs)
-            finally:
-                scope._auto_post(module, args, kwargs, None)
-        call._memprof_pass = True
-        self._patches.set(module, "_compiled_call_impl", call)
 
     def _wrapper_call(self, original):
         """OptimizedModule.__call__ while tracking: a call of the model's wrapper is a pass of
@@ -335,23 +295,12 @@ class ModuleScope:
 
     def after_restore(self) -> None:
         """Once the session's patches are undone (see module_call.after_restore)."""
-        if self._call_ids:
+        if self._on_module_call:
             module_call.after_restore()
 
     def remove(self) -> None:
-        remove_handles(self._handles)
-        if self._call_ids:
+        if self._on_module_call:
             module_call.remove()   # (Module.__call__ itself is put back with the patches)
-        if self._kwargs_hook_id is not None:
-            # the handle leaves its with_kwargs entry behind (torch 2.13): torch would go on
-            # seeing a global hook (torch.compile warns of one for the rest of the process)
-            from torch.nn.modules import module as nn_module
-            getattr(nn_module, "_global_forward_hooks_with_kwargs", {}).pop(
-                self._kwargs_hook_id, None)
-            self._kwargs_hook_id = None
-        if self._filter in warnings.filters:
-            warnings.filters.remove(self._filter)
-            getattr(warnings, "_filters_mutated", lambda: None)()   # drop the filter cache
 
     # ------------------------------------------------------------------ root passes
     # Once per forward pass, with caches the step's kernels emptied: direct calls into
@@ -372,7 +321,6 @@ class ModuleScope:
         _C.push_module(mid)
         if real:
             self._forward_depth = self._root_depth
-            self._inputs_late = kwargs is None
             self.pass_module = module
             for fn in tuple(self.on_forward_start):
                 fn(args, kwargs)
@@ -423,12 +371,9 @@ class ModuleScope:
             self._root_post(self.model, args, None)
 
     # ------------------------------------------------------------------ auto mode
-    def _auto_pre(self, module, args, kwargs=None) -> None:
-        """The global pre-hook (kwargs None: not given to it) or a compiled model's eager
-        entry (its kwargs)."""
-        if _dynamo_compiling() or _export._is_compiling_flag:
-            self._compiled_seen = True
-            return
+    def _auto_call(self, module, args, kwargs):
+        """Every module call no block named (module_call's): the module is named as it runs,
+        the outermost one called being a root, whose calls are passes."""
         mid = self._auto_ids.get(id(module))
         if mid is None:
             if not self._stack:
@@ -445,6 +390,15 @@ class ModuleScope:
             self._root_pre(module, args, kwargs, mid)
         else:
             _C.push_module(mid)
+        try:
+            return module_call.call_through(module, args, kwargs)
+        finally:
+            if self._stack:
+                self._stack.pop()
+            if root:
+                self._root_post(module, args, None)
+            else:
+                _C.pop_module()
 
     def _add_root(self, module: torch.nn.Module) -> None:
         """A new outermost module; earlier roots inside it become its submodules, renamed."""
@@ -456,23 +410,3 @@ class ModuleScope:
         self._name_tree(module, type(module).__name__ if self.roots and not first else "",
                         rename)
         self.roots.insert(0 if first or not self.roots else len(self.roots), module)
-
-    def _auto_post(self, module, args, kwargs, output=_RAISED) -> None:
-        """The global forward hook: (module, args, kwargs, output); after a forward that
-        raised, torch calls it with (module, args, output) - without that case a submodule
-        that raised (its parent caught it) stayed on the stack, and what the parent allocated
-        next was the failed child's."""
-        if output is _RAISED:
-            kwargs, output = None, kwargs
-        if _dynamo_compiling() or _export._is_compiling_flag:
-            return
-        if self._stack:
-            self._stack.pop()
-            if self._stack:
-                _C.pop_module()
-                return
-            if self._inputs_late:
-                self._inputs_late = False
-                for fn in tuple(self.on_forward_inputs):
-                    fn(args, kwargs)
-            self._root_post(module, args, output)

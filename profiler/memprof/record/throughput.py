@@ -190,7 +190,6 @@ class ThroughputRecorder:
                 self.gpu = None
                 self.gpu_error = f"{type(err).__name__}: {err}"
         session.scope.on_forward_start.append(self._forward_inputs)
-        session.scope.on_forward_inputs.append(self._forward_inputs)
         session.backward.after.append(self._after_backward)
         from torch.utils.data import dataloader
         session.patches.patch(dataloader._BaseDataLoaderIter, "__next__", self._wrap_next)
@@ -228,11 +227,9 @@ class ThroughputRecorder:
             self._cuda_mark("backward_end")
 
     def _forward_inputs(self, args, kwargs) -> None:
-        """At a pass's start, or (auto mode: kwargs None at the start) at its end. A pass
-        without gradients (a validation batch every step) is `eval_batch`: the training
-        batch is the micro-step's size (a 256-row eval batch made it 4x its 64)."""
-        if kwargs is None:
-            return
+        """At a pass's start. A pass without gradients (a validation batch every step) is
+        `eval_batch`: the training batch is the micro-step's size (a 256-row eval batch made
+        it 4x its 64)."""
         label = "batch" if torch.is_grad_enabled() else "eval_batch"
         override = self.session.batch_size
         if override is None:
