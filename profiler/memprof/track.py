@@ -172,7 +172,7 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
     communication) and the buffers they use are categorised as "communication". After the
     block, the returned object answers like a Profile.
     analyses: functions profile -> findings to run instead of memprof.analyse's defaults.
-    auto_modules: without a model, attribute to whatever modules run (global module hooks;
+    auto_modules: without a model, attribute to whatever modules run (named as they run;
     what `memprof run` uses on an unmodified script).
     health: also record training health (grad norm before/after clipping, LR per step, LR
     scheduler order, loss spikes, non-finite values); see memprof.analyse.health.

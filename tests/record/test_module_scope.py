@@ -1,9 +1,10 @@
-"""Which module runs: Module.__call__ replaced on the class for the block (the root keeps its
-hooks), and nothing of the module's changed. An instance-level `forward` set for the block
-was tried before and taken out again: code that copies a module's `__dict__` (DataParallel's
-replicas, accelerate's regional compile) copied it too, and the copy computed with the
-original's parameters; a `@staticmethod` forward got the module as its input; a class-level
-forward patched inside the block was ignored. These tests keep those cases right."""
+"""Which module runs: Module.__call__ replaced on the class for the block
+(record/module_call.py; no hook on any module, the model's calls are its passes), and nothing
+of the module's changed. An instance-level `forward` set for the block was tried before and
+taken out again: code that copies a module's `__dict__` (DataParallel's replicas,
+accelerate's regional compile) copied it too, and the copy computed with the original's
+parameters; a `@staticmethod` forward got the module as its input; a class-level forward
+patched inside the block was ignored. These tests keep those cases right."""
 import functools
 
 import pytest
@@ -30,6 +31,13 @@ class Net(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.block(x))
+
+
+def _train(model, opt, batch: int, steps: int = 3) -> None:
+    for _ in range(steps):
+        model(torch.randn(batch, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
 
 
 def test_submodules_are_attributed_and_stay_themselves():
@@ -458,10 +466,7 @@ def test_the_tracked_model_can_be_scripted_inside_the_block():
     with memprof.track(model, opt) as prof:
         scripted = torch.jit.script(model)
         assert torch.allclose(scripted(x), model(x))
-        for _ in range(3):
-            model(x).sum().backward()
-            opt.step()
-            opt.zero_grad()
+        _train(model, opt, 4)
     assert prof.throughput["batch_size"] == 4
     assert prof.activations_by_module().get("block", 0) > 0
 
@@ -472,10 +477,7 @@ def test_a_scriptmodule_can_be_tracked():
     scripted = torch.jit.script(Net())
     opt = torch.optim.SGD(scripted.parameters(), lr=0.1)
     with memprof.track(scripted, opt) as prof:
-        for _ in range(3):
-            scripted(torch.randn(16, 8)).sum().backward()
-            opt.step()
-            opt.zero_grad()
+        _train(scripted, opt, 16)
     assert prof.throughput["batch_size"] == 16
     assert prof.breakdown("category", at="peak")["activations"] > 0
 
@@ -545,10 +547,7 @@ def test_auto_mode_names_modules_without_global_hooks():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with memprof.track(optimizer=opt, auto_modules=True) as prof:
         assert not nn_module._global_forward_pre_hooks and not nn_module._global_forward_hooks
-        for _ in range(3):
-            model(torch.randn(16, 8)).sum().backward()
-            opt.step()
-            opt.zero_grad()
+        _train(model, opt, 16)
     assert prof.throughput["batch_size"] == 16
     assert {"block", "block.fc", "head"} <= set(prof.modules)
     assert prof.activations_by_module().get("block", 0) > 0

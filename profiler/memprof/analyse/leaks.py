@@ -160,7 +160,7 @@ def last_round_start(owners: list[int], last_completed: int) -> int:
 
 def _last_training_step(profile: Profile, last_completed: int) -> int:
     """The last completed step that ran a forward pass (forward_start markers carry their
-    step); `last_completed` when no forward was seen (module hooks off)."""
+    step); `last_completed` when no forward was seen (no model's pass was recorded)."""
     fwd = [m["value"] for m in profile.markers("forward_start")]
     if not fwd:
         return last_completed

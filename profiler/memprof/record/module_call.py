@@ -31,10 +31,10 @@ from .. import _C
 # True while dynamo traces (it reads the call as a constant) and while torch.export runs the
 # forward non-strict (with fake tensors, where a hook's reads would pin symbolic sizes)
 compiling = torch.compiler.is_compiling
-# The same check on the per-call paths (every submodule call, the root's hooks, auto mode's
-# global hooks), read in two parts: is_compiling calls torch.jit.is_scripting first, two
-# Python frames per check where is_dynamo_compiling is one, and non-strict export's flag is an
-# attribute read. (Under dynamo the first part is a constant True and the second is never read.)
+# The same check on the per-call paths (every module call, each pass's start and end), read
+# in two parts: is_compiling calls torch.jit.is_scripting first, two Python frames per check
+# where is_dynamo_compiling is one, and non-strict export's flag is an attribute read. (Under
+# dynamo the first part is a constant True and the second is never read.)
 if hasattr(torch.compiler, "is_dynamo_compiling") and \
         hasattr(torch.compiler, "_is_compiling_flag"):
     dynamo_compiling, export_flag = torch.compiler.is_dynamo_compiling, torch.compiler

@@ -328,7 +328,7 @@ class Session:
             # the user's class, also behind torch.compile's wrapper
             "model_class": type(getattr(roots[0], "_orig_mod", roots[0])).__name__ if roots
             else None,
-            "compiled": src.scope.compiled,   # module hooks stepped aside under torch.compile
+            "compiled": src.scope.compiled,   # module calls stepped aside under torch.compile
             "steps_marked": src.steps.step,
             "pid": os.getpid(),
             "patch_notes": list(src.patches.notes),
