@@ -437,21 +437,27 @@ def test_a_model_compiled_and_run_before_the_block_is_reported_as_compiled():
     assert prof.meta["compiled"]
 
 
-def test_dynamo_loaded_first_inside_a_block_keeps_the_real_module_call(tmp_path):
+@pytest.mark.parametrize("auto", [False, True], ids=["track(model)", "auto_modules"])
+def test_dynamo_loaded_first_inside_a_block_keeps_the_real_module_call(tmp_path, auto):
     """Dynamo binds Module.__call__ when it is imported (to call a module's forward directly
-    where __call__ is torch's): imported first inside a block, it kept memprof's for good."""
+    where __call__ is torch's): imported first inside a block, it kept memprof's for good. And
+    inside that block it took that fast path past memprof's call, so a compiled model in auto
+    mode was not reported as compiled."""
     import subprocess
     import sys
+    block = "memprof.track(auto_modules=True)" if auto else "memprof.track(m)"
     script = tmp_path / "first_compile.py"
     script.write_text(
         "import sys, torch, memprof\n"
         "assert 'torch._dynamo' not in sys.modules\n"
         "m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())\n"
-        "with memprof.track(m):\n"
-        "    torch.compile(lambda x: x + 1, backend='eager')(torch.ones(2))\n"
+        f"with {block} as prof:\n"
+        "    cm = torch.compile(m, backend='eager')\n"
+        "    cm(torch.ones(3, 2)).sum().backward()\n"
         "import torch._dynamo.utils as u, torch._dynamo.variables.nn_module as n\n"
         "assert u.unpatched_nn_module_call is torch.nn.Module.__call__\n"
         "assert n.unpatched_nn_module_call is torch.nn.Module.__call__\n"
+        "assert prof.meta['compiled'], prof.meta\n"
         "print('ok')\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
@@ -551,3 +557,41 @@ def test_auto_mode_names_modules_without_global_hooks():
     assert prof.throughput["batch_size"] == 16
     assert {"block", "block.fc", "head"} <= set(prof.modules)
     assert prof.activations_by_module().get("block", 0) > 0
+
+
+def test_auto_mode_a_sequential_compiled_in_place_does_not_break():
+    """Dynamo leaves torch's own frames (a Sequential's) to run and compiles the next frame it
+    meets: auto mode's handler, which broke its graph at memprof._C (and warned)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    with memprof.track(auto_modules=True):
+        seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        seq.compile(backend="eager")
+        for _ in range(2):
+            seq(torch.randn(4, 8)).sum().backward()
+    assert dict(counters["graph_break"]) == {}
+
+
+def test_auto_mode_a_module_on_another_thread_is_no_root_and_no_pass():
+    import threading
+    model = Net()
+    side = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stop = threading.Event()
+
+    def background():
+        while not stop.is_set():
+            side(torch.randn(2, 8))
+            model.head(torch.randn(3, 8))
+
+    with memprof.track(optimizer=opt, auto_modules=True) as prof:
+        thread = threading.Thread(target=background)
+        thread.start()
+        try:
+            _train(model, opt, 16, steps=4)
+        finally:
+            stop.set()
+            thread.join()
+    assert prof.meta["model_class"] == "Net" and "head" in prof.modules
+    assert prof.throughput["batch_size"] == 16 and prof.throughput["batch_size_range"] == [16, 16]

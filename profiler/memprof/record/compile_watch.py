@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from . import module_call
+
 
 class CompileRecorder:
     name = "compile"
@@ -45,6 +47,7 @@ class CompileRecorder:
     def _register(self) -> None:
         if self._handler is not None:
             return
+        module_call.load_dynamo()   # (with torch's own Module.__call__ in place)
         from torch._dynamo.callback import callback_handler
         callback_handler.register_start_callback(self._start)
         callback_handler.register_end_callback(self._end)

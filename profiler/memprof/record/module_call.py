@@ -21,6 +21,7 @@ compiled shared one recompile budget, and past 8 ran uncompiled for good).
 """
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
@@ -120,11 +121,33 @@ def after_restore() -> None:
             mod.unpatched_nn_module_call = _original[0]
 
 
+def load_dynamo() -> None:
+    """Import dynamo (the first torch.compile in a block does) with torch's own
+    Module.__call__ in place: dynamo binds it at import, and calls a module's forward directly,
+    past module_call, where a module's __call__ is that (imported under module_call, it bound
+    ours: it then went past module_call inside the block, where a compiled model was not seen,
+    and kept ours after it)."""
+    if "torch._dynamo" in sys.modules:
+        return
+    ours = torch.nn.Module.__call__
+    torch.nn.Module.__call__ = _original[0]
+    try:
+        importlib.import_module("torch._dynamo")
+    finally:
+        torch.nn.Module.__call__ = ours
+
+
 def skip_own_frame() -> None:
-    """Dynamo never compiles this function as a frame of its own (it still inlines it): done
-    once dynamo is loaded, at each block's start and after each torch.compile in a block
-    (torch._dynamo.reset() forgets it)."""
+    """Dynamo never compiles module_call, call_through or the block's handlers as frames of
+    their own (it still inlines module_call): done once dynamo is loaded, at each block's
+    start and after each torch.compile in a block (torch._dynamo.reset() forgets it). Where
+    dynamo leaves torch's own frames to run (a Sequential compiled in place), the next frame
+    it met was a handler, compiled on its own, and broke its graph at memprof._C."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     skip = getattr(eval_frame, "skip_code", None)
-    if skip is not None:
-        skip(module_call.__code__)
+    if skip is None:
+        return
+    for fn in (module_call, call_through, _pass_handler[0], _other_handler[0]):
+        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        if code is not None:
+            skip(code)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import weakref
 
 import torch
@@ -63,9 +64,11 @@ def _is_compiled(module: torch.nn.Module) -> bool:
 
 
 def _skipping_module_call(original):
-    """torch.compile for the block: dynamo, loaded by the first call, skips module_call's frame
-    (see module_call.skip_own_frame)."""
+    """torch.compile for the block: dynamo, loaded by the first call with torch's own
+    Module.__call__ in place (module_call.load_dynamo), skips module_call's frame (see
+    module_call.skip_own_frame)."""
     def compile(*args, **kwargs):
+        module_call.load_dynamo()
         result = original(*args, **kwargs)
         module_call.skip_own_frame()
         return result
@@ -86,6 +89,7 @@ class ModuleScope:
         self._auto_ids: dict[int, int] = {}
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
+        self._thread = threading.get_ident()      # auto mode: the thread whose calls are passes
         self._root_depth = 0                      # root calls running (hooks or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -373,11 +377,24 @@ class ModuleScope:
     # ------------------------------------------------------------------ auto mode
     def _auto_call(self, module, args, kwargs):
         """Every module call no block named (module_call's): the module is named as it runs,
-        the outermost one called being a root, whose calls are passes."""
+        the outermost one called being a root, whose calls are passes. On another thread
+        (a background evaluation, a prefetcher) a module the block named runs in its scope
+        and nothing else: such a call took the thread-shared stack, became the first root
+        (the model then read as a `Linear`) and counted as a pass."""
         mid = self._auto_ids.get(id(module))
+        if threading.get_ident() != self._thread:
+            if mid is None:
+                return module_call.call_through(module, args, kwargs)
+            _C.push_module(mid)
+            try:
+                return module_call.call_through(module, args, kwargs)
+            finally:
+                _C.pop_module()
         if mid is None:
             if not self._stack:
                 self._add_root(module)
+                if _is_compiled(module):   # torch.compile's wrapper (dynamo may skip __call__)
+                    self._compiled_seen = True
             else:
                 mid = len(self.names)
                 self._name(module, mid)
