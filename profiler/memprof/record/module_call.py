@@ -63,12 +63,12 @@ def module_call(module, /, *args, **kwargs):
         traced = True
         return _original[0](module, *args, **kwargs)
     mid = scoped_ids.get(id(module))
-    if mid is None:
-        if _other_handler[0] is None:
+    if mid is None or mid == PASS:
+        # (a handler read once: another thread's block may be ending)
+        handler = _other_handler[0] if mid is None else _pass_handler[0]
+        if handler is None:
             return _original[0](module, *args, **kwargs)
-        return _other_handler[0](module, args, kwargs)
-    if mid == PASS:
-        return _pass_handler[0](module, args, kwargs)
+        return handler(module, args, kwargs)
     _C.push_module(mid)
     try:
         return _original[0](module, *args, **kwargs)
