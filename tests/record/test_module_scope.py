@@ -595,3 +595,28 @@ def test_auto_mode_a_module_on_another_thread_is_no_root_and_no_pass():
             thread.join()
     assert prof.meta["model_class"] == "Net" and "head" in prof.modules
     assert prof.throughput["batch_size"] == 16 and prof.throughput["batch_size_range"] == [16, 16]
+
+
+def test_the_model_called_on_another_thread_is_no_pass():
+    """A background evaluation of the tracked model: its calls ran the pass logic (phase,
+    batch markers) across the training thread's passes."""
+    import threading
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stop = threading.Event()
+
+    def background():
+        with torch.no_grad():
+            while not stop.is_set():
+                model(torch.randn(3, 8))
+
+    with memprof.track(model, opt) as prof:
+        thread = threading.Thread(target=background)
+        thread.start()
+        try:
+            _train(model, opt, 16, steps=4)
+        finally:
+            stop.set()
+            thread.join()
+    assert prof.throughput["batch_size"] == 16
+    assert not any(prof.throughput["per_step"]["eval_ms"])

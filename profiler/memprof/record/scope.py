@@ -89,7 +89,7 @@ class ModuleScope:
         self._auto_ids: dict[int, int] = {}
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
-        self._thread = threading.get_ident()      # auto mode: the thread whose calls are passes
+        self._thread = threading.get_ident()      # the thread whose calls are passes
         self._root_depth = 0                      # root calls running (hooks or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -344,8 +344,17 @@ class ModuleScope:
 
     def _pass_call(self, module, args, kwargs):
         """A call of the model (or of a container's model): a forward pass, run eagerly
-        through module_call (a model compiled in place runs its compiled code inside)."""
-        self._root_pre(module, args, kwargs, self._pass_ids.get(id(module), 0))
+        through module_call (a model compiled in place runs its compiled code inside). On
+        another thread (a background evaluation) the model runs in its scope and is no pass:
+        its phase and batch markers would cut into the training thread's."""
+        mid = self._pass_ids.get(id(module), 0)
+        if threading.get_ident() != self._thread:
+            _C.push_module(mid)
+            try:
+                return module_call.call_through(module, args, kwargs)
+            finally:
+                _C.pop_module()
+        self._root_pre(module, args, kwargs, mid)
         output = None
         try:
             output = module_call.call_through(module, args, kwargs)
