@@ -40,6 +40,23 @@ def _train(model, opt, batch: int, steps: int = 3) -> None:
         opt.zero_grad()
 
 
+def _train_beside(work, model, opt) -> None:
+    """_train(model, opt, 16, steps=4) while another thread runs work() again and again."""
+    import threading
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            work()
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        _train(model, opt, 16, steps=4)
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_submodules_are_attributed_and_stay_themselves():
     model = Net()
     with memprof.track(model) as prof:
@@ -574,25 +591,16 @@ def test_auto_mode_a_sequential_compiled_in_place_does_not_break():
 
 
 def test_auto_mode_a_module_on_another_thread_is_no_root_and_no_pass():
-    import threading
     model = Net()
     side = torch.nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stop = threading.Event()
 
     def background():
-        while not stop.is_set():
-            side(torch.randn(2, 8))
-            model.head(torch.randn(3, 8))
+        side(torch.randn(2, 8))
+        model.head(torch.randn(3, 8))
 
     with memprof.track(optimizer=opt, auto_modules=True) as prof:
-        thread = threading.Thread(target=background)
-        thread.start()
-        try:
-            _train(model, opt, 16, steps=4)
-        finally:
-            stop.set()
-            thread.join()
+        _train_beside(background, model, opt)
     assert prof.meta["model_class"] == "Net" and "head" in prof.modules
     assert prof.throughput["batch_size"] == 16 and prof.throughput["batch_size_range"] == [16, 16]
 
@@ -600,23 +608,14 @@ def test_auto_mode_a_module_on_another_thread_is_no_root_and_no_pass():
 def test_the_model_called_on_another_thread_is_no_pass():
     """A background evaluation of the tracked model: its calls ran the pass logic (phase,
     batch markers) across the training thread's passes."""
-    import threading
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stop = threading.Event()
 
     def background():
         with torch.no_grad():
-            while not stop.is_set():
-                model(torch.randn(3, 8))
+            model(torch.randn(3, 8))
 
     with memprof.track(model, opt) as prof:
-        thread = threading.Thread(target=background)
-        thread.start()
-        try:
-            _train(model, opt, 16, steps=4)
-        finally:
-            stop.set()
-            thread.join()
+        _train_beside(background, model, opt)
     assert prof.throughput["batch_size"] == 16
     assert not any(prof.throughput["per_step"]["eval_ms"])
