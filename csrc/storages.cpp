@@ -141,8 +141,8 @@ class StorageNote {
 };
 
 // The sorted storage addresses of the buffers of (module or weak reference to it, module id)
-// pairs, freed modules skipped (the modules' own
-// `_buffers`, None entries skipped, addresses 0 dropped), what snapshots.note_buffers compares
+// pairs, freed modules skipped (the modules' own `_buffers`, None entries skipped, addresses 0
+// dropped), what snapshots.note_buffers compares
 // at every step end; None when a buffer is not a plain tensor or a module has no `_buffers`
 // dict (the Python path decides).
 py::object module_buffer_addresses(const py::list& module_ids) {

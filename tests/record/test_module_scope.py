@@ -77,9 +77,9 @@ def test_submodules_are_attributed_and_stay_themselves():
 @pytest.mark.parametrize("auto", [False, True], ids=["track(model)", "auto_modules"])
 def test_a_forward_that_raises_leaves_its_scope(auto):
     """A submodule that raised, its parent caught it: what the parent allocates next is the
-    parent's. Auto mode's global hook is called (module, args, output) by torch after a forward
-    that raised: it was refused there, the failed child stayed on the stack, and the
-    parent's next allocation was the child's."""
+    parent's. (Auto mode's global hook, before module_call, was called (module, args, output)
+    by torch after a forward that raised: it was refused there, the failed child stayed on
+    the stack, and the parent's next allocation was the child's.)"""
     class Fails(torch.nn.Module):
         def forward(self, x):
             raise ValueError("no")

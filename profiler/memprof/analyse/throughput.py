@@ -1,14 +1,14 @@
 """Throughput: step time split into data wait, forward, evaluation, backward and optimizer;
-samples/s;
-micro-steps per optimizer step (gradient accumulation, detected, not assumed); GPU utilisation.
+samples/s; micro-steps per optimizer step (gradient accumulation, detected, not assumed); GPU
+utilisation.
 
 Where the numbers come from
 - Phase boundaries are the markers in the event stream: ``forward_start`` / ``forward_end``
-  (the model's calls, record.scope), ``backward_start`` (native, first autograd node of a backward pass),
-  ``backward_end`` (record.throughput, after each backward call), ``optimizer_start``
-  and ``step`` (optimizer step hooks, or ``prof.step()``), ``batch`` (record.throughput: the leading
-  dimension of the first tensor passed to the pass's module) and ``eval_batch`` (the same for
-  a pass without gradients).
+  (the model's calls, record.scope), ``backward_start`` (native, first autograd node of a
+  backward pass), ``backward_end`` (record.throughput, after each backward call),
+  ``optimizer_start`` and ``step`` (optimizer step hooks, or ``prof.step()``), ``batch``
+  (record.throughput: the leading dimension of the first tensor passed to the pass's module)
+  and ``eval_batch`` (the same for a pass without gradients).
 - On the CPU the durations are host (steady-clock) times of those markers. When the model's
   parameters are on CUDA, a ``torch.cuda.Event`` is recorded at each boundary and durations are
   GPU-timeline differences between the events (resolved at exit, and in batches while running

@@ -81,6 +81,16 @@ def call_through(module, args, kwargs):
     return _original[0](module, *args, **kwargs)
 
 
+def call_in_scope(mid: int, module, args, kwargs):
+    """The call, with module `mid` running (a handler's call that is no pass: on another
+    thread). module_call itself does the same inline: a frame fewer on every call."""
+    _C.push_module(mid)
+    try:
+        return _original[0](module, *args, **kwargs)
+    finally:
+        _C.pop_module()
+
+
 def install(ids: dict[int, int], patches, pass_handler=None, other_handler=None) -> None:
     """Scope the calls of the modules in `ids` (id(module) -> module id, or PASS: a call of
     `pass_handler(module, args, kwargs)`), and hand every other call to `other_handler` (auto
@@ -147,7 +157,7 @@ def skip_own_frame() -> None:
     skip = getattr(eval_frame, "skip_code", None)
     if skip is None:
         return
-    for fn in (module_call, call_through, _pass_handler[0], _other_handler[0]):
+    for fn in (module_call, call_through, call_in_scope, _pass_handler[0], _other_handler[0]):
         code = getattr(getattr(fn, "__func__", fn), "__code__", None)
         if code is not None:
             skip(code)

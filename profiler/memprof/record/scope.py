@@ -84,13 +84,13 @@ class ModuleScope:
         self.param_module: dict[int, int] = {}    # id(parameter) -> module id
         self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
         self.before_forward: list = []            # fn(), before a real root forward starts
-        self.on_forward_start: list = []          # fn(args, kwargs); kwargs None: not known yet
+        self.on_forward_start: list = []          # fn(args, kwargs), at a real pass's start
         self.on_forward_end: list = []
         self._auto_ids: dict[int, int] = {}
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
         self._thread = threading.get_ident()      # the thread whose calls are passes
-        self._root_depth = 0                      # root calls running (hooks or forward_pass)
+        self._root_depth = 0                      # passes running (calls or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
         self.module_call = True
@@ -197,7 +197,7 @@ class ModuleScope:
     # ------------------------------------------------------------------ install / remove
     def install(self, patches) -> None:
         self._patches = patches
-        self._install_hooks()
+        self._install_calls()
         if self.model is not None or self.auto:
             self._see_compiled_calls(patches)
 
@@ -240,7 +240,7 @@ class ModuleScope:
         module whose __getstate__ memprof did not wrap): its locks made that fail."""
         return self
 
-    def _install_hooks(self) -> None:
+    def _install_calls(self) -> None:
         if self.model is not None:
             passes = {id(m) for m in _pass_modules(self.model)}
             for mod in self.model.modules():
@@ -309,10 +309,8 @@ class ModuleScope:
     # ------------------------------------------------------------------ root passes
     # Once per forward pass, with caches the step's kernels emptied: direct calls into
     # memprof._C, subscriber lists walked over a copy (a subscriber may leave when done).
+    # Never while dynamo traces: module_call and _model_pass step aside before.
     def _root_pre(self, module, args, kwargs, mid: int = 0):
-        if _dynamo_compiling() or _export._is_compiling_flag:
-            self._compiled_seen = True
-            return
         self._root_depth += 1
         # a real pass: not a recompute in backward, not inside one already begun (Lightning's
         # training_step calling the module's own forward)
@@ -330,8 +328,6 @@ class ModuleScope:
                 fn(args, kwargs)
 
     def _root_post(self, module, args, output):
-        if _dynamo_compiling() or _export._is_compiling_flag:
-            return
         _C.pop_module()
         if self._forward_depth == self._root_depth:
             self._forward_depth = None
@@ -349,11 +345,7 @@ class ModuleScope:
         its phase and batch markers would cut into the training thread's."""
         mid = self._pass_ids.get(id(module), 0)
         if threading.get_ident() != self._thread:
-            _C.push_module(mid)
-            try:
-                return module_call.call_through(module, args, kwargs)
-            finally:
-                _C.pop_module()
+            return module_call.call_in_scope(mid, module, args, kwargs)
         self._root_pre(module, args, kwargs, mid)
         output = None
         try:
@@ -372,6 +364,9 @@ class ModuleScope:
         """fn(*args, **kwargs) as a pass of the model; `own_call`: these are the model's
         own call arguments (the inputs record describes only those)."""
         if self.model is None:
+            return fn(*args, **kwargs)
+        if _dynamo_compiling() or _export._is_compiling_flag:   # (a compiled training_step)
+            self._compiled_seen = True
             return fn(*args, **kwargs)
         self.module_call = own_call
         try:
@@ -394,11 +389,7 @@ class ModuleScope:
         if threading.get_ident() != self._thread:
             if mid is None:
                 return module_call.call_through(module, args, kwargs)
-            _C.push_module(mid)
-            try:
-                return module_call.call_through(module, args, kwargs)
-            finally:
-                _C.pop_module()
+            return module_call.call_in_scope(mid, module, args, kwargs)
         if mid is None:
             if not self._stack:
                 self._add_root(module)
@@ -419,8 +410,7 @@ class ModuleScope:
         try:
             return module_call.call_through(module, args, kwargs)
         finally:
-            if self._stack:
-                self._stack.pop()
+            self._stack.pop()
             if root:
                 self._root_post(module, args, None)
             else:
