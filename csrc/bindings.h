@@ -9,4 +9,5 @@ void register_allocator_sim(pybind11::module_& m);
 void register_pairs(pybind11::module_& m);
 void register_columns(pybind11::module_& m);
 void register_storages(pybind11::module_& m);
+void register_exit_signal(pybind11::module_& m);
 }  // namespace memprof

@@ -8,4 +8,5 @@ PYBIND11_MODULE(_C, m) {
   memprof::register_pairs(m);
   memprof::register_columns(m);
   memprof::register_storages(m);
+  memprof::register_exit_signal(m);
 }

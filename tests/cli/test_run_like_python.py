@@ -2,6 +2,7 @@
 __main__ (pickling its classes, spawn workers), its exceptions and syntax errors read as
 Python prints them, sys.exit(msg) prints msg, and arguments after the script are the script's."""
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -156,15 +157,23 @@ def test_relative_script_traceback_names_the_full_path_as_python_does(tmp_path):
     assert f'File "{script}", line 2, in step' in r.stderr
 
 
-def test_ctrl_c_prints_the_traceback_as_python_does(tmp_path):
+def test_ctrl_c_prints_the_traceback_and_ends_by_the_signal_as_python_does(tmp_path):
     r, script = run(tmp_path, '''
+        import atexit
+        atexit.register(lambda: print("atexit ran", flush=True))
+
         def loop():
             raise KeyboardInterrupt   # what Ctrl-C raises in the running frame
 
         loop()
         ''')
-    assert r.returncode == 130
-    assert f'File "{script}", line 3, in loop' in r.stderr and "KeyboardInterrupt" in r.stderr
+    py = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=300)
+    # Python finalizes, then dies by SIGINT (a shell loop stops; not a status of 130)
+    assert py.returncode == -signal.SIGINT and "atexit ran" in py.stdout
+    assert r.returncode == py.returncode, r.stderr[-2000:]
+    assert "atexit ran" in r.stdout
+    assert f'File "{script}", line 6, in loop' in r.stderr and "KeyboardInterrupt" in r.stderr
     assert "stopped by Ctrl-C" in r.stderr and (tmp_path / "train.memprof").exists()
 
 

@@ -62,6 +62,10 @@ def console_main() -> None:
     main returns)."""
     args = parse()
     code = _run(args)
+    exit_signal = getattr(args, "exit_signal", None)
+    if exit_signal is not None:   # `memprof run`'s script stopped by a signal: as Python, the
+        from memprof import _C    # process ends by it once finalized (see cli.signals)
+        _C.exit_by_signal(int(exit_signal))
     if args.command_object.leaves_fast(args) and _nothing_else_to_end():
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):

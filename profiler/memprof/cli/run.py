@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -13,7 +14,7 @@ from ..units import fmt_bytes
 from .base import Command, UsageError, at_least_one, check_writable
 from .report import BUDGET_FORMS, parse_budget
 from .run_target import RunTarget, TargetFailed, resolve, split_argv
-from .signals import ExitSignals, Terminated
+from .signals import EXIT_STATUS, ExitSignals, Terminated
 from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
 
 
@@ -79,7 +80,10 @@ class RunCommand(Command):
         patches.set(sys, "path", [target.path0] + sys.path)
         try:
             with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
-                return signals.status(self._run_script(args, target, output, signals, patches))
+                args.stopped_by = None
+                status = self._run_script(args, target, output, signals, patches)
+                status, args.exit_signal = signals.status(status, args.stopped_by)
+                return status
         finally:
             patches.restore()
 
@@ -116,7 +120,10 @@ class RunCommand(Command):
                 _print_user_traceback(exc)
             how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
             print(f"memprof: {target.name} stopped by {how}", file=sys.stderr)
-            status = 130 if isinstance(exc, KeyboardInterrupt) else 143
+            # Python dies by the signal (after its finalization): so does memprof, once saved
+            args.stopped_by = signal.SIGINT if isinstance(exc, KeyboardInterrupt) \
+                else signal.SIGTERM
+            status = EXIT_STATUS[args.stopped_by]
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
             _print_user_traceback(exc)
             status = 1

@@ -1,10 +1,15 @@
 """Signals while `memprof run` runs a script: whatever ends the script, the profile is saved.
 
-* SIGINT (Ctrl-C) while the script runs: KeyboardInterrupt, as without memprof; exit 130.
+* SIGINT (Ctrl-C) while the script runs: KeyboardInterrupt, as without memprof.
 * SIGTERM while the script runs: `Terminated` is raised in the script, so the tracker saves the
-  profile on the way out (the default action would kill the process first); exit 143.
+  profile on the way out (the default action would kill the process first).
 * SIGINT or SIGTERM once the script has ended (the profile is being built, analysed, saved and
-  reported): noted, not raised, so a second Ctrl-C cannot lose the profile; exit 130 / 143.
+  reported): noted, not raised, so a second Ctrl-C cannot lose the profile.
+
+Either way the process then ends as Python's would have: by the signal itself (its parent sees
+it, not an exit status: a shell loop stops, subprocess returns -2), after the interpreter's
+finalization (memprof.cli.console_main, `_C.exit_by_signal`); `main()` called in-process
+returns 130 / 143 (128 + the signal's number) instead.
 
 Only signals left at their default action are handled (a shell that ignores SIGINT for a
 background job keeps doing so), and only on the main thread (Python's rule for handlers).
@@ -51,9 +56,11 @@ class ExitSignals:
         for sig in self._previous:
             signal.signal(sig, self._handle)
 
-    def status(self, status: int) -> int:
-        """The exit status: a signal noted while finishing wins over the script's status."""
-        return EXIT_STATUS[self.noted] if self.noted is not None else status
+    def status(self, status: int, stopped_by: int | None = None) -> tuple[int, int | None]:
+        """(exit status, the signal the process is to end by, or None): a signal noted while
+        finishing wins over the script's end, then the signal that stopped the script."""
+        signum = self.noted if self.noted is not None else stopped_by
+        return (EXIT_STATUS[signum], signum) if signum is not None else (status, None)
 
     def _handle(self, signum, frame) -> None:
         if self.finishing:
