@@ -449,3 +449,25 @@ def test_two_optimizers_one_tracked_model():
     t = prof.throughput
     assert t["micro_steps_per_step"] == 1 and t["batch_size"] == 16
     assert 0 < t["steps_with_micro_steps"] < t["steps_measured"]
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_the_whole_model_under_checkpoint_is_a_training_pass(reentrant):
+    """`checkpoint(model, x)` of the whole model: the reentrant form runs the model inside an
+    autograd Function's forward, without gradients, so the pass read as an evaluation (no
+    training batch, no samples/s, its time the evaluation's)."""
+    from torch.utils.checkpoint import checkpoint
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for x, y in batches(4, b=32):
+            x.requires_grad_(True)   # the reentrant form needs an input that wants a gradient
+            out = checkpoint(model, x, use_reentrant=reentrant)
+            torch.nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+            opt.zero_grad()
+    t = prof.throughput
+    assert t["batch_size"] == 32 and t["micro_steps_per_step"] == 1
+    per = t["per_step"]
+    assert not any(per.get("eval_ms") or ()), per.get("eval_ms")
+    assert all(f > 0 for f in per["forward_ms"])

@@ -14,6 +14,7 @@ data wait, forward, evaluation, backward and optimizer (see that module for the 
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -26,6 +27,22 @@ from .. import _C
 from ..stats import describe as _stats
 
 GPU_SAMPLE_INTERVAL_S = 0.1
+#: the frame of `torch.autograd.Function.apply` (a classmethod in Python over the C apply)
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+
+
+def inside_function_forward() -> bool:
+    """Whether this runs inside a custom autograd Function's forward: a reentrant
+    `checkpoint(model, x)` (or DeepSpeed's, fairscale's) runs the model there without
+    gradients, yet the pass is the training forward (its backward recomputes it)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_APPLY:
+            return True
+        frame = frame.f_back
+    return False
+
+
 _CUDA_FLUSH_EVERY = 512         # pending CUDA events resolved in batches of this size
 
 
@@ -229,8 +246,9 @@ class ThroughputRecorder:
     def _forward_inputs(self, args, kwargs) -> None:
         """At a pass's start. A pass without gradients (a validation batch every step) is
         `eval_batch`: the training batch is the micro-step's size (a 256-row eval batch made
-        it 4x its 64)."""
-        label = "batch" if torch.is_grad_enabled() else "eval_batch"
+        it 4x its 64); a pass inside a reentrant checkpoint's Function is no evaluation."""
+        label = "batch" if torch.is_grad_enabled() or inside_function_forward() \
+            else "eval_batch"
         override = self.session.batch_size
         if override is None:
             n = leading_dim(args, kwargs)
