@@ -150,3 +150,74 @@ def test_unchanged_buffers_are_noted_again_only_at_the_end():
             opt.zero_grad()
     assert len(prof.markers("step")) == 3
     assert [s.category for s in prof.run.snapshots].count(CAT_BUFFERS) == 2   # baseline, end
+
+
+def _steps(model, opt, n, between=None):
+    for i in range(n):
+        if between is not None:
+            between(i)
+        model(torch.randn(2, 4, dtype=next(model.parameters()).dtype)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _buffer_notes_at(prof) -> list[int]:
+    """The step (the number of step markers before it) at which each buffer note was taken."""
+    steps = prof.marker_positions("step")
+    notes = [m["position"] for m in prof.markers("snapshot") if m["value"] == CAT_BUFFERS]
+    return [int(np.searchsorted(steps, p, side="right")) for p in notes]
+
+
+def test_buffers_unchanged_for_many_steps_are_looked_at_ever_less_often(monkeypatch):
+    """A step end's look at the buffers cost ~20 us on a big step (its objects had left the
+    caches): steps go by between looks while nothing changes, and the buffers that do change
+    without saying so (a storage swapped through .data) are still noted, at the next look,
+    while they are alive."""
+    from memprof.record.snapshots import MAX_LOOK_GAP, SnapshotRecorder
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    looks, note_buffers = [], SnapshotRecorder.note_buffers
+
+    def counted(self, force=False):
+        if not force:   # (the end's note is forced)
+            looks.append(self.session.steps.step)
+        return note_buffers(self, force)
+    monkeypatch.setattr(SnapshotRecorder, "note_buffers", counted)
+
+    def swap(i):
+        if i == 40:   # no hook sees this: a new storage under the same tensor
+            model[1].running_var.data = torch.full((4,), 2.0)
+    with memprof.track(model, opt) as prof:
+        _steps(model, opt, 70, swap)
+    # the gap doubles up to MAX_LOOK_GAP; the look at 63 finds the swap: every step again
+    assert MAX_LOOK_GAP == 32 and looks == [1, 3, 7, 15, 31, 63, 64, 66, 70], looks
+    assert 63 in _buffer_notes_at(prof)
+    swapped = model[1].running_var.untyped_storage().data_ptr()
+    alive = prof.alive_at("end")
+    at = alive[prof.memory["ptr"][alive] == swapped]
+    assert len(at) == 1 and prof.category[at[0]] == CAT_BUFFERS
+    assert prof.module_name(int(prof.event_module[at[0]])) == "Sequential.1"
+
+
+def test_buffers_set_or_converted_are_noted_at_that_step_end():
+    """register_buffer / a buffer assigned, and Module._apply (model.double()), which writes
+    the buffer dicts itself: noted at the end of the step they happen in, however long the
+    buffers had stayed the same."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def change(i):
+        if i == 20:
+            model[1].running_mean = torch.zeros(4)          # assigned (register_buffer)
+        if i == 45:
+            model.double()                                  # Module._apply
+
+    with memprof.track(model, opt) as prof:
+        _steps(model, opt, 50, change)
+    noted = _buffer_notes_at(prof)
+    assert 21 in noted and 46 in noted, noted   # the ends of steps 20 and 45 (no look due)
+    alive = prof.alive_at("end")
+    for b in model[1].buffers():
+        if b.untyped_storage().nbytes():
+            at = alive[prof.memory["ptr"][alive] == b.untyped_storage().data_ptr()]
+            assert len(at) == 1 and prof.category[at[0]] == CAT_BUFFERS

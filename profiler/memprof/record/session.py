@@ -231,6 +231,7 @@ class Session:
                 self.patches.notes.append(f"{rec.name}: remove failed: {err}")
         self.scope.remove()
         self.steps.remove()
+        self.snapshots.remove()
         self.patches.restore()
         self.scope.after_restore()
         if self._prev_thread_profile is None and threading.getprofile() is _attach_new_thread:

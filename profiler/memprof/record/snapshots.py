@@ -2,13 +2,15 @@
 
 The allocator only sees bytes; what they are is known from Python. Before tracking starts the
 blocks memprof can name (parameters, gradients, optimizer state) become the baseline; at each
-optimizer step the gradients (before it) and the optimizer state (after it) are noted - unless
-they are the very storages, at the same addresses, that the last note named - and at the end
-all three once more. Module buffers (BatchNorm statistics, position ids, rotary tables)
-are noted at the start, at each step end where their storages changed (a cache rebuilt for a
-longer sequence), and at the end, each owned by the module that registered it. Each note is a
-`Snapshot`: a marker in the event stream plus the storage addresses it names, matched to
-allocations after the run (profile.py).
+optimizer step the gradients (before it) are noted - unless they are the very storages, at
+the same addresses, that the last note named - and the optimizer state (after it) when a look
+is due (`Looks`: every step while it changes, ever less often while it does not), and at the
+end all three once more. Module buffers (BatchNorm statistics, position ids, rotary tables)
+are noted at the start, at the end of a step where one was set (register_buffer, assigned,
+Module._apply) or a look finds their storages changed, and at the end, each owned by the
+module that registered it. Each note is a `Snapshot`: a marker in the event stream plus the
+storage addresses it names, matched to allocations after the run (profile.py): an allocation
+alive at the marker is named for its whole life.
 """
 from __future__ import annotations
 
@@ -21,6 +23,33 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _C
 from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, DEVICE_CPU,
                      DEVICE_CUDA, FAKE_DEVICE_TYPE)
+
+
+#: the most steps between two looks at storages that have stayed the same (see Looks)
+MAX_LOOK_GAP = 32
+
+
+class Looks:
+    """When to look again at storages that seldom change (optimizer state updated in place,
+    module buffers): at every step while a look finds them changed, the gap doubling after
+    each look that finds them the same, up to MAX_LOOK_GAP steps. A look costs ~20 us at
+    the end of a big step (its objects have left the caches; measured on the benchmark MLP),
+    more than a per-step note is worth: storages that changed in between are noted at the
+    next look, still alive, and a snapshot names an allocation for its whole life (only one
+    made and freed between two looks goes unnamed, and its kind is looked at every step)."""
+
+    __slots__ = ("next", "gap")
+
+    def __init__(self):
+        self.next = 0
+        self.gap = 1
+
+    def due(self, step: int) -> bool:
+        return step >= self.next
+
+    def looked(self, step: int, changed: bool) -> None:
+        self.gap = 1 if changed else min(2 * self.gap, MAX_LOOK_GAP)
+        self.next = step + self.gap
 
 
 @dataclass
@@ -127,6 +156,13 @@ class SnapshotRecorder:
         self._noted: dict[tuple[int, int], tuple] = {}
         # id(optimizer) -> _C.GradientNote: its plain gradients at its last step
         self._gradient_notes: dict[int, object] = {}
+        self._state_looks: dict[int, Looks] = {}   # id(optimizer) -> when to look again
+        self._buffer_looks = Looks()
+        # buffers set since the last look (register_buffer, a buffer assigned, Module._apply)
+        # or modules named since (their buffers unseen): look at this step's end
+        self._buffers_set = False
+        self._modules_seen: tuple[int, int] | None = None
+        self._hook = None   # the global buffer registration hook's handle
 
     def _module_of(self, p) -> int:
         return self.session.scope.param_module.get(id(p), -1)
@@ -162,10 +198,10 @@ class SnapshotRecorder:
         return [(b, mid) for m, mid in self.session.scope.module_ids()
                 for b in m._buffers.values() if b is not None]
 
-    def note_buffers(self, force: bool = False) -> None:
-        """A buffers snapshot, when their storages changed since the last one (or `force`).
-        The addresses are read in C++ where every buffer is a plain tensor (a step end's
-        check of an unchanged model walks no Python per module)."""
+    def note_buffers(self, force: bool = False) -> bool:
+        """A buffers snapshot, when their storages changed since the last one (or `force`);
+        whether one was taken. The addresses are read in C++ where every buffer is a plain
+        tensor (an unchanged model's check walks no Python per module)."""
         keys = _C.module_buffer_addresses(self.session.scope.module_refs())
         pairs = None
         if keys is None:
@@ -175,11 +211,44 @@ class SnapshotRecorder:
             self._buffer_keys = keys
             pairs = self.buffers() if pairs is None else pairs
             self._take(CAT_BUFFERS, [b for b, _ in pairs], [mid for _, mid in pairs])
+            return True
+        return False
 
     def install(self) -> None:
         self.session.steps.on_optimizer_pre.append(self._before_optimizer)
         self.session.steps.on_optimizer_post.append(self._after_optimizer)
-        self.session.steps.on_step_end.append(self.note_buffers)
+        self.session.steps.on_step_end.append(self._step_end)
+        # what sets a buffer says so (a rotary cache rebuilt for a longer sequence is seen at
+        # that step's end); Module._apply (model.to(), .half()) writes the buffer dicts itself
+        self._hook = torch.nn.modules.module.register_module_buffer_registration_hook(
+            self._buffer_set)
+        self.session.patches.patch(torch.nn.Module, "_apply", self._wrap_apply)
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _buffer_set(self, module, name, buffer) -> None:
+        self._buffers_set = True
+
+    def _wrap_apply(self, original):
+        recorder = self
+
+        def _apply(module, *args, **kwargs):
+            recorder._buffers_set = True
+            return original(module, *args, **kwargs)
+        return _apply
+
+    def _step_end(self) -> None:
+        """The buffers, when a look is due, a buffer was set or modules were named."""
+        scope, step = self.session.scope, self.session.steps.step
+        seen = (len(scope.names), len(scope.roots))
+        if not (self._buffers_set or seen != self._modules_seen or
+                self._buffer_looks.due(step)):
+            return
+        self._buffers_set, self._modules_seen = False, seen
+        self._buffer_looks.looked(step, self.note_buffers())
 
     def _before_optimizer(self, optimizer) -> None:
         if not self.session.steps.watches(optimizer):
@@ -203,11 +272,23 @@ class SnapshotRecorder:
             self._take_noted(CAT_GRADIENTS, optimizer, grads, params)
 
     def _after_optimizer(self, optimizer) -> None:
+        looks = self._state_looks.get(id(optimizer))
+        if looks is None:
+            looks = self._state_looks[id(optimizer)] = Looks()
+        step = self.session.steps.step
+        if step >= looks.next:   # (looks.due, inline: this runs at every step)
+            looks.looked(step, self.note_state(optimizer))
+
+    def note_state(self, optimizer) -> bool:
+        """A snapshot of the optimizer's state unless it is the storages last noted; whether
+        one was taken."""
         note = self._last_note(CAT_OPTIMIZER_STATE, optimizer)
-        if note is None or not note.same_state(optimizer.state):
-            pairs = state_pairs(optimizer)
-            self._take_noted(CAT_OPTIMIZER_STATE, optimizer, [t for t, _ in pairs],
-                             [p for _, p in pairs])
+        if note is not None and note.same_state(optimizer.state):
+            return False
+        pairs = state_pairs(optimizer)
+        self._take_noted(CAT_OPTIMIZER_STATE, optimizer, [t for t, _ in pairs],
+                         [p for _, p in pairs])
+        return True
 
     def _last_note(self, category: int, optimizer):
         """This optimizer's last note of `category` (a _C.StorageNote), if it can still be
