@@ -821,6 +821,57 @@ void mark(const py::str& label, uint64_t value) {
          intern_cached(ts, text));
 }
 
+// The per-pass and per-step transitions, each one call from Python instead of two to four:
+// they run once per pass or step, right after the step's kernels have evicted memprof's code
+// and data, where each call into the module cost ~2 us (the benchmark MLP's 10 ms step).
+// A marker whose label is a literal: interned through its (static) address.
+void mark_static(const char* label, uint64_t value) {
+  if (!recording()) return;
+  ThreadState& ts = thread_state();
+  record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU),
+         intern_cached(ts, label));
+}
+
+// A real forward pass of the model begins: its phase, its marker, its module.
+void forward_start(uint64_t step, int32_t module_id) {
+  set_phase(kPhaseForward);
+  mark_static("forward_start", step);
+  push_module(module_id);
+}
+
+// ... and ends: its module off the stack; the phase back to "other" with its marker unless
+// something inside moved it on (a backward inside the pass).
+void forward_end(uint64_t step) {
+  pop_module();
+  if (get_phase() == kPhaseForward) {
+    set_phase(kPhaseOther);
+    mark_static("forward_end", step);
+  }
+}
+
+// `phase` becomes kPhaseOther if it is `phase` now (backward ended); whether it was.
+bool leave_phase(int32_t phase) {
+  if (get_phase() != phase) return false;
+  set_phase(kPhaseOther);
+  return true;
+}
+
+// The watched optimizer's update begins.
+void optimizer_start(uint64_t step) {
+  mark_static("optimizer_start", step);
+  set_phase(kPhaseOptimizer);
+}
+
+// A step boundary: the marker of the step that ended, the next step's number; returns the
+// autograd sequence number the next node will get (where the next step's graph begins).
+// `phase`: set first when not negative (the optimizer's update is over).
+int64_t step_end(uint64_t ended, int32_t phase) {
+  if (phase >= 0) set_phase(phase);
+  mark_static("step", ended);
+  set_step(static_cast<int32_t>(ended + 1));
+  return static_cast<int64_t>(at::sequence_number::peek());
+}
+
 // The session's thread buffers, copied under the registry lock.
 std::vector<std::shared_ptr<ThreadBuffer>> all_buffers() {
   Session& s = session();
@@ -1032,6 +1083,17 @@ void register_tracker(py::module_& m) {
   m.def("get_phase", &get_phase);
   m.def("set_step", &set_step, py::arg("step"));
   m.def("mark", &mark, py::arg("label"), py::arg("value") = 0);
+  m.def("forward_start", &forward_start, py::arg("step"), py::arg("module_id"),
+        "set_phase(PHASE_FORWARD), mark('forward_start', step), push_module(module_id).");
+  m.def("forward_end", &forward_end, py::arg("step"),
+        "pop_module(); if still PHASE_FORWARD: PHASE_OTHER and mark('forward_end', step).");
+  m.def("leave_phase", &leave_phase, py::arg("phase"),
+        "PHASE_OTHER if the phase is `phase`; whether it was.");
+  m.def("optimizer_start", &optimizer_start, py::arg("step"),
+        "mark('optimizer_start', step), set_phase(PHASE_OPTIMIZER).");
+  m.def("step_end", &step_end, py::arg("ended"), py::arg("phase") = -1,
+        "set_phase(phase) if phase >= 0, mark('step', ended), set_step(ended + 1); returns "
+        "peek_sequence_nr().");
   m.def("events",
         [](const std::vector<int64_t>& since) { return drain(&ThreadBuffer::events, since); },
         py::arg("since") = std::vector<int64_t>{},

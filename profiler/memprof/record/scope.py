@@ -30,7 +30,6 @@ import torch
 
 from .. import _C
 from . import module_call
-from .events import PHASE_FORWARD, PHASE_OTHER
 from .module_call import compiling as _compiling
 from .module_call import dynamo_compiling as _dynamo_compiling
 from .module_call import export_flag as _export
@@ -318,9 +317,9 @@ class ModuleScope:
         if real:
             for fn in tuple(self.before_forward):
                 fn()
-            _C.set_phase(PHASE_FORWARD)
-            _C.mark("forward_start", self._steps.step)
-        _C.push_module(mid)
+            _C.forward_start(self._steps.step, mid)   # phase, marker, module: one call
+        else:
+            _C.push_module(mid)
         if real:
             self._forward_depth = self._root_depth
             self.pass_module = module
@@ -328,14 +327,13 @@ class ModuleScope:
                 fn(args, kwargs)
 
     def _root_post(self, module, args, output):
-        _C.pop_module()
         if self._forward_depth == self._root_depth:
             self._forward_depth = None
-            if _C.get_phase() == PHASE_FORWARD:
-                _C.set_phase(PHASE_OTHER)
-                _C.mark("forward_end", self._steps.step)
+            _C.forward_end(self._steps.step)   # module off; phase "other" and marker
             for fn in tuple(self.on_forward_end):
                 fn()
+        else:
+            _C.pop_module()
         self._root_depth = max(0, self._root_depth - 1)
 
     def _pass_call(self, module, args, kwargs):

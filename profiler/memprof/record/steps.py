@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from .. import _C
-from .events import PHASE_BACKWARD, PHASE_OPTIMIZER, PHASE_OTHER
+from .events import PHASE_BACKWARD, PHASE_OTHER
 from .patches import PatchRegistry, remove_handles
 
 
@@ -102,8 +102,7 @@ class StepClock:
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
                 self._seen[id(optimizer)] = weakref.ref(optimizer)
-            _C.mark("optimizer_start", self.step)
-            _C.set_phase(PHASE_OPTIMIZER)
+            _C.optimizer_start(self.step)   # its marker, then the phase
         for fn in tuple(self.on_optimizer_pre):
             fn(optimizer)
         return None
@@ -131,8 +130,7 @@ class StepClock:
                 clock._waiting.discard(id(optimizer))
                 clock._pre(optimizer, (optimizer,), {})
             elif clock.watches(optimizer):
-                _C.mark("optimizer_start", clock.step)
-                _C.set_phase(PHASE_OPTIMIZER)
+                _C.optimizer_start(clock.step)
             return result
 
         if "closure" in kwargs:
@@ -147,19 +145,19 @@ class StepClock:
             return
         for fn in tuple(self.on_optimizer_post):
             fn(optimizer)
-        _C.set_phase(PHASE_OTHER)
         if self.step_on in ("auto", "optimizer"):
-            self.end_step(owner=id(optimizer))
+            self.end_step(owner=id(optimizer), phase=PHASE_OTHER)
+        else:
+            _C.set_phase(PHASE_OTHER)
 
-    def end_step(self, explicit: bool = True, owner: int = 0) -> None:
+    def end_step(self, explicit: bool = True, owner: int = 0, phase: int = -1) -> None:
         """A step boundary; `explicit=False`: found by record.auto_steps; `owner`: the id of
-        the optimizer that stepped (0: prof.step(), backward or auto steps)."""
+        the optimizer that stepped (0: prof.step(), backward or auto steps); `phase`: set
+        first, when given (one native call for the phase, the marker and the step)."""
         self.explicit = self.explicit or explicit
         self.step_owners.append(owner)
-        _C.mark("step", self.step)
+        self.step_seqs.append(_C.step_end(self.step, phase))
         self.step += 1
-        self.step_seqs.append(_C.peek_sequence_nr())
-        _C.set_step(self.step)
         for fn in tuple(self.on_step_end):
             fn()
 
@@ -201,8 +199,7 @@ class BackwardHook:
                 fn(tensors, grad_tensors)
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
             # backward is over: what runs next (logging, the next micro-step's data) is not
-            if _C.get_phase() == PHASE_BACKWARD:
-                _C.set_phase(PHASE_OTHER)
+            _C.leave_phase(PHASE_BACKWARD)
             for fn in tuple(hook.after):
                 fn()
             if hook.steps.step_on == "backward":
