@@ -10,6 +10,7 @@
 //    stamped with the running op and, inside backward, with the autograd node (and through its
 //    sequence number, the forward op that created the node).
 #include <ATen/SequenceNumber.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -29,6 +30,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -296,16 +298,21 @@ struct OpFrame {
   bool backward;
 };
 
-// Op and node names by the address of their text, verified by content: a dispatcher op's name
-// lives as long as its schema, but a backward node's is a string of its RecordFunction, whose
-// address the next node's name may reuse. Direct-mapped, so a hit is a multiply, a load and a
-// strcmp; a miss looks the text up among the names this thread saw (no lock), then globally.
+// Op and node names by the address of their text. A dispatcher op's name is its registered
+// schema's and lives as long as the session (slots are emptied at each start), so a hit on
+// it is a multiply and a load, and its text (not in the caches between this step's kernels)
+// is not read; any other name (a backward node's, a string of its RecordFunction whose address
+// the next node's may reuse; a marker's) is verified by content. A miss looks the text up
+// among the names this thread saw (no lock), then globally. Direct-mapped; 1024 slots, as a
+// step's ~100 distinct names in 256 evicted each other (each eviction a refill).
 struct NameSlot {
   const char* ptr = nullptr;
-  int32_t id = -1;
+  int32_t id = -1;          // the interned name; an evaluate_function frame's: its node's
+  bool stable = false;      // a registered op's schema name: no content check on a hit
+  bool evaluate = false;    // "autograd::engine::evaluate_function: <node>"
   std::string text;
 };
-constexpr int kNameSlotBits = 8;
+constexpr int kNameSlotBits = 10;
 
 struct ThreadState {
   uint64_t generation = 0;
@@ -371,24 +378,51 @@ ThreadState& thread_state() {
   return ts;
 }
 
-int32_t intern_cached(ThreadState& ts, const char* name) {
-  if (name == nullptr) return -1;
+// Whether `name` is the text of the schema `fn` runs under, as registered with the dispatcher
+// (an op's, found again by its name): then it lives as long as the registration. Only on a
+// slot's fill.
+bool is_registered_schema_name(const at::RecordFunction& fn, const char* name) {
+  try {
+    std::optional<c10::OperatorName> op = fn.operator_name();
+    if (!op) return false;
+    std::optional<c10::OperatorHandle> handle = c10::Dispatcher::singleton().findOp(*op);
+    return handle && handle->hasSchema() && handle->schema().name().c_str() == name;
+  } catch (...) {
+    return false;
+  }
+}
+
+// The slot of `name`, filled if it held another. `fn`: the RecordFunction the name is of (its
+// schema's name may skip the content check); `literal`: a string literal of memprof's own.
+const NameSlot& name_slot(ThreadState& ts, const char* name, const at::RecordFunction* fn,
+                          bool literal = false) {
   uint64_t h = (reinterpret_cast<uintptr_t>(name) * 0x9E3779B97F4A7C15ull) >> (64 - kNameSlotBits);
   NameSlot& slot = ts.name_slots[h];
-  if (slot.ptr == name && std::strcmp(slot.text.c_str(), name) == 0) return slot.id;
+  if (slot.ptr == name && (slot.stable || std::strcmp(slot.text.c_str(), name) == 0)) {
+    return slot;
+  }
   slot.ptr = nullptr;   // until the slot holds this name's id (the lookups below may throw)
   slot.text.assign(name);
-  auto it = ts.name_ids.find(slot.text);
+  slot.evaluate =
+      std::strncmp(name, kEvaluateFunction, sizeof(kEvaluateFunction) - 1) == 0;
+  const char* text = slot.evaluate ? name + sizeof(kEvaluateFunction) - 1 : name;
+  auto it = ts.name_ids.find(text);
   int32_t id;
   if (it != ts.name_ids.end()) {
     id = it->second;
   } else {
-    id = session().strings.intern(name);
-    ts.name_ids.emplace(slot.text, id);
+    id = session().strings.intern(text);
+    ts.name_ids.emplace(text, id);
   }
+  slot.stable = literal || (fn != nullptr && !slot.evaluate && is_registered_schema_name(*fn, name));
   slot.ptr = name;
   slot.id = id;
-  return id;
+  return slot;
+}
+
+int32_t intern_cached(ThreadState& ts, const char* name, bool literal = false) {
+  if (name == nullptr) return -1;
+  return name_slot(ts, name, nullptr, literal).id;
 }
 
 constexpr int64_t kMinSideCap = 1 << 20;
@@ -623,18 +657,17 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   const char* raw_name = fn.name();
   int64_t seq = fn.seqNr();
   bool backward = fn.scope() == at::RecordScope::BACKWARD_FUNCTION;
+  const NameSlot* slot = raw_name != nullptr ? &name_slot(ts, raw_name, &fn) : nullptr;
   // The engine wraps each node in "autograd::engine::evaluate_function: <Node>"; the node's
   // saved tensors are released inside that frame but after the node's own frame ended, so it
   // counts as the node's frame (it carries the node name, and the node's sequence number once
   // the inner frame reports it).
-  if (!backward && raw_name != nullptr &&
-      std::strncmp(raw_name, kEvaluateFunction, sizeof(kEvaluateFunction) - 1) == 0) {
+  if (!backward && slot != nullptr && slot->evaluate) {
     backward = true;
-    raw_name += sizeof(kEvaluateFunction) - 1;
   } else if (backward && !ts.ops.empty() && ts.ops.back().backward && ts.ops.back().seq < 0) {
     ts.ops.back().seq = seq;
   }
-  int32_t name = intern_cached(ts, raw_name);
+  int32_t name = slot != nullptr ? slot->id : -1;
   ts.ops.push_back(OpFrame{name, seq, backward});
   if (backward) {
     ++ts.backward_depth;
@@ -829,7 +862,7 @@ void mark_static(const char* label, uint64_t value) {
   if (!recording()) return;
   ThreadState& ts = thread_state();
   record(ts, kKindMark, value, 0, 0, 0, c10::Device(c10::DeviceType::CPU),
-         intern_cached(ts, label));
+         intern_cached(ts, label, /*literal=*/true));
 }
 
 // A real forward pass of the model begins: its phase, its marker, its module.
