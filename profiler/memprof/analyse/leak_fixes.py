@@ -11,17 +11,26 @@ _KV_CACHE = re.compile(r"past_key_values|key_cache|value_cache|kv_cache|cache'?\
 
 
 def fix_text(kind: str, names: list[str], paths: list[str], graphs, *, retained: bool,
-             never_backward: bool, param_shapes: set) -> str:
-    """One sentence a user can act on for the holder `names` (paths inside it: `paths`)."""
+             never_backward: bool, param_shapes: set, buffer: bool = False) -> str:
+    """One sentence a user can act on for the holder `names` (paths inside it: `paths`);
+    `buffer`: a graph tensor is a module's registered buffer."""
     where = " ".join(paths) or " ".join(names)
     scalar_total = (len(graphs) == 1 and graphs[0].numel == 1
                     and any(r in graphs[0].grad_fn for r in _REDUCTIONS))
+    kept_in_container = any("[" in p for p in paths)
     if retained:
-        carried = (" and detach the state carried across steps (`h = h.detach()`)"
-                   if kind == "retained_graph" else "")
+        carried = ""
+        if kind == "retained_graph":   # graphs of earlier steps: something keeps them too
+            carried = (" and keep `loss.item()` (or `.detach()`) in the container, which "
+                       "keeps every step's graph even without it" if kept_in_container else
+                       " and detach the state carried across steps (`h = h.detach()`)")
         return ("drop retain_graph=True (it keeps every saved tensor of the graph until the "
                 f"last reference to it goes){carried}; keep retain_graph only for a second "
                 "backward through the same graph")
+    if buffer:
+        return ("this module buffer is updated with autograd on, so each step's graph is "
+                "chained into it: update it under `with torch.no_grad():` (or assign "
+                "`.detach()`ed values), as BatchNorm does its running statistics")
     if _KV_CACHE.search(where):
         return ("the model returned its KV cache and it is kept: train with use_cache=False "
                 "(model.config.use_cache = False), and keep only `.loss.item()` or "
@@ -39,7 +48,7 @@ def fix_text(kind: str, names: list[str], paths: list[str], graphs, *, retained:
     if ".<closure" in where:
         return ("the closure captured tensors with their graph: capture `t.detach()` or "
                 "`t.item()` instead, or call it before the next step")
-    if any("[" in p for p in paths):
+    if kept_in_container:
         return ("keep `.detach()`ed tensors (or `.item()` for numbers) in the container, or "
                 "don't keep them past the step")
     return ("detach state carried across steps (`h = h.detach()`), or drop the reference "

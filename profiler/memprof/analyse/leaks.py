@@ -26,7 +26,8 @@ from ..record.autograd_graphs import (MAX_GRAPH_NODES, GraphTensor, live_graph_t
                                       storage_of, walk_graphs)
 from .leak_fixes import fix_text
 from .outcome import Outcome
-from ..record.holders import describe_unreached, find_holders, frame_roots, namespace_roots
+from ..record.holders import (describe_unreached, find_holders, frame_roots, namespace_roots,
+                               user_module_roots)
 
 
 def root_holder(path: str) -> str:
@@ -93,8 +94,9 @@ def retained_graphs(profile: Profile) -> Outcome:
               >= UNUSED_GRAPH_MIN_BYTES]
     findings: list[Finding] = []
     if old or recent:
-        holders = find_holders(_roots(run.live), {g.tensor_id for g in old + recent})
-        context = _Context(profile, boundaries, last_step, {id(g) for g in old})
+        bounds: dict[int, int] = {}
+        holders = find_holders(_roots(run.live), {g.tensor_id for g in old + recent}, bounds)
+        context = _Context(profile, boundaries, last_step, {id(g) for g in old}, bounds=bounds)
         for names, group in _group_by_holder(old + recent, holders,
                                              lambda g: describe_unreached(by_id[g.tensor_id])):
             findings.append(context.finding(names, group, holders))
@@ -120,8 +122,9 @@ def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding
     if not old or not at:
         return []
     holders = {int(k): v for k, v in rec.get("holders", {}).items()}
+    bounds = {int(k): int(v) for k, v in rec.get("bounds", {}).items()}
     context = _Context(profile, boundaries, last_step, {id(g) for g in old},
-                       at=("position", at[0] - 1))
+                       at=("position", at[0] - 1), bounds=bounds)
     out = []
     # the probe kept only graphs a name reached: none is left to describe otherwise
     for names, group in _group_by_holder(old, holders, lambda g: "an unnamed reference"):
@@ -176,7 +179,10 @@ def _roots(live) -> list[tuple[str, object]]:
         roots += namespace_roots(prefix, namespace)
     if live.optimizer is not None:
         roots.append(("optimizer", live.optimizer))
-    return roots
+    searched = tuple(ns for _, ns in live.roots)
+    if live.frame is not None:
+        searched += (live.frame.f_globals,)
+    return roots + user_module_roots(skip=searched)   # `store.BUF` of the script's store.py
 
 
 def _group_by_holder(gs, holders, describe) -> list[tuple[list[str], list[GraphTensor]]]:
@@ -226,13 +232,17 @@ class _Context:
     at the end (what was allocated while tracking), the backward calls with retain_graph."""
 
     def __init__(self, profile: Profile, boundaries, last_step: int, old_ids: set[int],
-                 at="end"):
+                 at="end", bounds: dict | None = None):
         self.profile, self.boundaries, self.last_step = profile, boundaries, last_step
         self.old_ids = old_ids
+        self.bounds = bounds or {}   # id(tensor) -> maxlen of the bounded deque holding it
         self.alive = _alive_allocations(profile, at)
         self.retain_roots = sorted({r for c in profile.run.records.get("backward") or []
                                     if c.get("retain_graph") for r in c["roots"]})
         self.param_shapes = {tuple(p.shape) for p in profile.run.live.params}
+        model = profile.run.live.model
+        buffers = getattr(model, "buffers", None)   # a module (or a container of models)
+        self.buffer_ids = {id(b) for b in buffers()} if callable(buffers) else set()
 
     def step_of(self, seq: int) -> int:
         return bisect.bisect_right(self.boundaries, seq) - 1
@@ -274,8 +284,21 @@ class _Context:
                 f"nodes){inside}")
         made = f"; created by {origin}" if origin else ""
         fix = fix_text(kind, names, paths, gs, retained=retained,
-                       never_backward=never_backward, param_shapes=self.param_shapes)
-        if kind == "retained_graph":
+                       never_backward=never_backward, param_shapes=self.param_shapes,
+                       buffer=any(g.tensor_id in self.buffer_ids for g in gs))
+        bound = max((self.bounds.get(g.tensor_id) or 0) for g in gs) \
+            if all(g.tensor_id in self.bounds for g in gs) else None
+        if kind == "retained_graph" and bound is not None:
+            # a deque(maxlen=n) keeps n steps' graphs: a higher peak, not a leak that grows
+            span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
+            evidence["bounded_to"] = bound
+            message = (f"{what} with autograd history from step {span} kept in a deque "
+                       f"bounded to {bound} items, pinning {fmt_bytes(nbytes)}{made}: it "
+                       "stops growing once full, but every graph it keeps stays alive")
+            fix = ("keep `.detach()`ed tensors (or `.item()` for numbers) in the deque: the "
+                   "values stay, the graphs go")
+            severity = "warning"
+        elif kind == "retained_graph":
             span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
             message = (f"{what} with autograd history from step {span} still alive after "
                        f"later steps' backward, pinning {fmt_bytes(nbytes)}{made}")

@@ -5,13 +5,25 @@ from __future__ import annotations
 import collections
 import functools
 import gc
+import os
+import sys
+import sysconfig
 import types
 from inspect import CO_OPTIMIZED
 
 import torch
 
 MAX_HOLDER_OBJECTS = 200_000    # objects visited while searching for holders
-MAX_HOLDER_DEPTH = 8
+# a hook's list on a T5 attention projection is 10 hops from the model
+# (model.encoder.block[0].layer[0].SelfAttention.q.debug_outputs[i]); the object bound
+# above keeps the walk's cost
+MAX_HOLDER_DEPTH = 16
+
+#: where code that is not the user's lives: the standard library, installed packages
+_LIBRARY_DIRS = tuple({os.path.realpath(sysconfig.get_paths()[k]) + os.sep
+                       for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+#: memprof itself and torch, wherever they are installed from (an editable install)
+_NOT_USER_PACKAGES = frozenset({__name__.split(".")[0], "torch"})
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()).keys())
 #: a module's hook tables whose hooks may hold what they captured
@@ -21,12 +33,42 @@ ATOMS = (str, bytes, int, float, complex, bool, type(None), types.FunctionType,
          types.BuiltinFunctionType, types.MethodType, types.ModuleType, type, range, slice,
          torch.dtype, torch.device, torch.Size)
 
+def is_user_code(module_name: str | None) -> bool:
+    """Whether a module (by name, as `__module__` gives it) is the user's: loaded from a file
+    outside the standard library and the installed packages (a script, `store.py` next to
+    it, the project's own package)."""
+    if not module_name or module_name.split(".")[0] in _NOT_USER_PACKAGES:
+        return False
+    if module_name == "__main__":
+        return True
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    return bool(path) and not os.path.realpath(path).startswith(_LIBRARY_DIRS)
+
+
 def _is_atom(obj) -> bool:
-    """Objects a holder search does not enter; closures are entered (through the variables
-    they captured, never their globals), since a closure kept in a list keeps its tensors."""
+    """Objects a holder search does not enter. Functions are entered through what they keep
+    (the variables a closure captured, default arguments: `lambda o=out: ...`), never their
+    globals; the user's own classes through their attributes (`MetricLogger.history = []`),
+    since a list kept there keeps its tensors."""
     if isinstance(obj, types.FunctionType):
-        return not obj.__closure__
+        return not (obj.__closure__ or obj.__defaults__ or obj.__kwdefaults__)
+    if isinstance(obj, type):
+        return not is_user_code(getattr(obj, "__module__", None))
     return isinstance(obj, ATOMS)
+
+
+def _slot_values(obj):
+    """(name, value) of an object's __slots__ that are set."""
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            try:
+                yield name, getattr(obj, name)
+            except AttributeError:   # declared, never set
+                continue
 
 
 def _children(obj, path: str):
@@ -37,6 +79,19 @@ def _children(obj, path: str):
                 yield f"{path}.<closure {name}>", cell.cell_contents
             except ValueError:   # an empty cell
                 continue
+        code = obj.__code__
+        positional = code.co_varnames[:code.co_argcount]
+        for name, v in zip(positional[len(positional) - len(obj.__defaults__ or ()):],
+                           obj.__defaults__ or ()):
+            yield f"{path}.<default {name}>", v
+        for name, v in (obj.__kwdefaults__ or {}).items():
+            yield f"{path}.<default {name}>", v
+        return
+    if isinstance(obj, type):   # the user's class (see _is_atom): its own attributes
+        for name, val in list(vars(obj).items()):
+            if not name.startswith("__") and not isinstance(
+                    val, (types.FunctionType, staticmethod, classmethod, property)):
+                yield f"{path}.{name}", val
         return
     if isinstance(obj, functools.partial):
         for i, v in enumerate(obj.args):
@@ -48,6 +103,9 @@ def _children(obj, path: str):
         for name, child in obj._modules.items():
             if child is not None:
                 yield f"{path}.{name}", child
+        for name, buf in obj._buffers.items():   # a buffer updated with autograd on
+            if buf is not None:
+                yield f"{path}.{name}", buf
         for name, val in vars(obj).items():
             if name not in _MODULE_INTERNALS:
                 yield f"{path}.{name}", val
@@ -64,43 +122,53 @@ def _children(obj, path: str):
     elif isinstance(obj, (set, frozenset)):
         for v in obj:
             yield f"{path}{{...}}", v
-    elif hasattr(obj, "__dict__") and not isinstance(obj, ATOMS):
+    elif not isinstance(obj, ATOMS):
         try:
-            items = list(vars(obj).items())
+            items = list(vars(obj).items()) if hasattr(obj, "__dict__") else []
         except TypeError:
-            return
+            items = []
         for name, val in items:
+            yield f"{path}.{name}", val
+        for name, val in _slot_values(obj):
             yield f"{path}.{name}", val
 
 
-def reachable_tensors(roots: list[tuple[str, object]]):
+def reachable_tensors(roots: list[tuple[str, object]], bounds: dict | None = None):
     """Breadth-first from named roots: (shortest path, tensor) for each tensor reached, in
-    order of distance (bounded: MAX_HOLDER_OBJECTS objects, MAX_HOLDER_DEPTH deep)."""
+    order of distance (bounded: MAX_HOLDER_OBJECTS objects, MAX_HOLDER_DEPTH deep).
+    `bounds`, when given, gets id(tensor) -> maxlen for a tensor reached through a bounded
+    deque (`deque(maxlen=3)`: it keeps a few steps, it does not grow)."""
     seen: set[int] = set()
-    queue = collections.deque((p, o, 0) for p, o in roots)
+    queue = collections.deque((p, o, 0, None) for p, o in roots)
     visited = 0
     while queue and visited < MAX_HOLDER_OBJECTS:
-        path, obj, depth = queue.popleft()
+        path, obj, depth, bound = queue.popleft()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
         visited += 1
         if isinstance(obj, torch.Tensor):
+            if bound is not None and bounds is not None:
+                bounds[id(obj)] = bound
             yield path, obj
             continue
         if _is_atom(obj) or depth >= MAX_HOLDER_DEPTH:
             continue
+        if isinstance(obj, collections.deque) and obj.maxlen is not None:
+            bound = obj.maxlen if bound is None else min(bound, obj.maxlen)
         for child_path, child in _children(obj, path):
             if id(child) not in seen and not _is_atom(child):
-                queue.append((child_path, child, depth + 1))
+                queue.append((child_path, child, depth + 1, bound))
 
 
-def find_holders(roots: list[tuple[str, object]], targets: set[int]) -> dict[int, str]:
-    """The shortest path from named roots to each target tensor: id -> path."""
+def find_holders(roots: list[tuple[str, object]], targets: set[int],
+                 bounds: dict | None = None) -> dict[int, str]:
+    """The shortest path from named roots to each target tensor: id -> path (`bounds`: see
+    reachable_tensors)."""
     found: dict[int, str] = {}
     if not targets:
         return found
-    for path, t in reachable_tensors(roots):
+    for path, t in reachable_tensors(roots, bounds):
         if id(t) in targets:
             found[id(t)] = path
             if len(found) == len(targets):
@@ -133,6 +201,19 @@ def frame_roots(frame) -> list[tuple[str, object]]:
     if scope:
         roots += namespace_roots(f"{frame.f_globals.get('__name__', 'globals')}.",
                                  frame.f_globals)
+    return roots
+
+
+def user_module_roots(skip: tuple = ()) -> list[tuple[str, object]]:
+    """Named roots from the globals of the user's own modules (`store.BUF` of a `store.py`
+    the script imports), but those in `skip` (namespaces already searched)."""
+    roots = []
+    for name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if namespace is None or any(namespace is d for d in skip) or \
+                name == "__main__" or not is_user_code(name):
+            continue
+        roots += namespace_roots(f"{name}.", namespace)
     return roots
 
 

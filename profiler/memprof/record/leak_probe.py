@@ -28,7 +28,7 @@ import torch
 
 from .. import _C
 from .autograd_graphs import graph_tensors, storage_of, walk_graphs
-from .holders import frame_roots, namespace_roots, reachable_tensors
+from .holders import frame_roots, namespace_roots, reachable_tensors, user_module_roots
 
 _SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
                       for m in (torch, sys.modules[__name__.split(".")[0]]))
@@ -99,7 +99,10 @@ class LeakProbe:
             f = f.f_back
         for prefix, namespace in session.roots:
             roots += namespace_roots(prefix, namespace)
-        reached = list(reachable_tensors(roots))   # (shortest path, tensor), one walk
+        searched = tuple(ns for _, ns in session.roots) + (frame.f_globals,)
+        roots += user_module_roots(skip=searched)
+        bounds: dict[int, int] = {}
+        reached = list(reachable_tensors(roots, bounds))   # (shortest path, tensor), one walk
         holders = {id(t): path for path, t in reached}
         tensors = graph_tensors(t for _, t in reached)
         params = {storage_of(p)[0] for p in session.params()}
@@ -114,6 +117,8 @@ class LeakProbe:
             "graphs": [{**asdict(g), "shape": list(g.shape),
                         "saved": [[int(p), int(b)] for p, b in g.saved.items()]} for g in old],
             "holders": {str(g.tensor_id): holders[g.tensor_id] for g in old},
+            "bounds": {str(g.tensor_id): bounds[g.tensor_id] for g in old
+                       if g.tensor_id in bounds},
             "truncated": bool(truncated),
         }
 
