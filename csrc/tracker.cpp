@@ -268,6 +268,13 @@ struct Session {
   // a logger or prefetch thread allocating during the forward is not making activations.
   std::atomic<const ThreadState*> phase_thread{nullptr};
   std::atomic<int32_t> step{0};
+  // The allocators' running totals of allocated bytes as last reported, per device kind
+  // (CUDA's caching allocator; the CPU allocator's size map), and at step ends: the number
+  // of step ends in a row, up to this one, with more allocated on the analysed device (CUDA
+  // once it reported) than at the one before (record.leak_probe looks then).
+  std::atomic<int64_t> cpu_total{0}, cuda_total{0};
+  int64_t step_end_total = -1;
+  int32_t steps_growing = 0;
   std::mutex registry_mu;
   std::vector<std::shared_ptr<ThreadBuffer>> buffers;
   StringTable strings;
@@ -529,6 +536,8 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
     if (!records()) return;
     record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
+    (device.is_cuda() ? session().cuda_total : session().cpu_total)
+        .store(static_cast<int64_t>(total_allocated), std::memory_order_relaxed);
   }
 
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
@@ -722,6 +731,10 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.phase = kPhaseOther;
   s.phase_thread = nullptr;
   s.step = 0;
+  s.cpu_total = 0;
+  s.cuda_total = 0;
+  s.step_end_total = -1;
+  s.steps_growing = 0;
   s.hooks_only = hooks_only;
   uint64_t gen = s.generation.fetch_add(1) + 1;
   s.owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
@@ -902,8 +915,15 @@ int64_t step_end(uint64_t ended, int32_t phase) {
   if (phase >= 0) set_phase(phase);
   mark_static("step", ended);
   set_step(static_cast<int32_t>(ended + 1));
+  Session& s = session();
+  int64_t cuda = s.cuda_total.load(std::memory_order_relaxed);
+  int64_t total = cuda > 0 ? cuda : s.cpu_total.load(std::memory_order_relaxed);
+  s.steps_growing = s.step_end_total >= 0 && total > s.step_end_total ? s.steps_growing + 1 : 0;
+  s.step_end_total = total;
   return static_cast<int64_t>(at::sequence_number::peek());
 }
+
+int32_t steps_growing() { return session().steps_growing; }
 
 // The session's thread buffers, copied under the registry lock.
 std::vector<std::shared_ptr<ThreadBuffer>> all_buffers() {
@@ -1124,6 +1144,8 @@ void register_tracker(py::module_& m) {
         "PHASE_OTHER if the phase is `phase`; whether it was.");
   m.def("optimizer_start", &optimizer_start, py::arg("step"),
         "mark('optimizer_start', step), set_phase(PHASE_OPTIMIZER).");
+  m.def("steps_growing", &steps_growing,
+        "Step ends in a row, up to the last, with more allocated than at the one before.");
   m.def("step_end", &step_end, py::arg("ended"), py::arg("phase") = -1,
         "set_phase(phase) if phase >= 0, mark('step', ended), set_step(ended + 1); returns "
         "peek_sequence_nr().");

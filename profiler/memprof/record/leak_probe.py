@@ -5,8 +5,9 @@ their holders from the frame that entered the block and the script's namespace. 
 runs in a function the block outlives - a script's `main()` under `memprof run`, `with
 memprof.track(): train()` - that function has returned by then: its locals (`total_loss +=
 loss`, `losses.append(out)`) and the graphs they kept are gone, and the leak is only growth
-with no holder. So at a few step ends (the 2nd, 4th, 8th, ... step: a handful in a long run)
-this recorder looks while the loop runs: graphs made before the step that just ended are
+with no holder. So at a few step ends (the 2nd, 4th, 8th, ... step: a handful in a long run;
+and after GROWTH_LOOK_AFTER step ends in a row with more allocated than the one before, which
+finds a leak that starts late, between those) this recorder looks while the loop runs: graphs made before the step that just ended are
 still alive only if something kept them, and the frames on the stack name it. What it keeps
 is plain data (each graph's sequence range, saved storages, its holder's path), never the
 tensors, so the run's memory is the same.
@@ -33,6 +34,11 @@ from .holders import frame_roots, namespace_roots, reachable_tensors, user_modul
 _SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
                       for m in (torch, sys.modules[__name__.split(".")[0]]))
 FIRST_PROBE_STEP = 2     # steps completed at the first look; then 4, 8, 16, ...
+#: step ends in a row with more allocated than the one before that make a look (a leak that
+#: starts late in a long run, between the doubling looks); doubled after each look that
+#: found nothing, up to MAX_GROWTH_LOOK_AFTER
+GROWTH_LOOK_AFTER = 4
+MAX_GROWTH_LOOK_AFTER = 256
 
 
 def is_library_frame(frame) -> bool:
@@ -55,6 +61,8 @@ class LeakProbe:
     def __init__(self):
         self._session = None
         self._next = FIRST_PROBE_STEP
+        self._growth_look_after = GROWTH_LOOK_AFTER
+        self._streak_looked = 0   # the growing streak's length at the last look it made
         self._record: dict | None = None
         self._looks: list[list] = []        # [steps completed, seconds] per look
 
@@ -69,21 +77,31 @@ class LeakProbe:
 
     def _step_end(self) -> None:
         steps = self._session.steps
-        if steps.step < self._next:
+        streak = _C.steps_growing()
+        if streak < self._streak_looked:   # that streak ended: a new one counts from 0
+            self._streak_looked = 0
+        growing = streak - self._streak_looked >= self._growth_look_after
+        if steps.step < self._next and not growing:
             return
-        self._next = steps.step * 2
+        if steps.step >= self._next:
+            self._next = steps.step * 2
         frame = loop_frame(sys._getframe(1))
         if frame is None or frame is self._session.frame or frame.f_code.co_name == "<module>":
             return
         t0 = time.perf_counter()
+        found = False
         try:
-            self._look(frame, steps.step, list(steps.step_seqs))
+            found = self._look(frame, steps.step, list(steps.step_seqs))
         except Exception as err:  # noqa: BLE001  (a look must never break training)
             if self._record is None:   # an earlier look's graphs are kept
                 self._record = {"error": f"{type(err).__name__}: {err}"[:300]}
         self._looks.append([steps.step, time.perf_counter() - t0])
+        if growing:   # while graphs are found, memory that keeps growing is looked at again
+            self._streak_looked = streak
+            self._growth_look_after = GROWTH_LOOK_AFTER if found else \
+                min(2 * self._growth_look_after, MAX_GROWTH_LOOK_AFTER)
 
-    def _look(self, frame, completed: int, boundaries: list[int]) -> None:
+    def _look(self, frame, completed: int, boundaries: list[int]) -> bool:
         # the step that just ended is step completed-1: a graph of an earlier one survived
         # its backward and optimizer step (the analysis decides which, as for the end check).
         # Only what a name on the loop's stack reaches is looked at (this look exists to name
@@ -109,7 +127,7 @@ class LeakProbe:
         graphs, truncated = walk_graphs(tensors, params)
         old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
         if not old:
-            return
+            return False
         _C.mark("leak_probe", completed)
         self._record = {
             "completed_steps": completed,
@@ -121,6 +139,7 @@ class LeakProbe:
                        if g.tensor_id in bounds},
             "truncated": bool(truncated),
         }
+        return True
 
     def record(self) -> dict | None:
         """The last look that found graphs of earlier steps (plain data), and every look's
