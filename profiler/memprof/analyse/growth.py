@@ -14,8 +14,9 @@ from ..finding import Finding
 from ..profile import Profile
 from ..record.events import (CAT_COMMUNICATION, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
                              CAT_PARAMETERS, DEVICE_CUDA)
+from ..record.holders import reachable_tensors
 from ..units import fmt_bytes
-from .leaks import LEAK_KINDS
+from .leaks import LEAK_KINDS, holder_roots, root_holder
 
 WARMUP_STEPS = 1
 MIN_STEPS = 3                 # boundaries after warm-up needed to call a trend
@@ -80,27 +81,64 @@ def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding
         projection = f"; at this rate the {source} ({fmt_bytes(capacity)}) runs out at step ~{runs_out}"
         evidence.update(capacity=int(capacity), capacity_source=source,
                         projected_step=int(runs_out))
-    culprits = _still_alive_from_later_steps(profile, first_step=steps[0].index)
+    later = _alive_from_later_steps(profile, first_step=steps[0].index)
+    culprits = _by_origin(profile, later)
     evidence["still_alive"] = culprits
     who = ", ".join(f"{c['op']} in {c['module']} ({c['phase']}): {fmt_bytes(c['bytes'])}"
                     for c in culprits[:3])
+    holders = _holders_of(profile, later)
+    held = ""
+    if holders:
+        evidence["holders"] = [{"holder": h, "bytes": b} for h, b in holders[:5]]
+        held = ". Held by " + ", ".join(f"{h} ({fmt_bytes(b)})" for h, b in holders[:3])
     return [Finding(
         kind="memory_growth", severity="error" if (incs > 0).all() else "warning",
-        bytes=int(total),
+        bytes=int(total), holder=holders[0][0] if holders else None,
         message=(f"live memory grows by {fmt_bytes(slope)} per step over {len(steps)} steps "
                  f"({fmt_bytes(y[0])} -> {fmt_bytes(y[-1])}){projection}"
-                 + (f". Still alive from those steps: {who}" if who else "")),
-        fix=_growth_fix(culprits),
+                 + (f". Still alive from those steps: {who}" if who else "") + held),
+        fix=_growth_fix(culprits, holders[0][0] if holders else None),
         evidence=evidence)]
 
 
-def _growth_fix(culprits: list[dict]) -> str:
+def _holders_of(profile: Profile, alive: np.ndarray) -> list[tuple[str, int]]:
+    """Who holds those allocations, where the block's objects are still there to ask (a run
+    tracked in this process): the tensors the named roots reach whose storage is one of them,
+    bytes per holder, largest first. A detached feature bank has no graph for the retained-
+    graph check to follow, but a name still reaches it."""
+    live = profile.run.live
+    if live is None or not alive.size:
+        return []
+    size_at = dict(zip(profile.memory["ptr"][alive].tolist(),
+                       profile.memory["size"][alive].tolist()))
+    held: dict[str, int] = {}
+    counted: set[int] = set()
+    for path, t in reachable_tensors(holder_roots(live)):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except Exception:  # noqa: BLE001  (storage-less tensors)
+            continue
+        if ptr in size_at and ptr not in counted:
+            counted.add(ptr)
+            holder = root_holder(path)
+            held[holder] = held.get(holder, 0) + int(size_at[ptr])
+    ranked = sorted(held.items(), key=lambda kv: -kv[1])
+    # the last step's own tensors (its batch, its output) are alive too: not holders of growth
+    return [(h, b) for h, b in ranked if b >= 0.1 * ranked[0][1]] if ranked else []
+
+
+def _growth_fix(culprits: list[dict], holder: str | None = None) -> str:
     """What to look for; memory made in backward and kept is a .grad that is not a
     parameter's (a parameter's gradient is counted apart): an input given requires_grad, or
     retain_grad(), whose .grad every backward adds to (its tensor kept in a dataset list)."""
-    fix = ("find who keeps these allocations (a retained_graph finding names the holder when "
-           "a graph is kept): detach or drop per-step tensors kept in lists, dicts or running "
-           "totals")
+    if holder is not None:
+        fix = (f"{holder} keeps a tensor from every step: bound it (a deque(maxlen=...), a "
+               "fixed-size buffer), keep numbers (`.item()`) or move what it keeps to the CPU "
+               "if it is meant to grow")
+    else:
+        fix = ("find who keeps these allocations (a retained_graph finding names the holder "
+               "when a graph is kept): detach or drop per-step tensors kept in lists, dicts "
+               "or running totals")
     if culprits and culprits[0]["phase"] == "backward":
         fix += ("; memory made in backward and kept is often the .grad of a tensor that is "
                 "not a parameter (an input with requires_grad=True, or retain_grad()): set "
@@ -123,13 +161,19 @@ def unexplained_growth(profile: Profile) -> list[Finding]:
     return []
 
 
-def _still_alive_from_later_steps(profile: Profile, first_step: int) -> list[dict]:
-    """Allocations made at or after `first_step` and alive at the end, by op/module/phase."""
+def _alive_from_later_steps(profile: Profile, first_step: int) -> np.ndarray:
+    """Allocations made at or after `first_step` and alive at the end, but the model's own
+    (parameters, gradients, optimizer state)."""
     alive = profile.alive_at("end")
     mem = profile.memory
-    keep = alive[(mem["step"][alive] >= first_step)
+    return alive[(mem["step"][alive] >= first_step)
                  & ~np.isin(profile.category[alive],
                             [CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE])]
+
+
+def _by_origin(profile: Profile, keep: np.ndarray) -> list[dict]:
+    """Those allocations' bytes by op/module/phase, largest first (ten)."""
+    mem = profile.memory
     groups: dict[tuple, int] = {}
     for i in keep:
         d = profile.describe_event(int(i))

@@ -95,7 +95,7 @@ def retained_graphs(profile: Profile) -> Outcome:
     findings: list[Finding] = []
     if old or recent:
         bounds: dict[int, int] = {}
-        holders = find_holders(_roots(run.live), {g.tensor_id for g in old + recent}, bounds)
+        holders = find_holders(holder_roots(run.live), {g.tensor_id for g in old + recent}, bounds)
         context = _Context(profile, boundaries, last_step, {id(g) for g in old}, bounds=bounds)
         for names, group in _group_by_holder(old + recent, holders,
                                              lambda g: describe_unreached(by_id[g.tensor_id])):
@@ -170,7 +170,7 @@ def _last_training_step(profile: Profile, last_completed: int) -> int:
     return max(0, min(last_completed, max(fwd)))
 
 
-def _roots(live) -> list[tuple[str, object]]:
+def holder_roots(live) -> list[tuple[str, object]]:
     """Where holder names start: the model, the frame that ran the block, extra namespaces
     (a script's globals), the optimizer."""
     roots = [("model", live.model)] if live.model is not None else []
