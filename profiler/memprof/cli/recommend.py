@@ -184,6 +184,9 @@ class RecommendCommand(Command):
             precisions = [p for s in args.precision for p in _csv(s)]
         if (args.base_lr is None) != (args.base_batch is None):
             raise UsageError("--base-lr and --base-batch go together")
+        if args.lr is not None and args.base_lr is None:
+            raise UsageError(f"--lr {args.lr}: needs --base-lr and --base-batch (the recipe's "
+                             "learning rate and the batch it was tuned for) to be checked")
         if args.input_shape is not None and args.batch_fn is not None:
             raise UsageError(f"--input-shape {args.input_shape}: not used with --batch-fn "
                              "(the batch function makes the inputs); give one of them")
@@ -218,7 +221,8 @@ class RecommendCommand(Command):
         if args.html:
             from ..report import export
             Console(stderr=True).print(f"wrote {export(plan, args.html)}")
-        return 1 if plan.failed else 0
+        # a script asking whether anything fits gets a status: 1 when nothing does
+        return 1 if plan.failed or plan.best is None else 0
 
 
 COMMAND = RecommendCommand()

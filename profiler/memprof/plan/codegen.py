@@ -215,7 +215,7 @@ def _setup_lines(plan, o) -> list[str]:
     if _strategy(plan):
         lines += _wrap_lines(plan, o)
     lines += _optimizer_lines(plan, o)
-    w = plan.warmup
+    w = plan.warmup_for(o)   # this option's accumulation, not the best one's
     if w is not None:
         n = max(1, int(w["warmup_optimizer_steps"]))
         lines.append(f"scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: "

@@ -371,6 +371,17 @@ def generic(memory_bytes: int, name: Optional[str] = None,
                "given capacity", generic=True)
 
 
+def _memory_matches(g: GPU, typed: float) -> bool:
+    """Whether a size typed with a GPU's name is that SKU's: the size its table name carries
+    (v100-16gb: 16, so 'v100-17gb' is no V100), else its memory in GB or GiB within 3 % (a
+    T4 typed '16gb' has 14.8 GiB, an H200 '141gb' 139.8 GiB)."""
+    named = re.search(r"(\d+)gb", g.name)
+    if named:
+        return abs(float(named.group(1)) - typed) < 0.5
+    return any(abs(size - typed) <= 0.03 * typed
+               for size in (g.memory_bytes / GiB, g.memory_bytes / 1e9))
+
+
 def _by_parts(spec: str) -> Optional[GPU]:
     """Resolve a typed name by model, memory and form factor; an ambiguous one -> the first
     (most common) SKU of the table, with `note` saying which and what else it could be."""
@@ -379,7 +390,7 @@ def _by_parts(spec: str) -> Optional[GPU]:
         return None
     cands = [g for g in _TABLE if key in _ENTRY_KEYS[g.name][0]]
     if mem is not None:
-        cands = [g for g in cands if abs(g.memory_bytes / GiB - mem) <= 0.1 * mem]
+        cands = [g for g in cands if _memory_matches(g, mem)]
     if form is not None:
         exact = [g for g in cands if form in _ENTRY_KEYS[g.name][1]]
         cands = exact or [g for g in cands if not _ENTRY_KEYS[g.name][1]]
@@ -421,7 +432,9 @@ def lookup(spec: Union[str, GPU]) -> GPU:
         if n <= 0:
             raise ValueError(f"GPU capacity must be positive, got {spec!r}")
         return generic(n, name=spec.strip())
-    near = _near(spec)
+    key_part = _parts(spec)[0]
+    same_model = [g.name for g in _TABLE if key_part and key_part in _ENTRY_KEYS[g.name][0]]
+    near = same_model or _near(spec)   # a known GPU with another memory size: its sizes
     hint = f"did you mean {', '.join(near)}? " if near else ""
     raise ValueError(f"unknown GPU {spec!r}; {hint}known: {', '.join(names())}; or 'auto', or "
                      "a capacity such as 24gb / 16GiB")

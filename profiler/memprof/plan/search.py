@@ -159,9 +159,14 @@ class Plan:
 
     @property
     def warmup(self) -> dict | None:
+        """The warmup advice for the best option (see warmup_for)."""
+        return self.warmup_for(self.best)
+
+    def warmup_for(self, option: Option | None) -> dict | None:
+        """Warmup given in micro-steps, in `option`'s optimizer steps (its accumulation)."""
         if self._warmup_steps is None:
             return None
-        acc = self.best.accumulation if self.best is not None else 1
+        acc = option.accumulation if option is not None else 1
         return warmup_advice(self._warmup_steps, acc, self.global_batch)
 
     @property
@@ -427,10 +432,15 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     policies = _policies(module, policies, blocks)
     container = _container(module, policies, blocks)
     lr_adv = None
+    if lr is not None and base_lr is None:   # nothing to check it against: say so
+        raise PlanInputError(f"lr {lr!r}: needs base_lr and base_batch (the recipe's learning "
+                             "rate and the batch it was tuned for) to be checked")
     if base_lr is not None or base_batch is not None:
         lr_adv = lr_advice(base_lr, base_batch, effective_batch, optimizer, lr)
-    if warmup_steps is not None and (isinstance(warmup_steps, bool) or int(warmup_steps) < 0):
-        raise PlanInputError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+    if warmup_steps is not None and (isinstance(warmup_steps, bool) or
+                                     not isinstance(warmup_steps, int) or warmup_steps < 0):
+        raise PlanInputError(f"warmup_steps: expected an int >= 0 (micro-steps), got "
+                             f"{warmup_steps!r}")
     if distributed is not None:     # one rank of N GPUs (memprof.plan.distributed)
         estimator = RankEstimator(module, make_batch, loss_fn, optimizer=optimizer, gpu=g,
                                   distributed=distributed, blocks=blocks)

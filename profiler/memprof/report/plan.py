@@ -90,6 +90,21 @@ def _print_basis(plan, console) -> None:
         "(* assumptions, not measurements).[/]")
 
 
+def nothing_fits(plan) -> str:
+    """Why nothing fits, and what can help. At micro-batch 1 a smaller effective batch cannot
+    help (accumulation already makes it up): the model's own memory is too large."""
+    smallest = min((o for o in plan.options if o.estimated), key=lambda o: o.peak_reserved,
+                   default=None)
+    if smallest is None or smallest.micro_batch > 1:
+        return "lower the effective batch per GPU or use a GPU with more memory"
+    return (f"even micro-batch 1 needs {smallest.peak_reserved / GiB:.2f} GiB reserved at best "
+            f"({smallest.precision}, checkpointing {smallest.checkpointing}) against "
+            f"{plan.usable_bytes / GiB:.2f} GiB usable: a smaller batch cannot help. The "
+            "parameters, their gradients and the optimizer state are too large for this GPU: "
+            "train fewer parameters (a lower LoRA rank or fewer target modules, frozen "
+            "layers), shard them over several GPUs (FSDP, ZeRO), or use a GPU with more memory")
+
+
 def _print_advice(plan, console) -> None:
     """The best option with its code, then LR and warmup advice."""
     from rich.syntax import Syntax
@@ -101,7 +116,7 @@ def _print_advice(plan, console) -> None:
         failed = sum(c.error is not None for c in plan.combinations)
         console.print("[red]Nothing fits[/]" + (f" among the combinations estimated ({failed} "
                                                 f"could not be, see above)" if failed else "")
-                      + ": lower the effective batch per GPU or use a GPU with more memory.")
+                      + f": {nothing_fits(plan)}.")
     else:
         console.print(f"[bold]Best (estimated)[/]: {best.label}: "
                       f"{best.peak_reserved / GiB:.2f} GiB reserved, "

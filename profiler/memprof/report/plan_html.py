@@ -7,6 +7,7 @@ from __future__ import annotations
 from ..plan.batch_model import SEARCH_LIMIT
 from ..units import fmt_bytes
 from .html import page, table
+from .plan import nothing_fits
 from .svg import DASHES, LINE_COLORS, Frame, esc, legend, nice_bytes
 
 MAX_POINTS = 48     # micro-batches drawn per line
@@ -146,7 +147,7 @@ def plan_html(plan) -> str:
             f"{esc(fmt_bytes(plan.usable_bytes))} usable. "
             + (f"Best: <b>{esc(best.label)}</b>." if best else
                "<b>No combination could be estimated.</b>" if plan.failed else
-               "<b>Nothing fits.</b>")
+               f"<b>Nothing fits</b>: {esc(nothing_fits(plan))}.")
             + " <b>Every number here is an estimate</b> (fake-tensor steps replayed through a "
               "model of the CUDA caching allocator).</p></header>")
     items = {f"{ln['precision']}, {ln['checkpointing']}":

@@ -1,0 +1,80 @@
+"""What a new-user sweep of `memprof recommend` found (each fails without its fix): a GPU typed
+with a size it does not come in, `--lr` alone, a batch function that ignores its size, the
+code of a non-best option with the best one's warmup, a warmup that is no whole number, and
+"nothing fits" advice that a smaller batch cannot follow."""
+import sys
+
+import pytest
+import torch
+
+import memprof
+from memprof import cli
+from memprof.plan.errors import PlanInputError
+from memprof.plan.gpus import lookup
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("typed, sizes", [("v100-17gb", "v100-16gb, v100-32gb"),
+                                          ("a100-41gb", "a100-40gb, a100-80gb")])
+def test_a_gpu_typed_with_a_size_it_does_not_come_in_is_unknown(typed, sizes):
+    """It was planned for the nearest size (a 17 GB V100 as the 16 GB one), silently."""
+    with pytest.raises(ValueError, match=rf"unknown GPU '{typed}'; did you mean {sizes}"):
+        lookup(typed)
+
+
+@pytest.mark.parametrize("typed, canonical", [("t4 16gb", "t4"), ("h200 141gb", "h200"),
+                                              ("a10g 24gb", "a10g"), ("A100 80GB", "a100-80gb")])
+def test_sizes_as_sold_still_resolve(typed, canonical):
+    assert lookup(typed).name == canonical
+
+
+def test_lr_alone_is_an_input_error_not_ignored(capsys):
+    assert cli.main(["recommend", "--gpu", "v100-16gb", "--model", "mlp",
+                     "--effective-batch", "8", "--lr", "0.1"]) == 2
+    assert "--lr 0.1: needs --base-lr and --base-batch" in capsys.readouterr().err
+    with pytest.raises(PlanInputError, match="lr 0.001: needs base_lr and base_batch"):
+        memprof.recommend("mlp", gpu="v100-16gb", effective_batch=8, lr=1e-3)
+
+
+@pytest.mark.parametrize("warmup", [10.7, "100", True])
+def test_a_warmup_that_is_no_whole_number_is_an_input_error(warmup):
+    with pytest.raises(PlanInputError, match="warmup_steps: expected an int >= 0"):
+        memprof.recommend("mlp", gpu="v100-16gb", effective_batch=8, warmup_steps=warmup)
+
+
+def fixed_size_batch(batch_size=4):
+    """Ignores the size it is asked for: every estimate would be of 4 samples."""
+    return torch.randn(4, 16), torch.randint(0, 3, (4,))
+
+
+def test_a_batch_function_that_ignores_its_size_is_named(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fixed_batches", sys.modules[__name__])
+    rc = cli.main(["recommend", "--gpu", "v100-16gb", "--model", "mlp",
+                   "--batch-fn", f"{__name__}:fixed_size_batch", "--effective-batch", "8",
+                   "--no-confirm"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "returned 4 samples when asked for" in err, err
+
+
+def test_the_code_of_another_option_uses_its_own_accumulation_for_the_warmup():
+    plan = memprof.recommend("mlp", gpu="v100-16gb", effective_batch=16, precisions=["fp32"],
+                             policies=["none"], warmup_steps=1000, confirm=False)
+    other = next(o for o in plan.options if o.accumulation != plan.best.accumulation)
+    steps = -(-1000 // other.accumulation)
+    assert f"(s + 1) / {steps}))" in plan.code(other)
+    assert plan.warmup_for(other)["warmup_optimizer_steps"] == steps
+    best_steps = -(-1000 // plan.best.accumulation)
+    assert f"(s + 1) / {best_steps}))" in plan.code()
+
+
+def test_nothing_fits_at_micro_batch_1_says_a_smaller_batch_cannot_help(capsys):
+    """The model's own memory is over the usable memory: it said 'lower the effective batch'
+    (and exited 0)."""
+    rc = cli.main(["recommend", "--gpu", "1mb", "--model", "mlp", "--effective-batch", "4",
+                   "--precision", "fp32", "--checkpointing", "none", "--no-confirm"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    flat = " ".join(out.split())
+    assert "Nothing fits: even micro-batch 1 needs" in flat and "cannot help" in flat
+    assert "LoRA rank" in flat
