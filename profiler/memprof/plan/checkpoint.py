@@ -17,8 +17,11 @@ Policies (non-reentrant `torch.utils.checkpoint.checkpoint` around each selected
 
 Blocks are found automatically: the nn.ModuleList / nn.Sequential with the most children that
 all have the same type (ties: more parameters), e.g. `model.blocks` of a ViT; if no container
-is homogeneous, the largest group of same-type children of one container. Override with
-`blocks=` (a list of modules, or the qualified name of a container such as "encoder.layer").
+is homogeneous, the largest group of same-type children of one container. An
+encoder-decoder's other stack (T5's encoder.block and decoder.block) comes with it: every
+homogeneous stack with at least a quarter of the largest one's parameters, not inside another.
+Override with `blocks=` (a list of modules, or qualified names of containers such as
+"encoder.layer", several separated by commas).
 
 Checkpointing wraps the block's `forward` (an instance attribute, removed again by
 `handle.remove()`): module hooks, parameters and state dicts are unchanged. Under
@@ -98,11 +101,25 @@ def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+#: another stack of blocks is checkpointed with the largest one when it holds at least this
+#: share of its parameters (an encoder-decoder's two stacks; not a list of two small heads)
+OTHER_STACK_SHARE = 0.25
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether one qualified module name is the other or inside it ('' is the model)."""
+    return a == b or not a or not b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """(container name, its repeated blocks) chosen automatically; see the module docstring.
-    Raises ValueError when the model has no repeated blocks."""
-    best = None  # (homogeneous, count, params, name, blocks)
-    for name, mod in model.named_modules():
+    An encoder-decoder (T5, BART) has a stack each: every stack of same-type blocks holding
+    at least OTHER_STACK_SHARE of the largest one's parameters, not inside another, is taken
+    with it (names joined by commas, in the model's order): checkpointing only the largest
+    left T5's encoder, most of its activations, out. Raises ValueError when the model has no
+    repeated blocks."""
+    found = []  # (key, order, name, blocks); key = (homogeneous, count, params)
+    for order, (name, mod) in enumerate(model.named_modules()):
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
             continue
         children = list(mod.children())
@@ -115,31 +132,37 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
         for typ, members in groups.items():
             if len(members) < 2 or _n_params(members[0]) == 0:
                 continue
-            key = (homogeneous, len(members), sum(_n_params(m) for m in members))
-            if best is None or key > best[0]:
-                best = (key, name, members)
-    if best is None:
+            found.append(((homogeneous, len(members), sum(_n_params(m) for m in members)),
+                          order, name, members))
+    if not found:
         raise ValueError(f"blocks: found no repeated blocks (an nn.ModuleList / nn.Sequential "
                          f"of same-type modules) in {type(model).__name__}; pass blocks= "
                          "(a list of modules or a qualified name)")
-    return best[1], best[2]
+    best = max(found, key=lambda f: f[0])
+    chosen = [best]
+    for key, order, name, members in sorted(found, key=lambda f: f[0], reverse=True):
+        if key[0] and best[0][0] and key[2] >= OTHER_STACK_SHARE * best[0][2] and \
+                not any(_nested(name, c[2]) for c in chosen):
+            chosen.append((key, order, name, members))
+    chosen.sort(key=lambda f: f[1])
+    return ",".join(c[2] for c in chosen), [m for c in chosen for m in c[3]]
 
 
 def resolve_blocks(model: nn.Module, blocks) -> tuple[str, list[nn.Module]]:
-    """blocks= (None: found automatically, a qualified name, or modules) -> (container name,
-    the blocks)."""
+    """blocks= (None: found automatically, a qualified name - or several, comma-separated:
+    'encoder.block,decoder.block' -, or modules) -> (container name, the blocks)."""
     if blocks is None:
         return find_blocks(model)
     if isinstance(blocks, str):
-        try:
-            container = model.get_submodule(blocks)
-        except AttributeError:
-            raise ValueError(f"blocks: {type(model).__name__} has no submodule {blocks!r}") \
-                from None
-        children = list(container.children())
-        if not children:
-            return blocks, [container]
-        return blocks, children
+        mods: list[nn.Module] = []
+        for name in (n.strip() for n in blocks.split(",")):
+            try:
+                container = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"blocks: {type(model).__name__} has no submodule {name!r}") \
+                    from None
+            mods += list(container.children()) or [container]
+        return blocks, mods
     if isinstance(blocks, nn.Module):
         blocks = [blocks]
     try:

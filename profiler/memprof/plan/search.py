@@ -359,7 +359,9 @@ def _container(module, policies, blocks) -> str | None:
         name, mods = find_blocks(module) if blocks is None else (str(blocks), [])
     except ValueError:
         return None
-    return f"model.{name} ({len(mods)} blocks)" if name and mods else f"{blocks}"
+    if name and mods:   # several stacks (an encoder-decoder): each named
+        return ", ".join(f"model.{n}" for n in name.split(",")) + f" ({len(mods)} blocks)"
+    return f"{blocks}"
 
 
 def _assumptions(overhead, margin) -> dict:
