@@ -18,25 +18,48 @@ __all__ = ["VARIANTS", "step_stream", "reserved_peak"]
 VARIANTS = ("first", "steady", "accumulate")
 
 
+def free_tokens(profile: Profile) -> np.ndarray:
+    """Per event, the index of the allocation it is (an allocation: its own; a free: the one
+    it releases; a free of a block from before: its own index)."""
+    idx = np.arange(profile.memory.size)
+    token = np.where(profile.effective_size < 0, profile.alloc_of, idx).astype(np.int64)
+    token[token < 0] = idx[token < 0]
+    return token
+
+
+def canonical_order(size: np.ndarray, token: np.ndarray) -> np.ndarray:
+    """The events' order with each run of consecutive frees sorted by the allocation each
+    releases. Frees with no allocation between them happen at once (a dict of tensors
+    emptied: autocast's weight casts at the forward's end, in an order set by their
+    addresses, which differs from run to run); in this order two runs of one step line up
+    event by event, and the live bytes between allocations are the same."""
+    free = size < 0
+    if not free.any():
+        return np.arange(size.size)
+    # each event's run: the allocations before it (a free shares the allocation's before
+    # it); within a run the allocation, then its frees by the allocation each releases
+    run = np.cumsum(~free)
+    return np.lexsort((np.where(free, token, 0), free, run))
+
+
 def step_stream(profile: Profile, variant: str = "first") -> tuple[np.ndarray, np.ndarray]:
     """(ptr, size) of the profile's allocations, reordered for a variant of the step (see the
-    module docstring)."""
+    module docstring); frees that happen at once in canonical order (canonical_order)."""
     mem = profile.memory
     size = profile.effective_size.copy()
-    alloc_of = profile.alloc_of
-    idx = np.arange(mem.size)
-    token = np.where(size < 0, alloc_of, idx).astype(np.int64)
-    token[token < 0] = idx[token < 0]
+    token = free_tokens(profile)
     ptr = token.astype(np.uint64) + np.uint64(1)
+    canon = canonical_order(size, token)
     if variant == "first":
-        return ptr, size
+        return ptr[canon], size[canon]
     cats = profile.category
     move_cats = [CAT_OPTIMIZER_STATE] + ([CAT_GRADIENTS] if variant == "accumulate" else [])
     moved = (size > 0) & np.isin(cats, move_cats) & (mem["thread"] != PREEXISTING_THREAD)
     if variant not in ("steady", "accumulate"):
         raise ValueError(f"variant: expected 'first', 'steady' or 'accumulate', got {variant!r}")
     base = mem["thread"] == PREEXISTING_THREAD
-    order = np.concatenate([idx[base], idx[moved], idx[~base & ~moved]])
+    order = np.concatenate([canon[base[canon]], canon[moved[canon]],
+                            canon[~base[canon] & ~moved[canon]]])
     return ptr[order], size[order]
 
 
