@@ -78,3 +78,11 @@ def test_nothing_fits_at_micro_batch_1_says_a_smaller_batch_cannot_help(capsys):
     flat = " ".join(out.split())
     assert "Nothing fits: even micro-batch 1 needs" in flat and "cannot help" in flat
     assert "LoRA rank" in flat
+
+
+@pytest.mark.parametrize("option", [["--input-shape", "3,224,224"], ["--num-classes", "5000"]])
+def test_a_shape_or_classes_given_with_a_built_in_model_is_an_input_error(capsys, option):
+    """They were ignored without a word (the built-in model makes its own batches)."""
+    assert cli.main(["recommend", "--gpu", "v100-16gb", "--model", "mlp", "--effective-batch",
+                     "8", *option]) == 2
+    assert "not used with the built-in model 'mlp'" in capsys.readouterr().err

@@ -254,6 +254,11 @@ def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs)
     loss_fn = loss
     make_batch = _load_batch_fn(batch) if batch is not None else None
     if isinstance(model, str) and model in MODELS:
+        for name, given in (("input_shape", input_shape), ("num_classes", num_classes)):
+            if given is not None:   # it would be ignored: the built-in makes its own batches
+                raise PlanInputError(f"{name} {given!r}: not used with the built-in model "
+                                     f"{model!r}, which makes its own batches; its own "
+                                     "arguments go in model_kwargs (--model-arg key=value)")
         module, own_batch, own_loss, desc = _builtin(model, model_kwargs)
         desc["batch"] = {"builtin": True} if make_batch is None else {}
         desc["loss"] = {"rule": "builtin"} if loss_fn is None else {}
