@@ -17,11 +17,16 @@ MAX_HOLDER_OBJECTS = 200_000    # objects visited while searching for holders
 # a hook's list on a T5 attention projection is 10 hops from the model
 # (model.encoder.block[0].layer[0].SelfAttention.q.debug_outputs[i]); the object bound
 # above keeps the walk's cost
-MAX_HOLDER_DEPTH = 16
+MAX_HOLDER_DEPTH = 12
 
-#: where code that is not the user's lives: the standard library, installed packages
-_LIBRARY_DIRS = tuple({os.path.realpath(sysconfig.get_paths()[k]) + os.sep
-                       for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+#: where code that is not the user's lives: the standard library, installed packages (as
+#: configured and as resolved, so that a module's own path is compared without a syscall)
+_LIBRARY_DIRS = tuple({d + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")
+                       for d in (os.path.abspath(sysconfig.get_paths()[k]),
+                                 os.path.realpath(sysconfig.get_paths()[k]))})
+#: module name -> (its __file__, whether it is the user's): a look asks for every module of
+#: the process (thousands with torch) and every class it meets
+_USER_CODE: dict[str, tuple[object, bool]] = {}
 #: memprof itself and torch, wherever they are installed from (an editable install)
 _NOT_USER_PACKAGES = frozenset({__name__.split(".")[0], "torch"})
 
@@ -41,9 +46,12 @@ def is_user_code(module_name: str | None) -> bool:
         return False
     if module_name == "__main__":
         return True
-    module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None)
-    return bool(path) and not os.path.realpath(path).startswith(_LIBRARY_DIRS)
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    known = _USER_CODE.get(module_name)
+    if known is None or known[0] != path:
+        known = _USER_CODE[module_name] = (
+            path, bool(path) and not os.path.abspath(path).startswith(_LIBRARY_DIRS))
+    return known[1]
 
 
 def _is_atom(obj) -> bool:
@@ -207,14 +215,20 @@ def frame_roots(frame) -> list[tuple[str, object]]:
 def user_module_roots(skip: tuple = ()) -> list[tuple[str, object]]:
     """Named roots from the globals of the user's own modules (`store.BUF` of a `store.py`
     the script imports), but those in `skip` (namespaces already searched)."""
+    global _USER_MODULES
+    if _USER_MODULES[0] != len(sys.modules):   # modules imported (or removed) since
+        _USER_MODULES = (len(sys.modules), [n for n in list(sys.modules)
+                                            if n != "__main__" and is_user_code(n)])
     roots = []
-    for name, module in list(sys.modules.items()):
-        namespace = getattr(module, "__dict__", None)
-        if namespace is None or any(namespace is d for d in skip) or \
-                name == "__main__" or not is_user_code(name):
-            continue
-        roots += namespace_roots(f"{name}.", namespace)
+    for name in _USER_MODULES[1]:
+        namespace = getattr(sys.modules.get(name), "__dict__", None)
+        if namespace is not None and not any(namespace is d for d in skip):
+            roots += namespace_roots(f"{name}.", namespace)
     return roots
+
+
+#: (len(sys.modules) when listed, the user's modules then): a look runs at many step ends
+_USER_MODULES: tuple[int, list[str]] = (-1, [])
 
 
 def namespace_roots(prefix: str, namespace: dict) -> list[tuple[str, object]]:
