@@ -86,3 +86,14 @@ def test_a_shape_or_classes_given_with_a_built_in_model_is_an_input_error(capsys
     assert cli.main(["recommend", "--gpu", "v100-16gb", "--model", "mlp", "--effective-batch",
                      "8", *option]) == 2
     assert "not used with the built-in model 'mlp'" in capsys.readouterr().err
+
+
+def test_a_tie_between_fp16_and_bf16_goes_to_bf16():
+    """On a GPU with both they estimate the same speed and size; fp16 was listed first (it
+    needs loss scaling, and T5's activations overflow it)."""
+    plan = memprof.recommend("mlp", gpu="a100-40gb", effective_batch=8,
+                             precisions=["fp16", "bf16"], policies=["none"], confirm=False)
+    tied = [o for o in plan.options if o.micro_batch == plan.best.micro_batch and o.fits]
+    assert {o.precision for o in tied} == {"fp16", "bf16"}
+    assert tied[0].samples_per_s == tied[1].samples_per_s
+    assert plan.best.precision == "bf16"

@@ -91,7 +91,9 @@ class Option:
 
 
 def _rank_key(o: Option):
-    return (not o.fits, -(o.samples_per_s or 0.0), -o.micro_batch)
+    # a tie between fp16 and bf16 (one speed and size on a GPU with both) goes to bf16: no
+    # loss scaling, and fp32's range (T5's activations overflow fp16)
+    return (not o.fits, -(o.samples_per_s or 0.0), -o.micro_batch, o.precision == "fp16")
 
 
 def _divisors(n: int) -> list[int]:
