@@ -268,11 +268,9 @@ struct Session {
   // a logger or prefetch thread allocating during the forward is not making activations.
   std::atomic<const ThreadState*> phase_thread{nullptr};
   std::atomic<int32_t> step{0};
-  // The allocators' running totals of allocated bytes as last reported, per device kind
-  // (CUDA's caching allocator; the CPU allocator's size map), and at step ends: the number
-  // of step ends in a row, up to this one, with more allocated on the analysed device (CUDA
-  // once it reported) than at the one before (record.leak_probe looks then).
-  std::atomic<int64_t> cpu_total{0}, cuda_total{0};
+  // At step ends (the training thread's, see step_end): the allocated total then, and the
+  // number of step ends in a row, up to this one, with more allocated than at the one before
+  // (record.leak_probe looks then).
   int64_t step_end_total = -1;
   int32_t steps_growing = 0;
   std::mutex registry_mu;
@@ -329,6 +327,10 @@ struct ThreadState {
   int backward_depth = 0;
   std::array<NameSlot, size_t{1} << kNameSlotBits> name_slots;
   std::unordered_map<std::string, int32_t> name_ids;  // text -> string id, this session
+  // The allocators' running totals of allocated bytes in their last report on this thread
+  // (CUDA's caching allocator; the CPU allocator's size map): plain stores into state the
+  // report writes anyway, not a shared line every allocating thread would write.
+  int64_t cpu_total = 0, cuda_total = 0;
 };
 
 // The state lives on the heap and the thread-local is a plain pointer, initial-exec: one
@@ -368,6 +370,7 @@ ThreadState& thread_state() {
     ts.ops.clear();
     ts.modules.clear();
     ts.backward_depth = 0;
+    ts.cpu_total = ts.cuda_total = 0;
     for (NameSlot& slot : ts.name_slots) slot.ptr = nullptr;
     ts.name_ids.clear();
     ts.buffer = std::make_shared<ThreadBuffer>();
@@ -534,10 +537,10 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
                          size_t total_reserved, c10::Device device) override {
     if (!records()) return;
-    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
+    ThreadState& ts = thread_state();
+    record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
-    (device.is_cuda() ? session().cuda_total : session().cpu_total)
-        .store(static_cast<int64_t>(total_allocated), std::memory_order_relaxed);
+    (device.is_cuda() ? ts.cuda_total : ts.cpu_total) = static_cast<int64_t>(total_allocated);
   }
 
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
@@ -731,8 +734,6 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.phase = kPhaseOther;
   s.phase_thread = nullptr;
   s.step = 0;
-  s.cpu_total = 0;
-  s.cuda_total = 0;
   s.step_end_total = -1;
   s.steps_growing = 0;
   s.hooks_only = hooks_only;
@@ -915,11 +916,16 @@ int64_t step_end(uint64_t ended, int32_t phase) {
   if (phase >= 0) set_phase(phase);
   mark_static("step", ended);
   set_step(static_cast<int32_t>(ended + 1));
-  Session& s = session();
-  int64_t cuda = s.cuda_total.load(std::memory_order_relaxed);
-  int64_t total = cuda > 0 ? cuda : s.cpu_total.load(std::memory_order_relaxed);
-  s.steps_growing = s.step_end_total >= 0 && total > s.step_end_total ? s.steps_growing + 1 : 0;
-  s.step_end_total = total;
+  if (recording()) {
+    // the totals this (the training) thread last saw reported: process-wide counts, CUDA's
+    // once it reported
+    Session& s = session();
+    const ThreadState& ts = thread_state();
+    int64_t total = ts.cuda_total > 0 ? ts.cuda_total : ts.cpu_total;
+    s.steps_growing =
+        s.step_end_total >= 0 && total > s.step_end_total ? s.steps_growing + 1 : 0;
+    s.step_end_total = total;
+  }
   return static_cast<int64_t>(at::sequence_number::peek());
 }
 
