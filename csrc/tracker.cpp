@@ -424,7 +424,8 @@ const NameSlot& name_slot(ThreadState& ts, const char* name, const at::RecordFun
     id = session().strings.intern(text);
     ts.name_ids.emplace(text, id);
   }
-  slot.stable = literal || (fn != nullptr && !slot.evaluate && is_registered_schema_name(*fn, name));
+  slot.stable =
+      literal || (fn != nullptr && !slot.evaluate && is_registered_schema_name(*fn, name));
   slot.ptr = name;
   slot.id = id;
   return slot;

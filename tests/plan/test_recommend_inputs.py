@@ -12,7 +12,6 @@ from memprof import cli
 from memprof.plan.errors import PlanInputError
 from memprof.plan.gpus import lookup
 
-MiB = 1 << 20
 
 
 @pytest.mark.parametrize("typed, sizes", [("v100-17gb", "v100-16gb, v100-32gb"),

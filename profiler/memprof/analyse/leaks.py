@@ -26,8 +26,7 @@ from ..record.autograd_graphs import (MAX_GRAPH_NODES, GraphTensor, live_graph_t
                                       storage_of, walk_graphs)
 from .leak_fixes import fix_text
 from .outcome import Outcome
-from ..record.holders import (describe_unreached, find_holders, frame_roots, namespace_roots,
-                               user_module_roots)
+from ..record.holders import describe_unreached, find_holders, frame_roots, namespaces_roots
 
 
 def root_holder(path: str) -> str:
@@ -175,14 +174,9 @@ def holder_roots(live) -> list[tuple[str, object]]:
     (a script's globals), the optimizer."""
     roots = [("model", live.model)] if live.model is not None else []
     roots += frame_roots(live.frame)
-    for prefix, namespace in live.roots:
-        roots += namespace_roots(prefix, namespace)
     if live.optimizer is not None:
         roots.append(("optimizer", live.optimizer))
-    searched = tuple(ns for _, ns in live.roots)
-    if live.frame is not None:
-        searched += (live.frame.f_globals,)
-    return roots + user_module_roots(skip=searched)   # `store.BUF` of the script's store.py
+    return roots + namespaces_roots(live.roots, live.frame)
 
 
 def _group_by_holder(gs, holders, describe) -> list[tuple[list[str], list[GraphTensor]]]:
@@ -286,11 +280,11 @@ class _Context:
         fix = fix_text(kind, names, paths, gs, retained=retained,
                        never_backward=never_backward, param_shapes=self.param_shapes,
                        buffer=any(g.tensor_id in self.buffer_ids for g in gs))
-        bound = max((self.bounds.get(g.tensor_id) or 0) for g in gs) \
+        bound = max(self.bounds[g.tensor_id] for g in gs) \
             if all(g.tensor_id in self.bounds for g in gs) else None
+        span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
         if kind == "retained_graph" and bound is not None:
             # a deque(maxlen=n) keeps n steps' graphs: a higher peak, not a leak that grows
-            span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
             evidence["bounded_to"] = bound
             message = (f"{what} with autograd history from step {span} kept in a deque "
                        f"bounded to {bound} items, pinning {fmt_bytes(nbytes)}{made}: it "
@@ -299,7 +293,6 @@ class _Context:
                    "values stay, the graphs go")
             severity = "warning"
         elif kind == "retained_graph":
-            span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
             message = (f"{what} with autograd history from step {span} still alive after "
                        f"later steps' backward, pinning {fmt_bytes(nbytes)}{made}")
             severity = "error"

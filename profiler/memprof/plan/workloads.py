@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..record.throughput import leading_dim
 from .errors import PlanInputError
 from .estimate import split_batch
 from .meta_build import build, fake_like
@@ -152,18 +153,6 @@ def _infer_num_classes(model: nn.Module, shape) -> int:
     return int(out.shape[-1])
 
 
-def _first_tensor(v, depth: int = 4):
-    """The first tensor in a batch (through tuples, lists and dicts), or None."""
-    if isinstance(v, torch.Tensor):
-        return v
-    if depth > 0 and isinstance(v, (tuple, list, dict)):
-        for x in (v.values() if isinstance(v, dict) else v):
-            t = _first_tensor(x, depth - 1)
-            if t is not None:
-                return t
-    return None
-
-
 def _checked_batch(fn):
     name = getattr(fn, "__name__", fn)
 
@@ -174,11 +163,12 @@ def _checked_batch(fn):
             raise BatchError(f"batch function {name!r} raised "
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         # a function that ignores its argument makes every estimate one of its own size
-        first = _first_tensor(batch)
-        if first is not None and first.dim() >= 1 and int(first.shape[0]) != b:
-            raise BatchError(f"batch function {name!r} returned {int(first.shape[0])} samples "
-                             f"when asked for {b} (its first tensor's first dimension): it "
-                             "must make a batch of the size it is given")
+        # (the batch size as the tracker reads a pass's: its first tensor's first dimension)
+        n = leading_dim((batch,))
+        if n is not None and n != b:
+            raise BatchError(f"batch function {name!r} returned {n} samples when asked for "
+                             f"{b} (its first tensor's first dimension): it must make a batch "
+                             "of the size it is given")
         return batch
     make_batch.__name__ = getattr(fn, "__name__", "make_batch")
     return make_batch

@@ -27,6 +27,8 @@ _LIBRARY_DIRS = tuple({d + os.sep for k in ("stdlib", "platstdlib", "purelib", "
 #: module name -> (its __file__, whether it is the user's): a look asks for every module of
 #: the process (thousands with torch) and every class it meets
 _USER_CODE: dict[str, tuple[object, bool]] = {}
+#: (len(sys.modules) when listed, the user's modules then): a look runs at many step ends
+_USER_MODULES: tuple[int, list[str]] = (-1, [])
 #: memprof itself and torch, wherever they are installed from (an editable install)
 _NOT_USER_PACKAGES = frozenset({__name__.split(".")[0], "torch"})
 
@@ -212,9 +214,23 @@ def frame_roots(frame) -> list[tuple[str, object]]:
     return roots
 
 
+def namespaces_roots(namespaces: list[tuple[str, dict]],
+                     frame=None) -> list[tuple[str, object]]:
+    """Named roots from extra namespaces ((prefix, dict): a script's globals), then from the
+    user's other modules (`store.BUF` of a `store.py` the script imports) but those and
+    `frame`'s globals (the frame's roots name them)."""
+    roots = []
+    for prefix, namespace in namespaces:
+        roots += namespace_roots(prefix, namespace)
+    searched = tuple(ns for _, ns in namespaces)
+    if frame is not None:
+        searched += (frame.f_globals,)
+    return roots + user_module_roots(skip=searched)
+
+
 def user_module_roots(skip: tuple = ()) -> list[tuple[str, object]]:
-    """Named roots from the globals of the user's own modules (`store.BUF` of a `store.py`
-    the script imports), but those in `skip` (namespaces already searched)."""
+    """Named roots from the globals of the user's own modules, but those in `skip`
+    (namespaces already searched)."""
     global _USER_MODULES
     if _USER_MODULES[0] != len(sys.modules):   # modules imported (or removed) since
         _USER_MODULES = (len(sys.modules), [n for n in list(sys.modules)
@@ -226,9 +242,6 @@ def user_module_roots(skip: tuple = ()) -> list[tuple[str, object]]:
             roots += namespace_roots(f"{name}.", namespace)
     return roots
 
-
-#: (len(sys.modules) when listed, the user's modules then): a look runs at many step ends
-_USER_MODULES: tuple[int, list[str]] = (-1, [])
 
 
 def namespace_roots(prefix: str, namespace: dict) -> list[tuple[str, object]]:

@@ -7,10 +7,11 @@ memprof.track(): train()` - that function has returned by then: its locals (`tot
 loss`, `losses.append(out)`) and the graphs they kept are gone, and the leak is only growth
 with no holder. So at a few step ends (the 2nd, 4th, 8th, ... step: a handful in a long run;
 and after GROWTH_LOOK_AFTER step ends in a row with more allocated than the one before, which
-finds a leak that starts late, between those) this recorder looks while the loop runs: graphs made before the step that just ended are
-still alive only if something kept them, and the frames on the stack name it. What it keeps
-is plain data (each graph's sequence range, saved storages, its holder's path), never the
-tensors, so the run's memory is the same.
+finds a leak that starts late, between those) this recorder looks while the loop runs:
+graphs made before the step that just ended are still alive only if something kept them,
+and the frames on the stack name it. What it keeps is plain data (each graph's sequence
+range, saved storages, its holder's path), never the tensors, so the run's memory is the
+same.
 
 It looks only when the innermost frame outside torch and memprof is a function other than
 the one that entered the block; a loop in that frame, or at a script's top level, is the
@@ -29,7 +30,7 @@ import torch
 
 from .. import _C
 from .autograd_graphs import graph_tensors, storage_of, walk_graphs
-from .holders import frame_roots, namespace_roots, reachable_tensors, user_module_roots
+from .holders import frame_roots, namespaces_roots, reachable_tensors
 
 _SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
                       for m in (torch, sys.modules[__name__.split(".")[0]]))
@@ -115,10 +116,7 @@ class LeakProbe:
             if not is_library_frame(f):
                 roots += frame_roots(f)
             f = f.f_back
-        for prefix, namespace in session.roots:
-            roots += namespace_roots(prefix, namespace)
-        searched = tuple(ns for _, ns in session.roots) + (frame.f_globals,)
-        roots += user_module_roots(skip=searched)
+        roots += namespaces_roots(session.roots, frame)
         bounds: dict[int, int] = {}
         reached = list(reachable_tensors(roots, bounds))   # (shortest path, tensor), one walk
         holders = {id(t): path for path, t in reached}

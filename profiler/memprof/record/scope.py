@@ -154,13 +154,18 @@ class ModuleScope:
             refs.pop((key, id(table)), None)
         self._refs[(key, id(table))] = weakref.ref(obj, forget)
 
+    def naming(self) -> tuple[int, int]:
+        """What changes when modules are named (a new root, a new submodule): what is kept
+        per set of named modules is kept under it."""
+        return len(self.names), len(self.roots)
+
     def module_refs(self) -> list[tuple[weakref.ref, int]]:
         """(weak reference to the module, id) for every named module of the model or the
         roots seen so far; walked again only when modules were named since (it runs at every
         step end). Weak: a module the user replaces or deletes inside the block (a new
         classifier head) is freed then, as without memprof (the list kept it alive, and its
         parameters allocated, until the block ended)."""
-        key = (len(self.names), len(self.roots))
+        key = self.naming()
         if self._module_ids[0] != key:
             out, seen = [], set()
             for m in self.root_modules():

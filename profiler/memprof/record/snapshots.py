@@ -242,8 +242,8 @@ class SnapshotRecorder:
 
     def _step_end(self) -> None:
         """The buffers, when a look is due, a buffer was set or modules were named."""
-        scope, step = self.session.scope, self.session.steps.step
-        seen = (len(scope.names), len(scope.roots))
+        step = self.session.steps.step
+        seen = self.session.scope.naming()
         if not (self._buffers_set or seen != self._modules_seen or
                 self._buffer_looks.due(step)):
             return
