@@ -1,6 +1,7 @@
 // Which storages a list of tensors holds, read in C++: the snapshots of gradients and optimizer
 // state run at every optimizer step (record/snapshots.py), and in Python they cost a few
 // microseconds per tensor - milliseconds per step for a model of a few hundred parameters.
+#include "address_watch.h"
 #include "bindings.h"
 
 #include <c10/core/DispatchKeySet.h>
@@ -202,8 +203,20 @@ py::object module_buffer_addresses(const py::list& module_ids) {
 // anew by zero_grad(set_to_none=True) are new storages each time. Plain tensors only; any
 // other parameter or gradient (fake, DTensor, functional, a __torch_dispatch__ subclass)
 // hands the step back to the Python path.
+//
+// "The very storages" is told without holding them (address_watch.h): the same storage object
+// at the same data address, and no allocation at any noted address since the note (the tracker
+// marks the note's watch), within one recording session (outside one: never the same). A weak reference to each storage, as StorageNote keeps for the
+// long-lived optimizer state and buffers, kept every step's freed gradients' storage objects
+// alive until the next step's note, and the step's kernels ran slower for where the heap then
+// put its tensors.
 class GradientNote {
  public:
+  GradientNote() = default;
+  GradientNote(const GradientNote&) = delete;
+  GradientNote& operator=(const GradientNote&) = delete;
+  ~GradientNote() { release_address_watch(watch_); }
+
   // None: the very storages noted last time, and no parameter's module named since (the
   // size of `param_module`, which only grows, is unchanged). False: not all plain; the
   // caller takes the Python path (nothing noted). Else (addresses, modules): the gradients'
@@ -214,10 +227,13 @@ class GradientNote {
     if (!PyList_Check(param_groups.ptr())) return py::bool_(false);   // a wrapper's own type
     const Py_ssize_t owners_known = PyDict_Size(param_module.ptr());
     std::vector<PyObject*> params;   // borrowed: the groups' lists hold them during the call
-    std::vector<NotedStorage> entries;
+    std::vector<NotedGradient> entries;
     params.reserve(params_.size());
     entries.reserve(entries_.size());
-    bool same = valid_ && owners_known == owners_known_;
+    const uint64_t session = recording_session();
+    bool same = valid_ && session != 0 && session == session_ &&
+                owners_known == owners_known_ && !watch_->hit();
+    bool all_hooked = true;   // every gradient on a device whose allocations the tracker sees
     for (py::handle group : py::reinterpret_borrow<py::list>(param_groups)) {
       if (!PyDict_Check(group.ptr())) return py::bool_(false);
       PyObject* list = PyDict_GetItemString(group.ptr(), "params");   // borrowed
@@ -233,9 +249,14 @@ class GradientNote {
         }
         const int64_t at = address(grad);
         if (at < 0) return py::bool_(false);
+        const c10::StorageImpl* impl = grad.storage().unsafeGetStorageImpl();
         const size_t k = entries.size();
-        if (same && (k >= entries_.size() || !holds(entries_[k], grad))) same = false;
-        entries.push_back(note_storage(grad, at));
+        if (same && (k >= entries_.size() || entries_[k].storage != impl ||
+                     entries_[k].address != at)) {
+          same = false;
+        }
+        all_hooked = all_hooked && (grad.is_cpu() || grad.is_cuda());
+        entries.push_back(NotedGradient{impl, at});
         params.push_back(param);
       }
     }
@@ -268,14 +289,22 @@ class GradientNote {
       addresses.append(py::int_(owned[i].first));
       modules.append(py::int_(owned[i].second));
     }
+    std::vector<int64_t> noted;
+    noted.reserve(entries.size());
+    for (const NotedGradient& e : entries) noted.push_back(e.address);
+    if (watch_ == nullptr) watch_ = acquire_address_watch();
     entries_ = std::move(entries);
     owners_known_ = owners_known;
-    valid_ = true;
+    session_ = session;
+    // comparable next time only while every noted address is watched
+    valid_ = all_hooked && watch_ != nullptr && watch_->watch(noted);
     return py::make_tuple(addresses, modules);
   }
 
   // Drops the note and the parameters it holds (the session is over).
   void forget() {
+    release_address_watch(watch_);
+    watch_ = nullptr;
     entries_.clear();
     params_.clear();
     modules_.clear();
@@ -283,7 +312,13 @@ class GradientNote {
   }
 
  private:
-  std::vector<NotedStorage> entries_;
+  struct NotedGradient {
+    const c10::StorageImpl* storage;   // compared, never followed
+    int64_t address;
+  };
+  std::vector<NotedGradient> entries_;
+  AddressWatch* watch_ = nullptr;    // the noted addresses, while valid_
+  uint64_t session_ = 0;             // the recording session they were noted in
   std::vector<py::object> params_;   // the parameters with a gradient at the last take
   std::vector<int64_t> modules_;     // their module ids
   Py_ssize_t owners_known_ = -1;

@@ -38,6 +38,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "address_watch.h"
 #include "bindings.h"
 #include "events.h"
 
@@ -538,6 +539,7 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
                          size_t total_reserved, c10::Device device) override {
     if (!records()) return;
+    if (alloc_size > 0) note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
     ThreadState& ts = thread_state();
     record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
@@ -904,6 +906,13 @@ bool leave_phase(int32_t phase) {
   return true;
 }
 
+// A torch.autograd.backward call returned: the backward phase ends (what runs next, logging or
+// the next micro-step's data, is not backward) and its marker (backward time, phase ends).
+void backward_end(uint64_t step) {
+  leave_phase(kPhaseBackward);
+  mark_static("backward_end", step);
+}
+
 // The watched optimizer's update begins.
 void optimizer_start(uint64_t step) {
   mark_static("optimizer_start", step);
@@ -1123,6 +1132,10 @@ py::dict counters() {
 
 }  // namespace
 
+uint64_t recording_session() {
+  return recording() ? session().generation.load(std::memory_order_acquire) : 0;
+}
+
 void register_tracker(py::module_& m) {
   // a failure (ENOMEM) leaves forked children recording, as before this handler existed
   static const int atfork_status = pthread_atfork(nullptr, nullptr, &stop_in_forked_child);
@@ -1149,6 +1162,8 @@ void register_tracker(py::module_& m) {
         "pop_module(); if still PHASE_FORWARD: PHASE_OTHER and mark('forward_end', step).");
   m.def("leave_phase", &leave_phase, py::arg("phase"),
         "PHASE_OTHER if the phase is `phase`; whether it was.");
+  m.def("backward_end", &backward_end, py::arg("step"),
+        "leave_phase(PHASE_BACKWARD), mark('backward_end', step).");
   m.def("optimizer_start", &optimizer_start, py::arg("step"),
         "mark('optimizer_start', step), set_phase(PHASE_OPTIMIZER).");
   m.def("steps_growing", &steps_growing,

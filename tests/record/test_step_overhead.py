@@ -3,6 +3,8 @@ storage addresses without is_fake's Python walk, and track(health=True) takes th
 optimizer sees from an L2 clip that just scaled the same, unchanged gradients instead of a
 second pass over them - while every change between clip and step is still seen."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -330,7 +332,23 @@ def _python_gradient_snapshot(opt, param_module):
     return ptrs, [owner[q] for q in ptrs]
 
 
+@contextlib.contextmanager
+def _recording():
+    """A native recording session without a tracker around it: a gradient note compares
+    storages only while one records (the allocations it is told of)."""
+    memprof._C.start(1 << 16)
+    try:
+        yield
+    finally:
+        memprof._C.stop()
+
+
 def test_gradient_note_takes_what_the_python_path_takes_and_skips_the_same_storages():
+    with _recording():
+        _gradient_note_takes_and_skips()
+
+
+def _gradient_note_takes_and_skips():
     torch.manual_seed(0)
     shared = torch.nn.Linear(4, 4)
     model = torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Linear(4, 4), shared)
@@ -356,6 +374,35 @@ def test_gradient_note_takes_what_the_python_path_takes_and_skips_the_same_stora
     model(torch.randn(2, 4)).sum().backward()
     again = note.take(opt.param_groups, param_module)
     assert again == _python_gradient_snapshot(opt, param_module) and len(again[0]) == 4
+
+
+def test_gradient_note_sees_new_gradients_in_the_old_storages_place():
+    """zero_grad(set_to_none=True) frees each gradient, and the allocator often hands the next
+    one the same block and the same storage object's memory: the note holds no reference to
+    the old storages (that slowed the step, see csrc/address_watch.h), so it tells them apart
+    by the allocation it was told of - each new gradient is taken, never skipped as the same."""
+    reused = 0
+    for size in (1024, 4096, 1 << 16, 1 << 18, 1 << 20):   # reuse depends on the heap's state
+        param = torch.nn.Parameter(torch.zeros(size))
+        param.grad = torch.ones(size)
+        groups = [{"params": [param]}]
+        note = memprof._C.GradientNote()
+        with _recording():
+            assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
+            for _ in range(100 if reused < 3 else 2):
+                assert note.take(groups, {}) is None            # nothing happened: the same
+                old = (param.grad.untyped_storage()._cdata, param.grad.data_ptr())
+                param.grad = None
+                param.grad = torch.ones(size)
+                reused += (param.grad.untyped_storage()._cdata, param.grad.data_ptr()) == old
+                assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
+    # outside a recording session no allocation is seen: never "the same"
+    assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
+    assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
+    note.forget()
+    if reused == 0:   # (glibc hands the block back in most processes, not in every heap state)
+        pytest.skip("the allocator never gave a new gradient the old one's block and storage "
+                    "object here: the case that needs the allocation watch did not occur")
 
 
 def test_gradient_note_hands_other_tensors_to_python_and_lets_go_of_the_parameters():

@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from .. import _C
-from .events import PHASE_BACKWARD, PHASE_OTHER
+from .events import PHASE_OTHER
 from .patches import PatchRegistry, remove_handles
 
 
@@ -98,7 +98,7 @@ class StepClock:
             closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
             if callable(closure):
                 return self._after_closure(optimizer, closure, args, kwargs)
-        if self.watches(optimizer):
+        if self.optimizer is None or optimizer is self.optimizer:   # (watches, inline)
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
                 self._seen[id(optimizer)] = weakref.ref(optimizer)
@@ -141,7 +141,7 @@ class StepClock:
         if self._waiting and id(optimizer) in self._waiting:
             self._waiting.discard(id(optimizer))
             self._pre(optimizer, (optimizer,), {})   # a step given a closure it did not call
-        if not self.watches(optimizer):
+        if self.optimizer is not None and optimizer is not self.optimizer:   # (watches)
             return
         for fn in tuple(self.on_optimizer_post):
             fn(optimizer)
@@ -198,8 +198,9 @@ class BackwardHook:
             for fn in tuple(hook.before):
                 fn(tensors, grad_tensors)
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
-            # backward is over: what runs next (logging, the next micro-step's data) is not
-            _C.leave_phase(PHASE_BACKWARD)
+            # backward is over: what runs next (logging, the next micro-step's data) is not;
+            # its end marker (analyse.throughput's backward time, the report's phase ends)
+            _C.backward_end(hook.steps.step)
             for fn in tuple(hook.after):
                 fn()
             if hook.steps.step_on == "backward":

@@ -200,6 +200,7 @@ class ThroughputRecorder:
             session.steps.on_optimizer_pre.append(self._optimizer_pre)
             session.steps.on_step_end.append(lambda: self._cuda_mark("step"))
             session.backward.before.append(lambda t, g: self._cuda_mark("backward_start"))
+            session.backward.after.append(lambda: self._cuda_mark("backward_end"))
             try:
                 self.gpu = GpuSampler(_cuda_device_index(params))
                 self.gpu.start()
@@ -207,7 +208,6 @@ class ThroughputRecorder:
                 self.gpu = None
                 self.gpu_error = f"{type(err).__name__}: {err}"
         session.scope.on_forward_start.append(self._forward_inputs)
-        session.backward.after.append(self._after_backward)
         from torch.utils.data import dataloader
         session.patches.patch(dataloader._BaseDataLoaderIter, "__next__", self._wrap_next)
 
@@ -237,11 +237,6 @@ class ThroughputRecorder:
         self.session.steps.mark(label)
         if self.cuda:
             self._cuda_mark(label)
-
-    def _after_backward(self) -> None:
-        _C.mark("backward_end", self.session.steps.step)
-        if self.cuda:
-            self._cuda_mark("backward_end")
 
     def _forward_inputs(self, args, kwargs) -> None:
         """At a pass's start. A pass without gradients (a validation batch every step) is

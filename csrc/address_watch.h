@@ -1,0 +1,68 @@
+// Whether an allocation was made at one of a few addresses since they were noted: how a
+// gradient note (storages.cpp) tells "the very storages as last step" without holding them.
+//
+// A weak reference to each gradient's StorageImpl did the same, but it kept the storage's
+// object alive past the gradient's free: with zero_grad(set_to_none=True) that is every
+// gradient at every step, and the heap then placed the next step's tensors elsewhere. On the
+// benchmark MLP (benchmarks/overhead_health.py, 3-4 MB gradients) that alone slowed the untouched
+// step's kernels by 4-6 % (scratch ablations: weak references against raw pointers). A
+// storage at the same address whose block was not allocated again since is the same storage;
+// the tracker sees every allocation of the hooked allocators (CPU, CUDA), so it marks a watch
+// whose address comes back, and nothing is kept alive.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace memprof {
+
+class AddressWatch {
+ public:
+  static constexpr size_t kSlots = size_t{1} << 13;   // open addressing, at most half full
+  static constexpr size_t kMaxAddresses = kSlots / 2;
+
+  // Replaces the watched addresses (0 is skipped) and clears the mark; false (nothing watched)
+  // when there are more than kMaxAddresses. Writer: the note's owner only.
+  bool watch(const std::vector<int64_t>& addresses);
+  // Watches nothing (the slots this watch used are cleared).
+  void clear();
+  // An allocation at `ptr`: marks the watch if it is one of its addresses. Any thread.
+  void allocated(uint64_t ptr) {
+    if (used_.load(std::memory_order_relaxed) == 0) return;
+    for (size_t i = slot_of(ptr);; i = (i + 1) & (kSlots - 1)) {
+      uint64_t v = slots_[i].load(std::memory_order_relaxed);
+      if (v == 0) return;
+      if (v == ptr) {
+        hit_.store(true, std::memory_order_relaxed);
+        return;
+      }
+    }
+  }
+  // Whether an allocation was made at a watched address since watch().
+  bool hit() const { return hit_.load(std::memory_order_relaxed); }
+
+ private:
+  static size_t slot_of(uint64_t ptr) {
+    return static_cast<size_t>((ptr * 0x9E3779B97F4A7C15ull) >> 51) & (kSlots - 1);
+  }
+  std::atomic<uint64_t> slots_[kSlots] = {};
+  std::vector<size_t> filled_;            // writer only: the slots to clear
+  std::atomic<size_t> used_{0};
+  std::atomic<bool> hit_{false};
+};
+
+// A watch for the caller to hold (one per gradient note; null when all are taken), and its
+// return. Watches live for the process: the allocation hook may read one as it is returned.
+AddressWatch* acquire_address_watch();
+void release_address_watch(AddressWatch* watch);
+
+// The tracker's allocation hook: tells every watch in use.
+void note_allocation(uint64_t ptr);
+
+// The tracker's session while it records allocations, else 0 (tracker.cpp): a watch is
+// told of allocations only then, so a note compares only within one recording session.
+uint64_t recording_session();
+
+}  // namespace memprof
