@@ -48,3 +48,25 @@ def test_cuda_oom_is_recorded_and_profile_saved(tmp_path):
     saved = memprof.load(str(path))
     assert "OutOfMemoryError" in saved.meta["error"]
     del keep
+
+
+def test_cuda_gradient_note_sees_new_gradients_in_the_cached_block():
+    """The caching allocator hands a freed gradient's block to the next gradient of its size:
+    the gradient note (which holds no reference to the old storage) must take each step's
+    gradients anew, told by the allocation report of the reused block."""
+    model = torch.nn.Linear(256, 256).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 256, device="cuda")
+    addresses = []
+    with memprof.track(model, opt) as prof:
+        for _ in range(4):
+            model(x).sum().backward()
+            addresses.append(model.weight.grad.data_ptr())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    assert len(set(addresses)) < len(addresses)   # the block did come back
+    from memprof.record.events import CAT_GRADIENTS
+    grads = [s for s in prof.run.snapshots if s.category == CAT_GRADIENTS]
+    assert len(grads) >= 4   # one per step, none skipped as "the same storages"
+    assert prof.breakdown(at="end").get("gradients", 0) == 0   # set to None after the last step
