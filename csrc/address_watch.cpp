@@ -17,11 +17,15 @@ std::mutex g_acquire_mu;
 bool AddressWatch::watch(const std::vector<int64_t>& addresses) {
   clear();
   if (addresses.size() > kMaxAddresses) return false;
+  size_t slots = kMinSlots;
+  while (slots < 2 * addresses.size()) slots *= 2;
+  const size_t mask = slots - 1;
+  mask_.store(mask, std::memory_order_relaxed);
   for (int64_t a : addresses) {
     if (a <= 0) continue;
     auto ptr = static_cast<uint64_t>(a);
-    size_t i = slot_of(ptr);
-    for (;; i = (i + 1) & (kSlots - 1)) {
+    size_t i = slot_of(ptr, mask);
+    for (;; i = (i + 1) & mask) {
       uint64_t v = slots_[i].load(std::memory_order_relaxed);
       if (v == ptr) break;   // listed twice (tied gradients)
       if (v == 0) {

@@ -20,8 +20,13 @@ namespace memprof {
 
 class AddressWatch {
  public:
-  static constexpr size_t kSlots = size_t{1} << 13;   // open addressing, at most half full
-  static constexpr size_t kMaxAddresses = kSlots / 2;
+  // Open addressing, at most half full, in the first `mask_ + 1` slots: a power of two sized to
+  // the addresses watched (a lookup on every allocation stays in a few KiB for a model of a
+  // few hundred parameters; a mixture of experts with tens of thousands still fits).
+  static constexpr int kMaxSlotBits = 17;
+  static constexpr size_t kMaxSlots = size_t{1} << kMaxSlotBits;
+  static constexpr size_t kMinSlots = 1024;
+  static constexpr size_t kMaxAddresses = kMaxSlots / 2;
 
   // Replaces the watched addresses (0 is skipped) and clears the mark; false (nothing watched)
   // when there are more than kMaxAddresses. Writer: the note's owner only.
@@ -31,7 +36,10 @@ class AddressWatch {
   // An allocation at `ptr`: marks the watch if it is one of its addresses. Any thread.
   void allocated(uint64_t ptr) {
     if (used_.load(std::memory_order_relaxed) == 0) return;
-    for (size_t i = slot_of(ptr);; i = (i + 1) & (kSlots - 1)) {
+    const size_t mask = mask_.load(std::memory_order_relaxed);
+    // bounded: a lookup racing a re-watch may read slots filled under another mask
+    size_t i = slot_of(ptr, mask);
+    for (size_t n = 0; n <= mask; ++n, i = (i + 1) & mask) {
       uint64_t v = slots_[i].load(std::memory_order_relaxed);
       if (v == 0) return;
       if (v == ptr) {
@@ -44,10 +52,12 @@ class AddressWatch {
   bool hit() const { return hit_.load(std::memory_order_relaxed); }
 
  private:
-  static size_t slot_of(uint64_t ptr) {
-    return static_cast<size_t>((ptr * 0x9E3779B97F4A7C15ull) >> 51) & (kSlots - 1);
+  static size_t slot_of(uint64_t ptr, size_t mask) {
+    return static_cast<size_t>((ptr * 0x9E3779B97F4A7C15ull) >> (64 - kMaxSlotBits)) & mask;
   }
-  std::atomic<uint64_t> slots_[kSlots] = {};
+  // (untouched slots cost no memory: the watches are zero-initialised statics)
+  std::atomic<uint64_t> slots_[kMaxSlots] = {};
+  std::atomic<size_t> mask_{kMinSlots - 1};
   std::vector<size_t> filled_;            // writer only: the slots to clear
   std::atomic<size_t> used_{0};
   std::atomic<bool> hit_{false};

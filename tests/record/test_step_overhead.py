@@ -405,6 +405,26 @@ def test_gradient_note_sees_new_gradients_in_the_old_storages_place():
                     "object here: the case that needs the allocation watch did not occur")
 
 
+def test_gradient_note_of_thousands_of_gradients_still_skips_the_same_storages():
+    """A mixture of experts has tens of thousands of parameters: the note's watch of their
+    addresses grows with them, so unchanged gradients are still not taken again at every step
+    (a snapshot of every address per step would grow the run's memory step after step)."""
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(6000)]
+    for p in params:
+        p.grad = torch.ones(2)
+    groups = [{"params": params}]
+    note = memprof._C.GradientNote()
+    with _recording():
+        taken = note.take(groups, {})
+        assert len(taken[0]) == 6000
+        assert note.take(groups, {}) is None
+        params[4321].grad = torch.ones(2)          # one new gradient
+        again = note.take(groups, {})
+        assert again is not None and params[4321].grad.data_ptr() in again[0]
+        assert note.take(groups, {}) is None
+    note.forget()
+
+
 def test_gradient_note_hands_other_tensors_to_python_and_lets_go_of_the_parameters():
     import gc
     import weakref
