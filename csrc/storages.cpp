@@ -206,10 +206,10 @@ py::object module_buffer_addresses(const py::list& module_ids) {
 //
 // "The very storages" is told without holding them (address_watch.h): the same storage object
 // at the same data address, and no allocation at any noted address since the note (the tracker
-// marks the note's watch), within one recording session (outside one: never the same). A weak reference to each storage, as StorageNote keeps for the
-// long-lived optimizer state and buffers, kept every step's freed gradients' storage objects
-// alive until the next step's note, and the step's kernels ran slower for where the heap then
-// put its tensors.
+// marks the note's watch), within one recording session (outside one: never the same). A weak
+// reference to each storage, as StorageNote keeps for the long-lived optimizer state and
+// buffers, kept every step's freed gradients' storage objects alive until the next step's
+// note, and the step's kernels ran slower for where the heap then put its tensors.
 class GradientNote {
  public:
   GradientNote() = default;
