@@ -5,9 +5,11 @@
 namespace memprof {
 namespace {
 
-// One per optimizer watched at once is plenty; a note without one falls back to "not the
-// same" at every step (a snapshot each step, as with gradients made anew).
-constexpr int kWatches = 4;
+// One per live optimizer (a note lets its watch go when its optimizer is collected or the
+// session ends); a note without one falls back to "not the same" at every step (a snapshot
+// each step, as with gradients made anew). Every allocation looks each watch in use up, so
+// this stays small.
+constexpr int kWatches = 8;
 AddressWatch g_watches[kWatches];
 std::atomic<uint32_t> g_in_use{0};   // bit i: g_watches[i] is held
 std::mutex g_acquire_mu;
@@ -21,6 +23,7 @@ bool AddressWatch::watch(const std::vector<int64_t>& addresses) {
   while (slots < 2 * addresses.size()) slots *= 2;
   const size_t mask = slots - 1;
   mask_.store(mask, std::memory_order_relaxed);
+  size_t used = 0;
   for (int64_t a : addresses) {
     if (a <= 0) continue;
     auto ptr = static_cast<uint64_t>(a);
@@ -30,20 +33,20 @@ bool AddressWatch::watch(const std::vector<int64_t>& addresses) {
       if (v == ptr) break;   // listed twice (tied gradients)
       if (v == 0) {
         slots_[i].store(ptr, std::memory_order_relaxed);
-        filled_.push_back(i);
+        ++used;
         break;
       }
     }
   }
   hit_.store(false, std::memory_order_relaxed);
-  used_.store(filled_.size(), std::memory_order_release);
+  used_.store(used, std::memory_order_release);
   return true;
 }
 
 void AddressWatch::clear() {
   used_.store(0, std::memory_order_release);
-  for (size_t i : filled_) slots_[i].store(0, std::memory_order_relaxed);
-  filled_.clear();
+  const size_t mask = mask_.load(std::memory_order_relaxed);   // (watch() sizes it after)
+  for (size_t i = 0; i <= mask; ++i) slots_[i].store(0, std::memory_order_relaxed);
   hit_.store(false, std::memory_order_relaxed);
 }
 

@@ -8,12 +8,17 @@
 // step's kernels by 4-6 % (scratch ablations: weak references against raw pointers). A
 // storage at the same address whose block was not allocated again since is the same storage;
 // the tracker sees every allocation of the hooked allocators (CPU, CUDA), so it marks a watch
-// whose address comes back, and nothing is kept alive.
+// whose address comes back, and nothing is kept alive. Memory that no hooked allocator hands
+// out (pinned host memory, torch.from_numpy, a pluggable CUDA allocator, CUDA-graph pools) is
+// invisible to it: a new storage object over such memory, at the old object's address, reads
+// as the same - and the snapshot it skips would name the same addresses (nothing else
+// records that memory either).
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace memprof {
@@ -31,7 +36,7 @@ class AddressWatch {
   // Replaces the watched addresses (0 is skipped) and clears the mark; false (nothing watched)
   // when there are more than kMaxAddresses. Writer: the note's owner only.
   bool watch(const std::vector<int64_t>& addresses);
-  // Watches nothing (the slots this watch used are cleared).
+  // Watches nothing (the slots of the current size are cleared).
   void clear();
   // An allocation at `ptr`: marks the watch if it is one of its addresses. Any thread.
   void allocated(uint64_t ptr) {
@@ -55,13 +60,15 @@ class AddressWatch {
   static size_t slot_of(uint64_t ptr, size_t mask) {
     return static_cast<size_t>((ptr * 0x9E3779B97F4A7C15ull) >> (64 - kMaxSlotBits)) & mask;
   }
-  // (untouched slots cost no memory: the watches are zero-initialised statics)
+  // Atomics only: the watches are statics never destroyed (an allocation during interpreter
+  // exit may still look one up), and zero-initialised (untouched slots cost no memory).
   std::atomic<uint64_t> slots_[kMaxSlots] = {};
   std::atomic<size_t> mask_{kMinSlots - 1};
-  std::vector<size_t> filled_;            // writer only: the slots to clear
   std::atomic<size_t> used_{0};
   std::atomic<bool> hit_{false};
 };
+
+static_assert(std::is_trivially_destructible_v<AddressWatch>, "see AddressWatch's members");
 
 // A watch for the caller to hold (one per gradient note; null when all are taken), and its
 // return. Watches live for the process: the allocation hook may read one as it is returned.

@@ -425,6 +425,46 @@ def test_gradient_note_of_thousands_of_gradients_still_skips_the_same_storages()
     note.forget()
 
 
+def test_gradient_notes_share_a_few_address_watches_and_give_them_back():
+    """Each note watches its addresses in one of 8 watches (every allocation looks each watch
+    in use up): a ninth note at once falls back to taking its gradients at every step, and
+    takes a watch as soon as one is given back."""
+    param = torch.nn.Parameter(torch.zeros(4))
+    param.grad = torch.ones(4)
+    groups = [{"params": [param]}]
+    notes = []
+    with _recording():
+        for _ in range(9):   # (a note another test left alive may hold a watch)
+            notes.append(memprof._C.GradientNote())
+            assert notes[-1].take(groups, {}) is not None
+            if notes[-1].take(groups, {}) is not None:     # no watch: taken again
+                break
+        unwatched = notes[-1]
+        assert len(notes) <= 9 and all(n.take(groups, {}) is None for n in notes[:-1])
+        assert unwatched.take(groups, {}) is not None      # still none free
+        notes[0].forget()                                   # one given back
+        assert unwatched.take(groups, {}) is not None      # noted, now watched
+        assert unwatched.take(groups, {}) is None
+    for note in notes:
+        note.forget()
+
+
+def test_an_optimizer_collected_inside_the_block_gives_its_note_back():
+    import gc
+    model, _ = _setup()
+    with memprof.track(model) as prof:
+        notes = prof.session.snapshots._gradient_notes
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = _batch(0)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        key = id(opt)
+        assert key in notes
+        del opt
+        gc.collect()
+        assert key not in notes
+
+
 def test_gradient_note_hands_other_tensors_to_python_and_lets_go_of_the_parameters():
     import gc
     import weakref

@@ -5,7 +5,7 @@ utilisation.
 Where the numbers come from
 - Phase boundaries are the markers in the event stream: ``forward_start`` / ``forward_end``
   (the model's calls, record.scope), ``backward_start`` (native, first autograd node of a
-  backward pass), ``backward_end`` (record.throughput, after each backward call),
+  backward pass), ``backward_end`` (record.steps' backward wrapper, after each backward call),
   ``optimizer_start`` and ``step`` (optimizer step hooks, or ``prof.step()``), ``batch``
   (record.throughput: the leading dimension of the first tensor passed to the pass's module)
   and ``eval_batch`` (the same for a pass without gradients).

@@ -15,6 +15,7 @@ alive at the marker is named for its whole life.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,7 @@ class SnapshotRecorder:
         self._noted: dict[tuple[int, int], tuple] = {}
         # id(optimizer) -> _C.GradientNote: its plain gradients at its last step
         self._gradient_notes: dict[int, object] = {}
+        self._note_finalizers: list = []
         self._state_looks: dict[int, Looks] = {}   # id(optimizer) -> when to look again
         self._buffer_looks = Looks()
         # buffers set since the last look (register_buffer, a buffer assigned, Module._apply)
@@ -259,7 +261,7 @@ class SnapshotRecorder:
         # zero_grad(set_to_none=True)); anything else takes the Python path below
         note = self._gradient_notes.get(id(optimizer))
         if note is None:
-            note = self._gradient_notes[id(optimizer)] = _C.GradientNote()
+            note = self._gradient_notes[id(optimizer)] = self._new_gradient_note(optimizer)
         taken = note.take(optimizer.param_groups, self.session.scope.param_module)
         if taken is None:
             return
@@ -332,8 +334,25 @@ class SnapshotRecorder:
         _C.mark("snapshot", category)   # the marker's index is found after the run
         self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs, modules=modules))
 
+    def _new_gradient_note(self, optimizer):
+        """A note that lets go of its parameters and its address watch (one of a few, see
+        csrc/address_watch.cpp) when the optimizer is collected: a loop that makes a new
+        optimizer every epoch does not hold them all."""
+        note = _C.GradientNote()
+        key = id(optimizer)
+
+        def optimizer_gone(notes=self._gradient_notes, note=note):
+            note.forget()
+            if notes.get(key) is note:
+                del notes[key]
+        self._note_finalizers.append(weakref.finalize(optimizer, optimizer_gone))
+        return note
+
     def release(self) -> None:
         """The session is over: the gradient notes let go of the parameters they hold."""
+        for finalizer in self._note_finalizers:
+            finalizer.detach()
+        self._note_finalizers.clear()
         for note in self._gradient_notes.values():
             note.forget()
         self._gradient_notes.clear()

@@ -4,7 +4,9 @@ data wait, forward, evaluation, backward and optimizer (see that module for the 
 - `batch` markers: the leading dimension of the first tensor passed to the pass's module (the
   root, or a model a never-called container holds); `eval_batch` for a pass run without
   gradients (with track(batch_size=N), the size given: the pass is still evaluation);
-- `backward_end` markers: after each torch.autograd.backward call (the session's wrapper);
+- (`backward_end` markers, after each torch.autograd.backward call, come from the session's
+  backward wrapper itself, record.steps: one native call with the phase's end; here only
+  their CUDA event);
 - `data_start` / `data_end` markers around every DataLoader iterator's __next__ (patched
   through the session's registry): the only time analyse.throughput blames on data loading;
 - when the parameters are on CUDA: a `torch.cuda.Event` at every phase boundary, resolved at
