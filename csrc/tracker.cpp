@@ -899,17 +899,10 @@ void forward_end(uint64_t step) {
   }
 }
 
-// `phase` becomes kPhaseOther if it is `phase` now (backward ended); whether it was.
-bool leave_phase(int32_t phase) {
-  if (get_phase() != phase) return false;
-  set_phase(kPhaseOther);
-  return true;
-}
-
 // A torch.autograd.backward call returned: the backward phase ends (what runs next, logging or
 // the next micro-step's data, is not backward) and its marker (backward time, phase ends).
 void backward_end(uint64_t step) {
-  leave_phase(kPhaseBackward);
+  if (get_phase() == kPhaseBackward) set_phase(kPhaseOther);
   mark_static("backward_end", step);
 }
 
@@ -1160,10 +1153,8 @@ void register_tracker(py::module_& m) {
         "set_phase(PHASE_FORWARD), mark('forward_start', step), push_module(module_id).");
   m.def("forward_end", &forward_end, py::arg("step"),
         "pop_module(); if still PHASE_FORWARD: PHASE_OTHER and mark('forward_end', step).");
-  m.def("leave_phase", &leave_phase, py::arg("phase"),
-        "PHASE_OTHER if the phase is `phase`; whether it was.");
   m.def("backward_end", &backward_end, py::arg("step"),
-        "leave_phase(PHASE_BACKWARD), mark('backward_end', step).");
+        "PHASE_OTHER if the phase is PHASE_BACKWARD, mark('backward_end', step).");
   m.def("optimizer_start", &optimizer_start, py::arg("step"),
         "mark('optimizer_start', step), set_phase(PHASE_OPTIMIZER).");
   m.def("steps_growing", &steps_growing,

@@ -49,9 +49,7 @@ PASS = -1
 _pass_handler: list = [None]
 #: auto mode's handler of every other call, fn(module, args, kwargs): it names what runs
 _other_handler: list = [None]
-#: what the block replaced: the call module_call stands in front of (a pass handler calls
-#: it directly, one frame fewer than call_through, on the path of every forward pass)
-original = [torch.nn.Module.__call__]
+_original = [torch.nn.Module.__call__]   # what the block replaced
 _reaches_us: list = [None]   # a __call__ set over ours during a block and left there: it calls us
 #: a module call was traced by dynamo (or run by non-strict export) since the block began: a
 #: global store, which dynamo replays after each run of what it compiled (no guard, no break)
@@ -63,24 +61,24 @@ def module_call(module, /, *args, **kwargs):
     if dynamo_compiling() or export_flag._is_compiling_flag:   # traced, not run
         global traced
         traced = True
-        return original[0](module, *args, **kwargs)
+        return _original[0](module, *args, **kwargs)
     mid = scoped_ids.get(id(module))
     if mid is None or mid == PASS:
         # (a handler read once: another thread's block may be ending)
         handler = _other_handler[0] if mid is None else _pass_handler[0]
         if handler is None:
-            return original[0](module, *args, **kwargs)
+            return _original[0](module, *args, **kwargs)
         return handler(module, args, kwargs)
     _C.push_module(mid)
     try:
-        return original[0](module, *args, **kwargs)
+        return _original[0](module, *args, **kwargs)
     finally:
         _C.pop_module()
 
 
 def call_through(module, args, kwargs):
     """The call module_call stands in front of (a pass handler's)."""
-    return original[0](module, *args, **kwargs)
+    return _original[0](module, *args, **kwargs)
 
 
 def call_in_scope(mid: int, module, args, kwargs):
@@ -88,7 +86,7 @@ def call_in_scope(mid: int, module, args, kwargs):
     thread). module_call itself does the same inline: a frame fewer on every call."""
     _C.push_module(mid)
     try:
-        return original[0](module, *args, **kwargs)
+        return _original[0](module, *args, **kwargs)
     finally:
         _C.pop_module()
 
@@ -107,8 +105,8 @@ def install(ids: dict[int, int], patches, pass_handler=None, other_handler=None)
     if current is module_call or current is _reaches_us[0]:
         return   # ours already, or a wrapper around ours (replacing it would call itself)
 
-    def replace(replaced):
-        original[0] = replaced
+    def replace(original):
+        _original[0] = original
         return module_call
     patches.patch(torch.nn.Module, "__call__", replace)
 
@@ -125,12 +123,12 @@ def after_restore() -> None:
     the first time inside the block) are the original again: dynamo calls a module's forward
     directly only where its `__call__` is that."""
     current = torch.nn.Module.__call__
-    if current is not original[0] and current is not module_call:
+    if current is not _original[0] and current is not module_call:
         _reaches_us[0] = current
     for name, mod in list(sys.modules.items()):
         if name.startswith("torch._dynamo") and mod is not None and \
                 getattr(mod, "unpatched_nn_module_call", None) is module_call:
-            mod.unpatched_nn_module_call = original[0]
+            mod.unpatched_nn_module_call = _original[0]
 
 
 def load_dynamo() -> None:
@@ -142,7 +140,7 @@ def load_dynamo() -> None:
     if "torch._dynamo" in sys.modules:
         return
     ours = torch.nn.Module.__call__
-    torch.nn.Module.__call__ = original[0]
+    torch.nn.Module.__call__ = _original[0]
     try:
         importlib.import_module("torch._dynamo")
     finally:

@@ -352,7 +352,7 @@ class ModuleScope:
         self._root_pre(module, args, kwargs, mid)
         output = None
         try:
-            output = module_call.original[0](module, *args, **kwargs)   # (call_through)
+            output = module_call.call_through(module, args, kwargs)
             return output
         finally:
             self._root_post(module, args, output)

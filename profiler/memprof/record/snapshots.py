@@ -247,14 +247,13 @@ class SnapshotRecorder:
         step = self.session.steps.step
         seen = self.session.scope.naming()
         if not (self._buffers_set or seen != self._modules_seen or
-                step >= self._buffer_looks.next):   # (due, inline: this runs at every step)
+                self._buffer_looks.due(step)):
             return
         self._buffers_set, self._modules_seen = False, seen
         self._buffer_looks.looked(step, self.note_buffers())
 
     def _before_optimizer(self, optimizer) -> None:
-        steps = self.session.steps
-        if steps.optimizer is not None and optimizer is not steps.optimizer:   # (watches)
+        if not self.session.steps.watches(optimizer):
             return
         # plain parameters and gradients (a run on a device): read, compared and, when new,
         # owned in C++ (the gradients are new storages at every step after

@@ -98,7 +98,7 @@ class StepClock:
             closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
             if callable(closure):
                 return self._after_closure(optimizer, closure, args, kwargs)
-        if self.optimizer is None or optimizer is self.optimizer:   # (watches, inline)
+        if self.watches(optimizer):
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
                 self._seen[id(optimizer)] = weakref.ref(optimizer)
@@ -141,7 +141,7 @@ class StepClock:
         if self._waiting and id(optimizer) in self._waiting:
             self._waiting.discard(id(optimizer))
             self._pre(optimizer, (optimizer,), {})   # a step given a closure it did not call
-        if self.optimizer is not None and optimizer is not self.optimizer:   # (watches)
+        if not self.watches(optimizer):
             return
         for fn in tuple(self.on_optimizer_post):
             fn(optimizer)
