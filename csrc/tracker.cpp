@@ -14,9 +14,11 @@
 #include <ATen/record_function.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/StorageImpl.h>
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/numpy.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <pybind11/stl.h>
 
@@ -342,6 +344,8 @@ struct ThreadStateOwner {
   ~ThreadStateOwner();
 };
 __attribute__((tls_model("initial-exec"))) thread_local ThreadState* tls_state = nullptr;
+// the free baseline_delete is reporting on this thread (below), so the allocator's is skipped
+__attribute__((tls_model("initial-exec"))) thread_local void* tls_baseline_free = nullptr;
 thread_local ThreadStateOwner tls_owner;
 ThreadStateOwner::~ThreadStateOwner() {
   tls_state = nullptr;
@@ -539,7 +543,11 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
                          size_t total_reserved, c10::Device device) override {
     if (!records()) return;
-    if (alloc_size > 0) note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
+    if (alloc_size > 0) {
+      note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
+    } else if (ptr == tls_baseline_free) {
+      return;   // baseline_delete reported this free already
+    }
     ThreadState& ts = thread_state();
     record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
@@ -637,6 +645,89 @@ class FreeWatchingAllocator final : public c10::Allocator {
  private:
   c10::Allocator* base_;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Frees of blocks from before the session. The CPU allocator reports a free with the size it
+// noted when the block was made, and it notes sizes only while someone profiles: a parameter,
+// buffer or optimizer state made before tracking is freed without any report. The session's
+// baseline lists those blocks (one synthetic allocation each), so without their frees they
+// stayed "alive" to the end, and a new block the allocator placed at the same address looked
+// like a second live one there (model.double() freeing the old buffers). The tracker gives
+// each such block a deleter that reports its free, with the size the baseline noted, and then
+// runs the allocator's own one. The base deleter's report of the same block (it has one when
+// the block was made under another profiler) is skipped on that thread.
+struct BaselineBlock {
+  int64_t nbytes;
+  c10::DeleterFnPtr base_deleter;
+};
+struct BaselineBlocks {
+  std::mutex mutex;
+  std::unordered_map<void*, BaselineBlock> blocks;   // data pointer (= context) -> block
+};
+BaselineBlocks& baseline_blocks() {
+  static auto* blocks = new BaselineBlocks();   // never destroyed: frees may come at exit
+  return *blocks;
+}
+void baseline_delete(void* ptr) {
+  BaselineBlock block{0, nullptr};
+  {
+    BaselineBlocks& b = baseline_blocks();
+    std::lock_guard<std::mutex> lock(b.mutex);
+    auto it = b.blocks.find(ptr);
+    if (it != b.blocks.end()) {
+      block = it->second;
+      b.blocks.erase(it);
+    }
+  }
+  if (block.base_deleter == nullptr) return;   // not reached: every swapped block is listed
+  if (recording()) {
+    reattach_before_free();
+    auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
+    if (current != nullptr && typeid(*current) == typeid(Reporter)) {
+      auto* reporter = static_cast<Reporter*>(current);
+      if (reporter->records()) {
+        ThreadState& ts = thread_state();
+        // the allocator's total never counted this block: it stays as last reported
+        reporter->reportMemoryUsage(ptr, -block.nbytes, static_cast<size_t>(ts.cpu_total), 0,
+                                    c10::Device(c10::DeviceType::CPU));
+        tls_baseline_free = ptr;
+      }
+    }
+  }
+  block.base_deleter(ptr);
+  tls_baseline_free = nullptr;
+}
+
+// The pre-existing CPU blocks of a session's baseline (tensors): each block of the CPU
+// allocator (data and context pointers equal, its plain deleter) has its free reported from
+// now on. Returns how many blocks are watched (those watched by an earlier session included).
+int64_t watch_baseline_frees(const py::list& tensors) {
+  c10::Allocator* allocator = c10::GetCPUAllocator();
+  if (auto* wrapper = dynamic_cast<FreeWatchingAllocator*>(allocator)) allocator = wrapper->base();
+  c10::DeleterFnPtr plain = allocator->raw_deleter();
+  int64_t watched = 0;
+  BaselineBlocks& b = baseline_blocks();
+  for (py::handle item : tensors) {
+    if (!THPVariable_Check(item.ptr())) continue;
+    const at::Tensor& t = THPVariable_Unpack(item.ptr());
+    if (!t.has_storage() || !t.device().is_cpu()) continue;
+    c10::StorageImpl* storage = t.storage().unsafeGetStorageImpl();
+    c10::DataPtr& data = storage->_mutable_data_ptr_no_checks();
+    if (data.get() == nullptr || data.get() != data.get_context()) continue;
+    auto nbytes = static_cast<int64_t>(storage->nbytes());
+    std::lock_guard<std::mutex> lock(b.mutex);
+    c10::DeleterFnPtr current = data.get_deleter();
+    if (current == &baseline_delete) {
+      b.blocks[data.get()].nbytes = nbytes;   // an earlier session's: its size today
+      ++watched;
+    } else if (current == plain && plain != nullptr &&
+               data.compare_exchange_deleter(plain, &baseline_delete)) {
+      b.blocks[data.get()] = BaselineBlock{nbytes, plain};
+      ++watched;
+    }
+  }
+  return watched;
+}
 
 // Installs the wrapper around the current CPU allocator once. Never destroyed: blocks made
 // while tracking may be freed at any time, during interpreter exit included.
@@ -1139,6 +1230,9 @@ void register_tracker(py::module_& m) {
         "Start recording allocations and ops on this thread (and autograd threads it spawns). "
         "hooks_only: install the same hooks with empty bodies and record nothing (what "
         "PyTorch's hook points cost by themselves; benchmarks only).");
+  m.def("watch_baseline_frees", &watch_baseline_frees, py::arg("tensors"),
+        "Report the frees of these CPU tensors' blocks (made before the session, so the CPU "
+        "allocator would free them without a report). Returns how many blocks are watched.");
   m.def("stop", &stop, "Stop recording; idempotent. Returns a warning string or ''.");
   m.def("is_active", &is_active);
   m.def("attach_thread", &attach_thread,

@@ -170,8 +170,11 @@ class SnapshotRecorder:
         return self.session.scope.param_module.get(id(p), -1)
 
     def collect_baseline(self) -> None:
-        """Blocks alive before tracking that memprof can name."""
+        """Blocks alive before tracking that memprof can name. The CPU allocator would free
+        them without a report (it knows only the sizes of blocks made while profiling), so
+        their frees are watched natively: a freed one does not stay "alive" in the profile."""
         seen: set[int] = set()
+        cpu_blocks: list[torch.Tensor] = []
 
         def add(t, cat, module):
             key = storage_key(t)
@@ -179,6 +182,8 @@ class SnapshotRecorder:
                 return
             seen.add(key[0])
             self.baseline.append((key[0], key[1], key[2], module, cat))
+            if key[2] == DEVICE_CPU:
+                cpu_blocks.append(t if is_plain_tensor(t) else _local_shard(t))
 
         for p in self.session.params():
             add(p, CAT_PARAMETERS, self._module_of(p))
@@ -192,6 +197,7 @@ class SnapshotRecorder:
         for b, mid in buffers:
             add(b, CAT_BUFFERS, mid)
         self._buffer_keys = _sorted_storage_ptrs(buffers)
+        _C.watch_baseline_frees(cpu_blocks)
 
     def buffers(self) -> list[tuple[torch.Tensor, int]]:
         """(buffer, id of the module that registered it) over the modules named so far."""

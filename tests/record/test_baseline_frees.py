@@ -1,0 +1,118 @@
+"""Blocks that existed before tracking (parameters, buffers, optimizer state) and are freed
+inside the block: the CPU allocator frees them without a report (it notes sizes only while
+someone profiles), so memprof watches their frees itself. Without it the profile kept them
+"alive" to the end, and a new block at a freed one's address read as two live blocks at once."""
+import queue
+import threading
+
+import numpy as np
+import torch
+
+import memprof
+from memprof import _C
+from memprof.record.events import PREEXISTING_THREAD
+
+
+def _steps(model, opt, n):
+    for _ in range(n):
+        x = torch.randn(8, 4, dtype=next(model.parameters()).dtype)
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _baseline_row(prof, ptr: int) -> int:
+    mem = prof.memory
+    rows = np.flatnonzero((mem["thread"] == PREEXISTING_THREAD) & (mem["ptr"] == ptr))
+    assert len(rows) == 1, rows
+    return int(rows[0])
+
+
+def _frees_at(prof, ptr: int) -> np.ndarray:
+    mem = prof.memory
+    return np.flatnonzero((mem["ptr"] == ptr) & (mem["size"] < 0))
+
+
+def test_blocks_from_before_tracking_freed_inside_are_freed_in_the_profile():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _steps(model, opt, 1)
+    old = {name: t.untyped_storage().data_ptr()
+           for name, t in [*model.named_parameters(), *model.named_buffers()] if t.numel() > 1}
+    with memprof.track(model, opt) as prof:
+        _steps(model, opt, 2)
+        model.double()              # every float32 parameter and buffer is freed here
+        _steps(model, opt, 2)
+    for name, ptr in old.items():
+        row = _baseline_row(prof, ptr)
+        free = int(prof.free_of[row])
+        assert free > row, name     # freed, by a free event of its own
+        assert prof.memory["size"][free] == -prof.memory["size"][row], name
+    # no address holds two live blocks at the end, and the old blocks are gone from it
+    alive = prof.alive_at("end")
+    ptrs = prof.memory["ptr"][alive]
+    assert len(np.unique(ptrs)) == len(ptrs)
+    assert not np.isin(alive, [_baseline_row(prof, p) for p in old.values()]).any()
+    # every free at those addresses releases a block the profile knows
+    for ptr in old.values():
+        assert (prof.alloc_of[_frees_at(prof, ptr)] >= 0).all()
+
+
+def test_a_block_made_under_torch_profiler_is_freed_once():
+    """A block made while torch.profiler recorded memory: the CPU allocator knows its size and
+    reports its free too; the profile still has one free for it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True):
+        model = torch.nn.Linear(64, 64)
+    ptr = model.weight.untyped_storage().data_ptr()
+    with memprof.track(model) as prof:
+        model(torch.randn(2, 64))
+        model.weight = torch.nn.Parameter(torch.randn(64, 64))   # the old weight is freed
+        model(torch.randn(2, 64))
+    frees = _frees_at(prof, ptr)
+    assert len(frees) >= 1
+    row = _baseline_row(prof, ptr)
+    assert int(prof.free_of[row]) == int(frees[0])
+    # any further free at that address releases a block allocated inside, not the old weight
+    assert (prof.alloc_of[frees[1:]] > row).all()
+
+
+def test_a_baseline_block_freed_on_a_thread_that_never_ran_an_op():
+    model = torch.nn.Linear(256, 256)
+    ptr = model.weight.untyped_storage().data_ptr()
+    inbox: queue.Queue = queue.Queue()
+    done = threading.Event()
+
+    def drop():
+        item = inbox.get()
+        del item
+        done.set()
+
+    thread = threading.Thread(target=drop, daemon=True)
+    thread.start()
+    with memprof.track(model) as prof:
+        model(torch.randn(2, 256))
+        weight = model.weight
+        model.weight = torch.nn.Parameter(torch.zeros(256, 256))
+        inbox.put(weight)
+        del weight
+        assert done.wait(10)
+    thread.join(10)
+    row = _baseline_row(prof, ptr)
+    assert prof.free_of[row] > row
+
+
+def test_watched_blocks_outlive_the_block_and_are_watched_again():
+    model = torch.nn.Linear(32, 32)
+    with memprof.track(model):
+        model(torch.randn(2, 32))
+    # watched by the first block, still alive: a second one watches them again (with their
+    # size today), a third tensor of the allocator's is watched anew
+    extra = torch.randn(1000)
+    assert _C.watch_baseline_frees([model.weight, model.bias, extra, torch.empty(0)]) == 3
+    ptr = model.weight.untyped_storage().data_ptr()
+    with memprof.track(model) as prof:
+        model.weight = torch.nn.Parameter(torch.zeros(32, 32))
+    assert prof.free_of[_baseline_row(prof, ptr)] >= 0
+    del model, extra    # frees outside any block: the allocator's own deleter, no report
+    assert not _C.is_active()
