@@ -668,6 +668,10 @@ BaselineBlocks& baseline_blocks() {
   static auto* blocks = new BaselineBlocks();   // never destroyed: frees may come at exit
   return *blocks;
 }
+// A fork while another thread holds the lock would leave the child's copy locked (and the map
+// perhaps half-changed): the lock is taken around every fork, and given back on both sides.
+void lock_baseline_blocks_for_fork() { baseline_blocks().mutex.lock(); }
+void unlock_baseline_blocks_after_fork() { baseline_blocks().mutex.unlock(); }
 void baseline_delete(void* ptr) {
   BaselineBlock block{0, nullptr};
   {
@@ -1224,6 +1228,11 @@ void register_tracker(py::module_& m) {
   // a failure (ENOMEM) leaves forked children recording, as before this handler existed
   static const int atfork_status = pthread_atfork(nullptr, nullptr, &stop_in_forked_child);
   (void)atfork_status;
+  baseline_blocks();   // made before the handlers below can run
+  static const int baseline_atfork_status = pthread_atfork(
+      &lock_baseline_blocks_for_fork, &unlock_baseline_blocks_after_fork,
+      &unlock_baseline_blocks_after_fork);
+  (void)baseline_atfork_status;
   m.def("release_after_fork", &release_after_fork,
         "In a child forked while recording: take the hooks off and drop the log's copy.");
   m.def("start", &start, py::arg("capacity"), py::arg("hooks_only") = false,

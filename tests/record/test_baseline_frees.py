@@ -116,3 +116,55 @@ def test_watched_blocks_outlive_the_block_and_are_watched_again():
     assert prof.free_of[_baseline_row(prof, ptr)] >= 0
     del model, extra    # frees outside any block: the allocator's own deleter, no report
     assert not _C.is_active()
+
+
+def _exit_status(pid: int, timeout: float) -> int:
+    """The child's exit status; a child still running after `timeout` (hung) is killed."""
+    import os
+    import signal
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"forked child {pid} hung")
+
+
+def test_a_forked_child_frees_watched_blocks():
+    """The watch's lock is held around a fork: a child freeing a watched block (a DataLoader
+    worker dropping its copy of the model) frees it with the allocator's own deleter."""
+    import os
+
+    model = torch.nn.Linear(64, 64)
+    with memprof.track(model):
+        model(torch.randn(2, 64))
+    stop = threading.Event()
+
+    def churn():   # another thread watching and freeing blocks while the fork happens
+        while not stop.is_set():   # (torch.empty: randn's generator lock is not fork-safe)
+            t = torch.empty(256)
+            _C.watch_baseline_frees([t])
+            t.resize_(1 << 16)     # the watched block freed inside the op, without the GIL
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:   # the child: drop the watched weight, then a fresh block
+                try:
+                    model.weight = torch.nn.Parameter(torch.zeros(64, 64))
+                    t = torch.empty(256)
+                    _C.watch_baseline_frees([t])
+                    del t
+                finally:
+                    os._exit(0)
+            assert _exit_status(pid, timeout=30) == 0
+    finally:
+        stop.set()
+        thread.join(10)

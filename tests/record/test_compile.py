@@ -6,6 +6,8 @@ host-time finding comes from compile time (issue 14).
 
 backend="aot_eager": dynamo and AOT autograd as with inductor (forward and backward graphs,
 lazy backward compile) without inductor's C++ build, which takes minutes on this machine."""
+import contextlib
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -162,3 +164,34 @@ def test_a_model_compiled_in_place_or_through_its_wrapper_has_forward_passes(how
     assert not getattr(model._compiled_call_impl, "_memprof_pass", False) \
         if model._compiled_call_impl is not None else how == "wrapper"
     assert (OptimizedModule.__dict__.get("__call__"), torch.nn.Module.compile) == before
+
+
+def test_a_compiled_function_checkpointing_tracked_modules_has_no_graph_break():
+    """torch.utils.checkpoint inside a compiled function is a higher-order op: dynamo traces its
+    body apart and refuses a store to a global there. The module calls inside step aside
+    without one (before: a graph break, and under fullgraph=True an error in the user's code)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def grads(track: bool):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = MLP()
+
+        @torch.compile(backend="eager", fullgraph=True)   # a graph break here would raise
+        def body(x):
+            h = checkpoint(model.fc1, x, use_reentrant=False)
+            return checkpoint(lambda t: model.fc2(model.act(t)), h, use_reentrant=False)
+
+        x = torch.randn(8, 32)
+        with memprof.track(model) if track else contextlib.nullcontext() as prof:
+            for _ in range(2):
+                body(x).sum().backward()
+        assert dict(counters["graph_break"]) == {}
+        return [p.grad for p in model.parameters()], prof
+
+    eager, _ = grads(track=False)
+    tracked, prof = grads(track=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, tracked))
+    assert prof.meta["compiled"]    # the modules ran inside what dynamo traced
+    assert prof.breakdown("category", at="end")["gradients"] == sum(g.nbytes for g in tracked)

@@ -56,11 +56,32 @@ _reaches_us: list = [None]   # a __call__ set over ours during a block and left 
 traced = False
 
 
+def _tracing_a_subgraph() -> bool:
+    """True while dynamo traces the body of a higher-order op (a checkpointed function, cond's
+    branches), where it refuses a store to a global (a graph break; under fullgraph=True an
+    error in the user's program). Dynamo calls this while tracing and bakes the result in (no
+    guard): there the flag is set right away, at trace time, instead of by a replayed store."""
+    global traced
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        inside = InstructionTranslator.current_tx().output.current_tracer.parent is not None
+    except Exception:  # noqa: BLE001  (not under dynamo: non-strict export; another torch)
+        return False
+    if inside:
+        traced = True
+    return inside
+
+
+# what torch.compiler.assume_constant_result marks, without importing dynamo with memprof
+_tracing_a_subgraph._dynamo_marked_constant = True
+
+
 def module_call(module, /, *args, **kwargs):
     # (`module` positional-only: a keyword argument of that name is the callee's)
     if dynamo_compiling() or export_flag._is_compiling_flag:   # traced, not run
-        global traced
-        traced = True
+        if not _tracing_a_subgraph():
+            global traced
+            traced = True
         return _original[0](module, *args, **kwargs)
     mid = scoped_ids.get(id(module))
     if mid is None or mid == PASS:
