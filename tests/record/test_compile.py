@@ -195,3 +195,25 @@ def test_a_compiled_function_checkpointing_tracked_modules_has_no_graph_break():
     assert all(torch.equal(a, b) for a, b in zip(eager, tracked))
     assert prof.meta["compiled"]    # the modules ran inside what dynamo traced
     assert prof.breakdown("category", at="end")["gradients"] == sum(g.nbytes for g in tracked)
+
+
+def test_a_function_compiled_before_the_block_is_reported_as_compiled():
+    """A compiled training step warmed up before tracking: its trace holds no module call of
+    memprof's to replay, so the compiled code's own frame ("Torch-Compiled Region") says it
+    ran; a later block without compiled code is not marked."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLP()
+
+    @torch.compile(backend="eager")
+    def loss_of(x):
+        return model(x).sum()
+
+    x = torch.randn(8, 32)
+    loss_of(x).backward()                  # compiled here, outside any block
+    with memprof.track(model) as prof:
+        loss_of(x).backward()
+    assert prof.meta["compiled"]
+    with memprof.track(model) as eager:
+        model(x).sum().backward()
+    assert not eager.meta["compiled"]

@@ -329,7 +329,9 @@ class Session:
             # the user's class, also behind torch.compile's wrapper
             "model_class": type(getattr(roots[0], "_orig_mod", roots[0])).__name__ if roots
             else None,
-            "compiled": src.scope.compiled,   # module calls stepped aside under torch.compile
+            # module calls stepped aside under torch.compile, or compiled code ran (a function
+            # compiled before the block: its trace had no module call of ours to replay)
+            "compiled": src.scope.compiled or ran_compiled_code(strings),
             "steps_marked": src.steps.step,
             "pid": os.getpid(),
             "patch_notes": list(src.patches.notes),
@@ -384,6 +386,16 @@ def _fill_baseline(streams: EventStreams, base: list) -> None:
     rows = _baseline_rows(base, int(min(first)) if first else 0)
     streams.memory[:k] = rows[on_device]
     streams.side[:m] = rows[~on_device]
+
+
+#: the name of the frame dynamo records around each run of the code it compiled
+COMPILED_REGION = "Torch-Compiled Region"
+
+
+def ran_compiled_code(strings: list[str]) -> bool:
+    """Whether code torch.compile compiled ran while recording (its frames' names are among
+    the op names)."""
+    return any(s.startswith(COMPILED_REGION) for s in strings)
 
 
 def _first_time(streams: EventStreams) -> int:
