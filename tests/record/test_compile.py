@@ -217,3 +217,84 @@ def test_a_function_compiled_before_the_block_is_reported_as_compiled():
     with memprof.track(model) as eager:
         model(x).sum().backward()
     assert not eager.meta["compiled"]
+
+
+@pytest.mark.parametrize("auto", [False, True], ids=["track(model)", "auto_modules"])
+def test_a_compiled_model_that_breaks_its_graph_compiles_none_of_memprofs_frames(auto):
+    """A compiled Sequential (torch's own forward: dynamo compiles a frame around its call)
+    whose hook breaks the graph, as FSDP2's do: dynamo then runs the call eagerly and compiles
+    every frame it calls. The bookkeeping of a pass runs with dynamo's frame callback off
+    (before, dynamo compiled memprof's pass start and end, broke at memprof._C there and
+    warned for each)."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    model.register_forward_pre_hook(lambda m, args: torch._dynamo.graph_break())
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(8, 32)
+    with memprof.track(auto_modules=True) if auto else memprof.track(model) as prof:
+        for _ in range(2):
+            compiled(x).sum().backward()
+    breaks = " ".join(dict(counters["graph_break"]))
+    assert breaks and "memprof" not in breaks, breaks    # the hook's break, none of ours
+    assert prof.breakdown("category", at="end")["gradients"] == sum(
+        p.nbytes for p in model.parameters())
+
+
+def _memprof_frames_dynamo_compiled() -> list[str]:
+    """memprof's functions that dynamo compiled as frames of their own (cache entries)."""
+    import gc
+    import types
+
+    entries = getattr(torch._C._dynamo.eval_frame, "_debug_get_cache_entry_list", None)
+    if entries is None:
+        pytest.skip("this torch has no _debug_get_cache_entry_list")
+    codes = {o.__code__ for o in gc.get_objects()   # (type(): a weak proxy's isinstance raises)
+             if type(o) is types.FunctionType and (o.__module__ or "").startswith("memprof.")}
+    return sorted(c.co_qualname for c in codes if entries(c))
+
+
+@pytest.mark.parametrize("what", ["train step", "optimizer step"])
+def test_a_compiled_training_step_compiles_none_of_memprofs_frames(what):
+    """A compiled training step (forward, backward, optimizer step) or a compiled optimizer
+    step: dynamo breaks the graph at backward and where it meets memprof's hooks, and runs
+    those eagerly; memprof's hooks and what they call are never compiled as frames of their
+    own (before: each broke again at memprof._C, 21 graph breaks in 6 steps instead of 5,
+    and a hook traced as stepping aside would have done nothing at run time)."""
+    def run(track: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = MLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        @torch.compile(backend="eager")
+        def train_step(x):
+            loss = model(x).sum()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        @torch.compile(backend="eager")
+        def update():
+            opt.step()
+
+        def step(x):
+            if what == "train step":
+                return train_step(x)
+            model(x).sum().backward()
+            update()
+            opt.zero_grad()
+
+        x = torch.randn(8, 32)
+        step(x)                                   # compiled before the block
+        with memprof.track(model, opt) if track else contextlib.nullcontext() as prof:
+            for _ in range(4):
+                step(x)
+        return [p.detach().clone() for p in model.parameters()], prof
+
+    eager, _ = run(track=False)
+    tracked, prof = run(track=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, tracked))
+    assert _memprof_frames_dynamo_compiled() == []
+    assert prof.meta["steps_marked"] == 4 and prof.meta["compiled"]

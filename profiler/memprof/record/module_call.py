@@ -168,6 +168,32 @@ def load_dynamo() -> None:
         torch.nn.Module.__call__ = ours
 
 
+# dynamo's frame callback (get, set) on this thread, once dynamo is loaded (skip_own_frame)
+_frame_callback: list = [None, None]
+
+
+def dynamo_frames_off():
+    """Dynamo's frame callback off on this thread, if on; returns it for dynamo_frames_back.
+    Around memprof's own bookkeeping of a pass (its markers, naming, the recorders'
+    subscribers): where a compiled model's graph breaks (FSDP2's hooks, a print), dynamo goes
+    on compiling every frame the eager fallback calls, ours included - each one broke again at
+    memprof._C and left a warning per call it could not trace. The model's own frames are
+    called with the callback back in place."""
+    get = _frame_callback[0]
+    if get is None:
+        return None
+    callback = get()
+    if callback is None:
+        return None
+    _frame_callback[1](None)
+    return callback
+
+
+def dynamo_frames_back(callback) -> None:
+    if callback is not None:
+        _frame_callback[1](callback)
+
+
 def skip_own_frame() -> None:
     """Dynamo never compiles module_call, call_through or the block's handlers as frames of
     their own (it still inlines module_call): done once dynamo is loaded, at each block's
@@ -178,7 +204,33 @@ def skip_own_frame() -> None:
     skip = getattr(eval_frame, "skip_code", None)
     if skip is None:
         return
+    frames = sys.modules.get("torch._C._dynamo.eval_frame")
+    if hasattr(frames, "get_eval_frame_callback") and hasattr(frames, "set_eval_frame"):
+        _frame_callback[:] = [frames.get_eval_frame_callback, frames.set_eval_frame]
     for fn in (module_call, call_through, call_in_scope, _pass_handler[0], _other_handler[0]):
-        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        code = _code_of(fn)
         if code is not None:
             skip(code)
+    for code in _entry_points:
+        skip(code)
+
+
+def _code_of(fn):
+    return getattr(getattr(fn, "__func__", fn), "__code__", None)
+
+
+#: the code of memprof's other functions that the user's code (or torch's) calls while a
+#: block records: optimizer hooks, the backward wrapper (never_compiled)
+_entry_points: list = []
+
+
+def never_compiled(*fns) -> None:
+    """Dynamo never compiles these as frames of their own, as module_call: called where a
+    compiled region fell back to eager code (after a graph break: a compiled training step's
+    backward, torch.optim's own break in a compiled optimizer step), dynamo compiled each one
+    on its own, broke its graph at memprof._C, and traced a function that steps aside while
+    dynamo traces into a compiled frame that did nothing at run time."""
+    new = [c for c in map(_code_of, fns) if c is not None and c not in _entry_points]
+    if new:
+        _entry_points.extend(new)
+        skip_own_frame()

@@ -299,6 +299,7 @@ class ModuleScope:
             scope._compiled_seen = True
             return scope._model_pass(functools.partial(original, wrapper), args, kwargs,
                                      own_call=True)
+        module_call.never_compiled(call)
         return call
 
     def after_restore(self) -> None:
@@ -349,13 +350,21 @@ class ModuleScope:
         mid = self._pass_ids.get(id(module), 0)
         if threading.get_ident() != self._thread:
             return module_call.call_in_scope(mid, module, args, kwargs)
-        self._root_pre(module, args, kwargs, mid)
+        frames = module_call.dynamo_frames_off()
+        try:
+            self._root_pre(module, args, kwargs, mid)
+        finally:
+            module_call.dynamo_frames_back(frames)
         output = None
         try:
             output = module_call.call_through(module, args, kwargs)
             return output
         finally:
-            self._root_post(module, args, output)
+            frames = module_call.dynamo_frames_off()
+            try:
+                self._root_post(module, args, output)
+            finally:
+                module_call.dynamo_frames_back(frames)
 
     def forward_pass(self, fn, *args, **kwargs):
         """Run fn(*args, **kwargs) as a forward pass of the model (phase, markers, batch size
@@ -372,14 +381,20 @@ class ModuleScope:
             self._compiled_seen = True
             return fn(*args, **kwargs)
         self.module_call = own_call
+        frames = module_call.dynamo_frames_off()
         try:
             self._root_pre(self.model, args, kwargs)
         finally:
             self.module_call = True
+            module_call.dynamo_frames_back(frames)
         try:
             return fn(*args, **kwargs)
         finally:
-            self._root_post(self.model, args, None)
+            frames = module_call.dynamo_frames_off()
+            try:
+                self._root_post(self.model, args, None)
+            finally:
+                module_call.dynamo_frames_back(frames)
 
     # ------------------------------------------------------------------ auto mode
     def _auto_call(self, module, args, kwargs):
@@ -393,6 +408,35 @@ class ModuleScope:
             if mid is None:
                 return module_call.call_through(module, args, kwargs)
             return module_call.call_in_scope(mid, module, args, kwargs)
+        if mid is not None and self._stack:   # a named module inside a pass: no frame of ours
+            self._stack.append(mid)
+            _C.push_module(mid)
+            try:
+                return module_call.call_through(module, args, kwargs)
+            finally:
+                self._stack.pop()
+                _C.pop_module()
+        frames = module_call.dynamo_frames_off()   # (see dynamo_frames_off)
+        try:
+            mid, root = self._auto_enter(module, args, kwargs, mid)
+        finally:
+            module_call.dynamo_frames_back(frames)
+        try:
+            return module_call.call_through(module, args, kwargs)
+        finally:
+            frames = module_call.dynamo_frames_off()
+            try:
+                self._stack.pop()
+                if root:
+                    self._root_post(module, args, None)
+                else:
+                    _C.pop_module()
+            finally:
+                module_call.dynamo_frames_back(frames)
+
+    def _auto_enter(self, module, args, kwargs, mid):
+        """(module id, whether a root) of a module call in auto mode, named if new, its scope
+        entered (a root's call is a pass)."""
         if mid is None:
             if not self._stack:
                 self._add_root(module)
@@ -410,14 +454,7 @@ class ModuleScope:
             self._root_pre(module, args, kwargs, mid)
         else:
             _C.push_module(mid)
-        try:
-            return module_call.call_through(module, args, kwargs)
-        finally:
-            self._stack.pop()
-            if root:
-                self._root_post(module, args, None)
-            else:
-                _C.pop_module()
+        return mid, root
 
     def _add_root(self, module: torch.nn.Module) -> None:
         """A new outermost module; earlier roots inside it become its submodules, renamed."""

@@ -24,6 +24,7 @@ import torch
 
 from .. import _C
 from .events import PHASE_OTHER
+from .module_call import dynamo_frames_back, dynamo_frames_off, never_compiled
 from .patches import PatchRegistry, remove_handles
 
 
@@ -87,13 +88,24 @@ class StepClock:
                                            register_optimizer_step_pre_hook)
         self._handles.append(register_optimizer_step_pre_hook(self._pre))
         self._handles.append(register_optimizer_step_post_hook(self._post))
+        never_compiled(self._pre, self._post)
 
     def remove(self) -> None:
         remove_handles(self._handles)
 
     def _pre(self, optimizer, args, kwargs):
         """The optimizer's own work begins (its gradients are there to read); for
-        `step(closure)` (args: the optimizer, then step's arguments) when the closure returns."""
+        `step(closure)` (args: the optimizer, then step's arguments) when the closure returns.
+        In a compiled optimizer step dynamo breaks its graph here and runs the hook eagerly
+        (stepping aside while traced would leave the steps to auto_steps, whose update watch
+        makes a compiled step recompile at every call)."""
+        frames = dynamo_frames_off()   # (see module_call.dynamo_frames_off)
+        try:
+            return self._step_starts(optimizer, args, kwargs)
+        finally:
+            dynamo_frames_back(frames)
+
+    def _step_starts(self, optimizer, args, kwargs):
         if len(args) > 1 or kwargs:
             closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
             if callable(closure):
@@ -138,6 +150,13 @@ class StepClock:
         return (args[0], closure_then_update) + tuple(args[2:]), kwargs
 
     def _post(self, optimizer, args, kwargs) -> None:
+        frames = dynamo_frames_off()   # (see _pre)
+        try:
+            self._step_ends(optimizer)
+        finally:
+            dynamo_frames_back(frames)
+
+    def _step_ends(self, optimizer) -> None:
         if self._waiting and id(optimizer) in self._waiting:
             self._waiting.discard(id(optimizer))
             self._pre(optimizer, (optimizer,), {})   # a step given a closure it did not call
@@ -181,6 +200,7 @@ class BackwardHook:
 
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                      *args, **kwargs):
+            frames = dynamo_frames_off()   # (see module_call.dynamo_frames_off)
             # the call, noted for the backward-misuse check (inline: see the module docstring)
             try:
                 roots = []
@@ -195,15 +215,23 @@ class BackwardHook:
                     "step": hook.steps.step})
             except Exception:  # noqa: BLE001  (recording must never break backward)
                 pass
-            for fn in tuple(hook.before):
-                fn(tensors, grad_tensors)
+            try:
+                for fn in tuple(hook.before):
+                    fn(tensors, grad_tensors)
+            finally:
+                dynamo_frames_back(frames)
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
             # backward is over: what runs next (logging, the next micro-step's data) is not;
             # its end marker (analyse.throughput's backward time, the report's phase ends)
-            _C.backward_end(hook.steps.step)
-            for fn in tuple(hook.after):
-                fn()
-            if hook.steps.step_on == "backward":
-                hook.steps.end_step()
+            frames = dynamo_frames_off()
+            try:
+                _C.backward_end(hook.steps.step)
+                for fn in tuple(hook.after):
+                    fn()
+                if hook.steps.step_on == "backward":
+                    hook.steps.end_step()
+            finally:
+                dynamo_frames_back(frames)
             return out
+        never_compiled(backward)
         return backward

@@ -30,6 +30,7 @@ from torch.utils import _device
 
 from .. import _C
 from .events import KIND_MARK, KIND_MEMORY, PHASE_OPTIMIZER, PHASE_OTHER
+from .module_call import never_compiled
 
 #: in-place operators as torch functions name them (`p -= x` is Tensor.__isub__)
 _INPLACE_OPERATORS = frozenset(f"__i{op}__" for op in (
@@ -80,6 +81,7 @@ class UpdateWatch(TorchFunctionMode):
         self._grads = frozenset(q for q in (_ptr(p.grad) for p in params if p.grad is not None)
                                 if q is not None)   # (a sparse gradient has no data pointer)
         self._grad_read_t = 0
+        never_compiled(self.__torch_function__)   # (a compiled step's eager fallback)
         _push_mode(self)
 
     def close(self, step_ended: bool) -> None:
