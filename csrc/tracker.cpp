@@ -672,6 +672,8 @@ BaselineBlocks& baseline_blocks() {
 // perhaps half-changed): the lock is taken around every fork, and given back on both sides.
 void lock_baseline_blocks_for_fork() { baseline_blocks().mutex.lock(); }
 void unlock_baseline_blocks_after_fork() { baseline_blocks().mutex.unlock(); }
+std::atomic<c10::DeleterFnPtr> g_baseline_plain_deleter{nullptr};   // the one replaced
+
 void baseline_delete(void* ptr) {
   BaselineBlock block{0, nullptr};
   {
@@ -683,7 +685,13 @@ void baseline_delete(void* ptr) {
       b.blocks.erase(it);
     }
   }
-  if (block.base_deleter == nullptr) return;   // not reached: every swapped block is listed
+  if (block.base_deleter == nullptr) {
+    // not reached (a block gets this deleter only once listed): freed all the same, by the
+    // deleter the watch replaced
+    block.base_deleter = g_baseline_plain_deleter.load(std::memory_order_relaxed);
+    if (block.base_deleter != nullptr) block.base_deleter(ptr);
+    return;
+  }
   if (recording()) {
     reattach_before_free();
     auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
@@ -722,12 +730,21 @@ int64_t watch_baseline_frees(const py::list& tensors) {
     std::lock_guard<std::mutex> lock(b.mutex);
     c10::DeleterFnPtr current = data.get_deleter();
     if (current == &baseline_delete) {
-      b.blocks[data.get()].nbytes = nbytes;   // an earlier session's: its size today
-      ++watched;
-    } else if (current == plain && plain != nullptr &&
-               data.compare_exchange_deleter(plain, &baseline_delete)) {
-      b.blocks[data.get()] = BaselineBlock{nbytes, plain};
-      ++watched;
+      auto it = b.blocks.find(data.get());
+      if (it != b.blocks.end()) {
+        it->second.nbytes = nbytes;   // an earlier session's: its size today
+        ++watched;
+      }
+    } else if (current == plain && plain != nullptr) {
+      // listed first (an insert that throws leaves the deleter as it was), then swapped
+      auto [it, inserted] = b.blocks.try_emplace(data.get(), BaselineBlock{nbytes, plain});
+      if (!inserted) it->second = BaselineBlock{nbytes, plain};
+      g_baseline_plain_deleter.store(plain, std::memory_order_relaxed);
+      if (data.compare_exchange_deleter(plain, &baseline_delete)) {
+        ++watched;
+      } else {
+        b.blocks.erase(it);
+      }
     }
   }
   return watched;

@@ -81,10 +81,12 @@ def test_a_baseline_block_freed_on_a_thread_that_never_ran_an_op():
     model = torch.nn.Linear(256, 256)
     ptr = model.weight.untyped_storage().data_ptr()
     inbox: queue.Queue = queue.Queue()
+    handed_over = threading.Event()
     done = threading.Event()
 
     def drop():
         item = inbox.get()
+        handed_over.wait(10)   # the main thread has let go: the last reference is this one
         del item
         done.set()
 
@@ -96,26 +98,30 @@ def test_a_baseline_block_freed_on_a_thread_that_never_ran_an_op():
         model.weight = torch.nn.Parameter(torch.zeros(256, 256))
         inbox.put(weight)
         del weight
+        handed_over.set()
         assert done.wait(10)
+        model(torch.randn(2, 256))
     thread.join(10)
     row = _baseline_row(prof, ptr)
-    assert prof.free_of[row] > row
+    free = int(prof.free_of[row])
+    assert free > row
+    mem = prof.memory
+    main_thread = mem["thread"][(mem["size"] > 0) & (mem["thread"] != PREEXISTING_THREAD)][0]
+    assert mem["thread"][free] != main_thread    # recorded on the thread that freed it
 
 
 def test_watched_blocks_outlive_the_block_and_are_watched_again():
     model = torch.nn.Linear(32, 32)
     with memprof.track(model):
         model(torch.randn(2, 32))
-    # watched by the first block, still alive: a second one watches them again (with their
-    # size today), a third tensor of the allocator's is watched anew
+    # watched by the first block and still alive: a second one watches them again; a third
+    # tensor of the allocator's is watched anew, an empty one (no block) not at all
     extra = torch.randn(1000)
     assert _C.watch_baseline_frees([model.weight, model.bias, extra, torch.empty(0)]) == 3
     ptr = model.weight.untyped_storage().data_ptr()
     with memprof.track(model) as prof:
         model.weight = torch.nn.Parameter(torch.zeros(32, 32))
     assert prof.free_of[_baseline_row(prof, ptr)] >= 0
-    del model, extra    # frees outside any block: the allocator's own deleter, no report
-    assert not _C.is_active()
 
 
 def _exit_status(pid: int, timeout: float) -> int:
@@ -157,13 +163,15 @@ def test_a_forked_child_frees_watched_blocks():
         for _ in range(5):
             pid = os.fork()
             if pid == 0:   # the child: drop the watched weight, then a fresh block
+                status = 1
                 try:
                     model.weight = torch.nn.Parameter(torch.zeros(64, 64))
                     t = torch.empty(256)
                     _C.watch_baseline_frees([t])
                     del t
+                    status = 0
                 finally:
-                    os._exit(0)
+                    os._exit(status)
             assert _exit_status(pid, timeout=30) == 0
     finally:
         stop.set()

@@ -60,7 +60,10 @@ def _tracing_a_subgraph() -> bool:
     """True while dynamo traces the body of a higher-order op (a checkpointed function, cond's
     branches), where it refuses a store to a global (a graph break; under fullgraph=True an
     error in the user's program). Dynamo calls this while tracing and bakes the result in (no
-    guard): there the flag is set right away, at trace time, instead of by a replayed store."""
+    guard): there the flag is set right away, at trace time, instead of by a replayed store
+    (also when the body then fails to compile and runs eagerly: its modules did run inside
+    what torch.compile was given). Dynamo keeps the baked result as a global of the traced
+    frame's module (a name of memprof's in the user's module, as for any constant result)."""
     global traced
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator

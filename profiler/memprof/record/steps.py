@@ -201,21 +201,23 @@ class BackwardHook:
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                      *args, **kwargs):
             frames = dynamo_frames_off()   # (see module_call.dynamo_frames_off)
-            # the call, noted for the backward-misuse check (inline: see the module docstring)
             try:
-                roots = []
-                for t in (tensors if isinstance(tensors, (list, tuple)) else (tensors,)):
-                    # a node's sequence number identifies it for the whole run (ids get reused)
-                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
-                        roots.append(t.grad_fn._sequence_nr())
-                hook.calls.append({
-                    "roots": roots,
-                    "retain_graph": bool(retain_graph if retain_graph is not None
-                                         else create_graph),
-                    "step": hook.steps.step})
-            except Exception:  # noqa: BLE001  (recording must never break backward)
-                pass
-            try:
+                # the call, noted for the backward-misuse check (inline: see the module
+                # docstring)
+                try:
+                    roots = []
+                    for t in (tensors if isinstance(tensors, (list, tuple)) else (tensors,)):
+                        # a node's sequence number identifies it for the whole run (ids get
+                        # reused)
+                        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                            roots.append(t.grad_fn._sequence_nr())
+                    hook.calls.append({
+                        "roots": roots,
+                        "retain_graph": bool(retain_graph if retain_graph is not None
+                                             else create_graph),
+                        "step": hook.steps.step})
+                except Exception:  # noqa: BLE001  (recording must never break backward)
+                    pass
                 for fn in tuple(hook.before):
                     fn(tensors, grad_tensors)
             finally:

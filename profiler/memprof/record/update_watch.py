@@ -70,6 +70,7 @@ class UpdateWatch(TorchFunctionMode):
         self._grad_read_t = 0                     # when a call last read a gradient
         self._started = False
         self._last_end = 0
+        never_compiled(self.__torch_function__)   # (a compiled step's eager fallback)
 
     def open(self, params: list[torch.Tensor]) -> None:
         """After a backward: watch these parameters' memory until the next forward (close).
@@ -81,7 +82,6 @@ class UpdateWatch(TorchFunctionMode):
         self._grads = frozenset(q for q in (_ptr(p.grad) for p in params if p.grad is not None)
                                 if q is not None)   # (a sparse gradient has no data pointer)
         self._grad_read_t = 0
-        never_compiled(self.__torch_function__)   # (a compiled step's eager fallback)
         _push_mode(self)
 
     def close(self, step_ended: bool) -> None:
