@@ -24,7 +24,8 @@ import torch
 
 from .. import _C
 from .events import PHASE_OTHER
-from .module_call import dynamo_frames_back, dynamo_frames_off, never_compiled
+from .module_call import (dynamo_compiling, dynamo_frames_back, dynamo_frames_off,
+                          never_compiled)
 from .patches import PatchRegistry, remove_handles
 
 
@@ -99,6 +100,8 @@ class StepClock:
         In a compiled optimizer step dynamo breaks its graph here and runs the hook eagerly
         (stepping aside while traced would leave the steps to auto_steps, whose update watch
         makes a compiled step recompile at every call)."""
+        if dynamo_compiling():
+            _break_graph_here()
         frames = dynamo_frames_off()   # (see module_call.dynamo_frames_off)
         try:
             return self._step_starts(optimizer, args, kwargs)
@@ -150,6 +153,8 @@ class StepClock:
         return (args[0], closure_then_update) + tuple(args[2:]), kwargs
 
     def _post(self, optimizer, args, kwargs) -> None:
+        if dynamo_compiling():
+            _break_graph_here()
         frames = dynamo_frames_off()   # (see _pre)
         try:
             self._step_ends(optimizer)
@@ -181,6 +186,13 @@ class StepClock:
             fn()
 
 
+def _break_graph_here() -> None:
+    """Where dynamo traces one of memprof's hooks inside a compiled step: the graph breaks at
+    the hook's call, and the hook runs eagerly (never_compiled: as itself). A break of
+    dynamo's own making at memprof._C did the same, with a warning for each."""
+    torch._dynamo.graph_break()
+
+
 class BackwardHook:
     """The one wrapper of torch.autograd.backward while recording: notes each call (roots,
     retain_graph, step) for the backward-misuse check, ends the backward phase, and runs the
@@ -200,6 +212,8 @@ class BackwardHook:
 
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                      *args, **kwargs):
+            if dynamo_compiling():   # (a compiled training step: dynamo breaks here anyway)
+                _break_graph_here()
             frames = dynamo_frames_off()   # (see module_call.dynamo_frames_off)
             try:
                 # the call, noted for the backward-misuse check (inline: see the module
