@@ -656,13 +656,9 @@ class FreeWatchingAllocator final : public c10::Allocator {
 // each such block a deleter that reports its free, with the size the baseline noted, and then
 // runs the allocator's own one. The base deleter's report of the same block (it has one when
 // the block was made under another profiler) is skipped on that thread.
-struct BaselineBlock {
-  int64_t nbytes;
-  c10::DeleterFnPtr base_deleter;
-};
 struct BaselineBlocks {
   std::mutex mutex;
-  std::unordered_map<void*, BaselineBlock> blocks;   // data pointer (= context) -> block
+  std::unordered_map<void*, int64_t> nbytes;   // data pointer (= context) -> size noted
 };
 BaselineBlocks& baseline_blocks() {
   static auto* blocks = new BaselineBlocks();   // never destroyed: frees may come at exit
@@ -672,27 +668,21 @@ BaselineBlocks& baseline_blocks() {
 // perhaps half-changed): the lock is taken around every fork, and given back on both sides.
 void lock_baseline_blocks_for_fork() { baseline_blocks().mutex.lock(); }
 void unlock_baseline_blocks_after_fork() { baseline_blocks().mutex.unlock(); }
-std::atomic<c10::DeleterFnPtr> g_baseline_plain_deleter{nullptr};   // the one replaced
 
+// Replaces the CPU allocator's own deleter (g_base_deleter, which it then calls) on a block
+// of the baseline.
 void baseline_delete(void* ptr) {
-  BaselineBlock block{0, nullptr};
+  int64_t nbytes = 0;
   {
     BaselineBlocks& b = baseline_blocks();
     std::lock_guard<std::mutex> lock(b.mutex);
-    auto it = b.blocks.find(ptr);
-    if (it != b.blocks.end()) {
-      block = it->second;
-      b.blocks.erase(it);
+    auto it = b.nbytes.find(ptr);
+    if (it != b.nbytes.end()) {
+      nbytes = it->second;
+      b.nbytes.erase(it);
     }
   }
-  if (block.base_deleter == nullptr) {
-    // not reached (a block gets this deleter only once listed): freed all the same, by the
-    // deleter the watch replaced
-    block.base_deleter = g_baseline_plain_deleter.load(std::memory_order_relaxed);
-    if (block.base_deleter != nullptr) block.base_deleter(ptr);
-    return;
-  }
-  if (recording()) {
+  if (nbytes > 0 && recording()) {
     reattach_before_free();
     auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
     if (current != nullptr && typeid(*current) == typeid(Reporter)) {
@@ -700,13 +690,13 @@ void baseline_delete(void* ptr) {
       if (reporter->records()) {
         ThreadState& ts = thread_state();
         // the allocator's total never counted this block: it stays as last reported
-        reporter->reportMemoryUsage(ptr, -block.nbytes, static_cast<size_t>(ts.cpu_total), 0,
+        reporter->reportMemoryUsage(ptr, -nbytes, static_cast<size_t>(ts.cpu_total), 0,
                                     c10::Device(c10::DeviceType::CPU));
         tls_baseline_free = ptr;
       }
     }
   }
-  block.base_deleter(ptr);
+  g_base_deleter.load(std::memory_order_relaxed)(ptr);
   tls_baseline_free = nullptr;
 }
 
@@ -716,7 +706,14 @@ void baseline_delete(void* ptr) {
 int64_t watch_baseline_frees(const py::list& tensors) {
   c10::Allocator* allocator = c10::GetCPUAllocator();
   if (auto* wrapper = dynamic_cast<FreeWatchingAllocator*>(allocator)) allocator = wrapper->base();
+  // the allocator's one deleter, as FreeWatchingAllocator notes it (a block with another one
+  // is not watched)
   c10::DeleterFnPtr plain = allocator->raw_deleter();
+  c10::DeleterFnPtr noted = g_base_deleter.load(std::memory_order_relaxed);
+  if (noted == nullptr && plain != nullptr && g_base_deleter.compare_exchange_strong(noted, plain)) {
+    noted = plain;
+  }
+  if (noted == nullptr) return 0;
   int64_t watched = 0;
   BaselineBlocks& b = baseline_blocks();
   for (py::handle item : tensors) {
@@ -729,21 +726,15 @@ int64_t watch_baseline_frees(const py::list& tensors) {
     auto nbytes = static_cast<int64_t>(storage->nbytes());
     std::lock_guard<std::mutex> lock(b.mutex);
     c10::DeleterFnPtr current = data.get_deleter();
-    if (current == &baseline_delete) {
-      auto it = b.blocks.find(data.get());
-      if (it != b.blocks.end()) {
-        it->second.nbytes = nbytes;   // an earlier session's: its size today
-        ++watched;
-      }
-    } else if (current == plain && plain != nullptr) {
-      // listed first (an insert that throws leaves the deleter as it was), then swapped
-      auto [it, inserted] = b.blocks.try_emplace(data.get(), BaselineBlock{nbytes, plain});
-      if (!inserted) it->second = BaselineBlock{nbytes, plain};
-      g_baseline_plain_deleter.store(plain, std::memory_order_relaxed);
-      if (data.compare_exchange_deleter(plain, &baseline_delete)) {
+    if (current == &baseline_delete) {   // an earlier session's: its size today
+      b.nbytes[data.get()] = nbytes;
+      ++watched;
+    } else if (current == noted) {
+      b.nbytes[data.get()] = nbytes;   // listed first: an insert that throws swaps nothing
+      if (data.compare_exchange_deleter(noted, &baseline_delete)) {
         ++watched;
       } else {
-        b.blocks.erase(it);
+        b.nbytes.erase(data.get());
       }
     }
   }

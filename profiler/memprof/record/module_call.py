@@ -175,26 +175,31 @@ def load_dynamo() -> None:
 _frame_callback: list = [None, None]
 
 
-def dynamo_frames_off():
-    """Dynamo's frame callback off on this thread, if on; returns it for dynamo_frames_back.
-    Around memprof's own bookkeeping of a pass (its markers, naming, the recorders'
-    subscribers): where a compiled model's graph breaks (FSDP2's hooks, a print), dynamo goes
-    on compiling every frame the eager fallback calls, ours included - each one broke again at
-    memprof._C and left a warning per call it could not trace. The model's own frames are
-    called with the callback back in place."""
+def outside_dynamo(fn, *args):
+    """fn(*args) with dynamo's frame callback off on this thread, if it is on: memprof's own
+    bookkeeping (a pass's markers and naming, the optimizer hooks, the backward wrapper, and
+    the recorders' subscribers they call). Where compiled code falls back to eager (a graph
+    break: FSDP2's hooks, a compiled training step at backward), dynamo goes on compiling
+    every frame the fallback calls, ours included - each broke again at memprof._C and left a
+    warning. The user's frames (the model's forward, backward itself) are called outside."""
     get = _frame_callback[0]
-    if get is None:
-        return None
-    callback = get()
+    callback = get() if get is not None else None
     if callback is None:
-        return None
+        return fn(*args)
     _frame_callback[1](None)
-    return callback
-
-
-def dynamo_frames_back(callback) -> None:
-    if callback is not None:
+    try:
+        return fn(*args)
+    finally:
         _frame_callback[1](callback)
+
+
+def break_graph_if_traced() -> None:
+    """In one of memprof's hooks that dynamo may meet while it traces a compiled step (the
+    optimizer hooks, the backward wrapper): the graph breaks at the hook's call, cleanly, and
+    the hook then runs eagerly as itself (never_compiled). A break of dynamo's own making at
+    memprof._C did the same, with a warning for each."""
+    if dynamo_compiling():
+        torch._dynamo.graph_break()
 
 
 def skip_own_frame() -> None:
@@ -210,7 +215,8 @@ def skip_own_frame() -> None:
     frames = sys.modules.get("torch._C._dynamo.eval_frame")
     if hasattr(frames, "get_eval_frame_callback") and hasattr(frames, "set_eval_frame"):
         _frame_callback[:] = [frames.get_eval_frame_callback, frames.set_eval_frame]
-    for fn in (module_call, call_through, call_in_scope, _pass_handler[0], _other_handler[0]):
+    for fn in (module_call, call_through, call_in_scope, _pass_handler[0], _other_handler[0],
+               break_graph_if_traced, outside_dynamo):
         code = _code_of(fn)
         if code is not None:
             skip(code)

@@ -350,21 +350,13 @@ class ModuleScope:
         mid = self._pass_ids.get(id(module), 0)
         if threading.get_ident() != self._thread:
             return module_call.call_in_scope(mid, module, args, kwargs)
-        frames = module_call.dynamo_frames_off()
-        try:
-            self._root_pre(module, args, kwargs, mid)
-        finally:
-            module_call.dynamo_frames_back(frames)
+        module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None
         try:
             output = module_call.call_through(module, args, kwargs)
             return output
         finally:
-            frames = module_call.dynamo_frames_off()
-            try:
-                self._root_post(module, args, output)
-            finally:
-                module_call.dynamo_frames_back(frames)
+            module_call.outside_dynamo(self._root_post, module, args, output)
 
     def forward_pass(self, fn, *args, **kwargs):
         """Run fn(*args, **kwargs) as a forward pass of the model (phase, markers, batch size
@@ -381,20 +373,14 @@ class ModuleScope:
             self._compiled_seen = True
             return fn(*args, **kwargs)
         self.module_call = own_call
-        frames = module_call.dynamo_frames_off()
         try:
-            self._root_pre(self.model, args, kwargs)
+            module_call.outside_dynamo(self._root_pre, self.model, args, kwargs)
         finally:
             self.module_call = True
-            module_call.dynamo_frames_back(frames)
         try:
             return fn(*args, **kwargs)
         finally:
-            frames = module_call.dynamo_frames_off()
-            try:
-                self._root_post(self.model, args, None)
-            finally:
-                module_call.dynamo_frames_back(frames)
+            module_call.outside_dynamo(self._root_post, self.model, args, None)
 
     # ------------------------------------------------------------------ auto mode
     def _auto_call(self, module, args, kwargs):
@@ -416,23 +402,11 @@ class ModuleScope:
             finally:
                 self._stack.pop()
                 _C.pop_module()
-        frames = module_call.dynamo_frames_off()   # (see dynamo_frames_off)
-        try:
-            mid, root = self._auto_enter(module, args, kwargs, mid)
-        finally:
-            module_call.dynamo_frames_back(frames)
+        mid, root = module_call.outside_dynamo(self._auto_enter, module, args, kwargs, mid)
         try:
             return module_call.call_through(module, args, kwargs)
         finally:
-            frames = module_call.dynamo_frames_off()
-            try:
-                self._stack.pop()
-                if root:
-                    self._root_post(module, args, None)
-                else:
-                    _C.pop_module()
-            finally:
-                module_call.dynamo_frames_back(frames)
+            module_call.outside_dynamo(self._auto_leave, module, args, root)
 
     def _auto_enter(self, module, args, kwargs, mid):
         """(module id, whether a root) of a module call in auto mode, named if new, its scope
@@ -455,6 +429,13 @@ class ModuleScope:
         else:
             _C.push_module(mid)
         return mid, root
+
+    def _auto_leave(self, module, args, root: bool) -> None:
+        self._stack.pop()
+        if root:
+            self._root_post(module, args, None)
+        else:
+            _C.pop_module()
 
     def _add_root(self, module: torch.nn.Module) -> None:
         """A new outermost module; earlier roots inside it become its submodules, renamed."""

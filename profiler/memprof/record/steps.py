@@ -24,8 +24,7 @@ import torch
 
 from .. import _C
 from .events import PHASE_OTHER
-from .module_call import (dynamo_compiling, dynamo_frames_back, dynamo_frames_off,
-                          never_compiled)
+from .module_call import break_graph_if_traced, never_compiled, outside_dynamo
 from .patches import PatchRegistry, remove_handles
 
 
@@ -100,13 +99,8 @@ class StepClock:
         In a compiled optimizer step dynamo breaks its graph here and runs the hook eagerly
         (stepping aside while traced would leave the steps to auto_steps, whose update watch
         makes a compiled step recompile at every call)."""
-        if dynamo_compiling():
-            _break_graph_here()
-        frames = dynamo_frames_off()   # (see module_call.dynamo_frames_off)
-        try:
-            return self._step_starts(optimizer, args, kwargs)
-        finally:
-            dynamo_frames_back(frames)
+        break_graph_if_traced()
+        return outside_dynamo(self._step_starts, optimizer, args, kwargs)
 
     def _step_starts(self, optimizer, args, kwargs):
         if len(args) > 1 or kwargs:
@@ -153,13 +147,8 @@ class StepClock:
         return (args[0], closure_then_update) + tuple(args[2:]), kwargs
 
     def _post(self, optimizer, args, kwargs) -> None:
-        if dynamo_compiling():
-            _break_graph_here()
-        frames = dynamo_frames_off()   # (see _pre)
-        try:
-            self._step_ends(optimizer)
-        finally:
-            dynamo_frames_back(frames)
+        break_graph_if_traced()   # (see _pre)
+        outside_dynamo(self._step_ends, optimizer)
 
     def _step_ends(self, optimizer) -> None:
         if self._waiting and id(optimizer) in self._waiting:
@@ -186,13 +175,6 @@ class StepClock:
             fn()
 
 
-def _break_graph_here() -> None:
-    """Where dynamo traces one of memprof's hooks inside a compiled step: the graph breaks at
-    the hook's call, and the hook runs eagerly (never_compiled: as itself). A break of
-    dynamo's own making at memprof._C did the same, with a warning for each."""
-    torch._dynamo.graph_break()
-
-
 class BackwardHook:
     """The one wrapper of torch.autograd.backward while recording: notes each call (roots,
     retain_graph, step) for the backward-misuse check, ends the backward phase, and runs the
@@ -212,42 +194,37 @@ class BackwardHook:
 
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                      *args, **kwargs):
-            if dynamo_compiling():   # (a compiled training step: dynamo breaks here anyway)
-                _break_graph_here()
-            frames = dynamo_frames_off()   # (see module_call.dynamo_frames_off)
-            try:
-                # the call, noted for the backward-misuse check (inline: see the module
-                # docstring)
-                try:
-                    roots = []
-                    for t in (tensors if isinstance(tensors, (list, tuple)) else (tensors,)):
-                        # a node's sequence number identifies it for the whole run (ids get
-                        # reused)
-                        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
-                            roots.append(t.grad_fn._sequence_nr())
-                    hook.calls.append({
-                        "roots": roots,
-                        "retain_graph": bool(retain_graph if retain_graph is not None
-                                             else create_graph),
-                        "step": hook.steps.step})
-                except Exception:  # noqa: BLE001  (recording must never break backward)
-                    pass
-                for fn in tuple(hook.before):
-                    fn(tensors, grad_tensors)
-            finally:
-                dynamo_frames_back(frames)
+            break_graph_if_traced()   # (a compiled training step: dynamo breaks here anyway)
+            outside_dynamo(hook._starts, tensors, grad_tensors, retain_graph, create_graph)
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
-            # backward is over: what runs next (logging, the next micro-step's data) is not;
-            # its end marker (analyse.throughput's backward time, the report's phase ends)
-            frames = dynamo_frames_off()
-            try:
-                _C.backward_end(hook.steps.step)
-                for fn in tuple(hook.after):
-                    fn()
-                if hook.steps.step_on == "backward":
-                    hook.steps.end_step()
-            finally:
-                dynamo_frames_back(frames)
+            outside_dynamo(hook._ended)
             return out
         never_compiled(backward)
         return backward
+
+    def _starts(self, tensors, grad_tensors, retain_graph, create_graph) -> None:
+        # the call, noted for the backward-misuse check
+        try:
+            roots = []
+            for t in (tensors if isinstance(tensors, (list, tuple)) else (tensors,)):
+                # a node's sequence number identifies it for the whole run (ids get reused)
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    roots.append(t.grad_fn._sequence_nr())
+            self.calls.append({
+                "roots": roots,
+                "retain_graph": bool(retain_graph if retain_graph is not None
+                                     else create_graph),
+                "step": self.steps.step})
+        except Exception:  # noqa: BLE001  (recording must never break backward)
+            pass
+        for fn in tuple(self.before):
+            fn(tensors, grad_tensors)
+
+    def _ended(self) -> None:
+        # backward is over: what runs next (logging, the next micro-step's data) is not;
+        # its end marker (analyse.throughput's backward time, the report's phase ends)
+        _C.backward_end(self.steps.step)
+        for fn in tuple(self.after):
+            fn()
+        if self.steps.step_on == "backward":
+            self.steps.end_step()
