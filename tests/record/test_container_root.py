@@ -85,3 +85,98 @@ def test_evaluation_is_apart_with_a_given_batch_size():
                     g(torch.randn(512, 8))
     per = prof.throughput["per_step"]   # (each step's window holds the evaluation before it)
     assert all(e > 0 for e in per["eval_ms"][1:]) and prof.throughput["batch_size"] == 32
+
+
+def test_auto_mode_names_each_model_by_what_the_code_calls_it():
+    """Two models called apart with no container (`memprof run` on a GAN script): both were
+    `Sequential`, so G's and D's layers read as one (`Sequential.1` summed both ReLUs)."""
+    g, d = _gan()
+    with memprof.track(auto_modules=True, optimizer=None) as prof:
+        _train(g, d)
+    names = [prof.module_name(i) for i in range(len(prof.modules))]
+    assert len(set(names)) == len(names), names
+    acts = prof.activations_by_module()
+    # each ReLU keeps its output (batch 32 x 32 floats) per call: G once a step, D 3 times
+    assert acts["g.1"] == 4 * 32 * 32 * 4
+    assert acts["d.1"] == 3 * 4 * 32 * 32 * 4
+    tracker = memprof.track(auto_modules=True, optimizer=None)
+    with tracker:
+        _train(g, d, steps=1)
+        params = set(tracker.session.scope.parameter_names().values())   # health's names
+    assert params == {f"{m}.{i}.{w}" for m in "gd" for i in (0, 2) for w in ("weight", "bias")}
+
+
+def _train_listed(nets, steps=2):
+    for _ in range(steps):
+        x = torch.randn(32, 8)
+        for i in range(len(nets)):
+            x = nets[i](x)          # no name for either model here
+        x.sum().backward()
+
+
+def test_models_with_no_name_of_their_own_are_told_apart_by_class():
+    g = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    h = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with memprof.track(auto_modules=True, optimizer=None) as prof:
+        _train_listed([g, h])
+    names = [prof.module_name(i) for i in range(len(prof.modules))]
+    assert len(set(names)) == len(names), names
+    acts = prof.activations_by_module()
+    assert acts["Sequential.1"] == acts["Sequential_2.1"] == 2 * 32 * 32 * 4
+
+
+class _Tower(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.GELU(),
+                                        torch.nn.Linear(width, 4))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Teacher(_Tower):
+    pass
+
+
+class Student(_Tower):
+    pass
+
+
+def _distil(teacher, student, steps=3):
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)   # gone when the block ends
+    for _ in range(steps):
+        x = torch.randn(16, 8)
+        with torch.no_grad():
+            target = teacher(x).softmax(-1)
+        loss = torch.nn.functional.cross_entropy(student(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_student_and_its_teacher_are_named_apart_and_the_student_is_the_model():
+    """The teacher runs first: its layers read as the model's own (`body.0` beside
+    `student.body.0`) and the report was titled after it."""
+    teacher, student = Teacher(64), Student(16)
+    with memprof.track(auto_modules=True) as prof:
+        _distil(teacher, student)
+    assert {"teacher", "teacher.body.0", "student", "student.body.2"} <= set(prof.modules)
+    assert prof.meta["model_class"] == "Student"
+    acts = prof.activations_by_module()
+    assert acts["student.body.1"] == 3 * 16 * 16 * 4    # its GELU's output, which the last
+    #                                                     Linear keeps for backward
+    assert "teacher.body.1" not in acts                 # no gradients: nothing kept
+
+
+def test_a_loss_module_beside_the_model_leaves_the_models_names_as_they_were():
+    """A loss module called apart is a root too; with no parameters it does not make the
+    run one of several models: the model's layers keep their names."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    criterion = torch.nn.CrossEntropyLoss()
+    with memprof.track(auto_modules=True) as prof:
+        for _ in range(2):
+            criterion(model(torch.randn(8, 8)), torch.randint(0, 4, (8,))).backward()
+    assert set(prof.modules) == {"", "0", "1", "2", "criterion"}
+    assert prof.activations_by_module()["Sequential.1"] == 2 * 8 * 16 * 4
+    assert prof.meta["model_class"] == "Sequential"

@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
 import sys
 import traceback
 
 from ..record.patches import PatchRegistry
-from ..units import fmt_bytes
 from .base import Command, UsageError, at_least_one, check_writable
 from .report import BUDGET_FORMS, parse_budget
+from .run_report import print_report
 from .run_target import RunTarget, TargetFailed, resolve, split_argv
 from .signals import EXIT_STATUS, ExitSignals, Terminated
-from .step_on import HELP as STEP_ON_HELP, install as install_step_on, track_mode
+from .spawned import SpawnWatch
+from .step_on import HELP as STEP_ON_HELP, KEYWORDS as STEP_ON_KEYWORDS, \
+    install as install_step_on, track_mode
 
 
 #: memprof's own files, left out of a traceback of the user's code
@@ -103,6 +103,12 @@ class RunCommand(Command):
         code = install_step_on(args.step_on, code, source, script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
+        # processes the script starts with torch.multiprocessing record themselves (a function
+        # of the script named by --step-on is not patched there: they find steps themselves)
+        spawned = SpawnWatch(output, dict(
+            budget=args.budget, batch_size=args.batch_size,
+            step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json)
+        spawned.install(patches)
         # the script's globals are searched for holders of leaked tensors, even if it raises
         tracker.roots.append(("", main.__dict__))
         saved_main = sys.modules.get("__main__")
@@ -132,36 +138,19 @@ class RunCommand(Command):
         if tracker.forked_away:   # a child the script forked ran on to its end: as Python
             return status
         try:
-            return self._report(args, tracker, output, status)
+            # where the script's work all ran in those processes, theirs are the reports
+            idle = bool(spawned.started) and tracker.profile is not None and \
+                not tracker.profile.modules
+            status = print_report(tracker, output, status, as_json=args.json, brief=idle)
+            if spawned.note():
+                print(spawned.note(), file=sys.stderr if args.json else sys.stdout)
+            return status
         except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it wanted,
             # as Python's output was; the profile is saved, the script's status stands
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
             os.close(devnull)
             return status
-
-    @staticmethod
-    def _report(args, tracker, output: str, status: int) -> int:
-        import memprof
-        from memprof.analyse import summary
-        rank = tracker.profile.meta.get("rank") if tracker.profile is not None else None
-        if tracker.profile is not None:
-            if rank:   # one report per job on the terminal: rank 0's; the others one line
-                print(f"memprof: rank {rank} peak {fmt_bytes(tracker.profile.peak)}",
-                      file=sys.stderr if args.json else sys.stdout)
-            elif args.json:
-                print(json.dumps(summary(tracker), indent=1, default=str))
-            else:
-                memprof.show(tracker, console=_report_console())
-        if tracker.saved is not None:   # under torchrun: <output>.rank<R>.memprof
-            print(f"profile saved to {tracker.saved}",
-                  file=sys.stderr if args.json else sys.stdout)
-            if rank == 0 and not args.json:
-                print(f"merge the ranks: memprof report {rank_glob(tracker.saved)}")
-            return status
-        if tracker.profile is None:   # else the tracker said why it could not save
-            print(f"memprof: the profile was not saved to {output}", file=sys.stderr)
-        return status or 1
 
     def _launch(self, args, target: RunTarget) -> int:
         """`--nproc-per-node N`: torch.distributed's elastic launcher starts N processes,
@@ -203,22 +192,6 @@ class RunCommand(Command):
             values = value if isinstance(value, list) else [value]
             out += [flag] if value is True else [x for v in values for x in (flag, str(v))]
         return out
-
-
-def rank_glob(saved: str) -> str:
-    """`run.rank0.memprof` -> `run.rank*.memprof`: every rank's file of the job."""
-    return re.sub(r"\.rank\d+(\.[^.]*)$", r".rank*\1", saved)
-
-
-def _report_console():
-    """rich's console, save that a closed pipe is an error run() handles (rich exits with
-    status 1, where Python's own output into `| head` left the status 0)."""
-    from rich.console import Console
-
-    class ReportConsole(Console):
-        def on_broken_pipe(self) -> None:
-            raise BrokenPipeError
-    return ReportConsole()
 
 
 def _exit_status(exc: SystemExit) -> int:

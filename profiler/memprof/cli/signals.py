@@ -40,7 +40,11 @@ class ExitSignals:
             return self
         for sig, default in ((signal.SIGINT, signal.default_int_handler),
                              (signal.SIGTERM, signal.SIG_DFL)):
-            if signal.getsignal(sig) is default:
+            handler = signal.getsignal(sig)
+            # another ExitSignals' handler: a forked child's (cli.spawned), which inherited
+            # the parent's, whose profile is not the child's to save
+            if handler is default or isinstance(getattr(handler, "__self__", None),
+                                                ExitSignals):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

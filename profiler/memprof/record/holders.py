@@ -40,6 +40,46 @@ ATOMS = (str, bytes, int, float, complex, bool, type(None), types.FunctionType,
          types.BuiltinFunctionType, types.MethodType, types.ModuleType, type, range, slice,
          torch.dtype, torch.device, torch.Size)
 
+#: where torch's and memprof's own code lives (an editable install included)
+_LIBRARY_CODE_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
+                           for m in (torch, sys.modules[__name__.split(".")[0]]))
+
+
+def is_library_frame(frame) -> bool:
+    """A frame of torch's or memprof's own code (or of the interpreter's frozen modules)."""
+    name = frame.f_code.co_filename
+    return name.startswith(_LIBRARY_CODE_DIRS) or name.startswith("<frozen")
+
+
+def loop_frame(start):
+    """The innermost frame outside torch and memprof (the training loop's), or None."""
+    f = start
+    while f is not None and is_library_frame(f):
+        f = f.f_back
+    return f
+
+
+def name_in_frame(frame, obj) -> str | None:
+    """The name a frame calls `obj` by: one of its variables, an attribute of its `self`
+    (a trainer's `self.discriminator`), or a global of its module - `D` for `D(fake)`."""
+    code = frame.f_code
+    local_vars = frame.f_locals
+    try:
+        found = next((k for k, v in local_vars.items() if v is obj and k.isidentifier()), None)
+        owner = local_vars.get("self")
+    finally:
+        if code.co_flags & CO_OPTIMIZED and type(local_vars) is dict:
+            local_vars.clear()   # the frame's snapshot, emptied as frame_roots does
+    if found is None and owner is not None and owner is not obj:
+        attrs = dict(getattr(owner, "_modules", None) or {})
+        attrs.update(getattr(owner, "__dict__", None) or {})
+        found = next((k for k, v in attrs.items() if v is obj and k.isidentifier()), None)
+    if found is None:
+        found = next((k for k, v in frame.f_globals.items()
+                      if v is obj and k.isidentifier()), None)
+    return found
+
+
 def is_user_code(module_name: str | None) -> bool:
     """Whether a module (by name, as `__module__` gives it) is the user's: loaded from a file
     outside the standard library and the installed packages (a script, `store.py` next to

@@ -21,39 +21,21 @@ figures.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict
 
-import torch
-
 from .. import _C
 from .autograd_graphs import graph_tensors, storage_of, walk_graphs
-from .holders import frame_roots, namespaces_roots, reachable_tensors
+from .holders import (frame_roots, is_library_frame, loop_frame, namespaces_roots,
+                      reachable_tensors)
 
-_SKIPPED_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
-                      for m in (torch, sys.modules[__name__.split(".")[0]]))
 FIRST_PROBE_STEP = 2     # steps completed at the first look; then 4, 8, 16, ...
 #: step ends in a row with more allocated than the one before that make a look (a leak that
 #: starts late in a long run, between the doubling looks); doubled after each look that
 #: found nothing, up to MAX_GROWTH_LOOK_AFTER
 GROWTH_LOOK_AFTER = 4
 MAX_GROWTH_LOOK_AFTER = 256
-
-
-def is_library_frame(frame) -> bool:
-    """A frame of torch's or memprof's own code (or of the interpreter's frozen modules)."""
-    name = frame.f_code.co_filename
-    return name.startswith(_SKIPPED_DIRS) or name.startswith("<frozen")
-
-
-def loop_frame(start):
-    """The innermost frame outside torch and memprof (the training loop's), or None."""
-    f = start
-    while f is not None and is_library_frame(f):
-        f = f.f_back
-    return f
 
 
 class LeakProbe:

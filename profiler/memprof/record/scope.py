@@ -30,6 +30,7 @@ import torch
 
 from .. import _C
 from . import module_call
+from .holders import loop_frame, name_in_frame
 from .module_call import compiling as _compiling
 from .module_call import dynamo_compiling as _dynamo_compiling
 from .module_call import export_flag as _export
@@ -82,6 +83,8 @@ class ModuleScope:
         self.names: list[str] = []                # module id -> qualified name
         self.param_module: dict[int, int] = {}    # id(parameter) -> module id
         self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
+        self._root_prefixes: dict[int, str] = {}  # auto mode: id(root) -> its names' prefix
+        self.first_root_name: str | None = None   # auto mode: what the code calls roots[0]
         self.before_forward: list = []            # fn(), before a real root forward starts
         self.on_forward_start: list = []          # fn(args, kwargs), at a real pass's start
         self.on_forward_end: list = []
@@ -192,10 +195,10 @@ class ModuleScope:
     def parameter_names(self) -> dict[int, str]:
         """id(parameter) -> qualified name, over the model or the roots seen so far."""
         out: dict[int, str] = {}
-        for i, m in enumerate(self.root_modules()):
-            prefix = f"{type(m).__name__}." if self.model is None and i else ""
+        for m in self.root_modules():
+            prefix = self.root_label(m)
             for n, q in m.named_parameters(remove_duplicate=True):
-                out.setdefault(id(q), prefix + n)
+                out.setdefault(id(q), f"{prefix}.{n}" if prefix else n)
         return out
 
     # ------------------------------------------------------------------ install / remove
@@ -382,6 +385,28 @@ class ModuleScope:
         finally:
             module_call.outside_dynamo(self._root_post, self.model, args, None)
 
+    def root_label(self, root: torch.nn.Module) -> str:
+        """What a root's names start with: nothing for the model, or the first root seen; the
+        others' own names (_root_prefix), and the first root's too once another root has
+        parameters (a GAN's `G` and `D`, a teacher and its student)."""
+        if self.model is not None or len(self.roots) < 2:
+            return ""
+        if root is self.roots[0]:
+            if not any(next(r.parameters(), None) is not None for r in self.roots[1:]):
+                return ""   # beside a loss module (`criterion`): still the one model
+            return self.first_root_name or type(getattr(root, "_orig_mod", root)).__name__
+        return self._root_prefixes.get(id(root), "")
+
+    def final_names(self) -> list[str]:
+        """Module names for the profile: the first root's under its label (root_label) once
+        several roots ran - they were named before a second one was seen."""
+        label = self.root_label(self.roots[0]) if self.roots else ""
+        if not label:
+            return list(self.names)
+        others = tuple(p for p in (self._root_prefixes.get(id(r)) for r in self.roots[1:]) if p)
+        return [n if n in others or n.startswith(tuple(o + "." for o in others))
+                else f"{label}.{n}" if n else label for n in self.names]
+
     # ------------------------------------------------------------------ auto mode
     def _auto_call(self, module, args, kwargs):
         """Every module call no block named (module_call's): the module is named as it runs,
@@ -444,6 +469,33 @@ class ModuleScope:
         rename = {id(m) for r in absorbed for m in r.modules()}
         first = bool(self.roots) and self.roots[0] in absorbed
         self.roots = [r for r in self.roots if id(r) not in inside]
-        self._name_tree(module, type(module).__name__ if self.roots and not first else "",
-                        rename)
+        if self.roots and not first:
+            prefix = self._root_prefix(module)
+        else:
+            prefix, self.first_root_name = "", self._calling_name(module)
+        self._root_prefixes[id(module)] = prefix
+        self._name_tree(module, prefix, rename)
         self.roots.insert(0 if first or not self.roots else len(self.roots), module)
+
+    def _root_prefix(self, module: torch.nn.Module) -> str:
+        """The prefix of a root's names after the first root's (whose names have none): what
+        the calling code names it (`D` for `D(fake)`, `criterion`), else its class, made
+        unique - a GAN's two `Sequential`s read as one model before (`Sequential.0` for both
+        first layers, their memory summed)."""
+        base = clean_name(self._calling_name(module) or "") or type(module).__name__
+        first = self.roots[0]
+        # taken: every root's first path part, and the first root's name and class (its
+        # label once this root is added: root_label)
+        taken = {n.split(".")[0] for n in self.names}
+        taken.update({type(getattr(first, "_orig_mod", first)).__name__, self.first_root_name})
+        prefix, k = base, 2
+        while prefix in taken:
+            prefix, k = f"{base}_{k}", k + 1
+        return prefix
+
+    @staticmethod
+    def _calling_name(module: torch.nn.Module) -> str | None:
+        """What the innermost frame outside torch and memprof calls `module` (holders)."""
+        frame = loop_frame(sys._getframe(1))
+        return name_in_frame(frame, module) if frame is not None else None
+

@@ -318,6 +318,10 @@ class Session:
                                modules=s.modules) for s, i in zip(own, mark_idx)]
         counters = _C.counters()
         roots = src.scope.root_modules()
+        if len(roots) > 1:
+            trained = src.steps.trained
+            roots = sorted(roots, key=lambda m: not any(id(p) in trained
+                                                        for p in m.parameters()))
         self.meta = {
             "t0_ns": _first_time(streams),
             "dropped": int(counters["dropped"]),
@@ -326,7 +330,8 @@ class Session:
             "capacity": src.capacity,
             "threads": int(counters["threads"]),
             "torch": torch.__version__,
-            # the user's class, also behind torch.compile's wrapper
+            # the user's class, also behind torch.compile's wrapper; of several models called
+            # apart, the one trained (a student, not its teacher)
             "model_class": type(getattr(roots[0], "_orig_mod", roots[0])).__name__ if roots
             else None,
             # module calls stepped aside under torch.compile, or compiled code ran (a function
@@ -346,7 +351,7 @@ class Session:
         self.strings = strings
         self.seq_records = _C.seq_records().view(SEQ_DTYPE)   # a fresh array: no copy
         self.snapshot_list = snaps
-        self.module_names = list(src.scope.names)
+        self.module_names = src.scope.final_names()
 
     def __enter__(self) -> "Session":
         self.start(sys._getframe(1))

@@ -61,6 +61,10 @@ class StepClock:
         # watched optimizers seen, id -> weak reference (a dict lookup per step, where a
         # WeakSet.add is a Python call making a new reference each time)
         self._seen: dict[int, weakref.ref] = {}
+        # ids of the parameters watched optimizers update, noted when each is first seen:
+        # which of several models is trained, also once its optimizer is gone (a script's
+        # main() under `memprof run` has returned when the block ends)
+        self.trained: set[int] = set()
         self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
@@ -111,6 +115,7 @@ class StepClock:
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
                 self._seen[id(optimizer)] = weakref.ref(optimizer)
+                self.trained.update(id(p) for g in optimizer.param_groups for p in g["params"])
             _C.optimizer_start(self.step)   # its marker, then the phase
         for fn in tuple(self.on_optimizer_pre):
             fn(optimizer)

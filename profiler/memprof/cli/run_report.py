@@ -1,0 +1,57 @@
+"""What `memprof run` prints once the script ended: the report (one per job: rank 0's, the
+other ranks one line each), and where the profile went."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from ..units import fmt_bytes
+
+
+def print_report(tracker, output: str, status: int, as_json: bool,
+                 process_index: int | None = None, brief: bool = False) -> int:
+    """The report of a tracked run and where it was saved; returns the exit status (1 when
+    the profile could not be saved and the script had succeeded). `process_index`: a process
+    torch.multiprocessing started (cli.spawned), a rank when torch.distributed did not say.
+    `brief`: one line for a parent whose processes did the work (theirs are the reports)."""
+    import memprof
+    from memprof.analyse import summary
+    out = sys.stderr if as_json else sys.stdout
+    rank = tracker.profile.meta.get("rank") if tracker.profile is not None else None
+    if rank is None:
+        rank = process_index
+    if tracker.profile is not None:
+        if brief:
+            print(f"memprof: this process's own peak {fmt_bytes(tracker.profile.peak)} (no "
+                  "model ran in it)", file=out)
+        elif rank:   # one report per job on the terminal: rank 0's; the others one line
+            print(f"memprof: rank {rank} peak {fmt_bytes(tracker.profile.peak)}", file=out)
+        elif as_json:
+            print(json.dumps(summary(tracker), indent=1, default=str))
+        else:
+            memprof.show(tracker, console=_report_console())
+    if tracker.saved is not None:   # under torchrun: <output>.rank<R>.memprof
+        print(f"profile saved to {tracker.saved}", file=out)
+        if rank == 0 and not as_json:
+            print(f"merge the ranks: memprof report {rank_glob(tracker.saved)}")
+        return status
+    if tracker.profile is None:   # else the tracker said why it could not save
+        print(f"memprof: the profile was not saved to {output}", file=sys.stderr)
+    return status or 1
+
+
+def rank_glob(saved: str) -> str:
+    """`run.rank0.memprof` -> `run.rank*.memprof`: every rank's file of the job."""
+    return re.sub(r"\.rank\d+(\.[^.]*)$", r".rank*\1", saved)
+
+
+def _report_console():
+    """rich's console, save that a closed pipe is an error run() handles (rich exits with
+    status 1, where Python's own output into `| head` left the status 0)."""
+    from rich.console import Console
+
+    class ReportConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+    return ReportConsole()

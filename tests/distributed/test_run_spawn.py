@@ -1,0 +1,110 @@
+"""`memprof run` on a script that starts its ranks itself with torch.multiprocessing.spawn
+(PyTorch's DDP tutorial): the training ran in the spawned processes, which the block in the
+parent never reached - the report had 0 events and 0 steps. Each process now records itself as
+a torchrun rank does."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import memprof
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class ToyModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net1, self.relu, self.net2 = (torch.nn.Linear(10, 10), torch.nn.ReLU(),
+                                               torch.nn.Linear(10, 5))
+
+        def forward(self, x):
+            return self.net2(self.relu(self.net1(x)))
+
+    def demo_basic(rank, world_size, port):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "localhost", port
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        torch.manual_seed(0)
+        model = DDP(ToyModel())
+        opt = torch.optim.SGD(model.parameters(), lr=0.001)
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.MSELoss()(model(torch.randn(20, 10)), torch.randn(20, 5)).backward()
+            opt.step()
+        print(f"rank {rank} trained")
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(demo_basic, args=(2, sys.argv[1]), nprocs=2, join=True)
+""")
+
+WORKERS_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.multiprocessing as mp
+
+    def work(index, fail):
+        model = torch.nn.Linear(16, 16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            model(torch.randn(8, 16)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        if index == fail:
+            raise ValueError(f"worker {index} gave up")
+
+    if __name__ == "__main__":
+        mp.start_processes(work, args=(int(sys.argv[2]),), nprocs=2,
+                           start_method=sys.argv[1])
+""")
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
+
+
+def _run(tmp_path, script: str, *args):
+    (tmp_path / "train.py").write_text(script)
+    return subprocess.run([sys.executable, "-m", "memprof.cli", "run", "-o", "job.memprof",
+                           "train.py", *args], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_the_ranks_mp_spawn_starts_each_record_themselves(tmp_path):
+    proc = _run(tmp_path, DDP_SCRIPT, _free_port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 trained" in proc.stdout and "rank 1 trained" in proc.stdout
+    assert "memprof: rank 1 peak" in proc.stdout                # one line for rank 1
+    assert "memprof: DistributedDataParallel on cpu, rank 0 of 2" in proc.stdout
+    assert "memprof report job.rank*.memprof" in proc.stdout    # the parent says where
+    for rank in range(2):
+        prof = memprof.load(str(tmp_path / f"job.rank{rank}.memprof"))
+        assert (prof.meta["rank"], prof.meta["world_size"], prof.meta["dist_backend"]) == \
+            (rank, 2, "gloo")
+        assert len(prof.steps) == 4
+        assert prof.activations_by_module()["module.relu"] > 0
+        assert prof.breakdown("category", at="end")["communication"] > 0   # DDP's bucket
+    parent = memprof.load(str(tmp_path / "job.memprof"))
+    assert parent.modules == [] and len(parent.steps) == 0      # no model ran there
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_workers_without_a_process_group_are_told_apart_and_a_failure_is_kept(tmp_path,
+                                                                              method):
+    proc = _run(tmp_path, WORKERS_SCRIPT, method, "1")
+    assert proc.returncode == 1                                # as python: the worker raised
+    assert "ValueError: worker 1 gave up" in proc.stderr
+    ok, failed = (memprof.load(str(tmp_path / f"job.rank{i}.memprof")) for i in range(2))
+    assert len(ok.steps) == len(failed.steps) == 3
+    assert "error" not in ok.meta and "worker 1 gave up" in failed.meta["error"]
+    assert "memprof: rank 1 peak" in proc.stdout
