@@ -42,6 +42,8 @@ class Tracker:
         _budget.check(budget)   # an unknown GPU fails here, not after the training ran
         self.budget = budget
         self.report_oom_on_exit = True   # print the OOM diagnosis to stderr (memprof run: no)
+        # rank and world size where torch.distributed and torchrun say none (cli.spawned)
+        self.default_identity: dict | None = None
         recorders = [ThroughputRecorder(), InputRecorder(), CommRecorder(),
                      CudaSegmentsRecorder(), CompileRecorder(), LeakProbe()] + \
             ([HealthRecorder()] if health else [])
@@ -52,6 +54,7 @@ class Tracker:
         self.saved: str | None = None     # where the profile was saved, once it was
         self.forked_away = False   # this is a child forked inside the block: no profile here
         self._entered = False
+        self._start_dir = ""
         self._analyses = list(analyses) if analyses is not None else None
 
     # ------------------------------------------------------------------ while recording
@@ -104,6 +107,9 @@ class Tracker:
                                "memprof.track(...) again for the next block")
         self.session.start(sys._getframe(1))
         self._entered = True
+        # a relative path names a file where the block started: code that changes directory
+        # inside it (hydra's runs) does not move the profile
+        self._start_dir = os.getcwd()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -132,7 +138,7 @@ class Tracker:
         """Under torchrun / torch.distributed: rank, world_size, local_rank, dist_backend
         (and run_id) in the profile's meta, as seen while the block ran."""
         comm = self.profile.run.records.get("communication") or {}
-        found = comm.get("identity") or _rank_identity()
+        found = comm.get("identity") or _rank_identity() or self.default_identity
         if found:
             self.profile.run.meta.update(found)
 
@@ -142,6 +148,7 @@ class Tracker:
             target = f"memprof-{os.getpid()}-{int(time.time())}.memprof"
         if target is None:
             return
+        target = os.path.join(self._start_dir, target)   # kept as given if absolute
         if self.profile.meta.get("rank") is not None:   # one file per rank of a job
             target = rank_path(target, int(self.profile.meta["rank"]))
         try:

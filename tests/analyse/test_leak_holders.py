@@ -167,3 +167,24 @@ def test_the_user_s_modules_are_listed_once_not_at_every_look(monkeypatch):
     # no module imported since: the list is kept; only the modules of classes found in the
     # user's namespaces are asked about (answered from the kept verdicts)
     assert len(asked) < first / 5, (first, asked)
+
+
+def test_a_look_leaves_the_dict_locals_returned_as_it_is():
+    """The probe empties the snapshot of a function's variables it read (it would hold the
+    step's tensors); that snapshot is the dict `locals()` returns, and emptying it emptied
+    the user's `hparams = locals()` at the probe's first look."""
+    def train(model, opt):
+        lr = 0.1
+        hparams = locals()
+        for _ in range(5):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return hparams, lr
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        hparams, lr = train(model, opt)
+    assert [step for step, _ in prof.run.records["leak_probe"]["looks"]] == [2, 4]
+    assert hparams["lr"] == lr and hparams["model"] is model

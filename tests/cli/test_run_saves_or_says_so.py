@@ -140,3 +140,19 @@ def test_gpu_auto_without_a_gpu_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
     assert "no CUDA GPU" in r.stderr
     assert time.monotonic() - start_t < 120
+
+
+def test_a_script_that_changes_directory_saves_where_memprof_run_started(tmp_path):
+    """hydra (< 1.2) runs every job in a new working directory: the default output, relative,
+    was saved there - inside the script's new directory, under the name it printed."""
+    (tmp_path / "train.py").write_text(TRAIN + (
+        "import os\n"
+        "os.makedirs('outputs/run1')\n"
+        "os.chdir('outputs/run1')\n"
+        "for _ in range(2):\n"
+        "    step()\n"))
+    proc = memprof("run", "train.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "profile saved to train.memprof" in proc.stdout
+    assert _loads(tmp_path / "train.memprof")
+    assert not (tmp_path / "outputs" / "run1" / "train.memprof").exists()

@@ -4,6 +4,7 @@ parent never reached - the report had 0 events and 0 steps. Each process now rec
 a torchrun rank does."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -45,7 +46,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 WORKERS_SCRIPT = textwrap.dedent("""
-    import sys
+    import os, sys, time
     import torch
     import torch.multiprocessing as mp
 
@@ -56,12 +57,18 @@ WORKERS_SCRIPT = textwrap.dedent("""
             model(torch.randn(8, 16)).sum().backward()
             opt.step()
             opt.zero_grad()
+        open(f"done{index}", "w").close()
         if index == fail:
+            while not all(os.path.exists(f"done{i}") for i in range(2)):
+                time.sleep(0.01)   # the other one has finished: torch stops it otherwise
             raise ValueError(f"worker {index} gave up")
 
     if __name__ == "__main__":
-        mp.start_processes(work, args=(int(sys.argv[2]),), nprocs=2,
-                           start_method=sys.argv[1])
+        method, fail, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        if "--parent-model" in sys.argv:   # a check in the parent before the job
+            torch.nn.Linear(4, 4)(torch.randn(2, 4)).sum().backward()
+        for n in range(calls):
+            mp.start_processes(work, args=(fail,), nprocs=2 - n, start_method=method)
 """)
 
 
@@ -71,11 +78,11 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _run(tmp_path, script: str, *args):
+def _run(tmp_path, script: str, *args, json_out: bool = False):
     (tmp_path / "train.py").write_text(script)
-    return subprocess.run([sys.executable, "-m", "memprof.cli", "run", "-o", "job.memprof",
-                           "train.py", *args], capture_output=True, text=True, timeout=240,
-                          cwd=tmp_path)
+    return subprocess.run([sys.executable, "-m", "memprof.cli", "run", "-o", "job.memprof"]
+                          + (["--json"] if json_out else []) + ["train.py", *args],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
 
 
 @pytest.mark.slow
@@ -101,10 +108,46 @@ def test_the_ranks_mp_spawn_starts_each_record_themselves(tmp_path):
 @pytest.mark.parametrize("method", ["spawn", "fork"])
 def test_workers_without_a_process_group_are_told_apart_and_a_failure_is_kept(tmp_path,
                                                                               method):
-    proc = _run(tmp_path, WORKERS_SCRIPT, method, "1")
+    proc = _run(tmp_path, WORKERS_SCRIPT, method, "1", "1")
     assert proc.returncode == 1                                # as python: the worker raised
     assert "ValueError: worker 1 gave up" in proc.stderr
     ok, failed = (memprof.load(str(tmp_path / f"job.rank{i}.memprof")) for i in range(2))
     assert len(ok.steps) == len(failed.steps) == 3
     assert "error" not in ok.meta and "worker 1 gave up" in failed.meta["error"]
     assert "memprof: rank 1 peak" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_second_job_keeps_the_first_ones_files_and_each_job_merges(tmp_path):
+    """Two start_processes calls: the second's process 0 overwrote the first's rank 0 file
+    (next to the first's rank 1), and files without a process group had no rank to merge by."""
+    proc = _run(tmp_path, WORKERS_SCRIPT, "spawn", "-1", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memprof report job.rank*.memprof; memprof report job.call2.rank*.memprof" in \
+        proc.stdout
+    first = [memprof.load(str(tmp_path / f"job.rank{i}.memprof")) for i in range(2)]
+    second = memprof.load(str(tmp_path / "job.call2.rank0.memprof"))
+    assert [(p.meta["rank"], p.meta["world_size"]) for p in first] == [(0, 2), (1, 2)]
+    assert (second.meta["rank"], second.meta["world_size"]) == (0, 1)
+    merged = subprocess.run([sys.executable, "-m", "memprof.cli", "report", "--json",
+                             "job.rank0.memprof", "job.rank1.memprof"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads(merged.stdout)["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_json_is_one_document_and_a_closed_pipe_fails_no_process(tmp_path):
+    proc = _run(tmp_path, WORKERS_SCRIPT, "spawn", "-1", "1", "--parent-model", json_out=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["events"] > 0       # the parent's; the workers' on stderr
+    assert "memprof: rank 0 peak" in proc.stderr and "memprof: rank 1 peak" in proc.stderr
+    # `memprof run train.py | head -1`: the reader is gone before the reports
+    (tmp_path / "job.rank0.memprof").unlink()
+    piped = subprocess.Popen([sys.executable, "-m", "memprof.cli", "run", "-o", "job.memprof",
+                              "train.py", "spawn", "-1", "1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=tmp_path)
+    piped.stdout.close()
+    _, err = piped.communicate(timeout=240)
+    assert piped.returncode == 0, err.decode()[-3000:]
+    assert (tmp_path / "job.rank0.memprof").exists()

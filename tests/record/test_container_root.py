@@ -180,3 +180,55 @@ def test_a_loss_module_beside_the_model_leaves_the_models_names_as_they_were():
     assert set(prof.modules) == {"", "0", "1", "2", "criterion"}
     assert prof.activations_by_module()["Sequential.1"] == 2 * 8 * 16 * 4
     assert prof.meta["model_class"] == "Sequential"
+
+
+def _names(prof) -> list[str]:
+    return [prof.module_name(i) for i in range(len(prof.modules))]
+
+
+def test_roots_stay_apart_when_a_later_root_takes_in_the_first_and_behind_compile():
+    enc, other = torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 8))
+    calls = [enc, other, torch.nn.Sequential(enc)]    # the last one holds the first root
+    with memprof.track(auto_modules=True, optimizer=None) as prof:
+        x = torch.randn(4, 8, requires_grad=True)
+        for i in range(3):
+            y = calls[i](x)
+        y.sum().backward()
+    assert len(set(_names(prof))) == len(_names(prof)), _names(prof)
+    g = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    nets = [g, torch.compile(torch.nn.Linear(8, 8), backend="eager")]
+    with memprof.track(auto_modules=True, optimizer=None) as compiled:
+        x = torch.randn(4, 8)
+        for i in range(2):
+            x = nets[i](x)
+        x.sum().backward()
+    assert "Linear" in compiled.modules                # the user's class, not OptimizedModule
+
+
+class _Trainer:
+    """A trainer whose own attributes are not a module's (`_modules` a list of names)."""
+
+    def __init__(self):
+        self._modules = ["g", "d"]
+        self.g, self.d = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+
+    def step(self):
+        return self.d(self.g(torch.randn(4, 8))).sum()
+
+
+def test_naming_reads_a_trainers_attributes_and_leaves_its_locals_as_they_are():
+    """Naming a root raised ValueError out of the user's call on a `self` whose `_modules`
+    was no dict, and emptied the dict `locals()` had returned to the calling function."""
+    trainer = _Trainer()
+    with memprof.track(auto_modules=True, optimizer=None) as prof:
+        trainer.step().backward()
+    assert {"g", "d"} <= set(prof.modules)
+
+    def train(model):
+        lr = 0.1
+        hparams = locals()
+        model(torch.randn(2, 8)).sum().backward()
+        return hparams, lr
+    with memprof.track(auto_modules=True, optimizer=None):
+        hparams, lr = train(torch.nn.Linear(8, 8))
+    assert hparams["lr"] == lr and "model" in hparams

@@ -605,6 +605,32 @@ def test_auto_mode_a_module_on_another_thread_is_no_root_and_no_pass():
     assert prof.throughput["batch_size"] == 16 and prof.throughput["batch_size_range"] == [16, 16]
 
 
+@pytest.mark.parametrize("auto", [True, False], ids=["auto_modules", "track(model)"])
+def test_a_loop_on_a_thread_the_block_waits_for_is_the_training(auto):
+    """A script that trains on a thread it starts and joins (`memprof run` on it): its
+    model calls were taken for a background thread's - no pass, no batch size, 0 micro-steps,
+    and in auto mode every byte outside modules."""
+    import threading
+    import time
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(None if auto else model, opt, auto_modules=auto) as prof:
+        def train():
+            time.sleep(0.05)   # its setup: the block's thread is in join() by the first call
+            _train(model, opt, 16, 4)
+        worker = threading.Thread(target=train)
+        worker.start()
+        worker.join()
+    t = prof.throughput
+    assert t["batch_size"] == 16 and t["micro_steps_per_step"] == 1
+    assert t["stats"]["forward_ms"]["median"] > 0
+    assert prof.meta["model_class"] == "Net"
+    with memprof.track(None if auto else model, opt, auto_modules=auto) as same:
+        _train(model, opt, 16, 4)                        # the same loop on the block's thread
+    assert prof.activations_by_module() == same.activations_by_module()
+    assert prof.activations_by_module()["block"] > 0
+
+
 def test_the_model_called_on_another_thread_is_no_pass():
     """A background evaluation of the tracked model: its calls ran the pass logic (phase,
     batch markers) across the training thread's passes."""

@@ -1,5 +1,6 @@
 """memprof.track on real training steps: exact attribution, invariants, safety, persistence."""
 import copy
+import os
 import threading
 import warnings
 
@@ -183,6 +184,20 @@ def test_exception_without_path_still_saves(mlp, tmp_path, monkeypatch, capsys):
     assert len(files) == 1
     assert "profile saved to" in capsys.readouterr().err
     assert memprof.load(str(files[0])).meta["error"].startswith("RuntimeError: CUDA out of memory")
+
+
+def test_a_relative_path_is_where_the_block_started_when_the_code_changes_directory(
+        mlp, tmp_path, monkeypatch):
+    """hydra (< 1.2) runs each job in a new working directory: a relative path then put the
+    profile inside that one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with memprof.track(mlp, path="run.memprof") as prof:
+        os.chdir("outputs")
+        mlp(torch.randn(4, D)).sum().backward()
+    assert prof.saved == str(tmp_path / "run.memprof")
+    assert memprof.load(prof.saved).peak == prof.peak > 0
+    assert not (tmp_path / "outputs" / "run.memprof").exists()
 
 
 def test_nested_and_repeated_blocks(mlp):

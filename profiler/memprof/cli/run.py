@@ -74,6 +74,7 @@ class RunCommand(Command):
         if args.nproc_per_node is not None:
             return self._launch(args, target)
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
+        args.launch_dir = os.getcwd()   # paths are shown from here if the script changes it
         output = _output(args, target)
         patches = PatchRegistry()   # sys.argv and sys.path as the script expects them
         patches.set(sys, "argv", [target.argv0] + list(args.script_args))
@@ -107,7 +108,8 @@ class RunCommand(Command):
         # of the script named by --step-on is not patched there: they find steps themselves)
         spawned = SpawnWatch(output, dict(
             budget=args.budget, batch_size=args.batch_size,
-            step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json)
+            step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
+            args.launch_dir)
         spawned.install(patches)
         # the script's globals are searched for holders of leaked tensors, even if it raises
         tracker.roots.append(("", main.__dict__))
@@ -141,7 +143,8 @@ class RunCommand(Command):
             # where the script's work all ran in those processes, theirs are the reports
             idle = bool(spawned.started) and tracker.profile is not None and \
                 not tracker.profile.modules
-            status = print_report(tracker, output, status, as_json=args.json, brief=idle)
+            status = print_report(tracker, output, status, as_json=args.json, brief=idle,
+                                  base=args.launch_dir)
             if spawned.note():
                 print(spawned.note(), file=sys.stderr if args.json else sys.stdout)
             return status
@@ -217,7 +220,9 @@ def _print_user_traceback(exc: BaseException) -> None:
 
 
 def _output(args, target: RunTarget) -> str:
-    """--output, or <script>.memprof; checked now, not after an hour of training."""
+    """--output, or <script>.memprof, as an absolute path (a script that changes its working
+    directory, as hydra's runs do, left it in the new one); checked now, not after an hour of
+    training."""
     output = args.output or target.stem + ".memprof"
     check_writable(output, "--output")
     if os.path.exists(output):
@@ -225,7 +230,7 @@ def _output(args, target: RunTarget) -> str:
         if os.path.samefile(output, target.filename) or not is_profile(output):
             raise UsageError(f"--output {output!r}: exists and is not a memprof profile (it "
                              "would be replaced); remove it or give another file name")
-    return output
+    return os.path.abspath(output)
 
 
 COMMAND = RunCommand()

@@ -3,6 +3,7 @@ other ranks one line each), and where the profile went."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -10,11 +11,13 @@ from ..units import fmt_bytes
 
 
 def print_report(tracker, output: str, status: int, as_json: bool,
-                 process_index: int | None = None, brief: bool = False) -> int:
+                 process_index: int | None = None, brief: bool = False,
+                 base: str | None = None) -> int:
     """The report of a tracked run and where it was saved; returns the exit status (1 when
     the profile could not be saved and the script had succeeded). `process_index`: a process
     torch.multiprocessing started (cli.spawned), a rank when torch.distributed did not say.
-    `brief`: one line for a parent whose processes did the work (theirs are the reports)."""
+    `brief`: one line for a parent whose processes did the work (theirs are the reports).
+    `base`: the directory `memprof run` started in, which paths are shown from."""
     import memprof
     from memprof.analyse import summary
     out = sys.stderr if as_json else sys.stdout
@@ -22,23 +25,37 @@ def print_report(tracker, output: str, status: int, as_json: bool,
     if rank is None:
         rank = process_index
     if tracker.profile is not None:
-        if brief:
+        if brief and not as_json:
             print(f"memprof: this process's own peak {fmt_bytes(tracker.profile.peak)} (no "
                   "model ran in it)", file=out)
-        elif rank:   # one report per job on the terminal: rank 0's; the others one line
+        elif rank or (process_index is not None and as_json):
+            # one report per job: rank 0's, the others one line (with --json the parent's
+            # summary is the run's one document)
             print(f"memprof: rank {rank} peak {fmt_bytes(tracker.profile.peak)}", file=out)
         elif as_json:
             print(json.dumps(summary(tracker), indent=1, default=str))
         else:
             memprof.show(tracker, console=_report_console())
     if tracker.saved is not None:   # under torchrun: <output>.rank<R>.memprof
-        print(f"profile saved to {tracker.saved}", file=out)
-        if rank == 0 and not as_json:
-            print(f"merge the ranks: memprof report {rank_glob(tracker.saved)}")
+        saved = shown_path(tracker.saved, base)
+        print(f"profile saved to {saved}", file=out)
+        if rank == 0 and not as_json and process_index is None:   # (spawned: the parent says)
+            print(f"merge the ranks: memprof report {rank_glob(saved)}")
         return status
     if tracker.profile is None:   # else the tracker said why it could not save
-        print(f"memprof: the profile was not saved to {output}", file=sys.stderr)
+        print(f"memprof: the profile was not saved to {shown_path(output, base)}",
+              file=sys.stderr)
     return status or 1
+
+
+def shown_path(path: str, base: str | None) -> str:
+    """A path as the user gave it: relative to `base` (where memprof run started) when it lies
+    there, else absolute."""
+    if base is not None:
+        rel = os.path.relpath(path, base)
+        if not rel.startswith(os.pardir):
+            return rel
+    return path
 
 
 def rank_glob(saved: str) -> str:

@@ -18,7 +18,7 @@ import signal
 import sys
 
 from ..record.distributed import rank_path
-from .run_report import print_report, rank_glob
+from .run_report import print_report, rank_glob, shown_path
 from .signals import ExitSignals, Terminated
 
 
@@ -26,11 +26,17 @@ class SpawnWatch:
     """Hands each process torch.multiprocessing starts to run_tracked, while the script runs
     (through the run's patch registry, so it is undone with sys.argv)."""
 
-    def __init__(self, output: str, options: dict, as_json: bool = False):
-        self.output = output
-        self.options = options     # memprof.track's options for each process: plain data
-        self.as_json = as_json
-        self.started = 0           # processes started so far
+    def __init__(self, output: str, options: dict, as_json: bool = False,
+                 base: str | None = None):
+        self.output = output       # absolute
+        # what each process needs, as plain data (pickled for it): memprof.track's options,
+        # the report's form, the directory paths are shown from
+        self.job = {"options": options, "json": as_json, "base": base}
+        self.calls: list[tuple[str, int]] = []   # (output, processes) per start_processes
+
+    @property
+    def started(self) -> int:
+        return sum(n for _, n in self.calls)
 
     def install(self, patches) -> None:
         import torch.multiprocessing
@@ -43,9 +49,15 @@ class SpawnWatch:
         def start_processes(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
+            nprocs = int(bound.arguments["nprocs"])
+            # a second call (an evaluation job after the training one) gets files of its own:
+            # `job.call2.rank0.memprof`, not rank 0's file overwritten beside the first's rank 1
+            stem, ext = os.path.splitext(watch.output)
+            output = watch.output if not watch.calls else f"{stem}.call{len(watch.calls) + 1}{ext}"
+            watch.calls.append((output, nprocs))
             bound.arguments["fn"] = functools.partial(
-                run_tracked, bound.arguments["fn"], watch.output, watch.options, watch.as_json)
-            watch.started += int(bound.arguments["nprocs"])
+                run_tracked, bound.arguments["fn"], {**watch.job, "output": output,
+                                                     "nprocs": nprocs})
             return original(*bound.args, **bound.kwargs)
 
         # spawn() calls its module's global; a script may call either name
@@ -54,21 +66,25 @@ class SpawnWatch:
 
     def note(self) -> str | None:
         """What the parent says once its script ended: where the processes' profiles are."""
-        if not self.started:
+        if not self.calls:
             return None
-        first = rank_path(self.output, 0)
+        globs = [rank_glob(shown_path(rank_path(out, 0), self.job["base"]))
+                 for out, _ in self.calls]
         return (f"memprof: the script ran {self.started} processes through "
-                f"torch.multiprocessing; each saved its own profile ({first}, ...); one report "
-                f"for all of them: memprof report {rank_glob(first)}")
+                f"torch.multiprocessing, each saving its own profile; one report per job: "
+                + "; ".join(f"memprof report {g}" for g in globs))
 
 
-def run_tracked(fn, output: str, options: dict, as_json: bool, index: int, *args) -> None:
+def run_tracked(fn, job: dict, index: int, *args) -> None:
     """One process torch.multiprocessing started: fn(index, *args) recorded as a rank, its
     profile saved also when fn raises (the error then reaches torch's handler as before) or
     when SIGTERM stops it (torch stops the other processes once one failed): it then ends by
-    that signal, as it would have."""
+    that signal, as it would have. Without a process group its rank is its index among the
+    call's processes (the files merge as a job's)."""
     import memprof
-    tracker = memprof.track(auto_modules=True, path=rank_path(output, index), **options)
+    path = rank_path(job["output"], index)
+    tracker = memprof.track(auto_modules=True, path=path, **job["options"])
+    tracker.default_identity = {"rank": index, "world_size": job["nprocs"]}
     main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
     if main is not None:   # the script, imported again in this process: holders are named
         tracker.roots.append(("", main.__dict__))
@@ -85,11 +101,23 @@ def run_tracked(fn, output: str, options: dict, as_json: bool, index: int, *args
             stopped_by = signal.SIGTERM
         finally:
             if not tracker.forked_away:
-                print_report(tracker, rank_path(output, index), status, as_json=as_json,
-                             process_index=index)
+                _report(tracker, path, status, job, index)
         _, signum = signals.status(status, stopped_by)
     if signum is not None:
         sys.stdout.flush()   # the report: what the signal's default action would drop
         sys.stderr.flush()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+
+def _report(tracker, path: str, status: int, job: dict, index: int) -> None:
+    """The process's report; never an error of its own (a closed pipe, `memprof run s.py |
+    head`, failed the process, and torch then stopped the others)."""
+    try:
+        print_report(tracker, path, status, as_json=job["json"], process_index=index,
+                     base=job["base"])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
+        os.close(devnull)

@@ -61,23 +61,39 @@ def loop_frame(start):
 
 def name_in_frame(frame, obj) -> str | None:
     """The name a frame calls `obj` by: one of its variables, an attribute of its `self`
-    (a trainer's `self.discriminator`), or a global of its module - `D` for `D(fake)`."""
-    code = frame.f_code
-    local_vars = frame.f_locals
+    (a trainer's `self.discriminator`), or a global of its module - `D` for `D(fake)`. None
+    when it has none, or looking raised (a `self` with an odd `__getattr__`)."""
     try:
+        local_vars = frame.f_locals
         found = next((k for k, v in local_vars.items() if v is obj and k.isidentifier()), None)
         owner = local_vars.get("self")
-    finally:
-        if code.co_flags & CO_OPTIMIZED and type(local_vars) is dict:
-            local_vars.clear()   # the frame's snapshot, emptied as frame_roots does
-    if found is None and owner is not None and owner is not obj:
-        attrs = dict(getattr(owner, "_modules", None) or {})
-        attrs.update(getattr(owner, "__dict__", None) or {})
-        found = next((k for k, v in attrs.items() if v is obj and k.isidentifier()), None)
-    if found is None:
-        found = next((k for k, v in frame.f_globals.items()
-                      if v is obj and k.isidentifier()), None)
-    return found
+        del local_vars
+        release_locals_snapshot(frame)
+        if found is None and isinstance(owner, torch.nn.Module) and owner is not obj:
+            found = next((k for k, v in owner._modules.items() if v is obj), None)
+        if found is None and owner is not None and owner is not obj:
+            found = next((k for k, v in (getattr(owner, "__dict__", None) or {}).items()
+                          if v is obj and isinstance(k, str) and k.isidentifier()), None)
+        if found is None:
+            found = next((k for k, v in frame.f_globals.items()
+                          if v is obj and isinstance(k, str) and k.isidentifier()), None)
+        return found
+    except Exception:  # noqa: BLE001  (a name is a nicety; the user's call goes on)
+        return None
+
+
+def release_locals_snapshot(frame) -> None:
+    """Empty the dict a function's frame (Python < 3.13) keeps of its variables once
+    `frame.f_locals` was read: left there, it holds what they named then after the function
+    rebinds or deletes them (a tensor freed after the block, a step's loss). A tracer or
+    debugger refreshes it before reading it. Left as it is when the function holds it
+    itself (`hparams = locals()` is that dict: emptying it emptied the user's)."""
+    if not frame.f_code.co_flags & CO_OPTIMIZED:
+        return
+    snapshot = frame.f_locals
+    # references: the frame's, this name's, getrefcount's argument - and no one else's
+    if type(snapshot) is dict and sys.getrefcount(snapshot) <= 3:
+        snapshot.clear()
 
 
 def is_user_code(module_name: str | None) -> bool:
@@ -240,14 +256,8 @@ def frame_roots(frame) -> list[tuple[str, object]]:
         return []
     code = frame.f_code
     scope = "" if code.co_name == "<module>" else f"{code.co_name}.<locals>."
-    local_vars = frame.f_locals
-    roots = [(f"{scope}{k}", v) for k, v in local_vars.items()]
-    if code.co_flags & CO_OPTIMIZED and type(local_vars) is dict:
-        # A function's frame (Python < 3.13) keeps this snapshot of its variables: left
-        # there, it would hold what they name now after the function rebinds or deletes them
-        # (a tensor the user frees after the block, a step's loss). Emptied: a tracer or
-        # debugger refreshes it from the variables before it reads it, so nothing is lost.
-        local_vars.clear()
+    roots = [(f"{scope}{k}", v) for k, v in frame.f_locals.items()]
+    release_locals_snapshot(frame)
     if scope:
         roots += namespace_roots(f"{frame.f_globals.get('__name__', 'globals')}.",
                                  frame.f_globals)

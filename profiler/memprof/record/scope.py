@@ -21,7 +21,9 @@ coarser attribution the report names (`compiled`).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 import sys
 import threading
 import weakref
@@ -49,6 +51,45 @@ def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     if forward is not torch.nn.Module.forward or "forward" in vars(model):
         return [model]   # (torch.compile's wrapper sets its forward on the instance)
     return [m for child in model.children() for m in _pass_modules(child)]
+
+
+_THREADING_FILE = os.path.splitext(threading.__file__)[0] + ".py"
+_FUTURES_DIR = os.path.dirname(concurrent.futures.__file__) + os.sep
+
+
+def _joining(frame) -> bool:
+    """Whether a thread (its innermost frame) waits for other threads to end: Thread.join,
+    or a concurrent.futures result or wait - not an Event or a queue (a loop waiting for its
+    data, a thread starting another one)."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if (name == _THREADING_FILE and frame.f_code.co_name == "join") or \
+                name.startswith(_FUTURES_DIR):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    """The user's class, also behind torch.compile's wrapper."""
+    return type(getattr(module, "_orig_mod", module)).__name__
+
+
+def _unique(base: str, taken: set) -> str:
+    """`base`, or `base_2`, `base_3`, ... : the first not taken."""
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _outermost_module_call() -> bool:
+    """Whether the module call running on this thread is inside no other one."""
+    code, frame, calls = module_call.module_call.__code__, sys._getframe(1), 0
+    while frame is not None and calls < 2:
+        calls += frame.f_code is code
+        frame = frame.f_back
+    return calls < 2
 
 
 def clean_name(name: str) -> str:
@@ -92,6 +133,7 @@ class ModuleScope:
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
         self._thread = threading.get_ident()      # the thread whose calls are passes
+        self._passes_started = False              # a pass ran (see _on_pass_thread)
         self._root_depth = 0                      # passes running (calls or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -320,6 +362,7 @@ class ModuleScope:
     # Never while dynamo traces: module_call and _model_pass step aside before.
     def _root_pre(self, module, args, kwargs, mid: int = 0):
         self._root_depth += 1
+        self._passes_started = True
         # a real pass: not a recompute in backward, not inside one already begun (Lightning's
         # training_step calling the module's own forward)
         real = self._forward_depth is None and not torch._C._current_autograd_node()
@@ -351,7 +394,7 @@ class ModuleScope:
         another thread (a background evaluation) the model runs in its scope and is no pass:
         its phase and batch markers would cut into the training thread's."""
         mid = self._pass_ids.get(id(module), 0)
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread and not self._on_pass_thread():
             return module_call.call_in_scope(mid, module, args, kwargs)
         module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None
@@ -385,6 +428,19 @@ class ModuleScope:
         finally:
             module_call.outside_dynamo(self._root_post, self.model, args, None)
 
+    def _on_pass_thread(self) -> bool:
+        """Whether a module call on a thread other than the passes' one starts passes there:
+        only while no pass ran yet and the block's thread waits for others to end (a script
+        training on a thread it started and joins: its model had no pass, no batch size and
+        no module attribution in auto mode); a background evaluation or prefetcher beside
+        a training loop stays in scope, no pass (the loop's thread is busy, or passes ran)."""
+        if self._passes_started or not _outermost_module_call():   # not mid-forward
+            return False
+        if not _joining(sys._current_frames().get(self._thread)):
+            return False
+        self._thread = threading.get_ident()   # the thread the block's thread waits for
+        return True
+
     def root_label(self, root: torch.nn.Module) -> str:
         """What a root's names start with: nothing for the model, or the first root seen; the
         others' own names (_root_prefix), and the first root's too once another root has
@@ -394,7 +450,10 @@ class ModuleScope:
         if root is self.roots[0]:
             if not any(next(r.parameters(), None) is not None for r in self.roots[1:]):
                 return ""   # beside a loss module (`criterion`): still the one model
-            return self.first_root_name or type(getattr(root, "_orig_mod", root)).__name__
+            # unique also when this root came last and took in the first one (the others'
+            # prefixes kept clear of the earlier first root's name only)
+            others = {self._root_prefixes.get(id(r)) for r in self.roots[1:]}
+            return _unique(self.first_root_name or _class_name(root), others)
         return self._root_prefixes.get(id(root), "")
 
     def final_names(self) -> list[str]:
@@ -415,7 +474,7 @@ class ModuleScope:
         and nothing else: such a call took the thread-shared stack, became the first root
         (the model then read as a `Linear`) and counted as a pass."""
         mid = self._auto_ids.get(id(module))
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread and not self._on_pass_thread():
             if mid is None:
                 return module_call.call_through(module, args, kwargs)
             return module_call.call_in_scope(mid, module, args, kwargs)
@@ -482,16 +541,12 @@ class ModuleScope:
         the calling code names it (`D` for `D(fake)`, `criterion`), else its class, made
         unique - a GAN's two `Sequential`s read as one model before (`Sequential.0` for both
         first layers, their memory summed)."""
-        base = clean_name(self._calling_name(module) or "") or type(module).__name__
-        first = self.roots[0]
+        base = clean_name(self._calling_name(module) or "") or _class_name(module)
         # taken: every root's first path part, and the first root's name and class (its
         # label once this root is added: root_label)
         taken = {n.split(".")[0] for n in self.names}
-        taken.update({type(getattr(first, "_orig_mod", first)).__name__, self.first_root_name})
-        prefix, k = base, 2
-        while prefix in taken:
-            prefix, k = f"{base}_{k}", k + 1
-        return prefix
+        taken.update({_class_name(self.roots[0]), self.first_root_name})
+        return _unique(base, taken)
 
     @staticmethod
     def _calling_name(module: torch.nn.Module) -> str | None:
