@@ -105,11 +105,14 @@ class Tracker:
         if self._entered:
             raise RuntimeError("memprof.track: this tracker has already recorded a block; call "
                                "memprof.track(...) again for the next block")
+        # a relative path names a file where the block started: code that changes directory
+        # inside it (hydra's runs) does not move the profile (a deleted directory: as given)
+        try:
+            self._start_dir = os.getcwd()
+        except OSError:
+            self._start_dir = ""
         self.session.start(sys._getframe(1))
         self._entered = True
-        # a relative path names a file where the block started: code that changes directory
-        # inside it (hydra's runs) does not move the profile
-        self._start_dir = os.getcwd()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

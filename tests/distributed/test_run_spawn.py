@@ -151,3 +151,56 @@ def test_json_is_one_document_and_a_closed_pipe_fails_no_process(tmp_path):
     _, err = piped.communicate(timeout=240)
     assert piped.returncode == 0, err.decode()[-3000:]
     assert (tmp_path / "job.rank0.memprof").exists()
+
+
+PROCESS_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+    def run(rank, size):
+        model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(torch.randn(8, 10)),
+                                         torch.randn(8, 1)).backward()
+            for p in model.parameters():     # the tutorial's hand-written all-reduce
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= size
+            opt.step()
+
+    def init_process(rank, size, fn):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", sys.argv[1]
+        dist.init_process_group("gloo", rank=rank, world_size=size)
+        fn(rank, size)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.set_start_method("spawn")
+        data = torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4, num_workers=2)
+        print("batches", len(list(data)))     # a DataLoader's workers: not the script's
+        processes = [mp.Process(target=init_process, args=(rank, 2, run)) for rank in (1, 0)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join()
+        sys.exit(max(p.exitcode for p in processes))
+""")
+
+
+@pytest.mark.slow
+def test_processes_the_script_starts_with_multiprocessing_process_record_themselves(tmp_path):
+    """"Writing Distributed Applications with PyTorch": one mp.Process per rank. The parent's
+    DataLoader workers (torch's own target) are left as they are."""
+    proc = _run(tmp_path, PROCESS_SCRIPT, _free_port())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batches 2" in proc.stdout
+    assert "memprof: process 0 peak" in proc.stdout and "memprof: process 1 peak" in proc.stdout
+    assert "memprof report job.rank*.memprof" in proc.stdout
+    for rank in range(2):       # started in the order 1, 0: named by their process group rank
+        prof = memprof.load(str(tmp_path / f"job.rank{rank}.memprof"))
+        assert (prof.meta["rank"], prof.meta["world_size"]) == (rank, 2)
+        assert len(prof.steps) == 3
+    assert sorted(p.name for p in tmp_path.glob("*.memprof")) == \
+        ["job.memprof", "job.rank0.memprof", "job.rank1.memprof"]

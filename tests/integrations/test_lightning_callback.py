@@ -176,3 +176,50 @@ def test_the_module_can_save_itself_inside_training_step(tmp_path, nested):
     x = torch.randn(2, 16)
     assert copy.net(x).shape == (2, 4)
     assert saved_profile(str(tmp_path / "prof")).peak > 0
+
+
+DDP_SPAWN_SCRIPT = '''
+import torch
+import {pl} as pl
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                        torch.nn.Linear(32, 4))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.body(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randint(0, 4, (64,)))
+    pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+               enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(Net(), torch.utils.data.DataLoader(data,
+                                                                                 batch_size=8))
+'''
+
+
+@pytest.mark.slow
+def test_memprof_run_on_a_ddp_spawn_fit_records_each_rank(tmp_path):
+    """Lightning's ddp_spawn starts its ranks with torch.multiprocessing.start_processes:
+    under `memprof run` the fit's report had 0 events (the parent only waits)."""
+    import subprocess
+    import sys
+    import memprof
+    (tmp_path / "fit.py").write_text(DDP_SPAWN_SCRIPT.format(pl=pl.__name__))
+    proc = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "-o", "fit.memprof",
+                           "fit.py"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        prof = memprof.load(str(tmp_path / f"fit.rank{rank}.memprof"))
+        assert (prof.meta["rank"], prof.meta["world_size"]) == (rank, 2)
+        assert len(prof.steps) == 4                      # 64 samples / 8 / 2 ranks
+        assert prof.activations_by_module()["module.body.1"] > 0

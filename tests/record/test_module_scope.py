@@ -631,6 +631,66 @@ def test_a_loop_on_a_thread_the_block_waits_for_is_the_training(auto):
     assert prof.activations_by_module()["block"] > 0
 
 
+class _Wrapper(torch.nn.Module):
+    """A wrapper around the tracked model (as DDP is)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_the_training_thread_takes_the_passes_only_when_it_is_the_training():
+    """A block entered inside an executor task (whose worker loop is on its stack) is not
+    waiting for a background evaluation; preprocessing with a module on an executor (the
+    block's thread waits for its results) gives the passes back; a wrapped model called
+    on a thread the block joins is the training (its call is inside the wrapper's)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def beside_an_evaluation(auto):
+        model, evaluated = Net(), Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stop = threading.Event()
+
+        def evaluate():
+            while not stop.is_set():
+                with torch.no_grad():
+                    evaluated(torch.randn(4, 8))
+                time.sleep(0.001)
+        with memprof.track(None if auto else model, opt, auto_modules=auto) as prof:
+            thread = threading.Thread(target=evaluate)
+            thread.start()
+            time.sleep(0.02)   # the loop's setup: the evaluation calls first
+            _train(model, opt, 16, 4)
+            stop.set()
+            thread.join()
+        return prof
+    with ThreadPoolExecutor(1) as pool:
+        prof = pool.submit(beside_an_evaluation, True).result()
+    assert prof.throughput["batch_size"] == 16 and "head" in prof.modules
+
+    model, norm = Net(), torch.nn.LayerNorm(8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: norm(torch.randn(16, 8)).detach(), range(8)))
+        _train(model, opt, 16, 4)
+    assert prof.throughput["batch_size"] == 16
+    assert prof.throughput["stats"]["forward_ms"]["n"] == 3
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        worker = threading.Thread(target=_train, args=(_Wrapper(model), opt, 16, 4))
+        worker.start()
+        worker.join()
+    assert prof.throughput["batch_size"] == 16
+
+
 def test_the_model_called_on_another_thread_is_no_pass():
     """A background evaluation of the tracked model: its calls ran the pass logic (phase,
     batch markers) across the training thread's passes."""

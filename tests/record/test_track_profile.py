@@ -389,3 +389,17 @@ def test_categories_survive_hitting_the_event_cap(mlp):
                 opt.step()
     cats = prof.breakdown("category", at="end")
     assert cats["parameters"] == param_bytes(mlp)   # named through the snapshot markers
+
+
+def test_a_block_entered_in_a_deleted_directory_records_and_ends(mlp, tmp_path, monkeypatch):
+    """Reading the block's directory raised after tracking had started: it stayed on, and
+    every later block read as nested in it."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with memprof.track(mlp, path=str(tmp_path / "x.memprof")) as prof:
+        mlp(torch.randn(4, D)).sum().backward()
+    assert prof.saved == str(tmp_path / "x.memprof")
+    assert memprof.load(prof.saved).peak == prof.peak > 0
+    assert not _C.is_active()

@@ -1,5 +1,6 @@
 """Processes a script starts with torch.multiprocessing (`mp.spawn(train, nprocs=2)`, the
-shape of PyTorch's DDP tutorial, or `start_processes`) under `memprof run`.
+shape of PyTorch's DDP tutorial, or `start_processes`) or with multiprocessing.Process around
+a function of its own, under `memprof run`.
 
 Such a process is a fresh interpreter running the script's function: the block `memprof run`
 opened in the parent does not reach it, so the report had 0 events while the training ran
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import multiprocessing.process
 import os
 import signal
 import sys
 
 from ..record.distributed import rank_path
+from ..record.holders import is_user_code
+from ..units import fmt_bytes
 from .run_report import print_report, rank_glob, shown_path
 from .signals import ExitSignals, Terminated
 
@@ -33,6 +37,7 @@ class SpawnWatch:
         # the report's form, the directory paths are shown from
         self.job = {"options": options, "json": as_json, "base": base}
         self.calls: list[tuple[str, int]] = []   # (output, processes) per start_processes
+        self.processes: list | None = None   # [output, started]: multiprocessing.Process's
 
     @property
     def started(self) -> int:
@@ -53,7 +58,8 @@ class SpawnWatch:
             # a second call (an evaluation job after the training one) gets files of its own:
             # `job.call2.rank0.memprof`, not rank 0's file overwritten beside the first's rank 1
             stem, ext = os.path.splitext(watch.output)
-            output = watch.output if not watch.calls else f"{stem}.call{len(watch.calls) + 1}{ext}"
+            output = watch.output if not watch.calls else \
+                f"{stem}.call{len(watch.calls) + 1}{ext or '.memprof'}"
             watch.calls.append((output, nprocs))
             bound.arguments["fn"] = functools.partial(
                 run_tracked, bound.arguments["fn"], {**watch.job, "output": output,
@@ -63,6 +69,33 @@ class SpawnWatch:
         # spawn() calls its module's global; a script may call either name
         patches.set(spawn_module, "start_processes", start_processes)
         patches.set(torch.multiprocessing, "start_processes", start_processes)
+        patches.patch(multiprocessing.process.BaseProcess, "start", self._start_wrapper)
+
+    def _start_wrapper(self, original):
+        """`multiprocessing.Process(target=run, args=(rank, size)).start()` (the other DDP
+        tutorial's shape, torch.multiprocessing.Process included): a target of the user's
+        own code is recorded as rank <R> (its torch.distributed rank, else the order it was
+        started in) with a one-line report; the processes of torch and of libraries (a
+        DataLoader's workers, a Pool's, start_processes' own wrapper) are left as they are."""
+        watch = self
+
+        def start(process):
+            target = getattr(process, "_target", None)
+            if target is not None and is_user_code(getattr(target, "__module__", None)):
+                if watch.processes is None:
+                    stem, ext = os.path.splitext(watch.output)
+                    output = watch.output if not watch.calls else \
+                        f"{stem}.call{len(watch.calls) + 1}{ext or '.memprof'}"
+                    watch.processes = [output, 0]
+                    watch.calls.append((output, 0))
+                output, index = watch.processes
+                watch.processes[1] += 1
+                watch.calls = [(o, n + (o == output)) for o, n in watch.calls]
+                process._target = functools.partial(
+                    run_tracked_target, target, {**watch.job, "output": output,
+                                                 "index": index})
+            return original(process)
+        return start
 
     def note(self) -> str | None:
         """What the parent says once its script ended: where the processes' profiles are."""
@@ -70,8 +103,8 @@ class SpawnWatch:
             return None
         globs = [rank_glob(shown_path(rank_path(out, 0), self.job["base"]))
                  for out, _ in self.calls]
-        return (f"memprof: the script ran {self.started} processes through "
-                f"torch.multiprocessing, each saving its own profile; one report per job: "
+        return (f"memprof: the script ran {self.started} processes of its own, each saving "
+                f"its own profile; one report per job: "
                 + "; ".join(f"memprof report {g}" for g in globs))
 
 
@@ -81,10 +114,15 @@ def run_tracked(fn, job: dict, index: int, *args) -> None:
     when SIGTERM stops it (torch stops the other processes once one failed): it then ends by
     that signal, as it would have. Without a process group its rank is its index among the
     call's processes (the files merge as a job's)."""
+    _run_as_rank(functools.partial(fn, index, *args), job, index)
+
+
+def _run_as_rank(call, job: dict, index: int) -> None:
     import memprof
     path = rank_path(job["output"], index)
     tracker = memprof.track(auto_modules=True, path=path, **job["options"])
-    tracker.default_identity = {"rank": index, "world_size": job["nprocs"]}
+    if "nprocs" in job:
+        tracker.default_identity = {"rank": index, "world_size": job["nprocs"]}
     main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
     if main is not None:   # the script, imported again in this process: holders are named
         tracker.roots.append(("", main.__dict__))
@@ -93,7 +131,7 @@ def run_tracked(fn, job: dict, index: int, *args) -> None:
         try:
             with tracker:
                 try:
-                    fn(index, *args)
+                    call()
                 finally:
                     signals.finish()
             status = 0
@@ -110,12 +148,25 @@ def run_tracked(fn, job: dict, index: int, *args) -> None:
         os.kill(os.getpid(), signum)
 
 
+def run_tracked_target(target, job: dict, *args, **kwargs) -> None:
+    """A multiprocessing.Process's target of the user's code, recorded as run_tracked does
+    (its index: the order it was started in; no world size unless torch.distributed's)."""
+    _run_as_rank(functools.partial(target, *args, **kwargs), job, job["index"])
+
+
 def _report(tracker, path: str, status: int, job: dict, index: int) -> None:
     """The process's report; never an error of its own (a closed pipe, `memprof run s.py |
     head`, failed the process, and torch then stopped the others)."""
     try:
-        print_report(tracker, path, status, as_json=job["json"], process_index=index,
-                     base=job["base"])
+        if "nprocs" in job:   # torch.multiprocessing's: one job's ranks
+            print_report(tracker, path, status, as_json=job["json"], process_index=index,
+                         base=job["base"])
+        elif tracker.profile is not None:   # a Process of the script's: one line each
+            rank = tracker.profile.meta.get("rank", index)
+            saved = f"; profile saved to {shown_path(tracker.saved, job['base'])}" \
+                if tracker.saved else ""
+            print(f"memprof: process {rank} peak {fmt_bytes(tracker.profile.peak)}{saved}",
+                  file=sys.stderr if job["json"] else sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)

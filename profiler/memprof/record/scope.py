@@ -53,18 +53,27 @@ def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for child in model.children() for m in _pass_modules(child)]
 
 
+#: outermost module calls on another thread that look whether the block's thread waits for
+#: it (a few us each): then no more (a loop that polls `thread.is_alive()` never joins)
+MAX_ADOPT_LOOKS = 256
 _THREADING_FILE = os.path.splitext(threading.__file__)[0] + ".py"
-_FUTURES_DIR = os.path.dirname(concurrent.futures.__file__) + os.sep
+
+
+#: where a wait for other threads to end returns from: Thread.join, a future's result, wait,
+#: as_completed, an executor's shutdown (its `with` block's end)
+_JOINS = {_THREADING_FILE: ("join",), **{
+    os.path.join(os.path.dirname(concurrent.futures.__file__), f): (
+        "result", "wait", "as_completed", "shutdown", "__exit__")
+    for f in ("_base.py", "thread.py", "process.py")}}
 
 
 def _joining(frame) -> bool:
-    """Whether a thread (its innermost frame) waits for other threads to end: Thread.join,
-    or a concurrent.futures result or wait - not an Event or a queue (a loop waiting for its
-    data, a thread starting another one)."""
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if (name == _THREADING_FILE and frame.f_code.co_name == "join") or \
-                name.startswith(_FUTURES_DIR):
+    """Whether a thread waits for others to end, called from its own code: its innermost
+    frames (the standard library's waiting) reach Thread.join or a future's result before
+    any other code - not an Event or a queue (a loop waiting for its data), and not a thread
+    that is itself an executor's worker (whose loop is always on its stack)."""
+    while frame is not None and frame.f_code.co_filename in (_THREADING_FILE, *_JOINS):
+        if frame.f_code.co_name in _JOINS.get(frame.f_code.co_filename, ()):
             return True
         frame = frame.f_back
     return False
@@ -133,7 +142,10 @@ class ModuleScope:
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
         self._thread = threading.get_ident()      # the thread whose calls are passes
+        self._block_thread = self._thread         # the thread that entered the block
+        self._adopt_lock = threading.Lock()
         self._passes_started = False              # a pass ran (see _on_pass_thread)
+        self._adopt_looks = 0                     # looks at the block's thread (idem)
         self._root_depth = 0                      # passes running (calls or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -394,7 +406,7 @@ class ModuleScope:
         another thread (a background evaluation) the model runs in its scope and is no pass:
         its phase and batch markers would cut into the training thread's."""
         mid = self._pass_ids.get(id(module), 0)
-        if threading.get_ident() != self._thread and not self._on_pass_thread():
+        if threading.get_ident() != self._thread and not self._on_pass_thread(module, True):
             return module_call.call_in_scope(mid, module, args, kwargs)
         module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None
@@ -428,18 +440,34 @@ class ModuleScope:
         finally:
             module_call.outside_dynamo(self._root_post, self.model, args, None)
 
-    def _on_pass_thread(self) -> bool:
-        """Whether a module call on a thread other than the passes' one starts passes there:
-        only while no pass ran yet and the block's thread waits for others to end (a script
-        training on a thread it started and joins: its model had no pass, no batch size and
-        no module attribution in auto mode); a background evaluation or prefetcher beside
-        a training loop stays in scope, no pass (the loop's thread is busy, or passes ran)."""
-        if self._passes_started or not _outermost_module_call():   # not mid-forward
-            return False
-        if not _joining(sys._current_frames().get(self._thread)):
-            return False
-        self._thread = threading.get_ident()   # the thread the block's thread waits for
-        return True
+    def _on_pass_thread(self, module, nested_ok: bool) -> bool:
+        """Whether a module call on a thread other than the passes' one starts passes there.
+        While no pass ran and the block's thread waits for others to end (a script training
+        on a thread it started and joins: its model had no pass, no batch size and no module
+        attribution), the first thread to call the model - with gradients on, and in auto
+        mode the outermost call of a module with trainable parameters, not a preprocessing
+        transform - takes the passes; the block's thread takes them back once that thread
+        ended. A background evaluation or prefetcher beside a training loop stays in scope,
+        no pass (the loop's thread is busy, or passes ran). `nested_ok`: the model itself
+        (track(model)), whose call may be inside a wrapper's (DDP)."""
+        me = threading.get_ident()
+        with self._adopt_lock:
+            if me == self._block_thread:   # the passes went to a thread it waited for
+                if self._thread in sys._current_frames():
+                    return False
+                self._thread = me          # that thread ended
+                return True
+            if self._passes_started or self._adopt_looks >= MAX_ADOPT_LOOKS or \
+                    not torch.is_grad_enabled() or not (nested_ok or _outermost_module_call()):
+                return False
+            if not nested_ok and not any(p.requires_grad for p in module.parameters()):
+                return False
+            self._adopt_looks += 1
+            if not _joining(sys._current_frames().get(self._block_thread)):
+                return False
+            self._thread = me                 # the thread the block's thread waits for
+            self._passes_started = True       # one thread takes them
+            return True
 
     def root_label(self, root: torch.nn.Module) -> str:
         """What a root's names start with: nothing for the model, or the first root seen; the
@@ -474,7 +502,7 @@ class ModuleScope:
         and nothing else: such a call took the thread-shared stack, became the first root
         (the model then read as a `Linear`) and counted as a pass."""
         mid = self._auto_ids.get(id(module))
-        if threading.get_ident() != self._thread and not self._on_pass_thread():
+        if threading.get_ident() != self._thread and not self._on_pass_thread(module, False):
             if mid is None:
                 return module_call.call_through(module, args, kwargs)
             return module_call.call_in_scope(mid, module, args, kwargs)
