@@ -145,8 +145,9 @@ class RunCommand(Command):
                 not tracker.profile.modules
             status = print_report(tracker, output, status, as_json=args.json, brief=idle,
                                   base=args.launch_dir)
-            if spawned.note():
-                print(spawned.note(), file=sys.stderr if args.json else sys.stdout)
+            note = spawned.note()
+            if note:
+                print(note, file=sys.stderr if args.json else sys.stdout)
             return status
         except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it wanted,
             # as Python's output was; the profile is saved, the script's status stands

@@ -36,12 +36,24 @@ class SpawnWatch:
         # what each process needs, as plain data (pickled for it): memprof.track's options,
         # the report's form, the directory paths are shown from
         self.job = {"options": options, "json": as_json, "base": base}
-        self.calls: list[tuple[str, int]] = []   # (output, processes) per start_processes
-        self.processes: list | None = None   # [output, started]: multiprocessing.Process's
+        # [output, processes started] per start_processes call, and one for all of the
+        # multiprocessing.Process starts (_process_call, made at the first)
+        self.calls: list[list] = []
+        self._process_call: list | None = None
 
     @property
     def started(self) -> int:
         return sum(n for _, n in self.calls)
+
+    def _new_call(self, processes: int) -> list:
+        """A job's [output, processes]: the run's output for the first, then files of their
+        own (`job.call2.rank0.memprof`, not rank 0's file overwritten beside the first
+        job's rank 1: an evaluation job after the training one)."""
+        stem, ext = os.path.splitext(self.output)
+        output = self.output if not self.calls else \
+            f"{stem}.call{len(self.calls) + 1}{ext or '.memprof'}"
+        self.calls.append([output, processes])
+        return self.calls[-1]
 
     def install(self, patches) -> None:
         import torch.multiprocessing
@@ -55,12 +67,7 @@ class SpawnWatch:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             nprocs = int(bound.arguments["nprocs"])
-            # a second call (an evaluation job after the training one) gets files of its own:
-            # `job.call2.rank0.memprof`, not rank 0's file overwritten beside the first's rank 1
-            stem, ext = os.path.splitext(watch.output)
-            output = watch.output if not watch.calls else \
-                f"{stem}.call{len(watch.calls) + 1}{ext or '.memprof'}"
-            watch.calls.append((output, nprocs))
+            output, _ = watch._new_call(nprocs)
             bound.arguments["fn"] = functools.partial(
                 run_tracked, bound.arguments["fn"], {**watch.job, "output": output,
                                                      "nprocs": nprocs})
@@ -82,15 +89,10 @@ class SpawnWatch:
         def start(process):
             target = getattr(process, "_target", None)
             if target is not None and is_user_code(getattr(target, "__module__", None)):
-                if watch.processes is None:
-                    stem, ext = os.path.splitext(watch.output)
-                    output = watch.output if not watch.calls else \
-                        f"{stem}.call{len(watch.calls) + 1}{ext or '.memprof'}"
-                    watch.processes = [output, 0]
-                    watch.calls.append((output, 0))
-                output, index = watch.processes
-                watch.processes[1] += 1
-                watch.calls = [(o, n + (o == output)) for o, n in watch.calls]
+                if watch._process_call is None:
+                    watch._process_call = watch._new_call(0)
+                output, index = watch._process_call
+                watch._process_call[1] += 1
                 process._target = functools.partial(
                     run_tracked_target, target, {**watch.job, "output": output,
                                                  "index": index})

@@ -72,16 +72,16 @@ def _joining(frame) -> bool:
     frames (the standard library's waiting) reach Thread.join or a future's result before
     any other code - not an Event or a queue (a loop waiting for its data), and not a thread
     that is itself an executor's worker (whose loop is always on its stack)."""
-    while frame is not None and frame.f_code.co_filename in (_THREADING_FILE, *_JOINS):
+    while frame is not None and frame.f_code.co_filename in _JOINS:
         if frame.f_code.co_name in _JOINS.get(frame.f_code.co_filename, ()):
             return True
         frame = frame.f_back
     return False
 
 
-def _class_name(module: torch.nn.Module) -> str:
+def class_name(module: torch.nn.Module) -> str:
     """The user's class, also behind torch.compile's wrapper."""
-    return type(getattr(module, "_orig_mod", module)).__name__
+    return type(getattr(module, COMPILE_WRAPPER, module)).__name__
 
 
 def _unique(base: str, taken: set) -> str:
@@ -134,7 +134,7 @@ class ModuleScope:
         self.param_module: dict[int, int] = {}    # id(parameter) -> module id
         self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
         self._root_prefixes: dict[int, str] = {}  # auto mode: id(root) -> its names' prefix
-        self.first_root_name: str | None = None   # auto mode: what the code calls roots[0]
+        self._first_root_name: str | None = None   # auto mode: what the code calls roots[0]
         self.before_forward: list = []            # fn(), before a real root forward starts
         self.on_forward_start: list = []          # fn(args, kwargs), at a real pass's start
         self.on_forward_end: list = []
@@ -481,7 +481,7 @@ class ModuleScope:
             # unique also when this root came last and took in the first one (the others'
             # prefixes kept clear of the earlier first root's name only)
             others = {self._root_prefixes.get(id(r)) for r in self.roots[1:]}
-            return _unique(self.first_root_name or _class_name(root), others)
+            return _unique(self._first_root_name or class_name(root), others)
         return self._root_prefixes.get(id(root), "")
 
     def final_names(self) -> list[str]:
@@ -559,7 +559,7 @@ class ModuleScope:
         if self.roots and not first:
             prefix = self._root_prefix(module)
         else:
-            prefix, self.first_root_name = "", self._calling_name(module)
+            prefix, self._first_root_name = "", self._calling_name(module)
         self._root_prefixes[id(module)] = prefix
         self._name_tree(module, prefix, rename)
         self.roots.insert(0 if first or not self.roots else len(self.roots), module)
@@ -569,11 +569,11 @@ class ModuleScope:
         the calling code names it (`D` for `D(fake)`, `criterion`), else its class, made
         unique - a GAN's two `Sequential`s read as one model before (`Sequential.0` for both
         first layers, their memory summed)."""
-        base = clean_name(self._calling_name(module) or "") or _class_name(module)
+        base = clean_name(self._calling_name(module) or "") or class_name(module)
         # taken: every root's first path part, and the first root's name and class (its
         # label once this root is added: root_label)
         taken = {n.split(".")[0] for n in self.names}
-        taken.update({_class_name(self.roots[0]), self.first_root_name})
+        taken.update({class_name(self.roots[0]), self._first_root_name})
         return _unique(base, taken)
 
     @staticmethod

@@ -31,7 +31,7 @@ from .event_streams import EventStreams
 from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ_DTYPE
 from .patches import PatchRegistry
 from .auto_steps import AutoSteps
-from .scope import ModuleScope
+from .scope import ModuleScope, class_name
 from .update_watch import label_updates
 from .snapshots import Snapshot, SnapshotRecorder
 from .steps import BackwardHook, StepClock
@@ -332,8 +332,7 @@ class Session:
             "torch": torch.__version__,
             # the user's class, also behind torch.compile's wrapper; of several models called
             # apart, the one trained (a student, not its teacher)
-            "model_class": type(getattr(roots[0], "_orig_mod", roots[0])).__name__ if roots
-            else None,
+            "model_class": class_name(roots[0]) if roots else None,
             # module calls stepped aside under torch.compile, or compiled code ran (a function
             # compiled before the block: its trace had no module call of ours to replay)
             "compiled": src.scope.compiled or ran_compiled_code(strings),
