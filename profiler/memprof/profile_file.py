@@ -12,7 +12,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from dataclasses import asdict
+from dataclasses import fields
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .record.snapshots import Snapshot
 from .run import Run
 
 FORMAT_NAME = "memprof-profile"
+_SNAPSHOT_FIELDS = [f.name for f in fields(Snapshot)]
 FORMAT_VERSION = 2   # 2: 72-byte event record without leaf_op; recorder records; checksums
 
 
@@ -58,26 +59,33 @@ def is_profile(path: str) -> bool:
 
 
 def write(run: Run, findings: list[Finding], path: str) -> str:
-    arrays = {"events.npy": _npy_bytes(run.events), "seq_records.npy": _npy_bytes(run.seq_records)}
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "strings": run.strings, "modules": run.modules,
-        "snapshots": [asdict(s) for s in run.snapshots],
+        # as read, not copied (dataclasses.asdict deep-copies each address: a quarter of the
+        # time of saving a 1M-event profile)
+        "snapshots": [{f: getattr(s, f) for f in _SNAPSHOT_FIELDS} for s in run.snapshots],
         "meta": {k: v for k, v in run.meta.items() if _jsonable(v)},
         "step_seqs": [int(s) for s in run.step_seqs],
         "records": {k: v for k, v in run.records.items() if _jsonable(v)},
         "findings": [f.as_dict() for f in findings],
-        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in arrays.items()},
     }
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".memprof-", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path, os.getpid()), suffix=".tmp",
+                               dir=directory)
     try:
         # mkstemp makes the file 0600; a profile gets the mode any new file would (umask)
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+        # deflate's fastest level: on a 1M-event profile (69 MiB of events) 0.32 s and 15 % of
+        # the bytes against level 6's 1.01 s and 12 % (this 2-core machine) - the save is part
+        # of leaving a block, and of every autosave while training waits
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED,
+                                                       compresslevel=1) as zf:
+            # the arrays streamed into the zip as they are hashed (no bytes copy of the events,
+            # which a save near the host's memory limit cannot afford), the header after them
+            header["sha256"] = {name: _write_npy(zf, name, array) for name, array in
+                                (("events.npy", run.events), ("seq_records.npy", run.seq_records))}
             zf.writestr("header.json", json.dumps(header, default=_plain))
-            for name, data in arrays.items():
-                zf.writestr(name, data)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -86,6 +94,64 @@ def write(run: Run, findings: list[Finding], path: str) -> str:
             pass
         raise
     return path
+
+
+def _temporary_prefix(path: str, pid: int) -> str:
+    return f".memprof-{os.path.basename(path)}.{pid}."
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Delete the temporary files that saves to `path` by processes no longer running left
+    behind (a process killed outright while it wrote: SIGKILL runs no cleanup, and a save of
+    a long run's profile is hundreds of MB); the files removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    stem = _temporary_prefix(path, 0)[:-2]   # ".memprof-<name>."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(stem) and name.endswith(".tmp")):
+            continue
+        pid = name[len(stem):].split(".", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # another user's process: running
+        return True
+    return True
+
+
+class _Hashing:
+    """A write-only stream that hashes what passes through it to another."""
+
+    def __init__(self, out):
+        self.out, self.sha = out, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.out.write(data)
+
+
+def _write_npy(zf: zipfile.ZipFile, name: str, array: np.ndarray) -> str:
+    """`array` as the .npy member `name`; its SHA-256."""
+    with zf.open(name, "w", force_zip64=True) as member:
+        stream = _Hashing(member)
+        np.save(stream, array, allow_pickle=False)
+    return stream.sha.hexdigest()
 
 
 # Bounds checked before anything is read: the reader's memory is at most the sizes the zip
@@ -185,12 +251,6 @@ def _read_array(path: str, zf: zipfile.ZipFile, name: str, dtype: np.dtype,
         raise ProfileFormatError(f"{path}: {name}: shape {shape} does not match its "
                                  f"{len(data) - buf.tell()} bytes of data")
     return np.frombuffer(data, dtype=dtype, count=shape[0], offset=buf.tell()).copy()
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _plain(v):

@@ -87,6 +87,11 @@ def _check_meta(meta: dict) -> str | None:
     problem = _check_rank(meta)
     if problem:
         return problem
+    partial = meta.get("partial")   # saved while the run went on (track_autosave)
+    if partial is not None and not (isinstance(partial, dict)
+                                    and _is(partial.get("steps_ended"), _INT)
+                                    and _is(partial.get("elapsed_s", 0), _NUM)):
+        return f"meta.partial: expected {{steps_ended: int, elapsed_s: number}}, got {_got(partial)}"
     if meta.get("model_class") is not None and not isinstance(meta["model_class"], str):
         return f"meta.model_class: expected str or null, got {_got(meta['model_class'])}"
     for key in _META_LISTS:
@@ -160,6 +165,15 @@ def _check_records(records: dict) -> str | None:
             return f"records.logs[{i}]: expected [step, name, value], got {_got(row)}"
     if not isinstance(records.get("backward", []), list):
         return f"records.backward: expected a list, got {_got(records['backward'])}"
+    # the leak probe's looks and the autosaves: [step, seconds] each (the throughput tables
+    # take their time out of those steps)
+    for name, key in (("leak_probe", "looks"), ("autosave", "saves")):
+        rows = (records.get(name) or {}).get(key, []) if isinstance(records.get(name) or {},
+                                                                      dict) else None
+        if not isinstance(rows, list) or not all(
+                isinstance(r, list) and len(r) == 2 and _is(r[0], _INT) and _is(r[1], _NUM)
+                for r in rows):
+            return f"records.{name}.{key}: expected a list of [step, seconds]"
     return None
 
 

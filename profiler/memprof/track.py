@@ -18,6 +18,7 @@ from .analyse import health as _health
 from .analyse import throughput as _throughput
 from .profile import Profile
 from . import track_budget as _budget
+from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave
 from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
 from .record.compile_watch import CompileRecorder
 from .record.cuda_segments import CudaSegmentsRecorder
@@ -38,8 +39,15 @@ class Tracker:
                  path: str | None = None, capacity: int = DEFAULT_CAPACITY,
                  analyses: Iterable | None = None, auto_modules: bool = False,
                  health: bool = False, batch_size: int | None = None, budget=None,
-                 step_on: str = "auto"):
+                 step_on: str = "auto", autosave: float | None = DEFAULT_AUTOSAVE_S):
         _budget.check(budget)   # an unknown GPU fails here, not after the training ran
+        if autosave is not None and not (isinstance(autosave, (int, float))
+                                         and not isinstance(autosave, bool) and autosave > 0):
+            raise ValueError(f"autosave={autosave!r}: expected a number of seconds > 0, or None "
+                             "(no save before the block ends)")
+        self.autosave_s = autosave
+        self._autosave: Autosave | None = None
+        self.started = 0.0   # time.monotonic() at the block's start
         self.budget = budget
         self.report_oom_on_exit = True   # print the OOM diagnosis to stderr (memprof run: no)
         # rank and world size where torch.distributed and torchrun say none (cli.spawned)
@@ -55,7 +63,7 @@ class Tracker:
         self.forked_away = False   # this is a child forked inside the block: no profile here
         self._entered = False
         self._start_dir = ""
-        self._analyses = list(analyses) if analyses is not None else None
+        self.analyses = list(analyses) if analyses is not None else None
 
     # ------------------------------------------------------------------ while recording
     @property
@@ -111,8 +119,13 @@ class Tracker:
             self._start_dir = os.getcwd()
         except OSError:
             self._start_dir = ""
+        self.started = time.monotonic()
         self.session.start(sys._getframe(1))
         self._entered = True
+        if self.path is not None and self.autosave_s is not None and \
+                self.session.outer is None:
+            self._autosave = Autosave(self, self.autosave_s)
+            self._autosave.install(self.session)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -122,14 +135,18 @@ class Tracker:
             self.forked_away = True
             self.session = None
             return False
+        if self._autosave is not None:   # (stop may end a last step: no save then)
+            self._autosave.remove(self.session)
         self.session.stop(exc)
         nested = self.session.outer is not None
         self.profile = Profile(Run.from_session(self.session))
-        self._note_rank()
+        self.note_rank(self.profile)
+        if self._autosave is not None:   # the steps it saved in: their time was the save's
+            self.profile.run.records["autosave"] = self._autosave.record()
         if nested:
             self.profile.run.live = None   # the outer block checks the live state
         else:
-            _analyse.analyse(self.profile, self._analyses)
+            _analyse.analyse(self.profile, self.analyses)
             _budget.plan(self, exc)            # budget replay; what would fit an OOM
         self._save(exc, nested)
         if not nested and exc is not None and self.report_oom_on_exit:
@@ -137,13 +154,24 @@ class Tracker:
         self.session = None   # the profile is data: don't keep the model, optimizer or frame
         return False  # never swallow the user's exception
 
-    def _note_rank(self) -> None:
+    def identity(self, records: dict | None = None) -> dict:
         """Under torchrun / torch.distributed: rank, world_size, local_rank, dist_backend
-        (and run_id) in the profile's meta, as seen while the block ran."""
-        comm = self.profile.run.records.get("communication") or {}
-        found = comm.get("identity") or _rank_identity() or self.default_identity
-        if found:
-            self.profile.run.meta.update(found)
+        (and run_id), as seen while the block ran (`records`: a run's, whose communication
+        record noted it), else {}."""
+        comm = (records or {}).get("communication") or {}
+        return comm.get("identity") or _rank_identity() or self.default_identity or {}
+
+    def note_rank(self, profile: Profile) -> None:
+        """The identity in the profile's meta."""
+        profile.run.meta.update(self.identity(profile.run.records))
+
+    def target(self, meta: dict, path: str | None = None) -> str:
+        """Where a profile with `meta` is saved: `path` (the block's unless given) relative to
+        where the block started, one file per rank in a job."""
+        target = os.path.join(self._start_dir, path or self.path)   # as given if absolute
+        if meta.get("rank") is not None:   # one file per rank of a job
+            target = rank_path(target, int(meta["rank"]))
+        return target
 
     def _save(self, exc, nested: bool) -> None:
         target = self.path
@@ -151,9 +179,7 @@ class Tracker:
             target = f"memprof-{os.getpid()}-{int(time.time())}.memprof"
         if target is None:
             return
-        target = os.path.join(self._start_dir, target)   # kept as given if absolute
-        if self.profile.meta.get("rank") is not None:   # one file per rank of a job
-            target = rank_path(target, int(self.profile.meta["rank"]))
+        target = self.target(self.profile.meta, target)
         try:
             self.profile.save(target)
         except OSError as err:
@@ -170,7 +196,7 @@ class Tracker:
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,
           capacity: int = DEFAULT_CAPACITY, analyses=None, auto_modules: bool = False,
           health: bool = False, batch_size: int | None = None, budget=None,
-          step_on: str = "auto") -> Tracker:
+          step_on: str = "auto", autosave: float | None = DEFAULT_AUTOSAVE_S) -> Tracker:
     """Record every allocation and free made inside the block.
 
     model: attributes allocations to its submodules (forward hooks) and names parameters.
@@ -196,9 +222,13 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
     step_on: what ends a step - "auto" (an optimizer step, else a parameter change after a
     backward), "optimizer", "backward" (every backward call) or "manual" (prof.step() only);
     prof.step() ends a step in every mode.
+    autosave: with a path, also save the profile so far at a step end every `autosave`
+    seconds (at most; marked partial, replaced by the block's own save at its end), so that a
+    run killed outright - the kernel's OOM killer (exit status 137), kill -9 - still leaves
+    one; None: save at the end only. See memprof.track_autosave.
     If the block runs out of memory, a diagnosis (who filled the device, leak or step too big,
     what would fit) is printed to stderr before the exception leaves the block.
     """
     return Tracker(model, optimizer, path=path, capacity=capacity, analyses=analyses,
                    auto_modules=auto_modules, health=health, batch_size=batch_size,
-                   budget=budget, step_on=step_on)
+                   budget=budget, step_on=step_on, autosave=autosave)

@@ -38,6 +38,9 @@ class RankRow:
     local_rank: int | None = None
     partial_step: bool = False   # work after the last step boundary
     error: str | None = None     # what the rank's tracked code raised
+    # saved while the rank ran on and never replaced by its end (killed outright, or still
+    # running): the steps ended by then (memprof.track_autosave)
+    unfinished_at: int | None = None
 
     @property
     def steps_label(self) -> str:
@@ -48,7 +51,8 @@ class RankRow:
                 "peak_bytes": self.peak, "peak_event": self.peak_event,
                 "by_category_at_peak": self.by_category, "end_bytes": self.end_bytes,
                 "steps": self.steps, "partial_step": self.partial_step,
-                "events": self.events, "local_rank": self.local_rank, "error": self.error}
+                "events": self.events, "local_rank": self.local_rank, "error": self.error,
+                "unfinished_at": self.unfinished_at}
 
 
 @dataclass
@@ -238,7 +242,12 @@ def _row(profile: Profile, source: str) -> RankRow:
                    steps=len(profile.steps) - profile.partial_last_step,
                    events=int(profile.memory.size),
                    local_rank=int(local) if _is_int(local) else None,
-                   partial_step=profile.partial_last_step, error=profile.meta.get("error"))
+                   partial_step=profile.partial_last_step, error=profile.meta.get("error"),
+                   unfinished_at=_unfinished_at(profile.meta.get("partial")))
+
+
+def _unfinished_at(partial) -> int | None:
+    return int(partial.get("steps_ended", 0)) if isinstance(partial, dict) else None
 
 
 def _is_int(v) -> bool:

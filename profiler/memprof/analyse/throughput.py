@@ -300,9 +300,12 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
     warmup = WARMUP_STEPS if warmup is None else int(warmup)
     gpu = rec.get("gpu")
     compiled = (profile.run.records.get("compile") or {}).get("steps", ())
-    # record.leak_probe's looks: each just after a step boundary, its time not the loop's
-    looks = {int(n): float(s) for n, s in
-             (profile.run.records.get("leak_probe") or {}).get("looks", ())}
+    # record.leak_probe's looks and memprof.track_autosave's saves: each just after a step
+    # boundary, its time not the loop's
+    looks: dict[int, float] = {}
+    for name, key in (("leak_probe", "looks"), ("autosave", "saves")):
+        for n, s in (profile.run.records.get(name) or {}).get(key, ()):
+            looks[int(n)] = looks.get(int(n), 0.0) + float(s)
     timeline = rec.get("cuda_timeline")
     if timeline:
         out = compute([tuple(x) for x in timeline], clock="cuda_events", warmup=warmup,

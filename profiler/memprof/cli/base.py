@@ -37,6 +37,19 @@ class Command:
         return self.own_code_only
 
 
+def seconds_or_off(text: str) -> float:
+    """An argparse type: seconds (> 0), or 0 for none (--autosave); kept as 0, so that it
+    reaches the ranks a launcher starts (options at their default are not passed on)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0: off), got {text!r}") \
+            from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0: off), got {text}")
+    return v
+
+
 def at_least_one(text: str) -> int:
     """An argparse type: a whole number, 1 or more (--top, --batch-size); argparse prints the
     message with the option's name."""

@@ -8,7 +8,8 @@ import sys
 import traceback
 
 from ..record.patches import PatchRegistry
-from .base import Command, UsageError, at_least_one, check_writable
+from ..track_autosave import DEFAULT_AUTOSAVE_S
+from .base import Command, UsageError, at_least_one, check_writable, seconds_or_off
 from .report import BUDGET_FORMS, parse_budget
 from .run_report import print_report
 from .run_target import RunTarget, TargetFailed, resolve, split_argv
@@ -58,6 +59,12 @@ class RunCommand(Command):
         parser.add_argument("--budget", metavar="GPU",
                             help=f"also replay the run against a GPU's usable memory "
                                  f"({BUDGET_FORMS}): where it would run out")
+        parser.add_argument("--autosave", type=seconds_or_off, metavar="SECONDS",
+                            default=DEFAULT_AUTOSAVE_S,
+                            help=f"save the profile so far at a step end every SECONDS at "
+                                 f"most (default {DEFAULT_AUTOSAVE_S:g}; 0: only at the end), so "
+                                 f"a run killed outright (the OOM killer's SIGKILL, exit status "
+                                 f"137) still leaves one, marked partial")
 
     def split_argv(self, argv: list[str]) -> tuple[list[str], list[str] | None]:
         return split_argv(argv, self._parser)
@@ -100,14 +107,15 @@ class RunCommand(Command):
             return 1
         main = target.main_module()
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
-                                step_on=track_mode(args.step_on), batch_size=args.batch_size)
+                                step_on=track_mode(args.step_on), batch_size=args.batch_size,
+                                autosave=args.autosave or None)
         code = install_step_on(args.step_on, code, source, script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
         # processes the script starts with torch.multiprocessing record themselves (a function
         # of the script named by --step-on is not patched there: they find steps themselves)
         spawned = SpawnWatch(output, dict(
-            budget=args.budget, batch_size=args.batch_size,
+            budget=args.budget, batch_size=args.batch_size, autosave=args.autosave or None,
             step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
             args.launch_dir)
         spawned.install(patches)
@@ -175,7 +183,11 @@ class RunCommand(Command):
             torchrun.run(launcher)
         except ChildFailedError as err:   # the launcher stops the other ranks: name the first
             rank, first = err.get_first_failure()
-            print(f"memprof run: rank {rank} failed first (exit {first.exitcode}); "
+            how = f"exit {first.exitcode}"
+            if first.exitcode == -signal.SIGKILL:   # nothing ran after it, no exit path saved
+                how += (", SIGKILL: the kernel's OOM killer or kill -9; its profile is the last "
+                        "one saved while it ran, if any (--autosave)")
+            print(f"memprof run: rank {rank} failed first ({how}); "
                   f"{len(err.failures)} of {args.nproc_per_node} ranks did not finish",
                   file=sys.stderr)
             return 1

@@ -295,10 +295,38 @@ class Session:
         return [(ptr, size, dev, to_outer.get(mid, -1), cat)
                 for ptr, size, dev, mid, cat in self.snapshots.baseline]
 
+    def so_far(self) -> "SessionSoFar":
+        """What stop() assembles, made from a copy of what was recorded so far while the
+        session goes on recording (an autosave): the native log is read, not taken, and no
+        hook comes off. An outermost session's only."""
+        if self.outer is not None or self.forked_away or _active is not self:
+            raise RuntimeError("so_far: only the recording, outermost session can be read")
+        raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
+        base = self.snapshots.baseline
+        events = np.empty(len(base) + raw.size, dtype=EVENT_DTYPE)
+        # the threads' logs, one after the other, in time order, placed (mode "raise" would
+        # buffer a whole second copy first; argsort's indices are all in range)
+        np.take(raw, np.argsort(raw["t_ns"], kind="stable"), out=events[len(base):],
+                mode="clip")
+        del raw
+        first = int(events["t_ns"][len(base)]) if events.size > len(base) else 0
+        events[:len(base)] = _baseline_rows(base, first)
+        view = SessionSoFar(self)
+        streams = EventStreams.split(events)
+        del events
+        self._assemble(streams, self, None, into=view)
+        # what stop() notes at the end (final()), as snapshots at the end of this stream
+        view.snapshot_list += [Snapshot(marker=streams.size, category=c, ptrs=p, modules=m)
+                               for c, p, m in self.snapshots.at_end()]
+        view.records = {rec.name: rec.record() for rec in self.recorders}
+        return view
+
     def _assemble(self, streams: EventStreams, src: "Session", exc,
-                  base: list | None = None) -> None:
+                  base: list | None = None, into=None) -> None:
         """`streams`: the session's events, the blocks that existed before tracking first
-        (`base`: those blocks, the session's own baseline unless given)."""
+        (`base`: those blocks, the session's own baseline unless given); `into`: where the
+        parts go (a SessionSoFar) instead of this session."""
+        out = self if into is None else into
         strings = list(_C.strings())
         base = src.snapshots.baseline if base is None else base
         snaps = []
@@ -322,7 +350,7 @@ class Session:
             trained = src.steps.trained
             roots = sorted(roots, key=lambda m: not any(id(p) in trained
                                                         for p in m.parameters()))
-        self.meta = {
+        out.meta = {
             "t0_ns": _first_time(streams),
             "dropped": int(counters["dropped"]),
             "markers_dropped": int(counters["markers_dropped"]),
@@ -341,16 +369,16 @@ class Session:
             "patch_notes": list(src.patches.notes),
         }
         if exc is not None:
-            self.meta["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        if counters["dropped"] or counters["markers_dropped"]:
+            out.meta["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        if into is None and (counters["dropped"] or counters["markers_dropped"]):
             warnings.warn(f"memprof dropped {counters['dropped']} events and "
                           f"{counters['markers_dropped']} markers after reaching "
                           f"capacity={src.capacity}; raise track(capacity=...)", RuntimeWarning)
-        self.streams = streams
-        self.strings = strings
-        self.seq_records = _C.seq_records().view(SEQ_DTYPE)   # a fresh array: no copy
-        self.snapshot_list = snaps
-        self.module_names = src.scope.final_names()
+        out.streams = streams
+        out.strings = strings
+        out.seq_records = _C.seq_records().view(SEQ_DTYPE)   # a fresh array: no copy
+        out.snapshot_list = snaps
+        out.module_names = src.scope.final_names()
 
     def __enter__(self) -> "Session":
         self.start(sys._getframe(1))
@@ -359,6 +387,19 @@ class Session:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.stop(exc)
         return False
+
+
+class SessionSoFar:
+    """A recording session as Run.from_session reads it, with the parts stop() assembles
+    made from copies of what was recorded so far (Session.so_far); the rest (steps, backward
+    calls, logs, the live context) is the session's own, read as it is now."""
+    outer = None
+
+    def __init__(self, session: Session):
+        self._session = session
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
 
 
 def _baseline_rows(base: list, t_ns: int) -> np.ndarray:

@@ -327,12 +327,18 @@ class SnapshotRecorder:
 
     def _take(self, category: int, tensors: list[torch.Tensor], modules: list[int]) -> None:
         """The same, for tensors and the id of the module owning each."""
+        self._note(*self._owned(category, tensors, modules))
+
+    @staticmethod
+    def _owned(category: int, tensors, modules) -> tuple[int, list[int], list[int]]:
+        """(category, the tensors' sorted storage addresses, the module owning each: the
+        first tensor's at an address)."""
         owner: dict[int, int] = {}
-        for ptr, mid in zip(storage_ptrs(tensors), modules):
+        for ptr, mid in zip(storage_ptrs(list(tensors)), modules):
             if ptr is not None:
                 owner.setdefault(ptr, mid)
         ptrs = sorted(owner)
-        self._note(category, ptrs, [owner[q] for q in ptrs])
+        return category, ptrs, [owner[q] for q in ptrs]
 
     def _note(self, category: int, ptrs: list[int], modules: list[int]) -> None:
         """A snapshot of sorted storage addresses and the owning module of each."""
@@ -363,11 +369,24 @@ class SnapshotRecorder:
         self._gradient_notes.clear()
 
     def final(self) -> None:
+        for category, ptrs, modules in self.at_end():
+            self._note(category, ptrs, modules)
+
+    def at_end(self) -> list[tuple[int, list[int], list[int]]]:
+        """(category, sorted storage addresses, owning module of each) of what the block's
+        end notes - parameters, their gradients, the watched optimizers' state, the buffers -
+        read now and noted nowhere: final() notes them; a profile made while the block goes on
+        (Session.so_far) ends with them, so the parameters of a model built inside the block
+        are parameters there too."""
         params = self.session.params()
-        self.take(CAT_PARAMETERS, [(p, p) for p in params])
-        self.take(CAT_GRADIENTS, [(p.grad, p) for p in params if p.grad is not None])
         states = []
         for opt in self.session.steps.watched():
             states += state_pairs(opt)
-        self.take(CAT_OPTIMIZER_STATE, states)
-        self.note_buffers(force=True)
+        buffers = self.buffers()
+        grads = [p for p in params if p.grad is not None]
+        return [self._owned(CAT_PARAMETERS, params, [self._module_of(p) for p in params]),
+                self._owned(CAT_GRADIENTS, [p.grad for p in grads],
+                            [self._module_of(p) for p in grads]),
+                self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],
+                            [self._module_of(p) for _, p in states]),
+                self._owned(CAT_BUFFERS, [b for b, _ in buffers], [mid for _, mid in buffers])]

@@ -1,5 +1,7 @@
-"""How the tracked code ended, in words every report uses: an exception it raised, or its own
-`sys.exit(n)` (an exit status the code chose is not a crash, and reads as one in no report)."""
+"""How the tracked code ended, in words every report uses: an exception it raised, its own
+`sys.exit(n)` (an exit status the code chose is not a crash, and reads as one in no report),
+or no end at all - a profile saved while the run went on (memprof.track_autosave) that the
+run's own save never replaced."""
 from __future__ import annotations
 
 _EXIT = "SystemExit: "
@@ -12,3 +14,16 @@ def ending(error: str) -> tuple[str, bool]:
         code = code if code.lstrip("-").isdigit() else repr(code)
         return f"The tracked code ended with sys.exit({code})", False
     return f"The tracked code raised: {error}", True
+
+
+def unfinished(partial: dict) -> str:
+    """The sentence for a profile's meta["partial"]: saved while the run went on, and the run
+    never saved its end."""
+    steps = int(partial.get("steps_ended", 0))
+    when = partial.get("elapsed_s")
+    at = f"{steps} step{'s' if steps != 1 else ''} ended" + \
+        (f", {float(when):.0f} s into the block" if when is not None else "")
+    return (f"Saved while the run was still going ({at}); the run never saved its end: it was "
+            "killed outright (SIGKILL: the kernel's OOM killer, exit status 137, or kill -9), "
+            "crashed in native code, could not write its last save, or is still running. What "
+            "came after is not here.")

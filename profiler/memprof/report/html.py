@@ -17,7 +17,7 @@ from ..finding import sort_findings
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..units import fmt_bytes
-from .ending import ending
+from .ending import ending, unfinished
 from .html_data import (PHASE_CODES, STEP_TIME, module_nodes, shown_steps, step_rows,
                         timeline_data, top_allocations)
 from .series import series
@@ -85,6 +85,8 @@ def _header(profile: Profile) -> str:
     if profile.meta.get("error"):
         sentence, crashed = ending(str(profile.meta["error"]))
         out.append(f'<p class="err">{esc(sentence)}</p>' if crashed else f'<p>{esc(sentence)}</p>')
+    if isinstance(profile.meta.get("partial"), dict):
+        out.append(f'<p class="err">{esc(unfinished(profile.meta["partial"]))}</p>')
     out.append('<nav><a href="#findings">Findings</a> <a href="#timeline">Memory over time</a>'
                ' <a href="#peak">At the peak</a> <a href="#steps">Steps</a> '
                '<a href="#details">Breakdowns</a></nav></header>')

@@ -40,7 +40,12 @@ def headline(merged: MergedRanks) -> str:
             + (f"{imb:.3f}" if imb is not None else "-")
             + (f"\nmissing ranks: {rank_ranges(missing)}" if missing else "")
             + "".join(f"\nrank {r.rank}'s tracked code raised: {r.error}"
-                      for r in merged.ranks if r.error))
+                      for r in merged.ranks if r.error)
+            + "".join(f"\nrank {r.rank}'s profile was saved while it ran ({r.unfinished_at} "
+                      "steps ended) and never replaced by its end: killed outright (the OOM "
+                      "killer's SIGKILL, kill -9), crashed in native code, could not write its "
+                      "last save, or still running"
+                      for r in merged.ranks if r.unfinished_at is not None))
 
 
 def _rank_cell(merged: MergedRanks, row) -> str:

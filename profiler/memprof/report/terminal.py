@@ -11,7 +11,7 @@ from ..analyse import throughput as throughput_analysis
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..units import fmt_bytes
-from .ending import ending
+from .ending import ending, unfinished
 from .oom import print_sections as print_oom_sections
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -40,6 +40,8 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     if prof.meta.get("error"):
         sentence, crashed = ending(str(prof.meta["error"]))
         console.print(f"[bold{' red' if crashed else ''}]{escape(sentence)}[/]")
+    if isinstance(prof.meta.get("partial"), dict):
+        console.print(f"[bold red]{escape(unfinished(prof.meta['partial']))}[/]")
     print_oom_sections(prof, console)   # OOM diagnosis, budget, what would fit (report/oom.py)
     if prof.findings:
         t = Table(title="Findings", title_justify="left", show_lines=True, expand=True)
