@@ -7,9 +7,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import struct
 import tempfile
+import time
 import zipfile
 import zlib
 from dataclasses import fields
@@ -96,29 +98,45 @@ def write(run: Run, findings: list[Finding], path: str) -> str:
     return path
 
 
+#: a temporary file's name: `.memprof-<the target's name, cut>.<pid>.<mkstemp's 8>.tmp` (the
+#: name cut so that a target of 255 characters still has a temporary the file system takes)
+_TEMPORARY_NAME_CHARS = 64
+#: a temporary file left alone this long was not being written (a save streams its bytes): on
+#: a shared file system its pid may be another host's, which the pid check cannot see
+STALE_TEMPORARY_S = 120.0
+
+
+def _temporary_stem(path: str) -> str:
+    return f".memprof-{os.path.basename(path)[:_TEMPORARY_NAME_CHARS]}."
+
+
 def _temporary_prefix(path: str, pid: int) -> str:
-    return f".memprof-{os.path.basename(path)}.{pid}."
+    return f"{_temporary_stem(path)}{pid}."
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
     """Delete the temporary files that saves to `path` by processes no longer running left
     behind (a process killed outright while it wrote: SIGKILL runs no cleanup, and a save of
-    a long run's profile is hundreds of MB); the files removed."""
+    a long run's profile is hundreds of MB); the files removed. Only names this writer makes
+    for `path`, untouched for STALE_TEMPORARY_S, of a pid not running here."""
     directory = os.path.dirname(os.path.abspath(path))
-    stem = _temporary_prefix(path, 0)[:-2]   # ".memprof-<name>."
+    pattern = re.compile(re.escape(_temporary_stem(path)) + r"([0-9]{1,10})\.[a-z0-9_]{8}\.tmp",
+                         re.ASCII)
     removed = []
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
+    now = time.time()
     for name in names:
-        if not (name.startswith(stem) and name.endswith(".tmp")):
+        found = pattern.fullmatch(name)
+        if found is None or _running(int(found.group(1))):
             continue
-        pid = name[len(stem):].split(".", 1)[0]
-        if not pid.isdigit() or _running(int(pid)):
-            continue
+        full = os.path.join(directory, name)
         try:
-            os.unlink(os.path.join(directory, name))
+            if now - os.stat(full).st_mtime < STALE_TEMPORARY_S:
+                continue
+            os.unlink(full)
             removed.append(name)
         except OSError:
             pass
@@ -126,11 +144,12 @@ def remove_stale_temporaries(path: str) -> list[str]:
 
 
 def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's included)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):   # none; no process has such a number
         return False
-    except OSError:   # another user's process: running
+    except OSError:   # EPERM: another user's process
         return True
     return True
 

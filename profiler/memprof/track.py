@@ -42,7 +42,8 @@ class Tracker:
                  step_on: str = "auto", autosave: float | None = DEFAULT_AUTOSAVE_S):
         _budget.check(budget)   # an unknown GPU fails here, not after the training ran
         if autosave is not None and not (isinstance(autosave, (int, float))
-                                         and not isinstance(autosave, bool) and autosave > 0):
+                                         and not isinstance(autosave, bool)
+                                         and 0 < autosave < float("inf")):
             raise ValueError(f"autosave={autosave!r}: expected a number of seconds > 0, or None "
                              "(no save before the block ends)")
         self.autosave_s = autosave
@@ -124,8 +125,13 @@ class Tracker:
         self._entered = True
         if self.path is not None and self.autosave_s is not None and \
                 self.session.outer is None:
-            self._autosave = Autosave(self, self.autosave_s)
-            self._autosave.install(self.session)
+            try:
+                self._autosave = Autosave(self, self.autosave_s)
+                self._autosave.install(self.session)
+            except BaseException:   # the block is not entered: nothing may stay recording
+                self._autosave = None
+                self.session.stop()
+                raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

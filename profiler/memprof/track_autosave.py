@@ -8,7 +8,7 @@ on recording), assembled and analysed as at the block's end (the leak check with
 objects of that moment) and written atomically to the block's path, marked partial
 (`meta["partial"]`: the steps ended and the time it was saved at). The block's own save at its
 end replaces it. A save costs time in the step it runs in (the throughput tables leave it
-out, as the leak probe's looks; 0.3 s for 300k events, 2.0 s for 1.5M on this 2-core machine)
+out, as the leak probe's looks; 0.35 s for 300k events, 1.5 s for 1.5M on this 2-core machine)
 and three to four times the events' bytes of memory while it runs: the next save waits at
 least `SPACING_FACTOR` times as long as the last one took, and a save is skipped while the host
 (or the container's memory limit) leaves too little room for it - a process near its OOM kill
@@ -63,9 +63,12 @@ def _meminfo_available() -> int | None:
 
 def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup",
                     root: str = CGROUP_ROOT) -> int | None:
-    """The least room left under the memory limits of this process's cgroup and its parents
-    (cgroup v2: memory.max - memory.current; v1: limit_in_bytes - usage_in_bytes of its
-    memory cgroup); None where no limit is set or readable."""
+    """The least room left under the memory limits of this process's cgroup and its parents:
+    limit - (usage - inactive file cache), the working set as the kubelet counts it (usage
+    counts page cache the kernel reclaims before it kills: a job that reads its data or writes
+    checkpoints sits near its limit by that count alone). cgroup v2: memory.max,
+    memory.current, memory.stat's inactive_file; v1: its memory hierarchy's limit_in_bytes,
+    usage_in_bytes, memory.stat's total_inactive_file. None where no limit is set or readable."""
     try:
         with open(proc_cgroup, encoding="utf-8") as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
@@ -76,32 +79,60 @@ def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup",
         if len(parts) != 3:
             continue
         _, controllers, path = parts
-        if controllers == "":   # v2: the unified hierarchy; every level up to the root
-            rel = path.strip("/")
-            levels = rel.split("/") if rel else []
-            for depth in range(len(levels), -1, -1):
-                here = os.path.join(root, *levels[:depth])
-                rooms.append(_room(os.path.join(here, "memory.max"),
-                                   os.path.join(here, "memory.current")))
-        elif "memory" in controllers.split(","):   # v1
-            here = os.path.join(root, "memory", path.strip("/"))
-            rooms.append(_room(os.path.join(here, "memory.limit_in_bytes"),
-                               os.path.join(here, "memory.usage_in_bytes")))
+        if controllers == "":   # v2: the unified hierarchy
+            rooms += [_room(here, "memory.max", "memory.current", "inactive_file")
+                      for here in _levels(root, path)]
+        elif "memory" in controllers.split(","):   # v1: the memory controller's hierarchy
+            rooms += [_room(here, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                            "total_inactive_file")
+                      for here in _levels(os.path.join(root, "memory"), path)]
     rooms = [r for r in rooms if r is not None]
     return min(rooms) if rooms else None
 
 
-def _room(limit_file: str, usage_file: str) -> int | None:
+def _levels(mount: str, path: str) -> list[str]:
+    """The directories of a cgroup and each parent up to the mount. A path that is not there
+    (a container without its own cgroup namespace names the host's path, and sees its own
+    cgroup mounted at the root) is the mount itself."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    if not os.path.isdir(os.path.join(mount, *parts)):
+        parts = []
+    return [os.path.join(mount, *parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _room(here: str, limit_name: str, usage_name: str, inactive_key: str) -> int | None:
     try:
-        with open(limit_file, encoding="ascii") as f:
+        with open(os.path.join(here, limit_name), encoding="ascii") as f:
             limit = f.read().strip()
-        with open(usage_file, encoding="ascii") as f:
+        with open(os.path.join(here, usage_name), encoding="ascii") as f:
             usage = int(f.read().strip())
     except (OSError, ValueError):
         return None
-    if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 62:   # (v1's "no limit")
+    if not limit.isascii() or not limit.isdigit() or int(limit) >= 1 << 62:  # "max"; v1's none
         return None
-    return max(0, int(limit) - usage)
+    inactive = 0
+    try:
+        with open(os.path.join(here, "memory.stat"), encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+                    break
+    except (OSError, ValueError):
+        pass
+    return max(0, int(limit) - max(0, usage - inactive))
+
+
+def next_due(due: float, now: float, every: float, took: float) -> float:
+    """When the save after one due at `due` (a multiple of `every`), made at `now` and taking
+    `took` seconds, falls due: the multiple `every` after it - or as many multiples as
+    SPACING_FACTOR x `took` needs - whatever the save's own delay past its multiple, so that
+    processes that saved at one multiple save at the same next one; never one already past."""
+    gap = max(every, SPACING_FACTOR * took)
+    nxt = due + math.ceil(gap / every - 1e-9) * every
+    if nxt <= now:   # the step ends were farther apart than the interval
+        nxt = (math.floor(now / every) + 1) * every
+    return nxt
 
 
 class Autosave:
@@ -112,24 +143,28 @@ class Autosave:
         self.every = float(every)
         self.saves: list[list] = []   # [steps ended, seconds] per save
         self.skipped: dict[str, str] = {}   # why a due save was not made: the last, per kind
-        self._due = self._multiple_after(time.time() + self.every)
+        # the first multiple of `every` on the wall clock at least `every` after the start
+        self._due = math.ceil((time.time() + self.every) / self.every) * self.every
+        # the same on the monotonic clock, one interval later: a wall clock stepped back (NTP,
+        # a VM resumed) does not stop the saves
+        self._due_anyway = time.monotonic() + 2 * self.every
         self._saving = False
 
-    def _multiple_after(self, t: float) -> float:
-        return math.ceil(t / self.every) * self.every
-
     def install(self, session) -> None:
-        session.steps.on_step_end.append(self._step_end)
         # a process killed while it wrote left its temporary file: gone once nothing writes it
-        remove_stale_temporaries(self.tracker.target(self.tracker.identity()))
+        try:
+            remove_stale_temporaries(self.tracker.target(self.tracker.identity()))
+        except Exception:  # noqa: BLE001  (tidying up must not stop the block)
+            pass
+        session.steps.on_step_end.append(self._step_end)
 
     def remove(self, session) -> None:
         if self._step_end in session.steps.on_step_end:
             session.steps.on_step_end.remove(self._step_end)
 
     def _step_end(self) -> None:
-        if self._saving or time.time() < self._due:   # (a step end inside a save: not again)
-            return
+        if self._saving or (time.time() < self._due and time.monotonic() < self._due_anyway):
+            return   # (a step end inside a save: not again)
         self._saving = True
         first = not self.saves
         t0 = time.monotonic()
@@ -141,7 +176,9 @@ class Autosave:
             # (the first save's time is mostly one-off: the analyses' imports and caches; a
             # failed one waits as a made one does, not every interval again)
             took = 0.0 if first and self.saves else time.monotonic() - t0
-            self._due = self._multiple_after(time.time() + max(self.every, SPACING_FACTOR * took))
+            now = time.time()
+            self._due = next_due(self._due, now, self.every, took)
+            self._due_anyway = time.monotonic() + (self._due - now) + self.every
             self._saving = False
 
     def save_now(self) -> str | None:

@@ -109,7 +109,7 @@ def test_no_path_or_none_saves_nothing_before_the_end(tmp_path):
     assert "autosave" not in memprof.load(str(tmp_path / "a.memprof")).run.records
 
 
-@pytest.mark.parametrize("bad", [0, -1, "60", True, float("nan")])
+@pytest.mark.parametrize("bad", [0, -1, "60", True, float("nan"), float("inf")])
 def test_a_bad_autosave_is_one_clear_error(bad):
     with pytest.raises(ValueError, match=r"autosave=.*expected a number of seconds > 0"):
         memprof.track(path="x.memprof", autosave=bad)
@@ -160,11 +160,20 @@ def test_the_room_under_a_containers_memory_limit_counts(tmp_path):
 def test_a_failed_save_is_noted_once_and_a_temporary_left_by_a_killed_save_goes(
         tmp_path, monkeypatch):
     path = tmp_path / "run.memprof"
+    old = time.time() - 3600
+
+    def temporary(name, age=old):
+        f = tmp_path / name
+        f.write_bytes(b"half a profile")
+        os.utime(f, (age, age))
+        return f
     # a save that a SIGKILL stopped mid-write left its temporary (a pid that is not running)
-    stale = tmp_path / ".memprof-run.memprof.999999999.abc.tmp"
-    stale.write_bytes(b"half a profile")
-    mine = tmp_path / f".memprof-run.memprof.{os.getpid()}.abc.tmp"   # a running writer's
-    mine.write_bytes(b"")
+    stale = temporary(".memprof-run.memprof.999999999.abcd1234.tmp")
+    kept = [temporary(f".memprof-run.memprof.{os.getpid()}.abcd1234.tmp"),   # a live writer's
+            temporary(".memprof-run.memprof.999999998.abcd1234.tmp", time.time()),  # written now
+            temporary(".memprof-run.memprof.5.999999999.abcd1234.tmp"),   # target run.memprof.5
+            temporary(".memprof-run.memprof.\u00b2.abcd1234.tmp"),        # not a pid
+            temporary(".memprof-run.memprof.99999999999999999999.abcd1234.tmp")]
     model, opt, losses = _training()
     calls = []
 
@@ -172,15 +181,86 @@ def test_a_failed_save_is_noted_once_and_a_temporary_left_by_a_killed_save_goes(
         calls.append(1)
         raise OSError("No space left on device")
     monkeypatch.setattr(track_autosave.Autosave, "save_now", failing)
-    with memprof.track(model, opt, path=str(path), autosave=0.01) as prof:
-        assert not stale.exists() and mine.exists()
+    with memprof.track(model, opt, path=str(path), autosave=0.01):
+        assert not stale.exists() and all(f.exists() for f in kept)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 0.3:
             _step(model, opt, losses)
     assert calls   # it was due and tried
     rec = memprof.load(str(path)).run.records["autosave"]
     assert rec["skipped"] == ["OSError: No space left on device"]   # once, not per try
-    mine.unlink()
+
+
+def test_a_target_with_a_long_name_is_still_saved(tmp_path):
+    """The temporary file's name carries the target's: a name of 240 characters made one the
+    file system refused (ENAMETOOLONG), and the block's own save failed with it."""
+    path = tmp_path / ("r" * 232 + ".memprof")
+    model, opt, losses = _training()
+    with memprof.track(model, opt, path=str(path), autosave=30.0) as prof:
+        _step(model, opt, losses)
+        assert prof._autosave.save_now() == str(path)
+    assert "partial" not in memprof.load(str(path)).meta
+
+
+def test_saves_fall_on_the_interval_s_multiples_so_processes_stay_in_step():
+    every = 60.0
+    # a save made just past its multiple: the next is the next multiple, not the one after
+    assert track_autosave.next_due(6060.0, 6060.4, every, took=0.1) == 6120.0
+    # two ranks that saved at one multiple, a second apart, with different save times under
+    # the interval: the same next multiple
+    assert track_autosave.next_due(6060.0, 6061.3, every, took=1.1) == \
+        track_autosave.next_due(6060.0, 6060.2, every, took=0.05) == 6120.0
+    # a save of 2 s waits 50 x 2 s: the multiples that spacing needs
+    assert track_autosave.next_due(6060.0, 6062.0, every, took=2.0) == 6180.0
+    # step ends farther apart than the interval: the next multiple after now
+    assert track_autosave.next_due(6060.0, 6200.0, every, took=0.1) == 6240.0
+
+
+def test_a_saves_schedule_follows_the_wall_clocks_multiples_in_a_block(tmp_path, monkeypatch):
+    """Simulated clocks: a step end every 0.5 s for 10 minutes, saves 0.1 s each - one save
+    per minute (the due time had slipped to every second minute)."""
+    clock = {"wall": 6000.3, "mono": 100.0}
+    monkeypatch.setattr(track_autosave.time, "time", lambda: clock["wall"])
+    monkeypatch.setattr(track_autosave.time, "monotonic", lambda: clock["mono"])
+    saved = []
+
+    class Saver(track_autosave.Autosave):
+        def save_now(self):
+            saved.append(clock["wall"])
+            self.saves.append([len(saved), 0.1])
+            clock["wall"] += 0.1
+            clock["mono"] += 0.1
+    saver = Saver(tracker=None, every=60.0)
+    for _ in range(1200):
+        clock["wall"] += 0.5
+        clock["mono"] += 0.5
+        saver._step_end()
+    gaps = [round(b - a) for a, b in zip(saved, saved[1:])]
+    assert round(saved[0]) == 6120 and set(gaps) == {60}, saved
+
+
+def test_the_room_under_a_containers_memory_limit_counts_its_working_set(tmp_path):
+    """Usage counts page cache the kernel reclaims first (a job reading its data sits at its
+    limit by that count): the inactive file cache is left out, as the kubelet does. Slurm's
+    cgroup v1 limits are on the job's cgroup above the task's; a container without a cgroup
+    namespace sees its own cgroup at the mount's root."""
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    job = root / "memory" / "slurm" / "job_7"
+    (job / "step_0" / "task_0").mkdir(parents=True)
+    (job / "memory.limit_in_bytes").write_text(str(4 << 30))
+    (job / "memory.usage_in_bytes").write_text(str(3 << 30))
+    (job / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {1 << 30}\n")
+    task = job / "step_0" / "task_0"
+    (task / "memory.limit_in_bytes").write_text(str((1 << 63) - 4096))   # v1: no limit
+    (task / "memory.usage_in_bytes").write_text("100")
+    proc.write_text("11:memory:/slurm/job_7/step_0/task_0\n")
+    assert track_autosave.cgroup_headroom(str(proc), str(root)) == 2 << 30
+    docker = root / "memory"
+    (docker / "memory.limit_in_bytes").write_text(str(2 << 30))
+    (docker / "memory.usage_in_bytes").write_text(str(1 << 30))
+    proc.write_text("4:memory:/docker/0123abcd\n")   # the host's path, not mounted here
+    assert track_autosave.cgroup_headroom(str(proc), str(root)) == 1 << 30
 
 
 @pytest.mark.parametrize("field, value", [
