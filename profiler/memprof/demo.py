@@ -6,9 +6,17 @@
 3. The memory-critical core: the same training step with the fused attention kernels next to
    the math baseline that materialises every N x N map.
 4. What fits: `recommend` for dcal-vit-b16 on a 16 GB V100, estimated without that GPU.
+5. Killed outright (seed 004: "KILLED by OOM (exit code 137)"): a leaking loop under
+   `memprof run` is SIGKILLed as the kernel's OOM killer would; the profile saved while it ran
+   says so and names the holder.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -156,6 +164,58 @@ def _story_recommend(console):
     return plan
 
 
+#: seed 004's ending in a process of its own: a loop that keeps every step's loss (and its
+#: graph) is killed as the kernel's OOM killer kills, once memprof has saved twice while it ran
+KILLED_LOOP = """
+import os, signal, time, torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+losses, saves = [], []
+deadline = time.monotonic() + 60
+while len(saves) < 2 and time.monotonic() < deadline:
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(32, 64)),
+                                             torch.randint(0, 10, (32,)))
+    opt.zero_grad(); loss.backward(); opt.step()
+    losses.append(loss)   # for a plot later - the graph of every step with it
+    if os.path.exists("train.memprof") and \\
+            os.stat("train.memprof").st_mtime_ns not in saves:
+        saves.append(os.stat("train.memprof").st_mtime_ns)
+    time.sleep(0.002)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _story_killed(console):
+    from memprof.report.ending import unfinished
+    console.rule("[bold]5. Killed by the OOM killer (exit status 137): the profile is there anyway")
+    console.print("A loop that keeps every loss, run as `memprof run --autosave 0.5 train.py`, "
+                  "is killed with SIGKILL once memprof has saved while it ran - as the kernel's "
+                  "OOM killer kills a process whose host ran out of memory (seed 004). Nothing "
+                  "runs in a process after SIGKILL: no exit path can save.\n")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "train.py"), "w", encoding="utf-8") as f:
+            f.write(KILLED_LOOP)
+        r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--autosave", "0.5",
+                            "train.py"], cwd=d, capture_output=True, text=True, timeout=300)
+        path = os.path.join(d, "train.memprof")
+        prof = memprof.load(path) if os.path.exists(path) else None
+    killed = r.returncode == -signal.SIGKILL
+    console.print(f"$ memprof run --autosave 0.5 train.py  ->  exit status "
+                  f"{128 + signal.SIGKILL if killed else r.returncode}"
+                  f"{' (killed by SIGKILL)' if killed else ''}")
+    if prof is None or not isinstance(prof.meta.get("partial"), dict):
+        console.print("[red]no profile saved while it ran[/]")
+        return prof
+    console.print(f"$ memprof report train.memprof\n[bold red]{unfinished(prof.meta['partial'])}[/]")
+    leak = next((f for f in prof.findings if f.kind == "retained_graph"), None)
+    if leak is not None:
+        console.print(f"[bold]held by {leak.holder}[/]: {leak.message.split(';')[0]} "
+                      f"({time.perf_counter() - t0:.1f} s)\n")
+    return prof
+
+
 def run_demo(quick: bool = False) -> int:
     console = Console()
     t0 = time.perf_counter()
@@ -167,5 +227,6 @@ def run_demo(quick: bool = False) -> int:
     _story_leak(console, steps=4 if quick else 6)
     _story_kernels(console)
     _story_recommend(console)
+    _story_killed(console)
     console.print(f"[dim]demo finished in {time.perf_counter() - t0:.1f} s[/]")
     return 0

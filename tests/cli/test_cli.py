@@ -100,3 +100,7 @@ def test_demo_tells_the_story(tmp_path):
     assert "Fixed run: no findings" in out
     assert "fused / math peak" in out
     assert "micro-batch 8 without checkpointing does not fit" in out
+    # 5: a leaking run SIGKILLed as the OOM killer would: its profile, saved while it ran
+    assert "exit status 137 (killed by SIGKILL)" in out
+    assert "the run never saved its end: it was killed outright" in out
+    assert "held by losses:" in out
