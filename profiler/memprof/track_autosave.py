@@ -8,11 +8,11 @@ on recording), assembled and analysed as at the block's end (the leak check with
 objects of that moment) and written atomically to the block's path, marked partial
 (`meta["partial"]`: the steps ended and the time it was saved at). The block's own save at its
 end replaces it. A save costs time in the step it runs in (the throughput tables leave it
-out, as the leak probe's looks; 0.35 s for 300k events, 1.5 s for 1.5M on this 2-core machine)
-and three to four times the events' bytes of memory while it runs: the next save waits at
-least `SPACING_FACTOR` times as long as the last one took, and a save is skipped while the host
-(or the container's memory limit) leaves too little room for it - a process near its OOM kill
-would be pushed over by it.
+out, as the leak probe's looks; 0.25 s for 300k events, 1.1 s for 1.5M on this 2-core machine:
+benchmarks/autosave_cost.py) and three to four times the events' bytes of memory while it
+runs: the next save waits at least `SPACING_FACTOR` times as long as the last one took, and a
+save is skipped while the host (or the container's memory limit) leaves too little room for
+it - a process near its OOM kill would be pushed over by it.
 
 Saves fall due on the wall clock's multiples of `every` seconds, not on each process's own
 count: the ranks of a job, started together, save at about the same step, and a rank that saves
