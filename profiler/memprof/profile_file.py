@@ -73,7 +73,7 @@ def write(run: Run, findings: list[Finding], path: str) -> str:
         "findings": [f.as_dict() for f in findings],
     }
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path, os.getpid()), suffix=".tmp",
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_stem(path)}{os.getpid()}.", suffix=".tmp",
                                dir=directory)
     try:
         # mkstemp makes the file 0600; a profile gets the mode any new file would (umask)
@@ -108,10 +108,6 @@ STALE_TEMPORARY_S = 120.0
 
 def _temporary_stem(path: str) -> str:
     return f".memprof-{os.path.basename(path)[:_TEMPORARY_NAME_CHARS]}."
-
-
-def _temporary_prefix(path: str, pid: int) -> str:
-    return f"{_temporary_stem(path)}{pid}."
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
@@ -150,7 +146,7 @@ def _running(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):   # none; no process has such a number
         return False
     except OSError:   # EPERM: another user's process
-        return True
+        pass
     return True
 
 

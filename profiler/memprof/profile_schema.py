@@ -60,6 +60,11 @@ _FINDING_FIELDS = {"kind": _STR, "severity": _STR, "bytes": _INT, "message": _ST
                    "fix": _STR, "holder": (str, type(None)), "evidence": dict}
 
 
+#: memprof's own pauses just after a step boundary, [step, seconds] each, in the records: the
+#: leak probe's looks and the autosaves (the throughput tables take their time out of those steps)
+PAUSES = (("leak_probe", "looks"), ("autosave", "saves"))
+
+
 def check_header(header: Any) -> str | None:
     """None when the header's fields have the types the reader relies on."""
     if not isinstance(header, dict):
@@ -165,11 +170,9 @@ def _check_records(records: dict) -> str | None:
             return f"records.logs[{i}]: expected [step, name, value], got {_got(row)}"
     if not isinstance(records.get("backward", []), list):
         return f"records.backward: expected a list, got {_got(records['backward'])}"
-    # the leak probe's looks and the autosaves: [step, seconds] each (the throughput tables
-    # take their time out of those steps)
-    for name, key in (("leak_probe", "looks"), ("autosave", "saves")):
-        rows = (records.get(name) or {}).get(key, []) if isinstance(records.get(name) or {},
-                                                                      dict) else None
+    for name, key in PAUSES:
+        rec = records.get(name) or {}
+        rows = rec.get(key, []) if isinstance(rec, dict) else None
         if not isinstance(rows, list) or not all(
                 isinstance(r, list) and len(r) == 2 and _is(r[0], _INT) and _is(r[1], _NUM)
                 for r in rows):

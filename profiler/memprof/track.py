@@ -228,8 +228,9 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
     step_on: what ends a step - "auto" (an optimizer step, else a parameter change after a
     backward), "optimizer", "backward" (every backward call) or "manual" (prof.step() only);
     prof.step() ends a step in every mode.
-    autosave: with a path, also save the profile so far at a step end every `autosave`
-    seconds (at most; marked partial, replaced by the block's own save at its end), so that a
+    autosave: with a path, also save the profile so far at the first step end after each
+    multiple of `autosave` seconds on the wall clock (marked partial, replaced by the block's
+    own save at its end; later saves spaced by their cost), so that a
     run killed outright - the kernel's OOM killer (exit status 137), kill -9 - still leaves
     one; None: save at the end only. See memprof.track_autosave.
     If the block runs out of memory, a diagnosis (who filled the device, leak or step too big,

@@ -24,6 +24,7 @@ import math
 import os
 import time
 
+from . import _C
 from . import analyse as _analyse
 from .profile import Profile
 from .profile_file import remove_stale_temporaries
@@ -183,7 +184,6 @@ class Autosave:
 
     def save_now(self) -> str | None:
         """Write the profile so far; where it went (None: skipped, reason in `skipped`)."""
-        from . import _C
         session = self.tracker.session
         need = MEMORY_FACTOR * int(_C.counters()["records"]) * EVENT_DTYPE.itemsize
         free = available_memory()

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..finding import Finding
 from ..profile import Profile
+from ..profile_schema import PAUSES
 from .communication import add_to as _add_communication
 from ..stats import describe as _stats
 
@@ -300,10 +301,9 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
     warmup = WARMUP_STEPS if warmup is None else int(warmup)
     gpu = rec.get("gpu")
     compiled = (profile.run.records.get("compile") or {}).get("steps", ())
-    # record.leak_probe's looks and memprof.track_autosave's saves: each just after a step
-    # boundary, its time not the loop's
+    # memprof's own pauses (the leak probe's looks, the autosaves): its time not the loop's
     looks: dict[int, float] = {}
-    for name, key in (("leak_probe", "looks"), ("autosave", "saves")):
+    for name, key in PAUSES:
         for n, s in (profile.run.records.get(name) or {}).get(key, ()):
             looks[int(n)] = looks.get(int(n), 0.0) + float(s)
     timeline = rec.get("cuda_timeline")

@@ -272,14 +272,11 @@ class Session:
     def _stop_nested(self, exc) -> None:
         # threads interleave in the log: keep what came after our marker, in time order
         raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
-        raw = raw[np.argsort(raw["t_ns"], kind="stable")]
+        order = np.argsort(raw["t_ns"], kind="stable")
         label = _C.strings().index(self._nested_label)
-        start = np.flatnonzero((raw["kind"] == KIND_MARK) & (raw["op"] == label))
-        tail = raw[int(start[0]) + 1:]
+        start = np.flatnonzero((raw["kind"][order] == KIND_MARK) & (raw["op"][order] == label))
         base = self._baseline_in_outer_ids()
-        events = np.zeros(len(base) + tail.size, dtype=EVENT_DTYPE)
-        events[events.size - tail.size:] = tail
-        events[:len(base)] = _baseline_rows(base, int(tail["t_ns"][0]) if tail.size else 0)
+        events = _behind_baseline(raw, order[int(start[0]) + 1:], base)
         self._assemble(EventStreams.split(events), self.outer, exc, base)
 
     def _baseline_in_outer_ids(self) -> list[tuple]:
@@ -302,15 +299,9 @@ class Session:
         if self.outer is not None or self.forked_away or _active is not self:
             raise RuntimeError("so_far: only the recording, outermost session can be read")
         raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
-        base = self.snapshots.baseline
-        events = np.empty(len(base) + raw.size, dtype=EVENT_DTYPE)
-        # the threads' logs, one after the other, in time order, placed (mode "raise" would
-        # buffer a whole second copy first; argsort's indices are all in range)
-        np.take(raw, np.argsort(raw["t_ns"], kind="stable"), out=events[len(base):],
-                mode="clip")
+        events = _behind_baseline(raw, np.argsort(raw["t_ns"], kind="stable"),
+                                  self.snapshots.baseline)
         del raw
-        first = int(events["t_ns"][len(base)]) if events.size > len(base) else 0
-        events[:len(base)] = _baseline_rows(base, first)
         view = SessionSoFar(self)
         streams = EventStreams.split(events)
         del events
@@ -400,6 +391,17 @@ class SessionSoFar:
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)
+
+
+def _behind_baseline(raw: np.ndarray, order: np.ndarray, base: list) -> np.ndarray:
+    """raw[order] (the threads' logs put in time order) behind one row per block of `base`,
+    placed in one array (np.take's mode "raise" would buffer a second whole copy first;
+    argsort's indices are all in range)."""
+    events = np.empty(len(base) + order.size, dtype=EVENT_DTYPE)
+    np.take(raw, order, out=events[len(base):], mode="clip")
+    first = int(events["t_ns"][len(base)]) if order.size else 0
+    events[:len(base)] = _baseline_rows(base, first)
+    return events
 
 
 def _baseline_rows(base: list, t_ns: int) -> np.ndarray:

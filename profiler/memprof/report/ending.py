@@ -5,6 +5,10 @@ run's own save never replaced."""
 from __future__ import annotations
 
 _EXIT = "SystemExit: "
+#: why a profile saved while its run went on was never replaced by the run's own save
+NEVER_REPLACED = ("killed outright (SIGKILL: the kernel's OOM killer, exit status 137, or "
+                  "kill -9), crashed in native code, could not write its last save, or is still "
+                  "running")
 
 
 def ending(error: str) -> tuple[str, bool]:
@@ -24,6 +28,4 @@ def unfinished(partial: dict) -> str:
     at = f"{steps} step{'s' if steps != 1 else ''} ended" + \
         (f", {float(when):.0f} s into the block" if when is not None else "")
     return (f"Saved while the run was still going ({at}); the run never saved its end: it was "
-            "killed outright (SIGKILL: the kernel's OOM killer, exit status 137, or kill -9), "
-            "crashed in native code, could not write its last save, or is still running. What "
-            "came after is not here.")
+            f"{NEVER_REPLACED}. What came after is not here.")

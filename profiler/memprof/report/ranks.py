@@ -11,6 +11,7 @@ from rich.table import Table
 from ..analyse.ranks import MergedRanks, rank_ranges
 from ..record.events import CATEGORIES
 from ..units import fmt_bytes
+from .ending import NEVER_REPLACED
 from .terminal import SEVERITY_STYLE
 
 SHORT = {"optimizer_state": "optimizer", "communication": "comm."}   # narrower columns
@@ -42,9 +43,7 @@ def headline(merged: MergedRanks) -> str:
             + "".join(f"\nrank {r.rank}'s tracked code raised: {r.error}"
                       for r in merged.ranks if r.error)
             + "".join(f"\nrank {r.rank}'s profile was saved while it ran ({r.unfinished_at} "
-                      "steps ended) and never replaced by its end: killed outright (the OOM "
-                      "killer's SIGKILL, kill -9), crashed in native code, could not write its "
-                      "last save, or still running"
+                      f"steps ended) and never replaced by its end: it was {NEVER_REPLACED}"
                       for r in merged.ranks if r.unfinished_at is not None))
 
 
