@@ -210,6 +210,10 @@ py::object module_buffer_addresses(const py::list& module_ids) {
 // reference to each storage, as StorageNote keeps for the long-lived optimizer state and
 // buffers, kept every step's freed gradients' storage objects alive until the next step's
 // note, and the step's kernels ran slower for where the heap then put its tensors.
+py::bytes as_bytes(const std::vector<int64_t>& values) {
+  return py::bytes(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(int64_t));
+}
+
 class GradientNote {
  public:
   GradientNote() = default;
@@ -220,9 +224,11 @@ class GradientNote {
   // None: the very storages noted last time, and no parameter's module named since (the
   // size of `param_module`, which only grows, is unchanged). False: not all plain; the
   // caller takes the Python path (nothing noted). Else (addresses, modules): the gradients'
-  // distinct storage addresses, sorted, and per address the module id of the first parameter
-  // (in param_groups order) whose gradient it holds, from param_module {id(param): module id}
-  // (-1 where absent); the note is then these storages.
+  // distinct storage addresses in param_groups order, and per address the module id of the
+  // first parameter whose gradient it holds, from param_module {id(param): module id} (-1
+  // where absent), each as native int64 bytes (an array('q') in Python: 8 bytes per entry
+  // kept for the run, where a list of ints took ~48 and 2 objects per parameter per step);
+  // the note is then these storages.
   py::object take(const py::object& param_groups, const py::dict& param_module) {
     if (!PyList_Check(param_groups.ptr())) return py::bool_(false);   // a wrapper's own type
     const Py_ssize_t owners_known = PyDict_Size(param_module.ptr());
@@ -276,18 +282,29 @@ class GradientNote {
         modules_.push_back(mid == nullptr ? -1 : PyLong_AsLong(mid));
       }
     }
-    std::vector<std::pair<int64_t, int64_t>> owned;   // (address, module) in parameter order
-    owned.reserve(entries.size());
+    // Parameter order, each address once (the first owner wins): the owners then read the
+    // same at every step while the parameters with a gradient do, and Python keeps one array
+    // of them for the run (sorted by address, as before, they changed with every step's
+    // addresses).
+    std::vector<std::pair<int64_t, size_t>> by_address;   // (address, parameter position)
+    by_address.reserve(entries.size());
     for (size_t i = 0; i < entries.size(); ++i) {
-      if (entries[i].address > 0) owned.emplace_back(entries[i].address, modules_[i]);
+      if (entries[i].address > 0) by_address.emplace_back(entries[i].address, i);
     }
-    std::stable_sort(owned.begin(), owned.end(),
-                     [](const auto& a, const auto& b) { return a.first < b.first; });
-    py::list addresses, modules;
-    for (size_t i = 0; i < owned.size(); ++i) {
-      if (i > 0 && owned[i].first == owned[i - 1].first) continue;   // the first owner wins
-      addresses.append(py::int_(owned[i].first));
-      modules.append(py::int_(owned[i].second));
+    std::sort(by_address.begin(), by_address.end());
+    std::vector<bool> first_owner(entries.size(), false);
+    for (size_t i = 0; i < by_address.size(); ++i) {
+      if (i == 0 || by_address[i].first != by_address[i - 1].first) {
+        first_owner[by_address[i].second] = true;
+      }
+    }
+    std::vector<int64_t> addresses, modules;   // handed over as int64 bytes (see take's doc)
+    addresses.reserve(by_address.size());
+    modules.reserve(by_address.size());
+    for (size_t i = 0; i < entries.size(); ++i) {
+      if (!first_owner[i]) continue;
+      addresses.push_back(entries[i].address);
+      modules.push_back(modules_[i]);
     }
     std::vector<int64_t> noted;
     noted.reserve(entries.size());
@@ -298,7 +315,7 @@ class GradientNote {
     session_ = session;
     // comparable next time only while every noted address is watched
     valid_ = all_hooked && watch_ != nullptr && watch_->watch(noted);
-    return py::make_tuple(addresses, modules);
+    return py::make_tuple(as_bytes(addresses), as_bytes(modules));
   }
 
   // Drops the note and the parameters it holds (the session is over).

@@ -1207,6 +1207,17 @@ void record_external(uint64_t ptr, int64_t size, int32_t device_type, int32_t de
                      static_cast<c10::DeviceIndex>(device_index)));
 }
 
+// True once the event log can take no more memory events from this thread: its quota is
+// spent and the session's capacity is all handed out. What memprof notes per step from then
+// on (category snapshots) could not be matched to any allocation, and would only grow.
+bool log_full() {
+  if (!recording()) return false;
+  Session& s = session();
+  ThreadState& ts = thread_state();
+  return ts.buffer->event_quota.left == 0 &&
+         s.events_reserved.load(std::memory_order_relaxed) >= s.capacity;
+}
+
 py::dict counters() {
   Session& s = session();
   py::dict d;
@@ -1292,6 +1303,9 @@ void register_tracker(py::module_& m) {
   m.def("peek_sequence_nr", []() { return at::sequence_number::peek(); },
         "The autograd sequence number the next node created on this thread will get.");
   m.def("counters", &counters);
+  m.def("log_full", &log_full,
+        "Whether the event log is full for the calling thread (its next memory event is "
+        "dropped); False when not recording.");
 }
 
 }  // namespace memprof

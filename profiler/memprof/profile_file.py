@@ -14,6 +14,7 @@ import tempfile
 import time
 import zipfile
 import zlib
+from array import array
 from dataclasses import fields
 
 import numpy as np
@@ -60,13 +61,19 @@ def is_profile(path: str) -> bool:
     return isinstance(header, dict) and header.get("format") == FORMAT_NAME
 
 
+def _listed(value):
+    """A snapshot's field as JSON takes it (its addresses are an array('q') while recording)."""
+    return value.tolist() if isinstance(value, array) else value
+
+
 def write(run: Run, findings: list[Finding], path: str) -> str:
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "strings": run.strings, "modules": run.modules,
         # as read, not copied (dataclasses.asdict deep-copies each address: a quarter of the
         # time of saving a 1M-event profile)
-        "snapshots": [{f: getattr(s, f) for f in _SNAPSHOT_FIELDS} for s in run.snapshots],
+        "snapshots": [{f: _listed(getattr(s, f)) for f in _SNAPSHOT_FIELDS}
+                      for s in run.snapshots],
         "meta": {k: v for k, v in run.meta.items() if _jsonable(v)},
         "step_seqs": [int(s) for s in run.step_seqs],
         "records": {k: v for k, v in run.records.items() if _jsonable(v)},

@@ -328,8 +328,15 @@ def _python_gradient_snapshot(opt, param_module):
     for ptr, p in zip(snapshots.storage_ptrs([p.grad for p in params]), params):
         if ptr is not None:
             owner.setdefault(ptr, param_module.get(id(p), -1))
-    ptrs = sorted(owner)
-    return ptrs, [owner[q] for q in ptrs]
+    return list(owner), list(owner.values())   # parameter order, each address once
+
+
+def _take(note, param_groups, param_module):
+    """note.take(...), its native int64 bytes read as lists of ints."""
+    taken = note.take(param_groups, param_module)
+    if isinstance(taken, tuple):
+        return tuple(snapshots.compact(part).tolist() for part in taken)
+    return taken
 
 
 @contextlib.contextmanager
@@ -357,22 +364,22 @@ def _gradient_note_takes_and_skips():
                            {"params": frozen.parameters(), "lr": 0.0}], lr=0.1)
     param_module = {id(p): i for i, p in enumerate(model.parameters())}   # frozen: absent
     note = memprof._C.GradientNote()
-    assert note.take(opt.param_groups, param_module) == ([], [])   # no gradient yet
-    assert note.take(opt.param_groups, param_module) is None
+    assert _take(note, opt.param_groups, param_module) == ([], [])   # no gradient yet
+    assert _take(note, opt.param_groups, param_module) is None
     model(torch.randn(2, 4)).sum().backward()
     model[2].weight.grad = model[0].weight.grad.view(4, 4)   # one storage, two owners
-    taken = note.take(opt.param_groups, param_module)
+    taken = _take(note, opt.param_groups, param_module)
     assert taken == _python_gradient_snapshot(opt, param_module)
     assert taken[1][taken[0].index(model[0].weight.grad.data_ptr())] == 0   # the first owner
-    assert note.take(opt.param_groups, param_module) is None
+    assert _take(note, opt.param_groups, param_module) is None
     opt.zero_grad(set_to_none=False)          # zeroed in place: the same storages
     model(torch.randn(2, 4)).sum().backward()
-    assert note.take(opt.param_groups, param_module) is None
+    assert _take(note, opt.param_groups, param_module) is None
     param_module[id(frozen.weight)] = 9       # a module named since: taken anew
-    assert note.take(opt.param_groups, param_module) == taken
+    assert _take(note, opt.param_groups, param_module) == taken
     opt.zero_grad(set_to_none=True)           # new gradients: new storages
     model(torch.randn(2, 4)).sum().backward()
-    again = note.take(opt.param_groups, param_module)
+    again = _take(note, opt.param_groups, param_module)
     assert again == _python_gradient_snapshot(opt, param_module) and len(again[0]) == 4
 
 
@@ -388,17 +395,17 @@ def test_gradient_note_sees_new_gradients_in_the_old_storages_place():
         groups = [{"params": [param]}]
         note = memprof._C.GradientNote()
         with _recording():
-            assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
+            assert _take(note, groups, {}) == ([param.grad.data_ptr()], [-1])
             for _ in range(100 if reused < 3 else 2):
-                assert note.take(groups, {}) is None            # nothing happened: the same
+                assert _take(note, groups, {}) is None            # nothing happened: the same
                 old = (param.grad.untyped_storage()._cdata, param.grad.data_ptr())
                 param.grad = None
                 param.grad = torch.ones(size)
                 reused += (param.grad.untyped_storage()._cdata, param.grad.data_ptr()) == old
-                assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
+                assert _take(note, groups, {}) == ([param.grad.data_ptr()], [-1])
     # outside a recording session no allocation is seen: never "the same"
-    assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
-    assert note.take(groups, {}) == ([param.grad.data_ptr()], [-1])
+    assert _take(note, groups, {}) == ([param.grad.data_ptr()], [-1])
+    assert _take(note, groups, {}) == ([param.grad.data_ptr()], [-1])
     note.forget()
     if reused == 0:   # (glibc hands the block back in most processes, not in every heap state)
         pytest.skip("the allocator never gave a new gradient the old one's block and storage "
@@ -415,13 +422,13 @@ def test_gradient_note_of_thousands_of_gradients_still_skips_the_same_storages()
     groups = [{"params": params}]
     note = memprof._C.GradientNote()
     with _recording():
-        taken = note.take(groups, {})
+        taken = _take(note, groups, {})
         assert len(taken[0]) == 6000
-        assert note.take(groups, {}) is None
+        assert _take(note, groups, {}) is None
         params[4321].grad = torch.ones(2)          # one new gradient
-        again = note.take(groups, {})
+        again = _take(note, groups, {})
         assert again is not None and params[4321].grad.data_ptr() in again[0]
-        assert note.take(groups, {}) is None
+        assert _take(note, groups, {}) is None
     note.forget()
 
 
@@ -436,15 +443,15 @@ def test_gradient_notes_share_a_few_address_watches_and_give_them_back():
     with _recording():
         for _ in range(9):   # (a note another test left alive may hold a watch)
             notes.append(memprof._C.GradientNote())
-            assert notes[-1].take(groups, {}) is not None
-            if notes[-1].take(groups, {}) is not None:     # no watch: taken again
+            assert _take(notes[-1], groups, {}) is not None
+            if _take(notes[-1], groups, {}) is not None:     # no watch: taken again
                 break
         unwatched = notes[-1]
-        assert len(notes) <= 9 and all(n.take(groups, {}) is None for n in notes[:-1])
-        assert unwatched.take(groups, {}) is not None      # still none free
+        assert len(notes) <= 9 and all(_take(n, groups, {}) is None for n in notes[:-1])
+        assert _take(unwatched, groups, {}) is not None      # still none free
         notes[0].forget()                                   # one given back
-        assert unwatched.take(groups, {}) is not None      # noted, now watched
-        assert unwatched.take(groups, {}) is None
+        assert _take(unwatched, groups, {}) is not None      # noted, now watched
+        assert _take(unwatched, groups, {}) is None
     for note in notes:
         note.forget()
 
@@ -473,15 +480,15 @@ def test_gradient_note_hands_other_tensors_to_python_and_lets_go_of_the_paramete
         fake = torch.nn.Parameter(torch.zeros(3))
     fake.grad = torch.zeros_like(fake)
     note = memprof._C.GradientNote()
-    assert note.take([{"params": [fake]}], {}) is False
+    assert _take(note, [{"params": [fake]}], {}) is False
     plain = torch.nn.Parameter(torch.zeros(3))
     with FakeTensorMode():
         plain.grad = torch.zeros(3)           # a fake gradient on a plain parameter
-    assert note.take([{"params": [plain]}], {}) is False
+    assert _take(note, [{"params": [plain]}], {}) is False
     param = torch.nn.Parameter(torch.zeros(3))
     param.grad = torch.ones(3)
     alive = weakref.ref(param)
-    assert note.take([{"params": [param]}], {}) == ([param.grad.data_ptr()], [-1])
+    assert _take(note, [{"params": [param]}], {}) == ([param.grad.data_ptr()], [-1])
     del param
     gc.collect()
     assert alive() is not None                # held by the note while the session runs
@@ -544,10 +551,10 @@ def test_gradient_note_leaves_param_groups_of_another_shape_to_python():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.ones(2)
     note = memprof._C.GradientNote()
-    assert note.take(({"params": [p]},), {}) is False
-    assert note.take([{"params": (p,)}], {}) is False
-    assert note.take([[p]], {}) is False
-    assert note.take([{"params": [p]}], {}) == ([p.grad.data_ptr()], [-1])
+    assert _take(note, ({"params": [p]},), {}) is False
+    assert _take(note, [{"params": (p,)}], {}) is False
+    assert _take(note, [[p]], {}) is False
+    assert _take(note, [{"params": [p]}], {}) == ([p.grad.data_ptr()], [-1])
 
 
 def test_per_step_subscribers_leave_once_they_have_nothing_to_do():

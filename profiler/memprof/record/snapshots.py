@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 import weakref
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +60,16 @@ class Snapshot:
     """Storages known to hold one category at one point of the run (a marker in the stream)."""
     marker: int               # index into the run's events of the marker event
     category: int
-    ptrs: list[int]
-    modules: list[int] | None = None  # owning module id per ptr (the parameter's module)
+    ptrs: Sequence[int]       # an array('q') while recording (see compact), a list as read
+    modules: Sequence[int] | None = None  # owning module id per ptr (the parameter's module)
+
+
+def compact(values) -> array:
+    """A snapshot's addresses or module ids as an array('q'), from a list or the native int64
+    bytes: a run keeps one gradient snapshot per step, and a list of addresses took ~48 bytes
+    per entry (a pointer to an int object) against 8, plus a list Python's garbage collector
+    walks at every full collection."""
+    return values if isinstance(values, array) else array("q", values)
 
 
 _is_functional = torch._is_functional_tensor
@@ -159,6 +169,7 @@ class SnapshotRecorder:
         self._gradient_notes: dict[int, object] = {}
         self._note_finalizers: list = []
         self._state_looks: dict[int, Looks] = {}   # id(optimizer) -> when to look again
+        self._last_modules: dict[int, array] = {}  # category -> its last snapshot's modules
         self._buffer_looks = Looks()
         # buffers set since the last look (register_buffer, a buffer assigned, Module._apply)
         # or modules named since (their buffers unseen): look at this step's end
@@ -250,6 +261,8 @@ class SnapshotRecorder:
 
     def _step_end(self) -> None:
         """The buffers, when a look is due, a buffer was set or modules were named."""
+        if _C.log_full():
+            return
         step = self.session.steps.step
         seen = self.session.scope.naming()
         if not (self._buffers_set or seen != self._modules_seen or
@@ -259,7 +272,7 @@ class SnapshotRecorder:
         self._buffer_looks.looked(step, self.note_buffers())
 
     def _before_optimizer(self, optimizer) -> None:
-        if not self.session.steps.watches(optimizer):
+        if not self.session.steps.watches(optimizer) or _C.log_full():
             return
         # plain parameters and gradients (a run on a device): read, compared and, when new,
         # owned in C++ (the gradients are new storages at every step after
@@ -284,7 +297,7 @@ class SnapshotRecorder:
         if looks is None:
             looks = self._state_looks[id(optimizer)] = Looks()
         step = self.session.steps.step
-        if step >= looks.next:   # (looks.due, inline: this runs at every step)
+        if step >= looks.next and not _C.log_full():   # (looks.due, inline: every step)
             looks.looked(step, self.note_state(optimizer))
 
     def note_state(self, optimizer) -> bool:
@@ -331,19 +344,32 @@ class SnapshotRecorder:
 
     @staticmethod
     def _owned(category: int, tensors, modules) -> tuple[int, list[int], list[int]]:
-        """(category, the tensors' sorted storage addresses, the module owning each: the
-        first tensor's at an address)."""
+        """(category, the tensors' storage addresses in their order, each once, the module
+        owning each: the first tensor's at an address). In the tensors' order, not the
+        addresses': the owners then read the same from one snapshot to the next (see _note)."""
         owner: dict[int, int] = {}
         for ptr, mid in zip(storage_ptrs(list(tensors)), modules):
             if ptr is not None:
                 owner.setdefault(ptr, mid)
-        ptrs = sorted(owner)
-        return category, ptrs, [owner[q] for q in ptrs]
+        return category, list(owner), list(owner.values())
 
-    def _note(self, category: int, ptrs: list[int], modules: list[int]) -> None:
-        """A snapshot of sorted storage addresses and the owning module of each."""
+    def _note(self, category: int, ptrs, modules, at_end: bool = False) -> None:
+        """A snapshot of storage addresses and the owning module of each. Once the event log
+        is full none is taken but the block's end's (`at_end`): its marker would follow the
+        last event kept, where the blocks that read alive include every one whose free was
+        dropped - the snapshot could name only wrong ones - and a long run past its capacity
+        would keep one per step for nothing."""
+        if not at_end and _C.log_full():
+            return
+        modules = compact(modules)
+        last = self._last_modules.get(category)
+        if last is not None and last == modules:
+            modules = last   # one array for the run while the owners stay (gradients: each step)
+        else:
+            self._last_modules[category] = modules
         _C.mark("snapshot", category)   # the marker's index is found after the run
-        self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=ptrs, modules=modules))
+        self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=compact(ptrs),
+                                       modules=modules))
 
     def _new_gradient_note(self, optimizer):
         """A note that lets go of its parameters and its address watch (one of a few, see
@@ -370,10 +396,10 @@ class SnapshotRecorder:
 
     def final(self) -> None:
         for category, ptrs, modules in self.at_end():
-            self._note(category, ptrs, modules)
+            self._note(category, ptrs, modules, at_end=True)
 
     def at_end(self) -> list[tuple[int, list[int], list[int]]]:
-        """(category, sorted storage addresses, owning module of each) of what the block's
+        """(category, storage addresses, owning module of each) of what the block's
         end notes - parameters, their gradients, the watched optimizers' state, the buffers -
         read now and noted nowhere: final() notes them; a profile made while the block goes on
         (Session.so_far) ends with them, so the parameters of a model built inside the block

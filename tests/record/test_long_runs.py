@@ -1,0 +1,104 @@
+"""A long run keeps little in Python per step beside its native event log, and no per-step
+snapshot once the log is full (past `track(capacity=...)`): a job that trains for days under
+`memprof run` did grow by a list of ints per parameter per step until it ended."""
+import array
+import gc
+import tracemalloc
+import warnings
+
+import torch
+
+import memprof
+from memprof import _C, profile_file
+from memprof.record.events import CAT_GRADIENTS
+
+
+def _model(layers: int = 6):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(layers)])
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _train(model, opt, steps: int) -> list[float]:
+    losses = []
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _gradient_snapshots(tracker) -> list:
+    return [s for s in tracker.session.snapshots.snapshots if s.category == CAT_GRADIENTS]
+
+
+def test_gradient_snapshots_are_int64_arrays_sharing_one_owner_array(tmp_path):
+    model, opt = _model()
+    with memprof.track(model, opt) as prof:
+        _train(model, opt, 6)
+        grads = _gradient_snapshots(prof)
+        assert len(grads) >= 5   # set_to_none: new gradient storages at every step
+        assert all(isinstance(s.ptrs, array.array) and s.ptrs.typecode == "q" for s in grads)
+        assert all(len(s.ptrs) == 12 and len(s.modules) == 12 for s in grads)
+        # the owners do not change from step to step: one array for all of them
+        assert all(s.modules is grads[0].modules for s in grads)
+        assert len(set(grads[0].modules)) == 6   # each layer owns its weight and bias
+    summary = prof.profile.summary()
+    assert summary["by_category_at_peak"]["gradients"] > 0
+    # written as JSON lists, read back the same addresses and owners
+    path = str(tmp_path / "run.memprof")
+    prof.profile.save(path)
+    run, _ = profile_file.read(path)
+    assert [(s.marker, s.category, list(s.ptrs), list(s.modules or [])) for s in run.snapshots] \
+        == [(s.marker, s.category, list(s.ptrs), list(s.modules or []))
+            for s in prof.profile.snapshots]
+    assert memprof.load(path).summary()["by_category_at_peak"] == \
+        summary["by_category_at_peak"]
+
+
+def test_past_its_capacity_a_run_takes_no_snapshot_and_grows_little():
+    model, opt = _model(layers=40)   # 80 parameters: a list of ints for each, each step
+    assert not _C.log_full()          # not recording
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the dropped-events warning
+        with memprof.track(model, opt, health=False, capacity=3000) as prof:
+            _train(model, opt, 3)
+            assert _C.log_full()
+            taken = len(prof.session.snapshots.snapshots)
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            _train(model, opt, 200)
+            gc.collect()
+            grown = (tracemalloc.get_traced_memory()[0] - before) / 200
+            tracemalloc.stop()
+            assert len(prof.session.snapshots.snapshots) == taken
+    # a gradient snapshot of 80 storages per step was ~4 KB/step; what is left per step (the
+    # backward call's record, the step's owner and sequence number, the loss) is a few hundred
+    assert grown < 1500, grown
+    summary = prof.profile.summary()
+    assert summary["dropped_events"] > 0 and summary["truncated"]
+    assert summary["by_category_at_peak"]["parameters"] == \
+        sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_a_log_that_is_not_full_is_said_so():
+    model, opt = _model()
+    with memprof.track(model, opt, capacity=10**6):
+        _train(model, opt, 2)
+        assert not _C.log_full()
+    assert not _C.log_full()
+
+
+def test_tracking_past_capacity_leaves_training_as_it_was():
+    model, opt = _model()
+    plain = _train(model, opt, 20)
+    model, opt = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with memprof.track(model, opt, capacity=500):
+            tracked = _train(model, opt, 20)
+    assert tracked == plain
