@@ -67,7 +67,7 @@ class Run:
         src = session.outer or session
         records = dict(session.records)
         records["logs"] = [list(x) for x in src.logs]
-        records["backward"] = list(src.backward.calls)
+        records["backward"] = src.backward.noted()
         live = LiveContext(model=src.model, optimizer=src.steps.optimizer, frame=src.frame,
                            roots=list(src.roots), params=src.params(),
                            step_owners=list(src.steps.step_owners))

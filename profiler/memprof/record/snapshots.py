@@ -55,7 +55,7 @@ class Looks:
         self.next = step + self.gap
 
 
-@dataclass
+@dataclass(slots=True)   # one per step for the run: no __dict__ each
 class Snapshot:
     """Storages known to hold one category at one point of the run (a marker in the stream)."""
     marker: int               # index into the run's events of the marker event

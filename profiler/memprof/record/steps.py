@@ -19,6 +19,7 @@ itself once it has nothing left to do.
 from __future__ import annotations
 
 import weakref
+from array import array
 
 import torch
 
@@ -56,8 +57,9 @@ class StepClock:
         self.step_on = step_on
         self.optimizer = torch_optimizer(optimizer)
         self.step = 0
-        self.step_seqs: list[int] = []           # autograd sequence counter at each boundary
-        self.step_owners: list[int] = []         # per boundary: id of the optimizer, or 0
+        # int64 arrays, 8 bytes per step end (a list of ints took 40: each a new int object)
+        self.step_seqs = array("q")      # autograd sequence counter at each boundary
+        self.step_owners = array("q")    # per boundary: id of the optimizer, or 0
         # watched optimizers seen, id -> weak reference (a dict lookup per step, where a
         # WeakSet.add is a Python call making a new reference each time)
         self._seen: dict[int, weakref.ref] = {}
@@ -87,7 +89,7 @@ class StepClock:
         _C.mark(label, int(self.step if value is None else value))
 
     def install(self) -> None:
-        self.step_seqs = [int(_C.peek_sequence_nr())]
+        self.step_seqs = array("q", [int(_C.peek_sequence_nr())])
         from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                            register_optimizer_step_pre_hook)
         self._handles.append(register_optimizer_step_pre_hook(self._pre))
@@ -187,7 +189,9 @@ class BackwardHook:
 
     def __init__(self, steps: StepClock):
         self.steps = steps
-        self.calls: list[dict] = []
+        # (roots' sequence numbers, retain_graph, step) per call: tuples of ints, which
+        # Python's collector stops walking (a dict and a list per step did, for the whole run)
+        self.calls: list[tuple[tuple[int, ...], bool, int]] = []
         self.before: list = []
         self.after: list = []
 
@@ -215,15 +219,17 @@ class BackwardHook:
                 # a node's sequence number identifies it for the whole run (ids get reused)
                 if isinstance(t, torch.Tensor) and t.grad_fn is not None:
                     roots.append(t.grad_fn._sequence_nr())
-            self.calls.append({
-                "roots": roots,
-                "retain_graph": bool(retain_graph if retain_graph is not None
-                                     else create_graph),
-                "step": self.steps.step})
+            self.calls.append((tuple(roots), bool(retain_graph if retain_graph is not None
+                                                  else create_graph), self.steps.step))
         except Exception:  # noqa: BLE001  (recording must never break backward)
             pass
         for fn in tuple(self.before):
             fn(tensors, grad_tensors)
+
+    def noted(self) -> list[dict]:
+        """The calls as the profile keeps them (analyse.backward reads them)."""
+        return [{"roots": list(roots), "retain_graph": retain, "step": step}
+                for roots, retain, step in self.calls]
 
     def _ended(self) -> None:
         # backward is over: what runs next (logging, the next micro-step's data) is not;
