@@ -204,3 +204,60 @@ def test_processes_the_script_starts_with_multiprocessing_process_record_themsel
         assert len(prof.steps) == 3
     assert sorted(p.name for p in tmp_path.glob("*.memprof")) == \
         ["job.memprof", "job.rank0.memprof", "job.rank1.memprof"]
+
+
+SUBCLASS_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.multiprocessing as mp
+
+    def train(index, steps):
+        torch.manual_seed(index)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(steps):
+            model(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        print(f"trainer {index} trained {steps} steps", flush=True)
+
+    class Trainer(mp.Process):            # the work in an overridden run(), no target
+        def __init__(self, index, steps):
+            super().__init__()
+            self.index, self.steps = index, steps
+
+        def run(self):
+            train(self.index, self.steps)
+
+    class Logged(mp.Process):             # run() overridden around the target it was given
+        def run(self):
+            print("logged starts", flush=True)
+            super().run()
+
+    if __name__ == "__main__":
+        mp.set_start_method(sys.argv[1])
+        processes = [Trainer(0, 3), Trainer(1, 4), Logged(target=train, args=(2, 5))]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join()
+        sys.exit(max(p.exitcode for p in processes))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_process_subclass_that_overrides_run_records_itself(tmp_path, method):
+    """A Process subclass whose run() does the work (no target) was not reached: its training
+    ran unrecorded. A subclass's run() around its target is recorded once, not nested."""
+    proc = _run(tmp_path, SUBCLASS_SCRIPT, method)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for index, steps in ((0, 3), (1, 4), (2, 5)):
+        assert proc.stdout.count(f"trainer {index} trained {steps} steps") == 1
+        assert f"memprof: process {index} peak" in proc.stdout
+        prof = memprof.load(str(tmp_path / f"job.rank{index}.memprof"))
+        assert len(prof.steps) == steps
+        assert prof.activations_by_module()["Sequential.1"] > 0   # the ReLU output, named
+    assert "logged starts" in proc.stdout
+    assert "memprof report job.rank*.memprof" in proc.stdout

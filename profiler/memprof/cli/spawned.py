@@ -1,6 +1,6 @@
 """Processes a script starts with torch.multiprocessing (`mp.spawn(train, nprocs=2)`, the
 shape of PyTorch's DDP tutorial, or `start_processes`) or with multiprocessing.Process around
-a function of its own, under `memprof run`.
+a function of its own (or a Process subclass whose run() trains), under `memprof run`.
 
 Such a process is a fresh interpreter running the script's function: the block `memprof run`
 opened in the parent does not reach it, so the report had 0 events while the training ran
@@ -80,25 +80,36 @@ class SpawnWatch:
 
     def _start_wrapper(self, original):
         """`multiprocessing.Process(target=run, args=(rank, size)).start()` (the other DDP
-        tutorial's shape, torch.multiprocessing.Process included): a target of the user's
-        own code is recorded as rank <R> (its torch.distributed rank, else the order it was
-        started in) with a one-line report; the processes of torch and of libraries (a
-        DataLoader's workers, a Pool's, start_processes' own wrapper) are left as they are."""
+        tutorial's shape, torch.multiprocessing.Process included), or a Process subclass of
+        the user's whose run() does the work: the user's own code is recorded as rank <R>
+        (its torch.distributed rank, else the order it was started in) with a one-line
+        report; the processes of torch and of libraries (a DataLoader's workers, a Pool's,
+        start_processes' own wrapper) are left as they are."""
         watch = self
 
         def start(process):
+            own_run = _own_run(process)
             target = getattr(process, "_target", None)
-            if target is not None and is_user_code(getattr(target, "__module__", None)):
-                if watch._process_call is None:
-                    watch._process_call = watch._new_call(0)
-                output, index = watch._process_call
-                watch._process_call[1] += 1
-                process._target = functools.partial(
-                    run_tracked_target, target, {**watch.job, "output": output,
-                                                 "index": index})
-            return original(process)
+            user_target = target is not None and \
+                is_user_code(getattr(target, "__module__", None))
+            if not (own_run or user_target):
+                return original(process)
+            if watch._process_call is None:
+                watch._process_call = watch._new_call(0)
+            output, index = watch._process_call
+            watch._process_call[1] += 1
+            job = {**watch.job, "output": output, "index": index}
+            if not own_run:
+                process._target = functools.partial(run_tracked_target, target, job)
+                return original(process)
+            # the whole run() (a target it calls included, recorded once): an attribute of
+            # the instance, which the child's bootstrap calls, pickled with it under spawn
+            process.run = functools.partial(run_tracked_process, job)
+            try:
+                return original(process)
+            finally:
+                del process.run   # the child has it (forked, or pickled by now)
         return start
-
     def note(self) -> str | None:
         """What the parent says once its script ended: where the processes' profiles are."""
         if not self.calls:
@@ -154,6 +165,21 @@ def run_tracked_target(target, job: dict, *args, **kwargs) -> None:
     """A multiprocessing.Process's target of the user's code, recorded as run_tracked does
     (its index: the order it was started in; no world size unless torch.distributed's)."""
     _run_as_rank(functools.partial(target, *args, **kwargs), job, job["index"])
+
+
+def _own_run(process) -> bool:
+    """Whether a Process's class overrides run() in the user's code (`class Trainer(Process)`
+    with the training in run(), no target)."""
+    run = getattr(type(process), "run", None)
+    return run is not multiprocessing.process.BaseProcess.run and "run" not in vars(process) \
+        and is_user_code(getattr(run, "__module__", None))
+
+
+def run_tracked_process(job: dict) -> None:
+    """A Process subclass's own run() in the process it started (the instance is this
+    process's current_process()), recorded as run_tracked_target does."""
+    process = multiprocessing.current_process()
+    _run_as_rank(functools.partial(type(process).run, process), job, job["index"])
 
 
 def _report(tracker, path: str, status: int, job: dict, index: int) -> None:
