@@ -367,7 +367,8 @@ void register_storages(py::module_& m) {
       .def(py::init<>())
       .def("take", &GradientNote::take, py::arg("param_groups"), py::arg("param_module"),
            "None if the gradients are the storages noted last time; False if not all plain "
-           "(take the Python path); else (sorted storage addresses, module id per address).")
+           "(take the Python path); else (storage addresses in parameter order, module id per "
+           "address), each as int64 bytes.")
       .def("forget", &GradientNote::forget, "Drop the note and the parameters it holds.");
 }
 

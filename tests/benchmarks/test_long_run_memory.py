@@ -10,7 +10,7 @@ from benchmark_scripts import BENCHMARKS
 def test_a_small_run_prints_and_saves_its_rows(tmp_path):
     out = tmp_path / "long_run_memory"
     r = subprocess.run([sys.executable, f"{BENCHMARKS}/long_run_memory.py", "--layers", "4",
-                        "--steps", "60", "--out", str(out)], capture_output=True, text=True,
+                        "--steps", "100", "--out", str(out)], capture_output=True, text=True,
                        cwd=BENCHMARKS, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Python B/step" in r.stdout and "dropped" in r.stdout

@@ -235,13 +235,22 @@ SUBCLASS_SCRIPT = textwrap.dedent("""
             print("logged starts", flush=True)
             super().run()
 
+    class Static(mp.Process):             # run() a staticmethod: called without self
+        @staticmethod
+        def run():
+            train(3, 2)
+
     if __name__ == "__main__":
         mp.set_start_method(sys.argv[1])
-        processes = [Trainer(0, 3), Trainer(1, 4), Logged(target=train, args=(2, 5))]
+        processes = [Trainer(0, 3), Trainer(1, 4), Logged(target=train, args=(2, 5)), Static()]
         for p in processes:
             p.start()
         for p in processes:
             p.join()
+        try:
+            processes[0].start()
+        except AssertionError:
+            print("a second start refused", flush=True)
         sys.exit(max(p.exitcode for p in processes))
 """)
 
@@ -253,11 +262,14 @@ def test_a_process_subclass_that_overrides_run_records_itself(tmp_path, method):
     ran unrecorded. A subclass's run() around its target is recorded once, not nested."""
     proc = _run(tmp_path, SUBCLASS_SCRIPT, method)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for index, steps in ((0, 3), (1, 4), (2, 5)):
+    for index, steps in ((0, 3), (1, 4), (2, 5), (3, 2)):
         assert proc.stdout.count(f"trainer {index} trained {steps} steps") == 1
         assert f"memprof: process {index} peak" in proc.stdout
         prof = memprof.load(str(tmp_path / f"job.rank{index}.memprof"))
         assert len(prof.steps) == steps
         assert prof.activations_by_module()["Sequential.1"] > 0   # the ReLU output, named
-    assert "logged starts" in proc.stdout
+    assert "logged starts" in proc.stdout and "a second start refused" in proc.stdout
+    # the refused start is not counted (nor given a file)
+    assert "the script ran 4 processes of its own" in proc.stdout
     assert "memprof report job.rank*.memprof" in proc.stdout
+    assert not (tmp_path / "job.rank4.memprof").exists()

@@ -102,3 +102,33 @@ def test_tracking_past_capacity_leaves_training_as_it_was():
         with memprof.track(model, opt, capacity=500):
             tracked = _train(model, opt, 20)
     assert tracked == plain
+
+
+def test_the_step_in_which_the_log_fills_keeps_its_gradients_named():
+    """Capacities that end the log anywhere in a step: the gradients it kept are named as in
+    the whole run (the step's snapshot, at its optimizer step, is taken although the log
+    filled before it: its gradients were allocated in that step). Python's collector is off:
+    where it ran (what a run before left) moved frees between runs of the same loop."""
+    import numpy as np
+    from memprof.record.events import CAT_GRADIENTS
+
+    def named_gradients(capacity=None):
+        model, opt = _model()
+        gc.collect()
+        with memprof.track(model, opt, **({"capacity": capacity} if capacity else {})) as t:
+            _train(model, opt, 4)
+        return t.profile, t.profile.category == CAT_GRADIENTS
+
+    gc.disable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            whole, reference = named_gradients()
+            base = named_gradients(capacity=1)[1].size - 1   # rows of the blocks from before
+            step = whole.steps[2]   # positions in the memory stream, the baseline's rows first
+            for end in range(step.start + 1, step.end + 1, max(1, (step.end - step.start) // 24)):
+                named = named_gradients(capacity=end - base)[1]
+                assert named.size == end
+                assert np.array_equal(named, reference[:end]), end
+    finally:
+        gc.enable()

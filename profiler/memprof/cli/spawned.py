@@ -97,19 +97,25 @@ class SpawnWatch:
             if watch._process_call is None:
                 watch._process_call = watch._new_call(0)
             output, index = watch._process_call
-            watch._process_call[1] += 1
             job = {**watch.job, "output": output, "index": index}
-            if not own_run:
+            before = process._popen   # a new one once started (a second start raises)
+            # the whole run() of a class's own (a target it calls included, recorded once):
+            # an attribute of the instance, which the child's bootstrap calls; either is in the
+            # child once start() returns (forked, or pickled with the process under spawn)
+            if own_run:
+                process.run = functools.partial(run_tracked_process, job)
+            else:
                 process._target = functools.partial(run_tracked_target, target, job)
-                return original(process)
-            # the whole run() (a target it calls included, recorded once): an attribute of
-            # the instance, which the child's bootstrap calls, pickled with it under spawn
-            process.run = functools.partial(run_tracked_process, job)
             try:
                 return original(process)
             finally:
-                del process.run   # the child has it (forked, or pickled by now)
+                if own_run:
+                    del process.run
+                else:
+                    process._target = target
+                watch._process_call[1] = index + (process._popen is not before)
         return start
+
     def note(self) -> str | None:
         """What the parent says once its script ended: where the processes' profiles are."""
         if not self.calls:
@@ -179,7 +185,8 @@ def run_tracked_process(job: dict) -> None:
     """A Process subclass's own run() in the process it started (the instance is this
     process's current_process()), recorded as run_tracked_target does."""
     process = multiprocessing.current_process()
-    _run_as_rank(functools.partial(type(process).run, process), job, job["index"])
+    del process.run   # ours: the class's run() again, bound as it binds (static, class...)
+    _run_as_rank(process.run, job, job["index"])
 
 
 def _report(tracker, path: str, status: int, job: dict, index: int) -> None:

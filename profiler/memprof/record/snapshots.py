@@ -169,7 +169,11 @@ class SnapshotRecorder:
         self._gradient_notes: dict[int, object] = {}
         self._note_finalizers: list = []
         self._state_looks: dict[int, Looks] = {}   # id(optimizer) -> when to look again
-        self._last_modules: dict[int, array] = {}  # category -> its last snapshot's modules
+        # category -> the owner arrays of its last few snapshots (see _note)
+        self._recent_modules: dict[int, list[array]] = {}
+        # the event log was full at the end of a step: no snapshot is taken from then on
+        # (see _note); read at step ends, so the step in which it fills is noted whole
+        self._log_full = False
         self._buffer_looks = Looks()
         # buffers set since the last look (register_buffer, a buffer assigned, Module._apply)
         # or modules named since (their buffers unseen): look at this step's end
@@ -261,18 +265,17 @@ class SnapshotRecorder:
 
     def _step_end(self) -> None:
         """The buffers, when a look is due, a buffer was set or modules were named."""
-        if _C.log_full():
+        if self._log_full:
             return
         step = self.session.steps.step
         seen = self.session.scope.naming()
-        if not (self._buffers_set or seen != self._modules_seen or
-                self._buffer_looks.due(step)):
-            return
-        self._buffers_set, self._modules_seen = False, seen
-        self._buffer_looks.looked(step, self.note_buffers())
+        if self._buffers_set or seen != self._modules_seen or self._buffer_looks.due(step):
+            self._buffers_set, self._modules_seen = False, seen
+            self._buffer_looks.looked(step, self.note_buffers())
+        self._log_full = _C.log_full()
 
     def _before_optimizer(self, optimizer) -> None:
-        if not self.session.steps.watches(optimizer) or _C.log_full():
+        if not self.session.steps.watches(optimizer) or self._log_full:
             return
         # plain parameters and gradients (a run on a device): read, compared and, when new,
         # owned in C++ (the gradients are new storages at every step after
@@ -297,7 +300,7 @@ class SnapshotRecorder:
         if looks is None:
             looks = self._state_looks[id(optimizer)] = Looks()
         step = self.session.steps.step
-        if step >= looks.next and not _C.log_full():   # (looks.due, inline: every step)
+        if step >= looks.next and not self._log_full:   # (looks.due, inline: every step)
             looks.looked(step, self.note_state(optimizer))
 
     def note_state(self, optimizer) -> bool:
@@ -336,6 +339,8 @@ class SnapshotRecorder:
 
     def take(self, category: int, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember which storages hold `category` now; pairs are (tensor, its parameter)."""
+        if self._log_full:
+            return
         self._take(category, [t for t, _ in pairs], [self._module_of(p) for _, p in pairs])
 
     def _take(self, category: int, tensors: list[torch.Tensor], modules: list[int]) -> None:
@@ -354,19 +359,24 @@ class SnapshotRecorder:
         return category, list(owner), list(owner.values())
 
     def _note(self, category: int, ptrs, modules, at_end: bool = False) -> None:
-        """A snapshot of storage addresses and the owning module of each. Once the event log
-        is full none is taken but the block's end's (`at_end`): its marker would follow the
-        last event kept, where the blocks that read alive include every one whose free was
-        dropped - the snapshot could name only wrong ones - and a long run past its capacity
-        would keep one per step for nothing."""
-        if not at_end and _C.log_full():
+        """A snapshot of storage addresses and the owning module of each. From the step after
+        the one in which the event log filled, none is taken but the block's end's (`at_end`):
+        its marker would follow the last event kept, where the blocks that read alive include
+        every one whose free was dropped, so it would name blocks of steps long before by
+        their addresses, and a long run past its capacity would keep one per step for nothing.
+        (The step in which the log filled is noted: its gradients were allocated in it.)"""
+        if not at_end and self._log_full:
             return
         modules = compact(modules)
-        last = self._last_modules.get(category)
-        if last is not None and last == modules:
-            modules = last   # one array for the run while the owners stay (gradients: each step)
+        # one owner array for the run while the owners stay (gradients: every step), also
+        # where two optimizers (a GAN's) or two paths note the same category in turn
+        recent = self._recent_modules.setdefault(category, [])
+        same = next((a for a in recent if a == modules), None)
+        if same is not None:
+            modules = same
         else:
-            self._last_modules[category] = modules
+            recent.insert(0, modules)
+            del recent[4:]
         _C.mark("snapshot", category)   # the marker's index is found after the run
         self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=compact(ptrs),
                                        modules=modules))
