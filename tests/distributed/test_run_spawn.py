@@ -273,3 +273,61 @@ def test_a_process_subclass_that_overrides_run_records_itself(tmp_path, method):
     assert "the script ran 4 processes of its own" in proc.stdout
     assert "memprof report job.rank*.memprof" in proc.stdout
     assert not (tmp_path / "job.rank4.memprof").exists()
+
+
+STEP_ON_SCRIPT = textwrap.dedent("""
+    import sys
+    import multiprocessing as mp
+    import torch
+
+    def gan_step(g, d, opt_g, opt_d):         # one training step, two optimizer steps
+        d(torch.randn(8, 16)).square().mean().backward()
+        opt_d.step(); opt_d.zero_grad()
+        d(g(torch.randn(8, 4))).square().mean().backward()
+        opt_g.step(); opt_g.zero_grad()
+
+    def train(index, steps):
+        torch.manual_seed(index)
+        g = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU())
+        d = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        opt_g = torch.optim.SGD(g.parameters(), lr=0.01)
+        opt_d = torch.optim.SGD(d.parameters(), lr=0.01)
+        for _ in range(steps):
+            gan_step(g, d, opt_g, opt_d)
+        print(f"worker {index} done", flush=True)
+
+    if __name__ == "__main__":
+        mp.set_start_method(sys.argv[1])
+        processes = [mp.Process(target=train, args=(i, 3 + i)) for i in range(2)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join()
+        sys.exit(max(p.exitcode for p in processes))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("spec", ["gan_step", "steps_lib:gan_step"])
+def test_step_on_a_function_ends_the_steps_of_the_processes_too(tmp_path, method, spec):
+    """`--step-on gan_step`: a step per call in each process the script starts. Forked, the
+    processes' steps were ended twice (the parent's tracker's step end, inherited, beside their
+    own optimizer steps); spawned, they found their own (two per call here). The same for a
+    function the script imports (`from steps_lib import gan_step`, bound before a spawned
+    process could patch it)."""
+    script = STEP_ON_SCRIPT
+    if ":" in spec:
+        definition = script[script.index("def gan_step"):script.index("def train")]
+        (tmp_path / "steps_lib.py").write_text("import torch\n\n" + definition)
+        script = script.replace(definition, "from steps_lib import gan_step\n\n\n")
+    (tmp_path / "train.py").write_text(script)
+    proc = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--step-on", spec,
+                           "-o", "job.memprof", "train.py", method],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for index, steps in ((0, 3), (1, 4)):
+        assert f"worker {index} done" in proc.stdout
+        prof = memprof.load(str(tmp_path / f"job.rank{index}.memprof"))
+        assert len(prof.steps) == steps, (method, index, len(prof.steps))
+        assert prof.meta["steps_marked"] == steps

@@ -113,11 +113,11 @@ class RunCommand(Command):
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
         # processes the script starts with torch.multiprocessing record themselves (a function
-        # of the script named by --step-on is not patched there: they find steps themselves)
+        # named by --step-on ends their steps too: step_on.install_in_process)
         spawned = SpawnWatch(output, dict(
             budget=args.budget, batch_size=args.batch_size, autosave=args.autosave or None,
             step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
-            args.launch_dir)
+            args.launch_dir, step_on=args.step_on, script=script)
         spawned.install(patches)
         # the script's globals are searched for holders of leaked tensors, even if it raises
         tracker.roots.append(("", main.__dict__))

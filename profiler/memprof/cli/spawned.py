@@ -24,6 +24,7 @@ from ..record.holders import is_user_code
 from ..units import fmt_bytes
 from .run_report import print_report, rank_glob, shown_path
 from .signals import ExitSignals, Terminated
+from .step_on import install_in_process
 
 
 class SpawnWatch:
@@ -31,11 +32,12 @@ class SpawnWatch:
     (through the run's patch registry, so it is undone with sys.argv)."""
 
     def __init__(self, output: str, options: dict, as_json: bool = False,
-                 base: str | None = None):
+                 base: str | None = None, step_on: str | None = None, script: str = ""):
         self.output = output       # absolute
         # what each process needs, as plain data (pickled for it): memprof.track's options,
-        # the report's form, the directory paths are shown from
-        self.job = {"options": options, "json": as_json, "base": base}
+        # the report's form, the directory paths are shown from, run's --step-on and script
+        self.job = {"options": options, "json": as_json, "base": base, "step_on": step_on,
+                    "script": script}
         # [output, processes started] per start_processes call, and one for all of the
         # multiprocessing.Process starts (_process_call, made at the first)
         self.calls: list[list] = []
@@ -139,7 +141,12 @@ def run_tracked(fn, job: dict, index: int, *args) -> None:
 def _run_as_rank(call, job: dict, index: int) -> None:
     import memprof
     path = rank_path(job["output"], index)
-    tracker = memprof.track(auto_modules=True, path=path, **job["options"])
+    options = dict(job["options"])
+    # --step-on a function: its calls end this process's steps too (the tracker is made
+    # below, before the function can run)
+    if install_in_process(job.get("step_on"), job.get("script", ""), lambda: tracker.step()):
+        options["step_on"] = "manual"
+    tracker = memprof.track(auto_modules=True, path=path, **options)
     if "nprocs" in job:
         tracker.default_identity = {"rank": index, "world_size": job["nprocs"]}
     main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")

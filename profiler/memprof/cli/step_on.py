@@ -10,6 +10,11 @@ step, else a change of the parameters after a backward) does not fit the script.
 A function of the script cannot be patched before the script defines it, so its body is
 wrapped, in the compiled script only, in `try: ... finally: <end the step>`: the same lines,
 frames and tracebacks; the file on disk is not touched.
+
+Either way the step ends through this module's `script_step_end`, which install() points at
+the run's tracker: a process the script starts (cli/spawned) points it at its own tracker
+(install_in_process), and where it was spawned rather than forked - the script imported
+afresh, nothing wrapped - patches the function there first.
 """
 from __future__ import annotations
 
@@ -46,13 +51,12 @@ def install(spec: str | None, code: CodeType, source: bytes, script: str,
     if spec is None or spec in KEYWORDS:
         return code
     module_name, colon, qualname = spec.partition(":")
+    patches.set(sys.modules[__name__], "script_step_end", end_step)
     if colon and module_name != os.path.splitext(os.path.basename(script))[0]:
-        _patch_importable(spec, end_step, patches)
+        _patch_importable(spec, patches)
         return code
     spec = qualname if colon else spec     # SCRIPT:NAME is a function of the script
-    code = _wrap_script_function(spec, source, script)
-    patches.set(sys.modules[__name__], "script_step_end", end_step)
-    return code
+    return _wrap_script_function(spec, source, script)
 
 
 def script_step_end() -> None:
@@ -60,7 +64,56 @@ def script_step_end() -> None:
     `memprof run` runs the script (install() sets it), nothing otherwise."""
 
 
-def _patch_importable(spec: str, end_step, patches: PatchRegistry) -> None:
+_NO_STEP_END = script_step_end
+
+
+def _end_step() -> None:
+    sys.modules[__name__].script_step_end()
+
+
+def install_in_process(spec: str | None, script: str, end_step) -> bool:
+    """In a process the script started (cli/spawned), before its work runs: make `spec` end
+    this process's steps (`end_step`); whether it does (a function nested in another cannot
+    be reached in a spawned process: its steps are then found as without --step-on). A
+    forked process has the parent's wrapping already, pointed at the parent's tracker: it is
+    pointed here. Nothing is restored: the process ends with it."""
+    if spec is None or spec in KEYWORDS:
+        return False
+    this = sys.modules[__name__]
+    forked = this.script_step_end is not _NO_STEP_END
+    this.script_step_end = end_step
+    if forked:
+        return True
+    module_name, colon, qualname = spec.partition(":")
+    patches = PatchRegistry()   # (kept: the process ends with it)
+    main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+    try:
+        if colon and module_name != os.path.splitext(os.path.basename(script))[0]:
+            original, patched = _patch_importable(spec, patches)
+        else:
+            original, patched = _patch(main, qualname if colon else spec, spec, patches)
+    except UsageError:   # nested in a function, or defined only under `if __name__ == ...`
+        return False
+    _rebind(main, original, patched)
+    return True
+
+
+def _rebind(main, original, patched) -> None:
+    """The script imported the function before it was patched (`from mylib.loop import
+    train_step`, or its own): its names for it now name the patched one, in the module and
+    in the namespace its functions read (multiprocessing ran the script in a namespace of its
+    own and copied that into the module)."""
+    spaces = [vars(main)]
+    spaces += [f.__globals__ for f in list(vars(main).values())
+               if inspect.isfunction(f) and f.__globals__ is not vars(main)
+               and f.__globals__.get("__name__") == main.__name__][:1]
+    for space in spaces:
+        for key, value in list(space.items()):
+            if value is original:
+                space[key] = patched
+
+
+def _patch_importable(spec: str, patches: PatchRegistry) -> tuple[object, object]:
     module_name, _, qualname = spec.partition(":")
     if not module_name or not qualname:
         raise UsageError(f"--step-on {spec!r}: expected MODULE:NAME, e.g. mylib.loop:train_step")
@@ -69,6 +122,13 @@ def _patch_importable(spec: str, end_step, patches: PatchRegistry) -> None:
     except Exception as err:  # noqa: BLE001  (any failure of the user's import is bad input)
         raise UsageError(f"--step-on {spec!r}: cannot import {module_name!r}: "
                          f"{type(err).__name__}: {err}") from None
+    return _patch(owner, qualname, spec, patches)
+
+
+def _patch(owner, qualname: str, spec: str, patches: PatchRegistry) -> tuple[object, object]:
+    """The function `qualname` of module `owner` (or a method of a class of it), ending a step
+    each time it returns; (the function, its wrapper)."""
+    module_name = getattr(owner, "__name__", "?")
     *path, name = qualname.split(".")
     for part in path:
         owner = getattr(owner, part, None)
@@ -85,8 +145,9 @@ def _patch_importable(spec: str, end_step, patches: PatchRegistry) -> None:
         try:
             return func(*args, **kwargs)
         finally:
-            end_step()
+            _end_step()
     patches.set(owner, name, type(raw)(ends_step) if func is not raw else ends_step)
+    return func, ends_step
 
 
 def _refuse_generator(spec: str, generator: bool) -> None:
