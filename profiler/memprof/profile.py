@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from . import _C, profile_file
+from .allocation_lookup import NO_MODULES, AllocationIndex, forward_modules, \
+    last_per_allocation, snapshot_hits, snapshot_modules
 from .finding import Finding
 from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
                             CATEGORIES, DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_OUT_OF_MEMORY,
@@ -164,44 +166,32 @@ class Profile:
 
     # ------------------------------------------------------------------ module / op attribution
     @cached_property
-    def _seq_module(self) -> dict[int, tuple[int, int]]:
-        """Autograd sequence number -> (forward op, module) of the op that created the node."""
-        out: dict[int, tuple[int, int]] = {}
-        for rec in self.seq_records:
-            s = int(rec["seq"])
-            if s not in out:
-                out[s] = (int(rec["op"]), int(rec["module"]))
-        return out
-
-    @cached_property
     def event_module(self) -> np.ndarray:
         """Module id per memory event; backward events get the module that ran the forward op
         whose autograd node is executing."""
         mem = self.memory
         module = self._columns[4]   # a copy made for this, rewritten in place
-        lookup = self._seq_module
-        if lookup:
-            bwd = np.flatnonzero((self._phases == PHASE_BACKWARD) & (mem["seq"] >= 0)
-                                 & (module < 0))
-            if bwd.size:
-                seqs = mem["seq"][bwd]
-                uniq, inv = np.unique(seqs, return_inverse=True)
-                mapped = np.array([lookup.get(int(s), (-1, -1))[1] for s in uniq], dtype=np.int32)
-                module[bwd] = mapped[inv]
+        bwd = np.flatnonzero((self._phases == PHASE_BACKWARD) & (mem["seq"] >= 0) & (module < 0))
+        if bwd.size:
+            uniq, inv = np.unique(mem["seq"][bwd], return_inverse=True)
+            module[bwd] = forward_modules(self.seq_records, uniq)[inv]
         # Gradients and optimizer state belong to their parameter's module.
-        for snap, hits in self._snapshot_hits:
-            if snap.modules is not None:
-                for i, k in hits:
-                    module[i] = snap.modules[k]
+        _, allocs, storage = self._snapshot_hits
+        owners = snapshot_modules(self.snapshots)[storage]
+        named = np.flatnonzero(owners != NO_MODULES)
+        last = named[last_per_allocation(allocs[named])]
+        module[allocs[last]] = owners[last]
         return self._frees_take_their_alloc(module)
 
     @cached_property
-    def _snapshot_hits(self) -> list:
-        """[(snapshot, [(allocation event, storage index in the snapshot)])], found once for
-        both the categories and the modules."""
-        return [(snap, list(self._allocs_alive_at(snap.ptrs,
-                                                  self._memory_position(snap.marker))))
-                for snap in self.snapshots]
+    def _snapshot_hits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(snapshot, allocation event, storage) per storage a snapshot names alive at its
+        marker, in snapshot order (allocation_lookup.snapshot_hits); found once for the
+        categories and the modules."""
+        markers = np.array([s.marker for s in self.snapshots], dtype=np.int64)
+        positions = markers - np.searchsorted(self._side_index, markers, side="left")
+        return snapshot_hits(AllocationIndex(self.memory["ptr"], self._sizes, self.free_of),
+                             self.snapshots, positions)
 
     def _frees_take_their_alloc(self, values: np.ndarray, unknown=None) -> np.ndarray:
         """Each free gets its allocation's value; a free of a block from before tracking gets
@@ -244,43 +234,13 @@ class Profile:
             self.memory["op"], c10d, activations=CAT_ACTIVATIONS, temporaries=CAT_TEMPORARIES,
             other=CAT_OTHER, communication=CAT_COMMUNICATION)
         # Snapshots name parameters, gradients and optimizer state by storage (and the
-        # buffers handed to collectives: record.distributed).
-        for snap, hits in self._snapshot_hits:
-            for i, _ in hits:
-                cat[i] = snap.category
+        # buffers handed to collectives: record.distributed); a later one over an earlier.
+        snap, allocs, _ = self._snapshot_hits
+        last = last_per_allocation(allocs)
+        categories = np.array([s.category for s in self.snapshots] or [0], dtype=np.int8)
+        cat[allocs[last]] = categories[snap[last]]
         # Blocks that existed before tracking and were not identified stay "other".
         return self._frees_take_their_alloc(cat, CAT_OTHER)
-
-    @cached_property
-    def _alloc_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Allocations sorted by (address, position), as one int64 key per allocation:
-        rank of the address among all addresses * 2**32 + position."""
-        mem = self.memory
-        allocs = np.flatnonzero(self._sizes > 0)
-        uniq, rank = np.unique(mem["ptr"][allocs], return_inverse=True)
-        keys = rank.astype(np.int64) * (1 << 32) + allocs
-        order = np.argsort(keys, kind="stable")
-        return uniq, keys[order], allocs[order]
-
-    def _allocs_alive_at(self, ptrs: list[int], pos: int) -> list[tuple[int, int]]:
-        """(allocation index, query index) for each address with an allocation alive at
-        memory position pos (allocated before it, not freed before it)."""
-        if not ptrs:
-            return []
-        uniq, keys, allocs = self._alloc_keys
-        q = np.asarray(ptrs, dtype=np.uint64)
-        r = np.searchsorted(uniq, q)
-        known = (r < uniq.size) & (uniq[np.minimum(r, max(uniq.size - 1, 0))] == q) \
-            if uniq.size else np.zeros(q.size, dtype=bool)
-        qk = r.astype(np.int64) * (1 << 32) + pos
-        at = np.searchsorted(keys, qk, side="left") - 1
-        ok = known & (at >= 0)
-        at = np.maximum(at, 0)
-        ok &= (keys[at] >> 32) == r if keys.size else False
-        cand = allocs[at]
-        free = self.free_of[cand] if keys.size else cand
-        ok &= (free < 0) | (free >= pos)
-        return [(int(cand[k]), int(k)) for k in np.flatnonzero(ok)]
 
     # ------------------------------------------------------------------ peak and alive sets
     @cached_property
@@ -529,7 +489,7 @@ class Profile:
             e, i = side[j], int(self._side_index[j])
             module = int(e["module"])
             if module < 0 and e["phase"] == PHASE_BACKWARD and e["seq"] >= 0:
-                module = self._seq_module.get(int(e["seq"]), (-1, -1))[1]
+                module = int(forward_modules(self.seq_records, np.array([e["seq"]]))[0])
             out.append({
                 "requested": int(e["size"]), "total_allocated": int(e["total_allocated"]),
                 "total_reserved": int(e["total_reserved"]),

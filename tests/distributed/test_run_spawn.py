@@ -331,3 +331,48 @@ def test_step_on_a_function_ends_the_steps_of_the_processes_too(tmp_path, method
         prof = memprof.load(str(tmp_path / f"job.rank{index}.memprof"))
         assert len(prof.steps) == steps, (method, index, len(prof.steps))
         assert prof.meta["steps_marked"] == steps
+
+
+
+def _gan_step_definition() -> str:
+    return STEP_ON_SCRIPT[STEP_ON_SCRIPT.index("def gan_step"):STEP_ON_SCRIPT.index("def train")]
+
+
+ELSEWHERE = {
+    # the step function bound by another module the script imports, not by the script
+    "helper": ("steps_lib:gan_step", {
+        "steps_lib.py": "import torch\n\n" + "{gan_step}",
+        "helper.py": "import torch\nfrom steps_lib import gan_step\n\n\n" + "{train}",
+    }, "from helper import train\n"),
+    # a method named by its last part, the script also holding another function of that name
+    "method": ("gan_step", {
+        "other.py": "def gan_step(*args):\n    raise AssertionError('not this one')\n",
+    }, "from other import gan_step\n\n\nclass GAN:\n{method}\n\n{train_method}"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(ELSEWHERE))
+def test_step_on_in_a_spawned_process_reaches_every_name_of_the_function(tmp_path, case):
+    """Spawned, the processes imported the script and its modules before memprof could wrap
+    the function: a name another module bound (`from steps_lib import gan_step` in helper.py)
+    kept the original, and a bare name was looked up as the script's global (here another
+    function) instead of the method the parent resolved - their steps were 0 or two per call."""
+    spec, files, head = ELSEWHERE[case]
+    gan_step = _gan_step_definition()
+    train = STEP_ON_SCRIPT[STEP_ON_SCRIPT.index("def train"):STEP_ON_SCRIPT.index("if __name__")]
+    method = textwrap.indent(gan_step.replace("(g, d,", "(self, g, d,"), "    ")
+    train_method = train.replace("gan_step(g, d,", "GAN().gan_step(g, d,")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text.format(gan_step=gan_step, train=train))
+    main = STEP_ON_SCRIPT[STEP_ON_SCRIPT.index("if __name__"):]
+    imports = "import sys\nimport multiprocessing as mp\nimport torch\n"
+    (tmp_path / "train.py").write_text(
+        imports + head.format(method=method, train_method=train_method) + "\n\n" + main)
+    proc = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--step-on", spec,
+                           "-o", "job.memprof", "train.py", "spawn"],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for index, steps in ((0, 3), (1, 4)):
+        prof = memprof.load(str(tmp_path / f"job.rank{index}.memprof"))
+        assert (len(prof.steps), prof.meta["steps_marked"]) == (steps, steps), (case, index)

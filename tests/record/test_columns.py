@@ -38,6 +38,32 @@ def ref_columns(prof):
     return free_of, alloc_of, sizes, phases, effective, np.cumsum(effective, dtype=np.int64)
 
 
+def ref_snapshot_hits(prof):
+    """[(snapshot, [(allocation event, storage index)])]: per snapshot storage, the latest
+    allocation of its address before the snapshot's marker not freed before it - one query at
+    a time (what allocation_lookup does for all of them at once)."""
+    mem = prof.memory
+    free_of = ref_columns(prof)[0]
+    out = []
+    for snap in prof.snapshots:
+        pos = prof._memory_position(snap.marker)
+        hits = []
+        for k, ptr in enumerate(snap.ptrs):
+            allocs = np.flatnonzero((mem["ptr"][:pos] == ptr) & (mem["size"][:pos] > 0))
+            if allocs.size and (free_of[allocs[-1]] < 0 or free_of[allocs[-1]] >= pos):
+                hits.append((int(allocs[-1]), k))
+        out.append((snap, hits))
+    return out
+
+
+def ref_seq_module(prof) -> dict:
+    """Autograd sequence number -> module of the first forward op recorded with it."""
+    out = {}
+    for rec in prof.seq_records:
+        out.setdefault(int(rec["seq"]), int(rec["module"]))
+    return out
+
+
 def ref_category(prof, drop=()):
     mem = prof.memory
     n = mem.size
@@ -71,7 +97,7 @@ def ref_category(prof, drop=()):
     if c10d and "c10d" not in drop:
         cat[is_alloc & np.isin(mem["op"], c10d)] = CAT_COMMUNICATION
     if "snapshots" not in drop:
-        for snap, hits in prof._snapshot_hits:
+        for snap, hits in ref_snapshot_hits(prof):
             for i, _ in hits:
                 cat[i] = snap.category
     if "frees" in drop:
@@ -82,16 +108,16 @@ def ref_category(prof, drop=()):
 def ref_event_module(prof, drop=()):
     mem = prof.memory
     module = mem["module"].copy()
-    lookup = prof._seq_module
+    lookup = ref_seq_module(prof)
     if lookup and "backward_seq" not in drop:
         bwd = np.flatnonzero((mem["phase"] == PHASE_BACKWARD) & (mem["seq"] >= 0)
                              & (module < 0))
         if bwd.size:
             uniq, inv = np.unique(mem["seq"][bwd], return_inverse=True)
-            mapped = np.array([lookup.get(int(s), (-1, -1))[1] for s in uniq], dtype=np.int32)
+            mapped = np.array([lookup.get(int(s), -1) for s in uniq], dtype=np.int32)
             module[bwd] = mapped[inv]
     if "snapshots" not in drop:
-        for snap, hits in prof._snapshot_hits:
+        for snap, hits in ref_snapshot_hits(prof):
             if snap.modules is not None:
                 for i, k in hits:
                     module[i] = snap.modules[k]

@@ -99,6 +99,7 @@ class SpawnWatch:
             if watch._process_call is None:
                 watch._process_call = watch._new_call(0)
             output, index = watch._process_call
+            watch._process_call[1] += 1   # (before the start: another thread's gets the next)
             job = {**watch.job, "output": output, "index": index}
             before = process._popen   # a new one once started (a second start raises)
             # the whole run() of a class's own (a target it calls included, recorded once):
@@ -113,9 +114,11 @@ class SpawnWatch:
             finally:
                 if own_run:
                     del process.run
-                else:
-                    process._target = target
-                watch._process_call[1] = index + (process._popen is not before)
+                if process._popen is before:   # refused (started twice, a daemon's child)
+                    if not own_run:
+                        process._target = target
+                    if watch._process_call[1] == index + 1:
+                        watch._process_call[1] = index
         return start
 
     def note(self) -> str | None:

@@ -14,7 +14,7 @@ frames and tracebacks; the file on disk is not touched.
 Either way the step ends through this module's `script_step_end`, which install() points at
 the run's tracker: a process the script starts (cli/spawned) points it at its own tracker
 (install_in_process), and where it was spawned rather than forked - the script imported
-afresh, nothing wrapped - patches the function there first.
+afresh, nothing wrapped - first swaps the function's code for the wrapped code.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def install(spec: str | None, code: CodeType, source: bytes, script: str,
         _patch_importable(spec, patches)
         return code
     spec = qualname if colon else spec     # SCRIPT:NAME is a function of the script
-    return _wrap_script_function(spec, source, script)
+    return _wrap_script_function(spec, source, script)[0]
 
 
 def script_step_end() -> None:
@@ -73,10 +73,14 @@ def _end_step() -> None:
 
 def install_in_process(spec: str | None, script: str, end_step) -> bool:
     """In a process the script started (cli/spawned), before its work runs: make `spec` end
-    this process's steps (`end_step`); whether it does (a function nested in another cannot
-    be reached in a spawned process: its steps are then found as without --step-on). A
-    forked process has the parent's wrapping already, pointed at the parent's tracker: it is
-    pointed here. Nothing is restored: the process ends with it."""
+    this process's steps (`end_step`); whether it does. A forked process has the parent's
+    wrapping already, pointed at the parent's tracker: it is pointed here. A spawned one
+    imported the script and its modules afresh, and every name for the function (the
+    script's, another module's `from ... import`, a Process's bound run()) was bound before
+    this ran: the function's own code is swapped for the wrapped one, compiled from its
+    source as the parent compiles it. A function nested in another is out of reach there
+    (False: its steps are found as without --step-on). Nothing is restored: the process
+    ends with it."""
     if spec is None or spec in KEYWORDS:
         return False
     this = sys.modules[__name__]
@@ -85,35 +89,55 @@ def install_in_process(spec: str | None, script: str, end_step) -> bool:
     if forked:
         return True
     module_name, colon, qualname = spec.partition(":")
-    patches = PatchRegistry()   # (kept: the process ends with it)
-    main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
     try:
         if colon and module_name != os.path.splitext(os.path.basename(script))[0]:
-            original, patched = _patch_importable(spec, patches)
+            root = importlib.import_module(module_name)
+            filename = inspect.getsourcefile(root)
         else:
-            original, patched = _patch(main, qualname if colon else spec, spec, patches)
-    except UsageError:   # nested in a function, or defined only under `if __name__ == ...`
+            root = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+            filename, qualname = script, qualname if colon else spec
+        with open(filename, "rb") as f:
+            source = f.read()
+        code, qualname = _wrap_script_function(qualname, source, filename)
+    except (UsageError, ImportError, OSError, TypeError):
         return False
-    _rebind(main, original, patched)
+    func = _function_at(root, qualname)
+    wrapped = _code_of(code, func) if func is not None else None
+    if wrapped is None:
+        return False
+    func.__code__ = wrapped
     return True
 
 
-def _rebind(main, original, patched) -> None:
-    """The script imported the function before it was patched (`from mylib.loop import
-    train_step`, or its own): its names for it now name the patched one, in the module and
-    in the namespace its functions read (multiprocessing ran the script in a namespace of its
-    own and copied that into the module)."""
-    spaces = [vars(main)]
-    spaces += [f.__globals__ for f in list(vars(main).values())
-               if inspect.isfunction(f) and f.__globals__ is not vars(main)
-               and f.__globals__.get("__name__") == main.__name__][:1]
-    for space in spaces:
-        for key, value in list(space.items()):
-            if value is original:
-                space[key] = patched
+def _function_at(root, qualname: str):
+    """The function `qualname` of a module (a method of a class of it: static, class or
+    plain), or None."""
+    owner = root
+    *path, name = qualname.split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+    raw = inspect.getattr_static(owner, name, None) if owner is not None else None
+    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    func = inspect.unwrap(func) if callable(func) else func   # under its decorators
+    return func if inspect.isfunction(func) else None
 
 
-def _patch_importable(spec: str, patches: PatchRegistry) -> tuple[object, object]:
+def _code_of(module_code: CodeType, func) -> CodeType | None:
+    """The code object compiled for `func` (same name, first line and free variables) among
+    those of a module's code."""
+    want = func.__code__
+    todo = [module_code]
+    while todo:
+        for const in todo.pop().co_consts:
+            if isinstance(const, CodeType):
+                if (const.co_name, const.co_firstlineno, const.co_freevars) == \
+                        (want.co_name, want.co_firstlineno, want.co_freevars):
+                    return const
+                todo.append(const)
+    return None
+
+
+def _patch_importable(spec: str, patches: PatchRegistry) -> None:
     module_name, _, qualname = spec.partition(":")
     if not module_name or not qualname:
         raise UsageError(f"--step-on {spec!r}: expected MODULE:NAME, e.g. mylib.loop:train_step")
@@ -122,12 +146,12 @@ def _patch_importable(spec: str, patches: PatchRegistry) -> tuple[object, object
     except Exception as err:  # noqa: BLE001  (any failure of the user's import is bad input)
         raise UsageError(f"--step-on {spec!r}: cannot import {module_name!r}: "
                          f"{type(err).__name__}: {err}") from None
-    return _patch(owner, qualname, spec, patches)
+    _patch(owner, qualname, spec, patches)
 
 
-def _patch(owner, qualname: str, spec: str, patches: PatchRegistry) -> tuple[object, object]:
+def _patch(owner, qualname: str, spec: str, patches: PatchRegistry) -> None:
     """The function `qualname` of module `owner` (or a method of a class of it), ending a step
-    each time it returns; (the function, its wrapper)."""
+    each time it returns."""
     module_name = getattr(owner, "__name__", "?")
     *path, name = qualname.split(".")
     for part in path:
@@ -147,7 +171,6 @@ def _patch(owner, qualname: str, spec: str, patches: PatchRegistry) -> tuple[obj
         finally:
             _end_step()
     patches.set(owner, name, type(raw)(ends_step) if func is not raw else ends_step)
-    return func, ends_step
 
 
 def _refuse_generator(spec: str, generator: bool) -> None:
@@ -173,7 +196,9 @@ class _Functions(ast.NodeVisitor):
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _visit_scope
 
 
-def _wrap_script_function(spec: str, source: bytes, script: str) -> CodeType:
+def _wrap_script_function(spec: str, source: bytes, script: str) -> tuple[CodeType, str]:
+    """The module's code with the function `spec` (a qualified name, or its last parts)
+    wrapped; and its qualified name."""
     tree = ast.parse(source, script)
     finder = _Functions()
     finder.visit(tree)
@@ -197,7 +222,7 @@ def _wrap_script_function(spec: str, source: bytes, script: str) -> CodeType:
                       finalbody=[hook])
     node.body = doc + [ast.copy_location(wrapped, body[-1] if doc and len(body) == 1
                                          else body[len(doc)])]
-    return compile(ast.fix_missing_locations(tree), script, "exec")
+    return compile(ast.fix_missing_locations(tree), script, "exec"), matches[0]
 
 
 def _own_nodes(func):
