@@ -1,71 +1,35 @@
 """Allocations found by address and position, and forward modules by autograd sequence number,
 as whole-array lookups: what the category snapshots name, and whose module a backward event
 is. Leaving a long run's block did these one snapshot and one sequence number at a time in
-Python (a run of 300 parameters: one snapshot per step, a searchsorted each, and a dict built
-record by record), about a fifth of its time.
+Python (a run of 300 parameters: one snapshot per step, a sort and searchsorted each, and a
+dict built record by record), about a third of its time.
 """
 from __future__ import annotations
 
 import numpy as np
 
-
-class AllocationIndex:
-    """The allocations of a memory stream sorted by (address, position): which one holds an
-    address at a position."""
-
-    def __init__(self, ptr: np.ndarray, sizes: np.ndarray, free_of: np.ndarray):
-        allocs = np.flatnonzero(sizes > 0)
-        ptrs = ptr[allocs]
-        order = np.argsort(ptrs, kind="stable")   # by address, then position (allocs ascend)
-        ptrs = ptrs[order]
-        first = np.ones(ptrs.size, dtype=bool)
-        first[1:] = ptrs[1:] != ptrs[:-1]
-        self.addresses = ptrs[first]              # each address once, ascending
-        rank = np.cumsum(first) - 1
-        # one sortable int64 per allocation: rank of its address * 2**32 + its position
-        self.keys = rank.astype(np.int64) * (1 << 32) + allocs[order]
-        self.allocs = allocs[order]
-        self.free_of = free_of
-
-    def alive_at(self, ptrs: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(query indices, allocation events): for each query address with an allocation
-        alive at its memory position (allocated before it, not freed before it), that
-        allocation."""
-        q = np.asarray(ptrs, dtype=np.uint64)
-        none = np.zeros(0, dtype=np.int64)
-        if q.size == 0 or self.keys.size == 0:
-            return none, none
-        r = np.searchsorted(self.addresses, q)
-        known = (r < self.addresses.size) & \
-            (self.addresses[np.minimum(r, self.addresses.size - 1)] == q)
-        at = np.searchsorted(self.keys, r.astype(np.int64) * (1 << 32) + positions) - 1
-        ok = known & (at >= 0)
-        at = np.maximum(at, 0)
-        ok &= (self.keys[at] >> 32) == r
-        cand = self.allocs[at]
-        free = self.free_of[cand]
-        ok &= (free < 0) | (free >= positions)
-        hit = np.flatnonzero(ok)
-        return hit, cand[hit]
+from . import _C
 
 
 #: in snapshot_modules: a storage of a snapshot that names no modules (-1 is "no module")
 NO_MODULES = np.iinfo(np.int32).min
 
 
-def snapshot_hits(index: AllocationIndex, snapshots: list,
+def snapshot_hits(memory: np.ndarray, snapshots: list,
                   positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(snapshot, allocation event, storage) for each storage of each snapshot alive at its
-    marker's memory position (`positions[i]`: the i-th snapshot's), in snapshot order (a
-    later snapshot's naming comes after an earlier one's); storages are numbered over all
-    the snapshots' addresses in order, as snapshot_modules numbers them."""
+    """(snapshot, allocation event, storage) for each storage of each snapshot with an
+    allocation alive at its marker's memory position in the stream `memory` (made before it,
+    not freed before it; `positions[i]`: the i-th snapshot's), in snapshot order (a later
+    snapshot's naming comes after an earlier one's); storages are numbered over all the
+    snapshots' addresses in order, as snapshot_modules numbers them."""
     counts = np.array([len(s.ptrs) for s in snapshots], dtype=np.int64)
     if counts.sum() == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
     ptrs = np.concatenate([np.asarray(s.ptrs, dtype=np.uint64) for s in snapshots if len(s.ptrs)])
     owner = np.repeat(np.arange(len(snapshots)), counts)
-    query, allocs = index.alive_at(ptrs, np.asarray(positions, dtype=np.int64)[owner])
+    query, allocs = _C.allocations_alive_at(memory["ptr"], memory["size"], ptrs,
+                                            np.asarray(positions, dtype=np.int64)[owner])
     return owner[query], allocs, query
 
 

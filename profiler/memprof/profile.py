@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from . import _C, profile_file
-from .allocation_lookup import NO_MODULES, AllocationIndex, forward_modules, \
-    last_per_allocation, snapshot_hits, snapshot_modules
+from .allocation_lookup import NO_MODULES, forward_modules, last_per_allocation, \
+    snapshot_hits, snapshot_modules
 from .finding import Finding
 from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
                             CATEGORIES, DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_OUT_OF_MEMORY,
@@ -190,8 +190,7 @@ class Profile:
         categories and the modules."""
         markers = np.array([s.marker for s in self.snapshots], dtype=np.int64)
         positions = markers - np.searchsorted(self._side_index, markers, side="left")
-        return snapshot_hits(AllocationIndex(self.memory["ptr"], self._sizes, self.free_of),
-                             self.snapshots, positions)
+        return snapshot_hits(self.memory, self.snapshots, positions)
 
     def _frees_take_their_alloc(self, values: np.ndarray, unknown=None) -> np.ndarray:
         """Each free gets its allocation's value; a free of a block from before tracking gets

@@ -56,6 +56,34 @@ def test_native_pairing_equals_the_sort_definition_on_random_streams():
         assert free_of.dtype == np.int32
 
 
+def alive_by_definition(ptr, size, query_ptr, query_pos):
+    """(query, allocation) per query: the latest allocation of its address before its position
+    whose free (by the sort definition) is not before it."""
+    free_of, _ = pairs_by_sort(ptr, size)
+    out = []
+    for k, (q, pos) in enumerate(zip(query_ptr, query_pos)):
+        pos = min(max(int(pos), 0), ptr.size)
+        allocs = np.flatnonzero((ptr[:pos] == q) & (size[:pos] > 0))
+        if allocs.size and (free_of[allocs[-1]] < 0 or free_of[allocs[-1]] >= pos):
+            out.append((k, int(allocs[-1])))
+    return out
+
+
+def test_allocations_alive_at_equal_the_definition_on_random_streams():
+    """The category snapshots' lookup (allocation_lookup.snapshot_hits): one replay of the
+    stream for all the queries, in any order of positions, unknown addresses and address 0
+    included, positions past either end clamped."""
+    rng = np.random.default_rng(1)
+    for n, addresses, queries in ((0, 1, 3), (1, 1, 4), (500, 3, 200), (5000, 40, 2000)):
+        ptr, size = random_stream(rng, n, addresses)
+        query_ptr = (rng.integers(0, addresses + 2, queries) * 64).astype(np.uint64)
+        query_pos = rng.integers(-2, n + 3, queries).astype(np.int64)
+        got_query, got_alloc = _C.allocations_alive_at(ptr, size, query_ptr, query_pos)
+        assert list(zip(got_query.tolist(), got_alloc.tolist())) == \
+            alive_by_definition(ptr, size, query_ptr, query_pos), n
+        assert list(got_query) == sorted(got_query)   # in query order
+
+
 def test_pairing_of_a_real_run_reads_the_event_columns_in_place():
     with memprof.track() as prof:
         keep = [torch.empty(1000 + i) for i in range(50)]
