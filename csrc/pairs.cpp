@@ -172,9 +172,10 @@ py::tuple pair(Column ptr, Column size, Column phase, Column module, ssize_t n) 
   return py::make_tuple(free_of, alloc_of, sizes, phases, modules, effective_size, live);
 }
 
-Column checked_column(const py::array& col, ssize_t itemsize, const char* what) {
+Column checked_column(const py::array& col, ssize_t itemsize, const char* what,
+                      const char* caller = "pair_allocations") {
   if (col.ndim() != 1 || col.itemsize() != itemsize || col.strides(0) % itemsize != 0) {
-    throw py::value_error(std::string("pair_allocations: expected a 1-D ") +
+    throw py::value_error(std::string(caller) + ": expected a 1-D " +
                           std::to_string(itemsize) + "-byte " + what + " column");
   }
   return Column{static_cast<const uint8_t*>(col.data()), col.strides(0)};
@@ -198,11 +199,11 @@ py::tuple pair_allocations(py::array ptr, py::array size, py::array phase, py::a
 // For queries (address, position): the allocation alive at that address just before the event
 // at that position - allocated before it, not freed before it - replaying the stream once with
 // the same table as the pairing (the category snapshots' storages, thousands per step of a long
-// run: a sort of every allocation by address did this in numpy, a fifth of leaving the block).
+// run: a sort of every allocation by address did this in numpy, about a third of leaving).
 py::tuple allocations_alive_at(py::array ptr, py::array size, py::array_t<uint64_t> query_ptr,
                                py::array_t<int64_t> query_pos) {
-  Column p = checked_column(ptr, 8, "ptr");
-  Column s = checked_column(size, 8, "size");
+  Column p = checked_column(ptr, 8, "ptr", "allocations_alive_at");
+  Column s = checked_column(size, 8, "size", "allocations_alive_at");
   const ssize_t n = ptr.shape(0), q = query_ptr.size();
   if (size.shape(0) != n || query_pos.size() != q) {
     throw py::value_error("allocations_alive_at: expected columns of one length");

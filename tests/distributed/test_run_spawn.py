@@ -344,6 +344,11 @@ ELSEWHERE = {
         "steps_lib.py": "import torch\n\n" + "{gan_step}",
         "helper.py": "import torch\nfrom steps_lib import gan_step\n\n\n" + "{train}",
     }, "from helper import train\n"),
+    # a package's re-export (`mylib/__init__.py`: from .loop import gan_step): no def there
+    "reexport": ("mylib:gan_step", {
+        "mylib/__init__.py": "from .loop import gan_step\n",
+        "mylib/loop.py": "import torch\n\n" + "{gan_step}",
+    }, "from mylib import gan_step\n\n\n{train}"),
     # a method named by its last part, the script also holding another function of that name
     "method": ("gan_step", {
         "other.py": "def gan_step(*args):\n    raise AssertionError('not this one')\n",
@@ -364,11 +369,13 @@ def test_step_on_in_a_spawned_process_reaches_every_name_of_the_function(tmp_pat
     method = textwrap.indent(gan_step.replace("(g, d,", "(self, g, d,"), "    ")
     train_method = train.replace("gan_step(g, d,", "GAN().gan_step(g, d,")
     for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text.format(gan_step=gan_step, train=train))
     main = STEP_ON_SCRIPT[STEP_ON_SCRIPT.index("if __name__"):]
     imports = "import sys\nimport multiprocessing as mp\nimport torch\n"
     (tmp_path / "train.py").write_text(
-        imports + head.format(method=method, train_method=train_method) + "\n\n" + main)
+        imports + head.format(method=method, train_method=train_method, train=train) + "\n\n"
+        + main)
     proc = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--step-on", spec,
                            "-o", "job.memprof", "train.py", "spawn"],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path)

@@ -18,6 +18,7 @@ import multiprocessing.process
 import os
 import signal
 import sys
+import threading
 
 from ..record.distributed import rank_path
 from ..record.holders import is_user_code
@@ -42,6 +43,7 @@ class SpawnWatch:
         # multiprocessing.Process starts (_process_call, made at the first)
         self.calls: list[list] = []
         self._process_call: list | None = None
+        self._counting = threading.Lock()   # two threads starting processes get two ranks
 
     @property
     def started(self) -> int:
@@ -96,10 +98,11 @@ class SpawnWatch:
                 is_user_code(getattr(target, "__module__", None))
             if not (own_run or user_target):
                 return original(process)
-            if watch._process_call is None:
-                watch._process_call = watch._new_call(0)
-            output, index = watch._process_call
-            watch._process_call[1] += 1   # (before the start: another thread's gets the next)
+            with watch._counting:
+                if watch._process_call is None:
+                    watch._process_call = watch._new_call(0)
+                output, index = watch._process_call
+                watch._process_call[1] += 1   # (before the start: another's gets the next)
             job = {**watch.job, "output": output, "index": index}
             before = process._popen   # a new one once started (a second start raises)
             # the whole run() of a class's own (a target it calls included, recorded once):
@@ -117,8 +120,9 @@ class SpawnWatch:
                 if process._popen is before:   # refused (started twice, a daemon's child)
                     if not own_run:
                         process._target = target
-                    if watch._process_call[1] == index + 1:
-                        watch._process_call[1] = index
+                    with watch._counting:
+                        if watch._process_call[1] == index + 1:
+                            watch._process_call[1] = index
         return start
 
     def note(self) -> str | None:

@@ -89,19 +89,31 @@ def install_in_process(spec: str | None, script: str, end_step) -> bool:
     if forked:
         return True
     module_name, colon, qualname = spec.partition(":")
-    try:
+    try:   # (any failure - a file edited since, the user's import raising - loses the steps)
         if colon and module_name != os.path.splitext(os.path.basename(script))[0]:
-            root = importlib.import_module(module_name)
-            filename = inspect.getsourcefile(root)
-        else:
-            root = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
-            filename, qualname = script, qualname if colon else spec
-        with open(filename, "rb") as f:
-            source = f.read()
-        code, qualname = _wrap_script_function(qualname, source, filename)
-    except (UsageError, ImportError, OSError, TypeError):
+            owner = importlib.import_module(module_name)
+            func = _function_at(owner, qualname)
+            if func is None:
+                return False
+            if "<" not in func.__qualname__ and _swap_code(func, func.__qualname__,
+                                                           func.__code__.co_filename):
+                return True
+            # (a lambda, or where the source says otherwise): the module's name for it only
+            _patch(owner, qualname, spec, PatchRegistry())
+            return True
+        main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+        return _swap_code(None, qualname if colon else spec, script, root=main)
+    except Exception:  # noqa: BLE001
         return False
-    func = _function_at(root, qualname)
+
+
+def _swap_code(func, qualname: str, filename: str, root=None) -> bool:
+    """Give `func` (or the function `qualname` of module `root`, resolved as the parent
+    resolves it) the wrapped code compiled from `filename`; whether it could."""
+    with open(filename, "rb") as f:
+        source = f.read()
+    code, qualname = _wrap_script_function(qualname, source, filename)
+    func = _function_at(root, qualname) if func is None else func
     wrapped = _code_of(code, func) if func is not None else None
     if wrapped is None:
         return False
@@ -164,12 +176,20 @@ def _patch(owner, qualname: str, spec: str, patches: PatchRegistry) -> None:
     _refuse_generator(spec, inspect.isgeneratorfunction(func)
                       or inspect.isasyncgenfunction(func))
 
-    @functools.wraps(func)
-    def ends_step(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        finally:
-            _end_step()
+    if inspect.iscoroutinefunction(func):   # the step ends when the coroutine does
+        @functools.wraps(func)
+        async def ends_step(*args, **kwargs):
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                _end_step()
+    else:
+        @functools.wraps(func)
+        def ends_step(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            finally:
+                _end_step()
     patches.set(owner, name, type(raw)(ends_step) if func is not raw else ends_step)
 
 
