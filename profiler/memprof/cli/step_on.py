@@ -95,11 +95,13 @@ def install_in_process(spec: str | None, script: str, end_step) -> bool:
             func = _function_at(owner, qualname)
             if func is None:
                 return False
-            if "<" not in func.__qualname__ and _swap_code(func, func.__qualname__,
-                                                           func.__code__.co_filename):
-                return True
-            # (a lambda, or where the source says otherwise): the module's name for it only
-            _patch(owner, qualname, spec, PatchRegistry())
+            try:
+                swapped = "<" not in func.__qualname__ and \
+                    _swap_code(func, func.__qualname__, func.__code__.co_filename)
+            except Exception:  # noqa: BLE001  (its file edited since, or no source)
+                swapped = False
+            if not swapped:   # (a lambda, say): the module's name for it, at least
+                _patch(owner, qualname, spec, PatchRegistry())
             return True
         main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
         return _swap_code(None, qualname if colon else spec, script, root=main)
