@@ -134,3 +134,45 @@ def test_a_generator_is_refused(tmp_path, capsys):
     script = SCRIPT + "\ndef batches():\n    yield 1\n"
     status, out, _ = run(tmp_path, capsys, "--step-on", "batches", script=script)
     assert status == 2 and "is a generator" in out.err
+
+
+ASYNC_SCRIPT = '''
+import asyncio, sys
+import torch
+sys.path.insert(0, sys.path[0])
+import async_steps
+
+async def main():
+    model = torch.nn.Linear(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):
+        pending = async_steps.train_step(model, opt)   # created: the step has not run yet
+        await asyncio.sleep(0)
+        await pending
+
+asyncio.run(main())
+'''
+
+ASYNC_STEPS = '''
+import asyncio
+import torch
+
+async def train_step(model, opt):
+    """Two micro-batches: the step ends when the coroutine does."""
+    for _ in range(2):
+        model(torch.randn(8, 16)).square().mean().backward()
+        await asyncio.sleep(0)
+    opt.step()
+    opt.zero_grad()
+'''
+
+
+def test_an_async_module_function_ends_its_step_when_the_coroutine_does(tmp_path, capsys):
+    """`--step-on MODULE:NAME` of an `async def`: the step ended when the coroutine was made
+    (before its work), so each step's markers fell before its own allocations."""
+    (tmp_path / "async_steps.py").write_text(ASYNC_STEPS)
+    status, _, prof = run(tmp_path, capsys, "--step-on", "async_steps:train_step",
+                          script=ASYNC_SCRIPT)
+    assert status == 0 and steps(prof) == 4
+    # every step holds its own two backward passes and optimizer step
+    assert throughput.summarize(prof)["per_step"]["micro_steps"] == [2] * 4
