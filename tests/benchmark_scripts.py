@@ -5,7 +5,9 @@ whole test session (transformers imports a package called `kernels` when it find
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
@@ -23,3 +25,16 @@ def load(name: str):
     sys.modules[name] = module          # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(name: str, out, *args: str) -> tuple[str, dict, str]:
+    """benchmarks/<name>.py run as a user runs it, with `--out out`: (its stdout, the JSON it
+    saved, the table it saved); a failure of the script fails the test with its stderr."""
+    r = subprocess.run([sys.executable, os.path.join(BENCHMARKS, f"{name}.py"), *args,
+                        "--out", str(out)], capture_output=True, text=True, cwd=BENCHMARKS,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    with open(f"{out}.json") as f:
+        payload = json.load(f)
+    with open(f"{out}.txt") as f:
+        return r.stdout, payload, f.read()

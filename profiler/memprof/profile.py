@@ -102,9 +102,10 @@ class Profile:
         other devices)."""
         return self.run.streams.side_index()
 
-    def _memory_position(self, event_index: int) -> int:
-        """Number of memory events strictly before the given index into `events`."""
-        return int(event_index - np.searchsorted(self._side_index, event_index, side="left"))
+    def _memory_position(self, event_index):
+        """Number of memory events strictly before the given index (or array of indices) into
+        `events`."""
+        return event_index - np.searchsorted(self._side_index, event_index, side="left")
 
     @cached_property
     def _columns(self) -> tuple[np.ndarray, ...]:
@@ -189,8 +190,7 @@ class Profile:
         marker, in snapshot order (allocation_lookup.snapshot_hits); found once for the
         categories and the modules."""
         markers = np.array([s.marker for s in self.snapshots], dtype=np.int64)
-        positions = markers - np.searchsorted(self._side_index, markers, side="left")
-        return snapshot_hits(self.memory, self.snapshots, positions)
+        return snapshot_hits(self.memory, self.snapshots, self._memory_position(markers))
 
     def _frees_take_their_alloc(self, values: np.ndarray, unknown=None) -> np.ndarray:
         """Each free gets its allocation's value; a free of a block from before tracking gets

@@ -50,12 +50,11 @@ def install(spec: str | None, code: CodeType, source: bytes, script: str,
     """Make `spec` (a function) call end_step() when it returns; returns the code to run."""
     if spec is None or spec in KEYWORDS:
         return code
-    module_name, colon, qualname = spec.partition(":")
     patches.set(sys.modules[__name__], "script_step_end", end_step)
-    if colon and module_name != os.path.splitext(os.path.basename(script))[0]:
+    if _importable(spec, script):
         _patch_importable(spec, patches)
         return code
-    spec = qualname if colon else spec     # SCRIPT:NAME is a function of the script
+    spec = spec.partition(":")[2] or spec     # SCRIPT:NAME is a function of the script
     return _wrap_script_function(spec, source, script)[0]
 
 
@@ -69,6 +68,12 @@ _NO_STEP_END = script_step_end
 
 def _end_step() -> None:
     sys.modules[__name__].script_step_end()
+
+
+def _importable(spec: str, script: str) -> bool:
+    """MODULE:NAME of a module other than the script (SCRIPT:NAME is the script's own)."""
+    module_name, colon, _ = spec.partition(":")
+    return bool(colon) and module_name != os.path.splitext(os.path.basename(script))[0]
 
 
 def install_in_process(spec: str | None, script: str, end_step) -> bool:
@@ -90,7 +95,7 @@ def install_in_process(spec: str | None, script: str, end_step) -> bool:
         return True
     module_name, colon, qualname = spec.partition(":")
     try:   # (any failure - a file edited since, the user's import raising - loses the steps)
-        if colon and module_name != os.path.splitext(os.path.basename(script))[0]:
+        if _importable(spec, script):
             owner = importlib.import_module(module_name)
             func = _function_at(owner, qualname)
             if func is None:
@@ -123,16 +128,22 @@ def _swap_code(func, qualname: str, filename: str, root=None) -> bool:
     return True
 
 
-def _function_at(root, qualname: str):
-    """The function `qualname` of a module (a method of a class of it: static, class or
-    plain), or None."""
+def _lookup(root, qualname: str) -> tuple[object, str, object, object]:
+    """(the module or class that holds `qualname`, its last name, the attribute as stored,
+    the function under a staticmethod or classmethod); None where missing."""
     owner = root
     *path, name = qualname.split(".")
     for part in path:
         owner = getattr(owner, part, None)
     raw = inspect.getattr_static(owner, name, None) if owner is not None else None
-    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-    func = inspect.unwrap(func) if callable(func) else func   # under its decorators
+    return owner, name, raw, raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+
+
+def _function_at(root, qualname: str):
+    """The function `qualname` of a module (a method of a class of it: static, class or
+    plain), under its decorators, or None."""
+    func = _lookup(root, qualname)[3]
+    func = inspect.unwrap(func) if callable(func) else func
     return func if inspect.isfunction(func) else None
 
 
@@ -167,11 +178,7 @@ def _patch(owner, qualname: str, spec: str, patches: PatchRegistry) -> None:
     """The function `qualname` of module `owner` (or a method of a class of it), ending a step
     each time it returns."""
     module_name = getattr(owner, "__name__", "?")
-    *path, name = qualname.split(".")
-    for part in path:
-        owner = getattr(owner, part, None)
-    raw = inspect.getattr_static(owner, name, None) if owner is not None else None
-    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+    owner, name, raw, func = _lookup(owner, qualname)
     if not inspect.isfunction(func):
         raise UsageError(f"--step-on {spec!r}: {qualname!r} in {module_name} is not a "
                          f"function (found {type(raw).__name__})")

@@ -171,8 +171,12 @@ class SnapshotRecorder:
         self._state_looks: dict[int, Looks] = {}   # id(optimizer) -> when to look again
         # category -> the owner arrays of its last few snapshots (see _note)
         self._recent_modules: dict[int, list[array]] = {}
-        # the event log was full at the end of a step: no snapshot is taken from then on
-        # (see _note); read at step ends, so the step in which it fills is noted whole
+        # the event log was full at the end of a step: no per-step snapshot from then on (the
+        # callers of _note return early). Read at step ends, so the step in which it filled
+        # is noted whole (its gradients were allocated in it); later, a snapshot's marker
+        # would follow the last event kept, where every block whose free was dropped reads
+        # alive: it would name blocks of steps long before by their addresses, and a long run
+        # past its capacity would keep one per step for nothing. The block's end notes anyway.
         self._log_full = False
         self._buffer_looks = Looks()
         # buffers set since the last look (register_buffer, a buffer assigned, Module._apply)
@@ -358,15 +362,8 @@ class SnapshotRecorder:
                 owner.setdefault(ptr, mid)
         return category, list(owner), list(owner.values())
 
-    def _note(self, category: int, ptrs, modules, at_end: bool = False) -> None:
-        """A snapshot of storage addresses and the owning module of each. From the step after
-        the one in which the event log filled, none is taken but the block's end's (`at_end`):
-        its marker would follow the last event kept, where the blocks that read alive include
-        every one whose free was dropped, so it would name blocks of steps long before by
-        their addresses, and a long run past its capacity would keep one per step for nothing.
-        (The step in which the log filled is noted: its gradients were allocated in it.)"""
-        if not at_end and self._log_full:
-            return
+    def _note(self, category: int, ptrs, modules) -> None:
+        """A snapshot of storage addresses and the owning module of each."""
         modules = compact(modules)
         # one owner array for the run while the owners stay (gradients: every step), also
         # where two optimizers (a GAN's) or two paths note the same category in turn
@@ -406,7 +403,7 @@ class SnapshotRecorder:
 
     def final(self) -> None:
         for category, ptrs, modules in self.at_end():
-            self._note(category, ptrs, modules, at_end=True)
+            self._note(category, ptrs, modules)
 
     def at_end(self) -> list[tuple[int, list[int], list[int]]]:
         """(category, storage addresses, owning module of each) of what the block's
