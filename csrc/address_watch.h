@@ -82,4 +82,11 @@ void note_allocation(uint64_t ptr);
 // told of allocations only then, so a note compares only within one recording session.
 uint64_t recording_session();
 
+// Whether a CPU block with this deleter was allocated while the event log was full (tracker.cpp,
+// unlogged_delete): the log holds no allocation for it, so a snapshot does not name its address.
+bool allocated_past_the_log(void (*deleter)(void*));
+// The same for the CUDA block at `ptr` (alive: its storage is held), from the addresses the
+// tracker notes once the log is full.
+bool cuda_block_past_the_log(uint64_t ptr);
+
 }  // namespace memprof

@@ -46,11 +46,22 @@ int64_t address(const at::Tensor& t) {
   }
 }
 
+// What a snapshot names: address(t), but 0 for a block whose allocation the event log dropped
+// (it was full, see allocated_past_the_log): the log cannot hold that block, and its address
+// may be a logged block's whose free was dropped as well.
+int64_t snapshot_address(const at::Tensor& t) {
+  const int64_t at = address(t);
+  if (at <= 0) return at;
+  if (t.is_cuda()) return cuda_block_past_the_log(static_cast<uint64_t>(at)) ? 0 : at;
+  if (!t.is_cpu()) return at;
+  return allocated_past_the_log(t.storage().data_ptr().get_deleter()) ? 0 : at;
+}
+
 py::list plain_storage_addresses(const py::sequence& tensors) {
   py::list out;
   for (py::handle item : py::list(tensors)) {   // the new list owns its items
     const at::Tensor* t = plain_tensor(item.ptr());
-    out.append(py::int_(t == nullptr ? -1 : address(*t)));
+    out.append(py::int_(t == nullptr ? -1 : snapshot_address(*t)));
   }
   return out;
 }
@@ -185,7 +196,7 @@ py::object module_buffer_addresses(const py::list& module_ids) {
       if (value == Py_None) continue;
       const at::Tensor* t = plain_tensor(value);
       if (t == nullptr) return py::none();
-      const int64_t at = address(*t);
+      const int64_t at = snapshot_address(*t);
       if (at < 0) return py::none();
       if (at > 0) out.push_back(at);
     }
@@ -262,7 +273,7 @@ class GradientNote {
           same = false;
         }
         all_hooked = all_hooked && (grad.is_cpu() || grad.is_cuda());
-        entries.push_back(NotedGradient{impl, at});
+        entries.push_back(NotedGradient{impl, at, at > 0 ? snapshot_address(grad) : at});
         params.push_back(param);
       }
     }
@@ -289,7 +300,7 @@ class GradientNote {
     std::vector<std::pair<int64_t, size_t>> by_address;   // (address, parameter position)
     by_address.reserve(entries.size());
     for (size_t i = 0; i < entries.size(); ++i) {
-      if (entries[i].address > 0) by_address.emplace_back(entries[i].address, i);
+      if (entries[i].named > 0) by_address.emplace_back(entries[i].named, i);
     }
     std::sort(by_address.begin(), by_address.end());
     std::vector<bool> first_owner(entries.size(), false);
@@ -303,7 +314,7 @@ class GradientNote {
     modules.reserve(by_address.size());
     for (size_t i = 0; i < entries.size(); ++i) {
       if (!first_owner[i]) continue;
-      addresses.push_back(entries[i].address);
+      addresses.push_back(entries[i].named);
       modules.push_back(modules_[i]);
     }
     std::vector<int64_t> noted;
@@ -332,6 +343,7 @@ class GradientNote {
   struct NotedGradient {
     const c10::StorageImpl* storage;   // compared, never followed
     int64_t address;
+    int64_t named;   // snapshot_address: 0 where the log holds no allocation for the block
   };
   std::vector<NotedGradient> entries_;
   AddressWatch* watch_ = nullptr;    // the noted addresses, while valid_

@@ -38,6 +38,7 @@
 #include <thread>
 #include <typeinfo>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "address_watch.h"
@@ -346,6 +347,9 @@ struct ThreadStateOwner {
 __attribute__((tls_model("initial-exec"))) thread_local ThreadState* tls_state = nullptr;
 // the free baseline_delete is reporting on this thread (below), so the allocator's is skipped
 __attribute__((tls_model("initial-exec"))) thread_local void* tls_baseline_free = nullptr;
+// Set when record() drops an allocation on this thread (its quota of the log is spent): the
+// CPU allocator's wrapper (FreeWatchingAllocator) then marks that block (see unlogged_delete).
+__attribute__((tls_model("initial-exec"))) thread_local bool tls_allocation_dropped = false;
 thread_local ThreadStateOwner tls_owner;
 ThreadStateOwner::~ThreadStateOwner() {
   tls_state = nullptr;
@@ -458,6 +462,7 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   // have their own bound, the side capacity; an out-of-memory report, the one event a
   // diagnosis cannot do without, is never dropped.
   if (kind == kKindMemory && !ts.buffer->event_quota.admit(s.events_reserved, s.capacity)) {
+    if (size > 0) tls_allocation_dropped = true;
     return;
   }
   if (kind == kKindMark && !admit(s.marks, s.marks_dropped, s.side_capacity)) return;
@@ -516,6 +521,42 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   ts.buffer->events.append(e);
 }
 
+
+// The CUDA blocks allocated while the log was full (their allocation dropped) and not freed
+// since: what unlogged_delete tells of a CPU block, for the CUDA caching allocator, whose blocks
+// memprof does not hand out (its deleter is not ours to mark). That allocator gives a freed
+// block's address straight back to the next request of its size, so past the log's end most
+// new blocks sit at a logged block's address. Filled only once the log is full; at most the
+// live blocks, each added and removed under a lock (a CUDA allocation costs microseconds).
+struct UnloggedCudaBlocks {
+  std::mutex mutex;
+  std::unordered_set<uint64_t> live;
+  std::atomic<bool> any{false};   // read on every CUDA free: the lock only once one is noted
+};
+UnloggedCudaBlocks& unlogged_cuda_blocks() {
+  static auto* blocks = new UnloggedCudaBlocks();   // never destroyed: frees may come at exit
+  return *blocks;
+}
+
+void note_cuda_block(uint64_t ptr, int64_t size, bool dropped) {
+  UnloggedCudaBlocks& b = unlogged_cuda_blocks();
+  if (size > 0 && dropped) {
+    std::lock_guard<std::mutex> lock(b.mutex);
+    b.live.insert(ptr);
+    b.any.store(true, std::memory_order_release);
+  } else if (size < 0 && b.any.load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> lock(b.mutex);
+    b.live.erase(ptr);
+  }
+}
+
+void forget_unlogged_cuda_blocks() {
+  UnloggedCudaBlocks& b = unlogged_cuda_blocks();
+  std::lock_guard<std::mutex> lock(b.mutex);
+  b.live.clear();
+  b.any.store(false, std::memory_order_release);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The allocation hook. PyTorch has one slot for it (PROFILER_STATE debug info), which
 // torch.profiler also uses: the two cannot share it, so start() refuses while another profiler
@@ -549,8 +590,12 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
       return;   // baseline_delete reported this free already
     }
     ThreadState& ts = thread_state();
+    if (device.is_cuda()) tls_allocation_dropped = false;
     record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
+    if (device.is_cuda()) {
+      note_cuda_block(reinterpret_cast<uint64_t>(ptr), alloc_size, tls_allocation_dropped);
+    }
     (device.is_cuda() ? ts.cuda_total : ts.cpu_total) = static_cast<int64_t>(total_allocated);
   }
 
@@ -616,13 +661,22 @@ void watched_delete(void* ptr) {
   g_base_deleter.load(std::memory_order_relaxed)(ptr);
 }
 
+// The deleter of a block whose allocation the log dropped (it was full). Snapshots taken past
+// the log's end ask for it (allocated_past_the_log): such a block's address can be that of a
+// logged block whose free was dropped too, and the analyses, which match snapshots to the
+// log by address, named that logged block with the snapshot's category (a step's activation
+// read "gradients" when its address held a gradient after the log filled). Its free needs no
+// hook on the freeing thread: the log holds no allocation it would pair with.
+void unlogged_delete(void* ptr) { g_base_deleter.load(std::memory_order_relaxed)(ptr); }
+
 class FreeWatchingAllocator final : public c10::Allocator {
  public:
   explicit FreeWatchingAllocator(c10::Allocator* base) : base_(base) {}
   c10::Allocator* base() const { return base_; }
 
   c10::DataPtr allocate(size_t n) override {
-    c10::DataPtr block = base_->allocate(n);
+    tls_allocation_dropped = false;
+    c10::DataPtr block = base_->allocate(n);   // reports the allocation (record())
     if (!recording() || block.get() == nullptr || block.get() != block.get_context()) {
       return block;
     }
@@ -634,7 +688,9 @@ class FreeWatchingAllocator final : public c10::Allocator {
       noted = base_deleter;   // (a failed exchange leaves the one noted meanwhile in `noted`)
     }
     if (noted != base_deleter) return block;
-    (void)block.compare_exchange_deleter(base_deleter, &watched_delete);  // same deleter: swaps
+    // same deleter: swaps
+    (void)block.compare_exchange_deleter(
+        base_deleter, tls_allocation_dropped ? &unlogged_delete : &watched_delete);
     return block;
   }
   c10::DeleterFnPtr raw_deleter() const override { return base_->raw_deleter(); }
@@ -831,6 +887,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.strings.clear();
   s.backward_label = s.strings.intern("backward_start");
   s.events_reserved = 0;
+  forget_unlogged_cuda_blocks();   // an earlier session's
   s.external_total = 0;
   s.capacity = capacity;
   s.marks = 0;
@@ -1238,6 +1295,15 @@ py::dict counters() {
 }
 
 }  // namespace
+
+bool allocated_past_the_log(void (*deleter)(void*)) { return deleter == &unlogged_delete; }
+
+bool cuda_block_past_the_log(uint64_t ptr) {
+  UnloggedCudaBlocks& b = unlogged_cuda_blocks();
+  if (!b.any.load(std::memory_order_acquire)) return false;
+  std::lock_guard<std::mutex> lock(b.mutex);
+  return b.live.count(ptr) != 0;
+}
 
 uint64_t recording_session() {
   return recording() ? session().generation.load(std::memory_order_acquire) : 0;

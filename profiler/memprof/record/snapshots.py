@@ -109,13 +109,14 @@ def storage_key(t: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 def storage_ptr(t: torch.Tensor) -> int | None:
-    """storage_key(t)[0] (None for storage-less tensors), without building the key for the
-    plain tensors that per-step snapshots name."""
-    if is_plain_tensor(t):
-        try:
-            return t.untyped_storage().data_ptr() or None
-        except Exception:  # noqa: BLE001  (sparse or otherwise storage-less tensors)
-            return None
+    """storage_key(t)[0] (None for storage-less tensors) as a snapshot names it: a plain
+    tensor's (a DTensor's local shard's) through _C.plain_storage_addresses, which leaves out
+    a block allocated past the end of a full event log."""
+    local = t if is_plain_tensor(t) else _local_shard(t)
+    if is_plain_tensor(local):
+        address = _C.plain_storage_addresses([local])[0]
+        if address >= 0:
+            return address or None
     key = storage_key(t)
     return None if key is None else key[0]
 
