@@ -533,10 +533,13 @@ struct UnloggedCudaBlocks {
   std::unordered_set<uint64_t> live;
   std::atomic<bool> any{false};   // read on every CUDA free: the lock only once one is noted
 };
-UnloggedCudaBlocks& unlogged_cuda_blocks() {
-  static auto* blocks = new UnloggedCudaBlocks();   // never destroyed: frees may come at exit
-  return *blocks;
-}
+// Made when the library loads and never destroyed (frees may come at exit); a plain pointer, so
+// a CUDA event reads it without a function-local static's guard.
+UnloggedCudaBlocks* const g_unlogged_cuda_blocks = new UnloggedCudaBlocks();
+inline UnloggedCudaBlocks& unlogged_cuda_blocks() { return *g_unlogged_cuda_blocks; }
+// Held around every fork (as BaselineBlocks' lock): a child would find it locked for good.
+void lock_unlogged_cuda_blocks_for_fork() { unlogged_cuda_blocks().mutex.lock(); }
+void unlock_unlogged_cuda_blocks_after_fork() { unlogged_cuda_blocks().mutex.unlock(); }
 
 void note_cuda_block(uint64_t ptr, int64_t size, bool dropped) {
   UnloggedCudaBlocks& b = unlogged_cuda_blocks();
@@ -665,9 +668,14 @@ void watched_delete(void* ptr) {
 // the log's end ask for it (allocated_past_the_log): such a block's address can be that of a
 // logged block whose free was dropped too, and the analyses, which match snapshots to the
 // log by address, named that logged block with the snapshot's category (a step's activation
-// read "gradients" when its address held a gradient after the log filled). Its free needs no
-// hook on the freeing thread: the log holds no allocation it would pair with.
-void unlogged_delete(void* ptr) { g_base_deleter.load(std::memory_order_relaxed)(ptr); }
+// read "gradients" when its address held a gradient after the log filled). Its free is
+// reported as watched_delete's is (the CPU allocator's size map and total stay right); the
+// two must stay distinct functions (register_tracker checks it: a linker folding identical
+// code would make every block read as dropped).
+void unlogged_delete(void* ptr) {
+  reattach_before_free();
+  g_base_deleter.load(std::memory_order_relaxed)(ptr);
+}
 
 class FreeWatchingAllocator final : public c10::Allocator {
  public:
@@ -785,9 +793,10 @@ int64_t watch_baseline_frees(const py::list& tensors) {
     if (current == &baseline_delete) {   // an earlier session's: its size today
       b.nbytes[data.get()] = nbytes;
       ++watched;
-    } else if (current == noted) {
+    } else if (current == noted || current == &unlogged_delete) {
+      // (a block an earlier session's full log dropped is in this baseline: its mark goes)
       b.nbytes[data.get()] = nbytes;   // listed first: an insert that throws swaps nothing
-      if (data.compare_exchange_deleter(noted, &baseline_delete)) {
+      if (data.compare_exchange_deleter(current, &baseline_delete)) {
         ++watched;
       } else {
         b.nbytes.erase(data.get());
@@ -1318,6 +1327,18 @@ void register_tracker(py::module_& m) {
       &lock_baseline_blocks_for_fork, &unlock_baseline_blocks_after_fork,
       &unlock_baseline_blocks_after_fork);
   (void)baseline_atfork_status;
+  static const int cuda_atfork_status = pthread_atfork(
+      &lock_unlogged_cuda_blocks_for_fork, &unlock_unlogged_cuda_blocks_after_fork,
+      &unlock_unlogged_cuda_blocks_after_fork);
+  (void)cuda_atfork_status;
+  // one function for both would read every tracked block as dropped (see unlogged_delete)
+  // (read through volatile: the compiler would fold the comparison of two functions to false)
+  c10::DeleterFnPtr volatile dropped_one = &unlogged_delete;
+  c10::DeleterFnPtr volatile watched_one = &watched_delete;
+  if (dropped_one == watched_one) {
+    throw std::runtime_error("memprof._C was linked with identical code folded: "
+                             "unlogged_delete and watched_delete must stay two functions");
+  }
   m.def("release_after_fork", &release_after_fork,
         "In a child forked while recording: take the hooks off and drop the log's copy.");
   m.def("start", &start, py::arg("capacity"), py::arg("hooks_only") = false,
