@@ -15,6 +15,7 @@ from ..profile import Profile
 from ..record.events import (CAT_COMMUNICATION, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
                              CAT_PARAMETERS, DEVICE_CUDA)
 from ..record.holders import reachable_tensors
+from ..record.snapshots import storage_ptrs
 from ..units import fmt_bytes
 from .leaks import LEAK_KINDS, holder_roots, root_holder
 
@@ -113,11 +114,11 @@ def _holders_of(profile: Profile, alive: np.ndarray) -> list[tuple[str, int]]:
                        profile.memory["size"][alive].tolist()))
     held: dict[str, int] = {}
     counted: set[int] = set()
-    for path, t in reachable_tensors(holder_roots(live)):
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except Exception:  # noqa: BLE001  (storage-less tensors)
-            continue
+    reached = list(reachable_tensors(holder_roots(live)))
+    # addresses as snapshots read them: a tensor allocated past a full log's end is not the
+    # logged block that had its address (that block's free was dropped)
+    ptrs = storage_ptrs([t for _, t in reached])
+    for (path, _), ptr in zip(reached, ptrs):
         if ptr in size_at and ptr not in counted:
             counted.add(ptr)
             holder = root_holder(path)
