@@ -17,7 +17,7 @@ constexpr std::array kPhaseNames{"other", "forward", "backward", "optimizer"};
 static_assert(kPhaseNames.size() == kNumPhases, "one name per phase");
 
 constexpr int8_t kKindMemory = 0;       // size > 0: allocation, size < 0: free
-constexpr int8_t kKindOutOfMemory = 1;  // size: the request that failed
+constexpr int8_t kKindOutOfMemory = 1;  // size: the request that failed; ptr: events dropped before
 constexpr int8_t kKindMark = 2;         // zero-size marker from the Python side; op = label
 
 // One allocation, free, OOM report or marker. Widest fields first: no padding anywhere, so

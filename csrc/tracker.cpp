@@ -605,7 +605,12 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
                          c10::Device device) override {
     if (!records()) return;
-    record(thread_state(), kKindOutOfMemory, 0, alloc_size,
+    // ptr: the memory events this thread's quota dropped before it (0: the log had room for
+    // all of them), so the analyses can tell an OOM whose moment the log holds from one that
+    // came after it filled (what was alive then is not known)
+    ThreadState& ts = thread_state();
+    const int64_t dropped = ts.buffer->event_quota.dropped.load(std::memory_order_relaxed);
+    record(ts, kKindOutOfMemory, static_cast<uint64_t>(dropped), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
 

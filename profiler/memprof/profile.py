@@ -473,14 +473,15 @@ class Profile:
             f"the event log filled up (capacity {int(self.meta.get('capacity', 0)):,} events; "
             f"{dropped:,} dropped): the peak, steps and findings cover steps 0-"
             f"{max(0, len(self.steps) - 1)}{f' of {int(marked)}' if marked else ''} only; "
-            "track(capacity=...) records more")
+            "track(capacity=...) or memprof run --capacity records more")
 
     # ------------------------------------------------------------------ summaries and reports
     @cached_property
     def oom_events(self) -> list[dict]:
         """Out-of-memory reports, in order: the request, the allocator's totals, and where it
         happened (step, phase, module, op, autograd node); `position` is the number of memory
-        events of the analysed device before it (what was alive: at=("position", position-1))."""
+        events of the analysed device before it (what was alive: at=("position", position-1));
+        `dropped_before` > 0: the event log had filled before it."""
         side = self.run.streams.side
         t0 = int(self.meta.get("t0_ns", 0))
         out = []
@@ -499,7 +500,10 @@ class Profile:
                 "step": int(e["step"]),
                 "phase": PHASES[int(e["phase"])] if 0 <= e["phase"] < len(PHASES) else "other",
                 "module": self.module_name(module), "op": self._name(int(e["op"]), NO_OP),
-                "node": self._name(int(e["node"]), "") or None})
+                "node": self._name(int(e["node"]), "") or None,
+                # memory events the log dropped before it (its capacity spent): what was
+                # alive at this moment is not in the profile
+                "dropped_before": int(e["ptr"])})
         return out
 
     def summary(self) -> dict[str, Any]:

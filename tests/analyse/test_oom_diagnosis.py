@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memprof
-from memprof.analyse.oom import classify, diagnose, out_of_memory
+from memprof.analyse.oom import FIXES, classify, diagnose, out_of_memory
 from memprof.record.events import KIND_OUT_OF_MEMORY
 
 from tests.analyse.runs import RunBuilder
@@ -223,3 +223,100 @@ def test_no_oom_no_finding():
     b = _builder()
     _steps(b, 2, leak=0)
     assert out_of_memory(b.profile()) == [] and diagnose(b.profile()) is None
+
+
+# ------------------------------------------------------------------ after the log filled
+def _train_past_the_log(capacity: int | None):
+    """Six steps that keep 4,000 bytes each (a list of tensors); the sixth runs out of memory.
+    With a small `capacity` the event log fills in the first steps."""
+    torch.manual_seed(0)
+    model = Net(True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kept = []
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        with pytest.warns(RuntimeWarning, match="dropped") if capacity else _nothing():
+            with memprof.track(model, opt, **({"capacity": capacity} if capacity else {})) \
+                    as prof:
+                for step in range(6):
+                    model.head.armed = step == 5
+                    loss = model(torch.randn(8, 16)).pow(2).mean()
+                    kept.append(torch.randn(1000))
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+    prof.report_oom_on_exit = False
+    return prof
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_an_oom_after_the_log_filled_is_not_explained_by_the_logs_end(capfd):
+    """The log's end is steps before the OOM: what it holds alive then is not what was alive
+    at the OOM, and the step it came in was not seen. The diagnosis says so, with what is
+    known - the allocator's own count at the OOM against the one at the log's end, the growth
+    of the recorded steps - and the capacity that records up to the OOM. (A capacity above
+    the request: on this CPU the request is larger than the RAM, which needs no log.)"""
+    prof = _train_past_the_log(capacity=200)
+    capfd.readouterr()
+    d = diagnose(prof, capacity=1 << 52, capacity_source="a test device")
+    req, cause = d["request"], d["cause"]
+    assert req["step"] == 5 and req["dropped_before"] > 0
+    assert cause["cause"] == "past_the_log"
+    assert 0 < cause["log_end_step"] < 5
+    # the allocator's count of the OOM's moment against its count in the log's last row
+    last = prof.memory[prof.memory["thread"] >= 0][-1]
+    assert cause["allocated_at_log_end"] == last["total_allocated"]
+    assert cause["grew_since"] == req["total_allocated"] - cause["allocated_at_log_end"] > 0
+    assert cause["growing"]   # the recorded steps already grew
+    assert cause["capacity_needed"] > 200
+    assert cause["capacity_needed_bytes"] == cause["capacity_needed"] * 72
+    assert f"filled in step {cause['log_end_step']}" in cause["text"]
+    assert d["alive"]["at_log_end"]
+    assert d["memory"]["alive"] == req["total_allocated"]   # the allocator's, not the log's
+    # one request larger than the device needs no log: the finding says so, as before
+    [f] = [f for f in prof.findings if f.kind == "out_of_memory"]
+    assert f.evidence["cause"]["cause"] == "single_request"
+
+
+def test_an_oom_the_log_holds_is_explained_as_before():
+    prof = _train_past_the_log(capacity=None)
+    d = diagnose(prof, capacity=1 << 52)
+    assert d["request"]["dropped_before"] == 0
+    assert d["cause"]["cause"] == "growth" and "at_log_end" not in d["alive"]
+
+
+def test_the_report_of_an_oom_after_the_log_filled():
+    """A hand-built run: six recorded steps that each keep 2 MiB (the log ends in the
+    sixth); the OOM report (8 MiB, step 9) says 3,000 events were dropped before it."""
+    from rich.console import Console
+    from memprof.report.oom import print_diagnosis
+
+    b = _builder()
+    _steps(b, 6, leak=2 * MIB)
+    for row in b.rows:   # the allocator's count, as a real log's rows carry it
+        row["total_allocated"] = 8 * MIB + 2 * MIB * row["step"]
+    b.step = 9
+    b.phase = "forward"
+    _oom(b, 8 * MIB, allocated=30 * MIB, reserved=32 * MIB)
+    b.rows[-1]["ptr"] = 3000
+    profile = b.profile()
+    profile.meta["capacity"] = len(b.rows) - 1
+    [f] = out_of_memory(profile)
+    cause = f.evidence["cause"]
+    assert cause["cause"] == "past_the_log" and cause["log_end_step"] == 5
+    assert cause["allocated_at_log_end"] == 18 * MIB and cause["grew_since"] == 12 * MIB
+    assert "(+12.00 MiB over 4 steps)" in cause["text"]
+    assert f.fix.startswith(FIXES["growth"])
+    assert f"memprof run --capacity {cause['capacity_needed']:,}" in f.fix
+    console = Console(record=True, width=300)
+    profile.findings[:] = [f]
+    print_diagnosis(profile, console)
+    text = console.export_text()
+    assert "not recorded (after the event log filled)" in text
+    assert "alive at the log's end" in text and "step 9" in text

@@ -70,7 +70,7 @@ def test_a_run_cut_short_by_the_capacity_says_what_its_numbers_cover(tmp_path, c
     cover = len(prof.steps) - 1
     assert 0 < cover < 29
     expected = (f"the peak, steps and findings cover steps 0-{cover} of 30 only; "
-                "track(capacity=...) records more")
+                "track(capacity=...) or memprof run --capacity records more")
     assert prof.truncated.endswith(expected) and "capacity 300 events" in prof.truncated
     assert _json_report(path, capsys)["truncated"] == prof.truncated
     assert main(["report", path, "--export", str(tmp_path / "cut.html")]) == 0

@@ -13,12 +13,19 @@ both reported through the same native hook), `diagnose` states:
   leak: `analyse.growth`), a step that is too big by itself (the first step already, or a step
   that needed more than the ones before it), or one request larger than the whole device.
 
+An OOM that came after the event log filled (a long run past `track(capacity=...)`): the log
+does not hold what was alive then, so the profile's state at the log's end is not presented as
+the state at the OOM. `past_the_log` says what is known - the allocator's own count at the OOM
+against the one at the log's end, the growth the recorded steps show - and the capacity a run
+that records up to the OOM needs.
+
 What would fit instead is a planning question (`memprof.plan.fit`); this module stays pure.
 """
 from __future__ import annotations
 
 from ..finding import Finding
 from ..profile import Profile
+from ..record.events import EVENT_DTYPE
 from ..units import fmt_bytes
 from .growth import device_capacity, memory_growth
 
@@ -112,9 +119,50 @@ def diagnose(profile: Profile, which: int = 0, capacity: int | None = None,
         capacity, capacity_source = device_capacity(profile)
     source = capacity_source or "given capacity"
     alive = alive_summary(profile, oom["position"] - 1)
-    return {"request": dict(oom), "ooms": len(ooms), "alive": alive,
-            "memory": memory_state(oom, alive["bytes"], capacity or None, source),
-            "cause": classify(profile, oom["step"], oom["requested"], capacity or None, source)}
+    # after the log filled, the allocator's own count is the one known at the OOM (one
+    # request larger than the device needs no log to explain it)
+    past = bool(oom.get("dropped_before")) and not (capacity and oom["requested"] >= capacity)
+    out = {"request": dict(oom), "ooms": len(ooms), "alive": alive,
+           "memory": memory_state(oom, oom["total_allocated"] if past else alive["bytes"],
+                                  capacity or None, source)}
+    if past:
+        out["alive"]["at_log_end"] = True   # what the log holds at its end, not at the OOM
+        out["cause"] = past_the_log(profile, oom, capacity or None)
+        out["memory"]["text"] += (f"; memprof's log holds {fmt_bytes(alive['bytes'])} alive "
+                                  f"at its end (step {out['cause']['log_end_step']})")
+    else:
+        out["cause"] = classify(profile, oom["step"], oom["requested"], capacity or None,
+                                source)
+    return out
+
+
+def past_the_log(profile: Profile, oom: dict, capacity: int | None) -> dict:
+    """The cause of an OOM that came after the event log filled: what the allocator's own
+    counts say (they are in the OOM report), the growth of the recorded steps, and the
+    capacity that would record up to the OOM (from the events a recorded step took)."""
+    mem = profile.memory
+    kept = mem[mem["thread"] >= 0]   # the run's own events, not the blocks from before
+    end_step = int(kept["step"][-1]) if kept.size else 0
+    end_total = int(kept["total_allocated"][-1]) if kept.size else 0
+    steps = max(1, end_step)   # the steps the log holds in full: 0 .. end_step - 1
+    per_step = int(kept.size / steps) if end_step else int(kept.size)
+    need = per_step * (oom["step"] + 2)   # up to the OOM's step, and one more for its end
+    grew = oom["total_allocated"] - end_total
+    text = (f"the event log filled in step {end_step} (capacity "
+            f"{int(profile.meta.get('capacity', 0)):,} events) and the OOM came in step "
+            f"{oom['step']}: what was allocated in between is not recorded. The allocator's "
+            f"own count: {fmt_bytes(oom['total_allocated'])} allocated at the OOM against "
+            f"{fmt_bytes(end_total)} at the log's end")
+    if oom["step"] > end_step:
+        text += (f" ({'+' if grew >= 0 else '-'}{fmt_bytes(abs(grew))} over "
+                 f"{oom['step'] - end_step} steps)")
+    growth = memory_growth(profile, capacity=capacity)
+    if growth:
+        text += f"; the recorded steps already grow: {growth[0].message}"
+    return {"cause": "past_the_log", "step": oom["step"], "log_end_step": end_step,
+            "allocated_at_log_end": end_total, "grew_since": grew, "growing": bool(growth),
+            "events_per_step": per_step, "capacity_needed": need,
+            "capacity_needed_bytes": need * EVENT_DTYPE.itemsize, "text": text}
 
 
 FIXES = {
@@ -140,7 +188,16 @@ def out_of_memory(profile: Profile) -> list[Finding]:
     if d is None:
         return []
     req, cause = d["request"], d["cause"]
-    fix = FIXES[cause["cause"]]
+    if cause["cause"] == "past_the_log":
+        fix = (f"record up to the OOM: memprof run --capacity {cause['capacity_needed']:,} "
+               f"(track(capacity=...)): the recorded steps took about "
+               f"{cause['events_per_step']:,} events each, "
+               f"{fmt_bytes(cause['capacity_needed_bytes'])} of host memory for steps 0-"
+               f"{cause['step']}")
+        if cause["growing"]:
+            fix = FIXES["growth"] + "; " + fix
+    else:
+        fix = FIXES[cause["cause"]]
     if d["memory"]["request_fits_in_cache"]:
         fix += "; fragmentation: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
     return [Finding(

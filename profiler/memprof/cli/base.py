@@ -50,6 +50,21 @@ def seconds_or_off(text: str) -> float:
     return v
 
 
+def event_count(text: str) -> int:
+    """An argparse type: a number of events, 1 or more, whole or with a suffix (50M, 2.5G,
+    500k: decimal), as --capacity takes it."""
+    text = text.strip().replace("_", "")
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
+    try:
+        n = int(float(text[:-1]) * scale) if scale > 1 else int(text)
+    except (ValueError, OverflowError):   # (OverflowError: "infM")
+        raise argparse.ArgumentTypeError(f"expected a number of events such as 50000000 or "
+                                         f"50M, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of events >= 1, got {text!r}")
+    return n
+
+
 def at_least_one(text: str) -> int:
     """An argparse type: a whole number, 1 or more (--top, --batch-size); argparse prints the
     message with the option's name."""

@@ -8,8 +8,10 @@ import sys
 import traceback
 
 from ..record.patches import PatchRegistry
+from ..record.events import EVENT_DTYPE
+from ..record.session import DEFAULT_CAPACITY
 from ..track_autosave import DEFAULT_AUTOSAVE_S
-from .base import Command, UsageError, at_least_one, check_writable, seconds_or_off
+from .base import Command, UsageError, at_least_one, check_writable, event_count, seconds_or_off
 from .report import BUDGET_FORMS, parse_budget
 from .run_report import print_report
 from .run_target import RunTarget, TargetFailed, resolve, split_argv
@@ -59,6 +61,14 @@ class RunCommand(Command):
         parser.add_argument("--budget", metavar="GPU",
                             help=f"also replay the run against a GPU's usable memory "
                                  f"({BUDGET_FORMS}): where it would run out")
+        parser.add_argument("--capacity", type=event_count, metavar="EVENTS",
+                            default=DEFAULT_CAPACITY,
+                            help=f"allocations and frees the event log keeps (default "
+                                 f"{DEFAULT_CAPACITY:,}: {EVENT_DTYPE.itemsize} bytes each, "
+                                 f"{DEFAULT_CAPACITY * EVENT_DTYPE.itemsize / 1e9:.2g} GB of "
+                                 f"host memory at "
+                                 f"most); past it they are dropped and the report covers the "
+                                 f"steps before. 50M, 2.5G: decimal suffixes")
         parser.add_argument("--autosave", type=seconds_or_off, metavar="SECONDS",
                             default=DEFAULT_AUTOSAVE_S,
                             help=f"save the profile so far at a step end every SECONDS at "
@@ -108,7 +118,7 @@ class RunCommand(Command):
         main = target.main_module()
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
                                 step_on=track_mode(args.step_on), batch_size=args.batch_size,
-                                autosave=args.autosave or None)
+                                autosave=args.autosave or None, capacity=args.capacity)
         code = install_step_on(args.step_on, code, source, script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis
@@ -116,7 +126,7 @@ class RunCommand(Command):
         # named by --step-on ends their steps too: step_on.install_in_process)
         spawned = SpawnWatch(output, dict(
             budget=args.budget, batch_size=args.batch_size, autosave=args.autosave or None,
-            step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
+            capacity=args.capacity, step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
             args.launch_dir, step_on=args.step_on, script=script)
         spawned.install(patches)
         # the script's globals are searched for holders of leaked tensors, even if it raises

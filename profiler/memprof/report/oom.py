@@ -32,14 +32,17 @@ def _alive_lines(alive: dict, top: int = TOP) -> list[str]:
                      for k, v in alive["by_category"].items() if v)
     mods = ", ".join(f"{escape(k)} {fmt_bytes(v)}" for k, v in
                      list(alive["by_module"].items())[:top])
-    return [f"[bold]alive[/] {fmt_bytes(alive['bytes'])}: {cats or 'nothing recorded'}",
+    # (an OOM after the event log filled: what the log holds at its end, not at the OOM)
+    label = "alive at the log's end" if alive.get("at_log_end") else "alive"
+    return [f"[bold]{label}[/] {fmt_bytes(alive['bytes'])}: {cats or 'nothing recorded'}",
             f"[bold]top modules[/] {mods or '-'}"]
 
 
 def _cause_lines(cause: dict) -> list[str]:
     label = {"growth": "[bold red]a leak[/] (memory grows across steps)",
              "step_too_big": "[bold yellow]a step too big[/]",
-             "single_request": "[bold yellow]one request larger than the device[/]"}
+             "single_request": "[bold yellow]one request larger than the device[/]",
+             "past_the_log": "[bold yellow]not recorded[/] (after the event log filled)"}
     return [f"[bold]cause[/] {label.get(cause['cause'], cause['cause'])}: "
             f"{escape(cause['text'])}"]
 
