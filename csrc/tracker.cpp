@@ -261,6 +261,7 @@ struct Session {
   std::atomic<bool> hooks_only{false};
   std::atomic<uint64_t> generation{0};
   std::atomic<int64_t> events_reserved{0};  // handed out to threads' quotas (see Quota)
+  std::atomic<bool> dropped_any{false};     // a memory event dropped on any thread (OOM reports)
   int64_t capacity = 0;
   // Markers and sequence records are bounded too (at least kMinSideCap each, or the event
   // capacity): a run of 100k steps must not grow them without end after the event cap.
@@ -463,6 +464,9 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   // diagnosis cannot do without, is never dropped.
   if (kind == kKindMemory && !ts.buffer->event_quota.admit(s.events_reserved, s.capacity)) {
     if (size > 0) tls_allocation_dropped = true;
+    if (!s.dropped_any.load(std::memory_order_relaxed)) {   // read-mostly: no shared write
+      s.dropped_any.store(true, std::memory_order_relaxed);
+    }
     return;
   }
   if (kind == kKindMark && !admit(s.marks, s.marks_dropped, s.side_capacity)) return;
@@ -605,11 +609,13 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
                          c10::Device device) override {
     if (!records()) return;
-    // ptr: the memory events this thread's quota dropped before it (0: the log had room for
-    // all of them), so the analyses can tell an OOM whose moment the log holds from one that
-    // came after it filled (what was alive then is not known)
+    // ptr: memory events the log dropped before it (this thread's count, at least 1 where
+    // only another thread's were: CUDA's backward runs on its own thread; 0: none dropped), so
+    // the analyses can tell an OOM whose moment the log holds from one after it filled
     ThreadState& ts = thread_state();
-    const int64_t dropped = ts.buffer->event_quota.dropped.load(std::memory_order_relaxed);
+    const int64_t dropped = std::max<int64_t>(
+        ts.buffer->event_quota.dropped.load(std::memory_order_relaxed),
+        session().dropped_any.load(std::memory_order_relaxed) ? 1 : 0);
     record(ts, kKindOutOfMemory, static_cast<uint64_t>(dropped), alloc_size,
            static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
   }
@@ -901,6 +907,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.strings.clear();
   s.backward_label = s.strings.intern("backward_start");
   s.events_reserved = 0;
+  s.dropped_any = false;
   forget_unlogged_cuda_blocks();   // an earlier session's
   s.external_total = 0;
   s.capacity = capacity;

@@ -494,6 +494,7 @@ class Profile:
                 "requested": int(e["size"]), "total_allocated": int(e["total_allocated"]),
                 "total_reserved": int(e["total_reserved"]),
                 "device": DEVICE_NAMES.get(int(e["device_type"]), "?"),
+                "device_type": int(e["device_type"]),
                 "device_index": int(e["device_index"]), "event": int(i),
                 "position": int(self.run.streams.side_position[j]),
                 "time_s": (int(e["t_ns"]) - t0) / 1e9 if t0 else None,

@@ -313,10 +313,45 @@ def test_the_report_of_an_oom_after_the_log_filled():
     assert cause["allocated_at_log_end"] == 18 * MIB and cause["grew_since"] == 12 * MIB
     assert "(+12.00 MiB over 4 steps)" in cause["text"]
     assert f.fix.startswith(FIXES["growth"])
-    assert f"memprof run --capacity {cause['capacity_needed']:,}" in f.fix
+    # steps 0-4 (whole) took 16 events, 4 a step rounded up; steps 0-9 need 40, a number the
+    # option takes as written
+    assert cause["events_per_step"] == 4 and cause["capacity_needed"] == 40
+    assert "memprof run --capacity 40 (" in f.fix
     console = Console(record=True, width=300)
     profile.findings[:] = [f]
     print_diagnosis(profile, console)
     text = console.export_text()
     assert "not recorded (after the event log filled)" in text
     assert "alive at the log's end" in text and "step 9" in text
+
+
+def test_an_oom_on_another_device_after_the_log_filled_compares_no_counts():
+    """The log holds cuda:0's events; the OOM is cuda:1's: its allocator count is not
+    compared with cuda:0's (it read "1 GiB at the OOM against 70 GiB at the log's end")."""
+    from memprof.record.events import DEVICE_CUDA
+    b = _builder()
+    _steps(b, 2, leak=0)
+    for row in b.rows:
+        row.update(device_type=DEVICE_CUDA, total_allocated=70 * MIB)
+    b.step = 5
+    _oom(b, 8 * MIB, allocated=1 * MIB, reserved=2 * MIB)
+    b.rows[-1].update(ptr=10, device_type=DEVICE_CUDA, device_index=1)
+    d = diagnose(b.profile(), capacity=40 * MIB)
+    assert d["cause"]["cause"] == "past_the_log"
+    assert d["cause"]["allocated_at_log_end"] is None and d["cause"]["grew_since"] is None
+    assert "allocator's own count" not in d["cause"]["text"]
+
+
+def test_a_budget_replay_does_not_place_an_oom_after_the_log_filled():
+    """The replay put the OOM's request back at its position - the log's end, steps before
+    the OOM - and diagnosed "steps 0-8 fitted, step 9 started with ..." from there."""
+    from memprof.plan.budget import replay
+    b = _builder()
+    _steps(b, 3, leak=0)
+    b.step = 9
+    _oom(b, 30 * MIB, allocated=30 * MIB, reserved=32 * MIB)
+    b.rows[-1]["ptr"] = 100
+    result = replay(b.profile(), 24 * MIB)
+    assert result.fits and result.failure is None
+    b.rows[-1]["ptr"] = 0   # the same request inside the log: replayed where it was made
+    assert replay(b.profile(), 24 * MIB).failure is not None

@@ -47,7 +47,7 @@ def _run(tmp_path, capsys, *options, script=SCRIPT):
     return rc, out, err
 
 
-@pytest.mark.parametrize("given, events", [("300", 300), ("0.3k", 300), ("3_00", 300)])
+@pytest.mark.parametrize("given, events", [("300", 300), ("0.3k", 300), ("3_00", 300), ("3e2", 300)])
 def test_the_capacity_reaches_the_tracker(tmp_path, capsys, given, events):
     with pytest.warns(RuntimeWarning, match="dropped"):
         rc, out, err = _run(tmp_path, capsys, "--capacity", given)
@@ -65,13 +65,13 @@ def test_the_default_capacity_records_the_whole_script(tmp_path, capsys):
     assert len(prof.steps) == 20
 
 
-@pytest.mark.parametrize("bad", ["0", "-5", "lots", "infM", "1.5"])
+@pytest.mark.parametrize("bad", ["0", "-5", "lots", "infM", "1.5", "_1", "5MB", "1e20k"])
 def test_a_bad_capacity_is_one_line(tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as exc:
         _run(tmp_path, capsys, "--capacity", bad)
     err = capsys.readouterr().err
     assert exc.value.code == 2
-    assert "argument --capacity: expected a number of events" in err
+    assert "argument --capacity: expected a " in err and repr(bad) in err
 
 
 def test_each_rank_and_each_process_the_script_starts_gets_the_capacity(tmp_path, capsys):

@@ -23,9 +23,11 @@ What would fit instead is a planning question (`memprof.plan.fit`); this module 
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..finding import Finding
 from ..profile import Profile
-from ..record.events import EVENT_DTYPE
+from ..record.events import EVENT_DTYPE, KIND_MEMORY
 from ..units import fmt_bytes
 from .growth import device_capacity, memory_growth
 
@@ -140,29 +142,44 @@ def past_the_log(profile: Profile, oom: dict, capacity: int | None) -> dict:
     """The cause of an OOM that came after the event log filled: what the allocator's own
     counts say (they are in the OOM report), the growth of the recorded steps, and the
     capacity that would record up to the OOM (from the events a recorded step took)."""
-    mem = profile.memory
-    kept = mem[mem["thread"] >= 0]   # the run's own events, not the blocks from before
-    end_step = int(kept["step"][-1]) if kept.size else 0
-    end_total = int(kept["total_allocated"][-1]) if kept.size else 0
-    steps = max(1, end_step)   # the steps the log holds in full: 0 .. end_step - 1
-    per_step = int(kept.size / steps) if end_step else int(kept.size)
-    need = per_step * (oom["step"] + 2)   # up to the OOM's step, and one more for its end
-    grew = oom["total_allocated"] - end_total
+    mem = profile.memory[:oom["position"]]   # the log before the OOM
+    mem = mem[mem["thread"] >= 0]            # the run's own events, not the blocks from before
+    end_step = int(mem["step"][-1]) if mem.size else 0
+    device = mem[(mem["device_type"] == oom["device_type"])
+                 & (mem["device_index"] == oom["device_index"])]
+    end_total = int(device["total_allocated"][-1]) if device.size else None
+    # every memory event counts against the capacity (all devices: the side stream's too);
+    # the steps before the log's end are whole, the one it ended in is not
+    side = profile.run.streams.side
+    side = side[(side["kind"] == KIND_MEMORY) & (side["thread"] >= 0)]
+    whole = int(np.count_nonzero(mem["step"] < end_step)
+                + np.count_nonzero(side["step"] < end_step))
+    at_least = end_step == 0   # the log filled in the first step: it took more than was kept
+    if end_step:
+        per_step = -(-whole // end_step)
+    else:
+        per_step = max(int(mem.size + side.size), int(profile.meta.get("capacity") or 0), 1)
+    need = per_step * (oom["step"] + 1)   # steps 0 .. the OOM's
     text = (f"the event log filled in step {end_step} (capacity "
             f"{int(profile.meta.get('capacity', 0)):,} events) and the OOM came in step "
-            f"{oom['step']}: what was allocated in between is not recorded. The allocator's "
-            f"own count: {fmt_bytes(oom['total_allocated'])} allocated at the OOM against "
-            f"{fmt_bytes(end_total)} at the log's end")
-    if oom["step"] > end_step:
-        text += (f" ({'+' if grew >= 0 else '-'}{fmt_bytes(abs(grew))} over "
-                 f"{oom['step'] - end_step} steps)")
+            f"{oom['step']}" + (": what was allocated in between is not recorded"
+                                if oom["step"] > end_step else ", after it filled"))
+    grew = None
+    if end_total is not None:
+        grew = oom["total_allocated"] - end_total
+        text += (f". The allocator's own count: {fmt_bytes(oom['total_allocated'])} allocated "
+                 f"at the OOM against {fmt_bytes(end_total)} at the log's end")
+        if oom["step"] > end_step:
+            text += (f" ({'+' if grew >= 0 else '-'}{fmt_bytes(abs(grew))} over "
+                     f"{oom['step'] - end_step} steps)")
     growth = memory_growth(profile, capacity=capacity)
     if growth:
         text += f"; the recorded steps already grow: {growth[0].message}"
     return {"cause": "past_the_log", "step": oom["step"], "log_end_step": end_step,
             "allocated_at_log_end": end_total, "grew_since": grew, "growing": bool(growth),
-            "events_per_step": per_step, "capacity_needed": need,
-            "capacity_needed_bytes": need * EVENT_DTYPE.itemsize, "text": text}
+            "events_per_step": per_step, "events_per_step_at_least": at_least,
+            "capacity_needed": need, "capacity_needed_bytes": need * EVENT_DTYPE.itemsize,
+            "text": text}
 
 
 FIXES = {
@@ -189,8 +206,9 @@ def out_of_memory(profile: Profile) -> list[Finding]:
         return []
     req, cause = d["request"], d["cause"]
     if cause["cause"] == "past_the_log":
-        fix = (f"record up to the OOM: memprof run --capacity {cause['capacity_needed']:,} "
-               f"(track(capacity=...)): the recorded steps took about "
+        least = "at least " if cause["events_per_step_at_least"] else ""
+        fix = (f"record up to the OOM: memprof run --capacity {cause['capacity_needed']} "
+               f"(track(capacity=...)): the recorded steps took {least}about "
                f"{cause['events_per_step']:,} events each, "
                f"{fmt_bytes(cause['capacity_needed_bytes'])} of host memory for steps 0-"
                f"{cause['step']}")

@@ -122,7 +122,9 @@ def stream_with_oom(profile: Profile):
     first out-of-memory report put back at its place `at` (None: the run had none). The run
     stopped there, so a replay must ask for it too."""
     ptr, size = step_stream(profile, "first")
-    if not profile.oom_events:
+    # (an OOM after the event log filled has no place in the recorded stream: its position is
+    # the log's end, steps earlier)
+    if not profile.oom_events or profile.oom_events[0].get("dropped_before"):
         return ptr, size, None
     oom = profile.oom_events[0]
     at = oom["position"]

@@ -80,7 +80,7 @@ def scaled_stream(profile: Profile, step, factor: float, accumulate: bool):
     in_step = np.arange(end) >= step.start
     grads = in_step & (size > 0) & (profile.category[:end] == CAT_GRADIENTS)
     oom = profile.oom_events[0] if profile.oom_events else None
-    if oom is not None and oom["position"] <= end:
+    if oom is not None and oom["position"] <= end and not oom.get("dropped_before"):
         at, request = oom["position"], oom["requested"]
         if oom["phase"] in ("forward", "backward"):
             request = max(1, round(request * factor))
