@@ -48,7 +48,8 @@ MIN_WAIT_MS = 2.0               # a median wait shorter than this is not worth a
 STEADY_FRACTION = 0.5           # the p10 step must wait at least this share of the threshold
 MIN_MEASURED_STEPS = 2
 
-PHASE_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end",
+PHASE_LABELS = ("forward_start", "forward_end", "backward_call", "backward_start",
+                "backward_end",
                 "optimizer_start", "step", "batch", "eval_batch", "data_start", "data_end",
                 "update_start", "update_end")   # a hand-written update (record.update_watch)
 COLUMNS = ("wall_ms", "data_ms", "forward_ms", "eval_ms", "backward_ms", "optimizer_ms",
@@ -64,11 +65,15 @@ def phase_table(entries, batch_override: int | None = None,
     `pauses[i]`: seconds memprof itself spent just after the boundary that opens window i (a
     leak look): the window opens after them."""
     pauses = pauses or {}
+    entries = list(entries)
+    # a profile that marks backward() calls (since they are told from the engine's other
+    # passes) counts only their passes as micro-steps; an older one, every pass
+    calls = any(label == "backward_call" for label, _, _ in entries)
     rows: dict[str, list] = {c: [] for c in COLUMNS + ("loader_ms", "micro_steps", "samples",
                                                        "batch_size", "batch_min",
                                                        "batch_max")}
     prev_step_t = None
-    w = _Window(prev_step_t)
+    w = _Window(prev_step_t, calls)
     for label, t, value in entries:
         if label in ("batch", "eval_batch"):
             w.batch(int(value), evaluating=label == "eval_batch")
@@ -85,7 +90,7 @@ def phase_table(entries, batch_override: int | None = None,
             w.close(t)
             _append_row(rows, w, batch_override)
             prev_step_t = t + int(pauses.get(len(rows["wall_ms"]), 0.0) * 1e9)
-            w = _Window(prev_step_t)
+            w = _Window(prev_step_t, calls)
         else:
             w.event(label, t)
     return rows
@@ -94,8 +99,10 @@ def phase_table(entries, batch_override: int | None = None,
 class _Window:
     """State machine over the markers of one optimizer step."""
 
-    def __init__(self, start_t):
+    def __init__(self, start_t, calls_marked: bool = False):
         self.start_t = start_t
+        # backward() calls are marked ("backward_call"): only their passes train a group
+        self.calls_marked = calls_marked
         self.gap_start = start_t          # where the current data-wait gap began
         self.first_t = None
         self.state = "outside"
@@ -131,6 +138,15 @@ class _Window:
             return
         if self.first_t is None:
             self.first_t = t
+        if label == "backward_call" or (label == "backward_start" and not self.calls_marked):
+            # the pass that accumulates into .grad trains the group of the forward passes
+            # before it; where backward() calls are marked, the engine's other passes
+            # (autograd.grad, torch.func.grad: a MAML inner step, a gradient penalty) neither
+            # train a group nor end one (the native backward_start may come before the call,
+            # from a penalty's pass in the same backward phase)
+            if self.last_token == "F" and self.groups:
+                self.groups[-1][1] = True
+            self.last_token = "B"
         if label == "forward_start":
             if self.t0_opt is not None:           # optimizer.step(closure): LBFGS's next call
                 self.opt += t - self.t0_opt
@@ -156,9 +172,6 @@ class _Window:
                 self.t0_fwd = None
             self.state = "after_forward"
         elif label == "backward_start":
-            if self.last_token == "F" and self.groups:
-                self.groups[-1][1] = True
-            self.last_token = "B"
             if self.t0_bwd is None:
                 self.t0_bwd = t
             self.state = "backward"

@@ -212,6 +212,10 @@ class BackwardHook:
         return backward
 
     def _starts(self, tensors, grad_tensors, retain_graph, create_graph) -> None:
+        # a pass that accumulates into .grad (a micro-step's), told apart from the engine's
+        # other passes - torch.autograd.grad, torch.func.grad: a MAML inner loop, a gradient
+        # penalty - which mark only "backward_start" (analyse.throughput counts micro-steps)
+        _C.mark("backward_call", self.steps.step)
         # the call, noted for the backward-misuse check
         try:
             roots = []
