@@ -1,6 +1,7 @@
 """Steps of loops that have no optimizer: a hand-written update (`p.data.add_(p.grad,
 alpha=-lr)`, as pytorch/examples' word_language_model does) is found from what every training
-loop does - a backward, then a change of the parameters it made gradients for. The change is
+loop does - a backward (or a torch.autograd.grad call whose inputs are tracked parameters: a
+functional loop), then a change of the parameters it made gradients for. The change is
 noticed at the next forward of the root module (or when the block ends), and the step ends
 there; gradients are noted (a category snapshot) after each backward, whoever consumes them.
 
@@ -18,6 +19,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .events import CAT_GRADIENTS
+from .module_call import dynamo_compiling, outside_dynamo
 from .snapshots import is_plain_tensor
 from .update_watch import UpdateWatch
 
@@ -49,6 +51,32 @@ class AutoSteps:
 
     def install(self) -> None:
         self.session.backward.after.append(self._after_backward)
+        if self.session.steps.optimizer is None:   # (an optimizer given: never active)
+            self.session.patches.patch(torch.autograd, "grad", self._wrap_grad)
+
+    def _wrap_grad(self, original):
+        """torch.autograd.grad, noted as a backward is: a functional loop takes its
+        parameters' gradients with it and updates by hand (no .grad, no backward())."""
+        auto = self
+
+        def grad(outputs, inputs, *args, **kwargs):
+            result = original(outputs, inputs, *args, **kwargs)
+            if not dynamo_compiling() and auto._active():   # (compiled: traced as torch's)
+                outside_dynamo(auto._after_grad, inputs, result)
+            return result
+        return grad
+
+    def _after_grad(self, inputs, result) -> None:
+        try:
+            inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+            tracked = {id(p) for p in self.session.params()}
+            pairs = [(g, p) for p, g in zip(inputs, result)
+                     if id(p) in tracked and isinstance(g, torch.Tensor)]
+        except Exception:  # noqa: BLE001  (recording must never break the user's grad call)
+            return
+        if pairs:
+            self.session.snapshots.take(CAT_GRADIENTS, pairs)
+            self._watch([p for _, p in pairs])
 
     def _active(self) -> bool:
         steps = self.session.steps
@@ -67,6 +95,11 @@ class AutoSteps:
         if not params:
             return
         self.session.snapshots.take(CAT_GRADIENTS, [(p.grad, p) for p in params])
+        self._watch(params)
+
+    def _watch(self, params: list) -> None:
+        """After a pass that made these parameters' gradients: look for their change (the
+        update) at the next forward, and watch where the update runs."""
         if self._active() and self._before is None:
             # gradient accumulation: keep the state before the update
             prints = [fingerprint([p]) for p in params]
