@@ -200,7 +200,8 @@ class Profile:
 
     # ------------------------------------------------------------------ categories
     def markers(self, label: str | None = None) -> list[dict]:
-        """Markers in order: forward_start, forward_end, backward_start, optimizer_start, step
+        """Markers in order: forward_start, forward_end, backward_call (a backward() call),
+        backward_start (a pass of the autograd engine), backward_end, optimizer_start, step
         (the step boundary, after optimizer.step), snapshot; with their times in ns."""
         return [m for m in self._all_markers if label is None or m["label"] == label]
 

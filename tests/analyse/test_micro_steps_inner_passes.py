@@ -68,3 +68,24 @@ def test_accumulated_micro_steps_with_a_gradient_penalty_each_are_counted_once()
     assert t["per_step"]["micro_steps"] == [3, 3, 3]
     assert t["gradient_accumulation"] and t["per_step"]["samples"] == [18, 18, 18]
 
+
+
+def test_a_step_without_a_backward_call_counts_every_pass():
+    """Marked calls decide per step: a step of two autograd.grad passes (a functional loop
+    accumulating) is two micro-steps even where another step of the run called backward()."""
+    from memprof.analyse.throughput import phase_table
+    ms = 1_000_000
+    entries = [("step", 0, 0)]
+    t = 0
+    for step in (1, 2):
+        for _ in range(2):
+            entries += [("forward_start", (t := t + ms), step), ("forward_end", (t := t + ms), step)]
+            if step == 1:
+                entries.append(("backward_call", (t := t + ms), step))
+            entries += [("backward_start", (t := t + ms), 0), ("backward_end", (t := t + ms), step)]
+        entries.append(("step", (t := t + ms), step))
+    assert phase_table(entries)["micro_steps"][1:] == [2, 2]
+    # the first step's second pass made without a backward() call (an autograd.grad's): that
+    # step is one micro-step; the second, without any call, still two
+    marked_once = [e for e in entries if not (e[0] == "backward_call" and e[1] > 6 * ms)]
+    assert phase_table(marked_once)["micro_steps"][1:] == [1, 2]

@@ -1,6 +1,7 @@
 """Loops without torch.optim (pytorch/examples word_language_model's default path updates
 `p.data.add_(p.grad, alpha=-lr)` by hand): steps, gradients and leaks are found as with an
 optimizer (issue 14)."""
+import pytest
 import torch
 
 import memprof
@@ -136,4 +137,48 @@ def test_autograd_grad_of_what_is_not_a_parameter_ends_no_step():
                 for p in model.parameters():
                     p -= 0.1 * p.grad
                     p.grad = None
+    assert len(prof.steps) == 3
+
+
+def test_autograd_grad_of_the_parameters_as_a_generator_is_read_once():
+    """`torch.autograd.grad(loss, model.parameters())`: the generator was spent by the call
+    before memprof read it (one step for four)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    with memprof.track(model) as prof:
+        for _ in range(4):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            grads = torch.autograd.grad(loss, model.parameters())
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads):
+                    p -= 0.1 * g
+    assert len(prof.steps) == 4
+
+
+@pytest.mark.parametrize("loop", ["two grads per forward", "retain_graph backward twice"])
+def test_no_update_watch_is_left_on_after_the_block(loop):
+    """A second grad (or backward) before the next forward is handed by torch to the update
+    watch's torch function mode, which called memprof's hook from inside it: a second copy of
+    the mode was pushed, and stayed on the stack after the block (every torch call of the
+    program then went through it)."""
+    from torch.overrides import _get_current_function_mode_stack
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    with memprof.track(model) as prof:
+        for _ in range(3):
+            out = model(torch.randn(8, 4))
+            if loop == "two grads per forward":   # per-task gradients (PCGrad's shape)
+                g1 = torch.autograd.grad(out[:, 0].mean(), list(model.parameters()),
+                                         retain_graph=True)
+                g2 = torch.autograd.grad(out[:, 1].mean(), list(model.parameters()))
+                grads = [a + b for a, b in zip(g1, g2)]
+            else:
+                out[:, 0].mean().backward(retain_graph=True)
+                out[:, 1].mean().backward()
+                grads = [p.grad for p in model.parameters()]
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), grads):
+                    p -= 0.1 * g
+                    p.grad = None
+    assert _get_current_function_mode_stack() == []
     assert len(prof.steps) == 3

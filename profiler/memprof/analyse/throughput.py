@@ -5,7 +5,8 @@ utilisation.
 Where the numbers come from
 - Phase boundaries are the markers in the event stream: ``forward_start`` / ``forward_end``
   (the model's calls, record.scope), ``backward_start`` (native, first autograd node of a
-  backward pass), ``backward_end`` (record.steps' backward wrapper, after each backward call),
+  backward pass: any pass of the engine, torch.autograd.grad's too), ``backward_call`` and
+  ``backward_end`` (record.steps' backward wrapper, before and after each backward() call),
   ``optimizer_start`` and ``step`` (optimizer step hooks, or ``prof.step()``), ``batch``
   (record.throughput: the leading dimension of the first tensor passed to the pass's module)
   and ``eval_batch`` (the same for a pass without gradients).
@@ -23,7 +24,10 @@ Per optimizer step (the window between two ``step`` markers):
 - evaluation: passes without gradients in a window that trains (a validation batch); in a
   window that only evaluates (inference) they are its forward;
 - other: the rest of the wall time (loss computation, zero_grad, logging, ...);
-- micro-steps: forward passes followed by a backward pass (a forward -> backward transition);
+- micro-steps: forward passes followed by a backward() call (a forward -> backward
+  transition); the engine's other passes (torch.autograd.grad, torch.func.grad: a MAML inner
+  loop, a gradient penalty) belong to the micro-step they run in, except in a step without any
+  backward() call (a functional loop), where every pass counts, as before the call marker;
 - samples: the micro-batch size of each micro-step, summed.
 Statistics are medians with p10/p90 over the steps after ``warmup`` (default 1) warm-up steps,
 leaving out the steps in which torch.compile compiled (record.compile_watch).
@@ -66,14 +70,21 @@ def phase_table(entries, batch_override: int | None = None,
     leak look): the window opens after them."""
     pauses = pauses or {}
     entries = list(entries)
-    # a profile that marks backward() calls (since they are told from the engine's other
-    # passes) counts only their passes as micro-steps; an older one, every pass
-    calls = any(label == "backward_call" for label, _, _ in entries)
+    # a step with backward() calls marked counts only their passes as micro-steps; one
+    # without (a functional loop's autograd.grad only, a profile from before the marker),
+    # every pass of the engine
+    calls, window = [False], 0
+    for label, t, _ in entries:
+        if label == "step" and t is not None:
+            calls.append(False)
+            window += 1
+        elif label == "backward_call":
+            calls[window] = True
     rows: dict[str, list] = {c: [] for c in COLUMNS + ("loader_ms", "micro_steps", "samples",
                                                        "batch_size", "batch_min",
                                                        "batch_max")}
     prev_step_t = None
-    w = _Window(prev_step_t, calls)
+    w = _Window(prev_step_t, calls[0])
     for label, t, value in entries:
         if label in ("batch", "eval_batch"):
             w.batch(int(value), evaluating=label == "eval_batch")
@@ -90,7 +101,7 @@ def phase_table(entries, batch_override: int | None = None,
             w.close(t)
             _append_row(rows, w, batch_override)
             prev_step_t = t + int(pauses.get(len(rows["wall_ms"]), 0.0) * 1e9)
-            w = _Window(prev_step_t, calls)
+            w = _Window(prev_step_t, calls[len(rows["wall_ms"])])
         else:
             w.event(label, t)
     return rows

@@ -13,6 +13,7 @@ for the device: a hand-written loop pays it, an optimizer loop never does).
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -51,17 +52,29 @@ class AutoSteps:
 
     def install(self) -> None:
         self.session.backward.after.append(self._after_backward)
-        if self.session.steps.optimizer is None:   # (an optimizer given: never active)
+        steps = self.session.steps
+        if steps.optimizer is None and steps.step_on == "auto":   # (else never active)
             self.session.patches.patch(torch.autograd, "grad", self._wrap_grad)
 
     def _wrap_grad(self, original):
         """torch.autograd.grad, noted as a backward is: a functional loop takes its
         parameters' gradients with it and updates by hand (no .grad, no backward())."""
         auto = self
+        depth = threading.local()
 
         def grad(outputs, inputs, *args, **kwargs):
-            result = original(outputs, inputs, *args, **kwargs)
-            if not dynamo_compiling() and auto._active():   # (compiled: traced as torch's)
+            if not isinstance(inputs, (torch.Tensor, tuple, list)):
+                inputs = tuple(inputs)   # a generator (model.parameters()): read it once
+            # torch hands a call to a torch function mode by this name (memprof's own
+            # UpdateWatch among them), which calls it again: noted once, at the outer call
+            outer = not getattr(depth, "n", 0)
+            depth.n = getattr(depth, "n", 0) + 1
+            try:
+                result = original(outputs, inputs, *args, **kwargs)
+            finally:
+                depth.n -= 1
+            if outer and not dynamo_compiling() and auto._active() and \
+                    torch._C._current_graph_task_id() == -1:   # (not inside a backward)
                 outside_dynamo(auto._after_grad, inputs, result)
             return result
         return grad
@@ -69,6 +82,8 @@ class AutoSteps:
     def _after_grad(self, inputs, result) -> None:
         try:
             inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+            if not any(isinstance(p, torch.nn.Parameter) for p in inputs):
+                return   # (an input's gradient: a penalty, a saliency map)
             tracked = {id(p) for p in self.session.params()}
             pairs = [(g, p) for p, g in zip(inputs, result)
                      if id(p) in tracked and isinstance(g, torch.Tensor)]

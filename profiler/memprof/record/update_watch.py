@@ -70,13 +70,18 @@ class UpdateWatch(TorchFunctionMode):
         self._grad_read_t = 0                     # when a call last read a gradient
         self._started = False
         self._last_end = 0
+        # calls inside __torch_function__, where torch has taken this mode off the stack for
+        # the call: an open() from there (a grad or backward that torch hands to the mode
+        # and which runs memprof's hooks) would push a second copy, left on after the block
+        self._handling = 0
         never_compiled(self.__torch_function__)   # (a compiled step's eager fallback)
 
     def open(self, params: list[torch.Tensor]) -> None:
         """After a backward: watch these parameters' memory until the next forward (close).
         Not while another torch function mode is on (torch.set_default_device's, a user's):
         under it this one would sit on the stack in an order neither expects."""
-        if _get_current_function_mode_stack() or _device.CURRENT_DEVICE is not None:
+        if self._handling or _get_current_function_mode_stack() or \
+                _device.CURRENT_DEVICE is not None:
             return   # (this one included: still open)
         self._ptrs = frozenset(q for q in map(_ptr, params) if q is not None)
         self._grads = frozenset(q for q in (_ptr(p.grad) for p in params if p.grad is not None)
@@ -92,22 +97,27 @@ class UpdateWatch(TorchFunctionMode):
         if step_ended and self._started:
             _C.mark("update_end", self._last_end)
             self._started = False
-        if not self._on_stack():
-            return
-        above = []
-        while True:
-            mode = _pop_mode()
-            if mode is self:
-                break
-            above.append(mode)
-        for mode in reversed(above):
-            _push_mode(mode)
+        while self._on_stack():   # (every copy: one pushed twice is not left behind)
+            above = []
+            while True:
+                mode = _pop_mode()
+                if mode is self:
+                    break
+                above.append(mode)
+            for mode in reversed(above):
+                _push_mode(mode)
 
     def _on_stack(self) -> bool:
         return any(m is self for m in _get_current_function_mode_stack())
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        self._handling += 1
+        try:
+            return self._handle(func, args, kwargs or {})
+        finally:
+            self._handling -= 1
+
+    def _handle(self, func, args, kwargs):
         # dynamo traces through the mode (a compiled function called after a backward): it
         # reads the check as a constant and traces the call alone
         if torch.compiler.is_compiling() or self._steps.explicit or \
