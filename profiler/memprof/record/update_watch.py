@@ -74,7 +74,7 @@ class UpdateWatch(TorchFunctionMode):
         # the call: an open() from there (a grad or backward that torch hands to the mode
         # and which runs memprof's hooks) would push a second copy, left on after the block
         self._handling = 0
-        never_compiled(self.__torch_function__)   # (a compiled step's eager fallback)
+        never_compiled(self.__torch_function__, self._handle)   # (a compiled step's fallback)
 
     def open(self, params: list[torch.Tensor]) -> None:
         """After a backward: watch these parameters' memory until the next forward (close).
