@@ -282,6 +282,10 @@ def test_an_oom_after_the_log_filled_is_not_explained_by_the_logs_end(capfd):
     # one request larger than the device needs no log: the finding says so, as before
     [f] = [f for f in prof.findings if f.kind == "out_of_memory"]
     assert f.evidence["cause"]["cause"] == "single_request"
+    # ... and what it shows alive is still the log's end's, said so
+    assert f.evidence["alive"]["at_log_end"]
+    assert f.evidence["memory"]["alive"] == req["total_allocated"]
+    assert f"at its end (step {cause['log_end_step']})" in f.evidence["memory"]["text"]
 
 
 def test_an_oom_the_log_holds_is_explained_as_before():

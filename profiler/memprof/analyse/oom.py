@@ -121,18 +121,21 @@ def diagnose(profile: Profile, which: int = 0, capacity: int | None = None,
         capacity, capacity_source = device_capacity(profile)
     source = capacity_source or "given capacity"
     alive = alive_summary(profile, oom["position"] - 1)
-    # after the log filled, the allocator's own count is the one known at the OOM (one
-    # request larger than the device needs no log to explain it)
-    past = bool(oom.get("dropped_before")) and not (capacity and oom["requested"] >= capacity)
+    # after the log filled, the allocator's own count is the one known at the OOM, and what
+    # the log holds alive is its end's
+    past = bool(oom.get("dropped_before"))
     out = {"request": dict(oom), "ooms": len(ooms), "alive": alive,
            "memory": memory_state(oom, oom["total_allocated"] if past else alive["bytes"],
                                   capacity or None, source)}
     if past:
-        out["alive"]["at_log_end"] = True   # what the log holds at its end, not at the OOM
-        out["cause"] = past_the_log(profile, oom, capacity or None)
+        out["alive"]["at_log_end"] = True
+        mem = profile.memory[:oom["position"]]
+        end_step = int(mem["step"][-1]) if mem.size else 0
         out["memory"]["text"] += (f"; memprof's log holds {fmt_bytes(alive['bytes'])} alive "
-                                  f"at its end (step {out['cause']['log_end_step']})")
-    else:
+                                  f"at its end (step {end_step})")
+    if past and not (capacity and oom["requested"] >= capacity):
+        out["cause"] = past_the_log(profile, oom, capacity or None)
+    else:   # (one request larger than the device needs no log to explain it)
         out["cause"] = classify(profile, oom["step"], oom["requested"], capacity or None,
                                 source)
     return out
