@@ -358,8 +358,9 @@ class GradientNote {
 
 void register_storages(py::module_& m) {
   m.def("plain_storage_addresses", &plain_storage_addresses, py::arg("tensors"),
-        "Per tensor: its storage's data address (0: none) if it is a plain torch.Tensor or "
-        "Parameter, else -1 (fake, DTensor, functional or functorch-wrapped: ask Python).");
+        "Per tensor: its storage's data address as a snapshot names it (0: none, or a block "
+        "allocated while the event log was full) if it is a plain torch.Tensor or Parameter, "
+        "else -1 (fake, DTensor, functional or functorch-wrapped: ask Python).");
   py::class_<StorageNote>(m, "StorageNote",
                           "The storages a list of plain tensors held when noted (weakly).")
       .def(py::init<>())
@@ -372,7 +373,8 @@ void register_storages(py::module_& m) {
       .def("same_state", &StorageNote::same_state, py::arg("state"),
            "same() for the tensors of an optimizer's state dict, in state_pairs' order.");
   m.def("module_buffer_addresses", &module_buffer_addresses, py::arg("module_ids"),
-        "Sorted storage addresses of the buffers of (module, id) pairs; None if one is not a "
+        "Sorted storage addresses of the buffers of (module, id) pairs, as a snapshot names "
+        "them (a block allocated while the event log was full left out); None if one is not a "
         "plain tensor (ask Python).");
   py::class_<GradientNote>(m, "GradientNote",
                            "The gradients of one optimizer's parameters at its last step.")

@@ -287,7 +287,7 @@ def test_an_oom_the_log_holds_is_explained_as_before():
     assert d["cause"]["cause"] == "growth" and "at_log_end" not in d["alive"]
 
 
-def test_the_report_of_an_oom_after_the_log_filled():
+def test_the_report_of_an_oom_after_the_log_filled(monkeypatch):
     """A hand-built run: six recorded steps that each keep 2 MiB (the log ends in the
     sixth); the OOM report (8 MiB, step 9) says 3,000 events were dropped before it."""
     from rich.console import Console
@@ -313,6 +313,12 @@ def test_the_report_of_an_oom_after_the_log_filled():
     # option takes as written
     assert cause["events_per_step"] == 4 and cause["capacity_needed"] == 40
     assert "memprof run --capacity 40 (" in f.fix
+    # steps up to the OOM that no log could hold (the bound set below the 40 needed): no
+    # capacity to pass
+    monkeypatch.setattr("memprof.analyse.oom.MAX_CAPACITY", 39)
+    [late] = out_of_memory(profile)
+    assert late.evidence["cause"]["capacity_too_large"] and "--capacity" not in late.fix
+    assert "more than one log holds" in late.fix
     console = Console(record=True, width=300)
     profile.findings[:] = [f]
     print_diagnosis(profile, console)

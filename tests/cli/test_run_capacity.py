@@ -8,6 +8,7 @@ import pytest
 
 import memprof
 from memprof.cli import main
+from memprof.record.session import DEFAULT_CAPACITY
 
 SCRIPT = textwrap.dedent('''
     import torch
@@ -61,11 +62,12 @@ def test_the_default_capacity_records_the_whole_script(tmp_path, capsys):
     rc, out, err = _run(tmp_path, capsys)
     assert rc == 0, err
     prof = memprof.load(str(tmp_path / "train.memprof"))
-    assert prof.meta["capacity"] == 20_000_000 and not prof.meta.get("dropped")
+    assert prof.meta["capacity"] == DEFAULT_CAPACITY and not prof.meta.get("dropped")
     assert len(prof.steps) == 20
 
 
-@pytest.mark.parametrize("bad", ["0", "-5", "lots", "infM", "1.5", "_1", "5MB", "1e20k"])
+@pytest.mark.parametrize("bad", ["0", "-5", "lots", "infM", "1.5", "_1", "5MB", "1e20k",
+                                 "1e99999999999"])
 def test_a_bad_capacity_is_one_line(tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as exc:
         _run(tmp_path, capsys, "--capacity", bad)

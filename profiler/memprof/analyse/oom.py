@@ -15,9 +15,10 @@ both reported through the same native hook), `diagnose` states:
 
 An OOM that came after the event log filled (a long run past `track(capacity=...)`): the log
 does not hold what was alive then, so the profile's state at the log's end is not presented as
-the state at the OOM. `past_the_log` says what is known - the allocator's own count at the OOM
-against the one at the log's end, the growth the recorded steps show - and the capacity a run
-that records up to the OOM needs.
+the state at the OOM. Unless the request alone is larger than the device (its own cause),
+`past_the_log` says what is known - the allocator's own count at the OOM against the one at
+the log's end, the growth the recorded steps show - and the capacity a run that records up to
+the OOM needs.
 
 What would fit instead is a planning question (`memprof.plan.fit`); this module stays pure.
 """
@@ -28,6 +29,7 @@ import numpy as np
 from ..finding import Finding
 from ..profile import Profile
 from ..record.events import EVENT_DTYPE, KIND_MEMORY
+from ..record.session import MAX_CAPACITY
 from ..units import fmt_bytes
 from .growth import device_capacity, memory_growth
 
@@ -87,7 +89,8 @@ def classify(profile: Profile, step: int, request: int, capacity: int | None,
 
 def memory_state(oom: dict, alive: int, capacity: int | None, capacity_source: str) -> dict:
     """Allocated vs reserved vs capacity at the failing request, as the allocator reported
-    them (`alive`: what memprof saw alive, blocks from before tracking included);
+    them (`alive`: what memprof saw alive, blocks from before tracking included - or, for an
+    OOM after the log filled, the allocator's own count, the one known then);
     fragmentation = the reserved bytes cached but free, as a share of reserved."""
     allocated, reserved = oom["total_allocated"], oom["total_reserved"]
     cached_free = max(0, reserved - allocated)
@@ -129,10 +132,8 @@ def diagnose(profile: Profile, which: int = 0, capacity: int | None = None,
                                   capacity or None, source)}
     if past:
         out["alive"]["at_log_end"] = True
-        mem = profile.memory[:oom["position"]]
-        end_step = int(mem["step"][-1]) if mem.size else 0
         out["memory"]["text"] += (f"; memprof's log holds {fmt_bytes(alive['bytes'])} alive "
-                                  f"at its end (step {end_step})")
+                                  f"at its end (step {_log_end(profile, oom)[1]})")
     if past and not (capacity and oom["requested"] >= capacity):
         out["cause"] = past_the_log(profile, oom, capacity or None)
     else:   # (one request larger than the device needs no log to explain it)
@@ -141,13 +142,19 @@ def diagnose(profile: Profile, which: int = 0, capacity: int | None = None,
     return out
 
 
+def _log_end(profile: Profile, oom: dict) -> tuple:
+    """(the run's own memory events before the OOM, the step of the last one): where the log
+    ended, for an OOM after it filled (the blocks from before the block are not the run's)."""
+    mem = profile.memory[:oom["position"]]
+    mem = mem[mem["thread"] >= 0]
+    return mem, int(mem["step"][-1]) if mem.size else 0
+
+
 def past_the_log(profile: Profile, oom: dict, capacity: int | None) -> dict:
     """The cause of an OOM that came after the event log filled: what the allocator's own
     counts say (they are in the OOM report), the growth of the recorded steps, and the
     capacity that would record up to the OOM (from the events a recorded step took)."""
-    mem = profile.memory[:oom["position"]]   # the log before the OOM
-    mem = mem[mem["thread"] >= 0]            # the run's own events, not the blocks from before
-    end_step = int(mem["step"][-1]) if mem.size else 0
+    mem, end_step = _log_end(profile, oom)
     device = mem[(mem["device_type"] == oom["device_type"])
                  & (mem["device_index"] == oom["device_index"])]
     end_total = int(device["total_allocated"][-1]) if device.size else None
@@ -163,6 +170,7 @@ def past_the_log(profile: Profile, oom: dict, capacity: int | None) -> dict:
     else:
         per_step = max(int(mem.size + side.size), int(profile.meta.get("capacity") or 0), 1)
     need = per_step * (oom["step"] + 1)   # steps 0 .. the OOM's
+    too_many = need > MAX_CAPACITY        # more than `memprof run --capacity` takes
     text = (f"the event log filled in step {end_step} (capacity "
             f"{int(profile.meta.get('capacity', 0)):,} events) and the OOM came in step "
             f"{oom['step']}" + (": what was allocated in between is not recorded"
@@ -182,7 +190,7 @@ def past_the_log(profile: Profile, oom: dict, capacity: int | None) -> dict:
             "allocated_at_log_end": end_total, "grew_since": grew, "growing": bool(growth),
             "events_per_step": per_step, "events_per_step_at_least": at_least,
             "capacity_needed": need, "capacity_needed_bytes": need * EVENT_DTYPE.itemsize,
-            "text": text}
+            "capacity_too_large": too_many, "text": text}
 
 
 FIXES = {
@@ -210,11 +218,16 @@ def out_of_memory(profile: Profile) -> list[Finding]:
     req, cause = d["request"], d["cause"]
     if cause["cause"] == "past_the_log":
         least = "at least " if cause["events_per_step_at_least"] else ""
-        fix = (f"record up to the OOM: memprof run --capacity {cause['capacity_needed']} "
-               f"(track(capacity=...)): the recorded steps took {least}about "
-               f"{cause['events_per_step']:,} events each, "
-               f"{fmt_bytes(cause['capacity_needed_bytes'])} of host memory for steps 0-"
-               f"{cause['step']}")
+        took = (f"the recorded steps took {least}about {cause['events_per_step']:,} events "
+                f"each, {fmt_bytes(cause['capacity_needed_bytes'])} of host memory for steps "
+                f"0-{cause['step']}")
+        if cause["capacity_too_large"]:
+            fix = (f"{took}: more than one log holds ({MAX_CAPACITY:,} events); make the run "
+                   "reach the OOM in fewer steps (a shorter schedule, the batch that fails from "
+                   "the start) and record that")
+        else:
+            fix = (f"record up to the OOM: memprof run --capacity {cause['capacity_needed']} "
+                   f"(track(capacity=...)): {took}")
         if cause["growing"]:
             fix = FIXES["growth"] + "; " + fix
     else:

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import decimal
 import os
-import re
 import tempfile
 
 
@@ -50,28 +48,6 @@ def seconds_or_off(text: str) -> float:
     if not v >= 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0: off), got {text}")
     return v
-
-
-#: the most events --capacity takes (72 bytes each: 7.2 TB of host memory)
-MAX_EVENTS = 10**11
-
-
-def event_count(text: str) -> int:
-    """An argparse type: a number of events, 1 or more, whole, as written or with a decimal
-    suffix (50M, 2.5G, 500k, 1e6), as --capacity takes it."""
-    given = text.strip()
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(given[-1:].lower(), 1)
-    number = given[:-1] if scale > 1 else given
-    n = None
-    if re.fullmatch(r"\d+(_\d+)*(\.\d+)?(e[+-]?\d+)?", number, re.IGNORECASE):
-        n = decimal.Decimal(number) * scale
-    if n is None or not n.is_finite() or n != n.to_integral_value():
-        raise argparse.ArgumentTypeError(f"expected a whole number of events such as 50000000 "
-                                         f"or 50M, got {text!r}")
-    if not 1 <= n <= MAX_EVENTS:
-        raise argparse.ArgumentTypeError(f"expected a number of events from 1 to "
-                                         f"{MAX_EVENTS:,}, got {text!r}")
-    return int(n)
 
 
 def at_least_one(text: str) -> int:

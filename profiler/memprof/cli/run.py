@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import decimal
 import os
+import re
 import signal
 import sys
 import traceback
 
 from ..record.patches import PatchRegistry
 from ..record.events import EVENT_DTYPE
-from ..record.session import DEFAULT_CAPACITY
+from ..record.session import DEFAULT_CAPACITY, MAX_CAPACITY
 from ..track_autosave import DEFAULT_AUTOSAVE_S
-from .base import Command, UsageError, at_least_one, check_writable, event_count, seconds_or_off
+from .base import Command, UsageError, at_least_one, check_writable, seconds_or_off
 from .report import BUDGET_FORMS, parse_budget
 from .run_report import print_report
 from .run_target import RunTarget, TargetFailed, resolve, split_argv
@@ -66,9 +68,9 @@ class RunCommand(Command):
                             help=f"allocations and frees the event log keeps (default "
                                  f"{DEFAULT_CAPACITY:,}: {EVENT_DTYPE.itemsize} bytes each, "
                                  f"{DEFAULT_CAPACITY * EVENT_DTYPE.itemsize / 1e9:.2g} GB of "
-                                 f"host memory at "
-                                 f"most); past it they are dropped and the report covers the "
-                                 f"steps before. 50M, 2.5G: decimal suffixes")
+                                 f"host memory at most); past it they are dropped and the "
+                                 f"report covers the steps before. 50M, 2.5G: decimal "
+                                 f"suffixes")
         parser.add_argument("--autosave", type=seconds_or_off, metavar="SECONDS",
                             default=DEFAULT_AUTOSAVE_S,
                             help=f"save the profile so far at a step end every SECONDS at "
@@ -126,7 +128,8 @@ class RunCommand(Command):
         # named by --step-on ends their steps too: step_on.install_in_process)
         spawned = SpawnWatch(output, dict(
             budget=args.budget, batch_size=args.batch_size, autosave=args.autosave or None,
-            capacity=args.capacity, step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
+            capacity=args.capacity,
+            step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
             args.launch_dir, step_on=args.step_on, script=script)
         spawned.install(patches)
         # the script's globals are searched for holders of leaked tensors, even if it raises
@@ -218,6 +221,27 @@ class RunCommand(Command):
             values = value if isinstance(value, list) else [value]
             out += [flag] if value is True else [x for v in values for x in (flag, str(v))]
         return out
+
+
+def event_count(text: str) -> int:
+    """An argparse type: a number of events, whole, 1 to MAX_CAPACITY, as written or with a
+    decimal suffix (50M, 2.5G, 500k, 1e6), as --capacity takes it."""
+    given = text.strip()
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(given[-1:].lower(), 1)
+    number = given[:-1] if scale > 1 else given
+    n = None
+    if re.fullmatch(r"\d+(_\d+)*(\.\d+)?(e[+-]?\d+)?", number, re.IGNORECASE):
+        try:
+            n = decimal.Decimal(number) * scale
+        except decimal.DecimalException:   # (an exponent past Decimal's own range)
+            n = None
+    if n is None or n != n.to_integral_value():
+        raise argparse.ArgumentTypeError(f"expected a whole number of events such as 50000000 "
+                                         f"or 50M, got {text!r}")
+    if not 1 <= n <= MAX_CAPACITY:
+        raise argparse.ArgumentTypeError(f"expected a number of events from 1 to "
+                                         f"{MAX_CAPACITY:,}, got {text!r}")
+    return int(n)
 
 
 def _exit_status(exc: SystemExit) -> int:

@@ -37,6 +37,8 @@ from .snapshots import Snapshot, SnapshotRecorder
 from .steps import BackwardHook, StepClock
 
 DEFAULT_CAPACITY = 20_000_000  # events; the excess is counted as dropped
+#: the largest capacity memprof run takes (EVENT_DTYPE.itemsize bytes each: 7.2 TB at 72)
+MAX_CAPACITY = 10**11
 
 _active: "Session | None" = None
 _start_lock = threading.Lock()
