@@ -34,6 +34,13 @@ def _train(update: str, tracked: bool = True, steps: int = 5):
         for _ in range(steps):
             x = torch.randn(8, 32)        # the next batch, made after the update
             loss = F.mse_loss(model(x), y)
+            if update == "functional":    # gradients from torch.autograd.grad, no .grad
+                grads = torch.autograd.grad(loss, list(model.parameters()))
+                with torch.no_grad():
+                    for p, g in zip(model.parameters(), grads):
+                        p -= 0.05 * g
+                losses.append(loss.item())
+                continue
             loss.backward()
             if opt is not None:
                 opt.step()
@@ -59,7 +66,18 @@ def _train(update: str, tracked: bool = True, steps: int = 5):
     return prof, model, losses
 
 
-@pytest.mark.parametrize("update", ["sub", "momentum"])
+def test_a_functional_loop_has_its_steps_and_gradients():
+    """Gradients from torch.autograd.grad, the update by hand: no step was found (steps came
+    after backward() only) and the gradients read "other"."""
+    prof, model, _ = _train("functional")
+    assert len(prof.steps) == 5 and prof.throughput["micro_steps_per_step"] == 1
+    # at the peak (inside a step's grad call) the step's gradients and those of the step
+    # before, which the loop's `grads` still holds
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert prof.summary()["by_category_at_peak"]["gradients"] >= grads
+
+
+@pytest.mark.parametrize("update", ["sub", "momentum", "functional"])
 def test_a_hand_written_update_is_the_optimizer_phase(update):
     prof, model, losses = _train(update)
     assert len(prof.steps) == 5

@@ -84,44 +84,6 @@ def test_an_optimizer_loop_is_not_split_by_parameter_reads():
     assert len(prof.markers("step")) == 2
 
 
-def _functional_loop(steps: int, track: bool):
-    """A functional loop: the parameters' gradients from torch.autograd.grad, the update by
-    hand; no .grad, no backward(), no optimizer."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    losses = []
-
-    def run():
-        for _ in range(steps):
-            x, y = torch.randn(8, 4), torch.randn(8, 1)
-            loss = ((model(x) - y) ** 2).mean()
-            grads = torch.autograd.grad(loss, list(model.parameters()))
-            with torch.no_grad():
-                for p, g in zip(model.parameters(), grads):
-                    p -= 0.1 * g
-            losses.append(loss.item())
-
-    if not track:
-        run()
-        return None, model, losses
-    with memprof.track(model) as prof:
-        run()
-    return prof, model, losses
-
-
-def test_a_functional_loop_with_autograd_grad_has_its_steps_and_gradients():
-    """It had no step at all (steps were found after backward() only) and its gradients
-    read "other"."""
-    prof, model, losses = _functional_loop(5, track=True)
-    assert len(prof.steps) == 5
-    assert prof.throughput["micro_steps_per_step"] == 1
-    grads = sum(p.numel() * p.element_size() for p in model.parameters())
-    # at the peak (inside a step's grad call) the step's gradients and those of the step
-    # before, which the loop's `grads` still holds
-    assert prof.summary()["by_category_at_peak"]["gradients"] >= grads
-    assert losses == _functional_loop(5, track=False)[2]   # training unchanged
-
-
 def test_autograd_grad_of_what_is_not_a_parameter_ends_no_step():
     """A gradient with respect to the inputs (an adversarial example, a saliency map) before
     a backward: the step still ends at the update of the parameters, once per step."""

@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .. import _C
 from .events import CAT_GRADIENTS
 from .module_call import dynamo_compiling, outside_dynamo
 from .snapshots import is_plain_tensor
@@ -90,6 +91,9 @@ class AutoSteps:
         except Exception:  # noqa: BLE001  (recording must never break the user's grad call)
             return
         if pairs:
+            # the loop's backward is over, as backward()'s wrapper marks it (BackwardHook): the
+            # update and the next batch are not backward
+            _C.backward_end(self.session.steps.step)
             self.session.snapshots.take(CAT_GRADIENTS, pairs)
             self._watch([p for _, p in pairs])
 
