@@ -525,7 +525,6 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   ts.buffer->events.append(e);
 }
 
-
 // The CUDA blocks allocated while the log was full (their allocation dropped) and not freed
 // since: what unlogged_delete tells of a CPU block, for the CUDA caching allocator, whose blocks
 // memprof does not hand out (its deleter is not ours to mark). That allocator gives a freed

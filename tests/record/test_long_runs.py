@@ -189,8 +189,7 @@ def _named_past_the_log(model, opt, capacity: int) -> int:
 def test_a_gradient_made_past_one_blocks_log_is_freed_in_the_next_block():
     """A block whose allocation one block's full log dropped carries a mark of it (its own
     deleter); kept into the next block (in that block's baseline: gradients kept across
-    blocks), it is named there and its free is reported as any baseline block's (the
-    baseline's free watch takes the marked deleter over)."""
+    blocks), it is named there and its free is reported as any baseline block's."""
     model, opt = _model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
