@@ -23,7 +23,6 @@
 #include <pybind11/stl.h>
 
 #include <pthread.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <array>
@@ -43,6 +42,7 @@
 
 #include "address_watch.h"
 #include "bindings.h"
+#include "chunk_pool.h"
 #include "events.h"
 
 namespace py = pybind11;
@@ -57,42 +57,6 @@ int64_t now_ns() {
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
-
-constexpr size_t kHugePage = size_t{2} << 20;
-
-// A chunk's mapped length: a whole huge page when it is at least half of one (the event log's
-// chunks), else its size (the kernel rounds to pages).
-constexpr size_t mapped_length(size_t bytes) {
-  return bytes >= kHugePage / 2 ? (bytes + kHugePage - 1) / kHugePage * kHugePage : bytes;
-}
-
-// Anonymous zeroed memory for a chunk. `huge`: aligned to a huge page and offered to the
-// kernel as one (mmap gives no alignment, so map one huge page more and cut the ends off);
-// a log's first chunk is only where its thread is expected to record much (see
-// RecordLog::huge_first), so a thread that records a few events holds the pages it touched,
-// not 2 MiB.
-void* map_chunk(size_t bytes, bool huge) {
-  size_t length = mapped_length(bytes);
-  if (!huge || length < kHugePage) {
-    void* p = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::bad_alloc();
-    return p;
-  }
-  size_t span = length + kHugePage;
-  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) throw std::bad_alloc();
-  auto start = reinterpret_cast<uintptr_t>(raw);
-  uintptr_t aligned = (start + kHugePage - 1) & ~(kHugePage - 1);
-  if (aligned > start) munmap(raw, aligned - start);
-  size_t tail = start + span - (aligned + length);
-  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + length), tail);
-#ifdef MADV_HUGEPAGE
-  (void)madvise(reinterpret_cast<void*>(aligned), length, MADV_HUGEPAGE);  // a hint: may say no
-#endif
-  return reinterpret_cast<void*>(aligned);
-}
-
-void unmap_chunk(void* p, size_t bytes) { munmap(p, mapped_length(bytes)); }
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread record logs in fixed-size chunks, written by their thread only: an append is a
@@ -115,10 +79,13 @@ struct RecordLog {
     // event chunk fills one 2 MiB huge page where the kernel offers them (transparent huge
     // pages, "madvise" mode included): the first write to each 4 KiB page otherwise costs a
     // page fault, ~25 ns per 72-byte event on this machine's VM against ~3 with one fault per
-    // chunk (scratch measurement; benchmarks/per_event.py shows the effect on the whole path).
+    // chunk (scratch measurement; benchmarks/per_event.py shows the effect on the whole path),
+    // and that one fault comes from chunk_pool's worker, ahead of the writer, where it can.
     // A log's first chunk takes small pages unless huge_first is set (see map_chunk).
     static Chunk* create(bool huge) {
-      void* p = map_chunk(sizeof(Chunk), huge);
+      void* p = huge && mapped_length(sizeof(Chunk)) == kHugePage
+                    ? take_huge_chunk()
+                    : map_chunk(sizeof(Chunk), huge);
       return new (p) Chunk;
     }
     static void destroy(Chunk* c) {
@@ -920,6 +887,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.step_end_total = -1;
   s.steps_growing = 0;
   s.hooks_only = hooks_only;
+  start_chunk_pool();
   uint64_t gen = s.generation.fetch_add(1) + 1;
   s.owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
   s.reporter = std::make_shared<Reporter>(gen);
@@ -976,6 +944,7 @@ std::string stop() {
               "still active: memprof missed the allocations made while it ran";
   }
   s.reporter.reset();
+  stop_chunk_pool();   // writers still finishing an allocation map their own chunks
   return warning;
 }
 
@@ -1311,6 +1280,11 @@ py::dict counters() {
   d["markers_dropped"] = s.marks_dropped.load();
   d["seq_records_dropped"] = seqs_dropped;
   d["threads"] = buffers.size();
+  // the log's huge chunks this session: faulted in ahead by chunk_pool's worker, or mapped by
+  // the writer itself (none was ready)
+  ChunkPoolCounts chunks = chunk_pool_counts();
+  d["chunks_ready"] = chunks.ready;
+  d["chunks_mapped"] = chunks.mapped;
   return d;
 }
 
@@ -1342,6 +1316,9 @@ void register_tracker(py::module_& m) {
       &lock_unlogged_cuda_blocks_for_fork, &unlock_unlogged_cuda_blocks_after_fork,
       &unlock_unlogged_cuda_blocks_after_fork);
   (void)cuda_atfork_status;
+  static const int chunk_pool_atfork_status = pthread_atfork(
+      &lock_chunk_pool_for_fork, &unlock_chunk_pool_after_fork, &reset_chunk_pool_in_child);
+  (void)chunk_pool_atfork_status;
   // one function for both would read every tracked block as dropped (see unlogged_delete)
   // (read through volatile: the compiler would fold the comparison of two functions to false)
   c10::DeleterFnPtr volatile dropped_one = &unlogged_delete;
