@@ -3,6 +3,7 @@ sweep found each): a list in another module of the user's, a lambda's default ar
 class attribute, a `__slots__` object, a module buffer updated with autograd on, a hook's list
 deep in a Hugging Face-sized model; a bounded deque is a higher peak, not a leak that grows."""
 import collections
+import subprocess
 import sys
 import textwrap
 
@@ -50,6 +51,51 @@ def test_a_list_in_another_module_of_the_user_s_is_named(tmp_path, monkeypatch):
     # one finding for the holder, not one "not reachable" finding per step
     assert [f.holder for f in found] == ["leaky_store.BUF"], [f.holder for f in found]
     assert "container" in found[0].fix
+
+
+_FRAMEWORK = """
+import memprof
+
+def fit(model, opt, step, steps=4):
+    with memprof.track(model, opt) as prof:
+        for _ in range(steps):
+            step().backward()
+            opt.step()
+            opt.zero_grad()
+    return prof
+"""
+
+_SCRIPT = """
+import multiprocessing   # lists this module as __mp_main__ too (torch's imports do the same)
+import torch, memprof, fw
+
+class Keeper:
+    hist = []
+
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 8)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+def step():
+    out = model(torch.randn(4, 8))
+    Keeper.hist.append(out)
+    return out.pow(2).mean()
+
+prof = fw.fit(model, opt, step)
+print("holders", [f.holder for f in memprof.findings(prof)])
+"""
+
+
+def test_the_script_s_globals_are_named_as_the_script_names_them(tmp_path):
+    """A block entered in another module's frame (a framework's callback: MemprofCallback in a
+    Trainer's on_train_begin) named the script's `Keeper.hist` `__mp_main__.Keeper.hist`:
+    the script's globals were searched only through multiprocessing's alias of __main__."""
+    (tmp_path / "fw.py").write_text(_FRAMEWORK)
+    (tmp_path / "train.py").write_text(_SCRIPT)
+    r = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "holders ['Keeper.hist']", r.stdout
 
 
 def test_a_lambda_s_default_argument_is_searched():

@@ -66,6 +66,22 @@ def test_run_report_export_and_fail_on_findings(leaky_script, tmp_path):
     assert r.stderr.strip().count("\n") == 0
 
 
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(leaky_script, tmp_path):
+    """`memprof report run.memprof --json | head -c 100`: a BrokenPipeError traceback on
+    stderr, in about half the runs (where the JSON outgrew the pipe before head closed it).
+    Here the pipe is closed before the command prints anything: every write fails."""
+    assert memprof("run", "-o", "run.memprof", str(leaky_script), "2", cwd=tmp_path).returncode == 0
+    env = dict(os.environ, COLUMNS="250")
+    for extra in (["--json"], []):
+        proc = subprocess.Popen([sys.executable, "-m", "memprof.cli", "report", "run.memprof",
+                                 *extra], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()   # the reader is gone before the first line
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 1, (extra, err)
+        assert err == "", (extra, err)
+
+
 def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "junk.memprof").write_text("nope")
     r = memprof("report", "junk.memprof", cwd=tmp_path)

@@ -287,3 +287,39 @@ def test_a_package_that_raises_while_imported_fails_as_under_python(tmp_path):
     assert tracked.stdout == plain.stdout == "init argv ['-m', 'a']\n"
     assert tracked.stderr.strip().splitlines()[-1] == "RuntimeError: config missing"
     assert "memprof" not in tracked.stderr.replace(str(tmp_path), "")
+
+
+_LISTS_ITS_GLOBALS = '''
+import sys
+import helper
+def show(k, v):
+    return (type(v).__name__ if k == "__loader__" else
+            f"{v.name} {v.loader.path} {v.origin}" if k == "__spec__" and v else str(v))
+shown = {k: show(k, v) for k, v in globals().items() if k.startswith("__") and k != "__builtins__"}
+print(list(shown.items()), sys.path[0], sys.argv[0], helper.X)
+'''
+
+
+def test_symlinked_and_unnormalised_paths_give_pythons_main_module(tmp_path):
+    """A script reached through a symlink (`runs/train.py -> ../code/train.py`) imports the
+    modules beside the file it points to, as under python: memprof run put the symlink's
+    directory first on sys.path (ModuleNotFoundError). And the __main__ module is python's:
+    `__file__` absolute but not normalised (`other/../code/train.py`), a SourceFileLoader
+    (it had none), `__cached__`, its names in python's order; a directory's sys.path[0] as
+    given (a trailing slash kept)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text(_LISTS_ITS_GLOBALS)
+    (code / "helper.py").write_text("X = 42\n")
+    (code / "app").mkdir()
+    (code / "app" / "__main__.py").write_text(_LISTS_ITS_GLOBALS)
+    (code / "app" / "helper.py").write_text("X = 43\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "runs").mkdir()
+    os.symlink("../code/train.py", tmp_path / "runs" / "train.py")
+    os.symlink("code/app", tmp_path / "applink")
+    for args in (["runs/train.py"], ["other/../code/train.py"], ["./code/app/"], ["applink/"],
+                 ["applink"]):
+        plain, tracked = _both(tmp_path, *args)
+        assert plain.returncode == 0 and tracked.returncode == 0, (args, tracked.stderr)
+        assert tracked.stdout.splitlines()[0] == plain.stdout.strip(), (args, tracked.stdout)

@@ -100,6 +100,13 @@ def _run(args: argparse.Namespace) -> int:
         # bad input (unknown GPU, unreadable profile, ...): one line, no traceback
         print(f"memprof {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `memprof report run.memprof --json | head`: the reader stopped reading, and the
+        # status says the output was cut (as the table's, whose flush fails at the exit)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
+        os.close(devnull)
+        return 1
 
 
 if __name__ == "__main__":

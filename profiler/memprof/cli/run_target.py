@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -35,12 +36,17 @@ class RunTarget:
         return os.path.splitext(os.path.basename(os.path.normpath(self.name)))[0]
 
     def main_module(self) -> types.ModuleType:
+        # the names python's __main__ has, in its order (a script that lists its globals)
         main = types.ModuleType("__main__")
-        main.__file__ = self.filename
-        main.__builtins__ = builtins
-        main.__spec__ = self.spec
-        main.__loader__ = getattr(self.spec, "loader", None)
         main.__package__ = getattr(self.spec, "parent", None)
+        # a script has a loader and no spec, as under python (pkgutil and inspect read it)
+        main.__loader__ = getattr(self.spec, "loader", None) or \
+            importlib.machinery.SourceFileLoader("__main__", self.filename)
+        main.__spec__ = self.spec
+        main.__annotations__ = {}
+        main.__builtins__ = builtins
+        main.__file__ = self.filename
+        main.__cached__ = getattr(self.spec, "cached", None)
         return main
 
 
@@ -59,16 +65,22 @@ def resolve(script: str | None, module: str | None, args: list[str] = ()) -> Run
     if script is None:
         raise UsageError("run: expected a script (memprof run train.py ...) or -m MODULE")
     if os.path.isdir(script):
-        main = os.path.join(script, "__main__.py")
+        main = os.path.join(_absolute(script), "__main__.py")
         if not os.path.isfile(main):
             raise UsageError(f"script {script!r}: a directory without a __main__.py")
         spec = importlib.util.spec_from_file_location("__main__", main)   # as runpy makes it
-        return RunTarget(script, os.path.abspath(main), _read(main), script,
-                         os.path.abspath(script), spec)
+        return RunTarget(script, main, _read(main), script, _absolute(script), spec)
     if not os.path.isfile(script):
         raise UsageError(f"script {script!r}: no such file")
-    path = os.path.abspath(script)   # as Python 3.9+ names a script in tracebacks
-    return RunTarget(script, path, _read(script), script, os.path.dirname(path))
+    # the script's imports are found beside the file a symlink points to, as under python
+    return RunTarget(script, _absolute(script), _read(script), script,
+                     os.path.dirname(os.path.realpath(script)))
+
+
+def _absolute(path: str) -> str:
+    """The path as Python 3.9+ names the __main__ file and a directory's sys.path[0]: made
+    absolute, not normalised (`./x/../train.py` stays so in tracebacks and __file__)."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def _module(name: str, args: list[str]) -> RunTarget:

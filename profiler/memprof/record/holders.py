@@ -280,17 +280,34 @@ def namespaces_roots(namespaces: list[tuple[str, dict]],
 
 def user_module_roots(skip: tuple = ()) -> list[tuple[str, object]]:
     """Named roots from the globals of the user's own modules, but those in `skip`
-    (namespaces already searched)."""
+    (namespaces already searched). The script's own globals (`__main__`, also listed as
+    `__mp_main__` once multiprocessing is imported) are named as the script names them
+    (`Keeper.hist`), where the block was entered from another module's frame (a framework's
+    callback)."""
     global _USER_MODULES
     if _USER_MODULES[0] != len(sys.modules):   # modules imported (or removed) since
         _USER_MODULES = (len(sys.modules), [n for n in list(sys.modules)
                                             if n != "__main__" and is_user_code(n)])
+    main = sys.modules.get("__main__")
     roots = []
+    if _is_users_main(main) and not any(main.__dict__ is d for d in skip):
+        roots += namespace_roots("", main.__dict__)
     for name in _USER_MODULES[1]:
-        namespace = getattr(sys.modules.get(name), "__dict__", None)
-        if namespace is not None and not any(namespace is d for d in skip):
+        module = sys.modules.get(name)
+        namespace = getattr(module, "__dict__", None)
+        if module is not main and namespace is not None and \
+                not any(namespace is d for d in skip):
             roots += namespace_roots(f"{name}.", namespace)
     return roots
+
+
+def _is_users_main(main) -> bool:
+    """Whether `__main__` is the user's: a script or a notebook's namespace (no file), not a
+    library's entry point run with `python -m` (its globals are the library's)."""
+    if not isinstance(getattr(main, "__dict__", None), dict):
+        return False
+    path = getattr(main, "__file__", None)
+    return not path or not os.path.abspath(path).startswith(_LIBRARY_DIRS)
 
 
 
