@@ -171,3 +171,24 @@ def test_a_blocks_name_the_model_lacks_is_one_line_not_nothing_fits(capsys, own_
     assert rc == 2
     assert "has no submodule 'encoder.nope'" in errtext and "\n" not in errtext.strip()
     assert "Nothing fits" not in out
+
+
+def test_a_model_given_as_a_file_path_is_imported_from_its_folder(capsys, own_models,
+                                                                  monkeypatch):
+    """`--model ./own_models_cli.py:tiny_bert`, what a user types first, was a TypeError about
+    relative imports; from another directory the file's folder is where its imports are
+    found (as `python path/to/file.py` finds them), and the path is as it was after."""
+    (own_models / "sub").mkdir()
+    monkeypatch.chdir(own_models / "sub")
+    before = list(sys.path)
+    rc, out, err = _cli(capsys, "--gpu", "16G", "--model", "../own_models_cli.py:tiny_bert",
+                        "--batch-fn", f"{own_models}/own_models_cli.py:with_labels",
+                        "--no-confirm", "--json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    assert plan["gpu"]["memory_bytes"] == 16 << 30 and plan["options"], plan["gpu"]
+    assert sys.path == before
+    for spec, said in (("../nothere.py:tiny_bert", "no such file '../nothere.py'"),
+                       ("../own_models_cli:tiny_bert", "expected 'module:function'")):
+        rc, out, err = _cli(capsys, "--gpu", "t4", "--model", spec, "--effective-batch", "8")
+        assert rc == 2 and said in err and err.count("\n") == 1, err

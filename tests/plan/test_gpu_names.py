@@ -25,3 +25,20 @@ def test_ambiguous_names_say_which_was_chosen(typed, candidates):
 def test_unknown_name_lists_near_matches():
     with pytest.raises(ValueError, match=r"unknown GPU 'rtx 9090'; did you mean rtx-4090"):
         lookup("rtx 9090")
+
+
+def test_a_mistyped_name_offers_the_likest_first():
+    """'v10-16gb' offered v100-pcie-32gb, a10g, p100-16gb, h100-pcie-80gb before v100-16gb:
+    the model key's matches came before the whole name's."""
+    with pytest.raises(ValueError, match=r"did you mean v100-16gb, "):
+        lookup("v10-16gb")
+
+
+@pytest.mark.parametrize("typed, nbytes", [("16G", 16 << 30), ("16g", 16 << 30),
+                                           ("512M", 512 << 20), ("1T", 1 << 40),
+                                           ("16GB", 16 * 10**9), ("16 GiB", 16 << 30)])
+def test_a_capacity_with_a_single_letter_unit_is_binary(typed, nbytes):
+    """`--gpu 16G` was refused by a message that offered capacities (Slurm's --mem=16G and
+    docker's --memory 16g are binary)."""
+    g = lookup(typed)
+    assert g.generic and g.memory_bytes == nbytes

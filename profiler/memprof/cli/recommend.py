@@ -51,7 +51,8 @@ class RecommendCommand(Command):
                        help=f"a built-in model ({', '.join(MODELS)}; see memprof.models) or "
                             "module:factory, factory(**model args) -> nn.Module, imported "
                             "with the current directory on the path as `python -m` does "
-                            "(e.g. mymodels:build for build() in ./mymodels.py)")
+                            "(e.g. mymodels:build for build() in ./mymodels.py), or "
+                            "path/to/file.py:factory")
         r.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
                        help="keyword for the model's constructor or factory, repeatable (e.g. "
                             "attention_backend=fused: DCAL with memprof's fused attention)")
@@ -124,15 +125,15 @@ class RecommendCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         """With the current directory first on the import path (as `python -m` puts it), so
-        that --model / --batch-fn name modules next to where the command is typed."""
-        added = os.getcwd() not in sys.path
-        if added:
+        that --model / --batch-fn name modules next to where the command is typed (a
+        `path/to/file.py:factory` puts its folder there too); the path as it was after."""
+        before = list(sys.path)
+        if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
             return self._run(args)
         finally:
-            if added and os.getcwd() in sys.path:
-                sys.path.remove(os.getcwd())
+            sys.path[:] = before
 
     def _effective_batch(self, args: argparse.Namespace) -> int:
         """--effective-batch, or the batch function's own batch size; else why it is needed."""

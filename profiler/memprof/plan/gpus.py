@@ -349,9 +349,11 @@ def _entry_keys(g: "GPU") -> tuple[set, set]:
 
 
 _ENTRY_KEYS = {_g.name: _entry_keys(_g) for _g in _TABLE}
-_CAPACITY = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|mb|mib|kb|kib|tb|tib)$", re.IGNORECASE)
-_UNITS = {"gb": 10**9, "gib": GiB, "mb": 10**6, "mib": MiB, "kb": 10**3, "kib": 1 << 10,
-          "tb": 10**12, "tib": 1 << 40}
+_CAPACITY = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|g|mb|mib|m|kb|kib|k|tb|tib|t)$",
+                       re.IGNORECASE)
+#: a single letter is binary, as Slurm's --mem=16G and docker's --memory 16g read it
+_UNITS = {"gb": 10**9, "gib": GiB, "g": GiB, "mb": 10**6, "mib": MiB, "m": MiB,
+          "kb": 10**3, "kib": 1 << 10, "k": 1 << 10, "tb": 10**12, "tib": 1 << 40, "t": 1 << 40}
 
 
 class NoGPUError(RuntimeError):
@@ -402,18 +404,20 @@ def _by_parts(spec: str) -> Optional[GPU]:
 
 
 def _near(spec: str) -> list:
+    """Known names like a mistyped one, the likest first: the whole name's matches (memory
+    size and form included: 'v10-16gb' -> v100-16gb), then the model key's."""
     import difflib
     key = _parts(spec)[0]
     pool = {k: g.name for g in _TABLE for k in _ENTRY_KEYS[g.name][0] | {g.name}}
-    hits = difflib.get_close_matches(key, list(pool), n=5, cutoff=0.5) + \
-        difflib.get_close_matches(_norm(spec), list(pool), n=5, cutoff=0.5)
+    hits = difflib.get_close_matches(_norm(spec), list(pool), n=5, cutoff=0.5) + \
+        difflib.get_close_matches(key, list(pool), n=5, cutoff=0.5)
     return list(dict.fromkeys(pool[h] for h in hits))
 
 
 def lookup(spec: Union[str, GPU]) -> GPU:
     """A GPU from a table name, a name as people type it ('RTX 3090', 'A100 80GB', 'H100 SXM';
     an ambiguous one such as 'a100' -> the most common SKU, `note` says so), a driver name,
-    'auto', or a capacity like '24gb' / '16GiB'."""
+    'auto', or a capacity like '24gb' / '16GiB' / '16G' (a single letter is binary)."""
     if isinstance(spec, GPU):
         return spec
     if not isinstance(spec, str) or not spec.strip():
@@ -437,7 +441,7 @@ def lookup(spec: Union[str, GPU]) -> GPU:
     near = same_model or _near(spec)   # a known GPU with another memory size: its sizes
     hint = f"did you mean {', '.join(near)}? " if near else ""
     raise ValueError(f"unknown GPU {spec!r}; {hint}known: {', '.join(names())}; or 'auto', or "
-                     "a capacity such as 24gb / 16GiB")
+                     "a capacity such as 24gb / 16GiB / 16G")
 
 
 def _detect_raw(index: int = 0):

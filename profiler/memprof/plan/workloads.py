@@ -11,7 +11,9 @@ each of them again (for the plan's code). Every bad input is a one-line PlanInpu
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from typing import Any, Callable
 
 import torch
@@ -35,6 +37,7 @@ def _import_callable(spec: str, label: str) -> Callable:
     """'package.module:name' (dotted attributes allowed) -> the callable; one-line errors that
     start with `label` ('model', 'batch function')."""
     mod_name, _, attr = spec.partition(":")
+    mod_name = _module_name_of_file(mod_name, spec, label)
     try:
         obj = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001
@@ -51,6 +54,25 @@ def _import_callable(spec: str, label: str) -> Callable:
         raise PlanInputError(f"{label} {spec!r}: {mod_name}.{attr} = {value} is not a "
                              "function or class")
     return obj
+
+
+def _module_name_of_file(mod_name: str, spec: str, label: str) -> str:
+    """`path/to/models.py` (what a user types first) -> `models`, its folder first on the import
+    path (as `python path/to/models.py` would put it: its own imports are found beside it);
+    a dotted module name as it is."""
+    if not (mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name):
+        return mod_name
+    path = os.path.abspath(mod_name)
+    if not mod_name.endswith(".py"):
+        raise PlanInputError(f"{label} {spec!r}: expected 'module:function' (a module on the "
+                             "import path, the current directory first) or "
+                             "'path/to/file.py:function'")
+    if not os.path.isfile(path):
+        raise PlanInputError(f"{label} {spec!r}: no such file {mod_name!r}")
+    folder, name = os.path.split(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return name[:-len(".py")]
 
 
 def importable_name(obj) -> str | None:
