@@ -705,3 +705,66 @@ def test_the_model_called_on_another_thread_is_no_pass():
         _train_beside(background, model, opt)
     assert prof.throughput["batch_size"] == 16
     assert not any(prof.throughput["per_step"]["eval_ms"])
+
+
+def _param_bytes(*models) -> int:
+    return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+
+
+def test_auto_mode_a_model_trained_on_a_thread_of_its_own_is_named_and_its_weights_counted():
+    """Model A trained on the block's thread, then model B on a thread the script starts
+    and joins (or both at once on two threads): B's layers read "outside modules" and its
+    weights "other" - its calls were a background thread's, never named. Now it is a root
+    of its own, named as on one thread, whose calls are no passes."""
+    import threading
+
+    def both(on_threads: bool):
+        torch.manual_seed(0)
+        with memprof.track(auto_modules=True) as prof:   # a script under `memprof run`
+            a, b = Net(), Net()
+            opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+            _train(a, opt_a, 16, 3)
+            opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+            if on_threads:
+                worker = threading.Thread(target=_train, args=(b, opt_b, 16, 3))
+                worker.start()
+                worker.join()
+            else:
+                _train(b, opt_b, 16, 3)
+        return prof, a, b
+    threaded, a, b = both(True)
+    single, _, _ = both(False)
+    assert threaded.breakdown("category")["parameters"] == _param_bytes(a, b)
+    assert threaded.modules == single.modules and len(threaded.modules) >= 6
+    assert threaded.breakdown("module") == single.breakdown("module")
+    assert threaded.meta["model_class"] == "Net"
+
+
+def test_auto_mode_a_model_evaluated_beside_the_training_is_named_after_it():
+    """A model evaluated on a background thread while the training runs: named (its weights
+    are parameters), never the first root even when it is called first, no pass, and the
+    trained model's names stay its own (`head`, not `model.head`)."""
+    import threading
+    import time
+    torch.manual_seed(0)
+    stop, called = threading.Event(), threading.Event()
+
+    def evaluate():
+        while not stop.is_set():
+            with torch.no_grad():
+                evaluated(torch.randn(4, 8))
+            called.set()
+            time.sleep(0.001)
+    with memprof.track(auto_modules=True) as prof:   # a script under `memprof run`
+        model, evaluated = Net(), Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        thread = threading.Thread(target=evaluate)
+        thread.start()
+        called.wait(5)   # the evaluation calls first
+        _train(model, opt, 16, 4)
+        stop.set()
+        thread.join()
+    assert prof.meta["model_class"] == "Net" and "head" in prof.modules
+    assert any(n.startswith("evaluated.") for n in prof.modules), prof.modules
+    assert prof.breakdown("category")["parameters"] == _param_bytes(model, evaluated)
+    assert prof.throughput["batch_size"] == 16 and prof.throughput["batch_size_range"] == [16, 16]

@@ -144,6 +144,10 @@ class ModuleScope:
         self._thread = threading.get_ident()      # the thread whose calls are passes
         self._block_thread = self._thread         # the thread that entered the block
         self._adopt_lock = threading.Lock()
+        # auto mode: new modules named by one thread at a time (a model trained on a thread
+        # of its own is named there, while the passes' thread may name its own)
+        self._naming_lock = threading.RLock()
+        self._side_roots: set[int] = set()       # ids of roots first called on such a thread
         self._passes_started = False              # a pass ran (see _on_pass_thread)
         self._adopt_looks = 0                     # looks at the block's thread (idem)
         self._root_depth = 0                      # passes running (calls or forward_pass)
@@ -476,13 +480,22 @@ class ModuleScope:
         if self.model is not None or len(self.roots) < 2:
             return ""
         if root is self.roots[0]:
-            if not any(next(r.parameters(), None) is not None for r in self.roots[1:]):
+            if not any(self._names_apart(r) for r in self.roots[1:]):
                 return ""   # beside a loss module (`criterion`): still the one model
             # unique also when this root came last and took in the first one (the others'
             # prefixes kept clear of the earlier first root's name only)
             others = {self._root_prefixes.get(id(r)) for r in self.roots[1:]}
             return _unique(self._first_root_name or class_name(root), others)
         return self._root_prefixes.get(id(root), "")
+
+    def _names_apart(self, root: torch.nn.Module) -> bool:
+        """Whether another root makes the first root's names take its label: one with
+        parameters (a GAN's D beside its G) - of a side root (_add_root), only one that was
+        trained (a second model trained on a thread of its own), not a model evaluated on a
+        background thread beside the training."""
+        if id(root) in self._side_roots:
+            return any(id(p) in self._steps.trained for p in root.parameters())
+        return next(root.parameters(), None) is not None
 
     def final_names(self) -> list[str]:
         """Module names for the profile: the first root's under its label (root_label) once
@@ -504,6 +517,8 @@ class ModuleScope:
         mid = self._auto_ids.get(id(module))
         if threading.get_ident() != self._thread and not self._on_pass_thread(module, False):
             if mid is None:
+                mid = module_call.outside_dynamo(self._other_thread_root, module)
+            if mid is None:
                 return module_call.call_through(module, args, kwargs)
             return module_call.call_in_scope(mid, module, args, kwargs)
         if mid is not None and self._stack:   # a named module inside a pass: no frame of ours
@@ -520,20 +535,27 @@ class ModuleScope:
         finally:
             module_call.outside_dynamo(self._auto_leave, module, args, root)
 
+    def _other_thread_root(self, module) -> int | None:
+        """The id of a model first called on a thread whose calls are no passes (a second
+        model trained on a thread of its own after the first trained on the block's; two
+        models on two threads at once), named as a root with its submodules, its calls in its
+        scope and nothing else; None for a call inside another module's, or of a module
+        without trainable parameters (a transform in a data-loading thread). Such a model
+        was not named: its layers' memory read "outside modules" and its weights "other"."""
+        if not _outermost_module_call() or \
+                not any(p.requires_grad for p in module.parameters()):
+            return None
+        with self._naming_lock:
+            if id(module) not in self._auto_ids:
+                self._add_root(module, side=True)
+            return self._auto_ids[id(module)]
+
     def _auto_enter(self, module, args, kwargs, mid):
         """(module id, whether a root) of a module call in auto mode, named if new, its scope
         entered (a root's call is a pass)."""
         if mid is None:
-            if not self._stack:
-                self._add_root(module)
-                if _is_compiled(module):   # torch.compile's wrapper (dynamo may skip __call__)
-                    self._compiled_seen = True
-            else:
-                mid = len(self.names)
-                self._name(module, mid)
-                parent = self.names[self._stack[-1]]
-                self.names.append(f"{parent}.<{type(module).__name__}>".lstrip("."))
-            mid = self._auto_ids[id(module)]
+            with self._naming_lock:
+                mid = self._name_new(module)
         root = not self._stack
         self._stack.append(mid)
         if root:
@@ -542,6 +564,22 @@ class ModuleScope:
             _C.push_module(mid)
         return mid, root
 
+    def _name_new(self, module) -> int:
+        """The id of a module the passes' thread calls for the first time, named: a root when
+        outermost, else under the running module (`parent.<Class>`)."""
+        if id(module) in self._auto_ids:   # named by another thread meanwhile
+            return self._auto_ids[id(module)]
+        if not self._stack:
+            self._add_root(module)
+            if _is_compiled(module):   # torch.compile's wrapper (dynamo may skip __call__)
+                self._compiled_seen = True
+        else:
+            mid = len(self.names)
+            self._name(module, mid)
+            parent = self.names[self._stack[-1]]
+            self.names.append(f"{parent}.<{type(module).__name__}>".lstrip("."))
+        return self._auto_ids[id(module)]
+
     def _auto_leave(self, module, args, root: bool) -> None:
         self._stack.pop()
         if root:
@@ -549,20 +587,27 @@ class ModuleScope:
         else:
             _C.pop_module()
 
-    def _add_root(self, module: torch.nn.Module) -> None:
-        """A new outermost module; earlier roots inside it become its submodules, renamed."""
+    def _add_root(self, module: torch.nn.Module, side: bool = False) -> None:
+        """A new outermost module; earlier roots inside it become its submodules, renamed.
+        `side`: first called on a thread whose calls are no passes (_other_thread_root): it
+        is named after its own name, never the first root - the model whose calls are the
+        passes is, whenever it comes."""
         inside = {id(m) for m in module.modules()}
         absorbed = [r for r in self.roots if id(r) in inside]
         rename = {id(m) for r in absorbed for m in r.modules()}
         first = bool(self.roots) and self.roots[0] in absorbed
         self.roots = [r for r in self.roots if id(r) not in inside]
-        if self.roots and not first:
+        if side:
+            self._side_roots.add(id(module))
+        leads = any(id(r) not in self._side_roots for r in self.roots)
+        later = side or (leads and not first)
+        if later:
             prefix = self._root_prefix(module)
         else:
             prefix, self._first_root_name = "", self._calling_name(module)
         self._root_prefixes[id(module)] = prefix
         self._name_tree(module, prefix, rename)
-        self.roots.insert(0 if first or not self.roots else len(self.roots), module)
+        self.roots.insert(len(self.roots) if later else 0, module)
 
     def _root_prefix(self, module: torch.nn.Module) -> str:
         """The prefix of a root's names after the first root's (whose names have none): what
@@ -573,7 +618,8 @@ class ModuleScope:
         # taken: every root's first path part, and the first root's name and class (its
         # label once this root is added: root_label)
         taken = {n.split(".")[0] for n in self.names}
-        taken.update({class_name(self.roots[0]), self._first_root_name})
+        if self.roots:
+            taken.update({class_name(self.roots[0]), self._first_root_name})
         return _unique(base, taken)
 
     @staticmethod
