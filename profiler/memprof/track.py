@@ -17,6 +17,7 @@ from . import analyse as _analyse
 from .analyse import health as _health
 from .analyse import throughput as _throughput
 from .profile import Profile
+from .profile_file import is_profile
 from . import track_budget as _budget
 from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave
 from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
@@ -120,9 +121,13 @@ class Tracker:
             self._start_dir = os.getcwd()
         except OSError:
             self._start_dir = ""
+        if self.path is not None:
+            self._check_target()
         self.started = time.monotonic()
         self.session.start(sys._getframe(1))
         self._entered = True
+        if self.session.outer is None:
+            self._leave_at_os_exit()
         if self.path is not None and self.autosave_s is not None and \
                 self.session.outer is None:
             try:
@@ -159,6 +164,37 @@ class Tracker:
             _budget.print_diagnosis(self.profile)   # to stderr, before the traceback
         self.session = None   # the profile is data: don't keep the model, optimizer or frame
         return False  # never swallow the user's exception
+
+    def _check_target(self) -> None:
+        """A file at the block's path that is no profile (a script, data: a mistyped path)
+        is refused before the block records, as `memprof run -o` refuses it; a profile there
+        is replaced."""
+        target = self.target(self.identity())
+        if os.path.isdir(target) or (os.path.exists(target) and not is_profile(target)):
+            raise ValueError(f"track(path={self.path!r}): {target!r} exists and is not a "
+                             "memprof profile (it would be replaced); remove it or give "
+                             "another file name")
+
+    def _leave_at_os_exit(self) -> None:
+        """os._exit ends the process at once, without unwinding the block (a script that ends
+        with it to skip a slow or hanging teardown): the block is left first - the profile
+        saved as at sys.exit(status) - in the process that entered it (a forked child ends
+        with os._exit too: multiprocessing's, a DataLoader worker's; it saves nothing).
+        Undone with the block's other patches."""
+        real_exit, pid, tracker = os._exit, os.getpid(), self
+
+        def _exit(status):
+            session = tracker.session
+            if os.getpid() == pid and session is not None and not session.forked_away:
+                try:
+                    tracker.__exit__(SystemExit, SystemExit(status), None)
+                    if tracker.saved:
+                        print(f"memprof: os._exit({status}) ended the block; profile saved "
+                              f"to {tracker.saved}", file=sys.stderr, flush=True)
+                except BaseException:  # noqa: BLE001  (the process ends as asked, whatever)
+                    pass
+            real_exit(status)
+        self.session.patches.set(os, "_exit", _exit)
 
     def identity(self, records: dict | None = None) -> dict:
         """Under torchrun / torch.distributed: rank, world_size, local_rank, dist_backend

@@ -323,3 +323,52 @@ def test_symlinked_and_unnormalised_paths_give_pythons_main_module(tmp_path):
         plain, tracked = _both(tmp_path, *args)
         assert plain.returncode == 0 and tracked.returncode == 0, (args, tracked.stderr)
         assert tracked.stdout.splitlines()[0] == plain.stdout.strip(), (args, tracked.stdout)
+
+
+def test_a_ctrl_c_signal_prints_pythons_traceback_without_memprofs_handler(tmp_path):
+    """A real SIGINT (not a KeyboardInterrupt raised by the script): memprof's handler raises
+    it, and its frame (`signals.py, in _handle`) was printed below the script's, where
+    Python's own handler raises it in the interrupted frame."""
+    r, script = run(tmp_path, '''
+        import os, signal, time
+
+        def loop():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)
+
+        loop()
+        ''')
+    py = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=300)
+    assert py.returncode == r.returncode == -signal.SIGINT, r.stderr[-2000:]
+    tail = py.stderr[py.stderr.index("Traceback"):]
+    assert tail.endswith("KeyboardInterrupt\n"), py.stderr
+    assert tail in r.stderr and "_handle" not in r.stderr, r.stderr
+
+
+def test_a_script_that_ends_with_os_exit_leaves_its_profile(tmp_path):
+    """`os._exit(5)` at the end of a script (to skip a slow or hanging teardown) ended the
+    process with no profile and no word. Now the block is left first: the profile saved, one
+    line on stderr, the status the script gave; a child it forks and ends with os._exit (as
+    multiprocessing's do) saves nothing."""
+    r, script = run(tmp_path, '''
+        import os, torch
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)            # the child: nothing of memprof's to do
+        os.waitpid(pid, 0)
+        print("trained", flush=True)
+        os._exit(5)
+        ''')
+    assert r.returncode == 5, r.stderr
+    assert r.stdout == "trained\n"   # no report: the process ends at os._exit
+    assert r.stderr.count("memprof: os._exit(5) ended the block; profile saved to") == 1
+    assert "os._exit(0)" not in r.stderr
+    prof = memprof_pkg.load(str(tmp_path / "train.memprof"))
+    assert len(prof.steps) - prof.partial_last_step == 5

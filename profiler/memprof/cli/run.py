@@ -258,12 +258,20 @@ def _exit_status(exc: SystemExit) -> int:
 
 def _print_user_traceback(exc: BaseException) -> None:
     """The traceback Python would print for the user's code: the frames above its first one
-    (memprof's own, importlib's frozen ones) are left out."""
+    (memprof's own, importlib's frozen ones) are left out, and the frame of memprof's signal
+    handler that raised a Ctrl-C's KeyboardInterrupt (Python's own handler raises it in the
+    interrupted frame, the last one printed)."""
     tb = exc.__traceback__
     while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
                               or tb.tb_frame.f_code.co_filename.startswith("<")):
         tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
+    report = traceback.TracebackException(type(exc), exc, tb or exc.__traceback__)
+    last = report.stack[-1] if report.stack else None
+    handler = ExitSignals._handle.__code__
+    if last is not None and len(report.stack) > 1 and last.name == handler.co_name and \
+            last.filename == handler.co_filename:
+        report.stack.pop()
+    print("".join(report.format()), end="", file=sys.stderr)
 
 
 def _output(args, target: RunTarget) -> str:

@@ -21,9 +21,7 @@ coarser attribution the report names (`compiled`).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import os
 import sys
 import threading
 import weakref
@@ -36,6 +34,7 @@ from .holders import loop_frame, name_in_frame
 from .module_call import compiling as _compiling
 from .module_call import dynamo_compiling as _dynamo_compiling
 from .module_call import export_flag as _export
+from .pass_thread import PassThread, outermost_module_call
 
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
 
@@ -53,32 +52,6 @@ def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for child in model.children() for m in _pass_modules(child)]
 
 
-#: outermost module calls on another thread that look whether the block's thread waits for
-#: it (a few us each): then no more (a loop that polls `thread.is_alive()` never joins)
-MAX_ADOPT_LOOKS = 256
-_THREADING_FILE = os.path.splitext(threading.__file__)[0] + ".py"
-
-
-#: where a wait for other threads to end returns from: Thread.join, a future's result, wait,
-#: as_completed, an executor's shutdown (its `with` block's end)
-_JOINS = {_THREADING_FILE: ("join",), **{
-    os.path.join(os.path.dirname(concurrent.futures.__file__), f): (
-        "result", "wait", "as_completed", "shutdown", "__exit__")
-    for f in ("_base.py", "thread.py", "process.py")}}
-
-
-def _joining(frame) -> bool:
-    """Whether a thread waits for others to end, called from its own code: its innermost
-    frames (the standard library's waiting) reach Thread.join or a future's result before
-    any other code - not an Event or a queue (a loop waiting for its data), and not a thread
-    that is itself an executor's worker (whose loop is always on its stack)."""
-    while frame is not None and frame.f_code.co_filename in _JOINS:
-        if frame.f_code.co_name in _JOINS.get(frame.f_code.co_filename, ()):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def class_name(module: torch.nn.Module) -> str:
     """The user's class, also behind torch.compile's wrapper."""
     return type(getattr(module, COMPILE_WRAPPER, module)).__name__
@@ -90,15 +63,6 @@ def _unique(base: str, taken: set) -> str:
     while name in taken:
         name, k = f"{base}_{k}", k + 1
     return name
-
-
-def _outermost_module_call() -> bool:
-    """Whether the module call running on this thread is inside no other one."""
-    code, frame, calls = module_call.module_call.__code__, sys._getframe(1), 0
-    while frame is not None and calls < 2:
-        calls += frame.f_code is code
-        frame = frame.f_back
-    return calls < 2
 
 
 def clean_name(name: str) -> str:
@@ -141,15 +105,11 @@ class ModuleScope:
         self._auto_ids: dict[int, int] = {}
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
-        self._thread = threading.get_ident()      # the thread whose calls are passes
-        self._block_thread = self._thread         # the thread that entered the block
-        self._adopt_lock = threading.Lock()
+        self._passes = PassThread()               # the thread whose calls are passes
         # auto mode: new modules named by one thread at a time (a model trained on a thread
         # of its own is named there, while the passes' thread may name its own)
         self._naming_lock = threading.RLock()
         self._side_roots: set[int] = set()       # ids of roots first called on such a thread
-        self._passes_started = False              # a pass ran (see _on_pass_thread)
-        self._adopt_looks = 0                     # looks at the block's thread (idem)
         self._root_depth = 0                      # passes running (calls or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -378,7 +338,7 @@ class ModuleScope:
     # Never while dynamo traces: module_call and _model_pass step aside before.
     def _root_pre(self, module, args, kwargs, mid: int = 0):
         self._root_depth += 1
-        self._passes_started = True
+        self._passes.started = True
         # a real pass: not a recompute in backward, not inside one already begun (Lightning's
         # training_step calling the module's own forward)
         real = self._forward_depth is None and not torch._C._current_autograd_node()
@@ -410,7 +370,7 @@ class ModuleScope:
         another thread (a background evaluation) the model runs in its scope and is no pass:
         its phase and batch markers would cut into the training thread's."""
         mid = self._pass_ids.get(id(module), 0)
-        if threading.get_ident() != self._thread and not self._on_pass_thread(module, True):
+        if threading.get_ident() != self._passes.ident and not self._passes.takes(module, True):
             return module_call.call_in_scope(mid, module, args, kwargs)
         module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None
@@ -443,35 +403,6 @@ class ModuleScope:
             return fn(*args, **kwargs)
         finally:
             module_call.outside_dynamo(self._root_post, self.model, args, None)
-
-    def _on_pass_thread(self, module, nested_ok: bool) -> bool:
-        """Whether a module call on a thread other than the passes' one starts passes there.
-        While no pass ran and the block's thread waits for others to end (a script training
-        on a thread it started and joins: its model had no pass, no batch size and no module
-        attribution), the first thread to call the model - with gradients on, and in auto
-        mode the outermost call of a module with trainable parameters, not a preprocessing
-        transform - takes the passes; the block's thread takes them back once that thread
-        ended. A background evaluation or prefetcher beside a training loop stays in scope,
-        no pass (the loop's thread is busy, or passes ran). `nested_ok`: the model itself
-        (track(model)), whose call may be inside a wrapper's (DDP)."""
-        me = threading.get_ident()
-        with self._adopt_lock:
-            if me == self._block_thread:   # the passes went to a thread it waited for
-                if self._thread in sys._current_frames():
-                    return False
-                self._thread = me          # that thread ended
-                return True
-            if self._passes_started or self._adopt_looks >= MAX_ADOPT_LOOKS or \
-                    not torch.is_grad_enabled() or not (nested_ok or _outermost_module_call()):
-                return False
-            if not nested_ok and not any(p.requires_grad for p in module.parameters()):
-                return False
-            self._adopt_looks += 1
-            if not _joining(sys._current_frames().get(self._block_thread)):
-                return False
-            self._thread = me                 # the thread the block's thread waits for
-            self._passes_started = True       # one thread takes them
-            return True
 
     def root_label(self, root: torch.nn.Module) -> str:
         """What a root's names start with: nothing for the model, or the first root seen; the
@@ -515,7 +446,8 @@ class ModuleScope:
         and nothing else: such a call took the thread-shared stack, became the first root
         (the model then read as a `Linear`) and counted as a pass."""
         mid = self._auto_ids.get(id(module))
-        if threading.get_ident() != self._thread and not self._on_pass_thread(module, False):
+        if threading.get_ident() != self._passes.ident and \
+                not self._passes.takes(module, False):
             if mid is None:
                 mid = module_call.outside_dynamo(self._other_thread_root, module)
             if mid is None:
@@ -542,7 +474,7 @@ class ModuleScope:
         scope and nothing else; None for a call inside another module's, or of a module
         without trainable parameters (a transform in a data-loading thread). Such a model
         was not named: its layers' memory read "outside modules" and its weights "other"."""
-        if not _outermost_module_call() or \
+        if not outermost_module_call() or \
                 not any(p.requires_grad for p in module.parameters()):
             return None
         with self._naming_lock:
