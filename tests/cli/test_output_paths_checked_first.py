@@ -83,3 +83,42 @@ def test_a_saved_profile_gets_the_mode_a_new_file_gets(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "run.memprof").st_mode & 0o777 == 0o644
+
+
+def test_run_output_with_a_name_too_long_or_a_file_for_a_directory(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A name of 260 bytes passed the check, the script trained, and the save failed after
+    it (File name too long); `-o train.py/x.memprof` said the directory did not exist."""
+    script = tmp_path / "marker.py"
+    script.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n")
+    monkeypatch.chdir(tmp_path)
+    long_name = "a" * 260 + ".memprof"
+    assert main(["run", "-o", long_name, str(script)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output '{long_name}': a file name of 268 bytes; this file system takes " \
+           "names of at most 255" in err
+    assert main(["run", "-o", "marker.py/x.memprof", str(script)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output 'marker.py/x.memprof': '{script}' is a file, not a directory" in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_track_refuses_a_path_that_is_no_profile_before_recording(tmp_path):
+    """`track(path="train.py")` (a mistyped path) replaced the script with a profile; `memprof
+    run -o` refused the same. A profile there is replaced, as before."""
+    import torch
+    import memprof
+    victim = tmp_path / "train.py"
+    victim.write_text("print('my training script')\n")
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"track\(path=.*train.py'\): .* exists and is not a "
+                                         r"memprof profile \(it would be replaced\)"):
+        with memprof.track(model, path=str(victim)):
+            model(torch.randn(3, 4)).sum().backward()
+    assert victim.read_text() == "print('my training script')\n"
+    assert not memprof._C.is_active()   # refused before recording started
+    path = tmp_path / "run.memprof"
+    for _ in range(2):   # the second block replaces the first's profile
+        with memprof.track(model, path=str(path)):
+            model(torch.randn(3, 4)).sum().backward()
+    assert memprof.load(str(path)).peak > 0
