@@ -50,7 +50,8 @@ def _run(tmp_path, capsys, *options, script=SCRIPT):
 
 @pytest.mark.parametrize("given, events", [("300", 300), ("0.3k", 300), ("3_00", 300), ("3e2", 300)])
 def test_the_capacity_reaches_the_tracker(tmp_path, capsys, given, events):
-    with pytest.warns(RuntimeWarning, match="dropped"):
+    # the warning names the option too (it said "raise track(capacity=...)")
+    with pytest.warns(RuntimeWarning, match=r"dropped .*; raise memprof run --capacity$"):
         rc, out, err = _run(tmp_path, capsys, "--capacity", given)
     assert rc == 0, err
     prof = memprof.load(str(tmp_path / "train.memprof"))

@@ -121,6 +121,7 @@ class RunCommand(Command):
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
                                 step_on=track_mode(args.step_on), batch_size=args.batch_size,
                                 autosave=args.autosave or None, capacity=args.capacity)
+        tracker.session.capacity_knob = "memprof run --capacity"
         code = install_step_on(args.step_on, code, source, script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis

@@ -154,6 +154,7 @@ def _run_as_rank(call, job: dict, index: int) -> None:
     if install_in_process(job.get("step_on"), job.get("script", ""), lambda: tracker.step()):
         options["step_on"] = "manual"
     tracker = memprof.track(auto_modules=True, path=path, **options)
+    tracker.session.capacity_knob = "memprof run --capacity"
     if "nprocs" in job:
         tracker.default_identity = {"rank": index, "world_size": job["nprocs"]}
     main = sys.modules.get("__mp_main__") or sys.modules.get("__main__")

@@ -111,6 +111,8 @@ class Session:
         self.capacity = int(capacity)
         self.batch_size = batch_size
         self.recorders = list(recorders)
+        # what raises the capacity, where the log fills: `memprof run` has its option
+        self.capacity_knob = "track(capacity=...)"
         self.steps = StepClock(optimizer, step_on)   # what ends a step (record.steps)
         self.scope = ModuleScope(model, auto_modules, self.steps)
         self.backward = BackwardHook(self.steps)
@@ -366,7 +368,7 @@ class Session:
         if into is None and (counters["dropped"] or counters["markers_dropped"]):
             warnings.warn(f"memprof dropped {counters['dropped']} events and "
                           f"{counters['markers_dropped']} markers after reaching "
-                          f"capacity={src.capacity}; raise track(capacity=...)", RuntimeWarning)
+                          f"capacity={src.capacity}; raise {src.capacity_knob}", RuntimeWarning)
         out.streams = streams
         out.strings = strings
         out.seq_records = _C.seq_records().view(SEQ_DTYPE)   # a fresh array: no copy
