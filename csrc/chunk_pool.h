@@ -4,7 +4,7 @@
 // zero it - and, in a virtual machine, the host back it - inside the allocation that happened
 // to fill the last chunk: 0.25 ms per chunk where the host memory was touched before, 1.5 to
 // 17 ms where it was not (scratch first-touch timings on this 2-core VM), against 2-3 ms of
-// recording per chunk at ~80 ns per event. A worker thread, started with a session's first
+// recording per chunk at ~80 ns per event. A worker thread, started with a session's second
 // huge chunk, keeps two chunks mapped and touched; the writer takes one under a lock once
 // per chunk and maps its own only when none is ready. The kernel's work is the same; it runs
 // beside the training thread instead of inside a step.
@@ -29,10 +29,10 @@ void* map_chunk(size_t bytes, bool huge);
 void unmap_chunk(void* p, size_t bytes);
 
 // One huge page (kHugePage bytes, aligned, zeroed): the worker's when one is ready, else
-// mapped here. Starts the worker at the first call after start_chunk_pool().
+// mapped here. Starts the worker at the second call after start_chunk_pool().
 void* take_huge_chunk();
 
-// A session starts: the counts below from 0 (the worker starts with the first take).
+// A session starts: the counts below from 0 (the worker starts with the second take).
 void start_chunk_pool();
 // A session stops: the worker is joined and the chunks it kept ready are unmapped.
 void stop_chunk_pool();

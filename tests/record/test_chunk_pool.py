@@ -1,8 +1,9 @@
 """The event log's 2 MiB chunks are faulted in by a worker thread ahead of the thread that
 writes them (csrc/chunk_pool.cpp): the kernel zeroes (and a VM's host backs) a fresh chunk
-there, not inside the allocation that filled the last one. Checked on real recordings: which
-chunks the writer took ready, that the events in them are whole, that the worker is gone when
-the session stops, and that a child forked while it runs records with a pool of its own."""
+there, not inside the allocation that filled the last one. The worker starts with a session's
+second chunk (a short block pays nothing). Checked on real recordings: which chunks the writer
+took ready, that the events in them are whole, that the worker is gone when the session stops,
+and that a child forked while it runs records with a pool of its own."""
 import os
 import signal
 import threading
@@ -69,22 +70,23 @@ def test_the_writer_takes_chunks_the_worker_faulted_in():
     before, tids = _threads(), _thread_ids()
     _C.start(1 << 24)
     try:
-        _fill_chunks(4, pause_s=0.2)
+        _fill_chunks(5, pause_s=0.2)
         during = _threads()
         worker_masks = _blocked_signals(_thread_ids() - tids)
         counts = _C.counters()
     finally:
         _C.stop()
     memory = _take_memory_events()
-    # the first chunk is the writer's own (it starts the worker); the next ones were ready
-    assert counts["chunks_mapped"] >= 1 and counts["chunks_ready"] >= 3, counts
+    # the first two chunks are the writer's own (the second starts the worker); the next
+    # ones were ready
+    assert counts["chunks_mapped"] == 2 and counts["chunks_ready"] >= 3, counts
     chunks = counts["chunks_mapped"] + counts["chunks_ready"]
     assert (chunks - 1) * CHUNK_EVENTS < counts["records"] <= chunks * CHUNK_EVENTS
     # the events written into worker-made chunks are whole: every allocation of the loop, of
     # 64 bytes, each freed by the next event
     sizes = memory["size"]
     loop = np.flatnonzero(np.abs(sizes) == 64)
-    assert loop.size >= 4 * CHUNK_EVENTS
+    assert loop.size >= 5 * CHUNK_EVENTS
     allocs = sizes[loop] > 0
     assert allocs.sum() == (~allocs).sum()
     assert during == before + 1          # the worker, while recording
@@ -99,20 +101,21 @@ def test_a_second_session_starts_its_own_worker_and_counts_afresh():
     for _ in range(2):
         _C.start(1 << 24)
         try:
-            _fill_chunks(2, pause_s=0.2)
+            _fill_chunks(3, pause_s=0.2)
             counts = _C.counters()
         finally:
             _C.stop()
         _take_memory_events()
-        assert counts["chunks_mapped"] + counts["chunks_ready"] <= 3, counts
-        assert counts["chunks_ready"] >= 1, counts
+        assert counts["chunks_mapped"] == 2 and counts["chunks_ready"] in (1, 2), counts
 
 
-def test_a_few_events_take_one_huge_chunk_and_another_threads_take_small_pages():
+def test_a_short_block_takes_one_huge_chunk_and_starts_no_worker():
     before = _threads()
     _C.start(1 << 20)
     try:
-        torch.empty(16)    # the starting thread's first chunk: huge, its own; the worker starts
+        for _ in range(CHUNK_EVENTS // 4):   # half the starting thread's first chunk
+            torch.empty(16)
+        time.sleep(0.2)
         during = _threads()
         other = threading.Thread(target=lambda: torch.empty(16))
         other.start()
@@ -122,17 +125,16 @@ def test_a_few_events_take_one_huge_chunk_and_another_threads_take_small_pages()
         _C.stop()
     _take_memory_events()
     # the other thread's first chunk takes small pages, not the pool's
-    assert counts["threads"] == 2 and counts["records"] == 4, counts
+    assert counts["threads"] == 2, counts
     assert counts["chunks_mapped"] == 1 and counts["chunks_ready"] == 0, counts
-    assert during == before + 1
-    assert _threads_settle_at(before)
+    assert during == before and _threads_settle_at(before)   # no worker
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
 def test_a_child_forked_while_the_worker_runs_records_with_a_pool_of_its_own():
     _C.start(1 << 24)
     try:
-        _fill_chunks(2, pause_s=0.2)    # the worker runs, two chunks ready
+        _fill_chunks(3, pause_s=0.2)    # the worker runs, two chunks ready
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:   # the child: not recording; a session of its own, chunks and all
@@ -141,13 +143,14 @@ def test_a_child_forked_while_the_worker_runs_records_with_a_pool_of_its_own():
                 os.close(read_end)
                 _C.release_after_fork()
                 _C.start(1 << 24)
-                _fill_chunks(4, pause_s=0.2)
+                _fill_chunks(5, pause_s=0.2)
                 counts = _C.counters()
                 _C.stop()
                 memory = _take_memory_events()
-                # chunks 2-4 from a worker of the child's own (the parent's is not there)
+                # chunks 3-5 from a worker of the child's own (the parent's is not there,
+                # and its two ready chunks are not the child's to take)
                 ok = (counts["chunks_ready"] >= 3 and
-                      int((memory["size"] == 64).sum()) >= 4 * CHUNK_EVENTS // 2)
+                      int((memory["size"] == 64).sum()) >= 5 * CHUNK_EVENTS // 2)
                 said, code = f"{int(ok)} {counts}", 0
             except BaseException as err:  # noqa: BLE001  (said to the parent)
                 said = f"0 {type(err).__name__}: {err}"
@@ -164,4 +167,4 @@ def test_a_child_forked_while_the_worker_runs_records_with_a_pool_of_its_own():
         _C.stop()
     _take_memory_events()
     assert os.waitstatus_to_exitcode(status) == 0 and said.startswith("1 "), said
-    assert counts["chunks_ready"] >= 2, counts
+    assert counts["chunks_ready"] >= 1, counts

@@ -768,3 +768,24 @@ def test_auto_mode_a_model_evaluated_beside_the_training_is_named_after_it():
     assert any(n.startswith("evaluated.") for n in prof.modules), prof.modules
     assert prof.breakdown("category")["parameters"] == _param_bytes(model, evaluated)
     assert prof.throughput["batch_size"] == 16 and prof.throughput["batch_size_range"] == [16, 16]
+
+
+def test_auto_mode_the_model_a_background_thread_called_first_is_still_the_model():
+    """A background evaluation that calls the very model before its training starts names it
+    first, as a side root; once the training calls it, it is the model: its names without a
+    prefix, its calls the passes."""
+    import threading
+    torch.manual_seed(0)
+    with memprof.track(auto_modules=True) as prof:
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def evaluate():
+            with torch.no_grad():
+                model(torch.randn(4, 8))
+        thread = threading.Thread(target=evaluate)
+        thread.start()
+        thread.join()
+        _train(model, opt, 16, 3)
+    assert prof.modules == ["", "block", "block.fc", "head"], prof.modules
+    assert prof.meta["model_class"] == "Net" and prof.throughput["batch_size"] == 16

@@ -488,6 +488,9 @@ class ModuleScope:
         if mid is None:
             with self._naming_lock:
                 mid = self._name_new(module)
+        elif not self._stack and id(module) in self._side_roots:
+            with self._naming_lock:
+                self._promote(module)
         root = not self._stack
         self._stack.append(mid)
         if root:
@@ -495,6 +498,20 @@ class ModuleScope:
         else:
             _C.push_module(mid)
         return mid, root
+
+    def _promote(self, module) -> None:
+        """A side root called as the outermost module on the passes' thread (the model a
+        background evaluation called before its training began): no longer a side root, and
+        while no other root leads, the first root - its names without a prefix, as if the
+        training had called it first."""
+        self._side_roots.discard(id(module))
+        if any(r is not module and id(r) not in self._side_roots for r in self.roots):
+            return
+        self.roots.remove(module)
+        self.roots.insert(0, module)
+        self._root_prefixes[id(module)] = ""
+        self._first_root_name = self._calling_name(module)
+        self._name_tree(module, "", {id(m) for m in module.modules()})
 
     def _name_new(self, module) -> int:
         """The id of a module the passes' thread calls for the first time, named: a root when
