@@ -122,10 +122,10 @@ struct ChunkPool {
     try {
       worker = std::thread([this] { run(); });
       running = true;
-    } catch (const std::system_error&) {
-      failed = true;   // no thread to be had: every chunk is mapped by its writer
+    } catch (...) {    // no thread to be had (system_error, bad_alloc): every chunk is
+      failed = true;   // mapped by its writer; nothing thrown into the allocation hook
     }
-    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);   // the writer's own mask, always
   }
 
   void start() {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Iterable
 
@@ -167,10 +168,11 @@ class Tracker:
 
     def _check_target(self) -> None:
         """A file at the block's path that is no profile (a script, data: a mistyped path)
-        is refused before the block records, as `memprof run -o` refuses it; a profile there
-        is replaced."""
+        is refused before the block records, as `memprof run -o` refuses it; a profile or an
+        empty file (a NamedTemporaryFile, a scheduler's placeholder) there is replaced."""
         target = self.target(self.identity())
-        if os.path.isdir(target) or (os.path.exists(target) and not is_profile(target)):
+        if os.path.isdir(target) or (os.path.exists(target) and os.path.getsize(target) > 0
+                                     and not is_profile(target)):
             raise ValueError(f"track(path={self.path!r}): {target!r} exists and is not a "
                              "memprof profile (it would be replaced); remove it or give "
                              "another file name")
@@ -178,14 +180,18 @@ class Tracker:
     def _leave_at_os_exit(self) -> None:
         """os._exit ends the process at once, without unwinding the block (a script that ends
         with it to skip a slow or hanging teardown): the block is left first - the profile
-        saved as at sys.exit(status) - in the process that entered it (a forked child ends
-        with os._exit too: multiprocessing's, a DataLoader worker's; it saves nothing).
-        Undone with the block's other patches."""
+        saved as at sys.exit(status) - when the thread that entered it calls it, in its
+        process. Not from another thread (a watchdog's `threading.Timer(600, os._exit)` while
+        the loop hangs in a collective: leaving the block would wait on the hung device, and
+        the loop's thread still writes the session), nor in a forked child (multiprocessing's
+        and a DataLoader worker's end with os._exit). Undone with the block's other patches."""
         real_exit, pid, tracker = os._exit, os.getpid(), self
+        thread = threading.current_thread()
 
         def _exit(status):
             session = tracker.session
-            if os.getpid() == pid and session is not None and not session.forked_away:
+            if os.getpid() == pid and threading.current_thread() is thread and \
+                    session is not None and not session.forked_away:
                 try:
                     tracker.__exit__(SystemExit, SystemExit(status), None)
                     if tracker.saved:

@@ -82,6 +82,19 @@ def test_a_reader_that_closes_the_pipe_gets_no_traceback(leaky_script, tmp_path)
         assert err == "", (extra, err)
 
 
+def test_a_closed_pipe_of_the_users_own_code_is_not_hidden():
+    """Only stdout's reader going away is a quiet status 1: a BrokenPipeError from the code a
+    command runs (a model factory's socket) is raised as it is."""
+    import argparse
+    from memprof import cli
+
+    class Failing:
+        def run(self, args):
+            raise BrokenPipeError(32, "Broken pipe (a socket of the user's)")
+    with pytest.raises(BrokenPipeError, match="a socket of the user's"):
+        cli._run(argparse.Namespace(command_object=Failing(), command="recommend"))
+
+
 def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "junk.memprof").write_text("nope")
     r = memprof("report", "junk.memprof", cwd=tmp_path)

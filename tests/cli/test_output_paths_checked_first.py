@@ -122,3 +122,21 @@ def test_track_refuses_a_path_that_is_no_profile_before_recording(tmp_path):
         with memprof.track(model, path=str(path)):
             model(torch.randn(3, 4)).sum().backward()
     assert memprof.load(str(path)).peak > 0
+
+
+def test_an_empty_file_at_the_path_is_replaced(tmp_path, capsys):
+    """A NamedTemporaryFile or a scheduler's placeholder (empty) is no one's data: replaced."""
+    import torch
+    import memprof
+    placeholder = tmp_path / "run.memprof"
+    placeholder.write_bytes(b"")
+    model = torch.nn.Linear(4, 2)
+    with memprof.track(model, path=str(placeholder)):
+        model(torch.randn(3, 4)).sum().backward()
+    assert memprof.load(str(placeholder)).peak > 0
+    script = tmp_path / "train.py"
+    script.write_text("import torch\ntorch.ones(8).sum()\n")
+    out = tmp_path / "cli.memprof"
+    out.write_bytes(b"")
+    assert main(["run", "-o", str(out), str(script)]) == 0, capsys.readouterr().err
+    assert memprof.load(str(out)).meta is not None

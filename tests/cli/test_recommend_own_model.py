@@ -188,7 +188,9 @@ def test_a_model_given_as_a_file_path_is_imported_from_its_folder(capsys, own_mo
     plan = json.loads(out)
     assert plan["gpu"]["memory_bytes"] == 16 << 30 and plan["options"], plan["gpu"]
     assert sys.path == before
+    (own_models / "json.py").write_text("def build():\n    return None\n")
     for spec, said in (("../nothere.py:tiny_bert", "no such file '../nothere.py'"),
-                       ("../own_models_cli:tiny_bert", "expected 'module:function'")):
+                       ("../own_models_cli:tiny_bert", "expected 'module:function'"),
+                       ("../json.py:build", "a module named 'json' is already imported from")):
         rc, out, err = _cli(capsys, "--gpu", "t4", "--model", spec, "--effective-batch", "8")
         assert rc == 2 and said in err and err.count("\n") == 1, err

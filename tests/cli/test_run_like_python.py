@@ -372,3 +372,17 @@ def test_a_script_that_ends_with_os_exit_leaves_its_profile(tmp_path):
     assert "os._exit(0)" not in r.stderr
     prof = memprof_pkg.load(str(tmp_path / "train.memprof"))
     assert len(prof.steps) - prof.partial_last_step == 5
+
+
+def test_os_exit_from_another_thread_ends_the_process_at_once(tmp_path):
+    """A watchdog's `threading.Timer(..., os._exit, (7,))` while the loop is stuck: leaving
+    the block from that thread could wait on what the loop waits on (a hung collective), so
+    the process ends at once, as under python - the autosave is what keeps a profile then."""
+    r, script = run(tmp_path, '''
+        import os, threading, time, torch
+        torch.ones(8).sum()
+        threading.Timer(0.2, os._exit, (7,)).start()
+        time.sleep(30)             # the stuck loop
+        ''')
+    assert r.returncode == 7, r.stderr
+    assert "ended the block" not in r.stderr

@@ -35,10 +35,16 @@ def test_a_mistyped_name_offers_the_likest_first():
 
 
 @pytest.mark.parametrize("typed, nbytes", [("16G", 16 << 30), ("16g", 16 << 30),
-                                           ("512M", 512 << 20), ("1T", 1 << 40),
-                                           ("16GB", 16 * 10**9), ("16 GiB", 16 << 30)])
+                                           ("1T", 1 << 40), ("16GB", 16 * 10**9),
+                                           ("16 GiB", 16 << 30)])
 def test_a_capacity_with_a_single_letter_unit_is_binary(typed, nbytes):
     """`--gpu 16G` was refused by a message that offered capacities (Slurm's --mem=16G and
     docker's --memory 16g are binary)."""
     g = lookup(typed)
     assert g.generic and g.memory_bytes == nbytes
+
+
+def test_a_laptop_gpus_name_is_no_capacity():
+    """`3080m` is an RTX 3080 laptop GPU's name, not 3080 MiB."""
+    with pytest.raises(ValueError, match=r"unknown GPU '3080m'; did you mean "):
+        lookup("3080m")

@@ -789,3 +789,55 @@ def test_auto_mode_the_model_a_background_thread_called_first_is_still_the_model
         _train(model, opt, 16, 3)
     assert prof.modules == ["", "block", "block.fc", "head"], prof.modules
     assert prof.meta["model_class"] == "Net" and prof.throughput["batch_size"] == 16
+
+
+def test_auto_mode_side_roots_are_weak_bounded_and_never_wrap_the_model():
+    """What a side root must not do (a review's scenarios): keep a model copy evaluated once
+    alive (an evaluation of a fresh deepcopy every epoch held every copy until the block
+    ended); take DataParallel's per-step replicas (parameters made by autograd, not leaves)
+    for models; name the trained model after a wrapper an evaluation thread calls it through;
+    fail when the training calls, alone, a submodule that a side root took in."""
+    import copy
+    import gc
+    import threading
+    import weakref
+
+    class Predictor(torch.nn.Module):   # an evaluation's wrapper of the model
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x).softmax(-1)
+
+    def on_a_thread(fn):
+        thread = threading.Thread(target=fn)
+        thread.start()
+        thread.join()
+
+    torch.manual_seed(0)
+    with memprof.track(auto_modules=True) as prof:
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _train(model, opt, 16, 2)
+        copies = []
+        for _ in range(3):   # a copy per "epoch", evaluated on a thread, then dropped
+            twin = copy.deepcopy(model)
+            copies.append(weakref.ref(twin))
+            on_a_thread(lambda twin=twin: twin(torch.randn(4, 8)))
+            del twin
+        gc.collect()
+        alive = [r for r in copies if r() is not None]
+        replica = torch.nn.Linear(8, 8)   # DataParallel's replicas: parameters not leaves
+        replica._parameters["weight"] = replica.weight * 1.0
+        on_a_thread(lambda: replica(torch.randn(4, 8)))
+        on_a_thread(lambda: Predictor(model)(torch.randn(4, 8)))
+        other = Net()
+        on_a_thread(lambda: other.block(torch.randn(4, 8)))   # a side root ...
+        on_a_thread(lambda: other(torch.randn(4, 8)))         # ... taken in by another
+        other.block(torch.randn(2, 8))   # the passes' thread calls the submodule alone
+        _train(model, opt, 16, 1)
+    assert alive == []
+    assert not any("Linear" in n.split(".")[0] or "Predictor" in n for n in prof.modules)
+    assert {"block", "block.fc", "head"} <= set(prof.modules), prof.modules
+    assert prof.meta["model_class"] == "Net"

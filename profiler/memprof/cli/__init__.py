@@ -102,11 +102,25 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except BrokenPipeError:
         # `memprof report run.memprof --json | head`: the reader stopped reading, and the
-        # status says the output was cut (as the table's, whose flush fails at the exit)
+        # status says the output was cut (as the table's, whose flush fails at the exit);
+        # a closed pipe of the user's code (a model factory's socket) is its own error
+        if not _stdout_closed():
+            raise
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
         os.close(devnull)
         return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader is gone: a pipe whose other end closed polls as an error."""
+    try:
+        import select
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no poll (not POSIX), no stdout
+        return True
 
 
 if __name__ == "__main__":

@@ -283,7 +283,8 @@ def _output(args, target: RunTarget) -> str:
     check_writable(output, "--output")
     if os.path.exists(output):
         from ..profile_file import is_profile
-        if os.path.samefile(output, target.filename) or not is_profile(output):
+        if os.path.samefile(output, target.filename) or \
+                (os.path.getsize(output) > 0 and not is_profile(output)):
             raise UsageError(f"--output {output!r}: exists and is not a memprof profile (it "
                              "would be replaced); remove it or give another file name")
     return os.path.abspath(output)

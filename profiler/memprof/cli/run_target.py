@@ -43,7 +43,8 @@ class RunTarget:
         main.__loader__ = getattr(self.spec, "loader", None) or \
             importlib.machinery.SourceFileLoader("__main__", self.filename)
         main.__spec__ = self.spec
-        main.__annotations__ = {}
+        if sys.version_info < (3, 14):   # (3.14 builds a module's annotations lazily)
+            main.__annotations__ = {}
         main.__builtins__ = builtins
         main.__file__ = self.filename
         main.__cached__ = getattr(self.spec, "cached", None)

@@ -349,11 +349,12 @@ def _entry_keys(g: "GPU") -> tuple[set, set]:
 
 
 _ENTRY_KEYS = {_g.name: _entry_keys(_g) for _g in _TABLE}
-_CAPACITY = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|g|mb|mib|m|kb|kib|k|tb|tib|t)$",
+_CAPACITY = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|g|mb|mib|kb|kib|tb|tib|t)$",
                        re.IGNORECASE)
-#: a single letter is binary, as Slurm's --mem=16G and docker's --memory 16g read it
-_UNITS = {"gb": 10**9, "gib": GiB, "g": GiB, "mb": 10**6, "mib": MiB, "m": MiB,
-          "kb": 10**3, "kib": 1 << 10, "k": 1 << 10, "tb": 10**12, "tib": 1 << 40, "t": 1 << 40}
+#: a single letter is binary, as Slurm's --mem=16G and docker's --memory 16g read it; G and T
+#: only (`3080m` is a laptop GPU's name, not 3080 MiB)
+_UNITS = {"gb": 10**9, "gib": GiB, "g": GiB, "mb": 10**6, "mib": MiB, "kb": 10**3,
+          "kib": 1 << 10, "tb": 10**12, "tib": 1 << 40, "t": 1 << 40}
 
 
 class NoGPUError(RuntimeError):
@@ -417,7 +418,7 @@ def _near(spec: str) -> list:
 def lookup(spec: Union[str, GPU]) -> GPU:
     """A GPU from a table name, a name as people type it ('RTX 3090', 'A100 80GB', 'H100 SXM';
     an ambiguous one such as 'a100' -> the most common SKU, `note` says so), a driver name,
-    'auto', or a capacity like '24gb' / '16GiB' / '16G' (a single letter is binary)."""
+    'auto', or a capacity like '24gb' / '16GiB' / '16G' (G and T alone are binary)."""
     if isinstance(spec, GPU):
         return spec
     if not isinstance(spec, str) or not spec.strip():

@@ -59,8 +59,10 @@ def _import_callable(spec: str, label: str) -> Callable:
 def _module_name_of_file(mod_name: str, spec: str, label: str) -> str:
     """`path/to/models.py` (what a user types first) -> `models`, its folder first on the import
     path (as `python path/to/models.py` would put it: its own imports are found beside it);
-    a dotted module name as it is."""
-    if not (mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name):
+    a module name as it is (`pkg.py` is the module `py` of `pkg` unless such a file exists)."""
+    is_path = "/" in mod_name or os.sep in mod_name or \
+        (mod_name.endswith(".py") and os.path.isfile(mod_name))
+    if not is_path:
         return mod_name
     path = os.path.abspath(mod_name)
     if not mod_name.endswith(".py"):
@@ -70,9 +72,14 @@ def _module_name_of_file(mod_name: str, spec: str, label: str) -> str:
     if not os.path.isfile(path):
         raise PlanInputError(f"{label} {spec!r}: no such file {mod_name!r}")
     folder, name = os.path.split(path)
+    name = name[:-len(".py")]
+    loaded = getattr(sys.modules.get(name), "__file__", None)
+    if loaded is not None and os.path.abspath(loaded) != path:
+        raise PlanInputError(f"{label} {spec!r}: a module named {name!r} is already imported "
+                             f"from {loaded}; rename the file or give it as module:function")
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    return name[:-len(".py")]
+    return name
 
 
 def importable_name(obj) -> str | None:

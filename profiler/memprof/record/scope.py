@@ -30,13 +30,11 @@ import torch
 
 from .. import _C
 from . import module_call
-from .holders import loop_frame, name_in_frame
 from .module_call import compiling as _compiling
 from .module_call import dynamo_compiling as _dynamo_compiling
 from .module_call import export_flag as _export
-from .pass_thread import PassThread, outermost_module_call
-
-COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
+from .pass_thread import PassThread
+from .root_names import COMPILE_WRAPPER, RootNaming, clean_name
 
 def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules whose calls are forward passes of the model: the model itself or, for a
@@ -50,25 +48,6 @@ def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     if forward is not torch.nn.Module.forward or "forward" in vars(model):
         return [model]   # (torch.compile's wrapper sets its forward on the instance)
     return [m for child in model.children() for m in _pass_modules(child)]
-
-
-def class_name(module: torch.nn.Module) -> str:
-    """The user's class, also behind torch.compile's wrapper."""
-    return type(getattr(module, COMPILE_WRAPPER, module)).__name__
-
-
-def _unique(base: str, taken: set) -> str:
-    """`base`, or `base_2`, `base_3`, ... : the first not taken."""
-    name, k = base, 2
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
-
-
-def clean_name(name: str) -> str:
-    """A module's path without torch.compile's wrapper level (`_orig_mod.layers.3` ->
-    `layers.3`): the names the user wrote."""
-    return ".".join(p for p in name.split(".") if p != COMPILE_WRAPPER)
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
@@ -89,7 +68,7 @@ def _skipping_module_call(original):
     return compile
 
 
-class ModuleScope:
+class ModuleScope(RootNaming):
     def __init__(self, model: torch.nn.Module | None, auto: bool, steps):
         self.model = model
         self.auto = auto and model is None
@@ -109,7 +88,12 @@ class ModuleScope:
         # auto mode: new modules named by one thread at a time (a model trained on a thread
         # of its own is named there, while the passes' thread may name its own)
         self._naming_lock = threading.RLock()
-        self._side_roots: set[int] = set()       # ids of roots first called on such a thread
+        # auto mode: models first called on such a thread (side roots), held weakly: id ->
+        # weak reference; the prefixes they were given; modules refused as side roots
+        self._side: dict[int, weakref.ref] = {}
+        self._side_prefixes: set[str] = set()
+        self._side_named = 0
+        self._not_side: dict[int, bool] = {}
         self._root_depth = 0                      # passes running (calls or forward_pass)
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
@@ -178,7 +162,7 @@ class ModuleScope:
     def naming(self) -> tuple[int, int]:
         """What changes when modules are named (a new root, a new submodule): what is kept
         per set of named modules is kept under it."""
-        return len(self.names), len(self.roots)
+        return len(self.names), len(self.roots) + len(self._side)
 
     def module_refs(self) -> list[tuple[weakref.ref, int]]:
         """(weak reference to the module, id) for every named module of the model or the
@@ -208,7 +192,9 @@ class ModuleScope:
         return self._auto_ids.get(id(module))
 
     def root_modules(self) -> list[torch.nn.Module]:
-        return [self.model] if self.model is not None else list(self.roots)
+        if self.model is not None:
+            return [self.model]
+        return list(self.roots) + self._side_roots()
 
     def parameter_names(self) -> dict[int, str]:
         """id(parameter) -> qualified name, over the model or the roots seen so far."""
@@ -404,40 +390,6 @@ class ModuleScope:
         finally:
             module_call.outside_dynamo(self._root_post, self.model, args, None)
 
-    def root_label(self, root: torch.nn.Module) -> str:
-        """What a root's names start with: nothing for the model, or the first root seen; the
-        others' own names (_root_prefix), and the first root's too once another root has
-        parameters (a GAN's `G` and `D`, a teacher and its student)."""
-        if self.model is not None or len(self.roots) < 2:
-            return ""
-        if root is self.roots[0]:
-            if not any(self._names_apart(r) for r in self.roots[1:]):
-                return ""   # beside a loss module (`criterion`): still the one model
-            # unique also when this root came last and took in the first one (the others'
-            # prefixes kept clear of the earlier first root's name only)
-            others = {self._root_prefixes.get(id(r)) for r in self.roots[1:]}
-            return _unique(self._first_root_name or class_name(root), others)
-        return self._root_prefixes.get(id(root), "")
-
-    def _names_apart(self, root: torch.nn.Module) -> bool:
-        """Whether another root makes the first root's names take its label: one with
-        parameters (a GAN's D beside its G) - of a side root (_add_root), only one that was
-        trained (a second model trained on a thread of its own), not a model evaluated on a
-        background thread beside the training."""
-        if id(root) in self._side_roots:
-            return any(id(p) in self._steps.trained for p in root.parameters())
-        return next(root.parameters(), None) is not None
-
-    def final_names(self) -> list[str]:
-        """Module names for the profile: the first root's under its label (root_label) once
-        several roots ran - they were named before a second one was seen."""
-        label = self.root_label(self.roots[0]) if self.roots else ""
-        if not label:
-            return list(self.names)
-        others = tuple(p for p in (self._root_prefixes.get(id(r)) for r in self.roots[1:]) if p)
-        return [n if n in others or n.startswith(tuple(o + "." for o in others))
-                else f"{label}.{n}" if n else label for n in self.names]
-
     # ------------------------------------------------------------------ auto mode
     def _auto_call(self, module, args, kwargs):
         """Every module call no block named (module_call's): the module is named as it runs,
@@ -467,28 +419,13 @@ class ModuleScope:
         finally:
             module_call.outside_dynamo(self._auto_leave, module, args, root)
 
-    def _other_thread_root(self, module) -> int | None:
-        """The id of a model first called on a thread whose calls are no passes (a second
-        model trained on a thread of its own after the first trained on the block's; two
-        models on two threads at once), named as a root with its submodules, its calls in its
-        scope and nothing else; None for a call inside another module's, or of a module
-        without trainable parameters (a transform in a data-loading thread). Such a model
-        was not named: its layers' memory read "outside modules" and its weights "other"."""
-        if not outermost_module_call() or \
-                not any(p.requires_grad for p in module.parameters()):
-            return None
-        with self._naming_lock:
-            if id(module) not in self._auto_ids:
-                self._add_root(module, side=True)
-            return self._auto_ids[id(module)]
-
     def _auto_enter(self, module, args, kwargs, mid):
         """(module id, whether a root) of a module call in auto mode, named if new, its scope
         entered (a root's call is a pass)."""
         if mid is None:
             with self._naming_lock:
                 mid = self._name_new(module)
-        elif not self._stack and id(module) in self._side_roots:
+        elif not self._stack and id(module) in self._side:
             with self._naming_lock:
                 self._promote(module)
         root = not self._stack
@@ -498,20 +435,6 @@ class ModuleScope:
         else:
             _C.push_module(mid)
         return mid, root
-
-    def _promote(self, module) -> None:
-        """A side root called as the outermost module on the passes' thread (the model a
-        background evaluation called before its training began): no longer a side root, and
-        while no other root leads, the first root - its names without a prefix, as if the
-        training had called it first."""
-        self._side_roots.discard(id(module))
-        if any(r is not module and id(r) not in self._side_roots for r in self.roots):
-            return
-        self.roots.remove(module)
-        self.roots.insert(0, module)
-        self._root_prefixes[id(module)] = ""
-        self._first_root_name = self._calling_name(module)
-        self._name_tree(module, "", {id(m) for m in module.modules()})
 
     def _name_new(self, module) -> int:
         """The id of a module the passes' thread calls for the first time, named: a root when
@@ -535,45 +458,3 @@ class ModuleScope:
             self._root_post(module, args, None)
         else:
             _C.pop_module()
-
-    def _add_root(self, module: torch.nn.Module, side: bool = False) -> None:
-        """A new outermost module; earlier roots inside it become its submodules, renamed.
-        `side`: first called on a thread whose calls are no passes (_other_thread_root): it
-        is named after its own name, never the first root - the model whose calls are the
-        passes is, whenever it comes."""
-        inside = {id(m) for m in module.modules()}
-        absorbed = [r for r in self.roots if id(r) in inside]
-        rename = {id(m) for r in absorbed for m in r.modules()}
-        first = bool(self.roots) and self.roots[0] in absorbed
-        self.roots = [r for r in self.roots if id(r) not in inside]
-        if side:
-            self._side_roots.add(id(module))
-        leads = any(id(r) not in self._side_roots for r in self.roots)
-        later = side or (leads and not first)
-        if later:
-            prefix = self._root_prefix(module)
-        else:
-            prefix, self._first_root_name = "", self._calling_name(module)
-        self._root_prefixes[id(module)] = prefix
-        self._name_tree(module, prefix, rename)
-        self.roots.insert(len(self.roots) if later else 0, module)
-
-    def _root_prefix(self, module: torch.nn.Module) -> str:
-        """The prefix of a root's names after the first root's (whose names have none): what
-        the calling code names it (`D` for `D(fake)`, `criterion`), else its class, made
-        unique - a GAN's two `Sequential`s read as one model before (`Sequential.0` for both
-        first layers, their memory summed)."""
-        base = clean_name(self._calling_name(module) or "") or class_name(module)
-        # taken: every root's first path part, and the first root's name and class (its
-        # label once this root is added: root_label)
-        taken = {n.split(".")[0] for n in self.names}
-        if self.roots:
-            taken.update({class_name(self.roots[0]), self._first_root_name})
-        return _unique(base, taken)
-
-    @staticmethod
-    def _calling_name(module: torch.nn.Module) -> str | None:
-        """What the innermost frame outside torch and memprof calls `module` (holders)."""
-        frame = loop_frame(sys._getframe(1))
-        return name_in_frame(frame, module) if frame is not None else None
-

@@ -31,7 +31,8 @@ from .event_streams import EventStreams
 from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ_DTYPE
 from .patches import PatchRegistry
 from .auto_steps import AutoSteps
-from .scope import ModuleScope, class_name
+from .root_names import class_name
+from .scope import ModuleScope
 from .update_watch import label_updates
 from .snapshots import Snapshot, SnapshotRecorder
 from .steps import BackwardHook, StepClock
