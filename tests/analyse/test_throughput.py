@@ -219,6 +219,27 @@ def test_gradient_accumulation_is_detected(accum):
     assert t["batch_size"] == 12
 
 
+def test_an_epochs_short_last_step_shows_as_the_micro_steps_range(capsys):
+    """Accumulation of 4 over epochs of 10 batches, the optimizer stepping at each epoch's
+    end too: steps of 4, 4, 2 micro-steps. The summary said "4" alone (the median)."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        for _ in range(3):   # epochs
+            data = batches(10, b=12)
+            for i, (x, y) in enumerate(data):
+                (torch.nn.functional.cross_entropy(model(x), y) / 4).backward()
+                if (i + 1) % 4 == 0 or i + 1 == len(data):
+                    opt.step()
+                    opt.zero_grad()
+    t = prof.throughput
+    assert t["per_step"]["micro_steps"] == [4, 4, 2] * 3
+    assert t["micro_steps_per_step"] == 4 and t["micro_steps_range"] == [2, 4]
+    memprof.show(prof)
+    assert "micro-steps per optimizer step 4 (2-4 by step) (gradient accumulation)" in \
+        capsys.readouterr().out.replace("\n", " ")
+
+
 def test_batch_size_from_kwargs_dict_and_override():
     class DictModel(torch.nn.Module):
         def __init__(self):

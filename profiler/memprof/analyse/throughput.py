@@ -295,6 +295,9 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         "steps": n,
         "steps_measured": len(keep),
         "micro_steps_per_step": micro_med,
+        # an epoch's last step with fewer micro-steps (64 batches by 4 -> ..., 4, 4, 2 in
+        # an epoch of 10) is not the median: [fewest, most] over the steps measured
+        "micro_steps_range": [int(min(micro)), int(max(micro))] if micro else None,
         "steps_with_micro_steps": sum(1 for m in pick["micro_steps"] if m),
         "gradient_accumulation": bool(micro_med is not None and micro_med > 1),
         "batch_size": float(np.median(bs)) if bs else None,

@@ -175,6 +175,9 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     with_micro, measured = tp.get("steps_with_micro_steps"), tp.get("steps_measured")
     some = (f" (in the {with_micro} of {measured} steps that ran the model)"
             if with_micro and measured and with_micro < measured else "")
+    spread = tp.get("micro_steps_range") or [None, None]
+    if spread[0] is not None and spread[0] != spread[1]:
+        some += f" ({spread[0]}-{spread[1]} by step)"
     line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_batch(tp)}   samples/s "
