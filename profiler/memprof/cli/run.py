@@ -59,7 +59,8 @@ class RunCommand(Command):
         parser.add_argument("--step-on", metavar="WHAT", help=STEP_ON_HELP)
         parser.add_argument("--batch-size", type=at_least_one, metavar="N",
                             help="samples per micro-step, for samples/s where memprof cannot "
-                                 "read it off the model's inputs (memprof.track(batch_size=N))")
+                                 "read it off the model's inputs (memprof.track(batch_size=N)); "
+                                 "given, it is used over what the inputs say")
         parser.add_argument("--budget", metavar="GPU",
                             help=f"also replay the run against a GPU's usable memory "
                                  f"({BUDGET_FORMS}): where it would run out")
