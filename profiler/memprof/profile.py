@@ -19,6 +19,7 @@ from . import _C, profile_file
 from .allocation_lookup import NO_MODULES, forward_modules, last_per_allocation, \
     snapshot_hits, snapshot_modules
 from .finding import Finding
+from .record.distributed import rank_path
 from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
                             CATEGORIES, DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_OUT_OF_MEMORY,
                             PHASES, PHASE_BACKWARD, PHASE_FORWARD)
@@ -454,9 +455,13 @@ class Profile:
     @property
     def partial_last_step(self) -> bool:
         """The last of `steps` is work after the last step boundary (an evaluation pass, a
-        loop cut short), not a step the training loop finished."""
+        loop cut short), not a step the training loop finished; also the only one of a run
+        that raised before its first boundary (an OOM in the first step read "steps 1", as
+        if that step had finished)."""
         bounds = self.marker_positions("step")
-        return bool(bounds.size) and bool(self.steps) and self.steps[-1].start >= int(bounds[-1])
+        if not bounds.size:
+            return bool(self.steps) and bool(self.meta.get("error"))
+        return bool(self.steps) and self.steps[-1].start >= int(bounds[-1])
 
     @property
     def steps_label(self) -> str:
@@ -544,7 +549,13 @@ class Profile:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> str:
-        """Write a versioned, checksummed file atomically; memprof.load() reads it back."""
+        """Write a versioned, checksummed file atomically; memprof.load() reads it back; the
+        path written is returned. A rank's profile of a job (torchrun) goes to
+        `<name>.rank<R>.memprof`, as track(path=...) names it: every rank saving
+        `prof.save("run.memprof")` kept the last rank's file only."""
+        rank, world = self.meta.get("rank"), self.meta.get("world_size")
+        if rank is not None and world is not None and int(world) > 1:
+            path = rank_path(path, int(rank))
         return profile_file.write(self.run, self.findings, path)
 
     @classmethod

@@ -403,3 +403,22 @@ def test_a_block_entered_in_a_deleted_directory_records_and_ends(mlp, tmp_path, 
     assert prof.saved == str(tmp_path / "x.memprof")
     assert memprof.load(prof.saved).peak == prof.peak > 0
     assert not _C.is_active()
+
+
+def test_a_run_that_raises_in_its_first_step_has_no_finished_step(tmp_path):
+    """An error before the first optimizer step (an OOM in step 0, a rank that fails at
+    once) read "steps 1", as if that step had finished; a run without any optimizer that
+    ends normally is still one step."""
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        with memprof.track(model, opt, path=str(tmp_path / "failed.memprof")):
+            model(torch.randn(4, 8)).sum().backward()
+            raise RuntimeError("out of memory in step 0")
+    except RuntimeError:
+        pass
+    failed = memprof.load(str(tmp_path / "failed.memprof"))
+    assert failed.partial_last_step and failed.steps_label == "0 + partial"
+    with memprof.track(model) as prof:   # no optimizer, no error: the whole run, one step
+        model(torch.randn(4, 8)).sum().backward()
+    assert not prof.partial_last_step and prof.steps_label == "1"

@@ -66,6 +66,21 @@ def rank_path(path: str, rank: int) -> str:
     return f"{_RANK_SUFFIX.sub('', stem)}.rank{rank}{ext}"
 
 
+def _delegating_allreduce_hook():
+    """(hook, slot): a DDP comm hook that is torch's allreduce_hook - its all_reduce goes
+    through torch.distributed's Python function, where it is timed - or, once `slot[0]` holds
+    (state, hook), that hook (the user's, registered after memprof's)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    slot: list = [None]
+
+    def memprof_allreduce_hook(state, bucket):
+        user = slot[0]
+        if user is not None:
+            return user[1](user[0], bucket)
+        return allreduce_hook(state, bucket)
+    return memprof_allreduce_hook, slot
+
+
 def _tensors(args, kwargs) -> list[torch.Tensor]:
     """Tensors among a collective's arguments (one level of lists, as all_gather takes)."""
     out = []
@@ -89,6 +104,7 @@ class CommRecorder:
         self.ddp_hooked = 0
         self._lock = threading.Lock()
         self._seen_ddp: set[int] = set()
+        self._ddp_hooks: dict[int, list] = {}   # id(ddp) -> our hook's slot for the user's
         self._fsdp_checked = False
 
     # ------------------------------------------------------------------ install / remove
@@ -111,6 +127,8 @@ class CommRecorder:
                 session.patches.patch(owner, "destroy_process_group", self._wrap_destroy)
         from torch.nn.parallel import DistributedDataParallel
         session.patches.patch(DistributedDataParallel, "forward", self._wrap_ddp_forward)
+        session.patches.patch(DistributedDataParallel, "register_comm_hook",
+                              self._wrap_register_comm_hook)
 
     def _patch_fsdp(self) -> None:
         """On the first collective, once: FSDP2's unshard wait, if FSDP2 is in use (imported:
@@ -200,13 +218,33 @@ class CommRecorder:
             self.notes.append("DDP has its own comm hook: its calls are timed where they go "
                               "through torch.distributed's Python functions")
             return
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        hook, slot = _delegating_allreduce_hook()
         try:
-            ddp.register_comm_hook(ddp.process_group, allreduce_hook)
+            ddp.register_comm_hook(ddp.process_group, hook)
         except RuntimeError as err:   # a built-in hook registered before
             self.notes.append(f"DDP comm hook not registered: {str(err).splitlines()[0]}")
             return
+        self._ddp_hooks[id(ddp)] = slot
         self.ddp_hooked += 1
+
+    def _wrap_register_comm_hook(self, original):
+        """DDP takes one comm hook: the user's, registered after memprof's (a sanity forward
+        before `register_comm_hook(state, fp16_compress_hook)`), failed with "can only be
+        called once". Within the block it becomes what memprof's hook calls instead of
+        torch's allreduce_hook - registered as DDP notes it."""
+        recorder = self
+
+        def register_comm_hook(ddp, state, hook):
+            slot = recorder._ddp_hooks.get(id(ddp))
+            if slot is None or slot[0] is not None:
+                return original(ddp, state, hook)
+            ddp._check_comm_hook(hook)
+            slot[0] = (state, hook)
+            ddp._comm_hooks.append((hook, state))
+            if ddp.logger is not None:
+                ddp.logger._set_comm_hook_name(getattr(hook, "__qualname__", repr(hook)))
+            return None
+        return register_comm_hook
 
     def _wrap_unshard(self, original):
         recorder = self
