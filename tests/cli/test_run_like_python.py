@@ -386,3 +386,30 @@ def test_os_exit_from_another_thread_ends_the_process_at_once(tmp_path):
         ''')
     assert r.returncode == 7, r.stderr
     assert "ended the block" not in r.stderr
+
+
+def test_an_error_in_backward_has_pythons_frames_without_memprofs_wrapper(tmp_path):
+    """An error raised in backward went through memprof's backward wrapper, whose frame
+    (`memprof/record/steps.py, in backward`) sat between the script's and torch's."""
+    r, script = run(tmp_path, '''
+        import torch
+
+        class Bad(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x * 2
+
+            @staticmethod
+            def backward(ctx, g):
+                raise ValueError("bad gradient")
+
+        model = torch.nn.Linear(3, 3)
+        Bad.apply(model(torch.ones(3))).sum().backward()
+        ''')
+    py = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=300)
+    assert r.returncode == py.returncode == 1
+
+    def frames(err):
+        return [line for line in err.splitlines() if line.startswith('  File "')]
+    assert frames(r.stderr) == frames(py.stderr) and len(frames(py.stderr)) >= 3, r.stderr

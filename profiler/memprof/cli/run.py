@@ -262,7 +262,8 @@ def _print_user_traceback(exc: BaseException) -> None:
     """The traceback Python would print for the user's code: the frames above its first one
     (memprof's own, importlib's frozen ones) are left out, and the frame of memprof's signal
     handler that raised a Ctrl-C's KeyboardInterrupt (Python's own handler raises it in the
-    interrupted frame, the last one printed)."""
+    interrupted frame, the last one printed); so are memprof's wrappers between the user's
+    frames, unless the error was raised in memprof's own code (then it is all shown)."""
     tb = exc.__traceback__
     while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
                               or tb.tb_frame.f_code.co_filename.startswith("<")):
@@ -273,6 +274,11 @@ def _print_user_traceback(exc: BaseException) -> None:
     if last is not None and len(report.stack) > 1 and last.name == handler.co_name and \
             last.filename == handler.co_filename:
         report.stack.pop()
+    elif last is not None and not last.filename.startswith(_OWN_DIR):
+        # raised in the script's code (or torch's), not in memprof's: memprof's wrappers
+        # between its frames (backward's, an optimizer hook's) are not in Python's traceback
+        report.stack = traceback.StackSummary.from_list(
+            [f for f in report.stack if not f.filename.startswith(_OWN_DIR)])
     print("".join(report.format()), end="", file=sys.stderr)
 
 
