@@ -310,7 +310,6 @@ def _is_users_main(main) -> bool:
     return not path or not os.path.abspath(path).startswith(_LIBRARY_DIRS)
 
 
-
 def namespace_roots(prefix: str, namespace: dict) -> list[tuple[str, object]]:
     """Named roots from a namespace dict (a script's globals)."""
     return [(f"{prefix}{k}", v) for k, v in namespace.items()
