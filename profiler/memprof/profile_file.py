@@ -61,6 +61,15 @@ def is_profile(path: str) -> bool:
     return isinstance(header, dict) and header.get("format") == FORMAT_NAME
 
 
+def may_replace(path: str) -> bool:
+    """Whether a profile may be written at `path`: nothing there, an empty file (a
+    NamedTemporaryFile, a scheduler's placeholder) or a profile - not a script or data that a
+    mistyped path would destroy."""
+    if os.path.isdir(path):
+        return False
+    return not os.path.exists(path) or os.path.getsize(path) == 0 or is_profile(path)
+
+
 def _listed(value):
     """A snapshot's field as JSON takes it (its addresses are an array('q') while recording)."""
     return value.tolist() if isinstance(value, array) else value

@@ -18,7 +18,7 @@ from . import analyse as _analyse
 from .analyse import health as _health
 from .analyse import throughput as _throughput
 from .profile import Profile
-from .profile_file import is_profile
+from .profile_file import may_replace
 from . import track_budget as _budget
 from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave
 from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
@@ -171,8 +171,7 @@ class Tracker:
         is refused before the block records, as `memprof run -o` refuses it; a profile or an
         empty file (a NamedTemporaryFile, a scheduler's placeholder) there is replaced."""
         target = self.target(self.identity())
-        if os.path.isdir(target) or (os.path.exists(target) and os.path.getsize(target) > 0
-                                     and not is_profile(target)):
+        if not may_replace(target):
             raise ValueError(f"track(path={self.path!r}): {target!r} exists and is not a "
                              "memprof profile (it would be replaced); remove it or give "
                              "another file name")

@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 
-from .base import Command, UsageError
+from .base import Command, UsageError, stdout_to_devnull
 
 
 def commands() -> list[Command]:
@@ -106,9 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         # a closed pipe of the user's code (a model factory's socket) is its own error
         if not _stdout_closed():
             raise
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
-        os.close(devnull)
+        stdout_to_devnull()
         return 1
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 
@@ -72,6 +73,14 @@ def positive_number(text: str) -> float:
     if not 0 < x < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return x
+
+
+def stdout_to_devnull() -> None:
+    """After a reader closed stdout (`| head`): the rest of the output, and the flush at
+    exit, go nowhere instead of failing again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def check_writable(path: str, option: str, extensions: tuple[str, ...] = ()) -> None:

@@ -13,7 +13,8 @@ from ..record.patches import PatchRegistry
 from ..record.events import EVENT_DTYPE
 from ..record.session import DEFAULT_CAPACITY, MAX_CAPACITY
 from ..track_autosave import DEFAULT_AUTOSAVE_S
-from .base import Command, UsageError, at_least_one, check_writable, seconds_or_off
+from .base import (Command, UsageError, at_least_one, check_writable, seconds_or_off,
+                   stdout_to_devnull)
 from .report import BUDGET_FORMS, parse_budget
 from .run_report import print_report
 from .run_target import RunTarget, TargetFailed, resolve, split_argv
@@ -174,9 +175,7 @@ class RunCommand(Command):
             return status
         except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it wanted,
             # as Python's output was; the profile is saved, the script's status stands
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
-            os.close(devnull)
+            stdout_to_devnull()
             return status
 
     def _launch(self, args, target: RunTarget) -> int:
@@ -289,9 +288,8 @@ def _output(args, target: RunTarget) -> str:
     output = args.output or target.stem + ".memprof"
     check_writable(output, "--output")
     if os.path.exists(output):
-        from ..profile_file import is_profile
-        if os.path.samefile(output, target.filename) or \
-                (os.path.getsize(output) > 0 and not is_profile(output)):
+        from ..profile_file import may_replace
+        if os.path.samefile(output, target.filename) or not may_replace(output):
             raise UsageError(f"--output {output!r}: exists and is not a memprof profile (it "
                              "would be replaced); remove it or give another file name")
     return os.path.abspath(output)

@@ -23,6 +23,7 @@ import threading
 from ..record.distributed import rank_path
 from ..record.holders import is_user_code
 from ..units import fmt_bytes
+from .base import stdout_to_devnull
 from .run_report import print_report, rank_glob, shown_path
 from .signals import ExitSignals, Terminated
 from .step_on import install_in_process
@@ -219,6 +220,4 @@ def _report(tracker, path: str, status: int, job: dict, index: int) -> None:
                   file=sys.stderr if job["json"] else sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())   # the exit's flush has nowhere to fail
-        os.close(devnull)
+        stdout_to_devnull()

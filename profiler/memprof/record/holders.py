@@ -107,9 +107,13 @@ def is_user_code(module_name: str | None) -> bool:
     path = getattr(sys.modules.get(module_name), "__file__", None)
     known = _USER_CODE.get(module_name)
     if known is None or known[0] != path:
-        known = _USER_CODE[module_name] = (
-            path, bool(path) and not os.path.abspath(path).startswith(_LIBRARY_DIRS))
+        known = _USER_CODE[module_name] = (path, bool(path) and _outside_libraries(path))
     return known[1]
+
+
+def _outside_libraries(path: str) -> bool:
+    """A file outside the standard library and the installed packages."""
+    return not os.path.abspath(path).startswith(_LIBRARY_DIRS)
 
 
 def _is_atom(obj) -> bool:
@@ -307,7 +311,7 @@ def _is_users_main(main) -> bool:
     if not isinstance(getattr(main, "__dict__", None), dict):
         return False
     path = getattr(main, "__file__", None)
-    return not path or not os.path.abspath(path).startswith(_LIBRARY_DIRS)
+    return not path or _outside_libraries(path)
 
 
 def namespace_roots(prefix: str, namespace: dict) -> list[tuple[str, object]]:

@@ -112,11 +112,7 @@ class RootNaming:
         `evaluated`), never as the first root, and holds it weakly (a copy evaluated once is
         freed as without memprof); side roots inside it are renamed under it."""
         inside = {id(m) for m in module.modules()}
-        rename: set[int] = set()
-        for key in [k for k in self._side if k in inside]:
-            inner = self._side.pop(key)()
-            if inner is not None:
-                rename |= {id(m) for m in inner.modules()}
+        rename = {id(m) for r in self._take_side_roots(inside) for m in r.modules()}
         prefix = self._root_prefix(module)
         self._side_prefixes.add(prefix)
         self._root_prefixes[id(module)] = prefix
@@ -124,6 +120,12 @@ class RootNaming:
         key = id(module)
         self._side[key] = weakref.ref(module, lambda _ref, side=self._side: side.pop(key, None))
         self._side_named += 1
+
+    def _take_side_roots(self, inside: set[int]) -> list[torch.nn.Module]:
+        """The side roots among `inside` (ids of a new root's modules), no longer side roots:
+        the new root takes them in, renamed under it."""
+        taken = [self._side.pop(k)() for k in [k for k in self._side if k in inside]]
+        return [r for r in taken if r is not None]
 
     def _promote(self, module) -> None:
         """A side root called as the outermost module on the passes' thread (the model a
@@ -145,9 +147,7 @@ class RootNaming:
         """A new outermost module; earlier roots inside it become its submodules, renamed
         (side roots too: a model's encoder a background thread called alone)."""
         inside = {id(m) for m in module.modules()}
-        absorbed = [r for r in self.roots if id(r) in inside]
-        absorbed += [r for r in (self._side.pop(k)() for k in [k for k in self._side
-                                                              if k in inside]) if r is not None]
+        absorbed = [r for r in self.roots if id(r) in inside] + self._take_side_roots(inside)
         rename = {id(m) for r in absorbed for m in r.modules()}
         first = bool(self.roots) and self.roots[0] in absorbed
         self.roots = [r for r in self.roots if id(r) not in inside]
