@@ -18,6 +18,7 @@
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/numpy.h>
+#include <torch/csrc/autograd/node.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <pybind11/stl.h>
@@ -816,16 +817,17 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   ThreadState& ts = thread_state();
   const char* raw_name = fn.name();
   int64_t seq = fn.seqNr();
-  bool backward = fn.scope() == at::RecordScope::BACKWARD_FUNCTION;
   const NameSlot* slot = raw_name != nullptr ? &name_slot(ts, raw_name, &fn) : nullptr;
-  // The engine wraps each node in "autograd::engine::evaluate_function: <Node>"; the node's
-  // saved tensors are released inside that frame but after the node's own frame ended, so it
-  // counts as the node's frame (it carries the node name, and the node's sequence number once
-  // the inner frame reports it).
-  if (!backward && slot != nullptr && slot->evaluate) {
-    backward = true;
-  } else if (backward && !ts.ops.empty() && ts.ops.back().backward && ts.ops.back().seq < 0) {
-    ts.ops.back().seq = seq;
+  // A node of backward is the engine's "autograd::engine::evaluate_function: <Node>" frame;
+  // the engine names its node the evaluating one (autograd's NodeGuard) before the frame
+  // begins, and the node's sequence number is read there. The node's own frame inside it
+  // (scope BACKWARD_FUNCTION) is not subscribed to: it told only that number, and each one
+  // cost a RecordFunction and two demangled copies of the node's name. The node's saved
+  // tensors are released inside the evaluate frame, after the node's own frame ended.
+  const bool backward = slot != nullptr && slot->evaluate;
+  if (backward && seq < 0) {
+    c10::intrusive_ptr<torch::autograd::Node> node = torch::autograd::get_current_node();
+    if (node) seq = static_cast<int64_t>(node->sequence_nr());
   }
   int32_t name = slot != nullptr ? slot->id : -1;
   ts.ops.push_back(OpFrame{name, seq, backward});
@@ -902,7 +904,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
     s.callback = at::addGlobalCallback(
         at::RecordFunctionCallback(&on_op_start, &on_op_end)
             .needsInputs(false)
-            .scopes({at::RecordScope::FUNCTION, at::RecordScope::BACKWARD_FUNCTION}));
+            .scopes({at::RecordScope::FUNCTION}));
     s.callback_installed = true;
   }
   return gen;

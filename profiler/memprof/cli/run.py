@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import decimal
 import os
 import re
@@ -51,7 +52,9 @@ class RunCommand(Command):
         # optional (a script without arguments); argparse < 3.12 would list it as required
         parser.add_argument("script_args", nargs=argparse.REMAINDER).required = False
         parser.add_argument("-o", "--output", help="profile file (default: <script>.memprof)")
-        parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+        parser.add_argument("--json", action="store_true",
+                            help="print the summary as JSON: stdout holds that document alone "
+                                 "(the script's own output goes to stderr)")
         parser.add_argument("--nproc-per-node", type=int, metavar="N",
                             help="run the script as N ranks of a torch.distributed job on this "
                                  "machine (torchrun --standalone --nproc-per-node N); each "
@@ -140,7 +143,7 @@ class RunCommand(Command):
         saved_main = sys.modules.get("__main__")
         sys.modules["__main__"] = main   # pickle and multiprocessing (spawn) find the script
         try:
-            with tracker:
+            with tracker, _script_output_on_stderr(args.json):
                 try:
                     exec(code, main.__dict__)  # noqa: S102  (running the script is the point)
                 finally:
@@ -243,6 +246,32 @@ def event_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number of events from 1 to "
                                          f"{MAX_CAPACITY:,}, got {text!r}")
     return int(n)
+
+
+@contextlib.contextmanager
+def _script_output_on_stderr(enabled: bool):
+    """With --json, stdout holds memprof's one document: what the script prints to stdout -
+    and the processes it starts, which inherit the descriptor - goes to stderr meanwhile (a
+    Trainer's log lines before the document made `memprof run --json train.py | jq` fail)."""
+    if not enabled:
+        yield
+        return
+    _flush_stdout()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        _flush_stdout()   # what the script printed and Python still buffers
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):   # closed or replaced by the script
+        pass
 
 
 def _exit_status(exc: SystemExit) -> int:
