@@ -119,6 +119,9 @@ while True:   # rank 0 trains on until torchrun stops it
     assert r.returncode != 0
     assert "memprof run: rank 1 failed first (exit -9, SIGKILL: the kernel's OOM killer" \
         in r.stderr
+    # rank 0 did not fail: the launcher stopped it (it read "2 of 2 ranks did not finish")
+    assert "; 1 other rank was stopped by SIGTERM (the launcher stops the others once one " \
+        "fails)" in " ".join(r.stderr.split())
     killed = memprof.load(str(tmp_path / "job.rank1.memprof"))
     stopped = memprof.load(str(tmp_path / "job.rank0.memprof"))
     assert killed.meta["partial"]["steps_ended"] > 0 and killed.meta["rank"] == 1

@@ -186,3 +186,22 @@ def test_cli_model_args_reach_the_model(capsys):
         rc, out, err = _cli(capsys, *base, *bad)
         assert rc == 2 and needle in err, (bad, err)
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_model_args_read_the_shells_spelling_of_booleans_and_none():
+    """`--model-arg use_bn=false` reached the factory as the string 'false' (true): the plan was
+    for the model with BatchNorm, silently."""
+    from memprof.cli.recommend import parse_model_args
+    got = parse_model_args(["use_bn=false", "bias=TRUE", "norm=none", "act=null", "depth=6",
+                            "widths=[2, 4]", "backend=fused", "name='false'"])
+    assert got == {"use_bn": False, "bias": True, "norm": None, "act": None, "depth": 6,
+                   "widths": [2, 4], "backend": "fused", "name": "false"}
+
+
+def test_a_gpu_given_as_a_size_has_no_speed_and_the_best_line_says_no_more(capsys):
+    """A capacity instead of a GPU: no samples/s is estimated, and the best option's line ended
+    in a dangling "reserved, "."""
+    rc, out, err = _cli(capsys, "--gpu", "3GB", "--model", "mlp", "--effective-batch", "8")
+    assert rc == 0, err
+    (best,) = [line for line in out.splitlines() if line.startswith("Best (estimated)")]
+    assert best.rstrip().endswith("GiB reserved") and "samples/s" not in best

@@ -17,19 +17,29 @@ def _csv(s: str | None) -> list[str] | None:
     return out or None
 
 
+#: the shell's spellings of Python's constants (`use_bn=false` reached the factory as the
+#: string 'false', which is true: the plan was silently for the other model)
+_CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def parse_model_args(items: list[str]) -> dict[str, Any]:
     """['depth=6', 'attention_backend=fused'] -> {'depth': 6, 'attention_backend': 'fused'}:
-    values are Python literals where they parse as one, strings otherwise."""
+    values are Python literals where they parse as one (true/false/none/null in any case
+    too), strings otherwise."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise UsageError(f"--model-arg {item!r}: expected KEY=VALUE with KEY a Python "
                              "identifier (e.g. attention_backend=fused)")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
+        raw = raw.strip()
+        if raw.lower() in _CONSTANTS:
+            value = _CONSTANTS[raw.lower()]
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
         out[key.strip()] = value
     return out
 
@@ -55,7 +65,9 @@ class RecommendCommand(Command):
                             "path/to/file.py:factory")
         r.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
                        help="keyword for the model's constructor or factory, repeatable (e.g. "
-                            "attention_backend=fused: DCAL with memprof's fused attention)")
+                            "attention_backend=fused: DCAL with memprof's fused attention); "
+                            "the value as a Python literal (6, 0.1, [2, 4], True; true/false/"
+                            "none as well), else a string")
         r.add_argument("--effective-batch", type=int,
                        help="samples per optimizer step (micro-batch x accumulation); default: "
                             "the batch function's own batch size (its first parameter's "

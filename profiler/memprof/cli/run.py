@@ -204,9 +204,8 @@ class RunCommand(Command):
             if first.exitcode == -signal.SIGKILL:   # nothing ran after it, no exit path saved
                 how += (", SIGKILL: the kernel's OOM killer or kill -9; its profile is the last "
                         "one saved while it ran, if any (--autosave)")
-            print(f"memprof run: rank {rank} failed first ({how}); "
-                  f"{len(err.failures)} of {args.nproc_per_node} ranks did not finish",
-                  file=sys.stderr)
+            print(f"memprof run: rank {rank} failed first ({how})"
+                  + _other_ranks(err.failures, rank), file=sys.stderr)
             return 1
         return 0
 
@@ -272,6 +271,19 @@ def _flush_stdout() -> None:
         sys.stdout.flush()
     except (OSError, ValueError, AttributeError):   # closed or replaced by the script
         pass
+
+
+def _other_ranks(failures: dict, first) -> str:
+    """What became of the ranks other than the first to fail, for the launcher's line: those
+    torchrun stopped with SIGTERM once one failed are not failures of their own (a rank that
+    had printed its report and saved was counted as "did not finish")."""
+    others = [f for r, f in failures.items() if r != first]
+    stopped = sum(f.exitcode == -signal.SIGTERM for f in others)
+    failed = len(others) - stopped
+    parts = ([f"{failed} other rank{'s' if failed > 1 else ''} failed too"] if failed else []) \
+        + ([f"{stopped} other rank{'s were' if stopped > 1 else ' was'} stopped by SIGTERM (the "
+            "launcher stops the others once one fails)"] if stopped else [])
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _exit_status(exc: SystemExit) -> int:

@@ -119,9 +119,9 @@ def _print_advice(plan, console) -> None:
                       + f": {nothing_fits(plan)}.")
     else:
         console.print(f"[bold]Best (estimated)[/]: {best.label}: "
-                      f"{best.peak_reserved / GiB:.2f} GiB reserved, "
+                      f"{best.peak_reserved / GiB:.2f} GiB reserved"
                       + ("" if best.samples_per_s is None else
-                         f"~{best.samples_per_s:.1f} samples/s"))
+                         f", ~{best.samples_per_s:.1f} samples/s"))
         # whole lines (a console wraps at its width, a pipe at 80 columns): code to copy
         console.print(Syntax(plan.code(), "python", theme="ansi_dark", word_wrap=False),
                       soft_wrap=True)
