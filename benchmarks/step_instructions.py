@@ -157,7 +157,7 @@ def main() -> None:
     base = per_step["untracked"]
     lines = [f"# instructions per step (valgrind callgrind), workload {args.twin}, windows of "
              f"{args.window_a} and {args.window_b} steps",
-             f"# machine: {machine()}", f"# command: {command()}", "",
+             f"# machine: {machine(torch_threads=1)}", f"# command: {command()}", "",
              f"{'mode':38s} {'instructions/step':>17s} {'added':>11s} {'added %':>8s}"]
     for mode in modes:
         added = per_step[mode] - base
@@ -176,7 +176,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        save(args.out, text, {"machine": machine(), "command": command(),
+        save(args.out, text, {"machine": machine(torch_threads=1), "command": command(),
                               "workload": args.twin, "windows": [args.window_a, args.window_b],
                               "instructions_per_step": per_step,
                               "track_parts": parts})
