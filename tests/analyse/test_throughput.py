@@ -300,9 +300,23 @@ def test_report_has_a_throughput_table():
         train(model, opt, batches(4, b=8), accum=2)
     con = Console(record=True, width=160)
     prof.report(console=con)
-    text = con.export_text()
+    text = " ".join(con.export_text().split())   # (the title wraps at the table's width)
     assert "Throughput per optimizer step" in text and "1 warm-up step(s) excluded" in text
     assert "micro-steps per optimizer step 2 (gradient accumulation)" in text
+    # no DataLoader: the time before the forward is the loop's own, not a wait for data
+    assert "before forward (no DataLoader)" in text and "data wait" not in text
+
+
+def test_the_time_before_the_forward_is_a_data_wait_under_a_data_loader():
+    from rich.console import Console
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        train(model, opt, batches(4, b=8), sleep=0.001)
+    con = Console(record=True, width=160)
+    prof.report(console=con)
+    text = con.export_text()
+    assert "data wait" in text and "no DataLoader" not in text
 
 
 def test_micro_batches_of_different_sizes_show_their_range():

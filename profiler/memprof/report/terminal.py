@@ -164,11 +164,11 @@ def _print_throughput(prof: Profile, console: Console) -> None:
         t.add_column(col, justify="left" if col == "phase" else "right")
     wall = (st.get("wall_ms") or {}).get("median")
     evaluated = any(tp["per_step"].get("eval_ms") or ())
-    _stat_rows(t, st, wall, (("data_ms", "data wait"), ("forward_ms", "forward"))
+    _stat_rows(t, st, wall, (("data_ms", _data_row(tp)), ("forward_ms", "forward"))
                + ((("eval_ms", "evaluation (passes without gradients)"),) if evaluated else ())
                + (("backward_ms", "backward"), ("optimizer_ms", "optimizer"),
                   ("other_ms", "other"), ("wall_ms", "step")))
-    _add_communication_rows(t, st, wall)
+    _add_communication_rows(t, st, wall, _data_row(tp))
     console.print(t)
     _print_collectives(tp, console)
     sps = st.get("samples_per_s")
@@ -193,14 +193,20 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     console.print(line)
 
 
-def _add_communication_rows(t: Table, st: dict, wall) -> None:
+def _data_row(tp: dict) -> str:
+    """The name of the time before a step's first forward: a DataLoader's wait where one was
+    iterated, else the loop's own host work (batch creation, logging) - not "data wait"."""
+    return "data wait" if tp.get("data_loader_seen") else "before forward (no DataLoader)"
+
+
+def _add_communication_rows(t: Table, st: dict, wall, data_row: str) -> None:
     """A distributed run's step split again: compute, communication (collectives in flight,
     overlapping the phases above) and data wait (analyse.communication)."""
     if not st.get("comm_ms"):
         return
     t.add_section()
     _stat_rows(t, st, wall, (("compute_ms", "compute (step - data - comm)"),
-                             ("comm_ms", "communication (in flight)"), ("data_ms", "data wait")))
+                             ("comm_ms", "communication (in flight)"), ("data_ms", data_row)))
 
 
 def _stat_rows(t: Table, st: dict, wall, rows) -> None:
