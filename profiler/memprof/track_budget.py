@@ -31,7 +31,11 @@ def check(budget) -> None:
     """Raise the one-line ValueError for a budget that is not a known GPU or a byte count."""
     if budget is not None:
         from .plan.budget import capacity_of
-        capacity_of(budget)
+        from .plan.gpus import NoGPUError
+        try:
+            capacity_of(budget)
+        except NoGPUError as err:   # 'auto' where no CUDA GPU is: the same one line
+            raise ValueError(str(err)) from None
 
 
 def budget_finding(result) -> Finding | None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 SCRIPT = '''
 import sys
@@ -64,6 +65,24 @@ def test_run_report_export_and_fail_on_findings(leaky_script, tmp_path):
     r = memprof("report", "run.memprof", "--export", "x.docx", cwd=tmp_path)
     assert r.returncode == 2 and "unknown export format" in r.stderr
     assert r.stderr.strip().count("\n") == 0
+
+    # --json with --export: stdout is the document alone (the "exported" line went after it)
+    r = memprof("report", "run.memprof", "--json", "--export", "again.html", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["peak_bytes"] > 0
+    assert "exported" in r.stderr and (tmp_path / "again.html").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="'auto' finds this machine's GPU")
+def test_budget_auto_without_a_gpu_is_one_line(leaky_script, tmp_path):
+    """It was a traceback ending in NoGPUError (the unknown-GPU message even offers 'auto')."""
+    assert memprof("run", "-o", "run.memprof", str(leaky_script), "2",
+                   cwd=tmp_path).returncode == 0
+    for cmd in (("report", "--budget", "auto", "run.memprof"),
+                ("run", "--budget", "auto", str(leaky_script), "2")):
+        r = memprof(*cmd, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().startswith("memprof: --budget auto: lookup('auto'): no CUDA GPU")
+        assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
 
 
 def test_a_reader_that_closes_the_pipe_gets_no_traceback(leaky_script, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .base import Command, UsageError, at_least_one, check_writable
 
@@ -54,8 +55,9 @@ class ReportCommand(Command):
             print(json.dumps(data, indent=1, default=str))
         else:
             memprof.show(prof, top=args.top)
-        for path in args.export or []:
-            print(f"exported {memprof.export(prof, path)}")
+        for path in args.export or []:   # (with --json, stdout holds the document alone)
+            print(f"exported {memprof.export(prof, path)}",
+                  file=sys.stderr if args.json else sys.stdout)
         if args.fail_on_findings and memprof.findings(prof):
             return 3
         return 0
@@ -88,7 +90,8 @@ def _run_merged(args) -> int:
     else:
         memprof.show(merged, top=args.top)
     for path in args.export or []:
-        print(f"exported {memprof.export(merged, path)}")
+        print(f"exported {memprof.export(merged, path)}",
+              file=sys.stderr if args.json else sys.stdout)
     if args.fail_on_findings and any(f.severity in ("error", "warning")
                                      for f in merged.findings):
         return 3
