@@ -552,10 +552,17 @@ class Profile:
         """Write a versioned, checksummed file atomically; memprof.load() reads it back; the
         path written is returned. A rank's profile of a job (torchrun) goes to
         `<name>.rank<R>.memprof`, as track(path=...) names it: every rank saving
-        `prof.save("run.memprof")` kept the last rank's file only."""
+        `prof.save("run.memprof")` kept the last rank's file only. A path where no file can be
+        made, or where a file that is no profile lies, is a ValueError."""
         rank, world = self.meta.get("rank"), self.meta.get("world_size")
         if rank is not None and world is not None and int(world) > 1:
             path = rank_path(path, int(rank))
+        # as track(path=) and `memprof run -o`: `prof.save("train.py")` replaced the script
+        problem = profile_file.unwritable(path)
+        if problem is None and not profile_file.may_replace(path):
+            problem = "exists and is not a memprof profile (it would be replaced)"
+        if problem is not None:
+            raise ValueError(f"save({path!r}): {problem}; give another file name")
         return profile_file.write(self.run, self.findings, path)
 
     @classmethod

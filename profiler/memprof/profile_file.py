@@ -70,6 +70,46 @@ def may_replace(path: str) -> bool:
     return not os.path.exists(path) or os.path.getsize(path) == 0 or is_profile(path)
 
 
+def unwritable(path: str) -> str | None:
+    """Why a file could not be written at `path` - a directory there, a missing directory, a
+    file where a directory should be, a directory where no file can be made (read-only, /proc:
+    tried, as access() passes for root), a name longer than the file system takes - or None.
+    Asked before the work (a run, a tracked block, a report), not after it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory; give a file name"
+    if not os.path.isdir(directory):
+        above = _first_file_above(directory)
+        if above is not None:
+            return f"{above!r} is a file, not a directory"
+        return f"directory {directory!r} does not exist"
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".memprof-", suffix=".check")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        return f"cannot create a file in {directory!r} ({err.strerror})"
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return None
+    size = len(os.fsencode(os.path.basename(path)))
+    if limit and size > limit:
+        return f"a file name of {size} bytes; this file system takes names of at most {limit}"
+    return None
+
+
+def _first_file_above(directory: str) -> str | None:
+    """The nearest existing path above a missing directory, where it is a file (`-o
+    train.py/run.memprof`), else None."""
+    while directory and not os.path.exists(directory):
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+    return directory if directory and not os.path.isdir(directory) else None
+
+
 def _listed(value):
     """A snapshot's field as JSON takes it (its addresses are an array('q') while recording)."""
     return value.tolist() if isinstance(value, array) else value

@@ -18,7 +18,7 @@ from . import analyse as _analyse
 from .analyse import health as _health
 from .analyse import throughput as _throughput
 from .profile import Profile
-from .profile_file import may_replace
+from .profile_file import may_replace, unwritable
 from . import track_budget as _budget
 from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave
 from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
@@ -167,10 +167,16 @@ class Tracker:
         return False  # never swallow the user's exception
 
     def _check_target(self) -> None:
-        """A file at the block's path that is no profile (a script, data: a mistyped path)
-        is refused before the block records, as `memprof run -o` refuses it; a profile or an
-        empty file (a NamedTemporaryFile, a scheduler's placeholder) there is replaced."""
+        """A path where no profile can be written (a missing or read-only directory) or where
+        a file that is no profile lies (a script, data: a mistyped path) is refused before the
+        block records, as `memprof run -o` refuses it; a profile or an empty file (a
+        NamedTemporaryFile, a scheduler's placeholder) there is replaced."""
         target = self.target(self.identity())
+        # a directory that is missing or read-only failed every autosave silently and the
+        # last save at the block's end: a long run ended without its profile
+        problem = unwritable(target)
+        if problem is not None:
+            raise ValueError(f"track(path={self.path!r}): {problem}")
         if not may_replace(target):
             raise ValueError(f"track(path={self.path!r}): {target!r} exists and is not a "
                              "memprof profile (it would be replaced); remove it or give "
@@ -229,7 +235,7 @@ class Tracker:
         target = self.target(self.profile.meta, target)
         try:
             self.profile.save(target)
-        except OSError as err:
+        except (OSError, ValueError) as err:   # (the directory went away during the run)
             print(f"memprof: could not save the profile to {target}: {err}", file=sys.stderr)
             return
         self.saved = target

@@ -140,3 +140,54 @@ def test_an_empty_file_at_the_path_is_replaced(tmp_path, capsys):
     out.write_bytes(b"")
     assert main(["run", "-o", str(out), str(script)]) == 0, capsys.readouterr().err
     assert memprof.load(str(out)).meta is not None
+
+
+def test_prof_save_refuses_what_track_path_refuses(tmp_path):
+    """`prof.save("victim_train.py")` (a typo for .memprof) replaced the script with a zip, and
+    a save into a missing directory raised an error that named memprof's temporary file."""
+    import torch
+    import memprof
+    model = torch.nn.Linear(4, 2)
+    with memprof.track(model) as prof:
+        model(torch.randn(3, 4)).sum().backward()
+    victim = tmp_path / "victim_train.py"
+    victim.write_text("print('my training script')\n")
+    with pytest.raises(ValueError, match=r"save\(.*victim_train.py'\): exists and is not a "
+                                         r"memprof profile \(it would be replaced\)"):
+        prof.save(str(victim))
+    assert victim.read_text() == "print('my training script')\n"
+    missing = tmp_path / "no_such_dir" / "run.memprof"
+    with pytest.raises(ValueError, match=r"save\(.*run.memprof'\): directory .*no_such_dir' "
+                                         r"does not exist") as err:
+        prof.save(str(missing))
+    assert ".tmp" not in str(err.value)
+    with pytest.raises(ValueError, match="is a directory"):
+        prof.save(str(tmp_path))
+    assert memprof.load(prof.save(str(tmp_path / "ok.memprof"))).peak > 0
+
+
+def test_track_refuses_a_missing_or_unwritable_directory_before_recording(tmp_path):
+    """The block ran to its end, every autosave failed without a word, and the last save
+    printed one line: a long run ended without its profile."""
+    import os
+    import torch
+    import memprof
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"track\(path=.*\): directory .*nodir' does not exist"):
+        with memprof.track(model, path=str(tmp_path / "nodir" / "x.memprof"), autosave=0.5):
+            raise AssertionError("the block must not start")
+    assert not memprof._C.is_active()
+    if os.geteuid() != 0:   # (root writes into a read-only directory)
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(ValueError, match=r"cannot create a file in"):
+                with memprof.track(model, path=str(ro / "x.memprof")):
+                    raise AssertionError("the block must not start")
+        finally:
+            ro.chmod(0o700)
+    if os.path.isdir("/proc/self"):   # no file can be made there, for root either
+        with pytest.raises(ValueError, match=r"cannot create a file in '/proc/self'"):
+            with memprof.track(model, path="/proc/self/x.memprof"):
+                raise AssertionError("the block must not start")

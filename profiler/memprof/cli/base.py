@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 
 class UsageError(Exception):
@@ -92,43 +91,7 @@ def check_writable(path: str, option: str, extensions: tuple[str, ...] = ()) -> 
             else extensions[0]
         raise UsageError(f"{option} {path!r}: unknown export format; expected a {names} file "
                          "name")
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{option} {path!r}: is a directory; give a file name")
-    if not os.path.isdir(directory):
-        above = _first_file_above(directory)
-        if above is not None:
-            raise UsageError(f"{option} {path!r}: {above!r} is a file, not a directory")
-        raise UsageError(f"{option} {path!r}: directory {directory!r} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".memprof-", suffix=".check")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise UsageError(f"{option} {path!r}: cannot create a file in {directory!r} "
-                         f"({err.strerror})") from None
-    _check_name_length(path, option, directory)
-
-
-def _first_file_above(directory: str) -> str | None:
-    """The nearest existing path above a missing directory, where it is a file (`-o
-    train.py/run.memprof`), else None."""
-    while directory and not os.path.exists(directory):
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return None
-        directory = parent
-    return directory if directory and not os.path.isdir(directory) else None
-
-
-def _check_name_length(path: str, option: str, directory: str) -> None:
-    """A name longer than the file system takes (255 bytes on most) failed only when the
-    profile was written, after the run (a save's temporary name is cut to fit)."""
-    try:
-        limit = os.pathconf(directory, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        return
-    size = len(os.fsencode(os.path.basename(path)))
-    if limit and size > limit:
-        raise UsageError(f"{option} {path!r}: a file name of {size} bytes; this file system "
-                         f"takes names of at most {limit}")
+    from ..profile_file import unwritable   # (numpy and torch: not for every command's start)
+    problem = unwritable(path)
+    if problem is not None:
+        raise UsageError(f"{option} {path!r}: {problem}")
