@@ -55,7 +55,11 @@ class StepClock:
         if step_on not in STEP_ON:
             raise ValueError(f"step_on: expected one of {', '.join(STEP_ON)}, got {step_on!r}")
         self.step_on = step_on
-        self.optimizer = torch_optimizer(optimizer)
+        # held weakly: a script that replaces its optimizer (after model.to(torch.float64), a
+        # new learning-rate schedule) frees the old one and its state, as without memprof;
+        # once it is gone every optimizer's steps count, the new one's too
+        optimizer = torch_optimizer(optimizer)
+        self._optimizer = None if optimizer is None else weakref.ref(optimizer)
         self.step = 0
         # int64 arrays, 8 bytes per step end (a list of ints took 40: each a new int object)
         self.step_seqs = array("q")      # autograd sequence counter at each boundary
@@ -74,8 +78,14 @@ class StepClock:
         self._waiting: set[int] = set()           # ids of optimizers whose closure runs first
         self._handles: list = []
 
+    @property
+    def optimizer(self):
+        """The optimizer track() was given (unwrapped), while it is alive; else None."""
+        return None if self._optimizer is None else self._optimizer()
+
     def watches(self, optimizer) -> bool:
-        return self.optimizer is None or optimizer is self.optimizer
+        watched = self.optimizer
+        return watched is None or optimizer is watched
 
     @property
     def optimizers(self) -> list:
@@ -83,7 +93,8 @@ class StepClock:
         return [o for o in (r() for r in self._seen.values()) if o is not None]
 
     def watched(self) -> list:
-        return [self.optimizer] if self.optimizer is not None else self.optimizers
+        watched = self.optimizer
+        return [watched] if watched is not None else self.optimizers
 
     def mark(self, label: str, value: int | None = None) -> None:
         _C.mark(label, int(self.step if value is None else value))
