@@ -254,6 +254,20 @@ def read(path: str) -> tuple[Run, list[Finding]]:
     return run, profile_schema.findings_of(header)
 
 
+def read_meta(path: str) -> dict | None:
+    """The run's meta saved at `path` (its header alone, not its events); None where the file
+    is missing or no readable profile."""
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            _check_member(path, zf, "header.json", MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size)
+            header = json.loads(zf.read("header.json"))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError,
+            NotImplementedError, RecursionError, struct.error, ProfileFormatError):
+        return None
+    meta = header.get("meta") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
 def _read_checked(path: str) -> tuple[dict, np.ndarray, np.ndarray]:
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):

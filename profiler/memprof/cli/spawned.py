@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 
+from ..profile_file import read_meta
 from ..record.distributed import rank_path
 from ..record.holders import is_user_code
 from ..units import fmt_bytes
@@ -130,11 +131,32 @@ class SpawnWatch:
         """What the parent says once its script ended: where the processes' profiles are."""
         if not self.calls:
             return None
-        globs = [rank_glob(shown_path(rank_path(out, 0), self.job["base"]))
-                 for out, _ in self.calls]
+        jobs, single = [], []
+        for output, processes in self.calls:
+            merged, files = self._reports(output, processes)
+            if merged:
+                jobs.append(merged)
+            else:
+                single.extend(files)
+        parts = (["one report per job: " + "; ".join(f"memprof report {j}" for j in jobs)]
+                 if jobs else []) + \
+            (["one report per process (no process group: not ranks of one job): "
+              + ", ".join(f"memprof report {f}" for f in single)] if single else [])
         return (f"memprof: the script ran {self.started} processes of its own, each saving "
-                f"its own profile; one report per job: "
-                + "; ".join(f"memprof report {g}" for g in globs))
+                f"its own profile; " + "; ".join(parts))
+
+    def _reports(self, output: str, processes: int) -> tuple[str | None, list[str]]:
+        """One call's files as the report takes them: (the merged pattern, []) where every
+        file is a rank of one job - torch.multiprocessing's, Processes that joined a process
+        group - else (None, each file): Processes without a group have no rank to merge by
+        (the merged command the parent printed failed)."""
+        base = self.job["base"]
+        files = [f for f in (rank_path(output, i) for i in range(processes))
+                 if os.path.exists(f)]
+        metas = [read_meta(f) or {} for f in files]
+        if all(m.get("rank") is not None and m.get("world_size") for m in metas):
+            return rank_glob(shown_path(rank_path(output, 0), base)), []
+        return None, [shown_path(f, base) for f in files]
 
 
 def run_tracked(fn, job: dict, index: int, *args) -> None:
