@@ -79,7 +79,8 @@ def retained_graphs(profile: Profile) -> Outcome:
     # Node sequence numbers at or after boundaries[i] were created in step i or later.
     last_step = _last_step(profile, len(boundaries) - 2)
     tensors = live_graph_tensors()
-    graphs, truncated = walk_graphs(tensors, {storage_of(p)[0] for p in run.live.params})
+    graphs, truncated = walk_graphs(tensors, {storage_of(p)[0] for p in run.live.params},
+                                    past_the_log=bool(profile.meta.get("dropped")))
     if truncated:
         notes.append(f"retained_graphs checked only the first {MAX_GRAPH_NODES} autograd "
                      "nodes: leaks in graphs beyond them may be missed")
@@ -246,10 +247,14 @@ class _Context:
         and still held by the graphs, plus the holders' own tensors made before the last
         step (the current step's outputs are alive in a correct loop too)."""
         step = self.profile.memory["step"]
-        saved = {p: b for g in gs for p, b in g.saved.items() if p in self.alive}
+        # a storage allocated after the log filled is counted from the tensor (its address may
+        # be a logged block's whose free was dropped: that block's size and step are not its)
+        saved = {p: b for g in gs for p, b in g.saved.items()
+                 if p in g.unlogged or p in self.alive}
         held = {g.storage: g.nbytes for g in gs
-                if g.storage in self.alive and g.storage not in saved
-                and step[self.alive[g.storage]] < self.last_step}
+                if g.storage not in saved and (
+                    self.step_of(g.min_seq) < self.last_step if g.storage in g.unlogged else
+                    g.storage in self.alive and step[self.alive[g.storage]] < self.last_step)}
         return sum(saved.values()) + sum(held.values()), sum(saved.values()), sum(held.values())
 
     def finding(self, names, gs, holders) -> Finding:
@@ -259,7 +264,8 @@ class _Context:
         holder = " and ".join(names)
         nbytes, saved_bytes, held_bytes = self.pinned(gs)
         steps = sorted({self.step_of(g.min_seq) for g in gs})
-        origin = _origin(self.profile, self.alive, [g.storage for g in gs])
+        logged = [g.storage for g in gs if g.storage not in g.unlogged]
+        origin = _origin(self.profile, self.alive, logged)
         paths = sorted({holders[g.tensor_id] for g in gs if g.tensor_id in holders},
                        key=_in_number_order)
         n, nodes = len(gs), sum(g.nodes for g in gs)
@@ -276,7 +282,8 @@ class _Context:
             inside = f" at {len(paths)} paths ({', '.join(paths[:3])}{more})"
         what = (f"{n} tensor{'s' if n > 1 else ''} (grad_fn {gs[0].grad_fn}, {nodes} graph "
                 f"nodes){inside}")
-        made = f"; created by {origin}" if origin else ""
+        made = f"; created by {origin}" if origin else "" if logged else \
+            "; allocated after the event log filled: their creator is not recorded"
         fix = fix_text(kind, names, paths, gs, retained=retained,
                        never_backward=never_backward, param_shapes=self.param_shapes,
                        buffer=any(g.tensor_id in self.buffer_ids for g in gs))

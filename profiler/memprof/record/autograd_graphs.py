@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _C
+
 MAX_GRAPH_NODES = 200_000       # per analysis, over all graphs (shared visited set)
 ACCUMULATE_GRAD_SEQ = 1 << 62   # AccumulateGrad nodes have UINT64_MAX as sequence number
 
@@ -25,6 +27,10 @@ class GraphTensor:
     nodes: int = 0
     saved: dict = field(default_factory=dict)   # storage ptr -> nbytes, still unreleased
     shape: tuple = ()
+    #: its own and its saved storages allocated after the event log filled (asked for with
+    #: walk_graphs(past_the_log=True)): the log holds no allocation of theirs, and a logged
+    #: block whose free was dropped may have had the same address
+    unlogged: frozenset = frozenset()
 
 
 def storage_of(t: torch.Tensor) -> tuple[int, int]:
@@ -94,10 +100,21 @@ def live_graph_tensors() -> list[torch.Tensor]:
     return graph_tensors(gc.get_objects())
 
 
-def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int]
-                ) -> tuple[list[GraphTensor], bool]:
+def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int],
+                past_the_log: bool = False) -> tuple[list[GraphTensor], bool]:
     """Sequence range, node count and unreleased saved tensors of each tensor's graph, and
-    whether the node budget ran out (then later graphs were only partly walked)."""
+    whether the node budget ran out (then later graphs were only partly walked).
+    `past_the_log`: the event log dropped allocations; each graph notes which of its
+    storages were among them (GraphTensor.unlogged)."""
+    unlogged: set[int] = set()
+    asked: set[int] = set()
+
+    def note(tensor, ptr: int) -> None:
+        if past_the_log and ptr and ptr not in asked:
+            asked.add(ptr)
+            if _C.plain_storage_addresses([tensor])[0] == 0:   # (0: allocated past the log)
+                unlogged.add(ptr)
+
     visited: dict[int, tuple[int, int, int, dict]] = {}
     budget = MAX_GRAPH_NODES
     results = []
@@ -130,11 +147,14 @@ def walk_graphs(tensors: list[torch.Tensor], exclude_storages: set[int]
                 ptr, nb = storage_of(s)
                 if ptr and ptr not in exclude_storages:
                     saved[ptr] = nb
+                    note(s, ptr)
             for nxt, _ in getattr(node, "next_functions", ()):
                 if nxt is not None:
                     stack.append(nxt)
         visited[id(root)] = (lo, hi, count, saved)
         ptr, nb = storage_of(t)
+        note(t, ptr)
+        mine = frozenset(x for x in (ptr, *saved) if x in unlogged) if unlogged else frozenset()
         results.append(GraphTensor(id(t), lo if hi >= 0 else -1, hi, nb, ptr, t.numel(),
-                                   type(root).__name__, count, saved, tuple(t.shape)))
+                                   type(root).__name__, count, saved, tuple(t.shape), mine))
     return results, budget <= 0
