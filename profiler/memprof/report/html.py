@@ -185,7 +185,11 @@ def _steps(profile: Profile) -> str:
     health = any("loss" in r or "grad_norm" in r for r in rows)
     header = ["step", "peak", "live at end", "allocated"]
     if timed:
-        header += ["wall ms", "data", "forward", "eval", "backward", "optimizer", "other",
+        from ..analyse import throughput
+        # (the terminal's row name: a wait for data only where a DataLoader was iterated)
+        data = "data" if (throughput.summarize(profile) or {}).get("data_loader_seen") \
+            else "before forward"
+        header += ["wall ms", data, "forward", "eval", "backward", "optimizer", "other",
                    "samples/s"]
     if health:
         header += ["loss", "grad norm before clip", "after", "LR"]

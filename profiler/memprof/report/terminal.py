@@ -84,23 +84,29 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     if len(threads) > 1:   # another thread than the model's holds memory at the peak
         shown.append(("thread", "thread that allocated"))
     for by, label in shown:
-        rows = list(prof.breakdown(by).items())[:top]
+        rows = list(prof.breakdown(by).items())
         t = Table(title=f"Alive at the peak, by {label}", title_justify="left")
         t.add_column(by)
         t.add_column("bytes", justify="right")
         t.add_column("share", justify="right")
-        for name, b in rows:
+        for name, b in rows[:top]:
             t.add_row(escape(name), fmt_bytes(b), _share(b, s_peak))
+        rest = _rest_row(rows, top)
+        if rest:
+            t.add_row(rest[0], fmt_bytes(rest[1]), _share(rest[1], s_peak), style="dim")
         console.print(t)
 
-    saved = list(prof.saved_by_node.items())[:top]
+    saved = list(prof.saved_by_node.items())
     if saved:
         t = Table(title="Saved for backward, released by autograd node (per run)",
                   title_justify="left")
         t.add_column("autograd node")
         t.add_column("bytes", justify="right")
-        for name, b in saved:
+        for name, b in saved[:top]:
             t.add_row(escape(name), fmt_bytes(b))
+        rest = _rest_row(saved, top)
+        if rest:
+            t.add_row(rest[0], fmt_bytes(rest[1]), style="dim")
         console.print(t)
 
     _print_steps(prof, console, top)
@@ -109,6 +115,15 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     errors = prof.meta.get("analysis_errors")
     if errors:
         console.print("[yellow]Some checks could not run:[/] " + escape("; ".join(errors)))
+
+
+def _rest_row(rows: list, top: int) -> tuple[str, int] | None:
+    """The rows past the first `top`, as one ("... N more", their bytes): a table that showed
+    the top 8 modules alone did not add up to the peak, and did not say so."""
+    if len(rows) <= top:
+        return None
+    rest = rows[top:]
+    return f"... {len(rest)} more", sum(b for _, b in rest)
 
 
 def _print_steps(prof: Profile, console: Console, top: int) -> None:

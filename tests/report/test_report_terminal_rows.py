@@ -1,0 +1,32 @@
+"""The terminal report's top-N tables say what they leave out: "Alive at the peak, by module"
+showed 8 of 13 modules with nothing to say so, and did not add up to the peak."""
+import re
+
+import torch
+from rich.console import Console
+
+import memprof
+from memprof.units import fmt_bytes
+
+
+def test_the_rows_past_the_top_are_one_row_with_their_bytes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(2):
+            model(torch.randn(16, 64)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    by_module = prof.breakdown("module")
+    assert len(by_module) > 8
+    con = Console(record=True, width=200)
+    prof.report(console=con, top=8)
+    text = con.export_text()
+    table = text[text.index("Alive at the peak, by module"):]
+    table = table[:table.index("Alive at the peak, by op")]
+    more = re.search(r"\.\.\. (\d+) more\s*│\s*([\d.]+ \w+)", table)
+    assert more is not None, table
+    assert int(more.group(1)) == len(by_module) - 8
+    rest = sum(list(by_module.values())[8:])
+    assert more.group(2) == fmt_bytes(rest)
