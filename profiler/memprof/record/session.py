@@ -95,6 +95,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_leave_forked_child)
 
 
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _warn_at_block(message: str, frame) -> None:
+    """A RuntimeWarning shown at the user's `with memprof.track(...)` line: warnings.warn
+    showed memprof's own source line (session.py) under it. Under `memprof run` the block is
+    memprof's: no line is shown."""
+    code = getattr(frame, "f_code", None)
+    if code is not None and not os.path.abspath(code.co_filename).startswith(_OWN_DIR):
+        warnings.warn_explicit(message, RuntimeWarning, code.co_filename, frame.f_lineno,
+                               module=frame.f_globals.get("__name__"), registry=_WARNED)
+    else:
+        warnings.warn_explicit(message, RuntimeWarning, "memprof", 0, registry=_WARNED)
+
+
+#: the warnings shown, as warnings.warn keeps them per module: once per text and line
+_WARNED: dict = {}
+
+
 class Session:
     def __init__(self, model: torch.nn.Module | None = None, optimizer=None, *,
                  capacity: int = DEFAULT_CAPACITY, auto_modules: bool = False,
@@ -367,9 +386,9 @@ class Session:
         if exc is not None:
             out.meta["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         if into is None and (counters["dropped"] or counters["markers_dropped"]):
-            warnings.warn(f"memprof dropped {counters['dropped']} events and "
-                          f"{counters['markers_dropped']} markers after reaching "
-                          f"capacity={src.capacity}; raise {src.capacity_knob}", RuntimeWarning)
+            _warn_at_block(f"memprof dropped {counters['dropped']} events and "
+                           f"{counters['markers_dropped']} markers after reaching "
+                           f"capacity={src.capacity}; raise {src.capacity_knob}", src.frame)
         out.streams = streams
         out.strings = strings
         out.seq_records = _C.seq_records().view(SEQ_DTYPE)   # a fresh array: no copy
