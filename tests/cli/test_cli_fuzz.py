@@ -102,3 +102,16 @@ def test_report_top_below_one_is_refused(files, monkeypatch, top):
     monkeypatch.chdir(files)
     status, err = _run(["report", "good.memprof", "--top", top])
     assert status == 2 and "--top: expected a whole number >= 1" in err
+
+
+def test_an_unknown_option_is_said_with_the_commands_own_usage(capsys):
+    """`memprof gpus --bogus` printed the top-level usage (`memprof [-h] command ...`), which
+    names none of the command's options."""
+    from memprof.cli import main
+    for argv, usage in ((["gpus", "--bogus"], "usage: memprof gpus"),
+                        (["report", "--bogus", "x.memprof"], "usage: memprof report")):
+        with pytest.raises(SystemExit) as ei:
+            main(argv)
+        assert ei.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(usage) and "unrecognized arguments: --bogus" in err

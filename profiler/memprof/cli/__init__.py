@@ -41,10 +41,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for cmd in commands():
         if argv and argv[0] == cmd.name:
             argv, passed_on = cmd.split_argv(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # said with the command's own usage (the top-level one named no option)
+        subparser = _subparsers(parser).get(args.command, parser)
+        subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if passed_on is not None:
         args.script_args = passed_on
     return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
