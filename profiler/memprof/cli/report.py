@@ -30,7 +30,8 @@ class ReportCommand(Command):
                             help="rows per table (default 8)")
         parser.add_argument("--export", action="append", metavar="FILE",
                             help="also export (.json Chrome trace, .html report, .pickle "
-                                 "snapshot)")
+                                 "snapshot; of several ranks' files: .html, or .json the "
+                                 "merged summary)")
         parser.add_argument("--fail-on-findings", action="store_true",
                             help="exit with status 3 when there are warnings or errors (CI)")
         parser.add_argument("--budget", metavar="GPU",
