@@ -292,15 +292,21 @@ def test_summary_is_saved_and_recomputable(tmp_path):
     assert again["per_step"]["micro_steps"] == prof.throughput["per_step"]["micro_steps"]
 
 
-def test_report_has_a_throughput_table():
+def _report_text(**train_options) -> str:
+    """The terminal report of 4 tracked batches of 8, its lines joined (a title wraps at its
+    table's width)."""
     from rich.console import Console
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with memprof.track(model, opt) as prof:
-        train(model, opt, batches(4, b=8), accum=2)
+        train(model, opt, batches(4, b=8), **train_options)
     con = Console(record=True, width=160)
     prof.report(console=con)
-    text = " ".join(con.export_text().split())   # (the title wraps at the table's width)
+    return " ".join(con.export_text().split())
+
+
+def test_report_has_a_throughput_table():
+    text = _report_text(accum=2)
     assert "Throughput per optimizer step" in text and "1 warm-up step(s) excluded" in text
     assert "micro-steps per optimizer step 2 (gradient accumulation)" in text
     # no DataLoader: the time before the forward is the loop's own, not a wait for data
@@ -308,14 +314,7 @@ def test_report_has_a_throughput_table():
 
 
 def test_the_time_before_the_forward_is_a_data_wait_under_a_data_loader():
-    from rich.console import Console
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with memprof.track(model, opt) as prof:
-        train(model, opt, batches(4, b=8), sleep=0.001)
-    con = Console(record=True, width=160)
-    prof.report(console=con)
-    text = con.export_text()
+    text = _report_text(sleep=0.001)
     assert "data wait" in text and "no DataLoader" not in text
 
 
