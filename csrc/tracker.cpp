@@ -18,7 +18,7 @@
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/numpy.h>
-#include <torch/csrc/autograd/node.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
 #include <pybind11/stl.h>
@@ -823,10 +823,13 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   // begins, and the node's sequence number is read there. The node's own frame inside it
   // (scope BACKWARD_FUNCTION) is not subscribed to: it told only that number, and each one
   // cost a RecordFunction and two demangled copies of the node's name. The node's saved
-  // tensors are released inside the evaluate frame, after the node's own frame ended.
+  // tensors are released inside the evaluate frame, after the node's own frame ended. (Paths
+  // that run a node without that frame - torch.distributed.autograd's engine, a grad_fn
+  // called from Python - are not seen as backward: the node's own frame told that before.)
   const bool backward = slot != nullptr && slot->evaluate;
   if (backward && seq < 0) {
-    c10::intrusive_ptr<torch::autograd::Node> node = torch::autograd::get_current_node();
+    // (a shared_ptr in older torch, an intrusive_ptr in newer)
+    auto node = torch::autograd::get_current_node();
     if (node) seq = static_cast<int64_t>(node->sequence_nr());
   }
   int32_t name = slot != nullptr ? slot->id : -1;

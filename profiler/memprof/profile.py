@@ -560,9 +560,10 @@ class Profile:
         # as track(path=) and `memprof run -o`: `prof.save("train.py")` replaced the script
         problem = profile_file.unwritable(path)
         if problem is None and not profile_file.may_replace(path):
-            problem = "exists and is not a memprof profile (it would be replaced)"
+            problem = ("exists and is not a memprof profile (it would be replaced); give "
+                       "another file name")
         if problem is not None:
-            raise ValueError(f"save({path!r}): {problem}; give another file name")
+            raise ValueError(f"save({path!r}): {problem}")
         return profile_file.write(self.run, self.findings, path)
 
     @classmethod

@@ -49,16 +49,20 @@ def _umask() -> int:
     return mask
 
 
+_FORMAT_AT_START = re.compile(rb'\s*\{\s*"format"\s*:\s*"' + re.escape(FORMAT_NAME.encode())
+                              + rb'"')
+
+
 def is_profile(path: str) -> bool:
     """Whether `path` is a memprof profile (any version): a file that may be overwritten
     with a new one, unlike a script or data a mistyped `-o` would destroy."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            header = json.loads(zf.read("header.json")) if zf.getinfo(
-                "header.json").file_size < MAX_HEADER_BYTES else None
+    try:   # the header's first bytes (it begins with its format): every save asks, an
+        # autosave too, and a long run's header (its snapshots, per-step records) is large
+        with zipfile.ZipFile(path) as zf, zf.open("header.json") as header:
+            start = header.read(256)
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, zlib.error):
         return False
-    return isinstance(header, dict) and header.get("format") == FORMAT_NAME
+    return _FORMAT_AT_START.match(start) is not None
 
 
 def may_replace(path: str) -> bool:
@@ -74,7 +78,7 @@ def unwritable(path: str) -> str | None:
     """Why a file could not be written at `path` - a directory there, a missing directory, a
     file where a directory should be, a directory where no file can be made (read-only, /proc:
     tried, as access() passes for root), a name longer than the file system takes - or None.
-    Asked before the work (a run, a tracked block, a report), not after it."""
+    Asked before the work (a run, a tracked block, a report) as well as at a save."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return "is a directory; give a file name"
@@ -232,6 +236,12 @@ MAX_ARRAY_BYTES = 1 << 36           # one array (events: 72 bytes each)
 _DEFLATE_RATIO = 1100               # deflate expands at most ~1032x
 
 
+#: what reading a damaged, truncated or foreign file raises (RuntimeError: an encrypted
+#: member; NotImplementedError: an unknown compression)
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError,
+               NotImplementedError, RuntimeError, RecursionError, struct.error)
+
+
 def read(path: str) -> tuple[Run, list[Finding]]:
     """The Run and findings saved at `path`. Total and bounded: any damaged, truncated,
     hand-edited or hostile file raises ProfileFormatError, one line naming the file and what
@@ -242,9 +252,7 @@ def read(path: str) -> tuple[Run, list[Finding]]:
         raise
     except FileNotFoundError:
         raise ProfileFormatError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError,
-            NotImplementedError, RuntimeError, RecursionError, struct.error) as exc:
-        # RuntimeError: an encrypted member; NotImplementedError: an unknown compression
+    except _UNREADABLE as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ProfileFormatError(f"{path}: not a readable memprof profile: truncated, damaged "
                                  f"or another kind of file ({detail})") from None
@@ -261,8 +269,7 @@ def read_meta(path: str) -> dict | None:
         with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
             _check_member(path, zf, "header.json", MAX_HEADER_BYTES, os.fstat(f.fileno()).st_size)
             header = json.loads(zf.read("header.json"))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, RuntimeError,
-            NotImplementedError, RecursionError, struct.error, ProfileFormatError):
+    except _UNREADABLE + (ProfileFormatError,):
         return None
     meta = header.get("meta") if isinstance(header, dict) else None
     return meta if isinstance(meta, dict) else None

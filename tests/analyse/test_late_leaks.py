@@ -48,6 +48,19 @@ def test_a_leak_that_starts_after_the_last_doubling_look_is_found_with_its_holde
     assert looks[:5] == [2, 4, 8, 16, 32] and len(looks) <= 5 + 4, looks
 
 
+def test_the_probes_record_survives_a_save_and_the_finding_is_made_again(tmp_path):
+    """A field added to the probe's graphs (a frozenset) made its record no JSON: the saved
+    file silently lost it - the looks, and with them the pauses the throughput figures of a
+    loaded profile take out."""
+    prof = _loop(steps=44, keep_from=34)
+    loaded = memprof.load(prof.save(str(tmp_path / "late.memprof")))
+    record = loaded.run.records.get("leak_probe")
+    assert record is not None and record["graphs"] and _looks(loaded) == _looks(prof)
+    assert all(isinstance(g["unlogged"], list) for g in record["graphs"])
+    assert [f.holder for f in loaded.findings if f.kind == "retained_graph"] == \
+        ["train.<locals>.kept"]
+
+
 def test_growth_without_graphs_is_looked_at_ever_less_often():
     """A detached feature bank grows memory at every step end and holds no graph: each
     look after a growing streak doubles the streak the next one waits for."""

@@ -19,6 +19,8 @@ SCRIPT = textwrap.dedent('''
         opt.zero_grad()
         print({"loss": round(loss.item(), 4), "step": step})   # buffered: stdout is a pipe
     subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
+    import ctypes
+    ctypes.CDLL(None).printf(b"from C's stdio\\n")   # native code's own buffered output
     sys.stdout.write("no newline at the end")
 ''')
 
@@ -26,13 +28,15 @@ SCRIPT = textwrap.dedent('''
 def test_the_scripts_output_goes_to_stderr_and_stdout_is_one_document(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as a user's shell
     r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--json", str(script)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, COLUMNS="250"))
+                       env=dict(env, COLUMNS="250"))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)   # nothing but the document
     assert len(doc["steps"]) == 3 and doc["events"] > 0
-    for line in ("starting", "'step': 2", "from a child process", "no newline at the end"):
+    for line in ("starting", "'step': 2", "from a child process", "from C's stdio",
+                 "no newline at the end"):
         assert line in r.stderr
     # in the order the script printed them
     assert r.stderr.index("starting") < r.stderr.index("'step': 0") < \

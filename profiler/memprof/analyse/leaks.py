@@ -116,7 +116,9 @@ def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding
     completed = int(rec["completed_steps"])
     last_step = _last_step(profile, completed - 1)
     graphs = [GraphTensor(**{**g, "saved": {int(p): int(b) for p, b in g["saved"]},
-                             "shape": tuple(g["shape"])}) for g in rec["graphs"]]
+                             "shape": tuple(g["shape"]),
+                             "unlogged": frozenset(g.get("unlogged") or ())})
+              for g in rec["graphs"]]
     old = [g for g in graphs if bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step]
     at = [m["position"] for m in profile.markers("leak_probe") if m["value"] == completed]
     if not old or not at:
@@ -251,9 +253,11 @@ class _Context:
         # be a logged block's whose free was dropped: that block's size and step are not its)
         saved = {p: b for g in gs for p, b in g.saved.items()
                  if p in g.unlogged or p in self.alive}
+        # (an unlogged tensor's step: its own node's, the last of its graph - a tensor made in
+        # the last step whose graph reaches back, `total += loss`, is the current step's)
         held = {g.storage: g.nbytes for g in gs
                 if g.storage not in saved and (
-                    self.step_of(g.min_seq) < self.last_step if g.storage in g.unlogged else
+                    self.step_of(g.max_seq) < self.last_step if g.storage in g.unlogged else
                     g.storage in self.alive and step[self.alive[g.storage]] < self.last_step)}
         return sum(saved.values()) + sum(held.values()), sum(saved.values()), sum(held.values())
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import decimal
 import os
 import re
@@ -258,18 +259,36 @@ def _script_output_on_stderr(enabled: bool):
     _flush_stdout()
     saved = os.dup(1)
     os.dup2(2, 1)
+    # line by line meanwhile, as stderr is: a pipe's block buffering held the script's lines
+    # back, to land after its child processes' lines and its own traceback
+    stdout = sys.stdout
+    line_buffered = getattr(stdout, "line_buffering", None)
+    _reconfigure(stdout, True)
     try:
         yield
     finally:
-        _flush_stdout()   # what the script printed and Python still buffers
+        _flush_stdout()   # what the script printed and Python or C still buffer
+        _reconfigure(stdout, line_buffered)
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _reconfigure(stream, line_buffering) -> None:
+    if line_buffering is not None and hasattr(stream, "reconfigure"):
+        try:
+            stream.reconfigure(line_buffering=line_buffering)
+        except (OSError, ValueError):   # closed by the script
+            pass
 
 
 def _flush_stdout() -> None:
     try:
         sys.stdout.flush()
     except (OSError, ValueError, AttributeError):   # closed or replaced by the script
+        pass
+    try:   # what native code wrote through C's stdio (flushed at exit, after the document)
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
         pass
 
 

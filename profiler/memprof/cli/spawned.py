@@ -142,6 +142,9 @@ class SpawnWatch:
                  if jobs else []) + \
             (["one report per process (no process group: not ranks of one job): "
               + ", ".join(f"memprof report {f}" for f in single)] if single else [])
+        if not parts:   # every process failed before its save, or none has ended yet
+            return (f"memprof: the script ran {self.started} processes of its own; none has "
+                    "saved a profile")
         return (f"memprof: the script ran {self.started} processes of its own, each saving "
                 f"its own profile; " + "; ".join(parts))
 
@@ -153,6 +156,8 @@ class SpawnWatch:
         base = self.job["base"]
         files = [f for f in (rank_path(output, i) for i in range(processes))
                  if os.path.exists(f)]
+        if not files:
+            return None, []
         metas = [read_meta(f) or {} for f in files]
         if all(m.get("rank") is not None and m.get("world_size") for m in metas):
             return rank_glob(shown_path(rank_path(output, 0), base)), []

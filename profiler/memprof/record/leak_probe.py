@@ -104,7 +104,7 @@ class LeakProbe:
         holders = {id(t): path for path, t in reached}
         tensors = graph_tensors(t for _, t in reached)
         params = {storage_of(p)[0] for p in session.params()}
-        graphs, truncated = walk_graphs(tensors, params)
+        graphs, truncated = walk_graphs(tensors, params, past_the_log=_C.log_full())
         old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
         if not old:
             return False
@@ -113,7 +113,8 @@ class LeakProbe:
             "completed_steps": completed,
             # plain JSON: the saved storages as pairs (analyse.leaks turns them back)
             "graphs": [{**asdict(g), "shape": list(g.shape),
-                        "saved": [[int(p), int(b)] for p, b in g.saved.items()]} for g in old],
+                        "saved": [[int(p), int(b)] for p, b in g.saved.items()],
+                        "unlogged": sorted(g.unlogged)} for g in old],
             "holders": {str(g.tensor_id): holders[g.tensor_id] for g in old},
             "bounds": {str(g.tensor_id): bounds[g.tensor_id] for g in old
                        if g.tensor_id in bounds},

@@ -103,7 +103,8 @@ def _warn_at_block(message: str, frame) -> None:
     showed memprof's own source line (session.py) under it. Under `memprof run` the block is
     memprof's: no line is shown."""
     code = getattr(frame, "f_code", None)
-    if code is not None and not os.path.abspath(code.co_filename).startswith(_OWN_DIR):
+    if code is not None and \
+            not os.path.abspath(code.co_filename).startswith(_OWN_DIR + os.sep):
         warnings.warn_explicit(message, RuntimeWarning, code.co_filename, frame.f_lineno,
                                module=frame.f_globals.get("__name__"), registry=_WARNED)
     else:
