@@ -176,7 +176,7 @@ def _num(v, fmt="{:.1f}") -> str:
 
 
 def _steps(profile: Profile) -> str:
-    all_rows = step_rows(profile)
+    all_rows, data_loader = step_rows(profile)
     rows = shown_steps(all_rows)
     if not rows:
         return '<section id="steps"><h2>Steps</h2><p>No step boundaries were recorded ' \
@@ -185,12 +185,8 @@ def _steps(profile: Profile) -> str:
     health = any("loss" in r or "grad_norm" in r for r in rows)
     header = ["step", "peak", "live at end", "allocated"]
     if timed:
-        from ..analyse import throughput
-        # (the terminal's row name: a wait for data only where a DataLoader was iterated)
-        data = "data" if (throughput.summarize(profile) or {}).get("data_loader_seen") \
-            else "before forward"
-        header += ["wall ms", data, "forward", "eval", "backward", "optimizer", "other",
-                   "samples/s"]
+        header += ["wall ms", "data" if data_loader else "before forward", "forward", "eval",
+                   "backward", "optimizer", "other", "samples/s"]
     if health:
         header += ["loss", "grad norm before clip", "after", "LR"]
     body = []

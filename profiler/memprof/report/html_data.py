@@ -161,9 +161,10 @@ def shown_steps(rows: list[dict], limit: int = MAX_STEP_ROWS) -> list[dict]:
     return sorted(ends + middle, key=lambda r: r["step"])
 
 
-def step_rows(profile: Profile) -> list[dict]:
-    """Per step: memory, time split (ms), samples/s and, with health=True, loss, grad norm
-    before / after clipping and LR."""
+def step_rows(profile: Profile) -> tuple[list[dict], bool]:
+    """(per step: memory, time split (ms), samples/s and, with health=True, loss, grad norm
+    before / after clipping and LR; whether a DataLoader was iterated - the time before the
+    forward is a data wait only then)."""
     tp = _throughput.summarize(profile) if "throughput" in profile.run.records else None
     hl = _health.summarize(profile)
     per = (tp or {}).get("per_step") or {}
@@ -184,4 +185,4 @@ def step_rows(profile: Profile) -> list[dict]:
             for key in ("loss", "grad_norm", "grad_norm_pre_clip", "lr"):
                 row[key] = hs[key][k]
         rows.append(row)
-    return rows
+    return rows, bool((tp or {}).get("data_loader_seen"))
