@@ -28,6 +28,7 @@ import torch
 
 from .. import _C
 from .event_streams import EventStreams
+from .holders import is_library_frame
 from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ_DTYPE
 from .patches import PatchRegistry
 from .auto_steps import AutoSteps
@@ -95,18 +96,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_leave_forked_child)
 
 
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _warn_at_block(message: str, frame) -> None:
     """A RuntimeWarning shown at the user's `with memprof.track(...)` line: warnings.warn
     showed memprof's own source line (session.py) under it. Under `memprof run` the block is
     memprof's: no line is shown."""
-    code = getattr(frame, "f_code", None)
-    if code is not None and \
-            not os.path.abspath(code.co_filename).startswith(_OWN_DIR + os.sep):
-        warnings.warn_explicit(message, RuntimeWarning, code.co_filename, frame.f_lineno,
-                               module=frame.f_globals.get("__name__"), registry=_WARNED)
+    if frame is not None and not is_library_frame(frame):
+        warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename,
+                               frame.f_lineno, module=frame.f_globals.get("__name__"),
+                               registry=_WARNED)
     else:
         warnings.warn_explicit(message, RuntimeWarning, "memprof", 0, registry=_WARNED)
 
