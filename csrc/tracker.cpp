@@ -44,6 +44,7 @@
 #include "address_watch.h"
 #include "bindings.h"
 #include "chunk_pool.h"
+#include "cpu_blocks.h"
 #include "events.h"
 
 namespace py = pybind11;
@@ -300,10 +301,10 @@ struct ThreadState {
   int backward_depth = 0;
   std::array<NameSlot, size_t{1} << kNameSlotBits> name_slots;
   std::unordered_map<std::string, int32_t> name_ids;  // text -> string id, this session
-  // The allocators' running totals of allocated bytes in their last report on this thread
-  // (CUDA's caching allocator; the CPU allocator's size map): plain stores into state the
-  // report writes anyway, not a shared line every allocating thread would write.
-  int64_t cpu_total = 0, cuda_total = 0;
+  // CUDA's caching allocator's running total of allocated bytes in its last report on this
+  // thread: a plain store into state the report writes anyway, not a shared line every
+  // allocating thread would write. (The CPU total is cpu_block_bytes().)
+  int64_t cuda_total = 0;
 };
 
 // The state lives on the heap and the thread-local is a plain pointer, initial-exec: one
@@ -314,8 +315,6 @@ struct ThreadStateOwner {
   ~ThreadStateOwner();
 };
 __attribute__((tls_model("initial-exec"))) thread_local ThreadState* tls_state = nullptr;
-// the free baseline_delete is reporting on this thread (below), so the allocator's is skipped
-__attribute__((tls_model("initial-exec"))) thread_local void* tls_baseline_free = nullptr;
 // Set when record() drops an allocation on this thread (its quota of the log is spent): the
 // CPU allocator's wrapper (FreeWatchingAllocator) then marks that block (see unlogged_delete).
 __attribute__((tls_model("initial-exec"))) thread_local bool tls_allocation_dropped = false;
@@ -348,7 +347,7 @@ ThreadState& thread_state() {
     ts.ops.clear();
     ts.modules.clear();
     ts.backward_depth = 0;
-    ts.cpu_total = ts.cuda_total = 0;
+    ts.cuda_total = 0;
     for (NameSlot& slot : ts.name_slots) slot.ptr = nullptr;
     ts.name_ids.clear();
     ts.buffer = std::make_shared<ThreadBuffer>();
@@ -531,13 +530,31 @@ void forget_unlogged_cuda_blocks() {
   b.any.store(false, std::memory_order_release);
 }
 
+// A request the allocator could not serve. Its ptr: memory events the log dropped before it
+// (this thread's count, at least 1 where only another thread's were: CUDA's backward runs on
+// its own thread; 0: none dropped), so the analyses can tell an OOM whose moment the log holds
+// from one after it filled.
+void record_out_of_memory(int64_t alloc_size, int64_t total_allocated, int64_t total_reserved,
+                          c10::Device device) {
+  ThreadState& ts = thread_state();
+  const int64_t dropped = std::max<int64_t>(
+      ts.buffer->event_quota.dropped.load(std::memory_order_relaxed),
+      session().dropped_any.load(std::memory_order_relaxed) ? 1 : 0);
+  record(ts, kKindOutOfMemory, static_cast<uint64_t>(dropped), alloc_size, total_allocated,
+         total_reserved, device);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The allocation hook. PyTorch has one slot for it (PROFILER_STATE debug info), which
 // torch.profiler also uses: the two cannot share it, so start() refuses while another profiler
 // holds the slot. Code in PyTorch reads whatever sits in that slot as a profiler state
 // (static_cast to ProfilerStateBase, e.g. autograd.Function.apply asking "is the profiler
 // enabled?"), so the hook *is* one, configured as disabled: PyTorch's own profiler paths stay
-// off while the allocators keep reporting to memoryProfilingEnabled() below.
+// off. The CUDA caching allocator reports every block to it without asking; the CPU allocator
+// asks first (memoryProfilingEnabled, below) and is told no: memprof's wrapper around it
+// (FreeWatchingAllocator) records CPU blocks itself, for a fraction of what the CPU allocator's
+// reports cost (cpu_blocks.h). CPU reports that still arrive come from allocators that report
+// without asking (shared-memory and file-mapped storages).
 class Reporter final : public torch::profiler::impl::ProfilerStateBase {
  public:
   explicit Reporter(uint64_t generation)
@@ -558,11 +575,7 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t total_allocated,
                          size_t total_reserved, c10::Device device) override {
     if (!records()) return;
-    if (alloc_size > 0) {
-      note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
-    } else if (ptr == tls_baseline_free) {
-      return;   // baseline_delete reported this free already
-    }
+    if (alloc_size > 0) note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
     ThreadState& ts = thread_state();
     if (device.is_cuda()) tls_allocation_dropped = false;
     record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
@@ -570,26 +583,20 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
     if (device.is_cuda()) {
       note_cuda_block(reinterpret_cast<uint64_t>(ptr), alloc_size, tls_allocation_dropped);
     }
-    (device.is_cuda() ? ts.cuda_total : ts.cpu_total) = static_cast<int64_t>(total_allocated);
+    if (device.is_cuda()) ts.cuda_total = static_cast<int64_t>(total_allocated);
   }
 
   void reportOutOfMemory(int64_t alloc_size, size_t total_allocated, size_t total_reserved,
                          c10::Device device) override {
     if (!records()) return;
-    // ptr: memory events the log dropped before it (this thread's count, at least 1 where
-    // only another thread's were: CUDA's backward runs on its own thread; 0: none dropped), so
-    // the analyses can tell an OOM whose moment the log holds from one after it filled
-    ThreadState& ts = thread_state();
-    const int64_t dropped = std::max<int64_t>(
-        ts.buffer->event_quota.dropped.load(std::memory_order_relaxed),
-        session().dropped_any.load(std::memory_order_relaxed) ? 1 : 0);
-    record(ts, kKindOutOfMemory, static_cast<uint64_t>(dropped), alloc_size,
-           static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
+    record_out_of_memory(alloc_size, static_cast<int64_t>(total_allocated),
+                         static_cast<int64_t>(total_reserved), device);
   }
 
-  // Asked by PyTorch's allocators before they report: true in a hooks-only session too, so
-  // that the CPU allocator keeps its size map as it does for a recording one.
-  bool memoryProfilingEnabled() const override { return live(); }
+  // Asked by the CPU allocator before it notes a block's size and reports it (and by nothing
+  // else in PyTorch): FreeWatchingAllocator records CPU blocks instead. (A hooks-only session
+  // declines too: what it measures is what a recording one makes PyTorch do.)
+  bool memoryProfilingEnabled() const override { return false; }
 
   bool records() const { return live() && !session().hooks_only.load(std::memory_order_relaxed); }
 
@@ -609,36 +616,31 @@ void pop_stale_reporter() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Frees on threads that never carried the hook. The CPU allocator reports a free to the
-// reporter of the thread that frees. A thread that never ran an op while tracking has none:
-// gloo's worker threads free the reduce-scatter temporaries that the collective allocated on
-// the training thread, so without this those blocks stay "alive" forever and the run seems to
-// leak communication buffers step after step. The CPU allocator is wrapped (once, at the first
-// start): while a session records, each block it hands out carries a deleter that, on a thread
-// without a live reporter, puts the hook on that thread first; the base deleter then reports
-// the free as usual (with the size the allocator noted when the block was made). The data and
-// context pointers stay equal, so PyTorch still treats the block as a plain one (copy-on-write
-// clones, raw_allocate); outside a session the base allocator's blocks are handed out as they
-// are, so an untracked program pays one virtual call per allocation.
+// CPU blocks. The CPU allocator is wrapped (once, at the first start): while a session records,
+// each block it hands out is recorded here, its size noted (cpu_blocks.h), and it carries a
+// deleter of memprof's that records its free, with that size, on whatever thread frees it -
+// gloo's worker threads free the reduce-scatter temporaries a collective allocated on the
+// training thread, and a thread that never ran an op while tracking has no hook of its own
+// (when the CPU allocator reported frees to the freeing thread's hook, those blocks stayed
+// "alive" for good and the run seemed to leak communication buffers step after step). The
+// data and context pointers stay equal, so PyTorch still treats the block as a plain one
+// (copy-on-write clones, raw_allocate); outside a session the base allocator's blocks are
+// handed out as they are, so an untracked program pays one virtual call per allocation.
 std::atomic<c10::DeleterFnPtr> g_base_deleter{nullptr};
 
-void reattach_before_free() {
-  Session& s = session();
-  if (!recording()) return;
-  // The starting thread carries the session's hook from start() on, and attach_thread() never
-  // pushes another one there: nothing to do (and no debug-info lookup on every free).
-  if (std::this_thread::get_id() == s.owner.load(std::memory_order_relaxed)) return;
-  auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
-  if (current != nullptr) {
-    // another profiler's state, or our live hook: the free is (or is not ours to) report
-    if (typeid(*current) != typeid(Reporter) || static_cast<Reporter*>(current)->live()) return;
+inline void record_cpu_free(void* ptr) {
+  int64_t total = 0;
+  const int64_t nbytes = take_cpu_block(ptr, &total);
+  if (nbytes > 0 && recording()) {
+    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), -nbytes, total, 0,
+           c10::Device(c10::DeviceType::CPU));
   }
-  thread_state();   // this thread's log, for this session
-  attach_thread();  // the hook (again, if this thread's debug info was reset since)
 }
 
+// The free is recorded before the block goes back: another thread's next allocation may be
+// given its address.
 void watched_delete(void* ptr) {
-  reattach_before_free();
+  record_cpu_free(ptr);
   g_base_deleter.load(std::memory_order_relaxed)(ptr);
 }
 
@@ -647,11 +649,11 @@ void watched_delete(void* ptr) {
 // logged block whose free was dropped too, and the analyses, which match snapshots to the
 // log by address, named that logged block with the snapshot's category (a step's activation
 // read "gradients" when its address held a gradient after the log filled). Its free is
-// reported as watched_delete's is (the CPU allocator's size map and total stay right); the
-// two must stay distinct functions (register_tracker checks it: a linker folding identical
-// code would make every block read as dropped).
+// recorded as watched_delete's is (the total stays right); the two must stay distinct
+// functions (register_tracker checks it: a linker folding identical code would make every
+// block read as dropped).
 void unlogged_delete(void* ptr) {
-  reattach_before_free();
+  record_cpu_free(ptr);
   g_base_deleter.load(std::memory_order_relaxed)(ptr);
 }
 
@@ -661,25 +663,45 @@ class FreeWatchingAllocator final : public c10::Allocator {
   c10::Allocator* base() const { return base_; }
 
   c10::DataPtr allocate(size_t n) override {
-    tls_allocation_dropped = false;
-    c10::DataPtr block = base_->allocate(n);   // reports the allocation (record())
-    if (!recording() || block.get() == nullptr || block.get() != block.get_context()) {
-      return block;
+    if (!recording()) return base_->allocate(n);
+    c10::DataPtr block;
+    try {
+      block = base_->allocate(n);
+    } catch (const c10::Error&) {
+      // (the CPU allocator reports its out-of-memory only where it reports blocks)
+      record_out_of_memory(static_cast<int64_t>(n), cpu_block_bytes(), 0,
+                           c10::Device(c10::DeviceType::CPU));
+      throw;
     }
+    if (block.get() == nullptr || block.get() != block.get_context()) return block;
     c10::DeleterFnPtr base_deleter = block.get_deleter();
     // the base allocator's one deleter, noted the first time (a plain load after that: no
-    // locked instruction per allocation); another one is left alone
+    // locked instruction per allocation); a block with another one is neither recorded nor
+    // watched (its free would not pass here)
     c10::DeleterFnPtr noted = g_base_deleter.load(std::memory_order_relaxed);
     if (noted == nullptr && g_base_deleter.compare_exchange_strong(noted, base_deleter)) {
       noted = base_deleter;   // (a failed exchange leaves the one noted meanwhile in `noted`)
     }
-    if (noted != base_deleter) return block;
-    // same deleter: swaps
-    (void)block.compare_exchange_deleter(
-        base_deleter, tls_allocation_dropped ? &unlogged_delete : &watched_delete);
+    if (noted != base_deleter || !block.compare_exchange_deleter(base_deleter, &watched_delete)) {
+      return block;
+    }
+    void* ptr = block.get();
+    note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
+    const int64_t total = note_cpu_block(ptr, static_cast<int64_t>(n));
+    tls_allocation_dropped = false;
+    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr),
+           static_cast<int64_t>(n), total, 0, c10::Device(c10::DeviceType::CPU));
+    if (tls_allocation_dropped) (void)block.compare_exchange_deleter(&watched_delete, &unlogged_delete);
     return block;
   }
-  c10::DeleterFnPtr raw_deleter() const override { return base_->raw_deleter(); }
+  // What raw_deallocate frees with: oneDNN's scratch memory (raw_allocate, whose block drops
+  // the deleter allocate() gave it) is recorded like any block, so its free must be too.
+  // A block of the base allocator not recorded passes straight on (take_cpu_block finds none).
+  c10::DeleterFnPtr raw_deleter() const override {
+    c10::DeleterFnPtr base = base_->raw_deleter();
+    return base != nullptr && base == g_base_deleter.load(std::memory_order_relaxed)
+               ? &watched_delete : base;
+  }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     base_->copy_data(dest, src, count);
   }
@@ -724,22 +746,15 @@ void baseline_delete(void* ptr) {
       b.nbytes.erase(it);
     }
   }
+  // (a block an earlier session's full log dropped has its size noted still: it leaves the
+  // total now; the total never counted any other baseline block)
+  int64_t total = 0;
+  take_cpu_block(ptr, &total);
   if (nbytes > 0 && recording()) {
-    reattach_before_free();
-    auto* current = c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE);
-    if (current != nullptr && typeid(*current) == typeid(Reporter)) {
-      auto* reporter = static_cast<Reporter*>(current);
-      if (reporter->records()) {
-        ThreadState& ts = thread_state();
-        // the allocator's total never counted this block: it stays as last reported
-        reporter->reportMemoryUsage(ptr, -nbytes, static_cast<size_t>(ts.cpu_total), 0,
-                                    c10::Device(c10::DeviceType::CPU));
-        tls_baseline_free = ptr;
-      }
-    }
+    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), -nbytes, total, 0,
+           c10::Device(c10::DeviceType::CPU));
   }
   g_base_deleter.load(std::memory_order_relaxed)(ptr);
-  tls_baseline_free = nullptr;
 }
 
 // The pre-existing CPU blocks of a session's baseline (tensors): each block of the CPU
@@ -794,6 +809,10 @@ void watch_cpu_frees() {
     c10::SetCPUAllocator(installed, /*priority=*/0);
     return;
   }
+  // the base's deleter, noted before the wrapper can be asked for it (raw_deleter)
+  c10::DeleterFnPtr noted = nullptr;
+  c10::DeleterFnPtr plain = current->raw_deleter();
+  if (plain != nullptr) g_base_deleter.compare_exchange_strong(noted, plain);
   auto* wrapper = new FreeWatchingAllocator(current);
   c10::SetCPUAllocator(wrapper, /*priority=*/0);
   if (c10::GetCPUAllocator() == wrapper) installed = wrapper;  // else: a higher-priority one
@@ -1074,11 +1093,11 @@ int64_t step_end(uint64_t ended, int32_t phase) {
   mark_static("step", ended);
   set_step(static_cast<int32_t>(ended + 1));
   if (recording()) {
-    // the totals this (the training) thread last saw reported: process-wide counts, CUDA's
-    // once it reported
+    // process-wide counts: CUDA's as this (the training) thread last saw it reported, once
+    // it reported; else the CPU blocks recorded and not freed
     Session& s = session();
     const ThreadState& ts = thread_state();
-    int64_t total = ts.cuda_total > 0 ? ts.cuda_total : ts.cpu_total;
+    int64_t total = ts.cuda_total > 0 ? ts.cuda_total : cpu_block_bytes();
     s.steps_growing =
         s.step_end_total >= 0 && total > s.step_end_total ? s.steps_growing + 1 : 0;
     s.step_end_total = total;
@@ -1317,6 +1336,9 @@ void register_tracker(py::module_& m) {
       &lock_baseline_blocks_for_fork, &unlock_baseline_blocks_after_fork,
       &unlock_baseline_blocks_after_fork);
   (void)baseline_atfork_status;
+  static const int cpu_blocks_atfork_status = pthread_atfork(
+      &lock_cpu_blocks_for_fork, &unlock_cpu_blocks_after_fork, &unlock_cpu_blocks_after_fork);
+  (void)cpu_blocks_atfork_status;
   static const int cuda_atfork_status = pthread_atfork(
       &lock_unlogged_cuda_blocks_for_fork, &unlock_unlogged_cuda_blocks_after_fork,
       &unlock_unlogged_cuda_blocks_after_fork);

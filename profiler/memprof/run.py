@@ -26,6 +26,9 @@ class LiveContext:
     roots: list = field(default_factory=list)       # (prefix, namespace dict)
     params: list = field(default_factory=list)      # every parameter seen
     step_owners: list = field(default_factory=list) # per step boundary: optimizer id or 0
+    # auto mode (no model given: `memprof run`): (what the code calls it, module) per root
+    # module that ran, where the block's frame is memprof's own and names none of them
+    named_roots: list = field(default_factory=list)
 
 
 class Run:
@@ -70,7 +73,8 @@ class Run:
         records["backward"] = src.backward.noted()
         live = LiveContext(model=src.model, optimizer=src.steps.optimizer, frame=src.frame,
                            roots=list(src.roots), params=src.params(),
-                           step_owners=list(src.steps.step_owners))
+                           step_owners=list(src.steps.step_owners),
+                           named_roots=src.scope.named_roots() if src.model is None else [])
         return cls(streams=session.streams, strings=session.strings,
                    modules=session.module_names, seq_records=session.seq_records,
                    snapshots=session.snapshot_list, meta=dict(session.meta),

@@ -2,6 +2,7 @@
 hand-built runs for the causes a CPU cannot produce (a leak that fills the device, a cache too
 fragmented for the request)."""
 import contextlib
+import gc
 import traceback
 
 import pytest
@@ -229,7 +230,9 @@ def test_no_oom_no_finding():
 # ------------------------------------------------------------------ after the log filled
 def _train_past_the_log(capacity: int | None):
     """Six steps that keep 4,000 bytes each (a list of tensors); the sixth runs out of memory.
-    With a small `capacity` the event log fills in the first steps."""
+    With a small `capacity` the event log fills in the first steps (collected garbage of
+    earlier tests first: its frees inside the block would take a step's share of the log)."""
+    gc.collect()
     torch.manual_seed(0)
     model = Net(True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

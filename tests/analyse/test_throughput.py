@@ -77,6 +77,28 @@ def test_phase_table_arithmetic_is_exact():
     assert tp.phase_table(e, batch_override=5)["samples"][1] == 10
 
 
+def test_phase_shares_add_up_to_the_step():
+    """Shares of the measured steps' time, not ratios of medians (which added to 132 % in the
+    demo when one phase's slow steps were not another's)."""
+    ms = 1_000_000
+    e, t = [("step", 0, 0)], 0
+    # each step 100 ms: 1 before forward, then forward, backward, optimizer, two of them long
+    for i, (fwd, bwd, opt) in enumerate([(49, 49, 1), (49, 1, 49), (1, 49, 49), (49, 49, 1),
+                                         (49, 1, 49), (1, 49, 49), (49, 49, 1)]):
+        e += [("forward_start", (t + 1) * ms, 1), ("batch", None, 4),
+              ("forward_end", (t + 1 + fwd) * ms, 1), ("backward_start", (t + 1 + fwd) * ms, 0),
+              ("backward_end", (t + 1 + fwd + bwd) * ms, 1),
+              ("optimizer_start", (t + 1 + fwd + bwd) * ms, 1),
+              ("step", (t + 100) * ms, i + 1)]
+        t += 100
+    st = tp.compute(e, clock="host", warmup=1)["stats"]
+    phases = ("data_ms", "forward_ms", "eval_ms", "backward_ms", "optimizer_ms", "other_ms")
+    assert sum(st[k]["share"] for k in phases if st.get(k)) == pytest.approx(1.0)
+    assert st["wall_ms"]["share"] == pytest.approx(1.0)
+    assert sum(st[k]["median"] for k in ("forward_ms", "backward_ms", "optimizer_ms")) / \
+        st["wall_ms"]["median"] > 1.4   # what the medians' ratios said
+
+
 def test_first_step_has_no_data_wait_and_eval_forwards_are_not_micro_steps():
     ms = 1_000_000
     e = [("forward_start", 0, 0), ("forward_end", 1 * ms, 0),            # eval, no backward

@@ -56,6 +56,11 @@ def test_each_strategy_prints_its_launch_and_wrapping(codes):
     assert "fully_shard(block, reshard_after_forward=True, mp_policy=mp_policy)" in zero3
     assert "fully_shard(model, reshard_after_forward=True, mp_policy=mp_policy)" in zero3
     assert 'model.get_submodule(f"net.{i}") for i in (0, 3, 6)' in zero3   # the plan's units
+    # sharded: the model stays on the CPU until fully_shard moves its shards (a 7B model moved
+    # whole onto a 24 GB GPU first ran out of memory where the plan said its shards fit)
+    for name in ("zero2", "zero3"):
+        assert "model.to(device)" not in codes[name] and "fully_shard below" in codes[name]
+    assert "model.to(device).train()" in codes["ddp"]
 
 
 def test_a_single_gpu_plan_has_no_process_group():

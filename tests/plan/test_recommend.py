@@ -97,6 +97,10 @@ def test_lr_advice_catches_the_40x_of_seed_003():
     # seeds/002: SGD, 0.1 at 256 -> 0.8 at 2048 (linear)
     adv = lr_advice(0.1, 256, 2048, "sgd", lr=0.8)
     assert adv.recommended_lr == pytest.approx(0.8) and adv.warning is None
+    # ... and the 3.2 its documentation gave (0.1 x sqrt(32) x 2), which diverged to NaN
+    adv = lr_advice(0.1, 256, 2048, "sgd", lr=3.2)
+    assert adv.warning and "4x larger than the linearly scaled 0.8" in adv.warning
+    assert lr_advice(0.1, 256, 2048, "sgd", lr=1.2).warning is None   # 1.5x: a recipe's own
     assert lr_advice(5e-4, 512, 16, "adamw").recommended_lr == pytest.approx(1.5625e-5)
     with pytest.raises(ValueError):
         lr_advice(5e-4, None, 16)

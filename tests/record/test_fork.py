@@ -95,7 +95,8 @@ def test_a_bare_fork_inside_the_block(tmp_path):
 
 def test_the_child_ends_the_block_without_a_profile(tmp_path):
     """A bare fork whose child runs on to the block's end: no profile there, nothing saved
-    over the parent's (the parent saves after the child exited)."""
+    over the parent's (the parent waits for the child inside its block, so it saves only
+    after the child looked: otherwise a slow child found the parent's file)."""
     path = tmp_path / "p.memprof"
     model = torch.nn.Linear(8, 8)
     read, write = os.pipe()
@@ -103,12 +104,13 @@ def test_the_child_ends_the_block_without_a_profile(tmp_path):
     with tracker:
         model(torch.randn(2, 8)).sum().backward()
         pid = os.fork()
+        if pid != 0:
+            os.waitpid(pid, 0)
     if pid == 0:
         ok = tracker.forked_away and tracker.profile is None and not path.exists()
         os.write(write, b"ok" if ok else b"the child built or saved a profile")
         os._exit(0)
     os.close(write)
-    os.waitpid(pid, 0)
     assert os.read(read, 4096) == b"ok"
     assert not tracker.forked_away and memprof.load(str(path)).peak == tracker.profile.peak
 

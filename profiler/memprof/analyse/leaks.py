@@ -175,7 +175,7 @@ def _last_training_step(profile: Profile, last_completed: int) -> int:
 def holder_roots(live) -> list[tuple[str, object]]:
     """Where holder names start: the model, the frame that ran the block, extra namespaces
     (a script's globals), the optimizer."""
-    roots = [("model", live.model)] if live.model is not None else []
+    roots = [("model", live.model)] if live.model is not None else list(live.named_roots)
     roots += frame_roots(live.frame)
     if live.optimizer is not None:
         roots.append(("optimizer", live.optimizer))

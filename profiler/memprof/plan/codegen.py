@@ -136,17 +136,23 @@ def _model_lines(plan) -> list[str]:
     fsdp = _strategy(plan) and _WRAPPED_BY[_strategy(plan)] == "fsdp"
     seed = (["torch.manual_seed(0)  # the same initial weights on every rank: each keeps its "
              "shard of its own copy"] if fsdp else [])
-    return seed + _built_model_lines(m)
+    return seed + _built_model_lines(m, sharded=fsdp)
 
 
-def _built_model_lines(m: dict) -> list[str]:
-    """The model's construction from the plan's model description, moved to `device`."""
+def _built_model_lines(m: dict, sharded: bool = False) -> list[str]:
+    """The model's construction from the plan's model description, moved to `device` - or,
+    `sharded`, left on the CPU: fully_shard moves each unit's parameters to the GPU as it
+    shards them (the whole model moved first does not fit where only its shards do)."""
+    place = ("model.train()  # on the CPU: fully_shard below moves it to the GPU unit by unit, "
+             "as shards (each rank builds the whole model in host memory first; build it on "
+             "the meta device and initialise after fully_shard where that is too much)"
+             if sharded else "model.to(device).train()")
     if m.get("builtin"):
         batch = "make_batch" if m.get("batch", {}).get("builtin") else "_"
         loss = "loss_fn" if (m.get("loss") or {}).get("rule") == "builtin" else "_"
         return [f"model, {batch}, {loss} = memprof.models.build_model("
                 f"{m['name']!r}{''.join(f', {k}={v!r}' for k, v in m['kwargs'].items())})",
-                "model.to(device).train()"]
+                place]
     spec = m.get("spec")
     if spec:
         line, name = _import_line(spec)
@@ -154,7 +160,7 @@ def _built_model_lines(m: dict) -> list[str]:
     else:
         lines = [f"model = ...  # your {m['name']} (memprof was given an object it cannot "
                  "import)"]
-    return lines + ["model.to(device).train()"]
+    return lines + [place]
 
 
 def _batch_lines(plan) -> list[str]:

@@ -255,8 +255,10 @@ def describe_unreached(t: torch.Tensor) -> str:
 
 def frame_roots(frame) -> list[tuple[str, object]]:
     """Named roots from a frame: the one that ran the `with memprof.track()` block, or one
-    on the training loop's stack (record.leak_probe)."""
-    if frame is None:
+    on the training loop's stack (record.leak_probe). None from a frame of memprof's own
+    (`memprof run` enters the block for the script): its locals are memprof's objects, which
+    reach the model only through memprof (holders named `_run_script.<locals>.tracker...`)."""
+    if frame is None or is_library_frame(frame):
         return []
     code = frame.f_code
     scope = "" if code.co_name == "<module>" else f"{code.co_name}.<locals>."

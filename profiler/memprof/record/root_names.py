@@ -71,6 +71,17 @@ class RootNaming:
         its own), not a model evaluated on a background thread beside the training."""
         return any(id(p) in self._steps.trained for p in side_root.parameters())
 
+    def named_roots(self) -> list[tuple[str, torch.nn.Module]]:
+        """(name, module) per root that ran (auto mode): the first as the code called it
+        (`model`), the others under their prefixes; holder names start there when the block
+        was entered by memprof itself (`memprof run`)."""
+        out = []
+        for i, root in enumerate(self.roots):
+            name = (self._first_root_name if i == 0 else self._root_prefixes.get(id(root))) \
+                or class_name(root)
+            out.append((name, root))
+        return out
+
     def final_names(self) -> list[str]:
         """Module names for the profile: the first root's under its label (root_label) once
         several roots ran - they were named before a second one was seen."""

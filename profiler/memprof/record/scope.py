@@ -99,7 +99,7 @@ class ModuleScope(RootNaming):
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
         self.module_call = True
         self._forward_depth = None                # the depth whose call began the real pass
-        self.pass_module = None                   # the module whose call the real pass is
+        self.pass_module = None                   # the module whose call the real pass is (in it)
         self._compiled_seen = False               # compiled code ran (see `compiled`)
         self._patches = None                      # the session's (torch.compile's entries)
         self._module_ids: tuple = (None, [])      # (names, roots) count -> module_refs()
@@ -343,6 +343,8 @@ class ModuleScope(RootNaming):
     def _root_post(self, module, args, output):
         if self._forward_depth == self._root_depth:
             self._forward_depth = None
+            self.pass_module = None   # (held past the pass, it kept a model alive after the
+            # function that built and trained it returned, under `memprof run`)
             _C.forward_end(self._steps.step)   # module off; phase "other" and marker
             for fn in tuple(self.on_forward_end):
                 fn()

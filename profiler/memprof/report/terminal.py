@@ -225,11 +225,13 @@ def _add_communication_rows(t: Table, st: dict, wall, data_row: str) -> None:
 
 
 def _stat_rows(t: Table, st: dict, wall, rows) -> None:
-    """One row per (stats key, name) present: median, p10, p90 and share of the median step."""
+    """One row per (stats key, name) present: median, p10, p90 and share: of the measured
+    steps' time where the summary has it (the phases), else of the median step."""
     for key, name in rows:
         s = st.get(key)
         if s:
-            share = f"{100 * s['median'] / wall:5.1f}%" if wall else "-"
+            part = s.get("share", s["median"] / wall if wall else None)
+            share = f"{100 * part:5.1f}%" if part is not None else "-"
             t.add_row(name, f"{s['median']:.2f}", f"{s['p10']:.2f}", f"{s['p90']:.2f}", share)
 
 

@@ -1,0 +1,93 @@
+"""CPU blocks are recorded by memprof's wrapper around the CPU allocator, with sizes it notes
+itself (csrc/cpu_blocks.h): PyTorch's CPU allocator is told not to report (its size map, a
+process-wide lock and a hash node per block, cost a quarter of the hook points' instructions
+on an op-bound step). What its reports gave must hold: every free with its size, on any
+thread, in a later session too, oneDNN's scratch memory, the running total."""
+import gc
+import threading
+
+import numpy as np
+import torch
+
+import memprof
+
+
+def _cpu(prof):
+    mem = prof.memory
+    return mem[(mem["thread"] >= 0) & (mem["device_type"] == 0)]
+
+
+def test_the_running_total_moves_by_each_blocks_size():
+    gc.collect()
+    with memprof.track() as prof:
+        a = torch.empty(12_345, dtype=torch.uint8)
+        b = torch.empty(4_000, dtype=torch.uint8)
+        del a
+        del b
+    mem = _cpu(prof)
+    sizes = mem["size"].tolist()
+    i, j, k = sizes.index(12_345), sizes.index(4_000), sizes.index(-12_345)
+    totals = mem["total_allocated"]
+    assert totals[j] - totals[i] == 4_000
+    assert totals[k] == totals[j] - 12_345
+    assert mem["ptr"][i] == mem["ptr"][k]
+
+
+def test_a_block_of_one_session_freed_in_the_next_is_recorded_with_its_size():
+    with memprof.track():
+        kept = torch.empty(7_777, dtype=torch.uint8)
+    ptr = kept.data_ptr()
+    with memprof.track() as prof:
+        del kept
+    mem = _cpu(prof)
+    assert -7_777 in mem["size"].tolist()
+    assert mem["ptr"][mem["size"].tolist().index(-7_777)] == ptr
+
+
+def test_a_free_on_a_thread_that_never_ran_an_op_is_recorded():
+    box = {}
+    with memprof.track() as prof:
+        box["t"] = torch.empty(9_999, dtype=torch.uint8)
+        worker = threading.Thread(target=box.clear)   # drops the last reference: frees there
+        worker.start()
+        worker.join()
+    mem = _cpu(prof)
+    sizes = mem["size"].tolist()
+    assert 9_999 in sizes and -9_999 in sizes
+    assert mem["thread"][sizes.index(-9_999)] != mem["thread"][sizes.index(9_999)]
+
+
+def test_onednn_scratch_memory_is_freed_in_the_log():
+    """oneDNN's LSTM takes scratch memory through raw_allocate / raw_deallocate (the block
+    drops the deleter the wrapper gave it): its frees were missing, and a correct loop read
+    as a growing leak."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(16, 16)
+    x = torch.randn(5, 3, 16)
+    gc.collect()
+    with memprof.track(lstm) as prof:
+        for _ in range(3):
+            out, state = lstm(x)
+            out.sum().backward()
+            lstm.zero_grad(set_to_none=True)
+            del out, state
+    mem = _cpu(prof)
+    live = {}
+    for ptr, size in zip(mem["ptr"].tolist(), mem["size"].tolist()):
+        if size > 0:
+            live[ptr] = size
+        else:
+            live.pop(ptr, None)
+    assert sum(live.values()) == 0, live   # every block made in the block was freed in it
+    assert not [f for f in memprof.findings(prof) if f.kind == "memory_growth"]
+
+
+def test_the_total_after_the_block_counts_what_is_still_alive():
+    gc.collect()
+    with memprof.track() as prof:
+        kept = [torch.empty(1_000, dtype=torch.uint8) for _ in range(4)]
+        torch.empty(50_000, dtype=torch.uint8)   # freed at once
+    mem = _cpu(prof)
+    start = mem["total_allocated"][0] - mem["size"][0]
+    assert mem["total_allocated"][-1] - start == 4_000
+    assert len(kept) == 4 and np.all(np.abs(mem["size"]) > 0)
