@@ -70,6 +70,10 @@ int64_t take_cpu_block(void* ptr, int64_t* total) {
 
 int64_t cpu_block_bytes() { return g_bytes.load(std::memory_order_relaxed); }
 
+int64_t move_cpu_block_bytes(int64_t delta) {
+  return g_bytes.fetch_add(delta, std::memory_order_relaxed) + delta;
+}
+
 void lock_cpu_blocks_for_fork() {
   for (size_t i = 0; i < kShards; ++i) g_shards[i].lock.lock();
 }

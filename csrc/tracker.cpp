@@ -318,6 +318,9 @@ __attribute__((tls_model("initial-exec"))) thread_local ThreadState* tls_state =
 // Set when record() drops an allocation on this thread (its quota of the log is spent): the
 // CPU allocator's wrapper (FreeWatchingAllocator) then marks that block (see unlogged_delete).
 __attribute__((tls_model("initial-exec"))) thread_local bool tls_allocation_dropped = false;
+// Set while the CPU allocator's wrapper allocates or frees a block it records itself: the CPU
+// allocator is then told not to note and report it (Reporter::memoryProfilingEnabled).
+__attribute__((tls_model("initial-exec"))) thread_local bool tls_declining_cpu_reports = false;
 thread_local ThreadStateOwner tls_owner;
 ThreadStateOwner::~ThreadStateOwner() {
   tls_state = nullptr;
@@ -551,10 +554,11 @@ void record_out_of_memory(int64_t alloc_size, int64_t total_allocated, int64_t t
 // (static_cast to ProfilerStateBase, e.g. autograd.Function.apply asking "is the profiler
 // enabled?"), so the hook *is* one, configured as disabled: PyTorch's own profiler paths stay
 // off. The CUDA caching allocator reports every block to it without asking; the CPU allocator
-// asks first (memoryProfilingEnabled, below) and is told no: memprof's wrapper around it
-// (FreeWatchingAllocator) records CPU blocks itself, for a fraction of what the CPU allocator's
-// reports cost (cpu_blocks.h). CPU reports that still arrive come from allocators that report
-// without asking (shared-memory and file-mapped storages).
+// asks first (memoryProfilingEnabled, below), and is told no for the blocks memprof's wrapper
+// around it (FreeWatchingAllocator) records itself, for a fraction of what the CPU allocator's
+// reports cost (cpu_blocks.h). CPU reports still arrive for blocks taken from PyTorch's default
+// CPU allocator without the wrapper (torch.UntypedStorage(n): copy.deepcopy of a state dict,
+// torch.load) and from allocators that report without asking (shared-memory storages).
 class Reporter final : public torch::profiler::impl::ProfilerStateBase {
  public:
   explicit Reporter(uint64_t generation)
@@ -578,8 +582,12 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
     if (alloc_size > 0) note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
     ThreadState& ts = thread_state();
     if (device.is_cuda()) tls_allocation_dropped = false;
-    record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size,
-           static_cast<int64_t>(total_allocated), static_cast<int64_t>(total_reserved), device);
+    // a CPU block the CPU allocator reported counts in memprof's CPU total (its own total
+    // counts the blocks it noted, which the wrapper's are not)
+    const int64_t total = device.is_cpu() ? move_cpu_block_bytes(alloc_size)
+                                          : static_cast<int64_t>(total_allocated);
+    record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size, total,
+           static_cast<int64_t>(total_reserved), device);
     if (device.is_cuda()) {
       note_cuda_block(reinterpret_cast<uint64_t>(ptr), alloc_size, tls_allocation_dropped);
     }
@@ -594,9 +602,11 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
   }
 
   // Asked by the CPU allocator before it notes a block's size and reports it (and by nothing
-  // else in PyTorch): FreeWatchingAllocator records CPU blocks instead. (A hooks-only session
-  // declines too: what it measures is what a recording one makes PyTorch do.)
-  bool memoryProfilingEnabled() const override { return false; }
+  // else in PyTorch): no for the blocks FreeWatchingAllocator records itself, and in a
+  // hooks-only session (it records nothing).
+  bool memoryProfilingEnabled() const override {
+    return !tls_declining_cpu_reports && records();
+  }
 
   bool records() const { return live() && !session().hooks_only.load(std::memory_order_relaxed); }
 
@@ -637,11 +647,18 @@ inline void record_cpu_free(void* ptr) {
   }
 }
 
+// The block back to the base allocator, which is told not to report it (it never noted it).
+inline void base_delete(void* ptr) {
+  tls_declining_cpu_reports = true;
+  g_base_deleter.load(std::memory_order_relaxed)(ptr);
+  tls_declining_cpu_reports = false;
+}
+
 // The free is recorded before the block goes back: another thread's next allocation may be
 // given its address.
 void watched_delete(void* ptr) {
   record_cpu_free(ptr);
-  g_base_deleter.load(std::memory_order_relaxed)(ptr);
+  base_delete(ptr);
 }
 
 // The deleter of a block whose allocation the log dropped (it was full). Snapshots taken past
@@ -654,7 +671,7 @@ void watched_delete(void* ptr) {
 // block read as dropped).
 void unlogged_delete(void* ptr) {
   record_cpu_free(ptr);
-  g_base_deleter.load(std::memory_order_relaxed)(ptr);
+  base_delete(ptr);
 }
 
 class FreeWatchingAllocator final : public c10::Allocator {
@@ -665,14 +682,17 @@ class FreeWatchingAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (!recording()) return base_->allocate(n);
     c10::DataPtr block;
+    tls_declining_cpu_reports = true;
     try {
       block = base_->allocate(n);
     } catch (const c10::Error&) {
+      tls_declining_cpu_reports = false;
       // (the CPU allocator reports its out-of-memory only where it reports blocks)
       record_out_of_memory(static_cast<int64_t>(n), cpu_block_bytes(), 0,
                            c10::Device(c10::DeviceType::CPU));
       throw;
     }
+    tls_declining_cpu_reports = false;
     if (block.get() == nullptr || block.get() != block.get_context()) return block;
     c10::DeleterFnPtr base_deleter = block.get_deleter();
     // the base allocator's one deleter, noted the first time (a plain load after that: no
@@ -754,7 +774,7 @@ void baseline_delete(void* ptr) {
     record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), -nbytes, total, 0,
            c10::Device(c10::DeviceType::CPU));
   }
-  g_base_deleter.load(std::memory_order_relaxed)(ptr);
+  base_delete(ptr);   // (a block the CPU allocator noted itself would be recorded twice)
 }
 
 // The pre-existing CPU blocks of a session's baseline (tensors): each block of the CPU

@@ -481,3 +481,47 @@ def test_paths_are_listed_in_index_order():
     assert len(found) == 1
     assert re.findall(r"losses\[(\d+)\]", found[0].message)[:3] == ["0", "1", "2"]
     assert found[0].evidence["example_path"].endswith("losses[0]")
+
+
+def test_a_best_checkpoint_copy_beside_per_epoch_predictions_is_not_growth():
+    """Two correct habits together: predictions collected per epoch (reset each epoch) and
+    the best weights kept as a deep copy when validation improves. Their step ends rise a
+    little each step and once by the copy: that read as growth, with the copy blamed."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    best_state = None
+    with memprof.track(model, optimizer=opt) as prof:
+        for epoch in range(3):
+            preds = []
+            for _ in range(10):
+                x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                preds.append(out.argmax(1))
+            if epoch < 2:
+                best_state = copy.deepcopy(model.state_dict())
+    assert best_state is not None and len(preds) == 10
+    assert [f for f in memprof.findings(prof) if f.kind == "memory_growth"] == []
+
+
+def test_a_leak_with_one_big_step_is_still_growth():
+    """The one-jump rule leaves out one rise, not a trend: a tensor kept every step, and one
+    large batch kept once, is still growth."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    kept = []
+    with memprof.track(model, optimizer=opt) as prof:
+        for step in range(12):
+            out = model(torch.randn(256 if step == 5 else 32, 64))
+            out.sum().backward()
+            opt.step()
+            opt.zero_grad()
+            kept.append(out.detach())
+    assert [f for f in memprof.findings(prof) if f.kind == "memory_growth"]

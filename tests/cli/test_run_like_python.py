@@ -88,6 +88,11 @@ def test_sys_exit_with_a_message_prints_it(tmp_path):
     r, _ = run(tmp_path, 'import sys\nsys.exit(3)\n')
     assert r.returncode == 3 and r.stderr == ""   # an exit is not a crash: nothing added
     assert "The tracked code ended with sys.exit(3)" in r.stdout
+    # the value as the script wrote it (it read sys.exit('True'), sys.exit('[1, 2]'))
+    r, _ = run(tmp_path, 'import sys\nsys.exit(True)\n')
+    assert r.returncode == 1 and "ended with sys.exit(True)" in r.stdout
+    r, _ = run(tmp_path, 'import sys\nsys.exit([1, 2])\n')
+    assert r.returncode == 1 and "ended with sys.exit([1, 2])" in r.stdout
 
 
 def test_sys_exit_0_is_a_normal_end_not_an_error(tmp_path):
@@ -413,3 +418,25 @@ def test_an_error_in_backward_has_pythons_frames_without_memprofs_wrapper(tmp_pa
     def frames(err):
         return [line for line in err.splitlines() if line.startswith('  File "')]
     assert frames(r.stderr) == frames(py.stderr) and len(frames(py.stderr)) >= 3, r.stderr
+
+
+HOOKED = '''
+    import sys
+    def hook(kind, value, tb):
+        print(f"[my-logger] fatal {kind.__name__}: {value} "
+              f"from {tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}", file=sys.stderr)
+    sys.excepthook = hook
+    raise ValueError("bad config")
+'''
+
+
+def test_the_scripts_own_excepthook_reports_its_uncaught_exception(tmp_path):
+    """rich.traceback.install(), loguru and crash reporters set sys.excepthook: Python calls it
+    for an uncaught exception, with the script's frames (memprof printed its own traceback)."""
+    r, script = run(tmp_path, HOOKED)
+    py = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=120)
+    assert py.returncode == r.returncode == 1
+    assert "[my-logger] fatal ValueError: bad config from train.py" in py.stderr
+    assert "[my-logger] fatal ValueError: bad config from train.py" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -73,6 +73,22 @@ def test_kept_losses_are_a_retained_graph(tmp_path):
     retained(saved_profile(str(tmp_path / "prof")), "kept")
 
 
+class ClearedEachEpoch(TinyMLP):
+    """The outputs kept for the epoch's end, not detached, cleared there: the graphs are gone
+    by the end of the fit, and the leak probe named them while it ran."""
+
+    def on_train_epoch_end(self):
+        self.kept.clear()
+
+
+def test_a_leak_cleared_at_the_epochs_end_is_named_from_the_model(tmp_path):
+    """Named as the model's attribute (`model.kept`), not by the path a Lightning frame had
+    to it (`optimizer_step.<locals>.model.kept`)."""
+    fit(tmp_path, ClearedEachEpoch(leak=True), Callback(tmp_path / "prof"))
+    found = retained(saved_profile(str(tmp_path / "prof")), "kept")
+    assert {f.holder for f in found} == {"model.kept"}, [f.holder for f in found]
+
+
 class Boom(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 2:

@@ -91,3 +91,27 @@ def test_the_total_after_the_block_counts_what_is_still_alive():
     start = mem["total_allocated"][0] - mem["size"][0]
     assert mem["total_allocated"][-1] - start == 4_000
     assert len(kept) == 4 and np.all(np.abs(mem["size"]) > 0)
+
+
+def test_storages_made_without_the_cpu_allocator_wrapper_are_recorded():
+    """torch.UntypedStorage(n) takes PyTorch's default CPU allocator directly, not the current
+    one memprof wraps: copy.deepcopy of a state dict, torch.load. Those blocks are still the
+    CPU allocator's reports, and were lost when it was told to report nothing."""
+    import copy
+    import io
+    model = torch.nn.Linear(64, 32)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    gc.collect()
+    with memprof.track() as prof:
+        best = copy.deepcopy(model.state_dict())
+        buffer.seek(0)
+        loaded = torch.load(buffer)
+        del best
+    sizes = _cpu(prof)["size"].tolist()
+    weight = 64 * 32 * 4
+    assert sizes.count(weight) >= 2      # the deep copy's and the loaded one's
+    assert -weight in sizes              # the copy's free, with its size
+    assert loaded["weight"].shape == (32, 64)
+    totals = _cpu(prof)["total_allocated"]
+    assert totals[sizes.index(-weight)] < totals[sizes.index(-weight) - 1]

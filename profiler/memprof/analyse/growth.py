@@ -23,6 +23,7 @@ WARMUP_STEPS = 1
 MIN_STEPS = 3                 # boundaries after warm-up needed to call a trend
 MIN_GROWTH_FRACTION = 0.01    # of peak, over the observed steps
 MIN_GROWTH_BYTES = 4096
+JUMP_CHECK_STEPS = 5          # step-to-step changes needed to leave one jump out
 EXPLAINED_FRACTION = 0.5      # leak findings pinning this share of the growth explain it
 
 
@@ -66,6 +67,11 @@ def memory_growth(profile: Profile, capacity: int | None = None) -> list[Finding
     total = y[-1] - y[0]
     floor = max(MIN_GROWTH_BYTES, MIN_GROWTH_FRACTION * profile.peak)
     if slope <= 0 or total < floor or (incs > 0).mean() < 0.75:
+        return []
+    # One step's jump is no trend: a best checkpoint kept as a copy once, beside a list that
+    # grows and is reset every epoch, read as growth (and its fix blamed the copy). Where
+    # there are enough steps to tell, the growth must pass the floor without the largest rise.
+    if incs.size >= JUMP_CHECK_STEPS and total - max(float(incs.max()), 0.0) < floor:
         return []
     if capacity is None:
         capacity, source = device_capacity(profile)

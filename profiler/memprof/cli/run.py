@@ -161,7 +161,7 @@ class RunCommand(Command):
                 else signal.SIGTERM
             status = EXIT_STATUS[args.stopped_by]
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
-            _print_user_traceback(exc)
+            _report_uncaught(exc)
             status = 1
         finally:
             sys.modules["__main__"] = saved_main
@@ -317,17 +317,41 @@ def _exit_status(exc: SystemExit) -> int:
     return 1
 
 
+def _from_the_scripts_frames(tb):
+    """`tb` from its first frame that is not memprof's own (nor importlib's frozen ones);
+    all of it where every frame is."""
+    first = tb
+    while first is not None and (first.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
+                                 or first.tb_frame.f_code.co_filename.startswith("<")):
+        first = first.tb_next
+    return first or tb
+
+
+def _report_uncaught(exc: BaseException) -> None:
+    """What Python does with an exception the script did not catch: the script's own
+    sys.excepthook where it set one (rich.traceback.install(), loguru, a crash reporter),
+    given the traceback from the script's first frame; else the traceback printed."""
+    hook = sys.excepthook
+    if hook is sys.__excepthook__:
+        _print_user_traceback(exc)
+        return
+    try:
+        hook(type(exc), exc, _from_the_scripts_frames(exc.__traceback__))
+    except BaseException as failed:  # noqa: BLE001  (as Python: both are printed)
+        print("Error in sys.excepthook:", file=sys.stderr)
+        traceback.print_exception(type(failed), failed, failed.__traceback__, file=sys.stderr)
+        print("\nOriginal exception was:", file=sys.stderr)
+        _print_user_traceback(exc)
+
+
 def _print_user_traceback(exc: BaseException) -> None:
     """The traceback Python would print for the user's code: the frames above its first one
     (memprof's own, importlib's frozen ones) are left out, and the frame of memprof's signal
     handler that raised a Ctrl-C's KeyboardInterrupt (Python's own handler raises it in the
     interrupted frame, the last one printed); so are memprof's wrappers between the user's
     frames, unless the error was raised in memprof's own code (then it is all shown)."""
-    tb = exc.__traceback__
-    while tb is not None and (tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
-                              or tb.tb_frame.f_code.co_filename.startswith("<")):
-        tb = tb.tb_next
-    report = traceback.TracebackException(type(exc), exc, tb or exc.__traceback__)
+    report = traceback.TracebackException(type(exc), exc,
+                                          _from_the_scripts_frames(exc.__traceback__))
     last = report.stack[-1] if report.stack else None
     handler = ExitSignals._handle.__code__
     if last is not None and len(report.stack) > 1 and last.name == handler.co_name and \

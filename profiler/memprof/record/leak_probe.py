@@ -92,7 +92,10 @@ class LeakProbe:
         # what the loop's variables reach, and the caches the step uses stay warm.
         before = boundaries[completed - 1]
         session = self._session
-        roots = []
+        # the model first, as the end-of-block check names it (`model.outputs`, not the path
+        # a framework's frame had to it: Lightning's `optimizer_step.<locals>.model.outputs`)
+        roots = [("model", session.model)] if session.model is not None else \
+            session.scope.named_roots()
         f = frame
         while f is not None and f is not session.frame:   # the loop's frame and its callers
             if not is_library_frame(f):

@@ -63,11 +63,11 @@ def _warn_if_not_the_outer_blocks(inner: "Session", outer: "Session") -> None:
     if unnamed or unwatched:
         what = " and ".join(w for w, bad in (("its model's modules", unnamed),
                                              ("its optimizer's steps", unwatched)) if bad)
-        warnings.warn(f"memprof.track inside another track block records through the outer "
-                      f"block's hooks: {what} are not the outer block's, so this block's "
-                      "profile will not attribute them; track the models in one block "
-                      "(track(optimizer=None) watches every optimizer) or one after the other",
-                      RuntimeWarning, stacklevel=4)
+        _warn(lambda: warnings.warn(
+            f"memprof.track inside another track block records through the outer block's "
+            f"hooks: {what} are not the outer block's, so this block's profile will not "
+            "attribute them; track the models in one block (track(optimizer=None) watches "
+            "every optimizer) or one after the other", RuntimeWarning, stacklevel=5))
 
 
 def _leave_forked_child() -> None:
@@ -101,11 +101,22 @@ def _warn_at_block(message: str, frame) -> None:
     showed memprof's own source line (session.py) under it. Under `memprof run` the block is
     memprof's: no line is shown."""
     if frame is not None and not is_library_frame(frame):
-        warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename,
-                               frame.f_lineno, module=frame.f_globals.get("__name__"),
-                               registry=_WARNED)
+        _warn(lambda: warnings.warn_explicit(
+            message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+            module=frame.f_globals.get("__name__"), registry=_WARNED))
     else:
-        warnings.warn_explicit(message, RuntimeWarning, "memprof", 0, registry=_WARNED)
+        _warn(lambda: warnings.warn_explicit(message, RuntimeWarning, "memprof", 0,
+                                             registry=_WARNED))
+
+
+def _warn(emit) -> None:
+    """Runs `emit`, a warnings call of memprof's own: under a filter that makes warnings
+    errors (`pytest -W error`, `warnings.simplefilter("error")`) it raised out of the block
+    as it was left, and the profile was lost (nothing saved, no report). Printed instead."""
+    try:
+        emit()
+    except Warning as warning:
+        print(f"memprof: {warning}", file=sys.stderr)
 
 
 #: the warnings shown, as warnings.warn keeps them per module: once per text and line
@@ -279,7 +290,7 @@ class Session:
                 warning = _C.stop()
                 _active = None
         if warning:
-            warnings.warn(warning, RuntimeWarning, stacklevel=3)
+            _warn(lambda: warnings.warn(warning, RuntimeWarning, stacklevel=4))
         # time-ordered and split natively (the analysed device's memory events apart from
         # the rest), with room in front for the pre-existing blocks; the native log is freed
         # as it is copied, so leaving a block holds the event bytes once
@@ -382,7 +393,9 @@ class Session:
             "patch_notes": list(src.patches.notes),
         }
         if exc is not None:
-            out.meta["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            # sys.exit's value as written (sys.exit(True), sys.exit('msg')): str() lost which
+            what = repr(exc.code) if isinstance(exc, SystemExit) else str(exc)
+            out.meta["error"] = f"{type(exc).__name__}: {what}".splitlines()[0][:500]
         if into is None and (counters["dropped"] or counters["markers_dropped"]):
             _warn_at_block(f"memprof dropped {counters['dropped']} events and "
                            f"{counters['markers_dropped']} markers after reaching "

@@ -4,6 +4,8 @@ or no end at all - a profile saved while the run went on (memprof.track_autosave
 run's own save never replaced."""
 from __future__ import annotations
 
+import ast
+
 _EXIT = "SystemExit: "
 #: why a profile saved while its run went on was never replaced by the run's own save
 NEVER_REPLACED = ("killed outright (SIGKILL: the kernel's OOM killer, exit status 137, or "
@@ -15,7 +17,10 @@ def ending(error: str) -> tuple[str, bool]:
     """(the sentence, whether it was a crash) for a profile's meta["error"]."""
     if error.startswith(_EXIT):
         code = error[len(_EXIT):]
-        code = code if code.lstrip("-").isdigit() else repr(code)
+        try:   # the value's repr (a profile of an older memprof: its str)
+            code = repr(ast.literal_eval(code))
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            code = repr(code)
         return f"The tracked code ended with sys.exit({code})", False
     return f"The tracked code raised: {error}", True
 
