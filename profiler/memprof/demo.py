@@ -159,9 +159,20 @@ def _story_recommend(console):
     console.print(
         f"[dim]Seeds 000/001 on a 16 GB V100: micro-batch 8 without checkpointing "
         f"{verdict} here" + (f" ({sizes} reserved)" if ok8 else "")
-        + f", and {'a' if ck else 'no'} checkpointed configuration reaches effective batch 16 "
-          f"({time.perf_counter() - t0:.1f} s).[/]")
+        + f", and {'a' if ck else 'no'} checkpointed configuration reaches effective batch 16"
+        + _best_words(plan.best) + f" ({time.perf_counter() - t0:.1f} s).[/]")
     return plan
+
+
+def _best_words(best) -> str:
+    """The ranked first option, in words: the sentence above named checkpointing, and the
+    best option needs none at all in fp16 (a newcomer read that checkpointing was required)."""
+    if best is None:
+        return ""
+    how = ("no checkpointing" if best.checkpointing == "none"
+           else f"{best.checkpointing} checkpointing")
+    return (f"; the best option is micro-batch {best.micro_batch} x {best.accumulation} in "
+            f"{best.precision} with {how}")
 
 
 #: seed 004's ending in a process of its own: a loop that keeps every step's loss (and its

@@ -723,3 +723,22 @@ def test_clipping_by_value_is_in_the_table(capsys):
     assert prof.health["value_clipping"] == {"clip_values": [0.01], "steps": 4}
     memprof.show(prof, console=Console(width=200))
     assert "gradients clamped entry by entry to +-0.01 in 4 of 4 steps" in capsys.readouterr().out
+
+
+def test_a_loss_logged_every_other_step_says_so_in_the_title():
+    """A Trainer with logging_steps=2 logs the loss at half the steps: the table read
+    "Training health (3 optimizer steps)" for a run of 6."""
+    from rich.console import Console
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for step in range(6):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if step % 2 == 1:
+                prof.log(loss=loss.item())
+    con = Console(record=True, width=160)
+    prof.report(console=con)
+    assert "Training health (3 of 6 optimizer steps logged)" in con.export_text()

@@ -96,3 +96,42 @@ def test_a_tie_between_fp16_and_bf16_goes_to_bf16():
     assert {o.precision for o in tied} == {"fp16", "bf16"}
     assert tied[0].samples_per_s == tied[1].samples_per_s
     assert plan.best.precision == "bf16"
+
+
+def _frozen_base(dtype=torch.float32):
+    """A LoRA-shaped model: a large frozen base, a small trained head."""
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512),
+                                torch.nn.Linear(512, 4)).to(dtype)
+    for layer in model[:2]:
+        layer.requires_grad_(False)
+    model[2].float()
+    return model
+
+
+@pytest.mark.parametrize("dtype, advice", [(torch.float32, "keep them in bf16 or fp16"),
+                                           (torch.bfloat16, "quantise them")])
+def test_nothing_fits_with_a_frozen_base_names_the_base_not_the_lora_rank(dtype, advice):
+    """A 52B base with rank-8 adapters was told to lower its LoRA rank: the frozen weights
+    are the size, and half precision (or quantisation) is what shrinks them."""
+    from memprof.report.plan import nothing_fits
+    plan = memprof.recommend(_frozen_base(dtype), gpu="1mb", effective_batch=4,
+                             input_shape=(512,), num_classes=4, precisions=["fp32"],
+                             policies=["none"], confirm=False, workers=1)
+    assert plan.best is None
+    text = nothing_fits(plan)
+    assert "525,312 of the 527,364 parameters do not train" in text, text
+    assert advice in text and "LoRA rank" not in text
+
+
+def test_a_prime_effective_batch_points_at_a_nearby_one_with_a_larger_micro_batch(capsys):
+    """199 has no divisor but 1 below the largest micro-batch that fits: the plan ran
+    micro-batch 1, 199 times, without a word that 200 would run much larger ones."""
+    rc = cli.main(["recommend", "--gpu", "1.5gb", "--model", "vit-tiny", "--effective-batch",
+                   "199", "--precision", "fp32", "--checkpointing", "none", "--no-confirm"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 0 and "micro-batch 1 x 199" in out   # 140 fit
+    assert "micro-batch 1 is the largest divisor of 199 that fits; effective batch 198 would " \
+        "run micro-batch 99 x 2" in out, out
+    plan = memprof.recommend("mlp", gpu="v100-16gb", effective_batch=16, precisions=["fp32"],
+                             policies=["none"], confirm=False, workers=1)
+    assert plan.nearby_batch(plan.best) is None   # 16 fits whole: nothing to point at

@@ -159,6 +159,24 @@ class Plan:
     def best(self) -> Option | None:
         return next((o for o in self.options if o.fits), None)
 
+    def nearby_batch(self, option: Option | None) -> tuple[int, int] | None:
+        """(effective batch, micro-batch) within 10 % of the plan's whose micro-batch is at
+        least twice `option`'s and fits its combination: for an effective batch with no
+        divisor near the largest micro-batch that fits (a prime one ran micro-batch 1, 199
+        times, where 117 fit). None when the option's micro-batch is near that largest one."""
+        c = self._combos.get((option.precision, option.checkpointing)) if option else None
+        if c is None or c.model is None or not c.max_micro_batch:
+            return None
+        top = min(c.max_micro_batch, self.effective_batch)
+        if option.micro_batch * 2 > top:
+            return None
+        eb, reach = self.effective_batch, max(1, self.effective_batch // 10)
+        for e in sorted(range(max(1, eb - reach), eb + reach + 1), key=lambda e: abs(e - eb)):
+            micro = max(d for d in _divisors(e) if d <= top)
+            if micro >= 2 * option.micro_batch:
+                return e, micro
+        return None
+
     @property
     def warmup(self) -> dict | None:
         """The warmup advice for the best option (see warmup_for)."""

@@ -32,6 +32,7 @@ _USER_MODULES: tuple[int, list[str]] = (-1, [])
 #: memprof itself and torch, wherever they are installed from (an editable install)
 _NOT_USER_PACKAGES = frozenset({__name__.split(".")[0], "torch"})
 
+_OWN_PREFIX = __name__.split(".")[0] + "."
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()).keys())
 #: a module's hook tables whose hooks may hold what they captured
 _CAPTURING_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks",
@@ -125,7 +126,12 @@ def _is_atom(obj) -> bool:
         return not (obj.__closure__ or obj.__defaults__ or obj.__kwdefaults__)
     if isinstance(obj, type):
         return not is_user_code(getattr(obj, "__module__", None))
-    return isinstance(obj, ATOMS)
+    if isinstance(obj, ATOMS):
+        return True
+    # memprof's own machinery (a tracker, its session and scope): it reaches the model only
+    # because it tracks it - `memprof run`'s frame named holders `_run_script.<locals>.tracker.
+    # session.scope...`. Its built-in models are modules like any other, and entered.
+    return type(obj).__module__.startswith(_OWN_PREFIX) and not isinstance(obj, torch.nn.Module)
 
 
 def _slot_values(obj):
@@ -255,10 +261,8 @@ def describe_unreached(t: torch.Tensor) -> str:
 
 def frame_roots(frame) -> list[tuple[str, object]]:
     """Named roots from a frame: the one that ran the `with memprof.track()` block, or one
-    on the training loop's stack (record.leak_probe). None from a frame of memprof's own
-    (`memprof run` enters the block for the script): its locals are memprof's objects, which
-    reach the model only through memprof (holders named `_run_script.<locals>.tracker...`)."""
-    if frame is None or is_library_frame(frame):
+    on the training loop's stack (record.leak_probe)."""
+    if frame is None:
         return []
     code = frame.f_code
     scope = "" if code.co_name == "<module>" else f"{code.co_name}.<locals>."

@@ -6,6 +6,7 @@ import contextlib
 from rich.markup import escape
 
 from ..plan.batch_model import SEARCH_LIMIT
+from ..units import fmt_bytes
 from .plan_distributed import batch_text, print_distributed
 
 GiB = 1 << 30
@@ -97,12 +98,24 @@ def nothing_fits(plan) -> str:
                    default=None)
     if smallest is None or smallest.micro_batch > 1:
         return "lower the effective batch per GPU or use a GPU with more memory"
-    return (f"even micro-batch 1 needs {smallest.peak_reserved / GiB:.2f} GiB reserved at best "
+    head = (f"even micro-batch 1 needs {smallest.peak_reserved / GiB:.2f} GiB reserved at best "
             f"({smallest.precision}, checkpointing {smallest.checkpointing}) against "
-            f"{plan.usable_bytes / GiB:.2f} GiB usable: a smaller batch cannot help. The "
-            "parameters, their gradients and the optimizer state are too large for this GPU: "
-            "train fewer parameters (a lower LoRA rank or fewer target modules, frozen "
-            "layers), shard them over several GPUs (FSDP, ZeRO), or use a GPU with more memory")
+            f"{plan.usable_bytes / GiB:.2f} GiB usable: a smaller batch cannot help. ")
+    frozen = plan.total_params - plan.trainable_params
+    if plan.total_params and frozen > plan.trainable_params:
+        # a LoRA model: the frozen base is the size, not what trains (a lower rank saves
+        # nothing worth saying)
+        frozen_bytes = plan.params_bytes * frozen / plan.total_params
+        smaller = ("keep them in bf16 or fp16 (load the base model in half precision; the "
+                   "trained adapters can stay fp32)" if frozen_bytes >= 3 * frozen else
+                   "quantise them (8- or 4-bit base weights, as QLoRA does)")
+        return (head + f"{frozen:,} of the {plan.total_params:,} parameters do not train and "
+                f"take ~{fmt_bytes(frozen_bytes)} as given: {smaller}, shard them over "
+                "several GPUs (FSDP), or use a GPU with more memory")
+    return (head + "The parameters, their gradients and the optimizer state are too large "
+            "for this GPU: train fewer parameters (a lower LoRA rank or fewer target modules, "
+            "frozen layers), shard them over several GPUs (FSDP, ZeRO), or use a GPU with "
+            "more memory")
 
 
 def _print_advice(plan, console) -> None:
@@ -122,6 +135,12 @@ def _print_advice(plan, console) -> None:
                       f"{best.peak_reserved / GiB:.2f} GiB reserved"
                       + ("" if best.samples_per_s is None else
                          f", ~{best.samples_per_s:.1f} samples/s"))
+        near = plan.nearby_batch(best)
+        if near is not None:
+            e, micro = near
+            console.print(f"  (micro-batch {best.micro_batch} is the largest divisor of "
+                          f"{plan.effective_batch} that fits; effective batch {e} would run "
+                          f"micro-batch {micro} x {e // micro})")
         # whole lines (a console wraps at its width, a pipe at 80 columns): code to copy
         console.print(Syntax(plan.code(), "python", theme="ansi_dark", word_wrap=False),
                       soft_wrap=True)

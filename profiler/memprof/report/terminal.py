@@ -251,7 +251,10 @@ def _print_health(prof: Profile, console: Console) -> None:
     if not h:
         return
     ps = h.get("per_step", {})
-    t = Table(title=f"Training health ({h['steps']} optimizer steps)", title_justify="left")
+    ran = len(prof.steps)   # a Trainer logging every 2nd step logs half of them
+    seen = (f"{h['steps']} optimizer steps" if h["steps"] >= ran else
+            f"{h['steps']} of {ran} optimizer steps logged")
+    t = Table(title=f"Training health ({seen})", title_justify="left")
     t.add_column("what")
     t.add_column("value")
 
