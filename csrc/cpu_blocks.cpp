@@ -1,6 +1,7 @@
 #include "cpu_blocks.h"
 
 #include <atomic>
+#include <mutex>
 #include <cstddef>
 #include <thread>
 
@@ -35,6 +36,8 @@ struct alignas(64) Shard {
 // Never destroyed: blocks made while tracking may be freed during interpreter exit.
 Shard* const g_shards = new Shard[kShards];
 std::atomic<int64_t> g_bytes{0};
+// the mark of a reported block's note, in the size's top bit below the sign
+constexpr int64_t kReported = int64_t{1} << 62;
 
 inline Shard& shard_of(void* ptr) {
   // the top bits of a multiplicative hash (the table inside uses middle ones)
@@ -44,22 +47,29 @@ inline Shard& shard_of(void* ptr) {
 
 }  // namespace
 
-int64_t note_cpu_block(void* ptr, int64_t nbytes) {
+int64_t note_cpu_block(void* ptr, int64_t nbytes, bool reported) {
   Shard& s = shard_of(ptr);
-  s.lock.lock();
-  // (a size still noted at this address - a block freed without passing take_cpu_block -
-  // is replaced, and leaves the total)
-  int64_t old = s.sizes.put(reinterpret_cast<uint64_t>(ptr), nbytes);
-  s.lock.unlock();
-  const int64_t delta = nbytes - (old > 0 ? old : 0);
+  int64_t old;
+  {
+    // (a guard: a table that fails to grow throws, and the lock must not stay held - the
+    // block's deleter takes it as the exception unwinds)
+    std::lock_guard<SpinLock> hold(s.lock);
+    // a size still noted at this address - a block freed without passing take_cpu_block -
+    // is replaced, and leaves the total
+    old = s.sizes.put(reinterpret_cast<uint64_t>(ptr), reported ? nbytes | kReported : nbytes);
+  }
+  const int64_t delta = nbytes - (old > 0 ? old & ~kReported : 0);
   return g_bytes.fetch_add(delta, std::memory_order_relaxed) + delta;
 }
 
 int64_t take_cpu_block(void* ptr, int64_t* total) {
   Shard& s = shard_of(ptr);
-  s.lock.lock();
-  int64_t nbytes = s.sizes.take(reinterpret_cast<uint64_t>(ptr));
-  s.lock.unlock();
+  int64_t nbytes;
+  {
+    std::lock_guard<SpinLock> hold(s.lock);
+    nbytes = s.sizes.take(reinterpret_cast<uint64_t>(ptr));
+  }
+  if (nbytes > 0) nbytes &= ~kReported;
   if (nbytes <= 0) {
     *total = g_bytes.load(std::memory_order_relaxed);
     return 0;
@@ -70,8 +80,19 @@ int64_t take_cpu_block(void* ptr, int64_t* total) {
 
 int64_t cpu_block_bytes() { return g_bytes.load(std::memory_order_relaxed); }
 
-int64_t move_cpu_block_bytes(int64_t delta) {
-  return g_bytes.fetch_add(delta, std::memory_order_relaxed) + delta;
+void forget_reported_cpu_blocks() {
+  for (size_t i = 0; i < kShards; ++i) {
+    int64_t dropped = 0;
+    {
+      std::lock_guard<SpinLock> hold(g_shards[i].lock);
+      g_shards[i].sizes.erase_if([&dropped](int64_t value) {
+        if ((value & kReported) == 0) return false;
+        dropped += value & ~kReported;
+        return true;
+      });
+    }
+    g_bytes.fetch_sub(dropped, std::memory_order_relaxed);
+  }
 }
 
 void lock_cpu_blocks_for_fork() {

@@ -16,16 +16,19 @@
 namespace memprof {
 
 // Notes the size of the block at `ptr` (any thread); returns cpu_block_bytes() after it.
-int64_t note_cpu_block(void* ptr, int64_t nbytes);
+// `reported`: a block the CPU allocator reported (one of its default allocator's, taken
+// without the wrapper), whose free is seen only while a session's hook is on the freeing
+// thread: such notes last one session (forget_reported_cpu_blocks).
+int64_t note_cpu_block(void* ptr, int64_t nbytes, bool reported = false);
 // The size noted for the block at `ptr`, forgotten (0 when none was noted); `total` gets
 // cpu_block_bytes() after it.
 int64_t take_cpu_block(void* ptr, int64_t* total);
-// Bytes of the blocks noted and not yet taken, plus those moved below: the CPU allocator's
-// total, as memprof sees it.
+// Bytes of the blocks noted and not yet taken: the CPU allocator's total, as memprof sees it.
 int64_t cpu_block_bytes();
-// Adds `delta` to that total (blocks the CPU allocator itself reported: those of its default
-// allocator taken without the wrapper); returns the total after it.
-int64_t move_cpu_block_bytes(int64_t delta);
+// Drops the notes of reported blocks (a session starts): one freed after the last session
+// went unseen and stayed counted for good, session after session. A reported block still
+// alive is in the new session's baseline.
+void forget_reported_cpu_blocks();
 // Held around fork(): a child must not find a shard locked by a thread it does not have.
 void lock_cpu_blocks_for_fork();
 void unlock_cpu_blocks_after_fork();

@@ -37,6 +37,18 @@ class LiveBlocks {
     return -1;
   }
 
+  // Removes every entry for whose value `drop(value)` is true (the table keeps its size).
+  template <typename Drop>
+  void erase_if(Drop drop) {
+    std::vector<Slot> kept;
+    for (const Slot& s : slots_) {
+      if (s.addr != kEmpty && !drop(s.index)) kept.push_back(s);
+    }
+    slots_.assign(slots_.size(), Slot{kEmpty, -1});
+    count_ = 0;
+    for (const Slot& s : kept) put(s.addr, s.index);
+  }
+
   // The value kept for addr (removed from the table), or -1.
   int64_t take(uint64_t addr) {
     size_t i = home(addr);

@@ -321,6 +321,11 @@ __attribute__((tls_model("initial-exec"))) thread_local bool tls_allocation_drop
 // Set while the CPU allocator's wrapper allocates or frees a block it records itself: the CPU
 // allocator is then told not to note and report it (Reporter::memoryProfilingEnabled).
 __attribute__((tls_model("initial-exec"))) thread_local bool tls_declining_cpu_reports = false;
+// Sets it for a scope (cleared however the scope is left).
+struct DecliningCpuReports {
+  DecliningCpuReports() { tls_declining_cpu_reports = true; }
+  ~DecliningCpuReports() { tls_declining_cpu_reports = false; }
+};
 thread_local ThreadStateOwner tls_owner;
 ThreadStateOwner::~ThreadStateOwner() {
   tls_state = nullptr;
@@ -582,10 +587,17 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
     if (alloc_size > 0) note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
     ThreadState& ts = thread_state();
     if (device.is_cuda()) tls_allocation_dropped = false;
-    // a CPU block the CPU allocator reported counts in memprof's CPU total (its own total
-    // counts the blocks it noted, which the wrapper's are not)
-    const int64_t total = device.is_cpu() ? move_cpu_block_bytes(alloc_size)
-                                          : static_cast<int64_t>(total_allocated);
+    // a CPU block the CPU allocator reported is noted beside the wrapper's (its own total
+    // counts only the blocks it noted): a later free memprof declines to have reported
+    // (baseline_delete) takes it out of the total, and a session's start forgets it
+    int64_t total = static_cast<int64_t>(total_allocated);
+    if (device.is_cpu()) {
+      if (alloc_size > 0) {
+        total = note_cpu_block(ptr, alloc_size, /*reported=*/true);
+      } else {
+        take_cpu_block(ptr, &total);
+      }
+    }
     record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size, total,
            static_cast<int64_t>(total_reserved), device);
     if (device.is_cuda()) {
@@ -638,20 +650,25 @@ void pop_stale_reporter() {
 // handed out as they are, so an untracked program pays one virtual call per allocation.
 std::atomic<c10::DeleterFnPtr> g_base_deleter{nullptr};
 
-inline void record_cpu_free(void* ptr) {
+// A CPU block's allocation (size > 0) or free (size < 0), with the total after it.
+inline void record_cpu(void* ptr, int64_t size, int64_t total) {
+  record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), size, total, 0,
+         c10::Device(c10::DeviceType::CPU));
+}
+
+// The free of a CPU block: its noted size taken back (also after the session), and recorded
+// with it - or with `nbytes` where the caller knows the size (a baseline block's).
+inline void record_cpu_free(void* ptr, int64_t nbytes = 0) {
   int64_t total = 0;
-  const int64_t nbytes = take_cpu_block(ptr, &total);
-  if (nbytes > 0 && recording()) {
-    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), -nbytes, total, 0,
-           c10::Device(c10::DeviceType::CPU));
-  }
+  const int64_t noted = take_cpu_block(ptr, &total);
+  if (nbytes <= 0) nbytes = noted;
+  if (nbytes > 0 && recording()) record_cpu(ptr, -nbytes, total);
 }
 
 // The block back to the base allocator, which is told not to report it (it never noted it).
 inline void base_delete(void* ptr) {
-  tls_declining_cpu_reports = true;
+  DecliningCpuReports declining;
   g_base_deleter.load(std::memory_order_relaxed)(ptr);
-  tls_declining_cpu_reports = false;
 }
 
 // The free is recorded before the block goes back: another thread's next allocation may be
@@ -682,17 +699,15 @@ class FreeWatchingAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (!recording()) return base_->allocate(n);
     c10::DataPtr block;
-    tls_declining_cpu_reports = true;
     try {
+      DecliningCpuReports declining;
       block = base_->allocate(n);
     } catch (const c10::Error&) {
-      tls_declining_cpu_reports = false;
       // (the CPU allocator reports its out-of-memory only where it reports blocks)
       record_out_of_memory(static_cast<int64_t>(n), cpu_block_bytes(), 0,
                            c10::Device(c10::DeviceType::CPU));
       throw;
     }
-    tls_declining_cpu_reports = false;
     if (block.get() == nullptr || block.get() != block.get_context()) return block;
     c10::DeleterFnPtr base_deleter = block.get_deleter();
     // the base allocator's one deleter, noted the first time (a plain load after that: no
@@ -709,8 +724,7 @@ class FreeWatchingAllocator final : public c10::Allocator {
     note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
     const int64_t total = note_cpu_block(ptr, static_cast<int64_t>(n));
     tls_allocation_dropped = false;
-    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr),
-           static_cast<int64_t>(n), total, 0, c10::Device(c10::DeviceType::CPU));
+    record_cpu(ptr, static_cast<int64_t>(n), total);
     if (tls_allocation_dropped) (void)block.compare_exchange_deleter(&watched_delete, &unlogged_delete);
     return block;
   }
@@ -766,14 +780,9 @@ void baseline_delete(void* ptr) {
       b.nbytes.erase(it);
     }
   }
-  // (a block an earlier session's full log dropped has its size noted still: it leaves the
-  // total now; the total never counted any other baseline block)
-  int64_t total = 0;
-  take_cpu_block(ptr, &total);
-  if (nbytes > 0 && recording()) {
-    record(thread_state(), kKindMemory, reinterpret_cast<uint64_t>(ptr), -nbytes, total, 0,
-           c10::Device(c10::DeviceType::CPU));
-  }
+  // (a block with a size noted - one an earlier session's full log dropped, one the CPU
+  // allocator reported - leaves the total with it)
+  record_cpu_free(ptr, nbytes);
   base_delete(ptr);   // (a block the CPU allocator noted itself would be recorded twice)
 }
 
@@ -919,6 +928,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.events_reserved = 0;
   s.dropped_any = false;
   forget_unlogged_cuda_blocks();   // an earlier session's
+  forget_reported_cpu_blocks();    // likewise
   s.external_total = 0;
   s.capacity = capacity;
   s.marks = 0;
@@ -985,7 +995,7 @@ std::string stop() {
     c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
   } else {
     warning = "another profiler (e.g. torch.profiler) was started inside memprof.track and is "
-              "still active: memprof missed the allocations made while it ran";
+              "still active: memprof missed the CUDA allocations made while it ran";
   }
   s.reporter.reset();
   stop_chunk_pool();   // writers still finishing an allocation map their own chunks

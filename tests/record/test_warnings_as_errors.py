@@ -32,3 +32,16 @@ def test_the_warning_is_still_a_warning_where_warnings_are_shown():
             for _ in range(20):
                 torch.empty(64)
     assert any("dropped" in str(w.message) for w in seen)
+
+
+def test_the_nested_block_warning_points_at_the_users_line():
+    """The warning names the `with` line of the inner block (wrapped so that it cannot raise,
+    its stack level had pointed into memprof's own track.py)."""
+    outer, inner = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with memprof.track(outer):
+            with memprof.track(inner):
+                inner(torch.randn(2, 4))
+    [w] = [w for w in seen if "inside another track block" in str(w.message)]
+    assert w.filename == __file__, w.filename

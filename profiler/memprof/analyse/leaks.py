@@ -26,7 +26,8 @@ from ..record.autograd_graphs import (MAX_GRAPH_NODES, GraphTensor, live_graph_t
                                       storage_of, walk_graphs)
 from .leak_fixes import fix_text
 from .outcome import Outcome
-from ..record.holders import describe_unreached, find_holders, frame_roots, namespaces_roots
+from ..record.holders import (describe_unreached, find_holders, frame_roots, model_roots,
+                               namespaces_roots)
 
 
 def root_holder(path: str) -> str:
@@ -175,7 +176,7 @@ def _last_training_step(profile: Profile, last_completed: int) -> int:
 def holder_roots(live) -> list[tuple[str, object]]:
     """Where holder names start: the model, the frame that ran the block, extra namespaces
     (a script's globals), the optimizer."""
-    roots = [("model", live.model)] if live.model is not None else list(live.named_roots)
+    roots = model_roots(live.model, live.named_roots)
     roots += frame_roots(live.frame)
     if live.optimizer is not None:
         roots.append(("optimizer", live.optimizer))

@@ -237,8 +237,11 @@ def _user_model(model, model_kwargs, builtins) -> tuple[nn.Module, dict]:
     """A factory spec, a factory or a module -> (module, description)."""
     if isinstance(model, str):
         if ":" not in model:
-            raise PlanInputError(f"model {model!r}: not a built-in ({', '.join(builtins)}) and "
-                                 "not 'package.module:factory'")
+            raise PlanInputError(
+                f"model {model!r}: not a built-in ({', '.join(builtins)}) and not "
+                "'package.module:factory' (a Hugging Face model: a function in your module that "
+                "builds it from its config, e.g. GPT2LMHeadModel(GPT2Config()), given as "
+                "--model mymodels:build with --batch-fn mymodels:tokens)")
         factory = _import_factory(model)
         desc = {"name": model.split(":")[-1] + "()", "builtin": False, "spec": model}
         desc["kwargs"] = dict(model_kwargs or {})

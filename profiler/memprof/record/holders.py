@@ -259,6 +259,12 @@ def describe_unreached(t: torch.Tensor) -> str:
     return f"a {', '.join(kinds) or 'C++ object'} not reachable from the model or the tracked frame"
 
 
+def model_roots(model, named_roots) -> list[tuple[str, object]]:
+    """Where holder names start first: the tracked model (`model.kept`), else the root
+    modules that ran, as the code called them (auto mode: `memprof run`)."""
+    return [("model", model)] if model is not None else list(named_roots)
+
+
 def frame_roots(frame) -> list[tuple[str, object]]:
     """Named roots from a frame: the one that ran the `with memprof.track()` block, or one
     on the training loop's stack (record.leak_probe)."""

@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 from .. import _C
 from .autograd_graphs import graph_tensors, storage_of, walk_graphs
-from .holders import (frame_roots, is_library_frame, loop_frame, namespaces_roots,
+from .holders import (frame_roots, is_library_frame, loop_frame, model_roots, namespaces_roots,
                       reachable_tensors)
 
 FIRST_PROBE_STEP = 2     # steps completed at the first look; then 4, 8, 16, ...
@@ -94,8 +94,7 @@ class LeakProbe:
         session = self._session
         # the model first, as the end-of-block check names it (`model.outputs`, not the path
         # a framework's frame had to it: Lightning's `optimizer_step.<locals>.model.outputs`)
-        roots = [("model", session.model)] if session.model is not None else \
-            session.scope.named_roots()
+        roots = model_roots(session.model, session.scope.named_roots())
         f = frame
         while f is not None and f is not session.frame:   # the loop's frame and its callers
             if not is_library_frame(f):

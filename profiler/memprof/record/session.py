@@ -67,7 +67,7 @@ def _warn_if_not_the_outer_blocks(inner: "Session", outer: "Session") -> None:
             f"memprof.track inside another track block records through the outer block's "
             f"hooks: {what} are not the outer block's, so this block's profile will not "
             "attribute them; track the models in one block (track(optimizer=None) watches "
-            "every optimizer) or one after the other", RuntimeWarning, stacklevel=5))
+            "every optimizer) or one after the other", RuntimeWarning, stacklevel=6))
 
 
 def _leave_forked_child() -> None:
@@ -110,7 +110,8 @@ def _warn_at_block(message: str, frame) -> None:
 
 
 def _warn(emit) -> None:
-    """Runs `emit`, a warnings call of memprof's own: under a filter that makes warnings
+    """Runs `emit`, a warnings call of memprof's own (a stacklevel in it counts `emit` and
+    this function as two frames): under a filter that makes warnings
     errors (`pytest -W error`, `warnings.simplefilter("error")`) it raised out of the block
     as it was left, and the profile was lost (nothing saved, no report). Printed instead."""
     try:
@@ -290,7 +291,7 @@ class Session:
                 warning = _C.stop()
                 _active = None
         if warning:
-            _warn(lambda: warnings.warn(warning, RuntimeWarning, stacklevel=4))
+            _warn(lambda: warnings.warn(warning, RuntimeWarning, stacklevel=5))
         # time-ordered and split natively (the analysed device's memory events apart from
         # the rest), with room in front for the pre-existing blocks; the native log is freed
         # as it is copied, so leaving a block holds the event bytes once
