@@ -72,6 +72,7 @@ def test_nproc_per_node_must_be_positive(tmp_path):
 
 
 HOOK_LATE = textwrap.dedent("""
+    import sys
     import torch
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -94,7 +95,8 @@ HOOK_LATE = textwrap.dedent("""
         opt.step()
         opt.zero_grad()
     assert len(calls) == 3, calls
-    print("hook calls", len(calls), flush=True)
+    sys.stdout.write(f"hook calls {len(calls)}\\n")   # one write: the two ranks share the pipe
+    sys.stdout.flush()   # (print's pieces, unbuffered, interleaved: "hook callshook calls  33")
     dist.destroy_process_group()
 """)
 
