@@ -59,8 +59,10 @@ def test_a_save_that_fails_after_the_run_exits_non_zero(tmp_path):
     assert "could not save" in r.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_saves_the_profile_then_ends_the_process_by_it(tmp_path, sig):
+    """SIGHUP: the terminal or SSH session that ran the job closed (before the first
+    autosave, a minute in, nothing was left)."""
     (tmp_path / "forever.py").write_text(
         TRAIN + "import sys\nstep()\nprint('ready', flush=True)\nwhile True:\n    step()\n")
     p = start("run", "forever.py", cwd=tmp_path)

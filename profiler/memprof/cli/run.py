@@ -154,11 +154,12 @@ class RunCommand(Command):
         except (KeyboardInterrupt, Terminated) as exc:
             if isinstance(exc, KeyboardInterrupt):   # Python prints where it stopped
                 _print_user_traceback(exc)
-            how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+            how = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else \
+                signal.Signals(exc.signum).name
             print(f"memprof: {target.name} stopped by {how}", file=sys.stderr)
             # Python dies by the signal (after its finalization): so does memprof, once saved
             args.stopped_by = signal.SIGINT if isinstance(exc, KeyboardInterrupt) \
-                else signal.SIGTERM
+                else exc.signum
             status = EXIT_STATUS[args.stopped_by]
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
             _report_uncaught(exc)

@@ -1,15 +1,16 @@
 """Signals while `memprof run` runs a script: whatever ends the script, the profile is saved.
 
 * SIGINT (Ctrl-C) while the script runs: KeyboardInterrupt, as without memprof.
-* SIGTERM while the script runs: `Terminated` is raised in the script, so the tracker saves the
-  profile on the way out (the default action would kill the process first).
-* SIGINT or SIGTERM once the script has ended (the profile is being built, analysed, saved and
+* SIGTERM (and SIGHUP: the terminal or SSH session that ran it closed) while the script runs:
+  `Terminated` is raised in the script, so the tracker saves the profile on the way out (the
+  default action would kill the process first).
+* SIGINT, SIGTERM or SIGHUP once the script has ended (the profile is being built, analysed, saved and
   reported): noted, not raised, so a second Ctrl-C cannot lose the profile.
 
 Either way the process then ends as Python's would have: by the signal itself (its parent sees
 it, not an exit status: a shell loop stops, subprocess returns -2), after the interpreter's
 finalization (memprof.cli.console_main, `_C.exit_by_signal`); `main()` called in-process
-returns 130 / 143 (128 + the signal's number) instead.
+returns 130 / 143 / 129 (128 + the signal's number) instead.
 
 Only signals left at their default action are handled (a shell that ignores SIGINT for a
 background job keeps doing so), and only on the main thread (Python's rule for handlers).
@@ -20,11 +21,19 @@ import os
 import signal
 import threading
 
-EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal's number
+#: the signals handled, with what they do by default (SIGHUP: not on Windows)
+_HANDLED = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)) + \
+    (((signal.SIGHUP, signal.SIG_DFL),) if hasattr(signal, "SIGHUP") else ())
+EXIT_STATUS = {sig: 128 + int(sig) for sig, _ in _HANDLED}   # 130, 143, 129
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived while the script ran (a BaseException, like KeyboardInterrupt)."""
+    """SIGTERM or SIGHUP arrived while the script ran (a BaseException, like
+    KeyboardInterrupt); `signum` is which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 class ExitSignals:
@@ -38,8 +47,7 @@ class ExitSignals:
     def __enter__(self) -> "ExitSignals":
         if threading.current_thread() is not threading.main_thread():
             return self
-        for sig, default in ((signal.SIGINT, signal.default_int_handler),
-                             (signal.SIGTERM, signal.SIG_DFL)):
+        for sig, default in _HANDLED:
             handler = signal.getsignal(sig)
             # another ExitSignals' handler: a forked child's (cli.spawned), which inherited
             # the parent's, whose profile is not the child's to save
@@ -74,4 +82,4 @@ class ExitSignals:
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise Terminated(f"signal {signal.Signals(signum).name}")
+        raise Terminated(signum)

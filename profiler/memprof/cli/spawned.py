@@ -197,8 +197,8 @@ def _run_as_rank(call, job: dict, index: int) -> None:
                 finally:
                     signals.finish()
             status = 0
-        except Terminated:
-            stopped_by = signal.SIGTERM
+        except Terminated as exc:
+            stopped_by = exc.signum
         finally:
             if not tracker.forked_away:
                 _report(tracker, path, status, job, index)
