@@ -29,10 +29,16 @@ def memprof(*args, cwd, **kw):
 def start(*args, cwd):
     env = dict(os.environ, COLUMNS="250")
     # a suite started in the background of a shell without job control inherits SIGINT
-    # ignored, and so would the script (python keeps an ignored SIGINT ignored)
+    # ignored, and one under nohup SIGHUP, and so would the script (python keeps an ignored
+    # signal ignored, and so does memprof run)
     return subprocess.Popen([sys.executable, "-m", "memprof.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _loads(path) -> bool:
