@@ -36,7 +36,6 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
-#include <typeinfo>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>

@@ -170,7 +170,9 @@ class Plan:
         top = min(c.max_micro_batch, self.effective_batch)
         if option.micro_batch * 2 > top:
             return None
-        eb, reach = self.effective_batch, max(1, self.effective_batch // 10)
+        # (at most 256 either way: each candidate is a divisor search, and an effective batch
+        # of tokens may be in the millions)
+        eb, reach = self.effective_batch, min(256, max(1, self.effective_batch // 10))
         for e in sorted(range(max(1, eb - reach), eb + reach + 1), key=lambda e: abs(e - eb)):
             micro = max(d for d in _divisors(e) if d <= top)
             if micro >= 2 * option.micro_batch:
