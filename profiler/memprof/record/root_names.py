@@ -73,8 +73,8 @@ class RootNaming:
 
     def named_roots(self) -> list[tuple[str, torch.nn.Module]]:
         """(name, module) per root that ran (auto mode): the first as the code called it
-        (`model`), the others under their prefixes; holder names start there when the block
-        was entered by memprof itself (`memprof run`)."""
+        (`model`), the others under their prefixes: where holder names start in auto mode
+        (`memprof run`, whose block memprof enters from its own frame)."""
         out = []
         for i, root in enumerate(self.roots):
             name = (self._first_root_name if i == 0 else self._root_prefixes.get(id(root))) \

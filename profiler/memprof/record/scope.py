@@ -343,8 +343,8 @@ class ModuleScope(RootNaming):
     def _root_post(self, module, args, output):
         if self._forward_depth == self._root_depth:
             self._forward_depth = None
-            self.pass_module = None   # (held past the pass, it kept a model alive after the
-            # function that built and trained it returned, under `memprof run`)
+            self.pass_module = None   # (held past the pass, it was one more path from memprof
+            # to the model: `memprof run` named leak holders through it)
             _C.forward_end(self._steps.step)   # module off; phase "other" and marker
             for fn in tuple(self.on_forward_end):
                 fn()
