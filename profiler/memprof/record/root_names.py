@@ -3,13 +3,18 @@ the first root's names without a prefix, the others' after what the calling code
 (`D`, `criterion`), the first root's too once another root has parameters (a GAN's `G` and
 `D`); and side roots, models first called on a thread whose calls are no passes (a second
 model trained on a thread of its own, a model evaluated beside the training), named after
-their own names, never first, held weakly. A mixin of record.scope.ModuleScope, whose state
+their own names, never first, held weakly. Roots are held weakly too: `memprof run` of a
+k-fold or sweep loop that builds a model per fold keeps none of them alive (a list of roots
+did: every fold's weights and gradients stayed, the peak grew by a model per fold, where
+python freed each); a freed root keeps its names and its place, so the next fold's model is
+`model_2` beside it, as while it lived. A mixin of record.scope.ModuleScope, whose state
 (names, ids, roots) it reads and extends.
 """
 from __future__ import annotations
 
 import sys
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -41,8 +46,34 @@ def clean_name(name: str) -> str:
     return ".".join(p for p in name.split(".") if p != COMPILE_WRAPPER)
 
 
+@dataclass(eq=False)
+class RootSlot:
+    """A root as named: what its names need once the module is freed."""
+    ref: weakref.ref
+    prefix: str          # its names' prefix ("" for the first root)
+    cls: str             # class_name(module)
+    weights: bool        # it had parameters (read live while it lives: lazy modules)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, prefix: str) -> "RootSlot":
+        return cls(weakref.ref(module), prefix, class_name(module), _has_weights(module))
+
+    def has_weights(self) -> bool:
+        module = self.ref()
+        return self.weights if module is None else _has_weights(module)
+
+
+def _has_weights(module: torch.nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
 class RootNaming:
     """Root naming for ModuleScope (see the module docstring)."""
+
+    @property
+    def roots(self) -> list[torch.nn.Module]:
+        """The roots still alive, in order (the first root first while it lives)."""
+        return [m for m in (s.ref() for s in self._roots) if m is not None]
 
     def _side_roots(self) -> list[torch.nn.Module]:
         """The side roots still alive (_add_side_root)."""
@@ -52,18 +83,25 @@ class RootNaming:
         """What a root's names start with: nothing for the model, or the first root seen; the
         others' own names (_root_prefix), and the first root's too once another root has
         parameters (a GAN's `G` and `D`, a teacher and its student)."""
-        if self.model is not None or not self.roots or (len(self.roots) < 2 and not self._side):
-            return self._root_prefixes.get(id(root), "") if self.model is None else ""
-        if root is self.roots[0]:
-            if not any(next(r.parameters(), None) is not None for r in self.roots[1:]) and \
-                    not any(self._trained(r) for r in self._side_roots()):
-                return ""   # beside a loss module (`criterion`): still the one model
-            # unique also when this root came last and took in the first one (the others'
-            # prefixes kept clear of the earlier first root's name only)
-            others = {self._root_prefixes.get(id(r)) for r in self.roots[1:]}
-            return _unique(self._first_root_name or class_name(root),
-                           others | self._side_prefixes)
-        return self._root_prefixes.get(id(root), "")
+        if self.model is not None:
+            return ""
+        for i, slot in enumerate(self._roots):
+            if slot.ref() is root:
+                return self._first_label() if i == 0 else slot.prefix
+        return self._root_prefixes.get(id(root), "")   # a side root
+
+    def _first_label(self) -> str:
+        """The first root's label (root_label), also once it is freed."""
+        first = self._roots[0]
+        if len(self._roots) < 2 and not self._side:
+            return first.prefix
+        if not any(s.has_weights() for s in self._roots[1:]) and \
+                not any(self._trained(r) for r in self._side_roots()):
+            return ""   # beside a loss module (`criterion`): still the one model
+        # unique also when this root came last and took in the first one (the others'
+        # prefixes kept clear of the earlier first root's name only)
+        others = {s.prefix for s in self._roots[1:]}
+        return _unique(self._first_root_name or first.cls, others | self._side_prefixes)
 
     def _trained(self, side_root: torch.nn.Module) -> bool:
         """Whether a side root makes the first root's names take its label, as a GAN's D
@@ -72,23 +110,28 @@ class RootNaming:
         return any(id(p) in self._steps.trained for p in side_root.parameters())
 
     def named_roots(self) -> list[tuple[str, torch.nn.Module]]:
-        """(name, module) per root that ran (auto mode): the first as the code called it
-        (`model`), the others under their prefixes: where holder names start in auto mode
-        (`memprof run`, whose block memprof enters from its own frame)."""
+        """(name, module) per root that ran and is alive (auto mode): the first as the code
+        called it (`model`), the others under their prefixes: where holder names start in auto
+        mode (`memprof run`, whose block memprof enters from its own frame)."""
         out = []
-        for i, root in enumerate(self.roots):
-            name = (self._first_root_name if i == 0 else self._root_prefixes.get(id(root))) \
-                or class_name(root)
-            out.append((name, root))
+        for i, slot in enumerate(self._roots):
+            root = slot.ref()
+            if root is not None:
+                out.append(((self._first_root_name if i == 0 else slot.prefix) or slot.cls,
+                            root))
         return out
+
+    def first_root_class(self) -> str | None:
+        """The class of the first root named, also once it is freed."""
+        return self._roots[0].cls if self._roots else None
 
     def final_names(self) -> list[str]:
         """Module names for the profile: the first root's under its label (root_label) once
         several roots ran - they were named before a second one was seen."""
-        label = self.root_label(self.roots[0]) if self.roots else ""
+        label = self._first_label() if self._roots else ""
         if not label:
             return list(self.names)
-        others = tuple(p for p in (self._root_prefixes.get(id(r)) for r in self.roots[1:]) if p)
+        others = tuple(s.prefix for s in self._roots[1:] if s.prefix)
         others += tuple(self._side_prefixes)
         return [n if n in others or n.startswith(tuple(o + "." for o in others))
                 else f"{label}.{n}" if n else label for n in self.names]
@@ -145,30 +188,32 @@ class RootNaming:
         called it first."""
         if self._side.pop(id(module), None) is None:
             return
-        if self.roots:
-            self.roots.append(module)
+        if self._roots:
+            self._roots.append(RootSlot.of(module, self._root_prefixes.get(id(module), "")))
             return
-        self._side_prefixes.discard(self._root_prefixes.get(id(module), ""))
-        self.roots.insert(0, module)
-        self._root_prefixes[id(module)] = ""
+        self._side_prefixes.discard(self._root_prefixes.pop(id(module), ""))
         self._first_root_name = self._calling_name(module)
         self._name_tree(module, "", {id(m) for m in module.modules()})
+        self._roots.insert(0, RootSlot.of(module, ""))
 
     def _add_root(self, module: torch.nn.Module) -> None:
         """A new outermost module; earlier roots inside it become its submodules, renamed
         (side roots too: a model's encoder a background thread called alone)."""
         inside = {id(m) for m in module.modules()}
-        absorbed = [r for r in self.roots if id(r) in inside] + self._take_side_roots(inside)
+        live = [(slot, slot.ref()) for slot in self._roots]
+        absorbed = [m for _, m in live if m is not None and id(m) in inside] + \
+            self._take_side_roots(inside)
         rename = {id(m) for r in absorbed for m in r.modules()}
-        first = bool(self.roots) and self.roots[0] in absorbed
-        self.roots = [r for r in self.roots if id(r) not in inside]
-        if self.roots and not first:
+        first = bool(live) and live[0][1] is not None and id(live[0][1]) in inside
+        # (a freed root keeps its slot: its names stay taken, the next model is `model_2`)
+        self._roots = [slot for slot, m in live if m is None or id(m) not in inside]
+        if self._roots and not first:
             prefix = self._root_prefix(module)
         else:
             prefix, self._first_root_name = "", self._calling_name(module)
-        self._root_prefixes[id(module)] = prefix
         self._name_tree(module, prefix, rename)
-        self.roots.insert(0 if first or not self.roots else len(self.roots), module)
+        self._roots.insert(0 if first or not self._roots else len(self._roots),
+                           RootSlot.of(module, prefix))
 
     def _root_prefix(self, module: torch.nn.Module) -> str:
         """The prefix of a root's names after the first root's (whose names have none): what
@@ -179,8 +224,8 @@ class RootNaming:
         # taken: every root's first path part, and the first root's name and class (its
         # label once this root is added: root_label)
         taken = {n.split(".")[0] for n in self.names}
-        if self.roots:
-            taken.update({class_name(self.roots[0]), self._first_root_name})
+        if self._roots:
+            taken.update({self._roots[0].cls, self._first_root_name})
         return _unique(base, taken)
 
     @staticmethod

@@ -75,8 +75,8 @@ class ModuleScope(RootNaming):
         self._steps = steps                       # the StepClock: markers carry its step
         self.names: list[str] = []                # module id -> qualified name
         self.param_module: dict[int, int] = {}    # id(parameter) -> module id
-        self.roots: list[torch.nn.Module] = []    # auto mode: root modules seen, in order
-        self._root_prefixes: dict[int, str] = {}  # auto mode: id(root) -> its names' prefix
+        self._roots: list = []                    # auto mode: RootSlot per root named, in order
+        self._root_prefixes: dict[int, str] = {}  # auto mode: id(side root) -> its prefix
         self._first_root_name: str | None = None   # auto mode: what the code calls roots[0]
         self.before_forward: list = []            # fn(), before a real root forward starts
         self.on_forward_start: list = []          # fn(args, kwargs), at a real pass's start
@@ -162,7 +162,7 @@ class ModuleScope(RootNaming):
     def naming(self) -> tuple[int, int]:
         """What changes when modules are named (a new root, a new submodule): what is kept
         per set of named modules is kept under it."""
-        return len(self.names), len(self.roots) + len(self._side)
+        return len(self.names), len(self._roots) + len(self._side)
 
     def module_refs(self) -> list[tuple[weakref.ref, int]]:
         """(weak reference to the module, id) for every named module of the model or the
@@ -194,7 +194,7 @@ class ModuleScope(RootNaming):
     def root_modules(self) -> list[torch.nn.Module]:
         if self.model is not None:
             return [self.model]
-        return list(self.roots) + self._side_roots()
+        return self.roots + self._side_roots()
 
     def parameter_names(self) -> dict[int, str]:
         """id(parameter) -> qualified name, over the model or the roots seen so far."""

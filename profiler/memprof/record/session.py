@@ -385,7 +385,7 @@ class Session:
             "torch": torch.__version__,
             # the user's class, also behind torch.compile's wrapper; of several models called
             # apart, the one trained (a student, not its teacher)
-            "model_class": class_name(roots[0]) if roots else None,
+            "model_class": class_name(roots[0]) if roots else src.scope.first_root_class(),
             # module calls stepped aside under torch.compile, or compiled code ran (a function
             # compiled before the block: its trace had no module call of ours to replay)
             "compiled": src.scope.compiled or ran_compiled_code(strings),

@@ -184,6 +184,10 @@ class SnapshotRecorder:
         # or modules named since (their buffers unseen): look at this step's end
         self._buffers_set = False
         self._modules_seen: tuple[int, int] | None = None
+        # parameters made or moved since the last look (Module._apply) or modules named
+        # since: noted at this step's end, while their model lives - in auto mode a model
+        # freed before the block's end (a fold of a k-fold loop) is noted nowhere else
+        self._params_moved = False
         self._hook = None   # the global buffer registration hook's handle
 
     def _module_of(self, p) -> int:
@@ -264,7 +268,7 @@ class SnapshotRecorder:
         recorder = self
 
         def _apply(module, *args, **kwargs):
-            recorder._buffers_set = True
+            recorder._buffers_set = recorder._params_moved = True
             return original(module, *args, **kwargs)
         return _apply
 
@@ -274,6 +278,9 @@ class SnapshotRecorder:
             return
         step = self.session.steps.step
         seen = self.session.scope.naming()
+        if self._params_moved or seen != self._modules_seen:
+            self._params_moved = False
+            self.note_parameters()
         if self._buffers_set or seen != self._modules_seen or self._buffer_looks.due(step):
             self._buffers_set, self._modules_seen = False, seen
             self._buffer_looks.looked(step, self.note_buffers())
@@ -307,6 +314,12 @@ class SnapshotRecorder:
         step = self.session.steps.step
         if step >= looks.next and not self._log_full:   # (looks.due, inline: every step)
             looks.looked(step, self.note_state(optimizer))
+
+    def note_parameters(self) -> None:
+        """A snapshot of the parameters of the model or the roots alive (and the watched
+        optimizers')."""
+        params = self.session.params()
+        self._take(CAT_PARAMETERS, params, [self._module_of(p) for p in params])
 
     def note_state(self, optimizer) -> bool:
         """A snapshot of the optimizer's state unless it is the storages last noted; whether
