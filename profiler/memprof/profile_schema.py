@@ -160,7 +160,7 @@ def _check_findings(findings: list) -> str | None:
 
 def _check_records(records: dict) -> str | None:
     """Recorder records are plain JSON owned by their recorders; the two read by every
-    analysis are checked here: the logged numbers and the backward calls."""
+    analysis are checked here: the logged numbers, the backward calls, the steps' optimizers."""
     logs = records.get("logs", [])
     if not isinstance(logs, list):
         return f"records.logs: expected a list, got {_got(logs)}"
@@ -170,6 +170,9 @@ def _check_records(records: dict) -> str | None:
             return f"records.logs[{i}]: expected [step, name, value], got {_got(row)}"
     if not isinstance(records.get("backward", []), list):
         return f"records.backward: expected a list, got {_got(records['backward'])}"
+    owners = records.get("step_owners", [])
+    if not isinstance(owners, list) or not all(_is(o, _INT) for o in owners):
+        return "records.step_owners: expected a list of optimizer labels (integers)"
     for name, key in PAUSES:
         rec = records.get(name) or {}
         rows = rec.get(key, []) if isinstance(rec, dict) else None

@@ -25,7 +25,6 @@ class LiveContext:
     frame: Any = None
     roots: list = field(default_factory=list)       # (prefix, namespace dict)
     params: list = field(default_factory=list)      # every parameter seen
-    step_owners: list = field(default_factory=list) # per step boundary: optimizer id or 0
     # auto mode (no model given: `memprof run`): (what the code calls it, module) per root
     # module that ran, where the block's frame is memprof's own and names none of them
     named_roots: list = field(default_factory=list)
@@ -71,10 +70,15 @@ class Run:
         records = dict(session.records)
         records["logs"] = [list(x) for x in src.logs]
         records["backward"] = src.backward.noted()
-        live = LiveContext(model=src.model, optimizer=src.steps.optimizer, frame=src.frame,
-                           roots=list(src.roots), params=src.params(),
-                           step_owners=list(src.steps.step_owners),
-                           named_roots=src.scope.named_roots() if src.model is None else [])
+        records["step_owners"] = list(src.steps.step_owners)   # analyse.turns
+        # a nested block's own model, optimizer and frame (its leak check's), the outer's
+        # roots where it named none (a block without a model inside `memprof run`)
+        own = session if session.model is not None or session.frame is not None else src
+        named = own.scope.named_roots() or src.scope.named_roots() \
+            if own.model is None else []
+        live = LiveContext(model=own.model, optimizer=own.steps.optimizer or src.steps.optimizer,
+                           frame=own.frame, roots=list(src.roots), params=own.params(),
+                           named_roots=named)
         return cls(streams=session.streams, strings=session.strings,
                    modules=session.module_names, seq_records=session.seq_records,
                    snapshots=session.snapshot_list, meta=dict(session.meta),

@@ -155,10 +155,10 @@ class Tracker:
         self.note_rank(self.profile)
         if self._autosave is not None:   # the steps it saved in: their time was the save's
             self.profile.run.records["autosave"] = self._autosave.record()
-        if nested:
-            self.profile.run.live = None   # the outer block checks the live state
-        else:
-            _analyse.analyse(self.profile, self.analyses)
+        # a nested block is analysed as any (a script's own `assert not memprof.findings(prof)`
+        # under `memprof run` passed whatever its block leaked: it found nothing)
+        _analyse.analyse(self.profile, self.analyses)
+        if not nested:
             _budget.plan(self, exc)            # budget replay; what would fit an OOM
         self._save(exc, nested)
         if not nested and exc is not None and self.report_oom_on_exit:

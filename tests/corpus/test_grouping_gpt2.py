@@ -49,7 +49,7 @@ def test_root_holder_is_the_reference_to_change():
 
 
 def test_last_round_spans_one_step_of_each_optimizer():
-    from memprof.analyse.leaks import last_round_start
+    from memprof.analyse.turns import last_round_start
     d, g = 11, 22
     assert last_round_start([d, g, d, g, d, g], 5) == 4      # a GAN: D's step and G's step
     assert last_round_start([d] * 6, 5) == 5                  # one optimizer: the last step

@@ -25,6 +25,7 @@ from ..units import fmt_bytes
 from ..record.autograd_graphs import (MAX_GRAPH_NODES, GraphTensor, live_graph_tensors,
                                       storage_of, walk_graphs)
 from .leak_fixes import fix_text
+from .turns import last_round_start
 from .outcome import Outcome
 from ..record.holders import (describe_unreached, find_holders, frame_roots, model_roots,
                                namespaces_roots)
@@ -146,22 +147,8 @@ def _last_step(profile: Profile, last_completed: int) -> int:
     with several optimizers (a GAN) it spans one step of each, and a boundary without a
     forward pass after it (a final optimizer.step() for leftover micro-batches) is not one."""
     return min(_last_training_step(profile, last_completed),
-               last_round_start(profile.run.live.step_owners, last_completed))
-
-
-def last_round_start(owners: list[int], last_completed: int) -> int:
-    """The first step of the last round of updates: with several optimizers stepping in turn
-    (a GAN's D then G), one iteration is one step of each, and its tensors are current until
-    every optimizer has stepped again. Step i ends at boundary i + 1; owners[i] is the
-    optimizer (id, 0 for other boundaries) that ended step i. An optimizer that stepped once
-    (a probe, a one-off prof.step()) takes no turns: it does not widen the round."""
-    last_of: dict[int, int] = {}
-    count: collections.Counter = collections.Counter()
-    for step, owner in enumerate(owners[:last_completed + 1]):
-        last_of[owner] = step
-        count[owner] += 1
-    turns = [last_of[o] for o in last_of if count[o] > 1] or list(last_of.values())
-    return min(turns) if turns else last_completed
+               last_round_start(profile.run.records.get("step_owners", []),
+                                last_completed))
 
 
 def _last_training_step(profile: Profile, last_completed: int) -> int:

@@ -43,6 +43,7 @@ import numpy as np
 from ..finding import Finding
 from ..profile import Profile
 from ..profile_schema import PAUSES
+from . import turns
 from .communication import add_to as _add_communication
 from ..stats import describe as _stats
 
@@ -259,11 +260,13 @@ def _entries_from_profile(profile: Profile) -> list[tuple[str, int, int]]:
 
 def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
             batch_override: int | None = None, gpu: dict | None = None,
-            compiled_steps=(), pauses=None, skipped_steps=()) -> dict[str, Any]:
+            compiled_steps=(), pauses=None, skipped_steps=(), owners=None) -> dict[str, Any]:
     """The throughput summary (plain data) from time-ordered (label, t_ns, value) entries;
     `compiled_steps` (step indices) are left out like warm-up steps, and so are
     `skipped_steps` (a leak look's, on the CUDA clock); `pauses`: {step index: seconds
-    memprof spent at the start of that step's window} (see phase_table)."""
+    memprof spent at the start of that step's window} (see phase_table); `owners`: per step,
+    the optimizer that ended it (analyse.turns): samples/s per round where optimizers take
+    turns."""
     rows = phase_table(entries, batch_override, pauses)
     n = len(rows["wall_ms"])
     compiled = {int(i) for i in compiled_steps if min(warmup, n) <= int(i) < n}
@@ -281,15 +284,14 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
     for col, name in (("data_ms", "data_fraction"), ("loader_ms", "loader_fraction")):
         stats[name] = _stats([d / w for d, w in zip(pick[col], pick["wall_ms"])
                               if d is not None and w])
-    sps = [s / (w * 1e-3) for s, w in zip(pick["samples"], pick["wall_ms"])
-           if s is not None and w]
-    stats["samples_per_s"] = _stats(sps)
+    rates = _sample_rates(rows, keep, owners)
+    stats["samples_per_s"] = _stats([r for r, _, _ in rates["measured"]])
     # steps in which the tracked model ran (a GAN's discriminator steps run no generator
     # pass: with them the median read "0 micro-steps per optimizer step")
     micro = [m for m in pick["micro_steps"] if m] or list(pick["micro_steps"])
     micro_med = float(np.median(micro)) if micro else None
-    total_s = sum(s for s, w in zip(pick["samples"], pick["wall_ms"]) if s is not None and w)
-    total_w = sum(w for s, w in zip(pick["samples"], pick["wall_ms"]) if s is not None and w)
+    total_s = sum(s for _, s, _ in rates["measured"])
+    total_w = sum(w for _, _, w in rates["measured"])
     bs = [b for b in pick["batch_size"] if b is not None]
     return {
         "clock": clock,
@@ -315,11 +317,40 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         "batch_size_source": ("track(batch_size=...)" if batch_override is not None
                               else "leading dimension of the root module's first input"),
         "samples_per_s_overall": (total_s / (total_w * 1e-3)) if total_w else None,
+        # optimizers taking turns (a GAN): samples/s per round of their steps, where each
+        # step's read the batch once per optimizer (a GAN at twice its rate)
+        "samples_per_s_per": rates["per"],
         "stats": stats,
-        "per_step": {k: [_round(x) for x in v] for k, v in rows.items()},
+        "per_step": {k: [_round(x) for x in v]
+                     for k, v in {**rows, "samples_per_s": rates["per_step"]}.items()},
         "gpu": gpu,
         "starvation_threshold": STARVATION_FRACTION,
     }
+
+
+def _sample_rates(rows: dict[str, list], keep: list[int], owners) -> dict[str, Any]:
+    """Samples/s per step, or per round where optimizers take turns (analyse.turns): the
+    measured ones as (rate, samples, wall ms), one per step or round whose steps are all
+    kept; each step's rate (its round's); what a rate is per ("step", or "round of N
+    optimizers' steps")."""
+    n = len(rows["wall_ms"])
+    owners = list(owners)[:n] if owners is not None and len(owners) >= n else None
+    groups = turns.rounds(owners) if owners is not None else None
+    kept = set(keep)
+    measured, per_step = [], [None] * n
+    for steps in groups or [[i] for i in range(n)]:
+        walls = [rows["wall_ms"][i] for i in steps]
+        samples = (turns.round_samples(steps, owners, rows["samples"]) if groups
+                   else rows["samples"][steps[0]])
+        if samples is None or any(w is None for w in walls) or not sum(walls):
+            continue
+        rate = samples / (sum(walls) * 1e-3)
+        for i in steps:
+            per_step[i] = rate
+        if all(i in kept for i in steps):
+            measured.append((rate, samples, sum(walls)))
+    per = f"round of {len(set(owners))} optimizers' steps" if groups else "step"
+    return {"measured": measured, "per_step": per_step, "per": per}
 
 
 def _round(x):
@@ -340,14 +371,16 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
         for n, s in (profile.run.records.get(name) or {}).get(key, ()):
             looks[int(n)] = looks.get(int(n), 0.0) + float(s)
     timeline = rec.get("cuda_timeline")
+    owners = profile.run.records.get("step_owners")
     if timeline:
+        # (leak looks left out: the GPU may have run queued work meanwhile)
         out = compute([tuple(x) for x in timeline], clock="cuda_events", warmup=warmup,
                       batch_override=batch, gpu=gpu, compiled_steps=compiled,
-                      skipped_steps=looks)   # the GPU may have run queued work meanwhile
+                      skipped_steps=looks, owners=owners)
     else:
         out = compute(_entries_from_profile(profile), clock="host", warmup=warmup,
                       batch_override=batch, gpu=gpu, compiled_steps=compiled,
-                      pauses=looks)
+                      pauses=looks, owners=owners)
         if rec.get("cuda"):
             out["note"] = f"CUDA events unavailable ({rec.get('cuda_error')}); host clock used"
     out["batch_override"] = batch

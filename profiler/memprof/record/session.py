@@ -223,7 +223,9 @@ class Session:
                 # with what was alive at its start that this block can name (its model's
                 # parameters, its optimizer's state), as a block of its own would.
                 self.outer = _active
+                self.frame = frame   # (its leak check names holders from its frame)
                 _warn_if_not_the_outer_blocks(self, _active)
+                self._lend_recorders(_active)
                 self.snapshots.collect_baseline()
                 self._nested_label = f"nested_start:{id(self)}"
                 _C.mark(self._nested_label, 0)
@@ -303,6 +305,17 @@ class Session:
         self._assemble(streams, self, exc)
         self.records = {rec.name: rec.record() for rec in self.recorders}
 
+    def _lend_recorders(self, outer: "Session") -> None:
+        """A nested block's recorders that the outer block lacks (its health=True inside
+        `memprof run`, whose block records none) record on the outer's hooks from here on, to
+        the outer's end: the inner block's health was None (a script reading it failed only
+        under memprof run), and the outer's profile has it from here."""
+        have = {rec.name for rec in outer.recorders}
+        for rec in self.recorders:
+            if rec.name not in have:
+                rec.install(outer)
+                outer.recorders.append(rec)
+
     def _stop_nested(self, exc) -> None:
         # threads interleave in the log: keep what came after our marker, in time order
         raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
@@ -312,6 +325,10 @@ class Session:
         base = self._baseline_in_outer_ids()
         events = _behind_baseline(raw, order[int(start[0]) + 1:], base)
         self._assemble(EventStreams.split(events), self.outer, exc, base)
+        # what the outer block's recorders hold, for those this block asked for
+        wanted = {rec.name for rec in self.recorders}
+        self.records = {rec.name: rec.record() for rec in self.outer.recorders
+                        if rec.name in wanted}
 
     def _baseline_in_outer_ids(self) -> list[tuple]:
         """This nested block's baseline with each module id as the outer session names it

@@ -63,7 +63,10 @@ class StepClock:
         self.step = 0
         # int64 arrays, 8 bytes per step end (a list of ints took 40: each a new int object)
         self.step_seqs = array("q")      # autograd sequence counter at each boundary
-        self.step_owners = array("q")    # per boundary: id of the optimizer, or 0
+        # per boundary: the label of the optimizer that stepped (1, 2, ... in the order first
+        # seen: an id is reused by the next fold's optimizer), or 0 (analyse.turns)
+        self.step_owners = array("q")
+        self._labels: dict[int, int] = {}         # id(optimizer) -> its label
         # watched optimizers seen, id -> weak reference (a dict lookup per step, where a
         # WeakSet.add is a Python call making a new reference each time)
         self._seen: dict[int, weakref.ref] = {}
@@ -128,6 +131,7 @@ class StepClock:
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
                 self._seen[id(optimizer)] = weakref.ref(optimizer)
+                self._labels[id(optimizer)] = len(self._labels) + 1
                 self.trained.update(id(p) for g in optimizer.param_groups for p in g["params"])
             _C.optimizer_start(self.step)   # its marker, then the phase
         for fn in tuple(self.on_optimizer_pre):
@@ -177,12 +181,15 @@ class StepClock:
         for fn in tuple(self.on_optimizer_post):
             fn(optimizer)
         if self.step_on in ("auto", "optimizer"):
-            self.end_step(owner=id(optimizer), phase=PHASE_OTHER)
+            owner = self._labels.get(id(optimizer))
+            if owner is None:   # (its step began before the block did)
+                owner = self._labels[id(optimizer)] = len(self._labels) + 1
+            self.end_step(owner=owner, phase=PHASE_OTHER)
         else:
             _C.set_phase(PHASE_OTHER)
 
     def end_step(self, explicit: bool = True, owner: int = 0, phase: int = -1) -> None:
-        """A step boundary; `explicit=False`: found by record.auto_steps; `owner`: the id of
+        """A step boundary; `explicit=False`: found by record.auto_steps; `owner`: the label of
         the optimizer that stepped (0: prof.step(), backward or auto steps); `phase`: set
         first, when given (one native call for the phase, the marker and the step)."""
         self.explicit = self.explicit or explicit

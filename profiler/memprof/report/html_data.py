@@ -175,11 +175,8 @@ def step_rows(profile: Profile) -> tuple[list[dict], bool]:
         row = {"step": s.index, "peak": s.peak, "live_at_end": s.live_at_end,
                "allocated": s.allocated}
         if s.index < len(per.get("wall_ms", [])):
-            for key in ("wall_ms",) + STEP_TIME + ("samples",):
-                row[key] = per[key][s.index]
-            wall = row["wall_ms"]
-            row["samples_per_s"] = (row["samples"] / wall * 1e3
-                                    if wall and row.get("samples") else None)
+            for key in ("wall_ms",) + STEP_TIME + ("samples", "samples_per_s"):
+                row[key] = per[key][s.index]   # (samples/s: the step's round's, analyse.turns)
         k = by_step.get(s.index)
         if k is not None:
             for key in ("loss", "grad_norm", "grad_norm_pre_clip", "lr"):

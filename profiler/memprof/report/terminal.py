@@ -156,6 +156,12 @@ def _g(x, fmt="{:.4g}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _per(tp: dict) -> str:
+    """What samples/s is per, where it is not one optimizer step (analyse.turns)."""
+    per = tp.get("samples_per_s_per") or "step"
+    return "" if per == "step" else f" per {per}"
+
+
 def _batch(tp: dict) -> str:
     """The micro-batch size; where sizes varied, their range beside the median."""
     low_high = tp.get("batch_size_range")
@@ -196,7 +202,8 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_batch(tp)}   samples/s "
-            + (f"{sps['median']:.1f} (p10 {sps['p10']:.1f}, p90 {sps['p90']:.1f})" if sps
+            + (f"{sps['median']:.1f} (p10 {sps['p10']:.1f}, p90 {sps['p90']:.1f}){_per(tp)}"
+               if sps
                else "- (batch size unknown: track(batch_size=N) or memprof run --batch-size N)"))
     gpu = tp.get("gpu")
     if gpu:
