@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import warnings
 import weakref
 
 import torch
@@ -460,7 +462,11 @@ class HealthRecorder:
             before = tuple(rec._lrs([opt])) if opt is not None and not initial else ()
             rec._sched_depth += 1
             try:
-                out = original(sched, *args, **kwargs)
+                if getattr(sched, "_step_count", 0) == 1 or args or kwargs:
+                    # where torch warns (its first step, an epoch given): at the caller's line
+                    out = _warnings_at(sys._getframe(1), original, sched, args, kwargs)
+                else:
+                    out = original(sched, *args, **kwargs)
             finally:
                 rec._sched_depth -= 1
             if not initial:
@@ -485,4 +491,25 @@ def _subclasses(cls) -> list[type]:
         if c not in out:
             out.append(c)
             stack.extend(c.__subclasses__())
+    return out
+
+
+def _warnings_at(caller, fn, sched, args, kwargs):
+    """fn(sched, *args, **kwargs), its warnings that point at memprof's wrapper (torch's
+    "lr_scheduler.step() before optimizer.step()", stacklevel=2) shown at `caller`'s line, as
+    without memprof - a filter on the user's module matched memprof's instead. Others as
+    they were. Only on the steps where torch may warn: catching costs a filter context."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(sched, *args, **kwargs)
+    for w in caught:
+        if w.filename == __file__:
+            glob = caller.f_globals
+            warnings.warn_explicit(w.message, w.category, caller.f_code.co_filename,
+                                   caller.f_lineno, module=glob.get("__name__"),
+                                   registry=glob.setdefault("__warningregistry__", {}),
+                                   module_globals=glob)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                   source=w.source)
     return out
