@@ -77,7 +77,8 @@ class Run:
         named = own.scope.named_roots() or src.scope.named_roots() \
             if own.model is None else []
         live = LiveContext(model=own.model, optimizer=own.steps.optimizer or src.steps.optimizer,
-                           frame=own.frame, roots=list(src.roots), params=own.params(),
+                           frame=own.frame, roots=list(src.roots),
+                           params=(own if own.model is not None else src).params(),
                            named_roots=named)
         return cls(streams=session.streams, strings=session.strings,
                    modules=session.module_names, seq_records=session.seq_records,

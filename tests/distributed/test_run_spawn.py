@@ -99,7 +99,10 @@ def test_the_ranks_mp_spawn_starts_each_record_themselves(tmp_path):
             (rank, 2, "gloo")
         assert len(prof.steps) == 4
         assert prof.activations_by_module()["module.relu"] > 0
-        assert prof.breakdown("category", at="end")["communication"] > 0   # DDP's bucket
+        # DDP's bucket, alive while the model is (freed with it when demo_basic returns, as
+        # under python: memprof no longer holds the model to the block's end)
+        assert prof.breakdown("category", at="peak")["communication"] > 0
+        assert prof.breakdown("category", at="end")["parameters"] == 0
     parent = memprof.load(str(tmp_path / "job.memprof"))
     assert parent.modules == [] and len(parent.steps) == 0      # no model ran there
 
