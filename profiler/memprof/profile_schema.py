@@ -159,8 +159,9 @@ def _check_findings(findings: list) -> str | None:
 
 
 def _check_records(records: dict) -> str | None:
-    """Recorder records are plain JSON owned by their recorders; the two read by every
-    analysis are checked here: the logged numbers, the backward calls, the steps' optimizers."""
+    """Recorder records are plain JSON owned by their recorders; those read by every
+    analysis are checked here: the logged numbers, the backward calls, the steps' optimizers
+    and the steps a GradScaler skipped."""
     logs = records.get("logs", [])
     if not isinstance(logs, list):
         return f"records.logs: expected a list, got {_got(logs)}"
@@ -170,9 +171,10 @@ def _check_records(records: dict) -> str | None:
             return f"records.logs[{i}]: expected [step, name, value], got {_got(row)}"
     if not isinstance(records.get("backward", []), list):
         return f"records.backward: expected a list, got {_got(records['backward'])}"
-    owners = records.get("step_owners", [])
-    if not isinstance(owners, list) or not all(_is(o, _INT) for o in owners):
-        return "records.step_owners: expected a list of optimizer labels (integers)"
+    for key, what in (("step_owners", "optimizer labels"), ("skipped_steps", "step indices")):
+        values = records.get(key, [])
+        if not isinstance(values, list) or not all(_is(v, _INT) for v in values):
+            return f"records.{key}: expected a list of {what} (integers)"
     for name, key in PAUSES:
         rec = records.get(name) or {}
         rows = rec.get(key, []) if isinstance(rec, dict) else None

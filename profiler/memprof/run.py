@@ -71,6 +71,7 @@ class Run:
         records["logs"] = [list(x) for x in src.logs]
         records["backward"] = src.backward.noted()
         records["step_owners"] = list(src.steps.step_owners)   # analyse.turns
+        records["skipped_steps"] = list(src.steps.skipped)     # by a GradScaler
         # a nested block's own model, optimizer and frame (its leak check's), the outer's
         # roots where it named none (a block without a model inside `memprof run`)
         own = session if session.model is not None or session.frame is not None else src

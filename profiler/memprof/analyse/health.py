@@ -129,6 +129,9 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     if rec is None and not logs:
         return None
     summary, per_loss = _per_step(rec, logs)
+    # steps whose update a GradScaler skipped (inf/NaN gradients: expected while its scale
+    # settles, and what it is for): said, not a finding
+    summary["skipped_by_grad_scaler"] = list(profile.run.records.get("skipped_steps") or [])
     findings = _nonfinite(rec, summary, per_loss)
     findings += _spikes(summary, per_loss)
     if rec is None:
@@ -374,6 +377,8 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
             opt_count[ev[2]] = opt_count.get(ev[2], 0) + 1
             last_opt[ev[2]] = i
             continue
+        if ev[0] == "K":   # a skipped update (GradScaler): no optimizer step
+            continue
         _, step, sid, cls, oid, lrs, before = ev
         info = scheds.setdefault(sid, {"class": cls, "opt": oid, "calls": 0, "mid": 0,
                                        "before_first": 0, "lr_after": [], "windows": {}})
@@ -402,7 +407,7 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
             if last_tok == "F":
                 cur_micro += 1
             last_tok = "B"
-        elif ev[0] == "O":
+        elif ev[0] in ("O", "K"):   # (an iteration whose update GradScaler skipped ends too)
             micro.append(cur_micro)
             if cur_micro > 1:
                 windows_with_micro += 1

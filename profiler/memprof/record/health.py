@@ -114,7 +114,9 @@ class HealthRecorder:
         self.loss_unscaled: list = []         # per loss: read before a GradScaler's scale
         self._scaled: dict[int, tuple] = {}   # id(scaled loss) -> (its weakref, the loss
         #                                        detached, what the loss was divided by)
-        self.timeline: list[tuple] = []       # ("F", step, lrs) ("B", step) ("O", step, opt_id)
+        # ("F", step, lrs) ("B", step) ("O", step, opt_id); ("K", step, opt_id): a step
+        # GradScaler skipped (inf/NaN gradients), its iteration's end
+        self.timeline: list[tuple] = []
         #                          ("S", step, sched_id, class, opt_id, lrs_after, lrs_before)
         self._opts: list = []                 # weakrefs of watched optimizers, in order seen
         self._pending: list[tuple] = []       # (kind, key, tensor, extra)
@@ -137,6 +139,7 @@ class HealthRecorder:
         self.active = True
         self._patches = session.patches
         session.steps.on_optimizer_pre.append(self._opt_pre)
+        session.steps.on_skipped.append(self._skipped)
         session.scope.on_forward_start.append(lambda args, kwargs: self._on_forward())
         session.backward.before.append(self._before_backward)
         from torch.nn.utils import clip_grad
@@ -262,6 +265,9 @@ class HealthRecorder:
             self.timeline.append(("F", self.session.step, tuple(self._lrs(self._watched()))))
         except Exception as err:  # noqa: BLE001
             self._note(f"forward: {type(err).__name__}: {err}")
+
+    def _skipped(self, optimizer) -> None:
+        self.timeline.append(("K", self.session.step, id(optimizer)))
 
     def _opt_pre(self, optimizer) -> None:
         step = self.session.step

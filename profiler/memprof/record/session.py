@@ -244,7 +244,7 @@ class Session:
             raise
 
     def _install(self) -> None:
-        self.steps.install()
+        self.steps.install(self.patches)
         self.scope.install(self.patches)
         self.snapshots.install()
         self.backward.install(self.patches)

@@ -3,7 +3,9 @@
 What ends a step is chosen by `step_on` (track(step_on=...), `memprof run --step-on`):
 - "auto" (default): `optimizer.step()` of a watched optimizer (every optimizer unless track()
   was given one), or - in a loop with none - a change of the parameters after a backward
-  (record.auto_steps);
+  (record.auto_steps); a `GradScaler.step(optimizer)` that skipped the optimizer's step
+  (inf/NaN gradients) ends one too, noted as skipped: the iteration is a step, whose work
+  was otherwise folded into the next one's (a false "LR changed between micro-steps");
 - "optimizer": optimizer steps only; "backward": every backward call (optimizer steps then
   only mark the optimizer phase); "manual": only `prof.step()` (what `--step-on FUNCTION` calls
   when the function returns).
@@ -67,6 +69,8 @@ class StepClock:
         # seen: an id is reused by the next fold's optimizer), or 0 (analyse.turns)
         self.step_owners = array("q")
         self._labels: dict[int, int] = {}         # id(optimizer) -> its label
+        self._optimizer_steps = 0                 # boundaries the optimizer hooks ended
+        self.skipped: list[int] = []              # steps whose update a GradScaler skipped
         # watched optimizers seen, id -> weak reference (a dict lookup per step, where a
         # WeakSet.add is a Python call making a new reference each time)
         self._seen: dict[int, weakref.ref] = {}
@@ -75,6 +79,7 @@ class StepClock:
         # main() under `memprof run` has returned when the block ends)
         self.trained: set[int] = set()
         self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
+        self.on_skipped: list = []                # fn(optimizer), a GradScaler skipped it
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
         self.explicit = False                     # steps marked by an optimizer or prof.step()
@@ -102,8 +107,11 @@ class StepClock:
     def mark(self, label: str, value: int | None = None) -> None:
         _C.mark(label, int(self.step if value is None else value))
 
-    def install(self) -> None:
+    def install(self, patches: PatchRegistry | None = None) -> None:
         self.step_seqs = array("q", [int(_C.peek_sequence_nr())])
+        if patches is not None:
+            from torch.amp import GradScaler
+            patches.patch(GradScaler, "step", self._wrap_scaler_step)
         from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                            register_optimizer_step_pre_hook)
         self._handles.append(register_optimizer_step_pre_hook(self._pre))
@@ -172,6 +180,31 @@ class StepClock:
         break_graph_if_traced()   # (see _pre)
         outside_dynamo(self._step_ends, optimizer)
 
+    def _wrap_scaler_step(self, original):
+        clock = self
+
+        def step(scaler, optimizer, *args, **kwargs):
+            steps = clock._optimizer_steps
+            out = original(scaler, optimizer, *args, **kwargs)
+            if clock._optimizer_steps == steps and clock.step_on in ("auto", "optimizer"):
+                opt = torch_optimizer(optimizer)
+                if clock.watches(opt):   # skipped: the scaler found inf/NaN gradients
+                    outside_dynamo(clock._skipped_step, opt)
+            return out
+        return step
+
+    def _skipped_step(self, optimizer) -> None:
+        self.skipped.append(self.step)
+        for fn in tuple(self.on_skipped):
+            fn(optimizer)
+        self.end_step(owner=self._label(optimizer), phase=PHASE_OTHER)
+
+    def _label(self, optimizer) -> int:
+        owner = self._labels.get(id(optimizer))
+        if owner is None:   # (its step began before the block did, or was skipped)
+            owner = self._labels[id(optimizer)] = len(self._labels) + 1
+        return owner
+
     def _step_ends(self, optimizer) -> None:
         if self._waiting and id(optimizer) in self._waiting:
             self._waiting.discard(id(optimizer))
@@ -181,10 +214,8 @@ class StepClock:
         for fn in tuple(self.on_optimizer_post):
             fn(optimizer)
         if self.step_on in ("auto", "optimizer"):
-            owner = self._labels.get(id(optimizer))
-            if owner is None:   # (its step began before the block did)
-                owner = self._labels[id(optimizer)] = len(self._labels) + 1
-            self.end_step(owner=owner, phase=PHASE_OTHER)
+            self._optimizer_steps += 1
+            self.end_step(owner=self._label(optimizer), phase=PHASE_OTHER)
         else:
             _C.set_phase(PHASE_OTHER)
 

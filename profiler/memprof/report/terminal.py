@@ -278,6 +278,11 @@ def _print_health(prof: Profile, console: Console) -> None:
         t.add_row("loss", f"first {_g(loss['first'])}, last {_g(loss['last'])}, median "
                           f"{_g(loss.get('median'))}; {len(loss.get('spikes', []))} spike(s) "
                           + escape(f"(from {h.get('loss_source')})"))
+    skipped = h.get("skipped_by_grad_scaler") or []
+    if skipped:
+        shown = ", ".join(map(str, skipped[:8])) + (", ..." if len(skipped) > 8 else "")
+        t.add_row("skipped by GradScaler", f"{len(skipped)} step(s) (inf/NaN gradients, no "
+                  f"update): {shown}")
     gn = series(ps.get("grad_norm", []))
     if gn:
         t.add_row("grad norm seen by the optimizer",
