@@ -82,6 +82,7 @@ class ModuleScope(RootNaming):
         self.on_forward_start: list = []          # fn(args, kwargs), at a real pass's start
         self.on_forward_end: list = []
         self._auto_ids: dict[int, int] = {}
+        self._called_ids: dict[str, int] = {}     # auto mode: `parent.<Class>` -> its id
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
         self._stack: list[int] = []               # auto mode: running module ids
         self._passes = PassThread()               # the thread whose calls are passes
@@ -448,10 +449,14 @@ class ModuleScope(RootNaming):
             if _is_compiled(module):   # torch.compile's wrapper (dynamo may skip __call__)
                 self._compiled_seen = True
         else:
-            mid = len(self.names)
+            # one id per name: a loss module a forward makes anew at every call (T5's
+            # CrossEntropyLoss) took a new id and one more `<CrossEntropyLoss>` per step
+            name = f"{self.names[self._stack[-1]]}.<{type(module).__name__}>".lstrip(".")
+            mid = self._called_ids.get(name)
+            if mid is None:
+                mid = self._called_ids[name] = len(self.names)
+                self.names.append(name)
             self._name(module, mid)
-            parent = self.names[self._stack[-1]]
-            self.names.append(f"{parent}.<{type(module).__name__}>".lstrip("."))
         return self._auto_ids[id(module)]
 
     def _auto_leave(self, module, args, root: bool) -> None:

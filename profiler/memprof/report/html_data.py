@@ -96,15 +96,20 @@ def module_nodes(profile: Profile) -> list[dict]:
               "self": 0, "cat": np.zeros(k, dtype=np.int64), "children": []}]
     index = {}
     for mid, name in enumerate(names):
+        if name in index:   # one node per name (ids that share one: older profiles' calls)
+            node = nodes[index[name]]
+            node["self"] += int(self_bytes[mid].sum())
+            node["cat"] = node["cat"] + self_bytes[mid]
+            continue
         index[name] = len(nodes)
         label = profile.module_name(mid) if mid < n_mod and name == "" else _label(name)
         nodes.append({"name": profile.module_name(mid) if mid < n_mod else name,
                       "label": label, "depth": 0, "self": int(self_bytes[mid].sum()),
                       "cat": self_bytes[mid].copy(), "children": []})
-    for mid, name in enumerate(names):
-        parent = 0 if mid == n_mod or name == "" else \
+    for name, i in index.items():
+        parent = 0 if i == index[OUTSIDE_MODULES] or name == "" else \
             index.get(name.rsplit(".", 1)[0] if "." in name else "", 0)
-        nodes[parent]["children"].append(index[name])
+        nodes[parent]["children"].append(i)
     _fill_totals(nodes, 0, 0)
     for n in nodes:
         n["by_category"] = {c: int(n["cat"][j]) for j, c in enumerate(CATEGORIES)}
