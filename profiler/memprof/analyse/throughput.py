@@ -43,7 +43,7 @@ import numpy as np
 from ..finding import Finding
 from ..profile import Profile
 from ..profile_schema import PAUSES
-from . import turns
+from .turns import round_samples, rounds
 from .communication import add_to as _add_communication
 from ..stats import describe as _stats
 
@@ -335,12 +335,12 @@ def _sample_rates(rows: dict[str, list], keep: list[int], owners) -> dict[str, A
     optimizers' steps")."""
     n = len(rows["wall_ms"])
     owners = list(owners)[:n] if owners is not None and len(owners) >= n else None
-    groups = turns.rounds(owners) if owners is not None else None
+    groups = rounds(owners) if owners is not None else None
     kept = set(keep)
     measured, per_step = [], [None] * n
     for steps in groups or [[i] for i in range(n)]:
         walls = [rows["wall_ms"][i] for i in steps]
-        samples = (turns.round_samples(steps, owners, rows["samples"]) if groups
+        samples = (round_samples(steps, owners, rows["samples"]) if groups
                    else rows["samples"][steps[0]])
         if samples is None or any(w is None for w in walls) or not sum(walls):
             continue
