@@ -317,8 +317,8 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         "batch_size_source": ("track(batch_size=...)" if batch_override is not None
                               else "leading dimension of the root module's first input"),
         "samples_per_s_overall": (total_s / (total_w * 1e-3)) if total_w else None,
-        # optimizers taking turns (a GAN): samples/s per round of their steps, where each
-        # step's read the batch once per optimizer (a GAN at twice its rate)
+        # what samples/s is per: "step", or a round of steps where optimizers take turns
+        # (per step, a GAN's batch counted once per optimizer read twice its rate)
         "samples_per_s_per": rates["per"],
         "stats": stats,
         "per_step": {k: [_round(x) for x in v]
