@@ -742,3 +742,24 @@ def test_a_loss_logged_every_other_step_says_so_in_the_title():
     con = Console(record=True, width=160)
     prof.report(console=con)
     assert "Training health (3 of 6 optimizer steps logged)" in con.export_text()
+
+
+def test_work_after_the_last_step_is_no_optimizer_step_in_the_title():
+    """An evaluation pass (or an EMA update) after the last optimizer step leaves a partial
+    step: the title read "5 of 6 optimizer steps logged" for 5 steps, all logged."""
+    from rich.console import Console
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, health=True) as prof:
+        for _ in range(5):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            prof.log(loss=loss.item())
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+    assert prof.partial_last_step
+    con = Console(record=True, width=160)
+    prof.report(console=con)
+    assert "Training health (5 optimizer steps)" in con.export_text()

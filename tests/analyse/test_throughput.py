@@ -169,6 +169,60 @@ def test_slow_data_loader_is_found():
     assert f[0].evidence["data_fraction_median"] > 0.2
 
 
+def _loader_steps(waits_ms, step_ms=2.0):
+    """Entries of steps that each wait `waits_ms[i]` inside DataLoader.__next__, then train
+    for `step_ms` (forward, backward, optimizer), with 16 samples a step."""
+    ms, t = 1_000_000, 0
+    e = [("step", 0, 0)]
+    for w in waits_ms:
+        e += [("data_start", t, 0), ("data_end", t + int(w * ms), 0)]
+        t += int(w * ms)
+        part = int(step_ms * ms / 4)
+        e += [("forward_start", t, 1), ("batch", None, 16), ("forward_end", t + part, 1),
+              ("backward_start", t + part, 0), ("backward_end", t + 2 * part, 1),
+              ("optimizer_start", t + 3 * part, 1), ("step", t + 4 * part, 1)]
+        t += 4 * part
+    return e
+
+
+def test_a_data_loader_whose_workers_starve_the_loop_in_bursts_is_found():
+    """Two workers, each making a batch in 100 ms, for a 2 ms step: batches come in pairs,
+    every other step waits ~100 ms and the others ~0. The median step waits ~0: the finding
+    came or not with noise, and the headline samples/s, the median of per-step rates, read
+    3-12x the loop's rate (the overall rate is the headline now)."""
+    waits = [0.1, 100.0] * 5 + [0.1]
+    summary = tp.compute(_loader_steps(waits), clock="host")
+    summary["loader_workers"] = 2
+    measured = summary["steps_measured"]
+    assert summary["stats"]["loader_ms"]["median"] < 2        # the median step: ~no wait
+    wall = summary["totals"]["wall_ms"]
+    assert summary["samples_per_s_overall"] == pytest.approx(16 * measured / (wall * 1e-3))
+    assert summary["samples_per_s_overall"] < summary["stats"]["samples_per_s"]["median"] / 10
+    f = tp.starvation_findings(summary)
+    assert [x.kind for x in f] == ["data_loader_starvation"]
+    assert "2 workers" in f[0].message and f[0].evidence["loader_fraction_total"] > 0.9
+    # without workers (a loop descheduled now and then), or waits in too few steps: nothing
+    summary["loader_workers"] = 0
+    assert tp.starvation_findings(summary) == []
+    rare = tp.compute(_loader_steps([0.1] * 10 + [400.0, 0.1]), clock="host")
+    rare["loader_workers"] = 2
+    assert tp.starvation_findings(rare) == []
+
+
+def test_the_workers_of_a_data_loader_are_recorded():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = torch.utils.data.DataLoader(SlowBatches(batches(6), 0.01), batch_size=None,
+                                         num_workers=2)
+    with memprof.track(model, opt) as prof:
+        train(model, opt, loader)
+    t = prof.throughput
+    assert t["loader_workers"] == 2 and t["data_loader_seen"]
+    measured = t["steps_measured"] * 16    # the loop's rate: its samples over its time
+    assert t["samples_per_s_overall"] == pytest.approx(
+        measured / (t["totals"]["wall_ms"] * 1e-3), rel=1e-6)
+
+
 def test_host_time_outside_a_data_loader_is_not_blamed_on_one():
     """Batches made with torch.randn and an EMA update after each step (issue 18): no
     DataLoader, so no data_loader_starvation; short waits get no finding at all."""

@@ -333,6 +333,7 @@ class ModuleScope(RootNaming):
             for fn in tuple(self.before_forward):
                 fn()
             _C.forward_start(self._steps.step, mid)   # phase, marker, module: one call
+            self._steps.began = True
         else:
             _C.push_module(mid)
         if real:

@@ -192,9 +192,14 @@ class Session:
         (self.outer or self).steps.end_step()
 
     def log(self, values: dict, step: int | None = None) -> None:
-        """Numbers for the current optimizer step (prof.log(loss=...)), or for `step` (a
-        framework that reports the loss after the optimizer step: memprof.integrations)."""
+        """Numbers for the current optimizer step (prof.log(loss=...)) - the one that just
+        ended while no pass or backward began since (a loss logged after optimizer.step()) -
+        or for `step` (a framework that reports the loss after the optimizer step:
+        memprof.integrations)."""
         target = self.outer or self
+        if step is None:
+            clock = target.steps
+            step = clock.step if clock.began or clock.step == 0 else clock.step - 1
         for name, v in values.items():
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
@@ -204,8 +209,7 @@ class Session:
             elif not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
                 raise ValueError(f"log({name}=...): expected a number or a one-element tensor, "
                                  f"got {type(v).__name__}")
-            target.logs.append((target.steps.step if step is None else int(step), str(name),
-                                float(v)))
+            target.logs.append((int(step), str(name), float(v)))
 
     # ------------------------------------------------------------------ start / stop
     @property

@@ -71,6 +71,10 @@ class StepClock:
         self._labels: dict[int, int] = {}         # id(optimizer) -> its label
         self._optimizer_steps = 0                 # boundaries the optimizer hooks ended
         self.skipped: list[int] = []              # steps whose update a GradScaler skipped
+        # a forward pass or a backward() call began since the last boundary: a number logged
+        # before one is the step that just ended's (`loss.backward(); opt.step();
+        # prof.log(loss=...)` put each loss on the next step, the last on a partial one)
+        self.began = False
         # watched optimizers seen, id -> weak reference (a dict lookup per step, where a
         # WeakSet.add is a Python call making a new reference each time)
         self._seen: dict[int, weakref.ref] = {}
@@ -224,6 +228,7 @@ class StepClock:
         the optimizer that stepped (0: prof.step(), backward or auto steps); `phase`: set
         first, when given (one native call for the phase, the marker and the step)."""
         self.explicit = self.explicit or explicit
+        self.began = False
         self.step_owners.append(owner)
         self.step_seqs.append(_C.step_end(self.step, phase))
         self.step += 1
@@ -265,6 +270,7 @@ class BackwardHook:
         # other passes - torch.autograd.grad, torch.func.grad: a MAML inner loop, a gradient
         # penalty - which mark only "backward_start" (analyse.throughput counts micro-steps)
         _C.mark("backward_call", self.steps.step)
+        self.steps.began = True
         # the call, noted for the backward-misuse check
         try:
             roots = []

@@ -189,6 +189,9 @@ class ThroughputRecorder:
         self._ref_event = None
         self.cuda_error: str | None = None
         self.gpu_error: str | None = None
+        # the most worker processes of a DataLoader iterated: with workers, batches arrive
+        # in bursts (most steps wait ~0, every Nth the batch's whole making)
+        self.loader_workers = 0
 
     # ------------------------------------------------------------------ install / remove
     def install(self, session) -> None:
@@ -226,6 +229,9 @@ class ThroughputRecorder:
         recorder = self
 
         def __next__(it):
+            workers = getattr(it, "_num_workers", 0)
+            if workers > recorder.loader_workers:
+                recorder.loader_workers = workers
             recorder._data_mark("data_start")
             try:
                 return original(it)
@@ -310,4 +316,5 @@ class ThroughputRecorder:
         timeline = self._cuda_timeline()
         return {"cuda": self.cuda, "cuda_error": self.cuda_error,
                 "cuda_timeline": [list(x) for x in timeline] if timeline else None,
-                "gpu": gpu, "batch_override": self.session.batch_size}
+                "gpu": gpu, "batch_override": self.session.batch_size,
+                "loader_workers": self.loader_workers}

@@ -157,9 +157,9 @@ def _g(x, fmt="{:.4g}") -> str:
 
 
 def _per(tp: dict) -> str:
-    """What samples/s is per, where it is not one optimizer step (analyse.turns)."""
-    per = tp.get("samples_per_s_per") or "step"
-    return "" if per == "step" else f" per {per}"
+    """What the spread of samples/s is over: steps, or rounds of the steps of optimizers
+    that take turns (analyse.turns)."""
+    return tp.get("samples_per_s_per") or "step"
 
 
 def _batch(tp: dict) -> str:
@@ -202,8 +202,9 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_batch(tp)}   samples/s "
-            + (f"{sps['median']:.1f} (p10 {sps['p10']:.1f}, p90 {sps['p90']:.1f}){_per(tp)}"
-               if sps
+            + (f"{tp['samples_per_s_overall']:.1f} over the measured steps (per "
+               f"{_per(tp)} median {sps['median']:.1f}, p10 {sps['p10']:.1f}, p90 "
+               f"{sps['p90']:.1f})" if sps and tp.get("samples_per_s_overall")
                else "- (batch size unknown: track(batch_size=N) or memprof run --batch-size N)"))
     gpu = tp.get("gpu")
     if gpu:
@@ -258,7 +259,9 @@ def _print_health(prof: Profile, console: Console) -> None:
     if not h:
         return
     ps = h.get("per_step", {})
-    ran = len(prof.steps)   # a Trainer logging every 2nd step logs half of them
+    # a Trainer logging every 2nd step logs half of them; work after the last step (an
+    # evaluation, an EMA update) is no optimizer step
+    ran = len(prof.steps) - bool(prof.partial_last_step)
     seen = (f"{h['steps']} optimizer steps" if h["steps"] >= ran else
             f"{h['steps']} of {ran} optimizer steps logged")
     t = Table(title=f"Training health ({seen})", title_justify="left")
