@@ -581,3 +581,36 @@ def test_the_whole_model_under_checkpoint_is_a_training_pass(reentrant):
     per = t["per_step"]
     assert not any(per.get("eval_ms") or ()), per.get("eval_ms")
     assert all(f > 0 for f in per["forward_ms"])
+
+
+def test_a_torch_func_grad_loop_without_steps_is_told_how_to_mark_them():
+    """torch.func.grad over functional_call: the parameters it takes gradients for are copies
+    made for the call, so neither a backward() nor their change is seen - the run read "steps
+    1" with no throughput and no word why."""
+    from rich.console import Console
+    from torch.func import functional_call, grad
+
+    model = make_model()
+
+    def loss_fn(params, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    def run(mark: bool):
+        with memprof.track(model) as prof:
+            for x, y in batches(4):
+                params = {k: v.detach() for k, v in model.named_parameters()}
+                grads = grad(loss_fn)(params, x, y)
+                with torch.no_grad():
+                    for k, p in model.named_parameters():
+                        p.sub_(0.01 * grads[k])
+                if mark:
+                    prof.step()
+        con = Console(record=True, width=200)
+        prof.report(console=con)
+        return prof, con.export_text()
+
+    prof, text = run(mark=False)
+    assert len(prof.steps) == 1
+    assert "4 gradient passes ran without a step boundary" in text and "prof.step()" in text
+    prof, text = run(mark=True)
+    assert len(prof.steps) == 4 and "without a step boundary" not in text

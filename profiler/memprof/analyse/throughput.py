@@ -439,6 +439,22 @@ def _starved_finding(summary: dict, share: str) -> Finding:
                   "clock": summary["clock"]})
 
 
+def unmarked_steps(profile: Profile) -> str | None:
+    """Why a run that trained has no step (several gradient passes, no boundary), or None:
+    a torch.func.grad loop's parameters are copies made for the call (functional_call), so
+    neither a backward() nor a change of the parameters it made gradients for is seen."""
+    if profile.steps and len(profile.steps) > 1:
+        return None
+    passes = len(profile.markers("backward_start"))
+    if passes < 2:
+        return None
+    return (f"{passes} gradient passes ran without a step boundary: steps end at "
+            "optimizer.step(), or where a backward() or torch.autograd.grad over the "
+            "parameters is followed by their change (a torch.func.grad loop is neither); mark "
+            "them with prof.step(), or `memprof run --step-on FUNCTION` (a step per return "
+            "of your training-step function)")
+
+
 def starvation_findings(summary: dict) -> list[Finding]:
     """Waiting that dominates the step: inside the DataLoader's iterator when one fed the loop
     (data_loader_starvation), else host time between steps named as such - never blamed on a

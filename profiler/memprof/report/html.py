@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..analyse.throughput import unmarked_steps
 from ..finding import sort_findings
 from ..profile import Profile
 from ..record.events import CATEGORIES
@@ -210,6 +211,9 @@ def _steps(profile: Profile) -> str:
                 + stacked_bars(bar_rows, STEP_TIME_COLORS, "ms"))
     note = (f'<p class="hint">{len(rows)} of {len(all_rows)} steps: the first and last 20 '
             f"and the highest peaks.</p>" if len(rows) < len(all_rows) else "")
+    unmarked = unmarked_steps(profile)
+    if unmarked:
+        note += f'<p class="hint">{esc(unmarked)}</p>'
     return (f'<section id="steps"><h2>Steps</h2>{note}{table(body, tuple(header), "steps")}'
             f"{bars}</section>")
 

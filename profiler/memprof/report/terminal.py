@@ -173,6 +173,9 @@ def _batch(tp: dict) -> str:
 def _print_throughput(prof: Profile, console: Console) -> None:
     tp = throughput_analysis.summarize(prof)
     if not tp or not tp.get("steps"):
+        hint = throughput_analysis.unmarked_steps(prof)
+        if hint:
+            console.print(escape(f"Steps: {hint}"))
         return
     st = tp["stats"]
     clock = "CUDA events" if tp["clock"] == "cuda_events" else "host clock"
