@@ -156,6 +156,7 @@ class Session:
         self.pid: int | None = None    # the process that entered the block
         self.thread: threading.Thread | None = None   # the thread that started recording
         self._nested_label = ""
+        self._lent: set[str] = set()   # names of recorders a nested block lent the outer
         self._prev_thread_profile = None
         # filled by stop(): what Run.from_session reads
         self.streams: EventStreams | None = None
@@ -319,6 +320,7 @@ class Session:
             if rec.name not in have:
                 rec.install(outer)
                 outer.recorders.append(rec)
+                self._lent.add(rec.name)
 
     def _stop_nested(self, exc) -> None:
         # threads interleave in the log: keep what came after our marker, in time order
@@ -329,8 +331,11 @@ class Session:
         base = self._baseline_in_outer_ids()
         events = _behind_baseline(raw, order[int(start[0]) + 1:], base)
         self._assemble(EventStreams.split(events), self.outer, exc, base)
-        # what the outer block's recorders hold, for those this block asked for
-        wanted = {rec.name for rec in self.recorders}
+        # the records of the recorders this block lent (they began with it) and, where it
+        # asked for health that the outer block records too, the outer's (its steps are the
+        # outer's). Not the others': the outer's leak looks and CUDA timeline span steps
+        # before this block (its own analyses read its slice of the markers instead)
+        wanted = self._lent | ({"health"} & {rec.name for rec in self.recorders})
         self.records = {rec.name: rec.record() for rec in self.outer.recorders
                         if rec.name in wanted}
 
