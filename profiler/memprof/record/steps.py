@@ -190,7 +190,8 @@ class StepClock:
         def step(scaler, optimizer, *args, **kwargs):
             steps = clock._optimizer_steps
             out = original(scaler, optimizer, *args, **kwargs)
-            if clock._optimizer_steps == steps and clock.step_on in ("auto", "optimizer"):
+            if clock._optimizer_steps == steps and clock.step_on in ("auto", "optimizer") \
+                    and _found_inf(scaler, optimizer):
                 opt = torch_optimizer(optimizer)
                 if clock.watches(opt):   # skipped: the scaler found inf/NaN gradients
                     outside_dynamo(clock._skipped_step, opt)
@@ -234,6 +235,18 @@ class StepClock:
         self.step += 1
         for fn in tuple(self.on_step_end):
             fn()
+
+
+def _found_inf(scaler, optimizer) -> bool:
+    """Whether the scaler found inf/NaN gradients for this optimizer's step (what made it
+    skip the step; read after its step already synchronised on them). An optimizer whose
+    step runs no hooks of torch's (no skip) is not taken for one. True where the scaler's
+    state cannot be read (another torch): its hooks did not run."""
+    try:
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        return any(float(v.item()) for v in found.values())
+    except Exception:  # noqa: BLE001
+        return True
 
 
 class BackwardHook:
