@@ -88,3 +88,25 @@ def test_a_leak_in_the_last_fold_is_found_beside_earlier_folds_optimizers():
                     kept.append(loss)   # the graph of every step of the last fold
     kinds = [f.kind for f in memprof.findings(prof)]
     assert "retained_graph" in kinds, kinds
+
+
+def test_an_optimizer_whose_first_step_a_grad_scaler_skipped_keeps_one_label():
+    torch.manual_seed(0)
+    G, D = nn.Linear(4, 4), nn.Linear(4, 1)
+    og = torch.optim.SGD(G.parameters(), lr=0.1)
+    od = torch.optim.SGD(D.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with memprof.track(auto_modules=True) as prof:
+        for i in range(6):
+            scaler.scale(D(G(torch.randn(8, 4)).detach()).mean()).backward()
+            if i == 0:
+                D.weight.grad[0, 0] = float("inf")   # D's first update skipped
+            scaler.step(od)
+            scaler.update()
+            od.zero_grad()
+            D(G(torch.randn(8, 4))).mean().backward()
+            og.step()
+            og.zero_grad()
+    assert prof.profile.run.records["step_owners"] == [1, 2] * 6
+    assert prof.profile.run.records["skipped_steps"] == [0]
+    assert prof.throughput["samples_per_s_per"] == "round of 2 optimizers' steps"

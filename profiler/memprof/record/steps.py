@@ -143,7 +143,9 @@ class StepClock:
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
                 self._seen[id(optimizer)] = weakref.ref(optimizer)
-                self._labels[id(optimizer)] = len(self._labels) + 1
+                if seen is not None or id(optimizer) not in self._labels:   # (labelled at a
+                    # skipped first step: the same optimizer, its label kept)
+                    self._labels[id(optimizer)] = len(self._labels) + 1
                 self.trained.update(id(p) for g in optimizer.param_groups for p in g["params"])
             _C.optimizer_start(self.step)   # its marker, then the phase
         for fn in tuple(self.on_optimizer_pre):
