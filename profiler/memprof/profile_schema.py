@@ -171,6 +171,8 @@ def _check_records(records: dict) -> str | None:
             return f"records.logs[{i}]: expected [step, name, value], got {_got(row)}"
     if not isinstance(records.get("backward", []), list):
         return f"records.backward: expected a list, got {_got(records['backward'])}"
+    if not _is(records.get("first_step", 0), _INT) or records.get("first_step", 0) < 0:
+        return "records.first_step: expected a step index (an integer >= 0)"
     for key, what in (("step_owners", "optimizer labels"), ("skipped_steps", "step indices")):
         values = records.get(key, [])
         if not isinstance(values, list) or not all(_is(v, _INT) for v in values):

@@ -72,6 +72,9 @@ class Run:
         records["backward"] = src.backward.noted()
         records["step_owners"] = list(src.steps.step_owners)   # analyse.turns
         records["skipped_steps"] = list(src.steps.skipped)     # by a GradScaler
+        # both in the outer block's numbering (the leak check's); a nested block's own steps
+        # start at this one
+        records["first_step"] = int(getattr(session, "first_step", 0))
         # a nested block's own model, optimizer and frame (its leak check's), the outer's
         # roots where it named none (a block without a model inside `memprof run`)
         own = session if session.model is not None or session.frame is not None else src

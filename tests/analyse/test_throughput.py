@@ -614,3 +614,14 @@ def test_a_torch_func_grad_loop_without_steps_is_told_how_to_mark_them():
     assert "4 gradient passes ran without a step boundary" in text and "prof.step()" in text
     prof, text = run(mark=True)
     assert len(prof.steps) == 4 and "without a step boundary" not in text
+
+
+def test_one_real_step_over_accumulated_micro_batches_is_no_unmarked_run():
+    from memprof.analyse.throughput import unmarked_steps
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with memprof.track(model, opt) as prof:
+        for x, y in batches(4):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert unmarked_steps(prof.profile) is None

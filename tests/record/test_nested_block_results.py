@@ -78,3 +78,38 @@ def test_a_scripts_own_block_under_memprof_run_is_analysed(tmp_path):
     summary = json.loads(run.stdout)
     # memprof run's own profile: the health the script asked for, from its block on
     assert summary["health"] is not None
+
+
+def test_a_nested_block_reads_its_own_steps_batch_size_and_held_values(monkeypatch):
+    """The review's three: the optimizers' turns were read from the outer block's first steps
+    (a GAN after 9 steps of another optimizer read per step, at twice its rate); the block's
+    own batch_size was dropped; health values still held for a batched device read (as on a
+    GPU) were never read for the inner block (all None)."""
+    from torch import nn
+
+    from memprof.record import health as health_recorder
+    monkeypatch.setattr(health_recorder.HealthRecorder, "_immediate", lambda self, t: False)
+    torch.manual_seed(0)
+    A = nn.Linear(8, 8)
+    oa = torch.optim.SGD(A.parameters(), lr=0.01)
+    G, D = nn.Linear(16, 32), nn.Linear(32, 1)
+    og, od = torch.optim.SGD(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.01)
+    with memprof.track(auto_modules=True):
+        for _ in range(9):   # another optimizer's steps first
+            A(torch.randn(4, 8)).sum().backward()
+            oa.step()
+            oa.zero_grad()
+        with memprof.track(auto_modules=True, batch_size=7, health=True) as inner:
+            for _ in range(6):
+                fake = G(torch.randn(32, 16))
+                D(fake.detach()).mean().backward()
+                od.step()
+                od.zero_grad()
+                D(fake).mean().backward()
+                og.step()
+                og.zero_grad()
+    tp = inner.throughput
+    assert tp["samples_per_s_per"] == "round of 2 optimizers' steps"
+    assert tp["batch_size"] == 7
+    norms = [x for x in inner.health["per_step"]["grad_norm"] if x is not None]
+    assert len(norms) == 12

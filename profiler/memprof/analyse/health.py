@@ -131,7 +131,9 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     summary, per_loss = _per_step(rec, logs)
     # steps whose update a GradScaler skipped (inf/NaN gradients: expected while its scale
     # settles, and what it is for): said, not a finding
-    summary["skipped_by_grad_scaler"] = list(profile.run.records.get("skipped_steps") or [])
+    first = int(profile.run.records.get("first_step") or 0)   # a nested block's first
+    summary["skipped_by_grad_scaler"] = [
+        s - first for s in profile.run.records.get("skipped_steps") or [] if s >= first]
     findings = _nonfinite(rec, summary, per_loss)
     findings += _spikes(summary, per_loss)
     if rec is None:

@@ -380,6 +380,9 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
             looks[int(n)] = looks.get(int(n), 0.0) + float(s)
     timeline = rec.get("cuda_timeline")
     owners = profile.run.records.get("step_owners")
+    first = int(profile.run.records.get("first_step") or 0)   # a nested block's
+    if owners is not None:
+        owners = owners[first:]
     if timeline:
         # (leak looks left out: the GPU may have run queued work meanwhile)
         out = compute([tuple(x) for x in timeline], clock="cuda_events", warmup=warmup,
@@ -443,7 +446,7 @@ def unmarked_steps(profile: Profile) -> str | None:
     """Why a run that trained has no step (several gradient passes, no boundary), or None:
     a torch.func.grad loop's parameters are copies made for the call (functional_call), so
     neither a backward() nor a change of the parameters it made gradients for is seen."""
-    if profile.steps and len(profile.steps) > 1:
+    if len(profile.steps) > 1 or len(profile.markers("step")):   # (one real step: marked)
         return None
     passes = len(profile.markers("backward_start"))
     if passes < 2:

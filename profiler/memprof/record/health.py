@@ -468,8 +468,10 @@ class HealthRecorder:
             before = tuple(rec._lrs([opt])) if opt is not None and not initial else ()
             rec._sched_depth += 1
             try:
-                if getattr(sched, "_step_count", 0) == 1 or args or kwargs:
-                    # where torch warns (its first step, an epoch given): at the caller's line
+                if getattr(sched, "_step_count", 0) == 1:
+                    # torch's order warnings (its first step only): at the caller's line. Not
+                    # on other calls: leaving the catch resets Python's shown-once registries
+                    # (the deprecated epoch argument's warning, at every call, stays at ours)
                     out = _warnings_at(sys._getframe(1), original, sched, args, kwargs)
                 else:
                     out = original(sched, *args, **kwargs)
@@ -500,11 +502,16 @@ def _subclasses(cls) -> list[type]:
     return out
 
 
+#: where warnings re-shown by _warnings_at that did not point at memprof are shown once
+_OTHERS_REGISTRY: dict = {}
+
+
 def _warnings_at(caller, fn, sched, args, kwargs):
     """fn(sched, *args, **kwargs), its warnings that point at memprof's wrapper (torch's
     "lr_scheduler.step() before optimizer.step()", stacklevel=2) shown at `caller`'s line, as
     without memprof - a filter on the user's module matched memprof's instead. Others as
-    they were. Only on the steps where torch may warn: catching costs a filter context."""
+    they were (shown once by a registry of their own). Only on the step where torch warns of
+    the order: catching costs a filter context and resets Python's shown-once registries."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fn(sched, *args, **kwargs)
@@ -517,5 +524,5 @@ def _warnings_at(caller, fn, sched, args, kwargs):
                                    module_globals=glob)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
-                                   source=w.source)
+                                   registry=_OTHERS_REGISTRY, source=w.source)
     return out

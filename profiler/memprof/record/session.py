@@ -157,6 +157,7 @@ class Session:
         self.thread: threading.Thread | None = None   # the thread that started recording
         self._nested_label = ""
         self._lent: set[str] = set()   # names of recorders a nested block lent the outer
+        self.first_step = 0            # a nested block: the outer block's step at its start
         self._prev_thread_profile = None
         # filled by stop(): what Run.from_session reads
         self.streams: EventStreams | None = None
@@ -228,6 +229,7 @@ class Session:
                 # with what was alive at its start that this block can name (its model's
                 # parameters, its optimizer's state), as a block of its own would.
                 self.outer = _active
+                self.first_step = _active.steps.step   # its steps count from here
                 self.frame = frame   # (its leak check names holders from its frame)
                 _warn_if_not_the_outer_blocks(self, _active)
                 self._lend_recorders(_active)
@@ -336,8 +338,22 @@ class Session:
         # outer's). Not the others': the outer's leak looks and CUDA timeline span steps
         # before this block (its own analyses read its slice of the markers instead)
         wanted = self._lent | ({"health"} & {rec.name for rec in self.recorders})
-        self.records = {rec.name: rec.record() for rec in self.outer.recorders
-                        if rec.name in wanted}
+        self.records = {}
+        for rec in self.outer.recorders:
+            if rec.name in wanted:
+                flush = getattr(rec, "flush", None)   # values still held on the device
+                if flush is not None:
+                    try:
+                        flush()
+                    except Exception:  # noqa: BLE001  (its record says what it has)
+                        pass
+                self.records[rec.name] = rec.record()
+            elif rec.name == "throughput":
+                # this block's batch size (the outer's timeline is not its own) and the
+                # DataLoader workers seen so far
+                self.records["throughput"] = {
+                    "batch_override": self.batch_size,
+                    "loader_workers": getattr(rec, "loader_workers", 0)}
 
     def _baseline_in_outer_ids(self) -> list[tuple]:
         """This nested block's baseline with each module id as the outer session names it
