@@ -281,13 +281,11 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         if stats[k] is not None and total_ms > 0:
             stats[k]["share"] = sum(v for v in pick[k] if v) / total_ms
     stats["loader_ms"] = _stats(pick["loader_ms"])
-    # the waits over the measured steps as a whole: with a DataLoader's workers batches come
-    # in bursts, and a median step waits ~0 where the run waits most of its time
-    totals = {"wall_ms": sum(w for w in pick["wall_ms"] if w)}
-    for col in ("data_ms", "loader_ms"):
-        waits = [d for d, w in zip(pick[col], pick["wall_ms"]) if d is not None and w]
-        totals[col] = sum(waits)
-        totals[col.replace("_ms", "_wait_steps")] = sum(1 for d in waits if d >= MIN_WAIT_MS)
+    # the DataLoader's waits over the measured steps as a whole: with its workers batches
+    # come in bursts, and a median step waits ~0 where the run waits most of its time
+    waits = [d for d, w in zip(pick["loader_ms"], pick["wall_ms"]) if d is not None and w]
+    totals = {"wall_ms": sum(w for w in pick["wall_ms"] if w), "loader_ms": sum(waits),
+              "loader_wait_steps": sum(1 for d in waits if d >= MIN_WAIT_MS)}
     for col, name in (("data_ms", "data_fraction"), ("loader_ms", "loader_fraction")):
         stats[name] = _stats([d / w for d, w in zip(pick[col], pick["wall_ms"])
                               if d is not None and w])
