@@ -179,8 +179,11 @@ def test_mixed_precision_with_checkpointing(precision, policy):
     ck = est.step(64, precision=precision, checkpointing=policy)
     plain = est.step(64, precision=precision)
     assert ck.peak_allocated < plain.peak_allocated
-    if policy == "selective":  # matmul outputs are saved: nothing with FLOPs is recomputed
-        assert ck.flops == plain.flops
+    if policy == "selective":
+        # the linear layers' matmuls are kept; only the attention's small batched matmuls
+        # (17 tokens) are recomputed, far fewer FLOPs than recomputing whole blocks
+        every = est.step(64, precision=precision, checkpointing="every")
+        assert plain.flops < ck.flops < plain.flops + 0.25 * (every.flops - plain.flops)
     else:
         assert ck.flops > plain.flops  # recompute is counted
 
