@@ -232,3 +232,19 @@ def test_naming_reads_a_trainers_attributes_and_leaves_its_locals_as_they_are():
     with memprof.track(auto_modules=True, optimizer=None):
         hparams, lr = train(torch.nn.Linear(8, 8))
     assert hparams["lr"] == lr and "model" in hparams
+
+
+def test_layers_called_one_by_one_are_named_in_the_model_that_holds_them():
+    """`model[0](x)`, `model[1](h)`, ... (a loop that runs a Sequential's layers itself): each
+    layer was a root of its own, `Linear` and `Linear_2`, and the report was titled `Linear`."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(auto_modules=True) as prof:
+        for _ in range(2):
+            h = model[1](model[0](torch.randn(16, 8)))
+            model[2](h).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert set(prof.modules) == {"", "0", "1", "2"}
+    assert prof.meta["model_class"] == "Sequential"
+    assert prof.activations_by_module()["Sequential.1"] == 2 * 16 * 32 * 4   # the ReLU's output

@@ -83,6 +83,31 @@ def name_in_frame(frame, obj) -> str | None:
         return None
 
 
+def container_in_frame(frame, module) -> torch.nn.Module | None:
+    """The outermost model among a frame's variables and its module's globals that holds
+    `module` as a submodule (`model` for `model[0](x)`, a loop calling a Sequential's layers
+    one by one), or None. `self` is left out: a LightningModule's `self.encoder(x)` keeps its
+    own name. Walks each candidate's modules once, at a new root only."""
+    try:
+        local_vars = frame.f_locals
+        candidates = [v for k, v in local_vars.items() if k != "self"]
+        del local_vars
+        release_locals_snapshot(frame)
+        candidates += list(frame.f_globals.values())
+        best, best_size = None, 0
+        seen: set[int] = set()
+        for v in candidates:
+            if not isinstance(v, torch.nn.Module) or v is module or id(v) in seen:
+                continue
+            seen.add(id(v))
+            subs = [id(m) for m in v.modules()]
+            if id(module) in subs and len(subs) > best_size:
+                best, best_size = v, len(subs)
+        return best
+    except Exception:  # noqa: BLE001  (a name is a nicety; the user's call goes on)
+        return None
+
+
 def release_locals_snapshot(frame) -> None:
     """Empty the dict a function's frame (Python < 3.13) keeps of its variables once
     `frame.f_locals` was read: left there, it holds what they named then after the function

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .holders import loop_frame, name_in_frame
+from .holders import container_in_frame, loop_frame, name_in_frame
 from .pass_thread import outermost_module_call
 
 COMPILE_WRAPPER = "_orig_mod"   # torch.compile's OptimizedModule holds the model under this
@@ -198,7 +198,12 @@ class RootNaming:
 
     def _add_root(self, module: torch.nn.Module) -> None:
         """A new outermost module; earlier roots inside it become its submodules, renamed
-        (side roots too: a model's encoder a background thread called alone)."""
+        (side roots too: a model's encoder a background thread called alone). A module the
+        calling code holds inside a model of its own (`model[0](x)`) makes that model the root:
+        its layers were roots of their own, named `Linear`, `Linear_2`, the title `Linear`."""
+        holder = self._calling_container(module)
+        if holder is not None and id(holder) not in self._auto_ids:
+            module = holder
         inside = {id(m) for m in module.modules()}
         live = [(slot, slot.ref()) for slot in self._roots]
         absorbed = [m for _, m in live if m is not None and id(m) in inside] + \
@@ -227,6 +232,12 @@ class RootNaming:
         if self._roots:
             taken.update({self._roots[0].cls, self._first_root_name})
         return _unique(base, taken)
+
+    @staticmethod
+    def _calling_container(module: torch.nn.Module) -> torch.nn.Module | None:
+        """The model the innermost frame outside torch and memprof holds `module` in."""
+        frame = loop_frame(sys._getframe(1))
+        return container_in_frame(frame, module) if frame is not None else None
 
     @staticmethod
     def _calling_name(module: torch.nn.Module) -> str | None:
