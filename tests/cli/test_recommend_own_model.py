@@ -188,6 +188,14 @@ def test_a_model_given_as_a_file_path_is_imported_from_its_folder(capsys, own_mo
     plan = json.loads(out)
     assert plan["gpu"]["memory_bytes"] == 16 << 30 and plan["options"], plan["gpu"]
     assert sys.path == before
+    # its code ran as written from here: it printed `from ../own_models_cli.py import ...`
+    assert f"sys.path.insert(0, {str(own_models)!r})" in plan["code"]
+    sys.modules.pop("own_models_cli", None)
+    try:
+        ns = _run_code(plan["code"], own_models / "sub")
+    finally:
+        sys.path[:] = before
+    assert torch.isfinite(ns["loss"]).all()
     (own_models / "json.py").write_text("def build():\n    return None\n")
     for spec, said in (("../nothere.py:tiny_bert", "no such file '../nothere.py'"),
                        ("../own_models_cli:tiny_bert", "expected 'module:function'"),

@@ -73,7 +73,7 @@ def test_scaled_micro_batch_fits_when_run_for_real(too_big):
 def _check_options(est, model, opt, inputs, budget):
     """Every option the re-estimate says fits does fit when estimated again at that very
     micro-batch; returns the fitting ones."""
-    make_batch = batch_function(model, inputs, est["batch"])
+    make_batch = batch_function(model, inputs, est["micro_batch"])
     fitting = [o for o in est["options"] if o.get("fits")]
     for o in fitting:
         assert o["micro_batch"] * o["accumulation"] == est["batch"]
@@ -171,3 +171,40 @@ def test_oom_without_the_model_explains_how_to_get_more():
     out = what_fits(prof.profile, 24 * MIB, 24 * MIB, "24 MiB", 0)
     assert out["scaled"]["fits"] and out["estimate"] is None
     assert "memprof.track(model" in out["note"]
+
+
+def test_what_fits_keeps_the_effective_batch_of_a_run_that_accumulates():
+    """At 1024 x 4 (effective batch 4096) the advice read "512 x 2 (effective batch 1024)":
+    following it cut the effective batch by the run's own accumulation, LR unchanged."""
+    prof, model, opt = train(BATCH, accumulation=4, steps=2)
+    fit = what_fits(prof.profile, 24 * MIB, 24 * MIB, "24 MiB", 0, model=model, optimizer=opt)
+    scaled = fit["scaled"]
+    assert scaled["accumulation_seen"] == 4 and scaled["effective_batch"] == 4 * BATCH
+    assert scaled["fits"] and scaled["micro_batch"] * scaled["accumulation"] == 4 * BATCH
+    assert "the run: 1024 x 4" in scaled["text"]
+    est = fit["estimate"]
+    assert est is not None, fit["note"]
+    assert (est["batch"], est["micro_batch"], est["accumulation"]) == (4 * BATCH, BATCH, 4)
+    assert "micro-batch 1024 x 4 accumulation" in est["current"]["text"]
+    for o in est["options"]:
+        assert not o.get("fits") or o["micro_batch"] * o["accumulation"] == 4 * BATCH
+
+
+def test_a_batch_the_loop_makes_is_scaled_with_the_micro_batch():
+    """A loop that makes (or loads) its batch inside the block: the 2 MiB batch stayed full
+    size in the replay and alone read "even micro-batch 1 does not fit"; with the batch made
+    before the block the same step gave 512 x 2."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(2 * BATCH, 512),
+                                       torch.randint(0, 10, (2 * BATCH,))), batch_size=BATCH)
+    with memprof.track(model, opt) as prof:
+        for x, y in loader:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    made_inside = scaled_fit(prof.profile, 24 * MIB, 0)
+    assert made_inside["fits"], made_inside["text"]
+    made_before = scaled_fit(train(BATCH)[0].profile, 24 * MIB, 0)
+    assert made_inside["micro_batch"] == made_before["micro_batch"]

@@ -19,6 +19,8 @@ learning rate of the global batch.
 """
 from __future__ import annotations
 
+import os
+
 from .default_loss import loss_code
 
 __all__ = ["plan_code"]
@@ -109,9 +111,17 @@ def _wrap_lines(plan, o) -> list[str]:
 
 def _import_line(spec: str, as_name: str | None = None) -> tuple[str, str]:
     """'pkg.mod:Outer.attr' -> ('from pkg.mod import Outer', 'Outer.attr'), or with `as_name`
-    an import that binds the object itself to that name."""
+    an import that binds the object itself to that name. A 'path/to/file.py:attr' (which
+    recommend takes, as `python path/to/file.py` would find its imports) imports the file's
+    module with its folder put first on the path: `from path/to/file.py import` is no Python."""
     mod, _, qual = spec.partition(":")
     head = qual.split(".")[0]
+    if mod.endswith(".py") or "/" in mod or os.sep in mod:
+        folder, name = os.path.split(os.path.abspath(mod))
+        path_line = f"sys.path.insert(0, {folder!r})  # where {name} is"
+        inner, bound = _import_line(f"{name[:-3] if name.endswith('.py') else name}:{qual}",
+                                    as_name)
+        return f"import sys\n{path_line}\n{inner}", bound
     if as_name is not None and "." not in qual:
         return f"from {mod} import {qual} as {as_name}", as_name
     line = f"from {mod} import {head}"
@@ -306,7 +316,8 @@ def plan_code(plan, option=None) -> str:
     if _strategy(plan):
         parts.append("dist.destroy_process_group()")
     lines = "\n".join(parts).split("\n")
-    top = [ln for ln in lines if ln.startswith(("from ", "import ", "# one process per GPU"))]
+    top = list(dict.fromkeys(ln for ln in lines if ln.startswith(
+        ("from ", "import ", "sys.path.insert(", "# one process per GPU"))))
     body = [ln for ln in lines if ln not in top]
     head = (top[:1] if top and top[0].startswith("#") else []) + ["import torch"]
     if any("contextlib." in ln for ln in body):
@@ -314,4 +325,5 @@ def plan_code(plan, option=None) -> str:
     head += [ln for ln in top if ln.startswith("import ")]
     if any("memprof." in ln for ln in body):
         head.append("import memprof")
+    head += [ln for ln in top if ln.startswith("sys.path.insert(")]   # before the imports
     return "\n".join(head + [ln for ln in top if ln.startswith("from ")] + body)

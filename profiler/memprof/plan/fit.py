@@ -28,7 +28,7 @@ import torch
 
 from ..profile import Profile
 from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_TEMPORARIES, PHASE_BACKWARD,
-                             PHASE_FORWARD)
+                             PHASE_FORWARD, PHASE_OTHER)
 from ..units import fmt_bytes
 from .allocator import simulate
 from .streams import step_stream
@@ -50,9 +50,52 @@ def batch_size_at(profile: Profile, step: int) -> int | None:
     return int(found) if found else profile.meta.get("batch_size")
 
 
-def _scalable(profile: Profile, end: int) -> np.ndarray:
+def accumulation_at(profile: Profile, step: int) -> int | None:
+    """Micro-steps per optimizer step around `step`: the backward() calls of that step when it
+    finished, else the median of the finished steps'; None when no step finished (a run that
+    failed in its first optimizer step shows no accumulation)."""
+    label = "backward_call" if profile.markers("backward_call") else "backward_start"
+    marks = np.sort(profile.marker_positions(label))
+    steps = profile.steps[:-1] if profile.partial_last_step else profile.steps
+    counts = {s.index: int(np.searchsorted(marks, s.end) - np.searchsorted(marks, s.start))
+              for s in steps}
+    counts = {k: v for k, v in counts.items() if v > 0}
+    if step in counts:
+        return counts[step]
+    return int(np.median(list(counts.values()))) if counts else None
+
+
+def _input_bytes(inputs: dict | None, batch: int | None) -> list[int]:
+    """Bytes of each recorded input tensor whose leading dimension is the batch: what a loop
+    that makes or loads its batch allocates outside forward and backward (a DataLoader's
+    collated batch, its copy to the device)."""
+    out: list[int] = []
+
+    def walk(desc):
+        if not isinstance(desc, dict):
+            return
+        if "tensor" in desc:
+            t = desc["tensor"]
+            dtype = getattr(torch, t.get("dtype", ""), None)
+            if t["shape"] and t["shape"][0] == batch and isinstance(dtype, torch.dtype):
+                out.append(math.prod(t["shape"]) * dtype.itemsize)
+        for key in ("list", "tuple"):
+            for d in desc.get(key, []):
+                walk(d)
+        for d in desc.get("dict", {}).values():
+            walk(d)
+
+    if inputs and batch:
+        for d in list(inputs.get("args", [])) + list(inputs.get("kwargs", {}).values()):
+            walk(d)
+    return [b for b in out if b > 0]
+
+
+def _scalable(profile: Profile, end: int, batch: int | None = None) -> np.ndarray:
     """Memory events in [0, end) whose size scales with the batch (allocations of forward /
-    backward activations and temporaries, and their frees)."""
+    backward activations and temporaries, and their frees; and, outside the passes, blocks of
+    the size of a recorded batch input: the batch the loop made or loaded - left at full size,
+    a DataLoader's batch alone read "even micro-batch 1 does not fit")."""
     mem = profile.memory[:end]
     alloc_of = profile.alloc_of[:end]
     owner = np.where(mem["size"] > 0, np.arange(end), alloc_of)
@@ -60,8 +103,17 @@ def _scalable(profile: Profile, end: int) -> np.ndarray:
     owner = np.where(ok, owner, 0)
     phase = profile.memory["phase"][owner]
     cat = profile.category[owner]
-    return ok & np.isin(phase, (PHASE_FORWARD, PHASE_BACKWARD)) \
+    out = ok & np.isin(phase, (PHASE_FORWARD, PHASE_BACKWARD)) \
         & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
+    sizes = _input_bytes(profile.run.records.get("inputs"), batch)
+    if sizes:
+        size = profile.memory["size"][owner]
+        # (a CUDA block is the request rounded up to 512 bytes)
+        is_input = np.zeros(end, dtype=bool)
+        for b in set(sizes):
+            is_input |= (size >= b) & (size < b + 512)
+        out |= ok & (phase == PHASE_OTHER) & is_input
+    return out
 
 
 def scaled_stream(profile: Profile, step, factor: float, accumulate: bool):
@@ -72,7 +124,7 @@ def scaled_stream(profile: Profile, step, factor: float, accumulate: bool):
     ptr, size = step_stream(profile, "first")
     end = step.end
     ptr, size = ptr[:end], size[:end].copy()
-    scal = _scalable(profile, end)
+    scal = _scalable(profile, end, batch_size_at(profile, step.index))
     allocs = scal & (size > 0)
     size[allocs] = np.maximum(1, np.rint(size[allocs] * factor)).astype(np.int64)
     frees = np.flatnonzero(scal & (size < 0))
@@ -96,18 +148,23 @@ def scaled_stream(profile: Profile, step, factor: float, accumulate: bool):
 
 def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
     """The largest micro-batch at which the run's scaled replay fits `capacity` (see the
-    module docstring), with the accumulation that keeps the effective batch of `step_index`.
-    The replay covers the whole run (also the steps after a failing first one: the steady
-    state, optimizer state alive, is often the larger)."""
+    module docstring), with the accumulation that keeps the effective batch of `step_index`
+    (its micro-batch x the micro-steps the run already accumulated over). The replay covers
+    the whole run (also the steps after a failing first one: the steady state, optimizer
+    state alive, is often the larger)."""
     if not profile.steps:
         return {"method": SCALED, "fits": False, "text": "no step recorded"}
     step = profile.steps[-1]
     batch = batch_size_at(profile, step_index)
+    seen = accumulation_at(profile, step_index)
+    accumulated = seen or 1
+    effective = batch * accumulated if batch else None
     fixed = sum(v for k, v in profile.breakdown("category", at=("position", step.end - 1))
                 .items() if k in ("parameters", "gradients", "optimizer_state"))
-    out = {"method": SCALED, "batch": batch, "fixed_bytes": int(fixed), "estimated": True}
-    # micro-batches that keep the effective batch (divisors), largest first
-    candidates = [d for d in range(batch - 1, 0, -1) if batch % d == 0] if batch \
+    out = {"method": SCALED, "batch": batch, "accumulation_seen": seen,
+           "effective_batch": effective, "fixed_bytes": int(fixed), "estimated": True}
+    # smaller micro-batches that keep the effective batch (divisors), largest first
+    candidates = [d for d in range(batch - 1, 0, -1) if effective % d == 0] if batch \
         else [0.5, 0.25, 0.125, 0.0625]
 
     def replay(m) -> tuple[bool, int]:
@@ -128,14 +185,19 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
         return out
     m, peak = best
     if batch:
-        acc = math.ceil(batch / m)
+        acc = math.ceil(effective / m)
+        was = (f"; the run: {batch} x {seen}" if seen and seen > 1 else
+               "" if seen else "; the run's accumulation was not seen (no step finished): "
+               "multiply by it")
         out.update(fits=True, micro_batch=m, accumulation=acc, peak_reserved=peak,
                    text=f"micro-batch {m} x {acc} accumulation steps (effective batch "
-                        f"{m * acc}) fits: {fmt_bytes(peak)} reserved of {fmt_bytes(capacity)}")
+                        f"{m * acc}{was}) fits: {fmt_bytes(peak)} reserved of "
+                        f"{fmt_bytes(capacity)}")
     else:
         out.update(fits=True, fraction=m, peak_reserved=peak,
                    text=f"{m:g} of the recorded micro-batch (batch size not recorded) with "
-                        f"{round(1 / m)} accumulation steps fits: {fmt_bytes(peak)} reserved")
+                        f"{round(accumulated / m)} accumulation steps fits: "
+                        f"{fmt_bytes(peak)} reserved")
     return out
 
 
@@ -229,9 +291,12 @@ def _budget_gpu(budget, capacity: int):
     return generic(capacity, name=f"{fmt_bytes(capacity)} budget"), 0, 0.0
 
 
-def _suggestions(plan, batch: int, order: list[tuple[str, str]]) -> list[dict]:
-    """Per precision x policy, least change first: the whole batch if it fits without
-    accumulation, else the largest micro-batch dividing it whose prediction fits."""
+def _suggestions(plan, batch: int, order: list[tuple[str, str]],
+                 effective: int | None = None) -> list[dict]:
+    """Per precision x policy, least change first: the recorded micro-batch `batch` if it fits
+    (with the accumulation that makes the effective batch), else the largest micro-batch
+    dividing the effective batch whose prediction fits."""
+    effective = effective or batch
     out = []
     for prec, pol in order:
         c = next((c for c in plan.combinations if (c.precision, c.checkpointing) == (prec, pol)),
@@ -240,9 +305,9 @@ def _suggestions(plan, batch: int, order: list[tuple[str, str]]) -> list[dict]:
             out.append({"precision": prec, "checkpointing": pol, "fits": False,
                         "text": (c.error or c.skipped) if c else "not estimated"})
             continue
-        opt = plan.predict(batch, prec, pol, accumulation=1)
-        for d in (d for d in range(batch - 1, 0, -1) if batch % d == 0 and not opt.fits):
-            opt = plan.predict(d, prec, pol, accumulation=batch // d)
+        opt = plan.predict(batch, prec, pol, accumulation=effective // batch)
+        for d in (d for d in range(batch - 1, 0, -1) if effective % d == 0 and not opt.fits):
+            opt = plan.predict(d, prec, pol, accumulation=effective // d)
         if not opt.fits:
             out.append({"precision": prec, "checkpointing": pol, "fits": False,
                         "text": f"nothing fits: micro-batch 1 needs "
@@ -256,9 +321,12 @@ def _suggestions(plan, batch: int, order: list[tuple[str, str]]) -> list[dict]:
 
 
 def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacity: int,
-                batch: int) -> dict:
+                batch: int, accumulation: int = 1) -> dict:
     """What fits `budget` (a GPU name or bytes; `capacity` its usable bytes) for this model's
-    step at effective batch `batch`, re-estimated (see the module docstring)."""
+    step at micro-batch `batch` x `accumulation` (the effective batch kept), re-estimated
+    (see the module docstring)."""
+    model = getattr(model, "module", model) if _is_data_parallel(model) else model
+    effective = batch * accumulation
     from .checkpoint import policies_for
     from .search import recommend
     t0 = time.perf_counter()
@@ -269,19 +337,21 @@ def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacit
     precisions = [current] + ([low] if current == "fp32" else [])
     policies = policies_for(model, ("none", "every"))
     plan = recommend(model=model, batch=make_batch, optimizer=optimizer_factory(optimizer),
-                     gpu=gpu, effective_batch=batch, precisions=precisions, policies=policies,
-                     overhead=overhead, margin=margin, confirm=True)
+                     gpu=gpu, effective_batch=effective, precisions=precisions,
+                     policies=policies, overhead=overhead, margin=margin, confirm=True)
     order = [(p, c) for p in precisions for c in policies]
-    now = plan.predict(batch, current, "none", accumulation=1)
+    now = plan.predict(batch, current, "none", accumulation=accumulation)
     opt_name = type(optimizer).__name__ + " with the run's defaults" if optimizer is not None \
         else "none seen: no optimizer state estimated"
-    return {"method": ESTIMATED, "batch": batch, "capacity": plan.usable_bytes,
+    return {"method": ESTIMATED, "batch": effective, "micro_batch": batch,
+            "accumulation": accumulation, "capacity": plan.usable_bytes,
             "gpu": gpu.name, "precision": current, "estimated": True,
             "current": dict(now.as_dict(), text=(
-                f"the recorded configuration ({current}, micro-batch {batch}, no "
+                f"the recorded configuration ({current}, micro-batch {batch}"
+                f"{f' x {accumulation} accumulation' if accumulation > 1 else ''}, no "
                 f"checkpointing) needs {fmt_bytes(now.peak_reserved)} reserved of "
                 f"{fmt_bytes(plan.usable_bytes)}")),
-            "options": _suggestions(plan, batch, order),
+            "options": _suggestions(plan, batch, order, effective),
             "assumptions": ["loss: the mean of the model's output (the run's targets are not "
                             "seen)", f"optimizer: {opt_name}",
                             "the recorded step used no activation checkpointing",
@@ -289,6 +359,13 @@ def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacit
                             "gradients) exist from the start of the step",
                             _workspace_note(gpu)],
             "estimates": plan.estimates, "wall_s": time.perf_counter() - t0}
+
+
+def _is_data_parallel(model) -> bool:
+    """DDP / DataParallel: the model they wrap is what is estimated (a wrapper holds its
+    process group, which cannot be copied onto fake tensors)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    return isinstance(model, (DataParallel, DistributedDataParallel))
 
 
 def _workspace_note(gpu) -> str:
@@ -317,7 +394,8 @@ def what_fits(profile: Profile, budget, capacity: int, label: str, step: int, *,
         out["note"] = "the model's inputs were not recorded: not re-estimated"
     else:
         try:
-            out["estimate"] = re_estimate(model, inputs, optimizer, budget, capacity, batch)
+            out["estimate"] = re_estimate(model, inputs, optimizer, budget, capacity, batch,
+                                          accumulation_at(profile, step) or 1)
         except Exception as err:  # noqa: BLE001  (advice must not hide the diagnosis)
             out["note"] = (f"re-estimating failed: {type(err).__name__}: "
                            f"{str(err).splitlines()[0][:200] if str(err) else ''}")
