@@ -208,3 +208,25 @@ def test_a_batch_the_loop_makes_is_scaled_with_the_micro_batch():
     assert made_inside["fits"], made_inside["text"]
     made_before = scaled_fit(train(BATCH)[0].profile, 24 * MIB, 0)
     assert made_inside["micro_batch"] == made_before["micro_batch"]
+
+
+class _KeywordsOnly(torch.nn.Module):
+    """A forward that takes **kwargs, as PEFT's PeftModel and many wrappers' do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(16, 4)
+
+    def forward(self, **kw):
+        return torch.nn.functional.cross_entropy(self.body(kw["x"]), kw["y"])
+
+
+def test_a_batch_is_rebuilt_for_a_forward_that_takes_keywords_only():
+    """The keywords were bound as {'kwargs': {...}}: the re-estimate failed with KeyError 'x'
+    (PEFT without task_type: "specify either input_ids or inputs_embeds")."""
+    model = _KeywordsOnly()
+    with memprof.track(model) as prof:
+        model(x=torch.randn(32, 16), y=torch.randint(0, 4, (32,))).backward()
+    inputs, _ = batch_function(model, prof.run.records["inputs"], 32)(8)
+    assert set(inputs) == {"x", "y"} and inputs["x"].shape == (8, 16)
+    assert model(**inputs).dim() == 0

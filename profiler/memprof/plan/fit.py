@@ -251,8 +251,20 @@ def batch_function(model: torch.nn.Module, inputs: dict, batch: int):
         kwargs = {k: _build(d, batch, m) for k, d in inputs["kwargs"].items()}
         if not kwargs:
             return tuple(args), None
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-        return dict(bound.arguments), None
+        sig = inspect.signature(model.forward)
+        out = {}
+        for name, value in sig.bind(*args, **kwargs).arguments.items():
+            kind = sig.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:   # forward(**kwargs): PEFT's, wrappers'
+                out.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise ValueError("the model was called with positional arguments its "
+                                     "forward takes as *args beside keywords: a batch cannot "
+                                     "be rebuilt from the record")
+            else:
+                out[name] = value
+        return out, None
 
     make_batch(1)   # raises now for an input that cannot be rebuilt
     return make_batch

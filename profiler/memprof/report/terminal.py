@@ -272,12 +272,14 @@ def _print_health(prof: Profile, console: Console) -> None:
     t.add_column("value")
 
     def series(vals):
-        import math
-        v = [x for x in vals if x is not None and math.isfinite(x)]
-        if not v:
+        # numpy's median and percentile, as the health analysis computes the norms before
+        # clipping: two rules read 5.305 against 4.578 for the same, unclipped norms
+        import numpy as np
+        v = np.array([x for x in vals if x is not None], dtype=float)
+        v = v[np.isfinite(v)]
+        if not v.size:
             return None
-        v = sorted(v)
-        return v[len(v) // 2], v[min(len(v) - 1, int(0.9 * (len(v) - 1) + 0.5))], v[-1]
+        return float(np.median(v)), float(np.percentile(v, 90)), float(v.max())
 
     loss = h.get("loss") or {}
     if loss.get("first") is not None:
