@@ -89,3 +89,18 @@ def test_a_step_without_a_backward_call_counts_every_pass():
     calls = [i for i, e in enumerate(entries) if e[0] == "backward_call"]
     marked_once = entries[:calls[1]] + entries[calls[1] + 1:]
     assert phase_table(marked_once)["micro_steps"][1:] == [1, 2]
+
+
+def test_backward_calls_are_micro_steps_when_no_pass_of_the_model_is_seen():
+    """A step read 0 micro-steps where the model's forward never ran as a pass (its children
+    called by a method of its own): each backward() call is one."""
+    from memprof.analyse.throughput import phase_table
+    entries = [("step", 0, 0)]
+    t = 10
+    for _ in range(4):
+        entries += [("backward_call", t, 0), ("backward_start", t + 1, 0),
+                    ("backward_end", t + 2, 0)]
+        t += 10
+    entries += [("optimizer_start", t, 0), ("step", t + 5, 0)]
+    assert phase_table(entries, batch_override=8)["micro_steps"] == [0, 4]
+    assert phase_table(entries, batch_override=8)["samples"] == [None, 32]

@@ -248,3 +248,43 @@ def test_layers_called_one_by_one_are_named_in_the_model_that_holds_them():
     assert set(prof.modules) == {"", "0", "1", "2"}
     assert prof.meta["model_class"] == "Sequential"
     assert prof.activations_by_module()["Sequential.1"] == 2 * 16 * 32 * 4   # the ReLU's output
+
+
+class _Wrapper(torch.nn.Module):
+    """A LightningModule's shape: a forward of its own that the training step never calls
+    (`training_step` runs `self.net(x)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                       torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_whose_forward_is_never_called_has_its_childrens_calls_as_passes():
+    """track(lit_module) around trainer.fit: 0 micro-steps, 0 ms forward, no batch size
+    (track(batch_size=8) did not help), the activations in no forward."""
+    torch.manual_seed(0)
+    w = _Wrapper()
+    opt = torch.optim.AdamW(w.parameters(), lr=1e-3)
+    data = [(torch.randn(8, 32), torch.randint(0, 10, (8,))) for _ in range(12)]
+    with memprof.track(w, opt) as prof:
+        for i, (x, y) in enumerate(data):
+            (torch.nn.functional.cross_entropy(w.net(x), y) / 4).backward()
+            if (i + 1) % 4 == 0:
+                opt.step()
+                opt.zero_grad()
+    t = prof.throughput
+    assert t["micro_steps_per_step"] == 4 and t["batch_size"] == 8
+    assert t["stats"]["forward_ms"]["median"] > 0
+    assert prof.activations_by_module()["net.1"] > 0     # the ReLU's output, kept for backward
+    assert "inputs" not in prof.run.records or not prof.run.records["inputs"]   # not forward's
+    # once the model itself is called, its children are no passes of their own
+    with memprof.track(w, opt) as called:
+        for x, y in data[:4]:
+            torch.nn.functional.cross_entropy(w(x), y).backward()
+            w.net(x)                       # outside the model's pass: no pass
+        opt.step()
+    assert called.throughput["per_step"]["micro_steps"] == [4]

@@ -75,6 +75,7 @@ def phase_table(entries, batch_override: int | None = None,
     # without (a functional loop's autograd.grad only, a profile from before the marker),
     # every pass of the engine
     calls, window = [False], 0
+    passes_seen = any(label == "forward_start" for label, _, _ in entries)
     for label, t, _ in entries:
         if label == "step" and t is not None:
             calls.append(False)
@@ -85,7 +86,7 @@ def phase_table(entries, batch_override: int | None = None,
                                                        "batch_size", "batch_min",
                                                        "batch_max")}
     prev_step_t = None
-    w = _Window(prev_step_t, calls[0])
+    w = _Window(prev_step_t, calls[0], passes_seen)
     for label, t, value in entries:
         if label in ("batch", "eval_batch"):
             w.batch(int(value), evaluating=label == "eval_batch")
@@ -102,7 +103,7 @@ def phase_table(entries, batch_override: int | None = None,
             w.close(t)
             _append_row(rows, w, batch_override)
             prev_step_t = t + int(pauses.get(len(rows["wall_ms"]), 0.0) * 1e9)
-            w = _Window(prev_step_t, calls[len(rows["wall_ms"])])
+            w = _Window(prev_step_t, calls[len(rows["wall_ms"])], passes_seen)
         else:
             w.event(label, t)
     return rows
@@ -111,8 +112,11 @@ def phase_table(entries, batch_override: int | None = None,
 class _Window:
     """State machine over the markers of one optimizer step."""
 
-    def __init__(self, start_t, calls_marked: bool = False):
+    def __init__(self, start_t, calls_marked: bool = False, passes_seen: bool = True):
         self.start_t = start_t
+        # no pass of the model in the whole run (a LightningModule tracked itself: its
+        # training_step calls self.net(x), never the module): each backward() is a micro-step
+        self.passes_seen = passes_seen
         # backward() calls are marked ("backward_call"): only their passes train a group
         self.calls_marked = calls_marked
         self.gap_start = start_t          # where the current data-wait gap began
@@ -158,6 +162,8 @@ class _Window:
             # from a penalty's pass in the same backward phase)
             if self.last_token == "F" and self.groups:
                 self.groups[-1][1] = True
+            elif not self.passes_seen:
+                self.groups.append([None, True, None])
             self.last_token = "B"
         if label == "forward_start":
             if self.t0_opt is not None:           # optimizer.step(closure): LBFGS's next call

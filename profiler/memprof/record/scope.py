@@ -96,6 +96,11 @@ class ModuleScope(RootNaming):
         self._side_named = 0
         self._not_side: dict[int, bool] = {}
         self._root_depth = 0                      # passes running (calls or forward_pass)
+        # a model whose own forward the loop never calls (a LightningModule tracked itself:
+        # its training_step calls self.net(x)): its callable children stand in for it, their
+        # outermost calls the passes, until the model itself is called
+        self._stand_ins: set[int] = set()
+        self._model_called = False
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
         self.module_call = True
@@ -255,6 +260,10 @@ class ModuleScope(RootNaming):
     def _install_calls(self) -> None:
         if self.model is not None:
             passes = {id(m) for m in _pass_modules(self.model)}
+            if passes == {id(self.model)}:
+                self._stand_ins = {id(m) for child in self.model.children()
+                                   for m in _pass_modules(child)} - passes
+                passes |= self._stand_ins
             for mod in self.model.modules():
                 if id(mod) in passes:
                     # (its id as named: a compiled model's wrapper and the model are one)
@@ -362,6 +371,11 @@ class ModuleScope(RootNaming):
         mid = self._pass_ids.get(id(module), 0)
         if threading.get_ident() != self._passes.ident and not self._passes.takes(module, True):
             return module_call.call_in_scope(mid, module, args, kwargs)
+        if id(module) in self._stand_ins:
+            if self._model_called or self._root_depth:   # the model's own pass runs them
+                return module_call.call_in_scope(mid, module, args, kwargs)
+        elif module is self.model:
+            self._model_called = True
         module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None
         try:
