@@ -1,6 +1,8 @@
 """`memprof recommend` names what is wrong with a model spec or an input shape first, in one
 line: a non-callable attribute is not "missing", `3,x,32` is not `3,32`, a wrong model spec
 is said before "give --input-shape", and --input-shape beside --batch-fn is not ignored."""
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -72,3 +74,15 @@ def test_learning_rates_and_batches_must_be_positive(capsys, flag, value):
               flag, value])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {flag}: expected" in err, err
+
+
+def test_a_shape_the_model_rejects_is_one_line_without_torchs_traceback_log(models_dir):
+    """FakeTensorMode logged ~40 lines `E... fake_tensor.py] Traceback ...` before the one
+    line: it read as a crash (a process of its own: torch's log handler writes to the
+    terminal's stderr, not to what pytest captures)."""
+    run = subprocess.run([sys.executable, "-m", "memprof.cli", "recommend", "--gpu", "t4",
+                          "--workers", "1", "--effective-batch", "8", "--model",
+                          "spec_models_cli:build", "--input-shape", "3,16,16"],
+                         cwd=models_dir, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "the model rejects a batch of this shape" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr

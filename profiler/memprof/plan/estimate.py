@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import logging
 import time
 import types
 import warnings
@@ -138,7 +139,8 @@ class Estimate:
     accumulating_peak_reserved: int
     flops: int                   # counted FLOPs of the step incl. recompute (flop_counter formulas)
     flops_by_phase: dict
-    ops: int                     # aten ops dispatched (a stand-in for kernel launches)
+    ops: int                     # kernels a micro-step launches: forward + backward's ops
+    #                              but views, device queries and bare allocations
     bytes_allocated: int         # bytes allocated during forward + backward (written at least once)
     buffers_bytes: int           # module buffers (BatchNorm statistics, ...), part of the peak
     params_bytes: int
@@ -188,6 +190,19 @@ def call_model(model, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log():
+    """FakeTensorMode logs ~40 lines of traceback for an op that fails (a batch the model
+    rejects) before raising it; the error reaches the user as its one line."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _describe(x) -> str:
@@ -320,7 +335,7 @@ class Estimator:
             "kernel_rules": dict(kernels.applied) if kernels is not None else {},
         })
         est = self._finish(prof, int(batch_size), precision, checkpointing, phase_flops,
-                           storages.ops, simulate)
+                           storages.pass_kernels, simulate)
         est.wall_s = time.perf_counter() - t0
         est.kernel_rules = dict(prof.meta["kernel_rules"])
         est.loss_rule = rule or None
@@ -383,11 +398,11 @@ class Estimator:
         """The training step itself (inside the recording session)."""
         record_buffers(model)
         recorder.record_persistent(model)
-        with self.fake_mode, cuda_policy, kernels, recorder:
+        with self.fake_mode, cuda_policy, kernels, recorder, quiet_fake_tensor_log():
             batch = make_batch(int(batch_size))
             batch = tree_map(lambda t: self._adopt(t, recorder), batch)
             inputs, targets = split_batch(batch)
-            f0 = recorder.flops
+            f0, k0 = recorder.flops, recorder.storages.kernels
             with amp():
                 loss = loss_fn(call_model(model, inputs), targets)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -396,6 +411,9 @@ class Estimator:
             f1 = recorder.flops
             loss.backward()
             f2 = recorder.flops
+            # the kernels one micro-step launches (the optimizer's, and its first step's
+            # state, are once per step: not part of the per-launch floor)
+            recorder.storages.pass_kernels = recorder.storages.kernels - k0
             if opt is not None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)

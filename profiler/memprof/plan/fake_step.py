@@ -38,6 +38,13 @@ def unique_storages(tensors):
 _PRIM_DEVICE = torch.ops.prim.device.default
 _UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
 _VIEW = torch.ops.aten.view.default
+#: ops that launch no kernel of their own: an allocation, a read back to the host, a device
+#: query, matmul's fold (a view)
+_NO_KERNEL = frozenset(op for op in (
+    getattr(torch.ops.aten, name, None) for name in ("empty", "empty_strided", "empty_like",
+                                                     "_local_scalar_dense", "lift_fresh",
+                                                     "_unsafe_view"))
+    if op is not None) | {torch.ops.prim.device}
 
 #: keys of kernel scratch records: far above any id() of a storage on a 64-bit CPython
 _SCRATCH_KEYS = 1 << 60
@@ -56,6 +63,10 @@ class StepStorages:
         self.live: dict[int, int] = {}   # id(storage) -> nbytes recorded (0: pre-existing)
         self.active = True
         self.ops = 0
+        # dispatches that launch a kernel: no view, no device query, no bare allocation
+        # (the time model's per-launch floor; `ops` counted 2/3 device queries)
+        self.kernels = 0
+        self.pass_kernels = 0   # those of forward + backward (memprof.plan.estimate sets it)
         for b in unique_storages(model.buffers()):
             self.live[id(b.untyped_storage())] = 0
         for p in unique_storages(model.parameters()):
@@ -127,6 +138,9 @@ class RecordingMode(TorchDispatchMode):
                 return t.fake_device
             return func(*args)
         kwargs = kwargs or {}
+        if not (getattr(func, "is_view", False)
+                or getattr(func, "overloadpacket", None) in _NO_KERNEL):
+            self.storages.kernels += 1
         if func is _UNSAFE_VIEW:
             # matmul's fold: FakeTensorMode never caches `_unsafe_view`, but caches `view`,
             # which gives the same tensor (same storage, sizes, strides, offset; the same

@@ -4,7 +4,9 @@ Time of a micro-step = counted FLOPs (incl. recompute) / (peak FLOP/s of the pre
 UTILISATION[precision]) + bytes moved / (bandwidth x BANDWIDTH_UTILISATION), where bytes moved =
 2 x bytes allocated in forward and backward (each new tensor written once and read at least
 once) + 3 x parameter bytes (weights read in forward and backward, gradients written); at least
-LAUNCH_S per dispatched op. An optimizer step moves 3 x (parameters + gradients + optimizer
+LAUNCH_S per kernel the micro-step launches (its forward and backward ops but views, device
+queries and bare allocations: counting every dispatch of the whole step made small micro-batches
+read 5x too slow). An optimizer step moves 3 x (parameters + gradients + optimizer
 state). The utilisation figures are stated assumptions (typical of large training GEMMs), not
 measurements: use them to rank, and measure the chosen configuration.
 """
@@ -17,7 +19,7 @@ __all__ = ["UTILISATION", "BANDWIDTH_UTILISATION", "LAUNCH_S", "micro_step_time"
 UTILISATION = {"fp32": 0.6, "tf32": 0.5, "fp16": 0.4, "bf16": 0.4}
 #: share of the memory bandwidth that the bytes moved are assumed to run at
 BANDWIDTH_UTILISATION = 0.7
-#: lower bound on the time per dispatched op (kernel launch and Python overhead), seconds
+#: lower bound on the time per kernel launched (launch and Python overhead), seconds
 LAUNCH_S = 5e-6
 
 

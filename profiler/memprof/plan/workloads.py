@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..record.throughput import leading_dim
 from .errors import PlanInputError
-from .estimate import split_batch
+from .estimate import quiet_fake_tensor_log, split_batch
 from .meta_build import build, fake_like
 
 __all__ = ["resolve_workload", "batch_form", "importable_name", "own_batch_size",
@@ -166,7 +166,7 @@ def _fake_copy(model: nn.Module):
 def _infer_num_classes(model: nn.Module, shape) -> int:
     fm, m = _fake_copy(model)
     try:
-        with fm, torch.no_grad():
+        with fm, torch.no_grad(), quiet_fake_tensor_log():
             out = m(torch.randn(2, *shape))
     except Exception as e:  # noqa: BLE001
         raise PlanInputError(f"input shape {shape}: the model rejects a batch of this shape "
@@ -209,7 +209,7 @@ def batch_form(make_batch) -> dict:
     (inputs, targets) pair or inputs alone."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
     try:
-        with FakeTensorMode():
+        with FakeTensorMode(), quiet_fake_tensor_log():
             inputs, targets = split_batch(make_batch(1))
     except Exception:  # noqa: BLE001  (the estimates report a broken batch function)
         return {"call": "model(x)", "targets": True}
