@@ -132,3 +132,56 @@ def test_meta_first_build_allocates_no_weights():
         return nn.Sequential(*[nn.Linear(8192, 8192) for _ in range(64)])  # 17 GB in fp32
     module, how = meta_build.build(big, {}, "big()")
     assert how == "meta" and all(p.is_meta for p in module.parameters())
+
+
+_LOADS = """
+import os, sys, torch, torch.nn as nn
+from memprof.plan import meta_build
+CKPT = sys.argv[1]
+grew = []
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def load():
+    before = resident()
+    sd = torch.load(CKPT)
+    grew.append((resident() - before) >> 20)
+    return sd
+
+def from_file():                       # the README's "reads weights from a file"
+    m = nn.Linear(4096, 4096, bias=False)
+    m.load_state_dict(load())
+    return m
+
+def load_only():                       # cannot run on meta: built for real, guarded
+    if torch.empty(0).is_meta:
+        raise RuntimeError("needs real tensors")
+    m = nn.Linear(4096, 4096, bias=False, device="meta")
+    m.load_state_dict(load(), assign=True)
+    return m
+
+factory = {"from_file": from_file, "load_only": load_only}[sys.argv[2]]
+module, how = meta_build.build(factory, {}, factory.__name__)
+print(factory.__name__, how, max(grew))
+"""
+
+
+def test_a_checkpoint_a_factory_loads_takes_no_host_memory(tmp_path):
+    """torch.load read a checkpoint's every byte in both tries (the meta one, whose
+    load_state_dict then kept none; the guarded one, whose guard never saw them): a checkpoint
+    larger than the host met the OOM killer, not the guard's one line. Measured in a process
+    of its own: its resident memory grows by the 64 MiB checkpoint at the load, or not."""
+    ckpt = tmp_path / "w.pt"
+    torch.save(nn.Linear(4096, 4096, bias=False).state_dict(), ckpt)
+    script = tmp_path / "loads.py"
+    script.write_text(_LOADS)
+    rows = {}
+    for factory in ("from_file", "load_only"):   # a process each: its own peak
+        run = subprocess.run([sys.executable, str(script), str(ckpt), factory],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        rows[factory] = run.stdout.split()
+    assert rows["from_file"][1] == "meta" and rows["load_only"][1] == "cpu"
+    assert all(int(r[-1]) < 24 for r in rows.values()), rows   # MiB, of 64

@@ -5,12 +5,14 @@ module built that way has shapes and dtypes but no storage, so a 7B-parameter LL
 milliseconds and a few MB of host memory, and the estimate converts its parameters to fake CPU
 tensors (`fake_like`). Only when the factory cannot run on meta (it reads weights from a file,
 calls `.item()`, ...) is it called again for real, with `HostMemoryGuard` counting the host
-memory its tensors take: past 80 % of the memory available when it started, the build stops
+memory its tensors take (a checkpoint `torch.load` reads is read on meta by the first try and
+memory-mapped by the second, `_loading`): past 80 % of the memory available when it started, the build stops
 with a one-line error that suggests the meta path, instead of the kernel's OOM killer ending
 the process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -81,18 +83,47 @@ def _too_big(label: str, nbytes: int, limit: int) -> PlanInputError:
         "memprof needs shapes, never weights")
 
 
+@contextlib.contextmanager
+def _loading(**forced):
+    """torch.load with `forced` keywords while a factory builds: a checkpoint is read on the
+    meta device by the meta attempt (shapes only; it read every byte into host memory, and
+    load_state_dict into meta parameters keeps none of them), memory-mapped by the real build
+    (file pages, not the host memory the guard keeps: torch.load's tensors never pass through
+    it). A file torch cannot map (the legacy format) is read as the factory asked."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        if "mmap" in forced and not isinstance(f, (str, os.PathLike)):
+            return original(f, *args, **kwargs)
+        if "map_location" in forced:
+            kwargs.pop("map_location", None)
+            args = args[:0]   # (map_location is torch.load's second positional parameter)
+        try:
+            return original(f, *args, **{**kwargs, **forced})
+        except RuntimeError:
+            if "mmap" not in forced:
+                raise
+            return original(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def build(factory, kwargs: dict, label: str):
     """factory(**kwargs) -> (module, 'meta' | 'cpu'); see the module docstring. Errors of the
     factory itself propagate (the caller words them)."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _loading(map_location="meta"):
             return factory(**kwargs), "meta"
     except Exception:  # noqa: BLE001  (not meta-friendly: build it for real, guarded)
         pass
     limit = int(HOST_SHARE * host_available_bytes())
     guard = HostMemoryGuard(limit)
     try:
-        with guard:
+        with guard, _loading(mmap=True):
             return factory(**kwargs), "cpu"
     except MemoryError:
         raise _too_big(label, guard.bytes, limit) from None
