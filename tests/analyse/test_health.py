@@ -786,3 +786,39 @@ def test_unclipped_norms_read_the_same_before_clipping_and_as_seen():
                       r"([\d.]+), p90 ([\d.]+)", con.export_text())
     assert len(rows) == 2 and rows[0] == rows[1], rows
     assert float(rows[0][0]) == pytest.approx(float(np.median(norms)), rel=1e-3)
+
+
+class _ItemsNormalised(torch.nn.Module):
+    """A loss summed over the items and divided by `num_items_in_batch`, the items of the
+    whole optimizer step, as Hugging Face's models do under its Trainer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 1)
+
+    def forward(self, x, y, num_items_in_batch=None):
+        err = (self.lin(x).squeeze(-1) - y).square()
+        return err.sum() / num_items_in_batch if num_items_in_batch is not None else err.mean()
+
+
+def test_a_loss_divided_by_the_items_of_the_whole_step_is_summed_over_its_micro_steps():
+    """With 4 micro-steps the health loss read 1/4 of the Trainer's (1.51 against 6.05): the
+    mean of micro-steps that each hold a quarter of the step's loss."""
+    torch.manual_seed(0)
+    model = _ItemsNormalised()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected = []
+    with memprof.track(model, opt, health=True) as prof:
+        for _ in range(3):
+            batches = [(torch.randn(6, 8), torch.randn(6)) for _ in range(4)]
+            items = torch.tensor(sum(len(y) for _, y in batches))
+            total = 0.0
+            for x, y in batches:
+                loss = model(x, y, num_items_in_batch=items)
+                loss.backward()
+                total += float(loss.detach())
+            expected.append(total)
+            opt.step()
+            opt.zero_grad()
+    assert prof.health["per_step"]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert "num_items_in_batch" in prof.health["loss_source"]

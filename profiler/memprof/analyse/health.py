@@ -128,7 +128,9 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     logs = profile.run.records.get("logs") or []
     if rec is None and not logs:
         return None
-    summary, per_loss = _per_step(rec, logs)
+    inputs = profile.run.records.get("inputs") or {}
+    summary, per_loss = _per_step(rec, logs,
+                                  "num_items_in_batch" in (inputs.get("kwargs") or {}))
     # steps whose update a GradScaler skipped (inf/NaN gradients: expected while its scale
     # settles, and what it is for): said, not a finding
     first = int(profile.run.records.get("first_step") or 0)   # a nested block's first
@@ -166,8 +168,12 @@ def _clips_by_step(rec) -> tuple[dict[int, dict], dict[int, int]]:
     return clip_by_step, calls_by_step
 
 
-def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
-    """The summary's per-step table, and the loss of each optimizer step."""
+def _per_step(rec, logs, window_normalised: bool = False) -> tuple[dict, dict[int, float]]:
+    """The summary's per-step table, and the loss of each optimizer step. window_normalised:
+    the model was called with `num_items_in_batch` (Hugging Face's Trainer with gradient
+    accumulation): each micro-step's loss is its sum over the items of the whole optimizer
+    step, so the step's loss is the sum of its micro-steps' (their mean read 1.51 where the
+    Trainer logged 6.05 over 4 micro-steps)."""
     logged: dict[str, dict[int, list[float]]] = {}
     for step, name, v in logs:
         logged.setdefault(name, {}).setdefault(step, []).append(v)
@@ -182,13 +188,19 @@ def _per_step(rec, logs) -> tuple[dict, dict[int, float]]:
                 by.setdefault(step, []).append(v)
                 divisors.append(d)
         k = _accumulation_divisor(by, divisors)
-        per_loss = {s: float(np.mean(v)) * (k or 1.0) for s, v in by.items()}
+        summed = not k and window_normalised
+        per_loss = {s: float(np.sum(v)) if summed else float(np.mean(v)) * (k or 1.0)
+                    for s, v in by.items()}
         loss_source = "root of backward" if per_loss else None
         if per_loss and rec.loss_unscaled and all(rec.loss_unscaled):
             loss_source += " before GradScaler's scale"
         if k:
             loss_source += (f" times {k:g}: the loss was divided by the {k:g} micro-steps of "
                             "each optimizer step")
+        elif summed and per_loss:
+            loss_source += (", summed over each optimizer step's micro-steps: the model was "
+                            "given num_items_in_batch, the items of the whole step, and "
+                            "divided each micro-step's loss by them")
     grad = rec.grad if rec is not None else {}
     steps = sorted(set(per_loss) | set(grad))
     clip_by_step, _ = _clips_by_step(rec)
