@@ -86,3 +86,14 @@ def test_a_shape_the_model_rejects_is_one_line_without_torchs_traceback_log(mode
                          cwd=models_dir, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "the model rejects a batch of this shape" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_batch_functions_own_size_not_divisible_by_the_gpus_says_where_it_came_from(
+        models_dir, capsys):
+    """'effective batch 4: not divisible by the world size 3' named a number the user never
+    typed (the batch function's default)."""
+    rc = main(["recommend", "--gpu", "t4", "--gpus", "3", "--model", "spec_models_cli:build",
+               "--batch-fn", "spec_models_cli:batch"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the batch function's own batch size 4 is not divisible by --gpus 3" \
+        in err and "e.g. 12" in err and len(err.strip().splitlines()) == 1, err

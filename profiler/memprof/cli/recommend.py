@@ -217,9 +217,16 @@ class RecommendCommand(Command):
         if args.html:
             check_writable(args.html, "--html", (".html", ".json"))
         distributed = self._distributed(args)
+        effective = self._effective_batch(args)
+        if distributed is not None and args.effective_batch is None and \
+                effective % distributed.world_size:
+            raise UsageError(f"--effective-batch: the batch function's own batch size "
+                             f"{effective} is not divisible by --gpus {distributed.world_size}"
+                             f" (the global batch is N x micro-batch x accumulation); give "
+                             f"--effective-batch, e.g. {effective * distributed.world_size}")
         kw = dict(model=args.model, model_kwargs=parse_model_args(args.model_arg),
                   batch=args.batch_fn, optimizer=args.optimizer, gpu=args.gpu,
-                  effective_batch=self._effective_batch(args), precisions=precisions,
+                  effective_batch=effective, precisions=precisions,
                   policies=_csv(args.checkpointing), base_lr=args.base_lr,
                   base_batch=args.base_batch, lr=args.lr, warmup_steps=args.warmup_steps,
                   input_shape=args.input_shape, num_classes=args.num_classes,
