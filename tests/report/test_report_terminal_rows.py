@@ -30,3 +30,20 @@ def test_the_rows_past_the_top_are_one_row_with_their_bytes():
     assert int(more.group(1)) == len(by_module) - 8
     rest = sum(list(by_module.values())[8:])
     assert more.group(2) == fmt_bytes(rest)
+
+
+def test_a_ranks_samples_per_second_say_they_are_the_ranks():
+    """A rank's report read "samples/s 2312" where the job ran twice that, unlabelled, beside
+    recommend --gpus quoting the whole job's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(32, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, batch_size=16) as prof:
+        for _ in range(6):
+            model(torch.randn(16, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    prof.profile.meta.update(rank=1, world_size=2)   # as a torchrun rank's profile says
+    con = Console(record=True, width=300)
+    prof.report(console=con)
+    assert "of rank 1 (the job's: about 2 x this" in con.export_text()

@@ -202,10 +202,13 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     spread = tp.get("micro_steps_range") or [None, None]
     if spread[0] is not None and spread[0] != spread[1]:
         some += f" ({spread[0]}-{spread[1]} by step)"
+    world = prof.meta.get("world_size")
+    rank = (f" of rank {prof.meta['rank']} (the job's: about {world} x this, for ranks as "
+            f"fast)" if prof.meta.get("rank") is not None and world and world > 1 else "")
     line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_batch(tp)}   samples/s "
-            + (f"{tp['samples_per_s_overall']:.1f} over the measured steps (per "
+            + (f"{tp['samples_per_s_overall']:.1f}{rank} over the measured steps (per "
                f"{_per(tp)} median {sps['median']:.1f}, p10 {sps['p10']:.1f}, p90 "
                f"{sps['p90']:.1f})" if sps and tp.get("samples_per_s_overall")
                else "- (batch size unknown: track(batch_size=N) or memprof run --batch-size N)"))
