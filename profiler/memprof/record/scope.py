@@ -374,8 +374,9 @@ class ModuleScope(RootNaming):
         if id(module) in self._stand_ins:
             if self._model_called or self._root_depth:   # the model's own pass runs them
                 return module_call.call_in_scope(mid, module, args, kwargs)
-        elif module is self.model:
+        elif module is self.model and not self._model_called:
             self._model_called = True
+            self._demote_stand_ins()
         module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None
         try:
@@ -383,6 +384,16 @@ class ModuleScope(RootNaming):
             return output
         finally:
             module_call.outside_dynamo(self._root_post, module, args, output)
+
+    def _demote_stand_ins(self) -> None:
+        """The model itself was called: its children are scoped calls again, on
+        module_call's inline path (a handler call each was a Python frame more per call)."""
+        for sid in self._stand_ins:
+            mid = self._pass_ids.pop(sid, None)
+            if mid is not None:
+                self._call_ids[sid] = mid
+                module_call.scoped_ids[sid] = mid
+        self._stand_ins = set()
 
     def forward_pass(self, fn, *args, **kwargs):
         """Run fn(*args, **kwargs) as a forward pass of the model (phase, markers, batch size
