@@ -47,3 +47,23 @@ def test_a_ranks_samples_per_second_say_they_are_the_ranks():
     con = Console(record=True, width=300)
     prof.report(console=con)
     assert "of rank 1 (the job's: about 2 x this" in con.export_text()
+
+
+def test_steps_marked_by_hand_are_not_called_optimizer_steps():
+    """--step-on Trainer.training_step (a micro-batch each) read "Throughput per optimizer
+    step" and "micro-steps per optimizer step 1" over 4 micro-batches per update."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(32, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, step_on="manual") as prof:
+        for i in range(8):
+            model(torch.randn(16, 32)).square().mean().backward()
+            if i % 4 == 3:
+                opt.step()
+                opt.zero_grad()
+            prof.step()
+    con = Console(record=True, width=300)
+    prof.report(console=con)
+    text = con.export_text()
+    assert "Throughput per marked step (prof.step() or --step-on FUNCTION)" in text
+    assert "micro-steps per marked step 1" in text and "per optimizer step" not in text

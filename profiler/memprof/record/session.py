@@ -432,6 +432,9 @@ class Session:
             # compiled before the block: its trace had no module call of ours to replay)
             "compiled": src.scope.compiled or ran_compiled_code(strings),
             "steps_marked": src.steps.step,
+            # what ended a step (track(step_on=), --step-on): the reports' "optimizer step"
+            # is that only in "auto" and "optimizer"
+            "step_on": src.steps.step_on,
             "pid": os.getpid(),
             "patch_notes": list(src.patches.notes),
         }

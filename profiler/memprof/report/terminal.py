@@ -179,7 +179,8 @@ def _print_throughput(prof: Profile, console: Console) -> None:
         return
     st = tp["stats"]
     clock = "CUDA events" if tp["clock"] == "cuda_events" else "host clock"
-    t = Table(title=f"Throughput per optimizer step: median over {tp['steps_measured']} steps, "
+    step = _step_word(prof)
+    t = Table(title=f"Throughput per {step}: median over {tp['steps_measured']} steps, "
                     f"{tp['warmup_steps_excluded']} warm-up step(s)"
                     + (f" and {tp['compile_steps_excluded']} compiling" if
                        tp.get("compile_steps_excluded") else "") + f" excluded ({clock})",
@@ -205,7 +206,7 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     world = prof.meta.get("world_size")
     rank = (f" of rank {prof.meta['rank']} (the job's: about {world} x this, for ranks as "
             f"fast)" if prof.meta.get("rank") is not None and world and world > 1 else "")
-    line = (f"micro-steps per optimizer step {_g(tp.get('micro_steps_per_step'))}{some}"
+    line = (f"micro-steps per {step.split(' (')[0]} {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_batch(tp)}   samples/s "
             + (f"{tp['samples_per_s_overall']:.1f}{rank} over the measured steps (per "
@@ -220,6 +221,14 @@ def _print_throughput(prof: Profile, console: Console) -> None:
                                           f"{fmt_bytes(gpu.get('memory_used_bytes_max', 0))}"
                                           if u else escape(f"not sampled ({gpu.get('error')})")))
     console.print(line)
+
+
+def _step_word(prof: Profile) -> str:
+    """What a step is: an optimizer step, or what the run was told ends one (--step-on
+    Trainer.training_step read "per optimizer step" for each micro-batch)."""
+    how = prof.meta.get("step_on", "auto")
+    return {"manual": "marked step (prof.step() or --step-on FUNCTION)",
+            "backward": "step (one per backward())"}.get(how, "optimizer step")
 
 
 def _data_row(tp: dict) -> str:
