@@ -71,6 +71,8 @@ def may_replace(path: str) -> bool:
     mistyped path would destroy."""
     if os.path.isdir(path):
         return False
+    if os.path.exists(path) and not os.path.isfile(path):
+        return False   # a device, FIFO or socket (its size reads 0: /dev/null was replaced)
     return not os.path.exists(path) or os.path.getsize(path) == 0 or is_profile(path)
 
 
@@ -82,6 +84,10 @@ def unwritable(path: str) -> str | None:
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return "is a directory; give a file name"
+    if os.path.exists(path) and not os.path.isfile(path):
+        # `-o /dev/null` as root replaced the device with a profile: every process lost it
+        return ("is not a regular file (a device, FIFO or socket): a profile is a file of its "
+                "own, written by replacing the path; give a file name")
     if not os.path.isdir(directory):
         above = _first_file_above(directory)
         if above is not None:
@@ -132,6 +138,9 @@ def write(run: Run, findings: list[Finding], path: str) -> str:
         "records": {k: v for k, v in run.records.items() if _jsonable(v)},
         "findings": [f.as_dict() for f in findings],
     }
+    # through a symbolic link to the file it names (the rename replaced the link itself and
+    # left its target stale)
+    path = os.path.realpath(path) if os.path.islink(path) else path
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_stem(path)}{os.getpid()}.", suffix=".tmp",
                                dir=directory)

@@ -14,6 +14,14 @@ returns 130 / 143 / 129 (128 + the signal's number) instead.
 
 Only signals left at their default action are handled (a shell that ignores SIGINT for a
 background job keeps doing so), and only on the main thread (Python's rule for handlers).
+
+A process forked while they are handled (a DataLoader's or a Pool's worker, `os.fork()`) gets
+the actions back that it would have had: inherited, the handler raised `Terminated` in a
+worker that SIGTERM should end at once - a Pool's `terminate()` hung on a worker stopped inside
+its queue's lock, and a SIGTERM to the job's process group (a closed terminal, `scancel`) had
+every DataLoader worker die with a traceback. And once SIGTERM or SIGHUP stops the script,
+torch's SIGCHLD handler is put back to the default: the workers dying of the same signal made
+it raise "DataLoader worker is killed by signal" inside the save, and the profile was lost.
 """
 from __future__ import annotations
 
@@ -36,6 +44,41 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+#: the ExitSignals whose handlers are in place (what a forked child undoes)
+_ACTIVE: list = []
+_FORK_HOOK = [False]
+
+
+#: blocked in the forking thread around a fork: a SIGTERM that reached the child before it
+#: put the default action back was caught by the inherited handler and then dropped (a Pool's
+#: terminate() right after its workers started hung the run); blocked, it waits and then
+#: ends the child as it would without memprof
+_BLOCKED = tuple(sig for sig, default in _HANDLED if default is signal.SIG_DFL)
+_MASKED: list = []
+
+
+def _before_fork() -> None:
+    if _ACTIVE and hasattr(signal, "pthread_sigmask"):
+        _MASKED.append(signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED))
+
+
+def _after_fork_in_parent() -> None:
+    if _MASKED:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _MASKED.pop())
+
+
+def _reset_in_child() -> None:
+    """In a forked child: the actions the signals had before memprof's handlers."""
+    for signals in _ACTIVE[-1:]:
+        for sig, handler in signals._previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):   # (forked from a thread Python does not call main)
+                pass
+    _ACTIVE.clear()
+    _after_fork_in_parent()   # the mask as it was (a pending SIGTERM now ends the child)
+
+
 class ExitSignals:
     """`with ExitSignals() as signals: ... signals.finish() ...`; then signals.status(s)."""
 
@@ -53,12 +96,22 @@ class ExitSignals:
             # the parent's, whose profile is not the child's to save
             if handler is default or isinstance(getattr(handler, "__self__", None),
                                                 ExitSignals):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                # (an inherited one stands for the default it replaced)
+                signal.signal(sig, self._handle)
+                self._previous[sig] = default
+        if self._previous:
+            _ACTIVE.append(self)
+            if not _FORK_HOOK[0] and hasattr(os, "register_at_fork"):
+                os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                                    after_in_child=_reset_in_child)
+                _FORK_HOOK[0] = True
         return self
 
     def __exit__(self, *exc) -> bool:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         return False
 
     def finish(self) -> None:
@@ -82,4 +135,15 @@ class ExitSignals:
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
+        _default_sigchld()
         raise Terminated(signum)
+
+
+def _default_sigchld() -> None:
+    """SIGCHLD back to its default action once the script is stopped by a signal (see the
+    module docstring): torch's DataLoader handler raises for a worker that died of it."""
+    if hasattr(signal, "SIGCHLD") and callable(signal.getsignal(signal.SIGCHLD)):
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
