@@ -230,3 +230,37 @@ def test_a_batch_is_rebuilt_for_a_forward_that_takes_keywords_only():
     inputs, _ = batch_function(model, prof.run.records["inputs"], 32)(8)
     assert set(inputs) == {"x", "y"} and inputs["x"].shape == (8, 16)
     assert model(**inputs).dim() == 0
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(1024, 1024)
+        self.head = torch.nn.Linear(1024, 4)
+
+    def forward(self, x):
+        h = self.body(x).relu()
+        return h, self.head(h)
+
+
+def test_a_second_backward_of_the_same_pass_is_no_micro_step_and_weights_never_scale():
+    """An auxiliary loss's second backward() read as accumulation (effective batch 512 for
+    256); a weight of the input's size (1024 x 1024) was scaled with the batch as if it
+    were the batch the loop made."""
+    from memprof.plan.fit import _scalable, accumulation_at
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(3):
+            h, out = model(torch.randn(1024, 1024))
+            h.square().mean().backward(retain_graph=True)    # an auxiliary loss
+            out.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    p = prof.profile
+    assert accumulation_at(p, 1) == 1
+    scal = _scalable(p, p.memory.size, 1024)
+    first = p.memory["thread"] < 0                           # blocks from before the block
+    assert not (scal & first).any()
+    assert (scal & (p.memory["size"] == 1024 * 1024 * 4) & ~first).any()   # the batches

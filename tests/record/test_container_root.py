@@ -169,6 +169,17 @@ def test_a_student_and_its_teacher_are_named_apart_and_the_student_is_the_model(
     assert "teacher.body.1" not in acts                 # no gradients: nothing kept
 
 
+def test_models_kept_in_a_dict_beside_the_loop_are_not_its_model():
+    """A ModuleDict of teacher and student kept for saving: it became the root of both (the
+    report titled `ModuleDict`), though the loop calls each model by itself."""
+    teacher, student = Teacher(64), Student(16)
+    both = torch.nn.ModuleDict({"teacher": teacher, "student": student})   # noqa: F841
+    with memprof.track(auto_modules=True) as prof:
+        _distil(teacher, student)
+    assert prof.meta["model_class"] == "Student"
+    assert {"teacher", "student", "student.body.2"} <= set(prof.modules)
+
+
 def test_a_loss_module_beside_the_model_leaves_the_models_names_as_they_were():
     """A loss module called apart is a root too; with no parameters it does not make the
     run one of several models: the model's layers keep their names."""
@@ -288,3 +299,14 @@ def test_a_model_whose_forward_is_never_called_has_its_childrens_calls_as_passes
             w.net(x)                       # outside the model's pass: no pass
         opt.step()
     assert called.throughput["per_step"]["micro_steps"] == [4]
+    # an evaluation `w(x)` under no_grad between steps keeps the children the passes (the
+    # steps after it read 0 micro-steps)
+    with memprof.track(w, opt) as evaluated:
+        for i, (x, y) in enumerate(data[:6]):
+            torch.nn.functional.cross_entropy(w.net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if i == 2:
+                with torch.no_grad():
+                    w(x)
+    assert evaluated.throughput["per_step"]["micro_steps"] == [1] * 6

@@ -128,9 +128,10 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     logs = profile.run.records.get("logs") or []
     if rec is None and not logs:
         return None
-    inputs = profile.run.records.get("inputs") or {}
-    summary, per_loss = _per_step(rec, logs,
-                                  "num_items_in_batch" in (inputs.get("kwargs") or {}))
+    items = ((profile.run.records.get("inputs") or {}).get("kwargs") or {}).get(
+        "num_items_in_batch") or {}
+    summary, per_loss = _per_step(rec, logs, "tensor" in items or
+                                  bool((items.get("value") or 0) > 0))
     # steps whose update a GradScaler skipped (inf/NaN gradients: expected while its scale
     # settles, and what it is for): said, not a finding
     first = int(profile.run.records.get("first_step") or 0)   # a nested block's first

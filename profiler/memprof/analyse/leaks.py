@@ -28,6 +28,7 @@ from ..record.autograd_graphs import (MAX_GRAPH_NODES, GraphTensor, live_graph_t
 from .leak_fixes import fix_text
 from .turns import last_round_start
 from .outcome import Outcome
+from ..record.session import active_session
 from ..record.holders import (describe_unreached, find_holders, frame_roots, model_roots,
                                namespaces_roots)
 
@@ -86,8 +87,9 @@ def retained_graphs(profile: Profile) -> Outcome:
         bounds: dict[int, int] = {}
         holders = find_holders(holder_roots(run.live), {g.tensor_id for g in old + recent},
                                bounds) if old or recent else {}
-        if collected or all(g.tensor_id in holders for g in old + recent):
-            break
+        if collected or all(g.tensor_id in holders for g in old + recent) or \
+                active_session() is not None:   # (an autosave, a nested block: its frees
+            break                               # would land in the profile recording)
         # a graph no name reaches may be garbage in a reference cycle, which Python's
         # collector has not freed yet (torch.compile's first call leaves some): judged
         # again after a collection, as it would have been freed anyway

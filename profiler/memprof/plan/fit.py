@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..profile import Profile
-from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_TEMPORARIES, PHASE_BACKWARD,
-                             PHASE_FORWARD, PHASE_OTHER)
+from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_TEMPORARIES,
+                             PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
 from ..units import fmt_bytes
 from .allocator import simulate
 from .streams import step_stream
@@ -55,7 +55,19 @@ def accumulation_at(profile: Profile, step: int) -> int | None:
     finished, else the median of the finished steps'; None when no step finished (a run that
     failed in its first optimizer step shows no accumulation)."""
     label = "backward_call" if profile.markers("backward_call") else "backward_start"
-    marks = np.sort(profile.marker_positions(label))
+    # a micro-step is forward passes then a backward (as the throughput analysis groups
+    # them): a second backward() of the same pass (an auxiliary loss, a GAN's D and G) is
+    # none; with no pass seen at all, each backward() is one
+    passes = bool(profile.markers("forward_start"))
+    marks, last = [], None
+    for m in profile.markers():
+        if m["label"] == "forward_start":
+            last = "F"
+        elif m["label"] == label:
+            if last == "F" or not passes:
+                marks.append(m["position"])
+            last = "B"
+    marks = np.array(marks, dtype=np.int64)
     steps = profile.steps[:-1] if profile.partial_last_step else profile.steps
     counts = {s.index: int(np.searchsorted(marks, s.end) - np.searchsorted(marks, s.start))
               for s in steps}
@@ -112,7 +124,11 @@ def _scalable(profile: Profile, end: int, batch: int | None = None) -> np.ndarra
         is_input = np.zeros(end, dtype=bool)
         for b in set(sizes):
             is_input |= (size >= b) & (size < b + 512)
-        out |= ok & (phase == PHASE_OTHER) & is_input
+        # made in the run (not a block from before it: a weight of the input's size), of no
+        # category that stays (parameters, gradients, optimizer state, buffers)
+        made = profile.memory["thread"][owner] >= 0
+        out |= ok & made & (phase == PHASE_OTHER) & is_input & \
+            np.isin(cat, (CAT_OTHER, CAT_TEMPORARIES, CAT_ACTIVATIONS))
     return out
 
 

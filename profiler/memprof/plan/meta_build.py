@@ -93,17 +93,16 @@ def _loading(**forced):
     original = torch.load
 
     def load(f, *args, **kwargs):
+        # (map_location, pickle_module, ... as torch.load takes them after the file)
+        kwargs.update(zip(("map_location", "pickle_module", "weights_only", "mmap"), args))
         if "mmap" in forced and not isinstance(f, (str, os.PathLike)):
-            return original(f, *args, **kwargs)
-        if "map_location" in forced:
-            kwargs.pop("map_location", None)
-            args = args[:0]   # (map_location is torch.load's second positional parameter)
+            return original(f, **kwargs)
         try:
-            return original(f, *args, **{**kwargs, **forced})
+            return original(f, **{**kwargs, **forced})
         except RuntimeError:
             if "mmap" not in forced:
                 raise
-            return original(f, *args, **kwargs)
+            return original(f, **kwargs)
 
     torch.load = load
     try:

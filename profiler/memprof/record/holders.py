@@ -84,10 +84,12 @@ def name_in_frame(frame, obj) -> str | None:
 
 
 def container_in_frame(frame, module) -> torch.nn.Module | None:
-    """The outermost model among a frame's variables and its module's globals that holds
-    `module` as a submodule (`model` for `model[0](x)`, a loop calling a Sequential's layers
-    one by one), or None. `self` is left out: a LightningModule's `self.encoder(x)` keeps its
-    own name. Walks each candidate's modules once, at a new root only."""
+    """The outermost Sequential or ModuleList among a frame's variables and its module's
+    globals that holds `module` (`model` for `model[0](x)`, a loop calling a Sequential's
+    layers one by one), or None. Not any module: a ModuleDict kept beside the loop
+    (`{"teacher": t, "student": s}`) or a wrapper the loop does not call (`WithLoss(model)`)
+    is no model of the layers'. `self` is left out: a LightningModule's `self.encoder(x)` keeps
+    its own name. Walks each candidate's modules once, at a new root only."""
     try:
         local_vars = frame.f_locals
         candidates = [v for k, v in local_vars.items() if k != "self"]
@@ -97,7 +99,8 @@ def container_in_frame(frame, module) -> torch.nn.Module | None:
         best, best_size = None, 0
         seen: set[int] = set()
         for v in candidates:
-            if not isinstance(v, torch.nn.Module) or v is module or id(v) in seen:
+            if not isinstance(v, (torch.nn.Sequential, torch.nn.ModuleList)) or v is module \
+                    or id(v) in seen:
                 continue
             seen.add(id(v))
             subs = [id(m) for m in v.modules()]

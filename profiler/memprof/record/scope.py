@@ -314,6 +314,7 @@ class ModuleScope(RootNaming):
             if getattr(wrapper, COMPILE_WRAPPER, None) is not scope.model or _compiling():
                 return original(wrapper, *args, **kwargs)
             scope._compiled_seen = True
+            scope._own_call()
             return scope._model_pass(functools.partial(original, wrapper), args, kwargs,
                                      own_call=True)
         module_call.never_compiled(call)
@@ -374,9 +375,8 @@ class ModuleScope(RootNaming):
         if id(module) in self._stand_ins:
             if self._model_called or self._root_depth:   # the model's own pass runs them
                 return module_call.call_in_scope(mid, module, args, kwargs)
-        elif module is self.model and not self._model_called:
-            self._model_called = True
-            self._demote_stand_ins()
+        elif module is self.model:
+            self._own_call()
         module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None
         try:
@@ -384,6 +384,15 @@ class ModuleScope(RootNaming):
             return output
         finally:
             module_call.outside_dynamo(self._root_post, module, args, output)
+
+    def _own_call(self) -> None:
+        """A call of the model itself: once one trains (gradients on, the model in training
+        mode; an evaluation `model(x)` under no_grad between steps that run its children made
+        the steps after it read 0 micro-steps), its children are its passes' no more."""
+        if self._model_called or not (torch.is_grad_enabled() and self.model.training):
+            return
+        self._model_called = True
+        self._demote_stand_ins()
 
     def _demote_stand_ins(self) -> None:
         """The model itself was called: its children are scoped calls again, on
