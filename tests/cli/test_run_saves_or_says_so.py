@@ -164,3 +164,82 @@ def test_a_script_that_changes_directory_saves_where_memprof_run_started(tmp_pat
     assert "profile saved to train.memprof" in proc.stdout
     assert _loads(tmp_path / "train.memprof")
     assert not (tmp_path / "outputs" / "run1" / "train.memprof").exists()
+
+
+LOADER_LOOP = '''
+import torch, time
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10 ** 6
+    def __getitem__(self, i):
+        time.sleep(0.001)
+        return torch.randn(16), torch.randn(4)
+model = torch.nn.Linear(16, 4)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = torch.utils.data.DataLoader(Data(), batch_size=8, num_workers=2)
+for i, (x, y) in enumerate(loader):
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    if i == 5:
+        print("ready", flush=True)
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_the_whole_process_group_with_loader_workers_saves_the_profile(tmp_path,
+                                                                                 sig):
+    """A closed terminal or `scancel` signals the job's process group: the DataLoader's
+    workers, which had inherited memprof's handler, died with a traceback and torch's SIGCHLD
+    handler raised inside the save - the profile lost in most runs, exit status 1."""
+    (tmp_path / "loader.py").write_text(LOADER_LOOP)
+    env = dict(os.environ, COLUMNS="250")
+    p = subprocess.Popen([sys.executable, "-m", "memprof.cli", "run", "loader.py"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    assert p.stdout.readline().strip() == "ready"
+    os.killpg(p.pid, sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == -sig, err[-2000:]
+    assert "profile saved to loader.memprof" in out and "Traceback" not in err, err[-2000:]
+    assert _loads(tmp_path / "loader.memprof")
+
+
+POOL = '''
+import multiprocessing as mp, torch
+def work(x):
+    return x * x
+if __name__ == "__main__":
+    m = torch.nn.Linear(4, 2)
+    m(torch.randn(3, 4)).sum().backward()
+    for _ in range(4):
+        with mp.get_context("fork").Pool(2) as pool:   # __exit__: terminate(), SIGTERM
+            assert pool.map(work, [1, 2, 3]) == [1, 4, 9]
+    print("done", flush=True)
+'''
+
+
+def test_a_fork_pools_terminate_ends_its_workers_as_without_memprof(tmp_path):
+    """Pool.__exit__ SIGTERMs its workers: inherited, memprof's handler raised `Terminated`
+    in them (tracebacks), or caught a SIGTERM the child then dropped - the run hung."""
+    (tmp_path / "pool.py").write_text(POOL)
+    r = memprof("run", "pool.py", cwd=tmp_path)
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+    assert "Terminated" not in r.stderr, r.stderr[-2000:]
+
+
+def test_output_on_a_fifo_is_refused_and_through_a_link_saves_the_linked_file(tmp_path):
+    """`-o /dev/null` as root replaced the device node with a profile (a FIFO here, the same
+    check); a symbolic link was replaced by the file, its target left stale."""
+    (tmp_path / "train.py").write_text(TRAIN + "step()\n")
+    os.mkfifo(tmp_path / "fifo.memprof")
+    r = memprof("run", "-o", "fifo.memprof", "train.py", cwd=tmp_path)
+    assert r.returncode == 2 and "is not a regular file" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    import stat
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo.memprof").st_mode)
+    (tmp_path / "real").mkdir()
+    os.symlink("real/run.memprof", tmp_path / "link.memprof")
+    r = memprof("run", "-o", "link.memprof", "train.py", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert os.path.islink(tmp_path / "link.memprof") and _loads(tmp_path / "real/run.memprof")
