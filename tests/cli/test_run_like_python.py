@@ -440,3 +440,21 @@ def test_the_scripts_own_excepthook_reports_its_uncaught_exception(tmp_path):
     assert "[my-logger] fatal ValueError: bad config from train.py" in py.stderr
     assert "[my-logger] fatal ValueError: bad config from train.py" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_import_path_is_pythons(tmp_path):
+    """The launcher's first entry stayed behind the script's directory (the console script's
+    `.venv/bin`, or the directory `python -m memprof.cli` ran from)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "show.py").write_text("import sys\nprint(sys.path)\n")
+    memprof_exe = os.path.join(os.path.dirname(sys.executable), "memprof")
+    plain = subprocess.run([sys.executable, "sub/show.py"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    runs = [[sys.executable, "-m", "memprof.cli", "run", "sub/show.py"]]
+    if os.path.exists(memprof_exe):
+        runs.append([memprof_exe, "run", "sub/show.py"])
+    for cmd in runs:
+        tracked = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=300)
+        assert tracked.returncode == 0, tracked.stderr
+        assert tracked.stdout.splitlines()[0] == plain.stdout.splitlines()[0], cmd

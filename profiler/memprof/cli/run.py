@@ -103,7 +103,11 @@ class RunCommand(Command):
         output = _output(args, target)
         patches = PatchRegistry()   # sys.argv and sys.path as the script expects them
         patches.set(sys, "argv", [target.argv0] + list(args.script_args))
-        patches.set(sys, "path", [target.path0] + sys.path)
+        # the launcher's own first entry (the console script's bin directory, the current
+        # directory of `python -m memprof.cli`) is the script's directory instead, as python
+        # would give it: kept, the bin directory was one more place imports were looked for
+        launcher = 0 if sys.path and not sys.flags.safe_path else None
+        patches.set(sys, "path", [target.path0] + sys.path[launcher is not None:])
         try:
             with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
                 args.stopped_by = None
