@@ -1,6 +1,7 @@
 """`memprof run script.py` behaves like `python script.py` (issue 14): the script is the real
 __main__ (pickling its classes, spawn workers), its exceptions and syntax errors read as
 Python prints them, sys.exit(msg) prints msg, and arguments after the script are the script's."""
+import json
 import os
 import signal
 import subprocess
@@ -458,3 +459,26 @@ def test_the_import_path_is_pythons(tmp_path):
                                  timeout=300)
         assert tracked.returncode == 0, tracked.stderr
         assert tracked.stdout.splitlines()[0] == plain.stdout.splitlines()[0], cmd
+
+
+def test_a_thread_the_script_leaves_running_is_waited_for_as_python_does(tmp_path):
+    """A non-daemon training thread never joined: python waits for it at shutdown; memprof
+    ended the block when the main code returned (4 events of its 20 steps profiled)."""
+    (tmp_path / "bg.py").write_text(
+        "import threading, time, torch\n"
+        "def train():\n"
+        "    m = torch.nn.Linear(16, 4)\n"
+        "    opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "    for _ in range(20):\n"
+        "        m(torch.randn(8, 16)).square().mean().backward()\n"
+        "        opt.step()\n"
+        "        opt.zero_grad()\n"
+        "        time.sleep(0.01)\n"
+        "    print('thread done', flush=True)\n"
+        "threading.Thread(target=train).start()\n")
+    env = dict(os.environ, COLUMNS="250")
+    r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--json", "bg.py"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "thread done" in r.stderr                 # (the script's output, under --json)
+    assert len(json.loads(r.stdout)["steps"]) >= 20
