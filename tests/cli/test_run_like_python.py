@@ -482,3 +482,19 @@ def test_a_thread_the_script_leaves_running_is_waited_for_as_python_does(tmp_pat
     assert r.returncode == 0, r.stderr
     assert "thread done" in r.stderr                 # (the script's output, under --json)
     assert len(json.loads(r.stdout)["steps"]) >= 20
+
+
+def test_a_zipapp_runs_as_python_runs_it(tmp_path):
+    """`memprof run app.zip` read the archive as source: "source code string cannot contain
+    null bytes"."""
+    import zipapp
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "helper.py").write_text("WHAT = 'helper from the archive'\n")
+    (tmp_path / "app" / "__main__.py").write_text(
+        "import sys, helper\nprint(sys.argv, helper.WHAT, __name__, sys.path[0] == sys.argv[0]"
+        " or sys.path[0])\n")
+    zipapp.create_archive(tmp_path / "app", tmp_path / "app.pyz")
+    plain, tracked = _both(tmp_path, "app.pyz", "1")
+    assert plain.returncode == 0 and tracked.returncode == 0, tracked.stderr
+    assert tracked.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    assert (tmp_path / "app.memprof").exists()

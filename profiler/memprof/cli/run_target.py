@@ -10,6 +10,8 @@ import importlib.util
 import os
 import sys
 import types
+import zipfile
+import zipimport
 from dataclasses import dataclass
 
 from .base import UsageError
@@ -73,9 +75,21 @@ def resolve(script: str | None, module: str | None, args: list[str] = ()) -> Run
         return RunTarget(script, main, _read(main), script, _absolute(script), spec)
     if not os.path.isfile(script):
         raise UsageError(f"script {script!r}: no such file")
+    if zipfile.is_zipfile(script):   # a zipapp, as python runs it: its __main__.py
+        return _zipapp(script)
     # the script's imports are found beside the file a symlink points to, as under python
     return RunTarget(script, _absolute(script), _read(script), script,
                      os.path.dirname(os.path.realpath(script)))
+
+
+def _zipapp(script: str) -> RunTarget:
+    """`python app.zip`: the archive first on sys.path, its __main__.py run from it."""
+    archive = _absolute(script)
+    spec = zipimport.zipimporter(archive).find_spec("__main__")
+    if spec is None:
+        raise UsageError(f"script {script!r}: a zip file without a __main__.py")
+    source = spec.loader.get_source("__main__").encode()
+    return RunTarget(script, spec.origin, source, script, archive, spec)
 
 
 def _absolute(path: str) -> str:
