@@ -557,3 +557,28 @@ def test_a_graph_held_only_by_uncollected_cycle_garbage_is_no_leak():
     finally:
         gc.enable()
     assert not [f for f in prof.findings if f.kind == "retained_graph"], prof.findings
+
+
+def test_two_models_trained_on_two_threads_have_no_backward_twice():
+    """Autograd's sequence numbers count per thread: two threads' graphs had the same numbers
+    and read "backward ran more than once through the same graph"."""
+    import threading
+
+    def train(width):
+        model = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(),
+                                    torch.nn.Linear(width, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(10):
+            model(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    with memprof.track(auto_modules=True) as prof:
+        threads = [threading.Thread(target=train, args=(w,)) for w in (32, 64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    calls = prof.run.records["backward"]
+    assert len({c["thread"] for c in calls}) == 2
+    assert not [f for f in prof.findings if f.kind == "backward_twice"]

@@ -11,8 +11,9 @@ from ..profile import Profile
 def backward_misuse(profile: Profile) -> list[Finding]:
     calls = profile.run.records.get("backward") or []
     findings = []
-    uses = collections.Counter(r for c in calls for r in c["roots"])
-    twice = [c for c in calls if any(uses[r] > 1 for r in c["roots"])]
+    # a root is its sequence number on its thread (the numbers count per thread)
+    uses = collections.Counter((c.get("thread"), r) for c in calls for r in c["roots"])
+    twice = [c for c in calls if any(uses[(c.get("thread"), r)] > 1 for r in c["roots"])]
     if twice:
         steps = sorted({c["step"] for c in twice})
         findings.append(Finding(

@@ -20,6 +20,7 @@ itself once it has nothing left to do.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from array import array
 
@@ -258,9 +259,12 @@ class BackwardHook:
 
     def __init__(self, steps: StepClock):
         self.steps = steps
-        # (roots' sequence numbers, retain_graph, step) per call: tuples of ints, which
-        # Python's collector stops walking (a dict and a list per step did, for the whole run)
-        self.calls: list[tuple[tuple[int, ...], bool, int]] = []
+        # (roots' sequence numbers, retain_graph, step, thread) per call: tuples of ints,
+        # which Python's collector stops walking (a dict and a list per step did, for the
+        # whole run); sequence numbers count per thread, so two threads' graphs are told
+        # apart by the thread (two models trained on two threads read as "backward ran more
+        # than once through the same graph")
+        self.calls: list[tuple[tuple[int, ...], bool, int, int]] = []
         self.before: list = []
         self.after: list = []
 
@@ -294,7 +298,8 @@ class BackwardHook:
                 if isinstance(t, torch.Tensor) and t.grad_fn is not None:
                     roots.append(t.grad_fn._sequence_nr())
             self.calls.append((tuple(roots), bool(retain_graph if retain_graph is not None
-                                                  else create_graph), self.steps.step))
+                                                  else create_graph), self.steps.step,
+                               threading.get_ident()))
         except Exception:  # noqa: BLE001  (recording must never break backward)
             pass
         for fn in tuple(self.before):
@@ -302,8 +307,8 @@ class BackwardHook:
 
     def noted(self) -> list[dict]:
         """The calls as the profile keeps them (analyse.backward reads them)."""
-        return [{"roots": list(roots), "retain_graph": retain, "step": step}
-                for roots, retain, step in self.calls]
+        return [{"roots": list(roots), "retain_graph": retain, "step": step, "thread": thread}
+                for roots, retain, step, thread in self.calls]
 
     def _ended(self) -> None:
         # backward is over: what runs next (logging, the next micro-step's data) is not;
