@@ -498,3 +498,29 @@ def test_a_zipapp_runs_as_python_runs_it(tmp_path):
     assert plain.returncode == 0 and tracked.returncode == 0, tracked.stderr
     assert tracked.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
     assert (tmp_path / "app.memprof").exists()
+
+
+def test_a_ctrl_c_inside_backward_shows_no_memprof_wrapper_frame(tmp_path):
+    """Once the signal handler's frame was left out, memprof's wrappers between the user's
+    frames (record/steps.py's `backward`) were not: they are not in Python's traceback."""
+    r, script = run(tmp_path, '''
+        import os, signal, time, torch
+
+        class Slow(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x * 2
+
+            @staticmethod
+            def backward(ctx, g):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(30)
+                return g * 2
+
+        x = torch.randn(4, requires_grad=True)
+        Slow.apply(x).sum().backward()
+        ''')
+    assert r.returncode == -signal.SIGINT, r.stderr[-2000:]
+    assert "in backward" in r.stderr and "KeyboardInterrupt" in r.stderr
+    assert "memprof" not in r.stderr.split("Traceback")[1].split("KeyboardInterrupt")[0], \
+        r.stderr

@@ -380,7 +380,8 @@ def _print_user_traceback(exc: BaseException) -> None:
     if last is not None and len(report.stack) > 1 and last.name == handler.co_name and \
             last.filename == handler.co_filename:
         report.stack.pop()
-    elif last is not None and not last.filename.startswith(_OWN_DIR):
+        last = report.stack[-1]
+    if last is not None and not last.filename.startswith(_OWN_DIR):
         # raised in the script's code (or torch's), not in memprof's: memprof's wrappers
         # between its frames (backward's, an optimizer hook's) are not in Python's traceback
         report.stack = traceback.StackSummary.from_list(
