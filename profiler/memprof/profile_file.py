@@ -80,7 +80,9 @@ def unwritable(path: str) -> str | None:
     """Why a file could not be written at `path` - a directory there, a missing directory, a
     file where a directory should be, a directory where no file can be made (read-only, /proc:
     tried, as access() passes for root), a name longer than the file system takes - or None.
-    Asked before the work (a run, a tracked block, a report) as well as at a save."""
+    Asked before the work (a run, a tracked block, a report) as well as at a save; through a
+    symbolic link, of the file it names (where write() saves)."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return "is a directory; give a file name"
@@ -184,6 +186,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
     behind (a process killed outright while it wrote: SIGKILL runs no cleanup, and a save of
     a long run's profile is hundreds of MB); the files removed. Only names this writer makes
     for `path`, untouched for STALE_TEMPORARY_S, of a pid not running here."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
     directory = os.path.dirname(os.path.abspath(path))
     pattern = re.compile(re.escape(_temporary_stem(path)) + r"([0-9]{1,10})\.[a-z0-9_]{8}\.tmp",
                          re.ASCII)

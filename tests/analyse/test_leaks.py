@@ -579,6 +579,10 @@ def test_two_models_trained_on_two_threads_have_no_backward_twice():
             t.start()
         for t in threads:
             t.join()
+        for w in (8, 16, 24, 40):      # one after another: their idents are reused
+            t = threading.Thread(target=train, args=(w,))
+            t.start()
+            t.join()
     calls = prof.run.records["backward"]
-    assert len({c["thread"] for c in calls}) == 2
+    assert len({c["thread"] for c in calls}) == 6
     assert not [f for f in prof.findings if f.kind == "backward_twice"]

@@ -243,3 +243,38 @@ def test_output_on_a_fifo_is_refused_and_through_a_link_saves_the_linked_file(tm
     r = memprof("run", "-o", "link.memprof", "train.py", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert os.path.islink(tmp_path / "link.memprof") and _loads(tmp_path / "real/run.memprof")
+
+
+SIGNALS_IN_A_CHILD = '''
+import os, signal
+signal.signal(signal.SIGTERM, lambda *a: None)     # the script's own
+signal.signal(signal.SIGINT, signal.SIG_IGN)        # workers ignore Ctrl-C, as before a Pool
+pid = os.fork()
+if pid == 0:
+    print("child", signal.getsignal(signal.SIGINT), type(signal.getsignal(signal.SIGTERM)).__name__,
+          flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+'''
+
+
+def test_a_forked_child_keeps_the_handlers_the_script_set(tmp_path):
+    """The child got every handled signal's default back, also where the script had set its
+    own (its SIGTERM handler gone, Ctrl-C no longer ignored in a Pool's workers)."""
+    (tmp_path / "child.py").write_text(SIGNALS_IN_A_CHILD)
+    plain = subprocess.run([sys.executable, "child.py"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    r = memprof("run", "child.py", cwd=tmp_path)
+    assert r.returncode == plain.returncode == 0, r.stderr
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("child")] == \
+        plain.stdout.splitlines()
+
+
+def test_output_through_a_dangling_link_is_refused_before_the_run(tmp_path):
+    """The link's directory was checked, the missing one it points into was not: the script
+    ran, then the profile could not be saved."""
+    (tmp_path / "train.py").write_text(TRAIN + "step()\nprint('ran', flush=True)\n")
+    os.symlink(tmp_path / "missing" / "x.memprof", tmp_path / "dangling.memprof")
+    r = memprof("run", "-o", "dangling.memprof", "train.py", cwd=tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "ran" not in r.stdout, \
+        r.stderr

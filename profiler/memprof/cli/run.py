@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import traceback
 
 from ..record.patches import PatchRegistry
@@ -107,8 +106,9 @@ class RunCommand(Command):
         # the launcher's own first entry (the console script's bin directory, the current
         # directory of `python -m memprof.cli`) is the script's directory instead, as python
         # would give it: kept, the bin directory was one more place imports were looked for
-        launcher = 0 if sys.path and not sys.flags.safe_path else None
-        patches.set(sys, "path", [target.path0] + sys.path[launcher is not None:])
+        # (PYTHONSAFEPATH, -P: python puts no script directory first, nor does memprof)
+        if not getattr(sys.flags, "safe_path", False):
+            patches.set(sys, "path", [target.path0] + sys.path[1:])
         try:
             with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
                 args.stopped_by = None
@@ -151,12 +151,7 @@ class RunCommand(Command):
         try:
             with tracker, _script_output_on_stderr(args.json):
                 try:
-                    try:
-                        exec(code, main.__dict__)  # noqa: S102  (running the script is the point)
-                    except SystemExit:
-                        _wait_for_threads()
-                        raise
-                    _wait_for_threads()
+                    exec(code, main.__dict__)  # noqa: S102  (running the script is the point)
                 finally:
                     signals.finish()
         except SystemExit as exc:  # the script's own exit: its status and message, as Python
@@ -314,18 +309,6 @@ def _other_ranks(failures: dict, first) -> str:
         + ([f"{stopped} other rank{'s were' if stopped > 1 else ' was'} stopped by SIGTERM (the "
             "launcher stops the others once one fails)"] if stopped else [])
     return "; " + ", ".join(parts) if parts else ""
-
-
-def _wait_for_threads() -> None:
-    """The script's non-daemon threads still running, joined before the block ends, as
-    Python's shutdown joins them before the interpreter ends: a thread that trained after the
-    script's main code returned was cut off (4 events of its 40 steps in the profile, its
-    "done" printed after "profile saved")."""
-    me = threading.current_thread()
-    for t in threading.enumerate():
-        if t is not me and not t.daemon and t.is_alive() and \
-                not t.name.startswith("memprof-"):
-            t.join()
 
 
 def _exit_status(exc: SystemExit) -> int:

@@ -88,7 +88,11 @@ def _zipapp(script: str) -> RunTarget:
     spec = zipimport.zipimporter(archive).find_spec("__main__")
     if spec is None:
         raise UsageError(f"script {script!r}: a zip file without a __main__.py")
-    source = spec.loader.get_source("__main__").encode()
+    if not spec.origin.endswith(".py"):
+        raise UsageError(f"script {script!r}: a zipapp whose __main__ is compiled only "
+                         f"({os.path.basename(spec.origin)}): memprof runs its source")
+    # the bytes as stored: compile() reads a `# -*- coding: ... -*-` line, as python does
+    source = spec.loader.get_data(spec.origin)
     return RunTarget(script, spec.origin, source, script, archive, spec)
 
 

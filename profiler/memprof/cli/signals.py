@@ -68,13 +68,16 @@ def _after_fork_in_parent() -> None:
 
 
 def _reset_in_child() -> None:
-    """In a forked child: the actions the signals had before memprof's handlers."""
-    for signals in _ACTIVE[-1:]:
-        for sig, handler in signals._previous.items():
-            try:
-                signal.signal(sig, handler)
-            except (ValueError, OSError):   # (forked from a thread Python does not call main)
-                pass
+    """In a forked child: the default action where memprof's handler is in place (one the
+    script set since - its own SIGTERM handler, SIGINT ignored before a Pool - stays)."""
+    if _ACTIVE:
+        for sig, default in _HANDLED:
+            handler = signal.getsignal(sig)
+            if isinstance(getattr(handler, "__self__", None), ExitSignals):
+                try:
+                    signal.signal(sig, default)
+                except (ValueError, OSError):   # (forked from a thread Python does not
+                    pass                        # call main)
     _ACTIVE.clear()
     _after_fork_in_parent()   # the mask as it was (a pending SIGTERM now ends the child)
 
@@ -96,9 +99,7 @@ class ExitSignals:
             # the parent's, whose profile is not the child's to save
             if handler is default or isinstance(getattr(handler, "__self__", None),
                                                 ExitSignals):
-                # (an inherited one stands for the default it replaced)
-                signal.signal(sig, self._handle)
-                self._previous[sig] = default
+                self._previous[sig] = signal.signal(sig, self._handle)
         if self._previous:
             _ACTIVE.append(self)
             if not _FORK_HOOK[0] and hasattr(os, "register_at_fork"):

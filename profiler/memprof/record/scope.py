@@ -386,10 +386,10 @@ class ModuleScope(RootNaming):
             module_call.outside_dynamo(self._root_post, module, args, output)
 
     def _own_call(self) -> None:
-        """A call of the model itself: once one trains (gradients on, the model in training
-        mode; an evaluation `model(x)` under no_grad between steps that run its children made
-        the steps after it read 0 micro-steps), its children are its passes' no more."""
-        if self._model_called or not (torch.is_grad_enabled() and self.model.training):
+        """A call of the model itself: once one runs with gradients on (an evaluation
+        `model(x)` under no_grad between steps that run its children made the steps after it
+        read 0 micro-steps), its children are its passes' no more."""
+        if self._model_called or not torch.is_grad_enabled():
             return
         self._model_called = True
         self._demote_stand_ins()

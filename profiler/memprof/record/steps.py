@@ -20,6 +20,7 @@ itself once it has nothing left to do.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from array import array
@@ -252,6 +253,19 @@ def _found_inf(scaler, optimizer) -> bool:
         return True
 
 
+_THREADS = threading.local()
+_THREAD_NUMBERS = itertools.count(1)
+
+
+def _thread_number() -> int:
+    """This thread's number, never reused (threading.get_ident() is, by the next thread: six
+    threads one after another, each with sequence numbers from 0, read as "backward twice")."""
+    n = getattr(_THREADS, "number", None)
+    if n is None:
+        n = _THREADS.number = next(_THREAD_NUMBERS)
+    return n
+
+
 class BackwardHook:
     """The one wrapper of torch.autograd.backward while recording: notes each call (roots,
     retain_graph, step) for the backward-misuse check, ends the backward phase, and runs the
@@ -299,7 +313,7 @@ class BackwardHook:
                     roots.append(t.grad_fn._sequence_nr())
             self.calls.append((tuple(roots), bool(retain_graph if retain_graph is not None
                                                   else create_graph), self.steps.step,
-                               threading.get_ident()))
+                               _thread_number()))
         except Exception:  # noqa: BLE001  (recording must never break backward)
             pass
         for fn in tuple(self.before):
