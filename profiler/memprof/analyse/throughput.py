@@ -259,6 +259,12 @@ def _append_row(rows, w: _Window, batch_override) -> None:
             rows[key].append(None)
 
 
+def micro_steps(profile: Profile) -> list[int]:
+    """Micro-steps of each finished step, grouped as the throughput table groups them
+    (forward passes then a backward; each backward() where no pass is seen)."""
+    return phase_table(_entries_from_profile(profile))["micro_steps"]
+
+
 def _entries_from_profile(profile: Profile) -> list[tuple[str, int, int]]:
     return [(m["label"], m["t_ns"], m["value"]) for m in profile.markers()
             if m["label"] in PHASE_LABELS]

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from ..analyse.throughput import micro_steps
 from ..profile import Profile
 from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_TEMPORARIES,
                              PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
@@ -51,27 +52,11 @@ def batch_size_at(profile: Profile, step: int) -> int | None:
 
 
 def accumulation_at(profile: Profile, step: int) -> int | None:
-    """Micro-steps per optimizer step around `step`: the backward() calls of that step when it
-    finished, else the median of the finished steps'; None when no step finished (a run that
-    failed in its first optimizer step shows no accumulation)."""
-    label = "backward_call" if profile.markers("backward_call") else "backward_start"
-    # a micro-step is forward passes then a backward (as the throughput analysis groups
-    # them): a second backward() of the same pass (an auxiliary loss, a GAN's D and G) is
-    # none; with no pass seen at all, each backward() is one
-    passes = bool(profile.markers("forward_start"))
-    marks, last = [], None
-    for m in profile.markers():
-        if m["label"] == "forward_start":
-            last = "F"
-        elif m["label"] == label:
-            if last == "F" or not passes:
-                marks.append(m["position"])
-            last = "B"
-    marks = np.array(marks, dtype=np.int64)
-    steps = profile.steps[:-1] if profile.partial_last_step else profile.steps
-    counts = {s.index: int(np.searchsorted(marks, s.end) - np.searchsorted(marks, s.start))
-              for s in steps}
-    counts = {k: v for k, v in counts.items() if v > 0}
+    """Micro-steps per optimizer step around `step`: that step's when it finished, else the
+    median of the finished steps'; None when no step finished (a run that failed in its
+    first optimizer step shows no accumulation). Counted as the throughput table counts
+    them: a second backward() of the same pass (an auxiliary loss) is no micro-step."""
+    counts = {i: n for i, n in enumerate(micro_steps(profile)) if n > 0}
     if step in counts:
         return counts[step]
     return int(np.median(list(counts.values()))) if counts else None

@@ -98,9 +98,8 @@ class ModuleScope(RootNaming):
         self._root_depth = 0                      # passes running (calls or forward_pass)
         # a model whose own forward the loop never calls (a LightningModule tracked itself:
         # its training_step calls self.net(x)): its callable children stand in for it, their
-        # outermost calls the passes, until the model itself is called
+        # outermost calls the passes, until the model itself is called (then none is left)
         self._stand_ins: set[int] = set()
-        self._model_called = False
         # whether the pass starting has the model's own call arguments (not those of
         # Lightning's training_step(batch, batch_idx)): what the inputs record may describe
         self.module_call = True
@@ -373,7 +372,7 @@ class ModuleScope(RootNaming):
         if threading.get_ident() != self._passes.ident and not self._passes.takes(module, True):
             return module_call.call_in_scope(mid, module, args, kwargs)
         if id(module) in self._stand_ins:
-            if self._model_called or self._root_depth:   # the model's own pass runs them
+            if self._root_depth:   # inside a pass (Lightning's training_step as one)
                 return module_call.call_in_scope(mid, module, args, kwargs)
         elif module is self.model:
             self._own_call()
@@ -389,14 +388,10 @@ class ModuleScope(RootNaming):
         """A call of the model itself: once one runs with gradients on (an evaluation
         `model(x)` under no_grad between steps that run its children made the steps after it
         read 0 micro-steps), its children are its passes' no more."""
-        if self._model_called or not torch.is_grad_enabled():
+        if not self._stand_ins or not torch.is_grad_enabled():
             return
-        self._model_called = True
-        self._demote_stand_ins()
-
-    def _demote_stand_ins(self) -> None:
-        """The model itself was called: its children are scoped calls again, on
-        module_call's inline path (a handler call each was a Python frame more per call)."""
+        # its children are scoped calls again, on module_call's inline path (a handler call
+        # each was a Python frame more per call)
         for sid in self._stand_ins:
             mid = self._pass_ids.pop(sid, None)
             if mid is not None:
