@@ -202,3 +202,22 @@ def test_a_model_given_as_a_file_path_is_imported_from_its_folder(capsys, own_mo
                        ("../json.py:build", "a module named 'json' is already imported from")):
         rc, out, err = _cli(capsys, "--gpu", "t4", "--model", spec, "--effective-batch", "8")
         assert rc == 2 and said in err and err.count("\n") == 1, err
+
+
+def test_a_file_whose_name_is_no_identifier_prints_code_that_imports_it(capsys, own_models):
+    """`--model train-model.py:tiny_bert` imports (importlib takes the name); the printed code
+    said `from train-model import tiny_bert`, a SyntaxError, and must run as printed."""
+    (own_models / "train-model.py").write_text(MODULE)
+    before = list(sys.path)
+    rc, out, err = _cli(capsys, "--gpu", "16G", "--model", "./train-model.py:tiny_bert",
+                        "--batch-fn", "./train-model.py:with_labels", "--no-confirm", "--json")
+    assert rc == 0, err
+    code = json.loads(out)["code"]
+    assert "from train-model" not in code and "importlib.import_module('train-model')" in code
+    sys.modules.pop("train-model", None)
+    try:
+        ns = _run_code(code, own_models)
+    finally:
+        sys.path[:] = before
+        sys.modules.pop("train-model", None)
+    assert torch.isfinite(ns["loss"]).all()

@@ -501,3 +501,57 @@ def test_a_ctrl_c_inside_backward_shows_no_memprof_wrapper_frame(tmp_path):
     assert "in backward" in r.stderr and "KeyboardInterrupt" in r.stderr
     assert "memprof" not in r.stderr.split("Traceback")[1].split("KeyboardInterrupt")[0], \
         r.stderr
+
+
+def test_a_training_thread_that_tracks_itself_runs_as_under_python(tmp_path):
+    """A script whose worker thread opens `memprof.track(model)` failed only under memprof
+    run ("thread 'trainer' cannot start a block while thread 'MainThread' is recording"): the
+    run's own block is no block of the script's. Its profile is python's, and a second
+    thread's block while the first is open is refused under both."""
+    source = '''
+        import threading, torch, memprof
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        inside, leave, out = threading.Event(), threading.Event(), {}
+        def train():
+            try:
+                with memprof.track(model, opt) as prof:
+                    for _ in range(4):
+                        model(torch.randn(32, 64)).square().mean().backward()
+                        opt.step()
+                        opt.zero_grad()
+                    inside.set()
+                    leave.wait()
+                out["prof"] = prof
+            finally:
+                inside.set()   # a refused block must not leave the main thread waiting
+        def second():
+            try:
+                with memprof.track():
+                    pass
+            except RuntimeError as err:
+                out["refused"] = str(err).split(" (")[0]
+        t = threading.Thread(target=train, name="trainer")
+        t.start()
+        inside.wait()
+        s = threading.Thread(target=second, name="second")
+        s.start()
+        s.join()
+        leave.set()
+        t.join()
+        p = out["prof"]
+        print("steps", len(p.steps), "peak", p.peak, "model", p.meta["model_class"])
+        print("refused:", out.get("refused"))
+        '''
+    r, script = run(tmp_path, source)
+    assert r.returncode == 0, r.stderr
+    alone = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    said = alone.stdout.splitlines()
+    assert said[0].startswith("steps 4 peak ") and said[0].endswith("model Sequential"), said
+    assert said[1] == ("refused: memprof.track: thread 'second' cannot start a block while "
+                       "thread 'trainer' is recording"), said
+    assert r.stdout.splitlines()[:2] == said

@@ -133,6 +133,7 @@ class RunCommand(Command):
                                 step_on=track_mode(args.step_on), batch_size=args.batch_size,
                                 autosave=args.autosave or None, capacity=args.capacity)
         tracker.session.capacity_knob = "memprof run --capacity"
+        tracker.session.nests_any_thread = True   # the script's blocks nest from any thread
         code = install_step_on(args.step_on, code, source, script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis

@@ -122,6 +122,12 @@ def _import_line(spec: str, as_name: str | None = None) -> tuple[str, str]:
         inner, bound = _import_line(f"{name[:-3] if name.endswith('.py') else name}:{qual}",
                                     as_name)
         return f"import sys\n{path_line}\n{inner}", bound
+    if not all(part.isidentifier() for part in mod.split(".")):
+        # importlib takes a module name the import statement cannot spell ('train-model')
+        bound = as_name or head
+        attrs = qual if as_name is not None else head
+        return f"import importlib\n{bound} = importlib.import_module({mod!r}).{attrs}", \
+            (as_name or qual)
     if as_name is not None and "." not in qual:
         return f"from {mod} import {qual} as {as_name}", as_name
     line = f"from {mod} import {head}"

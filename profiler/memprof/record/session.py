@@ -14,7 +14,9 @@ patches through `session.patches`; it never reaches into another recorder.
 One session records the whole process: every thread that allocates while it runs (threads
 started inside the block, and threads that existed before it, attached natively on their
 first op). A block nested in the recording thread shares it; a block started in another thread
-while one records is refused with the name of the recording thread.
+while one records is refused with the name of the recording thread - except inside `memprof
+run`'s own block, which stands for no block of the script's: there a script's block nests from
+whichever thread starts it, one thread's blocks at a time, as python alone would allow.
 """
 from __future__ import annotations
 
@@ -155,6 +157,10 @@ class Session:
         self.outer: Session | None = None
         self.pid: int | None = None    # the process that entered the block
         self.thread: threading.Thread | None = None   # the thread that started recording
+        # memprof run's block: the script's own blocks nest in it from any thread (below)
+        self.nests_any_thread = False
+        self.nested_threads: dict[threading.Thread, int] = {}   # open nested blocks, by thread
+        self._nested_thread: threading.Thread | None = None
         self._nested_label = ""
         self._lent: set[str] = set()   # names of recorders a nested block lent the outer
         self.first_step = 0            # a nested block: the outer block's step at its start
@@ -224,7 +230,10 @@ class Session:
         self.pid = os.getpid()
         with _start_lock:   # two threads entering at once: one records, the other is refused
             if _active is not None:
-                _check_same_thread(_active)
+                _check_may_nest(_active)
+                here = threading.current_thread()
+                _active.nested_threads[here] = _active.nested_threads.get(here, 0) + 1
+                self._nested_thread = here
                 # Nested block: share the outer session, keep our own slice of its events,
                 # with what was alive at its start that this block can name (its model's
                 # parameters, its optimizer's state), as a block of its own would.
@@ -286,7 +295,13 @@ class Session:
         if self.forked_away:   # the hooks came off at the fork (_leave_forked_child)
             return
         if self.outer is not None:
-            self._stop_nested(exc)
+            try:
+                self._stop_nested(exc)
+            finally:
+                open_here = self.outer.nested_threads
+                open_here[self._nested_thread] -= 1
+                if not open_here[self._nested_thread]:
+                    del open_here[self._nested_thread]
             return
         try:
             self.auto_steps.check()   # a hand-written loop's last update ends its last step
@@ -532,15 +547,23 @@ def _first_time(streams: EventStreams) -> int:
     return min(first) if first else 0
 
 
-def _check_same_thread(active: Session) -> None:
+def _check_may_nest(active: Session) -> None:
     """One session records the whole process (the native log is global): a block may nest in
-    the thread that is recording, another thread's block is refused rather than mixed in."""
+    the thread that is recording, another thread's block is refused rather than mixed in.
+    Under `memprof run` the recording thread is the one in which a block of the script's is
+    open, if any: a script whose training thread tracks itself runs as it does under python
+    (where that thread's block would be the only one), and a second thread's block is refused
+    as python alone would refuse it."""
     here = threading.current_thread()
-    if active.thread is not None and active.thread is not here:
+    holder = active.thread
+    if active.nests_any_thread:
+        others = [t for t, n in active.nested_threads.items() if n and t is not here]
+        holder = others[0] if others else here
+    if holder is not None and holder is not here:
         raise RuntimeError(
             f"memprof.track: thread {here.name!r} cannot start a block while thread "
-            f"{active.thread.name!r} is recording (one recording per process, and it already "
-            f"sees this thread's allocations); nest the block in {active.thread.name!r} or "
+            f"{holder.name!r} is recording (one recording per process, and it already "
+            f"sees this thread's allocations); nest the block in {holder.name!r} or "
             "start it after that block has ended")
 
 
