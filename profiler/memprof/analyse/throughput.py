@@ -281,9 +281,12 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
     turns."""
     rows = phase_table(entries, batch_override, pauses)
     n = len(rows["wall_ms"])
-    compiled = {int(i) for i in compiled_steps if min(warmup, n) <= int(i) < n}
-    skipped = {int(i) for i in skipped_steps if min(warmup, n) <= int(i) < n} - compiled
-    keep = [i for i in range(min(warmup, n), n) if i not in compiled | skipped]
+    # a run of warm-up steps only (one step: a smoke test, a run that ran out of memory in
+    # its second) is measured on them, and says so, rather than over no step at all
+    warm = min(warmup, n) if n > warmup else 0
+    compiled = {int(i) for i in compiled_steps if warm <= int(i) < n}
+    skipped = {int(i) for i in skipped_steps if warm <= int(i) < n} - compiled
+    keep = [i for i in range(warm, n) if i not in compiled | skipped]
     pick = {k: [v[i] for i in keep] for k, v in rows.items()}
     stats = {k: _stats(pick[k]) for k in COLUMNS}
     # each phase's share of the measured steps' time (sums, not medians: the shares of the
@@ -314,7 +317,8 @@ def compute(entries, *, clock: str, warmup: int = WARMUP_STEPS,
         "clock": clock,
         # time inside DataLoader.__next__ was measured (record.throughput patches it)
         "data_loader_seen": any(e[0] == "data_start" for e in entries),
-        "warmup_steps_excluded": min(warmup, n),
+        "warmup_steps_excluded": warm,
+        "warmup_measured": n > 0 and warm < min(warmup, n),   # first-step costs included
         "compile_steps_excluded": len(compiled),
         "leak_check_steps_excluded": len(skipped),
         "steps": n,
@@ -473,7 +477,7 @@ def starvation_findings(summary: dict) -> list[Finding]:
     (data_loader_starvation), else host time between steps named as such - never blamed on a
     data loader that was not there - and only when the wait itself is long enough to matter."""
     st = summary.get("stats") or {}
-    if summary.get("steps_measured", 0) < MIN_MEASURED_STEPS:
+    if summary.get("steps_measured", 0) < MIN_MEASURED_STEPS or summary.get("warmup_measured"):
         return []
     loader = bool(summary.get("data_loader_seen"))
     frac = st.get("loader_fraction" if loader else "data_fraction")
