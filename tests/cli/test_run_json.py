@@ -42,6 +42,16 @@ def test_the_scripts_output_goes_to_stderr_and_stdout_is_one_document(tmp_path):
     assert r.stderr.index("starting") < r.stderr.index("'step': 0") < \
         r.stderr.index("from a child process")
     assert (tmp_path / "train.memprof").exists()
+    # the same document as `memprof report --json` of the saved file (run's lacked the
+    # partial-step marks, budget and fit)
+    again = subprocess.run([sys.executable, "-m", "memprof.cli", "report", "--json",
+                            "train.memprof"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    saved = json.loads(again.stdout)
+    assert set(doc) == set(saved) and {"partial_last_step", "budget", "fit"} <= set(doc)
+    assert [set(s) for s in doc["steps"]] == [set(s) for s in saved["steps"]]
+    assert doc["steps"] == saved["steps"] and doc["peak_bytes"] == saved["peak_bytes"]
 
 
 def test_without_json_the_scripts_output_stays_on_stdout(tmp_path):

@@ -67,3 +67,42 @@ def test_steps_marked_by_hand_are_not_called_optimizer_steps():
     text = con.export_text()
     assert "Throughput per marked step (prof.step() or --step-on FUNCTION)" in text
     assert "micro-steps per marked step 1" in text and "per optimizer step" not in text
+
+
+def test_long_module_names_are_shown_whole_in_a_narrow_terminal():
+    """At 80 columns the module table cut names at the end: a LoRA model's
+    `...layers.1.self_attn.q_proj.lora...` rows for lora_A and lora_B read the same."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attention_projection_query_low_rank_adaptation_A = torch.nn.Linear(32, 32)
+            self.self_attention_projection_query_low_rank_adaptation_B = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return (self.self_attention_projection_query_low_rank_adaptation_B(
+                self.self_attention_projection_query_low_rank_adaptation_A(x)))
+
+    model = torch.nn.Sequential(*[Block() for _ in range(2)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(2):
+            model(torch.randn(8, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    con = Console(record=True, width=80)
+    prof.report(console=con, top=20)
+    text = con.export_text()
+    table = text[text.index("Alive at the peak, by module"):text.index("Alive at the peak, by op")]
+    joined = "".join(line.split("│")[1].strip() for line in table.splitlines()
+                     if line.count("│") == 4)
+    for name in prof.breakdown("module"):
+        if name.startswith("Sequential."):
+            assert name in joined, (name, table)
+    assert "…" not in table
+
+
+def test_byte_counts_take_the_unit_they_round_into():
+    """1048575 bytes read "1024.00 KiB", and the README's 1 PiB request "1024.00 TiB"."""
+    assert fmt_bytes(1048575) == "1.00 MiB" and fmt_bytes(1048569) == "1023.99 KiB"
+    assert fmt_bytes(2 ** 50) == "1.00 PiB" and fmt_bytes(-1536) == "-1.50 KiB"
+    assert fmt_bytes(1023) == "1023 B" and fmt_bytes(2 ** 60) == "1.00 EiB"

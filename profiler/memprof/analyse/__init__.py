@@ -57,9 +57,25 @@ def findings(prof, min_severity: str = "warning") -> list[Finding]:
 
 def summary(profile) -> dict:
     """Everything as plain JSON-able data: the profile's summary plus the throughput and
-    health summaries (what `memprof report --json` prints)."""
+    health summaries, the budget replay and what would fit where one was asked for, and
+    the partial last step marked (what `memprof report --json` and `memprof run --json`
+    print: one document, so that a CI script reads either the same way)."""
     from . import health, throughput
     out = profile.summary()
     out["throughput"] = throughput.summarize(profile)
     out["health"] = health.summarize(profile)
+    out["budget"], out["fit"] = profile.meta.get("budget"), profile.meta.get("fit")
+    _mark_partial_step(profile, out)
     return out
+
+
+def _mark_partial_step(profile, data: dict) -> None:
+    """What the terminal report marks "(partial)": `partial_last_step` (the last entry of
+    `steps` is work after the last step boundary - an evaluation pass, a loop cut short - not
+    a finished step) and `partial` on every step entry, so that a CI script reading the JSON
+    does not take that remainder for the run's last step."""
+    partial = profile.partial_last_step
+    steps = data.get("steps") or []
+    for i, step in enumerate(steps):
+        step["partial"] = partial and i == len(steps) - 1
+    data["partial_last_step"] = partial

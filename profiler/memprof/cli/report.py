@@ -50,10 +50,7 @@ class ReportCommand(Command):
         if args.budget:
             _apply_budget(prof, args.budget)
         if args.json:
-            data = summary(prof)
-            data.update(budget=prof.meta.get("budget"), fit=prof.meta.get("fit"))
-            _mark_partial_step(prof, data)
-            print(json.dumps(data, indent=1, default=str))
+            print(json.dumps(summary(prof), indent=1, default=str))
         else:
             memprof.show(prof, top=args.top)
         for path in args.export or []:   # (with --json, stdout holds the document alone)
@@ -62,18 +59,6 @@ class ReportCommand(Command):
         if args.fail_on_findings and memprof.findings(prof):
             return 3
         return 0
-
-
-def _mark_partial_step(prof, data: dict) -> None:
-    """What the terminal report marks "(partial)": `partial_last_step` (the last entry of
-    `steps` is work after the last step boundary - an evaluation pass, a loop cut short - not
-    a finished step) and `partial` on every step entry, so that a CI script reading the JSON
-    does not take that remainder for the run's last step."""
-    partial = prof.partial_last_step
-    steps = data.get("steps") or []
-    for i, step in enumerate(steps):
-        step["partial"] = partial and i == len(steps) - 1
-    data["partial_last_step"] = partial
 
 
 def _run_merged(args) -> int:

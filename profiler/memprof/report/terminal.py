@@ -87,7 +87,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     for by, label in shown:
         rows = list(prof.breakdown(by).items())
         t = Table(title=f"Alive at the peak, by {label}", title_justify="left")
-        t.add_column(by)
+        t.add_column(by, overflow="fold")   # whole: a cut `...q_proj.lora...` hid A from B
         t.add_column("bytes", justify="right")
         t.add_column("share", justify="right")
         for name, b in rows[:top]:
@@ -101,7 +101,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     if saved:
         t = Table(title="Saved for backward, released by autograd node (per run)",
                   title_justify="left")
-        t.add_column("autograd node")
+        t.add_column("autograd node", overflow="fold")
         t.add_column("bytes", justify="right")
         for name, b in saved[:top]:
             t.add_row(escape(name), fmt_bytes(b))
