@@ -555,3 +555,41 @@ def test_a_training_thread_that_tracks_itself_runs_as_under_python(tmp_path):
     assert said[1] == ("refused: memprof.track: thread 'second' cannot start a block while "
                        "thread 'trainer' is recording"), said
     assert r.stdout.splitlines()[:2] == said
+
+
+def test_a_warning_between_backward_and_the_update_names_the_scripts_line(tmp_path):
+    """torch's own warnings from the script's lines between a backward and the next forward
+    (`float(loss)` on a tensor that requires grad, beside a hand-written update) were
+    attributed to memprof's update watch: a `-W error::UserWarning:__main__` filter that ends
+    the script under python let it run on under memprof, and the warning named memprof's file."""
+    source = '''
+        import torch
+        import torch.nn.functional as F
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        for step in range(3):
+            model.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            value = float(loss)
+        print("done", step)
+        '''
+    r, script = run(tmp_path, source)
+    alone = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert r.returncode == alone.returncode == 0, r.stderr
+    said = [line for line in alone.stderr.splitlines() if "UserWarning" in line]
+    assert said and said[0].startswith(f"{script}:14: UserWarning"), alone.stderr
+    assert [line for line in r.stderr.splitlines() if "UserWarning" in line] == said
+    env = dict(os.environ, PYTHONWARNINGS="error::UserWarning:__main__")
+    strict = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    under = subprocess.run([sys.executable, "-m", "memprof.cli", "run", str(script)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert strict.returncode == under.returncode == 1, under.stderr
+    trace = strict.stderr[strict.stderr.index("Traceback"):]
+    assert trace in under.stderr, (trace, under.stderr)   # the same frames, none of memprof's

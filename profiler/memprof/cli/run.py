@@ -14,6 +14,7 @@ import traceback
 from ..record.patches import PatchRegistry
 from ..record.events import EVENT_DTYPE
 from ..record.session import DEFAULT_CAPACITY, MAX_CAPACITY
+from ..record.update_watch import is_call_site
 from ..track_autosave import DEFAULT_AUTOSAVE_S
 from .base import (Command, UsageError, at_least_one, check_writable, seconds_or_off,
                    stdout_to_devnull)
@@ -326,11 +327,18 @@ def _exit_status(exc: SystemExit) -> int:
 
 def _from_the_scripts_frames(tb):
     """`tb` from its first frame that is not memprof's own (nor importlib's frozen ones);
-    all of it where every frame is."""
+    all of it where every frame is. The frames that repeat a caller's line for the update
+    watch (record.update_watch.is_call_site) are unlinked: python has no such frame."""
     first = tb
     while first is not None and (first.tb_frame.f_code.co_filename.startswith(_OWN_DIR)
                                  or first.tb_frame.f_code.co_filename.startswith("<")):
         first = first.tb_next
+    here = first
+    while here is not None and here.tb_next is not None:
+        if is_call_site(here.tb_next.tb_frame.f_code):
+            here.tb_next = here.tb_next.tb_next
+        else:
+            here = here.tb_next
     return first or tb
 
 
@@ -357,6 +365,10 @@ def _print_user_traceback(exc: BaseException) -> None:
     handler that raised a Ctrl-C's KeyboardInterrupt (Python's own handler raises it in the
     interrupted frame, the last one printed); so are memprof's wrappers between the user's
     frames, unless the error was raised in memprof's own code (then it is all shown)."""
+    innermost = exc.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    in_a_call_site = innermost is not None and is_call_site(innermost.tb_frame.f_code)
     report = traceback.TracebackException(type(exc), exc,
                                           _from_the_scripts_frames(exc.__traceback__))
     last = report.stack[-1] if report.stack else None
@@ -365,7 +377,7 @@ def _print_user_traceback(exc: BaseException) -> None:
             last.filename == handler.co_filename:
         report.stack.pop()
         last = report.stack[-1]
-    if last is not None and not last.filename.startswith(_OWN_DIR):
+    if last is not None and (in_a_call_site or not last.filename.startswith(_OWN_DIR)):
         # raised in the script's code (or torch's), not in memprof's: memprof's wrappers
         # between its frames (backward's, an optimizer hook's) are not in Python's traceback
         report.stack = traceback.StackSummary.from_list(

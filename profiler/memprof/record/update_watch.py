@@ -20,7 +20,9 @@ backward and its next forward.
 """
 from __future__ import annotations
 
+import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -120,22 +122,66 @@ class UpdateWatch(TorchFunctionMode):
     def _handle(self, func, args, kwargs):
         # dynamo traces through the mode (a compiled function called after a backward): it
         # reads the check as a constant and traces the call alone
-        if torch.compiler.is_compiling() or self._steps.explicit or \
-                _C.get_phase() == PHASE_OPTIMIZER:   # (an optimizer's step)
+        if torch.compiler.is_compiling():
             return func(*args, **kwargs)
+        call = _as_called_by_the_caller(func)
+        if self._steps.explicit or _C.get_phase() == PHASE_OPTIMIZER:   # (an optimizer's step)
+            return call(func, args, kwargs)
         target = _first_tensor(args) if _writes(func) else None
         if target is not None and _ptr(target) in self._ptrs:
             if not self._started:
                 self._started = True
                 # from the call that read a gradient just before (`lr * p.grad`)
                 _C.mark("update_start", self._grad_read_t or time.monotonic_ns())
-            out = func(*args, **kwargs)
+            out = call(func, args, kwargs)
             self._last_end = time.monotonic_ns()
             return out
         if not self._started and any(isinstance(a, torch.Tensor) and _ptr(a) in self._grads
                                      for a in args):
             self._grad_read_t = time.monotonic_ns()
-        return func(*args, **kwargs)
+        return call(func, args, kwargs)
+
+
+def _call(func, args, kwargs):
+    return func(*args, **kwargs)
+
+
+#: (caller's code, line) -> _call made to read as that line of the caller's (bounded)
+_AS_CALLED_FROM: dict = {}
+_MAX_CALL_SITES = 4096
+_TORCH_OVERRIDES = sys.modules["torch.overrides"].__file__
+
+
+def is_call_site(code) -> bool:
+    """Whether `code` is one of `_call`'s copies that read as a caller's line: a traceback
+    printed as python prints it leaves that frame out (it repeats the caller's line)."""
+    return any(made.__code__ is code for made in list(_AS_CALLED_FROM.values()))
+
+
+def _as_called_by_the_caller(func):
+    """`_call` with the file, line, function name and globals of the code that called the
+    torch function, so that what the call warns reads as python says it without this mode:
+    a C op's warning (`float(loss)` on a tensor that requires grad) was attributed to this
+    file, where a `-W error::UserWarning:__main__` filter or the `__main__` module's
+    show-once registry never saw it. The frames between are torch's dispatch
+    (`handle_torch_function`) and, for a function written in Python, its first run."""
+    frame = sys._getframe(3)   # _handle <- __torch_function__ <- the dispatch or the caller
+    while frame is not None and frame.f_code.co_filename == _TORCH_OVERRIDES:
+        frame = frame.f_back
+    if frame is not None and frame.f_code is getattr(func, "__code__", None):
+        frame = frame.f_back
+    if frame is None:
+        return _call
+    key = (frame.f_code, frame.f_lineno)
+    made = _AS_CALLED_FROM.get(key)
+    if made is None:
+        if len(_AS_CALLED_FROM) >= _MAX_CALL_SITES:
+            _AS_CALLED_FROM.clear()
+        code = _call.__code__.replace(co_filename=frame.f_code.co_filename,
+                                      co_name=frame.f_code.co_name,
+                                      co_firstlineno=max(0, (frame.f_lineno or 1) - 1))
+        made = _AS_CALLED_FROM[key] = types.FunctionType(code, frame.f_globals)
+    return made
 
 
 def optimizer_spans(side: np.ndarray, strings: list[str]) -> list[tuple[int, int, int]]:
