@@ -4,6 +4,7 @@ the step's pre-hook (the update's ops were labelled "other", the forward hid in 
 and the optimizer's subscribers read gradients before the closure had made them)."""
 import collections
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -84,3 +85,30 @@ def test_a_closure_that_raises_leaves_no_update_waiting():
             opt.step()
             opt.zero_grad()
     assert len(prof.markers("optimizer_start")) == 2 and len(prof.marker_positions("step")) == 2
+
+
+def test_lbfgs_line_search_is_no_accumulation_and_not_the_steps_loss():
+    """LBFGS calls its closure again in its line search: the same batch, evaluated again. It
+    read "3 micro-steps (gradient accumulation)" at 3x the samples/s, and the health loss was
+    the mean of the line search's losses instead of the first, which LBFGS returns."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    batches = [(torch.randn(32, 8), torch.randn(32, 1)) for _ in range(4)]
+    returned, calls = [], []
+    with memprof.track(model, optimizer=opt, health=True) as prof:
+        for x, y in batches:
+            def closure():
+                opt.zero_grad()
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                calls.append(1)
+                return loss
+            returned.append(float(opt.step(closure)))
+    assert len(calls) > 2 * len(batches)                 # the line search ran
+    tp = summary(prof)["throughput"]
+    assert tp["micro_steps_per_step"] == 1 and not tp["gradient_accumulation"]
+    assert tp["per_step"]["samples"] == [32] * 4
+    losses = summary(prof)["health"]["per_step"]["loss"]
+    assert losses == pytest.approx(returned, abs=1e-5)
+    assert tp["stats"]["forward_ms"]["median"] > 0

@@ -56,7 +56,7 @@ MIN_MEASURED_STEPS = 2
 PHASE_LABELS = ("forward_start", "forward_end", "backward_call", "backward_start",
                 "backward_end",
                 "optimizer_start", "step", "batch", "eval_batch", "data_start", "data_end",
-                "update_start", "update_end")   # a hand-written update (record.update_watch)
+                "update_start", "update_end", "reevaluation_start", "reevaluation_end")   # a hand-written update (record.update_watch)
 COLUMNS = ("wall_ms", "data_ms", "forward_ms", "eval_ms", "backward_ms", "optimizer_ms",
            "other_ms")
 
@@ -133,6 +133,10 @@ class _Window:
         self.groups: list[list] = []
         self.last_token = None            # "F" or "B"
         self.end_t = None
+        # an optimizer calls its closure again (LBFGS's line search): the same batch, timed
+        # as forward and backward but no micro-step of its own (it read "3 micro-steps,
+        # gradient accumulation" and 3x the samples/s)
+        self.reevaluating = False
 
     def batch(self, n: int, evaluating: bool = False) -> None:
         """The size of the current group's first training pass (an evaluation pass before it
@@ -152,6 +156,9 @@ class _Window:
                 self.loader += t - self.t0_loader
                 self.t0_loader = None
             return
+        if label in ("reevaluation_start", "reevaluation_end"):
+            self.reevaluating = label == "reevaluation_start"
+            return
         if self.first_t is None:
             self.first_t = t
         if label == "backward_call" or (label == "backward_start" and not self.calls_marked):
@@ -162,7 +169,7 @@ class _Window:
             # from a penalty's pass in the same backward phase)
             if self.last_token == "F" and self.groups:
                 self.groups[-1][1] = True
-            elif not self.passes_seen:
+            elif not self.passes_seen and not self.reevaluating:
                 self.groups.append([None, True, None])
             self.last_token = "B"
         if label == "forward_start":
@@ -174,7 +181,7 @@ class _Window:
                 self.t0_bwd = None
             elif self.gap_start is not None and self.state in ("outside", "after_backward"):
                 self.data = (self.data or 0.0) + (t - self.gap_start)
-            if self.last_token != "F":
+            if self.last_token != "F" and not self.reevaluating:
                 self.groups.append([None, False, None])
             self.last_token = "F"
             self.state = "forward"

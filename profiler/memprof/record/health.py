@@ -336,8 +336,8 @@ class HealthRecorder:
         scal = [t for i, t in enumerate(roots)
                 if isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()
                 and (i >= len(gts) or gts[i] is None)]
-        if not scal:
-            return
+        if not scal or self.session.steps.reevaluating:   # (LBFGS's line search: not the
+            return                                         # step's loss, its first is)
         # `scaler.scale(loss).backward()`: the loss is what the scaler was given (the scaled
         # one reads 65536 times larger, and inf where the loss itself was finite)
         scaled, self._scaled = self._scaled, {}

@@ -90,6 +90,9 @@ class StepClock:
         self.on_step_end: list = []               # fn(), after the boundary marker
         self.explicit = False                     # steps marked by an optimizer or prof.step()
         self._waiting: set[int] = set()           # ids of optimizers whose closure runs first
+        # >0 while an optimizer calls its closure again inside its step (LBFGS's line search):
+        # the same batch evaluated again, not a micro-step and not the step's loss
+        self.reevaluating = 0
         self._handles: list = []
 
     @property
@@ -167,12 +170,23 @@ class StepClock:
             self.explicit = True
         self._waiting.add(id(optimizer))   # started at the post-hook if never called
 
+        calls = [0]
+
         def closure_then_update(*a, **k):
+            calls[0] += 1
+            again = calls[0] > 1 and clock.watches(optimizer)
+            if again:
+                clock.reevaluating += 1
+                _C.mark("reevaluation_start", clock.step)
             try:
                 result = closure(*a, **k)
             except BaseException:   # the step is abandoned: no post-hook will run
                 clock._waiting.discard(id(optimizer))
                 raise
+            finally:
+                if again:
+                    clock.reevaluating -= 1
+                    _C.mark("reevaluation_end", clock.step)
             if id(optimizer) in clock._waiting:
                 clock._waiting.discard(id(optimizer))
                 clock._pre(optimizer, (optimizer,), {})
