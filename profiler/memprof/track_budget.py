@@ -43,7 +43,7 @@ def budget_finding(result) -> Finding | None:
     if result.failure:
         cause = result.failure["cause"]
         return Finding(kind="budget", severity="error", bytes=result.failure["request"],
-                       message=f"{result.summary}. {cause['text']}",
+                       message=f"{result.summary}; {cause['text']}",
                        fix=FIXES[cause["cause"]], evidence={"budget": result.budget})
     if result.projection and result.projection.get("step") is not None:
         return Finding(kind="budget", severity="warning",

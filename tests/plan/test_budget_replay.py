@@ -115,3 +115,20 @@ def test_bad_budgets_are_one_line_errors():
             capacity_of(bad)
     assert capacity_of("a100-40gb")[1] == "a100-40gb"
     assert capacity_of(123456789)[0] == 123456789
+
+
+def test_a_request_under_what_looks_free_says_the_segment_it_needs():
+    """"requesting 1.50 MiB with 2.00 MiB of 10.00 MiB reserved" read as a paradox: the
+    caching allocator reserves a 20 MiB segment for a request of 1-10 MiB that no cached
+    block holds, and that is what does not fit."""
+    from memprof.plan.allocator import new_segment_bytes
+    prof = leaky_run(2, leak=False)
+    result = replay(prof, 10 * MIB)
+    f = result.failure
+    assert f is not None and MIB < f["request"] < 10 * MIB
+    assert f["reserved"] + f["request"] < 10 * MIB          # it looks as if it fitted
+    assert f["segment"] == 20 * MIB
+    assert "no cached block holds it, and the new 20.00 MiB segment" in result.summary
+    assert [new_segment_bytes(n) for n in (1, MIB, MIB + 1, 9 * MIB, 10 * MIB + 1)] == \
+        [2 * MIB, 2 * MIB, 20 * MIB, 20 * MIB, 12 * MIB]
+    assert new_segment_bytes(MIB + 1, expandable_segments=True) == 2 * MIB

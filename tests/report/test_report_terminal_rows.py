@@ -46,7 +46,8 @@ def test_a_ranks_samples_per_second_say_they_are_the_ranks():
     prof.profile.meta.update(rank=1, world_size=2)   # as a torchrun rank's profile says
     con = Console(record=True, width=300)
     prof.report(console=con)
-    assert "of rank 1 (the job's: about 2 x this" in con.export_text()
+    assert "of rank 1 (the job's: the sum over its 2 ranks, about 2 x this for ranks alike " \
+        "in batch and speed" in con.export_text()
 
 
 def test_steps_marked_by_hand_are_not_called_optimizer_steps():

@@ -9,8 +9,10 @@ from .base import Command, UsageError, at_least_one, check_writable
 
 
 #: what --budget takes (report and run)
-BUDGET_FORMS = ("a name from `memprof gpus`; a size such as 16GB: a GPU of that much memory, "
-                "CUDA's context and reserve taken off; or a number of bytes, usable as given")
+BUDGET_FORMS = ("a name from `memprof gpus`; a size such as 16GiB or 16GB: a GPU of that much "
+                "memory, CUDA's context and reserve taken off (GB is 10^9 bytes: what is sold "
+                "as a 16 GB GPU has 16 GiB, as its name in `memprof gpus` says); or a number "
+                "of bytes, usable as given")
 
 
 class ReportCommand(Command):

@@ -28,6 +28,16 @@ MIB = 1 << 20
 MIN_MAX_SPLIT_SIZE = 20 * MIB
 
 
+def new_segment_bytes(request: int, expandable_segments: bool = False) -> int:
+    """The segment the caching allocator reserves for a request no cached block fits (the
+    rules of csrc/allocator_sim.cpp): 2 MiB for requests up to 1 MiB, 20 MiB below 10 MiB,
+    else the request rounded up to 2 MiB (expandable segments: mapped in 2 MiB pages)."""
+    size = max(512, -(-int(request) // 512) * 512)
+    if expandable_segments or size >= 10 * MIB:
+        return -(-size // (2 * MIB)) * (2 * MIB)
+    return 2 * MIB if size <= MIB else 20 * MIB
+
+
 @dataclasses.dataclass(frozen=True)
 class SimResult:
     """Summary of one replay. Byte counts are ints; event indices refer to input rows."""

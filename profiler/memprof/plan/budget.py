@@ -37,7 +37,7 @@ from ..analyse.oom import alive_summary, classify
 from ..profile import Profile
 from ..record.events import CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS
 from ..units import fmt_bytes
-from .allocator import simulate
+from .allocator import new_segment_bytes, simulate
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, GPU, lookup, usable_bytes
 from .streams import step_stream
 
@@ -76,7 +76,8 @@ class BudgetResult:
             return (f"does not fit {self.budget}: out of memory at step {f['where']['step']} "
                     f"({f['where']['phase']}, module {f['where']['module']}, op "
                     f"{f['where']['op']}), requesting {fmt_bytes(f['request'])} with "
-                    f"{fmt_bytes(f['reserved'])} of {fmt_bytes(self.capacity)} reserved")
+                    f"{fmt_bytes(f['reserved'])} of {fmt_bytes(self.capacity)} reserved"
+                    f"{segment_clause(f, self.capacity)}")
         line = (f"fits {self.budget}: peak {fmt_bytes(self.peak_reserved)} reserved of "
                 f"{fmt_bytes(self.capacity)} usable, headroom {fmt_bytes(self.headroom)}")
         if self.projection and self.projection.get("step") is not None:
@@ -167,6 +168,19 @@ def replay(profile: Profile, budget, *, project: bool = True) -> BudgetResult:
     return result
 
 
+def segment_clause(failure: dict, capacity: int) -> str:
+    """Why a request smaller than what looks free does not fit: no cached block holds it, and
+    the segment the allocator would reserve for it is larger than what is left ("requesting
+    1.06 MiB with 6.00 MiB of 7.50 MiB reserved" read as a paradox)."""
+    segment = failure.get("segment")
+    most_left = capacity - failure["allocated"]   # were every free cached byte released
+    if not segment or segment <= failure["request"] or segment <= most_left:
+        return ""
+    return (f": no cached block holds it, and the new {fmt_bytes(segment)} segment the "
+            f"caching allocator reserves for a request of that size is more than the at "
+            f"most {fmt_bytes(max(0, most_left))} left with its free cached blocks released")
+
+
 def _failure(profile: Profile, sim, capacity: int, label: str, at: int | None) -> dict:
     """Where the replay ran out, what was alive, and why."""
     index = int(sim.oom_event)
@@ -175,6 +189,7 @@ def _failure(profile: Profile, sim, capacity: int, label: str, at: int | None) -
         "position": pos, "where": where, "request": int(sim.oom_bytes),
         "allocated": int(sim.allocated[index - 1]) if index > 0 else 0,
         "reserved": int(sim.reserved[index - 1]) if index > 0 else 0,
+        "segment": new_segment_bytes(int(sim.oom_bytes), sim.expandable_segments),
         "alive": alive_summary(profile, pos - 1),
         "cause": classify(profile, where["step"], int(sim.oom_bytes), capacity, label)}
 

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from ..plan.budget import segment_clause
 from ..profile import Profile
 from ..units import fmt_bytes
 
@@ -87,7 +88,8 @@ def print_budget(prof: Profile, console: Console | None = None) -> None:
                      f"requesting {fmt_bytes(fail['request'])} with "
                      f"{fmt_bytes(fail['reserved'])} reserved "
                      f"({fmt_bytes(fail['allocated'])} allocated, "
-                     f"{fmt_bytes(fail['reserved'] - fail['allocated'])} cached but free)")
+                     f"{fmt_bytes(fail['reserved'] - fail['allocated'])} cached but free)"
+                     f"{escape(segment_clause(fail, b['capacity']))}")
         lines += _alive_lines(fail["alive"]) + _cause_lines(fail["cause"])
     else:
         at = f" at {_where(b['peak'])}" if b.get("peak") else ""

@@ -210,8 +210,10 @@ def _print_throughput(prof: Profile, console: Console) -> None:
     if spread[0] is not None and spread[0] != spread[1]:
         some += f" ({spread[0]}-{spread[1]} by step)"
     world = prof.meta.get("world_size")
-    rank = (f" of rank {prof.meta['rank']} (the job's: about {world} x this, for ranks as "
-            f"fast)" if prof.meta.get("rank") is not None and world and world > 1 else "")
+    # (the job's is the sum over its ranks: x world only where each rank's batch is this one's)
+    rank = (f" of rank {prof.meta['rank']} (the job's: the sum over its {world} ranks, about "
+            f"{world} x this for ranks alike in batch and speed; merge the ranks' files)"
+            if prof.meta.get("rank") is not None and world and world > 1 else "")
     line = (f"micro-steps per {step.split(' (')[0]} {_g(tp.get('micro_steps_per_step'))}{some}"
             f"{' (gradient accumulation)' if tp.get('gradient_accumulation') else ''}   "
             f"batch {_batch(tp)}   samples/s "
