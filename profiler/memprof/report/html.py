@@ -106,11 +106,52 @@ def _findings(profile: Profile) -> str:
             facts.append(("held by", f.holder))
         if growth is not None:
             facts.append(("growth per step", fmt_bytes(growth)))
-        step = (f.evidence or {}).get("steps") or (f.evidence or {}).get("first_step")
-        if step is not None:
-            facts.append(("steps", step))
+        facts += step_facts(f.evidence or {})
         cards.append(finding_card(f, f"{f.severity}: {f.kind}", facts))
     return f'<section id="findings"><h2>Findings</h2>{"".join(cards)}</section>'
+
+
+def step_ranges(steps: list[int]) -> str:
+    """Step numbers as ranges: [0, 1, ..., 65] reads "0-65", [0, 1, 2, 5] "0-2, 5" (a card
+    listed all 66 numbers)."""
+    parts, run = [], []
+    for s in sorted(set(steps)):
+        if run and s != run[-1] + 1:
+            parts.append(_run_text(run))
+            run = []
+        run.append(s)
+    if run:
+        parts.append(_run_text(run))
+    return ", ".join(parts)
+
+
+def _run_text(run: list[int]) -> str:
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def step_facts(evidence: dict) -> list[tuple[str, str]]:
+    """The steps a finding names, as card facts: a list of steps as ranges (with how many in
+    all where the evidence lists only the first ones); a number of steps - what the
+    throughput findings measured over - as a count, not as a step ("steps | 5" read as
+    step 5)."""
+    facts = []
+    for key, name in (("steps", "steps"), ("spike_steps", "spike steps")):
+        steps = evidence.get(key)
+        if isinstance(steps, list) and steps and all(_is_int(s) for s in steps):
+            text = step_ranges(steps)
+            count = evidence.get("count")
+            if _is_int(count) and count > len(steps):
+                text += f" (the first {len(steps)} of {count})"
+            facts.append((name, text))
+    if _is_int(evidence.get("steps")):
+        facts.append(("steps measured", str(evidence["steps"])))
+    if not facts and _is_int(evidence.get("first_step")):
+        facts.append(("first step", str(evidence["first_step"])))
+    return facts
 
 
 def _timeline_svg(profile: Profile, data: dict) -> str:

