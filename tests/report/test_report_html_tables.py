@@ -73,3 +73,29 @@ def test_a_count_of_measured_steps_is_labelled_as_a_count(tmp_path):
     measured = found.evidence["steps"]
     facts = _facts(_card(_page(prof.profile, tmp_path), "data_loader_starvation"))
     assert facts["steps measured"] == str(measured) and "steps" not in facts
+
+
+def _deep_run():
+    """20 Linear layers: more modules alive at the peak than the tables' 15 rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(20)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt) as prof:
+        for _ in range(2):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    return prof.profile
+
+
+def test_breakdown_tables_end_with_the_rest_and_add_up(tmp_path):
+    prof = _deep_run()
+    modules = list(prof.breakdown("module").items())
+    assert len(modules) > 15
+    details = _page(prof, tmp_path).by_id("details").find_all("details")
+    table = next(d for d in details if d.find_all("summary")[0].text.endswith("by module"))
+    rows = [[td.all_text() for td in tr.find_all("td")] for tr in table.find_all("tbody")[0]
+            .find_all("tr")]
+    assert len(rows) == 16 and rows[:15] == [[k, fmt_bytes(v)] for k, v in modules[:15]]
+    rest = modules[15:]
+    assert rows[15] == [f"... {len(rest)} more", fmt_bytes(sum(b for _, b in rest))]

@@ -259,13 +259,22 @@ def _steps(profile: Profile) -> str:
             f"{bars}</section>")
 
 
+def with_rest(rows: list[tuple[str, int]], top: int) -> list[tuple[str, int]]:
+    """The first `top` rows and, past them, one "... N more" row with their bytes, so that
+    the table adds up (as the terminal's tables do)."""
+    if len(rows) <= top:
+        return rows
+    rest = rows[top:]
+    return rows[:top] + [(f"... {len(rest)} more", sum(b for _, b in rest))]
+
+
 def _details(profile: Profile, top: int = 15) -> str:
     parts = []
     for by in ("module", "op", "node", "phase"):
-        rows = [(k, fmt_bytes(v)) for k, v in list(profile.breakdown(by).items())[:top]]
+        rows = [(k, fmt_bytes(v)) for k, v in with_rest(list(profile.breakdown(by).items()), top)]
         parts.append(f"<details><summary>Alive at the peak, by {by}</summary>"
                      f"{table(rows, (by, 'bytes'))}</details>")
-    saved = [(k, fmt_bytes(v)) for k, v in list(profile.saved_by_node.items())[:top]]
+    saved = [(k, fmt_bytes(v)) for k, v in with_rest(list(profile.saved_by_node.items()), top)]
     if saved:
         parts.append(f"<details><summary>Saved for backward, by autograd node</summary>"
                      f"{table(saved, ('node', 'bytes'))}</details>")
