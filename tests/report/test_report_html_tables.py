@@ -99,3 +99,45 @@ def test_breakdown_tables_end_with_the_rest_and_add_up(tmp_path):
     assert len(rows) == 16 and rows[:15] == [[k, fmt_bytes(v)] for k, v in modules[:15]]
     rest = modules[15:]
     assert rows[15] == [f"... {len(rest)} more", fmt_bytes(sum(b for _, b in rest))]
+
+
+def test_step_columns_only_for_what_was_recorded(tmp_path):
+    """No eval column without an evaluation pass, no 'before clip' column without clipping."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, health=True) as prof:
+        for _ in range(3):
+            loss = model(torch.randn(4, 8)).sum()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            prof.log(loss=loss.item())
+    header = _header(_page(prof.profile, tmp_path))
+    assert "eval" not in header and "grad norm before clip" not in header
+    assert {"loss", "grad norm", "LR", "forward"} <= set(header)
+
+
+def test_an_evaluation_pass_and_clipping_get_their_columns(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, health=True) as prof:
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                model(torch.randn(64, 8))
+    header = _header(_page(prof.profile, tmp_path))
+    assert {"eval", "grad norm before clip", "after clip"} <= set(header)
+
+
+def test_the_bar_legend_uses_the_column_names(leaky_profile, tmp_path):
+    page = _page(leaky_profile, tmp_path)
+    header = _header(page)
+    steps = page.by_id("steps")
+    keys = [s.attrs["data-key"] for s in steps.find_all("span") if "data-key" in s.attrs]
+    assert keys and set(keys) <= set(header)
+    assert "before forward" in keys and "data" not in keys

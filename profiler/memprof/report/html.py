@@ -217,6 +217,31 @@ def _num(v, fmt="{:.1f}") -> str:
     return fmt.format(v)
 
 
+def step_time_names(data_loader: bool) -> dict[str, str]:
+    """One name per part of a step's time, for the table's columns and the bars' legend
+    alike (the legend said "data" over a column "before forward"): the time before the
+    forward is a data wait only where a DataLoader was iterated."""
+    return {"data_ms": "data wait" if data_loader else "before forward",
+            "forward_ms": "forward", "eval_ms": "eval", "backward_ms": "backward",
+            "optimizer_ms": "optimizer", "other_ms": "other"}
+
+
+HEALTH_COLUMNS = (("loss", "loss", "{:.4g}"), ("grad_norm_pre_clip", "grad norm before clip",
+                                                "{:.4g}"),
+                  ("grad_norm", "grad norm", "{:.4g}"), ("lr", "LR", "{:.3g}"))
+
+
+def _shown_columns(rows: list[dict]) -> tuple[list, list]:
+    """(time parts, health columns) that some step recorded: no "eval" column of zeros for
+    a run without an evaluation pass, no "before clip" column where nothing was clipped."""
+    parts = [k for k in STEP_TIME if k != "eval_ms" or any(r.get(k) for r in rows)]
+    health = [c for c in HEALTH_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    if any(c[0] == "grad_norm_pre_clip" for c in health):   # the norm after clipping
+        health = [("grad_norm", "after clip", c[2]) if c[0] == "grad_norm" else c
+                  for c in health]
+    return parts, health
+
+
 def _steps(profile: Profile) -> str:
     all_rows, data_loader = step_rows(profile)
     rows = shown_steps(all_rows)
@@ -224,13 +249,12 @@ def _steps(profile: Profile) -> str:
         return '<section id="steps"><h2>Steps</h2><p>No step boundaries were recorded ' \
                '(optimizer.step or prof.step()).</p></section>'
     timed = any("wall_ms" in r for r in rows)
-    health = any("loss" in r or "grad_norm" in r for r in rows)
+    names = step_time_names(data_loader)
+    parts, health = _shown_columns(rows)
     header = ["step", "peak", "live at end", "allocated"]
     if timed:
-        header += ["wall ms", "data" if data_loader else "before forward", "forward", "eval",
-                   "backward", "optimizer", "other", "samples/s"]
-    if health:
-        header += ["loss", "grad norm before clip", "after", "LR"]
+        header += ["wall ms"] + [names[k] for k in parts] + ["samples/s"]
+    header += [name for _, name, _ in health]
     body = []
     partial = all_rows[-1] if profile.partial_last_step else None   # work after the last step
     for r in rows:
@@ -238,18 +262,17 @@ def _steps(profile: Profile) -> str:
                  fmt_bytes(r["live_at_end"]),
                  fmt_bytes(r["allocated"])]
         if timed:
-            cells += [_num(r.get(k)) for k in ("wall_ms",) + STEP_TIME]
+            cells += [_num(r.get(k)) for k in ["wall_ms"] + parts]
             cells.append(_num(r.get("samples_per_s"), "{:.0f}"))
-        if health:
-            cells += [_num(r.get("loss"), "{:.4g}"), _num(r.get("grad_norm_pre_clip"), "{:.4g}"),
-                      _num(r.get("grad_norm"), "{:.4g}"), _num(r.get("lr"))]
+        cells += [_num(r.get(key), fmt) for key, _, fmt in health]
         body.append(tuple(cells))
     bars = ""
     if timed:
-        bar_rows = [(f"step {r['step']}", {k: r.get(k) or 0 for k in STEP_TIME})
+        colors = {names[k]: STEP_TIME_COLORS[k] for k in parts}
+        bar_rows = [(f"step {r['step']}", {names[k]: r.get(k) or 0 for k in parts})
                     for r in rows if "wall_ms" in r]
-        bars = (f"<h3>Time per step</h3>{legend({k[:-3]: c for k, c in STEP_TIME_COLORS.items()})}"
-                + stacked_bars(bar_rows, STEP_TIME_COLORS, "ms"))
+        bars = (f"<h3>Time per step</h3>{legend(colors)}"
+                + stacked_bars(bar_rows, colors, "ms"))
     note = (f'<p class="hint">{len(rows)} of {len(all_rows)} steps: the first and last 20 '
             f"and the highest peaks.</p>" if len(rows) < len(all_rows) else "")
     unmarked = unmarked_steps(profile)
