@@ -10,8 +10,11 @@ a 20M-event profile stays well under 2 MB.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+
+from rich.console import Console
 
 from ..analyse.throughput import unmarked_steps
 from ..finding import sort_findings
@@ -21,6 +24,7 @@ from ..units import fmt_bytes
 from .ending import ending, unfinished
 from .html_data import (PHASE_CODES, STEP_TIME, module_nodes, shown_steps, step_rows,
                         timeline_data, top_allocations)
+from .oom import print_sections as print_oom_sections
 from .series import series
 from .svg import (COLORS, PHASE_COLORS, Frame, bands, esc, fmt_time, icicle, legend, marker,
                   nice_bytes, stacked_bars, stacked_paths)
@@ -71,7 +75,7 @@ def page(title: str, body: str, data: dict | None = None, script: bool = False) 
 
 
 # ------------------------------------------------------------------ sections
-def _header(profile: Profile) -> str:
+def _header(profile: Profile, has_budget: bool) -> str:
     pe = profile.peak_event or {}
     what = profile.meta.get("model_class") or "run"
     out = [f"<header><h1>memprof: {esc(what)} on {esc(profile.device)}</h1>",
@@ -88,8 +92,9 @@ def _header(profile: Profile) -> str:
         out.append(f'<p class="err">{esc(sentence)}</p>' if crashed else f'<p>{esc(sentence)}</p>')
     if isinstance(profile.meta.get("partial"), dict):
         out.append(f'<p class="err">{esc(unfinished(profile.meta["partial"]))}</p>')
-    out.append('<nav><a href="#findings">Findings</a> <a href="#timeline">Memory over time</a>'
-               ' <a href="#peak">At the peak</a> <a href="#steps">Steps</a> '
+    budget = ' <a href="#budget">What would fit</a>' if has_budget else ""
+    out.append(f'<nav><a href="#findings">Findings</a>{budget} <a href="#timeline">Memory '
+               'over time</a> <a href="#peak">At the peak</a> <a href="#steps">Steps</a> '
                '<a href="#details">Breakdowns</a></nav></header>')
     return "".join(out)
 
@@ -152,6 +157,24 @@ def step_facts(evidence: dict) -> list[tuple[str, str]]:
     if not facts and _is_int(evidence.get("first_step")):
         facts.append(("first step", str(evidence["first_step"])))
     return facts
+
+
+TERMINAL_COLUMNS = 120            # the budget section's width, in characters (its tables)
+
+
+def _budget(profile: Profile) -> str:
+    """The budget replay, the out-of-memory diagnosis and what would fit, as the terminal
+    report prints them: the same functions (report/oom.py) over the same meta["budget"],
+    meta["fit"] and OOM finding, recorded and written as HTML - a finding's fix says "see
+    'what would fit'", and the page had no such section."""
+    console = Console(record=True, file=io.StringIO(), width=TERMINAL_COLUMNS)
+    print_oom_sections(profile, console)
+    if not console.export_text(clear=False).strip():
+        return ""
+    text = console.export_html(inline_styles=True, code_format="{code}")
+    return (f'<section id="budget"><h2>Out of memory, budget and what would fit</h2>'
+            f'<pre class="code terminal">{text}</pre><p class="hint">As the terminal report '
+            f"shows it; the budget replay and what would fit are estimates.</p></section>")
 
 
 def _timeline_svg(profile: Profile, data: dict) -> str:
@@ -306,7 +329,9 @@ def _details(profile: Profile, top: int = 15) -> str:
 
 def html_report(profile: Profile) -> str:
     data = timeline_data(profile)
-    body = (_header(profile) + "<main>" + _findings(profile) + _timeline(profile, data)
+    budget = _budget(profile)
+    body = (_header(profile, bool(budget)) + "<main>" + _findings(profile) + budget
+            + _timeline(profile, data)
             + _at_peak(profile) + _steps(profile) + _details(profile) + "</main>"
             + f"<footer>memprof report; self-contained, no network. Device "
               f"{esc(profile.device)}; {profile.memory.size:,} memory events.</footer>")
