@@ -53,6 +53,14 @@ def _points(profile: Profile, s: Series, ops: _Table, modules: _Table) -> dict:
             "event": delta(idx)}
 
 
+def peak_window(n: int, peak: int) -> tuple[int, int]:
+    """The events [lo, hi) that "zoom to peak" shows: those around the peak, at most a
+    twentieth of the run (a window of the whole run zoomed to nothing) and at most the
+    events kept in full near the peak (`detail`)."""
+    half = max(1, min(DETAIL_EVENTS // 2, n // 20))
+    return max(0, peak - half), min(n, peak + half)
+
+
 def timeline_data(profile: Profile) -> dict:
     """Everything the page's script needs to redraw the timeline at any zoom."""
     ops, modules = _Table(), _Table()
@@ -69,7 +77,11 @@ def timeline_data(profile: Profile) -> dict:
     ev_t = profile.events["t_ns"]
     out["t_end"] = int((int(ev_t[-1]) - t0) // 1000) if ev_t.size else 0
     if p >= 0:
-        out["peak"]["t"] = int((int(profile.memory["t_ns"][p]) - t0) // 1000)
+        t_ns = profile.memory["t_ns"]
+        out["peak"]["t"] = int((int(t_ns[p]) - t0) // 1000)
+        lo, hi = peak_window(n, p)
+        out["peak_window"] = [int((int(t_ns[lo]) - t0) // 1000),
+                              int((int(t_ns[hi - 1]) - t0) // 1000)]
     out["steps"] = [[(a - t0) // 1000, (b - t0) // 1000, i] for a, b, i in step_spans(profile)]
     out["spans"] = [[(a - t0) // 1000, (b - t0) // 1000, PHASE_CODES[ph]]
                     for a, b, ph in phase_spans(profile)]

@@ -247,13 +247,17 @@
   svgEl.addEventListener("mouseleave", function () { if (tooltip) tooltip.hidden = true; });
   svgEl.addEventListener("dblclick", function () { setView(0, TMAX); });
 
+  // The events around the peak (html_data.peak_window), whether or not the run was long
+  // enough to embed them all (`detail`): zooming to detail's extent did nothing without it.
+  function zoomToPeak() {
+    var w = T.peak_window;
+    if (w) setView(w[0], w[1]);
+  }
+
   var bar = document.createElement("div");
   bar.className = "toolbar";
   [["zoom in", function () { zoom(0.5); }], ["zoom out", function () { zoom(2); }],
-   ["zoom to peak", function () {
-     var s = detail || coarse;
-     setView(s.t[0], s.t[s.t.length - 1]);
-   }], ["reset", function () { setView(0, TMAX); }]].forEach(function (b) {
+   ["zoom to peak", zoomToPeak], ["reset", function () { setView(0, TMAX); }]].forEach(function (b) {
     var btn = document.createElement("button");
     btn.type = "button";
     btn.textContent = b[0];
@@ -269,7 +273,7 @@
   render();
   window.memprofReport = {
     state: state, coarse: coarse, detail: detail, render: render, setView: setView,
-    zoom: zoom, hoverAt: hoverAt,
+    zoom: zoom, zoomToPeak: zoomToPeak, hoverAt: hoverAt,
     visibleTotals: function () { return state.points.map(function (p) { return p.src.total[p.i]; }); }
   };
 })();
