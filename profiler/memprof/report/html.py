@@ -25,7 +25,7 @@ from .ending import ending, unfinished
 from .html_data import (PHASE_CODES, STEP_TIME, module_nodes, shown_steps, step_rows,
                         timeline_data, top_allocations)
 from .oom import print_sections as print_oom_sections
-from .series import series
+from .series import series, step_notes
 from .svg import (COLORS, PHASE_COLORS, Frame, bands, esc, fmt_time, icicle, legend, marker,
                   nice_bytes, stacked_bars, stacked_paths)
 
@@ -177,13 +177,20 @@ def _budget(profile: Profile) -> str:
             f"shows it; the budget replay and what would fit are estimates.</p></section>")
 
 
+def step_title(data: dict, step: int) -> str:
+    """A step's name on the timeline: "step 2", "step 3 (partial)", "step 2 (cut by the
+    capacity)" - as the steps table names it."""
+    note = data["step_notes"].get(str(step))
+    return f"step {step} ({note})" if note else f"step {step}"
+
+
 def _timeline_svg(profile: Profile, data: dict) -> str:
     s = series(profile, STATIC_BUCKETS)
     t_end = max(data["t_end"], int(s.t_us[-1]) + 1)
     fr = Frame(960, 300, t_end, nice_bytes(profile.peak), bottom=40)
     strip = fr.top + fr.ph + 2
     parts = [bands(fr, [sp for sp in data["steps"] if sp[2] % 2 == 0], fr.top, fr.ph,
-                       lambda sp: "#f3f4f6", lambda sp: f"step {sp[2]}", "step"),
+                       lambda sp: "#f3f4f6", lambda sp: step_title(data, sp[2]), "step"),
              stacked_paths(fr, s.t_us, s.by_category, CATEGORIES, t_end),
              bands(fr, data["spans"], strip, 8,
                        lambda sp: PHASE_COLORS[data["span_names"][sp[2]]],
@@ -279,9 +286,10 @@ def _steps(profile: Profile) -> str:
         header += ["wall ms"] + [names[k] for k in parts] + ["samples/s"]
     header += [name for _, name, _ in health]
     body = []
-    partial = all_rows[-1] if profile.partial_last_step else None   # work after the last step
+    notes = step_notes(profile)        # a partial last step, one cut by the event capacity
     for r in rows:
-        cells = [f"{r['step']} (partial)" if r is partial else r["step"], fmt_bytes(r["peak"]),
+        label = notes.get(r["step"], ("",))[0]
+        cells = [f"{r['step']} ({label})" if label else r["step"], fmt_bytes(r["peak"]),
                  fmt_bytes(r["live_at_end"]),
                  fmt_bytes(r["allocated"])]
         if timed:

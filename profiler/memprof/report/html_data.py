@@ -9,7 +9,7 @@ from ..analyse import health as _health
 from ..analyse import throughput as _throughput
 from ..profile import OUTSIDE_MODULES, Profile
 from ..record.events import CATEGORIES, PHASES
-from .series import Series, phase_spans, series, step_spans, t0_ns
+from .series import Series, phase_spans, series, step_notes, step_spans, t0_ns
 
 JS_BUCKETS = 6_000       # timeline points for zoom: about 2 per bucket
 DETAIL_EVENTS = 1_500    # every event this close to the peak, for zooming into it
@@ -83,6 +83,7 @@ def timeline_data(profile: Profile) -> dict:
         out["peak_window"] = [int((int(t_ns[lo]) - t0) // 1000),
                               int((int(t_ns[hi - 1]) - t0) // 1000)]
     out["steps"] = [[(a - t0) // 1000, (b - t0) // 1000, i] for a, b, i in step_spans(profile)]
+    out["step_notes"] = {str(i): label for i, (label, _) in step_notes(profile).items()}
     out["spans"] = [[(a - t0) // 1000, (b - t0) // 1000, PHASE_CODES[ph]]
                     for a, b, ph in phase_spans(profile)]
     out["span_names"] = list(PHASE_CODES)

@@ -123,6 +123,11 @@
     });
   }
 
+  function stepTitle(s) {  // as html.step_title: "step 3 (partial)"
+    var note = (T.step_notes || {})[s[2]];
+    return "step " + s[2] + (note ? " (" + note + ")" : "");
+  }
+
   function drawAxes(g) {
     for (var k = 0; k <= 4; k++) {
       var v = state.yMax * k / 4, y = Math.round(yOf(v));
@@ -150,7 +155,7 @@
     svgEl.appendChild(clip);
     var bands = el("g", {"clip-path": "url(#plot-clip)"});
     drawSpans(bands, T.steps.filter(function (s) { return s[2] % 2 === 0; }), TOP, PH,
-              function () { return "#f3f4f6"; }, function (s) { return "step " + s[2]; });
+              function () { return "#f3f4f6"; }, stepTitle);
     svgEl.appendChild(bands);
     var layers = el("g", {"clip-path": "url(#plot-clip)"});
     if (idx.length) {
