@@ -56,3 +56,30 @@ def test_script_on_a_long_profile_uses_the_events_near_the_peak(tmp_path):
     out = _run_page(path)
     assert out["errors"] == [] and out["maxTotal"] == prof.peak
     assert out["zoomedUsesDetail"] and out["zoomedMax"] == prof.peak
+
+
+def _zoomed_to_the_peak(out: dict, prof) -> None:
+    """The view "zoom to peak" left: around the peak, narrower than the run, the peak in it."""
+    t0, t1 = out["peakView"]
+    full = out["initialView"][1] - out["initialView"][0]
+    assert out["errors"] == []
+    assert t1 - t0 <= full / 2 and t0 <= out["peakT"] <= t1
+    assert out["peakViewMax"] == prof.peak
+
+
+def test_zoom_to_peak_zooms_on_a_short_run(leaky_profile, tmp_path):
+    """A run with fewer events than the timeline's points embeds no `detail`; the button
+    zoomed to the whole run (it did nothing)."""
+    path = tmp_path / "r.html"
+    memprof.export(leaky_profile, str(path))
+    out = _run_page(path)
+    _zoomed_to_the_peak(out, leaky_profile)
+
+
+def test_zoom_to_peak_on_a_long_run_shows_the_events_near_it(tmp_path):
+    prof = synthetic_profile(400_000)
+    path = tmp_path / "long.html"
+    memprof.export(prof, str(path))
+    out = _run_page(path)
+    _zoomed_to_the_peak(out, prof)
+    assert out["peakViewUsesDetail"]

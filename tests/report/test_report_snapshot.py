@@ -138,3 +138,32 @@ def test_layout_places_blocks_without_overlap():
     assert (addr[o][1:] >= addr[o][:-1] + bsize[o][:-1]).all()     # all alive at once
     seg = r.layout["segments"]
     assert seg["size"][seg["action"] == 1].sum() == r.peak_reserved
+
+
+def _stacks(profile) -> set[tuple[str, ...]]:
+    snap = memory_snapshot(profile)
+    return {tuple(f["filename"] for f in e["frames"]) for e in snap["device_traces"][0]
+            if e["action"] == "alloc"}
+
+
+def test_a_bare_containers_stacks_name_the_model_once():
+    """A Sequential's children read 'Sequential.0': the stack repeated the model
+    ('Sequential.0 / Sequential / Sequential / cpu'), tracked with the model or in auto mode
+    (`memprof run`)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for tracker in (lambda: memprof.track(model, opt),
+                    lambda: memprof.track(optimizer=opt, auto_modules=True)):
+        with tracker() as prof:
+            for _ in range(2):
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        stacks = _stacks(prof.profile)
+        assert ("Sequential.0", "Sequential", "cpu") in stacks
+        assert ("Sequential.2.0", "Sequential.2", "Sequential", "cpu") in stacks
+        assert not [s for s in stacks if s.count("Sequential") > 1]

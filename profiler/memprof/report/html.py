@@ -10,8 +10,11 @@ a 20M-event profile stays well under 2 MB.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+
+from rich.console import Console
 
 from ..analyse.throughput import unmarked_steps
 from ..finding import sort_findings
@@ -21,7 +24,8 @@ from ..units import fmt_bytes
 from .ending import ending, unfinished
 from .html_data import (PHASE_CODES, STEP_TIME, module_nodes, shown_steps, step_rows,
                         timeline_data, top_allocations)
-from .series import series
+from .oom import print_sections as print_oom_sections
+from .series import series, step_notes
 from .svg import (COLORS, PHASE_COLORS, Frame, bands, esc, fmt_time, icicle, legend, marker,
                   nice_bytes, stacked_bars, stacked_paths)
 
@@ -71,7 +75,7 @@ def page(title: str, body: str, data: dict | None = None, script: bool = False) 
 
 
 # ------------------------------------------------------------------ sections
-def _header(profile: Profile) -> str:
+def _header(profile: Profile, has_budget: bool) -> str:
     pe = profile.peak_event or {}
     what = profile.meta.get("model_class") or "run"
     out = [f"<header><h1>memprof: {esc(what)} on {esc(profile.device)}</h1>",
@@ -88,8 +92,9 @@ def _header(profile: Profile) -> str:
         out.append(f'<p class="err">{esc(sentence)}</p>' if crashed else f'<p>{esc(sentence)}</p>')
     if isinstance(profile.meta.get("partial"), dict):
         out.append(f'<p class="err">{esc(unfinished(profile.meta["partial"]))}</p>')
-    out.append('<nav><a href="#findings">Findings</a> <a href="#timeline">Memory over time</a>'
-               ' <a href="#peak">At the peak</a> <a href="#steps">Steps</a> '
+    budget = ' <a href="#budget">What would fit</a>' if has_budget else ""
+    out.append(f'<nav><a href="#findings">Findings</a>{budget} <a href="#timeline">Memory '
+               'over time</a> <a href="#peak">At the peak</a> <a href="#steps">Steps</a> '
                '<a href="#details">Breakdowns</a></nav></header>')
     return "".join(out)
 
@@ -106,11 +111,77 @@ def _findings(profile: Profile) -> str:
             facts.append(("held by", f.holder))
         if growth is not None:
             facts.append(("growth per step", fmt_bytes(growth)))
-        step = (f.evidence or {}).get("steps") or (f.evidence or {}).get("first_step")
-        if step is not None:
-            facts.append(("steps", step))
+        facts += step_facts(f.evidence or {})
         cards.append(finding_card(f, f"{f.severity}: {f.kind}", facts))
     return f'<section id="findings"><h2>Findings</h2>{"".join(cards)}</section>'
+
+
+def step_ranges(steps: list[int]) -> str:
+    """Step numbers as ranges: [0, 1, ..., 65] reads "0-65", [0, 1, 2, 5] "0-2, 5" (a card
+    listed all 66 numbers)."""
+    parts, run = [], []
+    for s in sorted(set(steps)):
+        if run and s != run[-1] + 1:
+            parts.append(_run_text(run))
+            run = []
+        run.append(s)
+    if run:
+        parts.append(_run_text(run))
+    return ", ".join(parts)
+
+
+def _run_text(run: list[int]) -> str:
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def step_facts(evidence: dict) -> list[tuple[str, str]]:
+    """The steps a finding names, as card facts: a list of steps as ranges (with how many in
+    all where the evidence lists only the first ones); a number of steps - what the
+    throughput findings measured over - as a count, not as a step ("steps | 5" read as
+    step 5)."""
+    facts = []
+    for key, name in (("steps", "steps"), ("spike_steps", "spike steps")):
+        steps = evidence.get(key)
+        if isinstance(steps, list) and steps and all(_is_int(s) for s in steps):
+            text = step_ranges(steps)
+            count = evidence.get("count")
+            if _is_int(count) and count > len(steps):
+                text += f" (the first {len(steps)} of {count})"
+            facts.append((name, text))
+    if _is_int(evidence.get("steps")):
+        facts.append(("steps measured", str(evidence["steps"])))
+    if not facts and _is_int(evidence.get("first_step")):
+        facts.append(("first step", str(evidence["first_step"])))
+    return facts
+
+
+TERMINAL_COLUMNS = 120            # the budget section's width, in characters (its tables)
+
+
+def _budget(profile: Profile) -> str:
+    """The budget replay, the out-of-memory diagnosis and what would fit, as the terminal
+    report prints them: the same functions (report/oom.py) over the same meta["budget"],
+    meta["fit"] and OOM finding, recorded and written as HTML - a finding's fix says "see
+    'what would fit'", and the page had no such section."""
+    console = Console(record=True, file=io.StringIO(), width=TERMINAL_COLUMNS)
+    print_oom_sections(profile, console)
+    if not console.export_text(clear=False).strip():
+        return ""
+    text = console.export_html(inline_styles=True, code_format="{code}")
+    return (f'<section id="budget"><h2>Out of memory, budget and what would fit</h2>'
+            f'<pre class="code terminal">{text}</pre><p class="hint">As the terminal report '
+            f"shows it; the budget replay and what would fit are estimates.</p></section>")
+
+
+def step_title(data: dict, step: int) -> str:
+    """A step's name on the timeline: "step 2", "step 3 (partial)", "step 2 (cut by the
+    capacity)" - as the steps table names it."""
+    note = data["step_notes"].get(str(step))
+    return f"step {step} ({note})" if note else f"step {step}"
 
 
 def _timeline_svg(profile: Profile, data: dict) -> str:
@@ -119,7 +190,7 @@ def _timeline_svg(profile: Profile, data: dict) -> str:
     fr = Frame(960, 300, t_end, nice_bytes(profile.peak), bottom=40)
     strip = fr.top + fr.ph + 2
     parts = [bands(fr, [sp for sp in data["steps"] if sp[2] % 2 == 0], fr.top, fr.ph,
-                       lambda sp: "#f3f4f6", lambda sp: f"step {sp[2]}", "step"),
+                       lambda sp: "#f3f4f6", lambda sp: step_title(data, sp[2]), "step"),
              stacked_paths(fr, s.t_us, s.by_category, CATEGORIES, t_end),
              bands(fr, data["spans"], strip, 8,
                        lambda sp: PHASE_COLORS[data["span_names"][sp[2]]],
@@ -176,6 +247,31 @@ def _num(v, fmt="{:.1f}") -> str:
     return fmt.format(v)
 
 
+def step_time_names(data_loader: bool) -> dict[str, str]:
+    """One name per part of a step's time, for the table's columns and the bars' legend
+    alike (the legend said "data" over a column "before forward"): the time before the
+    forward is a data wait only where a DataLoader was iterated."""
+    return {"data_ms": "data wait" if data_loader else "before forward",
+            "forward_ms": "forward", "eval_ms": "eval", "backward_ms": "backward",
+            "optimizer_ms": "optimizer", "other_ms": "other"}
+
+
+HEALTH_COLUMNS = (("loss", "loss", "{:.4g}"), ("grad_norm_pre_clip", "grad norm before clip",
+                                                "{:.4g}"),
+                  ("grad_norm", "grad norm", "{:.4g}"), ("lr", "LR", "{:.3g}"))
+
+
+def _shown_columns(rows: list[dict]) -> tuple[list, list]:
+    """(time parts, health columns) that some step recorded: no "eval" column of zeros for
+    a run without an evaluation pass, no "before clip" column where nothing was clipped."""
+    parts = [k for k in STEP_TIME if k != "eval_ms" or any(r.get(k) for r in rows)]
+    health = [c for c in HEALTH_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    if any(c[0] == "grad_norm_pre_clip" for c in health):   # the norm after clipping
+        health = [("grad_norm", "after clip", c[2]) if c[0] == "grad_norm" else c
+                  for c in health]
+    return parts, health
+
+
 def _steps(profile: Profile) -> str:
     all_rows, data_loader = step_rows(profile)
     rows = shown_steps(all_rows)
@@ -183,32 +279,31 @@ def _steps(profile: Profile) -> str:
         return '<section id="steps"><h2>Steps</h2><p>No step boundaries were recorded ' \
                '(optimizer.step or prof.step()).</p></section>'
     timed = any("wall_ms" in r for r in rows)
-    health = any("loss" in r or "grad_norm" in r for r in rows)
+    names = step_time_names(data_loader)
+    parts, health = _shown_columns(rows)
     header = ["step", "peak", "live at end", "allocated"]
     if timed:
-        header += ["wall ms", "data" if data_loader else "before forward", "forward", "eval",
-                   "backward", "optimizer", "other", "samples/s"]
-    if health:
-        header += ["loss", "grad norm before clip", "after", "LR"]
+        header += ["wall ms"] + [names[k] for k in parts] + ["samples/s"]
+    header += [name for _, name, _ in health]
     body = []
-    partial = all_rows[-1] if profile.partial_last_step else None   # work after the last step
+    notes = step_notes(profile)        # a partial last step, one cut by the event capacity
     for r in rows:
-        cells = [f"{r['step']} (partial)" if r is partial else r["step"], fmt_bytes(r["peak"]),
+        label = notes.get(r["step"], ("",))[0]
+        cells = [f"{r['step']} ({label})" if label else r["step"], fmt_bytes(r["peak"]),
                  fmt_bytes(r["live_at_end"]),
                  fmt_bytes(r["allocated"])]
         if timed:
-            cells += [_num(r.get(k)) for k in ("wall_ms",) + STEP_TIME]
+            cells += [_num(r.get(k)) for k in ["wall_ms"] + parts]
             cells.append(_num(r.get("samples_per_s"), "{:.0f}"))
-        if health:
-            cells += [_num(r.get("loss"), "{:.4g}"), _num(r.get("grad_norm_pre_clip"), "{:.4g}"),
-                      _num(r.get("grad_norm"), "{:.4g}"), _num(r.get("lr"))]
+        cells += [_num(r.get(key), fmt) for key, _, fmt in health]
         body.append(tuple(cells))
     bars = ""
     if timed:
-        bar_rows = [(f"step {r['step']}", {k: r.get(k) or 0 for k in STEP_TIME})
+        colors = {names[k]: STEP_TIME_COLORS[k] for k in parts}
+        bar_rows = [(f"step {r['step']}", {names[k]: r.get(k) or 0 for k in parts})
                     for r in rows if "wall_ms" in r]
-        bars = (f"<h3>Time per step</h3>{legend({k[:-3]: c for k, c in STEP_TIME_COLORS.items()})}"
-                + stacked_bars(bar_rows, STEP_TIME_COLORS, "ms"))
+        bars = (f"<h3>Time per step</h3>{legend(colors)}"
+                + stacked_bars(bar_rows, colors, "ms"))
     note = (f'<p class="hint">{len(rows)} of {len(all_rows)} steps: the first and last 20 '
             f"and the highest peaks.</p>" if len(rows) < len(all_rows) else "")
     unmarked = unmarked_steps(profile)
@@ -218,13 +313,22 @@ def _steps(profile: Profile) -> str:
             f"{bars}</section>")
 
 
+def with_rest(rows: list[tuple[str, int]], top: int) -> list[tuple[str, int]]:
+    """The first `top` rows and, past them, one "... N more" row with their bytes, so that
+    the table adds up (as the terminal's tables do)."""
+    if len(rows) <= top:
+        return rows
+    rest = rows[top:]
+    return rows[:top] + [(f"... {len(rest)} more", sum(b for _, b in rest))]
+
+
 def _details(profile: Profile, top: int = 15) -> str:
     parts = []
     for by in ("module", "op", "node", "phase"):
-        rows = [(k, fmt_bytes(v)) for k, v in list(profile.breakdown(by).items())[:top]]
+        rows = [(k, fmt_bytes(v)) for k, v in with_rest(list(profile.breakdown(by).items()), top)]
         parts.append(f"<details><summary>Alive at the peak, by {by}</summary>"
                      f"{table(rows, (by, 'bytes'))}</details>")
-    saved = [(k, fmt_bytes(v)) for k, v in list(profile.saved_by_node.items())[:top]]
+    saved = [(k, fmt_bytes(v)) for k, v in with_rest(list(profile.saved_by_node.items()), top)]
     if saved:
         parts.append(f"<details><summary>Saved for backward, by autograd node</summary>"
                      f"{table(saved, ('node', 'bytes'))}</details>")
@@ -233,7 +337,9 @@ def _details(profile: Profile, top: int = 15) -> str:
 
 def html_report(profile: Profile) -> str:
     data = timeline_data(profile)
-    body = (_header(profile) + "<main>" + _findings(profile) + _timeline(profile, data)
+    budget = _budget(profile)
+    body = (_header(profile, bool(budget)) + "<main>" + _findings(profile) + budget
+            + _timeline(profile, data)
             + _at_peak(profile) + _steps(profile) + _details(profile) + "</main>"
             + f"<footer>memprof report; self-contained, no network. Device "
               f"{esc(profile.device)}; {profile.memory.size:,} memory events.</footer>")

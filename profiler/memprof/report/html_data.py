@@ -9,7 +9,7 @@ from ..analyse import health as _health
 from ..analyse import throughput as _throughput
 from ..profile import OUTSIDE_MODULES, Profile
 from ..record.events import CATEGORIES, PHASES
-from .series import Series, phase_spans, series, step_spans, t0_ns
+from .series import Series, phase_spans, series, step_notes, step_spans, t0_ns
 
 JS_BUCKETS = 6_000       # timeline points for zoom: about 2 per bucket
 DETAIL_EVENTS = 1_500    # every event this close to the peak, for zooming into it
@@ -53,6 +53,14 @@ def _points(profile: Profile, s: Series, ops: _Table, modules: _Table) -> dict:
             "event": delta(idx)}
 
 
+def peak_window(n: int, peak: int) -> tuple[int, int]:
+    """The events [lo, hi) that "zoom to peak" shows: those around the peak, at most a
+    twentieth of the run (a window of the whole run zoomed to nothing) and at most the
+    events kept in full near the peak (`detail`)."""
+    half = max(1, min(DETAIL_EVENTS // 2, n // 20))
+    return max(0, peak - half), min(n, peak + half)
+
+
 def timeline_data(profile: Profile) -> dict:
     """Everything the page's script needs to redraw the timeline at any zoom."""
     ops, modules = _Table(), _Table()
@@ -69,8 +77,13 @@ def timeline_data(profile: Profile) -> dict:
     ev_t = profile.events["t_ns"]
     out["t_end"] = int((int(ev_t[-1]) - t0) // 1000) if ev_t.size else 0
     if p >= 0:
-        out["peak"]["t"] = int((int(profile.memory["t_ns"][p]) - t0) // 1000)
+        t_ns = profile.memory["t_ns"]
+        out["peak"]["t"] = int((int(t_ns[p]) - t0) // 1000)
+        lo, hi = peak_window(n, p)
+        out["peak_window"] = [int((int(t_ns[lo]) - t0) // 1000),
+                              int((int(t_ns[hi - 1]) - t0) // 1000)]
     out["steps"] = [[(a - t0) // 1000, (b - t0) // 1000, i] for a, b, i in step_spans(profile)]
+    out["step_notes"] = {str(i): label for i, (label, _) in step_notes(profile).items()}
     out["spans"] = [[(a - t0) // 1000, (b - t0) // 1000, PHASE_CODES[ph]]
                     for a, b, ph in phase_spans(profile)]
     out["span_names"] = list(PHASE_CODES)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..profile import Profile
 from ..record.events import CATEGORIES
+from .ending import ending
 
 CHUNK = 1 << 20          # events per chunk when summing categories (bounded memory)
 PHASE_MARKS = {"forward_start": "forward", "backward_start": "backward",
@@ -134,15 +135,55 @@ def phase_spans(profile: Profile) -> list[tuple[int, int, str]]:
 
 
 def step_spans(profile: Profile) -> list[tuple[int, int, int]]:
-    """(start ns, end ns, step index) of each step closed by a boundary: from the previous
-    boundary (the first step: from the first event) to its own."""
+    """(start ns, end ns, step index) of each step of the steps table (`profile.steps`): from
+    the previous boundary (the first step: from the first event) to its own; a partial last
+    step (work after the last boundary, a run that raised in it) up to the last record. Steps
+    whose boundaries were kept past the event capacity but whose memory was not have no row
+    in the steps table, and no span (the trace and the timeline showed 6 steps, the table 3)."""
     bounds = [m["t_ns"] for m in profile.markers("step")]
-    if not bounds:
-        return []
+    steps = profile.steps
+    partial = profile.partial_last_step
+    finished = min(len(bounds), len(steps) - partial)
     first = _first_t_ns(profile)
-    start = first if first is not None else bounds[0]
-    out = []
-    for i, t in enumerate(bounds):
-        out.append((min(start, t), t, i))
-        start = t
+    if first is None:
+        return []
+    start, out = first, []
+    for i in range(finished):
+        out.append((min(start, bounds[i]), bounds[i], i))
+        start = bounds[i]
+    if partial:
+        end = _last_t_ns(profile)
+        out.append((min(start, end), end, steps[-1].index))
     return out
+
+
+def _last_t_ns(profile: Profile) -> int:
+    streams = profile.run.streams
+    return max(int(a["t_ns"][-1]) for a in (streams.memory, streams.side) if a.size)
+
+
+def step_notes(profile: Profile) -> dict[int, tuple[str, str]]:
+    """{step index: (label, sentence)} for a last step that did not end as the others: cut
+    by the event capacity (its memory only partly recorded), or partial - and how the run
+    ended there (it raised: the trace gave the step no slice, the exception only in its
+    metadata)."""
+    steps = profile.steps
+    if not steps:
+        return {}
+    labels, sentences = [], []
+    if profile.truncated:
+        later = len(profile.markers("step")) - (len(steps) - profile.partial_last_step)
+        labels.append("cut by the capacity")
+        sentences.append(
+            f"the event log filled up (capacity {int(profile.meta.get('capacity', 0)):,} "
+            "events) in or right after this step: its memory is recorded only up to there"
+            + (f"; {later} later step(s) ran and were not recorded" if later > 0 else ""))
+    if profile.partial_last_step:
+        error = profile.meta.get("error")
+        labels.append("partial")
+        sentences.append(ending(str(error))[0] if error else
+                         "work after the last step boundary (an evaluation pass, a loop cut "
+                         "short), not a finished step")
+    if not labels:
+        return {}
+    return {steps[-1].index: (", ".join(labels), "; ".join(sentences))}

@@ -57,11 +57,15 @@ class _Frames:
         phase_name = PHASES[phase] if 0 <= phase < len(PHASES) else "other"
         frames = [{"filename": path, "line": step, "name": name}]
         parts = path.split(".")
-        for k in range(len(parts) - 1, 0, -1):
-            frames.append({"filename": ".".join(parts[:k]), "line": step, "name": phase_name})
-        if 0 <= module < len(p.modules) and p.modules[module] and "" in p.modules:
-            frames.append({"filename": p.module_name(p.modules.index("")), "line": step,
-                           "name": phase_name})          # the model itself
+        ancestors = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
+        qualified = p.modules[module] if 0 <= module < len(p.modules) else ""
+        if qualified and "" in p.modules:
+            # a bare container's child reads 'Sequential.0' (Profile.module_name): its first
+            # part is the model, framed below once, not an ancestor module as well
+            if qualified[:1].isdigit():
+                ancestors.pop()
+            ancestors.append(p.module_name(p.modules.index("")))     # the model itself
+        frames += [{"filename": a, "line": step, "name": phase_name} for a in ancestors]
         frames.append({"filename": self.device, "line": 0, "name": CATEGORIES[cat]})
         return frames
 

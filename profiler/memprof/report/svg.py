@@ -152,20 +152,27 @@ def marker(fr: Frame, x_value, label: str, color="#b91c1c", cls="peak") -> str:
 
 
 # ------------------------------------------------------------------ module icicle
-def icicle(nodes: list[dict], width=960, row=24, max_depth=6, min_px=2) -> str:
+MAX_ICICLE_DEPTH = 40    # levels below the root: deeper than any real model's tree
+
+
+def icicle(nodes: list[dict], width=960, row=24, max_depth=MAX_ICICLE_DEPTH, min_px=2) -> str:
     """Icicle of a module tree: `nodes` are dicts name, label, depth, total, by_category,
     children (indices), the root first. Width is bytes; a stripe under each node shows its
-    bytes by category."""
+    bytes by category. Modules deeper than `max_depth` are not drawn, and the chart says so
+    (it stopped at depth 6 without a word: BERT's attention.self never showed)."""
     if not nodes or nodes[0]["total"] <= 0:
         return "<p>Nothing was alive at the peak.</p>"
     scale = width / nodes[0]["total"]
-    out, depth_seen = [], 0
+    out, depth_seen, cut = [], 0, False
     stack = [(0, 0.0)]
     while stack:
         i, x = stack.pop()
         n = nodes[i]
         w = n["total"] * scale
-        if w < min_px or n["depth"] > max_depth:
+        if w < min_px:
+            continue
+        if n["depth"] > max_depth:
+            cut = True
             continue
         depth_seen = max(depth_seen, n["depth"])
         y = n["depth"] * row
@@ -175,6 +182,10 @@ def icicle(nodes: list[dict], width=960, row=24, max_depth=6, min_px=2) -> str:
             stack.append((c, cx))
             cx += nodes[c]["total"] * scale
     height = (depth_seen + 1) * row
+    if cut:
+        out.append(f'<text class="cut" x="0" y="{height + 13}" font-size="11" fill="#6b7280">'
+                   f"modules more than {max_depth} levels deep are not drawn</text>")
+        height += row
     return (f'<svg class="icicle" viewBox="0 0 {width} {height}" width="100%" '
             f'role="img" aria-label="modules at the peak" '
             f'xmlns="http://www.w3.org/2000/svg">{"".join(out)}</svg>')

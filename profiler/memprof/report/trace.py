@@ -4,7 +4,8 @@ One process named after the run, with named threads:
   memory     counters: "memory" (one series per category: stacked in chrome://tracing, a
              track per category in Perfetto) and "live bytes" (their sum), downsampled so
              every peak is kept (report.series); the peak and CUDA OOM reports as instants
-  steps      one slice per optimizer step (args: peak, live at end, allocated)
+  steps      one slice per step of the steps table (args: peak, live at end, allocated); a
+             partial last step or one cut by the event capacity says so, and how it ended
   phases     forward / backward / optimizer slices (never overlapping)
   findings   one instant per finding, at the step it names (else at the peak)
 Timestamps are microseconds since tracking started.
@@ -18,7 +19,7 @@ from __future__ import annotations
 from ..finding import Finding
 from ..profile import Profile
 from ..record.events import CATEGORIES, KIND_OUT_OF_MEMORY
-from .series import phase_spans, series, step_spans, t0_ns
+from .series import phase_spans, series, step_notes, step_spans, t0_ns
 
 COUNTER_BUCKETS = 5_000
 PID = 1
@@ -61,11 +62,15 @@ def _us(t0: int, t_ns: int) -> float:
 
 def _slices(profile: Profile, t0: int, spans: list[tuple[int, int, int]]) -> list[dict]:
     out = []
-    steps = profile.steps
+    steps, notes = profile.steps, step_notes(profile)
     for start, end, i in spans:
         args = steps[i].as_dict() if i < len(steps) else {}
         args = {k: args[k] for k in ("peak", "live_at_end", "allocated") if k in args}
-        out.append({"name": f"step {i}", "cat": "step", "ph": "X", "pid": PID,
+        name = f"step {i}"
+        if i in notes:        # a partial step and how the run ended; a step cut by the capacity
+            name += f" ({notes[i][0]})"
+            args["ended"] = notes[i][1]
+        out.append({"name": name, "cat": "step", "ph": "X", "pid": PID,
                     "tid": TID_STEPS, "ts": _us(t0, start),
                     "dur": (end - start) / 1e3, "args": args})
     for start, end, phase in phase_spans(profile):

@@ -1,6 +1,6 @@
 // Loads an HTML report in jsdom, runs its scripts and reports what they did, as JSON on
 // stdout: errors, whether the timeline was redrawn, the totals it plots, the tooltip at the
-// peak, and the view after a wheel zoom, a drag and a double-click.
+// peak, and the view after a wheel zoom, a drag, a double-click and "zoom to peak".
 // Usage: node run_page.js report.html
 "use strict";
 const fs = require("fs");
@@ -23,6 +23,7 @@ if (w.memprofReport && svg) {
   out.maxTotal = Math.max(...api.visibleTotals());
   out.initialView = [api.state.t0, api.state.t1];
   const peakT = JSON.parse(doc.getElementById("memprof-data").textContent).timeline.peak.t;
+  out.peakT = peakT;
   out.peakTooltip = api.hoverAt(peakT);
   out.tooltipShown = !doc.getElementById("tooltip").hidden;
   // a wheel zoom in at the peak, in viewBox units (jsdom elements have no size)
@@ -50,6 +51,12 @@ if (w.memprofReport && svg) {
   out.pannedView = [api.state.t0, api.state.t1];
   svg.dispatchEvent(new w.MouseEvent("dblclick", {bubbles: true}));
   out.resetView = [api.state.t0, api.state.t1];
+  // the "zoom to peak" button, from the whole run
+  Array.from(doc.querySelectorAll(".toolbar button")).find(b => b.textContent === "zoom to peak").click();
+  out.peakView = [api.state.t0, api.state.t1];
+  out.peakViewMax = Math.max(...api.visibleTotals());
+  out.peakViewUsesDetail = api.state.points.length > 0 && api.state.points[0].src === api.detail;
+  svg.dispatchEvent(new w.MouseEvent("dblclick", {bubbles: true}));
   out.buttons = Array.from(doc.querySelectorAll(".toolbar button")).map(b => b.textContent);
 }
 process.stdout.write(JSON.stringify(out));

@@ -123,6 +123,11 @@
     });
   }
 
+  function stepTitle(s) {  // as html.step_title: "step 3 (partial)"
+    var note = (T.step_notes || {})[s[2]];
+    return "step " + s[2] + (note ? " (" + note + ")" : "");
+  }
+
   function drawAxes(g) {
     for (var k = 0; k <= 4; k++) {
       var v = state.yMax * k / 4, y = Math.round(yOf(v));
@@ -150,7 +155,7 @@
     svgEl.appendChild(clip);
     var bands = el("g", {"clip-path": "url(#plot-clip)"});
     drawSpans(bands, T.steps.filter(function (s) { return s[2] % 2 === 0; }), TOP, PH,
-              function () { return "#f3f4f6"; }, function (s) { return "step " + s[2]; });
+              function () { return "#f3f4f6"; }, stepTitle);
     svgEl.appendChild(bands);
     var layers = el("g", {"clip-path": "url(#plot-clip)"});
     if (idx.length) {
@@ -247,13 +252,17 @@
   svgEl.addEventListener("mouseleave", function () { if (tooltip) tooltip.hidden = true; });
   svgEl.addEventListener("dblclick", function () { setView(0, TMAX); });
 
+  // The events around the peak (html_data.peak_window), whether or not the run was long
+  // enough to embed them all (`detail`): zooming to detail's extent did nothing without it.
+  function zoomToPeak() {
+    var w = T.peak_window;
+    if (w) setView(w[0], w[1]);
+  }
+
   var bar = document.createElement("div");
   bar.className = "toolbar";
   [["zoom in", function () { zoom(0.5); }], ["zoom out", function () { zoom(2); }],
-   ["zoom to peak", function () {
-     var s = detail || coarse;
-     setView(s.t[0], s.t[s.t.length - 1]);
-   }], ["reset", function () { setView(0, TMAX); }]].forEach(function (b) {
+   ["zoom to peak", zoomToPeak], ["reset", function () { setView(0, TMAX); }]].forEach(function (b) {
     var btn = document.createElement("button");
     btn.type = "button";
     btn.textContent = b[0];
@@ -269,7 +278,7 @@
   render();
   window.memprofReport = {
     state: state, coarse: coarse, detail: detail, render: render, setView: setView,
-    zoom: zoom, hoverAt: hoverAt,
+    zoom: zoom, zoomToPeak: zoomToPeak, hoverAt: hoverAt,
     visibleTotals: function () { return state.points.map(function (p) { return p.src.total[p.i]; }); }
   };
 })();
