@@ -250,8 +250,9 @@ def _num(v, fmt="{:.1f}") -> str:
 def step_time_names(data_loader: bool) -> dict[str, str]:
     """One name per part of a step's time, for the table's columns and the bars' legend
     alike (the legend said "data" over a column "before forward"): the time before the
-    forward is a data wait only where a DataLoader was iterated."""
-    return {"data_ms": "data wait" if data_loader else "before forward",
+    forward holds the loop's own host work too, and a DataLoader's wait where one was
+    iterated (the terminal's table gives that wait a row of its own)."""
+    return {"data_ms": "before forward (data, host work)" if data_loader else "before forward",
             "forward_ms": "forward", "eval_ms": "eval", "backward_ms": "backward",
             "optimizer_ms": "optimizer", "other_ms": "other"}
 
