@@ -51,8 +51,10 @@ def test_run_report_export_and_fail_on_findings(leaky_script, tmp_path):
     assert {"Sequential.0", "Sequential.2"} & set(summary["by_module_at_peak"])
 
     r = memprof("report", "run.memprof", "--export", "r.html", "--export", "t.json",
-                "--export", "s.pickle", "--fail-on-findings", cwd=tmp_path)
-    assert r.returncode == 3
+                "--export", "s.pickle", "--export", "s.pkl", "--fail-on-findings",
+                cwd=tmp_path)   # (.pkl, which memprof.export writes, was refused here)
+    assert r.returncode == 3, r.stderr
+    assert (tmp_path / "s.pkl").read_bytes() == (tmp_path / "s.pickle").read_bytes()
     html = (tmp_path / "r.html").read_text()
     assert "<svg" in html and "Findings" in html
     trace = json.loads((tmp_path / "t.json").read_text())

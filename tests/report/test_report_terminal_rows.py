@@ -107,3 +107,34 @@ def test_byte_counts_take_the_unit_they_round_into():
     assert fmt_bytes(1048575) == "1.00 MiB" and fmt_bytes(1048569) == "1023.99 KiB"
     assert fmt_bytes(2 ** 50) == "1.00 PiB" and fmt_bytes(-1536) == "-1.50 KiB"
     assert fmt_bytes(1023) == "1023 B" and fmt_bytes(2 ** 60) == "1.00 EiB"
+
+
+def test_a_finding_without_bytes_shows_none_rather_than_zero():
+    """A non-finite loss is no memory finding: its row read "0 B" in the bytes column."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, health=True) as prof:
+        for _ in range(3):
+            (model(torch.randn(4, 8)).sum() * float("nan")).backward()
+            opt.step()
+            opt.zero_grad()
+    without = [f for f in prof.findings if not f.bytes]
+    assert without, [f.kind for f in prof.findings]
+    con = Console(record=True, width=200)
+    prof.report(console=con)
+    text = con.export_text()
+    table = text[text.index("Findings"):]
+    rows = [line.split("│") for line in table.splitlines() if line.count("│") == 5]
+    assert rows and all(cells[3].strip() != "0 B" for cells in rows)
+    assert any(cells[3].strip() == "-" for cells in rows), table
+
+
+def test_an_empty_block_says_nothing_was_allocated():
+    with memprof.track() as prof:
+        pass
+    con = Console(record=True, width=120)
+    prof.report(console=con)
+    text = " ".join(con.export_text().split())
+    assert "Nothing was allocated inside the block" in text
+    assert "Alive at the peak" not in text

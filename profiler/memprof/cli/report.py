@@ -47,7 +47,7 @@ class ReportCommand(Command):
         if len(args.profile) > 1:
             return _run_merged(args)
         for path in args.export or []:
-            check_writable(path, "--export", (".json", ".pickle", ".html"))
+            check_writable(path, "--export", (".json", ".pickle", ".pkl", ".html"))
         prof = memprof.load(args.profile[0])
         if args.budget:
             _apply_budget(prof, args.budget)

@@ -106,7 +106,7 @@ def _findings(profile: Profile) -> str:
     cards = []
     for f in found:
         growth = (f.evidence or {}).get("slope_bytes_per_step")
-        facts = [("bytes", fmt_bytes(f.bytes))]
+        facts = [("bytes", fmt_bytes(f.bytes))] if f.bytes else []   # (time, health: none)
         if f.holder:
             facts.append(("held by", f.holder))
         if growth is not None:

@@ -54,7 +54,8 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
             what = ((f"[bold]held by {escape(f.holder)}[/]\n" if f.holder else "")
                     + escape(f.message))
             t.add_row(f"[{SEVERITY_STYLE.get(f.severity, '')}]{escape(f.severity)}[/]", what,
-                      fmt_bytes(f.bytes), escape(f.fix))
+                      fmt_bytes(f.bytes) if f.bytes else "-",   # (time, health: no bytes)
+                      escape(f.fix))
         console.print(t)
     pe = prof.peak_event
     where = "-"
@@ -70,6 +71,10 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         + ("\n[cyan]torch.compile: memory inside compiled code is attributed to the compiled "
            "module as a whole (per-module attribution is coarser)[/]"
            if prof.meta.get("compiled") else ""), title=title))
+    if not prof.memory.size and not s_peak:   # eight zero rows and two empty tables said less
+        console.print("Nothing was allocated inside the block: the training ran before or "
+                      "after it, or on a device whose allocator memprof does not hook.")
+        return
 
     cat = prof.breakdown("category")
     t = Table(title="Alive at the peak, by category", title_justify="left")
