@@ -63,3 +63,21 @@ def test_zero_given_to_track_reports_its_local_optimizers_state(job):
         held = facts(job, rank)["zero_local_state_bytes"]
         cat = load(job, "zero_given", rank).breakdown("category", at="end")
         assert held > 0 and cat.get("optimizer_state") == held
+
+
+def test_collectives_handed_back_by_the_update_watch_count_once(job):
+    # a loop without an optimizer: the update watch's mode is on from each backward to the
+    # next forward, where the gradients' and the loss's all_reduce run
+    for rank in range(WORLD):
+        f = facts(job, rank)
+        assert ops(load(job, "hand", rank)) == ["all_reduce"] * ((f["params"] + 1) * f["steps"])
+
+
+def test_a_collective_calling_another_counts_once_with_the_whole_buffer(job):
+    for rank in range(WORLD):
+        f, prof = facts(job, rank), load(job, "direct", rank)
+        calls = prof.run.records["communication"]["calls"]
+        per_iteration = ["all_gather_into_tensor", "reduce_scatter_tensor", "all_gather"]
+        assert [c[0] for c in calls] == per_iteration * f["steps"]
+        whole = f["chunk"] * WORLD * F32      # every rank's chunk: the gathered output
+        assert {c[0]: c[3] for c in calls} == dict.fromkeys(per_iteration, whole)
