@@ -81,3 +81,29 @@ def test_a_collective_calling_another_counts_once_with_the_whole_buffer(job):
         assert [c[0] for c in calls] == per_iteration * f["steps"]
         whole = f["chunk"] * WORLD * F32      # every rank's chunk: the gathered output
         assert {c[0]: c[3] for c in calls} == dict.fromkeys(per_iteration, whole)
+
+
+def test_compute_is_not_lost_to_a_collective_in_the_data_wait(job):
+    # rank 0 waits in the all_reduce before its forward while rank 1 prepares its batch: the
+    # collective is in flight during the data wait, subtracted once
+    tp = throughput.summarize(load(job, "overlap", 0))
+    rows = tp["per_step"]
+    measured = range(tp["warmup_steps_excluded"], tp["steps"])
+    for i in measured:     # (the forward is neither data wait nor communication)
+        assert rows["compute_ms"][i] >= rows["forward_ms"][i] > 0
+    assert max(rows["comm_in_data_ms"][i] for i in measured) > 0
+    for i in measured:
+        union = rows["data_ms"][i] + rows["comm_ms"][i] - rows["comm_in_data_ms"][i]
+        assert rows["compute_ms"][i] == pytest.approx(rows["wall_ms"][i] - union, abs=1e-3)
+    st = tp["stats"]
+    shares = st["compute_ms"]["share"] + st["comm_ms"]["share"] + st["data_ms"]["share"]
+    assert shares == pytest.approx(1 + st["comm_in_data_ms"]["share"], abs=1e-3)
+
+
+def test_data_windows_are_the_throughput_tables_data_wait(job):
+    prof = load(job, "overlap", 0)
+    data = throughput.summarize(prof)["per_step"]["data_ms"]
+    windows = communication.data_windows(prof)
+    assert len(windows) == len(data)
+    for ms, win in zip(data[1:], windows[1:]):
+        assert sum(b - a for a, b in win) * 1e-6 == pytest.approx(ms, abs=1e-3)
