@@ -107,3 +107,14 @@ def test_data_windows_are_the_throughput_tables_data_wait(job):
     assert len(windows) == len(data)
     for ms, win in zip(data[1:], windows[1:]):
         assert sum(b - a for a, b in win) * 1e-6 == pytest.approx(ms, abs=1e-3)
+
+
+def test_export_in_a_rank_writes_that_ranks_file(job):
+    for rank in range(WORLD):
+        written = facts(job, rank)["exports"]
+        assert [os.path.basename(p) for p in written] == [f"export.rank{rank}.html",
+                                                          f"export.rank{rank}.json"]
+        trace = json.loads((job / f"export.rank{rank}.json").read_text())
+        assert trace["otherData"]["memprof"]["rank"] == rank     # each rank its own file
+    assert not (job / "export.html").exists() and not (job / "export.json").exists()
+    assert not [n for n in os.listdir(job) if n.endswith(".tmp")]   # written atomically
