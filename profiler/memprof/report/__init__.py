@@ -87,7 +87,6 @@ def export(obj, path: str) -> str:
     lower = str(path).lower()
     if isinstance(obj, Profile):
         data, known = _profile_export(obj, lower), ".json, .pickle or .html"
-        path = _rank_export_path(obj, str(path))
     elif isinstance(obj, Plan):
         data, known = _plan_export(obj, lower), ".html or .json"
     elif isinstance(obj, MergedRanks):
@@ -97,6 +96,8 @@ def export(obj, path: str) -> str:
                         f"{type(obj).__name__}")
     if data is None:
         raise ValueError(f"{path}: unknown export format; expected a {known} file name")
+    if isinstance(obj, Profile):
+        path = _rank_export_path(obj, str(path))
     raw = data if isinstance(data, bytes) else data.encode("utf-8")
     return str(write_atomically(str(path), lambda f: f.write(raw)))
 
