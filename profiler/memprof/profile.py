@@ -543,7 +543,8 @@ class Profile:
         memprof.show(self, console=console, top=top)
 
     def export(self, path: str) -> str:
-        """Export for other tools, by extension (memprof.export(self, path))."""
+        """Export for other tools, by extension (memprof.export(self, path)); a rank's
+        profile of a job to `<name>.rank<R>.<ext>`, as save() names it."""
         import memprof
         return memprof.export(self, path)
 

@@ -140,25 +140,34 @@ def write(run: Run, findings: list[Finding], path: str) -> str:
         "records": {k: v for k, v in run.records.items() if _jsonable(v)},
         "findings": [f.as_dict() for f in findings],
     }
-    # through a symbolic link to the file it names (the rename replaced the link itself and
-    # left its target stale)
-    path = os.path.realpath(path) if os.path.islink(path) else path
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_stem(path)}{os.getpid()}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        # mkstemp makes the file 0600; a profile gets the mode any new file would (umask)
-        os.chmod(tmp, 0o666 & ~_umask())
+
+    def write_zip(f) -> None:
         # deflate's fastest level: on a 1M-event profile (69 MiB of events) 0.32 s and 15 % of
         # the bytes against level 6's 1.01 s and 12 % (this 2-core machine) - the save is part
         # of leaving a block, and of every autosave while training waits
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED,
-                                                       compresslevel=1) as zf:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             # the arrays streamed into the zip as they are hashed (no bytes copy of the events,
             # which a save near the host's memory limit cannot afford), the header after them
             header["sha256"] = {name: _write_npy(zf, name, array) for name, array in
                                 (("events.npy", run.events), ("seq_records.npy", run.seq_records))}
             zf.writestr("header.json", json.dumps(header, default=_plain))
+    return write_atomically(path, write_zip)
+
+
+def write_atomically(path: str, write) -> str:
+    """`write(f)` into a temporary file beside `path`, renamed over it once complete: a
+    reader never sees half a file, and processes writing the same name leave one whole
+    file. Through a symbolic link, the file it names is replaced (the rename replaced the
+    link itself and left its target stale). The path written is returned."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_stem(path)}{os.getpid()}.", suffix=".tmp",
+                               dir=directory)
+    try:
+        # mkstemp makes the file 0600; the file gets the mode any new file would (umask)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -143,6 +143,9 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if isinstance(exc, SystemExit) and exc.code in (None, 0):
             exc = None   # sys.exit() / sys.exit(0): the code ended normally
+        # when the block was left by its error, on the wall clock that the ranks of a job
+        # share: which rank failed first (the others' errors follow from it)
+        failed_at = time.time() if exc is not None else None
         if self.session.forked_away:   # a child forked inside the block: the parent profiles
             self.forked_away = True
             self.session = None
@@ -153,6 +156,8 @@ class Tracker:
         nested = self.session.outer is not None
         self.profile = Profile(Run.from_session(self.session))
         self.note_rank(self.profile)
+        if failed_at is not None and "error" in self.profile.run.meta:
+            self.profile.run.meta["error_unix_s"] = failed_at
         if self._autosave is not None:   # the steps it saved in: their time was the save's
             self.profile.run.records["autosave"] = self._autosave.record()
         # a nested block is analysed as any (a script's own `assert not memprof.findings(prof)`

@@ -3,7 +3,9 @@
 Per rank: its peak, when it peaked (step, phase, module, op) and what was alive then by
 category; across ranks: which rank peaked highest, the imbalance (highest rank peak over the
 median rank peak) and the findings, each stated once with the ranks it was seen on and its
-bytes per rank. A pure function of the Profiles: the files are read by the caller.
+bytes per rank; per rank its time per step, communication share and samples/s, the slowest
+rank and the ranks that wait for it, and which rank failed first (analyse.rank_timing). A pure
+function of the Profiles: the files are read by the caller.
 
 A profile says which rank it is in its meta (`rank`, `world_size`, and where known
 `local_rank`, `dist_backend`, `run_id`), as memprof.track() writes it under torchrun.
@@ -17,6 +19,7 @@ import numpy as np
 
 from ..finding import SEVERITY_ORDER, Finding
 from ..profile import Profile
+from .rank_timing import first_failure, rank_timing, stragglers
 
 # what must agree between the files of one job (the first key present in every file decides)
 SAME_RUN_KEYS = ("run_id", "model_class", "dist_backend", "torch")
@@ -41,6 +44,8 @@ class RankRow:
     # saved while the rank ran on and never replaced by its end (killed outright, or still
     # running): the steps ended by then (memprof.track_autosave)
     unfinished_at: int | None = None
+    error_at: float | None = None    # when the error left its block (unix time, s)
+    timing: dict | None = None       # analyse.rank_timing.rank_timing
 
     @property
     def steps_label(self) -> str:
@@ -52,7 +57,8 @@ class RankRow:
                 "by_category_at_peak": self.by_category, "end_bytes": self.end_bytes,
                 "steps": self.steps, "partial_step": self.partial_step,
                 "events": self.events, "local_rank": self.local_rank, "error": self.error,
-                "unfinished_at": self.unfinished_at}
+                "unfinished_at": self.unfinished_at, "error_unix_s": self.error_at,
+                "timing": self.timing}
 
 
 @dataclass
@@ -90,6 +96,8 @@ class MergedRanks:
     ranks: list[RankRow]
     findings: list[RankFinding]
     profiles: list[Profile]
+    stragglers: dict | None = None      # analyse.rank_timing.stragglers
+    first_failure: dict | None = None   # analyse.rank_timing.first_failure
 
     @property
     def missing_ranks(self) -> list[int]:
@@ -129,6 +137,7 @@ class MergedRanks:
                 "median_peak_bytes": self.median_peak, "imbalance": self.imbalance,
                 "ranks": [r.as_dict() for r in self.ranks],
                 "errors": {str(r.rank): r.error for r in self.ranks if r.error},
+                "first_failure": self.first_failure, "timing": self.stragglers,
                 "findings": [f.as_dict() for f in self.findings]}
 
 
@@ -164,7 +173,9 @@ def merge_ranks(profiles: list[Profile], sources: list[str] | None = None) -> Me
     return MergedRanks(world_size=ranks[0][1], backend=profiles[0].meta.get("dist_backend"),
                        ranks=rows, findings=merge_findings([(r.rank, p.findings)
                                                             for r, p in zip(rows, profiles)]),
-                       profiles=profiles)
+                       profiles=profiles,
+                       stragglers=stragglers({r.rank: r.timing for r in rows}),
+                       first_failure=first_failure(rows))
 
 
 def merge_findings(per_rank: list[tuple[int, list[Finding]]]) -> list[RankFinding]:
@@ -243,11 +254,17 @@ def _row(profile: Profile, source: str) -> RankRow:
                    events=int(profile.memory.size),
                    local_rank=int(local) if _is_int(local) else None,
                    partial_step=profile.partial_last_step, error=profile.meta.get("error"),
-                   unfinished_at=_unfinished_at(profile.meta.get("partial")))
+                   unfinished_at=_unfinished_at(profile.meta.get("partial")),
+                   error_at=_number(profile.meta.get("error_unix_s")),
+                   timing=rank_timing(profile))
 
 
 def _unfinished_at(partial) -> int | None:
     return int(partial.get("steps_ended", 0)) if isinstance(partial, dict) else None
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _is_int(v) -> bool:

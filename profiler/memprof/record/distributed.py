@@ -82,14 +82,32 @@ def _delegating_allreduce_hook():
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
-    """Tensors among a collective's arguments (one level of lists, as all_gather takes)."""
+    """Tensors among a collective's arguments (lists flattened: all_gather takes a list,
+    all_gather_coalesced a list of lists)."""
     out = []
     for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            out += [x for x in v if isinstance(x, torch.Tensor)]
+        out += _flat(v)
     return out
+
+
+def _flat(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat(v)]
+    return []
+
+
+def collective_bytes(args, kwargs) -> int:
+    """The bytes of a collective call: its largest argument, a list of tensors counting as
+    all of them. So the whole buffer, whichever form the call takes: an all-gather's output
+    (every rank's chunk: all_gather's list, all_gather_single's tensor), a reduce-scatter's
+    input, an all-reduce's or broadcast's tensor. The largest single tensor counted one
+    chunk of the list forms (FSDP1's all_gather: half of FSDP2's all_gather_single for the
+    same data on 2 ranks)."""
+    sizes = [sum(t.numel() * t.element_size() for t in _flat(v))
+             for v in list(args) + list(kwargs.values())]
+    return int(max(sizes, default=0))
 
 
 class CommRecorder:
@@ -106,6 +124,8 @@ class CommRecorder:
         self._seen_ddp: set[int] = set()
         self._ddp_hooks: dict[int, list] = {}   # id(ddp) -> our hook's slot for the user's
         self._fsdp_checked = False
+        # .inside: this thread is inside a recorded collective (see _wrap)
+        self._thread = threading.local()
 
     # ------------------------------------------------------------------ install / remove
     def install(self, session) -> None:
@@ -151,29 +171,42 @@ class CommRecorder:
 
     # ------------------------------------------------------------------ wrappers
     def _wrap(self, op: str, original):
+        """The collective, timed and recorded once per call of the script's: a collective
+        it calls in turn is part of it (all_gather_into_tensor calls all_gather_single through
+        the module's globals, both wrapped), and so is the same call handed back to memprof's
+        wrapper by a torch function mode (torch's collectives defer to one; the update watch's
+        calls the function it is handed, the wrapper)."""
         recorder = self
+        local = self._thread
 
         def collective(*args, **kwargs):
-            if recorder.session is None:
+            if recorder.session is None or getattr(local, "inside", False):
                 return original(*args, **kwargs)
-            if not recorder._fsdp_checked:
-                recorder._patch_fsdp()
-            tensors = _tensors(args, kwargs)
-            recorder._label([(t, t) for t in tensors])
-            nbytes = max((t.numel() * t.element_size() for t in tensors), default=0)
-            start = time.monotonic_ns()    # the native event clock (steady_clock)
-            result = original(*args, **kwargs)
-            row = [op, start, None, int(nbytes), False]
-            if hasattr(result, "get_future"):   # async_op=True: ends when the work completes
-                row[4] = True
-                recorder._end_on_completion(result, row)
-            else:
-                row[2] = time.monotonic_ns()
-            with recorder._lock:
-                recorder.calls.append(row)
-            return result
+            local.inside = True
+            try:
+                return recorder._recorded(op, original, args, kwargs)
+            finally:
+                local.inside = False
         collective.__wrapped__ = original
         return collective
+
+    def _recorded(self, op: str, original, args, kwargs):
+        """original(*args, **kwargs), noted as one call: [op, start, end, bytes, async]."""
+        if not self._fsdp_checked:
+            self._patch_fsdp()
+        self._label([(t, t) for t in _tensors(args, kwargs)])
+        nbytes = collective_bytes(args, kwargs)
+        start = time.monotonic_ns()    # the native event clock (steady_clock)
+        result = original(*args, **kwargs)
+        row = [op, start, None, nbytes, False]
+        if hasattr(result, "get_future"):   # async_op=True: ends when the work completes
+            row[4] = True
+            self._end_on_completion(result, row)
+        else:
+            row[2] = time.monotonic_ns()
+        with self._lock:
+            self.calls.append(row)
+        return result
 
     def _end_on_completion(self, work, row: list) -> None:
         def done(_future):

@@ -21,6 +21,7 @@ itself once it has nothing left to do.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import weakref
 from array import array
@@ -93,6 +94,11 @@ class StepClock:
         # >0 while an optimizer calls its closure again inside its step (LBFGS's line search):
         # the same batch evaluated again, not a micro-step and not the step's loss
         self.reevaluating = 0
+        # optimizers whose step runs inside a watched one's (ZeroRedundancyOptimizer's local
+        # optimizer): id -> weak reference; ids of those stepping now
+        self._nested: dict[int, weakref.ref] = {}
+        self._nested_now: set[int] = set()
+        self._thread = threading.local()          # .depth: optimizer steps begun, not ended
         self._handles: list = []
 
     @property
@@ -110,8 +116,16 @@ class StepClock:
         return [o for o in (r() for r in self._seen.values()) if o is not None]
 
     def watched(self) -> list:
+        """The optimizers whose state is the run's: the one given to track() (else every one
+        seen), and those stepped inside their steps (ZeroRedundancyOptimizer holds no state of
+        its own: its local optimizer `.optim` does)."""
         watched = self.optimizer
-        return [watched] if watched is not None else self.optimizers
+        out = [watched] if watched is not None else self.optimizers
+        for ref in tuple(self._nested.values()):
+            inner = ref()
+            if inner is not None and not any(inner is o for o in out):
+                out.append(inner)
+        return out
 
     def mark(self, label: str, value: int | None = None) -> None:
         _C.mark(label, int(self.step if value is None else value))
@@ -123,12 +137,38 @@ class StepClock:
             patches.patch(GradScaler, "step", self._wrap_scaler_step)
         from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                            register_optimizer_step_pre_hook)
-        self._handles.append(register_optimizer_step_pre_hook(self._pre))
+        self._handles.append(register_optimizer_step_pre_hook(self._pre_hook))
         self._handles.append(register_optimizer_step_post_hook(self._post))
-        never_compiled(self._pre, self._post)
+        never_compiled(self._pre_hook, self._pre, self._post)
 
     def remove(self) -> None:
         remove_handles(self._handles)
+
+    def _pre_hook(self, optimizer, args, kwargs):
+        """torch's pre-hook: a step begins (see _pre), unless it is nested in a watched
+        optimizer's step (see _nested_step)."""
+        break_graph_if_traced()
+        return outside_dynamo(self._hooked_step_starts, optimizer, args, kwargs)
+
+    def _hooked_step_starts(self, optimizer, args, kwargs):
+        depth = getattr(self._thread, "depth", 0)
+        self._thread.depth = depth + 1
+        if depth and self._nested_step(optimizer):
+            self._nested_now.add(id(optimizer))
+            self._nested[id(optimizer)] = weakref.ref(optimizer)
+            return None
+        self._nested_now.discard(id(optimizer))
+        return self._step_starts(optimizer, args, kwargs)
+
+    def _nested_step(self, optimizer) -> bool:
+        """Whether this step runs inside a watched optimizer's step on this thread: its
+        phase and its step's end are the outer one's (ZeroRedundancyOptimizer steps its local
+        optimizer inside its own step; both post-hooks ended a step, two per iteration). Read
+        from the frames of torch's step wrapper, so that a step that raised (no post-hook)
+        leaves nothing behind; only where another step was begun and not ended."""
+        stepping = _stepping_optimizers()
+        self._thread.depth = max(1, len(stepping))
+        return any(o is not optimizer and self.watches(o) for o in stepping)
 
     def _pre(self, optimizer, args, kwargs):
         """The optimizer's own work begins (its gradients are there to read); for
@@ -200,7 +240,16 @@ class StepClock:
 
     def _post(self, optimizer, args, kwargs) -> None:
         break_graph_if_traced()   # (see _pre)
-        outside_dynamo(self._step_ends, optimizer)
+        outside_dynamo(self._hooked_step_ends, optimizer)
+
+    def _hooked_step_ends(self, optimizer) -> None:
+        self._thread.depth = max(0, getattr(self._thread, "depth", 0) - 1)
+        if id(optimizer) in self._nested_now:   # the outer step ends the step; its state is
+            self._nested_now.discard(id(optimizer))     # noted (the real one under ZeRO)
+            for fn in tuple(self.on_optimizer_post):
+                fn(optimizer)
+            return
+        self._step_ends(optimizer)
 
     def _wrap_scaler_step(self, original):
         clock = self
@@ -265,6 +314,32 @@ def _found_inf(scaler, optimizer) -> bool:
         return any(float(v.item()) for v in found.values())
     except Exception:  # noqa: BLE001
         return True
+
+
+def _step_wrapper_code():
+    """The code of torch's wrapper around every optimizer's step() (the one that runs the
+    step hooks), or None where this torch has none."""
+    try:
+        from torch.optim.optimizer import Optimizer
+        return Optimizer.profile_hook_step(lambda *a, **k: None).__code__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+_STEP_WRAPPER_CODE = _step_wrapper_code()
+
+
+def _stepping_optimizers() -> list:
+    """The optimizers whose step() is running on this thread, innermost first."""
+    out = []
+    frame = sys._getframe(1) if _STEP_WRAPPER_CODE is not None else None
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER_CODE:
+            optimizer = frame.f_locals.get("self")
+            if optimizer is not None:
+                out.append(optimizer)
+        frame = frame.f_back
+    return out
 
 
 _THREADS = threading.local()

@@ -77,10 +77,13 @@ def _ranks_export(merged, lower: str):
 
 def export(obj, path: str) -> str:
     """Write `obj` (a Profile, a Plan or MergedRanks) to `path` in the format its extension
-    names."""
+    names, atomically (a temporary file renamed over it); the path written is returned. A
+    rank's profile of a job goes to `<name>.rank<R>.<ext>`, as Profile.save names it: every
+    rank exporting `run.html` wrote one file, the last rank's."""
     from ..analyse.ranks import MergedRanks
     from ..plan.search import Plan
     from ..profile import Profile
+    from ..profile_file import write_atomically
     lower = str(path).lower()
     if isinstance(obj, Profile):
         data, known = _profile_export(obj, lower), ".json, .pickle or .html"
@@ -93,7 +96,16 @@ def export(obj, path: str) -> str:
                         f"{type(obj).__name__}")
     if data is None:
         raise ValueError(f"{path}: unknown export format; expected a {known} file name")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(path, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-        f.write(data)
-    return str(path)
+    if isinstance(obj, Profile):
+        path = _rank_export_path(obj, str(path))
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    return str(write_atomically(str(path), lambda f: f.write(raw)))
+
+
+def _rank_export_path(profile, path: str) -> str:
+    """`run.html` -> `run.rank<R>.html` for a rank of a job of several ranks."""
+    from ..record.distributed import rank_path
+    rank, world = profile.meta.get("rank"), profile.meta.get("world_size")
+    if rank is not None and world is not None and int(world) > 1:
+        return rank_path(path, int(rank))
+    return path

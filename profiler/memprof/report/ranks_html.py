@@ -9,7 +9,7 @@ import numpy as np
 from ..analyse.ranks import MergedRanks
 from ..units import fmt_bytes
 from .html import finding_card, page, table
-from .ranks import headline, ordered_categories, when
+from .ranks import TIMING_HEADER, headline, ordered_categories, timing_rows, when
 from .series import envelope, t0_ns
 from .svg import COLORS, LINE_COLORS, Frame, esc, fmt_time, legend, nice_bytes
 
@@ -75,6 +75,19 @@ def _rank_table(merged: MergedRanks) -> str:
             f"seconds since that rank started tracking; bars share one scale.</p></section>")
 
 
+def _timing_table(merged: MergedRanks) -> str:
+    """Per rank: time per step, own work, communication and samples/s (report.ranks)."""
+    rows = timing_rows(merged)
+    if not rows:
+        return ""
+    attrs = [f' data-timing-rank="{r.rank}"' for r in merged.ranks]
+    return (f'<section id="timing"><h2>Time per step</h2>'
+            f'{table(rows, TIMING_HEADER, "timing", row_attrs=attrs)}'
+            f'<p class="hint">Medians after warm-up. Own work: the step less the time with a '
+            f"collective in flight; the slowest rank has the most, and the others wait for it "
+            f"in communication.</p></section>")
+
+
 def _timelines(merged: MergedRanks) -> str:
     """Live bytes over time, one line per rank (each from its own start)."""
     lines = []
@@ -114,8 +127,10 @@ def ranks_html(merged: MergedRanks) -> str:
     body = (f"<header><h1>memprof: {esc(what)}</h1><p class=lead id=headline "
             f'data-peak-rank="{merged.peak_row.rank}">{lead}</p>'
             f'<nav><a href="#findings">Findings</a> <a href="#ranks">Ranks</a> '
+            f'<a href="#timing">Time per step</a> '
             f'<a href="#timeline">Memory over time</a></nav></header><main>'
-            + _findings(merged) + _rank_table(merged) + _timelines(merged)
+            + _findings(merged) + _rank_table(merged) + _timing_table(merged)
+            + _timelines(merged)
             + "</main><footer>memprof merged report; self-contained, no network. Each rank's "
               "full report: <code>memprof report &lt;its file&gt; --export r.html</code>."
               "</footer>")
