@@ -259,8 +259,11 @@ def _add_communication_rows(t: Table, st: dict, wall, data_row: str) -> None:
     if not st.get("comm_ms"):
         return
     t.add_section()
-    _stat_rows(t, st, wall, (("compute_ms", "compute (step - data - comm)"),
-                             ("comm_ms", "communication (in flight)"), ("data_ms", data_row)))
+    overlap = (st.get("comm_in_data_ms") or {}).get("p90")   # (a Trainer's all_gather)
+    _stat_rows(t, st, wall, (("compute_ms", "compute (step - data ∪ comm)"),
+                             ("comm_ms", "communication (in flight)"))
+               + ((("comm_in_data_ms", "  of it: during the time before forward"),)
+                  if overlap else ()) + (("data_ms", data_row),))
 
 
 def _stat_rows(t: Table, st: dict, wall, rows) -> None:
