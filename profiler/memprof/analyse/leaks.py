@@ -29,6 +29,7 @@ from .leak_fixes import fix_text
 from .turns import last_round_start
 from .outcome import Outcome
 from ..record.session import active_session
+from ..record.leak_probe import held_until_the_call_returns
 from ..record.holders import (describe_unreached, find_holders, frame_roots, model_roots,
                                namespaces_roots)
 
@@ -138,11 +139,16 @@ def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding
                              "shape": tuple(g["shape"]),
                              "unlogged": frozenset(g.get("unlogged") or ())})
               for g in rec["graphs"]]
-    old = [g for g in graphs if bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step]
+    holders = {int(k): v for k, v in rec.get("holders", {}).items()}
+    # the round before the last: what `loss = train_step(x, y)` still names in the caller
+    # until the call returns (not a leak); older graphs, or ones a container holds, are
+    previous = boundaries[_last_step(profile, last_step - 1)] if last_step else boundaries[0]
+    old = [g for g in graphs if bisect.bisect_right(boundaries, g.min_seq) - 1 < last_step
+           and not held_until_the_call_returns(g, holders.get(g.tensor_id), previous,
+                                               boundaries[last_step])]
     at = [m["position"] for m in profile.markers("leak_probe") if m["value"] == completed]
     if not old or not at:
         return []
-    holders = {int(k): v for k, v in rec.get("holders", {}).items()}
     bounds = {int(k): int(v) for k, v in rec.get("bounds", {}).items()}
     context = _Context(profile, boundaries, last_step, {id(g) for g in old},
                        at=("position", at[0] - 1), bounds=bounds)
