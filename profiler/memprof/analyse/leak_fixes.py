@@ -7,6 +7,8 @@ import re
 
 _REDUCTIONS = ("Add", "Sum", "Mean", "Div")
 # a Hugging Face cache (`out['cache'].layers[0].keys`, `past_key_values`, older `key_cache`)
+#: describe_unreached's name for an output a custom autograd.Function kept on its ctx
+_ON_CTX = re.compile(r"\bctx\.(\w+) of ")
 _KV_CACHE = re.compile(r"past_key_values|key_cache|value_cache|kv_cache|cache'?\]?\..*\.(keys|values)\b")
 
 
@@ -27,6 +29,13 @@ def fix_text(kind: str, names: list[str], paths: list[str], graphs, *, retained:
         return ("drop retain_graph=True (it keeps every saved tensor of the graph until the "
                 f"last reference to it goes){carried}; keep retain_graph only for a second "
                 "backward through the same graph")
+    on_ctx = _ON_CTX.search(where)
+    if on_ctx:
+        name = on_ctx.group(1)
+        return (f"save the output with `ctx.save_for_backward({name})` (and read "
+                f"`ctx.saved_tensors` in backward), not `ctx.{name} = {name}`: an output kept "
+                "on its own ctx is a reference cycle (output -> grad_fn -> ctx -> output) that "
+                "keeps each step's graph until Python's cyclic garbage collector runs")
     if buffer:
         return ("this module buffer is updated with autograd on, so each step's graph is "
                 "chained into it: update it under `with torch.no_grad():` (or assign "

@@ -110,7 +110,8 @@ def retained_graphs(profile: Profile) -> Outcome:
         old_ids = {id(g) for g in old}
         context = _Context(profile, boundaries, last_step, old_ids, bounds=bounds)
         for names, group in _group_by_holder(old + recent, holders,
-                                             lambda g: describe_unreached(by_id[g.tensor_id]),
+                                             lambda g: describe_unreached(
+                                                 by_id[g.tensor_id], own=(tensors, by_id)),
                                              old_ids):
             findings.append(context.finding(names, group, holders))
     findings.sort(key=lambda f: (LEAK_KINDS.index(f.kind), -f.bytes))
