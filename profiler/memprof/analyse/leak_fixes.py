@@ -13,13 +13,16 @@ _KV_CACHE = re.compile(r"past_key_values|key_cache|value_cache|kv_cache|cache'?\
 
 
 def fix_text(kind: str, names: list[str], paths: list[str], graphs, *, retained: bool,
-             never_backward: bool, param_shapes: set, buffer: bool = False) -> str:
+             never_backward: bool, param_shapes: set, buffer: bool = False,
+             carried: bool = False) -> str:
     """One sentence a user can act on for the holder `names` (paths inside it: `paths`);
-    `buffer`: a graph tensor is a module's registered buffer."""
+    `buffer`: a graph tensor is a module's registered buffer; `carried`: every tensor held
+    was made in the last step, its graph reaching back - state rebound each step (an LSTM's
+    `hidden = (h, c)`), not a container that grows, even where a path indexes it."""
     where = " ".join(paths) or " ".join(names)
     scalar_total = (len(graphs) == 1 and graphs[0].numel == 1
                     and any(r in graphs[0].grad_fn for r in _REDUCTIONS))
-    kept_in_container = any("[" in p for p in paths)
+    kept_in_container = any("[" in p for p in paths) and not carried
     if retained:
         carried = ""
         if kind == "retained_graph":   # graphs of earlier steps: something keeps them too

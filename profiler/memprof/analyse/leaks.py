@@ -321,7 +321,9 @@ class _Context:
             "; allocated after the event log filled: their creator is not recorded"
         fix = fix_text(kind, names, paths, gs, retained=retained,
                        never_backward=never_backward, param_shapes=self.param_shapes,
-                       buffer=any(g.tensor_id in self.buffer_ids for g in gs))
+                       buffer=any(g.tensor_id in self.buffer_ids for g in gs),
+                       carried=all(self.step_of(g.max_seq) >= self.last_step
+                                   for g in gs if g.tensor_id in holders))
         bound = max(self.bounds[g.tensor_id] for g in gs) \
             if all(g.tensor_id in self.bounds for g in gs) else None
         span = f"{steps[0]}" + (f"-{steps[-1]}" if len(steps) > 1 else "")
