@@ -7,17 +7,22 @@ import re
 
 _REDUCTIONS = ("Add", "Sum", "Mean", "Div")
 # a Hugging Face cache (`out['cache'].layers[0].keys`, `past_key_values`, older `key_cache`)
+#: describe_unreached's name for an output a custom autograd.Function kept on its ctx
+_ON_CTX = re.compile(r"\bctx\.(\w+) of ")
 _KV_CACHE = re.compile(r"past_key_values|key_cache|value_cache|kv_cache|cache'?\]?\..*\.(keys|values)\b")
 
 
 def fix_text(kind: str, names: list[str], paths: list[str], graphs, *, retained: bool,
-             never_backward: bool, param_shapes: set, buffer: bool = False) -> str:
+             never_backward: bool, param_shapes: set, buffer: bool = False,
+             carried: bool = False) -> str:
     """One sentence a user can act on for the holder `names` (paths inside it: `paths`);
-    `buffer`: a graph tensor is a module's registered buffer."""
+    `buffer`: a graph tensor is a module's registered buffer; `carried`: every tensor held
+    was made in the last step, its graph reaching back - state rebound each step (an LSTM's
+    `hidden = (h, c)`), not a container that grows, even where a path indexes it."""
     where = " ".join(paths) or " ".join(names)
     scalar_total = (len(graphs) == 1 and graphs[0].numel == 1
                     and any(r in graphs[0].grad_fn for r in _REDUCTIONS))
-    kept_in_container = any("[" in p for p in paths)
+    kept_in_container = any("[" in p for p in paths) and not carried
     if retained:
         carried = ""
         if kind == "retained_graph":   # graphs of earlier steps: something keeps them too
@@ -27,6 +32,13 @@ def fix_text(kind: str, names: list[str], paths: list[str], graphs, *, retained:
         return ("drop retain_graph=True (it keeps every saved tensor of the graph until the "
                 f"last reference to it goes){carried}; keep retain_graph only for a second "
                 "backward through the same graph")
+    on_ctx = _ON_CTX.search(where)
+    if on_ctx:
+        name = on_ctx.group(1)
+        return (f"save the output with `ctx.save_for_backward({name})` (and read "
+                f"`ctx.saved_tensors` in backward), not `ctx.{name} = {name}`: an output kept "
+                "on its own ctx is a reference cycle (output -> grad_fn -> ctx -> output) that "
+                "keeps each step's graph until Python's cyclic garbage collector runs")
     if buffer:
         return ("this module buffer is updated with autograd on, so each step's graph is "
                 "chained into it: update it under `with torch.no_grad():` (or assign "

@@ -280,11 +280,33 @@ def find_holders(roots: list[tuple[str, object]], targets: set[int],
     return found
 
 
-def describe_unreached(t: torch.Tensor) -> str:
-    """One hop through the garbage collector for a tensor no named root reaches."""
-    refs = [r for r in gc.get_referrers(t) if not isinstance(r, types.FrameType)]
+def describe_unreached(t: torch.Tensor, own=()) -> str:
+    """One hop through the garbage collector for a tensor no named root reaches. `own`: the
+    scan's containers, which hold every tensor it judges (they read as 'a dict, list'). A
+    custom autograd.Function that set its output on ctx (`ctx.out = out`) is named as such:
+    the ctx is the output's own backward node, a cycle no name reaches."""
+    on_ctx = ctx_attribute(t)
+    if on_ctx is not None:
+        return (f"{on_ctx} of {type(t.grad_fn)._forward_cls.__name__} (the output is kept on "
+                "the ctx of the custom autograd.Function that made it: a reference cycle)")
+    skip = {id(o) for o in own}
+    refs = [r for r in gc.get_referrers(t)
+            if not isinstance(r, types.FrameType) and id(r) not in skip]
     kinds = sorted({type(r).__name__ for r in refs})
     return f"a {', '.join(kinds) or 'C++ object'} not reachable from the model or the tracked frame"
+
+
+def ctx_attribute(t: torch.Tensor) -> str | None:
+    """'ctx.out' when the custom autograd.Function whose backward node made `t` keeps `t` as
+    an attribute of its ctx (that node): else None."""
+    node = t.grad_fn
+    if not isinstance(node, torch.autograd.function.BackwardCFunction):
+        return None
+    try:
+        name = next((k for k, v in vars(node).items() if v is t), None)
+    except TypeError:
+        return None
+    return f"ctx.{name}" if isinstance(name, str) else None
 
 
 def model_roots(model, named_roots) -> list[tuple[str, object]]:

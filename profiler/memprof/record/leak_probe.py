@@ -21,6 +21,7 @@ figures.
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -36,6 +37,21 @@ FIRST_PROBE_STEP = 2     # steps completed at the first look; then 4, 8, 16, ...
 #: found nothing, up to MAX_GROWTH_LOOK_AFTER
 GROWTH_LOOK_AFTER = 4
 MAX_GROWTH_LOOK_AFTER = 256
+
+#: one reference that a call's return rebinds: `loss`, `main.<locals>.loss`,
+#: `trainer.last_loss` - no list, dict or closure cell on the way (those can grow)
+_ONE_REFERENCE = re.compile(r"^(?:[^\[\]{}<>\s]+\.<locals>\.)?[\w.]+$")
+
+
+def held_until_the_call_returns(graph, path: str | None, start: int, end: int) -> bool:
+    """Whether a graph lies wholly in [start, end) of the sequence numbers - the step (or
+    round) before the one that just ended - and one plain reference holds it. While
+    `loss = train_step(x, y)` (or LBFGS's `loss = opt.step(closure)`) runs, the caller's
+    `loss` still names the step before's loss, until the call returns and rebinds it: that
+    is no leak. A graph held longer is older than that step at a later look, one kept in a
+    list is among older ones that the list kept too."""
+    return bool(path) and _ONE_REFERENCE.match(path) is not None and \
+        start <= graph.min_seq and graph.max_seq < end
 
 
 class LeakProbe:
@@ -108,7 +124,11 @@ class LeakProbe:
         params = {storage_of(p)[0] for p in session.params()}
         graphs, truncated = walk_graphs(tensors, params, past_the_log=_C.log_full())
         old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
-        if not old:
+        # the step before's loss that the caller's variable names until this call returns
+        # is recorded (the analysis judges by rounds of optimizers), but alone makes no record
+        previous = boundaries[completed - 2] if completed >= 2 else boundaries[0]
+        if all(held_until_the_call_returns(g, holders.get(g.tensor_id), previous, before)
+               for g in old):
             return False
         _C.mark("leak_probe", completed)
         self._record = {
