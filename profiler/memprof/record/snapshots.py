@@ -151,6 +151,27 @@ def storage_ptrs(tensors: list[torch.Tensor]) -> list[int | None]:
     return [(a or None) if a >= 0 else storage_ptr(t) for a, t in zip(addresses, tensors)]
 
 
+def storage_parts(tensors: list, owners: list) -> tuple[list, list]:
+    """A sparse tensor has no storage: its values and indices hold its memory (a sparse
+    gradient of nn.Embedding(sparse=True) read "other", and gradients 0). (tensors, owners)
+    with each sparse one replaced by those parts, each with its owner."""
+    if all(t.layout == torch.strided for t in tensors):
+        return tensors, owners
+    out_t, out_o = [], []
+    for t, owner in zip(tensors, owners):
+        if t.layout == torch.sparse_coo:
+            parts = (t._values(), t._indices())
+        elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+            parts = (t.values(), t.crow_indices(), t.col_indices())
+        elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+            parts = (t.values(), t.ccol_indices(), t.row_indices())
+        else:
+            parts = (t,)
+        out_t += parts
+        out_o += [owner] * len(parts)
+    return out_t, out_o
+
+
 def _sorted_storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
     """The sorted storage addresses of the tensors of (tensor, module id) pairs."""
     return sorted(k for k in storage_ptrs([t for t, _ in pairs]) if k is not None)
@@ -212,7 +233,8 @@ class SnapshotRecorder:
         for p in self.session.params():
             add(p, CAT_PARAMETERS, self._module_of(p))
             if p.grad is not None:
-                add(p.grad, CAT_GRADIENTS, self._module_of(p))
+                for part in storage_parts([p.grad], [p])[0]:
+                    add(part, CAT_GRADIENTS, self._module_of(p))
         opt = self.session.steps.optimizer
         if opt is not None:
             for v, p in state_pairs(opt):
@@ -302,7 +324,7 @@ class SnapshotRecorder:
             self._note(CAT_GRADIENTS, *taken)
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads, params = storage_parts([p.grad for p in params], params)
         note = self._last_note(CAT_GRADIENTS, optimizer)
         if note is None or not note.same(grads):
             self._take_noted(CAT_GRADIENTS, optimizer, grads, params)
@@ -430,10 +452,11 @@ class SnapshotRecorder:
         for opt in self.session.steps.watched():
             states += state_pairs(opt)
         buffers = self.buffers()
-        grads = [p for p in params if p.grad is not None]
+        grads, grad_params = storage_parts(
+            [p.grad for p in params if p.grad is not None],
+            [p for p in params if p.grad is not None])
         return [self._owned(CAT_PARAMETERS, params, [self._module_of(p) for p in params]),
-                self._owned(CAT_GRADIENTS, [p.grad for p in grads],
-                            [self._module_of(p) for p in grads]),
+                self._owned(CAT_GRADIENTS, grads, [self._module_of(p) for p in grad_params]),
                 self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],
                             [self._module_of(p) for _, p in states]),
                 self._owned(CAT_BUFFERS, [b for b, _ in buffers], [mid for _, mid in buffers])]
