@@ -98,6 +98,10 @@ def test_findings_match_up_to_their_numbers():
         ("memory_growth", [0, 1, 2], "error"), ("memory_growth", [2], "warning"),
         ("retain_graph", [3], "info")]
     assert merged[0].bytes_by_rank == {0: 10, 1: 7, 2: 12}
+    # its figures are rank 0's ("grows by 1.50 MiB" beside 7 and 12 bytes on ranks 1, 2)
+    assert merged[0].message == ("as rank 0 states it: live memory grows by 1.50 MiB per "
+                                 "step over 8 steps")
+    assert merged[1].message.startswith("live memory grows")   # one rank: its own figures
     assert rank_ranges([0, 1, 2, 3, 5, 7, 8]) == "0-3, 5, 7-8"
 
 

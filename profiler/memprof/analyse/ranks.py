@@ -199,6 +199,9 @@ def merge_findings(per_rank: list[tuple[int, list[Finding]]]) -> list[RankFindin
             got.bytes_by_rank[rank] = int(f.bytes)
             if SEVERITY_ORDER.get(f.severity, 9) < SEVERITY_ORDER.get(got.severity, 9):
                 got.severity = f.severity
+    for f in merged.values():   # its figures are one rank's ("pinning 7.50 KiB" beside 15.00)
+        if len(set(f.bytes_by_rank.values())) > 1:
+            f.message = f"as rank {f.ranks[0]} states it: {f.message}"
     return sorted(merged.values(), key=lambda f: (SEVERITY_ORDER.get(f.severity, 9),
                                                   -max(f.bytes_by_rank.values()), f.ranks))
 
