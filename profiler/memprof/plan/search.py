@@ -352,7 +352,8 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
     usable = usable_bytes(g, overhead=overhead, margin=margin)
     if precisions is None:
         return g, usable, [p for p in ESTIMATE_PRECISIONS if g.supports(p)]
-    precisions = [precisions] if isinstance(precisions, str) else list(precisions)
+    precisions = list(dict.fromkeys([precisions] if isinstance(precisions, str)
+                                    else precisions))   # each once, as policies
     for p in precisions:
         if p not in ESTIMATE_PRECISIONS:
             raise PlanInputError(f"precision {p!r}: expected "
@@ -368,9 +369,12 @@ def _policies(module, policies, blocks) -> list[str]:
         return policies_for(module, DEFAULT_POLICIES) if blocks is None \
             else list(DEFAULT_POLICIES)
     policies = [policies] if isinstance(policies, str) else list(policies)
+    # each policy once: 'none,none' (or 'none,off') waited on itself for ever, and two
+    # spellings of one policy printed two identical rows
+    first: dict = {}
     for p in policies:
-        parse_policy(p)
-    return policies
+        first.setdefault(parse_policy(p), p)
+    return list(first.values())
 
 
 def _container(module, policies, blocks) -> str | None:
