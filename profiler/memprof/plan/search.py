@@ -185,11 +185,11 @@ class Plan:
         return self.warmup_for(self.best)
 
     def warmup_for(self, option: Option | None) -> dict | None:
-        """Warmup given in micro-steps, in `option`'s optimizer steps (its accumulation)."""
-        if self._warmup_steps is None:
+        """Warmup given in micro-steps, in `option`'s optimizer steps (its accumulation);
+        None without an option (nothing fits: "ceil(200 / 1)" was the micro-step count)."""
+        if self._warmup_steps is None or option is None:
             return None
-        acc = option.accumulation if option is not None else 1
-        return warmup_advice(self._warmup_steps, acc, self.global_batch)
+        return warmup_advice(self._warmup_steps, option.accumulation, self.global_batch)
 
     @property
     def global_batch(self) -> int:
