@@ -40,3 +40,18 @@ def test_balanced_ranks_name_no_straggler():
     st = stragglers(uneven)
     assert (st["slowest_rank"], st["waiting_ranks"]) == (1, [0])
     assert stragglers({0: {"own_work_ms": 10.0}, 1: None}) is None
+
+
+def test_time_in_flight_inside_windows_by_prefix_sums_is_the_brute_force_sum():
+    """The overlap of collectives with steps and data waits, by prefix sums (a windows x calls
+    matrix took seconds and gigabytes on a long run), against the plain sum."""
+    import numpy as np
+    from memprof.analyse.communication import _covered_ns, _merged
+    rng = np.random.default_rng(0)
+    t0 = np.sort(rng.integers(0, 10_000, 300))
+    calls = [["all_reduce", int(a), int(a + rng.integers(1, 200)), 4, False] for a in t0]
+    merged = _merged(calls)
+    starts = np.sort(rng.integers(-100, 10_500, 200))
+    ends = starts + rng.integers(0, 400, 200)
+    brute = [sum(max(0, min(e, b) - max(s, a)) for a, b in merged) for s, e in zip(starts, ends)]
+    assert _covered_ns(merged, starts, ends).tolist() == brute

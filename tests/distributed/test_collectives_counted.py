@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import memprof
-from memprof.analyse import communication, throughput
+from memprof.analyse import throughput
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
@@ -100,10 +100,10 @@ def test_compute_is_not_lost_to_a_collective_in_the_data_wait(job):
     assert shares == pytest.approx(1 + st["comm_in_data_ms"]["share"], abs=1e-3)
 
 
-def test_data_windows_are_the_throughput_tables_data_wait(job):
+def test_data_spans_are_the_throughput_tables_data_wait(job):
     prof = load(job, "overlap", 0)
     data = throughput.summarize(prof)["per_step"]["data_ms"]
-    windows = communication.data_windows(prof)
+    windows = throughput.data_spans(prof)
     assert len(windows) == len(data)
     for ms, win in zip(data[1:], windows[1:]):
         assert sum(b - a for a, b in win) * 1e-6 == pytest.approx(ms, abs=1e-3)

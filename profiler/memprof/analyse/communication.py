@@ -19,12 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..profile import Profile
-from ..profile_schema import PAUSES
 from ..stats import describe as _stats
-
-_DATA_LABELS = ("forward_start", "forward_end", "backward_start", "backward_end",
-                "optimizer_start", "step", "update_start", "update_end")
-
 
 def completed_calls(profile: Profile) -> list[list]:
     """[op, t_start_ns, t_end_ns, bytes, async] of the calls that completed while tracking."""
@@ -56,52 +51,24 @@ def per_step_ms(profile: Profile, calls: list[list]) -> list[float]:
         return []
     starts = np.array([int(profile.meta.get("t0_ns", 0))] + bounds[:-1], dtype=np.int64)
     ends = np.array(bounds, dtype=np.int64)
-    merged = _merged(calls)
+    return [float(x) * 1e-6 for x in _covered_ns(_merged(calls), starts, ends)]
+
+
+def _covered_ns(merged: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Nanoseconds of the sorted, disjoint [start, end] rows of `merged` inside each window
+    [starts[i], ends[i]], by prefix sums: O((rows + windows) log rows), where a windows x rows
+    matrix took seconds and gigabytes on a long DDP run."""
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
     if merged.size == 0:
-        return [0.0] * len(bounds)
-    lo = np.maximum(merged[None, :, 0], starts[:, None])
-    hi = np.minimum(merged[None, :, 1], ends[:, None])
-    return [float(x) * 1e-6 for x in np.clip(hi - lo, 0, None).sum(axis=1)]
+        return np.zeros(starts.shape, dtype=np.int64)
+    s, e = merged[:, 0].astype(np.int64), merged[:, 1].astype(np.int64)
+    before = np.concatenate(([0], np.cumsum(e - s)))
 
-
-def data_windows(profile: Profile) -> list[list[tuple[int, int]]]:
-    """Per step, the [start, end] ns intervals of its data wait (before the forward), by
-    analyse.throughput's rule (its phase table sums their lengths): from the step's start
-    (after memprof's own pause there) to the first forward, and from the end of a backward to
-    the next forward (a micro-batch fetched). The first step has none: it has no start."""
-    pauses: dict[int, float] = {}
-    for name, key in PAUSES:
-        for n, sec in (profile.run.records.get(name) or {}).get(key, ()):
-            pauses[int(n)] = pauses.get(int(n), 0.0) + float(sec)
-    out: list[list[tuple[int, int]]] = []
-    current: list[tuple[int, int]] = []
-    gap, state, updating = None, "outside", False
-    for m in profile.markers():
-        label, t = m["label"], m["t_ns"]
-        if label not in _DATA_LABELS:
-            continue
-        if label == "update_start":     # (carries when the update began)
-            label, t = "optimizer_start", m["value"]
-        if label == "step":
-            out.append(current)
-            current, state, updating = [], "outside", False
-            gap = t + int(pauses.get(len(out), 0.0) * 1e9)
-        elif label == "update_end":
-            if updating:
-                gap, state, updating = m["value"], "after_backward", False
-        elif label == "forward_start":
-            if gap is not None and state in ("outside", "after_backward"):
-                current.append((gap, t))
-            gap, state, updating = None, "forward", False
-        elif label == "forward_end":
-            state = "after_forward"
-        elif label == "backward_start":
-            state = "backward"
-        elif label == "backward_end":
-            gap, state = t, "after_backward"
-        elif label == "optimizer_start":
-            gap, state, updating = None, "optimizer", True
-    return out
+    def covered_until(t):
+        k = np.searchsorted(s, t, "right")          # rows that start at or before t
+        last = e[np.maximum(k - 1, 0)]
+        return before[k] - np.where(k > 0, np.maximum(0, last - t), 0)
+    return np.maximum(0, covered_until(ends) - covered_until(starts))
 
 
 def overlap_ms(merged: np.ndarray, windows: list[tuple[int, int]]) -> float:
@@ -109,9 +76,7 @@ def overlap_ms(merged: np.ndarray, windows: list[tuple[int, int]]) -> float:
     if merged.size == 0 or not windows:
         return 0.0
     w = np.array(windows, dtype=np.int64)
-    lo = np.maximum(merged[None, :, 0], w[:, None, 0])
-    hi = np.minimum(merged[None, :, 1], w[:, None, 1])
-    return float(np.clip(hi - lo, 0, None).sum()) * 1e-6
+    return float(_covered_ns(merged, w[:, 0], w[:, 1]).sum()) * 1e-6
 
 
 def by_op(calls: list[list]) -> dict[str, dict[str, Any]]:
@@ -126,10 +91,11 @@ def by_op(calls: list[list]) -> dict[str, dict[str, Any]]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
 
 
-def add_to(summary: dict, profile: Profile) -> None:
+def add_to(summary: dict, profile: Profile, data_spans) -> None:
     """Add communication to a throughput summary (analyse.throughput.summarize): per-step
     `comm_ms` and `compute_ms`, their statistics after the same warm-up steps, and the
-    calls per collective. Nothing is added to a run without collectives."""
+    calls per collective. Nothing is added to a run without collectives. `data_spans()`:
+    per step, the spans of its data wait (analyse.throughput.data_spans, its own rule)."""
     rec = profile.run.records.get("communication") or {}
     if not rec.get("calls"):
         return
@@ -139,7 +105,7 @@ def add_to(summary: dict, profile: Profile) -> None:
     n = len(rows["wall_ms"])
     comm = (comm + [None] * n)[:n]       # one value per step row
     merged = _merged(calls)
-    windows = (data_windows(profile) + [[]] * n)[:n]
+    windows = (data_spans() + [[]] * n)[:n]
     both = [overlap_ms(merged, w) for w in windows]   # in flight during the data wait
     compute = []
     for wall, data, c, o in zip(rows["wall_ms"], rows["data_ms"], comm, both):

@@ -62,7 +62,8 @@ COLUMNS = ("wall_ms", "data_ms", "forward_ms", "eval_ms", "backward_ms", "optimi
 
 
 def phase_table(entries, batch_override: int | None = None,
-                pauses: dict[int, float] | None = None) -> dict[str, list]:
+                pauses: dict[int, float] | None = None,
+                data_spans: list | None = None) -> dict[str, list]:
     """Per-step phase times (ms) from time-ordered (label, t_ns, value) entries.
 
     One row per window that ends with a `step` entry; work after the last boundary is not a
@@ -102,6 +103,8 @@ def phase_table(entries, batch_override: int | None = None,
         if label == "step":
             w.close(t)
             _append_row(rows, w, batch_override)
+            if data_spans is not None:   # (analyse.communication: what overlaps them)
+                data_spans.append(w.data_spans)
             prev_step_t = t + int(pauses.get(len(rows["wall_ms"]), 0.0) * 1e9)
             w = _Window(prev_step_t, calls[len(rows["wall_ms"])], passes_seen)
         else:
@@ -123,6 +126,7 @@ class _Window:
         self.first_t = None
         self.state = "outside"
         self.data = 0.0 if start_t is not None else None
+        self.data_spans: list[tuple[int, int]] = []   # [start, end] ns of each part of it
         self.loader = 0.0                 # time inside DataLoader.__next__ (record.throughput)
         self.t0_loader = None
         self.fwd = self.bwd = self.opt = 0.0
@@ -181,6 +185,7 @@ class _Window:
                 self.t0_bwd = None
             elif self.gap_start is not None and self.state in ("outside", "after_backward"):
                 self.data = (self.data or 0.0) + (t - self.gap_start)
+                self.data_spans.append((self.gap_start, t))
             if self.last_token != "F" and not self.reevaluating:
                 self.groups.append([None, False, None])
             self.last_token = "F"
@@ -264,6 +269,25 @@ def _append_row(rows, w: _Window, batch_override) -> None:
         rows["samples"].append(None)
         for key in ("batch_size", "batch_min", "batch_max"):
             rows[key].append(None)
+
+
+def _pauses(profile: Profile) -> dict[int, float]:
+    """memprof's own pauses (the leak probe's looks, the autosaves) by the step whose window
+    they open: its time, not the loop's."""
+    looks: dict[int, float] = {}
+    for name, key in PAUSES:
+        for n, sec in (profile.run.records.get(name) or {}).get(key, ()):
+            looks[int(n)] = looks.get(int(n), 0.0) + float(sec)
+    return looks
+
+
+def data_spans(profile: Profile, pauses: dict[int, float] | None = None) -> list[list]:
+    """Per step, the [start, end] ns (host clock) of each part of its time before the forward,
+    as the phase table sums them; the first step has none (it has no start)."""
+    spans: list = []
+    phase_table(_entries_from_profile(profile), None,
+                _pauses(profile) if pauses is None else pauses, data_spans=spans)
+    return spans
 
 
 def micro_steps(profile: Profile) -> list[int]:
@@ -394,11 +418,7 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
     warmup = WARMUP_STEPS if warmup is None else int(warmup)
     gpu = rec.get("gpu")
     compiled = (profile.run.records.get("compile") or {}).get("steps", ())
-    # memprof's own pauses (the leak probe's looks, the autosaves): its time not the loop's
-    looks: dict[int, float] = {}
-    for name, key in PAUSES:
-        for n, s in (profile.run.records.get(name) or {}).get(key, ()):
-            looks[int(n)] = looks.get(int(n), 0.0) + float(s)
+    looks = _pauses(profile)
     timeline = rec.get("cuda_timeline")
     owners = profile.run.records.get("step_owners")
     first = int(profile.run.records.get("first_step") or 0)   # a nested block's
@@ -417,7 +437,9 @@ def summarize(profile: Profile, warmup: int | None = None) -> dict[str, Any]:
             out["note"] = f"CUDA events unavailable ({rec.get('cuda_error')}); host clock used"
     out["batch_override"] = batch
     out["loader_workers"] = int(rec.get("loader_workers") or 0)
-    _add_communication(out, profile)   # distributed runs: collectives in flight per step
+    # distributed runs: collectives in flight per step, and during the data wait (its spans
+    # by this table's rule, on the host clock the collectives are timed on)
+    _add_communication(out, profile, lambda: data_spans(profile, looks))
     return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .events import DEVICE_CPU, DEVICE_CUDA, EVENT_DTYPE, KIND_MEMORY
+from .events import DEVICE_CPU, DEVICE_CUDA, EVENT_DTYPE, KIND_MEMORY, PREEXISTING_THREAD
 
 
 @dataclass
@@ -61,3 +61,46 @@ class EventStreams:
         out[is_side] = self.side
         out[~is_side] = self.memory
         return out
+
+
+# ------------------------------------------------------------------ blocks from before
+def behind_baseline(raw: np.ndarray, order: np.ndarray, base: list) -> np.ndarray:
+    """raw[order] (the threads' logs put in time order) behind one row per block of `base`,
+    placed in one array (np.take's mode "raise" would buffer a second whole copy first;
+    argsort's indices are all in range)."""
+    events = np.empty(len(base) + order.size, dtype=EVENT_DTYPE)
+    np.take(raw, order, out=events[len(base):], mode="clip")
+    first = int(events["t_ns"][len(base)]) if order.size else 0
+    events[:len(base)] = baseline_rows(base, first)
+    return events
+
+
+def baseline_rows(base: list, t_ns: int) -> np.ndarray:
+    """One synthetic allocation per block that existed before tracking (thread -1), at the
+    time of the first recorded event."""
+    rows = np.zeros(len(base), dtype=EVENT_DTYPE)
+    if base:
+        arr = np.array([b[:4] for b in base], dtype=np.int64)
+        rows["ptr"] = arr[:, 0].astype(np.uint64)
+        rows["size"] = arr[:, 1]
+        rows["device_type"] = arr[:, 2]
+        rows["module"] = arr[:, 3]
+        rows["t_ns"] = t_ns
+        for f in ("op", "node", "seq"):
+            rows[f] = -1
+        rows["thread"] = PREEXISTING_THREAD
+        rows["kind"] = KIND_MEMORY
+    return rows
+
+
+def fill_baseline(streams: EventStreams, base: list) -> None:
+    """Writes the pre-existing blocks into the zeroed rows take_events left in front of each
+    stream (the analysed device's in `memory`, the others in `side`, in baseline order)."""
+    if not base:
+        return
+    on_device = np.array([int(b[2]) == streams.device_type for b in base], dtype=bool)
+    k, m = int(on_device.sum()), int((~on_device).sum())
+    first = [a["t_ns"][n] for a, n in ((streams.memory, k), (streams.side, m)) if a.size > n]
+    rows = baseline_rows(base, int(min(first)) if first else 0)
+    streams.memory[:k] = rows[on_device]
+    streams.side[:m] = rows[~on_device]

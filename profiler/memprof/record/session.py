@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from .. import _C
-from .event_streams import EventStreams
+from .event_streams import EventStreams, behind_baseline, fill_baseline
 from .holders import is_library_frame
-from .events import EVENT_DTYPE, KIND_MARK, KIND_MEMORY, PREEXISTING_THREAD, SEQ_DTYPE
+from .events import EVENT_DTYPE, KIND_MARK, SEQ_DTYPE
 from .patches import PatchRegistry
 from .auto_steps import AutoSteps
 from .root_names import class_name
@@ -335,7 +335,7 @@ class Session:
             [int(b[2]) for b in self.snapshots.baseline])
         streams = EventStreams(memory=memory.view(EVENT_DTYPE), side=side.view(EVENT_DTYPE),
                                side_position=side_position, device_type=int(device))
-        _fill_baseline(streams, self.snapshots.baseline)
+        fill_baseline(streams, self.snapshots.baseline)
         self._assemble(streams, self, exc)
         self.records = {rec.name: rec.record() for rec in self.recorders}
 
@@ -364,7 +364,7 @@ class Session:
         label = _C.strings().index(self._nested_label)
         start = np.flatnonzero((raw["kind"][order] == KIND_MARK) & (raw["op"][order] == label))
         base = self._baseline_in_outer_ids()
-        events = _behind_baseline(raw, order[int(start[0]) + 1:], base)
+        events = behind_baseline(raw, order[int(start[0]) + 1:], base)
         self._assemble(EventStreams.split(events), self.outer, exc, base)
         # the records of the recorders this block lent (they began with it) and, where it
         # asked for health that the outer block records too, the outer's (its steps are the
@@ -408,7 +408,7 @@ class Session:
         if self.outer is not None or self.forked_away or _active is not self:
             raise RuntimeError("so_far: only the recording, outermost session can be read")
         raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
-        events = _behind_baseline(raw, np.argsort(raw["t_ns"], kind="stable"),
+        events = behind_baseline(raw, np.argsort(raw["t_ns"], kind="stable"),
                                   self.snapshots.baseline)
         del raw
         view = SessionSoFar(self)
@@ -505,48 +505,6 @@ class SessionSoFar:
 
     def __getattr__(self, name: str):
         return getattr(self._session, name)
-
-
-def _behind_baseline(raw: np.ndarray, order: np.ndarray, base: list) -> np.ndarray:
-    """raw[order] (the threads' logs put in time order) behind one row per block of `base`,
-    placed in one array (np.take's mode "raise" would buffer a second whole copy first;
-    argsort's indices are all in range)."""
-    events = np.empty(len(base) + order.size, dtype=EVENT_DTYPE)
-    np.take(raw, order, out=events[len(base):], mode="clip")
-    first = int(events["t_ns"][len(base)]) if order.size else 0
-    events[:len(base)] = _baseline_rows(base, first)
-    return events
-
-
-def _baseline_rows(base: list, t_ns: int) -> np.ndarray:
-    """One synthetic allocation per block that existed before tracking (thread -1), at the
-    time of the first recorded event."""
-    rows = np.zeros(len(base), dtype=EVENT_DTYPE)
-    if base:
-        arr = np.array([b[:4] for b in base], dtype=np.int64)
-        rows["ptr"] = arr[:, 0].astype(np.uint64)
-        rows["size"] = arr[:, 1]
-        rows["device_type"] = arr[:, 2]
-        rows["module"] = arr[:, 3]
-        rows["t_ns"] = t_ns
-        for f in ("op", "node", "seq"):
-            rows[f] = -1
-        rows["thread"] = PREEXISTING_THREAD
-        rows["kind"] = KIND_MEMORY
-    return rows
-
-
-def _fill_baseline(streams: EventStreams, base: list) -> None:
-    """Writes the pre-existing blocks into the zeroed rows take_events left in front of each
-    stream (the analysed device's in `memory`, the others in `side`, in baseline order)."""
-    if not base:
-        return
-    on_device = np.array([int(b[2]) == streams.device_type for b in base], dtype=bool)
-    k, m = int(on_device.sum()), int((~on_device).sum())
-    first = [a["t_ns"][n] for a, n in ((streams.memory, k), (streams.side, m)) if a.size > n]
-    rows = _baseline_rows(base, int(min(first)) if first else 0)
-    streams.memory[:k] = rows[on_device]
-    streams.side[:m] = rows[~on_device]
 
 
 #: the name of the frame dynamo records around each run of the code it compiled
