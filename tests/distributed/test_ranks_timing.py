@@ -82,7 +82,7 @@ def test_the_slow_rank_is_named_and_the_rank_that_waits(job):
     st = merged.stragglers
     assert (st["slowest_rank"], st["straggler"], st["waiting_ranks"]) == (1, True, [0])
     data = json.loads(report(out, "--json"))
-    assert data["timing"]["slowest_rank"] == 1 and data["timing"]["waiting_ranks"] == [0]
+    assert data["stragglers"]["slowest_rank"] == 1 and data["stragglers"]["waiting_ranks"] == [0]
     assert [r["timing"]["step_ms"] for r in data["ranks"]] == [t0["step_ms"], t1["step_ms"]]
     text = report(out)
     assert "slowest rank 1:" in text and "waiting for it: rank 0" in text

@@ -102,7 +102,7 @@ def test_findings_first_steps_and_health(leaky_profile, tmp_path):
     header = [th.text for th in steps.find_all("th")]
     # no DataLoader in this loop: the time before the forward is not called a data wait
     assert {"before forward", "forward", "backward", "optimizer", "samples/s", "loss",
-            "grad norm before clip", "LR"} <= set(header) and "data" not in header
+            "grad norm before clipping", "LR"} <= set(header) and "data" not in header
     rows = steps.find_all("tbody")[0].find_all("tr")
     assert len(rows) == len(prof.steps)
     tp = prof.run.records["throughput"]

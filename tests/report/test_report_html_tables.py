@@ -114,7 +114,7 @@ def test_step_columns_only_for_what_was_recorded(tmp_path):
             opt.zero_grad()
             prof.log(loss=loss.item())
     header = _header(_page(prof.profile, tmp_path))
-    assert "eval" not in header and "grad norm before clip" not in header
+    assert "eval" not in header and "grad norm before clipping" not in header
     assert {"loss", "grad norm", "LR", "forward"} <= set(header)
 
 
@@ -131,7 +131,7 @@ def test_an_evaluation_pass_and_clipping_get_their_columns(tmp_path):
             with torch.no_grad():
                 model(torch.randn(64, 8))
     header = _header(_page(prof.profile, tmp_path))
-    assert {"eval", "grad norm before clip", "after clip"} <= set(header)
+    assert {"eval", "grad norm before clipping", "after clipping"} <= set(header)
 
 
 def test_the_bar_legend_uses_the_column_names(leaky_profile, tmp_path):

@@ -24,13 +24,13 @@ def fix_text(kind: str, names: list[str], paths: list[str], graphs, *, retained:
                     and any(r in graphs[0].grad_fn for r in _REDUCTIONS))
     kept_in_container = any("[" in p for p in paths) and not carried
     if retained:
-        carried = ""
+        also = ""
         if kind == "retained_graph":   # graphs of earlier steps: something keeps them too
-            carried = (" and keep `loss.item()` (or `.detach()`) in the container, which "
-                       "keeps every step's graph even without it" if kept_in_container else
-                       " and detach the state carried across steps (`h = h.detach()`)")
+            also = (" and keep `loss.item()` (or `.detach()`) in the container, which "
+                    "keeps every step's graph even without it" if kept_in_container else
+                    " and detach the state carried across steps (`h = h.detach()`)")
         return ("drop retain_graph=True (it keeps every saved tensor of the graph until the "
-                f"last reference to it goes){carried}; keep retain_graph only for a second "
+                f"last reference to it goes){also}; keep retain_graph only for a second "
                 "backward through the same graph")
     on_ctx = _ON_CTX.search(where)
     if on_ctx:

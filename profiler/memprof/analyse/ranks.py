@@ -137,7 +137,7 @@ class MergedRanks:
                 "median_peak_bytes": self.median_peak, "imbalance": self.imbalance,
                 "ranks": [r.as_dict() for r in self.ranks],
                 "errors": {str(r.rank): r.error for r in self.ranks if r.error},
-                "first_failure": self.first_failure, "timing": self.stragglers,
+                "first_failure": self.first_failure, "stragglers": self.stragglers,
                 "findings": [f.as_dict() for f in self.findings]}
 
 

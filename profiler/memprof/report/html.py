@@ -257,8 +257,8 @@ def step_time_names(data_loader: bool) -> dict[str, str]:
             "optimizer_ms": "optimizer", "other_ms": "other"}
 
 
-HEALTH_COLUMNS = (("loss", "loss", "{:.4g}"), ("grad_norm_pre_clip", "grad norm before clip",
-                                                "{:.4g}"),
+HEALTH_COLUMNS = (("loss", "loss", "{:.4g}"), ("grad_norm_pre_clip",
+                                                "grad norm before clipping", "{:.4g}"),
                   ("grad_norm", "grad norm", "{:.4g}"), ("lr", "LR", "{:.3g}"))
 
 
@@ -268,7 +268,7 @@ def _shown_columns(rows: list[dict]) -> tuple[list, list]:
     parts = [k for k in STEP_TIME if k != "eval_ms" or any(r.get(k) for r in rows)]
     health = [c for c in HEALTH_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     if any(c[0] == "grad_norm_pre_clip" for c in health):   # the norm after clipping
-        health = [("grad_norm", "after clip", c[2]) if c[0] == "grad_norm" else c
+        health = [("grad_norm", "after clipping", c[2]) if c[0] == "grad_norm" else c
                   for c in health]
     return parts, health
 
