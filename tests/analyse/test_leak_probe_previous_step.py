@@ -26,13 +26,13 @@ def _retained(prof):
             if f.kind == "retained_graph"]
 
 
-def _track_main(keep):
+def _track_main(keep, retain_graph=False):
     model, opt, data = _setup()
 
     def train_step(x, y):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        loss.backward(retain_graph=retain_graph)
         opt.step()
         return loss
 
@@ -69,6 +69,14 @@ def test_a_variable_that_keeps_an_old_steps_loss_is_still_a_leak():
     found = _retained(_track_main("first"))
     assert [h for h, _ in found] == ["main.<locals>.first"], found
     assert found[0][1] == [0]
+
+
+def test_a_returned_loss_whose_graph_keeps_its_saved_tensors_is_still_found():
+    """`backward(retain_graph=True)`: the loss the caller's variable names pins its graph's
+    saved activations through the whole next step; excused, nothing saw it (the block ends
+    after main() has returned)."""
+    found = _retained(_track_main("nothing", retain_graph=True))
+    assert [h for h, _ in found] == ["main.<locals>.loss"], found
 
 
 def test_lbfgs_loss_from_step_with_a_closure_is_no_leak():

@@ -593,3 +593,27 @@ def test_a_warning_between_backward_and_the_update_names_the_scripts_line(tmp_pa
     assert strict.returncode == under.returncode == 1, under.stderr
     trace = strict.stderr[strict.stderr.index("Traceback"):]
     assert trace in under.stderr, (trace, under.stderr)   # the same frames, none of memprof's
+
+
+def test_a_tracking_thread_left_unjoined_is_said_not_silently_cut(tmp_path):
+    """memprof run's block ends when the script's main code returns; a worker thread's block
+    still open then had its events taken with it and ended silently."""
+    r, _ = run(tmp_path, '''
+        import threading, time, torch, memprof
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        started = threading.Event()
+        def work():
+            with memprof.track(model, opt):
+                started.set()
+                for _ in range(20):
+                    model(torch.randn(4, 8)).sum().backward()
+                    opt.step()
+                    opt.zero_grad()
+                    time.sleep(0.05)
+        threading.Thread(target=work, name="trainer").start()
+        started.wait()
+        ''')
+    flat = " ".join(r.stderr.split())
+    assert "thread 'trainer' still has a memprof.track() block open as the run ends" in flat
+    assert "thread 'trainer' was not joined, so its block's events are gone" in flat

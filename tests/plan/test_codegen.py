@@ -29,3 +29,15 @@ def test_builtin_model_with_the_users_batch_function_keeps_it(tmp_path, monkeypa
     code = _code(batch="mlp_batches:batch")
     assert "from mlp_batches import batch as make_batch" in code
     assert "model, _, loss_fn = memprof.models.build_model('mlp')" in code
+
+
+def test_without_an_optimizer_the_code_runs_and_changes_nothing():
+    """--optimizer none printed `opt = ...` and then `opt.step()`."""
+    import torch
+    plan = memprof.recommend("mlp", gpu="a100-40gb", effective_batch=8, policies=["none"],
+                             precisions=["fp32"], optimizer="none", confirm=False, workers=1)
+    code = plan.code()
+    assert "opt = ..." not in code and "lr=0.0" in code
+    ns: dict = {}
+    exec(compile(code, "<plan code>", "exec"), ns)
+    assert torch.isfinite(ns["loss"]).all() and not ns["opt"].state   # no state was made

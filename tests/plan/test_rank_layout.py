@@ -172,6 +172,14 @@ def test_cli_layout_option(capsys):
     rc, out, err = _cli(capsys, *base, "--gpus", "8", "--strategy", "zero1")
     assert rc == 0, err
     assert "layout torch: what the printed torch code allocates" in " ".join(out.split())
+    assert "the code below is PyTorch's" not in " ".join(out.split())
+    # the terminal under zero-paper says the printed code is torch's (it read "fits" where
+    # the default layout said nothing fits for that code)
+    rc, out, err = _cli(capsys, *base, "--gpus", "8", "--strategy", "zero1", "--layout",
+                        "zero-paper")
+    assert rc == 0, err
+    assert "the code below is PyTorch's, which allocates as --layout torch estimates" in \
+        " ".join(out.split())
     for args, needle in [(["--gpus", "8", "--layout", "deepspeed"],
                           "--layout 'deepspeed': expected torch"),
                          (["--layout", "torch"], "--layout torch: give --gpus N too")]:

@@ -137,3 +137,45 @@ def test_a_prime_effective_batch_points_at_a_nearby_one_with_a_larger_micro_batc
     plan = memprof.recommend("mlp", gpu="v100-16gb", effective_batch=16, precisions=["fp32"],
                              policies=["none"], confirm=False, workers=1)
     assert plan.nearby_batch(plan.best) is None   # 16 fits whole: nothing to point at
+
+
+def test_a_policy_or_precision_given_twice_is_estimated_once():
+    """`--checkpointing none,none` resubmitted its own second 'none' for ever (two workers
+    spun for 10 minutes); 'none,off' printed two identical rows."""
+    from memprof.plan.search import _policies
+    assert _policies(None, ["none", "none"], "x") == ["none"]
+    assert _policies(None, ["none", "every", "off", "every-1", "selective"], "x") == \
+        ["none", "every", "selective"]
+    plan = memprof.recommend("mlp", gpu="t4", effective_batch=8, precisions=["fp32", "fp32"],
+                             policies=["none", "every", "none"], confirm=False, workers=1)
+    rows = [(o.precision, o.checkpointing, o.micro_batch, o.accumulation)
+            for o in plan.options]
+    assert rows and len(set(rows)) == len(rows), rows        # no row twice
+
+
+@pytest.mark.parametrize("given, said", [
+    (0, "num_classes: expected a whole number >= 1, got 0"),
+    (-3, "num_classes: expected a whole number >= 1, got -3"),
+    (1000, "num_classes 1000: the model's output has 10 classes")])
+def test_num_classes_that_the_model_cannot_take_is_one_line(given, said):
+    """0 was ignored, -3 blamed a batch function 'make_batch' the user never wrote, and 1000 on
+    a 10-output model printed code that failed with 'Target 160 is out of bounds'."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    with pytest.raises(PlanInputError) as err:
+        memprof.recommend(model, gpu="t4", effective_batch=8, input_shape=(16,),
+                          num_classes=given, precisions=["fp32"], policies=["none"],
+                          confirm=False, workers=1)
+    assert said in str(err.value) and "\n" not in str(err.value)
+
+
+def reads_a_value(batch_size=4):
+    n = int(torch.randint(1, 5, ()).item())        # a value: fake tensors have none
+    return torch.randn(batch_size, 16), torch.randint(0, n, (batch_size,))
+
+
+def test_a_batch_function_that_reads_a_value_is_told_why_it_cannot():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 10))
+    with pytest.raises(PlanInputError) as err:
+        memprof.recommend(model, gpu="t4", effective_batch=8, batch=reads_a_value,
+                          precisions=["fp32"], policies=["none"], confirm=False, workers=1)
+    assert "fake tensors, which have shapes but no values" in str(err.value)

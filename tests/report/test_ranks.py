@@ -201,3 +201,15 @@ def test_a_rank_that_raised_is_named_and_steps_are_finished_ones(tmp_path, cli):
     html = str(tmp_path / "m.html")
     cli(*paths, "--export", html)
     assert "boom on rank 1" in Page(open(html).read()).find_all("header")[0].all_text()
+
+
+def test_a_ranks_file_exported_after_the_job_goes_where_it_is_told(tmp_path, monkeypatch):
+    """`memprof report run.rank0.memprof --export r.html` wrote r.rank0.html (the per-rank
+    name is for exports inside the job, where every rank writes one name)."""
+    monkeypatch.delenv("RANK", raising=False)
+    prof = _rank_run(1, leak=None)
+    assert prof.meta["rank"] == 1 and prof.meta["world_size"] == 2
+    written = memprof.export(prof, str(tmp_path / "r.html"))
+    assert written == str(tmp_path / "r.html") and (tmp_path / "r.html").exists()
+    monkeypatch.setenv("RANK", "1")                       # inside the job: the rank's name
+    assert memprof.export(prof, str(tmp_path / "r.html")).endswith("r.rank1.html")

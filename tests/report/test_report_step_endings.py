@@ -80,3 +80,26 @@ def test_a_run_cut_by_the_capacity_shows_the_steps_of_its_table(tmp_path):
         slices[-1]["args"]["ended"]
     assert timeline["step_notes"] == {str(last): "cut by the capacity"}
     assert table[-1] == f"{last} (cut by the capacity)"
+
+
+def test_a_step_that_allocated_nothing_does_not_shift_the_later_spans():
+    """`prof.step()` twice in a row leaves a step with no memory event: the steps table has no
+    row for it and numbers the rest on; the spans paired the i-th marker with the i-th row,
+    so every later slice was one step early."""
+    from memprof.report.series import step_spans
+    model, opt = _model()
+    with memprof.track(model, opt, step_on="manual") as prof:
+        for i in range(4):
+            model(torch.randn(8, 16)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            prof.step()
+            if i == 1:
+                prof.step()                      # an empty step
+    profile = prof.profile
+    times = [m["t_ns"] for m in profile.markers("step")]
+    assert len(times) == 5 and len(profile.steps) == 4
+    spans = step_spans(profile)
+    assert [i for _, _, i in spans] == [0, 1, 2, 3]
+    # each row's span ends at the marker that ends its memory: the empty step's is skipped
+    assert [end for _, end, _ in spans] == [times[0], times[1], times[3], times[4]]

@@ -240,6 +240,10 @@ def _optimizer_lines(plan, o) -> list[str]:
                     f"torch.optim.{name}{lr_arg}{momentum})  # each rank keeps 1/world of the "
                     f"optimizer state{comment.replace('  #', ';', 1)}"]
         return [f"opt = torch.optim.{name}(model.parameters(){lr_arg}{momentum}){comment}"]
+    if isinstance(opt, str) and opt.lower() == "none":   # ("opt = ..." then opt.step() failed)
+        return ["opt = torch.optim.SGD(model.parameters(), lr=0.0)  # --optimizer none: "
+                "estimated without optimizer state; this one holds none and changes nothing "
+                "(a GradScaler needs one): put your own update in its place"]
     lr_note = "" if lr is None else f", lr={lr:.4g}{f' for{batch}' if batch else ''}"
     if zero1:
         return ["from torch.distributed.optim import ZeroRedundancyOptimizer",

@@ -188,11 +188,11 @@ class Plan:
         return self.warmup_for(self.best)
 
     def warmup_for(self, option: Option | None) -> dict | None:
-        """Warmup given in micro-steps, in `option`'s optimizer steps (its accumulation)."""
-        if self._warmup_steps is None:
+        """Warmup given in micro-steps, in `option`'s optimizer steps (its accumulation);
+        None without an option (nothing fits: "ceil(200 / 1)" was the micro-step count)."""
+        if self._warmup_steps is None or option is None:
             return None
-        acc = option.accumulation if option is not None else 1
-        return warmup_advice(self._warmup_steps, acc, self.global_batch)
+        return warmup_advice(self._warmup_steps, option.accumulation, self.global_batch)
 
     @property
     def global_batch(self) -> int:
@@ -376,7 +376,8 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
     usable = usable_bytes(g, overhead=overhead, margin=margin)
     if precisions is None:   # the model's weights decide (_model_precisions)
         return g, usable, None
-    precisions = [precisions] if isinstance(precisions, str) else list(precisions)
+    precisions = list(dict.fromkeys([precisions] if isinstance(precisions, str)
+                                    else precisions))   # each once, as policies
     for p in precisions:
         if p not in ESTIMATE_PRECISIONS:
             raise PlanInputError(f"precision {p!r}: expected "
@@ -405,9 +406,12 @@ def _policies(module, policies, blocks) -> list[str]:
         return policies_for(module, DEFAULT_POLICIES) if blocks is None \
             else list(DEFAULT_POLICIES)
     policies = [policies] if isinstance(policies, str) else list(policies)
+    # each policy once: 'none,none' (or 'none,off') waited on itself for ever, and two
+    # spellings of one policy printed two identical rows
+    first: dict = {}
     for p in policies:
-        parse_policy(p)
-    return policies
+        first.setdefault(parse_policy(p), p)
+    return list(first.values())
 
 
 def _container(module, policies, blocks) -> str | None:

@@ -182,6 +182,25 @@ def _infer_num_classes(model: nn.Module, shape) -> int:
     return int(out.shape[-1])
 
 
+def _num_classes(model: nn.Module, shape, given) -> int:
+    """The classes of the classification batch: `given` where it matches the model's output
+    (0 was ignored, -3 blamed a batch function the user never wrote, and 1000 on a 10-output
+    model printed code that failed on its first target), else the model's."""
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int)
+                              or given < 1):
+        raise PlanInputError(f"num_classes: expected a whole number >= 1, got {given!r}")
+    try:
+        inferred = _infer_num_classes(model, shape)
+    except PlanInputError:
+        if given is None:
+            raise
+        return given
+    if given is not None and given != inferred:
+        raise PlanInputError(f"num_classes {given}: the model's output has {inferred} "
+                             "classes (its last dimension); give that or leave it out")
+    return inferred
+
+
 def _checked_batch(fn):
     name = getattr(fn, "__name__", fn)
 
@@ -189,8 +208,11 @@ def _checked_batch(fn):
         try:
             batch = fn(b)
         except Exception as e:  # noqa: BLE001
-            raise BatchError(f"batch function {name!r} raised "
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            said = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            if "DataDependent" in type(e).__name__ or "_local_scalar_dense" in said:
+                said += ("; it runs on fake tensors, which have shapes but no values: make the "
+                         "batch from its size alone (no .item(), .tolist() or printing values)")
+            raise BatchError(f"batch function {name!r} raised {said}") from None
         # a function that ignores its argument makes every estimate one of its own size
         # (the batch size as the tracker reads a pass's: its first tensor's first dimension)
         n = leading_dim((batch,))
@@ -294,7 +316,7 @@ def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs)
                                      "3,224,224) for a classification batch, or a batch "
                                      "function")
             shape = _parse_shape(input_shape)
-            n = num_classes or _infer_num_classes(module, shape)
+            n = _num_classes(module, shape, num_classes)
             make_batch = _classification_batch(shape, n)
             desc["batch"] = {"input_shape": list(shape), "num_classes": int(n)}
     if batch is not None:

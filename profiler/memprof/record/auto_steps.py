@@ -23,7 +23,7 @@ from .. import _C
 from .events import CAT_GRADIENTS
 from .module_call import dynamo_compiling, outside_dynamo
 from .snapshots import is_plain_tensor
-from .update_watch import UpdateWatch
+from .update_watch import UpdateWatch, forget_call_sites
 
 
 def fingerprint(params: list[torch.Tensor]) -> tuple[str, ...] | None:
@@ -156,8 +156,10 @@ class AutoSteps:
         return False
 
     def close(self) -> None:
-        """The block ends: the update watch comes off whatever state it is in."""
+        """The block ends: the update watch comes off whatever state it is in, and lets go
+        of the callers' globals its call sites hold."""
         self.update.close(step_ended=False)
+        forget_call_sites()
 
     def _stop_checking(self, step_ended: bool = False) -> None:
         self.update.close(step_ended)

@@ -49,9 +49,12 @@ def held_until_the_call_returns(graph, path: str | None, start: int, end: int) -
     `loss = train_step(x, y)` (or LBFGS's `loss = opt.step(closure)`) runs, the caller's
     `loss` still names the step before's loss, until the call returns and rebinds it: that
     is no leak. A graph held longer is older than that step at a later look, one kept in a
-    list is among older ones that the list kept too."""
+    list is among older ones that the list kept too. Only a graph whose backward released
+    what it saved: one that still pins saved tensors (`backward(retain_graph=True)`, an
+    evaluation output made with gradients on) holds memory through the whole next step."""
     return bool(path) and _ONE_REFERENCE.match(path) is not None and \
-        start <= graph.min_seq and graph.max_seq < end
+        start <= graph.min_seq and graph.max_seq < end and \
+        all(ptr == graph.storage for ptr in graph.saved)
 
 
 class LeakProbe:

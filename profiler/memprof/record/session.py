@@ -161,6 +161,7 @@ class Session:
         self.nests_any_thread = False
         self.nested_threads: dict[threading.Thread, int] = {}   # open nested blocks, by thread
         self._nested_thread: threading.Thread | None = None
+        self.stopped = False            # an outermost block's log has been taken
         self._nested_label = ""
         self._lent: set[str] = set()   # names of recorders a nested block lent the outer
         self.first_step = 0            # a nested block: the outer block's step at its start
@@ -231,9 +232,6 @@ class Session:
         with _start_lock:   # two threads entering at once: one records, the other is refused
             if _active is not None:
                 _check_may_nest(_active)
-                here = threading.current_thread()
-                _active.nested_threads[here] = _active.nested_threads.get(here, 0) + 1
-                self._nested_thread = here
                 # Nested block: share the outer session, keep our own slice of its events,
                 # with what was alive at its start that this block can name (its model's
                 # parameters, its optimizer's state), as a block of its own would.
@@ -245,6 +243,9 @@ class Session:
                 self.snapshots.collect_baseline()
                 self._nested_label = f"nested_start:{id(self)}"
                 _C.mark(self._nested_label, 0)
+                here = threading.current_thread()   # (counted once nothing above can raise)
+                _active.nested_threads[here] = _active.nested_threads.get(here, 0) + 1
+                self._nested_thread = here
                 return
             self.frame = frame
             self.thread = threading.current_thread()
@@ -298,11 +299,22 @@ class Session:
             try:
                 self._stop_nested(exc)
             finally:
-                open_here = self.outer.nested_threads
-                open_here[self._nested_thread] -= 1
-                if not open_here[self._nested_thread]:
-                    del open_here[self._nested_thread]
+                with _start_lock:   # (read under it by another thread's start)
+                    open_here = self.outer.nested_threads
+                    if open_here.get(self._nested_thread):
+                        open_here[self._nested_thread] -= 1
+                        if not open_here[self._nested_thread]:
+                            del open_here[self._nested_thread]
             return
+        still_open = [t.name for t, n in list(self.nested_threads.items())
+                      if n and t is not threading.current_thread()]
+        if still_open:   # memprof run's block ends when the script's main code returns
+            _warn(lambda: warnings.warn(
+                f"memprof: thread {still_open[0]!r} still has a memprof.track() block open "
+                "as the run ends (the script's main code returned without joining it): that "
+                "block can record nothing more; join the thread before the script ends",
+                RuntimeWarning, stacklevel=5))
+        self.stopped = True
         try:
             self.auto_steps.check()   # a hand-written loop's last update ends its last step
             self.snapshots.final()
@@ -340,6 +352,12 @@ class Session:
                 self._lent.add(rec.name)
 
     def _stop_nested(self, exc) -> None:
+        if self.outer.stopped:   # its log was taken: nothing of this block is left to read
+            raise RuntimeError(
+                "memprof.track: the block this one nested in (memprof run's) ended first, "
+                f"when the script's main code returned; thread {self._nested_thread.name!r} "
+                "was not joined, so its block's events are gone: join it before the script "
+                "ends")
         # threads interleave in the log: keep what came after our marker, in time order
         raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
         order = np.argsort(raw["t_ns"], kind="stable")
@@ -557,7 +575,7 @@ def _check_may_nest(active: Session) -> None:
     here = threading.current_thread()
     holder = active.thread
     if active.nests_any_thread:
-        others = [t for t, n in active.nested_threads.items() if n and t is not here]
+        others = [t for t, n in list(active.nested_threads.items()) if n and t is not here]
         holder = others[0] if others else here
     if holder is not None and holder is not here:
         raise RuntimeError(

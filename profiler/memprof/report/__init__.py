@@ -103,9 +103,16 @@ def export(obj, path: str) -> str:
 
 
 def _rank_export_path(profile, path: str) -> str:
-    """`run.html` -> `run.rank<R>.html` for a rank of a job of several ranks."""
+    """`run.html` -> `run.rank<R>.html` for a rank of a job of several ranks, exported inside
+    that job (every rank writing one name); later, from a file (`memprof report
+    run.rank0.memprof --export r.html`), the path as given."""
+    import os
+    import sys
     from ..record.distributed import rank_path
     rank, world = profile.meta.get("rank"), profile.meta.get("world_size")
-    if rank is not None and world is not None and int(world) > 1:
+    dist = sys.modules.get("torch.distributed")
+    in_a_job = os.environ.get("RANK") is not None or bool(
+        dist is not None and dist.is_available() and dist.is_initialized())
+    if in_a_job and rank is not None and world is not None and int(world) > 1:
         return rank_path(path, int(rank))
     return path

@@ -162,6 +162,8 @@ def print_plan(plan, console=None, all_options: bool = False) -> None:
     the code for the best option."""
     from rich.console import Console
     console = console or Console()
+    if plan.assumptions.get("gpu"):   # how an ambiguous name was read ('a100': the 40 GB one)
+        console.print(f"[yellow]{escape(plan.assumptions['gpu'])}[/]")
     console.print(_options_table(plan, all_options))
     _print_basis(plan, console)
     print_distributed(plan, console)

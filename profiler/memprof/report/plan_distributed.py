@@ -28,6 +28,10 @@ def print_distributed(plan, console) -> None:
     if "layout" in a:
         console.print(f"layout {escape(a['layout'])}: {escape(a['layout_means'])} "
                       "(--layout torch | zero-paper)")
+        if a["layout"] == "zero-paper":   # "fits" here, "nothing fits" for the code printed
+            console.print("[yellow]the code below is PyTorch's, which allocates as --layout "
+                          "torch estimates (the default): this layout's figures hold for a "
+                          "framework that keeps DeepSpeed's layout, not for that code[/]")
     for rule in a["rules_applied"]:
         console.print(f"[dim]  rule {escape(rule)}[/]")
     console.print(f"apply it under torchrun: {escape(a['how'])}")

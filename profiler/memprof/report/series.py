@@ -141,16 +141,21 @@ def step_spans(profile: Profile) -> list[tuple[int, int, int]]:
     whose boundaries were kept past the event capacity but whose memory was not have no row
     in the steps table, and no span (the trace and the timeline showed 6 steps, the table 3)."""
     bounds = [m["t_ns"] for m in profile.markers("step")]
+    positions = profile.marker_positions("step")
     steps = profile.steps
     partial = profile.partial_last_step
-    finished = min(len(bounds), len(steps) - partial)
     first = _first_t_ns(profile)
     if first is None:
         return []
     start, out = first, []
-    for i in range(finished):
-        out.append((min(start, bounds[i]), bounds[i], i))
-        start = bounds[i]
+    for step in steps[:len(steps) - partial]:
+        # its boundary: the first marker at its end (a step that allocated nothing has no
+        # row, so the table's index is not the marker's: the spans shifted after one)
+        k = int(np.searchsorted(positions, step.end, "left"))
+        if k >= len(bounds):
+            break
+        out.append((min(start, bounds[k]), bounds[k], step.index))
+        start = bounds[k]
     if partial:
         end = _last_t_ns(profile)
         out.append((min(start, end), end, steps[-1].index))
