@@ -6,7 +6,8 @@
   out later).
 * A step that does not fit - the budget replay's failure, or an out-of-memory error of the
   block itself diagnosed as a step too big (`memprof.analyse.oom`) - gets `what would fit`
-  (`memprof.plan.fit.what_fits`, estimates) in `profile.meta["fit"]`.
+  (`memprof.plan.fit.what_fits`, estimates) in `profile.meta["fit"]`. So does a run in a
+  precision the budget's GPU cannot run (bf16 on a V100), in those it can, with a finding.
 * When the block raised after running out of memory, the diagnosis is printed to stderr
   before the traceback leaves the block; the exception itself is never touched.
 """
@@ -24,6 +25,8 @@ FIXES = {
                     "micro-batch with accumulation, checkpointing or AMP; estimated)",
     "single_request": "one request is larger than this GPU can hold: check the shape of that "
                       "op's output",
+    "precision": "train in a precision this GPU runs: see 'what would fit' (fp16 with "
+                 "GradScaler, or fp32; estimated)",
 }
 
 
@@ -53,6 +56,16 @@ def budget_finding(result) -> Finding | None:
     return None
 
 
+def precision_finding(result) -> Finding | None:
+    """A finding for a run in a precision the budget's GPU cannot run (bf16 on a V100)."""
+    p = result.precision
+    if not p or p["supported"]:
+        return None
+    return Finding(kind="budget", severity="warning", bytes=0,
+                   message=p["text"], fix=FIXES["precision"],
+                   evidence={"budget": result.budget, "precision": p["run"]})
+
+
 def _oom_cause(profile) -> dict | None:
     f = next((f for f in profile.findings if f.kind == "out_of_memory"), None)
     return f.evidence if f is not None else None
@@ -64,6 +77,10 @@ def _fit_target(profile, budget, result):
         if result.failure["cause"]["cause"] != "step_too_big":
             return None
         return budget, result.capacity, result.budget, result.failure["where"]["step"]
+    if result is not None and result.precision and not result.precision["supported"]:
+        # it fits, in a precision the GPU cannot run: what would, in those it can
+        step = (result.peak or {}).get("step", 0)
+        return budget, result.capacity, result.budget, int(step)
     oom = _oom_cause(profile)
     if oom is None or oom["cause"]["cause"] != "step_too_big":
         return None
@@ -93,9 +110,9 @@ def apply(profile, budget, session=None) -> None:
             from .plan.budget import replay
             result = replay(profile, budget)
             profile.meta["budget"] = result.as_dict()
-            finding = budget_finding(result)
-            if finding is not None:
-                profile.findings[:] = sort_findings(profile.findings + [finding])
+            found = [f for f in (budget_finding(result), precision_finding(result)) if f]
+            if found:
+                profile.findings[:] = sort_findings(profile.findings + found)
         target = _fit_target(profile, budget, result)
         if target is not None:
             from .plan.fit import what_fits
@@ -103,12 +120,13 @@ def apply(profile, budget, session=None) -> None:
             if session is not None:
                 model = session.model or _single_root(session)
                 optimizer = session.steps.optimizer or next(iter(session.steps.watched()), None)
+            fits = result is not None and result.fits
             if model is not None:
-                print("memprof: the step does not fit; estimating what would (fake tensors; "
-                      "Ctrl-C skips)", file=sys.stderr)
+                print(f"memprof: the step {'cannot run there as recorded' if fits else 'does not fit'}"
+                      "; estimating what would (fake tensors; Ctrl-C skips)", file=sys.stderr)
             spec, capacity, label, step = target
             profile.meta["fit"] = what_fits(profile, spec, capacity, label, step, model=model,
-                                            optimizer=optimizer)
+                                            optimizer=optimizer, scaled=not fits)
     except KeyboardInterrupt:   # Ctrl-C while estimating: the profile is still saved
         profile.meta.setdefault("analysis_errors", []).append(
             "budget / what would fit: interrupted (Ctrl-C)")

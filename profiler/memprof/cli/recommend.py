@@ -74,7 +74,7 @@ class RecommendCommand(Command):
                             "default, as in def batch(batch_size=32))")
         r.add_argument("--precision", action="append", metavar="P",
                        help="fp32, fp16, bf16 (repeat or comma-separate; default: all the GPU "
-                            "has)")
+                            "has; a model built in half precision: its own)")
         r.add_argument("--checkpointing", metavar="POLICIES",
                        help="comma-separated policies (default none,every,every-2,selective)")
         r.add_argument("--blocks", help="qualified name of the repeated blocks to checkpoint")

@@ -17,7 +17,10 @@ budget is used as it is). The result says:
   would fit instead;
 * for a run that fits but grows step after step (a leak): the step at which it would run out,
   found by replaying synthesized later steps (the recorded state, plus the leaked blocks of one
-  step repeated, plus one recorded step) through the same allocator model.
+  step repeated, plus one recorded step) through the same allocator model;
+* the precision the run computed in (its autocast dtype, or its weights' when they are half
+  precision: `memprof.plan.precision.run_precision`) and whether the GPU runs it: bf16 on a
+  V100 or T4 does not, and the result says what would run there instead.
 
 Every replayed number is an estimate of what the GPU's allocator would do with this stream.
 Not modelled: tensors a CPU-recorded run keeps on the host (input batches before .to(device))
@@ -39,6 +42,7 @@ from ..record.events import CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS
 from ..units import fmt_bytes
 from .allocator import new_segment_bytes, simulate
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, GPU, lookup, usable_bytes
+from .precision import run_precision, unsupported
 from .streams import step_stream
 
 MAX_SYNTH_EVENTS = 8_000_000   # a projection replaying more events is linear only (memory)
@@ -62,6 +66,7 @@ class BudgetResult:
     failure: dict | None = None
     projection: dict | None = None
     per_step: list = dataclasses.field(default_factory=list)
+    precision: dict | None = None   # the run's precision; "supported": False on a GPU without it
     notes: tuple = NOTES
     estimated: bool = True
 
@@ -83,6 +88,8 @@ class BudgetResult:
         if self.projection and self.projection.get("step") is not None:
             line += (f"; but memory grows: out of memory at step ~{self.projection['step']} "
                      f"({self.projection['method']})")
+        if self.precision and not self.precision["supported"]:
+            line += f"; but {self.precision['text']}"
         return line
 
 
@@ -105,6 +112,25 @@ def capacity_of(budget) -> tuple[int, str, int | None]:
         return usable, g.name, g.memory_bytes
     raise ValueError(f"budget: expected a GPU name (e.g. v100-16gb) or a number of bytes, got "
                      f"{type(budget).__name__}")
+
+
+def precision_check(profile: Profile, budget) -> dict | None:
+    """The precision the run computed in and whether the budget's GPU runs it (None for a
+    byte budget: no GPU to ask)."""
+    if not isinstance(budget, (str, GPU)):
+        return None
+    gpu = lookup(budget)
+    precision, source = run_precision(profile.run.records.get("inputs"))
+    out = {"run": precision, "source": source, "supported": gpu.supports(precision),
+           "text": None}
+    if not out["supported"]:
+        what = "its weights are" if source == "weights" else "autocast in"
+        instead = ("with its weights converted (the same bytes)" if source == "weights" else
+                   "under autocast with GradScaler (about the same bytes)")
+        out["text"] = (f"the run computes in {precision} ({what} {precision}) and "
+                       f"{unsupported(gpu, precision)}: there it would train in fp16 {instead} "
+                       "or in fp32 (more memory), not as recorded")
+    return out
 
 
 def _per_step(profile: Profile, reserved: np.ndarray, allocated: np.ndarray) -> list[dict]:
@@ -160,7 +186,8 @@ def replay(profile: Profile, budget, *, project: bool = True) -> BudgetResult:
         headroom=capacity - sim.peak_reserved,
         fragmentation_at_peak=float(sim.fragmentation_at_peak),
         peak=_where(profile, peak_pos, at)[0] if peak_pos >= 0 else None,
-        per_step=_per_step(profile, reserved, allocated))
+        per_step=_per_step(profile, reserved, allocated),
+        precision=precision_check(profile, budget))
     if sim.oom:
         result.failure = _failure(profile, sim, capacity, label, at)
     elif project:

@@ -34,6 +34,31 @@ _TO_DEVICE = ["def to_device(b):",
               "    if isinstance(b, (tuple, list)):",
               "        return type(b)(to_device(v) for v in b)",
               "    return b"]
+_TORCH_DTYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16"}
+
+
+def _to_device_lines(how) -> list[str]:
+    """`to_device`; with converted weights (memprof.plan.precision) it converts the batch's
+    tensors of their old dtype too (a bf16 batch into fp16 weights fails)."""
+    if how.convert is None:
+        return list(_TO_DEVICE)
+    src, dst = (_TORCH_DTYPES[p] for p in how.convert)
+    return [_TO_DEVICE[0], _TO_DEVICE[1],
+            f"        return b.to(device, {dst}) if b.dtype == {src} else b.to(device)"] + \
+        _TO_DEVICE[3:]
+
+
+def _convert_lines(plan, how) -> list[str]:
+    """The conversion of the model's half weights the plan estimated (bf16 -> fp16 on a GPU
+    without bf16): tensors of the old dtype only (fp32 adapters stay fp32)."""
+    if how.convert is None:
+        return []
+    src, dst = how.convert
+    why = f"{plan.gpu.name} has no {src}" if not plan.gpu.supports(src) else "as planned"
+    return [f"for t in list(model.parameters()) + list(model.buffers()):  # {why}: the {src} "
+            f"weights as {dst} (the same bytes)",
+            f"    if t.dtype == {_TORCH_DTYPES[src]}:",
+            f"        t.data = t.data.to({_TORCH_DTYPES[dst]})"]
 
 
 _WRAPPED_BY = {"ddp": "ddp", "zero1": "ddp", "zero2": "fsdp", "zero3": "fsdp"}
@@ -229,10 +254,11 @@ def _optimizer_lines(plan, o) -> list[str]:
 
 def _setup_lines(plan, o) -> list[str]:
     """Device, model, batch function, checkpointing, optimizer, scaler, loader."""
+    how = plan.training(o.precision)
     lines = _launch_lines(plan) if _strategy(plan) else [_DEVICE]
-    lines += _model_lines(plan) + _batch_lines(plan)
+    lines += _model_lines(plan) + _convert_lines(plan, how) + _batch_lines(plan)
     if not _batches_on_device(plan):
-        lines += _TO_DEVICE
+        lines += _to_device_lines(how)
     if o.checkpointing != "none":
         where = f"{plan.container or 'repeated blocks'}"
         blocks = f", blocks={plan._blocks!r}" if isinstance(plan._blocks, str) else ""
@@ -246,7 +272,7 @@ def _setup_lines(plan, o) -> list[str]:
         n = max(1, int(w["warmup_optimizer_steps"]))
         lines.append(f"scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: "
                      f"min(1.0, (s + 1) / {n}))  # warmup in optimizer steps")
-    if o.precision == "fp16":
+    if how.grad_scaler:
         lines.append("scaler = torch.amp.GradScaler(device)")
     if _strategy(plan):
         lines.append(f"accumulation = {o.accumulation}  # micro-batch {o.micro_batch} x "
@@ -281,17 +307,20 @@ def _loop_lines(plan, o) -> list[str]:
     m = plan.model
     targets = m.get("targets", True)
     ind = "    "
-    lines = [f"for i, {'(x, y)' if targets else 'x'} in enumerate(loader):"]
+    # what to know about the precision (no loss scaling, a model that overflows fp16)
+    lines = [f"# note: {n}" for n in plan.notes(o)]
+    lines.append(f"for i, {'(x, y)' if targets else 'x'} in enumerate(loader):")
     if not _batches_on_device(plan):
         lines.append(f"{ind}x{', y' if targets else ''} = to_device(x)"
                      f"{', to_device(y)' if targets else ''}")
     body = _loss_lines(plan)
-    if o.precision in ("fp16", "bf16"):
-        dtype = "torch.float16" if o.precision == "fp16" else "torch.bfloat16"
+    how = plan.training(o.precision)
+    if how.autocast:
+        dtype = _TORCH_DTYPES[o.precision]
         extra = ", cache_enabled=False" if o.checkpointing == "selective" else ""
         body = [f"with torch.autocast(device, dtype={dtype}{extra}):"] + [f"    {b}" for b in body]
     body.append("loss = loss / accumulation")
-    body.append(f"{'scaler.scale(loss)' if o.precision == 'fp16' else 'loss'}.backward()")
+    body.append(f"{'scaler.scale(loss)' if how.grad_scaler else 'loss'}.backward()")
     if o.accumulation > 1 and _strategy(plan) and _WRAPPED_BY[_strategy(plan)] == "ddp":
         lines.append(f"{ind}last_micro_step = (i + 1) % accumulation == 0")
         lines.append(f"{ind}with contextlib.nullcontext() if last_micro_step else model.no_sync():"
@@ -299,7 +328,7 @@ def _loop_lines(plan, o) -> list[str]:
         body = [f"    {b}" for b in body]
     lines += [f"{ind}{b}" for b in body]
     lines.append(f"{ind}if (i + 1) % accumulation == 0:")
-    if o.precision == "fp16":
+    if how.grad_scaler:
         lines.append(f"{ind}    scaler.step(opt)")
         lines.append(f"{ind}    scaler.update()")
     else:

@@ -35,7 +35,11 @@ What an estimate models, and what it does not
 * Mixed precision (precision="fp16" | "bf16"): AMP with fp32 master weights - autocast around
   forward and loss, backward outside it, with CUDA autocast's op policy emulated on top of CPU
   autocast (`memprof.plan.cuda_autocast`). GradScaler is not modelled: its unscale works in
-  place and costs no memory.
+  place and costs no memory. A model whose weights are half precision follows
+  `memprof.plan.precision`: trained in its own dtype with no autocast when every trained
+  parameter is of it, under autocast when trained fp32 parameters sit beside it (LoRA), and
+  converted first when the precision asked for is the other half dtype (bf16 weights -> fp16
+  on a GPU without bf16: what the plan's code does, batch tensors of the old dtype included).
 * Checkpointing uses `memprof.checkpoint.apply` on the fake copy: the same code a user applies.
 * FLOPs: `torch.utils.flop_counter`'s formulas, applied by the recording mode to every op, so
   the recompute of checkpointed blocks is counted (see `memprof.plan.fake_step`).
@@ -78,16 +82,13 @@ from .cuda_kernels import CudaKernels, KernelScratch, target_for
 from .default_loss import default_loss, loss_rule
 from .fake_op_cache import FakeOpCache
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
-from .gpus import PRECISIONS
 from .meta_build import fake_like
+from .precision import ESTIMATE_PRECISIONS, model_precision, training
 from .streams import VARIANTS, reserved_peak, step_stream
 
 __all__ = ["estimate_step", "measure_step", "Estimator", "Estimate", "make_optimizer",
            "optimizer_kind", "ESTIMATE_PRECISIONS", "OPTIMIZERS"]
 
-#: the precisions an estimate models: fp32 and the AMP precisions whose CUDA autocast policy
-#: is emulated (tf32 keeps fp32 storage and only speeds up matmuls: its memory is fp32's)
-ESTIMATE_PRECISIONS = tuple(p for p in PRECISIONS if p == "fp32" or p in LOW_PRECISION_DTYPES)
 OPTIMIZERS = ("adamw", "adam", "sgd", "none")
 
 
@@ -240,7 +241,7 @@ class Estimator:
     every `step()` copies only the module structure around them."""
 
     def __init__(self, model: nn.Module, make_batch: Callable, loss_fn: Callable | None = None,
-                 *, optimizer="adamw", gpu=None, param_dtype=None):
+                 *, optimizer="adamw", gpu=None, param_dtype=None, convert=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(make_batch):
@@ -264,6 +265,11 @@ class Estimator:
             gpu = lookup(gpu)
         self.kernel_target = target_for(gpu)
         self.model_class = type(model).__name__
+        # the precisions of the user's weights decide autocast (memprof.plan.precision)
+        self.model_precision = model_precision(model)
+        self._init = ((model, make_batch, loss_fn), {"optimizer": optimizer, "gpu": gpu})
+        self._converted: dict[str, Estimator] = {}
+        self._convert_dtypes = convert
         memo: dict[int, Any] = {}
         for p in model.parameters():
             if id(p) not in memo:
@@ -272,13 +278,16 @@ class Estimator:
                     # half-precision working weights (memprof.plan.distributed's ZeRO layout)
                     with self.fake_mode:
                         t = t.to(param_dtype)
-                memo[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad)
+                memo[id(p)] = nn.Parameter(self._convert(t, convert),
+                                           requires_grad=p.requires_grad)
         for b in model.buffers():   # meta-built modules too (memprof.plan.meta_build)
             if id(b) not in memo:
-                memo[id(b)] = fake_like(self.fake_mode, b)
+                memo[id(b)] = self._convert(fake_like(self.fake_mode, b), convert)
         # the template's own tensors map to themselves: per-step copies share them
         self._tensor_memo = {id(v): v for v in memo.values()}
         self._template = copy.deepcopy(model, memo)
+        if convert is not None:   # what it trains is the converted model
+            self.model_precision = model_precision(self._template)
         self.params_bytes = sum(p.untyped_storage().nbytes() for p in unique_storages(
             self._template.parameters()))
         self.buffers_bytes = sum(b.untyped_storage().nbytes() for b in unique_storages(
@@ -290,6 +299,25 @@ class Estimator:
         self._user_model = model
         self._user_module_names = {id(m): n for n, m in model.named_modules()}
 
+    def _convert(self, t: torch.Tensor, convert) -> torch.Tensor:
+        """`t` as the printed code's conversion leaves it: convert = (from dtype, to dtype)
+        converts the tensors of the first (bf16 weights on a GPU without bf16 -> fp16)."""
+        if convert is None or t.dtype != convert[0]:
+            return t
+        with self.fake_mode:
+            return t.to(convert[1])
+
+    def _as_trained(self, precision: str) -> Estimator:
+        """The estimator whose fake weights are what `precision` trains: this one, or one
+        built with the model's half weights converted (memprof.plan.precision)."""
+        dtypes = training(self.model_precision, precision).convert_dtypes
+        if dtypes is None:
+            return self
+        if precision not in self._converted:
+            args, kw = self._init
+            self._converted[precision] = Estimator(*args, **kw, convert=dtypes)
+        return self._converted[precision]
+
     def _fresh_model(self) -> nn.Module:
         memo = {k: v for k, v in self._tensor_memo.items()}
         m = copy.deepcopy(self._template, memo)
@@ -300,10 +328,16 @@ class Estimator:
              blocks=None, count_flops: bool = True, simulate: bool = True) -> Estimate:
         """Estimate one training step at `batch_size` (see the module docstring)."""
         _check_step_args(batch_size, precision)
+        trained = self._as_trained(precision)
+        if trained is not self:
+            return trained.step(batch_size, precision=precision, checkpointing=checkpointing,
+                                blocks=blocks, count_flops=count_flops, simulate=simulate)
         checkpointing = checkpointing or "none"
         t0 = time.perf_counter()
         model = self._fresh_model()
-        low = LOW_PRECISION_DTYPES.get(precision)
+        # autocast unless the model trains in the precision as built (half weights all through)
+        low = LOW_PRECISION_DTYPES.get(precision) \
+            if training(self.model_precision, precision).autocast else None
         cuda_policy = CudaAutocast() if low is not None else contextlib.nullcontext()
         kernels = CudaKernels(self.kernel_target) if self.kernel_target else None
         kind, mods = self._checkpoint(model, checkpointing, blocks,
@@ -438,6 +472,7 @@ class Estimator:
         from torch._subclasses.fake_tensor import is_fake
         if not is_fake(t):
             t = self.fake_mode.from_tensor(t)
+        t = self._convert(t, self._convert_dtypes)   # the converted model's inputs: its dtype
         recorder.see(t)
         return t
 

@@ -11,7 +11,9 @@ Two ways, by what is known:
   assumption; parameters, gradients and optimizer state stay as recorded.
 * `re_estimate(model, inputs, ...)`: with the model at hand (`memprof.track(model, ...)`),
   the step is re-estimated on fake tensors (`memprof.plan.search.recommend`, restricted to the
-  precision the run used plus one lower AMP precision, and no / every-block checkpointing),
+  precision the run used plus one lower AMP precision, and no / every-block checkpointing;
+  a precision the GPU cannot run - bf16 on a V100 - is replaced by those it can: fp16 with
+  GradScaler and fp32, or for bf16 weights their conversion to fp16: `memprof.plan.precision`),
   with a batch of the recorded inputs' structure (`memprof.record.inputs`) at each
   micro-batch; the loss is the mean of the output (the run's targets are not seen), the
   optimizer is the run's (same class and defaults).
@@ -32,6 +34,7 @@ from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_TEMP
                              PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
 from ..units import fmt_bytes
 from .allocator import simulate
+from .precision import default_precisions, model_precision, notes, unsupported
 from .streams import step_stream
 
 SCALED = "the recorded step scaled to a smaller micro-batch, replayed through the allocator model"
@@ -304,6 +307,24 @@ def _budget_gpu(budget, capacity: int):
     return generic(capacity, name=f"{fmt_bytes(capacity)} budget"), 0, 0.0
 
 
+def _precisions(model, inputs: dict, gpu) -> tuple[str, list[str], str | None]:
+    """(the run's precision, the precisions to estimate - least change first -, why the run's
+    own is not among them or None). A model with half-precision weights computes in them."""
+    mp = model_precision(model)
+    current = mp.weights if mp.half else precision_of(inputs)
+    if gpu.supports(current):
+        low = "bf16" if gpu.supports("bf16") else "fp16"
+        return current, [current] + ([low] if current == "fp32" else []), None
+    instead = sorted(default_precisions(mp, gpu), key=lambda p: p != "fp16")  # 2 bytes first
+    source = "its weights are" if mp.half else "autocast in"
+    how = {"fp16": "fp16 (its weights converted: the same bytes)" if mp.half else
+           f"fp16 (autocast with GradScaler: about the bytes of {current})"}
+    return current, instead, (
+        f"the run computes in {current} ({source} {current}), and {unsupported(gpu, current)}: "
+        f"there it trains in {' or '.join(how.get(p, p) for p in instead)} instead, as "
+        "estimated here")
+
+
 def _suggestions(plan, batch: int, order: list[tuple[str, str]],
                  effective: int | None = None) -> list[dict]:
     """Per precision x policy, least change first: the recorded micro-batch `batch` if it fits
@@ -345,26 +366,33 @@ def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacit
     t0 = time.perf_counter()
     make_batch = batch_function(model, inputs, batch)
     gpu, overhead, margin = _budget_gpu(budget, capacity)
-    current = precision_of(inputs)
-    low = "bf16" if gpu.supports("bf16") else "fp16"
-    precisions = [current] + ([low] if current == "fp32" else [])
+    current, precisions, instead = _precisions(model, inputs, gpu)
     policies = policies_for(model, ("none", "every"))
     plan = recommend(model=model, batch=make_batch, optimizer=optimizer_factory(optimizer),
                      gpu=gpu, effective_batch=effective, precisions=precisions,
                      policies=policies, overhead=overhead, margin=margin, confirm=True)
     order = [(p, c) for p in precisions for c in policies]
-    now = plan.predict(batch, current, "none", accumulation=accumulation)
+    # the run as recorded; in a precision the GPU cannot run, in the first that stands for it
+    now = plan.predict(batch, precisions[0] if instead else current, "none",
+                       accumulation=accumulation)
+    said = (f"the recorded configuration ({current}, micro-batch {batch}"
+            f"{f' x {accumulation} accumulation' if accumulation > 1 else ''}, no "
+            "checkpointing)")
+    if instead:
+        said += f" cannot run there; in {precisions[0]} it"
     opt_name = type(optimizer).__name__ + " with the run's defaults" if optimizer is not None \
         else "none seen: no optimizer state estimated"
     return {"method": ESTIMATED, "batch": effective, "micro_batch": batch,
             "accumulation": accumulation, "capacity": plan.usable_bytes,
             "gpu": gpu.name, "precision": current, "estimated": True,
             "current": dict(now.as_dict(), text=(
-                f"the recorded configuration ({current}, micro-batch {batch}"
-                f"{f' x {accumulation} accumulation' if accumulation > 1 else ''}, no "
-                f"checkpointing) needs {fmt_bytes(now.peak_reserved)} reserved of "
+                f"{said} needs {fmt_bytes(now.peak_reserved)} reserved of "
                 f"{fmt_bytes(plan.usable_bytes)}")),
             "options": _suggestions(plan, batch, order, effective),
+            # what to know: the run's precision not on this GPU, converted weights, fp16
+            # overflow (memprof.plan.precision)
+            "notes": ([instead] if instead else []) + list(dict.fromkeys(
+                n for p in precisions for n in notes(plan.model_precision, p, gpu))),
             "assumptions": ["loss: the mean of the model's output (the run's targets are not "
                             "seen)", f"optimizer: {opt_name}",
                             "the recorded step used no activation checkpointing",
@@ -392,12 +420,15 @@ def _workspace_note(gpu) -> str:
 
 
 def what_fits(profile: Profile, budget, capacity: int, label: str, step: int, *,
-              model: torch.nn.Module | None = None, optimizer=None) -> dict:
+              model: torch.nn.Module | None = None, optimizer=None,
+              scaled: bool = True) -> dict:
     """What would fit `capacity` instead of `step`: scaled from the profile, and re-estimated
-    when the model is given (see the module docstring). Never raises: a failed re-estimate is
-    a note."""
+    when the model is given (see the module docstring). scaled=False: the step fits, but in
+    a precision the GPU cannot run; only the re-estimate (in those it can) says what would.
+    Never raises: a failed re-estimate is a note."""
     out = {"for": label, "capacity": int(capacity), "step": int(step), "estimated": True,
-           "scaled": scaled_fit(profile, capacity, step), "estimate": None, "note": None}
+           "scaled": scaled_fit(profile, capacity, step) if scaled else None,
+           "estimate": None, "note": None}
     inputs = profile.run.records.get("inputs")
     batch = batch_size_at(profile, step)
     if model is None:

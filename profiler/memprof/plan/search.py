@@ -53,6 +53,7 @@ from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
 from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
+from .precision import default_precisions, notes, refusal, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
 from .workloads import batch_form, resolve_workload
@@ -92,7 +93,7 @@ class Option:
 
 def _rank_key(o: Option):
     # a tie between fp16 and bf16 (one speed and size on a GPU with both) goes to bf16: no
-    # loss scaling, and fp32's range (T5's activations overflow fp16)
+    # loss scaling, and fp32's range (models that overflow fp16: precision.fp16_overflow)
     return (not o.fits, -(o.samples_per_s or 0.0), -o.micro_batch, o.precision == "fp16")
 
 
@@ -141,6 +142,8 @@ class Plan:
         self.estimates = estimates
         self._estimator = estimator
         self._blocks = blocks
+        # the precisions of the model's weights: what each precision means for it
+        self.model_precision = estimator.model_precision
         # N GPUs (memprof.plan.distributed): effective_batch is then one rank's share
         self.distributed = getattr(estimator, "distributed", None)
         self.world_size = self.distributed.world_size if self.distributed else 1
@@ -212,6 +215,21 @@ class Plan:
     def precisions(self) -> set:
         return {p for p, _ in self._combos}
 
+    def training(self, precision: str):
+        """How a step in `precision` runs for this model: conversion of its half weights,
+        autocast, GradScaler (memprof.plan.precision.training)."""
+        return training(self.model_precision, precision)
+
+    def notes(self, option: Option | None = None) -> list[str]:
+        """What to know about `option`'s precision for this model on this GPU (default: the
+        best option's; with none that fits, every estimated precision's): converted weights,
+        no loss scaling, a model that overflows fp16."""
+        o = option or self.best
+        precisions = [o.precision] if o is not None else \
+            list(dict.fromkeys(p for p, _ in self._combos))
+        return list(dict.fromkeys(n for p in precisions
+                                  for n in notes(self.model_precision, p, self.gpu)))
+
     def _combo(self, precision: str, checkpointing: str) -> Combination:
         """The precision x policy, estimated now if the search skipped it or did not cover it
         (two fake steps; kept for later queries)."""
@@ -221,9 +239,13 @@ class Plan:
             return c
         if c is not None and c.error is not None:
             raise ValueError(f"{precision}/{checkpointing}: {c.error}")
-        if precision not in ESTIMATE_PRECISIONS or not self.gpu.supports(precision):
-            raise ValueError(f"precision: {precision!r} cannot be estimated for {self.gpu.name}; "
-                             f"expected one of {[p for p in ESTIMATE_PRECISIONS if self.gpu.supports(p)]}")
+        if precision not in ESTIMATE_PRECISIONS or \
+                refusal(self.model_precision, self.gpu, precision):
+            why = refusal(self.model_precision, self.gpu, precision) \
+                if precision in ESTIMATE_PRECISIONS else None
+            raise ValueError(why or f"precision: {precision!r} cannot be estimated for "
+                             f"{self.gpu.name}; expected one of "
+                             f"{default_precisions(self.model_precision, self.gpu)}")
         parse_policy(checkpointing)
         c = Combination(precision, checkpointing)
         search = Search(self._estimator, self.usable_bytes, self.effective_batch,
@@ -306,6 +328,7 @@ class Plan:
             "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes,
                     "usable_bytes": self.usable_bytes},
             "model": self.model, "optimizer": self.optimizer,
+            "weights_precision": self.model_precision.weights,
             "effective_batch": self.effective_batch,
             "world_size": self.world_size, "global_batch": self.global_batch,
             "parameters": self.total_params, "trainable_parameters": self.trainable_params,
@@ -317,6 +340,7 @@ class Plan:
             "warmup": self.warmup,
             "assumptions": self.assumptions,
             "code": self.code() if best else None,
+            "notes": self.notes(best),
             "wall_s": round(self.wall_s, 3), "estimates_run": self.estimates,
         }
 
@@ -350,8 +374,8 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
             or effective_batch < 1:
         raise PlanInputError(f"effective_batch: expected an int >= 1, got {effective_batch!r}")
     usable = usable_bytes(g, overhead=overhead, margin=margin)
-    if precisions is None:
-        return g, usable, [p for p in ESTIMATE_PRECISIONS if g.supports(p)]
+    if precisions is None:   # the model's weights decide (_model_precisions)
+        return g, usable, None
     precisions = list(dict.fromkeys([precisions] if isinstance(precisions, str)
                                     else precisions))   # each once, as policies
     for p in precisions:
@@ -362,6 +386,19 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
         if not g.supports(p):
             raise PlanInputError(f"precision {p!r}: {g.name} has no {p} hardware support")
     return g, usable, precisions
+
+
+def _model_precisions(precisions, estimator, g) -> list[str]:
+    """The precisions to estimate for this model (its weights decide: a half-precision model
+    trains in its own dtype, memprof.plan.precision), or the one-line PlanInputError."""
+    mp = estimator.model_precision
+    if precisions is None:
+        return default_precisions(mp, g)
+    for p in precisions:
+        why = refusal(mp, g, p)
+        if why:
+            raise PlanInputError(why)
+    return precisions
 
 
 def _policies(module, policies, blocks) -> list[str]:
@@ -433,7 +470,9 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     () -> nn.Module, or an nn.Module. batch: batch_size -> (inputs, targets) (built-ins bring
     theirs; else input_shape=(3, 224, 224) makes a classification batch). loss: (outputs,
     targets) -> scalar. optimizer: 'adamw' | 'adam' | 'sgd' or params -> Optimizer.
-    precisions: default the ones the GPU supports among fp32, fp16, bf16. policies: default
+    precisions: default the ones the GPU supports among fp32, fp16, bf16 for a model with
+    fp32 weights; a model in half precision trains in its own (`memprof.plan.precision`:
+    converted to fp16 where the GPU lacks bf16). policies: default
     none, every, every-2, selective (those that apply to the model). progress: called as
     progress(done, total, label) while estimating. See the module docstring for the models of
     memory, fit and throughput. distributed: a `memprof.plan.distributed.data_parallel(...)`
@@ -475,6 +514,7 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     else:
         estimator = Estimator(module, make_batch, loss_fn, optimizer=optimizer, gpu=g)
     desc.update(batch_form(make_batch))
+    precisions = _model_precisions(precisions, estimator, g)
     search = Search(estimator, usable, per_rank, confirm=confirm, blocks=blocks,
                     progress=progress, model_name=desc["name"], workers=workers)
     combos = search.run(precisions, policies)

@@ -6,7 +6,8 @@ batch of the same structure at another micro-batch on fake tensors, which is how
 `memprof.plan.fit` re-estimates a step that did not fit. Values are never kept; a tensor is
 {"shape", "dtype", "device"}, a number or string is kept as it is, anything else is named by
 its type (and then no batch can be rebuilt from the record). Also recorded: whether autocast
-was on at that forward pass and in which dtype (the precision the step ran in).
+was on at that forward pass and in which dtype, and the bytes of the tracked model's floating
+parameters per dtype (together: the precision the step ran in, `memprof.plan.precision`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ def describe(value, depth: int = MAX_DEPTH):
             and all(isinstance(k, str) for k in value):
         return {"dict": {k: describe(v, depth - 1) for k, v in value.items()}}
     return {"object": type(value).__name__}
+
+
+def weight_dtypes(module) -> dict:
+    """{dtype name: bytes} of `module`'s floating parameters (each once): a model built in
+    bf16 computes in bf16 without autocast."""
+    out: dict[str, int] = {}
+    seen = set()
+    for p in module.parameters() if module is not None else ():
+        if id(p) in seen or not p.is_floating_point():
+            continue
+        seen.add(id(p))
+        name = str(p.dtype).split(".")[-1]
+        out[name] = out.get(name, 0) + p.numel() * p.element_size()
+    return out
 
 
 def autocast_state() -> dict:
@@ -75,6 +90,8 @@ class InputRecorder:
         self._record = {"args": [describe(a) for a in args],
                         "kwargs": {str(k): describe(v) for k, v in (kwargs or {}).items()},
                         "autocast": autocast_state(),
+                        "weights": weight_dtypes(scope.model if scope.model is not None
+                                                 else scope.pass_module),
                         "step": self._session.step if self._session is not None else 0}
 
     def record(self) -> dict | None:

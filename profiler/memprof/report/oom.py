@@ -98,6 +98,9 @@ def print_budget(prof: Profile, console: Console | None = None) -> None:
         lines.append(f"[bold green]fits[/]: peak {fmt_bytes(b['peak_reserved'])} reserved{at} "
                      f"(allocated at most {fmt_bytes(b['peak_allocated'])}); headroom "
                      f"{fmt_bytes(b['headroom'])}")
+    prec = b.get("precision")
+    if prec and not prec.get("supported", True):   # bf16 on a V100: not as recorded
+        lines.append(f"[bold yellow]but[/] {escape(prec['text'])}")
     proj = b.get("projection")
     if proj and proj.get("step") is not None:
         lines.append(
@@ -137,6 +140,8 @@ def print_fit(prof: Profile, console: Console | None = None) -> None:
             else:
                 t.add_row(o["precision"], o["checkpointing"], "-", escape(o["text"]), "")
         console.print(t)
+        for note in est.get("notes", []):   # precision: not on this GPU, fp16 overflow
+            console.print(f"  [yellow]note[/]: {escape(note)}")
         console.print("  [dim]assumptions: " + escape("; ".join(est["assumptions"])) + "[/]")
     if fit.get("note"):
         console.print(f"  [dim]{escape(fit['note'])}[/]")

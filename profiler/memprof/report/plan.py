@@ -130,11 +130,15 @@ def _print_advice(plan, console) -> None:
         console.print("[red]Nothing fits[/]" + (f" among the combinations estimated ({failed} "
                                                 f"could not be, see above)" if failed else "")
                       + f": {nothing_fits(plan)}.")
+        for note in plan.notes():
+            console.print(f"  [yellow]note[/]: {escape(note)}")
     else:
         console.print(f"[bold]Best (estimated)[/]: {best.label}: "
                       f"{best.peak_reserved / GiB:.2f} GiB reserved"
                       + ("" if best.samples_per_s is None else
                          f", ~{best.samples_per_s:.1f} samples/s"))
+        for note in plan.notes(best):   # converted weights, no loss scaling, fp16 overflow
+            console.print(f"  [yellow]note[/]: {escape(note)}")
         near = plan.nearby_batch(best)
         if near is not None:
             e, micro = near
