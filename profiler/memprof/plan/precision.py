@@ -147,7 +147,9 @@ def refusal(mp: ModelPrecision, gpu, precision: str) -> str | None:
     """Why `precision` cannot be planned for this model on `gpu` (one line), else None."""
     if not gpu.supports(precision):
         return f"precision {precision!r}: {unsupported(gpu, precision)}"
-    if mp.half and precision not in LOW_PRECISION_DTYPES:
+    trains_half = bool(mp.trainable) and mp.trainable <= set(LOW_PRECISION_DTYPES)
+    if mp.half and trains_half and precision not in LOW_PRECISION_DTYPES:
+        # (fp32 adapters over a frozen half base, LoRA's shape, train in fp32 as built)
         return (f"precision {precision!r}: the model's weights are {mp.describe()}: it trains "
                 f"in {mp.weights} as built; build it in fp32 (without .half() / "
                 "torch_dtype) for fp32, or for mixed precision over fp32 master weights")
