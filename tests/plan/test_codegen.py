@@ -41,3 +41,27 @@ def test_without_an_optimizer_the_code_runs_and_changes_nothing():
     ns: dict = {}
     exec(compile(code, "<plan code>", "exec"), ns)
     assert torch.isfinite(ns["loss"]).all() and not ns["opt"].state   # no state was made
+
+
+def pair_without_targets(batch_size=2):
+    ids = __import__("torch").randint(0, 50, (batch_size, 8))
+    return {"input_ids": ids, "labels": ids}, None
+
+
+def test_a_batch_of_inputs_and_no_targets_is_unpacked_in_the_code():
+    """A batch function returning `(inputs, None)` (an LLM's tokens with their labels inside)
+    got code that called model(**x) on the whole pair: a TypeError."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg)
+    plan = memprof.recommend(model, gpu="a100-40gb", effective_batch=4,
+                             batch=pair_without_targets, policies=["none"],
+                             precisions=["fp32"], confirm=False, workers=1)
+    code = plan.code()
+    assert "for i, (x, _) in enumerate(loader):" in code
+    ns: dict = {"model": model}
+    exec(compile(code.replace("model = ", "_unused = ", 1)
+                 if "model = ..." in code else code, "<plan code>", "exec"), ns)
+    assert torch.isfinite(ns["loss"]).all()

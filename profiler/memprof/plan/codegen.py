@@ -309,7 +309,8 @@ def _loop_lines(plan, o) -> list[str]:
     ind = "    "
     # what to know about the precision (no loss scaling, a model that overflows fp16)
     lines = [f"# note: {n}" for n in plan.notes(o)]
-    lines.append(f"for i, {'(x, y)' if targets else 'x'} in enumerate(loader):")
+    batch = "(x, y)" if targets else "(x, _)" if m.get("pair") else "x"   # (inputs, None)
+    lines.append(f"for i, {batch} in enumerate(loader):")
     if not _batches_on_device(plan):
         lines.append(f"{ind}x{', y' if targets else ''} = to_device(x)"
                      f"{', to_device(y)' if targets else ''}")

@@ -232,12 +232,15 @@ def batch_form(make_batch) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
     try:
         with FakeTensorMode(), quiet_fake_tensor_log():
-            inputs, targets = split_batch(make_batch(1))
+            batch = make_batch(1)
+            inputs, targets = split_batch(batch)
     except Exception:  # noqa: BLE001  (the estimates report a broken batch function)
         return {"call": "model(x)", "targets": True}
     call = "model(**x)" if isinstance(inputs, dict) else \
         "model(*x)" if isinstance(inputs, (tuple, list)) else "model(x)"
-    return {"call": call, "targets": targets is not None}
+    # `(inputs, None)`: a pair without targets (the code called model(**x) on the pair)
+    pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+    return {"call": call, "targets": targets is not None, "pair": pair}
 
 
 # ------------------------------------------------------------------------------ models
