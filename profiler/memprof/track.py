@@ -6,6 +6,7 @@ and analysed; if the block raised, the profile is saved first (an OOM must not l
 """
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import threading
@@ -43,6 +44,19 @@ class Tracker:
                  health: bool = False, batch_size: int | None = None, budget=None,
                  step_on: str = "auto", autosave: float | None = DEFAULT_AUTOSAVE_S):
         _budget.check(budget)   # an unknown GPU fails here, not after the training ran
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or \
+                capacity < 1:
+            raise ValueError(f"capacity={capacity!r}: expected a whole number of events >= 1 "
+                             "(e.g. 50_000_000)")
+        if analyses is not None and not isinstance(analyses, (str, bytes)):
+            analyses = list(analyses)   # (a generator is read once)
+        if analyses is not None and (isinstance(analyses, (str, bytes)) or not all(
+                callable(a) for a in analyses)):
+            # (a list of names ran nothing: every check was off and findings() said [])
+            raise TypeError(f"analyses={analyses!r}: expected functions profile -> findings "
+                            "(memprof.analyse's defaults when left out)")
+        if autosave == 0 and not isinstance(autosave, bool):   # as memprof run --autosave 0
+            autosave = None
         if autosave is not None and not (isinstance(autosave, (int, float))
                                          and not isinstance(autosave, bool)
                                          and 0 < autosave < float("inf")):
@@ -63,6 +77,9 @@ class Tracker:
         self.path = path
         self.profile: Profile | None = None
         self.saved: str | None = None     # where the profile was saved, once it was
+        # memprof run: a block that recorded nothing leaves an existing file as it was
+        self.keep_a_profile_over_nothing = False
+        self.kept_existing = False
         self.forked_away = False   # this is a child forked inside the block: no profile here
         self._entered = False
         self._start_dir = ""
@@ -76,17 +93,23 @@ class Tracker:
 
     def step(self) -> None:
         """Mark a step boundary, for loops that do not call an optimizer."""
-        self.session.end_step()
+        self._recording("step").end_step()
 
     def log(self, **values) -> None:
         """Record numbers for the current optimizer step, e.g. prof.log(loss=loss.item());
         `loss` feeds the training-health checks (pass a float: a tensor costs a sync)."""
-        self.session.log(values)
+        self._recording("log").log(values)
 
     def log_step(self, step: int, **values) -> None:
         """Record numbers for an optimizer step already ended (0-based), for frameworks that
         report the loss after the optimizer step (memprof.integrations)."""
-        self.session.log(values, step=step)
+        self._recording("log_step").log(values, step=step)
+
+    def _recording(self, what: str) -> Session:
+        if self.session is None:   # ('NoneType' object has no attribute 'log')
+            raise RuntimeError(f"prof.{what}(): the track() block has ended; call it inside "
+                               "the block")
+        return self.session
 
     # ------------------------------------------------------------------ after the block
     @property
@@ -109,7 +132,7 @@ class Tracker:
         if profile is not None:
             return getattr(profile, name)
         raise AttributeError(f"{name!r}: the profile is available once the track() block has "
-                             "exited" if name in dir(Profile) else name)
+                             "exited" if not name.startswith("_") else name)
 
     # ------------------------------------------------------------------ context protocol
     def __enter__(self) -> "Tracker":
@@ -234,10 +257,21 @@ class Tracker:
     def _save(self, exc, nested: bool) -> None:
         target = self.path
         if target is None and exc is not None and not nested:
-            target = f"memprof-{os.getpid()}-{int(time.time())}.memprof"
+            target = f"memprof-{os.getpid()}-{time.time_ns()}.memprof"   # (blocks a second)
         if target is None:
             return
         target = self.target(self.profile.meta, target)
+        if self.keep_a_profile_over_nothing and not self.profile.memory.size and \
+                os.path.isfile(target):
+            # `memprof run train.py --help` (or a typo in its arguments) replaced the profile
+            # of the long run before it with an empty one
+            ended = (f"the script exited with status {exc.code}" if isinstance(exc, SystemExit)
+                     else f"the script raised {type(exc).__name__}" if exc is not None
+                     else "the script ended")
+            print(f"memprof: nothing was recorded ({ended} before allocating); {target} "
+                  "kept as it was", file=sys.stderr)
+            self.kept_existing = True
+            return
         try:
             self.profile.save(target)
         except (OSError, ValueError) as err:   # (the directory went away during the run)

@@ -617,3 +617,30 @@ def test_a_tracking_thread_left_unjoined_is_said_not_silently_cut(tmp_path):
     flat = " ".join(r.stderr.split())
     assert "thread 'trainer' still has a memprof.track() block open as the run ends" in flat
     assert "thread 'trainer' was not joined, so its block's events are gone" in flat
+
+
+def test_a_run_that_records_nothing_keeps_the_profile_of_the_run_before(tmp_path):
+    """`memprof run train.py --help` (or a typo its argparse refuses) after a long run
+    replaced that run's profile with an empty one."""
+    source = '''
+        import argparse, torch
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--epochs", type=int, default=1)
+        args = parser.parse_args()
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3 * args.epochs):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        '''
+    r, script = run(tmp_path, source)
+    assert r.returncode == 0, r.stderr
+    saved = (tmp_path / "train.memprof").read_bytes()
+    for args, status in ((["--epochs", "x"], 2), (["--help"], 0)):
+        again = subprocess.run([sys.executable, "-m", "memprof.cli", "run", str(script), *args],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert again.returncode == status, again.stderr
+        assert "memprof: nothing was recorded (the script " in again.stderr
+        assert status == 0 or f"exited with status {status} before allocating" in again.stderr
+        assert (tmp_path / "train.memprof").read_bytes() == saved

@@ -135,6 +135,7 @@ class RunCommand(Command):
                                 autosave=args.autosave or None, capacity=args.capacity)
         tracker.session.capacity_knob = "memprof run --capacity"
         tracker.session.nests_any_thread = True   # the script's blocks nest from any thread
+        tracker.keep_a_profile_over_nothing = True   # (`train.py --help` after a long run)
         code = install_step_on(args.step_on, code, source, script, tracker.step,
                                patches)   # restored with sys.argv and sys.path
         tracker.report_oom_on_exit = args.json   # else the report below has the diagnosis

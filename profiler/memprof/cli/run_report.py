@@ -42,6 +42,8 @@ def print_report(tracker, output: str, status: int, as_json: bool,
         if rank == 0 and not as_json and process_index is None:   # (spawned: the parent says)
             print(f"merge the ranks: memprof report {rank_glob(saved)}")
         return status
+    if tracker.kept_existing:   # nothing recorded: the file of the run before is kept
+        return status
     if tracker.profile is None:   # else the tracker said why it could not save
         print(f"memprof: the profile was not saved to {shown_path(output, base)}",
               file=sys.stderr)

@@ -72,8 +72,9 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
            "module as a whole (per-module attribution is coarser)[/]"
            if prof.meta.get("compiled") else ""), title=title))
     if not prof.memory.size and not s_peak:   # eight zero rows and two empty tables said less
-        console.print("Nothing was allocated inside the block: the training ran before or "
-                      "after it, or on a device whose allocator memprof does not hook.")
+        console.print("Nothing was allocated inside the block: its code ended before it "
+                      "allocated, trained before or after it, or ran on a device whose "
+                      "allocator memprof does not hook.")
         return
 
     cat = prof.breakdown("category")
