@@ -291,7 +291,8 @@ def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | N
           step_on: str = "auto", autosave: float | None = DEFAULT_AUTOSAVE_S) -> Tracker:
     """Record every allocation and free made inside the block.
 
-    model: attributes allocations to its submodules (forward hooks) and names parameters.
+    model: attributes allocations to its submodules (no hook is set: module calls are
+    scoped by memprof's Module.__call__ for the block) and names parameters.
     optimizer: restrict step detection to this optimizer (default: any optimizer's step).
     path: save the profile there on exit (also when the block raises; then a default path is
     used if none is given). In a distributed job (torchrun, torch.distributed) each rank

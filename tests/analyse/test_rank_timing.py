@@ -36,9 +36,14 @@ def test_without_every_time_it_is_not_guessed():
 def test_balanced_ranks_name_no_straggler():
     even = {0: {"own_work_ms": 10.0}, 1: {"own_work_ms": 11.0}}
     assert stragglers(even)["straggler"] is False and stragglers(even)["waiting_ranks"] == []
-    uneven = {0: {"own_work_ms": 10.0}, 1: {"own_work_ms": 30.0}, 2: {"own_work_ms": 28.0}}
+    uneven = {0: {"own_work_ms": 10.0, "comm_ms": 20.0}, 1: {"own_work_ms": 30.0, "comm_ms": 1.0},
+              2: {"own_work_ms": 28.0, "comm_ms": 2.0}}
     st = stragglers(uneven)
     assert (st["slowest_rank"], st["waiting_ranks"]) == (1, [0])
+    # ranks without a collective in flight wait for nobody (each trained alone)
+    alone = {r: {"own_work_ms": t["own_work_ms"]} for r, t in uneven.items()}
+    st = stragglers(alone)
+    assert st["slowest_rank"] == 1 and st["straggler"] is False and st["waiting_ranks"] == []
     assert stragglers({0: {"own_work_ms": 10.0}, 1: None}) is None
 
 

@@ -179,3 +179,10 @@ def test_a_batch_function_that_reads_a_value_is_told_why_it_cannot():
         memprof.recommend(model, gpu="t4", effective_batch=8, batch=reads_a_value,
                           precisions=["fp32"], policies=["none"], confirm=False, workers=1)
     assert "fake tensors, which have shapes but no values" in str(err.value)
+
+
+def test_zero_nodes_is_refused_as_negative_ones_are(capsys):
+    """--nodes 0 was planned as one node (`args.nodes or 1`) where -3 was refused."""
+    assert cli.main(["recommend", "--gpu", "a100-80gb", "--model", "mlp", "--effective-batch",
+                     "8", "--gpus", "2", "--nodes", "0", "--no-confirm"]) == 2
+    assert "--nodes: expected an int >= 1, got 0" in capsys.readouterr().err

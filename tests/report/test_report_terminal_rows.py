@@ -138,3 +138,18 @@ def test_an_empty_block_says_nothing_was_allocated():
     text = " ".join(con.export_text().split())
     assert "Nothing was allocated inside the block" in text
     assert "Alive at the peak" not in text
+
+
+def test_export_checks_its_path_before_the_work(tmp_path):
+    """memprof.export() into a missing directory named its own temporary file in a
+    FileNotFoundError, after building the whole page; a directory read 'unknown format'."""
+    import pytest
+    with memprof.track() as prof:
+        torch.randn(8)
+    (tmp_path / "adir.html").mkdir()
+    for path, said in ((tmp_path / "nodir" / "a.html", "does not exist"),
+                       (tmp_path / "adir.html", "is a directory"),
+                       (tmp_path, "is a directory")):
+        with pytest.raises(ValueError) as err:
+            memprof.export(prof.profile, str(path))
+        assert said in str(err.value) and ".tmp" not in str(err.value), str(err.value)

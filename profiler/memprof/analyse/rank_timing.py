@@ -59,9 +59,12 @@ def stragglers(timing_by_rank: dict[int, dict | None]) -> dict[str, Any] | None:
     slowest = max(own, key=lambda r: (own[r], -r))
     fastest = min(own.values())
     ratio = own[slowest] / fastest if fastest > 0 else None
-    straggler = ratio is None or ratio >= STRAGGLER_RATIO
-    waiting = sorted(r for r, ms in own.items()
-                     if straggler and r != slowest and ms * STRAGGLER_RATIO <= own[slowest])
+    # ranks that never had a collective in flight wait for nobody (each trained alone: a
+    # script that never set up torch.distributed read "waiting for it: rank 1")
+    talks = {r for r, t in timing_by_rank.items() if t is not None and t.get("comm_ms")}
+    straggler = bool(talks) and (ratio is None or ratio >= STRAGGLER_RATIO)
+    waiting = sorted(r for r, ms in own.items() if straggler and r != slowest and r in talks
+                     and ms * STRAGGLER_RATIO <= own[slowest])
     return {"slowest_rank": slowest, "own_work_ms": own[slowest],
             "ratio_to_fastest": ratio, "straggler": straggler, "waiting_ranks": waiting}
 

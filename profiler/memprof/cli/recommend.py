@@ -177,7 +177,8 @@ class RecommendCommand(Command):
         from ..plan.distributed import data_parallel
         from ..plan.errors import PlanInputError
         try:
-            return data_parallel(args.strategy or "ddp", args.gpus, args.nodes or 1,
+            return data_parallel(args.strategy or "ddp", args.gpus,
+                                 1 if args.nodes is None else args.nodes,
                                  args.layout or "torch")
         except PlanInputError as e:
             raise UsageError(f"--{e}") from None

@@ -83,7 +83,10 @@ def export(obj, path: str) -> str:
     from ..analyse.ranks import MergedRanks
     from ..plan.search import Plan
     from ..profile import Profile
-    from ..profile_file import write_atomically
+    from ..profile_file import unwritable, write_atomically
+    why = unwritable(str(path))
+    if why is not None:   # before the work (a large HTML takes seconds), as the CLI checks
+        raise ValueError(f"{path}: {why}")
     lower = str(path).lower()
     if isinstance(obj, Profile):
         data, known = _profile_export(obj, lower), ".json, .pickle or .html"
