@@ -28,7 +28,7 @@ from .record.cuda_segments import CudaSegmentsRecorder
 from .record.health import HealthRecorder
 from .record.inputs import InputRecorder
 from .record.leak_probe import LeakProbe
-from .record.session import DEFAULT_CAPACITY, Session
+from .record.session import DEFAULT_CAPACITY, MAX_CAPACITY, Session
 from .record.throughput import ThroughputRecorder
 from .run import Run
 
@@ -44,10 +44,11 @@ class Tracker:
                  health: bool = False, batch_size: int | None = None, budget=None,
                  step_on: str = "auto", autosave: float | None = DEFAULT_AUTOSAVE_S):
         _budget.check(budget)   # an unknown GPU fails here, not after the training ran
-        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or \
-                capacity < 1:
-            raise ValueError(f"capacity={capacity!r}: expected a whole number of events >= 1 "
-                             "(e.g. 50_000_000)")
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Real) or \
+                not float(capacity).is_integer() or not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity={capacity!r}: expected a whole number of events from 1 "
+                             f"to {MAX_CAPACITY:.0e} (e.g. 50_000_000 or 5e7)")
+        capacity = int(capacity)
         if analyses is not None and not isinstance(analyses, (str, bytes)):
             analyses = list(analyses)   # (a generator is read once)
         if analyses is not None and (isinstance(analyses, (str, bytes)) or not all(
@@ -262,7 +263,7 @@ class Tracker:
             return
         target = self.target(self.profile.meta, target)
         if self.keep_a_profile_over_nothing and not self.profile.memory.size and \
-                os.path.isfile(target):
+                not self.profile.marker_positions("step").size and os.path.isfile(target):
             # `memprof run train.py --help` (or a typo in its arguments) replaced the profile
             # of the long run before it with an empty one
             ended = (f"the script exited with status {exc.code}" if isinstance(exc, SystemExit)

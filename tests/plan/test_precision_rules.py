@@ -116,3 +116,17 @@ def test_fp16_for_t5_carries_the_overflow_caveat(capsys):
     mlp = memprof.recommend("mlp", gpu="v100-16gb", effective_batch=8, precisions=["fp16"],
                             policies=["none"], confirm=False, workers=1)
     assert not any("overflow" in n for n in mlp.notes())
+
+
+def test_fp32_of_a_frozen_bf16_base_is_refused_where_the_gpu_has_no_bf16():
+    """Asked for fp32, fp32 adapters over a frozen bf16 base ran the base in bf16 as built -
+    on a V100, which has none (estimated in bf16, timed as fp32, no note)."""
+    import torch
+    from memprof.plan.errors import PlanInputError
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)).to(torch.bfloat16)
+    model[0].requires_grad_(False)
+    model[1].float()
+    with pytest.raises(PlanInputError, match="which v100-16gb does not compute in"):
+        memprof.recommend(model, gpu="v100-16gb", effective_batch=4, input_shape=(64,),
+                          num_classes=4, precisions=["fp32"], policies=["none"],
+                          confirm=False, workers=1)

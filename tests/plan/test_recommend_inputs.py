@@ -186,3 +186,18 @@ def test_zero_nodes_is_refused_as_negative_ones_are(capsys):
     assert cli.main(["recommend", "--gpu", "a100-80gb", "--model", "mlp", "--effective-batch",
                      "8", "--gpus", "2", "--nodes", "0", "--no-confirm"]) == 2
     assert "--nodes: expected an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_num_classes_as_a_numpy_int_and_with_the_users_own_loss():
+    """np.int64(10) was refused by the new check; a model whose output is not the classes
+    (a segmentation map) with the user's own loss is theirs to read."""
+    import numpy as np
+    model = torch.nn.Sequential(torch.nn.Linear(16, 10))
+    plan = memprof.recommend(model, gpu="t4", effective_batch=4, input_shape=(16,),
+                             num_classes=np.int64(10), precisions=["fp32"], policies=["none"],
+                             confirm=False, workers=1)
+    assert plan.best is not None
+    plan = memprof.recommend(model, gpu="t4", effective_batch=4, input_shape=(16,),
+                             num_classes=3, loss=lambda out, y: out.float().mean(),
+                             precisions=["fp32"], policies=["none"], confirm=False, workers=1)
+    assert plan.best is not None

@@ -7,8 +7,8 @@ import memprof
 
 
 @pytest.mark.parametrize("kwargs, said", [
-    (dict(capacity="50M"), "capacity='50M': expected a whole number of events >= 1"),
-    (dict(capacity=1.5), "capacity=1.5: expected a whole number of events >= 1"),
+    (dict(capacity="50M"), "capacity='50M': expected a whole number of events from 1"),
+    (dict(capacity=1.5), "capacity=1.5: expected a whole number of events from 1"),
     (dict(analyses=["retained_graphs"]), "analyses=['retained_graphs']: expected functions"),
     (dict(analyses="leaks"), "analyses='leaks': expected functions")])
 def test_bad_arguments_are_refused_at_once(kwargs, said):
@@ -33,3 +33,4 @@ def test_the_tracker_says_when_a_call_comes_at_the_wrong_time():
         with pytest.raises(RuntimeError, match=r"the track\(\) block has ended"):
             call()                                      # ('NoneType' has no attribute 'log')
     assert memprof.track(capacity=torch.tensor(5).item()).session.capacity == 5
+    assert memprof.track(capacity=5e7).session.capacity == 50_000_000   # (as before)

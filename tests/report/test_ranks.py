@@ -2,6 +2,7 @@
 the rank identity a torchrun job records), saved and read back, merged and reported by
 `memprof report a.rank0.memprof a.rank1.memprof`."""
 import json
+import os
 
 import pytest
 import torch
@@ -209,7 +210,8 @@ def test_a_ranks_file_exported_after_the_job_goes_where_it_is_told(tmp_path, mon
     monkeypatch.delenv("RANK", raising=False)
     prof = _rank_run(1, leak=None)
     assert prof.meta["rank"] == 1 and prof.meta["world_size"] == 2
+    prof.meta["pid"] = -1                                  # a file of another process
     written = memprof.export(prof, str(tmp_path / "r.html"))
     assert written == str(tmp_path / "r.html") and (tmp_path / "r.html").exists()
-    monkeypatch.setenv("RANK", "1")                       # inside the job: the rank's name
+    prof.meta["pid"] = os.getpid()                         # recorded here: the rank's name
     assert memprof.export(prof, str(tmp_path / "r.html")).endswith("r.rank1.html")

@@ -127,9 +127,11 @@ def precision_check(profile: Profile, budget) -> dict | None:
         what = "its weights are" if source == "weights" else "autocast in"
         instead = ("with its weights converted (the same bytes)" if source == "weights" else
                    "under autocast with GradScaler (about the same bytes)")
+        # (weights half as built: fp32 would be another model, which the fit does not plan)
+        fp32 = "" if source == "weights" else " or in fp32 (more memory)"
         out["text"] = (f"the run computes in {precision} ({what} {precision}) and "
-                       f"{unsupported(gpu, precision)}: there it would train in fp16 {instead} "
-                       "or in fp32 (more memory), not as recorded")
+                       f"{unsupported(gpu, precision)}: there it would train in fp16 {instead}"
+                       f"{fp32}, not as recorded")
     return out
 
 

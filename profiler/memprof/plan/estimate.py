@@ -267,7 +267,8 @@ class Estimator:
         self.model_class = type(model).__name__
         # the precisions of the user's weights decide autocast (memprof.plan.precision)
         self.model_precision = model_precision(model)
-        self._init = ((model, make_batch, loss_fn), {"optimizer": optimizer, "gpu": gpu})
+        self._init = ((model, make_batch, loss_fn), {"optimizer": optimizer, "gpu": gpu,
+                                                      "param_dtype": param_dtype})
         self._converted: dict[str, Estimator] = {}
         self._convert_dtypes = convert
         memo: dict[int, Any] = {}

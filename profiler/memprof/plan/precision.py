@@ -148,6 +148,10 @@ def refusal(mp: ModelPrecision, gpu, precision: str) -> str | None:
     if not gpu.supports(precision):
         return f"precision {precision!r}: {unsupported(gpu, precision)}"
     trains_half = bool(mp.trainable) and mp.trainable <= set(LOW_PRECISION_DTYPES)
+    if mp.half and precision not in LOW_PRECISION_DTYPES and not gpu.supports(mp.weights):
+        # fp32 as built leaves the frozen half base computing in a dtype this GPU lacks
+        return (f"precision {precision!r}: the model's weights are {mp.describe()}, which "
+                f"{gpu.name} does not compute in; plan fp16 (the weights converted) instead")
     if mp.half and trains_half and precision not in LOW_PRECISION_DTYPES:
         # (fp32 adapters over a frozen half base, LoRA's shape, train in fp32 as built)
         return (f"precision {precision!r}: the model's weights are {mp.describe()}: it trains "

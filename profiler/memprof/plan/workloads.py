@@ -11,6 +11,7 @@ each of them again (for the plan's code). Every bad input is a one-line PlanInpu
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 import re
 import sys
@@ -182,19 +183,21 @@ def _infer_num_classes(model: nn.Module, shape) -> int:
     return int(out.shape[-1])
 
 
-def _num_classes(model: nn.Module, shape, given) -> int:
+def _num_classes(model: nn.Module, shape, given, own_loss: bool = True) -> int:
     """The classes of the classification batch: `given` where it matches the model's output
     (0 was ignored, -3 blamed a batch function the user never wrote, and 1000 on a 10-output
     model printed code that failed on its first target), else the model's."""
-    if given is not None and (isinstance(given, bool) or not isinstance(given, int)
+    if given is not None and (isinstance(given, bool) or not isinstance(given, numbers.Integral)
                               or given < 1):
         raise PlanInputError(f"num_classes: expected a whole number >= 1, got {given!r}")
+    if given is not None and not own_loss:   # the user's loss reads the output as it will
+        return int(given)
     try:
         inferred = _infer_num_classes(model, shape)
     except PlanInputError:
         if given is None:
             raise
-        return given
+        return int(given)
     if given is not None and given != inferred:
         raise PlanInputError(f"num_classes {given}: the model's output has {inferred} "
                              "classes (its last dimension); give that or leave it out")
@@ -319,7 +322,7 @@ def resolve_workload(model, batch, loss, input_shape, num_classes, model_kwargs)
                                      "3,224,224) for a classification batch, or a batch "
                                      "function")
             shape = _parse_shape(input_shape)
-            n = _num_classes(module, shape, num_classes)
+            n = _num_classes(module, shape, num_classes, own_loss=loss_fn is None)
             make_batch = _classification_batch(shape, n)
             desc["batch"] = {"input_shape": list(shape), "num_classes": int(n)}
     if batch is not None:

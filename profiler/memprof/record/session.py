@@ -352,19 +352,23 @@ class Session:
                 self._lent.add(rec.name)
 
     def _stop_nested(self, exc) -> None:
+        base = self._baseline_in_outer_ids()
         if self.outer.stopped:   # its log was taken: nothing of this block is left to read
-            raise RuntimeError(
+            _warn(lambda: warnings.warn(
                 "memprof.track: the block this one nested in (memprof run's) ended first, "
                 f"when the script's main code returned; thread {self._nested_thread.name!r} "
-                "was not joined, so its block's events are gone: join it before the script "
-                "ends")
-        # threads interleave in the log: keep what came after our marker, in time order
-        raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
-        order = np.argsort(raw["t_ns"], kind="stable")
-        label = _C.strings().index(self._nested_label)
-        start = np.flatnonzero((raw["kind"][order] == KIND_MARK) & (raw["op"][order] == label))
-        base = self._baseline_in_outer_ids()
-        events = behind_baseline(raw, order[int(start[0]) + 1:], base)
+                "was not joined, so its block's events are gone (its profile is empty): join "
+                "it before the script ends", RuntimeWarning, stacklevel=6))
+            raw, order = np.zeros(0, dtype=EVENT_DTYPE), np.zeros(0, dtype=np.int64)
+        else:
+            # threads interleave in the log: keep what came after our marker, in time order
+            raw = np.frombuffer(_C.events(), dtype=EVENT_DTYPE)
+            label = _C.strings().index(self._nested_label)
+            order = np.argsort(raw["t_ns"], kind="stable")
+            start = np.flatnonzero((raw["kind"][order] == KIND_MARK)
+                                   & (raw["op"][order] == label))
+            order = order[int(start[0]) + 1:]
+        events = behind_baseline(raw, order, base)
         self._assemble(EventStreams.split(events), self.outer, exc, base)
         # the records of the recorders this block lent (they began with it) and, where it
         # asked for health that the outer block records too, the outer's (its steps are the

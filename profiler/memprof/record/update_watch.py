@@ -149,7 +149,6 @@ def _call(func, args, kwargs):
 #: (caller's code, line) -> _call made to read as that line of the caller's (bounded; let go
 #: when a block ends: each holds its caller's globals)
 _AS_CALLED_FROM: dict = {}
-_CALL_SITE_CODES: set = set()
 _MAX_CALL_SITES = 4096
 _TORCH_OVERRIDES = sys.modules["torch.overrides"].__file__
 #: the copies' name in a traceback or a profiler, where python shows no frame at all
@@ -159,13 +158,12 @@ CALL_SITE_NAME = "<memprof: torch call>"
 def is_call_site(code) -> bool:
     """Whether `code` is one of `_call`'s copies that read as a caller's line: a traceback
     printed as python prints it leaves that frame out (it repeats the caller's line)."""
-    return code in _CALL_SITE_CODES or getattr(code, "co_name", None) == CALL_SITE_NAME
+    return getattr(code, "co_name", None) == CALL_SITE_NAME
 
 
 def forget_call_sites() -> None:
     """The block ended: the copies, and the callers' globals they hold, are let go."""
     _AS_CALLED_FROM.clear()
-    _CALL_SITE_CODES.clear()
 
 
 def _as_called_by_the_caller(func):
@@ -189,12 +187,11 @@ def _as_called_by_the_caller(func):
     made = _AS_CALLED_FROM.get(key)
     if made is None:
         if len(_AS_CALLED_FROM) >= _MAX_CALL_SITES:
-            _AS_CALLED_FROM.clear()   # (the codes stay known: a traceback may hold one)
+            _AS_CALLED_FROM.clear()
         code = _call.__code__.replace(co_filename=frame.f_code.co_filename,
                                       co_name=CALL_SITE_NAME,
                                       co_firstlineno=max(0, (frame.f_lineno or 1) - 1))
         made = _AS_CALLED_FROM[key] = types.FunctionType(code, frame.f_globals)
-        _CALL_SITE_CODES.add(code)
     return made
 
 

@@ -110,12 +110,11 @@ def _rank_export_path(profile, path: str) -> str:
     that job (every rank writing one name); later, from a file (`memprof report
     run.rank0.memprof --export r.html`), the path as given."""
     import os
-    import sys
     from ..record.distributed import rank_path
     rank, world = profile.meta.get("rank"), profile.meta.get("world_size")
-    dist = sys.modules.get("torch.distributed")
-    in_a_job = os.environ.get("RANK") is not None or bool(
-        dist is not None and dist.is_available() and dist.is_initialized())
-    if in_a_job and rank is not None and world is not None and int(world) > 1:
+    # recorded in this process: a rank of the job (spawned ones, after destroy_process_group,
+    # set no RANK); a file read back later is exported under the name given
+    in_the_job = profile.meta.get("pid") == os.getpid()
+    if in_the_job and rank is not None and world is not None and int(world) > 1:
         return rank_path(path, int(rank))
     return path
