@@ -379,3 +379,15 @@ def _jsonable(v) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+def recorded_steps(path: str) -> int:
+    """The steps a saved profile marked, read from its header alone (0 for a file that is no
+    readable profile, or of a run that ended before its first step): whether a file holds a
+    training run worth keeping over a run that recorded nothing."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            meta = json.loads(zf.read("header.json")).get("meta") or {}
+        return int(meta.get("steps_marked") or 0)
+    except Exception:  # noqa: BLE001  (not a profile, damaged, unreadable: nothing to keep)
+        return 0

@@ -19,7 +19,7 @@ from . import analyse as _analyse
 from .analyse import health as _health
 from .analyse import throughput as _throughput
 from .profile import Profile
-from .profile_file import may_replace, unwritable
+from .profile_file import may_replace, recorded_steps, unwritable
 from . import track_budget as _budget
 from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave
 from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
@@ -263,7 +263,7 @@ class Tracker:
             return
         target = self.target(self.profile.meta, target)
         if self.keep_a_profile_over_nothing and not self.profile.memory.size and \
-                not self.profile.marker_positions("step").size and os.path.isfile(target):
+                not self.profile.marker_positions("step").size and recorded_steps(target):
             # `memprof run train.py --help` (or a typo in its arguments) replaced the profile
             # of the long run before it with an empty one
             ended = (f"the script exited with status {exc.code}" if isinstance(exc, SystemExit)

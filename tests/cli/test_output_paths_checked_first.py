@@ -31,7 +31,7 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.parametrize("target, message", [
-    ("r.txt", "--export 'r.txt': unknown export format; expected a .json, .pickle or .html "
+    ("r.txt", "--export 'r.txt': unknown export format; expected a .json, .pickle, .pkl or .html "
               "file name"),
     ("/nonexistent_dir_x/r.html", "--export '/nonexistent_dir_x/r.html': directory "
                                   "'/nonexistent_dir_x' does not exist"),
