@@ -61,8 +61,8 @@ class Tracker:
         if autosave is not None and not (isinstance(autosave, (int, float))
                                          and not isinstance(autosave, bool)
                                          and 0 < autosave < float("inf")):
-            raise ValueError(f"autosave={autosave!r}: expected a number of seconds > 0, or None "
-                             "(no save before the block ends)")
+            raise ValueError(f"autosave={autosave!r}: expected a number of seconds > 0, or 0 / "
+                             "None (no save before the block ends)")
         self.autosave_s = autosave
         self._autosave: Autosave | None = None
         self.started = 0.0   # time.monotonic() at the block's start
