@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import memprof
+from torchrun_job import run_job
 from memprof.analyse import throughput
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = 2
 F32 = 4
 pytestmark = pytest.mark.slow   # one torchrun job of 2 ranks: ~20 s on 2 shared cores
@@ -24,11 +22,7 @@ pytestmark = pytest.mark.slow   # one torchrun job of 2 ranks: ~20 s on 2 shared
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("collectives")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         str(WORLD), os.path.join(HERE, "collectives_job.py"), str(out)],
-        capture_output=True, text=True, timeout=240, cwd=out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_job("collectives_job.py", out, WORLD)
     return out
 
 
