@@ -537,6 +537,18 @@ class Profile:
         }
 
     # ------------------------------------------------------------------ consumers
+    @property
+    def throughput(self) -> dict:
+        """Step time, phases, samples/s: as the tracker's, for a profile loaded from a file."""
+        import memprof  # the package root reaches the analyses (they read this class)
+        return memprof.analyse.throughput.summarize(self)
+
+    @property
+    def health(self) -> dict | None:
+        """Training health, as the tracker's; None without health=True or log()."""
+        import memprof
+        return memprof.analyse.health.summarize(self)
+
     def report(self, console=None, top: int = 8) -> None:
         """Print the terminal report (memprof.show(self))."""
         import memprof  # the package root dispatches to the report layer

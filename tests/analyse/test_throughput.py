@@ -363,6 +363,7 @@ def test_summary_is_saved_and_recomputable(tmp_path):
     loaded = memprof.load(str(tmp_path / "r.memprof"))
     assert tp.summarize(loaded) == prof.throughput
     assert memprof.analyse.summary(prof)["throughput"]["steps"] == 5
+    assert loaded.throughput == prof.throughput    # (a loaded profile had no .throughput)
     again = tp.summarize(loaded, warmup=0)          # recomputed from the markers
     assert again["warmup_steps_excluded"] == 0 and again["steps_measured"] == 5
     assert again["per_step"]["micro_steps"] == prof.throughput["per_step"]["micro_steps"]

@@ -141,6 +141,15 @@ def test_gpus_table(tmp_path):
     assert v100["memory_bytes"] == 16160 * 2**20 and v100["bf16"] is None
 
 
+def test_version_names_memprof_torch_and_python(tmp_path):
+    """The first line of a bug report (`memprof --version` was an unrecognized argument)."""
+    import memprof as package
+    r = memprof("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith(f"memprof {package.__version__} (torch {torch.__version__}")
+    assert sys.version.split()[0] in r.stdout
+
+
 @pytest.mark.slow
 def test_demo_tells_the_story(tmp_path):
     r = memprof("demo", "--quick", cwd=tmp_path)

@@ -130,6 +130,16 @@ def test_a_bad_step_on_is_one_line_before_the_script_runs(tmp_path, capsys, spec
     assert "doc:" not in out.out
 
 
+def test_manual_says_what_it_means_here_and_auto_is_the_default(tmp_path, capsys):
+    """track(step_on=)'s two other values: 'manual' was looked up as a function of the script
+    ("no function of that name"), 'auto' too."""
+    status, out, prof = run(tmp_path, capsys, "--step-on", "manual")
+    assert status == 2 and prof is None and len(out.err.strip().splitlines()) == 1
+    assert "'manual' is track(step_on=)'s value for steps that prof.step() ends" in out.err
+    status, _, prof = run(tmp_path, capsys, "--step-on", "auto")
+    assert status == 0 and steps(prof) == 3                 # as without --step-on
+
+
 def test_a_generator_is_refused(tmp_path, capsys):
     script = SCRIPT + "\ndef batches():\n    yield 1\n"
     status, out, _ = run(tmp_path, capsys, "--step-on", "batches", script=script)

@@ -280,15 +280,20 @@ def test_manual_steps_without_optimizer(mlp):
 
 def test_save_load_round_trip_and_bad_files(mlp, tmp_path):
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9)
-    with memprof.track(mlp, opt) as prof:
-        for _ in range(2):
-            mlp(torch.randn(B, D)).sum().backward()
+    with memprof.track(mlp, opt, health=True) as prof:
+        for _ in range(3):
+            loss = mlp(torch.randn(B, D)).sum()
+            loss.backward()
             opt.step()
+            prof.log(loss=loss.item())
     path = str(tmp_path / "run.memprof")
     prof.save(path)
     back = memprof.load(path)
     assert np.array_equal(back.events, prof.events)
     assert back.summary() == prof.summary()
+    # as the tracker's (a loaded profile had neither: AttributeError)
+    assert back.throughput == prof.throughput and back.throughput["steps"] == 3
+    assert back.health == prof.health and back.health["steps"] == 3
     bad = tmp_path / "bad.memprof"
     bad.write_bytes(b"not a zip at all")
     with pytest.raises(ProfileFormatError, match="bad.memprof: not a readable memprof profile"):

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memprof", description=(
         "Memory and throughput profiler for PyTorch training: where memory goes, what fits, "
         "and how to make it smaller."))
+    p.add_argument("--version", action="version", version=_version(),
+                   help="memprof's version, with the torch and Python it runs on")
     sub = p.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for cmd in commands():
@@ -30,6 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_arguments(sp)
         sp.set_defaults(command_object=cmd)
     return p
+
+
+def _version() -> str:
+    """From the installed distributions' metadata: a bug report's first line, without the
+    seconds that importing torch takes."""
+    from importlib import metadata
+
+    def of(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    return (f"memprof {of('memprof')} (torch {of('torch')}, Python "
+            f"{sys.version.split()[0]}, {sys.executable})")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -97,6 +97,8 @@ class RunCommand(Command):
         except TargetFailed as failed:   # a package's __init__ raised: as python -m says it
             _print_user_traceback(failed.error)
             return 1
+        if args.step_on == "auto":   # track(step_on=)'s name for the default
+            args.step_on = None
         if args.nproc_per_node is not None:
             return self._launch(args, target)
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script

@@ -33,7 +33,7 @@ KEYWORDS = ("optimizer", "backward")
 HELP = ("what ends a training step: 'optimizer' (each optimizer.step()), 'backward' (each "
         "backward call), or a function - NAME defined in the script (train_step, "
         "Trainer.training_step) or MODULE:NAME importable from the script's directory "
-        "(mylib.loop:train_step) - a step ending each time it returns. Default: optimizer "
+        "(mylib.loop:train_step) - a step ending each time it returns. Default (auto): optimizer "
         "steps, else a change of the parameters after a backward. prof.step() in the script "
         "also ends a step.")
 
@@ -237,8 +237,13 @@ def _wrap_script_function(spec: str, source: bytes, script: str) -> tuple[CodeTy
     if len(matches) != 1:
         known = ", ".join(sorted(finder.found)) or "none"
         what = "several functions match" if matches else "no function of that name"
+        hint = "or use MODULE:NAME for one importable elsewhere"
+        if spec == "manual":   # track()'s value: its steps are prof.step() calls
+            hint = ("'manual' is track(step_on=)'s value for steps that prof.step() ends, and "
+                    "the script has no prof of the run's; name the function that runs one "
+                    "step, or use optimizer or backward")
         raise UsageError(f"--step-on {spec!r}: {what} in {script} (functions there: {known}); "
-                         "or use MODULE:NAME for one importable elsewhere")
+                         + hint)
     node = finder.found[matches[0]]
     _refuse_generator(spec, any(isinstance(n, (ast.Yield, ast.YieldFrom))
                                 for n in _own_nodes(node)))
