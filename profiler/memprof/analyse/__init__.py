@@ -60,11 +60,12 @@ def summary(profile) -> dict:
     health summaries, the budget replay and what would fit where one was asked for, and
     the partial last step marked (what `memprof report --json` and `memprof run --json`
     print: one document, so that a CI script reads either the same way)."""
-    from . import health, throughput
+    from . import coverage, health, throughput
     out = profile.summary()
     out["throughput"] = throughput.summarize(profile)
     out["health"] = health.summarize(profile)
     out["budget"], out["fit"] = profile.meta.get("budget"), profile.meta.get("fit")
+    out["not_counted"] = coverage.model_not_given(profile)
     _mark_partial_step(profile, out)
     return out
 

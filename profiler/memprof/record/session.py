@@ -465,6 +465,9 @@ class Session:
             # the user's class, also behind torch.compile's wrapper; of several models called
             # apart, the one trained (a student, not its teacher)
             "model_class": class_name(roots[0]) if roots else src.scope.first_root_class(),
+            # how modules were named: track(model)'s, as they ran (memprof run), or not at all
+            "modules_named": "model" if src.scope.model is not None else (
+                "as they ran" if src.scope.auto else "none"),
             # module calls stepped aside under torch.compile, or compiled code ran (a function
             # compiled before the block: its trace had no module call of ours to replay)
             "compiled": src.scope.compiled or ran_compiled_code(strings),

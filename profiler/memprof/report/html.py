@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..analyse.coverage import model_not_given
 from ..analyse.throughput import unmarked_steps
 from ..finding import sort_findings
 from ..profile import Profile
@@ -87,6 +88,9 @@ def _header(profile: Profile, has_budget: bool) -> str:
     out.append(f". {profile.memory.size:,} memory events, {profile.steps_label} steps.</p>")
     if profile.truncated:
         out.append(f'<p class="err">{esc(profile.truncated)}</p>')
+    not_counted = model_not_given(profile)
+    if not_counted:
+        out.append(f'<p id="not-counted">{esc(not_counted)}</p>')
     if profile.meta.get("error"):
         sentence, crashed = ending(str(profile.meta["error"]))
         out.append(f'<p class="err">{esc(sentence)}</p>' if crashed else f'<p>{esc(sentence)}</p>')

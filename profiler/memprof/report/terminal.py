@@ -8,6 +8,7 @@ from rich.table import Table
 
 from ..analyse import health as health_analysis
 from ..analyse import throughput as throughput_analysis
+from ..analyse.coverage import model_not_given
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..stats import describe
@@ -57,6 +58,7 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
                       fmt_bytes(f.bytes) if f.bytes else "-",   # (time, health: no bytes)
                       escape(f.fix))
         console.print(t)
+    not_counted = model_not_given(prof)
     pe = prof.peak_event
     where = "-"
     if pe:
@@ -70,7 +72,8 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
         + (f"\n[bold red]{escape(prof.truncated)}[/]" if prof.truncated else "")
         + ("\n[cyan]torch.compile: memory inside compiled code is attributed to the compiled "
            "module as a whole (per-module attribution is coarser)[/]"
-           if prof.meta.get("compiled") else ""), title=title))
+           if prof.meta.get("compiled") else "")
+        + (f"\n[cyan]{escape(not_counted)}[/]" if not_counted else ""), title=title))
     if not prof.memory.size and not s_peak:   # eight zero rows and two empty tables said less
         console.print("Nothing was allocated inside the block: its code ended before it "
                       "allocated, trained before or after it, or ran on a device whose "
