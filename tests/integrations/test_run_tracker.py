@@ -195,3 +195,26 @@ def test_live_peak_inside_another_block_is_the_same(tmp_path):
     with memprof.track():                  # the model is made inside the outer block
         nested = peaks("nested")
     assert nested == alone and min(alone) > 0
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    ({"helth": True}, "helth"),                         # a misspelt option
+    ({"capacity": -1}, "capacity=-1"),
+    ({"step_on": "sometimes"}, "sometimes"),
+    ({"autosave": "often"}, "autosave='often'"),
+    ({"budget": "v99-1gb"}, "v99-1gb"),
+])
+def test_a_bad_option_fails_when_the_callback_is_made(tmp_path, kwargs, says):
+    # the callback is made before the model, the data and the framework load; a bad option
+    # failed only when training began, minutes later
+    with pytest.raises((TypeError, ValueError)) as err:
+        RunTracker(str(tmp_path), "train", kwargs)
+    message = str(err.value)
+    assert says in message and "\n" not in message
+    assert os.listdir(tmp_path) == []   # nothing made for a callback that is refused
+
+
+def test_a_misspelt_option_names_the_ones_there_are(tmp_path):
+    with pytest.raises(TypeError, match=r"MemprofCallback: helth=.*no option of memprof.track"
+                                        r".*health"):
+        RunTracker(str(tmp_path), "train", {"helth": True})

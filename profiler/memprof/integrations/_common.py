@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import functools
 import importlib
+import inspect
 import os
 import sys
 import weakref
@@ -128,6 +129,19 @@ class LivePeak:
         return delta
 
 
+def check_track_options(options: dict) -> None:
+    """memprof.track()'s own checks of the callback's options, when the callback is made: it
+    is made before the model, the data and the framework load, and a bad option failed only
+    when training began."""
+    known = [n for n in inspect.signature(Tracker).parameters
+             if n not in ("model", "optimizer", "path")]
+    for name in options:
+        if name not in known:
+            raise TypeError(f"MemprofCallback: {name}={options[name]!r} is no option of "
+                            f"memprof.track; expected some of: {', '.join(known)}")
+    Tracker(None, None, **options)   # (its checks; a block only begins when it is entered)
+
+
 class RunTracker:
     """One memprof.track() block per training run, opened and closed by a callback."""
 
@@ -135,6 +149,7 @@ class RunTracker:
         if "path" in track_kwargs:
             raise TypeError("MemprofCallback: the profile's path is <output_dir>/<name>.memprof;"
                             " pass output_dir= and name= instead of path=")
+        check_track_options(track_kwargs)
         self.output_dir, self.name, self.track_kwargs = str(output_dir), name, track_kwargs
         self.tracker: Tracker | None = None
         self.profile = None          # the last run's Profile, once it ended
