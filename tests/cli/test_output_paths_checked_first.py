@@ -191,3 +191,41 @@ def test_track_refuses_a_missing_or_unwritable_directory_before_recording(tmp_pa
         with pytest.raises(ValueError, match=r"cannot create a file in '/proc/self'"):
             with memprof.track(model, path="/proc/self/x.memprof"):
                 raise AssertionError("the block must not start")
+
+
+def test_an_export_never_replaces_a_profile(tmp_path, capsys):
+    """`memprof run -o r.json` saved the profile as r.json; `memprof report r.json --export
+    r.json` then replaced it with its own trace, and the profile was gone."""
+    import torch
+    import memprof
+    path = tmp_path / "r.json"
+    model = torch.nn.Linear(4, 2)
+    with memprof.track(model) as prof:
+        model(torch.randn(3, 4)).sum().backward()
+    prof.save(str(path))              # a profile saved under an export's name (the API allows it)
+    before = path.read_bytes()
+    assert main(["report", str(path), "--export", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert f"--export {str(path)!r}: is a memprof profile (it would be replaced by the " \
+           "export); give another file name" in err and out == ""
+    with pytest.raises(ValueError, match="is a memprof profile"):
+        memprof.export(prof, str(path))
+    assert path.read_bytes() == before and memprof.load(str(path)).peak > 0
+    # an earlier export is replaced, as before
+    html = tmp_path / "r.html"
+    assert main(["report", str(path), "--export", str(html)]) == 0
+    assert main(["report", str(path), "--export", str(html)]) == 0
+
+
+@pytest.mark.parametrize("name", ["r.html", "r.json", "r.pickle", "R.PKL"])
+def test_run_output_named_as_an_export_is_refused_before_the_script(tmp_path, capsys, name):
+    """`memprof run -o report.html train.py` trained, then wrote a zip file named
+    report.html (a browser showed bytes); the report is an export of the profile."""
+    script = tmp_path / "marker.py"
+    script.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n")
+    target = tmp_path / name
+    assert main(["run", "-o", str(target), str(script)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {str(target)!r}: a profile is a .memprof file" in err
+    assert "memprof report" in err and "--export" in err and err.count("\n") == 1
+    assert not (tmp_path / "ran").exists() and not target.exists()

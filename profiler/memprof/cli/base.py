@@ -95,3 +95,13 @@ def check_writable(path: str, option: str, extensions: tuple[str, ...] = ()) -> 
     problem = unwritable(path)
     if problem is not None:
         raise UsageError(f"{option} {path!r}: {problem}")
+
+
+def check_export(path: str, option: str, extensions: tuple[str, ...]) -> None:
+    """check_writable for an export (a report, a trace, a plan), which never replaces a
+    profile: one saved under an export's name was replaced by its own trace."""
+    check_writable(path, option, extensions)
+    from ..report import export_problem
+    problem = export_problem(path)
+    if problem is not None:
+        raise UsageError(f"{option} {path!r}: {problem}")

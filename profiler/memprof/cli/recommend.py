@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from .base import Command, UsageError, at_least_one, check_writable, positive_number
+from .base import Command, UsageError, at_least_one, check_export, positive_number
 
 
 def _csv(s: str | None) -> list[str] | None:
@@ -216,7 +216,7 @@ class RecommendCommand(Command):
             raise UsageError(f"--model {args.model}: give --input-shape (e.g. 3,224,224) or "
                              "--batch-fn")
         if args.html:
-            check_writable(args.html, "--html", (".html", ".json"))
+            check_export(args.html, "--html", (".html", ".json"))
         distributed = self._distributed(args)
         effective = self._effective_batch(args)
         if distributed is not None and args.effective_batch is None and \

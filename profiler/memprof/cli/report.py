@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .base import Command, UsageError, at_least_one, check_writable
+from .base import Command, UsageError, at_least_one, check_export
 
 
 #: what --budget takes (report and run)
@@ -47,7 +47,7 @@ class ReportCommand(Command):
         if len(args.profile) > 1:
             return _run_merged(args)
         for path in args.export or []:
-            check_writable(path, "--export", (".json", ".pickle", ".pkl", ".html"))
+            check_export(path, "--export", (".json", ".pickle", ".pkl", ".html"))
         prof = memprof.load(args.profile[0])
         if args.budget:
             _apply_budget(prof, args.budget)
@@ -71,7 +71,7 @@ def _run_merged(args) -> int:
         raise UsageError(f"--budget: replays one profile; got {len(args.profile)} files "
                          "(give one rank's file)")
     for path in args.export or []:
-        check_writable(path, "--export", (".html", ".json"))
+        check_export(path, "--export", (".html", ".json"))
     merged = merge_ranks([memprof.load(p) for p in args.profile], sources=args.profile)
     if args.json:
         print(json.dumps(merged.summary(), indent=1, default=str))

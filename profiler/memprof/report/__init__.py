@@ -84,7 +84,7 @@ def export(obj, path: str) -> str:
     from ..plan.search import Plan
     from ..profile import Profile
     from ..profile_file import unwritable, write_atomically
-    why = unwritable(str(path))
+    why = export_problem(str(path))
     if why is not None:   # before the work (a large HTML takes seconds), as the CLI checks
         raise ValueError(f"{path}: {why}")
     lower = str(path).lower()
@@ -101,8 +101,22 @@ def export(obj, path: str) -> str:
         raise ValueError(f"{path}: unknown export format; expected a {known} file name")
     if isinstance(obj, Profile):
         path = _rank_export_path(obj, str(path))
+        why = export_problem(path)
+        if why is not None:
+            raise ValueError(f"{path}: {why}")
     raw = data if isinstance(data, bytes) else data.encode("utf-8")
     return str(write_atomically(str(path), lambda f: f.write(raw)))
+
+
+def export_problem(path: str) -> str | None:
+    """Why an export could not be written at `path` (profile_file.unwritable), or would
+    replace a profile: one saved under an export's name (`memprof report r.json --export
+    r.json` replaced the profile with its own trace); None when it can be."""
+    from ..profile_file import is_profile, unwritable
+    why = unwritable(path)
+    if why is None and is_profile(path):
+        why = "is a memprof profile (it would be replaced by the export); give another file name"
+    return why
 
 
 def _rank_export_path(profile, path: str) -> str:
