@@ -30,6 +30,7 @@ from .record.inputs import InputRecorder
 from .record.leak_probe import LeakProbe
 from .record.session import DEFAULT_CAPACITY, MAX_CAPACITY, Session
 from .record.throughput import ThroughputRecorder
+from .record.untrained_grads import UntrainedGradients
 from .run import Run
 
 
@@ -71,7 +72,8 @@ class Tracker:
         # rank and world size where torch.distributed and torchrun say none (cli.spawned)
         self.default_identity: dict | None = None
         recorders = [ThroughputRecorder(), InputRecorder(), CommRecorder(),
-                     CudaSegmentsRecorder(), CompileRecorder(), LeakProbe()] + \
+                     CudaSegmentsRecorder(), CompileRecorder(), LeakProbe(),
+                     UntrainedGradients()] + \
             ([HealthRecorder()] if health else [])
         self.session = Session(model, optimizer, capacity=capacity, auto_modules=auto_modules,
                                batch_size=batch_size, recorders=recorders, step_on=step_on)

@@ -19,8 +19,9 @@ def default_analyses() -> list:
     from .leaks import retained_graphs
     from .oom import out_of_memory
     from .throughput import throughput_analysis
+    from .untrained_grads import untrained_gradients
     return [retained_graphs, unexplained_growth, backward_misuse, throughput_analysis,
-            health_analysis, out_of_memory]
+            health_analysis, out_of_memory, untrained_gradients]
 
 
 def analyse(profile, analyses=None) -> None:

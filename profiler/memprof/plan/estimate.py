@@ -84,6 +84,7 @@ from .fake_op_cache import FakeOpCache
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .meta_build import fake_like
 from .precision import ESTIMATE_PRECISIONS, model_precision, training
+from .recompute_modes import recompute_under
 from .streams import VARIANTS, reserved_peak, step_stream
 
 __all__ = ["estimate_step", "measure_step", "Estimator", "Estimate", "make_optimizer",
@@ -433,7 +434,9 @@ class Estimator:
         """The training step itself (inside the recording session)."""
         record_buffers(model)
         recorder.record_persistent(model)
-        with self.fake_mode, cuda_policy, kernels, recorder, quiet_fake_tensor_log():
+        # the model's own checkpoints recompute under the same rules as its forward
+        recompute = recompute_under(cuda_policy, kernels)
+        with self.fake_mode, cuda_policy, kernels, recorder, quiet_fake_tensor_log(), recompute:
             batch = make_batch(int(batch_size))
             batch = tree_map(lambda t: self._adopt(t, recorder), batch)
             inputs, targets = split_batch(batch)

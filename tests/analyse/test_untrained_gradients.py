@@ -1,0 +1,57 @@
+"""Gradients of parameters no optimizer updates: a LoRA base left unfrozen (requires_grad
+True, the optimizer given only the adapters) computed and kept a gradient of every base
+weight - as large as the model - and memprof said nothing (no finding, "gradients" only)."""
+import torch
+from torch import nn
+
+import memprof
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, d, rank=4):
+        super().__init__()
+        self.base = nn.Linear(d, d)
+        self.a = nn.Parameter(torch.randn(rank, d) * 0.01)
+        self.b = nn.Parameter(torch.zeros(d, rank))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.a.t() @ self.b.t()
+
+
+def _train(freeze: bool, steps=3, d=256):
+    torch.manual_seed(0)
+    model = nn.Sequential(LoraLinear(d), nn.ReLU(), LoraLinear(d))
+    adapters = [p for n, p in model.named_parameters() if n.endswith((".a", ".b"))]
+    if freeze:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith((".a", ".b")))
+    opt = torch.optim.AdamW(adapters, lr=1e-3)
+    with memprof.track(model, optimizer=opt) as prof:
+        for _ in range(steps):
+            loss = model(torch.randn(8, d)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    base_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for n, p in
+                          model.named_parameters() if ".base." in n and p.grad is not None)
+    return prof, base_grad_bytes
+
+
+def test_unfrozen_base_gradients_are_a_finding(tmp_path):
+    prof, base_grad_bytes = _train(freeze=False)
+    assert base_grad_bytes == 2 * (256 * 256 + 256) * 4     # the ground truth: kept
+    found = [f for f in memprof.findings(prof) if f.kind == "gradients_not_trained"]
+    assert len(found) == 1, memprof.findings(prof)
+    f = found[0]
+    assert f.bytes == base_grad_bytes
+    assert f.evidence["parameters"] == 4
+    assert "0.base.weight" in f.message and "requires_grad_(False)" in f.fix
+    # saved and loaded, it is still there
+    loaded = memprof.load(prof.save(str(tmp_path / "lora.memprof")))
+    assert [g.kind for g in memprof.findings(loaded)] == ["gradients_not_trained"]
+
+
+def test_frozen_base_has_no_such_finding():
+    prof, base_grad_bytes = _train(freeze=True)
+    assert base_grad_bytes == 0
+    assert not memprof.findings(prof, "info")
