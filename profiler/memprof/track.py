@@ -80,6 +80,7 @@ class Tracker:
         self.path = path
         self.profile: Profile | None = None
         self.saved: str | None = None     # where the profile was saved, once it was
+        self.save_error: str | None = None   # why it is not at its path (saved elsewhere or not)
         # memprof run: a block that recorded nothing leaves an existing file as it was
         self.keep_a_profile_over_nothing = False
         self.kept_existing = False
@@ -277,15 +278,38 @@ class Tracker:
             return
         try:
             self.profile.save(target)
-        except (OSError, ValueError) as err:   # (the directory went away during the run)
-            print(f"memprof: could not save the profile to {target}: {err}", file=sys.stderr)
-            return
+        except (OSError, ValueError) as err:   # (the directory went away, the disk filled)
+            elsewhere = self._save_elsewhere(target)
+            why = getattr(err, "strerror", None) or str(err)
+            if why.startswith("save(") and "): " in why:   # (Profile.save's: the path again)
+                why = why.split("): ", 1)[1]
+            if elsewhere is None:
+                self.save_error = f"could not save it to {target} ({why})"
+                print(f"memprof: could not save the profile to {target}: {err}",
+                      file=sys.stderr)
+                return
+            print(f"memprof: could not save the profile to {target} ({why}); saved it to "
+                  f"{elsewhere} instead", file=sys.stderr)
+            self.save_error = f"could not save it to {target} ({why})"
+            target = elsewhere
         self.saved = target
         # sys.exit(3) is the code's own way to end, not a crash: said only where memprof
         # chose the file's name (`memprof run` prints where it saved, as for any run)
         if exc is not None and (not isinstance(exc, SystemExit) or self.path is None):
             print(f"memprof: the tracked code raised {type(exc).__name__}; profile saved "
                   f"to {target}", file=sys.stderr)
+
+
+    def _save_elsewhere(self, target: str) -> str | None:
+        """The profile in the temporary directory, where its path could not take it: the
+        run is over and cannot be repeated for it. The path written, or None."""
+        import tempfile
+        fallback = os.path.join(tempfile.gettempdir(),
+                                f"memprof-{os.getpid()}-{os.path.basename(target)}")
+        try:
+            return self.profile.save(fallback)
+        except (OSError, ValueError):
+            return None
 
 
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,

@@ -20,8 +20,8 @@ def step():
 '''
 
 
-def memprof(*args, cwd, **kw):
-    env = dict(os.environ, COLUMNS="250")
+def memprof(*args, cwd, env=None, **kw):
+    env = env or dict(os.environ, COLUMNS="250")
     return subprocess.run([sys.executable, "-m", "memprof.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300, **kw)
 
@@ -55,14 +55,40 @@ def test_output_in_a_missing_directory_is_refused_and_never_called_saved(tmp_pat
     assert "/nonexistent/dir" in r.stderr
 
 
-def test_a_save_that_fails_after_the_run_exits_non_zero(tmp_path):
-    """The directory exists when the run starts and is gone when the profile is written."""
+def test_a_save_that_fails_after_the_run_is_saved_elsewhere_and_exits_non_zero(tmp_path):
+    """The directory exists when the run starts and is gone when the profile is written (or
+    its disk is full): the run's profile was lost. It goes to the temporary directory, the
+    last lines say where, and the status says it is not where -o asked."""
     (tmp_path / "out").mkdir()
+    (tmp_path / "tmp").mkdir()
     (tmp_path / "train.py").write_text(TRAIN + "step()\nimport os\nos.rmdir('out')\n")
+    r = memprof("run", "-o", "out/x.memprof", "train.py", cwd=tmp_path,
+                env=dict(os.environ, COLUMNS="250", TMPDIR=str(tmp_path / "tmp")))
+    assert r.returncode == 1
+    saved = [p for p in os.listdir(tmp_path / "tmp") if p.endswith(".memprof")]
+    assert len(saved) == 1 and saved[0].endswith("x.memprof")
+    fallback = str(tmp_path / "tmp" / saved[0])
+    assert f"could not save the profile to {tmp_path / 'out' / 'x.memprof'}" in r.stderr
+    assert f"saved it to {fallback} instead" in r.stderr
+    assert r.stdout.rstrip().splitlines()[-1] == \
+        f"profile saved to tmp/{saved[0]} instead: could not save it to " \
+        f"{tmp_path / 'out' / 'x.memprof'} (directory {str(tmp_path / 'out')!r} does not exist)"
+    assert _loads(fallback)
+
+
+def test_a_profile_that_cannot_be_saved_anywhere_is_said_last(tmp_path):
+    (tmp_path / "out").mkdir()
+    # (a temporary directory where no file can be made, even by root)
+    (tmp_path / "train.py").write_text(TRAIN + "step()\nimport os, tempfile\nos.rmdir('out')\n"
+                                       "tempfile.tempdir = '/proc'\n")
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc (Linux): a directory where even root cannot create a file")
     r = memprof("run", "-o", "out/x.memprof", "train.py", cwd=tmp_path)
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "profile saved to" not in r.stdout + r.stderr
-    assert "could not save" in r.stderr
+    last = r.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"memprof: the profile was not saved: could not save it to "
+                           f"{tmp_path / 'out' / 'x.memprof'}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

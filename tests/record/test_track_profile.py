@@ -427,3 +427,24 @@ def test_a_run_that_raises_in_its_first_step_has_no_finished_step(tmp_path):
     with memprof.track(model) as prof:   # no optimizer, no error: the whole run, one step
         model(torch.randn(4, 8)).sum().backward()
     assert not prof.partial_last_step and prof.steps_label == "1"
+
+
+def test_a_profile_its_path_cannot_take_is_saved_in_the_temporary_directory(
+        tmp_path, monkeypatch, capsys):
+    """The directory went away (or its disk filled) while the block ran: the profile was
+    lost after the whole run. It is saved in the temporary directory instead, and said so."""
+    import shutil
+    import tempfile
+    (tmp_path / "out").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    model = torch.nn.Linear(4, 2)
+    with memprof.track(model, path=str(tmp_path / "out" / "run.memprof")) as prof:
+        model(torch.randn(3, 4)).sum().backward()
+        shutil.rmtree(tmp_path / "out")
+    err = capsys.readouterr().err
+    assert prof.saved is not None and os.path.dirname(prof.saved) == str(tmp_path / "tmp")
+    assert os.path.basename(prof.saved).endswith("run.memprof")
+    assert f"could not save the profile to {tmp_path / 'out' / 'run.memprof'}" in err
+    assert f"saved it to {prof.saved} instead" in err
+    assert memprof.load(prof.saved).peak == prof.peak

@@ -38,13 +38,17 @@ def print_report(tracker, output: str, status: int, as_json: bool,
             memprof.show(tracker, console=_report_console())
     if tracker.saved is not None:   # under torchrun: <output>.rank<R>.memprof
         saved = shown_path(tracker.saved, base)
-        print(f"profile saved to {saved}", file=out)
+        print(f"profile saved to {saved}" + (f" instead: {tracker.save_error}"
+                                              if tracker.save_error else ""), file=out)
         if rank == 0 and not as_json and process_index is None:   # (spawned: the parent says)
             print(f"merge the ranks: memprof report {rank_glob(saved)}")
-        return status
+        # saved elsewhere (the temporary directory): not where -o said
+        return status or (1 if tracker.save_error else 0)
     if tracker.kept_existing:   # nothing recorded: the file of the run before is kept
         return status
-    if tracker.profile is None:   # else the tracker said why it could not save
+    if tracker.save_error:   # said before the report too, where it scrolled away
+        print(f"memprof: the profile was not saved: {tracker.save_error}", file=sys.stderr)
+    elif tracker.profile is None:   # else the tracker said why it could not save
         print(f"memprof: the profile was not saved to {shown_path(output, base)}",
               file=sys.stderr)
     return status or 1
