@@ -21,7 +21,7 @@ from .analyse import throughput as _throughput
 from .profile import Profile
 from .profile_file import may_replace, recorded_steps, unwritable
 from . import track_budget as _budget
-from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave
+from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave, save_elsewhere, why_not_saved
 from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
 from .record.compile_watch import CompileRecorder
 from .record.cuda_segments import CudaSegmentsRecorder
@@ -279,10 +279,8 @@ class Tracker:
         try:
             self.profile.save(target)
         except (OSError, ValueError) as err:   # (the directory went away, the disk filled)
-            elsewhere = self._save_elsewhere(target)
-            why = getattr(err, "strerror", None) or str(err)
-            if why.startswith("save(") and "): " in why:   # (Profile.save's: the path again)
-                why = why.split("): ", 1)[1]
+            elsewhere = save_elsewhere(self.profile, target)
+            why = why_not_saved(err)
             if elsewhere is None:
                 self.save_error = f"could not save it to {target} ({why})"
                 print(f"memprof: could not save the profile to {target}: {err}",
@@ -293,23 +291,18 @@ class Tracker:
             self.save_error = f"could not save it to {target} ({why})"
             target = elsewhere
         self.saved = target
+        earlier = self._autosave.elsewhere if self._autosave is not None else None
+        if earlier is not None and earlier != target:
+            try:   # the saves the path could not take: this one, at the path, replaces them
+                os.remove(earlier)
+            except OSError:
+                pass
         # sys.exit(3) is the code's own way to end, not a crash: said only where memprof
         # chose the file's name (`memprof run` prints where it saved, as for any run)
         if exc is not None and (not isinstance(exc, SystemExit) or self.path is None):
             print(f"memprof: the tracked code raised {type(exc).__name__}; profile saved "
                   f"to {target}", file=sys.stderr)
 
-
-    def _save_elsewhere(self, target: str) -> str | None:
-        """The profile in the temporary directory, where its path could not take it: the
-        run is over and cannot be repeated for it. The path written, or None."""
-        import tempfile
-        fallback = os.path.join(tempfile.gettempdir(),
-                                f"memprof-{os.getpid()}-{os.path.basename(target)}")
-        try:
-            return self.profile.save(fallback)
-        except (OSError, ValueError):
-            return None
 
 
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import tempfile
 import time
 
 from . import _C
@@ -136,6 +138,26 @@ def next_due(due: float, now: float, every: float, took: float) -> float:
     return nxt
 
 
+def save_elsewhere(profile, target: str) -> str | None:
+    """`profile` in the temporary directory, where its path cannot take it (the directory went
+    away, the disk filled): a run's profile was lost after the whole run. The path written
+    (`memprof-<pid>-<name>`: the same for every save of the block), or None."""
+    fallback = os.path.join(tempfile.gettempdir(),
+                            f"memprof-{os.getpid()}-{os.path.basename(target)}")
+    try:
+        return profile.save(fallback)
+    except (OSError, ValueError):
+        return None
+
+
+def why_not_saved(err: Exception) -> str:
+    """The reason of a failed save, without the path again (Profile.save names it)."""
+    why = getattr(err, "strerror", None) or str(err)
+    if why.startswith("save(") and "): " in why:
+        why = why.split("): ", 1)[1]
+    return why
+
+
 class Autosave:
     """Saves the tracker's profile so far at step ends, every `every` seconds at most."""
 
@@ -150,6 +172,7 @@ class Autosave:
         # a VM resumed) does not stop the saves
         self._due_anyway = time.monotonic() + 2 * self.every
         self._saving = False
+        self.elsewhere: str | None = None   # where saves went that the path could not take
 
     def install(self, session) -> None:
         # a process killed while it wrote left its temporary file: gone once nothing writes it
@@ -201,7 +224,17 @@ class Autosave:
         profile.run.records["autosave"] = self.record()
         _analyse.analyse(profile, self.tracker.analyses)
         target = self.tracker.target(profile.meta)
-        profile.save(target)
+        try:
+            profile.save(target)
+        except (OSError, ValueError) as err:
+            elsewhere = save_elsewhere(profile, target)
+            if elsewhere is None:
+                raise
+            if self.elsewhere is None:   # said once: the next saves go there too
+                print(f"memprof: could not save the profile so far to {target} "
+                      f"({why_not_saved(err)}); saving it to {elsewhere} until the path "
+                      "takes it again", file=sys.stderr, flush=True)
+            self.elsewhere = target = elsewhere
         # the time this step spent saving: the throughput tables leave it out
         self.saves.append([steps, round(time.perf_counter() - t0, 6)])
         return target

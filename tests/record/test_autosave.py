@@ -287,3 +287,54 @@ def test_a_hand_edited_partial_mark_or_save_list_is_a_format_error(tmp_path, fie
             zf.writestr(name, data)
     with pytest.raises(ProfileFormatError, match=f"edited.memprof: .*{field}"):
         memprof.load(str(edited))
+
+
+def test_saves_its_path_cannot_take_go_to_the_temporary_directory_and_are_said(
+        tmp_path, monkeypatch, capsys):
+    """The directory went away (or its disk filled) during the run: every save failed with no
+    word, and a run the OOM killer then ended left nothing. The saves go to the temporary
+    directory, said once; the block's own save there too, and it is the one kept."""
+    import shutil
+    import tempfile
+    (tmp_path / "out").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    target = tmp_path / "out" / "run.memprof"
+    fallback = tmp_path / "tmp" / f"memprof-{os.getpid()}-run.memprof"
+    model, opt, losses = _training()
+    with memprof.track(model, opt, path=str(target), autosave=0.02) as prof:
+        shutil.rmtree(tmp_path / "out")
+        t0 = time.monotonic()
+        while not fallback.exists() and time.monotonic() - t0 < 30:
+            _step(model, opt, losses)
+            time.sleep(0.002)
+        assert memprof.load(str(fallback)).meta["partial"]["steps_ended"] > 0
+        said = capsys.readouterr().err
+        assert said.count("memprof:") == 1 and \
+            f"could not save the profile so far to {target}" in said and \
+            f"saving it to {fallback}" in said
+        for _ in range(30):
+            _step(model, opt, losses)
+            time.sleep(0.002)
+        assert capsys.readouterr().err == ""   # once, not at every save
+    assert prof.saved == str(fallback) and "partial" not in memprof.load(prof.saved).meta
+    assert os.listdir(tmp_path / "tmp") == [fallback.name]
+
+
+def test_a_fallback_save_goes_when_the_path_takes_the_last_one(tmp_path, monkeypatch):
+    import tempfile
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    target = tmp_path / "out" / "run.memprof"
+    (tmp_path / "out").mkdir()
+    fallback = tmp_path / "tmp" / f"memprof-{os.getpid()}-run.memprof"
+    model, opt, losses = _training()
+    with memprof.track(model, opt, path=str(target), autosave=0.02) as prof:
+        (tmp_path / "out").rmdir()
+        t0 = time.monotonic()
+        while not fallback.exists() and time.monotonic() - t0 < 30:
+            _step(model, opt, losses)
+            time.sleep(0.002)
+        assert fallback.exists()
+        (tmp_path / "out").mkdir()   # room again (a disk freed) before the block ends
+    assert prof.saved == str(target) and not fallback.exists()
