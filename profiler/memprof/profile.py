@@ -22,7 +22,7 @@ from .finding import Finding
 from .record.distributed import rank_path
 from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
                             CATEGORIES, DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_OUT_OF_MEMORY,
-                            PHASES, PHASE_BACKWARD, PHASE_FORWARD)
+                            PHASES, PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
 from .run import Run
 
 OUTSIDE_MODULES = "<outside modules>"
@@ -432,13 +432,15 @@ class Profile:
         bounds = self.marker_positions("step")
         n = self.memory.size
         edges = [0] + [int(b) for b in bounds]
-        # Work after the last boundary is a step of its own only if it allocated something
-        # (a trailing zero_grad() that just frees gradients is not).
-        if edges[-1] < n and (self._sizes[edges[-1]:] > 0).any():
+        # Work after the last boundary is a partial step if it allocated in a pass (evaluation,
+        # a step cut short) or the run raised or filled the log; bookkeeping (a running loss, a
+        # Trainer's summary) is recorded, no step (max_steps=3 read 4 steps).
+        tail = self._sizes[edges[-1]:] > 0
+        cut = self.meta.get("error") or self.meta.get("dropped")
+        if tail.any() and (len(edges) == 1 or cut
+                           or (self._phases[edges[-1]:][tail] != PHASE_OTHER).any()):
             edges.append(n)
-        live = self._live
-        size = self._sizes
-        out = []
+        live, size, out = self._live, self._sizes, []
         for i in range(len(edges) - 1):
             s, e = edges[i], edges[i + 1]
             if e <= s and i > 0:

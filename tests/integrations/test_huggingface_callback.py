@@ -73,6 +73,18 @@ def test_trainer_run_is_profiled_saved_and_logged(tmp_path):
     assert [round(v, 4) for *_, v in prof.run.records["logs"]] == [round(h["loss"], 4) for h in logged]
 
 
+def test_the_profile_has_the_trainers_steps(tmp_path):
+    """max_steps=3 saved 4 steps ("3 + partial"): the Trainer's loss bookkeeping after the
+    last update (tr_loss's mean, its summary) was a trailing step. It is still recorded."""
+    cb = MemprofCallback(tmp_path / "prof")
+    trainer = train(tmp_path, tiny_gpt2(), [cb])
+    prof = saved_profile(str(tmp_path / "prof"))
+    assert trainer.state.global_step == 3
+    assert len(prof.steps) == trainer.state.global_step and not prof.partial_last_step
+    assert prof.steps_label == "3" and prof.steps[-1].end == prof.marker_positions("step")[-1]
+    assert (prof.memory[prof.steps[-1].end:]["size"] > 0).any()     # recorded all the same
+
+
 def test_kept_outputs_are_a_retained_graph(tmp_path):
     model = tiny_gpt2(leak=True)
     cb = MemprofCallback(tmp_path / "prof")

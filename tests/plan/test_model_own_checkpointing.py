@@ -68,3 +68,58 @@ def test_own_checkpointing_recomputes_with_the_gpu_kernels(own, precision):
     assert sum(theirs.kernel_rules.values()) == 2 * 3
     assert theirs.peak_allocated == pytest.approx(ours.peak_allocated, rel=0.02)
     assert theirs.steady_peak_allocated == pytest.approx(ours.steady_peak_allocated, rel=0.02)
+
+
+# ------------------------------------------------------------------ the plan says so
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+
+
+def _tiny_llama(own: bool):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=4, max_position_embeddings=64,
+                                   use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    if own:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def _tokens(b):
+    ids = torch.randint(0, 128, (b, 64))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_an_estimate_counts_the_models_own_checkpoints_not_memprofs():
+    assert _estimate(Net(), "every").own_checkpoints == 0
+    assert _estimate(Net("non-reentrant")).own_checkpoints == 3
+    assert _estimate(Net("reentrant"), "every").own_checkpoints == 3
+
+
+def test_the_plan_of_a_self_checkpointing_model_says_so_and_wraps_no_block_twice():
+    """The plan's row read 'checkpointing none' for a model that checkpoints every layer
+    itself, and 'every' / 'every-2' / 'selective' were estimated on top of it (a second
+    checkpoint around each layer: the same numbers, or more memory, under another name)."""
+    from memprof.plan.search import recommend
+    plan = recommend(_tiny_llama(own=True), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False)
+    best = plan.best
+    assert best.checkpointing == "none" and best.own_checkpointing
+    assert "checkpointing none" not in best.label and "model's own" in best.label
+    others = [c for c in plan.combinations if c.checkpointing != "none"]
+    assert {c.checkpointing for c in others} == {"every", "every-2", "selective"}
+    for c in others:
+        assert c.model is None and "checkpoints its blocks itself" in c.skipped
+    assert {o.checkpointing for o in plan.options} == {"none"}
+    assert "checkpoints its blocks itself" in plan.code()          # keep it on, as estimated
+    assert plan.as_dict()["best"]["own_checkpointing"] is True
+    # asked for anyway: estimated, and named for what it is
+    assert plan.predict(8, "bf16", "every").checkpointing_text == "every + model's own"
+    # the same model without its own checkpointing: nothing of the kind is said
+    plain = recommend(_tiny_llama(own=False), batch=_tokens, gpu="a100-40gb",
+                      effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                      policies=["none", "every"])
+    assert not plain.best.own_checkpointing and "checkpointing none" in plain.best.label
+    every = next(c for c in plain.combinations if c.checkpointing == "every")
+    assert every.skipped is None or "itself" not in every.skipped

@@ -261,15 +261,17 @@ def _without_cache(block: nn.Module, positions: dict[int, str], args: tuple,
 def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle) -> None:
     inner = block.forward  # the bound method of the class (or a user's own override)
     positions = _cache_positions(inner)
+    run = functools.partial(inner)   # marked: a checkpoint of memprof's (own_checkpointing)
+    setattr(run, _MARK, handle)
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(*args, **kwargs)
         args, kwargs = _without_cache(block, positions, args, kwargs)
         if selective:
-            return checkpoint(inner, *args, use_reentrant=False,
+            return checkpoint(run, *args, use_reentrant=False,
                               context_fn=_selective_context, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     functools.update_wrapper(forward, inner)
     setattr(forward, _MARK, handle)

@@ -259,6 +259,9 @@ def _setup_lines(plan, o) -> list[str]:
     lines += _model_lines(plan) + _convert_lines(plan, how) + _batch_lines(plan)
     if not _batches_on_device(plan):
         lines += _to_device_lines(how)
+    if o.own_checkpointing:   # what the estimate ran: the model's checkpoints stay on
+        lines.append("# the model checkpoints its blocks itself (gradient_checkpointing_enable()"
+                     " or torch.utils.checkpoint), as estimated: keep that on")
     if o.checkpointing != "none":
         where = f"{plan.container or 'repeated blocks'}"
         blocks = f", blocks={plan._blocks!r}" if isinstance(plan._blocks, str) else ""

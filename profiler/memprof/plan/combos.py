@@ -18,6 +18,7 @@ from .batch_model import BatchModel
 from .checkpoint import parse_policy
 from .errors import PlanInputError
 from .estimate import Estimator
+from .own_checkpointing import skip_reason
 from .parallel import Pool, default_workers
 from .workloads import BatchError
 
@@ -80,7 +81,7 @@ class Search:
         (memprof.plan.parallel): the two fit estimates of a combination run side by side, and
         a worker never waits for a long combination's second half. A precision's policies
         after its first 'none' wait for it: when the whole effective batch fits without
-        checkpointing, they are skipped."""
+        checkpointing, or the model checkpoints its blocks itself, they are skipped."""
         combos: dict[tuple[str, str], Combination] = {
             (prec, pol): Combination(prec, pol) for prec in precisions for pol in policies}
         self.total = len(combos) * len(FIT_BATCHES) + (1 if self.confirm else 0)
@@ -127,11 +128,12 @@ class Search:
                 continue
             fits_all = c.model is not None and c.model.predict(
                 self.effective_batch, 1).peak_reserved <= self.usable
+            own = c.model.lo.own_checkpoints if c.model is not None else 0
             for later in waiting[prec]:
-                if fits_all and parse_policy(later[1])[0] != "none":
-                    combos[later].skipped = (f"not estimated: without checkpointing the whole "
-                                             f"effective batch {self.effective_batch} already "
-                                             f"fits in {prec}")
+                if (own or fits_all) and parse_policy(later[1])[0] != "none":
+                    combos[later].skipped = skip_reason(own) if own else (
+                        f"not estimated: without checkpointing the whole effective batch "
+                        f"{self.effective_batch} already fits in {prec}")
                     self.done += len(FIT_BATCHES)
                     self._tick(f"{prec} {later[1]}: skipped")
                 else:

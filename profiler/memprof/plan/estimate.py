@@ -83,6 +83,7 @@ from .default_loss import default_loss, loss_rule
 from .fake_op_cache import FakeOpCache
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .meta_build import fake_like
+from .own_checkpointing import OwnCheckpoints
 from .precision import ESTIMATE_PRECISIONS, model_precision, training
 from .recompute_modes import recompute_under
 from .streams import VARIANTS, reserved_peak, step_stream
@@ -150,6 +151,7 @@ class Estimate:
     wall_s: float                # time this estimate took on this machine
     by_category: dict = field(default_factory=dict)
     kernel_rules: dict = field(default_factory=dict)  # CUDA kernel rules applied -> count
+    own_checkpoints: int = 0     # checkpoints the model's forward opened itself (own_checkpointing)
     loss_rule: dict | None = None  # the rule default_loss applied (None: a given loss)
 
     def peak(self, variant: str = "first", reserved: bool = False) -> int:
@@ -357,10 +359,11 @@ class Estimator:
         rule: dict = {}
         loss_fn = _noting_rule(self._rebind(self.loss_fn, model), rule)
         make_batch = self._rebind(self.make_batch, model)
+        own = OwnCheckpoints()
         prof, phase_flops = self._record(
             model, opt, storages, mods,
             lambda: self._run(model, opt, make_batch, loss_fn, batch_size, recorder,
-                              cuda_policy, amp, kernels or contextlib.nullcontext()))
+                              cuda_policy, amp, kernels or contextlib.nullcontext(), own))
         prof.meta.update({
             "estimated": True, "batch_size": int(batch_size), "precision": precision,
             "checkpointing": checkpointing, "optimizer": self.optimizer_name,
@@ -369,12 +372,13 @@ class Estimator:
             "estimate_ops": storages.ops,
             "kernels": self.kernel_target.name if kernels is not None else "cpu",
             "kernel_rules": dict(kernels.applied) if kernels is not None else {},
+            "own_checkpoints": own.count,
         })
         est = self._finish(prof, int(batch_size), precision, checkpointing, phase_flops,
                            storages.pass_kernels, simulate)
         est.wall_s = time.perf_counter() - t0
         est.kernel_rules = dict(prof.meta["kernel_rules"])
-        est.loss_rule = rule or None
+        est.loss_rule, est.own_checkpoints = rule or None, own.count
         prof.meta["estimate_wall_s"] = est.wall_s
         return est
 
@@ -430,8 +434,9 @@ class Estimator:
         return recorded_profile(), phase_flops
 
     def _run(self, model, opt, make_batch, loss_fn, batch_size, recorder, cuda_policy, amp,
-             kernels):
-        """The training step itself (inside the recording session)."""
+             kernels, own):
+        """The training step itself (inside the recording session); `own` counts the
+        checkpoints the model's forward opens itself."""
         record_buffers(model)
         recorder.record_persistent(model)
         # the model's own checkpoints recompute under the same rules as its forward
@@ -441,7 +446,7 @@ class Estimator:
             batch = tree_map(lambda t: self._adopt(t, recorder), batch)
             inputs, targets = split_batch(batch)
             f0, k0 = recorder.flops, recorder.storages.kernels
-            with amp():
+            with amp(), own:
                 loss = loss_fn(call_model(model, inputs), targets)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss: expected the loss function to return a scalar tensor, "

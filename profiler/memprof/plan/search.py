@@ -53,6 +53,7 @@ from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
 from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
+from .own_checkpointing import text as own_text
 from .precision import default_precisions, notes, refusal, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
@@ -81,13 +82,19 @@ class Option:
     confirmed: bool = False      # an estimate was run at this very micro-batch
     estimated: bool = True
     communication: dict | None = None  # N GPUs: collectives per optimizer step (a model)
+    own_checkpointing: bool = False    # the model checkpoints its blocks itself, as estimated
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @property
+    def checkpointing_text(self) -> str:
+        """memprof's policy, and the model's own checkpointing where it has some."""
+        return own_text(self.checkpointing, self.own_checkpointing)
+
+    @property
     def label(self) -> str:
-        return (f"{self.precision}, checkpointing {self.checkpointing}, micro-batch "
+        return (f"{self.precision}, checkpointing {self.checkpointing_text}, micro-batch "
                 f"{self.micro_batch} x {self.accumulation}")
 
 
@@ -292,7 +299,8 @@ class Plan:
                       samples_per_s=None if step is None else m * acc * self.world_size / step,
                       step_time_s=step, flops_per_sample=p.flops / m,
                       confirmed=c.confirmed_at == m,
-                      communication=comm.as_dict() if comm is not None else None)
+                      communication=comm.as_dict() if comm is not None else None,
+                      own_checkpointing=c.model.lo.own_checkpoints > 0)
 
     def summary_options(self) -> list[Option]:
         """Per precision x policy: the largest fitting micro-batch and the next one up."""
@@ -321,6 +329,7 @@ class Plan:
                                bool(c.model) and c.max_micro_batch >= SEARCH_LIMIT,
                            "confirmed_at": c.confirmed_at, "confirm_agreed": c.confirm_agreed,
                            "exact_interpolation": c.model.exact if c.model else None,
+                           "own_checkpoints": c.model.lo.own_checkpoints if c.model else None,
                            "skipped": c.skipped, "error": c.error, "wall_s": round(c.wall_s, 3)})
         best = self.best
         return {

@@ -51,7 +51,7 @@ def _options_table(plan, all_options: bool):
     rows = plan.options if all_options else plan.summary_options()
     for i, o in enumerate(rows, 1):
         style = None if o.fits else "dim"
-        t.add_row(str(i) if o.fits else "-", o.precision, o.checkpointing,
+        t.add_row(str(i) if o.fits else "-", o.precision, o.checkpointing_text,
                   f"{o.micro_batch} x {o.accumulation}", f"{o.peak_allocated / GiB:.2f}",
                   f"{o.peak_reserved / GiB:.2f}", f"{o.headroom / GiB:+.2f}",
                   "[green]yes[/]" if o.fits else "[red]no[/]",
@@ -99,7 +99,7 @@ def nothing_fits(plan) -> str:
     if smallest is None or smallest.micro_batch > 1:
         return "lower the effective batch per GPU or use a GPU with more memory"
     head = (f"even micro-batch 1 needs {smallest.peak_reserved / GiB:.2f} GiB reserved at best "
-            f"({smallest.precision}, checkpointing {smallest.checkpointing}) against "
+            f"({smallest.precision}, checkpointing {smallest.checkpointing_text}) against "
             f"{plan.usable_bytes / GiB:.2f} GiB usable: a smaller batch cannot help. ")
     frozen = plan.total_params - plan.trainable_params
     if plan.total_params and frozen > plan.trainable_params:

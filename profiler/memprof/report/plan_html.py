@@ -112,7 +112,7 @@ def _options(plan) -> str:
     rows = []
     for o in plan.summary_options():
         cls = "best" if o == best else ("nofit" if not o.fits else "")
-        cells = (o.precision, o.checkpointing, f"{o.micro_batch} x {o.accumulation}",
+        cells = (o.precision, o.checkpointing_text, f"{o.micro_batch} x {o.accumulation}",
                  fmt_bytes(o.peak_reserved), fmt_bytes(o.headroom), "yes" if o.fits else "no",
                  f"{o.samples_per_s:.1f}" if o.samples_per_s else "")
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{esc(c)}</td>" for c in cells)
