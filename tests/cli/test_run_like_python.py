@@ -595,9 +595,10 @@ def test_a_warning_between_backward_and_the_update_names_the_scripts_line(tmp_pa
     assert trace in under.stderr, (trace, under.stderr)   # the same frames, none of memprof's
 
 
-def test_a_tracking_thread_left_unjoined_is_said_not_silently_cut(tmp_path):
-    """memprof run's block ends when the script's main code returns; a worker thread's block
-    still open then had its events taken with it and ended silently."""
+def test_a_tracking_daemon_thread_left_unjoined_is_said_not_silently_cut(tmp_path):
+    """memprof run's block ends when the script's main code returns (python does not wait for
+    a daemon thread either); a daemon thread's block still open then had its events taken
+    with it and ended silently."""
     r, _ = run(tmp_path, '''
         import threading, time, torch, memprof
         model = torch.nn.Linear(8, 8)
@@ -611,12 +612,12 @@ def test_a_tracking_thread_left_unjoined_is_said_not_silently_cut(tmp_path):
                     opt.step()
                     opt.zero_grad()
                     time.sleep(0.05)
-        threading.Thread(target=work, name="trainer").start()
+        threading.Thread(target=work, name="trainer", daemon=True).start()
         started.wait()
         ''')
     flat = " ".join(r.stderr.split())
     assert "thread 'trainer' still has a memprof.track() block open as the run ends" in flat
-    assert "thread 'trainer' was not joined, so its block's events are gone" in flat
+    assert "join the thread before the script ends" in flat
 
 
 def test_a_run_that_records_nothing_keeps_the_profile_of_the_run_before(tmp_path):
@@ -644,3 +645,43 @@ def test_a_run_that_records_nothing_keeps_the_profile_of_the_run_before(tmp_path
         assert "memprof: nothing was recorded (the script " in again.stderr
         assert status == 0 or f"exited with status {status} before allocating" in again.stderr
         assert (tmp_path / "train.memprof").read_bytes() == saved
+
+
+def test_the_scripts_threads_are_waited_for_as_python_waits(tmp_path):
+    """python waits for the script's non-daemon threads before it ends; memprof run ended its
+    block when the main code returned, so a run that trains in a thread it did not join read
+    1 step and 4 events. A pool's workers (a ThreadPoolExecutor left open) end as python ends
+    them, and an uncaught error is shown before the wait, as python shows it."""
+    r, _ = run(tmp_path, '''
+        import threading, time, torch
+        from concurrent.futures import ThreadPoolExecutor
+        def train():
+            model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                        torch.nn.Linear(256, 10))
+            opt = torch.optim.AdamW(model.parameters())
+            for _ in range(30):
+                model(torch.randn(32, 64)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                time.sleep(0.005)
+            print("trained 30 steps", flush=True)
+        pool = ThreadPoolExecutor(2)
+        pool.submit(time.sleep, 0.01)
+        threading.Thread(target=train).start()
+        print("main returns", flush=True)
+        ''', before=("--json",))
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert len(summary["steps"]) == 30, len(summary["steps"])
+    assert r.stderr.index("main returns") < r.stderr.index("trained 30 steps")
+
+    r, _ = run(tmp_path, '''
+        import threading, time
+        def later():
+            time.sleep(0.5)
+            print("thread done", flush=True)
+        threading.Thread(target=later).start()
+        raise ValueError("main failed")
+        ''')
+    assert r.returncode == 1
+    assert "ValueError: main failed" in r.stderr and "thread done" in r.stdout

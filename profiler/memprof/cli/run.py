@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 
 from ..record.patches import PatchRegistry
@@ -153,14 +154,27 @@ class RunCommand(Command):
         tracker.roots.append(("", main.__dict__))
         saved_main = sys.modules.get("__main__")
         sys.modules["__main__"] = main   # pickle and multiprocessing (spawn) find the script
+        before = set(threading.enumerate())
+        shown: list = []   # the script's end, shown as python shows it before it waits
         try:
             with tracker, _script_output_on_stderr(args.json):
                 try:
                     exec(code, main.__dict__)  # noqa: S102  (running the script is the point)
+                except (KeyboardInterrupt, Terminated):
+                    raise
+                except BaseException as exc:  # noqa: BLE001  (shown, waited, then as below)
+                    status = _exit_status(exc) if isinstance(exc, SystemExit) else \
+                        _report_uncaught(exc) or 1
+                    shown.append(exc)
+                    wait_for_script_threads(before)
+                    raise
+                else:
+                    wait_for_script_threads(before)
                 finally:
                     signals.finish()
         except SystemExit as exc:  # the script's own exit: its status and message, as Python
-            status = _exit_status(exc)
+            if exc not in shown:
+                status = _exit_status(exc)
         except (KeyboardInterrupt, Terminated) as exc:
             if isinstance(exc, KeyboardInterrupt):   # Python prints where it stopped
                 _print_user_traceback(exc)
@@ -172,7 +186,8 @@ class RunCommand(Command):
                 else exc.signum
             status = EXIT_STATUS[args.stopped_by]
         except BaseException as exc:  # noqa: BLE001  (profile saved by track(); report, fail)
-            _report_uncaught(exc)
+            if exc not in shown:
+                _report_uncaught(exc)
             status = 1
         finally:
             sys.modules["__main__"] = saved_main
@@ -314,6 +329,23 @@ def _other_ranks(failures: dict, first) -> str:
         + ([f"{stopped} other rank{'s were' if stopped > 1 else ' was'} stopped by SIGTERM (the "
             "launcher stops the others once one fails)"] if stopped else [])
     return "; " + ", ".join(parts) if parts else ""
+
+
+def wait_for_script_threads(before: set) -> None:
+    """What python does once the main code has ended, before it exits: wait for the threads
+    the script started that are not daemons (a training thread it did not join: the block
+    ended without its steps). A ThreadPoolExecutor left open is not waited for here: python
+    ends its idle workers through threading's exit hooks, after this block."""
+    pool_worker = getattr(sys.modules.get("concurrent.futures.thread"), "_worker", None)
+    me = threading.current_thread()
+    while True:
+        waiting = [t for t in threading.enumerate()
+                   if t not in before and t is not me and not t.daemon and t.is_alive()
+                   and (pool_worker is None or getattr(t, "_target", None) is not pool_worker)]
+        if not waiting:
+            return
+        for t in waiting:
+            t.join()
 
 
 def _exit_status(exc: SystemExit) -> int:
