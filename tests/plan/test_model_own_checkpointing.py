@@ -158,3 +158,26 @@ def test_policies_before_none_are_skipped_too_when_the_whole_batch_fits():
                      effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
                      policies=["every"])
     assert [(c.checkpointing, c.skipped) for c in only.combinations] == [("every", None)]
+
+
+def test_the_max_micro_batch_line_and_the_chart_legend_say_model_s_own():
+    """The plan's 'max micro-batch (with gradient accumulation)' line (and the HTML chart's
+    legend) named 'bf16/none' for a model that checkpoints every layer itself."""
+    import io
+
+    from rich.console import Console
+
+    from memprof.plan.search import recommend
+    from memprof.report.plan import print_plan
+    from memprof.report.plan_html import plan_html
+    plan = recommend(_tiny_llama(own=True), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=["none", "every"])
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=200))
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("max micro-batch"))
+    assert "bf16/model's own:" in line and "bf16/none" not in line
+    assert "bf16/every: not estimated" in line         # memprof's policy, as it was asked
+    page = plan_html(plan)
+    assert "bf16, model&#x27;s own" in page or "bf16, model's own" in page
+    assert "bf16, none" not in page

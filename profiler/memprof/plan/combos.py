@@ -18,7 +18,7 @@ from .batch_model import BatchModel
 from .checkpoint import parse_policy
 from .errors import PlanInputError
 from .estimate import Estimator
-from .own_checkpointing import skip_reason
+from .own_checkpointing import skip_reason, text as own_text
 from .parallel import Pool, default_workers
 from .workloads import BatchError
 
@@ -41,6 +41,12 @@ class Combination:
     error: str | None = None
     state_bytes: int = 0
     wall_s: float = 0.0
+
+    @property
+    def checkpointing_text(self) -> str:
+        """The policy as estimated: "model's own" where the model checkpoints itself."""
+        own = self.model is not None and self.model.lo.own_checkpoints > 0
+        return own_text(self.checkpointing, own)
 
 
 def _shorten(message: str, limit: int) -> str:

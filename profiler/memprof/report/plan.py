@@ -76,7 +76,8 @@ def _print_basis(plan, console) -> None:
     """Largest micro-batch per precision x policy, and what the numbers assume."""
     said: dict[str, list[str]] = {}   # one line per distinct result, naming its combinations
     for c in plan.combinations:
-        said.setdefault(_max_batch_text(plan, c), []).append(f"{c.precision}/{c.checkpointing}")
+        said.setdefault(_max_batch_text(plan, c), []).append(
+            f"{c.precision}/{c.checkpointing_text}")
     console.print("max micro-batch (with gradient accumulation): " + "; ".join(
         f"{', '.join(names)}: {escape(text)}" for text, names in said.items()))
     a = plan.assumptions

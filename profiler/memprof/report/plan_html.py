@@ -38,7 +38,8 @@ def curves(plan) -> list[dict]:
         if c.model is None:
             continue
         pts = [plan.predict(m, c.precision, c.checkpointing) for m in xs]
-        out.append({"precision": c.precision, "checkpointing": c.checkpointing, "points": pts})
+        out.append({"precision": c.precision, "checkpointing": c.checkpointing,
+                    "checkpointing_text": c.checkpointing_text, "points": pts})
     return out
 
 
@@ -150,7 +151,7 @@ def plan_html(plan) -> str:
                f"<b>Nothing fits</b>: {esc(nothing_fits(plan))}.")
             + " <b>Every number here is an estimate</b> (fake-tensor steps replayed through a "
               "model of the CUDA caching allocator).</p></header>")
-    items = {f"{ln['precision']}, {ln['checkpointing']}":
+    items = {f"{ln['precision']}, {ln['checkpointing_text']}":
              LINE_COLORS[k % len(LINE_COLORS)] for k, ln in enumerate(lines)}
     body = (head + "<main><section><h2>Predicted memory against micro-batch</h2>"
             + legend(items) + _chart(plan, lines) + "</section>"
