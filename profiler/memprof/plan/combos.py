@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from ..record.events import CAT_GRADIENTS, PREEXISTING_THREAD
 from .batch_model import BatchModel
 from .checkpoint import parse_policy
 from .errors import PlanInputError
@@ -39,7 +40,9 @@ class Combination:
     confirm_agreed: bool | None = None
     skipped: str | None = None
     error: str | None = None
-    state_bytes: int = 0
+    state_bytes: int = 0         # what the step holds at any micro-batch (the fit estimate):
+    params_bytes: int = 0        # its parameters (converted ones as converted), the
+    gradient_bytes: int = 0      # gradients it allocates, and the optimizer state
     wall_s: float = 0.0
 
     @property
@@ -47,6 +50,14 @@ class Combination:
         """The policy as estimated: "model's own" where the model checkpoints itself."""
         own = self.model is not None and self.model.lo.own_checkpoints > 0
         return own_text(self.checkpointing, own)
+
+
+def gradients_allocated(profile) -> int:
+    """Bytes of the gradients a step allocates (those of the trainable parameters)."""
+    mem = profile.memory
+    grads = (profile.category == CAT_GRADIENTS) & (mem["size"] > 0) & \
+        (mem["thread"] != PREEXISTING_THREAD)
+    return int(mem["size"][grads].sum())
 
 
 def _shorten(message: str, limit: int) -> str:
@@ -200,7 +211,9 @@ class Search:
         """The batch model from the two fit estimates -> the micro-batch whose estimate
         confirms it (interpolated peaks, confirm=True), else None."""
         c.model = BatchModel(lo, hi, stream=getattr(self.estimator, "stream", None))
-        c.state_bytes = lo.profile.breakdown("category", at="end").get("optimizer_state", 0)
+        end = lo.profile.breakdown("category", at="end")
+        c.state_bytes, c.params_bytes = end.get("optimizer_state", 0), end.get("parameters", 0)
+        c.gradient_bytes = gradients_allocated(lo.profile)
         c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
         eb = self.effective_batch
         target = c.max_micro_batch if c.max_micro_batch < eb else eb
