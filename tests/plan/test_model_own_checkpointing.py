@@ -123,3 +123,61 @@ def test_the_plan_of_a_self_checkpointing_model_says_so_and_wraps_no_block_twice
     assert not plain.best.own_checkpointing and "checkpointing none" in plain.best.label
     every = next(c for c in plain.combinations if c.checkpointing == "every")
     assert every.skipped is None or "itself" not in every.skipped
+
+
+@pytest.mark.parametrize("policies", [["every", "none", "selective"], ["every", "selective"],
+                                      ["selective"]])
+def test_memprofs_policies_are_skipped_whatever_the_order_the_user_gave(policies):
+    """`--checkpointing every,none` (or no 'none') estimated 'every + model's own' around a
+    model that checkpoints every layer itself: only policies after 'none' were skipped. Now
+    the order does not matter, and without 'none' the model is estimated as it runs."""
+    from memprof.plan.search import recommend
+    plan = recommend(_tiny_llama(own=True), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=policies)
+    by_policy = {c.checkpointing: c for c in plan.combinations}
+    assert set(by_policy) == set(policies) | {"none"}
+    assert plan.combinations[0].checkpointing == "none" and by_policy["none"].model is not None
+    for pol in set(policies) - {"none"}:
+        assert by_policy[pol].model is None
+        assert "checkpoints its blocks itself" in by_policy[pol].skipped
+    assert {o.checkpointing_text for o in plan.options} == {"model's own"}
+    assert plan.best.own_checkpointing
+
+
+def test_policies_before_none_are_skipped_too_when_the_whole_batch_fits():
+    from memprof.plan.search import recommend
+    plan = recommend(_tiny_llama(own=False), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=["every", "none"])
+    every, none = (next(c for c in plan.combinations if c.checkpointing == p)
+                   for p in ("every", "none"))
+    assert none.model is not None and every.model is None and "already fits" in every.skipped
+    # without 'none' nothing is added for a model that does not checkpoint itself
+    only = recommend(_tiny_llama(own=False), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=["every"])
+    assert [(c.checkpointing, c.skipped) for c in only.combinations] == [("every", None)]
+
+
+def test_the_max_micro_batch_line_and_the_chart_legend_say_model_s_own():
+    """The plan's 'max micro-batch (with gradient accumulation)' line (and the HTML chart's
+    legend) named 'bf16/none' for a model that checkpoints every layer itself."""
+    import io
+
+    from rich.console import Console
+
+    from memprof.plan.search import recommend
+    from memprof.report.plan import print_plan
+    from memprof.report.plan_html import plan_html
+    plan = recommend(_tiny_llama(own=True), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=["none", "every"])
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=200))
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("max micro-batch"))
+    assert "bf16/model's own:" in line and "bf16/none" not in line
+    assert "bf16/every: not estimated" in line         # memprof's policy, as it was asked
+    page = plan_html(plan)
+    assert "bf16, model&#x27;s own" in page or "bf16, model's own" in page
+    assert "bf16, none" not in page

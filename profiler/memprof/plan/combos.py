@@ -14,11 +14,12 @@ import os
 import time
 from dataclasses import dataclass
 
+from ..record.events import CAT_GRADIENTS, PREEXISTING_THREAD
 from .batch_model import BatchModel
 from .checkpoint import parse_policy
 from .errors import PlanInputError
 from .estimate import Estimator
-from .own_checkpointing import skip_reason
+from .own_checkpointing import skip_reason, text as own_text
 from .parallel import Pool, default_workers
 from .workloads import BatchError
 
@@ -39,8 +40,24 @@ class Combination:
     confirm_agreed: bool | None = None
     skipped: str | None = None
     error: str | None = None
-    state_bytes: int = 0
+    state_bytes: int = 0         # what the step holds at any micro-batch (the fit estimate):
+    params_bytes: int = 0        # its parameters (converted ones as converted), the
+    gradient_bytes: int = 0      # gradients it allocates, and the optimizer state
     wall_s: float = 0.0
+
+    @property
+    def checkpointing_text(self) -> str:
+        """The policy as estimated: "model's own" where the model checkpoints itself."""
+        own = self.model is not None and self.model.lo.own_checkpoints > 0
+        return own_text(self.checkpointing, own)
+
+
+def gradients_allocated(profile) -> int:
+    """Bytes of the gradients a step allocates (those of the trainable parameters)."""
+    mem = profile.memory
+    grads = (profile.category == CAT_GRADIENTS) & (mem["size"] > 0) & \
+        (mem["thread"] != PREEXISTING_THREAD)
+    return int(mem["size"][grads].sum())
 
 
 def _shorten(message: str, limit: int) -> str:
@@ -79,22 +96,23 @@ class Search:
     def run(self, precisions: list[str], policies: list[str]) -> dict:
         """Every precision x policy, one estimate per job spread over `workers` processes
         (memprof.plan.parallel): the two fit estimates of a combination run side by side, and
-        a worker never waits for a long combination's second half. A precision's policies
-        after its first 'none' wait for it: when the whole effective batch fits without
-        checkpointing, or the model checkpoints its blocks itself, they are skipped."""
-        combos: dict[tuple[str, str], Combination] = {
-            (prec, pol): Combination(prec, pol) for prec in precisions for pol in policies}
+        a worker never waits for a long combination's second half. A precision's other
+        policies wait for its first: 'none' when listed (wherever the user listed it), else
+        the first policy. When the whole effective batch fits without checkpointing, or the
+        model checkpoints its blocks itself, they are skipped; a model that checkpoints
+        itself is then estimated as it runs ('none', the model's own) even when 'none' was
+        not listed: memprof's policies would checkpoint its blocks a second time."""
+        combos: dict[tuple[str, str], Combination] = {}
+        waiting: dict[str, list] = {}
+        for prec in precisions:      # each precision's first policy ahead of its others
+            order = sorted(policies, key=lambda pol: parse_policy(pol)[0] != "none")
+            for pol in order:
+                combos[(prec, pol)] = Combination(prec, pol)
+            waiting[prec] = [(prec, pol) for pol in order[1:]]
         self.total = len(combos) * len(FIT_BATCHES) + (1 if self.confirm else 0)
-        first_none = {prec: next((pol for pol in policies if parse_policy(pol)[0] == "none"),
-                                 None) for prec in precisions}
-        waiting = {prec: [] for prec in precisions}   # keys run once the 'none' one is known
-        ready = []
-        for prec in precisions:
-            after = False
-            for pol in policies:
-                (waiting[prec] if after else ready).append((prec, pol))
-                after = after or pol == first_none[prec]
-        fits: dict[tuple[str, str], dict] = {key: {} for key in combos}
+        ready = [(prec, next(pol for p, pol in combos if p == prec)) for prec in precisions]
+        first = {prec: pol for prec, pol in ready}
+        fits: dict[tuple[str, str], dict] = {}
         # a worker keeps to one micro-batch where it can: its fake-op cache is keyed on shapes
         pool = Pool(self._estimate_job, min(self.workers, len(ready) * len(FIT_BATCHES)),
                     affinity=lambda job: job[1])
@@ -108,10 +126,10 @@ class Search:
             if c.error is not None:        # an earlier estimate of it failed
                 continue
             if error is not None:
-                self._failed(c, error, first=key == (precisions[0], policies[0]))
+                self._failed(c, error, first=key == ready[0])
             elif batch in FIT_BATCHES:
                 c.wall_s += est.wall_s
-                fits[key][batch] = est
+                fits.setdefault(key, {})[batch] = est
                 if len(fits[key]) < len(FIT_BATCHES):
                     continue
                 target = self._model(c, *(fits[key][b] for b in FIT_BATCHES))
@@ -124,22 +142,40 @@ class Search:
                 self._confirm(c, batch, self._accumulation(batch), est)
             prec, pol = key
             self._tick(f"{prec} {pol}: {'failed' if c.error else 'estimated'}")
-            if pol != first_none[prec]:
-                continue
-            fits_all = c.model is not None and c.model.predict(
-                self.effective_batch, 1).peak_reserved <= self.usable
-            own = c.model.lo.own_checkpoints if c.model is not None else 0
-            for later in waiting[prec]:
-                if (own or fits_all) and parse_policy(later[1])[0] != "none":
-                    combos[later].skipped = skip_reason(own) if own else (
-                        f"not estimated: without checkpointing the whole effective batch "
-                        f"{self.effective_batch} already fits in {prec}")
-                    self.done += len(FIT_BATCHES)
-                    self._tick(f"{prec} {later[1]}: skipped")
-                else:
-                    for b in FIT_BATCHES:
-                        pool.submit((later, b))
+            if pol == first[prec]:
+                self._after_first(combos, c, waiting.pop(prec), pool)
         return combos
+
+    def _after_first(self, combos: dict, c: Combination, waiting: list, pool) -> None:
+        """A precision's first policy is known: skip or submit its others. A first policy
+        that is memprof's and finds the model's own checkpoints is skipped too, and the
+        model estimated as it runs in its place ('none', added ahead of the others)."""
+        none = parse_policy(c.checkpointing)[0] == "none"
+        fits_all = none and c.model is not None and c.model.predict(
+            self.effective_batch, 1).peak_reserved <= self.usable
+        own = c.model.lo.own_checkpoints if c.model is not None else 0
+        if own and not none:
+            c.model, c.max_micro_batch, c.confirmed_at = None, 0, None
+            c.skipped = skip_reason(own, instead=True)
+            rest = list(combos.items())
+            combos.clear()
+            for key, combo in rest:
+                if combo is c:
+                    combos[(c.precision, "none")] = Combination(c.precision, "none")
+                combos[key] = combo
+            self.total += len(FIT_BATCHES)
+            for b in FIT_BATCHES:
+                pool.submit(((c.precision, "none"), b))
+        for later in waiting:
+            if own or fits_all:
+                combos[later].skipped = skip_reason(own, instead=not none) if own else (
+                    f"not estimated: without checkpointing the whole effective batch "
+                    f"{self.effective_batch} already fits in {c.precision}")
+                self.done += len(FIT_BATCHES)
+                self._tick(f"{c.precision} {later[1]}: skipped")
+            else:
+                for b in FIT_BATCHES:
+                    pool.submit((later, b))
 
     def _estimate_job(self, job: tuple[tuple[str, str], int]):
         """One estimate (precision x policy, micro-batch), here or in a worker process ->
@@ -175,7 +211,9 @@ class Search:
         """The batch model from the two fit estimates -> the micro-batch whose estimate
         confirms it (interpolated peaks, confirm=True), else None."""
         c.model = BatchModel(lo, hi, stream=getattr(self.estimator, "stream", None))
-        c.state_bytes = lo.profile.breakdown("category", at="end").get("optimizer_state", 0)
+        end = lo.profile.breakdown("category", at="end")
+        c.state_bytes, c.params_bytes = end.get("optimizer_state", 0), end.get("parameters", 0)
+        c.gradient_bytes = gradients_allocated(lo.profile)
         c.max_micro_batch = c.model.max_batch(self.usable, accumulation=2)
         eb = self.effective_batch
         target = c.max_micro_batch if c.max_micro_batch < eb else eb

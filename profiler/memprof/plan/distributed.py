@@ -457,14 +457,15 @@ class RankEstimator:
             top = int(np.argmax(live)) if live.size else 0
             peaks[variant] = (int(live[top]) if live.size else 0,
                               reserved_peak(ptr, size) if simulate and size.size else 0)
-            if variant == "steady":
-                at_peak = _breakdown(size[:top + 1], cat[:top + 1])
+            if variant in ("first", "steady"):
+                at_peak[variant] = _breakdown(size[:top + 1], cat[:top + 1])
         est.profile.meta["distributed"] = self.distributed.as_dict()
         return dataclasses.replace(
             est, peak_allocated=peaks["first"][0], peak_reserved=peaks["first"][1],
             steady_peak_allocated=peaks["steady"][0], steady_peak_reserved=peaks["steady"][1],
             accumulating_peak_allocated=peaks["accumulate"][0],
-            accumulating_peak_reserved=peaks["accumulate"][1], by_category=at_peak)
+            accumulating_peak_reserved=peaks["accumulate"][1],
+            by_category=at_peak["steady"], first_by_category=at_peak["first"])
 
     def communication(self, gpu, precision: str, accumulation: int, micro_s: float,
                       flops_by_phase: dict):

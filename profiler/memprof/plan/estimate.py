@@ -86,7 +86,7 @@ from .meta_build import fake_like
 from .own_checkpointing import OwnCheckpoints
 from .precision import ESTIMATE_PRECISIONS, model_precision, training
 from .recompute_modes import recompute_under
-from .streams import VARIANTS, reserved_peak, step_stream
+from .streams import VARIANTS, peak_by_category, reserved_peak, step_stream
 
 __all__ = ["estimate_step", "measure_step", "Estimator", "Estimate", "make_optimizer",
            "optimizer_kind", "ESTIMATE_PRECISIONS", "OPTIMIZERS"]
@@ -149,7 +149,11 @@ class Estimate:
     params_bytes: int
     trainable_params: int
     wall_s: float                # time this estimate took on this machine
+    # live bytes per category at the steady-state peak (steps >= 2, as steady_peak_*: the
+    # optimizer state exists); first_by_category: at the first step's peak, where an
+    # optimizer creating its state lazily (AdamW) has none yet
     by_category: dict = field(default_factory=dict)
+    first_by_category: dict = field(default_factory=dict)
     kernel_rules: dict = field(default_factory=dict)  # CUDA kernel rules applied -> count
     own_checkpoints: int = 0     # checkpoints the model's forward opened itself (own_checkpointing)
     loss_rule: dict | None = None  # the rule default_loss applied (None: a given loss)
@@ -167,7 +171,8 @@ class Estimate:
             "peak_reserved", "steady_peak_allocated", "steady_peak_reserved",
             "accumulating_peak_allocated", "accumulating_peak_reserved", "flops",
             "flops_by_phase", "ops", "bytes_allocated", "buffers_bytes", "params_bytes",
-            "trainable_params", "wall_s", "by_category", "kernel_rules")} | {"estimated": True}
+            "trainable_params", "wall_s", "by_category", "first_by_category",
+            "kernel_rules")} | {"estimated": True}
 
     def __repr__(self) -> str:
         g = 2 ** 30
@@ -506,7 +511,8 @@ class Estimator:
             flops=int(sum(phase_flops.values())), flops_by_phase=dict(phase_flops), ops=ops,
             bytes_allocated=int(size[compute].sum()), buffers_bytes=self.buffers_bytes,
             params_bytes=self.params_bytes, trainable_params=self.trainable_params, wall_s=0.0,
-            by_category=prof.breakdown("category"))
+            by_category=peak_by_category(prof, "steady"),
+            first_by_category=peak_by_category(prof, "first"))
 
 
 def _noting_rule(loss_fn, rule: dict):

@@ -68,8 +68,10 @@ def text(policy: str, own: bool) -> str:
     return "model's own" if policy == "none" else f"{policy} + model's own"
 
 
-def skip_reason(own_checkpoints: int) -> str:
-    """Why memprof's policies are not estimated on top of the model's own checkpointing."""
+def skip_reason(own_checkpoints: int, instead: bool = False) -> str:
+    """Why memprof's policies are not estimated on top of the model's own checkpointing
+    (`instead`: 'none' was not asked for, and the model is estimated as it runs)."""
     return (f"not estimated: the model checkpoints its blocks itself ({own_checkpoints} "
             "checkpoints in its forward: gradient_checkpointing_enable() or "
-            "torch.utils.checkpoint); this policy would checkpoint them a second time")
+            "torch.utils.checkpoint); this policy would checkpoint them a second time"
+            + ("; estimated as the model runs instead (model's own)" if instead else ""))

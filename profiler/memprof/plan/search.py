@@ -330,6 +330,9 @@ class Plan:
                            "confirmed_at": c.confirmed_at, "confirm_agreed": c.confirm_agreed,
                            "exact_interpolation": c.model.exact if c.model else None,
                            "own_checkpoints": c.model.lo.own_checkpoints if c.model else None,
+                           "parameters_bytes": c.params_bytes if c.model else None,
+                           "gradients_bytes": c.gradient_bytes if c.model else None,
+                           "optimizer_state_bytes": c.state_bytes if c.model else None,
                            "skipped": c.skipped, "error": c.error, "wall_s": round(c.wall_s, 3)})
         best = self.best
         return {
@@ -341,6 +344,7 @@ class Plan:
             "effective_batch": self.effective_batch,
             "world_size": self.world_size, "global_batch": self.global_batch,
             "parameters": self.total_params, "trainable_parameters": self.trainable_params,
+            "parameters_bytes": self.params_bytes,
             "checkpoint_blocks": self.container,
             "best": best.as_dict() if best else None,
             "options": [o.as_dict() for o in self.options],

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..profile import Profile
-from ..record.events import CAT_GRADIENTS, CAT_OPTIMIZER_STATE, PREEXISTING_THREAD
+from ..record.events import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CATEGORIES,
+                             PREEXISTING_THREAD)
 from .allocator import simulate
 
-__all__ = ["VARIANTS", "step_stream", "reserved_peak"]
+__all__ = ["VARIANTS", "step_order", "step_stream", "peak_by_category", "reserved_peak"]
 
 VARIANTS = ("first", "steady", "accumulate")
 
@@ -42,25 +43,45 @@ def canonical_order(size: np.ndarray, token: np.ndarray) -> np.ndarray:
     return np.lexsort((np.where(free, token, 0), free, run))
 
 
-def step_stream(profile: Profile, variant: str = "first") -> tuple[np.ndarray, np.ndarray]:
-    """(ptr, size) of the profile's allocations, reordered for a variant of the step (see the
-    module docstring); frees that happen at once in canonical order (canonical_order)."""
+def step_order(profile: Profile, variant: str = "first") -> np.ndarray:
+    """The profile's events in the order of a variant of the step (see the module
+    docstring); frees that happen at once in canonical order (canonical_order)."""
     mem = profile.memory
-    size = profile.effective_size.copy()
-    token = free_tokens(profile)
-    ptr = token.astype(np.uint64) + np.uint64(1)
-    canon = canonical_order(size, token)
+    size = profile.effective_size
+    canon = canonical_order(size, free_tokens(profile))
     if variant == "first":
-        return ptr[canon], size[canon]
+        return canon
+    if variant not in ("steady", "accumulate"):
+        raise ValueError(f"variant: expected 'first', 'steady' or 'accumulate', got {variant!r}")
     cats = profile.category
     move_cats = [CAT_OPTIMIZER_STATE] + ([CAT_GRADIENTS] if variant == "accumulate" else [])
     moved = (size > 0) & np.isin(cats, move_cats) & (mem["thread"] != PREEXISTING_THREAD)
-    if variant not in ("steady", "accumulate"):
-        raise ValueError(f"variant: expected 'first', 'steady' or 'accumulate', got {variant!r}")
     base = mem["thread"] == PREEXISTING_THREAD
-    order = np.concatenate([canon[base[canon]], canon[moved[canon]],
-                            canon[~base[canon] & ~moved[canon]]])
-    return ptr[order], size[order]
+    return np.concatenate([canon[base[canon]], canon[moved[canon]],
+                           canon[~base[canon] & ~moved[canon]]])
+
+
+def step_stream(profile: Profile, variant: str = "first") -> tuple[np.ndarray, np.ndarray]:
+    """(ptr, size) of the profile's allocations in a variant's order (step_order)."""
+    order = step_order(profile, variant)
+    ptr = free_tokens(profile).astype(np.uint64) + np.uint64(1)
+    return ptr[order], profile.effective_size[order]
+
+
+def peak_by_category(profile: Profile, variant: str = "first") -> dict[str, int]:
+    """Live bytes per category at the allocated peak of a variant of the step (every
+    category, zeros included, as Profile.breakdown gives them)."""
+    order = step_order(profile, variant)
+    size = profile.effective_size[order]
+    out = {c: 0 for c in CATEGORIES}
+    if not size.size:
+        return out
+    top = int(np.argmax(np.cumsum(size)))
+    sums = np.bincount(profile.category[order][:top + 1].astype(np.int64),
+                       weights=size[:top + 1].astype(np.float64), minlength=len(CATEGORIES))
+    for code, name in enumerate(CATEGORIES):
+        out[name] = int(sums[code])
+    return out
 
 
 def reserved_peak(ptr: np.ndarray, size: np.ndarray) -> int:

@@ -76,7 +76,8 @@ def _print_basis(plan, console) -> None:
     """Largest micro-batch per precision x policy, and what the numbers assume."""
     said: dict[str, list[str]] = {}   # one line per distinct result, naming its combinations
     for c in plan.combinations:
-        said.setdefault(_max_batch_text(plan, c), []).append(f"{c.precision}/{c.checkpointing}")
+        said.setdefault(_max_batch_text(plan, c), []).append(
+            f"{c.precision}/{c.checkpointing_text}")
     console.print("max micro-batch (with gradient accumulation): " + "; ".join(
         f"{', '.join(names)}: {escape(text)}" for text, names in said.items()))
     a = plan.assumptions
@@ -118,6 +119,20 @@ def nothing_fits(plan) -> str:
             "more memory")
 
 
+def state_line(plan, best) -> str | None:
+    """What the best option's step holds at any micro-batch: parameters (how many train: a
+    LoRA model's frozen base is its size), gradients, optimizer state. One rank of N GPUs
+    holds shards of them: not said there."""
+    c = plan._combos.get((best.precision, best.checkpointing))
+    if c is None or c.model is None or plan.distributed is not None:
+        return None
+    return (f"model state (any micro-batch): parameters {fmt_bytes(c.params_bytes)} "
+            f"({plan.trainable_params:,} of {plan.total_params:,} parameters train), gradients "
+            f"{fmt_bytes(c.gradient_bytes)}, optimizer state {fmt_bytes(c.state_bytes)} "
+            f"({plan.optimizer}); activations and temporaries grow with the "
+            "micro-batch")
+
+
 def _print_advice(plan, console) -> None:
     """The best option with its code, then LR and warmup advice."""
     from rich.syntax import Syntax
@@ -137,6 +152,9 @@ def _print_advice(plan, console) -> None:
                       f"{best.peak_reserved / GiB:.2f} GiB reserved"
                       + ("" if best.samples_per_s is None else
                          f", ~{best.samples_per_s:.1f} samples/s"))
+        state = state_line(plan, best)
+        if state:
+            console.print(f"  {escape(state)}")
         for note in plan.notes(best):   # converted weights, no loss scaling, fp16 overflow
             console.print(f"  [yellow]note[/]: {escape(note)}")
         near = plan.nearby_batch(best)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..plan.batch_model import SEARCH_LIMIT
 from ..units import fmt_bytes
 from .html import page, table
-from .plan import nothing_fits
+from .plan import nothing_fits, state_line
 from .svg import DASHES, LINE_COLORS, Frame, esc, legend, nice_bytes
 
 MAX_POINTS = 48     # micro-batches drawn per line
@@ -38,7 +38,8 @@ def curves(plan) -> list[dict]:
         if c.model is None:
             continue
         pts = [plan.predict(m, c.precision, c.checkpointing) for m in xs]
-        out.append({"precision": c.precision, "checkpointing": c.checkpointing, "points": pts})
+        out.append({"precision": c.precision, "checkpointing": c.checkpointing,
+                    "checkpointing_text": c.checkpointing_text, "points": pts})
     return out
 
 
@@ -145,12 +146,13 @@ def plan_html(plan) -> str:
             f'<p class="lead">Effective batch {plan.effective_batch}; '
             f"{esc(fmt_bytes(plan.gpu.memory_bytes))} on the GPU, "
             f"{esc(fmt_bytes(plan.usable_bytes))} usable. "
-            + (f"Best: <b>{esc(best.label)}</b>." if best else
+            + (f"Best: <b>{esc(best.label)}</b>." + "".join(
+                f" {esc(s)}." for s in [state_line(plan, best)] if s) if best else
                "<b>No combination could be estimated.</b>" if plan.failed else
                f"<b>Nothing fits</b>: {esc(nothing_fits(plan))}.")
             + " <b>Every number here is an estimate</b> (fake-tensor steps replayed through a "
               "model of the CUDA caching allocator).</p></header>")
-    items = {f"{ln['precision']}, {ln['checkpointing']}":
+    items = {f"{ln['precision']}, {ln['checkpointing_text']}":
              LINE_COLORS[k % len(LINE_COLORS)] for k, ln in enumerate(lines)}
     body = (head + "<main><section><h2>Predicted memory against micro-batch</h2>"
             + legend(items) + _chart(plan, lines) + "</section>"

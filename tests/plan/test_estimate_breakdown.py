@@ -1,0 +1,69 @@
+"""What an estimate's and a plan's category breakdown say for a LoRA-style model, whose
+optimizer state is created lazily in the first step."""
+import io
+
+import torch
+from rich.console import Console
+
+import memprof
+from memprof.plan.estimate import estimate_step
+from memprof.report.plan import print_plan
+
+D = 256
+
+
+class LoRALinear(torch.nn.Module):
+    def __init__(self, d, r=4):
+        super().__init__()
+        self.base = torch.nn.Linear(d, d)
+        self.base.requires_grad_(False)
+        self.a = torch.nn.Parameter(torch.randn(d, r) * 0.01)
+        self.b = torch.nn.Parameter(torch.zeros(r, d))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a) @ self.b
+
+
+def _lora():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(LoRALinear(D), torch.nn.ReLU(), LoRALinear(D),
+                               torch.nn.Linear(D, 10).requires_grad_(False))
+
+
+def _batch(b):
+    return (torch.randn(b, D),), torch.randint(0, 10, (b,))
+
+
+def test_by_category_is_the_steady_state_peak_and_the_first_step_is_labelled():
+    """by_category was taken at the first step's peak: optimizer_state 0 for a model whose
+    AdamW state is created inside that step, next to a headline (the plan's) that is the
+    steady state, where the state exists from the start."""
+    e = estimate_step(_lora(), _batch, batch_size=512)
+    state = e.profile.breakdown("category", at="end")["optimizer_state"]
+    assert state > 0
+    assert e.by_category["optimizer_state"] == state
+    assert sum(e.by_category.values()) == e.steady_peak_allocated
+    assert e.first_by_category.get("optimizer_state", 0) == 0     # said, and labelled
+    assert sum(e.first_by_category.values()) == e.peak_allocated
+    d = e.as_dict()
+    assert d["by_category"] == e.by_category and d["first_by_category"] == e.first_by_category
+
+
+def test_recommend_says_what_the_parameters_gradients_and_state_take():
+    """The text gave no parameters / gradients / optimizer state for the best option: a LoRA
+    user could not see that the frozen base, not what trains, is the size."""
+    plan = memprof.recommend(_lora(), batch=_batch, gpu="a100-40gb", effective_batch=8,
+                             precisions=["fp32"], policies=["none"], workers=1, confirm=False)
+    trainable = 2 * (2 * D * 4)
+    total = sum(p.numel() for p in _lora().parameters())
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=300))
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("  model state"))
+    assert f"{trainable:,} of {total:,} parameters train" in line
+    assert "gradients 16.00 KiB" in line      # fp32, trainable ones only
+    combo = plan.as_dict()["combinations"][0]
+    assert combo["gradients_bytes"] == 4 * trainable
+    assert combo["optimizer_state_bytes"] == 2 * 4 * trainable + 4 * 4   # + 4 step counters
+    assert plan.as_dict()["parameters_bytes"] == 4 * total
+    from memprof.report.plan_html import plan_html
+    assert f"{trainable:,} of {total:,} parameters train" in plan_html(plan)
