@@ -13,3 +13,18 @@ class MLP(torch.nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen Linear(d, d) plus a trainable rank-r update, as LoRA adds one (its a starts
+    small and b at zero)."""
+
+    def __init__(self, d, r=4):
+        super().__init__()
+        self.base = torch.nn.Linear(d, d)
+        self.base.requires_grad_(False)
+        self.a = torch.nn.Parameter(torch.randn(d, r) * 0.01)
+        self.b = torch.nn.Parameter(torch.zeros(r, d))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a) @ self.b

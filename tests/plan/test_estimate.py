@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tiny_mlp import LoRALinear
 
 from memprof.plan.batch_model import BatchModel
 from memprof.plan.estimate import Estimator, estimate_step, measure_step
@@ -79,18 +80,6 @@ def test_estimate_is_a_profile_and_leaves_the_model_alone():
     # the model still trains for real afterwards
     inputs, targets = make_batch(2)
     loss_fn(model(*inputs), targets).backward()
-
-
-class LoRALinear(torch.nn.Module):
-    def __init__(self, d, r=4):
-        super().__init__()
-        self.base = torch.nn.Linear(d, d)
-        self.base.requires_grad_(False)
-        self.a = torch.nn.Parameter(torch.randn(d, r) * 0.01)
-        self.b = torch.nn.Parameter(torch.zeros(r, d))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a) @ self.b
 
 
 def test_frozen_parameters_get_no_gradients_or_state():

@@ -3,6 +3,7 @@ optimizer state is created lazily in the first step."""
 import io
 
 import torch
+from tiny_mlp import LoRALinear
 from rich.console import Console
 
 import memprof
@@ -10,18 +11,6 @@ from memprof.plan.estimate import estimate_step
 from memprof.report.plan import print_plan
 
 D = 256
-
-
-class LoRALinear(torch.nn.Module):
-    def __init__(self, d, r=4):
-        super().__init__()
-        self.base = torch.nn.Linear(d, d)
-        self.base.requires_grad_(False)
-        self.a = torch.nn.Parameter(torch.randn(d, r) * 0.01)
-        self.b = torch.nn.Parameter(torch.zeros(r, d))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.a) @ self.b
 
 
 def _lora():
