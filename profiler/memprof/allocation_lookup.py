@@ -41,6 +41,15 @@ def snapshot_modules(snapshots: list) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
+def snapshot_trainable(snapshots: list) -> np.ndarray:
+    """Per storage of every snapshot, numbered as snapshot_hits numbers them: 1 where a
+    parameter at it requires grad, 0 frozen, -1 not noted (another category; a profile saved
+    before memprof noted it)."""
+    parts = [np.asarray(s.trainable, dtype=np.int8) if s.trainable is not None
+             else np.full(len(s.ptrs), -1, dtype=np.int8) for s in snapshots]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int8)
+
+
 def last_per_allocation(allocs: np.ndarray) -> np.ndarray:
     """Indices into `allocs` of the last entry for each allocation (a later snapshot names an
     allocation over an earlier one)."""

@@ -178,7 +178,7 @@ class Profile:
             uniq, inv = np.unique(mem["seq"][bwd], return_inverse=True)
             module[bwd] = forward_modules(self.seq_records, uniq)[inv]
         # Gradients and optimizer state belong to their parameter's module.
-        _, allocs, storage = self._snapshot_hits
+        _, allocs, storage = self.named_storages
         owners = snapshot_modules(self.snapshots)[storage]
         named = np.flatnonzero(owners != NO_MODULES)
         last = named[last_per_allocation(allocs[named])]
@@ -186,7 +186,7 @@ class Profile:
         return self._frees_take_their_alloc(module)
 
     @cached_property
-    def _snapshot_hits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def named_storages(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(snapshot, allocation event, storage) per storage a snapshot names alive at its
         marker, in snapshot order (allocation_lookup.snapshot_hits); found once for the
         categories and the modules."""
@@ -236,7 +236,7 @@ class Profile:
             other=CAT_OTHER, communication=CAT_COMMUNICATION)
         # Snapshots name parameters, gradients and optimizer state by storage (and the
         # buffers handed to collectives: record.distributed); a later one over an earlier.
-        snap, allocs, _ = self._snapshot_hits
+        snap, allocs, _ = self.named_storages
         last = last_per_allocation(allocs)
         categories = np.array([s.category for s in self.snapshots] or [0], dtype=np.int8)
         cat[allocs[last]] = categories[snap[last]]

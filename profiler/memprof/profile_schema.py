@@ -130,8 +130,9 @@ def _check_snapshot_fields(snapshots: list) -> str | None:
     for i, s in enumerate(snapshots):
         where = f"snapshots[{i}]"
         if not isinstance(s, dict) or not {"marker", "category", "ptrs"} <= set(s) \
-                or not set(s) <= {"marker", "category", "ptrs", "modules"}:
-            return f"{where}: expected an object with marker, category, ptrs (and modules)"
+                or not set(s) <= {"marker", "category", "ptrs", "modules", "trainable"}:
+            return (f"{where}: expected an object with marker, category, ptrs (and modules, "
+                    "trainable)")
         if not _is(s["marker"], _INT):
             return f"{where}.marker: expected int, got {_got(s['marker'])}"
         if not _is(s["category"], _INT) or not 0 <= s["category"] < len(CATEGORIES):
@@ -145,6 +146,13 @@ def _check_snapshot_fields(snapshots: list) -> str | None:
             problem = _list_of(modules, _INT, f"{where}.modules")
             if problem or len(modules) != len(s["ptrs"]):
                 return problem or f"{where}: {len(modules)} modules for {len(s['ptrs'])} ptrs"
+        trainable = s.get("trainable")   # (absent in profiles saved before it was noted)
+        if trainable is not None:
+            problem = _list_of(trainable, _INT, f"{where}.trainable")
+            if problem or len(trainable) != len(s["ptrs"]) or not set(trainable) <= {0, 1}:
+                return problem or (f"{where}.trainable: expected one 0 or 1 per ptr "
+                                   f"({len(s['ptrs'])}), got {len(trainable)} values: "
+                                   f"{sorted(set(trainable))[:4]}")
     return None
 
 

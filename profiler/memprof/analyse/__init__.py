@@ -58,15 +58,17 @@ def findings(prof, min_severity: str = "warning") -> list[Finding]:
 
 def summary(profile) -> dict:
     """Everything as plain JSON-able data: the profile's summary plus the throughput and
-    health summaries, the budget replay and what would fit where one was asked for, and
-    the partial last step marked (what `memprof report --json` and `memprof run --json`
+    health summaries, the budget replay and what would fit where one was asked for, the
+    parameters at the peak split into trainable and frozen, and the partial last step marked (what `memprof report --json` and `memprof run --json`
     print: one document, so that a CI script reads either the same way)."""
-    from . import coverage, health, throughput
+    from . import coverage, health, throughput, trainable
     out = profile.summary()
     out["throughput"] = throughput.summarize(profile)
     out["health"] = health.summarize(profile)
     out["budget"], out["fit"] = profile.meta.get("budget"), profile.meta.get("fit")
     out["not_counted"] = coverage.model_not_given(profile)
+    # parameters at the peak: {"trainable": bytes, "frozen": bytes}, None where not noted
+    out["parameters_at_peak"] = trainable.parameters_split(profile)
     _mark_partial_step(profile, out)
     return out
 

@@ -31,7 +31,7 @@ import torch
 from .. import _C
 from .event_streams import EventStreams, behind_baseline, fill_baseline
 from .holders import is_library_frame
-from .events import EVENT_DTYPE, KIND_MARK, SEQ_DTYPE
+from .events import CAT_PARAMETERS, EVENT_DTYPE, KIND_MARK, SEQ_DTYPE
 from .patches import PatchRegistry
 from .auto_steps import AutoSteps
 from .root_names import class_name
@@ -420,8 +420,8 @@ class Session:
         del events
         self._assemble(streams, self, None, into=view)
         # what stop() notes at the end (final()), as snapshots at the end of this stream
-        view.snapshot_list += [Snapshot(marker=streams.size, category=c, ptrs=p, modules=m)
-                               for c, p, m in self.snapshots.at_end()]
+        view.snapshot_list += [Snapshot(streams.size, *noted)
+                               for noted in self.snapshots.at_end()]
         view.records = {rec.name: rec.record() for rec in self.recorders}
         return view
 
@@ -434,10 +434,13 @@ class Session:
         strings = list(_C.strings())
         base = src.snapshots.baseline if base is None else base
         snaps = []
+        trains = self.snapshots.baseline_trainable   # (the base is this block's own)
         for cat in sorted({c for *_, c in base}):   # categories of pre-existing blocks
             owned = [(int(p), int(m)) for p, _, _, m, c in base if c == cat]
             snaps.append(Snapshot(marker=len(base), category=int(cat),
-                                  ptrs=[p for p, _ in owned], modules=[m for _, m in owned]))
+                                  ptrs=[p for p, _ in owned], modules=[m for _, m in owned],
+                                  trainable=[trains.get(p, 1) for p, _ in owned]
+                                  if cat == CAT_PARAMETERS else None))
         label_updates(streams, strings)   # a hand-written update is the optimizer phase
         side = streams.side
         mark_idx = streams.side_index()[(side["kind"] == KIND_MARK) & np.isin(
@@ -447,7 +450,8 @@ class Session:
         own = taken[len(taken) - len(mark_idx):] if src is not self else taken[:len(mark_idx)]
         if len(own) == len(mark_idx):
             snaps += [Snapshot(marker=int(i), category=s.category, ptrs=s.ptrs,
-                               modules=s.modules) for s, i in zip(own, mark_idx)]
+                               modules=s.modules, trainable=s.trainable)
+                      for s, i in zip(own, mark_idx)]
         counters = _C.counters()
         roots = src.scope.root_modules()
         if len(roots) > 1:

@@ -62,6 +62,9 @@ class Snapshot:
     category: int
     ptrs: Sequence[int]       # an array('q') while recording (see compact), a list as read
     modules: Sequence[int] | None = None  # owning module id per ptr (the parameter's module)
+    # parameters: per ptr 1 where a parameter at it requires grad, 0 frozen; None: not noted
+    # (another category, or a profile saved before memprof noted it)
+    trainable: Sequence[int] | None = None
 
 
 def compact(values) -> array:
@@ -172,6 +175,16 @@ def storage_parts(tensors: list, owners: list) -> tuple[list, list]:
     return out_t, out_o
 
 
+def trainable_storages(params: list) -> dict[int, int]:
+    """Storage address -> 1 where a parameter at it requires grad, else 0 (frozen): a LoRA
+    base against its adapters. A storage shared with a trainable parameter trains."""
+    out: dict[int, int] = {}
+    for ptr, p in zip(storage_ptrs(list(params)), params):
+        if ptr is not None:
+            out[ptr] = out.get(ptr, 0) | p.requires_grad
+    return out
+
+
 def _sorted_storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
     """The sorted storage addresses of the tensors of (tensor, module id) pairs."""
     return sorted(k for k in storage_ptrs([t for t, _ in pairs]) if k is not None)
@@ -184,6 +197,7 @@ class SnapshotRecorder:
         self.session = session
         self.snapshots: list[Snapshot] = []      # marker -1 until the run is assembled
         self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
+        self.baseline_trainable: dict[int, int] = {}   # parameter storage -> 1 trains, 0 not
         self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
         # (category, id(optimizer)) -> (owners known, _C.StorageNote) at its last note
         self._noted: dict[tuple[int, int], tuple] = {}
@@ -230,7 +244,9 @@ class SnapshotRecorder:
             if key[2] == DEVICE_CPU:
                 cpu_blocks.append(t if is_plain_tensor(t) else _local_shard(t))
 
-        for p in self.session.params():
+        params = self.session.params()
+        self.baseline_trainable = trainable_storages(params)
+        for p in params:
             add(p, CAT_PARAMETERS, self._module_of(p))
             if p.grad is not None:
                 for part in storage_parts([p.grad], [p])[0]:
@@ -340,8 +356,7 @@ class SnapshotRecorder:
     def note_parameters(self) -> None:
         """A snapshot of the parameters of the model or the roots alive (and the watched
         optimizers')."""
-        params = self.session.params()
-        self._take(CAT_PARAMETERS, params, [self._module_of(p) for p in params])
+        self._note(*self._parameters(self.session.params()))
 
     def note_state(self, optimizer) -> bool:
         """A snapshot of the optimizer's state unless it is the storages last noted; whether
@@ -398,8 +413,16 @@ class SnapshotRecorder:
                 owner.setdefault(ptr, mid)
         return category, list(owner), list(owner.values())
 
-    def _note(self, category: int, ptrs, modules) -> None:
-        """A snapshot of storage addresses and the owning module of each."""
+    def _parameters(self, params: list) -> tuple[int, list[int], list[int], array]:
+        """_owned(CAT_PARAMETERS, ...) of `params` plus whether each storage trains."""
+        category, ptrs, modules = self._owned(CAT_PARAMETERS, params,
+                                              [self._module_of(p) for p in params])
+        trains = trainable_storages(params)
+        return category, ptrs, modules, array("b", [trains[a] for a in ptrs])
+
+    def _note(self, category: int, ptrs, modules, trainable=None) -> None:
+        """A snapshot of storage addresses and the owning module of each (and, of
+        parameters, whether each trains)."""
         modules = compact(modules)
         # one owner array for the run while the owners stay (gradients: every step), also
         # where two optimizers (a GAN's) or two paths note the same category in turn
@@ -412,7 +435,7 @@ class SnapshotRecorder:
             del recent[4:]
         _C.mark("snapshot", category)   # the marker's index is found after the run
         self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=compact(ptrs),
-                                       modules=modules))
+                                       modules=modules, trainable=trainable))
 
     def _new_gradient_note(self, optimizer):
         """A note that lets go of its parameters and its address watch (one of a few, see
@@ -438,15 +461,15 @@ class SnapshotRecorder:
         self._gradient_notes.clear()
 
     def final(self) -> None:
-        for category, ptrs, modules in self.at_end():
-            self._note(category, ptrs, modules)
+        for noted in self.at_end():
+            self._note(*noted)
 
-    def at_end(self) -> list[tuple[int, list[int], list[int]]]:
-        """(category, storage addresses, owning module of each) of what the block's
-        end notes - parameters, their gradients, the watched optimizers' state, the buffers -
-        read now and noted nowhere: final() notes them; a profile made while the block goes on
-        (Session.so_far) ends with them, so the parameters of a model built inside the block
-        are parameters there too."""
+    def at_end(self) -> list[tuple]:
+        """(category, storage addresses, owning module of each, and for the parameters
+        whether each trains) of what the block's end notes - parameters, their gradients, the
+        watched optimizers' state, the buffers - read now and noted nowhere: final() notes
+        them; a profile made while the block goes on (Session.so_far) ends with them, so the
+        parameters of a model built inside the block are parameters there too."""
         params = self.session.params()
         states = []
         for opt in self.session.steps.watched():
@@ -455,7 +478,7 @@ class SnapshotRecorder:
         grads, grad_params = storage_parts(
             [p.grad for p in params if p.grad is not None],
             [p for p in params if p.grad is not None])
-        return [self._owned(CAT_PARAMETERS, params, [self._module_of(p) for p in params]),
+        return [self._parameters(params),
                 self._owned(CAT_GRADIENTS, grads, [self._module_of(p) for p in grad_params]),
                 self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],
                             [self._module_of(p) for _, p in states]),
