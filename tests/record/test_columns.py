@@ -256,7 +256,10 @@ def test_the_runs_exercise_every_rule(profiles):
     assert before.untracked_frees > 0
     owners = before.alloc_of[before.memory["size"] < 0]
     assert (before.memory["thread"][owners[owners >= 0]] == -1).any()  # a prepended block freed
-    assert len(profiles["step_markers"].steps) == 5
+    # four marked steps; the torch.empty(7) after the last marker is recorded, but outside
+    # any pass it is no step of its own (bookkeeping after the last step)
+    marked = profiles["step_markers"]
+    assert len(marked.steps) == 4 and marked.steps[-1].end < marked.memory.size
     assert profiles["empty"].memory.size == 0
 
 
