@@ -19,6 +19,7 @@ from . import _C, profile_file
 from .allocation_lookup import NO_MODULES, forward_modules, last_per_allocation, \
     snapshot_hits, snapshot_modules
 from .finding import Finding
+from .profile_display import Displayed
 from .record.distributed import rank_path
 from .record.events import (CAT_ACTIVATIONS, CAT_COMMUNICATION, CAT_OTHER, CAT_TEMPORARIES,
                             CATEGORIES, DEVICE_CPU, DEVICE_CUDA, KIND_MARK, KIND_OUT_OF_MEMORY,
@@ -43,7 +44,7 @@ class StepRecord:
         return asdict(self)
 
 
-class Profile:
+class Profile(Displayed):
     """Events of one tracked run plus the context needed to explain them. `events` is the full
     stream (allocations, frees, OOM reports, markers) in time order, with blocks that existed
     before tracking prepended as allocations whose `thread` is -1. `modules[i]` is the

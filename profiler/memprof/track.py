@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from . import _C
 from . import analyse as _analyse
 from .analyse import health as _health
 from .analyse import throughput as _throughput
@@ -130,6 +131,17 @@ class Tracker:
         if self.profile is None:
             raise RuntimeError(f"{what}: available once the track() block has exited")
         return self.profile
+
+    def __repr__(self) -> str:
+        if self.profile is not None:
+            return repr(self.profile)
+        if self.session is not None and self._entered:
+            return f"<memprof.track: recording, {int(_C.counters()['records']):,} events so far>"
+        return "<memprof.track: not started; use it as `with memprof.track(model) as prof:`>"
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter: the report once the block has ended (None before: the one line)."""
+        return self.profile._repr_html_() if self.profile is not None else None
 
     def __getattr__(self, name):
         profile = self.__dict__.get("profile")

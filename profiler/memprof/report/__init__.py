@@ -1,6 +1,7 @@
 """Reports: consumers of profiles and plans, behind one interface.
 
     show(obj, console=None, **options)   terminal: a Profile's report or a Plan's table
+    describe(profile, html=False)        a REPL's one line, a notebook's HTML (inline.py)
     export(obj, path)                    by extension. A Profile: .json Chrome/Perfetto trace
                                          (trace.py), .pickle PyTorch memory snapshot
                                          (snapshot.py), .html report (html.py). A Plan: .html
@@ -39,6 +40,13 @@ def show(obj, console=None, section: str | None = None, **options) -> None:
         return
     raise TypeError(f"report: expected a memprof Profile, Plan or MergedRanks, got "
                     f"{type(obj).__name__}")
+
+
+def describe(profile, html: bool = False) -> str:
+    """A profile as a REPL shows it (one line) or, `html`, as a notebook does (report/inline.py;
+    Profile.__repr__ and _repr_html_ come here)."""
+    from .inline import html_fragment, one_line
+    return html_fragment(profile) if html else one_line(profile)
 
 
 def _profile_export(profile, lower: str):
