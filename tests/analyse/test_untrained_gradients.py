@@ -55,3 +55,25 @@ def test_frozen_base_has_no_such_finding():
     prof, base_grad_bytes = _train(freeze=True)
     assert base_grad_bytes == 0
     assert not memprof.findings(prof, "info")
+
+
+def test_an_optimizer_track_was_not_given_still_trains_its_parameters():
+    # a GAN tracked with the generator's optimizer: the discriminator's optimizer steps its
+    # own parameters (watched or not, an optimizer that steps them trains them), and one added
+    # as a param group after the first step too
+    torch.manual_seed(0)
+    gen, disc, head = nn.Linear(16, 16), nn.Linear(16, 1), nn.Linear(16, 1)
+    model = nn.ModuleDict({"gen": gen, "disc": disc, "head": head})
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.1)
+    with memprof.track(model, optimizer=opt_g) as prof:
+        for i in range(3):
+            fake = gen(torch.randn(8, 16))
+            (disc(fake.detach()).mean() + head(fake.detach()).mean()).backward()
+            opt_d.step()
+            if i == 0:
+                opt_d.add_param_group({"params": head.parameters()})
+            disc(fake).mean().backward()
+            opt_g.step()
+            opt_g.zero_grad()
+    assert not [f for f in memprof.findings(prof, "info") if f.kind == "gradients_not_trained"]

@@ -85,6 +85,11 @@ class StepClock:
         # which of several models is trained, also once its optimizer is gone (a script's
         # main() under `memprof run` has returned when the block ends)
         self.trained: set[int] = set()
+        # every optimizer seen stepping, watched or not, id -> weak reference, and the ids
+        # of the parameters they update (record.untrained_grads reads them at the block's end:
+        # a dict lookup per step here, where a hook of its own was a Python call per step)
+        self._stepped: dict[int, weakref.ref] = {}
+        self.updated: set[int] = set()
         self.on_optimizer_pre: list = []          # fn(optimizer), for every optimizer
         self.on_skipped: list = []                # fn(optimizer), a GradScaler skipped it
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
@@ -114,6 +119,10 @@ class StepClock:
     def optimizers(self) -> list:
         """The watched optimizers seen stepping and still alive, in the order first seen."""
         return [o for o in (r() for r in self._seen.values()) if o is not None]
+
+    def stepped(self) -> list:
+        """Every optimizer seen stepping (watched or not) and still alive."""
+        return [o for o in (r() for r in self._stepped.values()) if o is not None]
 
     def watched(self) -> list:
         """The optimizers whose state is the run's: the one given to track() (else every one
@@ -184,6 +193,10 @@ class StepClock:
             closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
             if callable(closure):
                 return self._after_closure(optimizer, closure, args, kwargs)
+        stepped = self._stepped.get(id(optimizer))
+        if stepped is None or stepped() is not optimizer:
+            self._stepped[id(optimizer)] = weakref.ref(optimizer)
+            self.updated.update(id(p) for g in optimizer.param_groups for p in g["params"])
         if self.watches(optimizer):
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)

@@ -2,14 +2,12 @@
 
 A LoRA base left with requires_grad=True (the optimizer given only the adapters) computes a
 gradient of every base weight - as large as the model - that nothing reads, and the
-optimizers' zero_grad() never frees it. Which parameters each optimizer updates is read when
-it first steps (and again at the end, for groups added later); the model's parameters that
-hold a gradient and are in none of them are what this records, for
-`analyse.untrained_grads`.
+optimizers' zero_grad() never frees it. Which parameters the optimizers update is noted by
+the step clock when each first steps (record.steps: no hook of this recorder runs per step)
+and read again at the end, for groups added later; the model's parameters that hold a
+gradient and are in none of them are what this records, for `analyse.untrained_grads`.
 """
 from __future__ import annotations
-
-import weakref
 
 from .snapshots import storage_key
 
@@ -21,43 +19,27 @@ class UntrainedGradients:
 
     def __init__(self):
         self.session = None
-        self._optimizers: dict[int, weakref.ref] = {}
-        self._trained: set[int] = set()     # ids of the parameters some optimizer updates
         self._result: dict | None = None
 
     def install(self, session) -> None:
         self.session = session
-        session.steps.on_optimizer_pre.append(self._pre)
-
-    def _pre(self, optimizer) -> None:
-        if id(optimizer) not in self._optimizers:
-            self._optimizers[id(optimizer)] = weakref.ref(optimizer)
-            self._note(optimizer)
-
-    def _note(self, optimizer) -> None:
-        self._trained.update(id(p) for g in optimizer.param_groups for p in g["params"])
 
     def remove(self) -> None:
         """The block ends: the model still lives, its gradients as the loop left them."""
         if self.session is None:
             return
         try:
-            self._pre_removed()
             self._result = self._look()
         except Exception:  # noqa: BLE001  (a recorder never breaks the user's code)
             self._result = None
 
-    def _pre_removed(self) -> None:
-        if self._pre in self.session.steps.on_optimizer_pre:
-            self.session.steps.on_optimizer_pre.remove(self._pre)
-
     def _look(self) -> dict | None:
-        if not self._optimizers:    # no optimizer stepped: a manual update is not ours to judge
+        steps = self.session.steps
+        if not steps.updated:    # no optimizer stepped: a manual update is not ours to judge
             return None
-        for ref in self._optimizers.values():
-            opt = ref()
-            if opt is not None:
-                self._note(opt)
+        trained = set(steps.updated)
+        for opt in steps.stepped():   # (param groups added after the first step)
+            trained.update(id(p) for g in opt.param_groups for p in g["params"])
         scope = self.session.scope
         seen: set[int] = set()          # parameters counted
         storages: set[int] = set()      # gradient storages counted (a shared one once)
@@ -65,7 +47,7 @@ class UntrainedGradients:
         for m in scope.root_modules():
             prefix = scope.root_label(m)
             for n, p in m.named_parameters(remove_duplicate=True):
-                if id(p) in self._trained or id(p) in seen or p.grad is None:
+                if id(p) in trained or id(p) in seen or p.grad is None:
                     continue
                 seen.add(id(p))
                 found.append(f"{prefix}.{n}" if prefix else n)
@@ -76,7 +58,7 @@ class UntrainedGradients:
         if not found:
             return None
         return {"parameters": len(found), "bytes": int(total), "names": found[:MAX_NAMES],
-                "trained_parameters": len(self._trained)}
+                "trained_parameters": len(trained)}
 
     def record(self) -> dict | None:
         return self._result
