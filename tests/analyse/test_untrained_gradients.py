@@ -55,3 +55,23 @@ def test_frozen_base_has_no_such_finding():
     prof, base_grad_bytes = _train(freeze=True)
     assert base_grad_bytes == 0
     assert not memprof.findings(prof, "info")
+
+
+def test_a_nested_block_has_the_finding_as_a_block_of_its_own_has():
+    """A script's own block under `memprof run` nests in the run's: its profile had no
+    gradients_not_trained where `python script.py` gave one (the run's recorder answered only
+    when the run ended)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LoraLinear(64), nn.ReLU(), LoraLinear(64))
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters()
+                             if n.endswith((".a", ".b"))], lr=1e-3)
+    with memprof.track(auto_modules=True) as outer:
+        with memprof.track(model, optimizer=opt) as inner:
+            for _ in range(3):
+                model(torch.randn(8, 64)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    for prof in (inner, outer):
+        found = [f for f in memprof.findings(prof) if f.kind == "gradients_not_trained"]
+        assert len(found) == 1 and found[0].evidence["parameters"] == 4, memprof.findings(prof)
+

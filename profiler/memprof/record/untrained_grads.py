@@ -43,7 +43,7 @@ class UntrainedGradients:
             return
         try:
             self._pre_removed()
-            self._result = self._look()
+            self._result = self._look(self.session.scope)
         except Exception:  # noqa: BLE001  (a recorder never breaks the user's code)
             self._result = None
 
@@ -51,14 +51,22 @@ class UntrainedGradients:
         if self._pre in self.session.steps.on_optimizer_pre:
             self.session.steps.on_optimizer_pre.remove(self._pre)
 
-    def _look(self) -> dict | None:
+    def record_nested(self, inner) -> dict | None:
+        """What a block nested in this one (a script's own under `memprof run`) records as it
+        ends: the same look, over its model (this block's answer comes only at its own end)."""
+        try:
+            scope = inner.scope if inner.scope.root_modules() else self.session.scope
+            return self._look(scope)
+        except Exception:  # noqa: BLE001  (a recorder never breaks the user's code)
+            return None
+
+    def _look(self, scope) -> dict | None:
         if not self._optimizers:    # no optimizer stepped: a manual update is not ours to judge
             return None
         for ref in self._optimizers.values():
             opt = ref()
             if opt is not None:
                 self._note(opt)
-        scope = self.session.scope
         seen: set[int] = set()          # parameters counted
         storages: set[int] = set()      # gradient storages counted (a shared one once)
         found, total = [], 0
