@@ -30,7 +30,8 @@ class UntrainedGradients:
         session.steps.on_optimizer_pre.append(self._pre)
 
     def _pre(self, optimizer) -> None:
-        if id(optimizer) not in self._optimizers:
+        seen = self._optimizers.get(id(optimizer))
+        if seen is None or seen() is not optimizer:   # new (or a new one at a freed one's id)
             self._optimizers[id(optimizer)] = weakref.ref(optimizer)
             self._note(optimizer)
 
