@@ -1,6 +1,7 @@
 """Gradients of parameters no optimizer updates: a LoRA base left unfrozen (requires_grad
 True, the optimizer given only the adapters) computed and kept a gradient of every base
 weight - as large as the model - and memprof said nothing (no finding, "gradients" only)."""
+import pytest
 import torch
 from torch import nn
 
@@ -76,4 +77,61 @@ def test_an_optimizer_track_was_not_given_still_trains_its_parameters():
             disc(fake).mean().backward()
             opt_g.step()
             opt_g.zero_grad()
+
+
+def test_a_nested_block_has_the_finding_as_a_block_of_its_own_has():
+    """A script's own block under `memprof run` nests in the run's: its profile had no
+    gradients_not_trained where `python script.py` gave one (the run's recorder answered only
+    when the run ended)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LoraLinear(64), nn.ReLU(), LoraLinear(64))
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters()
+                             if n.endswith((".a", ".b"))], lr=1e-3)
+    with memprof.track(auto_modules=True) as outer:
+        with memprof.track(model, optimizer=opt) as inner:
+            for _ in range(3):
+                model(torch.randn(8, 64)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+    for prof in (inner, outer):
+        found = [f for f in memprof.findings(prof) if f.kind == "gradients_not_trained"]
+        assert len(found) == 1 and found[0].evidence["parameters"] == 4, memprof.findings(prof)
+
+
+def test_a_new_optimizer_at_a_freed_ones_id_is_seen():
+    """Progressive unfreezing: an optimizer of the head, freed, then one of the whole model.
+    Where the second got the first one's id (CPython reuses freed addresses), its parameters
+    were taken as untrained: the body's gradients were reported as no optimizer's."""
+    import gc
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    x = torch.randn(16, 64)
+    head_ids = set()
+
+    def train(opt):
+        for _ in range(2):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)   # (the gradients stay, as with older code)
+
+    with memprof.track(model) as prof:
+        for _ in range(300):
+            whole = torch.optim.SGD(model.parameters(), lr=0.01)
+            if id(whole) in head_ids:   # stage 2's optimizer, at an id stage 1's had
+                train(whole)
+                break
+            del whole
+            gc.collect()
+            for p in model[0].parameters():
+                p.requires_grad_(False)
+            head = torch.optim.SGD(model[2].parameters(), lr=0.01)
+            head_ids.add(id(head))
+            train(head)
+            del head
+            gc.collect()
+            for p in model[0].parameters():
+                p.requires_grad_(True)
+        else:
+            pytest.skip("no optimizer got a freed one's id in 300 tries")
+    assert model[0].weight.grad is not None
     assert not [f for f in memprof.findings(prof, "info") if f.kind == "gradients_not_trained"]

@@ -685,3 +685,34 @@ def test_the_scripts_threads_are_waited_for_as_python_waits(tmp_path):
         ''')
     assert r.returncode == 1
     assert "ValueError: main failed" in r.stderr and "thread done" in r.stdout
+
+
+def test_a_process_pool_left_open_does_not_hang_the_run(tmp_path):
+    """python ends a ProcessPoolExecutor left open through threading's exit hooks, before it
+    waits for the threads; memprof run waited for the pool's manager thread itself, which only
+    ends after those hooks: the run hung after the script's last line."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent('''
+        import torch
+        from concurrent.futures import ProcessPoolExecutor
+
+        def square(v):
+            return v * v
+
+        if __name__ == "__main__":
+            pool = ProcessPoolExecutor(max_workers=1)
+            print(list(pool.map(square, range(4))), flush=True)
+            model = torch.nn.Linear(8, 8)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        '''))
+    try:
+        r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", str(script)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("memprof run hung on a ProcessPoolExecutor left open") from None
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[0, 1, 4, 9]" in r.stderr + r.stdout and "profile saved to train.memprof" in r.stdout

@@ -334,18 +334,28 @@ def _other_ranks(failures: dict, first) -> str:
 def wait_for_script_threads(before: set) -> None:
     """What python does once the main code has ended, before it exits: wait for the threads
     the script started that are not daemons (a training thread it did not join: the block
-    ended without its steps). A ThreadPoolExecutor left open is not waited for here: python
-    ends its idle workers through threading's exit hooks, after this block."""
-    pool_worker = getattr(sys.modules.get("concurrent.futures.thread"), "_worker", None)
+    ended without its steps). The threads of an executor left open (ThreadPoolExecutor's
+    workers, ProcessPoolExecutor's manager) are not waited for here: python ends them through
+    threading's exit hooks, after this block (waiting for a process pool's manager hung)."""
     me = threading.current_thread()
     while True:
         waiting = [t for t in threading.enumerate()
                    if t not in before and t is not me and not t.daemon and t.is_alive()
-                   and (pool_worker is None or getattr(t, "_target", None) is not pool_worker)]
+                   and not _ended_by_exit_hooks(t)]
         if not waiting:
             return
         for t in waiting:
             t.join()
+
+
+def _ended_by_exit_hooks(thread: threading.Thread) -> bool:
+    """Whether `thread` is an executor's, which python ends at exit (concurrent.futures
+    registers with threading's exit hooks) rather than waits for."""
+    pool_worker = getattr(sys.modules.get("concurrent.futures.thread"), "_worker", None)
+    manager = getattr(sys.modules.get("concurrent.futures.process"), "_ExecutorManagerThread",
+                      None)
+    return (pool_worker is not None and getattr(thread, "_target", None) is pool_worker) or \
+        (manager is not None and isinstance(thread, manager))
 
 
 def _exit_status(exc: SystemExit) -> int:

@@ -377,7 +377,9 @@ class Session:
         wanted = self._lent | ({"health"} & {rec.name for rec in self.recorders})
         self.records = {}
         for rec in self.outer.recorders:
-            if rec.name in wanted:
+            if getattr(rec, "record_nested", None) is not None:   # its look, for this block
+                self.records[rec.name] = rec.record_nested(self)
+            elif rec.name in wanted:
                 flush = getattr(rec, "flush", None)   # values still held on the device
                 if flush is not None:
                     try:

@@ -29,18 +29,27 @@ class UntrainedGradients:
         if self.session is None:
             return
         try:
-            self._result = self._look()
+            self._result = self._look(self.session.scope)
         except Exception:  # noqa: BLE001  (a recorder never breaks the user's code)
             self._result = None
 
-    def _look(self) -> dict | None:
+    def record_nested(self, inner) -> dict | None:
+        """What a block nested in this one (a script's own under `memprof run`) records as it
+        ends: the same look, over its model (this block's answer comes only at its own end;
+        this block's step clock saw the optimizers step)."""
+        try:
+            scope = inner.scope if inner.scope.root_modules() else self.session.scope
+            return self._look(scope)
+        except Exception:  # noqa: BLE001  (a recorder never breaks the user's code)
+            return None
+
+    def _look(self, scope) -> dict | None:
         steps = self.session.steps
         if not steps.updated:    # no optimizer stepped: a manual update is not ours to judge
             return None
         trained = set(steps.updated)
         for opt in steps.stepped():   # (param groups added after the first step)
             trained.update(id(p) for g in opt.param_groups for p in g["params"])
-        scope = self.session.scope
         seen: set[int] = set()          # parameters counted
         storages: set[int] = set()      # gradient storages counted (a shared one once)
         found, total = [], 0
