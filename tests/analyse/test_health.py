@@ -421,6 +421,16 @@ def test_a_real_spike_stands_out_of_skewed_noise():
     assert [s["index"] for s in spikes] == [150, 260]
     assert all(s["tail_multiple"] > hl.LOSS_TAIL_MULTIPLE for s in spikes)
 
+@pytest.mark.parametrize("every", [25, 20, 10])
+def test_recurring_spikes_are_found_though_they_are_many(every):
+    # a bad batch every `every` steps: spikes that are 4-10 % of the steps set the run's own
+    # 99th-percentile jump, which hid them all behind a bar they raised themselves
+    rng = np.random.default_rng(0)
+    losses = 2 + 0.05 * rng.standard_normal(300)
+    losses[every::every] += 3
+    found = [s["index"] for s in hl.loss_spikes(losses)]
+    assert found == list(range(every, 300, every))
+
 def test_log_rejects_bad_values():
     model, opt = setup()
     with memprof.track(model, opt) as prof:

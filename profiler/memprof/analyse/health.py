@@ -30,6 +30,12 @@ LOSS_TAIL_MULTIPLE = 3.0
 LOSS_TAIL_QUANTILE = 0.99
 LOSS_TAIL_STEPS = 100
 LOSS_TAIL_EXCLUDED = 3
+#: ... or past the median jump by this multiple of the most that the largest jump of the run's
+#: noise would pass it by, as an exponential tail through its median and 90th-percentile jumps
+#: predicts it over the run's steps (spikes of up to ~10 % of the steps do not move those: a
+#: bad batch every 10-25 steps set the 99th percentile itself and hid behind it). Healthy
+#: runs: at most 1.65x (the same 24 runs).
+LOSS_NOISE_MULTIPLE = 2.0
 CLIP_ALWAYS_FRACTION = 0.9
 CLIP_MIN_STEPS = 5
 CLIP_MISMATCH = 0.05
@@ -48,6 +54,9 @@ def loss_spikes(losses, window: int = LOSS_WINDOW, min_history: int = LOSS_MIN_H
     resid = y[ok] - med[ok]
     sigma = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
     sigma = max(sigma, 0.01 * float(np.median(np.abs(med[ok]))), 1e-12)
+    q50, q90 = np.quantile(resid, [0.5, 0.9])
+    # the largest jump n steps of exponential-tailed noise give: q50 + scale x ln(2n)
+    noise_bar = q50 + LOSS_NOISE_MULTIPLE * (q90 - q50) / math.log(5) * math.log(2 * resid.size)
     out = []
     for i, k in enumerate(np.flatnonzero(ok)):
         r = y[k] - med[k]
@@ -55,7 +64,7 @@ def loss_spikes(losses, window: int = LOSS_WINDOW, min_history: int = LOSS_MIN_H
         if not (base > 0 and r > rel_jump * base and r > z * sigma and r > LOSS_MIN_JUMP):
             continue
         tail = jump_tail(resid[:max(i, LOSS_TAIL_STEPS)])
-        if r > tail_multiple * tail:
+        if r > tail_multiple * tail or r > noise_bar:
             out.append({"index": int(k), "loss": float(y[k]), "rolling_median": float(med[k]),
                         "relative_jump": float(r / base), "z": float(r / sigma),
                         "tail_multiple": float(r / tail) if tail > 0 else None})
@@ -331,9 +340,10 @@ def _spikes(summary: dict, per_loss: dict[int, float]) -> list[Finding]:
                      f"optimizer steps (worst: step {worst['step']}, {_fmt(worst['loss'])} vs "
                      f"rolling median {_fmt(worst['rolling_median'])}, +"
                      f"{100 * worst['relative_jump']:.0f}%); rule: > {100 * LOSS_REL_JUMP:.0f}%, "
-                     f"> {LOSS_Z} robust SD and > {LOSS_TAIL_MULTIPLE:g}x the run's "
-                     f"{100 * LOSS_TAIL_QUANTILE:.0f}th-percentile jump above the median of "
-                     f"the previous {LOSS_WINDOW} steps"),
+                     f"> {LOSS_Z} robust SD and past the run's own noise ({LOSS_TAIL_MULTIPLE:g}x "
+                     f"its {100 * LOSS_TAIL_QUANTILE:.0f}th-percentile jump so far, or "
+                     f"{LOSS_NOISE_MULTIPLE:g}x the largest its median and 90th-percentile "
+                     f"jumps predict) above the median of the previous {LOSS_WINDOW} steps"),
             fix=("if grad norms spike at the same steps: lower the LR, lengthen the warmup or "
                  "clip; if not: raise the micro-batch (fewer accumulation steps, same effective "
                  "batch) and check the data of those steps"),
@@ -341,7 +351,8 @@ def _spikes(summary: dict, per_loss: dict[int, float]) -> list[Finding]:
                       "worst": worst, "rule": {"window": LOSS_WINDOW,
                                                "relative_jump": LOSS_REL_JUMP, "z": LOSS_Z,
                                                "tail_multiple": LOSS_TAIL_MULTIPLE,
-                                               "tail_quantile": LOSS_TAIL_QUANTILE}}))
+                                               "tail_quantile": LOSS_TAIL_QUANTILE,
+                                               "noise_multiple": LOSS_NOISE_MULTIPLE}}))
     return findings
 
 

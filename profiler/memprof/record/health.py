@@ -40,8 +40,11 @@ Rules (thresholds are module constants, stated in each finding):
   over the run, floored at 1% of the median loss) AND by more than LOSS_MIN_JUMP (float noise
   of a loss that reached ~0) AND by more than LOSS_TAIL_MULTIPLE x the LOSS_TAIL_QUANTILE
   quantile of the residuals before step k (at least the first LOSS_TAIL_STEPS; a lower
-  quantile where there are few, leaving out LOSS_TAIL_EXCLUDED): minibatch noise is skewed to
-  the right, and a hard batch of a healthy run went past 3.5 robust SD.
+  quantile where there are few, leaving out LOSS_TAIL_EXCLUDED) OR by more than
+  LOSS_NOISE_MULTIPLE x the largest residual n steps of exponential-tailed noise give, from
+  the median and 90th percentile of the residuals (recurring spikes set the 99th percentile
+  themselves): minibatch noise is skewed to the right, and a hard batch of a healthy run went
+  past 3.5 robust SD.
 - clipping on every step: clipped (pre-clip norm > max_norm) in >= CLIP_ALWAYS_FRACTION of at
   least CLIP_MIN_STEPS steps; never clipped: 0 of at least CLIP_MIN_STEPS steps (info).
 - clipping mismatch: the optimizer saw a norm that differs by more than CLIP_MISMATCH from
