@@ -135,8 +135,13 @@ class Tracker:
     def __repr__(self) -> str:
         if self.profile is not None:
             return repr(self.profile)
-        if self.session is not None and self._entered:
+        if self.forked_away:
+            return "<memprof.track: a process forked inside the block; its parent has the profile>"
+        if self.session is not None and self._entered and self.session.pid == os.getpid() \
+                and not getattr(self.session, "stopped", False):
             return f"<memprof.track: recording, {int(_C.counters()['records']):,} events so far>"
+        if self._entered:
+            return "<memprof.track: ended without a profile (see the error it raised)>"
         return "<memprof.track: not started; use it as `with memprof.track(model) as prof:`>"
 
     def _repr_html_(self) -> str | None:

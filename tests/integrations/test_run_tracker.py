@@ -218,3 +218,23 @@ def test_a_misspelt_option_names_the_ones_there_are(tmp_path):
     with pytest.raises(TypeError, match=r"MemprofCallback: helth=.*no option of memprof.track"
                                         r".*health"):
         RunTracker(str(tmp_path), "train", {"helth": True})
+
+
+def test_analyses_given_as_a_generator_run_in_every_run(tmp_path):
+    # the option check read the generator to its end: the run itself got no analyses and no
+    # findings, with no word
+    from memprof.analyse import default_analyses
+    run = RunTracker(str(tmp_path), "train", {"analyses": (f for f in default_analyses())})
+    assert len(run.track_kwargs["analyses"]) == len(default_analyses())
+    for _ in range(2):   # a second fit() with the same callback reads them again
+        model, opt = _model_and_optimizer()
+        kept = []
+        run.start(model, opt, {"model": model})
+        for _ in range(3):
+            loss = model(torch.randn(8, 16)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            kept.append(loss)   # a retained graph: the analyses find it
+        run.stop()
+        assert [f.kind for f in run.profile.findings if f.kind == "retained_graph"]

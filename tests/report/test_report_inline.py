@@ -53,3 +53,25 @@ def test_a_notebook_shows_the_report_as_an_html_fragment(tmp_path):
     assert "peak live memory" in text and "Findings" in text
     assert "&lt;locals&gt;" in html and "<locals>" not in text   # the holder, escaped
     assert memprof.track()._repr_html_() is None   # not run yet: the one line instead
+
+
+def test_a_forked_child_says_its_parent_has_the_profile(tmp_path):
+    import os
+    model = MLP(16, 32, 4)
+    r, w = os.pipe()
+    with memprof.track(model) as prof:
+        model(torch.randn(8, 16)).sum().backward()
+        pid = os.fork()
+        if pid == 0:   # the child leaves the block too, then tells what its repr reads
+            try:
+                prof.__exit__(None, None, None)
+                os.write(w, repr(prof).encode())
+            finally:
+                os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(w)
+    child = os.read(r, 4096).decode()
+    os.close(r)
+    assert child == "<memprof.track: a process forked inside the block; its parent has the " \
+                    "profile>", child
+    assert repr(prof).startswith("<memprof profile: MLP")

@@ -142,6 +142,18 @@ def check_track_options(options: dict) -> None:
     Tracker(None, None, **options)   # (its checks; a block only begins when it is entered)
 
 
+def kept_options(options: dict) -> dict:
+    """The options as every run of the callback reads them: `analyses` given as a generator
+    was read to its end by the check (and by the first run): kept as a list."""
+    analyses = options.get("analyses")
+    if analyses is not None and not isinstance(analyses, (str, bytes, list, tuple)):
+        try:
+            options = dict(options, analyses=list(analyses))
+        except TypeError:
+            pass   # not iterable: the check says so
+    return options
+
+
 class RunTracker:
     """One memprof.track() block per training run, opened and closed by a callback."""
 
@@ -149,6 +161,7 @@ class RunTracker:
         if "path" in track_kwargs:
             raise TypeError("MemprofCallback: the profile's path is <output_dir>/<name>.memprof;"
                             " pass output_dir= and name= instead of path=")
+        track_kwargs = kept_options(track_kwargs)
         check_track_options(track_kwargs)
         self.output_dir, self.name, self.track_kwargs = str(output_dir), name, track_kwargs
         self.tracker: Tracker | None = None
