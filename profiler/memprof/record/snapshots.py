@@ -476,8 +476,8 @@ class SnapshotRecorder:
             states += state_pairs(opt)
         buffers = self.buffers()
         grads, grad_params = storage_parts(
-            [p.grad for p in params if p.grad is not None],
-            [p for p in params if p.grad is not None])
+            [p.grad for p in params if p.is_leaf and p.grad is not None],
+            [p for p in params if p.is_leaf and p.grad is not None])   # (a non-leaf warns)
         return [self._parameters(params),
                 self._owned(CAT_GRADIENTS, grads, [self._module_of(p) for p in grad_params]),
                 self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],

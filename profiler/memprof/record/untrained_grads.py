@@ -56,7 +56,8 @@ class UntrainedGradients:
         for m in scope.root_modules():
             prefix = scope.root_label(m)
             for n, p in m.named_parameters(remove_duplicate=True):
-                if id(p) in trained or id(p) in seen or p.grad is None:
+                # (a non-leaf's .grad is never filled, and reading it warns)
+                if not p.is_leaf or id(p) in trained or id(p) in seen or p.grad is None:
                     continue
                 seen.add(id(p))
                 found.append(f"{prefix}.{n}" if prefix else n)
