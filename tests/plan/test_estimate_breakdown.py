@@ -56,3 +56,15 @@ def test_recommend_says_what_the_parameters_gradients_and_state_take():
     assert plan.as_dict()["parameters_bytes"] == 4 * total
     from memprof.report.plan_html import plan_html
     assert f"{trainable:,} of {total:,} parameters train" in plan_html(plan)
+
+
+def test_a_model_that_trains_all_its_parameters_says_all():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU(), torch.nn.Linear(D, 10))
+    plan = memprof.recommend(model, batch=_batch, gpu="a100-40gb", effective_batch=8,
+                             precisions=["fp32"], policies=["none"], workers=1, confirm=False)
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=300))
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("  model state"))
+    total = sum(p.numel() for p in model.parameters())
+    assert f"(all {total:,} train)" in line and " of " not in line.split("(")[1]

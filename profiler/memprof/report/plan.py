@@ -126,8 +126,10 @@ def state_line(plan, best) -> str | None:
     c = plan._combos.get((best.precision, best.checkpointing))
     if c is None or c.model is None or plan.distributed is not None:
         return None
+    trains = (f"all {plan.total_params:,} train" if plan.trainable_params == plan.total_params
+              else f"{plan.trainable_params:,} of {plan.total_params:,} parameters train")
     return (f"model state (any micro-batch): parameters {fmt_bytes(c.params_bytes)} "
-            f"({plan.trainable_params:,} of {plan.total_params:,} parameters train), gradients "
+            f"({trains}), gradients "
             f"{fmt_bytes(c.gradient_bytes)}, optimizer state {fmt_bytes(c.state_bytes)} "
             f"({plan.optimizer}); activations and temporaries grow with the "
             "micro-batch")
