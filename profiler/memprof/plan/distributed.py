@@ -71,7 +71,7 @@ import torch.nn as nn
 
 from ..profile import Profile
 from ..record.events import (CAT_COMMUNICATION, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
-                             CAT_PARAMETERS, CATEGORIES, PHASE_BACKWARD, PHASE_FORWARD,
+                             CAT_PARAMETERS, PHASE_BACKWARD, PHASE_FORWARD,
                              PHASE_OPTIMIZER, PREEXISTING_THREAD)
 from .checkpoint import resolve_blocks
 from .communication import COMM_UTILISATION, step_communication
@@ -82,7 +82,7 @@ from .rank_layout import (DEFAULT_LAYOUT, LAYOUTS, bytes_per_parameter, fp32_red
                           gathered, half_working_weights, layout_name, layout_note,
                           optimizer_share, optimizer_state_bytes, sharded,
                           zero_model_state_bytes)
-from .streams import VARIANTS, reserved_peak
+from .streams import VARIANTS, live_by_category, reserved_peak
 
 __all__ = ["Strategy", "STRATEGIES", "strategy", "Distributed", "data_parallel",
            "RankEstimator", "zero_model_state_bytes", "LAYOUTS"]
@@ -557,10 +557,6 @@ class RankEstimator:
 
 
 def _breakdown(size: np.ndarray, cat: np.ndarray) -> dict:
-    """Live bytes per category after the last event given (the peak)."""
-    out = {}
-    for code, name in enumerate(CATEGORIES):
-        live = int(size[cat == code].sum())
-        if live:
-            out[name] = live
-    return out
+    """Live bytes per category after the last event given (the peak), the categories with
+    some only."""
+    return {name: live for name, live in live_by_category(size, cat).items() if live}

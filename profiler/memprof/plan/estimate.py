@@ -86,7 +86,8 @@ from .meta_build import fake_like
 from .own_checkpointing import OwnCheckpoints
 from .precision import ESTIMATE_PRECISIONS, model_precision, training
 from .recompute_modes import recompute_under
-from .streams import VARIANTS, peak_by_category, reserved_peak, step_stream
+from .streams import (VARIANTS, free_tokens, live_by_category, reserved_peak, step_order,
+                      stream_pointers)
 
 __all__ = ["estimate_step", "measure_step", "Estimator", "Estimate", "make_optimizer",
            "optimizer_kind", "ESTIMATE_PRECISIONS", "OPTIMIZERS"]
@@ -492,12 +493,18 @@ class Estimator:
 
     def _finish(self, prof: Profile, batch_size, precision, checkpointing, phase_flops, ops,
                 simulate) -> Estimate:
-        peaks = {}
+        peaks, at_peak = {}, {}
+        tokens = free_tokens(prof)
+        ptrs, sizes, cats = stream_pointers(tokens), prof.effective_size, prof.category
         for variant in VARIANTS:
-            ptr, size = step_stream(prof, variant)
-            alloc = int(np.cumsum(size).max()) if size.size else 0
+            order = step_order(prof, variant, tokens)
+            ptr, size = ptrs[order], sizes[order]
+            live = np.cumsum(size)
+            top = int(np.argmax(live)) if size.size else -1
+            alloc = int(live[top]) if size.size else 0
             res = reserved_peak(ptr, size) if simulate and size.size else 0
             peaks[variant] = (alloc, res)
+            at_peak[variant] = live_by_category(size[:top + 1], cats[order][:top + 1])
         mem = prof.memory
         size = mem["size"]
         compute = (size > 0) & np.isin(mem["phase"], (PHASE_FORWARD, PHASE_BACKWARD))
@@ -511,8 +518,7 @@ class Estimator:
             flops=int(sum(phase_flops.values())), flops_by_phase=dict(phase_flops), ops=ops,
             bytes_allocated=int(size[compute].sum()), buffers_bytes=self.buffers_bytes,
             params_bytes=self.params_bytes, trainable_params=self.trainable_params, wall_s=0.0,
-            by_category=peak_by_category(prof, "steady"),
-            first_by_category=peak_by_category(prof, "first"))
+            by_category=at_peak["steady"], first_by_category=at_peak["first"])
 
 
 def _noting_rule(loss_fn, rule: dict):

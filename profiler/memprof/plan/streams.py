@@ -14,7 +14,7 @@ from ..record.events import (CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CATEGORIES,
                              PREEXISTING_THREAD)
 from .allocator import simulate
 
-__all__ = ["VARIANTS", "step_order", "step_stream", "peak_by_category", "reserved_peak"]
+__all__ = ["VARIANTS", "step_order", "step_stream", "live_by_category", "reserved_peak"]
 
 VARIANTS = ("first", "steady", "accumulate")
 
@@ -43,12 +43,14 @@ def canonical_order(size: np.ndarray, token: np.ndarray) -> np.ndarray:
     return np.lexsort((np.where(free, token, 0), free, run))
 
 
-def step_order(profile: Profile, variant: str = "first") -> np.ndarray:
+def step_order(profile: Profile, variant: str = "first",
+               tokens: np.ndarray | None = None) -> np.ndarray:
     """The profile's events in the order of a variant of the step (see the module
-    docstring); frees that happen at once in canonical order (canonical_order)."""
+    docstring); frees that happen at once in canonical order (canonical_order). `tokens`:
+    free_tokens(profile), where the caller has them."""
     mem = profile.memory
     size = profile.effective_size
-    canon = canonical_order(size, free_tokens(profile))
+    canon = canonical_order(size, free_tokens(profile) if tokens is None else tokens)
     if variant == "first":
         return canon
     if variant not in ("steady", "accumulate"):
@@ -63,25 +65,23 @@ def step_order(profile: Profile, variant: str = "first") -> np.ndarray:
 
 def step_stream(profile: Profile, variant: str = "first") -> tuple[np.ndarray, np.ndarray]:
     """(ptr, size) of the profile's allocations in a variant's order (step_order)."""
-    order = step_order(profile, variant)
-    ptr = free_tokens(profile).astype(np.uint64) + np.uint64(1)
-    return ptr[order], profile.effective_size[order]
+    tokens = free_tokens(profile)
+    order = step_order(profile, variant, tokens)
+    return stream_pointers(tokens)[order], profile.effective_size[order]
 
 
-def peak_by_category(profile: Profile, variant: str = "first") -> dict[str, int]:
-    """Live bytes per category at the allocated peak of a variant of the step (every
-    category, zeros included, as Profile.breakdown gives them)."""
-    order = step_order(profile, variant)
-    size = profile.effective_size[order]
-    out = {c: 0 for c in CATEGORIES}
-    if not size.size:
-        return out
-    top = int(np.argmax(np.cumsum(size)))
-    sums = np.bincount(profile.category[order][:top + 1].astype(np.int64),
-                       weights=size[:top + 1].astype(np.float64), minlength=len(CATEGORIES))
-    for code, name in enumerate(CATEGORIES):
-        out[name] = int(sums[code])
-    return out
+def stream_pointers(tokens: np.ndarray) -> np.ndarray:
+    """The allocator model's block identity per event: its allocation's token, from 1."""
+    return tokens.astype(np.uint64) + np.uint64(1)
+
+
+def live_by_category(size: np.ndarray, cat: np.ndarray) -> dict[str, int]:
+    """Live bytes per category after the last event given (every category, zeros included,
+    as Profile.breakdown gives them): a step's categories at its peak, given the events up
+    to the peak."""
+    sums = np.bincount(cat.astype(np.int64), weights=size.astype(np.float64),
+                       minlength=len(CATEGORIES))
+    return {name: int(sums[code]) for code, name in enumerate(CATEGORIES)}
 
 
 def reserved_peak(ptr: np.ndarray, size: np.ndarray) -> int:
