@@ -175,11 +175,12 @@ def storage_parts(tensors: list, owners: list) -> tuple[list, list]:
     return out_t, out_o
 
 
-def trainable_storages(params: list) -> dict[int, int]:
+def trainable_storages(params: list, ptrs: list | None = None) -> dict[int, int]:
     """Storage address -> 1 where a parameter at it requires grad, else 0 (frozen): a LoRA
-    base against its adapters. A storage shared with a trainable parameter trains."""
+    base against its adapters. A storage shared with a trainable parameter trains. `ptrs`:
+    storage_ptrs(params), where the caller has them."""
     out: dict[int, int] = {}
-    for ptr, p in zip(storage_ptrs(list(params)), params):
+    for ptr, p in zip(storage_ptrs(list(params)) if ptrs is None else ptrs, params):
         if ptr is not None:
             out[ptr] = out.get(ptr, 0) | p.requires_grad
     return out
@@ -403,21 +404,24 @@ class SnapshotRecorder:
         self._note(*self._owned(category, tensors, modules))
 
     @staticmethod
-    def _owned(category: int, tensors, modules) -> tuple[int, list[int], list[int]]:
+    def _owned(category: int, tensors, modules,
+               ptrs: list | None = None) -> tuple[int, list[int], list[int]]:
         """(category, the tensors' storage addresses in their order, each once, the module
         owning each: the first tensor's at an address). In the tensors' order, not the
-        addresses': the owners then read the same from one snapshot to the next (see _note)."""
+        addresses': the owners then read the same from one snapshot to the next (see _note).
+        `ptrs`: storage_ptrs(tensors), where the caller has them."""
         owner: dict[int, int] = {}
-        for ptr, mid in zip(storage_ptrs(list(tensors)), modules):
+        for ptr, mid in zip(storage_ptrs(list(tensors)) if ptrs is None else ptrs, modules):
             if ptr is not None:
                 owner.setdefault(ptr, mid)
         return category, list(owner), list(owner.values())
 
     def _parameters(self, params: list) -> tuple[int, list[int], list[int], array]:
         """_owned(CAT_PARAMETERS, ...) of `params` plus whether each storage trains."""
+        every = storage_ptrs(list(params))   # read once for both
         category, ptrs, modules = self._owned(CAT_PARAMETERS, params,
-                                              [self._module_of(p) for p in params])
-        trains = trainable_storages(params)
+                                              [self._module_of(p) for p in params], every)
+        trains = trainable_storages(params, every)
         return category, ptrs, modules, array("b", [trains[a] for a in ptrs])
 
     def _note(self, category: int, ptrs, modules, trainable=None) -> None:

@@ -194,9 +194,11 @@ class StepClock:
             if callable(closure):
                 return self._after_closure(optimizer, closure, args, kwargs)
         stepped = self._stepped.get(id(optimizer))
+        params = None   # ids of its parameters, read at its first step only
         if stepped is None or stepped() is not optimizer:
             self._stepped[id(optimizer)] = weakref.ref(optimizer)
-            self.updated.update(id(p) for g in optimizer.param_groups for p in g["params"])
+            params = [id(p) for g in optimizer.param_groups for p in g["params"]]
+            self.updated.update(params)
         if self.watches(optimizer):
             seen = self._seen.get(id(optimizer))
             if seen is None or seen() is not optimizer:   # new (or a new one at a reused id)
@@ -204,7 +206,8 @@ class StepClock:
                 if seen is not None or id(optimizer) not in self._labels:   # (labelled at a
                     # skipped first step: the same optimizer, its label kept)
                     self._labels[id(optimizer)] = len(self._labels) + 1
-                self.trained.update(id(p) for g in optimizer.param_groups for p in g["params"])
+                self.trained.update(params if params is not None else
+                                    (id(p) for g in optimizer.param_groups for p in g["params"]))
             _C.optimizer_start(self.step)   # its marker, then the phase
         for fn in tuple(self.on_optimizer_pre):
             fn(optimizer)
