@@ -579,7 +579,7 @@ class Profile(Displayed):
             problem = ("exists and is not a memprof profile (it would be replaced); give "
                        "another file name")
         if problem is not None:
-            raise ValueError(f"save({path!r}): {problem}")
+            raise profile_file.UnwritablePath(f"save({path!r}): {problem}", problem)
         return profile_file.write(self.run, self.findings, path)
 
     @classmethod

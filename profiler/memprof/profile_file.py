@@ -34,6 +34,15 @@ class ProfileFormatError(ValueError):
     """A file that is not a memprof profile, or one of an unsupported version."""
 
 
+class UnwritablePath(ValueError):
+    """A path where no profile can be written (`reason`: why, without the path: unwritable's
+    words, which a save that falls back elsewhere repeats)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def _umask() -> int:
     """The process's umask: from /proc on Linux; elsewhere by setting it and setting it back
     (for that instant another thread's new file would get 022)."""

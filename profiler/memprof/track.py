@@ -22,7 +22,7 @@ from .analyse import throughput as _throughput
 from .profile import Profile
 from .profile_file import may_replace, recorded_steps, unwritable
 from . import track_budget as _budget
-from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave, save_elsewhere, why_not_saved
+from .track_autosave import DEFAULT_AUTOSAVE_S, Autosave, save_where_possible
 from .record.distributed import CommRecorder, identity as _rank_identity, rank_path
 from .record.compile_watch import CompileRecorder
 from .record.cuda_segments import CudaSegmentsRecorder
@@ -138,7 +138,7 @@ class Tracker:
         if self.forked_away:
             return "<memprof.track: a process forked inside the block; its parent has the profile>"
         if self.session is not None and self._entered and self.session.pid == os.getpid() \
-                and not getattr(self.session, "stopped", False):
+                and not self.session.stopped:
             return f"<memprof.track: recording, {int(_C.counters()['records']):,} events so far>"
         if self._entered:
             return "<memprof.track: ended without a profile (see the error it raised)>"
@@ -293,21 +293,14 @@ class Tracker:
                   "kept as it was", file=sys.stderr)
             self.kept_existing = True
             return
-        try:
-            self.profile.save(target)
-        except (OSError, ValueError) as err:   # (the directory went away, the disk filled)
-            elsewhere = save_elsewhere(self.profile, target)
-            why = why_not_saved(err)
-            if elsewhere is None:
-                self.save_error = f"could not save it to {target} ({why})"
-                print(f"memprof: could not save the profile to {target}: {err}",
-                      file=sys.stderr)
-                return
-            print(f"memprof: could not save the profile to {target} ({why}); saved it to "
-                  f"{elsewhere} instead", file=sys.stderr)
+        written, why = save_where_possible(self.profile, target)   # (directory gone, disk full)
+        if why is not None:
             self.save_error = f"could not save it to {target} ({why})"
-            target = elsewhere
-        self.saved = target
+            print(f"memprof: could not save the profile to {target} ({why})"
+                  + (f"; saved it to {written} instead" if written else ""), file=sys.stderr)
+            if written is None:
+                return
+        self.saved = target = written
         earlier = self._autosave.elsewhere if self._autosave is not None else None
         if earlier is not None and earlier != target:
             try:   # the saves the path could not take: this one, at the path, replaces them
@@ -319,7 +312,6 @@ class Tracker:
         if exc is not None and (not isinstance(exc, SystemExit) or self.path is None):
             print(f"memprof: the tracked code raised {type(exc).__name__}; profile saved "
                   f"to {target}", file=sys.stderr)
-
 
 
 def track(model: torch.nn.Module | None = None, optimizer=None, *, path: str | None = None,

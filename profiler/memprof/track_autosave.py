@@ -138,24 +138,21 @@ def next_due(due: float, now: float, every: float, took: float) -> float:
     return nxt
 
 
-def save_elsewhere(profile, target: str) -> str | None:
-    """`profile` in the temporary directory, where its path cannot take it (the directory went
-    away, the disk filled): a run's profile was lost after the whole run. The path written
-    (`memprof-<pid>-<name>`: the same for every save of the block), or None."""
+def save_where_possible(profile, target: str) -> tuple[str | None, str | None]:
+    """(the path written, why not `target`): `profile` at `target`, else in the temporary
+    directory (`memprof-<pid>-<name>`: the same for every save of a block), where the path
+    cannot take it (the directory went away, the disk filled): a run's profile was lost after
+    the whole run. (None, why) where neither could be written."""
+    try:
+        return profile.save(target), None
+    except (OSError, ValueError) as err:   # (UnwritablePath: the path's problem, said once)
+        why = getattr(err, "reason", None) or getattr(err, "strerror", None) or str(err)
     fallback = os.path.join(tempfile.gettempdir(),
                             f"memprof-{os.getpid()}-{os.path.basename(target)}")
     try:
-        return profile.save(fallback)
+        return profile.save(fallback), why
     except (OSError, ValueError):
-        return None
-
-
-def why_not_saved(err: Exception) -> str:
-    """The reason of a failed save, without the path again (Profile.save names it)."""
-    why = getattr(err, "strerror", None) or str(err)
-    if why.startswith("save(") and "): " in why:
-        why = why.split("): ", 1)[1]
-    return why
+        return None, why
 
 
 class Autosave:
@@ -224,17 +221,16 @@ class Autosave:
         profile.run.records["autosave"] = self.record()
         _analyse.analyse(profile, self.tracker.analyses)
         target = self.tracker.target(profile.meta)
-        try:
-            profile.save(target)
-        except (OSError, ValueError) as err:
-            elsewhere = save_elsewhere(profile, target)
-            if elsewhere is None:
-                raise
+        written, why = save_where_possible(profile, target)
+        if written is None:
+            raise OSError(f"{target}: {why}")
+        if why is not None:
             if self.elsewhere is None:   # said once: the next saves go there too
-                print(f"memprof: could not save the profile so far to {target} "
-                      f"({why_not_saved(err)}); saving it to {elsewhere} until the path "
-                      "takes it again", file=sys.stderr, flush=True)
-            self.elsewhere = target = elsewhere
+                print(f"memprof: could not save the profile so far to {target} ({why}); "
+                      f"saving it to {written} until the path takes it again",
+                      file=sys.stderr, flush=True)
+            self.elsewhere = written
+        target = written
         # the time this step spent saving: the throughput tables leave it out
         self.saves.append([steps, round(time.perf_counter() - t0, 6)])
         return target
