@@ -59,8 +59,9 @@ def findings(prof, min_severity: str = "warning") -> list[Finding]:
 def summary(profile) -> dict:
     """Everything as plain JSON-able data: the profile's summary plus the throughput and
     health summaries, the budget replay and what would fit where one was asked for, the
-    parameters at the peak split into trainable and frozen, and the partial last step marked (what `memprof report --json` and `memprof run --json`
-    print: one document, so that a CI script reads either the same way)."""
+    parameters at the peak split into trainable and frozen, and the partial last step marked
+    (what `memprof report --json` and `memprof run --json` print: one document, so that a CI
+    script reads either the same way)."""
     from . import coverage, health, throughput, trainable
     out = profile.summary()
     out["throughput"] = throughput.summarize(profile)

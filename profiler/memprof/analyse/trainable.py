@@ -10,6 +10,10 @@ from ..profile import Profile
 from ..record.events import CAT_PARAMETERS
 
 
+#: the split's parts and how the reports name them
+PARTS = (("trainable", "trainable (requires_grad)"), ("frozen", "frozen"))
+
+
 def parameters_split(profile: Profile, at: str | int = "peak") -> dict[str, int] | None:
     """{"trainable": bytes, "frozen": bytes} of the parameters alive at `at` (each storage
     once: tied weights), each as the last note that named it saw it; None where there is

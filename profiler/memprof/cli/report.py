@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from ..report import PROFILE_EXPORTS
 from .base import Command, UsageError, at_least_one, check_export
 
 
@@ -47,7 +48,7 @@ class ReportCommand(Command):
         if len(args.profile) > 1:
             return _run_merged(args)
         for path in args.export or []:
-            check_export(path, "--export", (".json", ".pickle", ".pkl", ".html"))
+            check_export(path, "--export", PROFILE_EXPORTS)
         prof = memprof.load(args.profile[0])
         if args.budget:
             _apply_budget(prof, args.budget)

@@ -13,6 +13,7 @@ import threading
 import traceback
 
 from ..record.patches import PatchRegistry
+from ..report import PROFILE_EXPORTS
 from ..record.events import EVENT_DTYPE
 from ..record.session import DEFAULT_CAPACITY, MAX_CAPACITY
 from ..record.update_watch import is_call_site
@@ -430,18 +431,13 @@ def _print_user_traceback(exc: BaseException) -> None:
     print("".join(report.format()), end="", file=sys.stderr)
 
 
-#: what `memprof report --export` writes: a profile saved under such a name was a zip file
-#: that a browser or a JSON reader showed as bytes
-EXPORT_EXTENSIONS = (".html", ".json", ".pickle", ".pkl")
-
-
 def _output(args, target: RunTarget) -> str:
     """--output, or <script>.memprof, as an absolute path (a script that changes its working
     directory, as hydra's runs do, left it in the new one); checked now, not after an hour of
     training."""
     output = args.output or target.stem + ".memprof"
     stem, ext = os.path.splitext(output)
-    if ext.lower() in EXPORT_EXTENSIONS:
+    if ext.lower() in PROFILE_EXPORTS:   # (a zip file a browser or JSON reader shows as bytes)
         raise UsageError(f"--output {output!r}: a profile is a .memprof file (a {ext} file is "
                          f"one of its exports): run with -o {stem}.memprof, then memprof "
                          f"report {stem}.memprof --export {output}")

@@ -49,6 +49,10 @@ def describe(profile, html: bool = False) -> str:
     return html_fragment(profile) if html else one_line(profile)
 
 
+#: the file names a profile exports to, by extension (_profile_export)
+PROFILE_EXPORTS = (".json", ".pickle", ".pkl", ".html")
+
+
 def _profile_export(profile, lower: str):
     if lower.endswith(".json"):
         import json

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from ..analyse.coverage import model_not_given
 from ..analyse.throughput import unmarked_steps
-from ..analyse.trainable import parameters_split
+from ..analyse.trainable import PARTS, parameters_split
 from ..finding import sort_findings
 from ..profile import Profile
 from ..record.events import CATEGORIES
@@ -238,8 +238,7 @@ def _at_peak(profile: Profile) -> str:
                         f'<span data-parameters="{part}" data-bytes="{split[part]}">'
                         f'{esc(fmt_bytes(split[part]))}</span>',
                         f"{100 * split[part] / total:.1f} %")
-                       for part, label in (("trainable", "trainable (requires_grad)"),
-                                           ("frozen", "frozen"))]
+                       for part, label in PARTS]
     top = [(fmt_bytes(d["size"]), d["category"], d["op"], d["module"], d["node"] or "",
             d["phase"], d["step"]) for d in top_allocations(profile)]
     return (f'<section id="peak"><h2>At the peak</h2>'
