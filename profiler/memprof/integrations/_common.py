@@ -129,29 +129,19 @@ class LivePeak:
         return delta
 
 
-def check_track_options(options: dict) -> None:
+def check_track_options(options: dict) -> dict:
     """memprof.track()'s own checks of the callback's options, when the callback is made: it
     is made before the model, the data and the framework load, and a bad option failed only
-    when training began."""
+    when training began. Returns the options as every run reads them: `analyses` as the list
+    track() made of it (a generator is read once: the check read it to its end)."""
     known = [n for n in inspect.signature(Tracker).parameters
              if n not in ("model", "optimizer", "path")]
     for name in options:
         if name not in known:
             raise TypeError(f"MemprofCallback: {name}={options[name]!r} is no option of "
                             f"memprof.track; expected some of: {', '.join(known)}")
-    Tracker(None, None, **options)   # (its checks; a block only begins when it is entered)
-
-
-def kept_options(options: dict) -> dict:
-    """The options as every run of the callback reads them: `analyses` given as a generator
-    was read to its end by the check (and by the first run): kept as a list."""
-    analyses = options.get("analyses")
-    if analyses is not None and not isinstance(analyses, (str, bytes, list, tuple)):
-        try:
-            options = dict(options, analyses=list(analyses))
-        except TypeError:
-            pass   # not iterable: the check says so
-    return options
+    checked = Tracker(None, None, **options)   # (a block only begins when it is entered)
+    return dict(options, analyses=checked.analyses) if "analyses" in options else options
 
 
 class RunTracker:
@@ -161,8 +151,7 @@ class RunTracker:
         if "path" in track_kwargs:
             raise TypeError("MemprofCallback: the profile's path is <output_dir>/<name>.memprof;"
                             " pass output_dir= and name= instead of path=")
-        track_kwargs = kept_options(track_kwargs)
-        check_track_options(track_kwargs)
+        track_kwargs = check_track_options(track_kwargs)
         self.output_dir, self.name, self.track_kwargs = str(output_dir), name, track_kwargs
         self.tracker: Tracker | None = None
         self.profile = None          # the last run's Profile, once it ended
