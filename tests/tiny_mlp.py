@@ -1,4 +1,4 @@
-"""The small MLP several tests share (a plain module: importable from any test folder)."""
+"""The small models several tests share (a plain module: importable from any test folder)."""
 import torch
 
 
@@ -28,3 +28,21 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, x):
         return self.base(x) + (x @ self.a) @ self.b
+
+
+def lora_llama(rank=8, vocab=256, tie_word_embeddings=False):
+    """A 2-layer Llama (random weights), its base in bf16 and frozen by peft, fp32 LoRA
+    adapters on q/v: the 7B LoRA recipe, small."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings, use_cache=False)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank,
+                                            target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    return model

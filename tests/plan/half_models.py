@@ -31,19 +31,8 @@ def batch_bf16(batch_size=32):
 
 def llama_lora_bf16(rank=8):
     """A 2-layer Llama in bf16 with fp32 LoRA adapters on q/v (peft): the 7B recipe, small."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        use_cache=False)).to(torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                            target_modules=["q_proj", "v_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()
-    return model
+    from tiny_mlp import lora_llama
+    return lora_llama(rank, vocab=VOCAB)
 
 
 def tokens(batch_size=4, seq=32):

@@ -21,19 +21,8 @@ pytest.importorskip("transformers")
 def tiny_lora_llama(rank=8):
     """A 2-layer Llama, random weights, embeddings tied to the LM head (one storage), its base
     in bf16 and frozen by peft, LoRA adapters (fp32) on q/v."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=64, tie_word_embeddings=True, use_cache=False)
-    base = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                            target_modules=["q_proj", "v_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()
-    return model
+    from tiny_mlp import lora_llama
+    return lora_llama(rank, vocab=512, tie_word_embeddings=True)
 
 
 def ground_truth(model) -> dict:
