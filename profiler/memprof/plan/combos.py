@@ -21,7 +21,8 @@ from .errors import PlanInputError
 from .estimate import Estimator
 from .own_checkpointing import skip_reason, text as own_text
 from .parallel import Pool, default_workers
-from .workloads import BatchError
+from .step_failure import explain, origin, plain_step_raises
+from .workloads import BatchError, batch_form
 
 __all__ = ["Search", "Combination", "FIT_BATCHES"]
 
@@ -126,7 +127,7 @@ class Search:
             if c.error is not None:        # an earlier estimate of it failed
                 continue
             if error is not None:
-                self._failed(c, error, first=key == ready[0])
+                self._failed(c, error, batch, first=key == ready[0])
             elif batch in FIT_BATCHES:
                 c.wall_s += est.wall_s
                 fits.setdefault(key, {})[batch] = est
@@ -179,8 +180,9 @@ class Search:
 
     def _estimate_job(self, job: tuple[tuple[str, str], int]):
         """One estimate (precision x policy, micro-batch), here or in a worker process ->
-        (the Estimate or None, None or (error type name, message)). Bad user input (the
-        batch function raised, ...) is raised as a PlanInputError."""
+        (the Estimate or None, None or (error type name, message, where the model's own
+        code raised it or None)). Bad user input (the batch function raised, ...) is raised
+        as a PlanInputError."""
         (precision, checkpointing), batch = job
         try:
             est = self.estimator.step(batch, precision=precision, checkpointing=checkpointing,
@@ -190,19 +192,24 @@ class Search:
         except PlanInputError:
             raise
         except Exception as e:  # noqa: BLE001  (one policy failing must not hide the rest)
-            return None, (type(e).__name__, (str(e).splitlines() or [""])[0])
+            return None, (type(e).__name__, (str(e).splitlines() or [""])[0], origin(e))
         if os.getpid() != self._pid:
             est.profile.run.live = None    # live objects stay in the worker
         return est, None
 
-    def _failed(self, c: Combination, error: tuple[str, str], first: bool) -> None:
-        name, message = error
+    def _failed(self, c: Combination, error: tuple, batch: int, first: bool) -> None:
+        name, message, where = error
         c.model = None
         c.error = f"estimate failed: {name}: {_shorten(message, 240)}"
         if first and parse_policy(c.checkpointing)[0] == "none":
-            # the plain step fails: the model / loss / batch is the problem
-            raise PlanInputError(f"model {self.model_name}: a training step failed under fake "
-                                 f"tensors: {name}: {_shorten(message, 240)}") from None
+            # the plain step fails: the model / loss / batch is the problem (step_failure
+            # tells the model's own error from a fake-tensor one)
+            est = getattr(self.estimator, "base", self.estimator)
+            plain = None if where is not None else plain_step_raises(est, batch, c.precision)
+            make_batch = est.make_batch
+            raise PlanInputError(explain(
+                self.model_name, name, _shorten(message, 240), where, plain,
+                getattr(make_batch, "__name__", "batch"), batch_form(make_batch))) from None
 
     def _accumulation(self, micro_batch: int) -> int:
         return max(1, math.ceil(self.effective_batch / micro_batch))
