@@ -28,6 +28,9 @@ homogeneous stack with at least a quarter of the largest one's parameters, not i
 Override with `blocks=` (a list of modules, or qualified names of containers such as
 "encoder.layer", several separated by commas).
 
+Blocks that checkpoint themselves (Hugging Face's own activation checkpointing is on) are
+left to it, with one warning: see `apply`.
+
 Checkpointing wraps the block's `forward` (an instance attribute, removed again by
 `handle.remove()`): module hooks, parameters and state dicts are unchanged. Under
 `torch.no_grad()` the block runs as usual; with gradients, a checkpointed block runs without a
@@ -41,6 +44,8 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -191,7 +196,22 @@ class CheckpointHandle:
         self.container = container
         self.blocks = blocks          # all candidate blocks
         self.wrapped = wrapped        # the blocks actually checkpointed
+        self.skipped: list[nn.Module] = []   # left to the model's own checkpointing
         self.active = True
+        self._said_own = False
+
+    def say_own(self, blocks: int, of: int, later: bool = False) -> None:
+        """Warn, once per handle, that blocks checkpoint themselves and are left to it."""
+        if self._said_own:
+            return
+        self._said_own = True
+        on, off = switch_names(self.model)
+        when = "now checkpoint themselves" if later else "checkpoint themselves"
+        warnings.warn(
+            f"memprof.checkpoint.apply: {blocks} of {of} blocks of "
+            f"{type(self.model).__name__} {when} (Hugging Face's {on}()): left to "
+            f"the model's own checkpointing, not checkpointed a second time; for policy "
+            f"{self.policy!r} instead, call model.{off}() first", UserWarning, stacklevel=3)
 
     def remove(self) -> None:
         for m in self.wrapped:
@@ -258,7 +278,45 @@ def _without_cache(block: nn.Module, positions: dict[int, str], args: tuple,
     return args, kwargs
 
 
-def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle) -> None:
+#: the flag through which Hugging Face models switch their own checkpointing: on each block
+#: (transformers 5's GradientCheckpointingLayer) or, in older versions, on the stack whose
+#: loop checkpoints its blocks
+_OWN_FLAG = "gradient_checkpointing"
+
+
+def switch_names(model=None) -> tuple[str, str]:
+    """The methods that turn a Hugging Face model's own checkpointing on and off, as the
+    installed transformers names them: transformers 5.x deprecates
+    gradient_checkpointing_enable/_disable (a FutureWarning) for
+    activation_checkpointing_enable/_disable. Read from `model`, else from transformers when
+    it is already imported; the older names where neither has the new ones."""
+    holder = model if model is not None and hasattr(model, "gradient_checkpointing_enable") \
+        else getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    if holder is not None and hasattr(holder, "activation_checkpointing_enable"):
+        return "activation_checkpointing_enable", "activation_checkpointing_disable"
+    return "gradient_checkpointing_enable", "gradient_checkpointing_disable"
+
+
+def _own_switch(model: nn.Module, name: str | None) -> nn.Module | None:
+    """The module whose flag says whether the block named `name` checkpoints itself: the
+    block, else its nearest ancestor that has one; None when none has (or no name)."""
+    if name is None:
+        return None
+    parts = name.split(".") if name else []
+    for i in range(len(parts), -1, -1):
+        m = model.get_submodule(".".join(parts[:i]))
+        if hasattr(m, _OWN_FLAG):
+            return m
+    return None
+
+
+def _checkpoints_itself(switch: nn.Module | None) -> bool:
+    """Whether the flag is on where the model reads it (while training)."""
+    return switch is not None and bool(getattr(switch, _OWN_FLAG, False)) and switch.training
+
+
+def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle,
+          switch: nn.Module | None = None) -> None:
     inner = block.forward  # the bound method of the class (or a user's own override)
     positions = _cache_positions(inner)
     run = functools.partial(inner)   # marked: a checkpoint of memprof's (own_checkpointing)
@@ -266,6 +324,9 @@ def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle) -> None:
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        if _checkpoints_itself(switch):   # turned on after apply (a Trainer's own switch)
+            handle.say_own(len(handle.wrapped), len(handle.blocks), later=True)
             return inner(*args, **kwargs)
         args, kwargs = _without_cache(block, positions, args, kwargs)
         if selective:
@@ -284,7 +345,14 @@ def apply(model: nn.Module, policy: str = "every",
 
     Returns a CheckpointHandle; `handle.remove()` restores the model. Raises ValueError for an
     unknown policy, a model without repeated blocks (when blocks= is not given) or a block
-    that is already checkpointed by memprof."""
+    that is already checkpointed by memprof.
+
+    Blocks that checkpoint themselves (Hugging Face's activation checkpointing: a
+    `gradient_checkpointing` flag on the block, or on the stack around it in older
+    transformers) are left to the model's own checkpointing - wrapped again, a reentrant one
+    ran each block a third time - listed in `handle.skipped`, with one UserWarning; a wrapped block whose own
+    checkpointing is turned on later (a Trainer does it as training starts) runs as the model
+    has it too. A `torch.utils.checkpoint` call in a forward has no flag and is not seen."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     kind, k = parse_policy(policy)
@@ -298,9 +366,16 @@ def apply(model: nn.Module, policy: str = "every",
             raise ValueError(f"blocks: {type(m).__name__} in {container!r} is already "
                              "checkpointed by memprof; call .remove() on the first handle")
     handle = CheckpointHandle(model, policy, container, list(mods), [])
+    names = {id(m): n for n, m in model.named_modules()}
     for m in chosen:
-        _wrap(m, kind == "selective", handle)
+        switch = _own_switch(model, names.get(id(m)))
+        if _checkpoints_itself(switch):
+            handle.skipped.append(m)
+            continue
+        _wrap(m, kind == "selective", handle, switch)
         handle.wrapped.append(m)
+    if handle.skipped:
+        handle.say_own(len(handle.skipped), len(chosen))
     return handle
 
 

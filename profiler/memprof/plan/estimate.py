@@ -400,7 +400,9 @@ class Estimator:
             for under in (kernels, mode):   # mode outermost, as in the step itself
                 if under is not None:
                     run_under(m, under)
-        apply_checkpointing(model, checkpointing, blocks=mods)
+        with warnings.catch_warnings():   # the plan says it (own_checkpointing.skip_reason)
+            warnings.filterwarnings("ignore", message=".*blocks .* checkpoint themselves")
+            apply_checkpointing(model, checkpointing, blocks=mods)
         return kind, mods
 
     def _record(self, model, opt, storages: StepStorages, mods, run) -> tuple[Profile, dict]:
