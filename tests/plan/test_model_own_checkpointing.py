@@ -181,3 +181,19 @@ def test_the_max_micro_batch_line_and_the_chart_legend_say_model_s_own():
     page = plan_html(plan)
     assert "bf16, model&#x27;s own" in page or "bf16, model's own" in page
     assert "bf16, none" not in page
+
+
+def test_the_plan_names_the_switch_the_installed_transformers_offers():
+    """transformers 5.x deprecates gradient_checkpointing_enable() (a FutureWarning) for
+    activation_checkpointing_enable(); the plan's reasons and code named the old one."""
+    from memprof.plan.own_checkpointing import skip_reason
+    from memprof.plan.search import recommend
+    new = hasattr(transformers.PreTrainedModel, "activation_checkpointing_enable")
+    name = "activation_checkpointing_enable()" if new else "gradient_checkpointing_enable()"
+    assert name in skip_reason(3)
+    plan = recommend(_tiny_llama(own=True), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=["none"])
+    assert name in plan.code()
+    if new:
+        assert "gradient_checkpointing_enable" not in skip_reason(3) + plan.code()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+from .checkpoint import switch_names
 from .default_loss import loss_code
 
 __all__ = ["plan_code"]
@@ -260,7 +261,7 @@ def _setup_lines(plan, o) -> list[str]:
     if not _batches_on_device(plan):
         lines += _to_device_lines(how)
     if o.own_checkpointing:   # what the estimate ran: the model's checkpoints stay on
-        lines.append("# the model checkpoints its blocks itself (gradient_checkpointing_enable()"
+        lines.append(f"# the model checkpoints its blocks itself ({switch_names()[0]}()"
                      " or torch.utils.checkpoint), as estimated: keep that on")
     if o.checkpointing != "none":
         where = f"{plan.container or 'repeated blocks'}"

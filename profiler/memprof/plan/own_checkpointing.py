@@ -17,7 +17,7 @@ import contextlib
 import torch.utils.checkpoint as torch_checkpoint
 
 from ..record.patches import PatchRegistry
-from .checkpoint import _MARK
+from .checkpoint import _MARK, switch_names
 
 
 def _memprofs(fn) -> bool:
@@ -72,6 +72,6 @@ def skip_reason(own_checkpoints: int, instead: bool = False) -> str:
     """Why memprof's policies are not estimated on top of the model's own checkpointing
     (`instead`: 'none' was not asked for, and the model is estimated as it runs)."""
     return (f"not estimated: the model checkpoints its blocks itself ({own_checkpoints} "
-            "checkpoints in its forward: gradient_checkpointing_enable() or "
+            f"checkpoints in its forward: {switch_names()[0]}() or "
             "torch.utils.checkpoint); this policy would checkpoint them a second time"
             + ("; estimated as the model runs instead (model's own)" if instead else ""))
