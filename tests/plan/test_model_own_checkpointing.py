@@ -197,3 +197,16 @@ def test_the_plan_names_the_switch_the_installed_transformers_offers():
     assert name in plan.code()
     if new:
         assert "gradient_checkpointing_enable" not in skip_reason(3) + plan.code()
+
+
+def test_without_none_listed_the_first_policy_is_not_estimated_and_thrown_away():
+    """With --checkpointing every (no 'none') around a model that checkpoints itself, the two
+    estimates of 'every' were run, then dropped for the model's own: 4 estimates for 2."""
+    from memprof.plan.search import recommend
+    plan = recommend(_tiny_llama(own=True), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=["every"])
+    assert plan.estimates == 2
+    every = next(c for c in plan.combinations if c.checkpointing == "every")
+    assert every.model is None and "estimated as the model runs instead" in every.skipped
+    assert plan.best.own_checkpointing and plan.best.checkpointing == "none"

@@ -53,7 +53,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
-__all__ = ["apply", "CheckpointHandle", "find_blocks", "resolve_blocks", "policies_for",
+__all__ = ["apply", "CheckpointHandle", "checkpoints_itself", "find_blocks", "resolve_blocks", "policies_for",
            "POLICIES", "parse_policy", "SAVED_OPS"]
 
 POLICIES = ("none", "every", "every-k", "selective")
@@ -313,6 +313,12 @@ def _own_switch(model: nn.Module, name: str | None) -> nn.Module | None:
 def _checkpoints_itself(switch: nn.Module | None) -> bool:
     """Whether the flag is on where the model reads it (while training)."""
     return switch is not None and bool(getattr(switch, _OWN_FLAG, False)) and switch.training
+
+
+def checkpoints_itself(model: nn.Module) -> bool:
+    """Whether a module of `model` has its Hugging Face checkpointing on (and trains): read
+    from the flags, before any forward runs."""
+    return any(_checkpoints_itself(m) for m in model.modules() if hasattr(m, _OWN_FLAG))
 
 
 def _wrap(block: nn.Module, selective: bool, handle: CheckpointHandle,

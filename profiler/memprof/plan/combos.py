@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..record.events import CAT_GRADIENTS, PREEXISTING_THREAD
 from .batch_model import BatchModel
-from .checkpoint import parse_policy
+from .checkpoint import checkpoints_itself, parse_policy
 from .errors import PlanInputError
 from .estimate import Estimator
 from .own_checkpointing import skip_reason, text as own_text
@@ -82,6 +82,7 @@ class Search:
         self.confirm, self.blocks, self.progress = confirm, blocks, progress
         self.model_name = model_name
         self.runs = self.done = self.total = 0
+        self._none_added = False    # run(): "none" estimated first though not listed
         self.workers = default_workers() if workers is None else max(1, int(workers))
         self._pid = os.getpid()
 
@@ -102,9 +103,20 @@ class Search:
         the first policy. When the whole effective batch fits without checkpointing, or the
         model checkpoints its blocks itself, they are skipped; a model that checkpoints
         itself is then estimated as it runs ('none', the model's own) even when 'none' was
-        not listed: memprof's policies would checkpoint its blocks a second time."""
+        not listed: memprof's policies would checkpoint its blocks a second time. Where its
+        Hugging Face flags say so before any forward, 'none' is added up front, so no
+        estimate of the first policy is made only to be dropped."""
         combos: dict[tuple[str, str], Combination] = {}
         waiting: dict[str, list] = {}
+        # a model whose Hugging Face checkpointing is on (its flags say so before any
+        # forward) is estimated as it runs first: memprof's first policy would be estimated
+        # only to be dropped for it
+        user_model = getattr(getattr(self.estimator, "base", self.estimator),
+                             "_user_model", None)
+        self._none_added = user_model is not None and checkpoints_itself(user_model) and \
+            all(parse_policy(pol)[0] != "none" for pol in policies)
+        if self._none_added:
+            policies = ["none", *policies]
         for prec in precisions:      # each precision's first policy ahead of its others
             order = sorted(policies, key=lambda pol: parse_policy(pol)[0] != "none")
             for pol in order:
@@ -169,7 +181,8 @@ class Search:
                 pool.submit(((c.precision, "none"), b))
         for later in waiting:
             if own or fits_all:
-                combos[later].skipped = skip_reason(own, instead=not none) if own else (
+                instead = not none or self._none_added
+                combos[later].skipped = skip_reason(own, instead=instead) if own else (
                     f"not estimated: without checkpointing the whole effective batch "
                     f"{self.effective_batch} already fits in {c.precision}")
                 self.done += len(FIT_BATCHES)
