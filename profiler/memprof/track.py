@@ -31,6 +31,7 @@ from .record.inputs import InputRecorder
 from .record.leak_probe import LeakProbe
 from .record.session import DEFAULT_CAPACITY, MAX_CAPACITY, Session
 from .record.throughput import ThroughputRecorder
+from .record.gradless_params import ParametersWithoutGradients
 from .record.untrained_grads import UntrainedGradients
 from .run import Run
 
@@ -74,7 +75,7 @@ class Tracker:
         self.default_identity: dict | None = None
         recorders = [ThroughputRecorder(), InputRecorder(), CommRecorder(),
                      CudaSegmentsRecorder(), CompileRecorder(), LeakProbe(),
-                     UntrainedGradients()] + \
+                     UntrainedGradients(), ParametersWithoutGradients()] + \
             ([HealthRecorder()] if health else [])
         self.session = Session(model, optimizer, capacity=capacity, auto_modules=auto_modules,
                                batch_size=batch_size, recorders=recorders, step_on=step_on)

@@ -9,6 +9,7 @@ from rich.console import Console
 import memprof
 from memprof.plan.estimate import estimate_step
 from memprof.report.plan import print_plan
+from memprof.units import fmt_bytes
 
 D = 256
 
@@ -68,3 +69,35 @@ def test_a_model_that_trains_all_its_parameters_says_all():
     line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("  model state"))
     total = sum(p.numel() for p in model.parameters())
     assert f"(all {total:,} train)" in line and " of " not in line.split("(")[1]
+
+
+def test_an_ema_copy_inside_the_model_is_not_said_to_train():
+    """A model that holds an EMA copy of itself (torch.optim.swa_utils.AveragedModel keeps
+    requires_grad=True on the copy; a LightningModule with `self.ema`): the line read 'all
+    136,724 train' beside the gradients of half of them; the copy never gets a gradient and
+    no optimizer step moves it."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    class WithEma(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.ReLU(),
+                                           torch.nn.Linear(D, 10))
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = WithEma()
+    assert all(p.requires_grad for p in model.ema.parameters())
+    plan = memprof.recommend(model, batch=_batch, gpu="a100-40gb", effective_batch=8,
+                             precisions=["fp32"], policies=["none"], workers=1, confirm=False)
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=300))
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("  model state"))
+    trained = sum(p.numel() for p in model.net.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert f"({trained:,} of {total:,} parameters train)" in line, line
+    assert f"gradients {fmt_bytes(4 * trained)}" in line
+    assert plan.as_dict()["trainable_parameters"] == trained

@@ -14,6 +14,7 @@ from .outcome import Outcome
 
 def default_analyses() -> list:
     from .backward import backward_misuse
+    from .gradless_params import parameters_without_gradients
     from .growth import unexplained_growth
     from .health import health_analysis
     from .leaks import retained_graphs
@@ -21,7 +22,7 @@ def default_analyses() -> list:
     from .throughput import throughput_analysis
     from .untrained_grads import untrained_gradients
     return [retained_graphs, unexplained_growth, backward_misuse, throughput_analysis,
-            health_analysis, out_of_memory, untrained_gradients]
+            health_analysis, out_of_memory, untrained_gradients, parameters_without_gradients]
 
 
 def analyse(profile, analyses=None) -> None:

@@ -148,7 +148,7 @@ class Estimate:
     bytes_allocated: int         # bytes allocated during forward + backward (written at least once)
     buffers_bytes: int           # module buffers (BatchNorm statistics, ...), part of the peak
     params_bytes: int
-    trainable_params: int
+    trainable_params: int        # parameters the step gave a gradient (an EMA copy gets none)
     wall_s: float                # time this estimate took on this machine
     # live bytes per category at the steady-state peak (steps >= 2, as steady_peak_*: the
     # optimizer state exists); first_by_category: at the first step's peak, where an
@@ -462,6 +462,7 @@ class Estimator:
             f1 = recorder.flops
             loss.backward()
             f2 = recorder.flops
+            self._step_trained = sum(p.numel() for p in model.parameters() if p.grad is not None)
             # the kernels one micro-step launches (the optimizer's, and its first step's
             # state, are once per step: not part of the per-launch floor)
             recorder.storages.pass_kernels = recorder.storages.kernels - k0
@@ -519,7 +520,7 @@ class Estimator:
             accumulating_peak_reserved=peaks["accumulate"][1],
             flops=int(sum(phase_flops.values())), flops_by_phase=dict(phase_flops), ops=ops,
             bytes_allocated=int(size[compute].sum()), buffers_bytes=self.buffers_bytes,
-            params_bytes=self.params_bytes, trainable_params=self.trainable_params, wall_s=0.0,
+            params_bytes=self.params_bytes, trainable_params=self._step_trained, wall_s=0.0,
             by_category=at_peak["steady"], first_by_category=at_peak["first"])
 
 

@@ -140,7 +140,10 @@ class Plan:
         self.model = model_desc
         self.optimizer = estimator.optimizer_name
         self.params_bytes = estimator.params_bytes
-        self.trainable_params = estimator.trainable_params
+        # what the steps gave gradients, not what requires grad (an EMA copy held inside
+        # the model requires grad and never trains)
+        fitted = [c.model.lo.trainable_params for c in combos.values() if c.model is not None]
+        self.trainable_params = fitted[0] if fitted else estimator.trainable_params
         self.total_params = estimator.total_params
         self.lr = lr
         self._warmup_steps = warmup

@@ -334,6 +334,9 @@ class SnapshotRecorder:
         note = self._gradient_notes.get(id(optimizer))
         if note is None:
             note = self._gradient_notes[id(optimizer)] = self._new_gradient_note(optimizer)
+            # a new optimizer may update a new model (a sweep's next trial, built in the
+            # block): its parameters are noted at this step's end (session.params has them)
+            self._params_moved = True
         taken = note.take(optimizer.param_groups, self.session.scope.param_module)
         if taken is None:
             return
