@@ -26,11 +26,13 @@ namespace memprof {
 class AddressWatch {
  public:
   // Open addressing, at most half full, in the first `mask_ + 1` slots: a power of two sized to
-  // the addresses watched (a lookup on every allocation stays in a few KiB for a model of a
-  // few hundred parameters; a mixture of experts with tens of thousands still fits).
+  // the addresses watched, from 16 (every allocation looks one slot up, and a step clears the
+  // table: a few cache lines for a small model, a few KiB for a few hundred parameters, where
+  // a floor of 1024 slots made every step clear 8 KiB and every lookup land anywhere in it;
+  // a mixture of experts with tens of thousands still fits).
   static constexpr int kMaxSlotBits = 17;
   static constexpr size_t kMaxSlots = size_t{1} << kMaxSlotBits;
-  static constexpr size_t kMinSlots = 1024;
+  static constexpr size_t kMinSlots = 16;
   static constexpr size_t kMaxAddresses = kMaxSlots / 2;
 
   // Replaces the watched addresses (0 is skipped) and clears the mark; false (nothing watched)

@@ -112,7 +112,9 @@ class StepClock:
         return None if self._optimizer is None else self._optimizer()
 
     def watches(self, optimizer) -> bool:
-        watched = self.optimizer
+        # (the reference read here, not through .optimizer: three calls a step)
+        ref = self._optimizer
+        watched = None if ref is None else ref()
         return watched is None or optimizer is watched
 
     @property
