@@ -85,6 +85,20 @@ def step_cells(r: dict) -> str:
 
 
 @contextlib.contextmanager
+def native_recording_only(capacity: int = 1 << 22):
+    """memprof's native recording (`memprof._C.start`: the hook points, op stack, names and
+    event records) without its Python hooks (module scope, passes, backward and optimizer
+    hooks, step ends, snapshots): with hook_points_only and track() it splits memprof's cost
+    into PyTorch's hook points, the native recording and the Python hooks."""
+    from memprof import _C
+    _C.start(capacity, False)
+    try:
+        yield
+    finally:
+        _C.stop()
+
+
+@contextlib.contextmanager
 def hook_points_only(capacity: int = 4096):
     """PyTorch's hook points as memprof installs them (a global RecordFunction callback, the
     CPU allocator's reports to the profiler slot) with memprof's callbacks returning at once

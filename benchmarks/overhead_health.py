@@ -71,7 +71,7 @@ import time
 import torch
 
 import memprof
-from _results import hook_points_only, machine, pct, save, step_row
+from _results import hook_points_only, machine, native_recording_only, pct, save, step_row
 from memprof.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,8 +83,12 @@ CONTROL = "untracked (control)"
 #: allocator's reports to the profiler slot) with memprof's callbacks returning at once and no
 #: Python hooks: the floor under any tracker of ops and allocations built on them
 HOOK_POINTS = "hook points only"
-MODES = ("untracked", "track(health=False)", CONTROL, HOOK_POINTS, "track(health=True)",
+#: memprof's native recording without its Python hooks (only when asked for with --modes):
+#: beside the hook points and track(), where memprof's time goes
+NATIVE = "native recording only"
+MODES = ("untracked", "track(health=False)", CONTROL, HOOK_POINTS, NATIVE, "track(health=True)",
          "torch.profiler(profile_memory)")
+DEFAULT_MODES = tuple(m for m in MODES if m != NATIVE)
 
 
 def workload(name: str, batch: int, steps: int, model_kwargs: dict | None = None):
@@ -178,6 +182,9 @@ def run_mode(mode: str, w, hook_ms: list | None = None,
     if mode == HOOK_POINTS:
         with hook_points_only():
             return *run_steps(*w), 0.0
+    if mode == NATIVE:
+        with native_recording_only():
+            return *run_steps(*w), 0.0
     if mode == "torch.profiler(profile_memory)":
         from torch.profiler import profile
         prof = profile(profile_memory=True)
@@ -240,7 +247,7 @@ def selected_modes(names: str | None) -> tuple[str, ...]:
     """The modes to run, in MODES order, untracked always first (every figure is paired with
     it); `names`: comma-separated, e.g. "track(health=False),hook points only"."""
     if not names:
-        return MODES
+        return DEFAULT_MODES
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in MODES]
     if unknown:
@@ -249,7 +256,7 @@ def selected_modes(names: str | None) -> tuple[str, ...]:
     return tuple(m for m in MODES if m == "untracked" or m in wanted)
 
 
-def collect(specs: list[str], args, modes: tuple[str, ...] = MODES) -> dict:
+def collect(specs: list[str], args, modes: tuple[str, ...] = DEFAULT_MODES) -> dict:
     """Every workload in every mode each round (the order reversed every other round), in
     this process -> the raw figures, per spec and mode: step times pooled, each round's
     median step, exit costs, each round's mean faults per step; and per spec the events per
@@ -326,7 +333,7 @@ def paired(per_round: dict, spec: str, mode: str) -> list[float]:
                                               per_round[spec]["untracked"])]
 
 
-def summarise(specs: list[str], raw: dict, modes: tuple[str, ...] = MODES) -> list[dict]:
+def summarise(specs: list[str], raw: dict, modes: tuple[str, ...] = DEFAULT_MODES) -> list[dict]:
     """A row per workload and mode from `collect`'s figures."""
     parsed = {spec: parse_workload(spec) for spec in specs}
     rows = []
@@ -351,7 +358,7 @@ def summarise(specs: list[str], raw: dict, modes: tuple[str, ...] = MODES) -> li
 
 
 def derived_rows(big: str, twin: str, per_round: dict,
-                 modes: tuple[str, ...] = MODES) -> list[dict]:
+                 modes: tuple[str, ...] = DEFAULT_MODES) -> list[dict]:
     """Per round: (the twin's median step in a mode - its untracked one) / the big
     workload's untracked median step, all of the same round; median and p10..p90 over rounds."""
     rows = []
@@ -398,7 +405,7 @@ def main(argv=None):
     ap.add_argument("--raw-out", help=argparse.SUPPRESS)   # a child's raw figures (JSON)
     ap.add_argument("--round-offset", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--modes", help="comma-separated subset of the modes (untracked always "
-                    "runs): " + ", ".join(MODES[1:]))
+                    "runs): " + ", ".join(MODES[1:]) + f" (all but {NATIVE!r} by default)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "overhead_health"))
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -48,21 +48,13 @@ def _mode_context(mode: str, model, opt):
     import torch
 
     import memprof
-    from _results import hook_points_only
-    from memprof import _C
+    from _results import hook_points_only, native_recording_only
     if mode == "untracked":
         return contextlib.nullcontext()
     if mode == "hook points only":
         return hook_points_only()
     if mode == "native recording only":
-        @contextlib.contextmanager
-        def native():
-            _C.start(1 << 22, False)
-            try:
-                yield
-            finally:
-                _C.stop()
-        return native()
+        return native_recording_only()
     if mode == "track(health=False)":
         return memprof.track(model, opt, health=False)
     return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],

@@ -86,7 +86,7 @@ def test_a_run_with_a_twin_records_the_same_events_per_step_and_prints_the_deriv
     assert overhead_health.CONTROL in text and overhead_health.HOOK_POINTS in text
     saved = json.loads((tmp_path / "oh.json").read_text())
     assert all("faults_per_step" in r for r in saved["rows"])
-    assert [d["mode"] for d in saved["derived"]] == list(overhead_health.MODES[1:])
+    assert [d["mode"] for d in saved["derived"]] == list(overhead_health.DEFAULT_MODES[1:])
 
 
 _FAULTS_SCRIPT = """
@@ -163,7 +163,8 @@ def test_processes_pool_fresh_processes_rounds_in_alternating_order(tmp_path, mo
     assert {r["steps"] for r in rows} == {2}   # 1 kept step x 1 round x 2 processes
     saved = json.loads((tmp_path / "oh.json").read_text())
     each = saved["paired_pct_each_process"]["mlp:2:in_features=4;hidden=4"]
-    assert set(each) == set(overhead_health.MODES[1:]) and all(len(v) == 2 for v in each.values())
+    assert set(each) == set(overhead_health.DEFAULT_MODES[1:]) and \
+        all(len(v) == 2 for v in each.values())
     text = (tmp_path / "oh.txt").read_text()
     assert "2 rounds in 2 processes" in text and "each process's paired overhead" in text
 
@@ -196,3 +197,30 @@ def test_an_unknown_mode_is_refused_in_one_line_naming_it():
         overhead_health.main(["--modes", "track(health=False),tracked", "--out", "/dev/null"])
     message = str(err.value)
     assert "'tracked'" in message and "track(health=False)" in message and "\n" not in message
+
+
+def test_native_recording_only_records_events_without_the_python_hooks(monkeypatch):
+    """The native mode (asked for by name, not in the default run) splits memprof's time:
+    its steps run with memprof's native recording on (events recorded) and none of its Python
+    hooks (Module.__call__ is torch's own), so track() minus it is the Python hooks' share."""
+    import torch
+    assert overhead_health.NATIVE not in overhead_health.DEFAULT_MODES
+    assert overhead_health.selected_modes(None) == overhead_health.DEFAULT_MODES
+    assert overhead_health.selected_modes(overhead_health.NATIVE) == \
+        ("untracked", overhead_health.NATIVE)
+    seen = {}
+    run_steps = overhead_health.run_steps
+
+    def noting_run_steps(*args):
+        seen["call"] = torch.nn.Module.__call__
+        out = run_steps(*args)
+        seen["active"] = memprof._C.is_active()
+        seen["records"] = memprof._C.counters()["records"]   # this session's, before it stops
+        return out
+    monkeypatch.setattr(overhead_health, "run_steps", noting_run_steps)
+    own_call = torch.nn.Module.__call__
+    times, faults, exit_s = overhead_health.run_mode(
+        overhead_health.NATIVE, overhead_health.workload("mlp", 2, 3, {"in_features": 4,
+                                                                          "hidden": 4}))
+    assert seen["active"] and seen["call"] is own_call and seen["records"] > 0
+    assert len(times) == 3 and exit_s == 0.0 and not memprof._C.is_active()
