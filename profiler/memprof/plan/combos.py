@@ -19,7 +19,7 @@ from .batch_model import BatchModel
 from .checkpoint import checkpoints_itself, parse_policy
 from .errors import PlanInputError
 from .estimate import Estimator
-from .own_checkpointing import skip_reason, text as own_text
+from .own_checkpointing import policy_ran, skip_reason, text as own_text
 from .parallel import Pool, default_workers
 from .step_failure import explain, origin, plain_step_raises
 from .workloads import BatchError, batch_form
@@ -49,8 +49,11 @@ class Combination:
     @property
     def checkpointing_text(self) -> str:
         """The policy as estimated: "model's own" where the model checkpoints itself."""
-        own = self.model is not None and self.model.lo.own_checkpoints > 0
-        return own_text(self.checkpointing, own)
+        if self.model is None:
+            return self.checkpointing
+        lo = self.model.lo
+        return own_text(self.checkpointing, lo.own_checkpoints > 0,
+                        policy_ran(self.checkpointing, lo))
 
 
 def gradients_allocated(profile) -> int:
