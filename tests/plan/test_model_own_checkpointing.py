@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from memprof.plan.checkpoint import switch_names
 from memprof.plan.estimate import estimate_step
 
 
@@ -81,9 +82,21 @@ def _tiny_llama(own: bool):
                                    num_key_value_heads=4, max_position_embeddings=64,
                                    use_cache=False)
     model = transformers.LlamaForCausalLM(cfg)
-    if own:
-        model.gradient_checkpointing_enable()
+    if own:   # the switch's name as the installed transformers has it (5.x renamed it)
+        getattr(model, switch_names(model)[0])()
     return model.train()
+
+
+def test_the_tiny_llama_turns_its_own_checkpointing_on_without_a_future_warning():
+    """transformers 5.x deprecates gradient_checkpointing_enable() (a FutureWarning in every
+    test here); the switch the installed version offers is used (checkpoint.switch_names)."""
+    import warnings
+
+    from memprof.plan.checkpoint import checkpoints_itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = _tiny_llama(own=True)
+    assert checkpoints_itself(model)
 
 
 def _tokens(b):
