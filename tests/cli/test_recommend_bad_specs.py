@@ -66,9 +66,13 @@ def test_an_unknown_model_is_said_before_the_missing_effective_batch(capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--base-lr", "0"),
-                                         ("--base-batch", "0"), ("--lr", "nan")])
+                                         ("--base-batch", "0"), ("--lr", "nan"),
+                                         ("--effective-batch", "0"), ("--workers", "0"),
+                                         ("--warmup-steps", "-5")])
 def test_learning_rates_and_batches_must_be_positive(capsys, flag, value):
-    """--lr -1 was accepted without a word (and advice was given against it)."""
+    """--lr -1 was accepted without a word (and advice was given against it); --effective-batch
+    0, --workers 0 and --warmup-steps -5 were refused under the Python API's names
+    ('effective_batch: expected an int >= 1'), which the user never typed."""
     with pytest.raises(SystemExit) as exit_:
         main(["recommend", "--gpu", "v100-16gb", "--model", "mlp", "--effective-batch", "8",
               flag, value])
