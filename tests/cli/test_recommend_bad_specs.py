@@ -39,6 +39,20 @@ def models_dir(user_module):
     (["--model", "spec_models_cli:build", "--input-shape", "3,8,8", "--batch-fn",
       "spec_models_cli:batch"],
      "--input-shape 3,8,8: not used with --batch-fn"),
+    # a built-in model's options: 'MLP.__init__() got an unexpected keyword argument' named
+    # none it takes; a value of the wrong type: "'str' object cannot be interpreted as an
+    # integer"
+    (["--model", "mlp", "--model-arg", "foo=3"],
+     "model mlp: no option foo (--model-arg / model_kwargs); expected some of depth, drop, "
+     "hidden, in_features, num_classes"),
+    (["--model", "dcal-vit-tiny", "--model-arg", "atention_backend=fused"],
+     "model dcal-vit-tiny: no option atention_backend (--model-arg / model_kwargs); expected "
+     "some of attention_backend, attn_drop,"),
+    (["--model", "mlp", "--model-arg", "depth=abc"],
+     "model mlp: depth='abc' (--model-arg / model_kwargs): expected an int, as its default 2"),
+    (["--model", "vit-tiny", "--model-arg", "drop=high"],
+     "model vit-tiny: drop='high' (--model-arg / model_kwargs): expected a float, as its "
+     "default 0.0"),
 ])
 def test_bad_input_is_one_line_naming_it(models_dir, capsys, args, message):
     rc = main(["recommend", "--gpu", "a100-80gb", "--workers", "1", "--effective-batch", "8",
