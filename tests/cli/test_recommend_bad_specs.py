@@ -18,6 +18,10 @@ MODULE = textwrap.dedent("""
 
     def batch(batch_size=4):
         return torch.randn(batch_size, 3, 8, 8), torch.randint(0, 4, (batch_size,))
+
+    def three(batch_size=4):
+        return (torch.randn(batch_size, 3, 8, 8), torch.randint(0, 4, (batch_size,)),
+                torch.ones(batch_size))
 """)
 
 
@@ -115,3 +119,15 @@ def test_a_batch_functions_own_size_not_divisible_by_the_gpus_says_where_it_came
     err = capsys.readouterr().err
     assert rc == 2 and "the batch function's own batch size 4 is not divisible by --gpus 3" \
         in err and "e.g. 12" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_batch_of_three_the_model_cannot_take_names_the_batch_function(models_dir, capsys):
+    """A batch function returning (x, y, w): 'a training step failed under fake tensors:
+    TypeError: Sequential.forward() takes 2 positional arguments but 4 were given'."""
+    rc = main(["recommend", "--gpu", "t4", "--workers", "1", "--effective-batch", "8",
+               "--model", "spec_models_cli:build", "--batch-fn", "spec_models_cli:three"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "batch function 'three' returned a tuple of 3" in err and "model(*x)" in err
+    assert "Sequential.forward() takes 1 input (input)" in err and "fake tensors" not in err
+    assert "(inputs, targets)" in err

@@ -159,3 +159,15 @@ def test_an_error_of_the_checkpointed_step_alone_stays_on_its_row():
                      confirm=False, blocks="blocks")
     [c] = plan.combinations
     assert c.model is None and c.error and "estimate failed" in c.error, c.error
+
+
+def batch_of_three(b):
+    return torch.randn(b, 8), torch.randint(0, 4, (b,)), torch.ones(b)
+
+
+def test_a_batch_the_forward_cannot_take_names_the_batch_function():
+    """(x, y, w) is all inputs, model(*x): 'its training step raises TypeError: ...forward()
+    takes 2 positional arguments but 4 were given' blamed the model."""
+    said = _plan_error(nn.Sequential(nn.Linear(8, 4)), batch_of_three)
+    assert said.startswith("batch function 'batch_of_three' returned a tuple of 3"), said
+    assert "model(*x)" in said and "takes 1 input (input)" in said and "\n" not in said

@@ -21,7 +21,7 @@ from .errors import PlanInputError
 from .estimate import Estimator
 from .own_checkpointing import policy_ran, skip_reason, text as own_text
 from .parallel import Pool, default_workers
-from .step_failure import explain, origin, plain_step_raises
+from .step_failure import batch_mismatch, explain, origin, plain_step_raises
 from .workloads import BatchError, batch_form
 
 __all__ = ["Search", "Combination", "FIT_BATCHES"]
@@ -233,10 +233,16 @@ class Search:
     def _explain(self, error: tuple, plain) -> None:
         """Raise the one line (and hint) of step_failure.explain for a failed plain step."""
         name, message, where = error
-        make_batch = self._base().make_batch
+        base = self._base()
+        make_batch = base.make_batch
+        fn = getattr(make_batch, "__name__", "batch")
+        mismatch = batch_mismatch(base._user_model, make_batch, fn) \
+            if name == "TypeError" else None
+        if mismatch is not None:   # the batch, not the model or fake tensors
+            raise PlanInputError(mismatch) from None
         raise PlanInputError(explain(
             self.model_name, name, _shorten(message, 240), where, plain,
-            getattr(make_batch, "__name__", "batch"), batch_form(make_batch))) from None
+            fn, batch_form(make_batch))) from None
 
     def _all_failed_alike(self, combos: dict) -> None:
         """Without 'none' first (--checkpointing every), every policy estimated failing with
