@@ -13,6 +13,9 @@ the user hunted a fake-tensor problem that did not exist. Two cheap tells, in th
   a meta-built one) of at most `PLAIN_STEP_MAX_PARAMS` parameters. Measured on 2 shared
   cores: ~20 ms for a tiny model, 3.5 s for a 41M-parameter BERT at 128 tokens; on the
   failure path only.
+
+A TypeError whose batch the forward's signature cannot take (a batch function returning
+(x, y, w): all inputs, model(*x)) is the batch function's, and named so (`batch_mismatch`).
 """
 from __future__ import annotations
 
