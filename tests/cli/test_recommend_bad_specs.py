@@ -18,6 +18,10 @@ MODULE = textwrap.dedent("""
 
     def batch(batch_size=4):
         return torch.randn(batch_size, 3, 8, 8), torch.randint(0, 4, (batch_size,))
+
+    def three(batch_size=4):
+        return (torch.randn(batch_size, 3, 8, 8), torch.randint(0, 4, (batch_size,)),
+                torch.ones(batch_size))
 """)
 
 
@@ -39,6 +43,20 @@ def models_dir(user_module):
     (["--model", "spec_models_cli:build", "--input-shape", "3,8,8", "--batch-fn",
       "spec_models_cli:batch"],
      "--input-shape 3,8,8: not used with --batch-fn"),
+    # a built-in model's options: 'MLP.__init__() got an unexpected keyword argument' named
+    # none it takes; a value of the wrong type: "'str' object cannot be interpreted as an
+    # integer"
+    (["--model", "mlp", "--model-arg", "foo=3"],
+     "model mlp: no option foo (--model-arg / model_kwargs); expected some of depth, drop, "
+     "hidden, in_features, num_classes"),
+    (["--model", "dcal-vit-tiny", "--model-arg", "atention_backend=fused"],
+     "model dcal-vit-tiny: no option atention_backend (--model-arg / model_kwargs); expected "
+     "some of attention_backend, attn_drop,"),
+    (["--model", "mlp", "--model-arg", "depth=abc"],
+     "model mlp: depth='abc' (--model-arg / model_kwargs): expected an int, as its default 2"),
+    (["--model", "vit-tiny", "--model-arg", "drop=high"],
+     "model vit-tiny: drop='high' (--model-arg / model_kwargs): expected a float, as its "
+     "default 0.0"),
 ])
 def test_bad_input_is_one_line_naming_it(models_dir, capsys, args, message):
     rc = main(["recommend", "--gpu", "a100-80gb", "--workers", "1", "--effective-batch", "8",
@@ -66,9 +84,13 @@ def test_an_unknown_model_is_said_before_the_missing_effective_batch(capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--base-lr", "0"),
-                                         ("--base-batch", "0"), ("--lr", "nan")])
+                                         ("--base-batch", "0"), ("--lr", "nan"),
+                                         ("--effective-batch", "0"), ("--workers", "0"),
+                                         ("--warmup-steps", "-5")])
 def test_learning_rates_and_batches_must_be_positive(capsys, flag, value):
-    """--lr -1 was accepted without a word (and advice was given against it)."""
+    """--lr -1 was accepted without a word (and advice was given against it); --effective-batch
+    0, --workers 0 and --warmup-steps -5 were refused under the Python API's names
+    ('effective_batch: expected an int >= 1'), which the user never typed."""
     with pytest.raises(SystemExit) as exit_:
         main(["recommend", "--gpu", "v100-16gb", "--model", "mlp", "--effective-batch", "8",
               flag, value])
@@ -97,3 +119,15 @@ def test_a_batch_functions_own_size_not_divisible_by_the_gpus_says_where_it_came
     err = capsys.readouterr().err
     assert rc == 2 and "the batch function's own batch size 4 is not divisible by --gpus 3" \
         in err and "e.g. 12" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_batch_of_three_the_model_cannot_take_names_the_batch_function(models_dir, capsys):
+    """A batch function returning (x, y, w): 'a training step failed under fake tensors:
+    TypeError: Sequential.forward() takes 2 positional arguments but 4 were given'."""
+    rc = main(["recommend", "--gpu", "t4", "--workers", "1", "--effective-batch", "8",
+               "--model", "spec_models_cli:build", "--batch-fn", "spec_models_cli:three"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "batch function 'three' returned a tuple of 3" in err and "model(*x)" in err
+    assert "Sequential.forward() takes 1 input (input)" in err and "fake tensors" not in err
+    assert "(inputs, targets)" in err

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from memprof.plan.checkpoint import switch_names
 from memprof.plan.estimate import estimate_step
 
 
@@ -81,9 +82,21 @@ def _tiny_llama(own: bool):
                                    num_key_value_heads=4, max_position_embeddings=64,
                                    use_cache=False)
     model = transformers.LlamaForCausalLM(cfg)
-    if own:
-        model.gradient_checkpointing_enable()
+    if own:   # the switch's name as the installed transformers has it (5.x renamed it)
+        getattr(model, switch_names(model)[0])()
     return model.train()
+
+
+def test_the_tiny_llama_turns_its_own_checkpointing_on_without_a_future_warning():
+    """transformers 5.x deprecates gradient_checkpointing_enable() (a FutureWarning in every
+    test here); the switch the installed version offers is used (checkpoint.switch_names)."""
+    import warnings
+
+    from memprof.plan.checkpoint import checkpoints_itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = _tiny_llama(own=True)
+    assert checkpoints_itself(model)
 
 
 def _tokens(b):
@@ -115,7 +128,7 @@ def test_the_plan_of_a_self_checkpointing_model_says_so_and_wraps_no_block_twice
     assert "checkpoints its blocks itself" in plan.code()          # keep it on, as estimated
     assert plan.as_dict()["best"]["own_checkpointing"] is True
     # asked for anyway: estimated, and named for what it is
-    assert plan.predict(8, "bf16", "every").checkpointing_text == "every + model's own"
+    assert plan.predict(8, "bf16", "every").checkpointing_text == "model's own"
     # the same model without its own checkpointing: nothing of the kind is said
     plain = recommend(_tiny_llama(own=False), batch=_tokens, gpu="a100-40gb",
                       effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
@@ -210,3 +223,28 @@ def test_without_none_listed_the_first_policy_is_not_estimated_and_thrown_away()
     every = next(c for c in plan.combinations if c.checkpointing == "every")
     assert every.model is None and "estimated as the model runs instead" in every.skipped
     assert plan.best.own_checkpointing and plan.best.checkpointing == "none"
+
+
+def test_a_policy_whose_blocks_are_all_left_to_the_model_is_named_for_what_ran():
+    """plan.predict(..., 'every') on a model whose Hugging Face checkpointing is on read
+    'every + model's own', but checkpoint.apply leaves those blocks to the model's own
+    checkpointing: memprof's policy wrapped none of them, and its code applied it anyway."""
+    from memprof.plan.search import recommend
+    plan = recommend(_tiny_llama(own=True), batch=_tokens, gpu="a100-40gb",
+                     effective_batch=8, precisions=["bf16"], workers=1, confirm=False,
+                     policies=["none"])
+    every = plan.predict(8, "bf16", "every")
+    assert every.checkpointing_text == "model's own", every.checkpointing_text
+    assert "every" not in every.label and every.own_checkpointing
+    assert every.peak_allocated == plan.predict(8, "bf16", "none").peak_allocated
+    assert "memprof.checkpoint.apply" not in plan.code(every)
+
+
+def test_memprofs_policy_on_top_of_an_unflagged_own_checkpoint_says_both():
+    """torch.utils.checkpoint in the forward has no flag: memprof's policy wraps the blocks
+    too, and 'every + model's own' is what ran."""
+    assert _estimate(Net("non-reentrant"), "every").own_checkpoints == 3
+    from memprof.plan.search import recommend
+    plan = recommend(Net("non-reentrant"), batch=_batch, gpu="a100-40gb", effective_batch=8,
+                     precisions=["fp32"], workers=1, confirm=False, policies=["none"])
+    assert plan.predict(4, "fp32", "every").checkpointing_text == "every + model's own"

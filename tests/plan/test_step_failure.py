@@ -95,3 +95,79 @@ def test_a_real_fake_tensor_failure_still_says_fake_tensors():
     said = _plan_error(model, wrong_width_batch)
     assert "under fake tensors" in said and "plain step" in said, said
     assert all(p.grad is None for p in model.parameters())   # the plain step ran on a copy
+
+
+# --------------------------------------------- a first policy other than "none" (issue 1)
+def _plan_error_with(model, batch, policies) -> str:
+    with pytest.raises(PlanInputError) as err:
+        memprof.recommend(model, batch=batch, gpu="a100-40gb", effective_batch=4,
+                          precisions=["fp32"], policies=policies, workers=1, confirm=False)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("policies", [["every"], ["every", "selective"]])
+def test_without_none_the_models_own_error_is_named_the_same(policies):
+    """--checkpointing every (no 'none'): each row read 'estimate failed: ValueError ...',
+    and the plan said no combination could be estimated - no hint, no 'the model's own'."""
+    assert _plan_error_with(t5_without_start_token, tokens, policies) == \
+        _plan_error(t5_without_start_token, tokens)
+
+
+def test_the_cli_names_it_with_checkpointing_every(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "t5_start_token", sys.modules[__name__])
+    rc = cli.main(["recommend", "--gpu", "a100-40gb", "--model",
+                   "t5_start_token:t5_without_start_token", "--batch-fn",
+                   "t5_start_token:tokens", "--precision", "fp32", "--checkpointing",
+                   "every,selective", "--workers", "1", "--no-confirm"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ValueError" in err and "model's own code" in err, err
+    assert "hint:" in err and "estimate failed" not in err
+
+
+class OnceAStep(nn.Linear):
+    """Its own code raises when it runs twice in one step (its model resets `ran`)."""
+
+    def forward(self, x):
+        if self.ran and torch.is_grad_enabled():
+            raise RuntimeError("a block ran twice in one step")
+        self.ran = True
+        return super().forward(x)
+
+
+class FailsWhenRecomputed(nn.Module):
+    """Fine without checkpointing; fails only in a checkpointed block's recompute."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(OnceAStep(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            blk.ran = False
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+def test_an_error_of_the_checkpointed_step_alone_stays_on_its_row():
+    """A step that fails only under memprof's checkpointing is not the model's own error:
+    the plain step runs, so the row keeps it and the plan is returned."""
+    from memprof.plan.search import recommend
+    plan = recommend(FailsWhenRecomputed(), batch=wrong_width_batch, gpu="a100-40gb",
+                     effective_batch=4, precisions=["fp32"], policies=["every"], workers=1,
+                     confirm=False, blocks="blocks")
+    [c] = plan.combinations
+    assert c.model is None and c.error and "estimate failed" in c.error, c.error
+
+
+def batch_of_three(b):
+    return torch.randn(b, 8), torch.randint(0, 4, (b,)), torch.ones(b)
+
+
+def test_a_batch_the_forward_cannot_take_names_the_batch_function():
+    """(x, y, w) is all inputs, model(*x): 'its training step raises TypeError: ...forward()
+    takes 2 positional arguments but 4 were given' blamed the model."""
+    said = _plan_error(nn.Sequential(nn.Linear(8, 4)), batch_of_three)
+    assert said.startswith("batch function 'batch_of_three' returned a tuple of 3"), said
+    assert "model(*x)" in said and "takes 1 input (input)" in said and "\n" not in said

@@ -63,6 +63,18 @@ def at_least_one(text: str) -> int:
     return n
 
 
+def at_least_zero(text: str) -> int:
+    """An argparse type: a whole number, 0 or more (--warmup-steps)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") \
+            from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {n}")
+    return n
+
+
 def positive_number(text: str) -> float:
     """An argparse type: a finite number > 0 (a learning rate)."""
     try:

@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Any
 
-from .base import Command, UsageError, at_least_one, check_export, positive_number
+from .base import (Command, UsageError, at_least_one, at_least_zero, check_export,
+                   positive_number)
 
 
 def _csv(s: str | None) -> list[str] | None:
@@ -68,7 +69,7 @@ class RecommendCommand(Command):
                             "attention_backend=fused: DCAL with memprof's fused attention); "
                             "the value as a Python literal (6, 0.1, [2, 4], True; true/false/"
                             "none as well), else a string")
-        r.add_argument("--effective-batch", type=int,
+        r.add_argument("--effective-batch", type=at_least_one,
                        help="samples per optimizer step (micro-batch x accumulation); default: "
                             "the batch function's own batch size (its first parameter's "
                             "default, as in def batch(batch_size=32))")
@@ -116,13 +117,13 @@ class RecommendCommand(Command):
                        help="batch size --base-lr was tuned for")
         r.add_argument("--lr", type=positive_number,
                        help="the LR you use: warn if far from the scaled one")
-        r.add_argument("--warmup-steps", type=int,
+        r.add_argument("--warmup-steps", type=at_least_zero,
                        help="warmup in micro-steps (batches): converted to optimizer steps")
         r.add_argument("--no-confirm", action="store_true",
                        help="skip the confirming estimates (of the recommended option, and of "
                             "each boundary the batch model interpolates): faster; every "
                             "figure is then the batch model's")
-        r.add_argument("--workers", type=int, metavar="N",
+        r.add_argument("--workers", type=at_least_one, metavar="N",
                        help="processes estimating side by side (default: the usable cores; "
                             "1: all in this one)")
         r.add_argument("--all", action="store_true", help="show every option, not a summary")

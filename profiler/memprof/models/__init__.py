@@ -21,6 +21,8 @@ distractor image (a rolled copy of x1 within the batch).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Callable, NamedTuple
 
 import torch
@@ -32,7 +34,7 @@ from .dcal import DCAL, DCALConfig, UncertaintyWeightedLoss, attention_rollout
 from .simple import MLP, ResNetTiny
 from .vit import VisionTransformer
 
-__all__ = ["build_model", "training_step", "MODELS", "Workload", "DCAL", "DCALConfig",
+__all__ = ["build_model", "options", "check_options", "training_step", "MODELS", "Workload", "DCAL", "DCALConfig",
            "VisionTransformer", "MLP", "ResNetTiny", "UncertaintyWeightedLoss",
            "attention_rollout"]
 
@@ -119,12 +121,56 @@ _BUILDERS = {
 
 MODELS: tuple[str, ...] = tuple(_BUILDERS)
 
+_CONSTRUCTORS = {"mlp": MLP, "resnet-tiny": ResNetTiny, "vit-tiny": VisionTransformer,
+                 "vit-b16": VisionTransformer}
+
+
+def options(name: str) -> dict[str, object]:
+    """A built-in's options (the keywords build_model passes on) -> their defaults for it."""
+    if name in DCAL_CONFIGS:
+        cfg = DCAL_CONFIGS[name]
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    params = inspect.signature(_CONSTRUCTORS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.default is not p.empty} | \
+        _VIT_CONFIGS.get(name, {})
+
+
+def _fits(value, default) -> bool:
+    """Whether `value` has the type of an option whose default is `default` (an int for a
+    float too; a bool only for a bool)."""
+    if default is None:
+        return True
+    want = type(default)
+    if isinstance(value, bool) or want is bool:
+        return isinstance(value, bool) and want is bool
+    return isinstance(value, want) or (want is float and isinstance(value, int))
+
+
+def check_options(name: str, overrides: dict, given_as: str | None = None) -> None:
+    """Raise TypeError naming an option `name` does not take, or a value of another type
+    than its default's (a constructor's own error named neither the options there are -
+    "MLP.__init__() got an unexpected keyword argument 'foo'" - nor the option: "'str'
+    object cannot be interpreted as an integer"). `given_as`: how the user passed them."""
+    known = options(name)
+    how = f" ({given_as})" if given_as else ""
+    for key, value in overrides.items():
+        if key not in known:
+            raise TypeError(f"no option {key}{how}; expected some of "
+                             f"{', '.join(sorted(known))}")
+        default = known[key]
+        if not _fits(value, default):
+            kind = type(default).__name__
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise TypeError(f"{key}={value!r}{how}: expected {article} {kind}, as its default "
+                            f"{default!r}")
+
 
 def build_model(name: str, *, device=None, dtype=None, **overrides) -> Workload:
     """Build a named workload with random weights; see the module docstring for the names."""
     if name not in _BUILDERS:
         raise ValueError(f"name: unknown model {name!r}; expected one of {list(MODELS)}")
     try:
+        check_options(name, overrides)
         wl = _BUILDERS[name](**overrides)
     except TypeError as e:  # unknown keyword: say which model refused it
         raise TypeError(f"build_model({name!r}): {e}") from None

@@ -263,7 +263,7 @@ def _setup_lines(plan, o) -> list[str]:
     if o.own_checkpointing:   # what the estimate ran: the model's checkpoints stay on
         lines.append(f"# the model checkpoints its blocks itself ({switch_names()[0]}()"
                      " or torch.utils.checkpoint), as estimated: keep that on")
-    if o.checkpointing != "none":
+    if o.checkpointing != "none" and o.policy_applied:   # else: it left every block to them
         where = f"{plan.container or 'repeated blocks'}"
         blocks = f", blocks={plan._blocks!r}" if isinstance(plan._blocks, str) else ""
         lines.append(f"handle = memprof.checkpoint.apply(model, {o.checkpointing!r}{blocks})"

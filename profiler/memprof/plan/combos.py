@@ -19,9 +19,9 @@ from .batch_model import BatchModel
 from .checkpoint import checkpoints_itself, parse_policy
 from .errors import PlanInputError
 from .estimate import Estimator
-from .own_checkpointing import skip_reason, text as own_text
+from .own_checkpointing import policy_ran, skip_reason, text as own_text
 from .parallel import Pool, default_workers
-from .step_failure import explain, origin, plain_step_raises
+from .step_failure import batch_mismatch, explain, origin, plain_step_raises
 from .workloads import BatchError, batch_form
 
 __all__ = ["Search", "Combination", "FIT_BATCHES"]
@@ -49,8 +49,11 @@ class Combination:
     @property
     def checkpointing_text(self) -> str:
         """The policy as estimated: "model's own" where the model checkpoints itself."""
-        own = self.model is not None and self.model.lo.own_checkpoints > 0
-        return own_text(self.checkpointing, own)
+        if self.model is None:
+            return self.checkpointing
+        lo = self.model.lo
+        return own_text(self.checkpointing, lo.own_checkpoints > 0,
+                        policy_ran(self.checkpointing, lo))
 
 
 def gradients_allocated(profile) -> int:
@@ -83,6 +86,7 @@ class Search:
         self.model_name = model_name
         self.runs = self.done = self.total = 0
         self._none_added = False    # run(): "none" estimated first though not listed
+        self._errors: dict[tuple[str, str], tuple] = {}   # a failed estimate's error, batch
         self.workers = default_workers() if workers is None else max(1, int(workers))
         self._pid = os.getpid()
 
@@ -157,6 +161,7 @@ class Search:
             self._tick(f"{prec} {pol}: {'failed' if c.error else 'estimated'}")
             if pol == first[prec]:
                 self._after_first(combos, c, waiting.pop(prec), pool)
+        self._all_failed_alike(combos)
         return combos
 
     def _after_first(self, combos: dict, c: Combination, waiting: list, pool) -> None:
@@ -214,15 +219,46 @@ class Search:
         name, message, where = error
         c.model = None
         c.error = f"estimate failed: {name}: {_shorten(message, 240)}"
+        self._errors[(c.precision, c.checkpointing)] = (error, batch)
         if first and parse_policy(c.checkpointing)[0] == "none":
             # the plain step fails: the model / loss / batch is the problem (step_failure
             # tells the model's own error from a fake-tensor one)
-            est = getattr(self.estimator, "base", self.estimator)
-            plain = None if where is not None else plain_step_raises(est, batch, c.precision)
-            make_batch = est.make_batch
-            raise PlanInputError(explain(
-                self.model_name, name, _shorten(message, 240), where, plain,
-                getattr(make_batch, "__name__", "batch"), batch_form(make_batch))) from None
+            plain = None if where is not None else \
+                plain_step_raises(self._base(), batch, c.precision)
+            self._explain(error, plain)
+
+    def _base(self) -> Estimator:
+        return getattr(self.estimator, "base", self.estimator)
+
+    def _explain(self, error: tuple, plain) -> None:
+        """Raise the one line (and hint) of step_failure.explain for a failed plain step."""
+        name, message, where = error
+        base = self._base()
+        make_batch = base.make_batch
+        fn = getattr(make_batch, "__name__", "batch")
+        mismatch = batch_mismatch(base._user_model, make_batch, fn) \
+            if name == "TypeError" else None
+        if mismatch is not None:   # the batch, not the model or fake tensors
+            raise PlanInputError(mismatch) from None
+        raise PlanInputError(explain(
+            self.model_name, name, _shorten(message, 240), where, plain,
+            fn, batch_form(make_batch))) from None
+
+    def _all_failed_alike(self, combos: dict) -> None:
+        """Without 'none' first (--checkpointing every), every policy estimated failing with
+        one error that a plain step (no checkpointing) raises too - or, where no plain step
+        is tried, that the model's own code raised - is the model's own, said as a failed
+        'none' says it. Otherwise memprof's checkpointing may be what failed, and the rows
+        keep it. (Each row read 'estimate failed', and the plan 'no combination could be
+        estimated', with no word of the model's own code or a hint.)"""
+        tried = [key for key, c in combos.items() if c.skipped is None]
+        if not tried or any(key not in self._errors for key in tried) or \
+                len({self._errors[key][0][:2] for key in tried}) != 1:
+            return
+        error, batch = self._errors[tried[0]]
+        plain = plain_step_raises(self._base(), batch, tried[0][0])
+        if plain == error[0] or (plain is None and error[2] is not None):
+            self._explain(error, plain)
 
     def _accumulation(self, micro_batch: int) -> int:
         return max(1, math.ceil(self.effective_batch / micro_batch))

@@ -157,6 +157,7 @@ class Estimate:
     first_by_category: dict = field(default_factory=dict)
     kernel_rules: dict = field(default_factory=dict)  # CUDA kernel rules applied -> count
     own_checkpoints: int = 0     # checkpoints the model's forward opened itself (own_checkpointing)
+    policy_blocks: int = 0       # blocks memprof's policy wrapped (not those left to the model)
     loss_rule: dict | None = None  # the rule default_loss applied (None: a given loss)
 
     def peak(self, variant: str = "first", reserved: bool = False) -> int:
@@ -350,7 +351,7 @@ class Estimator:
             if training(self.model_precision, precision).autocast else None
         cuda_policy = CudaAutocast() if low is not None else contextlib.nullcontext()
         kernels = CudaKernels(self.kernel_target) if self.kernel_target else None
-        kind, mods = self._checkpoint(model, checkpointing, blocks,
+        kind, mods, wrapped = self._checkpoint(model, checkpointing, blocks,
                                       cuda_policy if low is not None else None, kernels)
         # Selective checkpointing replays the forward's op sequence exactly; autocast's weight
         # cache breaks that when a block runs twice in one forward (DCAL's PWCA stream reuses
@@ -378,23 +379,25 @@ class Estimator:
             "estimate_ops": storages.ops,
             "kernels": self.kernel_target.name if kernels is not None else "cpu",
             "kernel_rules": dict(kernels.applied) if kernels is not None else {},
-            "own_checkpoints": own.count,
+            "own_checkpoints": own.count, "policy_blocks": wrapped,
         })
         est = self._finish(prof, int(batch_size), precision, checkpointing, phase_flops,
                            storages.pass_kernels, simulate)
         est.wall_s = time.perf_counter() - t0
         est.kernel_rules = dict(prof.meta["kernel_rules"])
-        est.loss_rule, est.own_checkpoints = rule or None, own.count
+        est.loss_rule, est.own_checkpoints, est.policy_blocks = rule or None, own.count, wrapped
         prof.meta["estimate_wall_s"] = est.wall_s
         return est
 
     def _checkpoint(self, model, checkpointing, blocks, mode,
-                    kernels=None) -> tuple[str, list[nn.Module]]:
-        """Apply the policy to the fake copy -> (policy kind, checkpointed blocks). With an AMP
-        `mode` or CUDA `kernels`, the recompute of a block in backward runs under them too."""
+                    kernels=None) -> tuple[str, list[nn.Module], int]:
+        """Apply the policy to the fake copy -> (policy kind, its candidate blocks, how many
+        it checkpointed: blocks that checkpoint themselves are left to the model). With an
+        AMP `mode` or CUDA `kernels`, the recompute of a block in backward runs under them
+        too."""
         kind = parse_policy(checkpointing)[0]
         if kind == "none":
-            return kind, []
+            return kind, [], 0
         _, mods = resolve_blocks(model, _map_blocks(blocks, self, model))
         for m in mods:
             for under in (kernels, mode):   # mode outermost, as in the step itself
@@ -402,8 +405,8 @@ class Estimator:
                     run_under(m, under)
         with warnings.catch_warnings():   # the plan says it (own_checkpointing.skip_reason)
             warnings.filterwarnings("ignore", message=".*blocks .* checkpoint themselves")
-            apply_checkpointing(model, checkpointing, blocks=mods)
-        return kind, mods
+            handle = apply_checkpointing(model, checkpointing, blocks=mods)
+        return kind, mods, len(handle.wrapped)
 
     def _record(self, model, opt, storages: StepStorages, mods, run) -> tuple[Profile, dict]:
         """run() inside a recording session -> (its Profile, FLOPs per phase). Errors are

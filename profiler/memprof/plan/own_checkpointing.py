@@ -61,11 +61,18 @@ class OwnCheckpoints:
         return False
 
 
-def text(policy: str, own: bool) -> str:
-    """The checkpointing an option runs: memprof's policy, the model's own, or both."""
+def text(policy: str, own: bool, policy_ran: bool = True) -> str:
+    """The checkpointing an option runs: memprof's policy, the model's own, or both.
+    `policy_ran` False: memprof's policy checkpointed no block (checkpoint.apply left them
+    all to the model's own checkpointing), so the model's own is all that ran."""
     if not own:
         return policy
-    return "model's own" if policy == "none" else f"{policy} + model's own"
+    return "model's own" if policy == "none" or not policy_ran else f"{policy} + model's own"
+
+
+def policy_ran(policy: str, estimate) -> bool:
+    """Whether memprof's `policy` checkpointed any block in `estimate` ('none': vacuously)."""
+    return policy == "none" or estimate.policy_blocks > 0
 
 
 def skip_reason(own_checkpoints: int, instead: bool = False) -> str:

@@ -53,7 +53,7 @@ from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
 from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
-from .own_checkpointing import text as own_text
+from .own_checkpointing import policy_ran, text as own_text
 from .precision import default_precisions, notes, refusal, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
@@ -83,6 +83,8 @@ class Option:
     estimated: bool = True
     communication: dict | None = None  # N GPUs: collectives per optimizer step (a model)
     own_checkpointing: bool = False    # the model checkpoints its blocks itself, as estimated
+    policy_applied: bool = True        # False: memprof's policy checkpointed no block (all
+    #                                    left to the model's own checkpointing)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +92,7 @@ class Option:
     @property
     def checkpointing_text(self) -> str:
         """memprof's policy, and the model's own checkpointing where it has some."""
-        return own_text(self.checkpointing, self.own_checkpointing)
+        return own_text(self.checkpointing, self.own_checkpointing, self.policy_applied)
 
     @property
     def label(self) -> str:
@@ -303,7 +305,8 @@ class Plan:
                       step_time_s=step, flops_per_sample=p.flops / m,
                       confirmed=c.confirmed_at == m,
                       communication=comm.as_dict() if comm is not None else None,
-                      own_checkpointing=c.model.lo.own_checkpoints > 0)
+                      own_checkpointing=c.model.lo.own_checkpoints > 0,
+                      policy_applied=policy_ran(c.checkpointing, c.model.lo))
 
     def summary_options(self) -> list[Option]:
         """Per precision x policy: the largest fitting micro-batch and the next one up."""
@@ -333,6 +336,7 @@ class Plan:
                            "confirmed_at": c.confirmed_at, "confirm_agreed": c.confirm_agreed,
                            "exact_interpolation": c.model.exact if c.model else None,
                            "own_checkpoints": c.model.lo.own_checkpoints if c.model else None,
+                           "checkpointing_text": c.checkpointing_text,
                            "parameters_bytes": c.params_bytes if c.model else None,
                            "gradients_bytes": c.gradient_bytes if c.model else None,
                            "optimizer_state_bytes": c.state_bytes if c.model else None,

@@ -249,8 +249,9 @@ def batch_form(make_batch) -> dict:
 # ------------------------------------------------------------------------------ models
 def _builtin(name: str, model_kwargs):
     """A built-in workload -> (module, make_batch, loss_fn, description)."""
-    from ..models import build_model
+    from ..models import build_model, check_options
     try:
+        check_options(name, dict(model_kwargs or {}), given_as="--model-arg / model_kwargs")
         # on meta (memprof.plan.meta_build): no weights to initialise, nothing to convert
         wl, built_on = build(lambda **kw: build_model(name, **kw), dict(model_kwargs or {}),
                              name)
