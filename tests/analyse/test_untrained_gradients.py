@@ -135,3 +135,44 @@ def test_a_new_optimizer_at_a_freed_ones_id_is_seen():
             pytest.skip("no optimizer got a freed one's id in 300 tries")
     assert model[0].weight.grad is not None
     assert not [f for f in memprof.findings(prof, "info") if f.kind == "gradients_not_trained"]
+
+
+def test_the_blocks_end_look_replaces_a_look_while_the_loop_ran():
+    """A look at the 2nd step's end sees the base's gradients (record.live_look); the script
+    freezes the base and drops them at the 3rd step: where the model outlives the block, the
+    look as it ends is the one that counts (no finding), and a model built and freed inside
+    the block - a train() function returning before the block ends - keeps the loop's look,
+    saying at which step it was made."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LoraLinear(64), nn.ReLU(), LoraLinear(64))
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters()
+                             if n.endswith((".a", ".b"))], lr=1e-3)
+    with memprof.track(model, optimizer=opt) as prof:
+        for i in range(3):
+            if i == 2:
+                for n, p in model.named_parameters():
+                    if ".base." in n:
+                        p.requires_grad_(False)
+                        p.grad = None
+            model(torch.randn(8, 64)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert [f.kind for f in memprof.findings(prof, "info")] == []
+
+    def train():
+        torch.manual_seed(0)
+        model = nn.Sequential(LoraLinear(64), nn.ReLU(), LoraLinear(64))
+        opt = torch.optim.AdamW([p for n, p in model.named_parameters()
+                                 if n.endswith((".a", ".b"))], lr=1e-3)
+        for _ in range(3):
+            model(torch.randn(8, 64)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    with memprof.track(auto_modules=True) as prof:   # (as memprof run tracks)
+        train()
+    found = [f for f in memprof.findings(prof) if f.kind == "gradients_not_trained"]
+    assert len(found) == 1, memprof.findings(prof, "info")
+    assert found[0].evidence["parameters"] == 4 and found[0].evidence["steps"] == 2
+    assert found[0].bytes == 2 * (64 * 64 + 64) * 4
+    assert "after step 2 of 3" in found[0].message

@@ -1,4 +1,4 @@
-"""Parameters an optimizer updates that never got a gradient, as the block ends.
+"""Parameters an optimizer updates that never got a gradient, looked at while it lives.
 
 A block run under `checkpoint(block, x, use_reentrant=True)` whose input needs no gradient
 (raw features, the output of a frozen embedding) passes none to its weights: the optimizer
@@ -6,39 +6,19 @@ steps, the model's body never trains, and only torch's one UserWarning says so. 
 is not there to see at the end (zero_grad() set it to None), but a stateful optimizer (Adam,
 SGD with momentum) makes a parameter's state at its first step with a gradient: a trainable
 parameter it holds with no state after it stepped never had one. An optimizer that keeps no
-per-parameter state (plain SGD, LBFGS's one entry) tells nothing and is not judged.
+per-parameter state (plain SGD, LBFGS's one entry) tells nothing and is not judged. It
+looks at a few step ends and as the block ends (record.live_look: a loop in main() under
+`memprof run` has freed the optimizer by then), and says how many steps it judged.
 """
 from __future__ import annotations
+
+from .live_look import LiveLook
 
 MAX_NAMES = 3
 
 
-class ParametersWithoutGradients:
+class ParametersWithoutGradients(LiveLook):
     name = "parameters_without_gradients"
-
-    def __init__(self):
-        self.session = None
-        self._result: dict | None = None
-
-    def install(self, session) -> None:
-        self.session = session
-
-    def remove(self) -> None:
-        """The block ends: the optimizers still live, their state as the loop left it."""
-        if self.session is None:
-            return
-        try:
-            self._result = self._look(self.session.scope)
-        except Exception:  # noqa: BLE001  (a recorder never breaks the user's code)
-            self._result = None
-
-    def record_nested(self, inner) -> dict | None:
-        """The same look for a block nested in this one (a script's own under `memprof run`),
-        its parameters named after its model."""
-        try:
-            return self._look(inner.scope if inner.scope.root_modules() else self.session.scope)
-        except Exception:  # noqa: BLE001  (a recorder never breaks the user's code)
-            return None
 
     def _look(self, scope) -> dict | None:
         names = scope.parameter_names()
@@ -60,6 +40,3 @@ class ParametersWithoutGradients:
             return None
         return {"parameters": len(found), "bytes": int(total), "names": found[:MAX_NAMES],
                 "held_bytes": int(held)}
-
-    def record(self) -> dict | None:
-        return self._result

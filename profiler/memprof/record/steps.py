@@ -35,6 +35,7 @@ from .patches import PatchRegistry, remove_handles
 
 
 STEP_ON = ("auto", "optimizer", "backward", "manual")
+FIRST_LOOK_STEP = 2     # steps ended at on_look_step's first call; then 4, 8, 16, ...
 
 
 def torch_optimizer(optimizer):
@@ -94,6 +95,11 @@ class StepClock:
         self.on_skipped: list = []                # fn(optimizer), a GradScaler skipped it
         self.on_optimizer_post: list = []         # fn(optimizer), watched optimizers only
         self.on_step_end: list = []               # fn(), after the boundary marker
+        # fn(), at the ends of steps 2, 4, 8, 16, ... only: a look at the model and the
+        # optimizers while the loop holds them (a loop in main() under `memprof run` frees
+        # them before the block ends), at no per-step call
+        self.on_look_step: list = []
+        self._next_look = FIRST_LOOK_STEP
         self.explicit = False                     # steps marked by an optimizer or prof.step()
         self._waiting: set[int] = set()           # ids of optimizers whose closure runs first
         # >0 while an optimizer calls its closure again inside its step (LBFGS's line search):
@@ -320,6 +326,10 @@ class StepClock:
         self.step += 1
         for fn in tuple(self.on_step_end):
             fn()
+        if self.step >= self._next_look:
+            self._next_look = 2 * self.step
+            for fn in tuple(self.on_look_step):
+                fn()
 
 
 def _found_inf(scaler, optimizer) -> bool:
