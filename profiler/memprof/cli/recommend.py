@@ -197,6 +197,13 @@ class RecommendCommand(Command):
         precisions = None
         if args.precision:
             precisions = [p for s in args.precision for p in _csv(s)]
+        policies = _csv(args.checkpointing)
+        from ..plan.checkpoint import parse_policy
+        for p in policies or []:
+            try:
+                parse_policy(p, "--checkpointing")
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if (args.base_lr is None) != (args.base_batch is None):
             raise UsageError("--base-lr and --base-batch go together")
         if args.lr is not None and args.base_lr is None:
@@ -229,7 +236,7 @@ class RecommendCommand(Command):
         kw = dict(model=args.model, model_kwargs=parse_model_args(args.model_arg),
                   batch=args.batch_fn, optimizer=args.optimizer, gpu=args.gpu,
                   effective_batch=effective, precisions=precisions,
-                  policies=_csv(args.checkpointing), base_lr=args.base_lr,
+                  policies=policies, base_lr=args.base_lr,
                   base_batch=args.base_batch, lr=args.lr, warmup_steps=args.warmup_steps,
                   input_shape=args.input_shape, num_classes=args.num_classes,
                   confirm=not args.no_confirm, blocks=args.blocks, distributed=distributed,
