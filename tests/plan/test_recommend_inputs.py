@@ -225,3 +225,17 @@ def test_an_unknown_policy_is_said_as_policies_before_the_model_is_built():
                              precisions=["fp32"], policies=["none"], confirm=False, workers=1)
     with pytest.raises(ValueError, match=r"^checkpointing: unknown checkpointing policy "):
         plan.predict(4, "fp32", checkpointing="sometimes")
+
+
+@pytest.mark.parametrize("gpu", ["v100-16gb", "t4"])
+def test_a_precision_the_gpu_lacks_says_what_it_supports(capsys, gpu):
+    """--precision bf16 on a V100 read 'v100-16gb has no bf16 hardware support' and no word of
+    what to use instead."""
+    has = " or ".join(p for p in ("fp32", "fp16", "bf16") if lookup(gpu).supports(p))
+    said = f"precision 'bf16': {gpu} has no bf16 hardware support; it supports {has}"
+    assert cli.main(["recommend", "--gpu", gpu, "--model", "mlp", "--effective-batch", "8",
+                     "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(PlanInputError, match=rf"^{said}$"):
+        memprof.recommend("mlp", gpu=gpu, effective_batch=8, precisions=["bf16"])

@@ -54,7 +54,7 @@ from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
 from .own_checkpointing import policy_ran, text as own_text
-from .precision import default_precisions, notes, refusal, training
+from .precision import default_precisions, notes, refusal, refused, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
 from .workloads import batch_form, resolve_workload
@@ -404,7 +404,7 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
                                  f"{', '.join(ESTIMATE_PRECISIONS[:-1])} or "
                                  f"{ESTIMATE_PRECISIONS[-1]}")
         if not g.supports(p):
-            raise PlanInputError(f"precision {p!r}: {g.name} has no {p} hardware support")
+            raise PlanInputError(refused(g, p))
     return g, usable, precisions
 
 
