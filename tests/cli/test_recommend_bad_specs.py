@@ -131,3 +131,14 @@ def test_a_batch_of_three_the_model_cannot_take_names_the_batch_function(models_
     assert "batch function 'three' returned a tuple of 3" in err and "model(*x)" in err
     assert "Sequential.forward() takes 1 input (input)" in err and "fake tensors" not in err
     assert "(inputs, targets)" in err
+
+
+def test_an_unknown_checkpointing_policy_names_the_option_and_the_forms(capsys):
+    """--checkpointing sometimes read 'policy: unknown checkpointing policy ...', the Python
+    parameter's name, which the user never typed."""
+    rc = main(["recommend", "--gpu", "v100-16gb", "--model", "mlp", "--effective-batch", "8",
+               "--checkpointing", "none,sometimes"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--checkpointing: unknown checkpointing policy 'sometimes'; expected none, every, " \
+           "every-k such as every-2, or selective" in err and "policy:" not in err, err

@@ -115,6 +115,16 @@ def test_help_lists_the_built_in_models_and_explains_batch_fn(capsys):
     assert "outputs.loss" in text and "current directory" in text
 
 
+def test_every_option_in_help_says_its_default_or_that_it_is_required():
+    """--blocks, --gpus, --base-lr, --lr, --warmup-steps, --input-shape, --html (and --gpu /
+    --model, which are required) said nothing of what happens without them."""
+    from memprof.cli import _subparsers, build_parser
+    rec = _subparsers(build_parser())["recommend"]
+    silent = [a.option_strings[-1] for a in rec._actions if a.option_strings != ["-h", "--help"]
+              and not any(w in (a.help or "") for w in ("default", "required"))]
+    assert not silent, silent
+
+
 def test_search_limit_and_repeated_messages_are_said_once(capsys):
     """A tiny MLP fits any batch: its line never claims the search limit as a maximum, and
     the same text for several combinations is printed once, naming them."""

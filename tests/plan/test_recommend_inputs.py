@@ -201,3 +201,41 @@ def test_num_classes_as_a_numpy_int_and_with_the_users_own_loss():
                              num_classes=3, loss=lambda out, y: out.float().mean(),
                              precisions=["fp32"], policies=["none"], confirm=False, workers=1)
     assert plan.best is not None
+
+
+def test_an_unknown_policy_is_said_as_policies_before_the_model_is_built():
+    """memprof.recommend(..., policies=['sometimes']) read 'policy: unknown ...' (checkpoint's
+    parameter), after building the model."""
+    built = []
+
+    def build():
+        built.append(1)
+        return torch.nn.Linear(4, 2)
+
+    with pytest.raises(PlanInputError, match=r"^policies: unknown checkpointing policy "
+                       r"'sometimes'; expected none, every, every-k such as every-2, or "
+                       r"selective$"):
+        memprof.recommend(build, input_shape=(4,), gpu="v100-16gb", effective_batch=8,
+                          policies=["none", "sometimes"])
+    with pytest.raises(TypeError, match=r"^policies: expected a string such as 'every'"):
+        memprof.recommend(build, input_shape=(4,), gpu="v100-16gb", effective_batch=8,
+                          policies=["none", 2])
+    assert built == []
+    plan = memprof.recommend(build, input_shape=(4,), gpu="v100-16gb", effective_batch=8,
+                             precisions=["fp32"], policies=["none"], confirm=False, workers=1)
+    with pytest.raises(ValueError, match=r"^checkpointing: unknown checkpointing policy "):
+        plan.predict(4, "fp32", checkpointing="sometimes")
+
+
+@pytest.mark.parametrize("gpu", ["v100-16gb", "t4"])
+def test_a_precision_the_gpu_lacks_says_what_it_supports(capsys, gpu):
+    """--precision bf16 on a V100 read 'v100-16gb has no bf16 hardware support' and no word of
+    what to use instead."""
+    has = " or ".join(p for p in ("fp32", "fp16", "bf16") if lookup(gpu).supports(p))
+    said = f"precision 'bf16': {gpu} has no bf16 hardware support; it supports {has}"
+    assert cli.main(["recommend", "--gpu", gpu, "--model", "mlp", "--effective-batch", "8",
+                     "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(PlanInputError, match=rf"^{said}$"):
+        memprof.recommend("mlp", gpu=gpu, effective_batch=8, precisions=["bf16"])

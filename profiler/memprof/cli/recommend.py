@@ -56,20 +56,21 @@ class RecommendCommand(Command):
 
     def add_arguments(self, r: argparse.ArgumentParser) -> None:
         r.add_argument("--gpu", required=True,
-                       help="GPU name (see `memprof gpus`), e.g. v100-16gb")
+                       help="GPU name (see `memprof gpus`), e.g. v100-16gb; required")
         from ..models import MODELS
         r.add_argument("--model", required=True,
                        help=f"a built-in model ({', '.join(MODELS)}; see memprof.models) or "
                             "module:factory, factory(**model args) -> nn.Module, imported "
                             "with the current directory on the path as `python -m` does "
                             "(e.g. mymodels:build for build() in ./mymodels.py), or "
-                            "path/to/file.py:factory")
+                            "path/to/file.py:factory; required")
         r.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
                        help="keyword for the model's constructor or factory, repeatable (e.g. "
                             "attention_backend=fused: DCAL with memprof's fused attention); "
                             "the value as a Python literal (6, 0.1, [2, 4], True; true/false/"
-                            "none as well), else a string")
-        r.add_argument("--effective-batch", type=at_least_one,
+                            "none as well), else a string; default: none (the model's own "
+                            "defaults)")
+        r.add_argument("--effective-batch", type=at_least_one, metavar="N",
                        help="samples per optimizer step (micro-batch x accumulation); default: "
                             "the batch function's own batch size (its first parameter's "
                             "default, as in def batch(batch_size=32))")
@@ -77,12 +78,19 @@ class RecommendCommand(Command):
                        help="fp32, fp16, bf16 (repeat or comma-separate; default: all the GPU "
                             "has; a model built in half precision: its own)")
         r.add_argument("--checkpointing", metavar="POLICIES",
-                       help="comma-separated policies (default none,every,every-2,selective)")
-        r.add_argument("--blocks", help="qualified name of the repeated blocks to checkpoint")
+                       help="comma-separated checkpointing policies: none, every, every-k "
+                            "such as every-2, selective (default: none,every,every-2,"
+                            "selective, those the model has blocks for)")
+        r.add_argument("--blocks", metavar="NAMES",
+                       help="qualified name of the repeated blocks to checkpoint, e.g. "
+                            "encoder.layer (several comma-separated); default: the model's "
+                            "repeated blocks, found automatically "
+                            "(memprof.plan.checkpoint.find_blocks)")
         r.add_argument("--gpus", type=int, metavar="N",
                        help="plan one rank of a data-parallel job on N GPUs (the world size); "
                             "--effective-batch is then the global batch, N x micro-batch x "
-                            "accumulation, and the LR advice scales for it")
+                            "accumulation, and the LR advice scales for it; default: one "
+                            "GPU")
         r.add_argument("--strategy", metavar="S",
                        help="with --gpus (default ddp): ddp (everything replicated), zero1 "
                             "(optimizer state sharded), zero2 = fsdp-grad-op (+ gradients), "
@@ -97,12 +105,15 @@ class RecommendCommand(Command):
                             "over fp32 weights, FSDP2 with fp32 shards) or zero-paper "
                             "(DeepSpeed's 2 + 2 + 12 bytes per parameter over each stage); "
                             "see memprof.plan.rank_layout")
-        r.add_argument("--optimizer", default="adamw", help="adamw (default), adam or sgd")
-        r.add_argument("--input-shape", help="per-sample input shape for a classification "
-                                             "batch, e.g. 3,224,224 (models given as "
-                                             "module:factory)")
-        r.add_argument("--num-classes", type=int, help="classes for --input-shape (default: "
-                                                       "inferred from the model's output)")
+        r.add_argument("--optimizer", default="adamw", metavar="NAME",
+                       help="adamw (default), adam or sgd")
+        r.add_argument("--input-shape", metavar="SHAPE",
+                       help="per-sample input shape for a classification batch, e.g. "
+                            "3,224,224, for a model given as module:factory; default: none "
+                            "(such a model then needs --batch-fn)")
+        r.add_argument("--num-classes", type=int, metavar="N",
+                       help="classes for --input-shape, an integer (default: inferred from "
+                            "the model's output)")
         r.add_argument("--batch-fn", metavar="MODULE:FUNCTION",
                        help="how a batch of your model looks: function(batch_size) returns "
                             "(inputs, targets) or inputs alone, with random tensors of the "
@@ -110,28 +121,39 @@ class RecommendCommand(Command):
                             "(model(*x)) or a dict (model(**x), e.g. input_ids and labels for "
                             "a Hugging Face model). No loss is needed: the model's own "
                             "outputs.loss is used when it returns one, else cross-entropy "
-                            "(integer targets), MSE (float targets) or a stand-in scalar")
-        r.add_argument("--base-lr", type=positive_number,
-                       help="LR of the recipe at --base-batch")
-        r.add_argument("--base-batch", type=at_least_one,
-                       help="batch size --base-lr was tuned for")
-        r.add_argument("--lr", type=positive_number,
-                       help="the LR you use: warn if far from the scaled one")
-        r.add_argument("--warmup-steps", type=at_least_zero,
-                       help="warmup in micro-steps (batches): converted to optimizer steps")
+                            "(integer targets), MSE (float targets) or a stand-in scalar; "
+                            "default: a built-in model's own; a module:factory model needs "
+                            "this or --input-shape")
+        r.add_argument("--base-lr", type=positive_number, metavar="LR",
+                       help="LR of the recipe at --base-batch, a number > 0; with "
+                            "--base-batch the plan scales it to the effective batch "
+                            "(default: no LR advice)")
+        r.add_argument("--base-batch", type=at_least_one, metavar="N",
+                       help="batch size --base-lr was tuned for, a whole number >= 1 "
+                            "(default: none; goes with --base-lr)")
+        r.add_argument("--lr", type=positive_number, metavar="LR",
+                       help="the LR you use, a number > 0: warn if far from the scaled one "
+                            "(needs --base-lr and --base-batch; default: not checked)")
+        r.add_argument("--warmup-steps", type=at_least_zero, metavar="N",
+                       help="warmup in micro-steps (batches), a whole number >= 0: converted "
+                            "to optimizer steps (default: no warmup advice)")
         r.add_argument("--no-confirm", action="store_true",
                        help="skip the confirming estimates (of the recommended option, and of "
                             "each boundary the batch model interpolates): faster; every "
-                            "figure is then the batch model's")
+                            "figure is then the batch model's (default: they run)")
         r.add_argument("--workers", type=at_least_one, metavar="N",
                        help="processes estimating side by side (default: the usable cores; "
                             "1: all in this one)")
-        r.add_argument("--all", action="store_true", help="show every option, not a summary")
-        r.add_argument("--json", action="store_true", help="print the plan as JSON")
+        r.add_argument("--all", action="store_true",
+                       help="show every option (default: a summary, per precision and policy "
+                            "the largest micro-batch that fits and the next one up)")
+        r.add_argument("--json", action="store_true",
+                       help="print the plan as JSON (default: tables and the code)")
         r.add_argument("--html", metavar="FILE",
                        help="also write the plan as a self-contained HTML page (memory against "
                             "micro-batch per precision and checkpointing, the GPU's usable "
-                            "line, the best option marked)")
+                            "line, the best option marked); FILE ends in .html (.json: the "
+                            "plan's JSON); default: none written")
 
     def leaves_fast(self, args: argparse.Namespace) -> bool:
         return ":" not in args.model and not args.batch_fn   # no module of the user's ran
@@ -197,6 +219,13 @@ class RecommendCommand(Command):
         precisions = None
         if args.precision:
             precisions = [p for s in args.precision for p in _csv(s)]
+        policies = _csv(args.checkpointing)
+        from ..plan.checkpoint import parse_policy
+        for p in policies or []:
+            try:
+                parse_policy(p, "--checkpointing")
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if (args.base_lr is None) != (args.base_batch is None):
             raise UsageError("--base-lr and --base-batch go together")
         if args.lr is not None and args.base_lr is None:
@@ -229,7 +258,7 @@ class RecommendCommand(Command):
         kw = dict(model=args.model, model_kwargs=parse_model_args(args.model_arg),
                   batch=args.batch_fn, optimizer=args.optimizer, gpu=args.gpu,
                   effective_batch=effective, precisions=precisions,
-                  policies=_csv(args.checkpointing), base_lr=args.base_lr,
+                  policies=policies, base_lr=args.base_lr,
                   base_batch=args.base_batch, lr=args.lr, warmup_steps=args.warmup_steps,
                   input_shape=args.input_shape, num_classes=args.num_classes,
                   confirm=not args.no_confirm, blocks=args.blocks, distributed=distributed,

@@ -75,10 +75,12 @@ SAVED_OP_NAMES = frozenset({"tritonkernels::flash_attention"})
 _MARK = "_memprof_checkpoint"
 
 
-def parse_policy(policy: str) -> tuple[str, int]:
-    """'none' | 'every' | 'every-k' | 'selective' -> (kind, k)."""
+def parse_policy(policy: str, name: str = "policy") -> tuple[str, int]:
+    """'none' | 'every' | 'every-k' | 'selective' -> (kind, k). `name`: what a bad one is
+    said as, the parameter or option the user gave it in (recommend's 'policies',
+    '--checkpointing')."""
     if not isinstance(policy, str):
-        raise TypeError(f"policy: expected a string such as 'every' or 'every-2', got "
+        raise TypeError(f"{name}: expected a string such as 'every' or 'every-2', got "
                         f"{type(policy).__name__}")
     p = policy.strip().lower()
     if p in ("none", "off", "false"):
@@ -91,8 +93,8 @@ def parse_policy(policy: str) -> tuple[str, int]:
     if m and int(m.group(1)) >= 1:
         k = int(m.group(1))
         return ("every", 1) if k == 1 else ("every-k", k)
-    raise ValueError(f"policy: unknown checkpointing policy {policy!r}; expected 'none', "
-                     "'every', 'every-k' (e.g. 'every-2') or 'selective'")
+    raise ValueError(f"{name}: unknown checkpointing policy {policy!r}; expected none, every, "
+                     "every-k such as every-2, or selective")
 
 
 def _selective_policy(ctx, op, *args, **kwargs):

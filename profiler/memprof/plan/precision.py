@@ -134,6 +134,14 @@ def unsupported(gpu, precision: str) -> str:
     return f"{gpu.name} has no {precision} hardware support"
 
 
+def refused(gpu, precision: str) -> str:
+    """The one line for a precision asked of a GPU without it, with what to ask instead (the
+    precisions the GPU table gives it)."""
+    has = [p for p in ESTIMATE_PRECISIONS if gpu.supports(p)]
+    return f"precision {precision!r}: {unsupported(gpu, precision)}; it supports " \
+           f"{' or '.join(has)}"
+
+
 def default_precisions(mp: ModelPrecision, gpu) -> list[str]:
     """The precisions a plan estimates when none are given."""
     if not mp.half:
@@ -146,7 +154,7 @@ def default_precisions(mp: ModelPrecision, gpu) -> list[str]:
 def refusal(mp: ModelPrecision, gpu, precision: str) -> str | None:
     """Why `precision` cannot be planned for this model on `gpu` (one line), else None."""
     if not gpu.supports(precision):
-        return f"precision {precision!r}: {unsupported(gpu, precision)}"
+        return refused(gpu, precision)
     trains_half = bool(mp.trainable) and mp.trainable <= set(LOW_PRECISION_DTYPES)
     if mp.half and precision not in LOW_PRECISION_DTYPES and not gpu.supports(mp.weights):
         # fp32 as built leaves the frozen half base computing in a dtype this GPU lacks

@@ -54,7 +54,7 @@ from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
 from .own_checkpointing import policy_ran, text as own_text
-from .precision import default_precisions, notes, refusal, training
+from .precision import default_precisions, notes, refusal, refused, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
 from .workloads import batch_form, resolve_workload
@@ -258,7 +258,7 @@ class Plan:
             raise ValueError(why or f"precision: {precision!r} cannot be estimated for "
                              f"{self.gpu.name}; expected one of "
                              f"{default_precisions(self.model_precision, self.gpu)}")
-        parse_policy(checkpointing)
+        parse_policy(checkpointing, "checkpointing")
         c = Combination(precision, checkpointing)
         search = Search(self._estimator, self.usable_bytes, self.effective_batch,
                         confirm=False, blocks=self._blocks, progress=None,
@@ -404,7 +404,7 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
                                  f"{', '.join(ESTIMATE_PRECISIONS[:-1])} or "
                                  f"{ESTIMATE_PRECISIONS[-1]}")
         if not g.supports(p):
-            raise PlanInputError(f"precision {p!r}: {g.name} has no {p} hardware support")
+            raise PlanInputError(refused(g, p))
     return g, usable, precisions
 
 
@@ -421,17 +421,28 @@ def _model_precisions(precisions, estimator, g) -> list[str]:
     return precisions
 
 
-def _policies(module, policies, blocks) -> list[str]:
+def _asked_policies(policies) -> list[str] | None:
+    """The policies asked for, each once, or the one-line error naming `policies` (checked
+    before the model is built)."""
     if policies is None:
-        return policies_for(module, DEFAULT_POLICIES) if blocks is None \
-            else list(DEFAULT_POLICIES)
+        return None
     policies = [policies] if isinstance(policies, str) else list(policies)
     # each policy once: 'none,none' (or 'none,off') waited on itself for ever, and two
     # spellings of one policy printed two identical rows
     first: dict = {}
     for p in policies:
-        first.setdefault(parse_policy(p), p)
+        try:
+            first.setdefault(parse_policy(p, "policies"), p)
+        except ValueError as e:
+            raise PlanInputError(str(e)) from None
     return list(first.values())
+
+
+def _policies(module, policies, blocks) -> list[str]:
+    if policies is None:
+        return policies_for(module, DEFAULT_POLICIES) if blocks is None \
+            else list(DEFAULT_POLICIES)
+    return _asked_policies(policies)
 
 
 def _container(module, policies, blocks) -> str | None:
@@ -509,6 +520,7 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
         raise PlanInputError(f"distributed: expected memprof.plan.distributed.data_parallel"
                              f"(...), got {type(distributed).__name__}")
     per_rank = distributed.per_rank_batch(effective_batch) if distributed else effective_batch
+    policies = _asked_policies(policies)
     module, make_batch, loss_fn, desc = resolve_workload(model, batch, loss, input_shape,
                                                          num_classes, model_kwargs)
     if isinstance(blocks, str):   # a wrong name is the user's to fix, not "nothing fits"
