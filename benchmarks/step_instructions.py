@@ -97,7 +97,11 @@ def count(mode: str, spec: str, window_a: int, window_b: int, workdir: str) -> f
            f"--callgrind-out-file={out}.%p", sys.executable, os.path.abspath(__file__),
            "--child", mode, "--twin", spec, "--window-a", str(window_a),
            "--window-b", str(window_b)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    # one hash seed for every mode and run: string hashes decide where dict and set entries
+    # land, and with a random seed runs of one commit differed by up to ~8 K instructions a
+    # step (~3 K with it fixed)
+    run = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONHASHSEED": "0"})
     dumps = sorted(glob.glob(out + ".*.[0-9]*"), key=lambda p: int(p.rsplit(".", 1)[1]))
     if run.returncode != 0 or len(dumps) < 2:
         tail = (run.stderr or run.stdout).strip().splitlines()[-5:]
