@@ -1341,6 +1341,150 @@ py::dict counters() {
   return d;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The per-step entry points as plain CPython functions (positional arguments only). pybind11's
+// dispatcher (a function_call record, argument casters, the overload walk, the exception
+// translators) cost ~1,100 instructions per call in callgrind, and a training step calls these
+// ~27 times (a module push and pop per submodule call, the pass, backward and optimizer
+// markers), right after its kernels have evicted memprof's code; a METH_O / METH_FASTCALL
+// function is a direct call.
+bool to_u64(PyObject* o, uint64_t* out) {
+  PyObject* index = PyLong_CheckExact(o) ? (Py_INCREF(o), o) : PyNumber_Index(o);
+  if (index == nullptr) return false;
+  *out = PyLong_AsUnsignedLongLong(index);
+  Py_DECREF(index);
+  return !(*out == static_cast<uint64_t>(-1) && PyErr_Occurred());
+}
+
+bool to_i32(PyObject* o, int32_t* out) {
+  long v = PyLong_AsLong(o);   // (takes __index__)
+  if (v == -1 && PyErr_Occurred()) return false;
+  if (v < INT32_MIN || v > INT32_MAX) {
+    PyErr_SetString(PyExc_OverflowError, "value out of the range of a 32-bit int");
+    return false;
+  }
+  *out = static_cast<int32_t>(v);
+  return true;
+}
+
+// Calls fn() and answers None, a native exception said as Python's (as pybind11 does).
+template <typename Fn>
+PyObject* none_after(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+bool arg_count(const char* name, Py_ssize_t n, Py_ssize_t lo, Py_ssize_t hi) {
+  if (n >= lo && n <= hi) return true;
+  PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd positional arguments (%zd given)", name,
+               lo, hi, n);
+  return false;
+}
+
+PyObject* fast_push_module(PyObject*, PyObject* arg) {
+  int32_t id;
+  if (!to_i32(arg, &id)) return nullptr;
+  return none_after([&] { push_module(id); });
+}
+
+PyObject* fast_pop_module(PyObject*, PyObject*) {
+  return none_after([] { pop_module(); });
+}
+
+PyObject* fast_set_phase(PyObject*, PyObject* arg) {
+  int32_t phase;
+  if (!to_i32(arg, &phase)) return nullptr;
+  return none_after([&] { set_phase(phase); });
+}
+
+PyObject* fast_mark(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  if (!arg_count("mark", n, 1, 2)) return nullptr;
+  if (!PyUnicode_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "mark(): label must be a str");
+    return nullptr;
+  }
+  uint64_t value = 0;
+  if (n == 2 && !to_u64(args[1], &value)) return nullptr;
+  const py::str label = py::reinterpret_borrow<py::str>(args[0]);
+  return none_after([&] { mark(label, value); });
+}
+
+PyObject* fast_forward_start(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  if (!arg_count("forward_start", n, 2, 2)) return nullptr;
+  uint64_t step;
+  int32_t module_id;
+  if (!to_u64(args[0], &step) || !to_i32(args[1], &module_id)) return nullptr;
+  return none_after([&] { forward_start(step, module_id); });
+}
+
+template <void (*Fn)(uint64_t)>
+PyObject* fast_step_call(PyObject*, PyObject* arg) {
+  uint64_t step;
+  if (!to_u64(arg, &step)) return nullptr;
+  return none_after([&] { Fn(step); });
+}
+
+PyObject* fast_step_end(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  if (!arg_count("step_end", n, 1, 2)) return nullptr;
+  uint64_t ended;
+  int32_t phase = -1;
+  if (!to_u64(args[0], &ended) || (n == 2 && !to_i32(args[1], &phase))) return nullptr;
+  int64_t seq = 0;
+  PyObject* ok = none_after([&] { seq = step_end(ended, phase); });
+  if (ok == nullptr) return nullptr;
+  Py_DECREF(ok);
+  return PyLong_FromLongLong(seq);
+}
+
+PyObject* fast_steps_growing(PyObject*, PyObject*) { return PyLong_FromLong(steps_growing()); }
+
+PyObject* fast_log_full(PyObject*, PyObject*) { return PyBool_FromLong(log_full()); }
+
+// (static: CPython keeps pointers to the definitions for the functions' lifetime)
+PyMethodDef kStepCalls[] = {
+    {"push_module", fast_push_module, METH_O, "push_module(module_id, /)\n--\n\n"
+     "The module a scoped call runs in, on this thread (until pop_module)."},
+    {"pop_module", fast_pop_module, METH_NOARGS, "pop_module($module, /)\n--\n\n"
+     "The module pushed last leaves."},
+    {"set_phase", fast_set_phase, METH_O, "set_phase(phase, /)\n--\n\nThe training phase."},
+    {"mark", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_mark)), METH_FASTCALL,
+     "mark(label, value=0, /)\n--\n\nA marker event in the stream."},
+    {"forward_start", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_forward_start)),
+     METH_FASTCALL, "forward_start(step, module_id, /)\n--\n\n"
+     "set_phase(PHASE_FORWARD), mark('forward_start', step), push_module(module_id)."},
+    {"forward_end", fast_step_call<forward_end>, METH_O, "forward_end(step, /)\n--\n\n"
+     "pop_module(); if still PHASE_FORWARD: PHASE_OTHER and mark('forward_end', step)."},
+    {"backward_end", fast_step_call<backward_end>, METH_O, "backward_end(step, /)\n--\n\n"
+     "PHASE_OTHER if the phase is PHASE_BACKWARD, mark('backward_end', step)."},
+    {"optimizer_start", fast_step_call<optimizer_start>, METH_O, "optimizer_start(step, /)\n--\n\n"
+     "mark('optimizer_start', step), set_phase(PHASE_OPTIMIZER)."},
+    {"step_end", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(fast_step_end)),
+     METH_FASTCALL, "step_end(ended, phase=-1, /)\n--\n\n"
+     "set_phase(phase) if phase >= 0, mark('step', ended), set_step(ended + 1); returns "
+     "peek_sequence_nr()."},
+    {"steps_growing", fast_steps_growing, METH_NOARGS, "steps_growing($module, /)\n--\n\n"
+     "Step ends in a row, up to the last, with more allocated than at the one before."},
+    {"log_full", fast_log_full, METH_NOARGS, "log_full($module, /)\n--\n\n"
+     "Whether the event log is full for the calling thread (its next memory event is "
+     "dropped); False when not recording."},
+    {nullptr, nullptr, 0, nullptr}};
+
+void add_step_calls(py::module_& m) {
+  for (PyMethodDef* def = kStepCalls; def->ml_name != nullptr; ++def) {
+    PyObject* fn = PyCFunction_NewEx(def, m.ptr(), m.attr("__name__").ptr());
+    if (fn == nullptr) throw py::error_already_set();
+    m.attr(def->ml_name) = py::reinterpret_steal<py::object>(fn);
+  }
+}
+
 }  // namespace
 
 bool allocated_past_the_log(void (*deleter)(void*)) { return deleter == &unlogged_delete; }
@@ -1396,25 +1540,9 @@ void register_tracker(py::module_& m) {
   m.def("is_active", &is_active);
   m.def("attach_thread", &attach_thread,
         "Record allocations of the calling thread too (threads started while tracking).");
-  m.def("push_module", &push_module, py::arg("module_id"));
-  m.def("pop_module", &pop_module);
-  m.def("set_phase", &set_phase, py::arg("phase"));
   m.def("get_phase", &get_phase);
   m.def("set_step", &set_step, py::arg("step"));
-  m.def("mark", &mark, py::arg("label"), py::arg("value") = 0);
-  m.def("forward_start", &forward_start, py::arg("step"), py::arg("module_id"),
-        "set_phase(PHASE_FORWARD), mark('forward_start', step), push_module(module_id).");
-  m.def("forward_end", &forward_end, py::arg("step"),
-        "pop_module(); if still PHASE_FORWARD: PHASE_OTHER and mark('forward_end', step).");
-  m.def("backward_end", &backward_end, py::arg("step"),
-        "PHASE_OTHER if the phase is PHASE_BACKWARD, mark('backward_end', step).");
-  m.def("optimizer_start", &optimizer_start, py::arg("step"),
-        "mark('optimizer_start', step), set_phase(PHASE_OPTIMIZER).");
-  m.def("steps_growing", &steps_growing,
-        "Step ends in a row, up to the last, with more allocated than at the one before.");
-  m.def("step_end", &step_end, py::arg("ended"), py::arg("phase") = -1,
-        "set_phase(phase) if phase >= 0, mark('step', ended), set_step(ended + 1); returns "
-        "peek_sequence_nr().");
+  add_step_calls(m);   // push_module, pop_module, set_phase, mark, ... (see kStepCalls)
   m.def("events",
         [](const std::vector<int64_t>& since) { return drain(&ThreadBuffer::events, since); },
         py::arg("since") = std::vector<int64_t>{},
@@ -1434,9 +1562,6 @@ void register_tracker(py::module_& m) {
   m.def("peek_sequence_nr", []() { return at::sequence_number::peek(); },
         "The autograd sequence number the next node created on this thread will get.");
   m.def("counters", &counters);
-  m.def("log_full", &log_full,
-        "Whether the event log is full for the calling thread (its next memory event is "
-        "dropped); False when not recording.");
 }
 
 }  // namespace memprof
