@@ -4,3 +4,19 @@
 class PlanInputError(ValueError):
     """Bad input to a plan (model, batch function, GPU, precision, LR, ...): one line naming the
     input and what was expected; the CLI prints it without a traceback."""
+
+
+def names(value, input: str, examples: tuple[str, str]) -> list[str]:
+    """A list of names as given (a bare string is one name, not its characters), or the
+    one line naming `input`: a value that is no list of them, or an empty one (which would
+    plan nothing)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise PlanInputError(f"{input}: expected a list of names such as {list(examples)}, "
+                             f"got {type(value).__name__} {value!r}")
+    out = list(value)
+    if not out:
+        raise PlanInputError(f"{input}: expected at least one name such as {examples[0]!r} "
+                             f"or {examples[1]!r}, got an empty {type(value).__name__}")
+    return out
