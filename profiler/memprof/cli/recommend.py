@@ -80,7 +80,8 @@ class RecommendCommand(Command):
         r.add_argument("--checkpointing", metavar="POLICIES",
                        help="comma-separated checkpointing policies: none, every, every-k "
                             "such as every-2, selective (default: none,every,every-2,"
-                            "selective, those the model has blocks for)")
+                            "selective, those the model has blocks for; an empty value is "
+                            "refused)")
         r.add_argument("--blocks", metavar="NAMES",
                        help="qualified name of the repeated blocks to checkpoint, e.g. "
                             "encoder.layer (several comma-separated); default: the model's "
@@ -220,6 +221,11 @@ class RecommendCommand(Command):
         if args.precision:
             precisions = [p for s in args.precision for p in _csv(s)]
         policies = _csv(args.checkpointing)
+        if args.checkpointing is not None and policies is None:   # "$UNSET": not the default
+            from ..plan.search import DEFAULT_POLICIES
+            raise UsageError(f"--checkpointing {args.checkpointing!r}: expected comma-separated "
+                             "policies such as none,every; leave the option out for the "
+                             f"default ({','.join(DEFAULT_POLICIES)})")
         from ..plan.checkpoint import parse_policy
         for p in policies or []:
             try:
