@@ -3,7 +3,20 @@
 
 class PlanInputError(ValueError):
     """Bad input to a plan (model, batch function, GPU, precision, LR, ...): one line naming the
-    input and what was expected; the CLI prints it without a traceback."""
+    input and what was expected; the CLI prints it without a traceback. `input`: the
+    parameter the line starts with, where the CLI says it as its own option (said_as)."""
+
+    def __init__(self, message: str, input: str | None = None):
+        super().__init__(message)
+        self.input = input
+
+    def said_as(self, option: str) -> str:
+        """The line with its parameter said as the option the user typed (precisions ->
+        --precision)."""
+        line = str(self)
+        if self.input and line.startswith(self.input):
+            return option + line[len(self.input):]
+        return line
 
 
 def names(value, input: str, examples: tuple[str, str]) -> list[str]:

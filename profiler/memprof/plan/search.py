@@ -54,7 +54,7 @@ from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
 from .own_checkpointing import policy_ran, text as own_text
-from .precision import default_precisions, notes, refusal, refused, training
+from .precision import default_precisions, not_planned, notes, refusal, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
 from .workloads import batch_form, resolve_workload
@@ -398,12 +398,9 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
         return g, usable, None
     precisions = list(dict.fromkeys(names(precisions, "precisions", ("fp32", "fp16"))))
     for p in precisions:
-        if p not in ESTIMATE_PRECISIONS:
-            raise PlanInputError(f"precision {p!r}: expected "
-                                 f"{', '.join(ESTIMATE_PRECISIONS[:-1])} or "
-                                 f"{ESTIMATE_PRECISIONS[-1]}")
-        if not g.supports(p):
-            raise PlanInputError(refused(g, p))
+        why = not_planned(g, p, "precisions")
+        if why:
+            raise PlanInputError(why, "precisions")
     return g, usable, precisions
 
 
@@ -414,9 +411,9 @@ def _model_precisions(precisions, estimator, g) -> list[str]:
     if precisions is None:
         return default_precisions(mp, g)
     for p in precisions:
-        why = refusal(mp, g, p)
+        why = refusal(mp, g, p, "precisions")
         if why:
-            raise PlanInputError(why)
+            raise PlanInputError(why, "precisions")
     return precisions
 
 
