@@ -87,7 +87,9 @@ class Option:
     #                                    left to the model's own checkpointing)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Its fields, and checkpointing_text as the table shows it (a script need not work
+        "model's own" out of own_checkpointing and policy_applied)."""
+        return asdict(self) | {"checkpointing_text": self.checkpointing_text}
 
     @property
     def checkpointing_text(self) -> str:
