@@ -236,6 +236,6 @@ def test_a_precision_the_gpu_lacks_says_what_it_supports(capsys, gpu):
     assert cli.main(["recommend", "--gpu", gpu, "--model", "mlp", "--effective-batch", "8",
                      "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
-    assert said in err and len(err.strip().splitlines()) == 1, err
-    with pytest.raises(PlanInputError, match=rf"^{said}$"):
+    assert f"--{said}" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(PlanInputError, match=rf"^{said.replace('precision', 'precisions')}$"):
         memprof.recommend("mlp", gpu=gpu, effective_batch=8, precisions=["bf16"])

@@ -76,11 +76,13 @@ class RecommendCommand(Command):
                             "default, as in def batch(batch_size=32))")
         r.add_argument("--precision", action="append", metavar="P",
                        help="fp32, fp16, bf16 (repeat or comma-separate; default: all the GPU "
-                            "has; a model built in half precision: its own)")
+                            "has; a model built in half precision: its own; checked "
+                            "against the GPU first)")
         r.add_argument("--checkpointing", metavar="POLICIES",
                        help="comma-separated checkpointing policies: none, every, every-k "
                             "such as every-2, selective (default: none,every,every-2,"
-                            "selective, those the model has blocks for)")
+                            "selective, those the model has blocks for; an empty value is "
+                            "refused)")
         r.add_argument("--blocks", metavar="NAMES",
                        help="qualified name of the repeated blocks to checkpoint, e.g. "
                             "encoder.layer (several comma-separated); default: the model's "
@@ -206,6 +208,27 @@ class RecommendCommand(Command):
         except PlanInputError as e:
             raise UsageError(f"--{e}") from None
 
+    @staticmethod
+    def _precisions(args: argparse.Namespace, gpu) -> list[str] | None:
+        """--precision as a list, each checked against the GPU before the model is built, or
+        the one line naming --precision."""
+        if not args.precision:
+            return None
+        from ..plan.precision import not_planned
+        out = []
+        for given in args.precision:
+            names = _csv(given)
+            if names is None:   # "$UNSET": not the default
+                raise UsageError(f"--precision {given!r}: expected comma-separated precisions "
+                                 "such as fp32,fp16; leave the option out for the default "
+                                 "(those the GPU has)")
+            for p in names:
+                why = not_planned(gpu, p, "--precision")
+                if why:
+                    raise UsageError(why)
+            out += names
+        return out
+
     def _run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
 
@@ -213,13 +236,16 @@ class RecommendCommand(Command):
         from ..plan.search import recommend
         from ..report.plan import print_plan, search_progress
         try:
-            lookup(args.gpu)   # before the search: an unknown or absent GPU is one line
+            gpu = lookup(args.gpu)   # before the search: an unknown or absent GPU is one line
         except NoGPUError as err:
             raise UsageError(f"--gpu {args.gpu}: {err}") from None
-        precisions = None
-        if args.precision:
-            precisions = [p for s in args.precision for p in _csv(s)]
+        precisions = self._precisions(args, gpu)
         policies = _csv(args.checkpointing)
+        if args.checkpointing is not None and policies is None:   # "$UNSET": not the default
+            from ..plan.search import DEFAULT_POLICIES
+            raise UsageError(f"--checkpointing {args.checkpointing!r}: expected comma-separated "
+                             "policies such as none,every; leave the option out for the "
+                             f"default ({','.join(DEFAULT_POLICIES)})")
         from ..plan.checkpoint import parse_policy
         for p in policies or []:
             try:
@@ -263,8 +289,14 @@ class RecommendCommand(Command):
                   input_shape=args.input_shape, num_classes=args.num_classes,
                   confirm=not args.no_confirm, blocks=args.blocks, distributed=distributed,
                   workers=args.workers)
+        from ..plan.errors import PlanInputError
         with search_progress(Console(stderr=True)) as progress:
-            plan = recommend(progress=progress, **kw)
+            try:
+                plan = recommend(progress=progress, **kw)
+            except PlanInputError as e:   # found once the model is built: its weights
+                if e.input == "precisions":
+                    raise UsageError(e.said_as("--precision")) from None
+                raise
         if args.json:
             print(plan.to_json())
         else:

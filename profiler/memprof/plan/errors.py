@@ -3,4 +3,33 @@
 
 class PlanInputError(ValueError):
     """Bad input to a plan (model, batch function, GPU, precision, LR, ...): one line naming the
-    input and what was expected; the CLI prints it without a traceback."""
+    input and what was expected; the CLI prints it without a traceback. `input`: the
+    parameter the line starts with, where the CLI says it as its own option (said_as)."""
+
+    def __init__(self, message: str, input: str | None = None):
+        super().__init__(message)
+        self.input = input
+
+    def said_as(self, option: str) -> str:
+        """The line with its parameter said as the option the user typed (precisions ->
+        --precision)."""
+        line = str(self)
+        if self.input and line.startswith(self.input):
+            return option + line[len(self.input):]
+        return line
+
+
+def names(value, input: str, examples: tuple[str, str]) -> list[str]:
+    """A list of names as given (a bare string is one name, not its characters), or the
+    one line naming `input`: a value that is no list of them, or an empty one (which would
+    plan nothing)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise PlanInputError(f"{input}: expected a list of names such as {list(examples)}, "
+                             f"got {type(value).__name__} {value!r}")
+    out = list(value)
+    if not out:
+        raise PlanInputError(f"{input}: expected at least one name such as {examples[0]!r} "
+                             f"or {examples[1]!r}, got an empty {type(value).__name__}")
+    return out

@@ -31,7 +31,7 @@ from .gpus import PRECISIONS
 
 __all__ = ["ESTIMATE_PRECISIONS", "ModelPrecision", "Training", "model_precision",
            "precision_of_dtype", "training", "default_precisions", "refusal", "notes",
-           "fp16_overflow", "unsupported", "run_precision"]
+           "fp16_overflow", "unsupported", "run_precision", "not_planned"]
 
 #: the precisions an estimate models: fp32 and the AMP precisions whose CUDA autocast policy
 #: is emulated (tf32 keeps fp32 storage and only speeds up matmuls: its memory is fp32's)
@@ -134,12 +134,22 @@ def unsupported(gpu, precision: str) -> str:
     return f"{gpu.name} has no {precision} hardware support"
 
 
-def refused(gpu, precision: str) -> str:
+def refused(gpu, precision: str, name: str = "precision") -> str:
     """The one line for a precision asked of a GPU without it, with what to ask instead (the
-    precisions the GPU table gives it)."""
+    precisions the GPU table gives it). `name`: what the precision was given as (recommend's
+    'precisions', '--precision')."""
     has = [p for p in ESTIMATE_PRECISIONS if gpu.supports(p)]
-    return f"precision {precision!r}: {unsupported(gpu, precision)}; it supports " \
+    return f"{name} {precision!r}: {unsupported(gpu, precision)}; it supports " \
            f"{' or '.join(has)}"
+
+
+def not_planned(gpu, precision, name: str = "precision") -> str | None:
+    """Why `precision` cannot be planned on `gpu` whatever the model (unknown, or the GPU
+    lacks it): one line starting with `name`, else None. Checked before a model is built."""
+    if precision not in ESTIMATE_PRECISIONS:
+        return f"{name} {precision!r}: expected {', '.join(ESTIMATE_PRECISIONS[:-1])} or " \
+               f"{ESTIMATE_PRECISIONS[-1]}"
+    return None if gpu.supports(precision) else refused(gpu, precision, name)
 
 
 def default_precisions(mp: ModelPrecision, gpu) -> list[str]:
@@ -151,18 +161,19 @@ def default_precisions(mp: ModelPrecision, gpu) -> list[str]:
     return [p for p in LOW_PRECISION_DTYPES if gpu.supports(p)]   # converted (same bytes)
 
 
-def refusal(mp: ModelPrecision, gpu, precision: str) -> str | None:
-    """Why `precision` cannot be planned for this model on `gpu` (one line), else None."""
+def refusal(mp: ModelPrecision, gpu, precision: str, name: str = "precision") -> str | None:
+    """Why `precision` cannot be planned for this model on `gpu` (one line starting with
+    `name`), else None."""
     if not gpu.supports(precision):
-        return refused(gpu, precision)
+        return refused(gpu, precision, name)
     trains_half = bool(mp.trainable) and mp.trainable <= set(LOW_PRECISION_DTYPES)
     if mp.half and precision not in LOW_PRECISION_DTYPES and not gpu.supports(mp.weights):
         # fp32 as built leaves the frozen half base computing in a dtype this GPU lacks
-        return (f"precision {precision!r}: the model's weights are {mp.describe()}, which "
+        return (f"{name} {precision!r}: the model's weights are {mp.describe()}, which "
                 f"{gpu.name} does not compute in; plan fp16 (the weights converted) instead")
     if mp.half and trains_half and precision not in LOW_PRECISION_DTYPES:
         # (fp32 adapters over a frozen half base, LoRA's shape, train in fp32 as built)
-        return (f"precision {precision!r}: the model's weights are {mp.describe()}: it trains "
+        return (f"{name} {precision!r}: the model's weights are {mp.describe()}: it trains "
                 f"in {mp.weights} as built; build it in fp32 (without .half() / "
                 "torch_dtype) for fp32, or for mixed precision over fp32 master weights")
     return None

@@ -48,13 +48,13 @@ from .batch_model import SEARCH_LIMIT
 from .checkpoint import find_blocks, parse_policy, policies_for, resolve_blocks
 from .codegen import plan_code
 from .combos import FIT_BATCHES, Combination, Search
-from .errors import PlanInputError
+from .errors import PlanInputError, names
 from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
 from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
 from .own_checkpointing import policy_ran, text as own_text
-from .precision import default_precisions, notes, refusal, refused, training
+from .precision import default_precisions, not_planned, notes, refusal, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
                      optimizer_time)
 from .workloads import batch_form, resolve_workload
@@ -87,7 +87,9 @@ class Option:
     #                                    left to the model's own checkpointing)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Its fields, and checkpointing_text as the table shows it (a script need not work
+        "model's own" out of own_checkpointing and policy_applied)."""
+        return asdict(self) | {"checkpointing_text": self.checkpointing_text}
 
     @property
     def checkpointing_text(self) -> str:
@@ -396,15 +398,11 @@ def _gpu_and_precisions(gpu, effective_batch, precisions, overhead, margin):
     usable = usable_bytes(g, overhead=overhead, margin=margin)
     if precisions is None:   # the model's weights decide (_model_precisions)
         return g, usable, None
-    precisions = list(dict.fromkeys([precisions] if isinstance(precisions, str)
-                                    else precisions))   # each once, as policies
+    precisions = list(dict.fromkeys(names(precisions, "precisions", ("fp32", "fp16"))))
     for p in precisions:
-        if p not in ESTIMATE_PRECISIONS:
-            raise PlanInputError(f"precision {p!r}: expected "
-                                 f"{', '.join(ESTIMATE_PRECISIONS[:-1])} or "
-                                 f"{ESTIMATE_PRECISIONS[-1]}")
-        if not g.supports(p):
-            raise PlanInputError(refused(g, p))
+        why = not_planned(g, p, "precisions")
+        if why:
+            raise PlanInputError(why, "precisions")
     return g, usable, precisions
 
 
@@ -415,9 +413,9 @@ def _model_precisions(precisions, estimator, g) -> list[str]:
     if precisions is None:
         return default_precisions(mp, g)
     for p in precisions:
-        why = refusal(mp, g, p)
+        why = refusal(mp, g, p, "precisions")
         if why:
-            raise PlanInputError(why)
+            raise PlanInputError(why, "precisions")
     return precisions
 
 
@@ -426,7 +424,7 @@ def _asked_policies(policies) -> list[str] | None:
     before the model is built)."""
     if policies is None:
         return None
-    policies = [policies] if isinstance(policies, str) else list(policies)
+    policies = names(policies, "policies", ("none", "every"))
     # each policy once: 'none,none' (or 'none,off') waited on itself for ever, and two
     # spellings of one policy printed two identical rows
     first: dict = {}
@@ -501,13 +499,14 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     () -> nn.Module, or an nn.Module. batch: batch_size -> (inputs, targets) (built-ins bring
     theirs; else input_shape=(3, 224, 224) makes a classification batch). loss: (outputs,
     targets) -> scalar. optimizer: 'adamw' | 'adam' | 'sgd' or params -> Optimizer.
-    precisions: default the ones the GPU supports among fp32, fp16, bf16 for a model with
-    fp32 weights; a model in half precision trains in its own (`memprof.plan.precision`:
-    converted to fp16 where the GPU lacks bf16). policies: default
-    none, every, every-2, selective (those that apply to the model). progress: called as
-    progress(done, total, label) while estimating. See the module docstring for the models of
-    memory, fit and throughput. distributed: a `memprof.plan.distributed.data_parallel(...)`
-    spec -> one rank of N GPUs is planned (effective_batch is then the global batch).
+    precisions, policies: lists of names, e.g. ['fp32', 'bf16'] and ['none', 'every'] (a
+    bare string is one name: precisions='fp16' plans fp16 alone). precisions: default the
+    ones the GPU supports among fp32, fp16, bf16 for a model with fp32 weights; a model in
+    half precision trains in its own (`memprof.plan.precision`: converted to fp16 where the
+    GPU lacks bf16). policies: default none, every, every-2, selective (those that apply to
+    the model). progress: called as progress(done, total, label) while estimating. See the
+    module docstring for the models of memory, fit and throughput. distributed: a
+    `memprof.plan.distributed.data_parallel(...)` spec -> one rank of N GPUs is planned (effective_batch is then the global batch).
     workers: processes estimating combinations side by side (default: the usable cores, 1
     in a process holding CUDA or a process group; 1: all in this process)."""
     t0 = time.perf_counter()
