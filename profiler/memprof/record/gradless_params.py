@@ -6,13 +6,17 @@ steps, the model's body never trains, and only torch's one UserWarning says so. 
 is not there to see at the end (zero_grad() set it to None), but a stateful optimizer (Adam,
 SGD with momentum) makes a parameter's state at its first step with a gradient: a trainable
 parameter it holds with no state after it stepped never had one. An optimizer that keeps no
-per-parameter state (plain SGD, LBFGS's one entry) tells nothing and is not judged. It
-looks at a few step ends and as the block ends (record.live_look: a loop in main() under
-`memprof run` has freed the optimizer by then), and says how many steps it judged.
+per-parameter state (plain SGD, LBFGS's one entry) tells nothing and is not judged; nor is
+ZeroRedundancyOptimizer, whose local optimizer holds the state of this rank's shard (judged,
+its parameters only: the others are other ranks'). A parameter's bytes are this rank's (an
+FSDP2 DTensor's local shard). It looks at a few step ends and as the block ends
+(record.live_look: a loop in main() under `memprof run` has freed the optimizer by then),
+and says how many steps it judged.
 """
 from __future__ import annotations
 
 from .live_look import LiveLook
+from .snapshots import local_nbytes
 
 MAX_NAMES = 3
 
@@ -24,14 +28,14 @@ class ParametersWithoutGradients(LiveLook):
         names = scope.parameter_names()
         seen: set[int] = set()
         found, total, held = [], 0, 0
-        for opt in self.session.steps.stepped():
+        for opt in self.session.steps.holders():
             params = [p for g in opt.param_groups for p in g["params"]
                       if p.requires_grad and id(p) not in seen]
-            if sum(1 for p in params if opt.state.get(p)) < 2:   # no per-parameter state
+            if not _per_parameter_state(opt, params):
                 continue
             for p in params:
                 seen.add(id(p))
-                nbytes = p.numel() * p.element_size()
+                nbytes = local_nbytes(p)
                 held += nbytes
                 if not opt.state.get(p):
                     found.append(names.get(id(p), f"a {tuple(p.shape)} parameter"))
@@ -40,3 +44,12 @@ class ParametersWithoutGradients(LiveLook):
             return None
         return {"parameters": len(found), "bytes": int(total), "names": found[:MAX_NAMES],
                 "held_bytes": int(held)}
+
+
+def _per_parameter_state(opt, params) -> bool:
+    """Whether `opt` keeps state per parameter: two parameters with state (LBFGS keeps one
+    entry), or one whose state holds a tensor of its shape (the Adam state of a
+    ZeroRedundancyOptimizer shard of a single parameter)."""
+    with_state = [p for p in params if opt.state.get(p)]
+    return len(with_state) >= 2 or any(
+        getattr(v, "shape", None) == p.shape for p in with_state for v in opt.state[p].values())
