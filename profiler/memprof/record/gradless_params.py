@@ -24,10 +24,22 @@ MAX_NAMES = 3
 class ParametersWithoutGradients(LiveLook):
     name = "parameters_without_gradients"
 
+    def __init__(self):
+        super().__init__()
+        # what the latest look that found some named: id -> (name, bytes), and the bytes the
+        # optimizers held then
+        self._found: dict[int, tuple[str, int]] = {}
+        self._held = 0
+        # a hook on each parameter found, until it gets a gradient (one call, then removed):
+        # a look's finding kept after the loop freed the optimizer leaves out what trained
+        # after it (an expert of a mixture that got its first tokens at step 5 of 6)
+        self._watches: dict[int, object] = {}
+        self._late: set[int] = set()
+
     def _look(self, scope) -> dict | None:
         names = scope.parameter_names()
         seen: set[int] = set()
-        found, total, held = [], 0, 0
+        found, held = [], 0
         for opt in self.session.steps.holders():
             params = [p for g in opt.param_groups for p in g["params"]
                       if p.requires_grad and id(p) not in seen]
@@ -38,12 +50,47 @@ class ParametersWithoutGradients(LiveLook):
                 nbytes = local_nbytes(p)
                 held += nbytes
                 if not opt.state.get(p):
-                    found.append(names.get(id(p), f"a {tuple(p.shape)} parameter"))
-                    total += nbytes
+                    found.append(p)
+                    self._watch(p)
         if not found:
             return None
-        return {"parameters": len(found), "bytes": int(total), "names": found[:MAX_NAMES],
-                "held_bytes": int(held)}
+        self._found = {id(p): (names.get(id(p), f"a {tuple(p.shape)} parameter"),
+                               local_nbytes(p)) for p in found}
+        self._held = held
+        return self._summary()
+
+    def _summary(self) -> dict | None:
+        left = [v for k, v in self._found.items() if k not in self._late]
+        if not left:
+            return None
+        return {"parameters": len(left), "bytes": int(sum(b for _, b in left)),
+                "names": [n for n, _ in left[:MAX_NAMES]], "held_bytes": int(self._held)}
+
+    def _watch(self, p) -> None:
+        if id(p) in self._watches or not p.is_leaf:
+            return
+
+        def got_gradient(param, pid=id(p)):
+            self._late.add(pid)
+            handle = self._watches.pop(pid, None)
+            if handle is not None:
+                handle.remove()
+        try:
+            self._watches[id(p)] = p.register_post_accumulate_grad_hook(got_gradient)
+        except RuntimeError:   # (a tensor that takes no hooks: judged at the looks alone)
+            pass
+
+    def remove(self) -> None:
+        """As LiveLook's; a look's result kept from a step end (its optimizer freed since)
+        leaves out what got a gradient after it."""
+        super().remove()
+        for handle in tuple(self._watches.values()):
+            handle.remove()
+        self._watches.clear()
+        kept = self._result
+        if kept is not None and "steps" in kept and self._late:
+            left = self._summary()
+            self._result = None if left is None else {**left, "steps": kept["steps"]}
 
 
 def _per_parameter_state(opt, params) -> bool:
