@@ -124,6 +124,12 @@ def storage_ptr(t: torch.Tensor) -> int | None:
     return None if key is None else key[0]
 
 
+def local_nbytes(t: torch.Tensor) -> int:
+    """The bytes of `t` this rank holds: a DTensor's (FSDP2's parameter's) local shard."""
+    local = t if is_plain_tensor(t) else _local_shard(t)
+    return local.numel() * local.element_size()
+
+
 def _local_shard(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP2's parameters, gradients, optimizer state): the only part
     with storage on this rank. Read as an attribute: to_local() would record an autograd op.

@@ -132,6 +132,14 @@ class StepClock:
         """Every optimizer seen stepping (watched or not) and still alive."""
         return [o for o in (r() for r in self._stepped.values()) if o is not None]
 
+    def holders(self) -> list:
+        """stepped(), and the optimizers stepped inside theirs: ZeroRedundancyOptimizer holds
+        no state itself; its local `.optim` holds this rank's shard's."""
+        out = self.stepped()
+        out += [o for o in (r() for r in tuple(self._nested.values()))
+                if o is not None and not any(o is x for x in out)]
+        return out
+
     def watched(self) -> list:
         """The optimizers whose state is the run's: the one given to track() (else every one
         seen), and those stepped inside their steps (ZeroRedundancyOptimizer holds no state of

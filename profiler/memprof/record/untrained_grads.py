@@ -12,7 +12,7 @@ looks at a few step ends and as the block ends (record.live_look: a loop in main
 from __future__ import annotations
 
 from .live_look import LiveLook
-from .snapshots import storage_key
+from .snapshots import local_nbytes, storage_key
 
 MAX_NAMES = 3
 
@@ -36,7 +36,7 @@ class UntrainedGradients(LiveLook):
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                model_bytes += p.numel() * p.element_size()
+                model_bytes += local_nbytes(p)
                 # (a non-leaf's .grad is never filled, and reading it warns)
                 if not p.is_leaf or id(p) in trained or p.grad is None:
                     continue
