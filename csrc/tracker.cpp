@@ -1368,11 +1368,15 @@ bool to_i32(PyObject* o, int32_t* out) {
   return true;
 }
 
-// Calls fn() and answers None, a native exception said as Python's (as pybind11 does).
+// Calls fn() and answers None, a native exception said as Python's and a Python one as it
+// was (as pybind11 does).
 template <typename Fn>
 PyObject* none_after(Fn&& fn) {
   try {
     fn();
+  } catch (py::error_already_set& e) {   // a Python error (mark's label not UTF-8): its own
+    e.restore();
+    return nullptr;
   } catch (const std::bad_alloc&) {
     return PyErr_NoMemory();
   } catch (const std::exception& e) {

@@ -209,3 +209,12 @@ def test_marker_labels_are_read_by_text_not_by_object():
     assert [m["value"] for m in prof.markers("Größe ∑")] == [7]
     with pytest.raises(TypeError):
         _C.mark(b"bytes", 0)
+
+
+def test_a_label_that_cannot_be_encoded_raises_its_own_error():
+    """mark()'s label is encoded as UTF-8: a lone surrogate raises Python's UnicodeEncodeError
+    (as the pybind11 binding did), not a RuntimeError that carries its text."""
+    with memprof.track():
+        with pytest.raises(UnicodeEncodeError):
+            _C.mark("a\udc80", 1)
+        _C.mark("after", 1)   # nothing left set
