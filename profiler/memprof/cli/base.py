@@ -50,29 +50,26 @@ def seconds_or_off(text: str) -> float:
     return v
 
 
-def at_least_one(text: str) -> int:
-    """An argparse type: a whole number, 1 or more (--top, --batch-size); argparse prints the
-    message with the option's name."""
+def _whole_number_at_least(low: int, text: str) -> int:
+    """A whole number, `low` or more, or argparse's error (printed with the option's name)."""
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") \
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") \
             from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {n}")
     return n
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number, 1 or more (--top, --batch-size)."""
+    return _whole_number_at_least(1, text)
 
 
 def at_least_zero(text: str) -> int:
     """An argparse type: a whole number, 0 or more (--warmup-steps)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") \
-            from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {n}")
-    return n
+    return _whole_number_at_least(0, text)
 
 
 def positive_number(text: str) -> float:
