@@ -1368,21 +1368,27 @@ bool to_i32(PyObject* o, int32_t* out) {
   return true;
 }
 
-// Calls fn() and answers None, a native exception said as Python's and a Python one as it
-// was (as pybind11 does).
+// Calls fn(): false with the Python error set when it threw - a native exception said as
+// Python's, a Python one as it was (as pybind11 does).
 template <typename Fn>
-PyObject* none_after(Fn&& fn) {
+bool native_ok(Fn&& fn) {
   try {
     fn();
+    return true;
   } catch (py::error_already_set& e) {   // a Python error (mark's label not UTF-8): its own
     e.restore();
-    return nullptr;
   } catch (const std::bad_alloc&) {
-    return PyErr_NoMemory();
+    PyErr_NoMemory();
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
   }
+  return false;
+}
+
+// native_ok(fn), answered None.
+template <typename Fn>
+PyObject* none_after(Fn&& fn) {
+  if (!native_ok(fn)) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -1442,15 +1448,17 @@ PyObject* fast_step_end(PyObject*, PyObject* const* args, Py_ssize_t n) {
   int32_t phase = -1;
   if (!to_u64(args[0], &ended) || (n == 2 && !to_i32(args[1], &phase))) return nullptr;
   int64_t seq = 0;
-  PyObject* ok = none_after([&] { seq = step_end(ended, phase); });
-  if (ok == nullptr) return nullptr;
-  Py_DECREF(ok);
+  if (!native_ok([&] { seq = step_end(ended, phase); })) return nullptr;
   return PyLong_FromLongLong(seq);
 }
 
 PyObject* fast_steps_growing(PyObject*, PyObject*) { return PyLong_FromLong(steps_growing()); }
 
-PyObject* fast_log_full(PyObject*, PyObject*) { return PyBool_FromLong(log_full()); }
+PyObject* fast_log_full(PyObject*, PyObject*) {
+  bool full = false;   // (the thread's first call makes its state)
+  if (!native_ok([&] { full = log_full(); })) return nullptr;
+  return PyBool_FromLong(full);
+}
 
 // (static: CPython keeps pointers to the definitions for the functions' lifetime)
 PyMethodDef kStepCalls[] = {
