@@ -50,12 +50,12 @@ class ParametersWithoutGradients(LiveLook):
                 nbytes = local_nbytes(p)
                 held += nbytes
                 if not opt.state.get(p):
-                    found.append(p)
+                    found.append((p, nbytes))
                     self._watch(p)
         if not found:
             return None
-        self._found = {id(p): (names.get(id(p), f"a {tuple(p.shape)} parameter"),
-                               local_nbytes(p)) for p in found}
+        self._found = {id(p): (names.get(id(p), f"a {tuple(p.shape)} parameter"), nbytes)
+                       for p, nbytes in found}
         self._held = held
         return self._summary()
 
