@@ -115,8 +115,7 @@ class Search:
         # a model whose Hugging Face checkpointing is on (its flags say so before any
         # forward) is estimated as it runs first: memprof's first policy would be estimated
         # only to be dropped for it
-        user_model = getattr(getattr(self.estimator, "base", self.estimator),
-                             "_user_model", None)
+        user_model = getattr(self._base(), "_user_model", None)
         self._none_added = user_model is not None and checkpoints_itself(user_model) and \
             all(parse_policy(pol)[0] != "none" for pol in policies)
         if self._none_added:
