@@ -45,13 +45,12 @@
 #include "chunk_pool.h"
 #include "cpu_blocks.h"
 #include "events.h"
+#include "name_cache.h"
 
 namespace py = pybind11;
 
 namespace memprof {
 namespace {
-
-constexpr char kEvaluateFunction[] = "autograd::engine::evaluate_function: ";
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -276,30 +275,13 @@ struct OpFrame {
   bool backward;
 };
 
-// Op and node names by the address of their text. A dispatcher op's name is its registered
-// schema's and lives as long as the session (slots are emptied at each start), so a hit on
-// it is a multiply and a load, and its text (not in the caches between this step's kernels)
-// is not read; any other name (a backward node's, a string of its RecordFunction whose address
-// the next node's may reuse; a marker's) is verified by content. A miss looks the text up
-// among the names this thread saw (no lock), then globally. Direct-mapped; 1024 slots, as a
-// step's ~100 distinct names in 256 evicted each other (each eviction a refill).
-struct NameSlot {
-  const char* ptr = nullptr;
-  int32_t id = -1;          // the interned name; an evaluate_function frame's: its node's
-  bool stable = false;      // a registered op's schema name: no content check on a hit
-  bool evaluate = false;    // "autograd::engine::evaluate_function: <node>"
-  std::string text;
-};
-constexpr int kNameSlotBits = 10;
-
 struct ThreadState {
   uint64_t generation = 0;
   std::shared_ptr<ThreadBuffer> buffer;
   std::vector<OpFrame> ops;
   std::vector<int32_t> modules;
   int backward_depth = 0;
-  std::array<NameSlot, size_t{1} << kNameSlotBits> name_slots;
-  std::unordered_map<std::string, int32_t> name_ids;  // text -> string id, this session
+  NameCache names;   // op and node names by address (name_cache.h), this session
   // CUDA's caching allocator's running total of allocated bytes in its last report on this
   // thread: a plain store into state the report writes anyway, not a shared line every
   // allocating thread would write. (The CPU total is cpu_block_bytes().)
@@ -355,8 +337,7 @@ ThreadState& thread_state() {
     ts.modules.clear();
     ts.backward_depth = 0;
     ts.cuda_total = 0;
-    for (NameSlot& slot : ts.name_slots) slot.ptr = nullptr;
-    ts.name_ids.clear();
+    ts.names.clear();
     ts.buffer = std::make_shared<ThreadBuffer>();
     // the thread that started the session records most events (short sessions included);
     // other threads' first chunk takes small pages
@@ -386,38 +367,18 @@ bool is_registered_schema_name(const at::RecordFunction& fn, const char* name) {
   }
 }
 
-// The slot of `name`, filled if it held another. `fn`: the RecordFunction the name is of (its
+// The id of `name`, through the thread's cache. `fn`: the RecordFunction the name is of (its
 // schema's name may skip the content check); `literal`: a string literal of memprof's own.
-const NameSlot& name_slot(ThreadState& ts, const char* name, const at::RecordFunction* fn,
-                          bool literal = false) {
-  uint64_t h = (reinterpret_cast<uintptr_t>(name) * 0x9E3779B97F4A7C15ull) >> (64 - kNameSlotBits);
-  NameSlot& slot = ts.name_slots[h];
-  if (slot.ptr == name && (slot.stable || std::strcmp(slot.text.c_str(), name) == 0)) {
-    return slot;
-  }
-  slot.ptr = nullptr;   // until the slot holds this name's id (the lookups below may throw)
-  slot.text.assign(name);
-  slot.evaluate =
-      std::strncmp(name, kEvaluateFunction, sizeof(kEvaluateFunction) - 1) == 0;
-  const char* text = slot.evaluate ? name + sizeof(kEvaluateFunction) - 1 : name;
-  auto it = ts.name_ids.find(text);
-  int32_t id;
-  if (it != ts.name_ids.end()) {
-    id = it->second;
-  } else {
-    id = session().strings.intern(text);
-    ts.name_ids.emplace(text, id);
-  }
-  slot.stable =
-      literal || (fn != nullptr && !slot.evaluate && is_registered_schema_name(*fn, name));
-  slot.ptr = name;
-  slot.id = id;
-  return slot;
+NameRef name_of(ThreadState& ts, const char* name, const at::RecordFunction* fn,
+                bool literal = false) {
+  return ts.names.lookup(
+      name, [](const char* text) { return session().strings.intern(text); },
+      [&] { return literal || (fn != nullptr && is_registered_schema_name(*fn, name)); });
 }
 
 int32_t intern_cached(ThreadState& ts, const char* name, bool literal = false) {
   if (name == nullptr) return -1;
-  return name_slot(ts, name, nullptr, literal).id;
+  return name_of(ts, name, nullptr, literal).id;
 }
 
 constexpr int64_t kMinSideCap = 1 << 20;
@@ -864,7 +825,7 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   ThreadState& ts = thread_state();
   const char* raw_name = fn.name();
   int64_t seq = fn.seqNr();
-  const NameSlot* slot = raw_name != nullptr ? &name_slot(ts, raw_name, &fn) : nullptr;
+  const NameRef ref = raw_name != nullptr ? name_of(ts, raw_name, &fn) : NameRef{-1, false};
   // A node of backward is the engine's "autograd::engine::evaluate_function: <Node>" frame;
   // the engine names its node the evaluating one (autograd's NodeGuard) before the frame
   // begins, and the node's sequence number is read there. The node's own frame inside it
@@ -873,13 +834,13 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
   // tensors are released inside the evaluate frame, after the node's own frame ended. (Paths
   // that run a node without that frame - torch.distributed.autograd's engine, a grad_fn
   // called from Python - are not seen as backward: the node's own frame told that before.)
-  const bool backward = slot != nullptr && slot->evaluate;
+  const bool backward = ref.evaluate;
   if (backward && seq < 0) {
     // (a shared_ptr in older torch, an intrusive_ptr in newer)
     auto node = torch::autograd::get_current_node();
     if (node) seq = static_cast<int64_t>(node->sequence_nr());
   }
-  int32_t name = slot != nullptr ? slot->id : -1;
+  const int32_t name = ref.id;
   ts.ops.push_back(OpFrame{name, seq, backward});
   if (backward) {
     ++ts.backward_depth;

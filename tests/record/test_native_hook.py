@@ -195,6 +195,43 @@ def test_backward_node_names_are_each_nodes_own_under_reused_name_buffers():
     assert 5 * 16 * 4 not in sizes["SigmoidBackward0"]
 
 
+def _function_allocating_in_backward(i: int):
+    """A custom autograd Function named Fn<i> whose backward allocates a block of (i + 1) * 64
+    bytes: its node, "Fn<i>Backward", is a Python node with a name of its own."""
+    def forward(ctx, x):
+        return x * 1.0
+
+    def backward(ctx, grad):
+        scratch = torch.empty((i + 1) * 64, dtype=torch.uint8)
+        return grad + scratch[:1].float().sum() * 0.0
+
+    return type(f"Fn{i}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def test_each_of_many_backward_nodes_is_named_right_every_step():
+    """More node names than the name cache first holds (it grows), each evaluated frame's name
+    a fresh string, often at the address of the last one's: every node's own allocation
+    carries that node's name, in every step."""
+    functions = [_function_allocating_in_backward(i) for i in range(80)]
+    x = torch.randn(4, requires_grad=True)
+    with memprof.track() as prof:
+        for _ in range(3):
+            y = x
+            for f in functions:
+                y = f.apply(y)
+            y.sum().backward()
+    mem = prof.memory
+    seen = {}
+    for e in mem[(mem["node"] >= 0) & (mem["size"] > 0)]:
+        seen.setdefault(prof.strings[e["node"]], []).append(int(e["size"]))
+    for i in range(80):
+        sizes = seen.get(f"Fn{i}Backward", [])
+        assert sizes.count((i + 1) * 64) == 3, (i, sizes)
+        # no other Function's block under this name
+        assert not {s for s in sizes if s % 64 == 0 and s // 64 <= 80} - {(i + 1) * 64}, (i, sizes)
+
+
 def test_marker_labels_are_read_by_text_not_by_object():
     """Markers are interned through the thread's name cache, keyed by the label's address and
     checked by its text: equal labels built at run time are one label, different ones made in
