@@ -1,7 +1,8 @@
 """memprof.recommend(policies=..., precisions=...) take lists of names: a value that is no
 list (policies=3) read Python's "'int' object is not iterable", and an empty list failed
 with a bare StopIteration (policies) or planned nothing without a word (precisions). Each is
-now one line naming the parameter, before the model is built; a bare string is one name."""
+now one line naming the parameter, before the model is built; a string is split on commas
+as the command line splits it ('fp16' is one name, not its characters)."""
 import pytest
 import torch
 
@@ -42,3 +43,31 @@ def test_a_bare_string_is_one_name_not_its_characters():
     # a tuple or any other iterable of names is a list of names too
     plan = _recommend(built, precisions=("fp32",), policies=iter(["none"]))
     assert {(o.precision, o.checkpointing) for o in plan.options} == {("fp32", "none")}
+
+
+def test_one_string_of_comma_separated_names_is_split_as_the_command_line_splits_it():
+    """precisions='fp16,bf16' was taken as one name ("precisions 'fp32,fp16': expected fp32,
+    fp16 or bf16") while `--precision fp32,fp16` plans both."""
+    built: list = []
+    plan = _recommend(built, precisions="fp32, fp16", policies="none,every")
+    assert {(o.precision, o.checkpointing) for o in plan.options} >= {
+        ("fp32", "none"), ("fp16", "none")}
+    assert {c.checkpointing for c in plan.combinations} == {"none", "every"}
+
+
+@pytest.mark.parametrize("kw, said", [
+    (dict(policies="none,,every"), r"policies: empty item in 'none,,every'; expected a "
+                                   r"comma-separated list of names such as none,every"),
+    (dict(precisions="fp32,"), r"precisions: empty item in 'fp32,'; expected a "
+                               r"comma-separated list of names such as fp32,fp16"),
+    (dict(precisions=""), r"precisions: expected at least one name such as 'fp32' or "
+                          r"'fp16', got ''"),
+    (dict(policies=" , "), r"policies: expected at least one name such as 'none' or "
+                           r"'every', got ' , '"),
+    (dict(blocks="0,,2"), r"blocks: empty item in '0,,2'; expected a comma-separated list of "
+                          r"qualified module names such as encoder.layer"),
+])
+def test_an_empty_item_or_no_name_in_a_string_is_one_line(kw, said):
+    built: list = []
+    with pytest.raises(PlanInputError, match=rf"^{said}$"):
+        _recommend(built, **kw)

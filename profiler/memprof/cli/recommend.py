@@ -11,11 +11,17 @@ from .base import (Command, UsageError, at_least_one, at_least_zero, check_expor
                    positive_number)
 
 
-def _csv(s: str | None) -> list[str] | None:
-    if s is None:
+def _csv(text: str | None, option: str, what: str) -> list[str] | None:
+    """An option's comma-separated list as the Python API reads one string
+    (memprof.plan.errors.comma_list), None when not given or holding no name; an empty item
+    ('none,,every') is the one line naming `option`."""
+    if text is None:
         return None
-    out = [x.strip() for x in s.split(",") if x.strip()]
-    return out or None
+    from ..plan.errors import PlanInputError, comma_list
+    try:
+        return comma_list(text, option, what) or None
+    except PlanInputError as e:
+        raise UsageError(str(e)) from None
 
 
 #: the shell's spellings of Python's constants (`use_bn=false` reached the factory as the
@@ -217,7 +223,7 @@ class RecommendCommand(Command):
         from ..plan.precision import not_planned
         out = []
         for given in args.precision:
-            names = _csv(given)
+            names = _csv(given, "--precision", "precisions such as fp32,fp16")
             if names is None:   # "$UNSET": not the default
                 raise UsageError(f"--precision {given!r}: expected comma-separated precisions "
                                  "such as fp32,fp16; leave the option out for the default "
@@ -240,9 +246,10 @@ class RecommendCommand(Command):
         except NoGPUError as err:
             raise UsageError(f"--gpu {args.gpu}: {err}") from None
         precisions = self._precisions(args, gpu)
-        policies = _csv(args.checkpointing)
+        from ..plan.search import DEFAULT_POLICIES
+        policies = _csv(args.checkpointing, "--checkpointing",
+                        f"policies such as {','.join(DEFAULT_POLICIES)}")
         if args.checkpointing is not None and policies is None:   # "$UNSET": not the default
-            from ..plan.search import DEFAULT_POLICIES
             raise UsageError(f"--checkpointing {args.checkpointing!r}: expected comma-separated "
                              "policies such as none,every; leave the option out for the "
                              f"default ({','.join(DEFAULT_POLICIES)})")
@@ -252,6 +259,11 @@ class RecommendCommand(Command):
                 parse_policy(p, "--checkpointing")
             except ValueError as e:
                 raise UsageError(str(e)) from None
+        from ..plan.checkpoint import BLOCK_NAMES
+        if args.blocks is not None and _csv(args.blocks, "--blocks", BLOCK_NAMES) is None:
+            # get_submodule('') is the model: its own children were checkpointed
+            raise UsageError(f"--blocks {args.blocks!r}: expected {BLOCK_NAMES}; leave the "
+                             "option out for the blocks found automatically")
         if (args.base_lr is None) != (args.base_batch is None):
             raise UsageError("--base-lr and --base-batch go together")
         if args.lr is not None and args.base_lr is None:

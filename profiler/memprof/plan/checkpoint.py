@@ -53,10 +53,14 @@ import torch.nn as nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
+from .errors import PlanInputError, comma_list
+
 __all__ = ["apply", "CheckpointHandle", "checkpoints_itself", "find_blocks", "resolve_blocks", "policies_for",
            "POLICIES", "parse_policy", "SAVED_OPS"]
 
 POLICIES = ("none", "every", "every-k", "selective")
+#: what blocks= (--blocks) holds, as an error says it
+BLOCK_NAMES = "qualified module names such as encoder.layer"
 
 _aten = torch.ops.aten
 #: ops whose outputs the "selective" policy keeps (everything else is recomputed)
@@ -167,7 +171,11 @@ def resolve_blocks(model: nn.Module, blocks) -> tuple[str, list[nn.Module]]:
         return find_blocks(model)
     if isinstance(blocks, str):
         mods: list[nn.Module] = []
-        for name in (n.strip() for n in blocks.split(",")):
+        names = comma_list(blocks, "blocks", BLOCK_NAMES)
+        if not names:   # get_submodule('') is the model: its children were checkpointed
+            raise PlanInputError(f"blocks {blocks!r}: expected {BLOCK_NAMES}; leave it None "
+                                 "for the blocks found automatically", "blocks")
+        for name in names:
             try:
                 container = model.get_submodule(name)
             except AttributeError:

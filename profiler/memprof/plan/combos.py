@@ -21,7 +21,7 @@ from .errors import PlanInputError
 from .estimate import Estimator
 from .own_checkpointing import policy_ran, skip_reason, text as own_text
 from .parallel import Pool, default_workers
-from .step_failure import batch_mismatch, explain, origin, plain_step_raises
+from .step_failure import batch_mismatch, explain, origin, plain_step_raises, raised_at
 from .workloads import BatchError, batch_form
 
 __all__ = ["Search", "Combination", "FIT_BATCHES"]
@@ -198,7 +198,7 @@ class Search:
     def _estimate_job(self, job: tuple[tuple[str, str], int]):
         """One estimate (precision x policy, micro-batch), here or in a worker process ->
         (the Estimate or None, None or (error type name, message, where the model's own
-        code raised it or None)). Bad user input (the batch function raised, ...) is raised
+        code raised it or None, where it came from: step_failure.raised_at)). Bad user input (the batch function raised, ...) is raised
         as a PlanInputError."""
         (precision, checkpointing), batch = job
         try:
@@ -209,13 +209,14 @@ class Search:
         except PlanInputError:
             raise
         except Exception as e:  # noqa: BLE001  (one policy failing must not hide the rest)
-            return None, (type(e).__name__, (str(e).splitlines() or [""])[0], origin(e))
+            return None, (type(e).__name__, (str(e).splitlines() or [""])[0], origin(e),
+                          raised_at(e))
         if os.getpid() != self._pid:
             est.profile.run.live = None    # live objects stay in the worker
         return est, None
 
     def _failed(self, c: Combination, error: tuple, batch: int, first: bool) -> None:
-        name, message, where = error
+        name, message, where, _ = error
         c.model = None
         c.error = f"estimate failed: {name}: {_shorten(message, 240)}"
         self._errors[(c.precision, c.checkpointing)] = (error, batch)
@@ -231,7 +232,7 @@ class Search:
 
     def _explain(self, error: tuple, plain) -> None:
         """Raise the one line (and hint) of step_failure.explain for a failed plain step."""
-        name, message, where = error
+        name, message, where, _ = error
         base = self._base()
         make_batch = base.make_batch
         fn = getattr(make_batch, "__name__", "batch")
@@ -249,10 +250,12 @@ class Search:
         is tried, that the model's own code raised - is the model's own, said as a failed
         'none' says it. Otherwise memprof's checkpointing may be what failed, and the rows
         keep it. (Each row read 'estimate failed', and the plan 'no combination could be
-        estimated', with no word of the model's own code or a hint.)"""
+        estimated', with no word of the model's own code or a hint.) One error is one type
+        raised from one place, whatever its text: a text naming the batch size differs
+        between policies that failed at their own micro-batches."""
         tried = [key for key, c in combos.items() if c.skipped is None]
         if not tried or any(key not in self._errors for key in tried) or \
-                len({self._errors[key][0][:2] for key in tried}) != 1:
+                len({self._errors[key][0][::3] for key in tried}) != 1:
             return
         error, batch = self._errors[tried[0]]
         plain = plain_step_raises(self._base(), batch, tried[0][0])

@@ -499,8 +499,9 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     () -> nn.Module, or an nn.Module. batch: batch_size -> (inputs, targets) (built-ins bring
     theirs; else input_shape=(3, 224, 224) makes a classification batch). loss: (outputs,
     targets) -> scalar. optimizer: 'adamw' | 'adam' | 'sgd' or params -> Optimizer.
-    precisions, policies: lists of names, e.g. ['fp32', 'bf16'] and ['none', 'every'] (a
-    bare string is one name: precisions='fp16' plans fp16 alone). precisions: default the
+    precisions, policies: lists of names, e.g. ['fp32', 'bf16'] and ['none', 'every'], or
+    one string read as the command line reads it: 'fp32,bf16' is two, 'fp16' one (an empty
+    item, 'none,,every', is refused). precisions: default the
     ones the GPU supports among fp32, fp16, bf16 for a model with fp32 weights; a model in
     half precision trains in its own (`memprof.plan.precision`: converted to fp16 where the
     GPU lacks bf16). policies: default none, every, every-2, selective (those that apply to

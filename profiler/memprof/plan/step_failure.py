@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-__all__ = ["origin", "plain_step_raises", "explain", "batch_mismatch",
+__all__ = ["origin", "raised_at", "plain_step_raises", "explain", "batch_mismatch",
            "PLAIN_STEP_MAX_PARAMS"]
 
 #: the largest model (parameters) whose failing step is run once more without fake tensors
@@ -49,18 +49,32 @@ def _short(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def origin(exc: BaseException) -> str | None:
-    """'file:line' of the code that raised `exc` when it is neither torch's nor memprof's
-    (the model's, its loss's or its batch's own), else None. The standard library's frames
-    are looked through: they ran on the caller's behalf."""
+def _frames(exc: BaseException):
+    """(frame, whether torch's or memprof's) of `exc`'s traceback, innermost first; the
+    standard library's frames are looked through: they ran on the caller's behalf."""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = os.path.realpath(frame.filename)
         if path.startswith(_STDLIB) and "site-packages" not in path:
             continue
-        if path.startswith((_TORCH, _MEMPROF)) or frame.filename.startswith("<"):
-            return None
-        return f"{_short(frame.filename)}:{frame.lineno}"
+        yield frame, path.startswith((_TORCH, _MEMPROF)) or frame.filename.startswith("<")
+
+
+def origin(exc: BaseException) -> str | None:
+    """'file:line' of the code that raised `exc` when it is neither torch's nor memprof's
+    (the model's, its loss's or its batch's own), else None."""
+    for frame, library in _frames(exc):
+        return None if library else f"{_short(frame.filename)}:{frame.lineno}"
     return None
+
+
+def raised_at(exc: BaseException) -> str:
+    """Where `exc` came from, to tell failures apart without their text (which may name a
+    batch size: 'batch 1235 too big' and 'batch 1133 too big' are one failure): 'file:line'
+    of the innermost frame of the user's code (its raise, or its call into torch), else of
+    the innermost frame."""
+    frames = list(_frames(exc))
+    frame = next((f for f, library in frames if not library), frames[0][0] if frames else None)
+    return "" if frame is None else f"{_short(frame.filename)}:{frame.lineno}"
 
 
 def plain_step_raises(estimator, batch_size: int, precision: str) -> str | None | bool:
