@@ -23,7 +23,7 @@
 
 namespace memprof {
 
-class AddressWatch {
+class alignas(64) AddressWatch {
  public:
   // Open addressing, at most half full, in the first `mask_ + 1` slots: a power of two sized to
   // the addresses watched, from 16 (every allocation looks one slot up, and a step clears the
@@ -63,11 +63,13 @@ class AddressWatch {
     return static_cast<size_t>((ptr * 0x9E3779B97F4A7C15ull) >> (64 - kMaxSlotBits)) & mask;
   }
   // Atomics only: the watches are statics never destroyed (an allocation during interpreter
-  // exit may still look one up), and zero-initialised (untouched slots cost no memory).
-  std::atomic<uint64_t> slots_[kMaxSlots] = {};
-  std::atomic<size_t> mask_{kMinSlots - 1};
+  // exit may still look one up), and zero-initialised (untouched slots cost no memory). What
+  // every allocation reads first sits in the line of the first slots: a small table's lookup
+  // is one cold line, not two (the big step's kernels evict both between allocations).
   std::atomic<size_t> used_{0};
+  std::atomic<size_t> mask_{kMinSlots - 1};
   std::atomic<bool> hit_{false};
+  std::atomic<uint64_t> slots_[kMaxSlots] = {};
 };
 
 static_assert(std::is_trivially_destructible_v<AddressWatch>, "see AddressWatch's members");

@@ -198,8 +198,8 @@ class Search:
     def _estimate_job(self, job: tuple[tuple[str, str], int]):
         """One estimate (precision x policy, micro-batch), here or in a worker process ->
         (the Estimate or None, None or (error type name, message, where the model's own
-        code raised it or None, where it came from: step_failure.raised_at)). Bad user input (the batch function raised, ...) is raised
-        as a PlanInputError."""
+        code raised it or None, where it came from: step_failure.raised_at)). Bad user input
+        (the batch function raised, ...) is raised as a PlanInputError."""
         (precision, checkpointing), batch = job
         try:
             est = self.estimator.step(batch, precision=precision, checkpointing=checkpointing,
@@ -255,7 +255,7 @@ class Search:
         between policies that failed at their own micro-batches."""
         tried = [key for key, c in combos.items() if c.skipped is None]
         if not tried or any(key not in self._errors for key in tried) or \
-                len({self._errors[key][0][::3] for key in tried}) != 1:
+                len({(self._errors[key][0][0], self._errors[key][0][3]) for key in tried}) != 1:
             return
         error, batch = self._errors[tried[0]]
         plain = plain_step_raises(self._base(), batch, tried[0][0])
