@@ -93,13 +93,14 @@ struct RecordLog {
       unmap_chunk(c, sizeof(Chunk));
     }
   };
+  // (the writer's fields first: with the quota before them, one line per append)
+  Chunk* tail = nullptr;              // writer only
+  size_t used = kChunk;               // writer only: records in tail (kChunk: none yet)
+  std::atomic<size_t> count{0};       // records published
+  bool huge_first = false;            // set before the first append: its chunk on a huge page
   std::atomic<Chunk*> head{nullptr};  // first chunk still held
   size_t head_first = 0;              // index of head's first record (reader side)
   size_t taken = 0;                   // records already handed out by take (reader side)
-  Chunk* tail = nullptr;              // writer only
-  size_t used = kChunk;               // writer only: records in tail (kChunk: none yet)
-  bool huge_first = false;            // set before the first append: its chunk on a huge page
-  std::atomic<size_t> count{0};       // records published
 
   RecordLog() = default;
   RecordLog(const RecordLog&) = delete;
@@ -177,14 +178,17 @@ struct Quota {
   }
 };
 
-struct ThreadBuffer {
+// Each log beside its quota: an event's append reads and writes the first cache line only, a
+// sequence record's the second (each is cold after the step's kernels).
+struct alignas(64) ThreadBuffer {
   int32_t index = 0;
+  Quota event_quota;
   // one 2 MiB page per event chunk (see RecordLog::Chunk::create)
   using EventLog = RecordLog<Event, (kHugePage - 64) / sizeof(Event)>;
   static_assert(sizeof(EventLog::Chunk) <= kHugePage, "an event chunk fills one huge page");
   EventLog events;
+  Quota seq_quota;
   RecordLog<SeqRecord, 1 << 12> seqs;
-  Quota event_quota, seq_quota;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -220,26 +224,29 @@ class StringTable {
 // ---------------------------------------------------------------------------------------------
 struct ThreadState;
 
-struct Session {
+// The first cache line holds what every event and op reads (each is cold after the step's
+// kernels): one line, where the same fields spread over two.
+struct alignas(64) Session {
   std::atomic<bool> active{false};
   // The hooks installed, their bodies empty (benchmarks/per_event.py, overhead_health.py: what
   // PyTorch's hook points cost by themselves, the floor under any tracker built on them);
   // records nothing.
   std::atomic<bool> hooks_only{false};
+  std::atomic<bool> dropped_any{false};     // a memory event dropped on any thread (OOM reports)
+  std::atomic<int32_t> phase{kPhaseOther};
+  std::atomic<int32_t> step{0};
   std::atomic<uint64_t> generation{0};
   std::atomic<int64_t> events_reserved{0};  // handed out to threads' quotas (see Quota)
-  std::atomic<bool> dropped_any{false};     // a memory event dropped on any thread (OOM reports)
   int64_t capacity = 0;
-  // Markers and sequence records are bounded too (at least kMinSideCap each, or the event
-  // capacity): a run of 100k steps must not grow them without end after the event cap.
-  std::atomic<int64_t> marks{0}, marks_dropped{0}, seqs_reserved{0};
-  int64_t side_capacity = 0;
-  std::atomic<int32_t> phase{kPhaseOther};
   // The thread that set the phase (the training loop's): another thread's allocations take
   // it only while that thread runs a module (nn.DataParallel's replicas) or a backward node;
   // a logger or prefetch thread allocating during the forward is not making activations.
   std::atomic<const ThreadState*> phase_thread{nullptr};
-  std::atomic<int32_t> step{0};
+  // Markers and sequence records are bounded too (at least kMinSideCap each, or the event
+  // capacity): a run of 100k steps must not grow them without end after the event cap.
+  std::atomic<int64_t> seqs_reserved{0};
+  int64_t side_capacity = 0;
+  std::atomic<int64_t> marks{0}, marks_dropped{0};
   // At step ends (the training thread's, see step_end): the allocated total then, and the
   // number of step ends in a row, up to this one, with more allocated than at the one before
   // (record.leak_probe looks then).
@@ -275,12 +282,16 @@ struct OpFrame {
   bool backward;
 };
 
-struct ThreadState {
+// The first cache line holds what every event and op reads (a module's push alone reads the
+// line after it, for its stack's capacity).
+struct alignas(64) ThreadState {
   uint64_t generation = 0;
-  std::shared_ptr<ThreadBuffer> buffer;
+  int backward_depth = 0;
+  int32_t index = 0;              // its buffer's: the thread's number in the session
+  ThreadBuffer* buf = nullptr;    // the buffer's, without its owner's control block
   std::vector<OpFrame> ops;
   std::vector<int32_t> modules;
-  int backward_depth = 0;
+  std::shared_ptr<ThreadBuffer> buffer;
   NameCache names;   // op and node names by address (name_cache.h), this session
   // CUDA's caching allocator's running total of allocated bytes in its last report on this
   // thread: a plain store into state the report writes anyway, not a shared line every
@@ -348,6 +359,8 @@ ThreadState& thread_state() {
       ts.buffer->index = static_cast<int32_t>(s.buffers.size());
       s.buffers.push_back(ts.buffer);
     }
+    ts.buf = ts.buffer.get();
+    ts.index = ts.buf->index;
     attach_thread();
   }
   return ts;
@@ -397,7 +410,7 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   // Markers do not count against the event cap (the analyses need every one of them) but
   // have their own bound, the side capacity; an out-of-memory report, the one event a
   // diagnosis cannot do without, is never dropped.
-  if (kind == kKindMemory && !ts.buffer->event_quota.admit(s.events_reserved, s.capacity)) {
+  if (kind == kKindMemory && !ts.buf->event_quota.admit(s.events_reserved, s.capacity)) {
     if (size > 0) tls_allocation_dropped = true;
     if (!s.dropped_any.load(std::memory_order_relaxed)) {   // read-mostly: no shared write
       s.dropped_any.store(true, std::memory_order_relaxed);
@@ -444,7 +457,7 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   }
   e.module = ts.modules.empty() ? -1 : ts.modules.back();
   e.step = s.step.load(std::memory_order_relaxed);
-  e.thread = ts.buffer->index;
+  e.thread = ts.index;
   e.device_type = static_cast<int8_t>(device.type());
   e.device_index = static_cast<int8_t>(device.index());
   int32_t phase = s.phase.load(std::memory_order_relaxed);
@@ -457,7 +470,7 @@ void record(ThreadState& ts, int8_t kind, uint64_t ptr, int64_t size, int64_t to
   e.phase = static_cast<int8_t>(phase);
   e.kind = kind;
   if (kind == kKindMark) e.op = label;
-  ts.buffer->events.append(e);
+  ts.buf->events.append(e);
 }
 
 // The CUDA blocks allocated while the log was full (their allocation dropped) and not freed
@@ -850,9 +863,9 @@ std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
       record(ts, kKindMark, 0, 0, 0, 0, c10::Device(c10::DeviceType::CPU), s.backward_label);
     }
   } else if (seq >= 0 && (ts.backward_depth == 0 || recompute_on_owner(s, ts)) &&
-             ts.buffer->seq_quota.admit(s.seqs_reserved, s.side_capacity)) {
-    ts.buffer->seqs.append(
-        SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.buffer->index});
+             ts.buf->seq_quota.admit(s.seqs_reserved, s.side_capacity)) {
+    ts.buf->seqs.append(
+        SeqRecord{seq, name, ts.modules.empty() ? -1 : ts.modules.back(), ts.index});
   }
   return nullptr;
 }
