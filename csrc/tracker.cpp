@@ -15,6 +15,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/StorageImpl.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <pybind11/numpy.h>
@@ -621,7 +622,19 @@ void pop_stale_reporter() {
 // data and context pointers stay equal, so PyTorch still treats the block as a plain one
 // (copy-on-write clones, raw_allocate); outside a session the base allocator's blocks are
 // handed out as they are, so an untracked program pays one virtual call per allocation.
-std::atomic<c10::DeleterFnPtr> g_base_deleter{nullptr};
+//
+// Where the base is PyTorch's default CPU allocator, a recording session takes its blocks from
+// c10::alloc_cpu and gives them back to c10::free_cpu itself (`direct`): the allocator's own
+// allocate() and deleter each ask the profiler slot whether to report the block (a walk of the
+// thread's debug-info chain and a virtual call into the Reporter: ~4 cache lines, cold after
+// each of the step's kernels), only to be told no. alloc_cpu does all the rest as before
+// (alignment, zero-fill, huge pages). Not where that allocator reports by itself
+// (FLAGS_caffe2_report_cpu_memory_usage) nor around any other base. Both fields in one line.
+struct alignas(64) BaseCpuAllocator {
+  std::atomic<c10::DeleterFnPtr> deleter{nullptr};   // the base's one deleter, once noted
+  std::atomic<bool> direct{false};                   // set at each session's start
+};
+BaseCpuAllocator g_base;
 
 // A CPU block's allocation (size > 0) or free (size < 0), with the total after it.
 inline void record_cpu(void* ptr, int64_t size, int64_t total) {
@@ -638,10 +651,15 @@ inline void record_cpu_free(void* ptr, int64_t nbytes = 0) {
   if (nbytes > 0 && recording()) record_cpu(ptr, -nbytes, total);
 }
 
-// The block back to the base allocator, which is told not to report it (it never noted it).
+// The block back to the base allocator, which is told not to report it (it never noted it);
+// straight to free_cpu where that is all the base's deleter would do (see g_base).
 inline void base_delete(void* ptr) {
+  if (g_base.direct.load(std::memory_order_relaxed)) {
+    c10::free_cpu(ptr);
+    return;
+  }
   DecliningCpuReports declining;
-  g_base_deleter.load(std::memory_order_relaxed)(ptr);
+  g_base.deleter.load(std::memory_order_relaxed)(ptr);
 }
 
 // The free is recorded before the block goes back: another thread's next allocation may be
@@ -671,6 +689,7 @@ class FreeWatchingAllocator final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     if (!recording()) return base_->allocate(n);
+    if (n > 0 && g_base.direct.load(std::memory_order_relaxed)) return allocate_direct(n);
     c10::DataPtr block;
     try {
       DecliningCpuReports declining;
@@ -686,13 +705,49 @@ class FreeWatchingAllocator final : public c10::Allocator {
     // the base allocator's one deleter, noted the first time (a plain load after that: no
     // locked instruction per allocation); a block with another one is neither recorded nor
     // watched (its free would not pass here)
-    c10::DeleterFnPtr noted = g_base_deleter.load(std::memory_order_relaxed);
-    if (noted == nullptr && g_base_deleter.compare_exchange_strong(noted, base_deleter)) {
+    c10::DeleterFnPtr noted = g_base.deleter.load(std::memory_order_relaxed);
+    if (noted == nullptr && g_base.deleter.compare_exchange_strong(noted, base_deleter)) {
       noted = base_deleter;   // (a failed exchange leaves the one noted meanwhile in `noted`)
     }
     if (noted != base_deleter || !block.compare_exchange_deleter(base_deleter, &watched_delete)) {
       return block;
     }
+    return recorded(std::move(block), n);
+  }
+
+  // Whether the blocks of `base` may bypass it while recording (see g_base).
+  static bool may_bypass(c10::Allocator* base) {
+    c10::Allocator* plain = c10::GetDefaultCPUAllocator();
+    return base == plain && plain->raw_deleter() == g_base.deleter.load() &&
+           !FLAGS_caffe2_report_cpu_memory_usage;
+  }
+  // What raw_deallocate frees with: oneDNN's scratch memory (raw_allocate, whose block drops
+  // the deleter allocate() gave it) is recorded like any block, so its free must be too.
+  // A block of the base allocator not recorded passes straight on (take_cpu_block finds none).
+  c10::DeleterFnPtr raw_deleter() const override {
+    c10::DeleterFnPtr base = base_->raw_deleter();
+    return base != nullptr && base == g_base.deleter.load(std::memory_order_relaxed)
+               ? &watched_delete : base;
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    base_->copy_data(dest, src, count);
+  }
+
+ private:
+  c10::DataPtr allocate_direct(size_t n) {
+    void* ptr = nullptr;
+    try {
+      ptr = c10::alloc_cpu(n);
+    } catch (const c10::Error&) {
+      record_out_of_memory(static_cast<int64_t>(n), cpu_block_bytes(), 0,
+                           c10::Device(c10::DeviceType::CPU));
+      throw;
+    }
+    return recorded(c10::DataPtr(ptr, ptr, &watched_delete, c10::Device(c10::DeviceType::CPU)), n);
+  }
+
+  // A block carrying watched_delete, recorded (marked unlogged where the log dropped it).
+  static c10::DataPtr recorded(c10::DataPtr block, size_t n) {
     void* ptr = block.get();
     note_allocation(reinterpret_cast<uint64_t>(ptr));   // gradient notes
     const int64_t total = note_cpu_block(ptr, static_cast<int64_t>(n));
@@ -701,19 +756,7 @@ class FreeWatchingAllocator final : public c10::Allocator {
     if (tls_allocation_dropped) (void)block.compare_exchange_deleter(&watched_delete, &unlogged_delete);
     return block;
   }
-  // What raw_deallocate frees with: oneDNN's scratch memory (raw_allocate, whose block drops
-  // the deleter allocate() gave it) is recorded like any block, so its free must be too.
-  // A block of the base allocator not recorded passes straight on (take_cpu_block finds none).
-  c10::DeleterFnPtr raw_deleter() const override {
-    c10::DeleterFnPtr base = base_->raw_deleter();
-    return base != nullptr && base == g_base_deleter.load(std::memory_order_relaxed)
-               ? &watched_delete : base;
-  }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    base_->copy_data(dest, src, count);
-  }
 
- private:
   c10::Allocator* base_;
 };
 
@@ -740,7 +783,7 @@ BaselineBlocks& baseline_blocks() {
 void lock_baseline_blocks_for_fork() { baseline_blocks().mutex.lock(); }
 void unlock_baseline_blocks_after_fork() { baseline_blocks().mutex.unlock(); }
 
-// Replaces the CPU allocator's own deleter (g_base_deleter, which it then calls) on a block
+// Replaces the CPU allocator's own deleter (g_base.deleter, which it then calls) on a block
 // of the baseline.
 void baseline_delete(void* ptr) {
   int64_t nbytes = 0;
@@ -768,8 +811,8 @@ int64_t watch_baseline_frees(const py::list& tensors) {
   // the allocator's one deleter, as FreeWatchingAllocator notes it (a block with another one
   // is not watched)
   c10::DeleterFnPtr plain = allocator->raw_deleter();
-  c10::DeleterFnPtr noted = g_base_deleter.load(std::memory_order_relaxed);
-  if (noted == nullptr && plain != nullptr && g_base_deleter.compare_exchange_strong(noted, plain)) {
+  c10::DeleterFnPtr noted = g_base.deleter.load(std::memory_order_relaxed);
+  if (noted == nullptr && plain != nullptr && g_base.deleter.compare_exchange_strong(noted, plain)) {
     noted = plain;
   }
   if (noted == nullptr) return 0;
@@ -814,10 +857,18 @@ void watch_cpu_frees() {
   // the base's deleter, noted before the wrapper can be asked for it (raw_deleter)
   c10::DeleterFnPtr noted = nullptr;
   c10::DeleterFnPtr plain = current->raw_deleter();
-  if (plain != nullptr) g_base_deleter.compare_exchange_strong(noted, plain);
+  if (plain != nullptr) g_base.deleter.compare_exchange_strong(noted, plain);
   auto* wrapper = new FreeWatchingAllocator(current);
   c10::SetCPUAllocator(wrapper, /*priority=*/0);
   if (c10::GetCPUAllocator() == wrapper) installed = wrapper;  // else: a higher-priority one
+}
+
+// Whether this session's blocks bypass the base allocator (see g_base): only where the wrapper
+// stands in front of PyTorch's default one.
+void choose_cpu_path() {
+  auto* wrapper = dynamic_cast<FreeWatchingAllocator*>(c10::GetCPUAllocator());
+  g_base.direct.store(wrapper != nullptr && FreeWatchingAllocator::may_bypass(wrapper->base()),
+                      std::memory_order_relaxed);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -924,6 +975,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   s.saved_log_level = FLAGS_caffe2_log_level;
   FLAGS_caffe2_log_level = std::max<int>(FLAGS_caffe2_log_level, 2 /* ERROR */);
   watch_cpu_frees();
+  choose_cpu_path();
   s.active.store(true, std::memory_order_release);
   if (!s.callback_installed) {
     s.callback = at::addGlobalCallback(
