@@ -7,8 +7,8 @@
 // process-wide mutex, allocates or frees a hash node, and looks up the slot twice before a
 // virtual report: about a quarter of the instructions the hook points add to an op-bound step
 // (benchmarks/step_instructions.py). memprof's hook declines those reports and notes the blocks
-// here instead: a table per address shard, each under its own spin lock, with no allocation
-// per block (a shard's table grows by doubling).
+// here instead: one table under a spin lock, with no allocation per block (the table grows by
+// doubling).
 #pragma once
 
 #include <cstdint>

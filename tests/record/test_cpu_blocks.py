@@ -155,3 +155,51 @@ def test_reported_blocks_freed_between_sessions_do_not_pile_up_in_the_total():
         gc.collect()
     assert firsts[1] == firsts[2], firsts
     assert firsts[2] < 2 * 4_000_000, firsts
+
+
+def test_blocks_made_and_freed_by_many_threads_at_once_keep_the_total():
+    """Sizes are noted in one table that grows as blocks stay alive: four threads make 1,600
+    blocks at once (more than the table first holds; ops run without the GIL, and logsumexp's
+    temporaries are noted and taken inside the op), other threads free them. Every free is
+    recorded with its block's size, and the next session's total starts where this one did."""
+    x = torch.randn(64, 64)
+    barrier = threading.Barrier(4)
+    kept = [[] for _ in range(4)]
+
+    def make(blocks, first):
+        barrier.wait()
+        for i in range(400):
+            blocks.append(torch.empty(first + i, dtype=torch.uint8))
+            torch.logsumexp(x, 0)
+
+    gc.collect()
+    with memprof.track() as prof:
+        marker = torch.empty(111, dtype=torch.uint8)
+        threads = [threading.Thread(target=make, args=(kept[t], 10_000 * (t + 1)))
+                   for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        freers = [threading.Thread(target=blocks.clear) for blocks in kept[::-1]]
+        for t in freers:
+            t.start()
+        for t in freers:
+            t.join()
+        del marker
+    mem = _cpu(prof)
+    start = int(mem["total_allocated"][0] - mem["size"][0])
+    live = {}
+    for ptr, size in zip(mem["ptr"].tolist(), mem["size"].tolist()):
+        if size > 0:
+            live[ptr] = size
+        elif ptr in live:
+            assert live.pop(ptr) == -size
+    assert not live
+    made = {10_000 * (t + 1) + i for t in range(4) for i in range(400)}
+    assert sum(1 for s in mem["size"].tolist() if s in made) == 1_600
+    with memprof.track() as prof:
+        probe = torch.empty(222, dtype=torch.uint8)
+    mem = _cpu(prof)
+    assert int(mem["total_allocated"][0] - mem["size"][0]) == start
+    assert probe.numel() == 222
