@@ -303,8 +303,18 @@ class Search:
         self._tick(f"{c.precision} {c.checkpointing}: confirming micro-batch {target}")
         lo, hi = c.model.lo, c.model.hi
         variant = "steady" if acc == 1 else "accumulate"
-        est = est or {lo.batch_size: lo, hi.batch_size: hi}.get(target) or \
-            self._estimate(target, c)  # estimates are deterministic: reuse
+        est = est or {lo.batch_size: lo, hi.batch_size: hi}.get(target)  # deterministic: reuse
+        if est is None:
+            self.runs += 1
+            est, error = self._estimate_job(((c.precision, c.checkpointing), target))
+            if error is not None:
+                # the model's step raises at the micro-batch the fit predicts (a limit of its
+                # own, past the fit estimates): the combination is no option (the error left
+                # recommend bare, with no row, place or hint)
+                self._failed(c, error, target, first=False)
+                c.error = f"estimate at micro-batch {target} failed: {error[0]}: " \
+                    f"{_shorten(error[1], 240)}"
+                return False
         pred = c.model.predict(target, acc)
         actual = est.peak(variant, reserved=True)
         if variant == "accumulate":   # as predicted: never less than accumulation 1 needs
@@ -333,6 +343,8 @@ class Search:
             plan._rank()            # the option now says it is confirmed (or was refitted)
             if agreed:
                 break
+        if plan.best is None:   # every combination failed, the last ones at confirming
+            self._all_failed_alike(plan._combos)
         plan.estimates = self.runs
         self.done = self.total = max(self.done, self.total)
         self._tick("done")
