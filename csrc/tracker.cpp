@@ -651,15 +651,22 @@ inline void record_cpu_free(void* ptr, int64_t nbytes = 0) {
   if (nbytes > 0 && recording()) record_cpu(ptr, -nbytes, total);
 }
 
-// The block back to the base allocator, which is told not to report it (it never noted it);
+// The block back to the base allocator's own deleter, which is told not to report it to
+// memprof. (Another profiler's hook on the freeing thread - torch.profiler after the session -
+// is still told of a block the allocator noted: baseline_delete's blocks may be such.)
+inline void base_deleter_delete(void* ptr) {
+  DecliningCpuReports declining;
+  g_base.deleter.load(std::memory_order_relaxed)(ptr);
+}
+
+// A block memprof's wrapper made back to the base allocator (it never noted the block);
 // straight to free_cpu where that is all the base's deleter would do (see g_base).
 inline void base_delete(void* ptr) {
   if (g_base.direct.load(std::memory_order_relaxed)) {
     c10::free_cpu(ptr);
     return;
   }
-  DecliningCpuReports declining;
-  g_base.deleter.load(std::memory_order_relaxed)(ptr);
+  base_deleter_delete(ptr);
 }
 
 // The free is recorded before the block goes back: another thread's next allocation may be
@@ -799,7 +806,10 @@ void baseline_delete(void* ptr) {
   // (a block with a size noted - one an earlier session's full log dropped, one the CPU
   // allocator reported - leaves the total with it)
   record_cpu_free(ptr, nbytes);
-  base_delete(ptr);   // (a block the CPU allocator noted itself would be recorded twice)
+  // (a block the CPU allocator noted itself would be recorded twice; never free_cpu directly:
+  // the block was made before memprof looked, perhaps under torch.profiler, and the
+  // allocator's deleter must take its size back and report its free to a profiler then)
+  base_deleter_delete(ptr);
 }
 
 // The pre-existing CPU blocks of a session's baseline (tensors): each block of the CPU
