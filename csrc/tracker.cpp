@@ -643,31 +643,49 @@ inline void record_cpu(void* ptr, int64_t size, int64_t total) {
 }
 
 // The free of a CPU block: its noted size taken back (also after the session), and recorded
-// with it - or with `nbytes` where the caller knows the size (a baseline block's).
-inline void record_cpu_free(void* ptr, int64_t nbytes = 0) {
+// with it - or with `nbytes` where the caller knows the size (a baseline block's). Returns
+// the size noted (0: none, the wrapper did not make the block).
+inline int64_t record_cpu_free(void* ptr, int64_t nbytes = 0) {
   int64_t total = 0;
   const int64_t noted = take_cpu_block(ptr, &total);
   if (nbytes <= 0) nbytes = noted;
   if (nbytes > 0 && recording()) record_cpu(ptr, -nbytes, total);
+  return noted;
 }
 
-// The block back to the base allocator, which is told not to report it (it never noted it);
+// The block back to the base allocator's own deleter, which is told not to report it to
+// memprof. (Another profiler's hook on the freeing thread - torch.profiler after the session -
+// is still told of a block the allocator noted: baseline_delete's blocks may be such.)
+inline void base_deleter_delete(void* ptr) {
+  DecliningCpuReports declining;
+  g_base.deleter.load(std::memory_order_relaxed)(ptr);
+}
+
+// A block memprof's wrapper made back to the base allocator (it never noted the block);
 // straight to free_cpu where that is all the base's deleter would do (see g_base).
 inline void base_delete(void* ptr) {
   if (g_base.direct.load(std::memory_order_relaxed)) {
     c10::free_cpu(ptr);
     return;
   }
-  DecliningCpuReports declining;
-  g_base.deleter.load(std::memory_order_relaxed)(ptr);
+  base_deleter_delete(ptr);
+}
+
+// A block with a deleter of the wrapper's back to the base: one the wrapper noted (made in a
+// session) may skip the base's deleter; one it did not - oneDNN's memory freed through
+// raw_deleter, made outside any session, perhaps under torch.profiler - goes through it, which
+// takes its size back and reports the free to a profiler recording then.
+inline void wrapper_delete(void* ptr, int64_t noted) {
+  if (noted > 0) {
+    base_delete(ptr);
+  } else {
+    base_deleter_delete(ptr);
+  }
 }
 
 // The free is recorded before the block goes back: another thread's next allocation may be
 // given its address.
-void watched_delete(void* ptr) {
-  record_cpu_free(ptr);
-  base_delete(ptr);
-}
+void watched_delete(void* ptr) { wrapper_delete(ptr, record_cpu_free(ptr)); }
 
 // The deleter of a block whose allocation the log dropped (it was full). Snapshots taken past
 // the log's end ask for it (allocated_past_the_log): such a block's address can be that of a
@@ -678,8 +696,8 @@ void watched_delete(void* ptr) {
 // functions (register_tracker checks it: a linker folding identical code would make every
 // block read as dropped).
 void unlogged_delete(void* ptr) {
-  record_cpu_free(ptr);
-  base_delete(ptr);
+  const int64_t noted = record_cpu_free(ptr);
+  wrapper_delete(ptr, noted);
 }
 
 class FreeWatchingAllocator final : public c10::Allocator {
@@ -799,7 +817,10 @@ void baseline_delete(void* ptr) {
   // (a block with a size noted - one an earlier session's full log dropped, one the CPU
   // allocator reported - leaves the total with it)
   record_cpu_free(ptr, nbytes);
-  base_delete(ptr);   // (a block the CPU allocator noted itself would be recorded twice)
+  // (a block the CPU allocator noted itself would be recorded twice; never free_cpu directly:
+  // the block was made before memprof looked, perhaps under torch.profiler, and the
+  // allocator's deleter must take its size back and report its free to a profiler then)
+  base_deleter_delete(ptr);
 }
 
 // The pre-existing CPU blocks of a session's baseline (tensors): each block of the CPU

@@ -2,6 +2,7 @@
 inside the block: the CPU allocator frees them without a report (it notes sizes only while
 someone profiles), so memprof watches their frees itself. Without it the profile kept them
 "alive" to the end, and a new block at a freed one's address read as two live blocks at once."""
+import gc
 import queue
 import threading
 
@@ -75,6 +76,25 @@ def test_a_block_made_under_torch_profiler_is_freed_once():
     assert int(prof.free_of[row]) == int(frees[0])
     # any further free at that address releases a block allocated inside, not the old weight
     assert (prof.alloc_of[frees[1:]] > row).all()
+
+
+def test_a_baseline_block_freed_under_a_later_torch_profiler_is_reported_to_it():
+    """A parameter made under torch.profiler (the CPU allocator noted its size), watched as a
+    session's baseline, then freed while torch.profiler records memory again: torch.profiler
+    sees its free, as it did before memprof looked (the free went around the allocator's own
+    deleter, which reports it, when the session had taken its blocks from alloc_cpu)."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True):
+        model = torch.nn.Linear(617, 500, bias=False)
+    nbytes = 617 * 500 * 4
+    with memprof.track(model):
+        model(torch.randn(2, 617)).sum().backward()
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as later:
+        del model
+        gc.collect()
+    frees = [e for e in later.events()
+             if e.name == "[memory]" and e.cpu_memory_usage == -nbytes]
+    assert len(frees) == 1, frees
 
 
 def test_a_baseline_block_freed_on_a_thread_that_never_ran_an_op():

@@ -10,6 +10,7 @@ import gc
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 import memprof
@@ -203,3 +204,23 @@ def test_blocks_made_and_freed_by_many_threads_at_once_keep_the_total():
     mem = _cpu(prof)
     assert int(mem["total_allocated"][0] - mem["size"][0]) == start
     assert probe.numel() == 222
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_onednn_memory_freed_under_torch_profiler_after_a_session_is_reported_to_it():
+    """oneDNN's memory (raw_allocate, freed through the wrapper's raw_deleter) made and freed
+    while torch.profiler records, after a memprof session ended: torch.profiler sees its free,
+    as it does where memprof never ran. (The free went to free_cpu directly, around the
+    allocator's deleter that reports it, because the last session took its blocks from
+    alloc_cpu; torch.profiler then read oneDNN's tensors as never freed.)"""
+    x = torch.randn(500, 500)
+    with memprof.track():
+        (x * 2).sum()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as later:
+        y = x.to_mkldnn()
+        del y
+        gc.collect()
+    frees = [e for e in later.events()
+             if e.name == "[memory]" and e.cpu_memory_usage == -x.nbytes]
+    assert len(frees) == 1, frees
