@@ -93,9 +93,9 @@ class LiveBlocks {
   }
 
   void grow() {
-    std::vector<Slot> old;
+    // the bigger table made first: if that throws, the table is left as it was
+    std::vector<Slot> old(slots_.size() * 2, Slot{kEmpty, -1});
     old.swap(slots_);
-    slots_.assign(old.size() * 2, Slot{kEmpty, -1});
     mask_ = slots_.size() - 1;
     count_ = 0;
     for (const Slot& s : old) {

@@ -121,14 +121,13 @@ class NameCache {
       return NameRef{ids_.find_or_add(name + kEvaluatePrefixLen, intern), true};
     }
     const int32_t id = ids_.find_or_add(name, intern);
-    // the way to fill: an empty one, else one verified by content, else the name's own
+    // the way to fill: an empty one, else the one verified by content where only one is,
+    // else the name's own (two names verified by content then keep a way each)
     size_t way = set + (h & 1);
-    for (size_t w = set; w < set + 2; ++w) {
-      if (slots_[w].ptr == nullptr) {
-        way = w;
-        break;
-      }
-      if (!slots_[w].stable) way = w;
+    if (slots_[set].ptr == nullptr || slots_[set + 1].ptr == nullptr) {
+      way = slots_[set].ptr == nullptr ? set : set + 1;
+    } else if (slots_[set].stable != slots_[set + 1].stable) {
+      way = slots_[set].stable ? set + 1 : set;
     }
     Slot& s = slots_[way];
     s.ptr = nullptr;   // until filled (stable() may throw)

@@ -351,6 +351,7 @@ ThreadState& thread_state() {
     ts.cuda_total = 0;
     ts.names.clear();
     ts.buffer = std::make_shared<ThreadBuffer>();
+    ts.buf = ts.buffer.get();   // at once: the old buffer's last owner was ts.buffer
     // the thread that started the session records most events (short sessions included);
     // other threads' first chunk takes small pages
     ts.buffer->events.huge_first =
@@ -360,7 +361,6 @@ ThreadState& thread_state() {
       ts.buffer->index = static_cast<int32_t>(s.buffers.size());
       s.buffers.push_back(ts.buffer);
     }
-    ts.buf = ts.buffer.get();
     ts.index = ts.buf->index;
     attach_thread();
   }

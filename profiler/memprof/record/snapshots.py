@@ -436,19 +436,25 @@ class SnapshotRecorder:
     def _note(self, category: int, ptrs, modules, trainable=None) -> None:
         """A snapshot of storage addresses and the owning module of each (and, of
         parameters, whether each trains)."""
-        modules = compact(modules)
+        # (compact's test inline, and a loop, not a generator: the gradients' note runs at
+        # every step, where each Python frame is cold)
+        if not isinstance(modules, array):
+            modules = array("q", modules)
         # one owner array for the run while the owners stay (gradients: every step), also
         # where two optimizers (a GAN's) or two paths note the same category in turn
         recent = self._recent_modules.setdefault(category, [])
-        same = next((a for a in recent if a == modules), None)
-        if same is not None:
-            modules = same
+        for kept in recent:
+            if kept == modules:
+                modules = kept
+                break
         else:
             recent.insert(0, modules)
             del recent[4:]
         _C.mark("snapshot", category)   # the marker's index is found after the run
-        self.snapshots.append(Snapshot(marker=-1, category=category, ptrs=compact(ptrs),
-                                       modules=modules, trainable=trainable))
+        self.snapshots.append(Snapshot(
+            marker=-1, category=category,
+            ptrs=ptrs if isinstance(ptrs, array) else array("q", ptrs),
+            modules=modules, trainable=trainable))
 
     def _new_gradient_note(self, optimizer):
         """A note that lets go of its parameters and its address watch (one of a few, see
