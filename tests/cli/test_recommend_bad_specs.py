@@ -39,7 +39,7 @@ def models_dir(user_module):
     (["--model", "no_such_module_x:build"],
      "model 'no_such_module_x:build': cannot import no_such_module_x"),
     (["--model", "spec_models_cli:build", "--input-shape", "3,x,8"],
-     "input shape '3,x,8': expected integers such as 3,224,224"),
+     "--input-shape '3,x,8': expected integers such as 3,224,224"),
     (["--model", "spec_models_cli:build", "--input-shape", "3,8,8", "--batch-fn",
       "spec_models_cli:batch"],
      "--input-shape 3,8,8: not used with --batch-fn"),

@@ -76,3 +76,32 @@ def test_a_precision_the_models_own_weights_refuse_names_the_option(capsys, monk
     with pytest.raises(PlanInputError, match=r"^precisions 'fp32': the model's weights are "):
         memprof.recommend(mlp_fp16, batch=batch_fp16, gpu="a100-40gb", precisions=["fp32"],
                           confirm=False, workers=1)
+
+
+def test_blocks_that_name_no_submodule_are_said_as_the_option(capsys):
+    """`--blocks layers` on a model without that submodule read 'blocks: MLP has no
+    submodule ...': the Python parameter's name, not the option the user typed."""
+    rc, out, err = _cli(capsys, "--blocks", "layers")
+    assert rc == 2 and out == "", out
+    assert err.strip().splitlines()[-1] == \
+        "memprof: --blocks: MLP has no submodule 'layers'", err
+
+
+def test_a_bad_input_shape_is_said_as_the_option(capsys, tmp_path, monkeypatch):
+    """`--input-shape 3,,224` read "input shape '3,,224': ..." (the parameter in words)."""
+    (tmp_path / "tiny_cnn.py").write_text(
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1),\n"
+        "                                  nn.Flatten(), nn.Linear(8, 10))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = cli.main(["recommend", "--gpu", "v100-16gb", "--model", "tiny_cnn:Net",
+                   "--input-shape", "3,,224", "--effective-batch", "8", "--no-confirm"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", out
+    assert err.strip().splitlines()[-1] == \
+        "memprof: --input-shape '3,,224': expected integers such as 3,224,224", err

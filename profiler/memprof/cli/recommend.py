@@ -24,6 +24,10 @@ def _csv(text: str | None, option: str, what: str) -> list[str] | None:
         raise UsageError(str(e)) from None
 
 
+#: the option of each planning input an error can name only once the model is built
+_OPTION_OF = {"precisions": "--precision", "blocks": "--blocks", "input shape": "--input-shape"}
+
+
 #: the shell's spellings of Python's constants (`use_bn=false` reached the factory as the
 #: string 'false', which is true: the plan was silently for the other model)
 _CONSTANTS = {"true": True, "false": False, "none": None, "null": None}
@@ -305,9 +309,11 @@ class RecommendCommand(Command):
         with search_progress(Console(stderr=True)) as progress:
             try:
                 plan = recommend(progress=progress, **kw)
-            except PlanInputError as e:   # found once the model is built: its weights
-                if e.input == "precisions":
-                    raise UsageError(e.said_as("--precision")) from None
+            except PlanInputError as e:   # found once the model is built (its weights,
+                # its submodules, what its input takes): said as the option typed
+                option = _OPTION_OF.get(e.input)
+                if option is not None:
+                    raise UsageError(e.said_as(option)) from None
                 raise
         if args.json:
             print(plan.to_json())

@@ -179,8 +179,8 @@ def resolve_blocks(model: nn.Module, blocks) -> tuple[str, list[nn.Module]]:
             try:
                 container = model.get_submodule(name)
             except AttributeError:
-                raise ValueError(f"blocks: {type(model).__name__} has no submodule {name!r}") \
-                    from None
+                raise PlanInputError(f"blocks: {type(model).__name__} has no submodule "
+                                     f"{name!r}", "blocks") from None
             mods += list(container.children()) or [container]
         return blocks, mods
     if isinstance(blocks, nn.Module):

@@ -527,7 +527,7 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
         try:
             resolve_blocks(module, blocks)
         except ValueError as err:
-            raise PlanInputError(str(err)) from None
+            raise PlanInputError(str(err), getattr(err, "input", None) or "blocks") from None
     policies = _policies(module, policies, blocks)
     container = _container(module, policies, blocks)
     lr_adv = None

@@ -141,11 +141,11 @@ def _parse_shape(shape) -> tuple[int, ...]:
             shape = tuple(int(s) for s in re.split(r"[,x]", shape.strip()))
         except ValueError:
             raise PlanInputError(f"input shape {shape!r}: expected integers such as "
-                                 "3,224,224") from None
+                                 "3,224,224", "input shape") from None
     shape = tuple(int(s) for s in shape)
     if not shape or any(s < 1 for s in shape):
         raise PlanInputError(f"input shape {shape!r}: expected positive integers such as "
-                             "3,224,224")
+                             "3,224,224", "input shape")
     return shape
 
 
@@ -171,7 +171,8 @@ def _infer_num_classes(model: nn.Module, shape) -> int:
             out = m(torch.randn(2, *shape))
     except Exception as e:  # noqa: BLE001
         raise PlanInputError(f"input shape {shape}: the model rejects a batch of this shape "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                             "input shape") from None
     if hasattr(out, "logits"):
         out = out.logits
     if isinstance(out, (tuple, list)):
