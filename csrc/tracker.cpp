@@ -656,31 +656,22 @@ inline int64_t record_cpu_free(void* ptr, int64_t nbytes = 0) {
 // The block back to the base allocator's own deleter, which is told not to report it to
 // memprof. (Another profiler's hook on the freeing thread - torch.profiler after the session -
 // is still told of a block the allocator noted: baseline_delete's blocks may be such.)
-inline void base_deleter_delete(void* ptr) {
+inline void base_delete(void* ptr) {
   DecliningCpuReports declining;
   g_base.deleter.load(std::memory_order_relaxed)(ptr);
 }
 
-// A block memprof's wrapper made back to the base allocator (it never noted the block);
-// straight to free_cpu where that is all the base's deleter would do (see g_base).
-inline void base_delete(void* ptr) {
-  if (g_base.direct.load(std::memory_order_relaxed)) {
+// A block with a deleter of the wrapper's back to the base: one the wrapper noted (made in a
+// session, which the base never noted) goes straight to free_cpu where that is all the base's
+// deleter would do (see g_base); one it did not - oneDNN's memory freed through raw_deleter,
+// made outside any session, perhaps under torch.profiler - goes through that deleter, which
+// takes its size back and reports the free to a profiler recording then.
+inline void wrapper_delete(void* ptr, int64_t noted) {
+  if (noted > 0 && g_base.direct.load(std::memory_order_relaxed)) {
     c10::free_cpu(ptr);
     return;
   }
-  base_deleter_delete(ptr);
-}
-
-// A block with a deleter of the wrapper's back to the base: one the wrapper noted (made in a
-// session) may skip the base's deleter; one it did not - oneDNN's memory freed through
-// raw_deleter, made outside any session, perhaps under torch.profiler - goes through it, which
-// takes its size back and reports the free to a profiler recording then.
-inline void wrapper_delete(void* ptr, int64_t noted) {
-  if (noted > 0) {
-    base_delete(ptr);
-  } else {
-    base_deleter_delete(ptr);
-  }
+  base_delete(ptr);
 }
 
 // The free is recorded before the block goes back: another thread's next allocation may be
@@ -820,7 +811,7 @@ void baseline_delete(void* ptr) {
   // (a block the CPU allocator noted itself would be recorded twice; never free_cpu directly:
   // the block was made before memprof looked, perhaps under torch.profiler, and the
   // allocator's deleter must take its size back and report its free to a profiler then)
-  base_deleter_delete(ptr);
+  base_delete(ptr);
 }
 
 // The pre-existing CPU blocks of a session's baseline (tensors): each block of the CPU

@@ -4,6 +4,7 @@ optimizer sees from an L2 clip that just scaled the same, unchanged gradients in
 second pass over them - while every change between clip and step is still seen."""
 
 import contextlib
+from array import array
 
 import pytest
 import torch
@@ -335,7 +336,7 @@ def _take(note, param_groups, param_module):
     """note.take(...), its native int64 bytes read as lists of ints."""
     taken = note.take(param_groups, param_module)
     if isinstance(taken, tuple):
-        return tuple(snapshots.compact(part).tolist() for part in taken)
+        return tuple(array("q", part).tolist() for part in taken)
     return taken
 
 

@@ -60,19 +60,14 @@ class Snapshot:
     """Storages known to hold one category at one point of the run (a marker in the stream)."""
     marker: int               # index into the run's events of the marker event
     category: int
-    ptrs: Sequence[int]       # an array('q') while recording (see compact), a list as read
+    # an array('q') while recording (a list of addresses took ~48 bytes per entry, a pointer
+    # to an int object, against 8, and one per step for the run: a list Python's garbage
+    # collector walks at every full collection), a list as read
+    ptrs: Sequence[int]
     modules: Sequence[int] | None = None  # owning module id per ptr (the parameter's module)
     # parameters: per ptr 1 where a parameter at it requires grad, 0 frozen; None: not noted
     # (another category, or a profile saved before memprof noted it)
     trainable: Sequence[int] | None = None
-
-
-def compact(values) -> array:
-    """A snapshot's addresses or module ids as an array('q'), from a list or the native int64
-    bytes: a run keeps one gradient snapshot per step, and a list of addresses took ~48 bytes
-    per entry (a pointer to an int object) against 8, plus a list Python's garbage collector
-    walks at every full collection."""
-    return values if isinstance(values, array) else array("q", values)
 
 
 _is_functional = torch._is_functional_tensor
@@ -436,7 +431,7 @@ class SnapshotRecorder:
     def _note(self, category: int, ptrs, modules, trainable=None) -> None:
         """A snapshot of storage addresses and the owning module of each (and, of
         parameters, whether each trains)."""
-        # (compact's test inline, and a loop, not a generator: the gradients' note runs at
+        # (inline, and a loop, not a generator: the gradients' note runs at
         # every step, where each Python frame is cold)
         if not isinstance(modules, array):
             modules = array("q", modules)
