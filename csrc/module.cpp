@@ -9,4 +9,5 @@ PYBIND11_MODULE(_C, m) {
   memprof::register_columns(m);
   memprof::register_storages(m);
   memprof::register_exit_signal(m);
+  memprof::register_outside_dynamo(m);
 }

@@ -12,6 +12,7 @@ import torch
 import memprof
 from memprof import _C, profile_file
 from memprof.record.events import CAT_GRADIENTS
+from memprof.record.snapshots import Snapshot
 
 
 def _model(layers: int = 6):
@@ -33,7 +34,8 @@ def _train(model, opt, steps: int) -> list[float]:
 
 
 def _gradient_snapshots(tracker) -> list:
-    return [s for s in tracker.session.snapshots.snapshots if s.category == CAT_GRADIENTS]
+    return [Snapshot(-1, *noted) for noted in tracker.session.snapshots.taken
+            if noted[0] == CAT_GRADIENTS]
 
 
 def test_gradient_snapshots_are_int64_arrays_sharing_one_owner_array(tmp_path):
@@ -68,7 +70,7 @@ def test_past_its_capacity_a_run_takes_no_snapshot_and_grows_little():
         with memprof.track(model, opt, health=False, capacity=3000) as prof:
             _train(model, opt, 3)
             assert _C.log_full()
-            taken = len(prof.session.snapshots.snapshots)
+            taken = len(prof.session.snapshots.taken)
             gc.collect()
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
@@ -76,7 +78,7 @@ def test_past_its_capacity_a_run_takes_no_snapshot_and_grows_little():
             gc.collect()
             grown = (tracemalloc.get_traced_memory()[0] - before) / 200
             tracemalloc.stop()
-            assert len(prof.session.snapshots.snapshots) == taken
+            assert len(prof.session.snapshots.taken) == taken
     # a gradient snapshot of 80 storages per step was ~4 KB/step; what is left per step (the
     # backward call's roots and step, the step end's owner and sequence number) ~200 bytes
     assert grown < 600, grown

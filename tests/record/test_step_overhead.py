@@ -234,7 +234,7 @@ def test_fake_optimizer_state_is_noted_without_reading_addresses():
         finally:
             memprof._C.stop()
             memprof._C.take_events([])
-    assert len(rec.snapshots) == 2   # fake: no address to compare, so noted each time
+    assert len(rec.taken) == 2   # fake: no address to compare, so noted each time
 
 
 def test_storage_addresses_read_in_one_native_call_match_storage_ptr():
@@ -318,7 +318,7 @@ def test_snapshots_of_a_deep_model_per_step_are_cheap():
     finally:
         memprof._C.stop()
         memprof._C.take_events([])
-    assert len(rec.snapshots) == 1            # noted once, then found unchanged
+    assert len(rec.taken) == 1            # noted once, then found unchanged
     assert per_check < 100e-6, per_check
 
 

@@ -171,33 +171,23 @@ def load_dynamo() -> None:
         torch.nn.Module.__call__ = ours
 
 
-# dynamo's frame callback (get, set) on this thread, once dynamo is loaded (skip_own_frame)
-_frame_callback: list = [None, None]
-
-
-def outside_dynamo(fn, *args):
-    """fn(*args) with dynamo's frame callback off on this thread, if it is on: memprof's own
-    bookkeeping (a pass's markers and naming, the optimizer hooks, the backward wrapper, and
-    the recorders' subscribers they call). Where compiled code falls back to eager (a graph
-    break: FSDP2's hooks, a compiled training step at backward), dynamo goes on compiling
-    every frame the fallback calls, ours included - each broke again at memprof._C and left a
-    warning. The user's frames (the model's forward, backward itself) are called outside."""
-    get = _frame_callback[0]
-    callback = get() if get is not None else None
-    if callback is None:
-        return fn(*args)
-    _frame_callback[1](None)
-    try:
-        return fn(*args)
-    finally:
-        _frame_callback[1](callback)
+#: fn(*args) with dynamo's frame callback off on this thread, if it is on: memprof's own
+#: bookkeeping (a pass's markers and naming, the optimizer hooks, the backward wrapper, and
+#: the recorders' subscribers they call). Where compiled code falls back to eager (a graph
+#: break: FSDP2's hooks, a compiled training step at backward), dynamo goes on compiling
+#: every frame the fallback calls, ours included - each broke again at memprof._C and left a
+#: warning. The user's frames (the model's forward, backward itself) are called outside. In
+#: C (csrc/outside_dynamo.cpp): ~6 calls a step, each a cold Python frame as a function here;
+#: it reads the callback through the functions skip_own_frame gives it once dynamo is loaded.
+outside_dynamo = _C.outside_dynamo
 
 
 def break_graph_if_traced() -> None:
     """In one of memprof's hooks that dynamo may meet while it traces a compiled step (the
     optimizer hooks, the backward wrapper): the graph breaks at the hook's call, cleanly, and
     the hook then runs eagerly as itself (never_compiled). A break of dynamo's own making at
-    memprof._C did the same, with a warning for each."""
+    memprof._C did the same, with a warning for each. (The per-step hooks write the same two
+    lines inline: a frame fewer at each.)"""
     if dynamo_compiling():
         torch._dynamo.graph_break()
 
@@ -214,9 +204,9 @@ def skip_own_frame() -> None:
         return
     frames = sys.modules.get("torch._C._dynamo.eval_frame")
     if hasattr(frames, "get_eval_frame_callback") and hasattr(frames, "set_eval_frame"):
-        _frame_callback[:] = [frames.get_eval_frame_callback, frames.set_eval_frame]
+        _C.set_frame_callback(frames.get_eval_frame_callback, frames.set_eval_frame)
     for fn in (module_call, call_through, call_in_scope, _pass_handler[0], _other_handler[0],
-               break_graph_if_traced, outside_dynamo):
+               break_graph_if_traced):
         code = _code_of(fn)
         if code is not None:
             skip(code)

@@ -374,7 +374,7 @@ class ModuleScope(RootNaming):
         if id(module) in self._stand_ins:
             if self._root_depth:   # inside a pass (Lightning's training_step as one)
                 return module_call.call_in_scope(mid, module, args, kwargs)
-        elif module is self.model:
+        elif module is self.model and self._stand_ins:   # (checked here: a frame a step)
             self._own_call()
         module_call.outside_dynamo(self._root_pre, module, args, kwargs, mid)
         output = None

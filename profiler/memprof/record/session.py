@@ -447,13 +447,11 @@ class Session:
         side = streams.side
         mark_idx = streams.side_index()[(side["kind"] == KIND_MARK) & np.isin(
             side["op"], [i for i, s in enumerate(strings) if s == "snapshot"])]
-        taken = src.snapshots.snapshots
+        taken = src.snapshots.taken
         # a nested block owns the last snapshots; past the marker cap the first are kept
         own = taken[len(taken) - len(mark_idx):] if src is not self else taken[:len(mark_idx)]
         if len(own) == len(mark_idx):
-            snaps += [Snapshot(marker=int(i), category=s.category, ptrs=s.ptrs,
-                               modules=s.modules, trainable=s.trainable)
-                      for s, i in zip(own, mark_idx)]
+            snaps += [Snapshot(int(i), *noted) for noted, i in zip(own, mark_idx)]
         counters = _C.counters()
         roots = src.scope.root_modules()
         if len(roots) > 1:

@@ -197,7 +197,12 @@ class SnapshotRecorder:
 
     def __init__(self, session):
         self.session = session
-        self.snapshots: list[Snapshot] = []      # marker -1 until the run is assembled
+        # each note as (category, ptrs, modules, trainable), in the order taken: the run's
+        # Snapshots are made from these, with their markers, when it is assembled. A tuple,
+        # not a Snapshot (a dataclass's __init__ is one more cold Python frame at every step);
+        # and tuples of ints and arrays, unlike a slotted object, are dropped from the garbage
+        # collector's walks - one per step for the run
+        self.taken: list[tuple] = []
         self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
         self.baseline_trainable: dict[int, int] = {}   # parameter storage -> 1 trains, 0 not
         self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
@@ -321,7 +326,8 @@ class SnapshotRecorder:
         if self._params_moved or seen != self._modules_seen:
             self._params_moved = False
             self.note_parameters()
-        if self._buffers_set or seen != self._modules_seen or self._buffer_looks.due(step):
+        if self._buffers_set or seen != self._modules_seen or \
+                step >= self._buffer_looks.next:   # (Looks.due, inline: every step)
             self._buffers_set, self._modules_seen = False, seen
             self._buffer_looks.looked(step, self.note_buffers())
         self._log_full = _C.log_full()
@@ -446,10 +452,8 @@ class SnapshotRecorder:
             recent.insert(0, modules)
             del recent[4:]
         _C.mark("snapshot", category)   # the marker's index is found after the run
-        self.snapshots.append(Snapshot(
-            marker=-1, category=category,
-            ptrs=ptrs if isinstance(ptrs, array) else array("q", ptrs),
-            modules=modules, trainable=trainable))
+        self.taken.append((category, ptrs if isinstance(ptrs, array) else array("q", ptrs),
+                           modules, trainable))
 
     def _new_gradient_note(self, optimizer):
         """A note that lets go of its parameters and its address watch (one of a few, see

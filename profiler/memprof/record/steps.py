@@ -30,7 +30,7 @@ import torch
 
 from .. import _C
 from .events import PHASE_OTHER
-from .module_call import break_graph_if_traced, never_compiled, outside_dynamo
+from .module_call import break_graph_if_traced, dynamo_compiling, never_compiled, outside_dynamo
 from .patches import PatchRegistry, remove_handles
 
 
@@ -172,7 +172,8 @@ class StepClock:
     def _pre_hook(self, optimizer, args, kwargs):
         """torch's pre-hook: a step begins (see _pre), unless it is nested in a watched
         optimizer's step (see _nested_step)."""
-        break_graph_if_traced()
+        if dynamo_compiling():   # break_graph_if_traced(), inline: a frame fewer each step
+            torch._dynamo.graph_break()
         return outside_dynamo(self._hooked_step_starts, optimizer, args, kwargs)
 
     def _hooked_step_starts(self, optimizer, args, kwargs):
@@ -271,7 +272,8 @@ class StepClock:
         return (args[0], closure_then_update) + tuple(args[2:]), kwargs
 
     def _post(self, optimizer, args, kwargs) -> None:
-        break_graph_if_traced()   # (see _pre)
+        if dynamo_compiling():   # (see _pre; break_graph_if_traced(), inline)
+            torch._dynamo.graph_break()
         outside_dynamo(self._hooked_step_ends, optimizer)
 
     def _hooked_step_ends(self, optimizer) -> None:
@@ -319,7 +321,9 @@ class StepClock:
             fn(optimizer)
         if self.step_on in ("auto", "optimizer"):
             self._optimizer_steps += 1
-            self.end_step(owner=self._label(optimizer), phase=PHASE_OTHER)
+            # (labels count from 1: the label read inline, _label() makes a new one)
+            self.end_step(owner=self._labels.get(id(optimizer)) or self._label(optimizer),
+                          phase=PHASE_OTHER)
         else:
             _C.set_phase(PHASE_OTHER)
 
@@ -415,7 +419,8 @@ class BackwardHook:
 
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                      *args, **kwargs):
-            break_graph_if_traced()   # (a compiled training step: dynamo breaks here anyway)
+            if dynamo_compiling():   # (a compiled training step: dynamo breaks here anyway;
+                torch._dynamo.graph_break()   # break_graph_if_traced(), inline)
             outside_dynamo(hook._starts, tensors, grad_tensors, retain_graph, create_graph)
             out = original(tensors, grad_tensors, retain_graph, create_graph, *args, **kwargs)
             outside_dynamo(hook._ended)
@@ -438,7 +443,7 @@ class BackwardHook:
                     roots.append(t.grad_fn._sequence_nr())
             self.calls.append((tuple(roots), bool(retain_graph if retain_graph is not None
                                                   else create_graph), self.steps.step,
-                               _thread_number()))
+                               getattr(_THREADS, "number", None) or _thread_number()))
         except Exception:  # noqa: BLE001  (recording must never break backward)
             pass
         for fn in tuple(self.before):
