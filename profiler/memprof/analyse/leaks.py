@@ -30,6 +30,7 @@ from .turns import last_round_start
 from .outcome import Outcome
 from ..record.session import active_session
 from ..record.leak_probe import held_until_the_call_returns
+from ..record.recomputed_weights import recomputed_weights
 from ..record.holders import (describe_unreached, find_holders, frame_roots, model_roots,
                                namespaces_roots)
 
@@ -90,6 +91,11 @@ def retained_graphs(profile: Profile) -> Outcome:
         # session records: an autosave's, a nested block's frees would land in its log).
         gc.collect()
     tensors, old, recent, truncated = _suspects(profile, boundaries, last_step)
+    # a weight old-style weight_norm keeps on its module is no leak (record.recomputed_weights)
+    kept = recomputed_weights(model_roots(run.live.model, run.live.named_roots))
+    kept_old = [g for g in old if g.tensor_id in kept]
+    old = [g for g in old if g.tensor_id not in kept]
+    recent = [g for g in recent if g.tensor_id not in kept]
     bounds: dict[int, int] = {}
     holders = find_holders(holder_roots(run.live), {g.tensor_id for g in old + recent},
                            bounds) if old or recent else {}
@@ -115,6 +121,8 @@ def retained_graphs(profile: Profile) -> Outcome:
                                              old_ids):
             findings.append(context.finding(names, group, holders))
     findings.sort(key=lambda f: (LEAK_KINDS.index(f.kind), -f.bytes))
+    if kept_old:
+        findings.append(_kept_weights(kept_old, kept))
     return Outcome(findings, notes, {"retained_graph_check_s": time.perf_counter() - t0})
 
 
@@ -133,6 +141,30 @@ def _suspects(profile: Profile, boundaries: list[int], last_step: int):
               and sum(b for p, b in g.saved.items() if p != g.storage)
               >= UNUSED_GRAPH_MIN_BYTES]
     return tensors, old, recent, truncated
+
+
+def _kept_weights(graphs: list[GraphTensor], paths: dict[int, str]) -> Finding:
+    """One info finding for the weights of earlier steps that old-style weight_norm (or
+    spectral_norm) keeps on modules not called since: bounded, yet memory a user may
+    wonder about, and one migration frees it."""
+    names = sorted((paths[g.tensor_id] for g in graphs), key=_in_number_order)
+    nbytes = sum(g.nbytes for g in graphs) + sum({p: b for g in graphs
+                                                 for p, b in g.saved.items()}.values())
+    n = len(names)
+    listed = ", ".join(names[:3]) + (f" and {n - 3} more" if n > 3 else "")
+    steps = sorted({g.min_seq for g in graphs})
+    return Finding(
+        kind="recomputed_weight", severity="info", bytes=int(nbytes),
+        holder=names[0] if n == 1 else f"{n} modules' weights",
+        evidence={"paths": names[:MAX_PATHS_LISTED], "paths_total": n,
+                  "first_sequence_nr": int(steps[0])},
+        message=(f"{'a weight' if n == 1 else f'{n} weights ({listed})'} that old-style "
+                 f"torch.nn.utils.weight_norm (or spectral_norm) recomputed in an earlier "
+                 f"step, kept with {'its' if n == 1 else 'their'} graph by the module until "
+                 f"its next forward ({fmt_bytes(nbytes)}): by design, one per module, it "
+                 "does not grow"),
+        fix=("torch.nn.utils.parametrizations.weight_norm (spectral_norm) computes the "
+             "weight when it is used and keeps none between steps"))
 
 
 def _seen_while_running(profile: Profile, boundaries: list[int]) -> list[Finding]:

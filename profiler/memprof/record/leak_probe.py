@@ -28,6 +28,7 @@ from dataclasses import asdict
 
 from .. import _C
 from .autograd_graphs import graph_tensors, storage_of, walk_graphs
+from .recomputed_weights import recomputed_weights
 from .holders import (frame_roots, is_library_frame, loop_frame, model_roots, namespaces_roots,
                       reachable_tensors)
 
@@ -126,7 +127,9 @@ class LeakProbe:
         tensors = graph_tensors(t for _, t in reached)
         params = {storage_of(p)[0] for p in session.params()}
         graphs, truncated = walk_graphs(tensors, params, past_the_log=_C.log_full())
-        old = [g for g in graphs if boundaries[0] <= g.min_seq < before]
+        kept = recomputed_weights(model_roots(session.model, session.scope.named_roots()))
+        old = [g for g in graphs if boundaries[0] <= g.min_seq < before
+               and g.tensor_id not in kept]   # old-style weight_norm's: kept by design
         # the step before's loss that the caller's variable names until this call returns
         # is recorded (the analysis judges by rounds of optimizers), but alone makes no record
         previous = boundaries[completed - 2] if completed >= 2 else boundaries[0]

@@ -1,0 +1,47 @@
+"""Weights a module's forward pre-hook recomputes from its parameters at each forward and
+keeps as a plain attribute until the next one: old-style `torch.nn.utils.weight_norm` and
+`torch.nn.utils.spectral_norm` (deprecated, still in many vocoder and seq2seq codebases).
+Such a weight keeps the graph of the forward that made it: a module not called in the
+last step holds an earlier step's graph by design - one per module, never growing - which
+the leak checks must not read as a retained graph. The new-style
+`torch.nn.utils.parametrizations` compute the weight on access and keep nothing."""
+from __future__ import annotations
+
+import torch
+
+
+def is_recomputing_hook(hook) -> bool:
+    """A forward pre-hook that sets `module.<name>` from `compute_weight(module)`: torch's
+    WeightNorm and SpectralNorm, or a codebase's copy of them."""
+    return isinstance(getattr(hook, "name", None), str) and \
+        callable(getattr(hook, "compute_weight", None))
+
+
+def _modules(obj):
+    """(path, module) under a root: a model, or a container of models (a GAN's [G, D])."""
+    if isinstance(obj, torch.nn.Module):
+        yield from ((f".{n}" if n else "", m) for n, m in obj.named_modules())
+    elif isinstance(obj, (list, tuple, dict)):
+        for k, m in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            if isinstance(m, torch.nn.Module):
+                yield from ((f"[{k!r}]" + (f".{n}" if n else ""), s)
+                            for n, s in m.named_modules())
+
+
+def recomputed_weights(roots) -> dict[int, str]:
+    """id(tensor) -> 'model.aux.weight' for each weight with a graph that such a hook keeps
+    on a module the named roots ((name, object) pairs: the model, or auto mode's root
+    modules) reach."""
+    out: dict[int, str] = {}
+    seen: set[int] = set()
+    for root, obj in roots:
+        for path, module in _modules(obj):
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for hook in module._forward_pre_hooks.values():
+                if is_recomputing_hook(hook):
+                    weight = module.__dict__.get(hook.name)   # a plain attribute
+                    if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
+                        out[id(weight)] = f"{root}{path}.{hook.name}"
+    return out
