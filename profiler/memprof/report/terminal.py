@@ -9,7 +9,7 @@ from rich.table import Table
 from ..analyse import health as health_analysis
 from ..analyse import throughput as throughput_analysis
 from ..analyse.coverage import model_not_given
-from ..analyse.trainable import PARTS, parameters_split
+from ..analyse.trainable import parameters_split, shown_parts
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..stats import describe
@@ -89,8 +89,8 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     split = parameters_split(prof)
     for name in CATEGORIES:
         t.add_row(name, fmt_bytes(cat.get(name, 0)), _share(cat.get(name, 0), s_peak))
-        if name == "parameters" and split and split["frozen"]:   # all trainable: no word
-            for part, label in PARTS:
+        if name == "parameters":   # all trainable: no word
+            for part, label in shown_parts(split):
                 t.add_row(f"  {label}", fmt_bytes(split[part]), _share(split[part], s_peak),
                           style="dim")
     console.print(t)
