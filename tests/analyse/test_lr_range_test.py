@@ -71,7 +71,7 @@ def test_a_range_test_is_no_warmup_and_its_divergence_no_error(make_sched):
     assert "warmup" not in out.replace("not a warmup", "")   # no "warmup 59+ optimizer steps"
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 def test_a_range_test_stepped_per_micro_batch_is_no_warmup():
     """accumulation 4, the scheduler stepped per micro-batch: the finding says the sweep runs
     4x too fast, not a warmup's length."""
@@ -99,7 +99,9 @@ def test_a_range_test_stepped_per_micro_batch_is_no_warmup():
 
 @pytest.mark.parametrize("lrs, expected", [
     ([1e-7 * 1.3 ** k for k in range(40)], True),
+    ([1e-8] + [1e-8 * 1.85 * 1.36 ** k for k in range(59)], True),   # Lightning's first step
     ([1e-7 * 1.3 ** k for k in range(6)], False),             # too short to tell
+    ([1e-3] + [1e-5 * 1.3 ** k for k in range(39)], False),   # falls at its first step
     ([1e-3 * 1.05 ** k for k in range(40)], False),            # 7x: not a sweep of decades
     ([0.1 * (k + 1) / 40 for k in range(40)], False),          # linear ramp: a warmup
     ([1e-7 * 1.3 ** min(k, 30) for k in range(40)], False),    # plateaus: a warmup's peak
@@ -108,3 +110,37 @@ def test_a_range_test_stepped_per_micro_batch_is_no_warmup():
 ])
 def test_the_rule(lrs, expected):
     assert (lr_range.range_test(lrs) is not None) is expected
+
+
+def test_lightnings_lr_find_is_a_range_test(tmp_path):
+    """Tuner.lr_find (exponential mode, its default), 40 steps, a small regression."""
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.tuner import Tuner
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP(32, 64, 4)
+            self.lr = 1e-3
+
+        def training_step(self, b, i):
+            return torch.nn.functional.mse_loss(self.net(b[0]), b[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+    torch.manual_seed(0)
+    x = torch.randn(1280, 32)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :4] * 2),
+                                       batch_size=32)
+    model = Net()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    with memprof.track(model, health=True) as prof:
+        Tuner(trainer).lr_find(model, train_dataloaders=data, num_training=40,
+                               early_stop_threshold=None)
+    lr = prof.health["lr"]
+    assert lr["warmup_optimizer_steps"] is None
+    assert lr["range_test"]["first"] == pytest.approx(1e-8)
+    assert lr["range_test"]["last"] == pytest.approx(1.0)
+    assert not memprof.findings(prof), [(f.kind, f.message) for f in prof.findings]

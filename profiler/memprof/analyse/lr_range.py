@@ -5,7 +5,8 @@ run and ends, by design, where the loss diverges. Read as a warmup, the health t
 warmup".
 
 The rule: the LR is multiplied by one factor (within RATIO_TOLERANCE) at every one of at least
-MIN_STEPS optimizer steps, and ends at least MIN_SPAN times where it began. A range test sweeps
+MIN_STEPS optimizer steps (the first may rise by another: Lightning's starts from min_lr), and
+ends at least MIN_SPAN times where it began. A range test sweeps
 decades geometrically (the exponential mode is the default of all three tools); a warmup ramps
 linearly to its peak and then holds or decays. A linear sweep (Lightning's mode="linear") and
 a run profiled before its warmup ended look alike, so a linear rise stays an unfinished warmup
@@ -35,7 +36,10 @@ def range_test(lrs) -> dict | None:
         return None
     ratios = a[1:] / a[:-1]
     g = float(np.median(ratios))
-    if g <= 1.0 or float(np.abs(ratios / g - 1.0).max()) > RATIO_TOLERANCE:
+    # the first step may rise by another factor (Lightning's lr_find starts at min_lr, then
+    # its scheduler's first value): it must rise, and every later step by the one factor
+    if g <= 1.0 or ratios[0] <= 1.0 or float(np.abs(ratios[1:] / g - 1.0).max()) > \
+            RATIO_TOLERANCE:
         return None
     if a[-1] < MIN_SPAN * a[0]:
         return None
