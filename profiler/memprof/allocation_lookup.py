@@ -43,7 +43,8 @@ def snapshot_modules(snapshots: list) -> np.ndarray:
 
 def snapshot_trainable(snapshots: list) -> np.ndarray:
     """Per storage of every snapshot, numbered as snapshot_hits numbers them: 1 where a
-    parameter at it requires grad, 0 frozen, -1 not noted (another category; a profile saved
+    parameter at it requires grad, 0 frozen, 2 not trained (a model beside the
+    one that trains: an EMA copy), -1 not noted (another category; a profile saved
     before memprof noted it)."""
     parts = [np.asarray(s.trainable, dtype=np.int8) if s.trainable is not None
              else np.full(len(s.ptrs), -1, dtype=np.int8) for s in snapshots]

@@ -151,8 +151,8 @@ def _check_snapshot_fields(snapshots: list) -> str | None:
         trainable = s.get("trainable")   # (absent in profiles saved before it was noted)
         if trainable is not None:
             problem = _list_of(trainable, _INT, f"{where}.trainable")
-            if problem or len(trainable) != len(s["ptrs"]) or not set(trainable) <= {0, 1}:
-                return problem or (f"{where}.trainable: expected one 0 or 1 per ptr "
+            if problem or len(trainable) != len(s["ptrs"]) or not set(trainable) <= {0, 1, 2}:
+                return problem or (f"{where}.trainable: expected one 0, 1 or 2 per ptr "
                                    f"({len(s['ptrs'])}), got {len(trainable)} values: "
                                    f"{sorted(set(trainable))[:4]}")
     return None

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..finding import Finding
 from ..profile import Profile
+from .lr_range import range_test, reread, sweep_reading
 
 LOSS_WINDOW = 8
 LOSS_MIN_HISTORY = 3
@@ -187,11 +188,16 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     grad = rec.grad
     lr_steps = [s for s in sorted(grad) if grad[s]["lr"]]
     lr0 = [grad[s]["lr"][0] for s in lr_steps]
-    warm, complete = warmup_length(lr0)
+    sweep = range_test(lr0)   # an LR range test rises for the whole run: no warmup
+    warm, complete = warmup_length(lr0) if sweep is None else (None, False)
+    if sweep is not None:
+        sweep.update(sweep_reading(dict(zip(lr_steps, lr0)), per_loss))
+        reread(findings, sweep)
     summary["lr"] = {"first": lr0[0] if lr0 else None,
                      "peak": max(lr0) if lr0 else None,
                      "last": lr0[-1] if lr0 else None,
                      "warmup_optimizer_steps": warm, "warmup_complete": complete,
+                     "range_test": sweep,
                      "param_groups": len(grad[lr_steps[0]]["lr"]) if lr_steps else 0}
     findings += _scheduler_findings(rec, summary, warm, complete)
     return summary, findings
@@ -480,7 +486,8 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
         per_window = [info["windows"].get(w, 0) for w in range(n_opt + 1)]
         windows_multi = sum(1 for c in per_window[1:] if c >= 2)
         lr_sched = [x for x in info["lr_after"] if x is not None]
-        s_warm = warmup_length(lr_sched)[0] if lr_sched else None
+        swept = range_test(lr_sched) is not None   # (a range test: no warmup)
+        s_warm = warmup_length(lr_sched)[0] if lr_sched and not swept else None
         out.append({"class": info["class"], "calls": info["calls"], "optimizer_steps": n_opt,
                     "calls_per_optimizer_step": info["calls"] / n_opt if n_opt else None,
                     "before_optimizer_calls": info["mid"] + info["before_first"],
@@ -499,7 +506,10 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
                 message=(f"{info['class']}.step() ran {info['calls']} times for {n_opt} "
                          f"optimizer steps ({ratio:.1f} per step, {_fmt(micro_med)} micro-steps "
                          f"per optimizer step): the schedule advances per micro-batch, so "
-                         f"warmup and decay run {ratio:.1f}x too fast{warm_txt}"),
+                         + (f"the LR range test's sweep runs {ratio:.1f}x too fast (each "
+                            "optimizer step skips the LRs of its other micro-batches)"
+                            if swept else
+                            f"warmup and decay run {ratio:.1f}x too fast{warm_txt}")),
                 fix=("call scheduler.step() once per optimizer step (inside the `if (i+1) % "
                      "accum == 0:` block, after optimizer.step()), or size warmup/total steps "
                      "in micro-steps on purpose"),

@@ -1,6 +1,9 @@
 """The parameters alive at a point of the run, split into trainable (requires_grad) and
 frozen: a LoRA run's one "parameters" figure lumped the frozen base with the adapters that
-train (what LoRA's rank changes), so the report could not say how much of the model trains."""
+train (what LoRA's rank changes), so the report could not say how much of the model trains.
+A model that no optimizer updates, kept beside the one that does (an EMA copy, a teacher;
+record.snapshots.beside_the_trained), is a third part: read by requires_grad it was frozen
+model, or trainable (AveragedModel: the trainable bytes doubled)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,14 +11,16 @@ import numpy as np
 from ..allocation_lookup import last_per_allocation, snapshot_trainable
 from ..profile import Profile
 from ..record.events import CAT_PARAMETERS
+from ..record.snapshots import FROZEN, NOT_TRAINED, TRAINS
 
 
 #: the split's parts and how the reports name them
-PARTS = (("trainable", "trainable (requires_grad)"), ("frozen", "frozen"))
+PARTS = (("trainable", "trainable (requires_grad)"), ("frozen", "frozen"),
+         ("not_trained", "not trained (a model beside it: EMA, teacher)"))
 
 
 def parameters_split(profile: Profile, at: str | int = "peak") -> dict[str, int] | None:
-    """{"trainable": bytes, "frozen": bytes} of the parameters alive at `at` (each storage
+    """{"trainable": bytes, "frozen": bytes, "not_trained": bytes} of the parameters alive at `at` (each storage
     once: tied weights), each as the last note that named it saw it; None where there is
     nothing to split (no parameters alive) or the profile does not say (saved before memprof
     noted it)."""
@@ -33,4 +38,14 @@ def parameters_split(profile: Profile, at: str | int = "peak") -> dict[str, int]
     if (flags < 0).any():
         return None
     sizes = profile.memory["size"][alive].astype(np.int64)
-    return {"trainable": int(sizes[flags == 1].sum()), "frozen": int(sizes[flags == 0].sum())}
+    return {part: int(sizes[flags == flag].sum())
+            for flag, (part, _) in ((TRAINS, PARTS[0]), (FROZEN, PARTS[1]),
+                                    (NOT_TRAINED, PARTS[2]))}
+
+
+def shown_parts(split: dict[str, int] | None) -> list[tuple[str, str]]:
+    """The parts a report lists under "parameters": none where all of them train (no word),
+    else those with bytes (the trainable part always)."""
+    if not split or not (split["frozen"] or split.get("not_trained")):
+        return []
+    return [(part, label) for part, label in PARTS if part == "trainable" or split.get(part)]

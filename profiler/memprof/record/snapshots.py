@@ -65,7 +65,8 @@ class Snapshot:
     # collector walks at every full collection), a list as read
     ptrs: Sequence[int]
     modules: Sequence[int] | None = None  # owning module id per ptr (the parameter's module)
-    # parameters: per ptr 1 where a parameter at it requires grad, 0 frozen; None: not noted
+    # parameters: per ptr 1 where a parameter at it requires grad, 0 frozen, 2 a model's that
+    # no optimizer trains (beside_the_trained: an EMA copy); None: not noted
     # (another category, or a profile saved before memprof noted it)
     trainable: Sequence[int] | None = None
 
@@ -176,15 +177,37 @@ def storage_parts(tensors: list, owners: list) -> tuple[list, list]:
     return out_t, out_o
 
 
-def trainable_storages(params: list, ptrs: list | None = None) -> dict[int, int]:
-    """Storage address -> 1 where a parameter at it requires grad, else 0 (frozen): a LoRA
-    base against its adapters. A storage shared with a trainable parameter trains. `ptrs`:
-    storage_ptrs(params), where the caller has them."""
+#: what a parameter storage is to the run (Snapshot.trainable's values)
+FROZEN, TRAINS, NOT_TRAINED = 0, 1, 2
+
+
+def trainable_storages(params: list, ptrs: list | None = None,
+                       untrained: set[int] | frozenset = frozenset()) -> dict[int, int]:
+    """Storage address -> TRAINS where a parameter at it requires grad, FROZEN where none does
+    (a LoRA base against its adapters), NOT_TRAINED where every parameter at it is in
+    `untrained` (ids: beside_the_trained's). A storage shared with a trainable parameter
+    trains. `ptrs`: storage_ptrs(params), where the caller has them."""
     out: dict[int, int] = {}
     for ptr, p in zip(storage_ptrs(list(params)) if ptrs is None else ptrs, params):
         if ptr is not None:
-            out[ptr] = out.get(ptr, 0) | p.requires_grad
+            role = NOT_TRAINED if id(p) in untrained else int(p.requires_grad)
+            was = out.get(ptr)
+            # TRAINS over FROZEN over NOT_TRAINED: the model's own reading wins
+            out[ptr] = role if was is None or was == NOT_TRAINED else max(was, role % 2)
     return out
+
+
+def beside_the_trained(roots: list, optimizers: list) -> set[int]:
+    """ids of the parameters of the root modules of which an optimizer updates none, where it
+    updates another root's: a model kept beside the one that trains (an EMA copy, a teacher),
+    which requires_grad misread (a deepcopy set to requires_grad_(False) read as frozen, an
+    AveragedModel, which keeps requires_grad, as trainable). Empty without an optimizer's
+    parameters to go by (a hand-written update: requires_grad is all there is)."""
+    trained = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+    groups = [[id(p) for p in m.parameters()] for m in roots]
+    if not trained or not any(trained.intersection(g) for g in groups):
+        return set()
+    return {i for g in groups if not trained.intersection(g) for i in g}
 
 
 def _sorted_storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
@@ -252,7 +275,7 @@ class SnapshotRecorder:
                 cpu_blocks.append(t if is_plain_tensor(t) else _local_shard(t))
 
         params = self.session.params()
-        self.baseline_trainable = trainable_storages(params)
+        self.baseline_trainable = trainable_storages(params, untrained=self._untrained())
         for p in params:
             add(p, CAT_PARAMETERS, self._module_of(p))
             if p.grad is not None:
@@ -431,8 +454,17 @@ class SnapshotRecorder:
         every = storage_ptrs(list(params))   # read once for both
         category, ptrs, modules = self._owned(CAT_PARAMETERS, params,
                                               [self._module_of(p) for p in params], every)
-        trains = trainable_storages(params, every)
+        trains = trainable_storages(params, every, self._untrained())
         return category, ptrs, modules, array("b", [trains[a] for a in ptrs])
+
+    def _untrained(self) -> set[int]:
+        """beside_the_trained of the roots named so far and the watched optimizers; none
+        where track() was given one optimizer (another, unwatched, may train the other roots:
+        a GAN's two)."""
+        steps = self.session.steps
+        if steps.optimizer is not None:
+            return set()
+        return beside_the_trained(self.session.scope.root_modules(), steps.watched())
 
     def _note(self, category: int, ptrs, modules, trainable=None) -> None:
         """A snapshot of storage addresses and the owning module of each (and, of

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from ..analyse.coverage import model_not_given
 from ..analyse.throughput import unmarked_steps
-from ..analyse.trainable import PARTS, parameters_split
+from ..analyse.trainable import parameters_split, shown_parts
 from ..finding import sort_findings
 from ..profile import Profile
 from ..record.events import CATEGORIES
@@ -232,13 +232,14 @@ def _at_peak(profile: Profile) -> str:
              f'<span data-category="{esc(c)}" data-bytes="{b}">{esc(fmt_bytes(b))}</span>',
              f"{100 * b / total:.1f} %") for c, b in cats.items()]
     split = parameters_split(profile)
-    if split and split["frozen"]:   # under the parameters row; all trainable: no word
+    parts = shown_parts(split)
+    if parts:   # under the parameters row; all trainable: no word
         at = list(cats).index("parameters") + 1
         rows[at:at] = [(f'<span class="sub">{label}</span>',
                         f'<span data-parameters="{part}" data-bytes="{split[part]}">'
                         f'{esc(fmt_bytes(split[part]))}</span>',
                         f"{100 * split[part] / total:.1f} %")
-                       for part, label in PARTS]
+                       for part, label in parts]
     top = [(fmt_bytes(d["size"]), d["category"], d["op"], d["module"], d["node"] or "",
             d["phase"], d["step"]) for d in top_allocations(profile)]
     return (f'<section id="peak"><h2>At the peak</h2>'

@@ -9,7 +9,7 @@ from rich.table import Table
 from ..analyse import health as health_analysis
 from ..analyse import throughput as throughput_analysis
 from ..analyse.coverage import model_not_given
-from ..analyse.trainable import PARTS, parameters_split
+from ..analyse.trainable import parameters_split, shown_parts
 from ..profile import Profile
 from ..record.events import CATEGORIES
 from ..stats import describe
@@ -89,8 +89,8 @@ def print_report(prof: Profile, console: Console | None = None, top: int = 8) ->
     split = parameters_split(prof)
     for name in CATEGORIES:
         t.add_row(name, fmt_bytes(cat.get(name, 0)), _share(cat.get(name, 0), s_peak))
-        if name == "parameters" and split and split["frozen"]:   # all trainable: no word
-            for part, label in PARTS:
+        if name == "parameters":   # all trainable: no word
+            for part, label in shown_parts(split):
                 t.add_row(f"  {label}", fmt_bytes(split[part]), _share(split[part], s_peak),
                           style="dim")
     console.print(t)
@@ -298,6 +298,19 @@ def _print_collectives(tp: dict, console: Console) -> None:
                             if comm["incomplete_calls"] else "")))
 
 
+def _range_test_text(rt: dict) -> str:
+    """The health table's LR cell for an LR range test (analyse.lr_range): the sweep and what
+    it found, where a warmup's length would be."""
+    out = (f"x{rt['factor_per_step']:.4g} a step for all {rt['steps']} optimizer steps: an LR "
+           "range test, not a warmup")
+    low, div = rt.get("lowest_loss"), rt.get("diverged")
+    if low:
+        out += f"; lowest loss {_g(low['loss'])} at LR {_g(low['lr'])} (step {low['step']})"
+    if div:
+        out += f", diverged from LR {_g(div['lr'])} (step {div['step']})"
+    return out
+
+
 def _print_health(prof: Profile, console: Console) -> None:
     h = health_analysis.summarize(prof)
     if not h:
@@ -355,7 +368,8 @@ def _print_health(prof: Profile, console: Console) -> None:
                     if warm and micro and micro > 1 else "")
         t.add_row("learning rate (group 0)",
                   f"first {_g(lr['first'])}, peak {_g(lr['peak'])}, last {_g(lr['last'])}; "
-                  f"warmup {_g(warm, '{}')}{more} optimizer steps{in_micro}")
+                  + (_range_test_text(lr["range_test"]) if lr.get("range_test") else
+                     f"warmup {_g(warm, '{}')}{more} optimizer steps{in_micro}"))
     for sc in h.get("schedulers", []):
         t.add_row(escape(f"scheduler {sc['class']}"),
                   f"{sc['calls']} steps for {sc['optimizer_steps']} optimizer steps; "
