@@ -1,6 +1,7 @@
 """Training health (track(health=True)): clipping, LR and schedulers, loss spikes, non-finite
 values; exactness (results unchanged) and clean removal."""
 import math
+import re
 import warnings
 
 import numpy as np
@@ -362,6 +363,30 @@ def test_loss_spikes_found_from_backward_roots_and_from_log():
                                     "callback" if use_log else "root of backward")
         if use_log:
             assert h["logged"]["tokens"]["3"] == 64
+
+
+def test_a_loss_that_blows_up_is_said_as_a_factor_not_a_40_digit_percentage():
+    """A diverging run (an LR range test's end, a bad LR) multiplies its loss by 1e30: the
+    spike read "+13069734128198043020948052073563291648%"."""
+    model, opt = setup(lr=0.02)
+    data = dataset()
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(24):
+            x, y = batch(data, i)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if i == 18:
+                loss = loss * 1e30                  # the loss explodes at one step
+            loss.backward()
+            prof.log(loss=loss.item())
+            opt.zero_grad()                     # (the model itself is left as it was)
+            opt.step()
+    f = find(prof, "loss_spikes")
+    assert 18 in f.evidence["spike_steps"]
+    assert re.search(r"\b\d\.\d+e\+\d+x the rolling median", f.message), f.message
+    assert not re.search(r"\d{7,}%", f.message), f.message
+    # an ordinary jump still reads as a percentage
+    assert hl.jump_text(0.5) == "+50%" and hl.jump_text(8.0) == "+800%"
+    assert hl.jump_text(1.3e35) == "1.3e+35x the rolling median"
 
 
 def test_loss_spike_rule_on_the_seed_series():

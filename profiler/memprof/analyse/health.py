@@ -327,6 +327,14 @@ def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:
     return findings
 
 
+def jump_text(relative: float) -> str:
+    """A loss jump over its rolling median as a user reads it: a percentage up to 10x, a
+    factor past it (a diverging loss, 1e30 times its median, read as a 33-digit percentage)."""
+    if relative < 9:
+        return f"+{100 * relative:.0f}%"
+    return f"{1 + relative:.2g}x the rolling median"
+
+
 def _spikes(summary: dict, per_loss: dict[int, float]) -> list[Finding]:
     findings: list[Finding] = []
     losses = [per_loss[s] for s in sorted(per_loss)]
@@ -344,8 +352,8 @@ def _spikes(summary: dict, per_loss: dict[int, float]) -> list[Finding]:
         findings.append(_advice("loss_spikes", "warning",
             message=(f"the loss jumped above its trend at {len(spikes)} of {len(losses)} "
                      f"optimizer steps (worst: step {worst['step']}, {_fmt(worst['loss'])} vs "
-                     f"rolling median {_fmt(worst['rolling_median'])}, +"
-                     f"{100 * worst['relative_jump']:.0f}%); rule: > {100 * LOSS_REL_JUMP:.0f}%, "
+                     f"rolling median {_fmt(worst['rolling_median'])}, "
+                     f"{jump_text(worst['relative_jump'])}); rule: > {100 * LOSS_REL_JUMP:.0f}%, "
                      f"> {LOSS_Z} robust SD and past the run's own noise ({LOSS_TAIL_MULTIPLE:g}x "
                      f"its {100 * LOSS_TAIL_QUANTILE:.0f}th-percentile jump so far, or "
                      f"{LOSS_NOISE_MULTIPLE:g}x the largest its median and 90th-percentile "
