@@ -143,6 +143,18 @@ class NameCache {
     ids_.clear();
   }
 
+  // `count`: ops deregistered in the process so far. A stable slot names a registered schema's
+  // text by its address, unchecked; once an op is deregistered that memory may hold the next
+  // op's name (a custom op's Library destroyed and another defined: each new op read as the
+  // first one), so when the count moved every stable slot is dropped (ids stay: by content).
+  void note_deregistrations(uint64_t count) {
+    if (count == deregistrations_) return;
+    deregistrations_ = count;
+    for (Slot& s : slots_) {
+      if (s.stable) s.ptr = nullptr;
+    }
+  }
+
  private:
   struct Slot {
     const char* ptr = nullptr;
@@ -153,6 +165,7 @@ class NameCache {
   std::array<Slot, size_t{1} << kBits> slots_;
   std::array<std::string, size_t{1} << kBits> texts_;   // of the slots verified by content
   NameIds ids_;
+  uint64_t deregistrations_ = 0;
 };
 
 }  // namespace memprof

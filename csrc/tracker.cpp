@@ -381,10 +381,33 @@ bool is_registered_schema_name(const at::RecordFunction& fn, const char* name) {
   }
 }
 
+// Ops deregistered in the process (a torch.library.Library destroyed), counted by a listener
+// on the dispatcher from the first start on: a thread's name cache drops the names it took
+// unchecked when this moves (NameCache::note_deregistrations). Bumped before the schema's
+// memory is freed.
+std::atomic<uint64_t> g_op_deregistrations{0};
+
+class DeregistrationCounter final : public c10::OpRegistrationListener {
+ public:
+  void onOperatorRegistered(const c10::OperatorHandle&) override {}
+  void onOperatorDeregistered(const c10::OperatorHandle&) override {
+    g_op_deregistrations.fetch_add(1, std::memory_order_release);
+  }
+};
+
+void count_op_deregistrations() {
+  // (kept for the process, never destroyed: the dispatcher may be gone at exit)
+  static auto* handle = new c10::RegistrationHandleRAII(
+      c10::Dispatcher::singleton().addRegistrationListener(
+          std::make_unique<DeregistrationCounter>()));
+  (void)handle;
+}
+
 // The id of `name`, through the thread's cache. `fn`: the RecordFunction the name is of (its
 // schema's name may skip the content check); `literal`: a string literal of memprof's own.
 NameRef name_of(ThreadState& ts, const char* name, const at::RecordFunction* fn,
                 bool literal = false) {
+  ts.names.note_deregistrations(g_op_deregistrations.load(std::memory_order_acquire));
   return ts.names.lookup(
       name, [](const char* text) { return session().strings.intern(text); },
       [&] { return literal || (fn != nullptr && is_registered_schema_name(*fn, name)); });
@@ -988,6 +1011,7 @@ uint64_t start(int64_t capacity, bool hooks_only) {
   FLAGS_caffe2_log_level = std::max<int>(FLAGS_caffe2_log_level, 2 /* ERROR */);
   watch_cpu_frees();
   choose_cpu_path();
+  count_op_deregistrations();
   s.active.store(true, std::memory_order_release);
   if (!s.callback_installed) {
     s.callback = at::addGlobalCallback(
