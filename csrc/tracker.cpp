@@ -405,8 +405,9 @@ void count_op_deregistrations() {
 
 // The id of `name`, through the thread's cache. `fn`: the RecordFunction the name is of (its
 // schema's name may skip the content check); `literal`: a string literal of memprof's own.
-NameRef name_of(ThreadState& ts, const char* name, const at::RecordFunction* fn,
-                bool literal = false) {
+__attribute__((always_inline)) inline NameRef name_of(ThreadState& ts, const char* name,
+                                                      const at::RecordFunction* fn,
+                                                      bool literal = false) {
   ts.names.note_deregistrations(g_op_deregistrations.load(std::memory_order_acquire));
   return ts.names.lookup(
       name, [](const char* text) { return session().strings.intern(text); },
