@@ -188,7 +188,9 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     grad = rec.grad
     lr_steps = [s for s in sorted(grad) if grad[s]["lr"]]
     lr0 = [grad[s]["lr"][0] for s in lr_steps]
-    sweep = range_test(lr0)   # an LR range test rises for the whole run: no warmup
+    # an LR range test rises for the whole run: no warmup (read across the steps a
+    # GradScaler skipped, which left no LR)
+    sweep = range_test(lr0, lr_steps)
     warm, complete = warmup_length(lr0) if sweep is None else (None, False)
     if sweep is not None:
         sweep.update(sweep_reading(dict(zip(lr_steps, lr0)), per_loss))
