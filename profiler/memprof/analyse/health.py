@@ -334,7 +334,9 @@ def jump_text(relative: float) -> str:
     factor past it (a diverging loss, 1e30 times its median, read as a 33-digit percentage)."""
     if relative < 9:
         return f"+{100 * relative:.0f}%"
-    return f"{1 + relative:.2g}x the rolling median"
+    factor = 1 + relative   # (whole up to 10,000x: 150x read "1.5e+02x")
+    return f"{factor:.0f}x the rolling median" if factor < 1e4 else \
+        f"{factor:.2g}x the rolling median"
 
 
 def _spikes(summary: dict, per_loss: dict[int, float]) -> list[Finding]:
