@@ -387,6 +387,9 @@ def test_a_loss_that_blows_up_is_said_as_a_factor_not_a_40_digit_percentage():
     # an ordinary jump still reads as a percentage
     assert hl.jump_text(0.5) == "+50%" and hl.jump_text(8.0) == "+800%"
     assert hl.jump_text(1.3e35) == "1.3e+35x the rolling median"
+    # a jump of 150x reads as 150x, not "1.5e+02x"
+    assert hl.jump_text(149.0) == "150x the rolling median"
+    assert hl.jump_text(9.2) == "10x the rolling median"
 
 
 def test_loss_spike_rule_on_the_seed_series():

@@ -144,3 +144,51 @@ def test_lightnings_lr_find_is_a_range_test(tmp_path):
     assert lr["range_test"]["first"] == pytest.approx(1e-8)
     assert lr["range_test"]["last"] == pytest.approx(1.0)
     assert not memprof.findings(prof), [(f.kind, f.message) for f in prof.findings]
+
+
+def test_a_range_test_under_a_grad_scaler_that_skips_steps_is_no_warmup():
+    """Mixed precision (Lightning's lr_find under precision="16-mixed"): the GradScaler skips
+    the optimizer steps whose gradients overflow, the scheduler still steps, so the LRs the
+    optimizer saw jump by the factor squared across each skip; the sweep read 'warmup 56+
+    optimizer steps' and its divergence an error to 'lengthen the warmup'."""
+    torch.manual_seed(0)
+    model = MLP(32, 64, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-7, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=GAMMA)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    overflow = {17, 31}          # the scaled gradients overflow at these steps (as fp16's do)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 32, generator=g)
+    y = x @ (torch.randn(32, 4, generator=g) / math.sqrt(32))
+    first = next(model.parameters())
+    with memprof.track(model, opt, health=True) as prof:
+        for i in range(STEPS):
+            j = (i * 32) % 256
+            loss = torch.nn.functional.mse_loss(model(x[j:j + 32]), y[j:j + 32])
+            hook = first.register_hook(lambda g: g * math.inf) if i in overflow else None
+            scaler.scale(loss).backward()
+            if hook is not None:
+                hook.remove()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            sched.step()
+    assert prof.health["skipped_by_grad_scaler"] == sorted(overflow)
+    lr = prof.health["lr"]
+    assert lr["warmup_optimizer_steps"] is None, lr
+    rt = lr["range_test"]
+    assert rt["factor_per_step"] == pytest.approx(GAMMA, rel=1e-6)
+    assert rt["steps"] == STEPS - len(overflow)
+    assert rt["diverged"] is not None
+    assert not memprof.findings(prof), [(f.kind, f.message) for f in prof.findings]
+
+
+def test_the_rule_across_steps_a_grad_scaler_skipped():
+    steps = [k for k in range(40) if k not in (9, 20, 21)]
+    assert lr_range.range_test([1e-7 * 1.3 ** k for k in steps], steps) is not None
+    # the same LRs read as consecutive steps rise by 1.3 and 1.69: no one factor
+    assert lr_range.range_test([1e-7 * 1.3 ** k for k in steps]) is None
+    # steps counted per micro-batch (4 an optimizer step): the factor is still per optimizer step
+    steps4 = [4 * k + 3 for k in steps]
+    assert lr_range.range_test([1e-7 * 1.3 ** k for k in steps], steps4)[
+        "factor_per_step"] == pytest.approx(1.3)

@@ -188,7 +188,9 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
     grad = rec.grad
     lr_steps = [s for s in sorted(grad) if grad[s]["lr"]]
     lr0 = [grad[s]["lr"][0] for s in lr_steps]
-    sweep = range_test(lr0)   # an LR range test rises for the whole run: no warmup
+    # an LR range test rises for the whole run: no warmup (read across the steps a
+    # GradScaler skipped, which left no LR)
+    sweep = range_test(lr0, lr_steps)
     warm, complete = warmup_length(lr0) if sweep is None else (None, False)
     if sweep is not None:
         sweep.update(sweep_reading(dict(zip(lr_steps, lr0)), per_loss))
@@ -332,7 +334,9 @@ def jump_text(relative: float) -> str:
     factor past it (a diverging loss, 1e30 times its median, read as a 33-digit percentage)."""
     if relative < 9:
         return f"+{100 * relative:.0f}%"
-    return f"{1 + relative:.2g}x the rolling median"
+    factor = 1 + relative   # (whole up to 10,000x: 150x read "1.5e+02x")
+    return f"{factor:.0f}x the rolling median" if factor < 1e4 else \
+        f"{factor:.2g}x the rolling median"
 
 
 def _spikes(summary: dict, per_loss: dict[int, float]) -> list[Finding]:

@@ -28,13 +28,21 @@ DIVERGE_FACTOR = 4.0
 DIVERGENCE_KINDS = ("nonfinite_loss", "nonfinite_gradients", "loss_spikes")
 
 
-def range_test(lrs) -> dict | None:
+def range_test(lrs, steps=None) -> dict | None:
     """{"first", "last", "factor_per_step", "steps"} where the LRs (one per optimizer step)
-    are a range test by the module's rule, else None."""
+    are a range test by the module's rule, else None. `steps`: the step of each LR, where
+    some steps have none (a GradScaler's skipped steps: the scheduler stepped, the optimizer
+    did not), so that the factor is read across the gap, in the usual gap's units; else one
+    LR a step."""
     a = np.asarray(lrs, dtype=np.float64)
     if a.size < MIN_STEPS or not np.isfinite(a).all() or (a <= 0).any():
         return None
-    ratios = a[1:] / a[:-1]
+    gaps = np.diff(np.asarray(steps, dtype=np.float64)) if steps is not None else 1.0
+    if steps is not None:
+        if len(steps) != a.size or (gaps <= 0).any():
+            return None
+        gaps = gaps / np.median(gaps)   # (steps counted per micro-batch: one LR every k)
+    ratios = (a[1:] / a[:-1]) ** (1.0 / gaps)
     g = float(np.median(ratios))
     # the first step may rise by another factor (Lightning's lr_find starts at min_lr, then
     # its scheduler's first value): it must rise, and every later step by the one factor
