@@ -99,3 +99,50 @@ def test_autocast_entered_outside_a_pass_does_not_count():
             opt.step()
             opt.zero_grad()
     assert prof.meta["budget"]["precision"]["run"] == "fp32"
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.ReLU(), nn.Linear(4 * WIDTH, 10))
+
+
+def _estimates(prof) -> dict:
+    return {o["precision"]: o["peak_allocated"] for o in prof.meta["fit"]["estimate"]["options"]
+            if o.get("peak_allocated") is not None and o["checkpointing"] == "none"}
+
+
+def test_accelerate_bf16_is_re_estimated_in_fp32_without_its_own_autocast():
+    """The re-estimate copies the model, accelerate's autocast wrapper of its forward with it:
+    the "fp32" row computed in bf16 (the same bytes as fp16's) where the model, unwrapped, takes
+    as much as the same model under an autocast of the loop's own."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        model = _mlp()
+        acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters()))
+        wrapped_forward = model.forward
+        with memprof.track(model, opt, budget="t4") as prof:
+            for _ in range(2):
+                out = model(torch.randn(1024, WIDTH))
+                acc.backward(nn.functional.cross_entropy(out, torch.randint(0, 10, (1024,))))
+                opt.step()
+                opt.zero_grad()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert model.forward == wrapped_forward and "_original_forward" in model.__dict__
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    with memprof.track(model, opt, budget="t4") as plain:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(torch.randn(1024, WIDTH))
+            nn.functional.cross_entropy(out.float(), torch.randint(0, 10, (1024,))).backward()
+            opt.step()
+            opt.zero_grad()
+    got, want = _estimates(prof), _estimates(plain)
+    assert got["fp32"] > got["fp16"]
+    assert got == want
