@@ -8,10 +8,16 @@ batch of the same structure at another micro-batch on fake tensors, which is how
 its type (and then no batch can be rebuilt from the record). Also recorded: whether autocast
 was on at that forward pass and in which dtype, and the bytes of the tracked model's floating
 parameters per dtype (together: the precision the step ran in, `memprof.plan.precision`).
+Autocast off as the model is called but entered by the forward itself (accelerate's
+`prepare(model)` with mixed precision wraps the forward in it; a model's own `with
+torch.autocast`) is the pass's too: read at the call alone, such a bf16 run read as fp32.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
+from torch.amp.autocast_mode import autocast as _autocast
 
 MAX_DEPTH = 4
 MAX_ITEMS = 64
@@ -68,13 +74,37 @@ class InputRecorder:
     def __init__(self):
         self._record: dict | None = None
         self._session = None
+        self._inside: int | None = None   # the first pass's thread, while it runs autocast-off
 
     def install(self, session) -> None:
         self._session = session
         session.scope.on_forward_start.append(self._forward_start)
+        session.patches.patch(_autocast, "__enter__", self._wrap_enter)
 
     def remove(self) -> None:
         self._session = None
+        self._inside = None
+
+    def _wrap_enter(self, original):
+        recorder = self
+
+        def __enter__(ctx):
+            out = original(ctx)
+            if recorder._inside is not None and recorder._inside == threading.get_ident() \
+                    and not torch.compiler.is_compiling():
+                state = autocast_state()
+                if state:   # (an `autocast(enabled=False)` inside the forward is no precision)
+                    recorder._record["autocast"] = state
+                    recorder._record["autocast_entered_in_forward"] = True
+                    recorder._inside = None
+            return out
+        return __enter__
+
+    def _forward_end(self) -> None:
+        self._inside = None
+        scope = self._session.scope if self._session is not None else None
+        if scope is not None and self._forward_end in scope.on_forward_end:
+            scope.on_forward_end.remove(self._forward_end)
 
     def _forward_start(self, args, kwargs) -> None:
         if self._record is not None:
@@ -93,6 +123,9 @@ class InputRecorder:
                         "weights": weight_dtypes(scope.model if scope.model is not None
                                                  else scope.pass_module),
                         "step": self._session.step if self._session is not None else 0}
+        if not self._record["autocast"]:   # the forward may enter it itself (accelerate's)
+            self._inside = threading.get_ident()
+            scope.on_forward_end.append(self._forward_end)
 
     def record(self) -> dict | None:
         return self._record
