@@ -153,3 +153,25 @@ def test_one_optimizer_given_leaves_the_other_models_to_requires_grad():
         gan_steps(g, d, opt_g, opt_d)
     assert summary(prof)["parameters_at_peak"] == {
         "trainable": nbytes(g) + nbytes(d), "frozen": 0, "not_trained": 0}
+
+
+@pytest.mark.parametrize("called", ["every_step", "once"])
+def test_a_frozen_model_beside_the_trained_one_stays_frozen(called):
+    """A frozen model called beside the one that trains (a diffusion run's VAE or text
+    encoder, a perceptual loss's network, a linear probe's backbone) is frozen, as its
+    requires_grad says: only a model changed in place while no optimizer trains it (an EMA)
+    is "not trained"."""
+    torch.manual_seed(0)
+    with memprof.track(auto_modules=True) as prof:
+        model, encoder = net(), net().requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for i in range(4):
+            x = torch.randn(16, 64)
+            if called == "every_step" or i == 0:
+                with torch.no_grad():
+                    x = torch.nn.functional.pad(encoder(x), (0, 56))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert summary(prof)["parameters_at_peak"] == {
+        "trainable": nbytes(model), "frozen": nbytes(encoder), "not_trained": 0}

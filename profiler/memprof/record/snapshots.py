@@ -197,17 +197,27 @@ def trainable_storages(params: list, ptrs: list | None = None,
     return out
 
 
-def beside_the_trained(roots: list, optimizers: list) -> set[int]:
+def beside_the_trained(roots: list, optimizers: list, first_versions: dict[int, int]) -> set[int]:
     """ids of the parameters of the root modules of which an optimizer updates none, where it
-    updates another root's: a model kept beside the one that trains (an EMA copy, a teacher),
-    which requires_grad misread (a deepcopy set to requires_grad_(False) read as frozen, an
-    AveragedModel, which keeps requires_grad, as trainable). Empty without an optimizer's
-    parameters to go by (a hand-written update: requires_grad is all there is)."""
+    updates another root's, and that are either left requiring grad (an AveragedModel: read as
+    trainable, the trainable bytes doubled) or were changed in place since memprof first saw
+    them (`first_versions`: id -> the version counter then, filled here; a deepcopy set to
+    requires_grad_(False) and updated as an EMA read as frozen, as if part of the model were).
+    A frozen model only called (a diffusion run's VAE, a probe's backbone) stays frozen. Empty
+    without an optimizer's parameters to go by (a hand-written update: requires_grad is all
+    there is)."""
     trained = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
-    groups = [[id(p) for p in m.parameters()] for m in roots]
-    if not trained or not any(trained.intersection(g) for g in groups):
+    groups = [list(m.parameters()) for m in roots]
+    if not trained or not any(trained.intersection(map(id, g)) for g in groups):
         return set()
-    return {i for g in groups if not trained.intersection(g) for i in g}
+    out = set()
+    for group in groups:
+        if trained.intersection(map(id, group)):
+            continue
+        for p in group:
+            if p.requires_grad or p._version != first_versions.setdefault(id(p), p._version):
+                out.add(id(p))
+    return out
 
 
 def _sorted_storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
@@ -228,6 +238,8 @@ class SnapshotRecorder:
         self.taken: list[tuple] = []
         self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
         self.baseline_trainable: dict[int, int] = {}   # parameter storage -> 1 trains, 0 not
+        # id(parameter) -> its version counter when first looked at (beside_the_trained)
+        self._first_versions: dict[int, int] = {}
         self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
         # (category, id(optimizer)) -> (owners known, _C.StorageNote) at its last note
         self._noted: dict[tuple[int, int], tuple] = {}
@@ -464,7 +476,8 @@ class SnapshotRecorder:
         steps = self.session.steps
         if steps.optimizer is not None:
             return set()
-        return beside_the_trained(self.session.scope.root_modules(), steps.watched())
+        return beside_the_trained(self.session.scope.root_modules(), steps.watched(),
+                                  self._first_versions)
 
     def _note(self, category: int, ptrs, modules, trainable=None) -> None:
         """A snapshot of storage addresses and the owning module of each (and, of
