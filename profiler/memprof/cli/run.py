@@ -129,7 +129,9 @@ class RunCommand(Command):
         status = 0
         script, source = target.filename, target.source
         try:
-            code = compile(source, script, "exec")
+            # dont_inherit: the script's own __future__ imports only (this module's
+            # `annotations` made every annotation of the script a string)
+            code = compile(source, script, "exec", dont_inherit=True)
         except SyntaxError as exc:   # Python's own message; nothing ran, nothing to profile
             traceback.print_exception(exc.__class__, exc, None, file=sys.stderr)
             return 1
