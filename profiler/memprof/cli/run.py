@@ -106,14 +106,19 @@ class RunCommand(Command):
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
         args.launch_dir = os.getcwd()   # paths are shown from here if the script changes it
         output = _output(args, target)
-        patches = PatchRegistry()   # sys.argv and sys.path as the script expects them
-        patches.set(sys, "argv", [target.argv0] + list(args.script_args))
+        # sys.argv, sys.path and __main__ as the script expects them; where the process ends
+        # after the run (the `memprof` command) they stay so to its end, as under python:
+        # the script's atexit handlers and threads still pickle its classes and read its argv
+        world = PatchRegistry()
+        world.set(sys, "argv", [target.argv0] + list(args.script_args))
         # the launcher's own first entry (the console script's bin directory, the current
         # directory of `python -m memprof.cli`) is the script's directory instead, as python
         # would give it: kept, the bin directory was one more place imports were looked for
         # (PYTHONSAFEPATH, -P: python puts no script directory first, nor does memprof)
         if not getattr(sys.flags, "safe_path", False):
-            patches.set(sys, "path", [target.path0] + sys.path[1:])
+            world.set(sys, "path", [target.path0] + sys.path[1:])
+        saved_main = sys.modules.get("__main__")
+        patches = PatchRegistry()   # memprof's own (--step-on, spawned processes)
         try:
             with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
                 args.stopped_by = None
@@ -122,6 +127,9 @@ class RunCommand(Command):
                 return status
         finally:
             patches.restore()
+            if not getattr(args, "process_ends", False):   # main() in-process: the caller's
+                world.restore()
+                sys.modules["__main__"] = saved_main
 
     def _run_script(self, args, target: RunTarget, output: str, signals: ExitSignals,
                     patches: PatchRegistry) -> int:
@@ -155,7 +163,6 @@ class RunCommand(Command):
         spawned.install(patches)
         # the script's globals are searched for holders of leaked tensors, even if it raises
         tracker.roots.append(("", main.__dict__))
-        saved_main = sys.modules.get("__main__")
         sys.modules["__main__"] = main   # pickle and multiprocessing (spawn) find the script
         before = set(threading.enumerate())
         shown: list = []   # the script's end, shown as python shows it before it waits
@@ -192,8 +199,6 @@ class RunCommand(Command):
             if exc not in shown:
                 _report_uncaught(exc)
             status = 1
-        finally:
-            sys.modules["__main__"] = saved_main
         if tracker.forked_away:   # a child the script forked ran on to its end: as Python
             return status
         try:
