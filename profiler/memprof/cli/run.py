@@ -165,6 +165,7 @@ class RunCommand(Command):
         tracker.roots.append(("", main.__dict__))
         sys.modules["__main__"] = main   # pickle and multiprocessing (spawn) find the script
         before = set(threading.enumerate())
+        streams = (sys.stdout, sys.stderr)   # memprof's output goes there, not the script's
         shown: list = []   # the script's end, shown as python shows it before it waits
         try:
             with tracker, _script_output_on_stderr(args.json):
@@ -201,20 +202,20 @@ class RunCommand(Command):
             status = 1
         if tracker.forked_away:   # a child the script forked ran on to its end: as Python
             return status
-        try:
-            # where the script's work all ran in those processes, theirs are the reports
-            idle = bool(spawned.started) and tracker.profile is not None and \
-                not tracker.profile.modules
-            status = print_report(tracker, output, status, as_json=args.json, brief=idle,
-                                  base=args.launch_dir)
-            note = spawned.note()
-            if note:
-                print(note, file=sys.stderr if args.json else sys.stdout)
-            return status
-        except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it wanted,
-            # as Python's output was; the profile is saved, the script's status stands
-            stdout_to_devnull()
-            return status
+        # where the script's work all ran in those processes, theirs are the reports
+        idle = bool(spawned.started) and tracker.profile is not None and \
+            not tracker.profile.modules
+        with _streams_of_the_run(streams):
+            try:
+                status = print_report(tracker, output, status, as_json=args.json, brief=idle,
+                                      base=args.launch_dir)
+                note = spawned.note()
+                if note:
+                    print(note, file=sys.stderr if args.json else sys.stdout)
+            except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it
+                # wanted, as Python's output was; the profile is saved, the status stands
+                stdout_to_devnull()
+        return status
 
     def _launch(self, args, target: RunTarget) -> int:
         """`--nproc-per-node N`: torch.distributed's elastic launcher starts N processes,
@@ -305,6 +306,29 @@ def _script_output_on_stderr(enabled: bool):
         _reconfigure(stdout, line_buffered)
         os.dup2(saved, 1)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def _streams_of_the_run(streams: tuple):
+    """sys.stdout and sys.stderr as they were when the run started, for memprof's report: a
+    script that replaced them (a tee into its log file, `sys.stdout = open("log.txt", "w")`)
+    had the report, and --json's document, written into its log. The script's are flushed
+    first (their lines before the report) and put back after (its atexit handlers' output
+    goes where it said); one the script closed is not used."""
+    script = (sys.stdout, sys.stderr)
+    for stream in script:
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):   # closed, or no flush
+            pass
+    own = tuple(s if s is not None and not getattr(s, "closed", False) else now
+                for s, now in zip(streams, script))
+    sys.stdout, sys.stderr = own
+    try:
+        yield
+    finally:
+        if sys.stdout is own[0] and sys.stderr is own[1]:
+            sys.stdout, sys.stderr = script
 
 
 def _reconfigure(stream, line_buffering) -> None:
