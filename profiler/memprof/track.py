@@ -213,6 +213,10 @@ class Tracker:
         self._save(exc, nested)
         if not nested and exc is not None and self.report_oom_on_exit:
             _budget.print_diagnosis(self.profile)   # to stderr, before the traceback
+        # the session can outlive the block (dynamo's table of torch functions keeps a wrapper
+        # of it): it lets go of the frame and namespaces it searched, or a script's globals
+        # under `memprof run` were never finalized in time (a __del__ at exit saw None)
+        self.session.frame, self.session.roots = None, []
         self.session = None   # the profile is data: don't keep the model, optimizer or frame
         return False  # never swallow the user's exception
 
