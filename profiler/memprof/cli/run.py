@@ -215,6 +215,11 @@ class RunCommand(Command):
             except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it
                 # wanted, as Python's output was; the profile is saved, the status stands
                 stdout_to_devnull()
+        if args.json and getattr(args, "process_ends", False):
+            # the document is stdout's last: what the script prints from here on (its atexit
+            # handlers, its threads) goes to stderr too (`| jq` failed with "Extra data")
+            _flush_stdout()
+            os.dup2(2, 1)
         return status
 
     def _launch(self, args, target: RunTarget) -> int:
