@@ -61,3 +61,29 @@ def test_stdout_replaced_by_a_file_leaves_the_json_document_on_stdout(tmp_path):
     assert memprof.returncode == 0, memprof.stderr
     assert memprof_log == python_log
     assert len(json.loads(memprof.stdout)["steps"]) == 3
+
+
+def test_stdout_closed_by_the_script_still_gets_the_report(tmp_path):
+    """`sys.stdout.close()` at the script's end: python exits 0; the report failed with
+    'memprof run: I/O operation on closed file.' and exit status 2."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        import torch
+        model = torch.nn.Linear(8, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        print("done")
+        sys.stdout.close()
+    '''))
+    python = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    memprof = subprocess.run([sys.executable, "-m", "memprof.cli", "run", str(script)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert python.returncode == 0 and python.stdout == "done\n"
+    assert memprof.returncode == 0, memprof.stderr
+    assert memprof.stdout.startswith("done\n") and "profile saved to" in memprof.stdout
+    assert memprof.stderr == ""

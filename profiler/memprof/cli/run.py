@@ -319,21 +319,44 @@ def _streams_of_the_run(streams: tuple):
     script that replaced them (a tee into its log file, `sys.stdout = open("log.txt", "w")`)
     had the report, and --json's document, written into its log. The script's are flushed
     first (their lines before the report) and put back after (its atexit handlers' output
-    goes where it said); one the script closed is not used."""
+    goes where it said). One the script closed (`sys.stdout.close()` at its end: the report
+    failed, 'I/O operation on closed file', exit status 2) is opened again on its descriptor,
+    which python leaves open."""
     script = (sys.stdout, sys.stderr)
     for stream in script:
         try:
             stream.flush()
         except (OSError, ValueError, AttributeError):   # closed, or no flush
             pass
-    own = tuple(s if s is not None and not getattr(s, "closed", False) else now
-                for s, now in zip(streams, script))
+    opened: list = []
+    own = tuple(_open_stream(s, now, fd, opened) for s, now, fd in zip(streams, script, (1, 2)))
     sys.stdout, sys.stderr = own
     try:
         yield
     finally:
         if sys.stdout is own[0] and sys.stderr is own[1]:
             sys.stdout, sys.stderr = script
+        for stream in opened:
+            try:
+                stream.close()   # (flushed; the descriptor stays open)
+            except (OSError, ValueError):
+                pass
+
+
+def _open_stream(stream, script_stream, fd: int, opened: list):
+    """`stream` where it is open, else the script's, else a new one on `fd` (or os.devnull
+    where the descriptor is closed too)."""
+    for candidate in (stream, script_stream):
+        if candidate is not None and not getattr(candidate, "closed", False):
+            return candidate
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        os.fstat(fd)
+        new = open(fd, "w", encoding=encoding, errors="backslashreplace", closefd=False)
+    except (OSError, ValueError):
+        new = open(os.devnull, "w", encoding=encoding)
+    opened.append(new)
+    return new
 
 
 def _reconfigure(stream, line_buffering) -> None:
