@@ -213,6 +213,10 @@ class Tracker:
         self._save(exc, nested)
         if not nested and exc is not None and self.report_oom_on_exit:
             _budget.print_diagnosis(self.profile)   # to stderr, before the traceback
+        # the session can outlive the block (dynamo's table of torch functions keeps a wrapper
+        # of it): it lets go of the frame and namespaces it searched, or a script's globals
+        # under `memprof run` were never finalized in time (a __del__ at exit saw None)
+        self.session.frame, self.session.roots = None, []
         self.session = None   # the profile is data: don't keep the model, optimizer or frame
         return False  # never swallow the user's exception
 
@@ -256,6 +260,35 @@ class Tracker:
                     pass
             real_exit(status)
         self.session.patches.set(os, "_exit", _exit)
+        for name in ("execv", "execve"):   # (os.execl, execvp, ... call these two)
+            if hasattr(os, name):
+                self.session.patches.patch(os, name, lambda real, name=name:
+                                           self._leave_at_exec(real, name, pid, thread))
+
+    def _leave_at_exec(self, real_exec, name: str, pid: int, thread):
+        """os.execv / os.execve replace the process (a script that restarts itself with
+        `os.execv(sys.executable, [sys.executable] + sys.argv)`): nothing after runs, and the
+        profile was lost without a word; the block is left first, as at os._exit, and the new
+        program, python's command line, runs without memprof - said in one line."""
+        tracker = self
+
+        def exec_(path, args, *env):
+            session = tracker.session
+            # (a path that cannot run raises as under python, the block still open: execvp
+            # tries each directory of PATH in turn)
+            if os.getpid() == pid and threading.current_thread() is thread and \
+                    session is not None and not session.forked_away and \
+                    isinstance(path, (str, bytes, os.PathLike)) and os.access(path, os.X_OK):
+                try:
+                    tracker.__exit__(None, None, None)
+                    where = f"; profile saved to {tracker.saved}" if tracker.saved else ""
+                    print(f"memprof: os.{name}({path!r}, ...) replaced the process{where}; "
+                          f"the new program runs without memprof", file=sys.stderr,
+                          flush=True)
+                except BaseException:  # noqa: BLE001  (the process is replaced as asked)
+                    pass
+            return real_exec(path, args, *env)
+        return exec_
 
     def identity(self, records: dict | None = None) -> dict:
         """Under torchrun / torch.distributed: rank, world_size, local_rank, dist_backend

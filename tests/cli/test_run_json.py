@@ -63,3 +63,25 @@ def test_without_json_the_scripts_output_stays_on_stdout(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "starting" in r.stdout and "from a child process" in r.stdout
     assert "starting" not in r.stderr
+
+
+def test_what_the_script_prints_at_exit_goes_to_stderr_too(tmp_path):
+    """An atexit handler's line (a tracker's "run synced"), printed after the document, made
+    `memprof run --json train.py | jq` fail with "Extra data"."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent('''
+        import atexit
+        import torch
+        atexit.register(lambda: print("run synced at exit"))
+        model = torch.nn.Linear(8, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    '''))
+    r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--json", str(script)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["steps"]) == 3
+    assert r.stderr.rstrip().endswith("run synced at exit")

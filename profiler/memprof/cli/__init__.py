@@ -87,6 +87,7 @@ def console_main() -> None:
     tracer or profiler (`python -m cProfile -m memprof.cli ...` writes its stats after
     main returns)."""
     args = parse()
+    args.process_ends = True   # `memprof run`: the script's sys.argv, sys.path, __main__ kept
     code = _run(args)
     exit_signal = getattr(args, "exit_signal", None)
     if exit_signal is not None:   # `memprof run`'s script stopped by a signal: as Python, the

@@ -106,14 +106,19 @@ class RunCommand(Command):
         args.budget = parse_budget(args.budget)   # an unknown GPU fails before the script
         args.launch_dir = os.getcwd()   # paths are shown from here if the script changes it
         output = _output(args, target)
-        patches = PatchRegistry()   # sys.argv and sys.path as the script expects them
-        patches.set(sys, "argv", [target.argv0] + list(args.script_args))
+        # sys.argv, sys.path and __main__ as the script expects them; where the process ends
+        # after the run (the `memprof` command) they stay so to its end, as under python:
+        # the script's atexit handlers and threads still pickle its classes and read its argv
+        world = PatchRegistry()
+        world.set(sys, "argv", [target.argv0] + list(args.script_args))
         # the launcher's own first entry (the console script's bin directory, the current
         # directory of `python -m memprof.cli`) is the script's directory instead, as python
         # would give it: kept, the bin directory was one more place imports were looked for
         # (PYTHONSAFEPATH, -P: python puts no script directory first, nor does memprof)
         if not getattr(sys.flags, "safe_path", False):
-            patches.set(sys, "path", [target.path0] + sys.path[1:])
+            world.set(sys, "path", [target.path0] + sys.path[1:])
+        saved_main = sys.modules.get("__main__")
+        patches = PatchRegistry()   # memprof's own (--step-on, spawned processes)
         try:
             with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
                 args.stopped_by = None
@@ -122,6 +127,9 @@ class RunCommand(Command):
                 return status
         finally:
             patches.restore()
+            if not getattr(args, "process_ends", False):   # main() in-process: the caller's
+                world.restore()
+                sys.modules["__main__"] = saved_main
 
     def _run_script(self, args, target: RunTarget, output: str, signals: ExitSignals,
                     patches: PatchRegistry) -> int:
@@ -129,7 +137,9 @@ class RunCommand(Command):
         status = 0
         script, source = target.filename, target.source
         try:
-            code = compile(source, script, "exec")
+            # dont_inherit: the script's own __future__ imports only (this module's
+            # `annotations` made every annotation of the script a string)
+            code = compile(source, script, "exec", dont_inherit=True)
         except SyntaxError as exc:   # Python's own message; nothing ran, nothing to profile
             traceback.print_exception(exc.__class__, exc, None, file=sys.stderr)
             return 1
@@ -153,9 +163,9 @@ class RunCommand(Command):
         spawned.install(patches)
         # the script's globals are searched for holders of leaked tensors, even if it raises
         tracker.roots.append(("", main.__dict__))
-        saved_main = sys.modules.get("__main__")
         sys.modules["__main__"] = main   # pickle and multiprocessing (spawn) find the script
         before = set(threading.enumerate())
+        streams = (sys.stdout, sys.stderr)   # memprof's output goes there, not the script's
         shown: list = []   # the script's end, shown as python shows it before it waits
         try:
             with tracker, _script_output_on_stderr(args.json):
@@ -190,24 +200,27 @@ class RunCommand(Command):
             if exc not in shown:
                 _report_uncaught(exc)
             status = 1
-        finally:
-            sys.modules["__main__"] = saved_main
         if tracker.forked_away:   # a child the script forked ran on to its end: as Python
             return status
-        try:
-            # where the script's work all ran in those processes, theirs are the reports
-            idle = bool(spawned.started) and tracker.profile is not None and \
-                not tracker.profile.modules
-            status = print_report(tracker, output, status, as_json=args.json, brief=idle,
-                                  base=args.launch_dir)
-            note = spawned.note()
-            if note:
-                print(note, file=sys.stderr if args.json else sys.stdout)
-            return status
-        except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it wanted,
-            # as Python's output was; the profile is saved, the script's status stands
-            stdout_to_devnull()
-            return status
+        # where the script's work all ran in those processes, theirs are the reports
+        idle = bool(spawned.started) and tracker.profile is not None and \
+            not tracker.profile.modules
+        with _streams_of_the_run(streams):
+            try:
+                status = print_report(tracker, output, status, as_json=args.json, brief=idle,
+                                      base=args.launch_dir)
+                note = spawned.note()
+                if note:
+                    print(note, file=sys.stderr if args.json else sys.stdout)
+            except BrokenPipeError:   # `memprof run s.py | head`: the reader had what it
+                # wanted, as Python's output was; the profile is saved, the status stands
+                stdout_to_devnull()
+        if args.json and getattr(args, "process_ends", False):
+            # the document is stdout's last: what the script prints from here on (its atexit
+            # handlers, its threads) goes to stderr too (`| jq` failed with "Extra data")
+            _flush_stdout()
+            os.dup2(2, 1)
+        return status
 
     def _launch(self, args, target: RunTarget) -> int:
         """`--nproc-per-node N`: torch.distributed's elastic launcher starts N processes,
@@ -298,6 +311,52 @@ def _script_output_on_stderr(enabled: bool):
         _reconfigure(stdout, line_buffered)
         os.dup2(saved, 1)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def _streams_of_the_run(streams: tuple):
+    """sys.stdout and sys.stderr as they were when the run started, for memprof's report: a
+    script that replaced them (a tee into its log file, `sys.stdout = open("log.txt", "w")`)
+    had the report, and --json's document, written into its log. The script's are flushed
+    first (their lines before the report) and put back after (its atexit handlers' output
+    goes where it said). One the script closed (`sys.stdout.close()` at its end: the report
+    failed, 'I/O operation on closed file', exit status 2) is opened again on its descriptor,
+    which python leaves open."""
+    script = (sys.stdout, sys.stderr)
+    for stream in script:
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):   # closed, or no flush
+            pass
+    opened: list = []
+    own = tuple(_open_stream(s, now, fd, opened) for s, now, fd in zip(streams, script, (1, 2)))
+    sys.stdout, sys.stderr = own
+    try:
+        yield
+    finally:
+        if sys.stdout is own[0] and sys.stderr is own[1]:
+            sys.stdout, sys.stderr = script
+        for stream in opened:
+            try:
+                stream.close()   # (flushed; the descriptor stays open)
+            except (OSError, ValueError):
+                pass
+
+
+def _open_stream(stream, script_stream, fd: int, opened: list):
+    """`stream` where it is open, else the script's, else a new one on `fd` (or os.devnull
+    where the descriptor is closed too)."""
+    for candidate in (stream, script_stream):
+        if candidate is not None and not getattr(candidate, "closed", False):
+            return candidate
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        os.fstat(fd)
+        new = open(fd, "w", encoding=encoding, errors="backslashreplace", closefd=False)
+    except (OSError, ValueError):
+        new = open(os.devnull, "w", encoding=encoding)
+    opened.append(new)
+    return new
 
 
 def _reconfigure(stream, line_buffering) -> None:

@@ -12,6 +12,12 @@ it, not an exit status: a shell loop stops, subprocess returns -2), after the in
 finalization (memprof.cli.console_main, `_C.exit_by_signal`); `main()` called in-process
 returns 130 / 143 / 129 (128 + the signal's number) instead.
 
+To the script, memprof's handler is the default action it stands in for: `signal.getsignal`
+and the handler `signal.signal` returns read SIG_DFL / `default_int_handler` where it is in
+place, and setting that default back puts it back (a script's SIGTERM handler that chained to
+the previous one - a checkpoint, then `prev(signum, frame)` if callable - called memprof's and
+the run ended by SIGTERM where python's ended with the script's status).
+
 Only signals left at their default action are handled (a shell that ignores SIGINT for a
 background job keeps doing so), and only on the main thread (Python's rule for handlers).
 
@@ -33,6 +39,8 @@ import threading
 _HANDLED = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)) + \
     (((signal.SIGHUP, signal.SIG_DFL),) if hasattr(signal, "SIGHUP") else ())
 EXIT_STATUS = {sig: 128 + int(sig) for sig, _ in _HANDLED}   # 130, 143, 129
+_DEFAULTS = dict(_HANDLED)
+_REAL_SIGNAL, _REAL_GETSIGNAL = signal.signal, signal.getsignal
 
 
 class Terminated(BaseException):
@@ -72,10 +80,10 @@ def _reset_in_child() -> None:
     script set since - its own SIGTERM handler, SIGINT ignored before a Pool - stays)."""
     if _ACTIVE:
         for sig, default in _HANDLED:
-            handler = signal.getsignal(sig)
-            if isinstance(getattr(handler, "__self__", None), ExitSignals):
+            handler = _REAL_GETSIGNAL(sig)
+            if _ours(handler):
                 try:
-                    signal.signal(sig, default)
+                    _REAL_SIGNAL(sig, default)
                 except (ValueError, OSError):   # (forked from a thread Python does not
                     pass                        # call main)
     _ACTIVE.clear()
@@ -94,14 +102,14 @@ class ExitSignals:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig, default in _HANDLED:
-            handler = signal.getsignal(sig)
+            handler = _REAL_GETSIGNAL(sig)
             # another ExitSignals' handler: a forked child's (cli.spawned), which inherited
             # the parent's, whose profile is not the child's to save
-            if handler is default or isinstance(getattr(handler, "__self__", None),
-                                                ExitSignals):
-                self._previous[sig] = signal.signal(sig, self._handle)
+            if handler is default or _ours(handler):
+                self._previous[sig] = _REAL_SIGNAL(sig, self._handle)
         if self._previous:
             _ACTIVE.append(self)
+            signal.signal, signal.getsignal = _signal, _getsignal
             if not _FORK_HOOK[0] and hasattr(os, "register_at_fork"):
                 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                                     after_in_child=_reset_in_child)
@@ -109,10 +117,12 @@ class ExitSignals:
         return self
 
     def __exit__(self, *exc) -> bool:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
         if self in _ACTIVE:
             _ACTIVE.remove(self)
+        if not _ACTIVE and signal.signal is _signal:
+            signal.signal, signal.getsignal = _REAL_SIGNAL, _REAL_GETSIGNAL
+        for sig, handler in self._previous.items():
+            _REAL_SIGNAL(sig, handler)
         return False
 
     def finish(self) -> None:
@@ -120,7 +130,7 @@ class ExitSignals:
         in place if the script installed its own)."""
         self.finishing = True
         for sig in self._previous:
-            signal.signal(sig, self._handle)
+            _REAL_SIGNAL(sig, self._handle)
 
     def status(self, status: int, stopped_by: int | None = None) -> tuple[int, int | None]:
         """(exit status, the signal the process is to end by, or None): a signal noted while
@@ -140,11 +150,38 @@ class ExitSignals:
         raise Terminated(signum)
 
 
+def _ours(handler) -> bool:
+    return isinstance(getattr(handler, "__self__", None), ExitSignals)
+
+
+def _as_the_script_sees(sig, handler):
+    """memprof's handler, as the default action it stands in for."""
+    default = _DEFAULTS.get(sig)
+    return default if default is not None and _ours(handler) else handler
+
+
+def _getsignal(signalnum):
+    """signal.getsignal while memprof's handlers are in place (see the module docstring)."""
+    return _as_the_script_sees(signalnum, _REAL_GETSIGNAL(signalnum))
+
+
+def _signal(signalnum, handler):
+    """signal.signal while memprof's handlers are in place: the default of a signal memprof
+    handles puts memprof's handler back (the profile is still saved at that signal)."""
+    default = _DEFAULTS.get(signalnum)
+    active = _ACTIVE[-1] if _ACTIVE else None
+    if active is not None and signalnum in active._previous and default is not None and \
+            (handler is default or (not callable(default) and handler == default)) and \
+            threading.current_thread() is threading.main_thread():
+        handler = active._handle
+    return _as_the_script_sees(signalnum, _REAL_SIGNAL(signalnum, handler))
+
+
 def _default_sigchld() -> None:
     """SIGCHLD back to its default action once the script is stopped by a signal (see the
     module docstring): torch's DataLoader handler raises for a worker that died of it."""
-    if hasattr(signal, "SIGCHLD") and callable(signal.getsignal(signal.SIGCHLD)):
+    if hasattr(signal, "SIGCHLD") and callable(_REAL_GETSIGNAL(signal.SIGCHLD)):
         try:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _REAL_SIGNAL(signal.SIGCHLD, signal.SIG_DFL)
         except (ValueError, OSError):
             pass

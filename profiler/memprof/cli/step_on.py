@@ -256,7 +256,8 @@ def _wrap_script_function(spec: str, source: bytes, script: str) -> tuple[CodeTy
                       finalbody=[hook])
     node.body = doc + [ast.copy_location(wrapped, body[-1] if doc and len(body) == 1
                                          else body[len(doc)])]
-    return compile(ast.fix_missing_locations(tree), script, "exec"), matches[0]
+    return compile(ast.fix_missing_locations(tree), script, "exec",   # (no future flags of
+                   dont_inherit=True), matches[0]                       # this module's)
 
 
 def _own_nodes(func):
