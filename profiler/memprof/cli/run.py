@@ -69,6 +69,11 @@ class RunCommand(Command):
                             help="samples per micro-step, for samples/s where memprof cannot "
                                  "read it off the model's inputs (memprof.track(batch_size=N)); "
                                  "given, it is used over what the inputs say")
+        parser.add_argument("--health", action="store_true",
+                            help="also record training health (loss, grad norm before and "
+                                 "after clipping, LR per step: memprof.track(health=True)) "
+                                 "and find its problems: a scheduler stepped per micro-batch, "
+                                 "warmup in micro-steps, non-finite losses, loss spikes")
         parser.add_argument("--budget", metavar="GPU",
                             help=f"also replay the run against a GPU's usable memory "
                                  f"({BUDGET_FORMS}): where it would run out")
@@ -146,7 +151,8 @@ class RunCommand(Command):
         main = target.main_module()
         tracker = memprof.track(auto_modules=True, path=output, budget=args.budget,
                                 step_on=track_mode(args.step_on), batch_size=args.batch_size,
-                                autosave=args.autosave or None, capacity=args.capacity)
+                                autosave=args.autosave or None, capacity=args.capacity,
+                                health=args.health)
         tracker.session.capacity_knob = "memprof run --capacity"
         tracker.session.nests_any_thread = True   # the script's blocks nest from any thread
         tracker.keep_a_profile_over_nothing = True   # (`train.py --help` after a long run)
@@ -157,7 +163,7 @@ class RunCommand(Command):
         # named by --step-on ends their steps too: step_on.install_in_process)
         spawned = SpawnWatch(output, dict(
             budget=args.budget, batch_size=args.batch_size, autosave=args.autosave or None,
-            capacity=args.capacity,
+            capacity=args.capacity, health=args.health,
             step_on=args.step_on if args.step_on in STEP_ON_KEYWORDS else "auto"), args.json,
             args.launch_dir, step_on=args.step_on, script=script)
         spawned.install(patches)
