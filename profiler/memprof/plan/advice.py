@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import PlanInputError
-from .estimate import optimizer_kind
+from .optimizers import optimizer_kind
 
 __all__ = ["LRAdvice", "lr_advice", "warmup_advice"]
 

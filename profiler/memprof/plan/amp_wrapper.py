@@ -3,9 +3,10 @@
 accelerate's `prepare(model)` with `mixed_precision` sets the model's `forward` (an instance
 attribute) to the class's forward under `torch.autocast`, and keeps the unwrapped one as
 `model._original_forward` (what `accelerate.utils.extract_model_from_parallel` puts back).
-An estimate copies the model, its wrapper too: every precision it tried then computed in the
-wrapper's (an "fp32" re-estimate of a bf16 run took the bytes of fp16). The precision of an
-estimate is the estimator's to set, so while one runs the model forwards unwrapped.
+An estimate (`Estimator`: `recommend`, fit's re-estimate) copies the model, its wrapper too:
+every precision it tried then computed in the wrapper's (an "fp32" re-estimate of a bf16 run
+took the bytes of fp16). The precision of an estimate is the estimator's to set, so the copy
+is taken of the unwrapped forward (and a plain step's twin, `step_failure`, likewise).
 """
 from __future__ import annotations
 

@@ -75,6 +75,7 @@ from ..profile import Profile
 from ..record.events import PHASE_BACKWARD, PHASE_FORWARD
 from ..record.session import Session
 from ..run import Run
+from .amp_wrapper import unwrapped_forward
 from .checkpoint import apply as apply_checkpointing
 from .checkpoint import parse_policy, resolve_blocks
 from .cuda_autocast import LOW_PRECISION_DTYPES, CudaAutocast, run_under
@@ -83,6 +84,7 @@ from .default_loss import default_loss, loss_rule
 from .fake_op_cache import FakeOpCache
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .meta_build import fake_like
+from .optimizers import OPTIMIZERS, make_optimizer, optimizer_kind
 from .own_checkpointing import OwnCheckpoints
 from .precision import ESTIMATE_PRECISIONS, model_precision, training
 from .recompute_modes import recompute_under
@@ -91,40 +93,6 @@ from .streams import (VARIANTS, free_tokens, live_by_category, reserved_peak, st
 
 __all__ = ["estimate_step", "measure_step", "Estimator", "Estimate", "make_optimizer",
            "optimizer_kind", "ESTIMATE_PRECISIONS", "OPTIMIZERS"]
-
-OPTIMIZERS = ("adamw", "adam", "sgd", "none")
-
-
-# ------------------------------------------------------------------------------ optimizers
-def make_optimizer(spec, params) -> torch.optim.Optimizer | None:
-    """spec: 'adamw' | 'adam' | 'sgd' | 'none' or a factory params -> Optimizer."""
-    params = [p for p in params if p.requires_grad]
-    if callable(spec) and not isinstance(spec, str):
-        opt = spec(params)
-        if opt is not None and not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"optimizer: the factory returned {type(opt).__name__}, expected a "
-                            "torch.optim.Optimizer")
-        return opt
-    name = str(spec).lower()
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3, foreach=True)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=True)
-    if name == "none":
-        return None
-    raise ValueError(f"optimizer: unknown optimizer {spec!r}; expected one of {list(OPTIMIZERS)} "
-                     "or a factory params -> torch.optim.Optimizer")
-
-
-def optimizer_kind(spec) -> str:
-    """'adam' for Adam-style (adaptive) optimizers, 'sgd' otherwise (for LR-scaling advice)."""
-    name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
-    name = str(name).lower()
-    return "adam" if any(k in name for k in ("adam", "lamb", "lion", "rmsprop", "adagrad",
-                                             "adafactor")) else "sgd"
-
 
 # ------------------------------------------------------------------------------ results
 @dataclass
@@ -296,7 +264,8 @@ class Estimator:
                 memo[id(b)] = self._convert(fake_like(self.fake_mode, b), convert)
         # the template's own tensors map to themselves: per-step copies share them
         self._tensor_memo = {id(v): v for v in memo.values()}
-        self._template = copy.deepcopy(model, memo)
+        with unwrapped_forward(model):   # the precision is the estimate's, not accelerate's
+            self._template = copy.deepcopy(model, memo)
         if convert is not None:   # what it trains is the converted model
             self.model_precision = model_precision(self._template)
         self.params_bytes = sum(p.untyped_storage().nbytes() for p in unique_storages(

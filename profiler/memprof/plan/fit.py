@@ -34,7 +34,6 @@ from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_TEMP
                              PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
 from ..units import fmt_bytes
 from .allocator import simulate
-from .amp_wrapper import unwrapped_forward
 from .precision import default_precisions, model_precision, notes, unsupported
 from .streams import step_stream
 
@@ -369,10 +368,10 @@ def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacit
     gpu, overhead, margin = _budget_gpu(budget, capacity)
     current, precisions, instead = _precisions(model, inputs, gpu)
     policies = policies_for(model, ("none", "every"))
-    with unwrapped_forward(model):   # (accelerate's autocast around it: the run's precision)
-        plan = recommend(model=model, batch=make_batch, optimizer=optimizer_factory(optimizer),
-                         gpu=gpu, effective_batch=effective, precisions=precisions,
-                         policies=policies, overhead=overhead, margin=margin, confirm=True)
+    # (accelerate's autocast wrapper is left out of the copies: memprof.plan.amp_wrapper)
+    plan = recommend(model=model, batch=make_batch, optimizer=optimizer_factory(optimizer),
+                     gpu=gpu, effective_batch=effective, precisions=precisions,
+                     policies=policies, overhead=overhead, margin=margin, confirm=True)
     order = [(p, c) for p in precisions for c in policies]
     # the run as recorded; in a precision the GPU cannot run, in the first that stands for it
     now = plan.predict(batch, precisions[0] if instead else current, "none",

@@ -89,6 +89,7 @@ def plain_step_raises(estimator, batch_size: int, precision: str) -> str | None 
     if any(t.device.type != "cpu" for t in tensors) or \
             sum(p.numel() for p in model.parameters()) > PLAIN_STEP_MAX_PARAMS:
         return None
+    from .amp_wrapper import unwrapped_forward
     from .cuda_autocast import LOW_PRECISION_DTYPES
     from .estimate import call_model, split_batch
     from .precision import training
@@ -98,7 +99,8 @@ def plain_step_raises(estimator, batch_size: int, precision: str) -> str | None 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            twin = copy.deepcopy(model).train(model.training)
+            with unwrapped_forward(model):   # (the precision asked, not accelerate's)
+                twin = copy.deepcopy(model).train(model.training)
             inputs, targets = split_batch(estimator._rebind(estimator.make_batch, twin)(
                 batch_size))
             with amp:
