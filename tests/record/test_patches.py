@@ -63,3 +63,16 @@ def test_tracking_restores_everything_it_patched(mlp):
 def threading_profile():
     import threading
     return threading.getprofile()
+
+
+def test_undo_puts_one_patch_back_now_and_leaves_one_replaced_since():
+    mod = types.SimpleNamespace(x=1, y=1)
+    reg = PatchRegistry()
+    rx = reg.patch(mod, "x", lambda orig: [orig])
+    ry = reg.patch(mod, "y", lambda orig: [orig])
+    assert reg.undo(rx) and mod.x == 1 and mod.y == [1] and len(reg) == 1
+    assert not reg.undo(rx)                     # (once)
+    mod.y = 7                                   # someone replaced ours since
+    assert not reg.undo(ry) and mod.y == 7 and len(reg) == 1
+    reg.restore()                               # still checked at the end: left, noted
+    assert mod.y == 7 and len(reg.notes) == 1

@@ -11,6 +11,7 @@ parameters per dtype (together: the precision the step ran in, `memprof.plan.pre
 Autocast off as the model is called but entered by the forward itself (accelerate's
 `prepare(model)` with mixed precision wraps the forward in it; a model's own `with
 torch.autocast`) is the pass's too: read at the call alone, such a bf16 run read as fp32.
+`autocast.__enter__` is wrapped for that (the first) pass only: later entries pay nothing.
 """
 from __future__ import annotations
 
@@ -75,15 +76,22 @@ class InputRecorder:
         self._record: dict | None = None
         self._session = None
         self._inside: int | None = None   # the first pass's thread, while it runs autocast-off
+        self._enter = None   # autocast.__enter__ wrapped: for the first pass only
 
     def install(self, session) -> None:
         self._session = session
         session.scope.on_forward_start.append(self._forward_start)
-        session.patches.patch(_autocast, "__enter__", self._wrap_enter)
 
     def remove(self) -> None:
+        self._unwrap()
         self._session = None
         self._inside = None
+
+    def _unwrap(self) -> None:
+        """torch's own autocast.__enter__ again: later entries pay no frame of memprof's."""
+        if self._enter is not None and self._session is not None:
+            self._session.patches.undo(self._enter)
+        self._enter = None
 
     def _wrap_enter(self, original):
         recorder = self
@@ -102,6 +110,7 @@ class InputRecorder:
 
     def _forward_end(self) -> None:
         self._inside = None
+        self._unwrap()
         scope = self._session.scope if self._session is not None else None
         if scope is not None and self._forward_end in scope.on_forward_end:
             scope.on_forward_end.remove(self._forward_end)
@@ -125,6 +134,7 @@ class InputRecorder:
                         "step": self._session.step if self._session is not None else 0}
         if not self._record["autocast"]:   # the forward may enter it itself (accelerate's)
             self._inside = threading.get_ident()
+            self._enter = self._session.patches.patch(_autocast, "__enter__", self._wrap_enter)
             scope.on_forward_end.append(self._forward_end)
 
     def record(self) -> dict | None:

@@ -46,24 +46,46 @@ class PatchRegistry:
         """Undo every patch, newest first; one that fails does not stop the rest."""
         while self._patches:
             p = self._patches.pop()
-            namespace = getattr(p.owner, "__dict__", None)
-            current = namespace.get(p.name) if namespace is not None else \
-                getattr(p.owner, p.name, None)
-            if current is not p.replacement:
+            if not _in_place(p):
                 self.notes.append(f"{_describe(p.owner)}.{p.name} was replaced again while "
                                   "memprof recorded: left as it is")
                 continue
-            try:
-                if p.own:
-                    setattr(p.owner, p.name, p.original)
-                else:
-                    delattr(p.owner, p.name)
-            except Exception as err:  # noqa: BLE001
-                self.notes.append(f"{_describe(p.owner)}.{p.name}: could not restore "
-                                  f"({type(err).__name__}: {err})")
+            self._put_back(p)
+
+    def undo(self, replacement) -> bool:
+        """Put back now the original of the patch whose replacement this is (one needed for
+        a while only: later calls pay no frame of it) -> whether it was put back. One
+        replaced again since stays registered for restore(); its owner must then have
+        switched it off."""
+        for i in range(len(self._patches) - 1, -1, -1):
+            p = self._patches[i]
+            if p.replacement is replacement:
+                if not _in_place(p):
+                    return False
+                del self._patches[i]
+                self._put_back(p)
+                return True
+        return False
+
+    def _put_back(self, p: Patch) -> None:
+        try:
+            if p.own:
+                setattr(p.owner, p.name, p.original)
+            else:
+                delattr(p.owner, p.name)
+        except Exception as err:  # noqa: BLE001
+            self.notes.append(f"{_describe(p.owner)}.{p.name}: could not restore "
+                              f"({type(err).__name__}: {err})")
 
     def __len__(self) -> int:
         return len(self._patches)
+
+
+def _in_place(p: Patch) -> bool:
+    """Whether p's replacement is still what its owner holds (nobody replaced it since)."""
+    namespace = getattr(p.owner, "__dict__", None)
+    current = namespace.get(p.name) if namespace is not None else getattr(p.owner, p.name, None)
+    return current is p.replacement
 
 
 def _describe(owner) -> str:
