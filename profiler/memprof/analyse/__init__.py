@@ -19,10 +19,12 @@ def default_analyses() -> list:
     from .health import health_analysis
     from .leaks import retained_graphs
     from .oom import out_of_memory
+    from .partial_autocast import partial_autocast
     from .throughput import throughput_analysis
     from .untrained_grads import untrained_gradients
     return [retained_graphs, unexplained_growth, backward_misuse, throughput_analysis,
-            health_analysis, out_of_memory, untrained_gradients, parameters_without_gradients]
+            health_analysis, out_of_memory, untrained_gradients, parameters_without_gradients,
+            partial_autocast]
 
 
 def analyse(profile, analyses=None) -> None:

@@ -8,17 +8,15 @@ batch of the same structure at another micro-batch on fake tensors, which is how
 its type (and then no batch can be rebuilt from the record). Also recorded: whether autocast
 was on at that forward pass and in which dtype, and the bytes of the tracked model's floating
 parameters per dtype (together: the precision the step ran in, `memprof.plan.precision`).
-Autocast off as the model is called but entered by the forward itself (accelerate's
-`prepare(model)` with mixed precision wraps the forward in it; a model's own `with
-torch.autocast`) is the pass's too: read at the call alone, such a bf16 run read as fp32.
-`autocast.__enter__` is wrapped for that (the first) pass only: later entries pay nothing.
+Autocast off as the model is called but entered by the forward itself (accelerate's, a
+model's own) is the pass's too where it ran most of the pass, else "autocast_partial"
+(`memprof.record.pass_autocast`).
 """
 from __future__ import annotations
 
-import threading
-
 import torch
-from torch.amp.autocast_mode import autocast as _autocast
+
+from .pass_autocast import PassAutocast, autocast_state
 
 MAX_DEPTH = 4
 MAX_ITEMS = 64
@@ -56,18 +54,6 @@ def weight_dtypes(module) -> dict:
     return out
 
 
-def autocast_state() -> dict:
-    """{device type: autocast dtype} for the device types where autocast is on."""
-    out = {}
-    for dev in ("cuda", "cpu"):
-        try:
-            if torch.is_autocast_enabled(dev):
-                out[dev] = str(torch.get_autocast_dtype(dev)).split(".")[-1]
-        except (RuntimeError, TypeError, AttributeError):  # device type unknown to this build
-            continue
-    return out
-
-
 class InputRecorder:
     """The first forward pass of the root: its arguments (described) and the autocast state."""
     name = "inputs"
@@ -75,45 +61,31 @@ class InputRecorder:
     def __init__(self):
         self._record: dict | None = None
         self._session = None
-        self._inside: int | None = None   # the first pass's thread, while it runs autocast-off
-        self._enter = None   # autocast.__enter__ wrapped: for the first pass only
+        self._watch: PassAutocast | None = None   # the first pass, while it runs autocast-off
 
     def install(self, session) -> None:
         self._session = session
         session.scope.on_forward_start.append(self._forward_start)
 
     def remove(self) -> None:
-        self._unwrap()
+        if self._watch is not None:   # (the block ended inside its first pass)
+            self._watch.remove()
+            self._watch = None
         self._session = None
-        self._inside = None
-
-    def _unwrap(self) -> None:
-        """torch's own autocast.__enter__ again: later entries pay no frame of memprof's."""
-        if self._enter is not None and self._session is not None:
-            self._session.patches.undo(self._enter)
-        self._enter = None
-
-    def _wrap_enter(self, original):
-        recorder = self
-
-        def __enter__(ctx):
-            out = original(ctx)
-            if recorder._inside is not None and recorder._inside == threading.get_ident() \
-                    and not torch.compiler.is_compiling():
-                state = autocast_state()
-                if state:   # (an `autocast(enabled=False)` inside the forward is no precision)
-                    recorder._record["autocast"] = state
-                    recorder._record["autocast_entered_in_forward"] = True
-                    recorder._inside = None
-            return out
-        return __enter__
 
     def _forward_end(self) -> None:
-        self._inside = None
-        self._unwrap()
         scope = self._session.scope if self._session is not None else None
         if scope is not None and self._forward_end in scope.on_forward_end:
             scope.on_forward_end.remove(self._forward_end)
+        if self._watch is None:
+            return
+        state, partial = self._watch.end()
+        self._watch = None
+        if state:
+            self._record["autocast"] = state
+            self._record["autocast_entered_in_forward"] = True
+        if partial:
+            self._record["autocast_partial"] = partial
 
     def _forward_start(self, args, kwargs) -> None:
         if self._record is not None:
@@ -133,8 +105,8 @@ class InputRecorder:
                                                  else scope.pass_module),
                         "step": self._session.step if self._session is not None else 0}
         if not self._record["autocast"]:   # the forward may enter it itself (accelerate's)
-            self._inside = threading.get_ident()
-            self._enter = self._session.patches.patch(_autocast, "__enter__", self._wrap_enter)
+            self._watch = PassAutocast(self._session, scope.pass_module,
+                                       weigh=not scope.compiled)
             scope.on_forward_end.append(self._forward_end)
 
     def record(self) -> dict | None:

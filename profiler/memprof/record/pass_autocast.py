@@ -1,0 +1,111 @@
+"""Autocast that the first forward pass enters itself, and over how much of the pass.
+
+A model called with autocast off may enter it in its forward: accelerate's `prepare(model)`
+with mixed precision wraps the whole forward in it, a model's own `with torch.autocast` may
+cover its body or one small part (a head, the attention scores), and an autocast entered with
+`enabled=False` (a softmax kept in fp32) switches it off again. Read at the call alone, an
+accelerate bf16 run read as fp32; read at the first autocast entered, a bf16 head on an fp32
+model read as a bf16 run, and fit re-estimated the whole model in it.
+
+So the pass's precision is the autocast under which at least WHOLE_SHARE of the parameters
+its module calls used ran (each call counts its module's own parameters, as autocast was at
+the call); less is partial: the run keeps its weights' dtype and the record says so
+(`memprof.analyse.partial_autocast`). The model's own parameters count for none (its forward
+may be a wrapper that enters autocast after the call: accelerate's); where no called module
+holds any (the model is one Linear) the pass is read by whether autocast was on in it at all.
+
+Watched for the first pass only: `autocast.__enter__` (through the session's patch registry)
+and a global module forward pre-hook are set at its start and taken off at its end, so later
+autocast entries and module calls pay no frame of memprof's. Not under torch.compile: a
+global hook there would make dynamo compile the model again once it is off; such a pass is
+read by whether autocast was on in it.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.amp.autocast_mode import autocast as _autocast
+
+WHOLE_SHARE = 0.5   # of the parameters the pass used: under it, autocast is the run's precision
+
+
+def autocast_state() -> dict:
+    """{device type: autocast dtype} for the device types where autocast is on."""
+    out = {}
+    for dev in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(dev):
+                out[dev] = str(torch.get_autocast_dtype(dev)).split(".")[-1]
+        except (RuntimeError, TypeError, AttributeError):  # device type unknown to this build
+            continue
+    return out
+
+
+class PassAutocast:
+    """Watches one forward pass on this thread, from start() to end() (see the module
+    docstring)."""
+
+    def __init__(self, session, root, weigh: bool):
+        self._patches = session.patches
+        self._root = root
+        self._thread = threading.get_ident()
+        self._entered: dict | None = None   # the first autocast state turned on in the pass
+        self._under: dict[tuple, int] = {}  # autocast state -> parameter elements under it
+        self._off = 0
+        self._watching = True   # (a wrapper left in place under another's passes through)
+        self._enter = self._patches.patch(_autocast, "__enter__", self._wrap_enter)
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            self._pre_hook) if weigh else None
+
+    def _wrap_enter(self, original):
+        watch = self
+
+        def __enter__(ctx):
+            out = original(ctx)
+            if watch._watching and watch._entered is None \
+                    and watch._thread == threading.get_ident() \
+                    and not torch.compiler.is_compiling():
+                watch._entered = autocast_state() or None   # (enabled=False: none)
+            return out
+        return __enter__
+
+    def _pre_hook(self, module, _args):
+        if module is self._root or self._thread != threading.get_ident() \
+                or torch.compiler.is_compiling():
+            return
+        n = sum(p.numel() for p in module._parameters.values() if p is not None)
+        if not n:
+            return
+        state = autocast_state()
+        if state:
+            key = tuple(sorted(state.items()))
+            self._under[key] = self._under.get(key, 0) + n
+        else:
+            self._off += n
+
+    def end(self) -> tuple[dict, dict | None]:
+        """Stop watching -> (the pass's autocast state: {} for none, the partial autocast
+        {"autocast": state, "share": of the parameters} or None)."""
+        self.remove()
+        under = sum(self._under.values())
+        if not under + self._off:   # no module's parameters to weigh: was it on at all
+            return dict(self._entered or {}), None
+        state = dict(max(self._under, key=self._under.get)) if under else \
+            dict(self._entered or {})
+        share = under / (under + self._off)
+        if not state:
+            return {}, None
+        if share >= WHOLE_SHARE:
+            return state, None
+        return {}, {"autocast": state, "share": round(share, 4)}
+
+    def remove(self) -> None:
+        """Both watches off (idempotent): autocast.__enter__ is torch's own again."""
+        self._watching = False
+        if self._enter is not None:
+            self._patches.undo(self._enter)
+            self._enter = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
