@@ -30,7 +30,8 @@ _SNAPSHOT_FIELDS = [f.name for f in fields(Snapshot)]
 #: the version this build writes. What each changed (a reader must understand it):
 #:   2: 72-byte event record without leaf_op; recorder records; checksums
 #:   3: a snapshot's `trainable` may hold 2, 'not trained' (a model beside the trained one
-#:      that no optimizer updates: an EMA, a teacher); version 2 holds only 0 and 1
+#:      that no optimizer updates: an EMA, a teacher); version 2 holds only 0 and 1; and
+#:      the category recomputed_weights (old-style weight_norm's weight, record.events)
 FORMAT_VERSION = 3
 #: the oldest version this build reads (version 2 files simply lack the value 2)
 OLDEST_READ_VERSION = 2
