@@ -11,4 +11,5 @@ void register_columns(pybind11::module_& m);
 void register_storages(pybind11::module_& m);
 void register_exit_signal(pybind11::module_& m);
 void register_outside_dynamo(pybind11::module_& m);
+void register_untraced(pybind11::module_& m);
 }  // namespace memprof

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   memprof::register_storages(m);
   memprof::register_exit_signal(m);
   memprof::register_outside_dynamo(m);
+  memprof::register_untraced(m);
 }

@@ -592,8 +592,16 @@ class Reporter final : public torch::profiler::impl::ProfilerStateBase {
     if (device.is_cpu()) {
       if (alloc_size > 0) {
         total = note_cpu_block(ptr, alloc_size, /*reported=*/true);
-      } else {
-        take_cpu_block(ptr, &total);
+      } else if (const int64_t noted = take_cpu_block(ptr, &total);
+                 noted > 0 && noted != -alloc_size) {
+        // the block noted here was freed where no hook of memprof's saw it (a thread from
+        // before the session that never ran an op), and this free, of another size, is of a
+        // block made unseen at its address, whose size PyTorch knows where it notes every
+        // block (FLAGS_caffe2_report_cpu_memory_usage): the noted block's free is recorded
+        // first, with its own size - taken for this one, the log paired it with the old
+        // allocation and the difference stayed alive for good
+        record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), -noted, total,
+               static_cast<int64_t>(total_reserved), device);
       }
     }
     record(ts, kKindMemory, reinterpret_cast<uint64_t>(ptr), alloc_size, total,

@@ -27,7 +27,14 @@ from .run import Run
 
 FORMAT_NAME = "memprof-profile"
 _SNAPSHOT_FIELDS = [f.name for f in fields(Snapshot)]
-FORMAT_VERSION = 2   # 2: 72-byte event record without leaf_op; recorder records; checksums
+#: the version this build writes. What each changed (a reader must understand it):
+#:   2: 72-byte event record without leaf_op; recorder records; checksums
+#:   3: a snapshot's `trainable` may hold 2, 'not trained' (a model beside the trained one
+#:      that no optimizer updates: an EMA, a teacher); version 2 holds only 0 and 1; and
+#:      the category recomputed_weights (old-style weight_norm's weight, record.events)
+FORMAT_VERSION = 3
+#: the oldest version this build reads (version 2 files simply lack the value 2)
+OLDEST_READ_VERSION = 2
 
 
 class ProfileFormatError(ValueError):
@@ -314,7 +321,8 @@ def _read_checked(path: str) -> tuple[dict, np.ndarray, np.ndarray]:
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         _check_member(path, zf, "header.json", MAX_HEADER_BYTES, st.st_size)
         header = json.loads(zf.read("header.json"))
-        problem = _version_problem(header) or profile_schema.check_header(header)
+        problem = _version_problem(header) or profile_schema.check_header(header) \
+            or profile_schema.check_version_values(header)
         if problem is not None:
             raise ProfileFormatError(f"{path}: {problem}")
         for name in ("events.npy", "seq_records.npy"):
@@ -331,11 +339,14 @@ def _version_problem(header) -> str | None:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         return "not a memprof profile"
     version = header.get("version")
+    reads = f"this memprof reads versions {OLDEST_READ_VERSION} to {FORMAT_VERSION}"
     if type(version) is not int:   # "2" or 2.0 or true: not a version this writer wrote
-        return (f"profile format version {version!r} is not a version number (this memprof "
-                f"reads version {FORMAT_VERSION})")
-    if version != FORMAT_VERSION:
-        return f"profile format version {version}, this memprof reads version {FORMAT_VERSION}"
+        return f"profile format version {version!r} is not a version number ({reads})"
+    if version > FORMAT_VERSION:
+        return (f"written by a newer memprof (profile format version {version}); {reads}: "
+                "upgrade memprof to read it")
+    if version < OLDEST_READ_VERSION:
+        return f"profile format version {version}, written by an older memprof; {reads}"
     return None
 
 

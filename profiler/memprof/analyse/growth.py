@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from .. import _C
 from ..finding import Finding
 from ..profile import Profile
 from ..record.events import (CAT_COMMUNICATION, CAT_GRADIENTS, CAT_OPTIMIZER_STATE,
@@ -120,7 +121,8 @@ def _holders_of(profile: Profile, alive: np.ndarray) -> list[tuple[str, int]]:
                        profile.memory["size"][alive].tolist()))
     held: dict[str, int] = {}
     counted: set[int] = set()
-    reached = list(reachable_tensors(holder_roots(live)))
+    with _C.untraced():   # a walk of the user's objects: not the user's tracer's events
+        reached = list(reachable_tensors(holder_roots(live)))
     # addresses as snapshots read them: a tensor allocated past a full log's end is not the
     # logged block that had its address (that block's free was dropped)
     ptrs = storage_ptrs([t for _, t in reached])

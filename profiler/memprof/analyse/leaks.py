@@ -20,6 +20,7 @@ import gc
 import re
 import time
 
+from .. import _C
 from ..finding import Finding
 from ..profile import Profile
 from ..units import fmt_bytes
@@ -74,8 +75,14 @@ def retained_graphs(profile: Profile) -> Outcome:
 
     The bytes are what the bug pins: saved tensors still held by the graph and tensors of
     earlier steps the holder keeps, not what a correct loop holds anyway (the current step's
-    outputs, tensors that existed before tracking). Needs the run's live context.
+    outputs, tensors that existed before tracking). Needs the run's live context. Walks the
+    live objects with the thread's tracer suspended (a coverage tool's: _C.untraced).
     """
+    with _C.untraced():
+        return _retained_graphs(profile)
+
+
+def _retained_graphs(profile: Profile) -> Outcome:
     run = profile.run
     boundaries = run.step_seqs
     if run.live is None or len(boundaries) < 2:

@@ -51,7 +51,7 @@ DEVICE_CPU, DEVICE_CUDA = _C.DEVICE_CPU, _C.DEVICE_CUDA  # c10::DeviceType value
 
 # Categories of memory, assigned by profile.py from phases and the recorders' snapshots.
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "other",
-              "communication", "buffers")
+              "communication", "buffers", "recomputed_weights")
 CAT_PARAMETERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_ACTIVATIONS, CAT_TEMPORARIES, CAT_OTHER = \
     range(6)
 # buffers handed to torch.distributed collectives: DDP's gradient buckets, FSDP's all-gathered
@@ -60,5 +60,9 @@ CAT_COMMUNICATION = CATEGORIES.index("communication")
 # module buffers (BatchNorm running statistics, position ids, rotary / positional tables),
 # attributed to the module that registered them (record.snapshots)
 CAT_BUFFERS = CATEGORIES.index("buffers")
+# the weight an old-style weight_norm / spectral_norm pre-hook recomputes at each forward and
+# keeps on its module: derived from the parameters, one per module, the same at any batch
+# (record.recomputed_weights) - not activations, and never scaled with the batch
+CAT_RECOMPUTED_WEIGHTS = CATEGORIES.index("recomputed_weights")
 PREEXISTING_THREAD = -1  # thread of a synthetic allocation for a block that existed before tracking
 FAKE_DEVICE_TYPE = DEVICE_CUDA  # storages of fake tensors stand for the GPU an estimate models

@@ -17,7 +17,8 @@ It looks only when the innermost frame outside torch and memprof is a function o
 the one that entered the block; a loop in that frame, or at a script's top level, is the
 end-of-block check's to see. Each look walks what the names on the loop's stack reach (not
 every object): its time is recorded, and taken out of the step it falls in by the throughput
-figures.
+figures. It runs with the thread's trace and profile functions suspended (_C.untraced):
+under a script's coverage tool or debugger each line of the walk was the tracer's event.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class LeakProbe:
         t0 = time.perf_counter()
         found = False
         try:
-            found = self._look(frame, steps.step, list(steps.step_seqs))
+            with _C.untraced():   # never the user's tracer's events (a coverage tool's)
+                found = self._look(frame, steps.step, list(steps.step_seqs))
         except Exception as err:  # noqa: BLE001  (a look must never break training)
             if self._record is None:   # an earlier look's graphs are kept
                 self._record = {"error": f"{type(err).__name__}: {err}"[:300]}

@@ -3,9 +3,12 @@ keeps as a plain attribute until the next one: old-style `torch.nn.utils.weight_
 `torch.nn.utils.spectral_norm` (deprecated, still in many vocoder and seq2seq codebases).
 Such a weight keeps the graph of the forward that made it: a module not called in the
 last step holds an earlier step's graph by design - one per module, never growing - which
-the leak checks must not read as a retained graph. The new-style
-`torch.nn.utils.parametrizations` compute the weight on access and keep nothing."""
+the leak checks must not read as a retained graph. Nor is it an activation: the snapshots
+name it `recomputed_weights` (RecomputingModules), memory the batch does not change. The
+new-style `torch.nn.utils.parametrizations` compute the weight on access and keep nothing."""
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -45,3 +48,29 @@ def recomputed_weights(roots) -> dict[int, str]:
                     if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
                         out[id(weight)] = f"{root}{path}.{hook.name}"
     return out
+
+
+class RecomputingModules:
+    """The named modules with such a hook, found again only when modules were named since
+    (the weights are read at every step end: a model without one costs a comparison)."""
+
+    def __init__(self):
+        self._naming = None
+        self._modules: list[tuple[weakref.ref, int]] = []   # (module, its id in the scope)
+
+    def weights(self, scope) -> tuple[list[torch.Tensor], list[int]]:
+        """(the weights these modules keep now, the id of the module keeping each)."""
+        naming = scope.naming()
+        if naming != self._naming:
+            self._naming = naming
+            self._modules = [(weakref.ref(m), mid) for m, mid in scope.module_ids()
+                             if any(map(is_recomputing_hook, m._forward_pre_hooks.values()))]
+        tensors, owners = [], []
+        for ref, mid in self._modules:
+            module = ref()
+            for hook in (module._forward_pre_hooks.values() if module is not None else ()):
+                weight = module.__dict__.get(hook.name) if is_recomputing_hook(hook) else None
+                if isinstance(weight, torch.Tensor):
+                    tensors.append(weight)
+                    owners.append(mid)
+        return tensors, owners

@@ -24,8 +24,9 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C
-from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS, DEVICE_CPU,
-                     DEVICE_CUDA, FAKE_DEVICE_TYPE)
+from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS,
+                     CAT_RECOMPUTED_WEIGHTS, DEVICE_CPU, DEVICE_CUDA, FAKE_DEVICE_TYPE)
+from .recomputed_weights import RecomputingModules
 
 
 #: the most steps between two looks at storages that have stayed the same (see Looks)
@@ -266,6 +267,7 @@ class SnapshotRecorder:
         # freed before the block's end (a fold of a k-fold loop) is noted nowhere else
         self._params_moved = False
         self._hook = None   # the global buffer registration hook's handle
+        self._recomputing = RecomputingModules()   # old-style weight_norm's modules
 
     def _module_of(self, p) -> int:
         return self.session.scope.param_module.get(id(p), -1)
@@ -365,6 +367,9 @@ class SnapshotRecorder:
                 step >= self._buffer_looks.next:   # (Looks.due, inline: every step)
             self._buffers_set, self._modules_seen = False, seen
             self._buffer_looks.looked(step, self.note_buffers())
+        weights, owners = self._recomputing.weights(self.session.scope)
+        if weights:   # a new storage at each forward: noted at every step end
+            self._take(CAT_RECOMPUTED_WEIGHTS, weights, owners)
         self._log_full = _C.log_full()
 
     def _before_optimizer(self, optimizer) -> None:
@@ -541,8 +546,10 @@ class SnapshotRecorder:
         grads, grad_params = storage_parts(
             [p.grad for p in params if p.is_leaf and p.grad is not None],
             [p for p in params if p.is_leaf and p.grad is not None])   # (a non-leaf warns)
+        weights, owners = self._recomputing.weights(self.session.scope)
         return [self._parameters(params),
                 self._owned(CAT_GRADIENTS, grads, [self._module_of(p) for p in grad_params]),
                 self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],
                             [self._module_of(p) for _, p in states]),
-                self._owned(CAT_BUFFERS, [b for b, _ in buffers], [mid for _, mid in buffers])]
+                self._owned(CAT_BUFFERS, [b for b, _ in buffers], [mid for _, mid in buffers]),
+                self._owned(CAT_RECOMPUTED_WEIGHTS, weights, owners)]

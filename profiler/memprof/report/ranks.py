@@ -15,7 +15,8 @@ from ..units import fmt_bytes
 from .ending import NEVER_REPLACED
 from .terminal import SEVERITY_STYLE
 
-SHORT = {"optimizer_state": "optimizer", "communication": "comm."}   # narrower columns
+SHORT = {"optimizer_state": "optimizer", "communication": "comm.",
+         "recomputed_weights": "recomputed"}   # narrower columns
 
 
 def when(event: dict | None) -> str:

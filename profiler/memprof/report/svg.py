@@ -15,7 +15,8 @@ from ..units import fmt_bytes
 
 COLORS = {"parameters": "#4e79a7", "gradients": "#f28e2c", "optimizer_state": "#59a14f",
           "activations": "#e15759", "temporaries": "#edc949", "other": "#bab0ab",
-          "communication": "#76b7b2", "buffers": "#b07aa1"}
+          "communication": "#76b7b2", "buffers": "#b07aa1",
+          "recomputed_weights": "#9c755f"}
 PHASE_COLORS = {"forward": "#4e79a7", "backward": "#f28e2c", "optimizer": "#59a14f"}
 LINE_COLORS = ("#4e79a7", "#e15759", "#59a14f", "#b07aa1", "#f28e2c", "#76b7b2", "#9c755f",
                "#ff9da7", "#edc949", "#bab0ab")

@@ -11,7 +11,8 @@
   var NS = "http://www.w3.org/2000/svg";
   var COLORS = {parameters: "#4e79a7", gradients: "#f28e2c", optimizer_state: "#59a14f",
                 activations: "#e15759", temporaries: "#edc949", other: "#bab0ab",
-                communication: "#76b7b2", buffers: "#b07aa1"};
+                communication: "#76b7b2", buffers: "#b07aa1",
+                recomputed_weights: "#9c755f"};
   var PHASE_COLORS = ["#4e79a7", "#f28e2c", "#59a14f"];
   var box = svgEl.viewBox.baseVal;
   var W = box ? box.width : 960, H = box ? box.height : 300;
