@@ -52,19 +52,25 @@ def recomputed_weights(roots) -> dict[int, str]:
 
 class RecomputingModules:
     """The named modules with such a hook, found again only when modules were named since
-    (the weights are read at every step end: a model without one costs a comparison)."""
+    (read at every step end: for a model without one, `any` is the whole cost, inline)."""
 
     def __init__(self):
-        self._naming = None
+        self.naming = None   # the scope's naming() when `any` was last found
+        self.any = False     # some named module has such a hook
         self._modules: list[tuple[weakref.ref, int]] = []   # (module, its id in the scope)
+
+    def find(self, scope, naming) -> None:
+        """Looks again at the modules named (naming: scope.naming(), read by the caller)."""
+        self.naming = naming
+        self._modules = [(weakref.ref(m), mid) for m, mid in scope.module_ids()
+                         if any(map(is_recomputing_hook, m._forward_pre_hooks.values()))]
+        self.any = bool(self._modules)
 
     def weights(self, scope) -> tuple[list[torch.Tensor], list[int]]:
         """(the weights these modules keep now, the id of the module keeping each)."""
         naming = scope.naming()
-        if naming != self._naming:
-            self._naming = naming
-            self._modules = [(weakref.ref(m), mid) for m, mid in scope.module_ids()
-                             if any(map(is_recomputing_hook, m._forward_pre_hooks.values()))]
+        if naming != self.naming:
+            self.find(scope, naming)
         tensors, owners = [], []
         for ref, mid in self._modules:
             module = ref()

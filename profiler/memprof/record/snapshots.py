@@ -367,9 +367,13 @@ class SnapshotRecorder:
                 step >= self._buffer_looks.next:   # (Looks.due, inline: every step)
             self._buffers_set, self._modules_seen = False, seen
             self._buffer_looks.looked(step, self.note_buffers())
-        weights, owners = self._recomputing.weights(self.session.scope)
-        if weights:   # a new storage at each forward: noted at every step end
-            self._take(CAT_RECOMPUTED_WEIGHTS, weights, owners)
+        recomputing = self._recomputing
+        if seen != recomputing.naming:
+            recomputing.find(self.session.scope, seen)
+        if recomputing.any:   # a new storage at each forward: noted at every step end
+            weights, owners = recomputing.weights(self.session.scope)
+            if weights:   # (the modules may be gone)
+                self._take(CAT_RECOMPUTED_WEIGHTS, weights, owners)
         self._log_full = _C.log_full()
 
     def _before_optimizer(self, optimizer) -> None:
