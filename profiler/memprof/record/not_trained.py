@@ -1,0 +1,134 @@
+"""Which parameters no optimizer trains though they change between steps: a model kept beside
+the trained one and updated in place (an EMA copy: a deepcopy set to requires_grad_(False),
+timm's ModelEmaV2, torch's AveragedModel). Read by requires_grad they were frozen, as if part
+of the model were (AveragedModel, which keeps requires_grad: trainable, the trainable bytes
+doubled); they are the parameters' third part, Snapshot.trainable's NOT_TRAINED.
+
+A model that is never called (only updated, as ModelEmaV2 and AveragedModel are between
+evaluations) is no root module memprof names, and under `track(model, opt)` only the model
+is: its memory read "other". So the frames of the block and of the training loop are looked
+at (at the block's start and at steps 2, 4, 8, ...) for the models they hold beside the
+session's (`Beside`).
+
+What tells a change: a parameter's version counter, compared with the one it had when first
+seen (`Changes`), read at the notes of the parameters only (the first step, the look steps,
+the block's end), never at every step. A frozen model that is only called (a diffusion run's
+VAE, a probe's backbone) does not change and stays frozen.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .holders import ATOMS, release_locals_snapshot
+
+#: models beside the session's kept track of, at most (a loop that makes a new copy of its
+#: model every epoch: its first copies only)
+MAX_BESIDE = 16
+
+
+def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
+    """ids of the parameters of the roots of which no optimizer updates any (`trained`: ids of
+    the parameters one does, StepClock.updated), where one updates another root's, that are
+    either left requiring grad (an AveragedModel) or changed since first seen (`changes`).
+    Empty without an optimizer's parameters to go by (a hand-written update: requires_grad
+    is all there is)."""
+    groups = [list(m.parameters()) for m in roots]
+    is_trained = [any(id(p) in trained for p in g) for g in groups]
+    if not any(is_trained):
+        return set()
+    out, frozen = set(), []
+    for group, root_trains in zip(groups, is_trained):
+        if not root_trains:
+            out.update(id(p) for p in group if p.requires_grad)
+            frozen += [p for p in group if not p.requires_grad]
+    return out | changes.changed(frozen)
+
+
+class Changes:
+    """Whether parameters changed since first seen here: their version counters. A change,
+    once seen, stands."""
+
+    def __init__(self):
+        # id(parameter) -> (weak reference, version, storage address)
+        self._first: dict[int, tuple] = {}
+        self._changed: set[int] = set()
+
+    def changed(self, params: list) -> set[int]:
+        """ids of `params` that changed since each was first passed here."""
+        for p in params:
+            first = self._first.get(id(p))
+            if first is None or first[0]() is not p or first[2] != _address(p):
+                # (a parameter moved, or a new one at a freed one's id)
+                self._changed.discard(id(p))
+                self._first[id(p)] = (weakref.ref(p), p._version, _address(p))
+            elif p._version != first[1]:
+                self._changed.add(id(p))
+        return {id(p) for p in params if id(p) in self._changed}
+
+
+def _plain(p) -> bool:
+    """A parameter with bytes to read here (not fake, meta, sharded or functionalized)."""
+    return type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type != "meta" and \
+        not torch._is_functional_tensor(p)
+
+
+def _address(p) -> int | None:
+    return p.data_ptr() if _plain(p) else None
+
+
+class Beside:
+    """Models held by the block's or the training loop's frame beside the session's (whose
+    parameters it already notes), held weakly: an EMA copy never called (see the module
+    docstring)."""
+
+    def __init__(self):
+        self._models: dict[int, weakref.ref] = {}
+
+    def models(self) -> list[torch.nn.Module]:
+        """The models found, still alive."""
+        return [m for m in (r() for r in list(self._models.values())) if m is not None]
+
+    def look(self, frames: list, known: set[int]) -> bool:
+        """Take in the models with parameters that `frames` hold (a variable, or an
+        attribute of one: a trainer's `self.ema`, a wrapper's `.module`) none of whose
+        parameters is in `known` (ids: the session's) or a model found before; whether one
+        was new."""
+        known = known | {id(p) for m in self.models() for p in m.parameters()}
+        found = False
+        for module in _held_modules(frames):
+            if len(self._models) >= MAX_BESIDE:
+                break
+            params = [id(p) for p in module.parameters()]
+            if params and id(module) not in self._models and known.isdisjoint(params):
+                self._models[id(module)] = weakref.ref(module, self._forget(id(module)))
+                known.update(params)
+                found = True
+        return found
+
+    def _forget(self, key: int):
+        def forget(ref, models=self._models):
+            if models.get(key) is ref:
+                del models[key]
+        return forget
+
+
+def _held_modules(frames: list) -> list[torch.nn.Module]:
+    """The modules among the frames' variables and their variables' attributes."""
+    out: dict[int, torch.nn.Module] = {}
+    for frame in frames:
+        try:
+            values = list(frame.f_locals.values())
+            release_locals_snapshot(frame)
+            for v in values:
+                if isinstance(v, torch.nn.Module):
+                    out.setdefault(id(v), v)
+                elif not isinstance(v, ATOMS) and isinstance(getattr(v, "__dict__", None),
+                                                              dict):
+                    for a in list(vars(v).values()):
+                        if isinstance(a, torch.nn.Module):
+                            out.setdefault(id(a), a)
+        except Exception:  # noqa: BLE001  (an odd object's attributes: the look is a nicety)
+            continue
+    return list(out.values())
