@@ -1,7 +1,8 @@
 """EMA copies that memprof never saw as models: never called (only updated in place, as
 timm's ModelEmaV2 and AveragedModel are between evaluations), or made inside (or before) a
-`track(model, opt)` block. Their memory read "other" (or was missing); they are parameters
-not trained. Frozen models that are only called, or never, stay frozen."""
+`track(model, opt)` block, or kept as a submodule of the trained model. Their memory read
+"other" (or was missing), or frozen; they are parameters not trained. Frozen models that are
+only called, or never, stay frozen."""
 import copy
 
 import pytest
@@ -111,6 +112,32 @@ class WithEma(torch.nn.Module):
                 e.data.mul_(0.99).add_(p.data, alpha=0.01)
             else:
                 e.lerp_(p, 0.01)
+
+
+@pytest.mark.parametrize("mode", ["auto", "model"])
+@pytest.mark.parametrize("how", ["lerp"])
+def test_an_ema_kept_inside_the_trained_model_is_not_trained(mode, how):
+    torch.manual_seed(0)
+    model = WithEma()
+
+    def loop(model):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(5):
+            model(torch.randn(16, 64)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            model.update_ema(how)
+        return model
+
+    if mode == "auto":
+        with memprof.track(auto_modules=True) as prof:
+            model = loop(WithEma())
+    else:
+        with memprof.track(model) as prof:
+            loop(model)
+    ema = nbytes(model.ema)
+    assert summary(prof)["parameters_at_peak"] == {
+        "trainable": nbytes(model) - ema, "frozen": 0, "not_trained": ema}
 
 
 @pytest.mark.parametrize("mode", ["auto", "model"])

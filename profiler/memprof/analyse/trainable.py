@@ -1,8 +1,8 @@
 """The parameters alive at a point of the run, split into trainable (requires_grad) and
 frozen: a LoRA run's one "parameters" figure lumped the frozen base with the adapters that
 train (what LoRA's rank changes), so the report could not say how much of the model trains.
-Parameters that no optimizer updates but that change between steps (an EMA copy of the model:
-record.not_trained) are a third part: read by requires_grad they were frozen model, or
+Parameters that no optimizer updates but that change between steps (an EMA copy of the model,
+beside it or inside it: record.not_trained) are a third part: read by requires_grad they were frozen model, or
 trainable (AveragedModel: the trainable bytes doubled)."""
 from __future__ import annotations
 

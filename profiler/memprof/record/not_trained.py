@@ -1,6 +1,7 @@
 """Which parameters no optimizer trains though they change between steps: a model kept beside
 the trained one and updated in place (an EMA copy: a deepcopy set to requires_grad_(False),
-timm's ModelEmaV2, torch's AveragedModel). Read by requires_grad they were frozen, as if part
+timm's ModelEmaV2, torch's AveragedModel), or such a part of the trained model (`model.ema`
+next to `model.backbone`, an EMA codebook). Read by requires_grad they were frozen, as if part
 of the model were (AveragedModel, which keeps requires_grad: trainable, the trainable bytes
 doubled); they are the parameters' third part, Snapshot.trainable's NOT_TRAINED.
 
@@ -13,7 +14,7 @@ session's (`Beside`).
 What tells a change: a parameter's version counter, compared with the one it had when first
 seen (`Changes`), read at the notes of the parameters only (the first step, the look steps,
 the block's end), never at every step. A frozen model that is only called (a diffusion run's
-VAE, a probe's backbone) does not change and stays frozen.
+VAE, a probe's backbone, a LoRA base) does not change and stays frozen.
 """
 from __future__ import annotations
 
@@ -29,20 +30,26 @@ MAX_BESIDE = 16
 
 
 def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
-    """ids of the parameters of the roots of which no optimizer updates any (`trained`: ids of
-    the parameters one does, StepClock.updated), where one updates another root's, that are
-    either left requiring grad (an AveragedModel) or changed since first seen (`changes`).
-    Empty without an optimizer's parameters to go by (a hand-written update: requires_grad
-    is all there is)."""
+    """ids of the parameters of `roots` that no optimizer updates (`trained`: ids of those
+    that one does, StepClock.updated) where one updates some root's, and that either belong
+    to a root of which it updates none and are left requiring grad (an AveragedModel), or
+    are frozen and changed since first seen (`changes`): in a model beside, or in the
+    trained one (its `self.ema`). Empty without an optimizer's parameters to go by (a
+    hand-written update: requires_grad is all there is)."""
     groups = [list(m.parameters()) for m in roots]
     is_trained = [any(id(p) in trained for p in g) for g in groups]
     if not any(is_trained):
         return set()
     out, frozen = set(), []
     for group, root_trains in zip(groups, is_trained):
-        if not root_trains:
-            out.update(id(p) for p in group if p.requires_grad)
-            frozen += [p for p in group if not p.requires_grad]
+        for p in group:
+            if id(p) in trained:
+                continue
+            if not p.requires_grad:
+                frozen.append(p)
+            elif not root_trains:
+                out.add(id(p))
+            # (a trained model's parameter left out of its optimizer: requires_grad says)
     return out | changes.changed(frozen)
 
 
