@@ -1,8 +1,8 @@
 """EMA copies that memprof never saw as models: never called (only updated in place, as
-timm's ModelEmaV2 and AveragedModel are between evaluations), or made inside (or before) a
-`track(model, opt)` block, or kept as a submodule of the trained model. Their memory read
-"other" (or was missing), or frozen; they are parameters not trained. Frozen models that are
-only called, or never, stay frozen."""
+timm's ModelEmaV2, diffusers' EMAModel and AveragedModel are between evaluations), made
+inside a `track(model, opt)` block, updated through `.data`, or kept as a submodule of the
+trained model. Each read as "other" memory or as frozen parameters; they are parameters not
+trained. Frozen models that are only called stay frozen."""
 import copy
 
 import pytest
@@ -92,6 +92,15 @@ def test_an_ema_never_called_or_made_in_the_block_is_not_trained(mode, how, made
     assert params == nbytes(model) + nbytes(ema)
 
 
+@pytest.mark.parametrize("mode,made,called", [("auto", "inside", True),
+                                              ("auto", "inside", False),
+                                              ("model", "before", False),
+                                              ("model", "inside", True)])
+def test_an_ema_updated_through_data_is_not_trained(mode, made, called):
+    split, params, model, ema = run(mode, "data", made, called)
+    assert split == {"trainable": nbytes(model), "frozen": 0, "not_trained": nbytes(ema)}
+
+
 class WithEma(torch.nn.Module):
     """A model that keeps the EMA of its backbone as a submodule (self.ema)."""
 
@@ -115,7 +124,7 @@ class WithEma(torch.nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["auto", "model"])
-@pytest.mark.parametrize("how", ["lerp"])
+@pytest.mark.parametrize("how", ["lerp", "data"])
 def test_an_ema_kept_inside_the_trained_model_is_not_trained(mode, how):
     torch.manual_seed(0)
     model = WithEma()

@@ -11,10 +11,13 @@ is: its memory read "other". So the frames of the block and of the training loop
 at (at the block's start and at steps 2, 4, 8, ...) for the models they hold beside the
 session's (`Beside`).
 
-What tells a change: a parameter's version counter, compared with the one it had when first
-seen (`Changes`), read at the notes of the parameters only (the first step, the look steps,
-the block's end), never at every step. A frozen model that is only called (a diffusion run's
-VAE, a probe's backbone, a LoRA base) does not change and stays frozen.
+What tells a change: a parameter's version counter, and where that did not move (an update
+through `.data`, whose tensor has a counter of its own) a sample of the parameter's bytes,
+compared with the one taken when it was first seen (`Changes`). Both are read at the notes of
+the parameters only (the first step, the look steps, the block's end), never at every step;
+the sample only of frozen parameters that no optimizer updates (a run without any reads
+none). A frozen model that is only called (a diffusion run's VAE, a probe's backbone, a LoRA
+base) changes neither and stays frozen.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ from .holders import ATOMS, release_locals_snapshot
 #: models beside the session's kept track of, at most (a loop that makes a new copy of its
 #: model every epoch: its first copies only)
 MAX_BESIDE = 16
+#: elements of a parameter compared between notes (spread over it: an EMA's update moves
+#: nearly every element, a rounding-sized one most)
+SAMPLE = 256
 
 
 def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
@@ -54,23 +60,31 @@ def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
 
 
 class Changes:
-    """Whether parameters changed since first seen here: their version counters. A change,
-    once seen, stands."""
+    """Whether parameters changed since first seen here: their version counters, else a
+    sample of their bytes (see the module docstring). A change, once seen, stands."""
 
     def __init__(self):
-        # id(parameter) -> (weak reference, version, storage address)
+        # id(parameter) -> (weak reference, version, storage address, sample bytes or None)
         self._first: dict[int, tuple] = {}
         self._changed: set[int] = set()
 
     def changed(self, params: list) -> set[int]:
         """ids of `params` that changed since each was first passed here."""
+        new, compare = [], []
         for p in params:
             first = self._first.get(id(p))
             if first is None or first[0]() is not p or first[2] != _address(p):
-                # (a parameter moved, or a new one at a freed one's id)
-                self._changed.discard(id(p))
-                self._first[id(p)] = (weakref.ref(p), p._version, _address(p))
-            elif p._version != first[1]:
+                new.append(p)   # (a parameter moved, or a new one at a freed one's id)
+            elif id(p) not in self._changed:
+                if p._version != first[1]:
+                    self._changed.add(id(p))
+                elif first[3] is not None:
+                    compare.append(p)
+        for p, sample in zip(new, _samples(new)):
+            self._changed.discard(id(p))
+            self._first[id(p)] = (weakref.ref(p), p._version, _address(p), sample)
+        for p, sample in zip(compare, _samples(compare)):
+            if sample != self._first[id(p)][3]:
                 self._changed.add(id(p))
         return {id(p) for p in params if id(p) in self._changed}
 
@@ -83,6 +97,34 @@ def _plain(p) -> bool:
 
 def _address(p) -> int | None:
     return p.data_ptr() if _plain(p) else None
+
+
+def _samples(params: list) -> list[bytes | None]:
+    """SAMPLE elements spread over each parameter, as bytes; None where there are none to
+    read (a fake or sharded tensor, not contiguous, a layout that refuses: its version counter
+    is all there is). One view per parameter and one copy to the host per device and dtype."""
+    groups: dict[tuple, list] = {}
+    out: list[bytes | None] = [None] * len(params)
+    with torch.no_grad():   # (views of frozen parameters: no autograd record)
+        for i, p in enumerate(params):
+            if _plain(p) and p.is_contiguous() and p.numel():
+                step = max(1, p.numel() // SAMPLE)
+                try:
+                    picked = p.as_strided((min(SAMPLE, -(-p.numel() // step)),), (step,))
+                except Exception:  # noqa: BLE001  (a quantized or other odd tensor)
+                    continue
+                groups.setdefault((p.device, p.dtype), []).append((i, picked))
+        for pieces in groups.values():
+            try:
+                data = torch.cat([t for _, t in pieces]).cpu().view(torch.uint8)
+            except Exception:  # noqa: BLE001  (as above: the version counters stand)
+                continue
+            data, at = data.numpy().tobytes(), 0
+            for i, t in pieces:
+                n = t.numel() * t.element_size()
+                out[i] = data[at:at + n]
+                at += n
+    return out
 
 
 class Beside:
