@@ -62,10 +62,12 @@ _FINDING_FIELDS = {"kind": _STR, "severity": _STR, "bytes": _INT, "message": _ST
 
 
 #: memprof's own pauses just after a step boundary, [step, seconds] each, in the records: the
-#: leak probe's looks, the live looks at the model and optimizers (record.live_look) and the
-#: autosaves (the throughput tables take their time out of those steps)
+#: leak probe's looks, the live looks at the model and optimizers (record.live_look), the
+#: looks at which parameters train (record.snapshots' look steps) and the autosaves (the
+#: throughput tables take their time out of those steps)
 PAUSES = (("leak_probe", "looks"), ("untrained_gradients", "looks"),
-          ("parameters_without_gradients", "looks"), ("autosave", "saves"))
+          ("parameters_without_gradients", "looks"), ("parameter_looks", "looks"),
+          ("autosave", "saves"))
 
 
 def check_header(header: Any) -> str | None:

@@ -1,9 +1,9 @@
 """The parameters alive at a point of the run, split into trainable (requires_grad) and
 frozen: a LoRA run's one "parameters" figure lumped the frozen base with the adapters that
 train (what LoRA's rank changes), so the report could not say how much of the model trains.
-A model that no optimizer updates, kept beside the one that does (an EMA copy, a teacher;
-record.snapshots.beside_the_trained), is a third part: read by requires_grad it was frozen
-model, or trainable (AveragedModel: the trainable bytes doubled)."""
+Parameters that no optimizer updates but that change between steps (an EMA copy of the model,
+beside it or inside it: record.not_trained) are a third part: read by requires_grad they were frozen model, or
+trainable (AveragedModel: the trainable bytes doubled)."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,10 +20,10 @@ PARTS = (("trainable", "trainable (requires_grad)"), ("frozen", "frozen"),
 
 
 def parameters_split(profile: Profile, at: str | int = "peak") -> dict[str, int] | None:
-    """{"trainable": bytes, "frozen": bytes, "not_trained": bytes} of the parameters alive at `at` (each storage
-    once: tied weights), each as the last note that named it saw it; None where there is
-    nothing to split (no parameters alive) or the profile does not say (saved before memprof
-    noted it)."""
+    """{"trainable": bytes, "frozen": bytes, "not_trained": bytes} of the parameters alive at
+    `at` (each storage once: tied weights), each as the last note that named it saw it; None
+    where there is nothing to split (no parameters alive) or the profile does not say (saved
+    before memprof noted it)."""
     alive = profile.alive_at(at)
     alive = alive[profile.category[alive] == CAT_PARAMETERS]
     _, allocs, storage = profile.named_storages

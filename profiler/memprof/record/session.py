@@ -338,6 +338,8 @@ class Session:
         fill_baseline(streams, self.snapshots.baseline)
         self._assemble(streams, self, exc)
         self.records = {rec.name: rec.record() for rec in self.recorders}
+        if self.snapshots.looks:   # (its time is memprof's: profile_schema.PAUSES)
+            self.records["parameter_looks"] = {"looks": list(self.snapshots.looks)}
 
     def _lend_recorders(self, outer: "Session") -> None:
         """A nested block's recorders that the outer block lacks (its health=True inside
@@ -425,6 +427,8 @@ class Session:
         view.snapshot_list += [Snapshot(streams.size, *noted)
                                for noted in self.snapshots.at_end()]
         view.records = {rec.name: rec.record() for rec in self.recorders}
+        if self.snapshots.looks:
+            view.records["parameter_looks"] = {"looks": list(self.snapshots.looks)}
         return view
 
     def _assemble(self, streams: EventStreams, src: "Session", exc,

@@ -15,6 +15,7 @@ alive at the marker is named for its whole life.
 from __future__ import annotations
 
 import sys
+import time
 import weakref
 from array import array
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _C
 from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS,
                      CAT_RECOMPUTED_WEIGHTS, DEVICE_CPU, DEVICE_CUDA, FAKE_DEVICE_TYPE)
+from .holders import is_library_frame, loop_frame
+from .not_trained import Beside, Changes, not_trained
 from .recomputed_weights import RecomputingModules
 
 
@@ -66,8 +69,8 @@ class Snapshot:
     # collector walks at every full collection), a list as read
     ptrs: Sequence[int]
     modules: Sequence[int] | None = None  # owning module id per ptr (the parameter's module)
-    # parameters: per ptr 1 where a parameter at it requires grad, 0 frozen, 2 a model's that
-    # no optimizer trains (beside_the_trained: an EMA copy); None: not noted
+    # parameters: per ptr 1 where a parameter at it requires grad, 0 frozen, 2 one that no
+    # optimizer trains but that changes (not_trained.py: an EMA copy); None: not noted
     # (another category, or a profile saved before memprof noted it)
     trainable: Sequence[int] | None = None
 
@@ -180,44 +183,26 @@ def storage_parts(tensors: list, owners: list) -> tuple[list, list]:
 
 #: what a parameter storage is to the run (Snapshot.trainable's values)
 FROZEN, TRAINS, NOT_TRAINED = 0, 1, 2
+#: which reading a storage shared by parameters that read differently takes (tied weights, a
+#: view of another parameter): the highest. One that trains makes it train (a LoRA base's
+#: storage with an adapter's view into it), and the model's own frozen reading beats
+#: NOT_TRAINED's (a part of the model that its EMA copy shares)
+_PRECEDENCE = {TRAINS: 2, FROZEN: 1, NOT_TRAINED: 0}
 
 
 def trainable_storages(params: list, ptrs: list | None = None,
                        untrained: set[int] | frozenset = frozenset()) -> dict[int, int]:
     """Storage address -> TRAINS where a parameter at it requires grad, FROZEN where none does
     (a LoRA base against its adapters), NOT_TRAINED where every parameter at it is in
-    `untrained` (ids: beside_the_trained's). A storage shared with a trainable parameter
-    trains. `ptrs`: storage_ptrs(params), where the caller has them."""
+    `untrained` (ids: not_trained.not_trained's); where parameters at one storage read
+    differently, _PRECEDENCE says which reading it takes. `ptrs`: storage_ptrs(params), where
+    the caller has them."""
     out: dict[int, int] = {}
     for ptr, p in zip(storage_ptrs(list(params)) if ptrs is None else ptrs, params):
         if ptr is not None:
-            role = NOT_TRAINED if id(p) in untrained else int(p.requires_grad)
+            role = NOT_TRAINED if id(p) in untrained else TRAINS if p.requires_grad else FROZEN
             was = out.get(ptr)
-            # TRAINS over FROZEN over NOT_TRAINED: the model's own reading wins
-            out[ptr] = role if was is None or was == NOT_TRAINED else max(was, role % 2)
-    return out
-
-
-def beside_the_trained(roots: list, optimizers: list, first_versions: dict[int, int]) -> set[int]:
-    """ids of the parameters of the root modules of which an optimizer updates none, where it
-    updates another root's, and that are either left requiring grad (an AveragedModel: read as
-    trainable, the trainable bytes doubled) or were changed in place since memprof first saw
-    them (`first_versions`: id -> the version counter then, filled here; a deepcopy set to
-    requires_grad_(False) and updated as an EMA read as frozen, as if part of the model were).
-    A frozen model only called (a diffusion run's VAE, a probe's backbone) stays frozen. Empty
-    without an optimizer's parameters to go by (a hand-written update: requires_grad is all
-    there is)."""
-    trained = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
-    groups = [list(m.parameters()) for m in roots]
-    if not trained or not any(trained.intersection(map(id, g)) for g in groups):
-        return set()
-    out = set()
-    for group in groups:
-        if trained.intersection(map(id, group)):
-            continue
-        for p in group:
-            if p.requires_grad or p._version != first_versions.setdefault(id(p), p._version):
-                out.add(id(p))
+            out[ptr] = role if was is None else max(was, role, key=_PRECEDENCE.__getitem__)
     return out
 
 
@@ -239,8 +224,12 @@ class SnapshotRecorder:
         self.taken: list[tuple] = []
         self.baseline: list[tuple[int, int, int, int, int]] = []  # ptr, size, dev, module, cat
         self.baseline_trainable: dict[int, int] = {}   # parameter storage -> 1 trains, 0 not
-        # id(parameter) -> its version counter when first looked at (beside_the_trained)
-        self._first_versions: dict[int, int] = {}
+        # models beside the session's (an EMA copy never called); which parameters changed
+        # since first seen (not_trained.py); the untrained ids of the last parameters' note
+        self.beside = Beside()
+        self._changes = Changes()
+        self._last_untrained: set[int] = set()
+        self.looks: list[list] = []   # [steps ended, seconds] per _look_step (PAUSES)
         self._buffer_keys: list[int] = []        # buffer storages at the last buffer note
         # (category, id(optimizer)) -> (owners known, _C.StorageNote) at its last note
         self._noted: dict[tuple[int, int], tuple] = {}
@@ -289,6 +278,9 @@ class SnapshotRecorder:
                 cpu_blocks.append(t if is_plain_tensor(t) else _local_shard(t))
 
         params = self.session.params()
+        if self.session.scope.model is not None:   # (auto mode: no model is known yet)
+            self._look_beside(params)
+        params = self.params(params)
         self.baseline_trainable = trainable_storages(params, untrained=self._untrained())
         for p in params:
             add(p, CAT_PARAMETERS, self._module_of(p))
@@ -332,6 +324,7 @@ class SnapshotRecorder:
         self.session.steps.on_optimizer_pre.append(self._before_optimizer)
         self.session.steps.on_optimizer_post.append(self._after_optimizer)
         self.session.steps.on_step_end.append(self._step_end)
+        self.session.steps.on_look_step.append(self._look_step)
         # what sets a buffer says so (a rotary cache rebuilt for a longer sequence is seen at
         # that step's end); Module._apply (model.to(), .half()) writes the buffer dicts itself
         self._hook = torch.nn.modules.module.register_module_buffer_registration_hook(
@@ -339,6 +332,8 @@ class SnapshotRecorder:
         self.session.patches.patch(torch.nn.Module, "_apply", self._wrap_apply)
 
     def remove(self) -> None:
+        if self._look_step in self.session.steps.on_look_step:
+            self.session.steps.on_look_step.remove(self._look_step)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -376,6 +371,41 @@ class SnapshotRecorder:
                 self._take(CAT_RECOMPUTED_WEIGHTS, weights, owners)
         self._log_full = _C.log_full()
 
+    def _look_step(self) -> None:
+        """Steps 2, 4, 8, ...: the parameters again where a model beside the session's was
+        found or which parameters are not trained changed since the last note (an EMA copy
+        updated after the first note's step: the parameters' note names it for its life)."""
+        if self._log_full:
+            return
+        t0 = time.perf_counter()
+        own = self.session.params()
+        found = self._look_beside(own)
+        untrained = self._untrained()
+        if found or untrained != self._last_untrained:
+            self._note(*self._parameters(self.params(own), untrained))
+        self.looks.append([self.session.steps.step, time.perf_counter() - t0])
+
+    def _look_beside(self, own: list) -> bool:
+        """Beside.look at the training loop's frame and the block's (`own`: the session's
+        parameters); whether a model was found."""
+        frames = [loop_frame(sys._getframe(1)), self.session.frame]
+        frames = [f for i, f in enumerate(frames) if f is not None and f not in frames[:i]
+                  and not is_library_frame(f)]
+        return self.beside.look(frames, {id(p) for p in own})
+
+    def params(self, own: list | None = None) -> list[torch.Tensor]:
+        """session.params() (`own`, where the caller has it) and the parameters of the
+        models beside them."""
+        params = list(self.session.params() if own is None else own)
+        beside = self.beside.models()
+        if not beside:
+            return params
+        seen = {id(p) for p in params}
+        for m in beside:
+            params += [p for p in m.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in m.parameters())
+        return params
+
     def _before_optimizer(self, optimizer) -> None:
         if not self.session.steps.watches(optimizer) or self._log_full:
             return
@@ -411,7 +441,7 @@ class SnapshotRecorder:
     def note_parameters(self) -> None:
         """A snapshot of the parameters of the model or the roots alive (and the watched
         optimizers')."""
-        self._note(*self._parameters(self.session.params()))
+        self._note(*self._parameters(self.params()))
 
     def note_state(self, optimizer) -> bool:
         """A snapshot of the optimizer's state unless it is the storages last noted; whether
@@ -470,23 +500,26 @@ class SnapshotRecorder:
                 owner.setdefault(ptr, mid)
         return category, list(owner), list(owner.values())
 
-    def _parameters(self, params: list) -> tuple[int, list[int], list[int], array]:
-        """_owned(CAT_PARAMETERS, ...) of `params` plus whether each storage trains."""
+    def _parameters(self, params: list, untrained: set[int] | None = None
+                    ) -> tuple[int, list[int], list[int], array]:
+        """_owned(CAT_PARAMETERS, ...) of `params` plus whether each storage trains
+        (`untrained`: _untrained(), where the caller has it)."""
         every = storage_ptrs(list(params))   # read once for both
         category, ptrs, modules = self._owned(CAT_PARAMETERS, params,
                                               [self._module_of(p) for p in params], every)
-        trains = trainable_storages(params, every, self._untrained())
+        if untrained is None:
+            untrained = self._untrained()
+        self._last_untrained = untrained
+        trains = trainable_storages(params, every, untrained)
         return category, ptrs, modules, array("b", [trains[a] for a in ptrs])
 
     def _untrained(self) -> set[int]:
-        """beside_the_trained of the roots named so far and the watched optimizers; none
-        where track() was given one optimizer (another, unwatched, may train the other roots:
-        a GAN's two)."""
-        steps = self.session.steps
-        if steps.optimizer is not None:
-            return set()
-        return beside_the_trained(self.session.scope.root_modules(), steps.watched(),
-                                  self._first_versions)
+        """not_trained.not_trained of the roots named so far and the models beside them, by
+        the parameters that any optimizer seen stepping updates (StepClock.updated: where
+        track() was given one, another that it does not watch may train the other roots, a
+        GAN's two)."""
+        return not_trained(self.session.scope.root_modules() + self.beside.models(),
+                           self.session.steps.updated, self._changes)
 
     def _note(self, category: int, ptrs, modules, trainable=None) -> None:
         """A snapshot of storage addresses and the owning module of each (and, of
@@ -542,7 +575,7 @@ class SnapshotRecorder:
         watched optimizers' state, the buffers - read now and noted nowhere: final() notes
         them; a profile made while the block goes on (Session.so_far) ends with them, so the
         parameters of a model built inside the block are parameters there too."""
-        params = self.session.params()
+        params = self.params()
         states = []
         for opt in self.session.steps.watched():
             states += state_pairs(opt)
