@@ -30,10 +30,11 @@ _SNAPSHOT_FIELDS = [f.name for f in fields(Snapshot)]
 #: the version this build writes. What each changed (a reader must understand it):
 #:   2: 72-byte event record without leaf_op; recorder records; checksums
 #:   3: a snapshot's `trainable` may hold 2, 'not trained' (a model beside the trained one
-#:      that no optimizer updates: an EMA, a teacher); version 2 holds only 0 and 1; and
+#:      that no optimizer updates: an EMA, a teacher), which the one build before it wrote
+#:      under version 2 already (read as written); and
 #:      the category recomputed_weights (old-style weight_norm's weight, record.events)
 FORMAT_VERSION = 3
-#: the oldest version this build reads (version 2 files simply lack the value 2)
+#: the oldest version this build reads
 OLDEST_READ_VERSION = 2
 
 
@@ -321,8 +322,7 @@ def _read_checked(path: str) -> tuple[dict, np.ndarray, np.ndarray]:
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         _check_member(path, zf, "header.json", MAX_HEADER_BYTES, st.st_size)
         header = json.loads(zf.read("header.json"))
-        problem = _version_problem(header) or profile_schema.check_header(header) \
-            or profile_schema.check_version_values(header)
+        problem = _version_problem(header) or profile_schema.check_header(header)
         if problem is not None:
             raise ProfileFormatError(f"{path}: {problem}")
         for name in ("events.npy", "seq_records.npy"):

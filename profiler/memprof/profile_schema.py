@@ -90,21 +90,6 @@ def check_header(header: Any) -> str | None:
             or _check_records(header["records"]))
 
 
-def check_version_values(header: dict) -> str | None:
-    """None when the values are those of the header's version (after check_header): a
-    version 2 file's snapshots know no 'not trained' (2) - a file that claims version 2 and
-    holds it was edited, or written by a build that did not bump the version."""
-    if header.get("version") != 2:
-        return None
-    for i, s in enumerate(header["snapshots"]):
-        trainable = s.get("trainable") or ()
-        if not set(trainable) <= {0, 1}:
-            return (f"snapshots[{i}].trainable: expected one 0 or 1 per ptr in a version 2 "
-                    f"profile (2, 'not trained', came in version 3), got "
-                    f"{sorted(set(trainable))[:4]}")
-    return None
-
-
 def _check_meta(meta: dict) -> str | None:
     for key, kind in _META_TYPES.items():
         if key in meta and not _is(meta[key], kind):

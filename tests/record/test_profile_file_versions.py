@@ -84,13 +84,13 @@ def test_a_version_2_file_still_loads(tmp_path):
     assert loaded.peak == prof.peak
 
 
-def test_a_version_2_file_with_the_new_value_is_refused(tmp_path):
-    prof, _, _ = _train(with_ema=True)
+def test_a_version_2_file_with_not_trained_parameters_loads(tmp_path):
+    """The build that brought 'not trained' (2) wrote it under version 2: its users' files."""
+    prof, _, ema = _train(with_ema=True)
     path = prof.save(str(tmp_path / "ema.memprof"))
-    odd = tmp_path / "odd.memprof"
-    _with_version(path, odd, 2)
-    with pytest.raises(ProfileFormatError, match=r"trainable: expected one 0 or 1 per ptr"):
-        memprof.load(str(odd))
+    old = tmp_path / "old.memprof"
+    _with_version(path, old, 2)
+    assert summary(memprof.load(str(old)))["parameters_at_peak"]["not_trained"] == _nbytes(ema)
 
 
 def test_a_file_from_a_newer_memprof_says_so_in_one_line(tmp_path):
