@@ -116,6 +116,8 @@ class RunCommand(Command):
         # the script's atexit handlers and threads still pickle its classes and read its argv
         world = PatchRegistry()
         world.set(sys, "argv", [target.argv0] + list(args.script_args))
+        if hasattr(sys, "orig_argv"):   # python's command line for the script, not memprof's
+            world.set(sys, "orig_argv", target.orig_argv(args.script_args))
         # the launcher's own first entry (the console script's bin directory, the current
         # directory of `python -m memprof.cli`) is the script's directory instead, as python
         # would give it: kept, the bin directory was one more place imports were looked for
