@@ -180,14 +180,18 @@ class RunCommand(Command):
                 try:
                     exec(code, main.__dict__)  # noqa: S102  (running the script is the point)
                 except (KeyboardInterrupt, Terminated):
+                    target.code_ended(main)
                     raise
                 except BaseException as exc:  # noqa: BLE001  (shown, waited, then as below)
                     status = _exit_status(exc) if isinstance(exc, SystemExit) else \
                         _report_uncaught(exc) or 1
                     shown.append(exc)
+                    if not isinstance(exc, SystemExit):
+                        target.code_ended(main)
                     wait_for_script_threads(before)
                     raise
                 else:
+                    target.code_ended(main)
                     wait_for_script_threads(before)
                 finally:
                     signals.finish()

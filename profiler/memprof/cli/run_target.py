@@ -52,6 +52,15 @@ class RunTarget:
         main.__cached__ = getattr(self.spec, "cached", None)
         return main
 
+    def code_ended(self, main: types.ModuleType) -> None:
+        """What python does once a script's code has ended (returned or raised; not by
+        SystemExit, whose exit runs from inside): `__file__` and `__cached__` leave its
+        `__main__`, before its threads are waited for and its atexit handlers run. A module,
+        a directory or a zipapp (run through runpy) keeps them."""
+        if self.spec is None:
+            for name in ("__file__", "__cached__"):
+                main.__dict__.pop(name, None)
+
     def orig_argv(self, args: list[str]) -> list[str]:
         """sys.orig_argv as `python [the interpreter options given] <this> args` gives it (a
         script that launches itself again from it started memprof's command line instead)."""
