@@ -127,7 +127,9 @@ class RunCommand(Command):
         saved_main = sys.modules.get("__main__")
         patches = PatchRegistry()   # memprof's own (--step-on, spawned processes)
         try:
-            with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
+            # SIGTERM saves; Ctrl-C while saving cannot lose it; the script's handlers are
+            # back for its atexit handlers where the process ends after the run
+            with ExitSignals(getattr(args, "process_ends", False)) as signals:
                 args.stopped_by = None
                 status = self._run_script(args, target, output, signals, patches)
                 status, args.exit_signal = signals.status(status, args.stopped_by)

@@ -7,6 +7,12 @@
 * SIGINT, SIGTERM or SIGHUP once the script has ended (the profile is being built, analysed, saved and
   reported): noted, not raised, so a second Ctrl-C cannot lose the profile.
 
+Where the process ends after the run (the `memprof` command, a spawned process), the handlers
+the script had in place when its code ended are put back once the profile is saved, as python
+leaves them installed through the script's atexit handlers (a SIGTERM during a slow checkpoint
+save at exit reaches the script's handler, not the default action); `main()` called
+in-process gets its caller's back.
+
 Either way the process then ends as Python's would have: by the signal itself (its parent sees
 it, not an exit status: a shell loop stops, subprocess returns -2), after the interpreter's
 finalization (memprof.cli.console_main, `_C.exit_by_signal`); `main()` called in-process
@@ -93,10 +99,12 @@ def _reset_in_child() -> None:
 class ExitSignals:
     """`with ExitSignals() as signals: ... signals.finish() ...`; then signals.status(s)."""
 
-    def __init__(self):
+    def __init__(self, process_ends: bool = False):
         self.finishing = False
         self.noted: int | None = None   # a signal that arrived while finishing
         self._previous: dict[int, object] = {}
+        self._process_ends = process_ends
+        self._scripts: dict[int, object] = {}   # the script's handlers when its code ended
 
     def __enter__(self) -> "ExitSignals":
         if threading.current_thread() is not threading.main_thread():
@@ -122,12 +130,15 @@ class ExitSignals:
         if not _ACTIVE and signal.signal is _signal:
             signal.signal, signal.getsignal = _REAL_SIGNAL, _REAL_GETSIGNAL
         for sig, handler in self._previous.items():
-            _REAL_SIGNAL(sig, handler)
+            script = self._scripts.get(sig) if self._process_ends else None
+            _REAL_SIGNAL(sig, handler if script is None or _ours(script) else script)
         return False
 
     def finish(self) -> None:
         """The script has ended: from here on signals are noted, not raised (and ours are back
-        in place if the script installed its own)."""
+        in place if the script installed its own, which __exit__ puts back)."""
+        if not self.finishing:
+            self._scripts = {sig: _REAL_GETSIGNAL(sig) for sig in self._previous}
         self.finishing = True
         for sig in self._previous:
             _REAL_SIGNAL(sig, self._handle)
