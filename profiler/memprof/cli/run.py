@@ -116,6 +116,8 @@ class RunCommand(Command):
         # the script's atexit handlers and threads still pickle its classes and read its argv
         world = PatchRegistry()
         world.set(sys, "argv", [target.argv0] + list(args.script_args))
+        if hasattr(sys, "orig_argv"):   # python's command line for the script, not memprof's
+            world.set(sys, "orig_argv", target.orig_argv(args.script_args))
         # the launcher's own first entry (the console script's bin directory, the current
         # directory of `python -m memprof.cli`) is the script's directory instead, as python
         # would give it: kept, the bin directory was one more place imports were looked for
@@ -125,7 +127,9 @@ class RunCommand(Command):
         saved_main = sys.modules.get("__main__")
         patches = PatchRegistry()   # memprof's own (--step-on, spawned processes)
         try:
-            with ExitSignals() as signals:   # SIGTERM saves; Ctrl-C while saving cannot lose it
+            # SIGTERM saves; Ctrl-C while saving cannot lose it; the script's handlers are
+            # back for its atexit handlers where the process ends after the run
+            with ExitSignals(getattr(args, "process_ends", False)) as signals:
                 args.stopped_by = None
                 status = self._run_script(args, target, output, signals, patches)
                 status, args.exit_signal = signals.status(status, args.stopped_by)
@@ -178,14 +182,18 @@ class RunCommand(Command):
                 try:
                     exec(code, main.__dict__)  # noqa: S102  (running the script is the point)
                 except (KeyboardInterrupt, Terminated):
+                    target.code_ended(main)
                     raise
                 except BaseException as exc:  # noqa: BLE001  (shown, waited, then as below)
                     status = _exit_status(exc) if isinstance(exc, SystemExit) else \
                         _report_uncaught(exc) or 1
                     shown.append(exc)
+                    if not isinstance(exc, SystemExit):
+                        target.code_ended(main)
                     wait_for_script_threads(before)
                     raise
                 else:
+                    target.code_ended(main)
                     wait_for_script_threads(before)
                 finally:
                     signals.finish()

@@ -52,6 +52,43 @@ class RunTarget:
         main.__cached__ = getattr(self.spec, "cached", None)
         return main
 
+    def code_ended(self, main: types.ModuleType) -> None:
+        """What python does once a script's code has ended (returned or raised; not by
+        SystemExit, whose exit runs from inside): `__file__` and `__cached__` leave its
+        `__main__`, before its threads are waited for and its atexit handlers run. A module,
+        a directory or a zipapp (run through runpy) keeps them."""
+        if self.spec is None:
+            for name in ("__file__", "__cached__"):
+                main.__dict__.pop(name, None)
+
+    def orig_argv(self, args: list[str]) -> list[str]:
+        """sys.orig_argv as `python [the interpreter options given] <this> args` gives it (a
+        script that launches itself again from it started memprof's command line instead)."""
+        given = list(getattr(sys, "orig_argv", None) or [sys.executable])
+        program = ["-m", self.name] if self.is_module else [self.name]
+        return given[:1] + interpreter_options(given[1:]) + program + list(args)
+
+
+def interpreter_options(argv: list[str]) -> list[str]:
+    """The interpreter's own options at the start of `argv` (sys.orig_argv past its first
+    entry), up to the program it runs (`-m NAME`, `-c CODE`, a script's path: memprof's)."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--" or token == "-" or not token.startswith("-"):
+            break
+        if token.startswith("--"):
+            i += 2 if token == "--check-hash-based-pycs" else 1
+            continue
+        for j, letter in enumerate(token[1:], start=1):
+            if letter in "cm":   # the program (with the flags before it: `-um memprof.cli`)
+                return argv[:i] + ([token[:j]] if j > 1 else [])
+            if letter in "WX":   # takes a value: the rest of the token, else the next one
+                i += j == len(token) - 1
+                break
+        i += 1
+    return argv[:i]
+
 
 class TargetFailed(Exception):
     """Finding the module ran code of the user's that raised (a parent package's __init__):

@@ -7,6 +7,12 @@
 * SIGINT, SIGTERM or SIGHUP once the script has ended (the profile is being built, analysed, saved and
   reported): noted, not raised, so a second Ctrl-C cannot lose the profile.
 
+Where the process ends after the run (the `memprof` command, a spawned process), the handlers
+the script had in place when its code ended are put back once the profile is saved, as python
+leaves them installed through the script's atexit handlers (a SIGTERM during a slow checkpoint
+save at exit reaches the script's handler, not the default action); `main()` called
+in-process gets its caller's back.
+
 Either way the process then ends as Python's would have: by the signal itself (its parent sees
 it, not an exit status: a shell loop stops, subprocess returns -2), after the interpreter's
 finalization (memprof.cli.console_main, `_C.exit_by_signal`); `main()` called in-process
@@ -16,7 +22,9 @@ To the script, memprof's handler is the default action it stands in for: `signal
 and the handler `signal.signal` returns read SIG_DFL / `default_int_handler` where it is in
 place, and setting that default back puts it back (a script's SIGTERM handler that chained to
 the previous one - a checkpoint, then `prev(signum, frame)` if callable - called memprof's and
-the run ended by SIGTERM where python's ended with the script's status).
+the run ended by SIGTERM where python's ended with the script's status). Both are replaced
+through memprof's patch registry (record.patches): one the script replaced meanwhile stays the
+script's once memprof's handlers are gone, the other is python's again.
 
 Only signals left at their default action are handled (a shell that ignores SIGINT for a
 background job keeps doing so), and only on the main thread (Python's rule for handlers).
@@ -34,6 +42,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+
+from ..record.patches import PatchRegistry
 
 #: the signals handled, with what they do by default (SIGHUP: not on Windows)
 _HANDLED = ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)) + \
@@ -93,10 +103,15 @@ def _reset_in_child() -> None:
 class ExitSignals:
     """`with ExitSignals() as signals: ... signals.finish() ...`; then signals.status(s)."""
 
-    def __init__(self):
+    def __init__(self, process_ends: bool = False):
         self.finishing = False
         self.noted: int | None = None   # a signal that arrived while finishing
         self._previous: dict[int, object] = {}
+        self._process_ends = process_ends
+        self._scripts: dict[int, object] = {}   # the script's handlers when its code ended
+        # signal.signal / getsignal stood in for (by the outermost one): restored checked,
+        # one the script replaced meanwhile stays the script's
+        self._patches = PatchRegistry()
 
     def __enter__(self) -> "ExitSignals":
         if threading.current_thread() is not threading.main_thread():
@@ -108,8 +123,10 @@ class ExitSignals:
             if handler is default or _ours(handler):
                 self._previous[sig] = _REAL_SIGNAL(sig, self._handle)
         if self._previous:
+            if not _ACTIVE:
+                self._patches.set(signal, "signal", _signal)
+                self._patches.set(signal, "getsignal", _getsignal)
             _ACTIVE.append(self)
-            signal.signal, signal.getsignal = _signal, _getsignal
             if not _FORK_HOOK[0] and hasattr(os, "register_at_fork"):
                 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                                     after_in_child=_reset_in_child)
@@ -119,15 +136,17 @@ class ExitSignals:
     def __exit__(self, *exc) -> bool:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
-        if not _ACTIVE and signal.signal is _signal:
-            signal.signal, signal.getsignal = _REAL_SIGNAL, _REAL_GETSIGNAL
+        self._patches.restore()
         for sig, handler in self._previous.items():
-            _REAL_SIGNAL(sig, handler)
+            script = self._scripts.get(sig) if self._process_ends else None
+            _REAL_SIGNAL(sig, handler if script is None or _ours(script) else script)
         return False
 
     def finish(self) -> None:
         """The script has ended: from here on signals are noted, not raised (and ours are back
-        in place if the script installed its own)."""
+        in place if the script installed its own, which __exit__ puts back)."""
+        if not self.finishing:
+            self._scripts = {sig: _REAL_GETSIGNAL(sig) for sig in self._previous}
         self.finishing = True
         for sig in self._previous:
             _REAL_SIGNAL(sig, self._handle)

@@ -189,7 +189,7 @@ def _run_as_rank(call, job: dict, index: int) -> None:
     if main is not None:   # the script, imported again in this process: holders are named
         tracker.roots.append(("", main.__dict__))
     status, stopped_by = 1, None
-    with ExitSignals() as signals:
+    with ExitSignals(process_ends=True) as signals:   # (the process ends after `call`)
         try:
             with tracker:
                 try:

@@ -8,8 +8,11 @@ its owner has switched it off.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from . import torch_tables
 
 
 @dataclass
@@ -25,6 +28,7 @@ class PatchRegistry:
     def __init__(self):
         self._patches: list[Patch] = []
         self.notes: list[str] = []   # patches that could not be undone cleanly
+        self._modules_before: set[str] = set()   # sys.modules' names at the first patch
 
     def patch(self, owner, name: str, make: Callable[[Any], Any]) -> Any:
         """Replace owner.name with make(original) and return the replacement. Works on
@@ -33,6 +37,8 @@ class PatchRegistry:
         namespace = getattr(owner, "__dict__", {})
         own = name in namespace
         original = namespace[name] if own and isinstance(owner, type) else getattr(owner, name)
+        if not self._patches:
+            self._modules_before = set(sys.modules)
         replacement = make(original)
         setattr(owner, name, replacement)
         self._patches.append(Patch(owner, name, original, replacement, own))
@@ -43,14 +49,23 @@ class PatchRegistry:
         self.patch(owner, name, lambda _original: value)
 
     def restore(self) -> None:
-        """Undo every patch, newest first; one that fails does not stop the rest."""
+        """Undo every patch, newest first; one that fails does not stop the rest. torch's
+        cached tables, and torch's modules first imported meanwhile, that took a wrapper
+        while it was in place get the original back."""
+        restored: dict[int, tuple[Any, Any]] = {}
         while self._patches:
             p = self._patches.pop()
             if not _in_place(p):
                 self.notes.append(f"{_describe(p.owner)}.{p.name} was replaced again while "
                                   "memprof recorded: left as it is")
                 continue
-            self._put_back(p)
+            if self._put_back(p) and callable(p.replacement) and \
+                    p.replacement is not p.original:
+                restored[id(p.replacement)] = (p.replacement, p.original)
+        imported = [m for n, m in list(sys.modules.items())
+                    if n not in self._modules_before and n.startswith("torch")] \
+            if restored else []
+        torch_tables.put_back(restored, imported)
 
     def undo(self, replacement) -> bool:
         """Put back now the original of the patch whose replacement this is (one needed for
@@ -63,11 +78,13 @@ class PatchRegistry:
                 if not _in_place(p):
                     return False
                 del self._patches[i]
-                self._put_back(p)
+                if self._put_back(p) and callable(p.replacement):
+                    torch_tables.put_back({id(p.replacement): (p.replacement, p.original)}, [])
                 return True
         return False
 
-    def _put_back(self, p: Patch) -> None:
+    def _put_back(self, p: Patch) -> bool:
+        """The original back on its owner -> whether it went back."""
         try:
             if p.own:
                 setattr(p.owner, p.name, p.original)
@@ -76,6 +93,8 @@ class PatchRegistry:
         except Exception as err:  # noqa: BLE001
             self.notes.append(f"{_describe(p.owner)}.{p.name}: could not restore "
                               f"({type(err).__name__}: {err})")
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self._patches)

@@ -1,0 +1,98 @@
+"""torch's tables of functions that are built once, on first use, and cached: torch.overrides'
+lists and dynamo's rule map and handlers. One first built while a block ran (a torch.compile in
+it) took memprof's wrapper where torch's function stood (torch.autograd.grad, torch.compile,
+the collectives): after the block, dynamo had no handler for the real function, and the
+wrapper's closure held the session - and the run's model and data - for the rest of the
+process. So did torch's modules first imported in the block: their names bound to a function
+(`from torch.distributed import all_reduce as legacy_allreduce`) and their tables of them
+(dynamo's remaps of the collectives). Once a block's patches are undone, `put_back` puts the
+originals there."""
+from __future__ import annotations
+
+import sys
+
+#: (module, the cached function's qualified name): each takes no argument and returns a dict,
+#: set or list of functions, or a tuple of those (dicts of lists: torch.overrides')
+TABLES = (
+    ("torch.overrides", "get_ignored_functions"),
+    ("torch.overrides", "get_default_nowrap_functions"),
+    ("torch.overrides", "get_testing_overrides"),
+    ("torch.overrides", "_get_overridable_functions"),
+    ("torch.overrides", "_get_tensor_methods"),
+    ("torch._dynamo.trace_rules", "get_torch_obj_rule_map"),
+    ("torch._dynamo.variables.torch", "get_overridable_functions"),
+    ("torch._dynamo.variables.torch", "TorchInGraphFunctionVariable._get_handlers"),
+)
+
+
+def put_back(originals: dict[int, tuple[object, object]], modules=()) -> None:
+    """In each table already built (none is built here) and in the namespaces of `modules`
+    (and their dicts, lists and sets): every wrapper in `originals` (id(wrapper) ->
+    (wrapper, original)) replaced by its original."""
+    if not originals:
+        return
+    originals = {key: (wrapper, _first(original, originals))
+                 for key, (wrapper, original) in originals.items()}
+    for module, qualname in TABLES:
+        cached = _built(module, qualname)
+        if cached is None:
+            continue
+        try:
+            _replace_in(cached(), originals, depth=2)
+        except Exception:  # noqa: BLE001  (another torch's shape: left as it is)
+            continue
+    for module in modules:
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict):
+            _replace_in(namespace, originals, depth=1)
+
+
+def _first(original, originals: dict):
+    """torch's own function under wrappers of wrappers (the compile watch's around the module
+    scope's torch.compile: the table took the outer one)."""
+    seen = 0
+    while _original(original, originals) is not None and seen < len(originals):
+        original, seen = _original(original, originals), seen + 1
+    return original
+
+
+def _built(module: str, qualname: str):
+    """The cached function, where its module is loaded and its table built; else None."""
+    obj = sys.modules.get(module)
+    for name in qualname.split("."):
+        obj = getattr(obj, name, None)
+    info = getattr(obj, "cache_info", None)
+    try:
+        return obj if info is not None and info().currsize else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _original(item, originals: dict):
+    """The original of a wrapper in `originals`, else None."""
+    found = originals.get(id(item))
+    return found[1] if found is not None and found[0] is item else None
+
+
+def _replace_in(table, originals: dict, depth: int) -> None:
+    if isinstance(table, dict):
+        for key in [k for k in table if _original(k, originals) is not None]:
+            table.setdefault(_original(key, originals), table.pop(key))
+        for key, value in list(table.items()):
+            original = _original(value, originals)
+            if original is not None:
+                table[key] = original
+            elif depth:
+                _replace_in(value, originals, depth - 1)
+    elif isinstance(table, set):
+        for item in [x for x in table if _original(x, originals) is not None]:
+            table.discard(item)
+            table.add(_original(item, originals))
+    elif isinstance(table, list):
+        for i, item in enumerate(table):
+            original = _original(item, originals)
+            if original is not None:
+                table[i] = original
+    elif isinstance(table, tuple) and depth:
+        for item in table:
+            _replace_in(item, originals, depth - 1)
