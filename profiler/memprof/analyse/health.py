@@ -40,6 +40,11 @@ LOSS_NOISE_MULTIPLE = 2.0
 CLIP_ALWAYS_FRACTION = 0.9
 CLIP_MIN_STEPS = 5
 CLIP_MISMATCH = 0.05
+#: windows whose micro-steps ran at different LRs, at least, to read an LR set per micro-batch
+#: from the windows where the LR moved (not all windows: a schedule counted in micro-steps ends
+#: early and then holds its floor, which moves nothing); fewer are one-off changes (an LR
+#: dropped by hand at an epoch's end inside an accumulation window)
+LR_MOVED_MIN = 3
 
 
 def loss_spikes(losses, window: int = LOSS_WINDOW, min_history: int = LOSS_MIN_HISTORY,
@@ -435,6 +440,22 @@ def _clipping(rec, summary: dict) -> list[Finding]:
     return findings
 
 
+def _lr_moves(window_lrs: list[list[tuple]]) -> tuple[int, int, int]:
+    """(windows whose micro-steps ran at different LRs, windows where the LR moved at all -
+    inside or since the window before -, windows with accumulation). A schedule counted in
+    micro-steps that ended early and sits at its floor moves no LR after it ends: those
+    windows say nothing either way."""
+    changed = moved = 0
+    last = None
+    for lrs in window_lrs:
+        inside = len(set(lrs)) > 1
+        changed += inside
+        moved += inside or bool(lrs and last is not None and lrs[0] != last)
+        if lrs:
+            last = lrs[-1]
+    return changed, moved, len(window_lrs)
+
+
 def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Finding]:
     findings: list[Finding] = []
     tl = rec.timeline
@@ -469,27 +490,28 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
         w = opt_count.get(oid, 0)     # optimizer window index
         info["windows"][w] = info["windows"].get(w, 0) + 1
     opt_steps = opt_count
-    # micro-steps per optimizer window (forward -> backward transitions) and LR per forward
+    # micro-steps per optimizer window (forward -> backward transitions) and the LR of each
+    # micro-step: of the forward its backward follows (an evaluation's forwards, with no
+    # backward, ran before the step set its LR and are no micro-step)
     micro: list[int] = []
-    lr_change_windows = 0
-    windows_with_micro = 0
-    cur_micro, last_tok, lrs_seen = 0, None, []
+    window_lrs: list[list[tuple]] = []
+    cur_micro, last_tok, lrs_seen, fwd_lr = 0, None, [], None
     for ev in tl:
         if ev[0] == "F":
             last_tok = "F"
-            if ev[2]:
-                lrs_seen.append(tuple(ev[2]))
+            fwd_lr = tuple(ev[2]) if ev[2] else None
         elif ev[0] == "B":
             if last_tok == "F":
                 cur_micro += 1
+                if fwd_lr is not None:
+                    lrs_seen.append(fwd_lr)
             last_tok = "B"
         elif ev[0] in ("O", "K"):   # (an iteration whose update GradScaler skipped ends too)
             micro.append(cur_micro)
             if cur_micro > 1:
-                windows_with_micro += 1
-                if len(set(lrs_seen)) > 1:
-                    lr_change_windows += 1
+                window_lrs.append(lrs_seen)
             cur_micro, last_tok, lrs_seen = 0, None, []
+    lr_change_windows, moved_windows, windows_with_micro = _lr_moves(window_lrs)
     micro_med = float(np.median(micro)) if micro else None
     out = []
     for sid, info in scheds.items():
@@ -553,15 +575,21 @@ def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Fi
                 evidence={"before_first_optimizer_step": info["before_first"],
                           "first_lr_applied": summary["lr"]["first"]}))
     if (lr_change_windows and windows_with_micro >= 2
-            and lr_change_windows >= 0.5 * windows_with_micro
+            and (lr_change_windows >= 0.5 * windows_with_micro
+                 or (lr_change_windows >= LR_MOVED_MIN
+                     and lr_change_windows >= 0.5 * moved_windows))
             and not any(f.kind == "lr_schedule_per_micro_step" for f in findings)):
         findings.append(_advice("lr_schedule_per_micro_step", "warning",
             message=(f"the learning rate changed between the micro-steps of "
                      f"{lr_change_windows} of {windows_with_micro} optimizer steps with "
-                     "gradient accumulation: the LR is updated per micro-batch, so warmup and "
-                     "decay are counted in micro-steps"),
+                     f"gradient accumulation ({lr_change_windows} of the {moved_windows} in "
+                     "which the LR moved at all): the LR is updated per micro-batch, so warmup "
+                     "and decay are counted in micro-steps"
+                     + (" and the schedule ends that many times too early"
+                        if moved_windows < 0.5 * windows_with_micro else "")),
             fix="update the LR once per optimizer step, counting optimizer steps, not batches",
             evidence={"windows_with_lr_change": lr_change_windows,
+                      "windows_with_lr_move": moved_windows,
                       "windows_with_accumulation": windows_with_micro,
                       "micro_steps_per_optimizer_step": micro_med}))
     summary["schedulers"] = out
