@@ -99,7 +99,8 @@ def parse(argv=None):
     ap.add_argument("--ckpt-interval", type=int, default=6)
     ap.add_argument("--out-dir", default="out")
     ap.add_argument("--bug", default="none",
-                    choices=["none", "keep_loss", "warmup_micro", "accum_change"])
+                    choices=["none", "keep_loss", "warmup_micro", "accum_change",
+                             "accum_change_rescaled"])
     return ap.parse_args(argv)
 
 
@@ -132,21 +133,23 @@ def train(model, opt, args):
         return out
 
     os.makedirs(args.out_dir, exist_ok=True)
-    lossi, accum, micro = [], args.accum, 0
+    lossi, accum, micro, peak = [], args.accum, 0, args.lr
     x, y = get_batch("train")
     for it in range(args.max_iters):
-        if args.bug == "accum_change" and it == args.max_iters // 2:
+        if args.bug.startswith("accum_change") and it == args.max_iters // 2:
             accum *= 2                      # the effective batch doubles, the LR does not
+            if args.bug == "accum_change_rescaled":
+                peak *= 2                   # ... unless it is scaled with it (correct)
         if it % args.eval_interval == 0:
             losses = estimate_loss()
             print(f"iter {it}: train {losses['train']:.4f} val {losses['val']:.4f}")
         if it > 0 and it % args.ckpt_interval == 0:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter": it},
                        os.path.join(args.out_dir, "ckpt.pt"))
-        lr = get_lr(it, args.warmup, args.max_iters, args.lr, args.lr / 10)
+        lr = get_lr(it, args.warmup, args.max_iters, peak, peak / 10)
         for m in range(accum):
             if args.bug == "warmup_micro":  # warmup and decay counted in micro-steps
-                lr = get_lr(micro, args.warmup, args.max_iters, args.lr, args.lr / 10)
+                lr = get_lr(micro, args.warmup, args.max_iters, peak, peak / 10)
             if m == 0 or args.bug == "warmup_micro":
                 for g in opt.param_groups:
                     g["lr"] = lr

@@ -4,6 +4,8 @@ step's own count). The health table read the divided loss for every step - "firs
 steps = 18 micro-steps at 6 per optimizer step", a count no step had."""
 import math
 
+import pytest
+
 import memprof
 import nanogpt_train
 from rich.console import Console
@@ -17,8 +19,13 @@ def _run(tmp_path, *argv):
     return prof
 
 
-def test_the_loss_is_the_models_before_and_after_the_change(tmp_path):
-    prof = _run(tmp_path, "--bug", "accum_change")
+@pytest.fixture(scope="module")
+def changed(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("changed"), "--bug", "accum_change")
+
+
+def test_the_loss_is_the_models_before_and_after_the_change(changed):
+    prof = changed
     losses = prof.health["per_step"]["loss"]
     # random tokens over 65 characters: ln 65 = 4.17 at every step, whatever the accumulation
     assert all(abs(x - math.log(65)) < 0.1 for x in losses), losses
@@ -29,3 +36,22 @@ def test_the_loss_is_the_models_before_and_after_the_change(tmp_path):
     prof.report(console=con)
     text = con.export_text()
     assert "warmup 3 optimizer steps = 12 micro-steps" in text, text
+
+
+def test_an_effective_batch_that_doubled_under_the_same_lr_is_named(changed, tmp_path):
+    """seeds/003: the effective batch grew (8 -> 128) and the LR did not follow it. Here the
+    accumulation doubles at step 6 and the cosine schedule goes on as before: said, with the
+    step, both effective batches and the LR's change; the clean run has no such finding."""
+    prof = changed
+    found = [f for f in prof.findings if f.kind == "effective_batch_changed"]
+    assert len(found) == 1, [f.kind for f in prof.findings]
+    f = found[0]
+    assert f.severity == "warning"
+    assert f.evidence["step"] == 6
+    assert f.evidence["samples_before"] == 16 and f.evidence["samples_after"] == 32
+    assert f.evidence["micro_steps_before"] == 4 and f.evidence["micro_steps_after"] == 8
+    assert "effective batch 16 -> 32" in f.message and "step 6" in f.message, f.message
+    print(f.message)
+    assert not [f for f in _run(tmp_path).findings if f.kind == "effective_batch_changed"]
+    rescaled = _run(tmp_path, "--bug", "accum_change_rescaled")
+    assert not [f for f in rescaled.findings if f.kind == "effective_batch_changed"]
