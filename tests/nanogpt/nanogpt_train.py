@@ -22,6 +22,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.register_buffer("mask", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+        self.history = None   # a list: seeds/000's attention maps kept for a plot, not detached
 
     def forward(self, x):
         B, T, C = x.shape
@@ -29,6 +30,8 @@ class SelfAttention(nn.Module):
                    for t in self.qkv(x).split(C, dim=2))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
         att = F.softmax(att.masked_fill(self.mask[:, :, :T, :T] == 0, float("-inf")), dim=-1)
+        if self.history is not None and self.training:
+            self.history.append(att)
         return self.proj((att @ v).transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -100,7 +103,8 @@ def parse(argv=None):
     ap.add_argument("--out-dir", default="out")
     ap.add_argument("--bug", default="none",
                     choices=["none", "keep_loss", "warmup_micro", "accum_change",
-                             "accum_change_rescaled"])
+                             "accum_change_rescaled", "accum_change_same_batch",
+                             "attn_history"])
     return ap.parse_args(argv)
 
 
@@ -134,12 +138,17 @@ def train(model, opt, args):
 
     os.makedirs(args.out_dir, exist_ok=True)
     lossi, accum, micro, peak = [], args.accum, 0, args.lr
+    if args.bug == "attn_history":
+        for b in model.blocks:
+            b.attn.history = []
     x, y = get_batch("train")
     for it in range(args.max_iters):
         if args.bug.startswith("accum_change") and it == args.max_iters // 2:
             accum *= 2                      # the effective batch doubles, the LR does not
             if args.bug == "accum_change_rescaled":
                 peak *= 2                   # ... unless it is scaled with it (correct)
+            if args.bug == "accum_change_same_batch":
+                args.batch_size //= 2       # seeds/001: half the micro-batch, same samples
         if it % args.eval_interval == 0:
             losses = estimate_loss()
             print(f"iter {it}: train {losses['train']:.4f} val {losses['val']:.4f}")
