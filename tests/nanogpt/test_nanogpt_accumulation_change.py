@@ -55,3 +55,11 @@ def test_an_effective_batch_that_doubled_under_the_same_lr_is_named(changed, tmp
     assert not [f for f in _run(tmp_path).findings if f.kind == "effective_batch_changed"]
     rescaled = _run(tmp_path, "--bug", "accum_change_rescaled")
     assert not [f for f in rescaled.findings if f.kind == "effective_batch_changed"]
+
+
+def test_half_the_micro_batch_at_twice_the_accumulation_is_no_change(tmp_path):
+    """seeds/001: micro-batch 8 -> 4, accumulation 2 -> 4, the effective batch kept: the
+    micro-steps doubled but the samples per optimizer step did not."""
+    prof = _run(tmp_path, "--bug", "accum_change_same_batch")
+    assert not [f for f in prof.findings if f.kind == "effective_batch_changed"]
+    assert all(abs(x - math.log(65)) < 0.1 for x in prof.health["per_step"]["loss"])
