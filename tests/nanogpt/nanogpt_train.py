@@ -101,6 +101,8 @@ def parse(argv=None):
     ap.add_argument("--eval-iters", type=int, default=1)
     ap.add_argument("--ckpt-interval", type=int, default=6)
     ap.add_argument("--out-dir", default="out")
+    ap.add_argument("--track", action="store_true",
+                    help="train inside the script's own memprof.track block")
     ap.add_argument("--bug", default="none",
                     choices=["none", "keep_loss", "warmup_micro", "accum_change",
                              "accum_change_rescaled", "accum_change_same_batch",
@@ -181,7 +183,13 @@ def train(model, opt, args):
 def main(argv=None):
     args = parse(argv)
     model, opt = build()
-    train(model, opt, args)
+    if not args.track:
+        train(model, opt, args)
+        return
+    import memprof
+    with memprof.track(model, optimizer=opt, health=True) as prof:
+        train(model, opt, args)
+    print("FINDINGS", sorted((f.kind, f.holder) for f in memprof.findings(prof)))
 
 
 if __name__ == "__main__":

@@ -33,3 +33,20 @@ def test_losses_kept_for_logging_are_named_and_the_clean_script_has_none(tmp_pat
     assert [(f["kind"], f["holder"]) for f in found if f["severity"] == "error"] == [
         ("retained_graph", "train.<locals>.lossi")], found
     assert _run(tmp_path) == []
+
+
+def test_the_scripts_own_block_finds_the_kept_losses_under_memprof_run_as_under_python(
+        tmp_path):
+    """The loop in a function that returns inside the script's `with memprof.track(...)`:
+    under python the block named `train.<locals>.lossi`; under `memprof run` the same block's
+    findings were empty (its leak looks were the outer block's, which it never read)."""
+    argv = [str(SCRIPT), "--out-dir", str(tmp_path / "out"), "--track", "--bug", "keep_loss"]
+    want = "FINDINGS [('retained_graph', 'train.<locals>.lossi')]"
+    plain = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert want in plain.stdout, plain.stdout[-2000:]
+    run = subprocess.run([sys.executable, "-m", "memprof.cli", "run", *argv], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert want in run.stdout, run.stdout[-3000:]
