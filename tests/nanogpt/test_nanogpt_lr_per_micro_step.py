@@ -32,3 +32,19 @@ def test_an_evaluation_before_each_steps_lr_is_no_lr_change(tmp_path):
 def test_the_clean_loop_has_no_finding(tmp_path):
     kinds, _ = _kinds(tmp_path)
     assert kinds == [], kinds
+
+
+def test_memprof_run_health_names_it_in_an_unmodified_script(tmp_path):
+    """The same through `memprof run --health`, whose block learns the optimizer at its first
+    step (the first step's micro-steps carry no LR there): 16 optimizer steps."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "memprof.cli", "run", "--json", "--health",
+                        nanogpt_train.__file__, "--out-dir", str(tmp_path / "out"),
+                        "--max-iters", "16", "--bug", "warmup_micro"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    found = [f for f in json.loads(r.stdout)["findings"]
+             if f["kind"] == "lr_schedule_per_micro_step"]
+    assert len(found) == 1 and "ends 4x too early" in found[0]["message"], found

@@ -193,7 +193,7 @@ def scheduler_findings(rec, summary: dict, warm, complete) -> list[Finding]:
                      f"gradient accumulation ({lr_change_windows} of the {moved_windows} in "
                      "which the LR moved at all): the LR is updated per micro-batch, so warmup "
                      "and decay are counted in micro-steps"
-                     + (" and the schedule ends that many times too early"
+                     + (f" and the schedule ends {fmt(micro_med)}x too early"
                         if moved_windows < 0.5 * windows_with_micro else "")),
             fix="update the LR once per optimizer step, counting optimizer steps, not batches",
             evidence={"windows_with_lr_change": lr_change_windows,
