@@ -18,6 +18,13 @@ HOLD_STEPS = 3
 #: the LR followed the change when it moved, against its own pace before the change, by at
 #: least this power of the batch's ratio (a quarter: square-root scaling moves it by a half)
 FOLLOWED_POWER = 0.25
+#: a change is by this factor at least (a drifting batch - token-based batches sorted by
+#: length - moves by less, step after step)
+MIN_RATIO = 1.5
+#: ... in a run that holds few effective batches for most of its steps: a schedule of
+#: changes, not batches that vary
+MAX_HELD_VALUES = 3
+MIN_HELD_SHARE = 0.8
 
 
 def effective_batch_changed(profile) -> list[Finding]:
@@ -72,4 +79,8 @@ def _changes(size: list) -> list[tuple[list[int], list[int]]]:
         else:
             runs.append([i])
     held = [r for r in runs if len(r) >= HOLD_STEPS and size[r[0]] is not None]
-    return [(p, q) for p, q in zip(held, held[1:]) if size[p[0]] != size[q[0]]]
+    if (len({size[r[0]] for r in held}) > MAX_HELD_VALUES
+            or sum(map(len, held)) < MIN_HELD_SHARE * len(size)):
+        return []
+    return [(p, q) for p, q in zip(held, held[1:]) if size[p[0]] and size[q[0]]
+            and abs(math.log(size[q[0]] / size[p[0]])) >= math.log(MIN_RATIO)]
