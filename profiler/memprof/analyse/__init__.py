@@ -14,6 +14,7 @@ from .outcome import Outcome
 
 def default_analyses() -> list:
     from .backward import backward_misuse
+    from .batch_change import effective_batch_changed
     from .gradless_params import parameters_without_gradients
     from .growth import unexplained_growth
     from .health import health_analysis
@@ -24,7 +25,7 @@ def default_analyses() -> list:
     from .untrained_grads import untrained_gradients
     return [retained_graphs, unexplained_growth, backward_misuse, throughput_analysis,
             health_analysis, out_of_memory, untrained_gradients, parameters_without_gradients,
-            partial_autocast]
+            partial_autocast, effective_batch_changed]
 
 
 def analyse(profile, analyses=None) -> None:

@@ -11,6 +11,8 @@ import numpy as np
 from ..finding import Finding
 from ..profile import Profile
 from .lr_range import range_test, reread, sweep_reading
+from .schedule import fmt as _fmt
+from .schedule import scheduler_findings, warmup_length
 
 LOSS_WINDOW = 8
 LOSS_MIN_HISTORY = 3
@@ -107,26 +109,6 @@ def loss_noise(losses, window: int = LOSS_WINDOW) -> float | None:
     return float(np.median(rel)) if rel.size >= window else None
 
 
-def warmup_length(lrs) -> tuple[int | None, bool]:
-    """(steps before the LR first reaches its peak, whether it got there before the end)."""
-    a = np.asarray(lrs, dtype=np.float64)
-    if a.size < 2 or not np.isfinite(a).all():
-        return None, False
-    peak = a.max()
-    if peak <= 0 or a[0] >= 0.99 * peak:
-        return 0, True
-    i = int(np.flatnonzero(a >= 0.999 * peak)[0])
-    return i, bool(i < a.size - 1)
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4g}"
-
-
 def health_analysis(profile: Profile) -> list[Finding]:
     """Default analysis: the health findings (none without health=True and prof.log())."""
     result = _analyse(profile)
@@ -201,7 +183,7 @@ def _analyse(profile: Profile) -> tuple[dict, list[Finding]] | None:
                      "warmup_optimizer_steps": warm, "warmup_complete": complete,
                      "range_test": sweep,
                      "param_groups": len(grad[lr_steps[0]]["lr"]) if lr_steps else 0}
-    findings += _scheduler_findings(rec, summary, warm, complete)
+    findings += scheduler_findings(rec, summary, warm, complete)
     return summary, findings
 
 
@@ -229,21 +211,24 @@ def _per_step(rec, logs, window_normalised: bool = False) -> tuple[dict, dict[in
         loss_source = "logged: prof.log(loss=...) or a memprof framework callback"
     else:
         by: dict[int, list[float]] = {}
-        divisors = []
+        divisors: dict[int, list] = {}
         for (step, v), d in zip(rec.losses, rec.loss_divisors) if rec is not None else ():
             if v is not None:
                 by.setdefault(step, []).append(v)
-                divisors.append(d)
+                divisors.setdefault(step, []).append(d)
         k = _accumulation_divisor(by, divisors)
         summed = not k and window_normalised
-        per_loss = {s: float(np.sum(v)) if summed else float(np.mean(v)) * (k or 1.0)
+        per_loss = {s: float(np.sum(v)) if summed else float(np.mean(v)) * (k[s] if k else 1.0)
                     for s, v in by.items()}
         loss_source = "root of backward" if per_loss else None
         if per_loss and rec.loss_unscaled and all(rec.loss_unscaled):
             loss_source += " before GradScaler's scale"
         if k:
-            loss_source += (f" times {k:g}: the loss was divided by the {k:g} micro-steps of "
-                            "each optimizer step")
+            ks = sorted(set(k.values()))
+            each = " and ".join(f"{x:g}" for x in ks)
+            loss_source += (f" times {each}: the loss was divided by the {each} micro-steps of "
+                            + ("each optimizer step" if len(ks) == 1 else
+                               "its optimizer step (the accumulation changed)"))
         elif summed and per_loss:
             loss_source += (", summed over each optimizer step's micro-steps: the model was "
                             "given num_items_in_batch, the items of the whole step, and "
@@ -276,16 +261,27 @@ def _per_step(rec, logs, window_normalised: bool = False) -> tuple[dict, dict[in
     return summary, per_loss
 
 
-def _accumulation_divisor(by_step: dict[int, list[float]], divisors: list) -> float | None:
-    """k when every backward root was the loss divided by k (record.health._divisor) and k is
-    the number of micro-steps of an optimizer step (the median: a last step may be short):
-    gradient accumulation's scaling, which the loss shown undoes (a loss of 1.56 read as the
-    model's was 6.25 / 4). Any other scaling is the user's loss and is shown as it is."""
-    if not divisors or any(d is None for d in divisors) or len(set(divisors)) != 1:
+def _accumulation_divisor(by_step: dict[int, list[float]],
+                          divisors: dict[int, list]) -> dict[int, float] | None:
+    """{step: k} when every backward root was the loss divided by k (record.health._divisor)
+    and k is the number of micro-steps of the optimizer steps divided by it (their median: an
+    epoch's last step may be short): gradient accumulation's scaling, which the loss shown
+    undoes (a loss of 1.56 read as the model's was 6.25 / 4), also where the accumulation
+    changed mid-run (4, then 8: the loss read as halved). Any other scaling is the user's loss
+    and is shown as it is."""
+    if not divisors:
         return None
-    k = float(divisors[0])
-    micro = float(np.median([len(v) for v in by_step.values()]))
-    return k if abs(micro - k) <= 1e-6 * k else None
+    out: dict[int, float] = {}
+    counts: dict[float, list[int]] = {}
+    for s, ds in divisors.items():
+        if any(d is None for d in ds) or len(set(ds)) != 1:
+            return None
+        out[s] = k = float(ds[0])
+        counts.setdefault(k, []).append(len(by_step[s]))
+    for k, n in counts.items():
+        if abs(float(np.median(n)) - k) > 1e-6 * k:
+            return None
+    return out
 
 
 def _nonfinite(rec, summary: dict, per_loss: dict[int, float]) -> list[Finding]:
@@ -432,138 +428,4 @@ def _clipping(rec, summary: dict) -> list[Finding]:
                           "expected_norm": [x[1] for x in bad][:20],
                           "optimizer_norm": [x[2] for x in bad][:20],
                           "tolerance": CLIP_MISMATCH}))
-    return findings
-
-
-def _scheduler_findings(rec: _Records, summary: dict, warm, complete) -> list[Finding]:
-    findings: list[Finding] = []
-    tl = rec.timeline
-    scheds: dict[int, dict] = {}
-    opt_count: dict[int, int] = {}        # optimizer id -> optimizer steps so far
-    last_opt: dict[int, int] = {}         # optimizer id -> timeline index of its last step
-    last_activity = -1                    # timeline index of the last backward
-    for i, ev in enumerate(tl):
-        if ev[0] in ("F", "B"):
-            # a backward marks a training iteration under way; forwards alone (an evaluation
-            # pass before an epoch's scheduler.step()) do not
-            if ev[0] == "B":
-                last_activity = i
-            continue
-        if ev[0] == "O":
-            opt_count[ev[2]] = opt_count.get(ev[2], 0) + 1
-            last_opt[ev[2]] = i
-            continue
-        if ev[0] == "K":   # a skipped update (GradScaler): no optimizer step
-            continue
-        _, step, sid, cls, oid, lrs, before = ev
-        info = scheds.setdefault(sid, {"class": cls, "opt": oid, "calls": 0, "mid": 0,
-                                       "before_first": 0, "lr_after": [], "windows": {}})
-        if info["calls"] == 0:
-            info["lr_after"].append(before[0] if before else None)   # the value it started at
-        info["calls"] += 1
-        if oid not in last_opt:
-            info["before_first"] += 1
-        elif last_activity > last_opt[oid]:
-            info["mid"] += 1          # after this iteration's forward/backward, before its step
-        info["lr_after"].append(lrs[0] if lrs else None)
-        w = opt_count.get(oid, 0)     # optimizer window index
-        info["windows"][w] = info["windows"].get(w, 0) + 1
-    opt_steps = opt_count
-    # micro-steps per optimizer window (forward -> backward transitions) and LR per forward
-    micro: list[int] = []
-    lr_change_windows = 0
-    windows_with_micro = 0
-    cur_micro, last_tok, lrs_seen = 0, None, []
-    for ev in tl:
-        if ev[0] == "F":
-            last_tok = "F"
-            if ev[2]:
-                lrs_seen.append(tuple(ev[2]))
-        elif ev[0] == "B":
-            if last_tok == "F":
-                cur_micro += 1
-            last_tok = "B"
-        elif ev[0] in ("O", "K"):   # (an iteration whose update GradScaler skipped ends too)
-            micro.append(cur_micro)
-            if cur_micro > 1:
-                windows_with_micro += 1
-                if len(set(lrs_seen)) > 1:
-                    lr_change_windows += 1
-            cur_micro, last_tok, lrs_seen = 0, None, []
-    micro_med = float(np.median(micro)) if micro else None
-    out = []
-    for sid, info in scheds.items():
-        n_opt = opt_steps.get(info["opt"], 0)
-        counts = list(info["windows"].values())
-        per_window = [info["windows"].get(w, 0) for w in range(n_opt + 1)]
-        windows_multi = sum(1 for c in per_window[1:] if c >= 2)
-        lr_sched = [x for x in info["lr_after"] if x is not None]
-        swept = range_test(lr_sched) is not None   # (a range test: no warmup)
-        s_warm = warmup_length(lr_sched)[0] if lr_sched and not swept else None
-        out.append({"class": info["class"], "calls": info["calls"], "optimizer_steps": n_opt,
-                    "calls_per_optimizer_step": info["calls"] / n_opt if n_opt else None,
-                    "before_optimizer_calls": info["mid"] + info["before_first"],
-                    "before_first_optimizer_step": info["before_first"],
-                    "warmup_scheduler_steps": s_warm})
-        per_micro = n_opt >= 2 and windows_multi >= 0.5 * max(1, n_opt - 1) and max(counts) >= 2
-        if per_micro:
-            ratio = info["calls"] / max(1, n_opt)
-            warm_txt = ""
-            if s_warm:   # from the scheduler's own steps: a warmup shorter than one
-                # optimizer step is a fraction of one, not 0
-                warm_txt = (f"; the warmup lasts {s_warm} scheduler steps = "
-                            f"{round(s_warm / ratio, 1):g}{'' if complete else '+'} "
-                            "optimizer steps")
-            findings.append(_advice("lr_schedule_per_micro_step", "warning",
-                message=(f"{info['class']}.step() ran {info['calls']} times for {n_opt} "
-                         f"optimizer steps ({ratio:.1f} per step, {_fmt(micro_med)} micro-steps "
-                         f"per optimizer step): the schedule advances per micro-batch, so "
-                         + (f"the LR range test's sweep runs {ratio:.1f}x too fast (each "
-                            "optimizer step skips the LRs of its other micro-batches)"
-                            if swept else
-                            f"warmup and decay run {ratio:.1f}x too fast{warm_txt}")),
-                fix=("call scheduler.step() once per optimizer step (inside the `if (i+1) % "
-                     "accum == 0:` block, after optimizer.step()), or size warmup/total steps "
-                     "in micro-steps on purpose"),
-                evidence={"scheduler_steps": info["calls"], "optimizer_steps": n_opt,
-                          "micro_steps_per_optimizer_step": micro_med,
-                          "warmup_scheduler_steps": s_warm,
-                          "warmup_optimizer_steps": warm}))
-        elif (info["mid"] >= 1 and info["calls"] >= 2
-              and info["mid"] + info["before_first"] >= 0.5 * info["calls"]):
-            findings.append(_advice("scheduler_before_optimizer", "warning",
-                message=(f"{info['class']}.step() was called before optimizer.step() in "
-                         f"{info['mid'] + info['before_first']} of {info['calls']} "
-                         "iterations: each optimizer step "
-                         "uses the next step's LR and the schedule's first value is never "
-                         f"used (first LR applied {_fmt(summary['lr']['first'])})"),
-                fix="call optimizer.step() first, then scheduler.step()",
-                evidence={"scheduler_steps": info["calls"],
-                          "before_optimizer": info["mid"] + info["before_first"],
-                          "optimizer_steps": n_opt,
-                          "first_lr_applied": summary["lr"]["first"]}))
-        elif info["before_first"] > 0:
-            findings.append(_advice("scheduler_stepped_before_first_optimizer_step", "info",
-                message=(f"{info['class']}.step() ran {info['before_first']} time(s) before "
-                         "the first optimizer step (a pre-step at start-up, or a GradScaler "
-                         "that skipped the first step): the schedule's first value(s) were "
-                         f"skipped (first LR applied {_fmt(summary['lr']['first'])})"),
-                fix=("do not pre-step the scheduler; with AMP a skipped first step is "
-                     "harmless"),
-                evidence={"before_first_optimizer_step": info["before_first"],
-                          "first_lr_applied": summary["lr"]["first"]}))
-    if (lr_change_windows and windows_with_micro >= 2
-            and lr_change_windows >= 0.5 * windows_with_micro
-            and not any(f.kind == "lr_schedule_per_micro_step" for f in findings)):
-        findings.append(_advice("lr_schedule_per_micro_step", "warning",
-            message=(f"the learning rate changed between the micro-steps of "
-                     f"{lr_change_windows} of {windows_with_micro} optimizer steps with "
-                     "gradient accumulation: the LR is updated per micro-batch, so warmup and "
-                     "decay are counted in micro-steps"),
-            fix="update the LR once per optimizer step, counting optimizer steps, not batches",
-            evidence={"windows_with_lr_change": lr_change_windows,
-                      "windows_with_accumulation": windows_with_micro,
-                      "micro_steps_per_optimizer_step": micro_med}))
-    summary["schedulers"] = out
-    summary["micro_steps_per_optimizer_step"] = micro_med
     return findings

@@ -296,6 +296,13 @@ def micro_steps(profile: Profile) -> list[int]:
     return phase_table(_entries_from_profile(profile))["micro_steps"]
 
 
+def step_samples(profile: Profile) -> tuple[list, list[int]]:
+    """(samples, micro-steps) of each finished step, as the throughput table counts them
+    (samples None where a micro-batch's size is unknown)."""
+    rows = phase_table(_entries_from_profile(profile))
+    return rows["samples"], rows["micro_steps"]
+
+
 def _entries_from_profile(profile: Profile) -> list[tuple[str, int, int]]:
     return [(m["label"], m["t_ns"], m["value"]) for m in profile.markers()
             if m["label"] in PHASE_LABELS]

@@ -1,7 +1,9 @@
 """The loss of a step when the user gives none, and the Python that computes the same loss.
 
 The model's own loss when its output carries one (`outputs.loss`, as Hugging Face models return
-when the batch has labels). Otherwise the first tensor of the output (`.logits`, a dict's first
+when the batch has labels; a dict's "loss"; or, when the batch gives no targets apart, a scalar
+that needs a gradient in a returned tuple: nanoGPT's `(logits, loss)`, whose loss read as
+"no targets" and was replaced by the logits' mean). Otherwise the first tensor of the output (`.logits`, a dict's first
 value, a tuple's first item) against the targets: cross-entropy for integer targets (per token
 when the targets have the output's leading shape), MSE for float targets, and the output's mean
 when the batch has no targets (a stand-in scalar: its memory is that of any scalar loss).
@@ -20,6 +22,13 @@ def _decide(outputs, targets) -> tuple[str, str, object]:
     own = getattr(outputs, "loss", None)
     if isinstance(own, torch.Tensor):
         return "own", ".loss", own
+    if isinstance(outputs, dict) and _scalar(outputs.get("loss")):
+        return "own", "['loss']", outputs["loss"]
+    if isinstance(outputs, (tuple, list)) and targets is None:
+        # the targets went in with the inputs (model(idx, targets)): the loss it returns
+        at = [i for i, t in enumerate(outputs) if _scalar(t)]
+        if at:
+            return "own", f"[{at[0]}]", outputs[at[0]]
     out, path = outputs, ""
     if hasattr(out, "logits"):
         out, path = out.logits, ".logits"
@@ -37,6 +46,12 @@ def _decide(outputs, targets) -> tuple[str, str, object]:
         tokens = out.dim() > 2 and targets.shape == out.shape[:-1]
         return ("cross_entropy_tokens" if tokens else "cross_entropy"), path, out
     return "mse", path, out
+
+
+def _scalar(t) -> bool:
+    """A loss as a model returns it: one floating value with a graph to differentiate."""
+    return (isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point()
+            and t.requires_grad)
 
 
 def _loss(kind: str, out, targets):
@@ -70,7 +85,7 @@ def loss_code(rule: str, output: str, call: str) -> list[str]:
     """Lines that set `loss` as `rule` does, from the model call `call` (e.g. 'model(**x)')
     and the path `output` into its result; the targets are `y`."""
     if rule == "own":
-        return [f"loss = {call}.loss  # the model's own loss (its batch has labels)"]
+        return [f"loss = {call}{output}  # the model's own loss (its batch has the targets)"]
     return [f"out = {call}{output}", _CODE[rule]]
 
 

@@ -311,8 +311,22 @@ def ctx_attribute(t: torch.Tensor) -> str | None:
 
 def model_roots(model, named_roots) -> list[tuple[str, object]]:
     """Where holder names start first: the tracked model (`model.kept`), else the root
-    modules that ran, as the code called them (auto mode: `memprof run`)."""
-    return [("model", model)] if model is not None else list(named_roots)
+    modules that ran, as the code called them (auto mode: `memprof run`); and each of their
+    submodules under its path from them, so that a module's list is named by the model even
+    where a shorter alias reaches it (a loop variable left at the last block,
+    `for b in model.blocks: b.attn.history = []`, named the second block's list
+    `train.<locals>.b.attn.history`)."""
+    roots = [("model", model)] if model is not None else list(named_roots)
+    out = list(roots)
+    for name, root in roots:
+        if not isinstance(root, torch.nn.Module):
+            continue
+        try:
+            subs = list(root.named_modules())
+        except Exception:  # noqa: BLE001  (an odd module: its root alone still names)
+            continue
+        out += [(f"{name}.{path}", m) for path, m in subs if path]
+    return out
 
 
 def frame_roots(frame) -> list[tuple[str, object]]:

@@ -152,6 +152,17 @@ class LeakProbe:
         }
         return True
 
+    def record_nested(self, inner) -> dict | None:
+        """What a block nested in this one (a script's own under `memprof run`) records as it
+        ends: the last look that found graphs, where it was made while that block ran (its
+        steps are the outer's, as the nested block's boundaries are). Its loop in a function
+        that returned inside the block left it no finding, where under python its own probe
+        had named `train.<locals>.lossi`. The looks' times stay the outer's."""
+        rec = self._record
+        if not rec or not rec.get("graphs") or rec["completed_steps"] <= inner.first_step:
+            return None
+        return {**rec, "looks": []}
+
     def record(self) -> dict | None:
         """The last look that found graphs of earlier steps (plain data), and every look's
         step and time: a look runs just after a step boundary, so its time would read as the

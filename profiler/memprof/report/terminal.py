@@ -364,8 +364,13 @@ def _print_health(prof: Profile, console: Console) -> None:
         micro = h.get("micro_steps_per_optimizer_step")
         # with accumulation, the same warmup in micro-steps too: a warmup sized in batches
         # but stepped per optimizer step shows as k times the steps the recipe meant
-        in_micro = (f" = {warm * micro:g}{more} micro-steps at {micro:g} per optimizer step"
-                    if warm and micro and micro > 1 else "")
+        in_micro = ""
+        if warm and micro and micro > 1:
+            counted = lr.get("warmup_micro_steps")
+            in_micro = (f" = {counted}{more} micro-steps" if counted is not None
+                        else f" = {warm * micro:g}{more} micro-steps")
+            if counted is None or counted == warm * micro:
+                in_micro += f" at {micro:g} per optimizer step"
         t.add_row("learning rate (group 0)",
                   f"first {_g(lr['first'])}, peak {_g(lr['peak'])}, last {_g(lr['last'])}; "
                   + (_range_test_text(lr["range_test"]) if lr.get("range_test") else
