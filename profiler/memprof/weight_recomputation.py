@@ -5,10 +5,14 @@ A parametrization (`torch.nn.utils.parametrizations.weight_norm` / `spectral_nor
 each access, inside `<module>.parametrizations.<name>` (torch's ParametrizationList, a
 module memprof names); the forward saves it for backward. Backward then makes the weight's
 gradient (in the backward of the op that used the weight: the module's linear) and frees it
-in the parametrization's own backward. None of these grows with the batch: the weight is
-the category `recomputed_weights`, owned by the parametrized module, and the scaled fit
-keeps them whole. Found from the event log alone (module ids, autograd sequence numbers),
-so recording pays nothing for them."""
+in the parametrization's own backward. Old-style `weight_norm` / `spectral_norm` keep their
+weight on the module (the snapshots name it, record.recomputed_weights); its gradient is
+freed in the backward of the op that made it. None of these grows with the batch: the weight
+is the category `recomputed_weights`, owned by the parametrized module; its gradient and
+the temporaries of the recomputing ops' backward stay `temporaries` (what they are: short
+lived, in backward), found by `weight_gradients`; the scaled fit keeps both whole. Found
+from the event log alone (module ids, autograd sequence numbers), so recording pays nothing
+for them."""
 from __future__ import annotations
 
 import numpy as np
@@ -71,3 +75,26 @@ def own(profile, module: np.ndarray) -> None:
     sel = np.flatnonzero((profile.category == CAT_RECOMPUTED_WEIGHTS)
                          & _in_scope(module, owners))
     module[sel] = owners[module[sel].astype(np.int64)]
+
+
+def weight_gradients(profile) -> np.ndarray:
+    """Allocations (indices) of backward temporaries and activations that the recomputation
+    costs: made in the backward of an op that recomputed a weight (a parametrization's, the
+    op that made an old-style weight), or used up there - the weight's gradient, made in
+    the backward of the op that used the weight."""
+    owners = scope_owners(profile.modules)
+    category = profile.category
+    scoped = (owners >= 0).any()
+    if not scoped and not (category == CAT_RECOMPUTED_WEIGHTS).any():
+        return np.zeros(0, dtype=np.int64)     # (a model without any: no pass over events)
+    memory, free_of, records = profile.memory, profile.free_of, profile.seq_records
+    sizes, phases, seq = memory["size"], memory["phase"], memory["seq"]
+    weights = (category == CAT_RECOMPUTED_WEIGHTS) & (sizes > 0) & (phases == PHASE_FORWARD)
+    made = [records["seq"][_in_scope(records["module"], owners)]] \
+        if scoped and records.size else []
+    nodes = np.unique(np.concatenate(made + [seq[weights]]).astype(np.int64))
+    in_node = (phases == PHASE_BACKWARD) & np.isin(seq, nodes[nodes >= 0])
+    used_up = (free_of >= 0) & in_node[np.maximum(free_of, 0)]
+    candidate = (sizes > 0) & (phases == PHASE_BACKWARD) \
+        & np.isin(category, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
+    return np.flatnonzero(candidate & (in_node | used_up))

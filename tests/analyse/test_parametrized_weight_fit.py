@@ -4,6 +4,8 @@ recompute the weight at each access; the forward saves it for backward. One weig
 whatever the batch: memprof read it as activations (or temporaries) and the scaled fit shrank
 it with the micro-batch, so the peak it predicted at another batch was off by the weights.
 Checked against real runs at the other batch size."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 import memprof
 from memprof.plan.allocator import simulate
 from memprof.plan.fit import scaled_stream
-from memprof.record.events import CAT_RECOMPUTED_WEIGHTS, PHASE_FORWARD
+from memprof.record.events import (CAT_RECOMPUTED_WEIGHTS, CAT_TEMPORARIES, PHASE_BACKWARD,
+                                   PHASE_FORWARD)
 
 D, C, STEPS = 512, 8, 3
 WEIGHT = D * D * 4
@@ -39,6 +42,15 @@ def new_style() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(D, D), weight_norm(torch.nn.Linear(D, D)),
                                spectral_norm(torch.nn.Linear(D, D)), lora,
                                torch.nn.Linear(D, C))
+
+
+def old_style() -> torch.nn.Module:
+    with warnings.catch_warnings():   # the old-style functions' deprecation warnings
+        warnings.simplefilter("ignore")
+        return torch.nn.Sequential(torch.nn.Linear(D, D),
+                                   torch.nn.utils.weight_norm(torch.nn.Linear(D, D)),
+                                   torch.nn.utils.weight_norm(torch.nn.Linear(D, D)),
+                                   torch.nn.Linear(D, C))
 
 
 def train(make, batch: int):
@@ -76,6 +88,11 @@ def new_runs():
     return {b: train(new_style, b) for b in (SMALL, LARGE)}
 
 
+@pytest.fixture(scope="module")
+def old_runs():
+    return {b: train(old_style, b) for b in (SMALL, LARGE)}
+
+
 def test_recomputed_weights_are_their_modules_not_scaled(new_runs):
     for batch, p in new_runs.items():
         fwd = np.flatnonzero((p.memory["phase"] == PHASE_FORWARD) & (p.memory["size"] > 0)
@@ -98,3 +115,22 @@ def test_the_forward_at_the_other_batch_is_predicted(new_runs):
         real = peaks(other, 1.0, forward_end(other))[0]
         assert predicted == pytest.approx(real, rel=0.15), (factor, predicted, real)
 
+
+@pytest.mark.parametrize("style", ["new", "old"])
+def test_the_step_at_the_other_batch_is_predicted(style, new_runs, old_runs):
+    """The weight's gradient (made by the module's linear in backward, used up by the
+    weight's own backward) is weight-sized at any batch: a temporary the fit keeps whole."""
+    runs = new_runs if style == "new" else old_runs
+    for seen_at, other_at in ((LARGE, SMALL), (SMALL, LARGE)):
+        seen, other, factor = runs[seen_at], runs[other_at], other_at / seen_at
+        predicted, real = peaks(seen, factor), peaks(other, 1.0)
+        assert predicted[0] == pytest.approx(real[0], rel=0.15), (factor, predicted, real)
+        assert predicted[1] == pytest.approx(real[1], rel=0.15), (factor, predicted, real)
+        # the recomputed weights' gradients: backward temporaries, kept at their size
+        p = seen
+        _, full = scaled_stream(p, p.steps[-1], 1.0, accumulate=False)
+        _, scaled = scaled_stream(p, p.steps[-1], factor, accumulate=False)
+        n = full.size
+        backward = np.flatnonzero((p.memory["phase"][:n] == PHASE_BACKWARD) & (full == WEIGHT)
+                                  & (p.category[:n] == CAT_TEMPORARIES))
+        assert backward.size >= 2 * STEPS and (scaled[backward] == WEIGHT).all()

@@ -5,7 +5,9 @@ Two ways, by what is known:
 * `scaled_fit(profile, capacity, step)`: from the profile alone (a saved file, `memprof report
   --budget`). The recorded stream up to the end of that step is replayed through the
   caching-allocator model with the batch-dependent allocations (activations and temporaries
-  of forward and backward) scaled to a smaller micro-batch, and - for the micro-steps 2..A of
+  of forward and backward; not a weight recomputed from parameters - weight_norm, a
+  parametrization - nor its gradient: memprof.weight_recomputation) scaled to a smaller
+  micro-batch, and - for the micro-steps 2..A of
   gradient accumulation - the step's gradients alive from its start. The largest micro-batch
   whose replay fits is the answer. Linear scaling of activations with the batch is the
   assumption; parameters, gradients and optimizer state stay as recorded.
@@ -33,6 +35,7 @@ from ..profile import Profile
 from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_TEMPORARIES,
                              PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
 from ..units import fmt_bytes
+from ..weight_recomputation import weight_gradients
 from .allocator import simulate
 from .precision import default_precisions, model_precision, notes, unsupported
 from .streams import step_stream
@@ -103,8 +106,11 @@ def _scalable(profile: Profile, end: int, batch: int | None = None) -> np.ndarra
     owner = np.where(ok, owner, 0)
     phase = profile.memory["phase"][owner]
     cat = profile.category[owner]
+    # (a recomputed weight's gradient: weight-sized at any batch)
+    whole = np.zeros(profile.memory.size, dtype=bool)
+    whole[weight_gradients(profile)] = True
     out = ok & np.isin(phase, (PHASE_FORWARD, PHASE_BACKWARD)) \
-        & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
+        & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES)) & ~whole[owner]
     sizes = _input_bytes(profile.run.records.get("inputs"), batch)
     if sizes:
         size = profile.memory["size"][owner]
