@@ -14,9 +14,10 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
 import memprof
 from memprof.plan.allocator import simulate
-from memprof.plan.fit import scaled_stream
+from memprof.plan.fit import scaled_fit, scaled_stream
 from memprof.record.events import (CAT_RECOMPUTED_WEIGHTS, CAT_TEMPORARIES, PHASE_BACKWARD,
                                    PHASE_FORWARD)
+from memprof.units import fmt_bytes
 
 D, C, STEPS = 512, 8, 3
 WEIGHT = D * D * 4
@@ -134,3 +135,20 @@ def test_the_step_at_the_other_batch_is_predicted(style, new_runs, old_runs):
         backward = np.flatnonzero((p.memory["phase"][:n] == PHASE_BACKWARD) & (full == WEIGHT)
                                   & (p.category[:n] == CAT_TEMPORARIES))
         assert backward.size >= 2 * STEPS and (scaled[backward] == WEIGHT).all()
+
+
+@pytest.mark.parametrize("style", ["new", "old"])
+def test_the_fit_counts_recomputed_weights_as_fixed(style, new_runs, old_runs):
+    """Where no micro-batch fits, the fit says what the batch does not change: the
+    recomputed weights and their gradients too."""
+    p = (new_runs if style == "new" else old_runs)[LARGE]
+    out = scaled_fit(p, 4 << 20, 0)
+    assert not out["fits"]
+    weights = 3 if style == "new" else 2
+    # the weights the forward keeps for backward, and a gradient alive beside them
+    assert out["recomputed_bytes"] >= (weights + 1) * WEIGHT, out
+    assert fmt_bytes(out["recomputed_bytes"]) in out["text"], out["text"]
+    assert "recomputed" in out["text"]
+    assert out["fixed_bytes"] >= out["recomputed_bytes"] + sum(
+        v for k, v in p.breakdown("category", at=p.steps[-1].index).items()
+        if k in ("parameters", "optimizer_state"))

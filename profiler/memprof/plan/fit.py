@@ -32,8 +32,8 @@ import torch
 
 from ..analyse.throughput import micro_steps
 from ..profile import Profile
-from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_TEMPORARIES,
-                             PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
+from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_RECOMPUTED_WEIGHTS,
+                             CAT_TEMPORARIES, PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
 from ..units import fmt_bytes
 from ..weight_recomputation import weight_gradients
 from .allocator import simulate
@@ -169,10 +169,13 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
     seen = accumulation_at(profile, step_index)
     accumulated = seen or 1
     effective = batch * accumulated if batch else None
-    fixed = sum(v for k, v in profile.breakdown("category", at=("position", step.end - 1))
-                .items() if k in ("parameters", "gradients", "optimizer_state"))
+    kept = sum(v for k, v in profile.breakdown("category", at=("position", step.end - 1))
+               .items() if k in ("parameters", "gradients", "optimizer_state"))
+    recomputed = _recomputed_peak(profile, step)
+    fixed = kept + recomputed
     out = {"method": SCALED, "batch": batch, "accumulation_seen": seen,
-           "effective_batch": effective, "fixed_bytes": int(fixed), "estimated": True}
+           "effective_batch": effective, "fixed_bytes": int(fixed),
+           "recomputed_bytes": recomputed, "estimated": True}
     # smaller micro-batches that keep the effective batch (divisors), largest first
     candidates = [d for d in range(batch - 1, 0, -1) if effective % d == 0] if batch \
         else [0.5, 0.25, 0.125, 0.0625]
@@ -190,8 +193,10 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
             "the micro-batch is already 1" if batch == 1 else
             f"no smaller micro-batch fits: even {smallest} does not fit "
             f"{fmt_bytes(capacity)}") + f" (parameters, gradients and optimizer state: "
-            f"{fmt_bytes(fixed)}; checkpointing, a lower precision or sharding must shrink "
-            "the rest)")
+            f"{fmt_bytes(kept)}" + (f"; weights recomputed from parameters (weight_norm, "
+            f"parametrizations) and their gradients: up to {fmt_bytes(recomputed)}, at any "
+            "batch" if recomputed else "") + "; checkpointing, a lower precision or sharding "
+            "must shrink the rest)")
         return out
     m, peak = best
     if batch:
@@ -209,6 +214,20 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
                         f"{round(accumulated / m)} accumulation steps fits: "
                         f"{fmt_bytes(peak)} reserved")
     return out
+
+
+def _recomputed_peak(profile: Profile, step) -> int:
+    """The most bytes of recomputed weights (weight_norm, parametrizations) and of their
+    gradients alive at once in `step`: memory no micro-batch shrinks."""
+    whole = (profile.category == CAT_RECOMPUTED_WEIGHTS) & (profile.effective_size > 0)
+    whole[weight_gradients(profile)] = True
+    if not whole.any():
+        return 0
+    size = profile.effective_size
+    owner = np.where(size > 0, np.arange(size.size), profile.alloc_of)
+    ours = (owner >= 0) & whole[np.maximum(owner, 0)]
+    live = np.cumsum(np.where(ours, size, 0))
+    return int(live[step.start:step.end].max()) if step.end > step.start else 0
 
 
 def _largest_fitting(candidates: list, replay) -> tuple | None:
