@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _C, profile_file
+from . import _C, profile_file, weight_recomputation
 from .allocation_lookup import NO_MODULES, forward_modules, last_per_allocation, \
     snapshot_hits, snapshot_modules
 from .finding import Finding
@@ -184,6 +184,7 @@ class Profile(Displayed):
         named = np.flatnonzero(owners != NO_MODULES)
         last = named[last_per_allocation(allocs[named])]
         module[allocs[last]] = owners[last]
+        weight_recomputation.own(self, module)   # a parametrization's: its module's
         return self._frees_take_their_alloc(module)
 
     @cached_property
@@ -241,8 +242,8 @@ class Profile(Displayed):
         last = last_per_allocation(allocs)
         categories = np.array([s.category for s in self.snapshots] or [0], dtype=np.int8)
         cat[allocs[last]] = categories[snap[last]]
-        # Blocks that existed before tracking and were not identified stay "other".
-        return self._frees_take_their_alloc(cat, CAT_OTHER)
+        weight_recomputation.mark(self, cat)   # a weight recomputed from parameters
+        return self._frees_take_their_alloc(cat, CAT_OTHER)   # unknown older blocks: other
 
     # ------------------------------------------------------------------ peak and alive sets
     @cached_property
@@ -469,9 +470,8 @@ class Profile(Displayed):
     @property
     def steps_label(self) -> str:
         """Finished steps, the partial one apart: '5' or '5 + partial'."""
-        if self.partial_last_step:
-            return f"{len(self.steps) - 1} + partial"
-        return str(len(self.steps))
+        return f"{len(self.steps) - 1} + partial" if self.partial_last_step else \
+            str(len(self.steps))
 
     @property
     def truncated(self) -> str | None:

@@ -5,7 +5,9 @@ Two ways, by what is known:
 * `scaled_fit(profile, capacity, step)`: from the profile alone (a saved file, `memprof report
   --budget`). The recorded stream up to the end of that step is replayed through the
   caching-allocator model with the batch-dependent allocations (activations and temporaries
-  of forward and backward) scaled to a smaller micro-batch, and - for the micro-steps 2..A of
+  of forward and backward; not a weight recomputed from parameters - weight_norm, a
+  parametrization - nor its gradient: memprof.weight_recomputation) scaled to a smaller
+  micro-batch, and - for the micro-steps 2..A of
   gradient accumulation - the step's gradients alive from its start. The largest micro-batch
   whose replay fits is the answer. Linear scaling of activations with the batch is the
   assumption; parameters, gradients and optimizer state stay as recorded.
@@ -30,9 +32,10 @@ import torch
 
 from ..analyse.throughput import micro_steps
 from ..profile import Profile
-from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_TEMPORARIES,
-                             PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
+from ..record.events import (CAT_ACTIVATIONS, CAT_GRADIENTS, CAT_OTHER, CAT_RECOMPUTED_WEIGHTS,
+                             CAT_TEMPORARIES, PHASE_BACKWARD, PHASE_FORWARD, PHASE_OTHER)
 from ..units import fmt_bytes
+from ..weight_recomputation import weight_gradients
 from .allocator import simulate
 from .precision import default_precisions, model_precision, notes, unsupported
 from .streams import step_stream
@@ -103,8 +106,11 @@ def _scalable(profile: Profile, end: int, batch: int | None = None) -> np.ndarra
     owner = np.where(ok, owner, 0)
     phase = profile.memory["phase"][owner]
     cat = profile.category[owner]
+    # (a recomputed weight's gradient: weight-sized at any batch)
+    whole = np.zeros(profile.memory.size, dtype=bool)
+    whole[weight_gradients(profile)] = True
     out = ok & np.isin(phase, (PHASE_FORWARD, PHASE_BACKWARD)) \
-        & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
+        & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES)) & ~whole[owner]
     sizes = _input_bytes(profile.run.records.get("inputs"), batch)
     if sizes:
         size = profile.memory["size"][owner]
@@ -163,10 +169,13 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
     seen = accumulation_at(profile, step_index)
     accumulated = seen or 1
     effective = batch * accumulated if batch else None
-    fixed = sum(v for k, v in profile.breakdown("category", at=("position", step.end - 1))
-                .items() if k in ("parameters", "gradients", "optimizer_state"))
+    kept = sum(v for k, v in profile.breakdown("category", at=("position", step.end - 1))
+               .items() if k in ("parameters", "gradients", "optimizer_state"))
+    recomputed = _recomputed_peak(profile, step)
+    fixed = kept + recomputed
     out = {"method": SCALED, "batch": batch, "accumulation_seen": seen,
-           "effective_batch": effective, "fixed_bytes": int(fixed), "estimated": True}
+           "effective_batch": effective, "fixed_bytes": int(fixed),
+           "recomputed_bytes": recomputed, "estimated": True}
     # smaller micro-batches that keep the effective batch (divisors), largest first
     candidates = [d for d in range(batch - 1, 0, -1) if effective % d == 0] if batch \
         else [0.5, 0.25, 0.125, 0.0625]
@@ -184,8 +193,10 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
             "the micro-batch is already 1" if batch == 1 else
             f"no smaller micro-batch fits: even {smallest} does not fit "
             f"{fmt_bytes(capacity)}") + f" (parameters, gradients and optimizer state: "
-            f"{fmt_bytes(fixed)}; checkpointing, a lower precision or sharding must shrink "
-            "the rest)")
+            f"{fmt_bytes(kept)}" + (f"; weights recomputed from parameters (weight_norm, "
+            f"parametrizations) and their gradients: up to {fmt_bytes(recomputed)}, at any "
+            "batch" if recomputed else "") + "; checkpointing, a lower precision or sharding "
+            "must shrink the rest)")
         return out
     m, peak = best
     if batch:
@@ -203,6 +214,20 @@ def scaled_fit(profile: Profile, capacity: int, step_index: int) -> dict:
                         f"{round(accumulated / m)} accumulation steps fits: "
                         f"{fmt_bytes(peak)} reserved")
     return out
+
+
+def _recomputed_peak(profile: Profile, step) -> int:
+    """The most bytes of recomputed weights (weight_norm, parametrizations) and of their
+    gradients alive at once in `step`: memory no micro-batch shrinks."""
+    whole = (profile.category == CAT_RECOMPUTED_WEIGHTS) & (profile.effective_size > 0)
+    whole[weight_gradients(profile)] = True
+    if not whole.any():
+        return 0
+    size = profile.effective_size
+    owner = np.where(size > 0, np.arange(size.size), profile.alloc_of)
+    ours = (owner >= 0) & whole[np.maximum(owner, 0)]
+    live = np.cumsum(np.where(ours, size, 0))
+    return int(live[step.start:step.end].max()) if step.end > step.start else 0
 
 
 def _largest_fitting(candidates: list, replay) -> tuple | None:

@@ -1,0 +1,100 @@
+"""Memory the passes spend recomputing a weight from its parameters: the same at any batch.
+
+A parametrization (`torch.nn.utils.parametrizations.weight_norm` / `spectral_norm`,
+`parametrize.register_parametrization`: a LoRA-style `W + B @ A`) recomputes the weight at
+each access, inside `<module>.parametrizations.<name>` (torch's ParametrizationList, a
+module memprof names); the forward saves it for backward. Backward then makes the weight's
+gradient (in the backward of the op that used the weight: the module's linear) and frees it
+in the parametrization's own backward. Old-style `weight_norm` / `spectral_norm` keep their
+weight on the module (the snapshots name it, record.recomputed_weights); its gradient is
+freed in the backward of the op that made it. None of these grows with the batch: the weight
+is the category `recomputed_weights`, owned by the parametrized module; its gradient and
+the temporaries of the recomputing ops' backward stay `temporaries` (what they are: short
+lived, in backward), found by `weight_gradients`; the scaled fit keeps both whole. Found
+from the event log alone (module ids, autograd sequence numbers), so recording pays nothing
+for them."""
+from __future__ import annotations
+
+import numpy as np
+
+from .record.events import (CAT_ACTIVATIONS, CAT_RECOMPUTED_WEIGHTS, CAT_TEMPORARIES,
+                            PHASE_BACKWARD, PHASE_FORWARD)
+
+#: the attribute torch.nn.utils.parametrize keeps a module's ParametrizationLists under
+PARAMETRIZATIONS = "parametrizations"
+
+
+def scope_owners(names: list[str]) -> np.ndarray:
+    """Per module id: for a module inside `<module>.parametrizations` (a ParametrizationList
+    or a parametrization in one), the id of the parametrized module; -1 for the others."""
+    ids = {name: i for i, name in enumerate(names)}
+    out = np.full(len(names), -1, dtype=np.int64)
+    for i, name in enumerate(names):
+        parts = name.split(".")
+        if PARAMETRIZATIONS in parts[:-1]:
+            at = len(parts) - 1 - parts[::-1].index(PARAMETRIZATIONS)   # the innermost
+            if at < len(parts) - 1:
+                out[i] = ids.get(".".join(parts[:at]), -1)
+    return out
+
+
+def _in_scope(module: np.ndarray, owners: np.ndarray) -> np.ndarray:
+    m = module.astype(np.int64)
+    ok = (m >= 0) & (m < owners.size)
+    out = np.zeros(m.shape, dtype=bool)
+    out[ok] = owners[m[ok]] >= 0
+    return out
+
+
+def recomputation(memory: np.ndarray, category: np.ndarray, names: list[str]) -> np.ndarray:
+    """Allocations (indices) of forward or backward activations and temporaries made inside
+    a parametrization: the weight it recomputes and its intermediates."""
+    owners = scope_owners(names)
+    if not (owners >= 0).any():
+        return np.zeros(0, dtype=np.int64)     # (a model without any: no pass over events)
+    phases = memory["phase"]
+    candidate = (memory["size"] > 0) & np.isin(category, (CAT_ACTIVATIONS, CAT_TEMPORARIES)) \
+        & ((phases == PHASE_FORWARD) | (phases == PHASE_BACKWARD))
+    return np.flatnonzero(candidate & _in_scope(memory["module"], owners))
+
+
+def mark(profile, category: np.ndarray) -> None:
+    """Sets, in place, the category of those allocations to `recomputed_weights` (category:
+    as the snapshots left it)."""
+    category[recomputation(profile.memory, category, profile.modules)] = \
+        CAT_RECOMPUTED_WEIGHTS
+
+
+def own(profile, module: np.ndarray) -> None:
+    """Rewrites, in place, the module of recomputed-weight allocations made inside a
+    parametrization to the parametrized module (`Sequential.1`, not
+    `Sequential.1.parametrizations.weight.0`)."""
+    owners = scope_owners(profile.modules)
+    if not (owners >= 0).any():
+        return
+    sel = np.flatnonzero((profile.category == CAT_RECOMPUTED_WEIGHTS)
+                         & _in_scope(module, owners))
+    module[sel] = owners[module[sel].astype(np.int64)]
+
+
+def weight_gradients(profile) -> np.ndarray:
+    """Allocations (indices) of backward temporaries and activations that the recomputation
+    costs: made in the backward of an op that recomputed a weight (a parametrization's, the
+    op that made an old-style weight), or used up there - the weight's gradient, made in
+    the backward of the op that used the weight."""
+    owners = scope_owners(profile.modules)
+    category = profile.category
+    scoped = (owners >= 0).any()
+    if not scoped and not (category == CAT_RECOMPUTED_WEIGHTS).any():
+        return np.zeros(0, dtype=np.int64)     # (a model without any: no pass over events)
+    memory, free_of, records = profile.memory, profile.free_of, profile.seq_records
+    sizes, phases, seq = memory["size"], memory["phase"], memory["seq"]
+    weights = (category == CAT_RECOMPUTED_WEIGHTS) & (sizes > 0) & (phases == PHASE_FORWARD)
+    made = [records["seq"][_in_scope(records["module"], owners)]] \
+        if scoped and records.size else []
+    nodes = np.unique(np.concatenate(made + [seq[weights]]).astype(np.int64))
+    in_node = (phases == PHASE_BACKWARD) & np.isin(seq, nodes[nodes >= 0])
+    used_up = (free_of >= 0) & in_node[np.maximum(free_of, 0)]
+    candidate = (sizes > 0) & (phases == PHASE_BACKWARD) \
+        & np.isin(category, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
+    return np.flatnonzero(candidate & (in_node | used_up))
