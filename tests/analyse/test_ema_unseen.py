@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import memprof
 from memprof.analyse import summary
@@ -199,3 +200,57 @@ def test_the_looks_at_steps_2_4_8_are_memprofs_time():
     looks = prof.run.records["parameter_looks"]["looks"]
     assert [step for step, _ in looks] == [2, 4]
     assert all(0 <= seconds < 1 for _, seconds in looks)
+
+
+def test_a_frozen_encoder_made_in_inference_mode_breaks_nothing():
+    """An inference tensor has no version counter (reading it raises): the loop's first
+    optimizer step died in memprof's hook, and the profile was lost."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 8))
+    with torch.inference_mode():
+        encoder = nn.Linear(64, 64).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with memprof.track(model, opt) as prof:
+        for _ in range(5):
+            with torch.no_grad():
+                h = encoder(torch.randn(16, 64))
+            model(h.clone()).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    split = summary(prof)["parameters_at_peak"]
+    assert split["trainable"] == sum(p.numel() * 4 for p in model.parameters())
+    assert split["not_trained"] == 0 and split["frozen"] == sum(
+        p.numel() * 4 for p in encoder.parameters())
+
+
+class _MergedLoRA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(256, 256).requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(4, 256) * 0.01)
+        self.B = nn.Parameter(torch.zeros(256, 4))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A.t() @ self.B.t()
+
+    @torch.no_grad()
+    def merge(self, sign: float):
+        self.base.weight.add_(self.B @ self.A, alpha=sign)
+
+
+def test_a_lora_base_merged_and_unmerged_in_place_stays_frozen():
+    """The base written in place (weights synced to a generation engine every step, TRL
+    GRPO + vLLM) is no EMA: its version counter moves, but it mirrors no trained parameter."""
+    torch.manual_seed(0)
+    model = _MergedLoRA()
+    opt = torch.optim.AdamW([model.A, model.B], lr=1e-2)
+    with memprof.track(model, opt) as prof:
+        for _ in range(9):
+            model(torch.randn(8, 256)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            model.merge(1.0)
+            model.merge(-1.0)
+    split = summary(prof)["parameters_at_peak"]
+    assert split == {"trainable": (4 * 256 * 2) * 4, "frozen": (256 * 256 + 256) * 4,
+                     "not_trained": 0}

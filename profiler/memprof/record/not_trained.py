@@ -48,11 +48,16 @@ def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
         return set()
     out, frozen = set(), []
     for group, root_trains in zip(groups, is_trained):
+        # in the trained model, only a frozen parameter shaped like one it trains (its
+        # `self.ema` mirrors them): a LoRA base merged and unmerged in place for a
+        # generation engine, a frozen Embedding(max_norm=...) renormalised, stay frozen
+        mirrors = {tuple(p.shape) for p in group if id(p) in trained} if root_trains else None
         for p in group:
             if id(p) in trained:
                 continue
             if not p.requires_grad:
-                frozen.append(p)
+                if mirrors is None or tuple(p.shape) in mirrors:
+                    frozen.append(p)
             elif not root_trains:
                 out.add(id(p))
             # (a trained model's parameter left out of its optimizer: requires_grad says)
@@ -76,17 +81,23 @@ class Changes:
             if first is None or first[0]() is not p or first[2] != _address(p):
                 new.append(p)   # (a parameter moved, or a new one at a freed one's id)
             elif id(p) not in self._changed:
-                if p._version != first[1]:
+                if first[1] is not None and _version(p) != first[1]:
                     self._changed.add(id(p))
                 elif first[3] is not None:
                     compare.append(p)
         for p, sample in zip(new, _samples(new)):
             self._changed.discard(id(p))
-            self._first[id(p)] = (weakref.ref(p), p._version, _address(p), sample)
+            self._first[id(p)] = (weakref.ref(p), _version(p), _address(p), sample)
         for p, sample in zip(compare, _samples(compare)):
             if sample != self._first[id(p)][3]:
                 self._changed.add(id(p))
         return {id(p) for p in params if id(p) in self._changed}
+
+
+def _version(p) -> int | None:
+    """The version counter; None for an inference tensor, which has none (reading it raises:
+    a frozen encoder made under torch.inference_mode) - its bytes are compared instead."""
+    return None if p.is_inference() else p._version
 
 
 def _plain(p) -> bool:

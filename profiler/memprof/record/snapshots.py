@@ -379,7 +379,10 @@ class SnapshotRecorder:
             return
         t0 = time.perf_counter()
         own = self.session.params()
-        found = self._look_beside(own)
+        try:
+            found = self._look_beside(own)
+        except Exception:  # noqa: BLE001  (a look must never break training)
+            found = False
         untrained = self._untrained()
         if found or untrained != self._last_untrained:
             self._note(*self._parameters(self.params(own), untrained))
@@ -518,8 +521,11 @@ class SnapshotRecorder:
         the parameters that any optimizer seen stepping updates (StepClock.updated: where
         track() was given one, another that it does not watch may train the other roots, a
         GAN's two)."""
-        return not_trained(self.session.scope.root_modules() + self.beside.models(),
-                           self.session.steps.updated, self._changes)
+        try:
+            return not_trained(self.session.scope.root_modules() + self.beside.models(),
+                               self.session.steps.updated, self._changes)
+        except Exception:  # noqa: BLE001  (a look must never break training: an odd
+            return set()   # parameter's reading falls back to requires_grad alone)
 
     def _note(self, category: int, ptrs, modules, trainable=None) -> None:
         """A snapshot of storage addresses and the owning module of each (and, of
