@@ -2,8 +2,9 @@
 
 The model's own loss when its output carries one (`outputs.loss`, as Hugging Face models return
 when the batch has labels; a dict's "loss"; or, when the batch gives no targets apart, a scalar
-that needs a gradient in a returned tuple: nanoGPT's `(logits, loss)`, whose loss read as
-"no targets" and was replaced by the logits' mean). Otherwise the first tensor of the output (`.logits`, a dict's first
+that needs a gradient in a returned tuple and is computed from its first tensor: nanoGPT's
+`(logits, loss)`, whose loss read as "no targets" and was replaced by the logits' mean; not a
+VAE's `(recon, kl)`, whose kl misses the decoder). Otherwise the first tensor of the output (`.logits`, a dict's first
 value, a tuple's first item) against the targets: cross-entropy for integer targets (per token
 when the targets have the output's leading shape), MSE for float targets, and the output's mean
 when the batch has no targets (a stand-in scalar: its memory is that of any scalar loss).
@@ -26,7 +27,7 @@ def _decide(outputs, targets) -> tuple[str, str, object]:
         return "own", "['loss']", outputs["loss"]
     if isinstance(outputs, (tuple, list)) and targets is None:
         # the targets went in with the inputs (model(idx, targets)): the loss it returns
-        at = [i for i, t in enumerate(outputs) if _scalar(t)]
+        at = [i for i, t in enumerate(outputs) if _scalar(t) and _made_from(t, outputs)]
         if at:
             return "own", f"[{at[0]}]", outputs[at[0]]
     out, path = outputs, ""
@@ -46,6 +47,31 @@ def _decide(outputs, targets) -> tuple[str, str, object]:
         tokens = out.dim() > 2 and targets.shape == out.shape[:-1]
         return ("cross_entropy_tokens" if tokens else "cross_entropy"), path, out
     return "mse", path, out
+
+
+#: autograd nodes walked from a returned scalar looking for the output's own node
+MAX_WALK = 256
+
+
+def _made_from(scalar, outputs) -> bool:
+    """Whether `scalar`'s graph reaches the first other tensor returned (the logits): a loss
+    of the whole output, as nanoGPT's. A VAE's `(recon, kl)` or a MoE's `(logits, aux_loss)`
+    returns a scalar of one branch only; taken as the loss, the decoder's gradients and
+    optimizer state dropped out of the estimate (5x too low)."""
+    first = next((t for t in outputs if isinstance(t, torch.Tensor) and t is not scalar
+                  and t.dim() > 0), None)
+    if first is None or first.grad_fn is None:
+        return first is None   # nothing else to reach: the scalar is all there is
+    target, todo, seen = first.grad_fn, [scalar.grad_fn], set()
+    while todo and len(seen) < MAX_WALK:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        if node is target:
+            return True
+        seen.add(id(node))
+        todo.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def _scalar(t) -> bool:
