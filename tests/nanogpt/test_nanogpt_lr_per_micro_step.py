@@ -5,6 +5,8 @@ schedule ends `accum` times too early and the LR then sits at its floor: the LR 
 correct loop that evaluates at the top of every iteration, before setting that step's LR,
 read "the learning rate changed between the micro-steps of 11 of 12 optimizer steps": the
 evaluation's forward passes (no backward) counted as micro-steps."""
+import torch
+
 import memprof
 import nanogpt_train
 
@@ -48,3 +50,25 @@ def test_memprof_run_health_names_it_in_an_unmodified_script(tmp_path):
     found = [f for f in json.loads(r.stdout)["findings"]
              if f["kind"] == "lr_schedule_per_micro_step"]
     assert len(found) == 1 and "ends 4x too early" in found[0]["message"], found
+
+
+def test_a_per_epoch_scheduler_with_epochs_ending_inside_windows_is_no_micro_step_schedule():
+    """StepLR stepped once per epoch, 9 batches an epoch at 4 micro-steps: each epoch's end
+    falls inside an accumulation window, one LR change there - no per-micro-batch schedule
+    (the rule read 4 such windows of 5 in which the LR moved as one)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    accum, k = 4, 0
+    with memprof.track(model, opt, health=True) as prof:
+        for _ in range(5):
+            for _ in range(9):
+                (model(torch.randn(8, 16)).pow(2).mean() / accum).backward()
+                k += 1
+                if k % accum == 0:
+                    opt.step()
+                    opt.zero_grad()
+            sched.step()
+    assert not [f for f in prof.findings if f.kind == "lr_schedule_per_micro_step"], \
+        [f.message for f in prof.findings]

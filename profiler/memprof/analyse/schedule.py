@@ -11,10 +11,11 @@ import numpy as np
 from ..finding import Finding
 from .lr_range import range_test
 
-#: windows whose micro-steps ran at different LRs, at least, to read an LR set per micro-batch
-#: from the windows where the LR moved (not all windows: a schedule counted in micro-steps ends
-#: early and then holds its floor, which moves nothing); fewer are one-off changes (an LR
-#: dropped by hand at an epoch's end inside an accumulation window)
+#: windows in which the LR changed at every micro-step, at least, to read an LR set per
+#: micro-batch from the windows where the LR moved (not all windows: a schedule counted in
+#: micro-steps ends early and then holds its floor, which moves nothing); one change inside a
+#: window is a one-off (a per-epoch scheduler.step() or an LR dropped by hand at an epoch's
+#: end that falls inside an accumulation window)
 LR_MOVED_MIN = 3
 
 
@@ -45,20 +46,24 @@ def _advice(kind: str, severity: str, *, message: str, fix: str, evidence: dict)
                    holder=None, evidence=evidence)
 
 
-def _lr_moves(window_lrs: list[list[tuple]]) -> tuple[int, int, int]:
-    """(windows whose micro-steps ran at different LRs, windows where the LR moved at all -
-    inside or since the window before -, windows with accumulation). A schedule counted in
-    micro-steps that ended early and sits at its floor moves no LR after it ends: those
-    windows say nothing either way."""
-    changed = moved = 0
+def _lr_moves(window_lrs: list[list[tuple]]) -> tuple[int, int, int, int]:
+    """(windows whose micro-steps ran at different LRs, of those the windows where the LR
+    changed at every micro-step - as a schedule stepped per micro-batch moves it; three
+    micro-steps at least, so that one change is not all there is -, windows where the LR
+    moved at all - inside or since the window before -, windows with accumulation). A
+    schedule counted in micro-steps that ended early and sits at its floor moves no LR after
+    it ends: those windows say nothing either way; one stepped per epoch changes it once
+    inside the windows that span an epoch's end."""
+    changed = every = moved = 0
     last = None
     for lrs in window_lrs:
         inside = len(set(lrs)) > 1
         changed += inside
+        every += len(lrs) >= 3 and all(a != b for a, b in zip(lrs, lrs[1:]))
         moved += inside or bool(lrs and last is not None and lrs[0] != last)
         if lrs:
             last = lrs[-1]
-    return changed, moved, len(window_lrs)
+    return changed, every, moved, len(window_lrs)
 
 
 def scheduler_findings(rec, summary: dict, warm, complete) -> list[Finding]:
@@ -116,7 +121,7 @@ def scheduler_findings(rec, summary: dict, warm, complete) -> list[Finding]:
             if cur_micro > 1:
                 window_lrs.append(lrs_seen)
             cur_micro, last_tok, lrs_seen = 0, None, []
-    lr_change_windows, moved_windows, windows_with_micro = _lr_moves(window_lrs)
+    lr_change_windows, every_windows, moved_windows, windows_with_micro = _lr_moves(window_lrs)
     micro_med = float(np.median(micro)) if micro else None
     if warm and len(micro) >= warm:   # counted, not the median times the steps: the
         # accumulation may change (4, then 8 read "3 optimizer steps = 18 micro-steps")
@@ -184,8 +189,8 @@ def scheduler_findings(rec, summary: dict, warm, complete) -> list[Finding]:
                           "first_lr_applied": summary["lr"]["first"]}))
     if (lr_change_windows and windows_with_micro >= 2
             and (lr_change_windows >= 0.5 * windows_with_micro
-                 or (lr_change_windows >= LR_MOVED_MIN
-                     and lr_change_windows >= 0.5 * moved_windows))
+                 or (every_windows >= LR_MOVED_MIN
+                     and every_windows >= 0.5 * moved_windows))
             and not any(f.kind == "lr_schedule_per_micro_step" for f in findings)):
         findings.append(_advice("lr_schedule_per_micro_step", "warning",
             message=(f"the learning rate changed between the micro-steps of "
