@@ -116,8 +116,8 @@ def _samples(params: list) -> list[bytes | None]:
     is all there is). One view per parameter and one copy to the host per device and dtype."""
     groups: dict[tuple, list] = {}
     out: list[bytes | None] = [None] * len(params)
-    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
-        return out   # a mode is on (an estimate's fake tensors): its tensors have no bytes
+    if torch._C._len_torch_dispatch_stack():
+        return out   # a dispatch mode is on (an estimate's fake tensors): no bytes to read
     with torch.no_grad():   # (views of frozen parameters: no autograd record)
         for i, p in enumerate(params):
             if _plain(p) and p.is_contiguous() and p.numel():
@@ -131,6 +131,8 @@ def _samples(params: list) -> list[bytes | None]:
             try:
                 data = torch.cat([t for _, t in pieces]).cpu().view(torch.uint8)
             except Exception:  # noqa: BLE001  (as above: the version counters stand)
+                continue
+            if type(data) is not torch.Tensor:   # (a function mode's fake result)
                 continue
             data, at = data.numpy().tobytes(), 0
             for i, t in pieces:
