@@ -141,3 +141,44 @@ def test_the_parameters_are_weighed_during_the_first_pass_only():
     assert hooks == [before + 1, before, before]
     assert len(torch_module._global_forward_pre_hooks) == before
     assert prof.run.records["inputs"]["autocast_partial"]["share"] < 0.5
+
+
+FSDP_JOB = """
+import os, sys, types, torch, memprof
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+inner = model.forward
+def forward(self, *a, **k):                      # accelerate's wrapper of the forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return inner(*a, **k)
+model._original_forward = inner
+model.forward = types.MethodType(forward, model)
+fsdp = FSDP(model, device_id=torch.device("cpu"))   # no wrap policy: all in the root unit
+opt = torch.optim.AdamW(fsdp.parameters())
+with memprof.track(fsdp, opt) as prof:
+    for _ in range(2):
+        fsdp(torch.randn(8, 64)).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+r = prof.run.records["inputs"]
+print(r.get("autocast"), r.get("autocast_partial"), [f.kind for f in prof.findings])
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_around_an_autocast_forward_is_the_runs_precision(tmp_path):
+    """FSDP keeps its flat parameter on the model it wraps, whose pre-hook runs before the
+    wrapper's autocast: all of it counted as off - fp32, 'partial' at 0 %."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    r = subprocess.run([sys.executable, "-c", FSDP_JOB, port], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "{'cpu': 'bfloat16'} None []", r.stdout

@@ -48,7 +48,7 @@ class PassAutocast:
 
     def __init__(self, session, root, weigh: bool):
         self._patches = session.patches
-        self._root = root
+        self._roots = _wrapper_chain(root)   # ids: the model and the models it wraps
         self._thread = threading.get_ident()
         self._entered: dict | None = None   # the first autocast state turned on in the pass
         self._under: dict[tuple, int] = {}  # autocast state -> parameter elements under it
@@ -71,7 +71,7 @@ class PassAutocast:
         return __enter__
 
     def _pre_hook(self, module, _args):
-        if module is self._root or self._thread != threading.get_ident() \
+        if id(module) in self._roots or self._thread != threading.get_ident() \
                 or torch.compiler.is_compiling():
             return
         n = sum(p.numel() for p in module._parameters.values() if p is not None)
@@ -109,3 +109,19 @@ class PassAutocast:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def _wrapper_chain(root) -> set[int]:
+    """ids of `root` and of the modules it wraps, one inside the other (DDP's and FSDP's
+    `.module`, FSDP's `_fsdp_wrapped_module`, torch.compile's `_orig_mod`): accelerate wraps
+    the innermost model's forward, whose pre-hook runs before its autocast - FSDP without a
+    wrap policy keeps every parameter there, and the run read as fp32, "partial"."""
+    out, module = {id(root)}, root
+    while True:
+        inner = next((m for m in (getattr(module, name, None) for name in
+                                  ("module", "_fsdp_wrapped_module", "_orig_mod"))
+                      if isinstance(m, torch.nn.Module) and id(m) not in out), None)
+        if inner is None:
+            return out
+        out.add(id(inner))
+        module = inner
