@@ -66,11 +66,16 @@ class RecomputingModules:
                          if any(map(is_recomputing_hook, m._forward_pre_hooks.values()))]
         self.any = bool(self._modules)
 
-    def weights(self, scope) -> tuple[list[torch.Tensor], list[int]]:
-        """(the weights these modules keep now, the id of the module keeping each)."""
+    def look(self, scope) -> None:
+        """Finds the modules again where modules were named since (off the per-step path;
+        the step end compares the naming inline)."""
         naming = scope.naming()
         if naming != self.naming:
             self.find(scope, naming)
+
+    def weights(self) -> tuple[list[torch.Tensor], list[int]]:
+        """(the weights the modules last found keep now, the id of the module keeping
+        each); the caller finds them again when modules were named since."""
         tensors, owners = [], []
         for ref, mid in self._modules:
             module = ref()

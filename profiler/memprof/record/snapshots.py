@@ -366,7 +366,7 @@ class SnapshotRecorder:
         if seen != recomputing.naming:
             recomputing.find(self.session.scope, seen)
         if recomputing.any:   # a new storage at each forward: noted at every step end
-            weights, owners = recomputing.weights(self.session.scope)
+            weights, owners = recomputing.weights()
             if weights:   # (the modules may be gone)
                 self._take(CAT_RECOMPUTED_WEIGHTS, weights, owners)
         self._log_full = _C.log_full()
@@ -589,7 +589,8 @@ class SnapshotRecorder:
         grads, grad_params = storage_parts(
             [p.grad for p in params if p.is_leaf and p.grad is not None],
             [p for p in params if p.is_leaf and p.grad is not None])   # (a non-leaf warns)
-        weights, owners = self._recomputing.weights(self.session.scope)
+        self._recomputing.look(self.session.scope)
+        weights, owners = self._recomputing.weights()
         return [self._parameters(params),
                 self._owned(CAT_GRADIENTS, grads, [self._module_of(p) for p in grad_params]),
                 self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],
