@@ -46,8 +46,12 @@ ESTIMATED = "re-estimated on fake tensors (memprof.plan.estimate)"
 
 # ------------------------------------------------------------------ from the profile alone
 def batch_size_at(profile: Profile, step: int) -> int | None:
-    """The micro-batch of `step`: the last 'batch' marker at or before it (the leading
-    dimension of the root module's first input), or track(batch_size=...)."""
+    """The micro-batch of `step`: track(batch_size=...) where given (no 'batch' marker is
+    written then: the inputs did not show it), else the last 'batch' marker at or before it
+    (the leading dimension of the root module's first input)."""
+    given = (profile.run.records.get("throughput") or {}).get("batch_override")
+    if given:
+        return int(given)
     found = None
     for m in profile.markers("batch"):
         if profile.memory.size and m["position"] < profile.memory.size \
@@ -68,29 +72,43 @@ def accumulation_at(profile: Profile, step: int) -> int | None:
     return int(np.median(list(counts.values()))) if counts else None
 
 
-def _input_bytes(inputs: dict | None, batch: int | None) -> list[int]:
-    """Bytes of each recorded input tensor whose leading dimension is the batch: what a loop
-    that makes or loads its batch allocates outside forward and backward (a DataLoader's
-    collated batch, its copy to the device)."""
-    out: list[int] = []
-
+def _tensor_descs(inputs: dict | None):
+    """The recorded input tensors' descriptions ({'shape', 'dtype', 'device'}), in order."""
     def walk(desc):
         if not isinstance(desc, dict):
             return
         if "tensor" in desc:
-            t = desc["tensor"]
-            dtype = getattr(torch, t.get("dtype", ""), None)
-            if t["shape"] and t["shape"][0] == batch and isinstance(dtype, torch.dtype):
-                out.append(math.prod(t["shape"]) * dtype.itemsize)
+            yield desc["tensor"]
         for key in ("list", "tuple"):
             for d in desc.get(key, []):
-                walk(d)
+                yield from walk(d)
         for d in desc.get("dict", {}).values():
-            walk(d)
+            yield from walk(d)
 
-    if inputs and batch:
-        for d in list(inputs.get("args", [])) + list(inputs.get("kwargs", {}).values()):
-            walk(d)
+    for d in list((inputs or {}).get("args", [])) + list((inputs or {}).get("kwargs", {})
+                                                         .values()):
+        yield from walk(d)
+
+
+def batch_dim(inputs: dict | None, batch: int | None) -> int | None:
+    """The dimension of the recorded inputs that is the batch: the leading one where an
+    input's is `batch`, else the first of the batch's size (a (seq, batch, feature) layout
+    tracked with batch_size=...); None where no input has one."""
+    shapes = [t["shape"] for t in _tensor_descs(inputs)] if batch else []
+    dims = [s.index(batch) for s in shapes if batch in s]
+    return 0 if any(s and s[0] == batch for s in shapes) else min(dims, default=None)
+
+
+def _input_bytes(inputs: dict | None, batch: int | None) -> list[int]:
+    """Bytes of each recorded input tensor with the batch dimension (batch_dim): what a loop
+    that makes or loads its batch allocates outside forward and backward (a DataLoader's
+    collated batch, its copy to the device)."""
+    dim = batch_dim(inputs, batch)
+    out: list[int] = []
+    for t in _tensor_descs(inputs) if dim is not None else ():
+        dtype = getattr(torch, t.get("dtype", ""), None)
+        if len(t["shape"]) > dim and t["shape"][dim] == batch and isinstance(dtype, torch.dtype):
+            out.append(math.prod(t["shape"]) * dtype.itemsize)
     return [b for b in out if b > 0]
 
 
@@ -254,30 +272,34 @@ def _dtype(name: str) -> torch.dtype:
     return d
 
 
-def _build(desc: dict, batch: int, new_batch: int):
+def _build(desc: dict, batch: int, new_batch: int, dim: int | None):
     if "tensor" in desc:
         t = desc["tensor"]
         shape = list(t["shape"])
-        if shape and shape[0] == batch:
-            shape[0] = new_batch
+        if dim is not None and len(shape) > dim and shape[dim] == batch:
+            shape[dim] = new_batch
         return torch.zeros(shape, dtype=_dtype(t["dtype"]), device=t["device"])
     if "value" in desc:
         return desc["value"]
     if "list" in desc or "tuple" in desc:
-        items = [_build(d, batch, new_batch) for d in desc.get("list", desc.get("tuple", []))]
+        items = [_build(d, batch, new_batch, dim)
+                 for d in desc.get("list", desc.get("tuple", []))]
         return items if "list" in desc else tuple(items)
     if "dict" in desc:
-        return {k: _build(d, batch, new_batch) for k, d in desc["dict"].items()}
+        return {k: _build(d, batch, new_batch, dim) for k, d in desc["dict"].items()}
     raise ValueError(f"the model was called with a {desc.get('object')} object: a batch "
                      "cannot be rebuilt from the record")
 
 
 def batch_function(model: torch.nn.Module, inputs: dict, batch: int):
     """make_batch(micro_batch) -> (inputs, None) of the recorded structure; positional and
-    keyword arguments are bound by the forward's signature into keywords."""
+    keyword arguments are bound by the forward's signature into keywords; the batch
+    dimension is batch_dim's."""
+    dim = batch_dim(inputs, batch)
+
     def make_batch(m):
-        args = [_build(d, batch, m) for d in inputs["args"]]
-        kwargs = {k: _build(d, batch, m) for k, d in inputs["kwargs"].items()}
+        args = [_build(d, batch, m, dim) for d in inputs["args"]]
+        kwargs = {k: _build(d, batch, m, dim) for k, d in inputs["kwargs"].items()}
         if not kwargs:
             return tuple(args), None
         sig = inspect.signature(model.forward)
@@ -296,6 +318,7 @@ def batch_function(model: torch.nn.Module, inputs: dict, batch: int):
         return out, None
 
     make_batch(1)   # raises now for an input that cannot be rebuilt
+    make_batch.batch_dim = dim or 0
     return make_batch
 
 
