@@ -3,7 +3,7 @@
 A parametrization (`torch.nn.utils.parametrizations.weight_norm` / `spectral_norm`,
 `parametrize.register_parametrization`: a LoRA-style `W + B @ A`) recomputes the weight at
 each access, inside `<module>.parametrizations.<name>` (torch's ParametrizationList, a
-module memprof names); the forward saves it for backward. Backward then makes the weight's
+module memprof names, known by type: scope_owners); the forward saves it for backward. Backward then makes the weight's
 gradient (in the backward of the op that used the weight: the module's linear) and frees it
 in the parametrization's own backward. Old-style `weight_norm` / `spectral_norm` keep their
 weight on the module (the snapshots name it, record.recomputed_weights); its gradient is
@@ -24,11 +24,30 @@ from .record.events import (CAT_ACTIVATIONS, CAT_RECOMPUTED_WEIGHTS, CAT_TEMPORA
 PARAMETRIZATIONS = "parametrizations"
 
 
-def scope_owners(names: list[str]) -> np.ndarray:
-    """Per module id: for a module inside `<module>.parametrizations` (a ParametrizationList
-    or a parametrization in one), the id of the parametrized module; -1 for the others."""
-    ids = {name: i for i, name in enumerate(names)}
+def scope_owners(profile) -> np.ndarray:
+    """Per module id: for torch's ParametrizationList or a module inside one, the id of the
+    parametrized module; -1 for the others. The lists are those the recording found by type
+    (record.recomputed_weights.parametrization_lists: a user's own module named
+    `parametrizations` is none); a profile without that record (an older file) reads every
+    module inside `<module>.parametrizations` as one."""
+    names = profile.modules
+    lists = profile.run.records.get("parametrizations")
     out = np.full(len(names), -1, dtype=np.int64)
+    if lists is None:
+        return _owners_by_name(names, out)
+    owner_of = {names[lid]: owner for lid, owner in lists}
+    for i, name in enumerate(names if owner_of else ()):
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):   # the innermost list holding it
+            owner = owner_of.get(".".join(parts[:k]))
+            if owner is not None:
+                out[i] = owner
+                break
+    return out
+
+
+def _owners_by_name(names: list[str], out: np.ndarray) -> np.ndarray:
+    ids = {name: i for i, name in enumerate(names)}
     for i, name in enumerate(names):
         parts = name.split(".")
         if PARAMETRIZATIONS in parts[:-1]:
@@ -46,10 +65,10 @@ def _in_scope(module: np.ndarray, owners: np.ndarray) -> np.ndarray:
     return out
 
 
-def recomputation(memory: np.ndarray, category: np.ndarray, names: list[str]) -> np.ndarray:
+def recomputation(profile, category: np.ndarray) -> np.ndarray:
     """Allocations (indices) of forward or backward activations and temporaries made inside
     a parametrization: the weight it recomputes and its intermediates."""
-    owners = scope_owners(names)
+    owners, memory = scope_owners(profile), profile.memory
     if not (owners >= 0).any():
         return np.zeros(0, dtype=np.int64)     # (a model without any: no pass over events)
     phases = memory["phase"]
@@ -61,7 +80,7 @@ def recomputation(memory: np.ndarray, category: np.ndarray, names: list[str]) ->
 def mark(profile, category: np.ndarray) -> None:
     """Sets, in place, the category of those allocations to `recomputed_weights` (category:
     as the snapshots left it)."""
-    category[recomputation(profile.memory, category, profile.modules)] = \
+    category[recomputation(profile, category)] = \
         CAT_RECOMPUTED_WEIGHTS
 
 
@@ -69,7 +88,7 @@ def own(profile, module: np.ndarray) -> None:
     """Rewrites, in place, the module of recomputed-weight allocations made inside a
     parametrization to the parametrized module (`Sequential.1`, not
     `Sequential.1.parametrizations.weight.0`)."""
-    owners = scope_owners(profile.modules)
+    owners = scope_owners(profile)
     if not (owners >= 0).any():
         return
     sel = np.flatnonzero((profile.category == CAT_RECOMPUTED_WEIGHTS)
@@ -82,7 +101,7 @@ def weight_gradients(profile) -> np.ndarray:
     costs: made in the backward of an op that recomputed a weight (a parametrization's, the
     op that made an old-style weight), or used up there - the weight's gradient, made in
     the backward of the op that used the weight."""
-    owners = scope_owners(profile.modules)
+    owners = scope_owners(profile)
     category = profile.category
     scoped = (owners >= 0).any()
     if not scoped and not (category == CAT_RECOMPUTED_WEIGHTS).any():
