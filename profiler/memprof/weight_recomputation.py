@@ -111,9 +111,58 @@ def weight_gradients(profile) -> np.ndarray:
     weights = (category == CAT_RECOMPUTED_WEIGHTS) & (sizes > 0) & (phases == PHASE_FORWARD)
     made = [records["seq"][_in_scope(records["module"], owners)]] \
         if scoped and records.size else []
+    old = weights & ~_in_scope(memory["module"], owners)   # old-style: a pre-hook's
+    made.append(_hook_nodes(records, seq[old], memory["thread"][old]))
     nodes = np.unique(np.concatenate(made + [seq[weights]]).astype(np.int64))
     in_node = (phases == PHASE_BACKWARD) & np.isin(seq, nodes[nodes >= 0])
     used_up = (free_of >= 0) & in_node[np.maximum(free_of, 0)]
     candidate = (sizes > 0) & (phases == PHASE_BACKWARD) \
         & np.isin(category, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
     return np.flatnonzero(candidate & (in_node | used_up))
+
+
+#: how far back from a weight's node its hook's own nodes are looked for
+HOOK_NODES = 32
+
+
+def _hook_nodes(records: np.ndarray, seqs: np.ndarray, threads: np.ndarray) -> np.ndarray:
+    """The nodes an old-style pre-hook made before the weight's (`seqs`, with their threads),
+    in the weight's module and call: what computes it from the parameters (spectral_norm's
+    sigma = u . (W v): a view, mv, dot; weight_norm's norm), whose backward makes
+    weight-sized gradients. They are the nodes just before the weight's, of its module and
+    thread, back to one whose op the module's forward runs after its weight (the previous
+    call's linear, where the module is called twice in a row). From the records' order:
+    a node's first record is its outermost op."""
+    rec = records[records["seq"] >= 0]
+    if not seqs.size or not rec.size:
+        return np.zeros(0, dtype=np.int64)
+    key = (rec["thread"].astype(np.int64) << 40) | rec["seq"].astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    keys, module, op = key[order], rec["module"][order].astype(np.int64), \
+        rec["op"][order].astype(np.int64)
+    base = (threads.astype(np.int64) << 40) | seqs.astype(np.int64)
+
+    def at(offset):
+        """(found, module, op) of each weight's node at `offset` from its own."""
+        want = base + offset
+        i = np.minimum(np.searchsorted(keys, want), keys.size - 1)
+        return keys[i] == want, module[i], op[i]
+
+    found, own_module, _ = at(0)
+    codes = op.max() + 1
+    after, alive = [], found.copy()   # the ops of the module's call after its weight
+    for k in range(1, HOOK_NODES):
+        hit, m, o = at(k)
+        alive &= hit & (m == own_module)
+        if not alive.any():
+            break
+        after.append(m[alive] * codes + o[alive])
+    after = np.concatenate(after) if after else np.zeros(0, dtype=np.int64)
+    out, alive = [], found.copy()
+    for k in range(1, HOOK_NODES):
+        hit, m, o = at(-k)
+        alive &= hit & (m == own_module) & ~np.isin(m * codes + o, after)
+        if not alive.any():
+            break
+        out.append(seqs[alive].astype(np.int64) - k)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
