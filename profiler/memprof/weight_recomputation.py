@@ -77,11 +77,30 @@ def recomputation(profile, category: np.ndarray) -> np.ndarray:
     return np.flatnonzero(candidate & _in_scope(memory["module"], owners))
 
 
+def other_calls(memory: np.ndarray, category: np.ndarray) -> np.ndarray:
+    """Allocations (indices) of old-style weights that no snapshot names: a step's end names
+    the weight the module keeps then, its last call's; a module called more than once a step
+    (a shared layer, a discriminator on the real and the fake batch) made one at each call
+    before it - in its forward, by the same op, of the same size."""
+    sizes, phases, modules, ops = memory["size"], memory["phase"], memory["module"], memory["op"]
+    named = np.flatnonzero((category == CAT_RECOMPUTED_WEIGHTS) & (sizes > 0)
+                           & (phases == PHASE_FORWARD) & (modules >= 0))
+    if not named.size:
+        return np.zeros(0, dtype=np.int64)     # (a model without any: no pass over events)
+    candidate = (sizes > 0) & (phases == PHASE_FORWARD) \
+        & np.isin(category, (CAT_ACTIVATIONS, CAT_TEMPORARIES))
+    out = np.zeros(sizes.size, dtype=bool)
+    for m, o, size in set(zip(modules[named].tolist(), ops[named].tolist(),
+                              sizes[named].tolist())):
+        out |= candidate & (modules == m) & (ops == o) & (sizes == size)
+    return np.flatnonzero(out)
+
+
 def mark(profile, category: np.ndarray) -> None:
-    """Sets, in place, the category of those allocations to `recomputed_weights` (category:
-    as the snapshots left it)."""
-    category[recomputation(profile, category)] = \
-        CAT_RECOMPUTED_WEIGHTS
+    """Sets, in place, the category of those allocations, and of other_calls', to
+    `recomputed_weights` (category: as the snapshots left it)."""
+    category[recomputation(profile, category)] = CAT_RECOMPUTED_WEIGHTS
+    category[other_calls(profile.memory, category)] = CAT_RECOMPUTED_WEIGHTS
 
 
 def own(profile, module: np.ndarray) -> None:
@@ -132,7 +151,7 @@ def _hook_nodes(records: np.ndarray, seqs: np.ndarray, threads: np.ndarray) -> n
     weight-sized gradients. They are the nodes just before the weight's, of its module and
     thread, back to one whose op the module's forward runs after its weight (the previous
     call's linear, where the module is called twice in a row). From the records' order:
-    a node's first record is its outermost op."""
+    a node's first record is its outermost op; `seqs` holds every weight's node."""
     rec = records[records["seq"] >= 0]
     if not seqs.size or not rec.size:
         return np.zeros(0, dtype=np.int64)
@@ -150,14 +169,20 @@ def _hook_nodes(records: np.ndarray, seqs: np.ndarray, threads: np.ndarray) -> n
 
     found, own_module, _ = at(0)
     codes = op.max() + 1
-    after, alive = [], found.copy()   # the ops of the module's call after its weight
+    # the ops of the module's call after its weight: up to another module's; a walk that
+    # meets the module's next weight first (called twice in a row) passed that call's hook
+    # and counts for nothing
+    after, alive, next_call = [], found.copy(), np.zeros(found.size, dtype=bool)
     for k in range(1, HOOK_NODES):
         hit, m, o = at(k)
         alive &= hit & (m == own_module)
+        next_call |= alive & np.isin(base + k, base)
+        alive &= ~next_call
         if not alive.any():
             break
-        after.append(m[alive] * codes + o[alive])
-    after = np.concatenate(after) if after else np.zeros(0, dtype=np.int64)
+        after.append((np.flatnonzero(alive), m[alive] * codes + o[alive]))
+    after = np.concatenate([c[~next_call[w]] for w, c in after]) if after \
+        else np.zeros(0, dtype=np.int64)
     out, alive = [], found.copy()
     for k in range(1, HOOK_NODES):
         hit, m, o = at(-k)
