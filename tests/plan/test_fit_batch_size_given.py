@@ -91,7 +91,7 @@ def test_what_would_fit_is_re_estimated_at_the_batch_given(runs):
     prof, model, opt = by_batch[N]
     p = prof.profile
     inputs = p.run.records["inputs"]
-    built, _ = batch_function(model, inputs, N)(2 * N)
+    built, _ = batch_function(model, inputs, N, given=True)(2 * N)
     if layout == "seq_first":
         assert built[0].shape == (S, 2 * N, F)       # the batch dimension, not the sequence
     else:
@@ -101,3 +101,15 @@ def test_what_would_fit_is_re_estimated_at_the_batch_given(runs):
                     optimizer=opt)
     assert out["note"] is None and out["estimate"] is not None, out["note"]
     assert out["estimate"]["micro_batch"] == N and out["scaled"]["batch"] == N
+
+
+def test_only_a_batch_size_given_is_looked_for_beyond_the_leading_dimension():
+    """A batch read from the markers is an input's leading dimension: where a later step's
+    differs from the recorded first pass's (batches of 32, then 16, at sequence length 16),
+    the sequence dimension of that size is not the batch."""
+    from memprof.plan.fit import batch_dim
+    inputs = {"args": [{"tensor": {"shape": [32, 16], "dtype": "int64", "device": "cpu"}}],
+              "kwargs": {}}
+    assert batch_dim(inputs, 32) == 0 and batch_dim(inputs, 32, given=True) == 0
+    assert batch_dim(inputs, 16) is None and batch_dim(inputs, 16, given=True) == 1
+    assert batch_dim(inputs, 7, given=True) is None

@@ -49,9 +49,9 @@ def batch_size_at(profile: Profile, step: int) -> int | None:
     """The micro-batch of `step`: track(batch_size=...) where given (no 'batch' marker is
     written then: the inputs did not show it), else the last 'batch' marker at or before it
     (the leading dimension of the root module's first input)."""
-    given = (profile.run.records.get("throughput") or {}).get("batch_override")
+    given = batch_given(profile)
     if given:
-        return int(given)
+        return given
     found = None
     for m in profile.markers("batch"):
         if profile.memory.size and m["position"] < profile.memory.size \
@@ -59,6 +59,12 @@ def batch_size_at(profile: Profile, step: int) -> int | None:
             break
         found = m["value"]
     return int(found) if found else profile.meta.get("batch_size")
+
+
+def batch_given(profile: Profile) -> int | None:
+    """track(batch_size=...) / `memprof run --batch-size`, where given."""
+    given = (profile.run.records.get("throughput") or {}).get("batch_override")
+    return int(given) if given else None
 
 
 def accumulation_at(profile: Profile, step: int) -> int | None:
@@ -90,20 +96,21 @@ def _tensor_descs(inputs: dict | None):
         yield from walk(d)
 
 
-def batch_dim(inputs: dict | None, batch: int | None) -> int | None:
+def batch_dim(inputs: dict | None, batch: int | None, given: bool = False) -> int | None:
     """The dimension of the recorded inputs that is the batch: the leading one where an
-    input's is `batch`, else the first of the batch's size (a (seq, batch, feature) layout
-    tracked with batch_size=...); None where no input has one."""
+    input's is `batch`, else - for a batch size the user `given` (a (seq, batch, feature)
+    layout tracked with batch_size=...) - the first of its size; None where none is (a
+    marker's batch is the leading dimension: another of that size is the sequence's)."""
     shapes = [t["shape"] for t in _tensor_descs(inputs)] if batch else []
-    dims = [s.index(batch) for s in shapes if batch in s]
+    dims = [s.index(batch) for s in shapes if batch in s] if given else []
     return 0 if any(s and s[0] == batch for s in shapes) else min(dims, default=None)
 
 
-def _input_bytes(inputs: dict | None, batch: int | None) -> list[int]:
+def _input_bytes(inputs: dict | None, batch: int | None, given: bool = False) -> list[int]:
     """Bytes of each recorded input tensor with the batch dimension (batch_dim): what a loop
     that makes or loads its batch allocates outside forward and backward (a DataLoader's
     collated batch, its copy to the device)."""
-    dim = batch_dim(inputs, batch)
+    dim = batch_dim(inputs, batch, given)
     out: list[int] = []
     for t in _tensor_descs(inputs) if dim is not None else ():
         dtype = getattr(torch, t.get("dtype", ""), None)
@@ -129,7 +136,8 @@ def _scalable(profile: Profile, end: int, batch: int | None = None) -> np.ndarra
     whole[weight_gradients(profile)] = True
     out = ok & np.isin(phase, (PHASE_FORWARD, PHASE_BACKWARD)) \
         & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES)) & ~whole[owner]
-    sizes = _input_bytes(profile.run.records.get("inputs"), batch)
+    sizes = _input_bytes(profile.run.records.get("inputs"), batch,
+                         batch is not None and batch == batch_given(profile))
     if sizes:
         size = profile.memory["size"][owner]
         # (a CUDA block is the request rounded up to 512 bytes)
@@ -291,11 +299,11 @@ def _build(desc: dict, batch: int, new_batch: int, dim: int | None):
                      "cannot be rebuilt from the record")
 
 
-def batch_function(model: torch.nn.Module, inputs: dict, batch: int):
+def batch_function(model: torch.nn.Module, inputs: dict, batch: int, given: bool = False):
     """make_batch(micro_batch) -> (inputs, None) of the recorded structure; positional and
     keyword arguments are bound by the forward's signature into keywords; the batch
-    dimension is batch_dim's."""
-    dim = batch_dim(inputs, batch)
+    dimension is batch_dim's (`given`: the batch size was given by the user)."""
+    dim = batch_dim(inputs, batch, given)
 
     def make_batch(m):
         args = [_build(d, batch, m, dim) for d in inputs["args"]]
@@ -403,16 +411,17 @@ def _suggestions(plan, batch: int, order: list[tuple[str, str]],
 
 
 def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacity: int,
-                batch: int, accumulation: int = 1) -> dict:
+                batch: int, accumulation: int = 1, given: bool = False) -> dict:
     """What fits `budget` (a GPU name or bytes; `capacity` its usable bytes) for this model's
-    step at micro-batch `batch` x `accumulation` (the effective batch kept), re-estimated
+    step at micro-batch `batch` (`given` by the user) x `accumulation` (the effective batch
+    kept), re-estimated
     (see the module docstring)."""
     model = getattr(model, "module", model) if _is_data_parallel(model) else model
     effective = batch * accumulation
     from .checkpoint import policies_for
     from .search import recommend
     t0 = time.perf_counter()
-    make_batch = batch_function(model, inputs, batch)
+    make_batch = batch_function(model, inputs, batch, given)
     gpu, overhead, margin = _budget_gpu(budget, capacity)
     current, precisions, instead = _precisions(model, inputs, gpu)
     policies = policies_for(model, ("none", "every"))
@@ -488,7 +497,8 @@ def what_fits(profile: Profile, budget, capacity: int, label: str, step: int, *,
     else:
         try:
             out["estimate"] = re_estimate(model, inputs, optimizer, budget, capacity, batch,
-                                          accumulation_at(profile, step) or 1)
+                                          accumulation_at(profile, step) or 1,
+                                          given=batch == batch_given(profile))
         except Exception as err:  # noqa: BLE001  (advice must not hide the diagnosis)
             out["note"] = (f"re-estimating failed: {type(err).__name__}: "
                            f"{str(err).splitlines()[0][:200] if str(err) else ''}")
