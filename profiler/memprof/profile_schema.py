@@ -218,6 +218,12 @@ def check_references(events: np.ndarray, seq_records: np.ndarray, header: dict) 
             return f"snapshots[{i}].marker {s['marker']}: outside the {len(events)} events"
         if any(not -1 <= m < n_modules for m in s.get("modules") or ()):
             return f"snapshots[{i}].modules: a module id outside the {n_modules} modules"
+    lists = header["records"].get("parametrizations", [])
+    if not isinstance(lists, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(_is(m, _INT) and 0 <= m < n_modules
+                                                        for m in r) for r in lists):
+        return (f"records.parametrizations: expected [list id, module id] pairs of module "
+                f"ids inside the {n_modules} modules")
     return None
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from .record.event_streams import EventStreams
 from .record.events import EVENT_DTYPE, SEQ_DTYPE
+from .record.recomputed_weights import parametrization_lists
 from .record.snapshots import Snapshot
 
 
@@ -75,6 +76,8 @@ class Run:
         # both in the outer block's numbering (the leak check's); a nested block's own steps
         # start at this one
         records["first_step"] = int(getattr(session, "first_step", 0))
+        # torch's parametrization containers, by module id (weight_recomputation)
+        records["parametrizations"] = parametrization_lists(src.scope)
         # a nested block's own model, optimizer and frame (its leak check's), the outer's
         # roots where it named none (a block without a model inside `memprof run`)
         own = session if session.model is not None or session.frame is not None else src

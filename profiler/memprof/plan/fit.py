@@ -46,8 +46,12 @@ ESTIMATED = "re-estimated on fake tensors (memprof.plan.estimate)"
 
 # ------------------------------------------------------------------ from the profile alone
 def batch_size_at(profile: Profile, step: int) -> int | None:
-    """The micro-batch of `step`: the last 'batch' marker at or before it (the leading
-    dimension of the root module's first input), or track(batch_size=...)."""
+    """The micro-batch of `step`: track(batch_size=...) where given (no 'batch' marker is
+    written then: the inputs did not show it), else the last 'batch' marker at or before it
+    (the leading dimension of the root module's first input)."""
+    given = batch_given(profile)
+    if given:
+        return given
     found = None
     for m in profile.markers("batch"):
         if profile.memory.size and m["position"] < profile.memory.size \
@@ -55,6 +59,12 @@ def batch_size_at(profile: Profile, step: int) -> int | None:
             break
         found = m["value"]
     return int(found) if found else profile.meta.get("batch_size")
+
+
+def batch_given(profile: Profile) -> int | None:
+    """track(batch_size=...) / `memprof run --batch-size`, where given."""
+    given = (profile.run.records.get("throughput") or {}).get("batch_override")
+    return int(given) if given else None
 
 
 def accumulation_at(profile: Profile, step: int) -> int | None:
@@ -68,29 +78,44 @@ def accumulation_at(profile: Profile, step: int) -> int | None:
     return int(np.median(list(counts.values()))) if counts else None
 
 
-def _input_bytes(inputs: dict | None, batch: int | None) -> list[int]:
-    """Bytes of each recorded input tensor whose leading dimension is the batch: what a loop
-    that makes or loads its batch allocates outside forward and backward (a DataLoader's
-    collated batch, its copy to the device)."""
-    out: list[int] = []
-
+def _tensor_descs(inputs: dict | None):
+    """The recorded input tensors' descriptions ({'shape', 'dtype', 'device'}), in order."""
     def walk(desc):
         if not isinstance(desc, dict):
             return
         if "tensor" in desc:
-            t = desc["tensor"]
-            dtype = getattr(torch, t.get("dtype", ""), None)
-            if t["shape"] and t["shape"][0] == batch and isinstance(dtype, torch.dtype):
-                out.append(math.prod(t["shape"]) * dtype.itemsize)
+            yield desc["tensor"]
         for key in ("list", "tuple"):
             for d in desc.get(key, []):
-                walk(d)
+                yield from walk(d)
         for d in desc.get("dict", {}).values():
-            walk(d)
+            yield from walk(d)
 
-    if inputs and batch:
-        for d in list(inputs.get("args", [])) + list(inputs.get("kwargs", {}).values()):
-            walk(d)
+    for d in list((inputs or {}).get("args", [])) + list((inputs or {}).get("kwargs", {})
+                                                         .values()):
+        yield from walk(d)
+
+
+def batch_dim(inputs: dict | None, batch: int | None, given: bool = False) -> int | None:
+    """The dimension of the recorded inputs that is the batch: the leading one where an
+    input's is `batch`, else - for a batch size the user `given` (a (seq, batch, feature)
+    layout tracked with batch_size=...) - the first of its size; None where none is (a
+    marker's batch is the leading dimension: another of that size is the sequence's)."""
+    shapes = [t["shape"] for t in _tensor_descs(inputs)] if batch else []
+    dims = [s.index(batch) for s in shapes if batch in s] if given else []
+    return 0 if any(s and s[0] == batch for s in shapes) else min(dims, default=None)
+
+
+def _input_bytes(inputs: dict | None, batch: int | None, given: bool = False) -> list[int]:
+    """Bytes of each recorded input tensor with the batch dimension (batch_dim): what a loop
+    that makes or loads its batch allocates outside forward and backward (a DataLoader's
+    collated batch, its copy to the device)."""
+    dim = batch_dim(inputs, batch, given)
+    out: list[int] = []
+    for t in _tensor_descs(inputs) if dim is not None else ():
+        dtype = getattr(torch, t.get("dtype", ""), None)
+        if len(t["shape"]) > dim and t["shape"][dim] == batch and isinstance(dtype, torch.dtype):
+            out.append(math.prod(t["shape"]) * dtype.itemsize)
     return [b for b in out if b > 0]
 
 
@@ -111,7 +136,8 @@ def _scalable(profile: Profile, end: int, batch: int | None = None) -> np.ndarra
     whole[weight_gradients(profile)] = True
     out = ok & np.isin(phase, (PHASE_FORWARD, PHASE_BACKWARD)) \
         & np.isin(cat, (CAT_ACTIVATIONS, CAT_TEMPORARIES)) & ~whole[owner]
-    sizes = _input_bytes(profile.run.records.get("inputs"), batch)
+    sizes = _input_bytes(profile.run.records.get("inputs"), batch,
+                         batch is not None and batch == batch_given(profile))
     if sizes:
         size = profile.memory["size"][owner]
         # (a CUDA block is the request rounded up to 512 bytes)
@@ -254,30 +280,34 @@ def _dtype(name: str) -> torch.dtype:
     return d
 
 
-def _build(desc: dict, batch: int, new_batch: int):
+def _build(desc: dict, batch: int, new_batch: int, dim: int | None):
     if "tensor" in desc:
         t = desc["tensor"]
         shape = list(t["shape"])
-        if shape and shape[0] == batch:
-            shape[0] = new_batch
+        if dim is not None and len(shape) > dim and shape[dim] == batch:
+            shape[dim] = new_batch
         return torch.zeros(shape, dtype=_dtype(t["dtype"]), device=t["device"])
     if "value" in desc:
         return desc["value"]
     if "list" in desc or "tuple" in desc:
-        items = [_build(d, batch, new_batch) for d in desc.get("list", desc.get("tuple", []))]
+        items = [_build(d, batch, new_batch, dim)
+                 for d in desc.get("list", desc.get("tuple", []))]
         return items if "list" in desc else tuple(items)
     if "dict" in desc:
-        return {k: _build(d, batch, new_batch) for k, d in desc["dict"].items()}
+        return {k: _build(d, batch, new_batch, dim) for k, d in desc["dict"].items()}
     raise ValueError(f"the model was called with a {desc.get('object')} object: a batch "
                      "cannot be rebuilt from the record")
 
 
-def batch_function(model: torch.nn.Module, inputs: dict, batch: int):
+def batch_function(model: torch.nn.Module, inputs: dict, batch: int, given: bool = False):
     """make_batch(micro_batch) -> (inputs, None) of the recorded structure; positional and
-    keyword arguments are bound by the forward's signature into keywords."""
+    keyword arguments are bound by the forward's signature into keywords; the batch
+    dimension is batch_dim's (`given`: the batch size was given by the user)."""
+    dim = batch_dim(inputs, batch, given)
+
     def make_batch(m):
-        args = [_build(d, batch, m) for d in inputs["args"]]
-        kwargs = {k: _build(d, batch, m) for k, d in inputs["kwargs"].items()}
+        args = [_build(d, batch, m, dim) for d in inputs["args"]]
+        kwargs = {k: _build(d, batch, m, dim) for k, d in inputs["kwargs"].items()}
         if not kwargs:
             return tuple(args), None
         sig = inspect.signature(model.forward)
@@ -296,6 +326,7 @@ def batch_function(model: torch.nn.Module, inputs: dict, batch: int):
         return out, None
 
     make_batch(1)   # raises now for an input that cannot be rebuilt
+    make_batch.batch_dim = dim or 0
     return make_batch
 
 
@@ -380,16 +411,17 @@ def _suggestions(plan, batch: int, order: list[tuple[str, str]],
 
 
 def re_estimate(model: torch.nn.Module, inputs: dict, optimizer, budget, capacity: int,
-                batch: int, accumulation: int = 1) -> dict:
+                batch: int, accumulation: int = 1, given: bool = False) -> dict:
     """What fits `budget` (a GPU name or bytes; `capacity` its usable bytes) for this model's
-    step at micro-batch `batch` x `accumulation` (the effective batch kept), re-estimated
+    step at micro-batch `batch` (`given` by the user) x `accumulation` (the effective batch
+    kept), re-estimated
     (see the module docstring)."""
     model = getattr(model, "module", model) if _is_data_parallel(model) else model
     effective = batch * accumulation
     from .checkpoint import policies_for
     from .search import recommend
     t0 = time.perf_counter()
-    make_batch = batch_function(model, inputs, batch)
+    make_batch = batch_function(model, inputs, batch, given)
     gpu, overhead, margin = _budget_gpu(budget, capacity)
     current, precisions, instead = _precisions(model, inputs, gpu)
     policies = policies_for(model, ("none", "every"))
@@ -465,7 +497,8 @@ def what_fits(profile: Profile, budget, capacity: int, label: str, step: int, *,
     else:
         try:
             out["estimate"] = re_estimate(model, inputs, optimizer, budget, capacity, batch,
-                                          accumulation_at(profile, step) or 1)
+                                          accumulation_at(profile, step) or 1,
+                                          given=batch == batch_given(profile))
         except Exception as err:  # noqa: BLE001  (advice must not hide the diagnosis)
             out["note"] = (f"re-estimating failed: {type(err).__name__}: "
                            f"{str(err).splitlines()[0][:200] if str(err) else ''}")

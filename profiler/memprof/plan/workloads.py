@@ -219,7 +219,9 @@ def _checked_batch(fn):
             raise BatchError(f"batch function {name!r} raised {said}") from None
         # a function that ignores its argument makes every estimate one of its own size
         # (the batch size as the tracker reads a pass's: its first tensor's first dimension)
-        n = leading_dim((batch,))
+        # (a batch whose batch dimension is another - memprof.plan.fit's rebuilt (seq,
+        # batch, feature) inputs - says so in `batch_dim`, and is made at that size)
+        n = leading_dim((batch,)) if not getattr(fn, "batch_dim", 0) else None
         if n is not None and n != b:
             raise BatchError(f"batch function {name!r} returned {n} samples when asked for "
                              f"{b} (its first tensor's first dimension): it must make a batch "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.nn.utils import parametrize
 
 
 def is_recomputing_hook(hook) -> bool:
@@ -47,6 +48,20 @@ def recomputed_weights(roots) -> dict[int, str]:
                     weight = module.__dict__.get(hook.name)   # a plain attribute
                     if isinstance(weight, torch.Tensor) and weight.grad_fn is not None:
                         out[id(weight)] = f"{root}{path}.{hook.name}"
+    return out
+
+
+def parametrization_lists(scope) -> list[list[int]]:
+    """[list id, parametrized module id] for each of torch's ParametrizationLists among the
+    modules `scope` named (read once, at the block's end): found by type, so a module of the
+    user's own named `parametrizations` is none (weight_recomputation.scope_owners)."""
+    out = []
+    for module, mid in scope.module_ids():
+        if parametrize.is_parametrized(module):
+            for plist in module.parametrizations.values():
+                lid = scope.module_id(plist)
+                if lid is not None and isinstance(plist, parametrize.ParametrizationList):
+                    out.append([lid, mid])
     return out
 
 
