@@ -9,7 +9,8 @@ A model that is never called (only updated, as ModelEmaV2 and AveragedModel are 
 evaluations) is no root module memprof names, and under `track(model, opt)` only the model
 is: its memory read "other". So the frames of the block and of the training loop are looked
 at (at the block's start and at steps 2, 4, 8, ...) for the models they hold beside the
-session's (`Beside`).
+session's (`Beside`), each by the path the frame gives it (`ema_model`, `self.ema`): its
+modules are named after it (scope.name_beside), or their memory had no owner.
 
 What tells a change: a parameter's version counter, and where that did not move (an update
 through `.data`, whose tensor has a counter of its own) a sample of the parameter's bytes,
@@ -33,6 +34,31 @@ MAX_BESIDE = 16
 #: elements of a parameter compared between notes (spread over it: an EMA's update moves
 #: nearly every element, a rounding-sized one most)
 SAMPLE = 256
+
+
+#: what a parameter storage is to the run (Snapshot.trainable's values)
+FROZEN, TRAINS, NOT_TRAINED = 0, 1, 2
+#: which reading a storage shared by parameters that read differently takes (tied weights, a
+#: view of another parameter): the highest. One that trains makes it train (a LoRA base's
+#: storage with an adapter's view into it), and the model's own frozen reading beats
+#: NOT_TRAINED's (a part of the model that its EMA copy shares)
+_PRECEDENCE = {TRAINS: 2, FROZEN: 1, NOT_TRAINED: 0}
+
+
+def trainable_storages(params: list, ptrs: list,
+                       untrained: set[int] | frozenset = frozenset()) -> dict[int, int]:
+    """Storage address -> TRAINS where a parameter at it requires grad, FROZEN where none does
+    (a LoRA base against its adapters), NOT_TRAINED where every parameter at it is in
+    `untrained` (ids: not_trained.not_trained's); where parameters at one storage read
+    differently, _PRECEDENCE says which reading it takes. `ptrs`: the parameters' storage
+    addresses (snapshots.storage_ptrs)."""
+    out: dict[int, int] = {}
+    for ptr, p in zip(ptrs, params):
+        if ptr is not None:
+            role = NOT_TRAINED if id(p) in untrained else TRAINS if p.requires_grad else FROZEN
+            was = out.get(ptr)
+            out[ptr] = role if was is None else max(was, role, key=_PRECEDENCE.__getitem__)
+    return out
 
 
 def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
@@ -144,15 +170,20 @@ def _samples(params: list) -> list[bytes | None]:
 
 class Beside:
     """Models held by the block's or the training loop's frame beside the session's (whose
-    parameters it already notes), held weakly: an EMA copy never called (see the module
-    docstring)."""
+    parameters it already notes), each with the path the frame gives it; held weakly (see
+    the module docstring)."""
 
     def __init__(self):
         self._models: dict[int, weakref.ref] = {}
+        self._names: dict[int, str] = {}           # id(model) -> its path in the frame
 
     def models(self) -> list[torch.nn.Module]:
         """The models found, still alive."""
         return [m for m in (r() for r in list(self._models.values())) if m is not None]
+
+    def named(self) -> list[tuple[str, torch.nn.Module]]:
+        """(path in the frame, model) of the models found, still alive."""
+        return [(self._names[id(m)], m) for m in self.models()]
 
     def look(self, frames: list, known: set[int]) -> bool:
         """Take in the models with parameters that `frames` hold (a variable, or an
@@ -161,38 +192,41 @@ class Beside:
         was new."""
         known = known | {id(p) for m in self.models() for p in m.parameters()}
         found = False
-        for module in _held_modules(frames):
+        for name, module in _held_modules(frames):
             if len(self._models) >= MAX_BESIDE:
                 break
             params = [id(p) for p in module.parameters()]
             if params and id(module) not in self._models and known.isdisjoint(params):
                 self._models[id(module)] = weakref.ref(module, self._forget(id(module)))
+                self._names[id(module)] = name
                 known.update(params)
                 found = True
         return found
 
     def _forget(self, key: int):
-        def forget(ref, models=self._models):
+        def forget(ref, models=self._models, names=self._names):
             if models.get(key) is ref:
                 del models[key]
+                names.pop(key, None)
         return forget
 
 
-def _held_modules(frames: list) -> list[torch.nn.Module]:
-    """The modules among the frames' variables and their variables' attributes."""
-    out: dict[int, torch.nn.Module] = {}
+def _held_modules(frames: list) -> list[tuple[str, torch.nn.Module]]:
+    """(path, module) of the modules among the frames' variables and their variables'
+    attributes."""
+    out: dict[int, tuple[str, torch.nn.Module]] = {}
     for frame in frames:
         try:
-            values = list(frame.f_locals.values())
+            items = list(frame.f_locals.items())
             release_locals_snapshot(frame)
-            for v in values:
+            for k, v in items:
                 if isinstance(v, torch.nn.Module):
-                    out.setdefault(id(v), v)
+                    out.setdefault(id(v), (k, v))
                 elif not isinstance(v, ATOMS) and isinstance(getattr(v, "__dict__", None),
                                                               dict):
-                    for a in list(vars(v).values()):
-                        if isinstance(a, torch.nn.Module):
-                            out.setdefault(id(a), a)
+                    for a, w in list(vars(v).items()):
+                        if isinstance(w, torch.nn.Module):
+                            out.setdefault(id(w), (f"{k}.{a}", w))
         except Exception:  # noqa: BLE001  (an odd object's attributes: the look is a nicety)
             continue
     return list(out.values())

@@ -28,7 +28,7 @@ from .. import _C
 from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS,
                      CAT_RECOMPUTED_WEIGHTS, DEVICE_CPU, DEVICE_CUDA, FAKE_DEVICE_TYPE)
 from .holders import is_library_frame, loop_frame
-from .not_trained import Beside, Changes, not_trained
+from .not_trained import Beside, Changes, not_trained, trainable_storages
 from .recomputed_weights import RecomputingModules
 
 
@@ -181,31 +181,6 @@ def storage_parts(tensors: list, owners: list) -> tuple[list, list]:
     return out_t, out_o
 
 
-#: what a parameter storage is to the run (Snapshot.trainable's values)
-FROZEN, TRAINS, NOT_TRAINED = 0, 1, 2
-#: which reading a storage shared by parameters that read differently takes (tied weights, a
-#: view of another parameter): the highest. One that trains makes it train (a LoRA base's
-#: storage with an adapter's view into it), and the model's own frozen reading beats
-#: NOT_TRAINED's (a part of the model that its EMA copy shares)
-_PRECEDENCE = {TRAINS: 2, FROZEN: 1, NOT_TRAINED: 0}
-
-
-def trainable_storages(params: list, ptrs: list | None = None,
-                       untrained: set[int] | frozenset = frozenset()) -> dict[int, int]:
-    """Storage address -> TRAINS where a parameter at it requires grad, FROZEN where none does
-    (a LoRA base against its adapters), NOT_TRAINED where every parameter at it is in
-    `untrained` (ids: not_trained.not_trained's); where parameters at one storage read
-    differently, _PRECEDENCE says which reading it takes. `ptrs`: storage_ptrs(params), where
-    the caller has them."""
-    out: dict[int, int] = {}
-    for ptr, p in zip(storage_ptrs(list(params)) if ptrs is None else ptrs, params):
-        if ptr is not None:
-            role = NOT_TRAINED if id(p) in untrained else TRAINS if p.requires_grad else FROZEN
-            was = out.get(ptr)
-            out[ptr] = role if was is None else max(was, role, key=_PRECEDENCE.__getitem__)
-    return out
-
-
 def _sorted_storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
     """The sorted storage addresses of the tensors of (tensor, module id) pairs."""
     return sorted(k for k in storage_ptrs([t for t, _ in pairs]) if k is not None)
@@ -281,7 +256,8 @@ class SnapshotRecorder:
         if self.session.scope.model is not None:   # (auto mode: no model is known yet)
             self._look_beside(params)
         params = self.params(params)
-        self.baseline_trainable = trainable_storages(params, untrained=self._untrained())
+        self.baseline_trainable = trainable_storages(params, storage_ptrs(params),
+                                                     self._untrained())
         for p in params:
             add(p, CAT_PARAMETERS, self._module_of(p))
             if p.grad is not None:
@@ -379,6 +355,7 @@ class SnapshotRecorder:
             return
         t0 = time.perf_counter()
         own = self.session.params()
+        seen = self.session.scope.naming()
         try:
             found = self._look_beside(own)
         except Exception:  # noqa: BLE001  (a look must never break training)
@@ -386,6 +363,8 @@ class SnapshotRecorder:
         untrained = self._untrained()
         if found or untrained != self._last_untrained:
             self._note(*self._parameters(self.params(own), untrained))
+        if self._modules_seen == seen:   # (names given beside: noted here, not again at
+            self._modules_seen = self.session.scope.naming()   # the next step's end)
         self.looks.append([self.session.steps.step, time.perf_counter() - t0])
 
     def _look_beside(self, own: list) -> bool:
@@ -394,7 +373,10 @@ class SnapshotRecorder:
         frames = [loop_frame(sys._getframe(1)), self.session.frame]
         frames = [f for i, f in enumerate(frames) if f is not None and f not in frames[:i]
                   and not is_library_frame(f)]
-        return self.beside.look(frames, {id(p) for p in own})
+        found = self.beside.look(frames, {id(p) for p in own})
+        for name, model in self.beside.named() if found else ():
+            self.session.scope.name_beside(name, model)
+        return found
 
     def params(self, own: list | None = None) -> list[torch.Tensor]:
         """session.params() (`own`, where the caller has it) and the parameters of the
