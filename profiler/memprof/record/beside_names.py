@@ -1,5 +1,5 @@
 """Names for what the loop keeps beside the models memprof sees called (not_trained.Beside: an
-EMA copy only updated, a teacher): the path the loop's
+EMA copy only updated, a teacher, diffusers' EMAModel's `shadow_params`): the path the loop's
 frame gives it (`ema_model`, `self.ema`), its modules below it (`ema_model.module.fc1`).
 Unnamed, their parameters' bytes had no owner ("outside modules" in every module table), next
 to a "not trained" figure that said whose they were nowhere. Named as their parameters are
@@ -34,6 +34,16 @@ class BesideNaming:
             self._beside_ids[id(sub)] = mid
             self._forget_when_freed(sub, self._beside_ids)
             self._own_parameters(sub.parameters(recurse=False), mid)
+
+    def name_kept(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """Names a list of tensors beside the models (an EMA's copies of the parameters,
+        `name` its path in the loop's frame: `ema.shadow_params`) as one holder of them."""
+        mid = self._kept_ids.get(name)
+        if mid is None:
+            mid = self._kept_ids[name] = len(self.names)
+            self.names.append(self._free_prefix(name))
+            self._beside_labels.add(self.names[mid])
+        self._own_parameters(tensors, mid)
 
     def _own_parameters(self, params, mid: int) -> None:
         for p in params:

@@ -80,10 +80,11 @@ class ModuleScope(RootNaming, BesideNaming):
         self._root_prefixes: dict[int, str] = {}  # auto mode: id(side root) -> its prefix
         self._first_root_name: str | None = None   # auto mode: what the code calls roots[0]
         # what was named beside the models called (beside_names.py): id(model) -> prefix,
-        # id(module) -> its id; the prefixes given
+        # id(module) -> its id, a list of tensors' path -> its id; the prefixes given
         self._beside_prefixes: dict[int, str] = {}
         self._beside_labels: set[str] = set()
         self._beside_ids: dict[int, int] = {}
+        self._kept_ids: dict[str, int] = {}
         self.before_forward: list = []            # fn(), before a real root forward starts
         self.on_forward_start: list = []          # fn(args, kwargs), at a real pass's start
         self.on_forward_end: list = []

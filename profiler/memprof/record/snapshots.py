@@ -25,10 +25,11 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C
-from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS,
-                     CAT_RECOMPUTED_WEIGHTS, DEVICE_CPU, DEVICE_CUDA, FAKE_DEVICE_TYPE)
+from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_OTHER,
+                     CAT_PARAMETERS, CAT_RECOMPUTED_WEIGHTS, DEVICE_CPU, DEVICE_CUDA,
+                     FAKE_DEVICE_TYPE)
 from .holders import is_library_frame, loop_frame
-from .not_trained import Beside, Changes, not_trained, trainable_storages
+from .not_trained import Beside, Changes, mirroring, not_trained, trainable_storages
 from .recomputed_weights import RecomputingModules
 
 
@@ -255,9 +256,9 @@ class SnapshotRecorder:
         params = self.session.params()
         if self.session.scope.model is not None:   # (auto mode: no model is known yet)
             self._look_beside(params)
-        params = self.params(params)
-        self.baseline_trainable = trainable_storages(params, storage_ptrs(params),
-                                                     self._untrained())
+        untrained = self._untrained()
+        params = self.params(params, untrained)
+        self.baseline_trainable = trainable_storages(params, storage_ptrs(params), untrained)
         for p in params:
             add(p, CAT_PARAMETERS, self._module_of(p))
             if p.grad is not None:
@@ -270,6 +271,10 @@ class SnapshotRecorder:
         buffers = self.buffers()
         for b, mid in buffers:
             add(b, CAT_BUFFERS, mid)
+        # lists beside that may be an EMA's copies: "other" until a look sees them change
+        for t in mirroring(list(self.beside.kept().values()),
+                           [p for p in params if p.requires_grad]):
+            add(t, CAT_OTHER, -1)
         self._buffer_keys = _sorted_storage_ptrs(buffers)
         _C.watch_baseline_frees(cpu_blocks)
 
@@ -362,7 +367,7 @@ class SnapshotRecorder:
             found = False
         untrained = self._untrained()
         if found or untrained != self._last_untrained:
-            self._note(*self._parameters(self.params(own), untrained))
+            self._note(*self._parameters(self.params(own, untrained), untrained))
         if self._modules_seen == seen:   # (names given beside: noted here, not again at
             self._modules_seen = self.session.scope.naming()   # the next step's end)
         self.looks.append([self.session.steps.step, time.perf_counter() - t0])
@@ -378,17 +383,27 @@ class SnapshotRecorder:
             self.session.scope.name_beside(name, model)
         return found
 
-    def params(self, own: list | None = None) -> list[torch.Tensor]:
-        """session.params() (`own`, where the caller has it) and the parameters of the
-        models beside them."""
+    def params(self, own: list | None = None, untrained: set[int] | None = None
+               ) -> list[torch.Tensor]:
+        """session.params() (`own`, where the caller has it), the parameters of the models
+        beside them and the tensors of lists beside them that are not trained (`untrained`:
+        _untrained(), else the last parameters' note's), named after their lists."""
         params = list(self.session.params() if own is None else own)
         beside = self.beside.models()
-        if not beside:
+        untrained = self._last_untrained if untrained is None else untrained
+        kept = [(name, [t for t in tensors if id(t) in untrained])
+                for name, tensors in self.beside.kept().items()]
+        if not beside and not any(tensors for _, tensors in kept):
             return params
         seen = {id(p) for p in params}
         for m in beside:
             params += [p for p in m.parameters() if id(p) not in seen]
             seen.update(id(p) for p in m.parameters())
+        for name, tensors in kept:
+            if tensors:
+                self.session.scope.name_kept(name, tensors)
+                params += [t for t in tensors if id(t) not in seen]
+                seen.update(id(t) for t in tensors)
         return params
 
     def _before_optimizer(self, optimizer) -> None:
@@ -426,7 +441,8 @@ class SnapshotRecorder:
     def note_parameters(self) -> None:
         """A snapshot of the parameters of the model or the roots alive (and the watched
         optimizers')."""
-        self._note(*self._parameters(self.params()))
+        untrained = self._untrained()
+        self._note(*self._parameters(self.params(untrained=untrained), untrained))
 
     def note_state(self, optimizer) -> bool:
         """A snapshot of the optimizer's state unless it is the storages last noted; whether
@@ -505,7 +521,8 @@ class SnapshotRecorder:
         GAN's two)."""
         try:
             return not_trained(self.session.scope.root_modules() + self.beside.models(),
-                               self.session.steps.updated, self._changes)
+                               self.session.steps.updated, self._changes,
+                               list(self.beside.kept().values()))
         except Exception:  # noqa: BLE001  (a look must never break training: an odd
             return set()   # parameter's reading falls back to requires_grad alone)
 
@@ -563,7 +580,8 @@ class SnapshotRecorder:
         watched optimizers' state, the buffers - read now and noted nowhere: final() notes
         them; a profile made while the block goes on (Session.so_far) ends with them, so the
         parameters of a model built inside the block are parameters there too."""
-        params = self.params()
+        untrained = self._untrained()
+        params = self.params(untrained=untrained)
         states = []
         for opt in self.session.steps.watched():
             states += state_pairs(opt)
@@ -573,7 +591,7 @@ class SnapshotRecorder:
             [p for p in params if p.is_leaf and p.grad is not None])   # (a non-leaf warns)
         self._recomputing.look(self.session.scope)
         weights, owners = self._recomputing.weights()
-        return [self._parameters(params),
+        return [self._parameters(params, untrained),
                 self._owned(CAT_GRADIENTS, grads, [self._module_of(p) for p in grad_params]),
                 self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],
                             [self._module_of(p) for _, p in states]),
