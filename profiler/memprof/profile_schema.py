@@ -52,7 +52,7 @@ def _list_of(value, kind, where: str) -> str | None:
 _META_TYPES = {"t0_ns": _INT, "dropped": _INT, "capacity": _INT, "threads": _INT,
                "steps_marked": _INT, "pid": _INT, "torch": _STR, "error": _STR,
                "step_on": _STR, "error_unix_s": _NUM}
-_META_LISTS = ("patch_notes", "analysis_errors")
+_META_LISTS = ("patch_notes", "analysis_errors", "beside_modules")
 # a distributed job's rank identity (record.distributed): what merging the ranks' files reads
 _RANK_TYPES = {"rank": _INT, "world_size": _INT, "local_rank": _INT, "dist_backend": _STR,
                "run_id": _STR}

@@ -11,7 +11,7 @@ import numpy as np
 from ..allocation_lookup import last_per_allocation, snapshot_trainable
 from ..profile import Profile
 from ..record.events import CAT_PARAMETERS
-from ..record.snapshots import FROZEN, NOT_TRAINED, TRAINS
+from ..record.not_trained import FROZEN, NOT_TRAINED, TRAINS
 
 
 #: the split's parts and how the reports name them

@@ -9,7 +9,13 @@ A model that is never called (only updated, as ModelEmaV2 and AveragedModel are 
 evaluations) is no root module memprof names, and under `track(model, opt)` only the model
 is: its memory read "other". So the frames of the block and of the training loop are looked
 at (at the block's start and at steps 2, 4, 8, ...) for the models they hold beside the
-session's (`Beside`).
+session's (`Beside`), each by the path the frame gives it (`ema_model`, `self.ema`): its
+modules are named after it (scope.name_beside), or their memory had no owner. An EMA kept as
+a list of tensors, not as a module (diffusers' EMAModel's `shadow_params`, a list of cloned
+parameters updated by `torch._foreach_lerp_`), is looked for there too: a list each of whose
+tensors mirrors a trained parameter (shape and dtype), and only its tensors that changed
+between looks are not trained - a list that mirrors them but stays (an L2-SP anchor), or one
+that changes but mirrors none (metrics), is no EMA.
 
 What tells a change: a parameter's version counter, and where that did not move (an update
 through `.data`, whose tensor has a counter of its own) a sample of the parameter's bytes,
@@ -30,23 +36,54 @@ from .holders import ATOMS, release_locals_snapshot
 #: models beside the session's kept track of, at most (a loop that makes a new copy of its
 #: model every epoch: its first copies only)
 MAX_BESIDE = 16
+#: tensors in a list beside looked at, at most (an EMA's copies: one per parameter tensor; a
+#: longer list, a data set's samples kept in memory, is none)
+MAX_KEPT = 4096
 #: elements of a parameter compared between notes (spread over it: an EMA's update moves
 #: nearly every element, a rounding-sized one most)
 SAMPLE = 256
 
 
-def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
+#: what a parameter storage is to the run (Snapshot.trainable's values)
+FROZEN, TRAINS, NOT_TRAINED = 0, 1, 2
+#: which reading a storage shared by parameters that read differently takes (tied weights, a
+#: view of another parameter): the highest. One that trains makes it train (a LoRA base's
+#: storage with an adapter's view into it), and the model's own frozen reading beats
+#: NOT_TRAINED's (a part of the model that its EMA copy shares)
+_PRECEDENCE = {TRAINS: 2, FROZEN: 1, NOT_TRAINED: 0}
+
+
+def trainable_storages(params: list, ptrs: list,
+                       untrained: set[int] | frozenset = frozenset()) -> dict[int, int]:
+    """Storage address -> TRAINS where a parameter at it requires grad, FROZEN where none does
+    (a LoRA base against its adapters), NOT_TRAINED where every parameter at it is in
+    `untrained` (ids: not_trained.not_trained's); where parameters at one storage read
+    differently, _PRECEDENCE says which reading it takes. `ptrs`: the parameters' storage
+    addresses (snapshots.storage_ptrs)."""
+    out: dict[int, int] = {}
+    for ptr, p in zip(ptrs, params):
+        if ptr is not None:
+            role = NOT_TRAINED if id(p) in untrained else TRAINS if p.requires_grad else FROZEN
+            was = out.get(ptr)
+            out[ptr] = role if was is None else max(was, role, key=_PRECEDENCE.__getitem__)
+    return out
+
+
+def not_trained(roots: list, trained: set[int], changes: "Changes",
+                kept: list[list] = ()) -> set[int]:
     """ids of the parameters of `roots` that no optimizer updates (`trained`: ids of those
     that one does, StepClock.updated) where one updates some root's, and that either belong
     to a root of which it updates none and are left requiring grad (an AveragedModel), or
     are frozen and changed since first seen (`changes`): in a model beside, or in the
-    trained one (its `self.ema`). Empty without an optimizer's parameters to go by (a
-    hand-written update: requires_grad is all there is)."""
+    trained one (its `self.ema`); and the tensors of `kept` (lists beside, Beside.kept) that
+    changed, of lists whose every tensor mirrors a trained parameter. Empty without an
+    optimizer's parameters to go by (a hand-written update: requires_grad is all there is)."""
     groups = [list(m.parameters()) for m in roots]
     is_trained = [any(id(p) in trained for p in g) for g in groups]
     if not any(is_trained):
         return set()
-    out, frozen = set(), []
+    frozen = mirroring(kept, [p for g in groups for p in g if id(p) in trained])
+    out = set()
     for group, root_trains in zip(groups, is_trained):
         # in the trained model, only a frozen parameter shaped like one it trains (its
         # `self.ema` mirrors them): a LoRA base merged and unmerged in place for a
@@ -62,6 +99,19 @@ def not_trained(roots: list, trained: set[int], changes: "Changes") -> set[int]:
                 out.add(id(p))
             # (a trained model's parameter left out of its optimizer: requires_grad says)
     return out | changes.changed(frozen)
+
+
+def mirroring(kept: list[list], params: list) -> list:
+    """The tensors of the lists in `kept` each of whose tensors is shaped like one of
+    `params` (the trained parameters), of their dtype, and requires no grad: an EMA's copies
+    of them, once they change. A list longer than the parameters mirrors nothing."""
+    if not kept or not params:
+        return []
+    mirrors = {(tuple(p.shape), p.dtype) for p in params}
+    grads = {id(p.grad) for p in params if p.grad is not None}   # (a list of the gradients)
+    return [t for tensors in kept if len(tensors) <= len(params) and all(
+        not t.requires_grad and id(t) not in grads and (tuple(t.shape), t.dtype) in mirrors
+        for t in tensors) for t in tensors]
 
 
 class Changes:
@@ -144,55 +194,85 @@ def _samples(params: list) -> list[bytes | None]:
 
 class Beside:
     """Models held by the block's or the training loop's frame beside the session's (whose
-    parameters it already notes), held weakly: an EMA copy never called (see the module
-    docstring)."""
+    parameters it already notes), and lists of tensors they hold (an EMA's copies), each
+    with the path the frame gives it; held weakly (see the module docstring)."""
 
     def __init__(self):
         self._models: dict[int, weakref.ref] = {}
+        self._names: dict[int, str] = {}           # id(model) -> its path in the frame
+        self._kept: dict[str, list[weakref.ref]] = {}   # path -> its tensors
 
     def models(self) -> list[torch.nn.Module]:
         """The models found, still alive."""
         return [m for m in (r() for r in list(self._models.values())) if m is not None]
 
+    def named(self) -> list[tuple[str, torch.nn.Module]]:
+        """(path in the frame, model) of the models found, still alive."""
+        return [(self._names[id(m)], m) for m in self.models()]
+
+    def kept(self) -> dict[str, list[torch.Tensor]]:
+        """path in the frame -> the tensors still alive of a list of tensors found."""
+        return {name: [t for t in (r() for r in refs) if t is not None]
+                for name, refs in list(self._kept.items())}
+
     def look(self, frames: list, known: set[int]) -> bool:
         """Take in the models with parameters that `frames` hold (a variable, or an
         attribute of one: a trainer's `self.ema`, a wrapper's `.module`) none of whose
-        parameters is in `known` (ids: the session's) or a model found before; whether one
-        was new."""
+        parameters is in `known` (ids: the session's) or a model found before, and the lists
+        of tensors none of which is; whether a model was new."""
         known = known | {id(p) for m in self.models() for p in m.parameters()}
         found = False
-        for module in _held_modules(frames):
+        modules, lists = _held(frames)
+        for name, module in modules:
             if len(self._models) >= MAX_BESIDE:
                 break
             params = [id(p) for p in module.parameters()]
             if params and id(module) not in self._models and known.isdisjoint(params):
                 self._models[id(module)] = weakref.ref(module, self._forget(id(module)))
+                self._names[id(module)] = name
                 known.update(params)
                 found = True
+        for name, tensors in lists:
+            if name in self._kept or len(self._kept) < MAX_BESIDE:
+                if known.isdisjoint(id(t) for t in tensors):
+                    self._kept[name] = [weakref.ref(t) for t in tensors]
         return found
 
     def _forget(self, key: int):
-        def forget(ref, models=self._models):
+        def forget(ref, models=self._models, names=self._names):
             if models.get(key) is ref:
                 del models[key]
+                names.pop(key, None)
         return forget
 
 
-def _held_modules(frames: list) -> list[torch.nn.Module]:
-    """The modules among the frames' variables and their variables' attributes."""
-    out: dict[int, torch.nn.Module] = {}
+def _tensors(v) -> bool:
+    """Whether `v` is a list or tuple of tensors (and nothing else), not empty."""
+    return isinstance(v, (list, tuple)) and 0 < len(v) <= MAX_KEPT and \
+        all(isinstance(t, torch.Tensor) for t in v)
+
+
+def _held(frames: list) -> tuple[list[tuple[str, torch.nn.Module]], list[tuple[str, list]]]:
+    """(path, module) of the modules among the frames' variables and their variables'
+    attributes, and (path, tensors) of the lists of tensors among them."""
+    modules: dict[int, tuple[str, torch.nn.Module]] = {}
+    lists: dict[str, list] = {}
     for frame in frames:
         try:
-            values = list(frame.f_locals.values())
+            items = list(frame.f_locals.items())
             release_locals_snapshot(frame)
-            for v in values:
+            for k, v in items:
                 if isinstance(v, torch.nn.Module):
-                    out.setdefault(id(v), v)
+                    modules.setdefault(id(v), (k, v))
+                elif _tensors(v):
+                    lists.setdefault(k, list(v))
                 elif not isinstance(v, ATOMS) and isinstance(getattr(v, "__dict__", None),
                                                               dict):
-                    for a in list(vars(v).values()):
-                        if isinstance(a, torch.nn.Module):
-                            out.setdefault(id(a), a)
+                    for a, w in list(vars(v).items()):
+                        if isinstance(w, torch.nn.Module):
+                            modules.setdefault(id(w), (f"{k}.{a}", w))
+                        elif _tensors(w):
+                            lists.setdefault(f"{k}.{a}", list(w))
         except Exception:  # noqa: BLE001  (an odd object's attributes: the look is a nicety)
             continue
-    return list(out.values())
+    return list(modules.values()), list(lists.items())

@@ -132,7 +132,7 @@ class RootNaming:
         if not label:
             return list(self.names)
         others = tuple(s.prefix for s in self._roots[1:] if s.prefix)
-        others += tuple(self._side_prefixes)
+        others += tuple(self._side_prefixes) + self.beside_labels()
         return [n if n in others or n.startswith(tuple(o + "." for o in others))
                 else f"{label}.{n}" if n else label for n in self.names]
 
@@ -225,6 +225,9 @@ class RootNaming:
         the calling code names it (`D` for `D(fake)`, `criterion`), else its class, made
         unique - a GAN's two `Sequential`s read as one model before (`Sequential.0` for both
         first layers, their memory summed)."""
+        beside = self.beside_prefix(module)
+        if beside is not None:   # named beside the model before it was called: its names
+            return beside
         base = clean_name(self._calling_name(module) or "") or class_name(module)
         # taken: every root's first path part, and the first root's name and class (its
         # label once this root is added: root_label)

@@ -30,6 +30,7 @@ import torch
 
 from .. import _C
 from . import module_call
+from .beside_names import BesideNaming
 from .module_call import compiling as _compiling
 from .module_call import dynamo_compiling as _dynamo_compiling
 from .module_call import export_flag as _export
@@ -68,7 +69,7 @@ def _skipping_module_call(original):
     return compile
 
 
-class ModuleScope(RootNaming):
+class ModuleScope(RootNaming, BesideNaming):
     def __init__(self, model: torch.nn.Module | None, auto: bool, steps):
         self.model = model
         self.auto = auto and model is None
@@ -78,6 +79,12 @@ class ModuleScope(RootNaming):
         self._roots: list = []                    # auto mode: RootSlot per root named, in order
         self._root_prefixes: dict[int, str] = {}  # auto mode: id(side root) -> its prefix
         self._first_root_name: str | None = None   # auto mode: what the code calls roots[0]
+        # what was named beside the models called (beside_names.py): id(model) -> prefix,
+        # id(module) -> its id, a list of tensors' path -> its id; the prefixes given
+        self._beside_prefixes: dict[int, str] = {}
+        self._beside_labels: set[str] = set()
+        self._beside_ids: dict[int, int] = {}
+        self._kept_ids: dict[str, int] = {}
         self.before_forward: list = []            # fn(), before a real root forward starts
         self.on_forward_start: list = []          # fn(args, kwargs), at a real pass's start
         self.on_forward_end: list = []
@@ -133,6 +140,10 @@ class ModuleScope(RootNaming):
         for name, sub in root.named_modules(remove_duplicate=True):
             full = clean_name(".".join(x for x in (prefix, name) if x))
             mid = self._auto_ids.get(id(sub))
+            if mid is None and id(sub) in self._beside_ids:   # named beside, now called
+                mid = self._beside_ids.pop(id(sub))
+                self._name(sub, mid)
+                self.names[mid] = full
             if mid is not None:
                 if id(sub) in rename:
                     self.names[mid] = full

@@ -473,6 +473,9 @@ class Session:
             # the user's class, also behind torch.compile's wrapper; of several models called
             # apart, the one trained (a student, not its teacher)
             "model_class": class_name(roots[0]) if roots else src.scope.first_root_class(),
+            # the names given to models and lists beside the model (beside_names.py): the
+            # module trees' roots of their own, not the model's children
+            "beside_modules": sorted(src.scope.beside_labels()),
             # how modules were named: track(model)'s, as they ran (memprof run), or not at all
             "modules_named": "model" if src.scope.model is not None else (
                 "as they ran" if src.scope.auto else "none"),

@@ -25,10 +25,11 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C
-from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_PARAMETERS,
-                     CAT_RECOMPUTED_WEIGHTS, DEVICE_CPU, DEVICE_CUDA, FAKE_DEVICE_TYPE)
+from .events import (CAT_BUFFERS, CAT_GRADIENTS, CAT_OPTIMIZER_STATE, CAT_OTHER,
+                     CAT_PARAMETERS, CAT_RECOMPUTED_WEIGHTS, DEVICE_CPU, DEVICE_CUDA,
+                     FAKE_DEVICE_TYPE)
 from .holders import is_library_frame, loop_frame
-from .not_trained import Beside, Changes, not_trained
+from .not_trained import Beside, Changes, mirroring, not_trained, trainable_storages
 from .recomputed_weights import RecomputingModules
 
 
@@ -181,31 +182,6 @@ def storage_parts(tensors: list, owners: list) -> tuple[list, list]:
     return out_t, out_o
 
 
-#: what a parameter storage is to the run (Snapshot.trainable's values)
-FROZEN, TRAINS, NOT_TRAINED = 0, 1, 2
-#: which reading a storage shared by parameters that read differently takes (tied weights, a
-#: view of another parameter): the highest. One that trains makes it train (a LoRA base's
-#: storage with an adapter's view into it), and the model's own frozen reading beats
-#: NOT_TRAINED's (a part of the model that its EMA copy shares)
-_PRECEDENCE = {TRAINS: 2, FROZEN: 1, NOT_TRAINED: 0}
-
-
-def trainable_storages(params: list, ptrs: list | None = None,
-                       untrained: set[int] | frozenset = frozenset()) -> dict[int, int]:
-    """Storage address -> TRAINS where a parameter at it requires grad, FROZEN where none does
-    (a LoRA base against its adapters), NOT_TRAINED where every parameter at it is in
-    `untrained` (ids: not_trained.not_trained's); where parameters at one storage read
-    differently, _PRECEDENCE says which reading it takes. `ptrs`: storage_ptrs(params), where
-    the caller has them."""
-    out: dict[int, int] = {}
-    for ptr, p in zip(storage_ptrs(list(params)) if ptrs is None else ptrs, params):
-        if ptr is not None:
-            role = NOT_TRAINED if id(p) in untrained else TRAINS if p.requires_grad else FROZEN
-            was = out.get(ptr)
-            out[ptr] = role if was is None else max(was, role, key=_PRECEDENCE.__getitem__)
-    return out
-
-
 def _sorted_storage_ptrs(pairs: list[tuple[torch.Tensor, int]]) -> list[int]:
     """The sorted storage addresses of the tensors of (tensor, module id) pairs."""
     return sorted(k for k in storage_ptrs([t for t, _ in pairs]) if k is not None)
@@ -280,8 +256,9 @@ class SnapshotRecorder:
         params = self.session.params()
         if self.session.scope.model is not None:   # (auto mode: no model is known yet)
             self._look_beside(params)
-        params = self.params(params)
-        self.baseline_trainable = trainable_storages(params, untrained=self._untrained())
+        untrained = self._untrained()
+        params = self.params(params, untrained)
+        self.baseline_trainable = trainable_storages(params, storage_ptrs(params), untrained)
         for p in params:
             add(p, CAT_PARAMETERS, self._module_of(p))
             if p.grad is not None:
@@ -294,6 +271,10 @@ class SnapshotRecorder:
         buffers = self.buffers()
         for b, mid in buffers:
             add(b, CAT_BUFFERS, mid)
+        # lists beside that may be an EMA's copies: "other" until a look sees them change
+        for t in mirroring(list(self.beside.kept().values()),
+                           [p for p in params if p.requires_grad]):
+            add(t, CAT_OTHER, -1)
         self._buffer_keys = _sorted_storage_ptrs(buffers)
         _C.watch_baseline_frees(cpu_blocks)
 
@@ -379,13 +360,16 @@ class SnapshotRecorder:
             return
         t0 = time.perf_counter()
         own = self.session.params()
+        seen = self.session.scope.naming()
         try:
             found = self._look_beside(own)
         except Exception:  # noqa: BLE001  (a look must never break training)
             found = False
         untrained = self._untrained()
         if found or untrained != self._last_untrained:
-            self._note(*self._parameters(self.params(own), untrained))
+            self._note(*self._parameters(self.params(own, untrained), untrained))
+        if self._modules_seen == seen:   # (names given beside: noted here, not again at
+            self._modules_seen = self.session.scope.naming()   # the next step's end)
         self.looks.append([self.session.steps.step, time.perf_counter() - t0])
 
     def _look_beside(self, own: list) -> bool:
@@ -394,19 +378,32 @@ class SnapshotRecorder:
         frames = [loop_frame(sys._getframe(1)), self.session.frame]
         frames = [f for i, f in enumerate(frames) if f is not None and f not in frames[:i]
                   and not is_library_frame(f)]
-        return self.beside.look(frames, {id(p) for p in own})
+        found = self.beside.look(frames, {id(p) for p in own})
+        for name, model in self.beside.named() if found else ():
+            self.session.scope.name_beside(name, model)
+        return found
 
-    def params(self, own: list | None = None) -> list[torch.Tensor]:
-        """session.params() (`own`, where the caller has it) and the parameters of the
-        models beside them."""
+    def params(self, own: list | None = None, untrained: set[int] | None = None
+               ) -> list[torch.Tensor]:
+        """session.params() (`own`, where the caller has it), the parameters of the models
+        beside them and the tensors of lists beside them that are not trained (`untrained`:
+        _untrained(), else the last parameters' note's), named after their lists."""
         params = list(self.session.params() if own is None else own)
         beside = self.beside.models()
-        if not beside:
+        untrained = self._last_untrained if untrained is None else untrained
+        kept = [(name, [t for t in tensors if id(t) in untrained])
+                for name, tensors in self.beside.kept().items()]
+        if not beside and not any(tensors for _, tensors in kept):
             return params
         seen = {id(p) for p in params}
         for m in beside:
             params += [p for p in m.parameters() if id(p) not in seen]
             seen.update(id(p) for p in m.parameters())
+        for name, tensors in kept:
+            if tensors:
+                self.session.scope.name_kept(name, tensors)
+                params += [t for t in tensors if id(t) not in seen]
+                seen.update(id(t) for t in tensors)
         return params
 
     def _before_optimizer(self, optimizer) -> None:
@@ -444,7 +441,8 @@ class SnapshotRecorder:
     def note_parameters(self) -> None:
         """A snapshot of the parameters of the model or the roots alive (and the watched
         optimizers')."""
-        self._note(*self._parameters(self.params()))
+        untrained = self._untrained()
+        self._note(*self._parameters(self.params(untrained=untrained), untrained))
 
     def note_state(self, optimizer) -> bool:
         """A snapshot of the optimizer's state unless it is the storages last noted; whether
@@ -523,7 +521,8 @@ class SnapshotRecorder:
         GAN's two)."""
         try:
             return not_trained(self.session.scope.root_modules() + self.beside.models(),
-                               self.session.steps.updated, self._changes)
+                               self.session.steps.updated, self._changes,
+                               list(self.beside.kept().values()))
         except Exception:  # noqa: BLE001  (a look must never break training: an odd
             return set()   # parameter's reading falls back to requires_grad alone)
 
@@ -581,7 +580,8 @@ class SnapshotRecorder:
         watched optimizers' state, the buffers - read now and noted nowhere: final() notes
         them; a profile made while the block goes on (Session.so_far) ends with them, so the
         parameters of a model built inside the block are parameters there too."""
-        params = self.params()
+        untrained = self._untrained()
+        params = self.params(untrained=untrained)
         states = []
         for opt in self.session.steps.watched():
             states += state_pairs(opt)
@@ -591,7 +591,7 @@ class SnapshotRecorder:
             [p for p in params if p.is_leaf and p.grad is not None])   # (a non-leaf warns)
         self._recomputing.look(self.session.scope)
         weights, owners = self._recomputing.weights()
-        return [self._parameters(params),
+        return [self._parameters(params, untrained),
                 self._owned(CAT_GRADIENTS, grads, [self._module_of(p) for p in grad_params]),
                 self._owned(CAT_OPTIMIZER_STATE, [t for t, _ in states],
                             [self._module_of(p) for _, p in states]),

@@ -94,7 +94,8 @@ def timeline_data(profile: Profile) -> dict:
 # ------------------------------------------------------------------ at the peak
 def module_nodes(profile: Profile) -> list[dict]:
     """The module tree alive at the peak as icicle nodes (root first): a root for all memory,
-    the model's modules below it, and memory outside every module beside the model."""
+    the model's modules below it, models kept beside it (an EMA copy) and memory outside every
+    module beside the model."""
     alive = profile.alive_at("peak")
     k = len(CATEGORIES)
     mods = profile.event_module[alive].astype(np.int64)
@@ -119,8 +120,9 @@ def module_nodes(profile: Profile) -> list[dict]:
         nodes.append({"name": profile.module_name(mid) if mid < n_mod else name,
                       "label": label, "depth": 0, "self": int(self_bytes[mid].sum()),
                       "cat": self_bytes[mid].copy(), "children": []})
+    beside = set(profile.meta.get("beside_modules") or ())   # (an EMA beside: no child)
     for name, i in index.items():
-        parent = 0 if i == index[OUTSIDE_MODULES] or name == "" else \
+        parent = 0 if i == index[OUTSIDE_MODULES] or name == "" or name in beside else \
             index.get(name.rsplit(".", 1)[0] if "." in name else "", 0)
         nodes[parent]["children"].append(i)
     _fill_totals(nodes, 0, 0)
