@@ -13,6 +13,10 @@ the call); less is partial: the run keeps its weights' dtype and the record says
 (`memprof.analyse.partial_autocast`). The model's own parameters count for none (its forward
 may be a wrapper that enters autocast after the call: accelerate's); where no called module
 holds any (the model is one Linear) the pass is read by whether autocast was on in it at all.
+FSDP (FullyShardedDataParallel) moves the parameters of the modules a unit wraps into one flat
+parameter on the wrapped module: a module counts what the flat parameters hold for it (the
+root unit's for the modules outside the auto-wrapped children, which counted for none as the
+model's own: a big fp32 head beside small bf16 blocks read as a bf16 run).
 
 Watched for the first pass only: `autocast.__enter__` (through the session's patch registry)
 and a global module forward pre-hook are set at its start and taken off at its end, so later
@@ -22,6 +26,7 @@ read by whether autocast was on in it.
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -55,6 +60,8 @@ class PassAutocast:
         self._off = 0
         self._watching = True   # (a wrapper left in place under another's passes through)
         self._enter = self._patches.patch(_autocast, "__enter__", self._wrap_enter)
+        # FSDP: module id -> the elements flat parameters hold for it; the flat ones' ids
+        self._flat, self._flat_ids = _flat_numels(root) if weigh else ({}, frozenset())
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
             self._pre_hook) if weigh else None
 
@@ -74,7 +81,10 @@ class PassAutocast:
         if id(module) in self._roots or self._thread != threading.get_ident() \
                 or torch.compiler.is_compiling():
             return
-        n = sum(p.numel() for p in module._parameters.values() if p is not None)
+        n = self._flat.get(id(module))
+        if n is None:
+            n = sum(p.numel() for p in module._parameters.values()
+                    if p is not None and id(p) not in self._flat_ids)
         if not n:
             return
         state = autocast_state()
@@ -109,6 +119,20 @@ class PassAutocast:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def _flat_numels(root) -> tuple[dict[int, int], frozenset]:
+    """({id(module): elements FSDP's flat parameters hold for it, unsharded}, the flat
+    parameters' ids); nothing where FSDP was never imported."""
+    flat_param = sys.modules.get("torch.distributed.fsdp._flat_param")
+    if flat_param is None:
+        return {}, frozenset()
+    out: dict[int, int] = {}
+    flats = {id(p): p for p in root.parameters() if isinstance(p, flat_param.FlatParameter)}
+    for p in flats.values():
+        for info, n in zip(p._param_infos, p._numels):
+            out[id(info.module)] = out.get(id(info.module), 0) + int(n)
+    return out, frozenset(flats)
 
 
 def _wrapper_chain(root) -> set[int]:
