@@ -109,3 +109,41 @@ def test_fsdp_root_unit_counts_the_parameters_it_holds_for_the_modules_inside(tm
     share = round(blocks / (blocks + head), 4)
     assert got["blocks"] == "{} {'autocast': {'cpu': 'bfloat16'}, 'share': %r}" % share, got
     assert got["head"] == "{'cpu': 'bfloat16'} None", got
+
+
+class OwnParameters(nn.Module):
+    """Parameters of its own, functional ops; only the softmax under bf16 autocast."""
+
+    def __init__(self, whole=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10, WIDTH) / 8)
+        self.whole = whole
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.whole):
+            h = nn.functional.linear(x, self.w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.softmax(h, -1).float()
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_model_of_its_own_parameters_is_weighed_where_they_are_used(whole):
+    """No module call holds a parameter: the pass was read by whether autocast was on at all,
+    and an autocast around the softmax alone made it a bf16 run."""
+    from torch.overrides import _get_current_function_mode_stack
+    torch.manual_seed(0)
+    model = OwnParameters(whole)
+    opt = torch.optim.AdamW(model.parameters())
+    with memprof.track(model, opt, budget="t4") as prof:
+        for _ in range(2):
+            model(torch.randn(8, WIDTH)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            assert not any(type(m).__name__ == "_OwnUse"   # (the first pass's only)
+                           for m in _get_current_function_mode_stack())
+    record = prof.run.records["inputs"]
+    if whole:
+        assert record["autocast"] == {"cpu": "bfloat16"} and "autocast_partial" not in record
+    else:
+        assert record["autocast"] == {} and record["autocast_partial"]["share"] == 0.0
+        assert prof.meta["budget"]["precision"]["run"] == "fp32"
