@@ -85,6 +85,7 @@ from .fake_op_cache import FakeOpCache
 from .fake_step import RecordingMode, StepStorages, record_buffers, unique_storages
 from .meta_build import fake_like
 from .optimizers import OPTIMIZERS, make_optimizer, optimizer_kind
+from .own_autocast import OwnAutocast
 from .own_checkpointing import OwnCheckpoints
 from .precision import ESTIMATE_PRECISIONS, model_precision, training
 from .recompute_modes import recompute_under
@@ -127,6 +128,7 @@ class Estimate:
     own_checkpoints: int = 0     # checkpoints the model's forward opened itself (own_checkpointing)
     policy_blocks: int = 0       # blocks memprof's policy wrapped (not those left to the model)
     loss_rule: dict | None = None  # the rule default_loss applied (None: a given loss)
+    own_autocast: dict | None = None  # the autocast the model's forward enters (own_autocast)
 
     def peak(self, variant: str = "first", reserved: bool = False) -> int:
         return {("first", False): self.peak_allocated, ("first", True): self.peak_reserved,
@@ -335,11 +337,12 @@ class Estimator:
         rule: dict = {}
         loss_fn = _noting_rule(self._rebind(self.loss_fn, model), rule)
         make_batch = self._rebind(self.make_batch, model)
-        own = OwnCheckpoints()
+        own, own_amp = OwnCheckpoints(), OwnAutocast(model)
         prof, phase_flops = self._record(
             model, opt, storages, mods,
             lambda: self._run(model, opt, make_batch, loss_fn, batch_size, recorder,
-                              cuda_policy, amp, kernels or contextlib.nullcontext(), own))
+                              cuda_policy, amp, kernels or contextlib.nullcontext(),
+                              (own, own_amp)))
         prof.meta.update({
             "estimated": True, "batch_size": int(batch_size), "precision": precision,
             "checkpointing": checkpointing, "optimizer": self.optimizer_name,
@@ -355,6 +358,7 @@ class Estimator:
         est.wall_s = time.perf_counter() - t0
         est.kernel_rules = dict(prof.meta["kernel_rules"])
         est.loss_rule, est.own_checkpoints, est.policy_blocks = rule or None, own.count, wrapped
+        est.own_autocast = own_amp.entered
         prof.meta["estimate_wall_s"] = est.wall_s
         return est
 
@@ -415,8 +419,8 @@ class Estimator:
 
     def _run(self, model, opt, make_batch, loss_fn, batch_size, recorder, cuda_policy, amp,
              kernels, own):
-        """The training step itself (inside the recording session); `own` counts the
-        checkpoints the model's forward opens itself."""
+        """The training step itself (inside the recording session); `own`: what notes the
+        checkpoints and the autocast the model's forward opens itself."""
         record_buffers(model)
         recorder.record_persistent(model)
         # the model's own checkpoints recompute under the same rules as its forward
@@ -426,7 +430,7 @@ class Estimator:
             batch = tree_map(lambda t: self._adopt(t, recorder), batch)
             inputs, targets = split_batch(batch)
             f0, k0 = recorder.flops, recorder.storages.kernels
-            with amp(), own:
+            with amp(), own[0], own[1]:
                 loss = loss_fn(call_model(model, inputs), targets)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError("loss: expected the loss function to return a scalar tensor, "

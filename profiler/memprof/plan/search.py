@@ -53,6 +53,7 @@ from .cuda_kernels import NOT_MODELLED, cublas_workspace_bytes
 from .distributed import Distributed, RankEstimator
 from .estimate import ESTIMATE_PRECISIONS, Estimator
 from .gpus import DEFAULT_OVERHEAD_BYTES, FIT_MARGIN, lookup, usable_bytes
+from .own_autocast import merge as merge_own_autocast, notes as own_autocast_notes
 from .own_checkpointing import policy_ran, text as own_text
 from .precision import default_precisions, not_planned, notes, refusal, training
 from .timing import (BANDWIDTH_UTILISATION, LAUNCH_S, UTILISATION, micro_step_time,
@@ -135,8 +136,9 @@ class Plan:
 
     def __init__(self, *, gpu, effective_batch, combos, usable, assumptions, model_desc,
                  estimator, lr=None, warmup=None, container=None, wall_s=0.0, estimates=0,
-                 blocks=None):
+                 blocks=None, own_autocast=None):
         self.gpu = gpu
+        self.own_autocast = own_autocast   # the autocast the model's forward enters itself
         self.effective_batch = effective_batch
         self._combos: dict[tuple[str, str], Combination] = combos
         self.usable_bytes = usable
@@ -237,12 +239,12 @@ class Plan:
     def notes(self, option: Option | None = None) -> list[str]:
         """What to know about `option`'s precision for this model on this GPU (default: the
         best option's; with none that fits, every estimated precision's): converted weights,
-        no loss scaling, a model that overflows fp16."""
+        no loss scaling, a model that overflows fp16, the model's own autocast."""
         o = option or self.best
         precisions = [o.precision] if o is not None else \
             list(dict.fromkeys(p for p, _ in self._combos))
-        return list(dict.fromkeys(n for p in precisions
-                                  for n in notes(self.model_precision, p, self.gpu)))
+        return list(dict.fromkeys([n for p in precisions for n in notes(
+            self.model_precision, p, self.gpu)] + own_autocast_notes(self.own_autocast, self.gpu)))
 
     def _combo(self, precision: str, checkpointing: str) -> Combination:
         """The precision x policy, estimated now if the search skipped it or did not cover it
@@ -550,6 +552,9 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     search = Search(estimator, usable, per_rank, confirm=confirm, blocks=blocks,
                     progress=progress, model_name=desc["name"], workers=workers)
     combos = search.run(precisions, policies)
+    own_amp = next((c.model.lo.own_autocast for c in combos.values()
+                    if c.model is not None and c.model.lo.own_autocast), None)
+    merge_own_autocast(combos, own_amp)   # one row for the precisions the model overrides
     if "loss" not in desc:      # default_loss: the rule its estimates applied
         rule = next((c.model.lo.loss_rule for c in combos.values()
                      if c.model is not None and c.model.lo.loss_rule), None)
@@ -561,7 +566,7 @@ def recommend(model="dcal-vit-b16", batch=None, loss=None, optimizer="adamw",
     plan = Plan(gpu=g, effective_batch=per_rank, combos=combos, usable=usable,
                 assumptions=assumptions, model_desc=desc,
                 estimator=estimator, lr=lr_adv, warmup=warmup_steps, container=container,
-                estimates=search.runs, blocks=blocks)
+                estimates=search.runs, blocks=blocks, own_autocast=own_amp)
     search.finish(plan)
     plan.wall_s = time.perf_counter() - t0
     return plan

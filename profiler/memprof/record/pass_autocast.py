@@ -12,7 +12,14 @@ its module calls used ran (each call counts its module's own parameters, as auto
 the call); less is partial: the run keeps its weights' dtype and the record says so
 (`memprof.analyse.partial_autocast`). The model's own parameters count for none (its forward
 may be a wrapper that enters autocast after the call: accelerate's); where no called module
-holds any (the model is one Linear) the pass is read by whether autocast was on in it at all.
+holds any (the model is one Linear, a model of its own nn.Parameters and functional ops) they
+are weighed where the forward uses them: a pass-through torch function mode, for that first
+pass only, counts them under the autocast on at each op they enter (read by whether autocast
+was on at all, an autocast around a parameter-free softmax made such a model a bf16 run).
+FSDP (FullyShardedDataParallel) moves the parameters of the modules a unit wraps into one flat
+parameter on the wrapped module: a module counts what the flat parameters hold for it (the
+root unit's for the modules outside the auto-wrapped children, which counted for none as the
+model's own: a big fp32 head beside small bf16 blocks read as a bf16 run).
 
 Watched for the first pass only: `autocast.__enter__` (through the session's patch registry)
 and a global module forward pre-hook are set at its start and taken off at its end, so later
@@ -22,10 +29,13 @@ read by whether autocast was on in it.
 """
 from __future__ import annotations
 
+import itertools
+import sys
 import threading
 
 import torch
 from torch.amp.autocast_mode import autocast as _autocast
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 WHOLE_SHARE = 0.5   # of the parameters the pass used: under it, autocast is the run's precision
 
@@ -55,8 +65,14 @@ class PassAutocast:
         self._off = 0
         self._watching = True   # (a wrapper left in place under another's passes through)
         self._enter = self._patches.patch(_autocast, "__enter__", self._wrap_enter)
+        # FSDP: module id -> the elements flat parameters hold for it; the flat ones' ids
+        self._flat, self._flat_ids = _flat_numels(root) if weigh else ({}, frozenset())
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(
             self._pre_hook) if weigh else None
+        own = _roots_only(root, self._roots, self._flat, self._flat_ids) if weigh else None
+        self._mode = _OwnUse(own, self) if own else None
+        if self._mode is not None:
+            self._mode.__enter__()
 
     def _wrap_enter(self, original):
         watch = self
@@ -74,7 +90,13 @@ class PassAutocast:
         if id(module) in self._roots or self._thread != threading.get_ident() \
                 or torch.compiler.is_compiling():
             return
-        n = sum(p.numel() for p in module._parameters.values() if p is not None)
+        n = self._flat.get(id(module))
+        if n is None:
+            n = sum(p.numel() for p in module._parameters.values()
+                    if p is not None and id(p) not in self._flat_ids)
+        self._weigh(n)
+
+    def _weigh(self, n: int) -> None:
         if not n:
             return
         state = autocast_state()
@@ -109,6 +131,57 @@ class PassAutocast:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.own = {}   # inert, should it not be the innermost mode (a pass that raised)
+            stack = _get_current_function_mode_stack()
+            if stack and stack[-1] is mode:
+                mode.__exit__(None, None, None)
+
+
+class _OwnUse(TorchFunctionMode):
+    """Weighs the model's own parameters (`own`: id -> elements) at each op they enter."""
+
+    def __init__(self, own: dict, watch: PassAutocast):
+        super().__init__()
+        self.own, self._watch = own, watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.own and self._watch._thread == threading.get_ident():
+            for a in itertools.chain(args, kwargs.values()):
+                n = self.own.get(id(a)) if isinstance(a, torch.Tensor) else None
+                if n:
+                    self._watch._weigh(n)
+        return func(*args, **kwargs)
+
+
+def _roots_only(root, roots: set, flat: dict, flat_ids) -> dict | None:
+    """{id: elements} of the parameters the model (and the models it wraps) hold
+    themselves, where no other module holds any; else None."""
+    own: dict[int, int] = {}
+    for m in root.modules():
+        params = [p for p in m._parameters.values() if p is not None and id(p) not in flat_ids]
+        if id(m) not in roots:
+            if params or id(m) in flat:
+                return None
+            continue
+        own.update((id(p), p.numel()) for p in params)
+    return own or None
+
+
+def _flat_numels(root) -> tuple[dict[int, int], frozenset]:
+    """({id(module): elements FSDP's flat parameters hold for it, unsharded}, the flat
+    parameters' ids); nothing where FSDP was never imported."""
+    flat_param = sys.modules.get("torch.distributed.fsdp._flat_param")
+    if flat_param is None:
+        return {}, frozenset()
+    out: dict[int, int] = {}
+    flats = {id(p): p for p in root.parameters() if isinstance(p, flat_param.FlatParameter)}
+    for p in flats.values():
+        for info, n in zip(p._param_infos, p._numels):
+            out[id(info.module)] = out.get(id(info.module), 0) + int(n)
+    return out, frozenset(flats)
 
 
 def _wrapper_chain(root) -> set[int]:
