@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .nested_steps import own_numbering
 from .record.event_streams import EventStreams
 from .record.events import EVENT_DTYPE, SEQ_DTYPE
 from .record.recomputed_weights import parametrization_lists
@@ -73,8 +74,7 @@ class Run:
         records["backward"] = src.backward.noted()
         records["step_owners"] = list(src.steps.step_owners)   # analyse.turns
         records["skipped_steps"] = list(src.steps.skipped)     # by a GradScaler
-        # both in the outer block's numbering (the leak check's); a nested block's own steps
-        # start at this one
+        # a nested block's first step in the outer's numbering (own_numbering renumbers it)
         records["first_step"] = int(getattr(session, "first_step", 0))
         # torch's parametrization containers, by module id (weight_recomputation)
         records["parametrizations"] = parametrization_lists(src.scope)
@@ -87,7 +87,12 @@ class Run:
                            frame=own.frame, roots=list(src.roots),
                            params=(own if own.model is not None else src).params(),
                            named_roots=named)
+        meta = dict(session.meta)
+        step_seqs = list(src.steps.step_seqs)
+        if session.outer is not None:   # its own steps from 0, as python numbers them
+            step_seqs = own_numbering(session.streams, session.strings, step_seqs, records,
+                                      meta)
         return cls(streams=session.streams, strings=session.strings,
                    modules=session.module_names, seq_records=session.seq_records,
-                   snapshots=session.snapshot_list, meta=dict(session.meta),
-                   step_seqs=list(src.steps.step_seqs), records=records, live=live)
+                   snapshots=session.snapshot_list, meta=meta,
+                   step_seqs=step_seqs, records=records, live=live)

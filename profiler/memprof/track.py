@@ -76,7 +76,7 @@ class Tracker:
         recorders = [ThroughputRecorder(), InputRecorder(), CommRecorder(),
                      CudaSegmentsRecorder(), CompileRecorder(), LeakProbe(),
                      UntrainedGradients(), ParametersWithoutGradients()] + \
-            ([HealthRecorder()] if health else [])
+            ([HealthRecorder(optimizer)] if health else [])
         self.session = Session(model, optimizer, capacity=capacity, auto_modules=auto_modules,
                                batch_size=batch_size, recorders=recorders, step_on=step_on)
         self.path = path

@@ -38,7 +38,8 @@ def test_the_clean_loop_has_no_finding(tmp_path):
 
 def test_memprof_run_health_names_it_in_an_unmodified_script(tmp_path):
     """The same through `memprof run --health`, whose block learns the optimizer at its first
-    step (the first step's micro-steps carry no LR there): 16 optimizer steps."""
+    step (its LRs before that are read from the optimizers the script made): 16 optimizer
+    steps."""
     import json
     import subprocess
     import sys

@@ -50,6 +50,7 @@ class AutoSteps:
         self._params: list[weakref.ref] = []
         self._before: list | None = None      # their fingerprints then, one per parameter
         self.update = UpdateWatch(session.steps)   # where the hand-written update runs
+        self.closed = False                         # the block has ended
 
     def install(self) -> None:
         self.session.backward.after.append(self._after_backward)
@@ -59,8 +60,10 @@ class AutoSteps:
 
     def _wrap_grad(self, original):
         """torch.autograd.grad, noted as a backward is: a functional loop takes its
-        parameters' gradients with it and updates by hand (no .grad, no backward())."""
-        auto = self
+        parameters' gradients with it and updates by hand (no .grad, no backward()). The
+        session is held weakly and the wrapper passes through once the block has ended: a
+        copy of it may outlive the block (another library's wrapper around it)."""
+        ref = weakref.ref(self)
         depth = threading.local()
 
         def grad(outputs, inputs, *args, **kwargs):
@@ -74,7 +77,8 @@ class AutoSteps:
                 result = original(outputs, inputs, *args, **kwargs)
             finally:
                 depth.n -= 1
-            if outer and not dynamo_compiling() and auto._active() and \
+            auto = ref()
+            if outer and auto is not None and not dynamo_compiling() and auto._active() and \
                     torch._C._current_graph_task_id() == -1:   # (not inside a backward)
                 outside_dynamo(auto._after_grad, inputs, result)
             return result
@@ -99,7 +103,7 @@ class AutoSteps:
 
     def _active(self) -> bool:
         steps = self.session.steps
-        return not steps.explicit and steps.step_on == "auto"
+        return not steps.explicit and steps.step_on == "auto" and not self.closed
 
     def _after_backward(self) -> None:
         steps = self.session.steps
@@ -158,6 +162,7 @@ class AutoSteps:
     def close(self) -> None:
         """The block ends: the update watch comes off whatever state it is in, and lets go
         of the callers' globals its call sites hold."""
+        self.closed = True
         self.update.close(step_ended=False)
         forget_call_sites()
 

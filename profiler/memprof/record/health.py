@@ -68,6 +68,7 @@ import weakref
 import torch
 
 from .clip_watch import ClippedGrads, NormCatcher, in_order, listed_parameters
+from .optimizers_made import OptimizersMade
 from .steps import torch_optimizer
 
 FLUSH_EVERY = 32
@@ -109,9 +110,14 @@ class HealthRecorder:
 
     name = "health"
 
-    def __init__(self):
+    def __init__(self, optimizer=None):
         self.session = None
         self.active = False
+        # the block's own optimizer (a nested block records on the outer's hooks, whose
+        # session may have none), and those made meanwhile: the LRs before the first step
+        self._given = None if optimizer is None else weakref.ref(torch_optimizer(optimizer))
+        self._made: OptimizersMade | None = None
+        self._early: list[tuple] = []         # (timeline index, ((opt ref, lrs), ...))
         self.grad: dict[int, dict] = {}       # step -> {"norm", "bad", "lr"}
         self.clips: list[dict] = []           # {"step", "pre", "max_norm", "norm_type", "bad"}
         self.value_clips: list[list] = []     # [step, clip_value]: clip_grad_value_ calls
@@ -148,6 +154,10 @@ class HealthRecorder:
         session.steps.on_skipped.append(self._skipped)
         session.scope.on_forward_start.append(lambda args, kwargs: self._on_forward())
         session.backward.before.append(self._before_backward)
+        if session.optimizer is None:   # the loop's optimizer is known at its first step
+            given = None if self._given is None else self._given()
+            self._made = OptimizersMade([given] + session.steps.watched())
+            self._made.install(session.patches)
         from torch.nn.utils import clip_grad
         clip_wrapper = None
         for owner in (torch.nn.utils, clip_grad):
@@ -268,9 +278,28 @@ class HealthRecorder:
 
     def _on_forward(self) -> None:
         try:
-            self.timeline.append(("F", self.session.step, tuple(self._lrs(self._watched()))))
+            opts = self._watched()
+            if not opts and self._made is not None:   # before the first step
+                self._note_early()
+            self.timeline.append(("F", self.session.step, tuple(self._lrs(opts))))
         except Exception as err:  # noqa: BLE001
             self._note(f"forward: {type(err).__name__}: {err}")
+
+    def _note_early(self) -> None:
+        """Every candidate optimizer's LRs at this forward; the one that steps first fills
+        them in (_fill_early)."""
+        made = self._made.alive()
+        if made:
+            self._early.append((len(self.timeline),
+                                tuple((weakref.ref(o), tuple(self._lrs([o]))) for o in made)))
+
+    def _fill_early(self, optimizer) -> None:
+        for index, candidates in self._early:
+            lrs = next((lrs for ref, lrs in candidates if ref() is optimizer), None)
+            ev = self.timeline[index]
+            if lrs is not None and ev[0] == "F" and not ev[2]:
+                self.timeline[index] = ("F", ev[1], lrs)
+        self._early = []
 
     def _skipped(self, optimizer) -> None:
         self.timeline.append(("K", self.session.step, id(optimizer)))
@@ -283,6 +312,8 @@ class HealthRecorder:
         if not any(r() is optimizer for r in self._opts):
             self._opts.append(weakref.ref(optimizer))
             self._names = None
+            if self._early:
+                self._fill_early(optimizer)
         try:
             self._grad_norm(optimizer, step)
         except Exception as err:  # noqa: BLE001  (health must never break training)

@@ -50,8 +50,8 @@ class PatchRegistry:
 
     def restore(self) -> None:
         """Undo every patch, newest first; one that fails does not stop the rest. torch's
-        cached tables, and torch's modules first imported meanwhile, that took a wrapper
-        while it was in place get the original back."""
+        cached tables, and the modules first imported meanwhile (torch's and the user's), that
+        took a wrapper while it was in place get the original back."""
         restored: dict[int, tuple[Any, Any]] = {}
         while self._patches:
             p = self._patches.pop()
@@ -62,8 +62,9 @@ class PatchRegistry:
             if self._put_back(p) and callable(p.replacement) and \
                     p.replacement is not p.original:
                 restored[id(p.replacement)] = (p.replacement, p.original)
-        imported = [m for n, m in list(sys.modules.items())
-                    if n not in self._modules_before and n.startswith("torch")] \
+        # every module first imported meanwhile: torch's, and a user's imported lazily inside
+        # the loop (`from torch.autograd import grad` bound memprof's wrapper there)
+        imported = [m for n, m in list(sys.modules.items()) if n not in self._modules_before] \
             if restored else []
         torch_tables.put_back(restored, imported)
 

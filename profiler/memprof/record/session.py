@@ -284,6 +284,7 @@ class Session:
                 self.patches.notes.append(f"{rec.name}: remove failed: {err}")
         self.scope.remove()
         self.steps.remove()
+        self.backward.remove()
         self.snapshots.remove()
         self.patches.restore()
         self.scope.after_restore()

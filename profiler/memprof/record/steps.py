@@ -410,15 +410,27 @@ class BackwardHook:
         self.calls: list[tuple[tuple[int, ...], bool, int, int]] = []
         self.before: list = []
         self.after: list = []
+        self.removed = False
 
     def install(self, patches: PatchRegistry) -> None:
+        self.removed = False
         patches.patch(torch.autograd, "backward", self._wrap)
 
+    def remove(self) -> None:
+        """The block has ended (its registry restores torch.autograd.backward)."""
+        self.removed = True
+
     def _wrap(self, original):
-        hook = self
+        # weakly, and passing through once the block has ended (remove()): a copy of the
+        # wrapper may outlive the block (another library's wrapper around it)
+        ref = weakref.ref(self)
 
         def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                      *args, **kwargs):
+            hook = ref()
+            if hook is None or hook.removed:
+                return original(tensors, grad_tensors, retain_graph, create_graph,
+                                *args, **kwargs)
             if dynamo_compiling():   # (a compiled training step: dynamo breaks here anyway;
                 torch._dynamo.graph_break()   # break_graph_if_traced(), inline)
             outside_dynamo(hook._starts, tensors, grad_tensors, retain_graph, create_graph)

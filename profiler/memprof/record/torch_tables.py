@@ -6,10 +6,18 @@ wrapper's closure held the session - and the run's model and data - for the rest
 process. So did torch's modules first imported in the block: their names bound to a function
 (`from torch.distributed import all_reduce as legacy_allreduce`) and their tables of them
 (dynamo's remaps of the collectives). Once a block's patches are undone, `put_back` puts the
-originals there."""
+originals there. So do a user's modules first imported in the block (a loop that imports
+its helpers lazily): their names (`from torch.autograd import grad`), not what those hold.
+
+Another library's wrapper of memprof's wrapper (functools.wraps, made while the block ran) is
+not memprof's to unwrap: what it calls is in its closure. Where it says what it wraps
+(`__wrapped__`, as inspect.unwrap and dynamo read it), that names torch's function again;
+the call still goes through memprof's wrapper, which holds its session weakly and passes
+through once its block has ended (record.auto_steps, record.steps)."""
 from __future__ import annotations
 
 import sys
+from types import FunctionType
 
 #: (module, the cached function's qualified name): each takes no argument and returns a dict,
 #: set or list of functions, or a tuple of those (dicts of lists: torch.overrides')
@@ -43,8 +51,9 @@ def put_back(originals: dict[int, tuple[object, object]], modules=()) -> None:
             continue
     for module in modules:
         namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict):
-            _replace_in(namespace, originals, depth=1)
+        if isinstance(namespace, dict):   # (a user's: its names only, not its data's insides)
+            torch = (getattr(module, "__name__", None) or "").startswith("torch")
+            _replace_in(namespace, originals, depth=1 if torch else 0)
 
 
 def _first(original, originals: dict):
@@ -74,6 +83,18 @@ def _original(item, originals: dict):
     return found[1] if found is not None and found[0] is item else None
 
 
+def _rewrap(item, originals: dict) -> bool:
+    """A foreign function wrapping one of memprof's wrappers (functools.wraps): its
+    `__wrapped__` set to torch's function -> whether it was one."""
+    if type(item) is not FunctionType:   # (no other object's __getattr__ runs here)
+        return False
+    original = _original(item.__dict__.get("__wrapped__"), originals)
+    if original is None:
+        return False
+    item.__wrapped__ = original
+    return True
+
+
 def _replace_in(table, originals: dict, depth: int) -> None:
     if isinstance(table, dict):
         for key in [k for k in table if _original(k, originals) is not None]:
@@ -82,9 +103,11 @@ def _replace_in(table, originals: dict, depth: int) -> None:
             original = _original(value, originals)
             if original is not None:
                 table[key] = original
-            elif depth:
+            elif not _rewrap(value, originals) and depth:
                 _replace_in(value, originals, depth - 1)
     elif isinstance(table, set):
+        for item in table:
+            _rewrap(item, originals)
         for item in [x for x in table if _original(x, originals) is not None]:
             table.discard(item)
             table.add(_original(item, originals))
@@ -93,6 +116,8 @@ def _replace_in(table, originals: dict, depth: int) -> None:
             original = _original(item, originals)
             if original is not None:
                 table[i] = original
+            else:
+                _rewrap(item, originals)
     elif isinstance(table, tuple) and depth:
         for item in table:
             _replace_in(item, originals, depth - 1)
