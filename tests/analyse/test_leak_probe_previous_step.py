@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import memprof
+from memprof.analyse.throughput import TIMING_KINDS
 
 D, CLASSES, STEPS = 16, 4, 10
 
@@ -53,7 +54,7 @@ def _track_main(keep, retain_graph=False):
 
 def test_the_loss_a_step_function_returns_is_no_leak():
     prof = _track_main("nothing")
-    assert prof.findings == []
+    assert [f for f in prof.findings if f.kind not in TIMING_KINDS] == []   # (not the clock's)
     looks = [n for n, _ in prof.run.records["leak_probe"]["looks"]]
     assert looks[:3] == [2, 4, 8]    # the probe looked while main() ran, and made no record
     assert "graphs" not in prof.run.records["leak_probe"]

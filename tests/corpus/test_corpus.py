@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from corpus_cases import BUGGY, CORRECT, run, short_holder
+from corpus_cases import BUGGY, CORRECT, TIMING_KINDS, run, short_holder
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +32,8 @@ def test_correct_loop_has_no_finding(case):
     prof, _ = run(case)
     assert len(prof.markers("step")) >= 4            # it trained: steps were seen
     assert not prof.meta.get("analysis_errors")       # and every check could run
-    found = [(f.kind, f.severity, f.holder, f.message) for f in prof.findings]
+    found = [(f.kind, f.severity, f.holder, f.message) for f in prof.findings
+             if f.kind not in TIMING_KINDS]           # (the machine's load, not the loop's)
     assert found == []                                # not even an info
 
 
@@ -40,7 +41,7 @@ def test_correct_loop_has_no_finding(case):
 def test_buggy_loop_has_exactly_its_finding(case):
     prof, pinned = run(case)
     assert not prof.meta.get("analysis_errors")
-    found = prof.findings
+    found = [f for f in prof.findings if f.kind not in TIMING_KINDS or f.kind == case.kind]
     assert [f.kind for f in found] == [case.kind], [(f.kind, f.holder, f.message) for f in found]
     f = found[0]
     assert case.fix in f.fix, f.fix            # fix text that fits the holder

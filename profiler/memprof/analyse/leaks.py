@@ -19,6 +19,7 @@ import collections
 import gc
 import re
 import time
+import weakref
 
 from .. import _C
 from ..finding import Finding
@@ -57,6 +58,9 @@ _HOOK_CLOSURE = re.compile(r"\._(?:forward|backward)(?:_pre)?_hooks\[[^\]]*\]\.<
 
 
 UNUSED_GRAPH_MIN_BYTES = 1024
+#: full collections before the walk, at most: one frees the cycles whose C++ autograd nodes
+#: kept the next ones alive (three reentrant checkpoints' kept outputs: 42, 28, 14, 0)
+MAX_COLLECTIONS = 16
 MAX_PATHS_LISTED = 20
 LEAK_KINDS = ("retained_graph", "retain_graph", "unused_graph")   # the order they are listed
 
@@ -91,15 +95,20 @@ def _retained_graphs(profile: Profile) -> Outcome:
     notes = []
     # Node sequence numbers at or after boundaries[i] were created in step i or later.
     last_step = _last_step(profile, len(boundaries) - 2)
-    if profile.meta.get("compiled") and active_session() is None:
-        # torch.compile's first call leaves tensors with their graphs in reference cycles,
-        # which the next collection frees: a compiled Hugging Face model read as 6
-        # retained_graph errors "not reachable from the model". Collected first (not while a
-        # session records: an autosave's, a nested block's frees would land in its log).
-        gc.collect()
-    tensors, old, recent, truncated = _suspects(profile, boundaries, last_step)
     # a weight old-style weight_norm keeps on its module is no leak (record.recomputed_weights)
     kept = recomputed_weights(model_roots(run.live.model, run.live.named_roots))
+    tensors, old, recent, truncated = _suspects(profile, boundaries, last_step)
+    collect_s = None
+    if any(g.tensor_id not in kept for g in old + recent) and _may_collect(profile):
+        # the graphs found, of the tensors a collection leaves alive: not a second scan (the
+        # walk's reads of saved tensors made Python tensors of them, which it would find)
+        refs = [_weak(t) for t in tensors]
+        del tensors   # (they would keep the garbage alive)
+        collect_s = _collect_garbage()
+        tensors = [t for t in (r() for r in refs) if t is not None]
+        alive = {id(t) for t in tensors}
+        old = [g for g in old if g.tensor_id in alive]
+        recent = [g for g in recent if g.tensor_id in alive]
     kept_old = [g for g in old if g.tensor_id in kept]
     old = [g for g in old if g.tensor_id not in kept]
     recent = [g for g in recent if g.tensor_id not in kept]
@@ -114,8 +123,8 @@ def _retained_graphs(profile: Profile) -> Outcome:
     if not any(holders.get(g.tensor_id) for g in old):
         # no name reaches an old graph now: the probe's, named while the loop's function ran,
         # win over the same graphs seen again here (they outlived that function in a cycle
-        # through autograd's C++ nodes that gc cannot free - a reentrant checkpoint's ctx
-        # keeps the block that keeps them): 42 unnamed rows where 3 `model.blocks.N.history`
+        # through autograd's C++ nodes - a reentrant checkpoint's ctx keeps the block that
+        # keeps them - where the collector is off): 42 unnamed rows where 3 `blocks.N.history`
         findings += _seen_while_running(profile, boundaries)
         probed = _probed_graphs(profile) if findings else set()
         old = [g for g in old if (g.storage, g.min_seq) not in probed]
@@ -130,7 +139,46 @@ def _retained_graphs(profile: Profile) -> Outcome:
     findings.sort(key=lambda f: (LEAK_KINDS.index(f.kind), -f.bytes))
     if kept_old:
         findings.append(_kept_weights(kept_old, kept))
-    return Outcome(findings, notes, {"retained_graph_check_s": time.perf_counter() - t0})
+    stats = {"retained_graph_check_s": time.perf_counter() - t0}
+    if collect_s is not None:
+        stats["retained_graph_collect_s"] = collect_s
+    return Outcome(findings, notes, stats)
+
+
+def _may_collect(profile: Profile) -> bool:
+    """Whether the check frees the cyclic garbage before it judges the graphs it found (a
+    correct loop leaves none to judge: no collection): a tensor only garbage keeps is kept by
+    nothing, and the user's next collections free it (an object referring to itself and
+    holding an output read as a retained graph held by "a Keeper not reachable from the
+    model"). Collected rather than judged by a walk from the names: such a walk cannot see
+    what C++ keeps (an autograd node's saved tensors, a ctx), the collector counts those
+    references and frees only what nothing holds. Not where the user turned the collector
+    off (gc.disable(): cycles are then never freed, they are kept), nor in an autosave
+    mid-run (its frees would land in the step's log; the block's end replaces that save).
+    torch.compile's first call leaves cycles (a compiled Hugging Face model read as 6
+    retained_graph errors): collected whenever no session records. A nested block's frees
+    land in the outer log where python running the script's block alone frees them."""
+    if profile.meta.get("partial"):
+        return False
+    return gc.isenabled() or bool(profile.meta.get("compiled") and active_session() is None)
+
+
+def _weak(t):
+    """A weak reference to a tensor (a strong one where its type takes none)."""
+    try:
+        return weakref.ref(t)
+    except TypeError:
+        return lambda: t
+
+
+def _collect_garbage() -> float:
+    """Full collections until one frees nothing (its frees let go of cycles the next frees:
+    reentrant checkpoints' kept outputs, 42 tensors, 28, 14, 0); their seconds."""
+    t0 = time.perf_counter()
+    for _ in range(MAX_COLLECTIONS):
+        if not gc.collect():
+            break
+    return time.perf_counter() - t0
 
 
 def _suspects(profile: Profile, boundaries: list[int], last_step: int):

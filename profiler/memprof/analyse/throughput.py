@@ -51,7 +51,11 @@ WARMUP_STEPS = 1
 STARVATION_FRACTION = 0.20      # median data wait / step time above which a finding is made
 MIN_WAIT_MS = 2.0               # a median wait shorter than this is not worth a finding
 STEADY_FRACTION = 0.5           # the p10 step must wait at least this share of the threshold
-MIN_MEASURED_STEPS = 2
+#: steps measured (after the warm-up) before a wait is judged: the median of two is their mean,
+#: so one step in which a loaded machine descheduled the process made a 3-step run 'wait'
+MIN_MEASURED_STEPS = 3
+#: the findings read from the wall clock (a loaded machine's descheduled steps move them)
+TIMING_KINDS = ("data_loader_starvation", "host_time_between_steps")
 
 PHASE_LABELS = ("forward_start", "forward_end", "backward_call", "backward_start",
                 "backward_end",

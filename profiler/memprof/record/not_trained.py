@@ -31,6 +31,7 @@ import weakref
 
 import torch
 
+from .. import _C
 from .holders import ATOMS, release_locals_snapshot
 
 #: models beside the session's kept track of, at most (a loop that makes a new copy of its
@@ -219,7 +220,13 @@ class Beside:
         """Take in the models with parameters that `frames` hold (a variable, or an
         attribute of one: a trainer's `self.ema`, a wrapper's `.module`) none of whose
         parameters is in `known` (ids: the session's) or a model found before, and the lists
-        of tensors none of which is; whether a model was new."""
+        of tensors none of which is; whether a model was new. Walked with the thread's tracer
+        suspended, as the leak walks are: under a script's coverage tool or debugger each line
+        of it was the tracer's event."""
+        with _C.untraced():
+            return self._look(frames, known)
+
+    def _look(self, frames: list, known: set[int]) -> bool:
         known = known | {id(p) for m in self.models() for p in m.parameters()}
         found = False
         modules, lists = _held(frames)
