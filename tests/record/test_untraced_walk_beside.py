@@ -14,7 +14,7 @@ from test_untraced_walk import LineTracer
 
 D, CLASSES, STEPS = 16, 4, 4
 #: the functions of the Beside look's walk of the frames' objects
-WALK = {"_held_modules"}
+WALK = {"_held", "_tensors"}
 
 
 def _train():
