@@ -13,6 +13,8 @@ import weakref
 import torch
 from torch.nn.utils import parametrize
 
+from ..weight_recomputation import PARAMETRIZATIONS
+
 
 def is_recomputing_hook(hook) -> bool:
     """A forward pre-hook that sets `module.<name>` from `compute_weight(module)`: torch's
@@ -53,16 +55,52 @@ def recomputed_weights(roots) -> dict[int, str]:
 
 def parametrization_lists(scope) -> list[list[int]]:
     """[list id, parametrized module id] for each of torch's ParametrizationLists among the
-    modules `scope` named (read once, at the block's end): found by type, so a module of the
-    user's own named `parametrizations` is none (weight_recomputation.scope_owners)."""
-    out = []
+    modules `scope` named: those noted when named (ParametrizationOwners: a model freed
+    before the block's end, `memprof run`'s main() returned, is gone by then) and those
+    alive at the end (a parametrization registered on a module named earlier). Found by type,
+    so a module of the user's own named `parametrizations` is none
+    (weight_recomputation.scope_owners)."""
+    out = [list(pair) for pair in scope.parametrizations.pairs]
+    seen = set(scope.parametrizations.pairs)
     for module, mid in scope.module_ids():
         if parametrize.is_parametrized(module):
             for plist in module.parametrizations.values():
                 lid = scope.module_id(plist)
-                if lid is not None and isinstance(plist, parametrize.ParametrizationList):
+                if lid is not None and isinstance(plist, parametrize.ParametrizationList) \
+                        and (lid, mid) not in seen:
+                    seen.add((lid, mid))
                     out.append([lid, mid])
     return out
+
+
+class ParametrizationOwners:
+    """(list id, parametrized module id) pairs noted as ModuleScope names modules (once per
+    new module, never per call), so that they outlive the modules."""
+
+    def __init__(self, forget):
+        self.pairs: dict[tuple[int, int], None] = {}   # ordered, each once
+        self._owner: dict[int, int] = {}   # id(list) -> its module's id, the list unnamed yet
+        self._forget = forget              # ModuleScope._forget_when_freed
+
+    def note(self, module: torch.nn.Module, mid: int, ids: dict[int, int]) -> None:
+        """`module` was named `mid` (ids: id(module) -> module id, the scope's)."""
+        if isinstance(module, parametrize.ParametrizationList):
+            owner = self._owner.pop(id(module), None)
+            if owner is not None:
+                self.pairs[(mid, owner)] = None
+            return
+        modules = module._modules   # a dict (a ScriptModule's is not: none parametrized)
+        plists = modules.get(PARAMETRIZATIONS) if isinstance(modules, dict) else None
+        if not isinstance(plists, torch.nn.ModuleDict):
+            return
+        for plist in plists.values():
+            if isinstance(plist, parametrize.ParametrizationList):
+                lid = ids.get(id(plist))
+                if lid is not None:
+                    self.pairs[(lid, mid)] = None
+                else:   # named next (named_modules: a module before its children)
+                    self._owner[id(plist)] = mid
+                    self._forget(plist, self._owner)
 
 
 class RecomputingModules:

@@ -35,6 +35,7 @@ from .module_call import compiling as _compiling
 from .module_call import dynamo_compiling as _dynamo_compiling
 from .module_call import export_flag as _export
 from .pass_thread import PassThread
+from .recomputed_weights import ParametrizationOwners
 from .root_names import COMPILE_WRAPPER, RootNaming, clean_name
 
 def _pass_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -91,6 +92,8 @@ class ModuleScope(RootNaming, BesideNaming):
         self._auto_ids: dict[int, int] = {}
         self._called_ids: dict[str, int] = {}     # auto mode: `parent.<Class>` -> its id
         self._refs: dict[tuple[int, int], weakref.ref] = {}   # see _forget_when_freed
+        # torch's ParametrizationLists, noted as named (they may be freed before the end)
+        self.parametrizations = ParametrizationOwners(self._forget_when_freed)
         self._stack: list[int] = []               # auto mode: running module ids
         self._passes = PassThread()               # the thread whose calls are passes
         # auto mode: new modules named by one thread at a time (a model trained on a thread
@@ -163,6 +166,7 @@ class ModuleScope(RootNaming, BesideNaming):
     def _name(self, module: torch.nn.Module, mid: int) -> None:
         self._auto_ids[id(module)] = mid
         self._forget_when_freed(module, self._auto_ids)
+        self.parametrizations.note(module, mid, self._auto_ids)
 
     def _forget_when_freed(self, obj, table: dict) -> None:
         """Drop `table[id(obj)]` when obj is freed: nothing here holds a module or a
