@@ -115,3 +115,49 @@ def test_diffusers_ema_model_is_not_trained():
     kept = nbytes(ema.shadow_params)
     assert summary(prof)["parameters_at_peak"]["not_trained"] == kept
     assert prof.breakdown("module").get("ema.shadow_params") == kept
+
+
+class Logs:
+    """What a loop keeps beside its model: lists of tensors that are no EMA."""
+
+
+def test_an_ema_list_made_after_many_other_lists_is_still_found():
+    """20 lists and tuples of tensors in the loop's frame (losses, batches) take no slot of
+    the lists looked after (not_trained.MAX_BESIDE): an EMA list made later is found."""
+    model = torch.nn.Linear(32, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    logs = Logs()
+    for i in range(20):
+        setattr(logs, f"losses_{i}", [torch.zeros(()), torch.zeros(5)])
+    batch = (torch.randn(32, 32), torch.randn(32))   # shaped like the weight and the bias
+    ema = None
+    with memprof.track(model, opt) as prof:
+        for step in range(10):
+            batch = (torch.randn(32, 32), torch.randn(32))
+            loss = (model(batch[0]) - batch[1]).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            logs.losses_0.append(loss.detach())
+            if step == 3:   # made after the first looks
+                ema = [p.detach().clone() for p in model.parameters()]
+            elif ema is not None:
+                torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.1)
+    assert summary(prof)["parameters_at_peak"]["not_trained"] == nbytes(ema)
+    assert prof.breakdown("module").get("ema") == nbytes(ema)
+
+
+def test_a_tuple_batch_shaped_like_the_parameters_is_no_list_beside():
+    """A batch `(x, y)` mirrors a Linear(32, 32)'s weight and bias: an EMA is kept in a
+    list, a tuple is looked past (and lists that mirror no parameter: `losses`)."""
+    model = torch.nn.Linear(32, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = [torch.zeros(())]
+    with memprof.track(model, opt) as prof:
+        for _ in range(5):
+            batch = (torch.randn(32, 32), torch.randn(32))
+            (model(batch[0]) - batch[1]).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        kept = prof.session.snapshots.beside.kept()   # (what the looks at steps 2, 4 took)
+    assert kept == {}

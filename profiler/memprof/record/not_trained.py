@@ -216,18 +216,21 @@ class Beside:
         return {name: [t for t in (r() for r in refs) if t is not None]
                 for name, refs in list(self._kept.items())}
 
-    def look(self, frames: list, known: set[int]) -> bool:
+    def look(self, frames: list, own: list) -> bool:
         """Take in the models with parameters that `frames` hold (a variable, or an
         attribute of one: a trainer's `self.ema`, a wrapper's `.module`) none of whose
-        parameters is in `known` (ids: the session's) or a model found before, and the lists
-        of tensors none of which is; whether a model was new. Walked with the thread's tracer
-        suspended, as the leak walks are: under a script's coverage tool or debugger each line
-        of it was the tracer's event."""
+        parameters is one of `own` (the session's) or a model found before, and the lists of
+        tensors none of which is that mirror `own`'s trainable ones (`mirroring`): a list
+        that is no EMA (losses, a batch) takes none of the MAX_BESIDE slots, or an EMA made
+        later was never looked after; whether a model was new. Walked with the thread's
+        tracer suspended, as the leak walks are: under a script's coverage tool or debugger
+        each line of it was the tracer's event."""
         with _C.untraced():
-            return self._look(frames, known)
+            return self._look(frames, own)
 
-    def _look(self, frames: list, known: set[int]) -> bool:
-        known = known | {id(p) for m in self.models() for p in m.parameters()}
+    def _look(self, frames: list, own: list) -> bool:
+        trained = [p for p in own if p.requires_grad]
+        known = {id(p) for p in own} | {id(p) for m in self.models() for p in m.parameters()}
         found = False
         modules, lists = _held(frames)
         for name, module in modules:
@@ -241,7 +244,7 @@ class Beside:
                 found = True
         for name, tensors in lists:
             if name in self._kept or len(self._kept) < MAX_BESIDE:
-                if known.isdisjoint(id(t) for t in tensors):
+                if mirroring([tensors], trained) and known.isdisjoint(id(t) for t in tensors):
                     self._kept[name] = [weakref.ref(t) for t in tensors]
         return found
 
@@ -254,8 +257,10 @@ class Beside:
 
 
 def _tensors(v) -> bool:
-    """Whether `v` is a list or tuple of tensors (and nothing else), not empty."""
-    return isinstance(v, (list, tuple)) and 0 < len(v) <= MAX_KEPT and \
+    """Whether `v` is a list of tensors (and nothing else), not empty. Not a tuple: an EMA's
+    copies are a list, updated in place; a tuple is a batch `(x, y)`, which can be shaped
+    like a layer's weight and bias."""
+    return isinstance(v, list) and 0 < len(v) <= MAX_KEPT and \
         all(isinstance(t, torch.Tensor) for t in v)
 
 

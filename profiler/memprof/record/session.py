@@ -423,10 +423,12 @@ class Session:
         view = SessionSoFar(self)
         streams = EventStreams.split(events)
         del events
+        # what stop() notes at the end (final()), read before _assemble takes the module
+        # names, as stop() does: a list beside first read "not trained" here is named here
+        # (an EMA started after a warm-up), and a later read of the names has it
+        at_end = self.snapshots.at_end()
         self._assemble(streams, self, None, into=view)
-        # what stop() notes at the end (final()), as snapshots at the end of this stream
-        view.snapshot_list += [Snapshot(streams.size, *noted)
-                               for noted in self.snapshots.at_end()]
+        view.snapshot_list += [Snapshot(streams.size, *noted) for noted in at_end]
         view.records = {rec.name: rec.record() for rec in self.recorders}
         if self.snapshots.looks:
             view.records["parameter_looks"] = {"looks": list(self.snapshots.looks)}

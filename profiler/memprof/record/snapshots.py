@@ -378,7 +378,7 @@ class SnapshotRecorder:
         frames = [loop_frame(sys._getframe(1)), self.session.frame]
         frames = [f for i, f in enumerate(frames) if f is not None and f not in frames[:i]
                   and not is_library_frame(f)]
-        found = self.beside.look(frames, {id(p) for p in own})
+        found = self.beside.look(frames, own)
         for name, model in self.beside.named() if found else ():
             self.session.scope.name_beside(name, model)
         return found
