@@ -147,3 +147,42 @@ def test_a_model_of_its_own_parameters_is_weighed_where_they_are_used(whole):
     else:
         assert record["autocast"] == {} and record["autocast_partial"]["share"] == 0.0
         assert prof.meta["budget"]["precision"]["run"] == "fp32"
+
+
+def _act(x):
+    return nn.functional.gelu(x) * 2
+
+
+class CompiledAct(nn.Module):
+    """Its own parameter only, and a torch.compile'd function in its forward."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(WIDTH, WIDTH) / 8)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(x @ self.w)
+
+
+def _graphs_and_breaks(tracked: bool) -> tuple[int, int]:
+    import contextlib
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = CompiledAct(torch.compile(_act, backend="eager"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, autosave=None) if tracked else contextlib.nullcontext():
+        for _ in range(3):
+            model(torch.randn(4, WIDTH)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def test_the_first_pass_mode_leaves_a_compiled_function_in_the_forward_as_it_was():
+    """The pass-through mode that weighs a model's own parameters was traced by dynamo: it broke
+    the graph at threading.get_ident, and once the mode was off dynamo compiled the function
+    again (3 graphs and 2 breaks where 1 and none)."""
+    assert _graphs_and_breaks(tracked=True) == _graphs_and_breaks(tracked=False) == (1, 0)
