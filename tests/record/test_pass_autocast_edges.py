@@ -186,3 +186,41 @@ def test_the_first_pass_mode_leaves_a_compiled_function_in_the_forward_as_it_was
     the graph at threading.get_ident, and once the mode was off dynamo compiled the function
     again (3 graphs and 2 breaks where 1 and none)."""
     assert _graphs_and_breaks(tracked=True) == _graphs_and_breaks(tracked=False) == (1, 0)
+
+
+class _UserMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class EntersAMode(nn.Module):
+    """Its own parameter; its forward enters a mode of the user's and raises inside it."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(WIDTH, WIDTH))
+        self.mode = mode
+
+    def forward(self, x):
+        self.mode.__enter__()   # (left entered: the exception skips its exit)
+        return x @ self.w
+
+
+def test_a_raising_pass_under_a_users_mode_leaves_no_mode_of_memprofs_on_the_stack():
+    """Under the user's mode at the pass's end, the mode that weighs the model's own parameters
+    was left on the stack, inert: a Python call on every torch function for good."""
+    from torch.overrides import _get_current_function_mode_stack as modes
+    below, above = _UserMode(), _UserMode()
+    model = EntersAMode(above)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with below:
+        try:
+            with memprof.track(model, opt, autosave=None):
+                with pytest.raises(RuntimeError):
+                    model(torch.randn(4, 3))   # (a shape mismatch)
+            stack = modes()
+        finally:
+            while modes() and modes()[-1] is not below:
+                torch._C._pop_torch_function_stack()
+    assert [m is below or m is above or type(m).__name__ for m in stack] == [True, True]
+    assert stack[0] is below and stack[1] is above

@@ -173,12 +173,16 @@ class _OwnUse(TorchFunctionMode):
 
 
 def _take_off(mode) -> bool:
-    """`mode` off this thread's function-mode stack where it is the innermost mode (else left
-    there, inert: a pass that raised)."""
-    stack = _get_current_function_mode_stack()
-    if not stack or stack[-1] is not mode:
-        return False
-    mode.__exit__(None, None, None)
+    """`mode` off this thread's function-mode stack wherever it sits, the modes above it kept
+    in order (a pass that raised under a mode it entered): an inert mode left there cost a
+    Python call on every torch function for the rest of the process."""
+    if not any(m is mode for m in _get_current_function_mode_stack()):
+        return False   # (not there, or popped while its __torch_function__ runs)
+    above = []
+    while (top := torch._C._pop_torch_function_stack()) is not mode:
+        above.append(top)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
     return True
 
 
