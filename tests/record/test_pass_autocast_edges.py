@@ -4,7 +4,6 @@ weights' dtype; FSDP's root unit, wrapped around the whole model with auto-wrapp
 units, holds the parameters of the modules outside the children in one flat parameter on the
 wrapped model, which counted for none: a big fp32 head beside small bf16 blocks read as a bf16
 run, and a bf16 head beside fp32 blocks as fp32, 'partial' at 0 %."""
-import socket
 import subprocess
 import sys
 
@@ -52,12 +51,11 @@ def test_an_autocast_that_runs_no_parameters_keeps_the_weights_dtype(head):
 
 
 FSDP_JOB = """
-import os, sys, torch, memprof
+import sys, torch, memprof
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 
 class Block(torch.nn.Module):
     def __init__(self):
@@ -98,10 +96,9 @@ def test_fsdp_root_unit_counts_the_parameters_it_holds_for_the_modules_inside(tm
     pytest.importorskip("torch.distributed.fsdp")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    r = subprocess.run([sys.executable, "-c", FSDP_JOB, port], capture_output=True, text=True,
+    # a file rendezvous: a free port found here could be taken before the child bound it
+    store = str(tmp_path / "rendezvous")
+    r = subprocess.run([sys.executable, "-c", FSDP_JOB, store], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines()[-2:])
