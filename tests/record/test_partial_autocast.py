@@ -144,11 +144,10 @@ def test_the_parameters_are_weighed_during_the_first_pass_only():
 
 
 FSDP_JOB = """
-import os, sys, types, torch, memprof
+import sys, types, torch, memprof
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
 inner = model.forward
 def forward(self, *a, **k):                      # accelerate's wrapper of the forward
@@ -172,13 +171,11 @@ dist.destroy_process_group()
 def test_fsdp_around_an_autocast_forward_is_the_runs_precision(tmp_path):
     """FSDP keeps its flat parameter on the model it wraps, whose pre-hook runs before the
     wrapper's autocast: all of it counted as off - fp32, 'partial' at 0 %."""
-    import socket
     import subprocess
     import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    r = subprocess.run([sys.executable, "-c", FSDP_JOB, port], capture_output=True, text=True,
+    # a file rendezvous: a free port found here could be taken before the child bound it
+    store = str(tmp_path / "rendezvous")
+    r = subprocess.run([sys.executable, "-c", FSDP_JOB, store], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "{'cpu': 'bfloat16'} None []", r.stdout

@@ -4,7 +4,6 @@ weights' dtype; FSDP's root unit, wrapped around the whole model with auto-wrapp
 units, holds the parameters of the modules outside the children in one flat parameter on the
 wrapped model, which counted for none: a big fp32 head beside small bf16 blocks read as a bf16
 run, and a bf16 head beside fp32 blocks as fp32, 'partial' at 0 %."""
-import socket
 import subprocess
 import sys
 
@@ -52,12 +51,11 @@ def test_an_autocast_that_runs_no_parameters_keeps_the_weights_dtype(head):
 
 
 FSDP_JOB = """
-import os, sys, torch, memprof
+import sys, torch, memprof
 import torch.distributed as dist
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 
 class Block(torch.nn.Module):
     def __init__(self):
@@ -98,10 +96,9 @@ def test_fsdp_root_unit_counts_the_parameters_it_holds_for_the_modules_inside(tm
     pytest.importorskip("torch.distributed.fsdp")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    r = subprocess.run([sys.executable, "-c", FSDP_JOB, port], capture_output=True, text=True,
+    # a file rendezvous: a free port found here could be taken before the child bound it
+    store = str(tmp_path / "rendezvous")
+    r = subprocess.run([sys.executable, "-c", FSDP_JOB, store], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines()[-2:])
@@ -147,3 +144,80 @@ def test_a_model_of_its_own_parameters_is_weighed_where_they_are_used(whole):
     else:
         assert record["autocast"] == {} and record["autocast_partial"]["share"] == 0.0
         assert prof.meta["budget"]["precision"]["run"] == "fp32"
+
+
+def _act(x):
+    return nn.functional.gelu(x) * 2
+
+
+class CompiledAct(nn.Module):
+    """Its own parameter only, and a torch.compile'd function in its forward."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(WIDTH, WIDTH) / 8)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(x @ self.w)
+
+
+def _graphs_and_breaks(tracked: bool) -> tuple[int, int]:
+    import contextlib
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = CompiledAct(torch.compile(_act, backend="eager"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with memprof.track(model, opt, autosave=None) if tracked else contextlib.nullcontext():
+        for _ in range(3):
+            model(torch.randn(4, WIDTH)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def test_the_first_pass_mode_leaves_a_compiled_function_in_the_forward_as_it_was():
+    """The pass-through mode that weighs a model's own parameters was traced by dynamo: it broke
+    the graph at threading.get_ident, and once the mode was off dynamo compiled the function
+    again (3 graphs and 2 breaks where 1 and none)."""
+    assert _graphs_and_breaks(tracked=True) == _graphs_and_breaks(tracked=False) == (1, 0)
+
+
+class _UserMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class EntersAMode(nn.Module):
+    """Its own parameter; its forward enters a mode of the user's and raises inside it."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(WIDTH, WIDTH))
+        self.mode = mode
+
+    def forward(self, x):
+        self.mode.__enter__()   # (left entered: the exception skips its exit)
+        return x @ self.w
+
+
+def test_a_raising_pass_under_a_users_mode_leaves_no_mode_of_memprofs_on_the_stack():
+    """Under the user's mode at the pass's end, the mode that weighs the model's own parameters
+    was left on the stack, inert: a Python call on every torch function for good."""
+    from torch.overrides import _get_current_function_mode_stack as modes
+    below, above = _UserMode(), _UserMode()
+    model = EntersAMode(above)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with below:
+        try:
+            with memprof.track(model, opt, autosave=None):
+                with pytest.raises(RuntimeError):
+                    model(torch.randn(4, 3))   # (a shape mismatch)
+            stack = modes()
+        finally:
+            while modes() and modes()[-1] is not below:
+                torch._C._pop_torch_function_stack()
+    assert [m is below or m is above or type(m).__name__ for m in stack] == [True, True]
+    assert stack[0] is below and stack[1] is above

@@ -25,7 +25,9 @@ Watched for the first pass only: `autocast.__enter__` (through the session's pat
 and a global module forward pre-hook are set at its start and taken off at its end, so later
 autocast entries and module calls pay no frame of memprof's. Not under torch.compile: a
 global hook there would make dynamo compile the model again once it is off; such a pass is
-read by whether autocast was on in it.
+read by whether autocast was on in it. The mode is taken off as dynamo starts compiling
+(a torch.compile'd function in the forward): dynamo guards on the modes on the stack, and
+compiled the function again once the mode was off.
 """
 from __future__ import annotations
 
@@ -71,8 +73,10 @@ class PassAutocast:
             self._pre_hook) if weigh else None
         own = _roots_only(root, self._roots, self._flat, self._flat_ids) if weigh else None
         self._mode = _OwnUse(own, self) if own else None
+        self._compiles = None
         if self._mode is not None:
             self._mode.__enter__()
+            self._compiles = _on_compile_start(self._compile_starts)
 
     def _wrap_enter(self, original):
         watch = self
@@ -131,12 +135,22 @@ class PassAutocast:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._compiles is not None:   # (torch._dynamo.reset() clears them all)
+            if self._compile_starts in self._compiles.start_callbacks:
+                self._compiles.remove_start_callback(self._compile_starts)
+            self._compiles = None
         if self._mode is not None:
             mode, self._mode = self._mode, None
-            mode.own = {}   # inert, should it not be the innermost mode (a pass that raised)
-            stack = _get_current_function_mode_stack()
-            if stack and stack[-1] is mode:
-                mode.__exit__(None, None, None)
+            mode.own = {}
+            _take_off(mode)
+
+    def _compile_starts(self, _args) -> None:
+        """Dynamo starts compiling on this thread: the mode off before it reads the stack (it
+        guards on the stack's modes: traced with the mode, the code was compiled again once it
+        was off). Its weighing ends there; the pass is read by the module calls and autocast."""
+        if self._mode is not None and self._thread == threading.get_ident() \
+                and _take_off(self._mode):
+            self._mode.own, self._mode = {}, None
 
 
 class _OwnUse(TorchFunctionMode):
@@ -148,12 +162,40 @@ class _OwnUse(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():   # (dynamo traces no threading.get_ident: a break)
+            return func(*args, **kwargs)
         if self.own and self._watch._thread == threading.get_ident():
             for a in itertools.chain(args, kwargs.values()):
                 n = self.own.get(id(a)) if isinstance(a, torch.Tensor) else None
                 if n:
                     self._watch._weigh(n)
         return func(*args, **kwargs)
+
+
+def _take_off(mode) -> bool:
+    """`mode` off this thread's function-mode stack wherever it sits, the modes above it kept
+    in order (a pass that raised under a mode it entered): an inert mode left there cost a
+    Python call on every torch function for the rest of the process."""
+    if not any(m is mode for m in _get_current_function_mode_stack()):
+        return False   # (not there, or popped while its __torch_function__ runs)
+    above = []
+    while (top := torch._C._pop_torch_function_stack()) is not mode:
+        above.append(top)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
+    return True
+
+
+def _on_compile_start(callback):
+    """Dynamo's compile-start callbacks with `callback` added, or None where dynamo is not
+    loaded (a torch.compile that the first pass itself loads it for is compiled again once
+    the mode is off)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    handler = getattr(getattr(dynamo, "callback", None), "callback_handler", None)
+    if handler is None or not hasattr(handler, "register_start_callback"):
+        return None
+    handler.register_start_callback(callback)
+    return handler
 
 
 def _roots_only(root, roots: set, flat: dict, flat_ids) -> dict | None:
