@@ -5,7 +5,7 @@ health and `prof.log` rows 3, 4, ...), where python numbers it 0. Done once, as 
 Run is made; the outer block's own numbering is left as it was.
 
 What moves: the events' steps (markers keep their values, but the leak probe's, which name
-a step), the step boundaries (from the block's start), the logs, the health record, the leak
+a step), the step boundaries (from the block's start), the backward() calls, the logs, the health record, the leak
 probe's look, the steps a GradScaler skipped and the steps' optimizers; records["first_step"]
 is then 0 (analyse still subtracts it for files saved before, numbered as the outer's) and
 meta["outer_first_step"] says where the block began in the outer's numbering."""
@@ -32,6 +32,8 @@ def own_numbering(streams, strings: list[str], step_seqs: list[int], records: di
         side = streams.side
         probe = (side["kind"] == KIND_MARK) & (side["op"] == strings.index("leak_probe"))
         side["ptr"][probe] = np.maximum(side["ptr"][probe].astype(np.int64) - first, 0)
+    records["backward"] = [{**c, "step": c["step"] - first}
+                           for c in records.get("backward") or [] if c["step"] >= first]
     records["logs"] = [[s - first, name, v] for s, name, v in records.get("logs") or []
                        if s >= first]
     if records.get("health"):
