@@ -41,3 +41,29 @@ def test_the_outer_blocks_backward_calls_are_not_the_nested_blocks():
     assert not any(c["retain_graph"] for c in inner.run.records["backward"])
     assert _kinds(inner, ("retain_graph", "backward_twice")) == []
     assert [c["step"] for c in outer.run.records["backward"]] == list(range(6))
+
+
+def _block(model, opt):
+    for _ in range(3):
+        loss = _step(model, opt)
+    opt.step()   # leftover micro-batches: a step boundary without a forward pass
+    return loss
+
+
+def test_the_last_training_steps_loss_in_a_nested_block_is_no_retained_graph():
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with memprof.track(model, opt) as alone:
+            loss = _block(model, opt)
+        with memprof.track(model, opt):
+            for _ in range(3):
+                _step(model, opt)
+            with memprof.track(model, opt) as inner:
+                loss = _block(model, opt)
+    assert loss is not None
+    assert _kinds(alone, ("retained_graph",)) == []
+    assert _kinds(inner, ("retained_graph",)) == []
+    assert [m["value"] for m in inner.markers("forward_start")] == [0, 1, 2]
+    assert [m["value"] for m in inner.markers("step")] == [0, 1, 2, 3]
