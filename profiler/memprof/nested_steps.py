@@ -4,16 +4,25 @@ start: its profile's first step read as the outer run's step k (its peak "at ste
 health and `prof.log` rows 3, 4, ...), where python numbers it 0. Done once, as the block's
 Run is made; the outer block's own numbering is left as it was.
 
-What moves: the events' steps (markers keep their values, but the leak probe's, which name
-a step), the step boundaries (from the block's start), the logs, the health record, the leak
-probe's look, the steps a GradScaler skipped and the steps' optimizers; records["first_step"]
+What moves: the events' steps, the values of the markers that name a step (STEP_MARKS), the
+step boundaries (from the block's start), the backward() calls, the logs, the health record,
+the leak probe's look, memprof's pauses (PAUSES), the lent live looks' and compile record's
+steps, the steps a GradScaler skipped and the steps' optimizers; records["first_step"]
 is then 0 (analyse still subtracts it for files saved before, numbered as the outer's) and
 meta["outer_first_step"] says where the block began in the outer's numbering."""
 from __future__ import annotations
 
 import numpy as np
 
+from .profile_schema import PAUSES
 from .record.events import KIND_MARK
+
+#: the markers whose value is a step number (the others': a batch's size, a snapshot's
+#: category, a time in ns, 0)
+STEP_MARKS = frozenset((
+    "forward_start", "forward_end", "backward_call", "backward_end", "optimizer_start",
+    "step", "reevaluation_start", "reevaluation_end", "data_start", "data_end",
+    "compile_start", "compile_end", "leak_probe"))
 
 
 def own_numbering(streams, strings: list[str], step_seqs: list[int], records: dict,
@@ -28,10 +37,27 @@ def own_numbering(streams, strings: list[str], step_seqs: list[int], records: di
                                 if s >= first]
     for part in (streams.memory, streams.side):
         part["step"] = np.maximum(part["step"].astype(np.int64) - first, 0)
-    if "leak_probe" in strings:
-        side = streams.side
-        probe = (side["kind"] == KIND_MARK) & (side["op"] == strings.index("leak_probe"))
-        side["ptr"][probe] = np.maximum(side["ptr"][probe].astype(np.int64) - first, 0)
+    side = streams.side
+    labels = [i for i, s in enumerate(strings) if s in STEP_MARKS]
+    if labels:
+        marks = (side["kind"] == KIND_MARK) & np.isin(side["op"], labels)
+        side["ptr"][marks] = np.maximum(side["ptr"][marks].astype(np.int64) - first, 0)
+    records["backward"] = [{**c, "step": c["step"] - first}
+                           for c in records.get("backward") or [] if c["step"] >= first]
+    for name, key in PAUSES:   # memprof's own pauses, by the step whose window they open
+        rec = records.get(name)
+        if isinstance(rec, dict) and rec.get(key):
+            records[name] = {**rec, key: [[n - first, *rest] for n, *rest in rec[key]
+                                          if n >= first]}
+    for name in ("untrained_gradients", "parameters_without_gradients"):   # lent looks'
+        rec = records.get(name)
+        if isinstance(rec, dict) and rec.get("steps") is not None:
+            records[name] = {**rec, "steps": max(0, rec["steps"] - first)}
+    if records.get("compile"):   # lent: the steps torch.compile compiled in
+        rec = records["compile"]
+        records["compile"] = {**rec, "steps": [s - first for s in rec["steps"] if s >= first],
+                              "windows": [[s - first, t] for s, t in rec["windows"]
+                                          if s >= first]}
     records["logs"] = [[s - first, name, v] for s, name, v in records.get("logs") or []
                        if s >= first]
     if records.get("health"):

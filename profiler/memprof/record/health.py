@@ -314,6 +314,7 @@ class HealthRecorder:
             self._names = None
             if self._early:
                 self._fill_early(optimizer)
+            self._made = None   # the loop's optimizer is known: those made later are not noted
         try:
             self._grad_norm(optimizer, step)
         except Exception as err:  # noqa: BLE001  (health must never break training)

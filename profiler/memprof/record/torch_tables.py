@@ -49,11 +49,18 @@ def put_back(originals: dict[int, tuple[object, object]], modules=()) -> None:
             _replace_in(cached(), originals, depth=2)
         except Exception:  # noqa: BLE001  (another torch's shape: left as it is)
             continue
-    for module in modules:
-        namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict):   # (a user's: its names only, not its data's insides)
-            torch = (getattr(module, "__name__", None) or "").startswith("torch")
-            _replace_in(namespace, originals, depth=1 if torch else 0)
+    for module in list(modules):
+        # one another thread is importing (its dict changing size as it is read), or an odd
+        # object in sys.modules, is passed over: its wrappers pass through once the block
+        # ended, and the rest of the block's uninstall must still run
+        try:
+            namespace = getattr(module, "__dict__", None)
+            if isinstance(namespace, dict):   # (a user's: its names, not its data's insides)
+                name = getattr(module, "__name__", None)
+                torch = isinstance(name, str) and name.startswith("torch")
+                _replace_in(namespace, originals, depth=1 if torch else 0)
+        except Exception:  # noqa: BLE001
+            continue
 
 
 def _first(original, originals: dict):
@@ -97,7 +104,7 @@ def _rewrap(item, originals: dict) -> bool:
 
 def _replace_in(table, originals: dict, depth: int) -> None:
     if isinstance(table, dict):
-        for key in [k for k in table if _original(k, originals) is not None]:
+        for key in [k for k in list(table) if _original(k, originals) is not None]:
             table.setdefault(_original(key, originals), table.pop(key))
         for key, value in list(table.items()):
             original = _original(value, originals)
@@ -106,13 +113,14 @@ def _replace_in(table, originals: dict, depth: int) -> None:
             elif not _rewrap(value, originals) and depth:
                 _replace_in(value, originals, depth - 1)
     elif isinstance(table, set):
-        for item in table:
+        items = list(table)   # (a snapshot: another thread may add to it)
+        for item in items:
             _rewrap(item, originals)
-        for item in [x for x in table if _original(x, originals) is not None]:
+        for item in [x for x in items if _original(x, originals) is not None]:
             table.discard(item)
             table.add(_original(item, originals))
     elif isinstance(table, list):
-        for i, item in enumerate(table):
+        for i, item in enumerate(list(table)):
             original = _original(item, originals)
             if original is not None:
                 table[i] = original
