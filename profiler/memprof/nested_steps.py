@@ -55,9 +55,10 @@ def own_numbering(streams, strings: list[str], step_seqs: list[int], records: di
             records[name] = {**rec, "steps": max(0, rec["steps"] - first)}
     if records.get("compile"):   # lent: the steps torch.compile compiled in
         rec = records["compile"]
+        windows = [[s - first, t] for s, t in rec["windows"] if s >= first]
         records["compile"] = {**rec, "steps": [s - first for s in rec["steps"] if s >= first],
-                              "windows": [[s - first, t] for s, t in rec["windows"]
-                                          if s >= first]}
+                              "windows": windows,
+                              "seconds": round(sum(t for _, t in windows), 6)}
     records["logs"] = [[s - first, name, v] for s, name, v in records.get("logs") or []
                        if s >= first]
     if records.get("health"):

@@ -144,13 +144,17 @@ class PassAutocast:
             mode.own = {}
             _take_off(mode)
 
-    def _compile_starts(self, _args) -> None:
+    def _compile_starts(self, *_args) -> None:
         """Dynamo starts compiling on this thread: the mode off before it reads the stack (it
         guards on the stack's modes: traced with the mode, the code was compiled again once it
         was off). Its weighing ends there; the pass is read by the module calls and autocast."""
-        if self._mode is not None and self._thread == threading.get_ident() \
-                and _take_off(self._mode):
-            self._mode.own, self._mode = {}, None
+        # (*_args: torch 2.4-2.6 call it with none; nothing may raise into the user's compile)
+        try:
+            if self._mode is not None and self._thread == threading.get_ident() \
+                    and _take_off(self._mode):
+                self._mode.own, self._mode = {}, None
+        except Exception:  # noqa: BLE001  (the weighing is a nicety; the compile is not)
+            pass
 
 
 class _OwnUse(TorchFunctionMode):
